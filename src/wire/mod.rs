@@ -1,0 +1,1 @@
+//! Wire formats: typed zero-copy views over frames, one module per protocol.
