@@ -1,0 +1,196 @@
+//! TCP headers (RFC 9293) with the options usernet uses: MSS, window scale, SACK-permitted.
+
+use std::net::Ipv4Addr;
+
+use super::checksum;
+use super::{PROTO_TCP, be16, be32, put16, put32};
+
+pub const HEADER_LEN: usize = 20;
+/// The largest header usernet emits: 20 bytes plus MSS (4), window scale (3+1 NOP).
+pub const MAX_EMIT_LEN: usize = 28;
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpHeader {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    /// The raw window field (not yet scaled).
+    pub window: u16,
+    pub mss: Option<u16>,
+    pub window_scale: Option<u8>,
+    pub sack_permitted: bool,
+}
+
+impl TcpHeader {
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Parses a segment (the IPv4 payload); returns the header and the payload.
+    /// Checksums are not verified: the link is a kernel or a local socket, not a wire.
+    /// Malformed options are ignored, as a TCP stack does.
+    pub fn parse(b: &[u8]) -> Option<(TcpHeader, &[u8])> {
+        if b.len() < HEADER_LEN {
+            return None;
+        }
+        let data_off = ((b[12] >> 4) as usize) * 4;
+        if data_off < HEADER_LEN || data_off > b.len() {
+            return None;
+        }
+        let mut h = TcpHeader {
+            src_port: be16(b, 0),
+            dst_port: be16(b, 2),
+            seq: be32(b, 4),
+            ack: be32(b, 8),
+            flags: b[13],
+            window: be16(b, 14),
+            ..Default::default()
+        };
+        let mut opts = &b[HEADER_LEN..data_off];
+        while let Some(&kind) = opts.first() {
+            match kind {
+                0 => break,
+                1 => opts = &opts[1..],
+                _ => {
+                    let Some(&len) = opts.get(1) else { break };
+                    let len = len as usize;
+                    if len < 2 || len > opts.len() {
+                        break;
+                    }
+                    match (kind, len) {
+                        (2, 4) => h.mss = Some(be16(opts, 2)),
+                        (3, 3) => h.window_scale = Some(opts[2].min(14)),
+                        (4, 2) => h.sack_permitted = true,
+                        _ => {}
+                    }
+                    opts = &opts[len..];
+                }
+            }
+        }
+        Some((h, &b[data_off..]))
+    }
+
+    /// Length of the header `emit` writes.
+    pub fn emit_len(&self) -> usize {
+        HEADER_LEN
+            + if self.mss.is_some() { 4 } else { 0 }
+            + if self.window_scale.is_some() { 4 } else { 0 }
+    }
+
+    /// Writes the header in front of a payload already at `buf[emit_len()..][..payload_len]`
+    /// and computes the checksum over the pseudo-header, header and payload.
+    pub fn emit(&self, buf: &mut [u8], payload_len: usize, src: Ipv4Addr, dst: Ipv4Addr) {
+        let hl = self.emit_len();
+        put16(buf, 0, self.src_port);
+        put16(buf, 2, self.dst_port);
+        put32(buf, 4, self.seq);
+        put32(buf, 8, self.ack);
+        buf[12] = ((hl / 4) as u8) << 4;
+        buf[13] = self.flags;
+        put16(buf, 14, self.window);
+        put16(buf, 16, 0);
+        put16(buf, 18, 0);
+        let mut at = HEADER_LEN;
+        if let Some(mss) = self.mss {
+            buf[at] = 2;
+            buf[at + 1] = 4;
+            put16(buf, at + 2, mss);
+            at += 4;
+        }
+        if let Some(ws) = self.window_scale {
+            buf[at] = 1;
+            buf[at + 1] = 3;
+            buf[at + 2] = 3;
+            buf[at + 3] = ws;
+        }
+        let len = hl + payload_len;
+        let acc = checksum::add(checksum::pseudo_v4(src, dst, PROTO_TCP, len), &buf[..len]);
+        put16(buf, 16, checksum::finish(acc));
+    }
+}
+
+/// `a < b` in sequence space (RFC 1982 serial arithmetic).
+#[inline]
+pub fn seq_lt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+#[inline]
+pub fn seq_le(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) <= 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_against_etherparse() {
+        let src = Ipv4Addr::new(192, 168, 65, 2);
+        let dst = Ipv4Addr::new(127, 0, 0, 1);
+        let h = TcpHeader {
+            src_port: 40000,
+            dst_port: 80,
+            seq: 0xfffffff0,
+            ack: 12,
+            flags: SYN | ACK,
+            window: 65535,
+            mss: Some(1460),
+            window_scale: Some(7),
+            sack_permitted: false,
+        };
+        let hl = h.emit_len();
+        let mut b = vec![0u8; hl + 5];
+        b[hl..].copy_from_slice(b"hello");
+        h.emit(&mut b, 5, src, dst);
+        let (p, payload) = TcpHeader::parse(&b).unwrap();
+        assert_eq!(p, h);
+        assert_eq!(payload, b"hello");
+        let e = etherparse::TcpHeaderSlice::from_slice(&b)
+            .unwrap()
+            .to_header();
+        assert_eq!(
+            e.calc_checksum_ipv4_raw(src.octets(), dst.octets(), b"hello")
+                .unwrap(),
+            e.checksum
+        );
+        assert!(e.syn && e.ack);
+        for n in 0..HEADER_LEN {
+            assert!(TcpHeader::parse(&b[..n]).is_none());
+        }
+    }
+
+    #[test]
+    fn options_from_linux_syn() {
+        // MSS 65480, SACK-permitted, timestamps, NOP, window scale 7: a Linux SYN's options.
+        let mut b = vec![0u8; 40];
+        b[12] = 10 << 4;
+        b[13] = SYN;
+        b[20..40].copy_from_slice(&[
+            2, 4, 0xff, 0xc8, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+        ]);
+        let (h, payload) = TcpHeader::parse(&b).unwrap();
+        assert_eq!(h.mss, Some(65480));
+        assert_eq!(h.window_scale, Some(7));
+        assert!(h.sack_permitted);
+        assert!(payload.is_empty());
+        // A bad option length stops option parsing without failing the segment.
+        b[21] = 0;
+        assert!(TcpHeader::parse(&b).is_some());
+    }
+
+    #[test]
+    fn sequence_compare_wraps() {
+        assert!(seq_lt(0xffff_fff0, 5));
+        assert!(!seq_lt(5, 0xffff_fff0));
+        assert!(seq_le(5, 5));
+    }
+}
