@@ -1,0 +1,276 @@
+//! Dialling: the host socket behind each guest flow.
+//!
+//! The guest's destination is translated first: the host address (192.168.65.254) becomes
+//! the host's 127.0.0.1, the gateway's ports go to the built-in services (one end of a
+//! socketpair), other addresses of the virtual subnet are unreachable, and everything else
+//! is dialled as it is, so it follows the host's routing table. The `Dialer` trait lets
+//! tests give the engine sockets without any real network.
+
+use std::io;
+use std::mem::size_of;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use crate::config::NetConfig;
+use crate::services::ServiceHub;
+
+/// A freshly dialled TCP socket.
+pub struct TcpDial {
+    pub fd: OwnedFd,
+    /// Already connected (a service socketpair); otherwise the connect is in progress.
+    pub connected: bool,
+    /// A kernel TCP socket (MSG_TRUNC discards without copying); false for a socketpair.
+    pub is_tcp: bool,
+}
+
+/// How echo requests leave the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpKind {
+    /// SOCK_DGRAM/IPPROTO_ICMP: the kernel picks the identifier, no IP header on receive.
+    Ping,
+    /// SOCK_RAW/IPPROTO_ICMP (root): the IP header comes with each received packet.
+    Raw,
+}
+
+pub trait Dialer {
+    fn tcp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<TcpDial>;
+    fn udp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<OwnedFd>;
+    fn icmp(&mut self, dst: Ipv4Addr) -> io::Result<(OwnedFd, IcmpKind)>;
+}
+
+/// The real dialler: host sockets and the gateway's services.
+pub struct HostDialer {
+    cfg: Arc<NetConfig>,
+    services: ServiceHub,
+    icmp_kind: Option<IcmpKind>,
+}
+
+/// Where a guest destination really goes.
+enum Target {
+    Host(Ipv4Addr),
+    Gateway,
+    Unreachable,
+}
+
+impl HostDialer {
+    pub fn new(cfg: Arc<NetConfig>, services: ServiceHub) -> HostDialer {
+        let icmp_kind = probe_icmp();
+        match icmp_kind {
+            Some(k) => tracing::debug!("ICMP echo through {k:?} sockets"),
+            None => tracing::warn!(
+                "no ping or raw ICMP sockets allowed: ping from the guest will not work"
+            ),
+        }
+        HostDialer {
+            cfg,
+            services,
+            icmp_kind,
+        }
+    }
+
+    pub fn services(&self) -> &ServiceHub {
+        &self.services
+    }
+
+    fn target(&self, ip: Ipv4Addr) -> Target {
+        if ip == self.cfg.gateway {
+            Target::Gateway
+        } else if ip == self.cfg.host {
+            Target::Host(Ipv4Addr::LOCALHOST)
+        } else if self.cfg.subnet.contains(ip)
+            || ip.is_unspecified()
+            || ip.is_broadcast()
+            || ip.is_multicast()
+        {
+            Target::Unreachable
+        } else {
+            Target::Host(ip)
+        }
+    }
+}
+
+fn unreachable() -> io::Error {
+    io::Error::from_raw_os_error(libc::EHOSTUNREACH)
+}
+
+impl Dialer for HostDialer {
+    fn tcp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<TcpDial> {
+        match self.target(*dst.ip()) {
+            Target::Gateway => match self.services.connect_tcp(dst.port(), guest) {
+                Some(fd) => Ok(TcpDial {
+                    fd,
+                    connected: true,
+                    is_tcp: false,
+                }),
+                None => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            },
+            Target::Unreachable => Err(unreachable()),
+            Target::Host(ip) => {
+                let fd = socket(libc::SOCK_STREAM, 0)?;
+                set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+                let connected = connect(fd.as_raw_fd(), SocketAddrV4::new(ip, dst.port()))?;
+                Ok(TcpDial {
+                    fd,
+                    connected,
+                    is_tcp: true,
+                })
+            }
+        }
+    }
+
+    fn udp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<OwnedFd> {
+        match self.target(*dst.ip()) {
+            Target::Gateway => self
+                .services
+                .connect_udp(dst.port(), guest)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            Target::Unreachable => Err(unreachable()),
+            Target::Host(ip) => {
+                let fd = socket(libc::SOCK_DGRAM, 0)?;
+                connect(fd.as_raw_fd(), SocketAddrV4::new(ip, dst.port()))?;
+                Ok(fd)
+            }
+        }
+    }
+
+    fn icmp(&mut self, dst: Ipv4Addr) -> io::Result<(OwnedFd, IcmpKind)> {
+        let ip = match self.target(dst) {
+            Target::Host(ip) => ip,
+            _ => return Err(unreachable()),
+        };
+        let kind = self
+            .icmp_kind
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))?;
+        let fd = match kind {
+            IcmpKind::Ping => socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP)?,
+            IcmpKind::Raw => socket(libc::SOCK_RAW, libc::IPPROTO_ICMP)?,
+        };
+        connect(fd.as_raw_fd(), SocketAddrV4::new(ip, 0))?;
+        Ok((fd, kind))
+    }
+}
+
+/// Which kind of ICMP socket this process may open: ping sockets first, raw as root.
+fn probe_icmp() -> Option<IcmpKind> {
+    if socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP).is_ok() {
+        Some(IcmpKind::Ping)
+    } else if socket(libc::SOCK_RAW, libc::IPPROTO_ICMP).is_ok() {
+        Some(IcmpKind::Raw)
+    } else {
+        None
+    }
+}
+
+/// A non-blocking, close-on-exec IPv4 socket.
+pub fn socket(kind: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the returned descriptor is owned by the OwnedFd.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            proto,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Starts a connect; Ok(true) when it completed at once, Ok(false) when in progress.
+pub fn connect(fd: RawFd, addr: SocketAddrV4) -> io::Result<bool> {
+    let sa = sockaddr_in(addr);
+    // SAFETY: sa is a valid sockaddr_in of the length given.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINPROGRESS) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+pub fn set_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is a c_int of the length given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            &val as *const _ as *const libc::c_void,
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn get_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: val and len are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            opt,
+            &mut val as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(val)
+    }
+}
+
+/// The pending error of a socket (SO_ERROR), 0 when none.
+pub fn take_error(fd: RawFd) -> i32 {
+    get_int(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(libc::EIO)
+}
+
+/// Raises the open-file limit to its hard maximum: each guest flow holds a descriptor.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is valid for writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
+    {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: lim is a valid rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}

@@ -1,0 +1,203 @@
+//! The flow table: every guest connection and the host socket behind it.
+//!
+//! Flows live in a slab of slots; a slot's index and generation make the event-loop token
+//! of the flow's socket, so a stale event for a reused slot is recognised and ignored.
+//! A hash map from the flow's addresses to its slot makes each packet O(1).
+
+pub mod icmp;
+pub mod tcp;
+pub mod udp;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
+
+pub use icmp::IcmpFlow;
+pub use tcp::{TcpFlow, Verdict};
+pub use udp::UdpFlow;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowKey {
+    Tcp {
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+    },
+    Udp {
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+    },
+    Icmp {
+        guest: Ipv4Addr,
+        remote: Ipv4Addr,
+        ident: u16,
+    },
+}
+
+pub enum Flow {
+    Tcp(TcpFlow),
+    Udp(UdpFlow),
+    Icmp(IcmpFlow),
+}
+
+impl Flow {
+    pub fn key(&self) -> FlowKey {
+        match self {
+            Flow::Tcp(f) => FlowKey::Tcp {
+                guest: f.guest,
+                remote: f.remote,
+            },
+            Flow::Udp(f) => FlowKey::Udp {
+                guest: f.guest,
+                remote: f.remote,
+            },
+            Flow::Icmp(f) => FlowKey::Icmp {
+                guest: f.guest,
+                remote: f.remote,
+                ident: f.ident,
+            },
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Flow::Tcp(f) => f.sock.as_raw_fd(),
+            Flow::Udp(f) => f.sock.as_raw_fd(),
+            Flow::Icmp(f) => f.sock.as_raw_fd(),
+        }
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        match self {
+            Flow::Tcp(f) => f.deadline(),
+            Flow::Udp(f) => f.deadline(),
+            Flow::Icmp(f) => f.deadline(),
+        }
+    }
+
+    pub fn scheduled_mut(&mut self) -> &mut Option<Instant> {
+        match self {
+            Flow::Tcp(f) => &mut f.scheduled,
+            Flow::Udp(f) => &mut f.scheduled,
+            Flow::Icmp(f) => &mut f.scheduled,
+        }
+    }
+}
+
+/// A flow's handle: slot index and generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowId {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+impl FlowId {
+    pub fn token(self, base: usize) -> mio::Token {
+        mio::Token(base + ((self.generation as usize) << 32 | self.slot as usize))
+    }
+
+    pub fn from_token(t: mio::Token, base: usize) -> FlowId {
+        let v = t.0 - base;
+        FlowId {
+            slot: (v & 0xffff_ffff) as u32,
+            generation: (v >> 32) as u32,
+        }
+    }
+}
+
+struct Slot {
+    generation: u32,
+    flow: Option<Flow>,
+}
+
+#[derive(Default)]
+pub struct FlowTable {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    index: HashMap<FlowKey, FlowId>,
+    pub tcp_count: usize,
+    pub udp_count: usize,
+    pub icmp_count: usize,
+}
+
+impl FlowTable {
+    pub fn lookup(&self, key: &FlowKey) -> Option<FlowId> {
+        self.index.get(key).copied()
+    }
+
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
+        let s = self.slots.get_mut(id.slot as usize)?;
+        if s.generation != id.generation {
+            return None;
+        }
+        s.flow.as_mut()
+    }
+
+    pub fn insert(&mut self, flow: Flow) -> FlowId {
+        let key = flow.key();
+        match &flow {
+            Flow::Tcp(_) => self.tcp_count += 1,
+            Flow::Udp(_) => self.udp_count += 1,
+            Flow::Icmp(_) => self.icmp_count += 1,
+        }
+        let id = if let Some(slot) = self.free.pop() {
+            let s = &mut self.slots[slot as usize];
+            s.flow = Some(flow);
+            FlowId {
+                slot,
+                generation: s.generation,
+            }
+        } else {
+            self.slots.push(Slot {
+                generation: 0,
+                flow: Some(flow),
+            });
+            FlowId {
+                slot: (self.slots.len() - 1) as u32,
+                generation: 0,
+            }
+        };
+        self.index.insert(key, id);
+        id
+    }
+
+    pub fn remove(&mut self, id: FlowId) -> Option<Flow> {
+        let s = self.slots.get_mut(id.slot as usize)?;
+        if s.generation != id.generation {
+            return None;
+        }
+        let flow = s.flow.take()?;
+        s.generation = s.generation.wrapping_add(1);
+        self.free.push(id.slot);
+        self.index.remove(&flow.key());
+        match &flow {
+            Flow::Tcp(_) => self.tcp_count -= 1,
+            Flow::Udp(_) => self.udp_count -= 1,
+            Flow::Icmp(_) => self.icmp_count -= 1,
+        }
+        Some(flow)
+    }
+
+    /// Every live flow (for eviction scans and shutdown).
+    pub fn ids(&self) -> impl Iterator<Item = (FlowId, &Flow)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            s.flow.as_ref().map(|f| {
+                (
+                    FlowId {
+                        slot: i as u32,
+                        generation: s.generation,
+                    },
+                    f,
+                )
+            })
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+}
