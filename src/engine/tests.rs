@@ -220,6 +220,26 @@ fn tcp_translator_end_to_end() {
     assert_eq!(e.flow_count(), 0);
 }
 
+/// A keep-alive probe (one old sequence number) is answered with an ACK; no data moves.
+#[test]
+fn keepalive_probe_is_answered() {
+    let (mut e, link, _dialer) = engine(false);
+    let now = Instant::now();
+    e.on_frame(&tcp_frame(&seg(1000, 0, SYN), b""), now);
+    let isn = take_tcp(&link)[0].0.seq;
+    e.on_frame(&tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    e.flush_acks();
+    take_tcp(&link);
+    e.on_frame(&tcp_frame(&seg(1000, isn + 1, ACK), b""), now);
+    let out = take_tcp(&link);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].0.has(ACK) && !out[0].0.has(RST));
+    assert_eq!(out[0].0.ack, 1001);
+    // Hours of silence later the flow is still there: no idle expiry.
+    e.run_timers(now + std::time::Duration::from_secs(7200));
+    assert_eq!(e.flow_count(), 1);
+}
+
 #[test]
 fn refused_connect_gets_rst() {
     let (mut e, link, _) = engine(true);

@@ -367,10 +367,13 @@ impl TcpFlow {
                 self.rewind();
             }
         }
-        if (!payload.is_empty() || h.has(FIN))
-            && self.receive(tx, h.seq, payload, h.has(FIN)) == Verdict::Close
-        {
-            return Verdict::Close;
+        if !payload.is_empty() || h.has(FIN) {
+            if self.receive(tx, h.seq, payload, h.has(FIN)) == Verdict::Close {
+                return Verdict::Close;
+            }
+        } else if seq_lt(h.seq, self.rcv_nxt) {
+            // A keep-alive probe (sequence number one below the next expected): answer it.
+            self.send_flags(tx, self.snd_nxt, ACK);
         }
         if self.push(tx, now) == Verdict::Close {
             return Verdict::Close;
