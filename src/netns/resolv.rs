@@ -1,7 +1,38 @@
 //! /etc/resolv.conf: reading the host's resolvers, writing the guest's.
+//!
+//! Theory of operation. The gateway answers DNS for the guest and forwards what it does not
+//! know to the host's resolvers, so two things happen here:
+//!
+//! - [`host_resolvers`] reads the host's file (resolv.conf(5)): `nameserver` lines (IPv4 and
+//!   IPv6, port 53, an IPv6 zone such as `%eth0` kept as the scope id) become upstreams, and
+//!   the last `search` or `domain` line gives the search domains. Anything malformed is skipped.
+//! - [`render_guest`] writes the guest's file (`nameserver <gateway>` and the search domains),
+//!   and [`install_guest_resolv_conf`], run inside the guest's private mount namespace, makes
+//!   COMMAND see it at /etc/resolv.conf:
+//!   * normally by writing a temporary file, bind-mounting it over /etc/resolv.conf (or over
+//!     the file a symlink there points to) and unlinking it at once: the mount keeps the inode
+//!     alive, so nothing is left on disk even if usernet is killed;
+//!   * when /etc/resolv.conf is missing or a dangling symlink (systemd-resolved not running,
+//!     say) there is nothing to mount over and usernet must not create files on the host, so
+//!     it "shadows" /etc: a tmpfs is mounted on /etc inside the namespace, every original entry
+//!     is bind-mounted (or, for symlinks, re-created) into it, and resolv.conf is written as a
+//!     plain file there. The rest of /etc looks the same; files COMMAND creates directly in
+//!     /etc go to the tmpfs and vanish with the namespace.
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, open};
+use nix::mount::{MsFlags, mount};
+use nix::sys::stat::Mode;
+
+/// Where the guest looks for its resolver configuration.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct HostResolvers {
@@ -11,6 +42,271 @@ pub struct HostResolvers {
 
 /// The host's nameservers and search domains; empty when the file is missing or has none.
 pub fn host_resolvers(path: &Path) -> HostResolvers {
-    let _ = path;
-    HostResolvers::default()
+    match fs::read(path) {
+        Ok(bytes) => parse_resolv_conf(&String::from_utf8_lossy(&bytes)),
+        Err(e) => {
+            tracing::debug!("cannot read {}: {e}", path.display());
+            HostResolvers::default()
+        }
+    }
+}
+
+/// Parses the text of a resolv.conf file (see [`host_resolvers`]).
+pub fn parse_resolv_conf(text: &str) -> HostResolvers {
+    let mut out = HostResolvers::default();
+    for line in text.lines() {
+        // Comments start with '#' or ';' anywhere on the line.
+        let line = line.split(['#', ';']).next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => {
+                if let Some(addr) = words.next().and_then(parse_nameserver)
+                    && !out.nameservers.contains(&addr)
+                {
+                    out.nameservers.push(addr);
+                }
+            }
+            // The last of `search` and `domain` wins (resolv.conf(5)).
+            Some("search") => {
+                out.search = words.filter(|d| valid_domain(d)).map(normalize).collect();
+            }
+            Some("domain") => {
+                out.search = words
+                    .next()
+                    .filter(|d| valid_domain(d))
+                    .map(normalize)
+                    .into_iter()
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn parse_nameserver(word: &str) -> Option<SocketAddr> {
+    if let Ok(ip) = word.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, 53));
+    }
+    // An IPv6 address with a zone: fe80::1%eth0 or fe80::1%2.
+    let (addr, zone) = word.split_once('%')?;
+    let addr: Ipv6Addr = addr.parse().ok()?;
+    let scope = match zone.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => nix::net::if_::if_nametoindex(zone).ok()?,
+    };
+    Some(SocketAddr::V6(SocketAddrV6::new(addr, 53, 0, scope)))
+}
+
+fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d != "."
+        && d.len() <= 253
+        && d.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+fn normalize(d: &str) -> String {
+    d.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The guest's resolv.conf: the gateway is its only nameserver.
+pub fn render_guest(gateway: IpAddr, search: &[String]) -> String {
+    let mut out = String::from("# Written by usernet: the gateway answers DNS.\n");
+    out.push_str(&format!("nameserver {gateway}\n"));
+    let search: Vec<&str> = search
+        .iter()
+        .map(String::as_str)
+        .filter(|d| valid_domain(d))
+        .collect();
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    out
+}
+
+/// What [`install_guest_resolv_conf`] did, for the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    /// A file was bind-mounted over /etc/resolv.conf (or its symlink's target).
+    BindMounted,
+    /// /etc was shadowed by a tmpfs holding a new resolv.conf and the original entries.
+    ShadowedEtc,
+}
+
+/// Makes `/etc/resolv.conf` read `contents` in the current mount namespace. Call it only in a
+/// private mount namespace (after making `/` rprivate): it mounts things.
+pub fn install_guest_resolv_conf(contents: &str) -> io::Result<Installed> {
+    let target = Path::new(RESOLV_CONF);
+    match fs::metadata(target) {
+        Ok(m) if m.is_dir() => Err(io::Error::other(format!("{RESOLV_CONF} is a directory"))),
+        Ok(_) => match bind_over(target, contents) {
+            Ok(()) => Ok(Installed::BindMounted),
+            Err(e) => {
+                tracing::debug!("bind mount over {RESOLV_CONF} failed ({e}); shadowing /etc");
+                shadow_etc(contents).map(|()| Installed::ShadowedEtc)
+            }
+        },
+        // Missing, or a symlink to nothing.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            shadow_etc(contents).map(|()| Installed::ShadowedEtc)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `contents` to a fresh temporary file, bind-mounts it over `target` and unlinks it.
+fn bind_over(target: &Path, contents: &str) -> io::Result<()> {
+    let tmp = temp_path();
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    let result = file.write_all(contents.as_bytes()).and_then(|()| {
+        mount(
+            Some(&tmp),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(io::Error::from)
+    });
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+fn temp_path() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!(
+        "usernet-resolv-{}-{nanos:x}.conf",
+        std::process::id()
+    ))
+}
+
+/// Mounts a tmpfs on /etc that mirrors the original /etc, with our resolv.conf in it.
+fn shadow_etc(contents: &str) -> io::Result<()> {
+    // A handle on the original /etc, still reachable once the tmpfs hides it.
+    let orig: OwnedFd = open(
+        "/etc",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let orig_path = PathBuf::from(format!("/proc/self/fd/{}", orig.as_raw_fd()));
+    let entries: Vec<fs::DirEntry> = fs::read_dir(&orig_path)?.collect::<io::Result<_>>()?;
+
+    mount(
+        Some("tmpfs"),
+        "/etc",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=755"),
+    )?;
+    let etc = Path::new("/etc");
+    for entry in entries {
+        let name = entry.file_name();
+        if name == OsStr::new("resolv.conf") {
+            continue;
+        }
+        let from = orig_path.join(&name);
+        let to = etc.join(&name);
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            symlink(fs::read_link(&from)?, &to)?;
+            continue;
+        }
+        if kind.is_dir() {
+            fs::create_dir(&to)?;
+        } else {
+            fs::File::create(&to)?;
+        }
+        mount(
+            Some(&from),
+            &to,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(etc.join("resolv.conf"))?
+        .write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn nameservers_v4_v6_and_junk() {
+        let r = parse_resolv_conf(
+            "# comment\n\
+             nameserver 10.255.255.53\n\
+             nameserver   2001:db8::1  # trailing comment\n\
+             nameserver not-an-ip\n\
+             nameserver\n\
+             nameserver 10.255.255.53\n\
+             ; nameserver 192.0.2.9\n\
+             nameserver fe80::1%7\n\
+             nameserver fe80::2%no-such-interface-here\n\
+             options ndots:5\n",
+        );
+        assert_eq!(
+            r.nameservers,
+            vec![
+                "10.255.255.53:53".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::1]:53".parse().unwrap(),
+                SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 53, 0, 7)),
+            ]
+        );
+        assert!(r.search.is_empty());
+    }
+
+    #[test]
+    fn last_search_or_domain_wins() {
+        let r = parse_resolv_conf("search a.example B.example.\ndomain c.example\n");
+        assert_eq!(r.search, vec!["c.example"]);
+        let r = parse_resolv_conf("domain c.example\nsearch a.example B.example. bad/name\n");
+        assert_eq!(r.search, vec!["a.example", "b.example"]);
+        let r = parse_resolv_conf("search\n");
+        assert!(r.search.is_empty());
+    }
+
+    #[test]
+    fn missing_file_is_empty() {
+        let r = host_resolvers(Path::new("/nonexistent/usernet/resolv.conf"));
+        assert_eq!(r, HostResolvers::default());
+    }
+
+    #[test]
+    fn reads_a_file() {
+        let path = std::env::temp_dir().join(format!("usernet-test-resolv-{}", std::process::id()));
+        fs::write(&path, "nameserver 127.0.0.53\nsearch corp.example\n").unwrap();
+        let r = host_resolvers(&path);
+        let _ = fs::remove_file(&path);
+        assert_eq!(r.nameservers, vec!["127.0.0.53:53".parse().unwrap()]);
+        assert_eq!(r.search, vec!["corp.example"]);
+    }
+
+    #[test]
+    fn guest_file() {
+        let gw = IpAddr::V4(Ipv4Addr::new(192, 168, 65, 1));
+        let text = render_guest(gw, &[]);
+        assert!(text.contains("\nnameserver 192.168.65.1\n"));
+        assert!(!text.contains("search"));
+        let text = render_guest(gw, &["a.example".into(), "bad\nnameserver 1.2.3.4".into()]);
+        assert!(text.ends_with("nameserver 192.168.65.1\nsearch a.example\n"));
+        // What we write is what a resolver reads back.
+        let back = parse_resolv_conf(&text);
+        assert_eq!(back.nameservers, vec![SocketAddr::new(gw, 53)]);
+        assert_eq!(back.search, vec!["a.example"]);
+    }
 }
