@@ -1,0 +1,913 @@
+//! The shared harness of usernet's integration tests.
+//!
+//! Theory of operation: every test drives the real `usernet` binary
+//! (`CARGO_BIN_EXE_usernet`) with real programs inside the guest (curl, dig,
+//! socat, ping, ...) and real servers outside it. The rules of TESTING.md hold
+//! throughout: test traffic goes only to loopback and to namespaces the test made.
+//!
+//! - [`Usernet`] builds a `usernet run` command line. It always passes
+//!   `--dns-upstream 127.0.0.1:PORT` of a [`DnsUpstream`] (a dnsmasq with static
+//!   records only), so no test ever touches the machine's own resolver. Every
+//!   run is bounded by a timeout: the whole process group gets SIGTERM, then
+//!   SIGKILL.
+//! - [`RemoteHost`] is a namespace of the test's own, joined to the host by a
+//!   veth pair with a /30 from 203.0.113.0/24. The /30 is claimed by creating the
+//!   namespace `unrh<slot>` (which fails if another test, thread or process
+//!   holds it), so tests running in parallel, even under cargo-nextest, never
+//!   collide. `ip route get` must leave through the veth before it is used.
+//! - [`Server`] runs tests/helpers/testserver.py (an HTTP server that does no
+//!   lookups, a TCP sink, a resetter, a UDP echo) on the host's loopback or in a
+//!   [`RemoteHost`]. It binds port 0 and reports the port it got, and it exits
+//!   by itself when the test that started it goes away (its stdin closes).
+//! - Everything that a test starts or creates is removed on Drop, panics included.
+//!
+//! Tests call [`ready`] first: it skips (returns false) when not root or a tool
+//! is missing, except under CI (`CI` set), where a skip would hide a broken
+//! machine, so it panics instead.
+#![allow(dead_code)]
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// The guest's address (`usernet run` assigns it statically).
+pub const GUEST_IP: &str = "192.168.65.2";
+/// The gateway: usernet itself (ARP, ping, DHCP, DNS).
+pub const GATEWAY_IP: &str = "192.168.65.1";
+/// The host's 127.0.0.1 as the guest sees it.
+pub const HOST_IP: &str = "192.168.65.254";
+/// The default MTU of `usernet run`.
+pub const RUN_MTU: u32 = 65520;
+
+/// Static records of [`DnsUpstream`].
+pub const REMOTE_TEST_A: &str = "203.0.113.10";
+pub const DUAL_TEST_A: &str = "203.0.113.11";
+pub const DUAL_TEST_AAAA: &str = "2001:db8::11";
+pub const AAAA_ONLY_TEST_AAAA: &str = "2001:db8::10";
+pub const TXT_TEST_TEXT: &str = "usernet test record";
+pub const MAIL_TEST_A: &str = "203.0.113.25";
+
+/// Default bound of one `usernet run` (and of any other command run by the harness).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------
+// Environment: root, tools, CI.
+
+/// The binary under test: `CARGO_BIN_EXE_usernet`, unless `USERNET_TEST_BIN`
+/// names another (e.g. tests/helpers/fake_usernet.sh, to check the tests themselves).
+pub fn usernet_bin() -> PathBuf {
+    match std::env::var_os("USERNET_TEST_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_usernet")),
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// PATH with the sbin directories added (tools such as ip, nft, dnsmasq live there).
+pub fn search_path() -> OsString {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    for d in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let d = PathBuf::from(d);
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    std::env::join_paths(dirs).unwrap_or_else(|_| OsString::from("/usr/sbin:/usr/bin:/sbin:/bin"))
+}
+
+/// Full path of an executable found on [`search_path`].
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&search_path())
+        .map(|d| d.join(name))
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+pub fn have_tool(name: &str) -> bool {
+    find_tool(name).is_some()
+}
+
+/// The ping to use inside the guest: iputils' if present, else busybox's.
+pub fn ping_cmd() -> &'static str {
+    if have_tool("ping") { "ping" } else { "busybox ping" }
+}
+
+/// The python interpreter for the helper servers (Debian's first).
+pub fn python() -> PathBuf {
+    let debian = PathBuf::from("/usr/bin/python3");
+    if debian.exists() { debian } else { find_tool("python3").unwrap_or_else(|| PathBuf::from("python3")) }
+}
+
+/// True when the test can run: root and every tool present. Otherwise prints why
+/// and returns false, or panics under CI, where everything must be present.
+pub fn ready(tools: &[&str]) -> bool {
+    let mut problems = Vec::new();
+    if !is_root() {
+        problems.push("not running as root".to_string());
+    }
+    for t in tools {
+        let ok = match *t {
+            "ping" => have_tool("ping") || have_tool("busybox"),
+            other => have_tool(other),
+        };
+        if !ok {
+            problems.push(format!("missing tool {t}"));
+        }
+    }
+    if problems.is_empty() {
+        return true;
+    }
+    if in_ci() {
+        panic!("cannot run under CI: {}", problems.join(", "));
+    }
+    eprintln!("SKIPPED: {}", problems.join(", "));
+    false
+}
+
+/// The tools nearly every `usernet run` test needs.
+pub const BASE_TOOLS: &[&str] = &["ip", "dnsmasq", "timeout", "sh"];
+
+/// A name unique within the machine for this run: `<pid>-<n>`.
+pub fn unique_id() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+// ---------------------------------------------------------------------------
+// Bounded commands.
+
+/// What a bounded command did.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Exit status; for a process killed by signal N, 128 + N (as a shell reports it).
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    pub timed_out: bool,
+    /// The command line, for messages.
+    pub cmdline: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == 0 && !self.timed_out
+    }
+
+    /// Panics with everything known unless the command exited 0.
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.success(), "command failed:\n{self}");
+        self
+    }
+
+    /// Panics with everything known unless the command exited with `code`.
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert!(self.code == code && !self.timed_out, "expected exit status {code}:\n{self}");
+        self
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "  command: {}", self.cmdline)?;
+        writeln!(
+            f,
+            "  status: {}{} after {:.1?}",
+            self.code,
+            if self.timed_out { " (TIMED OUT, killed)" } else { "" },
+            self.elapsed
+        )?;
+        writeln!(f, "  stdout:\n{}", indent(&self.stdout))?;
+        write!(f, "  stderr:\n{}", indent(&self.stderr))
+    }
+}
+
+fn indent(s: &str) -> String {
+    const MAX: usize = 8000;
+    let s = if s.len() > MAX {
+        let mut cut = s.len() - MAX;
+        while !s.is_char_boundary(cut) {
+            cut += 1;
+        }
+        &s[cut..]
+    } else {
+        s
+    };
+    s.lines().map(|l| format!("    | {l}\n")).collect()
+}
+
+fn cmdline(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}
+
+/// Collects a pipe in a thread; the buffer is readable at any time.
+fn collect(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, mpsc::Receiver<()>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let (done_tx, done_rx) = mpsc::channel();
+    let b = Arc::clone(&buf);
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 16384];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => b.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = done_tx.send(());
+    });
+    (buf, done_rx)
+}
+
+fn kill_group(pgid: u32, sig: i32) {
+    if let Ok(pgid) = i32::try_from(pgid) {
+        // SAFETY: kill(2) with a negative pid signals a process group; no memory involved.
+        unsafe {
+            libc::kill(-pgid, sig);
+        }
+    }
+}
+
+/// Runs `cmd` (stdin /dev/null) in its own process group, for at most `timeout`.
+/// On timeout the group gets SIGTERM, then SIGKILL 3 s later. Never hangs on
+/// a pipe held open by a stray grandchild: output is taken 3 s after exit.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+    let line = cmdline(cmd);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    let start = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start {line}: {e}"),
+    };
+    let (out, out_done) = collect(child.stdout.take().expect("piped stdout"));
+    let (err, err_done) = collect(child.stderr.take().expect("piped stderr"));
+    let pgid = child.id();
+    let mut timed_out = false;
+    let mut term_sent: Option<Instant> = None;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => panic!("waiting for {line}: {e}"),
+        }
+        if start.elapsed() >= timeout {
+            match term_sent {
+                None => {
+                    timed_out = true;
+                    kill_group(pgid, libc::SIGTERM);
+                    term_sent = Some(Instant::now());
+                }
+                Some(t) if t.elapsed() > Duration::from_secs(3) => {
+                    kill_group(pgid, libc::SIGKILL);
+                }
+                Some(_) => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let elapsed = start.elapsed();
+    if timed_out {
+        // Whatever is left of the group goes too.
+        kill_group(pgid, libc::SIGKILL);
+    }
+    let grace = Instant::now() + Duration::from_secs(3);
+    for done in [&out_done, &err_done] {
+        let left = grace.saturating_duration_since(Instant::now());
+        let _ = done.recv_timeout(left);
+    }
+    let text =
+        |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Output { code, stdout: text(&out), stderr: text(&err), elapsed, timed_out, cmdline: line }
+}
+
+/// Runs a program with arguments, bounded by [`DEFAULT_TIMEOUT`].
+pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
+    let mut cmd = Command::new(program);
+    cmd.args(args).env("PATH", search_path());
+    run_bounded(&mut cmd, DEFAULT_TIMEOUT)
+}
+
+/// Runs `sh -c SCRIPT` on the host, bounded by [`DEFAULT_TIMEOUT`].
+pub fn sh(script: &str) -> Output {
+    run("sh", &["-c", script])
+}
+
+/// Runs a program that must succeed; panics with its output otherwise.
+pub fn must<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
+    let out = run(program, args);
+    out.assert_ok();
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Files and hashes.
+
+/// A directory removed on Drop: /tmp/usernet-test-<tag>-<pid>-<n>, mode 0755.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("usernet-test-{tag}-{}", unique_id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Writes `len` random bytes (from /dev/urandom) to `path`, mode 0644.
+pub fn write_random_file(path: &Path, len: usize) {
+    let mut src = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
+    let mut dst = std::fs::File::create(path).expect("create random file");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        src.read_exact(&mut buf[..n]).expect("read /dev/urandom");
+        dst.write_all(&buf[..n]).expect("write random file");
+        left -= n;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod random file");
+}
+
+/// sha256 of a file, lowercase hex (via sha256sum).
+pub fn sha256_file(path: &Path) -> String {
+    let out = must("sha256sum", &[path]);
+    first_word(&out.stdout)
+}
+
+/// sha256 of bytes, lowercase hex (via sha256sum).
+pub fn sha256_bytes(data: &[u8]) -> String {
+    let mut child =
+        Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start sha256sum");
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(data).expect("write to sha256sum");
+    }
+    let out = child.wait_with_output().expect("sha256sum");
+    first_word(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The first whitespace-separated word of the first line that has one.
+pub fn first_word(s: &str) -> String {
+    s.split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// Every 64-hex-digit word in `s`, in order (for picking hashes out of output).
+pub fn hex_hashes(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_ascii_hexdigit()).filter(|w| w.len() == 64).map(|w| w.to_ascii_lowercase()).collect()
+}
+
+/// A free TCP and UDP port on 127.0.0.1 (free now; a race is possible, so
+/// callers that bind it themselves retry).
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = tcp.local_addr().expect("local addr").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port");
+}
+
+// ---------------------------------------------------------------------------
+// The DNS upstream: dnsmasq with static records on loopback.
+
+/// dnsmasq on 127.0.0.1:PORT (UDP and TCP) with static records for `.test`
+/// names only (`--local=/test/`: any other `.test` name is NXDOMAIN; names
+/// outside `.test` are REFUSED, since it has no upstream of its own).
+///
+/// | name | records |
+/// |---|---|
+/// | remote.test | A 203.0.113.10 |
+/// | dual.test | A 203.0.113.11, AAAA 2001:db8::11 |
+/// | aaaa-only.test | AAAA 2001:db8::10 (A: NOERROR, no answer) |
+/// | txt.test | TXT "usernet test record" |
+/// | mx.test | MX 10 mail.test |
+/// | mail.test | A 203.0.113.25 |
+/// | _http._tcp.srv.test | SRV 0 5 8080 remote.test |
+pub struct DnsUpstream {
+    pub port: u16,
+    child: Child,
+    log: PathBuf,
+}
+
+impl DnsUpstream {
+    pub fn start() -> DnsUpstream {
+        let dnsmasq = find_tool("dnsmasq").expect("dnsmasq (Debian package dnsmasq-base)");
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let log = std::env::temp_dir().join(format!("usernet-test-dnsmasq-{}.log", unique_id()));
+            let logfile = std::fs::File::create(&log).expect("create dnsmasq log");
+            let child = Command::new(&dnsmasq)
+                .args([
+                    "--no-daemon",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--pid-file",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--log-facility=-",
+                    "--log-queries",
+                    "--local=/test/",
+                    "--host-record=remote.test,203.0.113.10",
+                    "--host-record=dual.test,203.0.113.11,2001:db8::11",
+                    "--host-record=aaaa-only.test,2001:db8::10",
+                    "--host-record=mail.test,203.0.113.25",
+                    "--txt-record=txt.test,usernet test record",
+                    "--mx-host=mx.test,mail.test,10",
+                    "--srv-host=_http._tcp.srv.test,remote.test,8080,0,5",
+                ])
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(logfile))
+                .spawn()
+                .expect("start dnsmasq");
+            let mut up = DnsUpstream { port, child, log };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = up.child.try_wait() {
+                    break;
+                }
+                if query_a(port, "remote.test") == Some(Ipv4Addr::new(203, 0, 113, 10)) {
+                    return up;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            last_error = up.log_text();
+            // Drop kills it; try another port.
+        }
+        panic!("dnsmasq did not come up:\n{last_error}");
+    }
+
+    /// `127.0.0.1:PORT`, as `--dns-upstream` takes it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// dnsmasq's log so far (it logs every query).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DnsUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Asks 127.0.0.1:port for NAME's A record over UDP (one try, 300 ms); the
+/// first address of the answer, if any. Used to see that an upstream is up.
+pub fn query_a(port: u16, name: &str) -> Option<Ipv4Addr> {
+    let sock = UdpSocket::bind("127.0.0.1:0").ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
+    let id: u16 = 0x5a5a;
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(u8::try_from(label.len()).ok()?);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    sock.send_to(&q, ("127.0.0.1", port)).ok()?;
+    let mut buf = [0u8; 1500];
+    let n = sock.recv(&mut buf).ok()?;
+    let r = &buf[..n];
+    if r.len() < 12 || r[0..2] != id.to_be_bytes() || r[3] & 0x0f != 0 {
+        return None;
+    }
+    let ancount = u16::from_be_bytes([r[6], r[7]]);
+    if ancount == 0 {
+        return None;
+    }
+    // Skip the question (same length as ours), then look for the first A record.
+    let mut i = q.len();
+    for _ in 0..ancount {
+        // Name: a pointer (2 bytes) or labels.
+        loop {
+            let b = *r.get(i)?;
+            if b & 0xc0 == 0xc0 {
+                i += 2;
+                break;
+            }
+            if b == 0 {
+                i += 1;
+                break;
+            }
+            i += 1 + usize::from(b);
+        }
+        let rtype = u16::from_be_bytes([*r.get(i)?, *r.get(i + 1)?]);
+        let rdlen = usize::from(u16::from_be_bytes([*r.get(i + 8)?, *r.get(i + 9)?]));
+        let data = r.get(i + 10..i + 10 + rdlen)?;
+        if rtype == 1 && rdlen == 4 {
+            return Some(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        i += 10 + rdlen;
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// `usernet run`.
+
+/// A `usernet run` command line under construction.
+pub struct Usernet {
+    args: Vec<OsString>,
+    timeout: Duration,
+    user: Option<(String, PathBuf)>,
+}
+
+impl Usernet {
+    /// `usernet run --dns-upstream <dns>`.
+    pub fn new(dns: &DnsUpstream) -> Usernet {
+        Usernet::without_dns().arg("--dns-upstream").arg(dns.addr())
+    }
+
+    /// `usernet run` with no `--dns-upstream` of the harness: the test MUST pass
+    /// its own (loopback) upstreams, or usernet would use the machine's resolver.
+    pub fn without_dns() -> Usernet {
+        Usernet { args: Vec::new(), timeout: DEFAULT_TIMEOUT, user: None }
+    }
+
+    pub fn arg(mut self, a: impl AsRef<OsStr>) -> Usernet {
+        self.args.push(a.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<S: AsRef<OsStr>>(mut self, args: &[S]) -> Usernet {
+        self.args.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Usernet {
+        self.timeout = t;
+        self
+    }
+
+    /// Runs usernet as `user` (with `runuser -u USER --`) from `bin`, a copy of
+    /// the binary that USER can execute (see [`copy_binary_for_others`]).
+    pub fn run_as(mut self, user: &str, bin: &Path) -> Usernet {
+        self.user = Some((user.to_string(), bin.to_owned()));
+        self
+    }
+
+    /// The full command: `usernet run ARGS -- CMD...`.
+    pub fn command<S: AsRef<OsStr>>(&self, cmd: &[S]) -> Command {
+        let mut c = match &self.user {
+            None => Command::new(usernet_bin()),
+            Some((user, bin)) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(bin);
+                c
+            }
+        };
+        c.arg("run").args(&self.args).arg("--").args(cmd);
+        c.env("PATH", search_path());
+        if std::env::var_os("RUST_LOG").is_none() {
+            c.env("RUST_LOG", "warn");
+        }
+        c
+    }
+
+    /// Runs `usernet run ARGS -- CMD...`, bounded.
+    pub fn run<S: AsRef<OsStr>>(&self, cmd: &[S]) -> Output {
+        run_bounded(&mut self.command(cmd), self.timeout)
+    }
+
+    /// Runs `usernet run ARGS -- sh -c SCRIPT`, bounded.
+    pub fn sh(&self, script: &str) -> Output {
+        self.run(&["sh", "-c", script])
+    }
+}
+
+/// `usernet run --dns-upstream <dns> ARGS -- CMD...` with the default timeout.
+pub fn run_usernet<S: AsRef<OsStr>, T: AsRef<OsStr>>(dns: &DnsUpstream, args: &[S], cmd: &[T]) -> Output {
+    Usernet::new(dns).args(args).run(cmd)
+}
+
+/// A copy of the usernet binary (mode 0755, in a 0755 directory) that any
+/// user can run, for rootless tests with `runuser -u nobody`.
+pub fn copy_binary_for_others(dir: &TempDir) -> PathBuf {
+    let dst = dir.join("usernet");
+    std::fs::copy(usernet_bin(), &dst).expect("copy usernet binary");
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod usernet copy");
+    dst
+}
+
+// ---------------------------------------------------------------------------
+// Remote hosts: namespaces of the test's own behind a veth pair.
+
+/// A network namespace `unrh<slot>` joined to the host by the veth pair
+/// `unrh<slot>h` (host side, `host_ip`/30) and `unrh<slot>r` (inside, `ip`/30),
+/// both inside 203.0.113.0/24. Deleted on Drop, with every process in it.
+pub struct RemoteHost {
+    pub ns: String,
+    pub host_veth: String,
+    pub host_ip: String,
+    /// The remote host's own address: what guests dial.
+    pub ip: String,
+}
+
+const REMOTE_SLOTS: u32 = 64;
+
+impl RemoteHost {
+    pub fn new() -> RemoteHost {
+        // Start at a different slot per process and call, to avoid contention.
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let first = std::process::id().wrapping_mul(7) + NEXT.fetch_add(1, Ordering::Relaxed);
+        for i in 0..REMOTE_SLOTS {
+            let slot = (first + i) % REMOTE_SLOTS;
+            let ns = format!("unrh{slot}");
+            // Claiming the slot: fails if the namespace exists.
+            if !run("ip", &["netns", "add", &ns]).success() {
+                continue;
+            }
+            let base = slot * 4;
+            let host = RemoteHost {
+                host_veth: format!("{ns}h"),
+                host_ip: format!("203.0.113.{}", base + 1),
+                ip: format!("203.0.113.{}", base + 2),
+                ns,
+            };
+            if host.set_up() {
+                return host;
+            }
+            // Drop deletes the namespace (and the pair, if half made); next slot.
+        }
+        panic!("no free remote-host slot (namespaces unrh0..unrh{REMOTE_SLOTS} all taken?)");
+    }
+
+    fn set_up(&self) -> bool {
+        let inner = format!("{}r", self.ns);
+        if !run("ip", &["link", "add", &self.host_veth, "type", "veth", "peer", "name", &inner, "netns", &self.ns])
+            .success()
+        {
+            return false;
+        }
+        must("ip", &["addr", "add", &format!("{}/30", self.host_ip), "dev", &self.host_veth]);
+        must("ip", &["link", "set", &self.host_veth, "up"]);
+        self.exec(&["ip", "addr", "add", &format!("{}/30", self.ip), "dev", &inner]).assert_ok();
+        self.exec(&["ip", "link", "set", &inner, "up"]).assert_ok();
+        self.exec(&["ip", "link", "set", "lo", "up"]).assert_ok();
+        // Traffic to the remote host must leave through our veth, nowhere else.
+        let route = must("ip", &["route", "get", &self.ip]);
+        assert!(
+            route.stdout.contains(&format!("dev {} ", self.host_veth)),
+            "route to {} does not leave through {}:\n{route}",
+            self.ip,
+            self.host_veth
+        );
+        true
+    }
+
+    /// Runs a command inside the namespace, bounded by [`DEFAULT_TIMEOUT`].
+    pub fn exec<S: AsRef<OsStr>>(&self, cmd: &[S]) -> Output {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).args(cmd).env("PATH", search_path());
+        run_bounded(&mut c, DEFAULT_TIMEOUT)
+    }
+
+    /// A command (not started) that runs inside the namespace.
+    pub fn command<S: AsRef<OsStr>>(&self, cmd: &[S]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).args(cmd).env("PATH", search_path());
+        c
+    }
+}
+
+impl Drop for RemoteHost {
+    fn drop(&mut self) {
+        // Nothing may outlive the namespace.
+        let pids = run("ip", &["netns", "pids", &self.ns]);
+        for pid in pids.stdout.split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: plain kill(2) of a process inside our own namespace.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = run("ip", &["link", "del", &self.host_veth]);
+        let _ = run("ip", &["netns", "del", &self.ns]);
+    }
+}
+
+/// An `unreachable` route to one address of 198.51.100.200-249 on the host,
+/// for as long as it lives: connecting there fails with EHOSTUNREACH at once.
+pub struct UnreachableRoute {
+    pub ip: String,
+}
+
+impl UnreachableRoute {
+    pub fn new() -> UnreachableRoute {
+        for last in 200..250u32 {
+            let ip = format!("198.51.100.{last}");
+            if run("ip", &["route", "add", "unreachable", &format!("{ip}/32")]).success() {
+                let r = UnreachableRoute { ip };
+                let route = run("ip", &["route", "get", &r.ip]);
+                assert!(
+                    route.stderr.contains("No route to host") || route.stdout.contains("unreachable"),
+                    "route to {} is not unreachable:\n{route}",
+                    r.ip
+                );
+                return r;
+            }
+        }
+        panic!("no free address for an unreachable route in 198.51.100.200-249");
+    }
+}
+
+impl Drop for UnreachableRoute {
+    fn drop(&mut self) {
+        let _ = run("ip", &["route", "del", "unreachable", &format!("{}/32", self.ip)]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helper servers (tests/helpers/testserver.py).
+
+/// What a [`Server`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// HTTP/1.0 without lookups: GET serves a directory, PUT/POST answer
+    /// "<sha256 hex> <length>" of the body.
+    Http,
+    /// TCP: reads to EOF, answers "<sha256 hex> <length>\n", then closes.
+    Sink,
+    /// TCP: reads the first bytes, then resets the connection.
+    Rst,
+    /// UDP: echoes every datagram.
+    UdpEcho,
+}
+
+/// A helper server on the host's loopback (127.0.0.1) or in a [`RemoteHost`]
+/// (0.0.0.0). Killed on Drop; also exits by itself when the test process dies.
+pub struct Server {
+    pub port: u16,
+    child: Child,
+}
+
+pub fn helper_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helpers/testserver.py")
+}
+
+impl Server {
+    /// On the host, bound to 127.0.0.1.
+    pub fn start(kind: ServerKind, dir: Option<&Path>) -> Server {
+        Server::spawn(Command::new(python()), kind, dir, "127.0.0.1")
+    }
+
+    /// Inside a remote host, bound to 0.0.0.0.
+    pub fn start_in(remote: &RemoteHost, kind: ServerKind, dir: Option<&Path>) -> Server {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &remote.ns]).arg(python());
+        Server::spawn(c, kind, dir, "0.0.0.0")
+    }
+
+    fn spawn(mut cmd: Command, kind: ServerKind, dir: Option<&Path>, bind: &str) -> Server {
+        let mode = match kind {
+            ServerKind::Http => "http",
+            ServerKind::Sink => "sink",
+            ServerKind::Rst => "rst",
+            ServerKind::UdpEcho => "udp-echo",
+        };
+        cmd.arg(helper_script()).arg(mode);
+        if let Some(d) = dir {
+            cmd.arg(d);
+        }
+        cmd.args(["--bind", bind])
+            .env("PATH", search_path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let line = cmdline(&cmd);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut first);
+            let _ = tx.send(first);
+        });
+        let first = rx.recv_timeout(Duration::from_secs(15)).unwrap_or_default();
+        let port = first.strip_prefix("PORT ").and_then(|p| p.trim().parse::<u16>().ok());
+        match port {
+            Some(port) => Server { port, child },
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{line} did not report its port (got {first:?})");
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory holding `name` of `len` random bytes, served over HTTP on the
+/// host's loopback. Returns (dir, server, sha256 of the file).
+pub fn serve_random_file(tag: &str, name: &str, len: usize) -> (TempDir, Server, String) {
+    let dir = TempDir::new(tag);
+    let path = dir.join(name);
+    write_random_file(&path, len);
+    let hash = sha256_file(&path);
+    let server = Server::start(ServerKind::Http, Some(dir.path()));
+    (dir, server, hash)
+}
+
+// ---------------------------------------------------------------------------
+// Looking at processes.
+
+/// The pids of processes whose command line contains `needle` (from /proc).
+pub fn pids_matching(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c: Vec<u8> = c.iter().map(|&b| if b == 0 { b' ' } else { b }).collect();
+                    String::from_utf8_lossy(&c).contains(needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The pids of processes whose network namespace is `netns` (as
+/// `readlink /proc/self/ns/net` prints it: `net:[4026532...]`).
+pub fn pids_in_netns(netns: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|l| l.to_string_lossy() == netns))
+        .collect()
+}
+
+/// Waits up to `limit` for `cond` to hold, checking every 50 ms.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,245 @@
+//! `usernet run`: the guest's outbound traffic, with real clients inside the
+//! guest: TCP to the host's loopback (192.168.65.254 / host.docker.internal)
+//! and to a remote host (a namespace of the test's own, reached through the
+//! host's routing table), refused and unroutable connects, half-close, reset,
+//! packet loss, UDP and ping. Bulk transfers are checked with sha256.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// Size of a bulk transfer.
+const BULK: usize = 20 << 20;
+/// Bound of a `usernet run` that moves bulk data.
+const BULK_TIMEOUT: Duration = Duration::from_secs(150);
+
+#[test]
+fn download_from_host_loopback_by_name() {
+    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (_dir, http, want) = serve_random_file("dl", "f", BULK);
+    let out = Usernet::new(&dns)
+        .timeout(BULK_TIMEOUT)
+        .sh(&format!("timeout 120 curl -sSf http://host.docker.internal:{}/f | sha256sum", http.port));
+    out.assert_ok();
+    assert_eq!(hex_hashes(&out.stdout), vec![want], "{out}");
+}
+
+#[test]
+fn upload_to_host_loopback() {
+    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("ul");
+    let file = dir.join("u");
+    write_random_file(&file, BULK);
+    let want = sha256_file(&file);
+    let http = Server::start(ServerKind::Http, Some(dir.path()));
+    let out = Usernet::new(&dns).timeout(BULK_TIMEOUT).sh(&format!(
+        "timeout 120 curl -sSf -T {} http://{HOST_IP}:{}/u",
+        file.display(),
+        http.port
+    ));
+    out.assert_ok();
+    assert_eq!(out.stdout.trim(), format!("{want} {BULK}"), "{out}");
+}
+
+#[test]
+fn many_parallel_connections_to_host() {
+    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (_dir, http, want) = serve_random_file("par", "f", 1 << 20);
+    let outdir = TempDir::new("par-out");
+    let out = Usernet::new(&dns).timeout(BULK_TIMEOUT).sh(&format!(
+        "for i in $(seq 1 32); do \
+           timeout 60 curl -sSf -o {d}/o$i http://{HOST_IP}:{p}/f & \
+         done; wait; sha256sum {d}/o*",
+        d = outdir.path().display(),
+        p = http.port
+    ));
+    out.assert_ok();
+    let hashes = hex_hashes(&out.stdout);
+    assert_eq!(hashes.len(), 32, "{out}");
+    assert!(hashes.iter().all(|h| *h == want), "{out}");
+}
+
+#[test]
+fn download_and_upload_with_remote_host() {
+    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "nc"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let remote = RemoteHost::new();
+    let dir = TempDir::new("remote");
+    write_random_file(&dir.join("f"), BULK);
+    let want = sha256_file(&dir.join("f"));
+    let http = Server::start_in(&remote, ServerKind::Http, Some(dir.path()));
+    let sink = Server::start_in(&remote, ServerKind::Sink, None);
+    let out = Usernet::new(&dns).timeout(BULK_TIMEOUT).sh(&format!(
+        "timeout 120 curl -sSf http://{ip}:{p}/f | sha256sum; \
+         timeout 120 nc -N {ip} {s} < {f}",
+        ip = remote.ip,
+        p = http.port,
+        s = sink.port,
+        f = dir.join("f").display()
+    ));
+    out.assert_ok();
+    assert_eq!(hex_hashes(&out.stdout), vec![want.clone(), want], "{out}");
+    assert!(out.stdout.contains(&format!(" {BULK}")), "{out}");
+}
+
+#[test]
+fn connect_to_closed_port_is_refused_at_once() {
+    if !ready(&["ip", "dnsmasq", "curl", "nc"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let remote = RemoteHost::new();
+    let closed = free_port();
+    let out = Usernet::new(&dns).sh(&format!(
+        "timeout 20 curl -sS --connect-timeout 10 http://{HOST_IP}:{closed}/; echo curl-host=$?; \
+         timeout 20 curl -sS --connect-timeout 10 http://{ip}:{closed}/; echo curl-remote=$?; \
+         timeout 20 nc -v -z -w 10 {HOST_IP} {closed}",
+        ip = remote.ip
+    ));
+    assert!(out.stdout.contains("curl-host=7"), "{out}");
+    assert!(out.stdout.contains("curl-remote=7"), "{out}");
+    assert!(out.stderr.contains("Connection refused"), "{out}");
+    // A SYN left unanswered would take the 10 s connect timeout, three times.
+    assert!(out.elapsed < Duration::from_secs(9), "{out}");
+}
+
+#[test]
+fn connect_without_route_fails_at_once() {
+    if !ready(&["ip", "dnsmasq", "curl", "nc"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let route = UnreachableRoute::new();
+    let out = Usernet::new(&dns).sh(&format!(
+        "timeout 20 curl -sS --connect-timeout 10 http://{ip}:80/; echo curl=$?; \
+         timeout 20 nc -v -z -w 10 {ip} 80",
+        ip = route.ip
+    ));
+    assert!(out.stdout.contains("curl=7"), "{out}");
+    assert!(out.stderr.contains("No route to host") || out.stderr.contains("Network is unreachable"), "{out}");
+    assert!(out.elapsed < Duration::from_secs(9), "{out}");
+}
+
+#[test]
+fn half_close_keeps_the_other_direction_open() {
+    if !ready(&["ip", "dnsmasq", "nc", "socat", "python3"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("half");
+    let file = dir.join("h");
+    let len = 5 << 20;
+    write_random_file(&file, len);
+    let want = format!("{} {len}", sha256_file(&file));
+    // The sink answers only after it read EOF: the guest must shut down its
+    // sending side (FIN) and still receive the answer.
+    let sink = Server::start(ServerKind::Sink, None);
+    let out = Usernet::new(&dns).sh(&format!(
+        "timeout 60 nc -N {HOST_IP} {p} < {f}; echo ===; \
+         timeout 60 socat -t 30 - TCP:host.docker.internal:{p} < {f}; echo ===; \
+         printf '' | timeout 60 nc -N {HOST_IP} {p}",
+        p = sink.port,
+        f = file.display()
+    ));
+    out.assert_ok();
+    let parts: Vec<&str> = out.stdout.split("===").map(str::trim).collect();
+    let empty = format!("{} 0", sha256_bytes(b""));
+    assert_eq!(parts, vec![want.as_str(), want.as_str(), empty.as_str()], "{out}");
+}
+
+#[test]
+fn reset_by_server_reaches_the_guest() {
+    if !ready(&["ip", "dnsmasq", "curl", "python3"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let rst = Server::start(ServerKind::Rst, None);
+    let out = Usernet::new(&dns).sh(&format!("timeout 30 curl -sS --max-time 20 http://{HOST_IP}:{}/", rst.port));
+    // 56: "Recv failure: Connection reset by peer" (not 52, an empty reply after FIN).
+    assert_eq!(out.code, 56, "{out}");
+    assert!(out.stderr.contains("reset"), "{out}");
+    assert!(out.elapsed < Duration::from_secs(15), "{out}");
+}
+
+#[test]
+fn bulk_transfers_survive_packet_loss() {
+    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "nft"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (dir, http, want) = serve_random_file("lossy", "f", BULK);
+    let up = dir.join("f");
+    // 3% loss each way on the guest's eth0 (TESTING.md: no netem on these kernels).
+    let out = Usernet::new(&dns).timeout(Duration::from_secs(280)).sh(&format!(
+        "set -e; \
+         nft add table inet lossy; \
+         nft add chain inet lossy in '{{ type filter hook input priority 0; }}'; \
+         nft add chain inet lossy out '{{ type filter hook output priority 0; }}'; \
+         nft add rule inet lossy in iifname eth0 numgen random mod 100 '<' 3 drop; \
+         nft add rule inet lossy out oifname eth0 numgen random mod 100 '<' 3 drop; \
+         timeout 120 curl -sSf http://{HOST_IP}:{p}/f | sha256sum; \
+         timeout 120 curl -sSf -T {f} http://{HOST_IP}:{p}/up; \
+         nft list ruleset | grep -c drop",
+        p = http.port,
+        f = up.display()
+    ));
+    out.assert_ok();
+    assert_eq!(hex_hashes(&out.stdout), vec![want.clone(), want], "{out}");
+    assert!(out.stdout.trim_end().ends_with('2'), "rules missing:\n{out}");
+}
+
+#[test]
+fn udp_to_host_loopback_and_remote_host() {
+    if !ready(&["ip", "dnsmasq", "socat", "python3"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let remote = RemoteHost::new();
+    let host_echo = Server::start(ServerKind::UdpEcho, None);
+    let remote_echo = Server::start_in(&remote, ServerKind::UdpEcho, None);
+    let big = "x".repeat(1400);
+    let out = Usernet::new(&dns).sh(&format!(
+        "echo hello-host | timeout 20 socat -t 2 -T 10 - UDP:{HOST_IP}:{h}; \
+         echo hello-by-name | timeout 20 socat -t 2 -T 10 - UDP:host.docker.internal:{h}; \
+         echo hello-remote | timeout 20 socat -t 2 -T 10 - UDP:{ip}:{r}; \
+         echo {big} | timeout 20 socat -t 2 -T 10 - UDP:{ip}:{r}",
+        h = host_echo.port,
+        ip = remote.ip,
+        r = remote_echo.port
+    ));
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines, vec!["hello-host", "hello-by-name", "hello-remote", big.as_str()], "{out}");
+}
+
+#[test]
+fn ping_gateway_host_and_remote() {
+    if !ready(&["ip", "dnsmasq", "ping"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let remote = RemoteHost::new();
+    let ping = ping_cmd();
+    let out = Usernet::new(&dns).sh(&format!(
+        "set -e; \
+         timeout 20 {ping} -c 2 -W 5 {GATEWAY_IP}; \
+         timeout 20 {ping} -c 2 -W 5 {HOST_IP}; \
+         timeout 20 {ping} -c 2 -W 5 host.docker.internal; \
+         timeout 20 {ping} -c 2 -W 5 {ip}",
+        ip = remote.ip
+    ));
+    out.assert_ok();
+    assert_eq!(out.stdout.matches("2 packets transmitted, 2 ").count(), 4, "{out}");
+}
