@@ -24,11 +24,7 @@ pub struct Ipv4Subnet {
 
 impl Ipv4Subnet {
     pub fn mask(&self) -> Ipv4Addr {
-        let bits = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix as u32)
-        };
+        let bits = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix as u32) };
         Ipv4Addr::from(bits)
     }
 
@@ -50,19 +46,11 @@ impl Ipv4Subnet {
 impl std::str::FromStr for Ipv4Subnet {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| format!("invalid subnet: {s} (want A.B.C.D/N)"))?;
-        let network: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("invalid subnet address: {addr}"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|_| format!("invalid subnet prefix: {prefix}"))?;
+        let (addr, prefix) = s.split_once('/').ok_or_else(|| format!("invalid subnet: {s} (want A.B.C.D/N)"))?;
+        let network: Ipv4Addr = addr.parse().map_err(|_| format!("invalid subnet address: {addr}"))?;
+        let prefix: u8 = prefix.parse().map_err(|_| format!("invalid subnet prefix: {prefix}"))?;
         if !(8..=30).contains(&prefix) {
-            return Err(format!(
-                "invalid subnet prefix: /{prefix} (must be between /8 and /30)"
-            ));
+            return Err(format!("invalid subnet prefix: /{prefix} (must be between /8 and /30)"));
         }
         let mut s = Ipv4Subnet { network, prefix };
         s.network = Ipv4Addr::from(u32::from(network) & u32::from(s.mask()));
@@ -111,13 +99,7 @@ impl NetConfig {
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig::new(
-            Ipv4Subnet {
-                network: Ipv4Addr::new(192, 168, 65, 0),
-                prefix: 24,
-            },
-            MTU_NETNS,
-        )
+        NetConfig::new(Ipv4Subnet { network: Ipv4Addr::new(192, 168, 65, 0), prefix: 24 }, MTU_NETNS)
     }
 }
 

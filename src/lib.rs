@@ -4,11 +4,13 @@
 //! translates every guest connection into an ordinary host socket, and the gateway services
 //! (ARP, DHCP, DNS) answer what is addressed to usernet itself.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod link;
 pub mod netns;
 pub mod pcap;
+pub mod publish;
 pub mod services;
 pub mod wire;

@@ -97,7 +97,9 @@ mod tests {
 
     #[test]
     fn full_disk_stops_capture_without_panic() {
-        let Ok(mut w) = PcapWriter::create(Path::new("/dev/full"), 65535) else { return };
+        let Ok(mut w) = PcapWriter::create(Path::new("/dev/full"), 65535) else {
+            return;
+        };
         for _ in 0..2000 {
             w.write(&[0u8; 1500]);
         }

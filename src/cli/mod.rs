@@ -1,6 +1,7 @@
 //! The command line: one file per command.
 
 pub mod bench;
+pub mod port;
 pub mod run;
 
 use clap::{Args, Parser, Subcommand};
@@ -8,6 +9,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use crate::config::{Ipv4Subnet, NetConfig};
+use crate::publish::Proto;
+use crate::publish::listen::{self, BindError, BoundListener};
+use crate::publish::spec::{self, PortSpec, SpecError};
 
 /// Exit status when usernet itself fails (as `docker run`).
 pub const EXIT_USERNET_FAILED: i32 = 125;
@@ -17,11 +21,7 @@ pub const EXIT_CANNOT_INVOKE: i32 = 126;
 pub const EXIT_NOT_FOUND: i32 = 127;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "usernet",
-    version,
-    about = "User-mode networking for containers and virtual machines"
-)]
+#[command(name = "usernet", version, about = "User-mode networking for containers and virtual machines")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -33,6 +33,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Measure usernet against pasta, slirp4netns and a veth pair, side by side.
     Bench(bench::BenchArgs),
+    /// List, publish and unpublish ports of a running usernet through its `--api` socket.
+    Port(port::PortArgs),
 }
 
 /// Options of the virtual network, shared by `run` and `serve`.
@@ -54,6 +56,20 @@ pub struct NetOpts {
     /// Write every frame of the guest link to FILE (pcap, for tcpdump and Wireshark).
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
+    /// Publish a guest port on the host, as `docker run -p` (repeatable):
+    /// `[IP:][HOSTPORT:]PORT[/PROTO]`, ranges `8000-8010:80-90`, `[::1]:8000:80`,
+    /// `127.0.0.1::80`, or `published=8000,target=80[,protocol=udp][,host_ip=IP]`.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    pub publish: Vec<String>,
+    /// Publish every `--expose` port to a random host port (on 0.0.0.0 and [::]).
+    #[arg(short = 'P', long = "publish-all")]
+    pub publish_all: bool,
+    /// A guest port that `--publish-all` publishes: PORT[/PROTO] or a range (repeatable).
+    #[arg(long = "expose", value_name = "PORT[/PROTO]")]
+    pub expose: Vec<String>,
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket.
+    #[arg(long = "api", value_name = "PATH")]
+    pub api: Option<PathBuf>,
 }
 
 pub fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -67,18 +83,46 @@ pub fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
 }
 
 impl NetOpts {
+    /// Every port to publish: the `--publish` specs (ranges expanded), then, with
+    /// `--publish-all`, each `--expose` port that no `--publish` spec already maps, to a
+    /// random host port. Errors are Docker's messages.
+    pub fn published_specs(&self) -> Result<Vec<PortSpec>, SpecError> {
+        let mut specs = Vec::new();
+        for raw in &self.publish {
+            specs.extend(spec::parse_publish(raw)?);
+        }
+        let mut exposed: Vec<(u16, Proto)> = Vec::new();
+        for raw in &self.expose {
+            for port in spec::parse_expose(raw)? {
+                if !exposed.contains(&port) {
+                    exposed.push(port);
+                }
+            }
+        }
+        if self.publish_all {
+            let mapped: Vec<(u16, Proto)> = specs.iter().map(|s| (s.container_port, s.proto)).collect();
+            for (container_port, proto) in exposed {
+                if !mapped.contains(&(container_port, proto)) {
+                    specs.push(PortSpec { host_ip: None, host_ports: None, container_port, proto });
+                }
+            }
+        }
+        Ok(specs)
+    }
+
     /// Builds the network configuration; `default_mtu` differs for namespaces and VMs.
     pub fn to_config(&self, default_mtu: u32) -> anyhow::Result<NetConfig> {
         let mut cfg = NetConfig::new(self.subnet, self.mtu.unwrap_or(default_mtu));
         for spec in &self.add_host {
-            let (name, ip) = spec.rsplit_once(':').ok_or_else(|| {
-                anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: want NAME:IP")
-            })?;
+            let (name, ip) = spec
+                .rsplit_once(':')
+                .ok_or_else(|| anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: want NAME:IP"))?;
             let ip: Ipv4Addr = if ip == "host-gateway" {
                 cfg.host
             } else {
-                ip.parse()
-                    .map_err(|_| anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: invalid IP address: {ip}"))?
+                ip.parse().map_err(|_| {
+                    anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: invalid IP address: {ip}")
+                })?
             };
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             if name.is_empty() {
@@ -87,8 +131,7 @@ impl NetOpts {
             cfg.extra_hosts.push((name, ip));
         }
         if self.dns_upstream.is_empty() {
-            let host =
-                crate::netns::resolv::host_resolvers(std::path::Path::new("/etc/resolv.conf"));
+            let host = crate::netns::resolv::host_resolvers(std::path::Path::new("/etc/resolv.conf"));
             cfg.dns_upstreams = host.nameservers;
             cfg.search_domains = host.search;
         } else {
@@ -98,16 +141,32 @@ impl NetOpts {
     }
 }
 
+/// Binds the host sockets of every spec, all or nothing, before any guest runs. Whenever
+/// the host port was picked (none given, 0, a range, `-P`), prints where on stderr, one
+/// `docker port` line per address (`80/tcp -> 0.0.0.0:49153`).
+pub fn bind_published(specs: &[PortSpec]) -> Result<Vec<BoundListener>, BindError> {
+    let mut bound = Vec::new();
+    let mut lines = Vec::new();
+    for s in specs {
+        let listeners = listen::bind(s)?;
+        if s.picks_port() {
+            lines.extend(listeners.iter().map(|l| listen::docker_port_line(s.container_port, s.proto, l.local)));
+        }
+        bound.extend(listeners);
+    }
+    // Printed only once everything is bound: a failure prints nothing but its error.
+    for line in lines {
+        eprintln!("{line}");
+    }
+    Ok(bound)
+}
+
 /// Entry point: parses the command line, runs the command, returns the exit status.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() {
-                EXIT_USERNET_FAILED
-            } else {
-                0
-            };
+            let code = if e.use_stderr() { EXIT_USERNET_FAILED } else { 0 };
             let _ = e.print();
             return code;
         }
@@ -116,6 +175,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Bench(args) => bench::main(args),
+        Command::Port(args) => port::main(args),
     };
     match result {
         Ok(code) => code,
@@ -129,8 +189,5 @@ pub fn main() -> i32 {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

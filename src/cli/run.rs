@@ -2,13 +2,17 @@
 //!
 //! Theory of operation. The order matters:
 //!
-//! 1. Parse the configuration and open the `--pcap` file (failures here touch nothing).
+//! 1. Parse the configuration and open the `--pcap` file, parse the published ports and
+//!    bind their host sockets (`-p`, `-P`): failures here touch nothing and start nothing.
+//!    Wherever the host port was picked, its `docker port` line goes to stderr.
 //! 2. Block SIGCHLD, SIGINT, SIGTERM, SIGHUP and SIGQUIT and open a signalfd for them, while
 //!    the process still has one thread: every thread started later inherits the mask, so
 //!    these signals are only ever read from the signalfd.
 //! 3. Fork the sandbox (`netns::sandbox`), still single-threaded. It returns once COMMAND's
 //!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started.
-//! 4. Start the gateway services (their runtime thread) and build the engine on the TAP.
+//! 4. Start the gateway services (their runtime thread) and build the engine on the TAP;
+//!    hand it the bound listeners (it owns them from then on, so they close when it is
+//!    dropped) and, with `--api`, start the control API on the engine's control handle.
 //! 5. Let the sandbox exec COMMAND: exit 127 or 126 if that fails.
 //! 6. Run the engine with [`RunSupervisor`] watching the signalfd: on SIGCHLD it reaps, and
 //!    when COMMAND has exited the loop stops with its status (128 + N if killed by signal
@@ -54,13 +58,7 @@ pub struct RunArgs {
 /// The signals usernet supervises.
 fn supervised_signals() -> SigSet {
     let mut set = SigSet::empty();
-    for sig in [
-        Signal::SIGCHLD,
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
+    for sig in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
         set.add(sig);
     }
     set
@@ -82,30 +80,47 @@ pub fn sandbox_spec(cfg: &NetConfig) -> SandboxSpec {
 pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     let cfg = Arc::new(args.net.to_config(MTU_NETNS)?);
     let pcap = match &args.net.pcap {
-        Some(path) => Some(
-            PcapWriter::create(path, PCAP_SNAPLEN)
-                .with_context(|| format!("cannot create {}", path.display()))?,
-        ),
+        Some(path) => {
+            Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
+        }
         None => None,
     };
 
+    // Published ports are bound before anything else exists: a bad spec or a taken port is
+    // one line and exit 125, before COMMAND starts, with nothing left listening.
+    let specs = args.net.published_specs()?;
+    let listeners = super::bind_published(&specs)?;
+
     let signals = supervised_signals();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
-    let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .context("signalfd")?;
+    let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
 
     let mut sandbox = Sandbox::create(&sandbox_spec(&cfg), &args.command)?;
-    let tap_fd = sandbox
-        .take_tap()
-        .context("the sandbox passed no TAP device")?;
+    let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
 
+    // Kept alive until the engine returns; dropping it stops the API and removes its socket.
+    let mut api = None;
     let mut engine = if args.no_engine {
         drop(pcap);
+        drop(listeners);
         None
     } else {
         let services = ServiceHub::start(cfg.clone()).context("starting gateway services")?;
-        Some(Engine::new(cfg.clone(), Box::new(tap), services, pcap).context("network engine")?)
+        let dns_records = services.dns_records();
+        let mut engine = Engine::new(cfg.clone(), Box::new(tap), services, pcap).context("network engine")?;
+        if !listeners.is_empty() {
+            for p in engine.publish(listeners, cfg.guest) {
+                tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
+            }
+        }
+        if let Some(path) = &args.net.api {
+            let handle = engine.control_handle().context("control API")?;
+            let server = crate::api::serve(path, handle, dns_records, cfg.clone())
+                .with_context(|| format!("cannot serve the control API on {}", path.display()))?;
+            api = Some(server);
+        }
+        Some(engine)
     };
 
     match sandbox.start() {
@@ -117,14 +132,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
         Err(e) => return Err(e.into()),
     }
 
-    let mut sup = RunSupervisor {
-        sfd,
-        sandbox: &mut sandbox,
-    };
+    let mut sup = RunSupervisor { sfd, sandbox: &mut sandbox };
     let code = match engine.as_mut() {
         Some(engine) => engine.run(&mut sup).context("network engine failed")?,
         None => supervise_only(&mut sup)?,
     };
+    // The API first (it stops taking requests and removes its socket), then the engine,
+    // which closes the published ports.
+    drop(api);
     drop(engine);
     sandbox.finish();
     Ok(code)
@@ -173,8 +188,7 @@ impl Supervisor for RunSupervisor<'_> {
             if sig == Signal::SIGCHLD {
                 continue;
             }
-            let from_terminal =
-                info.ssi_code == libc::SI_KERNEL && matches!(sig, Signal::SIGINT | Signal::SIGQUIT);
+            let from_terminal = info.ssi_code == libc::SI_KERNEL && matches!(sig, Signal::SIGINT | Signal::SIGQUIT);
             if from_terminal {
                 tracing::debug!("{sig} from the terminal: COMMAND got it too");
             } else {

@@ -58,15 +58,9 @@ impl HostDialer {
         let icmp_kind = probe_icmp();
         match icmp_kind {
             Some(k) => tracing::debug!("ICMP echo through {k:?} sockets"),
-            None => tracing::warn!(
-                "no ping or raw ICMP sockets allowed: ping from the guest will not work"
-            ),
+            None => tracing::warn!("no ping or raw ICMP sockets allowed: ping from the guest will not work"),
         }
-        HostDialer {
-            cfg,
-            services,
-            icmp_kind,
-        }
+        HostDialer { cfg, services, icmp_kind }
     }
 
     pub fn services(&self) -> &ServiceHub {
@@ -78,11 +72,7 @@ impl HostDialer {
             Target::Gateway
         } else if ip == self.cfg.host {
             Target::Host(Ipv4Addr::LOCALHOST)
-        } else if self.cfg.subnet.contains(ip)
-            || ip.is_unspecified()
-            || ip.is_broadcast()
-            || ip.is_multicast()
-        {
+        } else if self.cfg.subnet.contains(ip) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
             Target::Unreachable
         } else {
             Target::Host(ip)
@@ -98,11 +88,7 @@ impl Dialer for HostDialer {
     fn tcp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<TcpDial> {
         match self.target(*dst.ip()) {
             Target::Gateway => match self.services.connect_tcp(dst.port(), guest) {
-                Some(fd) => Ok(TcpDial {
-                    fd,
-                    connected: true,
-                    is_tcp: false,
-                }),
+                Some(fd) => Ok(TcpDial { fd, connected: true, is_tcp: false }),
                 None => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             },
             Target::Unreachable => Err(unreachable()),
@@ -110,11 +96,7 @@ impl Dialer for HostDialer {
                 let fd = socket(libc::SOCK_STREAM, 0)?;
                 set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
                 let connected = connect(fd.as_raw_fd(), SocketAddrV4::new(ip, dst.port()))?;
-                Ok(TcpDial {
-                    fd,
-                    connected,
-                    is_tcp: true,
-                })
+                Ok(TcpDial { fd, connected, is_tcp: true })
             }
         }
     }
@@ -139,9 +121,7 @@ impl Dialer for HostDialer {
             Target::Host(ip) => ip,
             _ => return Err(unreachable()),
         };
-        let kind = self
-            .icmp_kind
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))?;
+        let kind = self.icmp_kind.ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))?;
         let fd = match kind {
             IcmpKind::Ping => socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP)?,
             IcmpKind::Raw => socket(libc::SOCK_RAW, libc::IPPROTO_ICMP)?,
@@ -165,13 +145,7 @@ fn probe_icmp() -> Option<IcmpKind> {
 /// A non-blocking, close-on-exec IPv4 socket.
 pub fn socket(kind: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the returned descriptor is owned by the OwnedFd.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            proto,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -183,9 +157,7 @@ pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
+        sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
         sin_zero: [0; 8],
     }
 }
@@ -194,65 +166,29 @@ pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
 pub fn connect(fd: RawFd, addr: SocketAddrV4) -> io::Result<bool> {
     let sa = sockaddr_in(addr);
     // SAFETY: sa is a valid sockaddr_in of the length given.
-    let r = unsafe {
-        libc::connect(
-            fd,
-            &sa as *const _ as *const libc::sockaddr,
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
+    let r =
+        unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_in>() as u32) };
     if r == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EINPROGRESS) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
+    if e.raw_os_error() == Some(libc::EINPROGRESS) { Ok(false) } else { Err(e) }
 }
 
-pub fn set_int(
-    fd: RawFd,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-) -> io::Result<()> {
+pub fn set_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
     // SAFETY: the option value is a c_int of the length given.
     let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            &val as *const _ as *const libc::c_void,
-            size_of::<libc::c_int>() as u32,
-        )
+        libc::setsockopt(fd, level, opt, &val as *const _ as *const libc::c_void, size_of::<libc::c_int>() as u32)
     };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 pub fn get_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut val: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: val and len are valid for writes of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            opt,
-            &mut val as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(val)
-    }
+    let r = unsafe { libc::getsockopt(fd, level, opt, &mut val as *mut _ as *mut libc::c_void, &mut len) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(val) }
 }
 
 /// The pending error of a socket (SO_ERROR), 0 when none.
@@ -262,13 +198,9 @@ pub fn take_error(fd: RawFd) -> i32 {
 
 /// Raises the open-file limit to its hard maximum: each guest flow holds a descriptor.
 pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: lim is valid for writes.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
-    {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: lim is a valid rlimit.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };

@@ -16,8 +16,10 @@
 //! gateway's stream services (DNS over TCP) are reached through socketpairs served on their
 //! own thread, so they look like any host socket here.
 
+pub mod control;
 pub mod dial;
 pub mod flows;
+pub mod listeners;
 pub mod sock;
 pub mod tx;
 
@@ -58,8 +60,11 @@ pub trait Supervisor {
     fn on_ready(&mut self) -> Option<i32>;
 }
 
-const LINK: Token = Token(0);
+/// Token bits of guest links and link acceptors (the rest is their index).
+const LINK_BIT: usize = 1 << 61;
+const ACCEPTOR_BIT: usize = 1 << 60;
 const SUPERVISOR: Token = Token(1);
+const WAKER: Token = Token(2);
 const FLOW_BASE: usize = 16;
 
 /// Frames read from the link per round before the loop looks at everything else.
@@ -86,7 +91,13 @@ pub struct Engine {
     connecting: VecDeque<FlowId>,
     connecting_count: usize,
     isn_hasher: std::collections::hash_map::RandomState,
-    link_ok: bool,
+    acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
+    /// Published ports, indexed by their token.
+    listeners: Vec<Option<listeners::Listener>>,
+    next_listener_id: u32,
+    control_tx: std::sync::mpsc::Sender<control::Command>,
+    control_rx: std::sync::mpsc::Receiver<control::Command>,
+    waker: Option<Arc<mio::Waker>>,
 }
 
 impl Engine {
@@ -97,21 +108,80 @@ impl Engine {
         pcap: Option<PcapWriter>,
     ) -> io::Result<Engine> {
         let dialer = Box::new(HostDialer::new(cfg.clone(), services));
-        Engine::with_dialer(cfg, link, dialer, pcap)
+        let mut e = Engine::with_dialer(cfg, dialer, pcap)?;
+        e.add_link(link);
+        Ok(e)
+    }
+
+    /// An engine with no guest link yet (`serve`: links come with `add_link` and acceptors).
+    pub fn without_link(cfg: Arc<NetConfig>, services: ServiceHub, pcap: Option<PcapWriter>) -> io::Result<Engine> {
+        let dialer = Box::new(HostDialer::new(cfg.clone(), services));
+        Engine::with_dialer(cfg, dialer, pcap)
+    }
+
+    /// Adds a guest link to the virtual network.
+    pub fn add_link(&mut self, link: Box<dyn Link>) {
+        let fd = link.fd();
+        let name = link.describe();
+        let index = self.tx.add_link(link);
+        let token = Token(LINK_BIT | index);
+        if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE) {
+            tracing::warn!("{name}: cannot watch it: {e}");
+        }
+        tracing::info!("{name}: guest link up");
+    }
+
+    /// Adds a listening transport; each guest that connects becomes a link.
+    pub fn add_acceptor(&mut self, acceptor: Box<dyn crate::link::LinkAcceptor>) -> io::Result<()> {
+        let fd = acceptor.fd();
+        self.acceptors.push(acceptor);
+        let token = Token(ACCEPTOR_BIT | (self.acceptors.len() - 1));
+        self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE)
+    }
+
+    fn on_acceptor(&mut self, index: usize) {
+        loop {
+            let Some(acceptor) = self.acceptors.get_mut(index) else { return };
+            match acceptor.accept() {
+                Ok(Some(link)) => self.add_link(link),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("{}: accept: {e}", acceptor.describe());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drop_link(&mut self, index: usize, why: &io::Error) {
+        if let Some(slot) = self.tx.remove_link(index) {
+            let fd = slot.link.fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            match why.kind() {
+                io::ErrorKind::UnexpectedEof => tracing::info!("{}: guest went away", slot.link.describe()),
+                _ => tracing::warn!("{}: {why}; link closed", slot.link.describe()),
+            }
+        }
     }
 
     /// An engine whose host sockets come from `dialer` (tests use fakes).
     pub fn with_dialer(
         cfg: Arc<NetConfig>,
-        link: Box<dyn Link>,
         dialer: Box<dyn Dialer>,
         pcap: Option<PcapWriter>,
     ) -> io::Result<Engine> {
         dial::raise_fd_limit();
         let mtu = cfg.mtu as usize;
+        let (control_tx, control_rx) = std::sync::mpsc::channel();
         Ok(Engine {
+            listeners: Vec::new(),
+            next_listener_id: 0,
+            control_tx,
+            control_rx,
+            waker: None,
             poll: Poll::new()?,
-            tx: GuestTx::new(link, pcap, cfg.gateway_mac, mtu),
+            tx: GuestTx::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
+            acceptors: Vec::new(),
             rx_buf: vec![0u8; 65536 + ethernet::HEADER_LEN],
             dialer,
             dhcp: DhcpServer::new(cfg.clone()),
@@ -121,7 +191,6 @@ impl Engine {
             connecting: VecDeque::new(),
             connecting_count: 0,
             isn_hasher: Default::default(),
-            link_ok: true,
             cfg,
         })
     }
@@ -130,28 +199,85 @@ impl Engine {
         self.tx.stats
     }
 
+    /// A handle through which other threads (the control API) send commands to this engine.
+    pub fn control_handle(&mut self) -> io::Result<control::ControlHandle> {
+        if self.waker.is_none() {
+            self.waker = Some(Arc::new(mio::Waker::new(self.poll.registry(), WAKER)?));
+        }
+        let waker = self.waker.clone().ok_or_else(|| io::Error::other("no waker"))?;
+        Ok(control::ControlHandle::new(self.control_tx.clone(), waker))
+    }
+
+    /// Carries out the commands other threads sent.
+    fn on_commands(&mut self) {
+        use control::Command;
+        while let Ok(cmd) = self.control_rx.try_recv() {
+            match cmd {
+                Command::Publish { listeners, guest_ip, reply } => {
+                    let _ = reply.send(self.publish(listeners, guest_ip));
+                }
+                Command::Unpublish { host, proto, reply } => {
+                    let _ = reply.send(self.unpublish(host, proto));
+                }
+                Command::ListPorts { reply } => {
+                    let _ = reply.send(self.published());
+                }
+                Command::Leases { reply } => {
+                    let _ = reply.send(self.dhcp.leases());
+                }
+                Command::Stats { reply } => {
+                    let s = self.tx.stats;
+                    let _ = reply.send(control::Stats {
+                        frames_in: s.frames_in,
+                        frames_out: s.frames_out,
+                        bytes_in: s.bytes_in,
+                        bytes_out: s.bytes_out,
+                        dropped_in: s.dropped_in,
+                        tcp_flows: self.flows.tcp_count,
+                        udp_flows: self.flows.udp_count,
+                        icmp_flows: self.flows.icmp_count,
+                    });
+                }
+                Command::Flows { reply } => {
+                    let list = self
+                        .flows
+                        .ids()
+                        .map(|(_, f)| match f {
+                            Flow::Tcp(t) => control::FlowInfo {
+                                proto: "tcp",
+                                guest: t.guest.to_string(),
+                                remote: t.remote.to_string(),
+                            },
+                            Flow::Udp(u) => control::FlowInfo {
+                                proto: "udp",
+                                guest: u.guest.to_string(),
+                                remote: u.remote.to_string(),
+                            },
+                            Flow::Icmp(i) => control::FlowInfo {
+                                proto: "icmp",
+                                guest: i.guest.to_string(),
+                                remote: i.remote.to_string(),
+                            },
+                        })
+                        .collect();
+                    let _ = reply.send(list);
+                }
+            }
+        }
+    }
+
     pub fn flow_count(&self) -> usize {
         self.flows.len()
     }
 
     /// Runs until the supervisor says stop; returns its exit code.
     pub fn run(&mut self, sup: &mut dyn Supervisor) -> io::Result<i32> {
-        let link_fd = self.tx.link.fd();
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&link_fd), LINK, Interest::READABLE)?;
         let sup_fd = sup.fd();
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&sup_fd), SUPERVISOR, Interest::READABLE)?;
+        self.poll.registry().register(&mut SourceFd(&sup_fd), SUPERVISOR, Interest::READABLE)?;
         let mut events = Events::with_capacity(1024);
         let mut link_ready = true;
         loop {
-            let timeout = if link_ready && self.link_ok {
-                Some(Duration::ZERO)
-            } else {
-                self.next_timeout()
-            };
+            let timeout = if link_ready { Some(Duration::ZERO) } else { self.next_timeout() };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -162,23 +288,36 @@ impl Engine {
             let mut sup_ready = false;
             for ev in events.iter() {
                 match ev.token() {
-                    LINK => link_ready = true,
+                    t if t.0 & LINK_BIT != 0 => {
+                        let index = t.0 & !LINK_BIT;
+                        if ev.is_writable()
+                            && let Some(Some(slot)) = self.tx.links.get_mut(index)
+                            && let Err(e) = slot.link.flush()
+                        {
+                            self.drop_link(index, &e);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            if let Some(Some(slot)) = self.tx.links.get_mut(index) {
+                                slot.readable = true;
+                            }
+                            link_ready = true;
+                        }
+                    }
+                    t if t.0 & ACCEPTOR_BIT != 0 => self.on_acceptor(t.0 & !ACCEPTOR_BIT),
                     SUPERVISOR => sup_ready = true,
+                    WAKER => self.on_commands(),
+                    t if t.0 & listeners::LISTENER_BIT != 0 => {
+                        self.on_listener(t.0 & !listeners::LISTENER_BIT, now)
+                    }
                     t => {
                         let readable = ev.is_readable() || ev.is_read_closed();
                         let writable = ev.is_writable() || ev.is_write_closed();
-                        self.on_socket(
-                            FlowId::from_token(t, FLOW_BASE),
-                            readable,
-                            writable,
-                            ev.is_error(),
-                            now,
-                        );
+                        self.on_socket(FlowId::from_token(t, FLOW_BASE), readable, writable, ev.is_error(), now);
                     }
                 }
             }
-            if link_ready && self.link_ok {
-                link_ready = self.read_link(now);
+            if link_ready {
+                link_ready = self.read_links(now);
             }
             self.run_timers(Instant::now());
             self.flush_acks();
@@ -201,25 +340,33 @@ impl Engine {
         Some(t.min(Duration::from_secs(1)))
     }
 
-    /// Reads up to a batch of frames; true when more may be waiting.
-    fn read_link(&mut self, now: Instant) -> bool {
+    /// Reads up to a batch of frames from each readable link; true when more may be waiting.
+    fn read_links(&mut self, now: Instant) -> bool {
         let mut buf = std::mem::take(&mut self.rx_buf);
         let mut more = false;
-        for i in 0..LINK_BATCH {
-            match self.tx.link.recv(&mut buf) {
-                Ok(n) => self.on_frame(&buf[..n], now),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::warn!("guest link: {e}; no more frames from it");
-                    self.link_ok = false;
-                    let fd = self.tx.link.fd();
-                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        for index in 0..self.tx.links.len() {
+            let mut got = 0;
+            loop {
+                let Some(Some(slot)) = self.tx.links.get_mut(index) else { break };
+                if !slot.readable {
                     break;
                 }
-            }
-            if i == LINK_BATCH - 1 {
-                more = true;
+                if got == LINK_BATCH {
+                    more = true;
+                    break;
+                }
+                match slot.link.recv(&mut buf) {
+                    Ok(n) => {
+                        got += 1;
+                        self.on_frame(index, &buf[..n], now);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => slot.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.drop_link(index, &e);
+                        break;
+                    }
+                }
             }
         }
         self.rx_buf = buf;
@@ -227,7 +374,7 @@ impl Engine {
     }
 
     /// One frame from the guest. Never panics, whatever the bytes.
-    pub fn on_frame(&mut self, frame: &[u8], now: Instant) {
+    pub fn on_frame(&mut self, link: usize, frame: &[u8], now: Instant) {
         self.tx.stats.frames_in += 1;
         self.tx.stats.bytes_in += frame.len() as u64;
         if let Some(p) = self.tx.pcap.as_mut() {
@@ -237,8 +384,20 @@ impl Engine {
             self.tx.stats.dropped_in += 1;
             return;
         };
-        if eth.src[0] & 1 == 0 && eth.src != self.tx.guest_mac && eth.src != self.cfg.gateway_mac {
-            self.tx.guest_mac = eth.src;
+        // Learn where the sender is, and its address when it is one of the guest network's.
+        let src_ip = match eth.ethertype {
+            ethernet::ETHERTYPE_ARP => ArpPacket::parse(payload).map(|a| a.sender_ip),
+            ethernet::ETHERTYPE_IPV4 => Ipv4Header::parse(payload).map(|(h, _)| h.src),
+            _ => None,
+        }
+        .filter(|ip| self.cfg.subnet.contains(*ip) && *ip != self.cfg.gateway && *ip != self.cfg.host);
+        self.tx.learn(link, eth.src, src_ip);
+        // The switch: frames for other guests go to them; broadcasts go to them too.
+        if eth.dst != self.cfg.gateway_mac {
+            self.tx.forward(link, frame);
+            if eth.dst[0] & 1 == 0 {
+                return;
+            }
         }
         match eth.ethertype {
             ethernet::ETHERTYPE_ARP => self.on_arp(payload),
@@ -251,9 +410,7 @@ impl Engine {
         let Some(p) = ArpPacket::parse(payload) else {
             return;
         };
-        if p.op != arp::OP_REQUEST
-            || (p.target_ip != self.cfg.gateway && p.target_ip != self.cfg.host)
-        {
+        if p.op != arp::OP_REQUEST || (p.target_ip != self.cfg.gateway && p.target_ip != self.cfg.host) {
             return;
         }
         let reply = ArpPacket {
@@ -264,14 +421,10 @@ impl Engine {
             target_ip: p.sender_ip,
         };
         let mut frame = [0u8; ethernet::HEADER_LEN + arp::LEN];
-        EthernetHeader {
-            dst: p.sender_mac,
-            src: self.cfg.gateway_mac,
-            ethertype: ethernet::ETHERTYPE_ARP,
-        }
-        .emit(&mut frame);
+        EthernetHeader { dst: p.sender_mac, src: self.cfg.gateway_mac, ethertype: ethernet::ETHERTYPE_ARP }
+            .emit(&mut frame);
         reply.emit(&mut frame[ethernet::HEADER_LEN..]);
-        self.tx.send_frame(&frame);
+        self.tx.send_frame(&frame, p.sender_mac);
     }
 
     fn on_ipv4(&mut self, packet: &[u8], src_mac: [u8; 6], now: Instant) {
@@ -306,11 +459,7 @@ impl Engine {
             self.tx.send_icmp(ip.dst, ip.src, &reply, len);
             return;
         }
-        let key = FlowKey::Icmp {
-            guest: ip.src,
-            remote: ip.dst,
-            ident: h.ident(),
-        };
+        let key = FlowKey::Icmp { guest: ip.src, remote: ip.dst, ident: h.ident() };
         let id = match self.flows.lookup(&key) {
             Some(id) => id,
             None => {
@@ -450,13 +599,7 @@ impl Engine {
         let dial = match self.dialer.tcp(remote, guest) {
             Ok(d) => d,
             Err(e) => {
-                flows::tcp::refuse(
-                    &mut self.tx,
-                    guest,
-                    remote,
-                    h.seq,
-                    e.raw_os_error().unwrap_or(libc::ECONNREFUSED),
-                );
+                flows::tcp::refuse(&mut self.tx, guest, remote, h.seq, e.raw_os_error().unwrap_or(libc::ECONNREFUSED));
                 return;
             }
         };
@@ -468,8 +611,7 @@ impl Engine {
         let mut flow = flow;
         let connecting = flow.is_connecting();
         flow.counted_connecting = connecting;
-        let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE)
-        else {
+        let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) else {
             return;
         };
         if connecting {
@@ -484,10 +626,8 @@ impl Engine {
         let mut hasher = self.isn_hasher.build_hasher();
         key.hash(&mut hasher);
         let _ = now;
-        let clock = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as u64
+        let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros()
+            as u64
             / 4;
         (hasher.finish() as u32).wrapping_add(clock as u32)
     }
@@ -495,11 +635,8 @@ impl Engine {
     fn add_flow(&mut self, flow: Flow, interest: Interest) -> Option<FlowId> {
         let fd = flow.fd();
         let id = self.flows.insert(flow);
-        if let Err(e) =
-            self.poll
-                .registry()
-                .register(&mut SourceFd(&fd), id.token(FLOW_BASE), interest)
-        {
+        let Some(fd) = fd else { return Some(id) };
+        if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), id.token(FLOW_BASE), interest) {
             tracing::warn!("cannot watch a flow socket: {e}");
             self.flows.remove(id);
             return None;

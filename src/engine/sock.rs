@@ -4,11 +4,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 fn check(r: isize) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as usize) }
 }
 
 /// Reads (or with `peek`, looks at) up to `buf.len()` bytes.
@@ -22,13 +18,121 @@ pub fn recv(fd: RawFd, buf: &mut [u8], peek: bool) -> io::Result<usize> {
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for reads of its length.
     check(unsafe {
-        libc::send(
+        libc::send(fd, buf.as_ptr() as *const libc::c_void, buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    })
+}
+
+/// Sends one datagram to `to` (a published UDP port answering its client).
+pub fn send_to(fd: RawFd, buf: &[u8], to: std::net::SocketAddr) -> io::Result<usize> {
+    let (sa, len) = sockaddr(to);
+    // SAFETY: buf is valid for reads of its length; sa is a sockaddr of length len.
+    check(unsafe {
+        libc::sendto(
             fd,
             buf.as_ptr() as *const libc::c_void,
             buf.len(),
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            &sa as *const _ as *const libc::sockaddr,
+            len,
         )
     })
+}
+
+/// A socket address in the kernel's form.
+pub fn sockaddr(addr: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        std::net::SocketAddr::V4(a) => {
+            let sin = super::dial::sockaddr_in(a);
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        std::net::SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// Converts a kernel socket address (IPv4 or IPv6) back.
+pub fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says this is a sockaddr_in.
+            let sin = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(std::net::SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this is a sockaddr_in6.
+            let sin6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Receives one datagram and its sender; Ok(None) when none is waiting. A datagram larger
+/// than `buf` reports its real length (MSG_TRUNC), so the caller can drop it.
+pub fn recv_from(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, std::net::SocketAddr)>> {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: buf and ss are valid for writes of the lengths given.
+    let r = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            &mut ss as *mut _ as *mut libc::sockaddr,
+            &mut len,
+        )
+    };
+    match check(r) {
+        Ok(n) => Ok(from_sockaddr(&ss).map(|a| (n, a))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Accepts one connection (non-blocking, close-on-exec); Ok(None) when none is waiting.
+pub fn accept(fd: RawFd) -> io::Result<Option<(std::os::fd::OwnedFd, std::net::SocketAddr)>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: ss is valid for writes of len bytes.
+    let r = unsafe {
+        libc::accept4(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+    }
+    // SAFETY: r is a fresh descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(r) };
+    match from_sockaddr(&ss) {
+        Some(a) => Ok(Some((fd, a))),
+        None => Err(io::Error::other("accepted a connection of an unknown address family")),
+    }
 }
 
 /// Drops `n` bytes from the front of a receive queue: without copying on a TCP socket
@@ -38,14 +142,7 @@ pub fn discard(fd: RawFd, mut n: usize, is_tcp: bool) -> io::Result<usize> {
     if is_tcp {
         while n > 0 {
             // SAFETY: with MSG_TRUNC a TCP socket copies nothing into the (null) buffer.
-            let r = unsafe {
-                libc::recv(
-                    fd,
-                    std::ptr::null_mut(),
-                    n,
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                )
-            };
+            let r = unsafe { libc::recv(fd, std::ptr::null_mut(), n, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
             match check(r) {
                 Ok(0) => break,
                 Ok(k) => {
@@ -86,10 +183,7 @@ pub fn shutdown_write(fd: RawFd) {
 
 /// Makes close(2) reset the connection instead of a graceful FIN.
 pub fn set_linger_zero(fd: RawFd) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: l is a valid linger struct of the length given.
     unsafe {
         libc::setsockopt(

@@ -53,11 +53,7 @@ impl Dialer for FakeDialer {
         let (a, b) = UnixStream::pair()?;
         a.set_nonblocking(true)?;
         self.tcp_peers.borrow_mut().push(b);
-        Ok(TcpDial {
-            fd: OwnedFd::from(a),
-            connected: true,
-            is_tcp: false,
-        })
+        Ok(TcpDial { fd: OwnedFd::from(a), connected: true, is_tcp: false })
     }
     fn udp(&mut self, _dst: SocketAddrV4, _guest: SocketAddrV4) -> io::Result<OwnedFd> {
         if self.refuse {
@@ -75,13 +71,10 @@ impl Dialer for FakeDialer {
 
 fn engine(refuse: bool) -> (Engine, FakeLink, FakeDialer) {
     let link = FakeLink::default();
-    let dialer = FakeDialer {
-        refuse,
-        ..Default::default()
-    };
+    let dialer = FakeDialer { refuse, ..Default::default() };
     let cfg = Arc::new(NetConfig::default());
-    let e =
-        Engine::with_dialer(cfg, Box::new(link.clone()), Box::new(dialer.clone()), None).unwrap();
+    let mut e = Engine::with_dialer(cfg, Box::new(dialer.clone()), None).unwrap();
+    e.add_link(Box::new(link.clone()));
     (e, link, dialer)
 }
 
@@ -95,12 +88,8 @@ fn remote() -> SocketAddrV4 {
 
 fn frame_ipv4(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
     let mut f = vec![0u8; ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4.len()];
-    EthernetHeader {
-        dst: crate::config::GATEWAY_MAC,
-        src: GUEST_MAC,
-        ethertype: ethernet::ETHERTYPE_IPV4,
-    }
-    .emit(&mut f);
+    EthernetHeader { dst: crate::config::GATEWAY_MAC, src: GUEST_MAC, ethertype: ethernet::ETHERTYPE_IPV4 }
+        .emit(&mut f);
     Ipv4Header::new(src, dst, proto, l4.len()).emit(&mut f[ethernet::HEADER_LEN..]);
     f[ethernet::HEADER_LEN + ipv4::HEADER_LEN..].copy_from_slice(l4);
     f
@@ -140,11 +129,7 @@ fn take_tcp(link: &FakeLink) -> Vec<(TcpHeader, Vec<u8>)> {
             let (h, d) = TcpHeader::parse(p)?;
             // Every segment to the guest carries a valid checksum.
             let e = etherparse::TcpHeaderSlice::from_slice(p).ok()?.to_header();
-            assert_eq!(
-                e.calc_checksum_ipv4_raw(ip.src.octets(), ip.dst.octets(), d)
-                    .unwrap(),
-                e.checksum
-            );
+            assert_eq!(e.calc_checksum_ipv4_raw(ip.src.octets(), ip.dst.octets(), d).unwrap(), e.checksum);
             Some((h, d.to_vec()))
         })
         .collect()
@@ -158,7 +143,7 @@ fn tcp_translator_end_to_end() {
     let mut syn = seg(1000, 0, SYN);
     syn.mss = Some(1460);
     syn.window_scale = Some(7);
-    e.on_frame(&tcp_frame(&syn, b""), now);
+    e.on_frame(0, &tcp_frame(&syn, b""), now);
     let out = take_tcp(&link);
     assert_eq!(out.len(), 1, "one SYN-ACK");
     let (sa, _) = &out[0];
@@ -168,11 +153,8 @@ fn tcp_translator_end_to_end() {
     let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
 
     // Handshake completes; guest sends data, which lands in the host socket and is acked.
-    e.on_frame(&tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
-    e.on_frame(
-        &tcp_frame(&seg(1001, isn + 1, ACK | PSH_FLAG), b"hello"),
-        now,
-    );
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK | PSH_FLAG), b"hello"), now);
     e.flush_acks();
     let mut got = [0u8; 5];
     peer.read_exact(&mut got).unwrap();
@@ -181,7 +163,7 @@ fn tcp_translator_end_to_end() {
     assert_eq!(acks.last().unwrap().0.ack, 1006);
 
     // Out of order: a gap gets a duplicate ACK at once, nothing is written.
-    e.on_frame(&tcp_frame(&seg(1010, isn + 1, ACK), b"later"), now);
+    e.on_frame(0, &tcp_frame(&seg(1010, isn + 1, ACK), b"later"), now);
     let dup = take_tcp(&link);
     assert_eq!(dup.len(), 1);
     assert_eq!(dup[0].0.ack, 1006);
@@ -196,24 +178,21 @@ fn tcp_translator_end_to_end() {
 
     // Three duplicate ACKs: the same bytes are sent again.
     for _ in 0..3 {
-        e.on_frame(&tcp_frame(&seg(1006, isn + 1, ACK), b""), now);
+        e.on_frame(0, &tcp_frame(&seg(1006, isn + 1, ACK), b""), now);
     }
     let again = take_tcp(&link);
     assert_eq!(again.last().unwrap().1, b"world");
     assert_eq!(again.last().unwrap().0.seq, isn + 1);
 
     // The guest acknowledges; the host closes; the guest gets a FIN after the data.
-    e.on_frame(&tcp_frame(&seg(1006, isn + 6, ACK), b""), now);
+    e.on_frame(0, &tcp_frame(&seg(1006, isn + 6, ACK), b""), now);
     peer.shutdown(std::net::Shutdown::Write).unwrap();
     e.on_socket_for_test(true, false, now);
     let fin = take_tcp(&link);
-    assert!(
-        fin.iter().any(|(h, _)| h.has(FIN) && h.seq == isn + 6),
-        "{fin:?}"
-    );
+    assert!(fin.iter().any(|(h, _)| h.has(FIN) && h.seq == isn + 6), "{fin:?}");
 
     // The guest's FIN half-closes the host socket; both acked: the flow ends.
-    e.on_frame(&tcp_frame(&seg(1006, isn + 7, ACK | FIN), b""), now);
+    e.on_frame(0, &tcp_frame(&seg(1006, isn + 7, ACK | FIN), b""), now);
     let mut rest = Vec::new();
     peer.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "EOF after the guest's FIN");
@@ -225,12 +204,12 @@ fn tcp_translator_end_to_end() {
 fn keepalive_probe_is_answered() {
     let (mut e, link, _dialer) = engine(false);
     let now = Instant::now();
-    e.on_frame(&tcp_frame(&seg(1000, 0, SYN), b""), now);
+    e.on_frame(0, &tcp_frame(&seg(1000, 0, SYN), b""), now);
     let isn = take_tcp(&link)[0].0.seq;
-    e.on_frame(&tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
     e.flush_acks();
     take_tcp(&link);
-    e.on_frame(&tcp_frame(&seg(1000, isn + 1, ACK), b""), now);
+    e.on_frame(0, &tcp_frame(&seg(1000, isn + 1, ACK), b""), now);
     let out = take_tcp(&link);
     assert_eq!(out.len(), 1);
     assert!(out[0].0.has(ACK) && !out[0].0.has(RST));
@@ -243,7 +222,7 @@ fn keepalive_probe_is_answered() {
 #[test]
 fn refused_connect_gets_rst() {
     let (mut e, link, _) = engine(true);
-    e.on_frame(&tcp_frame(&seg(5, 0, SYN), b""), Instant::now());
+    e.on_frame(0, &tcp_frame(&seg(5, 0, SYN), b""), Instant::now());
     let out = take_tcp(&link);
     assert_eq!(out.len(), 1);
     assert!(out[0].0.has(RST));
@@ -254,7 +233,7 @@ fn refused_connect_gets_rst() {
 #[test]
 fn stray_segment_gets_rst() {
     let (mut e, link, _) = engine(false);
-    e.on_frame(&tcp_frame(&seg(5, 77, ACK), b"x"), Instant::now());
+    e.on_frame(0, &tcp_frame(&seg(5, 77, ACK), b"x"), Instant::now());
     let out = take_tcp(&link);
     assert!(out[0].0.has(RST));
     assert_eq!(out[0].0.seq, 77);
@@ -263,10 +242,7 @@ fn stray_segment_gets_rst() {
 #[test]
 fn arp_for_gateway_and_host() {
     let (mut e, link, _) = engine(false);
-    for target in [
-        Ipv4Addr::new(192, 168, 65, 1),
-        Ipv4Addr::new(192, 168, 65, 254),
-    ] {
+    for target in [Ipv4Addr::new(192, 168, 65, 1), Ipv4Addr::new(192, 168, 65, 254)] {
         let req = ArpPacket {
             op: arp::OP_REQUEST,
             sender_mac: GUEST_MAC,
@@ -275,14 +251,9 @@ fn arp_for_gateway_and_host() {
             target_ip: target,
         };
         let mut f = vec![0u8; 42];
-        EthernetHeader {
-            dst: [0xff; 6],
-            src: GUEST_MAC,
-            ethertype: ethernet::ETHERTYPE_ARP,
-        }
-        .emit(&mut f);
+        EthernetHeader { dst: [0xff; 6], src: GUEST_MAC, ethertype: ethernet::ETHERTYPE_ARP }.emit(&mut f);
         req.emit(&mut f[14..]);
-        e.on_frame(&f, Instant::now());
+        e.on_frame(0, &f, Instant::now());
         let sent = std::mem::take(&mut *link.sent.borrow_mut());
         let reply = ArpPacket::parse(&sent[0][14..]).unwrap();
         assert_eq!(reply.op, arp::OP_REPLY);
@@ -296,15 +267,8 @@ fn udp_datagrams_both_ways() {
     let (mut e, link, dialer) = engine(false);
     let mut d = vec![0u8; 8 + 4];
     d[8..].copy_from_slice(b"ping");
-    UdpHeader {
-        src_port: 5000,
-        dst_port: 7,
-    }
-    .emit(&mut d, 4, *guest().ip(), *remote().ip());
-    e.on_frame(
-        &frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &d),
-        Instant::now(),
-    );
+    UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, 4, *guest().ip(), *remote().ip());
+    e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &d), Instant::now());
     let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
     let mut b = [0u8; 16];
     assert_eq!(peer.recv(&mut b).unwrap(), 4);
@@ -325,23 +289,12 @@ fn ping_gateway() {
     let mut m = vec![0u8; 8 + 3];
     m[8..].copy_from_slice(b"abc");
     IcmpHeader::echo(icmp::TYPE_ECHO_REQUEST, 9, 1).emit(&mut m, 3);
-    e.on_frame(
-        &frame_ipv4(
-            PROTO_ICMP,
-            *guest().ip(),
-            Ipv4Addr::new(192, 168, 65, 1),
-            &m,
-        ),
-        Instant::now(),
-    );
+    e.on_frame(0, &frame_ipv4(PROTO_ICMP, *guest().ip(), Ipv4Addr::new(192, 168, 65, 1), &m), Instant::now());
     let sent = std::mem::take(&mut *link.sent.borrow_mut());
     let (_, p) = EthernetHeader::parse(&sent[0]).unwrap();
     let (_, p) = Ipv4Header::parse(p).unwrap();
     let (h, data) = IcmpHeader::parse(p).unwrap();
-    assert_eq!(
-        (h.kind, h.ident(), h.seq(), data),
-        (icmp::TYPE_ECHO_REPLY, 9, 1, &b"abc"[..])
-    );
+    assert_eq!((h.kind, h.ident(), h.seq(), data), (icmp::TYPE_ECHO_REPLY, 9, 1, &b"abc"[..]));
 }
 
 const PSH_FLAG: u8 = crate::wire::tcp::PSH;
@@ -359,18 +312,10 @@ impl Engine {
 
 fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
     let raw = proptest::collection::vec(any::<u8>(), 0..120);
-    let structured = (
-        0u8..3,
-        proptest::collection::vec(any::<u8>(), 0..80),
-        any::<bool>(),
-    )
-        .prop_map(|(p, l4, to_gw)| {
+    let structured =
+        (0u8..3, proptest::collection::vec(any::<u8>(), 0..80), any::<bool>()).prop_map(|(p, l4, to_gw)| {
             let proto = [PROTO_TCP, PROTO_UDP, PROTO_ICMP][p as usize];
-            let dst = if to_gw {
-                Ipv4Addr::new(192, 168, 65, 1)
-            } else {
-                *remote().ip()
-            };
+            let dst = if to_gw { Ipv4Addr::new(192, 168, 65, 1) } else { *remote().ip() };
             frame_ipv4(proto, *guest().ip(), dst, &l4)
         });
     prop_oneof![raw, structured]
@@ -385,7 +330,7 @@ proptest! {
         let (mut e, _link, _d) = engine(refuse);
         let now = Instant::now();
         for f in &frames {
-            e.on_frame(f, now);
+            e.on_frame(0, f, now);
         }
         e.on_socket_for_test(true, true, now);
         e.run_timers(now + std::time::Duration::from_secs(120));

@@ -52,11 +52,7 @@ mod tests {
     fn reference(data: &[u8]) -> u16 {
         let mut sum: u32 = 0;
         for c in data.chunks(2) {
-            let w = if c.len() == 2 {
-                u16::from_be_bytes([c[0], c[1]])
-            } else {
-                (c[0] as u16) << 8
-            };
+            let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { (c[0] as u16) << 8 };
             sum += w as u32;
         }
         while sum >> 16 != 0 {

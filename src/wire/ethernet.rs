@@ -24,14 +24,7 @@ impl EthernetHeader {
         let mut src = [0; 6];
         dst.copy_from_slice(&frame[0..6]);
         src.copy_from_slice(&frame[6..12]);
-        Some((
-            EthernetHeader {
-                dst,
-                src,
-                ethertype: be16(frame, 12),
-            },
-            &frame[HEADER_LEN..],
-        ))
+        Some((EthernetHeader { dst, src, ethertype: be16(frame, 12) }, &frame[HEADER_LEN..]))
     }
 
     /// Writes the header into `buf[..14]`.
@@ -48,11 +41,7 @@ mod tests {
 
     #[test]
     fn roundtrip_and_truncated() {
-        let h = EthernetHeader {
-            dst: [1, 2, 3, 4, 5, 6],
-            src: [7, 8, 9, 10, 11, 12],
-            ethertype: ETHERTYPE_ARP,
-        };
+        let h = EthernetHeader { dst: [1, 2, 3, 4, 5, 6], src: [7, 8, 9, 10, 11, 12], ethertype: ETHERTYPE_ARP };
         let mut b = [0u8; 20];
         h.emit(&mut b);
         let (p, rest) = EthernetHeader::parse(&b).unwrap();

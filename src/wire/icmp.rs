@@ -25,24 +25,13 @@ impl IcmpHeader {
         if b.len() < HEADER_LEN || checksum::checksum(b) != 0 {
             return None;
         }
-        Some((
-            IcmpHeader {
-                kind: b[0],
-                code: b[1],
-                rest: [b[4], b[5], b[6], b[7]],
-            },
-            &b[HEADER_LEN..],
-        ))
+        Some((IcmpHeader { kind: b[0], code: b[1], rest: [b[4], b[5], b[6], b[7]] }, &b[HEADER_LEN..]))
     }
 
     pub fn echo(kind: u8, ident: u16, seq: u16) -> IcmpHeader {
         let i = ident.to_be_bytes();
         let s = seq.to_be_bytes();
-        IcmpHeader {
-            kind,
-            code: 0,
-            rest: [i[0], i[1], s[0], s[1]],
-        }
+        IcmpHeader { kind, code: 0, rest: [i[0], i[1], s[0], s[1]] }
     }
 
     pub fn ident(&self) -> u16 {

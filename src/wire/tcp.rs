@@ -80,9 +80,7 @@ impl TcpHeader {
 
     /// Length of the header `emit` writes.
     pub fn emit_len(&self) -> usize {
-        HEADER_LEN
-            + if self.mss.is_some() { 4 } else { 0 }
-            + if self.window_scale.is_some() { 4 } else { 0 }
+        HEADER_LEN + if self.mss.is_some() { 4 } else { 0 } + if self.window_scale.is_some() { 4 } else { 0 }
     }
 
     /// Writes the header in front of a payload already at `buf[emit_len()..][..payload_len]`
@@ -154,14 +152,8 @@ mod tests {
         let (p, payload) = TcpHeader::parse(&b).unwrap();
         assert_eq!(p, h);
         assert_eq!(payload, b"hello");
-        let e = etherparse::TcpHeaderSlice::from_slice(&b)
-            .unwrap()
-            .to_header();
-        assert_eq!(
-            e.calc_checksum_ipv4_raw(src.octets(), dst.octets(), b"hello")
-                .unwrap(),
-            e.checksum
-        );
+        let e = etherparse::TcpHeaderSlice::from_slice(&b).unwrap().to_header();
+        assert_eq!(e.calc_checksum_ipv4_raw(src.octets(), dst.octets(), b"hello").unwrap(), e.checksum);
         assert!(e.syn && e.ack);
         for n in 0..HEADER_LEN {
             assert!(TcpHeader::parse(&b[..n]).is_none());
@@ -174,9 +166,7 @@ mod tests {
         let mut b = vec![0u8; 40];
         b[12] = 10 << 4;
         b[13] = SYN;
-        b[20..40].copy_from_slice(&[
-            2, 4, 0xff, 0xc8, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
-        ]);
+        b[20..40].copy_from_slice(&[2, 4, 0xff, 0xc8, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7]);
         let (h, payload) = TcpHeader::parse(&b).unwrap();
         assert_eq!(h.mss, Some(65480));
         assert_eq!(h.window_scale, Some(7));

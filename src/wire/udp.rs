@@ -24,13 +24,7 @@ impl UdpHeader {
         if len < HEADER_LEN || len > b.len() {
             return None;
         }
-        Some((
-            UdpHeader {
-                src_port: be16(b, 0),
-                dst_port: be16(b, 2),
-            },
-            &b[HEADER_LEN..len],
-        ))
+        Some((UdpHeader { src_port: be16(b, 0), dst_port: be16(b, 2) }, &b[HEADER_LEN..len]))
     }
 
     /// Writes the header in front of a payload already at `buf[8..8 + payload_len]`,
@@ -57,28 +51,12 @@ mod tests {
         let dst = Ipv4Addr::new(192, 168, 65, 2);
         let mut b = vec![0u8; 8 + 3];
         b[8..].copy_from_slice(b"abc");
-        UdpHeader {
-            src_port: 53,
-            dst_port: 4000,
-        }
-        .emit(&mut b, 3, src, dst);
+        UdpHeader { src_port: 53, dst_port: 4000 }.emit(&mut b, 3, src, dst);
         let (h, p) = UdpHeader::parse(&b).unwrap();
-        assert_eq!(
-            h,
-            UdpHeader {
-                src_port: 53,
-                dst_port: 4000
-            }
-        );
+        assert_eq!(h, UdpHeader { src_port: 53, dst_port: 4000 });
         assert_eq!(p, b"abc");
-        let e = etherparse::UdpHeaderSlice::from_slice(&b)
-            .unwrap()
-            .to_header();
-        assert_eq!(
-            e.calc_checksum_ipv4_raw(src.octets(), dst.octets(), b"abc")
-                .unwrap(),
-            e.checksum
-        );
+        let e = etherparse::UdpHeaderSlice::from_slice(&b).unwrap().to_header();
+        assert_eq!(e.calc_checksum_ipv4_raw(src.octets(), dst.octets(), b"abc").unwrap(), e.checksum);
         for n in 0..b.len() {
             assert!(UdpHeader::parse(&b[..n]).is_none());
         }

@@ -32,23 +32,8 @@ pub struct IcmpFlow {
 }
 
 impl IcmpFlow {
-    pub fn new(
-        guest: Ipv4Addr,
-        remote: Ipv4Addr,
-        ident: u16,
-        sock: OwnedFd,
-        kind: IcmpKind,
-        now: Instant,
-    ) -> IcmpFlow {
-        IcmpFlow {
-            guest,
-            remote,
-            ident,
-            sock,
-            kind,
-            last_used: now,
-            scheduled: None,
-        }
+    pub fn new(guest: Ipv4Addr, remote: Ipv4Addr, ident: u16, sock: OwnedFd, kind: IcmpKind, now: Instant) -> IcmpFlow {
+        IcmpFlow { guest, remote, ident, sock, kind, last_used: now, scheduled: None }
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -84,9 +69,7 @@ impl IcmpFlow {
             let Some((h, data)) = IcmpHeader::parse(message) else {
                 continue;
             };
-            if h.kind != icmp::TYPE_ECHO_REPLY
-                || (self.kind == IcmpKind::Raw && h.ident() != self.ident)
-            {
+            if h.kind != icmp::TYPE_ECHO_REPLY || (self.kind == IcmpKind::Raw && h.ident() != self.ident) {
                 continue;
             }
             let room = tx.buf().len() - ICMP_DATA_OFF;
@@ -100,10 +83,6 @@ impl IcmpFlow {
     }
 
     pub fn on_timer(&mut self, now: Instant) -> Verdict {
-        if now >= self.last_used + IDLE {
-            Verdict::Close
-        } else {
-            Verdict::Keep
-        }
+        if now >= self.last_used + IDLE { Verdict::Close } else { Verdict::Keep }
     }
 }

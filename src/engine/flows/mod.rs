@@ -19,19 +19,9 @@ pub use udp::UdpFlow;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FlowKey {
-    Tcp {
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
-    },
-    Udp {
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
-    },
-    Icmp {
-        guest: Ipv4Addr,
-        remote: Ipv4Addr,
-        ident: u16,
-    },
+    Tcp { guest: SocketAddrV4, remote: SocketAddrV4 },
+    Udp { guest: SocketAddrV4, remote: SocketAddrV4 },
+    Icmp { guest: Ipv4Addr, remote: Ipv4Addr, ident: u16 },
 }
 
 pub enum Flow {
@@ -43,27 +33,18 @@ pub enum Flow {
 impl Flow {
     pub fn key(&self) -> FlowKey {
         match self {
-            Flow::Tcp(f) => FlowKey::Tcp {
-                guest: f.guest,
-                remote: f.remote,
-            },
-            Flow::Udp(f) => FlowKey::Udp {
-                guest: f.guest,
-                remote: f.remote,
-            },
-            Flow::Icmp(f) => FlowKey::Icmp {
-                guest: f.guest,
-                remote: f.remote,
-                ident: f.ident,
-            },
+            Flow::Tcp(f) => FlowKey::Tcp { guest: f.guest, remote: f.remote },
+            Flow::Udp(f) => FlowKey::Udp { guest: f.guest, remote: f.remote },
+            Flow::Icmp(f) => FlowKey::Icmp { guest: f.guest, remote: f.remote, ident: f.ident },
         }
     }
 
-    pub fn fd(&self) -> RawFd {
+    /// The flow's own socket to watch; None for inbound UDP flows (their listener is watched).
+    pub fn fd(&self) -> Option<RawFd> {
         match self {
-            Flow::Tcp(f) => f.sock.as_raw_fd(),
-            Flow::Udp(f) => f.sock.as_raw_fd(),
-            Flow::Icmp(f) => f.sock.as_raw_fd(),
+            Flow::Tcp(f) => Some(f.sock.as_raw_fd()),
+            Flow::Udp(f) => f.sock.as_ref().map(|s| s.as_raw_fd()),
+            Flow::Icmp(f) => Some(f.sock.as_raw_fd()),
         }
     }
 
@@ -84,6 +65,9 @@ impl Flow {
     }
 }
 
+/// Generations wrap at 24 bits so that flow tokens stay clear of the high token bits.
+const GENERATION_MASK: u32 = 0xff_ffff;
+
 /// A flow's handle: slot index and generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowId {
@@ -93,15 +77,12 @@ pub struct FlowId {
 
 impl FlowId {
     pub fn token(self, base: usize) -> mio::Token {
-        mio::Token(base + ((self.generation as usize) << 32 | self.slot as usize))
+        mio::Token(base + (((self.generation & GENERATION_MASK) as usize) << 32 | self.slot as usize))
     }
 
     pub fn from_token(t: mio::Token, base: usize) -> FlowId {
         let v = t.0 - base;
-        FlowId {
-            slot: (v & 0xffff_ffff) as u32,
-            generation: (v >> 32) as u32,
-        }
+        FlowId { slot: (v & 0xffff_ffff) as u32, generation: (v >> 32) as u32 }
     }
 }
 
@@ -143,19 +124,10 @@ impl FlowTable {
         let id = if let Some(slot) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
             s.flow = Some(flow);
-            FlowId {
-                slot,
-                generation: s.generation,
-            }
+            FlowId { slot, generation: s.generation }
         } else {
-            self.slots.push(Slot {
-                generation: 0,
-                flow: Some(flow),
-            });
-            FlowId {
-                slot: (self.slots.len() - 1) as u32,
-                generation: 0,
-            }
+            self.slots.push(Slot { generation: 0, flow: Some(flow) });
+            FlowId { slot: (self.slots.len() - 1) as u32, generation: 0 }
         };
         self.index.insert(key, id);
         id
@@ -167,7 +139,7 @@ impl FlowTable {
             return None;
         }
         let flow = s.flow.take()?;
-        s.generation = s.generation.wrapping_add(1);
+        s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
         self.free.push(id.slot);
         self.index.remove(&flow.key());
         match &flow {
@@ -180,17 +152,10 @@ impl FlowTable {
 
     /// Every live flow (for eviction scans and shutdown).
     pub fn ids(&self) -> impl Iterator<Item = (FlowId, &Flow)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| {
-            s.flow.as_ref().map(|f| {
-                (
-                    FlowId {
-                        slot: i as u32,
-                        generation: s.generation,
-                    },
-                    f,
-                )
-            })
-        })
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.flow.as_ref().map(|f| (FlowId { slot: i as u32, generation: s.generation }, f)))
     }
 
     pub fn len(&self) -> usize {

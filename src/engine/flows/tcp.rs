@@ -13,6 +13,10 @@
 //! unreachable, and a connect that takes longer than `CONNECT_TIMEOUT` a RST. The guest's
 //! retransmitted SYNs meanwhile are ignored.
 //!
+//! Published ports work the other way round: the host socket is an accepted connection,
+//! and usernet sends the guest a SYN (from the client's address as the guest should see
+//! it). The guest's SYN-ACK opens the flow; its RST (nothing listens) resets the client.
+//!
 //! Guest to host: an in-order segment's payload is written straight into the socket and
 //! acknowledged once the kernel took it. What the socket does not take at once waits in a
 //! bounded per-flow buffer (`pending`, at most `RECV_BUF` bytes) and is acknowledged when it
@@ -64,6 +68,8 @@ const DEFAULT_MSS: u32 = 536;
 enum State {
     /// The host-side connect is in progress; the guest has no SYN-ACK yet.
     Connecting,
+    /// Inbound (a published port): our SYN is out, the guest has not answered yet.
+    SynSent,
     /// SYN-ACK sent (maybe not yet acknowledged) and data may flow.
     Open,
 }
@@ -143,8 +149,7 @@ impl TcpFlow {
             Some(ws) => (ws, OUR_WSCALE),
             None => (0, 0),
         };
-        let mss =
-            (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, tx.max_tcp_payload() as u32);
+        let mss = (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, tx.max_tcp_payload() as u32);
         let mut f = TcpFlow {
             guest,
             remote,
@@ -180,17 +185,106 @@ impl TcpFlow {
             counted_connecting: false,
         };
         let _ = sock::set_peek_offset(f.sock.as_raw_fd(), 0);
-        let v = if dial.connected {
-            f.connected(tx, now)
-        } else {
-            Verdict::Keep
-        };
+        let v = if dial.connected { f.connected(tx, now) } else { Verdict::Keep };
         (f, v)
     }
 
     /// A SYN that starts a new connection on this flow's ports (a different ISN).
     pub fn is_stale_for_syn(&self, syn: &TcpHeader) -> bool {
         syn.seq != self.guest_isn
+    }
+
+    /// A flow for a connection accepted on a published port: sends the guest a SYN.
+    pub fn new_inbound(
+        tx: &mut GuestTx,
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+        sock: OwnedFd,
+        is_tcp: bool,
+        isn: u32,
+        now: Instant,
+    ) -> TcpFlow {
+        let mut f = TcpFlow {
+            guest,
+            remote,
+            sock,
+            is_tcp,
+            state: State::SynSent,
+            born: now,
+            guest_isn: 0,
+            rcv_nxt: 0,
+            pending: Vec::new(),
+            pending_head: 0,
+            guest_fin: false,
+            guest_fin_done: false,
+            isn,
+            syn_acked: false,
+            snd_una: isn,
+            snd_nxt: isn.wrapping_add(1),
+            snd_max: isn.wrapping_add(1),
+            fin_seq: None,
+            guest_wnd: 0,
+            guest_wscale: 0,
+            our_wscale: OUR_WSCALE,
+            mss: DEFAULT_MSS,
+            dup_acks: 0,
+            rto: RTO_MIN,
+            rto_deadline: None,
+            retries: 0,
+            connect_deadline: None,
+            readable: true,
+            writable: true,
+            need_ack: false,
+            scheduled: None,
+            counted_connecting: false,
+        };
+        let _ = sock::set_peek_offset(f.sock.as_raw_fd(), 0);
+        f.send_syn(tx);
+        f.arm_rto(now);
+        f
+    }
+
+    /// Our SYN to the guest (published ports).
+    fn send_syn(&mut self, tx: &mut GuestTx) {
+        let mut h = self.segment(self.isn, SYN);
+        h.ack = 0;
+        h.mss = Some(tx.max_tcp_payload().min(u16::MAX as usize) as u16);
+        h.window_scale = Some(OUR_WSCALE);
+        h.window = RECV_BUF.min(u16::MAX as usize) as u16;
+        tx.send_tcp(self.remote, self.guest, &h, 0);
+    }
+
+    /// The guest answered our SYN.
+    fn on_syn_ack(&mut self, tx: &mut GuestTx, h: &TcpHeader, now: Instant) -> Verdict {
+        if h.has(RST) {
+            // Nothing listens on that guest port: the client sees a reset.
+            return self.reset_host();
+        }
+        if !(h.has(SYN) && h.has(ACK)) || h.ack != self.isn.wrapping_add(1) {
+            return Verdict::Keep;
+        }
+        self.guest_isn = h.seq;
+        self.rcv_nxt = h.seq.wrapping_add(1);
+        match h.window_scale {
+            Some(ws) => self.guest_wscale = ws,
+            None => {
+                self.guest_wscale = 0;
+                self.our_wscale = 0;
+            }
+        }
+        self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, tx.max_tcp_payload() as u32);
+        self.guest_wnd = h.window as u32;
+        self.syn_acked = true;
+        self.snd_una = self.isn.wrapping_add(1);
+        self.state = State::Open;
+        self.rto_deadline = None;
+        self.retries = 0;
+        self.rto = RTO_MIN;
+        self.send_flags(tx, self.snd_nxt, ACK);
+        if self.writable && self.flush_pending(tx) == Verdict::Close {
+            return Verdict::Close;
+        }
+        self.push(tx, now)
     }
 
     pub fn is_connecting(&self) -> bool {
@@ -302,6 +396,12 @@ impl TcpFlow {
         if readable || error {
             self.readable = true;
         }
+        if self.state == State::SynSent {
+            if writable {
+                self.writable = true;
+            }
+            return Verdict::Keep;
+        }
         if writable || error {
             self.writable = true;
             if self.flush_pending(tx) == Verdict::Close {
@@ -318,13 +418,10 @@ impl TcpFlow {
     }
 
     /// A segment from the guest for this flow.
-    pub fn on_segment(
-        &mut self,
-        tx: &mut GuestTx,
-        h: &TcpHeader,
-        payload: &[u8],
-        now: Instant,
-    ) -> Verdict {
+    pub fn on_segment(&mut self, tx: &mut GuestTx, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
+        if self.state == State::SynSent {
+            return self.on_syn_ack(tx, h, now);
+        }
         if h.has(RST) {
             return self.reset_host();
         }
@@ -404,11 +501,7 @@ impl TcpFlow {
         self.dup_acks = 0;
         self.retries = 0;
         self.rto = RTO_MIN;
-        self.rto_deadline = if self.snd_una != self.snd_max {
-            Some(now + self.rto)
-        } else {
-            None
-        };
+        self.rto_deadline = if self.snd_una != self.snd_max { Some(now + self.rto) } else { None };
         Verdict::Keep
     }
 
@@ -551,8 +644,7 @@ impl TcpFlow {
                 }
                 break;
             }
-            let room =
-                ((self.guest_wnd - in_flight).min(self.mss) as usize).min(tx.max_tcp_payload());
+            let room = ((self.guest_wnd - in_flight).min(self.mss) as usize).min(tx.max_tcp_payload());
             let buf = &mut tx.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + room];
             match sock::recv(fd, buf, true) {
                 Ok(0) => {
@@ -592,11 +684,7 @@ impl TcpFlow {
     /// The flow is over when both directions are closed and our FIN is acknowledged.
     fn check_done(&self) -> Verdict {
         let fin_acked = matches!(self.fin_seq, Some(f) if self.snd_una == f.wrapping_add(1));
-        if self.guest_fin_done && fin_acked {
-            Verdict::Close
-        } else {
-            Verdict::Keep
-        }
+        if self.guest_fin_done && fin_acked { Verdict::Close } else { Verdict::Keep }
     }
 
     /// The connect timeout or the retransmission timer.
@@ -616,15 +704,20 @@ impl TcpFlow {
         self.rto_deadline = None;
         self.retries += 1;
         if self.retries > MAX_RETRIES {
-            tracing::debug!(
-                "{} -> {}: guest stopped answering; reset",
-                self.guest,
-                self.remote
-            );
+            tracing::debug!("{} -> {}: guest stopped answering; reset", self.guest, self.remote);
             sock::set_linger_zero(self.sock.as_raw_fd());
             return self.reset_guest(tx);
         }
         self.rto = (self.rto * 2).min(RTO_MAX);
+        if self.state == State::SynSent {
+            if self.retries > 6 {
+                tracing::debug!("{} -> {}: the guest never answered our SYN", self.remote, self.guest);
+                return self.reset_host();
+            }
+            self.send_syn(tx);
+            self.arm_rto(now);
+            return Verdict::Keep;
+        }
         if !self.syn_acked {
             self.send_syn_ack(tx);
             self.arm_rto(now);
@@ -643,38 +736,19 @@ impl TcpFlow {
 
 /// Answers a guest SYN whose connect failed with errno `err`: ICMP unreachable when the
 /// host has no route, otherwise RST|ACK, as a host with a closed port answers.
-pub fn refuse(
-    tx: &mut GuestTx,
-    guest: SocketAddrV4,
-    remote: SocketAddrV4,
-    guest_isn: u32,
-    err: i32,
-) {
+pub fn refuse(tx: &mut GuestTx, guest: SocketAddrV4, remote: SocketAddrV4, guest_isn: u32, err: i32) {
     match err {
         libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL => {
-            let code = if err == libc::ENETUNREACH {
-                icmp::CODE_NET_UNREACHABLE
-            } else {
-                icmp::CODE_HOST_UNREACHABLE
-            };
+            let code = if err == libc::ENETUNREACH { icmp::CODE_NET_UNREACHABLE } else { icmp::CODE_HOST_UNREACHABLE };
             let mut quote = [0u8; 28];
             Ipv4Header::new(*guest.ip(), *remote.ip(), PROTO_TCP, 20).emit(&mut quote);
             put16(&mut quote, 20, guest.port());
             put16(&mut quote, 22, remote.port());
             put32(&mut quote, 24, guest_isn);
-            tx.send_icmp_error(
-                *remote.ip(),
-                *guest.ip(),
-                icmp::TYPE_DEST_UNREACHABLE,
-                code,
-                &quote,
-            );
+            tx.send_icmp_error(*remote.ip(), *guest.ip(), icmp::TYPE_DEST_UNREACHABLE, code, &quote);
         }
         _ => {
-            tracing::debug!(
-                "connect {guest} -> {remote}: {}",
-                std::io::Error::from_raw_os_error(err)
-            );
+            tracing::debug!("connect {guest} -> {remote}: {}", std::io::Error::from_raw_os_error(err));
             let h = TcpHeader {
                 src_port: remote.port(),
                 dst_port: guest.port(),
@@ -689,21 +763,11 @@ pub fn refuse(
 }
 
 /// Answers a segment that belongs to no flow with a RST (RFC 9293 3.10.7.1).
-pub fn reset_stray(
-    tx: &mut GuestTx,
-    guest: SocketAddrV4,
-    remote: SocketAddrV4,
-    h: &TcpHeader,
-    payload_len: usize,
-) {
+pub fn reset_stray(tx: &mut GuestTx, guest: SocketAddrV4, remote: SocketAddrV4, h: &TcpHeader, payload_len: usize) {
     if h.has(RST) {
         return;
     }
-    let mut r = TcpHeader {
-        src_port: remote.port(),
-        dst_port: guest.port(),
-        ..Default::default()
-    };
+    let mut r = TcpHeader { src_port: remote.port(), dst_port: guest.port(), ..Default::default() };
     if h.has(ACK) {
         r.seq = h.ack;
         r.flags = RST;

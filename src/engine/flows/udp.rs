@@ -5,9 +5,13 @@
 //! time; the engine also caps their number and evicts the least recently used. A host
 //! socket that reports ECONNREFUSED (an ICMP port unreachable from the far end) gives the
 //! guest an ICMP port unreachable too.
+//!
+//! A published UDP port makes inbound flows: datagrams from one client address arrive on
+//! the shared listening socket and go to the guest from the client's (mapped) address;
+//! the guest's replies leave through that listening socket, to the client, with sendto.
 
-use std::net::SocketAddrV4;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::engine::tx::{GuestTx, UDP_PAYLOAD_OFF};
@@ -22,31 +26,32 @@ pub const IDLE: Duration = Duration::from_secs(60);
 /// Idle time for queries to the gateway's DNS (one flow per query port).
 pub const IDLE_DNS: Duration = Duration::from_secs(10);
 
+/// Where an inbound flow's replies go: the listener's socket and the real client.
+pub struct Inbound {
+    pub listener_fd: RawFd,
+    pub listener_id: u32,
+    pub client: SocketAddr,
+}
+
 pub struct UdpFlow {
     pub guest: SocketAddrV4,
     pub remote: SocketAddrV4,
-    pub sock: OwnedFd,
+    /// The flow's own connected socket (outbound flows).
+    pub sock: Option<OwnedFd>,
+    /// For flows of a published port: the shared listener and the client.
+    pub inbound: Option<Inbound>,
     pub last_used: Instant,
     idle: Duration,
     pub scheduled: Option<Instant>,
 }
 
 impl UdpFlow {
-    pub fn new(
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
-        sock: OwnedFd,
-        idle: Duration,
-        now: Instant,
-    ) -> UdpFlow {
-        UdpFlow {
-            guest,
-            remote,
-            sock,
-            last_used: now,
-            idle,
-            scheduled: None,
-        }
+    pub fn new(guest: SocketAddrV4, remote: SocketAddrV4, sock: OwnedFd, idle: Duration, now: Instant) -> UdpFlow {
+        UdpFlow { guest, remote, sock: Some(sock), inbound: None, last_used: now, idle, scheduled: None }
+    }
+
+    pub fn new_inbound(guest: SocketAddrV4, remote: SocketAddrV4, inbound: Inbound, now: Instant) -> UdpFlow {
+        UdpFlow { guest, remote, sock: None, inbound: Some(inbound), last_used: now, idle: IDLE, scheduled: None }
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -57,25 +62,25 @@ impl UdpFlow {
     /// network would.
     pub fn from_guest(&mut self, payload: &[u8], now: Instant) {
         self.last_used = now;
-        if let Err(e) = crate::engine::sock::send(self.sock.as_raw_fd(), payload) {
+        let res = match (&self.sock, &self.inbound) {
+            (Some(s), _) => crate::engine::sock::send(s.as_raw_fd(), payload),
+            (None, Some(i)) => crate::engine::sock::send_to(i.listener_fd, payload, i.client),
+            (None, None) => Ok(0),
+        };
+        if let Err(e) = res {
             tracing::debug!("udp {} -> {}: {e}", self.guest, self.remote);
         }
     }
 
     /// Datagrams arrived on the host socket: pass them all to the guest.
     pub fn on_readable(&mut self, tx: &mut GuestTx, now: Instant) -> Verdict {
-        let fd = self.sock.as_raw_fd();
+        let Some(fd) = self.sock.as_ref().map(|s| s.as_raw_fd()) else { return Verdict::Keep };
         let max = tx.max_udp_payload();
         for _ in 0..1024 {
             let buf = &mut tx.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
             // SAFETY: buf is valid for writes of its length; MSG_TRUNC reports the real size.
             let r = unsafe {
-                libc::recv(
-                    fd,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                )
+                libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
             };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
@@ -88,11 +93,7 @@ impl UdpFlow {
             }
             let n = r as usize;
             if n > max {
-                tracing::debug!(
-                    "udp {} <- {}: {n}-byte datagram exceeds the MTU; dropped",
-                    self.guest,
-                    self.remote
-                );
+                tracing::debug!("udp {} <- {}: {n}-byte datagram exceeds the MTU; dropped", self.guest, self.remote);
                 continue;
             }
             self.last_used = now;
@@ -117,10 +118,6 @@ impl UdpFlow {
     }
 
     pub fn on_timer(&mut self, now: Instant) -> Verdict {
-        if now >= self.last_used + self.idle {
-            Verdict::Close
-        } else {
-            Verdict::Keep
-        }
+        if now >= self.last_used + self.idle { Verdict::Close } else { Verdict::Keep }
     }
 }

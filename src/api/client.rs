@@ -1,0 +1,170 @@
+//! A small blocking HTTP/1.1 client for the control API (used by `usernet port`).
+//!
+//! One request per connection (`Connection: close`): write the request, read until the
+//! server closes, then split status line, headers and body (Content-Length or chunked).
+//! Every read and write has a timeout, so a hung server cannot hang the CLI.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long one request may take.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest response accepted.
+const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the usernet API at {path}: {source}")]
+    Connect { path: String, source: std::io::Error },
+    #[error("talking to the usernet API: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed answer from the usernet API: {0}")]
+    Malformed(&'static str),
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The error message of a failed request: `{"error": "..."}` or the body as text.
+    pub fn error_message(&self) -> String {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.body)
+            && let Some(msg) = v.get("error").and_then(|m| m.as_str())
+        {
+            return msg.to_string();
+        }
+        let text = String::from_utf8_lossy(&self.body).trim().to_string();
+        if text.is_empty() { format!("the usernet API answered {}", self.status) } else { text }
+    }
+}
+
+/// Sends one request to the API at `socket` and reads the whole answer.
+pub fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let body = body.unwrap_or_default();
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: usernet\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.take(MAX_RESPONSE).read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+/// Sends `value` as JSON.
+pub fn request_json(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    value: &serde_json::Value,
+) -> Result<Response, ClientError> {
+    let body = serde_json::to_vec(value).map_err(|_| ClientError::Malformed("request body"))?;
+    request(socket, method, path, Some(&body))
+}
+
+fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or(ClientError::Malformed("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| ClientError::Malformed("headers"))?;
+    let rest = &raw[end + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or(ClientError::Malformed("no status line"))?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or(ClientError::Malformed("status line"))?;
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_string(), v.trim().to_string())).collect();
+    let mut response = Response { status, headers, body: Vec::new() };
+    if response.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        response.body = dechunk(rest)?;
+    } else if let Some(len) = response.header("content-length") {
+        let len: usize = len.parse().map_err(|_| ClientError::Malformed("content-length"))?;
+        if rest.len() < len {
+            return Err(ClientError::Malformed("body shorter than content-length"));
+        }
+        response.body = rest[..len].to_vec();
+    } else {
+        response.body = rest.to_vec();
+    }
+    Ok(response)
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, ClientError> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n").ok_or(ClientError::Malformed("chunk size"))?;
+        let size_text = std::str::from_utf8(&data[..eol]).map_err(|_| ClientError::Malformed("chunk size"))?;
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| ClientError::Malformed("chunk size"))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            return Err(ClientError::Malformed("truncated chunk"));
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length() {
+        let r = parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n[]").unwrap();
+        assert_eq!(r.status, 201);
+        assert_eq!(r.body, b"[]");
+    }
+
+    #[test]
+    fn chunked() {
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.body, b"abcde");
+    }
+
+    #[test]
+    fn malformed() {
+        assert!(parse_response(b"garbage").is_err());
+        assert!(parse_response(b"HTTP/1.1 xx\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nab").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+    }
+
+    #[test]
+    fn error_messages() {
+        let r = Response {
+            status: 409,
+            headers: vec![],
+            body: br#"{"error":"Bind for 0.0.0.0:8000 failed: port is already allocated"}"#.to_vec(),
+        };
+        assert_eq!(r.error_message(), "Bind for 0.0.0.0:8000 failed: port is already allocated");
+        let r = Response { status: 500, headers: vec![], body: b"proxy not found\n".to_vec() };
+        assert_eq!(r.error_message(), "proxy not found");
+    }
+}

@@ -1,0 +1,763 @@
+//! `usernet run -p/-P`: guest ports published on the host, as `docker run -p` does.
+//!
+//! Each test starts `usernet run` in the background with a real server inside the guest
+//! (a python HTTP or UDP-echo server that does no name lookups, or socat), waits for the
+//! server's READY line, and drives it from the host with real clients (curl, socat, UDP
+//! sockets): over 127.0.0.1, ::1 and `localhost`, bulk data in both directions checked by
+//! sha256, ranges, picked ports (read from usernet's `docker port` lines on stderr), `-P`,
+//! taken ports (Docker's message, exit 125, COMMAND never started), the ports' release on
+//! exit, and a client in a namespace of the test's own whose real address the guest sees.
+//!
+//! Traffic goes only to loopback and to the test's own namespace (198.51.100.0/24 over a
+//! veth pair). Every command is bounded; host ports are unique per test and checked free.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, UdpSocket};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Size of a bulk transfer.
+const BULK: usize = 20 << 20;
+/// How long a guest server may take to come up.
+const READY_LIMIT: Duration = Duration::from_secs(20);
+/// Bound of every guest server (it is normally stopped long before).
+const GUEST_LIFETIME: &str = "90";
+
+/// The guest's servers. `http PORTS DIR`: one HTTP server per port of the comma-separated
+/// list, serving DIR; `/whoami` answers `port P client IP`. `udp-echo PORT`: echoes every
+/// datagram. Both print `READY` once bound and `CLIENT <ip>` for every request or datagram.
+const GUEST_SERVER: &str = r#"
+import http.server, socket, socketserver, sys, threading
+
+def log(s):
+    sys.stdout.write(s + "\n")
+    sys.stdout.flush()
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    def server_bind(self):
+        # No getfqdn(): no name lookups at all.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = "guest"
+        self.server_port = self.server_address[1]
+
+def handler(port, directory):
+    class H(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=directory, **k)
+        def log_message(self, *a):
+            pass
+        def do_GET(self):
+            log("CLIENT %s" % self.client_address[0])
+            if self.path == "/whoami":
+                body = ("port %d client %s\n" % (port, self.client_address[0])).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            super().do_GET()
+    return H
+
+if sys.argv[1] == "http":
+    ports = [int(p) for p in sys.argv[2].split(",")]
+    servers = [Server(("0.0.0.0", p), handler(p, sys.argv[3])) for p in ports]
+    for s in servers[1:]:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    log("READY")
+    servers[0].serve_forever()
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(sys.argv[2])))
+    log("READY")
+    while True:
+        data, peer = s.recvfrom(65535)
+        log("CLIENT %s" % peer[0])
+        s.sendto(data, peer)
+"#;
+
+// ---------------------------------------------------------------------------
+// Helpers of this file.
+
+/// True when `port` is free for TCP and UDP on 0.0.0.0 and [::] right now.
+fn port_free(port: u16) -> bool {
+    // [::] is dual-stack here (bindv6only=0), so it covers 0.0.0.0 too; both are checked anyway.
+    TcpListener::bind(("0.0.0.0", port)).is_ok()
+        && TcpListener::bind(("::", port)).is_ok()
+        && UdpSocket::bind(("0.0.0.0", port)).is_ok()
+        && UdpSocket::bind(("::", port)).is_ok()
+}
+
+/// The first of `n` consecutive host ports that are free now, below the ephemeral range
+/// (so no client's connect takes them) and different for every call in this process.
+fn free_ports(n: u16) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let spread = std::process::id().wrapping_mul(97);
+    for _ in 0..500 {
+        let k = NEXT.fetch_add(u32::from(n) + 1, Ordering::Relaxed);
+        let base = 20000 + ((spread + k) % 12000) as u16;
+        if (base..base + n).all(port_free) {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports in 20000-32000");
+}
+
+/// A directory with the guest server script and a file `f` of `len` random bytes.
+fn guest_dir(tag: &str, len: usize) -> (TempDir, String) {
+    let dir = TempDir::new(tag);
+    std::fs::write(dir.join("guestsrv.py"), GUEST_SERVER).expect("write guest server");
+    write_random_file(&dir.join("f"), len);
+    let hash = sha256_file(&dir.join("f"));
+    (dir, hash)
+}
+
+/// `timeout N python3 guestsrv.py ARGS...` as one shell word list.
+fn guest_server_cmd(dir: &TempDir, args: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "timeout".to_string(),
+        GUEST_LIFETIME.to_string(),
+        python().to_string_lossy().into_owned(),
+        dir.join("guestsrv.py").to_string_lossy().into_owned(),
+    ];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
+/// A process running in the background (its own process group) whose output is
+/// collected as it comes. Killed with its group on Drop.
+struct Bg {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    line: String,
+}
+
+fn collect_lines(pipe: impl Read + Send + 'static, buf: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(pipe);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => buf.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line),
+            }
+        }
+    });
+}
+
+impl Bg {
+    fn start(mut cmd: Command) -> Bg {
+        let line = format!(
+            "{} {}",
+            cmd.get_program().to_string_lossy(),
+            cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        );
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        collect_lines(child.stdout.take().expect("piped stdout"), out.clone());
+        collect_lines(child.stderr.take().expect("piped stderr"), err.clone());
+        Bg { child, out, err, line }
+    }
+
+    /// `usernet run -p ... ARGS -- CMD...` in the background.
+    fn usernet<S: AsRef<std::ffi::OsStr>>(dns: &DnsUpstream, args: &[&str], cmd: &[S]) -> Bg {
+        Bg::start(Usernet::new(dns).args(args).command(cmd))
+    }
+
+    fn stdout(&self) -> String {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn describe(&self) -> String {
+        format!("  command: {}\n  stdout:\n{}\n  stderr:\n{}", self.line, self.stdout(), self.stderr())
+    }
+
+    /// Waits until stdout has a line equal to `want`; panics (with all output) if the
+    /// process exits or `limit` passes first.
+    fn wait_stdout_line(&mut self, want: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        loop {
+            if self.stdout().lines().any(|l| l.trim() == want) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Give the reader threads a moment to catch the last lines.
+                std::thread::sleep(Duration::from_millis(200));
+                if self.stdout().lines().any(|l| l.trim() == want) {
+                    return;
+                }
+                panic!("exited ({status}) before printing {want:?}:\n{}", self.describe());
+            }
+            assert!(Instant::now() < end, "no {want:?} within {limit:?}:\n{}", self.describe());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit by itself, at most `limit`; its exit status.
+    fn wait_exit(&mut self, limit: Duration) -> i32 {
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                use std::os::unix::process::ExitStatusExt;
+                return status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            }
+            assert!(Instant::now() < end, "did not exit within {limit:?}:\n{}", self.describe());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM to the process itself (usernet forwards it to COMMAND), then waits.
+    fn stop(&mut self) -> i32 {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) of our own child; no memory involved.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        self.wait_exit(Duration::from_secs(15))
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) of our own child's process group.
+            unsafe {
+                libc::kill(-pgid, libc::SIGTERM);
+            }
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl` from the host (never through a proxy), bounded; its output.
+fn curl(args: &[&str]) -> Output {
+    let mut all = vec!["-sS", "--noproxy", "*", "-m", "30"];
+    all.extend_from_slice(args);
+    run("curl", &all)
+}
+
+/// GET `url` and return the body; panics with context if it fails.
+fn get(url: &str, ctx: &Bg) -> String {
+    let out = curl(&["-f", url]);
+    assert!(out.success(), "GET {url} failed:\n{out}\nusernet:\n{}", ctx.describe());
+    out.stdout
+}
+
+/// The `docker port` lines usernet printed on stderr.
+fn port_lines(stderr: &str) -> Vec<String> {
+    stderr.lines().filter(|l| l.contains(" -> ")).map(|l| l.trim().to_string()).collect()
+}
+
+/// The port of a `docker port` line (`80/tcp -> 0.0.0.0:49153`).
+fn line_port(line: &str) -> u16 {
+    line.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// Sends `msg` to `to` over UDP and waits for the echo (a few tries, bounded).
+fn udp_echo(from: &str, to: &str, msg: &[u8]) -> bool {
+    let sock = UdpSocket::bind(from).expect("bind UDP client");
+    sock.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..10 {
+        sock.send_to(msg, to).expect("send");
+        if let Ok(n) = sock.recv(&mut buf)
+            && &buf[..n] == msg
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// A TCP socket bound to [::]:port with IPV6_V6ONLY and listening: holds the port on
+/// IPv6 only.
+fn hold_v6only(port: u16) -> OwnedFd {
+    // SAFETY: plain socket syscalls on a descriptor we own; sockaddr_in6 is fully initialised.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        libc::setsockopt(
+            raw,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_port = port.to_be();
+        let rc = libc::bind(
+            raw,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "bind [::]:{port}");
+        assert_eq!(libc::listen(raw, 16), 0, "listen");
+        fd
+    }
+}
+
+/// A namespace of the test's own joined to the host by a veth pair with a /30 from
+/// 198.51.100.0-199: the host side is `host_ip`, the namespace side `ip`. The slot is
+/// claimed by creating the namespace `unpub<slot>`. Removed on Drop.
+struct PeerNs {
+    ns: String,
+    host_veth: String,
+    host_ip: String,
+    ip: String,
+}
+
+impl PeerNs {
+    fn new() -> PeerNs {
+        const SLOTS: u32 = 50;
+        let first = std::process::id().wrapping_mul(13);
+        for i in 0..SLOTS {
+            let slot = (first + i) % SLOTS;
+            let ns = format!("unpub{slot}");
+            if !run("ip", &["netns", "add", &ns]).success() {
+                continue;
+            }
+            let peer = PeerNs {
+                host_veth: format!("{ns}h"),
+                host_ip: format!("198.51.100.{}", slot * 4 + 1),
+                ip: format!("198.51.100.{}", slot * 4 + 2),
+                ns,
+            };
+            let inner = format!("{}r", peer.ns);
+            must("ip", &["link", "add", &peer.host_veth, "type", "veth", "peer", "name", &inner, "netns", &peer.ns]);
+            must("ip", &["addr", "add", &format!("{}/30", peer.host_ip), "dev", &peer.host_veth]);
+            must("ip", &["link", "set", &peer.host_veth, "up"]);
+            peer.exec(&["ip", "addr", "add", &format!("{}/30", peer.ip), "dev", &inner]).assert_ok();
+            peer.exec(&["ip", "link", "set", &inner, "up"]).assert_ok();
+            peer.exec(&["ip", "link", "set", "lo", "up"]).assert_ok();
+            // The client's traffic must go over the veth to the host, nowhere else.
+            let route = peer.exec(&["ip", "route", "get", &peer.host_ip]);
+            assert!(route.stdout.contains(&format!("dev {inner} ")), "route to host:\n{route}");
+            return peer;
+        }
+        panic!("no free namespace slot unpub0..unpub{SLOTS}");
+    }
+
+    fn exec(&self, cmd: &[&str]) -> Output {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).args(cmd).env("PATH", search_path());
+        run_bounded(&mut c, DEFAULT_TIMEOUT)
+    }
+}
+
+impl Drop for PeerNs {
+    fn drop(&mut self) {
+        for pid in run("ip", &["netns", "pids", &self.ns]).stdout.split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2) of a process in our own namespace.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = run("ip", &["link", "del", &self.host_veth]);
+        let _ = run("ip", &["netns", "del", &self.ns]);
+    }
+}
+
+const TOOLS: &[&str] = &["ip", "dnsmasq", "timeout", "sh", "curl", "python3", "sha256sum"];
+
+// ---------------------------------------------------------------------------
+// Tests.
+
+/// `-p P:80`: the guest's HTTP server answers on 127.0.0.1, ::1 and localhost; a 20 MB
+/// download arrives intact; the loopback client appears in the guest as the host address.
+#[test]
+fn http_over_ipv4_ipv6_and_localhost() {
+    if !ready(TOOLS) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (dir, want) = guest_dir("pub-http", BULK);
+    let p = free_ports(1);
+    let dir_s = dir.path().to_string_lossy().into_owned();
+    let mut bg = Bg::usernet(&dns, &["-p", &format!("{p}:80")], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_stdout_line("READY", READY_LIMIT);
+
+    for url in [
+        format!("http://127.0.0.1:{p}/whoami"),
+        format!("http://[::1]:{p}/whoami"),
+        format!("http://localhost:{p}/whoami"),
+    ] {
+        let body = get(&url, &bg);
+        assert_eq!(body.trim(), format!("port 80 client {HOST_IP}"), "{url}");
+    }
+    // A fixed port: usernet prints no `docker port` line.
+    assert!(port_lines(&bg.stderr()).is_empty(), "{}", bg.describe());
+
+    let got = dir.join("got");
+    let url = format!("http://127.0.0.1:{p}/f");
+    let out = curl(&["-f", "-o", &got.to_string_lossy(), &url]);
+    assert!(out.success(), "download:\n{out}\n{}", bg.describe());
+    assert_eq!(sha256_file(&got), want, "20 MB download corrupted");
+    let got6 = dir.join("got6");
+    let url6 = format!("http://[::1]:{p}/f");
+    let out = curl(&["-f", "-o", &got6.to_string_lossy(), &url6]);
+    assert!(out.success(), "download over ::1:\n{out}\n{}", bg.describe());
+    assert_eq!(sha256_file(&got6), want, "20 MB download over ::1 corrupted");
+
+    bg.stop();
+    let clients: Vec<String> =
+        bg.stdout().lines().filter_map(|l| l.strip_prefix("CLIENT ")).map(str::to_string).collect();
+    assert!(clients.len() >= 5, "{}", bg.describe());
+    assert!(clients.iter().all(|c| c == HOST_IP), "a loopback client must appear as {HOST_IP}:\n{}", bg.describe());
+}
+
+/// 20 MB uploaded from the host with socat into a guest-side `socat -u TCP-LISTEN:80`.
+#[test]
+fn upload_into_guest_socat() {
+    if !ready(&["ip", "dnsmasq", "timeout", "sh", "socat", "ss", "sha256sum"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("pub-up");
+    let src = dir.join("src");
+    write_random_file(&src, BULK);
+    let want = sha256_file(&src);
+    let dst = dir.join("dst");
+    let p = free_ports(1);
+    let script = format!(
+        "timeout 90 socat -u TCP4-LISTEN:80,reuseaddr CREATE:{dst} & pid=$!; i=0; \
+         while ! ss -Hltn 'sport = :80' | grep -q .; do i=$((i+1)); [ $i -gt 400 ] && exit 9; sleep 0.05; done; \
+         echo READY; wait $pid; echo \"socat $?\"; sha256sum {dst}",
+        dst = dst.display()
+    );
+    let mut bg = Bg::usernet(&dns, &["-p", &format!("{p}:80")], &["sh", "-c", &script]);
+    bg.wait_stdout_line("READY", READY_LIMIT);
+    let out =
+        run("timeout", &["90", "socat", "-u", &format!("FILE:{}", src.display()), &format!("TCP4:127.0.0.1:{p}")]);
+    assert!(out.success(), "host socat:\n{out}\n{}", bg.describe());
+    let code = bg.wait_exit(Duration::from_secs(90));
+    assert_eq!(code, 0, "{}", bg.describe());
+    assert!(bg.stdout().contains("socat 0"), "{}", bg.describe());
+    assert_eq!(hex_hashes(&bg.stdout()), vec![want], "upload corrupted:\n{}", bg.describe());
+}
+
+/// `-p P:53/udp`: datagrams from 127.0.0.1 and ::1 are echoed by the guest's UDP server,
+/// which sees the host address as their source.
+#[test]
+fn udp_echo_through_published_port() {
+    if !ready(TOOLS) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (dir, _) = guest_dir("pub-udp", 0);
+    let p = free_ports(1);
+    let mut bg = Bg::usernet(&dns, &["-p", &format!("{p}:53/udp")], &guest_server_cmd(&dir, &["udp-echo", "53"]));
+    bg.wait_stdout_line("READY", READY_LIMIT);
+    assert!(udp_echo("127.0.0.1:0", &format!("127.0.0.1:{p}"), b"hello over v4"), "{}", bg.describe());
+    assert!(udp_echo("[::1]:0", &format!("[::1]:{p}"), b"hello over v6"), "{}", bg.describe());
+    // A big datagram too (the guest link's MTU is 65520).
+    let big = vec![0x5au8; 30000];
+    assert!(udp_echo("127.0.0.1:0", &format!("127.0.0.1:{p}"), &big), "{}", bg.describe());
+    // And a TCP connect to the same port finds nothing: only UDP was published.
+    let tcp =
+        std::net::TcpStream::connect_timeout(&format!("127.0.0.1:{p}").parse().expect("addr"), Duration::from_secs(2));
+    assert!(tcp.is_err(), "TCP {p} should not be published");
+    bg.stop();
+    assert!(bg.stdout().lines().filter_map(|l| l.strip_prefix("CLIENT ")).all(|c| c == HOST_IP), "{}", bg.describe());
+}
+
+/// Ranges: `A-A+2:80-82` maps pairwise; `B-B+3:80` takes the first free port of the range
+/// and says which; `90-91` maps each container port to a random port on both addresses.
+#[test]
+fn port_ranges() {
+    if !ready(TOOLS) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (dir, _) = guest_dir("pub-range", 0);
+    let a = free_ports(3);
+    let b = free_ports(4);
+    // The first port of B's range is taken: usernet must pick B+1.
+    let holder = TcpListener::bind(("0.0.0.0", b)).expect("hold B");
+    let dir_s = dir.path().to_string_lossy().into_owned();
+    let args = [
+        "-p".to_string(),
+        format!("{a}-{}:80-82", a + 2),
+        "-p".into(),
+        format!("{b}-{}:80", b + 3),
+        "-p".into(),
+        "90-91".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut bg = Bg::usernet(&dns, &args, &guest_server_cmd(&dir, &["http", "80,81,82,90,91", &dir_s]));
+    bg.wait_stdout_line("READY", READY_LIMIT);
+
+    for i in 0..3u16 {
+        let body = get(&format!("http://127.0.0.1:{}/whoami", a + i), &bg);
+        assert!(body.starts_with(&format!("port {} ", 80 + i)), "{body}");
+    }
+
+    let lines = port_lines(&bg.stderr());
+    let picked: Vec<&String> = lines.iter().filter(|l| l.starts_with("80/tcp")).collect();
+    assert_eq!(
+        picked,
+        vec![&format!("80/tcp -> 0.0.0.0:{}", b + 1), &format!("80/tcp -> [::]:{}", b + 1)],
+        "{}",
+        bg.describe()
+    );
+    let body = get(&format!("http://127.0.0.1:{}/whoami", b + 1), &bg);
+    assert!(body.starts_with("port 80 "), "{body}");
+
+    for guest in [90u16, 91] {
+        let mine: Vec<&String> = lines.iter().filter(|l| l.starts_with(&format!("{guest}/tcp -> "))).collect();
+        assert_eq!(mine.len(), 2, "{}", bg.describe());
+        assert!(mine[0].contains(" -> 0.0.0.0:") && mine[1].contains(" -> [::]:"), "{mine:?}");
+        let port = line_port(mine[0]);
+        assert_eq!(port, line_port(mine[1]), "both addresses share one port: {mine:?}");
+        let body = get(&format!("http://127.0.0.1:{port}/whoami"), &bg);
+        assert!(body.starts_with(&format!("port {guest} ")), "{body}");
+        let body = get(&format!("http://[::1]:{port}/whoami"), &bg);
+        assert!(body.starts_with(&format!("port {guest} ")), "{body}");
+    }
+    // Exactly what was asked: 3 pairwise (no lines) + 2 for B + 2 x 2 for 90-91.
+    assert_eq!(lines.len(), 6, "{}", bg.describe());
+    drop(holder);
+}
+
+/// `-p 127.0.0.1::80`: one `docker port` line for 127.0.0.1 only, and that port works.
+#[test]
+fn picked_port_on_loopback_is_printed() {
+    if !ready(TOOLS) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (dir, _) = guest_dir("pub-pick", 0);
+    let dir_s = dir.path().to_string_lossy().into_owned();
+    let mut bg = Bg::usernet(&dns, &["-p", "127.0.0.1::80"], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_stdout_line("READY", READY_LIMIT);
+    let lines = port_lines(&bg.stderr());
+    assert_eq!(lines.len(), 1, "{}", bg.describe());
+    assert!(lines[0].starts_with("80/tcp -> 127.0.0.1:"), "{}", lines[0]);
+    let port = line_port(&lines[0]);
+    assert_ne!(port, 0);
+    let body = get(&format!("http://127.0.0.1:{port}/whoami"), &bg);
+    assert_eq!(body.trim(), format!("port 80 client {HOST_IP}"));
+    // Not on [::1]: only 127.0.0.1 was asked for.
+    let out = curl(&[&format!("http://[::1]:{port}/whoami")]);
+    assert!(!out.success(), "[::1]:{port} should not be published:\n{out}");
+}
+
+/// `-P --expose 80`: published on a random port of both 0.0.0.0 and [::], printed.
+#[test]
+fn publish_all_exposed_ports() {
+    if !ready(TOOLS) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (dir, _) = guest_dir("pub-all", 0);
+    let dir_s = dir.path().to_string_lossy().into_owned();
+    let mut bg = Bg::usernet(&dns, &["-P", "--expose", "80"], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_stdout_line("READY", READY_LIMIT);
+    let lines = port_lines(&bg.stderr());
+    assert_eq!(lines.len(), 2, "{}", bg.describe());
+    assert!(lines[0].starts_with("80/tcp -> 0.0.0.0:"), "{lines:?}");
+    assert!(lines[1].starts_with("80/tcp -> [::]:"), "{lines:?}");
+    let port = line_port(&lines[0]);
+    assert_eq!(port, line_port(&lines[1]));
+    for url in [format!("http://127.0.0.1:{port}/whoami"), format!("http://[::1]:{port}/whoami")] {
+        assert!(get(&url, &bg).starts_with("port 80 "));
+    }
+}
+
+/// A taken port or a bad spec: Docker's message on one line, exit 125, COMMAND never
+/// started, and nothing of the run left bound.
+#[test]
+fn taken_port_and_bad_specs_fail_before_command() {
+    if !ready(&["ip", "dnsmasq", "timeout", "sh"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("pub-taken");
+    let marker = dir.join("started");
+    let cmd = ["sh", "-c", &format!("touch {}", marker.display())];
+    let check = |args: &[&str], want: &str| {
+        let out = Usernet::new(&dns).args(args).timeout(Duration::from_secs(30)).run(&cmd);
+        out.assert_code(125);
+        assert_eq!(out.stderr, format!("usernet: {want}\n"), "{out}");
+        assert!(!marker.exists(), "COMMAND ran:\n{out}");
+    };
+
+    // Taken on 0.0.0.0 (a listener on all IPv4 addresses).
+    let (p, q) = (free_ports(1), free_ports(1));
+    let holder = TcpListener::bind(("0.0.0.0", p)).expect("hold");
+    // The spec before it must not stay bound either.
+    check(
+        &["-p", &format!("{q}:80"), "-p", &format!("{p}:80")],
+        &format!("Bind for 0.0.0.0:{p} failed: port is already allocated"),
+    );
+    assert!(port_free(q), "port {q} of an earlier -p left bound");
+    drop(holder);
+
+    // Taken on [::] only: the 0.0.0.0 socket bound just before is released.
+    let v6 = free_ports(1);
+    let holder6 = hold_v6only(v6);
+    check(&["-p", &format!("{v6}:80")], &format!("Bind for [::]:{v6} failed: port is already allocated"));
+    assert!(TcpListener::bind(("0.0.0.0", v6)).is_ok(), "0.0.0.0:{v6} left bound");
+    drop(holder6);
+
+    // UDP.
+    let u = free_ports(1);
+    let holder_udp = UdpSocket::bind(("127.0.0.1", u)).expect("hold udp");
+    check(
+        &["-p", &format!("127.0.0.1:{u}:53/udp")],
+        &format!("Bind for 127.0.0.1:{u} failed: port is already allocated"),
+    );
+    drop(holder_udp);
+
+    // Every port of a range taken.
+    let r = free_ports(2);
+    let h1 = TcpListener::bind(("127.0.0.1", r)).expect("hold");
+    let h2 = TcpListener::bind(("127.0.0.1", r + 1)).expect("hold");
+    check(
+        &["-p", &format!("127.0.0.1:{r}-{}:80", r + 1)],
+        &format!("Bind for 127.0.0.1:{r}-{} failed: port is already allocated", r + 1),
+    );
+    drop((h1, h2));
+
+    // Not an address of this host (TEST-NET-1: nothing is sent, the bind fails).
+    check(
+        &["-p", "192.0.2.1:8000:80"],
+        "Error starting userland proxy: listen tcp4 192.0.2.1:8000: bind: cannot assign requested address",
+    );
+
+    // Bad specs, in Docker's words.
+    check(&["-p", "70000:80"], "invalid hostPort: 70000");
+    check(&["-p", "8000:abc"], "invalid containerPort: abc");
+    check(&["-p", "80/xyz"], "invalid proto: xyz");
+    check(&["-p", "1.2.3:8000:80"], "invalid IP address: 1.2.3");
+    check(&["-p", "8000-8005:80-90"], "invalid ranges specified for container and host Ports: 80-90 and 8000-8005");
+    check(&["-p", "127.0.0.1:8000:"], "no port specified: 127.0.0.1:8000:<empty>");
+    check(&["--expose", "8000:80", "-P"], "invalid port format for --expose: 8000:80");
+}
+
+/// The host ports are free again as soon as usernet exits, by itself or by a signal.
+#[test]
+fn ports_released_on_exit() {
+    if !ready(&["ip", "dnsmasq", "timeout", "sh", "sleep"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let p = free_ports(1);
+    let out = Usernet::new(&dns).args(&["-p", &format!("{p}:80"), "-p", &format!("{p}:80/udp")]).run(&["true"]);
+    out.assert_ok();
+    assert!(port_free(p), "port {p} still bound after usernet exited:\n{out}");
+
+    // Killed by SIGTERM while COMMAND runs.
+    let q = free_ports(1);
+    let mut bg = Bg::usernet(
+        &dns,
+        &["-p", &format!("{q}:80"), "-p", &format!("{q}:80/udp")],
+        &["sh", "-c", "echo READY; exec sleep 60"],
+    );
+    bg.wait_stdout_line("READY", READY_LIMIT);
+    assert!(TcpListener::bind(("0.0.0.0", q)).is_err(), "usernet does not listen on {q}:\n{}", bg.describe());
+    assert!(TcpListener::bind(("::", q)).is_err(), "usernet does not listen on [::]:{q}");
+    let code = bg.stop();
+    assert_eq!(code, 128 + libc::SIGTERM, "{}", bg.describe());
+    assert!(port_free(q), "port {q} still bound after usernet was stopped:\n{}", bg.describe());
+}
+
+/// A client in another namespace, connecting to the host's veth address, appears in the
+/// guest with its own address (198.51.100.x), not as the host address.
+#[test]
+fn remote_client_keeps_its_address() {
+    if !ready(TOOLS) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let peer = PeerNs::new();
+    let (dir, want) = guest_dir("pub-remote", 1 << 20);
+    let dir_s = dir.path().to_string_lossy().into_owned();
+    let p = free_ports(1);
+    let mut bg = Bg::usernet(&dns, &["-p", &format!("{p}:80")], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_stdout_line("READY", READY_LIMIT);
+
+    let url = format!("http://{}:{p}/whoami", peer.host_ip);
+    let out = peer.exec(&["curl", "-sSf", "--noproxy", "*", "-m", "30", &url]);
+    assert!(out.success(), "{out}\n{}", bg.describe());
+    assert_eq!(out.stdout.trim(), format!("port 80 client {}", peer.ip), "{}", bg.describe());
+
+    // Data too, through the same path.
+    let url = format!("http://{}:{p}/f", peer.host_ip);
+    let got = dir.join("got");
+    let out = peer.exec(&["curl", "-sSf", "--noproxy", "*", "-m", "30", "-o", &got.to_string_lossy(), &url]);
+    assert!(out.success(), "{out}\n{}", bg.describe());
+    assert_eq!(sha256_file(&got), want);
+
+    // A loopback client at the same time still appears as the host address.
+    let body = get(&format!("http://127.0.0.1:{p}/whoami"), &bg);
+    assert_eq!(body.trim(), format!("port 80 client {HOST_IP}"));
+
+    bg.stop();
+    let log = bg.stdout();
+    assert!(log.lines().any(|l| l == format!("CLIENT {}", peer.ip)), "guest never saw {}:\n{}", peer.ip, bg.describe());
+}
+
+/// `--api PATH`: the control socket exists while usernet runs (next to published ports)
+/// and is gone after it exits.
+#[test]
+fn api_socket_lives_with_usernet() {
+    if !ready(&["ip", "dnsmasq", "timeout", "sh", "curl"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("pub-api");
+    let sock = dir.join("api.sock");
+    let p = free_ports(1);
+    let sock_s = sock.to_string_lossy().into_owned();
+    let mut bg = Bg::usernet(
+        &dns,
+        &["--api", &sock_s, "-p", &format!("127.0.0.1:{p}:80")],
+        &["sh", "-c", "echo READY; exec sleep 60"],
+    );
+    bg.wait_stdout_line("READY", READY_LIMIT);
+    assert!(wait_until(Duration::from_secs(5), || Path::new(&sock).exists()), "no API socket:\n{}", bg.describe());
+    let out = run("curl", &["-sS", "-m", "10", "--unix-socket", &sock_s, "http://usernet/services/forwarder/all"]);
+    assert!(out.success(), "{out}\n{}", bg.describe());
+    assert!(out.stdout.contains(&p.to_string()), "published port {p} not listed:\n{out}");
+    bg.stop();
+    assert!(!sock.exists(), "API socket left behind");
+}
