@@ -109,6 +109,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
         let services = ServiceHub::start(cfg.clone()).context("starting gateway services")?;
         let dns_records = services.dns_records();
         let mut engine = Engine::new(cfg.clone(), Box::new(tap), services, pcap).context("network engine")?;
+        engine.add_static_lease(crate::netns::sandbox::GUEST_MAC, cfg.guest);
         if !listeners.is_empty() {
             for p in engine.publish(listeners, cfg.guest) {
                 tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);

@@ -60,6 +60,13 @@ pub trait Supervisor {
     fn on_ready(&mut self) -> Option<i32>;
 }
 
+/// A service that may take over a new guest TCP connection: given the destination and the
+/// guest's address, it returns None to leave the connection alone, or the engine's end of a
+/// stream socketpair (non-blocking) whose other end it serves, or an error the guest sees as
+/// a refused or unreachable connect. The guest API inside the guest network and the
+/// transparent HTTP proxy are such hooks.
+pub type TcpHook = Box<dyn FnMut(SocketAddrV4, SocketAddrV4) -> Option<io::Result<std::os::fd::OwnedFd>>>;
+
 /// Token bits of guest links and link acceptors (the rest is their index).
 const LINK_BIT: usize = 1 << 61;
 const ACCEPTOR_BIT: usize = 1 << 60;
@@ -92,6 +99,8 @@ pub struct Engine {
     connecting_count: usize,
     isn_hasher: std::collections::hash_map::RandomState,
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
+    /// Services that take over some guest TCP connections (see `add_tcp_hook`).
+    tcp_hooks: Vec<TcpHook>,
     /// Published ports, indexed by their token.
     listeners: Vec<Option<listeners::Listener>>,
     next_listener_id: u32,
@@ -117,6 +126,17 @@ impl Engine {
     pub fn without_link(cfg: Arc<NetConfig>, services: ServiceHub, pcap: Option<PcapWriter>) -> io::Result<Engine> {
         let dialer = Box::new(HostDialer::new(cfg.clone(), services));
         Engine::with_dialer(cfg, dialer, pcap)
+    }
+
+    /// Lets a service take over guest TCP connections it chooses (hooks are asked in order).
+    pub fn add_tcp_hook(&mut self, hook: TcpHook) {
+        self.tcp_hooks.push(hook);
+    }
+
+    /// Records a guest whose address is configured statically (`run`), so that it shows
+    /// among the DHCP leases and a later DHCP request keeps that address.
+    pub fn add_static_lease(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
+        self.dhcp.add_static(mac, ip);
     }
 
     /// Adds a guest link to the virtual network.
@@ -182,6 +202,7 @@ impl Engine {
             poll: Poll::new()?,
             tx: GuestTx::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
             acceptors: Vec::new(),
+            tcp_hooks: Vec::new(),
             rx_buf: vec![0u8; 65536 + ethernet::HEADER_LEN],
             dialer,
             dhcp: DhcpServer::new(cfg.clone()),
@@ -596,7 +617,12 @@ impl Engine {
         if ip.dst.is_broadcast() || ip.dst.is_multicast() {
             return;
         }
-        let dial = match self.dialer.tcp(remote, guest) {
+        let hooked = self.tcp_hooks.iter_mut().find_map(|hook| hook(remote, guest));
+        let dialled = match hooked {
+            Some(r) => r.map(|fd| dial::TcpDial { fd, connected: true, is_tcp: false }),
+            None => self.dialer.tcp(remote, guest),
+        };
+        let dial = match dialled {
             Ok(d) => d,
             Err(e) => {
                 flows::tcp::refuse(&mut self.tx, guest, remote, h.seq, e.raw_os_error().unwrap_or(libc::ECONNREFUSED));
