@@ -121,8 +121,7 @@ impl Engine {
     /// A listener is readable: accept every waiting connection, or take every datagram.
     pub(super) fn on_listener(&mut self, index: usize, now: Instant) {
         let Some(Some(l)) = self.listeners.get(index) else { return };
-        let (raw, proto, guest, id) =
-            (l.fd.as_raw_fd(), l.proto, SocketAddrV4::new(l.guest_ip, l.guest_port), l.id);
+        let (raw, proto, guest, id) = (l.fd.as_raw_fd(), l.proto, SocketAddrV4::new(l.guest_ip, l.guest_port), l.id);
         match proto {
             Proto::Tcp => self.accept_all(raw, guest, now),
             Proto::Udp => self.receive_all(raw, guest, id, now),

@@ -12,6 +12,7 @@
 //! 3. fires due timers (retransmission, connect timeout, idle expiry);
 //! 4. sends the ACKs that the batch made owed, one per flow (coalescing);
 //! 5. asks the supervisor (the `run` command's signals) whether to stop.
+//!
 //! No thread, task or allocation per packet; a flow's work is O(1) per packet. The
 //! gateway's stream services (DNS over TCP) are reached through socketpairs served on their
 //! own thread, so they look like any host socket here.
@@ -25,7 +26,7 @@ pub mod tx;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
@@ -145,7 +146,9 @@ impl Engine {
         let name = link.describe();
         let index = self.tx.add_link(link);
         let token = Token(LINK_BIT | index);
-        if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) =
+            self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE)
+        {
             tracing::warn!("{name}: cannot watch it: {e}");
         }
         tracing::info!("{name}: guest link up");
@@ -185,11 +188,7 @@ impl Engine {
     }
 
     /// An engine whose host sockets come from `dialer` (tests use fakes).
-    pub fn with_dialer(
-        cfg: Arc<NetConfig>,
-        dialer: Box<dyn Dialer>,
-        pcap: Option<PcapWriter>,
-    ) -> io::Result<Engine> {
+    pub fn with_dialer(cfg: Arc<NetConfig>, dialer: Box<dyn Dialer>, pcap: Option<PcapWriter>) -> io::Result<Engine> {
         dial::raise_fd_limit();
         let mtu = cfg.mtu as usize;
         let (control_tx, control_rx) = std::sync::mpsc::channel();
@@ -327,9 +326,7 @@ impl Engine {
                     t if t.0 & ACCEPTOR_BIT != 0 => self.on_acceptor(t.0 & !ACCEPTOR_BIT),
                     SUPERVISOR => sup_ready = true,
                     WAKER => self.on_commands(),
-                    t if t.0 & listeners::LISTENER_BIT != 0 => {
-                        self.on_listener(t.0 & !listeners::LISTENER_BIT, now)
-                    }
+                    t if t.0 & listeners::LISTENER_BIT != 0 => self.on_listener(t.0 & !listeners::LISTENER_BIT, now),
                     t => {
                         let readable = ev.is_readable() || ev.is_read_closed();
                         let writable = ev.is_writable() || ev.is_write_closed();
@@ -367,8 +364,7 @@ impl Engine {
         let mut more = false;
         for index in 0..self.tx.links.len() {
             let mut got = 0;
-            loop {
-                let Some(Some(slot)) = self.tx.links.get_mut(index) else { break };
+            while let Some(Some(slot)) = self.tx.links.get_mut(index) {
                 if !slot.readable {
                     break;
                 }
@@ -649,13 +645,11 @@ impl Engine {
 
     /// RFC 6528-style initial sequence numbers: a keyed hash of the flow plus a clock.
     fn isn(&self, key: &FlowKey, now: Instant) -> u32 {
-        let mut hasher = self.isn_hasher.build_hasher();
-        key.hash(&mut hasher);
         let _ = now;
         let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros()
             as u64
             / 4;
-        (hasher.finish() as u32).wrapping_add(clock as u32)
+        (self.isn_hasher.hash_one(key) as u32).wrapping_add(clock as u32)
     }
 
     fn add_flow(&mut self, flow: Flow, interest: Interest) -> Option<FlowId> {

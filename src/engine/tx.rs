@@ -110,7 +110,12 @@ impl GuestTx {
     /// The same, to a given MAC (DHCP replies to a client without an address).
     pub fn send_udp_to_mac(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload_len: usize, mac: Option<Mac>) {
         let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
-        UdpHeader { src_port: from.port(), dst_port: to.port() }.emit(&mut self.buf[l4..], payload_len, *from.ip(), *to.ip());
+        UdpHeader { src_port: from.port(), dst_port: to.port() }.emit(
+            &mut self.buf[l4..],
+            payload_len,
+            *from.ip(),
+            *to.ip(),
+        );
         self.finish_ipv4(*from.ip(), *to.ip(), PROTO_UDP, udp::HEADER_LEN + payload_len, mac);
     }
 
