@@ -16,6 +16,7 @@ use crate::wire::icmp::IcmpHeader;
 use crate::wire::ipv4::{self, Ipv4Header};
 use crate::wire::tcp::TcpHeader;
 use crate::wire::udp::{self, UdpHeader};
+use crate::wire::vnet_hdr::{self, VnetHdr};
 use crate::wire::{BROADCAST_MAC, Mac, PROTO_ICMP, PROTO_TCP, PROTO_UDP, arp, ethernet};
 
 /// Where a data segment's payload starts in the frame buffer (no TCP options on data).
@@ -57,9 +58,17 @@ pub struct GuestTx {
     gateway_ip: Ipv4Addr,
     /// Ethernet destination of the frame in the buffer.
     dst_mac: Mac,
+    /// Offload instructions for the frame in the buffer, when it has any.
+    vnet: Option<VnetHdr>,
     pub mtu: usize,
     pub stats: LinkStats,
+    /// The one link takes offloaded frames: TCP goes out in frames of up to 64 KiB with
+    /// the checksum left to the guest's kernel (see link::tap).
+    offload: bool,
 }
+
+/// Largest TCP payload of one offloaded frame (the IPv4 total length is 16 bits).
+pub const MAX_GSO_PAYLOAD: usize = 65535 - ipv4::HEADER_LEN - crate::wire::tcp::HEADER_LEN;
 
 impl GuestTx {
     pub fn new(pcap: Option<PcapWriter>, gateway_mac: Mac, gateway_ip: Ipv4Addr, mtu: usize) -> GuestTx {
@@ -69,12 +78,14 @@ impl GuestTx {
             neighbours: HashMap::new(),
             arp_asked: HashMap::new(),
             pcap,
-            buf: vec![0u8; ethernet::HEADER_LEN + mtu.max(1500)],
+            buf: vec![0u8; ethernet::HEADER_LEN + 65535],
             gateway_mac,
             gateway_ip,
             dst_mac: BROADCAST_MAC,
+            vnet: None,
             mtu,
             stats: LinkStats::default(),
+            offload: false,
         }
     }
 
@@ -86,6 +97,34 @@ impl GuestTx {
     /// Largest TCP payload that fits the MTU.
     pub fn max_tcp_payload(&self) -> usize {
         self.mtu - ipv4::HEADER_LEN - crate::wire::tcp::HEADER_LEN
+    }
+
+    /// Largest TCP payload of one frame to the guest: 64 KiB with offloads, else the MSS.
+    pub fn max_tcp_frame_payload(&self, mss: usize) -> usize {
+        if self.offload { MAX_GSO_PAYLOAD } else { mss.min(self.max_tcp_payload()) }
+    }
+
+    /// Sends a TCP data segment (payload at TCP_PAYLOAD_OFF) that the guest's kernel may
+    /// take as several segments of `mss` bytes when the link offloads.
+    pub fn send_tcp_data(&mut self, from: SocketAddrV4, to: SocketAddrV4, hdr: &TcpHeader, payload_len: usize, mss: usize) {
+        if !self.offload {
+            self.send_tcp(from, to, hdr, payload_len);
+            return;
+        }
+        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+        let tcp_len = hdr.emit_len() + payload_len;
+        hdr.emit_partial(&mut self.buf[l4..], payload_len, *from.ip(), *to.ip());
+        let gso = payload_len > mss;
+        self.vnet = Some(VnetHdr {
+            flags: vnet_hdr::F_NEEDS_CSUM,
+            gso_type: if gso { vnet_hdr::GSO_TCPV4 } else { vnet_hdr::GSO_NONE },
+            hdr_len: (l4 + hdr.emit_len()) as u16,
+            gso_size: if gso { mss as u16 } else { 0 },
+            csum_start: l4 as u16,
+            csum_offset: 16,
+        });
+        self.finish_ipv4(*from.ip(), *to.ip(), PROTO_TCP, tcp_len, None);
+        self.vnet = None;
     }
 
     /// Largest UDP payload that fits the MTU.
@@ -145,6 +184,7 @@ impl GuestTx {
                     // The guest has not spoken yet (a connection to a published port came
                     // first): ask for its MAC. Its TCP ignores frames not addressed to it,
                     // so this one is dropped and its retransmission gets through.
+                    self.vnet = None;
                     self.ask_mac(dst);
                     return;
                 }
@@ -164,6 +204,22 @@ impl GuestTx {
             p.write(frame);
         }
         let target = if self.dst_mac[0] & 1 == 0 { self.macs.get(&self.dst_mac).copied() } else { None };
+        if let Some(hdr) = self.vnet {
+            // Offloaded frames exist only while the one link takes them.
+            if let Some(slot) = self.links.iter_mut().flatten().next() {
+                match slot.link.send_offloaded(frame, &hdr) {
+                    Ok(()) => {
+                        self.stats.frames_out += 1;
+                        self.stats.bytes_out += len as u64;
+                    }
+                    Err(e) => {
+                        self.stats.send_errors += 1;
+                        tracing::debug!("{}: send: {e}", slot.link.describe());
+                    }
+                }
+            }
+            return;
+        }
         let (frames, errors) = send_on(&mut self.links, target, None, frame);
         self.stats.frames_out += frames;
         self.stats.bytes_out += frames * len as u64;
@@ -224,7 +280,7 @@ impl GuestTx {
 
     pub fn add_link(&mut self, link: Box<dyn Link>) -> usize {
         let slot = LinkSlot { link, readable: true };
-        match self.links.iter().position(Option::is_none) {
+        let index = match self.links.iter().position(Option::is_none) {
             Some(i) => {
                 self.links[i] = Some(slot);
                 i
@@ -233,13 +289,27 @@ impl GuestTx {
                 self.links.push(Some(slot));
                 self.links.len() - 1
             }
-        }
+        };
+        self.update_offload();
+        index
     }
 
     /// Forgets a link that went away and the MACs behind it.
     pub fn remove_link(&mut self, index: usize) -> Option<LinkSlot> {
         self.macs.retain(|_, i| *i != index);
-        self.links.get_mut(index).and_then(Option::take)
+        let slot = self.links.get_mut(index).and_then(Option::take);
+        self.update_offload();
+        slot
+    }
+
+    /// Offloads are used only with a single link that takes them: a switched frame must
+    /// be complete for whichever guest receives it.
+    fn update_offload(&mut self) {
+        let mut live = self.links.iter().flatten();
+        self.offload = match (live.next(), live.next()) {
+            (Some(only), None) => only.link.offloads(),
+            _ => false,
+        };
     }
 
     /// Broadcasts an ARP request for `ip`, at most once a second per address.

@@ -24,6 +24,16 @@ pub trait Link {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// True when the link takes offloaded frames (`send_offloaded`): a TAP device with
+    /// IFF_VNET_HDR, where the kernel completes checksums and segments large TCP frames.
+    fn offloads(&self) -> bool {
+        false
+    }
+    /// Writes one frame with its offload instructions (only called when `offloads()`).
+    fn send_offloaded(&mut self, frame: &[u8], hdr: &crate::wire::vnet_hdr::VnetHdr) -> io::Result<()> {
+        let _ = hdr;
+        self.send(frame)
+    }
     /// A short name for logs, e.g. "tap eth0" or "qemu unix:/run/vm.sock #2".
     fn describe(&self) -> String {
         "link".to_string()

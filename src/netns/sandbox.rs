@@ -538,7 +538,7 @@ fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
         .map_err(|e| format!("cannot set up {}: {}", resolv::RESOLV_CONF, describe(&e)))?;
     tracing::debug!("guest resolv.conf: {how:?}");
 
-    let tap = Tap::create(&spec.ifname).map_err(|e| {
+    let tap = Tap::create_with_vnet_hdr(&spec.ifname).map_err(|e| {
         format!(
             "cannot create TAP device {} (/dev/net/tun): {}",
             spec.ifname,

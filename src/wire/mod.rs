@@ -12,6 +12,7 @@ pub mod icmp;
 pub mod ipv4;
 pub mod tcp;
 pub mod udp;
+pub mod vnet_hdr;
 
 /// A MAC address.
 pub type Mac = [u8; 6];

@@ -115,6 +115,20 @@ impl TcpHeader {
     }
 }
 
+impl TcpHeader {
+    /// Like `emit`, but leaves the checksum for the receiving kernel to complete or trust
+    /// (virtio-net NEEDS_CSUM): the field holds only the folded pseudo-header sum.
+    pub fn emit_partial(&self, buf: &mut [u8], payload_len: usize, src: Ipv4Addr, dst: Ipv4Addr) {
+        let hl = self.emit_len();
+        self.emit(&mut buf[..hl], 0, src, dst);
+        let mut acc = checksum::pseudo_v4(src, dst, PROTO_TCP, hl + payload_len);
+        while acc >> 16 != 0 {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        put16(buf, 16, acc as u16);
+    }
+}
+
 /// `a < b` in sequence space (RFC 1982 serial arithmetic).
 #[inline]
 pub fn seq_lt(a: u32, b: u32) -> bool {

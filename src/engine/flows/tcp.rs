@@ -644,7 +644,7 @@ impl TcpFlow {
                 }
                 break;
             }
-            let room = ((self.guest_wnd - in_flight).min(self.mss) as usize).min(tx.max_tcp_payload());
+            let room = ((self.guest_wnd - in_flight) as usize).min(tx.max_tcp_frame_payload(self.mss as usize));
             let buf = &mut tx.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + room];
             match sock::recv(fd, buf, true) {
                 Ok(0) => {
@@ -655,7 +655,7 @@ impl TcpFlow {
                 }
                 Ok(n) => {
                     let h = self.segment(self.snd_nxt, ACK | PSH);
-                    tx.send_tcp(self.remote, self.guest, &h, n);
+                    tx.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
                     self.need_ack = false;
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
                     if seq_lt(self.snd_max, self.snd_nxt) {
