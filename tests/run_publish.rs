@@ -13,6 +13,10 @@
 
 mod common;
 
+/// Where a client on the host's loopback appears in a namespace guest: its connection is
+/// spliced socket to socket inside the namespace, from the guest's own loopback.
+const LOOPBACK_CLIENT: &str = "127.0.0.1";
+
 use common::*;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, UdpSocket};
@@ -402,7 +406,8 @@ const TOOLS: &[&str] = &["ip", "dnsmasq", "timeout", "sh", "curl", "python3", "s
 // Tests.
 
 /// `-p P:80`: the guest's HTTP server answers on 127.0.0.1, ::1 and localhost; a 20 MB
-/// download arrives intact; the loopback client appears in the guest as the host address.
+/// download arrives intact; a loopback client's connection is spliced socket to socket inside
+/// the guest's namespace, so the guest sees it come from its own 127.0.0.1 (as with pasta).
 #[test]
 fn http_over_ipv4_ipv6_and_localhost() {
     if !ready(TOOLS) {
@@ -421,7 +426,7 @@ fn http_over_ipv4_ipv6_and_localhost() {
         format!("http://localhost:{p}/whoami"),
     ] {
         let body = get(&url, &bg);
-        assert_eq!(body.trim(), format!("port 80 client {HOST_IP}"), "{url}");
+        assert_eq!(body.trim(), format!("port 80 client {LOOPBACK_CLIENT}"), "{url}");
     }
     // A fixed port: usernet prints no `docker port` line.
     assert!(port_lines(&bg.stderr()).is_empty(), "{}", bg.describe());
@@ -441,7 +446,11 @@ fn http_over_ipv4_ipv6_and_localhost() {
     let clients: Vec<String> =
         bg.stdout().lines().filter_map(|l| l.strip_prefix("CLIENT ")).map(str::to_string).collect();
     assert!(clients.len() >= 5, "{}", bg.describe());
-    assert!(clients.iter().all(|c| c == HOST_IP), "a loopback client must appear as {HOST_IP}:\n{}", bg.describe());
+    assert!(
+        clients.iter().all(|c| c == LOOPBACK_CLIENT),
+        "a loopback client must appear as {LOOPBACK_CLIENT}:\n{}",
+        bg.describe()
+    );
 }
 
 /// 20 MB uploaded from the host with socat into a guest-side `socat -u TCP-LISTEN:80`.
@@ -574,7 +583,7 @@ fn picked_port_on_loopback_is_printed() {
     let port = line_port(&lines[0]);
     assert_ne!(port, 0);
     let body = get(&format!("http://127.0.0.1:{port}/whoami"), &bg);
-    assert_eq!(body.trim(), format!("port 80 client {HOST_IP}"));
+    assert_eq!(body.trim(), format!("port 80 client {LOOPBACK_CLIENT}"));
     // Not on [::1]: only 127.0.0.1 was asked for.
     let out = curl(&[&format!("http://[::1]:{port}/whoami")]);
     assert!(!out.success(), "[::1]:{port} should not be published:\n{out}");
@@ -727,9 +736,9 @@ fn remote_client_keeps_its_address() {
     assert!(out.success(), "{out}\n{}", bg.describe());
     assert_eq!(sha256_file(&got), want);
 
-    // A loopback client at the same time still appears as the host address.
+    // A loopback client at the same time is spliced: it appears as the guest's loopback.
     let body = get(&format!("http://127.0.0.1:{p}/whoami"), &bg);
-    assert_eq!(body.trim(), format!("port 80 client {HOST_IP}"));
+    assert_eq!(body.trim(), format!("port 80 client {LOOPBACK_CLIENT}"));
 
     bg.stop();
     let log = bg.stdout();

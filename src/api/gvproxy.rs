@@ -3,8 +3,9 @@
 //! Shapes and status codes follow gvproxy's handlers:
 //! - `POST /services/forwarder/expose` `{"local":"127.0.0.1:8000","remote":"192.168.65.2:80",
 //!   "protocol":"tcp"}`: 200 with no body. `protocol` defaults to tcp; `remote` may omit its
-//!   IP (`":80"`), which means the first guest (gvproxy takes the caller's address; a Unix
-//!   socket has none); `local` may omit its IP (`":8000"`: every address, 0.0.0.0 and [::]).
+//!   IP (`":80"`), which means the calling guest when the request comes from inside the
+//!   guest network (as gvproxy takes the caller's address), else the first guest (a Unix
+//!   socket has no address); `local` may omit its IP (`":8000"`: every address, 0.0.0.0 and [::]).
 //!   A bad body or remote is 400, anything else that fails (already exposed, port taken) is
 //!   500, each with a plain-text message.
 //! - `POST /services/forwarder/unexpose` `{"local":...,"protocol":...}`: 200, or 500
@@ -108,7 +109,7 @@ fn local_ip(host: &str) -> Result<Option<IpAddr>, String> {
     }
 }
 
-pub async fn expose(state: &State, body: &[u8]) -> Reply {
+pub async fn expose(state: &State, caller: Option<Ipv4Addr>, body: &[u8]) -> Reply {
     let req: ExposeRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
@@ -122,7 +123,7 @@ pub async fn expose(state: &State, body: &[u8]) -> Reply {
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
     };
     let guest_ip = if remote_host.is_empty() {
-        state.cfg.guest
+        caller.unwrap_or(state.cfg.guest)
     } else {
         match remote_host.parse::<Ipv4Addr>() {
             Ok(ip) => ip,

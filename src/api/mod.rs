@@ -24,6 +24,13 @@
 //! file (nobody accepting) is replaced; a live one or any other kind of file is an error.
 //! Dropping [`ApiServer`] stops the runtime and removes the socket file if it is still ours.
 //!
+//! Inside the guest network (`serve --guest-api`), the same API answers at the gateway's
+//! port 80, as gvproxy's does: the engine hands each guest connection to that port to
+//! [`GuestApi::connect`], which serves it on one end of a socketpair on the API's runtime,
+//! knowing the guest's address, so that `/services/forwarder/expose` with a `remote`
+//! without IP (`":8080"`) forwards to the calling guest. [`serve_without_socket`] runs the
+//! API for guests alone when there is no `--api` socket.
+//!
 //! `client` is the small blocking HTTP/1.1 client that `usernet port` uses.
 
 pub mod client;
@@ -36,6 +43,8 @@ mod v1;
 mod tests;
 
 use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
@@ -59,17 +68,49 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running API server; dropping it stops the server and removes the socket file.
 pub struct ApiServer {
+    /// Where the API listens (empty when it serves guests only).
     path: PathBuf,
     /// (device, inode) of the socket file we created, to remove only our own.
     ident: (u64, u64),
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    guest: GuestApi,
 }
 
 impl ApiServer {
     /// Where the API listens.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The API as the guests reach it (gateway:80), sharing this server's state.
+    pub fn guest_api(&self) -> GuestApi {
+        self.guest.clone()
+    }
+}
+
+/// Serves API connections from inside the guest network (see the module's doc).
+#[derive(Clone)]
+pub struct GuestApi {
+    state: Arc<routes::State>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GuestApi {
+    /// A connection from `guest`: returns the engine's end (non-blocking) of a stream
+    /// socketpair whose other end is served as an API connection from that guest.
+    pub fn connect(&self, guest: SocketAddrV4) -> io::Result<OwnedFd> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        theirs.set_nonblocking(true)?;
+        let stream = {
+            let _entered = self.runtime.enter();
+            tokio::net::UnixStream::from_std(theirs)?
+        };
+        let state = self.state.clone();
+        debug!("api: connection from guest {guest}");
+        self.runtime.spawn(serve_connection(state, stream, Some(*guest.ip())));
+        Ok(OwnedFd::from(ours))
     }
 }
 
@@ -81,7 +122,8 @@ impl Drop for ApiServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+        if !self.path.as_os_str().is_empty()
+            && let Ok(meta) = std::fs::symlink_metadata(&self.path)
             && (meta.dev(), meta.ino()) == self.ident
         {
             let _ = std::fs::remove_file(&self.path);
@@ -100,14 +142,37 @@ pub fn serve(
     let meta = std::fs::symlink_metadata(path)?;
     let ident = (meta.dev(), meta.ino());
     listener.set_nonblocking(true)?;
+    let mut server = start(Some(listener), control, dns, cfg)?;
+    server.path = path.to_path_buf();
+    server.ident = ident;
+    Ok(server)
+}
+
+/// Starts the API without a Unix socket, for guests only (`serve --guest-api` without
+/// `--api`): reach it through [`ApiServer::guest_api`].
+pub fn serve_without_socket(
+    control: ControlHandle,
+    dns: Arc<DnsRecords>,
+    cfg: Arc<NetConfig>,
+) -> std::io::Result<ApiServer> {
+    start(None, control, dns, cfg)
+}
+
+fn start(
+    listener: Option<StdUnixListener>,
+    control: ControlHandle,
+    dns: Arc<DnsRecords>,
+    cfg: Arc<NetConfig>,
+) -> std::io::Result<ApiServer> {
     let state = Arc::new(routes::State::new(control, dns, cfg));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let guest = GuestApi { state: state.clone(), runtime: runtime.handle().clone() };
     let thread = std::thread::Builder::new().name("usernet-api".into()).spawn(move || {
         runtime.block_on(accept_loop(listener, state, rx));
         runtime.shutdown_timeout(Duration::from_millis(200));
     })?;
-    Ok(ApiServer { path: path.to_path_buf(), ident, shutdown: Some(tx), thread: Some(thread) })
+    Ok(ApiServer { path: PathBuf::new(), ident: (0, 0), shutdown: Some(tx), thread: Some(thread), guest })
 }
 
 /// Binds a Unix socket at `path` with mode 0600, replacing a stale socket file.
@@ -158,10 +223,15 @@ fn bind_socket(path: &Path) -> io::Result<StdUnixListener> {
 }
 
 async fn accept_loop(
-    listener: StdUnixListener,
+    listener: Option<StdUnixListener>,
     state: Arc<routes::State>,
     mut shutdown: tokio::sync::oneshot::Receiver<()>,
 ) {
+    let Some(listener) = listener else {
+        // Guests only: their connections are spawned by GuestApi::connect.
+        let _ = shutdown.await;
+        return;
+    };
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -174,21 +244,7 @@ async fn accept_loop(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let state = state.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let state = state.clone();
-                            async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
-                        });
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
-                            debug!("api: connection: {e}");
-                        }
-                    });
+                    tokio::spawn(serve_connection(state.clone(), stream, None));
                 }
                 Err(e) => {
                     warn!("api: accept: {e}");
@@ -200,12 +256,32 @@ async fn accept_loop(
     }
 }
 
-async fn handle(state: &routes::State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Serves one API connection; `caller` is the guest's address for connections from the
+/// guest network, None on the Unix socket.
+async fn serve_connection(state: Arc<routes::State>, stream: tokio::net::UnixStream, caller: Option<Ipv4Addr>) {
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&state, req, caller).await) }
+    });
+    // Guests' clients (busybox nc) shut down their sending side after the request and
+    // still wait for the answer: keep such half-closed connections open.
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .half_close(caller.is_some())
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        debug!("api: connection: {e}");
+    }
+}
+
+async fn handle(state: &routes::State, req: Request<Incoming>, caller: Option<Ipv4Addr>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let reply = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => {
             let body = collected.to_bytes();
-            routes::dispatch(state, &parts.method, parts.uri.path(), &body).await
+            routes::dispatch(state, caller, &parts.method, parts.uri.path(), &body).await
         }
         Err(e) => {
             debug!("api: reading body: {e}");

@@ -29,11 +29,20 @@ pub struct State {
     /// same strings the client used. Held across a whole expose/unexpose, which serialises
     /// them.
     pub exposed: tokio::sync::Mutex<BTreeMap<(String, &'static str), gvproxy::Exposed>>,
+    /// The HTTP proxy configuration (`/v1/proxy`), shared with the proxy service; None when
+    /// this process registered none (see `services::proxy::register_for_api`).
+    pub proxy: Option<crate::services::proxy::ProxySettings>,
 }
 
 impl State {
     pub fn new(control: ControlHandle, dns: Arc<DnsRecords>, cfg: Arc<NetConfig>) -> State {
-        State { control, dns, cfg, exposed: tokio::sync::Mutex::new(BTreeMap::new()) }
+        State {
+            control,
+            dns,
+            cfg,
+            exposed: tokio::sync::Mutex::new(BTreeMap::new()),
+            proxy: crate::services::proxy::api_settings(),
+        }
     }
 }
 
@@ -105,11 +114,18 @@ pub fn engine_gone() -> Reply {
     Reply::error(StatusCode::SERVICE_UNAVAILABLE, "the network engine is not running")
 }
 
-/// Calls the handler for `method` and `path` with the whole request `body`.
-pub async fn dispatch(state: &State, method: &Method, path: &str, body: &[u8]) -> Reply {
+/// Calls the handler for `method` and `path` with the whole request `body`; `caller` is
+/// the guest's address when the request comes from inside the guest network.
+pub async fn dispatch(
+    state: &State,
+    caller: Option<std::net::Ipv4Addr>,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Reply {
     // gvproxy's endpoints, with gvproxy's own method rules.
     match path {
-        "/services/forwarder/expose" => return post_only(method, gvproxy::expose(state, body)).await,
+        "/services/forwarder/expose" => return post_only(method, gvproxy::expose(state, caller, body)).await,
         "/services/forwarder/unexpose" => {
             return post_only(method, gvproxy::unexpose(state, body)).await;
         }
@@ -142,6 +158,9 @@ pub async fn dispatch(state: &State, method: &Method, path: &str, body: &[u8]) -
         ("stats", _) => Reply::method_not_allowed("GET"),
         ("flows", &Method::GET) => v1::flows(state).await,
         ("flows", _) => Reply::method_not_allowed("GET"),
+        ("proxy", &Method::GET) => v1::get_proxy(state),
+        ("proxy", &Method::PUT) => v1::put_proxy(state, body),
+        ("proxy", _) => Reply::method_not_allowed("GET, PUT"),
         _ => match rest.strip_prefix("dns/") {
             Some(name) if !name.is_empty() && !name.contains('/') => match *method {
                 Method::DELETE => v1::remove_dns(state, name),

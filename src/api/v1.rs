@@ -11,12 +11,19 @@
 //! | `GET /v1/leases`       |                                        | 200 `[{"ip", "mac"}]`     |
 //! | `GET /v1/stats`        |                                        | 200 engine counters       |
 //! | `GET /v1/flows`        |                                        | 200 `[{"proto", "guest", "remote"}]` |
+//! | `GET /v1/proxy`        |                                        | 200 `Proxy`               |
+//! | `PUT /v1/proxy`        | `Proxy` (fields absent: unchanged)     | 200 `Proxy`, 400          |
 //!
 //! A `Port` is `{"host_ip", "host_port", "guest_ip", "guest_port", "protocol"}`. In a POST,
 //! `host_ip` absent means both 0.0.0.0 and [::], `host_port` absent or 0 lets usernet pick
 //! one, `guest_ip` absent means the first guest; ports may also be strings with ranges
 //! (`"8000-8001"`). Errors are `{"error": "..."}` with Docker's words: 400 for a bad body
 //! or spec, 409 when the port is already allocated, 503 when the engine has stopped.
+//!
+//! `Proxy` is `{"http_proxy": URL|null, "https_proxy": URL|null, "no_proxy": "a,b",
+//! "ports": [80, 443]}`. GET shows passwords as `***`; a PUT that sends a URL back with
+//! `***` as its password keeps the current password (same user, host and port). In a PUT,
+//! `null` or `""` clears an upstream, and `ports` may also be a string (`"80,8080"`).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -24,6 +31,8 @@ use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::control::{Command, Published};
+
+use crate::services::proxy::config::{NoProxy, ProxyConfig, ProxyUrl, REDACTED, parse_ports};
 
 use super::ports::{self, PublishError};
 use super::routes::{Reply, State, engine_gone};
@@ -319,4 +328,114 @@ mod tests {
     fn mac_format() {
         assert_eq!(format_mac(&[0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]), "5a:94:ef:e4:0c:ee");
     }
+}
+
+/// `/v1/proxy` as GET shows it (passwords redacted).
+#[derive(Debug, Serialize)]
+pub struct ProxyView {
+    pub http_proxy: Option<String>,
+    pub https_proxy: Option<String>,
+    pub no_proxy: String,
+    pub ports: Vec<u16>,
+}
+
+impl From<&ProxyConfig> for ProxyView {
+    fn from(c: &ProxyConfig) -> ProxyView {
+        ProxyView {
+            http_proxy: c.http.as_ref().map(|u| u.to_string()),
+            https_proxy: c.https.as_ref().map(|u| u.to_string()),
+            no_proxy: c.no_proxy.to_list(),
+            ports: c.ports.clone(),
+        }
+    }
+}
+
+/// A PUT body: absent fields stay as they are; `null` clears an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyUpdate {
+    #[serde(default, deserialize_with = "present")]
+    http_proxy: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    https_proxy: Option<Option<String>>,
+    #[serde(default)]
+    no_proxy: Option<String>,
+    #[serde(default)]
+    ports: Option<PortList>,
+}
+
+/// Tells a field given as `null` (Some(None)) from an absent one (None).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortList {
+    List(Vec<u16>),
+    Text(String),
+}
+
+fn no_proxy_service() -> Reply {
+    Reply::error(StatusCode::SERVICE_UNAVAILABLE, "no proxy service in this usernet")
+}
+
+pub fn get_proxy(state: &State) -> Reply {
+    match &state.proxy {
+        Some(p) => Reply::json(StatusCode::OK, &ProxyView::from(&p.get())),
+        None => no_proxy_service(),
+    }
+}
+
+/// An upstream URL of a PUT; `***` as the password means "the current one".
+fn updated_url(given: Option<String>, current: Option<&ProxyUrl>, field: &str) -> Result<Option<ProxyUrl>, Reply> {
+    let Some(text) = given.filter(|t| !t.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let mut url = ProxyUrl::parse(&text).map_err(|e| bad_request(format!("{field}: {e}")))?;
+    if let (Some((user, pass)), Some(cur)) = (url.credentials.as_mut(), current)
+        && pass == REDACTED
+        && let Some((cur_user, cur_pass)) = &cur.credentials
+        && cur_user == user
+        && cur.host == url.host
+        && cur.port == url.port
+    {
+        *pass = cur_pass.clone();
+    }
+    Ok(Some(url))
+}
+
+pub fn put_proxy(state: &State, body: &[u8]) -> Reply {
+    let Some(settings) = &state.proxy else {
+        return no_proxy_service();
+    };
+    let update: ProxyUpdate = match parse_body(body) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let mut cfg = settings.get();
+    let result = (|| -> Result<(), Reply> {
+        if let Some(given) = update.http_proxy {
+            cfg.http = updated_url(given, cfg.http.as_ref(), "http_proxy")?;
+        }
+        if let Some(given) = update.https_proxy {
+            cfg.https = updated_url(given, cfg.https.as_ref(), "https_proxy")?;
+        }
+        if let Some(list) = update.no_proxy {
+            cfg.no_proxy = NoProxy::parse(&list).map_err(|e| bad_request(format!("no_proxy: {e}")))?;
+        }
+        match update.ports {
+            Some(PortList::List(p)) if p.contains(&0) => return Err(bad_request("ports: invalid proxy port \"0\"")),
+            Some(PortList::List(p)) => cfg.ports = p,
+            Some(PortList::Text(t)) => cfg.ports = parse_ports(&t).map_err(|e| bad_request(format!("ports: {e}")))?,
+            None => {}
+        }
+        Ok(())
+    })();
+    if let Err(r) = result {
+        return r;
+    }
+    tracing::info!("proxy: configuration changed: {}", crate::services::proxy::describe(&cfg));
+    settings.set(cfg.clone());
+    Reply::json(StatusCode::OK, &ProxyView::from(&cfg))
 }

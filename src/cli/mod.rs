@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod port;
 pub mod run;
+pub mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -31,6 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Run COMMAND in new network and mount namespaces with full outbound networking.
     Run(run::RunArgs),
+    /// Serve virtual machines (QEMU, vfkit, BESS, stdio) and existing namespaces until signalled.
+    Serve(serve::ServeArgs),
     /// Measure usernet against pasta, slirp4netns and a veth pair, side by side.
     Bench(bench::BenchArgs),
     /// List, publish and unpublish ports of a running usernet through its `--api` socket.
@@ -70,6 +73,23 @@ pub struct NetOpts {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket.
     #[arg(long = "api", value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Upstream proxy for the guest's plain HTTP: `http://[user:password@]host[:port]`.
+    #[arg(long = "http-proxy", value_name = "URL")]
+    pub http_proxy: Option<String>,
+    /// Upstream proxy for the guest's HTTPS (CONNECT): `http://[user:password@]host[:port]`.
+    #[arg(long = "https-proxy", value_name = "URL")]
+    pub https_proxy: Option<String>,
+    /// Destinations that bypass the upstream proxy, comma or space separated: hosts,
+    /// domains (`corp.example`, `.corp.example`, `*.corp.example`), IPs, CIDRs, `localhost`, `*`.
+    #[arg(long = "no-proxy", value_name = "LIST")]
+    pub no_proxy: Vec<String>,
+    /// Take HTTP_PROXY, HTTPS_PROXY and NO_PROXY (either case) from the environment.
+    #[arg(long = "proxy-from-env")]
+    pub proxy_from_env: bool,
+    /// Guest TCP ports intercepted transparently when an upstream proxy is set
+    /// (default `80,443`; an empty list turns interception off).
+    #[arg(long = "proxy-ports", value_name = "PORTS")]
+    pub proxy_ports: Option<String>,
 }
 
 pub fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -108,6 +128,19 @@ impl NetOpts {
             }
         }
         Ok(specs)
+    }
+
+    /// The HTTP proxy configuration of the flags (and, with `--proxy-from-env`, the environment).
+    pub fn proxy_config(&self) -> anyhow::Result<crate::services::proxy::ProxyConfig> {
+        use crate::services::proxy::{ProxyConfig, ProxyOptions};
+        let opts = ProxyOptions {
+            http_proxy: self.http_proxy.clone(),
+            https_proxy: self.https_proxy.clone(),
+            no_proxy: self.no_proxy.clone(),
+            ports: self.proxy_ports.clone(),
+            from_env: self.proxy_from_env,
+        };
+        ProxyConfig::from_options(&opts, |k| std::env::var(k).ok()).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Builds the network configuration; `default_mtu` differs for namespaces and VMs.
@@ -174,6 +207,7 @@ pub fn main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Serve(args) => serve::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Port(args) => port::main(args),
     };

@@ -90,6 +90,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     // one line and exit 125, before COMMAND starts, with nothing left listening.
     let specs = args.net.published_specs()?;
     let listeners = super::bind_published(&specs)?;
+    let proxy = args.net.proxy_config()?;
 
     let signals = supervised_signals();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
@@ -108,8 +109,21 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     } else {
         let services = ServiceHub::start(cfg.clone()).context("starting gateway services")?;
         let dns_records = services.dns_records();
+        if proxy.has_upstream() {
+            tracing::info!("proxy: {}", crate::services::proxy::describe(&proxy));
+        }
+        let proxy_settings = services.proxy_settings();
+        proxy_settings.set(proxy);
+        crate::services::proxy::register_for_api(&proxy_settings);
+        let proxy_hook = services.proxy_hook();
         let mut engine = Engine::new(cfg.clone(), Box::new(tap), services, pcap).context("network engine")?;
+        engine.add_tcp_hook(proxy_hook);
         engine.add_static_lease(crate::netns::sandbox::GUEST_MAC, cfg.guest);
+        if let Some(netns) = sandbox.netns()
+            && let Err(e) = engine.set_guest_netns(netns)
+        {
+            tracing::warn!("loopback clients of published ports go through the guest link: {e}");
+        }
         if !listeners.is_empty() {
             for p in engine.publish(listeners, cfg.guest) {
                 tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);

@@ -17,7 +17,7 @@ use mio::unix::SourceFd;
 
 use super::control::Published;
 use super::flows::udp::Inbound;
-use super::flows::{Flow, FlowKey, TcpFlow, UdpFlow, Verdict};
+use super::flows::{Flow, FlowKey, SpliceFlow, TcpFlow, UdpFlow, Verdict};
 use super::tx::UDP_PAYLOAD_OFF;
 use super::{Engine, sock};
 use crate::publish::Proto;
@@ -139,6 +139,10 @@ impl Engine {
                     return;
                 }
             };
+            if is_loopback(client) && self.netns.is_some() {
+                self.splice_to_guest(fd, guest, now);
+                continue;
+            }
             let remote = guest_view_of_client(client, self.cfg.host);
             let key = FlowKey::Tcp { guest, remote };
             if self.flows.lookup(&key).is_some() {
@@ -153,6 +157,43 @@ impl Engine {
                 self.after(id, Verdict::Keep);
             }
         }
+    }
+
+    /// Carries a loopback client's connection socket to socket inside the guest's namespace.
+    fn splice_to_guest(&mut self, host: OwnedFd, guest: SocketAddrV4, now: Instant) {
+        let dialled = match &self.netns {
+            Some((theirs, ours)) => dial_in_namespace(theirs, ours, guest),
+            None => return,
+        };
+        let (sock, connected) = match dialled {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!("published port {guest} inside the namespace: {e}");
+                sock::set_linger_zero(host.as_raw_fd());
+                return;
+            }
+        };
+        self.next_splice_id += 1;
+        let guest_fd = sock.as_raw_fd();
+        let flow = match SpliceFlow::new(host, sock, connected, self.next_splice_id, now) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("cannot splice a published connection: {e}");
+                return;
+            }
+        };
+        let Some(id) = self.add_flow(Flow::Splice(flow), Interest::READABLE | Interest::WRITABLE) else { return };
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&guest_fd),
+            id.token(super::FLOW_BASE),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!("cannot watch a spliced socket: {e}");
+            self.flows.remove(id);
+            return;
+        }
+        // Data may already wait on the accepted socket.
+        self.on_socket(id, true, true, false, now);
     }
 
     fn receive_all(&mut self, raw: std::os::fd::RawFd, guest: SocketAddrV4, listener_id: u32, now: Instant) {
@@ -202,6 +243,48 @@ impl Engine {
             self.after(id, Verdict::Keep);
         }
     }
+}
+
+fn is_loopback(a: SocketAddr) -> bool {
+    match a.ip() {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+/// A TCP socket created inside the namespace `theirs` (the thread returns to `ours` at
+/// once), bound to the namespace's 127.0.0.1 and connecting to `guest` there.
+fn dial_in_namespace(
+    theirs: &OwnedFd,
+    ours: &OwnedFd,
+    guest: SocketAddrV4,
+) -> std::io::Result<(OwnedFd, bool)> {
+    // SAFETY: setns(2) on a namespace descriptor we hold; only this thread moves.
+    if unsafe { libc::setns(theirs.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let made = super::dial::socket(libc::SOCK_STREAM, 0);
+    // SAFETY: as above, back to our own namespace.
+    if unsafe { libc::setns(ours.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        // Staying in the guest's namespace would dial every later flow from there.
+        panic!("cannot return to usernet's own network namespace: {}", std::io::Error::last_os_error());
+    }
+    let fd = made?;
+    let _ = super::dial::set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    let local = super::dial::sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    // SAFETY: local is a valid sockaddr_in of the length given.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &local as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let connected = super::dial::connect(fd.as_raw_fd(), guest)?;
+    Ok((fd, connected))
 }
 
 #[cfg(test)]

@@ -100,6 +100,9 @@ pub struct Engine {
     connecting_count: usize,
     isn_hasher: std::collections::hash_map::RandomState,
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
+    /// The guest's network namespace and our own, for spliced loopback connections.
+    netns: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    next_splice_id: u64,
     /// Services that take over some guest TCP connections (see `add_tcp_hook`).
     tcp_hooks: Vec<TcpHook>,
     /// Published ports, indexed by their token.
@@ -138,6 +141,14 @@ impl Engine {
     /// among the DHCP leases and a later DHCP request keeps that address.
     pub fn add_static_lease(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
         self.dhcp.add_static(mac, ip);
+    }
+
+    /// The guest is a network namespace on this host (`run`): connections from the host's
+    /// loopback to its published TCP ports are spliced socket to socket inside it.
+    pub fn set_guest_netns(&mut self, netns: std::os::fd::OwnedFd) -> io::Result<()> {
+        let own = std::fs::File::open("/proc/thread-self/ns/net")?;
+        self.netns = Some((netns, std::os::fd::OwnedFd::from(own)));
+        Ok(())
     }
 
     /// Adds a guest link to the virtual network.
@@ -201,6 +212,8 @@ impl Engine {
             poll: Poll::new()?,
             tx: GuestTx::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
             acceptors: Vec::new(),
+            netns: None,
+            next_splice_id: 0,
             tcp_hooks: Vec::new(),
             rx_buf: vec![0u8; 65536 + ethernet::HEADER_LEN],
             dialer,
@@ -277,6 +290,11 @@ impl Engine {
                                 proto: "icmp",
                                 guest: i.guest.to_string(),
                                 remote: i.remote.to_string(),
+                            },
+                            Flow::Splice(_) => control::FlowInfo {
+                                proto: "tcp-spliced",
+                                guest: "guest loopback".to_string(),
+                                remote: "host loopback".to_string(),
                             },
                         })
                         .collect();
@@ -670,6 +688,7 @@ impl Engine {
             Some(Flow::Tcp(f)) => f.on_socket(&mut self.tx, readable, writable, error, now),
             Some(Flow::Udp(f)) if readable || error => f.on_readable(&mut self.tx, now),
             Some(Flow::Icmp(f)) if readable || error => f.on_readable(&mut self.tx, now),
+            Some(Flow::Splice(f)) => f.on_event(),
             _ => return,
         };
         self.after(id, verdict);
@@ -723,6 +742,7 @@ impl Engine {
                         Flow::Tcp(f) => f.on_timer(&mut self.tx, now),
                         Flow::Udp(f) => f.on_timer(now),
                         Flow::Icmp(f) => f.on_timer(now),
+                        Flow::Splice(_) => Verdict::Keep,
                     }
                 }
                 None => continue,
@@ -765,6 +785,7 @@ impl Engine {
                 Flow::Udp(u) => u.last_used,
                 Flow::Icmp(i) => i.last_used,
                 Flow::Tcp(t) => t.born,
+                Flow::Splice(s) => s.born,
             })
             .map(|(id, _)| id);
         if let Some(id) = oldest {

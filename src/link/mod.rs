@@ -1,6 +1,10 @@
 //! Links: how a guest's Ethernet frames reach usernet. One file per transport: a TAP
 //! device (`run`, `serve --netns`) and the sockets VMs use (`serve`).
 
+pub mod dgram;
+pub mod qemu;
+pub mod seqpacket;
+pub mod stdio;
 pub mod tap;
 
 use std::io;

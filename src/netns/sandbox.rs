@@ -228,6 +228,11 @@ impl Sandbox {
         self.tap.take()
     }
 
+    /// A new descriptor of the guest's network namespace (for sockets opened inside it).
+    pub fn netns(&self) -> Option<OwnedFd> {
+        self.netns.as_ref().and_then(|fd| fd.try_clone().ok())
+    }
+
     /// Lets the sandbox exec COMMAND and reports whether the exec succeeded.
     pub fn start(&mut self) -> Result<(), StartError> {
         send_retry(&self.ctl, &[MSG_GO]).map_err(StartError::Io)?;

@@ -89,14 +89,16 @@ impl DnsRecords {
         Self::default()
     }
 
-    /// The built-in names (HOST_NAMES -> host, GATEWAY_NAMES -> gateway) plus
+    /// The built-in names (HOST_NAMES -> host, GATEWAY_NAMES and the explicit proxy's
+    /// `http.docker.internal` -> gateway) plus
     /// `cfg.extra_hosts`, which may override the built-in ones.
     pub fn from_config(cfg: &NetConfig) -> Self {
         let records = Self::new();
         let builtin = HOST_NAMES
             .iter()
             .map(|n| (*n, cfg.host))
-            .chain(GATEWAY_NAMES.iter().map(|n| (*n, cfg.gateway)));
+            .chain(GATEWAY_NAMES.iter().map(|n| (*n, cfg.gateway)))
+            .chain(crate::services::proxy::PROXY_NAMES.iter().map(|n| (*n, cfg.gateway)));
         let extra = cfg.extra_hosts.iter().map(|(n, a)| (n.as_str(), *a));
         for (name, addr) in builtin.chain(extra) {
             if let Err(e) = records.add(name, addr) {
@@ -525,6 +527,9 @@ mod tests {
             "Gateway.Containers.INTERNAL."
         );
 
+        let m = reply(s.local(&query("http.docker.internal", RecordType::A)));
+        assert_eq!(a_answers(&m), vec![Ipv4Addr::new(192, 168, 65, 1)]);
+
         let m = reply(s.local(&query("MYHOST.test.", RecordType::A)));
         assert_eq!(a_answers(&m), vec![Ipv4Addr::new(10, 1, 2, 3)]);
     }
@@ -639,9 +644,14 @@ mod tests {
     /// An upstream answering every UDP query with `answer_ip` (and TC when `truncate`), and
     /// every TCP query with `tcp_records` A records. Returns its address.
     async fn fake_upstream(answer_ip: Ipv4Addr, truncate: bool, tcp_records: usize) -> SocketAddr {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
+        // The TCP side needs the UDP side's port, which something else may hold: try again.
+        let (udp, tcp, addr) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            if let Ok(tcp) = TcpListener::bind(addr).await {
+                break (udp, tcp, addr);
+            }
+        };
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = udp.recv_from(&mut buf).await {

@@ -20,10 +20,17 @@
 //!   back as they complete. The service closes its end once the guest side has closed (EOF)
 //!   and every pending answer is written, or after [`TCP_IDLE`] without a query.
 //!
+//! The HTTP proxy ([`proxy`]) runs on the same runtime: the explicit proxy is the gateway's
+//! port 3128 (`connect_tcp`, like DNS over TCP), and [`ServiceHub::proxy_hook`] is the
+//! engine hook that hands transparently intercepted connections to it. Its configuration
+//! ([`ServiceHub::proxy_settings`]) is shared and may change at run time.
+//!
 //! Dropping the hub closes the channel; the runtime then stops, closing every service socket.
+//! (The proxy hook holds only a weak sender, so it never keeps the runtime alive.)
 
 pub mod dhcp;
 pub mod dns;
+pub mod proxy;
 
 use std::io;
 use std::net::SocketAddrV4;
@@ -41,7 +48,9 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use crate::config::NetConfig;
+use crate::engine::TcpHook;
 use dns::{DnsRecords, DnsServer, Transport};
+use proxy::{PROXY_PORT, Proxy, ProxySettings};
 
 /// The DNS port.
 pub const DNS_PORT: u16 = 53;
@@ -57,6 +66,10 @@ pub const TCP_MAX_PENDING: usize = 32;
 enum Job {
     DnsUdp(OwnedFd, SocketAddrV4),
     DnsTcp(OwnedFd, SocketAddrV4),
+    /// A guest connection to the explicit proxy (port 3128).
+    ProxyExplicit(OwnedFd, SocketAddrV4),
+    /// An intercepted guest connection: (socket, original destination, guest).
+    ProxyTransparent(OwnedFd, SocketAddrV4, SocketAddrV4),
 }
 
 /// The gateway's stream and datagram services, served on their own runtime thread.
@@ -65,6 +78,7 @@ enum Job {
 pub struct ServiceHub {
     cfg: Arc<NetConfig>,
     records: Arc<DnsRecords>,
+    proxy: ProxySettings,
     jobs: Option<mpsc::UnboundedSender<Job>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -82,16 +96,19 @@ impl ServiceHub {
     ) -> io::Result<ServiceHub> {
         let records = Arc::new(DnsRecords::from_config(&cfg));
         let dns = Arc::new(tune(DnsServer::new(&cfg, records.clone())));
+        let proxy = ProxySettings::default();
+        let proxy_ctx = Arc::new(Proxy { settings: proxy.clone(), cfg: cfg.clone(), dns: dns.clone() });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("usernet-services".into())
-            .spawn(move || runtime.block_on(serve(rx, dns)))?;
+            .spawn(move || runtime.block_on(serve(rx, dns, proxy_ctx)))?;
         Ok(ServiceHub {
             cfg,
             records,
+            proxy,
             jobs: Some(tx),
             thread: Some(thread),
         })
@@ -107,16 +124,38 @@ impl ServiceHub {
         self.records.clone()
     }
 
+    /// The proxy configuration (shared: setting it changes what new connections do).
+    pub fn proxy_settings(&self) -> ProxySettings {
+        self.proxy.clone()
+    }
+
+    /// The engine hook for transparent proxying (`engine.add_tcp_hook(hub.proxy_hook())`):
+    /// it takes over guest TCP to the configured ports while an upstream proxy is set.
+    pub fn proxy_hook(&self) -> TcpHook {
+        let jobs = self.jobs.as_ref().map(|tx| tx.downgrade());
+        proxy::hook(self.proxy.clone(), self.cfg.clone(), move |fd, dst, guest| {
+            let Some(tx) = jobs.as_ref().and_then(|w| w.upgrade()) else {
+                return false;
+            };
+            tx.send(Job::ProxyTransparent(fd, dst, guest)).is_ok()
+        })
+    }
+
     /// A guest opened TCP to the gateway's `port`: our (non-blocking, SOCK_STREAM) end of a
     /// socketpair whose other end the service serves, or None when nothing listens there.
     pub fn connect_tcp(&self, port: u16, guest: SocketAddrV4) -> Option<OwnedFd> {
-        if port != DNS_PORT {
+        if port != DNS_PORT && port != PROXY_PORT {
             return None;
         }
         let (ours, theirs) = StdUnixStream::pair().ok()?;
         ours.set_nonblocking(true).ok()?;
         theirs.set_nonblocking(true).ok()?;
-        self.submit(Job::DnsTcp(theirs.into(), guest))?;
+        let job = if port == DNS_PORT {
+            Job::DnsTcp(theirs.into(), guest)
+        } else {
+            Job::ProxyExplicit(theirs.into(), guest)
+        };
+        self.submit(job)?;
         Some(ours.into())
     }
 
@@ -154,7 +193,7 @@ impl Drop for ServiceHub {
 }
 
 /// The runtime's main task: start a service task for every socket handed over.
-async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>, dns: Arc<DnsServer>) {
+async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>, dns: Arc<DnsServer>, proxy: Arc<Proxy>) {
     while let Some(job) = jobs.recv().await {
         match job {
             Job::DnsUdp(fd, guest) => match UnixDatagram::from_std(fd.into()) {
@@ -168,6 +207,18 @@ async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>, dns: Arc<DnsServer>) {
                     tokio::spawn(serve_dns_tcp(sock, dns.clone(), guest));
                 }
                 Err(e) => debug!("dns: tcp socket for {guest}: {e}"),
+            },
+            Job::ProxyExplicit(fd, guest) => match UnixStream::from_std(fd.into()) {
+                Ok(sock) => {
+                    tokio::spawn(proxy::http::serve(proxy.clone(), sock, proxy::http::Mode::Explicit, guest));
+                }
+                Err(e) => debug!("proxy: socket for {guest}: {e}"),
+            },
+            Job::ProxyTransparent(fd, dst, guest) => match UnixStream::from_std(fd.into()) {
+                Ok(sock) => {
+                    tokio::spawn(proxy::serve_transparent(proxy.clone(), sock, dst, guest));
+                }
+                Err(e) => debug!("proxy: socket for {guest} -> {dst}: {e}"),
             },
         }
     }

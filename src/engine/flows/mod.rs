@@ -5,6 +5,7 @@
 //! A hash map from the flow's addresses to its slot makes each packet O(1).
 
 pub mod icmp;
+pub mod splice;
 pub mod tcp;
 pub mod udp;
 
@@ -14,6 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 pub use icmp::IcmpFlow;
+pub use splice::SpliceFlow;
 pub use tcp::{TcpFlow, Verdict};
 pub use udp::UdpFlow;
 
@@ -22,12 +24,15 @@ pub enum FlowKey {
     Tcp { guest: SocketAddrV4, remote: SocketAddrV4 },
     Udp { guest: SocketAddrV4, remote: SocketAddrV4 },
     Icmp { guest: Ipv4Addr, remote: Ipv4Addr, ident: u16 },
+    /// Socket-to-socket flows are never looked up by address: a serial number.
+    Splice { id: u64 },
 }
 
 pub enum Flow {
     Tcp(TcpFlow),
     Udp(UdpFlow),
     Icmp(IcmpFlow),
+    Splice(SpliceFlow),
 }
 
 impl Flow {
@@ -36,6 +41,7 @@ impl Flow {
             Flow::Tcp(f) => FlowKey::Tcp { guest: f.guest, remote: f.remote },
             Flow::Udp(f) => FlowKey::Udp { guest: f.guest, remote: f.remote },
             Flow::Icmp(f) => FlowKey::Icmp { guest: f.guest, remote: f.remote, ident: f.ident },
+            Flow::Splice(f) => FlowKey::Splice { id: f.id },
         }
     }
 
@@ -45,6 +51,7 @@ impl Flow {
             Flow::Tcp(f) => Some(f.sock.as_raw_fd()),
             Flow::Udp(f) => f.sock.as_ref().map(|s| s.as_raw_fd()),
             Flow::Icmp(f) => Some(f.sock.as_raw_fd()),
+            Flow::Splice(f) => Some(f.host.as_raw_fd()),
         }
     }
 
@@ -53,6 +60,7 @@ impl Flow {
             Flow::Tcp(f) => f.deadline(),
             Flow::Udp(f) => f.deadline(),
             Flow::Icmp(f) => f.deadline(),
+            Flow::Splice(_) => None,
         }
     }
 
@@ -61,6 +69,7 @@ impl Flow {
             Flow::Tcp(f) => &mut f.scheduled,
             Flow::Udp(f) => &mut f.scheduled,
             Flow::Icmp(f) => &mut f.scheduled,
+            Flow::Splice(f) => &mut f.scheduled,
         }
     }
 }
@@ -120,6 +129,7 @@ impl FlowTable {
             Flow::Tcp(_) => self.tcp_count += 1,
             Flow::Udp(_) => self.udp_count += 1,
             Flow::Icmp(_) => self.icmp_count += 1,
+            Flow::Splice(_) => self.tcp_count += 1,
         }
         let id = if let Some(slot) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
@@ -146,6 +156,7 @@ impl FlowTable {
             Flow::Tcp(_) => self.tcp_count -= 1,
             Flow::Udp(_) => self.udp_count -= 1,
             Flow::Icmp(_) => self.icmp_count -= 1,
+            Flow::Splice(_) => self.tcp_count -= 1,
         }
         Some(flow)
     }

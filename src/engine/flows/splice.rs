@@ -1,0 +1,161 @@
+//! Socket-to-socket flows: a connection from the host's loopback to a published port of a
+//! namespace guest, carried without the guest link at all.
+//!
+//! When the guest is a network namespace on this host (`usernet run`), a client on the
+//! host's loopback needs no address translation: usernet opens a socket inside the guest's
+//! namespace (setns for the duration of one socket(2) call), connects it to the published
+//! port on the namespace's own loopback, and moves bytes between the two kernel sockets with
+//! splice(2) through a pipe per direction, never copying them into user space. The guest
+//! sees the connection come from its own 127.0.0.1, as with pasta. Each direction closes on
+//! its own (shutdown(SHUT_WR) after EOF); an error on either side resets the other.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use super::tcp::Verdict;
+use crate::engine::sock;
+
+/// Bytes moved per splice call.
+const CHUNK: usize = 1 << 20;
+/// Pipe capacity asked for (the kernel's default is 64 KiB).
+const PIPE_SIZE: libc::c_int = 1 << 20;
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes in the pipe, spliced from the source and not yet into the destination.
+    queued: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: fds has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are fresh and owned by nothing else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A larger pipe moves more per call; the default size works too.
+        // SAFETY: F_SETPIPE_SZ takes an int argument.
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        Ok(Pipe { read, write, queued: 0 })
+    }
+}
+
+/// One direction's state.
+#[derive(Default, Clone, Copy)]
+struct Direction {
+    /// The source reached EOF.
+    eof: bool,
+    /// EOF was passed on: the destination's write side is shut.
+    shut: bool,
+}
+
+pub struct SpliceFlow {
+    /// The accepted connection on the host.
+    pub host: OwnedFd,
+    /// The socket inside the guest's namespace.
+    pub guest: OwnedFd,
+    connecting: bool,
+    /// [host to guest, guest to host].
+    pipes: [Pipe; 2],
+    dirs: [Direction; 2],
+    pub id: u64,
+    pub born: Instant,
+    pub scheduled: Option<Instant>,
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice(2) between two descriptors we own; null offsets (sockets and pipes).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+impl SpliceFlow {
+    /// `guest` is a socket whose connect (inside the namespace) is under way or done.
+    pub fn new(host: OwnedFd, guest: OwnedFd, connected: bool, id: u64, now: Instant) -> io::Result<SpliceFlow> {
+        Ok(SpliceFlow {
+            host,
+            guest,
+            connecting: !connected,
+            pipes: [Pipe::new()?, Pipe::new()?],
+            dirs: [Direction::default(); 2],
+            id,
+            born: now,
+            scheduled: None,
+        })
+    }
+
+    /// Either socket changed readiness: move what can be moved, both ways.
+    pub fn on_event(&mut self) -> Verdict {
+        if self.connecting {
+            let err = crate::engine::dial::take_error(self.guest.as_raw_fd());
+            if err != 0 {
+                tracing::debug!("published port inside the namespace: {}", io::Error::from_raw_os_error(err));
+                sock::set_linger_zero(self.host.as_raw_fd());
+                return Verdict::Close;
+            }
+            // Not yet connected: a zero-length peek tells (ENOTCONN while in progress).
+            let mut none = [0u8; 0];
+            match sock::recv(self.guest.as_raw_fd(), &mut none, true) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Verdict::Keep,
+                _ => self.connecting = false,
+            }
+        }
+        for dir in 0..2 {
+            if let Err(e) = self.pump(dir) {
+                tracing::debug!("spliced connection: {e}");
+                sock::set_linger_zero(self.host.as_raw_fd());
+                sock::set_linger_zero(self.guest.as_raw_fd());
+                return Verdict::Close;
+            }
+        }
+        if self.dirs[0].shut && self.dirs[1].shut { Verdict::Close } else { Verdict::Keep }
+    }
+
+    /// Moves bytes in one direction until a side would block.
+    fn pump(&mut self, dir: usize) -> io::Result<()> {
+        let (src, dst) = if dir == 0 {
+            (self.host.as_raw_fd(), self.guest.as_raw_fd())
+        } else {
+            (self.guest.as_raw_fd(), self.host.as_raw_fd())
+        };
+        let pipe = &mut self.pipes[dir];
+        let state = &mut self.dirs[dir];
+        loop {
+            while pipe.queued > 0 {
+                match splice(pipe.read.as_raw_fd(), dst, pipe.queued) {
+                    Ok(n) => pipe.queued -= n.min(pipe.queued),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if state.eof {
+                if !state.shut {
+                    sock::shutdown_write(dst);
+                    state.shut = true;
+                }
+                return Ok(());
+            }
+            match splice(src, pipe.write.as_raw_fd(), CHUNK) {
+                Ok(0) => state.eof = true,
+                Ok(n) => pipe.queued += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

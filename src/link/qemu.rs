@@ -1,0 +1,569 @@
+//! QEMU's stream transport (`-netdev stream`, `--listen-qemu unix:PATH`): every frame is
+//! preceded by its length, 4 bytes big-endian. The byte-stream framing itself lives here too,
+//! because `--listen-stdio` shares it with a 2-byte little-endian prefix.
+//!
+//! Theory of operation. A stream socket delivers bytes, not frames, so both directions keep
+//! a buffer:
+//!
+//! - Receiving: [`StreamLink::recv`] first looks for a whole frame in its read buffer (a
+//!   prefix, then that many bytes); when there is none it reads as much as the socket has
+//!   into the buffer and looks again. `WouldBlock` is returned only once read(2) itself said
+//!   EAGAIN, which re-arms the event loop's edge-triggered readiness. A length of 0 or above
+//!   [`MAX_FRAME`] is garbled framing: `InvalidData`, and the engine closes this guest's
+//!   link (and no other). End of file, or a reset, is `UnexpectedEof`.
+//! - Sending: a frame goes out with one writev(2) of prefix and frame when nothing is
+//!   queued; whatever the kernel did not take (a partial write, or all of it) is queued
+//!   whole, and [`StreamLink::flush`] writes the queue when the socket is writable again.
+//!   The queue is bounded ([`MAX_QUEUE`]): a frame that does not fit is dropped whole, never
+//!   cut, so the stream stays in sync (the guest's TCP retransmits).
+//!
+//! [`Framing`] holds the pure parsing and encoding, tested without sockets.
+//! [`QemuAcceptor`] listens on the Unix socket; each QEMU that connects (a VM that reboots
+//! connects again) becomes its own link.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+use super::{Link, LinkAcceptor, MAX_FRAME};
+
+/// Bytes a stream link may hold queued for a slow guest before it drops frames.
+pub const MAX_QUEUE: usize = 4 * 1024 * 1024;
+/// Size of the read buffer: room for several frames per read(2).
+const READ_BUF: usize = 256 * 1024;
+
+/// The length prefix of a stream transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// 4 bytes, big-endian (QEMU `-netdev stream`, gvproxy's qemu transport).
+    Be32,
+    /// 2 bytes, little-endian (gvproxy's stdio transport).
+    Le16,
+}
+
+/// What the read buffer holds at its start.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Not a whole frame yet.
+    Incomplete,
+    /// A frame: its payload starts at `start` and is `len` bytes long.
+    Frame { start: usize, len: usize },
+    /// A length no frame can have.
+    Invalid(usize),
+}
+
+impl Framing {
+    pub fn prefix_len(self) -> usize {
+        match self {
+            Framing::Be32 => 4,
+            Framing::Le16 => 2,
+        }
+    }
+
+    /// The largest frame this framing can carry.
+    pub fn max_frame(self) -> usize {
+        match self {
+            Framing::Be32 => MAX_FRAME,
+            Framing::Le16 => MAX_FRAME.min(u16::MAX as usize),
+        }
+    }
+
+    /// Looks for one frame at the start of `data`.
+    pub fn parse(self, data: &[u8]) -> Parsed {
+        let p = self.prefix_len();
+        let Some(prefix) = data.get(..p) else {
+            return Parsed::Incomplete;
+        };
+        let len = match self {
+            Framing::Be32 => u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize,
+            Framing::Le16 => u16::from_le_bytes([prefix[0], prefix[1]]) as usize,
+        };
+        if len == 0 || len > self.max_frame() {
+            return Parsed::Invalid(len);
+        }
+        if data.len() < p + len {
+            return Parsed::Incomplete;
+        }
+        Parsed::Frame { start: p, len }
+    }
+
+    /// The prefix for a frame of `len` bytes (the first `prefix_len()` bytes count).
+    pub fn encode(self, len: usize) -> [u8; 4] {
+        match self {
+            Framing::Be32 => (len as u32).to_be_bytes(),
+            Framing::Le16 => {
+                let b = (len as u16).to_le_bytes();
+                [b[0], b[1], 0, 0]
+            }
+        }
+    }
+}
+
+/// A link over a byte stream: a socket (read and written), or a pair of descriptors
+/// (stdin and stdout).
+pub struct StreamLink {
+    rfd: OwnedFd,
+    /// A second descriptor to write to; None writes to `rfd`.
+    wfd: Option<OwnedFd>,
+    framing: Framing,
+    name: String,
+    rbuf: Vec<u8>,
+    /// Bytes of `rbuf` already handed out.
+    rpos: usize,
+    /// Bytes of `rbuf` filled.
+    rend: usize,
+    /// Bytes to write, whole frames with their prefixes (the first may be partly written).
+    wq: VecDeque<u8>,
+    /// Frames dropped because the queue was full.
+    pub dropped: u64,
+}
+
+impl StreamLink {
+    /// A link over a non-blocking stream socket.
+    pub fn new(fd: OwnedFd, framing: Framing, name: String) -> StreamLink {
+        StreamLink::with_fds(fd, None, framing, name)
+    }
+
+    /// A link reading from `rfd` and writing to `wfd` (or `rfd` when None).
+    pub fn with_fds(rfd: OwnedFd, wfd: Option<OwnedFd>, framing: Framing, name: String) -> StreamLink {
+        StreamLink {
+            rfd,
+            wfd,
+            framing,
+            name,
+            rbuf: vec![0u8; READ_BUF.max(MAX_FRAME + 4)],
+            rpos: 0,
+            rend: 0,
+            wq: VecDeque::new(),
+            dropped: 0,
+        }
+    }
+
+    fn wfd(&self) -> &OwnedFd {
+        self.wfd.as_ref().unwrap_or(&self.rfd)
+    }
+
+    /// Bytes waiting in the send queue.
+    pub fn queued(&self) -> usize {
+        self.wq.len()
+    }
+
+    /// Reads what the descriptor has into the buffer; Ok(false) on end of file.
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.rpos == self.rend {
+            self.rpos = 0;
+            self.rend = 0;
+        } else if self.rend == self.rbuf.len() {
+            // Make room: move the partial frame to the front.
+            self.rbuf.copy_within(self.rpos..self.rend, 0);
+            self.rend -= self.rpos;
+            self.rpos = 0;
+        }
+        loop {
+            match nix::unistd::read(&self.rfd, &mut self.rbuf[self.rend..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.rend += n;
+                    return Ok(true);
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::ECONNRESET) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Writes the queue until it is empty or the descriptor is full.
+    fn write_queue(&mut self) -> io::Result<()> {
+        while !self.wq.is_empty() {
+            let (a, b) = self.wq.as_slices();
+            let iov = [IoSlice::new(a), IoSlice::new(b)];
+            match nix::sys::uio::writev(self.wfd(), &iov) {
+                Ok(n) => {
+                    self.wq.drain(..n);
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Link for StreamLink {
+    fn fd(&self) -> RawFd {
+        self.rfd.as_raw_fd()
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // With a separate write descriptor no writable event comes: flush here too.
+        if self.wfd.is_some() && !self.wq.is_empty() {
+            let _ = self.write_queue();
+        }
+        // Bounded: each round either returns or reads new bytes; a full buffer always
+        // holds a whole frame (it is larger than the largest one) or an invalid prefix.
+        loop {
+            match self.framing.parse(&self.rbuf[self.rpos..self.rend]) {
+                Parsed::Frame { start, len } => {
+                    let from = self.rpos + start;
+                    let Some(dst) = buf.get_mut(..len) else {
+                        return Err(io::Error::new(io::ErrorKind::InvalidInput, "receive buffer too small"));
+                    };
+                    dst.copy_from_slice(&self.rbuf[from..from + len]);
+                    self.rpos = from + len;
+                    return Ok(len);
+                }
+                Parsed::Invalid(len) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("garbled framing: frame length {len} (allowed 1..={})", self.framing.max_frame()),
+                    ));
+                }
+                Parsed::Incomplete => {
+                    if !self.fill()? {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "guest closed the connection"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        if frame.is_empty() || frame.len() > self.framing.max_frame() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("cannot frame {} bytes", frame.len())));
+        }
+        let prefix = self.framing.encode(frame.len());
+        let prefix = &prefix[..self.framing.prefix_len()];
+        if self.wq.is_empty() {
+            let iov = [IoSlice::new(prefix), IoSlice::new(frame)];
+            let written = loop {
+                match nix::sys::uio::writev(self.wfd(), &iov) {
+                    Ok(n) => break n,
+                    Err(Errno::EINTR) => continue,
+                    Err(Errno::EAGAIN) => break 0,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            // Queue what the kernel did not take; the rest of a frame always goes in.
+            let total = prefix.len() + frame.len();
+            if written < total {
+                if written < prefix.len() {
+                    self.wq.extend(&prefix[written..]);
+                    self.wq.extend(frame);
+                } else {
+                    self.wq.extend(&frame[written - prefix.len()..]);
+                }
+            }
+            return Ok(());
+        }
+        if self.wq.len() + prefix.len() + frame.len() > MAX_QUEUE {
+            // Try to make room first; drop the frame whole if there is none.
+            self.write_queue()?;
+            if self.wq.len() + prefix.len() + frame.len() > MAX_QUEUE {
+                self.dropped += 1;
+                tracing::trace!("{}: queue full, dropped a {}-byte frame", self.name, frame.len());
+                return Ok(());
+            }
+        }
+        self.wq.extend(prefix);
+        self.wq.extend(frame);
+        if self.wfd.is_some() {
+            self.write_queue()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_queue()
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// A path given as `unix:PATH` or `unix://PATH` (gvproxy writes `unix:///run/x.sock`).
+pub fn parse_socket_url(url: &str, scheme: &str) -> Result<PathBuf, String> {
+    let rest = url
+        .strip_prefix(scheme)
+        .and_then(|r| r.strip_prefix(':'))
+        .ok_or_else(|| format!("invalid address {url:?}: want {scheme}:PATH"))?;
+    let path = rest.strip_prefix("//").unwrap_or(rest);
+    if path.is_empty() {
+        return Err(format!("invalid address {url:?}: empty path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Removes a stale socket file at `path` (nobody accepting there); refuses a live one or
+/// any other kind of file.
+pub fn clear_stale_socket(path: &Path, probe: impl Fn(&Path) -> bool) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if probe(path) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: another server is listening there", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)
+        }
+        Ok(_) => {
+            Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists and is not a socket", path.display())))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The listening socket of `--listen-qemu unix:PATH`. Removes its socket file on drop.
+pub struct QemuAcceptor {
+    listener: UnixListener,
+    path: PathBuf,
+    accepted: u64,
+}
+
+impl QemuAcceptor {
+    pub fn bind(path: &Path) -> io::Result<QemuAcceptor> {
+        clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(QemuAcceptor { listener, path: path.to_path_buf(), accepted: 0 })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for QemuAcceptor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl LinkAcceptor for QemuAcceptor {
+    fn fd(&self) -> RawFd {
+        self.listener.as_fd().as_raw_fd()
+    }
+
+    fn accept(&mut self) -> io::Result<Option<Box<dyn Link>>> {
+        match self.listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(true)?;
+                self.accepted += 1;
+                let name = format!("qemu unix:{} #{}", self.path.display(), self.accepted);
+                Ok(Some(Box::new(StreamLink::new(OwnedFd::from(stream), Framing::Be32, name))))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            // The client gave up before we accepted: try the next one.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("qemu unix:{}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn pair(framing: Framing) -> (StreamLink, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        (StreamLink::new(OwnedFd::from(a), framing, "test".into()), b)
+    }
+
+    fn frame(n: usize, fill: u8) -> Vec<u8> {
+        vec![fill; n]
+    }
+
+    #[test]
+    fn parse_prefixes() {
+        assert_eq!(Framing::Be32.parse(&[]), Parsed::Incomplete);
+        assert_eq!(Framing::Be32.parse(&[0, 0, 0]), Parsed::Incomplete);
+        assert_eq!(Framing::Be32.parse(&[0, 0, 0, 2, 9]), Parsed::Incomplete);
+        assert_eq!(Framing::Be32.parse(&[0, 0, 0, 2, 9, 9, 7]), Parsed::Frame { start: 4, len: 2 });
+        assert_eq!(Framing::Be32.parse(&[0, 0, 0, 0]), Parsed::Invalid(0));
+        assert_eq!(Framing::Be32.parse(&[0xff, 0xff, 0xff, 0xff]), Parsed::Invalid(u32::MAX as usize));
+        let over = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert_eq!(Framing::Be32.parse(&over), Parsed::Invalid(MAX_FRAME + 1));
+        let max = (MAX_FRAME as u32).to_be_bytes();
+        assert_eq!(Framing::Be32.parse(&max), Parsed::Incomplete);
+        assert_eq!(Framing::Le16.parse(&[3]), Parsed::Incomplete);
+        assert_eq!(Framing::Le16.parse(&[3, 0, 1, 2, 3]), Parsed::Frame { start: 2, len: 3 });
+        assert_eq!(Framing::Le16.parse(&[0, 0]), Parsed::Invalid(0));
+        assert_eq!(Framing::Le16.parse(&[0xff, 0xff]), Parsed::Incomplete);
+        assert_eq!(&Framing::Le16.encode(0x1234)[..2], &[0x34, 0x12]);
+        assert_eq!(Framing::Be32.encode(0x1234), [0, 0, 0x12, 0x34]);
+    }
+
+    #[test]
+    fn parse_never_panics() {
+        // Every short input and a sweep of random-ish ones.
+        let mut seed = 0x1234_5678u32;
+        for n in 0..2000 {
+            let len = n % 40;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (seed >> 16) as u8
+                })
+                .collect();
+            for f in [Framing::Be32, Framing::Le16] {
+                if let Parsed::Frame { start, len } = f.parse(&data) {
+                    assert!(start + len <= data.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frames_split_across_reads() {
+        let (mut link, mut peer) = pair(Framing::Be32);
+        let mut buf = vec![0u8; MAX_FRAME];
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        let mut wire = Vec::new();
+        for (n, fill) in [(60usize, 1u8), (1514, 2), (42, 3)] {
+            wire.extend((n as u32).to_be_bytes());
+            wire.extend(frame(n, fill));
+        }
+        // One byte at a time: the link must assemble every frame.
+        let mut got = Vec::new();
+        for b in &wire {
+            peer.write_all(&[*b]).unwrap();
+            loop {
+                match link.recv(&mut buf) {
+                    Ok(n) => got.push(buf[..n].to_vec()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        assert_eq!(got, vec![frame(60, 1), frame(1514, 2), frame(42, 3)]);
+    }
+
+    #[test]
+    fn many_frames_in_one_read_and_largest_frame() {
+        let (mut link, mut peer) = pair(Framing::Be32);
+        let mut wire = Vec::new();
+        for i in 0..100u8 {
+            wire.extend(64u32.to_be_bytes());
+            wire.extend(frame(64, i));
+        }
+        wire.extend((MAX_FRAME as u32).to_be_bytes());
+        wire.extend(frame(MAX_FRAME, 0xaa));
+        let writer = std::thread::spawn(move || peer.write_all(&wire).map(|_| peer));
+        let mut buf = vec![0u8; MAX_FRAME];
+        let mut count = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while count < 101 && std::time::Instant::now() < deadline {
+            match link.recv(&mut buf) {
+                Ok(n) => {
+                    if count < 100 {
+                        assert_eq!(&buf[..n], &frame(64, count as u8)[..]);
+                    } else {
+                        assert_eq!(n, MAX_FRAME);
+                    }
+                    count += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(count, 101);
+        drop(writer.join().unwrap().unwrap());
+    }
+
+    #[test]
+    fn oversized_and_zero_lengths_are_invalid_data() {
+        for prefix in [((MAX_FRAME + 1) as u32).to_be_bytes(), [0, 0, 0, 0], [0x80, 0, 0, 0]] {
+            let (mut link, mut peer) = pair(Framing::Be32);
+            peer.write_all(&prefix).unwrap();
+            let mut buf = vec![0u8; MAX_FRAME];
+            assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        }
+        let (mut link, mut peer) = pair(Framing::Le16);
+        peer.write_all(&[0, 0]).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn eof_mid_frame_and_clean_eof() {
+        let (mut link, mut peer) = pair(Framing::Be32);
+        peer.write_all(&[0, 0, 0, 10, 1, 2]).unwrap();
+        drop(peer);
+        let mut buf = vec![0u8; MAX_FRAME];
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        let (mut link, peer) = pair(Framing::Le16);
+        drop(peer);
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn send_frames_and_queue_on_full_socket() {
+        let (mut link, mut peer) = pair(Framing::Be32);
+        // Fill the socket until frames queue up, then past the queue's bound.
+        let f = frame(1500, 7);
+        let mut sent = 0usize;
+        while link.queued() + 1504 <= MAX_QUEUE {
+            link.send(&f).unwrap();
+            sent += 1;
+        }
+        let before = link.dropped;
+        link.send(&f).unwrap();
+        assert_eq!(link.dropped, before + 1);
+        // Drain on the other side while flushing: every queued frame arrives whole.
+        peer.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+        let mut received = Vec::new();
+        let mut chunk = vec![0u8; 65536];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while received.len() < sent * 1504 && std::time::Instant::now() < deadline {
+            link.flush().unwrap();
+            if let Ok(n) = peer.read(&mut chunk) {
+                received.extend_from_slice(&chunk[..n]);
+            }
+        }
+        assert_eq!(received.len(), sent * 1504);
+        for rec in received.chunks(1504) {
+            assert_eq!(&rec[..4], &1500u32.to_be_bytes());
+            assert!(rec[4..].iter().all(|b| *b == 7));
+        }
+        assert_eq!(link.queued(), 0);
+    }
+
+    #[test]
+    fn stdio_framing_round_trip() {
+        let (mut link, mut peer) = pair(Framing::Le16);
+        link.send(&frame(300, 9)).unwrap();
+        let mut got = [0u8; 302];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..2], &300u16.to_le_bytes());
+        assert!(link.send(&frame(70000, 1)).is_err());
+        assert!(link.send(&[]).is_err());
+    }
+
+    #[test]
+    fn socket_urls() {
+        assert_eq!(parse_socket_url("unix:/run/a.sock", "unix").unwrap(), PathBuf::from("/run/a.sock"));
+        assert_eq!(parse_socket_url("unix:///run/a.sock", "unix").unwrap(), PathBuf::from("/run/a.sock"));
+        assert_eq!(parse_socket_url("unix:rel.sock", "unix").unwrap(), PathBuf::from("rel.sock"));
+        assert!(parse_socket_url("unixgram:/a", "unix").is_err());
+        assert!(parse_socket_url("unix:", "unix").is_err());
+        assert!(parse_socket_url("/a", "unix").is_err());
+    }
+}

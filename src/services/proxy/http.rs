@@ -1,0 +1,408 @@
+//! The HTTP side of the proxy: the explicit proxy's requests and intercepted plain HTTP.
+//!
+//! Theory of operation: hyper's HTTP/1 server reads the guest's requests one at a time on
+//! its connection (keep-alive included), and [`Conn::handle`] routes each one on its own:
+//!
+//! - [`Mode::Explicit`] (port 3128): requests are absolute-form (`GET http://name/path`) or
+//!   `CONNECT name:port`. A CONNECT is answered 200 once the tunnel stands (through the
+//!   HTTPS upstream with its own CONNECT, or a direct connection), then hyper hands over the
+//!   raw connection and both ends are relayed.
+//! - [`Mode::Transparent`]: the guest thinks it talks to the origin; requests are
+//!   origin-form and the destination's name comes from the Host header, the port from the
+//!   address the guest dialled.
+//!
+//! A request to the upstream goes in absolute-form with `Proxy-Authorization` when the
+//! upstream URL has credentials; a direct one in origin-form, to the resolved name
+//! (explicit) or the address the guest dialled (transparent). Hop-by-hop headers are
+//! dropped both ways. The connection to the last hop is kept for the next request when it
+//! goes the same way; a request that a reused connection could not even send (the far end
+//! had just closed it) is sent again once on a new one. Failures come back as an HTTP
+//! error with a one-line `usernet: ...` reason, and a `warn` log line.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tracing::{debug, info, warn};
+
+use super::config::{self, ProxyUrl, split_host_port, valid_host};
+use super::{Proxy, ProxyError, dial, dial_upstream, open_tunnel, relay};
+
+/// How the guest reached the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The gateway's port 3128.
+    Explicit,
+    /// Intercepted on its way to this destination.
+    Transparent(SocketAddrV4),
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Where one request goes next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Hop {
+    Upstream(ProxyUrl),
+    Direct(SocketAddr),
+}
+
+impl std::fmt::Display for Hop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hop::Upstream(up) => write!(f, "upstream {}", up.authority()),
+            Hop::Direct(a) => write!(f, "direct {a}"),
+        }
+    }
+}
+
+/// The destination of one request.
+#[derive(Debug, PartialEq, Eq)]
+struct Target {
+    /// Name or IP literal, lower case, no brackets.
+    host: String,
+    port: u16,
+    /// The address the guest dialled (transparent mode).
+    ip: Option<IpAddr>,
+    /// Path and query, at least "/".
+    path: String,
+}
+
+impl Target {
+    /// `http://host[:port]/path`.
+    fn absolute_uri(&self) -> String {
+        format!("http://{}{}", self.host_header(), self.path)
+    }
+
+    /// `host` or `host:port` (brackets around IPv6), as a Host header says it.
+    fn host_header(&self) -> String {
+        if self.port == 80 {
+            if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() }
+        } else {
+            config::authority(&self.host, self.port)
+        }
+    }
+}
+
+/// One guest connection.
+struct Conn {
+    proxy: Arc<Proxy>,
+    mode: Mode,
+    guest: SocketAddrV4,
+    /// The connection of the last request, kept for the next one.
+    idle: Mutex<Option<(Hop, SendRequest<Incoming>)>>,
+}
+
+/// Serves one guest connection until it closes.
+pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: SocketAddrV4) {
+    let conn = Arc::new(Conn { proxy, mode, guest, idle: Mutex::new(None) });
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    if let Err(e) =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(sock), service).with_upgrades().await
+    {
+        debug!("proxy: {guest}: connection: {e}");
+    }
+}
+
+/// A plain-text answer of usernet's own: `usernet: <reason>`.
+fn error_response(status: u16, reason: &str) -> Response<Body> {
+    let body = Full::new(Bytes::from(format!("usernet: {reason}\n"))).map_err(|never| match never {}).boxed();
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 7.6.1), those named by Connection included.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in ["connection", "proxy-connection", "keep-alive", "proxy-authorization", "te", "trailer", "upgrade"] {
+        headers.remove(name);
+    }
+}
+
+impl Conn {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.method() == Method::CONNECT {
+            return self.connect(req).await;
+        }
+        let target = match self.target(&req) {
+            Ok(t) => t,
+            Err(reason) => return error_response(400, reason),
+        };
+        let cfg = self.proxy.settings.get();
+        let upstream = match &cfg.http {
+            Some(up)
+                if !self.proxy.is_local(&target.host)
+                    && !cfg.no_proxy.matches(Some(&target.host), target.ip, target.port) =>
+            {
+                Some(up.clone())
+            }
+            _ => None,
+        };
+        let hop = match upstream {
+            Some(up) => Hop::Upstream(up),
+            None => match self.mode {
+                Mode::Transparent(dst) => Hop::Direct(SocketAddr::V4(dst)),
+                Mode::Explicit => match self.proxy.resolve(&target.host, target.port).await {
+                    Ok(a) => Hop::Direct(a),
+                    Err(e) => return self.fail(&target.absolute_uri(), e),
+                },
+            },
+        };
+        let method = req.method().clone();
+        let mut req = match outgoing(req, &target, &hop) {
+            Ok(r) => r,
+            Err(reason) => return error_response(400, reason),
+        };
+        // Once on the kept connection (if any), once more on a new one if it had closed.
+        for fresh in [false, true] {
+            let mut sender = match self.sender(&hop, fresh).await {
+                Ok(s) => s,
+                Err(e) => return self.fail(&target.absolute_uri(), e),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some((hop.clone(), sender));
+                    return self.answer(resp, &method, &target, &hop);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if !fresh => req = r,
+                    _ => {
+                        let err = e.into_error();
+                        let pe = match &hop {
+                            Hop::Upstream(up) => ProxyError::Unreachable {
+                                proxy: up.authority(),
+                                source: std::io::Error::other(err.to_string()),
+                            },
+                            Hop::Direct(a) => ProxyError::Dial {
+                                target: a.to_string(),
+                                source: std::io::Error::other(err.to_string()),
+                            },
+                        };
+                        return self.fail(&target.absolute_uri(), pe);
+                    }
+                },
+            }
+        }
+        error_response(502, "no connection")
+    }
+
+    /// The response of the next hop, for the guest.
+    fn answer(&self, resp: Response<Incoming>, method: &Method, target: &Target, hop: &Hop) -> Response<Body> {
+        let uri = target.absolute_uri();
+        if let Hop::Upstream(up) = hop
+            && resp.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        {
+            let reason = resp.status().canonical_reason().unwrap_or("").to_string();
+            return self
+                .fail(&uri, ProxyError::Refused { proxy: up.authority(), target: uri.clone(), status: 407, reason });
+        }
+        let status = resp.status();
+        if matches!(hop, Hop::Upstream(_)) && matches!(status.as_u16(), 401 | 403 | 502 | 503 | 504) {
+            // Most likely the upstream's own refusal (tinyproxy answers a wrong password with
+            // 401): the guest gets the answer as it is, the log says so.
+            warn!("proxy: {} {method} {uri} via {hop}: answered {status}", self.guest);
+        } else {
+            info!("proxy: {} {method} {uri} via {hop}: {}", self.guest, status.as_u16());
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, body.boxed())
+    }
+
+    fn fail(&self, what: &str, e: ProxyError) -> Response<Body> {
+        warn!("proxy: {} {what}: {e}", self.guest);
+        error_response(e.status(), &e.to_string())
+    }
+
+    /// The destination of a request (not CONNECT), or why it cannot have one.
+    fn target(&self, req: &Request<Incoming>) -> Result<Target, &'static str> {
+        let uri = req.uri();
+        let path = uri.path_and_query().map_or("/".to_string(), |p| p.as_str().to_string());
+        let path = if path.starts_with('/') { path } else { "/".to_string() };
+        match self.mode {
+            Mode::Explicit => {
+                match uri.scheme_str() {
+                    Some(s) if s.eq_ignore_ascii_case("http") => {}
+                    Some(_) => return Err("only http:// URLs can be proxied this way; use CONNECT for https"),
+                    None => {
+                        return Err("this is an HTTP proxy: send absolute-form requests (GET http://host/path)");
+                    }
+                }
+                let auth = uri.authority().ok_or("no host in the URL")?;
+                let (host, _) = split_host_port(auth.host()).ok_or("bad host in the URL")?;
+                if !valid_host(&host) {
+                    return Err("bad host in the URL");
+                }
+                Ok(Target { host, port: auth.port_u16().unwrap_or(80), ip: None, path })
+            }
+            Mode::Transparent(dst) => {
+                let named = uri
+                    .authority()
+                    .map(|a| a.as_str().to_string())
+                    .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+                    .and_then(|h| split_host_port(h.trim()))
+                    .map(|(h, _)| h)
+                    .filter(|h| valid_host(h));
+                let host = named.unwrap_or_else(|| dst.ip().to_string());
+                Ok(Target { host, port: dst.port(), ip: Some(IpAddr::V4(*dst.ip())), path })
+            }
+        }
+    }
+
+    /// A sender on the kept connection when it goes the same way and is usable (unless
+    /// `fresh`), else on a new one.
+    async fn sender(&self, hop: &Hop, fresh: bool) -> Result<SendRequest<Incoming>, ProxyError> {
+        let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((h, mut s)) = kept
+            && !fresh
+            && h == *hop
+            && s.ready().await.is_ok()
+        {
+            return Ok(s);
+        }
+        let (stream, what) = match hop {
+            Hop::Upstream(up) => (dial_upstream(up).await?, up.authority()),
+            Hop::Direct(a) => (dial(*a).await?, a.to_string()),
+        };
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Dial { target: what.clone(), source: std::io::Error::other(e.to_string()) })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!("proxy: connection to {what}: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// `CONNECT host:port`: a tunnel through the HTTPS upstream, or direct.
+    async fn connect(&self, req: Request<Incoming>) -> Response<Body> {
+        if let Mode::Transparent(_) = self.mode {
+            return error_response(405, "CONNECT is for the explicit proxy (http.docker.internal:3128)");
+        }
+        let Some((host, port)) = req
+            .uri()
+            .authority()
+            .and_then(|a| split_host_port(a.as_str()))
+            .filter(|(h, _)| valid_host(h))
+            .map(|(h, p)| (h, p.unwrap_or(443)))
+        else {
+            return error_response(400, "CONNECT needs host:port");
+        };
+        let target = config::authority(&host, port);
+        let cfg = self.proxy.settings.get();
+        let upstream = match &cfg.https {
+            Some(up) if !self.proxy.is_local(&host) && !cfg.no_proxy.matches(Some(&host), host.parse().ok(), port) => {
+                Some(up.clone())
+            }
+            _ => None,
+        };
+        let result = match &upstream {
+            Some(up) => {
+                open_tunnel(up, &target).await.map(|(s, rest)| (s, rest, format!("upstream {}", up.authority())))
+            }
+            None => match self.proxy.resolve(&host, port).await {
+                Ok(addr) => dial(addr).await.map(|s| (s, Vec::new(), format!("direct {addr}"))),
+                Err(e) => Err(e),
+            },
+        };
+        let (stream, rest, via) = match result {
+            Ok(t) => t,
+            Err(e) => return self.fail(&format!("CONNECT {target}"), e),
+        };
+        info!("proxy: {} CONNECT {target} via {via}", self.guest);
+        let guest = self.guest;
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => relay(TokioIo::new(upgraded), stream, rest).await,
+                Err(e) => debug!("proxy: {guest} CONNECT {target}: upgrade: {e}"),
+            }
+        });
+        Response::new(empty())
+    }
+}
+
+/// The request as the next hop gets it: absolute-form with credentials for the upstream,
+/// origin-form for a direct hop; HTTP/1.1, hop-by-hop headers dropped, Host present.
+fn outgoing(req: Request<Incoming>, target: &Target, hop: &Hop) -> Result<Request<Incoming>, &'static str> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        let host = HeaderValue::from_str(&target.host_header()).map_err(|_| "bad host")?;
+        parts.headers.insert(header::HOST, host);
+    }
+    let uri = match hop {
+        Hop::Upstream(up) => {
+            if let Some(auth) = up.basic_auth() {
+                let value = HeaderValue::from_str(&auth).map_err(|_| "bad proxy credentials")?;
+                parts.headers.insert(header::PROXY_AUTHORIZATION, value);
+            }
+            target.absolute_uri()
+        }
+        Hop::Direct(_) => target.path.clone(),
+    };
+    parts.uri = uri.parse::<Uri>().map_err(|_| "bad request target")?;
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, X-Private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic guest"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn target_forms() {
+        let t = Target { host: "a.test".into(), port: 80, ip: None, path: "/x?y".into() };
+        assert_eq!(t.absolute_uri(), "http://a.test/x?y");
+        let t = Target { host: "::1".into(), port: 8080, ip: None, path: "/".into() };
+        assert_eq!(t.absolute_uri(), "http://[::1]:8080/");
+        let t = Target { host: "::1".into(), port: 80, ip: None, path: "/".into() };
+        assert_eq!(t.host_header(), "[::1]");
+    }
+
+    #[test]
+    fn error_bodies_are_one_line() {
+        let r = error_response(502, "upstream proxy 127.0.0.1:1 unreachable: Connection refused");
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+    }
+}

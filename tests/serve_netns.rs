@@ -1,0 +1,177 @@
+//! `usernet serve --netns PATH|PID`: a TAP in namespaces that already exist (one named with
+//! `ip netns add`, one held by a process), both on one virtual network.
+
+mod common;
+#[path = "vm/harness.rs"]
+mod harness;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{DnsUpstream, TempDir};
+use harness::Serve;
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+struct NamedNs(String);
+
+impl NamedNs {
+    fn new() -> NamedNs {
+        let name = format!("unsv{}", common::unique_id());
+        common::must("ip", &["netns", "add", &name]);
+        NamedNs(name)
+    }
+
+    fn exec(&self, cmd: &[&str]) -> common::Output {
+        let mut args = vec!["netns", "exec", &self.0];
+        args.extend_from_slice(cmd);
+        common::run("ip", &args)
+    }
+}
+
+impl Drop for NamedNs {
+    fn drop(&mut self) {
+        let _ = common::run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// A process in a new network namespace (`unshare -n sleep`, or as another user with
+/// `unshare -rUn`), killed on drop.
+struct NsProcess(Child);
+
+impl NsProcess {
+    fn new(user: Option<&str>) -> NsProcess {
+        let mut cmd = match user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--", "unshare", "-rUn", "sleep", "120"]);
+                c
+            }
+            None => {
+                let mut c = Command::new("unshare");
+                c.args(["-n", "sleep", "120"]);
+                c
+            }
+        };
+        let child = cmd.stdin(Stdio::null()).spawn().expect("start unshare");
+        let p = NsProcess(child);
+        // Wait until the process is in its own namespace (runuser forks first).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if p.sleeper().is_some() {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("unshare did not start");
+    }
+
+    /// The pid of `sleep` in the new namespace.
+    fn sleeper(&self) -> Option<u32> {
+        let me = std::fs::read_link("/proc/self/ns/net").ok()?;
+        let mut pid = self.0.id();
+        // runuser forks: follow the children down to the process that left our namespace.
+        for _ in 0..4 {
+            let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            if ns != me && comm.trim() == "sleep" {
+                return Some(pid);
+            }
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+            pid = children.split_whitespace().next()?.parse().ok()?;
+        }
+        None
+    }
+
+    fn exec(&self, user_ns: bool, cmd: &[&str]) -> common::Output {
+        let pid = self.sleeper().expect("namespace process").to_string();
+        let mut args = vec!["-t", &pid, "-n"];
+        if user_ns {
+            args.extend_from_slice(&["-U", "--preserve-credentials"]);
+        }
+        args.extend_from_slice(cmd);
+        common::run("nsenter", &args)
+    }
+}
+
+impl Drop for NsProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = self.sleeper() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn two_namespaces_on_one_serve() {
+    if !common::ready(&["ip", "dnsmasq", "unshare", "nsenter", "curl", "dig", "ping"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (_files, server, hash) = common::serve_random_file("netnsfile", "f", 4 << 20);
+    let named = NamedNs::new();
+    let proc_ns = NsProcess::new(None);
+    let dir = TempDir::new("serve-netns");
+    let pid = proc_ns.sleeper().expect("pid").to_string();
+    let serve = Serve::start(&dir, &dns, &[format!("--netns=/run/netns/{}", named.0), format!("--netns={pid}")], &[]);
+
+    // The first namespace has the first address, the second the next one.
+    let addr = named.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(addr.stdout.contains("inet 192.168.65.2/24"), "{addr}\n{}", serve.log());
+    let addr = proc_ns.exec(false, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(addr.stdout.contains("inet 192.168.65.3/24"), "{addr}");
+    let mtu = named.exec(&["cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(mtu.stdout.trim(), "1500");
+
+    let ping = common::ping_cmd();
+    named.exec(&[ping, "-c", "1", "-W", "5", "192.168.65.1"]).assert_ok();
+    // The namespaces reach each other through usernet's switch.
+    named.exec(&[ping, "-c", "2", "-W", "5", "192.168.65.3"]).assert_ok();
+    proc_ns.exec(false, &[ping, "-c", "2", "-W", "5", "192.168.65.2"]).assert_ok();
+    // DNS and the host's loopback from the second one.
+    let dig = proc_ns.exec(false, &["dig", "+short", "+time=3", "+tries=2", "@192.168.65.1", "host.docker.internal"]);
+    assert_eq!(dig.stdout.trim(), "192.168.65.254", "{dig}");
+    let url = format!("http://192.168.65.254:{}/f", server.port);
+    let got = proc_ns.exec(false, &["sh", "-c", &format!("curl -sf -m 20 {url} | sha256sum")]);
+    assert_eq!(common::first_word(&got.stdout), hash, "{got}");
+
+    let (status, leases) = serve.api("GET", "/services/dhcp/leases", "");
+    assert_eq!(status, 200);
+    assert!(leases.contains("\"192.168.65.2\":\"5a:94:ef:e4:0c:ee\""), "{leases}");
+    assert!(leases.contains("\"192.168.65.3\":\"5a:94:ef:e4:0c:ef\""), "{leases}");
+
+    // When usernet stops, its TAP devices go with it.
+    drop(serve);
+    let gone = named.exec(&["ip", "link", "show", "eth0"]);
+    assert!(!gone.success(), "eth0 outlived usernet:\n{gone}");
+}
+
+#[test]
+fn rootless_serve_attaches_to_a_user_namespace() {
+    if !common::ready(&["ip", "dnsmasq", "unshare", "nsenter", "runuser", "curl"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (_files, server, hash) = common::serve_random_file("netnsfile", "f", 1 << 20);
+    let dir = TempDir::new("serve-rootless");
+    let bin = common::copy_binary_for_others(&dir);
+    let ns = NsProcess::new(Some("nobody"));
+    let pid = ns.sleeper().expect("pid").to_string();
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "nobody", "--"]).arg(&bin).args(["serve", "--dns-upstream", &dns.addr(), "--netns", &pid]);
+    let mut serve = Serve::spawn(cmd, dir.join("no-api"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ns.exec(true, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+        if out.stdout.contains("inet 192.168.65.2/24") {
+            break;
+        }
+        assert!(serve.running(), "usernet serve exited:\n{}", serve.log());
+        assert!(Instant::now() < deadline, "no eth0 in the namespace:\n{out}\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = format!("http://192.168.65.254:{}/f", server.port);
+    let got = ns.exec(true, &["sh", "-c", &format!("curl -sf -m 20 {url} | sha256sum")]);
+    assert_eq!(common::first_word(&got.stdout), hash, "{got}\n{}", serve.log());
+}
