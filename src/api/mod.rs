@@ -60,6 +60,7 @@ use tracing::{debug, warn};
 use crate::config::NetConfig;
 use crate::engine::control::ControlHandle;
 use crate::services::dns::DnsRecords;
+use crate::services::proxy::ProxySettings;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -137,12 +138,13 @@ pub fn serve(
     control: ControlHandle,
     dns: Arc<DnsRecords>,
     cfg: Arc<NetConfig>,
+    proxy: Option<ProxySettings>,
 ) -> std::io::Result<ApiServer> {
     let listener = bind_socket(path)?;
     let meta = std::fs::symlink_metadata(path)?;
     let ident = (meta.dev(), meta.ino());
     listener.set_nonblocking(true)?;
-    let mut server = start(Some(listener), control, dns, cfg)?;
+    let mut server = start(Some(listener), control, dns, cfg, proxy)?;
     server.path = path.to_path_buf();
     server.ident = ident;
     Ok(server)
@@ -154,8 +156,9 @@ pub fn serve_without_socket(
     control: ControlHandle,
     dns: Arc<DnsRecords>,
     cfg: Arc<NetConfig>,
+    proxy: Option<ProxySettings>,
 ) -> std::io::Result<ApiServer> {
-    start(None, control, dns, cfg)
+    start(None, control, dns, cfg, proxy)
 }
 
 fn start(
@@ -163,8 +166,9 @@ fn start(
     control: ControlHandle,
     dns: Arc<DnsRecords>,
     cfg: Arc<NetConfig>,
+    proxy: Option<ProxySettings>,
 ) -> std::io::Result<ApiServer> {
-    let state = Arc::new(routes::State::new(control, dns, cfg));
+    let state = Arc::new(routes::State::new(control, dns, cfg, proxy));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let guest = GuestApi { state: state.clone(), runtime: runtime.handle().clone() };

@@ -30,18 +30,23 @@ pub struct State {
     /// them.
     pub exposed: tokio::sync::Mutex<BTreeMap<(String, &'static str), gvproxy::Exposed>>,
     /// The HTTP proxy configuration (`/v1/proxy`), shared with the proxy service; None when
-    /// this process registered none (see `services::proxy::register_for_api`).
+    /// the API was started without one.
     pub proxy: Option<crate::services::proxy::ProxySettings>,
 }
 
 impl State {
-    pub fn new(control: ControlHandle, dns: Arc<DnsRecords>, cfg: Arc<NetConfig>) -> State {
+    pub fn new(
+        control: ControlHandle,
+        dns: Arc<DnsRecords>,
+        cfg: Arc<NetConfig>,
+        proxy: Option<crate::services::proxy::ProxySettings>,
+    ) -> State {
         State {
             control,
             dns,
             cfg,
             exposed: tokio::sync::Mutex::new(BTreeMap::new()),
-            proxy: crate::services::proxy::api_settings(),
+            proxy,
         }
     }
 }

@@ -103,7 +103,7 @@ fn start(name: &str) -> Fixture {
     let _ = std::fs::remove_file(&path);
     let cfg = Arc::new(NetConfig::default());
     let dns = Arc::new(DnsRecords::from_config(&cfg));
-    let server = serve(&path, fake_engine(), dns.clone(), cfg).unwrap();
+    let server = serve(&path, fake_engine(), dns.clone(), cfg, None).unwrap();
     Fixture { path, dns, _server: server }
 }
 
@@ -141,17 +141,17 @@ fn socket_file_lifecycle() {
     assert!(path.exists());
     let cfg = Arc::new(NetConfig::default());
     let dns = Arc::new(DnsRecords::new());
-    let server = serve(&path, fake_engine(), dns.clone(), cfg.clone()).unwrap();
+    let server = serve(&path, fake_engine(), dns.clone(), cfg.clone(), None).unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     // A live one is not.
-    let err = serve(&path, fake_engine(), dns.clone(), cfg.clone()).err().unwrap();
+    let err = serve(&path, fake_engine(), dns.clone(), cfg.clone(), None).err().unwrap();
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     drop(server);
     assert!(!path.exists(), "socket file removed on drop");
     // Not a socket: left alone.
     std::fs::write(&path, b"x").unwrap();
-    assert!(serve(&path, fake_engine(), dns, cfg).is_err());
+    assert!(serve(&path, fake_engine(), dns, cfg, None).is_err());
     assert_eq!(std::fs::read(&path).unwrap(), b"x");
     std::fs::remove_file(&path).unwrap();
 }
@@ -462,7 +462,7 @@ fn engine_gone() {
     let (tx, rx) = mpsc::channel::<Command>();
     drop(rx);
     let cfg = Arc::new(NetConfig::default());
-    let server = serve(&path, ControlHandle::new(tx, waker), Arc::new(DnsRecords::new()), cfg).unwrap();
+    let server = serve(&path, ControlHandle::new(tx, waker), Arc::new(DnsRecords::new()), cfg, None).unwrap();
     let r = client::request(&path, "GET", "/v1/ports", None).unwrap();
     assert_eq!(r.status, 503);
     assert_eq!(r.error_message(), "the network engine is not running");

@@ -114,7 +114,6 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
         }
         let proxy_settings = services.proxy_settings();
         proxy_settings.set(proxy);
-        crate::services::proxy::register_for_api(&proxy_settings);
         let proxy_hook = services.proxy_hook();
         let mut engine = Engine::new(cfg.clone(), Box::new(tap), services, pcap).context("network engine")?;
         engine.add_tcp_hook(proxy_hook);
@@ -131,7 +130,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
         }
         if let Some(path) = &args.net.api {
             let handle = engine.control_handle().context("control API")?;
-            let server = crate::api::serve(path, handle, dns_records, cfg.clone())
+            let server = crate::api::serve(path, handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
                 .with_context(|| format!("cannot serve the control API on {}", path.display()))?;
             api = Some(server);
         }

@@ -164,7 +164,6 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     }
     let proxy_settings = services.proxy_settings();
     proxy_settings.set(proxy);
-    crate::services::proxy::register_for_api(&proxy_settings);
     let proxy_hook = services.proxy_hook();
     let mut engine = Engine::without_link(cfg.clone(), services, pcap).context("network engine")?;
     for (spec, tap) in taps {
@@ -189,9 +188,9 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     if args.net.api.is_some() || args.guest_api {
         let handle = engine.control_handle().context("control API")?;
         let server = match &args.net.api {
-            Some(path) => crate::api::serve(path, handle, dns_records, cfg.clone())
+            Some(path) => crate::api::serve(path, handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
                 .with_context(|| format!("cannot serve the control API on {}", path.display()))?,
-            None => crate::api::serve_without_socket(handle, dns_records, cfg.clone()).context("control API")?,
+            None => crate::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone())).context("control API")?,
         };
         if args.guest_api {
             let guest_api = server.guest_api();

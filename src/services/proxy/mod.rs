@@ -43,7 +43,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, Query};
@@ -402,20 +402,6 @@ async fn relay<G: AsyncRead + AsyncWrite + Unpin>(mut guest: G, mut remote: TcpS
     if let Err(e) = tokio::io::copy_bidirectional(&mut guest, &mut remote).await {
         debug!("proxy: relay ended: {e}");
     }
-}
-
-/// Where the API finds the proxy settings of this process (see `register_for_api`).
-static API_SETTINGS: Mutex<Option<ProxySettings>> = Mutex::new(None);
-
-/// Makes `settings` the ones `GET/PUT /v1/proxy` show and change. One usernet process
-/// serves one network; `run` (and `serve`) call this once the services are started.
-pub fn register_for_api(settings: &ProxySettings) {
-    *API_SETTINGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings.clone());
-}
-
-/// The settings registered for the API, if any.
-pub fn api_settings() -> Option<ProxySettings> {
-    API_SETTINGS.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// One line describing the configuration, without passwords (for logs).
