@@ -21,12 +21,7 @@ fn is_root() -> bool {
 /// nothing reads or uses the machine's resolvers.
 fn run_sh(opts: &[&str], script: &str) -> Output {
     Command::new(BIN)
-        .args([
-            "run",
-            "--debug-no-engine",
-            "--dns-upstream",
-            "127.0.0.1:5399",
-        ])
+        .args(["run", "--debug-no-engine", "--dns-upstream", "127.0.0.1:5399"])
         .args(opts)
         .args(["--", "sh", "-c", script])
         .output()
@@ -60,18 +55,9 @@ fn guest_network_is_configured() {
     assert!(lines[0].contains("<LOOPBACK,UP,LOWER_UP>"), "{stdout}");
     assert!(lines[1].contains("mtu 65520"), "{stdout}");
     assert!(lines[1].contains(",UP"), "{stdout}");
-    assert!(
-        lines[1].contains("link/ether 5a:94:ef:e4:0c:ee"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("inet 192.168.65.2/24 brd 192.168.65.255"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("default via 192.168.65.1 dev eth0"),
-        "{stdout}"
-    );
+    assert!(lines[1].contains("link/ether 5a:94:ef:e4:0c:ee"), "{stdout}");
+    assert!(stdout.contains("inet 192.168.65.2/24 brd 192.168.65.255"), "{stdout}");
+    assert!(stdout.contains("default via 192.168.65.1 dev eth0"), "{stdout}");
     assert!(stdout.contains("\nnameserver 192.168.65.1\n"), "{stdout}");
     assert_eq!(stdout.matches("nameserver").count(), 1, "{stdout}");
 }
@@ -103,11 +89,7 @@ fn host_namespaces_are_untouched() {
     let left: Vec<_> = std::fs::read_dir(&tmp)
         .unwrap()
         .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("usernet-resolv-{}", std::process::id()))
-        })
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("usernet-resolv-{}", std::process::id())))
         .collect();
     assert!(left.is_empty());
 }
@@ -122,23 +104,14 @@ fn exit_codes() {
 
     let run = |cmd: &str| {
         Command::new(BIN)
-            .args([
-                "run",
-                "--debug-no-engine",
-                "--dns-upstream",
-                "127.0.0.1:5399",
-                "--",
-            ])
+            .args(["run", "--debug-no-engine", "--dns-upstream", "127.0.0.1:5399", "--"])
             .arg(cmd)
             .output()
             .expect("spawn usernet")
     };
     let out = run("usernet-no-such-command");
     assert_eq!(out.status.code(), Some(127));
-    assert_eq!(
-        text(&out.stderr).trim(),
-        "usernet: usernet-no-such-command: command not found"
-    );
+    assert_eq!(text(&out.stderr).trim(), "usernet: usernet-no-such-command: command not found");
     let out = run("/nonexistent/usernet/cmd");
     assert_eq!(out.status.code(), Some(127));
 
@@ -153,51 +126,27 @@ fn exit_codes() {
 
 #[test]
 fn usage_errors_are_125() {
+    let out = Command::new(BIN).args(["run", "--mtu", "12", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
     let out = Command::new(BIN)
-        .args(["run", "--mtu", "12", "--", "true"])
+        .args(["run", "--debug-no-engine", "--pcap", "/nonexistent/dir/x.pcap", "--", "true"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
-    let out = Command::new(BIN)
-        .args([
-            "run",
-            "--debug-no-engine",
-            "--pcap",
-            "/nonexistent/dir/x.pcap",
-            "--",
-            "true",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(125));
-    assert_eq!(
-        text(&out.stderr).lines().count(),
-        1,
-        "{}",
-        text(&out.stderr)
-    );
+    assert_eq!(text(&out.stderr).lines().count(), 1, "{}", text(&out.stderr));
 }
 
 #[test]
 fn signals_are_forwarded() {
     need_root!();
-    for (sig, name) in [
-        (libc::SIGTERM, "TERM"),
-        (libc::SIGINT, "INT"),
-        (libc::SIGHUP, "HUP"),
-        (libc::SIGQUIT, "QUIT"),
-    ] {
+    for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT"), (libc::SIGHUP, "HUP"), (libc::SIGQUIT, "QUIT")]
+    {
         let script = format!(
             "trap 'echo got-{name}; exit 7' {name}; echo ready; \
              i=0; while [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; exit 1"
         );
         let mut child = Command::new(BIN)
-            .args([
-                "run",
-                "--debug-no-engine",
-                "--dns-upstream",
-                "127.0.0.1:5399",
-            ])
+            .args(["run", "--debug-no-engine", "--dns-upstream", "127.0.0.1:5399"])
             .args(["--", "sh", "-c", &script])
             .stdout(Stdio::piped())
             .spawn()
@@ -216,15 +165,9 @@ fn signals_are_forwarded() {
 fn leftover_processes_are_killed() {
     need_root!();
     // A background child, and a daemon that left the process tree (setsid, reparented).
-    let out = run_sh(
-        &[],
-        "sleep 1000 & echo $!; (setsid sleep 1001 & echo $!); sleep 0.2; exit 4",
-    );
+    let out = run_sh(&[], "sleep 1000 & echo $!; (setsid sleep 1001 & echo $!); sleep 0.2; exit 4");
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-    let pids: Vec<i32> = text(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    let pids: Vec<i32> = text(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
     assert_eq!(pids.len(), 2);
     for pid in pids {
         // usernet reaps them before it exits: they are gone, not even zombies.
@@ -249,18 +192,8 @@ fn rootless_as_nobody() {
     let out = Command::new("runuser")
         .args(["-u", "nobody", "--"])
         .arg(&bin)
-        .args([
-            "run",
-            "--debug-no-engine",
-            "--dns-upstream",
-            "127.0.0.1:5399",
-            "--",
-        ])
-        .args([
-            "sh",
-            "-c",
-            "id -u; ip -o -4 addr show eth0; ip route; cat /etc/resolv.conf; exit 5",
-        ])
+        .args(["run", "--debug-no-engine", "--dns-upstream", "127.0.0.1:5399", "--"])
+        .args(["sh", "-c", "id -u; ip -o -4 addr show eth0; ip route; cat /etc/resolv.conf; exit 5"])
         .current_dir("/")
         .output()
         .unwrap();
@@ -268,10 +201,7 @@ fn rootless_as_nobody() {
     assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
     assert!(stdout.starts_with("0\n"), "{stdout}");
     assert!(stdout.contains("inet 192.168.65.2/24"), "{stdout}");
-    assert!(
-        stdout.contains("default via 192.168.65.1 dev eth0"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("default via 192.168.65.1 dev eth0"), "{stdout}");
     assert!(stdout.contains("nameserver 192.168.65.1"), "{stdout}");
 }
 
@@ -285,10 +215,7 @@ fn no_namespaces_allowed_is_one_line_and_125() {
          exec setpriv --inh-caps=-all --bounding-set=-all {BIN} run --debug-no-engine \
          --dns-upstream 127.0.0.1:5399 -- true"
     );
-    let out = match Command::new("unshare")
-        .args(["--user", "--map-root-user", "sh", "-c", &script])
-        .output()
-    {
+    let out = match Command::new("unshare").args(["--user", "--map-root-user", "sh", "-c", &script]).output() {
         Ok(out) => out,
         Err(_) => {
             eprintln!("skipped: no unshare");
@@ -319,11 +246,7 @@ fn missing_or_dangling_resolv_conf() {
         std::fs::write(etc.join("sub/inner"), "inner-text\n").unwrap();
         std::os::unix::fs::symlink("marker", etc.join("link")).unwrap();
         if dangling {
-            std::os::unix::fs::symlink(
-                "../run/usernet-nonexistent/resolv.conf",
-                etc.join("resolv.conf"),
-            )
-            .unwrap();
+            std::os::unix::fs::symlink("../run/usernet-nonexistent/resolv.conf", etc.join("resolv.conf")).unwrap();
         }
         // A private mount namespace whose /etc is our test directory (the binary needs no
         // /etc to start). The usernet inside sees the missing or dangling resolv.conf.
@@ -332,23 +255,15 @@ fn missing_or_dangling_resolv_conf() {
              -- sh -c 'cat /etc/resolv.conf /etc/marker /etc/sub/inner /etc/link'",
             etc = etc.display()
         );
-        let out = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .output()
-            .unwrap();
+        let out =
+            Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
         let stdout = text(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
         assert!(stdout.contains("nameserver 192.168.65.1\n"), "{stdout}");
-        assert!(
-            stdout.contains("marker-text\ninner-text\nmarker-text\n"),
-            "{stdout}"
-        );
+        assert!(stdout.contains("marker-text\ninner-text\nmarker-text\n"), "{stdout}");
         // Nothing was created in the (bind-mounted) directory itself.
-        let mut names: Vec<String> = std::fs::read_dir(&etc)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(&etc).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         let mut want = vec!["link", "marker", "sub"];
         if dangling {
@@ -382,14 +297,8 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "usernet-test-{tag}-{}-{nanos:x}",
-            std::process::id()
-        ));
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let path = std::env::temp_dir().join(format!("usernet-test-{tag}-{}-{nanos:x}", std::process::id()));
         std::fs::create_dir(&path).unwrap();
         TempDir(path)
     }

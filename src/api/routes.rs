@@ -41,13 +41,7 @@ impl State {
         cfg: Arc<NetConfig>,
         proxy: Option<crate::services::proxy::ProxySettings>,
     ) -> State {
-        State {
-            control,
-            dns,
-            cfg,
-            exposed: tokio::sync::Mutex::new(BTreeMap::new()),
-            proxy,
-        }
+        State { control, dns, cfg, exposed: tokio::sync::Mutex::new(BTreeMap::new()), proxy }
     }
 }
 

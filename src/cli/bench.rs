@@ -2,91 +2,121 @@
 //!
 //! Method. For every setup (usernet, pasta, slirp4netns, a plain veth pair as the kernel's own
 //! limit) and every repeat, the bench builds a fresh namespace the way that tool is meant to be
-//! used, starts three small TCP servers on the host side (in this process, see
-//! [`traffic`]), and runs a client inside the namespace: this same executable, re-executed as
-//! `usernet bench --role client ...` under `usernet run --`, `nsenter` or `ip netns exec`. The
-//! client measures, one after the other:
-//! - single-stream TCP throughput, namespace -> host: 128 KiB writes (as iperf3) for
-//!   `--duration` seconds, then a half-close; the host side divides the bytes it read by the
-//!   time from its first byte to EOF. Stricter than iperf3, which stops its clock at the end
-//!   of the sending window: a path that stalls and drains late pays for the whole stall;
-//! - 1-byte request/response latency on one TCP_NODELAY connection, `--rr-count` round trips
-//!   (at most `--duration` seconds) after a warm-up, mean and median;
-//! - new connections per second (connect, 1 byte each way, close) for up to 3 seconds.
+//! used (see [`setups`]), with one port published into it, and starts an agent inside: this
+//! same executable, re-run as `usernet bench --role agent` under `usernet run -p P:P --`,
+//! `nsenter` or `ip netns exec`, taking one request at a time on its stdin (see [`agent`]).
+//! The driver starts the host-side servers itself (see [`traffic`]) and, between requests,
+//! reads the CPU time and memory of the tool's process. A run of a setup has three phases,
+//! each on a freshly built setup:
 //!
-//! It prints one JSON line that the bench parses. Setups run interleaved (one run of each,
-//! then again), so a noisy neighbour spreads across all of them; the table shows the median of
-//! `--repeat` runs and each peer's ratio to usernet (peer / usernet, whatever the direction
-//! of "better").
+//! 1. Main, at the tool's default MTU (65520 for all four):
+//!    - TCP throughput, each for `--duration` seconds, measured where the data lands (bytes
+//!      read from first byte to EOF): namespace -> host, one stream and 4 parallel streams;
+//!      host -> namespace through the published port, from a client on the host's loopback
+//!      (pasta splices these) and from a client that keeps its address: an agent in a peer
+//!      namespace joined to the host by a veth pair (198.51.100.0/24), dialling the host's
+//!      address on that pair (pasta's TAP path; slirp4netns's `add_hostfwd`; usernet's
+//!      `-p`). veth has nothing to publish: its "published" paths are the host dialling the
+//!      namespace's address directly, from the host for both;
+//!    - CPU seconds of the tool per GB moved on each throughput path: utime + stime of its
+//!      process (all threads) from /proc/PID/stat before and after. For veth the work is the
+//!      kernel's, in softirq context of whichever task runs: not attributable, so n/a;
+//!    - 1-byte request/response latency (mean, median) and new connections per second;
+//!    - UDP: 1 Gbit/s of 1400-byte datagrams namespace -> host for 3 s from a paced sender;
+//!      the host's sink (8 MiB receive buffer) counts; received rate and loss %.
+//! 2. MTU 1500 (`usernet run --mtu 1500`, `pasta --mtu 1500`, `slirp4netns --mtu=1500`,
+//!    veth mtu 1500; the peer pair follows the MTU of the phase): the single-stream and both
+//!    published throughput paths again, with their CPU cost.
+//! 3. Memory, at the default MTU: VmRSS of the tool's process once the agent is up and idle,
+//!    then with `--conns` (10,000) idle TCP connections opened by the agent to a host server
+//!    and held 2 s, and the growth per connection. Where a tool cannot hold that many here
+//!    (pasta spends two descriptors per connection and exits when it runs out; libslirp opens
+//!    them in quadratic time) it holds what it can and the table says so.
+//!
+//! Setups run interleaved (one run of each, then again), so a noisy neighbour spreads across
+//! all of them; the table shows the median of `--repeat` runs and each peer's ratio to
+//! usernet (peer / usernet, whatever the direction of "better"). `--json` keeps every run,
+//! `--svg` draws the medians as grouped horizontal bars.
 //!
 //! The host side of every path is the host's loopback (the address each tool maps to it:
-//! usernet 192.168.65.254, pasta its default gateway, slirp4netns 10.0.2.2), or for veth the
-//! host end of the pair. No other address is ever dialled, usernet gets a dead loopback DNS
-//! upstream, and everything started or created is removed after each run (see [`setups`]). A
-//! setup that is missing reads "n/a (...)"; one that fails reads "failed: ..." and the bench
-//! goes on.
+//! usernet 192.168.65.254, pasta its default gateway, slirp4netns 10.0.2.2), the host end of
+//! the veth pair, or the peer namespace. No other address is ever dialled, usernet gets a
+//! dead loopback DNS upstream, and everything started or created is removed after each phase.
+//! A setup that is missing reads "n/a (...)"; one that fails reads "failed: ..." and the
+//! bench goes on. The open-files limit is raised (inherited by the tools) for the memory test.
 
+mod agent;
 mod setups;
+mod svg;
 mod traffic;
 
-use std::io::Read;
-use std::net::IpAddr;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use serde::Serialize;
 use serde_json::json;
 
-use setups::Setup;
-use traffic::{ClientPlan, ClientReport, REPORT_PREFIX, Servers};
+use agent::{Agent, Reply, Request};
+use setups::{DEFAULT_MTU, Env, Peer, Setup, Tools};
+use traffic::{Kind, Server, StreamResult, UdpSink};
 
-/// Longest connection-rate test.
-const CRR_SECONDS: u64 = 3;
+/// The MTU of the second phase.
+const LOW_MTU: u32 = 1500;
+/// Parallel streams of the multi-stream test.
+const STREAMS: u32 = 4;
+/// Offered UDP load: payload bits per second, and payload size.
+const UDP_RATE_BPS: f64 = 1e9;
+const UDP_SIZE: usize = 1400;
+/// Open files the bench asks for (the memory test holds thousands on each side).
+const NOFILE: u64 = 65_536;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Seconds of each throughput run (the latency test stops sooner, the connection-rate
-    /// test after at most 3 s).
-    #[arg(long, value_name = "SECS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(1..=60))]
-    pub duration: u64,
-    /// Runs of each setup; the table shows the median.
-    #[arg(long, value_name = "N", default_value_t = 3,
-          value_parser = clap::value_parser!(u32).range(1..=20))]
-    pub repeat: u32,
+    /// Seconds of each throughput run [default: 2; 1 with --quick].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub duration: Option<u64>,
+    /// Runs of each setup; the table shows the median [default: 3; 1 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: Option<u32>,
+    /// A short run, about a minute: 1 repeat of 1-second tests, 2,000 idle connections.
+    #[arg(long)]
+    pub quick: bool,
     /// Setups to run, comma-separated: usernet, pasta, slirp4netns, veth (default: all).
     #[arg(long, value_name = "SETUPS", value_delimiter = ',', value_parser = parse_setup)]
     pub only: Vec<Setup>,
     /// The usernet binary to measure (default: this executable).
     #[arg(long, value_name = "PATH")]
     pub usernet_bin: Option<PathBuf>,
+    /// The pasta binary to measure (a name is looked up in PATH).
+    #[arg(long, value_name = "PATH", default_value = "pasta")]
+    pub pasta_bin: PathBuf,
     /// Also write the results, every run included, to FILE as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Round trips of the latency test.
-    #[arg(long, value_name = "N", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub rr_count: u32,
+    /// Also draw the medians as an SVG chart in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// Round trips of the latency test [default: 10000; 1000 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rr_count: Option<u32>,
+    /// Idle TCP connections of the memory test [default: 10000; 2000 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=30_000))]
+    pub conns: Option<u32>,
 
-    // The client half, run inside each namespace by the bench itself.
+    /// The agent half, run inside each namespace by the bench itself.
     #[arg(long, hide = true, value_enum)]
     pub role: Option<Role>,
-    #[arg(long, hide = true)]
-    pub host: Option<IpAddr>,
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub stream_port: u16,
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub rr_port: u16,
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub crr_port: u16,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
 pub enum Role {
-    /// Measure from inside a namespace and print one JSON line.
-    Client,
+    /// Take requests on stdin, answer on stdout.
+    Agent,
 }
 
 fn parse_setup(s: &str) -> Result<Setup, String> {
@@ -95,27 +125,40 @@ fn parse_setup(s: &str) -> Result<Setup, String> {
 
 pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     match args.role {
-        Some(Role::Client) => client_main(&args),
+        Some(Role::Agent) => agent::agent_main(),
         None => driver_main(&args),
     }
 }
 
-/// The hidden `--role client`: measure, print the report line.
-fn client_main(args: &BenchArgs) -> anyhow::Result<i32> {
-    let host = args.host.context("--role client needs --host")?;
-    let duration = Duration::from_secs(args.duration);
-    let plan = ClientPlan {
-        host,
-        stream_port: args.stream_port,
-        rr_port: args.rr_port,
-        crr_port: args.crr_port,
-        duration,
-        rr_count: args.rr_count,
-        crr_time: duration.min(Duration::from_secs(CRR_SECONDS)),
-    };
-    let report = traffic::run_client(&plan);
-    println!("{REPORT_PREFIX}{}", serde_json::to_string(&report)?);
-    Ok(0)
+/// The settings of one bench, defaults and `--quick` resolved.
+#[derive(Debug, Clone, Serialize)]
+struct Plan {
+    duration: Duration,
+    repeat: u32,
+    rr_count: u32,
+    crr: Duration,
+    udp: Duration,
+    conns: u32,
+    hold: Duration,
+    /// Longest the agent may take to open the idle connections.
+    open_limit: Duration,
+}
+
+impl Plan {
+    fn from_args(args: &BenchArgs) -> Plan {
+        let q = args.quick;
+        let duration = Duration::from_secs(args.duration.unwrap_or(if q { 1 } else { 2 }));
+        Plan {
+            duration,
+            repeat: args.repeat.unwrap_or(if q { 1 } else { 3 }),
+            rr_count: args.rr_count.unwrap_or(if q { 1_000 } else { 10_000 }),
+            crr: duration.min(Duration::from_secs(3)),
+            udp: Duration::from_secs(if q { 1 } else { 3 }),
+            conns: args.conns.unwrap_or(if q { 2_000 } else { 10_000 }),
+            hold: Duration::from_secs(if q { 1 } else { 2 }),
+            open_limit: Duration::from_secs(if q { 10 } else { 30 }),
+        }
+    }
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -138,15 +181,61 @@ fn catch_signals() {
     }
 }
 
+/// Raises the open-files limit (root: to [`NOFILE`]; otherwise the soft limit to the hard).
+/// The tools and agents started later inherit it.
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if nix::unistd::geteuid().is_root() && lim.rlim_max < NOFILE {
+            lim.rlim_max = NOFILE;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// One measurement: a value, not applicable to this setup (why), or failed (why).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Measure {
+    Value(f64),
+    NotApplicable(String),
+    Failed(String),
+}
+
+/// Everything one run of one setup measured.
+#[derive(Debug, Default)]
+struct Run {
+    metrics: BTreeMap<String, Measure>,
+    /// Raw findings behind the metrics (server counts, sender counts, ...), for `--json`.
+    details: serde_json::Map<String, serde_json::Value>,
+    /// What was observed about the setup (its interfaces and their MTU).
+    notes: Vec<String>,
+    commands: Vec<String>,
+}
+
+impl Run {
+    fn set(&mut self, key: &str, m: Measure) {
+        self.metrics.insert(key.to_string(), m);
+    }
+
+    fn set_result(&mut self, key: &str, r: Result<f64, String>) {
+        self.set(key, r.map_or_else(Measure::Failed, Measure::Value));
+    }
+}
+
 /// Everything measured for one setup.
 struct Outcome {
     setup: Setup,
     unavailable: Option<String>,
-    runs: Vec<Result<ClientReport, String>>,
-    commands: Vec<String>,
+    runs: Vec<Run>,
 }
 
-/// A private scratch directory (pidfiles, logs), removed on drop.
+/// A private scratch directory (pidfiles, logs, sockets), removed on drop.
 struct TempDir(PathBuf);
 
 impl Drop for TempDir {
@@ -155,184 +244,560 @@ impl Drop for TempDir {
     }
 }
 
+/// The remote client: the peer namespace and its agent (stopped before the namespace goes).
+struct PeerSide {
+    agent: Agent,
+    peer: Peer,
+}
+
+fn start_peer(self_exe: &Path) -> anyhow::Result<PeerSide> {
+    let peer = Peer::create().context("peer namespace")?;
+    let prefix = peer.prefix();
+    let mut cmd = Command::new(&prefix[0]);
+    cmd.args(&prefix[1..]).arg(self_exe).args(["bench", "--role", "agent"]);
+    let agent = Agent::spawn(&mut cmd).context("peer agent")?;
+    Ok(PeerSide { agent, peer })
+}
+
+/// What a phase needs from the driver.
+struct Ctx<'a> {
+    self_exe: &'a Path,
+    tools: &'a Tools,
+    plan: &'a Plan,
+}
+
 fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
     let self_exe = std::env::current_exe().context("find this executable")?;
-    let usernet_bin = args.usernet_bin.clone().unwrap_or_else(|| self_exe.clone());
+    let plan = Plan::from_args(args);
     let chosen: Vec<Setup> = if args.only.is_empty() {
         Setup::ALL.to_vec()
     } else {
         Setup::ALL.into_iter().filter(|s| args.only.contains(s)).collect()
     };
     catch_signals();
+    raise_nofile();
     let tmp = TempDir(std::env::temp_dir().join(format!("usernet-bench-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&tmp.0);
     std::fs::create_dir(&tmp.0).with_context(|| format!("create {}", tmp.0.display()))?;
+    let tools = Tools {
+        usernet_bin: args.usernet_bin.clone().unwrap_or_else(|| self_exe.clone()),
+        pasta_bin: args.pasta_bin.clone(),
+        tmp: tmp.0.clone(),
+    };
+    let ctx = Ctx { self_exe: &self_exe, tools: &tools, plan: &plan };
 
     let mut outcomes: Vec<Outcome> = chosen
         .iter()
-        .map(|&setup| Outcome {
-            setup,
-            unavailable: setup.unavailable(&usernet_bin),
-            runs: Vec::new(),
-            commands: Vec::new(),
-        })
+        .map(|&setup| Outcome { setup, unavailable: setup.unavailable(&tools), runs: Vec::new() })
         .collect();
+    let needs_peer = outcomes.iter().any(|o| o.unavailable.is_none() && o.setup != Setup::Veth);
+    let mut peer: Result<PeerSide, String> = if !needs_peer {
+        Err("not needed".into())
+    } else if !nix::unistd::geteuid().is_root() {
+        Err("the peer namespace needs root".into())
+    } else {
+        start_peer(&self_exe).map_err(|e| format!("{e:#}"))
+    };
+    let mut peer_commands = Vec::new();
+    match &peer {
+        Ok(p) => peer_commands.clone_from(&p.peer.commands),
+        Err(e) if needs_peer => eprintln!("usernet bench: no remote client: {e}"),
+        Err(_) => {}
+    }
 
-    'repeats: for round in 1..=args.repeat {
+    let started = std::time::Instant::now();
+    'repeats: for round in 1..=plan.repeat {
         for o in outcomes.iter_mut().filter(|o| o.unavailable.is_none()) {
             if interrupted() {
                 break 'repeats;
             }
-            eprintln!("usernet bench: {} run {round}/{}", o.setup.name(), args.repeat);
-            let (commands, result) = run_once(o.setup, &self_exe, &usernet_bin, &tmp.0, args);
+            eprintln!(
+                "usernet bench: {} run {round}/{} ({} s so far)",
+                o.setup.name(),
+                plan.repeat,
+                started.elapsed().as_secs()
+            );
+            let mut run = Run::default();
+            for p in Phase::ALL {
+                if !interrupted() {
+                    phase(o.setup, p, &ctx, &mut peer, &mut run);
+                }
+            }
             if interrupted() {
                 // A run cut short measures nothing.
                 eprintln!("usernet bench: interrupted, cleaned up");
                 break 'repeats;
             }
-            if let Err(e) = &result {
-                eprintln!("usernet bench: {} failed: {e}", o.setup.name());
-            }
-            o.commands = commands;
-            o.runs.push(result);
+            o.runs.push(run);
         }
     }
+    drop(peer);
+    eprintln!("usernet bench: done in {} s", started.elapsed().as_secs());
 
-    print_report(&outcomes, args);
+    let metrics = metric_list(&plan);
+    print_report(&outcomes, &metrics, &plan, &peer_commands);
     if let Some(path) = &args.json {
-        let doc = json_report(&outcomes, args);
+        let doc = json_report(&outcomes, &metrics, &plan, &tools, &peer_commands);
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg_report(&outcomes, &metrics, &plan))
             .with_context(|| format!("write {}", path.display()))?;
     }
     Ok(if interrupted() { 130 } else { 0 })
 }
 
-/// One run of one setup: build it, serve, run the client inside, tear it all down.
-/// Returns the commands used and the client's report.
-fn run_once(
+/// A TCP throughput path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcpPath {
+    NsHost,
+    NsHostMulti,
+    HostNsLoopback,
+    HostNsPeer,
+}
+
+impl TcpPath {
+    const ALL: [TcpPath; 4] = [TcpPath::NsHost, TcpPath::NsHostMulti, TcpPath::HostNsLoopback, TcpPath::HostNsPeer];
+    /// The paths measured again at MTU 1500.
+    const LOW_MTU: [TcpPath; 3] = [TcpPath::NsHost, TcpPath::HostNsLoopback, TcpPath::HostNsPeer];
+
+    fn stem(self) -> &'static str {
+        match self {
+            TcpPath::NsHost => "ns_host",
+            TcpPath::NsHostMulti => "ns_host_x4",
+            TcpPath::HostNsLoopback => "host_ns_lo",
+            TcpPath::HostNsPeer => "host_ns_peer",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            TcpPath::NsHost => "ns->host, 1 stream",
+            TcpPath::NsHostMulti => "ns->host, 4 streams",
+            TcpPath::HostNsLoopback => "host->ns published, loopback client",
+            TcpPath::HostNsPeer => "host->ns published, client keeps its address",
+        }
+    }
+}
+
+fn mtu_suffix(mtu: u32) -> &'static str {
+    if mtu == DEFAULT_MTU { "" } else { "_mtu1500" }
+}
+
+fn tcp_key(path: TcpPath, mtu: u32) -> String {
+    format!("tcp_{}_gbps{}", path.stem(), mtu_suffix(mtu))
+}
+
+fn cpu_key(path: TcpPath, mtu: u32) -> String {
+    format!("cpu_s_per_gb_{}{}", path.stem(), mtu_suffix(mtu))
+}
+
+/// The three environments of one run: each builds the setup afresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Default MTU: every throughput path, latency, connection rate, UDP.
+    Main,
+    /// MTU 1500: the single-stream and the published throughput paths.
+    LowMtu,
+    /// Default MTU, fresh: idle memory, then memory with many idle connections.
+    Memory,
+}
+
+impl Phase {
+    const ALL: [Phase; 3] = [Phase::Main, Phase::LowMtu, Phase::Memory];
+
+    fn mtu(self) -> u32 {
+        if self == Phase::LowMtu { LOW_MTU } else { DEFAULT_MTU }
+    }
+
+    fn paths(self) -> &'static [TcpPath] {
+        match self {
+            Phase::Main => &TcpPath::ALL,
+            Phase::LowMtu => &TcpPath::LOW_MTU,
+            Phase::Memory => &[],
+        }
+    }
+
+    /// Every metric this phase measures.
+    fn keys(self) -> Vec<String> {
+        let mtu = self.mtu();
+        let mut keys: Vec<String> = self.paths().iter().flat_map(|&p| [tcp_key(p, mtu), cpu_key(p, mtu)]).collect();
+        let more: &[&str] = match self {
+            Phase::Main => {
+                &["rr_mean_us", "rr_median_us", "crr_per_sec", "udp_rx_mbps", "udp_loss_pct", "udp_sent_mbps"]
+            }
+            Phase::LowMtu => &[],
+            Phase::Memory => &MEMORY_KEYS,
+        };
+        keys.extend(more.iter().map(|k| k.to_string()));
+        keys
+    }
+}
+
+const MEMORY_KEYS: [&str; 3] = ["rss_idle_mib", "rss_conns_mib", "rss_per_conn_kib"];
+
+/// Builds the setup for `phase`, runs its tests, tears it down; fills `run`.
+fn phase(setup: Setup, phase: Phase, ctx: &Ctx, peer: &mut Result<PeerSide, String>, run: &mut Run) {
+    let result = if phase == Phase::Memory && setup == Setup::Veth {
+        for k in MEMORY_KEYS {
+            run.set(k, Measure::NotApplicable("kernel only".into()));
+        }
+        Ok(())
+    } else {
+        measure_phase(setup, phase, ctx, peer, run)
+    };
+    if let Err(e) = result {
+        // Whatever was not measured before the failure failed with it.
+        let why = format!("{e:#}");
+        for k in phase.keys() {
+            run.metrics.entry(k).or_insert_with(|| Measure::Failed(why.clone()));
+        }
+    }
+}
+
+fn measure_phase(
     setup: Setup,
-    self_exe: &Path,
-    usernet_bin: &Path,
-    tmp: &Path,
-    args: &BenchArgs,
-) -> (Vec<String>, Result<ClientReport, String>) {
-    let env = match setups::prepare(setup, usernet_bin, tmp) {
-        Ok(env) => env,
-        Err(e) => return (Vec::new(), Err(format!("{e:#}"))),
-    };
-    let mut commands = env.setup_commands.clone();
+    phase: Phase,
+    ctx: &Ctx,
+    peer: &mut Result<PeerSide, String>,
+    run: &mut Run,
+) -> anyhow::Result<()> {
+    let plan = ctx.plan;
+    let mtu = phase.mtu();
+    if let Ok(p) = peer.as_ref()
+        && let Err(e) = p.peer.set_mtu(mtu)
+    {
+        *peer = Err(format!("set the peer MTU: {e:#}"));
+    }
+    let peer_ip = peer.as_ref().ok().map(|p| p.peer.host_ip);
+    run.commands.push(format!("# {phase:?} phase, MTU {mtu}"));
+    let env = setups::prepare(setup, ctx.tools, mtu, peer_ip)?;
+    run.commands.extend(env.setup_commands.iter().cloned());
     // Declared after `env`, so dropped (stopped) before the setup is torn down.
-    let servers = match Servers::start(env.bind_ip) {
-        Ok(s) => s,
-        Err(e) => return (commands, Err(format!("{e:#}"))),
-    };
+    let stream = Server::start(Kind::Stream, SocketAddr::new(env.bind_ip, 0))?;
+    let rr = Server::start(Kind::Rr, SocketAddr::new(env.bind_ip, 0))?;
+    let crr = Server::start(Kind::Crr, SocketAddr::new(env.bind_ip, 0))?;
     let mut cmd = Command::new(&env.prefix[0]);
-    cmd.args(&env.prefix[1..])
-        .arg(self_exe)
-        .args(["bench", "--role", "client", "--host"])
-        .arg(env.target_ip.to_string())
-        .args(["--stream-port", &servers.stream.port().to_string()])
-        .args(["--rr-port", &servers.rr.port().to_string()])
-        .args(["--crr-port", &servers.crr.port().to_string()])
-        .args(["--duration", &args.duration.to_string()])
-        .args(["--rr-count", &args.rr_count.to_string()]);
-    commands.push(setups::show(&cmd));
-    // Each test is bounded by its duration plus I/O timeouts; this is the backstop.
-    let limit = Duration::from_secs(2 * args.duration + CRR_SECONDS + 60);
-    let result = run_client(&mut cmd, limit);
-    drop(servers);
-    drop(env);
-    (commands, result)
-}
+    cmd.args(&env.prefix[1..]).arg(ctx.self_exe).args(["bench", "--role", "agent"]);
+    run.commands.push(setups::show(&cmd));
+    let mut agent = Agent::spawn(&mut cmd)?;
+    let reply = agent.call(&Request::Serve { port: env.sink_port }, Duration::from_secs(60));
+    let Reply::Ready { interfaces } = reply.map_err(|e| anyhow::anyhow!("agent: {e}"))? else {
+        anyhow::bail!("agent: unexpected reply to serve");
+    };
+    let shown: Vec<String> = interfaces.iter().map(|(n, m)| format!("{n} mtu {m}")).collect();
+    let note = format!(
+        "{phase:?} phase: asked for MTU {mtu}, the namespace has {}",
+        if shown.is_empty() { "no interface".into() } else { shown.join(", ") }
+    );
+    run.commands.push(format!("# {note}"));
+    run.notes.push(note);
+    let tool_pid = env.tool_pid.or((setup == Setup::Usernet).then(|| agent.pid()));
+    let target = |port: u16| SocketAddr::new(env.target_ip, port);
+    let secs = plan.duration.as_secs_f64();
 
-/// Runs the client command and returns the report it printed.
-fn run_client(cmd: &mut Command, limit: Duration) -> Result<ClientReport, String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("start {}: {e}", setups::show(cmd)))?;
-    let stdout = collect(child.stdout.take());
-    let stderr = collect(child.stderr.take());
-    let status = setups::wait_bounded(&mut child, limit).map_err(|e| format!("client: {e:#}"))?;
-    // A grandchild that outlives the client may hold the pipes: do not wait for it long.
-    let grace = Duration::from_secs(2);
-    let stdout = stdout.recv_timeout(grace).unwrap_or_default();
-    let stderr = stderr.recv_timeout(grace).unwrap_or_default();
-    let stdout = String::from_utf8_lossy(&stdout);
-    if let Some(line) = stdout.lines().find_map(|l| l.strip_prefix(REPORT_PREFIX)) {
-        return serde_json::from_str(line).map_err(|e| format!("unreadable client report: {e}"));
+    if phase == Phase::Memory {
+        let Some(pid) = tool_pid else {
+            anyhow::bail!("no tool process");
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        run.set("rss_idle_mib", rss_measure(tool_pid));
+        conns_test(&mut agent, &env, setup, pid, plan, run);
+        return Ok(());
     }
-    let stderr = String::from_utf8_lossy(&stderr);
-    let why = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-    Err(format!("{} ({status})", why.trim()))
-}
-
-/// Reads a pipe to its end on a thread of its own.
-fn collect(pipe: Option<impl Read + Send + 'static>) -> std::sync::mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    if let Some(mut pipe) = pipe {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            let _ = tx.send(buf);
-        });
+    for &path in phase.paths() {
+        if interrupted() {
+            anyhow::bail!("interrupted");
+        }
+        let before = tool_pid.and_then(cpu_seconds);
+        let result: Result<StreamResult, String> = match path {
+            TcpPath::NsHost | TcpPath::NsHostMulti => {
+                let streams = if path == TcpPath::NsHost { 1 } else { STREAMS };
+                let req = Request::Stream { addr: target(stream.port()), secs, streams };
+                stream_reply(agent.call(&req, plan.duration + Duration::from_secs(45)))
+            }
+            TcpPath::HostNsLoopback => host_stream(env.lo_target, plan.duration),
+            TcpPath::HostNsPeer => match (env.peer_target, peer.as_mut()) {
+                (None, _) => host_stream(env.lo_target, plan.duration),
+                (Some(addr), Ok(p)) => {
+                    let req = Request::Stream { addr, secs, streams: 1 };
+                    stream_reply(p.agent.call(&req, plan.duration + Duration::from_secs(45)))
+                }
+                (Some(_), Err(e)) => Err(format!("no remote client: {e}")),
+            },
+        };
+        let after = tool_pid.and_then(cpu_seconds);
+        if let Ok(r) = &result {
+            run.details.insert(tcp_key(path, mtu), json!(r));
+        }
+        run.set_result(&tcp_key(path, mtu), result.as_ref().map(StreamResult::gbps).map_err(Clone::clone));
+        let cpu = match (tool_pid, before, after, &result) {
+            (None, ..) => Measure::NotApplicable("kernel only".into()),
+            (Some(_), Some(b), Some(a), Ok(r)) if r.bytes > 0 => Measure::Value((a - b) / (r.bytes as f64 / 1e9)),
+            (Some(_), _, _, Err(e)) => Measure::Failed(e.clone()),
+            _ => Measure::Failed("cannot read the tool's CPU time".into()),
+        };
+        run.set(&cpu_key(path, mtu), cpu);
     }
-    rx
+    if phase != Phase::Main {
+        return Ok(());
+    }
+
+    let rr_req = Request::Rr { addr: target(rr.port()), count: plan.rr_count, secs };
+    match agent.call(&rr_req, plan.duration + Duration::from_secs(30)) {
+        Ok(Reply::Rr(s)) => {
+            run.set("rr_mean_us", Measure::Value(s.mean_us));
+            run.set("rr_median_us", Measure::Value(s.median_us));
+            run.details.insert("rr".into(), json!(s));
+        }
+        other => {
+            let why = unexpected(other);
+            run.set("rr_mean_us", Measure::Failed(why.clone()));
+            run.set("rr_median_us", Measure::Failed(why));
+        }
+    }
+    let crr_req = Request::Crr { addr: target(crr.port()), secs: plan.crr.as_secs_f64() };
+    let crr_result = match agent.call(&crr_req, plan.crr + Duration::from_secs(30)) {
+        Ok(Reply::Crr { per_sec }) => Ok(per_sec),
+        other => Err(unexpected(other)),
+    };
+    run.set_result("crr_per_sec", crr_result);
+
+    udp_test(&mut agent, &env, plan, run);
+    drop(agent);
+    Ok(())
 }
 
-/// A row of the table: its label, how to pick its value from a report, how to print it.
+fn stream_reply(r: Result<Reply, String>) -> Result<StreamResult, String> {
+    match r {
+        Ok(Reply::Stream(s)) => Ok(s),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The error text for a reply that is an error or not the one expected.
+fn unexpected(r: Result<Reply, String>) -> String {
+    match r {
+        Err(e) => e,
+        Ok(other) => format!("unexpected agent reply {other:?}"),
+    }
+}
+
+/// A single stream from the host (the driver itself) to the agent's server.
+fn host_stream(addr: SocketAddr, duration: Duration) -> Result<StreamResult, String> {
+    traffic::stream_client(addr, duration, 1).map_err(|e| format!("{e:#}"))
+}
+
+/// The paced UDP test: the agent sends, a sink on the host counts.
+fn udp_test(agent: &mut Agent, env: &Env, plan: &Plan, run: &mut Run) {
+    let fail = |run: &mut Run, why: String| {
+        for k in ["udp_rx_mbps", "udp_loss_pct", "udp_sent_mbps"] {
+            run.set(k, Measure::Failed(why.clone()));
+        }
+    };
+    let sink = match UdpSink::start(env.bind_ip) {
+        Ok(s) => s,
+        Err(e) => return fail(run, format!("{e:#}")),
+    };
+    let req = Request::Udp {
+        addr: SocketAddr::new(env.target_ip, sink.addr.port()),
+        secs: plan.udp.as_secs_f64(),
+        rate_bps: UDP_RATE_BPS,
+        size: UDP_SIZE,
+    };
+    let sent = match agent.call(&req, plan.udp + Duration::from_secs(30)) {
+        Ok(Reply::Udp(s)) => s,
+        other => return fail(run, unexpected(other)),
+    };
+    // Let what is still in flight land.
+    std::thread::sleep(Duration::from_millis(300));
+    let (datagrams, bytes) = sink.received();
+    run.details.insert("udp".into(), json!({ "sent": sent, "received_datagrams": datagrams, "received_bytes": bytes }));
+    if sent.datagrams == 0 || sent.secs <= 0.0 {
+        return fail(run, format!("the sender sent nothing ({} errors)", sent.errors));
+    }
+    run.set("udp_rx_mbps", Measure::Value(bytes as f64 * 8.0 / sent.secs / 1e6));
+    run.set("udp_sent_mbps", Measure::Value(sent.bytes as f64 * 8.0 / sent.secs / 1e6));
+    let lost = sent.datagrams.saturating_sub(datagrams);
+    run.set("udp_loss_pct", Measure::Value(lost as f64 * 100.0 / sent.datagrams as f64));
+}
+
+/// How many idle connections a tool can hold here, if fewer than asked, and why.
+fn conns_cap(setup: Setup, pid: i32, asked: u32) -> Option<(u32, String)> {
+    match setup {
+        // libslirp polls every socket on every turn: opening slows down quadratically (7,060
+        // in 30 s here), and it buffers ~260 KiB per connection.
+        Setup::Slirp4netns if asked > SLIRP_CONNS => {
+            Some((SLIRP_CONNS, format!("held {SLIRP_CONNS} only: libslirp opens them slowly (O(n) poll)")))
+        }
+        // pasta spends two descriptors per connection (socket and timerfd), and exits when it
+        // runs out of them.
+        Setup::Pasta => {
+            let limit = open_files_limit(pid)?;
+            let cap = (limit.saturating_sub(256) / 2) as u32;
+            (cap < asked)
+                .then(|| (cap, format!("held {cap} only: pasta uses 2 fds per connection, its limit is {limit}")))
+        }
+        _ => None,
+    }
+}
+
+/// Idle connections slirp4netns is asked to hold (see [`conns_cap`]).
+const SLIRP_CONNS: u32 = 2_000;
+
+/// The soft RLIMIT_NOFILE of a process, from /proc/PID/limits.
+fn open_files_limit(pid: i32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The memory test: many idle connections held through the tool, on a fresh setup whose
+/// idle RSS was just read.
+fn conns_test(agent: &mut Agent, env: &Env, setup: Setup, pid: i32, plan: &Plan, run: &mut Run) {
+    let fail = |run: &mut Run, why: String| {
+        for k in ["rss_conns_mib", "rss_per_conn_kib"] {
+            run.set(k, Measure::Failed(why.clone()));
+        }
+    };
+    let hold = match Server::start(Kind::Hold, SocketAddr::new(env.bind_ip, 0)) {
+        Ok(s) => s,
+        Err(e) => return fail(run, format!("{e:#}")),
+    };
+    let cap = conns_cap(setup, pid, plan.conns);
+    let asked = cap.as_ref().map_or(plan.conns, |(n, _)| *n);
+    let baseline = rss_mib(pid);
+    let req = Request::Open {
+        addr: SocketAddr::new(env.target_ip, hold.port()),
+        count: asked,
+        secs: plan.open_limit.as_secs_f64(),
+    };
+    let (count, secs, error) = match agent.call(&req, plan.open_limit + Duration::from_secs(30)) {
+        Ok(Reply::Opened { count, secs, error }) => (count, secs, error),
+        other => return fail(run, unexpected(other)),
+    };
+    std::thread::sleep(plan.hold);
+    let loaded = rss_mib(pid);
+    let closed = agent.call(&Request::Close, Duration::from_secs(60));
+    drop(hold);
+    run.details.insert(
+        "conns".into(),
+        json!({ "asked": plan.conns, "attempted": asked, "opened": count, "open_secs": secs, "error": error,
+                "rss_before_mib": baseline, "rss_held_mib": loaded }),
+    );
+    let Some(loaded) = loaded else {
+        return fail(run, "cannot read the tool's memory (did it exit?)".into());
+    };
+    if let Some(e) = error {
+        return fail(run, format!("{e}; RSS then {loaded:.1} MiB"));
+    }
+    if let Err(e) = closed {
+        tracing::debug!("bench: closing the idle connections: {e}");
+    }
+    match cap {
+        Some((_, why)) => run.set("rss_conns_mib", Measure::NotApplicable(format!("{why}: {loaded:.1} MiB"))),
+        None => run.set("rss_conns_mib", Measure::Value(loaded)),
+    }
+    match baseline {
+        Some(b) if count > 0 => run.set("rss_per_conn_kib", Measure::Value((loaded - b) * 1024.0 / count as f64)),
+        _ => run.set("rss_per_conn_kib", Measure::Failed("no baseline".into())),
+    }
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+fn cpu_seconds(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5); the first after ')' is field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| (utime + stime) as f64 / hz as f64)
+}
+
+/// VmRSS of a process, in MiB.
+fn rss_mib(pid: i32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn rss_measure(pid: Option<i32>) -> Measure {
+    match pid {
+        None => Measure::NotApplicable("kernel only".into()),
+        Some(pid) => rss_mib(pid).map_or_else(|| Measure::Failed("cannot read VmRSS".into()), Measure::Value),
+    }
+}
+
+/// A row of the table.
 struct Metric {
-    key: &'static str,
-    label: &'static str,
-    pick: fn(&ClientReport) -> Result<f64, String>,
+    key: String,
+    label: String,
+    higher_better: bool,
     decimals: usize,
 }
 
-const METRICS: [Metric; 4] = [
-    Metric {
-        key: "throughput_gbps",
-        label: "TCP throughput ns->host, Gbit/s (higher is better)",
-        pick: |r| r.throughput_gbps.clone(),
-        decimals: 2,
-    },
-    Metric {
-        key: "rr_mean_us",
-        label: "1-byte TCP round trip, mean us (lower is better)",
-        pick: |r| r.rr.as_ref().map(|s| s.mean_us).map_err(Clone::clone),
-        decimals: 1,
-    },
-    Metric {
-        key: "rr_median_us",
-        label: "1-byte TCP round trip, median us (lower is better)",
-        pick: |r| r.rr.as_ref().map(|s| s.median_us).map_err(Clone::clone),
-        decimals: 1,
-    },
-    Metric {
-        key: "crr_per_sec",
-        label: "TCP connections/s, 1 byte each way (higher is better)",
-        pick: |r| r.crr_per_sec.clone(),
-        decimals: 0,
-    },
-];
+fn metric_list(plan: &Plan) -> Vec<Metric> {
+    let m = |key: String, label: String, higher_better: bool, decimals: usize| Metric {
+        key,
+        label,
+        higher_better,
+        decimals,
+    };
+    let mut list = Vec::new();
+    for mtu in [DEFAULT_MTU, LOW_MTU] {
+        let paths: &[TcpPath] = if mtu == DEFAULT_MTU { &TcpPath::ALL } else { &TcpPath::LOW_MTU };
+        for &p in paths {
+            list.push(m(tcp_key(p, mtu), format!("TCP {}, MTU {mtu}, Gbit/s", p.describe()), true, 2));
+        }
+    }
+    list.push(m("rr_mean_us".into(), "1-byte TCP round trip, mean, us".into(), false, 1));
+    list.push(m("rr_median_us".into(), "1-byte TCP round trip, median, us".into(), false, 1));
+    list.push(m("crr_per_sec".into(), "TCP connections/s (1 byte each way)".into(), true, 0));
+    let offered = format!("UDP ns->host, {} Mbit/s of {UDP_SIZE} B offered", UDP_RATE_BPS / 1e6);
+    list.push(m("udp_rx_mbps".into(), format!("{offered}: received Mbit/s"), true, 0));
+    list.push(m("udp_loss_pct".into(), format!("{offered}: loss %"), false, 2));
+    list.push(m("udp_sent_mbps".into(), format!("{offered}: sender managed Mbit/s"), true, 0));
+    for mtu in [DEFAULT_MTU, LOW_MTU] {
+        let paths: &[TcpPath] = if mtu == DEFAULT_MTU { &TcpPath::ALL } else { &TcpPath::LOW_MTU };
+        for &p in paths {
+            list.push(m(cpu_key(p, mtu), format!("tool CPU s per GB: TCP {}, MTU {mtu}", p.describe()), false, 3));
+        }
+    }
+    list.push(m("rss_idle_mib".into(), "tool RSS, idle, MiB".into(), false, 1));
+    list.push(m("rss_conns_mib".into(), format!("tool RSS, {} idle TCP connections, MiB", plan.conns), false, 1));
+    list.push(m("rss_per_conn_kib".into(), "tool RSS per idle TCP connection, KiB".into(), false, 2));
+    list
+}
 
-/// The values of one metric over a setup's runs, and the first error among them.
-fn values(o: &Outcome, m: &Metric) -> (Vec<f64>, Option<String>) {
+/// The values of one metric over a setup's runs, and the first reason among the others.
+fn values(o: &Outcome, key: &str) -> (Vec<f64>, Option<Measure>) {
     let mut vals = Vec::new();
-    let mut first_err = None;
+    let mut other = None;
     for run in &o.runs {
-        match run.as_ref().map_err(Clone::clone).and_then(m.pick) {
-            Ok(v) if v.is_finite() => vals.push(v),
-            Ok(v) => {
-                first_err.get_or_insert(format!("bad value {v}"));
+        match run.metrics.get(key) {
+            Some(Measure::Value(v)) if v.is_finite() => vals.push(*v),
+            Some(Measure::Value(v)) => {
+                other.get_or_insert(Measure::Failed(format!("bad value {v}")));
             }
-            Err(e) => {
-                first_err.get_or_insert(e);
+            Some(m) => {
+                // "n/a" outranks "failed" only when nothing failed.
+                let have_failure = matches!(other, Some(Measure::Failed(_)));
+                if !have_failure && (other.is_none() || matches!(m, Measure::Failed(_))) {
+                    other = Some(m.clone());
+                }
+            }
+            None => {
+                other.get_or_insert(Measure::Failed("not measured".into()));
             }
         }
     }
-    (vals, first_err)
+    (vals, other)
 }
 
 fn median(vals: &[f64]) -> Option<f64> {
@@ -357,36 +822,53 @@ fn short(reason: &str) -> String {
     }
 }
 
-fn cell(o: &Outcome, m: &Metric, usernet: Option<f64>) -> String {
+/// A table cell: the median, its ratio to usernet's, and what is missing.
+struct Cell {
+    value: Option<f64>,
+    ratio: Option<f64>,
+    text: String,
+}
+
+fn cell(o: &Outcome, m: &Metric, usernet: Option<f64>) -> Cell {
     if let Some(why) = &o.unavailable {
-        return format!("n/a ({why})");
+        return Cell { value: None, ratio: None, text: format!("n/a ({})", short(why)) };
     }
-    let (vals, err) = values(o, m);
+    let (vals, other) = values(o, &m.key);
     let Some(value) = median(&vals) else {
-        return format!("failed: {}", short(err.as_deref().unwrap_or("no runs")));
+        let text = match other {
+            Some(Measure::NotApplicable(why)) => format!("n/a ({})", short(&why)),
+            Some(Measure::Failed(why)) => format!("failed: {}", short(&why)),
+            _ => "failed: no runs".into(),
+        };
+        return Cell { value: None, ratio: None, text };
     };
     let mut text = format!("{value:.*}", m.decimals);
+    let mut ratio = None;
     if o.setup != Setup::Usernet
         && let Some(base) = usernet.filter(|b| *b > 0.0)
     {
+        ratio = Some(value / base);
         text += &format!(" ({:.2}x)", value / base);
     }
     if vals.len() < o.runs.len() {
         text += &format!(" [{}/{} runs]", vals.len(), o.runs.len());
     }
-    text
+    Cell { value: Some(value), ratio, text }
 }
 
-fn print_report(outcomes: &[Outcome], args: &BenchArgs) {
-    let usernet = outcomes.iter().find(|o| o.setup == Setup::Usernet);
+fn usernet_median(outcomes: &[Outcome], key: &str) -> Option<f64> {
+    outcomes.iter().find(|o| o.setup == Setup::Usernet).and_then(|u| median(&values(u, key).0))
+}
+
+fn print_report(outcomes: &[Outcome], metrics: &[Metric], plan: &Plan, peer_commands: &[String]) {
     let mut rows: Vec<Vec<String>> = Vec::new();
-    let mut header = vec![String::from("metric")];
+    let mut header = vec![String::from("metric (+ higher is better, - lower)")];
     header.extend(outcomes.iter().map(|o| o.setup.name().to_string()));
     rows.push(header);
-    for m in &METRICS {
-        let base = usernet.and_then(|u| median(&values(u, m).0));
-        let mut row = vec![m.label.to_string()];
-        row.extend(outcomes.iter().map(|o| cell(o, m, base)));
+    for m in metrics {
+        let base = usernet_median(outcomes, &m.key);
+        let mut row = vec![format!("{} {}", if m.higher_better { "+" } else { "-" }, m.label)];
+        row.extend(outcomes.iter().map(|o| cell(o, m, base).text));
         rows.push(row);
     }
     let columns = rows[0].len();
@@ -395,12 +877,19 @@ fn print_report(outcomes: &[Outcome], args: &BenchArgs) {
 
     println!();
     println!(
-        "usernet bench: median of {} run(s); throughput {} s per run, {} round trips, \
-         connections for {} s; (Nx) = value / usernet's",
-        args.repeat,
-        args.duration,
-        args.rr_count,
-        args.duration.min(CRR_SECONDS)
+        "usernet bench: median of {} run(s); TCP {} s per path, {} round trips, connections for {} s, \
+         UDP {} s, {} idle connections held {} s; (Nx) = value / usernet's",
+        plan.repeat,
+        plan.duration.as_secs(),
+        plan.rr_count,
+        plan.crr.as_secs(),
+        plan.udp.as_secs(),
+        plan.conns,
+        plan.hold.as_secs()
+    );
+    println!(
+        "CPU: utime+stime of the tool's process (usernet run, pasta, slirp4netns); veth: kernel only, n/a. \
+         veth's published paths: the host dials the namespace directly."
     );
     println!();
     for (i, row) in rows.iter().enumerate() {
@@ -413,75 +902,122 @@ fn print_report(outcomes: &[Outcome], args: &BenchArgs) {
     }
 
     println!();
-    println!("Commands (last run of each setup):");
+    println!("Setups (last run of each):");
     for o in outcomes {
-        if o.unavailable.is_some() || o.commands.is_empty() {
-            continue;
-        }
+        let Some(run) = o.runs.last() else { continue };
         println!("  {}:", o.setup.name());
-        for c in &o.commands {
+        for c in &run.commands {
             println!("    {c}");
         }
     }
-    let failures: Vec<(&Outcome, &String)> =
-        outcomes.iter().flat_map(|o| o.runs.iter().filter_map(move |r| r.as_ref().err().map(|e| (o, e)))).collect();
-    let metric_errors: Vec<(&Outcome, &str, String)> = outcomes
-        .iter()
-        .flat_map(|o| {
-            o.runs
-                .iter()
-                .filter_map(|r| r.as_ref().ok())
-                .flat_map(move |r| METRICS.iter().filter_map(move |m| (m.pick)(r).err().map(|e| (o, m.key, e))))
-        })
-        .collect();
-    if !failures.is_empty() || !metric_errors.is_empty() {
+    if !peer_commands.is_empty() {
+        println!("  remote client (peer namespace):");
+        for c in peer_commands {
+            println!("    {c}");
+        }
+    }
+    let mut failures: Vec<String> = Vec::new();
+    for o in outcomes {
+        for (i, run) in o.runs.iter().enumerate() {
+            for (key, m) in &run.metrics {
+                if let Measure::Failed(why) = m {
+                    failures.push(format!("  {} run {} {key}: {why}", o.setup.name(), i + 1));
+                }
+            }
+        }
+    }
+    if !failures.is_empty() {
         println!();
         println!("Failures:");
-        for (o, e) in failures {
-            println!("  {}: {e}", o.setup.name());
-        }
-        for (o, key, e) in metric_errors {
-            println!("  {} {key}: {e}", o.setup.name());
+        for f in failures {
+            println!("{f}");
         }
     }
 }
 
-fn json_report(outcomes: &[Outcome], args: &BenchArgs) -> serde_json::Value {
+fn json_report(
+    outcomes: &[Outcome],
+    metrics: &[Metric],
+    plan: &Plan,
+    tools: &Tools,
+    peer_commands: &[String],
+) -> serde_json::Value {
     let setups: serde_json::Map<String, serde_json::Value> = outcomes
         .iter()
         .map(|o| {
-            let status = match (&o.unavailable, o.runs.iter().any(|r| r.is_ok())) {
+            let ok = o.runs.iter().any(|r| r.metrics.values().any(|m| matches!(m, Measure::Value(_))));
+            let status = match (&o.unavailable, ok) {
                 (Some(_), _) => "n/a",
                 (None, true) => "ok",
                 (None, false) => "failed",
             };
             let medians: serde_json::Map<String, serde_json::Value> =
-                METRICS.iter().map(|m| (m.key.to_string(), json!(median(&values(o, m).0)))).collect();
+                metrics.iter().map(|m| (m.key.clone(), json!(median(&values(o, &m.key).0)))).collect();
             let runs: Vec<serde_json::Value> = o
                 .runs
                 .iter()
-                .map(|r| match r {
-                    Ok(report) => json!({ "ok": report }),
-                    Err(e) => json!({ "error": e }),
-                })
+                .map(
+                    |r| json!({ "metrics": r.metrics, "details": r.details, "notes": r.notes, "commands": r.commands }),
+                )
                 .collect();
             let value = json!({
                 "status": status,
                 "reason": o.unavailable,
-                "commands": o.commands,
                 "median": medians,
                 "runs": runs,
             });
             (o.setup.name().to_string(), value)
         })
         .collect();
+    let metric_info: Vec<serde_json::Value> = metrics
+        .iter()
+        .map(|m| json!({ "key": m.key, "label": m.label, "higher_is_better": m.higher_better }))
+        .collect();
     json!({
-        "duration_s": args.duration,
-        "repeat": args.repeat,
-        "rr_count": args.rr_count,
-        "crr_seconds": args.duration.min(CRR_SECONDS),
+        "plan": {
+            "duration_s": plan.duration.as_secs(),
+            "repeat": plan.repeat,
+            "rr_count": plan.rr_count,
+            "crr_s": plan.crr.as_secs(),
+            "udp_s": plan.udp.as_secs(),
+            "udp_offered_bps": UDP_RATE_BPS,
+            "udp_size": UDP_SIZE,
+            "conns": plan.conns,
+            "hold_s": plan.hold.as_secs(),
+            "streams": STREAMS,
+            "low_mtu": LOW_MTU,
+        },
+        "usernet_bin": tools.usernet_bin,
+        "pasta_bin": tools.pasta_bin,
+        "peer_commands": peer_commands,
+        "metrics": metric_info,
         "setups": setups,
     })
+}
+
+fn svg_report(outcomes: &[Outcome], metrics: &[Metric], plan: &Plan) -> String {
+    let groups: Vec<svg::Group> = metrics
+        .iter()
+        .map(|m| {
+            let base = usernet_median(outcomes, &m.key);
+            let bars = outcomes
+                .iter()
+                .map(|o| {
+                    let c = cell(o, m, base);
+                    svg::Bar { setup: o.setup.name().to_string(), value: c.value, ratio: c.ratio, text: c.text }
+                })
+                .collect();
+            let arrow = if m.higher_better { "higher is better" } else { "lower is better" };
+            svg::Group { title: format!("{} ({arrow})", m.label), bars }
+        })
+        .collect();
+    let subtitle = format!(
+        "median of {} run(s), {} s per TCP path; ratios are value / usernet's",
+        plan.repeat,
+        plan.duration.as_secs()
+    );
+    let names: Vec<&str> = outcomes.iter().map(|o| o.setup.name()).collect();
+    svg::render("usernet bench", &subtitle, &names, &groups)
 }
 
 #[cfg(test)]
@@ -503,20 +1039,56 @@ mod tests {
     }
 
     #[test]
-    fn client_round_trip_on_loopback() {
-        let servers = Servers::start("127.0.0.1".parse().unwrap()).unwrap();
-        let plan = ClientPlan {
-            host: "127.0.0.1".parse().unwrap(),
-            stream_port: servers.stream.port(),
-            rr_port: servers.rr.port(),
-            crr_port: servers.crr.port(),
-            duration: Duration::from_millis(200),
-            rr_count: 200,
-            crr_time: Duration::from_millis(200),
-        };
-        let report = traffic::run_client(&plan);
-        assert!(report.throughput_gbps.unwrap() > 0.0);
-        assert!(report.rr.unwrap().count > 0);
-        assert!(report.crr_per_sec.unwrap() > 0.0);
+    fn reads_own_cpu_and_memory() {
+        let me = std::process::id() as i32;
+        assert!(cpu_seconds(me).is_some());
+        assert!(rss_mib(me).unwrap() > 0.0);
+        assert!(cpu_seconds(i32::MAX).is_none());
+    }
+
+    #[test]
+    fn cells_show_ratio_and_reasons() {
+        let mut a = Run::default();
+        a.set("x", Measure::Value(2.0));
+        let mut b = Run::default();
+        b.set("x", Measure::Value(4.0));
+        let usernet = Outcome { setup: Setup::Usernet, unavailable: None, runs: vec![a] };
+        let pasta = Outcome { setup: Setup::Pasta, unavailable: None, runs: vec![b] };
+        let m = Metric { key: "x".into(), label: "x".into(), higher_better: true, decimals: 1 };
+        let base = usernet_median(&[usernet], "x");
+        let c = cell(&pasta, &m, base);
+        assert_eq!(c.text, "4.0 (2.00x)");
+        let mut v = Run::default();
+        v.set("x", Measure::NotApplicable("kernel only".into()));
+        let veth = Outcome { setup: Setup::Veth, unavailable: None, runs: vec![v] };
+        assert_eq!(cell(&veth, &m, base).text, "n/a (kernel only)");
+    }
+
+    #[test]
+    fn every_phase_key_has_a_row() {
+        let plan = Plan::from_args(&BenchArgs {
+            duration: None,
+            repeat: None,
+            quick: true,
+            only: Vec::new(),
+            usernet_bin: None,
+            pasta_bin: "pasta".into(),
+            json: None,
+            svg: None,
+            rr_count: None,
+            conns: None,
+            role: None,
+        });
+        let rows: Vec<String> = metric_list(&plan).into_iter().map(|m| m.key).collect();
+        for p in TcpPath::ALL {
+            assert!(rows.contains(&tcp_key(p, DEFAULT_MTU)) && rows.contains(&cpu_key(p, DEFAULT_MTU)));
+        }
+        for p in TcpPath::LOW_MTU {
+            assert!(rows.contains(&tcp_key(p, LOW_MTU)) && rows.contains(&cpu_key(p, LOW_MTU)));
+        }
+        for k in Phase::ALL.iter().flat_map(|p| p.keys()) {
+            assert!(rows.contains(&k), "{k}");
+        }
+        assert_eq!(plan.conns, 2_000);
     }
 }

@@ -190,7 +190,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         let server = match &args.net.api {
             Some(path) => crate::api::serve(path, handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
                 .with_context(|| format!("cannot serve the control API on {}", path.display()))?,
-            None => crate::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone())).context("control API")?,
+            None => crate::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
+                .context("control API")?,
         };
         if args.guest_api {
             let guest_api = server.guest_api();

@@ -254,11 +254,7 @@ fn is_loopback(a: SocketAddr) -> bool {
 
 /// A TCP socket created inside the namespace `theirs` (the thread returns to `ours` at
 /// once), bound to the namespace's 127.0.0.1 and connecting to `guest` there.
-fn dial_in_namespace(
-    theirs: &OwnedFd,
-    ours: &OwnedFd,
-    guest: SocketAddrV4,
-) -> std::io::Result<(OwnedFd, bool)> {
+fn dial_in_namespace(theirs: &OwnedFd, ours: &OwnedFd, guest: SocketAddrV4) -> std::io::Result<(OwnedFd, bool)> {
     // SAFETY: setns(2) on a namespace descriptor we hold; only this thread moves.
     if unsafe { libc::setns(theirs.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
         return Err(std::io::Error::last_os_error());

@@ -23,6 +23,7 @@ pub mod flows;
 pub mod listeners;
 pub mod sock;
 pub mod tx;
+mod udp_batch;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -100,6 +101,8 @@ pub struct Engine {
     connecting_count: usize,
     isn_hasher: std::collections::hash_map::RandomState,
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
+    /// Guest UDP datagrams of this round, sent together at its end.
+    udp_batch: udp_batch::UdpBatch,
     /// The guest's network namespace and our own, for spliced loopback connections.
     netns: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
     next_splice_id: u64,
@@ -212,6 +215,7 @@ impl Engine {
             poll: Poll::new()?,
             tx: GuestTx::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
             acceptors: Vec::new(),
+            udp_batch: Default::default(),
             netns: None,
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
@@ -354,6 +358,9 @@ impl Engine {
             }
             if link_ready {
                 link_ready = self.read_links(now);
+            }
+            if !self.udp_batch.is_empty() {
+                self.udp_batch.flush();
             }
             self.run_timers(Instant::now());
             self.flush_acks();
@@ -577,7 +584,17 @@ impl Engine {
             }
         };
         if let Some(Flow::Udp(f)) = self.flows.get_mut(id) {
-            f.from_guest(payload, now);
+            match f.own_fd() {
+                // Outbound flows: gathered and sent with the rest of the batch.
+                Some(fd) => {
+                    f.last_used = now;
+                    if self.udp_batch.full(payload.len()) {
+                        self.udp_batch.flush();
+                    }
+                    self.udp_batch.push(id, fd, payload);
+                }
+                None => f.from_guest(payload, now),
+            }
         }
         self.after(id, Verdict::Keep);
     }
@@ -777,6 +794,8 @@ impl Engine {
 
     /// Closes the least recently used flow of a kind (UDP and ICMP caps).
     fn evict_oldest(&mut self, kind: impl Fn(&Flow) -> bool) {
+        // Gathered datagrams name their sockets by descriptor: send them before any closes.
+        self.udp_batch.flush();
         let oldest = self
             .flows
             .ids()

@@ -269,6 +269,8 @@ fn udp_datagrams_both_ways() {
     d[8..].copy_from_slice(b"ping");
     UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, 4, *guest().ip(), *remote().ip());
     e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &d), Instant::now());
+    // The loop sends a round's datagrams together at its end.
+    e.udp_batch.flush();
     let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
     let mut b = [0u8; 16];
     assert_eq!(peer.recv(&mut b).unwrap(), 4);

@@ -106,7 +106,14 @@ impl GuestTx {
 
     /// Sends a TCP data segment (payload at TCP_PAYLOAD_OFF) that the guest's kernel may
     /// take as several segments of `mss` bytes when the link offloads.
-    pub fn send_tcp_data(&mut self, from: SocketAddrV4, to: SocketAddrV4, hdr: &TcpHeader, payload_len: usize, mss: usize) {
+    pub fn send_tcp_data(
+        &mut self,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        hdr: &TcpHeader,
+        payload_len: usize,
+        mss: usize,
+    ) {
         if !self.offload {
             self.send_tcp(from, to, hdr, payload_len);
             return;

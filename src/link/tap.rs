@@ -55,16 +55,9 @@ impl Tap {
         let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let bytes = cname.as_bytes_with_nul();
         if bytes.len() > libc::IFNAMSIZ {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("interface name too long: {name}"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name too long: {name}")));
         }
-        let fd = open(
-            "/dev/net/tun",
-            OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-            Mode::empty(),
-        )?;
+        let fd = open("/dev/net/tun", OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK, Mode::empty())?;
         // SAFETY: ifreq is plain old data; all-zero is a valid value.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
@@ -91,8 +84,7 @@ impl Tap {
         let (has_vnet, name) = if rc == 0 {
             // SAFETY: TUNGETIFF filled in the flags member of the union.
             let flags = unsafe { ifr.ifr_ifru.ifru_flags } as libc::c_int;
-            let name: String =
-                ifr.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect();
+            let name: String = ifr.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect();
             (flags & libc::IFF_VNET_HDR != 0, name)
         } else {
             (false, String::from("tap"))

@@ -12,8 +12,7 @@ use std::io;
 use std::net::Ipv4Addr;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
@@ -38,13 +37,7 @@ impl Rtnl {
     }
 
     /// Sets the link's MAC address and MTU when given, and brings it up or down.
-    pub fn set_link(
-        &mut self,
-        index: u32,
-        mac: Option<[u8; 6]>,
-        mtu: Option<u32>,
-        up: bool,
-    ) -> io::Result<()> {
+    pub fn set_link(&mut self, index: u32, mac: Option<[u8; 6]>, mtu: Option<u32>, up: bool) -> io::Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.header.change_mask = LinkFlags::Up;
@@ -77,10 +70,7 @@ impl Rtnl {
             AddressAttribute::Address(addr.into()),
             AddressAttribute::Broadcast(broadcast),
         ];
-        self.request(
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
+        self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_EXCL)
     }
 
     /// Adds the IPv4 default route via `gateway` out of the link.
@@ -92,14 +82,8 @@ impl Rtnl {
         msg.header.protocol = RouteProtocol::Boot;
         msg.header.scope = RouteScope::Universe;
         msg.header.kind = RouteType::Unicast;
-        msg.attributes = vec![
-            RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
-            RouteAttribute::Oif(index),
-        ];
-        self.request(
-            RouteNetlinkMessage::NewRoute(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
+        msg.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet(gateway)), RouteAttribute::Oif(index)];
+        self.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)
     }
 
     /// Sends one request and waits for its acknowledgement.
@@ -137,8 +121,8 @@ impl Rtnl {
 /// Looks for the acknowledgement of request `seq` among the messages of one datagram.
 fn find_ack(mut data: &[u8], seq: u32) -> io::Result<Option<io::Result<()>>> {
     while !data.is_empty() {
-        let buf = NetlinkBuffer::new_checked(data)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let buf =
+            NetlinkBuffer::new_checked(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let len = buf.length() as usize;
         if len == 0 || len > data.len() {
             break;
@@ -171,8 +155,7 @@ mod tests {
         header.sequence_number = seq;
         let mut err = ErrorMessage::default();
         err.code = NonZeroI32::new(code);
-        let mut msg =
-            NetlinkMessage::<RouteNetlinkMessage>::new(header, NetlinkPayload::Error(err));
+        let mut msg = NetlinkMessage::<RouteNetlinkMessage>::new(header, NetlinkPayload::Error(err));
         msg.finalize();
         let mut buf = vec![0u8; msg.buffer_len()];
         msg.serialize(&mut buf);
@@ -182,10 +165,7 @@ mod tests {
     #[test]
     fn ack_and_nack() {
         assert!(matches!(find_ack(&ack(7, 0), 7), Ok(Some(Ok(())))));
-        let nack = find_ack(&ack(7, -libc::EEXIST), 7)
-            .unwrap()
-            .unwrap()
-            .unwrap_err();
+        let nack = find_ack(&ack(7, -libc::EEXIST), 7).unwrap().unwrap().unwrap_err();
         assert_eq!(nack.raw_os_error(), Some(libc::EEXIST));
         // Another request's ack is not ours.
         assert!(matches!(find_ack(&ack(6, 0), 7), Ok(None)));

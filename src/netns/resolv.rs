@@ -71,12 +71,7 @@ pub fn parse_resolv_conf(text: &str) -> HostResolvers {
                 out.search = words.filter(|d| valid_domain(d)).map(normalize).collect();
             }
             Some("domain") => {
-                out.search = words
-                    .next()
-                    .filter(|d| valid_domain(d))
-                    .map(normalize)
-                    .into_iter()
-                    .collect();
+                out.search = words.next().filter(|d| valid_domain(d)).map(normalize).into_iter().collect();
             }
             _ => {}
         }
@@ -102,8 +97,7 @@ fn valid_domain(d: &str) -> bool {
     !d.is_empty()
         && d != "."
         && d.len() <= 253
-        && d.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && d.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
 fn normalize(d: &str) -> String {
@@ -114,11 +108,7 @@ fn normalize(d: &str) -> String {
 pub fn render_guest(gateway: IpAddr, search: &[String]) -> String {
     let mut out = String::from("# Written by usernet: the gateway answers DNS.\n");
     out.push_str(&format!("nameserver {gateway}\n"));
-    let search: Vec<&str> = search
-        .iter()
-        .map(String::as_str)
-        .filter(|d| valid_domain(d))
-        .collect();
+    let search: Vec<&str> = search.iter().map(String::as_str).filter(|d| valid_domain(d)).collect();
     if !search.is_empty() {
         out.push_str(&format!("search {}\n", search.join(" ")));
     }
@@ -148,9 +138,7 @@ pub fn install_guest_resolv_conf(contents: &str) -> io::Result<Installed> {
             }
         },
         // Missing, or a symlink to nothing.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            shadow_etc(contents).map(|()| Installed::ShadowedEtc)
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => shadow_etc(contents).map(|()| Installed::ShadowedEtc),
         Err(e) => Err(e),
     }
 }
@@ -158,54 +146,28 @@ pub fn install_guest_resolv_conf(contents: &str) -> io::Result<Installed> {
 /// Writes `contents` to a fresh temporary file, bind-mounts it over `target` and unlinks it.
 fn bind_over(target: &Path, contents: &str) -> io::Result<()> {
     let tmp = temp_path();
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&tmp)?;
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
     let result = file.write_all(contents.as_bytes()).and_then(|()| {
-        mount(
-            Some(&tmp),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(io::Error::from)
+        mount(Some(&tmp), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(io::Error::from)
     });
     let _ = fs::remove_file(&tmp);
     result
 }
 
 fn temp_path() -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    std::env::temp_dir().join(format!(
-        "usernet-resolv-{}-{nanos:x}.conf",
-        std::process::id()
-    ))
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    std::env::temp_dir().join(format!("usernet-resolv-{}-{nanos:x}.conf", std::process::id()))
 }
 
 /// Mounts a tmpfs on /etc that mirrors the original /etc, with our resolv.conf in it.
 fn shadow_etc(contents: &str) -> io::Result<()> {
     // A handle on the original /etc, still reachable once the tmpfs hides it.
-    let orig: OwnedFd = open(
-        "/etc",
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
+    let orig: OwnedFd = open("/etc", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
     let orig_path = PathBuf::from(format!("/proc/self/fd/{}", orig.as_raw_fd()));
     let entries: Vec<fs::DirEntry> = fs::read_dir(&orig_path)?.collect::<io::Result<_>>()?;
 
-    mount(
-        Some("tmpfs"),
-        "/etc",
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=755"),
-    )?;
+    mount(Some("tmpfs"), "/etc", Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=755"))?;
     let etc = Path::new("/etc");
     for entry in entries {
         let name = entry.file_name();
@@ -224,13 +186,7 @@ fn shadow_etc(contents: &str) -> io::Result<()> {
         } else {
             fs::File::create(&to)?;
         }
-        mount(
-            Some(&from),
-            &to,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )?;
+        mount(Some(&from), &to, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)?;
     }
     fs::OpenOptions::new()
         .write(true)

@@ -42,8 +42,7 @@ use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, signal, sigprocmask};
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
-    sendmsg, socketpair,
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg, socketpair,
 };
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -76,17 +75,11 @@ pub enum SandboxError {
     #[error("{0}")]
     Setup(String),
     #[error("{context}: {source}")]
-    Io {
-        context: &'static str,
-        source: io::Error,
-    },
+    Io { context: &'static str, source: io::Error },
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(Errno) -> SandboxError {
-    move |e| SandboxError::Io {
-        context,
-        source: e.into(),
-    }
+    move |e| SandboxError::Io { context, source: e.into() }
 }
 
 /// COMMAND could not be executed.
@@ -157,13 +150,8 @@ impl Sandbox {
         if argv.is_empty() {
             return Err(SandboxError::Setup("no command given".into()));
         }
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(io_err("socketpair"))?;
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(io_err("socketpair"))?;
         // Orphans of COMMAND come to us, so we can reap them.
         nix::sys::prctl::set_child_subreaper(true).map_err(io_err("PR_SET_CHILD_SUBREAPER"))?;
         let parent = getpid();
@@ -193,28 +181,20 @@ impl Sandbox {
 
     fn wait_ready(&mut self) -> Result<(), SandboxError> {
         let mut buf = [0u8; 4096];
-        let (n, fds) = recv_with_fds(&self.ctl, &mut buf).map_err(|e| SandboxError::Io {
-            context: "waiting for the sandbox",
-            source: e,
-        })?;
+        let (n, fds) = recv_with_fds(&self.ctl, &mut buf)
+            .map_err(|e| SandboxError::Io { context: "waiting for the sandbox", source: e })?;
         let mut fds = fds.into_iter();
         match buf[..n].split_first() {
             Some((&MSG_READY, _)) => {
                 let (Some(tap), Some(netns)) = (fds.next(), fds.next()) else {
-                    return Err(SandboxError::Setup(
-                        "the sandbox did not pass its TAP device".into(),
-                    ));
+                    return Err(SandboxError::Setup("the sandbox did not pass its TAP device".into()));
                 };
                 self.tap = Some(tap);
                 self.netns = Some(netns);
                 Ok(())
             }
-            Some((&MSG_SETUP_ERROR, text)) => Err(SandboxError::Setup(
-                String::from_utf8_lossy(text).into_owned(),
-            )),
-            _ => Err(SandboxError::Setup(
-                "the sandbox process ended during setup".into(),
-            )),
+            Some((&MSG_SETUP_ERROR, text)) => Err(SandboxError::Setup(String::from_utf8_lossy(text).into_owned())),
+            _ => Err(SandboxError::Setup("the sandbox process ended during setup".into())),
         }
     }
 
@@ -245,14 +225,9 @@ impl Sandbox {
                 let raw = i32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 // The child exits right after; reap it so `finish` has nothing to kill.
                 self.wait_blocking();
-                Err(StartError::Exec(ExecError {
-                    program: self.program.clone(),
-                    errno: Errno::from_raw(raw),
-                }))
+                Err(StartError::Exec(ExecError { program: self.program.clone(), errno: Errno::from_raw(raw) }))
             }
-            Some(_) => Err(StartError::Io(io::Error::other(
-                "unexpected message from the sandbox",
-            ))),
+            Some(_) => Err(StartError::Io(io::Error::other("unexpected message from the sandbox"))),
         }
     }
 
@@ -285,9 +260,7 @@ impl Sandbox {
     fn note(&mut self, status: WaitStatus) {
         match status {
             WaitStatus::Exited(pid, code) if pid == self.pid => self.status = Some(code),
-            WaitStatus::Signaled(pid, sig, _) if pid == self.pid => {
-                self.status = Some(128 + sig as i32)
-            }
+            WaitStatus::Signaled(pid, sig, _) if pid == self.pid => self.status = Some(128 + sig as i32),
             other => tracing::trace!("reaped {other:?}"),
         }
     }
@@ -296,9 +269,7 @@ impl Sandbox {
     fn wait_blocking(&mut self) {
         while self.status.is_none() {
             match waitpid(self.pid, None) {
-                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
-                    self.note(status)
-                }
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => self.note(status),
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => {
                     tracing::debug!("waitpid {}: {e}", self.pid);
@@ -373,11 +344,7 @@ fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> 
             return killed;
         };
         for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
             if pid == me {
@@ -411,11 +378,7 @@ fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> 
 fn thread_count() -> usize {
     fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()))
         .unwrap_or(1)
 }
 
@@ -434,12 +397,7 @@ fn recv_with_fds(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     loop {
         let mut iov = [IoSliceMut::new(buf)];
-        let msg = match recvmsg::<()>(
-            fd.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        let msg = match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(m) => m,
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -500,11 +458,7 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
     let mut out = vec![MSG_EXEC_ERROR];
     out.extend_from_slice(&(err as i32).to_ne_bytes());
     let _ = send_retry(&ctl, &out);
-    let code = ExecError {
-        program: String::new(),
-        errno: err,
-    }
-    .exit_code();
+    let code = ExecError { program: String::new(), errno: err }.exit_code();
     exit_now(code)
 }
 
@@ -531,33 +485,17 @@ fn reset_signals() {
 fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
     enter_namespaces()?;
     // Nothing we mount may propagate back to the host's mount namespace.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("cannot make the mount namespace private: {}", e.desc()))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| format!("cannot make the mount namespace private: {}", e.desc()))?;
     let how = resolv::install_guest_resolv_conf(&spec.resolv_conf)
         .map_err(|e| format!("cannot set up {}: {}", resolv::RESOLV_CONF, describe(&e)))?;
     tracing::debug!("guest resolv.conf: {how:?}");
 
-    let tap = Tap::create_with_vnet_hdr(&spec.ifname).map_err(|e| {
-        format!(
-            "cannot create TAP device {} (/dev/net/tun): {}",
-            spec.ifname,
-            describe(&e)
-        )
-    })?;
-    configure_network(spec)
-        .map_err(|e| format!("cannot configure {}: {}", spec.ifname, describe(&e)))?;
-    let netns = open(
-        "/proc/self/ns/net",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
+    let tap = Tap::create_with_vnet_hdr(&spec.ifname)
+        .map_err(|e| format!("cannot create TAP device {} (/dev/net/tun): {}", spec.ifname, describe(&e)))?;
+    configure_network(spec).map_err(|e| format!("cannot configure {}: {}", spec.ifname, describe(&e)))?;
+    let netns = open("/proc/self/ns/net", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
     Ok((tap.into_fd(), netns))
 }
 
@@ -575,8 +513,7 @@ fn enter_namespaces() -> Result<(), String> {
             Err(e) => return Err(format!("cannot create a network namespace: {}", e.desc())),
         }
     }
-    unshare(CloneFlags::CLONE_NEWUSER)
-        .map_err(|e| format!("cannot create a user namespace: {} ({HINT})", e.desc()))?;
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| format!("cannot create a user namespace: {} ({HINT})", e.desc()))?;
     let maps = [
         ("/proc/self/setgroups", "deny".to_string()),
         ("/proc/self/uid_map", format!("0 {euid} 1")),
@@ -585,22 +522,17 @@ fn enter_namespaces() -> Result<(), String> {
     for (path, text) in maps {
         fs::write(path, text).map_err(|e| format!("cannot write {path}: {}", describe(&e)))?;
     }
-    unshare(net_mnt)
-        .map_err(|e| format!("cannot create a network namespace: {} ({HINT})", e.desc()))
+    unshare(net_mnt).map_err(|e| format!("cannot create a network namespace: {} ({HINT})", e.desc()))
 }
 
 fn configure_network(spec: &SandboxSpec) -> io::Result<()> {
     let index = nix::net::if_::if_nametoindex(spec.ifname.as_str())?;
     let lo = nix::net::if_::if_nametoindex("lo")?;
     let mut rtnl = Rtnl::open()?;
-    rtnl.set_link(lo, None, None, true)
-        .map_err(|e| annotate(e, "bringing lo up"))?;
-    rtnl.set_link(index, Some(spec.mac), Some(spec.mtu), true)
-        .map_err(|e| annotate(e, "setting MAC, MTU and up"))?;
-    rtnl.add_ipv4_address(index, spec.address, spec.prefix)
-        .map_err(|e| annotate(e, "adding the address"))?;
-    rtnl.add_ipv4_default_route(index, spec.gateway)
-        .map_err(|e| annotate(e, "adding the default route"))?;
+    rtnl.set_link(lo, None, None, true).map_err(|e| annotate(e, "bringing lo up"))?;
+    rtnl.set_link(index, Some(spec.mac), Some(spec.mtu), true).map_err(|e| annotate(e, "setting MAC, MTU and up"))?;
+    rtnl.add_ipv4_address(index, spec.address, spec.prefix).map_err(|e| annotate(e, "adding the address"))?;
+    rtnl.add_ipv4_default_route(index, spec.gateway).map_err(|e| annotate(e, "adding the default route"))?;
     Ok(())
 }
 
@@ -622,24 +554,12 @@ mod tests {
 
     #[test]
     fn exec_error_codes_and_messages() {
-        let e = |program: &str, errno| ExecError {
-            program: program.into(),
-            errno,
-        };
+        let e = |program: &str, errno| ExecError { program: program.into(), errno };
         assert_eq!(e("foo", Errno::ENOENT).exit_code(), 127);
-        assert_eq!(
-            e("foo", Errno::ENOENT).to_string(),
-            "foo: command not found"
-        );
-        assert_eq!(
-            e("./foo", Errno::ENOENT).to_string(),
-            "./foo: No such file or directory"
-        );
+        assert_eq!(e("foo", Errno::ENOENT).to_string(), "foo: command not found");
+        assert_eq!(e("./foo", Errno::ENOENT).to_string(), "./foo: No such file or directory");
         assert_eq!(e("./foo", Errno::EACCES).exit_code(), 126);
         assert_eq!(e("./foo", Errno::ENOEXEC).exit_code(), 126);
-        assert_eq!(
-            e("./foo", Errno::EACCES).to_string(),
-            "./foo: Permission denied"
-        );
+        assert_eq!(e("./foo", Errno::EACCES).to_string(), "./foo: Permission denied");
     }
 }

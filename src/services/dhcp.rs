@@ -30,8 +30,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use dhcproto::v4::{
-    Decodable, Decoder, DhcpOption, DhcpOptions, Encodable, Flags, HType, Message, MessageType,
-    Opcode, OptionCode,
+    Decodable, Decoder, DhcpOption, DhcpOptions, Encodable, Flags, HType, Message, MessageType, Opcode, OptionCode,
 };
 use hickory_proto::rr::Name;
 
@@ -96,12 +95,7 @@ pub struct DhcpServer {
 
 impl DhcpServer {
     pub fn new(cfg: Arc<NetConfig>) -> Self {
-        DhcpServer {
-            cfg,
-            bindings: BTreeMap::new(),
-            used: BTreeMap::new(),
-            declined: BTreeSet::new(),
-        }
+        DhcpServer { cfg, bindings: BTreeMap::new(), used: BTreeMap::new(), declined: BTreeSet::new() }
     }
 
     /// Handle one DHCP message (the UDP payload of a datagram to port 67) sent from the
@@ -137,12 +131,8 @@ impl DhcpServer {
 
     /// Active leases (acknowledged and not released): address and MAC, by address.
     pub fn leases(&self) -> Vec<(Ipv4Addr, [u8; 6])> {
-        let mut out: Vec<_> = self
-            .bindings
-            .iter()
-            .filter(|(_, b)| b.state == State::Bound)
-            .map(|(mac, b)| (b.addr, *mac))
-            .collect();
+        let mut out: Vec<_> =
+            self.bindings.iter().filter(|(_, b)| b.state == State::Bound).map(|(mac, b)| (b.addr, *mac)).collect();
         out.sort();
         out
     }
@@ -229,9 +219,7 @@ impl DhcpServer {
     }
 
     fn decline(&mut self, msg: &Message, mac: [u8; 6]) {
-        let Some(DhcpOption::RequestedIpAddress(addr)) =
-            msg.opts().get(OptionCode::RequestedIpAddress)
-        else {
+        let Some(DhcpOption::RequestedIpAddress(addr)) = msg.opts().get(OptionCode::RequestedIpAddress) else {
             return;
         };
         if self.bindings.get(&mac).map(|b| b.addr) == Some(*addr) {
@@ -262,21 +250,13 @@ impl DhcpServer {
         opts.insert(DhcpOption::Router(vec![cfg.gateway]));
         opts.insert(DhcpOption::DomainNameServer(vec![cfg.gateway]));
         opts.insert(DhcpOption::BroadcastAddr(cfg.subnet.broadcast()));
-        opts.insert(DhcpOption::InterfaceMtu(
-            u16::try_from(cfg.mtu).unwrap_or(u16::MAX),
-        ));
+        opts.insert(DhcpOption::InterfaceMtu(u16::try_from(cfg.mtu).unwrap_or(u16::MAX)));
         if !addr.is_unspecified() {
             opts.insert(DhcpOption::AddressLeaseTime(cfg.lease_secs));
             opts.insert(DhcpOption::Renewal(cfg.lease_secs / 2));
-            opts.insert(DhcpOption::Rebinding(
-                (u64::from(cfg.lease_secs) * 7 / 8) as u32,
-            ));
+            opts.insert(DhcpOption::Rebinding((u64::from(cfg.lease_secs) * 7 / 8) as u32));
         }
-        let names: Vec<Name> = cfg
-            .search_domains
-            .iter()
-            .filter_map(|d| Name::from_ascii(d).ok())
-            .collect();
+        let names: Vec<Name> = cfg.search_domains.iter().filter_map(|d| Name::from_ascii(d).ok()).collect();
         if let Some(first) = cfg.search_domains.first() {
             opts.insert(DhcpOption::DomainName(first.clone()));
         }
@@ -290,28 +270,18 @@ impl DhcpServer {
         } else {
             (addr, mac)
         };
-        DhcpReply {
-            payload: encode(&out).unwrap_or_default(),
-            dst_ip,
-            dst_mac,
-        }
+        DhcpReply { payload: encode(&out).unwrap_or_default(), dst_ip, dst_mac }
     }
 
     fn nak(&self, msg: &Message, _mac: [u8; 6]) -> DhcpReply {
         let mut out = base_reply(msg);
-        out.opts_mut()
-            .insert(DhcpOption::MessageType(MessageType::Nak));
-        out.opts_mut()
-            .insert(DhcpOption::ServerIdentifier(self.cfg.gateway));
+        out.opts_mut().insert(DhcpOption::MessageType(MessageType::Nak));
+        out.opts_mut().insert(DhcpOption::ServerIdentifier(self.cfg.gateway));
         // A NAK is broadcast (RFC 2131 4.1): the client may not hold the address it asked for.
         let mut flags = Flags::default();
         flags = flags.set_broadcast();
         out.set_flags(flags);
-        DhcpReply {
-            payload: encode(&out).unwrap_or_default(),
-            dst_ip: Ipv4Addr::BROADCAST,
-            dst_mac: BROADCAST_MAC,
-        }
+        DhcpReply { payload: encode(&out).unwrap_or_default(), dst_ip: Ipv4Addr::BROADCAST, dst_mac: BROADCAST_MAC }
     }
 
     fn bind(&mut self, mac: [u8; 6], addr: Ipv4Addr, state: State) {
@@ -375,8 +345,7 @@ fn base_reply(msg: &Message) -> Message {
     }
     let mut opts = DhcpOptions::new();
     // RFC 6842: echo the client identifier.
-    if let Some(id @ DhcpOption::ClientIdentifier(_)) = msg.opts().get(OptionCode::ClientIdentifier)
-    {
+    if let Some(id @ DhcpOption::ClientIdentifier(_)) = msg.opts().get(OptionCode::ClientIdentifier) {
         opts.insert(id.clone());
     }
     out.set_opts(opts);
@@ -505,43 +474,19 @@ mod tests {
         assert_eq!(r.dst_mac, MAC1);
         let o = offer.opts();
         let gw = Ipv4Addr::new(192, 168, 65, 1);
-        assert_eq!(
-            o.get(OptionCode::SubnetMask),
-            Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)))
-        );
-        assert_eq!(
-            o.get(OptionCode::Router),
-            Some(&DhcpOption::Router(vec![gw]))
-        );
-        assert_eq!(
-            o.get(OptionCode::DomainNameServer),
-            Some(&DhcpOption::DomainNameServer(vec![gw]))
-        );
-        assert_eq!(
-            o.get(OptionCode::ServerIdentifier),
-            Some(&DhcpOption::ServerIdentifier(gw))
-        );
-        assert_eq!(
-            o.get(OptionCode::InterfaceMtu),
-            Some(&DhcpOption::InterfaceMtu(1500))
-        );
-        assert_eq!(
-            o.get(OptionCode::AddressLeaseTime),
-            Some(&DhcpOption::AddressLeaseTime(3600))
-        );
+        assert_eq!(o.get(OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0))));
+        assert_eq!(o.get(OptionCode::Router), Some(&DhcpOption::Router(vec![gw])));
+        assert_eq!(o.get(OptionCode::DomainNameServer), Some(&DhcpOption::DomainNameServer(vec![gw])));
+        assert_eq!(o.get(OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(gw)));
+        assert_eq!(o.get(OptionCode::InterfaceMtu), Some(&DhcpOption::InterfaceMtu(1500)));
+        assert_eq!(o.get(OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(3600)));
         assert_eq!(o.get(OptionCode::Renewal), Some(&DhcpOption::Renewal(1800)));
-        assert_eq!(
-            o.get(OptionCode::Rebinding),
-            Some(&DhcpOption::Rebinding(3150))
-        );
+        assert_eq!(o.get(OptionCode::Rebinding), Some(&DhcpOption::Rebinding(3150)));
         assert_eq!(
             o.get(OptionCode::BroadcastAddr),
             Some(&DhcpOption::BroadcastAddr(Ipv4Addr::new(192, 168, 65, 255)))
         );
-        assert_eq!(
-            o.get(OptionCode::DomainName),
-            Some(&DhcpOption::DomainName("example.test".into()))
-        );
+        assert_eq!(o.get(OptionCode::DomainName), Some(&DhcpOption::DomainName("example.test".into())));
         let Some(DhcpOption::DomainSearch(names)) = o.get(OptionCode::DomainSearch) else {
             panic!("no domain search option");
         };
@@ -584,8 +529,7 @@ mod tests {
         let mut last = Ipv4Addr::UNSPECIFIED;
         for i in 0..252u32 {
             let mac = [2, 0, 0, 0, (i >> 8) as u8, i as u8];
-            let (offer, _) =
-                send(&mut s, mac, &request(MessageType::Discover, mac, vec![])).unwrap();
+            let (offer, _) = send(&mut s, mac, &request(MessageType::Discover, mac, vec![])).unwrap();
             last = offer.yiaddr();
         }
         assert_eq!(last, Ipv4Addr::new(192, 168, 65, 253));
@@ -612,21 +556,12 @@ mod tests {
         assert_eq!(r.dst_ip, Ipv4Addr::BROADCAST);
         assert_eq!(r.dst_mac, BROADCAST_MAC);
         // INIT-REBOOT asking for an address outside the subnet.
-        let req = request(
-            MessageType::Request,
-            MAC2,
-            vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 0, 5))],
-        );
+        let req = request(MessageType::Request, MAC2, vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 0, 5))]);
         let (nak, _) = send(&mut s, MAC2, &req).unwrap();
         assert_eq!(kind(&nak), MessageType::Nak);
         // INIT-REBOOT asking for another MAC's address.
-        let req = request(
-            MessageType::Request,
-            MAC2,
-            vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(
-                192, 168, 65, 2,
-            ))],
-        );
+        let req =
+            request(MessageType::Request, MAC2, vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 65, 2))]);
         let (nak, _) = send(&mut s, MAC2, &req).unwrap();
         assert_eq!(kind(&nak), MessageType::Nak);
     }
@@ -649,11 +584,7 @@ mod tests {
     fn init_reboot_unknown_client_gets_free_address() {
         let mut s = DhcpServer::new(cfg());
         let want = Ipv4Addr::new(192, 168, 65, 40);
-        let req = request(
-            MessageType::Request,
-            MAC1,
-            vec![DhcpOption::RequestedIpAddress(want)],
-        );
+        let req = request(MessageType::Request, MAC1, vec![DhcpOption::RequestedIpAddress(want)]);
         let (ack, _) = send(&mut s, MAC1, &req).unwrap();
         assert_eq!(kind(&ack), MessageType::Ack);
         assert_eq!(ack.yiaddr(), want);
@@ -688,11 +619,7 @@ mod tests {
     fn decline_moves_client_on() {
         let mut s = DhcpServer::new(cfg());
         let a = lease(&mut s, MAC1);
-        let dec = request(
-            MessageType::Decline,
-            MAC1,
-            vec![DhcpOption::RequestedIpAddress(a)],
-        );
+        let dec = request(MessageType::Decline, MAC1, vec![DhcpOption::RequestedIpAddress(a)]);
         assert!(send(&mut s, MAC1, &dec).is_none());
         let b = lease(&mut s, MAC1);
         assert_ne!(a, b);
@@ -742,9 +669,7 @@ mod tests {
         m.set_opcode(Opcode::BootReply);
         assert!(send(&mut s, MAC1, &m).is_none());
         // Truncated valid message.
-        let bytes = request(MessageType::Discover, MAC1, vec![])
-            .to_vec()
-            .unwrap();
+        let bytes = request(MessageType::Discover, MAC1, vec![]).to_vec().unwrap();
         for n in 0..bytes.len() {
             let _ = s.handle(MAC1, &bytes[..n]);
         }

@@ -291,11 +291,8 @@ impl DnsServer {
                     continue;
                 }
             };
-            let answer = if answer[2] & 0x02 != 0 {
-                self.retry_tcp(upstream, query, answer, transport).await
-            } else {
-                answer
-            };
+            let answer =
+                if answer[2] & 0x02 != 0 { self.retry_tcp(upstream, query, answer, transport).await } else { answer };
             let rcode = answer[3] & 0x0f;
             if rcode == ResponseCode::ServFail.low() || rcode == ResponseCode::Refused.low() {
                 fallback = Some(answer);
@@ -311,13 +308,7 @@ impl DnsServer {
 
     /// The upstream answered with TC: ask it over TCP, and use that answer when the guest
     /// can take it; otherwise keep the truncated one.
-    async fn retry_tcp(
-        &self,
-        upstream: SocketAddr,
-        query: &[u8],
-        truncated: Vec<u8>,
-        transport: Transport,
-    ) -> Vec<u8> {
+    async fn retry_tcp(&self, upstream: SocketAddr, query: &[u8], truncated: Vec<u8>, transport: Transport) -> Vec<u8> {
         let limit = match transport {
             Transport::Tcp => u16::MAX as usize,
             Transport::Udp => guest_udp_max(query).min(self.udp_link_max),
@@ -383,9 +374,7 @@ impl DnsServer {
                 }
             }
         };
-        timeout(budget, work)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
+        timeout(budget, work).await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
     }
 }
 
@@ -478,8 +467,7 @@ mod tests {
 
     fn server(upstreams: Vec<SocketAddr>) -> DnsServer {
         let c = cfg(upstreams);
-        DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c)))
-            .with_timeouts(Duration::from_millis(200), 2)
+        DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_millis(200), 2)
     }
 
     fn query(name: &str, rtype: RecordType) -> Vec<u8> {
@@ -522,10 +510,7 @@ mod tests {
         let m = reply(s.local(&query("Gateway.Containers.INTERNAL", RecordType::A)));
         assert_eq!(a_answers(&m), vec![Ipv4Addr::new(192, 168, 65, 1)]);
         // The question's case is echoed as asked.
-        assert_eq!(
-            m.queries[0].name().to_ascii(),
-            "Gateway.Containers.INTERNAL."
-        );
+        assert_eq!(m.queries[0].name().to_ascii(), "Gateway.Containers.INTERNAL.");
 
         let m = reply(s.local(&query("http.docker.internal", RecordType::A)));
         assert_eq!(a_answers(&m), vec![Ipv4Addr::new(192, 168, 65, 1)]);
@@ -537,12 +522,7 @@ mod tests {
     #[test]
     fn local_other_types_are_nodata() {
         let s = server(vec![]);
-        for t in [
-            RecordType::AAAA,
-            RecordType::MX,
-            RecordType::TXT,
-            RecordType::HTTPS,
-        ] {
+        for t in [RecordType::AAAA, RecordType::MX, RecordType::TXT, RecordType::HTTPS] {
             let m = reply(s.local(&query("host.docker.internal", t)));
             assert_eq!(m.response_code, ResponseCode::NoError, "{t:?}");
             assert!(m.answers.is_empty());
@@ -554,10 +534,7 @@ mod tests {
     fn edns_is_answered_with_edns() {
         let s = server(vec![]);
         let mut m = Message::query();
-        m.add_query(Query::query(
-            Name::from_ascii("host.docker.internal").unwrap(),
-            RecordType::A,
-        ));
+        m.add_query(Query::query(Name::from_ascii("host.docker.internal").unwrap(), RecordType::A));
         let mut e = Edns::new();
         e.set_max_payload(4096);
         m.set_edns(e);
@@ -572,10 +549,7 @@ mod tests {
         r.add("Foo.Example.", Ipv4Addr::new(1, 2, 3, 4)).unwrap();
         assert_eq!(r.lookup("foo.example"), Some(Ipv4Addr::new(1, 2, 3, 4)));
         assert_eq!(r.lookup("FOO.EXAMPLE."), Some(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!(
-            r.list(),
-            vec![("foo.example".into(), Ipv4Addr::new(1, 2, 3, 4))]
-        );
+        assert_eq!(r.list(), vec![("foo.example".into(), Ipv4Addr::new(1, 2, 3, 4))]);
         assert!(r.add("", Ipv4Addr::LOCALHOST).is_err());
         assert!(r.add(&"a".repeat(300), Ipv4Addr::LOCALHOST).is_err());
         assert!(r.remove("foo.EXAMPLE"));
@@ -586,9 +560,7 @@ mod tests {
     #[test]
     fn runtime_records_are_served() {
         let s = server(vec![]);
-        s.records()
-            .add("new.test", Ipv4Addr::new(5, 6, 7, 8))
-            .unwrap();
+        s.records().add("new.test", Ipv4Addr::new(5, 6, 7, 8)).unwrap();
         let m = reply(s.local(&query("new.test", RecordType::A)));
         assert_eq!(a_answers(&m), vec![Ipv4Addr::new(5, 6, 7, 8)]);
     }
@@ -602,10 +574,7 @@ mod tests {
         assert_eq!(m.queries[0].name().to_ascii(), "example.com.");
         // With upstreams it is forwarded instead.
         let s = server(vec!["127.0.0.1:9".parse().unwrap()]);
-        assert_eq!(
-            s.local(&query("example.com", RecordType::A)),
-            Local::Forward
-        );
+        assert_eq!(s.local(&query("example.com", RecordType::A)), Local::Forward);
         // A local name is still answered locally.
         let m = reply(s.local(&query("host.docker.internal", RecordType::PTR)));
         assert_eq!(m.response_code, ResponseCode::NoError);
@@ -664,11 +633,7 @@ mod tests {
                 if truncate {
                     r.metadata.truncation = true;
                 } else if let Some(qq) = q.queries.first() {
-                    r.add_answer(Record::from_rdata(
-                        qq.name().clone(),
-                        300,
-                        RData::A(A(answer_ip)),
-                    ));
+                    r.add_answer(Record::from_rdata(qq.name().clone(), 300, RData::A(A(answer_ip))));
                 }
                 let _ = udp.send_to(&r.to_vec().unwrap(), from).await;
             }
@@ -732,10 +697,7 @@ mod tests {
         let good = fake_upstream(Ipv4Addr::new(198, 51, 100, 8), false, 0).await;
         let s = server(vec![closed_port(), silent, good]);
         let start = std::time::Instant::now();
-        let r = s
-            .handle(&query("a.example", RecordType::A), Transport::Udp)
-            .await
-            .unwrap();
+        let r = s.handle(&query("a.example", RecordType::A), Transport::Udp).await.unwrap();
         let m = Message::from_vec(&r).unwrap();
         assert_eq!(a_answers(&m), vec![Ipv4Addr::new(198, 51, 100, 8)]);
         // silent: 2 attempts x 200 ms; the closed port fails at once.
@@ -749,10 +711,7 @@ mod tests {
         let (_keep, silent) = silent_upstream().await;
         let s = server(vec![silent]);
         let start = std::time::Instant::now();
-        let r = s
-            .handle(&query("b.example", RecordType::A), Transport::Udp)
-            .await
-            .unwrap();
+        let r = s.handle(&query("b.example", RecordType::A), Transport::Udp).await.unwrap();
         let m = Message::from_vec(&r).unwrap();
         assert_eq!(m.response_code, ResponseCode::ServFail);
         assert_eq!(m.id, 0xbeef);
@@ -765,10 +724,7 @@ mod tests {
         let up = fake_upstream(Ipv4Addr::UNSPECIFIED, true, 3).await;
         let s = server(vec![up]);
         // Small enough for classic UDP: the TCP answer is passed on.
-        let r = s
-            .handle(&query("c.example", RecordType::A), Transport::Udp)
-            .await
-            .unwrap();
+        let r = s.handle(&query("c.example", RecordType::A), Transport::Udp).await.unwrap();
         let m = Message::from_vec(&r).unwrap();
         assert!(!m.truncation);
         assert_eq!(a_answers(&m).len(), 3);
@@ -792,10 +748,7 @@ mod tests {
     #[test]
     fn oversized_udp_answer_is_truncated() {
         let mut big = Message::response(7, OpCode::Query);
-        big.add_query(Query::query(
-            Name::from_ascii("x.test").unwrap(),
-            RecordType::A,
-        ));
+        big.add_query(Query::query(Name::from_ascii("x.test").unwrap(), RecordType::A));
         for i in 0..200u8 {
             big.add_answer(Record::from_rdata(
                 Name::from_ascii("x.test").unwrap(),

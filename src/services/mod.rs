@@ -90,28 +90,17 @@ impl ServiceHub {
     }
 
     /// `start` with a hook to adjust the DNS server (tests shorten its timeouts).
-    pub fn start_with(
-        cfg: Arc<NetConfig>,
-        tune: impl FnOnce(DnsServer) -> DnsServer,
-    ) -> io::Result<ServiceHub> {
+    pub fn start_with(cfg: Arc<NetConfig>, tune: impl FnOnce(DnsServer) -> DnsServer) -> io::Result<ServiceHub> {
         let records = Arc::new(DnsRecords::from_config(&cfg));
         let dns = Arc::new(tune(DnsServer::new(&cfg, records.clone())));
         let proxy = ProxySettings::default();
         let proxy_ctx = Arc::new(Proxy { settings: proxy.clone(), cfg: cfg.clone(), dns: dns.clone() });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("usernet-services".into())
             .spawn(move || runtime.block_on(serve(rx, dns, proxy_ctx)))?;
-        Ok(ServiceHub {
-            cfg,
-            records,
-            proxy,
-            jobs: Some(tx),
-            thread: Some(thread),
-        })
+        Ok(ServiceHub { cfg, records, proxy, jobs: Some(tx), thread: Some(thread) })
     }
 
     /// The network this hub serves.
@@ -150,11 +139,8 @@ impl ServiceHub {
         let (ours, theirs) = StdUnixStream::pair().ok()?;
         ours.set_nonblocking(true).ok()?;
         theirs.set_nonblocking(true).ok()?;
-        let job = if port == DNS_PORT {
-            Job::DnsTcp(theirs.into(), guest)
-        } else {
-            Job::ProxyExplicit(theirs.into(), guest)
-        };
+        let job =
+            if port == DNS_PORT { Job::DnsTcp(theirs.into(), guest) } else { Job::ProxyExplicit(theirs.into(), guest) };
         self.submit(job)?;
         Some(ours.into())
     }
@@ -351,8 +337,7 @@ mod tests {
     /// A std-thread upstream on loopback answering `count` queries with 198.51.100.9.
     fn upstream(count: usize) -> std::net::SocketAddr {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let addr = sock.local_addr().unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
@@ -375,14 +360,8 @@ mod tests {
     }
 
     fn hub(upstreams: Vec<std::net::SocketAddr>) -> ServiceHub {
-        let cfg = NetConfig {
-            dns_upstreams: upstreams,
-            ..NetConfig::default()
-        };
-        ServiceHub::start_with(Arc::new(cfg), |d| {
-            d.with_timeouts(Duration::from_millis(300), 1)
-        })
-        .unwrap()
+        let cfg = NetConfig { dns_upstreams: upstreams, ..NetConfig::default() };
+        ServiceHub::start_with(Arc::new(cfg), |d| d.with_timeouts(Duration::from_millis(300), 1)).unwrap()
     }
 
     #[test]
@@ -395,9 +374,7 @@ mod tests {
     #[test]
     fn udp_end_to_end() {
         let h = hub(vec![upstream(1)]);
-        h.dns_records()
-            .add("added.test", Ipv4Addr::new(10, 9, 8, 7))
-            .unwrap();
+        h.dns_records().add("added.test", Ipv4Addr::new(10, 9, 8, 7)).unwrap();
         let fd = h.connect_udp(53, GUEST).unwrap();
         let s = StdUnixDatagram::from(fd);
         s.set_nonblocking(false).unwrap();
@@ -427,11 +404,7 @@ mod tests {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         // Pipeline three queries in one write.
         let mut out = Vec::new();
-        for (id, name) in [
-            (10, "host.docker.internal"),
-            (11, "far.example"),
-            (12, "gateway.docker.internal"),
-        ] {
+        for (id, name) in [(10, "host.docker.internal"), (11, "far.example"), (12, "gateway.docker.internal")] {
             let q = query(id, name);
             out.extend_from_slice(&(q.len() as u16).to_be_bytes());
             out.extend_from_slice(&q);
@@ -467,8 +440,7 @@ mod tests {
         assert_eq!(buf[3] & 0x0f, 2);
         // Dropping the hub stops the runtime and closes the service's end.
         drop(h);
-        s.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         assert!(s.send(&query(6, "x.example")).is_err());
     }
 }

@@ -1,23 +1,33 @@
-//! The four setups `usernet bench` compares, and how each one is built and torn down.
+//! The four setups `usernet bench` compares, how each one is built and torn down, and the
+//! peer namespace that plays a remote client.
 //!
 //! Each setup yields an [`Env`]: the address the host-side servers bind to, the address the
-//! client dials from inside the namespace, and the command prefix that runs the client there:
+//! agent dials from inside the namespace, the command prefix that runs the agent there, the
+//! published port (the agent serves on it inside; host clients reach it from outside), and the
+//! process whose CPU time and memory are the tool's cost:
 //!
-//! | setup       | namespace made by                  | client runs under           | dials         |
-//! |-------------|------------------------------------|-----------------------------|---------------|
-//! | usernet     | `usernet run` itself               | `usernet run -- CLIENT`     | 192.168.65.254|
-//! | pasta       | `unshare -rUn sleep`, then `pasta` | `nsenter -t PID -U -n ...`  | its gateway   |
-//! | slirp4netns | `unshare -n sleep`, `slirp4netns`  | `nsenter -t PID -n`         | 10.0.2.2      |
-//! | veth        | `ip netns add`, a veth pair        | `ip netns exec NAME`        | host end      |
+//! | setup       | namespace made by                  | agent runs under            | dials         | publishes                | tool process |
+//! |-------------|------------------------------------|-----------------------------|---------------|--------------------------|--------------|
+//! | usernet     | `usernet run` itself               | `usernet run -p P:P --`     | 192.168.65.254| `-p P:P`                 | `usernet run`|
+//! | pasta       | `unshare -rUn sleep`, then `pasta` | `nsenter -t PID -U -n ...`  | its gateway   | `-t P`                   | pasta        |
+//! | slirp4netns | `unshare -n sleep`, `slirp4netns`  | `nsenter -t PID -n`         | 10.0.2.2      | `add_hostfwd` on its API | slirp4netns  |
+//! | veth        | `ip netns add`, a veth pair        | `ip netns exec NAME`        | host end      | nothing: dialled directly| none         |
 //!
 //! For the three user-mode stacks the servers listen on the host's 127.0.0.1 (each maps one
 //! address of its network to the host's loopback); for veth they listen on the host end of the
-//! pair. Everything an `Env` started or created is undone when it is dropped: processes are
-//! ours (children, or the pid pasta wrote to our pidfile, checked by name before it is
+//! pair. The MTU of the namespace's link is the tool's default (65520 for all four) or the one
+//! asked for. Everything an `Env` started or created is undone when it is dropped: processes
+//! are ours (children, or the pid pasta wrote to our pidfile, checked by name before it is
 //! signalled), the veth namespace carries our pid in its name, and its pair goes with it.
+//!
+//! [`Peer`] is a namespace of our own joined to the host by a veth pair with documentation
+//! addresses (198.51.100.1 on the host, .2 inside): a client there reaches a published port at
+//! 198.51.100.1 and keeps its own address, so the tools cannot take their loopback shortcuts
+//! (pasta's splice) and must carry the connection through their guest link.
 
 use std::ffi::OsString;
-use std::net::{IpAddr, Ipv4Addr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,12 +60,18 @@ impl Setup {
     }
 
     /// Why this setup cannot run on this machine, if it cannot.
-    pub fn unavailable(self, usernet_bin: &Path) -> Option<String> {
+    pub fn unavailable(self, opts: &Tools) -> Option<String> {
         let root = nix::unistd::geteuid().is_root();
         match self {
-            Setup::Usernet if !usernet_bin.exists() => Some(format!("{} not found", usernet_bin.display())),
+            Setup::Usernet if !opts.usernet_bin.exists() => Some(format!("{} not found", opts.usernet_bin.display())),
             Setup::Usernet => None,
-            Setup::Pasta => missing(&["pasta", "unshare", "nsenter"]),
+            Setup::Pasta if opts.pasta_bin.components().count() > 1 && !opts.pasta_bin.is_file() => {
+                Some(format!("{} not found", opts.pasta_bin.display()))
+            }
+            Setup::Pasta if opts.pasta_bin.components().count() == 1 => {
+                missing(&[&opts.pasta_bin.to_string_lossy(), "unshare", "nsenter"])
+            }
+            Setup::Pasta => missing(&["unshare", "nsenter"]),
             Setup::Slirp4netns if !root => Some("needs root".into()),
             Setup::Slirp4netns => missing(&["slirp4netns", "unshare", "nsenter"]),
             Setup::Veth if !root => Some("needs root".into()),
@@ -73,14 +89,31 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-/// A built setup, ready for one client run.
+/// The binaries under test and a private directory for pidfiles, logs and sockets.
+pub struct Tools {
+    pub usernet_bin: PathBuf,
+    pub pasta_bin: PathBuf,
+    pub tmp: PathBuf,
+}
+
+/// A built setup, ready for one agent.
 pub struct Env {
     /// Where the host-side servers listen.
     pub bind_ip: IpAddr,
-    /// What the client dials to reach them.
+    /// What the agent dials to reach them.
     pub target_ip: IpAddr,
-    /// The command that runs the client (appended) inside the namespace.
+    /// The command that runs the agent (appended) inside the namespace.
     pub prefix: Vec<OsString>,
+    /// The port the agent serves on inside the namespace.
+    pub sink_port: u16,
+    /// What a host client on loopback dials to reach it (the published port, or for veth
+    /// the namespace's own address).
+    pub lo_target: SocketAddr,
+    /// What the peer namespace dials to reach it; None where it cannot (veth: the host
+    /// dials `lo_target` instead).
+    pub peer_target: Option<SocketAddr>,
+    /// The tool's process, if it is not the prefix's own process (`usernet run` is).
+    pub tool_pid: Option<i32>,
     /// How the setup was built, for the report.
     pub setup_commands: Vec<String>,
     _cleanup: Cleanup,
@@ -155,33 +188,51 @@ pub fn show(cmd: &Command) -> String {
         .join(" ")
 }
 
-/// Builds `setup`. `tmp` is a private directory for pidfiles and logs.
-pub fn prepare(setup: Setup, usernet_bin: &Path, tmp: &Path) -> anyhow::Result<Env> {
-    match setup {
-        Setup::Usernet => Ok(usernet(usernet_bin)),
-        Setup::Pasta => pasta(tmp),
-        Setup::Slirp4netns => slirp4netns(tmp),
-        Setup::Veth => veth(),
-    }
+/// The MTU every setup uses unless asked for another: the default of all three tools.
+pub const DEFAULT_MTU: u32 = 65520;
+
+/// A TCP port that is free on the host right now (for a published port).
+fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).context("find a free port")?;
+    Ok(l.local_addr()?.port())
 }
 
-fn usernet(bin: &Path) -> Env {
-    let prefix: Vec<OsString> = vec![
-        bin.into(),
-        "run".into(),
+/// Builds `setup` with a link MTU of `mtu`.
+pub fn prepare(setup: Setup, tools: &Tools, mtu: u32, peer_ip: Option<Ipv4Addr>) -> anyhow::Result<Env> {
+    let port = free_port()?;
+    let mut env = match setup {
+        Setup::Usernet => usernet(&tools.usernet_bin, mtu, port),
+        Setup::Pasta => pasta(&tools.pasta_bin, &tools.tmp, mtu, port),
+        Setup::Slirp4netns => slirp4netns(&tools.tmp, mtu, port),
+        Setup::Veth => return veth(mtu, port),
+    }?;
+    env.peer_target = peer_ip.map(|ip| SocketAddr::new(ip.into(), port));
+    Ok(env)
+}
+
+fn usernet(bin: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
         // A dead loopback port: the benchmark never resolves a name, and must not reach the
         // machine's resolver even by accident.
-        "--dns-upstream".into(),
-        "127.0.0.1:9".into(),
-        "--".into(),
-    ];
-    Env {
+        .args(["--dns-upstream", "127.0.0.1:9"])
+        .args(["-p", &format!("{port}:{port}")]);
+    if mtu != DEFAULT_MTU {
+        cmd.args(["--mtu", &mtu.to_string()]);
+    }
+    cmd.arg("--");
+    let prefix = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(OsString::from).collect();
+    Ok(Env {
         bind_ip: Ipv4Addr::LOCALHOST.into(),
         target_ip: Ipv4Addr::new(192, 168, 65, 254).into(),
         prefix,
+        sink_port: port,
+        lo_target: (Ipv4Addr::LOCALHOST, port).into(),
+        peer_target: None,
+        tool_pid: None,
         setup_commands: Vec::new(),
         _cleanup: Cleanup::default(),
-    }
+    })
 }
 
 /// Starts `unshare ARGS sleep 600` and waits until the sleeper is in a new network namespace.
@@ -247,17 +298,17 @@ fn default_gateway(table: &str) -> Option<Ipv4Addr> {
     })
 }
 
-fn pasta(tmp: &Path) -> anyhow::Result<Env> {
+fn pasta(bin: &Path, tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
     let mut cleanup = Cleanup::default();
     let (pid, holder) = namespace_holder(&["-rUn"], &mut cleanup)?;
     let pidfile = tmp.join(format!("pasta-{pid}.pid"));
     let logfile = tmp.join(format!("pasta-{pid}.log"));
-    let mut cmd = Command::new("pasta");
+    let mut cmd = Command::new(bin);
     if nix::unistd::geteuid().is_root() {
         cmd.args(["--runas", "0:0"]);
     }
-    cmd.args(["--config-net", "-q"])
-        .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
+    cmd.args(["--config-net", "-q", "--mtu", &mtu.to_string()])
+        .args(["-t", &port.to_string(), "-u", "none", "-T", "none", "-U", "none"])
         .arg("-P")
         .arg(&pidfile)
         .arg(pid.to_string());
@@ -267,10 +318,12 @@ fn pasta(tmp: &Path) -> anyhow::Result<Env> {
     let mut child =
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("start {shown}"))?;
     let status = wait_bounded(&mut child, Duration::from_secs(10));
+    let mut daemon_pid = None;
     if let Ok(text) = std::fs::read_to_string(&pidfile)
         && let Ok(daemon) = text.trim().parse::<i32>()
     {
         cleanup.daemons.push((daemon, "pas"));
+        daemon_pid = Some(daemon);
     }
     let status = status.with_context(|| format!("run {shown}"))?;
     if !status.success() {
@@ -285,17 +338,25 @@ fn pasta(tmp: &Path) -> anyhow::Result<Env> {
             .iter()
             .map(OsString::from)
             .collect(),
+        sink_port: port,
+        lo_target: (Ipv4Addr::LOCALHOST, port).into(),
+        peer_target: None,
+        tool_pid: daemon_pid,
         setup_commands: vec![holder, shown],
         _cleanup: cleanup,
     })
 }
 
-fn slirp4netns(tmp: &Path) -> anyhow::Result<Env> {
+fn slirp4netns(tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
     let mut cleanup = Cleanup::default();
     let (pid, holder) = namespace_holder(&["-n"], &mut cleanup)?;
     let logfile = tmp.join(format!("slirp4netns-{pid}.log"));
+    let api = tmp.join(format!("slirp4netns-{pid}.sock"));
     let mut cmd = Command::new("slirp4netns");
-    cmd.args(["--configure", "--mtu=65520", "--disable-dns"]).arg(pid.to_string()).arg("tap0");
+    cmd.args(["--configure", &format!("--mtu={mtu}"), "--disable-dns"])
+        .arg(format!("--api-socket={}", api.display()))
+        .arg(pid.to_string())
+        .arg("tap0");
     let shown = show(&cmd);
     let log = std::fs::File::create(&logfile)?;
     let child = cmd
@@ -304,19 +365,51 @@ fn slirp4netns(tmp: &Path) -> anyhow::Result<Env> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("start {shown}"))?;
+    let slirp_pid = child.id() as i32;
     // Kill slirp4netns before its namespace holder (children are killed last-first).
     cleanup.children.push(child);
     wait_default_gateway(pid, "slirp4netns", Some(&logfile))?;
+    let request = format!(
+        r#"{{"execute": "add_hostfwd", "arguments": {{"proto": "tcp", "host_addr": "0.0.0.0", "host_port": {port}, "guest_port": {port}}}}}"#
+    );
+    let answer = slirp_api(&api, &request).context("slirp4netns add_hostfwd")?;
+    if !answer.contains("\"return\"") {
+        anyhow::bail!("slirp4netns add_hostfwd: {}", answer.trim());
+    }
     Ok(Env {
         bind_ip: Ipv4Addr::LOCALHOST.into(),
         target_ip: Ipv4Addr::new(10, 0, 2, 2).into(),
         prefix: ["nsenter", "-t", &pid.to_string(), "-n"].iter().map(OsString::from).collect(),
-        setup_commands: vec![holder, shown],
+        sink_port: port,
+        lo_target: (Ipv4Addr::LOCALHOST, port).into(),
+        peer_target: None,
+        tool_pid: Some(slirp_pid),
+        setup_commands: vec![holder, shown, format!("# on {}: {request}", api.display())],
         _cleanup: cleanup,
     })
 }
 
-fn veth() -> anyhow::Result<Env> {
+/// One request on slirp4netns's API socket (it answers, then closes the connection).
+fn slirp_api(socket: &Path, request: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut conn = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).with_context(|| format!("connect to {}", socket.display()));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(request.as_bytes())?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn veth(mtu: u32, port: u16) -> anyhow::Result<Env> {
     let me = std::process::id();
     let ns = format!("usernet-bench-{me}");
     let host_if = format!("ubh{me}");
@@ -332,7 +425,7 @@ fn veth() -> anyhow::Result<Env> {
     // No name here contains a space, so each step splits into its arguments on whitespace.
     let steps = [
         format!("netns add {ns}"),
-        format!("link add {host_if} mtu 65520 type veth peer name {ns_if} mtu 65520 netns {ns}"),
+        format!("link add {host_if} mtu {mtu} type veth peer name {ns_if} mtu {mtu} netns {ns}"),
         format!("addr add {host_ip}/30 dev {host_if}"),
         format!("link set {host_if} up"),
         format!("-n {ns} addr add {ns_ip}/30 dev {ns_if}"),
@@ -356,9 +449,90 @@ fn veth() -> anyhow::Result<Env> {
         bind_ip: host_ip.into(),
         target_ip: host_ip.into(),
         prefix: ["ip", "netns", "exec", &ns].iter().map(OsString::from).collect(),
+        sink_port: port,
+        lo_target: (ns_ip, port).into(),
+        peer_target: None,
+        tool_pid: None,
         setup_commands: shown,
         _cleanup: cleanup,
     })
+}
+
+/// The remote client's namespace: `usernet-bench-peer-PID`, joined to the host by a veth
+/// pair, 198.51.100.1 on the host, 198.51.100.2 inside. Removed on drop.
+pub struct Peer {
+    pub ns: String,
+    host_if: String,
+    peer_if: String,
+    /// The host's address on the pair: what the peer dials.
+    pub host_ip: Ipv4Addr,
+    /// How it was built, for the report.
+    pub commands: Vec<String>,
+}
+
+impl Peer {
+    pub fn create() -> anyhow::Result<Peer> {
+        let me = std::process::id();
+        let host_ip = Ipv4Addr::new(198, 51, 100, 1);
+        let peer_ip = Ipv4Addr::new(198, 51, 100, 2);
+        let out = |args: &[&str]| -> anyhow::Result<String> {
+            let o = Command::new("ip").args(args).output().context("run ip")?;
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        let used = out(&["-4", "-o", "addr", "show"])? + &out(&["-4", "route", "show", "table", "all"])?;
+        if used.contains("198.51.100.") {
+            anyhow::bail!("198.51.100.0/24 is already in use on this machine");
+        }
+        let mut peer = Peer {
+            ns: format!("usernet-bench-peer-{me}"),
+            host_if: format!("ubp{me}"),
+            peer_if: format!("ubq{me}"),
+            host_ip,
+            commands: Vec::new(),
+        };
+        let (ns, host_if, peer_if) = (peer.ns.clone(), peer.host_if.clone(), peer.peer_if.clone());
+        let steps = [
+            format!("netns add {ns}"),
+            format!("link add {host_if} mtu {DEFAULT_MTU} type veth peer name {peer_if} mtu {DEFAULT_MTU} netns {ns}"),
+            format!("addr add {host_ip}/24 dev {host_if}"),
+            format!("link set {host_if} up"),
+            format!("-n {ns} addr add {peer_ip}/24 dev {peer_if}"),
+            format!("-n {ns} link set {peer_if} up"),
+            format!("-n {ns} link set lo up"),
+        ];
+        for step in &steps {
+            let mut cmd = Command::new("ip");
+            cmd.args(step.split_whitespace());
+            peer.commands.push(show(&cmd));
+            run_checked(&mut cmd)?;
+        }
+        let route = out(&["route", "get", &peer_ip.to_string()])?;
+        if !route.contains(&format!("dev {host_if} ")) {
+            anyhow::bail!("{peer_ip} is not routed through {host_if}: {}", route.trim());
+        }
+        Ok(peer)
+    }
+
+    /// Sets the MTU of both ends of the pair.
+    pub fn set_mtu(&self, mtu: u32) -> anyhow::Result<()> {
+        let mtu = mtu.to_string();
+        run_checked(Command::new("ip").args(["link", "set", "dev", &self.host_if, "mtu", &mtu]))?;
+        run_checked(Command::new("ip").args(["-n", &self.ns, "link", "set", "dev", &self.peer_if, "mtu", &mtu]))
+    }
+
+    /// The command prefix that runs a program inside the peer namespace.
+    pub fn prefix(&self) -> Vec<OsString> {
+        ["ip", "netns", "exec", &self.ns].iter().map(OsString::from).collect()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if Path::new("/sys/class/net").join(&self.host_if).exists() {
+            let _ = run_checked(Command::new("ip").args(["link", "del", &self.host_if]));
+        }
+        let _ = run_checked(Command::new("ip").args(["netns", "del", &self.ns]));
+    }
 }
 
 /// A /30 in 10.250.0.0/16 that no address or route of this machine touches yet.

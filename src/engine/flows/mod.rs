@@ -21,11 +21,23 @@ pub use udp::UdpFlow;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FlowKey {
-    Tcp { guest: SocketAddrV4, remote: SocketAddrV4 },
-    Udp { guest: SocketAddrV4, remote: SocketAddrV4 },
-    Icmp { guest: Ipv4Addr, remote: Ipv4Addr, ident: u16 },
+    Tcp {
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+    },
+    Udp {
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+    },
+    Icmp {
+        guest: Ipv4Addr,
+        remote: Ipv4Addr,
+        ident: u16,
+    },
     /// Socket-to-socket flows are never looked up by address: a serial number.
-    Splice { id: u64 },
+    Splice {
+        id: u64,
+    },
 }
 
 pub enum Flow {

@@ -54,6 +54,11 @@ impl UdpFlow {
         UdpFlow { guest, remote, sock: None, inbound: Some(inbound), last_used: now, idle: IDLE, scheduled: None }
     }
 
+    /// The flow's own connected socket (None for flows of a published port).
+    pub fn own_fd(&self) -> Option<RawFd> {
+        self.sock.as_ref().map(|s| s.as_raw_fd())
+    }
+
     pub fn deadline(&self) -> Option<Instant> {
         Some(self.last_used + self.idle)
     }

@@ -1,0 +1,794 @@
+//! `usernet run` under bad or hostile conditions, with real programs on both sides.
+//!
+//! - A SYN flood from the guest to an address that never answers (a remote host whose
+//!   namespace drops SYNs with nftables) does not starve a real connection, the gateway
+//!   still answers, no flooded connect is ever "completed" falsely, and usernet exits cleanly.
+//! - 10,000 idle guest connections to the host all get established; usernet's resident
+//!   memory grows by at most [`IDLE_RSS_BOUND`]; closing them all drains the host side,
+//!   and data flows on a new connection afterwards.
+//! - A peer that vanishes (SIGKILL) mid-transfer, on the host or in the guest behind `-p`,
+//!   gives the other end an EOF or a reset, never a hang.
+//! - TCP keep-alive probes are answered; an idle connection without keep-alive survives
+//!   35 s (no idle expiry).
+//! - Half-close both ways through a published port.
+//! - UDP to a port nobody listens on gives the guest ICMP port unreachable.
+//! - A DNS upstream that never answers gives SERVFAIL in bounded time while built-in
+//!   names still answer.
+//!
+//! Clients and servers are tests/helpers/robust.py (no name lookups, every loop bounded),
+//! curl, socat, dig and ping. Traffic goes only to loopback and to the test's own
+//! namespace. The two heaviest tests (flood, 10,000 connections) take [`heavy`] so that
+//! they never run at the same time.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How much usernet's VmRSS may grow while it holds 10,000 idle connections.
+const IDLE_RSS_BOUND: u64 = 64 << 20;
+/// Idle connections opened by the guest in [`ten_thousand_idle_connections`].
+const IDLE_CONNS: usize = 10_000;
+/// Connects of the SYN flood.
+const FLOOD_CONNECTS: usize = 3000;
+
+// ---------------------------------------------------------------------------
+// Helpers of this file.
+
+/// tests/helpers/robust.py.
+fn robust_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helpers/robust.py")
+}
+
+/// `python3 robust.py ARGS` as one shell command line (every part is a plain path or word).
+fn robust_sh(args: &str) -> String {
+    format!("{} {} {args}", python().display(), robust_py().display())
+}
+
+/// Serialises the heaviest tests of this file.
+fn heavy() -> MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A process in the background (its own process group) whose stdout and stderr are
+/// collected line by line. Its stdin is a pipe held until Drop, so the helper servers
+/// exit by themselves if the test dies. The group is killed on Drop.
+struct Proc {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    line: String,
+}
+
+fn collect_lines(pipe: impl Read + Send + 'static, buf: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(pipe);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => buf.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line),
+            }
+        }
+    });
+}
+
+impl Proc {
+    fn start(mut cmd: Command) -> Proc {
+        let mut line = vec![cmd.get_program().to_string_lossy().into_owned()];
+        line.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+        let line = line.join(" ");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        collect_lines(child.stdout.take().expect("piped stdout"), out.clone());
+        collect_lines(child.stderr.take().expect("piped stderr"), err.clone());
+        Proc { child, out, err, line }
+    }
+
+    /// A robust.py helper on the host.
+    fn helper(args: &[&str]) -> Proc {
+        let mut c = Command::new(python());
+        c.arg(robust_py()).args(args).env("PATH", search_path());
+        Proc::start(c)
+    }
+
+    /// `usernet run ARGS -- sh -c SCRIPT` in the background.
+    fn usernet(dns_args: Usernet, script: &str) -> Proc {
+        Proc::start(dns_args.command(&["sh", "-c", script]))
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits i32")
+    }
+
+    fn stdout(&self) -> String {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn describe(&self) -> String {
+        format!("  command: {}\n  stdout:\n{}\n  stderr:\n{}", self.line, self.stdout(), self.stderr())
+    }
+
+    /// Lines of stdout that start with `prefix`.
+    fn lines_with(&self, prefix: &str) -> Vec<String> {
+        self.stdout().lines().filter(|l| l.starts_with(prefix)).map(str::to_string).collect()
+    }
+
+    /// Waits until stdout has `count` lines starting with `prefix`; returns the first.
+    /// Panics (with all output) if the process exits or `limit` passes first.
+    fn wait_lines(&mut self, prefix: &str, count: usize, limit: Duration) -> String {
+        let end = Instant::now() + limit;
+        loop {
+            let found = self.lines_with(prefix);
+            if found.len() >= count {
+                return found[0].clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(300));
+                let found = self.lines_with(prefix);
+                if found.len() >= count {
+                    return found[0].clone();
+                }
+                panic!("exited ({status}) before printing {count} x {prefix:?}:\n{}", self.describe());
+            }
+            assert!(Instant::now() < end, "no {count} x {prefix:?} within {limit:?}:\n{}", self.describe());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_line(&mut self, prefix: &str, limit: Duration) -> String {
+        self.wait_lines(prefix, 1, limit)
+    }
+
+    /// The port of a helper server's `PORT n` line.
+    fn port(&mut self) -> u16 {
+        let l = self.wait_line("PORT ", Duration::from_secs(15));
+        l["PORT ".len()..].trim().parse().unwrap_or_else(|_| panic!("bad port line {l:?}"))
+    }
+
+    /// Waits for the process to exit by itself, at most `limit`: its exit status (128 + N
+    /// for signal N), or None if it is still running.
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader threads catch the last lines.
+                std::thread::sleep(Duration::from_millis(300));
+                use std::os::unix::process::ExitStatusExt;
+                return Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `sig` to the process itself (not its group).
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) of our own child; no memory involved.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let pgid = self.pid();
+        // SAFETY: kill(2) of our own child's process group.
+        unsafe {
+            libc::kill(-pgid, libc::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// VmRSS of a process, in bytes.
+fn vm_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Makes sure that this process's hard RLIMIT_NOFILE (inherited by usernet, the guest and
+/// the helper servers, which raise their soft limit to it) is at least `want`, raising it
+/// if need be (root may). False, after saying why, if it cannot.
+fn enough_descriptors(want: u64) -> bool {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: lim is valid for writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return false;
+    }
+    if lim.rlim_max >= want {
+        return true;
+    }
+    let raised = libc::rlimit { rlim_cur: lim.rlim_cur, rlim_max: want };
+    // SAFETY: raised is a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return true;
+    }
+    let why = format!("hard RLIMIT_NOFILE is {} and cannot be raised to {want}", lim.rlim_max);
+    assert!(!in_ci(), "cannot run under CI: {why}");
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+/// Established TCP connections on the host whose local port is `port` (server side).
+fn established_on(port: u16) -> usize {
+    let out = sh(&format!("ss -Htn state established '( sport = :{port} )' | wc -l"));
+    out.assert_ok();
+    out.stdout.trim().parse().unwrap_or(0)
+}
+
+/// The number after `key=` in `s` (e.g. `curl=18`), if any.
+fn value_of(s: &str, key: &str) -> Option<i64> {
+    let pat = format!("{key}=");
+    let at = s.find(&pat)? + pat.len();
+    let digits: String = s[at..].chars().take_while(|c| c.is_ascii_digit() || *c == '-').collect();
+    digits.parse().ok()
+}
+
+/// dig's `;; Query time: N msec`, if present.
+fn dig_query_ms(s: &str) -> Option<u64> {
+    s.lines()
+        .find_map(|l| l.trim().strip_prefix(";; Query time:"))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+}
+
+/// A remote host whose namespace drops every TCP SYN to port 9 (and counts them in
+/// `nft list chain inet t in`): a connect there never gets an answer.
+fn silent_remote() -> RemoteHost {
+    let remote = RemoteHost::new();
+    remote
+        .exec(&[
+            "sh",
+            "-c",
+            "nft add table inet t && \
+             nft add chain inet t in '{ type filter hook input priority 0; }' && \
+             nft add rule inet t in tcp dport 9 counter drop",
+        ])
+        .assert_ok();
+    remote
+}
+
+/// How a host-side reader's connection ended.
+#[derive(Debug)]
+enum Ending {
+    Eof(u64),
+    Error(ErrorKind, u64),
+    Hung(u64),
+}
+
+/// Reads `s` until EOF or an error, each read bounded by 20 s and the whole by 60 s.
+fn read_until_end(mut s: TcpStream) -> Ending {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => return Ending::Eof(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ending::Hung(total),
+            Err(e) => return Ending::Error(e.kind(), total),
+        }
+    }
+    Ending::Hung(total)
+}
+
+// ---------------------------------------------------------------------------
+// Tests.
+
+/// The guest opens 3000 connects to a port whose SYNs are dropped and keeps them pending;
+/// meanwhile a download from the host's loopback by name works and its hash matches, the
+/// gateway answers ping, none of the flooded connects ever completes, and usernet exits
+/// cleanly when the guest closes everything.
+#[test]
+fn syn_flood_does_not_starve_real_connections() {
+    if !ready(&["ip", "dnsmasq", "python3", "curl", "nft", "ping", "sha256sum"]) {
+        return;
+    }
+    let _heavy = heavy();
+    let dns = DnsUpstream::start();
+    let remote = silent_remote();
+    let (dir, http, want) = serve_random_file("flood", "f", 4 << 20);
+    let d = dir.path().display();
+    let ping = ping_cmd();
+    let script = format!(
+        "{flood} > {d}/flood.out 2>&1 & fp=$!; \
+         i=0; while ! grep -q OPENED {d}/flood.out; do \
+           i=$((i+1)); [ $i -gt 1200 ] && {{ echo flood-not-open; cat {d}/flood.out; exit 9; }}; sleep 0.05; done; \
+         sleep 1; \
+         t0=$(date +%s%N); \
+         timeout 30 curl -sS --max-time 20 -o {d}/got http://host.docker.internal:{p}/f; echo curl=$?; \
+         echo curl-ms=$(( ($(date +%s%N) - t0) / 1000000 )); \
+         sha256sum {d}/got; \
+         timeout 20 {ping} -c 3 -W 5 {GATEWAY_IP}; echo ping=$?; \
+         touch {d}/done; wait $fp; echo flood=$?; cat {d}/flood.out",
+        flood = robust_sh(&format!("synflood {} 9 {FLOOD_CONNECTS} {d}/done", remote.ip)),
+        p = http.port,
+    );
+    let out = Usernet::new(&dns).timeout(Duration::from_secs(150)).sh(&script);
+    eprintln!("{out}");
+    // usernet exits cleanly, with the guest's status, once the guest closed everything.
+    out.assert_ok();
+    assert!(out.stdout.contains(&format!("OPENED {FLOOD_CONNECTS}")), "{out}");
+    assert_eq!(value_of(&out.stdout, "curl"), Some(0), "download during the flood failed:\n{out}");
+    assert_eq!(hex_hashes(&out.stdout), vec![want], "download corrupted:\n{out}");
+    assert_eq!(value_of(&out.stdout, "ping"), Some(0), "gateway unresponsive during the flood:\n{out}");
+    assert_eq!(value_of(&out.stdout, "flood"), Some(0), "{out}");
+    // Nothing answers port 9 there: a "connected" socket would be a SYN-ACK usernet made up.
+    assert_eq!(value_of(&out.stdout, "connected"), Some(0), "a flooded connect completed:\n{out}");
+    assert!(out.stdout.contains("CLOSED"), "{out}");
+    // The SYNs really reached the remote host and were dropped there.
+    let rules = remote.exec(&["nft", "list", "chain", "inet", "t", "in"]);
+    let dropped = value_of(&rules.stdout.replace("packets ", "packets="), "packets").unwrap_or(0);
+    eprintln!("SYNs dropped at the remote host: {dropped}");
+    assert!(dropped >= 1000, "only {dropped} SYNs reached the remote host:\n{rules}\n{out}");
+}
+
+/// 10,000 idle connections from the guest to a host server: all established, usernet's
+/// VmRSS grows by at most [`IDLE_RSS_BOUND`]; after the guest closes them, the host side
+/// drains and a new connection moves data.
+#[test]
+fn ten_thousand_idle_connections() {
+    if !ready(&["ip", "dnsmasq", "python3", "ss", "sha256sum"]) {
+        return;
+    }
+    if !enough_descriptors(IDLE_CONNS as u64 + 1000) {
+        return;
+    }
+    let _heavy = heavy();
+    let dns = DnsUpstream::start();
+    let mut hold = Proc::helper(&["hold-server"]);
+    let port = hold.port();
+    let sink = Server::start(ServerKind::Sink, None);
+    let dir = TempDir::new("idle10k");
+    let go = dir.join("go");
+    let close = dir.join("close");
+    let script = format!(
+        "ulimit -n $(ulimit -Hn); echo STARTED; exec timeout 400 {}",
+        robust_sh(&format!(
+            "idle-clients {HOST_IP} {port} {IDLE_CONNS} {} {} {}",
+            go.display(),
+            close.display(),
+            sink.port
+        ))
+    );
+    let mut bg = Proc::usernet(Usernet::new(&dns), &script);
+    bg.wait_line("STARTED", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = bg.pid();
+    let before = vm_rss(pid);
+
+    std::fs::write(&go, b"").expect("write go file");
+    let line = bg.wait_line("CONNECTED ", Duration::from_secs(300));
+    let n: usize = line["CONNECTED ".len()..].trim().parse().unwrap_or(0);
+    assert_eq!(n, IDLE_CONNS, "guest connected only {n}:\n{}", bg.describe());
+    let mut count = 0;
+    let all = wait_until(Duration::from_secs(60), || {
+        count = established_on(port);
+        count >= IDLE_CONNS
+    });
+    assert!(all, "host server holds {count} established connections, not {IDLE_CONNS}:\n{}", bg.describe());
+    // Let the engine settle, then measure.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = vm_rss(pid);
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "usernet VmRSS: {} KiB before, {} KiB with {IDLE_CONNS} connections (+{} KiB, {} bytes each)",
+        before / 1024,
+        after / 1024,
+        grown / 1024,
+        grown / IDLE_CONNS as u64
+    );
+    assert!(
+        grown <= IDLE_RSS_BOUND,
+        "usernet's VmRSS grew by {} KiB for {IDLE_CONNS} idle connections (bound {} KiB)",
+        grown / 1024,
+        IDLE_RSS_BOUND / 1024
+    );
+
+    std::fs::write(&close, b"").expect("write close file");
+    bg.wait_line("CLOSED", Duration::from_secs(120));
+    let sink_line = bg.wait_line("SINK ", Duration::from_secs(120));
+    let want = format!("SINK {} {}", sha256_bytes(&vec![b'r'; 1 << 20]), 1 << 20);
+    assert_eq!(sink_line, want, "new connection after closing:\n{}", bg.describe());
+    let code = bg.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", bg.describe());
+    // Every close reached the host: the server sees no connection left.
+    let drained = wait_until(Duration::from_secs(60), || {
+        count = established_on(port);
+        count == 0
+    });
+    assert!(drained, "{count} host connections left after the guest closed all");
+}
+
+/// A host server killed (SIGKILL) mid-transfer: the guest's curl (its request was read,
+/// so the server's kernel ends with a FIN) fails with an error, and a raw client (whose
+/// bytes were never read, so the kernel resets) sees a reset or EOF. Neither hangs.
+#[test]
+fn host_server_killed_mid_transfer() {
+    if !ready(&["ip", "dnsmasq", "python3", "curl"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let mut server = Proc::helper(&["stream-server"]);
+    let port = server.port();
+    let script = format!(
+        "(timeout 90 curl -sS -o /dev/null http://host.docker.internal:{port}/big; echo curl=$?) & \
+         (timeout 90 {}; echo raw=$?) & wait",
+        robust_sh(&format!("vanish-client {HOST_IP} {port}"))
+    );
+    let mut bg = Proc::usernet(Usernet::new(&dns), &script);
+    server.wait_lines("STREAMING ", 2, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    server.signal(libc::SIGKILL);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some(), "server not killed");
+    // Both clients must notice by themselves, well before their own 90 s timeouts.
+    let code = bg.wait_exit(Duration::from_secs(60));
+    let out = bg.stdout();
+    eprintln!("{}", bg.describe());
+    assert!(code.is_some(), "the guest's clients hang after the server died:\n{}", bg.describe());
+    let curl = value_of(&out, "curl");
+    // 0: it believed the transfer complete; 28 or 124: it timed out.
+    assert!(
+        matches!(curl, Some(c) if c != 0 && c != 28 && c != 124),
+        "curl should fail with an error (18: partial transfer):\n{}",
+        bg.describe()
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("ERROR ConnectionResetError") || l.starts_with("EOF ")),
+        "the raw client should see a reset or EOF:\n{}",
+        bg.describe()
+    );
+    assert_eq!(value_of(&out, "raw"), Some(0), "{}", bg.describe());
+}
+
+/// The raw client of [`host_server_killed_mid_transfer`] had bytes the server never read:
+/// the server's kernel answers the close with a RST, and the guest must see that reset
+/// (not a plain EOF, which would claim the stream ended normally).
+#[test]
+fn host_reset_after_kill_reaches_guest_as_reset() {
+    if !ready(&["ip", "dnsmasq", "python3"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let mut server = Proc::helper(&["stream-server"]);
+    let port = server.port();
+    let script = format!("timeout 90 {}; echo raw=$?", robust_sh(&format!("vanish-client {HOST_IP} {port}")));
+    let mut bg = Proc::usernet(Usernet::new(&dns), &script);
+    server.wait_line("STREAMING RAW", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal(libc::SIGKILL);
+    let code = bg.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", bg.describe());
+    assert!(
+        bg.stdout().lines().any(|l| l.starts_with("ERROR ConnectionResetError")),
+        "expected a reset:\n{}",
+        bg.describe()
+    );
+}
+
+/// A guest server behind `-p` killed (SIGKILL) mid-transfer: both host clients (one whose
+/// bytes the server read, one whose bytes it never read) see EOF or a reset, not a hang.
+#[test]
+fn guest_server_killed_mid_transfer() {
+    if !ready(&["ip", "dnsmasq", "python3"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let p = free_port();
+    let script = format!("{} & wait; echo SERVER-GONE; sleep 60", robust_sh("stream-guest-server 80"));
+    let mut bg = Proc::usernet(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
+    let ready_line = bg.wait_line("READY ", Duration::from_secs(20));
+    let guest_pid: i32 = ready_line["READY ".len()..].trim().parse().expect("guest server pid");
+    let addr = format!("127.0.0.1:{p}");
+    let mut readers = Vec::new();
+    for i in 0..2 {
+        let mut c = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}\n{}", bg.describe()));
+        c.write_all(b"hello\n").expect("send hello");
+        readers.push(std::thread::spawn(move || (i, read_until_end(c))));
+        // One at a time: the guest must have accepted the first before the second arrives.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    bg.wait_line("STREAMING 2", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let cmdline = std::fs::read(format!("/proc/{guest_pid}/cmdline")).unwrap_or_default();
+    assert!(String::from_utf8_lossy(&cmdline).contains("stream-guest-server"), "pid {guest_pid} is not the server");
+    // SAFETY: kill(2) of the guest's server, a descendant of our usernet (no PID namespace).
+    unsafe {
+        libc::kill(guest_pid, libc::SIGKILL);
+    }
+    bg.wait_line("SERVER-GONE", Duration::from_secs(10));
+    for r in readers {
+        let (i, ending) = r.join().expect("reader thread");
+        eprintln!("host client {i}: {ending:?}");
+        match ending {
+            Ending::Eof(n) | Ending::Error(ErrorKind::ConnectionReset, n) => {
+                assert!(n > 0, "client {i} got no data at all:\n{}", bg.describe())
+            }
+            Ending::Hung(n) => panic!("host client {i} hangs after {n} bytes: no EOF, no reset:\n{}", bg.describe()),
+            other => panic!("host client {i} ended with {other:?}, expected EOF or reset:\n{}", bg.describe()),
+        }
+    }
+}
+
+/// A single connect to an address that never answers: usernet gives up on its host-side
+/// connect after its connect timeout (30 s) and resets the guest, long before the guest's
+/// own SYN retries (about 127 s) would end.
+#[test]
+fn connect_to_silent_host_is_reset_in_bounded_time() {
+    if !ready(&["ip", "dnsmasq", "python3", "nft"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let remote = silent_remote();
+    let out = Usernet::new(&dns)
+        .timeout(Duration::from_secs(120))
+        .sh(&format!("timeout 100 {}", robust_sh(&format!("connect-wait {} 9", remote.ip))));
+    eprintln!("{out}");
+    out.assert_ok();
+    assert!(out.stdout.contains("REFUSED"), "the guest's connect should be reset:\n{out}");
+}
+
+/// The guest's client is killed (SIGKILL) while downloading from a host server: the
+/// server's sends fail (reset or broken pipe) while usernet still runs; it is not left
+/// blocked on a connection nobody reads.
+#[test]
+fn guest_client_killed_mid_download() {
+    if !ready(&["ip", "dnsmasq", "python3", "curl"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let mut server = Proc::helper(&["stream-server"]);
+    let port = server.port();
+    let script = format!(
+        "curl -sS --max-time 60 -o /dev/null http://{HOST_IP}:{port}/big & echo CURL $!; wait; \
+         echo CURL-GONE; sleep 60"
+    );
+    let mut bg = Proc::usernet(Usernet::new(&dns), &script);
+    let line = bg.wait_line("CURL ", Duration::from_secs(20));
+    let curl_pid: i32 = line["CURL ".len()..].trim().parse().expect("curl pid");
+    server.wait_line("STREAMING GET", Duration::from_secs(30));
+    let cmdline = std::fs::read(format!("/proc/{curl_pid}/cmdline")).unwrap_or_default();
+    assert!(String::from_utf8_lossy(&cmdline).starts_with("curl"), "pid {curl_pid} is not the guest's curl");
+    // SAFETY: kill(2) of the guest's curl, a descendant of our usernet (no PID namespace).
+    unsafe {
+        libc::kill(curl_pid, libc::SIGKILL);
+    }
+    bg.wait_line("CURL-GONE", Duration::from_secs(10));
+    let ended = server.wait_line("ENDED ", Duration::from_secs(20));
+    assert!(bg.wait_exit(Duration::ZERO).is_none(), "usernet exited early:\n{}", bg.describe());
+    assert!(
+        ended.contains("ConnectionResetError") || ended.contains("BrokenPipeError"),
+        "server's send ended with {ended:?}"
+    );
+}
+
+/// Host clients of a published port vanish mid-transfer (closed with unread data, so
+/// their kernel resets): the guest server's sends fail instead of blocking forever.
+#[test]
+fn host_client_vanishes_from_published_port() {
+    if !ready(&["ip", "dnsmasq", "python3"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let p = free_port();
+    let script = format!("timeout 90 {}; echo SERVER-DONE=$?", robust_sh("stream-guest-server 80"));
+    let mut bg = Proc::usernet(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
+    bg.wait_line("READY ", Duration::from_secs(20));
+    let addr = format!("127.0.0.1:{p}");
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        c.write_all(b"hello\n").expect("send hello");
+        clients.push(c);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Read a little from each so that data is in flight, then vanish.
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut buf = vec![0u8; 1 << 16];
+        c.read_exact(&mut buf).unwrap_or_else(|e| panic!("read: {e}\n{}", bg.describe()));
+    }
+    bg.wait_line("STREAMING 2", Duration::from_secs(30));
+    drop(clients);
+    bg.wait_lines("ENDED ", 2, Duration::from_secs(30));
+    assert_eq!(bg.wait_exit(Duration::from_secs(30)), Some(0), "{}", bg.describe());
+    assert!(bg.stdout().contains("SERVER-DONE=0"), "{}", bg.describe());
+    for l in bg.lines_with("ENDED ") {
+        assert!(l.contains("ConnectionResetError") || l.contains("BrokenPipeError"), "{}", bg.describe());
+    }
+}
+
+/// More UDP flows than usernet keeps (4096): the newest still exchange datagrams, the
+/// oldest (evicted) comes back when it sends again, and a new flow works.
+#[test]
+fn udp_flows_beyond_the_cap() {
+    if !ready(&["ip", "dnsmasq", "python3"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let echo = Server::start(ServerKind::UdpEcho, None);
+    let out = Usernet::new(&dns).timeout(Duration::from_secs(90)).sh(&format!(
+        "ulimit -n $(ulimit -Hn); timeout 80 {}",
+        robust_sh(&format!("udp-many {HOST_IP} {} 5000", echo.port))
+    ));
+    eprintln!("{out}");
+    out.assert_ok();
+    assert!(out.stdout.contains("SENT 5000"), "{out}");
+    assert!(out.stdout.contains("NEWEST-ANSWERED 10"), "{out}");
+    assert!(out.stdout.contains("OLDEST-AGAIN ok"), "{out}");
+    assert!(out.stdout.contains("FRESH ok"), "{out}");
+}
+
+/// A guest client with aggressive keep-alive (a probe after 1 s idle, every 1 s, dead
+/// after 2 unanswered) stays idle 6 s and then sends: the probes were answered and the
+/// data arrives.
+#[test]
+fn keepalive_probes_are_answered() {
+    if !ready(&["ip", "dnsmasq", "python3", "socat", "ss"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let sink = Server::start(ServerKind::Sink, None);
+    let p = sink.port;
+    let out = Usernet::new(&dns).sh(&format!(
+        "(sleep 6; echo late-data) | timeout 30 socat -t 10 - \
+           TCP:host.docker.internal:{p},keepalive,keepidle=1,keepintvl=1,keepcnt=2 & s=$!; \
+         sleep 3; ss -tno state established '( dport = :{p} )'; \
+         wait $s; echo socat=$?"
+    ));
+    assert!(out.stdout.contains("keepalive"), "keep-alive not on in the guest:\n{out}");
+    let want = format!("{} 10", sha256_bytes(b"late-data\n"));
+    assert!(out.stdout.contains(&want), "data after the idle time lost:\n{out}");
+    assert_eq!(value_of(&out.stdout, "socat"), Some(0), "{out}");
+    out.assert_ok();
+}
+
+/// A connection idle for 35 s without keep-alive still carries data afterwards.
+#[test]
+fn idle_connection_survives_35_seconds() {
+    if !ready(&["ip", "dnsmasq", "python3", "socat"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let sink = Server::start(ServerKind::Sink, None);
+    let out = Usernet::new(&dns).timeout(Duration::from_secs(80)).sh(&format!(
+        "(sleep 35; echo idle-data) | timeout 60 socat -t 10 - TCP:{HOST_IP}:{p}; echo socat=$?",
+        p = sink.port
+    ));
+    let want = format!("{} 10", sha256_bytes(b"idle-data\n"));
+    assert!(out.stdout.contains(&want), "data after 35 s idle lost:\n{out}");
+    assert_eq!(value_of(&out.stdout, "socat"), Some(0), "{out}");
+    out.assert_ok();
+}
+
+/// Through `-p`: the host client sends 5 MiB and shuts down its sending side; the guest
+/// server reads to EOF and answers. Then the other way: the guest server sends 1 MiB and
+/// shuts down; the host client reads to EOF and answers; the guest gets the answer.
+#[test]
+fn half_close_both_ways_through_published_port() {
+    if !ready(&["ip", "dnsmasq", "python3", "sha256sum"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let p = free_port();
+    let script = format!("exec timeout 90 {}", robust_sh("halfclose-server 80"));
+    let mut bg = Proc::usernet(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
+    bg.wait_line("READY", Duration::from_secs(20));
+    let addr = format!("127.0.0.1:{p}");
+
+    // Host -> guest, then half-close; the answer comes back after our FIN.
+    let data: Vec<u8> = (0..5u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut c = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    c.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    c.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    c.write_all(&data).unwrap_or_else(|e| panic!("send: {e}\n{}", bg.describe()));
+    c.shutdown(Shutdown::Write).expect("shutdown write");
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap_or_else(|e| panic!("read answer: {e}\n{}", bg.describe()));
+    assert_eq!(answer.trim(), format!("{} {}", sha256_bytes(&data), data.len()), "{}", bg.describe());
+    drop(c);
+
+    // Guest -> host, guest half-closes; we answer after its FIN.
+    let mut c = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    c.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap_or_else(|e| panic!("read guest data: {e}\n{}", bg.describe()));
+    assert_eq!(got.len(), 1 << 20, "{}", bg.describe());
+    let reply = format!("{} {}\n", sha256_bytes(&got), got.len());
+    c.write_all(reply.as_bytes()).unwrap_or_else(|e| panic!("send reply after guest FIN: {e}\n{}", bg.describe()));
+    c.shutdown(Shutdown::Write).expect("shutdown write");
+    let line = bg.wait_line("GOT ", Duration::from_secs(30));
+    assert_eq!(line, format!("GOT {}", reply.trim()), "{}", bg.describe());
+    assert_eq!(sha256_bytes(&got), sha256_bytes(&vec![b'g'; 1 << 20]));
+    assert_eq!(bg.wait_exit(Duration::from_secs(30)), Some(0), "{}", bg.describe());
+}
+
+/// UDP to a port nobody listens on, on the host's loopback and on a remote host: the
+/// guest's connected socket gets ECONNREFUSED (an ICMP port unreachable reached it).
+#[test]
+fn udp_to_closed_port_is_refused() {
+    if !ready(&["ip", "dnsmasq", "python3"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let remote = RemoteHost::new();
+    let closed = free_port();
+    let out = Usernet::new(&dns).sh(&format!(
+        "echo host: $({}); echo remote: $({})",
+        robust_sh(&format!("udp-refused {HOST_IP} {closed}")),
+        robust_sh(&format!("udp-refused {} 9", remote.ip))
+    ));
+    out.assert_ok();
+    assert!(out.stdout.contains("host: REFUSED"), "{out}");
+    assert!(out.stdout.contains("remote: REFUSED"), "{out}");
+}
+
+/// The only DNS upstream reads queries and never answers: a forwarded name gets SERVFAIL
+/// well before dig gives up (10 s), and a built-in name asked meanwhile answers while the
+/// forwarded query is still pending.
+#[test]
+fn silent_dns_upstream_gives_servfail() {
+    if !ready(&["ip", "python3", "dig"]) {
+        return;
+    }
+    let mut hole = Proc::helper(&["blackhole-dns"]);
+    let port = hole.port();
+    let dir = TempDir::new("dnshole");
+    let d = dir.path().display();
+    let out = Usernet::without_dns().arg("--dns-upstream").arg(format!("127.0.0.1:{port}")).sh(&format!(
+        "(dig +tries=1 +time=10 name.test > {d}/slow 2>&1; echo slow-done >> {d}/order) & \
+         sleep 0.3; \
+         dig +tries=1 +time=5 host.docker.internal > {d}/fast 2>&1; echo fast=$? >> {d}/order; \
+         wait; echo === slow; cat {d}/slow; echo === fast; cat {d}/fast; echo === order; cat {d}/order"
+    ));
+    eprintln!("{out}");
+    out.assert_ok();
+    let slow = std::fs::read_to_string(dir.join("slow")).unwrap_or_default();
+    let fast = std::fs::read_to_string(dir.join("fast")).unwrap_or_default();
+    let order = std::fs::read_to_string(dir.join("order")).unwrap_or_default();
+    assert!(slow.contains("status: SERVFAIL"), "forwarded name:\n{out}");
+    let ms = dig_query_ms(&slow).unwrap_or(u64::MAX);
+    assert!(ms <= 8000, "SERVFAIL took {ms} ms:\n{out}");
+    assert!(fast.contains("status: NOERROR") && fast.contains(HOST_IP), "built-in name:\n{out}");
+    // The built-in name did not wait behind the stuck forward.
+    assert_eq!(order.lines().collect::<Vec<_>>(), vec!["fast=0", "slow-done"], "{out}");
+    assert!(!hole.lines_with("QUERY").is_empty(), "the query never reached the upstream");
+}
