@@ -225,3 +225,35 @@ fn init_logging() {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
+
+/// What `run` and `serve` start alike: the gateway services with the proxy configured, and
+/// the engine on top of them (with `link` as its first guest link, when given).
+pub struct Network {
+    pub engine: crate::engine::Engine,
+    pub dns_records: std::sync::Arc<crate::services::dns::DnsRecords>,
+    pub proxy_settings: crate::services::proxy::ProxySettings,
+    /// The transparent proxy's hook; the caller installs it once its own hooks are in.
+    pub proxy_hook: crate::engine::TcpHook,
+}
+
+pub fn start_network(
+    cfg: &std::sync::Arc<NetConfig>,
+    proxy: crate::services::proxy::ProxyConfig,
+    pcap: Option<crate::pcap::PcapWriter>,
+    link: Option<Box<dyn crate::link::Link>>,
+) -> anyhow::Result<Network> {
+    use anyhow::Context;
+    let services = crate::services::ServiceHub::start(cfg.clone()).context("starting gateway services")?;
+    let dns_records = services.dns_records();
+    if proxy.has_upstream() {
+        tracing::info!("proxy: {}", crate::services::proxy::describe(&proxy));
+    }
+    let proxy_settings = services.proxy_settings();
+    proxy_settings.set(proxy);
+    let proxy_hook = services.proxy_hook();
+    let mut engine = crate::engine::Engine::without_link(cfg.clone(), services, pcap).context("network engine")?;
+    if let Some(link) = link {
+        engine.add_link(link);
+    }
+    Ok(Network { engine, dns_records, proxy_settings, proxy_hook })
+}

@@ -33,12 +33,11 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::NetOpts;
 use crate::config::{MTU_NETNS, NetConfig};
-use crate::engine::{Engine, Supervisor};
+use crate::engine::Supervisor;
 use crate::link::tap::Tap;
 use crate::netns::resolv;
 use crate::netns::sandbox::{GUEST_MAC, Sandbox, SandboxSpec, StartError};
 use crate::pcap::PcapWriter;
-use crate::services::ServiceHub;
 
 /// Snap length of `--pcap` captures: whole frames, even 64 KiB segments.
 const PCAP_SNAPLEN: u32 = 262_144;
@@ -107,15 +106,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
         drop(listeners);
         None
     } else {
-        let services = ServiceHub::start(cfg.clone()).context("starting gateway services")?;
-        let dns_records = services.dns_records();
-        if proxy.has_upstream() {
-            tracing::info!("proxy: {}", crate::services::proxy::describe(&proxy));
-        }
-        let proxy_settings = services.proxy_settings();
-        proxy_settings.set(proxy);
-        let proxy_hook = services.proxy_hook();
-        let mut engine = Engine::new(cfg.clone(), Box::new(tap), services, pcap).context("network engine")?;
+        let super::Network { mut engine, dns_records, proxy_settings, proxy_hook } =
+            super::start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
         engine.add_tcp_hook(proxy_hook);
         engine.add_static_lease(crate::netns::sandbox::GUEST_MAC, cfg.guest);
         if let Some(netns) = sandbox.netns()

@@ -34,7 +34,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::NetOpts;
 use crate::config::MTU_VM;
-use crate::engine::{Engine, Supervisor};
+use crate::engine::Supervisor;
 use crate::link::dgram::DgramLink;
 use crate::link::qemu::{QemuAcceptor, parse_socket_url};
 use crate::link::seqpacket::SeqpacketAcceptor;
@@ -43,7 +43,6 @@ use crate::link::{Link, LinkAcceptor};
 use crate::netns::attach::{AttachSpec, NetnsTarget};
 use crate::netns::sandbox::GUEST_MAC;
 use crate::pcap::PcapWriter;
-use crate::services::ServiceHub;
 
 /// Snap length of `--pcap` captures: whole frames.
 const PCAP_SNAPLEN: u32 = 262_144;
@@ -157,15 +156,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         links.push(Box::new(crate::link::stdio::stdio_link().context("stdin/stdout")?));
     }
 
-    let services = ServiceHub::start(cfg.clone()).context("starting gateway services")?;
-    let dns_records = services.dns_records();
-    if proxy.has_upstream() {
-        tracing::info!("proxy: {}", crate::services::proxy::describe(&proxy));
-    }
-    let proxy_settings = services.proxy_settings();
-    proxy_settings.set(proxy);
-    let proxy_hook = services.proxy_hook();
-    let mut engine = Engine::without_link(cfg.clone(), services, pcap).context("network engine")?;
+    let super::Network { mut engine, dns_records, proxy_settings, proxy_hook } =
+        super::start_network(&cfg, proxy, pcap, None)?;
     for (spec, tap) in taps {
         engine.add_static_lease(spec.mac, spec.address);
         engine.add_link(Box::new(tap));

@@ -150,66 +150,35 @@ impl TcpFlow {
             None => (0, 0),
         };
         let mss = (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, tx.max_tcp_payload() as u32);
-        let mut f = TcpFlow {
-            guest,
-            remote,
-            sock: dial.fd,
-            is_tcp: dial.is_tcp,
-            state: State::Connecting,
-            born: now,
-            guest_isn: syn.seq,
-            rcv_nxt: syn.seq.wrapping_add(1),
-            pending: Vec::new(),
-            pending_head: 0,
-            guest_fin: false,
-            guest_fin_done: false,
-            isn,
-            syn_acked: false,
-            snd_una: isn,
-            snd_nxt: isn.wrapping_add(1),
-            snd_max: isn.wrapping_add(1),
-            fin_seq: None,
-            guest_wnd: syn.window as u32,
-            guest_wscale,
-            our_wscale,
-            mss,
-            dup_acks: 0,
-            rto: RTO_MIN,
-            rto_deadline: None,
-            retries: 0,
-            connect_deadline: Some(now + CONNECT_TIMEOUT),
-            readable: false,
-            writable: false,
-            need_ack: false,
-            scheduled: None,
-            counted_connecting: false,
-        };
+        let mut f = TcpFlow::blank(guest, remote, dial.fd, dial.is_tcp, State::Connecting, isn, now);
+        f.guest_isn = syn.seq;
+        f.rcv_nxt = syn.seq.wrapping_add(1);
+        f.guest_wnd = syn.window as u32;
+        f.guest_wscale = guest_wscale;
+        f.our_wscale = our_wscale;
+        f.mss = mss;
+        f.connect_deadline = Some(now + CONNECT_TIMEOUT);
         let _ = sock::set_peek_offset(f.sock.as_raw_fd(), 0);
         let v = if dial.connected { f.connected(tx, now) } else { Verdict::Keep };
         (f, v)
     }
 
-    /// A SYN that starts a new connection on this flow's ports (a different ISN).
-    pub fn is_stale_for_syn(&self, syn: &TcpHeader) -> bool {
-        syn.seq != self.guest_isn
-    }
-
-    /// A flow for a connection accepted on a published port: sends the guest a SYN.
-    pub fn new_inbound(
-        tx: &mut GuestTx,
+    /// A flow in `state` with nothing exchanged yet; the constructors fill in the rest.
+    fn blank(
         guest: SocketAddrV4,
         remote: SocketAddrV4,
         sock: OwnedFd,
         is_tcp: bool,
+        state: State,
         isn: u32,
         now: Instant,
     ) -> TcpFlow {
-        let mut f = TcpFlow {
+        TcpFlow {
             guest,
             remote,
             sock,
             is_tcp,
-            state: State::SynSent,
+            state,
             born: now,
             guest_isn: 0,
             rcv_nxt: 0,
@@ -232,12 +201,32 @@ impl TcpFlow {
             rto_deadline: None,
             retries: 0,
             connect_deadline: None,
-            readable: true,
-            writable: true,
+            readable: false,
+            writable: false,
             need_ack: false,
             scheduled: None,
             counted_connecting: false,
-        };
+        }
+    }
+
+    /// A SYN that starts a new connection on this flow's ports (a different ISN).
+    pub fn is_stale_for_syn(&self, syn: &TcpHeader) -> bool {
+        syn.seq != self.guest_isn
+    }
+
+    /// A flow for a connection accepted on a published port: sends the guest a SYN.
+    pub fn new_inbound(
+        tx: &mut GuestTx,
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+        sock: OwnedFd,
+        is_tcp: bool,
+        isn: u32,
+        now: Instant,
+    ) -> TcpFlow {
+        let mut f = TcpFlow::blank(guest, remote, sock, is_tcp, State::SynSent, isn, now);
+        f.readable = true;
+        f.writable = true;
         let _ = sock::set_peek_offset(f.sock.as_raw_fd(), 0);
         f.send_syn(tx);
         f.arm_rto(now);
