@@ -33,6 +33,13 @@
 //!    (pasta spends two descriptors per connection and exits when it runs out; libslirp opens
 //!    them in quadratic time) it holds what it can and the table says so.
 //!
+//! 4. VM, with `--vm` only: TCP between a QEMU guest (TCG) and the host over QEMU's stream
+//!    transport, served by `usernet serve --listen-qemu` and by passt (a column of its own,
+//!    VMs only): the guest sends `--vm-mib` MiB to a sink on the host's loopback, then
+//!    receives as much from a source there; throughput and the tool's CPU per GB, each way.
+//!    The guest's emulated CPU is the bottleneck there, and the report says how busy it was
+//!    (see [`vm`]). The namespace tools have no VM transport: n/a.
+//!
 //! Setups run interleaved (one run of each, then again), so a noisy neighbour spreads across
 //! all of them; the table shows the median of `--repeat` runs and each peer's ratio to
 //! usernet (peer / usernet, whatever the direction of "better"). `--json` keeps every run,
@@ -49,6 +56,7 @@ mod agent;
 mod setups;
 mod svg;
 mod traffic;
+mod vm;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -107,6 +115,23 @@ pub struct BenchArgs {
     /// Idle TCP connections of the memory test [default: 10000; 2000 with --quick].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=30_000))]
     pub conns: Option<u32>,
+    /// Also measure TCP between a QEMU guest (TCG) and the host over QEMU's stream transport,
+    /// served by usernet and by passt. Needs qemu-system-x86_64, a kernel in /boot with its
+    /// modules, and busybox-static.
+    #[arg(long)]
+    pub vm: bool,
+    /// The script that builds the guest's initramfs: the repository's.
+    #[arg(long, value_name = "PATH", default_value = "tests/vm/build-initramfs.sh")]
+    pub vm_initramfs_script: PathBuf,
+    /// MiB the guest sends, then receives, in each VM run [default: 64; 32 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub vm_mib: Option<u32>,
+    /// MTU of the guest's link in the VM runs, for both tools (usernet serve's default).
+    #[arg(long, value_name = "N", default_value_t = 1500, value_parser = clap::value_parser!(u32).range(576..=65520))]
+    pub vm_mtu: u32,
+    /// The passt binary of the VM phase [default: passt next to --pasta-bin, else in PATH].
+    #[arg(long, value_name = "PATH")]
+    pub passt_bin: Option<PathBuf>,
 
     /// The agent half, run inside each namespace by the bench itself.
     #[arg(long, hide = true, value_enum)]
@@ -120,7 +145,8 @@ pub enum Role {
 }
 
 fn parse_setup(s: &str) -> Result<Setup, String> {
-    Setup::parse(s.trim()).ok_or_else(|| format!("unknown setup {s:?} (want usernet, pasta, slirp4netns or veth)"))
+    Setup::parse(s.trim())
+        .ok_or_else(|| format!("unknown setup {s:?} (want usernet, pasta, slirp4netns, veth or passt)"))
 }
 
 pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
@@ -142,6 +168,8 @@ struct Plan {
     hold: Duration,
     /// Longest the agent may take to open the idle connections.
     open_limit: Duration,
+    /// The VM phase, with `--vm`.
+    vm: Option<vm::VmPlan>,
 }
 
 impl Plan {
@@ -157,6 +185,11 @@ impl Plan {
             conns: args.conns.unwrap_or(if q { 2_000 } else { 10_000 }),
             hold: Duration::from_secs(if q { 1 } else { 2 }),
             open_limit: Duration::from_secs(if q { 10 } else { 30 }),
+            vm: args.vm.then(|| vm::VmPlan {
+                mib: args.vm_mib.unwrap_or(if q { 32 } else { 64 }),
+                mtu: args.vm_mtu,
+                script: args.vm_initramfs_script.clone(),
+            }),
         }
     }
 }
@@ -270,7 +303,7 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
     let self_exe = std::env::current_exe().context("find this executable")?;
     let plan = Plan::from_args(args);
     let chosen: Vec<Setup> = if args.only.is_empty() {
-        Setup::ALL.to_vec()
+        Setup::ALL.into_iter().filter(|s| args.vm || s.has_namespace()).collect()
     } else {
         Setup::ALL.into_iter().filter(|s| args.only.contains(s)).collect()
     };
@@ -282,15 +315,25 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
     let tools = Tools {
         usernet_bin: args.usernet_bin.clone().unwrap_or_else(|| self_exe.clone()),
         pasta_bin: args.pasta_bin.clone(),
+        passt_bin: args.passt_bin.clone().unwrap_or_else(|| default_passt(&args.pasta_bin)),
         tmp: tmp.0.clone(),
     };
     let ctx = Ctx { self_exe: &self_exe, tools: &tools, plan: &plan };
 
     let mut outcomes: Vec<Outcome> = chosen
         .iter()
-        .map(|&setup| Outcome { setup, unavailable: setup.unavailable(&tools), runs: Vec::new() })
+        .map(|&setup| {
+            let unavailable = if !setup.has_namespace() && plan.vm.is_none() {
+                Some("VMs only: needs --vm".into())
+            } else {
+                setup.unavailable(&tools)
+            };
+            Outcome { setup, unavailable, runs: Vec::new() }
+        })
         .collect();
-    let needs_peer = outcomes.iter().any(|o| o.unavailable.is_none() && o.setup != Setup::Veth);
+    let mut vm_state = plan.vm.as_ref().map(|p| VmState { unavailable: vm::unavailable(&p.script), image: None });
+    let needs_peer =
+        outcomes.iter().any(|o| o.unavailable.is_none() && o.setup.has_namespace() && o.setup != Setup::Veth);
     let mut peer: Result<PeerSide, String> = if !needs_peer {
         Err("not needed".into())
     } else if !nix::unistd::geteuid().is_root() {
@@ -318,10 +361,21 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
                 started.elapsed().as_secs()
             );
             let mut run = Run::default();
-            for p in Phase::ALL {
-                if !interrupted() {
-                    phase(o.setup, p, &ctx, &mut peer, &mut run);
+            if o.setup.has_namespace() {
+                for p in Phase::ALL {
+                    if !interrupted() {
+                        phase(o.setup, p, &ctx, &mut peer, &mut run);
+                    }
                 }
+            } else {
+                for k in Phase::ALL.iter().flat_map(|p| p.keys()) {
+                    run.set(&k, Measure::NotApplicable("VMs only".into()));
+                }
+            }
+            if let Some(state) = vm_state.as_mut()
+                && !interrupted()
+            {
+                vm_phase(o.setup, &ctx, state, &mut run);
             }
             if interrupted() {
                 // A run cut short measures nothing.
@@ -346,6 +400,91 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("write {}", path.display()))?;
     }
     Ok(if interrupted() { 130 } else { 0 })
+}
+
+/// passt next to `pasta_bin` when that is a path (both come from the same build), else
+/// `passt` from PATH.
+fn default_passt(pasta_bin: &Path) -> PathBuf {
+    if pasta_bin.components().count() > 1
+        && let Some(dir) = pasta_bin.parent()
+        && dir.join("passt").is_file()
+    {
+        return dir.join("passt");
+    }
+    PathBuf::from("passt")
+}
+
+/// The VM phase's state across runs: whether it can run here, and the guest image (built at
+/// the first VM run, reused by the rest).
+struct VmState {
+    unavailable: Option<String>,
+    image: Option<Result<vm::Image, String>>,
+}
+
+/// The metrics of the VM phase, each way.
+const VM_KEYS: [&str; 6] = [
+    "vm_up_gbps",
+    "vm_down_gbps",
+    "cpu_s_per_gb_vm_up",
+    "cpu_s_per_gb_vm_down",
+    "vm_vcpu_busy_up_pct",
+    "vm_vcpu_busy_down_pct",
+];
+
+/// One VM run of `setup` (usernet or passt; the others have no VM transport): fills `run`.
+fn vm_phase(setup: Setup, ctx: &Ctx, state: &mut VmState, run: &mut Run) {
+    let set_all = |run: &mut Run, m: Measure| {
+        for k in VM_KEYS {
+            run.set(k, m.clone());
+        }
+    };
+    let (tool, bin) = match setup {
+        Setup::Usernet => (vm::VmTool::Usernet, &ctx.tools.usernet_bin),
+        Setup::Passt => (vm::VmTool::Passt, &ctx.tools.passt_bin),
+        _ => return set_all(run, Measure::NotApplicable("namespaces only".into())),
+    };
+    let Some(plan) = &ctx.plan.vm else { return };
+    if let Some(why) = &state.unavailable {
+        return set_all(run, Measure::NotApplicable(why.clone()));
+    }
+    let image = state.image.get_or_insert_with(|| {
+        eprintln!("usernet bench: building the VM's initramfs with {}", plan.script.display());
+        vm::build_image(&plan.script, &ctx.tools.tmp.join("vm-image")).map_err(|e| format!("initramfs: {e:#}"))
+    });
+    let image = match image {
+        Ok(image) => image,
+        Err(e) => return set_all(run, Measure::Failed(e.clone())),
+    };
+    let result = match vm::run(tool, bin, image, plan, &ctx.tools.tmp) {
+        Ok(r) => r,
+        Err(e) => return set_all(run, Measure::Failed(format!("{e:#}"))),
+    };
+    run.commands.push(format!("# VM phase: {} MiB each way, guest MTU {}", plan.mib, plan.mtu));
+    run.commands.extend(result.commands.iter().cloned());
+    let note = format!(
+        "VM phase: lease {} after {}",
+        result.lease.as_deref().unwrap_or("none"),
+        result.lease_secs.map_or("-".into(), |s| format!("{s:.1} s"))
+    );
+    run.commands.push(format!("# {note}"));
+    run.notes.push(note);
+    for (dir, r) in [("up", &result.up), ("down", &result.down)] {
+        let measure = |v: Option<f64>, what: &str| match r {
+            Ok(_) => v.map_or_else(|| Measure::Failed(format!("cannot read {what}")), Measure::Value),
+            Err(e) => Measure::Failed(e.clone()),
+        };
+        let t = r.as_ref().ok();
+        run.set(&format!("vm_{dir}_gbps"), measure(t.map(vm::Transfer::gbps), "the rate"));
+        run.set(
+            &format!("cpu_s_per_gb_vm_{dir}"),
+            measure(t.and_then(vm::Transfer::cpu_per_gb), "the tool's CPU time"),
+        );
+        run.set(
+            &format!("vm_vcpu_busy_{dir}_pct"),
+            measure(t.and_then(vm::Transfer::vcpu_busy_pct), "QEMU's vCPU time"),
+        );
+    }
+    run.details.insert("vm".into(), json!(result));
 }
 
 /// A TCP throughput path.
@@ -707,7 +846,12 @@ fn conns_test(agent: &mut Agent, env: &Env, setup: Setup, pid: i32, plan: &Plan,
 
 /// utime + stime of a process (all its threads), in seconds.
 fn cpu_seconds(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_seconds_of(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// utime + stime from a stat file of proc(5) (a process's, or a thread's under task/).
+fn cpu_seconds_of(path: &Path) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -756,6 +900,11 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
             list.push(m(tcp_key(p, mtu), format!("TCP {}, MTU {mtu}, Gbit/s", p.describe()), true, 2));
         }
     }
+    if let Some(v) = &plan.vm {
+        let how = format!("over the stream transport (TCG guest), MTU {}, Gbit/s", v.mtu);
+        list.push(m("vm_up_gbps".into(), format!("TCP VM->host {how}"), true, 3));
+        list.push(m("vm_down_gbps".into(), format!("TCP host->VM {how}"), true, 3));
+    }
     list.push(m("rr_mean_us".into(), "1-byte TCP round trip, mean, us".into(), false, 1));
     list.push(m("rr_median_us".into(), "1-byte TCP round trip, median, us".into(), false, 1));
     list.push(m("crr_per_sec".into(), "TCP connections/s (1 byte each way)".into(), true, 0));
@@ -767,6 +916,12 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
         let paths: &[TcpPath] = if mtu == DEFAULT_MTU { &TcpPath::ALL } else { &TcpPath::LOW_MTU };
         for &p in paths {
             list.push(m(cpu_key(p, mtu), format!("tool CPU s per GB: TCP {}, MTU {mtu}", p.describe()), false, 3));
+        }
+    }
+    if let Some(v) = &plan.vm {
+        for (dir, what) in [("up", "VM->host"), ("down", "host->VM")] {
+            let label = format!("tool CPU s per GB: TCP {what} (TCG guest), MTU {}", v.mtu);
+            list.push(m(format!("cpu_s_per_gb_vm_{dir}"), label, false, 3));
         }
     }
     list.push(m("rss_idle_mib".into(), "tool RSS, idle, MiB".into(), false, 1));
@@ -901,6 +1056,9 @@ fn print_report(outcomes: &[Outcome], metrics: &[Metric], plan: &Plan, peer_comm
         }
     }
 
+    if let Some(v) = &plan.vm {
+        print_vm_notes(outcomes, v);
+    }
     println!();
     println!("Setups (last run of each):");
     for o in outcomes {
@@ -933,6 +1091,39 @@ fn print_report(outcomes: &[Outcome], metrics: &[Metric], plan: &Plan, peer_comm
             println!("{f}");
         }
     }
+}
+
+/// How the VM rows were measured, and how busy the guest's CPU was meanwhile.
+fn print_vm_notes(outcomes: &[Outcome], v: &vm::VmPlan) {
+    println!();
+    println!(
+        "VM rows: QEMU -accel tcg (1 vCPU, 256 MiB), Debian's kernel and busybox; -netdev stream on \
+         usernet serve --listen-qemu (guest dials 192.168.65.254) or on passt -s (guest dials its gateway \
+         10.0.2.2); both map that address to the host's 127.0.0.1, where the bench's sink and source run. \
+         The guest sends {mib} MiB (busybox nc from a tmpfs file), then receives {mib} MiB (nc to /dev/null); \
+         rate = bytes / time from the first byte to the end, at the host. Guest MTU {mtu} for both. \
+         pasta, slirp4netns and veth serve namespaces only.",
+        mib = v.mib,
+        mtu = v.mtu
+    );
+    if let Some(why) = vm::unavailable(&v.script) {
+        println!("The VM phase did not run: {why}.");
+        return;
+    }
+    let busy: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.unavailable.is_none() && matches!(o.setup, Setup::Usernet | Setup::Passt))
+        .filter_map(|o| {
+            let up = median(&values(o, "vm_vcpu_busy_up_pct").0)?;
+            let down = median(&values(o, "vm_vcpu_busy_down_pct").0)?;
+            Some(format!("{} {up:.0}% sending, {down:.0}% receiving", o.setup.name()))
+        })
+        .collect();
+    let busy = if busy.is_empty() { String::new() } else { format!(" (QEMU's vCPU thread busy: {})", busy.join("; ")) };
+    println!(
+        "Under TCG the guest's emulated CPU is the bottleneck{busy}: the VM rows measure the guest more \
+         than the tools, whose own cost shows in the CPU s per GB rows."
+    );
 }
 
 fn json_report(
@@ -986,6 +1177,7 @@ fn json_report(
             "hold_s": plan.hold.as_secs(),
             "streams": STREAMS,
             "low_mtu": LOW_MTU,
+            "vm": plan.vm,
         },
         "usernet_bin": tools.usernet_bin,
         "pasta_bin": tools.pasta_bin,
@@ -1077,6 +1269,11 @@ mod tests {
             svg: None,
             rr_count: None,
             conns: None,
+            vm: true,
+            vm_initramfs_script: "tests/vm/build-initramfs.sh".into(),
+            vm_mib: None,
+            vm_mtu: 1500,
+            passt_bin: None,
             role: None,
         });
         let rows: Vec<String> = metric_list(&plan).into_iter().map(|m| m.key).collect();
@@ -1089,6 +1286,10 @@ mod tests {
         for k in Phase::ALL.iter().flat_map(|p| p.keys()) {
             assert!(rows.contains(&k), "{k}");
         }
+        for k in VM_KEYS.iter().filter(|k| !k.contains("vcpu")) {
+            assert!(rows.iter().any(|r| r == k), "{k}");
+        }
         assert_eq!(plan.conns, 2_000);
+        assert_eq!(plan.vm.map(|v| v.mib), Some(32));
     }
 }

@@ -41,10 +41,13 @@ pub enum Setup {
     Pasta,
     Slirp4netns,
     Veth,
+    /// passt: VMs only (the `--vm` phase), no namespace.
+    Passt,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 4] = [Setup::Usernet, Setup::Pasta, Setup::Slirp4netns, Setup::Veth];
+    /// Every setup, in the table's column order.
+    pub const ALL: [Setup; 5] = [Setup::Usernet, Setup::Pasta, Setup::Slirp4netns, Setup::Veth, Setup::Passt];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,7 +55,13 @@ impl Setup {
             Setup::Pasta => "pasta",
             Setup::Slirp4netns => "slirp4netns",
             Setup::Veth => "veth",
+            Setup::Passt => "passt",
         }
+    }
+
+    /// Whether the setup gives a network namespace (the main phases); passt serves VMs only.
+    pub fn has_namespace(self) -> bool {
+        self != Setup::Passt
     }
 
     pub fn parse(s: &str) -> Option<Setup> {
@@ -76,6 +85,10 @@ impl Setup {
             Setup::Slirp4netns => missing(&["slirp4netns", "unshare", "nsenter"]),
             Setup::Veth if !root => Some("needs root".into()),
             Setup::Veth => missing(&["ip"]),
+            Setup::Passt if opts.passt_bin.components().count() > 1 => {
+                (!opts.passt_bin.is_file()).then(|| format!("{} not found", opts.passt_bin.display()))
+            }
+            Setup::Passt => missing(&[&opts.passt_bin.to_string_lossy()]),
         }
     }
 }
@@ -84,7 +97,7 @@ fn missing(tools: &[&str]) -> Option<String> {
     tools.iter().find(|t| find_in_path(t).is_none()).map(|t| format!("{t} not installed"))
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub(super) fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(name)).find(|p| p.is_file())
 }
@@ -93,6 +106,8 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 pub struct Tools {
     pub usernet_bin: PathBuf,
     pub pasta_bin: PathBuf,
+    /// passt, for the VM phase.
+    pub passt_bin: PathBuf,
     pub tmp: PathBuf,
 }
 
@@ -205,6 +220,7 @@ pub fn prepare(setup: Setup, tools: &Tools, mtu: u32, peer_ip: Option<Ipv4Addr>)
         Setup::Pasta => pasta(&tools.pasta_bin, &tools.tmp, mtu, port),
         Setup::Slirp4netns => slirp4netns(&tools.tmp, mtu, port),
         Setup::Veth => return veth(mtu, port),
+        Setup::Passt => anyhow::bail!("passt serves VMs only"),
     }?;
     env.peer_target = peer_ip.map(|ip| SocketAddr::new(ip.into(), port));
     Ok(env)
