@@ -563,9 +563,15 @@ impl Phase {
         let mtu = self.mtu();
         let mut keys: Vec<String> = self.paths().iter().flat_map(|&p| [tcp_key(p, mtu), cpu_key(p, mtu)]).collect();
         let more: &[&str] = match self {
-            Phase::Main => {
-                &["rr_mean_us", "rr_median_us", "crr_per_sec", "udp_rx_mbps", "udp_loss_pct", "udp_sent_mbps"]
-            }
+            Phase::Main => &[
+                "rr_mean_us",
+                "rr_median_us",
+                "crr_per_sec",
+                "crr_published_per_sec",
+                "udp_rx_mbps",
+                "udp_loss_pct",
+                "udp_sent_mbps",
+            ],
             Phase::LowMtu => &[],
             Phase::Memory => &MEMORY_KEYS,
         };
@@ -702,6 +708,13 @@ fn measure_phase(
         other => Err(unexpected(other)),
     };
     run.set_result("crr_per_sec", crr_result);
+
+    // Connections per second through the published port, from the host's loopback.
+    let published_crr = match agent.call(&Request::ServeCrr { port: env.sink_port }, Duration::from_secs(30)) {
+        Ok(Reply::Ready { .. }) => traffic::crr_client(env.lo_target, plan.crr).map_err(|e| format!("{e:#}")),
+        other => Err(unexpected(other)),
+    };
+    run.set_result("crr_published_per_sec", published_crr);
 
     udp_test(&mut agent, &env, plan, run);
     drop(agent);
@@ -908,6 +921,12 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
     list.push(m("rr_mean_us".into(), "1-byte TCP round trip, mean, us".into(), false, 1));
     list.push(m("rr_median_us".into(), "1-byte TCP round trip, median, us".into(), false, 1));
     list.push(m("crr_per_sec".into(), "TCP connections/s (1 byte each way)".into(), true, 0));
+    list.push(m(
+        "crr_published_per_sec".into(),
+        "TCP connections/s host->ns published, loopback client".into(),
+        true,
+        0,
+    ));
     let offered = format!("UDP ns->host, {} Mbit/s of {UDP_SIZE} B offered", UDP_RATE_BPS / 1e6);
     list.push(m("udp_rx_mbps".into(), format!("{offered}: received Mbit/s"), true, 0));
     list.push(m("udp_loss_pct".into(), format!("{offered}: loss %"), false, 2));

@@ -35,6 +35,10 @@ pub enum Request {
     Serve {
         port: u16,
     },
+    /// Replace the servers by a connection-rate server on 0.0.0.0:`port`.
+    ServeCrr {
+        port: u16,
+    },
     Stream {
         addr: SocketAddr,
         secs: f64,
@@ -137,6 +141,16 @@ impl AgentState {
             Request::Serve { port } => {
                 let addr = SocketAddr::from(([0, 0, 0, 0], port));
                 match Server::start(Kind::Stream, addr) {
+                    Ok(server) => {
+                        self.servers.push(server);
+                        Reply::Ready { interfaces: interfaces() }
+                    }
+                    Err(e) => err(e),
+                }
+            }
+            Request::ServeCrr { port } => {
+                self.servers.clear();
+                match Server::start(Kind::Crr, SocketAddr::from(([0, 0, 0, 0], port))) {
                     Ok(server) => {
                         self.servers.push(server);
                         Reply::Ready { interfaces: interfaces() }
