@@ -18,7 +18,6 @@ mod common;
 const LOOPBACK_CLIENT: &str = "127.0.0.1";
 
 use common::*;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -144,20 +143,6 @@ struct Bg {
     out: Arc<Mutex<String>>,
     err: Arc<Mutex<String>>,
     line: String,
-}
-
-fn collect_lines(pipe: impl Read + Send + 'static, buf: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(pipe);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => buf.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line),
-            }
-        }
-    });
 }
 
 impl Bg {

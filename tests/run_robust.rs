@@ -23,7 +23,7 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -65,20 +65,6 @@ struct Proc {
     out: Arc<Mutex<String>>,
     err: Arc<Mutex<String>>,
     line: String,
-}
-
-fn collect_lines(pipe: impl Read + Send + 'static, buf: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(pipe);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => buf.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line),
-            }
-        }
-    });
 }
 
 impl Proc {

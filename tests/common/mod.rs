@@ -235,6 +235,22 @@ fn collect(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, mpsc::
     (buf, done_rx)
 }
 
+/// Appends what `pipe` gives, line by line, to `buf` on a thread of its own (for the
+/// background processes of the publishing and robustness tests).
+pub fn collect_lines(pipe: impl Read + Send + 'static, buf: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(pipe);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => buf.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line),
+            }
+        }
+    });
+}
+
 fn kill_group(pgid: u32, sig: i32) {
     if let Ok(pgid) = i32::try_from(pgid) {
         // SAFETY: kill(2) with a negative pid signals a process group; no memory involved.
