@@ -16,6 +16,9 @@ pub struct UdpBatch {
     data: Vec<u8>,
     /// (flow, socket, start, length) in arrival order.
     items: Vec<(FlowId, RawFd, usize, usize)>,
+    /// Scratch for sendmmsg, kept between flushes so that a flush allocates nothing.
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
 }
 
 impl UdpBatch {
@@ -47,7 +50,7 @@ impl UdpBatch {
             while j < self.items.len() && self.items[j].0 == flow && j - i < MAX_MSGS {
                 j += 1;
             }
-            if let Err(e) = send_many(fd, &self.data, &self.items[i..j]) {
+            if let Err(e) = send_many(fd, &self.data, &self.items[i..j], &mut self.iovs, &mut self.msgs) {
                 tracing::debug!("udp: {e}");
             }
             i = j;
@@ -57,13 +60,21 @@ impl UdpBatch {
     }
 }
 
-fn send_many(fd: RawFd, data: &[u8], items: &[(FlowId, RawFd, usize, usize)]) -> io::Result<()> {
-    let mut iovs: Vec<libc::iovec> = items
-        .iter()
-        .map(|&(_, _, start, len)| libc::iovec { iov_base: data[start..].as_ptr() as *mut libc::c_void, iov_len: len })
-        .collect();
+fn send_many(
+    fd: RawFd,
+    data: &[u8],
+    items: &[(FlowId, RawFd, usize, usize)],
+    iovs: &mut Vec<libc::iovec>,
+    msgs: &mut Vec<libc::mmsghdr>,
+) -> io::Result<()> {
+    iovs.clear();
+    iovs.extend(items.iter().map(|&(_, _, start, len)| libc::iovec {
+        iov_base: data[start..].as_ptr() as *mut libc::c_void,
+        iov_len: len,
+    }));
+    msgs.clear();
     // SAFETY: an all-zero mmsghdr is valid; each is pointed at one iovec below.
-    let mut msgs: Vec<libc::mmsghdr> = (0..items.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    msgs.extend((0..items.len()).map(|_| unsafe { std::mem::zeroed::<libc::mmsghdr>() }));
     for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
         m.msg_hdr.msg_iov = iov;
         m.msg_hdr.msg_iovlen = 1;

@@ -36,6 +36,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, fork};
 
 use super::netlink::Rtnl;
+use super::{annotate, describe};
 use crate::link::tap::Tap;
 
 /// The namespace to attach to.
@@ -163,17 +164,6 @@ fn configure(spec: &AttachSpec) -> io::Result<()> {
         // The namespace already has a default route: leave it, the subnet route works.
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         r => r.map_err(|e| annotate(e, "adding the default route")),
-    }
-}
-
-fn annotate(e: io::Error, what: &str) -> io::Error {
-    io::Error::new(e.kind(), format!("{what}: {}", describe(&e)))
-}
-
-fn describe(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(n) => Errno::from_raw(n).desc().to_string(),
-        None => e.to_string(),
     }
 }
 

@@ -10,3 +10,16 @@ pub mod attach;
 pub mod netlink;
 pub mod resolv;
 pub mod sandbox;
+
+/// An error with what was being done, as one line for the user.
+pub(crate) fn annotate(e: std::io::Error, what: &str) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what}: {}", describe(&e)))
+}
+
+/// An error as one line for the user: "Operation not permitted", without "(os error 1)".
+pub(crate) fn describe(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_string(),
+        None => e.to_string(),
+    }
+}

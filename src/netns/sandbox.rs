@@ -50,6 +50,7 @@ use nix::unistd::{ForkResult, Pid, fork, getpid, getppid};
 
 use super::netlink::Rtnl;
 use super::resolv;
+use super::{annotate, describe};
 use crate::link::tap::Tap;
 
 /// How the guest's network looks from inside.
@@ -534,18 +535,6 @@ fn configure_network(spec: &SandboxSpec) -> io::Result<()> {
     rtnl.add_ipv4_address(index, spec.address, spec.prefix).map_err(|e| annotate(e, "adding the address"))?;
     rtnl.add_ipv4_default_route(index, spec.gateway).map_err(|e| annotate(e, "adding the default route"))?;
     Ok(())
-}
-
-fn annotate(e: io::Error, what: &str) -> io::Error {
-    io::Error::new(e.kind(), format!("{what}: {}", describe(&e)))
-}
-
-/// An error as one line for the user: "Operation not permitted", without "(os error 1)".
-fn describe(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(n) => Errno::from_raw(n).desc().to_string(),
-        None => e.to_string(),
-    }
 }
 
 #[cfg(test)]
