@@ -77,6 +77,21 @@ impl Serve {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Whether the log comes to contain `text` within 5 s. The log arrives through a pipe
+    /// and a reader thread, so a line usernet wrote before an effect the test just saw
+    /// may not be in it yet.
+    #[allow(dead_code)]
+    pub fn log_shows(&self, text: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log().contains(text) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// One HTTP/1.1 request on the API socket: (status, body).
     #[allow(dead_code)]
     pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
