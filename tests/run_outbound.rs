@@ -28,6 +28,35 @@ fn download_from_host_loopback_by_name() {
     assert_eq!(hex_hashes(&out.stdout), vec![want], "{out}");
 }
 
+/// With `--busy-poll` the bytes are the same, and spinning that does not pay off stops: a
+/// ping to the gateway every 5 ms (longer apart than the 3 ms window) leaves usernet mostly
+/// asleep. A window that never shrank would spin 3 ms of every 5 (60% of a CPU).
+#[test]
+fn busy_polling_moves_bytes_and_backs_off() {
+    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "ping"]) {
+        return;
+    }
+    let dns = DnsUpstream::start();
+    let (_dir, http, want) = serve_random_file("busy", "f", BULK);
+    // Fields 14 and 15 of /proc/PID/stat: user and system time in clock ticks; the
+    // command's parent is usernet itself.
+    let cpu = "awk '{print $14 + $15}' /proc/$PPID/stat";
+    let out = Usernet::new(&dns).args(&["--busy-poll", "3000"]).timeout(BULK_TIMEOUT).sh(&format!(
+        "timeout 120 curl -sSf http://host.docker.internal:{}/f | sha256sum
+         a=$({cpu}); t0=$(date +%s%N)
+         ping -q -i 0.005 -c 600 {GATEWAY_IP} >/dev/null || echo ping failed
+         b=$({cpu}); t1=$(date +%s%N)
+         echo trickle-ticks $((b - a)) of $(( (t1 - t0) * $(getconf CLK_TCK) / 1000000000 ))",
+        http.port
+    ));
+    out.assert_ok();
+    assert_eq!(hex_hashes(&out.stdout), vec![want], "{out}");
+    assert!(!out.stdout.contains("ping failed"), "{out}");
+    let line = out.stdout.lines().find(|l| l.starts_with("trickle-ticks")).unwrap_or_else(|| panic!("{out}"));
+    let words: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(words.len() == 2 && words[0] * 4 < words[1], "usernet kept spinning between pings: {line}\n{out}");
+}
+
 #[test]
 fn upload_to_host_loopback() {
     if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]) {

@@ -109,6 +109,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
         let super::Network { mut engine, dns_records, proxy_settings, proxy_hook } =
             super::start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
         engine.add_tcp_hook(proxy_hook);
+        engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
         engine.add_static_lease(crate::netns::sandbox::GUEST_MAC, cfg.guest);
         if let Some(netns) = sandbox.netns()
             && let Err(e) = engine.set_guest_netns(netns)

@@ -158,6 +158,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
 
     let super::Network { mut engine, dns_records, proxy_settings, proxy_hook } =
         super::start_network(&cfg, proxy, pcap, None)?;
+    engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
     for (spec, tap) in taps {
         engine.add_static_lease(spec.mac, spec.address);
         engine.add_link(Box::new(tap));

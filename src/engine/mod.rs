@@ -17,6 +17,7 @@
 //! gateway's stream services (DNS over TCP) are reached through socketpairs served on their
 //! own thread, so they look like any host socket here.
 
+pub mod busy_poll;
 pub mod control;
 pub mod dial;
 pub mod flows;
@@ -108,6 +109,7 @@ pub struct Engine {
     next_splice_id: u64,
     /// Services that take over some guest TCP connections (see `add_tcp_hook`).
     tcp_hooks: Vec<TcpHook>,
+    busy_poll: busy_poll::BusyPoll,
     /// Published ports, indexed by their token.
     listeners: Vec<Option<listeners::Listener>>,
     next_listener_id: u32,
@@ -152,6 +154,11 @@ impl Engine {
         let own = std::fs::File::open("/proc/thread-self/ns/net")?;
         self.netns = Some((netns, std::os::fd::OwnedFd::from(own)));
         Ok(())
+    }
+
+    /// The longest busy-poll window (zero: never spin); see [`busy_poll`].
+    pub fn set_busy_poll(&mut self, max: Duration) {
+        self.busy_poll = busy_poll::BusyPoll::new(max);
     }
 
     /// Adds a guest link to the virtual network.
@@ -219,6 +226,7 @@ impl Engine {
             netns: None,
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
+            busy_poll: busy_poll::BusyPoll::new(Duration::ZERO),
             rx_buf: vec![0u8; 65536 + ethernet::HEADER_LEN],
             dialer,
             dhcp: DhcpServer::new(cfg.clone()),
@@ -319,7 +327,8 @@ impl Engine {
         let mut events = Events::with_capacity(1024);
         let mut link_ready = true;
         loop {
-            let timeout = if link_ready { Some(Duration::ZERO) } else { self.next_timeout() };
+            let spinning = !link_ready && self.busy_poll.spin(Instant::now());
+            let timeout = if link_ready || spinning { Some(Duration::ZERO) } else { self.next_timeout() };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -327,6 +336,11 @@ impl Engine {
                 return Err(e);
             }
             let now = Instant::now();
+            if !events.is_empty() {
+                self.busy_poll.woke(now);
+            } else if spinning {
+                busy_poll::BusyPoll::yield_cpu();
+            }
             let mut sup_ready = false;
             for ev in events.iter() {
                 match ev.token() {

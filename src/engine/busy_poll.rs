@@ -1,0 +1,158 @@
+//! Adaptive busy polling of the event loop.
+//!
+//! Theory of operation. Every request/response crossing usernet wakes it twice (the guest's
+//! frame, then the host's answer, or the reverse). A process blocked in epoll_wait sleeps on
+//! an idle CPU, and waking an idle CPU is the slowest thing on the path: on virtual machines
+//! whose idle vCPUs halt at once, one wakeup costs 100-300 µs, ten times the rest of a round
+//! trip. So when the loop runs out of work it may poll without blocking for a short window,
+//! and an answer that comes within the window is picked up without any wakeup.
+//!
+//! The window adapts, as the kernel's haltpoll governor does, to how long the loop actually
+//! stayed idle, measured from when it ran out of work to the next event:
+//!
+//! - idle for at most the window: the spin paid off; the window stays;
+//! - idle longer than the window but not longer than the maximum: a longer window would have
+//!   caught it, so the window doubles (from [`GROW_START`]) up to the maximum;
+//! - idle longer than the maximum: spinning was wasted, so the window halves, and falls to
+//!   zero below [`GROW_START`].
+//!
+//! So a request/response workload (answers in tens of microseconds) keeps a window, while an
+//! idle network or a trickle of packets milliseconds apart spins at most a few windows before
+//! the window is gone; a busy one rarely runs out of work at all. Each empty poll of the spin
+//! is followed by sched_yield(2), so a process sharing usernet's CPU (often the very guest or
+//! server it waits for) runs first. A maximum of zero (the default) turns busy polling off:
+//! on a machine with few cores the spinning takes CPU time the guest and the host's programs
+//! could use, so bulk transfers lose some throughput (measured in issue 5's notes).
+
+use std::time::{Duration, Instant};
+
+/// The smallest non-zero window.
+pub const GROW_START: Duration = Duration::from_micros(10);
+
+pub struct BusyPoll {
+    max: Duration,
+    window: Duration,
+    /// When the loop last ran out of work, while no event has come since.
+    idle_since: Option<Instant>,
+}
+
+impl BusyPoll {
+    pub fn new(max: Duration) -> BusyPoll {
+        BusyPoll { max, window: Duration::ZERO, idle_since: None }
+    }
+
+    /// The loop has nothing to do at `now`: whether to poll without blocking (spin).
+    pub fn spin(&mut self, now: Instant) -> bool {
+        let since = *self.idle_since.get_or_insert(now);
+        now.saturating_duration_since(since) < self.window
+    }
+
+    /// A poll returned events at `now`: ends an idle period and adapts the window to it.
+    pub fn woke(&mut self, now: Instant) {
+        let Some(since) = self.idle_since.take() else { return };
+        let idle = now.saturating_duration_since(since);
+        if idle <= self.window {
+            return;
+        }
+        if idle <= self.max {
+            self.window = (self.window * 2).max(GROW_START).min(self.max);
+        } else {
+            self.window /= 2;
+            if self.window < GROW_START {
+                self.window = Duration::ZERO;
+            }
+        }
+    }
+
+    /// Gives the CPU to another runnable process, if any, after an empty non-blocking poll.
+    pub fn yield_cpu() {
+        // SAFETY: sched_yield takes no arguments and cannot fail in a way that matters here.
+        unsafe { libc::sched_yield() };
+    }
+
+    #[cfg(test)]
+    fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    /// One idle period of `idle`: returns whether the loop spun at its start.
+    fn idle_for(b: &mut BusyPoll, t: &mut Instant, idle: Duration) -> bool {
+        let spun = b.spin(*t);
+        *t += idle;
+        b.woke(*t);
+        spun
+    }
+
+    #[test]
+    fn starts_off_and_grows_on_short_idle_periods() {
+        let mut b = BusyPoll::new(us(200));
+        let mut t = Instant::now();
+        assert!(!idle_for(&mut b, &mut t, us(50)));
+        assert_eq!(b.window(), GROW_START);
+        for _ in 0..10 {
+            idle_for(&mut b, &mut t, us(50));
+        }
+        assert_eq!(b.window(), us(80), "doubles until the idle periods fit");
+        assert!(idle_for(&mut b, &mut t, us(50)));
+        assert_eq!(b.window(), us(80), "a caught event leaves the window alone");
+    }
+
+    #[test]
+    fn never_exceeds_the_maximum() {
+        let mut b = BusyPoll::new(us(200));
+        let mut t = Instant::now();
+        for _ in 0..20 {
+            idle_for(&mut b, &mut t, us(190));
+        }
+        assert_eq!(b.window(), us(200));
+    }
+
+    #[test]
+    fn long_idle_periods_shrink_it_to_zero() {
+        let mut b = BusyPoll::new(us(200));
+        let mut t = Instant::now();
+        for _ in 0..20 {
+            idle_for(&mut b, &mut t, us(150));
+        }
+        assert_eq!(b.window(), us(160));
+        for _ in 0..5 {
+            idle_for(&mut b, &mut t, Duration::from_millis(5));
+        }
+        assert_eq!(b.window(), Duration::ZERO);
+        assert!(!b.spin(t));
+    }
+
+    #[test]
+    fn spins_only_within_the_window() {
+        let mut b = BusyPoll::new(us(200));
+        let mut t = Instant::now();
+        for _ in 0..20 {
+            idle_for(&mut b, &mut t, us(190));
+        }
+        let start = t;
+        assert!(b.spin(start));
+        assert!(b.spin(start + us(199)));
+        assert!(!b.spin(start + us(200)));
+        // Still the same idle period: the clock runs from when work ran out.
+        assert!(!b.spin(start + us(300)));
+    }
+
+    #[test]
+    fn zero_maximum_never_spins() {
+        let mut b = BusyPoll::new(Duration::ZERO);
+        let mut t = Instant::now();
+        for _ in 0..10 {
+            assert!(!idle_for(&mut b, &mut t, us(5)));
+        }
+        assert_eq!(b.window(), Duration::ZERO);
+    }
+}
