@@ -197,6 +197,18 @@ impl Engine {
         }
     }
 
+    /// Writes what the links queued during this round (a stream link writes a round's
+    /// frames with one system call).
+    fn flush_links(&mut self) {
+        for index in 0..self.tx.links.len() {
+            if let Some(Some(slot)) = self.tx.links.get_mut(index)
+                && let Err(e) = slot.link.flush()
+            {
+                self.drop_link(index, &e);
+            }
+        }
+    }
+
     fn drop_link(&mut self, index: usize, why: &io::Error) {
         if let Some(slot) = self.tx.remove_link(index) {
             let fd = slot.link.fd();
@@ -377,7 +389,8 @@ impl Engine {
                 self.udp_batch.flush();
             }
             self.run_timers(Instant::now());
-            self.flush_acks();
+            self.flush_acks(Instant::now());
+            self.flush_links();
             if sup_ready && let Some(code) = sup.on_ready() {
                 self.shutdown();
                 return Ok(code);
@@ -782,11 +795,11 @@ impl Engine {
         }
     }
 
-    fn flush_acks(&mut self) {
+    fn flush_acks(&mut self, now: Instant) {
         let owed = std::mem::take(&mut self.owed_acks);
         for &id in &owed {
             if let Some(Flow::Tcp(f)) = self.flows.get_mut(id) {
-                f.flush_ack(&mut self.tx);
+                f.flush_ack(&mut self.tx, now);
             }
         }
         self.owed_acks = owed;
@@ -828,6 +841,7 @@ impl Engine {
 
     /// Ends every flow (the command exited): guests' connections are reset, sockets closed.
     fn shutdown(&mut self) {
+        self.flush_links();
         let ids: Vec<FlowId> = self.flows.ids().map(|(id, _)| id).collect();
         for id in ids {
             self.flows.remove(id);

@@ -155,12 +155,16 @@ fn tcp_translator_end_to_end() {
     // Handshake completes; guest sends data, which lands in the host socket and is acked.
     e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
     e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK | PSH_FLAG), b"hello"), now);
-    e.flush_acks();
+    e.flush_acks(now);
     let mut got = [0u8; 5];
     peer.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hello");
+    // A lone small segment's ACK waits (at most ACK_DELAY) for data to ride on; none comes.
+    assert!(take_tcp(&link).is_empty(), "the ACK of a lone small segment is delayed");
+    e.run_timers(now + Duration::from_millis(5));
     let acks = take_tcp(&link);
-    assert_eq!(acks.last().unwrap().0.ack, 1006);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].0.ack, 1006);
 
     // Out of order: a gap gets a duplicate ACK at once, nothing is written.
     e.on_frame(0, &tcp_frame(&seg(1010, isn + 1, ACK), b"later"), now);
@@ -199,6 +203,47 @@ fn tcp_translator_end_to_end() {
     assert_eq!(e.flow_count(), 0);
 }
 
+/// The ACK of a request rides on the answer; two full segments are acknowledged at once.
+#[test]
+fn delayed_ack_rides_on_data_and_every_second_segment_is_acked() {
+    let (mut e, link, dialer) = engine(false);
+    let now = Instant::now();
+    let mut syn = seg(1000, 0, SYN);
+    syn.mss = Some(1460);
+    e.on_frame(0, &tcp_frame(&syn, b""), now);
+    let isn = take_tcp(&link)[0].0.seq;
+    let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+
+    // Request, then the host's answer within the delay: one segment, data and ACK.
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK | PSH_FLAG), b"ping"), now);
+    e.flush_acks(now);
+    assert!(take_tcp(&link).is_empty());
+    let mut got = [0u8; 4];
+    peer.read_exact(&mut got).unwrap();
+    peer.write_all(b"pong").unwrap();
+    e.on_socket_for_test(true, false, now);
+    let out = take_tcp(&link);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!((out[0].1.as_slice(), out[0].0.ack), (&b"pong"[..], 1005));
+    e.run_timers(now + Duration::from_millis(5));
+    assert!(take_tcp(&link).is_empty(), "no ACK left owed");
+
+    // Full-sized segments one per round: the first waits, the second acknowledges both.
+    let mtu_payload = e.tx.max_tcp_payload();
+    let big = vec![7u8; mtu_payload];
+    e.on_frame(0, &tcp_frame(&seg(1005, isn + 5, ACK), &big), now);
+    e.flush_acks(now);
+    assert!(take_tcp(&link).is_empty());
+    e.on_frame(0, &tcp_frame(&seg(1005 + mtu_payload as u32, isn + 5, ACK), &big), now);
+    e.flush_acks(now);
+    let out = take_tcp(&link);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0.ack, 1005 + 2 * mtu_payload as u32);
+    let mut sink = vec![0u8; 2 * mtu_payload];
+    peer.read_exact(&mut sink).unwrap();
+}
+
 /// A keep-alive probe (one old sequence number) is answered with an ACK; no data moves.
 #[test]
 fn keepalive_probe_is_answered() {
@@ -207,7 +252,7 @@ fn keepalive_probe_is_answered() {
     e.on_frame(0, &tcp_frame(&seg(1000, 0, SYN), b""), now);
     let isn = take_tcp(&link)[0].0.seq;
     e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
-    e.flush_acks();
+    e.flush_acks(now);
     take_tcp(&link);
     e.on_frame(0, &tcp_frame(&seg(1000, isn + 1, ACK), b""), now);
     let out = take_tcp(&link);
@@ -308,7 +353,7 @@ impl Engine {
         for id in ids {
             self.on_socket(id, readable, writable, false, now);
         }
-        self.flush_acks();
+        self.flush_acks(now);
     }
 }
 

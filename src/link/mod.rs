@@ -24,7 +24,9 @@ pub trait Link {
     /// Writes or queues one frame, never half of one. A frame the link cannot take now may
     /// be dropped (the guest's TCP retransmits).
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
-    /// Writes what `send` queued; the engine calls it when the descriptor is writable.
+    /// Writes what `send` queued; the engine calls it at the end of every round of work
+    /// and when the descriptor is writable, so a link may hold a round's frames to write
+    /// them at once.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }

@@ -60,6 +60,7 @@ mod tests {
         assert_eq!(&buf[..4], &[1, 2, 3, 4]);
 
         link.send(&[9; 60]).unwrap();
+        link.flush().unwrap();
         let mut got = [0u8; 62];
         from_link.read_exact(&mut got).unwrap();
         assert_eq!(&got[..2], &[60, 0]);

@@ -24,7 +24,12 @@
 //! retransmission timer. The window offered to the guest is the free room of that buffer.
 //! Out-of-order segments are dropped with an immediate duplicate ACK, so the guest fast-
 //! retransmits; old segments (retransmissions, keep-alive probes) are answered with an ACK.
-//! ACKs for in-order data are coalesced: the engine sends one per flow per batch of frames.
+//! ACKs for in-order data are coalesced: the engine sends one per flow per batch of frames,
+//! and, as a receiving TCP does, delays one that acknowledges less than two full segments
+//! by up to `ACK_DELAY`, so that it rides on the answer (a request/response exchange, a
+//! connection's first request) or on the next segment's ACK (every other frame of a guest
+//! that sends MSS-sized frames one at a time, as a VM with MTU 1500 does). Held guest data,
+//! the guest's FIN, and ACKs that acknowledge nothing new (answers) are never delayed.
 //!
 //! Host to guest: data is read with MSG_PEEK at SO_PEEK_OFF into the frame buffer, right
 //! behind the headers, and sent in MSS-sized segments while the guest's window allows.
@@ -58,6 +63,8 @@ pub const RECV_BUF: usize = 4 << 20;
 /// Our window-scale shift (RECV_BUF >> 7 fits in 16 bits).
 const OUR_WSCALE: u8 = 7;
 const RTO_MIN: Duration = Duration::from_millis(200);
+/// Longest wait of a delayed ACK (Linux waits 40 ms; the guest's own timers are far longer).
+const ACK_DELAY: Duration = Duration::from_millis(1);
 const RTO_MAX: Duration = Duration::from_secs(30);
 /// Retransmissions of one segment before the connection is reset.
 const MAX_RETRIES: u32 = 12;
@@ -126,8 +133,12 @@ pub struct TcpFlow {
     /// Edge-triggered readiness of the host socket, as last seen.
     readable: bool,
     writable: bool,
-    /// An ACK is owed to the guest (sent at the end of the batch).
+    /// An ACK is owed to the guest (sent at the end of the batch, or delayed).
     pub need_ack: bool,
+    /// `rcv_nxt` as the guest last heard it in an ACK.
+    acked_rcv: u32,
+    /// When a delayed ACK must go at the latest.
+    ack_deadline: Option<Instant>,
     /// The deadline the engine's timer heap holds for this flow.
     pub scheduled: Option<Instant>,
     /// The engine counts this flow among its connects in progress.
@@ -204,6 +215,8 @@ impl TcpFlow {
             readable: false,
             writable: false,
             need_ack: false,
+            acked_rcv: 0,
+            ack_deadline: None,
             scheduled: None,
             counted_connecting: false,
         }
@@ -282,10 +295,7 @@ impl TcpFlow {
 
     /// The earliest time `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
-        match (self.connect_deadline, self.rto_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.connect_deadline, self.rto_deadline, self.ack_deadline].into_iter().flatten().min()
     }
 
     fn pending_len(&self) -> usize {
@@ -314,8 +324,15 @@ impl TcpFlow {
         let h = self.segment(seq, flags);
         tx.send_tcp(self.remote, self.guest, &h, 0);
         if flags & ACK != 0 {
-            self.need_ack = false;
+            self.told_ack();
         }
+    }
+
+    /// A segment carrying our current ACK went to the guest: nothing is owed any more.
+    fn told_ack(&mut self) {
+        self.need_ack = false;
+        self.ack_deadline = None;
+        self.acked_rcv = self.rcv_nxt;
     }
 
     fn send_syn_ack(&mut self, tx: &mut GuestTx) {
@@ -327,12 +344,22 @@ impl TcpFlow {
         // The window in a SYN is never scaled.
         h.window = (RECV_BUF - self.pending_len()).min(u16::MAX as usize) as u16;
         tx.send_tcp(self.remote, self.guest, &h, 0);
-        self.need_ack = false;
+        self.told_ack();
     }
 
-    /// Sends the ACK owed to the guest, if any.
-    pub fn flush_ack(&mut self, tx: &mut GuestTx) {
-        if self.need_ack && self.state == State::Open {
+    /// Sends the ACK owed to the guest, unless it may wait for data to ride on (then
+    /// `ack_deadline`, set when the data came, bounds the wait).
+    pub fn flush_ack(&mut self, tx: &mut GuestTx, now: Instant) {
+        if !self.need_ack || self.state != State::Open {
+            return;
+        }
+        let unacked = self.rcv_nxt.wrapping_sub(self.acked_rcv) as usize;
+        let may_wait = unacked > 0
+            && unacked < 2 * tx.max_tcp_payload()
+            && self.pending_len() == 0
+            && !self.guest_fin
+            && self.ack_deadline.is_some_and(|d| d > now);
+        if !may_wait {
             self.send_flags(tx, self.snd_nxt, ACK);
         }
     }
@@ -454,7 +481,7 @@ impl TcpFlow {
             }
         }
         if !payload.is_empty() || h.has(FIN) {
-            if self.receive(tx, h.seq, payload, h.has(FIN)) == Verdict::Close {
+            if self.receive(tx, h.seq, payload, h.has(FIN), now) == Verdict::Close {
                 return Verdict::Close;
             }
         } else if seq_lt(h.seq, self.rcv_nxt) {
@@ -502,7 +529,7 @@ impl TcpFlow {
     }
 
     /// Guest data (and maybe FIN) at sequence number `seq`.
-    fn receive(&mut self, tx: &mut GuestTx, seq: u32, payload: &[u8], fin: bool) -> Verdict {
+    fn receive(&mut self, tx: &mut GuestTx, seq: u32, payload: &[u8], fin: bool, now: Instant) -> Verdict {
         if self.guest_fin {
             self.need_ack = true;
             return Verdict::Keep;
@@ -550,6 +577,9 @@ impl TcpFlow {
             self.finish_guest_fin();
         }
         self.need_ack = true;
+        if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(now + ACK_DELAY);
+        }
         Verdict::Keep
     }
 
@@ -645,7 +675,7 @@ impl TcpFlow {
                 Ok(n) => {
                     let h = self.segment(self.snd_nxt, ACK | PSH);
                     tx.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
-                    self.need_ack = false;
+                    self.told_ack();
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
                     if seq_lt(self.snd_max, self.snd_nxt) {
                         self.snd_max = self.snd_nxt;
@@ -683,6 +713,15 @@ impl TcpFlow {
         {
             tracing::debug!("connect {} -> {}: timed out", self.guest, self.remote);
             return self.connect_failed(tx, libc::ETIMEDOUT);
+        }
+        if let Some(d) = self.ack_deadline
+            && d <= now
+        {
+            // The delayed ACK found nothing to ride on.
+            self.ack_deadline = None;
+            if self.need_ack && self.state == State::Open {
+                self.send_flags(tx, self.snd_nxt, ACK);
+            }
         }
         let Some(d) = self.rto_deadline else {
             return Verdict::Keep;
