@@ -244,6 +244,32 @@ fn delayed_ack_rides_on_data_and_every_second_segment_is_acked() {
     peer.read_exact(&mut sink).unwrap();
 }
 
+/// Without offloads, one read of host data goes to the guest as segments of its MSS, in order.
+#[test]
+fn host_data_is_cut_into_mss_segments() {
+    let (mut e, link, dialer) = engine(false);
+    let now = Instant::now();
+    let mut syn = seg(1000, 0, SYN);
+    syn.mss = Some(1000);
+    e.on_frame(0, &tcp_frame(&syn, b""), now);
+    let isn = take_tcp(&link)[0].0.seq;
+    let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    let data: Vec<u8> = (0..10_500u32).map(|i| (i % 251) as u8).collect();
+    peer.write_all(&data).unwrap();
+    e.on_socket_for_test(true, false, now);
+    let out = take_tcp(&link);
+    assert_eq!(out.len(), 11, "ten full segments and a short one");
+    let mut got = Vec::new();
+    for (i, (h, d)) in out.iter().enumerate() {
+        assert_eq!(h.seq, isn + 1 + got.len() as u32);
+        assert_eq!(d.len(), if i < 10 { 1000 } else { 500 });
+        assert_eq!(h.has(PSH_FLAG), i == 10, "PSH on the last segment only");
+        got.extend_from_slice(d);
+    }
+    assert_eq!(got, data);
+}
+
 /// A keep-alive probe (one old sequence number) is answered with an ACK; no data moves.
 #[test]
 fn keepalive_probe_is_answered() {

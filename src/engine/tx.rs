@@ -99,13 +99,16 @@ impl GuestTx {
         self.mtu - ipv4::HEADER_LEN - crate::wire::tcp::HEADER_LEN
     }
 
-    /// Largest TCP payload of one frame to the guest: 64 KiB with offloads, else the MSS.
-    pub fn max_tcp_frame_payload(&self, mss: usize) -> usize {
-        if self.offload { MAX_GSO_PAYLOAD } else { mss.min(self.max_tcp_payload()) }
+    /// Largest TCP payload `send_tcp_data` takes at once: 64 KiB, one offloaded frame or
+    /// several segmented here.
+    pub fn max_tcp_data(&self) -> usize {
+        MAX_GSO_PAYLOAD
     }
 
-    /// Sends a TCP data segment (payload at TCP_PAYLOAD_OFF) that the guest's kernel may
-    /// take as several segments of `mss` bytes when the link offloads.
+    /// Sends TCP data (payload at TCP_PAYLOAD_OFF, up to [`Self::max_tcp_data`] bytes) as
+    /// segments of at most `mss` bytes: one offloaded frame that the guest's kernel splits
+    /// when the link offloads, else one frame per segment, cut here. So a flow reads its
+    /// socket once for 64 KiB, not once per segment.
     pub fn send_tcp_data(
         &mut self,
         from: SocketAddrV4,
@@ -115,8 +118,26 @@ impl GuestTx {
         mss: usize,
     ) {
         if !self.offload {
-            self.send_tcp(from, to, hdr, payload_len);
-            return;
+            let mss = mss.clamp(1, self.max_tcp_payload());
+            let mut off = 0;
+            loop {
+                let n = (payload_len - off).min(mss);
+                if off > 0 {
+                    // Move this segment to the front of the payload area, over bytes sent.
+                    self.buf.copy_within(TCP_PAYLOAD_OFF + off..TCP_PAYLOAD_OFF + off + n, TCP_PAYLOAD_OFF);
+                }
+                let last = off + n == payload_len;
+                let h = TcpHeader {
+                    seq: hdr.seq.wrapping_add(off as u32),
+                    flags: if last { hdr.flags } else { hdr.flags & !crate::wire::tcp::PSH },
+                    ..*hdr
+                };
+                self.send_tcp(from, to, &h, n);
+                if last {
+                    return;
+                }
+                off += n;
+            }
         }
         let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
         let tcp_len = hdr.emit_len() + payload_len;

@@ -663,7 +663,7 @@ impl TcpFlow {
                 }
                 break;
             }
-            let room = ((self.guest_wnd - in_flight) as usize).min(tx.max_tcp_frame_payload(self.mss as usize));
+            let room = ((self.guest_wnd - in_flight) as usize).min(tx.max_tcp_data());
             let buf = &mut tx.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + room];
             match sock::recv(fd, buf, true) {
                 Ok(0) => {
