@@ -409,3 +409,52 @@ proptest! {
         e.run_timers(now + std::time::Duration::from_secs(120));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Host data of any length reaches a guest of any MSS whole and in order, in segments
+    /// no larger than its MSS, however the guest's ACKs trail behind.
+    #[test]
+    fn host_data_reaches_the_guest_in_mss_segments(len in 1usize..200_000, mss in 64u16..9000, seed in any::<u8>()) {
+        let (mut e, link, dialer) = engine(false);
+        let now = Instant::now();
+        let mut syn = seg(1000, 0, SYN);
+        syn.mss = Some(mss);
+        syn.window_scale = Some(7);
+        e.on_frame(0, &tcp_frame(&syn, b""), now);
+        let isn = take_tcp(&link)[0].0.seq;
+        let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
+        e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        peer.set_nonblocking(true).unwrap();
+        let mut written = 0;
+        let mut got = Vec::new();
+        for _ in 0..10_000 {
+            if written < data.len() {
+                match peer.write(&data[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            e.on_socket_for_test(true, false, now);
+            for (h, d) in take_tcp(&link) {
+                prop_assert!(d.len() <= mss as usize);
+                if !d.is_empty() {
+                    prop_assert_eq!(h.seq, isn + 1 + got.len() as u32);
+                    got.extend_from_slice(&d);
+                }
+            }
+            // The guest acknowledges everything so far, with a 64 KiB window (scaled).
+            let mut ack = seg(1001, isn + 1 + got.len() as u32, ACK);
+            ack.window = 512;
+            e.on_frame(0, &tcp_frame(&ack, b""), now);
+            if got.len() == data.len() {
+                break;
+            }
+        }
+        prop_assert_eq!(got.len(), data.len());
+        prop_assert!(got == data);
+    }
+}
