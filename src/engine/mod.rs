@@ -795,15 +795,19 @@ impl Engine {
         }
     }
 
+    /// Writes the guest data flows gathered this round, then sends the ACKs owed.
     fn flush_acks(&mut self, now: Instant) {
-        let owed = std::mem::take(&mut self.owed_acks);
+        let mut owed = std::mem::take(&mut self.owed_acks);
         for &id in &owed {
-            if let Some(Flow::Tcp(f)) = self.flows.get_mut(id) {
-                f.flush_ack(&mut self.tx, now);
+            let Some(Flow::Tcp(f)) = self.flows.get_mut(id) else { continue };
+            if f.write_gathered(&mut self.tx) == Verdict::Close {
+                self.after(id, Verdict::Close);
+                continue;
             }
+            f.flush_ack(&mut self.tx, now);
         }
+        owed.clear();
         self.owed_acks = owed;
-        self.owed_acks.clear();
     }
 
     /// A SYN flood must not starve real connections: the oldest pending connect goes.

@@ -201,6 +201,42 @@ fn tcp_translator_end_to_end() {
     peer.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "EOF after the guest's FIN");
     assert_eq!(e.flow_count(), 0);
+    // ... and the guest heard its FIN acknowledged before the flow went (no LAST_ACK limbo).
+    let last = take_tcp(&link);
+    assert!(last.iter().any(|(h, _)| h.has(ACK) && h.ack == 1007), "{last:?}");
+}
+
+/// After a gap, the guest's retransmissions are acknowledged at once until it has resent
+/// everything it had sent past the gap; then ACKs may wait again.
+#[test]
+fn acks_go_at_once_while_the_guest_recovers_from_a_gap() {
+    let (mut e, link, dialer) = engine(false);
+    let now = Instant::now();
+    let mut syn = seg(1000, 0, SYN);
+    syn.mss = Some(1000);
+    e.on_frame(0, &tcp_frame(&syn, b""), now);
+    let isn = take_tcp(&link)[0].0.seq;
+    let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    let chunk = [5u8; 1000];
+    // Segment 1 (1001) is lost; 2 and 3 arrive and are dropped with duplicate ACKs.
+    e.on_frame(0, &tcp_frame(&seg(2001, isn + 1, ACK), &chunk), now);
+    e.on_frame(0, &tcp_frame(&seg(3001, isn + 1, ACK), &chunk), now);
+    assert_eq!(take_tcp(&link).iter().filter(|(h, _)| h.ack == 1001).count(), 2);
+    // The retransmissions, one per round: each is acknowledged at once.
+    for (i, seq) in [1001u32, 2001, 3001].into_iter().enumerate() {
+        e.on_frame(0, &tcp_frame(&seg(seq, isn + 1, ACK), &chunk), now);
+        e.flush_acks(now);
+        let out = take_tcp(&link);
+        assert_eq!(out.len(), 1, "retransmission {i}: {out:?}");
+        assert_eq!(out[0].0.ack, seq + 1000);
+    }
+    // Recovered: a lone new segment's ACK waits again.
+    e.on_frame(0, &tcp_frame(&seg(4001, isn + 1, ACK), &chunk), now);
+    e.flush_acks(now);
+    assert!(take_tcp(&link).is_empty());
+    let mut sink = vec![0u8; 4000];
+    peer.read_exact(&mut sink).unwrap();
 }
 
 /// The ACK of a request rides on the answer; two full segments are acknowledged at once.
@@ -230,7 +266,8 @@ fn delayed_ack_rides_on_data_and_every_second_segment_is_acked() {
     assert!(take_tcp(&link).is_empty(), "no ACK left owed");
 
     // Full-sized segments one per round: the first waits, the second acknowledges both.
-    let mtu_payload = e.tx.max_tcp_payload();
+    // (Segments of the guest's MSS, 1460, as it announced in its SYN.)
+    let mtu_payload = 1460;
     let big = vec![7u8; mtu_payload];
     e.on_frame(0, &tcp_frame(&seg(1005, isn + 5, ACK), &big), now);
     e.flush_acks(now);

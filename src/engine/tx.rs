@@ -129,7 +129,7 @@ impl GuestTx {
                 let last = off + n == payload_len;
                 let h = TcpHeader {
                     seq: hdr.seq.wrapping_add(off as u32),
-                    flags: if last { hdr.flags } else { hdr.flags & !crate::wire::tcp::PSH },
+                    flags: if last { hdr.flags } else { hdr.flags & !(crate::wire::tcp::PSH | crate::wire::tcp::FIN) },
                     ..*hdr
                 };
                 self.send_tcp(from, to, &h, n);

@@ -18,7 +18,9 @@
 //! it). The guest's SYN-ACK opens the flow; its RST (nothing listens) resets the client.
 //!
 //! Guest to host: an in-order segment's payload is written straight into the socket and
-//! acknowledged once the kernel took it. What the socket does not take at once waits in a
+//! acknowledged once the kernel took it. Small segments (below `COALESCE_BELOW`, e.g. a
+//! VM's 1448-byte ones) are gathered in `pending` instead and written with one send(2) per
+//! flow at the end of the engine's round, just before the ACKs go out. What the socket does not take at once waits in a
 //! bounded per-flow buffer (`pending`, at most `RECV_BUF` bytes) and is acknowledged when it
 //! is written, as soon as the socket drains (EPOLLOUT) — the guest never waits for its own
 //! retransmission timer. The window offered to the guest is the free room of that buffer.
@@ -63,6 +65,8 @@ pub const RECV_BUF: usize = 4 << 20;
 /// Our window-scale shift (RECV_BUF >> 7 fits in 16 bits).
 const OUR_WSCALE: u8 = 7;
 const RTO_MIN: Duration = Duration::from_millis(200);
+/// Guest segments smaller than this are gathered and written once per round.
+const COALESCE_BELOW: usize = 16 * 1024;
 /// Longest wait of a delayed ACK (Linux waits 40 ms; the guest's own timers are far longer).
 const ACK_DELAY: Duration = Duration::from_millis(1);
 const RTO_MAX: Duration = Duration::from_secs(30);
@@ -137,6 +141,9 @@ pub struct TcpFlow {
     pub need_ack: bool,
     /// `rcv_nxt` as the guest last heard it in an ACK.
     acked_rcv: u32,
+    /// A gap was seen, and out-of-order data (dropped) reached this far: until `rcv_nxt`
+    /// gets there, the guest is recovering and every ACK goes at once (RFC 5681 4.2).
+    quick_ack_until: Option<u32>,
     /// When a delayed ACK must go at the latest.
     ack_deadline: Option<Instant>,
     /// The deadline the engine's timer heap holds for this flow.
@@ -216,6 +223,7 @@ impl TcpFlow {
             writable: false,
             need_ack: false,
             acked_rcv: 0,
+            quick_ack_until: None,
             ack_deadline: None,
             scheduled: None,
             counted_connecting: false,
@@ -354,11 +362,16 @@ impl TcpFlow {
             return;
         }
         let unacked = self.rcv_nxt.wrapping_sub(self.acked_rcv) as usize;
+        let full_segment = (self.mss as usize).min(tx.max_tcp_payload());
         let may_wait = unacked > 0
-            && unacked < 2 * tx.max_tcp_payload()
+            && unacked < 2 * full_segment
+            && self.quick_ack_until.is_none()
             && self.pending_len() == 0
             && !self.guest_fin
             && self.ack_deadline.is_some_and(|d| d > now);
+        if self.quick_ack_until.is_some_and(|u| !seq_lt(self.rcv_nxt, u)) {
+            self.quick_ack_until = None;
+        }
         if !may_wait {
             self.send_flags(tx, self.snd_nxt, ACK);
         }
@@ -491,7 +504,7 @@ impl TcpFlow {
         if self.push(tx, now) == Verdict::Close {
             return Verdict::Close;
         }
-        self.check_done()
+        self.check_done(tx)
     }
 
     /// The guest acknowledged up to `ack` (snd_una < ack <= snd_max).
@@ -538,6 +551,10 @@ impl TcpFlow {
         if seq_lt(expected, seq) {
             // A gap: something before this was lost. Ask again at once (duplicate ACK).
             self.send_flags(tx, self.snd_nxt, ACK);
+            let end = seq.wrapping_add(payload.len() as u32);
+            if self.quick_ack_until.is_none_or(|u| seq_lt(u, end)) {
+                self.quick_ack_until = Some(end);
+            }
             return Verdict::Keep;
         }
         let skip = expected.wrapping_sub(seq) as usize;
@@ -547,7 +564,7 @@ impl TcpFlow {
             return Verdict::Keep;
         }
         let mut new = &payload[skip..];
-        if self.pending_len() == 0 && self.writable && !new.is_empty() {
+        if self.pending_len() == 0 && self.writable && new.len() >= COALESCE_BELOW {
             match sock::send(self.sock.as_raw_fd(), new) {
                 Ok(n) => {
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
@@ -594,8 +611,33 @@ impl TcpFlow {
         }
     }
 
+    /// Writes the guest data gathered during the engine's round (the ACK follows with the
+    /// other owed ACKs).
+    pub fn write_gathered(&mut self, tx: &mut GuestTx) -> Verdict {
+        if !self.writable || self.write_pending(tx) == Verdict::Close {
+            return if self.writable { Verdict::Close } else { Verdict::Keep };
+        }
+        // The guest's FIN may have been waiting for this data.
+        self.check_done(tx)
+    }
+
     /// Writes held guest data now that the socket has room; acknowledges what it took.
     fn flush_pending(&mut self, tx: &mut GuestTx) -> Verdict {
+        if self.pending_len() == 0 {
+            return Verdict::Keep;
+        }
+        if self.write_pending(tx) == Verdict::Close {
+            return Verdict::Close;
+        }
+        // The window opened: tell the guest at once, not at its next retransmission.
+        if self.need_ack {
+            self.send_flags(tx, self.snd_nxt, ACK);
+        }
+        Verdict::Keep
+    }
+
+    /// Writes `pending` into the socket until it is empty or the socket is full.
+    fn write_pending(&mut self, tx: &mut GuestTx) -> Verdict {
         if self.pending_len() == 0 {
             return Verdict::Keep;
         }
@@ -619,17 +661,14 @@ impl TcpFlow {
         if self.pending_len() == 0 {
             self.pending.clear();
             self.pending_head = 0;
-            if self.pending.capacity() > RECV_BUF / 4 {
+            // An idle flow keeps no large buffer (a gathered round can be ~190 KiB).
+            if self.pending.capacity() > 64 * 1024 {
                 self.pending.shrink_to(0);
             }
             self.finish_guest_fin();
         } else if self.pending_head > self.pending.len() / 2 {
             self.pending.drain(..self.pending_head);
             self.pending_head = 0;
-        }
-        // The window opened: tell the guest at once, not at its next retransmission.
-        if self.need_ack {
-            self.send_flags(tx, self.snd_nxt, ACK);
         }
         Verdict::Keep
     }
@@ -691,7 +730,7 @@ impl TcpFlow {
                 }
             }
         }
-        self.check_done()
+        self.check_done(tx)
     }
 
     fn arm_rto(&mut self, now: Instant) {
@@ -700,10 +739,17 @@ impl TcpFlow {
         }
     }
 
-    /// The flow is over when both directions are closed and our FIN is acknowledged.
-    fn check_done(&self) -> Verdict {
+    /// The flow is over when both directions are closed and our FIN is acknowledged; the
+    /// ACK still owed for the guest's last data or FIN goes out before it ends.
+    fn check_done(&mut self, tx: &mut GuestTx) -> Verdict {
         let fin_acked = matches!(self.fin_seq, Some(f) if self.snd_una == f.wrapping_add(1));
-        if self.guest_fin_done && fin_acked { Verdict::Close } else { Verdict::Keep }
+        if !(self.guest_fin_done && fin_acked) {
+            return Verdict::Keep;
+        }
+        if self.need_ack {
+            self.send_flags(tx, self.snd_nxt, ACK);
+        }
+        Verdict::Close
     }
 
     /// The connect timeout or the retransmission timer.
