@@ -135,6 +135,20 @@ fn take_tcp(link: &FakeLink) -> Vec<(TcpHeader, Vec<u8>)> {
         .collect()
 }
 
+/// An open connection from the guest (its MSS `mss`, window scaling on): the engine, the
+/// guest link, the host end of the connection, and our ISN.
+fn open_connection(mss: u16, now: Instant) -> (Engine, FakeLink, UnixStream, u32) {
+    let (mut e, link, dialer) = engine(false);
+    let mut syn = seg(1000, 0, SYN);
+    syn.mss = Some(mss);
+    syn.window_scale = Some(7);
+    e.on_frame(0, &tcp_frame(&syn, b""), now);
+    let isn = take_tcp(&link)[0].0.seq;
+    let peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    (e, link, peer, isn)
+}
+
 /// Drives one connection through handshake, data both ways, retransmission and close.
 #[test]
 fn tcp_translator_end_to_end() {
@@ -210,14 +224,8 @@ fn tcp_translator_end_to_end() {
 /// everything it had sent past the gap; then ACKs may wait again.
 #[test]
 fn acks_go_at_once_while_the_guest_recovers_from_a_gap() {
-    let (mut e, link, dialer) = engine(false);
     let now = Instant::now();
-    let mut syn = seg(1000, 0, SYN);
-    syn.mss = Some(1000);
-    e.on_frame(0, &tcp_frame(&syn, b""), now);
-    let isn = take_tcp(&link)[0].0.seq;
-    let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
-    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    let (mut e, link, mut peer, isn) = open_connection(1000, now);
     let chunk = [5u8; 1000];
     // Segment 1 (1001) is lost; 2 and 3 arrive and are dropped with duplicate ACKs.
     e.on_frame(0, &tcp_frame(&seg(2001, isn + 1, ACK), &chunk), now);
@@ -242,14 +250,8 @@ fn acks_go_at_once_while_the_guest_recovers_from_a_gap() {
 /// The ACK of a request rides on the answer; two full segments are acknowledged at once.
 #[test]
 fn delayed_ack_rides_on_data_and_every_second_segment_is_acked() {
-    let (mut e, link, dialer) = engine(false);
     let now = Instant::now();
-    let mut syn = seg(1000, 0, SYN);
-    syn.mss = Some(1460);
-    e.on_frame(0, &tcp_frame(&syn, b""), now);
-    let isn = take_tcp(&link)[0].0.seq;
-    let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
-    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    let (mut e, link, mut peer, isn) = open_connection(1460, now);
 
     // Request, then the host's answer within the delay: one segment, data and ACK.
     e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK | PSH_FLAG), b"ping"), now);
@@ -284,14 +286,8 @@ fn delayed_ack_rides_on_data_and_every_second_segment_is_acked() {
 /// Without offloads, one read of host data goes to the guest as segments of its MSS, in order.
 #[test]
 fn host_data_is_cut_into_mss_segments() {
-    let (mut e, link, dialer) = engine(false);
     let now = Instant::now();
-    let mut syn = seg(1000, 0, SYN);
-    syn.mss = Some(1000);
-    e.on_frame(0, &tcp_frame(&syn, b""), now);
-    let isn = take_tcp(&link)[0].0.seq;
-    let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
-    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    let (mut e, link, mut peer, isn) = open_connection(1000, now);
     let data: Vec<u8> = (0..10_500u32).map(|i| (i % 251) as u8).collect();
     peer.write_all(&data).unwrap();
     e.on_socket_for_test(true, false, now);
@@ -454,15 +450,8 @@ proptest! {
     /// no larger than its MSS, however the guest's ACKs trail behind.
     #[test]
     fn host_data_reaches_the_guest_in_mss_segments(len in 1usize..200_000, mss in 64u16..9000, seed in any::<u8>()) {
-        let (mut e, link, dialer) = engine(false);
         let now = Instant::now();
-        let mut syn = seg(1000, 0, SYN);
-        syn.mss = Some(mss);
-        syn.window_scale = Some(7);
-        e.on_frame(0, &tcp_frame(&syn, b""), now);
-        let isn = take_tcp(&link)[0].0.seq;
-        let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
-        e.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+        let (mut e, link, mut peer, isn) = open_connection(mss, now);
         let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
         peer.set_nonblocking(true).unwrap();
         let mut written = 0;
