@@ -227,27 +227,7 @@ impl Bg {
 
 impl Drop for Bg {
     fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        if let Ok(pgid) = i32::try_from(self.child.id()) {
-            // SAFETY: kill(2) of our own child's process group.
-            unsafe {
-                libc::kill(-pgid, libc::SIGTERM);
-            }
-            let end = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
-        let _ = self.child.wait();
+        stop_group(&mut self.child);
     }
 }
 

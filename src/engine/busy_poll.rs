@@ -41,6 +41,11 @@ impl BusyPoll {
         BusyPoll { max, window: Duration::ZERO, idle_since: None }
     }
 
+    /// Whether busy polling is on at all (a maximum above zero).
+    pub fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
     /// The loop has nothing to do at `now`: whether to poll without blocking (spin).
     pub fn spin(&mut self, now: Instant) -> bool {
         let since = *self.idle_since.get_or_insert(now);

@@ -339,7 +339,7 @@ impl Engine {
         let mut events = Events::with_capacity(1024);
         let mut link_ready = true;
         loop {
-            let spinning = !link_ready && self.busy_poll.spin(Instant::now());
+            let spinning = !link_ready && self.busy_poll.enabled() && self.busy_poll.spin(Instant::now());
             let timeout = if link_ready || spinning { Some(Duration::ZERO) } else { self.next_timeout() };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {

@@ -35,8 +35,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, fork};
 
-use super::netlink::Rtnl;
-use super::{annotate, describe};
+use super::describe;
 use crate::link::tap::Tap;
 
 /// The namespace to attach to.
@@ -154,17 +153,7 @@ fn child_setup(spec: &AttachSpec, userns: Option<&OwnedFd>, netns: &OwnedFd) -> 
 }
 
 fn configure(spec: &AttachSpec) -> io::Result<()> {
-    let index = nix::net::if_::if_nametoindex(spec.ifname.as_str())?;
-    let lo = nix::net::if_::if_nametoindex("lo")?;
-    let mut rtnl = Rtnl::open()?;
-    rtnl.set_link(lo, None, None, true).map_err(|e| annotate(e, "bringing lo up"))?;
-    rtnl.set_link(index, Some(spec.mac), Some(spec.mtu), true).map_err(|e| annotate(e, "setting MAC, MTU and up"))?;
-    rtnl.add_ipv4_address(index, spec.address, spec.prefix).map_err(|e| annotate(e, "adding the address"))?;
-    match rtnl.add_ipv4_default_route(index, spec.gateway) {
-        // The namespace already has a default route: leave it, the subnet route works.
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        r => r.map_err(|e| annotate(e, "adding the default route")),
-    }
+    super::configure_interface(&spec.ifname, spec.mac, spec.mtu, spec.address, spec.prefix, spec.gateway)
 }
 
 /// The child's answer: "ok" with the TAP's descriptor, or an error line.

@@ -48,9 +48,8 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, getpid, getppid};
 
-use super::netlink::Rtnl;
+use super::describe;
 use super::resolv;
-use super::{annotate, describe};
 use crate::link::tap::Tap;
 
 /// How the guest's network looks from inside.
@@ -527,14 +526,7 @@ fn enter_namespaces() -> Result<(), String> {
 }
 
 fn configure_network(spec: &SandboxSpec) -> io::Result<()> {
-    let index = nix::net::if_::if_nametoindex(spec.ifname.as_str())?;
-    let lo = nix::net::if_::if_nametoindex("lo")?;
-    let mut rtnl = Rtnl::open()?;
-    rtnl.set_link(lo, None, None, true).map_err(|e| annotate(e, "bringing lo up"))?;
-    rtnl.set_link(index, Some(spec.mac), Some(spec.mtu), true).map_err(|e| annotate(e, "setting MAC, MTU and up"))?;
-    rtnl.add_ipv4_address(index, spec.address, spec.prefix).map_err(|e| annotate(e, "adding the address"))?;
-    rtnl.add_ipv4_default_route(index, spec.gateway).map_err(|e| annotate(e, "adding the default route"))?;
-    Ok(())
+    super::configure_interface(&spec.ifname, spec.mac, spec.mtu, spec.address, spec.prefix, spec.gateway)
 }
 
 #[cfg(test)]

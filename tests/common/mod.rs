@@ -260,6 +260,24 @@ fn kill_group(pgid: u32, sig: i32) {
     }
 }
 
+/// Ends a child that leads its own process group, if still running: SIGTERM to the group,
+/// SIGKILL 3 s later, then reaps it.
+pub fn stop_group(child: &mut std::process::Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    kill_group(child.id(), libc::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill_group(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+}
+
 /// Runs `cmd` (stdin /dev/null) in its own process group, for at most `timeout`.
 /// On timeout the group gets SIGTERM, then SIGKILL 3 s later. Never hangs on
 /// a pipe held open by a stray grandchild: output is taken 3 s after exit.

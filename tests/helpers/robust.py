@@ -68,6 +68,8 @@ import sys
 import threading
 import time
 
+from testserver import exit_when_stdin_closes  # same folder: on sys.path as the script's
+
 CHUNK = b"\0" * 65536
 
 
@@ -80,18 +82,6 @@ def raise_nofile():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def exit_when_stdin_closes():
-    def watch():
-        try:
-            while sys.stdin.buffer.read(4096):
-                pass
-        except OSError:
-            pass
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def wait_for_file(path, limit):
