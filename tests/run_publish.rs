@@ -20,12 +20,10 @@ const LOOPBACK_CLIENT: &str = "127.0.0.1";
 use common::*;
 use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Size of a bulk transfer.
 const BULK: usize = 20 << 20;
@@ -136,99 +134,9 @@ fn guest_server_cmd(dir: &TempDir, args: &[&str]) -> Vec<String> {
     v
 }
 
-/// A process running in the background (its own process group) whose output is
-/// collected as it comes. Killed with its group on Drop.
-struct Bg {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    line: String,
-}
-
-impl Bg {
-    fn start(mut cmd: Command) -> Bg {
-        let line = format!(
-            "{} {}",
-            cmd.get_program().to_string_lossy(),
-            cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
-        );
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
-        let out = Arc::new(Mutex::new(String::new()));
-        let err = Arc::new(Mutex::new(String::new()));
-        collect_lines(child.stdout.take().expect("piped stdout"), out.clone());
-        collect_lines(child.stderr.take().expect("piped stderr"), err.clone());
-        Bg { child, out, err, line }
-    }
-
-    /// `usernet run -p ... ARGS -- CMD...` in the background.
-    fn usernet<S: AsRef<std::ffi::OsStr>>(dns: &DnsUpstream, args: &[&str], cmd: &[S]) -> Bg {
-        Bg::start(Usernet::new(dns).args(args).command(cmd))
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn describe(&self) -> String {
-        format!("  command: {}\n  stdout:\n{}\n  stderr:\n{}", self.line, self.stdout(), self.stderr())
-    }
-
-    /// Waits until stdout has a line equal to `want`; panics (with all output) if the
-    /// process exits or `limit` passes first.
-    fn wait_stdout_line(&mut self, want: &str, limit: Duration) {
-        let end = Instant::now() + limit;
-        loop {
-            if self.stdout().lines().any(|l| l.trim() == want) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                // Give the reader threads a moment to catch the last lines.
-                std::thread::sleep(Duration::from_millis(200));
-                if self.stdout().lines().any(|l| l.trim() == want) {
-                    return;
-                }
-                panic!("exited ({status}) before printing {want:?}:\n{}", self.describe());
-            }
-            assert!(Instant::now() < end, "no {want:?} within {limit:?}:\n{}", self.describe());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the process to exit by itself, at most `limit`; its exit status.
-    fn wait_exit(&mut self, limit: Duration) -> i32 {
-        let end = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                use std::os::unix::process::ExitStatusExt;
-                return status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-            }
-            assert!(Instant::now() < end, "did not exit within {limit:?}:\n{}", self.describe());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM to the process itself (usernet forwards it to COMMAND), then waits.
-    fn stop(&mut self) -> i32 {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: kill(2) of our own child; no memory involved.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        self.wait_exit(Duration::from_secs(15))
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        stop_group(&mut self.child);
-    }
+/// `usernet run ARGS -- CMD...` in the background (stdin /dev/null).
+fn usernet_bg<S: AsRef<std::ffi::OsStr>>(dns: &DnsUpstream, args: &[&str], cmd: &[S]) -> Background {
+    Background::start(Usernet::new(dns).args(args).command(cmd), Stdio::null())
 }
 
 /// `curl` from the host (never through a proxy), bounded; its output.
@@ -239,7 +147,7 @@ fn curl(args: &[&str]) -> Output {
 }
 
 /// GET `url` and return the body; panics with context if it fails.
-fn get(url: &str, ctx: &Bg) -> String {
+fn get(url: &str, ctx: &Background) -> String {
     let out = curl(&["-f", url]);
     assert!(out.success(), "GET {url} failed:\n{out}\nusernet:\n{}", ctx.describe());
     out.stdout
@@ -382,8 +290,8 @@ fn http_over_ipv4_ipv6_and_localhost() {
     let (dir, want) = guest_dir("pub-http", BULK);
     let p = free_ports(1);
     let dir_s = dir.path().to_string_lossy().into_owned();
-    let mut bg = Bg::usernet(&dns, &["-p", &format!("{p}:80")], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:80")], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_line("READY", READY_LIMIT);
 
     for url in [
         format!("http://127.0.0.1:{p}/whoami"),
@@ -437,12 +345,12 @@ fn upload_into_guest_socat() {
          echo READY; wait $pid; echo \"socat $?\"; sha256sum {dst}",
         dst = dst.display()
     );
-    let mut bg = Bg::usernet(&dns, &["-p", &format!("{p}:80")], &["sh", "-c", &script]);
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:80")], &["sh", "-c", &script]);
+    bg.wait_line("READY", READY_LIMIT);
     let out =
         run("timeout", &["90", "socat", "-u", &format!("FILE:{}", src.display()), &format!("TCP4:127.0.0.1:{p}")]);
     assert!(out.success(), "host socat:\n{out}\n{}", bg.describe());
-    let code = bg.wait_exit(Duration::from_secs(90));
+    let code = bg.exit_code(Duration::from_secs(90));
     assert_eq!(code, 0, "{}", bg.describe());
     assert!(bg.stdout().contains("socat 0"), "{}", bg.describe());
     assert_eq!(hex_hashes(&bg.stdout()), vec![want], "upload corrupted:\n{}", bg.describe());
@@ -458,8 +366,8 @@ fn udp_echo_through_published_port() {
     let dns = DnsUpstream::start();
     let (dir, _) = guest_dir("pub-udp", 0);
     let p = free_ports(1);
-    let mut bg = Bg::usernet(&dns, &["-p", &format!("{p}:53/udp")], &guest_server_cmd(&dir, &["udp-echo", "53"]));
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:53/udp")], &guest_server_cmd(&dir, &["udp-echo", "53"]));
+    bg.wait_line("READY", READY_LIMIT);
     assert!(udp_echo("127.0.0.1:0", &format!("127.0.0.1:{p}"), b"hello over v4"), "{}", bg.describe());
     assert!(udp_echo("[::1]:0", &format!("[::1]:{p}"), b"hello over v6"), "{}", bg.describe());
     // A big datagram too (the guest link's MTU is 65520).
@@ -496,8 +404,8 @@ fn port_ranges() {
         "90-91".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut bg = Bg::usernet(&dns, &args, &guest_server_cmd(&dir, &["http", "80,81,82,90,91", &dir_s]));
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    let mut bg = usernet_bg(&dns, &args, &guest_server_cmd(&dir, &["http", "80,81,82,90,91", &dir_s]));
+    bg.wait_line("READY", READY_LIMIT);
 
     for i in 0..3u16 {
         let body = get(&format!("http://127.0.0.1:{}/whoami", a + i), &bg);
@@ -540,8 +448,8 @@ fn picked_port_on_loopback_is_printed() {
     let dns = DnsUpstream::start();
     let (dir, _) = guest_dir("pub-pick", 0);
     let dir_s = dir.path().to_string_lossy().into_owned();
-    let mut bg = Bg::usernet(&dns, &["-p", "127.0.0.1::80"], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    let mut bg = usernet_bg(&dns, &["-p", "127.0.0.1::80"], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_line("READY", READY_LIMIT);
     let lines = port_lines(&bg.stderr());
     assert_eq!(lines.len(), 1, "{}", bg.describe());
     assert!(lines[0].starts_with("80/tcp -> 127.0.0.1:"), "{}", lines[0]);
@@ -563,8 +471,8 @@ fn publish_all_exposed_ports() {
     let dns = DnsUpstream::start();
     let (dir, _) = guest_dir("pub-all", 0);
     let dir_s = dir.path().to_string_lossy().into_owned();
-    let mut bg = Bg::usernet(&dns, &["-P", "--expose", "80"], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    let mut bg = usernet_bg(&dns, &["-P", "--expose", "80"], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_line("READY", READY_LIMIT);
     let lines = port_lines(&bg.stderr());
     assert_eq!(lines.len(), 2, "{}", bg.describe());
     assert!(lines[0].starts_with("80/tcp -> 0.0.0.0:"), "{lines:?}");
@@ -661,12 +569,12 @@ fn ports_released_on_exit() {
 
     // Killed by SIGTERM while COMMAND runs.
     let q = free_ports(1);
-    let mut bg = Bg::usernet(
+    let mut bg = usernet_bg(
         &dns,
         &["-p", &format!("{q}:80"), "-p", &format!("{q}:80/udp")],
         &["sh", "-c", "echo READY; exec sleep 60"],
     );
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    bg.wait_line("READY", READY_LIMIT);
     assert!(TcpListener::bind(("0.0.0.0", q)).is_err(), "usernet does not listen on {q}:\n{}", bg.describe());
     assert!(TcpListener::bind(("::", q)).is_err(), "usernet does not listen on [::]:{q}");
     let code = bg.stop();
@@ -686,8 +594,8 @@ fn remote_client_keeps_its_address() {
     let (dir, want) = guest_dir("pub-remote", 1 << 20);
     let dir_s = dir.path().to_string_lossy().into_owned();
     let p = free_ports(1);
-    let mut bg = Bg::usernet(&dns, &["-p", &format!("{p}:80")], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:80")], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_line("READY", READY_LIMIT);
 
     let url = format!("http://{}:{p}/whoami", peer.host_ip);
     let out = peer.exec(&["curl", "-sSf", "--noproxy", "*", "-m", "30", &url]);
@@ -722,12 +630,12 @@ fn api_socket_lives_with_usernet() {
     let sock = dir.join("api.sock");
     let p = free_ports(1);
     let sock_s = sock.to_string_lossy().into_owned();
-    let mut bg = Bg::usernet(
+    let mut bg = usernet_bg(
         &dns,
         &["--api", &sock_s, "-p", &format!("127.0.0.1:{p}:80")],
         &["sh", "-c", "echo READY; exec sleep 60"],
     );
-    bg.wait_stdout_line("READY", READY_LIMIT);
+    bg.wait_line("READY", READY_LIMIT);
     assert!(wait_until(Duration::from_secs(5), || Path::new(&sock).exists()), "no API socket:\n{}", bg.describe());
     let out = run("curl", &["-sS", "-m", "10", "--unix-socket", &sock_s, "http://usernet/services/forwarder/all"]);
     assert!(out.success(), "{out}\n{}", bg.describe());

@@ -25,10 +25,9 @@ mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How much usernet's VmRSS may grow while it holds 10,000 idle connections.
@@ -57,126 +56,16 @@ fn heavy() -> MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A process in the background (its own process group) whose stdout and stderr are
-/// collected line by line. Its stdin is a pipe held until Drop, so the helper servers
-/// exit by themselves if the test dies. The group is killed on Drop.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    line: String,
+/// A robust.py helper on the host, in the background.
+fn helper(args: &[&str]) -> Background {
+    let mut c = Command::new(python());
+    c.arg(robust_py()).args(args).env("PATH", search_path());
+    Background::start(c, Stdio::piped())
 }
 
-impl Proc {
-    fn start(mut cmd: Command) -> Proc {
-        let mut line = vec![cmd.get_program().to_string_lossy().into_owned()];
-        line.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
-        let line = line.join(" ");
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
-        let out = Arc::new(Mutex::new(String::new()));
-        let err = Arc::new(Mutex::new(String::new()));
-        collect_lines(child.stdout.take().expect("piped stdout"), out.clone());
-        collect_lines(child.stderr.take().expect("piped stderr"), err.clone());
-        Proc { child, out, err, line }
-    }
-
-    /// A robust.py helper on the host.
-    fn helper(args: &[&str]) -> Proc {
-        let mut c = Command::new(python());
-        c.arg(robust_py()).args(args).env("PATH", search_path());
-        Proc::start(c)
-    }
-
-    /// `usernet run ARGS -- sh -c SCRIPT` in the background.
-    fn usernet(dns_args: Usernet, script: &str) -> Proc {
-        Proc::start(dns_args.command(&["sh", "-c", script]))
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("pid fits i32")
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn describe(&self) -> String {
-        format!("  command: {}\n  stdout:\n{}\n  stderr:\n{}", self.line, self.stdout(), self.stderr())
-    }
-
-    /// Lines of stdout that start with `prefix`.
-    fn lines_with(&self, prefix: &str) -> Vec<String> {
-        self.stdout().lines().filter(|l| l.starts_with(prefix)).map(str::to_string).collect()
-    }
-
-    /// Waits until stdout has `count` lines starting with `prefix`; returns the first.
-    /// Panics (with all output) if the process exits or `limit` passes first.
-    fn wait_lines(&mut self, prefix: &str, count: usize, limit: Duration) -> String {
-        let end = Instant::now() + limit;
-        loop {
-            let found = self.lines_with(prefix);
-            if found.len() >= count {
-                return found[0].clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(300));
-                let found = self.lines_with(prefix);
-                if found.len() >= count {
-                    return found[0].clone();
-                }
-                panic!("exited ({status}) before printing {count} x {prefix:?}:\n{}", self.describe());
-            }
-            assert!(Instant::now() < end, "no {count} x {prefix:?} within {limit:?}:\n{}", self.describe());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_line(&mut self, prefix: &str, limit: Duration) -> String {
-        self.wait_lines(prefix, 1, limit)
-    }
-
-    /// The port of a helper server's `PORT n` line.
-    fn port(&mut self) -> u16 {
-        let l = self.wait_line("PORT ", Duration::from_secs(15));
-        l["PORT ".len()..].trim().parse().unwrap_or_else(|_| panic!("bad port line {l:?}"))
-    }
-
-    /// Waits for the process to exit by itself, at most `limit`: its exit status (128 + N
-    /// for signal N), or None if it is still running.
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let end = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                // Let the reader threads catch the last lines.
-                std::thread::sleep(Duration::from_millis(300));
-                use std::os::unix::process::ExitStatusExt;
-                return Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Sends `sig` to the process itself (not its group).
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) of our own child; no memory involved.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        stop_group(&mut self.child);
-    }
+/// `usernet run ARGS -- sh -c SCRIPT` in the background.
+fn usernet_bg(dns_args: Usernet, script: &str) -> Background {
+    Background::start(dns_args.command(&["sh", "-c", script]), Stdio::piped())
 }
 
 /// VmRSS of a process, in bytes.
@@ -341,7 +230,7 @@ fn ten_thousand_idle_connections() {
     }
     let _heavy = heavy();
     let dns = DnsUpstream::start();
-    let mut hold = Proc::helper(&["hold-server"]);
+    let mut hold = helper(&["hold-server"]);
     let port = hold.port();
     let sink = Server::start(ServerKind::Sink, None);
     let dir = TempDir::new("idle10k");
@@ -356,7 +245,7 @@ fn ten_thousand_idle_connections() {
             sink.port
         ))
     );
-    let mut bg = Proc::usernet(Usernet::new(&dns), &script);
+    let mut bg = usernet_bg(Usernet::new(&dns), &script);
     bg.wait_line("STARTED", Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
     let pid = bg.pid();
@@ -414,14 +303,14 @@ fn host_server_killed_mid_transfer() {
         return;
     }
     let dns = DnsUpstream::start();
-    let mut server = Proc::helper(&["stream-server"]);
+    let mut server = helper(&["stream-server"]);
     let port = server.port();
     let script = format!(
         "(timeout 90 curl -sS -o /dev/null http://host.docker.internal:{port}/big; echo curl=$?) & \
          (timeout 90 {}; echo raw=$?) & wait",
         robust_sh(&format!("vanish-client {HOST_IP} {port}"))
     );
-    let mut bg = Proc::usernet(Usernet::new(&dns), &script);
+    let mut bg = usernet_bg(Usernet::new(&dns), &script);
     server.wait_lines("STREAMING ", 2, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     server.signal(libc::SIGKILL);
@@ -455,10 +344,10 @@ fn host_reset_after_kill_reaches_guest_as_reset() {
         return;
     }
     let dns = DnsUpstream::start();
-    let mut server = Proc::helper(&["stream-server"]);
+    let mut server = helper(&["stream-server"]);
     let port = server.port();
     let script = format!("timeout 90 {}; echo raw=$?", robust_sh(&format!("vanish-client {HOST_IP} {port}")));
-    let mut bg = Proc::usernet(Usernet::new(&dns), &script);
+    let mut bg = usernet_bg(Usernet::new(&dns), &script);
     server.wait_line("STREAMING RAW", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(300));
     server.signal(libc::SIGKILL);
@@ -481,7 +370,7 @@ fn guest_server_killed_mid_transfer() {
     let dns = DnsUpstream::start();
     let p = free_port();
     let script = format!("{} & wait; echo SERVER-GONE; sleep 60", robust_sh("stream-guest-server 80"));
-    let mut bg = Proc::usernet(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
+    let mut bg = usernet_bg(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
     let ready_line = bg.wait_line("READY ", Duration::from_secs(20));
     let guest_pid: i32 = ready_line["READY ".len()..].trim().parse().expect("guest server pid");
     let addr = format!("127.0.0.1:{p}");
@@ -542,13 +431,13 @@ fn guest_client_killed_mid_download() {
         return;
     }
     let dns = DnsUpstream::start();
-    let mut server = Proc::helper(&["stream-server"]);
+    let mut server = helper(&["stream-server"]);
     let port = server.port();
     let script = format!(
         "curl -sS --max-time 60 -o /dev/null http://{HOST_IP}:{port}/big & echo CURL $!; wait; \
          echo CURL-GONE; sleep 60"
     );
-    let mut bg = Proc::usernet(Usernet::new(&dns), &script);
+    let mut bg = usernet_bg(Usernet::new(&dns), &script);
     let line = bg.wait_line("CURL ", Duration::from_secs(20));
     let curl_pid: i32 = line["CURL ".len()..].trim().parse().expect("curl pid");
     server.wait_line("STREAMING GET", Duration::from_secs(30));
@@ -577,7 +466,7 @@ fn host_client_vanishes_from_published_port() {
     let dns = DnsUpstream::start();
     let p = free_port();
     let script = format!("timeout 90 {}; echo SERVER-DONE=$?", robust_sh("stream-guest-server 80"));
-    let mut bg = Proc::usernet(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
+    let mut bg = usernet_bg(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
     bg.wait_line("READY ", Duration::from_secs(20));
     let addr = format!("127.0.0.1:{p}");
     let mut clients = Vec::new();
@@ -677,7 +566,7 @@ fn half_close_both_ways_through_published_port() {
     let dns = DnsUpstream::start();
     let p = free_port();
     let script = format!("exec timeout 90 {}", robust_sh("halfclose-server 80"));
-    let mut bg = Proc::usernet(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
+    let mut bg = usernet_bg(Usernet::new(&dns).arg("-p").arg(format!("127.0.0.1:{p}:80")), &script);
     bg.wait_line("READY", Duration::from_secs(20));
     let addr = format!("127.0.0.1:{p}");
 
@@ -736,7 +625,7 @@ fn silent_dns_upstream_gives_servfail() {
     if !ready(&["ip", "python3", "dig"]) {
         return;
     }
-    let mut hole = Proc::helper(&["blackhole-dns"]);
+    let mut hole = helper(&["blackhole-dns"]);
     let port = hole.port();
     let dir = TempDir::new("dnshole");
     let d = dir.path().display();

@@ -945,3 +945,127 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A process in the background (its own process group) whose stdout and stderr are
+/// collected line by line. With a piped stdin (held until Drop) the helper servers exit by
+/// themselves if the test dies. The group is stopped on Drop.
+pub struct Background {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    line: String,
+}
+
+impl Background {
+    pub fn start(mut cmd: Command, stdin: Stdio) -> Background {
+        let mut line = vec![cmd.get_program().to_string_lossy().into_owned()];
+        line.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+        let line = line.join(" ");
+        cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        collect_lines(child.stdout.take().expect("piped stdout"), out.clone());
+        collect_lines(child.stderr.take().expect("piped stderr"), err.clone());
+        Background { child, out, err, line }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits i32")
+    }
+
+    pub fn stdout(&self) -> String {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.err.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn describe(&self) -> String {
+        format!("  command: {}\n  stdout:\n{}\n  stderr:\n{}", self.line, self.stdout(), self.stderr())
+    }
+
+    /// Lines of stdout that start with `prefix`.
+    pub fn lines_with(&self, prefix: &str) -> Vec<String> {
+        self.stdout().lines().filter(|l| l.starts_with(prefix)).map(str::to_string).collect()
+    }
+
+    /// Waits until stdout has `count` lines starting with `prefix`; returns the first.
+    /// Panics (with all output) if the process exits or `limit` passes first.
+    pub fn wait_lines(&mut self, prefix: &str, count: usize, limit: Duration) -> String {
+        let end = Instant::now() + limit;
+        loop {
+            let found = self.lines_with(prefix);
+            if found.len() >= count {
+                return found[0].clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(300));
+                let found = self.lines_with(prefix);
+                if found.len() >= count {
+                    return found[0].clone();
+                }
+                panic!("exited ({status}) before printing {count} x {prefix:?}:\n{}", self.describe());
+            }
+            assert!(Instant::now() < end, "no {count} x {prefix:?} within {limit:?}:\n{}", self.describe());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_line(&mut self, prefix: &str, limit: Duration) -> String {
+        self.wait_lines(prefix, 1, limit)
+    }
+
+    /// The port of a helper server's `PORT n` line.
+    pub fn port(&mut self) -> u16 {
+        let l = self.wait_line("PORT ", Duration::from_secs(15));
+        l["PORT ".len()..].trim().parse().unwrap_or_else(|_| panic!("bad port line {l:?}"))
+    }
+
+    /// Waits for the process to exit by itself, at most `limit`: its exit status (128 + N
+    /// for signal N), or None if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader threads catch the last lines.
+                std::thread::sleep(Duration::from_millis(300));
+                return Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The exit status once the process exits by itself; panics (with all output) if it
+    /// is still running after `limit`.
+    pub fn exit_code(&mut self, limit: Duration) -> i32 {
+        match self.wait_exit(limit) {
+            Some(code) => code,
+            None => panic!("did not exit within {limit:?}:\n{}", self.describe()),
+        }
+    }
+
+    /// SIGTERM to the process itself (usernet forwards it to COMMAND), then its exit status.
+    pub fn stop(&mut self) -> i32 {
+        self.signal(libc::SIGTERM);
+        self.exit_code(Duration::from_secs(15))
+    }
+
+    /// Sends `sig` to the process itself (not its group).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) of our own child; no memory involved.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        stop_group(&mut self.child);
+    }
+}
