@@ -1,0 +1,100 @@
+//! Commands to the engine from other threads (the control API): each carries a channel for
+//! its answer. The engine's loop drains them whenever its waker fires.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use serde::Serialize;
+
+use crate::ports::BoundListener;
+use crate::ports::Proto;
+
+/// One published port as the engine serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Published {
+    /// The host address and port it listens on.
+    pub host: SocketAddr,
+    pub proto: Proto,
+    /// Where connections go in the guest network.
+    pub guest_ip: Ipv4Addr,
+    pub guest_port: u16,
+}
+
+/// Engine counters.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub dropped_in: u64,
+    pub tcp_flows: usize,
+    pub udp_flows: usize,
+    pub icmp_flows: usize,
+}
+
+/// One active flow, for `/v1/flows`.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowInfo {
+    pub proto: &'static str,
+    pub guest: String,
+    pub remote: String,
+}
+
+pub type Reply<T> = tokio::sync::oneshot::Sender<T>;
+
+pub enum Command {
+    /// Serve already-bound listeners, forwarding to `guest_ip:guest_port` of each listener.
+    Publish {
+        listeners: Vec<BoundListener>,
+        guest_ip: Ipv4Addr,
+        reply: Reply<Vec<Published>>,
+    },
+    /// Stop serving the listener bound at `host` for `proto`; answers whether one was found.
+    Unpublish {
+        host: SocketAddr,
+        proto: Proto,
+        reply: Reply<bool>,
+    },
+    ListPorts {
+        reply: Reply<Vec<Published>>,
+    },
+    /// DHCP leases: (address, MAC).
+    Leases {
+        reply: Reply<Vec<(Ipv4Addr, [u8; 6])>>,
+    },
+    Stats {
+        reply: Reply<Stats>,
+    },
+    Flows {
+        reply: Reply<Vec<FlowInfo>>,
+    },
+}
+
+/// A cloneable handle that sends commands to a running engine.
+#[derive(Clone)]
+pub struct ControlHandle {
+    tx: mpsc::Sender<Command>,
+    waker: Arc<mio::Waker>,
+}
+
+impl ControlHandle {
+    pub fn new(tx: mpsc::Sender<Command>, waker: Arc<mio::Waker>) -> ControlHandle {
+        ControlHandle { tx, waker }
+    }
+
+    /// Sends a command; false when the engine is gone.
+    pub fn send(&self, cmd: Command) -> bool {
+        self.tx.send(cmd).is_ok() && self.waker.wake().is_ok()
+    }
+
+    /// Sends a command built around a reply channel and waits for the answer.
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.send(make(tx)) {
+            return None;
+        }
+        rx.await.ok()
+    }
+}

@@ -1,0 +1,301 @@
+//! Published ports in the engine: host listeners whose connections and datagrams become
+//! guest flows.
+//!
+//! A TCP connection accepted on a published port becomes a TCP flow that starts with our
+//! SYN to the guest (see the translator's theory of operation). A datagram on a published
+//! UDP port becomes, per client address, an inbound UDP flow whose replies leave through
+//! the listener. The guest sees the client's real address when it has an IPv4 one; a
+//! client on the host's loopback (or any IPv6 client, while the guest network is
+//! IPv4-only) appears as the host address, as if it came from host.docker.internal.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Instant;
+
+use mio::Interest;
+use mio::unix::SourceFd;
+
+use super::control::Published;
+use super::flows::udp::Inbound;
+use super::flows::{Flow, FlowKey, SpliceFlow, TcpFlow, UdpFlow, Verdict};
+use super::tx::UDP_PAYLOAD_OFF;
+use super::{Engine, sock};
+use crate::ports::BoundListener;
+use crate::ports::Proto;
+
+/// Listener tokens have this bit set; the rest is the listener's index.
+pub const LISTENER_BIT: usize = 1 << 62;
+
+pub struct Listener {
+    pub fd: OwnedFd,
+    pub local: SocketAddr,
+    pub proto: Proto,
+    pub guest_ip: Ipv4Addr,
+    pub guest_port: u16,
+    /// Unique over the engine's life, so inbound UDP flows know their listener.
+    pub id: u32,
+}
+
+impl Listener {
+    pub fn published(&self) -> Published {
+        Published { host: self.local, proto: self.proto, guest_ip: self.guest_ip, guest_port: self.guest_port }
+    }
+}
+
+/// The address a client appears from in the guest network.
+pub fn guest_view_of_client(client: SocketAddr, host_addr: Ipv4Addr) -> SocketAddrV4 {
+    let ip = match client.ip() {
+        IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() => v4,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) if !v4.is_loopback() && !v4.is_unspecified() => v4,
+            _ => host_addr,
+        },
+        _ => host_addr,
+    };
+    SocketAddrV4::new(ip, client.port())
+}
+
+impl Engine {
+    /// Serves already-bound listeners of published ports, forwarding to `guest_ip`.
+    pub fn publish(&mut self, listeners: Vec<BoundListener>, guest_ip: Ipv4Addr) -> Vec<Published> {
+        let mut out = Vec::new();
+        for l in listeners {
+            let index = match self.listeners.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.listeners.push(None);
+                    self.listeners.len() - 1
+                }
+            };
+            self.next_listener_id += 1;
+            let listener = Listener {
+                fd: l.fd,
+                local: l.local,
+                proto: l.proto,
+                guest_ip,
+                guest_port: l.guest_port,
+                id: self.next_listener_id,
+            };
+            let raw = listener.fd.as_raw_fd();
+            if let Err(e) =
+                self.poll.registry().register(&mut SourceFd(&raw), mio::Token(LISTENER_BIT | index), Interest::READABLE)
+            {
+                tracing::warn!("cannot watch the listener of {}: {e}", listener.local);
+                continue;
+            }
+            out.push(listener.published());
+            self.listeners[index] = Some(listener);
+            // Connections may already wait in the backlog: edge-triggered polling will
+            // not announce them again.
+            self.on_listener(index, Instant::now());
+        }
+        out
+    }
+
+    /// Stops serving the listener at `host`; inbound UDP flows through it end too.
+    pub fn unpublish(&mut self, host: SocketAddr, proto: Proto) -> bool {
+        let Some(index) =
+            self.listeners.iter().position(|l| matches!(l, Some(l) if l.local == host && l.proto == proto))
+        else {
+            return false;
+        };
+        let Some(l) = self.listeners[index].take() else { return false };
+        let raw = l.fd.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        let orphans: Vec<_> = self
+            .flows
+            .ids()
+            .filter(|(_, f)| matches!(f, Flow::Udp(u) if u.inbound.as_ref().is_some_and(|i| i.listener_id == l.id)))
+            .map(|(id, _)| id)
+            .collect();
+        for id in orphans {
+            self.flows.remove(id);
+        }
+        true
+    }
+
+    pub fn published(&self) -> Vec<Published> {
+        self.listeners.iter().flatten().map(Listener::published).collect()
+    }
+
+    /// A listener is readable: accept every waiting connection, or take every datagram.
+    pub(super) fn on_listener(&mut self, index: usize, now: Instant) {
+        let Some(Some(l)) = self.listeners.get(index) else { return };
+        let (raw, proto, guest, id) = (l.fd.as_raw_fd(), l.proto, SocketAddrV4::new(l.guest_ip, l.guest_port), l.id);
+        match proto {
+            Proto::Tcp => self.accept_all(raw, guest, now),
+            Proto::Udp => self.receive_all(raw, guest, id, now),
+        }
+    }
+
+    fn accept_all(&mut self, raw: std::os::fd::RawFd, guest: SocketAddrV4, now: Instant) {
+        for _ in 0..256 {
+            let (fd, client) = match sock::accept(raw) {
+                Ok(Some(x)) => x,
+                Ok(None) => return,
+                Err(e) => {
+                    // EMFILE and friends: leave the connection in the backlog for later.
+                    tracing::warn!("accept on a published port: {e}");
+                    return;
+                }
+            };
+            if is_loopback(client) && self.netns.is_some() {
+                self.splice_to_guest(fd, guest, now);
+                continue;
+            }
+            let remote = guest_view_of_client(client, self.cfg.host);
+            let key = FlowKey::Tcp { guest, remote };
+            if self.flows.lookup(&key).is_some() {
+                tracing::debug!("{client} -> {guest}: that address pair is busy; reset");
+                sock::set_linger_zero(fd.as_raw_fd());
+                continue;
+            }
+            let _ = super::dial::set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+            let isn = self.isn(&key, now);
+            let flow = TcpFlow::new_inbound(&mut self.tx, guest, remote, fd, true, isn, now);
+            if let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) {
+                self.after(id, Verdict::Keep);
+            }
+        }
+    }
+
+    /// Carries a loopback client's connection socket to socket inside the guest's namespace.
+    fn splice_to_guest(&mut self, host: OwnedFd, guest: SocketAddrV4, now: Instant) {
+        let dialled = match &self.netns {
+            Some((theirs, ours)) => dial_in_namespace(theirs, ours, guest),
+            None => return,
+        };
+        let (sock, connected) = match dialled {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!("published port {guest} inside the namespace: {e}");
+                sock::set_linger_zero(host.as_raw_fd());
+                return;
+            }
+        };
+        self.next_splice_id += 1;
+        let guest_fd = sock.as_raw_fd();
+        let flow = match SpliceFlow::new(host, sock, connected, self.next_splice_id, now) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("cannot splice a published connection: {e}");
+                return;
+            }
+        };
+        let Some(id) = self.add_flow(Flow::Splice(flow), Interest::READABLE | Interest::WRITABLE) else { return };
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&guest_fd),
+            id.token(super::FLOW_BASE),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!("cannot watch a spliced socket: {e}");
+            self.flows.remove(id);
+            return;
+        }
+        // Data may already wait on the accepted socket.
+        self.on_socket(id, true, true, false, now);
+    }
+
+    fn receive_all(&mut self, raw: std::os::fd::RawFd, guest: SocketAddrV4, listener_id: u32, now: Instant) {
+        let max = self.tx.max_udp_payload();
+        for _ in 0..1024 {
+            let buf = &mut self.tx.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
+            let (n, client) = match sock::recv_from(raw, buf) {
+                Ok(Some(x)) => x,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!("published UDP port: {e}");
+                    continue;
+                }
+            };
+            if n > max {
+                tracing::debug!("{client}: {n}-byte datagram exceeds the guest MTU; dropped");
+                continue;
+            }
+            let remote = guest_view_of_client(client, self.cfg.host);
+            let key = FlowKey::Udp { guest, remote };
+            let id = match self.flows.lookup(&key) {
+                Some(id) => id,
+                None => {
+                    if self.flows.udp_count >= super::MAX_UDP {
+                        self.evict_oldest(|f| matches!(f, Flow::Udp(_)));
+                    }
+                    let inbound = Inbound { listener_fd: raw, listener_id, client };
+                    let flow = Flow::Udp(UdpFlow::new_inbound(guest, remote, inbound, now));
+                    match self.add_flow(flow, Interest::READABLE) {
+                        Some(id) => id,
+                        None => continue,
+                    }
+                }
+            };
+            match self.flows.get_mut(id) {
+                Some(Flow::Udp(f)) => {
+                    f.last_used = now;
+                    if let Some(i) = f.inbound.as_mut() {
+                        // The same mapped address may stand for another client port pair
+                        // only if the client moved; keep answering the latest.
+                        i.client = client;
+                    }
+                }
+                _ => continue,
+            }
+            self.tx.send_udp(remote, guest, n);
+            self.after(id, Verdict::Keep);
+        }
+    }
+}
+
+fn is_loopback(a: SocketAddr) -> bool {
+    match a.ip() {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+/// A TCP socket created inside the namespace `theirs` (the thread returns to `ours` at
+/// once), bound to the namespace's 127.0.0.1 and connecting to `guest` there.
+fn dial_in_namespace(theirs: &OwnedFd, ours: &OwnedFd, guest: SocketAddrV4) -> std::io::Result<(OwnedFd, bool)> {
+    // SAFETY: setns(2) on a namespace descriptor we hold; only this thread moves.
+    if unsafe { libc::setns(theirs.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let made = super::dial::socket(libc::SOCK_STREAM, 0);
+    // SAFETY: as above, back to our own namespace.
+    if unsafe { libc::setns(ours.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        // Staying in the guest's namespace would dial every later flow from there.
+        panic!("cannot return to usernet's own network namespace: {}", std::io::Error::last_os_error());
+    }
+    let fd = made?;
+    let _ = super::dial::set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    let local = super::dial::sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    // SAFETY: local is a valid sockaddr_in of the length given.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &local as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let connected = super::dial::connect(fd.as_raw_fd(), guest)?;
+    Ok((fd, connected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_as_the_guest_sees_them() {
+        let host = Ipv4Addr::new(192, 168, 65, 254);
+        let v = |s: &str| guest_view_of_client(s.parse().unwrap(), host);
+        assert_eq!(v("127.0.0.1:5000"), "192.168.65.254:5000".parse().unwrap());
+        assert_eq!(v("[::1]:5000"), "192.168.65.254:5000".parse().unwrap());
+        assert_eq!(v("198.51.100.7:5000"), "198.51.100.7:5000".parse().unwrap());
+        assert_eq!(v("[::ffff:198.51.100.7]:5000"), "198.51.100.7:5000".parse().unwrap());
+        assert_eq!(v("[::ffff:127.0.0.1]:5000"), "192.168.65.254:5000".parse().unwrap());
+        assert_eq!(v("[2001:db8::1]:5000"), "192.168.65.254:5000".parse().unwrap());
+    }
+}

@@ -1,0 +1,402 @@
+//! Frames to the guests: one reusable buffer in which a flow places its payload, then the
+//! headers are written in front of it and the frame goes out (and to the pcap).
+//!
+//! This is also the virtual network's switch: it owns every guest link, learns which MAC
+//! sits behind which link and which IP address has which MAC (from the guests' own frames),
+//! and sends each frame to the one link it is for, or floods it when the MAC is unknown or
+//! a broadcast, as a learning switch does.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Instant;
+
+use crate::link::Link;
+use crate::pcap::PcapWriter;
+use usernet_wire::icmp::IcmpHeader;
+use usernet_wire::ipv4::{self, Ipv4Header};
+use usernet_wire::tcp::TcpHeader;
+use usernet_wire::udp::{self, UdpHeader};
+use usernet_wire::vnet_hdr::{self, VnetHdr};
+use usernet_wire::{BROADCAST_MAC, Mac, PROTO_ICMP, PROTO_TCP, PROTO_UDP, arp, ethernet};
+
+/// Where a data segment's payload starts in the frame buffer (no TCP options on data).
+pub const TCP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + usernet_wire::tcp::HEADER_LEN;
+/// Where a UDP payload starts in the frame buffer.
+pub const UDP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + udp::HEADER_LEN;
+/// Where ICMP data (after the 8-byte ICMP header) starts in the frame buffer.
+pub const ICMP_DATA_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + usernet_wire::icmp::HEADER_LEN;
+
+/// Counters of the guest links.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct LinkStats {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub dropped_in: u64,
+    pub send_errors: u64,
+}
+
+/// A guest link and whether it may have frames waiting (readiness is edge-triggered).
+pub struct LinkSlot {
+    pub link: Box<dyn Link>,
+    pub readable: bool,
+}
+
+pub struct GuestTx {
+    /// Guest links, indexed as their event-loop tokens; None where one went away.
+    pub links: Vec<Option<LinkSlot>>,
+    /// Which link each guest MAC was last seen on.
+    macs: HashMap<Mac, usize>,
+    /// Which MAC each guest address has (from ARP and from the guests' IP frames).
+    neighbours: HashMap<Ipv4Addr, Mac>,
+    /// When an ARP request last went out for an address whose MAC is unknown.
+    arp_asked: HashMap<Ipv4Addr, Instant>,
+    pub pcap: Option<PcapWriter>,
+    buf: Vec<u8>,
+    pub gateway_mac: Mac,
+    gateway_ip: Ipv4Addr,
+    /// Ethernet destination of the frame in the buffer.
+    dst_mac: Mac,
+    /// Offload instructions for the frame in the buffer, when it has any.
+    vnet: Option<VnetHdr>,
+    pub mtu: usize,
+    pub stats: LinkStats,
+    /// The one link takes offloaded frames: TCP goes out in frames of up to 64 KiB with
+    /// the checksum left to the guest's kernel (see link::tap).
+    offload: bool,
+}
+
+/// Largest TCP payload of one offloaded frame (the IPv4 total length is 16 bits).
+pub const MAX_GSO_PAYLOAD: usize = 65535 - ipv4::HEADER_LEN - usernet_wire::tcp::HEADER_LEN;
+
+impl GuestTx {
+    pub fn new(pcap: Option<PcapWriter>, gateway_mac: Mac, gateway_ip: Ipv4Addr, mtu: usize) -> GuestTx {
+        GuestTx {
+            links: Vec::new(),
+            macs: HashMap::new(),
+            neighbours: HashMap::new(),
+            arp_asked: HashMap::new(),
+            pcap,
+            buf: vec![0u8; ethernet::HEADER_LEN + 65535],
+            gateway_mac,
+            gateway_ip,
+            dst_mac: BROADCAST_MAC,
+            vnet: None,
+            mtu,
+            stats: LinkStats::default(),
+            offload: false,
+        }
+    }
+
+    /// The whole frame buffer, for a flow to place a payload at one of the *_OFF offsets.
+    pub fn buf(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// Largest TCP payload that fits the MTU.
+    pub fn max_tcp_payload(&self) -> usize {
+        self.mtu - ipv4::HEADER_LEN - usernet_wire::tcp::HEADER_LEN
+    }
+
+    /// Largest TCP payload `send_tcp_data` takes at once: 64 KiB, one offloaded frame or
+    /// several segmented here.
+    pub fn max_tcp_data(&self) -> usize {
+        MAX_GSO_PAYLOAD
+    }
+
+    /// Sends TCP data (payload at TCP_PAYLOAD_OFF, up to [`Self::max_tcp_data`] bytes) as
+    /// segments of at most `mss` bytes: one offloaded frame that the guest's kernel splits
+    /// when the link offloads, else one frame per segment, cut here. So a flow reads its
+    /// socket once for 64 KiB, not once per segment.
+    pub fn send_tcp_data(
+        &mut self,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        hdr: &TcpHeader,
+        payload_len: usize,
+        mss: usize,
+    ) {
+        if !self.offload {
+            let mss = mss.clamp(1, self.max_tcp_payload());
+            let mut off = 0;
+            loop {
+                let n = (payload_len - off).min(mss);
+                if off > 0 {
+                    // Move this segment to the front of the payload area, over bytes sent.
+                    self.buf.copy_within(TCP_PAYLOAD_OFF + off..TCP_PAYLOAD_OFF + off + n, TCP_PAYLOAD_OFF);
+                }
+                let last = off + n == payload_len;
+                let h = TcpHeader {
+                    seq: hdr.seq.wrapping_add(off as u32),
+                    flags: if last {
+                        hdr.flags
+                    } else {
+                        hdr.flags & !(usernet_wire::tcp::PSH | usernet_wire::tcp::FIN)
+                    },
+                    ..*hdr
+                };
+                self.send_tcp(from, to, &h, n);
+                if last {
+                    return;
+                }
+                off += n;
+            }
+        }
+        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+        let tcp_len = hdr.emit_len() + payload_len;
+        hdr.emit_partial(&mut self.buf[l4..], payload_len, *from.ip(), *to.ip());
+        let gso = payload_len > mss;
+        self.vnet = Some(VnetHdr {
+            flags: vnet_hdr::F_NEEDS_CSUM,
+            gso_type: if gso { vnet_hdr::GSO_TCPV4 } else { vnet_hdr::GSO_NONE },
+            hdr_len: (l4 + hdr.emit_len()) as u16,
+            gso_size: if gso { mss as u16 } else { 0 },
+            csum_start: l4 as u16,
+            csum_offset: 16,
+        });
+        self.finish_ipv4(*from.ip(), *to.ip(), PROTO_TCP, tcp_len, None);
+        self.vnet = None;
+    }
+
+    /// Largest UDP payload that fits the MTU.
+    pub fn max_udp_payload(&self) -> usize {
+        self.mtu - ipv4::HEADER_LEN - udp::HEADER_LEN
+    }
+
+    /// Sends a TCP segment whose payload (if any) is already at the offset that
+    /// `hdr.emit_len()` implies (TCP_PAYLOAD_OFF when the header has no options).
+    pub fn send_tcp(&mut self, from: SocketAddrV4, to: SocketAddrV4, hdr: &TcpHeader, payload_len: usize) {
+        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+        let tcp_len = hdr.emit_len() + payload_len;
+        hdr.emit(&mut self.buf[l4..], payload_len, *from.ip(), *to.ip());
+        self.finish_ipv4(*from.ip(), *to.ip(), PROTO_TCP, tcp_len, None);
+    }
+
+    /// Sends a UDP datagram whose payload is already at UDP_PAYLOAD_OFF.
+    pub fn send_udp(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload_len: usize) {
+        self.send_udp_to_mac(from, to, payload_len, None);
+    }
+
+    /// The same, to a given MAC (DHCP replies to a client without an address).
+    pub fn send_udp_to_mac(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload_len: usize, mac: Option<Mac>) {
+        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+        UdpHeader { src_port: from.port(), dst_port: to.port() }.emit(
+            &mut self.buf[l4..],
+            payload_len,
+            *from.ip(),
+            *to.ip(),
+        );
+        self.finish_ipv4(*from.ip(), *to.ip(), PROTO_UDP, udp::HEADER_LEN + payload_len, mac);
+    }
+
+    /// Sends an ICMP message whose data is already at ICMP_DATA_OFF.
+    pub fn send_icmp(&mut self, from: Ipv4Addr, to: Ipv4Addr, hdr: &IcmpHeader, data_len: usize) {
+        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+        hdr.emit(&mut self.buf[l4..], data_len);
+        self.finish_ipv4(from, to, PROTO_ICMP, usernet_wire::icmp::HEADER_LEN + data_len, None);
+    }
+
+    /// Sends an ICMP error about `original` (the guest's IP packet, header first), quoting
+    /// its IP header and first 8 bytes of payload as RFC 792 asks.
+    pub fn send_icmp_error(&mut self, from: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, original: &[u8]) {
+        let quote = original.len().min(ipv4::HEADER_LEN + 8 + 40);
+        self.buf[ICMP_DATA_OFF..ICMP_DATA_OFF + quote].copy_from_slice(&original[..quote]);
+        let hdr = IcmpHeader { kind, code, rest: [0; 4] };
+        self.send_icmp(from, to, &hdr, quote);
+    }
+
+    fn finish_ipv4(&mut self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize, mac: Option<Mac>) {
+        let dst_mac = match mac {
+            Some(m) => m,
+            None if dst.is_broadcast() => BROADCAST_MAC,
+            None => match self.neighbours.get(&dst) {
+                Some(m) => *m,
+                None => {
+                    // The guest has not spoken yet (a connection to a published port came
+                    // first): ask for its MAC. Its TCP ignores frames not addressed to it,
+                    // so this one is dropped and its retransmission gets through.
+                    self.vnet = None;
+                    self.ask_mac(dst);
+                    return;
+                }
+            },
+        };
+        Ipv4Header::new(src, dst, proto, l4_len).emit(&mut self.buf[ethernet::HEADER_LEN..]);
+        let eth = ethernet::EthernetHeader { dst: dst_mac, src: self.gateway_mac, ethertype: ethernet::ETHERTYPE_IPV4 };
+        eth.emit(&mut self.buf);
+        self.dst_mac = dst_mac;
+        self.send_buffer(ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4_len);
+    }
+
+    /// Sends the first `len` bytes of the buffer, whose Ethernet destination is `dst_mac`.
+    fn send_buffer(&mut self, len: usize) {
+        let frame = &self.buf[..len];
+        if let Some(p) = self.pcap.as_mut() {
+            p.write(frame);
+        }
+        let target = if self.dst_mac[0] & 1 == 0 { self.macs.get(&self.dst_mac).copied() } else { None };
+        if let Some(hdr) = self.vnet {
+            // Offloaded frames exist only while the one link takes them.
+            if let Some(slot) = self.links.iter_mut().flatten().next() {
+                match slot.link.send_offloaded(frame, &hdr) {
+                    Ok(()) => {
+                        self.stats.frames_out += 1;
+                        self.stats.bytes_out += len as u64;
+                    }
+                    Err(e) => {
+                        self.stats.send_errors += 1;
+                        tracing::debug!("{}: send: {e}", slot.link.describe());
+                    }
+                }
+            }
+            return;
+        }
+        let (frames, errors) = send_on(&mut self.links, target, None, frame);
+        self.stats.frames_out += frames;
+        self.stats.bytes_out += frames * len as u64;
+        self.stats.send_errors += errors;
+    }
+
+    /// Sends a frame built elsewhere (ARP replies) to `dst_mac`.
+    pub fn send_frame(&mut self, frame: &[u8], dst_mac: Mac) {
+        self.buf[..frame.len()].copy_from_slice(frame);
+        self.dst_mac = dst_mac;
+        self.send_buffer(frame.len());
+    }
+
+    /// Records that `mac` is behind link `index` and, when given, has address `ip`.
+    pub fn learn(&mut self, index: usize, mac: Mac, ip: Option<Ipv4Addr>) {
+        if mac[0] & 1 != 0 || mac == self.gateway_mac {
+            return;
+        }
+        if self.macs.get(&mac) != Some(&index) {
+            self.macs.insert(mac, index);
+        }
+        if let Some(ip) = ip
+            && !ip.is_unspecified()
+            && self.neighbours.get(&ip) != Some(&mac)
+        {
+            if self.neighbours.len() > 65536 {
+                self.neighbours.clear();
+            }
+            self.neighbours.insert(ip, mac);
+            self.arp_asked.remove(&ip);
+        }
+    }
+
+    /// The link a MAC was last seen on.
+    pub fn link_of(&self, mac: &Mac) -> Option<usize> {
+        self.macs.get(mac).copied()
+    }
+
+    /// Switches a guest's frame that is not (only) for the gateway: to the link of its
+    /// destination MAC, or to every other link for broadcasts and unknown MACs.
+    pub fn forward(&mut self, from: usize, frame: &[u8]) {
+        let Some((eth, _)) = ethernet::EthernetHeader::parse(frame) else { return };
+        let target = if eth.dst[0] & 1 == 0 { self.macs.get(&eth.dst).copied() } else { None };
+        if target == Some(from) {
+            return;
+        }
+        if self.links.iter().flatten().count() < 2 {
+            return;
+        }
+        if let Some(p) = self.pcap.as_mut() {
+            p.write(frame);
+        }
+        let (frames, errors) = send_on(&mut self.links, target, Some(from), frame);
+        self.stats.frames_out += frames;
+        self.stats.bytes_out += frames * frame.len() as u64;
+        self.stats.send_errors += errors;
+    }
+
+    pub fn add_link(&mut self, link: Box<dyn Link>) -> usize {
+        let slot = LinkSlot { link, readable: true };
+        let index = match self.links.iter().position(Option::is_none) {
+            Some(i) => {
+                self.links[i] = Some(slot);
+                i
+            }
+            None => {
+                self.links.push(Some(slot));
+                self.links.len() - 1
+            }
+        };
+        self.update_offload();
+        index
+    }
+
+    /// Forgets a link that went away and the MACs behind it.
+    pub fn remove_link(&mut self, index: usize) -> Option<LinkSlot> {
+        self.macs.retain(|_, i| *i != index);
+        let slot = self.links.get_mut(index).and_then(Option::take);
+        self.update_offload();
+        slot
+    }
+
+    /// Offloads are used only with a single link that takes them: a switched frame must
+    /// be complete for whichever guest receives it.
+    fn update_offload(&mut self) {
+        let mut live = self.links.iter().flatten();
+        self.offload = match (live.next(), live.next()) {
+            (Some(only), None) => only.link.offloads(),
+            _ => false,
+        };
+    }
+
+    /// Broadcasts an ARP request for `ip`, at most once a second per address.
+    fn ask_mac(&mut self, ip: Ipv4Addr) {
+        let now = Instant::now();
+        if let Some(t) = self.arp_asked.get(&ip)
+            && now.duration_since(*t).as_millis() < 1000
+        {
+            return;
+        }
+        if self.arp_asked.len() > 4096 {
+            self.arp_asked.clear();
+        }
+        self.arp_asked.insert(ip, now);
+        let mut f = [0u8; ethernet::HEADER_LEN + arp::LEN];
+        ethernet::EthernetHeader { dst: BROADCAST_MAC, src: self.gateway_mac, ethertype: ethernet::ETHERTYPE_ARP }
+            .emit(&mut f);
+        arp::ArpPacket {
+            op: arp::OP_REQUEST,
+            sender_mac: self.gateway_mac,
+            sender_ip: self.gateway_ip,
+            target_mac: [0; 6],
+            target_ip: ip,
+        }
+        .emit(&mut f[ethernet::HEADER_LEN..]);
+        self.send_frame(&f, BROADCAST_MAC);
+    }
+}
+
+/// Sends `frame` on link `target`, or on every link but `except` when there is no target.
+/// Returns (frames sent, errors).
+fn send_on(links: &mut [Option<LinkSlot>], target: Option<usize>, except: Option<usize>, frame: &[u8]) -> (u64, u64) {
+    let (mut sent, mut errors) = (0, 0);
+    let mut one = |slot: &mut LinkSlot| match slot.link.send(frame) {
+        Ok(()) => sent += 1,
+        Err(e) => {
+            errors += 1;
+            tracing::debug!("{}: send: {e}", slot.link.describe());
+        }
+    };
+    match target {
+        Some(i) => {
+            if let Some(Some(slot)) = links.get_mut(i) {
+                one(slot);
+            }
+        }
+        None => {
+            for (i, slot) in links.iter_mut().enumerate() {
+                if Some(i) != except
+                    && let Some(slot) = slot
+                {
+                    one(slot);
+                }
+            }
+        }
+    }
+    (sent, errors)
+}

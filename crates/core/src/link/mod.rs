@@ -1,0 +1,56 @@
+//! Links: how a guest's Ethernet frames reach usernet. One file per transport: a TAP
+//! device (`run`, `serve --netns`) and the sockets VMs use (`serve`).
+
+pub mod dgram;
+pub mod qemu;
+pub mod seqpacket;
+pub mod stdio;
+pub mod tap;
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Largest frame any link carries (64 KiB payload plus an Ethernet header).
+pub const MAX_FRAME: usize = 65536 + 14;
+
+/// One guest link: a non-blocking source and sink of whole Ethernet frames.
+pub trait Link {
+    /// The file descriptor the event loop waits on (readable, and writable for `flush`).
+    fn fd(&self) -> RawFd;
+    /// Reads one frame into `buf` (at least MAX_FRAME bytes). `Err(WouldBlock)` when no whole
+    /// frame is waiting; `Err(UnexpectedEof)` when the guest went away; `Err(InvalidData)`
+    /// for garbled framing. On the last two the engine drops this link (and logs why).
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes or queues one frame, never half of one. A frame the link cannot take now may
+    /// be dropped (the guest's TCP retransmits).
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Writes what `send` queued; the engine calls it at the end of every round of work
+    /// and when the descriptor is writable, so a link may hold a round's frames to write
+    /// them at once.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// True when the link takes offloaded frames (`send_offloaded`): a TAP device with
+    /// IFF_VNET_HDR, where the kernel completes checksums and segments large TCP frames.
+    fn offloads(&self) -> bool {
+        false
+    }
+    /// Writes one frame with its offload instructions (only called when `offloads()`).
+    fn send_offloaded(&mut self, frame: &[u8], hdr: &usernet_wire::vnet_hdr::VnetHdr) -> io::Result<()> {
+        let _ = hdr;
+        self.send(frame)
+    }
+    /// A short name for logs, e.g. "tap eth0" or "qemu unix:/run/vm.sock #2".
+    fn describe(&self) -> String {
+        "link".to_string()
+    }
+}
+
+/// A listening transport that yields a new link for each guest that connects (QEMU's
+/// stream sockets, SOCK_SEQPACKET); a VM that reboots simply connects again.
+pub trait LinkAcceptor {
+    fn fd(&self) -> RawFd;
+    /// Accepts one waiting guest; Ok(None) when none waits.
+    fn accept(&mut self) -> io::Result<Option<Box<dyn Link>>>;
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,217 @@
+//! A TAP device (`/dev/net/tun`, IFF_TAP | IFF_NO_PI): one read or write per frame.
+//!
+//! Theory of operation. [`Tap::create`] opens /dev/net/tun and attaches it to a new TAP
+//! interface in the caller's network namespace (the `run` command does this inside the
+//! sandbox, then hands the descriptor to usernet over a Unix socket). The device lives as long
+//! as the descriptor: closing it removes the interface. With IFF_NO_PI every read(2) returns
+//! exactly one Ethernet frame and every write(2) injects one, so [`Link`] maps directly onto
+//! the system calls. The descriptor is non-blocking: `recv` reports `WouldBlock` when no frame
+//! waits, and `send` drops a frame the kernel cannot take right now (the guest's TCP
+//! retransmits), as the `Link` contract allows.
+//!
+//! Offloads. `run` creates its TAP with IFF_VNET_HDR and turns on TUNSETOFFLOAD (checksum,
+//! TSO4, TSO6): every frame then carries a virtio-net header (`wire::vnet_hdr`), the guest
+//! kernel sends TCP in frames of up to 64 KiB whatever the MTU, without computing
+//! checksums, and usernet may send it 64 KiB TCP frames with only the pseudo-header sum
+//! filled in, which the guest's kernel takes as one large segment. Headers are read and
+//! written with readv/writev beside the frame, so frames are never moved.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+use nix::sys::stat::Mode;
+
+use super::Link;
+use usernet_wire::vnet_hdr::{self, VnetHdr};
+
+/// A TAP device's file descriptor.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    /// Frames carry a virtio-net header (IFF_VNET_HDR with offloads on).
+    vnet: bool,
+    name: String,
+}
+
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+
+impl Tap {
+    /// Creates TAP interface `name` in the current network namespace (it starts down).
+    pub fn create(name: &str) -> io::Result<Tap> {
+        Tap::create_with(name, false)
+    }
+
+    /// The same with a virtio-net header on every frame, ready for offloads.
+    pub fn create_with_vnet_hdr(name: &str) -> io::Result<Tap> {
+        Tap::create_with(name, true)
+    }
+
+    fn create_with(name: &str, vnet: bool) -> io::Result<Tap> {
+        let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let bytes = cname.as_bytes_with_nul();
+        if bytes.len() > libc::IFNAMSIZ {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name too long: {name}")));
+        }
+        let fd = open("/dev/net/tun", OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK, Mode::empty())?;
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        let vnet_flag = if vnet { libc::IFF_VNET_HDR } else { 0 };
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | vnet_flag) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which lives across the call.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+        Errno::result(rc)?;
+        Ok(Tap { fd, vnet: false, name: name.to_string() })
+    }
+
+    /// Wraps the descriptor of an existing TAP device (received from the sandbox) and makes
+    /// it non-blocking.
+    /// When the device was created with IFF_VNET_HDR, the offloads are turned on.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Tap> {
+        let flags = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one ifreq, which lives across the call.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut ifr) };
+        let (has_vnet, name) = if rc == 0 {
+            // SAFETY: TUNGETIFF filled in the flags member of the union.
+            let flags = unsafe { ifr.ifr_ifru.ifru_flags } as libc::c_int;
+            let name: String = ifr.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect();
+            (flags & libc::IFF_VNET_HDR != 0, name)
+        } else {
+            (false, String::from("tap"))
+        };
+        let mut tap = Tap { fd, vnet: false, name };
+        if has_vnet {
+            let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+            // SAFETY: TUNSETOFFLOAD takes its argument by value.
+            let rc = unsafe { libc::ioctl(tap.fd.as_raw_fd(), libc::TUNSETOFFLOAD, offloads as libc::c_ulong) };
+            Errno::result(rc)?;
+            tap.vnet = true;
+        }
+        Ok(tap)
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Tap {
+    fn write_with_header(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
+        let mut h = [0u8; vnet_hdr::LEN];
+        hdr.emit(&mut h);
+        let iov = [
+            libc::iovec { iov_base: h.as_ptr() as *mut libc::c_void, iov_len: h.len() },
+            libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() },
+        ];
+        loop {
+            // SAFETY: both iovecs point into live buffers of the lengths given; writev only reads.
+            let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => {
+                    tracing::trace!("tap: dropped a {}-byte frame", frame.len());
+                    return Ok(());
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+impl Link for Tap {
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.vnet {
+            // The header is not needed: usernet verifies no TCP or UDP checksum, and a
+            // guest's GSO frame is one large segment to the translator.
+            let mut hdr = [0u8; vnet_hdr::LEN];
+            let iov = [
+                libc::iovec { iov_base: hdr.as_mut_ptr() as *mut libc::c_void, iov_len: hdr.len() },
+                libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() },
+            ];
+            loop {
+                // SAFETY: both iovecs point into live buffers of the lengths given.
+                let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                return Ok((n as usize).saturating_sub(vnet_hdr::LEN));
+            }
+        }
+        loop {
+            match nix::unistd::read(&self.fd, buf) {
+                Ok(n) => return Ok(n),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn offloads(&self) -> bool {
+        self.vnet
+    }
+
+    fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
+        self.write_with_header(frame, hdr)
+    }
+
+    fn describe(&self) -> String {
+        format!("tap {}", self.name)
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        if self.vnet {
+            return self.write_with_header(frame, &VnetHdr::default());
+        }
+        loop {
+            match nix::unistd::write(&self.fd, frame) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                // The kernel cannot take it now: drop the frame, never half-write it.
+                Err(Errno::EAGAIN) | Err(Errno::ENOBUFS) => {
+                    tracing::trace!("tap: dropped a {}-byte frame", frame.len());
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_too_long() {
+        let e = Tap::create("a-very-long-interface-name").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+}

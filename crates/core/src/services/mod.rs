@@ -1,0 +1,452 @@
+//! Gateway services: what the guest reaches at the gateway address (DHCP, DNS).
+//!
+//! Theory of operation: DHCP ([`dhcp::DhcpServer`]) is pure state-machine code the engine
+//! calls inline for every datagram to port 67. DNS needs I/O towards the upstreams, so it
+//! runs on a runtime of its own: [`ServiceHub::start`] spawns one thread with a tokio
+//! current-thread runtime and keeps a channel to it.
+//!
+//! When a guest opens a flow to the gateway's port 53, the engine asks [`ServiceHub`] for a
+//! socket: `connect_udp` / `connect_tcp` make a non-blocking, close-on-exec socketpair
+//! (SOCK_DGRAM for UDP, SOCK_STREAM for TCP), send one end to the runtime and return the
+//! other. The engine then treats the service like any host socket: it writes the guest's
+//! UDP payloads (or TCP byte stream) into its end and reads the replies from it. On the
+//! runtime side:
+//!
+//! - UDP: each datagram read is one DNS query, answered by a task of its own (a slow upstream
+//!   does not hold up the next query); each reply is one datagram. The service closes its
+//!   end after [`UDP_IDLE`] without queries or pending answers.
+//! - TCP: DNS over TCP framing (2-byte length prefix, RFC 7766), several queries per
+//!   connection, answered concurrently (at most [`TCP_MAX_PENDING`] at a time) and written
+//!   back as they complete. The service closes its end once the guest side has closed (EOF)
+//!   and every pending answer is written, or after [`TCP_IDLE`] without a query.
+//!
+//! The HTTP proxy ([`proxy`]) runs on the same runtime: the explicit proxy is the gateway's
+//! port 3128 (`connect_tcp`, like DNS over TCP), and [`ServiceHub::proxy_hook`] is the
+//! engine hook that hands transparently intercepted connections to it. Its configuration
+//! ([`ServiceHub::proxy_settings`]) is shared and may change at run time.
+//!
+//! Dropping the hub closes the channel; the runtime then stops, closing every service socket.
+//! (The proxy hook holds only a weak sender, so it never keeps the runtime alive.)
+
+pub mod dhcp;
+pub mod dns;
+pub mod proxy;
+
+use std::io;
+use std::net::SocketAddrV4;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixDatagram as StdUnixDatagram, UnixStream as StdUnixStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedReadHalf;
+use tokio::net::{UnixDatagram, UnixStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use crate::config::NetConfig;
+use dns::{DnsRecords, DnsServer, Transport};
+use proxy::{PROXY_PORT, Proxy, ProxySettings};
+
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
+/// A UDP DNS socketpair with no traffic for this long is closed.
+pub const UDP_IDLE: Duration = Duration::from_secs(30);
+/// A TCP DNS connection with no query for this long is closed.
+pub const TCP_IDLE: Duration = Duration::from_secs(120);
+/// Queries answered at once on one UDP socketpair; more are dropped (the guest retries).
+pub const UDP_MAX_PENDING: usize = 256;
+/// Queries answered at once on one TCP connection; reading pauses beyond that.
+pub const TCP_MAX_PENDING: usize = 32;
+
+enum Job {
+    DnsUdp(OwnedFd, SocketAddrV4),
+    DnsTcp(OwnedFd, SocketAddrV4),
+    /// A guest connection to the explicit proxy (port 3128).
+    ProxyExplicit(OwnedFd, SocketAddrV4),
+    /// An intercepted guest connection: (socket, original destination, guest).
+    ProxyTransparent(OwnedFd, SocketAddrV4, SocketAddrV4),
+}
+
+/// A service that may take over a new guest TCP connection: given the destination and the
+/// guest's address, it returns None to leave the connection alone, or the engine's end of a
+/// stream socketpair (non-blocking) whose other end it serves, or an error the guest sees as
+/// a refused or unreachable connect. The guest API inside the guest network and the
+/// transparent HTTP proxy are such hooks.
+pub type TcpHook = Box<dyn FnMut(SocketAddrV4, SocketAddrV4) -> Option<io::Result<OwnedFd>>>;
+
+/// The gateway's stream and datagram services, served on their own runtime thread.
+/// The engine binds a guest flow to the gateway to one end of a socketpair and hands
+/// the other end here, so the translator treats built-in services like any host socket.
+pub struct ServiceHub {
+    cfg: Arc<NetConfig>,
+    records: Arc<DnsRecords>,
+    proxy: ProxySettings,
+    jobs: Option<mpsc::UnboundedSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServiceHub {
+    /// Start the service thread (call after any fork: this creates a thread).
+    pub fn start(cfg: Arc<NetConfig>) -> io::Result<ServiceHub> {
+        Self::start_with(cfg, |dns| dns)
+    }
+
+    /// `start` with a hook to adjust the DNS server (tests shorten its timeouts).
+    pub fn start_with(cfg: Arc<NetConfig>, tune: impl FnOnce(DnsServer) -> DnsServer) -> io::Result<ServiceHub> {
+        let records = Arc::new(DnsRecords::from_config(&cfg));
+        let dns = Arc::new(tune(DnsServer::new(&cfg, records.clone())));
+        let proxy = ProxySettings::default();
+        let proxy_ctx = Arc::new(Proxy { settings: proxy.clone(), cfg: cfg.clone(), dns: dns.clone() });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("usernet-services".into())
+            .spawn(move || runtime.block_on(serve(rx, dns, proxy_ctx)))?;
+        Ok(ServiceHub { cfg, records, proxy, jobs: Some(tx), thread: Some(thread) })
+    }
+
+    /// The network this hub serves.
+    pub fn config(&self) -> &Arc<NetConfig> {
+        &self.cfg
+    }
+
+    /// The local DNS table, to add or remove records at run time.
+    pub fn dns_records(&self) -> Arc<DnsRecords> {
+        self.records.clone()
+    }
+
+    /// The proxy configuration (shared: setting it changes what new connections do).
+    pub fn proxy_settings(&self) -> ProxySettings {
+        self.proxy.clone()
+    }
+
+    /// The engine hook for transparent proxying (`engine.add_tcp_hook(hub.proxy_hook())`):
+    /// it takes over guest TCP to the configured ports while an upstream proxy is set.
+    pub fn proxy_hook(&self) -> TcpHook {
+        let jobs = self.jobs.as_ref().map(|tx| tx.downgrade());
+        proxy::hook(self.proxy.clone(), self.cfg.clone(), move |fd, dst, guest| {
+            let Some(tx) = jobs.as_ref().and_then(|w| w.upgrade()) else {
+                return false;
+            };
+            tx.send(Job::ProxyTransparent(fd, dst, guest)).is_ok()
+        })
+    }
+
+    /// A guest opened TCP to the gateway's `port`: our (non-blocking, SOCK_STREAM) end of a
+    /// socketpair whose other end the service serves, or None when nothing listens there.
+    pub fn connect_tcp(&self, port: u16, guest: SocketAddrV4) -> Option<OwnedFd> {
+        if port != DNS_PORT && port != PROXY_PORT {
+            return None;
+        }
+        let (ours, theirs) = StdUnixStream::pair().ok()?;
+        ours.set_nonblocking(true).ok()?;
+        theirs.set_nonblocking(true).ok()?;
+        let job =
+            if port == DNS_PORT { Job::DnsTcp(theirs.into(), guest) } else { Job::ProxyExplicit(theirs.into(), guest) };
+        self.submit(job)?;
+        Some(ours.into())
+    }
+
+    /// The same for UDP (SOCK_DGRAM socketpair; one datagram per guest datagram).
+    pub fn connect_udp(&self, port: u16, guest: SocketAddrV4) -> Option<OwnedFd> {
+        if port != DNS_PORT {
+            return None;
+        }
+        let (ours, theirs) = StdUnixDatagram::pair().ok()?;
+        ours.set_nonblocking(true).ok()?;
+        theirs.set_nonblocking(true).ok()?;
+        self.submit(Job::DnsUdp(theirs.into(), guest))?;
+        Some(ours.into())
+    }
+
+    fn submit(&self, job: Job) -> Option<()> {
+        match self.jobs.as_ref()?.send(job) {
+            Ok(()) => Some(()),
+            Err(_) => {
+                debug!("services: runtime thread is gone");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ServiceHub {
+    fn drop(&mut self) {
+        // Closing the channel ends `serve`, which stops the runtime and its tasks.
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The runtime's main task: start a service task for every socket handed over.
+async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>, dns: Arc<DnsServer>, proxy: Arc<Proxy>) {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::DnsUdp(fd, guest) => match UnixDatagram::from_std(fd.into()) {
+                Ok(sock) => {
+                    tokio::spawn(serve_dns_udp(sock, dns.clone(), guest));
+                }
+                Err(e) => debug!("dns: udp socket for {guest}: {e}"),
+            },
+            Job::DnsTcp(fd, guest) => match UnixStream::from_std(fd.into()) {
+                Ok(sock) => {
+                    tokio::spawn(serve_dns_tcp(sock, dns.clone(), guest));
+                }
+                Err(e) => debug!("dns: tcp socket for {guest}: {e}"),
+            },
+            Job::ProxyExplicit(fd, guest) => match UnixStream::from_std(fd.into()) {
+                Ok(sock) => {
+                    tokio::spawn(proxy::http::serve(proxy.clone(), sock, proxy::http::Mode::Explicit, guest));
+                }
+                Err(e) => debug!("proxy: socket for {guest}: {e}"),
+            },
+            Job::ProxyTransparent(fd, dst, guest) => match UnixStream::from_std(fd.into()) {
+                Ok(sock) => {
+                    tokio::spawn(proxy::serve_transparent(proxy.clone(), sock, dst, guest));
+                }
+                Err(e) => debug!("proxy: socket for {guest} -> {dst}: {e}"),
+            },
+        }
+    }
+}
+
+/// DNS over one datagram socketpair: one query per datagram, one answer per datagram.
+async fn serve_dns_udp(sock: UnixDatagram, dns: Arc<DnsServer>, guest: SocketAddrV4) {
+    let sock = Arc::new(sock);
+    let mut pending = JoinSet::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            r = sock.recv(&mut buf) => match r {
+                Ok(n) => {
+                    if pending.len() >= UDP_MAX_PENDING {
+                        debug!("dns: {guest}: too many pending queries, dropping one");
+                        continue;
+                    }
+                    let query = buf[..n].to_vec();
+                    let (sock, dns) = (sock.clone(), dns.clone());
+                    pending.spawn(async move {
+                        if let Some(answer) = dns.handle(&query, Transport::Udp).await
+                            && let Err(e) = sock.send(&answer).await
+                        {
+                            debug!("dns: {guest}: writing answer: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    debug!("dns: {guest}: reading query: {e}");
+                    break;
+                }
+            },
+            Some(_) = pending.join_next(), if !pending.is_empty() => {}
+            _ = tokio::time::sleep(UDP_IDLE), if pending.is_empty() => break,
+        }
+    }
+    debug!("dns: {guest}: udp service closed");
+}
+
+/// DNS over one stream socketpair (RFC 7766 framing).
+async fn serve_dns_tcp(sock: UnixStream, dns: Arc<DnsServer>, guest: SocketAddrV4) {
+    let (mut rd, mut wr) = sock.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_MAX_PENDING);
+    let slots = Arc::new(Semaphore::new(TCP_MAX_PENDING));
+
+    let reader = async move {
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let query = match tokio::time::timeout(TCP_IDLE, read_frame(&mut rd)).await {
+                Ok(Ok(Some(q))) => q,
+                Ok(Ok(None)) => break, // the guest closed its side
+                Ok(Err(e)) => {
+                    debug!("dns: {guest}: tcp read: {e}");
+                    break;
+                }
+                Err(_) => break, // idle
+            };
+            let (tx, dns) = (tx.clone(), dns.clone());
+            tokio::spawn(async move {
+                if let Some(answer) = dns.handle(&query, Transport::Tcp).await {
+                    let _ = tx.send(answer).await;
+                }
+                drop(slot);
+            });
+        }
+        // `tx` drops here; the writer ends once every pending answer is sent.
+    };
+
+    let writer = async move {
+        while let Some(answer) = rx.recv().await {
+            let Ok(len) = u16::try_from(answer.len()) else {
+                continue;
+            };
+            let mut frame = Vec::with_capacity(answer.len() + 2);
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.extend_from_slice(&answer);
+            if let Err(e) = wr.write_all(&frame).await {
+                debug!("dns: {guest}: tcp write: {e}");
+                break;
+            }
+        }
+    };
+
+    tokio::join!(reader, writer);
+    debug!("dns: {guest}: tcp service closed");
+}
+
+/// One length-prefixed DNS message; None at a clean end of stream.
+async fn read_frame(rd: &mut OwnedReadHalf) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match rd.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    rd.read_exact(&mut msg).await?;
+    Ok(Some(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, UdpSocket};
+
+    const GUEST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000);
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    fn first_a(bytes: &[u8]) -> Option<Ipv4Addr> {
+        let m = Message::from_vec(bytes).unwrap();
+        m.answers.iter().find_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+    }
+
+    /// A std-thread upstream on loopback answering `count` queries with 198.51.100.9.
+    fn upstream(count: usize) -> std::net::SocketAddr {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let addr = sock.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            for _ in 0..count {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    return;
+                };
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut r = Message::response(q.id, q.op_code);
+                r.add_queries(q.queries.clone());
+                r.add_answer(hickory_proto::rr::Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    30,
+                    RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(198, 51, 100, 9))),
+                ));
+                let _ = sock.send_to(&r.to_vec().unwrap(), from);
+            }
+        });
+        addr
+    }
+
+    fn hub(upstreams: Vec<std::net::SocketAddr>) -> ServiceHub {
+        let cfg = NetConfig { dns_upstreams: upstreams, ..NetConfig::default() };
+        ServiceHub::start_with(Arc::new(cfg), |d| d.with_timeouts(Duration::from_millis(300), 1)).unwrap()
+    }
+
+    #[test]
+    fn other_ports_have_no_service() {
+        let h = hub(vec![]);
+        assert!(h.connect_udp(54, GUEST).is_none());
+        assert!(h.connect_tcp(80, GUEST).is_none());
+    }
+
+    #[test]
+    fn udp_end_to_end() {
+        let h = hub(vec![upstream(1)]);
+        h.dns_records().add("added.test", Ipv4Addr::new(10, 9, 8, 7)).unwrap();
+        let fd = h.connect_udp(53, GUEST).unwrap();
+        let s = StdUnixDatagram::from(fd);
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 65536];
+
+        s.send(&query(1, "host.docker.internal")).unwrap();
+        let n = s.recv(&mut buf).unwrap();
+        assert_eq!(first_a(&buf[..n]), Some(Ipv4Addr::new(192, 168, 65, 254)));
+
+        s.send(&query(2, "added.test")).unwrap();
+        let n = s.recv(&mut buf).unwrap();
+        assert_eq!(first_a(&buf[..n]), Some(Ipv4Addr::new(10, 9, 8, 7)));
+
+        s.send(&query(3, "far.example")).unwrap();
+        let n = s.recv(&mut buf).unwrap();
+        assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), 3);
+        assert_eq!(first_a(&buf[..n]), Some(Ipv4Addr::new(198, 51, 100, 9)));
+    }
+
+    #[test]
+    fn tcp_end_to_end_several_queries() {
+        let h = hub(vec![upstream(1)]);
+        let fd = h.connect_tcp(53, GUEST).unwrap();
+        let mut s = StdUnixStream::from(fd);
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Pipeline three queries in one write.
+        let mut out = Vec::new();
+        for (id, name) in [(10, "host.docker.internal"), (11, "far.example"), (12, "gateway.docker.internal")] {
+            let q = query(id, name);
+            out.extend_from_slice(&(q.len() as u16).to_be_bytes());
+            out.extend_from_slice(&q);
+        }
+        s.write_all(&out).unwrap();
+        let mut answers = std::collections::BTreeMap::new();
+        for _ in 0..3 {
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).unwrap();
+            let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+            s.read_exact(&mut msg).unwrap();
+            answers.insert(u16::from_be_bytes([msg[0], msg[1]]), first_a(&msg));
+        }
+        assert_eq!(answers[&10], Some(Ipv4Addr::new(192, 168, 65, 254)));
+        assert_eq!(answers[&11], Some(Ipv4Addr::new(198, 51, 100, 9)));
+        assert_eq!(answers[&12], Some(Ipv4Addr::new(192, 168, 65, 1)));
+        // Half-close: the service finishes and closes its end (EOF here).
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+    }
+
+    #[test]
+    fn servfail_without_upstreams_and_clean_drop() {
+        let h = hub(vec![]);
+        let s = StdUnixDatagram::from(h.connect_udp(53, GUEST).unwrap());
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send(&query(5, "nowhere.example")).unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).unwrap();
+        assert!(n >= 12);
+        assert_eq!(buf[3] & 0x0f, 2);
+        // Dropping the hub stops the runtime and closes the service's end.
+        drop(h);
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        assert!(s.send(&query(6, "x.example")).is_err());
+    }
+}

@@ -1,0 +1,545 @@
+//! HTTP/HTTPS proxy support: guest web traffic through the host's (corporate) proxy.
+//!
+//! Theory of operation. Two ways in, one set of routing rules.
+//!
+//! - The explicit proxy: the guest connects to the gateway's port [`PROXY_PORT`] (3128,
+//!   `http.docker.internal`, which the DNS serves), like to any HTTP proxy, and sends
+//!   absolute-form requests (`GET http://name/path`) or `CONNECT name:port`. The engine
+//!   binds such a connection to a socketpair through `ServiceHub::connect_tcp`, as for DNS.
+//! - Transparent interception: [`hook`] builds the engine's [`TcpHook`]. When an upstream
+//!   proxy is configured and the guest opens TCP to one of the configured ports (80 and 443
+//!   by default) of an outside address, the hook takes the connection over: the engine's end
+//!   of a socketpair goes back to the engine, the other end, with the original destination,
+//!   to the service runtime. Connections to the gateway, the host address, the virtual
+//!   subnet, and addresses the no-proxy list excludes by IP are left alone. The service then
+//!   peeks at the first bytes without consuming them ([`sniff`]): a TLS ClientHello is
+//!   relayed untouched through `CONNECT <sni>:<port>` ([`tls`] reads the name; the IP when
+//!   there is none); an HTTP request goes to [`http`], which reads each request of the
+//!   keep-alive connection and routes it by its Host header; anything else is relayed to the
+//!   original destination as it is.
+//!
+//! Routing, per request or tunnel: a destination the no-proxy list matches (by name or by
+//! IP), the host address or the virtual subnet (`host.docker.internal` included), or one
+//! with no upstream set for its kind (`http_proxy` for plain HTTP, `https_proxy` for CONNECT
+//! and TLS) goes direct; everything else to the upstream, with `Proxy-Authorization: Basic`
+//! when its URL has credentials. Direct connections of the explicit proxy resolve names
+//! through the gateway's DNS (what the guest itself would get); transparent ones dial the
+//! address the guest dialled. The configuration is read at each new connection or request
+//! from [`ProxySettings`], which the control API may change at any time.
+//!
+//! Failures are visible: an upstream that is down or refuses (407, 403, 502 ...) gives the
+//! guest an HTTP error with a one-line reason (plain HTTP and CONNECT; a 407 of the upstream
+//! becomes a 502, since it is about usernet's credentials, not the guest's), or, for
+//! intercepted TLS, a reset: the ClientHello was only peeked, so closing our end with it
+//! unread makes the engine's end fail with ECONNRESET, which the engine turns into a RST.
+//! Each failure is one `warn` log line; no log line ever carries a password
+//! ([`ProxyUrl`]'s `Display` redacts it).
+
+pub mod config;
+pub mod http;
+pub mod tls;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::{Instant, timeout};
+use tracing::{debug, info, warn};
+
+pub use config::{ConfigError, NoProxy, ProxyConfig, ProxyOptions, ProxySettings, ProxyUrl};
+
+use crate::config::NetConfig;
+use crate::services::TcpHook;
+use crate::services::dns::{DnsServer, Transport};
+
+/// The explicit proxy's port on the gateway.
+pub const PROXY_PORT: u16 = 3128;
+/// How long a connect to an upstream proxy or a destination may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an intercepted connection may stay silent before it is relayed unclassified.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response head accepted from an upstream proxy to a CONNECT.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Why a request or tunnel could not be served: the one line the guest and the log get.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream proxy {proxy} unreachable: {source}")]
+    Unreachable { proxy: String, source: io::Error },
+    #[error("upstream proxy {proxy} refused {target}: {status} {reason}")]
+    Refused { proxy: String, target: String, status: u16, reason: String },
+    #[error("upstream proxy {proxy} sent no valid answer to CONNECT {target}")]
+    BadAnswer { proxy: String, target: String },
+    #[error("cannot reach {target}: {source}")]
+    Dial { target: String, source: io::Error },
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("{0} is not reachable through the proxy")]
+    Forbidden(String),
+}
+
+impl ProxyError {
+    /// The HTTP status the guest gets: the upstream's own refusal (403 ...) except 401 and
+    /// 407, which concern usernet's credentials (tinyproxy answers a wrong password with
+    /// 401) and become 502; 502 for everything else (504 for timeouts).
+    pub fn status(&self) -> u16 {
+        match self {
+            ProxyError::Refused { status, .. } if (400..600).contains(status) && !matches!(status, 401 | 407) => {
+                *status
+            }
+            ProxyError::Unreachable { source, .. } | ProxyError::Dial { source, .. }
+                if source.kind() == io::ErrorKind::TimedOut =>
+            {
+                504
+            }
+            ProxyError::Forbidden(_) => 403,
+            _ => 502,
+        }
+    }
+}
+
+/// What every proxy connection shares.
+pub struct Proxy {
+    pub settings: ProxySettings,
+    pub cfg: Arc<NetConfig>,
+    pub dns: Arc<DnsServer>,
+}
+
+impl Proxy {
+    /// Where a direct connection to `host` (a name or an IP literal) goes, as the guest's
+    /// DNS sees it. The host address becomes the host's 127.0.0.1; the gateway and the rest
+    /// of the virtual subnet are refused.
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, ProxyError> {
+        let ip = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => ip,
+            Ok(IpAddr::V6(ip)) => return Ok(SocketAddr::new(IpAddr::V6(ip), port)),
+            Err(_) => match self.dns.records().lookup(host) {
+                Some(ip) => ip,
+                None => self.lookup_a(host).await.ok_or_else(|| ProxyError::Resolve(host.to_string()))?,
+            },
+        };
+        self.map_ip(ip, port).ok_or_else(|| ProxyError::Forbidden(config::authority(host, port)))
+    }
+
+    /// The host socket address behind a guest-side address, None when there is none.
+    fn map_ip(&self, ip: Ipv4Addr, port: u16) -> Option<SocketAddr> {
+        if ip == self.cfg.host {
+            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        } else if self.cfg.subnet.contains(ip) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+            None
+        } else {
+            Some(SocketAddr::from((ip, port)))
+        }
+    }
+
+    /// True when `host` is the host address or in the virtual subnet, or a name of the
+    /// gateway's DNS table for one (`host.docker.internal`): never sent upstream.
+    pub fn is_local(&self, host: &str) -> bool {
+        let ip = match host.parse::<Ipv4Addr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => self.dns.records().lookup(host),
+        };
+        ip.is_some_and(|ip| ip == self.cfg.host || self.cfg.subnet.contains(ip))
+    }
+
+    /// The first A record of `name` through the gateway's DNS server.
+    async fn lookup_a(&self, name: &str) -> Option<Ipv4Addr> {
+        let mut q = Message::query();
+        q.metadata.id = rand_id();
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
+        let answer = self.dns.handle(&q.to_vec().ok()?, Transport::Tcp).await?;
+        let m = Message::from_vec(&answer).ok()?;
+        m.answers.iter().find_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+    }
+}
+
+fn rand_id() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    h.finish() as u16
+}
+
+/// Does the hook take over a guest connection to `dst`?
+pub fn intercepts(proxy: &ProxyConfig, net: &NetConfig, dst: SocketAddrV4) -> bool {
+    let ip = *dst.ip();
+    proxy.has_upstream()
+        && proxy.ports.contains(&dst.port())
+        && ip != net.gateway
+        && ip != net.host
+        && !net.subnet.contains(ip)
+        && !(ip.is_loopback() || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
+        && !proxy.no_proxy.matches_ip_only(IpAddr::V4(ip), dst.port())
+}
+
+/// The engine's hook for transparent interception. `submit` hands the service's end of the
+/// socketpair, the destination and the guest to the service runtime; it returns false when
+/// the runtime is gone, and the connection is then left to the engine.
+pub fn hook(
+    settings: ProxySettings,
+    net: Arc<NetConfig>,
+    submit: impl Fn(OwnedFd, SocketAddrV4, SocketAddrV4) -> bool + 'static,
+) -> TcpHook {
+    Box::new(move |dst, guest| {
+        if !settings.with(|p| intercepts(p, &net, dst)) {
+            return None;
+        }
+        let pair = StdUnixStream::pair().and_then(|(ours, theirs)| {
+            ours.set_nonblocking(true)?;
+            theirs.set_nonblocking(true)?;
+            Ok((ours, theirs))
+        });
+        match pair {
+            Ok((ours, theirs)) => submit(theirs.into(), dst, guest).then(|| Ok(ours.into())),
+            Err(e) => Some(Err(e)),
+        }
+    })
+}
+
+/// What the first bytes of an intercepted connection are.
+#[derive(Debug, PartialEq, Eq)]
+enum Sniffed {
+    Tls(Option<String>),
+    Http,
+    Other,
+    /// Not enough bytes yet to tell.
+    More,
+    Closed,
+}
+
+/// Serves one transparently intercepted connection whose original destination is `dst`.
+pub async fn serve_transparent(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, guest: SocketAddrV4) {
+    match sniff(&sock).await {
+        Sniffed::Tls(sni) => tls_tunnel(proxy, sock, dst, guest, sni).await,
+        Sniffed::Http => http::serve(proxy, sock, http::Mode::Transparent(dst), guest).await,
+        Sniffed::Other => {
+            debug!("proxy: {guest} -> {dst}: neither HTTP nor TLS, relayed as it is");
+            match dial(SocketAddr::V4(dst)).await {
+                Ok(stream) => relay(sock, stream, Vec::new()).await,
+                Err(e) => debug!("proxy: {guest} -> {dst}: {e}"),
+            }
+        }
+        Sniffed::Closed | Sniffed::More => {}
+    }
+}
+
+/// Peeks (never consumes) until the first bytes say TLS, HTTP or something else.
+async fn sniff(sock: &UnixStream) -> Sniffed {
+    let deadline = Instant::now() + SNIFF_TIMEOUT;
+    let mut buf = vec![0u8; tls::MAX_HELLO + 5];
+    let mut seen = 0;
+    loop {
+        if tokio::time::timeout_at(deadline, sock.readable()).await.is_err() {
+            return if seen == 0 { Sniffed::Other } else { classify(&buf[..seen], true) };
+        }
+        let n = match sock.try_io(Interest::READABLE, || peek(sock, &mut buf)) {
+            Ok(0) => return Sniffed::Closed,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Sniffed::Closed,
+        };
+        let verdict = classify(&buf[..n], n == buf.len());
+        if verdict != Sniffed::More {
+            return verdict;
+        }
+        if n == seen {
+            // Nothing new since the last peek, and the socket stays readable: wait a little.
+            if Instant::now() >= deadline {
+                return classify(&buf[..n], true);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen = n;
+    }
+}
+
+/// Classifies the first bytes; `More` when they are not enough to tell, unless `last` says
+/// no more will come.
+fn classify(data: &[u8], last: bool) -> Sniffed {
+    if data.first() == Some(&0x16) {
+        return match tls::parse_client_hello(data) {
+            tls::Hello::Done(sni) => Sniffed::Tls(sni),
+            tls::Hello::NotTls => Sniffed::Other,
+            tls::Hello::Incomplete if last => Sniffed::Tls(None),
+            tls::Hello::Incomplete => Sniffed::More,
+        };
+    }
+    // An HTTP request starts with a method token (upper-case letters) and a space.
+    let method_len = data.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    match data.get(method_len) {
+        Some(b' ') if (3..=16).contains(&method_len) => Sniffed::Http,
+        None if method_len <= 16 && !last => Sniffed::More,
+        _ => Sniffed::Other,
+    }
+}
+
+fn peek(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv(2) into a buffer valid for buf.len() bytes.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// An intercepted TLS connection: through `CONNECT` to the HTTPS upstream, or direct.
+async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, guest: SocketAddrV4, sni: Option<String>) {
+    let cfg = proxy.settings.get();
+    let port = dst.port();
+    let excluded = cfg.no_proxy.matches(sni.as_deref(), Some(IpAddr::V4(*dst.ip())), port);
+    let target = config::authority(&sni.clone().unwrap_or_else(|| dst.ip().to_string()), port);
+    let upstream = match (&cfg.https, excluded) {
+        (Some(up), false) => Some(up),
+        _ => None,
+    };
+    let result = match upstream {
+        Some(up) => open_tunnel(up, &target).await.map(|(s, rest)| (s, rest, up.authority())),
+        None => dial(SocketAddr::V4(dst)).await.map(|s| (s, Vec::new(), "direct".to_string())),
+    };
+    match result {
+        Ok((stream, rest, via)) => {
+            info!("proxy: {guest} -> {target} (TLS, {dst}) via {via}");
+            relay(sock, stream, rest).await;
+        }
+        Err(e) => {
+            warn!("proxy: {guest} -> {target} (TLS, {dst}): {e}; resetting the connection");
+            // The ClientHello is still unread in `sock`: closing it resets the engine's end.
+            drop(sock);
+        }
+    }
+}
+
+/// Connects to a host socket, bounded by [`CONNECT_TIMEOUT`].
+pub async fn dial(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
+    let target = addr.to_string();
+    let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ProxyError::Dial { target, source }),
+        Err(_) => return Err(ProxyError::Dial { target, source: io::ErrorKind::TimedOut.into() }),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Connects to an upstream proxy (its name, if any, through the host's resolver).
+pub async fn dial_upstream(up: &ProxyUrl) -> Result<TcpStream, ProxyError> {
+    let proxy = up.authority();
+    let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(proxy.as_str())).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ProxyError::Unreachable { proxy, source }),
+        Err(_) => return Err(ProxyError::Unreachable { proxy, source: io::ErrorKind::TimedOut.into() }),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// A tunnel to `target` (`host:port`) through `up`: the connected stream and whatever the
+/// proxy sent after its response head (already the destination's bytes).
+pub async fn open_tunnel(up: &ProxyUrl, target: &str) -> Result<(TcpStream, Vec<u8>), ProxyError> {
+    let mut stream = dial_upstream(up).await?;
+    let proxy = up.authority();
+    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(auth) = up.basic_auth() {
+        req.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    req.push_str("\r\n");
+    let bad = || ProxyError::BadAnswer { proxy: proxy.clone(), target: target.to_string() };
+    let unreachable = |source| ProxyError::Unreachable { proxy: proxy.clone(), source };
+    stream.write_all(req.as_bytes()).await.map_err(unreachable)?;
+    let mut head = Vec::with_capacity(1024);
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if head.len() >= MAX_HEAD {
+            return Err(bad());
+        }
+        let mut chunk = [0u8; 4096];
+        let n = match timeout(CONNECT_TIMEOUT, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) => return Err(bad()),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(unreachable(e)),
+            Err(_) => return Err(unreachable(io::ErrorKind::TimedOut.into())),
+        };
+        head.extend_from_slice(&chunk[..n]);
+    };
+    let (status, reason) = status_line(&head).ok_or_else(bad)?;
+    if !(200..300).contains(&status) {
+        return Err(ProxyError::Refused { proxy, target: target.to_string(), status, reason });
+    }
+    Ok((stream, head.split_off(end)))
+}
+
+/// `HTTP/1.x NNN reason` -> (NNN, reason), the reason cleaned to printable ASCII.
+fn status_line(head: &[u8]) -> Option<(u16, String)> {
+    let line_end = head.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&head[..line_end]).ok()?;
+    let rest = line.strip_prefix("HTTP/1.")?.get(1..)?.strip_prefix(' ')?;
+    let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+    if code.len() != 3 {
+        return None;
+    }
+    let status = code.parse().ok()?;
+    let reason: String = reason.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(100).collect();
+    Some((status, reason))
+}
+
+/// Relays both ways until both sides are done; `first` goes to the guest before anything else.
+async fn relay<G: AsyncRead + AsyncWrite + Unpin>(mut guest: G, mut remote: TcpStream, first: Vec<u8>) {
+    if !first.is_empty() && guest.write_all(&first).await.is_err() {
+        return;
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut guest, &mut remote).await {
+        debug!("proxy: relay ended: {e}");
+    }
+}
+
+/// One line describing the configuration, without passwords (for logs).
+pub fn describe(cfg: &ProxyConfig) -> String {
+    let show = |u: &Option<ProxyUrl>| u.as_ref().map_or("none".to_string(), |u| u.to_string());
+    let ports: Vec<String> = cfg.ports.iter().map(u16::to_string).collect();
+    format!(
+        "http={} https={} no_proxy=[{}] transparent={}",
+        show(&cfg.http),
+        show(&cfg.https),
+        cfg.no_proxy.to_list(),
+        if cfg.has_upstream() && !ports.is_empty() { ports.join(",") } else { "off".to_string() }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net() -> NetConfig {
+        NetConfig::default()
+    }
+
+    fn with_upstream() -> ProxyConfig {
+        ProxyConfig { http: Some(ProxyUrl::parse("127.0.0.1:3128").unwrap()), ..ProxyConfig::default() }
+    }
+
+    fn sa(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn interception_rules() {
+        let n = net();
+        assert!(!intercepts(&ProxyConfig::default(), &n, sa("203.0.113.5:80")));
+        let p = with_upstream();
+        assert!(intercepts(&p, &n, sa("203.0.113.5:80")));
+        assert!(intercepts(&p, &n, sa("203.0.113.5:443")));
+        assert!(!intercepts(&p, &n, sa("203.0.113.5:8080")));
+        for not in ["192.168.65.1:80", "192.168.65.254:80", "192.168.65.7:80", "127.0.0.1:80", "224.0.0.1:80"] {
+            assert!(!intercepts(&p, &n, sa(not)), "{not}");
+        }
+        let p = ProxyConfig { no_proxy: NoProxy::parse("203.0.113.0/24,name.test").unwrap(), ..with_upstream() };
+        assert!(!intercepts(&p, &n, sa("203.0.113.5:80")));
+        assert!(intercepts(&p, &n, sa("198.51.100.5:80")));
+        let p = ProxyConfig { ports: vec![8080], ..with_upstream() };
+        assert!(intercepts(&p, &n, sa("203.0.113.5:8080")));
+        assert!(!intercepts(&p, &n, sa("203.0.113.5:80")));
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n", false), Sniffed::Http);
+        assert_eq!(classify(b"OPTIONS * HTTP/1.1\r\n", false), Sniffed::Http);
+        assert_eq!(classify(b"GE", false), Sniffed::More);
+        assert_eq!(classify(b"GE", true), Sniffed::Other);
+        assert_eq!(classify(b"get / HTTP/1.1", false), Sniffed::Other);
+        assert_eq!(classify(b"SSH-2.0", false), Sniffed::Other);
+        assert_eq!(classify(&[0x16, 3, 1], false), Sniffed::More);
+        assert_eq!(classify(&[0x16, 3, 1], true), Sniffed::Tls(None));
+        assert_eq!(
+            classify(include_bytes!("testdata/curl_hello.bin"), false),
+            Sniffed::Tls(Some("curl.example".into()))
+        );
+        assert_eq!(classify(&[0x16, 9, 9, 9, 9, 9], false), Sniffed::Other);
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(
+            status_line(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+            Some((200, "Connection established".into()))
+        );
+        assert_eq!(
+            status_line(b"HTTP/1.0 407 Proxy Authentication Required\r\n"),
+            Some((407, "Proxy Authentication Required".into()))
+        );
+        assert_eq!(status_line(b"HTTP/1.1 502\r\n"), Some((502, String::new())));
+        assert_eq!(status_line(b"HTTP/1.1 20 x\r\n"), None);
+        assert_eq!(status_line(b"SSH-2.0\r\n"), None);
+        assert_eq!(status_line(b"HTTP/1.1 200 ok"), None);
+    }
+
+    #[test]
+    fn error_statuses() {
+        let refused =
+            |status| ProxyError::Refused { proxy: "p".into(), target: "t".into(), status, reason: String::new() };
+        assert_eq!(refused(407).status(), 502);
+        assert_eq!(refused(401).status(), 502);
+        assert_eq!(refused(403).status(), 403);
+        assert_eq!(refused(502).status(), 502);
+        assert_eq!(refused(302).status(), 502);
+        let down = ProxyError::Unreachable { proxy: "p".into(), source: io::ErrorKind::ConnectionRefused.into() };
+        assert_eq!(down.status(), 502);
+        assert!(down.to_string().starts_with("upstream proxy p unreachable"));
+    }
+
+    /// An upstream proxy on loopback answering one CONNECT with `answer`, returning what it got.
+    fn fake_upstream(answer: &'static [u8]) -> (ProxyUrl, std::thread::JoinHandle<String>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(answer).unwrap();
+            String::from_utf8_lossy(&got).into_owned()
+        });
+        (ProxyUrl::parse(&format!("http://us%3Aer:p@ss@127.0.0.1:{port}")).unwrap(), t)
+    }
+
+    #[test]
+    fn tunnel_through_fake_upstream() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (up, t) = fake_upstream(b"HTTP/1.1 200 Connection established\r\nX: y\r\n\r\nearly");
+        let (_, rest) = rt.block_on(open_tunnel(&up, "secure.test:443")).unwrap();
+        assert_eq!(rest, b"early");
+        let req = t.join().unwrap();
+        assert!(req.starts_with("CONNECT secure.test:443 HTTP/1.1\r\nHost: secure.test:443\r\n"), "{req}");
+        // base64("us:er:p@ss")
+        assert!(req.contains("Proxy-Authorization: Basic dXM6ZXI6cEBzcw==\r\n"), "{req}");
+
+        let (up, t) = fake_upstream(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n");
+        let e = rt.block_on(open_tunnel(&up, "secure.test:443")).unwrap_err();
+        t.join().unwrap();
+        assert_eq!(e.status(), 502);
+        assert!(e.to_string().contains("407 Proxy Authentication Required"), "{e}");
+        assert!(!e.to_string().contains("p@ss"));
+
+        let (up, t) = fake_upstream(b"garbage\r\n\r\n");
+        assert!(matches!(rt.block_on(open_tunnel(&up, "x.test:443")), Err(ProxyError::BadAnswer { .. })));
+        t.join().unwrap();
+    }
+}

@@ -1,0 +1,301 @@
+//! The control API: HTTP/1.1 with JSON on a Unix socket (`--api PATH`).
+//!
+//! Theory of operation: [`serve`] binds the socket synchronously (so a bad path is reported
+//! to the caller at once), then starts a thread with a single-threaded tokio runtime that
+//! accepts connections and serves each with hyper's HTTP/1 server. Every request is read
+//! whole (at most [`MAX_BODY`] bytes) and handed to [`routes::dispatch`], which matches
+//! method and path and calls one handler:
+//!
+//! - `v1`: usernet's own resources (`/v1/ports`, `/v1/dns`, `/v1/leases`, `/v1/stats`,
+//!   `/v1/flows`); JSON in, JSON out, errors as `{"error": "..."}`.
+//! - `gvproxy`: the endpoints of gvisor-tap-vsock that Podman, Lima and CRC call
+//!   (`/services/forwarder/*`, `/services/dhcp/leases`, `/services/dns/*`, `/stats`),
+//!   with gvproxy's JSON shapes, status codes and plain-text errors.
+//!
+//! The handlers never touch the engine's state directly: they send an
+//! [`engine::control::Command`](usernet_core::engine::control::Command) through the
+//! [`ControlHandle`] and await the answer. Publishing a port binds the host sockets here
+//! (`ports`, with `publish::listen::bind`, a plain syscall) so that "port is already
+//! allocated" comes back as an HTTP error; only bound listeners travel to the engine.
+//! DNS records live in the shared [`DnsRecords`] table and are changed in place.
+//!
+//! The socket file is created with mode 0600 (bound inside a private directory, then
+//! renamed into place, so it is never reachable with looser permissions). A stale socket
+//! file (nobody accepting) is replaced; a live one or any other kind of file is an error.
+//! Dropping [`ApiServer`] stops the runtime and removes the socket file if it is still ours.
+//!
+//! Inside the guest network (`serve --guest-api`), the same API answers at the gateway's
+//! port 80, as gvproxy's does: the engine hands each guest connection to that port to
+//! [`GuestApi::connect`], which serves it on one end of a socketpair on the API's runtime,
+//! knowing the guest's address, so that `/services/forwarder/expose` with a `remote`
+//! without IP (`":8080"`) forwards to the calling guest. [`serve_without_socket`] runs the
+//! API for guests alone when there is no `--api` socket.
+//!
+//! `client` is the small blocking HTTP/1.1 client that `usernet port` uses.
+
+pub mod client;
+mod gvproxy;
+mod ports;
+mod routes;
+mod state;
+mod v1;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tracing::{debug, warn};
+
+use usernet_core::config::NetConfig;
+use usernet_core::engine::control::ControlHandle;
+use usernet_core::services::dns::DnsRecords;
+use usernet_core::services::proxy::ProxySettings;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running API server; dropping it stops the server and removes the socket file.
+pub struct ApiServer {
+    /// Where the API listens (empty when it serves guests only).
+    path: PathBuf,
+    /// (device, inode) of the socket file we created, to remove only our own.
+    ident: (u64, u64),
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    guest: GuestApi,
+}
+
+impl ApiServer {
+    /// Where the API listens.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The API as the guests reach it (gateway:80), sharing this server's state.
+    pub fn guest_api(&self) -> GuestApi {
+        self.guest.clone()
+    }
+}
+
+/// Serves API connections from inside the guest network (see the module's doc).
+#[derive(Clone)]
+pub struct GuestApi {
+    state: Arc<state::State>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GuestApi {
+    /// A connection from `guest`: returns the engine's end (non-blocking) of a stream
+    /// socketpair whose other end is served as an API connection from that guest.
+    pub fn connect(&self, guest: SocketAddrV4) -> io::Result<OwnedFd> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        theirs.set_nonblocking(true)?;
+        let stream = {
+            let _entered = self.runtime.enter();
+            tokio::net::UnixStream::from_std(theirs)?
+        };
+        let state = self.state.clone();
+        debug!("api: connection from guest {guest}");
+        self.runtime.spawn(serve_connection(state, stream, Some(*guest.ip())));
+        Ok(OwnedFd::from(ours))
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if !self.path.as_os_str().is_empty()
+            && let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.ident
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Starts serving the API at `path` on a thread of its own.
+pub fn serve(
+    path: &Path,
+    control: ControlHandle,
+    dns: Arc<DnsRecords>,
+    cfg: Arc<NetConfig>,
+    proxy: Option<ProxySettings>,
+) -> std::io::Result<ApiServer> {
+    let listener = bind_socket(path)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    let ident = (meta.dev(), meta.ino());
+    listener.set_nonblocking(true)?;
+    let mut server = start(Some(listener), control, dns, cfg, proxy)?;
+    server.path = path.to_path_buf();
+    server.ident = ident;
+    Ok(server)
+}
+
+/// Starts the API without a Unix socket, for guests only (`serve --guest-api` without
+/// `--api`): reach it through [`ApiServer::guest_api`].
+pub fn serve_without_socket(
+    control: ControlHandle,
+    dns: Arc<DnsRecords>,
+    cfg: Arc<NetConfig>,
+    proxy: Option<ProxySettings>,
+) -> std::io::Result<ApiServer> {
+    start(None, control, dns, cfg, proxy)
+}
+
+fn start(
+    listener: Option<StdUnixListener>,
+    control: ControlHandle,
+    dns: Arc<DnsRecords>,
+    cfg: Arc<NetConfig>,
+    proxy: Option<ProxySettings>,
+) -> std::io::Result<ApiServer> {
+    let state = Arc::new(state::State::new(control, dns, cfg, proxy));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let guest = GuestApi { state: state.clone(), runtime: runtime.handle().clone() };
+    let thread = std::thread::Builder::new().name("usernet-api".into()).spawn(move || {
+        runtime.block_on(accept_loop(listener, state, rx));
+        runtime.shutdown_timeout(Duration::from_millis(200));
+    })?;
+    Ok(ApiServer { path: PathBuf::new(), ident: (0, 0), shutdown: Some(tx), thread: Some(thread), guest })
+}
+
+/// Binds a Unix socket at `path` with mode 0600, replacing a stale socket file.
+fn bind_socket(path: &Path) -> io::Result<StdUnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: another server is listening there", path.display()),
+                ));
+            }
+            debug!("api: replacing stale socket {}", path.display());
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: exists and is not a socket", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // Bind in a private directory beside `path`, tighten the mode, then move it into place:
+    // the socket is never reachable under `path` with the process umask's permissions.
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp_dir = parent.join(format!(
+        ".usernet-api-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp_dir)?;
+    let tmp_sock = tmp_dir.join("api.sock");
+    let result = (|| {
+        let listener = StdUnixListener::bind(&tmp_sock)?;
+        std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp_sock, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&tmp_sock);
+    let _ = std::fs::remove_dir(&tmp_dir);
+    result
+}
+
+async fn accept_loop(
+    listener: Option<StdUnixListener>,
+    state: Arc<state::State>,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
+    let Some(listener) = listener else {
+        // Guests only: their connections are spawned by GuestApi::connect.
+        let _ = shutdown.await;
+        return;
+    };
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("api: cannot serve: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(state.clone(), stream, None));
+                }
+                Err(e) => {
+                    warn!("api: accept: {e}");
+                    // Out of file descriptors and the like: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one API connection; `caller` is the guest's address for connections from the
+/// guest network, None on the Unix socket.
+async fn serve_connection(state: Arc<state::State>, stream: tokio::net::UnixStream, caller: Option<Ipv4Addr>) {
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&state, req, caller).await) }
+    });
+    // Guests' clients (busybox nc) shut down their sending side after the request and
+    // still wait for the answer: keep such half-closed connections open.
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .half_close(caller.is_some())
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        debug!("api: connection: {e}");
+    }
+}
+
+async fn handle(state: &state::State, req: Request<Incoming>, caller: Option<Ipv4Addr>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let reply = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => {
+            let body = collected.to_bytes();
+            routes::dispatch(state, caller, &parts.method, parts.uri.path(), &body).await
+        }
+        Err(e) => {
+            debug!("api: reading body: {e}");
+            state::Reply::error(
+                hyper::StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {MAX_BODY} bytes or unreadable"),
+            )
+        }
+    };
+    debug!("api: {} {} -> {}", parts.method, parts.uri.path(), reply.status);
+    reply.into_response()
+}

@@ -1,0 +1,74 @@
+//! Routing: (method, path) to a handler.
+//!
+//! Paths under `/v1/` answer JSON errors (`{"error": "..."}`), 404 for an unknown path and
+//! 405 (with `Allow`) for a known path asked with the wrong method. The gvisor-tap-vsock
+//! paths behave as gvproxy's Go `http.ServeMux` does: plain-text errors, "post only" with
+//! 400 for a GET on a POST endpoint, and any method accepted on its read-only endpoints.
+
+use hyper::{Method, StatusCode};
+
+use super::state::{Reply, State};
+use super::{gvproxy, v1};
+
+/// Calls the handler for `method` and `path` with the whole request `body`; `caller` is
+/// the guest's address when the request comes from inside the guest network.
+pub async fn dispatch(
+    state: &State,
+    caller: Option<std::net::Ipv4Addr>,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Reply {
+    // gvproxy's endpoints, with gvproxy's own method rules.
+    match path {
+        "/services/forwarder/expose" => return post_only(method, gvproxy::expose(state, caller, body)).await,
+        "/services/forwarder/unexpose" => {
+            return post_only(method, gvproxy::unexpose(state, body)).await;
+        }
+        "/services/dns/add" => return post_only(method, async { gvproxy::dns_add(state, body) }).await,
+        "/services/forwarder/all" => return gvproxy::all(state).await,
+        "/services/dhcp/leases" => return gvproxy::leases(state).await,
+        "/services/dns/all" => return gvproxy::dns_all(state),
+        "/stats" => return gvproxy::stats(state).await,
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/v1/") else {
+        return if path.starts_with("/services/") || !path.starts_with("/v1") {
+            Reply::text(StatusCode::NOT_FOUND, "404 page not found")
+        } else {
+            Reply::error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
+        };
+    };
+    let rest = rest.trim_end_matches('/');
+    match (rest, method) {
+        ("ports", &Method::GET) => v1::list_ports(state).await,
+        ("ports", &Method::POST) => v1::add_ports(state, body).await,
+        ("ports", &Method::DELETE) => v1::remove_ports(state, body).await,
+        ("ports", _) => Reply::method_not_allowed("GET, POST, DELETE"),
+        ("dns", &Method::GET) => v1::list_dns(state),
+        ("dns", &Method::POST) => v1::add_dns(state, body),
+        ("dns", _) => Reply::method_not_allowed("GET, POST"),
+        ("leases", &Method::GET) => v1::leases(state).await,
+        ("leases", _) => Reply::method_not_allowed("GET"),
+        ("stats", &Method::GET) => v1::stats(state).await,
+        ("stats", _) => Reply::method_not_allowed("GET"),
+        ("flows", &Method::GET) => v1::flows(state).await,
+        ("flows", _) => Reply::method_not_allowed("GET"),
+        ("proxy", &Method::GET) => v1::get_proxy(state),
+        ("proxy", &Method::PUT) => v1::put_proxy(state, body),
+        ("proxy", _) => Reply::method_not_allowed("GET, PUT"),
+        _ => match rest.strip_prefix("dns/") {
+            Some(name) if !name.is_empty() && !name.contains('/') => match *method {
+                Method::DELETE => v1::remove_dns(state, name),
+                Method::GET => v1::get_dns(state, name),
+                _ => Reply::method_not_allowed("GET, DELETE"),
+            },
+            _ => Reply::error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+        },
+    }
+}
+
+/// gvproxy answers a non-POST on its POST endpoints with 400 "post only".
+async fn post_only(method: &Method, handler: impl Future<Output = Reply>) -> Reply {
+    if *method == Method::POST { handler.await } else { Reply::text(StatusCode::BAD_REQUEST, "post only") }
+}

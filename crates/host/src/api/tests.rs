@@ -1,0 +1,483 @@
+//! The API over real HTTP on a real Unix socket, against a fake engine: a thread that owns
+//! a mio::Poll (for the ControlHandle's waker) and answers every Command, keeping the
+//! listeners it is given so the published ports stay bound.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::client::{self, Response};
+use super::serve;
+use usernet_core::config::NetConfig;
+use usernet_core::engine::control::{Command, ControlHandle, FlowInfo, Published, Stats};
+use usernet_core::ports::BoundListener;
+use usernet_core::services::dns::DnsRecords;
+
+const WAKER: mio::Token = mio::Token(0);
+
+/// Starts the fake engine; it stops when every ControlHandle is gone (or after a minute).
+fn fake_engine() -> ControlHandle {
+    let poll = mio::Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER).unwrap());
+    let (tx, rx) = mpsc::channel::<Command>();
+    std::thread::spawn(move || {
+        let mut poll = poll;
+        let mut events = mio::Events::with_capacity(8);
+        let mut served: Vec<(Published, BoundListener)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => answer(cmd, &mut served),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+        }
+    });
+    ControlHandle::new(tx, waker)
+}
+
+fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
+    match cmd {
+        Command::Publish { listeners, guest_ip, reply } => {
+            let mut out = Vec::new();
+            for l in listeners {
+                let p = Published { host: l.local, proto: l.proto, guest_ip, guest_port: l.guest_port };
+                out.push(p.clone());
+                served.push((p, l));
+            }
+            let _ = reply.send(out);
+        }
+        Command::Unpublish { host, proto, reply } => {
+            let before = served.len();
+            served.retain(|(p, _)| !(p.host == host && p.proto == proto));
+            let _ = reply.send(served.len() != before);
+        }
+        Command::ListPorts { reply } => {
+            let _ = reply.send(served.iter().map(|(p, _)| p.clone()).collect());
+        }
+        Command::Leases { reply } => {
+            let _ = reply.send(vec![(Ipv4Addr::new(192, 168, 65, 2), [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee])]);
+        }
+        Command::Stats { reply } => {
+            let _ = reply.send(Stats {
+                frames_in: 10,
+                frames_out: 20,
+                bytes_in: 1000,
+                bytes_out: 2000,
+                dropped_in: 1,
+                tcp_flows: 2,
+                udp_flows: 1,
+                icmp_flows: 0,
+            });
+        }
+        Command::Flows { reply } => {
+            let _ = reply.send(vec![FlowInfo {
+                proto: "tcp",
+                guest: "192.168.65.2:40000".into(),
+                remote: "127.0.0.1:80".into(),
+            }]);
+        }
+    }
+}
+
+fn sock_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("usernet-api-test-{}-{name}.sock", std::process::id()))
+}
+
+struct Fixture {
+    path: PathBuf,
+    dns: Arc<DnsRecords>,
+    _server: super::ApiServer,
+}
+
+fn start(name: &str) -> Fixture {
+    let path = sock_path(name);
+    let _ = std::fs::remove_file(&path);
+    let cfg = Arc::new(NetConfig::default());
+    let dns = Arc::new(DnsRecords::from_config(&cfg));
+    let server = serve(&path, fake_engine(), dns.clone(), cfg, None).unwrap();
+    Fixture { path, dns, _server: server }
+}
+
+impl Fixture {
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> Response {
+        client::request(&self.path, method, path, body.map(str::as_bytes)).unwrap()
+    }
+
+    fn json(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let r = client::request_json(&self.path, method, path, &body).unwrap();
+        (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.call("GET", path, None);
+        (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+    }
+}
+
+fn text(r: &Response) -> String {
+    String::from_utf8_lossy(&r.body).to_string()
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn socket_file_lifecycle() {
+    let path = sock_path("lifecycle");
+    let _ = std::fs::remove_file(&path);
+    // A stale socket (bound, nobody listening any more) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let cfg = Arc::new(NetConfig::default());
+    let dns = Arc::new(DnsRecords::new());
+    let server = serve(&path, fake_engine(), dns.clone(), cfg.clone(), None).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A live one is not.
+    let err = serve(&path, fake_engine(), dns.clone(), cfg.clone(), None).err().unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    drop(server);
+    assert!(!path.exists(), "socket file removed on drop");
+    // Not a socket: left alone.
+    std::fs::write(&path, b"x").unwrap();
+    assert!(serve(&path, fake_engine(), dns, cfg, None).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"x");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn v1_ports() {
+    let f = start("v1ports");
+    let (status, body) = f.get("/v1/ports");
+    assert_eq!((status, body), (200, json!([])));
+
+    // Picked port on loopback.
+    let (status, body) =
+        f.json("POST", "/v1/ports", json!({"host_ip":"127.0.0.1","host_port":0,"guest_port":80,"protocol":"tcp"}));
+    assert_eq!(status, 201, "{body}");
+    let list = body.as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["host_ip"], "127.0.0.1");
+    assert_eq!(list[0]["guest_ip"], "192.168.65.2");
+    assert_eq!(list[0]["guest_port"], 80);
+    assert_eq!(list[0]["protocol"], "tcp");
+    let port = list[0]["host_port"].as_u64().unwrap() as u16;
+    assert_ne!(port, 0);
+    // It is really listening (the fake engine holds the socket).
+    TcpStream::connect(("127.0.0.1", port)).unwrap();
+
+    // The same port again: Docker's message, 409.
+    let (status, body) = f.json("POST", "/v1/ports", json!({"host_ip":"127.0.0.1","host_port":port,"guest_port":81}));
+    assert_eq!(status, 409);
+    assert_eq!(body["error"], format!("Bind for 127.0.0.1:{port} failed: port is already allocated"));
+
+    // Docker grammar, UDP, explicit guest.
+    let (status, body) = f.json("POST", "/v1/ports", json!({"spec":"127.0.0.1::53/udp","guest_ip":"192.168.65.3"}));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body[0]["protocol"], "udp");
+    assert_eq!(body[0]["guest_ip"], "192.168.65.3");
+    let udp_port = body[0]["host_port"].as_u64().unwrap() as u16;
+    assert!(UdpSocket::bind(("127.0.0.1", udp_port)).is_err());
+
+    let (_, body) = f.get("/v1/ports");
+    assert_eq!(body.as_array().unwrap().len(), 2);
+
+    // Errors in Docker's words.
+    for (req, msg) in [
+        (json!({"guest_port":80,"protocol":"xyz"}), "invalid proto: xyz"),
+        (json!({"host_port":70000,"guest_port":80}), "invalid hostPort: 70000"),
+        (json!({"spec":"1.2.3:80:80"}), "invalid IP address: 1.2.3"),
+    ] {
+        let (status, body) = f.json("POST", "/v1/ports", req);
+        assert_eq!((status, body["error"].as_str()), (400, Some(msg)));
+    }
+    let r = f.call("POST", "/v1/ports", Some("{not json"));
+    assert_eq!(r.status, 400);
+    assert!(r.error_message().starts_with("invalid JSON body"), "{}", text(&r));
+    let (status, _) = f.json("POST", "/v1/ports", json!({"guest_port":80,"bogus":1}));
+    assert_eq!(status, 400);
+    let (status, body) = f.json("POST", "/v1/ports", json!({"guest_port":80,"guest_ip":"x"}));
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid guest IP: x")));
+
+    // Remove.
+    let (status, body) =
+        f.json("DELETE", "/v1/ports", json!({"host_ip":"127.0.0.1","host_port":port,"protocol":"tcp"}));
+    assert_eq!(status, 200);
+    assert_eq!(body[0]["host_port"], port);
+    let (status, body) = f.json("DELETE", "/v1/ports", json!({"host_port":port}));
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], format!("no port published at {port}/tcp"));
+    let (status, _) = f.json("DELETE", "/v1/ports", json!({"host_port":udp_port,"protocol":"udp"}));
+    assert_eq!(status, 200);
+    let (_, body) = f.get("/v1/ports");
+    assert_eq!(body, json!([]));
+}
+
+#[test]
+fn v1_ports_every_address() {
+    let f = start("v1every");
+    let (status, body) = f.json("POST", "/v1/ports", json!({"guest_port":8080}));
+    assert_eq!(status, 201, "{body}");
+    let list = body.as_array().unwrap();
+    assert!(!list.is_empty());
+    assert_eq!(list[0]["host_ip"], "0.0.0.0");
+    let port = list[0]["host_port"].as_u64().unwrap();
+    assert!(list.iter().all(|p| p["host_port"] == port));
+    // Removing by port alone removes every address.
+    let (status, body) = f.json("DELETE", "/v1/ports", json!({"host_port":port}));
+    assert_eq!(status, 200);
+    assert_eq!(body.as_array().unwrap().len(), list.len());
+}
+
+#[test]
+fn v1_other_resources() {
+    let f = start("v1other");
+    assert_eq!(f.get("/v1/leases"), (200, json!([{"ip":"192.168.65.2","mac":"5a:94:ef:e4:0c:ee"}])));
+    let (status, body) = f.get("/v1/stats");
+    assert_eq!(status, 200);
+    assert_eq!(body["frames_in"], 10);
+    assert_eq!(body["tcp_flows"], 2);
+    let (status, body) = f.get("/v1/flows");
+    assert_eq!(status, 200);
+    assert_eq!(body[0]["remote"], "127.0.0.1:80");
+
+    // DNS.
+    let (status, body) = f.get("/v1/dns");
+    assert_eq!(status, 200);
+    assert!(body.as_array().unwrap().contains(&json!({"name":"host.docker.internal","ip":"192.168.65.254"})));
+    let (status, body) = f.json("POST", "/v1/dns", json!({"name":"Web.Test.","ip":"192.168.65.2"}));
+    assert_eq!((status, body), (201, json!({"name":"web.test","ip":"192.168.65.2"})));
+    assert_eq!(f.dns.lookup("web.test"), Some(Ipv4Addr::new(192, 168, 65, 2)));
+    let (status, body) = f.json("POST", "/v1/dns", json!({"name":"h.test","ip":"host-gateway"}));
+    assert_eq!((status, &body["ip"]), (201, &json!("192.168.65.254")));
+    assert_eq!(f.get("/v1/dns/web.test"), (200, json!({"name":"web.test","ip":"192.168.65.2"})));
+    let (status, _) = f.json("POST", "/v1/dns", json!({"name":"x..y","ip":"1.2.3.4"}));
+    assert_eq!(status, 400);
+    let (status, _) = f.json("POST", "/v1/dns", json!({"name":"x","ip":"::1"}));
+    assert_eq!(status, 400);
+    assert_eq!(f.call("DELETE", "/v1/dns/web.test", None).status, 204);
+    assert_eq!(f.call("DELETE", "/v1/dns/web.test", None).status, 404);
+    assert_eq!(f.dns.lookup("web.test"), None);
+    assert_eq!(f.get("/v1/dns/web.test").0, 404);
+}
+
+#[test]
+fn routing_errors() {
+    let f = start("routing");
+    let r = f.call("GET", "/v1/nothing", None);
+    assert_eq!(r.status, 404);
+    assert!(r.error_message().contains("/v1/nothing"));
+    assert_eq!(f.call("GET", "/nothing", None).status, 404);
+    assert_eq!(f.call("GET", "/services/nothing", None).status, 404);
+    let r = f.call("PUT", "/v1/ports", Some("{}"));
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, POST, DELETE"));
+    assert_eq!(f.call("POST", "/v1/stats", None).status, 405);
+    assert_eq!(f.call("PATCH", "/v1/dns/x", None).status, 405);
+    // Too large a body.
+    let big = vec![b' '; super::MAX_BODY + 1];
+    let r = client::request(&f.path, "POST", "/v1/ports", Some(&big)).unwrap();
+    assert_eq!(r.status, 413);
+}
+
+#[test]
+fn gvproxy_forwarder() {
+    let f = start("gvfwd");
+    let port = free_tcp_port();
+    let local = format!("127.0.0.1:{port}");
+    let expose = json!({"local": local, "remote": "192.168.65.2:80", "protocol": "tcp"});
+    let r = client::request_json(&f.path, "POST", "/services/forwarder/expose", &expose).unwrap();
+    assert_eq!((r.status, text(&r)), (200, String::new()));
+    TcpStream::connect(("127.0.0.1", port)).unwrap();
+
+    // Same again: gvproxy's 500.
+    let r = client::request_json(&f.path, "POST", "/services/forwarder/expose", &expose).unwrap();
+    assert_eq!(r.status, 500);
+    assert_eq!(text(&r), format!("proxy already running for tcp on {local}\n"));
+
+    // Remote without IP (the first guest), protocol defaulting to tcp, UDP.
+    let udp_port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let udp_local = format!("127.0.0.1:{udp_port}");
+    let (status, _) =
+        f.json("POST", "/services/forwarder/expose", json!({"local": udp_local, "remote": ":53", "protocol": "udp"}));
+    assert_eq!(status, 200);
+    // A port published through /v1 is listed too.
+    let (status, body) = f.json("POST", "/v1/ports", json!({"spec":"127.0.0.1::81"}));
+    assert_eq!(status, 201);
+    let v1_port = body[0]["host_port"].as_u64().unwrap();
+
+    let (status, all) = f.get("/services/forwarder/all");
+    assert_eq!(status, 200);
+    let mut expected = vec![
+        json!({"local": local, "remote": "192.168.65.2:80", "protocol": "tcp"}),
+        json!({"local": udp_local, "remote": "192.168.65.2:53", "protocol": "udp"}),
+        json!({"local": format!("127.0.0.1:{v1_port}"), "remote": "192.168.65.2:81", "protocol": "tcp"}),
+    ];
+    expected.sort_by_key(|v| (v["local"].as_str().unwrap().to_string(), v["protocol"].as_str().unwrap().to_string()));
+    assert_eq!(all, Value::Array(expected));
+
+    // Port taken by someone else: 500 with Docker's message.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let r = client::request_json(
+        &f.path,
+        "POST",
+        "/services/forwarder/expose",
+        &json!({"local": format!("127.0.0.1:{taken_port}"), "remote": "192.168.65.2:80"}),
+    )
+    .unwrap();
+    assert_eq!(r.status, 500);
+    assert_eq!(text(&r), format!("Bind for 127.0.0.1:{taken_port} failed: port is already allocated\n"));
+
+    // Bad requests.
+    let r = f.call("POST", "/services/forwarder/expose", Some("nope"));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    let r = client::request_json(
+        &f.path,
+        "POST",
+        "/services/forwarder/expose",
+        &json!({"local": "127.0.0.1:1", "remote": "192.168.65.2"}),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(text(&r), "address 192.168.65.2: missing port in address\n");
+    let r = f.call("GET", "/services/forwarder/expose", None);
+    assert_eq!((r.status, text(&r)), (400, "post only\n".to_string()));
+    let r = client::request_json(
+        &f.path,
+        "POST",
+        "/services/forwarder/expose",
+        &json!({"local": "127.0.0.1:1", "remote": ":80", "protocol": "sctp"}),
+    )
+    .unwrap();
+    assert_eq!((r.status, text(&r)), (500, "unknown protocol sctp\n".to_string()));
+
+    // Unexpose.
+    let unexpose = json!({"local": local, "protocol": "tcp"});
+    let r = client::request_json(&f.path, "POST", "/services/forwarder/unexpose", &unexpose).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    let r = client::request_json(&f.path, "POST", "/services/forwarder/unexpose", &unexpose).unwrap();
+    assert_eq!((r.status, text(&r)), (500, "proxy not found\n".to_string()));
+    let (status, _) = f.json("POST", "/services/forwarder/unexpose", json!({"local": udp_local, "protocol": "udp"}));
+    assert_eq!(status, 200);
+    // A /v1 port can be unexposed by its address too.
+    let (status, _) = f.json("POST", "/services/forwarder/unexpose", json!({"local": format!("127.0.0.1:{v1_port}")}));
+    assert_eq!(status, 200);
+    assert_eq!(f.get("/services/forwarder/all"), (200, json!([])));
+}
+
+#[test]
+fn gvproxy_every_address() {
+    let f = start("gvevery");
+    let port = free_tcp_port();
+    let (status, _) =
+        f.json("POST", "/services/forwarder/expose", json!({"local": format!(":{port}"), "remote": "192.168.65.2:80"}));
+    assert_eq!(status, 200);
+    let (_, all) = f.get("/services/forwarder/all");
+    assert_eq!(all, json!([{"local": format!(":{port}"), "remote": "192.168.65.2:80", "protocol": "tcp"}]));
+    let (_, v1) = f.get("/v1/ports");
+    assert!(v1[0]["host_ip"] == "0.0.0.0");
+    // Removed through /v1: the exposure is gone and may be made again.
+    let (status, _) = f.json("DELETE", "/v1/ports", json!({"host_port": port}));
+    assert_eq!(status, 200);
+    let (status, _) =
+        f.json("POST", "/services/forwarder/expose", json!({"local": format!(":{port}"), "remote": "192.168.65.2:80"}));
+    assert_eq!(status, 200);
+    assert_eq!(f.get("/services/forwarder/all").1.as_array().map(Vec::len), Some(1));
+    let (status, _) = f.json("POST", "/services/forwarder/unexpose", json!({"local": format!(":{port}")}));
+    assert_eq!(status, 200);
+    assert_eq!(f.get("/v1/ports"), (200, json!([])));
+}
+
+#[test]
+fn gvproxy_dhcp_dns_stats() {
+    let f = start("gvother");
+    let r = f.call("GET", "/services/dhcp/leases", None);
+    assert_eq!(r.status, 200);
+    assert_eq!(text(&r), "{\"192.168.65.2\":\"5a:94:ef:e4:0c:ee\"}\n");
+
+    let (status, zones) = f.get("/services/dns/all");
+    assert_eq!(status, 200);
+    let docker = zones.as_array().unwrap().iter().find(|z| z["Name"] == "docker.internal.").unwrap();
+    assert_eq!(docker["DefaultIP"], "");
+    let records = docker["Records"].as_array().unwrap();
+    assert!(records.contains(&json!({"Name":"host","IP":"192.168.65.254"})));
+    assert!(records.contains(&json!({"Name":"gateway","IP":"192.168.65.1"})));
+
+    let zone =
+        json!({"Name":"apps.test.","Records":[{"Name":"web","IP":"192.168.65.2"},{"Name":"db","IP":"192.168.65.3"}]});
+    let r = client::request_json(&f.path, "POST", "/services/dns/add", &zone).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(f.dns.lookup("web.apps.test"), Some(Ipv4Addr::new(192, 168, 65, 2)));
+    assert_eq!(f.dns.lookup("db.apps.test"), Some(Ipv4Addr::new(192, 168, 65, 3)));
+    let (_, zones) = f.get("/services/dns/all");
+    assert!(
+        zones
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|z| z["Name"] == "apps.test." && z["Records"].as_array().unwrap().len() == 2)
+    );
+    // Go's decoder matches field names case-insensitively; lower case works too.
+    let (status, _) =
+        f.json("POST", "/services/dns/add", json!({"name":"x.test","records":[{"name":"a","ip":"10.0.0.1"}]}));
+    assert_eq!(status, 200);
+    assert_eq!(f.dns.lookup("a.x.test"), Some(Ipv4Addr::new(10, 0, 0, 1)));
+    // Bad records change nothing.
+    let (status, _) = f.json(
+        "POST",
+        "/services/dns/add",
+        json!({"Name":"y.test","Records":[{"Name":"ok","IP":"10.0.0.2"},{"Name":"bad","IP":"nope"}]}),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(f.dns.lookup("ok.y.test"), None);
+    assert_eq!(f.call("GET", "/services/dns/add", None).status, 400);
+
+    let (status, stats) = f.get("/stats");
+    assert_eq!(status, 200);
+    assert_eq!(stats["BytesSent"], 2000);
+    assert_eq!(stats["BytesReceived"], 1000);
+    assert_eq!(stats["IP"]["PacketsReceived"], 10);
+}
+
+#[test]
+fn engine_gone() {
+    let path = sock_path("gone");
+    let _ = std::fs::remove_file(&path);
+    let poll = mio::Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER).unwrap());
+    let (tx, rx) = mpsc::channel::<Command>();
+    drop(rx);
+    let cfg = Arc::new(NetConfig::default());
+    let server = serve(&path, ControlHandle::new(tx, waker), Arc::new(DnsRecords::new()), cfg, None).unwrap();
+    let r = client::request(&path, "GET", "/v1/ports", None).unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.error_message(), "the network engine is not running");
+    let r = client::request(&path, "GET", "/services/forwarder/all", None).unwrap();
+    assert_eq!(r.status, 500);
+    // A port bound for a gone engine is released again.
+    let port = free_tcp_port();
+    let r = client::request_json(
+        &path,
+        "POST",
+        "/v1/ports",
+        &json!({"host_ip":"127.0.0.1","host_port":port,"guest_port":80}),
+    )
+    .unwrap();
+    assert_eq!(r.status, 503);
+    TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+    drop(server);
+}

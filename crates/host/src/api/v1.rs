@@ -1,0 +1,441 @@
+//! usernet's own resources under `/v1/`.
+//!
+//! | method and path        | body                                   | answer                    |
+//! |------------------------|----------------------------------------|---------------------------|
+//! | `GET /v1/ports`        |                                        | 200 `[Port]`              |
+//! | `POST /v1/ports`       | `{"spec": "127.0.0.1:8080:80/tcp"}` or `{"host_ip", "host_port", "guest_port", "protocol", "guest_ip"}` | 201 `[Port]` (what was published) |
+//! | `DELETE /v1/ports`     | `{"host_ip", "host_port", "protocol"}` | 200 `[Port]` (what was removed), 404 |
+//! | `GET /v1/dns`          |                                        | 200 `[{"name", "ip"}]`    |
+//! | `POST /v1/dns`         | `{"name", "ip"}` (`ip` may be `host-gateway`) | 201 `{"name", "ip"}` |
+//! | `GET/DELETE /v1/dns/NAME` |                                     | 200 `{"name","ip"}` / 204, 404 |
+//! | `GET /v1/leases`       |                                        | 200 `[{"ip", "mac"}]`     |
+//! | `GET /v1/stats`        |                                        | 200 engine counters       |
+//! | `GET /v1/flows`        |                                        | 200 `[{"proto", "guest", "remote"}]` |
+//! | `GET /v1/proxy`        |                                        | 200 `Proxy`               |
+//! | `PUT /v1/proxy`        | `Proxy` (fields absent: unchanged)     | 200 `Proxy`, 400          |
+//!
+//! A `Port` is `{"host_ip", "host_port", "guest_ip", "guest_port", "protocol"}`. In a POST,
+//! `host_ip` absent means both 0.0.0.0 and [::], `host_port` absent or 0 lets usernet pick
+//! one, `guest_ip` absent means the first guest; ports may also be strings with ranges
+//! (`"8000-8001"`). Errors are `{"error": "..."}` with Docker's words: 400 for a bad body
+//! or spec, 409 when the port is already allocated, 503 when the engine has stopped.
+//!
+//! `Proxy` is `{"http_proxy": URL|null, "https_proxy": URL|null, "no_proxy": "a,b",
+//! "ports": [80, 443]}`. GET shows passwords as `***`; a PUT that sends a URL back with
+//! `***` as its password keeps the current password (same user, host and port). In a PUT,
+//! `null` or `""` clears an upstream, and `ports` may also be a string (`"80,8080"`).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use hyper::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use usernet_core::engine::control::{Command, Published};
+
+use usernet_core::services::proxy::config::{NoProxy, ProxyConfig, ProxyUrl, REDACTED, parse_ports};
+
+use super::ports::{self, PublishError};
+use super::state::{Reply, State, engine_gone};
+
+/// A published port as `/v1/ports` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    pub host_ip: IpAddr,
+    pub host_port: u16,
+    pub guest_ip: Ipv4Addr,
+    pub guest_port: u16,
+    pub protocol: String,
+}
+
+impl From<&Published> for Port {
+    fn from(p: &Published) -> Port {
+        Port {
+            host_ip: p.host.ip(),
+            host_port: p.host.port(),
+            guest_ip: p.guest_ip,
+            guest_port: p.guest_port,
+            protocol: p.proto.as_str().to_string(),
+        }
+    }
+}
+
+fn ports_reply(status: StatusCode, list: &[Published]) -> Reply {
+    let view: Vec<Port> = list.iter().map(Port::from).collect();
+    Reply::json(status, &view)
+}
+
+fn bad_request(msg: impl Into<String>) -> Reply {
+    Reply::error(StatusCode::BAD_REQUEST, msg)
+}
+
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+}
+
+pub async fn list_ports(state: &State) -> Reply {
+    match ports::list(state).await {
+        Some(list) => ports_reply(StatusCode::OK, &list),
+        None => engine_gone(),
+    }
+}
+
+/// A port number in a POST: a JSON number or a string (which may be a range).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortValue {
+    Number(i64),
+    Text(String),
+}
+
+impl PortValue {
+    fn to_spec_part(&self) -> String {
+        match self {
+            PortValue::Number(0) => String::new(),
+            PortValue::Number(n) => n.to_string(),
+            PortValue::Text(s) if s == "0" => String::new(),
+            PortValue::Text(s) => s.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddPorts {
+    spec: Option<String>,
+    host_ip: Option<String>,
+    host_port: Option<PortValue>,
+    guest_port: Option<PortValue>,
+    protocol: Option<String>,
+    guest_ip: Option<String>,
+}
+
+impl AddPorts {
+    /// The request as a Docker `-p` spec.
+    fn to_spec(&self) -> Result<String, String> {
+        if let Some(spec) = &self.spec {
+            if self.host_ip.is_some()
+                || self.host_port.is_some()
+                || self.guest_port.is_some()
+                || self.protocol.is_some()
+            {
+                return Err("give either \"spec\" or the port fields, not both".into());
+            }
+            return Ok(spec.trim().to_string());
+        }
+        let guest_port = self.guest_port.as_ref().ok_or("missing \"guest_port\" (or \"spec\")")?.to_spec_part();
+        if guest_port.is_empty() {
+            return Err("invalid containerPort: 0".into());
+        }
+        let host_port = self.host_port.as_ref().map(PortValue::to_spec_part).unwrap_or_default();
+        let proto = self.protocol.as_deref().unwrap_or("tcp");
+        let mut spec = String::new();
+        match self.host_ip.as_deref().map(str::trim) {
+            None | Some("") => {
+                if !host_port.is_empty() {
+                    spec.push_str(&format!("{host_port}:"));
+                }
+            }
+            Some(ip) if ip.contains(':') && !ip.starts_with('[') => spec.push_str(&format!("[{ip}]:{host_port}:")),
+            Some(ip) => spec.push_str(&format!("{ip}:{host_port}:")),
+        }
+        spec.push_str(&format!("{guest_port}/{proto}"));
+        Ok(spec)
+    }
+}
+
+pub async fn add_ports(state: &State, body: &[u8]) -> Reply {
+    let req: AddPorts = match parse_body(body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let spec = match req.to_spec() {
+        Ok(s) => s,
+        Err(e) => return bad_request(e),
+    };
+    let guest_ip = match req.guest_ip.as_deref() {
+        None | Some("") => state.cfg.guest,
+        Some(s) => match s.parse::<Ipv4Addr>() {
+            Ok(ip) => ip,
+            Err(_) => return bad_request(format!("invalid guest IP: {s}")),
+        },
+    };
+    match ports::publish(state, &spec, guest_ip).await {
+        Ok(published) => ports_reply(StatusCode::CREATED, &published),
+        Err(e) => e.reply(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemovePorts {
+    host_ip: Option<String>,
+    host_port: u16,
+    protocol: Option<String>,
+}
+
+pub async fn remove_ports(state: &State, body: &[u8]) -> Reply {
+    let req: RemovePorts = match parse_body(body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let proto = match ports::parse_proto(req.protocol.as_deref().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => return bad_request(e),
+    };
+    let ip = match req.host_ip.as_deref() {
+        None | Some("") => None,
+        Some(s) => match ports::parse_host_ip(s) {
+            Ok(ip) => Some(ip),
+            Err(e) => return bad_request(e),
+        },
+    };
+    match ports::unpublish(state, ip, req.host_port, proto).await {
+        None => PublishError::EngineGone.reply(),
+        Some(removed) if removed.is_empty() => {
+            let at = match ip {
+                Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", req.host_port),
+                Some(ip) => format!("{ip}:{}", req.host_port),
+                None => req.host_port.to_string(),
+            };
+            Reply::error(StatusCode::NOT_FOUND, format!("no port published at {at}/{proto}"))
+        }
+        Some(removed) => ports_reply(StatusCode::OK, &removed),
+    }
+}
+
+/// One local DNS record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecord {
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+pub fn list_dns(state: &State) -> Reply {
+    let list: Vec<DnsRecord> = state.dns.list().into_iter().map(|(name, ip)| DnsRecord { name, ip }).collect();
+    Reply::json(StatusCode::OK, &list)
+}
+
+pub fn get_dns(state: &State, name: &str) -> Reply {
+    match state.dns.lookup(name) {
+        Some(ip) => {
+            Reply::json(StatusCode::OK, &DnsRecord { name: name.trim_end_matches('.').to_ascii_lowercase(), ip })
+        }
+        None => Reply::error(StatusCode::NOT_FOUND, format!("no record for {name}")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddDns {
+    name: String,
+    ip: String,
+}
+
+pub fn add_dns(state: &State, body: &[u8]) -> Reply {
+    let req: AddDns = match parse_body(body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let ip = if req.ip == "host-gateway" {
+        state.cfg.host
+    } else {
+        match req.ip.parse::<Ipv4Addr>() {
+            Ok(ip) => ip,
+            Err(_) => return bad_request(format!("invalid IPv4 address: {}", req.ip)),
+        }
+    };
+    match state.dns.add(&req.name, ip) {
+        Ok(()) => Reply::json(
+            StatusCode::CREATED,
+            &DnsRecord { name: req.name.trim_end_matches('.').to_ascii_lowercase(), ip },
+        ),
+        Err(e) => bad_request(e.to_string()),
+    }
+}
+
+pub fn remove_dns(state: &State, name: &str) -> Reply {
+    if state.dns.remove(name) {
+        Reply::empty(StatusCode::NO_CONTENT)
+    } else {
+        Reply::error(StatusCode::NOT_FOUND, format!("no record for {name}"))
+    }
+}
+
+/// One DHCP lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ip: Ipv4Addr,
+    pub mac: String,
+}
+
+/// `5a:94:ef:e4:0c:ee`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub async fn leases(state: &State) -> Reply {
+    match state.control.ask(|reply| Command::Leases { reply }).await {
+        Some(list) => {
+            let view: Vec<Lease> = list.iter().map(|(ip, mac)| Lease { ip: *ip, mac: format_mac(mac) }).collect();
+            Reply::json(StatusCode::OK, &view)
+        }
+        None => engine_gone(),
+    }
+}
+
+pub async fn stats(state: &State) -> Reply {
+    match state.control.ask(|reply| Command::Stats { reply }).await {
+        Some(s) => Reply::json(StatusCode::OK, &s),
+        None => engine_gone(),
+    }
+}
+
+pub async fn flows(state: &State) -> Reply {
+    match state.control.ask(|reply| Command::Flows { reply }).await {
+        Some(f) => Reply::json(StatusCode::OK, &f),
+        None => engine_gone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Result<String, String> {
+        serde_json::from_str::<AddPorts>(json).unwrap().to_spec()
+    }
+
+    #[test]
+    fn json_to_docker_spec() {
+        assert_eq!(
+            spec(r#"{"host_ip":"127.0.0.1","host_port":0,"guest_port":80,"protocol":"tcp"}"#),
+            Ok("127.0.0.1::80/tcp".into())
+        );
+        assert_eq!(spec(r#"{"host_port":8080,"guest_port":80}"#), Ok("8080:80/tcp".into()));
+        assert_eq!(spec(r#"{"guest_port":"53","protocol":"udp"}"#), Ok("53/udp".into()));
+        assert_eq!(
+            spec(r#"{"host_ip":"::1","host_port":"8000-8001","guest_port":"80-81"}"#),
+            Ok("[::1]:8000-8001:80-81/tcp".into())
+        );
+        assert_eq!(spec(r#"{"host_port":70000,"guest_port":80}"#), Ok("70000:80/tcp".into()));
+        assert_eq!(spec(r#"{"spec":" 8080:80 "}"#), Ok("8080:80".into()));
+        assert!(spec(r#"{"spec":"8080:80","guest_port":1}"#).is_err());
+        assert!(spec(r#"{"host_port":1}"#).is_err());
+        assert!(spec(r#"{"guest_port":0}"#).is_err());
+    }
+
+    #[test]
+    fn mac_format() {
+        assert_eq!(format_mac(&[0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]), "5a:94:ef:e4:0c:ee");
+    }
+}
+
+/// `/v1/proxy` as GET shows it (passwords redacted).
+#[derive(Debug, Serialize)]
+pub struct ProxyView {
+    pub http_proxy: Option<String>,
+    pub https_proxy: Option<String>,
+    pub no_proxy: String,
+    pub ports: Vec<u16>,
+}
+
+impl From<&ProxyConfig> for ProxyView {
+    fn from(c: &ProxyConfig) -> ProxyView {
+        ProxyView {
+            http_proxy: c.http.as_ref().map(|u| u.to_string()),
+            https_proxy: c.https.as_ref().map(|u| u.to_string()),
+            no_proxy: c.no_proxy.to_list(),
+            ports: c.ports.clone(),
+        }
+    }
+}
+
+/// A PUT body: absent fields stay as they are; `null` clears an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyUpdate {
+    #[serde(default, deserialize_with = "present")]
+    http_proxy: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    https_proxy: Option<Option<String>>,
+    #[serde(default)]
+    no_proxy: Option<String>,
+    #[serde(default)]
+    ports: Option<PortList>,
+}
+
+/// Tells a field given as `null` (Some(None)) from an absent one (None).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortList {
+    List(Vec<u16>),
+    Text(String),
+}
+
+fn no_proxy_service() -> Reply {
+    Reply::error(StatusCode::SERVICE_UNAVAILABLE, "no proxy service in this usernet")
+}
+
+pub fn get_proxy(state: &State) -> Reply {
+    match &state.proxy {
+        Some(p) => Reply::json(StatusCode::OK, &ProxyView::from(&p.get())),
+        None => no_proxy_service(),
+    }
+}
+
+/// An upstream URL of a PUT; `***` as the password means "the current one".
+fn updated_url(given: Option<String>, current: Option<&ProxyUrl>, field: &str) -> Result<Option<ProxyUrl>, Reply> {
+    let Some(text) = given.filter(|t| !t.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let mut url = ProxyUrl::parse(&text).map_err(|e| bad_request(format!("{field}: {e}")))?;
+    if let (Some((user, pass)), Some(cur)) = (url.credentials.as_mut(), current)
+        && pass == REDACTED
+        && let Some((cur_user, cur_pass)) = &cur.credentials
+        && cur_user == user
+        && cur.host == url.host
+        && cur.port == url.port
+    {
+        *pass = cur_pass.clone();
+    }
+    Ok(Some(url))
+}
+
+pub fn put_proxy(state: &State, body: &[u8]) -> Reply {
+    let Some(settings) = &state.proxy else {
+        return no_proxy_service();
+    };
+    let update: ProxyUpdate = match parse_body(body) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let mut cfg = settings.get();
+    let result = (|| -> Result<(), Reply> {
+        if let Some(given) = update.http_proxy {
+            cfg.http = updated_url(given, cfg.http.as_ref(), "http_proxy")?;
+        }
+        if let Some(given) = update.https_proxy {
+            cfg.https = updated_url(given, cfg.https.as_ref(), "https_proxy")?;
+        }
+        if let Some(list) = update.no_proxy {
+            cfg.no_proxy = NoProxy::parse(&list).map_err(|e| bad_request(format!("no_proxy: {e}")))?;
+        }
+        match update.ports {
+            Some(PortList::List(p)) if p.contains(&0) => return Err(bad_request("ports: invalid proxy port \"0\"")),
+            Some(PortList::List(p)) => cfg.ports = p,
+            Some(PortList::Text(t)) => cfg.ports = parse_ports(&t).map_err(|e| bad_request(format!("ports: {e}")))?,
+            None => {}
+        }
+        Ok(())
+    })();
+    if let Err(r) = result {
+        return r;
+    }
+    tracing::info!("proxy: configuration changed: {}", usernet_core::services::proxy::describe(&cfg));
+    settings.set(cfg.clone());
+    Reply::json(StatusCode::OK, &ProxyView::from(&cfg))
+}

@@ -1,0 +1,14 @@
+//! The host side of usernet: what it sets up on the host around the network core.
+//!
+//! - `netns`: the guest's namespaces (`run`), attaching to a runtime's namespace
+//!   (`serve --netns`), netlink configuration of the guest's interface, resolv.conf;
+//! - `publish`: Docker's port grammar and the host listeners of published ports;
+//! - `api`: the control API (usernet's `/v1` and gvisor-tap-vsock's endpoints) and its client;
+//! - `exit_code`: the exit statuses usernet shares with `docker run`.
+//!
+//! Layers inside this crate, lowest first: `exit_code` < `publish` < `netns` < `api`.
+
+pub mod api;
+pub mod exit_code;
+pub mod netns;
+pub mod publish;

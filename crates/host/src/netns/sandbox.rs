@@ -1,0 +1,546 @@
+//! The sandbox of `usernet run`: COMMAND's process in new namespaces, with a configured TAP.
+//!
+//! Theory of operation. [`Sandbox::create`] forks; it must be called while the process has a
+//! single thread (before the engine's services start their runtime), with the signals the
+//! caller wants to supervise already blocked. The child:
+//!
+//! 1. asks for SIGKILL when usernet dies (PR_SET_PDEATHSIG), so nothing outlives usernet;
+//! 2. when not root, enters a new user namespace like `unshare -r` (setgroups "deny", uid and
+//!    gid mapped to 0); as root it tries without one and falls back to one on EPERM;
+//! 3. enters new network and mount namespaces, makes `/` rprivate (nothing it mounts reaches
+//!    the host) and installs the guest's /etc/resolv.conf (see `resolv`);
+//! 4. creates the TAP device, configures `lo`, the TAP (MAC, MTU, address, default route)
+//!    through netlink;
+//! 5. sends the TAP and a handle on its network namespace to usernet over a SOCK_SEQPACKET
+//!    socketpair (SCM_RIGHTS), then waits for the go-ahead;
+//! 6. resets every signal to its default, unblocks them and execs COMMAND.
+//!
+//! The socketpair is the only channel. Child to parent: `R` + descriptors (ready), `E` + text
+//! (a setup step failed: one line for the user; the child exits 125), `X` + errno (exec
+//! failed; the child exits 126 or 127). The child's end is close-on-exec, so end-of-file after
+//! the go-ahead means the exec succeeded. Parent to child: `G` (go). If usernet drops the
+//! sandbox before the go-ahead, the child sees end-of-file and exits.
+//!
+//! Cleanup. usernet is a child subreaper, so whatever COMMAND leaves behind is re-parented to
+//! it and reaped by [`Sandbox::reap`]. [`Sandbox::finish`] (also run on drop) kills COMMAND if
+//! it still runs, then SIGKILLs every process whose /proc/PID/ns/net is the sandbox's network
+//! namespace (same device and inode), repeating until none is left (bounded), and reaps them.
+
+use std::ffi::{CString, OsString};
+use std::fmt;
+use std::fs;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, open};
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, signal, sigprocmask};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg, socketpair,
+};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork, getpid, getppid};
+
+use super::describe;
+use super::resolv;
+use usernet_core::link::tap::Tap;
+
+/// How the guest's network looks from inside.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Name of the TAP interface, e.g. `eth0`.
+    pub ifname: String,
+    pub mac: [u8; 6],
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+    /// The text of /etc/resolv.conf as COMMAND sees it.
+    pub resolv_conf: String,
+}
+
+/// The guest's MAC address in `usernet run` (locally administered).
+pub const GUEST_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A setup step in the sandbox failed; the text is meant for the user.
+    #[error("{0}")]
+    Setup(String),
+    #[error("{context}: {source}")]
+    Io { context: &'static str, source: io::Error },
+}
+
+fn io_err(context: &'static str) -> impl FnOnce(Errno) -> SandboxError {
+    move |e| SandboxError::Io { context, source: e.into() }
+}
+
+/// COMMAND could not be executed.
+#[derive(Debug, Clone)]
+pub struct ExecError {
+    pub program: String,
+    pub errno: Errno,
+}
+
+impl ExecError {
+    /// 127 when not found, 126 when it cannot be invoked (as shells and `docker run`).
+    pub fn exit_code(&self) -> i32 {
+        match self.errno {
+            Errno::ENOENT | Errno::ENOTDIR => crate::exit_code::NOT_FOUND,
+            _ => crate::exit_code::CANNOT_INVOKE,
+        }
+    }
+}
+
+impl fmt::Display for ExecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.errno == Errno::ENOENT && !self.program.contains('/') {
+            write!(f, "{}: command not found", self.program)
+        } else {
+            write!(f, "{}: {}", self.program, self.errno.desc())
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Exec(ExecError),
+    #[error("cannot start the command: {0}")]
+    Io(io::Error),
+}
+
+/// COMMAND's process, stopped just before exec until [`Sandbox::start`].
+pub struct Sandbox {
+    pid: Pid,
+    /// COMMAND's name, for messages.
+    program: String,
+    ctl: OwnedFd,
+    tap: Option<OwnedFd>,
+    netns: Option<OwnedFd>,
+    /// COMMAND's exit code once it was reaped (128 + N when killed by signal N).
+    status: Option<i32>,
+    finished: bool,
+}
+
+const MSG_READY: u8 = b'R';
+const MSG_SETUP_ERROR: u8 = b'E';
+const MSG_EXEC_ERROR: u8 = b'X';
+const MSG_GO: u8 = b'G';
+
+impl Sandbox {
+    /// Forks the sandbox process and waits until its namespaces, TAP and resolv.conf are
+    /// ready. `command` is the program and its arguments (looked up in PATH).
+    pub fn create(spec: &SandboxSpec, command: &[OsString]) -> Result<Sandbox, SandboxError> {
+        if thread_count() > 1 {
+            tracing::warn!("forking the sandbox from a multi-threaded process");
+        }
+        let argv: Vec<CString> = command
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| SandboxError::Setup("the command contains a NUL byte".into()))?;
+        if argv.is_empty() {
+            return Err(SandboxError::Setup("no command given".into()));
+        }
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(io_err("socketpair"))?;
+        // Orphans of COMMAND come to us, so we can reap them.
+        nix::sys::prctl::set_child_subreaper(true).map_err(io_err("PR_SET_CHILD_SUBREAPER"))?;
+        let parent = getpid();
+        // SAFETY: the child only runs `child_main`, which never returns; callers fork while
+        // single-threaded (see the module comment).
+        match unsafe { fork() }.map_err(io_err("fork"))? {
+            ForkResult::Child => {
+                drop(ours);
+                child_main(spec, &argv, theirs, parent)
+            }
+            ForkResult::Parent { child } => {
+                drop(theirs);
+                let mut sandbox = Sandbox {
+                    pid: child,
+                    program: command[0].to_string_lossy().into_owned(),
+                    ctl: ours,
+                    tap: None,
+                    netns: None,
+                    status: None,
+                    finished: false,
+                };
+                sandbox.wait_ready()?;
+                Ok(sandbox)
+            }
+        }
+    }
+
+    fn wait_ready(&mut self) -> Result<(), SandboxError> {
+        let mut buf = [0u8; 4096];
+        let (n, fds) = recv_with_fds(&self.ctl, &mut buf)
+            .map_err(|e| SandboxError::Io { context: "waiting for the sandbox", source: e })?;
+        let mut fds = fds.into_iter();
+        match buf[..n].split_first() {
+            Some((&MSG_READY, _)) => {
+                let (Some(tap), Some(netns)) = (fds.next(), fds.next()) else {
+                    return Err(SandboxError::Setup("the sandbox did not pass its TAP device".into()));
+                };
+                self.tap = Some(tap);
+                self.netns = Some(netns);
+                Ok(())
+            }
+            Some((&MSG_SETUP_ERROR, text)) => Err(SandboxError::Setup(String::from_utf8_lossy(text).into_owned())),
+            _ => Err(SandboxError::Setup("the sandbox process ended during setup".into())),
+        }
+    }
+
+    /// COMMAND's process id.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The TAP device's descriptor (once).
+    pub fn take_tap(&mut self) -> Option<OwnedFd> {
+        self.tap.take()
+    }
+
+    /// A new descriptor of the guest's network namespace (for sockets opened inside it).
+    pub fn netns(&self) -> Option<OwnedFd> {
+        self.netns.as_ref().and_then(|fd| fd.try_clone().ok())
+    }
+
+    /// Lets the sandbox exec COMMAND and reports whether the exec succeeded.
+    pub fn start(&mut self) -> Result<(), StartError> {
+        send_retry(&self.ctl, &[MSG_GO]).map_err(StartError::Io)?;
+        let mut buf = [0u8; 64];
+        let (n, _) = recv_with_fds(&self.ctl, &mut buf).map_err(StartError::Io)?;
+        match buf[..n].split_first() {
+            // End of file: the exec closed the child's end.
+            None => Ok(()),
+            Some((&MSG_EXEC_ERROR, rest)) if rest.len() >= 4 => {
+                let raw = i32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                // The child exits right after; reap it so `finish` has nothing to kill.
+                self.wait_blocking();
+                Err(StartError::Exec(ExecError { program: self.program.clone(), errno: Errno::from_raw(raw) }))
+            }
+            Some(_) => Err(StartError::Io(io::Error::other("unexpected message from the sandbox"))),
+        }
+    }
+
+    /// Sends `sig` to COMMAND unless it has already exited.
+    pub fn signal(&self, sig: Signal) {
+        if self.status.is_none()
+            && let Err(e) = kill(self.pid, sig)
+        {
+            tracing::debug!("forwarding {sig} to {}: {e}", self.pid);
+        }
+    }
+
+    /// Reaps every exited child without blocking; returns COMMAND's exit code once it exited.
+    pub fn reap(&mut self) -> Option<i32> {
+        // Bounded: each iteration reaps one process.
+        for _ in 0..4096 {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(status) => self.note(status),
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::debug!("waitpid: {e}");
+                    break;
+                }
+            }
+        }
+        self.status
+    }
+
+    fn note(&mut self, status: WaitStatus) {
+        match status {
+            WaitStatus::Exited(pid, code) if pid == self.pid => self.status = Some(code),
+            WaitStatus::Signaled(pid, sig, _) if pid == self.pid => self.status = Some(128 + sig as i32),
+            other => tracing::trace!("reaped {other:?}"),
+        }
+    }
+
+    /// Waits for COMMAND to end (after it was killed or failed to exec).
+    fn wait_blocking(&mut self) {
+        while self.status.is_none() {
+            match waitpid(self.pid, None) {
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => self.note(status),
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::debug!("waitpid {}: {e}", self.pid);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Waits (bounded) until the processes we killed are reaped: the ones re-parented to us
+    /// (we are a subreaper) are reaped here, so none is left even as a zombie.
+    fn wait_gone(&mut self, killed: &[Pid]) {
+        let mut pending: Vec<Pid> = killed.to_vec();
+        for _ in 0..1000 {
+            pending.retain(|&pid| match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => true,
+                Err(Errno::EINTR) => true,
+                Ok(status) => {
+                    self.note(status);
+                    false
+                }
+                // Not our child: its own parent reaps it; it is already dying.
+                Err(_) => false,
+            });
+            if pending.is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        tracing::warn!("killed processes did not exit: {pending:?}");
+    }
+
+    /// Kills COMMAND if it still runs and every other process left in the sandbox's network
+    /// namespace, reaps them and closes the namespace. Idempotent; also run on drop.
+    pub fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if self.reap().is_none() {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            self.wait_blocking();
+        }
+        if let Some(netns) = self.netns.take() {
+            let killed = kill_namespace_processes(netns, || {
+                self.reap();
+            });
+            self.wait_gone(&killed);
+        }
+        self.reap();
+        self.tap = None;
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// SIGKILLs every process in the network namespace `netns`, until none is left (bounded);
+/// returns the processes it killed.
+fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> {
+    let mut killed = Vec::new();
+    let Ok(ns) = fs::File::from(netns).metadata() else {
+        return killed;
+    };
+    let me = getpid().as_raw();
+    for round in 0..200 {
+        let mut found = 0;
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return killed;
+        };
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            // Unreadable (another user's process, or one that just exited): not ours.
+            let Ok(m) = fs::metadata(format!("/proc/{pid}/ns/net")) else {
+                continue;
+            };
+            if m.ino() == ns.ino() && m.dev() == ns.dev() {
+                tracing::debug!("killing leftover process {pid}");
+                let pid = Pid::from_raw(pid);
+                let _ = kill(pid, Signal::SIGKILL);
+                if !killed.contains(&pid) {
+                    killed.push(pid);
+                }
+                found += 1;
+            }
+        }
+        reap();
+        if found == 0 {
+            return killed;
+        }
+        std::thread::sleep(Duration::from_millis(if round < 10 { 1 } else { 20 }));
+    }
+    tracing::warn!("processes are still running in the sandbox's network namespace");
+    killed
+}
+
+/// Threads in this process (1 when /proc is unreadable: the check is only a warning).
+fn thread_count() -> usize {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()))
+        .unwrap_or(1)
+}
+
+fn send_retry(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
+    loop {
+        match nix::sys::socket::send(fd.as_raw_fd(), data, MsgFlags::MSG_NOSIGNAL) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Receives one message and any descriptors passed with it (close-on-exec).
+fn recv_with_fds(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => m,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut fds = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just gave us these descriptors; nobody else owns them.
+                fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+            }
+        }
+        return Ok((msg.bytes, fds));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The child side. Everything below runs in the forked process and ends in exec or _exit.
+
+fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -> ! {
+    // Die with usernet; checking the parent afterwards closes the race with its death.
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != parent {
+        exit_now(crate::exit_code::USERNET_FAILED);
+    }
+    let (tap, netns) = match child_setup(spec) {
+        Ok(v) => v,
+        Err(msg) => {
+            let mut out = vec![MSG_SETUP_ERROR];
+            out.extend_from_slice(msg.as_bytes());
+            let _ = send_retry(&ctl, &out);
+            exit_now(crate::exit_code::USERNET_FAILED);
+        }
+    };
+    let fds = [tap.as_raw_fd(), netns.as_raw_fd()];
+    let sent = sendmsg::<()>(
+        ctl.as_raw_fd(),
+        &[IoSlice::new(&[MSG_READY])],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    );
+    drop(tap);
+    drop(netns);
+    if sent.is_err() {
+        exit_now(crate::exit_code::USERNET_FAILED);
+    }
+    // Wait for the go-ahead; anything else (end of file: usernet gave up) ends us quietly.
+    let mut buf = [0u8; 16];
+    match recv_with_fds(&ctl, &mut buf) {
+        Ok((n, _)) if n >= 1 && buf[0] == MSG_GO => {}
+        _ => exit_now(crate::exit_code::USERNET_FAILED),
+    }
+
+    reset_signals();
+    let err = match nix::unistd::execvp(&argv[0], argv) {
+        Err(e) => e,
+        Ok(never) => match never {},
+    };
+    let mut out = vec![MSG_EXEC_ERROR];
+    out.extend_from_slice(&(err as i32).to_ne_bytes());
+    let _ = send_retry(&ctl, &out);
+    let code = ExecError { program: String::new(), errno: err }.exit_code();
+    exit_now(code)
+}
+
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit skips destructors and atexit handlers that belong to the parent.
+    unsafe { libc::_exit(code) }
+}
+
+/// Default dispositions and an empty mask, as a freshly started program expects (Rust
+/// ignores SIGPIPE, and usernet blocks the signals it supervises).
+fn reset_signals() {
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL has no memory-safety requirements.
+        let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
+/// Namespaces, resolv.conf, TAP and its configuration; returns the TAP and the network
+/// namespace, or one line for the user.
+fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
+    enter_namespaces()?;
+    // Nothing we mount may propagate back to the host's mount namespace.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| format!("cannot make the mount namespace private: {}", e.desc()))?;
+    let how = resolv::install_guest_resolv_conf(&spec.resolv_conf)
+        .map_err(|e| format!("cannot set up {}: {}", resolv::RESOLV_CONF, describe(&e)))?;
+    tracing::debug!("guest resolv.conf: {how:?}");
+
+    let tap = Tap::create_with_vnet_hdr(&spec.ifname)
+        .map_err(|e| format!("cannot create TAP device {} (/dev/net/tun): {}", spec.ifname, describe(&e)))?;
+    configure_network(spec).map_err(|e| format!("cannot configure {}: {}", spec.ifname, describe(&e)))?;
+    let netns = open("/proc/self/ns/net", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
+    Ok((tap.into_fd(), netns))
+}
+
+/// Enters new network and mount namespaces, in a new user namespace when needed.
+fn enter_namespaces() -> Result<(), String> {
+    let euid = nix::unistd::geteuid();
+    let egid = nix::unistd::getegid();
+    let net_mnt = CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS;
+    const HINT: &str = "needs root or unprivileged user namespaces";
+    if euid.is_root() {
+        match unshare(net_mnt) {
+            Ok(()) => return Ok(()),
+            // Root without CAP_SYS_ADMIN (inside a container): try a user namespace.
+            Err(Errno::EPERM) => {}
+            Err(e) => return Err(format!("cannot create a network namespace: {}", e.desc())),
+        }
+    }
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| format!("cannot create a user namespace: {} ({HINT})", e.desc()))?;
+    let maps = [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("0 {euid} 1")),
+        ("/proc/self/gid_map", format!("0 {egid} 1")),
+    ];
+    for (path, text) in maps {
+        fs::write(path, text).map_err(|e| format!("cannot write {path}: {}", describe(&e)))?;
+    }
+    unshare(net_mnt).map_err(|e| format!("cannot create a network namespace: {} ({HINT})", e.desc()))
+}
+
+fn configure_network(spec: &SandboxSpec) -> io::Result<()> {
+    super::configure_interface(&spec.ifname, spec.mac, spec.mtu, spec.address, spec.prefix, spec.gateway)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_error_codes_and_messages() {
+        let e = |program: &str, errno| ExecError { program: program.into(), errno };
+        assert_eq!(e("foo", Errno::ENOENT).exit_code(), 127);
+        assert_eq!(e("foo", Errno::ENOENT).to_string(), "foo: command not found");
+        assert_eq!(e("./foo", Errno::ENOENT).to_string(), "./foo: No such file or directory");
+        assert_eq!(e("./foo", Errno::EACCES).exit_code(), 126);
+        assert_eq!(e("./foo", Errno::ENOEXEC).exit_code(), 126);
+        assert_eq!(e("./foo", Errno::EACCES).to_string(), "./foo: Permission denied");
+    }
+}

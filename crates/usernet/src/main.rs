@@ -1,0 +1,68 @@
+//! usernet: user-mode networking for containers and virtual machines.
+//!
+//! The binary is a thin layer over the network core (`usernet_core`) and the host side
+//! (`usernet_host`): one module per command (`run`, `serve`, `port`), the options the
+//! network commands share (`net_opts`) and the one function that starts the network
+//! for both (`network`).
+
+mod net_opts;
+mod network;
+mod port;
+mod run;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+use usernet_host::exit_code;
+
+#[derive(Parser, Debug)]
+#[command(name = "usernet", version, about = "User-mode networking for containers and virtual machines")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run COMMAND in new network and mount namespaces with full outbound networking.
+    Run(run::RunArgs),
+    /// Serve virtual machines (QEMU, vfkit, BESS, stdio) and existing namespaces until signalled.
+    Serve(serve::ServeArgs),
+    /// List, publish and unpublish ports of a running usernet through its `--api` socket.
+    Port(port::PortArgs),
+}
+
+fn main() {
+    std::process::exit(run_cli());
+}
+
+/// Entry point: parses the command line, runs the command, returns the exit status.
+fn run_cli() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit_code::USERNET_FAILED } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run::main(args),
+        Command::Serve(args) => serve::main(args),
+        Command::Port(args) => port::main(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("usernet: {e:#}");
+            exit_code::USERNET_FAILED
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,172 @@
+//! The options of the virtual network that `run` and `serve` share, and what they become:
+//! the network configuration, the ports to publish (bound before anything runs), the proxy.
+
+use clap::Args;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use usernet_core::config::{Ipv4Subnet, NetConfig};
+use usernet_core::ports::{BoundListener, Proto};
+use usernet_host::publish::listen::{self, BindError};
+use usernet_host::publish::spec::{self, PortSpec, SpecError};
+
+/// Options of the virtual network, shared by `run` and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct NetOpts {
+    /// Where the gateway's DNS forwards what it does not answer itself (IP[:PORT]; repeatable).
+    /// Default: the nameservers of the host's /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = parse_dns_upstream)]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// Extra DNS record NAME:IP (repeatable); IP `host-gateway` is the host address.
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+    /// MTU of the guest link.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(576..=65520))]
+    pub mtu: Option<u32>,
+    /// The virtual network's IPv4 subnet (gateway .1, guest .2, host .254).
+    #[arg(long, value_name = "CIDR", default_value = "192.168.65.0/24")]
+    pub subnet: Ipv4Subnet,
+    /// Write every frame of the guest link to FILE (pcap, for tcpdump and Wireshark).
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+    /// Publish a guest port on the host, as `docker run -p` (repeatable):
+    /// `[IP:][HOSTPORT:]PORT[/PROTO]`, ranges `8000-8010:80-90`, `[::1]:8000:80`,
+    /// `127.0.0.1::80`, or `published=8000,target=80[,protocol=udp][,host_ip=IP]`.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    pub publish: Vec<String>,
+    /// Publish every `--expose` port to a random host port (on 0.0.0.0 and [::]).
+    #[arg(short = 'P', long = "publish-all")]
+    pub publish_all: bool,
+    /// A guest port that `--publish-all` publishes: PORT[/PROTO] or a range (repeatable).
+    #[arg(long = "expose", value_name = "PORT[/PROTO]")]
+    pub expose: Vec<String>,
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket.
+    #[arg(long = "api", value_name = "PATH")]
+    pub api: Option<PathBuf>,
+    /// Upstream proxy for the guest's plain HTTP: `http://[user:password@]host[:port]`.
+    #[arg(long = "http-proxy", value_name = "URL")]
+    pub http_proxy: Option<String>,
+    /// Upstream proxy for the guest's HTTPS (CONNECT): `http://[user:password@]host[:port]`.
+    #[arg(long = "https-proxy", value_name = "URL")]
+    pub https_proxy: Option<String>,
+    /// Destinations that bypass the upstream proxy, comma or space separated: hosts,
+    /// domains (`corp.example`, `.corp.example`, `*.corp.example`), IPs, CIDRs, `localhost`, `*`.
+    #[arg(long = "no-proxy", value_name = "LIST")]
+    pub no_proxy: Vec<String>,
+    /// Take HTTP_PROXY, HTTPS_PROXY and NO_PROXY (either case) from the environment.
+    #[arg(long = "proxy-from-env")]
+    pub proxy_from_env: bool,
+    /// Guest TCP ports intercepted transparently when an upstream proxy is set
+    /// (default `80,443`; an empty list turns interception off).
+    #[arg(long = "proxy-ports", value_name = "PORTS")]
+    pub proxy_ports: Option<String>,
+    /// Lower latency for CPU: when the event loop runs out of work it polls, without
+    /// sleeping, for up to this many microseconds, so that an answer arriving soon needs no
+    /// wakeup (about 200 halves request/response latency on VMs with slow idle wakeups). The
+    /// window adapts and shrinks away when spinning does not pay off. Default 0: off.
+    #[arg(long = "busy-poll", value_name = "MICROSECONDS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub busy_poll: u64,
+}
+
+pub fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    Err(format!("invalid DNS upstream: {s} (want IP or IP:PORT)"))
+}
+
+impl NetOpts {
+    /// Every port to publish: the `--publish` specs (ranges expanded), then, with
+    /// `--publish-all`, each `--expose` port that no `--publish` spec already maps, to a
+    /// random host port. Errors are Docker's messages.
+    pub fn published_specs(&self) -> Result<Vec<PortSpec>, SpecError> {
+        let mut specs = Vec::new();
+        for raw in &self.publish {
+            specs.extend(spec::parse_publish(raw)?);
+        }
+        let mut exposed: Vec<(u16, Proto)> = Vec::new();
+        for raw in &self.expose {
+            for port in spec::parse_expose(raw)? {
+                if !exposed.contains(&port) {
+                    exposed.push(port);
+                }
+            }
+        }
+        if self.publish_all {
+            let mapped: Vec<(u16, Proto)> = specs.iter().map(|s| (s.container_port, s.proto)).collect();
+            for (container_port, proto) in exposed {
+                if !mapped.contains(&(container_port, proto)) {
+                    specs.push(PortSpec { host_ip: None, host_ports: None, container_port, proto });
+                }
+            }
+        }
+        Ok(specs)
+    }
+
+    /// The HTTP proxy configuration of the flags (and, with `--proxy-from-env`, the environment).
+    pub fn proxy_config(&self) -> anyhow::Result<usernet_core::services::proxy::ProxyConfig> {
+        use usernet_core::services::proxy::{ProxyConfig, ProxyOptions};
+        let opts = ProxyOptions {
+            http_proxy: self.http_proxy.clone(),
+            https_proxy: self.https_proxy.clone(),
+            no_proxy: self.no_proxy.clone(),
+            ports: self.proxy_ports.clone(),
+            from_env: self.proxy_from_env,
+        };
+        ProxyConfig::from_options(&opts, |k| std::env::var(k).ok()).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Builds the network configuration; `default_mtu` differs for namespaces and VMs.
+    pub fn to_config(&self, default_mtu: u32) -> anyhow::Result<NetConfig> {
+        let mut cfg = NetConfig::new(self.subnet, self.mtu.unwrap_or(default_mtu));
+        for spec in &self.add_host {
+            let (name, ip) = spec
+                .rsplit_once(':')
+                .ok_or_else(|| anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: want NAME:IP"))?;
+            let ip: Ipv4Addr = if ip == "host-gateway" {
+                cfg.host
+            } else {
+                ip.parse().map_err(|_| {
+                    anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: invalid IP address: {ip}")
+                })?
+            };
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if name.is_empty() {
+                anyhow::bail!("invalid argument \"{spec}\" for \"--add-host\" flag: empty name");
+            }
+            cfg.extra_hosts.push((name, ip));
+        }
+        if self.dns_upstream.is_empty() {
+            let host = usernet_host::netns::resolv::host_resolvers(std::path::Path::new("/etc/resolv.conf"));
+            cfg.dns_upstreams = host.nameservers;
+            cfg.search_domains = host.search;
+        } else {
+            cfg.dns_upstreams = self.dns_upstream.clone();
+        }
+        Ok(cfg)
+    }
+}
+
+/// Binds the host sockets of every spec, all or nothing, before any guest runs. Whenever
+/// the host port was picked (none given, 0, a range, `-P`), prints where on stderr, one
+/// `docker port` line per address (`80/tcp -> 0.0.0.0:49153`).
+pub fn bind_published(specs: &[PortSpec]) -> Result<Vec<BoundListener>, BindError> {
+    let mut bound = Vec::new();
+    let mut lines = Vec::new();
+    for s in specs {
+        let listeners = listen::bind(s)?;
+        if s.picks_port() {
+            lines.extend(listeners.iter().map(|l| listen::docker_port_line(s.container_port, s.proto, l.local)));
+        }
+        bound.extend(listeners);
+    }
+    // Printed only once everything is bound: a failure prints nothing but its error.
+    for line in lines {
+        eprintln!("{line}");
+    }
+    Ok(bound)
+}

@@ -1,0 +1,209 @@
+//! `usernet run`: COMMAND in new namespaces, its network served by the engine.
+//!
+//! Theory of operation. The order matters:
+//!
+//! 1. Parse the configuration and open the `--pcap` file, parse the published ports and
+//!    bind their host sockets (`-p`, `-P`): failures here touch nothing and start nothing.
+//!    Wherever the host port was picked, its `docker port` line goes to stderr.
+//! 2. Block SIGCHLD, SIGINT, SIGTERM, SIGHUP and SIGQUIT and open a signalfd for them, while
+//!    the process still has one thread: every thread started later inherits the mask, so
+//!    these signals are only ever read from the signalfd.
+//! 3. Fork the sandbox (`netns::sandbox`), still single-threaded. It returns once COMMAND's
+//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started.
+//! 4. Start the gateway services (their runtime thread) and build the engine on the TAP;
+//!    hand it the bound listeners (it owns them from then on, so they close when it is
+//!    dropped) and, with `--api`, start the control API on the engine's control handle.
+//! 5. Let the sandbox exec COMMAND: exit 127 or 126 if that fails.
+//! 6. Run the engine with [`RunSupervisor`] watching the signalfd: on SIGCHLD it reaps, and
+//!    when COMMAND has exited the loop stops with its status (128 + N if killed by signal
+//!    N); SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to COMMAND. SIGINT and SIGQUIT
+//!    typed at the terminal (sent by the kernel) are not forwarded: the terminal already
+//!    delivered them to COMMAND, which shares usernet's process group.
+//! 7. Clean up: leftover processes in the namespace are killed and reaped; the TAP and the
+//!    namespace go with the last descriptor. Every error path after step 3 drops the
+//!    sandbox, which does the same, and usernet exits 125 with one line on stderr.
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
+
+use anyhow::Context;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::net_opts::{NetOpts, bind_published};
+use crate::network::{Network, start_network};
+use usernet_core::config::{MTU_NETNS, NetConfig};
+use usernet_core::engine::Supervisor;
+use usernet_core::link::tap::Tap;
+use usernet_core::pcap::PcapWriter;
+use usernet_host::netns::resolv;
+use usernet_host::netns::sandbox::{GUEST_MAC, Sandbox, SandboxSpec, StartError};
+
+/// Snap length of `--pcap` captures: whole frames, even 64 KiB segments.
+const PCAP_SNAPLEN: u32 = 262_144;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub net: NetOpts,
+    /// Testing aid: set up the sandbox and supervise COMMAND without serving its network.
+    #[arg(long = "debug-no-engine", hide = true)]
+    pub no_engine: bool,
+    /// The command to run, after `--`.
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// The signals usernet supervises.
+fn supervised_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+        set.add(sig);
+    }
+    set
+}
+
+/// The sandbox spec for a network configuration.
+pub fn sandbox_spec(cfg: &NetConfig) -> SandboxSpec {
+    SandboxSpec {
+        ifname: "eth0".into(),
+        mac: GUEST_MAC,
+        address: cfg.guest,
+        prefix: cfg.subnet.prefix,
+        gateway: cfg.gateway,
+        mtu: cfg.mtu,
+        resolv_conf: resolv::render_guest(cfg.gateway.into(), &cfg.search_domains),
+    }
+}
+
+pub fn main(args: RunArgs) -> anyhow::Result<i32> {
+    let cfg = Arc::new(args.net.to_config(MTU_NETNS)?);
+    let pcap = match &args.net.pcap {
+        Some(path) => {
+            Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
+        }
+        None => None,
+    };
+
+    // Published ports are bound before anything else exists: a bad spec or a taken port is
+    // one line and exit 125, before COMMAND starts, with nothing left listening.
+    let specs = args.net.published_specs()?;
+    let listeners = bind_published(&specs)?;
+    let proxy = args.net.proxy_config()?;
+
+    let signals = supervised_signals();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
+    let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+
+    let mut sandbox = Sandbox::create(&sandbox_spec(&cfg), &args.command)?;
+    let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
+    let tap = Tap::from_fd(tap_fd).context("TAP device")?;
+
+    // Kept alive until the engine returns; dropping it stops the API and removes its socket.
+    let mut api = None;
+    let mut engine = if args.no_engine {
+        drop(pcap);
+        drop(listeners);
+        None
+    } else {
+        let Network { mut engine, dns_records, proxy_settings, proxy_hook } =
+            start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
+        engine.add_tcp_hook(proxy_hook);
+        engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
+        engine.add_static_lease(usernet_host::netns::sandbox::GUEST_MAC, cfg.guest);
+        if let Some(netns) = sandbox.netns()
+            && let Err(e) = engine.set_guest_netns(netns)
+        {
+            tracing::warn!("loopback clients of published ports go through the guest link: {e}");
+        }
+        if !listeners.is_empty() {
+            for p in engine.publish(listeners, cfg.guest) {
+                tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
+            }
+        }
+        if let Some(path) = &args.net.api {
+            let handle = engine.control_handle().context("control API")?;
+            let server = usernet_host::api::serve(path, handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
+                .with_context(|| format!("cannot serve the control API on {}", path.display()))?;
+            api = Some(server);
+        }
+        Some(engine)
+    };
+
+    match sandbox.start() {
+        Ok(()) => {}
+        Err(StartError::Exec(e)) => {
+            eprintln!("usernet: {e}");
+            return Ok(e.exit_code());
+        }
+        Err(e) => return Err(e.into()),
+    }
+
+    let mut sup = RunSupervisor { sfd, sandbox: &mut sandbox };
+    let code = match engine.as_mut() {
+        Some(engine) => engine.run(&mut sup).context("network engine failed")?,
+        None => supervise_only(&mut sup)?,
+    };
+    // The API first (it stops taking requests and removes its socket), then the engine,
+    // which closes the published ports.
+    drop(api);
+    drop(engine);
+    sandbox.finish();
+    Ok(code)
+}
+
+/// Without an engine: wait on the signalfd alone until COMMAND exits.
+fn supervise_only(sup: &mut RunSupervisor<'_>) -> anyhow::Result<i32> {
+    loop {
+        let mut fds = [PollFd::new(sup.sfd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e).context("poll"),
+        }
+        if let Some(code) = sup.on_ready() {
+            return Ok(code);
+        }
+    }
+}
+
+/// Watches the signalfd for the engine: reaps children, forwards signals to COMMAND.
+pub struct RunSupervisor<'a> {
+    sfd: SignalFd,
+    sandbox: &'a mut Sandbox,
+}
+
+impl Supervisor for RunSupervisor<'_> {
+    fn fd(&self) -> RawFd {
+        self.sfd.as_raw_fd()
+    }
+
+    fn on_ready(&mut self) -> Option<i32> {
+        // Bounded: the kernel queues at most one instance of each standard signal.
+        for _ in 0..64 {
+            let info = match self.sfd.read_signal() {
+                Ok(Some(info)) => info,
+                Ok(None) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!("reading signals: {e}");
+                    break;
+                }
+            };
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
+            if sig == Signal::SIGCHLD {
+                continue;
+            }
+            let from_terminal = info.ssi_code == libc::SI_KERNEL && matches!(sig, Signal::SIGINT | Signal::SIGQUIT);
+            if from_terminal {
+                tracing::debug!("{sig} from the terminal: COMMAND got it too");
+            } else {
+                tracing::debug!("forwarding {sig} to COMMAND");
+                self.sandbox.signal(sig);
+            }
+        }
+        self.sandbox.reap()
+    }
+}

@@ -1,0 +1,270 @@
+//! `usernet serve`: networking for virtual machines (and existing namespaces), a drop-in
+//! for gvisor-tap-vsock's gvproxy.
+//!
+//! Theory of operation. The order matters:
+//!
+//! 1. Parse everything (configuration, `--pcap`, published ports and their host sockets,
+//!    the transports' addresses): a mistake is one line and exit 125, nothing started.
+//! 2. Block SIGINT and SIGTERM and open a signalfd for them while the process has one
+//!    thread, so every later thread inherits the mask.
+//! 3. `--netns`: attach a TAP to each namespace (`netns::attach` forks, which must happen
+//!    while usernet is single-threaded). The i-th namespace gets MAC `5a:94:ef:e4:0c:ee`+i
+//!    and the address the DHCP server would give it, .2+i, recorded as a static lease.
+//! 4. Bind the listening transports: `--listen-qemu unix:PATH` (stream, 4-byte big-endian
+//!    lengths; one link per connection, so a rebooted VM simply connects again),
+//!    `--listen-bess unixpacket:PATH` (SOCK_SEQPACKET, the same), `--listen-vfkit
+//!    unixgram:PATH` (one datagram socket; the peer is learnt from what it receives) and
+//!    `--listen-stdio` (2-byte little-endian lengths on stdin/stdout).
+//! 5. Start the gateway services and the engine, add links and acceptors, publish the
+//!    `-p` ports to the first guest (192.168.65.2, the first DHCP lease), start `--api`, and
+//!    with `--guest-api` let the engine hand guest connections to gateway:80 to the API
+//!    (gvproxy serves its API there too), which then knows the calling guest's address.
+//!    The HTTP proxy flags (`--http-proxy`, ...) apply as in `run`.
+//! 6. Run the engine until SIGINT or SIGTERM: exit 0. Dropping the API removes its socket;
+//!    dropping the engine closes every link and removes the transports' socket files.
+
+use std::net::SocketAddrV4;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::net_opts::{NetOpts, bind_published};
+use crate::network::{Network, start_network};
+use usernet_core::config::MTU_VM;
+use usernet_core::engine::Supervisor;
+use usernet_core::link::dgram::DgramLink;
+use usernet_core::link::qemu::{QemuAcceptor, parse_socket_url};
+use usernet_core::link::seqpacket::SeqpacketAcceptor;
+use usernet_core::link::tap::Tap;
+use usernet_core::link::{Link, LinkAcceptor};
+use usernet_core::pcap::PcapWriter;
+use usernet_host::netns::attach::{AttachSpec, NetnsTarget};
+use usernet_host::netns::sandbox::GUEST_MAC;
+
+/// Snap length of `--pcap` captures: whole frames.
+const PCAP_SNAPLEN: u32 = 262_144;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub net: NetOpts,
+    /// Serve QEMU's stream transport (`-netdev stream`) on a Unix socket: `unix:PATH`
+    /// (repeatable).
+    #[arg(long = "listen-qemu", value_name = "unix:PATH")]
+    pub listen_qemu: Vec<String>,
+    /// Serve the datagram transport (vfkit, QEMU `-netdev dgram`) on a Unix datagram
+    /// socket: `unixgram:PATH` (repeatable).
+    #[arg(long = "listen-vfkit", value_name = "unixgram:PATH")]
+    pub listen_vfkit: Vec<String>,
+    /// Serve the SOCK_SEQPACKET transport (BESS) on a Unix socket: `unixpacket:PATH`
+    /// (repeatable).
+    #[arg(long = "listen-bess", value_name = "unixpacket:PATH")]
+    pub listen_bess: Vec<String>,
+    /// Serve one guest on stdin and stdout (2-byte little-endian length prefixes).
+    #[arg(long = "listen-stdio")]
+    pub listen_stdio: bool,
+    /// Attach a TAP device to an existing network namespace: a PID, or a path such as
+    /// /run/netns/NAME (repeatable).
+    #[arg(long = "netns", value_name = "PATH|PID")]
+    pub netns: Vec<NetnsTarget>,
+    /// Name of the TAP device created by `--netns`.
+    #[arg(long = "netns-ifname", value_name = "NAME", default_value = "eth0")]
+    pub netns_ifname: String,
+    /// Serve the control API to the guests at the gateway's port 80, as gvproxy does.
+    #[arg(long = "guest-api")]
+    pub guest_api: bool,
+}
+
+/// The MAC of the i-th `--netns` guest.
+pub fn netns_mac(i: usize) -> [u8; 6] {
+    let mut mac = GUEST_MAC;
+    mac[5] = mac[5].wrapping_add(i as u8);
+    mac
+}
+
+pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
+    let cfg = Arc::new(args.net.to_config(MTU_VM)?);
+    let pcap = match &args.net.pcap {
+        Some(path) => {
+            Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
+        }
+        None => None,
+    };
+    let parse = |urls: &[String], scheme: &str| -> anyhow::Result<Vec<PathBuf>> {
+        urls.iter().map(|u| parse_socket_url(u, scheme).map_err(anyhow::Error::msg)).collect()
+    };
+    let qemu_paths = parse(&args.listen_qemu, "unix")?;
+    let vfkit_paths = parse(&args.listen_vfkit, "unixgram")?;
+    let bess_paths = parse(&args.listen_bess, "unixpacket")?;
+    if qemu_paths.is_empty()
+        && vfkit_paths.is_empty()
+        && bess_paths.is_empty()
+        && !args.listen_stdio
+        && args.netns.is_empty()
+    {
+        anyhow::bail!("no transport: give --listen-qemu, --listen-vfkit, --listen-bess, --listen-stdio or --netns");
+    }
+    if args.netns.len() > 250 {
+        anyhow::bail!("too many --netns");
+    }
+    let specs = args.net.published_specs()?;
+    let listeners = bind_published(&specs)?;
+    let proxy = args.net.proxy_config()?;
+
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
+    let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+
+    // Namespaces first: attaching forks, which needs a single-threaded process.
+    let mut taps = Vec::new();
+    for (i, target) in args.netns.iter().enumerate() {
+        let spec = AttachSpec {
+            target: target.clone(),
+            ifname: args.netns_ifname.clone(),
+            mac: netns_mac(i),
+            address: cfg.subnet.host(2 + i as u32),
+            prefix: cfg.subnet.prefix,
+            gateway: cfg.gateway,
+            mtu: cfg.mtu,
+        };
+        let fd = usernet_host::netns::attach::attach(&spec)?;
+        let tap = Tap::from_fd(fd).context("TAP device")?;
+        taps.push((spec, tap));
+    }
+
+    let mut acceptors: Vec<Box<dyn LinkAcceptor>> = Vec::new();
+    let mut links: Vec<Box<dyn Link>> = Vec::new();
+    for path in &qemu_paths {
+        let a = QemuAcceptor::bind(path).with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+        acceptors.push(Box::new(a));
+    }
+    for path in &bess_paths {
+        let a =
+            SeqpacketAcceptor::bind(path).with_context(|| format!("cannot listen on unixpacket:{}", path.display()))?;
+        acceptors.push(Box::new(a));
+    }
+    for path in &vfkit_paths {
+        let l = DgramLink::bind(path).with_context(|| format!("cannot listen on unixgram:{}", path.display()))?;
+        links.push(Box::new(l));
+    }
+    if args.listen_stdio {
+        links.push(Box::new(usernet_core::link::stdio::stdio_link().context("stdin/stdout")?));
+    }
+
+    let Network { mut engine, dns_records, proxy_settings, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
+    engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
+    for (spec, tap) in taps {
+        engine.add_static_lease(spec.mac, spec.address);
+        engine.add_link(Box::new(tap));
+    }
+    for link in links {
+        engine.add_link(link);
+    }
+    for a in acceptors {
+        let name = a.describe();
+        engine.add_acceptor(a).with_context(|| format!("{name}: cannot watch it"))?;
+    }
+    if !listeners.is_empty() {
+        for p in engine.publish(listeners, cfg.guest) {
+            tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
+        }
+    }
+
+    // Kept alive until the engine returns; dropping it stops the API and removes its socket.
+    let mut api = None;
+    if args.net.api.is_some() || args.guest_api {
+        let handle = engine.control_handle().context("control API")?;
+        let server = match &args.net.api {
+            Some(path) => {
+                usernet_host::api::serve(path, handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
+                    .with_context(|| format!("cannot serve the control API on {}", path.display()))?
+            }
+            None => {
+                usernet_host::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
+                    .context("control API")?
+            }
+        };
+        if args.guest_api {
+            let guest_api = server.guest_api();
+            let api_addr = SocketAddrV4::new(cfg.gateway, 80);
+            engine.add_tcp_hook(Box::new(move |dst: SocketAddrV4, guest: SocketAddrV4| {
+                (dst == api_addr).then(|| guest_api.connect(guest))
+            }));
+        }
+        api = Some(server);
+    }
+    // After the guest API's hook, so that gateway:80 stays the API's.
+    engine.add_tcp_hook(proxy_hook);
+
+    let mut sup = ServeSupervisor { sfd };
+    let code = engine.run(&mut sup).context("network engine failed")?;
+    drop(api);
+    drop(engine);
+    Ok(code)
+}
+
+/// Stops the engine on SIGINT or SIGTERM, with exit status 0.
+struct ServeSupervisor {
+    sfd: SignalFd,
+}
+
+impl Supervisor for ServeSupervisor {
+    fn fd(&self) -> RawFd {
+        self.sfd.as_raw_fd()
+    }
+
+    fn on_ready(&mut self) -> Option<i32> {
+        // Bounded: the kernel queues at most one instance of each standard signal.
+        for _ in 0..8 {
+            match self.sfd.read_signal() {
+                Ok(Some(info)) => {
+                    tracing::info!("signal {}: stopping", info.ssi_signo);
+                    return Some(0);
+                }
+                Ok(None) => return None,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!("reading signals: {e}");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_parse() {
+        let cli = crate::Cli::try_parse_from([
+            "usernet",
+            "serve",
+            "--listen-qemu",
+            "unix:/tmp/a.sock",
+            "--listen-vfkit",
+            "unixgram:///tmp/b.sock",
+            "--netns",
+            "123",
+            "--guest-api",
+            "-p",
+            "8080:80",
+        ])
+        .unwrap();
+        let crate::Command::Serve(args) = cli.command else { panic!("not serve") };
+        assert_eq!(args.listen_qemu, vec!["unix:/tmp/a.sock".to_string()]);
+        assert_eq!(args.netns, vec![NetnsTarget::Pid(123)]);
+        assert!(args.guest_api);
+        assert_eq!(netns_mac(0), GUEST_MAC);
+        assert_eq!(netns_mac(1)[5], GUEST_MAC[5].wrapping_add(1));
+    }
+}
