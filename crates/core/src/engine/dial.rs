@@ -7,11 +7,11 @@
 //! tests give the engine sockets without any real network.
 
 use std::io;
-use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use super::sock;
 use crate::config::NetConfig;
 use crate::services::ServiceHub;
 
@@ -93,9 +93,9 @@ impl Dialer for HostDialer {
             },
             Target::Unreachable => Err(unreachable()),
             Target::Host(ip) => {
-                let fd = socket(libc::SOCK_STREAM, 0)?;
-                set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
-                let connected = connect(fd.as_raw_fd(), SocketAddrV4::new(ip, dst.port()))?;
+                let fd = sock::socket(libc::SOCK_STREAM, 0)?;
+                sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+                let connected = sock::connect(fd.as_fd(), SocketAddrV4::new(ip, dst.port()))?;
                 Ok(TcpDial { fd, connected, is_tcp: true })
             }
         }
@@ -109,8 +109,8 @@ impl Dialer for HostDialer {
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             Target::Unreachable => Err(unreachable()),
             Target::Host(ip) => {
-                let fd = socket(libc::SOCK_DGRAM, 0)?;
-                connect(fd.as_raw_fd(), SocketAddrV4::new(ip, dst.port()))?;
+                let fd = sock::socket(libc::SOCK_DGRAM, 0)?;
+                sock::connect(fd.as_fd(), SocketAddrV4::new(ip, dst.port()))?;
                 Ok(fd)
             }
         }
@@ -123,77 +123,23 @@ impl Dialer for HostDialer {
         };
         let kind = self.icmp_kind.ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))?;
         let fd = match kind {
-            IcmpKind::Ping => socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP)?,
-            IcmpKind::Raw => socket(libc::SOCK_RAW, libc::IPPROTO_ICMP)?,
+            IcmpKind::Ping => sock::socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP)?,
+            IcmpKind::Raw => sock::socket(libc::SOCK_RAW, libc::IPPROTO_ICMP)?,
         };
-        connect(fd.as_raw_fd(), SocketAddrV4::new(ip, 0))?;
+        sock::connect(fd.as_fd(), SocketAddrV4::new(ip, 0))?;
         Ok((fd, kind))
     }
 }
 
 /// Which kind of ICMP socket this process may open: ping sockets first, raw as root.
 fn probe_icmp() -> Option<IcmpKind> {
-    if socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP).is_ok() {
+    if sock::socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP).is_ok() {
         Some(IcmpKind::Ping)
-    } else if socket(libc::SOCK_RAW, libc::IPPROTO_ICMP).is_ok() {
+    } else if sock::socket(libc::SOCK_RAW, libc::IPPROTO_ICMP).is_ok() {
         Some(IcmpKind::Raw)
     } else {
         None
     }
-}
-
-/// A non-blocking, close-on-exec IPv4 socket.
-pub fn socket(kind: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the returned descriptor is owned by the OwnedFd.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
-        sin_zero: [0; 8],
-    }
-}
-
-/// Starts a connect; Ok(true) when it completed at once, Ok(false) when in progress.
-pub fn connect(fd: RawFd, addr: SocketAddrV4) -> io::Result<bool> {
-    let sa = sockaddr_in(addr);
-    // SAFETY: sa is a valid sockaddr_in of the length given.
-    let r =
-        unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_in>() as u32) };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EINPROGRESS) { Ok(false) } else { Err(e) }
-}
-
-pub fn set_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
-    // SAFETY: the option value is a c_int of the length given.
-    let r = unsafe {
-        libc::setsockopt(fd, level, opt, &val as *const _ as *const libc::c_void, size_of::<libc::c_int>() as u32)
-    };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-pub fn get_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: val and len are valid for writes of the sizes given.
-    let r = unsafe { libc::getsockopt(fd, level, opt, &mut val as *mut _ as *mut libc::c_void, &mut len) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(val) }
-}
-
-/// The pending error of a socket (SO_ERROR), 0 when none.
-pub fn take_error(fd: RawFd) -> i32 {
-    get_int(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(libc::EIO)
 }
 
 /// Raises the open-file limit to its hard maximum: each guest flow holds a descriptor.

@@ -9,16 +9,17 @@
 //! IPv4-only) appears as the host address, as if it came from host.docker.internal.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
 use std::time::Instant;
 
 use mio::Interest;
 use mio::unix::SourceFd;
 
 use super::control::Published;
-use super::flows::udp::Inbound;
+use super::flows::udp::{Inbound, UdpSocket};
 use super::flows::{Flow, FlowKey, SpliceFlow, TcpFlow, UdpFlow, Verdict};
-use super::tx::UDP_PAYLOAD_OFF;
+use super::switch::UDP_PAYLOAD_OFF;
 use super::{Engine, sock};
 use crate::ports::BoundListener;
 use crate::ports::Proto;
@@ -27,7 +28,8 @@ use crate::ports::Proto;
 pub const LISTENER_BIT: usize = 1 << 62;
 
 pub struct Listener {
-    pub fd: OwnedFd,
+    /// Shared with the inbound UDP flows that answer through it.
+    pub fd: Rc<OwnedFd>,
     pub local: SocketAddr,
     pub proto: Proto,
     pub guest_ip: Ipv4Addr,
@@ -69,7 +71,7 @@ impl Engine {
             };
             self.next_listener_id += 1;
             let listener = Listener {
-                fd: l.fd,
+                fd: Rc::new(l.fd),
                 local: l.local,
                 proto: l.proto,
                 guest_ip,
@@ -105,7 +107,7 @@ impl Engine {
         let orphans: Vec<_> = self
             .flows
             .ids()
-            .filter(|(_, f)| matches!(f, Flow::Udp(u) if u.inbound.as_ref().is_some_and(|i| i.listener_id == l.id)))
+            .filter(|(_, f)| matches!(f, Flow::Udp(UdpFlow { socket: UdpSocket::Published(i), .. }) if i.listener_id == l.id))
             .map(|(id, _)| id)
             .collect();
         for id in orphans {
@@ -121,16 +123,16 @@ impl Engine {
     /// A listener is readable: accept every waiting connection, or take every datagram.
     pub(super) fn on_listener(&mut self, index: usize, now: Instant) {
         let Some(Some(l)) = self.listeners.get(index) else { return };
-        let (raw, proto, guest, id) = (l.fd.as_raw_fd(), l.proto, SocketAddrV4::new(l.guest_ip, l.guest_port), l.id);
+        let (fd, proto, guest, id) = (l.fd.clone(), l.proto, SocketAddrV4::new(l.guest_ip, l.guest_port), l.id);
         match proto {
-            Proto::Tcp => self.accept_all(raw, guest, now),
-            Proto::Udp => self.receive_all(raw, guest, id, now),
+            Proto::Tcp => self.accept_all(fd.as_fd(), guest, now),
+            Proto::Udp => self.receive_all(&fd, guest, id, now),
         }
     }
 
-    fn accept_all(&mut self, raw: std::os::fd::RawFd, guest: SocketAddrV4, now: Instant) {
+    fn accept_all(&mut self, listener: BorrowedFd<'_>, guest: SocketAddrV4, now: Instant) {
         for _ in 0..256 {
-            let (fd, client) = match sock::accept(raw) {
+            let (fd, client) = match sock::accept(listener) {
                 Ok(Some(x)) => x,
                 Ok(None) => return,
                 Err(e) => {
@@ -147,12 +149,12 @@ impl Engine {
             let key = FlowKey::Tcp { guest, remote };
             if self.flows.lookup(&key).is_some() {
                 tracing::debug!("{client} -> {guest}: that address pair is busy; reset");
-                sock::set_linger_zero(fd.as_raw_fd());
+                sock::set_linger_zero(fd.as_fd());
                 continue;
             }
-            let _ = super::dial::set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+            let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
             let isn = self.isn(&key, now);
-            let flow = TcpFlow::new_inbound(&mut self.tx, guest, remote, fd, true, isn, now);
+            let flow = TcpFlow::new_inbound(&mut self.switch, guest, remote, fd, true, isn, now);
             if let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) {
                 self.after(id, Verdict::Keep);
             }
@@ -169,7 +171,7 @@ impl Engine {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!("published port {guest} inside the namespace: {e}");
-                sock::set_linger_zero(host.as_raw_fd());
+                sock::set_linger_zero(host.as_fd());
                 return;
             }
         };
@@ -196,11 +198,11 @@ impl Engine {
         self.on_socket(id, true, true, false, now);
     }
 
-    fn receive_all(&mut self, raw: std::os::fd::RawFd, guest: SocketAddrV4, listener_id: u32, now: Instant) {
-        let max = self.tx.max_udp_payload();
+    fn receive_all(&mut self, listener: &Rc<OwnedFd>, guest: SocketAddrV4, listener_id: u32, now: Instant) {
+        let max = self.switch.max_udp_payload();
         for _ in 0..1024 {
-            let buf = &mut self.tx.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
-            let (n, client) = match sock::recv_from(raw, buf) {
+            let buf = &mut self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
+            let (n, client) = match sock::recv_from(listener.as_fd(), buf) {
                 Ok(Some(x)) => x,
                 Ok(None) => return,
                 Err(e) => {
@@ -220,7 +222,7 @@ impl Engine {
                     if self.flows.udp_count >= super::MAX_UDP {
                         self.evict_oldest(|f| matches!(f, Flow::Udp(_)));
                     }
-                    let inbound = Inbound { listener_fd: raw, listener_id, client };
+                    let inbound = Inbound { listener: listener.clone(), listener_id, client };
                     let flow = Flow::Udp(UdpFlow::new_inbound(guest, remote, inbound, now));
                     match self.add_flow(flow, Interest::READABLE) {
                         Some(id) => id,
@@ -231,7 +233,7 @@ impl Engine {
             match self.flows.get_mut(id) {
                 Some(Flow::Udp(f)) => {
                     f.last_used = now;
-                    if let Some(i) = f.inbound.as_mut() {
+                    if let Some(i) = f.inbound_mut() {
                         // The same mapped address may stand for another client port pair
                         // only if the client moved; keep answering the latest.
                         i.client = client;
@@ -239,7 +241,7 @@ impl Engine {
                 }
                 _ => continue,
             }
-            self.tx.send_udp(remote, guest, n);
+            self.switch.send_udp(remote, guest, n);
             self.after(id, Verdict::Keep);
         }
     }
@@ -259,15 +261,15 @@ fn dial_in_namespace(theirs: &OwnedFd, ours: &OwnedFd, guest: SocketAddrV4) -> s
     if unsafe { libc::setns(theirs.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let made = super::dial::socket(libc::SOCK_STREAM, 0);
+    let made = sock::socket(libc::SOCK_STREAM, 0);
     // SAFETY: as above, back to our own namespace.
     if unsafe { libc::setns(ours.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
         // Staying in the guest's namespace would dial every later flow from there.
         panic!("cannot return to usernet's own network namespace: {}", std::io::Error::last_os_error());
     }
     let fd = made?;
-    let _ = super::dial::set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-    let local = super::dial::sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    let local = sock::sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
     // SAFETY: local is a valid sockaddr_in of the length given.
     let r = unsafe {
         libc::bind(
@@ -279,7 +281,7 @@ fn dial_in_namespace(theirs: &OwnedFd, ours: &OwnedFd, guest: SocketAddrV4) -> s
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let connected = super::dial::connect(fd.as_raw_fd(), guest)?;
+    let connected = sock::connect(fd.as_fd(), guest)?;
     Ok((fd, connected))
 }
 

@@ -23,7 +23,7 @@ pub mod dial;
 pub mod flows;
 pub mod listeners;
 pub mod sock;
-pub mod tx;
+pub mod switch;
 mod udp_batch;
 
 use std::cmp::Reverse;
@@ -31,7 +31,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::hash::BuildHasher;
 use std::io;
 use std::net::SocketAddrV4;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,7 @@ use usernet_wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use dial::{Dialer, HostDialer};
 use flows::{Flow, FlowId, FlowKey, FlowTable, IcmpFlow, TcpFlow, UdpFlow, Verdict};
-use tx::{GuestTx, ICMP_DATA_OFF, UDP_PAYLOAD_OFF};
+use switch::{ICMP_DATA_OFF, Switch, UDP_PAYLOAD_OFF};
 
 /// Something outside the network that the loop also watches (the `run` command's
 /// signalfd, say): when its fd is readable the loop calls `on_ready`, and stops with
@@ -82,7 +82,7 @@ pub const MAX_ICMP: usize = 256;
 pub struct Engine {
     cfg: Arc<NetConfig>,
     poll: Poll,
-    tx: GuestTx,
+    switch: Switch,
     rx_buf: Vec<u8>,
     dialer: Box<dyn Dialer>,
     dhcp: DhcpServer,
@@ -158,7 +158,7 @@ impl Engine {
     pub fn add_link(&mut self, link: Box<dyn Link>) {
         let fd = link.fd();
         let name = link.describe();
-        let index = self.tx.add_link(link);
+        let index = self.switch.add_link(link);
         let token = Token(LINK_BIT | index);
         if let Err(e) =
             self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE)
@@ -193,8 +193,8 @@ impl Engine {
     /// Writes what the links queued during this round (a stream link writes a round's
     /// frames with one system call).
     fn flush_links(&mut self) {
-        for index in 0..self.tx.links.len() {
-            if let Some(Some(slot)) = self.tx.links.get_mut(index)
+        for index in 0..self.switch.links.len() {
+            if let Some(Some(slot)) = self.switch.links.get_mut(index)
                 && let Err(e) = slot.link.flush()
             {
                 self.drop_link(index, &e);
@@ -203,7 +203,7 @@ impl Engine {
     }
 
     fn drop_link(&mut self, index: usize, why: &io::Error) {
-        if let Some(slot) = self.tx.remove_link(index) {
+        if let Some(slot) = self.switch.remove_link(index) {
             let fd = slot.link.fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
             match why.kind() {
@@ -225,7 +225,7 @@ impl Engine {
             control_rx,
             waker: None,
             poll: Poll::new()?,
-            tx: GuestTx::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
+            switch: Switch::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
             acceptors: Vec::new(),
             udp_batch: Default::default(),
             netns: None,
@@ -245,8 +245,8 @@ impl Engine {
         })
     }
 
-    pub fn stats(&self) -> tx::LinkStats {
-        self.tx.stats
+    pub fn stats(&self) -> switch::LinkStats {
+        self.switch.stats
     }
 
     /// A handle through which other threads (the control API) send commands to this engine.
@@ -276,7 +276,7 @@ impl Engine {
                     let _ = reply.send(self.dhcp.leases());
                 }
                 Command::Stats { reply } => {
-                    let s = self.tx.stats;
+                    let s = self.switch.stats;
                     let _ = reply.send(control::Stats {
                         frames_in: s.frames_in,
                         frames_out: s.frames_out,
@@ -352,13 +352,13 @@ impl Engine {
                     t if t.0 & LINK_BIT != 0 => {
                         let index = t.0 & !LINK_BIT;
                         if ev.is_writable()
-                            && let Some(Some(slot)) = self.tx.links.get_mut(index)
+                            && let Some(Some(slot)) = self.switch.links.get_mut(index)
                             && let Err(e) = slot.link.flush()
                         {
                             self.drop_link(index, &e);
                         }
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            if let Some(Some(slot)) = self.tx.links.get_mut(index) {
+                            if let Some(Some(slot)) = self.switch.links.get_mut(index) {
                                 slot.readable = true;
                             }
                             link_ready = true;
@@ -388,7 +388,7 @@ impl Engine {
                 self.shutdown();
                 return Ok(code);
             }
-            if !link_ready && let Some(p) = self.tx.pcap.as_mut() {
+            if !link_ready && let Some(p) = self.switch.pcap.as_mut() {
                 p.flush();
             }
         }
@@ -407,9 +407,9 @@ impl Engine {
     fn read_links(&mut self, now: Instant) -> bool {
         let mut buf = std::mem::take(&mut self.rx_buf);
         let mut more = false;
-        for index in 0..self.tx.links.len() {
+        for index in 0..self.switch.links.len() {
             let mut got = 0;
-            while let Some(Some(slot)) = self.tx.links.get_mut(index) {
+            while let Some(Some(slot)) = self.switch.links.get_mut(index) {
                 if !slot.readable {
                     break;
                 }
@@ -437,13 +437,13 @@ impl Engine {
 
     /// One frame from the guest. Never panics, whatever the bytes.
     pub fn on_frame(&mut self, link: usize, frame: &[u8], now: Instant) {
-        self.tx.stats.frames_in += 1;
-        self.tx.stats.bytes_in += frame.len() as u64;
-        if let Some(p) = self.tx.pcap.as_mut() {
+        self.switch.stats.frames_in += 1;
+        self.switch.stats.bytes_in += frame.len() as u64;
+        if let Some(p) = self.switch.pcap.as_mut() {
             p.write(frame);
         }
         let Some((eth, payload)) = EthernetHeader::parse(frame) else {
-            self.tx.stats.dropped_in += 1;
+            self.switch.stats.dropped_in += 1;
             return;
         };
         // Learn where the sender is, and its address when it is one of the guest network's.
@@ -453,10 +453,10 @@ impl Engine {
             _ => None,
         }
         .filter(|ip| self.cfg.subnet.contains(*ip) && *ip != self.cfg.gateway && *ip != self.cfg.host);
-        self.tx.learn(link, eth.src, src_ip);
+        self.switch.learn(link, eth.src, src_ip);
         // The switch: frames for other guests go to them; broadcasts go to them too.
         if eth.dst != self.cfg.gateway_mac {
-            self.tx.forward(link, frame);
+            self.switch.forward(link, frame);
             if eth.dst[0] & 1 == 0 {
                 return;
             }
@@ -464,7 +464,7 @@ impl Engine {
         match eth.ethertype {
             ethernet::ETHERTYPE_ARP => self.on_arp(payload),
             ethernet::ETHERTYPE_IPV4 => self.on_ipv4(payload, eth.src, now),
-            _ => self.tx.stats.dropped_in += 1,
+            _ => self.switch.stats.dropped_in += 1,
         }
     }
 
@@ -486,24 +486,24 @@ impl Engine {
         EthernetHeader { dst: p.sender_mac, src: self.cfg.gateway_mac, ethertype: ethernet::ETHERTYPE_ARP }
             .emit(&mut frame);
         reply.emit(&mut frame[ethernet::HEADER_LEN..]);
-        self.tx.send_frame(&frame, p.sender_mac);
+        self.switch.send_frame(&frame, p.sender_mac);
     }
 
     fn on_ipv4(&mut self, packet: &[u8], src_mac: [u8; 6], now: Instant) {
         let Some((ip, payload)) = Ipv4Header::parse(packet) else {
-            self.tx.stats.dropped_in += 1;
+            self.switch.stats.dropped_in += 1;
             return;
         };
         if ip.is_fragment {
             // The guest's MTU matches the link; fragments are not reassembled.
-            self.tx.stats.dropped_in += 1;
+            self.switch.stats.dropped_in += 1;
             return;
         }
         match ip.protocol {
             PROTO_TCP => self.on_tcp(&ip, payload, now),
             PROTO_UDP => self.on_udp(&ip, payload, src_mac, now),
             PROTO_ICMP => self.on_icmp(&ip, payload, now),
-            _ => self.tx.stats.dropped_in += 1,
+            _ => self.switch.stats.dropped_in += 1,
         }
     }
 
@@ -515,10 +515,10 @@ impl Engine {
             return;
         }
         if ip.dst == self.cfg.gateway {
-            let len = data.len().min(self.tx.mtu - 28);
-            self.tx.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
+            let len = data.len().min(self.switch.mtu - 28);
+            self.switch.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
             let reply = IcmpHeader::echo(icmp::TYPE_ECHO_REPLY, h.ident(), h.seq());
-            self.tx.send_icmp(ip.dst, ip.src, &reply, len);
+            self.switch.send_icmp(ip.dst, ip.src, &reply, len);
             return;
         }
         let key = FlowKey::Icmp { guest: ip.src, remote: ip.dst, ident: h.ident() };
@@ -581,7 +581,7 @@ impl Engine {
                         let mut q = [0u8; 28];
                         Ipv4Header::new(ip.src, ip.dst, PROTO_UDP, datagram.len()).emit(&mut q);
                         q[20..20 + quote.len()].copy_from_slice(quote);
-                        self.tx.send_icmp_error(
+                        self.switch.send_icmp_error(
                             ip.dst,
                             ip.src,
                             icmp::TYPE_DEST_UNREACHABLE,
@@ -607,6 +607,7 @@ impl Engine {
             match f.own_fd() {
                 // Outbound flows: gathered and sent with the rest of the batch.
                 Some(fd) => {
+                    let fd = fd.as_raw_fd();
                     f.last_used = now;
                     if self.udp_batch.full(payload.len()) {
                         self.udp_batch.flush();
@@ -624,11 +625,11 @@ impl Engine {
             return;
         };
         let n = reply.payload.len();
-        if UDP_PAYLOAD_OFF + n > self.tx.buf().len() {
+        if UDP_PAYLOAD_OFF + n > self.switch.buf().len() {
             return;
         }
-        self.tx.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + n].copy_from_slice(&reply.payload);
-        self.tx.send_udp_to_mac(
+        self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + n].copy_from_slice(&reply.payload);
+        self.switch.send_udp_to_mac(
             SocketAddrV4::new(self.cfg.gateway, 67),
             SocketAddrV4::new(reply.dst_ip, 68),
             n,
@@ -650,7 +651,7 @@ impl Engine {
                         // The guest reuses the port for a new connection: the old one is over.
                         Verdict::Close
                     } else {
-                        f.on_segment(&mut self.tx, &h, payload, now)
+                        f.on_segment(&mut self.switch, &h, payload, now)
                     }
                 }
                 _ => Verdict::Keep,
@@ -662,7 +663,7 @@ impl Engine {
             }
         }
         if !h.has(SYN) || h.has(ACK) {
-            flows::tcp::reset_stray(&mut self.tx, guest, remote, &h, payload.len());
+            flows::tcp::reset_stray(&mut self.switch, guest, remote, &h, payload.len());
             return;
         }
         if ip.dst.is_broadcast() || ip.dst.is_multicast() {
@@ -676,7 +677,13 @@ impl Engine {
         let dial = match dialled {
             Ok(d) => d,
             Err(e) => {
-                flows::tcp::refuse(&mut self.tx, guest, remote, h.seq, e.raw_os_error().unwrap_or(libc::ECONNREFUSED));
+                flows::tcp::refuse(
+                    &mut self.switch,
+                    guest,
+                    remote,
+                    h.seq,
+                    e.raw_os_error().unwrap_or(libc::ECONNREFUSED),
+                );
                 return;
             }
         };
@@ -684,7 +691,7 @@ impl Engine {
             self.abandon_oldest_connect();
         }
         let isn = self.isn(&key, now);
-        let (flow, verdict) = TcpFlow::new(&mut self.tx, guest, remote, &h, dial, isn, now);
+        let (flow, verdict) = TcpFlow::new(&mut self.switch, guest, remote, &h, dial, isn, now);
         let mut flow = flow;
         let connecting = flow.is_connecting();
         flow.counted_connecting = connecting;
@@ -722,9 +729,9 @@ impl Engine {
     /// Readiness of a flow's host socket.
     fn on_socket(&mut self, id: FlowId, readable: bool, writable: bool, error: bool, now: Instant) {
         let verdict = match self.flows.get_mut(id) {
-            Some(Flow::Tcp(f)) => f.on_socket(&mut self.tx, readable, writable, error, now),
-            Some(Flow::Udp(f)) if readable || error => f.on_readable(&mut self.tx, now),
-            Some(Flow::Icmp(f)) if readable || error => f.on_readable(&mut self.tx, now),
+            Some(Flow::Tcp(f)) => f.on_socket(&mut self.switch, readable, writable, error, now),
+            Some(Flow::Udp(f)) if readable || error => f.on_readable(&mut self.switch, now),
+            Some(Flow::Icmp(f)) if readable || error => f.on_readable(&mut self.switch, now),
             Some(Flow::Splice(f)) => f.on_event(),
             _ => return,
         };
@@ -776,7 +783,7 @@ impl Engine {
                     }
                     *flow.scheduled_mut() = None;
                     match flow {
-                        Flow::Tcp(f) => f.on_timer(&mut self.tx, now),
+                        Flow::Tcp(f) => f.on_timer(&mut self.switch, now),
                         Flow::Udp(f) => f.on_timer(now),
                         Flow::Icmp(f) => f.on_timer(now),
                         Flow::Splice(_) => Verdict::Keep,
@@ -793,11 +800,11 @@ impl Engine {
         let mut owed = std::mem::take(&mut self.owed_acks);
         for &id in &owed {
             let Some(Flow::Tcp(f)) = self.flows.get_mut(id) else { continue };
-            if f.write_gathered(&mut self.tx) == Verdict::Close {
+            if f.write_gathered(&mut self.switch) == Verdict::Close {
                 self.after(id, Verdict::Close);
                 continue;
             }
-            f.flush_ack(&mut self.tx, now);
+            f.flush_ack(&mut self.switch, now);
         }
         owed.clear();
         self.owed_acks = owed;
@@ -809,7 +816,7 @@ impl Engine {
             if let Some(Flow::Tcp(f)) = self.flows.get_mut(id)
                 && f.is_connecting()
             {
-                let v = f.connect_failed(&mut self.tx, libc::ETIMEDOUT);
+                let v = f.connect_failed(&mut self.switch, libc::ETIMEDOUT);
                 self.after(id, v);
                 return;
             }
@@ -843,7 +850,7 @@ impl Engine {
         for id in ids {
             self.flows.remove(id);
         }
-        if let Some(p) = self.tx.pcap.as_mut() {
+        if let Some(p) = self.switch.pcap.as_mut() {
             p.flush();
         }
     }

@@ -1,34 +1,42 @@
-//! Thin wrappers over the socket calls of the data path (non-blocking, no SIGPIPE).
+//! Thin wrappers over the socket calls of the data path (non-blocking, no SIGPIPE). They
+//! take the socket as a `BorrowedFd`, so a caller cannot pass a descriptor it does not hold.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::mem::size_of;
+use std::net::SocketAddrV4;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 fn check(r: isize) -> io::Result<usize> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as usize) }
 }
 
 /// Reads (or with `peek`, looks at) up to `buf.len()` bytes.
-pub fn recv(fd: RawFd, buf: &mut [u8], peek: bool) -> io::Result<usize> {
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], peek: bool) -> io::Result<usize> {
     let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
     // SAFETY: buf is valid for writes of its length.
-    check(unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), flags) })
+    check(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), flags) })
 }
 
 /// Sends what the socket takes now; returns how much that was.
-pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for reads of its length.
     check(unsafe {
-        libc::send(fd, buf.as_ptr() as *const libc::c_void, buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
     })
 }
 
 /// Sends one datagram to `to` (a published UDP port answering its client).
-pub fn send_to(fd: RawFd, buf: &[u8], to: std::net::SocketAddr) -> io::Result<usize> {
+pub fn send_to(fd: BorrowedFd<'_>, buf: &[u8], to: std::net::SocketAddr) -> io::Result<usize> {
     let (sa, len) = sockaddr(to);
     // SAFETY: buf is valid for reads of its length; sa is a sockaddr of length len.
     check(unsafe {
         libc::sendto(
-            fd,
+            fd.as_raw_fd(),
             buf.as_ptr() as *const libc::c_void,
             buf.len(),
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
@@ -44,7 +52,7 @@ pub fn sockaddr(addr: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::so
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
         std::net::SocketAddr::V4(a) => {
-            let sin = super::dial::sockaddr_in(a);
+            let sin = sockaddr_in(a);
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
             unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
             std::mem::size_of::<libc::sockaddr_in>()
@@ -91,14 +99,14 @@ pub fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<std::net::SocketAddr
 
 /// Receives one datagram and its sender; Ok(None) when none is waiting. A datagram larger
 /// than `buf` reports its real length (MSG_TRUNC), so the caller can drop it.
-pub fn recv_from(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, std::net::SocketAddr)>> {
+pub fn recv_from(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, std::net::SocketAddr)>> {
     // SAFETY: an all-zero sockaddr_storage is valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: buf and ss are valid for writes of the lengths given.
     let r = unsafe {
         libc::recvfrom(
-            fd,
+            fd.as_raw_fd(),
             buf.as_mut_ptr() as *mut libc::c_void,
             buf.len(),
             libc::MSG_DONTWAIT | libc::MSG_TRUNC,
@@ -114,14 +122,19 @@ pub fn recv_from(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, std::ne
 }
 
 /// Accepts one connection (non-blocking, close-on-exec); Ok(None) when none is waiting.
-pub fn accept(fd: RawFd) -> io::Result<Option<(std::os::fd::OwnedFd, std::net::SocketAddr)>> {
+pub fn accept(fd: BorrowedFd<'_>) -> io::Result<Option<(std::os::fd::OwnedFd, std::net::SocketAddr)>> {
     use std::os::fd::FromRawFd;
     // SAFETY: an all-zero sockaddr_storage is valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: ss is valid for writes of len bytes.
     let r = unsafe {
-        libc::accept4(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+        libc::accept4(
+            fd.as_raw_fd(),
+            &mut ss as *mut _ as *mut libc::sockaddr,
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
     };
     if r < 0 {
         let e = io::Error::last_os_error();
@@ -137,12 +150,13 @@ pub fn accept(fd: RawFd) -> io::Result<Option<(std::os::fd::OwnedFd, std::net::S
 
 /// Drops `n` bytes from the front of a receive queue: without copying on a TCP socket
 /// (MSG_TRUNC), through a scratch buffer on a socketpair. Returns how many were dropped.
-pub fn discard(fd: RawFd, mut n: usize, is_tcp: bool) -> io::Result<usize> {
+pub fn discard(fd: BorrowedFd<'_>, mut n: usize, is_tcp: bool) -> io::Result<usize> {
     let mut done = 0;
     if is_tcp {
         while n > 0 {
             // SAFETY: with MSG_TRUNC a TCP socket copies nothing into the (null) buffer.
-            let r = unsafe { libc::recv(fd, std::ptr::null_mut(), n, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
+            let r =
+                unsafe { libc::recv(fd.as_raw_fd(), std::ptr::null_mut(), n, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
             match check(r) {
                 Ok(0) => break,
                 Ok(k) => {
@@ -172,22 +186,22 @@ pub fn discard(fd: RawFd, mut n: usize, is_tcp: bool) -> io::Result<usize> {
 }
 
 /// Sets where the next MSG_PEEK starts, relative to the front of the receive queue.
-pub fn set_peek_offset(fd: RawFd, off: i32) -> io::Result<()> {
-    super::dial::set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, off)
+pub fn set_peek_offset(fd: BorrowedFd<'_>, off: i32) -> io::Result<()> {
+    set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, off)
 }
 
-pub fn shutdown_write(fd: RawFd) {
+pub fn shutdown_write(fd: BorrowedFd<'_>) {
     // SAFETY: shutdown(2) on a descriptor we own.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
 }
 
 /// Makes close(2) reset the connection instead of a graceful FIN.
-pub fn set_linger_zero(fd: RawFd) {
+pub fn set_linger_zero(fd: BorrowedFd<'_>) {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: l is a valid linger struct of the length given.
     unsafe {
         libc::setsockopt(
-            fd,
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             &l as *const _ as *const libc::c_void,
@@ -196,12 +210,74 @@ pub fn set_linger_zero(fd: RawFd) {
     };
 }
 
+/// A non-blocking, close-on-exec IPv4 socket.
+pub fn socket(kind: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the returned descriptor is owned by the OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An IPv4 socket address in the kernel's form.
+pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Starts a connect; Ok(true) when it completed at once, Ok(false) when in progress.
+pub fn connect(fd: BorrowedFd<'_>, addr: SocketAddrV4) -> io::Result<bool> {
+    let sa = sockaddr_in(addr);
+    // SAFETY: sa is a valid sockaddr_in of the length given.
+    let r = unsafe {
+        libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_in>() as u32)
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINPROGRESS) { Ok(false) } else { Err(e) }
+}
+
+pub fn set_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    // SAFETY: the option value is a c_int of the length given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            &val as *const _ as *const libc::c_void,
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+pub fn get_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: val and len are valid for writes of the sizes given.
+    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, &mut val as *mut _ as *mut libc::c_void, &mut len) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(val) }
+}
+
+/// The pending error of a socket (SO_ERROR), 0 when none.
+pub fn take_error(fd: BorrowedFd<'_>) -> i32 {
+    get_int(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(libc::EIO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
 
     /// The translator relies on SO_PEEK_OFF semantics of TCP sockets: peeks advance the
     /// offset, a discard moves it back by the discarded amount, and 0 rewinds.
@@ -213,7 +289,7 @@ mod tests {
         let data: Vec<u8> = (0..100u8).collect();
         c.write_all(&data).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let fd = s.as_raw_fd();
+        let fd = s.as_fd();
         set_peek_offset(fd, 0).unwrap();
         let mut b = [0u8; 10];
         assert_eq!(recv(fd, &mut b, true).unwrap(), 10);
@@ -232,7 +308,7 @@ mod tests {
     fn peek_offset_semantics_on_socketpair() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         (&a).write_all(&[1, 2, 3, 4, 5, 6]).unwrap();
-        let fd = b.as_raw_fd();
+        let fd = b.as_fd();
         set_peek_offset(fd, 0).unwrap();
         let mut x = [0u8; 2];
         recv(fd, &mut x, true).unwrap();

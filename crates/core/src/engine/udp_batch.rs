@@ -27,6 +27,8 @@ impl UdpBatch {
         self.data.len() + len > CAPACITY
     }
 
+    /// Queues a datagram for `flow`'s own socket `fd`. The engine flushes the batch at the
+    /// end of each round and before it closes any flow, so `fd` is still open when it is sent.
     pub fn push(&mut self, flow: FlowId, fd: RawFd, payload: &[u8]) {
         if self.data.capacity() == 0 {
             self.data.reserve(CAPACITY);

@@ -15,7 +15,7 @@
 //! one is dropped, logged, and its sender forgotten as the peer.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
@@ -102,7 +102,7 @@ impl Link for DgramLink {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // Bounded: each round consumes one datagram; stop after a burst of invalid ones.
         for _ in 0..64 {
-            let fd = self.sock.as_raw_fd();
+            let fd = self.sock.as_fd();
             // MSG_TRUNC makes recvfrom report the datagram's real length.
             let got = loop {
                 match recv_trunc(fd, buf) {
@@ -163,14 +163,14 @@ impl Link for DgramLink {
 }
 
 /// recvfrom(2) with MSG_TRUNC: (the datagram's true length, its sender).
-fn recv_trunc(fd: RawFd, buf: &mut [u8]) -> Result<(usize, Option<UnixAddr>), Errno> {
+fn recv_trunc(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Option<UnixAddr>), Errno> {
     // SAFETY: sockaddr_un is plain old data; all-zero is valid.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut addrlen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: buf and addr are valid for the lengths given, for the duration of the call.
     let n = unsafe {
         libc::recvfrom(
-            fd,
+            fd.as_raw_fd(),
             buf.as_mut_ptr().cast(),
             buf.len(),
             libc::MSG_TRUNC | libc::MSG_DONTWAIT,

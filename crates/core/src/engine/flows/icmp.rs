@@ -7,12 +7,12 @@
 //! every ICMP packet from the destination, so replies are matched by type and identifier.
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::engine::dial::IcmpKind;
 use crate::engine::sock;
-use crate::engine::tx::{GuestTx, ICMP_DATA_OFF};
+use crate::engine::switch::{ICMP_DATA_OFF, Switch};
 use usernet_wire::icmp::{self, IcmpHeader};
 use usernet_wire::ipv4::Ipv4Header;
 
@@ -43,15 +43,15 @@ impl IcmpFlow {
     /// The guest's echo request, the whole ICMP message (header and data, checksum valid).
     pub fn from_guest(&mut self, message: &[u8], now: Instant) {
         self.last_used = now;
-        if let Err(e) = sock::send(self.sock.as_raw_fd(), message) {
+        if let Err(e) = sock::send(self.sock.as_fd(), message) {
             tracing::debug!("ping {} -> {}: {e}", self.guest, self.remote);
         }
     }
 
-    pub fn on_readable(&mut self, tx: &mut GuestTx, now: Instant) -> Verdict {
+    pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         let mut pkt = [0u8; 65536];
         for _ in 0..256 {
-            let n = match sock::recv(self.sock.as_raw_fd(), &mut pkt, false) {
+            let n = match sock::recv(self.sock.as_fd(), &mut pkt, false) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -72,11 +72,11 @@ impl IcmpFlow {
             if h.kind != icmp::TYPE_ECHO_REPLY || (self.kind == IcmpKind::Raw && h.ident() != self.ident) {
                 continue;
             }
-            let room = tx.buf().len() - ICMP_DATA_OFF;
-            let len = data.len().min(room).min(tx.mtu - 28);
-            tx.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
+            let room = switch.buf().len() - ICMP_DATA_OFF;
+            let len = data.len().min(room).min(switch.mtu - 28);
+            switch.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
             let reply = IcmpHeader::echo(icmp::TYPE_ECHO_REPLY, self.ident, h.seq());
-            tx.send_icmp(self.remote, self.guest, &reply, len);
+            switch.send_icmp(self.remote, self.guest, &reply, len);
             self.last_used = now;
         }
         Verdict::Keep

@@ -61,7 +61,7 @@ impl Flow {
     pub fn fd(&self) -> Option<RawFd> {
         match self {
             Flow::Tcp(f) => Some(f.sock.as_raw_fd()),
-            Flow::Udp(f) => f.sock.as_ref().map(|s| s.as_raw_fd()),
+            Flow::Udp(f) => f.own_fd().map(|s| s.as_raw_fd()),
             Flow::Icmp(f) => Some(f.sock.as_raw_fd()),
             Flow::Splice(f) => Some(f.host.as_raw_fd()),
         }

@@ -10,7 +10,7 @@
 //! its own (shutdown(SHUT_WR) after EOF); an error on either side resets the other.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use super::tcp::Verdict;
@@ -67,13 +67,13 @@ pub struct SpliceFlow {
     pub scheduled: Option<Instant>,
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     // SAFETY: splice(2) between two descriptors we own; null offsets (sockets and pipes).
     let n = unsafe {
         libc::splice(
-            from,
+            from.as_raw_fd(),
             std::ptr::null_mut(),
-            to,
+            to.as_raw_fd(),
             std::ptr::null_mut(),
             len,
             libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
@@ -100,15 +100,15 @@ impl SpliceFlow {
     /// Either socket changed readiness: move what can be moved, both ways.
     pub fn on_event(&mut self) -> Verdict {
         if self.connecting {
-            let err = crate::engine::dial::take_error(self.guest.as_raw_fd());
+            let err = sock::take_error(self.guest.as_fd());
             if err != 0 {
                 tracing::debug!("published port inside the namespace: {}", io::Error::from_raw_os_error(err));
-                sock::set_linger_zero(self.host.as_raw_fd());
+                sock::set_linger_zero(self.host.as_fd());
                 return Verdict::Close;
             }
             // Not yet connected: a zero-length peek tells (ENOTCONN while in progress).
             let mut none = [0u8; 0];
-            match sock::recv(self.guest.as_raw_fd(), &mut none, true) {
+            match sock::recv(self.guest.as_fd(), &mut none, true) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Verdict::Keep,
                 _ => self.connecting = false,
             }
@@ -116,8 +116,8 @@ impl SpliceFlow {
         for dir in 0..2 {
             if let Err(e) = self.pump(dir) {
                 tracing::debug!("spliced connection: {e}");
-                sock::set_linger_zero(self.host.as_raw_fd());
-                sock::set_linger_zero(self.guest.as_raw_fd());
+                sock::set_linger_zero(self.host.as_fd());
+                sock::set_linger_zero(self.guest.as_fd());
                 return Verdict::Close;
             }
         }
@@ -126,16 +126,12 @@ impl SpliceFlow {
 
     /// Moves bytes in one direction until a side would block.
     fn pump(&mut self, dir: usize) -> io::Result<()> {
-        let (src, dst) = if dir == 0 {
-            (self.host.as_raw_fd(), self.guest.as_raw_fd())
-        } else {
-            (self.guest.as_raw_fd(), self.host.as_raw_fd())
-        };
+        let (src, dst) = if dir == 0 { (&self.host, &self.guest) } else { (&self.guest, &self.host) };
         let pipe = &mut self.pipes[dir];
         let state = &mut self.dirs[dir];
         loop {
             while pipe.queued > 0 {
-                match splice(pipe.read.as_raw_fd(), dst, pipe.queued) {
+                match splice(pipe.read.as_fd(), dst.as_fd(), pipe.queued) {
                     Ok(n) => pipe.queued -= n.min(pipe.queued),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -144,12 +140,12 @@ impl SpliceFlow {
             }
             if state.eof {
                 if !state.shut {
-                    sock::shutdown_write(dst);
+                    sock::shutdown_write(dst.as_fd());
                     state.shut = true;
                 }
                 return Ok(());
             }
-            match splice(src, pipe.write.as_raw_fd(), CHUNK) {
+            match splice(src.as_fd(), pipe.write.as_fd(), CHUNK) {
                 Ok(0) => state.eof = true,
                 Ok(n) => pipe.queued += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),

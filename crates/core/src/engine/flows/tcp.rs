@@ -47,12 +47,13 @@
 //! acknowledged. An idle connection lives as long as both ends keep it.
 
 use std::net::SocketAddrV4;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::engine::dial::{TcpDial, take_error};
+use crate::engine::dial::TcpDial;
 use crate::engine::sock;
-use crate::engine::tx::{GuestTx, TCP_PAYLOAD_OFF};
+use crate::engine::sock::take_error;
+use crate::engine::switch::{Switch, TCP_PAYLOAD_OFF};
 use usernet_wire::icmp;
 use usernet_wire::ipv4::Ipv4Header;
 use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_le, seq_lt};
@@ -155,7 +156,7 @@ pub struct TcpFlow {
 impl TcpFlow {
     /// A flow for the guest's SYN `syn`, with the host socket just dialled.
     pub fn new(
-        tx: &mut GuestTx,
+        switch: &mut Switch,
         guest: SocketAddrV4,
         remote: SocketAddrV4,
         syn: &TcpHeader,
@@ -167,7 +168,7 @@ impl TcpFlow {
             Some(ws) => (ws, OUR_WSCALE),
             None => (0, 0),
         };
-        let mss = (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, tx.max_tcp_payload() as u32);
+        let mss = (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
         let mut f = TcpFlow::blank(guest, remote, dial.fd, dial.is_tcp, State::Connecting, isn, now);
         f.guest_isn = syn.seq;
         f.rcv_nxt = syn.seq.wrapping_add(1);
@@ -176,8 +177,8 @@ impl TcpFlow {
         f.our_wscale = our_wscale;
         f.mss = mss;
         f.connect_deadline = Some(now + CONNECT_TIMEOUT);
-        let _ = sock::set_peek_offset(f.sock.as_raw_fd(), 0);
-        let v = if dial.connected { f.connected(tx, now) } else { Verdict::Keep };
+        let _ = sock::set_peek_offset(f.sock.as_fd(), 0);
+        let v = if dial.connected { f.connected(switch, now) } else { Verdict::Keep };
         (f, v)
     }
 
@@ -237,7 +238,7 @@ impl TcpFlow {
 
     /// A flow for a connection accepted on a published port: sends the guest a SYN.
     pub fn new_inbound(
-        tx: &mut GuestTx,
+        switch: &mut Switch,
         guest: SocketAddrV4,
         remote: SocketAddrV4,
         sock: OwnedFd,
@@ -248,24 +249,24 @@ impl TcpFlow {
         let mut f = TcpFlow::blank(guest, remote, sock, is_tcp, State::SynSent, isn, now);
         f.readable = true;
         f.writable = true;
-        let _ = sock::set_peek_offset(f.sock.as_raw_fd(), 0);
-        f.send_syn(tx);
+        let _ = sock::set_peek_offset(f.sock.as_fd(), 0);
+        f.send_syn(switch);
         f.arm_rto(now);
         f
     }
 
     /// Our SYN to the guest (published ports).
-    fn send_syn(&mut self, tx: &mut GuestTx) {
+    fn send_syn(&mut self, switch: &mut Switch) {
         let mut h = self.segment(self.isn, SYN);
         h.ack = 0;
-        h.mss = Some(tx.max_tcp_payload().min(u16::MAX as usize) as u16);
+        h.mss = Some(switch.max_tcp_payload().min(u16::MAX as usize) as u16);
         h.window_scale = Some(OUR_WSCALE);
         h.window = RECV_BUF.min(u16::MAX as usize) as u16;
-        tx.send_tcp(self.remote, self.guest, &h, 0);
+        switch.send_tcp(self.remote, self.guest, &h, 0);
     }
 
     /// The guest answered our SYN.
-    fn on_syn_ack(&mut self, tx: &mut GuestTx, h: &TcpHeader, now: Instant) -> Verdict {
+    fn on_syn_ack(&mut self, switch: &mut Switch, h: &TcpHeader, now: Instant) -> Verdict {
         if h.has(RST) {
             // Nothing listens on that guest port: the client sees a reset.
             return self.reset_host();
@@ -282,7 +283,7 @@ impl TcpFlow {
                 self.our_wscale = 0;
             }
         }
-        self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, tx.max_tcp_payload() as u32);
+        self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
         self.guest_wnd = h.window as u32;
         self.syn_acked = true;
         self.snd_una = self.isn.wrapping_add(1);
@@ -290,11 +291,11 @@ impl TcpFlow {
         self.rto_deadline = None;
         self.retries = 0;
         self.rto = RTO_MIN;
-        self.send_flags(tx, self.snd_nxt, ACK);
-        if self.writable && self.flush_pending(tx) == Verdict::Close {
+        self.send_flags(switch, self.snd_nxt, ACK);
+        if self.writable && self.flush_pending(switch) == Verdict::Close {
             return Verdict::Close;
         }
-        self.push(tx, now)
+        self.push(switch, now)
     }
 
     pub fn is_connecting(&self) -> bool {
@@ -328,9 +329,9 @@ impl TcpFlow {
         }
     }
 
-    fn send_flags(&mut self, tx: &mut GuestTx, seq: u32, flags: u8) {
+    fn send_flags(&mut self, switch: &mut Switch, seq: u32, flags: u8) {
         let h = self.segment(seq, flags);
-        tx.send_tcp(self.remote, self.guest, &h, 0);
+        switch.send_tcp(self.remote, self.guest, &h, 0);
         if flags & ACK != 0 {
             self.told_ack();
         }
@@ -343,26 +344,26 @@ impl TcpFlow {
         self.acked_rcv = self.rcv_nxt;
     }
 
-    fn send_syn_ack(&mut self, tx: &mut GuestTx) {
+    fn send_syn_ack(&mut self, switch: &mut Switch) {
         let mut h = self.segment(self.isn, SYN | ACK);
-        h.mss = Some(tx.max_tcp_payload().min(u16::MAX as usize) as u16);
+        h.mss = Some(switch.max_tcp_payload().min(u16::MAX as usize) as u16);
         if self.our_wscale > 0 {
             h.window_scale = Some(self.our_wscale);
         }
         // The window in a SYN is never scaled.
         h.window = (RECV_BUF - self.pending_len()).min(u16::MAX as usize) as u16;
-        tx.send_tcp(self.remote, self.guest, &h, 0);
+        switch.send_tcp(self.remote, self.guest, &h, 0);
         self.told_ack();
     }
 
     /// Sends the ACK owed to the guest, unless it may wait for data to ride on (then
     /// `ack_deadline`, set when the data came, bounds the wait).
-    pub fn flush_ack(&mut self, tx: &mut GuestTx, now: Instant) {
+    pub fn flush_ack(&mut self, switch: &mut Switch, now: Instant) {
         if !self.need_ack || self.state != State::Open {
             return;
         }
         let unacked = self.rcv_nxt.wrapping_sub(self.acked_rcv) as usize;
-        let full_segment = (self.mss as usize).min(tx.max_tcp_payload());
+        let full_segment = (self.mss as usize).min(switch.max_tcp_payload());
         let may_wait = unacked > 0
             && unacked < 2 * full_segment
             && self.quick_ack_until.is_none()
@@ -373,27 +374,27 @@ impl TcpFlow {
             self.quick_ack_until = None;
         }
         if !may_wait {
-            self.send_flags(tx, self.snd_nxt, ACK);
+            self.send_flags(switch, self.snd_nxt, ACK);
         }
     }
 
     /// Resets the guest's side and ends the flow.
-    fn reset_guest(&mut self, tx: &mut GuestTx) -> Verdict {
-        self.send_flags(tx, self.snd_nxt, RST | ACK);
+    fn reset_guest(&mut self, switch: &mut Switch) -> Verdict {
+        self.send_flags(switch, self.snd_nxt, RST | ACK);
         Verdict::Close
     }
 
     /// Resets the host side (the peer sees RST) and ends the flow.
     fn reset_host(&mut self) -> Verdict {
-        sock::set_linger_zero(self.sock.as_raw_fd());
+        sock::set_linger_zero(self.sock.as_fd());
         Verdict::Close
     }
 
-    fn connected(&mut self, tx: &mut GuestTx, now: Instant) -> Verdict {
+    fn connected(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         self.state = State::Open;
         self.connect_deadline = None;
         self.writable = true;
-        self.send_syn_ack(tx);
+        self.send_syn_ack(switch);
         self.rto_deadline = Some(now + self.rto);
         Verdict::Keep
     }
@@ -401,7 +402,7 @@ impl TcpFlow {
     /// Readiness of the host socket changed.
     pub fn on_socket(
         &mut self,
-        tx: &mut GuestTx,
+        switch: &mut Switch,
         readable: bool,
         writable: bool,
         error: bool,
@@ -411,14 +412,14 @@ impl TcpFlow {
             if !(writable || error || readable) {
                 return Verdict::Keep;
             }
-            let err = take_error(self.sock.as_raw_fd());
+            let err = take_error(self.sock.as_fd());
             if err != 0 {
-                return self.connect_failed(tx, err);
+                return self.connect_failed(switch, err);
             }
             if !writable {
                 return Verdict::Keep;
             }
-            if self.connected(tx, now) == Verdict::Close {
+            if self.connected(switch, now) == Verdict::Close {
                 return Verdict::Close;
             }
         }
@@ -433,23 +434,23 @@ impl TcpFlow {
         }
         if writable || error {
             self.writable = true;
-            if self.flush_pending(tx) == Verdict::Close {
+            if self.flush_pending(switch) == Verdict::Close {
                 return Verdict::Close;
             }
         }
-        self.push(tx, now)
+        self.push(switch, now)
     }
 
     /// The connect failed with errno `err`: tell the guest as a host would.
-    pub fn connect_failed(&mut self, tx: &mut GuestTx, err: i32) -> Verdict {
-        refuse(tx, self.guest, self.remote, self.guest_isn, err);
+    pub fn connect_failed(&mut self, switch: &mut Switch, err: i32) -> Verdict {
+        refuse(switch, self.guest, self.remote, self.guest_isn, err);
         Verdict::Close
     }
 
     /// A segment from the guest for this flow.
-    pub fn on_segment(&mut self, tx: &mut GuestTx, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
+    pub fn on_segment(&mut self, switch: &mut Switch, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
         if self.state == State::SynSent {
-            return self.on_syn_ack(tx, h, now);
+            return self.on_syn_ack(switch, h, now);
         }
         if h.has(RST) {
             return self.reset_host();
@@ -457,7 +458,7 @@ impl TcpFlow {
         if h.has(SYN) {
             if self.state == State::Open && !self.syn_acked && h.seq == self.guest_isn {
                 // Our SYN-ACK was lost: the guest asks again.
-                self.send_syn_ack(tx);
+                self.send_syn_ack(switch);
             } else if self.state == State::Open {
                 self.need_ack = true;
             }
@@ -479,7 +480,7 @@ impl TcpFlow {
         let old_wnd = self.guest_wnd;
         self.guest_wnd = (h.window as u32) << self.guest_wscale;
         if seq_lt(self.snd_una, h.ack) && seq_le(h.ack, self.snd_max) {
-            if self.on_ack(tx, h.ack, now) == Verdict::Close {
+            if self.on_ack(switch, h.ack, now) == Verdict::Close {
                 return Verdict::Close;
             }
         } else if h.ack == self.snd_una
@@ -494,30 +495,30 @@ impl TcpFlow {
             }
         }
         if !payload.is_empty() || h.has(FIN) {
-            if self.receive(tx, h.seq, payload, h.has(FIN), now) == Verdict::Close {
+            if self.receive(switch, h.seq, payload, h.has(FIN), now) == Verdict::Close {
                 return Verdict::Close;
             }
         } else if seq_lt(h.seq, self.rcv_nxt) {
             // A keep-alive probe (sequence number one below the next expected): answer it.
-            self.send_flags(tx, self.snd_nxt, ACK);
+            self.send_flags(switch, self.snd_nxt, ACK);
         }
-        if self.push(tx, now) == Verdict::Close {
+        if self.push(switch, now) == Verdict::Close {
             return Verdict::Close;
         }
-        self.check_done(tx)
+        self.check_done(switch)
     }
 
     /// The guest acknowledged up to `ack` (snd_una < ack <= snd_max).
-    fn on_ack(&mut self, tx: &mut GuestTx, ack: u32, now: Instant) -> Verdict {
+    fn on_ack(&mut self, switch: &mut Switch, ack: u32, now: Instant) -> Verdict {
         let data_end = self.fin_seq.unwrap_or(self.snd_max);
         let data_ack = if seq_lt(data_end, ack) { data_end } else { ack };
         let n = data_ack.wrapping_sub(self.snd_una) as usize;
         if n > 0 {
-            match sock::discard(self.sock.as_raw_fd(), n, self.is_tcp) {
+            match sock::discard(self.sock.as_fd(), n, self.is_tcp) {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::debug!("discard on {}: {e}", self.remote);
-                    return self.reset_guest(tx);
+                    return self.reset_guest(switch);
                 }
             }
         }
@@ -525,7 +526,7 @@ impl TcpFlow {
         if seq_lt(self.snd_nxt, ack) {
             // Acknowledged beyond what a rewind has re-sent so far: go on from there.
             self.snd_nxt = ack;
-            let _ = sock::set_peek_offset(self.sock.as_raw_fd(), 0);
+            let _ = sock::set_peek_offset(self.sock.as_fd(), 0);
         }
         self.dup_acks = 0;
         self.retries = 0;
@@ -537,12 +538,12 @@ impl TcpFlow {
     /// Go back to the first unacknowledged byte and send again from there.
     fn rewind(&mut self) {
         self.snd_nxt = self.snd_una;
-        let _ = sock::set_peek_offset(self.sock.as_raw_fd(), 0);
+        let _ = sock::set_peek_offset(self.sock.as_fd(), 0);
         self.readable = true;
     }
 
     /// Guest data (and maybe FIN) at sequence number `seq`.
-    fn receive(&mut self, tx: &mut GuestTx, seq: u32, payload: &[u8], fin: bool, now: Instant) -> Verdict {
+    fn receive(&mut self, switch: &mut Switch, seq: u32, payload: &[u8], fin: bool, now: Instant) -> Verdict {
         if self.guest_fin {
             self.need_ack = true;
             return Verdict::Keep;
@@ -550,7 +551,7 @@ impl TcpFlow {
         let expected = self.rcv_nxt.wrapping_add(self.pending_len() as u32);
         if seq_lt(expected, seq) {
             // A gap: something before this was lost. Ask again at once (duplicate ACK).
-            self.send_flags(tx, self.snd_nxt, ACK);
+            self.send_flags(switch, self.snd_nxt, ACK);
             let end = seq.wrapping_add(payload.len() as u32);
             if self.quick_ack_until.is_none_or(|u| seq_lt(u, end)) {
                 self.quick_ack_until = Some(end);
@@ -560,12 +561,12 @@ impl TcpFlow {
         let skip = expected.wrapping_sub(seq) as usize;
         if skip > payload.len() || (skip == payload.len() && !fin) {
             // Entirely old: a retransmission or a keep-alive probe. Answer it.
-            self.send_flags(tx, self.snd_nxt, ACK);
+            self.send_flags(switch, self.snd_nxt, ACK);
             return Verdict::Keep;
         }
         let mut new = &payload[skip..];
         if self.pending_len() == 0 && self.writable && new.len() >= COALESCE_BELOW {
-            match sock::send(self.sock.as_raw_fd(), new) {
+            match sock::send(self.sock.as_fd(), new) {
                 Ok(n) => {
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
                     new = &new[n..];
@@ -576,7 +577,7 @@ impl TcpFlow {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.writable = false,
                 Err(e) => {
                     tracing::debug!("send to {}: {e}", self.remote);
-                    return self.reset_guest(tx);
+                    return self.reset_guest(switch);
                 }
             }
         }
@@ -603,7 +604,7 @@ impl TcpFlow {
     /// Passes the guest's FIN on once everything before it reached the socket.
     fn finish_guest_fin(&mut self) {
         if self.guest_fin && !self.guest_fin_done && self.pending_len() == 0 {
-            sock::shutdown_write(self.sock.as_raw_fd());
+            sock::shutdown_write(self.sock.as_fd());
             self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
             self.guest_fin_done = true;
             self.pending = Vec::new();
@@ -613,36 +614,36 @@ impl TcpFlow {
 
     /// Writes the guest data gathered during the engine's round (the ACK follows with the
     /// other owed ACKs).
-    pub fn write_gathered(&mut self, tx: &mut GuestTx) -> Verdict {
-        if !self.writable || self.write_pending(tx) == Verdict::Close {
+    pub fn write_gathered(&mut self, switch: &mut Switch) -> Verdict {
+        if !self.writable || self.write_pending(switch) == Verdict::Close {
             return if self.writable { Verdict::Close } else { Verdict::Keep };
         }
         // The guest's FIN may have been waiting for this data.
-        self.check_done(tx)
+        self.check_done(switch)
     }
 
     /// Writes held guest data now that the socket has room; acknowledges what it took.
-    fn flush_pending(&mut self, tx: &mut GuestTx) -> Verdict {
+    fn flush_pending(&mut self, switch: &mut Switch) -> Verdict {
         if self.pending_len() == 0 {
             return Verdict::Keep;
         }
-        if self.write_pending(tx) == Verdict::Close {
+        if self.write_pending(switch) == Verdict::Close {
             return Verdict::Close;
         }
         // The window opened: tell the guest at once, not at its next retransmission.
         if self.need_ack {
-            self.send_flags(tx, self.snd_nxt, ACK);
+            self.send_flags(switch, self.snd_nxt, ACK);
         }
         Verdict::Keep
     }
 
     /// Writes `pending` into the socket until it is empty or the socket is full.
-    fn write_pending(&mut self, tx: &mut GuestTx) -> Verdict {
+    fn write_pending(&mut self, switch: &mut Switch) -> Verdict {
         if self.pending_len() == 0 {
             return Verdict::Keep;
         }
         while self.pending_len() > 0 {
-            match sock::send(self.sock.as_raw_fd(), &self.pending[self.pending_head..]) {
+            match sock::send(self.sock.as_fd(), &self.pending[self.pending_head..]) {
                 Ok(n) => {
                     self.pending_head += n;
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
@@ -654,7 +655,7 @@ impl TcpFlow {
                 }
                 Err(e) => {
                     tracing::debug!("send to {}: {e}", self.remote);
-                    return self.reset_guest(tx);
+                    return self.reset_guest(switch);
                 }
             }
         }
@@ -674,15 +675,14 @@ impl TcpFlow {
     }
 
     /// Sends host data (and FIN at EOF) to the guest while its window allows.
-    fn push(&mut self, tx: &mut GuestTx, now: Instant) -> Verdict {
+    fn push(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         if self.state != State::Open || !self.syn_acked {
             return Verdict::Keep;
         }
-        let fd = self.sock.as_raw_fd();
         loop {
             if let Some(f) = self.fin_seq {
                 if self.snd_nxt == f {
-                    self.send_flags(tx, f, FIN | ACK);
+                    self.send_flags(switch, f, FIN | ACK);
                     self.snd_nxt = f.wrapping_add(1);
                     self.snd_max = self.snd_nxt;
                     self.arm_rto(now);
@@ -702,9 +702,9 @@ impl TcpFlow {
                 }
                 break;
             }
-            let room = ((self.guest_wnd - in_flight) as usize).min(tx.max_tcp_data());
-            let buf = &mut tx.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + room];
-            match sock::recv(fd, buf, true) {
+            let room = ((self.guest_wnd - in_flight) as usize).min(switch.max_tcp_data());
+            let buf = &mut switch.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + room];
+            match sock::recv(self.sock.as_fd(), buf, true) {
                 Ok(0) => {
                     if self.fin_seq.is_none() {
                         self.fin_seq = Some(self.snd_nxt);
@@ -713,7 +713,7 @@ impl TcpFlow {
                 }
                 Ok(n) => {
                     let h = self.segment(self.snd_nxt, ACK | PSH);
-                    tx.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
+                    switch.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
                     self.told_ack();
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
                     if seq_lt(self.snd_max, self.snd_nxt) {
@@ -726,11 +726,11 @@ impl TcpFlow {
                 }
                 Err(e) => {
                     tracing::debug!("recv from {}: {e}", self.remote);
-                    return self.reset_guest(tx);
+                    return self.reset_guest(switch);
                 }
             }
         }
-        self.check_done(tx)
+        self.check_done(switch)
     }
 
     fn arm_rto(&mut self, now: Instant) {
@@ -741,24 +741,24 @@ impl TcpFlow {
 
     /// The flow is over when both directions are closed and our FIN is acknowledged; the
     /// ACK still owed for the guest's last data or FIN goes out before it ends.
-    fn check_done(&mut self, tx: &mut GuestTx) -> Verdict {
+    fn check_done(&mut self, switch: &mut Switch) -> Verdict {
         let fin_acked = matches!(self.fin_seq, Some(f) if self.snd_una == f.wrapping_add(1));
         if !(self.guest_fin_done && fin_acked) {
             return Verdict::Keep;
         }
         if self.need_ack {
-            self.send_flags(tx, self.snd_nxt, ACK);
+            self.send_flags(switch, self.snd_nxt, ACK);
         }
         Verdict::Close
     }
 
     /// The connect timeout or the retransmission timer.
-    pub fn on_timer(&mut self, tx: &mut GuestTx, now: Instant) -> Verdict {
+    pub fn on_timer(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         if let Some(d) = self.connect_deadline
             && d <= now
         {
             tracing::debug!("connect {} -> {}: timed out", self.guest, self.remote);
-            return self.connect_failed(tx, libc::ETIMEDOUT);
+            return self.connect_failed(switch, libc::ETIMEDOUT);
         }
         if let Some(d) = self.ack_deadline
             && d <= now
@@ -766,7 +766,7 @@ impl TcpFlow {
             // The delayed ACK found nothing to ride on.
             self.ack_deadline = None;
             if self.need_ack && self.state == State::Open {
-                self.send_flags(tx, self.snd_nxt, ACK);
+                self.send_flags(switch, self.snd_nxt, ACK);
             }
         }
         let Some(d) = self.rto_deadline else {
@@ -779,8 +779,8 @@ impl TcpFlow {
         self.retries += 1;
         if self.retries > MAX_RETRIES {
             tracing::debug!("{} -> {}: guest stopped answering; reset", self.guest, self.remote);
-            sock::set_linger_zero(self.sock.as_raw_fd());
-            return self.reset_guest(tx);
+            sock::set_linger_zero(self.sock.as_fd());
+            return self.reset_guest(switch);
         }
         self.rto = (self.rto * 2).min(RTO_MAX);
         if self.state == State::SynSent {
@@ -788,12 +788,12 @@ impl TcpFlow {
                 tracing::debug!("{} -> {}: the guest never answered our SYN", self.remote, self.guest);
                 return self.reset_host();
             }
-            self.send_syn(tx);
+            self.send_syn(switch);
             self.arm_rto(now);
             return Verdict::Keep;
         }
         if !self.syn_acked {
-            self.send_syn_ack(tx);
+            self.send_syn_ack(switch);
             self.arm_rto(now);
             return Verdict::Keep;
         }
@@ -804,13 +804,13 @@ impl TcpFlow {
             self.guest_wnd = 1;
             self.readable = true;
         }
-        self.push(tx, now)
+        self.push(switch, now)
     }
 }
 
 /// Answers a guest SYN whose connect failed with errno `err`: ICMP unreachable when the
 /// host has no route, otherwise RST|ACK, as a host with a closed port answers.
-pub fn refuse(tx: &mut GuestTx, guest: SocketAddrV4, remote: SocketAddrV4, guest_isn: u32, err: i32) {
+pub fn refuse(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, guest_isn: u32, err: i32) {
     match err {
         libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL => {
             let code = if err == libc::ENETUNREACH { icmp::CODE_NET_UNREACHABLE } else { icmp::CODE_HOST_UNREACHABLE };
@@ -819,7 +819,7 @@ pub fn refuse(tx: &mut GuestTx, guest: SocketAddrV4, remote: SocketAddrV4, guest
             put16(&mut quote, 20, guest.port());
             put16(&mut quote, 22, remote.port());
             put32(&mut quote, 24, guest_isn);
-            tx.send_icmp_error(*remote.ip(), *guest.ip(), icmp::TYPE_DEST_UNREACHABLE, code, &quote);
+            switch.send_icmp_error(*remote.ip(), *guest.ip(), icmp::TYPE_DEST_UNREACHABLE, code, &quote);
         }
         _ => {
             tracing::debug!("connect {guest} -> {remote}: {}", std::io::Error::from_raw_os_error(err));
@@ -831,13 +831,13 @@ pub fn refuse(tx: &mut GuestTx, guest: SocketAddrV4, remote: SocketAddrV4, guest
                 flags: RST | ACK,
                 ..Default::default()
             };
-            tx.send_tcp(remote, guest, &h, 0);
+            switch.send_tcp(remote, guest, &h, 0);
         }
     }
 }
 
 /// Answers a segment that belongs to no flow with a RST (RFC 9293 3.10.7.1).
-pub fn reset_stray(tx: &mut GuestTx, guest: SocketAddrV4, remote: SocketAddrV4, h: &TcpHeader, payload_len: usize) {
+pub fn reset_stray(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, h: &TcpHeader, payload_len: usize) {
     if h.has(RST) {
         return;
     }
@@ -850,5 +850,5 @@ pub fn reset_stray(tx: &mut GuestTx, guest: SocketAddrV4, remote: SocketAddrV4, 
         r.ack = h.seq.wrapping_add(len);
         r.flags = RST | ACK;
     }
-    tx.send_tcp(remote, guest, &r, 0);
+    switch.send_tcp(remote, guest, &r, 0);
 }

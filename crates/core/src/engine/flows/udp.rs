@@ -11,10 +11,12 @@
 //! the guest's replies leave through that listening socket, to the client, with sendto.
 
 use std::net::{SocketAddr, SocketAddrV4};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::engine::tx::{GuestTx, UDP_PAYLOAD_OFF};
+use crate::engine::sock;
+use crate::engine::switch::{Switch, UDP_PAYLOAD_OFF};
 use usernet_wire::icmp;
 use usernet_wire::ipv4::Ipv4Header;
 use usernet_wire::{PROTO_UDP, put16};
@@ -28,18 +30,25 @@ pub const IDLE_DNS: Duration = Duration::from_secs(10);
 
 /// Where an inbound flow's replies go: the listener's socket and the real client.
 pub struct Inbound {
-    pub listener_fd: RawFd,
+    /// The published port's socket, shared with its listener (which ends this flow when
+    /// it is unpublished).
+    pub listener: Rc<OwnedFd>,
     pub listener_id: u32,
     pub client: SocketAddr,
+}
+
+/// The host side of a UDP flow.
+pub enum UdpSocket {
+    /// An outbound flow's own connected socket.
+    Own(OwnedFd),
+    /// A flow of a published port: the shared listening socket and the client.
+    Published(Inbound),
 }
 
 pub struct UdpFlow {
     pub guest: SocketAddrV4,
     pub remote: SocketAddrV4,
-    /// The flow's own connected socket (outbound flows).
-    pub sock: Option<OwnedFd>,
-    /// For flows of a published port: the shared listener and the client.
-    pub inbound: Option<Inbound>,
+    pub socket: UdpSocket,
     pub last_used: Instant,
     idle: Duration,
     pub scheduled: Option<Instant>,
@@ -47,16 +56,27 @@ pub struct UdpFlow {
 
 impl UdpFlow {
     pub fn new(guest: SocketAddrV4, remote: SocketAddrV4, sock: OwnedFd, idle: Duration, now: Instant) -> UdpFlow {
-        UdpFlow { guest, remote, sock: Some(sock), inbound: None, last_used: now, idle, scheduled: None }
+        UdpFlow { guest, remote, socket: UdpSocket::Own(sock), last_used: now, idle, scheduled: None }
     }
 
     pub fn new_inbound(guest: SocketAddrV4, remote: SocketAddrV4, inbound: Inbound, now: Instant) -> UdpFlow {
-        UdpFlow { guest, remote, sock: None, inbound: Some(inbound), last_used: now, idle: IDLE, scheduled: None }
+        UdpFlow { guest, remote, socket: UdpSocket::Published(inbound), last_used: now, idle: IDLE, scheduled: None }
     }
 
     /// The flow's own connected socket (None for flows of a published port).
-    pub fn own_fd(&self) -> Option<RawFd> {
-        self.sock.as_ref().map(|s| s.as_raw_fd())
+    pub fn own_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.socket {
+            UdpSocket::Own(s) => Some(s.as_fd()),
+            UdpSocket::Published(_) => None,
+        }
+    }
+
+    /// The published port a flow of one belongs to.
+    pub fn inbound_mut(&mut self) -> Option<&mut Inbound> {
+        match &mut self.socket {
+            UdpSocket::Own(_) => None,
+            UdpSocket::Published(i) => Some(i),
+        }
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -67,10 +87,9 @@ impl UdpFlow {
     /// network would.
     pub fn from_guest(&mut self, payload: &[u8], now: Instant) {
         self.last_used = now;
-        let res = match (&self.sock, &self.inbound) {
-            (Some(s), _) => crate::engine::sock::send(s.as_raw_fd(), payload),
-            (None, Some(i)) => crate::engine::sock::send_to(i.listener_fd, payload, i.client),
-            (None, None) => Ok(0),
+        let res = match &self.socket {
+            UdpSocket::Own(s) => sock::send(s.as_fd(), payload),
+            UdpSocket::Published(i) => sock::send_to(i.listener.as_fd(), payload, i.client),
         };
         if let Err(e) = res {
             tracing::debug!("udp {} -> {}: {e}", self.guest, self.remote);
@@ -78,11 +97,12 @@ impl UdpFlow {
     }
 
     /// Datagrams arrived on the host socket: pass them all to the guest.
-    pub fn on_readable(&mut self, tx: &mut GuestTx, now: Instant) -> Verdict {
-        let Some(fd) = self.sock.as_ref().map(|s| s.as_raw_fd()) else { return Verdict::Keep };
-        let max = tx.max_udp_payload();
+    pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+        let UdpSocket::Own(s) = &self.socket else { return Verdict::Keep };
+        let fd = s.as_raw_fd();
+        let max = switch.max_udp_payload();
         for _ in 0..1024 {
-            let buf = &mut tx.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
+            let buf = &mut switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
             // SAFETY: buf is valid for writes of its length; MSG_TRUNC reports the real size.
             let r = unsafe {
                 libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
@@ -91,7 +111,7 @@ impl UdpFlow {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::EAGAIN) => break,
-                    Some(libc::ECONNREFUSED) => self.port_unreachable(tx),
+                    Some(libc::ECONNREFUSED) => self.port_unreachable(switch),
                     _ => tracing::debug!("udp {} <- {}: {e}", self.guest, self.remote),
                 }
                 continue;
@@ -102,18 +122,18 @@ impl UdpFlow {
                 continue;
             }
             self.last_used = now;
-            tx.send_udp(self.remote, self.guest, n);
+            switch.send_udp(self.remote, self.guest, n);
         }
         Verdict::Keep
     }
 
-    fn port_unreachable(&self, tx: &mut GuestTx) {
+    fn port_unreachable(&self, switch: &mut Switch) {
         let mut quote = [0u8; 28];
         Ipv4Header::new(*self.guest.ip(), *self.remote.ip(), PROTO_UDP, 8).emit(&mut quote);
         put16(&mut quote, 20, self.guest.port());
         put16(&mut quote, 22, self.remote.port());
         put16(&mut quote, 24, 8);
-        tx.send_icmp_error(
+        switch.send_icmp_error(
             *self.remote.ip(),
             *self.guest.ip(),
             icmp::TYPE_DEST_UNREACHABLE,

@@ -1,10 +1,11 @@
-//! Frames to the guests: one reusable buffer in which a flow places its payload, then the
-//! headers are written in front of it and the frame goes out (and to the pcap).
+//! The virtual network's switch: it owns every guest link, learns which MAC sits behind
+//! which link and which IP address has which MAC (from the guests' own frames), and sends
+//! each frame to the one link it is for, or floods it when the MAC is unknown or a
+//! broadcast, as a learning switch does. It counts what the links carry.
 //!
-//! This is also the virtual network's switch: it owns every guest link, learns which MAC
-//! sits behind which link and which IP address has which MAC (from the guests' own frames),
-//! and sends each frame to the one link it is for, or floods it when the MAC is unknown or
-//! a broadcast, as a learning switch does.
+//! It also builds the frames the engine sends to the guests: one reusable buffer in which a
+//! flow places its payload, then the headers are written in front of it and the frame goes
+//! out (and to the pcap).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -43,7 +44,7 @@ pub struct LinkSlot {
     pub readable: bool,
 }
 
-pub struct GuestTx {
+pub struct Switch {
     /// Guest links, indexed as their event-loop tokens; None where one went away.
     pub links: Vec<Option<LinkSlot>>,
     /// Which link each guest MAC was last seen on.
@@ -70,9 +71,9 @@ pub struct GuestTx {
 /// Largest TCP payload of one offloaded frame (the IPv4 total length is 16 bits).
 pub const MAX_GSO_PAYLOAD: usize = 65535 - ipv4::HEADER_LEN - usernet_wire::tcp::HEADER_LEN;
 
-impl GuestTx {
-    pub fn new(pcap: Option<PcapWriter>, gateway_mac: Mac, gateway_ip: Ipv4Addr, mtu: usize) -> GuestTx {
-        GuestTx {
+impl Switch {
+    pub fn new(pcap: Option<PcapWriter>, gateway_mac: Mac, gateway_ip: Ipv4Addr, mtu: usize) -> Switch {
+        Switch {
             links: Vec::new(),
             macs: HashMap::new(),
             neighbours: HashMap::new(),
