@@ -7,6 +7,9 @@ use std::sync::mpsc;
 
 use serde::Serialize;
 
+use super::Engine;
+use super::flows::Flow;
+
 use crate::ports::BoundListener;
 use crate::ports::Proto;
 
@@ -96,5 +99,63 @@ impl ControlHandle {
             return None;
         }
         rx.await.ok()
+    }
+}
+
+impl Engine {
+    /// Carries out the commands other threads sent.
+    pub(super) fn on_commands(&mut self) {
+        while let Ok(cmd) = self.control_rx.try_recv() {
+            match cmd {
+                Command::Publish { listeners, guest_ip, reply } => {
+                    let _ = reply.send(self.publish(listeners, guest_ip));
+                }
+                Command::Unpublish { host, proto, reply } => {
+                    let _ = reply.send(self.unpublish(host, proto));
+                }
+                Command::ListPorts { reply } => {
+                    let _ = reply.send(self.published());
+                }
+                Command::Leases { reply } => {
+                    let _ = reply.send(self.dhcp.leases());
+                }
+                Command::Stats { reply } => {
+                    let s = self.switch.stats;
+                    let _ = reply.send(Stats {
+                        frames_in: s.frames_in,
+                        frames_out: s.frames_out,
+                        bytes_in: s.bytes_in,
+                        bytes_out: s.bytes_out,
+                        dropped_in: s.dropped_in,
+                        tcp_flows: self.flows.tcp_count,
+                        udp_flows: self.flows.udp_count,
+                        icmp_flows: self.flows.icmp_count,
+                    });
+                }
+                Command::Flows { reply } => {
+                    let list = self
+                        .flows
+                        .ids()
+                        .map(|(_, f)| match f {
+                            Flow::Tcp(t) => {
+                                FlowInfo { proto: "tcp", guest: t.guest.to_string(), remote: t.remote.to_string() }
+                            }
+                            Flow::Udp(u) => {
+                                FlowInfo { proto: "udp", guest: u.guest.to_string(), remote: u.remote.to_string() }
+                            }
+                            Flow::Icmp(i) => {
+                                FlowInfo { proto: "icmp", guest: i.guest.to_string(), remote: i.remote.to_string() }
+                            }
+                            Flow::Splice(_) => FlowInfo {
+                                proto: "tcp-spliced",
+                                guest: "guest loopback".to_string(),
+                                remote: "host loopback".to_string(),
+                            },
+                        })
+                        .collect();
+                    let _ = reply.send(list);
+                }
+            }
+        }
     }
 }

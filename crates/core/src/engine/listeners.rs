@@ -219,7 +219,7 @@ impl Engine {
             let id = match self.flows.lookup(&key) {
                 Some(id) => id,
                 None => {
-                    if self.flows.udp_count >= super::MAX_UDP {
+                    if self.flows.udp_count >= super::flow_policy::MAX_UDP {
                         self.evict_oldest(|f| matches!(f, Flow::Udp(_)));
                     }
                     let inbound = Inbound { listener: listener.clone(), listener_id, client };

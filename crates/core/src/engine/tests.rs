@@ -13,8 +13,15 @@ use std::time::Instant;
 use proptest::prelude::*;
 
 use super::dial::{Dialer, IcmpKind, TcpDial};
+use super::flows::FlowId;
 use super::*;
-use usernet_wire::tcp::{FIN, RST};
+use usernet_wire::arp::ArpPacket;
+use usernet_wire::ethernet::EthernetHeader;
+use usernet_wire::icmp::{self, IcmpHeader};
+use usernet_wire::ipv4::Ipv4Header;
+use usernet_wire::tcp::{ACK, FIN, RST, SYN, TcpHeader};
+use usernet_wire::udp::UdpHeader;
+use usernet_wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use usernet_wire::{arp, ethernet, ipv4, udp};
 
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];

@@ -1,0 +1,295 @@
+//! Frame dispatch: every frame from a guest, by protocol. The switch comes first (frames
+//! for other guests go to them), then ARP and ping for the gateway, DHCP, and TCP, UDP and
+//! ICMP echo to their flows, creating a flow on a SYN, a first datagram or a first echo
+//! request. Nothing here panics, whatever the bytes.
+
+use std::net::SocketAddrV4;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use mio::Interest;
+
+use usernet_wire::arp::{self, ArpPacket};
+use usernet_wire::ethernet::{self, EthernetHeader};
+use usernet_wire::icmp::{self, IcmpHeader};
+use usernet_wire::ipv4::Ipv4Header;
+use usernet_wire::tcp::{ACK, SYN, TcpHeader};
+use usernet_wire::udp::UdpHeader;
+use usernet_wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
+use super::flow_policy::{MAX_CONNECTING, MAX_ICMP, MAX_UDP};
+use super::flows::{self, Flow, FlowKey, IcmpFlow, TcpFlow, UdpFlow, Verdict};
+use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF};
+use super::{Engine, dial};
+
+impl Engine {
+    /// One frame from the guest. Never panics, whatever the bytes.
+    pub fn on_frame(&mut self, link: usize, frame: &[u8], now: Instant) {
+        self.switch.stats.frames_in += 1;
+        self.switch.stats.bytes_in += frame.len() as u64;
+        if let Some(p) = self.switch.pcap.as_mut() {
+            p.write(frame);
+        }
+        let Some((eth, payload)) = EthernetHeader::parse(frame) else {
+            self.switch.stats.dropped_in += 1;
+            return;
+        };
+        // Learn where the sender is, and its address when it is one of the guest network's.
+        let src_ip = match eth.ethertype {
+            ethernet::ETHERTYPE_ARP => ArpPacket::parse(payload).map(|a| a.sender_ip),
+            ethernet::ETHERTYPE_IPV4 => Ipv4Header::parse(payload).map(|(h, _)| h.src),
+            _ => None,
+        }
+        .filter(|ip| self.cfg.subnet.contains(*ip) && *ip != self.cfg.gateway && *ip != self.cfg.host);
+        self.switch.learn(link, eth.src, src_ip);
+        // The switch: frames for other guests go to them; broadcasts go to them too.
+        if eth.dst != self.cfg.gateway_mac {
+            self.switch.forward(link, frame);
+            if eth.dst[0] & 1 == 0 {
+                return;
+            }
+        }
+        match eth.ethertype {
+            ethernet::ETHERTYPE_ARP => self.on_arp(payload),
+            ethernet::ETHERTYPE_IPV4 => self.on_ipv4(payload, eth.src, now),
+            _ => self.switch.stats.dropped_in += 1,
+        }
+    }
+
+    pub(super) fn on_arp(&mut self, payload: &[u8]) {
+        let Some(p) = ArpPacket::parse(payload) else {
+            return;
+        };
+        if p.op != arp::OP_REQUEST || (p.target_ip != self.cfg.gateway && p.target_ip != self.cfg.host) {
+            return;
+        }
+        let reply = ArpPacket {
+            op: arp::OP_REPLY,
+            sender_mac: self.cfg.gateway_mac,
+            sender_ip: p.target_ip,
+            target_mac: p.sender_mac,
+            target_ip: p.sender_ip,
+        };
+        let mut frame = [0u8; ethernet::HEADER_LEN + arp::LEN];
+        EthernetHeader { dst: p.sender_mac, src: self.cfg.gateway_mac, ethertype: ethernet::ETHERTYPE_ARP }
+            .emit(&mut frame);
+        reply.emit(&mut frame[ethernet::HEADER_LEN..]);
+        self.switch.send_frame(&frame, p.sender_mac);
+    }
+
+    pub(super) fn on_ipv4(&mut self, packet: &[u8], src_mac: [u8; 6], now: Instant) {
+        let Some((ip, payload)) = Ipv4Header::parse(packet) else {
+            self.switch.stats.dropped_in += 1;
+            return;
+        };
+        if ip.is_fragment {
+            // The guest's MTU matches the link; fragments are not reassembled.
+            self.switch.stats.dropped_in += 1;
+            return;
+        }
+        match ip.protocol {
+            PROTO_TCP => self.on_tcp(&ip, payload, now),
+            PROTO_UDP => self.on_udp(&ip, payload, src_mac, now),
+            PROTO_ICMP => self.on_icmp(&ip, payload, now),
+            _ => self.switch.stats.dropped_in += 1,
+        }
+    }
+
+    pub(super) fn on_icmp(&mut self, ip: &Ipv4Header, message: &[u8], now: Instant) {
+        let Some((h, data)) = IcmpHeader::parse(message) else {
+            return;
+        };
+        if h.kind != icmp::TYPE_ECHO_REQUEST {
+            return;
+        }
+        if ip.dst == self.cfg.gateway {
+            let len = data.len().min(self.switch.mtu - 28);
+            self.switch.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
+            let reply = IcmpHeader::echo(icmp::TYPE_ECHO_REPLY, h.ident(), h.seq());
+            self.switch.send_icmp(ip.dst, ip.src, &reply, len);
+            return;
+        }
+        let key = FlowKey::Icmp { guest: ip.src, remote: ip.dst, ident: h.ident() };
+        let id = match self.flows.lookup(&key) {
+            Some(id) => id,
+            None => {
+                if self.flows.icmp_count >= MAX_ICMP {
+                    self.evict_oldest(|f| matches!(f, Flow::Icmp(_)));
+                }
+                let (fd, kind) = match self.dialer.icmp(ip.dst) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!("ping {} -> {}: {e}", ip.src, ip.dst);
+                        return;
+                    }
+                };
+                let flow = Flow::Icmp(IcmpFlow::new(ip.src, ip.dst, h.ident(), fd, kind, now));
+                match self.add_flow(flow, Interest::READABLE) {
+                    Some(id) => id,
+                    None => return,
+                }
+            }
+        };
+        if let Some(Flow::Icmp(f)) = self.flows.get_mut(id) {
+            f.from_guest(message, now);
+        }
+        self.after(id, Verdict::Keep);
+    }
+
+    pub(super) fn on_udp(&mut self, ip: &Ipv4Header, datagram: &[u8], src_mac: [u8; 6], now: Instant) {
+        let Some((h, payload)) = UdpHeader::parse(datagram) else {
+            return;
+        };
+        if h.dst_port == 67 && (ip.dst == self.cfg.gateway || ip.dst.is_broadcast()) {
+            self.on_dhcp(payload, src_mac);
+            return;
+        }
+        if ip.dst.is_broadcast() || ip.dst.is_multicast() || ip.dst == self.cfg.subnet.broadcast() {
+            return;
+        }
+        let guest = SocketAddrV4::new(ip.src, h.src_port);
+        let remote = SocketAddrV4::new(ip.dst, h.dst_port);
+        let key = FlowKey::Udp { guest, remote };
+        let id = match self.flows.lookup(&key) {
+            Some(id) => id,
+            None => {
+                if self.flows.udp_count >= MAX_UDP {
+                    self.evict_oldest(|f| matches!(f, Flow::Udp(_)));
+                }
+                let fd = match self.dialer.udp(remote, guest) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        let code = match e.raw_os_error() {
+                            Some(libc::ECONNREFUSED) => icmp::CODE_PORT_UNREACHABLE,
+                            Some(libc::ENETUNREACH) => icmp::CODE_NET_UNREACHABLE,
+                            _ => icmp::CODE_HOST_UNREACHABLE,
+                        };
+                        tracing::debug!("udp {guest} -> {remote}: {e}");
+                        let quote = &datagram[..datagram.len().min(8)];
+                        let mut q = [0u8; 28];
+                        Ipv4Header::new(ip.src, ip.dst, PROTO_UDP, datagram.len()).emit(&mut q);
+                        q[20..20 + quote.len()].copy_from_slice(quote);
+                        self.switch.send_icmp_error(
+                            ip.dst,
+                            ip.src,
+                            icmp::TYPE_DEST_UNREACHABLE,
+                            code,
+                            &q[..20 + quote.len()],
+                        );
+                        return;
+                    }
+                };
+                let idle = if ip.dst == self.cfg.gateway && h.dst_port == 53 {
+                    flows::udp::IDLE_DNS
+                } else {
+                    flows::udp::IDLE
+                };
+                let flow = Flow::Udp(UdpFlow::new(guest, remote, fd, idle, now));
+                match self.add_flow(flow, Interest::READABLE) {
+                    Some(id) => id,
+                    None => return,
+                }
+            }
+        };
+        if let Some(Flow::Udp(f)) = self.flows.get_mut(id) {
+            match f.own_fd() {
+                // Outbound flows: gathered and sent with the rest of the batch.
+                Some(fd) => {
+                    let fd = fd.as_raw_fd();
+                    f.last_used = now;
+                    if self.udp_batch.full(payload.len()) {
+                        self.udp_batch.flush();
+                    }
+                    self.udp_batch.push(id, fd, payload);
+                }
+                None => f.from_guest(payload, now),
+            }
+        }
+        self.after(id, Verdict::Keep);
+    }
+
+    pub(super) fn on_dhcp(&mut self, payload: &[u8], src_mac: [u8; 6]) {
+        let Some(reply) = self.dhcp.handle(src_mac, payload) else {
+            return;
+        };
+        let n = reply.payload.len();
+        if UDP_PAYLOAD_OFF + n > self.switch.buf().len() {
+            return;
+        }
+        self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + n].copy_from_slice(&reply.payload);
+        self.switch.send_udp_to_mac(
+            SocketAddrV4::new(self.cfg.gateway, 67),
+            SocketAddrV4::new(reply.dst_ip, 68),
+            n,
+            Some(reply.dst_mac),
+        );
+    }
+
+    pub(super) fn on_tcp(&mut self, ip: &Ipv4Header, segment: &[u8], now: Instant) {
+        let Some((h, payload)) = TcpHeader::parse(segment) else {
+            return;
+        };
+        let guest = SocketAddrV4::new(ip.src, h.src_port);
+        let remote = SocketAddrV4::new(ip.dst, h.dst_port);
+        let key = FlowKey::Tcp { guest, remote };
+        if let Some(id) = self.flows.lookup(&key) {
+            let verdict = match self.flows.get_mut(id) {
+                Some(Flow::Tcp(f)) => {
+                    if h.has(SYN) && !h.has(ACK) && f.is_stale_for_syn(&h) {
+                        // The guest reuses the port for a new connection: the old one is over.
+                        Verdict::Close
+                    } else {
+                        f.on_segment(&mut self.switch, &h, payload, now)
+                    }
+                }
+                _ => Verdict::Keep,
+            };
+            let new_syn = verdict == Verdict::Close && h.has(SYN) && !h.has(ACK);
+            self.after(id, verdict);
+            if !new_syn {
+                return;
+            }
+        }
+        if !h.has(SYN) || h.has(ACK) {
+            flows::tcp::reset_stray(&mut self.switch, guest, remote, &h, payload.len());
+            return;
+        }
+        if ip.dst.is_broadcast() || ip.dst.is_multicast() {
+            return;
+        }
+        let hooked = self.tcp_hooks.iter_mut().find_map(|hook| hook(remote, guest));
+        let dialled = match hooked {
+            Some(r) => r.map(|fd| dial::TcpDial { fd, connected: true, is_tcp: false }),
+            None => self.dialer.tcp(remote, guest),
+        };
+        let dial = match dialled {
+            Ok(d) => d,
+            Err(e) => {
+                flows::tcp::refuse(
+                    &mut self.switch,
+                    guest,
+                    remote,
+                    h.seq,
+                    e.raw_os_error().unwrap_or(libc::ECONNREFUSED),
+                );
+                return;
+            }
+        };
+        if self.connecting_count >= MAX_CONNECTING {
+            self.abandon_oldest_connect();
+        }
+        let isn = self.isn(&key, now);
+        let (flow, verdict) = TcpFlow::new(&mut self.switch, guest, remote, &h, dial, isn, now);
+        let mut flow = flow;
+        let connecting = flow.is_connecting();
+        flow.counted_connecting = connecting;
+        let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) else {
+            return;
+        };
+        if connecting {
+            self.connecting.push_back(id);
+            self.connecting_count += 1;
+        }
+        self.after(id, verdict);
+    }
+}

@@ -1,0 +1,178 @@
+//! The event loop: one thread waits (epoll through mio) on the guest links, the link
+//! acceptors, every flow's host socket, the published ports' listeners, the control waker
+//! and the supervisor, and runs the rounds that the theory of operation in `mod.rs`
+//! describes. It also reads frames from the links in batches and writes what they queued.
+
+use std::cmp::Reverse;
+use std::io;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest};
+
+use super::flows::FlowId;
+use super::{ACCEPTOR_BIT, Engine, FLOW_BASE, LINK_BIT, SUPERVISOR, Supervisor, WAKER, busy_poll, listeners};
+
+/// Frames read from a link per round before the loop looks at everything else.
+const LINK_BATCH: usize = 128;
+
+impl Engine {
+    /// Runs until the supervisor says stop; returns its exit code.
+    pub fn run(&mut self, sup: &mut dyn Supervisor) -> io::Result<i32> {
+        let sup_fd = sup.fd();
+        self.poll.registry().register(&mut SourceFd(&sup_fd), SUPERVISOR, Interest::READABLE)?;
+        let mut events = Events::with_capacity(1024);
+        let mut link_ready = true;
+        loop {
+            let spinning = !link_ready && self.busy_poll.enabled() && self.busy_poll.spin(Instant::now());
+            let timeout = if link_ready || spinning { Some(Duration::ZERO) } else { self.next_timeout() };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            if !events.is_empty() {
+                self.busy_poll.woke(now);
+            } else if spinning {
+                busy_poll::BusyPoll::yield_cpu();
+            }
+            let mut sup_ready = false;
+            for ev in events.iter() {
+                match ev.token() {
+                    t if t.0 & LINK_BIT != 0 => {
+                        let index = t.0 & !LINK_BIT;
+                        if ev.is_writable()
+                            && let Some(Some(slot)) = self.switch.links.get_mut(index)
+                            && let Err(e) = slot.link.flush()
+                        {
+                            self.drop_link(index, &e);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            if let Some(Some(slot)) = self.switch.links.get_mut(index) {
+                                slot.readable = true;
+                            }
+                            link_ready = true;
+                        }
+                    }
+                    t if t.0 & ACCEPTOR_BIT != 0 => self.on_acceptor(t.0 & !ACCEPTOR_BIT),
+                    SUPERVISOR => sup_ready = true,
+                    WAKER => self.on_commands(),
+                    t if t.0 & listeners::LISTENER_BIT != 0 => self.on_listener(t.0 & !listeners::LISTENER_BIT, now),
+                    t => {
+                        let readable = ev.is_readable() || ev.is_read_closed();
+                        let writable = ev.is_writable() || ev.is_write_closed();
+                        self.on_socket(FlowId::from_token(t, FLOW_BASE), readable, writable, ev.is_error(), now);
+                    }
+                }
+            }
+            if link_ready {
+                link_ready = self.read_links(now);
+            }
+            if !self.udp_batch.is_empty() {
+                self.udp_batch.flush();
+            }
+            self.run_timers(Instant::now());
+            self.flush_acks(Instant::now());
+            self.flush_links();
+            if sup_ready && let Some(code) = sup.on_ready() {
+                self.shutdown();
+                return Ok(code);
+            }
+            if !link_ready && let Some(p) = self.switch.pcap.as_mut() {
+                p.flush();
+            }
+        }
+    }
+
+    pub(super) fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let t = match self.timers.peek() {
+            Some(Reverse((d, _))) => d.saturating_duration_since(now),
+            None => Duration::from_secs(1),
+        };
+        Some(t.min(Duration::from_secs(1)))
+    }
+
+    /// Reads up to a batch of frames from each readable link; true when more may be waiting.
+    pub(super) fn read_links(&mut self, now: Instant) -> bool {
+        let mut buf = std::mem::take(&mut self.rx_buf);
+        let mut more = false;
+        for index in 0..self.switch.links.len() {
+            let mut got = 0;
+            while let Some(Some(slot)) = self.switch.links.get_mut(index) {
+                if !slot.readable {
+                    break;
+                }
+                if got == LINK_BATCH {
+                    more = true;
+                    break;
+                }
+                match slot.link.recv(&mut buf) {
+                    Ok(n) => {
+                        got += 1;
+                        self.on_frame(index, &buf[..n], now);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => slot.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.drop_link(index, &e);
+                        break;
+                    }
+                }
+            }
+        }
+        self.rx_buf = buf;
+        more
+    }
+
+    pub(super) fn on_acceptor(&mut self, index: usize) {
+        loop {
+            let Some(acceptor) = self.acceptors.get_mut(index) else { return };
+            match acceptor.accept() {
+                Ok(Some(link)) => self.add_link(link),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("{}: accept: {e}", acceptor.describe());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes what the links queued during this round (a stream link writes a round's
+    /// frames with one system call).
+    pub(super) fn flush_links(&mut self) {
+        for index in 0..self.switch.links.len() {
+            if let Some(Some(slot)) = self.switch.links.get_mut(index)
+                && let Err(e) = slot.link.flush()
+            {
+                self.drop_link(index, &e);
+            }
+        }
+    }
+
+    pub(super) fn drop_link(&mut self, index: usize, why: &io::Error) {
+        if let Some(slot) = self.switch.remove_link(index) {
+            let fd = slot.link.fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            match why.kind() {
+                io::ErrorKind::UnexpectedEof => tracing::info!("{}: guest went away", slot.link.describe()),
+                _ => tracing::warn!("{}: {why}; link closed", slot.link.describe()),
+            }
+        }
+    }
+
+    /// Ends every flow (the command exited): guests' connections are reset, sockets closed.
+    pub(super) fn shutdown(&mut self) {
+        self.flush_links();
+        let ids: Vec<FlowId> = self.flows.ids().map(|(id, _)| id).collect();
+        for id in ids {
+            self.flows.remove(id);
+        }
+        if let Some(p) = self.switch.pcap.as_mut() {
+            p.flush();
+        }
+    }
+}
