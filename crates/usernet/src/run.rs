@@ -9,7 +9,10 @@
 //!    the process still has one thread: every thread started later inherits the mask, so
 //!    these signals are only ever read from the signalfd.
 //! 3. Fork the sandbox (`netns::sandbox`), still single-threaded. It returns once COMMAND's
-//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started.
+//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started. Rootless,
+//!    usernet then joins the user namespace it made for COMMAND (still single-threaded, as
+//!    the kernel requires), so that it may enter the guest's network namespace to make the
+//!    sockets of loopback clients' connections (`engine::guest_sockets`).
 //! 4. Start the gateway services (their runtime thread) and build the engine on the TAP;
 //!    hand it the bound listeners (it owns them from then on, so they close when it is
 //!    dropped) and, with `--api`, start the control API on the engine's control handle.
@@ -99,6 +102,12 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     let mut sandbox = Sandbox::create(&sandbox_spec(&cfg), &args.command)?;
     let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
+    if !args.no_engine
+        && !nix::unistd::geteuid().is_root()
+        && let Err(e) = sandbox.join_user_namespace()
+    {
+        tracing::warn!("cannot join the guest's user namespace: {e}");
+    }
 
     // Kept alive until the engine returns; dropping it stops the API and removes its socket.
     let mut api = None;

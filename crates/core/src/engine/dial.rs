@@ -44,6 +44,8 @@ pub struct HostDialer {
     cfg: Arc<NetConfig>,
     services: ServiceHub,
     icmp_kind: Option<IcmpKind>,
+    /// The guest was told (in the log) that ping cannot work here.
+    told_no_icmp: bool,
 }
 
 /// Where a guest destination really goes.
@@ -58,9 +60,9 @@ impl HostDialer {
         let icmp_kind = probe_icmp();
         match icmp_kind {
             Some(k) => tracing::debug!("ICMP echo through {k:?} sockets"),
-            None => tracing::warn!("no ping or raw ICMP sockets allowed: ping from the guest will not work"),
+            None => tracing::debug!("no ping or raw ICMP sockets allowed"),
         }
-        HostDialer { cfg, services, icmp_kind }
+        HostDialer { cfg, services, icmp_kind, told_no_icmp: false }
     }
 
     pub fn services(&self) -> &ServiceHub {
@@ -121,7 +123,18 @@ impl Dialer for HostDialer {
             Target::Host(ip) => ip,
             _ => return Err(unreachable()),
         };
-        let kind = self.icmp_kind.ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))?;
+        let Some(kind) = self.icmp_kind else {
+            // Said once, when it first matters: many users never ping.
+            if !self.told_no_icmp {
+                self.told_no_icmp = true;
+                tracing::warn!(
+                    "the guest pings {dst}, but this host gives usernet neither ping sockets \
+                     (sysctl net.ipv4.ping_group_range must include its group) nor raw sockets: \
+                     echo requests are dropped"
+                );
+            }
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        };
         let fd = match kind {
             IcmpKind::Ping => sock::socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP)?,
             IcmpKind::Raw => sock::socket(libc::SOCK_RAW, libc::IPPROTO_ICMP)?,

@@ -141,10 +141,14 @@ impl Engine {
                     return;
                 }
             };
-            if is_loopback(client) && self.netns.is_some() {
-                self.splice_to_guest(fd, guest, now);
-                continue;
-            }
+            let fd = if is_loopback(client) && self.guest_sockets.is_some() {
+                match self.splice_to_guest(fd, guest, now) {
+                    Some(fd) => fd,
+                    None => continue,
+                }
+            } else {
+                fd
+            };
             let remote = guest_view_of_client(client, self.cfg.host);
             let key = FlowKey::Tcp { guest, remote };
             if self.flows.lookup(&key).is_some() {
@@ -161,18 +165,19 @@ impl Engine {
         }
     }
 
-    /// Carries a loopback client's connection socket to socket inside the guest's namespace.
-    fn splice_to_guest(&mut self, host: OwnedFd, guest: SocketAddrV4, now: Instant) {
-        let dialled = match &self.netns {
-            Some((theirs, ours)) => dial_in_namespace(theirs, ours, guest),
-            None => return,
+    /// Carries a loopback client's connection socket to socket inside the guest's
+    /// namespace. When no socket can be had there, gives the connection back for the guest
+    /// link (it then comes from the host address, as any client's would).
+    fn splice_to_guest(&mut self, host: OwnedFd, guest: SocketAddrV4, now: Instant) -> Option<OwnedFd> {
+        let made = match &self.guest_sockets {
+            Some(sockets) => sockets.take(),
+            None => return Some(host),
         };
-        let (sock, connected) = match dialled {
+        let (sock, connected) = match made.and_then(|s| dial_from_loopback(s, guest)) {
             Ok(x) => x,
             Err(e) => {
-                tracing::debug!("published port {guest} inside the namespace: {e}");
-                sock::set_linger_zero(host.as_fd());
-                return;
+                tracing::debug!("published port {guest}: no socket inside the namespace ({e}); through the guest link");
+                return Some(host);
             }
         };
         self.next_splice_id += 1;
@@ -181,10 +186,10 @@ impl Engine {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!("cannot splice a published connection: {e}");
-                return;
+                return None;
             }
         };
-        let Some(id) = self.add_flow(Flow::Splice(flow), Interest::READABLE | Interest::WRITABLE) else { return };
+        let Some(id) = self.add_flow(Flow::Splice(flow), Interest::READABLE | Interest::WRITABLE) else { return None };
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&guest_fd),
             id.token(super::FLOW_BASE),
@@ -192,10 +197,11 @@ impl Engine {
         ) {
             tracing::warn!("cannot watch a spliced socket: {e}");
             self.flows.remove(id);
-            return;
+            return None;
         }
         // Data may already wait on the accepted socket.
         self.on_socket(id, true, true, false, now);
+        None
     }
 
     fn receive_all(&mut self, listener: &Rc<OwnedFd>, guest: SocketAddrV4, listener_id: u32, now: Instant) {
@@ -254,20 +260,9 @@ fn is_loopback(a: SocketAddr) -> bool {
     }
 }
 
-/// A TCP socket created inside the namespace `theirs` (the thread returns to `ours` at
-/// once), bound to the namespace's 127.0.0.1 and connecting to `guest` there.
-fn dial_in_namespace(theirs: &OwnedFd, ours: &OwnedFd, guest: SocketAddrV4) -> std::io::Result<(OwnedFd, bool)> {
-    // SAFETY: setns(2) on a namespace descriptor we hold; only this thread moves.
-    if unsafe { libc::setns(theirs.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let made = sock::socket(libc::SOCK_STREAM, 0);
-    // SAFETY: as above, back to our own namespace.
-    if unsafe { libc::setns(ours.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-        // Staying in the guest's namespace would dial every later flow from there.
-        panic!("cannot return to usernet's own network namespace: {}", std::io::Error::last_os_error());
-    }
-    let fd = made?;
+/// Binds `fd`, a socket of the guest's namespace, to that namespace's 127.0.0.1 and starts
+/// connecting it to `guest` there.
+fn dial_from_loopback(fd: OwnedFd, guest: SocketAddrV4) -> std::io::Result<(OwnedFd, bool)> {
     let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
     let local = sock::sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
     // SAFETY: local is a valid sockaddr_in of the length given.

@@ -36,6 +36,7 @@ mod dispatch;
 mod event_loop;
 pub mod flow_policy;
 pub mod flows;
+pub mod guest_sockets;
 pub mod listeners;
 pub mod sock;
 pub mod switch;
@@ -95,8 +96,8 @@ pub struct Engine {
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
     /// Guest UDP datagrams of this round, sent together at its end.
     udp_batch: udp_batch::UdpBatch,
-    /// The guest's network namespace and our own, for spliced loopback connections.
-    netns: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    /// Sockets of the guest's network namespace, for spliced loopback connections.
+    guest_sockets: Option<guest_sockets::GuestSockets>,
     next_splice_id: u64,
     /// Services that take over some guest TCP connections (see `add_tcp_hook`).
     tcp_hooks: Vec<TcpHook>,
@@ -140,10 +141,11 @@ impl Engine {
     }
 
     /// The guest is a network namespace on this host (`run`): connections from the host's
-    /// loopback to its published TCP ports are spliced socket to socket inside it.
+    /// loopback to its published TCP ports are spliced socket to socket inside it (see
+    /// [`guest_sockets`]). An error means this process may not enter it; loopback clients
+    /// then take the guest link like any other.
     pub fn set_guest_netns(&mut self, netns: std::os::fd::OwnedFd) -> io::Result<()> {
-        let own = std::fs::File::open("/proc/thread-self/ns/net")?;
-        self.netns = Some((netns, std::os::fd::OwnedFd::from(own)));
+        self.guest_sockets = Some(guest_sockets::GuestSockets::start(netns)?);
         Ok(())
     }
 
@@ -189,7 +191,7 @@ impl Engine {
             switch: Switch::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
             acceptors: Vec::new(),
             udp_batch: Default::default(),
-            netns: None,
+            guest_sockets: None,
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
             busy_poll: busy_poll::BusyPoll::new(Duration::ZERO),

@@ -213,6 +213,29 @@ impl Sandbox {
         self.netns.as_ref().and_then(|fd| fd.try_clone().ok())
     }
 
+    /// Joins the user namespace the sandbox made for COMMAND (rootless, as `unshare -r`),
+    /// so that this process, which owns it, holds the capabilities over the guest's
+    /// network namespace that entering it needs (see `usernet_core::engine::guest_sockets`).
+    /// usernet's files and sockets stay as they are: its user and group ids are the same
+    /// ones, seen as root inside. Ok(false) when the sandbox made no user namespace. Call
+    /// while this process has a single thread: the kernel refuses it otherwise.
+    pub fn join_user_namespace(&self) -> io::Result<bool> {
+        let theirs = fs::File::open(format!("/proc/{}/ns/user", self.pid))?;
+        let ours = fs::metadata("/proc/self/ns/user")?;
+        let meta = theirs.metadata()?;
+        if (meta.dev(), meta.ino()) == (ours.dev(), ours.ino()) {
+            return Ok(false);
+        }
+        if thread_count() != 1 {
+            return Err(io::Error::other("usernet already runs several threads"));
+        }
+        // SAFETY: setns(2) on a namespace descriptor we hold; the process is single-threaded.
+        if unsafe { libc::setns(theirs.as_raw_fd(), libc::CLONE_NEWUSER) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+
     /// Lets the sandbox exec COMMAND and reports whether the exec succeeded.
     pub fn start(&mut self) -> Result<(), StartError> {
         send_retry(&self.ctl, &[MSG_GO]).map_err(StartError::Io)?;

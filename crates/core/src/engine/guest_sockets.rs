@@ -1,0 +1,105 @@
+//! TCP sockets made inside the guest's network namespace, for loopback clients of
+//! published ports (see `listeners`: they are carried socket to socket, never through the
+//! guest link).
+//!
+//! A socket belongs to the network namespace of the thread that creates it, and stays
+//! there whichever thread uses it later. So one thread of its own enters the guest's
+//! namespace once (setns), stays there, and keeps a few fresh sockets ready in a bounded
+//! channel; the engine takes one per connection without waiting (and binds and connects
+//! it from its own thread), and the thread makes the next. Nothing moves between
+//! namespaces per connection. The thread ends when the engine drops its end.
+//!
+//! Entering the namespace needs CAP_SYS_ADMIN in the user namespace that owns it and in
+//! the thread's own. As root that holds everywhere; rootless, `usernet run` first joins the
+//! user namespace it made for the guest (see `usernet_host::netns::sandbox`), whose owner it
+//! is, while the process is still single-threaded.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::time::Duration;
+
+use super::sock;
+
+/// Sockets kept ready: enough for a burst of connections accepted in one round.
+const READY: usize = 16;
+/// Longest the engine waits for a socket when the ready ones ran out.
+const WAIT: Duration = Duration::from_millis(50);
+
+pub struct GuestSockets {
+    /// Dropping it ends the thread (its blocked send fails).
+    ready: Receiver<io::Result<OwnedFd>>,
+}
+
+impl GuestSockets {
+    /// Starts the thread in the namespace `netns`; fails at once if it cannot enter it.
+    pub fn start(netns: OwnedFd) -> io::Result<GuestSockets> {
+        let (entered_tx, entered_rx) = mpsc::sync_channel::<io::Result<()>>(1);
+        let (ready_tx, ready) = mpsc::sync_channel(READY);
+        let thread = std::thread::Builder::new().name("usernet-guest-ns".into()).spawn(move || {
+            // SAFETY: setns(2) on a namespace descriptor this thread owns; only this thread moves.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                let _ = entered_tx.send(Err(io::Error::last_os_error()));
+                return;
+            }
+            drop(netns);
+            if entered_tx.send(Ok(())).is_err() {
+                return;
+            }
+            // Blocks while READY sockets wait; ends when the engine drops its end.
+            while ready_tx.send(sock::socket(libc::SOCK_STREAM, 0)).is_ok() {}
+        })?;
+        let entered = entered_rx.recv().unwrap_or_else(|_| Err(io::Error::other("the namespace thread died")));
+        if let Err(e) = entered {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(GuestSockets { ready })
+    }
+
+    /// A fresh non-blocking TCP socket of the guest's namespace.
+    pub fn take(&self) -> io::Result<OwnedFd> {
+        match self.ready.try_recv() {
+            Ok(made) => made,
+            Err(TryRecvError::Empty) => match self.ready.recv_timeout(WAIT) {
+                Ok(made) => made,
+                Err(RecvTimeoutError::Timeout) => Err(io::ErrorKind::TimedOut.into()),
+                Err(RecvTimeoutError::Disconnected) => Err(io::Error::other("the namespace thread is gone")),
+            },
+            Err(TryRecvError::Disconnected) => Err(io::Error::other("the namespace thread is gone")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sockets come from the namespace the thread entered: here our own (the test needs no
+    /// privilege), checked through the socket's network namespace.
+    #[test]
+    fn sockets_come_from_the_namespace_given() {
+        let own = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap());
+        let pool = GuestSockets::start(own).unwrap();
+        for _ in 0..(READY * 2) {
+            let s = pool.take().unwrap();
+            // SAFETY: SIOCGSKNS returns a new descriptor of the socket's network namespace.
+            let ns = unsafe { libc::ioctl(s.as_raw_fd(), 0x894C) };
+            assert!(ns >= 0, "{}", io::Error::last_os_error());
+            // SAFETY: ns is a fresh descriptor we own.
+            let ns = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ns) };
+            let a = std::fs::metadata(format!("/proc/self/fd/{}", ns.as_raw_fd())).unwrap();
+            let b = std::fs::metadata("/proc/thread-self/ns/net").unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+        }
+        drop(pool);
+    }
+
+    #[test]
+    fn a_namespace_it_cannot_enter_is_an_error_at_once() {
+        // A descriptor that is not a network namespace.
+        let not_ns = OwnedFd::from(std::fs::File::open("/proc/self/stat").unwrap());
+        assert!(GuestSockets::start(not_ns).is_err());
+    }
+}
