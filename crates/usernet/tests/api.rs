@@ -197,17 +197,17 @@ fn udp_echo(port: u16) -> Option<Vec<u8>> {
     None
 }
 
-fn tools() -> bool {
+/// Root and the tools of these tests (panics otherwise: see [`require`]).
+fn prerequisites() {
     let mut t = BASE_TOOLS.to_vec();
     t.extend(["curl", "dig"]);
-    ready(&t)
+    require(&t);
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn gvproxy_expose_unexpose_all() {
-    if !tools() {
-        return;
-    }
+    prerequisites();
     let g = Guest::start();
     let port = free_port();
     let local = format!("127.0.0.1:{port}");
@@ -275,10 +275,9 @@ fn gvproxy_expose_unexpose_all() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn dns_records_added_through_the_api_resolve_in_the_guest() {
-    if !tools() {
-        return;
-    }
+    prerequisites();
     let g = Guest::start();
     let (code, _) = g.curl(
         "POST",
@@ -305,10 +304,9 @@ fn dns_records_added_through_the_api_resolve_in_the_guest() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn port_cli() {
-    if !tools() {
-        return;
-    }
+    prerequisites();
     let g = Guest::start();
     g.port(&["ls"]).assert_ok();
     assert_eq!(g.port(&["ls"]).stdout, "");

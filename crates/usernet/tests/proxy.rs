@@ -187,10 +187,9 @@ fn strings(args: &[&str]) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn explicit_proxy_http_and_https_through_upstream() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let origin = Origin::start();
     let tp = Tinyproxy::start(origin.ip(), None, &[]);
@@ -219,10 +218,9 @@ fn explicit_proxy_http_and_https_through_upstream() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn explicit_proxy_without_upstream_goes_direct() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let origin = Origin::start();
     let out = guest(
@@ -244,10 +242,9 @@ fn explicit_proxy_without_upstream_goes_direct() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn transparent_http_and_https_through_upstream() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let origin = Origin::start();
     let tp = Tinyproxy::start(origin.ip(), None, &[]);
@@ -278,10 +275,9 @@ fn transparent_http_and_https_through_upstream() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn no_proxy_bypass_by_name_wildcard_and_cidr() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let origin = Origin::start();
     let tp = Tinyproxy::start(origin.ip(), None, &[]);
@@ -317,10 +313,9 @@ fn no_proxy_bypass_by_name_wildcard_and_cidr() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn upstream_basic_auth() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let origin = Origin::start();
     let tp = Tinyproxy::start(origin.ip(), Some(("alice", "s3cret-pw")), &[]);
@@ -385,10 +380,9 @@ fn upstream_basic_auth() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn upstream_down_or_refusing() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let origin = Origin::start();
     let cert = origin.cert();
@@ -420,10 +414,9 @@ fn upstream_down_or_refusing() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn api_shows_and_changes_the_proxy() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let origin = Origin::start();
     let tp = Tinyproxy::start(origin.ip(), None, &[]);

@@ -9,10 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn guest_interface_route_and_resolv_conf() {
-    if !ready(BASE_TOOLS) {
-        return;
-    }
+    require(BASE_TOOLS);
     let dns = DnsUpstream::start();
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let out = Usernet::new(&dns).sh("ip -o addr show dev eth0; echo ===; ip -o link show dev eth0; echo ===; \
@@ -33,10 +32,9 @@ fn guest_interface_route_and_resolv_conf() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn mtu_option_sets_the_guest_mtu() {
-    if !ready(BASE_TOOLS) {
-        return;
-    }
+    require(BASE_TOOLS);
     let dns = DnsUpstream::start();
     let out = Usernet::new(&dns).args(&["--mtu", "1500"]).run(&["ip", "-o", "link", "show", "dev", "eth0"]);
     out.assert_ok();
@@ -44,10 +42,9 @@ fn mtu_option_sets_the_guest_mtu() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn exit_status_is_the_commands() {
-    if !ready(BASE_TOOLS) {
-        return;
-    }
+    require(BASE_TOOLS);
     let dns = DnsUpstream::start();
     Usernet::new(&dns).run(&["true"]).assert_code(0);
     Usernet::new(&dns).sh("exit 7").assert_code(7);
@@ -62,20 +59,18 @@ fn exit_status_is_the_commands() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn exit_status_127_when_not_found() {
-    if !ready(BASE_TOOLS) {
-        return;
-    }
+    require(BASE_TOOLS);
     let dns = DnsUpstream::start();
     Usernet::new(&dns).run(&["usernet-test-no-such-command"]).assert_code(127);
     Usernet::new(&dns).run(&["/nonexistent/usernet-test/cmd"]).assert_code(127);
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn exit_status_126_when_not_executable() {
-    if !ready(BASE_TOOLS) {
-        return;
-    }
+    require(BASE_TOOLS);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("noexec");
     let file = dir.join("not-executable");
@@ -86,10 +81,9 @@ fn exit_status_126_when_not_executable() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn exit_status_125_when_usernet_fails() {
-    if !ready(BASE_TOOLS) {
-        return;
-    }
+    require(BASE_TOOLS);
     let dns = DnsUpstream::start();
     let out = Usernet::new(&dns).arg("--no-such-flag").run(&["echo", "should not run"]);
     out.assert_code(125);
@@ -122,10 +116,9 @@ fn reap(pids: &[u32]) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn nothing_left_behind_when_the_command_exits() {
-    if !ready(BASE_TOOLS) {
-        return;
-    }
+    require(BASE_TOOLS);
     let dns = DnsUpstream::start();
     // A unique sleep, so parallel tests never see each other's.
     let marker = format!("sleep 300.{}", unique_id().replace('-', ""));
@@ -147,10 +140,9 @@ fn nothing_left_behind_when_the_command_exits() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn nothing_left_behind_when_usernet_is_signalled() {
-    if !ready(BASE_TOOLS) {
-        return;
-    }
+    require(BASE_TOOLS);
     let dns = DnsUpstream::start();
     let marker = format!("sleep 300.{}", unique_id().replace('-', ""));
     let mut cmd = Usernet::new(&dns).command(&["sh", "-c", &format!("readlink /proc/self/ns/net; exec {marker}")]);
@@ -194,10 +186,9 @@ fn nothing_left_behind_when_usernet_is_signalled() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn rootless_as_nobody() {
-    if !ready(&["ip", "dnsmasq", "runuser", "curl", "python3", "sha256sum"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "runuser", "curl", "python3", "sha256sum"]);
     let dns = DnsUpstream::start();
     let bin_dir = TempDir::new("rootless-bin");
     let bin = copy_binary_for_others(&bin_dir);
@@ -214,10 +205,9 @@ fn rootless_as_nobody() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn pcap_captures_the_guest_link() {
-    if !ready(&["ip", "dnsmasq", "tcpdump", "ping"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "tcpdump", "ping"]);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("pcap");
     let pcap = dir.join("guest.pcap");

@@ -54,10 +54,9 @@ fn check(digs: &[Dig], out: &Output, i: usize, status: &str, answers: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn gateway_answers_its_own_names() {
-    if !ready(&["ip", "dnsmasq", "dig"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "dig"]);
     let dns = DnsUpstream::start();
     let (d, out) = dig_all(
         Usernet::new(&dns),
@@ -86,10 +85,9 @@ fn gateway_answers_its_own_names() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn add_host_records() {
-    if !ready(&["ip", "dnsmasq", "dig"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "dig"]);
     let dns = DnsUpstream::start();
     let usernet = Usernet::new(&dns).args(&["--add-host", "foo.test:10.1.2.3", "--add-host", "bar.test:host-gateway"]);
     let (d, out) = dig_all(usernet, &["foo.test A", "bar.test A", "FOO.test A"]);
@@ -100,10 +98,9 @@ fn add_host_records() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn forwards_to_the_upstream() {
-    if !ready(&["ip", "dnsmasq", "dig"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "dig"]);
     let dns = DnsUpstream::start();
     let (d, out) = dig_all(
         Usernet::new(&dns),
@@ -131,10 +128,9 @@ fn forwards_to_the_upstream() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn dns_over_tcp() {
-    if !ready(&["ip", "dnsmasq", "dig"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "dig"]);
     let dns = DnsUpstream::start();
     let (d, out) = dig_all(
         Usernet::new(&dns),
@@ -148,10 +144,9 @@ fn dns_over_tcp() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn fails_over_from_a_refusing_upstream() {
-    if !ready(&["ip", "dnsmasq", "dig"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "dig"]);
     let dns = DnsUpstream::start();
     // Nothing listens there: queries get ICMP port unreachable at once.
     let dead = format!("127.0.0.1:{}", free_port());
@@ -163,10 +158,9 @@ fn fails_over_from_a_refusing_upstream() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn fails_over_from_a_silent_upstream() {
-    if !ready(&["ip", "dnsmasq", "dig"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "dig"]);
     let dns = DnsUpstream::start();
     // A socket that takes queries and never answers.
     let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -180,10 +174,9 @@ fn fails_over_from_a_silent_upstream() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn servfail_when_no_upstream_answers() {
-    if !ready(&["ip", "dig"]) {
-        return;
-    }
+    require(&["ip", "dig"]);
     let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let silent_addr = silent.local_addr().expect("addr").to_string();
     let dead = format!("127.0.0.1:{}", free_port());
@@ -205,10 +198,9 @@ fn servfail_when_no_upstream_answers() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn libc_resolver_works() {
-    if !ready(&["ip", "dnsmasq", "getent"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "getent"]);
     let dns = DnsUpstream::start();
     let out = Usernet::new(&dns).args(&["--add-host", "foo.test:10.1.2.3"]).sh(
         "timeout 20 getent hosts host.docker.internal; \

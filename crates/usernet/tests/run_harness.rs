@@ -9,10 +9,9 @@ use common::*;
 use std::time::Duration;
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn dns_upstream_answers_static_records() {
-    if !ready(&["dnsmasq", "dig"]) {
-        return;
-    }
+    require(&["dnsmasq", "dig"]);
     let dns = DnsUpstream::start();
     let port = dns.port.to_string();
     let dig = |args: &[&str]| {
@@ -35,10 +34,9 @@ fn dns_upstream_answers_static_records() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn remote_host_is_reachable_through_its_veth() {
-    if !ready(&["ip", "curl", "python3"]) {
-        return;
-    }
+    require(&["ip", "curl", "python3"]);
     let remote = RemoteHost::new();
     let route = must("ip", &["route", "get", &remote.ip]);
     assert!(route.stdout.contains(&remote.host_veth), "{route}");
@@ -63,10 +61,9 @@ fn remote_host_is_reachable_through_its_veth() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn helper_servers_work_on_loopback() {
-    if !ready(&["curl", "python3", "nc", "socat"]) {
-        return;
-    }
+    require(&["curl", "python3", "nc", "socat"]);
     let (_dir, http, want) = serve_random_file("helpers", "f", 3 << 20);
     let get = sh(&format!("timeout 30 curl -sSf http://127.0.0.1:{}/f | sha256sum", http.port));
     get.assert_ok();
@@ -109,10 +106,9 @@ fn helper_servers_work_on_loopback() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn unreachable_route_fails_connect_at_once() {
-    if !ready(&["ip", "curl"]) {
-        return;
-    }
+    require(&["ip", "curl"]);
     let route = UnreachableRoute::new();
     let out = sh(&format!("timeout 20 curl -sS --connect-timeout 15 http://{}:80/", route.ip));
     assert_eq!(out.code, 7, "{out}");
@@ -125,9 +121,7 @@ fn unreachable_route_fails_connect_at_once() {
 
 #[test]
 fn bounded_commands_are_killed_on_timeout() {
-    if !ready(&["sleep"]) {
-        return;
-    }
+    require_tools(&["sh", "sleep"]);
     let mut cmd = std::process::Command::new("sh");
     cmd.args(["-c", "sleep 30 & sleep 30"]);
     let out = run_bounded(&mut cmd, Duration::from_millis(500));

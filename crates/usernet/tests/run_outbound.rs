@@ -15,10 +15,9 @@ const BULK: usize = 20 << 20;
 const BULK_TIMEOUT: Duration = Duration::from_secs(150);
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn download_from_host_loopback_by_name() {
-    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]);
     let dns = DnsUpstream::start();
     let (_dir, http, want) = serve_random_file("dl", "f", BULK);
     let out = Usernet::new(&dns)
@@ -32,10 +31,9 @@ fn download_from_host_loopback_by_name() {
 /// ping to the gateway every 5 ms (longer apart than the 3 ms window) leaves usernet mostly
 /// asleep. A window that never shrank would spin 3 ms of every 5 (60% of a CPU).
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn busy_polling_moves_bytes_and_backs_off() {
-    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "ping"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "ping"]);
     let dns = DnsUpstream::start();
     let (_dir, http, want) = serve_random_file("busy", "f", BULK);
     // Fields 14 and 15 of /proc/PID/stat: user and system time in clock ticks; the
@@ -58,10 +56,9 @@ fn busy_polling_moves_bytes_and_backs_off() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn upload_to_host_loopback() {
-    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("ul");
     let file = dir.join("u");
@@ -78,10 +75,9 @@ fn upload_to_host_loopback() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn many_parallel_connections_to_host() {
-    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]);
     let dns = DnsUpstream::start();
     let (_dir, http, want) = serve_random_file("par", "f", 1 << 20);
     let outdir = TempDir::new("par-out");
@@ -99,10 +95,9 @@ fn many_parallel_connections_to_host() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn download_and_upload_with_remote_host() {
-    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "nc"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "nc"]);
     let dns = DnsUpstream::start();
     let remote = RemoteHost::new();
     let dir = TempDir::new("remote");
@@ -124,10 +119,9 @@ fn download_and_upload_with_remote_host() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn connect_to_closed_port_is_refused_at_once() {
-    if !ready(&["ip", "dnsmasq", "curl", "nc"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "nc"]);
     let dns = DnsUpstream::start();
     let remote = RemoteHost::new();
     let closed = free_port();
@@ -145,10 +139,9 @@ fn connect_to_closed_port_is_refused_at_once() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn connect_without_route_fails_at_once() {
-    if !ready(&["ip", "dnsmasq", "curl", "nc"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "nc"]);
     let dns = DnsUpstream::start();
     let route = UnreachableRoute::new();
     let out = Usernet::new(&dns).sh(&format!(
@@ -162,10 +155,9 @@ fn connect_without_route_fails_at_once() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn half_close_keeps_the_other_direction_open() {
-    if !ready(&["ip", "dnsmasq", "nc", "socat", "python3"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "nc", "socat", "python3"]);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("half");
     let file = dir.join("h");
@@ -189,10 +181,9 @@ fn half_close_keeps_the_other_direction_open() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn reset_by_server_reaches_the_guest() {
-    if !ready(&["ip", "dnsmasq", "curl", "python3"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "python3"]);
     let dns = DnsUpstream::start();
     let rst = Server::start(ServerKind::Rst, None);
     let out = Usernet::new(&dns).sh(&format!("timeout 30 curl -sS --max-time 20 http://{HOST_IP}:{}/", rst.port));
@@ -203,14 +194,13 @@ fn reset_by_server_reaches_the_guest() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn bulk_transfers_survive_packet_loss() {
-    if !ready(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "nft"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "nft"]);
     let dns = DnsUpstream::start();
     let (dir, http, want) = serve_random_file("lossy", "f", BULK);
     let up = dir.join("f");
-    // 3% loss each way on the guest's eth0 (TESTING.md: no netem on these kernels).
+    // 3% loss each way on the guest's eth0 (docs/testing.md: no netem on these kernels).
     let out = Usernet::new(&dns).timeout(Duration::from_secs(280)).sh(&format!(
         "set -e; \
          nft add table inet lossy; \
@@ -230,10 +220,9 @@ fn bulk_transfers_survive_packet_loss() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn udp_to_host_loopback_and_remote_host() {
-    if !ready(&["ip", "dnsmasq", "socat", "python3"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "socat", "python3"]);
     let dns = DnsUpstream::start();
     let remote = RemoteHost::new();
     let host_echo = Server::start(ServerKind::UdpEcho, None);
@@ -254,10 +243,9 @@ fn udp_to_host_loopback_and_remote_host() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn ping_gateway_host_and_remote() {
-    if !ready(&["ip", "dnsmasq", "ping"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "ping"]);
     let dns = DnsUpstream::start();
     let remote = RemoteHost::new();
     let ping = ping_cmd();

@@ -282,10 +282,9 @@ const TOOLS: &[&str] = &["ip", "dnsmasq", "timeout", "sh", "curl", "python3", "s
 /// download arrives intact; a loopback client's connection is spliced socket to socket inside
 /// the guest's namespace, so the guest sees it come from its own 127.0.0.1 (as with pasta).
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn http_over_ipv4_ipv6_and_localhost() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let (dir, want) = guest_dir("pub-http", BULK);
     let p = free_ports(1);
@@ -328,10 +327,9 @@ fn http_over_ipv4_ipv6_and_localhost() {
 
 /// 20 MB uploaded from the host with socat into a guest-side `socat -u TCP-LISTEN:80`.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn upload_into_guest_socat() {
-    if !ready(&["ip", "dnsmasq", "timeout", "sh", "socat", "ss", "sha256sum"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "timeout", "sh", "socat", "ss", "sha256sum"]);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("pub-up");
     let src = dir.join("src");
@@ -359,10 +357,9 @@ fn upload_into_guest_socat() {
 /// `-p P:53/udp`: datagrams from 127.0.0.1 and ::1 are echoed by the guest's UDP server,
 /// which sees the host address as their source.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn udp_echo_through_published_port() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let (dir, _) = guest_dir("pub-udp", 0);
     let p = free_ports(1);
@@ -384,10 +381,9 @@ fn udp_echo_through_published_port() {
 /// Ranges: `A-A+2:80-82` maps pairwise; `B-B+3:80` takes the first free port of the range
 /// and says which; `90-91` maps each container port to a random port on both addresses.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn port_ranges() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let (dir, _) = guest_dir("pub-range", 0);
     let a = free_ports(3);
@@ -441,10 +437,9 @@ fn port_ranges() {
 
 /// `-p 127.0.0.1::80`: one `docker port` line for 127.0.0.1 only, and that port works.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn picked_port_on_loopback_is_printed() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let (dir, _) = guest_dir("pub-pick", 0);
     let dir_s = dir.path().to_string_lossy().into_owned();
@@ -464,10 +459,9 @@ fn picked_port_on_loopback_is_printed() {
 
 /// `-P --expose 80`: published on a random port of both 0.0.0.0 and [::], printed.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn publish_all_exposed_ports() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let (dir, _) = guest_dir("pub-all", 0);
     let dir_s = dir.path().to_string_lossy().into_owned();
@@ -487,10 +481,9 @@ fn publish_all_exposed_ports() {
 /// A taken port or a bad spec: Docker's message on one line, exit 125, COMMAND never
 /// started, and nothing of the run left bound.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn taken_port_and_bad_specs_fail_before_command() {
-    if !ready(&["ip", "dnsmasq", "timeout", "sh"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "timeout", "sh"]);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("pub-taken");
     let marker = dir.join("started");
@@ -557,10 +550,9 @@ fn taken_port_and_bad_specs_fail_before_command() {
 
 /// The host ports are free again as soon as usernet exits, by itself or by a signal.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn ports_released_on_exit() {
-    if !ready(&["ip", "dnsmasq", "timeout", "sh", "sleep"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "timeout", "sh", "sleep"]);
     let dns = DnsUpstream::start();
     let p = free_ports(1);
     let out = Usernet::new(&dns).args(&["-p", &format!("{p}:80"), "-p", &format!("{p}:80/udp")]).run(&["true"]);
@@ -585,10 +577,9 @@ fn ports_released_on_exit() {
 /// A client in another namespace, connecting to the host's veth address, appears in the
 /// guest with its own address (198.51.100.x), not as the host address.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn remote_client_keeps_its_address() {
-    if !ready(TOOLS) {
-        return;
-    }
+    require(TOOLS);
     let dns = DnsUpstream::start();
     let peer = PeerNs::new();
     let (dir, want) = guest_dir("pub-remote", 1 << 20);
@@ -621,10 +612,9 @@ fn remote_client_keeps_its_address() {
 /// `--api PATH`: the control socket exists while usernet runs (next to published ports)
 /// and is gone after it exits.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn api_socket_lives_with_usernet() {
-    if !ready(&["ip", "dnsmasq", "timeout", "sh", "curl"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "timeout", "sh", "curl"]);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("pub-api");
     let sock = dir.join("api.sock");

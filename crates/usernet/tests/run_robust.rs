@@ -81,25 +81,25 @@ fn vm_rss(pid: i32) -> u64 {
 
 /// Makes sure that this process's hard RLIMIT_NOFILE (inherited by usernet, the guest and
 /// the helper servers, which raise their soft limit to it) is at least `want`, raising it
-/// if need be (root may). False, after saying why, if it cannot.
-fn enough_descriptors(want: u64) -> bool {
+/// if need be (root may). Panics, saying why, if it cannot: the test cannot run.
+fn require_descriptors(want: u64) {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: lim is valid for writes.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return false;
-    }
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert!(got == 0, "this test cannot run: getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
     if lim.rlim_max >= want {
-        return true;
+        return;
     }
     let raised = libc::rlimit { rlim_cur: lim.rlim_cur, rlim_max: want };
     // SAFETY: raised is a valid rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-        return true;
+        return;
     }
-    let why = format!("hard RLIMIT_NOFILE is {} and cannot be raised to {want}", lim.rlim_max);
-    assert!(!in_ci(), "cannot run under CI: {why}");
-    eprintln!("SKIPPED: {why}");
-    false
+    panic!(
+        "this test cannot run: hard RLIMIT_NOFILE is {} and cannot be raised to {want}: {}",
+        lim.rlim_max,
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Established TCP connections on the host whose local port is `port` (server side).
@@ -174,10 +174,9 @@ fn read_until_end(mut s: TcpStream) -> Ending {
 /// gateway answers ping, none of the flooded connects ever completes, and usernet exits
 /// cleanly when the guest closes everything.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn syn_flood_does_not_starve_real_connections() {
-    if !ready(&["ip", "dnsmasq", "python3", "curl", "nft", "ping", "sha256sum"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3", "curl", "nft", "ping", "sha256sum"]);
     let _heavy = heavy();
     let dns = DnsUpstream::start();
     let remote = silent_remote();
@@ -221,13 +220,10 @@ fn syn_flood_does_not_starve_real_connections() {
 /// VmRSS grows by at most [`IDLE_RSS_BOUND`]; after the guest closes them, the host side
 /// drains and a new connection moves data.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn ten_thousand_idle_connections() {
-    if !ready(&["ip", "dnsmasq", "python3", "ss", "sha256sum"]) {
-        return;
-    }
-    if !enough_descriptors(IDLE_CONNS as u64 + 1000) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3", "ss", "sha256sum"]);
+    require_descriptors(IDLE_CONNS as u64 + 1000);
     let _heavy = heavy();
     let dns = DnsUpstream::start();
     let mut hold = helper(&["hold-server"]);
@@ -298,10 +294,9 @@ fn ten_thousand_idle_connections() {
 /// so the server's kernel ends with a FIN) fails with an error, and a raw client (whose
 /// bytes were never read, so the kernel resets) sees a reset or EOF. Neither hangs.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn host_server_killed_mid_transfer() {
-    if !ready(&["ip", "dnsmasq", "python3", "curl"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3", "curl"]);
     let dns = DnsUpstream::start();
     let mut server = helper(&["stream-server"]);
     let port = server.port();
@@ -339,10 +334,9 @@ fn host_server_killed_mid_transfer() {
 /// the server's kernel answers the close with a RST, and the guest must see that reset
 /// (not a plain EOF, which would claim the stream ended normally).
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn host_reset_after_kill_reaches_guest_as_reset() {
-    if !ready(&["ip", "dnsmasq", "python3"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3"]);
     let dns = DnsUpstream::start();
     let mut server = helper(&["stream-server"]);
     let port = server.port();
@@ -363,10 +357,9 @@ fn host_reset_after_kill_reaches_guest_as_reset() {
 /// A guest server behind `-p` killed (SIGKILL) mid-transfer: both host clients (one whose
 /// bytes the server read, one whose bytes it never read) see EOF or a reset, not a hang.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn guest_server_killed_mid_transfer() {
-    if !ready(&["ip", "dnsmasq", "python3"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3"]);
     let dns = DnsUpstream::start();
     let p = free_port();
     let script = format!("{} & wait; echo SERVER-GONE; sleep 60", robust_sh("stream-guest-server 80"));
@@ -408,10 +401,9 @@ fn guest_server_killed_mid_transfer() {
 /// connect after its connect timeout (30 s) and resets the guest, long before the guest's
 /// own SYN retries (about 127 s) would end.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn connect_to_silent_host_is_reset_in_bounded_time() {
-    if !ready(&["ip", "dnsmasq", "python3", "nft"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3", "nft"]);
     let dns = DnsUpstream::start();
     let remote = silent_remote();
     let out = Usernet::new(&dns)
@@ -426,10 +418,9 @@ fn connect_to_silent_host_is_reset_in_bounded_time() {
 /// server's sends fail (reset or broken pipe) while usernet still runs; it is not left
 /// blocked on a connection nobody reads.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn guest_client_killed_mid_download() {
-    if !ready(&["ip", "dnsmasq", "python3", "curl"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3", "curl"]);
     let dns = DnsUpstream::start();
     let mut server = helper(&["stream-server"]);
     let port = server.port();
@@ -459,10 +450,9 @@ fn guest_client_killed_mid_download() {
 /// Host clients of a published port vanish mid-transfer (closed with unread data, so
 /// their kernel resets): the guest server's sends fail instead of blocking forever.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn host_client_vanishes_from_published_port() {
-    if !ready(&["ip", "dnsmasq", "python3"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3"]);
     let dns = DnsUpstream::start();
     let p = free_port();
     let script = format!("timeout 90 {}; echo SERVER-DONE=$?", robust_sh("stream-guest-server 80"));
@@ -495,10 +485,9 @@ fn host_client_vanishes_from_published_port() {
 /// More UDP flows than usernet keeps (4096): the newest still exchange datagrams, the
 /// oldest (evicted) comes back when it sends again, and a new flow works.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn udp_flows_beyond_the_cap() {
-    if !ready(&["ip", "dnsmasq", "python3"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3"]);
     let dns = DnsUpstream::start();
     let echo = Server::start(ServerKind::UdpEcho, None);
     let out = Usernet::new(&dns).timeout(Duration::from_secs(90)).sh(&format!(
@@ -517,10 +506,9 @@ fn udp_flows_beyond_the_cap() {
 /// after 2 unanswered) stays idle 6 s and then sends: the probes were answered and the
 /// data arrives.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn keepalive_probes_are_answered() {
-    if !ready(&["ip", "dnsmasq", "python3", "socat", "ss"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3", "socat", "ss"]);
     let dns = DnsUpstream::start();
     let sink = Server::start(ServerKind::Sink, None);
     let p = sink.port;
@@ -539,10 +527,9 @@ fn keepalive_probes_are_answered() {
 
 /// A connection idle for 35 s without keep-alive still carries data afterwards.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn idle_connection_survives_35_seconds() {
-    if !ready(&["ip", "dnsmasq", "python3", "socat"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3", "socat"]);
     let dns = DnsUpstream::start();
     let sink = Server::start(ServerKind::Sink, None);
     let out = Usernet::new(&dns).timeout(Duration::from_secs(80)).sh(&format!(
@@ -559,10 +546,9 @@ fn idle_connection_survives_35_seconds() {
 /// server reads to EOF and answers. Then the other way: the guest server sends 1 MiB and
 /// shuts down; the host client reads to EOF and answers; the guest gets the answer.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn half_close_both_ways_through_published_port() {
-    if !ready(&["ip", "dnsmasq", "python3", "sha256sum"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3", "sha256sum"]);
     let dns = DnsUpstream::start();
     let p = free_port();
     let script = format!("exec timeout 90 {}", robust_sh("halfclose-server 80"));
@@ -600,10 +586,9 @@ fn half_close_both_ways_through_published_port() {
 /// UDP to a port nobody listens on, on the host's loopback and on a remote host: the
 /// guest's connected socket gets ECONNREFUSED (an ICMP port unreachable reached it).
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn udp_to_closed_port_is_refused() {
-    if !ready(&["ip", "dnsmasq", "python3"]) {
-        return;
-    }
+    require(&["ip", "dnsmasq", "python3"]);
     let dns = DnsUpstream::start();
     let remote = RemoteHost::new();
     let closed = free_port();
@@ -621,10 +606,9 @@ fn udp_to_closed_port_is_refused() {
 /// well before dig gives up (10 s), and a built-in name asked meanwhile answers while the
 /// forwarded query is still pending.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn silent_dns_upstream_gives_servfail() {
-    if !ready(&["ip", "python3", "dig"]) {
-        return;
-    }
+    require(&["ip", "python3", "dig"]);
     let mut hole = helper(&["blackhole-dns"]);
     let port = hole.port();
     let dir = TempDir::new("dnshole");

@@ -2,8 +2,11 @@
 //! configuration, resolv.conf, exit codes, signal forwarding, cleanup, rootless mode.
 //!
 //! These tests use the hidden `--debug-no-engine` flag: the sandbox is set up and supervised
-//! exactly as in normal runs, but no engine serves its network (no traffic leaves it). They
-//! need root (to create namespaces and switch to `nobody`); they are skipped otherwise.
+//! exactly as in normal runs, but no engine serves its network (no traffic leaves it). All
+//! but one need root (to create namespaces and switch to `nobody`): they are ignored unless
+//! asked for, and fail when run without root or a tool they use (see `common::require`).
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -11,11 +14,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_usernet");
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// `usernet run --debug-no-engine [opts] -- sh -c script`, with a loopback DNS upstream so
 /// nothing reads or uses the machine's resolvers.
@@ -32,18 +30,10 @@ fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
 
-macro_rules! need_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
-
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn guest_network_is_configured() {
-    need_root!();
+    common::require(&["ip", "sh", "cat"]);
     let out = run_sh(
         &[],
         "ip -o link show lo; ip -o link show eth0; ip -o -4 addr show eth0; ip route; \
@@ -63,8 +53,9 @@ fn guest_network_is_configured() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn subnet_and_mtu_options() {
-    need_root!();
+    common::require(&["ip", "sh", "cat"]);
     let out = run_sh(
         &["--subnet", "10.9.8.0/24", "--mtu", "1500"],
         "ip -o link show eth0; ip -o -4 addr show eth0; ip route; cat /etc/resolv.conf",
@@ -78,8 +69,9 @@ fn subnet_and_mtu_options() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn host_namespaces_are_untouched() {
-    need_root!();
+    common::require(&["ip", "sh"]);
     let before = std::fs::read("/etc/resolv.conf").ok();
     let out = run_sh(&[], "ip link show eth0 >/dev/null && exit 0");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -95,8 +87,9 @@ fn host_namespaces_are_untouched() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn exit_codes() {
-    need_root!();
+    common::require(&["sh"]);
     assert_eq!(run_sh(&[], "exit 0").status.code(), Some(0));
     assert_eq!(run_sh(&[], "exit 3").status.code(), Some(3));
     // Killed by a signal: 128 + N, as shells report it.
@@ -137,8 +130,9 @@ fn usage_errors_are_125() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn signals_are_forwarded() {
-    need_root!();
+    common::require(&["sh", "sleep"]);
     for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT"), (libc::SIGHUP, "HUP"), (libc::SIGQUIT, "QUIT")]
     {
         let script = format!(
@@ -162,8 +156,9 @@ fn signals_are_forwarded() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn leftover_processes_are_killed() {
-    need_root!();
+    common::require(&["sh", "sleep", "setsid"]);
     // A background child, and a daemon that left the process tree (setsid, reparented).
     let out = run_sh(&[], "sleep 1000 & echo $!; (setsid sleep 1001 & echo $!); sleep 0.2; exit 4");
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
@@ -177,12 +172,9 @@ fn leftover_processes_are_killed() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn rootless_as_nobody() {
-    need_root!();
-    if Command::new("runuser").arg("--help").output().is_err() {
-        eprintln!("skipped: no runuser");
-        return;
-    }
+    common::require(&["runuser", "ip", "sh", "cat"]);
     // The build tree may not be readable by nobody: run a copy.
     let dir = TempDir::new("rootless");
     let bin = dir.path().join("usernet");
@@ -206,8 +198,9 @@ fn rootless_as_nobody() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn no_namespaces_allowed_is_one_line_and_125() {
-    need_root!();
+    common::require(&["unshare", "setpriv", "sh"]);
     // Root in a user namespace that may create no further user namespace, without any
     // capability: neither a network namespace nor the user-namespace fallback can work.
     let script = format!(
@@ -215,18 +208,16 @@ fn no_namespaces_allowed_is_one_line_and_125() {
          exec setpriv --inh-caps=-all --bounding-set=-all {BIN} run --debug-no-engine \
          --dns-upstream 127.0.0.1:5399 -- true"
     );
-    let out = match Command::new("unshare").args(["--user", "--map-root-user", "sh", "-c", &script]).output() {
-        Ok(out) => out,
-        Err(_) => {
-            eprintln!("skipped: no unshare");
-            return;
-        }
-    };
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "sh", "-c", &script])
+        .output()
+        .unwrap_or_else(|e| panic!("this test cannot run: cannot start unshare: {e}"));
     let stderr = text(&out.stderr);
-    if stderr.contains("setpriv: not found") || stderr.contains("max_user_namespaces") {
-        eprintln!("skipped: cannot build the test environment: {stderr}");
-        return;
-    }
+    assert!(
+        !stderr.contains("setpriv: not found") && !stderr.contains("max_user_namespaces"),
+        "this test cannot run: cannot build its environment (setpriv, or a user namespace \
+         whose max_user_namespaces can be set to 0): {stderr}"
+    );
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("usernet: cannot create a "), "{stderr}");
@@ -235,8 +226,9 @@ fn no_namespaces_allowed_is_one_line_and_125() {
 
 /// /etc/resolv.conf missing or a dangling symlink: /etc is shadowed, the rest still visible.
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn missing_or_dangling_resolv_conf() {
-    need_root!();
+    common::require(&["unshare", "mount", "sh", "cat"]);
     for dangling in [false, true] {
         let dir = TempDir::new("etc");
         let etc = dir.path().join("etc");

@@ -104,10 +104,9 @@ impl Drop for NsProcess {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn two_namespaces_on_one_serve() {
-    if !common::ready(&["ip", "dnsmasq", "unshare", "nsenter", "curl", "dig", "ping"]) {
-        return;
-    }
+    common::require(&["ip", "dnsmasq", "unshare", "nsenter", "curl", "dig", "ping"]);
     let dns = DnsUpstream::start();
     let (_files, server, hash) = common::serve_random_file("netnsfile", "f", 4 << 20);
     let named = NamedNs::new();
@@ -148,10 +147,9 @@ fn two_namespaces_on_one_serve() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn rootless_serve_attaches_to_a_user_namespace() {
-    if !common::ready(&["ip", "dnsmasq", "unshare", "nsenter", "runuser", "curl"]) {
-        return;
-    }
+    common::require(&["ip", "dnsmasq", "unshare", "nsenter", "runuser", "curl"]);
     let dns = DnsUpstream::start();
     let (_files, server, hash) = common::serve_random_file("netnsfile", "f", 1 << 20);
     let dir = TempDir::new("serve-rootless");

@@ -62,10 +62,9 @@ fn arp_round_trip(fd: &OwnedFd, mac: [u8; 6]) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn bess_seqpacket_transport() {
-    if !common::ready(&["dnsmasq"]) {
-        return;
-    }
+    common::require(&["dnsmasq"]);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("serve-bess");
     let sock = dir.join("bess.sock");
@@ -119,10 +118,9 @@ impl Drop for Reaped {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn stdio_transport() {
-    if !common::ready(&["dnsmasq"]) {
-        return;
-    }
+    common::require(&["dnsmasq"]);
     let dns = DnsUpstream::start();
     let mut child = Reaped(
         Command::new(common::usernet_bin())

@@ -26,8 +26,9 @@ const VM_TIMEOUT: Duration = Duration::from_secs(150);
 /// Size of the file the VM downloads.
 const FILE_SIZE: usize = 1 << 20;
 
-fn vm_ready() -> bool {
-    common::ready(&["qemu-system-x86_64", "busybox", "dnsmasq", "ip", "curl", "python3"])
+/// Root and the tools of these tests (panics otherwise: see [`common::require`]).
+fn require_vm() {
+    common::require(&["qemu-system-x86_64", "busybox", "dnsmasq", "ip", "curl", "python3"]);
 }
 
 /// The kernel and the initramfs built from vm-guest/.
@@ -205,10 +206,9 @@ fn dgram_netdev(local: &Path, remote: &Path) -> String {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn vm_on_the_stream_transport() {
-    if !vm_ready() {
-        return;
-    }
+    require_vm();
     let fx = Fixtures::new();
     let image = Image::build();
     let dir = TempDir::new("serve-qemu");
@@ -251,10 +251,9 @@ fn vm_on_the_stream_transport() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn vm_on_the_dgram_transport() {
-    if !vm_ready() {
-        return;
-    }
+    require_vm();
     let fx = Fixtures::new();
     let image = Image::build();
     let dir = TempDir::new("serve-dgram");
@@ -291,10 +290,9 @@ fn vm_on_the_dgram_transport() {
 }
 
 #[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn two_vms_on_one_serve_reach_each_other() {
-    if !vm_ready() {
-        return;
-    }
+    require_vm();
     let dns = DnsUpstream::start();
     let image = Image::build();
     let dir = TempDir::new("serve-two");

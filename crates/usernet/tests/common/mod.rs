@@ -2,7 +2,7 @@
 //!
 //! Theory of operation: every test drives the real `usernet` binary
 //! (`CARGO_BIN_EXE_usernet`) with real programs inside the guest (curl, dig,
-//! socat, ping, ...) and real servers outside it. The rules of TESTING.md hold
+//! socat, ping, ...) and real servers outside it. The rules of docs/testing.md hold
 //! throughout: test traffic goes only to loopback and to namespaces the test made.
 //!
 //! - [`Usernet`] builds a `usernet run` command line. It always passes
@@ -21,9 +21,11 @@
 //!   by itself when the test that started it goes away (its stdin closes).
 //! - Everything that a test starts or creates is removed on Drop, panics included.
 //!
-//! Tests call [`ready`] first: it skips (returns false) when not root or a tool
-//! is missing, except under CI (`CI` set), where a skip would hide a broken
-//! machine, so it panics instead.
+//! A test that needs root or a tool is marked
+//! `#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]`
+//! (the same literal everywhere), so a plain `cargo test` lists it as ignored, and calls
+//! [`require`] first: run with `--include-ignored`, it fails there, naming what is
+//! missing (root, a tool), rather than passing without having run.
 #![allow(dead_code)]
 
 use std::ffi::{OsStr, OsString};
@@ -74,10 +76,6 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-pub fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
 /// PATH with the sbin directories added (tools such as ip, nft, dnsmasq live there).
 pub fn search_path() -> OsString {
     let mut dirs: Vec<PathBuf> =
@@ -113,30 +111,80 @@ pub fn python() -> PathBuf {
     if debian.exists() { debian } else { find_tool("python3").unwrap_or_else(|| PathBuf::from("python3")) }
 }
 
-/// True when the test can run: root and every tool present. Otherwise prints why
-/// and returns false, or panics under CI, where everything must be present.
-pub fn ready(tools: &[&str]) -> bool {
-    let mut problems = Vec::new();
+/// The Debian package that installs `tool`, when known (for the messages of [`require`]).
+fn debian_package(tool: &str) -> Option<&'static str> {
+    Some(match tool {
+        "ip" | "ss" => "iproute2",
+        "dig" => "dnsutils",
+        "dnsmasq" => "dnsmasq-base",
+        "nft" => "nftables",
+        "nc" => "netcat-openbsd",
+        "busybox" => "busybox-static",
+        "ping" => "iputils-ping",
+        "pgrep" => "procps",
+        "qemu-system-x86_64" => "qemu-system-x86",
+        "xz" => "xz-utils",
+        "curl" => "curl",
+        "socat" => "socat",
+        "iperf3" => "iperf3",
+        "tcpdump" => "tcpdump",
+        "python3" => "python3",
+        "tinyproxy" => "tinyproxy",
+        "openssl" => "openssl",
+        "podman" => "podman",
+        "runc" => "runc",
+        "rootlesskit" | "rootlessctl" => "rootlesskit",
+        "newuidmap" | "newgidmap" => "uidmap",
+        "useradd" => "passwd",
+        "getent" => "libc-bin",
+        "sh" => "dash",
+        "unshare" | "nsenter" | "runuser" | "setpriv" | "setsid" | "mount" => "util-linux",
+        "sha256sum" | "timeout" | "sleep" | "cat" => "coreutils",
+        _ => return None,
+    })
+}
+
+/// What is missing of `tools`, one phrase each.
+fn missing_tools(tools: &[&str]) -> Vec<String> {
+    tools
+        .iter()
+        .filter(|t| match **t {
+            "ping" => !have_tool("ping") && !have_tool("busybox"),
+            other => !have_tool(other),
+        })
+        .map(|t| match debian_package(t) {
+            Some(package) => format!("tool {t} not found (Debian package {package})"),
+            None => format!("tool {t} not found"),
+        })
+        .collect()
+}
+
+fn fail_if_missing(missing: &[String]) {
+    assert!(
+        missing.is_empty(),
+        "this test cannot run: {}; run it as root with the test tools installed, e.g. sudo bash .ci/run",
+        missing.join(", ")
+    );
+}
+
+/// Panics, naming what is missing, unless this process is root and every tool of `tools`
+/// is installed ("ping" is satisfied by busybox too). Tests that call it are `#[ignore]`d:
+/// a plain `cargo test` lists them as ignored, and with `--include-ignored` they fail
+/// here instead of passing without having run, whether or not `CI` is set.
+pub fn require(tools: &[&str]) {
+    let mut missing = Vec::new();
     if !is_root() {
-        problems.push("not running as root".to_string());
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        missing.push(format!("not running as root (uid {})", unsafe { libc::geteuid() }));
     }
-    for t in tools {
-        let ok = match *t {
-            "ping" => have_tool("ping") || have_tool("busybox"),
-            other => have_tool(other),
-        };
-        if !ok {
-            problems.push(format!("missing tool {t}"));
-        }
-    }
-    if problems.is_empty() {
-        return true;
-    }
-    if in_ci() {
-        panic!("cannot run under CI: {}", problems.join(", "));
-    }
-    eprintln!("SKIPPED: {}", problems.join(", "));
-    false
+    missing.extend(missing_tools(tools));
+    fail_if_missing(&missing);
+}
+
+/// As [`require`] without root, for the tests that need only programs every Debian
+/// system has (they are not ignored).
+pub fn require_tools(tools: &[&str]) {
+    fail_if_missing(&missing_tools(tools));
 }
 
 /// The tools nearly every `usernet run` test needs.

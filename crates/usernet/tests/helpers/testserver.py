@@ -5,7 +5,7 @@ Every server binds port 0 (the kernel picks a free port, so parallel tests never
 collide), prints "PORT <n>" on its first stdout line, and exits when its stdin
 reaches end-of-file, i.e. when the test that started it goes away. None of them
 does any name lookup (python's http.server calls getfqdn() when it binds, which
-would query the machine's resolver: see TESTING.md).
+would query the machine's resolver: see docs/testing.md).
 
   testserver.py http DIR [--bind ADDR]  GET serves files from DIR; PUT answers the
                                         body's sha256 (hex) and its length
