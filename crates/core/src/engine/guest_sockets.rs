@@ -38,7 +38,7 @@ impl GuestSockets {
         let (ready_tx, ready) = mpsc::sync_channel(READY);
         let thread = std::thread::Builder::new().name("usernet-guest-ns".into()).spawn(move || {
             // SAFETY: setns(2) on a namespace descriptor this thread owns; only this thread moves.
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+            if !is_current_netns(&netns) && unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
                 let _ = entered_tx.send(Err(io::Error::last_os_error()));
                 return;
             }
@@ -71,29 +71,51 @@ impl GuestSockets {
     }
 }
 
+/// Whether `netns` is the calling thread's own network namespace (entering it would be a
+/// no-op that still asks for CAP_SYS_ADMIN).
+fn is_current_netns(netns: &OwnedFd) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = std::fs::metadata(format!("/proc/self/fd/{}", netns.as_raw_fd()));
+    let ours = std::fs::metadata("/proc/thread-self/ns/net");
+    match (theirs, ours) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Sockets come from the namespace the thread entered: here our own (the test needs no
-    /// privilege), checked through the socket's network namespace.
+    /// The network namespace cookie of a socket (SO_NETNS_COOKIE; needs no privilege).
+    fn netns_cookie(fd: &OwnedFd) -> u64 {
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: cookie and len are valid for writes of the sizes given.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                &mut cookie as *mut u64 as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        cookie
+    }
+
+    /// Sockets come from the namespace the thread is in: here our own (so the test needs no
+    /// privilege), checked through the sockets' network namespace cookies.
     #[test]
     fn sockets_come_from_the_namespace_given() {
         let own = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap());
         let pool = GuestSockets::start(own).unwrap();
+        let here = netns_cookie(&sock::socket(libc::SOCK_STREAM, 0).unwrap());
         for _ in 0..(READY * 2) {
-            let s = pool.take().unwrap();
-            // SAFETY: SIOCGSKNS returns a new descriptor of the socket's network namespace.
-            let ns = unsafe { libc::ioctl(s.as_raw_fd(), 0x894C) };
-            assert!(ns >= 0, "{}", io::Error::last_os_error());
-            // SAFETY: ns is a fresh descriptor we own.
-            let ns = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ns) };
-            let a = std::fs::metadata(format!("/proc/self/fd/{}", ns.as_raw_fd())).unwrap();
-            let b = std::fs::metadata("/proc/thread-self/ns/net").unwrap();
-            use std::os::unix::fs::MetadataExt;
-            assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+            assert_eq!(netns_cookie(&pool.take().unwrap()), here);
         }
-        drop(pool);
     }
 
     #[test]
