@@ -97,7 +97,7 @@ struct Conn {
     mode: Mode,
     guest: SocketAddrV4,
     /// The connection of the last request, kept for the next one.
-    idle: Mutex<Option<(Hop, SendRequest<Incoming>)>>,
+    idle: Mutex<Option<(Hop, SendRequest<Body>)>>,
 }
 
 /// Serves one guest connection until it closes.
@@ -179,9 +179,14 @@ impl Conn {
             Ok(r) => r,
             Err(reason) => return error_response(400, reason),
         };
+        // A request with no body and an idempotent method may go again on a new connection
+        // when a reused one closes under it after it was written (RFC 9110 9.2.2): the far
+        // end had closed it (tinyproxy closes after each answer) just as it went out.
+        let mut again =
+            (is_idempotent(&method) && hyper::body::Body::is_end_stream(req.body())).then(|| without_body(&req));
         // Once on the kept connection (if any), once more on a new one if it had closed.
         for fresh in [false, true] {
-            let mut sender = match self.sender(&hop, fresh).await {
+            let (mut sender, reused) = match self.sender(&hop, fresh).await {
                 Ok(s) => s,
                 Err(e) => return self.fail(&target.absolute_uri(), e),
             };
@@ -190,8 +195,15 @@ impl Conn {
                     *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some((hop.clone(), sender));
                     return self.answer(resp, &method, &target, &hop);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(r) if !fresh => req = r,
+                Err(mut e) => match (e.take_message(), again.take()) {
+                    (Some(r), _) if !fresh => req = r,
+                    (None, Some(r)) if !fresh && reused => {
+                        debug!(
+                            "proxy: {} {method} via {hop}: the kept connection closed; again on a new one",
+                            self.guest
+                        );
+                        req = r;
+                    }
                     _ => {
                         let err = e.into_error();
                         let pe = match &hop {
@@ -276,15 +288,15 @@ impl Conn {
     }
 
     /// A sender on the kept connection when it goes the same way and is usable (unless
-    /// `fresh`), else on a new one.
-    async fn sender(&self, hop: &Hop, fresh: bool) -> Result<SendRequest<Incoming>, ProxyError> {
+    /// `fresh`), else on a new one; and whether it is the kept one.
+    async fn sender(&self, hop: &Hop, fresh: bool) -> Result<(SendRequest<Body>, bool), ProxyError> {
         let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some((h, mut s)) = kept
             && !fresh
             && h == *hop
             && s.ready().await.is_ok()
         {
-            return Ok(s);
+            return Ok((s, true));
         }
         let (stream, what) = match hop {
             Hop::Upstream(up) => (dial_upstream(up).await?, up.authority()),
@@ -298,7 +310,7 @@ impl Conn {
                 debug!("proxy: connection to {what}: {e}");
             }
         });
-        Ok(sender)
+        Ok((sender, false))
     }
 
     /// `CONNECT host:port`: a tunnel through the HTTPS upstream, or direct.
@@ -350,7 +362,7 @@ impl Conn {
 
 /// The request as the next hop gets it: absolute-form with credentials for the upstream,
 /// origin-form for a direct hop; HTTP/1.1, hop-by-hop headers dropped, Host present.
-fn outgoing(req: Request<Incoming>, target: &Target, hop: &Hop) -> Result<Request<Incoming>, &'static str> {
+fn outgoing(req: Request<Incoming>, target: &Target, hop: &Hop) -> Result<Request<Body>, &'static str> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST) {
@@ -369,7 +381,22 @@ fn outgoing(req: Request<Incoming>, target: &Target, hop: &Hop) -> Result<Reques
     };
     parts.uri = uri.parse::<Uri>().map_err(|_| "bad request target")?;
     parts.version = Version::HTTP_11;
-    Ok(Request::from_parts(parts, body))
+    Ok(Request::from_parts(parts, body.boxed()))
+}
+
+/// Methods that may be sent twice (RFC 9110 9.2.2).
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// A copy of a request that has no body, to send again.
+fn without_body(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 #[cfg(test)]
