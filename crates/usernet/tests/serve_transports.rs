@@ -123,7 +123,7 @@ fn stdio_transport() {
     common::require(&["dnsmasq"]);
     let dns = DnsUpstream::start();
     let mut child = Reaped(
-        Command::new(common::usernet_bin())
+        common::usernet_command()
             .args(["serve", "--listen-stdio", "--dns-upstream", &dns.addr()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

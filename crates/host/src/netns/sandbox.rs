@@ -474,15 +474,27 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
     }
 
     reset_signals();
-    let err = match nix::unistd::execvp(&argv[0], argv) {
+    let mut err = match nix::unistd::execvp(&argv[0], argv) {
         Err(e) => e,
         Ok(never) => match never {},
     };
+    // execvp reports EACCES when a PATH directory could not be searched, even if the
+    // command is in none of them (rootless, PATH often names root's directories); a shell
+    // says "command not found" then, and so does usernet.
+    if err == Errno::EACCES && !argv[0].as_bytes().contains(&b'/') && !found_in_path(argv[0].as_bytes()) {
+        err = Errno::ENOENT;
+    }
     let mut out = vec![MSG_EXEC_ERROR];
     out.extend_from_slice(&(err as i32).to_ne_bytes());
     let _ = send_retry(&ctl, &out);
     let code = ExecError { program: String::new(), errno: err }.exit_code();
     exit_now(code)
+}
+
+/// Whether some directory of PATH holds a file named `name` (one this process can see).
+fn found_in_path(name: &[u8]) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path).any(|dir| dir.join(std::ffi::OsStr::from_bytes(name)).exists())
 }
 
 fn exit_now(code: i32) -> ! {

@@ -64,6 +64,26 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The binary under test: `CARGO_BIN_EXE_usernet`, unless `USERNET_TEST_BIN`
 /// names another (e.g. tests/helpers/fake_usernet.sh, to check the tests themselves).
+/// The unprivileged user the `run` suites run usernet as, when `USERNET_TEST_USER` is set
+/// (the binary under test must be executable by that user).
+pub fn test_user() -> Option<String> {
+    std::env::var("USERNET_TEST_USER").ok().filter(|u| !u.is_empty())
+}
+
+/// A command that runs the binary under test: as the test user when there is one
+/// (`setpriv`, which execs, so the child is usernet itself and signals reach it).
+pub fn usernet_command() -> Command {
+    match test_user() {
+        None => Command::new(usernet_bin()),
+        Some(user) => {
+            let gid = run("id", &["-g", &user]).stdout.trim().to_string();
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid", &user, "--regid", &gid, "--clear-groups", "--"]).arg(usernet_bin());
+            c
+        }
+    }
+}
+
 pub fn usernet_bin() -> PathBuf {
     match std::env::var_os("USERNET_TEST_BIN") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
@@ -411,7 +431,9 @@ impl TempDir {
         let path = std::env::temp_dir().join(format!("usernet-test-{tag}-{}", unique_id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create temp dir");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+        // Writable by the unprivileged user usernet may run as (see `test_user`).
+        let mode = if test_user().is_some() { 0o777 } else { 0o755 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod temp dir");
         TempDir { path }
     }
 
@@ -674,9 +696,11 @@ impl Usernet {
         self
     }
 
-    /// The full command: `usernet run ARGS -- CMD...`.
+    /// The full command: `usernet run ARGS -- CMD...`. With `USERNET_TEST_USER` set, the
+    /// whole suite runs usernet as that unprivileged user (CI runs the `run` suites both ways).
     pub fn command<S: AsRef<OsStr>>(&self, cmd: &[S]) -> Command {
-        let mut c = match &self.user {
+        let user = self.user.clone().or_else(|| test_user().map(|u| (u, usernet_bin())));
+        let mut c = match &user {
             None => Command::new(usernet_bin()),
             Some((user, bin)) => {
                 let mut c = Command::new("runuser");

@@ -38,7 +38,7 @@ impl Serve {
     /// every path in `wait_paths` exists.
     pub fn start(dir: &TempDir, dns: &DnsUpstream, args: &[String], wait_paths: &[PathBuf]) -> Serve {
         let api = dir.join("api.sock");
-        let mut cmd = Command::new(common::usernet_bin());
+        let mut cmd = common::usernet_command();
         cmd.arg("serve").args(["--dns-upstream", &dns.addr()]).arg("--api").arg(&api).args(args);
         let mut all = wait_paths.to_vec();
         all.push(api.clone());
