@@ -85,10 +85,40 @@ pub fn usernet_command() -> Command {
 }
 
 pub fn usernet_bin() -> PathBuf {
-    match std::env::var_os("USERNET_TEST_BIN") {
+    let built = match std::env::var_os("USERNET_TEST_BIN") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => PathBuf::from(env!("CARGO_BIN_EXE_usernet")),
+    };
+    match test_user() {
+        Some(_) => copy_for_test_user(&built),
+        None => built,
     }
+}
+
+/// A copy of `bin` that any user can run (the build's own directory may be closed to
+/// them, under /root say), made once per build: /tmp/usernet-test-bin/<size>-<mtime>/usernet,
+/// written under a temporary name and renamed, so parallel test binaries can share it.
+fn copy_for_test_user(bin: &Path) -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let meta = std::fs::metadata(bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        let top = PathBuf::from("/tmp/usernet-test-bin");
+        let dir = top.join(format!("{}-{}", meta.len(), mtime.map_or(0, |d| d.as_nanos())));
+        let dst = dir.join("usernet");
+        if !dst.exists() {
+            std::fs::create_dir_all(&dir).expect("create the binary's directory");
+            for d in [&top, &dir] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            }
+            let tmp = dir.join(format!("usernet.{}", std::process::id()));
+            std::fs::copy(bin, &tmp).expect("copy usernet");
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod usernet");
+            std::fs::rename(&tmp, &dst).expect("rename usernet");
+        }
+        dst
+    })
+    .clone()
 }
 
 pub fn is_root() -> bool {
