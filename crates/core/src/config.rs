@@ -1,6 +1,14 @@
 //! The virtual network's shape: addresses, MTU, DNS, shared by every engine and service.
+//!
+//! Everything here is fixed once usernet starts, except [`HostDns`]: what the host's
+//! resolver configuration gives the gateway (upstream servers, search domains, options, the
+//! names of /etc/hosts). It is a shared handle that the host side replaces while usernet runs
+//! (`usernet_host::dns_watch`), read by the DNS forwarder, the DHCP server and the API.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 /// MAC address the gateway (usernet itself) answers with. Locally administered.
 pub const GATEWAY_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd];
@@ -66,18 +74,26 @@ pub struct NetConfig {
     pub subnet: Ipv4Subnet,
     /// usernet itself: ARP, DHCP, DNS, ping.
     pub gateway: Ipv4Addr,
-    /// Stands for the host's 127.0.0.1.
+    /// Stands for the host's 127.0.0.1 (may be the gateway's own address, as slirp4netns has it).
     pub host: Ipv4Addr,
+    /// Whether the host address reaches the host's loopback (slirp4netns's
+    /// `--disable-host-loopback` turns it off: connections to it are refused).
+    pub host_loopback: bool,
+    /// Where the gateway's DNS answers: the gateway itself by default, another address of
+    /// the subnet in slirp4netns's layout (10.0.2.3), or nowhere.
+    pub dns: Option<Ipv4Addr>,
+    /// The host address outbound connections leave from (slirp4netns's `--outbound-addr`);
+    /// None: the kernel chooses by route.
+    pub outbound_addr: Option<Ipv4Addr>,
     /// The first guest's address (static in `run`, first DHCP lease in `serve`).
     pub guest: Ipv4Addr,
     pub gateway_mac: [u8; 6],
     pub mtu: u32,
-    /// Where DNS queries the gateway does not answer itself go, in order of preference.
-    pub dns_upstreams: Vec<SocketAddr>,
+    /// The upstreams, search domains and options of the gateway's DNS, and the host's
+    /// /etc/hosts names: live (a shared handle; a clone of the config shares it).
+    pub host_dns: HostDns,
     /// Extra DNS A records (`--add-host`), names lower-case without trailing dot.
     pub extra_hosts: Vec<(String, Ipv4Addr)>,
-    /// Search domains handed out by DHCP (from the host's resolv.conf).
-    pub search_domains: Vec<String>,
     /// DHCP lease time in seconds.
     pub lease_secs: u32,
 }
@@ -88,20 +104,123 @@ impl NetConfig {
             subnet,
             gateway: subnet.host(1),
             host: subnet.host(254),
+            host_loopback: true,
+            dns: Some(subnet.host(1)),
+            outbound_addr: None,
             guest: subnet.host(2),
             gateway_mac: GATEWAY_MAC,
             mtu,
-            dns_upstreams: Vec::new(),
+            host_dns: HostDns::default(),
             extra_hosts: Vec::new(),
-            search_domains: Vec::new(),
             lease_secs: 3600,
         }
+    }
+}
+
+impl NetConfig {
+    /// The addresses usernet itself answers for (ARP, ping): the gateway, the host address
+    /// and the DNS address.
+    pub fn is_own_address(&self, ip: Ipv4Addr) -> bool {
+        ip == self.gateway || ip == self.host || self.dns == Some(ip)
     }
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
         NetConfig::new(Ipv4Subnet { network: Ipv4Addr::new(192, 168, 65, 0), prefix: 24 }, MTU_NETNS)
+    }
+}
+
+/// Where the gateway's upstream servers came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DnsOrigin {
+    /// None configured.
+    #[default]
+    Unset,
+    /// `--dns-upstream`: fixed for the life of usernet.
+    CommandLine,
+    /// A resolv.conf file, followed while usernet runs.
+    File(PathBuf),
+}
+
+/// The `options` of resolv.conf(5) that usernet honours; None where the file says nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResolvOptions {
+    /// `ndots:N` (at most 15): passed on to the guest's resolv.conf in `run`.
+    pub ndots: Option<u8>,
+    /// `timeout:N` seconds (1 to 30): how long the forwarder waits for one server's answer.
+    pub timeout: Option<u8>,
+    /// `attempts:N` (1 to 5): how many rounds over the servers the forwarder makes.
+    pub attempts: Option<u8>,
+    /// `rotate`: each query starts at the next server (round robin).
+    pub rotate: bool,
+}
+
+/// The resolver configuration the gateway's DNS forwards with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Upstreams {
+    /// In order of preference.
+    pub servers: Vec<SocketAddr>,
+    /// Search domains (lower case, no trailing dot) for the guest: its resolv.conf in `run`,
+    /// DHCP options 15 and 119 in `serve`.
+    pub search: Vec<String>,
+    pub options: ResolvOptions,
+    pub origin: DnsOrigin,
+}
+
+impl Upstreams {
+    /// Servers given on the command line: no search domains or options.
+    pub fn command_line(servers: Vec<SocketAddr>) -> Upstreams {
+        Upstreams { servers, origin: DnsOrigin::CommandLine, ..Upstreams::default() }
+    }
+}
+
+/// The names of the host's /etc/hosts as the gateway answers them (see
+/// `services::dns::hosts` for how the file becomes this table).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostsTable {
+    /// The file it was read from.
+    pub path: Option<PathBuf>,
+    /// Lower-case name without trailing dot -> the IPv4 address a guest gets for it.
+    pub names: HashMap<String, Ipv4Addr>,
+    /// Address -> the name of its PTR record.
+    pub ptr: HashMap<Ipv4Addr, String>,
+}
+
+/// The live DNS configuration: an `Arc` snapshot of each part behind a lock. Readers take
+/// the current snapshot (a reference count, no copy), so a query being forwarded finishes
+/// against the servers it started with while a new configuration is swapped in.
+#[derive(Clone, Debug, Default)]
+pub struct HostDns {
+    upstreams: Arc<RwLock<Arc<Upstreams>>>,
+    hosts: Arc<RwLock<Arc<HostsTable>>>,
+}
+
+impl HostDns {
+    pub fn new(upstreams: Upstreams) -> HostDns {
+        let dns = HostDns::default();
+        dns.set_upstreams(upstreams);
+        dns
+    }
+
+    /// The current upstream configuration.
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        self.upstreams.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the upstream configuration; returns the one it replaced.
+    pub fn set_upstreams(&self, new: Upstreams) -> Arc<Upstreams> {
+        std::mem::replace(&mut *self.upstreams.write().unwrap_or_else(|e| e.into_inner()), Arc::new(new))
+    }
+
+    /// The current /etc/hosts table.
+    pub fn hosts(&self) -> Arc<HostsTable> {
+        self.hosts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the /etc/hosts table; returns the one it replaced.
+    pub fn set_hosts(&self, new: HostsTable) -> Arc<HostsTable> {
+        std::mem::replace(&mut *self.hosts.write().unwrap_or_else(|e| e.into_inner()), Arc::new(new))
     }
 }
 
@@ -116,6 +235,23 @@ mod tests {
         assert_eq!(c.host, Ipv4Addr::new(192, 168, 65, 254));
         assert_eq!(c.guest, Ipv4Addr::new(192, 168, 65, 2));
         assert_eq!(c.subnet.broadcast(), Ipv4Addr::new(192, 168, 65, 255));
+    }
+
+    #[test]
+    fn host_dns_is_shared_and_swapped_whole() {
+        let c = NetConfig::default();
+        let copy = c.clone();
+        let before = c.host_dns.upstreams();
+        assert_eq!(before.origin, DnsOrigin::Unset);
+        let new = Upstreams::command_line(vec!["127.0.0.2:53".parse().unwrap()]);
+        let old = copy.host_dns.set_upstreams(new.clone());
+        assert!(Arc::ptr_eq(&old, &before));
+        // A clone of the configuration sees the change; a snapshot taken before does not.
+        assert_eq!(*c.host_dns.upstreams(), new);
+        assert!(before.servers.is_empty());
+        let table = HostsTable { names: [("a".to_string(), Ipv4Addr::LOCALHOST)].into(), ..HostsTable::default() };
+        c.host_dns.set_hosts(table.clone());
+        assert_eq!(*copy.host_dns.hosts(), table);
     }
 
     #[test]

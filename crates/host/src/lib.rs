@@ -3,12 +3,15 @@
 //! - `netns`: the guest's namespaces (`run`), attaching to a runtime's namespace
 //!   (`serve --netns`), netlink configuration of the guest's interface, resolv.conf;
 //! - `publish`: Docker's port grammar and the host listeners of published ports;
+//! - `dns_watch`: follows the host's /etc/resolv.conf and /etc/hosts while usernet runs;
 //! - `api`: the control API (usernet's `/v1` and gvisor-tap-vsock's endpoints) and its client;
 //! - `exit_code`: the exit statuses usernet shares with `docker run`.
 //!
-//! Layers inside this crate, lowest first: `exit_code` < `publish` < `netns` < `api`.
+//! Layers inside this crate, lowest first: `exit_code` < `publish` < `netns` < `dns_watch`,
+//! `api`.
 
 pub mod api;
+pub mod dns_watch;
 pub mod exit_code;
 pub mod netns;
 pub mod publish;

@@ -5,6 +5,7 @@
 //! network commands share (`net_opts`) and the one function that starts the network
 //! for both (`network`).
 
+mod modes;
 mod net_opts;
 mod network;
 mod port;
@@ -16,7 +17,12 @@ use clap::{Parser, Subcommand};
 use usernet_host::exit_code;
 
 #[derive(Parser, Debug)]
-#[command(name = "usernet", version, about = "User-mode networking for containers and virtual machines")]
+#[command(
+    name = "usernet",
+    version,
+    about = "User-mode networking for containers and virtual machines",
+    after_help = "Drop-in mode: started as `slirp4netns` (a symlink), or as `usernet slirp4netns ARGS...`, usernet takes\nslirp4netns's command line (see `usernet slirp4netns --help`)."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -38,6 +44,11 @@ fn main() {
 
 /// Entry point: parses the command line, runs the command, returns the exit status.
 fn run_cli() -> i32 {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((mode, args)) = modes::select(&argv) {
+        init_logging();
+        return mode(args);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -1,12 +1,20 @@
 //! The options of the virtual network that `run` and `serve` share, and what they become:
 //! the network configuration, the ports to publish (bound before anything runs), the proxy.
+//!
+//! DNS: without `--dns-upstream`, the gateway forwards to the servers of the host's
+//! /etc/resolv.conf, with its search domains and options, and follows that file while
+//! usernet runs ([`NetOpts::start_dns_watch`]); `--dns-upstream` fixes the servers instead.
+//! The names of the host's /etc/hosts are answered by the gateway in both cases, and
+//! followed too.
 
 use clap::Args;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use usernet_core::config::{Ipv4Subnet, NetConfig};
+use usernet_core::config::{Ipv4Subnet, NetConfig, Upstreams};
 use usernet_core::ports::{BoundListener, Proto};
+use usernet_host::dns_watch::{self, DnsWatch, WatchSpec};
+use usernet_host::netns::resolv::RESOLV_CONF;
 use usernet_host::publish::listen::{self, BindError};
 use usernet_host::publish::spec::{self, PortSpec, SpecError};
 
@@ -14,7 +22,7 @@ use usernet_host::publish::spec::{self, PortSpec, SpecError};
 #[derive(Args, Debug, Clone)]
 pub struct NetOpts {
     /// Where the gateway's DNS forwards what it does not answer itself (IP[:PORT]; repeatable).
-    /// Default: the nameservers of the host's /etc/resolv.conf.
+    /// Default: the nameservers of the host's /etc/resolv.conf, followed while usernet runs.
     #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = parse_dns_upstream)]
     pub dns_upstream: Vec<SocketAddr>,
     /// Extra DNS record NAME:IP (repeatable); IP `host-gateway` is the host address.
@@ -141,13 +149,26 @@ impl NetOpts {
             cfg.extra_hosts.push((name, ip));
         }
         if self.dns_upstream.is_empty() {
-            let host = usernet_host::netns::resolv::host_resolvers(std::path::Path::new("/etc/resolv.conf"));
-            cfg.dns_upstreams = host.nameservers;
-            cfg.search_domains = host.search;
+            cfg.host_dns.set_upstreams(dns_watch::upstreams_from_file(std::path::Path::new(RESOLV_CONF)));
         } else {
-            cfg.dns_upstreams = self.dns_upstream.clone();
+            cfg.host_dns.set_upstreams(Upstreams::command_line(self.dns_upstream.clone()));
         }
+        let loopback_to = cfg.host_loopback.then_some(cfg.host);
+        cfg.host_dns.set_hosts(dns_watch::hosts_from_file(std::path::Path::new(dns_watch::HOSTS), loopback_to));
         Ok(cfg)
+    }
+
+    /// Starts following the host's resolv.conf (unless `--dns-upstream` was given) and
+    /// /etc/hosts into `cfg.host_dns`. Call after any fork: this starts a thread.
+    pub fn start_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<DnsWatch> {
+        let spec = WatchSpec {
+            resolv_conf: self.dns_upstream.is_empty().then(|| RESOLV_CONF.into()),
+            hosts: Some(dns_watch::HOSTS.into()),
+            host_addr: cfg.host_loopback.then_some(cfg.host),
+            interval: dns_watch::POLL_INTERVAL,
+        };
+        DnsWatch::start(cfg.host_dns.clone(), spec)
+            .map_err(|e| anyhow::anyhow!("cannot follow the host's DNS configuration: {e}"))
     }
 }
 

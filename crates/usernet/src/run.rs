@@ -76,7 +76,10 @@ pub fn sandbox_spec(cfg: &NetConfig) -> SandboxSpec {
         prefix: cfg.subnet.prefix,
         gateway: cfg.gateway,
         mtu: cfg.mtu,
-        resolv_conf: resolv::render_guest(cfg.gateway.into(), &cfg.search_domains),
+        resolv_conf: {
+            let dns = cfg.host_dns.upstreams();
+            resolv::render_guest(cfg.gateway.into(), &dns.search, dns.options.ndots)
+        },
     }
 }
 
@@ -111,6 +114,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
 
     // Kept alive until the engine returns; dropping it stops the API and removes its socket.
     let mut api = None;
+    // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
+    let mut dns_watch = None;
     let mut engine = if args.no_engine {
         drop(pcap);
         drop(listeners);
@@ -118,6 +123,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     } else {
         let Network { mut engine, dns_records, proxy_settings, proxy_hook } =
             start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
+        match args.net.start_dns_watch(&cfg) {
+            Ok(w) => dns_watch = Some(w),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
         engine.add_tcp_hook(proxy_hook);
         engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
         engine.add_static_lease(usernet_host::netns::sandbox::GUEST_MAC, cfg.guest);
@@ -158,6 +167,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     // which closes the published ports.
     drop(api);
     drop(engine);
+    drop(dns_watch);
     sandbox.finish();
     Ok(code)
 }

@@ -126,6 +126,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     for (i, target) in args.netns.iter().enumerate() {
         let spec = AttachSpec {
             target: target.clone(),
+            userns: None,
+            configure: true,
             ifname: args.netns_ifname.clone(),
             mac: netns_mac(i),
             address: cfg.subnet.host(2 + i as u32),
@@ -158,6 +160,14 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     }
 
     let Network { mut engine, dns_records, proxy_settings, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
+    // Follows the host's resolv.conf and /etc/hosts until usernet stops.
+    let dns_watch = match args.net.start_dns_watch(&cfg) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("{e:#}");
+            None
+        }
+    };
     engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
     for (spec, tap) in taps {
         engine.add_static_lease(spec.mac, spec.address);
@@ -206,6 +216,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     let code = engine.run(&mut sup).context("network engine failed")?;
     drop(api);
     drop(engine);
+    drop(dns_watch);
     Ok(code)
 }
 

@@ -100,6 +100,15 @@ impl ControlHandle {
         }
         rx.await.ok()
     }
+
+    /// `ask` for a thread outside any async runtime: blocks until the engine answers.
+    pub fn ask_blocking<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.send(make(tx)) {
+            return None;
+        }
+        rx.blocking_recv().ok()
+    }
 }
 
 impl Engine {

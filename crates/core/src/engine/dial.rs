@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use super::sock;
@@ -53,6 +53,8 @@ enum Target {
     Host(Ipv4Addr),
     Gateway,
     Unreachable,
+    /// The host's loopback, when it is closed to the guest (`host_loopback` off).
+    Refused,
 }
 
 impl HostDialer {
@@ -70,15 +72,35 @@ impl HostDialer {
     }
 
     fn target(&self, ip: Ipv4Addr) -> Target {
-        if ip == self.cfg.gateway {
+        if self.cfg.dns == Some(ip) {
             Target::Gateway
         } else if ip == self.cfg.host {
-            Target::Host(Ipv4Addr::LOCALHOST)
+            if self.cfg.host_loopback { Target::Host(Ipv4Addr::LOCALHOST) } else { Target::Refused }
+        } else if ip == self.cfg.gateway {
+            Target::Gateway
         } else if self.cfg.subnet.contains(ip) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
             Target::Unreachable
         } else {
             Target::Host(ip)
         }
+    }
+}
+
+impl HostDialer {
+    /// Binds a socket bound for `dst` to the `--outbound-addr` address, if one is set and
+    /// `dst` is not the host's loopback.
+    fn bind_outbound(&self, fd: BorrowedFd<'_>, dst: Ipv4Addr) -> io::Result<()> {
+        let Some(addr) = self.cfg.outbound_addr.filter(|_| !dst.is_loopback()) else { return Ok(()) };
+        let sa = sock::sockaddr_in(SocketAddrV4::new(addr, 0));
+        // SAFETY: sa is a valid sockaddr_in of the length given.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 }
 
@@ -94,8 +116,10 @@ impl Dialer for HostDialer {
                 None => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             },
             Target::Unreachable => Err(unreachable()),
+            Target::Refused => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             Target::Host(ip) => {
                 let fd = sock::socket(libc::SOCK_STREAM, 0)?;
+                self.bind_outbound(fd.as_fd(), ip)?;
                 sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
                 let connected = sock::connect(fd.as_fd(), SocketAddrV4::new(ip, dst.port()))?;
                 Ok(TcpDial { fd, connected, is_tcp: true })
@@ -110,8 +134,10 @@ impl Dialer for HostDialer {
                 .connect_udp(dst.port(), guest)
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             Target::Unreachable => Err(unreachable()),
+            Target::Refused => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             Target::Host(ip) => {
                 let fd = sock::socket(libc::SOCK_DGRAM, 0)?;
+                self.bind_outbound(fd.as_fd(), ip)?;
                 sock::connect(fd.as_fd(), SocketAddrV4::new(ip, dst.port()))?;
                 Ok(fd)
             }

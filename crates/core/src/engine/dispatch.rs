@@ -40,7 +40,7 @@ impl Engine {
             ethernet::ETHERTYPE_IPV4 => Ipv4Header::parse(payload).map(|(h, _)| h.src),
             _ => None,
         }
-        .filter(|ip| self.cfg.subnet.contains(*ip) && *ip != self.cfg.gateway && *ip != self.cfg.host);
+        .filter(|ip| self.cfg.subnet.contains(*ip) && !self.cfg.is_own_address(*ip));
         self.switch.learn(link, eth.src, src_ip);
         // The switch: frames for other guests go to them; broadcasts go to them too.
         if eth.dst != self.cfg.gateway_mac {
@@ -60,7 +60,7 @@ impl Engine {
         let Some(p) = ArpPacket::parse(payload) else {
             return;
         };
-        if p.op != arp::OP_REQUEST || (p.target_ip != self.cfg.gateway && p.target_ip != self.cfg.host) {
+        if p.op != arp::OP_REQUEST || !self.cfg.is_own_address(p.target_ip) {
             return;
         }
         let reply = ArpPacket {
@@ -102,7 +102,7 @@ impl Engine {
         if h.kind != icmp::TYPE_ECHO_REQUEST {
             return;
         }
-        if ip.dst == self.cfg.gateway {
+        if ip.dst == self.cfg.gateway || self.cfg.dns == Some(ip.dst) {
             let len = data.len().min(self.switch.mtu - 28);
             self.switch.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
             let reply = IcmpHeader::echo(icmp::TYPE_ECHO_REPLY, h.ident(), h.seq());
@@ -179,7 +179,7 @@ impl Engine {
                         return;
                     }
                 };
-                let idle = if ip.dst == self.cfg.gateway && h.dst_port == 53 {
+                let idle = if self.cfg.dns == Some(ip.dst) && h.dst_port == 53 {
                     flows::udp::IDLE_DNS
                 } else {
                     flows::udp::IDLE

@@ -76,7 +76,7 @@ impl Engine {
             self.run_timers(Instant::now());
             self.flush_acks(Instant::now());
             self.flush_links();
-            if sup_ready && let Some(code) = sup.on_ready() {
+            if let Some(code) = self.stop.take().or_else(|| if sup_ready { sup.on_ready() } else { None }) {
                 self.shutdown();
                 return Ok(code);
             }
@@ -160,6 +160,10 @@ impl Engine {
             match why.kind() {
                 io::ErrorKind::UnexpectedEof => tracing::info!("{}: guest went away", slot.link.describe()),
                 _ => tracing::warn!("{}: {why}; link closed", slot.link.describe()),
+            }
+            if self.stop_without_links && self.switch.links.iter().all(Option::is_none) {
+                tracing::info!("no guest link left: stopping");
+                self.stop = Some(0);
             }
         }
     }

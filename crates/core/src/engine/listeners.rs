@@ -189,7 +189,7 @@ impl Engine {
                 return None;
             }
         };
-        let Some(id) = self.add_flow(Flow::Splice(flow), Interest::READABLE | Interest::WRITABLE) else { return None };
+        let id = self.add_flow(Flow::Splice(flow), Interest::READABLE | Interest::WRITABLE)?;
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&guest_fd),
             id.token(super::FLOW_BASE),

@@ -108,6 +108,10 @@ pub struct Engine {
     control_tx: std::sync::mpsc::Sender<control::Command>,
     control_rx: std::sync::mpsc::Receiver<control::Command>,
     waker: Option<Arc<mio::Waker>>,
+    /// Stop (exit status 0) when the last guest link goes (see `stop_without_links`).
+    stop_without_links: bool,
+    /// Set when the loop must stop at the end of this round, with this exit status.
+    stop: Option<i32>,
 }
 
 impl Engine {
@@ -147,6 +151,12 @@ impl Engine {
     pub fn set_guest_netns(&mut self, netns: std::os::fd::OwnedFd) -> io::Result<()> {
         self.guest_sockets = Some(guest_sockets::GuestSockets::start(netns)?);
         Ok(())
+    }
+
+    /// Makes the loop stop, with exit status 0, when its last guest link goes (the guest's
+    /// namespace was removed): the drop-in modes end with the namespace they serve.
+    pub fn stop_without_links(&mut self) {
+        self.stop_without_links = true;
     }
 
     /// The longest busy-poll window (zero: never spin); see [`busy_poll`].
@@ -192,6 +202,8 @@ impl Engine {
             acceptors: Vec::new(),
             udp_batch: Default::default(),
             guest_sockets: None,
+            stop_without_links: false,
+            stop: None,
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
             busy_poll: busy_poll::BusyPoll::new(Duration::ZERO),

@@ -20,6 +20,12 @@
 //! for an address we have no record of gets it when it is free (usernet restarted under a
 //! running VM), and a NAK when it is taken or outside the pool.
 //!
+//! Offers and ACKs carry the gateway as router and DNS server, the MTU, the lease times and,
+//! when the host's resolv.conf has search domains, the first as the domain name (option 15)
+//! and all of them as the domain search list (option 119, RFC 3397). The search domains are
+//! read from the live [`crate::config::HostDns`] for every reply, so a guest that renews its
+//! lease after the host's resolv.conf changed gets the new list.
+//!
 //! Reply destinations follow RFC 2131 section 4.1: NAKs are broadcast; a client with
 //! `ciaddr` set is unicast there; a client that set the broadcast flag gets a broadcast;
 //! otherwise the reply is unicast to `yiaddr` at the client's hardware address. Relay agents
@@ -248,7 +254,9 @@ impl DhcpServer {
         opts.insert(DhcpOption::ServerIdentifier(cfg.gateway));
         opts.insert(DhcpOption::SubnetMask(cfg.subnet.mask()));
         opts.insert(DhcpOption::Router(vec![cfg.gateway]));
-        opts.insert(DhcpOption::DomainNameServer(vec![cfg.gateway]));
+        if let Some(dns) = cfg.dns {
+            opts.insert(DhcpOption::DomainNameServer(vec![dns]));
+        }
         opts.insert(DhcpOption::BroadcastAddr(cfg.subnet.broadcast()));
         opts.insert(DhcpOption::InterfaceMtu(u16::try_from(cfg.mtu).unwrap_or(u16::MAX)));
         if !addr.is_unspecified() {
@@ -256,8 +264,10 @@ impl DhcpServer {
             opts.insert(DhcpOption::Renewal(cfg.lease_secs / 2));
             opts.insert(DhcpOption::Rebinding((u64::from(cfg.lease_secs) * 7 / 8) as u32));
         }
-        let names: Vec<Name> = cfg.search_domains.iter().filter_map(|d| Name::from_ascii(d).ok()).collect();
-        if let Some(first) = cfg.search_domains.first() {
+        // The host's search domains as they are now (they follow its resolv.conf).
+        let upstreams = cfg.host_dns.upstreams();
+        let names: Vec<Name> = upstreams.search.iter().filter_map(|d| Name::from_ascii(d).ok()).collect();
+        if let Some(first) = upstreams.search.first() {
             opts.insert(DhcpOption::DomainName(first.clone()));
         }
         if !names.is_empty() {
@@ -319,11 +329,7 @@ impl DhcpServer {
 
     fn in_pool(&self, addr: Ipv4Addr) -> bool {
         let cfg = &self.cfg;
-        cfg.subnet.contains(addr)
-            && addr >= cfg.guest
-            && addr < cfg.subnet.broadcast()
-            && addr != cfg.gateway
-            && addr != cfg.host
+        cfg.subnet.contains(addr) && addr >= cfg.guest && addr < cfg.subnet.broadcast() && !cfg.is_own_address(addr)
     }
 
     fn is_free(&self, addr: Ipv4Addr) -> bool {
@@ -402,17 +408,19 @@ fn encode(msg: &Message) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Upstreams;
     use proptest::prelude::*;
 
     const MAC1: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     const MAC2: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
 
     fn cfg() -> Arc<NetConfig> {
-        Arc::new(NetConfig {
-            search_domains: vec!["example.test".into(), "corp.test".into()],
-            mtu: 1500,
-            ..NetConfig::default()
-        })
+        let cfg = NetConfig { mtu: 1500, ..NetConfig::default() };
+        cfg.host_dns.set_upstreams(Upstreams {
+            search: vec!["example.test".into(), "corp.test".into()],
+            ..Upstreams::default()
+        });
+        Arc::new(cfg)
     }
 
     fn request(kind: MessageType, mac: [u8; 6], opts: Vec<DhcpOption>) -> Message {

@@ -366,7 +366,10 @@ mod tests {
     }
 
     fn hub(upstreams: Vec<std::net::SocketAddr>) -> ServiceHub {
-        let cfg = NetConfig { dns_upstreams: upstreams, ..NetConfig::default() };
+        let cfg = NetConfig {
+            host_dns: crate::config::HostDns::new(crate::config::Upstreams::command_line(upstreams)),
+            ..NetConfig::default()
+        };
         ServiceHub::start_with(Arc::new(cfg), |d| d.with_timeouts(Duration::from_millis(300), 1)).unwrap()
     }
 

@@ -48,6 +48,8 @@ pub async fn dispatch(
         ("dns", &Method::GET) => v1::list_dns(state),
         ("dns", &Method::POST) => v1::add_dns(state, body),
         ("dns", _) => Reply::method_not_allowed("GET, POST"),
+        ("resolver", &Method::GET) => v1::resolver(state),
+        ("resolver", _) => Reply::method_not_allowed("GET"),
         ("leases", &Method::GET) => v1::leases(state).await,
         ("leases", _) => Reply::method_not_allowed("GET"),
         ("stats", &Method::GET) => v1::stats(state).await,

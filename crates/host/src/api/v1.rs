@@ -8,6 +8,7 @@
 //! | `GET /v1/dns`          |                                        | 200 `[{"name", "ip"}]`    |
 //! | `POST /v1/dns`         | `{"name", "ip"}` (`ip` may be `host-gateway`) | 201 `{"name", "ip"}` |
 //! | `GET/DELETE /v1/dns/NAME` |                                     | 200 `{"name","ip"}` / 204, 404 |
+//! | `GET /v1/resolver`     |                                        | 200 `Resolver`            |
 //! | `GET /v1/leases`       |                                        | 200 `[{"ip", "mac"}]`     |
 //! | `GET /v1/stats`        |                                        | 200 engine counters       |
 //! | `GET /v1/flows`        |                                        | 200 `[{"proto", "guest", "remote"}]` |
@@ -19,6 +20,16 @@
 //! one, `guest_ip` absent means the first guest; ports may also be strings with ranges
 //! (`"8000-8001"`). Errors are `{"error": "..."}` with Docker's words: 400 for a bad body
 //! or spec, 409 when the port is already allocated, 503 when the engine has stopped.
+//!
+//! `/v1/dns` is the gateway's own table (built-in names, `--add-host`, records added here);
+//! the names of the host's /etc/hosts are answered behind it but not listed there.
+//! `Resolver` shows where the gateway's DNS forwards and where that came from:
+//! `{"source": "file"|"command-line"|"none", "path": "/etc/resolv.conf"|null, "servers":
+//! ["127.0.0.53:53"], "search": ["corp.example"], "options": {"ndots", "timeout",
+//! "attempts", "rotate"} (as the file gives them, null when absent), "timeout_ms",
+//! "attempts" (what the forwarder uses per server and in rounds), "hosts": {"path", "names"}
+//! (the hosts file followed and how many names it gives)}`. With source `file` the file is
+//! followed: the answer changes when it does.
 //!
 //! `Proxy` is `{"http_proxy": URL|null, "https_proxy": URL|null, "no_proxy": "a,b",
 //! "ports": [80, 443]}`. GET shows passwords as `***`; a PUT that sends a URL back with
@@ -216,7 +227,7 @@ pub fn list_dns(state: &State) -> Reply {
 }
 
 pub fn get_dns(state: &State, name: &str) -> Reply {
-    match state.dns.lookup(name) {
+    match state.dns.get(name) {
         Some(ip) => {
             Reply::json(StatusCode::OK, &DnsRecord { name: name.trim_end_matches('.').to_ascii_lowercase(), ip })
         }
@@ -259,6 +270,58 @@ pub fn remove_dns(state: &State, name: &str) -> Reply {
     } else {
         Reply::error(StatusCode::NOT_FOUND, format!("no record for {name}"))
     }
+}
+
+/// `/v1/resolver`: the gateway's upstream DNS configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolverView {
+    pub source: String,
+    pub path: Option<String>,
+    pub servers: Vec<String>,
+    pub search: Vec<String>,
+    pub options: ResolverOptionsView,
+    pub timeout_ms: u64,
+    pub attempts: u32,
+    pub hosts: HostsView,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolverOptionsView {
+    pub ndots: Option<u8>,
+    pub timeout: Option<u8>,
+    pub attempts: Option<u8>,
+    pub rotate: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostsView {
+    pub path: Option<String>,
+    pub names: usize,
+}
+
+pub fn resolver(state: &State) -> Reply {
+    use usernet_core::config::DnsOrigin;
+    use usernet_core::services::dns::{UPSTREAM_ATTEMPTS, UPSTREAM_TIMEOUT};
+    let host_dns = state.dns.host_dns();
+    let up = host_dns.upstreams();
+    let hosts = host_dns.hosts();
+    let (source, path) = match &up.origin {
+        DnsOrigin::Unset => ("none", None),
+        DnsOrigin::CommandLine => ("command-line", None),
+        DnsOrigin::File(p) => ("file", Some(p.display().to_string())),
+    };
+    let o = up.options;
+    let view = ResolverView {
+        source: source.to_string(),
+        path,
+        servers: up.servers.iter().map(ToString::to_string).collect(),
+        search: up.search.clone(),
+        options: ResolverOptionsView { ndots: o.ndots, timeout: o.timeout, attempts: o.attempts, rotate: o.rotate },
+        timeout_ms: o.timeout.map_or(UPSTREAM_TIMEOUT.as_millis() as u64, |s| u64::from(s) * 1000),
+        attempts: o.attempts.map_or(UPSTREAM_ATTEMPTS, u32::from),
+        hosts: HostsView { path: hosts.path.as_ref().map(|p| p.display().to_string()), names: hosts.names.len() },
+    };
+    Reply::json(StatusCode::OK, &view)
 }
 
 /// One DHCP lease.

@@ -71,6 +71,12 @@ impl std::fmt::Display for NetnsTarget {
 #[derive(Clone, Debug)]
 pub struct AttachSpec {
     pub target: NetnsTarget,
+    /// The user namespace to enter first (slirp4netns's `--userns-path`); None: the target
+    /// process's own when not root and given a PID, else none.
+    pub userns: Option<PathBuf>,
+    /// Configure the TAP (MAC, MTU, address, route, up) and `lo`; false leaves the new
+    /// device down and bare, for a caller that configures it itself (rootlesskit does).
+    pub configure: bool,
     pub ifname: String,
     pub mac: [u8; 6],
     pub address: Ipv4Addr,
@@ -103,12 +109,16 @@ pub fn attach(spec: &AttachSpec) -> Result<OwnedFd, AttachError> {
     };
     let netns =
         open_ns(&net_path).map_err(|e| AttachError::Open { target: target.clone(), err: e.desc().to_string() })?;
-    let userns = match (&spec.target, nix::unistd::geteuid().is_root()) {
-        (NetnsTarget::Pid(p), false) => Some(
-            open_ns(&PathBuf::from(format!("/proc/{p}/ns/user")))
-                .map_err(|e| AttachError::Open { target: target.clone(), err: e.desc().to_string() })?,
-        ),
+    let user_path = match (&spec.userns, &spec.target, nix::unistd::geteuid().is_root()) {
+        (Some(path), _, _) => Some(path.clone()),
+        (None, NetnsTarget::Pid(p), false) => Some(PathBuf::from(format!("/proc/{p}/ns/user"))),
         _ => None,
+    };
+    let userns = match user_path {
+        Some(path) => {
+            Some(open_ns(&path).map_err(|e| AttachError::Open { target: target.clone(), err: e.desc().to_string() })?)
+        }
+        None => None,
     };
     let (parent_end, child_end) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| AttachError::Io { target: target.clone(), err: e.into() })?;
@@ -148,7 +158,9 @@ fn child_setup(spec: &AttachSpec, userns: Option<&OwnedFd>, netns: &OwnedFd) -> 
     setns(netns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("cannot enter its network namespace: {}", e.desc()))?;
     let tap = Tap::create(&spec.ifname)
         .map_err(|e| format!("cannot create TAP device {} (/dev/net/tun): {}", spec.ifname, describe(&e)))?;
-    configure(spec).map_err(|e| format!("cannot configure {}: {}", spec.ifname, describe(&e)))?;
+    if spec.configure {
+        configure(spec).map_err(|e| format!("cannot configure {}: {}", spec.ifname, describe(&e)))?;
+    }
     Ok(tap.into_fd())
 }
 

@@ -4,9 +4,16 @@
 //! know to the host's resolvers, so two things happen here:
 //!
 //! - [`host_resolvers`] reads the host's file (resolv.conf(5)): `nameserver` lines (IPv4 and
-//!   IPv6, port 53, an IPv6 zone such as `%eth0` kept as the scope id) become upstreams, and
-//!   the last `search` or `domain` line gives the search domains. Anything malformed is skipped.
-//! - [`render_guest`] writes the guest's file (`nameserver <gateway>` and the search domains),
+//!   IPv6, port 53, an IPv6 zone such as `%eth0` kept as the scope id) become upstreams, the
+//!   last `search` or `domain` line gives the search domains, and `options` lines give
+//!   `ndots`, `timeout`, `attempts` and `rotate` (the other options are about the host's own
+//!   resolver and are ignored). Anything malformed is skipped. `dns_watch` calls it again
+//!   whenever the file changes.
+//! - [`render_guest`] writes the guest's file (`nameserver <gateway>`, the search domains and
+//!   `options ndots:N` when the host sets it). The host's `timeout`, `attempts` and `rotate`
+//!   are not passed on: they are about talking to the upstream servers, which the gateway
+//!   does (and honours them); the guest has one server, the gateway, and keeps its resolver's
+//!   defaults (5 s, 2 attempts), which leave the gateway time to fail over.
 //!   and [`install_guest_resolv_conf`], run inside the guest's private mount namespace, makes
 //!   COMMAND see it at /etc/resolv.conf:
 //!   * normally by writing a temporary file, bind-mounting it over /etc/resolv.conf (or over
@@ -30,6 +37,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{OFlag, open};
 use nix::mount::{MsFlags, mount};
 use nix::sys::stat::Mode;
+use usernet_core::config::ResolvOptions;
 
 /// Where the guest looks for its resolver configuration.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -38,17 +46,29 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 pub struct HostResolvers {
     pub nameservers: Vec<SocketAddr>,
     pub search: Vec<String>,
+    pub options: ResolvOptions,
 }
+
+/// Largest resolv.conf read (glibc's files are a few hundred bytes).
+const MAX_RESOLV_CONF: u64 = 1 << 20;
 
 /// The host's nameservers and search domains; empty when the file is missing or has none.
 pub fn host_resolvers(path: &Path) -> HostResolvers {
-    match fs::read(path) {
-        Ok(bytes) => parse_resolv_conf(&String::from_utf8_lossy(&bytes)),
+    match read_resolv_conf(path) {
+        Ok(r) => r,
         Err(e) => {
             tracing::debug!("cannot read {}: {e}", path.display());
             HostResolvers::default()
         }
     }
+}
+
+/// As [`host_resolvers`], with the error of a file that cannot be read.
+pub fn read_resolv_conf(path: &Path) -> io::Result<HostResolvers> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(path)?.take(MAX_RESOLV_CONF).read_to_end(&mut bytes)?;
+    Ok(parse_resolv_conf(&String::from_utf8_lossy(&bytes)))
 }
 
 /// Parses the text of a resolv.conf file (see [`host_resolvers`]).
@@ -73,10 +93,32 @@ pub fn parse_resolv_conf(text: &str) -> HostResolvers {
             Some("domain") => {
                 out.search = words.next().filter(|d| valid_domain(d)).map(normalize).into_iter().collect();
             }
+            Some("options") => {
+                for option in words {
+                    parse_option(option, &mut out.options);
+                }
+            }
             _ => {}
         }
     }
     out
+}
+
+/// One word of an `options` line; later ones win, as in glibc. Values are capped as glibc
+/// caps them (ndots 15, timeout 30, attempts 5).
+fn parse_option(word: &str, options: &mut ResolvOptions) {
+    let number = |cap: u8| -> Option<u8> {
+        let (_, n) = word.split_once(':')?;
+        let n: u32 = n.parse().ok()?;
+        Some(n.min(u32::from(cap)) as u8)
+    };
+    match word.split(':').next() {
+        Some("ndots") => options.ndots = number(15).or(options.ndots),
+        Some("timeout") => options.timeout = number(30).filter(|n| *n > 0).or(options.timeout),
+        Some("attempts") => options.attempts = number(5).filter(|n| *n > 0).or(options.attempts),
+        Some("rotate") => options.rotate = true,
+        _ => {}
+    }
 }
 
 fn parse_nameserver(word: &str) -> Option<SocketAddr> {
@@ -104,13 +146,17 @@ fn normalize(d: &str) -> String {
     d.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// The guest's resolv.conf: the gateway is its only nameserver.
-pub fn render_guest(gateway: IpAddr, search: &[String]) -> String {
+/// The guest's resolv.conf: the gateway is its only nameserver; the host's search domains
+/// and `ndots` (see the module comment).
+pub fn render_guest(gateway: IpAddr, search: &[String], ndots: Option<u8>) -> String {
     let mut out = String::from("# Written by usernet: the gateway answers DNS.\n");
     out.push_str(&format!("nameserver {gateway}\n"));
     let search: Vec<&str> = search.iter().map(String::as_str).filter(|d| valid_domain(d)).collect();
     if !search.is_empty() {
         out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    if let Some(n) = ndots {
+        out.push_str(&format!("options ndots:{}\n", n.min(15)));
     }
     out
 }
@@ -237,6 +283,20 @@ mod tests {
     }
 
     #[test]
+    fn options() {
+        let r = parse_resolv_conf("options ndots:3 timeout:2 attempts:4 rotate edns0 trust-ad\n");
+        assert_eq!(r.options, ResolvOptions { ndots: Some(3), timeout: Some(2), attempts: Some(4), rotate: true });
+        // Capped as glibc caps them; zero timeout/attempts and junk ignored; later wins.
+        let r = parse_resolv_conf(
+            "options ndots:99 timeout:0 attempts:x\noptions timeout:99 attempts:9 ndots:\n# options rotate\n",
+        );
+        assert_eq!(r.options, ResolvOptions { ndots: Some(15), timeout: Some(30), attempts: Some(5), rotate: false });
+        let r = parse_resolv_conf("options timeout:1\noptions timeout:0 ndots:1\n");
+        assert_eq!(r.options, ResolvOptions { ndots: Some(1), timeout: Some(1), ..ResolvOptions::default() });
+        assert_eq!(parse_resolv_conf("nameserver 10.0.0.1\n").options, ResolvOptions::default());
+    }
+
+    #[test]
     fn missing_file_is_empty() {
         let r = host_resolvers(Path::new("/nonexistent/usernet/resolv.conf"));
         assert_eq!(r, HostResolvers::default());
@@ -255,14 +315,16 @@ mod tests {
     #[test]
     fn guest_file() {
         let gw = IpAddr::V4(Ipv4Addr::new(192, 168, 65, 1));
-        let text = render_guest(gw, &[]);
+        let text = render_guest(gw, &[], None);
         assert!(text.contains("\nnameserver 192.168.65.1\n"));
         assert!(!text.contains("search"));
-        let text = render_guest(gw, &["a.example".into(), "bad\nnameserver 1.2.3.4".into()]);
-        assert!(text.ends_with("nameserver 192.168.65.1\nsearch a.example\n"));
+        assert!(!text.contains("options"));
+        let text = render_guest(gw, &["a.example".into(), "bad\nnameserver 1.2.3.4".into()], Some(2));
+        assert!(text.ends_with("nameserver 192.168.65.1\nsearch a.example\noptions ndots:2\n"));
         // What we write is what a resolver reads back.
         let back = parse_resolv_conf(&text);
         assert_eq!(back.nameservers, vec![SocketAddr::new(gw, 53)]);
         assert_eq!(back.search, vec!["a.example"]);
+        assert_eq!(back.options, ResolvOptions { ndots: Some(2), ..ResolvOptions::default() });
     }
 }

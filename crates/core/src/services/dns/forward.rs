@@ -1,0 +1,562 @@
+//! Forwarding a guest's query to the upstream servers, as glibc's resolver does.
+//!
+//! The servers and options are one snapshot of the shared [`crate::config::HostDns`],
+//! taken when the query arrives: a query in flight finishes against the servers it was sent
+//! to, whatever the host side swaps in meanwhile.
+//!
+//! Order (resolv.conf(5)): `attempts` rounds (default [`super::UPSTREAM_ATTEMPTS`]); in each
+//! round every server still in the running is sent the query in turn and given `timeout`
+//! seconds (default [`super::UPSTREAM_TIMEOUT`], at most 30) before the next one is asked. With `rotate` each query
+//! starts one server further than the one before. Unlike glibc, a server asked earlier
+//! stays heard: its late answer is taken while the next server is being waited for (each
+//! server has a socket of its own, connected, with its own random ID and source port).
+//!
+//! A server leaves the running for this query when it cannot be reached (a socket error,
+//! such as ICMP port unreachable on loopback) or when it answers SERVFAIL or REFUSED: the
+//! query moves on at once to the next server (split DNS where one server knows a zone the
+//! others refuse works this way). Any other answer (NOERROR, NXDOMAIN, ...) goes back to the
+//! guest. An answer with TC set is asked again over TCP from the same server. When no
+//! server gives a usable answer the guest gets the last SERVFAIL or REFUSED one, or a
+//! SERVFAIL of ours.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::Duration;
+
+use hickory_proto::op::ResponseCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::{Instant, timeout, timeout_at};
+use tracing::debug;
+
+use super::{DnsServer, Transport, error_reply, guest_udp_max, is_response_to, random_id, with_id};
+use crate::config::ResolvOptions;
+
+/// Largest `timeout` and `attempts` taken from resolv.conf (glibc's limits).
+const MAX_TIMEOUT_SECS: u8 = 30;
+const MAX_ATTEMPTS: u8 = 5;
+
+/// One server, for one query.
+enum Server {
+    /// Not asked yet.
+    Idle,
+    /// Asked (at least once): its socket and our ID.
+    Asked(UdpSocket, [u8; 2]),
+    /// Out of the running: unreachable, or answered SERVFAIL/REFUSED.
+    Done,
+}
+
+/// One query being forwarded.
+struct Ask<'a> {
+    /// As the guest sent it.
+    query: &'a [u8],
+    transport: Transport,
+    upstreams: &'a [SocketAddr],
+    /// How long a TCP retry (after TC) may take: what UDP had.
+    tcp_budget: Duration,
+}
+
+/// What waiting for answers gave.
+enum Heard {
+    /// A usable answer, for the guest.
+    Answer(Vec<u8>),
+    /// The server being waited for is out of the running (or the time is up): next one.
+    Next,
+}
+
+impl DnsServer {
+    /// The per-server wait and the number of rounds: resolv.conf's options, else the defaults.
+    fn timeouts(&self, options: &ResolvOptions) -> (Duration, u32) {
+        let per_try = options
+            .timeout
+            .map_or(self.attempt_timeout, |s| Duration::from_secs(u64::from(s.clamp(1, MAX_TIMEOUT_SECS))));
+        let rounds = options.attempts.map_or(self.attempts, |a| u32::from(a.clamp(1, MAX_ATTEMPTS)));
+        (per_try, rounds)
+    }
+
+    /// Ask the upstreams; see the module comment for the policy.
+    pub(super) async fn forward(&self, query: &[u8], transport: Transport) -> Vec<u8> {
+        let conf = self.host_dns.upstreams();
+        let upstreams = &conf.servers;
+        let n = upstreams.len();
+        if n == 0 {
+            return error_reply(query, ResponseCode::ServFail, true);
+        }
+        let (per_try, rounds) = self.timeouts(&conf.options);
+        let first = if conf.options.rotate { self.rotation.fetch_add(1, Ordering::Relaxed) % n } else { 0 };
+        let ask = Ask { query, transport, upstreams, tcp_budget: per_try * rounds };
+        let mut servers: Vec<Server> = (0..n).map(|_| Server::Idle).collect();
+        let mut out = query.to_vec();
+        let mut buf = vec![0u8; 65536];
+        let mut fallback: Option<Vec<u8>> = None;
+        for _ in 0..rounds {
+            for k in 0..n {
+                let i = (first + k) % n;
+                if !self.send(&mut servers[i], upstreams[i], &mut out).await {
+                    continue;
+                }
+                let deadline = Instant::now() + per_try;
+                let heard = self.listen(&ask, &mut servers, i, deadline, &mut buf, &mut fallback).await;
+                if let Heard::Answer(answer) = heard {
+                    return with_id(answer, query);
+                }
+                if servers.iter().all(|s| matches!(s, Server::Done)) {
+                    return give_up(query, fallback);
+                }
+            }
+        }
+        give_up(query, fallback)
+    }
+
+    /// Sends `out` (the guest's query) to one server with its own ID, opening its socket the
+    /// first time. False when the server is (or just went) out of the running.
+    async fn send(&self, server: &mut Server, upstream: SocketAddr, out: &mut [u8]) -> bool {
+        if matches!(server, Server::Idle) {
+            *server = match open(upstream).await {
+                Ok(sock) => Server::Asked(sock, random_id()),
+                Err(e) => {
+                    debug!("dns: upstream {upstream}: {e}");
+                    Server::Done
+                }
+            };
+        }
+        let Server::Asked(sock, id) = server else {
+            return false;
+        };
+        out[..2].copy_from_slice(id);
+        if let Err(e) = sock.send(out).await {
+            debug!("dns: upstream {upstream} over udp: {e}");
+            *server = Server::Done;
+            return false;
+        }
+        true
+    }
+
+    /// Waits until `deadline` for an answer from any server asked so far; returns early when
+    /// server `current` goes out of the running.
+    async fn listen(
+        &self,
+        ask: &Ask<'_>,
+        servers: &mut [Server],
+        current: usize,
+        deadline: Instant,
+        buf: &mut [u8],
+        fallback: &mut Option<Vec<u8>>,
+    ) -> Heard {
+        loop {
+            let Ok((j, received)) = timeout_at(deadline, recv_any(servers, buf)).await else {
+                return Heard::Next;
+            };
+            let upstream = ask.upstreams[j];
+            let len = match received {
+                Ok(len) => len,
+                Err(e) => {
+                    debug!("dns: upstream {upstream} over udp: {e}");
+                    servers[j] = Server::Done;
+                    if j == current {
+                        return Heard::Next;
+                    }
+                    continue;
+                }
+            };
+            let Server::Asked(_, id) = &servers[j] else {
+                continue;
+            };
+            if !is_response_to(&buf[..len], *id) {
+                continue; // stray or spoofed: keep waiting
+            }
+            let mut answer = buf[..len].to_vec();
+            if answer[2] & 0x02 != 0 {
+                answer = self.retry_tcp(ask, upstream, answer).await;
+            }
+            let rcode = answer[3] & 0x0f;
+            if rcode != ResponseCode::ServFail.low() && rcode != ResponseCode::Refused.low() {
+                return Heard::Answer(answer);
+            }
+            debug!("dns: upstream {upstream} answered {}", ResponseCode::from_low(rcode));
+            *fallback = Some(answer);
+            servers[j] = Server::Done;
+            if j == current {
+                return Heard::Next;
+            }
+        }
+    }
+
+    /// The upstream answered with TC: ask it over TCP, and use that answer when the guest
+    /// can take it; otherwise keep the truncated one.
+    async fn retry_tcp(&self, ask: &Ask<'_>, upstream: SocketAddr, truncated: Vec<u8>) -> Vec<u8> {
+        let limit = match ask.transport {
+            Transport::Tcp => u16::MAX as usize,
+            Transport::Udp => guest_udp_max(ask.query).min(self.udp_link_max),
+        };
+        match ask_tcp(upstream, ask.query, ask.tcp_budget).await {
+            Ok(full) if full.len() <= limit => full,
+            Ok(_) => truncated,
+            Err(e) => {
+                debug!("dns: upstream {upstream} over tcp: {e}");
+                truncated
+            }
+        }
+    }
+}
+
+/// The guest's answer when no server gave a usable one.
+fn give_up(query: &[u8], fallback: Option<Vec<u8>>) -> Vec<u8> {
+    match fallback {
+        Some(answer) => with_id(answer, query),
+        None => error_reply(query, ResponseCode::ServFail, true),
+    }
+}
+
+/// A fresh UDP socket (random source port) connected to `upstream`.
+async fn open(upstream: SocketAddr) -> io::Result<UdpSocket> {
+    let bind: SocketAddr =
+        if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(upstream).await?;
+    Ok(sock)
+}
+
+/// The next datagram (or socket error) of any server asked so far: (its index, the result).
+/// Pending for ever when none has been asked (the caller's deadline ends it).
+async fn recv_any(servers: &[Server], buf: &mut [u8]) -> (usize, io::Result<usize>) {
+    poll_fn(|cx| {
+        for (j, server) in servers.iter().enumerate() {
+            if let Server::Asked(sock, _) = server {
+                let mut rb = ReadBuf::new(buf);
+                match sock.poll_recv(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => return Poll::Ready((j, Ok(rb.filled().len()))),
+                    Poll::Ready(Err(e)) => return Poll::Ready((j, Err(e))),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// One query over TCP (RFC 7766 framing), bounded by `budget`.
+async fn ask_tcp(upstream: SocketAddr, query: &[u8], budget: Duration) -> io::Result<Vec<u8>> {
+    let id = random_id();
+    let work = async {
+        let mut stream = TcpStream::connect(upstream).await?;
+        let len =
+            u16::try_from(query.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "query too long"))?;
+        let mut out = Vec::with_capacity(query.len() + 2);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&id);
+        out.extend_from_slice(&query[2..]);
+        stream.write_all(&out).await?;
+        loop {
+            let n = stream.read_u16().await? as usize;
+            let mut buf = vec![0u8; n];
+            stream.read_exact(&mut buf).await?;
+            if is_response_to(&buf, id) {
+                return Ok(buf);
+            }
+        }
+    };
+    timeout(budget, work).await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{a_answers, cfg, query, server};
+    use super::super::{DnsRecords, Local};
+    use super::*;
+    use crate::config::{NetConfig, Upstreams};
+    use hickory_proto::op::{Message, OpCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::net::TcpListener;
+
+    /// How a fake upstream answers.
+    #[derive(Clone, Copy)]
+    struct Fake {
+        /// The A record of every NOERROR answer.
+        ip: Ipv4Addr,
+        rcode: ResponseCode,
+        /// UDP answers have TC set and no records; TCP answers have `tcp_records` records.
+        truncate: bool,
+        tcp_records: usize,
+        /// Wait this long before answering.
+        delay: Duration,
+    }
+
+    impl Fake {
+        fn answering(ip: Ipv4Addr) -> Fake {
+            Fake { ip, rcode: ResponseCode::NoError, truncate: false, tcp_records: 0, delay: Duration::ZERO }
+        }
+
+        fn rcode(rcode: ResponseCode) -> Fake {
+            Fake { rcode, ..Fake::answering(Ipv4Addr::UNSPECIFIED) }
+        }
+
+        fn answer(&self, q: &Message, over_tcp: bool) -> Vec<u8> {
+            let mut r = Message::response(q.id, OpCode::Query);
+            r.metadata.recursion_available = true;
+            r.metadata.response_code = self.rcode;
+            r.add_queries(q.queries.clone());
+            let name = q.queries[0].name().clone();
+            if over_tcp {
+                for i in 0..self.tcp_records {
+                    let ip = Ipv4Addr::new(10, 0, (i / 256) as u8, i as u8);
+                    r.add_answer(Record::from_rdata(name.clone(), 300, RData::A(A(ip))));
+                }
+            } else if self.truncate {
+                r.metadata.truncation = true;
+            } else if self.rcode == ResponseCode::NoError {
+                r.add_answer(Record::from_rdata(name, 300, RData::A(A(self.ip))));
+            }
+            r.to_vec().unwrap()
+        }
+    }
+
+    /// A fake upstream on loopback (UDP, and TCP on the same port); counts the UDP queries
+    /// it gets.
+    async fn fake(how: Fake) -> (SocketAddr, Arc<AtomicUsize>) {
+        // The TCP side needs the UDP side's port, which something else may hold: try again.
+        let (udp, tcp, addr) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            if let Ok(tcp) = TcpListener::bind(addr).await {
+                break (udp, tcp, addr);
+            }
+        };
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let udp = Arc::new(udp);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let udp = udp.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(how.delay).await;
+                    let _ = udp.send_to(&how.answer(&q, false), from).await;
+                });
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp.accept().await {
+                tokio::spawn(async move {
+                    while let Ok(n) = s.read_u16().await {
+                        let mut b = vec![0; n as usize];
+                        if s.read_exact(&mut b).await.is_err() {
+                            return;
+                        }
+                        let bytes = how.answer(&Message::from_vec(&b).unwrap(), true);
+                        let _ = s.write_u16(bytes.len() as u16).await;
+                        let _ = s.write_all(&bytes).await;
+                    }
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    async fn answering(ip: Ipv4Addr) -> SocketAddr {
+        fake(Fake::answering(ip)).await.0
+    }
+
+    /// A bound UDP socket that never answers (kept alive by the returned value).
+    async fn silent_upstream() -> (UdpSocket, SocketAddr) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a = s.local_addr().unwrap();
+        (s, a)
+    }
+
+    /// A loopback port with nobody listening (ICMP port unreachable -> ECONNREFUSED).
+    fn closed_port() -> SocketAddr {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    }
+
+    async fn ask(s: &DnsServer, name: &str) -> Message {
+        let r = s.handle(&query(name, RecordType::A), Transport::Udp).await.unwrap();
+        let m = Message::from_vec(&r).unwrap();
+        assert_eq!(m.id, 0xbeef);
+        m
+    }
+
+    /// A server whose upstreams come from a "resolv.conf" with these options.
+    fn server_with(servers: Vec<SocketAddr>, options: ResolvOptions) -> (NetConfig, DnsServer) {
+        let c = cfg(vec![]);
+        c.host_dns.set_upstreams(Upstreams { servers, options, ..Upstreams::default() });
+        let s = DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_millis(200), 2);
+        (c, s)
+    }
+
+    const GOOD: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
+
+    #[tokio::test]
+    async fn forwards_and_restores_id() {
+        let up = answering(Ipv4Addr::new(198, 51, 100, 7)).await;
+        let s = server(vec![up]);
+        let m = ask(&s, "www.example.com").await;
+        assert_eq!(a_answers(&m), vec![Ipv4Addr::new(198, 51, 100, 7)]);
+        // Non-A types for non-local names are forwarded too.
+        let q = query("www.example.com", RecordType::AAAA);
+        assert!(s.handle(&q, Transport::Udp).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn fails_over_from_unreachable_and_silent_servers() {
+        let (_keep, silent) = silent_upstream().await;
+        let good = answering(GOOD).await;
+        let s = server(vec![closed_port(), silent, good]);
+        let start = std::time::Instant::now();
+        assert_eq!(a_answers(&ask(&s, "a.example").await), vec![GOOD]);
+        // The closed port fails at once, the silent server costs one 200 ms wait.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(180), "{took:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn servfail_and_refused_move_on_at_once() {
+        let (servfail, n1) = fake(Fake::rcode(ResponseCode::ServFail)).await;
+        let (refused, n2) = fake(Fake::rcode(ResponseCode::Refused)).await;
+        let (good, n3) = fake(Fake::answering(GOOD)).await;
+        let s = server(vec![servfail, refused, good]);
+        let start = std::time::Instant::now();
+        assert_eq!(a_answers(&ask(&s, "split.example").await), vec![GOOD]);
+        // No 200 ms wait for either of the refusing servers.
+        assert!(start.elapsed() < Duration::from_millis(350), "{:?}", start.elapsed());
+        let counts = [&n1, &n2, &n3].map(|n| n.load(Ordering::SeqCst));
+        assert_eq!(counts, [1, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn nxdomain_is_an_answer() {
+        let (nx, _) = fake(Fake::rcode(ResponseCode::NXDomain)).await;
+        let (good, asked) = fake(Fake::answering(GOOD)).await;
+        let s = server(vec![nx, good]);
+        assert_eq!(ask(&s, "nowhere.example").await.response_code, ResponseCode::NXDomain);
+        assert_eq!(asked.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_last_refusal_when_nobody_answers() {
+        let (servfail, n1) = fake(Fake::rcode(ResponseCode::ServFail)).await;
+        let (refused, n2) = fake(Fake::rcode(ResponseCode::Refused)).await;
+        let s = server(vec![servfail, refused]);
+        assert_eq!(ask(&s, "x.example").await.response_code, ResponseCode::Refused);
+        // Both are out of the running after one answer each: no second round.
+        assert_eq!([n1.load(Ordering::SeqCst), n2.load(Ordering::SeqCst)], [1, 1]);
+    }
+
+    #[tokio::test]
+    async fn servfail_when_nobody_answers() {
+        let (_keep, silent) = silent_upstream().await;
+        let s = server(vec![silent]);
+        let start = std::time::Instant::now();
+        let m = ask(&s, "b.example").await;
+        assert_eq!(m.response_code, ResponseCode::ServFail);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(380) && took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_is_taken_while_the_next_server_is_asked() {
+        let (slow, _) = fake(Fake { delay: Duration::from_millis(300), ..Fake::answering(GOOD) }).await;
+        let (_keep, silent) = silent_upstream().await;
+        let s = server(vec![slow, silent]);
+        let start = std::time::Instant::now();
+        assert_eq!(a_answers(&ask(&s, "late.example").await), vec![GOOD]);
+        let took = start.elapsed();
+        // Without it: the slow server's second try, answered at 700 ms.
+        assert!(took >= Duration::from_millis(280) && took < Duration::from_millis(600), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn attempts_are_rounds_over_the_servers() {
+        let (a, na) = fake(Fake { delay: Duration::from_secs(30), ..Fake::answering(GOOD) }).await;
+        let (b, nb) = fake(Fake { delay: Duration::from_secs(30), ..Fake::answering(GOOD) }).await;
+        let (_c, s) = server_with(vec![a, b], ResolvOptions { attempts: Some(3), ..ResolvOptions::default() });
+        let start = std::time::Instant::now();
+        assert_eq!(ask(&s, "slow.example").await.response_code, ResponseCode::ServFail);
+        // 3 rounds x 2 servers x 200 ms.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(1150) && took < Duration::from_secs(3), "{took:?}");
+        assert_eq!([na.load(Ordering::SeqCst), nb.load(Ordering::SeqCst)], [3, 3]);
+    }
+
+    #[tokio::test]
+    async fn timeout_option_is_seconds_per_server() {
+        let (_keep, silent) = silent_upstream().await;
+        let options = ResolvOptions { timeout: Some(1), attempts: Some(1), ..ResolvOptions::default() };
+        let (_c, s) = server_with(vec![silent], options);
+        let start = std::time::Instant::now();
+        assert_eq!(ask(&s, "t.example").await.response_code, ResponseCode::ServFail);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(950) && took < Duration::from_millis(1500), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn rotate_spreads_queries() {
+        let (a, na) = fake(Fake::answering(GOOD)).await;
+        let (b, nb) = fake(Fake::answering(GOOD)).await;
+        let (_c, s) = server_with(vec![a, b], ResolvOptions::default());
+        for _ in 0..4 {
+            ask(&s, "r.example").await;
+        }
+        assert_eq!([na.load(Ordering::SeqCst), nb.load(Ordering::SeqCst)], [4, 0]);
+        let (_c, s) = server_with(vec![a, b], ResolvOptions { rotate: true, ..ResolvOptions::default() });
+        for _ in 0..4 {
+            ask(&s, "r.example").await;
+        }
+        assert_eq!([na.load(Ordering::SeqCst), nb.load(Ordering::SeqCst)], [6, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_query_in_flight_keeps_its_servers() {
+        let old = Ipv4Addr::new(198, 51, 100, 1);
+        let new = Ipv4Addr::new(198, 51, 100, 2);
+        let (slow_old, _) = fake(Fake { delay: Duration::from_millis(150), ..Fake::answering(old) }).await;
+        let (fresh, _) = fake(Fake::answering(new)).await;
+        let c = cfg(vec![slow_old]);
+        let s = Arc::new(DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))));
+        let in_flight = tokio::spawn({
+            let s = s.clone();
+            async move { ask(&s, "swap.example").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.host_dns.set_upstreams(Upstreams::command_line(vec![fresh]));
+        assert_eq!(a_answers(&ask(&s, "swap.example").await), vec![new]);
+        assert_eq!(a_answers(&in_flight.await.unwrap()), vec![old]);
+        // Swapped to nothing: SERVFAIL at once, without I/O.
+        c.host_dns.set_upstreams(Upstreams::default());
+        assert!(matches!(s.local(&query("swap.example", RecordType::A)), Local::Reply(_)));
+    }
+
+    #[tokio::test]
+    async fn truncated_answer_retried_over_tcp() {
+        let (up, _) = fake(Fake { truncate: true, tcp_records: 3, ..Fake::answering(GOOD) }).await;
+        let s = server(vec![up]);
+        // Small enough for classic UDP: the TCP answer is passed on.
+        let m = ask(&s, "c.example").await;
+        assert!(!m.truncation);
+        assert_eq!(a_answers(&m).len(), 3);
+
+        // Too big for a guest without EDNS over UDP: it gets the truncated answer...
+        let (up, _) = fake(Fake { truncate: true, tcp_records: 100, ..Fake::answering(GOOD) }).await;
+        let s = server(vec![up]);
+        let m = ask(&s, "d.example").await;
+        assert!(m.truncation);
+        // ...and over TCP the whole thing.
+        let r = s.handle(&query("d.example", RecordType::A), Transport::Tcp).await.unwrap();
+        let m = Message::from_vec(&r).unwrap();
+        assert!(!m.truncation);
+        assert_eq!(a_answers(&m).len(), 100);
+    }
+}

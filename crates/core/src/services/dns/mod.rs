@@ -1,0 +1,551 @@
+//! The gateway's DNS server: local names answered here, everything else forwarded.
+//!
+//! Theory of operation: [`DnsServer::handle`] takes one DNS message as the guest sent it
+//! (a UDP payload, or one frame of a TCP stream without its length prefix) and returns the
+//! message to send back, or None to stay silent. It runs in two steps:
+//!
+//! 1. [`DnsServer::local`] (pure, no I/O) reads the header and the question with
+//!    `hickory-proto` and decides: drop it (shorter than a header, or a response), answer
+//!    FORMERR (a header but no readable single question), answer from the local names
+//!    ([`DnsRecords`]: `host.docker.internal` and friends, `--add-host`, records added at run
+//!    time, then the host's /etc/hosts, see [`hosts`]), or forward. A local name is answered
+//!    authoritatively (AA, TTL 60) for type A (and ANY); for any other type it gets NOERROR
+//!    with no answer (NODATA), never NXDOMAIN, so that a resolver asking AAAA and A in
+//!    parallel still uses the A answer (the engine has no IPv6 yet, hence no AAAA records).
+//!    The reverse name (`in-addr.arpa`) of an address with a local name is answered the same
+//!    way, with a PTR record.
+//! 2. Forwarding ([`forward`]) asks the upstream servers as glibc's resolver does, with the
+//!    host's `timeout`, `attempts` and `rotate` options, and moves on from a server that is
+//!    silent, unreachable, or answers SERVFAIL or REFUSED. The servers are read from the
+//!    shared [`HostDns`] once per query: a query finishes against the servers it started
+//!    with while the host side swaps in new ones.
+//!
+//! Guests on TCP are forwarded the same way (UDP first, TCP on TC): UDP is what every
+//! upstream serves best, and TCP is only needed for answers too large for UDP. A guest on UDP
+//! gets the full TCP answer only when it fits what the guest accepts (512 bytes or its EDNS
+//! payload size) and the link MTU; otherwise it gets the upstream's truncated answer and comes
+//! back over TCP itself. An answer larger than the link can carry in one datagram is
+//! replaced by a truncated (TC) answer for the same reason.
+//!
+//! Nothing here panics on what a guest sends: every length is checked and every parse error
+//! becomes FORMERR or silence.
+
+pub mod forward;
+pub mod hosts;
+pub mod records;
+
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Header, Message, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use tokio::sync::Semaphore;
+use tracing::debug;
+
+use crate::config::{HostDns, NetConfig};
+pub use records::{DnsError, DnsRecords};
+
+/// TTL of locally answered records.
+pub const LOCAL_TTL: u32 = 60;
+/// Time to wait for one upstream's UDP answer when resolv.conf sets no `timeout`.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Rounds over the upstreams when resolv.conf sets no `attempts`.
+pub const UPSTREAM_ATTEMPTS: u32 = 2;
+/// Queries being forwarded at once, over all guests (each holds an upstream socket).
+/// Beyond that new queries are dropped; the guest's resolver retries.
+pub const MAX_FORWARDS: usize = 1024;
+
+const HEADER_LEN: usize = 12;
+/// Largest UDP answer a guest without EDNS accepts (RFC 1035).
+const CLASSIC_UDP_MAX: usize = 512;
+/// EDNS payload size we advertise in local answers (the DNS flag day 2020 value).
+const OUR_EDNS_PAYLOAD: u16 = 1232;
+/// IPv4 + UDP header bytes: what a UDP answer costs beyond its payload on the link.
+const IPV4_UDP_OVERHEAD: usize = 28;
+
+/// How the guest's query arrived: it decides how large an answer may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What [`DnsServer::local`] decided for one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Local {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Not ours to answer: forward to the upstreams.
+    Forward,
+    /// Not a query we can answer at all: stay silent.
+    Drop,
+}
+
+/// The gateway's DNS logic: local table plus forwarding policy.
+pub struct DnsServer {
+    records: Arc<DnsRecords>,
+    /// The upstream servers and options, live.
+    host_dns: HostDns,
+    /// Per-server wait and rounds when resolv.conf sets none.
+    attempt_timeout: Duration,
+    attempts: u32,
+    /// Where the next query starts with `options rotate`.
+    rotation: AtomicUsize,
+    /// Largest UDP payload the guest link carries in one packet.
+    udp_link_max: usize,
+    /// Bounds the queries being forwarded at once.
+    forward_slots: Semaphore,
+}
+
+impl DnsServer {
+    pub fn new(cfg: &NetConfig, records: Arc<DnsRecords>) -> Self {
+        DnsServer {
+            records,
+            host_dns: cfg.host_dns.clone(),
+            attempt_timeout: UPSTREAM_TIMEOUT,
+            attempts: UPSTREAM_ATTEMPTS,
+            rotation: AtomicUsize::new(0),
+            udp_link_max: (cfg.mtu as usize)
+                .saturating_sub(IPV4_UDP_OVERHEAD)
+                .clamp(CLASSIC_UDP_MAX, u16::MAX as usize),
+            forward_slots: Semaphore::new(MAX_FORWARDS),
+        }
+    }
+
+    /// Change the forwarding defaults (what applies when resolv.conf has no `timeout` or
+    /// `attempts` option): wait `per_attempt` for each server's answer, make `attempts`
+    /// rounds (at least one) over the servers.
+    pub fn with_timeouts(mut self, per_attempt: Duration, attempts: u32) -> Self {
+        self.attempt_timeout = per_attempt;
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    pub fn records(&self) -> &Arc<DnsRecords> {
+        &self.records
+    }
+
+    /// Answer one guest message: locally, by forwarding, or not at all.
+    pub async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let reply = match self.local(query) {
+            Local::Reply(r) => r,
+            Local::Drop => return None,
+            Local::Forward => {
+                let Ok(_slot) = self.forward_slots.try_acquire() else {
+                    debug!("dns: too many queries in flight, dropping one");
+                    return None;
+                };
+                self.forward(query, transport).await
+            }
+        };
+        match transport {
+            Transport::Udp if reply.len() > self.udp_link_max => truncated(&reply),
+            _ => Some(reply),
+        }
+    }
+
+    /// The I/O-free part: decide what to do with `query`, building the answer when it is
+    /// ours to give (local names, FORMERR, SERVFAIL when there is no upstream).
+    pub fn local(&self, query: &[u8]) -> Local {
+        if query.len() < HEADER_LEN || query[2] & 0x80 != 0 {
+            // No header, or a response: nothing to answer.
+            return Local::Drop;
+        }
+        let mut decoder = BinDecoder::new(query);
+        let Ok(header) = Header::read(&mut decoder) else {
+            return Local::Drop;
+        };
+        if header.op_code != OpCode::Query {
+            return self.forward_or_servfail(query);
+        }
+        if header.counts.queries != 1 {
+            return Local::Reply(error_reply(query, ResponseCode::FormErr, false));
+        }
+        let Ok(question) = Query::read(&mut decoder) else {
+            return Local::Reply(error_reply(query, ResponseCode::FormErr, false));
+        };
+        let class = question.query_class();
+        if class != DNSClass::IN && class != DNSClass::ANY {
+            return self.forward_or_servfail(query);
+        }
+        let qtype = question.query_type();
+        let wants = |t: RecordType| qtype == t || qtype == RecordType::ANY;
+        let ascii = question.name().to_ascii();
+        // Some(answer): the name is ours (answer None: it has no record of that type).
+        let answer = if let Some(addr) = self.records.lookup(&ascii) {
+            Some(wants(RecordType::A).then_some(RData::A(A(addr))))
+        } else if let Some(target) = reverse_v4(&ascii).and_then(|ip| self.records.reverse(ip)) {
+            let Ok(target) = Name::from_ascii(format!("{target}.")) else {
+                return self.forward_or_servfail(query);
+            };
+            Some(wants(RecordType::PTR).then_some(RData::PTR(PTR(target))))
+        } else {
+            return self.forward_or_servfail(query);
+        };
+        // A local name. The rest of the message must parse too (we answer EDNS with EDNS).
+        let Ok(request) = Message::from_vec(query) else {
+            return Local::Reply(error_reply(query, ResponseCode::FormErr, false));
+        };
+        let mut resp = Message::response(header.id, OpCode::Query);
+        resp.metadata.authoritative = true;
+        resp.metadata.recursion_desired = header.recursion_desired;
+        resp.metadata.recursion_available = true;
+        resp.metadata.checking_disabled = header.checking_disabled;
+        let name = question.name().clone();
+        resp.add_query(question);
+        if let Some(Some(rdata)) = answer {
+            resp.add_answer(Record::from_rdata(name, LOCAL_TTL, rdata));
+        }
+        if request.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(OUR_EDNS_PAYLOAD);
+            resp.set_edns(edns);
+        }
+        match resp.to_vec() {
+            Ok(bytes) => Local::Reply(bytes),
+            Err(_) => Local::Reply(error_reply(query, ResponseCode::ServFail, true)),
+        }
+    }
+
+    fn forward_or_servfail(&self, query: &[u8]) -> Local {
+        if self.host_dns.upstreams().servers.is_empty() {
+            Local::Reply(error_reply(query, ResponseCode::ServFail, true))
+        } else {
+            Local::Forward
+        }
+    }
+}
+
+/// The IPv4 address of a reverse name, `4.3.2.1.in-addr.arpa.` -> 1.2.3.4.
+fn reverse_v4(name: &str) -> Option<Ipv4Addr> {
+    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    let rest = lower.strip_suffix(".in-addr.arpa")?;
+    let mut octets = [0u8; 4];
+    let mut labels = rest.split('.');
+    for o in octets.iter_mut().rev() {
+        let label = labels.next()?;
+        if label.is_empty() || label.len() > 3 || (label.len() > 1 && label.starts_with('0')) {
+            return None;
+        }
+        *o = label.parse().ok()?;
+    }
+    labels.next().is_none().then(|| Ipv4Addr::from(octets))
+}
+
+fn is_response_to(msg: &[u8], id: [u8; 2]) -> bool {
+    msg.len() >= HEADER_LEN && msg[..2] == id && msg[2] & 0x80 != 0
+}
+
+/// `answer` with the ID of `query` (the guest's).
+fn with_id(mut answer: Vec<u8>, query: &[u8]) -> Vec<u8> {
+    answer[..2].copy_from_slice(&query[..2]);
+    answer
+}
+
+/// The largest UDP answer the guest said it accepts: 512, or its EDNS payload size.
+fn guest_udp_max(query: &[u8]) -> usize {
+    Message::from_vec(query)
+        .ok()
+        .and_then(|m| m.edns.map(|e| e.max_payload() as usize))
+        .unwrap_or(CLASSIC_UDP_MAX)
+        .max(CLASSIC_UDP_MAX)
+}
+
+/// Where the single question of `msg` ends, when it has exactly one readable question.
+fn question_end(msg: &[u8]) -> Option<usize> {
+    let mut decoder = BinDecoder::new(msg);
+    let header = Header::read(&mut decoder).ok()?;
+    if header.counts.queries != 1 {
+        return None;
+    }
+    Query::read(&mut decoder).ok()?;
+    Some(decoder.index())
+}
+
+/// A response to `query` with no records and `rcode`: header flags derived from the
+/// query's (ID, opcode, RD, CD), the question echoed when there is exactly one readable
+/// question. `ra` sets recursion-available. `query` must hold at least a header.
+fn error_reply(query: &[u8], rcode: ResponseCode, ra: bool) -> Vec<u8> {
+    let question = question_end(query).map(|end| &query[HEADER_LEN..end]);
+    let mut out = Vec::with_capacity(HEADER_LEN + question.map_or(0, <[u8]>::len));
+    out.extend_from_slice(&query[..2]);
+    // QR, the query's opcode and RD.
+    out.push(0x80 | (query[2] & 0x79));
+    // RA, CD from the query, the rcode.
+    out.push(if ra { 0x80 } else { 0 } | (query[3] & 0x10) | (rcode.low() & 0x0f));
+    let qdcount: u16 = if question.is_some() { 1 } else { 0 };
+    out.extend_from_slice(&qdcount.to_be_bytes());
+    out.extend_from_slice(&[0; 6]);
+    if let Some(q) = question {
+        out.extend_from_slice(q);
+    }
+    out
+}
+
+/// `answer` cut down to its header and question with TC set, so the guest retries over TCP.
+fn truncated(answer: &[u8]) -> Option<Vec<u8>> {
+    if answer.len() < HEADER_LEN {
+        return None;
+    }
+    let end = question_end(answer);
+    let mut out = answer[..end.unwrap_or(HEADER_LEN)].to_vec();
+    out[2] |= 0x02;
+    let qdcount: u16 = if end.is_some() { 1 } else { 0 };
+    out[4..6].copy_from_slice(&qdcount.to_be_bytes());
+    out[6..12].fill(0);
+    Some(out)
+}
+
+/// A random 16-bit message ID (std's per-instance random hash keys; no extra crate).
+fn random_id() -> [u8; 2] {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    (h.finish() as u16).to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Upstreams;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    pub(super) fn cfg(upstreams: Vec<SocketAddr>) -> NetConfig {
+        NetConfig {
+            host_dns: HostDns::new(Upstreams::command_line(upstreams)),
+            extra_hosts: vec![("myhost.test".into(), Ipv4Addr::new(10, 1, 2, 3))],
+            ..NetConfig::default()
+        }
+    }
+
+    pub(super) fn server(upstreams: Vec<SocketAddr>) -> DnsServer {
+        let c = cfg(upstreams);
+        DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_millis(200), 2)
+    }
+
+    pub(super) fn query(name: &str, rtype: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 0xbeef;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        m.to_vec().unwrap()
+    }
+
+    fn reply(l: Local) -> Message {
+        match l {
+            Local::Reply(b) => Message::from_vec(&b).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    pub(super) fn a_answers(m: &Message) -> Vec<Ipv4Addr> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn local_a_records() {
+        let s = server(vec![]);
+        let m = reply(s.local(&query("host.docker.internal.", RecordType::A)));
+        assert_eq!(m.id, 0xbeef);
+        assert_eq!(m.response_code, ResponseCode::NoError);
+        assert!(m.authoritative);
+        assert!(m.recursion_desired);
+        assert_eq!(a_answers(&m), vec![Ipv4Addr::new(192, 168, 65, 254)]);
+        assert_eq!(m.answers[0].ttl, LOCAL_TTL);
+        assert_eq!(m.queries.len(), 1);
+
+        let m = reply(s.local(&query("Gateway.Containers.INTERNAL", RecordType::A)));
+        assert_eq!(a_answers(&m), vec![Ipv4Addr::new(192, 168, 65, 1)]);
+        // The question's case is echoed as asked.
+        assert_eq!(m.queries[0].name().to_ascii(), "Gateway.Containers.INTERNAL.");
+
+        let m = reply(s.local(&query("http.docker.internal", RecordType::A)));
+        assert_eq!(a_answers(&m), vec![Ipv4Addr::new(192, 168, 65, 1)]);
+
+        let m = reply(s.local(&query("MYHOST.test.", RecordType::A)));
+        assert_eq!(a_answers(&m), vec![Ipv4Addr::new(10, 1, 2, 3)]);
+    }
+
+    #[test]
+    fn local_other_types_are_nodata() {
+        let s = server(vec![]);
+        for t in [RecordType::AAAA, RecordType::MX, RecordType::TXT, RecordType::HTTPS] {
+            let m = reply(s.local(&query("host.docker.internal", t)));
+            assert_eq!(m.response_code, ResponseCode::NoError, "{t:?}");
+            assert!(m.answers.is_empty());
+            assert!(m.authoritative);
+        }
+    }
+
+    #[test]
+    fn edns_is_answered_with_edns() {
+        let s = server(vec![]);
+        let mut m = Message::query();
+        m.add_query(Query::query(Name::from_ascii("host.docker.internal").unwrap(), RecordType::A));
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        m.set_edns(e);
+        let r = reply(s.local(&m.to_vec().unwrap()));
+        assert!(r.edns.is_some());
+        assert_eq!(a_answers(&r).len(), 1);
+    }
+
+    #[test]
+    fn runtime_records_are_served() {
+        let s = server(vec![]);
+        s.records().add("new.test", Ipv4Addr::new(5, 6, 7, 8)).unwrap();
+        let m = reply(s.local(&query("new.test", RecordType::A)));
+        assert_eq!(a_answers(&m), vec![Ipv4Addr::new(5, 6, 7, 8)]);
+    }
+
+    #[test]
+    fn no_upstreams_servfail_at_once() {
+        let s = server(vec![]);
+        let m = reply(s.local(&query("example.com", RecordType::A)));
+        assert_eq!(m.response_code, ResponseCode::ServFail);
+        assert_eq!(m.id, 0xbeef);
+        assert_eq!(m.queries[0].name().to_ascii(), "example.com.");
+        // With upstreams it is forwarded instead.
+        let s = server(vec!["127.0.0.1:9".parse().unwrap()]);
+        assert_eq!(s.local(&query("example.com", RecordType::A)), Local::Forward);
+        // A local name is still answered locally.
+        let m = reply(s.local(&query("host.docker.internal", RecordType::PTR)));
+        assert_eq!(m.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn malformed_queries() {
+        let s = server(vec![]);
+        assert_eq!(s.local(&[]), Local::Drop);
+        assert_eq!(s.local(&[0; 11]), Local::Drop);
+        // A response is never answered.
+        let mut q = query("host.docker.internal", RecordType::A);
+        q[2] |= 0x80;
+        assert_eq!(s.local(&q), Local::Drop);
+        // Header only, one question announced but missing: FORMERR.
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        let m = reply(s.local(&q));
+        assert_eq!(m.response_code, ResponseCode::FormErr);
+        assert_eq!(m.id, 0x1234);
+        // Two questions: FORMERR.
+        q[5] = 2;
+        assert_eq!(reply(s.local(&q)).response_code, ResponseCode::FormErr);
+        // Truncated question.
+        let full = query("host.docker.internal", RecordType::A);
+        for n in HEADER_LEN..full.len() {
+            match s.local(&full[..n]) {
+                Local::Reply(b) => assert_eq!(b[3] & 0x0f, 1, "len {n}"),
+                other => panic!("len {n}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn hosts_file_names_and_ptr() {
+        let c = cfg(vec!["127.0.0.1:9".parse().unwrap()]);
+        let s = DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c)));
+        assert_eq!(s.local(&query("mybox", RecordType::A)), Local::Forward);
+        c.host_dns.set_hosts(hosts::parse_hosts("127.0.1.1 mybox\n10.0.0.5 db.corp\n", Some(c.host)));
+        let m = reply(s.local(&query("MyBox.", RecordType::A)));
+        assert_eq!(a_answers(&m), vec![Ipv4Addr::new(192, 168, 65, 254)]);
+        assert!(m.authoritative);
+        // No IPv6 in the engine: the name exists, with no AAAA record.
+        let m = reply(s.local(&query("db.corp", RecordType::AAAA)));
+        assert_eq!(m.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        // PTR of a hosts address, of the built-in ones, of an --add-host one.
+        let ptr = |name: &str| {
+            let m = reply(s.local(&query(name, RecordType::PTR)));
+            m.answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::PTR(p) => Some(p.0.to_ascii()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ptr("5.0.0.10.in-addr.arpa."), vec!["db.corp."]);
+        assert_eq!(ptr("254.65.168.192.IN-ADDR.ARPA"), vec!["host.docker.internal."]);
+        assert_eq!(ptr("1.65.168.192.in-addr.arpa"), vec!["gateway.docker.internal."]);
+        assert_eq!(ptr("3.2.1.10.in-addr.arpa"), vec!["myhost.test."]);
+        // Other types of a local reverse name: NODATA; unknown addresses are forwarded.
+        let m = reply(s.local(&query("5.0.0.10.in-addr.arpa", RecordType::A)));
+        assert!(m.answers.is_empty() && m.authoritative);
+        assert_eq!(s.local(&query("6.0.0.10.in-addr.arpa", RecordType::PTR)), Local::Forward);
+        assert_eq!(s.local(&query("8.8.8.in-addr.arpa", RecordType::PTR)), Local::Forward);
+    }
+
+    #[test]
+    fn reverse_names() {
+        assert_eq!(reverse_v4("4.3.2.1.in-addr.arpa."), Some(Ipv4Addr::new(1, 2, 3, 4)));
+        assert_eq!(reverse_v4("4.3.2.1.In-Addr.Arpa"), Some(Ipv4Addr::new(1, 2, 3, 4)));
+        assert_eq!(reverse_v4("3.2.1.in-addr.arpa"), None);
+        assert_eq!(reverse_v4("5.4.3.2.1.in-addr.arpa"), None);
+        assert_eq!(reverse_v4("04.3.2.1.in-addr.arpa"), None);
+        assert_eq!(reverse_v4("256.3.2.1.in-addr.arpa"), None);
+        assert_eq!(reverse_v4("4.3.2.1.ip6.arpa"), None);
+        assert_eq!(reverse_v4(".3.2.1.in-addr.arpa"), None);
+    }
+
+    #[test]
+    fn upstreams_are_live() {
+        let c = cfg(vec![]);
+        let s = DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c)));
+        assert!(matches!(s.local(&query("example.com", RecordType::A)), Local::Reply(_)));
+        c.host_dns.set_upstreams(Upstreams::command_line(vec!["127.0.0.1:9".parse().unwrap()]));
+        assert_eq!(s.local(&query("example.com", RecordType::A)), Local::Forward);
+    }
+
+    #[test]
+    fn oversized_udp_answer_is_truncated() {
+        let mut big = Message::response(7, OpCode::Query);
+        big.add_query(Query::query(Name::from_ascii("x.test").unwrap(), RecordType::A));
+        for i in 0..200u8 {
+            big.add_answer(Record::from_rdata(
+                Name::from_ascii("x.test").unwrap(),
+                1,
+                RData::A(A(Ipv4Addr::new(10, 0, 0, i))),
+            ));
+        }
+        let t = truncated(&big.to_vec().unwrap()).unwrap();
+        let m = Message::from_vec(&t).unwrap();
+        assert!(m.truncation);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.queries.len(), 1);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let s = server(vec![]);
+            let _ = s.local(&data);
+            let _ = truncated(&data);
+            let _ = question_end(&data);
+        }
+
+        #[test]
+        fn mutated_queries_never_panic(edits in proptest::collection::vec((0usize..64, any::<u8>()), 1..8)) {
+            let s = server(vec![]);
+            let mut q = query("host.docker.internal", RecordType::A);
+            for (i, b) in edits {
+                if let Some(x) = q.get_mut(i) {
+                    *x = b;
+                }
+            }
+            let _ = s.local(&q);
+        }
+    }
+}

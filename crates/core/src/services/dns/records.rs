@@ -1,0 +1,194 @@
+//! The names the gateway answers itself, in order of precedence:
+//!
+//! 1. the explicit table: the built-in names (`host.docker.internal` and friends), then
+//!    `--add-host`, then records added at run time through the API (each may replace the
+//!    one before);
+//! 2. the host's /etc/hosts ([`HostsTable`], kept current by the host side through the
+//!    shared [`HostDns`]).
+//!
+//! PTR records come from the same two places: an address of the explicit table gets its
+//! first built-in name (`host.docker.internal`, `gateway.docker.internal`) or else its
+//! first name in alphabetical order; then the hosts table's.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::RwLock;
+
+use hickory_proto::rr::Name;
+use tracing::debug;
+
+use crate::config::{GATEWAY_NAMES, HOST_NAMES, HostDns, NetConfig, PROXY_NAMES};
+
+/// Errors of the local record table.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("invalid DNS name: {0:?}")]
+    InvalidName(String),
+}
+
+/// The local record table: lower-case names without trailing dot -> IPv4 address, and the
+/// host's /etc/hosts behind it.
+///
+/// Shared (`Arc<DnsRecords>`) between the DNS server and whoever manages records at run
+/// time (the control API); the table sits behind an `RwLock`, so every method takes `&self`.
+#[derive(Debug, Default)]
+pub struct DnsRecords {
+    table: RwLock<BTreeMap<String, Ipv4Addr>>,
+    host_dns: HostDns,
+}
+
+impl DnsRecords {
+    /// An empty table, with no /etc/hosts behind it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The built-in names (HOST_NAMES -> host, GATEWAY_NAMES and the explicit proxy's
+    /// `http.docker.internal` -> gateway) plus `cfg.extra_hosts`, which may override the
+    /// built-in ones; behind them the hosts table of `cfg.host_dns`.
+    pub fn from_config(cfg: &NetConfig) -> Self {
+        let records = DnsRecords { table: RwLock::default(), host_dns: cfg.host_dns.clone() };
+        let builtin = HOST_NAMES
+            .iter()
+            .map(|n| (*n, cfg.host))
+            .chain(GATEWAY_NAMES.iter().map(|n| (*n, cfg.gateway)))
+            .chain(PROXY_NAMES.iter().map(|n| (*n, cfg.gateway)));
+        let extra = cfg.extra_hosts.iter().map(|(n, a)| (n.as_str(), *a));
+        for (name, addr) in builtin.chain(extra) {
+            if let Err(e) = records.add(name, addr) {
+                debug!("dns: skipping record: {e}");
+            }
+        }
+        records
+    }
+
+    /// Add or replace the A record of `name` (case-insensitive, trailing dot optional).
+    pub fn add(&self, name: &str, addr: Ipv4Addr) -> Result<(), DnsError> {
+        let key = normalize(name);
+        if key.is_empty() || key.len() > 253 || Name::from_ascii(&key).is_err() {
+            return Err(DnsError::InvalidName(name.to_string()));
+        }
+        self.write().insert(key, addr);
+        Ok(())
+    }
+
+    /// Remove the record of `name` from the explicit table; true when there was one.
+    pub fn remove(&self, name: &str) -> bool {
+        self.write().remove(&normalize(name)).is_some()
+    }
+
+    /// Every record of the explicit table, sorted by name (not /etc/hosts).
+    pub fn list(&self) -> Vec<(String, Ipv4Addr)> {
+        self.read().iter().map(|(n, a)| (n.clone(), *a)).collect()
+    }
+
+    /// The explicit record of `name`, if there is one (not /etc/hosts).
+    pub fn get(&self, name: &str) -> Option<Ipv4Addr> {
+        self.read().get(&normalize(name)).copied()
+    }
+
+    /// The address the gateway answers for `name`: the explicit table's, else /etc/hosts'.
+    pub fn lookup(&self, name: &str) -> Option<Ipv4Addr> {
+        let key = normalize(name);
+        if let Some(addr) = self.read().get(&key) {
+            return Some(*addr);
+        }
+        self.host_dns.hosts().names.get(&key).copied()
+    }
+
+    /// The name of the PTR record of `addr`, if the gateway has one (see the module comment).
+    pub fn reverse(&self, addr: Ipv4Addr) -> Option<String> {
+        {
+            let table = self.read();
+            let preferred = HOST_NAMES.iter().chain(GATEWAY_NAMES).chain(PROXY_NAMES);
+            if let Some(name) = preferred.into_iter().find(|n| table.get(**n) == Some(&addr)) {
+                return Some(name.to_string());
+            }
+            if let Some((name, _)) = table.iter().find(|(_, a)| **a == addr) {
+                return Some(name.clone());
+            }
+        }
+        self.host_dns.hosts().ptr.get(&addr).cloned()
+    }
+
+    /// The live DNS configuration the hosts table comes from.
+    pub fn host_dns(&self) -> &HostDns {
+        &self.host_dns
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Ipv4Addr>> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Ipv4Addr>> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::dns::hosts::parse_hosts;
+
+    #[test]
+    fn records_table() {
+        let r = DnsRecords::new();
+        r.add("Foo.Example.", Ipv4Addr::new(1, 2, 3, 4)).unwrap();
+        assert_eq!(r.lookup("foo.example"), Some(Ipv4Addr::new(1, 2, 3, 4)));
+        assert_eq!(r.lookup("FOO.EXAMPLE."), Some(Ipv4Addr::new(1, 2, 3, 4)));
+        assert_eq!(r.get("FOO.EXAMPLE."), Some(Ipv4Addr::new(1, 2, 3, 4)));
+        assert_eq!(r.list(), vec![("foo.example".into(), Ipv4Addr::new(1, 2, 3, 4))]);
+        assert!(r.add("", Ipv4Addr::LOCALHOST).is_err());
+        assert!(r.add(&"a".repeat(300), Ipv4Addr::LOCALHOST).is_err());
+        assert!(r.remove("foo.EXAMPLE"));
+        assert!(!r.remove("foo.example"));
+        assert_eq!(r.lookup("foo.example"), None);
+    }
+
+    #[test]
+    fn hosts_file_behind_the_explicit_table() {
+        let cfg =
+            NetConfig { extra_hosts: vec![("db.corp".into(), Ipv4Addr::new(10, 9, 9, 9))], ..NetConfig::default() };
+        let r = DnsRecords::from_config(&cfg);
+        assert_eq!(r.lookup("mybox"), None);
+        let mut table = parse_hosts("127.0.1.1 mybox\n10.0.0.5 db.corp\n10.0.0.6 files.corp\n", Some(cfg.host));
+        table.path = Some("/etc/hosts".into());
+        cfg.host_dns.set_hosts(table);
+        // Read live: no new DnsRecords needed.
+        assert_eq!(r.lookup("MyBox."), Some(cfg.host));
+        assert_eq!(r.lookup("files.corp"), Some(Ipv4Addr::new(10, 0, 0, 6)));
+        // --add-host wins over /etc/hosts, and so does a record added at run time.
+        assert_eq!(r.lookup("db.corp"), Some(Ipv4Addr::new(10, 9, 9, 9)));
+        r.add("files.corp", Ipv4Addr::new(10, 8, 8, 8)).unwrap();
+        assert_eq!(r.lookup("files.corp"), Some(Ipv4Addr::new(10, 8, 8, 8)));
+        // ...and the API's own view is the explicit table only.
+        assert_eq!(r.get("mybox"), None);
+        assert!(!r.list().iter().any(|(n, _)| n == "mybox"));
+        assert!(!r.remove("mybox"));
+        assert_eq!(r.lookup("mybox"), Some(cfg.host));
+        cfg.host_dns.set_hosts(Default::default());
+        assert_eq!(r.lookup("mybox"), None);
+    }
+
+    #[test]
+    fn reverse_names() {
+        let cfg = NetConfig {
+            extra_hosts: vec![
+                ("zz.test".into(), Ipv4Addr::new(10, 1, 2, 3)),
+                ("aa.test".into(), Ipv4Addr::new(10, 1, 2, 3)),
+            ],
+            ..NetConfig::default()
+        };
+        let r = DnsRecords::from_config(&cfg);
+        cfg.host_dns.set_hosts(parse_hosts("10.0.0.5 db.corp\n10.1.2.3 hidden\n", Some(cfg.host)));
+        assert_eq!(r.reverse(cfg.host).as_deref(), Some("host.docker.internal"));
+        assert_eq!(r.reverse(cfg.gateway).as_deref(), Some("gateway.docker.internal"));
+        assert_eq!(r.reverse(Ipv4Addr::new(10, 1, 2, 3)).as_deref(), Some("aa.test"));
+        assert_eq!(r.reverse(Ipv4Addr::new(10, 0, 0, 5)).as_deref(), Some("db.corp"));
+        assert_eq!(r.reverse(Ipv4Addr::new(10, 0, 0, 99)), None);
+    }
+}

@@ -1,0 +1,441 @@
+//! Following the host's resolver configuration while usernet runs: /etc/resolv.conf (the
+//! upstream servers, search domains and options of the gateway's DNS) and /etc/hosts (names
+//! the gateway answers itself), pushed into the core's shared [`HostDns`].
+//!
+//! Theory of operation. [`DnsWatch::start`] starts one thread, `usernet-dns-watch`, that
+//! every second `stat`s each file it follows by its path, following symlinks, and keeps the
+//! device, inode, size, mtime and ctime of what the path leads to. When any of them differs
+//! from last time, it waits until they stay the same for 100 ms (so that a writer that
+//! truncates and then writes is not read half-way), reads the file with the same parser as
+//! at startup ([`resolv::read_resolv_conf`], [`hosts::parse_hosts`]) and, when the result
+//! differs from what the gateway uses, swaps it in and logs one `info` line saying what
+//! changed (`dns: /etc/resolv.conf changed: servers 10.0.0.1:53 -> 10.0.0.2:53`). A change
+//! takes effect within about 1.1 s; queries already being forwarded finish against the
+//! servers they were sent to (the core takes one snapshot per query).
+//!
+//! Why polling and not inotify: the host's /etc/resolv.conf changes in three ways: rewritten
+//! in place, replaced by a rename (NetworkManager, resolvconf), or re-pointed as a symlink
+//! into /run (systemd-resolved, resolvconf), and it may be a bind mount (containers). inotify
+//! watches inodes and directories: following all of these would need watches on every
+//! directory along the symlink chain, re-armed whenever a link in it changes, and sees nothing
+//! of a bind mount changed from another mount namespace. A `stat` per file per second sees
+//! every case alike, costs nothing measurable, and needs no dependency.
+//!
+//! A file that disappears (a symlink being re-pointed by `rm` and `ln`, a resolver daemon
+//! restarting) leaves the configuration as it was, with one `info` line; it is read again
+//! when it comes back. A resolv.conf that exists but names no server does take effect: the
+//! gateway then answers SERVFAIL to what it does not know, as at startup.
+//!
+//! `--dns-upstream` on the command line fixes the servers: the resolv.conf is not followed
+//! then (the caller passes no path), but /etc/hosts still is.
+
+use std::fs;
+use std::io::{self, Read};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{debug, info};
+use usernet_core::config::{DnsOrigin, HostDns, HostsTable, ResolvOptions, Upstreams};
+use usernet_core::services::dns::hosts::{self, MAX_HOSTS_FILE};
+
+use crate::netns::resolv::{self, HostResolvers};
+
+/// The host's names file.
+pub const HOSTS: &str = "/etc/hosts";
+/// How often the files are looked at.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a changed file must stay unchanged before it is read.
+const SETTLE: Duration = Duration::from_millis(100);
+/// At most this many settle waits per change (a file rewritten without end is read anyway).
+const SETTLE_ROUNDS: u32 = 10;
+
+/// The gateway's upstream configuration from the resolv.conf at `path`.
+pub fn upstreams_from_file(path: &Path) -> Upstreams {
+    upstreams_of(path, resolv::host_resolvers(path))
+}
+
+fn upstreams_of(path: &Path, r: HostResolvers) -> Upstreams {
+    Upstreams {
+        servers: r.nameservers,
+        search: r.search,
+        options: r.options,
+        origin: DnsOrigin::File(path.to_path_buf()),
+    }
+}
+
+/// The gateway's table of the hosts file at `path` (empty when it cannot be read);
+/// loopback addresses become `host` (None: left out).
+pub fn hosts_from_file(path: &Path, host: Option<Ipv4Addr>) -> HostsTable {
+    match read_hosts(path, host) {
+        Ok(table) => table,
+        Err(e) => {
+            debug!("dns: cannot read {}: {e}", path.display());
+            HostsTable { path: Some(path.to_path_buf()), ..HostsTable::default() }
+        }
+    }
+}
+
+fn read_hosts(path: &Path, host: Option<Ipv4Addr>) -> io::Result<HostsTable> {
+    let mut bytes = Vec::new();
+    fs::File::open(path)?.take(MAX_HOSTS_FILE as u64).read_to_end(&mut bytes)?;
+    let mut table = hosts::parse_hosts(&String::from_utf8_lossy(&bytes), host);
+    table.path = Some(path.to_path_buf());
+    Ok(table)
+}
+
+/// What the watcher follows.
+#[derive(Clone, Debug)]
+pub struct WatchSpec {
+    /// The resolv.conf whose servers the gateway forwards to; None: fixed servers.
+    pub resolv_conf: Option<PathBuf>,
+    /// The hosts file whose names the gateway answers; None: not followed.
+    pub hosts: Option<PathBuf>,
+    /// What loopback addresses of the hosts file become (the host address; None when it
+    /// does not reach the host's loopback).
+    pub host_addr: Option<Ipv4Addr>,
+    pub interval: Duration,
+}
+
+/// The watcher thread; dropping it stops the thread (within one interval).
+pub struct DnsWatch {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DnsWatch {
+    /// Starts following the files of `spec` into `dns` (call after any fork: this creates a
+    /// thread). The files are read once at once, so a change since the caller read them is
+    /// not missed.
+    pub fn start(dns: HostDns, spec: WatchSpec) -> io::Result<DnsWatch> {
+        let (tx, rx) = mpsc::channel();
+        let mut files: Vec<Watched> = Vec::new();
+        if let Some(path) = &spec.resolv_conf {
+            files.push(Watched { path: path.clone(), kind: Kind::ResolvConf, last: Seen::Unknown });
+        }
+        if let Some(path) = &spec.hosts {
+            files.push(Watched { path: path.clone(), kind: Kind::Hosts(spec.host_addr), last: Seen::Unknown });
+        }
+        let interval = spec.interval;
+        let thread = std::thread::Builder::new().name("usernet-dns-watch".into()).spawn(move || {
+            loop {
+                for f in &mut files {
+                    f.check(&dns);
+                }
+                match rx.recv_timeout(interval) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            }
+        })?;
+        Ok(DnsWatch { stop: Some(tx), thread: Some(thread) })
+    }
+}
+
+impl Drop for DnsWatch {
+    fn drop(&mut self) {
+        self.stop = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    ResolvConf,
+    /// With what loopback addresses become.
+    Hosts(Option<Ipv4Addr>),
+}
+
+/// What the path led to at the last look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    /// Not looked at yet.
+    Unknown,
+    Missing,
+    File(Stamp),
+}
+
+/// The identity and version of a file: (device, inode, size, mtime, ctime in ns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp(u64, u64, u64, i128, i128);
+
+fn look(path: &Path) -> Seen {
+    match fs::metadata(path) {
+        Ok(m) => Seen::File(Stamp(
+            m.dev(),
+            m.ino(),
+            m.size(),
+            i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        )),
+        Err(_) => Seen::Missing,
+    }
+}
+
+struct Watched {
+    path: PathBuf,
+    kind: Kind,
+    last: Seen,
+}
+
+impl Watched {
+    /// One look at the file; reads it and updates `dns` when it changed.
+    fn check(&mut self, dns: &HostDns) {
+        let mut now = look(&self.path);
+        if now == self.last {
+            return;
+        }
+        let first = self.last == Seen::Unknown;
+        if !first {
+            for _ in 0..SETTLE_ROUNDS {
+                std::thread::sleep(SETTLE);
+                let again = look(&self.path);
+                if again == now {
+                    break;
+                }
+                now = again;
+            }
+        }
+        self.last = now;
+        let shown = self.path.display();
+        if now == Seen::Missing {
+            if !first {
+                info!("dns: {shown} is gone; the gateway keeps its configuration until it is back");
+            }
+            return;
+        }
+        match self.kind {
+            Kind::ResolvConf => match resolv::read_resolv_conf(&self.path) {
+                Ok(r) => {
+                    let new = upstreams_of(&self.path, r);
+                    let current = dns.upstreams();
+                    if *current != new {
+                        info!("dns: {shown} changed: {}", describe_change(&current, &new));
+                        dns.set_upstreams(new);
+                    }
+                }
+                Err(e) => debug!("dns: cannot read {shown}: {e}"),
+            },
+            Kind::Hosts(host) => match read_hosts(&self.path, host) {
+                Ok(new) => {
+                    let current = dns.hosts();
+                    if *current != new {
+                        info!("dns: {shown} changed: {} -> {} names", current.names.len(), new.names.len());
+                        dns.set_hosts(new);
+                    }
+                }
+                Err(e) => debug!("dns: cannot read {shown}: {e}"),
+            },
+        }
+    }
+}
+
+/// `servers A, B -> C; search x -> (none)`: the parts of the configuration that differ.
+pub fn describe_change(old: &Upstreams, new: &Upstreams) -> String {
+    let list = |items: Vec<String>| if items.is_empty() { "(none)".to_string() } else { items.join(", ") };
+    let mut parts = Vec::new();
+    if old.servers != new.servers {
+        let show = |u: &Upstreams| list(u.servers.iter().map(ToString::to_string).collect());
+        parts.push(format!("servers {} -> {}", show(old), show(new)));
+    }
+    if old.search != new.search {
+        parts.push(format!("search {} -> {}", list(old.search.clone()), list(new.search.clone())));
+    }
+    if old.options != new.options {
+        parts.push(format!(
+            "options {} -> {}",
+            list(describe_options(&old.options)),
+            list(describe_options(&new.options))
+        ));
+    }
+    if old.origin != new.origin && parts.is_empty() {
+        parts.push("source".to_string());
+    }
+    parts.join("; ")
+}
+
+/// The options as resolv.conf writes them: `ndots:2`, `rotate`, ...
+pub fn describe_options(o: &ResolvOptions) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(n) = o.ndots {
+        out.push(format!("ndots:{n}"));
+    }
+    if let Some(n) = o.timeout {
+        out.push(format!("timeout:{n}"));
+    }
+    if let Some(n) = o.attempts {
+        out.push(format!("attempts:{n}"));
+    }
+    if o.rotate {
+        out.push("rotate".to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::os::unix::fs::symlink;
+    use std::time::Instant;
+
+    const HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 65, 254);
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let d = std::env::temp_dir().join(format!("usernet-dns-watch-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&d);
+            fs::create_dir_all(&d).unwrap();
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn servers(dns: &HostDns) -> Vec<SocketAddr> {
+        dns.upstreams().servers.clone()
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Waits (up to 3 s) for `cond`; returns how long it took.
+    fn within(cond: impl Fn() -> bool) -> Duration {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(3), "not within 3 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        start.elapsed()
+    }
+
+    fn watch(dns: &HostDns, resolv: Option<&Path>, hosts: Option<&Path>) -> DnsWatch {
+        let spec = WatchSpec {
+            resolv_conf: resolv.map(Path::to_path_buf),
+            hosts: hosts.map(Path::to_path_buf),
+            host_addr: Some(HOST),
+            interval: Duration::from_millis(100),
+        };
+        DnsWatch::start(dns.clone(), spec).unwrap()
+    }
+
+    #[test]
+    fn follows_in_place_rename_and_symlink_changes() {
+        let d = Dir::new("resolv");
+        let a = d.0.join("a.conf");
+        let b = d.0.join("b.conf");
+        let link = d.0.join("resolv.conf");
+        fs::write(&a, "nameserver 127.0.0.2\n").unwrap();
+        fs::write(&b, "nameserver 127.0.0.3\nsearch b.example\noptions rotate\n").unwrap();
+        symlink(&a, &link).unwrap();
+        let dns = HostDns::new(upstreams_from_file(&link));
+        assert_eq!(servers(&dns), vec![sa("127.0.0.2:53")]);
+        assert_eq!(dns.upstreams().origin, DnsOrigin::File(link.clone()));
+        let _w = watch(&dns, Some(&link), None);
+
+        // Rewritten in place (same inode), through the symlink.
+        fs::write(&a, "nameserver 127.0.0.4\nnameserver 127.0.0.5\n").unwrap();
+        within(|| servers(&dns) == vec![sa("127.0.0.4:53"), sa("127.0.0.5:53")]);
+        // The symlink re-pointed atomically (ln -s + rename, as resolvconf does).
+        let tmp = d.0.join("resolv.conf.new");
+        symlink(&b, &tmp).unwrap();
+        fs::rename(&tmp, &link).unwrap();
+        within(|| servers(&dns) == vec![sa("127.0.0.3:53")]);
+        assert_eq!(dns.upstreams().search, vec!["b.example"]);
+        assert!(dns.upstreams().options.rotate);
+        // A new file renamed over the symlink's target (NetworkManager's way).
+        let tmp = d.0.join("b.tmp");
+        fs::write(&tmp, "nameserver 127.0.0.6\n").unwrap();
+        fs::rename(&tmp, &b).unwrap();
+        within(|| servers(&dns) == vec![sa("127.0.0.6:53")]);
+        // Gone: kept. Back: read again.
+        fs::remove_file(&link).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(servers(&dns), vec![sa("127.0.0.6:53")]);
+        fs::write(&link, "nameserver 127.0.0.7\n").unwrap();
+        within(|| servers(&dns) == vec![sa("127.0.0.7:53")]);
+        // No server at all: that is the configuration now.
+        fs::write(&link, "# nothing\n").unwrap();
+        within(|| servers(&dns).is_empty());
+    }
+
+    #[test]
+    fn a_truncating_writer_is_not_read_half_way() {
+        let d = Dir::new("settle");
+        let path = d.0.join("resolv.conf");
+        fs::write(&path, "nameserver 127.0.0.2\n").unwrap();
+        let dns = HostDns::new(upstreams_from_file(&path));
+        let _w = watch(&dns, Some(&path), None);
+        std::thread::sleep(Duration::from_millis(150));
+        // Truncate, and write the rest 50 ms later: the watcher never sees the empty file.
+        let mut f = fs::File::create(&path).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        std::io::Write::write_all(&mut f, b"nameserver 127.0.0.3\n").unwrap();
+        drop(f);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(600) {
+            assert!(!servers(&dns).is_empty(), "saw the truncated file");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(servers(&dns), vec![sa("127.0.0.3:53")]);
+    }
+
+    #[test]
+    fn follows_the_hosts_file() {
+        let d = Dir::new("hosts");
+        let path = d.0.join("hosts");
+        fs::write(&path, "127.0.0.1 localhost\n127.0.1.1 mybox\n").unwrap();
+        let dns = HostDns::default();
+        dns.set_hosts(hosts_from_file(&path, Some(HOST)));
+        assert_eq!(dns.hosts().names.get("mybox"), Some(&HOST));
+        let _w = watch(&dns, None, Some(&path));
+        let tmp = d.0.join("hosts.new");
+        fs::write(&tmp, "127.0.1.1 mybox\n10.0.0.5 db.corp\n").unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        within(|| dns.hosts().names.get("db.corp") == Some(&Ipv4Addr::new(10, 0, 0, 5)));
+        // The resolv.conf side was not touched.
+        assert_eq!(dns.upstreams().origin, DnsOrigin::Unset);
+        assert_eq!(hosts_from_file(&d.0.join("missing"), Some(HOST)).names.len(), 0);
+    }
+
+    #[test]
+    fn change_lines() {
+        let old = Upstreams {
+            servers: vec![sa("10.0.0.1:53"), sa("10.0.0.2:53")],
+            origin: DnsOrigin::File("/etc/resolv.conf".into()),
+            ..Upstreams::default()
+        };
+        let new = Upstreams { servers: vec![sa("10.0.0.3:53")], search: vec!["corp.example".into()], ..old.clone() };
+        assert_eq!(
+            describe_change(&old, &new),
+            "servers 10.0.0.1:53, 10.0.0.2:53 -> 10.0.0.3:53; search (none) -> corp.example"
+        );
+        let opts = Upstreams {
+            options: ResolvOptions { ndots: Some(2), rotate: true, ..ResolvOptions::default() },
+            ..old.clone()
+        };
+        assert_eq!(describe_change(&old, &opts), "options (none) -> ndots:2, rotate");
+    }
+
+    #[test]
+    fn stops_when_dropped() {
+        let dns = HostDns::default();
+        let spec =
+            WatchSpec { resolv_conf: None, hosts: None, host_addr: Some(HOST), interval: Duration::from_secs(3600) };
+        let start = Instant::now();
+        drop(DnsWatch::start(dns, spec).unwrap());
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+}

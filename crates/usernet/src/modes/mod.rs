@@ -1,0 +1,44 @@
+//! Drop-in modes: usernet under the name of the program a caller expects (a symlink of
+//! that name, or `usernet NAME ARGS...`), with that program's command line, network
+//! layout, readiness and exit protocol. Each mode is a thin translation into usernet's own
+//! configuration; the data path is the same.
+
+pub mod slirp4netns;
+
+use std::ffi::OsString;
+
+/// A mode's entry point: its arguments (without the program name) in, the exit status out.
+pub type ModeMain = fn(&[OsString]) -> i32;
+
+/// The modes, by program name.
+const MODES: &[(&str, ModeMain)] = &[("slirp4netns", slirp4netns::main)];
+
+/// The mode named by how usernet was started, if any: the program name itself (argv[0]'s
+/// file name), or the first argument after `usernet`. Returns the mode and its arguments.
+pub fn select(argv: &[OsString]) -> Option<(ModeMain, &[OsString])> {
+    let program = argv.first().map(std::path::Path::new).and_then(|p| p.file_name())?;
+    if let Some((_, main)) = MODES.iter().find(|(name, _)| program == *name) {
+        return Some((*main, &argv[1..]));
+    }
+    let first = argv.get(1)?;
+    MODES.iter().find(|(name, _)| first == *name).map(|(_, main)| (*main, &argv[2..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<OsString> {
+        s.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn by_program_name_or_first_argument() {
+        let a = v(&["/usr/local/bin/slirp4netns", "--help"]);
+        assert_eq!(select(&a).map(|(_, rest)| rest.len()), Some(1));
+        let b = v(&["usernet", "slirp4netns", "-c", "1"]);
+        assert_eq!(select(&b).map(|(_, rest)| rest.to_vec()), Some(v(&["-c", "1"])));
+        assert!(select(&v(&["usernet", "run", "--", "slirp4netns"])).is_none());
+        assert!(select(&v(&["usernet"])).is_none());
+    }
+}

@@ -1,0 +1,771 @@
+//! slirp4netns mode: usernet started as `slirp4netns` (a symlink of that name, or
+//! `usernet slirp4netns ARGS...`) takes slirp4netns 1.2's command line, network layout,
+//! readiness and exit protocol and API socket, so that Podman, rootlesskit and rootless
+//! Docker use it unchanged.
+//!
+//! Theory of operation.
+//! 1. Parse the command line as slirp4netns does (getopt_long: `--opt=V`, `--opt V`, `-mV`,
+//!    `-m V`); a mistake prints slirp4netns's usage and exits 1. Callers read `--help` first
+//!    and pass only the options they find there, so the help lists what usernet honours:
+//!    `--enable-sandbox`, `--enable-seccomp` and `--target-type` are left out, and given
+//!    anyway they are an error naming them.
+//! 2. The network is slirp4netns's: CIDR 10.0.2.0/24 (`--cidr`), the guest .100, the
+//!    gateway .2, which is also the host (its 127.0.0.1, unless `--disable-host-loopback`),
+//!    DNS .3 (none with `--disable-dns`), MTU 1500 (`--mtu`).
+//! 3. Attach a TAP named TAPNAME (default tap0) to the namespace of PID, or of PATH with
+//!    `--netns-type=path`, entering `--userns-path` first when given (`usernet_host::netns::
+//!    attach`, while single-threaded). With `-c` it is configured as slirp4netns does
+//!    (10.0.2.100/24, up, default route via the gateway; `--macaddress`); without, it is
+//!    left for the caller (rootlesskit configures it itself).
+//! 4. Start the network, serve the API socket (`-a`), write "1" to the ready fd (`-r`),
+//!    and run until SIGINT or SIGTERM, until the exit fd (`-e`) is closed or readable, or
+//!    until the target PID exits (the TAP itself keeps the namespace alive, so the process
+//!    is what shows its end) or the TAP fails: exit 0, every forwarded port released.
+//!
+//! API (`-a PATH`): one JSON request per connection, answered in slirp4netns's words:
+//! `add_hostfwd` {proto, host_addr (default 0.0.0.0), host_port, guest_addr (default the
+//! guest, also for ""), guest_port} -> `{"return":{"id":N}}`; `list_hostfwd` ->
+//! `{"entries":[...]}`; `remove_hostfwd` {id} -> `{"return":{}}`; errors
+//! `{"error":{"desc":"bad request: ..."}}`.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use serde_json::{Value, json};
+
+use usernet_core::config::{Ipv4Subnet, NetConfig};
+use usernet_core::engine::Supervisor;
+use usernet_core::engine::control::{Command, ControlHandle};
+use usernet_core::link::tap::Tap;
+use usernet_core::ports::Proto;
+use usernet_core::services::proxy::ProxyConfig;
+use usernet_host::netns::attach::{AttachSpec, NetnsTarget};
+use usernet_host::publish::spec::PortSpec;
+
+use crate::net_opts::NetOpts;
+use crate::network::{Network, start_network};
+use usernet_host::dns_watch;
+
+/// The slirp4netns release whose command line this mode follows.
+const SLIRP4NETNS_VERSION: &str = "1.2.0";
+
+const USAGE: &str = "Usage: slirp4netns [OPTION]... PID|PATH [TAPNAME]
+User-mode networking for unprivileged network namespaces.
+";
+
+const HELP: &str = "
+-c, --configure          bring up the interface
+-e, --exit-fd=FD         specify the FD for terminating slirp4netns
+-r, --ready-fd=FD        specify the FD to write to when the network is configured
+-m, --mtu=MTU            specify MTU (default=1500, max=65520)
+-6, --enable-ipv6        enable IPv6 (usernet: not carried yet; the guest stays IPv4-only)
+-a, --api-socket=PATH    specify API socket path
+--cidr=CIDR              specify network address CIDR (default=10.0.2.0/24)
+--disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
+--netns-type=TYPE        specify network namespace type ([path|pid], default=pid)
+--userns-path=PATH       specify user namespace path
+--outbound-addr=IPv4     sets outbound ipv4 address to bound to
+--disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
+--macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
+-h, --help               show this help and exit
+-v, --version            show version and exit
+";
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    pub configure: bool,
+    pub exit_fd: Option<RawFd>,
+    pub ready_fd: Option<RawFd>,
+    pub mtu: u32,
+    pub enable_ipv6: bool,
+    pub api_socket: Option<PathBuf>,
+    pub cidr: Ipv4Subnet,
+    pub disable_host_loopback: bool,
+    pub netns_path: bool,
+    pub userns_path: Option<PathBuf>,
+    pub outbound_addr: Option<Ipv4Addr>,
+    pub disable_dns: bool,
+    pub macaddress: Option<[u8; 6]>,
+    pub target: String,
+    pub tapname: String,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Parsed {
+    Run(Box<Options>),
+    Help,
+    Version,
+}
+
+/// A command-line mistake: the message, then the usage (as slirp4netns prints it), or not.
+#[derive(Debug, PartialEq)]
+pub struct Mistake {
+    pub message: String,
+    pub usage: bool,
+}
+
+fn mistake(message: impl Into<String>) -> Mistake {
+    Mistake { message: message.into(), usage: true }
+}
+
+/// The long options and whether each takes a value; the short ones map onto them.
+const LONG: &[(&str, bool)] = &[
+    ("configure", false),
+    ("exit-fd", true),
+    ("ready-fd", true),
+    ("mtu", true),
+    ("enable-ipv6", false),
+    ("api-socket", true),
+    ("cidr", true),
+    ("disable-host-loopback", false),
+    ("netns-type", true),
+    ("userns-path", true),
+    ("outbound-addr", true),
+    ("outbound-addr6", true),
+    ("disable-dns", false),
+    ("macaddress", true),
+    ("target-type", true),
+    ("enable-sandbox", false),
+    ("enable-seccomp", false),
+    ("help", false),
+    ("version", false),
+];
+
+fn short_name(c: char) -> Option<&'static str> {
+    Some(match c {
+        'c' => "configure",
+        'e' => "exit-fd",
+        'r' => "ready-fd",
+        'm' => "mtu",
+        '6' => "enable-ipv6",
+        'a' => "api-socket",
+        'h' => "help",
+        'v' => "version",
+        _ => return None,
+    })
+}
+
+fn takes_value(name: &str) -> bool {
+    LONG.iter().any(|(n, v)| *n == name && *v)
+}
+
+fn parse_fd(name: &str, v: &str) -> Result<RawFd, Mistake> {
+    v.parse::<RawFd>()
+        .ok()
+        .filter(|fd| *fd >= 0)
+        .ok_or_else(|| mistake(format!("{name} must be a non-negative integer")))
+}
+
+fn parse_mac(v: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.is_empty() || p.len() > 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// The address `--outbound-addr` names: an IPv4 address, or an interface's first one.
+fn outbound_address(v: &str) -> Result<Ipv4Addr, Mistake> {
+    if let Ok(ip) = v.parse::<Ipv4Addr>() {
+        return Ok(ip);
+    }
+    let found = nix::ifaddrs::getifaddrs().ok().and_then(|mut addrs| {
+        addrs.find_map(|a| {
+            let sin = a.address.as_ref()?.as_sockaddr_in()?;
+            (a.interface_name == v).then(|| sin.ip())
+        })
+    });
+    found.ok_or_else(|| mistake(format!("outbound-addr: {v} is neither an IPv4 address nor an interface with one")))
+}
+
+/// Parses slirp4netns's command line (without the program name).
+pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
+    let mut given: Vec<(String, Option<String>)> = Vec::new();
+    let mut positional: Vec<String> = Vec::new();
+    let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
+    let mut only_positional = false;
+    while let Some(arg) = it.next() {
+        if only_positional || arg == "-" || !arg.starts_with('-') {
+            positional.push(arg);
+        } else if arg == "--" {
+            only_positional = true;
+        } else if let Some(long) = arg.strip_prefix("--") {
+            let (name, inline) = match long.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (long, None),
+            };
+            let Some((name, wants)) = LONG.iter().find(|(n, _)| *n == name) else {
+                return Err(mistake(format!("slirp4netns: unrecognized option '--{name}'")));
+            };
+            let value = match (wants, inline) {
+                (true, Some(v)) => Some(v),
+                (true, None) => Some(
+                    it.next().ok_or_else(|| mistake(format!("slirp4netns: option '--{name}' requires an argument")))?,
+                ),
+                (false, Some(_)) => {
+                    return Err(mistake(format!("slirp4netns: option '--{name}' doesn't allow an argument")));
+                }
+                (false, None) => None,
+            };
+            given.push((name.to_string(), value));
+        } else {
+            // A cluster of short options, the last of which may take a value.
+            let shorts: Vec<char> = arg[1..].chars().collect();
+            let mut i = 0;
+            while i < shorts.len() {
+                let c = shorts[i];
+                let name = short_name(c).ok_or_else(|| mistake(format!("slirp4netns: invalid option -- '{c}'")))?;
+                if takes_value(name) {
+                    let rest: String = shorts[i + 1..].iter().collect();
+                    let value = if rest.is_empty() {
+                        it.next()
+                            .ok_or_else(|| mistake(format!("slirp4netns: option requires an argument -- '{c}'")))?
+                    } else {
+                        rest
+                    };
+                    given.push((name.to_string(), Some(value)));
+                    break;
+                }
+                given.push((name.to_string(), None));
+                i += 1;
+            }
+        }
+    }
+    let mut o = Options {
+        configure: false,
+        exit_fd: None,
+        ready_fd: None,
+        mtu: 1500,
+        enable_ipv6: false,
+        api_socket: None,
+        cidr: "10.0.2.0/24".parse().map_err(mistake)?,
+        disable_host_loopback: false,
+        netns_path: false,
+        userns_path: None,
+        outbound_addr: None,
+        disable_dns: false,
+        macaddress: None,
+        target: String::new(),
+        tapname: "tap0".into(),
+    };
+    for (name, value) in given {
+        let v = value.unwrap_or_default();
+        match name.as_str() {
+            "help" => return Ok(Parsed::Help),
+            "version" => return Ok(Parsed::Version),
+            "configure" => o.configure = true,
+            "exit-fd" => o.exit_fd = Some(parse_fd("exit-fd", &v)?),
+            "ready-fd" => o.ready_fd = Some(parse_fd("ready-fd", &v)?),
+            "mtu" => {
+                o.mtu = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|m| (576..=65520).contains(m))
+                    .ok_or_else(|| mistake("MTU must be an integer from 576 to 65520"))?
+            }
+            "enable-ipv6" => o.enable_ipv6 = true,
+            "api-socket" => o.api_socket = Some(PathBuf::from(v)),
+            "cidr" => {
+                let cidr: Ipv4Subnet = v.parse().map_err(|e| mistake(format!("invalid CIDR {v}: {e}")))?;
+                if !(1..=25).contains(&cidr.prefix) {
+                    return Err(Mistake { message: "prefix length needs to be 1-25".into(), usage: false });
+                }
+                o.cidr = cidr;
+            }
+            "disable-host-loopback" => o.disable_host_loopback = true,
+            "netns-type" => match v.as_str() {
+                "pid" => o.netns_path = false,
+                "path" => o.netns_path = true,
+                _ => return Err(mistake(format!("unknown netns type: {v} (want pid or path)"))),
+            },
+            "userns-path" => o.userns_path = Some(PathBuf::from(v)),
+            "outbound-addr" => o.outbound_addr = Some(outbound_address(&v)?),
+            "disable-dns" => o.disable_dns = true,
+            "macaddress" => {
+                o.macaddress = Some(parse_mac(&v).ok_or_else(|| Mistake {
+                    message: format!(
+                        "\"{v}\" is an invalid MAC address.\nmacaddress has to be a valid MAC address \
+                         (hex string, 6 bytes, each byte separated by a ':')."
+                    ),
+                    usage: false,
+                })?)
+            }
+            // What usernet cannot honour is an error naming it, never ignored.
+            "outbound-addr6" => {
+                return Err(mistake("--outbound-addr6: usernet does not carry the guest's IPv6 yet"));
+            }
+            "target-type" if v == "netns" => {}
+            "target-type" => return Err(mistake(format!("--target-type={v}: usernet serves network namespaces only"))),
+            "enable-sandbox" | "enable-seccomp" => {
+                return Err(mistake(format!("--{name}: not supported by usernet's slirp4netns mode")));
+            }
+            _ => return Err(mistake(format!("slirp4netns: unrecognized option '--{name}'"))),
+        }
+    }
+    if o.macaddress.is_some() && !o.configure {
+        return Err(mistake("--macaddr cannot be specified when --configure or -c is not specified"));
+    }
+    match positional.len() {
+        1 => o.target = positional.remove(0),
+        2 => {
+            o.tapname = positional.pop().unwrap_or_default();
+            o.target = positional.remove(0);
+        }
+        0 => return Err(Mistake { message: String::new(), usage: true }),
+        _ => return Err(mistake("too many arguments")),
+    }
+    if !o.netns_path && o.target.parse::<i32>().map_or(true, |p| p <= 0) {
+        return Err(mistake(format!("PID must be a positive integer (or give --netns-type=path): {}", o.target)));
+    }
+    Ok(Parsed::Run(Box::new(o)))
+}
+
+/// usernet's network options as slirp4netns's command line sets them (DNS from the host's
+/// resolv.conf and /etc/hosts, followed while usernet runs, as `run` and `serve` do).
+fn net_opts(o: &Options) -> NetOpts {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        net: NetOpts,
+    }
+    let mut net = <Defaults as clap::Parser>::parse_from(["slirp4netns"]).net;
+    net.subnet = o.cidr;
+    net.mtu = Some(o.mtu);
+    net
+}
+
+/// slirp4netns's network for these options.
+pub fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
+    let mut cfg = net.to_config(o.mtu)?;
+    cfg.gateway = o.cidr.host(2);
+    cfg.host = o.cidr.host(2);
+    cfg.dns = (!o.disable_dns).then(|| o.cidr.host(3));
+    cfg.guest = o.cidr.host(100);
+    cfg.host_loopback = !o.disable_host_loopback;
+    cfg.outbound_addr = o.outbound_addr;
+    // /etc/hosts' loopback names stand for the host address, which moved.
+    let loopback_to = cfg.host_loopback.then_some(cfg.host);
+    cfg.host_dns.set_hosts(dns_watch::hosts_from_file(Path::new(dns_watch::HOSTS), loopback_to));
+    Ok(cfg)
+}
+
+/// Entry point: the exit status.
+pub fn main(args: &[OsString]) -> i32 {
+    let o = match parse(args) {
+        Ok(Parsed::Help) => {
+            print!("{USAGE}{HELP}");
+            return 0;
+        }
+        Ok(Parsed::Version) => {
+            println!("slirp4netns version {SLIRP4NETNS_VERSION}");
+            println!("usernet: {}", env!("CARGO_PKG_VERSION"));
+            return 0;
+        }
+        Ok(Parsed::Run(o)) => o,
+        Err(m) => {
+            if !m.message.is_empty() {
+                eprintln!("{}", m.message);
+            }
+            if m.usage {
+                eprint!("{USAGE}");
+            }
+            return 1;
+        }
+    };
+    match run(&o) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("slirp4netns (usernet): {e:#}");
+            1
+        }
+    }
+}
+
+fn run(o: &Options) -> anyhow::Result<i32> {
+    if o.enable_ipv6 {
+        tracing::warn!("--enable-ipv6: usernet does not carry the guest's IPv6 yet; the guest stays IPv4-only");
+    }
+    let net = net_opts(o);
+    let cfg = Arc::new(network_config(o, &net)?);
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
+    let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+    // Taken now, so that nothing started later inherits them by accident.
+    // SAFETY: the caller handed these descriptors to us on the command line; nothing else owns them.
+    let ready = o.ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: as above.
+    let exit = o.exit_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+
+    // Attaching forks: it must happen while usernet is single-threaded.
+    let target = if o.netns_path {
+        NetnsTarget::Path(PathBuf::from(&o.target))
+    } else {
+        o.target.parse().map_err(anyhow::Error::msg)?
+    };
+    let spec = AttachSpec {
+        target,
+        userns: o.userns_path.clone(),
+        configure: o.configure,
+        ifname: o.tapname.clone(),
+        mac: o.macaddress.unwrap_or(usernet_host::netns::sandbox::GUEST_MAC),
+        address: cfg.guest,
+        prefix: cfg.subnet.prefix,
+        gateway: cfg.gateway,
+        mtu: cfg.mtu,
+    };
+    let tap_fd = usernet_host::netns::attach::attach(&spec)?;
+    let tap = Tap::from_fd(tap_fd).context("TAP device")?;
+
+    // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
+    let _dns_watch = net.start_dns_watch(&cfg).map_err(|e| tracing::warn!("{e:#}")).ok();
+    let Network { mut engine, proxy_hook, .. } =
+        start_network(&cfg, ProxyConfig::default(), None, Some(Box::new(tap)))?;
+    engine.add_tcp_hook(proxy_hook);
+    engine.add_static_lease(spec.mac, cfg.guest);
+    engine.stop_without_links();
+    let _api = match &o.api_socket {
+        Some(path) => Some(ApiSocket::start(path, engine.control_handle()?, cfg.guest)?),
+        None => None,
+    };
+    if let Some(exit) = exit {
+        stop_when_readable(exit, "exit fd closed")?;
+    }
+    // The TAP holds the namespace alive, so its end shows nowhere else: follow the process.
+    if let NetnsTarget::Pid(pid) = spec.target {
+        // SAFETY: pidfd_open(2) returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd >= 0 {
+            // SAFETY: fd is a fresh descriptor that nothing else owns.
+            stop_when_readable(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }, "the namespace's process exited")?;
+        }
+    }
+    if let Some(ready) = ready {
+        let mut f = std::fs::File::from(ready);
+        f.write_all(b"1").context("writing to the ready fd")?;
+    }
+    let mut sup = SignalSupervisor { sfd };
+    engine.run(&mut sup).context("network engine failed")
+}
+
+/// Stops usernet (SIGTERM to itself, read from the signalfd) when `fd` becomes readable or
+/// is closed: the exit fd, as slirp4netns does, or a pidfd of the target process.
+fn stop_when_readable(fd: OwnedFd, why: &'static str) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("usernet-watch".into())
+        .spawn(move || {
+            let mut pfd = [libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            loop {
+                // SAFETY: pfd is a valid array of one pollfd.
+                let r = unsafe { libc::poll(pfd.as_mut_ptr(), 1, -1) };
+                if r > 0 || (r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted) {
+                    break;
+                }
+            }
+            tracing::info!("{why}: stopping");
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
+        })
+        .context("exit-fd watcher")?;
+    Ok(())
+}
+
+struct SignalSupervisor {
+    sfd: SignalFd,
+}
+
+impl Supervisor for SignalSupervisor {
+    fn fd(&self) -> RawFd {
+        self.sfd.as_raw_fd()
+    }
+
+    fn on_ready(&mut self) -> Option<i32> {
+        match self.sfd.read_signal() {
+            Ok(Some(info)) => {
+                tracing::info!("signal {}: stopping", info.ssi_signo);
+                Some(0)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One forwarded port, as `list_hostfwd` shows it.
+struct HostFwd {
+    id: u64,
+    proto: Proto,
+    host_addr: Ipv4Addr,
+    host_port: u16,
+    guest_addr: Ipv4Addr,
+    guest_port: u16,
+}
+
+struct ApiState {
+    control: ControlHandle,
+    guest: Ipv4Addr,
+    forwards: Vec<HostFwd>,
+    next_id: u64,
+}
+
+/// slirp4netns's API socket, served on a thread of its own; the file goes with it.
+struct ApiSocket {
+    path: PathBuf,
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl ApiSocket {
+    fn start(path: &Path, control: ControlHandle, guest: Ipv4Addr) -> anyhow::Result<ApiSocket> {
+        if std::fs::symlink_metadata(path).is_ok() && UnixStream::connect(path).is_err() {
+            // A socket file nobody serves any more (a slirp4netns that died): replace it.
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let mut state = ApiState { control, guest, forwards: Vec::new(), next_id: 1 };
+        std::thread::Builder::new()
+            .name("usernet-slirp-api".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(c) => serve_api_connection(&mut state, c),
+                        Err(e) => tracing::warn!("API socket: {e}"),
+                    }
+                }
+            })
+            .context("API thread")?;
+        Ok(ApiSocket { path: path.to_path_buf() })
+    }
+}
+
+/// Largest request read (slirp4netns reads one buffer of 4 KiB).
+const MAX_REQUEST: u64 = 4096;
+
+fn serve_api_connection(state: &mut ApiState, mut conn: UnixStream) {
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let mut buf = Vec::new();
+    // The caller sends one request and may keep its side open: stop at a complete value.
+    let mut chunk = [0u8; 4096];
+    loop {
+        match (&mut conn).take(MAX_REQUEST - buf.len() as u64).read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if serde_json::from_slice::<Value>(&buf).is_ok() || buf.len() as u64 >= MAX_REQUEST {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let reply = handle_request(state, &buf);
+    let _ = conn.write_all(reply.to_string().as_bytes());
+}
+
+fn bad_request(what: &str) -> Value {
+    json!({"error": {"desc": format!("bad request: {what}")}})
+}
+
+/// Answers one API request, in slirp4netns's JSON.
+fn handle_request(state: &mut ApiState, body: &[u8]) -> Value {
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return bad_request("cannot parse JSON");
+    };
+    let args = req.get("arguments").cloned().unwrap_or(Value::Null);
+    match req.get("execute").and_then(Value::as_str) {
+        Some("add_hostfwd") => add_hostfwd(state, &args),
+        Some("list_hostfwd") => json!({"entries": state.forwards.iter().map(|f| json!({
+            "id": f.id,
+            "proto": f.proto.as_str(),
+            "host_addr": f.host_addr.to_string(),
+            "host_port": f.host_port,
+            "guest_addr": f.guest_addr.to_string(),
+            "guest_port": f.guest_port,
+        })).collect::<Vec<_>>()}),
+        Some("remove_hostfwd") => remove_hostfwd(state, &args),
+        _ => bad_request("unknown execute"),
+    }
+}
+
+fn port_arg(args: &Value, name: &str) -> Option<u16> {
+    args.get(name).and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok())
+}
+
+fn addr_arg(args: &Value, name: &str, default: Ipv4Addr) -> Option<Ipv4Addr> {
+    match args.get(name) {
+        None | Some(Value::Null) => Some(default),
+        Some(Value::String(s)) if s.is_empty() => Some(default),
+        Some(Value::String(s)) => s.parse().ok(),
+        Some(_) => None,
+    }
+}
+
+fn add_hostfwd(state: &mut ApiState, args: &Value) -> Value {
+    let proto = match args.get("proto").and_then(Value::as_str) {
+        Some("tcp") => Proto::Tcp,
+        Some("udp") => Proto::Udp,
+        _ => return bad_request("add_hostfwd: bad arguments.proto"),
+    };
+    let Some(host_addr) = addr_arg(args, "host_addr", Ipv4Addr::UNSPECIFIED) else {
+        return bad_request("add_hostfwd: bad arguments.host_addr");
+    };
+    let Some(host_port) = port_arg(args, "host_port") else {
+        return bad_request("add_hostfwd: bad arguments.host_port");
+    };
+    let Some(guest_addr) = addr_arg(args, "guest_addr", state.guest) else {
+        return bad_request("add_hostfwd: bad arguments.guest_addr");
+    };
+    let Some(guest_port) = port_arg(args, "guest_port") else {
+        return bad_request("add_hostfwd: bad arguments.guest_port");
+    };
+    let spec = PortSpec {
+        host_ip: Some(IpAddr::V4(host_addr)),
+        host_ports: Some((host_port, host_port)),
+        container_port: guest_port,
+        proto,
+    };
+    let listeners = match usernet_host::publish::listen::bind(&spec) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("add_hostfwd {host_addr}:{host_port}/{proto}: {e}");
+            return bad_request("add_hostfwd: slirp_add_hostfwd failed");
+        }
+    };
+    let published = state.control.ask_blocking(|reply| Command::Publish { listeners, guest_ip: guest_addr, reply });
+    if published.is_none_or(|p| p.is_empty()) {
+        return bad_request("add_hostfwd: slirp_add_hostfwd failed");
+    }
+    let id = state.next_id;
+    state.next_id += 1;
+    state.forwards.push(HostFwd { id, proto, host_addr, host_port, guest_addr, guest_port });
+    json!({"return": {"id": id}})
+}
+
+fn remove_hostfwd(state: &mut ApiState, args: &Value) -> Value {
+    let id = args.get("id").and_then(Value::as_u64);
+    let Some(index) = id.and_then(|id| state.forwards.iter().position(|f| f.id == id)) else {
+        return bad_request("remove_hostfwd: bad arguments.id");
+    };
+    let f = state.forwards.remove(index);
+    let host = SocketAddr::new(IpAddr::V4(f.host_addr), f.host_port);
+    let proto = f.proto;
+    if state.control.ask_blocking(|reply| Command::Unpublish { host, proto, reply }) != Some(true) {
+        tracing::warn!("remove_hostfwd {host}/{proto}: the engine did not serve it");
+    }
+    json!({"return": {}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<OsString> {
+        s.split_whitespace().map(OsString::from).collect()
+    }
+
+    fn run_opts(s: &str) -> Options {
+        match parse(&args(s)) {
+            Ok(Parsed::Run(o)) => *o,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn podman_and_rootlesskit_command_lines() {
+        let o = run_opts(
+            "--disable-host-loopback --mtu=65520 --enable-ipv6 -c -e 3 -r 4 --netns-type=path /run/user/1000/netns/x tap0",
+        );
+        assert!(o.disable_host_loopback && o.configure && o.enable_ipv6 && o.netns_path);
+        assert_eq!((o.mtu, o.exit_fd, o.ready_fd), (65520, Some(3), Some(4)));
+        assert_eq!((o.target.as_str(), o.tapname.as_str()), ("/run/user/1000/netns/x", "tap0"));
+        let o = run_opts("--mtu 65520 -r 3 --api-socket /tmp/s 1234 tap0");
+        assert!(!o.configure);
+        assert_eq!((o.mtu, o.ready_fd, o.api_socket.clone()), (65520, Some(3), Some(PathBuf::from("/tmp/s"))));
+        assert_eq!(o.target, "1234");
+        let o = run_opts("-cr4 -m1500 77");
+        assert!(o.configure);
+        assert_eq!((o.ready_fd, o.mtu, o.tapname.as_str()), (Some(4), 1500, "tap0"));
+    }
+
+    #[test]
+    fn mistakes_are_slirp4netns_words() {
+        let err = |s: &str| parse(&args(s)).unwrap_err();
+        assert_eq!(err("--foo 1").message, "slirp4netns: unrecognized option '--foo'");
+        assert!(err("--mtu=abc 1").message.contains("MTU"));
+        assert_eq!(err("-e").message, "slirp4netns: option requires an argument -- 'e'");
+        assert_eq!(err("--exit-fd=x 1").message, "exit-fd must be a non-negative integer");
+        assert_eq!(
+            err("--cidr=10.0.2.0/26 1"),
+            Mistake { message: "prefix length needs to be 1-25".into(), usage: false }
+        );
+        assert!(err("--macaddress=zz -c 1").message.contains("invalid MAC"));
+        assert!(err("--macaddress=02:00:00:00:00:01 1").message.contains("--configure"));
+        assert!(err("--enable-sandbox 1").message.contains("--enable-sandbox"));
+        assert!(err("--enable-seccomp 1").message.contains("--enable-seccomp"));
+        assert!(err("--outbound-addr6=::1 1").message.contains("IPv6"));
+        assert!(err("--target-type=bess 1").message.contains("bess"));
+        assert_eq!(err("").message, "");
+        assert_eq!(err("1 tap0 extra").message, "too many arguments");
+        assert!(err("notapid").message.contains("PID"));
+        assert_eq!(parse(&args("--help")), Ok(Parsed::Help));
+        assert_eq!(parse(&args("-v")), Ok(Parsed::Version));
+    }
+
+    /// Callers decide from the option names in --help: podman requires --enable-ipv6 and
+    /// --mtu there; what usernet cannot honour must not be there.
+    #[test]
+    fn help_lists_what_callers_look_for() {
+        for name in [
+            "--netns-type",
+            "--userns-path",
+            "--api-socket",
+            "--disable-host-loopback",
+            "--enable-ipv6",
+            "--mtu",
+            "--cidr",
+            "--configure",
+            "--exit-fd",
+            "--ready-fd",
+            "--disable-dns",
+            "--macaddress",
+            "--outbound-addr=",
+        ] {
+            assert!(HELP.contains(name), "{name}");
+        }
+        for name in ["--enable-sandbox", "--enable-seccomp", "--target-type", "--outbound-addr6"] {
+            assert!(!HELP.contains(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn slirp4netns_layout() {
+        let o = run_opts("--cidr=10.0.5.0/24 --disable-host-loopback 1");
+        let cfg = network_config(&o, &net_opts(&o)).unwrap();
+        assert_eq!(cfg.gateway, Ipv4Addr::new(10, 0, 5, 2));
+        assert_eq!(cfg.host, Ipv4Addr::new(10, 0, 5, 2));
+        assert_eq!(cfg.dns, Some(Ipv4Addr::new(10, 0, 5, 3)));
+        assert_eq!(cfg.guest, Ipv4Addr::new(10, 0, 5, 100));
+        assert!(!cfg.host_loopback);
+        let o = run_opts("--disable-dns 1");
+        assert_eq!(network_config(&o, &net_opts(&o)).unwrap().dns, None);
+    }
+}

@@ -1,0 +1,346 @@
+//! The gateway's DNS follows the host's resolver configuration while usernet runs (issue
+//! 18): /etc/resolv.conf rewritten in place, replaced by a rename, re-pointed as a symlink,
+//! or replaced as a plain file; `--dns-upstream` staying fixed; the names of /etc/hosts;
+//! `GET /v1/resolver`.
+//!
+//! Each test makes a world of its own with `unshare -m -n`: a private mount namespace whose
+//! /etc is an overlay (the host's /etc below, a tmpfs above), so the test may replace
+//! /etc/resolv.conf and /etc/hosts there freely, and a private network namespace whose
+//! loopback holds two dnsmasq (no upstream, no hosts file, static records only) on
+//! 127.0.0.2:53 and 127.0.0.3:53, answering `follow.test` with 203.0.113.2 and 203.0.113.3.
+//! `usernet run` starts in that world; its guest asks the gateway (`dig @192.168.65.1`) in a
+//! loop and prints each answer, and the test watches the answers change. No query leaves
+//! the test's namespaces.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FIRST: &str = "203.0.113.2";
+const SECOND: &str = "203.0.113.3";
+/// The bound on how soon an answer follows a change: the watcher's 2 s, plus the guest's
+/// loop (0.2 s between queries) and dig.
+const FOLLOW_LIMIT: Duration = Duration::from_millis(2500);
+
+const TOOLS: &[&str] = &["ip", "dnsmasq", "dig", "unshare", "nsenter", "mount", "sh", "timeout"];
+
+/// `usernet run` in a mount and network namespace of the test's own (see the module comment).
+struct World {
+    /// Dropped first: stops usernet and both dnsmasq (one process group).
+    bg: Background,
+    dir: TempDir,
+}
+
+impl World {
+    /// `setup` runs (as sh) inside the namespaces before usernet starts, with `$T` the test's
+    /// directory; then `usernet run ARGS -- sh -c GUEST`, `{T}` in ARGS standing for the
+    /// directory too.
+    fn start(tag: &str, setup: &str, args: &[&str], guest: &str) -> World {
+        let dir = TempDir::new(tag);
+        let t = dir.path().display().to_string();
+        let mut dnsmasq = String::new();
+        for (n, ip) in [(2, FIRST), (3, SECOND)] {
+            dnsmasq.push_str(&format!(
+                "dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --pid-file \
+                 --bind-interfaces --listen-address=127.0.0.{n} --port=53 --log-facility=- --log-queries \
+                 --address=/follow.test/{ip} 2>>\"$T/dnsmasq{n}.log\" &\n"
+            ));
+        }
+        let script = format!(
+            "set -e\n\
+             T='{t}'\n\
+             ip link set lo up\n\
+             mkdir \"$T/ovl\"\n\
+             mount -t tmpfs tmpfs \"$T/ovl\"\n\
+             mkdir \"$T/ovl/upper\" \"$T/ovl/work\"\n\
+             mount -t overlay overlay -o \"lowerdir=/etc,upperdir=$T/ovl/upper,workdir=$T/ovl/work\" /etc\n\
+             {setup}\n\
+             {dnsmasq}\
+             for i in $(seq 100); do\n\
+               if dig +short +time=1 +tries=1 @127.0.0.2 follow.test | grep -q {FIRST} &&\n\
+                  dig +short +time=1 +tries=1 @127.0.0.3 follow.test | grep -q {SECOND}; then break; fi\n\
+               sleep 0.1\n\
+             done\n\
+             echo READY\n\
+             exec \"$USERNET\" run \"$@\"\n"
+        );
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "-n", "--propagation", "private", "--", "sh", "-c", &script, "sh"])
+            .args(args.iter().map(|a| a.replace("{T}", &t)))
+            .args(["--", "sh", "-c", guest])
+            .env("USERNET", usernet_bin())
+            .env("PATH", search_path())
+            .env("RUST_LOG", "warn,usernet_host::dns_watch=info");
+        let mut bg = Background::start(cmd, Stdio::piped());
+        bg.wait_line("READY", Duration::from_secs(30));
+        World { bg, dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Runs `sh -c SCRIPT` in the world's mount namespace (the namespace of usernet itself).
+    fn inside(&self, script: &str) {
+        let pid = self.bg.pid().to_string();
+        let out = run("nsenter", &["-t", &pid, "-m", "--", "sh", "-c", script]);
+        assert!(out.success(), "{out}\n{}", self.describe());
+    }
+
+    fn describe(&self) -> String {
+        let log = |n: u8| std::fs::read_to_string(self.path(&format!("dnsmasq{n}.log"))).unwrap_or_default();
+        format!("{}\n  dnsmasq 127.0.0.2:\n{}\n  dnsmasq 127.0.0.3:\n{}", self.bg.describe(), log(2), log(3))
+    }
+
+    /// The guest's answers so far: lines `ANSWER <n> <ip or nothing>`.
+    fn answers(&self) -> Vec<String> {
+        self.bg.lines_with("ANSWER ").iter().map(|l| l.split_whitespace().nth(2).unwrap_or("").to_string()).collect()
+    }
+
+    /// Waits until every guest answer after the `after`-th is `want`, and at least three
+    /// of them: how long the first took. Panics if it takes longer than `limit`.
+    fn wait_answers(&self, after: usize, want: &str, limit: Duration) -> Duration {
+        let start = Instant::now();
+        let mut first = None;
+        loop {
+            let answers = self.answers();
+            let new = answers.get(after..).unwrap_or(&[]);
+            if let Some(i) = new.iter().position(|a| a == want) {
+                first.get_or_insert_with(|| start.elapsed());
+                let since = &new[i..];
+                assert!(since.iter().all(|a| a == want), "answers went back and forth: {new:?}\n{}", self.describe());
+                if since.len() >= 3 {
+                    return first.unwrap_or_default();
+                }
+            }
+            assert!(
+                start.elapsed() < limit + Duration::from_secs(2),
+                "no {want} within {limit:?}: {new:?}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET `path` on the API socket: the JSON body.
+    fn api_get(&self, path: &str) -> serde_json::Value {
+        let mut s = UnixStream::connect(self.path("api.sock")).expect("connect to the API");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: usernet\r\nConnection: close\r\n\r\n").expect("write request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read answer");
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Writes `text` to a new file beside `path` and renames it over `path`.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    write(&tmp, text);
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename over {}: {e}", path.display()));
+}
+
+/// A guest that asks the gateway for follow.test every 0.2 s and prints `ANSWER n IP`.
+const ASK_LOOP: &str = "i=0; while :; do i=$((i+1)); \
+     echo \"ANSWER $i $(dig +short +time=1 +tries=1 @192.168.65.1 follow.test | head -n1)\"; \
+     sleep 0.2; done";
+
+/// /etc/resolv.conf a symlink to `$T/r/resolv.conf`, which names 127.0.0.2.
+const RESOLV_SETUP: &str = "mkdir \"$T/r\"\n\
+     printf 'nameserver 127.0.0.2\\n' > \"$T/r/resolv.conf\"\n\
+     printf 'nameserver 127.0.0.3\\n' > \"$T/r/other.conf\"\n\
+     rm -f /etc/resolv.conf\n\
+     ln -s \"$T/r/resolv.conf\" /etc/resolv.conf";
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn upstreams_follow_the_hosts_resolv_conf() {
+    require(TOOLS);
+    let w = World::start("dns-follow", RESOLV_SETUP, &["--api", "{T}/api.sock"], ASK_LOOP);
+    let target = w.path("r/resolv.conf");
+    w.wait_answers(0, FIRST, Duration::from_secs(20));
+    let v = w.api_get("/v1/resolver");
+    assert_eq!(v["source"], "file", "{v}");
+    assert_eq!(v["path"], "/etc/resolv.conf", "{v}");
+    assert_eq!(v["servers"], serde_json::json!(["127.0.0.2:53"]), "{v}");
+
+    let mut took = Vec::new();
+    // 1. The file rewritten in place (through the symlink: same inode).
+    let n = w.answers().len();
+    write(&target, "nameserver 127.0.0.3\n");
+    took.push(("in place", w.wait_answers(n, SECOND, FOLLOW_LIMIT)));
+    // 2. A new file renamed over it.
+    let n = w.answers().len();
+    replace(&target, "# by rename\nnameserver 127.0.0.2\n");
+    took.push(("rename", w.wait_answers(n, FIRST, FOLLOW_LIMIT)));
+    // 3. The symlink re-pointed, as resolvconf and systemd-resolved do (ln -s, then rename).
+    let n = w.answers().len();
+    let other = w.path("r/other.conf").display().to_string();
+    w.inside(&format!("ln -s '{other}' /etc/resolv.conf.new && mv -T /etc/resolv.conf.new /etc/resolv.conf"));
+    took.push(("symlink", w.wait_answers(n, SECOND, FOLLOW_LIMIT)));
+    // 4. The symlink replaced by a plain file, renamed into place (NetworkManager).
+    let n = w.answers().len();
+    w.inside(
+        "printf 'search corp.test\\nnameserver 127.0.0.2\\noptions ndots:2\\n' > /etc/resolv.conf.tmp && \
+         mv -T /etc/resolv.conf.tmp /etc/resolv.conf",
+    );
+    took.push(("plain file", w.wait_answers(n, FIRST, FOLLOW_LIMIT)));
+    for (how, t) in &took {
+        assert!(*t <= FOLLOW_LIMIT, "{how}: the answer followed after {t:?}\n{}", w.describe());
+    }
+    eprintln!("answers followed after: {took:?}");
+
+    let v = w.api_get("/v1/resolver");
+    assert_eq!(v["servers"], serde_json::json!(["127.0.0.2:53"]), "{v}");
+    assert_eq!(v["search"], serde_json::json!(["corp.test"]), "{v}");
+    assert_eq!(v["options"]["ndots"], 2, "{v}");
+
+    // One info line per change, saying what changed.
+    let stderr = w.bg.stderr();
+    let changes: Vec<&str> = stderr.lines().filter(|l| l.contains("dns: /etc/resolv.conf changed:")).collect();
+    assert_eq!(changes.len(), 4, "{}", w.describe());
+    assert!(changes[0].contains("servers 127.0.0.2:53 -> 127.0.0.3:53"), "{}", w.describe());
+    assert!(changes[1].contains("servers 127.0.0.3:53 -> 127.0.0.2:53"), "{}", w.describe());
+    assert!(changes[2].contains("servers 127.0.0.2:53 -> 127.0.0.3:53"), "{}", w.describe());
+    assert!(changes[3].contains("search (none) -> corp.test"), "{}", w.describe());
+    assert!(changes[3].contains("options (none) -> ndots:2"), "{}", w.describe());
+    assert!(changes.iter().all(|l| l.contains("INFO")), "{}", w.describe());
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn dns_upstream_on_the_command_line_stays_fixed() {
+    require(TOOLS);
+    let w =
+        World::start("dns-fixed", RESOLV_SETUP, &["--dns-upstream", "127.0.0.3", "--api", "{T}/api.sock"], ASK_LOOP);
+    w.wait_answers(0, SECOND, Duration::from_secs(20));
+    let v = w.api_get("/v1/resolver");
+    assert_eq!(v["source"], "command-line", "{v}");
+    assert_eq!(v["path"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["servers"], serde_json::json!(["127.0.0.3:53"]), "{v}");
+    // The host's file changes; the gateway does not follow it.
+    let n = w.answers().len();
+    replace(&w.path("r/resolv.conf"), "nameserver 127.0.0.2\n");
+    std::thread::sleep(Duration::from_secs(3));
+    let answers = w.answers();
+    assert!(answers.len() >= n + 5, "{}", w.describe());
+    assert!(answers[n..].iter().all(|a| a == SECOND), "{answers:?}\n{}", w.describe());
+    assert!(!w.bg.stderr().contains("changed:"), "{}", w.describe());
+}
+
+/// The hosts file of the host: the machine's own name on 127.0.1.1 (Debian's way), a name
+/// on another address, a name that --add-host also gives.
+const HOSTS: &str = "127.0.0.1 localhost\n\
+     127.0.1.1 mybox.example mybox\n\
+     10.0.0.5 db.corp.example db\n\
+     10.0.0.6 added.example\n\
+     ::1 localhost ip6-localhost ip6-loopback\n\
+     2001:db8::5 six.example\n";
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn the_hosts_etc_hosts_is_answered_and_followed() {
+    require(TOOLS);
+    // /etc/hosts a symlink to the test's file; usernet's upstream fixed (the hosts file is
+    // followed all the same).
+    let setup = format!(
+        "printf '{}' > \"$T/hosts\"\n\
+         rm -f /etc/hosts\n\
+         ln -s \"$T/hosts\" /etc/hosts",
+        HOSTS.replace('\n', "\\n")
+    );
+    let ask = |q: &str| format!("echo \"Q {q}: $(dig +short +time=2 +tries=2 @192.168.65.1 {q} | tr '\\n' ' ')\"; ");
+    let status = |q: &str| {
+        format!(
+            "echo \"S {q}: $(dig +noall +comments +time=2 +tries=2 @192.168.65.1 {q} | grep -o 'status: [A-Z]*')\"; "
+        )
+    };
+    let mut guest = String::new();
+    for q in [
+        "mybox.example",
+        "MYBOX",
+        "db.corp.example",
+        "db",
+        "added.example",
+        "host.docker.internal",
+        "localhost",
+        "six.example",
+    ] {
+        guest.push_str(&ask(q));
+    }
+    guest.push_str(&ask("-x 10.0.0.5"));
+    guest.push_str(&ask("-x 192.168.65.254"));
+    guest.push_str(&ask("db.corp.example AAAA"));
+    guest.push_str(&status("db.corp.example AAAA"));
+    guest.push_str(
+        "echo DONE; i=0; while :; do i=$((i+1)); \
+        echo \"ANSWER $i $(dig +short +time=1 +tries=1 @192.168.65.1 new.example | head -n1)\"; sleep 0.2; done",
+    );
+    let w = World::start(
+        "dns-hosts",
+        &setup,
+        &["--dns-upstream", "127.0.0.2", "--add-host", "added.example:10.9.9.9", "--api", "{T}/api.sock"],
+        &guest,
+    );
+    let bg_wait = |w: &World| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !w.bg.stdout().contains("DONE") {
+            assert!(Instant::now() < end, "{}", w.describe());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    bg_wait(&w);
+    let out = w.bg.stdout();
+    let answer = |q: &str| -> String {
+        let prefix = format!("Q {q}:");
+        let line =
+            out.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix}\n{}", w.describe()));
+        line[prefix.len()..].trim().to_string()
+    };
+    // The machine's own name reaches the host: its loopback address becomes the host address.
+    assert_eq!(answer("mybox.example"), HOST_IP, "{}", w.describe());
+    assert_eq!(answer("MYBOX"), HOST_IP, "{}", w.describe());
+    assert_eq!(answer("db.corp.example"), "10.0.0.5", "{}", w.describe());
+    assert_eq!(answer("db"), "10.0.0.5", "{}", w.describe());
+    // --add-host wins over /etc/hosts.
+    assert_eq!(answer("added.example"), "10.9.9.9", "{}", w.describe());
+    assert_eq!(answer("host.docker.internal"), HOST_IP, "{}", w.describe());
+    // localhost stays the guest's own: not answered with the host address.
+    assert!(!answer("localhost").contains(HOST_IP), "{}", w.describe());
+    // An IPv6-only name of the hosts file is not the gateway's (no IPv6 in the guest yet).
+    assert_eq!(answer("six.example"), "", "{}", w.describe());
+    assert_eq!(answer("-x 10.0.0.5"), "db.corp.example.", "{}", w.describe());
+    assert_eq!(answer("-x 192.168.65.254"), "host.docker.internal.", "{}", w.describe());
+    // No AAAA, but the name exists (NOERROR, not NXDOMAIN).
+    assert_eq!(answer("db.corp.example AAAA"), "", "{}", w.describe());
+    assert!(out.contains("S db.corp.example AAAA: status: NOERROR"), "{}", w.describe());
+    // None of these went upstream, but localhost.
+    let upstream_log = std::fs::read_to_string(w.path("dnsmasq2.log")).unwrap_or_default();
+    assert!(!upstream_log.contains("mybox") && !upstream_log.contains("db.corp"), "{}", w.describe());
+
+    let v = w.api_get("/v1/resolver");
+    assert_eq!(v["hosts"]["path"], "/etc/hosts", "{v}");
+    assert_eq!(v["hosts"]["names"], 5, "{v}");
+    // The API's table is its own records: /etc/hosts is behind it, not in it.
+    let records = w.api_get("/v1/dns");
+    assert!(!records.to_string().contains("mybox"), "{records}");
+
+    // The file changes: a new name is answered within the bound.
+    let n = w.answers().len();
+    let start = Instant::now();
+    replace(&w.path("hosts"), &format!("{HOSTS}10.0.0.7 new.example\n"));
+    let took = w.wait_answers(n, "10.0.0.7", FOLLOW_LIMIT);
+    assert!(took <= FOLLOW_LIMIT, "took {took:?} ({:?})\n{}", start.elapsed(), w.describe());
+    assert!(w.bg.stderr().contains("dns: /etc/hosts changed: 5 -> 6 names"), "{}", w.describe());
+}

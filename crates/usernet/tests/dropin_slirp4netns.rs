@@ -1,0 +1,318 @@
+//! usernet as slirp4netns, started by the real callers, rootless, as a user of the test's
+//! own: rootlesskit (`--net=slirp4netns --port-driver=slirp4netns`, ports added and removed
+//! with `rootlessctl`) and podman (`--network slirp4netns:port_handler=slirp4netns`, with
+//! podman's defaults, which close the host's loopback, and with `allow_host_loopback=true`).
+//! The caller finds usernet as `slirp4netns`: a symlink to a copy of the binary under test.
+//! Each checks outbound HTTP to a server on the host's loopback through 10.0.2.2 (sha256 of
+//! the body), DNS through 10.0.2.3, a published port from the host (sha256), and that
+//! nothing is left running or listening afterwards.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The test user (created when missing) and the sub-ids its user namespaces map.
+const USER: &str = "usernet-dropin";
+const SUBIDS: &str = "400000-465535";
+
+/// A rootless caller's environment: the user, a short private XDG_RUNTIME_DIR (Unix
+/// socket paths must stay under 108 bytes), a directory whose `slirp4netns` is usernet,
+/// and a busybox root file system with a random file to serve.
+struct Rootless {
+    runtime: PathBuf,
+    bin_dir: TempDir,
+    rootfs: TempDir,
+    file_hash: String,
+}
+
+fn chown(path: &Path, user: &str) {
+    must("chown", &["-R", user, &path.to_string_lossy()]);
+}
+
+impl Rootless {
+    fn new(tag: &str) -> Rootless {
+        if run("id", &["-u", USER]).code != 0 {
+            must("useradd", &["-m", "-s", "/bin/sh", USER]);
+        }
+        let subuids = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+        if !subuids.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
+            must("usermod", &["--add-subuids", SUBIDS, "--add-subgids", SUBIDS, USER]);
+        }
+        let runtime = PathBuf::from(format!("/tmp/ud-{}", unique_id()));
+        let _ = std::fs::remove_dir_all(&runtime);
+        std::fs::create_dir(&runtime).expect("create XDG_RUNTIME_DIR");
+        chown(&runtime, USER);
+        must("chmod", &["0700", &runtime.to_string_lossy()]);
+
+        let bin_dir = TempDir::new(&format!("{tag}-bin"));
+        let usernet = copy_binary_for_others(&bin_dir);
+        std::os::unix::fs::symlink(&usernet, bin_dir.join("slirp4netns")).expect("symlink slirp4netns");
+
+        let rootfs = TempDir::new(&format!("{tag}-rootfs"));
+        for d in ["bin", "www", "etc", "tmp", "proc", "sys", "dev"] {
+            std::fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
+        }
+        let busybox = find_tool("busybox").expect("busybox");
+        std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+        for applet in ["sh", "wget", "nslookup", "httpd", "sleep", "sha256sum", "ip", "cat", "tail", "grep"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join(&format!("bin/{applet}"))).expect("applet");
+        }
+        write_random_file(&rootfs.join("www/f"), 1 << 20);
+        let file_hash = sha256_file(&rootfs.join("www/f"));
+        chown(rootfs.path(), USER);
+        Rootless { runtime, bin_dir, rootfs, file_hash }
+    }
+
+    fn home(&self) -> String {
+        format!("/home/{USER}")
+    }
+
+    /// `runuser -u USER -- env ... program args`, with the caller's environment.
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", USER, "--", "env"])
+            .arg(format!("XDG_RUNTIME_DIR={}", self.runtime.display()))
+            .arg(format!("HOME={}", self.home()))
+            .arg(format!("PATH={}:{}", self.bin_dir.path().display(), search_path().to_string_lossy()))
+            .arg(program)
+            .current_dir("/");
+        c
+    }
+
+    fn slirp4netns(&self) -> PathBuf {
+        self.bin_dir.join("slirp4netns")
+    }
+
+    /// Tells the guest's script to finish (it waits for this file, bounded).
+    fn release_guest(&self) {
+        std::fs::write(self.rootfs.join("www/stop"), b"").expect("write stop file");
+    }
+}
+
+impl Drop for Rootless {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.runtime);
+    }
+}
+
+/// What the guest does: DNS through usernet, a download from the host's loopback through
+/// the gateway (or the refusal, when the caller closed it), then serve /www on port 80
+/// until the test says stop (bounded to 60 s).
+fn guest_script(host_port: u16) -> String {
+    format!(
+        "nslookup host.docker.internal 10.0.2.3 2>&1 | grep -c 10.0.2.2 | sed 's/^/dns-answers /'; \
+         wget -q -O - http://10.0.2.2:{host_port}/f | sha256sum | sed 's/^/outbound /'; \
+         httpd -p 80 -h /www; echo serving; \
+         i=0; while [ ! -e /www/stop ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"
+    )
+}
+
+/// GET url until it answers with a body, for up to `limit`; the body's sha256.
+fn fetch_hash(url: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    let dir = TempDir::new("fetch");
+    let body = dir.join("body");
+    loop {
+        let out = run("curl", &["-s", "-f", "--max-time", "5", "-o", &body.to_string_lossy(), url]);
+        if out.code == 0 {
+            return sha256_file(&body);
+        }
+        if start.elapsed() > limit {
+            return format!("no answer from {url}: {}", out.stderr);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn port_listening(port: u16) -> bool {
+    run("ss", &["-Hltn", &format!("sport = :{port}")]).stdout.contains(&format!(":{port}"))
+}
+
+/// Waits (bounded) for a child started with spawn to finish; its output.
+fn wait_output(child: std::process::Child, limit: Duration) -> (i32, String) {
+    let start = Instant::now();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output());
+    while !waiter.is_finished() && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !waiter.is_finished() {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let out = waiter.join().expect("waiter").expect("wait");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn line_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(key)).map(str::trim)
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn rootlesskit_with_usernet_as_slirp4netns() {
+    require(&["rootlesskit", "rootlessctl", "runuser", "useradd", "newuidmap", "busybox", "curl", "ss"]);
+    let r = Rootless::new("rk");
+    let (_dir, server, hash) = serve_random_file("rk-host", "f", 1 << 20);
+    let (port, port2) = (free_port(), free_port());
+    let state = TempDir::new("rk-state");
+    chown(state.path(), USER);
+    let stop = r.rootfs.join("www/stop");
+    // rootlesskit's child: its /www is the test's rootfs www (same files, same stop file).
+    let script = format!(
+        "cd {www}; busybox nslookup host.docker.internal 10.0.2.3 2>&1 | grep -c 10.0.2.2 | sed 's/^/dns-answers /'; \
+         ip -4 -o addr show tap0 | sed 's/^/tap0 /'; \
+         curl -s --max-time 5 http://10.0.2.2:{host}/f | sha256sum | sed 's/^/outbound /'; \
+         busybox httpd -p 80 -h {www}; echo serving; \
+         i=0; while [ ! -e {stop} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+        www = r.rootfs.join("www").display(),
+        host = server.port,
+        stop = stop.display(),
+    );
+    let child = r
+        .command("rootlesskit")
+        .args(["--net=slirp4netns", "--port-driver=slirp4netns", "--copy-up=/etc", "--disable-host-loopback"])
+        .arg(format!("--slirp4netns-binary={}", r.slirp4netns().display()))
+        .arg(format!("--state-dir={}", state.join("rk").display()))
+        .args(["--publish", &format!("127.0.0.1:{port}:80/tcp")])
+        .args(["--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start rootlesskit");
+
+    // The port rootlesskit published at start, then one added and removed with rootlessctl.
+    let published = fetch_hash(&format!("http://127.0.0.1:{port}/f"), Duration::from_secs(30));
+    let api = state.join("rk/api.sock");
+    let ctl = |args: &[&str]| {
+        let mut c = r.command("rootlessctl");
+        c.arg(format!("--socket={}", api.display())).args(args);
+        run_bounded(&mut c, Duration::from_secs(20))
+    };
+    let added = ctl(&["add-ports", &format!("127.0.0.1:{port2}:80/tcp")]);
+    let added_hash = fetch_hash(&format!("http://127.0.0.1:{port2}/f"), Duration::from_secs(10));
+    let id = added.stdout.trim().to_string();
+    let removed = ctl(&["remove-ports", &id]);
+    let gone = !port_listening(port2);
+    r.release_guest();
+    let (code, text) = wait_output(child, Duration::from_secs(30));
+
+    assert_eq!(code, 0, "rootlesskit: {text}");
+    assert_eq!(line_value(&text, "tap0 ").map(|l| l.contains("10.0.2.100/24")), Some(true), "{text}");
+    assert_eq!(line_value(&text, "dns-answers "), Some("1"), "DNS through 10.0.2.3: {text}");
+    // --disable-host-loopback: the host's loopback is closed to the guest.
+    assert_ne!(line_value(&text, "outbound ").map(first_word), Some(hash.clone()), "{text}");
+    assert_eq!(published, r.file_hash, "published port: {text}");
+    assert!(added.success(), "rootlessctl add-ports: {} {}", added.stdout, added.stderr);
+    assert_eq!(added_hash, r.file_hash, "port added with rootlessctl");
+    assert!(removed.success(), "rootlessctl remove-ports {id}: {}", removed.stderr);
+    assert!(gone, "port {port2} still listening after remove-ports");
+    assert!(!port_listening(port), "port {port} still listening after rootlesskit exited");
+    assert!(pids_matching(&r.slirp4netns().to_string_lossy()).is_empty(), "usernet left running");
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn rootlesskit_outbound_through_the_host_loopback() {
+    require(&["rootlesskit", "runuser", "useradd", "newuidmap", "busybox", "curl"]);
+    let r = Rootless::new("rk2");
+    let (_dir, server, hash) = serve_random_file("rk2-host", "f", 1 << 20);
+    let script = format!("curl -s --max-time 5 http://10.0.2.2:{}/f | sha256sum | sed 's/^/outbound /'", server.port);
+    let mut c = r.command("rootlesskit");
+    c.args(["--net=slirp4netns", "--copy-up=/etc"])
+        .arg(format!("--slirp4netns-binary={}", r.slirp4netns().display()))
+        .args(["--", "sh", "-c", &script]);
+    let out = run_bounded(&mut c, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{} {}", out.stdout, out.stderr);
+    assert_eq!(line_value(&out.stdout, "outbound ").map(first_word), Some(hash), "{}", out.stdout);
+}
+
+/// podman 4.3.1 finds slirp4netns through containers.conf's `network_cmd_path`.
+fn podman_config(r: &Rootless) {
+    let dir = PathBuf::from(r.home()).join(".config/containers");
+    std::fs::create_dir_all(&dir).expect("containers config dir");
+    std::fs::write(
+        dir.join("containers.conf"),
+        format!(
+            "[engine]\nruntime = \"runc\"\nnetwork_cmd_path = \"{}\"\nevents_logger = \"file\"\n\
+             cgroup_manager = \"cgroupfs\"\n",
+            r.slirp4netns().display()
+        ),
+    )
+    .expect("containers.conf");
+    std::fs::write(dir.join("storage.conf"), "[storage]\ndriver = \"vfs\"\n").expect("storage.conf");
+    chown(&PathBuf::from(r.home()).join(".config"), USER);
+}
+
+/// One `podman run` of the guest script with a published port; what the guest printed and
+/// the published port's answer.
+fn podman_run(r: &Rootless, network: &str, host_port: u16) -> (i32, String, String, u16) {
+    let port = free_port();
+    let name = format!("usernet-{}", unique_id());
+    let child = r
+        .command("podman")
+        .args(["run", "--rm", "--name", &name, "--network", network])
+        .args(["-p", &format!("127.0.0.1:{port}:80")])
+        .arg("--rootfs")
+        .arg(r.rootfs.path())
+        .args(["/bin/sh", "-c", &guest_script(host_port)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start podman");
+    let published = fetch_hash(&format!("http://127.0.0.1:{port}/f"), Duration::from_secs(60));
+    r.release_guest();
+    let (code, text) = wait_output(child, Duration::from_secs(60));
+    let _ = std::fs::remove_file(r.rootfs.join("www/stop"));
+    (code, text, published, port)
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn podman_with_usernet_as_slirp4netns() {
+    require(&["podman", "runc", "runuser", "useradd", "newuidmap", "busybox", "curl", "ss"]);
+    let r = Rootless::new("pm");
+    podman_config(&r);
+    let (_dir, server, hash) = serve_random_file("pm-host", "f", 1 << 20);
+
+    // podman's defaults pass --disable-host-loopback: the host's loopback is closed.
+    let (code, text, published, port) = podman_run(&r, "slirp4netns:port_handler=slirp4netns", server.port);
+    assert_eq!(code, 0, "podman run: {text}");
+    assert_eq!(line_value(&text, "dns-answers "), Some("1"), "DNS through 10.0.2.3: {text}");
+    assert_ne!(line_value(&text, "outbound ").map(first_word), Some(hash.clone()), "{text}");
+    assert_eq!(published, r.file_hash, "published port: {text}");
+    assert!(!port_listening(port), "port {port} still listening after podman run --rm");
+
+    let (code, text, published, port) =
+        podman_run(&r, "slirp4netns:port_handler=slirp4netns,allow_host_loopback=true", server.port);
+    assert_eq!(code, 0, "podman run: {text}");
+    assert_eq!(line_value(&text, "outbound ").map(first_word), Some(hash), "outbound to the host's loopback: {text}");
+    assert_eq!(published, r.file_hash, "published port: {text}");
+    assert!(!port_listening(port), "port {port} still listening after podman run --rm");
+    assert!(pids_matching(&r.slirp4netns().to_string_lossy()).is_empty(), "usernet left running");
+}
+
+/// The probes callers make before starting it: `--help` names the options they look
+/// for, `--version` says slirp4netns's version; a wrong flag is slirp4netns's error, exit 1.
+#[test]
+fn answers_as_slirp4netns() {
+    let dir = TempDir::new("s4-probe");
+    let link = dir.join("slirp4netns");
+    std::os::unix::fs::symlink(usernet_bin(), &link).expect("symlink");
+    let help = run(&link.to_string_lossy(), &["--help"]);
+    assert_eq!(help.code, 0);
+    for name in ["--netns-type", "--userns-path", "--api-socket", "--disable-host-loopback", "--enable-ipv6", "--mtu"] {
+        assert!(help.stdout.contains(name), "{name} missing from --help:\n{}", help.stdout);
+    }
+    let version = run(&link.to_string_lossy(), &["--version"]);
+    assert!(version.stdout.starts_with("slirp4netns version 1."), "{}", version.stdout);
+    let bad = run(&link.to_string_lossy(), &["--bogus", "1"]);
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.starts_with("slirp4netns: unrecognized option '--bogus'"), "{}", bad.stderr);
+    let via_usernet = run(&usernet_bin().to_string_lossy(), &["slirp4netns", "--version"]);
+    assert_eq!(via_usernet.stdout, version.stdout);
+}
