@@ -8,56 +8,91 @@
 //! that socket. The kernel's socket buffers are the queues; usernet keeps no copy of
 //! host data.
 //!
-//! Opening: the guest's SYN starts a non-blocking connect. Only when it succeeds does the
-//! guest get a SYN-ACK; a refused connect gives it a RST, an unreachable network an ICMP
-//! unreachable, and a connect that takes longer than `CONNECT_TIMEOUT` a RST. The guest's
-//! retransmitted SYNs meanwhile are ignored.
+//! The translator is a state machine without I/O of its own: the engine hands it events
+//! (a guest segment, socket readiness, a timer, the end of a round) with the time, it
+//! answers through the [`Switch`] (frames to the guest) and a [`HostSocket`] (the socket
+//! calls), and says whether the flow goes on ([`Verdict`]). The socket is a type parameter,
+//! [`KernelSocket`] by default, so tests drive the same code against an in-memory model
+//! (`sim.rs` runs it against a model guest TCP through loss, reordering, duplication, zero
+//! windows and resets). Its states are named per direction (`state.rs`): the opening
+//! [`Phase`] (connecting, SYN sent to the guest, established), the guest-to-host half
+//! [`ToHost`] (open, FIN held behind data, shut) and the host-to-guest half [`ToGuest`]
+//! (SYN unacknowledged, open, FIN queued, FIN sent, FIN acknowledged). `state.rs` also
+//! lists the invariants that debug builds check at the end of every entry point.
+//!
+//! Opening: the guest's SYN starts a non-blocking connect (`Phase::Connecting`). Only when
+//! it succeeds does the guest get a SYN-ACK; a refused connect gives it a RST, an
+//! unreachable network an ICMP unreachable, and a connect that takes longer than
+//! `CONNECT_TIMEOUT` a RST. The guest's retransmitted SYNs meanwhile are ignored.
 //!
 //! Published ports work the other way round: the host socket is an accepted connection,
-//! and usernet sends the guest a SYN (from the client's address as the guest should see
-//! it). The guest's SYN-ACK opens the flow; its RST (nothing listens) resets the client.
+//! and usernet sends the guest a SYN (`Phase::SynSent`, from the client's address as the
+//! guest should see it). The guest's SYN-ACK opens the flow; its RST (nothing listens)
+//! resets the client.
 //!
 //! Guest to host: an in-order segment's payload is written straight into the socket and
 //! acknowledged once the kernel took it. Small segments (below `COALESCE_BELOW`, e.g. a
 //! VM's 1448-byte ones) are gathered in `pending` instead and written with one send(2) per
-//! flow at the end of the engine's round, just before the ACKs go out. What the socket does not take at once waits in a
-//! bounded per-flow buffer (`pending`, at most `RECV_BUF` bytes) and is acknowledged when it
-//! is written, as soon as the socket drains (EPOLLOUT) — the guest never waits for its own
-//! retransmission timer. The window offered to the guest is the free room of that buffer.
-//! Out-of-order segments are dropped with an immediate duplicate ACK, so the guest fast-
-//! retransmits; old segments (retransmissions, keep-alive probes) are answered with an ACK.
-//! ACKs for in-order data are coalesced: the engine sends one per flow per batch of frames,
-//! and, as a receiving TCP does, delays one that acknowledges less than two full segments
-//! by up to `ACK_DELAY`, so that it rides on the answer (a request/response exchange, a
+//! flow at the end of the engine's round (`write_gathered`), just before the ACKs go out;
+//! `need_ack` stays set while gathered data waits, so the engine comes by even when an ACK
+//! already went out on host data.
+//! What the socket does not take at once waits in a bounded per-flow buffer (`pending`, at
+//! most `RECV_BUF` bytes) and is acknowledged when it is written, as soon as the socket
+//! drains (EPOLLOUT) — the guest never waits for its own retransmission timer. The window
+//! offered to the guest is the free room of that buffer. Out-of-order segments are dropped
+//! with an immediate duplicate ACK, so the guest fast-retransmits; old segments
+//! (retransmissions, keep-alive probes) are answered with an ACK. ACKs for in-order data
+//! are coalesced: the engine sends one per flow per batch of frames (`flush_ack`), and, as
+//! a receiving TCP does, delays one that acknowledges less than two full segments by up to
+//! `ACK_DELAY`, so that it rides on the answer (a request/response exchange, a
 //! connection's first request) or on the next segment's ACK (every other frame of a guest
 //! that sends MSS-sized frames one at a time, as a VM with MTU 1500 does). Held guest data,
 //! the guest's FIN, and ACKs that acknowledge nothing new (answers) are never delayed.
 //!
 //! Host to guest: data is read with MSG_PEEK at SO_PEEK_OFF into the frame buffer, right
-//! behind the headers, and sent in MSS-sized segments while the guest's window allows.
+//! behind the headers, and sent in MSS-sized segments while the guest's window allows. The
+//! window is kept as its right edge (ACK plus window): a segment that acknowledges new
+//! data sets it, one with the same ACK only moves it out, an older one is ignored — so
+//! segments reordered on the way never put it where the guest no longer has it.
 //! It stays in the socket until the guest acknowledges it; then it is discarded (MSG_TRUNC,
 //! no copy). Retransmission (three duplicate ACKs, or the retransmission timer with
-//! exponential backoff) rewinds: snd_nxt = snd_una and the peek offset back to 0.
-//! A zero window is probed with one byte when the timer fires.
+//! exponential backoff) rewinds: snd_nxt = snd_una and the peek offset back to 0; the bytes
+//! between snd_nxt and what was sent before are then known to be in the socket, so they are
+//! sent again whatever the socket's readiness says. A zero window is probed with one byte
+//! when the timer fires, and again at every expiry (backing off) for as long as the window
+//! stays shut; a guest that answers the probes is never given up on.
 //!
-//! Closing: guest FIN becomes shutdown(SHUT_WR) once all its data reached the socket; host
-//! EOF (a peek that returns 0) becomes a FIN after the last byte. Each direction closes on
-//! its own (half-close). A guest RST closes the socket with SO_LINGER 0 (the peer sees a
-//! reset); a socket error sends the guest a RST. The flow ends when both FINs are
-//! acknowledged. An idle connection lives as long as both ends keep it.
+//! Closing: guest FIN becomes shutdown(SHUT_WR) once all its data reached the socket
+//! (`ToHost::FinHeld`, then `ToHost::Shut`); host EOF (a peek that returns 0) becomes a FIN
+//! after the last byte (`ToGuest::FinQueued`, `FinSent`, `FinAcked`). Each direction closes
+//! on its own (half-close). A guest RST closes the socket with SO_LINGER 0 (the peer sees a
+//! reset); a socket error sends the guest a RST, at the highest sequence number sent (not
+//! the rewound snd_nxt, which a guest following RFC 5961 would drop). The flow ends when
+//! both FINs are acknowledged. An idle connection lives as long as both ends keep it.
+
+mod socket;
+mod state;
+
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddrV4;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::engine::dial::TcpDial;
-use crate::engine::sock;
-use crate::engine::sock::take_error;
 use crate::engine::switch::{Switch, TCP_PAYLOAD_OFF};
 use usernet_wire::icmp;
 use usernet_wire::ipv4::Ipv4Header;
 use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_le, seq_lt};
 use usernet_wire::{PROTO_TCP, put16, put32};
+
+pub use socket::{HostSocket, KernelSocket};
+use state::{Phase, ToGuest, ToHost};
 
 /// How long a host-side connect may take before the guest gets a RST.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,20 +106,11 @@ const COALESCE_BELOW: usize = 16 * 1024;
 /// Longest wait of a delayed ACK (Linux waits 40 ms; the guest's own timers are far longer).
 const ACK_DELAY: Duration = Duration::from_millis(1);
 const RTO_MAX: Duration = Duration::from_secs(30);
-/// Retransmissions of one segment before the connection is reset.
+/// Retransmission timeouts in a row without progress (or, while the guest's window is
+/// shut, without an answer to the probes) before the connection is reset.
 const MAX_RETRIES: u32 = 12;
 /// MSS assumed when the guest's SYN carries none (RFC 9293).
 const DEFAULT_MSS: u32 = 536;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// The host-side connect is in progress; the guest has no SYN-ACK yet.
-    Connecting,
-    /// Inbound (a published port): our SYN is out, the guest has not answered yet.
-    SynSent,
-    /// SYN-ACK sent (maybe not yet acknowledged) and data may flow.
-    Open,
-}
 
 /// What the engine should do with the flow after an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,15 +120,19 @@ pub enum Verdict {
     Close,
 }
 
-pub struct TcpFlow {
+/// One guest TCP connection and its host socket `S` (the kernel's, unless a test gives a
+/// model). The states and the invariants that bind the fields are in `state.rs`.
+pub struct TcpFlow<S: HostSocket = KernelSocket> {
     pub guest: SocketAddrV4,
     /// The destination as the guest sees it (replies come from here).
     pub remote: SocketAddrV4,
-    pub sock: OwnedFd,
-    is_tcp: bool,
-    state: State,
-    /// When the flow began (connecting flows are evicted oldest first).
+    pub sock: S,
+    /// When the flow began (connecting flows are evicted oldest first; the connect times
+    /// out `CONNECT_TIMEOUT` after it).
     pub born: Instant,
+    phase: Phase,
+    to_host: ToHost,
+    to_guest: ToGuest,
 
     // Guest to host.
     guest_isn: u32,
@@ -111,34 +141,32 @@ pub struct TcpFlow {
     /// Guest bytes from rcv_nxt on that the socket has not taken yet (not acknowledged).
     pending: Vec<u8>,
     pending_head: usize,
-    /// The guest's FIN arrived (and comes after everything in `pending`).
-    guest_fin: bool,
-    /// ... and was passed on as shutdown(SHUT_WR).
-    guest_fin_done: bool,
 
-    // Host to guest.
-    isn: u32,
-    syn_acked: bool,
+    // Host to guest. While the SYN is unacknowledged, snd_una is our ISN.
     snd_una: u32,
     snd_nxt: u32,
     /// Highest sequence number sent so far (snd_nxt goes back on retransmission).
     snd_max: u32,
-    /// Sequence number of our FIN, once the host socket reached EOF.
-    fin_seq: Option<u32>,
-    guest_wnd: u32,
+    /// The right edge of the guest's window: what it acknowledged plus the window it
+    /// offered with that ACK. (The window itself, `guest_wnd()`, is `wnd_edge - snd_una`.)
+    wnd_edge: u32,
     guest_wscale: u8,
     our_wscale: u8,
     mss: u32,
     dup_acks: u8,
     rto: Duration,
     rto_deadline: Option<Instant>,
+    /// Retransmission timeouts in a row without progress (see `MAX_RETRIES`).
     retries: u32,
-    connect_deadline: Option<Instant>,
 
-    /// Edge-triggered readiness of the host socket, as last seen.
-    readable: bool,
-    writable: bool,
-    /// An ACK is owed to the guest (sent at the end of the batch, or delayed).
+    /// Edge-triggered readiness of the host socket, as last seen: it may hold data (or end
+    /// of stream, or an error) past the peek offset; a peek that finds nothing clears it.
+    host_readable: bool,
+    /// It may take more data; a send that is cut short clears it.
+    host_writable: bool,
+    /// An ACK is owed to the guest (sent at the end of the batch, or delayed), or guest
+    /// data gathered in `pending` waits for the end of the round: either way the engine
+    /// calls `write_gathered` and `flush_ack` then.
     pub need_ack: bool,
     /// `rcv_nxt` as the guest last heard it in an ACK.
     acked_rcv: u32,
@@ -153,7 +181,7 @@ pub struct TcpFlow {
     pub counted_connecting: bool,
 }
 
-impl TcpFlow {
+impl TcpFlow<KernelSocket> {
     /// A flow for the guest's SYN `syn`, with the host socket just dialled.
     pub fn new(
         switch: &mut Switch,
@@ -164,76 +192,8 @@ impl TcpFlow {
         isn: u32,
         now: Instant,
     ) -> (TcpFlow, Verdict) {
-        let (guest_wscale, our_wscale) = match syn.window_scale {
-            Some(ws) => (ws, OUR_WSCALE),
-            None => (0, 0),
-        };
-        let mss = (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
-        let mut f = TcpFlow::blank(guest, remote, dial.fd, dial.is_tcp, State::Connecting, isn, now);
-        f.guest_isn = syn.seq;
-        f.rcv_nxt = syn.seq.wrapping_add(1);
-        f.guest_wnd = syn.window as u32;
-        f.guest_wscale = guest_wscale;
-        f.our_wscale = our_wscale;
-        f.mss = mss;
-        f.connect_deadline = Some(now + CONNECT_TIMEOUT);
-        let _ = sock::set_peek_offset(f.sock.as_fd(), 0);
-        let v = if dial.connected { f.connected(switch, now) } else { Verdict::Keep };
-        (f, v)
-    }
-
-    /// A flow in `state` with nothing exchanged yet; the constructors fill in the rest.
-    fn blank(
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
-        sock: OwnedFd,
-        is_tcp: bool,
-        state: State,
-        isn: u32,
-        now: Instant,
-    ) -> TcpFlow {
-        TcpFlow {
-            guest,
-            remote,
-            sock,
-            is_tcp,
-            state,
-            born: now,
-            guest_isn: 0,
-            rcv_nxt: 0,
-            pending: Vec::new(),
-            pending_head: 0,
-            guest_fin: false,
-            guest_fin_done: false,
-            isn,
-            syn_acked: false,
-            snd_una: isn,
-            snd_nxt: isn.wrapping_add(1),
-            snd_max: isn.wrapping_add(1),
-            fin_seq: None,
-            guest_wnd: 0,
-            guest_wscale: 0,
-            our_wscale: OUR_WSCALE,
-            mss: DEFAULT_MSS,
-            dup_acks: 0,
-            rto: RTO_MIN,
-            rto_deadline: None,
-            retries: 0,
-            connect_deadline: None,
-            readable: false,
-            writable: false,
-            need_ack: false,
-            acked_rcv: 0,
-            quick_ack_until: None,
-            ack_deadline: None,
-            scheduled: None,
-            counted_connecting: false,
-        }
-    }
-
-    /// A SYN that starts a new connection on this flow's ports (a different ISN).
-    pub fn is_stale_for_syn(&self, syn: &TcpHeader) -> bool {
-        syn.seq != self.guest_isn
+        let sock = KernelSocket::new(dial.fd, dial.is_tcp);
+        TcpFlow::outbound(switch, guest, remote, syn, sock, dial.connected, isn, now)
     }
 
     /// A flow for a connection accepted on a published port: sends the guest a SYN.
@@ -246,69 +206,154 @@ impl TcpFlow {
         isn: u32,
         now: Instant,
     ) -> TcpFlow {
-        let mut f = TcpFlow::blank(guest, remote, sock, is_tcp, State::SynSent, isn, now);
-        f.readable = true;
-        f.writable = true;
-        let _ = sock::set_peek_offset(f.sock.as_fd(), 0);
+        TcpFlow::inbound(switch, guest, remote, KernelSocket::new(sock, is_tcp), isn, now)
+    }
+}
+
+impl<S: HostSocket> TcpFlow<S> {
+    /// A flow for the guest's SYN `syn` on socket `sock`, whose connect is in progress
+    /// unless `connected`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn outbound(
+        switch: &mut Switch,
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+        syn: &TcpHeader,
+        sock: S,
+        connected: bool,
+        isn: u32,
+        now: Instant,
+    ) -> (TcpFlow<S>, Verdict) {
+        let (guest_wscale, our_wscale) = match syn.window_scale {
+            Some(ws) => (ws, OUR_WSCALE),
+            None => (0, 0),
+        };
+        let mss = (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
+        let mut f = TcpFlow::blank(guest, remote, sock, Phase::Connecting, isn, now);
+        f.guest_isn = syn.seq;
+        f.rcv_nxt = syn.seq.wrapping_add(1);
+        f.acked_rcv = f.rcv_nxt;
+        // (The window of a SYN is never scaled; it counts from the ACK of our SYN.)
+        f.wnd_edge = isn.wrapping_add(1).wrapping_add(syn.window as u32);
+        f.guest_wscale = guest_wscale;
+        f.our_wscale = our_wscale;
+        f.mss = mss;
+        let _ = f.sock.set_peek_offset(0);
+        let v = if connected { f.connected(switch, now) } else { Verdict::Keep };
+        let v = f.checked(v);
+        (f, v)
+    }
+
+    /// A flow for a connection accepted on a published port (socket `sock`): sends the
+    /// guest a SYN.
+    pub fn inbound(
+        switch: &mut Switch,
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+        sock: S,
+        isn: u32,
+        now: Instant,
+    ) -> TcpFlow<S> {
+        let mut f = TcpFlow::blank(guest, remote, sock, Phase::SynSent, isn, now);
+        f.host_readable = true;
+        f.host_writable = true;
+        let _ = f.sock.set_peek_offset(0);
         f.send_syn(switch);
         f.arm_rto(now);
+        f.checked(Verdict::Keep);
         f
     }
 
-    /// Our SYN to the guest (published ports).
-    fn send_syn(&mut self, switch: &mut Switch) {
-        let mut h = self.segment(self.isn, SYN);
-        h.ack = 0;
-        h.mss = Some(switch.max_tcp_payload().min(u16::MAX as usize) as u16);
-        h.window_scale = Some(OUR_WSCALE);
-        h.window = RECV_BUF.min(u16::MAX as usize) as u16;
-        switch.send_tcp(self.remote, self.guest, &h, 0);
+    /// A flow in `phase` with nothing exchanged yet; the constructors fill in the rest.
+    fn blank(guest: SocketAddrV4, remote: SocketAddrV4, sock: S, phase: Phase, isn: u32, now: Instant) -> TcpFlow<S> {
+        TcpFlow {
+            guest,
+            remote,
+            sock,
+            born: now,
+            phase,
+            to_host: ToHost::Open,
+            to_guest: ToGuest::SynUnacked,
+            guest_isn: 0,
+            rcv_nxt: 0,
+            pending: Vec::new(),
+            pending_head: 0,
+            snd_una: isn,
+            snd_nxt: isn.wrapping_add(1),
+            snd_max: isn.wrapping_add(1),
+            wnd_edge: isn.wrapping_add(1),
+            guest_wscale: 0,
+            our_wscale: OUR_WSCALE,
+            mss: DEFAULT_MSS,
+            dup_acks: 0,
+            rto: RTO_MIN,
+            rto_deadline: None,
+            retries: 0,
+            host_readable: false,
+            host_writable: false,
+            need_ack: false,
+            acked_rcv: 0,
+            quick_ack_until: None,
+            ack_deadline: None,
+            scheduled: None,
+            counted_connecting: false,
+        }
     }
 
-    /// The guest answered our SYN.
-    fn on_syn_ack(&mut self, switch: &mut Switch, h: &TcpHeader, now: Instant) -> Verdict {
-        if h.has(RST) {
-            // Nothing listens on that guest port: the client sees a reset.
-            return self.reset_host();
+    /// Checks the invariants (debug builds) of a flow that stays; passes `v` through.
+    #[inline]
+    fn checked(&self, v: Verdict) -> Verdict {
+        if cfg!(debug_assertions) && v == Verdict::Keep {
+            self.check_invariants();
         }
-        if !(h.has(SYN) && h.has(ACK)) || h.ack != self.isn.wrapping_add(1) {
-            return Verdict::Keep;
-        }
-        self.guest_isn = h.seq;
-        self.rcv_nxt = h.seq.wrapping_add(1);
-        match h.window_scale {
-            Some(ws) => self.guest_wscale = ws,
-            None => {
-                self.guest_wscale = 0;
-                self.our_wscale = 0;
-            }
-        }
-        self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
-        self.guest_wnd = h.window as u32;
-        self.syn_acked = true;
-        self.snd_una = self.isn.wrapping_add(1);
-        self.state = State::Open;
-        self.rto_deadline = None;
-        self.retries = 0;
-        self.rto = RTO_MIN;
-        self.send_flags(switch, self.snd_nxt, ACK);
-        if self.writable && self.flush_pending(switch) == Verdict::Close {
-            return Verdict::Close;
-        }
-        self.push(switch, now)
+        v
+    }
+
+    /// A SYN that starts a new connection on this flow's ports (a different ISN).
+    pub fn is_stale_for_syn(&self, syn: &TcpHeader) -> bool {
+        syn.seq != self.guest_isn
     }
 
     pub fn is_connecting(&self) -> bool {
-        self.state == State::Connecting
+        self.phase == Phase::Connecting
     }
 
     /// The earliest time `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
-        [self.connect_deadline, self.rto_deadline, self.ack_deadline].into_iter().flatten().min()
+        let connect = (self.phase == Phase::Connecting).then(|| self.born + CONNECT_TIMEOUT);
+        [connect, self.rto_deadline, self.ack_deadline].into_iter().flatten().min()
     }
 
     fn pending_len(&self) -> usize {
         self.pending.len() - self.pending_head
+    }
+
+    /// Where our FIN is (or goes), once the host socket reached end of stream.
+    fn fin_seq(&self) -> Option<u32> {
+        match self.to_guest {
+            ToGuest::SynUnacked | ToGuest::Open => None,
+            ToGuest::FinQueued { fin } => Some(fin),
+            ToGuest::FinSent | ToGuest::FinAcked => Some(self.snd_max.wrapping_sub(1)),
+        }
+    }
+
+    /// The end of the host data sent so far (our FIN not counted).
+    fn sent_data_end(&self) -> u32 {
+        match self.to_guest {
+            ToGuest::FinSent | ToGuest::FinAcked => self.snd_max.wrapping_sub(1),
+            _ => self.snd_max,
+        }
+    }
+
+    /// After a rewind, bytes before what was sent already are to be sent again: they are in
+    /// the socket, whatever its readiness says.
+    fn resending(&self) -> bool {
+        seq_lt(self.snd_nxt, self.sent_data_end())
+    }
+
+    /// The guest's window, from snd_una on.
+    fn guest_wnd(&self) -> u32 {
+        self.wnd_edge.wrapping_sub(self.snd_una)
     }
 
     /// The window field we advertise: the free room of the pending buffer, scaled.
@@ -337,15 +382,27 @@ impl TcpFlow {
         }
     }
 
-    /// A segment carrying our current ACK went to the guest: nothing is owed any more.
+    /// A segment carrying our current ACK went to the guest: nothing is owed any more,
+    /// unless gathered guest data waits to be written at the end of the round (then the
+    /// engine must still come by: `write_gathered`, then the ACK of what it wrote).
     fn told_ack(&mut self) {
-        self.need_ack = false;
+        self.need_ack = self.pending_len() > 0 && self.host_writable;
         self.ack_deadline = None;
         self.acked_rcv = self.rcv_nxt;
     }
 
+    /// Our SYN to the guest (published ports).
+    fn send_syn(&mut self, switch: &mut Switch) {
+        let mut h = self.segment(self.snd_una, SYN);
+        h.ack = 0;
+        h.mss = Some(switch.max_tcp_payload().min(u16::MAX as usize) as u16);
+        h.window_scale = Some(OUR_WSCALE);
+        h.window = RECV_BUF.min(u16::MAX as usize) as u16;
+        switch.send_tcp(self.remote, self.guest, &h, 0);
+    }
+
     fn send_syn_ack(&mut self, switch: &mut Switch) {
-        let mut h = self.segment(self.isn, SYN | ACK);
+        let mut h = self.segment(self.snd_una, SYN | ACK);
         h.mss = Some(switch.max_tcp_payload().min(u16::MAX as usize) as u16);
         if self.our_wscale > 0 {
             h.window_scale = Some(self.our_wscale);
@@ -356,10 +413,48 @@ impl TcpFlow {
         self.told_ack();
     }
 
+    /// The guest answered our SYN.
+    fn on_syn_ack(&mut self, switch: &mut Switch, h: &TcpHeader, now: Instant) -> Verdict {
+        if h.has(RST) {
+            // Nothing listens on that guest port: the client sees a reset.
+            return self.reset_host();
+        }
+        if !(h.has(SYN) && h.has(ACK)) || h.ack != self.snd_una.wrapping_add(1) {
+            return Verdict::Keep;
+        }
+        self.guest_isn = h.seq;
+        self.rcv_nxt = h.seq.wrapping_add(1);
+        match h.window_scale {
+            Some(ws) => self.guest_wscale = ws,
+            None => {
+                self.guest_wscale = 0;
+                self.our_wscale = 0;
+            }
+        }
+        self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
+        self.wnd_edge = h.ack.wrapping_add(h.window as u32);
+        self.snd_una = h.ack;
+        self.phase = Phase::Established;
+        self.to_guest = ToGuest::Open;
+        self.rto_deadline = None;
+        self.retries = 0;
+        self.rto = RTO_MIN;
+        self.send_flags(switch, self.snd_nxt, ACK);
+        if self.host_writable && self.flush_pending(switch) == Verdict::Close {
+            return Verdict::Close;
+        }
+        self.push(switch, now)
+    }
+
     /// Sends the ACK owed to the guest, unless it may wait for data to ride on (then
     /// `ack_deadline`, set when the data came, bounds the wait).
     pub fn flush_ack(&mut self, switch: &mut Switch, now: Instant) {
-        if !self.need_ack || self.state != State::Open {
+        self.flush_ack_inner(switch, now);
+        self.checked(Verdict::Keep);
+    }
+
+    fn flush_ack_inner(&mut self, switch: &mut Switch, now: Instant) {
+        if !self.need_ack || self.phase != Phase::Established {
             return;
         }
         let unacked = self.rcv_nxt.wrapping_sub(self.acked_rcv) as usize;
@@ -368,7 +463,7 @@ impl TcpFlow {
             && unacked < 2 * full_segment
             && self.quick_ack_until.is_none()
             && self.pending_len() == 0
-            && !self.guest_fin
+            && self.to_host == ToHost::Open
             && self.ack_deadline.is_some_and(|d| d > now);
         if self.quick_ack_until.is_some_and(|u| !seq_lt(self.rcv_nxt, u)) {
             self.quick_ack_until = None;
@@ -380,20 +475,26 @@ impl TcpFlow {
 
     /// Resets the guest's side and ends the flow.
     fn reset_guest(&mut self, switch: &mut Switch) -> Verdict {
-        self.send_flags(switch, self.snd_nxt, RST | ACK);
+        // At the highest sequence number sent (snd_nxt may be back at snd_una after a
+        // rewind), which the guest has not gone past: a guest that follows RFC 5961 (Linux)
+        // drops a RST below its rcv_nxt, and one in its window but not at rcv_nxt it answers
+        // with an ACK, which finds no flow and gets a RST at exactly the right place. Not
+        // beyond the window's right edge (a zero-window probe), as Linux does.
+        let seq = if seq_le(self.snd_max, self.wnd_edge) { self.snd_max } else { self.wnd_edge };
+        self.send_flags(switch, seq, RST | ACK);
         Verdict::Close
     }
 
     /// Resets the host side (the peer sees RST) and ends the flow.
     fn reset_host(&mut self) -> Verdict {
-        sock::set_linger_zero(self.sock.as_fd());
+        self.sock.set_linger_zero();
         Verdict::Close
     }
 
+    /// The host side is connected: the guest gets its SYN-ACK.
     fn connected(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
-        self.state = State::Open;
-        self.connect_deadline = None;
-        self.writable = true;
+        self.phase = Phase::Established;
+        self.host_writable = true;
         self.send_syn_ack(switch);
         self.rto_deadline = Some(now + self.rto);
         Verdict::Keep
@@ -408,13 +509,25 @@ impl TcpFlow {
         error: bool,
         now: Instant,
     ) -> Verdict {
-        if self.state == State::Connecting {
+        let v = self.socket_ready(switch, readable, writable, error, now);
+        self.checked(v)
+    }
+
+    fn socket_ready(
+        &mut self,
+        switch: &mut Switch,
+        readable: bool,
+        writable: bool,
+        error: bool,
+        now: Instant,
+    ) -> Verdict {
+        if self.phase == Phase::Connecting {
             if !(writable || error || readable) {
                 return Verdict::Keep;
             }
-            let err = take_error(self.sock.as_fd());
+            let err = self.sock.take_error();
             if err != 0 {
-                return self.connect_failed(switch, err);
+                return self.refuse_guest(switch, err);
             }
             if !writable {
                 return Verdict::Keep;
@@ -424,16 +537,16 @@ impl TcpFlow {
             }
         }
         if readable || error {
-            self.readable = true;
+            self.host_readable = true;
         }
-        if self.state == State::SynSent {
+        if self.phase == Phase::SynSent {
             if writable {
-                self.writable = true;
+                self.host_writable = true;
             }
             return Verdict::Keep;
         }
         if writable || error {
-            self.writable = true;
+            self.host_writable = true;
             if self.flush_pending(switch) == Verdict::Close {
                 return Verdict::Close;
             }
@@ -443,43 +556,72 @@ impl TcpFlow {
 
     /// The connect failed with errno `err`: tell the guest as a host would.
     pub fn connect_failed(&mut self, switch: &mut Switch, err: i32) -> Verdict {
+        // Nothing of the flow changes: it ends.
+        if cfg!(debug_assertions) {
+            self.check_invariants();
+        }
+        self.refuse_guest(switch, err)
+    }
+
+    fn refuse_guest(&mut self, switch: &mut Switch, err: i32) -> Verdict {
         refuse(switch, self.guest, self.remote, self.guest_isn, err);
         Verdict::Close
     }
 
     /// A segment from the guest for this flow.
     pub fn on_segment(&mut self, switch: &mut Switch, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
-        if self.state == State::SynSent {
+        let v = self.segment_in(switch, h, payload, now);
+        self.checked(v)
+    }
+
+    fn segment_in(&mut self, switch: &mut Switch, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
+        if self.phase == Phase::SynSent {
             return self.on_syn_ack(switch, h, now);
         }
         if h.has(RST) {
             return self.reset_host();
         }
         if h.has(SYN) {
-            if self.state == State::Open && !self.syn_acked && h.seq == self.guest_isn {
-                // Our SYN-ACK was lost: the guest asks again.
-                self.send_syn_ack(switch);
-            } else if self.state == State::Open {
-                self.need_ack = true;
+            if self.phase == Phase::Established {
+                if self.to_guest == ToGuest::SynUnacked && h.seq == self.guest_isn {
+                    // Our SYN-ACK was lost: the guest asks again.
+                    self.send_syn_ack(switch);
+                } else {
+                    self.need_ack = true;
+                }
             }
             return Verdict::Keep;
         }
-        if self.state == State::Connecting || !h.has(ACK) {
+        if self.phase == Phase::Connecting || !h.has(ACK) {
             return Verdict::Keep;
         }
-        if !self.syn_acked {
-            if h.ack != self.isn.wrapping_add(1) {
+        if self.to_guest == ToGuest::SynUnacked {
+            if h.ack != self.snd_una.wrapping_add(1) {
                 return Verdict::Keep;
             }
-            self.syn_acked = true;
+            self.to_guest = ToGuest::Open;
             self.snd_una = h.ack;
             self.rto_deadline = None;
             self.retries = 0;
             self.rto = RTO_MIN;
         }
-        let old_wnd = self.guest_wnd;
-        self.guest_wnd = (h.window as u32) << self.guest_wscale;
-        if seq_lt(self.snd_una, h.ack) && seq_le(h.ack, self.snd_max) {
+        let old_edge = self.wnd_edge;
+        let seg_wnd = (h.window as u32) << self.guest_wscale;
+        let seg_edge = h.ack.wrapping_add(seg_wnd);
+        let acks_new = seq_lt(self.snd_una, h.ack) && seq_le(h.ack, self.snd_max);
+        // The window's right edge: as a segment that acknowledges new data says (even a
+        // retransmission, with an old sequence number); for the same ACK, only further out
+        // (segments reordered: a stale one would pull the edge back where it no longer
+        // is, and a guest does not shrink its window); an older ACK says nothing.
+        if acks_new || (h.ack == self.snd_una && seq_lt(self.wnd_edge, seg_edge)) {
+            self.wnd_edge = seg_edge;
+        }
+        if seg_wnd == 0 && (acks_new || h.ack == self.snd_una) {
+            // The guest answers (our probes, say) with its window shut: it is alive, and a
+            // window kept shut for long is no reason to give up on it.
+            self.retries = 0;
+        }
+        if acks_new {
             if self.on_ack(switch, h.ack, now) == Verdict::Close {
                 return Verdict::Close;
             }
@@ -487,7 +629,7 @@ impl TcpFlow {
             && payload.is_empty()
             && !h.has(FIN)
             && self.snd_max != self.snd_una
-            && self.guest_wnd == old_wnd
+            && seg_edge == old_edge
         {
             self.dup_acks = self.dup_acks.saturating_add(1);
             if self.dup_acks == 3 {
@@ -510,11 +652,11 @@ impl TcpFlow {
 
     /// The guest acknowledged up to `ack` (snd_una < ack <= snd_max).
     fn on_ack(&mut self, switch: &mut Switch, ack: u32, now: Instant) -> Verdict {
-        let data_end = self.fin_seq.unwrap_or(self.snd_max);
+        let data_end = self.fin_seq().unwrap_or(self.snd_max);
         let data_ack = if seq_lt(data_end, ack) { data_end } else { ack };
         let n = data_ack.wrapping_sub(self.snd_una) as usize;
         if n > 0 {
-            match sock::discard(self.sock.as_fd(), n, self.is_tcp) {
+            match self.sock.discard(n) {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::debug!("discard on {}: {e}", self.remote);
@@ -526,7 +668,10 @@ impl TcpFlow {
         if seq_lt(self.snd_nxt, ack) {
             // Acknowledged beyond what a rewind has re-sent so far: go on from there.
             self.snd_nxt = ack;
-            let _ = sock::set_peek_offset(self.sock.as_fd(), 0);
+            let _ = self.sock.set_peek_offset(0);
+        }
+        if self.to_guest == ToGuest::FinSent && ack == self.snd_max {
+            self.to_guest = ToGuest::FinAcked;
         }
         self.dup_acks = 0;
         self.retries = 0;
@@ -538,13 +683,12 @@ impl TcpFlow {
     /// Go back to the first unacknowledged byte and send again from there.
     fn rewind(&mut self) {
         self.snd_nxt = self.snd_una;
-        let _ = sock::set_peek_offset(self.sock.as_fd(), 0);
-        self.readable = true;
+        let _ = self.sock.set_peek_offset(0);
     }
 
     /// Guest data (and maybe FIN) at sequence number `seq`.
     fn receive(&mut self, switch: &mut Switch, seq: u32, payload: &[u8], fin: bool, now: Instant) -> Verdict {
-        if self.guest_fin {
+        if self.to_host != ToHost::Open {
             self.need_ack = true;
             return Verdict::Keep;
         }
@@ -565,16 +709,16 @@ impl TcpFlow {
             return Verdict::Keep;
         }
         let mut new = &payload[skip..];
-        if self.pending_len() == 0 && self.writable && new.len() >= COALESCE_BELOW {
-            match sock::send(self.sock.as_fd(), new) {
+        if self.pending_len() == 0 && self.host_writable && new.len() >= COALESCE_BELOW {
+            match self.sock.send(new) {
                 Ok(n) => {
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
                     new = &new[n..];
                     if !new.is_empty() {
-                        self.writable = false;
+                        self.host_writable = false;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.writable = false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.host_writable = false,
                 Err(e) => {
                     tracing::debug!("send to {}: {e}", self.remote);
                     return self.reset_guest(switch);
@@ -591,8 +735,8 @@ impl TcpFlow {
             self.pending.extend_from_slice(&new[..take]);
         }
         if fin && take == new.len() {
-            self.guest_fin = true;
-            self.finish_guest_fin();
+            self.to_host = ToHost::FinHeld;
+            self.pass_guest_fin();
         }
         self.need_ack = true;
         if self.ack_deadline.is_none() {
@@ -602,11 +746,11 @@ impl TcpFlow {
     }
 
     /// Passes the guest's FIN on once everything before it reached the socket.
-    fn finish_guest_fin(&mut self) {
-        if self.guest_fin && !self.guest_fin_done && self.pending_len() == 0 {
-            sock::shutdown_write(self.sock.as_fd());
+    fn pass_guest_fin(&mut self) {
+        if self.to_host == ToHost::FinHeld && self.pending_len() == 0 {
+            self.sock.shutdown_write();
             self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
-            self.guest_fin_done = true;
+            self.to_host = ToHost::Shut;
             self.pending = Vec::new();
             self.pending_head = 0;
         }
@@ -615,11 +759,15 @@ impl TcpFlow {
     /// Writes the guest data gathered during the engine's round (the ACK follows with the
     /// other owed ACKs).
     pub fn write_gathered(&mut self, switch: &mut Switch) -> Verdict {
-        if !self.writable || self.write_pending(switch) == Verdict::Close {
-            return if self.writable { Verdict::Close } else { Verdict::Keep };
-        }
-        // The guest's FIN may have been waiting for this data.
-        self.check_done(switch)
+        let v = if !self.host_writable {
+            Verdict::Keep
+        } else if self.write_pending(switch) == Verdict::Close {
+            Verdict::Close
+        } else {
+            // The guest's FIN may have been waiting for this data.
+            self.check_done(switch)
+        };
+        self.checked(v)
     }
 
     /// Writes held guest data now that the socket has room; acknowledges what it took.
@@ -643,14 +791,14 @@ impl TcpFlow {
             return Verdict::Keep;
         }
         while self.pending_len() > 0 {
-            match sock::send(self.sock.as_fd(), &self.pending[self.pending_head..]) {
+            match self.sock.send(&self.pending[self.pending_head..]) {
                 Ok(n) => {
                     self.pending_head += n;
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
                     self.need_ack = true;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.writable = false;
+                    self.host_writable = false;
                     break;
                 }
                 Err(e) => {
@@ -666,7 +814,7 @@ impl TcpFlow {
             if self.pending.capacity() > 64 * 1024 {
                 self.pending.shrink_to(0);
             }
-            self.finish_guest_fin();
+            self.pass_guest_fin();
         } else if self.pending_head > self.pending.len() / 2 {
             self.pending.drain(..self.pending_head);
             self.pending_head = 0;
@@ -676,40 +824,48 @@ impl TcpFlow {
 
     /// Sends host data (and FIN at EOF) to the guest while its window allows.
     fn push(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
-        if self.state != State::Open || !self.syn_acked {
+        if self.phase != Phase::Established || self.to_guest == ToGuest::SynUnacked {
             return Verdict::Keep;
         }
         loop {
-            if let Some(f) = self.fin_seq {
+            if let Some(f) = self.fin_seq() {
                 if self.snd_nxt == f {
                     self.send_flags(switch, f, FIN | ACK);
                     self.snd_nxt = f.wrapping_add(1);
                     self.snd_max = self.snd_nxt;
+                    self.to_guest = ToGuest::FinSent;
                     self.arm_rto(now);
                 }
                 if self.snd_nxt == f.wrapping_add(1) {
                     break;
                 }
             }
-            if !self.readable {
+            let resending = self.resending();
+            if !(self.host_readable || resending) {
                 break;
             }
             let in_flight = self.snd_nxt.wrapping_sub(self.snd_una);
-            if in_flight >= self.guest_wnd {
+            let wnd = self.guest_wnd();
+            if in_flight >= wnd {
                 if in_flight == 0 {
                     // Zero window: the timer will probe it.
                     self.arm_rto(now);
                 }
                 break;
             }
-            let room = ((self.guest_wnd - in_flight) as usize).min(switch.max_tcp_data());
+            let room = ((wnd - in_flight) as usize).min(switch.max_tcp_data());
             let buf = &mut switch.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + room];
-            match sock::recv(self.sock.as_fd(), buf, true) {
+            match self.sock.peek(buf) {
                 Ok(0) => {
-                    if self.fin_seq.is_none() {
-                        self.fin_seq = Some(self.snd_nxt);
+                    if self.to_guest == ToGuest::Open {
+                        self.to_guest = ToGuest::FinQueued { fin: self.snd_nxt };
                     }
-                    self.readable = false;
+                    self.host_readable = false;
+                    if resending {
+                        // The socket lost bytes it held (it cannot): do not spin on it.
+                        debug_assert!(false, "end of stream before bytes already sent");
+                        break;
+                    }
                 }
                 Ok(n) => {
                     let h = self.segment(self.snd_nxt, ACK | PSH);
@@ -722,7 +878,11 @@ impl TcpFlow {
                     self.arm_rto(now);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.readable = false;
+                    self.host_readable = false;
+                    if resending {
+                        debug_assert!(false, "nothing to peek at before bytes already sent");
+                        break;
+                    }
                 }
                 Err(e) => {
                     tracing::debug!("recv from {}: {e}", self.remote);
@@ -742,8 +902,7 @@ impl TcpFlow {
     /// The flow is over when both directions are closed and our FIN is acknowledged; the
     /// ACK still owed for the guest's last data or FIN goes out before it ends.
     fn check_done(&mut self, switch: &mut Switch) -> Verdict {
-        let fin_acked = matches!(self.fin_seq, Some(f) if self.snd_una == f.wrapping_add(1));
-        if !(self.guest_fin_done && fin_acked) {
+        if !(self.to_host == ToHost::Shut && self.to_guest == ToGuest::FinAcked) {
             return Verdict::Keep;
         }
         if self.need_ack {
@@ -752,20 +911,23 @@ impl TcpFlow {
         Verdict::Close
     }
 
-    /// The connect timeout or the retransmission timer.
+    /// The connect timeout, a delayed ACK, or the retransmission timer.
     pub fn on_timer(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
-        if let Some(d) = self.connect_deadline
-            && d <= now
-        {
+        let v = self.timer(switch, now);
+        self.checked(v)
+    }
+
+    fn timer(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+        if self.phase == Phase::Connecting && self.born + CONNECT_TIMEOUT <= now {
             tracing::debug!("connect {} -> {}: timed out", self.guest, self.remote);
-            return self.connect_failed(switch, libc::ETIMEDOUT);
+            return self.refuse_guest(switch, libc::ETIMEDOUT);
         }
         if let Some(d) = self.ack_deadline
             && d <= now
         {
             // The delayed ACK found nothing to ride on.
             self.ack_deadline = None;
-            if self.need_ack && self.state == State::Open {
+            if self.need_ack && self.phase == Phase::Established {
                 self.send_flags(switch, self.snd_nxt, ACK);
             }
         }
@@ -779,11 +941,11 @@ impl TcpFlow {
         self.retries += 1;
         if self.retries > MAX_RETRIES {
             tracing::debug!("{} -> {}: guest stopped answering; reset", self.guest, self.remote);
-            sock::set_linger_zero(self.sock.as_fd());
+            self.sock.set_linger_zero();
             return self.reset_guest(switch);
         }
         self.rto = (self.rto * 2).min(RTO_MAX);
-        if self.state == State::SynSent {
+        if self.phase == Phase::SynSent {
             if self.retries > 6 {
                 tracing::debug!("{} -> {}: the guest never answered our SYN", self.remote, self.guest);
                 return self.reset_host();
@@ -792,19 +954,52 @@ impl TcpFlow {
             self.arm_rto(now);
             return Verdict::Keep;
         }
-        if !self.syn_acked {
+        if self.to_guest == ToGuest::SynUnacked {
             self.send_syn_ack(switch);
             self.arm_rto(now);
             return Verdict::Keep;
         }
         if self.snd_max != self.snd_una {
             self.rewind();
-        } else if self.guest_wnd == 0 {
+        }
+        if self.guest_wnd() == 0 {
             // Zero-window probe: one byte beyond the window makes the guest say its window.
-            self.guest_wnd = 1;
-            self.readable = true;
+            // Also after a rewind: what was in flight may be lost, and so may the window
+            // update that would have let it go again; without a probe the flow would wait
+            // for nothing until it gives up.
+            self.wnd_edge = self.snd_una.wrapping_add(1);
+            self.host_readable = true;
         }
         self.push(switch, now)
+    }
+}
+
+impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpFlow")
+            .field("guest", &self.guest)
+            .field("remote", &self.remote)
+            .field("phase", &self.phase)
+            .field("to_host", &self.to_host)
+            .field("to_guest", &self.to_guest)
+            .field("rcv_nxt", &self.rcv_nxt)
+            .field("pending", &self.pending_len())
+            .field("snd_una", &self.snd_una)
+            .field("snd_nxt", &self.snd_nxt)
+            .field("snd_max", &self.snd_max)
+            .field("guest_wnd", &self.guest_wnd())
+            .field("mss", &self.mss)
+            .field("rto", &self.rto)
+            .field("rto_deadline", &self.rto_deadline)
+            .field("retries", &self.retries)
+            .field("host_readable", &self.host_readable)
+            .field("host_writable", &self.host_writable)
+            .field("need_ack", &self.need_ack)
+            .field("acked_rcv", &self.acked_rcv)
+            .field("quick_ack_until", &self.quick_ack_until)
+            .field("ack_deadline", &self.ack_deadline)
+            .field("peek_view", &self.sock.inspect())
+            .finish()
     }
 }
 

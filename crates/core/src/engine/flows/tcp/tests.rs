@@ -1,0 +1,290 @@
+//! Focused tests of the translator against the model socket: regressions for what the
+//! simulation found, and the model checked against a kernel socket.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use super::model::ModelSocket;
+use super::sim::{Pkt, Recorder, switch, take_frames};
+use super::{HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
+use crate::engine::switch::Switch;
+use usernet_wire::tcp::{ACK, PSH, RST, SYN, TcpHeader};
+
+const GUEST_ISN: u32 = 1000;
+const ISN: u32 = 5000;
+
+fn guest() -> std::net::SocketAddrV4 {
+    "192.168.65.2:40000".parse().unwrap()
+}
+
+fn remote() -> std::net::SocketAddrV4 {
+    "203.0.113.10:80".parse().unwrap()
+}
+
+fn seg(seq: u32, ack: u32, flags: u8, window: u16) -> TcpHeader {
+    TcpHeader { src_port: guest().port(), dst_port: remote().port(), seq, ack, flags, window, ..Default::default() }
+}
+
+/// TCP segments sent to the guest since the last call.
+fn sent(rec: &Recorder) -> Vec<(TcpHeader, Vec<u8>)> {
+    take_frames(rec, false)
+        .into_iter()
+        .filter_map(|p| match p {
+            Pkt::Tcp { h, data, .. } => Some((h, data)),
+            Pkt::Unreachable => None,
+        })
+        .collect()
+}
+
+/// An established outbound flow on a model socket: the guest offered `window` (no scaling)
+/// and acknowledged our SYN-ACK.
+fn open(window: u16, now: Instant) -> (TcpFlow<ModelSocket>, Switch, Recorder) {
+    let (mut sw, rec) = switch(1500, false);
+    let mut syn = seg(GUEST_ISN, 0, SYN, window);
+    syn.mss = Some(1460);
+    let sock = ModelSocket::new(1 << 20, 1 << 20);
+    let (mut f, v) = TcpFlow::outbound(&mut sw, guest(), remote(), &syn, sock, true, ISN, now);
+    assert_eq!(v, Verdict::Keep);
+    let synack = sent(&rec);
+    assert!(synack[0].0.has(SYN) && synack[0].0.has(ACK));
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK, window), &[], now), Verdict::Keep);
+    (f, sw, rec)
+}
+
+/// The engine's end of a round for a flow that owes an ACK.
+fn end_of_round(f: &mut TcpFlow<ModelSocket>, sw: &mut Switch, now: Instant) -> Verdict {
+    if !f.need_ack {
+        return Verdict::Keep;
+    }
+    let v = f.write_gathered(sw);
+    if v == Verdict::Keep {
+        f.flush_ack(sw, now);
+    }
+    v
+}
+
+/// Host data arrives: the socket is readable.
+fn host_writes(f: &mut TcpFlow<ModelSocket>, sw: &mut Switch, data: &[u8], now: Instant) -> Verdict {
+    assert_eq!(f.sock.peer_write(data), data.len());
+    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+    f.on_socket(sw, r, w, e, now)
+}
+
+/// Regression: gathered guest data was never written when the segment that brought it
+/// also let host data go (its ACK rode on that data, which cleared `need_ack`, so the
+/// engine did not call `write_gathered`); the guest's retransmissions, answered at once,
+/// did not help: the connection stalled for good.
+#[test]
+fn gathered_data_is_written_when_its_ack_rides_on_host_data() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(0, now);
+    // Host data waits for the guest's window.
+    assert_eq!(host_writes(&mut f, &mut sw, &[7; 100], now), Verdict::Keep);
+    assert!(sent(&rec).iter().all(|(_, d)| d.is_empty()), "nothing goes into a zero window");
+    // A small request that also opens the window: the host data goes, carrying an ACK.
+    let v = f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK | PSH, 65535), b"hello", now);
+    assert_eq!(v, Verdict::Keep);
+    let out = sent(&rec);
+    assert_eq!(out.iter().map(|(_, d)| d.len()).sum::<usize>(), 100);
+    assert!(f.need_ack, "the engine must still write the gathered bytes at the end of the round");
+    assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+    let mut got = Vec::new();
+    f.sock.peer_read(100, &mut got);
+    assert_eq!(got, b"hello");
+    // ... and acknowledged (at once: the ACK that rode on the data could not include it).
+    assert!(sent(&rec).iter().any(|(h, _)| h.ack == GUEST_ISN + 6), "the request is acknowledged");
+    // A retransmission of it changes nothing.
+    f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 101, ACK | PSH, 65535), b"hello", now);
+    end_of_round(&mut f, &mut sw, now);
+    got.clear();
+    assert_eq!(f.sock.peer_read(100, &mut got), 0);
+}
+
+/// Regression: after the first zero-window probe the retransmission timer only rewound
+/// (nothing went into the zero window: no probe), and every expiry counted towards giving
+/// up, answered or not: a guest that kept its window shut for a few minutes (a paused
+/// reader), or whose window update was lost, was reset. A guest that answers the probes is
+/// now probed for as long as it likes, with backoff.
+#[test]
+fn a_zero_window_is_probed_for_as_long_as_the_guest_answers() {
+    let mut now = Instant::now();
+    let (mut f, mut sw, rec) = open(4, now);
+    assert_eq!(host_writes(&mut f, &mut sw, b"0123456789", now), Verdict::Keep);
+    let out = sent(&rec);
+    assert_eq!(out.iter().map(|(_, d)| d.as_slice()).collect::<Vec<_>>(), [b"0123"]);
+    // The guest takes them and shuts its window.
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK, 0), &[], now), Verdict::Keep);
+    let mut probes = 0;
+    for _ in 0..100 {
+        now += RTO_MAX + Duration::from_secs(1);
+        assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep, "a guest that answers is not given up");
+        for (h, d) in sent(&rec) {
+            assert!(!h.has(RST));
+            if !d.is_empty() {
+                assert_eq!((h.seq, d.as_slice()), (ISN + 5, &b"4"[..]), "a one-byte probe");
+                probes += 1;
+            }
+        }
+        // The guest drops the byte (its window is shut) and says so.
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK, 0), &[], now), Verdict::Keep);
+    }
+    assert_eq!(probes, 100, "one probe per expiry");
+    // The window opens: the rest goes (after the last probe, which counts as sent and
+    // goes again when the timer finds it unacknowledged).
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK, 100), &[], now), Verdict::Keep);
+    let data: Vec<u8> = sent(&rec).into_iter().flat_map(|(_, d)| d).collect();
+    assert_eq!(data, b"56789");
+    now += RTO_MAX + Duration::from_secs(1);
+    assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
+    let data: Vec<u8> = sent(&rec).into_iter().flat_map(|(_, d)| d).collect();
+    assert_eq!(data, b"456789");
+}
+
+/// Regression: a window that shrank to zero with data in flight (its update lost) was
+/// never probed: each expiry rewound, sent nothing, and the flow gave up.
+#[test]
+fn a_window_shut_with_data_in_flight_is_probed_after_the_rewind() {
+    let mut now = Instant::now();
+    let (mut f, mut sw, rec) = open(8, now);
+    host_writes(&mut f, &mut sw, b"0123456789", now);
+    assert_eq!(sent(&rec).iter().map(|(_, d)| d.len()).sum::<usize>(), 8);
+    // The guest takes four and shrinks its window to nothing (the rest is in flight).
+    f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK, 0), &[], now);
+    now += Duration::from_secs(1);
+    assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
+    let out = sent(&rec);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!((out[0].0.seq, out[0].1.as_slice()), (ISN + 5, &b"4"[..]), "a probe after the rewind");
+}
+
+/// Regression: the window was taken from every segment, measured from snd_una: a late
+/// segment with an older ACK (a pure ACK overtaken by a later retransmission of guest
+/// data, which carries a newer ACK) or a stale window of the same ACK moved the window's
+/// right edge where the guest no longer had it: data went beyond the guest's window, or
+/// a window that had opened was taken as shut.
+#[test]
+fn reordered_segments_do_not_move_the_window_edge() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(1000, now);
+    // The guest sent 49 bytes; they were acknowledged.
+    f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK | PSH, 1000), &[1; 49], now);
+    end_of_round(&mut f, &mut sw, now);
+    host_writes(&mut f, &mut sw, &[2; 3000], now);
+    assert_eq!(sent(&rec).iter().map(|(_, d)| d.len()).sum::<usize>(), 1000);
+    // Sent by the guest in this order: an ACK of half (window 500: right edge unchanged),
+    // then, having got everything and with its buffer full, a retransmission of its 49
+    // bytes (an old sequence number) acknowledging all (window 0). They arrive reversed.
+    let late_ack = seg(GUEST_ISN + 50, ISN + 501, ACK, 500);
+    let retransmission = seg(GUEST_ISN + 1, ISN + 1001, ACK | PSH, 0);
+    f.on_segment(&mut sw, &retransmission, &[1; 49], now);
+    f.on_segment(&mut sw, &late_ack, &[], now);
+    end_of_round(&mut f, &mut sw, now);
+    let out = sent(&rec);
+    assert!(out.iter().all(|(_, d)| d.is_empty()), "nothing beyond the guest's window: {out:?}");
+    // The window opens (ACK 1001, window 700); then a stale copy of the zero window.
+    f.on_segment(&mut sw, &seg(GUEST_ISN + 50, ISN + 1001, ACK, 700), &[], now);
+    assert_eq!(sent(&rec).iter().map(|(_, d)| d.len()).sum::<usize>(), 700);
+    f.on_segment(&mut sw, &seg(GUEST_ISN + 50, ISN + 1001, ACK, 0), &[], now);
+    f.on_segment(&mut sw, &seg(GUEST_ISN + 50, ISN + 1301, ACK, 600), &[], now);
+    // (ACK 1301 with window 600: edge 1901, 200 more than before.)
+    assert_eq!(sent(&rec).iter().map(|(_, d)| d.len()).sum::<usize>(), 200, "the stale zero window was ignored");
+}
+
+/// Regression: a RST to the guest carried snd_nxt, which after a rewind is back at
+/// snd_una, below what the guest has received: a guest that follows RFC 5961 (Linux)
+/// drops such a RST, and a half-closed one that only waits for data then waits for ever.
+#[test]
+fn a_reset_goes_at_the_highest_sequence_number_sent() {
+    let mut now = Instant::now();
+    let (mut f, mut sw, rec) = open(10000, now);
+    host_writes(&mut f, &mut sw, &[3; 2000], now);
+    assert_eq!(sent(&rec).iter().map(|(_, d)| d.len()).sum::<usize>(), 2000);
+    // The host resets; the flow finds out when the timer rewinds and it peeks again.
+    f.sock.fail(libc::ECONNRESET);
+    now += Duration::from_secs(1);
+    assert_eq!(f.on_timer(&mut sw, now), Verdict::Close);
+    let out = sent(&rec);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].0.has(RST));
+    assert_eq!(out[0].0.seq, ISN + 2001, "at snd_max, not at the rewound snd_nxt");
+}
+
+/// The guest's RST resets the host side; a host error resets the guest.
+#[test]
+fn resets_are_mapped_both_ways() {
+    let now = Instant::now();
+    let (mut f, mut sw, _rec) = open(1000, now);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, RST, 0), &[], now), Verdict::Close);
+    assert!(f.sock.linger_zero, "the host's peer sees a reset");
+
+    let (mut f, mut sw, rec) = open(1000, now);
+    f.sock.fail(libc::ECONNRESET);
+    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+    assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Close);
+    let out = sent(&rec);
+    assert!(out.iter().any(|(h, _)| h.has(RST) && h.seq == ISN + 1 && h.ack == GUEST_ISN + 1), "{out:?}");
+}
+
+/// The same calls, through the trait, on the model and on a kernel socket (one end of a
+/// socketpair) give the same answers: the simulation's socket behaves as the real one.
+#[test]
+fn the_model_socket_behaves_as_a_kernel_socket() {
+    let (ours, mut peer) = UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    peer.set_nonblocking(true).unwrap();
+    let mut kernel = KernelSocket::new(OwnedFd::from(ours), false);
+    let mut model = ModelSocket::new(1 << 20, 1 << 20);
+
+    let data: Vec<u8> = (0..100u8).collect();
+    peer.write_all(&data).unwrap();
+    model.peer_write(&data);
+
+    fn peek(s: &mut impl HostSocket) -> String {
+        let mut b = [0u8; 10];
+        match s.peek(&mut b) {
+            Ok(n) => format!("peek {n} from {}", b[0]),
+            Err(e) => format!("peek {:?}", e.kind()),
+        }
+    }
+    fn script(s: &mut impl HostSocket) -> Vec<String> {
+        let mut log = Vec::new();
+        s.set_peek_offset(0).unwrap();
+        log.push(peek(s));
+        log.push(peek(s));
+        log.push(format!("discard {:?}", s.discard(5).ok()));
+        log.push(peek(s));
+        s.set_peek_offset(0).unwrap();
+        log.push(peek(s));
+        log.push(format!("discard {:?}", s.discard(95).ok()));
+        log.push(peek(s));
+        log.push(format!("send {:?}", s.send(b"abc").ok()));
+        log.push(format!("error {}", s.take_error()));
+        log
+    }
+    let k = script(&mut kernel);
+    let m = script(&mut model);
+    assert_eq!(k, m);
+    assert_eq!(k[0], "peek 10 from 0");
+    assert_eq!(k[2], "discard Some(5)");
+    assert_eq!(k[3], "peek 10 from 20", "a discard moves the peek offset back");
+    assert_eq!(k[4], "peek 10 from 5", "offset 0: the front");
+    assert_eq!(k[6], "peek WouldBlock");
+
+    // End of stream after the peer's shutdown; half-close the other way.
+    peer.shutdown(std::net::Shutdown::Write).unwrap();
+    model.peer_shutdown();
+    let mut b = [0u8; 4];
+    assert_eq!(kernel.peek(&mut b).ok(), Some(0));
+    assert_eq!(model.peek(&mut b).ok(), Some(0));
+    kernel.shutdown_write();
+    model.shutdown_write();
+    let mut rest = Vec::new();
+    peer.set_nonblocking(false).unwrap();
+    peer.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"abc");
+    let mut got = Vec::new();
+    model.peer_read(100, &mut got);
+    assert_eq!((got.as_slice(), model.tx_shut), (&b"abc"[..], true));
+}
