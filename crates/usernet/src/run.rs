@@ -40,6 +40,7 @@ use usernet_core::config::{MTU_NETNS, NetConfig};
 use usernet_core::engine::Supervisor;
 use usernet_core::link::tap::Tap;
 use usernet_core::pcap::PcapWriter;
+use usernet_host::netns::Interface;
 use usernet_host::netns::resolv;
 use usernet_host::netns::sandbox::{GUEST_MAC, Sandbox, SandboxSpec, StartError};
 
@@ -70,12 +71,14 @@ fn supervised_signals() -> SigSet {
 /// The sandbox spec for a network configuration.
 pub fn sandbox_spec(cfg: &NetConfig) -> SandboxSpec {
     SandboxSpec {
-        ifname: "eth0".into(),
-        mac: GUEST_MAC,
-        address: cfg.guest,
-        prefix: cfg.subnet.prefix,
-        gateway: cfg.gateway,
-        mtu: cfg.mtu,
+        iface: Interface {
+            ifname: "eth0".into(),
+            mac: GUEST_MAC,
+            address: cfg.guest,
+            prefix: cfg.subnet.prefix,
+            gateway: cfg.gateway,
+            mtu: cfg.mtu,
+        },
         resolv_conf: {
             let dns = cfg.host_dns.upstreams();
             resolv::render_guest(cfg.gateway.into(), &dns.search, dns.options.ndots)

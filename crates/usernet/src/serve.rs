@@ -42,6 +42,7 @@ use usernet_core::link::seqpacket::SeqpacketAcceptor;
 use usernet_core::link::tap::Tap;
 use usernet_core::link::{Link, LinkAcceptor};
 use usernet_core::pcap::PcapWriter;
+use usernet_host::netns::Interface;
 use usernet_host::netns::attach::{AttachSpec, NetnsTarget};
 use usernet_host::netns::sandbox::GUEST_MAC;
 
@@ -128,12 +129,14 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
             target: target.clone(),
             userns: None,
             configure: true,
-            ifname: args.netns_ifname.clone(),
-            mac: netns_mac(i),
-            address: cfg.subnet.host(2 + i as u32),
-            prefix: cfg.subnet.prefix,
-            gateway: cfg.gateway,
-            mtu: cfg.mtu,
+            iface: Interface {
+                ifname: args.netns_ifname.clone(),
+                mac: netns_mac(i),
+                address: cfg.subnet.host(2 + i as u32),
+                prefix: cfg.subnet.prefix,
+                gateway: cfg.gateway,
+                mtu: cfg.mtu,
+            },
         };
         let fd = usernet_host::netns::attach::attach(&spec)?;
         let tap = Tap::from_fd(fd).context("TAP device")?;
@@ -170,7 +173,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     };
     engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
     for (spec, tap) in taps {
-        engine.add_static_lease(spec.mac, spec.address);
+        engine.add_static_lease(spec.iface.mac, spec.iface.address);
         engine.add_link(Box::new(tap));
     }
     for link in links {

@@ -21,7 +21,6 @@
 //! point it at the gateway to use usernet's DNS.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
@@ -77,12 +76,7 @@ pub struct AttachSpec {
     /// Configure the TAP (MAC, MTU, address, route, up) and `lo`; false leaves the new
     /// device down and bare, for a caller that configures it itself (rootlesskit does).
     pub configure: bool,
-    pub ifname: String,
-    pub mac: [u8; 6],
-    pub address: Ipv4Addr,
-    pub prefix: u8,
-    pub gateway: Ipv4Addr,
-    pub mtu: u32,
+    pub iface: super::Interface,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,16 +150,13 @@ fn child_setup(spec: &AttachSpec, userns: Option<&OwnedFd>, netns: &OwnedFd) -> 
             .map_err(|e| format!("cannot enter its user namespace: {}", e.desc()))?;
     }
     setns(netns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("cannot enter its network namespace: {}", e.desc()))?;
-    let tap = Tap::create(&spec.ifname)
-        .map_err(|e| format!("cannot create TAP device {} (/dev/net/tun): {}", spec.ifname, describe(&e)))?;
+    let name = &spec.iface.ifname;
+    let tap =
+        Tap::create(name).map_err(|e| format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e)))?;
     if spec.configure {
-        configure(spec).map_err(|e| format!("cannot configure {}: {}", spec.ifname, describe(&e)))?;
+        super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     }
     Ok(tap.into_fd())
-}
-
-fn configure(spec: &AttachSpec) -> io::Result<()> {
-    super::configure_interface(&spec.ifname, spec.mac, spec.mtu, spec.address, spec.prefix, spec.gateway)
 }
 
 /// The child's answer: "ok" with the TAP's descriptor, or an error line.

@@ -11,18 +11,24 @@ pub mod netlink;
 pub mod resolv;
 pub mod sandbox;
 
-/// Configures the guest's side of a namespace through netlink: lo up; `ifname` with its MAC
-/// and MTU, up; its address; a default route via `gateway` (a namespace that already has
-/// one keeps it: the subnet route reaches the gateway anyway).
-pub(crate) fn configure_interface(
-    ifname: &str,
-    mac: [u8; 6],
-    mtu: u32,
-    address: std::net::Ipv4Addr,
-    prefix: u8,
-    gateway: std::net::Ipv4Addr,
-) -> std::io::Result<()> {
-    let index = nix::net::if_::if_nametoindex(ifname)?;
+/// The guest's interface in a namespace, as `run` and `serve --netns` configure it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    /// Name of the TAP device, e.g. `eth0`.
+    pub ifname: String,
+    pub mac: [u8; 6],
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// Configures the guest's side of a namespace through netlink: lo up; the interface with its
+/// MAC and MTU, up; its address; a default route via its gateway (a namespace that already
+/// has one keeps it: the subnet route reaches the gateway anyway).
+pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
+    let (mac, mtu, address, prefix, gateway) = (i.mac, i.mtu, i.address, i.prefix, i.gateway);
+    let index = nix::net::if_::if_nametoindex(i.ifname.as_str())?;
     let lo = nix::net::if_::if_nametoindex("lo")?;
     let mut rtnl = netlink::Rtnl::open()?;
     rtnl.set_link(lo, None, None, true).map_err(|e| annotate(e, "bringing lo up"))?;

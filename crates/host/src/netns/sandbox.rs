@@ -30,7 +30,6 @@ use std::ffi::{CString, OsString};
 use std::fmt;
 use std::fs;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -55,13 +54,7 @@ use usernet_core::link::tap::Tap;
 /// How the guest's network looks from inside.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
-    /// Name of the TAP interface, e.g. `eth0`.
-    pub ifname: String,
-    pub mac: [u8; 6],
-    pub address: Ipv4Addr,
-    pub prefix: u8,
-    pub gateway: Ipv4Addr,
-    pub mtu: u32,
+    pub iface: super::Interface,
     /// The text of /etc/resolv.conf as COMMAND sees it.
     pub resolv_conf: String,
 }
@@ -526,9 +519,10 @@ fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
         .map_err(|e| format!("cannot set up {}: {}", resolv::RESOLV_CONF, describe(&e)))?;
     tracing::debug!("guest resolv.conf: {how:?}");
 
-    let tap = Tap::create_with_vnet_hdr(&spec.ifname)
-        .map_err(|e| format!("cannot create TAP device {} (/dev/net/tun): {}", spec.ifname, describe(&e)))?;
-    configure_network(spec).map_err(|e| format!("cannot configure {}: {}", spec.ifname, describe(&e)))?;
+    let name = &spec.iface.ifname;
+    let tap = Tap::create_with_vnet_hdr(name)
+        .map_err(|e| format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e)))?;
+    super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     let netns = open("/proc/self/ns/net", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
     Ok((tap.into_fd(), netns))
@@ -558,10 +552,6 @@ fn enter_namespaces() -> Result<(), String> {
         fs::write(path, text).map_err(|e| format!("cannot write {path}: {}", describe(&e)))?;
     }
     unshare(net_mnt).map_err(|e| format!("cannot create a network namespace: {} ({HINT})", e.desc()))
-}
-
-fn configure_network(spec: &SandboxSpec) -> io::Result<()> {
-    super::configure_interface(&spec.ifname, spec.mac, spec.mtu, spec.address, spec.prefix, spec.gateway)
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ use usernet_core::engine::control::{Command, ControlHandle};
 use usernet_core::link::tap::Tap;
 use usernet_core::ports::Proto;
 use usernet_core::services::proxy::ProxyConfig;
+use usernet_host::netns::Interface;
 use usernet_host::netns::attach::{AttachSpec, NetnsTarget};
 use usernet_host::publish::spec::PortSpec;
 
@@ -424,12 +425,14 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         target,
         userns: o.userns_path.clone(),
         configure: o.configure,
-        ifname: o.tapname.clone(),
-        mac: o.macaddress.unwrap_or(usernet_host::netns::sandbox::GUEST_MAC),
-        address: cfg.guest,
-        prefix: cfg.subnet.prefix,
-        gateway: cfg.gateway,
-        mtu: cfg.mtu,
+        iface: Interface {
+            ifname: o.tapname.clone(),
+            mac: o.macaddress.unwrap_or(usernet_host::netns::sandbox::GUEST_MAC),
+            address: cfg.guest,
+            prefix: cfg.subnet.prefix,
+            gateway: cfg.gateway,
+            mtu: cfg.mtu,
+        },
     };
     let tap_fd = usernet_host::netns::attach::attach(&spec)?;
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
@@ -439,7 +442,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
     let Network { mut engine, proxy_hook, .. } =
         start_network(&cfg, ProxyConfig::default(), None, Some(Box::new(tap)))?;
     engine.add_tcp_hook(proxy_hook);
-    engine.add_static_lease(spec.mac, cfg.guest);
+    engine.add_static_lease(spec.iface.mac, cfg.guest);
     engine.stop_without_links();
     let _api = match &o.api_socket {
         Some(path) => Some(ApiSocket::start(path, engine.control_handle()?, cfg.guest)?),
