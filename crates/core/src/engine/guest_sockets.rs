@@ -4,10 +4,11 @@
 //!
 //! A socket belongs to the network namespace of the thread that creates it, and stays
 //! there whichever thread uses it later. So one thread of its own enters the guest's
-//! namespace once (setns), stays there, and keeps a few fresh sockets ready in a bounded
-//! channel; the engine takes one per connection without waiting (and binds and connects
-//! it from its own thread), and the thread makes the next. Nothing moves between
-//! namespaces per connection. The thread ends when the engine drops its end.
+//! namespace once (setns), stays there, and keeps up to 16 fresh sockets ready in a pool;
+//! the engine takes one per connection without waiting (and binds and connects it from its
+//! own thread), and wakes the thread to fill the pool up again only when fewer than half are
+//! left, so a burst of connections costs one wake-up per eight. Nothing moves between
+//! namespaces per connection. The thread ends when the engine drops its handle.
 //!
 //! Entering the namespace needs CAP_SYS_ADMIN in the user namespace that owns it and in
 //! the thread's own. As root that holds everywhere; rootless, `usernet run` first joins the
@@ -16,26 +17,53 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::sock;
 
 /// Sockets kept ready: enough for a burst of connections accepted in one round.
 const READY: usize = 16;
+/// The thread refills only once fewer than this are left, so that it wakes once per
+/// several connections, not once per connection (a wake-up costs more than the sockets).
+const LOW_WATER: usize = READY / 2;
 /// Longest the engine waits for a socket when the ready ones ran out.
 const WAIT: Duration = Duration::from_millis(50);
 
+/// The sockets made and not yet taken, and whether the engine is gone.
+struct Pool {
+    sockets: Vec<io::Result<OwnedFd>>,
+    closed: bool,
+}
+
+struct Shared {
+    pool: Mutex<Pool>,
+    /// The engine took the pool below the low-water mark, or went away.
+    refill: Condvar,
+    /// The thread put sockets in.
+    made: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 pub struct GuestSockets {
-    /// Dropping it ends the thread (its blocked send fails).
-    ready: Receiver<io::Result<OwnedFd>>,
+    shared: Arc<Shared>,
 }
 
 impl GuestSockets {
     /// Starts the thread in the namespace `netns`; fails at once if it cannot enter it.
     pub fn start(netns: OwnedFd) -> io::Result<GuestSockets> {
-        let (entered_tx, entered_rx) = mpsc::sync_channel::<io::Result<()>>(1);
-        let (ready_tx, ready) = mpsc::sync_channel(READY);
+        let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+        let shared = Arc::new(Shared {
+            pool: Mutex::new(Pool { sockets: Vec::with_capacity(READY), closed: false }),
+            refill: Condvar::new(),
+            made: Condvar::new(),
+        });
+        let theirs = shared.clone();
         let thread = std::thread::Builder::new().name("usernet-guest-ns".into()).spawn(move || {
             // SAFETY: setns(2) on a namespace descriptor this thread owns; only this thread moves.
             if !is_current_netns(&netns) && unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
@@ -46,28 +74,61 @@ impl GuestSockets {
             if entered_tx.send(Ok(())).is_err() {
                 return;
             }
-            // Blocks while READY sockets wait; ends when the engine drops its end.
-            while ready_tx.send(sock::socket(libc::SOCK_STREAM, 0)).is_ok() {}
+            refill_until_closed(&theirs);
         })?;
         let entered = entered_rx.recv().unwrap_or_else(|_| Err(io::Error::other("the namespace thread died")));
         if let Err(e) = entered {
             let _ = thread.join();
             return Err(e);
         }
-        Ok(GuestSockets { ready })
+        Ok(GuestSockets { shared })
     }
 
     /// A fresh non-blocking TCP socket of the guest's namespace.
     pub fn take(&self) -> io::Result<OwnedFd> {
-        match self.ready.try_recv() {
-            Ok(made) => made,
-            Err(TryRecvError::Empty) => match self.ready.recv_timeout(WAIT) {
-                Ok(made) => made,
-                Err(RecvTimeoutError::Timeout) => Err(io::ErrorKind::TimedOut.into()),
-                Err(RecvTimeoutError::Disconnected) => Err(io::Error::other("the namespace thread is gone")),
-            },
-            Err(TryRecvError::Disconnected) => Err(io::Error::other("the namespace thread is gone")),
+        let mut pool = self.shared.lock();
+        if pool.sockets.is_empty() {
+            self.shared.refill.notify_one();
+            pool = self
+                .shared
+                .made
+                .wait_timeout_while(pool, WAIT, |p| p.sockets.is_empty())
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
+        let made = pool.sockets.pop().unwrap_or_else(|| Err(io::ErrorKind::TimedOut.into()));
+        if pool.sockets.len() < LOW_WATER {
+            self.shared.refill.notify_one();
+        }
+        made
+    }
+}
+
+impl Drop for GuestSockets {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.refill.notify_one();
+    }
+}
+
+/// The thread's loop: wait until the pool runs low, fill it up, until the engine is gone.
+fn refill_until_closed(shared: &Shared) {
+    loop {
+        let missing = {
+            let pool = shared.lock();
+            let pool = shared
+                .refill
+                .wait_while(pool, |p| !p.closed && p.sockets.len() >= LOW_WATER)
+                .unwrap_or_else(|e| e.into_inner());
+            if pool.closed {
+                return;
+            }
+            READY - pool.sockets.len()
+        };
+        // Made outside the lock, so that the engine never waits for socket(2).
+        let fresh: Vec<_> = (0..missing).map(|_| sock::socket(libc::SOCK_STREAM, 0)).collect();
+        shared.lock().sockets.extend(fresh);
+        shared.made.notify_one();
     }
 }
 
