@@ -69,7 +69,9 @@ impl Vm {
     /// Boots the image with `netdev` (a `-netdev` value with id=n0), MAC `mac`, and `params`
     /// for /init on the kernel command line.
     fn boot(name: &str, image: &Image, netdev: &str, mac: &str, params: &str) -> Vm {
-        let mut cmd = Command::new("qemu-system-x86_64");
+        // As the test user too, when usernet runs as one: QEMU's datagram socket must be
+        // one that usernet may send to.
+        let mut cmd = common::as_test_user("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
             .arg("-kernel")
             .arg(&image.kernel)

@@ -70,15 +70,20 @@ pub fn test_user() -> Option<String> {
     std::env::var("USERNET_TEST_USER").ok().filter(|u| !u.is_empty())
 }
 
-/// A command that runs the binary under test: as the test user when there is one
-/// (`setpriv`, which execs, so the child is usernet itself and signals reach it).
+/// A command that runs the binary under test: as the test user when there is one.
 pub fn usernet_command() -> Command {
+    as_test_user(usernet_bin())
+}
+
+/// `program` as the test user when there is one (`setpriv`, which execs, so the child is
+/// the program itself and signals reach it), else as it is.
+pub fn as_test_user(program: impl AsRef<OsStr>) -> Command {
     match test_user() {
-        None => Command::new(usernet_bin()),
+        None => Command::new(program),
         Some(user) => {
             let gid = run("id", &["-g", &user]).stdout.trim().to_string();
             let mut c = Command::new("setpriv");
-            c.args(["--reuid", &user, "--regid", &gid, "--clear-groups", "--"]).arg(usernet_bin());
+            c.args(["--reuid", &user, "--regid", &gid, "--clear-groups", "--"]).arg(program);
             c
         }
     }
