@@ -138,8 +138,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
                 mtu: cfg.mtu,
             },
         };
-        let fd = usernet_host::netns::attach::attach(&spec)?;
-        let tap = Tap::from_fd(fd).context("TAP device")?;
+        let attached = usernet_host::netns::attach::attach(&spec)?;
+        let tap = Tap::from_fd(attached.tap).context("TAP device")?;
         taps.push((spec, tap));
     }
 

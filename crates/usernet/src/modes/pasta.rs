@@ -68,7 +68,7 @@ use usernet_core::ports::{BoundListener, Proto};
 use usernet_core::services::proxy::ProxyConfig;
 use usernet_host::dns_watch;
 use usernet_host::netns::Interface;
-use usernet_host::netns::attach::{AttachSpec, NetnsTarget};
+use usernet_host::netns::attach::{AttachSpec, Attached, NetnsTarget};
 use usernet_host::netns::resolv;
 use usernet_host::netns::sandbox::{GUEST_MAC, SandboxSpec};
 use usernet_host::publish::spec::PortSpec;
@@ -643,14 +643,10 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         iface: iface.clone(),
     };
     // Attaching forks: it must happen while usernet is single-threaded.
-    let tap_fd = usernet_host::netns::attach::attach(&spec)?;
-    let netns_fd = match &target {
-        NetnsTarget::Path(p) => std::fs::File::open(p).ok().map(OwnedFd::from),
-        NetnsTarget::Pid(pid) => std::fs::File::open(format!("/proc/{pid}/ns/net")).ok().map(OwnedFd::from),
-    };
+    let attached = usernet_host::netns::attach::attach(&spec)?;
 
     let ready = if o.foreground { None } else { Some(daemonize()?) };
-    let served = serve(o, &cfg, &net, tap_fd, netns_fd, pcap, listeners, &iface, &target, ready, log_file);
+    let served = serve(o, &cfg, &net, attached, pcap, listeners, &iface, &target, ready, log_file);
     if let Err(e) = &served {
         tracing::error!("{e:#}");
     }
@@ -717,8 +713,7 @@ fn serve(
     o: &Options,
     cfg: &Arc<NetConfig>,
     net: &NetOpts,
-    tap_fd: OwnedFd,
-    netns_fd: Option<OwnedFd>,
+    attached: Attached,
     pcap: Option<PcapWriter>,
     listeners: Vec<BoundListener>,
     iface: &Interface,
@@ -730,17 +725,15 @@ fn serve(
     if let Some(path) = &o.pid_file {
         write_pid_file(path)?;
     }
-    let tap = Tap::from_fd(tap_fd).context("TAP device")?;
+    let tap = Tap::from_fd(attached.tap).context("TAP device")?;
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
     let _dns_watch = net.start_dns_watch(cfg).map_err(|e| tracing::warn!("{e:#}")).ok();
     let Network { mut engine, proxy_hook, .. } = start_network(cfg, ProxyConfig::default(), pcap, Some(Box::new(tap)))?;
     engine.add_tcp_hook(proxy_hook);
     engine.add_static_lease(iface.mac, cfg.guest);
     engine.stop_without_links();
-    if let Some(netns) = netns_fd
-        && let Err(e) = engine.set_guest_netns(netns)
-    {
-        tracing::info!("loopback clients of forwarded ports go through the guest link: {e}");
+    if let Err(e) = engine.set_guest_netns(attached.netns) {
+        tracing::info!("loopback clients of forwarded ports go through the TAP: {e}");
     }
     for p in engine.publish(listeners, cfg.guest) {
         tracing::debug!("forwarding {}/{} from {}", p.guest_port, p.proto, p.host);

@@ -363,8 +363,8 @@ fn run(o: &Options) -> anyhow::Result<i32> {
             mtu: cfg.mtu,
         },
     };
-    let tap_fd = usernet_host::netns::attach::attach(&spec)?;
-    let tap = Tap::from_fd(tap_fd).context("TAP device")?;
+    let attached = usernet_host::netns::attach::attach(&spec)?;
+    let tap = Tap::from_fd(attached.tap).context("TAP device")?;
 
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
     let _dns_watch = net.start_dns_watch(&cfg).map_err(|e| tracing::warn!("{e:#}")).ok();
@@ -373,6 +373,12 @@ fn run(o: &Options) -> anyhow::Result<i32> {
     engine.add_tcp_hook(proxy_hook);
     engine.add_static_lease(spec.iface.mac, cfg.guest);
     engine.stop_without_links();
+    // Loopback clients of forwarded ports spliced inside the namespace, as in `run`; where
+    // usernet may not enter it (rootlesskit runs it outside the namespace's user namespace),
+    // they go through the TAP.
+    if let Err(e) = engine.set_guest_netns(attached.netns) {
+        tracing::info!("loopback clients of forwarded ports go through the TAP: {e}");
+    }
     let _api = match &o.api_socket {
         Some(path) => Some(ApiSocket::start(path, engine.control_handle()?, cfg.guest)?),
         None => None,
