@@ -195,7 +195,12 @@ impl Engine {
             }
         }
         let listeners = (self.listeners.iter().flatten())
-            .map(|l| ListenerSample { published: l.published(), accepted: l.accepted })
+            .map(|l| ListenerSample {
+                host: l.local,
+                proto: l.proto,
+                guest: std::net::SocketAddrV4::new(l.guest_ip, l.guest_port),
+                accepted: l.accepted,
+            })
             .collect();
         EngineMetrics {
             links,

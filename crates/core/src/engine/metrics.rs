@@ -155,7 +155,11 @@ pub struct LinkSample {
 /// One published port, as `/metrics` shows it.
 #[derive(Clone, Debug)]
 pub struct ListenerSample {
-    pub published: super::control::Published,
+    /// The host address and port it listens on.
+    pub host: std::net::SocketAddr,
+    pub proto: crate::ports::Proto,
+    /// Where its connections go in the guest network.
+    pub guest: std::net::SocketAddrV4,
     /// TCP connections accepted on it.
     pub accepted: u64,
 }

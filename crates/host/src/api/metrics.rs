@@ -209,7 +209,7 @@ pub fn render(m: &EngineMetrics, start_time: Option<f64>) -> String {
 
     w.family("usernet_published_ports", Kind::Gauge, "Published ports (host sockets listening), by protocol.");
     for proto in [Proto::Tcp, Proto::Udp] {
-        let n = m.listeners.iter().filter(|l| l.published.proto == proto).count();
+        let n = m.listeners.iter().filter(|l| l.proto == proto).count();
         w.sample("usernet_published_ports", &[("proto", proto.as_str())], n as f64);
     }
     w.family(
@@ -217,9 +217,8 @@ pub fn render(m: &EngineMetrics, start_time: Option<f64>) -> String {
         Kind::Counter,
         "TCP connections accepted on each published port (host address and port).",
     );
-    for l in m.listeners.iter().filter(|l| l.published.proto == Proto::Tcp) {
-        let host = l.published.host.to_string();
-        let guest = format!("{}:{}", l.published.guest_ip, l.published.guest_port);
+    for l in m.listeners.iter().filter(|l| l.proto == Proto::Tcp) {
+        let (host, guest) = (l.host.to_string(), l.guest.to_string());
         w.sample(
             "usernet_published_connections_accepted_total",
             &[("host", &host), ("guest", &guest), ("proto", "tcp")],

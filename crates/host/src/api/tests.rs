@@ -102,7 +102,15 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                 }],
                 counters,
                 flows: FLOW_STATES.iter().map(|k| (*k, u64::from(*k == ("tcp", "established")))).collect(),
-                listeners: served.iter().map(|(p, _)| ListenerSample { published: p.clone(), accepted: 7 }).collect(),
+                listeners: served
+                    .iter()
+                    .map(|(p, _)| ListenerSample {
+                        host: p.host,
+                        proto: p.proto,
+                        guest: std::net::SocketAddrV4::new(p.guest_ip, p.guest_port),
+                        accepted: 7,
+                    })
+                    .collect(),
                 loop_counters: LoopCounters { iterations: 42, busy_nanos: 1_500_000_000 },
                 services: Some(ServicesSample {
                     dns_queries: 5,
