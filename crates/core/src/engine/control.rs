@@ -208,7 +208,7 @@ impl Engine {
             flows,
             listeners,
             loop_counters: self.loop_counters,
-            services: self.service_metrics.as_ref().map(|m| m.sample()),
+            services: self.service_metrics.as_ref().map(|m| m.sample(&self.cfg.host_dns.upstreams().servers)),
         }
     }
 }

@@ -119,9 +119,14 @@ impl ServiceMetrics {
         self.proxy[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn sample(&self) -> ServicesSample {
-        let upstreams =
-            self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (*k, *v)).collect();
+    /// A copy of the counters; `current` (the upstream servers in use) are listed even
+    /// before their first query, with zeros, so that their series exist from the start.
+    pub fn sample(&self, current: &[SocketAddr]) -> ServicesSample {
+        let mut map = self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for server in current {
+            map.entry(*server).or_default();
+        }
+        let upstreams = map.into_iter().collect();
         ServicesSample {
             dns_queries: self.dns_queries.load(Ordering::Relaxed),
             dns_local: self.dns_local.load(Ordering::Relaxed),
@@ -146,8 +151,10 @@ mod tests {
         m.upstream_query(b);
         m.upstream_failure(b, UpstreamFailure::Timeout);
         m.proxy_request(ProxyOutcome::Forwarded);
-        let s = m.sample();
-        assert_eq!(s.upstreams.len(), 2);
+        let c: SocketAddr = "127.0.0.3:53".parse().unwrap();
+        let s = m.sample(&[a, c]);
+        assert_eq!(s.upstreams.len(), 3);
+        assert_eq!(s.upstreams[2], (c, UpstreamCounters::default()));
         assert_eq!(s.upstreams[0], (a, UpstreamCounters { queries: 2, answers: 1, failures: [0; 4] }));
         assert_eq!(s.upstreams[1], (b, UpstreamCounters { queries: 1, answers: 0, failures: [1, 0, 0, 0] }));
         assert_eq!(s.proxy[0], (ProxyOutcome::Forwarded, 1));

@@ -449,6 +449,18 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_of_answers() {
+        assert_eq!(outcome(&error_response(400, "bad")), ProxyOutcome::BadRequest);
+        assert_eq!(outcome(&error_response(405, "no CONNECT here")), ProxyOutcome::BadRequest);
+        assert_eq!(outcome(&error_response(502, "down")), ProxyOutcome::UpstreamError);
+        assert_eq!(outcome(&error_response(403, "refused upstream")), ProxyOutcome::UpstreamError);
+        // An answer of the next hop, whatever its status.
+        let mut theirs = Response::new(empty());
+        *theirs.status_mut() = StatusCode::BAD_GATEWAY;
+        assert_eq!(outcome(&theirs), ProxyOutcome::Forwarded);
+    }
+
+    #[test]
     fn error_bodies_are_one_line() {
         let r = error_response(502, "upstream proxy 127.0.0.1:1 unreachable: Connection refused");
         assert_eq!(r.status(), 502);
