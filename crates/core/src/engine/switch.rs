@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
+use super::metrics::{Counters, DropReason, LinkCounters};
 use crate::link::Link;
 use crate::pcap::PcapWriter;
 use usernet_wire::icmp::IcmpHeader;
@@ -42,6 +43,8 @@ pub struct LinkStats {
 pub struct LinkSlot {
     pub link: Box<dyn Link>,
     pub readable: bool,
+    /// What this link carried (for `/metrics`).
+    pub counters: LinkCounters,
 }
 
 pub struct Switch {
@@ -63,6 +66,8 @@ pub struct Switch {
     vnet: Option<VnetHdr>,
     pub mtu: usize,
     pub stats: LinkStats,
+    /// Drops by reason and failed connects (for `/metrics`).
+    pub counters: Counters,
     /// The one link takes offloaded frames: TCP goes out in frames of up to 64 KiB with
     /// the checksum left to the guest's kernel (see link::tap).
     offload: bool,
@@ -86,6 +91,7 @@ impl Switch {
             vnet: None,
             mtu,
             stats: LinkStats::default(),
+            counters: Counters::default(),
             offload: false,
         }
     }
@@ -218,6 +224,7 @@ impl Switch {
                     // first): ask for its MAC. Its TCP ignores frames not addressed to it,
                     // so this one is dropped and its retransmission gets through.
                     self.vnet = None;
+                    self.counters.dropped(DropReason::NoNeighbour);
                     self.ask_mac(dst);
                     return;
                 }
@@ -244,9 +251,12 @@ impl Switch {
                     Ok(()) => {
                         self.stats.frames_out += 1;
                         self.stats.bytes_out += len as u64;
+                        slot.counters.tx_frames += 1;
+                        slot.counters.tx_bytes += len as u64;
                     }
                     Err(e) => {
                         self.stats.send_errors += 1;
+                        self.counters.dropped(DropReason::SendError);
                         tracing::debug!("{}: send: {e}", slot.link.describe());
                     }
                 }
@@ -257,6 +267,7 @@ impl Switch {
         self.stats.frames_out += frames;
         self.stats.bytes_out += frames * len as u64;
         self.stats.send_errors += errors;
+        self.counters.dropped_n(DropReason::SendError, errors);
     }
 
     /// Sends a frame built elsewhere (ARP replies) to `dst_mac`.
@@ -309,10 +320,11 @@ impl Switch {
         self.stats.frames_out += frames;
         self.stats.bytes_out += frames * frame.len() as u64;
         self.stats.send_errors += errors;
+        self.counters.dropped_n(DropReason::SendError, errors);
     }
 
     pub fn add_link(&mut self, link: Box<dyn Link>) -> usize {
-        let slot = LinkSlot { link, readable: true };
+        let slot = LinkSlot { link, readable: true, counters: LinkCounters::default() };
         let index = match self.links.iter().position(Option::is_none) {
             Some(i) => {
                 self.links[i] = Some(slot);
@@ -325,6 +337,13 @@ impl Switch {
         };
         self.update_offload();
         index
+    }
+
+    /// Counts a frame from a guest that goes no further.
+    #[inline]
+    pub fn drop_in(&mut self, why: DropReason) {
+        self.stats.dropped_in += 1;
+        self.counters.dropped(why);
     }
 
     /// Forgets a link that went away and the MACs behind it.
@@ -377,7 +396,11 @@ impl Switch {
 fn send_on(links: &mut [Option<LinkSlot>], target: Option<usize>, except: Option<usize>, frame: &[u8]) -> (u64, u64) {
     let (mut sent, mut errors) = (0, 0);
     let mut one = |slot: &mut LinkSlot| match slot.link.send(frame) {
-        Ok(()) => sent += 1,
+        Ok(()) => {
+            sent += 1;
+            slot.counters.tx_frames += 1;
+            slot.counters.tx_bytes += frame.len() as u64;
+        }
         Err(e) => {
             errors += 1;
             tracing::debug!("{}: send: {e}", slot.link.describe());

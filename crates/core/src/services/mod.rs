@@ -30,6 +30,7 @@
 
 pub mod dhcp;
 pub mod dns;
+pub mod metrics;
 pub mod proxy;
 
 use std::io;
@@ -87,6 +88,7 @@ pub struct ServiceHub {
     proxy: ProxySettings,
     jobs: Option<mpsc::UnboundedSender<Job>>,
     thread: Option<JoinHandle<()>>,
+    metrics: Arc<metrics::ServiceMetrics>,
 }
 
 impl ServiceHub {
@@ -99,6 +101,7 @@ impl ServiceHub {
     pub fn start_with(cfg: Arc<NetConfig>, tune: impl FnOnce(DnsServer) -> DnsServer) -> io::Result<ServiceHub> {
         let records = Arc::new(DnsRecords::from_config(&cfg));
         let dns = Arc::new(tune(DnsServer::new(&cfg, records.clone())));
+        let metrics = dns.metrics().clone();
         let proxy = ProxySettings::default();
         let proxy_ctx = Arc::new(Proxy { settings: proxy.clone(), cfg: cfg.clone(), dns: dns.clone() });
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -106,7 +109,12 @@ impl ServiceHub {
         let thread = std::thread::Builder::new()
             .name("usernet-services".into())
             .spawn(move || runtime.block_on(serve(rx, dns, proxy_ctx)))?;
-        Ok(ServiceHub { cfg, records, proxy, jobs: Some(tx), thread: Some(thread) })
+        Ok(ServiceHub { cfg, records, proxy, jobs: Some(tx), thread: Some(thread), metrics })
+    }
+
+    /// The services' counters (DNS forwarding per upstream, the proxy), for `/metrics`.
+    pub fn metrics(&self) -> Arc<metrics::ServiceMetrics> {
+        self.metrics.clone()
     }
 
     /// The network this hub serves.

@@ -58,6 +58,7 @@ pub use config::{ConfigError, NoProxy, ProxyConfig, ProxyOptions, ProxySettings,
 use crate::config::NetConfig;
 use crate::services::TcpHook;
 use crate::services::dns::{DnsServer, Transport};
+use crate::services::metrics::ProxyOutcome;
 
 /// The explicit proxy's port on the gateway.
 pub const PROXY_PORT: u16 = 3128;
@@ -307,10 +308,12 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
     match result {
         Ok((stream, rest, via)) => {
             info!("proxy: {guest} -> {target} (TLS, {dst}) via {via}");
+            proxy.dns.metrics().proxy_request(ProxyOutcome::Forwarded);
             relay(sock, stream, rest).await;
         }
         Err(e) => {
             warn!("proxy: {guest} -> {target} (TLS, {dst}): {e}; resetting the connection");
+            proxy.dns.metrics().proxy_request(ProxyOutcome::UpstreamError);
             // The ClientHello is still unread in `sock`: closing it resets the engine's end.
             drop(sock);
         }
