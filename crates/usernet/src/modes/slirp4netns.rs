@@ -594,6 +594,13 @@ mod tests {
         assert!(!o.configure);
         assert_eq!((o.mtu, o.ready_fd, o.api_socket.clone()), (65520, Some(3), Some(PathBuf::from("/tmp/s"))));
         assert_eq!(o.target, "1234");
+        // dockerd-rootless.sh's rootlesskit 1.1.0 (slirp4netns port driver), as captured.
+        let o = run_opts(
+            "--mtu 65520 -r 3 --disable-host-loopback --api-socket /tmp/rootlesskit1827073932/.s4nn.sock 29092 tap0",
+        );
+        assert!(o.disable_host_loopback && !o.configure && o.exit_fd.is_none());
+        assert_eq!((o.mtu, o.ready_fd, o.target.as_str()), (65520, Some(3), "29092"));
+        assert_eq!(o.api_socket, Some(PathBuf::from("/tmp/rootlesskit1827073932/.s4nn.sock")));
         let o = run_opts("-cr4 -m1500 77");
         assert!(o.configure);
         assert_eq!((o.ready_fd, o.mtu, o.tapname.as_str()), (Some(4), 1500, "tap0"));
