@@ -9,7 +9,9 @@
 //!    the process still has one thread: every thread started later inherits the mask, so
 //!    these signals are only ever read from the signalfd.
 //! 3. Fork the sandbox (`netns::sandbox`), still single-threaded. It returns once COMMAND's
-//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started. Rootless,
+//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started; it hands
+//!    over the TAP and the guest's resolv.conf (an open file, which `dns_watch` rewrites when
+//!    the host's search domains or `ndots` change; not with `--dns-upstream`). Rootless,
 //!    usernet then joins the user namespace it made for COMMAND (still single-threaded, as
 //!    the kernel requires), so that it may enter the guest's network namespace to make the
 //!    sockets of loopback clients' connections (`engine::guest_sockets`).
@@ -105,8 +107,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
     let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
 
-    let mut sandbox = Sandbox::create(&sandbox_spec(&cfg), &args.command)?;
+    let spec = sandbox_spec(&cfg);
+    let mut sandbox = Sandbox::create(&spec, &args.command)?;
     let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
+    // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
+    // or options change.
+    let guest_resolv = sandbox
+        .take_resolv_conf()
+        .map(|file| resolv::GuestResolvConf::new(file, cfg.gateway.into(), spec.resolv_conf.clone()));
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
     if !args.no_engine
         && !nix::unistd::geteuid().is_root()
@@ -126,7 +134,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     } else {
         let Network { mut engine, dns_records, proxy_settings, proxy_hook } =
             start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
-        match args.net.start_dns_watch(&cfg) {
+        match args.net.start_dns_watch(&cfg, guest_resolv) {
             Ok(w) => dns_watch = Some(w),
             Err(e) => tracing::warn!("{e:#}"),
         }
