@@ -294,8 +294,14 @@ const PLAIN_SETUP: &str = "mkdir \"$T/r\"\n\
 /// over it, rewrites it, re-points it as a symlink, renames over the symlink's target), and
 /// its search domains and ndots follow the host's within [`GUEST_LIMIT`].
 fn guest_resolv_conf_follows(user: Option<&str>) {
-    let w = World::start_as("dns-guest", PLAIN_SETUP, &[], READ_LOOP, user);
+    // The guest says whose user namespace it is in first: rootless, `0 <user's uid> 1`.
+    let guest = format!("echo \"UIDMAP $(awk '{{print $1, $2, $3}}' /proc/self/uid_map)\"; {READ_LOOP}");
+    let w = World::start_as("dns-guest", PLAIN_SETUP, &[], &guest, user);
     w.wait_seen("RESOLV", 0, "nameserver 192.168.65.1|search one.test|", Duration::from_secs(20));
+    if let Some(user) = user {
+        let uid = run("id", &["-u", user]).stdout.trim().to_string();
+        assert_eq!(w.seen("UIDMAP"), vec![format!("{uid} 1")], "not rootless as {user}\n{}", w.describe());
+    }
     w.wait_answers(0, FIRST, Duration::from_secs(20));
 
     let mut took = Vec::new();
