@@ -354,7 +354,23 @@ fn guest_resolv_conf_follows(user: Option<&str>) {
     );
     // 5. No search domain any more.
     step("no search", &|| replace(&four, "nameserver 127.0.0.2\n"), "nameserver 192.168.65.1|", FIRST);
-    for (how, t) in &took {
+    // 6. The host's file gone (and back): the guest keeps reading its own meanwhile.
+    step(
+        "gone",
+        &|| {
+            w.inside("rm /etc/resolv.conf");
+            std::thread::sleep(Duration::from_millis(1500));
+        },
+        "nameserver 192.168.65.1|",
+        FIRST,
+    );
+    step(
+        "back",
+        &|| w.inside("printf 'nameserver 127.0.0.3\\nsearch six.test\\n' > /etc/resolv.conf"),
+        "nameserver 192.168.65.1|search six.test|",
+        SECOND,
+    );
+    for (how, t) in took.iter().filter(|(how, _)| *how != "gone") {
         assert!(*t <= GUEST_LIMIT, "{how}: the guest's resolv.conf followed after {t:?}\n{}", w.describe());
     }
     eprintln!("the guest's resolv.conf followed after: {took:?}");
@@ -370,21 +386,22 @@ fn guest_resolv_conf_follows(user: Option<&str>) {
     // One line per change, dns_watch's own.
     let stderr = w.bg.stderr();
     let changes = stderr.lines().filter(|l| l.contains("dns: /etc/resolv.conf changed:")).count();
-    assert_eq!(changes, 5, "{}", w.describe());
+    assert_eq!(changes, 6, "{}", w.describe());
+    assert!(stderr.contains("dns: /etc/resolv.conf is gone"), "{}", w.describe());
     assert!(!stderr.contains("WARN") && !stderr.contains("ERROR"), "{}", w.describe());
 }
 
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn guest_resolv_conf_is_usernets_and_follows_the_host() {
-    require(TOOLS);
+    require(&[TOOLS, &["awk"]].concat());
     guest_resolv_conf_follows(None);
 }
 
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn guest_resolv_conf_is_usernets_and_follows_the_host_rootless() {
-    require(&[TOOLS, &["runuser"]].concat());
+    require(&[TOOLS, &["runuser", "awk"]].concat());
     guest_resolv_conf_follows(Some("nobody"));
 }
 
