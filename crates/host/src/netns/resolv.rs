@@ -176,8 +176,8 @@ pub fn render_guest(gateway: IpAddr, search: &[String], ndots: Option<u8>) -> St
 }
 
 /// Makes `/etc/resolv.conf` read `contents` in the current mount namespace, by shadowing /etc
-/// (see the module comment); returns the file, open for reading and writing. Call it only in a private
-/// mount namespace (after making `/` rprivate): it mounts things.
+/// (see the module comment); returns the file, open for reading and writing. Call it only in
+/// a private mount namespace (after making `/` rprivate): it mounts things.
 pub fn install_guest_resolv_conf(contents: &str) -> io::Result<fs::File> {
     shadow_etc(contents)
 }
