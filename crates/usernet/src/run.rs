@@ -9,7 +9,9 @@
 //!    the process still has one thread: every thread started later inherits the mask, so
 //!    these signals are only ever read from the signalfd.
 //! 3. Fork the sandbox (`netns::sandbox`), still single-threaded. It returns once COMMAND's
-//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started. Rootless,
+//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started; it hands
+//!    over the TAP and the guest's resolv.conf (an open file, which `dns_watch` rewrites when
+//!    the host's search domains or `ndots` change; not with `--dns-upstream`). Rootless,
 //!    usernet then joins the user namespace it made for COMMAND (still single-threaded, as
 //!    the kernel requires), so that it may enter the guest's network namespace to make the
 //!    sockets of loopback clients' connections (`engine::guest_sockets`).
@@ -128,6 +130,11 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
 
     let mut sandbox = Sandbox::create(&spec, command)?;
     let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
+    // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
+    // or options change.
+    let guest_resolv = sandbox.take_resolv_conf().map(|file| {
+        resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
+    });
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
     if !no_engine
         && !nix::unistd::geteuid().is_root()
@@ -147,7 +154,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     } else {
         let Network { mut engine, dns_records, proxy_settings, proxy_hook } =
             start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
-        match net.start_dns_watch(&cfg) {
+        match net.start_dns_watch(&cfg, guest_resolv) {
             Ok(w) => dns_watch = Some(w),
             Err(e) => tracing::warn!("{e:#}"),
         }
