@@ -45,8 +45,8 @@ fn rootlesskit_with_usernet_as_slirp4netns() {
         "cd {www}; busybox nslookup host.docker.internal 10.0.2.3 2>&1 | grep -c 10.0.2.2 | sed 's/^/dns-answers /'; \
          ip -4 -o addr show tap0 | sed 's/^/tap0 /'; \
          curl -s --max-time 5 http://10.0.2.2:{host}/f | sha256sum | sed 's/^/outbound /'; \
-         busybox httpd -p 80 -h {www}; echo serving; \
-         i=0; while [ ! -e {stop} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+         busybox httpd -f -p 80 -h {www} & h=$!; echo serving; \
+         i=0; while [ ! -e {stop} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; kill $h",
         www = r.rootfs.join("www").display(),
         host = server.port,
         stop = stop.display(),

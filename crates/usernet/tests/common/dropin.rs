@@ -94,6 +94,17 @@ impl Rootless {
 
 impl Drop for Rootless {
     fn drop(&mut self) {
+        // Rootless podman leaves a pause process holding its user namespace (its pid file is
+        // where podman's database says, not always under this runtime dir): every process
+        // still running with this runtime dir in its environment is the test's to stop.
+        let marker = format!("XDG_RUNTIME_DIR={}", self.runtime.display());
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.runtime);
     }
 }
