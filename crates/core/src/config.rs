@@ -195,6 +195,10 @@ pub struct HostsTable {
     pub names: HashMap<String, Ipv4Addr>,
     /// Address -> the name of its PTR record.
     pub ptr: HashMap<Ipv4Addr, String>,
+    /// Lower-case name -> its first global IPv6 address in the file (an AAAA record).
+    pub names6: HashMap<String, std::net::Ipv6Addr>,
+    /// IPv6 address -> the name of its PTR record (`ip6.arpa`).
+    pub ptr6: HashMap<std::net::Ipv6Addr, String>,
 }
 
 /// The live DNS configuration: an `Arc` snapshot of each part behind a lock. Readers take

@@ -412,7 +412,8 @@ const HOSTS: &str = "127.0.0.1 localhost\n\
      10.0.0.5 db.corp.example db\n\
      10.0.0.6 added.example\n\
      ::1 localhost ip6-localhost ip6-loopback\n\
-     2001:db8::5 six.example\n";
+     2001:db8::5 six.example\n\
+     2001:db8::6 db.corp.example\n";
 
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
@@ -448,7 +449,11 @@ fn the_hosts_etc_hosts_is_answered_and_followed() {
     guest.push_str(&ask("-x 10.0.0.5"));
     guest.push_str(&ask("-x 192.168.65.254"));
     guest.push_str(&ask("db.corp.example AAAA"));
-    guest.push_str(&status("db.corp.example AAAA"));
+    guest.push_str(&ask("six.example AAAA"));
+    guest.push_str(&status("six.example"));
+    guest.push_str(&ask("mybox.example AAAA"));
+    guest.push_str(&status("mybox.example AAAA"));
+    guest.push_str(&ask("-x 2001:db8::5"));
     guest.push_str(
         "echo DONE; i=0; while :; do i=$((i+1)); \
         echo \"ANSWER $i $(dig +short +time=1 +tries=1 @192.168.65.1 new.example | head -n1)\"; sleep 0.2; done",
@@ -484,13 +489,18 @@ fn the_hosts_etc_hosts_is_answered_and_followed() {
     assert_eq!(answer("host.docker.internal"), HOST_IP, "{}", w.describe());
     // localhost stays the guest's own: not answered with the host address.
     assert!(!answer("localhost").contains(HOST_IP), "{}", w.describe());
-    // An IPv6-only name of the hosts file is not the gateway's (no IPv6 in the guest yet).
+    // IPv6 lines give AAAA records; an IPv6-only name has no A record, but exists (NOERROR).
     assert_eq!(answer("six.example"), "", "{}", w.describe());
+    assert!(out.contains("S six.example: status: NOERROR"), "{}", w.describe());
+    assert_eq!(answer("six.example AAAA"), "2001:db8::5", "{}", w.describe());
+    assert_eq!(answer("db.corp.example AAAA"), "2001:db8::6", "{}", w.describe());
     assert_eq!(answer("-x 10.0.0.5"), "db.corp.example.", "{}", w.describe());
     assert_eq!(answer("-x 192.168.65.254"), "host.docker.internal.", "{}", w.describe());
-    // No AAAA, but the name exists (NOERROR, not NXDOMAIN).
-    assert_eq!(answer("db.corp.example AAAA"), "", "{}", w.describe());
-    assert!(out.contains("S db.corp.example AAAA: status: NOERROR"), "{}", w.describe());
+    assert_eq!(answer("-x 2001:db8::5"), "six.example.", "{}", w.describe());
+    // The machine's own name has only loopback lines (::1 is no address for a guest): no
+    // AAAA, but the name exists (NOERROR, not NXDOMAIN).
+    assert_eq!(answer("mybox.example AAAA"), "", "{}", w.describe());
+    assert!(out.contains("S mybox.example AAAA: status: NOERROR"), "{}", w.describe());
     // None of these went upstream, but localhost.
     let upstream_log = std::fs::read_to_string(w.path("dnsmasq2.log")).unwrap_or_default();
     assert!(!upstream_log.contains("mybox") && !upstream_log.contains("db.corp"), "{}", w.describe());
@@ -498,6 +508,7 @@ fn the_hosts_etc_hosts_is_answered_and_followed() {
     let v = w.api_get("/v1/resolver");
     assert_eq!(v["hosts"]["path"], "/etc/hosts", "{v}");
     assert_eq!(v["hosts"]["names"], 5, "{v}");
+    assert_eq!(v["hosts"]["names6"], 2, "{v}");
     // The API's table is its own records: /etc/hosts is behind it, not in it.
     let records = w.api_get("/v1/dns");
     assert!(!records.to_string().contains("mybox"), "{records}");

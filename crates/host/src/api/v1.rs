@@ -296,7 +296,11 @@ pub struct ResolverOptionsView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostsView {
     pub path: Option<String>,
+    /// Names with an IPv4 address (A records).
     pub names: usize,
+    /// Names with an IPv6 address (AAAA records).
+    #[serde(default)]
+    pub names6: usize,
 }
 
 pub fn resolver(state: &State) -> Reply {
@@ -319,7 +323,11 @@ pub fn resolver(state: &State) -> Reply {
         options: ResolverOptionsView { ndots: o.ndots, timeout: o.timeout, attempts: o.attempts, rotate: o.rotate },
         timeout_ms: o.timeout.map_or(UPSTREAM_TIMEOUT.as_millis() as u64, |s| u64::from(s) * 1000),
         attempts: o.attempts.map_or(UPSTREAM_ATTEMPTS, u32::from),
-        hosts: HostsView { path: hosts.path.as_ref().map(|p| p.display().to_string()), names: hosts.names.len() },
+        hosts: HostsView {
+            path: hosts.path.as_ref().map(|p| p.display().to_string()),
+            names: hosts.names.len(),
+            names6: hosts.names6.len(),
+        },
     };
     Reply::json(StatusCode::OK, &view)
 }

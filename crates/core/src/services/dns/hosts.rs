@@ -13,11 +13,13 @@
 //! - names that mean "this machine's loopback" wherever they are resolved (`localhost`,
 //!   `*.localhost`, `localhost.localdomain`, `localhost4`, `localhost6`, `ip6-localhost`,
 //!   `ip6-loopback`) are left out: in a guest they must stay the guest's own loopback;
-//! - names with only IPv6 addresses are left out (forwarded as any other name): the
-//!   engine has no IPv6 yet, so a guest could not use them. For the same reason a name of
-//!   the table has no AAAA record (its AAAA query gets NOERROR with no answer).
+//! - a name's first global IPv6 address, as an AAAA record, as the host's own resolver
+//!   answers it (and as AAAA answers are forwarded for every other name): loopback (`::1`),
+//!   link-local (which needs the host's zone) and multicast lines are left out. A name with
+//!   only IPv6 addresses gets no A record (its A query gets NOERROR with no answer).
 //!
-//! PTR: each IPv4 address that is not loopback gets the first name of its first line.
+//! PTR: each IPv4 address that is not loopback, and each IPv6 address kept, gets the first
+//! name of its first line.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -36,8 +38,12 @@ pub fn parse_hosts(text: &str, host: Option<Ipv4Addr>) -> HostsTable {
         let Some(addr) = words.next().and_then(parse_addr) else {
             continue;
         };
-        let IpAddr::V4(v4) = addr else {
-            continue;
+        let v4 = match addr {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => {
+                add_v6(&mut table, v6, words);
+                continue;
+            }
         };
         let loopback = v4.is_loopback();
         let guest_addr = match (loopback, host) {
@@ -58,6 +64,25 @@ pub fn parse_hosts(text: &str, host: Option<Ipv4Addr>) -> HostsTable {
         }
     }
     table
+}
+
+/// The names of an IPv6 line, when its address is one a guest could be given.
+fn add_v6<'a>(table: &mut HostsTable, v6: std::net::Ipv6Addr, words: impl Iterator<Item = &'a str>) {
+    let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+    if v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || link_local {
+        return;
+    }
+    let mut first = true;
+    for name in words.filter_map(normalize_name) {
+        if is_loopback_name(&name) {
+            continue;
+        }
+        if first {
+            table.ptr6.entry(v6).or_insert_with(|| name.clone());
+        }
+        first = false;
+        table.names6.entry(name).or_insert(v6);
+    }
 }
 
 /// An address word: IPv4, or IPv6 with an optional `%zone`.
@@ -112,6 +137,8 @@ mod tests {
         assert_eq!(names, vec![("build01", HOST), ("build01.corp.example", HOST)]);
         // Loopback lines give no PTR: the host address's PTR is the gateway's own name.
         assert!(t.ptr.is_empty());
+        // ::1 and the multicast lines give the guest nothing.
+        assert!(t.names6.is_empty() && t.ptr6.is_empty(), "{:?}", t.names6);
     }
 
     #[test]
@@ -138,6 +165,11 @@ mod tests {
         assert_eq!(t.names.get("good8"), Some(&ip("10.0.0.8")));
         assert_eq!(t.names.get("six-only"), None);
         assert_eq!(t.names.get("linklocal"), None);
+        let six: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(t.names6.get("six-only"), Some(&six));
+        assert_eq!(t.names6.get("db"), Some(&six), "a name may have both");
+        assert_eq!(t.names6.get("linklocal"), None, "link-local needs the host's zone");
+        assert_eq!(t.ptr6.get(&six).map(String::as_str), Some("db"));
         assert_eq!(t.names.get("commented"), None);
         assert_eq!(t.names.len(), 6);
         assert_eq!(t.ptr.get(&ip("10.0.0.5")).map(String::as_str), Some("db.corp.example"));

@@ -9,11 +9,11 @@
 //!    FORMERR (a header but no readable single question), answer from the local names
 //!    ([`DnsRecords`]: `host.docker.internal` and friends, `--add-host`, records added at run
 //!    time, then the host's /etc/hosts, see [`hosts`]), or forward. A local name is answered
-//!    authoritatively (AA, TTL 60) for type A (and ANY); for any other type it gets NOERROR
-//!    with no answer (NODATA), never NXDOMAIN, so that a resolver asking AAAA and A in
-//!    parallel still uses the A answer (the engine has no IPv6 yet, hence no AAAA records).
-//!    The reverse name (`in-addr.arpa`) of an address with a local name is answered the same
-//!    way, with a PTR record.
+//!    authoritatively (AA, TTL 60) for type A, and AAAA where /etc/hosts gives it an IPv6
+//!    address (ANY gets both); for any other type it gets NOERROR with no answer (NODATA),
+//!    never NXDOMAIN, so that a resolver asking AAAA and A in parallel still uses the A
+//!    answer. The reverse name (`in-addr.arpa`, `ip6.arpa`) of an address with a local name
+//!    is answered the same way, with a PTR record.
 //! 2. Forwarding ([`forward`]) asks the upstream servers as glibc's resolver does, with the
 //!    host's `timeout`, `attempts` and `rotate` options, and moves on from a server that is
 //!    silent, unreachable, or answers SERVFAIL or REFUSED. The servers are read from the
@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, Message, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::sync::Semaphore;
@@ -190,13 +190,21 @@ impl DnsServer {
         let wants = |t: RecordType| qtype == t || qtype == RecordType::ANY;
         let ascii = question.name().to_ascii();
         // Some(answer): the name is ours (answer None: it has no record of that type).
-        let answer = if let Some(addr) = self.records.lookup(&ascii) {
-            Some(wants(RecordType::A).then_some(RData::A(A(addr))))
-        } else if let Some(target) = reverse_v4(&ascii).and_then(|ip| self.records.reverse(ip)) {
+        let (v4, v6) = (self.records.lookup(&ascii), self.records.lookup6(&ascii));
+        let reverse = || {
+            reverse_v4(&ascii)
+                .and_then(|ip| self.records.reverse(ip))
+                .or_else(|| reverse_v6(&ascii).and_then(|ip| self.records.reverse6(ip)))
+        };
+        let answers: Vec<RData> = if v4.is_some() || v6.is_some() {
+            let a = v4.filter(|_| wants(RecordType::A)).map(|addr| RData::A(A(addr)));
+            let aaaa = v6.filter(|_| wants(RecordType::AAAA)).map(|addr| RData::AAAA(AAAA(addr)));
+            a.into_iter().chain(aaaa).collect()
+        } else if let Some(target) = reverse() {
             let Ok(target) = Name::from_ascii(format!("{target}.")) else {
                 return self.forward_or_servfail(query);
             };
-            Some(wants(RecordType::PTR).then_some(RData::PTR(PTR(target))))
+            wants(RecordType::PTR).then_some(RData::PTR(PTR(target))).into_iter().collect()
         } else {
             return self.forward_or_servfail(query);
         };
@@ -211,8 +219,8 @@ impl DnsServer {
         resp.metadata.checking_disabled = header.checking_disabled;
         let name = question.name().clone();
         resp.add_query(question);
-        if let Some(Some(rdata)) = answer {
-            resp.add_answer(Record::from_rdata(name, LOCAL_TTL, rdata));
+        for rdata in answers {
+            resp.add_answer(Record::from_rdata(name.clone(), LOCAL_TTL, rdata));
         }
         if request.edns.is_some() {
             let mut edns = Edns::new();
@@ -248,6 +256,24 @@ fn reverse_v4(name: &str) -> Option<Ipv4Addr> {
         *o = label.parse().ok()?;
     }
     labels.next().is_none().then(|| Ipv4Addr::from(octets))
+}
+
+/// The IPv6 address of an `ip6.arpa` name (32 nibble labels, least significant first).
+fn reverse_v6(name: &str) -> Option<std::net::Ipv6Addr> {
+    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    let rest = lower.strip_suffix(".ip6.arpa")?;
+    let nibbles: Vec<&str> = rest.split('.').collect();
+    if nibbles.len() != 32 {
+        return None;
+    }
+    let mut value: u128 = 0;
+    for label in nibbles.iter().rev() {
+        if label.len() != 1 {
+            return None;
+        }
+        value = (value << 4) | u128::from(u8::from_str_radix(label, 16).ok()?);
+    }
+    Some(std::net::Ipv6Addr::from(value))
 }
 
 fn is_response_to(msg: &[u8], id: [u8; 2]) -> bool {
@@ -471,13 +497,36 @@ mod tests {
         let c = cfg(vec!["127.0.0.1:9".parse().unwrap()]);
         let s = DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c)));
         assert_eq!(s.local(&query("mybox", RecordType::A)), Local::Forward);
-        c.host_dns.set_hosts(hosts::parse_hosts("127.0.1.1 mybox\n10.0.0.5 db.corp\n", Some(c.host)));
+        c.host_dns.set_hosts(hosts::parse_hosts(
+            "127.0.1.1 mybox\n10.0.0.5 db.corp\n2001:db8::5 db.corp v6only.corp\n::1 mybox\n",
+            Some(c.host),
+        ));
         let m = reply(s.local(&query("MyBox.", RecordType::A)));
         assert_eq!(a_answers(&m), vec![Ipv4Addr::new(192, 168, 65, 254)]);
         assert!(m.authoritative);
-        // No IPv6 in the engine: the name exists, with no AAAA record.
+        // AAAA from the file's IPv6 lines; ANY gets both; an IPv6-only name has no A (NODATA);
+        // a name whose IPv6 line is ::1 has no AAAA (NODATA).
+        let v6: std::net::Ipv6Addr = "2001:db8::5".parse().unwrap();
+        let aaaa = |m: &Message| -> Vec<std::net::Ipv6Addr> {
+            m.answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::AAAA(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect()
+        };
         let m = reply(s.local(&query("db.corp", RecordType::AAAA)));
-        assert_eq!(m.response_code, ResponseCode::NoError);
+        assert_eq!((m.response_code, aaaa(&m)), (ResponseCode::NoError, vec![v6]));
+        assert!(m.authoritative);
+        let m = reply(s.local(&query("db.corp", RecordType::ANY)));
+        assert_eq!((a_answers(&m), aaaa(&m)), (vec![Ipv4Addr::new(10, 0, 0, 5)], vec![v6]));
+        let m = reply(s.local(&query("v6only.corp", RecordType::A)));
+        assert!(m.answers.is_empty() && m.response_code == ResponseCode::NoError);
+        let m = reply(s.local(&query("mybox", RecordType::AAAA)));
+        assert!(m.answers.is_empty() && m.response_code == ResponseCode::NoError);
+        // --add-host names win, AAAA included: no AAAA from the file behind them.
+        let m = reply(s.local(&query("myhost.test", RecordType::AAAA)));
         assert!(m.answers.is_empty());
         // PTR of a hosts address, of the built-in ones, of an --add-host one.
         let ptr = |name: &str| {
@@ -494,6 +543,7 @@ mod tests {
         assert_eq!(ptr("254.65.168.192.IN-ADDR.ARPA"), vec!["host.docker.internal."]);
         assert_eq!(ptr("1.65.168.192.in-addr.arpa"), vec!["gateway.docker.internal."]);
         assert_eq!(ptr("3.2.1.10.in-addr.arpa"), vec!["myhost.test."]);
+        assert_eq!(ptr("5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa."), vec!["db.corp."]);
         // Other types of a local reverse name: NODATA; unknown addresses are forwarded.
         let m = reply(s.local(&query("5.0.0.10.in-addr.arpa", RecordType::A)));
         assert!(m.answers.is_empty() && m.authoritative);
@@ -511,6 +561,15 @@ mod tests {
         assert_eq!(reverse_v4("256.3.2.1.in-addr.arpa"), None);
         assert_eq!(reverse_v4("4.3.2.1.ip6.arpa"), None);
         assert_eq!(reverse_v4(".3.2.1.in-addr.arpa"), None);
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().ok();
+        assert_eq!(
+            reverse_v6("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.B.D.0.1.0.0.2.IP6.ARPA."),
+            v6("2001:db8::1")
+        );
+        assert_eq!(reverse_v6("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.ip6.arpa"), None);
+        assert_eq!(reverse_v6("10.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"), None);
+        assert_eq!(reverse_v6("g.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"), None);
+        assert_eq!(reverse_v6("4.3.2.1.in-addr.arpa"), None);
     }
 
     #[test]

@@ -96,6 +96,21 @@ impl DnsRecords {
         self.host_dns.hosts().names.get(&key).copied()
     }
 
+    /// The IPv6 address the gateway answers for `name` (AAAA): /etc/hosts' only, and only
+    /// for a name the explicit table does not have (its names are IPv4 only, and win).
+    pub fn lookup6(&self, name: &str) -> Option<std::net::Ipv6Addr> {
+        let key = normalize(name);
+        if self.read().contains_key(&key) {
+            return None;
+        }
+        self.host_dns.hosts().names6.get(&key).copied()
+    }
+
+    /// The name of the PTR record of IPv6 address `addr` (/etc/hosts').
+    pub fn reverse6(&self, addr: std::net::Ipv6Addr) -> Option<String> {
+        self.host_dns.hosts().ptr6.get(&addr).cloned()
+    }
+
     /// The name of the PTR record of `addr`, if the gateway has one (see the module comment).
     pub fn reverse(&self, addr: Ipv4Addr) -> Option<String> {
         {
