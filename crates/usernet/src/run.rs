@@ -102,7 +102,16 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     let specs = args.net.published_specs()?;
     let listeners = bind_published(&specs)?;
     let spec = sandbox_spec(&cfg);
-    execute(Launch { net: &args.net, cfg, pcap, listeners, spec, command: &args.command, no_engine: args.no_engine })
+    execute(Launch {
+        net: &args.net,
+        cfg,
+        pcap,
+        listeners,
+        spec,
+        command: &args.command,
+        no_engine: args.no_engine,
+        with_engine: None,
+    })
 }
 
 /// What [`execute`] starts: the network of `cfg` (its published ports already bound) and
@@ -116,12 +125,19 @@ pub struct Launch<'a> {
     pub spec: SandboxSpec,
     pub command: &'a [std::ffi::OsString],
     pub no_engine: bool,
+    /// Started with the engine's control handle and the guest's network namespace once the
+    /// engine exists (pasta mode's `-T` and `auto` forwarding).
+    pub with_engine: Option<WithEngine<'a>>,
 }
+
+/// See [`Launch::with_engine`].
+pub type WithEngine<'a> =
+    Box<dyn FnOnce(usernet_core::engine::control::ControlHandle, std::os::fd::OwnedFd) -> anyhow::Result<()> + 'a>;
 
 /// Steps 2 to 7 of the theory of operation: the sandbox, the engine, COMMAND, its status.
 /// pasta mode's `pasta -- COMMAND` goes through here too.
 pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
-    let Launch { net, cfg, pcap, listeners, spec, command, no_engine } = launch;
+    let Launch { net, cfg, pcap, listeners, spec, command, no_engine, with_engine } = launch;
     let proxy = net.proxy_config()?;
 
     let signals = supervised_signals();
@@ -165,6 +181,10 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             && let Err(e) = engine.set_guest_netns(netns)
         {
             tracing::warn!("loopback clients of published ports go through the guest link: {e}");
+        }
+        if let Some(start) = with_engine {
+            let netns = sandbox.netns().context("the sandbox kept no network namespace")?;
+            start(engine.control_handle().context("control handle")?, netns)?;
         }
         if !listeners.is_empty() {
             for p in engine.publish(listeners, cfg.guest) {

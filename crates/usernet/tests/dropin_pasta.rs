@@ -136,6 +136,60 @@ fn rootlesskit2_command_line() {
     assert_eq!(line_value(&text, "after-exit"), Some("exited"), "usernet stays after its namespace's process: {text}");
 }
 
+/// pasta's defaults for TCP, `-t auto -T auto`: a host service on the host's loopback
+/// reached from the namespace's loopback, a service started in the namespace published on the
+/// host as it appears (and unpublished when it goes); and a fixed `-T` port.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn tcp_auto_forwarding_both_ways() {
+    require(&["runuser", "useradd", "unshare", "nsenter", "curl", "busybox", "ss"]);
+    let r = Rootless::new("pt");
+    let (_dir, server, hash) = serve_random_file("pt-host", "f", 1 << 20);
+    let (_dir2, server2, hash2) = serve_random_file("pt-host2", "f", 1 << 19);
+    let port = free_port();
+    let www = r.rootfs.join("www");
+    let script = format!(
+        "unshare --user --map-root-user --net sleep 60 & t=$!; sleep 0.3; \
+         ns() {{ nsenter -t $t -U -n --preserve-credentials \"$@\"; }}; \
+         {pasta} --config-net -u none -U none -P {rt}/auto.pid --userns=/proc/$t/ns/user --netns=/proc/$t/ns/net; \
+         echo auto-exit $?; \
+         i=0; until ns curl -s -o /dev/null http://127.0.0.1:{sp}/f || [ $i -ge 50 ]; do sleep 0.1; i=$((i+1)); done; \
+         ns curl -s --max-time 5 http://127.0.0.1:{sp}/f | sha256sum | sed 's/^/to-host /'; \
+         nsenter -t $t -U -n --preserve-credentials busybox httpd -f -p {port} -h {www} & h=$!; \
+         i=0; until curl -s -o /dev/null http://127.0.0.1:{port}/f || [ $i -ge 50 ]; do sleep 0.1; i=$((i+1)); done; \
+         curl -s --max-time 5 http://127.0.0.1:{port}/f | sha256sum | sed 's/^/to-ns /'; \
+         kill $h; i=0; while ss -Hltn \"sport = :{port}\" | grep -q {port} && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; \
+         ss -Hltn \"sport = :{port}\" | grep -q {port} && echo after-stop listening || echo after-stop released; \
+         a=$(cat {rt}/auto.pid); kill $a; i=0; while kill -0 $a 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; \
+         {pasta} --config-net -t none -T {sp2} -U none -u none --userns=/proc/$t/ns/user --netns=/proc/$t/ns/net; \
+         echo fixed-exit $?; \
+         ns curl -s --max-time 5 http://127.0.0.1:{sp2}/f | sha256sum | sed 's/^/fixed-port /'; \
+         ns curl -s --max-time 2 -o /dev/null -w '%{{http_code}}\\n' http://127.0.0.1:{sp}/f | sed 's/^/not-given /'; \
+         kill $t; wait $t; echo done",
+        pasta = r.pasta().display(),
+        rt = r.runtime.display(),
+        sp = server.port,
+        sp2 = server2.port,
+        www = www.display(),
+    );
+    let child = r
+        .command("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the script");
+    let (code, text) = wait_output(child, Duration::from_secs(90));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(line_value(&text, "auto-exit"), Some("0"), "{text}");
+    assert_eq!(line_value(&text, "to-host").map(first_word), Some(hash), "-T auto: {text}");
+    assert_eq!(line_value(&text, "to-ns").map(first_word), Some(r.file_hash.clone()), "-t auto: {text}");
+    assert_eq!(line_value(&text, "after-stop"), Some("released"), "-t auto: {text}");
+    assert_eq!(line_value(&text, "fixed-exit"), Some("0"), "{text}");
+    assert_eq!(line_value(&text, "fixed-port").map(first_word), Some(hash2), "-T PORT: {text}");
+    assert_eq!(line_value(&text, "not-given"), Some("000"), "only the -T port given: {text}");
+}
+
 /// `pasta --config-net -t PORT:80 -- COMMAND`: COMMAND's network, its published port, its
 /// DNS, its exit status.
 #[test]
@@ -184,8 +238,8 @@ fn mistakes_exit_1_with_pastas_words() {
     for (args, words) in [
         (&["--bogus"][..], "pasta: unrecognized option '--bogus'"),
         (&["-t", "99999", "--", "true"][..], "Invalid port specifier 99999"),
-        (&["-t", "auto", "--", "true"][..], "-t auto"),
-        (&["-T", "8080", "--", "true"][..], "--tcp-ns 8080"),
+        (&["-u", "auto", "--", "true"][..], "-u auto"),
+        (&["-U", "8080", "--", "true"][..], "--udp-ns 8080"),
         (&["--netns"][..], "pasta: option '--netns' requires an argument"),
     ] {
         let out = run_pasta(args);

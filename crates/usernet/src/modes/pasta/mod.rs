@@ -43,10 +43,11 @@
 //! those are used exactly.
 //!
 //! Ports: `-t`/`-u` take pasta's specs (`none`, `[ADDR/]PORT[-LAST][:TARGET[-LAST]]`
-//! lists with `~` exclusions); `auto` and `all` (which follow the namespace's bound ports)
-//! are not implemented and are an error; when `-t`/`-u` are not given, nothing is forwarded
-//! (pasta's default is `auto`). `-T`/`-U` (namespace to host) take only `none` (and default
-//! to it).
+//! lists with `~` exclusions); TCP also takes `auto` both ways, pasta's default: `-t auto`
+//! publishes every port that listens in the namespace as it appears, `-T auto` makes every
+//! port that listens on the host reachable on the namespace's loopback, and `-T PORTS` the
+//! ports given (see `forward`). Not implemented, and an error: `all`, UDP's `auto` and `-U`
+//! ports (UDP defaults to `none`).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -57,10 +58,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+mod forward;
+
 use super::getopt::{self, Opt, Positionals, flag, valued};
 use super::lifecycle::{SignalSupervisor, stop_when_netns_file_gone, stop_when_process_exits};
 use crate::net_opts::NetOpts;
 use crate::network::{Network, start_network};
+use forward::Forwarding;
 use usernet_core::config::{Ipv4Subnet, NetConfig};
 use usernet_core::link::tap::Tap;
 use usernet_core::pcap::PcapWriter;
@@ -129,11 +133,14 @@ const HELP: &str = "
         -t 22-80:32-90	Forward ports 22 to 80 to 32 to 90
         -t 192.0.2.1/5	Bind port 5 of 192.0.2.1 to namespace
         -t 5-25,~10-20	Forward ports 5 to 9, and 21 to 25
-    default (usernet): none ('auto' is not implemented)
+      'auto': forward all ports currently bound in namespace
+    default: auto
   -u, --udp-ports SPEC	UDP port forwarding to namespace
-    SPEC is as described for TCP above
+    SPEC is as described for TCP above, without 'auto'
+    default (usernet): none
   -T, --tcp-ns SPEC	TCP port forwarding to init namespace
-    usernet: 'none' only
+    SPEC is as described above (ports of the namespace's loopback)
+    default: auto
   -U, --udp-ns SPEC	UDP port forwarding to init namespace
     usernet: 'none' only
   --userns NSPATH 	Target user namespace to join
@@ -237,6 +244,8 @@ pub struct Options {
     pub map_host_loopback: Option<Option<Ipv4Addr>>,
     pub map_guest_addr: Option<Option<Ipv4Addr>>,
     pub ports: Vec<PortSpec>,
+    /// `-T` and the TCP `auto`s (see `forward`).
+    pub forwarding: Forwarding,
     pub userns: Option<PathBuf>,
     pub netns_only: bool,
     pub no_netns_quit: bool,
@@ -302,7 +311,9 @@ pub fn parse_port_spec(flag: &str, spec: &str, proto: Proto) -> Result<Vec<PortS
     match spec {
         "none" => return Ok(Vec::new()),
         "auto" | "all" => {
-            return Err(format!("{flag} {spec}: usernet's pasta mode forwards only the ports given (no '{spec}')"));
+            return Err(format!(
+                "{flag} {spec}: usernet's pasta mode does not do '{spec}' here (TCP's -t and -T take auto)"
+            ));
         }
         _ => {}
     }
@@ -374,6 +385,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         map_host_loopback: None,
         map_guest_addr: None,
         ports: Vec::new(),
+        forwarding: Forwarding::default(),
         userns: None,
         netns_only: false,
         no_netns_quit: false,
@@ -381,6 +393,8 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         target: Target::Command(Vec::new()),
     };
     let mut netns: Option<String> = None;
+    // pasta's default for -t and -T is auto (UDP's too, which usernet does not do: none).
+    let (mut tcp_given, mut tcp_ns_given) = (false, false);
     for (name, value) in given.options {
         let v = value.unwrap_or_default();
         match name {
@@ -421,12 +435,25 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "map-guest-addr" => o.map_guest_addr = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
             // usernet has no IPv6 and never copies addresses or routes: honoured as it is.
             "no-ndp" | "no-dhcpv6" | "no-ra" | "no-copy-routes" | "no-copy-addrs" | "ipv4-only" => {}
-            "tcp-ports" => o.ports.extend(parse_port_spec("-t", &v, Proto::Tcp)?),
+            "tcp-ports" if v == "auto" => (tcp_given, o.forwarding.to_ns_auto) = (true, true),
+            "tcp-ports" => {
+                tcp_given = true;
+                o.ports.extend(parse_port_spec("-t", &v, Proto::Tcp)?)
+            }
             "udp-ports" => o.ports.extend(parse_port_spec("-u", &v, Proto::Udp)?),
-            "tcp-ns" | "udp-ns" if v == "none" => {}
-            "tcp-ns" | "udp-ns" => {
+            "tcp-ns" if v == "auto" => (tcp_ns_given, o.forwarding.to_host_auto) = (true, true),
+            "tcp-ns" => {
+                tcp_ns_given = true;
+                let specs = parse_port_spec("-T", &v, Proto::Tcp)?;
+                if specs.iter().any(|s| s.host_ip.is_some()) {
+                    return Err(format!("-T {v}: usernet binds -T ports on the namespace's loopback only"));
+                }
+                o.forwarding.to_host.extend(specs.iter().map(|s| (s.host_ports.map_or(0, |p| p.0), s.container_port)));
+            }
+            "udp-ns" if v == "none" => {}
+            "udp-ns" => {
                 return Err(format!(
-                    "--{name} {v}: usernet's pasta mode does not forward ports from the namespace to the host (only 'none')"
+                    "--udp-ns {v}: usernet's pasta mode does not forward UDP from the namespace to the host (only 'none')"
                 ));
             }
             "userns" => o.userns = Some(PathBuf::from(v)),
@@ -438,6 +465,8 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             other => return Err(format!("--{other}: not supported by usernet's pasta mode")),
         }
     }
+    o.forwarding.to_ns_auto |= !tcp_given;
+    o.forwarding.to_host_auto |= !tcp_ns_given;
     let mut positionals = given.positionals;
     o.target = match netns {
         Some(n) => {
@@ -612,6 +641,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
             write_pid_file(path)?;
         }
         let dns = cfg.dns.unwrap_or(cfg.gateway);
+        let cfg_guest = cfg.guest;
         let upstreams = cfg.host_dns.upstreams();
         let spec = SandboxSpec {
             iface,
@@ -625,6 +655,11 @@ fn run(o: &Options) -> anyhow::Result<i32> {
             spec,
             command: &command,
             no_engine: false,
+            with_engine: (!o.forwarding.is_empty()).then(|| {
+                let (forwarding, guest) = (o.forwarding.clone(), cfg_guest);
+                Box::new(move |control, netns| forward::start(forwarding, netns, control, guest))
+                    as crate::run::WithEngine<'_>
+            }),
         });
     }
 
@@ -644,6 +679,19 @@ fn run(o: &Options) -> anyhow::Result<i32> {
     };
     // Attaching forks: it must happen while usernet is single-threaded.
     let attached = usernet_host::netns::attach::attach(&spec)?;
+    // Rootless, the namespace belongs to a user namespace of the caller's (rootlesskit's child,
+    // `unshare -rn`): join it now, while single-threaded (the kernel's rule), so that usernet's
+    // threads may enter the namespace (loopback clients' sockets, `-T` and `auto`). Root keeps
+    // its own: it may enter any namespace, and binds privileged host ports.
+    if !nix::unistd::geteuid().is_root()
+        && let Some(path) = spec.userns.clone().or_else(|| match &target {
+            NetnsTarget::Pid(pid) => Some(PathBuf::from(format!("/proc/{pid}/ns/user"))),
+            NetnsTarget::Path(_) => None,
+        })
+        && let Err(e) = join_user_namespace(&path)
+    {
+        tracing::info!("cannot join the user namespace {}: {e}", path.display());
+    }
 
     let ready = if o.foreground { None } else { Some(daemonize()?) };
     let served = serve(o, &cfg, &net, attached, pcap, listeners, &iface, &target, ready, log_file);
@@ -651,6 +699,15 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         tracing::error!("{e:#}");
     }
     served
+}
+
+/// Enters the user namespace at `path` (only while single-threaded).
+fn join_user_namespace(path: &Path) -> anyhow::Result<()> {
+    let ns = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    if std::fs::read_link(path)? == std::fs::read_link("/proc/self/ns/user")? {
+        return Ok(());
+    }
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWUSER).map_err(|e| anyhow::anyhow!("{}", e.desc()))
 }
 
 /// Writes our PID to `path` (pasta's `-P`).
@@ -732,6 +789,10 @@ fn serve(
     engine.add_tcp_hook(proxy_hook);
     engine.add_static_lease(iface.mac, cfg.guest);
     engine.stop_without_links();
+    if !o.forwarding.is_empty() {
+        let netns = attached.netns.try_clone().context("namespace descriptor")?;
+        forward::start(o.forwarding.clone(), netns, engine.control_handle()?, cfg.guest)?;
+    }
     if let Err(e) = engine.set_guest_netns(attached.netns) {
         tracing::info!("loopback clients of forwarded ports go through the TAP: {e}");
     }
@@ -785,6 +846,7 @@ mod tests {
         assert_eq!(o.map_guest_addr, Some(Some(Ipv4Addr::new(169, 254, 1, 2))));
         assert_eq!(o.pid_file, Some(PathBuf::from("/tmp/pasta123/pasta.pid")));
         assert_eq!(o.target, Target::Netns(PathBuf::from("/run/user/1000/netns/netns-x")));
+        assert!(o.forwarding.is_empty(), "podman passes -T none and ports: {:?}", o.forwarding);
         let iface = interface(&o);
         let cfg = network_config(&o, &iface, &net_opts(&o)).unwrap();
         assert_eq!(
@@ -813,6 +875,20 @@ mod tests {
         );
         let cfg = network_config(&o, &iface, &net_opts(&o)).unwrap();
         assert_eq!(cfg.dns, Some(Ipv4Addr::new(10, 0, 2, 3)));
+    }
+
+    /// pasta's TCP defaults are auto both ways; `none` or ports given turn them off.
+    #[test]
+    fn tcp_forwarding_defaults_and_specs() {
+        let f = run_opts("--config-net -- true").forwarding;
+        assert!(f.to_ns_auto && f.to_host_auto && f.to_host.is_empty());
+        let f = run_opts("-t none -T 5432,6000-6001:7000-7001 1").forwarding;
+        assert!(!f.to_ns_auto && !f.to_host_auto);
+        assert_eq!(f.to_host, [(5432, 5432), (6000, 7000), (6001, 7001)]);
+        let f = run_opts("-t auto -T auto 1").forwarding;
+        assert!(f.to_ns_auto && f.to_host_auto);
+        let f = run_opts("-t 8080 -T none 1").forwarding;
+        assert!(f.is_empty());
     }
 
     #[test]
@@ -862,7 +938,8 @@ mod tests {
         let err = |s: &str| parse(&args(s)).unwrap_err();
         assert_eq!(err("--bogus"), "pasta: unrecognized option '--bogus'");
         assert_eq!(err("-t"), "pasta: option requires an argument -- 't'");
-        assert!(err("-T 8080").contains("--tcp-ns 8080"));
+        assert!(err("-U 8080").contains("--udp-ns 8080"));
+        assert!(err("-T 127.0.0.1/8080").contains("loopback"));
         assert!(err("-6").contains("IPv6"));
         assert!(err("-a 2001:db8::1").contains("IPv6"));
         assert!(err("--runas 1000").contains("--runas"));
