@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use serde::{Deserialize, Serialize};
 
 /// Transport protocol of a published port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,

@@ -142,19 +142,29 @@ fn rootlesskit2_command_line() {
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn tcp_auto_forwarding_both_ways() {
-    require(&["runuser", "useradd", "unshare", "nsenter", "curl", "busybox", "ss"]);
+    require(&["runuser", "useradd", "unshare", "nsenter", "curl", "busybox", "ss", "socat"]);
     let r = Rootless::new("pt");
-    let (_dir, server, hash) = serve_random_file("pt-host", "f", 1 << 20);
+    // auto leaves the ephemeral range alone: the host's services sit below it.
+    let dir = TempDir::new("pt-host");
+    write_random_file(&dir.join("f"), 1 << 20);
+    let hash = sha256_file(&dir.join("f"));
+    let server = Server::start_at_service_port(ServerKind::Http, Some(dir.path()));
+    let echo = Server::start_at_service_port(ServerKind::UdpEcho, None);
     let (_dir2, server2, hash2) = serve_random_file("pt-host2", "f", 1 << 19);
-    let port = free_port();
+    let port = free_service_port();
+    let uport = free_service_port();
     let www = r.rootfs.join("www");
     let script = format!(
         "unshare --user --map-root-user --net sleep 60 & t=$!; sleep 0.3; \
          ns() {{ nsenter -t $t -U -n --preserve-credentials \"$@\"; }}; \
-         {pasta} --config-net -u none -U none -P {rt}/auto.pid --userns=/proc/$t/ns/user --netns=/proc/$t/ns/net; \
+         {pasta} --config-net -P {rt}/auto.pid --userns=/proc/$t/ns/user --netns=/proc/$t/ns/net; \
          echo auto-exit $?; \
          i=0; until ns curl -s -o /dev/null http://127.0.0.1:{sp}/f || [ $i -ge 50 ]; do sleep 0.1; i=$((i+1)); done; \
          ns curl -s --max-time 5 http://127.0.0.1:{sp}/f | sha256sum | sed 's/^/to-host /'; \
+         echo udp-to-host $(echo ping-host | ns socat -t 2 - UDP:127.0.0.1:{ep}); \
+         nsenter -t $t -U -n --preserve-credentials socat UDP-RECVFROM:{uport},fork EXEC:'echo pong-ns' & u=$!; \
+         i=0; until ss -Hlun \"sport = :{uport}\" | grep -q {uport} || [ $i -ge 50 ]; do sleep 0.1; i=$((i+1)); done; \
+         echo udp-to-ns $(echo ping | socat -t 2 - UDP:127.0.0.1:{uport}); kill $u; \
          nsenter -t $t -U -n --preserve-credentials busybox httpd -f -p {port} -h {www} & h=$!; \
          i=0; until curl -s -o /dev/null http://127.0.0.1:{port}/f || [ $i -ge 50 ]; do sleep 0.1; i=$((i+1)); done; \
          curl -s --max-time 5 http://127.0.0.1:{port}/f | sha256sum | sed 's/^/to-ns /'; \
@@ -170,6 +180,7 @@ fn tcp_auto_forwarding_both_ways() {
         rt = r.runtime.display(),
         sp = server.port,
         sp2 = server2.port,
+        ep = echo.port,
         www = www.display(),
     );
     let child = r
@@ -185,6 +196,8 @@ fn tcp_auto_forwarding_both_ways() {
     assert_eq!(line_value(&text, "to-host").map(first_word), Some(hash), "-T auto: {text}");
     assert_eq!(line_value(&text, "to-ns").map(first_word), Some(r.file_hash.clone()), "-t auto: {text}");
     assert_eq!(line_value(&text, "after-stop"), Some("released"), "-t auto: {text}");
+    assert_eq!(line_value(&text, "udp-to-host"), Some("ping-host"), "-U auto: {text}");
+    assert_eq!(line_value(&text, "udp-to-ns"), Some("pong-ns"), "-u auto: {text}");
     assert_eq!(line_value(&text, "fixed-exit"), Some("0"), "{text}");
     assert_eq!(line_value(&text, "fixed-port").map(first_word), Some(hash2), "-T PORT: {text}");
     assert_eq!(line_value(&text, "not-given"), Some("000"), "only the -T port given: {text}");
@@ -238,8 +251,8 @@ fn mistakes_exit_1_with_pastas_words() {
     for (args, words) in [
         (&["--bogus"][..], "pasta: unrecognized option '--bogus'"),
         (&["-t", "99999", "--", "true"][..], "Invalid port specifier 99999"),
-        (&["-u", "auto", "--", "true"][..], "-u auto"),
-        (&["-U", "8080", "--", "true"][..], "--udp-ns 8080"),
+        (&["-u", "all", "--", "true"][..], "-u all"),
+        (&["-U", "127.0.0.1/53", "--", "true"][..], "loopback only"),
         (&["--netns"][..], "pasta: option '--netns' requires an argument"),
     ] {
         let out = run_pasta(args);

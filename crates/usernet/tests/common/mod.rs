@@ -538,6 +538,20 @@ pub fn hex_hashes(s: &str) -> Vec<String> {
 
 /// A free TCP and UDP port on 127.0.0.1 (free now; a race is possible, so
 /// callers that bind it themselves retry).
+/// A port free for TCP and UDP on 127.0.0.1 below the ephemeral range (20000-30999), where
+/// services listen.
+pub fn free_service_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id() as u64 * 7919 + NEXT.fetch_add(1, Ordering::Relaxed) as u64 * 104_729;
+    for i in 0..2000u64 {
+        let port = 20000 + ((seed + i * 7) % 11000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free service port");
+}
+
 pub fn free_port() -> u16 {
     for _ in 0..50 {
         let tcp = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -951,6 +965,12 @@ impl Server {
         Server::spawn(Command::new(python()), kind, dir, bind)
     }
 
+    /// On the host's 127.0.0.1 at a port below the ephemeral range ([`free_service_port`]),
+    /// where a service would be (what pasta's `auto` forwards).
+    pub fn start_at_service_port(kind: ServerKind, dir: Option<&Path>) -> Server {
+        Server::spawn_at(Command::new(python()), kind, dir, "127.0.0.1", free_service_port())
+    }
+
     /// Inside a remote host, bound to 0.0.0.0.
     pub fn start_in(remote: &RemoteHost, kind: ServerKind, dir: Option<&Path>) -> Server {
         let mut c = Command::new("ip");
@@ -958,7 +978,11 @@ impl Server {
         Server::spawn(c, kind, dir, "0.0.0.0")
     }
 
-    fn spawn(mut cmd: Command, kind: ServerKind, dir: Option<&Path>, bind: &str) -> Server {
+    fn spawn(cmd: Command, kind: ServerKind, dir: Option<&Path>, bind: &str) -> Server {
+        Server::spawn_at(cmd, kind, dir, bind, 0)
+    }
+
+    fn spawn_at(mut cmd: Command, kind: ServerKind, dir: Option<&Path>, bind: &str, port: u16) -> Server {
         let mode = match kind {
             ServerKind::Http => "http",
             ServerKind::Sink => "sink",
@@ -969,7 +993,7 @@ impl Server {
         if let Some(d) = dir {
             cmd.arg(d);
         }
-        cmd.args(["--bind", bind])
+        cmd.args(["--bind", bind, "--port", &port.to_string()])
             .env("PATH", search_path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

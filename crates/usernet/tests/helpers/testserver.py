@@ -116,6 +116,7 @@ def main():
     parser.add_argument("mode", choices=["http", "sink", "rst", "udp-echo"])
     parser.add_argument("dir", nargs="?")
     parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     exit_when_stdin_closes()
 
@@ -123,14 +124,14 @@ def main():
         if not args.dir:
             parser.error("http needs DIR")
         handler = lambda *a, **kw: Handler(*a, directory=args.dir, **kw)
-        server = NoLookupHTTPServer((args.bind, 0), handler)
+        server = NoLookupHTTPServer((args.bind, args.port), handler)
     elif args.mode == "sink":
-        server = ThreadingTCP((args.bind, 0), SinkHandler)
+        server = ThreadingTCP((args.bind, args.port), SinkHandler)
     elif args.mode == "rst":
-        server = ThreadingTCP((args.bind, 0), RstHandler)
+        server = ThreadingTCP((args.bind, args.port), RstHandler)
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((args.bind, 0))
+        sock.bind((args.bind, args.port))
         announce(sock.getsockname()[1])
         while True:
             data, peer = sock.recvfrom(65535)

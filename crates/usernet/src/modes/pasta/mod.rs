@@ -310,11 +310,8 @@ pub fn parse_port_spec(flag: &str, spec: &str, proto: Proto) -> Result<Vec<PortS
     let invalid = || format!("Invalid port specifier {spec}");
     match spec {
         "none" => return Ok(Vec::new()),
-        "auto" | "all" => {
-            return Err(format!(
-                "{flag} {spec}: usernet's pasta mode does not do '{spec}' here (TCP's -t and -T take auto)"
-            ));
-        }
+        "all" => return Err(format!("{flag} all: not supported by usernet's pasta mode (use auto or ports)")),
+        "auto" => return Err(format!("{flag} auto: auto cannot be part of a list")),
         _ => {}
     }
     let (host_ip, list) = match spec.rsplit_once('/') {
@@ -393,8 +390,8 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         target: Target::Command(Vec::new()),
     };
     let mut netns: Option<String> = None;
-    // pasta's default for -t and -T is auto (UDP's too, which usernet does not do: none).
-    let (mut tcp_given, mut tcp_ns_given) = (false, false);
+    // pasta's default for each of -t, -u, -T and -U is auto.
+    let mut given_specs: std::collections::BTreeSet<&str> = Default::default();
     for (name, value) in given.options {
         let v = value.unwrap_or_default();
         match name {
@@ -435,26 +432,33 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "map-guest-addr" => o.map_guest_addr = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
             // usernet has no IPv6 and never copies addresses or routes: honoured as it is.
             "no-ndp" | "no-dhcpv6" | "no-ra" | "no-copy-routes" | "no-copy-addrs" | "ipv4-only" => {}
-            "tcp-ports" if v == "auto" => (tcp_given, o.forwarding.to_ns_auto) = (true, true),
-            "tcp-ports" => {
-                tcp_given = true;
-                o.ports.extend(parse_port_spec("-t", &v, Proto::Tcp)?)
-            }
-            "udp-ports" => o.ports.extend(parse_port_spec("-u", &v, Proto::Udp)?),
-            "tcp-ns" if v == "auto" => (tcp_ns_given, o.forwarding.to_host_auto) = (true, true),
-            "tcp-ns" => {
-                tcp_ns_given = true;
-                let specs = parse_port_spec("-T", &v, Proto::Tcp)?;
-                if specs.iter().any(|s| s.host_ip.is_some()) {
-                    return Err(format!("-T {v}: usernet binds -T ports on the namespace's loopback only"));
+            "tcp-ports" | "udp-ports" | "tcp-ns" | "udp-ns" => {
+                let proto = if name.starts_with("tcp") { Proto::Tcp } else { Proto::Udp };
+                let to_host = name.ends_with("-ns");
+                let flag = match (proto, to_host) {
+                    (Proto::Tcp, false) => "-t",
+                    (Proto::Udp, false) => "-u",
+                    (Proto::Tcp, true) => "-T",
+                    (Proto::Udp, true) => "-U",
+                };
+                given_specs.insert(flag);
+                if v == "auto" {
+                    let autos = if to_host { &mut o.forwarding.to_host_auto } else { &mut o.forwarding.to_ns_auto };
+                    if !autos.contains(&proto) {
+                        autos.push(proto);
+                    }
+                    continue;
                 }
-                o.forwarding.to_host.extend(specs.iter().map(|s| (s.host_ports.map_or(0, |p| p.0), s.container_port)));
-            }
-            "udp-ns" if v == "none" => {}
-            "udp-ns" => {
-                return Err(format!(
-                    "--udp-ns {v}: usernet's pasta mode does not forward UDP from the namespace to the host (only 'none')"
-                ));
+                let specs = parse_port_spec(flag, &v, proto)?;
+                if !to_host {
+                    o.ports.extend(specs);
+                } else if specs.iter().any(|s| s.host_ip.is_some()) {
+                    return Err(format!("{flag} {v}: usernet binds {flag} ports on the namespace's loopback only"));
+                } else {
+                    o.forwarding
+                        .to_host
+                        .extend(specs.iter().map(|s| (proto, s.host_ports.map_or(0, |p| p.0), s.container_port)));
+                }
             }
             "userns" => o.userns = Some(PathBuf::from(v)),
             "netns" => netns = Some(v),
@@ -465,8 +469,14 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             other => return Err(format!("--{other}: not supported by usernet's pasta mode")),
         }
     }
-    o.forwarding.to_ns_auto |= !tcp_given;
-    o.forwarding.to_host_auto |= !tcp_ns_given;
+    for (flag, proto, to_host) in
+        [("-t", Proto::Tcp, false), ("-u", Proto::Udp, false), ("-T", Proto::Tcp, true), ("-U", Proto::Udp, true)]
+    {
+        let autos = if to_host { &mut o.forwarding.to_host_auto } else { &mut o.forwarding.to_ns_auto };
+        if !given_specs.contains(flag) && !autos.contains(&proto) {
+            autos.push(proto);
+        }
+    }
     let mut positionals = given.positionals;
     o.target = match netns {
         Some(n) => {
@@ -880,14 +890,17 @@ mod tests {
     /// pasta's TCP defaults are auto both ways; `none` or ports given turn them off.
     #[test]
     fn tcp_forwarding_defaults_and_specs() {
+        let both = vec![Proto::Tcp, Proto::Udp];
         let f = run_opts("--config-net -- true").forwarding;
-        assert!(f.to_ns_auto && f.to_host_auto && f.to_host.is_empty());
-        let f = run_opts("-t none -T 5432,6000-6001:7000-7001 1").forwarding;
-        assert!(!f.to_ns_auto && !f.to_host_auto);
-        assert_eq!(f.to_host, [(5432, 5432), (6000, 7000), (6001, 7001)]);
-        let f = run_opts("-t auto -T auto 1").forwarding;
-        assert!(f.to_ns_auto && f.to_host_auto);
-        let f = run_opts("-t 8080 -T none 1").forwarding;
+        assert_eq!((&f.to_ns_auto, &f.to_host_auto, f.to_host.is_empty()), (&both, &both, true));
+        let f = run_opts("-t none -u none -U none -T 5432,6000-6001:7000-7001 1").forwarding;
+        assert!(f.to_ns_auto.is_empty() && f.to_host_auto.is_empty());
+        let t = Proto::Tcp;
+        assert_eq!(f.to_host, [(t, 5432, 5432), (t, 6000, 7000), (t, 6001, 7001)]);
+        let f = run_opts("-t auto -u none -T auto -U 53 1").forwarding;
+        assert_eq!((f.to_ns_auto, f.to_host_auto), (vec![Proto::Tcp], vec![Proto::Tcp]));
+        assert_eq!(f.to_host, [(Proto::Udp, 53, 53)]);
+        let f = run_opts("-t 8080 -u none -T none -U none 1").forwarding;
         assert!(f.is_empty());
     }
 
@@ -938,7 +951,6 @@ mod tests {
         let err = |s: &str| parse(&args(s)).unwrap_err();
         assert_eq!(err("--bogus"), "pasta: unrecognized option '--bogus'");
         assert_eq!(err("-t"), "pasta: option requires an argument -- 't'");
-        assert!(err("-U 8080").contains("--udp-ns 8080"));
         assert!(err("-T 127.0.0.1/8080").contains("loopback"));
         assert!(err("-6").contains("IPv6"));
         assert!(err("-a 2001:db8::1").contains("IPv6"));
