@@ -410,6 +410,96 @@ fn ping_gateway() {
     assert_eq!((h.kind, h.ident(), h.seq(), data), (icmp::TYPE_ECHO_REPLY, 9, 1, &b"abc"[..]));
 }
 
+/// A SYN from the guest to `dst`.
+fn syn_to(dst: SocketAddrV4) -> Vec<u8> {
+    let h = TcpHeader {
+        src_port: guest().port(),
+        dst_port: dst.port(),
+        seq: 1000,
+        flags: SYN,
+        window: 65535,
+        ..Default::default()
+    };
+    let mut s = vec![0u8; h.emit_len()];
+    h.emit(&mut s, 0, *guest().ip(), *dst.ip());
+    frame_ipv4(PROTO_TCP, *guest().ip(), *dst.ip(), &s)
+}
+
+/// An engine with the real dialler (host sockets, loopback only in these tests).
+fn host_engine(host_loopback: bool) -> (Engine, FakeLink) {
+    let link = FakeLink::default();
+    let cfg = Arc::new(NetConfig { host_loopback, ..NetConfig::default() });
+    let services = crate::services::ServiceHub::start(cfg.clone()).unwrap();
+    let e = Engine::new(cfg, Box::new(link.clone()), services, None).unwrap();
+    (e, link)
+}
+
+/// Waits (at most 2 s) for a connection on `l`; false when none came.
+fn accepts(l: &std::net::TcpListener) -> bool {
+    l.set_nonblocking(true).unwrap();
+    for _ in 0..200 {
+        match l.accept() {
+            Ok(_) => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    false
+}
+
+/// A guest that writes its own frames cannot reach the host's loopback by addressing it:
+/// a SYN to 127.0.0.1 or 0.0.0.0 is answered with a RST and never dialled, a datagram with
+/// an ICMP port unreachable; the host address is dialled to the host's 127.0.0.1.
+#[test]
+fn host_loopback_only_through_the_host_address() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (mut e, link) = host_engine(true);
+    let now = Instant::now();
+    for direct in [Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 53), Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(0, 1, 2, 3)]
+    {
+        e.on_frame(0, &syn_to(SocketAddrV4::new(direct, port)), now);
+        let out = take_tcp(&link);
+        assert_eq!(out.len(), 1, "{direct}: {out:?}");
+        assert!(out[0].0.has(RST) && out[0].0.has(ACK) && out[0].0.ack == 1001, "{direct}: {out:?}");
+        assert_eq!(e.flow_count(), 0, "{direct}");
+    }
+    assert!(!accepts(&server), "a SYN to 127.0.0.1 reached the host's server");
+
+    // UDP to 127.0.0.1: an ICMP port unreachable, no flow.
+    let mut d = vec![0u8; 8 + 4];
+    d[8..].copy_from_slice(b"ping");
+    UdpHeader { src_port: 5000, dst_port: port }.emit(&mut d, 4, *guest().ip(), Ipv4Addr::LOCALHOST);
+    e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), Ipv4Addr::LOCALHOST, &d), now);
+    let sent = std::mem::take(&mut *link.sent.borrow_mut());
+    assert_eq!(sent.len(), 1);
+    let (_, p) = EthernetHeader::parse(&sent[0]).unwrap();
+    let (ip, p) = Ipv4Header::parse(p).unwrap();
+    let (h, _) = IcmpHeader::parse(p).unwrap();
+    assert_eq!((ip.protocol, h.kind, h.code), (PROTO_ICMP, icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_PORT_UNREACHABLE));
+    assert_eq!(e.flow_count(), 0);
+
+    // The host address leads to the host's 127.0.0.1.
+    e.on_frame(0, &syn_to(SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 254), port)), now);
+    assert_eq!(e.flow_count(), 1);
+    assert!(accepts(&server), "the host address was not dialled to 127.0.0.1");
+}
+
+/// Without host loopback (`--no-host-loopback`), the host address is refused too.
+#[test]
+fn no_host_loopback_refuses_the_host_address() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (mut e, link) = host_engine(false);
+    for dst in [Ipv4Addr::new(192, 168, 65, 254), Ipv4Addr::LOCALHOST] {
+        e.on_frame(0, &syn_to(SocketAddrV4::new(dst, port)), Instant::now());
+        let out = take_tcp(&link);
+        assert!(out.len() == 1 && out[0].0.has(RST), "{dst}: {out:?}");
+    }
+    assert_eq!(e.flow_count(), 0);
+    assert!(!accepts(&server));
+}
+
 const PSH_FLAG: u8 = usernet_wire::tcp::PSH;
 
 impl Engine {
