@@ -139,9 +139,12 @@ impl Engine {
     }
 
     /// Records a guest whose address is configured statically (`run`), so that it shows
-    /// among the DHCP leases and a later DHCP request keeps that address.
+    /// among the DHCP leases and a later DHCP request keeps that address. Its MAC is known
+    /// from the start (usernet set it on the guest's interface), so the first frame to it
+    /// (a client of a published port) needs no ARP round trip.
     pub fn add_static_lease(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
         self.dhcp.add_static(mac, ip);
+        self.switch.add_neighbour(ip, mac);
     }
 
     /// The guest is a network namespace on this host (`run`): connections from the host's

@@ -6,10 +6,16 @@
 //! It also builds the frames the engine sends to the guests: one reusable buffer in which a
 //! flow places its payload, then the headers are written in front of it and the frame goes
 //! out (and to the pcap).
+//!
+//! A frame for a guest address whose MAC is not known yet (a client of a published port
+//! before the guest has said anything) waits while the switch asks for it with ARP, as the
+//! kernel's queue of unresolved neighbours does: at most [`PENDING_PER_IP`] frames per
+//! address, for at most [`PENDING_TTL`], for at most [`MAX_PENDING_IPS`] addresses; the ARP
+//! reply (or any frame of the guest's that teaches its MAC) sends them, in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::link::Link;
 use crate::pcap::PcapWriter;
@@ -26,6 +32,17 @@ pub const TCP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + use
 pub const UDP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + udp::HEADER_LEN;
 /// Where ICMP data (after the 8-byte ICMP header) starts in the frame buffer.
 pub const ICMP_DATA_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + usernet_wire::icmp::HEADER_LEN;
+
+/// Frames held per guest address while its MAC is asked for (the kernel's default too).
+pub const PENDING_PER_IP: usize = 3;
+/// How long held frames wait for the ARP reply before they are dropped.
+pub const PENDING_TTL: Duration = Duration::from_secs(1);
+/// Guest addresses with frames held at once.
+pub const MAX_PENDING_IPS: usize = 16;
+
+/// Frames for an address whose MAC is being asked for (destination MAC not filled in yet),
+/// oldest first, each with the time it was held.
+type Pending = VecDeque<(Instant, Vec<u8>)>;
 
 /// Counters of the guest links.
 #[derive(Default, Debug, Clone, Copy)]
@@ -53,6 +70,8 @@ pub struct Switch {
     neighbours: HashMap<Ipv4Addr, Mac>,
     /// When an ARP request last went out for an address whose MAC is unknown.
     arp_asked: HashMap<Ipv4Addr, Instant>,
+    /// Frames waiting for the MAC of their destination (see the top of this file).
+    pending: HashMap<Ipv4Addr, Pending>,
     pub pcap: Option<PcapWriter>,
     buf: Vec<u8>,
     pub gateway_mac: Mac,
@@ -78,6 +97,7 @@ impl Switch {
             macs: HashMap::new(),
             neighbours: HashMap::new(),
             arp_asked: HashMap::new(),
+            pending: HashMap::new(),
             pcap,
             buf: vec![0u8; ethernet::HEADER_LEN + 65535],
             gateway_mac,
@@ -215,9 +235,18 @@ impl Switch {
                 Some(m) => *m,
                 None => {
                     // The guest has not spoken yet (a connection to a published port came
-                    // first): ask for its MAC. Its TCP ignores frames not addressed to it,
-                    // so this one is dropped and its retransmission gets through.
-                    self.vnet = None;
+                    // first): the frame waits for the answer to an ARP request. (An
+                    // offloaded frame is dropped instead: it is TCP data, retransmitted.)
+                    if self.vnet.take().is_none() {
+                        Ipv4Header::new(src, dst, proto, l4_len).emit(&mut self.buf[ethernet::HEADER_LEN..]);
+                        let eth = ethernet::EthernetHeader {
+                            dst: [0; 6],
+                            src: self.gateway_mac,
+                            ethertype: ethernet::ETHERTYPE_IPV4,
+                        };
+                        eth.emit(&mut self.buf);
+                        self.hold(dst, ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4_len);
+                    }
                     self.ask_mac(dst);
                     return;
                 }
@@ -283,6 +312,46 @@ impl Switch {
             }
             self.neighbours.insert(ip, mac);
             self.arp_asked.remove(&ip);
+            self.release(ip, mac);
+        }
+    }
+
+    /// Records that `ip` has `mac` without having seen it (the guest's MAC is known from
+    /// the start when usernet made its interface, as `run` does).
+    pub fn add_neighbour(&mut self, ip: Ipv4Addr, mac: Mac) {
+        if mac[0] & 1 == 0 && !ip.is_unspecified() {
+            self.neighbours.insert(ip, mac);
+        }
+    }
+
+    /// Holds the first `len` bytes of the buffer (a frame for `ip`, whose MAC is unknown).
+    fn hold(&mut self, ip: Ipv4Addr, len: usize) {
+        let now = Instant::now();
+        let fresh = |p: &Pending| p.back().is_some_and(|(t, _)| now.duration_since(*t) < PENDING_TTL);
+        if !self.pending.contains_key(&ip) && self.pending.len() >= MAX_PENDING_IPS {
+            self.pending.retain(|_, p| fresh(p));
+            if self.pending.len() >= MAX_PENDING_IPS {
+                tracing::debug!(
+                    "frame for {ip}, whose MAC is unknown, dropped: {MAX_PENDING_IPS} addresses wait already"
+                );
+                return;
+            }
+        }
+        let p = self.pending.entry(ip).or_default();
+        // What waited too long had no answer, and the oldest gives way to a new frame when
+        // the queue is full, as in the kernel.
+        while p.front().is_some_and(|(t, _)| now.duration_since(*t) >= PENDING_TTL) || p.len() >= PENDING_PER_IP {
+            p.pop_front();
+        }
+        p.push_back((now, self.buf[..len].to_vec()));
+    }
+
+    /// Sends the frames held for `ip`, now that its MAC is known (unless they waited too long).
+    fn release(&mut self, ip: Ipv4Addr, mac: Mac) {
+        let Some(p) = self.pending.remove(&ip) else { return };
+        for (_, mut frame) in p.into_iter().filter(|(t, _)| t.elapsed() < PENDING_TTL) {
+            frame[..6].copy_from_slice(&mac);
+            self.send_frame(&frame, mac);
         }
     }
 

@@ -500,6 +500,90 @@ fn no_host_loopback_refuses_the_host_address() {
     assert!(!accepts(&server));
 }
 
+/// Has the engine send a UDP datagram `text` to the guest (as a published port would).
+fn udp_to_guest(e: &mut Engine, text: &[u8]) {
+    let off = super::switch::UDP_PAYLOAD_OFF;
+    e.switch.buf()[off..off + text.len()].copy_from_slice(text);
+    e.switch.send_udp(remote(), guest(), text.len());
+}
+
+/// UDP payloads sent to the guest, each with its destination MAC.
+type UdpToMac = Vec<([u8; 6], Vec<u8>)>;
+
+/// The frames sent to the guest since the last call: ARP requests (their target) and UDP
+/// payloads (with their destination MAC).
+fn take_arp_and_udp(link: &FakeLink) -> (Vec<Ipv4Addr>, UdpToMac) {
+    let (mut asked, mut udp) = (Vec::new(), Vec::new());
+    for f in std::mem::take(&mut *link.sent.borrow_mut()) {
+        let (eth, p) = EthernetHeader::parse(&f).unwrap();
+        if eth.ethertype == ethernet::ETHERTYPE_ARP {
+            let a = ArpPacket::parse(p).unwrap();
+            assert_eq!((a.op, eth.dst), (arp::OP_REQUEST, [0xff; 6]));
+            asked.push(a.target_ip);
+        } else {
+            let (ip, p) = Ipv4Header::parse(p).unwrap();
+            assert_eq!(ip.protocol, PROTO_UDP);
+            udp.push((eth.dst, UdpHeader::parse(p).unwrap().1.to_vec()));
+        }
+    }
+    (asked, udp)
+}
+
+/// The guest answers the gateway's ARP request for its address.
+fn arp_reply_from_guest(e: &mut Engine) {
+    let reply = ArpPacket {
+        op: arp::OP_REPLY,
+        sender_mac: GUEST_MAC,
+        sender_ip: *guest().ip(),
+        target_mac: crate::config::GATEWAY_MAC,
+        target_ip: Ipv4Addr::new(192, 168, 65, 1),
+    };
+    let mut f = vec![0u8; 42];
+    EthernetHeader { dst: crate::config::GATEWAY_MAC, src: GUEST_MAC, ethertype: ethernet::ETHERTYPE_ARP }.emit(&mut f);
+    reply.emit(&mut f[14..]);
+    e.on_frame(0, &f, Instant::now());
+}
+
+/// Frames for a guest whose MAC is not known yet wait for the answer to one ARP request
+/// (the last three of them, as the kernel keeps), and go out when it comes.
+#[test]
+fn frames_for_an_unknown_guest_wait_for_its_arp_reply() {
+    let (mut e, link, _) = engine(false);
+    for text in [&b"one"[..], b"two", b"three", b"four"] {
+        udp_to_guest(&mut e, text);
+    }
+    let (asked, udp) = take_arp_and_udp(&link);
+    assert_eq!(asked, vec![*guest().ip()], "one ARP request");
+    assert!(udp.is_empty(), "nothing goes before the MAC is known");
+    arp_reply_from_guest(&mut e);
+    let (asked, udp) = take_arp_and_udp(&link);
+    assert!(asked.is_empty());
+    assert_eq!(udp, vec![(GUEST_MAC, b"two".to_vec()), (GUEST_MAC, b"three".to_vec()), (GUEST_MAC, b"four".to_vec())]);
+    // Known now: the next one goes at once.
+    udp_to_guest(&mut e, b"five");
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"five".to_vec())]));
+}
+
+/// Held frames that get no answer within PENDING_TTL are dropped, not sent late.
+#[test]
+fn held_frames_expire() {
+    let (mut e, link, _) = engine(false);
+    udp_to_guest(&mut e, b"stale");
+    assert_eq!(take_arp_and_udp(&link).0.len(), 1);
+    std::thread::sleep(super::switch::PENDING_TTL + Duration::from_millis(100));
+    arp_reply_from_guest(&mut e);
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![]));
+}
+
+/// A guest whose MAC usernet set itself (`run`) needs no ARP before its first frame.
+#[test]
+fn static_guest_needs_no_arp() {
+    let (mut e, link, _) = engine(false);
+    e.add_static_lease(GUEST_MAC, *guest().ip());
+    udp_to_guest(&mut e, b"first");
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"first".to_vec())]));
+}
+
 const PSH_FLAG: u8 = usernet_wire::tcp::PSH;
 
 impl Engine {
