@@ -7,6 +7,10 @@
 //! flow places its payload, then the headers are written in front of it and the frame goes
 //! out (and to the pcap).
 //!
+//! The MAC table holds at most [`MAX_MACS_PER_LINK`] MACs per link: a guest that floods
+//! frames from made-up MACs cannot grow it further (frames for MACs it could not learn are
+//! flooded, as a switch with a full table does), and the log says so once per link.
+//!
 //! A frame for a guest address whose MAC is not known yet (a client of a published port
 //! before the guest has said anything) waits while the switch asks for it with ARP, as the
 //! kernel's queue of unresolved neighbours does: at most [`PENDING_PER_IP`] frames per
@@ -32,6 +36,9 @@ pub const TCP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + use
 pub const UDP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + udp::HEADER_LEN;
 /// Where ICMP data (after the 8-byte ICMP header) starts in the frame buffer.
 pub const ICMP_DATA_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + usernet_wire::icmp::HEADER_LEN;
+
+/// MACs learned per guest link (a VM has one, a link to another switch a few hundred).
+pub const MAX_MACS_PER_LINK: usize = 1024;
 
 /// Frames held per guest address while its MAC is asked for (the kernel's default too).
 pub const PENDING_PER_IP: usize = 3;
@@ -59,6 +66,10 @@ pub struct LinkStats {
 pub struct LinkSlot {
     pub link: Box<dyn Link>,
     pub readable: bool,
+    /// MACs the table has behind this link.
+    macs: usize,
+    /// The log said that this link reached [`MAX_MACS_PER_LINK`].
+    told_macs_full: bool,
 }
 
 pub struct Switch {
@@ -300,8 +311,24 @@ impl Switch {
         if mac[0] & 1 != 0 || mac == self.gateway_mac {
             return;
         }
-        if self.macs.get(&mac) != Some(&index) {
-            self.macs.insert(mac, index);
+        let was = self.macs.get(&mac).copied();
+        if was != Some(index)
+            && let Some(Some(slot)) = self.links.get_mut(index)
+        {
+            if slot.macs < MAX_MACS_PER_LINK {
+                slot.macs += 1;
+                if let Some(Some(old)) = was.and_then(|i| self.links.get_mut(i)) {
+                    old.macs -= 1;
+                }
+                self.macs.insert(mac, index);
+            } else if !slot.told_macs_full {
+                slot.told_macs_full = true;
+                tracing::warn!(
+                    "{}: {MAX_MACS_PER_LINK} MACs behind this link: no more are learned \
+                     (frames for them are flooded); said once",
+                    slot.link.describe()
+                );
+            }
         }
         if let Some(ip) = ip
             && !ip.is_unspecified()
@@ -355,6 +382,11 @@ impl Switch {
         }
     }
 
+    /// MACs in the table, every link together.
+    pub fn mac_count(&self) -> usize {
+        self.macs.len()
+    }
+
     /// The link a MAC was last seen on.
     pub fn link_of(&self, mac: &Mac) -> Option<usize> {
         self.macs.get(mac).copied()
@@ -381,7 +413,7 @@ impl Switch {
     }
 
     pub fn add_link(&mut self, link: Box<dyn Link>) -> usize {
-        let slot = LinkSlot { link, readable: true };
+        let slot = LinkSlot { link, readable: true, macs: 0, told_macs_full: false };
         let index = match self.links.iter().position(Option::is_none) {
             Some(i) => {
                 self.links[i] = Some(slot);

@@ -584,6 +584,57 @@ fn static_guest_needs_no_arp() {
     assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"first".to_vec())]));
 }
 
+/// A guest flooding frames from made-up source MACs fills its link's share of the MAC
+/// table and no more; the MACs learned before still work.
+#[test]
+fn mac_flood_is_bounded_per_link() {
+    let (mut e, link, _) = engine(false);
+    arp_reply_from_guest(&mut e);
+    for i in 0..5000u32 {
+        // Frames of a local experimental ethertype: learned from, otherwise dropped.
+        let mut f = vec![0u8; 60];
+        let src = [0x02, 0xaa, (i >> 16) as u8, (i >> 8) as u8, i as u8, 1];
+        EthernetHeader { dst: crate::config::GATEWAY_MAC, src, ethertype: 0x88b5 }.emit(&mut f);
+        e.on_frame(0, &f, Instant::now());
+    }
+    assert_eq!(e.switch.mac_count(), super::switch::MAX_MACS_PER_LINK);
+    link.sent.borrow_mut().clear();
+    udp_to_guest(&mut e, b"still here");
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"still here".to_vec())]));
+}
+
+/// Gateway DNS flows are bounded (MAX_GATEWAY_DNS, the least recently used closes), and a
+/// flow whose query was answered goes after IDLE_DNS_ANSWERED, not IDLE_DNS.
+#[test]
+fn gateway_dns_flows_are_bounded_and_short_lived() {
+    use super::flow_policy::MAX_GATEWAY_DNS;
+    let (mut e, _link, dialer) = engine(false);
+    let gw = Ipv4Addr::new(192, 168, 65, 1);
+    let dns_query = |e: &mut Engine, port: u16, now: Instant| {
+        let mut d = vec![0u8; 8 + 12];
+        UdpHeader { src_port: port, dst_port: 53 }.emit(&mut d, 12, *guest().ip(), gw);
+        e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), gw, &d), now);
+        e.udp_batch.flush();
+    };
+    let now = Instant::now();
+    for port in 0..(MAX_GATEWAY_DNS as u16 + 50) {
+        dns_query(&mut e, 10000 + port, now);
+    }
+    assert_eq!(e.flow_count(), MAX_GATEWAY_DNS);
+    assert_eq!(e.flows.gateway_dns_count, MAX_GATEWAY_DNS);
+    // The newest flow's query is answered: it goes 1 s later; the others wait IDLE_DNS.
+    let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
+    let mut q = [0u8; 64];
+    assert_eq!(peer.recv(&mut q).unwrap(), 12);
+    peer.send(b"answer").unwrap();
+    e.on_socket_for_test(true, false, now);
+    e.run_timers(now + flows::udp::IDLE_DNS_ANSWERED + Duration::from_millis(10));
+    assert_eq!(e.flow_count(), MAX_GATEWAY_DNS - 1);
+    e.run_timers(now + flows::udp::IDLE_DNS + Duration::from_millis(10));
+    assert_eq!(e.flow_count(), 0);
+    assert_eq!(e.flows.gateway_dns_count, 0);
+}
+
 const PSH_FLAG: u8 = usernet_wire::tcp::PSH;
 
 impl Engine {
