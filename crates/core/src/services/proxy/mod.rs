@@ -317,7 +317,11 @@ fn peek(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
 async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, guest: SocketAddrV4, sni: Option<String>) {
     let cfg = proxy.settings.get();
     let port = dst.port();
-    let excluded = cfg.no_proxy.matches(sni.as_deref(), Some(IpAddr::V4(*dst.ip())), port);
+    // A name of the host's loopback (or of the host address, or the subnet) never goes to
+    // the upstream, which may itself run on the host's loopback: the original destination
+    // is dialled instead, as for HTTP (http.rs).
+    let excluded = cfg.no_proxy.matches(sni.as_deref(), Some(IpAddr::V4(*dst.ip())), port)
+        || sni.as_deref().is_some_and(|n| proxy.is_local(n));
     let target = config::authority(&sni.clone().unwrap_or_else(|| dst.ip().to_string()), port);
     let upstream = match (&cfg.https, excluded) {
         (Some(up), false) => Some(up),
