@@ -94,9 +94,20 @@ pub struct BenchArgs {
     /// A short run, about a minute: 1 repeat of 1-second tests, 2,000 idle connections.
     #[arg(long)]
     pub quick: bool,
-    /// Setups to run, comma-separated: usernet, pasta, slirp4netns, veth (default: all).
+    /// Setups to run, comma-separated: usernet, pasta, slirp4netns, veth, passt,
+    /// usernet-as-slirp4netns, usernet-as-pasta, podman-slirp4netns, podman-usernet (default:
+    /// the first four, passt with --vm, the last four with --drop-in).
     #[arg(long, value_name = "SETUPS", value_delimiter = ',', value_parser = parse_setup)]
     pub only: Vec<Setup>,
+    /// Also measure the drop-in paths: usernet started as slirp4netns and as pasta (the same
+    /// arguments as the real ones get), and a rootful podman container on slirp4netns with
+    /// the real slirp4netns and with usernet as podman's slirp4netns.
+    #[arg(long)]
+    pub drop_in: bool,
+    /// Run the podman setups rootless as USER (a user with sub-ids in /etc/subuid), as most
+    /// people run podman; without it they run rootful.
+    #[arg(long, value_name = "USER")]
+    pub podman_user: Option<String>,
     /// The usernet binary to measure [default: `usernet` beside this executable, else in PATH].
     #[arg(long, value_name = "PATH")]
     pub usernet_bin: Option<PathBuf>,
@@ -157,8 +168,10 @@ enum Role {
 }
 
 fn parse_setup(s: &str) -> Result<Setup, String> {
-    Setup::parse(s.trim())
-        .ok_or_else(|| format!("unknown setup {s:?} (want usernet, pasta, slirp4netns, veth or passt)"))
+    Setup::parse(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = Setup::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown setup {s:?} (want one of {})", names.join(", "))
+    })
 }
 
 fn main() {
@@ -334,7 +347,11 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
     let self_exe = std::env::current_exe().context("find this executable")?;
     let plan = Plan::from_args(args);
     let chosen: Vec<Setup> = if args.only.is_empty() {
-        Setup::ALL.into_iter().filter(|s| args.vm || s.has_namespace()).collect()
+        Setup::ALL
+            .into_iter()
+            .filter(|s| args.vm || s.has_namespace())
+            .filter(|s| args.drop_in || !s.is_drop_in())
+            .collect()
     } else {
         Setup::ALL.into_iter().filter(|s| args.only.contains(s)).collect()
     };
@@ -347,6 +364,7 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
         usernet_bin: args.usernet_bin.clone().unwrap_or_else(|| default_usernet(&self_exe)),
         pasta_bin: args.pasta_bin.clone(),
         passt_bin: args.passt_bin.clone().unwrap_or_else(|| default_passt(&args.pasta_bin)),
+        podman_user: args.podman_user.clone(),
         tmp: tmp.0.clone(),
     };
     let ctx = Ctx { self_exe: &self_exe, tools: &tools, plan: &plan };
@@ -1315,6 +1333,8 @@ mod tests {
             repeat: None,
             quick: true,
             only: Vec::new(),
+            drop_in: false,
+            podman_user: None,
             usernet_bin: None,
             pasta_bin: "pasta".into(),
             json: None,

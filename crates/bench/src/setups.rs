@@ -43,11 +43,29 @@ pub enum Setup {
     Veth,
     /// passt: VMs only (the `--vm` phase), no namespace.
     Passt,
+    /// usernet started as `slirp4netns` (a symlink), with the slirp4netns setup's arguments.
+    UsernetAsSlirp4netns,
+    /// usernet started as `pasta` (a symlink), with the pasta setup's arguments.
+    UsernetAsPasta,
+    /// A container of podman's (rootful, `--rootfs`) on `slirp4netns:port_handler=slirp4netns`.
+    PodmanSlirp4netns,
+    /// The same, with usernet as podman's slirp4netns (`--network-cmd-path`).
+    PodmanUsernet,
 }
 
 impl Setup {
     /// Every setup, in the table's column order.
-    pub const ALL: [Setup; 5] = [Setup::Usernet, Setup::Pasta, Setup::Slirp4netns, Setup::Veth, Setup::Passt];
+    pub const ALL: [Setup; 9] = [
+        Setup::Usernet,
+        Setup::Pasta,
+        Setup::Slirp4netns,
+        Setup::Veth,
+        Setup::Passt,
+        Setup::UsernetAsSlirp4netns,
+        Setup::UsernetAsPasta,
+        Setup::PodmanSlirp4netns,
+        Setup::PodmanUsernet,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -56,7 +74,20 @@ impl Setup {
             Setup::Slirp4netns => "slirp4netns",
             Setup::Veth => "veth",
             Setup::Passt => "passt",
+            Setup::UsernetAsSlirp4netns => "usernet-as-slirp4netns",
+            Setup::UsernetAsPasta => "usernet-as-pasta",
+            Setup::PodmanSlirp4netns => "podman-slirp4netns",
+            Setup::PodmanUsernet => "podman-usernet",
         }
+    }
+
+    /// The drop-in setups (`--drop-in`): usernet under the other programs' names, and podman
+    /// with either slirp4netns.
+    pub fn is_drop_in(self) -> bool {
+        matches!(
+            self,
+            Setup::UsernetAsSlirp4netns | Setup::UsernetAsPasta | Setup::PodmanSlirp4netns | Setup::PodmanUsernet
+        )
     }
 
     /// Whether the setup gives a network namespace (the main phases); passt serves VMs only.
@@ -89,6 +120,17 @@ impl Setup {
                 (!opts.passt_bin.is_file()).then(|| format!("{} not found", opts.passt_bin.display()))
             }
             Setup::Passt => missing(&[&opts.passt_bin.to_string_lossy()]),
+            Setup::UsernetAsSlirp4netns | Setup::UsernetAsPasta | Setup::PodmanUsernet
+                if !opts.usernet_bin.exists() =>
+            {
+                Some(format!("{} not found", opts.usernet_bin.display()))
+            }
+            Setup::UsernetAsPasta => missing(&["unshare", "nsenter"]),
+            Setup::UsernetAsSlirp4netns if !root => Some("needs root".into()),
+            Setup::UsernetAsSlirp4netns => missing(&["unshare", "nsenter"]),
+            Setup::PodmanSlirp4netns | Setup::PodmanUsernet if !root => Some("needs root".into()),
+            Setup::PodmanSlirp4netns => missing(&["podman", "slirp4netns", "busybox", "nsenter", "runuser"]),
+            Setup::PodmanUsernet => missing(&["podman", "busybox", "nsenter", "runuser"]),
         }
     }
 }
@@ -108,6 +150,8 @@ pub struct Tools {
     pub pasta_bin: PathBuf,
     /// passt, for the VM phase.
     pub passt_bin: PathBuf,
+    /// The user podman runs as (rootless), for the podman setups; None: rootful.
+    pub podman_user: Option<String>,
     pub tmp: PathBuf,
 }
 
@@ -137,6 +181,12 @@ pub struct Env {
 /// Undoes a setup: signals our daemons, kills our children, deletes our namespace.
 #[derive(Default)]
 struct Cleanup {
+    /// Commands that undo what a tool made (`podman rm`), run first.
+    undo: Vec<Command>,
+    /// Daemons known by a pidfile read at cleanup (pidfile, expected name prefix).
+    pidfiles: Vec<(PathBuf, &'static str)>,
+    /// Directories of ours outside the run's temporary directory, removed last.
+    dirs: Vec<PathBuf>,
     /// Daemonized processes (pid, expected name prefix).
     daemons: Vec<(i32, &'static str)>,
     children: Vec<Child>,
@@ -146,6 +196,14 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        for cmd in &mut self.undo {
+            let _ = run_checked(cmd);
+        }
+        for (file, comm) in &self.pidfiles {
+            if let Some(pid) = std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
+                stop_daemon(pid, comm);
+            }
+        }
         for &(pid, comm) in &self.daemons {
             stop_daemon(pid, comm);
         }
@@ -162,6 +220,9 @@ impl Drop for Cleanup {
         }
         if let Some(ns) = &self.netns {
             let _ = run_checked(Command::new("ip").args(["netns", "del", ns]));
+        }
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -217,10 +278,14 @@ pub fn prepare(setup: Setup, tools: &Tools, mtu: u32, peer_ip: Option<Ipv4Addr>)
     let port = free_port()?;
     let mut env = match setup {
         Setup::Usernet => usernet(&tools.usernet_bin, mtu, port),
-        Setup::Pasta => pasta(&tools.pasta_bin, &tools.tmp, mtu, port),
-        Setup::Slirp4netns => slirp4netns(&tools.tmp, mtu, port),
+        Setup::Pasta => pasta(&tools.pasta_bin, &tools.tmp, mtu, port, Runas::AsPasta),
+        Setup::Slirp4netns => slirp4netns(Path::new("slirp4netns"), &tools.tmp, mtu, port),
         Setup::Veth => return veth(mtu, port),
         Setup::Passt => anyhow::bail!("passt serves VMs only"),
+        Setup::UsernetAsSlirp4netns => slirp4netns(&drop_in_link(tools, "slirp4netns")?, &tools.tmp, mtu, port),
+        Setup::UsernetAsPasta => pasta(&drop_in_link(tools, "pasta")?, &tools.tmp, mtu, port, Runas::Never),
+        Setup::PodmanSlirp4netns => podman(None, tools.podman_user.as_deref(), &tools.tmp, mtu, port),
+        Setup::PodmanUsernet => podman(Some(&tools.usernet_bin), tools.podman_user.as_deref(), &tools.tmp, mtu, port),
     }?;
     env.peer_target = peer_ip.map(|ip| SocketAddr::new(ip.into(), port));
     Ok(env)
@@ -314,13 +379,33 @@ fn default_gateway(table: &str) -> Option<Ipv4Addr> {
     })
 }
 
-fn pasta(bin: &Path, tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
+/// A symlink named `name` to the usernet under test, in a directory of the run's own: usernet
+/// looks at the name it was started under.
+fn drop_in_link(tools: &Tools, name: &str) -> anyhow::Result<PathBuf> {
+    let dir = tools.tmp.join("drop-in");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let link = dir.join(name);
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(&tools.usernet_bin, &link).with_context(|| format!("create {}", link.display()))?;
+    }
+    Ok(link)
+}
+
+/// Whether pasta gets `--runas 0:0` as root (pasta otherwise drops to nobody, and nobody
+/// cannot enter root's namespaces); usernet's pasta mode drops nothing and refuses it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Runas {
+    AsPasta,
+    Never,
+}
+
+fn pasta(bin: &Path, tmp: &Path, mtu: u32, port: u16, runas: Runas) -> anyhow::Result<Env> {
     let mut cleanup = Cleanup::default();
     let (pid, holder) = namespace_holder(&["-rUn"], &mut cleanup)?;
     let pidfile = tmp.join(format!("pasta-{pid}.pid"));
     let logfile = tmp.join(format!("pasta-{pid}.log"));
     let mut cmd = Command::new(bin);
-    if nix::unistd::geteuid().is_root() {
+    if runas == Runas::AsPasta && nix::unistd::geteuid().is_root() {
         cmd.args(["--runas", "0:0"]);
     }
     cmd.args(["--config-net", "-q", "--mtu", &mtu.to_string()])
@@ -363,12 +448,12 @@ fn pasta(bin: &Path, tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
     })
 }
 
-fn slirp4netns(tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
+fn slirp4netns(bin: &Path, tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
     let mut cleanup = Cleanup::default();
     let (pid, holder) = namespace_holder(&["-n"], &mut cleanup)?;
     let logfile = tmp.join(format!("slirp4netns-{pid}.log"));
     let api = tmp.join(format!("slirp4netns-{pid}.sock"));
-    let mut cmd = Command::new("slirp4netns");
+    let mut cmd = Command::new(bin);
     cmd.args(["--configure", &format!("--mtu={mtu}"), "--disable-dns"])
         .arg(format!("--api-socket={}", api.display()))
         .arg(pid.to_string())
@@ -405,6 +490,108 @@ fn slirp4netns(tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
     })
 }
 
+/// A podman container on `slirp4netns:port_handler=slirp4netns` (podman's own forwarding
+/// through slirp4netns's API; `allow_host_loopback=true`, since the servers listen on the
+/// host's loopback): rootless as `podman_user` when given (the way most people run podman),
+/// else rootful. Its root file system is a static busybox (`--rootfs`: no image registry
+/// needed); the agent runs in the container's network namespace only. `slirp` is the
+/// slirp4netns podman starts (`--network-cmd-path`, copied where the user can run it): None
+/// is the one in PATH.
+fn podman(slirp: Option<&Path>, podman_user: Option<&str>, tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
+    let mut cleanup = Cleanup::default();
+    let store = tmp.join(format!("podman-{port}"));
+    let rootfs = store.join("rootfs");
+    for dir in ["bin", "proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(dir)).with_context(|| format!("create {}", rootfs.display()))?;
+    }
+    let busybox = find_in_path("busybox").context("busybox not installed")?;
+    std::fs::copy(&busybox, rootfs.join("bin/busybox")).context("copy busybox into the rootfs")?;
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep")).context("rootfs: sleep")?;
+    let slirp = match slirp {
+        Some(bin) => {
+            let copy = store.join("slirp4netns");
+            std::fs::copy(bin, &copy).with_context(|| format!("copy {}", bin.display()))?;
+            Some(copy)
+        }
+        None => None,
+    };
+    // Short: podman puts slirp4netns's API socket under it, and a Unix socket's path must
+    // stay under 108 bytes.
+    let xdg = std::env::temp_dir().join(format!("ub{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&xdg)?;
+    cleanup.dirs.push(xdg.clone());
+    if let Some(user) = podman_user {
+        std::fs::set_permissions(&xdg, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        run_checked(Command::new("chown").args(["-R", user]).arg(&store).arg(&xdg))?;
+    }
+    let podman = || {
+        let mut cmd = match podman_user {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--", "env"])
+                    .arg(format!("XDG_RUNTIME_DIR={}", xdg.display()))
+                    .arg(format!("HOME={}", store.display()))
+                    .arg("podman");
+                c
+            }
+            None => Command::new("podman"),
+        };
+        cmd.current_dir(&store);
+        cmd.arg("--root").arg(store.join("root")).arg("--runroot").arg(store.join("run"));
+        cmd.args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+        if let Some(bin) = &slirp {
+            cmd.arg("--network-cmd-path").arg(bin);
+        }
+        cmd
+    };
+    let name = format!("usernet-bench-{}-{port}", std::process::id());
+    let mut run = podman();
+    run.args(["run", "-d", "--name", &name, "--rootfs"])
+        .args(["--network", &format!("slirp4netns:port_handler=slirp4netns,allow_host_loopback=true,mtu={mtu}")])
+        .args(["-p", &format!("{port}:{port}")])
+        .arg(&rootfs)
+        .args(["/bin/sleep", "600"]);
+    let shown = show(&run);
+    let mut rm = podman();
+    rm.args(["rm", "-f", "-t", "0", &name]);
+    cleanup.undo.push(rm);
+    run_checked(&mut run)?;
+    // Rootless podman keeps a pause process holding its user namespace: ours to stop, after
+    // `podman rm` (which needs it).
+    cleanup.pidfiles.push((xdg.join("libpod/tmp/pause.pid"), "podman"));
+    let inspect = |format: &str| -> anyhow::Result<String> {
+        let out = podman().args(["inspect", "-f", format, &name]).stdin(Stdio::null()).output()?;
+        anyhow::ensure!(out.status.success(), "podman inspect: {}", String::from_utf8_lossy(&out.stderr).trim());
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let pid: i32 = inspect("{{.State.Pid}}")?.parse().context("podman inspect: the container's pid")?;
+    let netns = inspect("{{.NetworkSettings.SandboxKey}}")?;
+    wait_default_gateway(pid, "podman's slirp4netns", None)?;
+    Ok(Env {
+        bind_ip: Ipv4Addr::LOCALHOST.into(),
+        target_ip: Ipv4Addr::new(10, 0, 2, 2).into(),
+        prefix: ["nsenter", "-t", &pid.to_string(), "-n"].iter().map(OsString::from).collect(),
+        sink_port: port,
+        lo_target: (Ipv4Addr::LOCALHOST, port).into(),
+        peer_target: None,
+        tool_pid: process_with_argument(&netns),
+        setup_commands: vec![shown],
+        _cleanup: cleanup,
+    })
+}
+
+/// The process whose command line has `arg` as one of its arguments (the slirp4netns that
+/// podman started for a namespace path).
+fn process_with_argument(arg: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|b| *b == 0);
+        let program = args.next()?;
+        (program.ends_with(b"slirp4netns") && args.any(|a| a == arg.as_bytes())).then_some(pid)
+    })
+}
+
 /// One request on slirp4netns's API socket (it answers, then closes the connection).
 fn slirp_api(socket: &Path, request: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -432,12 +619,9 @@ fn veth(mtu: u32, port: u16) -> anyhow::Result<Env> {
     let ns_if = format!("ubn{me}");
     let (host_ip, ns_ip) = free_veth_subnet()?;
     // Registered before the first step, so a half-built setup is undone too.
-    let cleanup = Cleanup {
-        daemons: Vec::new(),
-        children: Vec::new(),
-        netns: Some(ns.clone()),
-        veth_host: Some(host_if.clone()),
-    };
+    let mut cleanup = Cleanup::default();
+    cleanup.netns = Some(ns.clone());
+    cleanup.veth_host = Some(host_if.clone());
     // No name here contains a space, so each step splits into its arguments on whitespace.
     let steps = [
         format!("netns add {ns}"),

@@ -96,6 +96,10 @@ pub struct NetConfig {
     pub extra_hosts: Vec<(String, Ipv4Addr)>,
     /// DHCP lease time in seconds.
     pub lease_secs: u32,
+    /// More addresses that stand for the host, each with the host address it is dialled as:
+    /// pasta's `--map-host-loopback ADDR` (the host's 127.0.0.1) and `--map-guest-addr ADDR`
+    /// (the host's own address on its default route).
+    pub host_aliases: Vec<(Ipv4Addr, Ipv4Addr)>,
 }
 
 impl NetConfig {
@@ -113,6 +117,7 @@ impl NetConfig {
             host_dns: HostDns::default(),
             extra_hosts: Vec::new(),
             lease_secs: 3600,
+            host_aliases: Vec::new(),
         }
     }
 }
@@ -121,7 +126,12 @@ impl NetConfig {
     /// The addresses usernet itself answers for (ARP, ping): the gateway, the host address
     /// and the DNS address.
     pub fn is_own_address(&self, ip: Ipv4Addr) -> bool {
-        ip == self.gateway || ip == self.host || self.dns == Some(ip)
+        ip == self.gateway || ip == self.host || self.dns == Some(ip) || self.host_alias(ip).is_some()
+    }
+
+    /// The host address that `ip` stands for, if it is one of `host_aliases`.
+    pub fn host_alias(&self, ip: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.host_aliases.iter().find(|(alias, _)| *alias == ip).map(|(_, to)| *to)
     }
 }
 

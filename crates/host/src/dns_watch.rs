@@ -26,8 +26,18 @@
 //! when it comes back. A resolv.conf that exists but names no server does take effect: the
 //! gateway then answers SERVFAIL to what it does not know, as at startup.
 //!
+//! In `usernet run` the guest's own /etc/resolv.conf follows too ([`WatchSpec::guest_resolv`]):
+//! when a change of the host's file changes the search domains or `ndots`, the guest's file is
+//! rewritten in place right after the gateway's configuration is swapped, under the same log
+//! line (how, and why in place: `resolv::GuestResolvConf::update`). Its nameserver stays the
+//! gateway. If the guest wrote that file itself, it keeps its own and is not followed any more
+//! (one `info` line).
+//!
 //! `--dns-upstream` on the command line fixes the servers: the resolv.conf is not followed
-//! then (the caller passes no path), but /etc/hosts still is.
+//! then (the caller passes no path), but /etc/hosts still is. The guest's resolv.conf is then
+//! fixed too: `--dns-upstream` brings no search domains or options (`Upstreams::command_line`
+//! in `crates/core/src/config.rs`), so the guest's file names the gateway alone, as at start,
+//! whatever the host's file says.
 
 use std::fs;
 use std::io::{self, Read};
@@ -38,11 +48,11 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use usernet_core::config::{DnsOrigin, HostDns, HostsTable, ResolvOptions, Upstreams};
 use usernet_core::services::dns::hosts::{self, MAX_HOSTS_FILE};
 
-use crate::netns::resolv::{self, HostResolvers};
+use crate::netns::resolv::{self, GuestResolvConf, GuestUpdate, HostResolvers};
 
 /// The host's names file.
 pub const HOSTS: &str = "/etc/hosts";
@@ -88,7 +98,7 @@ fn read_hosts(path: &Path, host: Option<Ipv4Addr>) -> io::Result<HostsTable> {
 }
 
 /// What the watcher follows.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct WatchSpec {
     /// The resolv.conf whose servers the gateway forwards to; None: fixed servers.
     pub resolv_conf: Option<PathBuf>,
@@ -97,6 +107,9 @@ pub struct WatchSpec {
     /// What loopback addresses of the hosts file become (the host address; None when it
     /// does not reach the host's loopback).
     pub host_addr: Option<Ipv4Addr>,
+    /// The guest's resolv.conf (`usernet run`), rewritten when the search domains or options
+    /// of `resolv_conf` change; ignored when `resolv_conf` is None.
+    pub guest_resolv: Option<GuestResolvConf>,
     pub interval: Duration,
 }
 
@@ -114,10 +127,20 @@ impl DnsWatch {
         let (tx, rx) = mpsc::channel();
         let mut files: Vec<Watched> = Vec::new();
         if let Some(path) = &spec.resolv_conf {
-            files.push(Watched { path: path.clone(), kind: Kind::ResolvConf, last: Seen::Unknown });
+            files.push(Watched {
+                path: path.clone(),
+                kind: Kind::ResolvConf,
+                last: Seen::Unknown,
+                guest: spec.guest_resolv,
+            });
         }
         if let Some(path) = &spec.hosts {
-            files.push(Watched { path: path.clone(), kind: Kind::Hosts(spec.host_addr), last: Seen::Unknown });
+            files.push(Watched {
+                path: path.clone(),
+                kind: Kind::Hosts(spec.host_addr),
+                last: Seen::Unknown,
+                guest: None,
+            });
         }
         let interval = spec.interval;
         let thread = std::thread::Builder::new().name("usernet-dns-watch".into()).spawn(move || {
@@ -181,6 +204,8 @@ struct Watched {
     path: PathBuf,
     kind: Kind,
     last: Seen,
+    /// The guest's resolv.conf, following this one (a resolv.conf's only).
+    guest: Option<GuestResolvConf>,
 }
 
 impl Watched {
@@ -216,6 +241,7 @@ impl Watched {
                     let current = dns.upstreams();
                     if *current != new {
                         info!("dns: {shown} changed: {}", describe_change(&current, &new));
+                        self.follow_in_guest(&new);
                         dns.set_upstreams(new);
                     }
                 }
@@ -231,6 +257,24 @@ impl Watched {
                 }
                 Err(e) => debug!("dns: cannot read {shown}: {e}"),
             },
+        }
+    }
+}
+
+impl Watched {
+    /// Rewrites the guest's resolv.conf, if any, for the search domains and options of `new`.
+    fn follow_in_guest(&mut self, new: &Upstreams) {
+        let Some(guest) = &mut self.guest else {
+            return;
+        };
+        match guest.update(&new.search, new.options.ndots) {
+            Ok(GuestUpdate::Rewritten) => debug!("dns: the guest's {} rewritten", resolv::RESOLV_CONF),
+            Ok(GuestUpdate::Unchanged) => {}
+            Ok(GuestUpdate::LeftAlone) => {
+                info!("dns: the guest wrote its own {}; it is left alone from now on", resolv::RESOLV_CONF);
+                self.guest = None;
+            }
+            Err(e) => warn!("dns: cannot rewrite the guest's {}: {e}", resolv::RESOLV_CONF),
         }
     }
 }
@@ -326,6 +370,7 @@ mod tests {
             resolv_conf: resolv.map(Path::to_path_buf),
             hosts: hosts.map(Path::to_path_buf),
             host_addr: Some(HOST),
+            guest_resolv: None,
             interval: Duration::from_millis(100),
         };
         DnsWatch::start(dns.clone(), spec).unwrap()
@@ -432,8 +477,13 @@ mod tests {
     #[test]
     fn stops_when_dropped() {
         let dns = HostDns::default();
-        let spec =
-            WatchSpec { resolv_conf: None, hosts: None, host_addr: Some(HOST), interval: Duration::from_secs(3600) };
+        let spec = WatchSpec {
+            resolv_conf: None,
+            hosts: None,
+            host_addr: Some(HOST),
+            guest_resolv: None,
+            interval: Duration::from_secs(3600),
+        };
         let start = Instant::now();
         drop(DnsWatch::start(dns, spec).unwrap());
         assert!(start.elapsed() < Duration::from_secs(1));

@@ -21,7 +21,7 @@ use usernet_host::exit_code;
     name = "usernet",
     version,
     about = "User-mode networking for containers and virtual machines",
-    after_help = "Drop-in mode: started as `slirp4netns` (a symlink), or as `usernet slirp4netns ARGS...`, usernet takes\nslirp4netns's command line (see `usernet slirp4netns --help`)."
+    after_help = "Drop-in modes: started as `slirp4netns` or `pasta` (a symlink), or as `usernet slirp4netns ARGS...` or\n`usernet pasta ARGS...`, usernet takes that program's command line (see `usernet pasta --help`)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -46,7 +46,7 @@ fn main() {
 fn run_cli() -> i32 {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some((mode, args)) = modes::select(&argv) {
-        init_logging();
+        // Each mode sets up logging itself, at the level its options ask for.
         return mode(args);
     }
     let cli = match Cli::try_parse() {
@@ -57,7 +57,7 @@ fn run_cli() -> i32 {
             return code;
         }
     };
-    init_logging();
+    init_logging("warn");
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Serve(args) => serve::main(args),
@@ -72,9 +72,10 @@ fn run_cli() -> i32 {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr at `level` (RUST_LOG, when set, decides instead).
+fn init_logging(level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }

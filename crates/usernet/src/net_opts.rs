@@ -5,7 +5,8 @@
 //! /etc/resolv.conf, with its search domains and options, and follows that file while
 //! usernet runs ([`NetOpts::start_dns_watch`]); `--dns-upstream` fixes the servers instead.
 //! The names of the host's /etc/hosts are answered by the gateway in both cases, and
-//! followed too.
+//! followed too. In `run`, the guest's resolv.conf follows the host's search domains and
+//! `ndots` when the servers do (not with `--dns-upstream`, which brings none).
 
 use clap::Args;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 use usernet_core::config::{Ipv4Subnet, NetConfig, Upstreams};
 use usernet_core::ports::{BoundListener, Proto};
 use usernet_host::dns_watch::{self, DnsWatch, WatchSpec};
-use usernet_host::netns::resolv::RESOLV_CONF;
+use usernet_host::netns::resolv::{GuestResolvConf, RESOLV_CONF};
 use usernet_host::publish::listen::{self, BindError};
 use usernet_host::publish::spec::{self, PortSpec, SpecError};
 
@@ -165,12 +166,15 @@ impl NetOpts {
     }
 
     /// Starts following the host's resolv.conf (unless `--dns-upstream` was given) and
-    /// /etc/hosts into `cfg.host_dns`. Call after any fork: this starts a thread.
-    pub fn start_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<DnsWatch> {
+    /// /etc/hosts into `cfg.host_dns`, and the host's search domains and options into
+    /// `guest_resolv` (`run`'s guest's resolv.conf; it stays as it is with `--dns-upstream`).
+    /// Call after any fork: this starts a thread.
+    pub fn start_dns_watch(&self, cfg: &NetConfig, guest_resolv: Option<GuestResolvConf>) -> anyhow::Result<DnsWatch> {
         let spec = WatchSpec {
             resolv_conf: self.dns_upstream.is_empty().then(|| RESOLV_CONF.into()),
             hosts: Some(dns_watch::HOSTS.into()),
             host_addr: cfg.host_loopback.then_some(cfg.host),
+            guest_resolv,
             interval: dns_watch::POLL_INTERVAL,
         };
         DnsWatch::start(cfg.host_dns.clone(), spec)

@@ -9,7 +9,9 @@
 //!    the process still has one thread: every thread started later inherits the mask, so
 //!    these signals are only ever read from the signalfd.
 //! 3. Fork the sandbox (`netns::sandbox`), still single-threaded. It returns once COMMAND's
-//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started. Rootless,
+//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started; it hands
+//!    over the TAP and the guest's resolv.conf (an open file, which `dns_watch` rewrites when
+//!    the host's search domains or `ndots` change; not with `--dns-upstream`). Rootless,
 //!    usernet then joins the user namespace it made for COMMAND (still single-threaded, as
 //!    the kernel requires), so that it may enter the guest's network namespace to make the
 //!    sockets of loopback clients' connections (`engine::guest_sockets`).
@@ -99,16 +101,42 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     // one line and exit 125, before COMMAND starts, with nothing left listening.
     let specs = args.net.published_specs()?;
     let listeners = bind_published(&specs)?;
-    let proxy = args.net.proxy_config()?;
+    let spec = sandbox_spec(&cfg);
+    execute(Launch { net: &args.net, cfg, pcap, listeners, spec, command: &args.command, no_engine: args.no_engine })
+}
+
+/// What [`execute`] starts: the network of `cfg` (its published ports already bound) and
+/// COMMAND in the sandbox of `spec`.
+pub struct Launch<'a> {
+    /// The proxy, `--api`, busy polling and DNS-following options.
+    pub net: &'a NetOpts,
+    pub cfg: Arc<NetConfig>,
+    pub pcap: Option<PcapWriter>,
+    pub listeners: Vec<usernet_core::ports::BoundListener>,
+    pub spec: SandboxSpec,
+    pub command: &'a [std::ffi::OsString],
+    pub no_engine: bool,
+}
+
+/// Steps 2 to 7 of the theory of operation: the sandbox, the engine, COMMAND, its status.
+/// pasta mode's `pasta -- COMMAND` goes through here too.
+pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
+    let Launch { net, cfg, pcap, listeners, spec, command, no_engine } = launch;
+    let proxy = net.proxy_config()?;
 
     let signals = supervised_signals();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
     let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
 
-    let mut sandbox = Sandbox::create(&sandbox_spec(&cfg), &args.command)?;
+    let mut sandbox = Sandbox::create(&spec, command)?;
     let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
+    // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
+    // or options change.
+    let guest_resolv = sandbox.take_resolv_conf().map(|file| {
+        resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
+    });
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
-    if !args.no_engine
+    if !no_engine
         && !nix::unistd::geteuid().is_root()
         && let Err(e) = sandbox.join_user_namespace()
     {
@@ -119,20 +147,20 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     let mut api = None;
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
     let mut dns_watch = None;
-    let mut engine = if args.no_engine {
+    let mut engine = if no_engine {
         drop(pcap);
         drop(listeners);
         None
     } else {
         let Network { mut engine, dns_records, proxy_settings, proxy_hook } =
             start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
-        match args.net.start_dns_watch(&cfg) {
+        match net.start_dns_watch(&cfg, guest_resolv) {
             Ok(w) => dns_watch = Some(w),
             Err(e) => tracing::warn!("{e:#}"),
         }
         engine.add_tcp_hook(proxy_hook);
-        engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
-        engine.add_static_lease(usernet_host::netns::sandbox::GUEST_MAC, cfg.guest);
+        engine.set_busy_poll(std::time::Duration::from_micros(net.busy_poll));
+        engine.add_static_lease(spec.iface.mac, cfg.guest);
         if let Some(netns) = sandbox.netns()
             && let Err(e) = engine.set_guest_netns(netns)
         {
@@ -143,7 +171,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
                 tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
             }
         }
-        if let Some(path) = &args.net.api {
+        if let Some(path) = &net.api {
             let handle = engine.control_handle().context("control API")?;
             let server = usernet_host::api::serve(path, handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
                 .with_context(|| format!("cannot serve the control API on {}", path.display()))?;

@@ -138,8 +138,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
                 mtu: cfg.mtu,
             },
         };
-        let fd = usernet_host::netns::attach::attach(&spec)?;
-        let tap = Tap::from_fd(fd).context("TAP device")?;
+        let attached = usernet_host::netns::attach::attach(&spec)?;
+        let tap = Tap::from_fd(attached.tap).context("TAP device")?;
         taps.push((spec, tap));
     }
 
@@ -164,7 +164,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
 
     let Network { mut engine, dns_records, proxy_settings, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
     // Follows the host's resolv.conf and /etc/hosts until usernet stops.
-    let dns_watch = match args.net.start_dns_watch(&cfg) {
+    let dns_watch = match args.net.start_dns_watch(&cfg, None) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!("{e:#}");

@@ -1,7 +1,9 @@
 //! The gateway's DNS follows the host's resolver configuration while usernet runs (issue
 //! 18): /etc/resolv.conf rewritten in place, replaced by a rename, re-pointed as a symlink,
 //! or replaced as a plain file; `--dns-upstream` staying fixed; the names of /etc/hosts;
-//! `GET /v1/resolver`.
+//! `GET /v1/resolver`; the guest's own /etc/resolv.conf in `usernet run`, which stays
+//! usernet's whatever the host does to its file, and whose search domains and ndots follow
+//! the host's (as root and rootless).
 //!
 //! Each test makes a world of its own with `unshare -m -n`: a private mount namespace whose
 //! /etc is an overlay (the host's /etc below, a tmpfs above), so the test may replace
@@ -9,13 +11,14 @@
 //! loopback holds two dnsmasq (no upstream, no hosts file, static records only) on
 //! 127.0.0.2:53 and 127.0.0.3:53, answering `follow.test` with 203.0.113.2 and 203.0.113.3.
 //! `usernet run` starts in that world; its guest asks the gateway (`dig @192.168.65.1`) in a
-//! loop and prints each answer, and the test watches the answers change. No query leaves
-//! the test's namespaces.
+//! loop and prints each answer (or reads its /etc/resolv.conf and asks through it), and the
+//! test watches the answers change. No query leaves the test's namespaces.
 
 mod common;
 
 use common::*;
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -41,8 +44,22 @@ impl World {
     /// directory; then `usernet run ARGS -- sh -c GUEST`, `{T}` in ARGS standing for the
     /// directory too.
     fn start(tag: &str, setup: &str, args: &[&str], guest: &str) -> World {
+        World::start_as(tag, setup, args, guest, None)
+    }
+
+    /// As [`World::start`], with usernet run as `user` (`runuser -u USER`, from a copy of
+    /// the binary in the test's directory) when there is one: rootless.
+    fn start_as(tag: &str, setup: &str, args: &[&str], guest: &str, user: Option<&str>) -> World {
         let dir = TempDir::new(tag);
         let t = dir.path().display().to_string();
+        let (runner, bin) = match user {
+            None => (String::new(), usernet_bin()),
+            Some(user) => {
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod the test's directory");
+                (format!("runuser -u {user} -- "), copy_binary_for_others(&dir))
+            }
+        };
         let mut dnsmasq = String::new();
         for (n, ip) in [(2, FIRST), (3, SECOND)] {
             dnsmasq.push_str(&format!(
@@ -67,13 +84,13 @@ impl World {
                sleep 0.1\n\
              done\n\
              echo READY\n\
-             exec \"$USERNET\" run \"$@\"\n"
+             exec {runner}\"$USERNET\" run \"$@\"\n"
         );
         let mut cmd = Command::new("unshare");
         cmd.args(["-m", "-n", "--propagation", "private", "--", "sh", "-c", &script, "sh"])
             .args(args.iter().map(|a| a.replace("{T}", &t)))
             .args(["--", "sh", "-c", guest])
-            .env("USERNET", usernet_bin())
+            .env("USERNET", bin)
             .env("PATH", search_path())
             .env("RUST_LOG", "warn,usernet_host::dns_watch=info");
         let mut bg = Background::start(cmd, Stdio::piped());
@@ -99,16 +116,30 @@ impl World {
 
     /// The guest's answers so far: lines `ANSWER <n> <ip or nothing>`.
     fn answers(&self) -> Vec<String> {
-        self.bg.lines_with("ANSWER ").iter().map(|l| l.split_whitespace().nth(2).unwrap_or("").to_string()).collect()
+        self.seen("ANSWER")
+    }
+
+    /// What the guest printed on its lines `<KIND> <n> <text>`: each text.
+    fn seen(&self, kind: &str) -> Vec<String> {
+        self.bg
+            .lines_with(&format!("{kind} "))
+            .iter()
+            .map(|l| l.splitn(3, ' ').nth(2).unwrap_or("").trim().to_string())
+            .collect()
     }
 
     /// Waits until every guest answer after the `after`-th is `want`, and at least three
     /// of them: how long the first took. Panics if it takes longer than `limit`.
     fn wait_answers(&self, after: usize, want: &str, limit: Duration) -> Duration {
+        self.wait_seen("ANSWER", after, want, limit)
+    }
+
+    /// As [`World::wait_answers`], for the guest's lines `<KIND> <n> <text>`.
+    fn wait_seen(&self, kind: &str, after: usize, want: &str, limit: Duration) -> Duration {
         let start = Instant::now();
         let mut first = None;
         loop {
-            let answers = self.answers();
+            let answers = self.seen(kind);
             let new = answers.get(after..).unwrap_or(&[]);
             if let Some(i) = new.iter().position(|a| a == want) {
                 first.get_or_insert_with(|| start.elapsed());
@@ -223,20 +254,155 @@ fn upstreams_follow_the_hosts_resolv_conf() {
 fn dns_upstream_on_the_command_line_stays_fixed() {
     require(TOOLS);
     let w =
-        World::start("dns-fixed", RESOLV_SETUP, &["--dns-upstream", "127.0.0.3", "--api", "{T}/api.sock"], ASK_LOOP);
+        World::start("dns-fixed", RESOLV_SETUP, &["--dns-upstream", "127.0.0.3", "--api", "{T}/api.sock"], READ_LOOP);
     w.wait_answers(0, SECOND, Duration::from_secs(20));
     let v = w.api_get("/v1/resolver");
     assert_eq!(v["source"], "command-line", "{v}");
     assert_eq!(v["path"], serde_json::Value::Null, "{v}");
     assert_eq!(v["servers"], serde_json::json!(["127.0.0.3:53"]), "{v}");
-    // The host's file changes; the gateway does not follow it.
+    // The host's file changes; neither the gateway nor the guest's resolv.conf follows it
+    // (the servers are fixed, and so is the guest's file: no search domain, as at start).
     let n = w.answers().len();
-    replace(&w.path("r/resolv.conf"), "nameserver 127.0.0.2\n");
+    replace(&w.path("r/resolv.conf"), "nameserver 127.0.0.2\nsearch fixed.test\noptions ndots:4\n");
     std::thread::sleep(Duration::from_secs(3));
     let answers = w.answers();
     assert!(answers.len() >= n + 5, "{}", w.describe());
     assert!(answers[n..].iter().all(|a| a == SECOND), "{answers:?}\n{}", w.describe());
+    let reads = w.seen("RESOLV");
+    assert!(reads.len() >= n + 5 && reads.iter().all(|r| r == "nameserver 192.168.65.1|"), "{reads:?}");
     assert!(!w.bg.stderr().contains("changed:"), "{}", w.describe());
+}
+
+/// A guest that reads its /etc/resolv.conf every 0.2 s (`RESOLV n line|line|`, comments
+/// left out) and asks for follow.test through it (`ANSWER n IP`: dig without `@` asks the
+/// nameserver of that file).
+const READ_LOOP: &str = "i=0; while :; do i=$((i+1)); \
+     echo \"RESOLV $i $(grep -v '^#' /etc/resolv.conf | tr '\\n' '|')\"; \
+     echo \"ANSWER $i $(dig +short +time=1 +tries=1 follow.test | head -n1)\"; \
+     sleep 0.2; done";
+
+/// How soon the guest's resolv.conf follows a change of the host's: the watcher's 1.1 s,
+/// the guest's loop (0.2 s) and some slack for a busy machine.
+const GUEST_LIMIT: Duration = Duration::from_secs(2);
+
+/// /etc/resolv.conf a plain file naming 127.0.0.2, with a search domain.
+const PLAIN_SETUP: &str = "mkdir \"$T/r\"\n\
+     rm -f /etc/resolv.conf\n\
+     printf 'nameserver 127.0.0.2\\nsearch one.test\\n' > /etc/resolv.conf";
+
+/// The guest's /etc/resolv.conf stays usernet's whatever the host does to its own (renames
+/// over it, rewrites it, re-points it as a symlink, renames over the symlink's target), and
+/// its search domains and ndots follow the host's within [`GUEST_LIMIT`].
+fn guest_resolv_conf_follows(user: Option<&str>) {
+    // The guest says whose user namespace it is in first: rootless, `0 <user's uid> 1`.
+    let guest = format!("echo \"UIDMAP $(awk '{{print $1, $2, $3}}' /proc/self/uid_map)\"; {READ_LOOP}");
+    let w = World::start_as("dns-guest", PLAIN_SETUP, &[], &guest, user);
+    w.wait_seen("RESOLV", 0, "nameserver 192.168.65.1|search one.test|", Duration::from_secs(20));
+    if let Some(user) = user {
+        let uid = run("id", &["-u", user]).stdout.trim().to_string();
+        assert_eq!(w.seen("UIDMAP"), vec![format!("{uid} 1")], "not rootless as {user}\n{}", w.describe());
+    }
+    w.wait_answers(0, FIRST, Duration::from_secs(20));
+
+    let mut took = Vec::new();
+    let mut step = |how: &'static str, change: &dyn Fn(), want: &str, answer: &str| {
+        let (n, a) = (w.seen("RESOLV").len(), w.answers().len());
+        change();
+        took.push((how, w.wait_seen("RESOLV", n, want, GUEST_LIMIT)));
+        w.wait_answers(a, answer, FOLLOW_LIMIT);
+    };
+    // 1. A new file renamed over the host's (NetworkManager's way): the kernel detaches
+    //    mounts whose mountpoint was replaced, in every namespace.
+    step(
+        "rename",
+        &|| {
+            w.inside(
+                "printf 'nameserver 127.0.0.3\\nsearch two.test\\noptions ndots:3 timeout:1\\n' > /etc/resolv.conf.tmp \
+                 && mv -T /etc/resolv.conf.tmp /etc/resolv.conf",
+            )
+        },
+        "nameserver 192.168.65.1|search two.test|options ndots:3|",
+        SECOND,
+    );
+    // 2. Rewritten in place.
+    step(
+        "in place",
+        &|| w.inside("printf 'nameserver 127.0.0.3\\nsearch three.test\\n' > /etc/resolv.conf"),
+        "nameserver 192.168.65.1|search three.test|",
+        SECOND,
+    );
+    // 3. Re-pointed as a symlink (ln -s, then rename: resolvconf, systemd-resolved).
+    let four = w.path("r/four.conf");
+    write(&four, "nameserver 127.0.0.2\nsearch four.test\n");
+    step(
+        "symlink",
+        &|| {
+            w.inside(&format!(
+                "ln -s '{}' /etc/resolv.conf.new && mv -T /etc/resolv.conf.new /etc/resolv.conf",
+                four.display()
+            ))
+        },
+        "nameserver 192.168.65.1|search four.test|",
+        FIRST,
+    );
+    // 4. A new file renamed over the symlink's target.
+    step(
+        "rename of the target",
+        &|| replace(&four, "nameserver 127.0.0.2\nsearch five.test ex.test\n"),
+        "nameserver 192.168.65.1|search five.test ex.test|",
+        FIRST,
+    );
+    // 5. No search domain any more.
+    step("no search", &|| replace(&four, "nameserver 127.0.0.2\n"), "nameserver 192.168.65.1|", FIRST);
+    // 6. The host's file gone (and back): the guest keeps reading its own meanwhile.
+    step(
+        "gone",
+        &|| {
+            w.inside("rm /etc/resolv.conf");
+            std::thread::sleep(Duration::from_millis(1500));
+        },
+        "nameserver 192.168.65.1|",
+        FIRST,
+    );
+    step(
+        "back",
+        &|| w.inside("printf 'nameserver 127.0.0.3\\nsearch six.test\\n' > /etc/resolv.conf"),
+        "nameserver 192.168.65.1|search six.test|",
+        SECOND,
+    );
+    for (how, t) in took.iter().filter(|(how, _)| *how != "gone") {
+        assert!(*t <= GUEST_LIMIT, "{how}: the guest's resolv.conf followed after {t:?}\n{}", w.describe());
+    }
+    eprintln!("the guest's resolv.conf followed after: {took:?}");
+
+    // The guest never read anything but usernet's file: the gateway as its only server,
+    // never the host's servers, never an empty or half-written file.
+    let reads = w.seen("RESOLV");
+    assert!(
+        reads.iter().all(|r| r.starts_with("nameserver 192.168.65.1|") && r.matches("nameserver").count() == 1),
+        "the guest read another file: {reads:?}\n{}",
+        w.describe()
+    );
+    // One line per change, dns_watch's own.
+    let stderr = w.bg.stderr();
+    let changes = stderr.lines().filter(|l| l.contains("dns: /etc/resolv.conf changed:")).count();
+    assert_eq!(changes, 6, "{}", w.describe());
+    assert!(stderr.contains("dns: /etc/resolv.conf is gone"), "{}", w.describe());
+    assert!(!stderr.contains("WARN") && !stderr.contains("ERROR"), "{}", w.describe());
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn guest_resolv_conf_is_usernets_and_follows_the_host() {
+    require(&[TOOLS, &["awk"]].concat());
+    guest_resolv_conf_follows(None);
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn guest_resolv_conf_is_usernets_and_follows_the_host_rootless() {
+    require(&[TOOLS, &["runuser", "awk"]].concat());
+    guest_resolv_conf_follows(Some("nobody"));
 }
 
 /// The hosts file of the host: the machine's own name on 127.0.1.1 (Debian's way), a name

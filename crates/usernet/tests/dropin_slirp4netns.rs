@@ -9,95 +9,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::dropin::*;
 use common::*;
-
-/// The test user (created when missing) and the sub-ids its user namespaces map.
-const USER: &str = "usernet-dropin";
-const SUBIDS: &str = "400000-465535";
-
-/// A rootless caller's environment: the user, a short private XDG_RUNTIME_DIR (Unix
-/// socket paths must stay under 108 bytes), a directory whose `slirp4netns` is usernet,
-/// and a busybox root file system with a random file to serve.
-struct Rootless {
-    runtime: PathBuf,
-    bin_dir: TempDir,
-    rootfs: TempDir,
-    file_hash: String,
-}
-
-fn chown(path: &Path, user: &str) {
-    must("chown", &["-R", user, &path.to_string_lossy()]);
-}
-
-impl Rootless {
-    fn new(tag: &str) -> Rootless {
-        if run("id", &["-u", USER]).code != 0 {
-            must("useradd", &["-m", "-s", "/bin/sh", USER]);
-        }
-        let subuids = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-        if !subuids.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
-            must("usermod", &["--add-subuids", SUBIDS, "--add-subgids", SUBIDS, USER]);
-        }
-        let runtime = PathBuf::from(format!("/tmp/ud-{}", unique_id()));
-        let _ = std::fs::remove_dir_all(&runtime);
-        std::fs::create_dir(&runtime).expect("create XDG_RUNTIME_DIR");
-        chown(&runtime, USER);
-        must("chmod", &["0700", &runtime.to_string_lossy()]);
-
-        let bin_dir = TempDir::new(&format!("{tag}-bin"));
-        let usernet = copy_binary_for_others(&bin_dir);
-        std::os::unix::fs::symlink(&usernet, bin_dir.join("slirp4netns")).expect("symlink slirp4netns");
-
-        let rootfs = TempDir::new(&format!("{tag}-rootfs"));
-        for d in ["bin", "www", "etc", "tmp", "proc", "sys", "dev"] {
-            std::fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
-        }
-        let busybox = find_tool("busybox").expect("busybox");
-        std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
-        for applet in ["sh", "wget", "nslookup", "httpd", "sleep", "sha256sum", "ip", "cat", "tail", "grep"] {
-            std::os::unix::fs::symlink("busybox", rootfs.join(&format!("bin/{applet}"))).expect("applet");
-        }
-        write_random_file(&rootfs.join("www/f"), 1 << 20);
-        let file_hash = sha256_file(&rootfs.join("www/f"));
-        chown(rootfs.path(), USER);
-        Rootless { runtime, bin_dir, rootfs, file_hash }
-    }
-
-    fn home(&self) -> String {
-        format!("/home/{USER}")
-    }
-
-    /// `runuser -u USER -- env ... program args`, with the caller's environment.
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("runuser");
-        c.args(["-u", USER, "--", "env"])
-            .arg(format!("XDG_RUNTIME_DIR={}", self.runtime.display()))
-            .arg(format!("HOME={}", self.home()))
-            .arg(format!("PATH={}:{}", self.bin_dir.path().display(), search_path().to_string_lossy()))
-            .arg(program)
-            .current_dir("/");
-        c
-    }
-
-    fn slirp4netns(&self) -> PathBuf {
-        self.bin_dir.join("slirp4netns")
-    }
-
-    /// Tells the guest's script to finish (it waits for this file, bounded).
-    fn release_guest(&self) {
-        std::fs::write(self.rootfs.join("www/stop"), b"").expect("write stop file");
-    }
-}
-
-impl Drop for Rootless {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.runtime);
-    }
-}
 
 /// What the guest does: DNS through usernet, a download from the host's loopback through
 /// the gateway (or the refusal, when the caller closed it), then serve /www on port 80
@@ -109,43 +24,6 @@ fn guest_script(host_port: u16) -> String {
          httpd -p 80 -h /www; echo serving; \
          i=0; while [ ! -e /www/stop ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"
     )
-}
-
-/// GET url until it answers with a body, for up to `limit`; the body's sha256.
-fn fetch_hash(url: &str, limit: Duration) -> String {
-    let start = Instant::now();
-    let dir = TempDir::new("fetch");
-    let body = dir.join("body");
-    loop {
-        let out = run("curl", &["-s", "-f", "--max-time", "5", "-o", &body.to_string_lossy(), url]);
-        if out.code == 0 {
-            return sha256_file(&body);
-        }
-        if start.elapsed() > limit {
-            return format!("no answer from {url}: {}", out.stderr);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn port_listening(port: u16) -> bool {
-    run("ss", &["-Hltn", &format!("sport = :{port}")]).stdout.contains(&format!(":{port}"))
-}
-
-/// Waits (bounded) for a child started with spawn to finish; its output.
-fn wait_output(child: std::process::Child, limit: Duration) -> (i32, String) {
-    let start = Instant::now();
-    let pid = child.id();
-    let waiter = std::thread::spawn(move || child.wait_with_output());
-    while !waiter.is_finished() && start.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if !waiter.is_finished() {
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    }
-    let out = waiter.join().expect("waiter").expect("wait");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
 }
 
 fn line_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
@@ -167,8 +45,8 @@ fn rootlesskit_with_usernet_as_slirp4netns() {
         "cd {www}; busybox nslookup host.docker.internal 10.0.2.3 2>&1 | grep -c 10.0.2.2 | sed 's/^/dns-answers /'; \
          ip -4 -o addr show tap0 | sed 's/^/tap0 /'; \
          curl -s --max-time 5 http://10.0.2.2:{host}/f | sha256sum | sed 's/^/outbound /'; \
-         busybox httpd -p 80 -h {www}; echo serving; \
-         i=0; while [ ! -e {stop} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+         busybox httpd -f -p 80 -h {www} & h=$!; echo serving; \
+         i=0; while [ ! -e {stop} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; kill $h",
         www = r.rootfs.join("www").display(),
         host = server.port,
         stop = stop.display(),
@@ -229,23 +107,6 @@ fn rootlesskit_outbound_through_the_host_loopback() {
     let out = run_bounded(&mut c, Duration::from_secs(60));
     assert_eq!(out.code, 0, "{} {}", out.stdout, out.stderr);
     assert_eq!(line_value(&out.stdout, "outbound ").map(first_word), Some(hash), "{}", out.stdout);
-}
-
-/// podman 4.3.1 finds slirp4netns through containers.conf's `network_cmd_path`.
-fn podman_config(r: &Rootless) {
-    let dir = PathBuf::from(r.home()).join(".config/containers");
-    std::fs::create_dir_all(&dir).expect("containers config dir");
-    std::fs::write(
-        dir.join("containers.conf"),
-        format!(
-            "[engine]\nruntime = \"runc\"\nnetwork_cmd_path = \"{}\"\nevents_logger = \"file\"\n\
-             cgroup_manager = \"cgroupfs\"\n",
-            r.slirp4netns().display()
-        ),
-    )
-    .expect("containers.conf");
-    std::fs::write(dir.join("storage.conf"), "[storage]\ndriver = \"vfs\"\n").expect("storage.conf");
-    chown(&PathBuf::from(r.home()).join(".config"), USER);
 }
 
 /// One `podman run` of the guest script with a published port; what the guest printed and

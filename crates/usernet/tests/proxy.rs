@@ -450,21 +450,25 @@ fn api_shows_and_changes_the_proxy() {
             run("curl", &c)
         };
         if !wait_until(Duration::from_secs(30), || first.exists()) {
-            return (String::new(), String::new());
+            return (String::new(), String::new(), String::new());
         }
+        let metrics = api(&["http://usernet/metrics"]).stdout;
         let shown = api(&["http://usernet/v1/proxy"]).stdout;
         let body = format!("{{\"http_proxy\": \"{tp_url}\", \"no_proxy\": \"\"}}");
         let put = api(&["-X", "PUT", "--data", &body, "http://usernet/v1/proxy"]).stdout;
         let _ = std::fs::write(&flag_path, "");
-        (shown, put)
+        (shown, put, metrics)
     });
     let out = run_bounded(&mut cmd, DEFAULT_TIMEOUT);
-    let (shown, put) = driver.join().expect("driver thread");
+    let (shown, put, metrics) = driver.join().expect("driver thread");
     out.assert_ok();
     assert_eq!(out.stdout.matches(CONTENT).count(), 2, "{out}");
     assert!(shown.contains("\"http_proxy\":\"http://bob:***@127.0.0.1:1\""), "{shown}");
     assert!(!shown.contains("pw@"), "{shown}");
     assert!(put.contains(&format!("\"http_proxy\":\"{}\"", tp.url())), "{put}");
+    // The first fetch, taken by the transparent proxy and sent direct, counted on /metrics.
+    let forwarded = r#"usernet_proxy_requests_total{outcome="forwarded"} 1"#;
+    assert!(metrics.lines().any(|l| l == forwarded), "{metrics}");
     let reqs = tp.requests();
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     assert!(reqs[0].starts_with("GET http://www.test/hello.txt "), "{reqs:?}");

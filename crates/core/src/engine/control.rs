@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::Engine;
 use super::flows::Flow;
+use super::metrics::{EngineMetrics, FLOW_STATES, LinkSample, ListenerSample};
 
 use crate::ports::BoundListener;
 use crate::ports::Proto;
@@ -72,6 +73,10 @@ pub enum Command {
     },
     Flows {
         reply: Reply<Vec<FlowInfo>>,
+    },
+    /// Every counter, for `/metrics`.
+    Metrics {
+        reply: Reply<EngineMetrics>,
     },
 }
 
@@ -164,7 +169,46 @@ impl Engine {
                         .collect();
                     let _ = reply.send(list);
                 }
+                Command::Metrics { reply } => {
+                    let _ = reply.send(self.metrics());
+                }
             }
+        }
+    }
+
+    /// A copy of every counter (off the data path: it walks the links, flows and listeners).
+    pub fn metrics(&self) -> EngineMetrics {
+        let links = (self.switch.links.iter().enumerate())
+            .filter_map(|(index, slot)| slot.as_ref().map(|s| (index, s)))
+            .map(|(index, s)| LinkSample { index, name: s.link.describe(), counters: s.counters })
+            .collect();
+        let mut flows: Vec<((&'static str, &'static str), u64)> = FLOW_STATES.iter().map(|k| (*k, 0)).collect();
+        for (_, f) in self.flows.ids() {
+            let key = match f {
+                Flow::Tcp(t) => ("tcp", t.state_name()),
+                Flow::Splice(_) => ("tcp", "spliced"),
+                Flow::Udp(_) => ("udp", "open"),
+                Flow::Icmp(_) => ("icmp", "open"),
+            };
+            if let Some(slot) = flows.iter_mut().find(|(k, _)| *k == key) {
+                slot.1 += 1;
+            }
+        }
+        let listeners = (self.listeners.iter().flatten())
+            .map(|l| ListenerSample {
+                host: l.local,
+                proto: l.proto,
+                guest: std::net::SocketAddrV4::new(l.guest_ip, l.guest_port),
+                accepted: l.accepted,
+            })
+            .collect();
+        EngineMetrics {
+            links,
+            counters: self.switch.counters,
+            flows,
+            listeners,
+            loop_counters: self.loop_counters,
+            services: self.service_metrics.as_ref().map(|m| m.sample(&self.cfg.host_dns.upstreams().servers)),
         }
     }
 }

@@ -90,6 +90,8 @@ impl HostDialer {
     fn target(&self, ip: Ipv4Addr) -> Target {
         if self.cfg.dns == Some(ip) {
             Target::Gateway
+        } else if let Some(to) = self.cfg.host_alias(ip) {
+            Target::Host(to)
         } else if ip == self.cfg.host {
             if self.cfg.host_loopback { Target::Host(Ipv4Addr::LOCALHOST) } else { Target::Refused }
         } else if ip == self.cfg.gateway {

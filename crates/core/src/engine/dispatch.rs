@@ -19,6 +19,7 @@ use usernet_wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use super::flow_policy::{MAX_CONNECTING, MAX_ICMP, MAX_UDP};
 use super::flows::{self, Flow, FlowKey, IcmpFlow, TcpFlow, UdpFlow, Verdict};
+use super::metrics::DropReason;
 use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF};
 use super::{Engine, dial};
 
@@ -31,7 +32,7 @@ impl Engine {
             p.write(frame);
         }
         let Some((eth, payload)) = EthernetHeader::parse(frame) else {
-            self.switch.stats.dropped_in += 1;
+            self.switch.drop_in(DropReason::Malformed);
             return;
         };
         // Learn where the sender is, and its address when it is one of the guest network's.
@@ -52,7 +53,7 @@ impl Engine {
         match eth.ethertype {
             ethernet::ETHERTYPE_ARP => self.on_arp(payload),
             ethernet::ETHERTYPE_IPV4 => self.on_ipv4(payload, eth.src, now),
-            _ => self.switch.stats.dropped_in += 1,
+            _ => self.switch.drop_in(DropReason::Ethertype),
         }
     }
 
@@ -79,19 +80,19 @@ impl Engine {
 
     pub(super) fn on_ipv4(&mut self, packet: &[u8], src_mac: [u8; 6], now: Instant) {
         let Some((ip, payload)) = Ipv4Header::parse(packet) else {
-            self.switch.stats.dropped_in += 1;
+            self.switch.drop_in(DropReason::Malformed);
             return;
         };
         if ip.is_fragment {
             // The guest's MTU matches the link; fragments are not reassembled.
-            self.switch.stats.dropped_in += 1;
+            self.switch.drop_in(DropReason::Fragment);
             return;
         }
         match ip.protocol {
             PROTO_TCP => self.on_tcp(&ip, payload, now),
             PROTO_UDP => self.on_udp(&ip, payload, src_mac, now),
             PROTO_ICMP => self.on_icmp(&ip, payload, now),
-            _ => self.switch.stats.dropped_in += 1,
+            _ => self.switch.drop_in(DropReason::IpProtocol),
         }
     }
 

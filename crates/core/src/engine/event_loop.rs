@@ -33,6 +33,7 @@ impl Engine {
                 return Err(e);
             }
             let now = Instant::now();
+            self.loop_counters.iterations += 1;
             if !events.is_empty() {
                 self.busy_poll.woke(now);
             } else if spinning {
@@ -76,6 +77,7 @@ impl Engine {
             self.run_timers(Instant::now());
             self.flush_acks(Instant::now());
             self.flush_links();
+            self.loop_counters.busy_nanos += Instant::now().saturating_duration_since(now).as_nanos() as u64;
             if let Some(code) = self.stop.take().or_else(|| if sup_ready { sup.on_ready() } else { None }) {
                 self.shutdown();
                 return Ok(code);
@@ -112,6 +114,8 @@ impl Engine {
                 match slot.link.recv(&mut buf) {
                     Ok(n) => {
                         got += 1;
+                        slot.counters.rx_frames += 1;
+                        slot.counters.rx_bytes += n as u64;
                         self.on_frame(index, &buf[..n], now);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => slot.readable = false,

@@ -36,6 +36,8 @@ pub struct Listener {
     pub guest_port: u16,
     /// Unique over the engine's life, so inbound UDP flows know their listener.
     pub id: u32,
+    /// TCP connections accepted on it (for `/metrics`).
+    pub accepted: u64,
 }
 
 impl Listener {
@@ -77,6 +79,7 @@ impl Engine {
                 guest_ip,
                 guest_port: l.guest_port,
                 id: self.next_listener_id,
+                accepted: 0,
             };
             let raw = listener.fd.as_raw_fd();
             if let Err(e) =
@@ -125,22 +128,30 @@ impl Engine {
         let Some(Some(l)) = self.listeners.get(index) else { return };
         let (fd, proto, guest, id) = (l.fd.clone(), l.proto, SocketAddrV4::new(l.guest_ip, l.guest_port), l.id);
         match proto {
-            Proto::Tcp => self.accept_all(fd.as_fd(), guest, now),
+            Proto::Tcp => {
+                let n = self.accept_all(fd.as_fd(), guest, now);
+                if let Some(Some(l)) = self.listeners.get_mut(index) {
+                    l.accepted += n;
+                }
+            }
             Proto::Udp => self.receive_all(&fd, guest, id, now),
         }
     }
 
-    fn accept_all(&mut self, listener: BorrowedFd<'_>, guest: SocketAddrV4, now: Instant) {
+    /// Accepts the waiting connections; returns how many it took.
+    fn accept_all(&mut self, listener: BorrowedFd<'_>, guest: SocketAddrV4, now: Instant) -> u64 {
+        let mut accepted = 0;
         for _ in 0..256 {
             let (fd, client) = match sock::accept(listener) {
                 Ok(Some(x)) => x,
-                Ok(None) => return,
+                Ok(None) => return accepted,
                 Err(e) => {
                     // EMFILE and friends: leave the connection in the backlog for later.
                     tracing::warn!("accept on a published port: {e}");
-                    return;
+                    return accepted;
                 }
             };
+            accepted += 1;
             let fd = if is_loopback(client) && self.guest_sockets.is_some() {
                 match self.splice_to_guest(fd, guest, now) {
                     Some(fd) => fd,
@@ -163,6 +174,7 @@ impl Engine {
                 self.after(id, Verdict::Keep);
             }
         }
+        accepted
     }
 
     /// Carries a loopback client's connection socket to socket inside the guest's

@@ -27,6 +27,7 @@
 //! - `dial`: where a guest's destination really goes, and the host socket for it;
 //! - `listeners`: published ports (accepting, receiving, splicing loopback clients);
 //! - `control`: commands from other threads (the API) and their answers;
+//! - `metrics`: the counters `/metrics` shows (per link, drops, failed connects, the loop);
 //! - `sock`: the socket system calls of the data path; `busy_poll`, `udp_batch`: helpers.
 
 pub mod busy_poll;
@@ -38,6 +39,7 @@ pub mod flow_policy;
 pub mod flows;
 pub mod guest_sockets;
 pub mod listeners;
+pub mod metrics;
 pub mod sock;
 pub mod switch;
 mod udp_batch;
@@ -112,6 +114,10 @@ pub struct Engine {
     stop_without_links: bool,
     /// Set when the loop must stop at the end of this round, with this exit status.
     stop: Option<i32>,
+    /// The loop's rounds and busy time (for `/metrics`).
+    loop_counters: metrics::LoopCounters,
+    /// The gateway services' counters, reported with the engine's own (for `/metrics`).
+    service_metrics: Option<Arc<crate::services::metrics::ServiceMetrics>>,
 }
 
 impl Engine {
@@ -121,16 +127,21 @@ impl Engine {
         services: ServiceHub,
         pcap: Option<PcapWriter>,
     ) -> io::Result<Engine> {
+        let service_metrics = services.metrics();
         let dialer = Box::new(HostDialer::new(cfg.clone(), services));
         let mut e = Engine::with_dialer(cfg, dialer, pcap)?;
+        e.service_metrics = Some(service_metrics);
         e.add_link(link);
         Ok(e)
     }
 
     /// An engine with no guest link yet (`serve`: links come with `add_link` and acceptors).
     pub fn without_link(cfg: Arc<NetConfig>, services: ServiceHub, pcap: Option<PcapWriter>) -> io::Result<Engine> {
+        let service_metrics = services.metrics();
         let dialer = Box::new(HostDialer::new(cfg.clone(), services));
-        Engine::with_dialer(cfg, dialer, pcap)
+        let mut e = Engine::with_dialer(cfg, dialer, pcap)?;
+        e.service_metrics = Some(service_metrics);
+        Ok(e)
     }
 
     /// Lets a service take over guest TCP connections it chooses (hooks are asked in order).
@@ -207,6 +218,8 @@ impl Engine {
             guest_sockets: None,
             stop_without_links: false,
             stop: None,
+            loop_counters: metrics::LoopCounters::default(),
+            service_metrics: None,
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
             busy_poll: busy_poll::BusyPoll::new(Duration::ZERO),

@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use super::metrics::{Counters, DropReason, LinkCounters};
 use crate::link::Link;
 use crate::pcap::PcapWriter;
 use usernet_wire::icmp::IcmpHeader;
@@ -66,6 +67,8 @@ pub struct LinkStats {
 pub struct LinkSlot {
     pub link: Box<dyn Link>,
     pub readable: bool,
+    /// What this link carried (for `/metrics`).
+    pub counters: LinkCounters,
     /// MACs the table has behind this link.
     macs: usize,
     /// The log said that this link reached [`MAX_MACS_PER_LINK`].
@@ -93,6 +96,8 @@ pub struct Switch {
     vnet: Option<VnetHdr>,
     pub mtu: usize,
     pub stats: LinkStats,
+    /// Drops by reason and failed connects (for `/metrics`).
+    pub counters: Counters,
     /// The one link takes offloaded frames: TCP goes out in frames of up to 64 KiB with
     /// the checksum left to the guest's kernel (see link::tap).
     offload: bool,
@@ -117,6 +122,7 @@ impl Switch {
             vnet: None,
             mtu,
             stats: LinkStats::default(),
+            counters: Counters::default(),
             offload: false,
         }
     }
@@ -257,6 +263,8 @@ impl Switch {
                         };
                         eth.emit(&mut self.buf);
                         self.hold(dst, ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4_len);
+                    } else {
+                        self.counters.dropped(DropReason::NoNeighbour);
                     }
                     self.ask_mac(dst);
                     return;
@@ -284,9 +292,12 @@ impl Switch {
                     Ok(()) => {
                         self.stats.frames_out += 1;
                         self.stats.bytes_out += len as u64;
+                        slot.counters.tx_frames += 1;
+                        slot.counters.tx_bytes += len as u64;
                     }
                     Err(e) => {
                         self.stats.send_errors += 1;
+                        self.counters.dropped(DropReason::SendError);
                         tracing::debug!("{}: send: {e}", slot.link.describe());
                     }
                 }
@@ -297,6 +308,7 @@ impl Switch {
         self.stats.frames_out += frames;
         self.stats.bytes_out += frames * len as u64;
         self.stats.send_errors += errors;
+        self.counters.dropped_n(DropReason::SendError, errors);
     }
 
     /// Sends a frame built elsewhere (ARP replies) to `dst_mac`.
@@ -356,27 +368,36 @@ impl Switch {
         let now = Instant::now();
         let fresh = |p: &Pending| p.back().is_some_and(|(t, _)| now.duration_since(*t) < PENDING_TTL);
         if !self.pending.contains_key(&ip) && self.pending.len() >= MAX_PENDING_IPS {
+            let held: usize = self.pending.values().map(VecDeque::len).sum();
             self.pending.retain(|_, p| fresh(p));
+            let kept: usize = self.pending.values().map(VecDeque::len).sum();
+            self.counters.dropped_n(DropReason::NoNeighbour, (held - kept) as u64);
             if self.pending.len() >= MAX_PENDING_IPS {
                 tracing::debug!(
                     "frame for {ip}, whose MAC is unknown, dropped: {MAX_PENDING_IPS} addresses wait already"
                 );
+                self.counters.dropped(DropReason::NoNeighbour);
                 return;
             }
         }
         let p = self.pending.entry(ip).or_default();
         // What waited too long had no answer, and the oldest gives way to a new frame when
         // the queue is full, as in the kernel.
+        let mut dropped = 0;
         while p.front().is_some_and(|(t, _)| now.duration_since(*t) >= PENDING_TTL) || p.len() >= PENDING_PER_IP {
             p.pop_front();
+            dropped += 1;
         }
         p.push_back((now, self.buf[..len].to_vec()));
+        self.counters.dropped_n(DropReason::NoNeighbour, dropped);
     }
 
     /// Sends the frames held for `ip`, now that its MAC is known (unless they waited too long).
     fn release(&mut self, ip: Ipv4Addr, mac: Mac) {
         let Some(p) = self.pending.remove(&ip) else { return };
-        for (_, mut frame) in p.into_iter().filter(|(t, _)| t.elapsed() < PENDING_TTL) {
+        let (fresh, stale): (Vec<_>, Vec<_>) = p.into_iter().partition(|(t, _)| t.elapsed() < PENDING_TTL);
+        self.counters.dropped_n(DropReason::NoNeighbour, stale.len() as u64);
+        for (_, mut frame) in fresh {
             frame[..6].copy_from_slice(&mac);
             self.send_frame(&frame, mac);
         }
@@ -410,10 +431,11 @@ impl Switch {
         self.stats.frames_out += frames;
         self.stats.bytes_out += frames * frame.len() as u64;
         self.stats.send_errors += errors;
+        self.counters.dropped_n(DropReason::SendError, errors);
     }
 
     pub fn add_link(&mut self, link: Box<dyn Link>) -> usize {
-        let slot = LinkSlot { link, readable: true, macs: 0, told_macs_full: false };
+        let slot = LinkSlot { link, readable: true, counters: LinkCounters::default(), macs: 0, told_macs_full: false };
         let index = match self.links.iter().position(Option::is_none) {
             Some(i) => {
                 self.links[i] = Some(slot);
@@ -426,6 +448,13 @@ impl Switch {
         };
         self.update_offload();
         index
+    }
+
+    /// Counts a frame from a guest that goes no further.
+    #[inline]
+    pub fn drop_in(&mut self, why: DropReason) {
+        self.stats.dropped_in += 1;
+        self.counters.dropped(why);
     }
 
     /// Forgets a link that went away and the MACs behind it.
@@ -478,7 +507,11 @@ impl Switch {
 fn send_on(links: &mut [Option<LinkSlot>], target: Option<usize>, except: Option<usize>, frame: &[u8]) -> (u64, u64) {
     let (mut sent, mut errors) = (0, 0);
     let mut one = |slot: &mut LinkSlot| match slot.link.send(frame) {
-        Ok(()) => sent += 1,
+        Ok(()) => {
+            sent += 1;
+            slot.counters.tx_frames += 1;
+            slot.counters.tx_bytes += frame.len() as u64;
+        }
         Err(e) => {
             errors += 1;
             tracing::debug!("{}: send: {e}", slot.link.describe());

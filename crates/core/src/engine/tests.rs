@@ -341,6 +341,45 @@ fn refused_connect_gets_rst() {
     assert_eq!(e.flow_count(), 0);
 }
 
+/// The counters `/metrics` shows move with what the engine does: failed connects by
+/// reason, dropped frames by reason, frames sent per link, flows by state.
+#[test]
+fn metrics_count_failures_drops_and_flows() {
+    use super::metrics::{ConnectFailure, DropReason};
+    let (mut e, _link, _) = engine(true);
+    e.on_frame(0, &tcp_frame(&seg(5, 0, SYN), b""), Instant::now());
+    // A fragment (more-fragments flag set) and an IPv6 frame: dropped.
+    let mut frag = tcp_frame(&seg(9, 0, SYN), b"");
+    let ip = ethernet::HEADER_LEN;
+    frag[ip + 6] |= 0x20;
+    frag[ip + 10..ip + 12].fill(0);
+    let sum = usernet_wire::checksum::checksum(&frag[ip..ip + ipv4::HEADER_LEN]);
+    frag[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+    e.on_frame(0, &frag, Instant::now());
+    let mut v6 = tcp_frame(&seg(9, 0, SYN), b"");
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    e.on_frame(0, &v6, Instant::now());
+    let m = e.metrics();
+    let failures: Vec<_> = m.counters.connect_failures().collect();
+    assert!(failures.contains(&(ConnectFailure::Refused, 1)), "{failures:?}");
+    assert!(failures.contains(&(ConnectFailure::Timeout, 0)), "{failures:?}");
+    let drops: Vec<_> = m.counters.drops().collect();
+    assert!(drops.contains(&(DropReason::Fragment, 1)), "{drops:?}");
+    assert!(drops.contains(&(DropReason::Ethertype, 1)), "{drops:?}");
+    assert_eq!(e.stats().dropped_in, 2);
+    // The RST went out on link 0.
+    assert_eq!(m.links.len(), 1);
+    assert_eq!(m.links[0].counters.tx_frames, 1);
+    assert_eq!(m.links[0].counters.tx_bytes, 54);
+
+    // An open connection is one established TCP flow.
+    let (e, _link, _peer, _) = open_connection(1460, Instant::now());
+    let m = e.metrics();
+    let established = m.flows.iter().find(|(k, _)| *k == ("tcp", "established")).map(|(_, n)| *n);
+    assert_eq!(established, Some(1));
+    assert_eq!(m.flows.iter().map(|(_, n)| n).sum::<u64>(), 1);
+}
+
 #[test]
 fn stray_segment_gets_rst() {
     let (mut e, link, _) = engine(false);

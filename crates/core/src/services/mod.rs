@@ -38,6 +38,7 @@
 
 pub mod dhcp;
 pub mod dns;
+pub mod metrics;
 pub mod proxy;
 
 use std::io;
@@ -106,6 +107,7 @@ pub struct ServiceHub {
     dns_udp_live: Arc<AtomicUsize>,
     told_dns_udp_full: AtomicBool,
     thread: Option<JoinHandle<()>>,
+    metrics: Arc<metrics::ServiceMetrics>,
 }
 
 impl ServiceHub {
@@ -118,6 +120,7 @@ impl ServiceHub {
     pub fn start_with(cfg: Arc<NetConfig>, tune: impl FnOnce(DnsServer) -> DnsServer) -> io::Result<ServiceHub> {
         let records = Arc::new(DnsRecords::from_config(&cfg));
         let dns = Arc::new(tune(DnsServer::new(&cfg, records.clone())));
+        let metrics = dns.metrics().clone();
         let proxy = ProxySettings::default();
         let proxy_ctx = Arc::new(Proxy { settings: proxy.clone(), cfg: cfg.clone(), dns: dns.clone() });
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -131,9 +134,15 @@ impl ServiceHub {
             proxy,
             jobs: Some(tx),
             thread: Some(thread),
+            metrics,
             dns_udp_live: Arc::new(AtomicUsize::new(0)),
             told_dns_udp_full: AtomicBool::new(false),
         })
+    }
+
+    /// The services' counters (DNS forwarding per upstream, the proxy), for `/metrics`.
+    pub fn metrics(&self) -> Arc<metrics::ServiceMetrics> {
+        self.metrics.clone()
     }
 
     /// The network this hub serves.

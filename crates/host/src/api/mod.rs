@@ -11,6 +11,7 @@
 //! - `gvproxy`: the endpoints of gvisor-tap-vsock that Podman, Lima and CRC call
 //!   (`/services/forwarder/*`, `/services/dhcp/leases`, `/services/dns/*`, `/stats`),
 //!   with gvproxy's JSON shapes, status codes and plain-text errors.
+//! - `metrics`: `GET /metrics`, every counter in Prometheus' text format (version 0.0.4).
 //!
 //! The handlers never touch the engine's state directly: they send an
 //! [`engine::control::Command`](usernet_core::engine::control::Command) through the
@@ -35,6 +36,7 @@
 
 pub mod client;
 mod gvproxy;
+pub mod metrics;
 mod ports;
 mod routes;
 mod state;

@@ -8,7 +8,7 @@
 use hyper::{Method, StatusCode};
 
 use super::state::{Reply, State};
-use super::{gvproxy, v1};
+use super::{gvproxy, metrics, v1};
 
 /// Calls the handler for `method` and `path` with the whole request `body`; `caller` is
 /// the guest's address when the request comes from inside the guest network.
@@ -30,6 +30,9 @@ pub async fn dispatch(
         "/services/dhcp/leases" => return gvproxy::leases(state).await,
         "/services/dns/all" => return gvproxy::dns_all(state),
         "/stats" => return gvproxy::stats(state).await,
+        // Prometheus' text format (what a scraper asks for; any other method is refused).
+        "/metrics" if *method == Method::GET => return metrics::metrics(state).await,
+        "/metrics" => return Reply::method_not_allowed("GET"),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v1/") else {

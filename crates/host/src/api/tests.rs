@@ -15,8 +15,12 @@ use super::client::{self, Response};
 use super::serve;
 use usernet_core::config::NetConfig;
 use usernet_core::engine::control::{Command, ControlHandle, FlowInfo, Published, Stats};
+use usernet_core::engine::metrics::{
+    Counters, DropReason, EngineMetrics, FLOW_STATES, LinkCounters, LinkSample, ListenerSample, LoopCounters,
+};
 use usernet_core::ports::BoundListener;
 use usernet_core::services::dns::DnsRecords;
+use usernet_core::services::metrics::{ProxyOutcome, ServicesSample, UpstreamCounters};
 
 const WAKER: mio::Token = mio::Token(0);
 
@@ -84,6 +88,37 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                 guest: "192.168.65.2:40000".into(),
                 remote: "127.0.0.1:80".into(),
             }]);
+        }
+        Command::Metrics { reply } => {
+            let mut counters = Counters::default();
+            counters.connect_failed(libc::ECONNREFUSED);
+            counters.dropped(DropReason::Fragment);
+            let upstream: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+            let _ = reply.send(EngineMetrics {
+                links: vec![LinkSample {
+                    index: 0,
+                    name: "tap \"eth0\"".into(),
+                    counters: LinkCounters { rx_frames: 3, rx_bytes: 300, tx_frames: 4, tx_bytes: 4000 },
+                }],
+                counters,
+                flows: FLOW_STATES.iter().map(|k| (*k, u64::from(*k == ("tcp", "established")))).collect(),
+                listeners: served
+                    .iter()
+                    .map(|(p, _)| ListenerSample {
+                        host: p.host,
+                        proto: p.proto,
+                        guest: std::net::SocketAddrV4::new(p.guest_ip, p.guest_port),
+                        accepted: 7,
+                    })
+                    .collect(),
+                loop_counters: LoopCounters { iterations: 42, busy_nanos: 1_500_000_000 },
+                services: Some(ServicesSample {
+                    dns_queries: 5,
+                    dns_local: 1,
+                    upstreams: vec![(upstream, UpstreamCounters { queries: 4, answers: 3, failures: [1, 0, 0, 0] })],
+                    proxy: vec![(ProxyOutcome::Forwarded, 2)],
+                }),
+            });
         }
     }
 }
@@ -270,6 +305,58 @@ fn v1_other_resources() {
     assert_eq!(f.call("DELETE", "/v1/dns/web.test", None).status, 404);
     assert_eq!(f.dns.lookup("web.test"), None);
     assert_eq!(f.get("/v1/dns/web.test").0, 404);
+}
+
+#[test]
+fn metrics_in_prometheus_text_format() {
+    let f = start("metrics");
+    let port = free_tcp_port();
+    let (status, _) = f.json("POST", "/v1/ports", json!({"host_ip":"127.0.0.1","host_port":port,"guest_port":80}));
+    assert_eq!(status, 201);
+    let r = f.call("GET", "/metrics", None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+    let body = text(&r);
+    for line in [
+        "# TYPE usernet_build_info gauge",
+        &format!("usernet_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+        "# TYPE usernet_link_bytes_total counter",
+        r#"usernet_link_bytes_total{link="0",name="tap \"eth0\"",direction="rx"} 300"#,
+        r#"usernet_link_frames_total{link="0",name="tap \"eth0\"",direction="tx"} 4"#,
+        r#"usernet_dropped_frames_total{direction="rx",reason="fragment"} 1"#,
+        r#"usernet_dropped_frames_total{direction="tx",reason="send_error"} 0"#,
+        r#"usernet_flows{proto="tcp",state="established"} 1"#,
+        r#"usernet_flows{proto="udp",state="open"} 0"#,
+        r#"usernet_connect_failures_total{reason="refused"} 1"#,
+        r#"usernet_connect_failures_total{reason="timeout"} 0"#,
+        r#"usernet_published_ports{proto="tcp"} 1"#,
+        &format!(
+            r#"usernet_published_connections_accepted_total{{host="127.0.0.1:{port}",guest="192.168.65.2:80",proto="tcp"}} 7"#
+        ),
+        "usernet_event_loop_iterations_total 42",
+        "usernet_event_loop_busy_seconds_total 1.5",
+        "usernet_dns_queries_total 5",
+        r#"usernet_dns_upstream_queries_total{upstream="127.0.0.1:5353"} 4"#,
+        r#"usernet_dns_upstream_answers_total{upstream="127.0.0.1:5353"} 3"#,
+        r#"usernet_dns_upstream_failures_total{upstream="127.0.0.1:5353",reason="timeout"} 1"#,
+        r#"usernet_proxy_requests_total{outcome="forwarded"} 2"#,
+    ] {
+        assert!(body.lines().any(|l| l == line), "no line {line:?} in\n{body}");
+    }
+    assert!(body.lines().any(|l| l.starts_with("process_start_time_seconds ")), "{body}");
+    // Every family's samples follow its TYPE line, and no family comes twice.
+    let mut families = Vec::new();
+    for l in body.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap().to_string();
+            assert!(!families.contains(&name), "{name} twice");
+            families.push(name);
+        } else if !l.starts_with('#') {
+            let name = l.split(['{', ' ']).next().unwrap();
+            assert_eq!(Some(name), families.last().map(String::as_str), "{l} outside its family");
+        }
+    }
+    assert_eq!(f.call("POST", "/metrics", None).status, 405);
 }
 
 #[test]

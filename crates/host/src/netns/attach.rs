@@ -93,9 +93,16 @@ fn open_ns(path: &PathBuf) -> Result<OwnedFd, Errno> {
     open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
 }
 
+/// What [`attach`] gives: the TAP, and the namespace it lives in (for the engine's sockets of
+/// loopback clients, `Engine::set_guest_netns`).
+pub struct Attached {
+    pub tap: OwnedFd,
+    pub netns: OwnedFd,
+}
+
 /// Creates and configures the TAP in the target namespace; returns its descriptor.
 /// Call it while the process is single-threaded.
-pub fn attach(spec: &AttachSpec) -> Result<OwnedFd, AttachError> {
+pub fn attach(spec: &AttachSpec) -> Result<Attached, AttachError> {
     let target = spec.target.clone();
     let net_path = match &spec.target {
         NetnsTarget::Pid(p) => PathBuf::from(format!("/proc/{p}/ns/net")),
@@ -131,12 +138,11 @@ pub fn attach(spec: &AttachSpec) -> Result<OwnedFd, AttachError> {
         }
         ForkResult::Parent { child } => {
             drop(child_end);
-            drop(netns);
             drop(userns);
             let got = recv_result(&parent_end);
             let _ = waitpid(child, None);
             match got {
-                Ok(Ok(fd)) => Ok(fd),
+                Ok(Ok(tap)) => Ok(Attached { tap, netns }),
                 Ok(Err(msg)) => Err(AttachError::Child { target, msg }),
                 Err(err) => Err(AttachError::Io { target, err }),
             }
@@ -151,8 +157,10 @@ fn child_setup(spec: &AttachSpec, userns: Option<&OwnedFd>, netns: &OwnedFd) -> 
     }
     setns(netns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("cannot enter its network namespace: {}", e.desc()))?;
     let name = &spec.iface.ifname;
-    let tap =
-        Tap::create(name).map_err(|e| format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e)))?;
+    // With a virtio-net header, as `run`'s: the kernel then hands usernet whole 64 KiB TCP
+    // segments and takes them back (offloads), rather than one frame per MTU.
+    let tap = Tap::create_with_vnet_hdr(name)
+        .map_err(|e| format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e)))?;
     if spec.configure {
         super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     }

@@ -15,16 +15,30 @@
 //!   does (and honours them); the guest has one server, the gateway, and keeps its resolver's
 //!   defaults (5 s, 2 attempts), which leave the gateway time to fail over.
 //!   and [`install_guest_resolv_conf`], run inside the guest's private mount namespace, makes
-//!   COMMAND see it at /etc/resolv.conf:
-//!   * normally by writing a temporary file, bind-mounting it over /etc/resolv.conf (or over
-//!     the file a symlink there points to) and unlinking it at once: the mount keeps the inode
-//!     alive, so nothing is left on disk even if usernet is killed;
-//!   * when /etc/resolv.conf is missing or a dangling symlink (systemd-resolved not running,
-//!     say) there is nothing to mount over and usernet must not create files on the host, so
-//!     it "shadows" /etc: a tmpfs is mounted on /etc inside the namespace, every original entry
-//!     is bind-mounted (or, for symlinks, re-created) into it, and resolv.conf is written as a
-//!     plain file there. The rest of /etc looks the same; files COMMAND creates directly in
-//!     /etc go to the tmpfs and vanish with the namespace.
+//!   COMMAND see it at /etc/resolv.conf. It "shadows" /etc: a tmpfs is mounted on /etc
+//!   inside the namespace, every original entry but resolv.conf is bind-mounted (or, for
+//!   symlinks, re-created) into it, and resolv.conf is written as a plain file there. The rest
+//!   of /etc looks the same; files COMMAND creates directly in /etc go to the tmpfs and vanish
+//!   with the namespace, and nothing is ever created on the host's disk.
+//!
+//! Why shadow /etc rather than bind-mount a file over /etc/resolv.conf (usernet did that
+//! first): a mount sits on a dentry, and when the host replaces /etc/resolv.conf by a rename
+//! (NetworkManager, systemd-resolved and resolvconf all do, on the file or on the target of
+//! its symlink) the kernel detaches every mount whose mountpoint was that dentry, in every
+//! mount namespace. COMMAND then read the host's own file (say `nameserver 127.0.0.53`,
+//! useless in the guest's network; `crates/usernet/tests/dns_follow.rs` reproduces it). The
+//! tmpfs is mounted on /etc itself, which no resolver manager renames, and our resolv.conf is
+//! a file of that tmpfs, which the host cannot reach at all; so whatever the host does to its
+//! file (rewrite, rename over it, re-point or remove the symlink, leave it missing or
+//! dangling), the guest reads usernet's. The same path also covers a missing or dangling
+//! /etc/resolv.conf, where there would be nothing to mount over. The price: the other entries
+//! are bind mounts of the host's dentries too, so a host file replaced by a rename (`sed -i
+//! /etc/hosts`) keeps its old content in the guest until COMMAND restarts (a file rewritten in
+//! place is seen at once), and COMMAND cannot rename over them (EBUSY).
+//!
+//! [`install_guest_resolv_conf`] returns the open file, and [`GuestResolvConf`] rewrites it
+//! in place from outside the namespace when the host's search domains or `ndots` change
+//! (`dns_watch` calls it).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -161,53 +175,16 @@ pub fn render_guest(gateway: IpAddr, search: &[String], ndots: Option<u8>) -> St
     out
 }
 
-/// What [`install_guest_resolv_conf`] did, for the logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Installed {
-    /// A file was bind-mounted over /etc/resolv.conf (or its symlink's target).
-    BindMounted,
-    /// /etc was shadowed by a tmpfs holding a new resolv.conf and the original entries.
-    ShadowedEtc,
+/// Makes `/etc/resolv.conf` read `contents` in the current mount namespace, by shadowing /etc
+/// (see the module comment); returns the file, open for reading and writing. Call it only in
+/// a private mount namespace (after making `/` rprivate): it mounts things.
+pub fn install_guest_resolv_conf(contents: &str) -> io::Result<fs::File> {
+    shadow_etc(contents)
 }
 
-/// Makes `/etc/resolv.conf` read `contents` in the current mount namespace. Call it only in a
-/// private mount namespace (after making `/` rprivate): it mounts things.
-pub fn install_guest_resolv_conf(contents: &str) -> io::Result<Installed> {
-    let target = Path::new(RESOLV_CONF);
-    match fs::metadata(target) {
-        Ok(m) if m.is_dir() => Err(io::Error::other(format!("{RESOLV_CONF} is a directory"))),
-        Ok(_) => match bind_over(target, contents) {
-            Ok(()) => Ok(Installed::BindMounted),
-            Err(e) => {
-                tracing::debug!("bind mount over {RESOLV_CONF} failed ({e}); shadowing /etc");
-                shadow_etc(contents).map(|()| Installed::ShadowedEtc)
-            }
-        },
-        // Missing, or a symlink to nothing.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => shadow_etc(contents).map(|()| Installed::ShadowedEtc),
-        Err(e) => Err(e),
-    }
-}
-
-/// Writes `contents` to a fresh temporary file, bind-mounts it over `target` and unlinks it.
-fn bind_over(target: &Path, contents: &str) -> io::Result<()> {
-    let tmp = temp_path();
-    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
-    let result = file.write_all(contents.as_bytes()).and_then(|()| {
-        mount(Some(&tmp), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(io::Error::from)
-    });
-    let _ = fs::remove_file(&tmp);
-    result
-}
-
-fn temp_path() -> PathBuf {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    std::env::temp_dir().join(format!("usernet-resolv-{}-{nanos:x}.conf", std::process::id()))
-}
-
-/// Mounts a tmpfs on /etc that mirrors the original /etc, with our resolv.conf in it.
-fn shadow_etc(contents: &str) -> io::Result<()> {
+/// Mounts a tmpfs on /etc that mirrors the original /etc, with our resolv.conf in it
+/// (whatever the original resolv.conf is: a file, a symlink, a directory, nothing).
+fn shadow_etc(contents: &str) -> io::Result<fs::File> {
     // A handle on the original /etc, still reachable once the tmpfs hides it.
     let orig: OwnedFd = open("/etc", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
     let orig_path = PathBuf::from(format!("/proc/self/fd/{}", orig.as_raw_fd()));
@@ -234,12 +211,99 @@ fn shadow_etc(contents: &str) -> io::Result<()> {
         }
         mount(Some(&from), &to, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)?;
     }
-    fs::OpenOptions::new()
+    let mut file = fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o644)
-        .open(etc.join("resolv.conf"))?
-        .write_all(contents.as_bytes())
+        .custom_flags(libc::O_CLOEXEC)
+        .open(etc.join("resolv.conf"))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(file)
+}
+
+/// The guest's /etc/resolv.conf seen from usernet: the file [`install_guest_resolv_conf`]
+/// made, open for reading and writing (the sandbox passes the descriptor out of its
+/// namespace).
+#[derive(Debug)]
+pub struct GuestResolvConf {
+    file: fs::File,
+    gateway: IpAddr,
+    /// What the file holds: what was written last.
+    written: String,
+    /// COMMAND wrote the file itself (see [`GuestResolvConf::update`]).
+    left_alone: bool,
+}
+
+impl GuestResolvConf {
+    /// `file` holds `written`, rendered for `gateway`.
+    pub fn new(file: fs::File, gateway: IpAddr, written: String) -> GuestResolvConf {
+        GuestResolvConf { file, gateway, written, left_alone: false }
+    }
+
+    /// Renders the guest's file for the host's `search` domains and `ndots` (the nameserver
+    /// stays the gateway) and rewrites it in place when that differs from what it holds.
+    ///
+    /// In place, not by a rename: the file stays the inode COMMAND's namespace knows (and
+    /// anything COMMAND bind-mounted from it sees the change). A reader never sees an empty
+    /// or mixed file: the new text is written over the old one padded with newlines to the
+    /// old length, then the file is cut to the new length, and every state in between is a
+    /// whole resolv.conf. The first two lines (the comment and `nameserver <gateway>`) never
+    /// change, so even a read torn by the write itself names the gateway. glibc (since 2.26)
+    /// and musl notice the new size and mtime at their next lookup.
+    ///
+    /// If COMMAND wrote the file itself (it is root in its namespace), its text is not what
+    /// usernet wrote last: COMMAND's wins, and the file is left alone from then on. (If it
+    /// replaced /etc/resolv.conf by a new file, this one is no longer the guest's anyway.)
+    pub fn update(&mut self, search: &[String], ndots: Option<u8>) -> io::Result<GuestUpdate> {
+        use std::os::unix::fs::FileExt;
+        if self.left_alone {
+            return Ok(GuestUpdate::LeftAlone);
+        }
+        let new = render_guest(self.gateway, search, ndots);
+        if new == self.written {
+            return Ok(GuestUpdate::Unchanged);
+        }
+        let mut now = vec![0; self.written.len() + 1];
+        let n = read_full_at(&self.file, &mut now)?;
+        if now[..n] != *self.written.as_bytes() {
+            self.left_alone = true;
+            return Ok(GuestUpdate::LeftAlone);
+        }
+        let mut padded = new.clone().into_bytes();
+        if padded.len() < n {
+            padded.resize(n, b'\n');
+        }
+        self.file.write_all_at(&padded, 0)?;
+        self.file.set_len(new.len() as u64)?;
+        self.written = new;
+        Ok(GuestUpdate::Rewritten)
+    }
+}
+
+/// What [`GuestResolvConf::update`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestUpdate {
+    /// The file already said that.
+    Unchanged,
+    Rewritten,
+    /// COMMAND wrote the file itself: it keeps its text.
+    LeftAlone,
+}
+
+/// Reads from offset 0 until `buf` is full or the file ends: how much was read.
+fn read_full_at(file: &fs::File, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -310,6 +374,34 @@ mod tests {
         let _ = fs::remove_file(&path);
         assert_eq!(r.nameservers, vec!["127.0.0.53:53".parse().unwrap()]);
         assert_eq!(r.search, vec!["corp.example"]);
+    }
+
+    #[test]
+    fn guest_file_rewritten_in_place() {
+        let path = std::env::temp_dir().join(format!("usernet-test-guest-resolv-{}", std::process::id()));
+        let _ = fs::remove_file(&path);
+        let gw = IpAddr::V4(Ipv4Addr::new(192, 168, 65, 1));
+        let first = render_guest(gw, &["a.example".into(), "b.example".into()], Some(3));
+        fs::write(&path, &first).unwrap();
+        let file = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut guest = GuestResolvConf::new(file, gw, first.clone());
+        let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let before = ino(&path);
+        assert_eq!(guest.update(&["a.example".into(), "b.example".into()], Some(3)).unwrap(), GuestUpdate::Unchanged);
+        // Shorter: cut to the new length, no padding left behind.
+        assert_eq!(guest.update(&["c.example".into()], None).unwrap(), GuestUpdate::Rewritten);
+        assert_eq!(fs::read_to_string(&path).unwrap(), render_guest(gw, &["c.example".into()], None));
+        // Longer.
+        let long: Vec<String> = (0..6).map(|i| format!("domain{i}.example")).collect();
+        assert_eq!(guest.update(&long, Some(1)).unwrap(), GuestUpdate::Rewritten);
+        assert_eq!(fs::read_to_string(&path).unwrap(), render_guest(gw, &long, Some(1)));
+        assert_eq!(ino(&path), before);
+        // The guest wrote its own: it wins, now and later.
+        fs::write(&path, "nameserver 10.0.0.1\n").unwrap();
+        assert_eq!(guest.update(&[], None).unwrap(), GuestUpdate::LeftAlone);
+        assert_eq!(guest.update(&long, Some(1)).unwrap(), GuestUpdate::LeftAlone);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "nameserver 10.0.0.1\n");
+        let _ = fs::remove_file(&path);
     }
 
     #[test]

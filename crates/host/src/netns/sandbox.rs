@@ -8,11 +8,13 @@
 //! 2. when not root, enters a new user namespace like `unshare -r` (setgroups "deny", uid and
 //!    gid mapped to 0); as root it tries without one and falls back to one on EPERM;
 //! 3. enters new network and mount namespaces, makes `/` rprivate (nothing it mounts reaches
-//!    the host) and installs the guest's /etc/resolv.conf (see `resolv`);
+//!    the host) and installs the guest's /etc/resolv.conf (see `resolv`: a file of a tmpfs
+//!    shadowing /etc, which the host cannot replace);
 //! 4. creates the TAP device, configures `lo`, the TAP (MAC, MTU, address, default route)
 //!    through netlink;
-//! 5. sends the TAP and a handle on its network namespace to usernet over a SOCK_SEQPACKET
-//!    socketpair (SCM_RIGHTS), then waits for the go-ahead;
+//! 5. sends the TAP, a handle on its network namespace and the guest's resolv.conf (open, so
+//!    that usernet can rewrite it when the host's search domains change) to usernet over a
+//!    SOCK_SEQPACKET socketpair (SCM_RIGHTS), then waits for the go-ahead;
 //! 6. resets every signal to its default, unblocks them and execs COMMAND.
 //!
 //! The socketpair is the only channel. Child to parent: `R` + descriptors (ready), `E` + text
@@ -118,6 +120,8 @@ pub struct Sandbox {
     ctl: OwnedFd,
     tap: Option<OwnedFd>,
     netns: Option<OwnedFd>,
+    /// The guest's /etc/resolv.conf, open for reading and writing.
+    resolv_conf: Option<OwnedFd>,
     /// COMMAND's exit code once it was reaped (128 + N when killed by signal N).
     status: Option<i32>,
     finished: bool,
@@ -163,6 +167,7 @@ impl Sandbox {
                     ctl: ours,
                     tap: None,
                     netns: None,
+                    resolv_conf: None,
                     status: None,
                     finished: false,
                 };
@@ -179,11 +184,12 @@ impl Sandbox {
         let mut fds = fds.into_iter();
         match buf[..n].split_first() {
             Some((&MSG_READY, _)) => {
-                let (Some(tap), Some(netns)) = (fds.next(), fds.next()) else {
+                let (Some(tap), Some(netns), Some(resolv_conf)) = (fds.next(), fds.next(), fds.next()) else {
                     return Err(SandboxError::Setup("the sandbox did not pass its TAP device".into()));
                 };
                 self.tap = Some(tap);
                 self.netns = Some(netns);
+                self.resolv_conf = Some(resolv_conf);
                 Ok(())
             }
             Some((&MSG_SETUP_ERROR, text)) => Err(SandboxError::Setup(String::from_utf8_lossy(text).into_owned())),
@@ -199,6 +205,12 @@ impl Sandbox {
     /// The TAP device's descriptor (once).
     pub fn take_tap(&mut self) -> Option<OwnedFd> {
         self.tap.take()
+    }
+
+    /// The guest's /etc/resolv.conf, open for reading and writing (once; see
+    /// `resolv::GuestResolvConf`).
+    pub fn take_resolv_conf(&mut self) -> Option<fs::File> {
+        self.resolv_conf.take().map(fs::File::from)
     }
 
     /// A new descriptor of the guest's network namespace (for sockets opened inside it).
@@ -337,6 +349,7 @@ impl Sandbox {
         }
         self.reap();
         self.tap = None;
+        self.resolv_conf = None;
     }
 }
 
@@ -437,7 +450,7 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != parent {
         exit_now(crate::exit_code::USERNET_FAILED);
     }
-    let (tap, netns) = match child_setup(spec) {
+    let (tap, netns, resolv_conf) = match child_setup(spec) {
         Ok(v) => v,
         Err(msg) => {
             let mut out = vec![MSG_SETUP_ERROR];
@@ -446,7 +459,7 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
             exit_now(crate::exit_code::USERNET_FAILED);
         }
     };
-    let fds = [tap.as_raw_fd(), netns.as_raw_fd()];
+    let fds = [tap.as_raw_fd(), netns.as_raw_fd(), resolv_conf.as_raw_fd()];
     let sent = sendmsg::<()>(
         ctl.as_raw_fd(),
         &[IoSlice::new(&[MSG_READY])],
@@ -456,6 +469,7 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
     );
     drop(tap);
     drop(netns);
+    drop(resolv_conf);
     if sent.is_err() {
         exit_now(crate::exit_code::USERNET_FAILED);
     }
@@ -508,16 +522,15 @@ fn reset_signals() {
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
-/// Namespaces, resolv.conf, TAP and its configuration; returns the TAP and the network
-/// namespace, or one line for the user.
-fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
+/// Namespaces, resolv.conf, TAP and its configuration; returns the TAP, the network
+/// namespace and the guest's resolv.conf, or one line for the user.
+fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd, OwnedFd), String> {
     enter_namespaces()?;
     // Nothing we mount may propagate back to the host's mount namespace.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(|e| format!("cannot make the mount namespace private: {}", e.desc()))?;
-    let how = resolv::install_guest_resolv_conf(&spec.resolv_conf)
+    let resolv_conf = resolv::install_guest_resolv_conf(&spec.resolv_conf)
         .map_err(|e| format!("cannot set up {}: {}", resolv::RESOLV_CONF, describe(&e)))?;
-    tracing::debug!("guest resolv.conf: {how:?}");
 
     let name = &spec.iface.ifname;
     let tap = Tap::create_with_vnet_hdr(name)
@@ -525,7 +538,7 @@ fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
     super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     let netns = open("/proc/self/ns/net", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
-    Ok((tap.into_fd(), netns))
+    Ok((tap.into_fd(), netns, resolv_conf.into()))
 }
 
 /// Enters new network and mount namespaces, in a new user namespace when needed.

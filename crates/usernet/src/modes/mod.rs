@@ -3,6 +3,9 @@
 //! layout, readiness and exit protocol. Each mode is a thin translation into usernet's own
 //! configuration; the data path is the same.
 
+mod getopt;
+mod lifecycle;
+pub mod pasta;
 pub mod slirp4netns;
 
 use std::ffi::OsString;
@@ -11,7 +14,7 @@ use std::ffi::OsString;
 pub type ModeMain = fn(&[OsString]) -> i32;
 
 /// The modes, by program name.
-const MODES: &[(&str, ModeMain)] = &[("slirp4netns", slirp4netns::main)];
+const MODES: &[(&str, ModeMain)] = &[("slirp4netns", slirp4netns::main), ("pasta", pasta::main)];
 
 /// The mode named by how usernet was started, if any: the program name itself (argv[0]'s
 /// file name), or the first argument after `usernet`. Returns the mode and its arguments.

@@ -31,18 +31,15 @@
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{Value, json};
 
 use usernet_core::config::{Ipv4Subnet, NetConfig};
-use usernet_core::engine::Supervisor;
 use usernet_core::engine::control::{Command, ControlHandle};
 use usernet_core::link::tap::Tap;
 use usernet_core::ports::Proto;
@@ -51,6 +48,8 @@ use usernet_host::netns::Interface;
 use usernet_host::netns::attach::{AttachSpec, NetnsTarget};
 use usernet_host::publish::spec::PortSpec;
 
+use super::getopt::{self, Opt, Positionals, flag, valued};
+use super::lifecycle::{SignalSupervisor, stop_when_process_exits, stop_when_readable};
 use crate::net_opts::NetOpts;
 use crate::network::{Network, start_network};
 use usernet_host::dns_watch;
@@ -118,46 +117,28 @@ fn mistake(message: impl Into<String>) -> Mistake {
     Mistake { message: message.into(), usage: true }
 }
 
-/// The long options and whether each takes a value; the short ones map onto them.
-const LONG: &[(&str, bool)] = &[
-    ("configure", false),
-    ("exit-fd", true),
-    ("ready-fd", true),
-    ("mtu", true),
-    ("enable-ipv6", false),
-    ("api-socket", true),
-    ("cidr", true),
-    ("disable-host-loopback", false),
-    ("netns-type", true),
-    ("userns-path", true),
-    ("outbound-addr", true),
-    ("outbound-addr6", true),
-    ("disable-dns", false),
-    ("macaddress", true),
-    ("target-type", true),
-    ("enable-sandbox", false),
-    ("enable-seccomp", false),
-    ("help", false),
-    ("version", false),
+/// slirp4netns's options (getopt_long's table).
+const OPTS: &[Opt] = &[
+    flag("configure", Some('c')),
+    valued("exit-fd", Some('e')),
+    valued("ready-fd", Some('r')),
+    valued("mtu", Some('m')),
+    flag("enable-ipv6", Some('6')),
+    valued("api-socket", Some('a')),
+    valued("cidr", None),
+    flag("disable-host-loopback", None),
+    valued("netns-type", None),
+    valued("userns-path", None),
+    valued("outbound-addr", None),
+    valued("outbound-addr6", None),
+    flag("disable-dns", None),
+    valued("macaddress", None),
+    valued("target-type", None),
+    flag("enable-sandbox", None),
+    flag("enable-seccomp", None),
+    flag("help", Some('h')),
+    flag("version", Some('v')),
 ];
-
-fn short_name(c: char) -> Option<&'static str> {
-    Some(match c {
-        'c' => "configure",
-        'e' => "exit-fd",
-        'r' => "ready-fd",
-        'm' => "mtu",
-        '6' => "enable-ipv6",
-        'a' => "api-socket",
-        'h' => "help",
-        'v' => "version",
-        _ => return None,
-    })
-}
-
-fn takes_value(name: &str) -> bool {
-    LONG.iter().any(|(n, v)| *n == name && *v)
-}
 
 fn parse_fd(name: &str, v: &str) -> Result<RawFd, Mistake> {
     v.parse::<RawFd>()
@@ -197,57 +178,8 @@ fn outbound_address(v: &str) -> Result<Ipv4Addr, Mistake> {
 
 /// Parses slirp4netns's command line (without the program name).
 pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
-    let mut given: Vec<(String, Option<String>)> = Vec::new();
-    let mut positional: Vec<String> = Vec::new();
-    let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
-    let mut only_positional = false;
-    while let Some(arg) = it.next() {
-        if only_positional || arg == "-" || !arg.starts_with('-') {
-            positional.push(arg);
-        } else if arg == "--" {
-            only_positional = true;
-        } else if let Some(long) = arg.strip_prefix("--") {
-            let (name, inline) = match long.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (long, None),
-            };
-            let Some((name, wants)) = LONG.iter().find(|(n, _)| *n == name) else {
-                return Err(mistake(format!("slirp4netns: unrecognized option '--{name}'")));
-            };
-            let value = match (wants, inline) {
-                (true, Some(v)) => Some(v),
-                (true, None) => Some(
-                    it.next().ok_or_else(|| mistake(format!("slirp4netns: option '--{name}' requires an argument")))?,
-                ),
-                (false, Some(_)) => {
-                    return Err(mistake(format!("slirp4netns: option '--{name}' doesn't allow an argument")));
-                }
-                (false, None) => None,
-            };
-            given.push((name.to_string(), value));
-        } else {
-            // A cluster of short options, the last of which may take a value.
-            let shorts: Vec<char> = arg[1..].chars().collect();
-            let mut i = 0;
-            while i < shorts.len() {
-                let c = shorts[i];
-                let name = short_name(c).ok_or_else(|| mistake(format!("slirp4netns: invalid option -- '{c}'")))?;
-                if takes_value(name) {
-                    let rest: String = shorts[i + 1..].iter().collect();
-                    let value = if rest.is_empty() {
-                        it.next()
-                            .ok_or_else(|| mistake(format!("slirp4netns: option requires an argument -- '{c}'")))?
-                    } else {
-                        rest
-                    };
-                    given.push((name.to_string(), Some(value)));
-                    break;
-                }
-                given.push((name.to_string(), None));
-                i += 1;
-            }
-        }
-    }
+    let given = getopt::parse("slirp4netns", OPTS, args, Positionals::Anywhere).map_err(mistake)?;
+    let mut positional: Vec<String> = given.positionals.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     let mut o = Options {
         configure: false,
         exit_fd: None,
@@ -265,9 +197,9 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
         target: String::new(),
         tapname: "tap0".into(),
     };
-    for (name, value) in given {
+    for (name, value) in given.options {
         let v = value.unwrap_or_default();
-        match name.as_str() {
+        match name {
             "help" => return Ok(Parsed::Help),
             "version" => return Ok(Parsed::Version),
             "configure" => o.configure = true,
@@ -368,6 +300,7 @@ pub fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
 
 /// Entry point: the exit status.
 pub fn main(args: &[OsString]) -> i32 {
+    crate::init_logging("warn");
     let o = match parse(args) {
         Ok(Parsed::Help) => {
             print!("{USAGE}{HELP}");
@@ -404,11 +337,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
     }
     let net = net_opts(o);
     let cfg = Arc::new(network_config(o, &net)?);
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
-    let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+    let mut sup = SignalSupervisor::new()?;
     // Taken now, so that nothing started later inherits them by accident.
     // SAFETY: the caller handed these descriptors to us on the command line; nothing else owns them.
     let ready = o.ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
@@ -434,16 +363,22 @@ fn run(o: &Options) -> anyhow::Result<i32> {
             mtu: cfg.mtu,
         },
     };
-    let tap_fd = usernet_host::netns::attach::attach(&spec)?;
-    let tap = Tap::from_fd(tap_fd).context("TAP device")?;
+    let attached = usernet_host::netns::attach::attach(&spec)?;
+    let tap = Tap::from_fd(attached.tap).context("TAP device")?;
 
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
-    let _dns_watch = net.start_dns_watch(&cfg).map_err(|e| tracing::warn!("{e:#}")).ok();
+    let _dns_watch = net.start_dns_watch(&cfg, None).map_err(|e| tracing::warn!("{e:#}")).ok();
     let Network { mut engine, proxy_hook, .. } =
         start_network(&cfg, ProxyConfig::default(), None, Some(Box::new(tap)))?;
     engine.add_tcp_hook(proxy_hook);
     engine.add_static_lease(spec.iface.mac, cfg.guest);
     engine.stop_without_links();
+    // Loopback clients of forwarded ports spliced inside the namespace, as in `run`; where
+    // usernet may not enter it (rootlesskit runs it outside the namespace's user namespace),
+    // they go through the TAP.
+    if let Err(e) = engine.set_guest_netns(attached.netns) {
+        tracing::info!("loopback clients of forwarded ports go through the TAP: {e}");
+    }
     let _api = match &o.api_socket {
         Some(path) => Some(ApiSocket::start(path, engine.control_handle()?, cfg.guest)?),
         None => None,
@@ -452,61 +387,16 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         stop_when_readable(exit, "exit fd closed")?;
     }
     // The TAP holds the namespace alive, so its end shows nowhere else: follow the process.
-    if let NetnsTarget::Pid(pid) = spec.target {
-        // SAFETY: pidfd_open(2) returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd >= 0 {
-            // SAFETY: fd is a fresh descriptor that nothing else owns.
-            stop_when_readable(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }, "the namespace's process exited")?;
-        }
+    if let NetnsTarget::Pid(pid) = spec.target
+        && let Err(e) = stop_when_process_exits(pid)
+    {
+        tracing::warn!("{e:#}");
     }
     if let Some(ready) = ready {
         let mut f = std::fs::File::from(ready);
         f.write_all(b"1").context("writing to the ready fd")?;
     }
-    let mut sup = SignalSupervisor { sfd };
     engine.run(&mut sup).context("network engine failed")
-}
-
-/// Stops usernet (SIGTERM to itself, read from the signalfd) when `fd` becomes readable or
-/// is closed: the exit fd, as slirp4netns does, or a pidfd of the target process.
-fn stop_when_readable(fd: OwnedFd, why: &'static str) -> anyhow::Result<()> {
-    std::thread::Builder::new()
-        .name("usernet-watch".into())
-        .spawn(move || {
-            let mut pfd = [libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-            loop {
-                // SAFETY: pfd is a valid array of one pollfd.
-                let r = unsafe { libc::poll(pfd.as_mut_ptr(), 1, -1) };
-                if r > 0 || (r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted) {
-                    break;
-                }
-            }
-            tracing::info!("{why}: stopping");
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
-        })
-        .context("exit-fd watcher")?;
-    Ok(())
-}
-
-struct SignalSupervisor {
-    sfd: SignalFd,
-}
-
-impl Supervisor for SignalSupervisor {
-    fn fd(&self) -> RawFd {
-        self.sfd.as_raw_fd()
-    }
-
-    fn on_ready(&mut self) -> Option<i32> {
-        match self.sfd.read_signal() {
-            Ok(Some(info)) => {
-                tracing::info!("signal {}: stopping", info.ssi_signo);
-                Some(0)
-            }
-            _ => None,
-        }
-    }
 }
 
 /// One forwarded port, as `list_hostfwd` shows it.
@@ -704,6 +594,13 @@ mod tests {
         assert!(!o.configure);
         assert_eq!((o.mtu, o.ready_fd, o.api_socket.clone()), (65520, Some(3), Some(PathBuf::from("/tmp/s"))));
         assert_eq!(o.target, "1234");
+        // dockerd-rootless.sh's rootlesskit 1.1.0 (slirp4netns port driver), as captured.
+        let o = run_opts(
+            "--mtu 65520 -r 3 --disable-host-loopback --api-socket /tmp/rootlesskit1827073932/.s4nn.sock 29092 tap0",
+        );
+        assert!(o.disable_host_loopback && !o.configure && o.exit_fd.is_none());
+        assert_eq!((o.mtu, o.ready_fd, o.target.as_str()), (65520, Some(3), "29092"));
+        assert_eq!(o.api_socket, Some(PathBuf::from("/tmp/rootlesskit1827073932/.s4nn.sock")));
         let o = run_opts("-cr4 -m1500 77");
         assert!(o.configure);
         assert_eq!((o.ready_fd, o.mtu, o.tapname.as_str()), (Some(4), 1500, "tap0"));

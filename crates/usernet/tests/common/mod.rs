@@ -28,6 +28,8 @@
 //! missing (root, a tool), rather than passing without having run.
 #![allow(dead_code)]
 
+pub mod dropin;
+
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
@@ -188,7 +190,11 @@ fn debian_package(tool: &str) -> Option<&'static str> {
         "openssl" => "openssl",
         "podman" => "podman",
         "runc" => "runc",
-        "rootlesskit" | "rootlessctl" => "rootlesskit",
+        "rootlesskit" | "rootlessctl" | "rootlesskit-docker-proxy" => "rootlesskit",
+        "dockerd" | "docker-proxy" => "docker.io",
+        "containerd" | "containerd-shim-runc-v2" => "containerd",
+        "iptables" => "iptables",
+        "tar" => "tar",
         "newuidmap" | "newgidmap" => "uidmap",
         "useradd" => "passwd",
         "getent" => "libc-bin",
@@ -937,6 +943,12 @@ impl Server {
     /// On the host, bound to 127.0.0.1.
     pub fn start(kind: ServerKind, dir: Option<&Path>) -> Server {
         Server::spawn(Command::new(python()), kind, dir, "127.0.0.1")
+    }
+
+    /// On the host, bound to `bind` (e.g. 0.0.0.0, for a guest that reaches the host by its
+    /// own address).
+    pub fn start_on(kind: ServerKind, dir: Option<&Path>, bind: &str) -> Server {
+        Server::spawn(Command::new(python()), kind, dir, bind)
     }
 
     /// Inside a remote host, bound to 0.0.0.0.

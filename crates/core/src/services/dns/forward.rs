@@ -34,6 +34,7 @@ use tracing::debug;
 
 use super::{DnsServer, Transport, error_reply, guest_udp_max, is_response_to, random_id, with_id};
 use crate::config::ResolvOptions;
+use crate::services::metrics::UpstreamFailure;
 
 /// Largest `timeout` and `attempts` taken from resolv.conf (glibc's limits).
 const MAX_TIMEOUT_SECS: u8 = 30;
@@ -119,6 +120,7 @@ impl DnsServer {
                 Ok(sock) => Server::Asked(sock, random_id()),
                 Err(e) => {
                     debug!("dns: upstream {upstream}: {e}");
+                    self.metrics.upstream_failure(upstream, UpstreamFailure::Unreachable);
                     Server::Done
                 }
             };
@@ -129,9 +131,11 @@ impl DnsServer {
         out[..2].copy_from_slice(id);
         if let Err(e) = sock.send(out).await {
             debug!("dns: upstream {upstream} over udp: {e}");
+            self.metrics.upstream_failure(upstream, UpstreamFailure::Unreachable);
             *server = Server::Done;
             return false;
         }
+        self.metrics.upstream_query(upstream);
         true
     }
 
@@ -148,6 +152,8 @@ impl DnsServer {
     ) -> Heard {
         loop {
             let Ok((j, received)) = timeout_at(deadline, recv_any(servers, buf)).await else {
+                // (The time given to one server ended; an answer may still come later.)
+                self.metrics.upstream_failure(ask.upstreams[current], UpstreamFailure::Timeout);
                 return Heard::Next;
             };
             let upstream = ask.upstreams[j];
@@ -155,6 +161,7 @@ impl DnsServer {
                 Ok(len) => len,
                 Err(e) => {
                     debug!("dns: upstream {upstream} over udp: {e}");
+                    self.metrics.upstream_failure(upstream, UpstreamFailure::Unreachable);
                     servers[j] = Server::Done;
                     if j == current {
                         return Heard::Next;
@@ -174,8 +181,15 @@ impl DnsServer {
             }
             let rcode = answer[3] & 0x0f;
             if rcode != ResponseCode::ServFail.low() && rcode != ResponseCode::Refused.low() {
+                self.metrics.upstream_answer(upstream);
                 return Heard::Answer(answer);
             }
+            let why = if rcode == ResponseCode::ServFail.low() {
+                UpstreamFailure::Servfail
+            } else {
+                UpstreamFailure::Refused
+            };
+            self.metrics.upstream_failure(upstream, why);
             debug!("dns: upstream {upstream} answered {}", ResponseCode::from_low(rcode));
             *fallback = Some(answer);
             servers[j] = Server::Done;
@@ -192,6 +206,7 @@ impl DnsServer {
             Transport::Tcp => u16::MAX as usize,
             Transport::Udp => guest_udp_max(ask.query).min(self.udp_link_max),
         };
+        self.metrics.upstream_query(upstream);
         match ask_tcp(upstream, ask.query, ask.tcp_budget).await {
             Ok(full) if full.len() <= limit => full,
             Ok(_) => truncated,
@@ -434,6 +449,38 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(350), "{:?}", start.elapsed());
         let counts = [&n1, &n2, &n3].map(|n| n.load(Ordering::SeqCst));
         assert_eq!(counts, [1, 1, 1]);
+    }
+
+    /// The counters per upstream (for `/metrics`): what each server was sent,
+    /// answered, and how it failed.
+    #[tokio::test]
+    async fn counts_per_upstream() {
+        use crate::services::metrics::{UpstreamCounters, UpstreamFailure};
+        let (_keep, silent) = silent_upstream().await;
+        let closed = closed_port();
+        let (servfail, _) = fake(Fake::rcode(ResponseCode::ServFail)).await;
+        let (good, asked) = fake(Fake::answering(GOOD)).await;
+        let s = server(vec![closed, silent, servfail, good]);
+        for name in ["a.example", "b.example", "c.example"] {
+            assert_eq!(a_answers(&ask(&s, name).await), vec![GOOD]);
+        }
+        let sample = s.metrics().sample(&[]);
+        let of = |a: SocketAddr| sample.upstreams.iter().find(|(u, _)| *u == a).map(|(_, c)| *c).unwrap_or_default();
+        let failures = |a: SocketAddr, why: UpstreamFailure| of(a).failures[why as usize];
+        assert_eq!(sample.dns_queries, 3);
+        assert_eq!(sample.dns_local, 0);
+        assert_eq!(of(good), UpstreamCounters { queries: 3, answers: 3, failures: [0; 4] });
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+        assert_eq!(failures(silent, UpstreamFailure::Timeout), 3);
+        assert_eq!(of(silent).queries, 3);
+        assert_eq!((of(servfail).queries, of(servfail).answers), (3, 0));
+        assert_eq!(failures(servfail, UpstreamFailure::Servfail), 3);
+        // The closed port fails once per query: unreachable when its ICMP error is read, or
+        // a timeout when the kernel rate-limited the ICMP error away.
+        let closed_failures =
+            failures(closed, UpstreamFailure::Unreachable) + failures(closed, UpstreamFailure::Timeout);
+        assert_eq!(closed_failures, 3, "{sample:?}");
+        assert_eq!(of(closed).answers, 0);
     }
 
     #[tokio::test]

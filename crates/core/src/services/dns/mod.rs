@@ -47,6 +47,7 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::sync::Semaphore;
 use tracing::debug;
 
+use super::metrics::ServiceMetrics;
 use crate::config::{HostDns, NetConfig};
 pub use records::{DnsError, DnsRecords};
 
@@ -100,6 +101,8 @@ pub struct DnsServer {
     udp_link_max: usize,
     /// Bounds the queries being forwarded at once.
     forward_slots: Semaphore,
+    /// Queries and their fate, per upstream (for `/metrics`).
+    metrics: Arc<ServiceMetrics>,
 }
 
 impl DnsServer {
@@ -114,7 +117,13 @@ impl DnsServer {
                 .saturating_sub(IPV4_UDP_OVERHEAD)
                 .clamp(CLASSIC_UDP_MAX, u16::MAX as usize),
             forward_slots: Semaphore::new(MAX_FORWARDS),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The counters this server keeps (shared with the other services for `/metrics`).
+    pub fn metrics(&self) -> &Arc<ServiceMetrics> {
+        &self.metrics
     }
 
     /// Change the forwarding defaults (what applies when resolv.conf has no `timeout` or
@@ -132,8 +141,12 @@ impl DnsServer {
 
     /// Answer one guest message: locally, by forwarding, or not at all.
     pub async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        self.metrics.dns_queries.fetch_add(1, Ordering::Relaxed);
         let reply = match self.local(query) {
-            Local::Reply(r) => r,
+            Local::Reply(r) => {
+                self.metrics.dns_local.fetch_add(1, Ordering::Relaxed);
+                r
+            }
             Local::Drop => return None,
             Local::Forward => {
                 let Ok(_slot) = self.forward_slots.try_acquire() else {

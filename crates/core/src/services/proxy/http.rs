@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::config::{self, ProxyUrl, split_host_port, valid_host};
 use super::{Proxy, ProxyError, dial, dial_upstream, open_tunnel, relay};
+use crate::services::metrics::ProxyOutcome;
 
 /// How the guest reached the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +106,11 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
     let conn = Arc::new(Conn { proxy, mode, guest, idle: Mutex::new(None) });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        async move {
+            let resp = conn.handle(req).await;
+            conn.proxy.dns.metrics().proxy_request(outcome(&resp));
+            Ok::<_, Infallible>(resp)
+        }
     });
     if let Err(e) =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(sock), service).with_upgrades().await
@@ -114,10 +119,27 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
     }
 }
 
+/// Marks the answers the proxy makes itself (a response extension: never sent).
+#[derive(Clone, Copy)]
+struct OwnAnswer;
+
+/// How a request ended, for `/metrics`: answers of our own are errors (4xx: the guest's
+/// request was wrong; otherwise the next hop failed), the others came from the next hop.
+fn outcome(resp: &Response<Body>) -> ProxyOutcome {
+    if resp.extensions().get::<OwnAnswer>().is_none() {
+        ProxyOutcome::Forwarded
+    } else if matches!(resp.status().as_u16(), 400 | 405) {
+        ProxyOutcome::BadRequest
+    } else {
+        ProxyOutcome::UpstreamError
+    }
+}
+
 /// A plain-text answer of usernet's own: `usernet: <reason>`.
 fn error_response(status: u16, reason: &str) -> Response<Body> {
     let body = Full::new(Bytes::from(format!("usernet: {reason}\n"))).map_err(|never| match never {}).boxed();
     let mut r = Response::new(body);
+    r.extensions_mut().insert(OwnAnswer);
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
@@ -424,6 +446,18 @@ mod tests {
         assert_eq!(t.absolute_uri(), "http://[::1]:8080/");
         let t = Target { host: "::1".into(), port: 80, ip: None, path: "/".into() };
         assert_eq!(t.host_header(), "[::1]");
+    }
+
+    #[test]
+    fn outcomes_of_answers() {
+        assert_eq!(outcome(&error_response(400, "bad")), ProxyOutcome::BadRequest);
+        assert_eq!(outcome(&error_response(405, "no CONNECT here")), ProxyOutcome::BadRequest);
+        assert_eq!(outcome(&error_response(502, "down")), ProxyOutcome::UpstreamError);
+        assert_eq!(outcome(&error_response(403, "refused upstream")), ProxyOutcome::UpstreamError);
+        // An answer of the next hop, whatever its status.
+        let mut theirs = Response::new(empty());
+        *theirs.status_mut() = StatusCode::BAD_GATEWAY;
+        assert_eq!(outcome(&theirs), ProxyOutcome::Forwarded);
     }
 
     #[test]

@@ -63,6 +63,7 @@ use crate::config::{NetConfig, is_host_local};
 use crate::services::TcpHook;
 use crate::services::dns::hosts::{is_loopback_name, normalize_name};
 use crate::services::dns::{DnsServer, Transport};
+use crate::services::metrics::ProxyOutcome;
 
 /// The explicit proxy's port on the gateway.
 pub const PROXY_PORT: u16 = 3128;
@@ -334,10 +335,12 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
     match result {
         Ok((stream, rest, via)) => {
             info!("proxy: {guest} -> {target} (TLS, {dst}) via {via}");
+            proxy.dns.metrics().proxy_request(ProxyOutcome::Forwarded);
             relay(sock, stream, rest).await;
         }
         Err(e) => {
             warn!("proxy: {guest} -> {target} (TLS, {dst}): {e}; resetting the connection");
+            proxy.dns.metrics().proxy_request(ProxyOutcome::UpstreamError);
             // The ClientHello is still unread in `sock`: closing it resets the engine's end.
             drop(sock);
         }

@@ -318,6 +318,22 @@ impl<S: HostSocket> TcpFlow<S> {
         self.phase == Phase::Connecting
     }
 
+    /// The flow's state as `/metrics` names it: `connecting` (outbound, the host's connect
+    /// in progress), `syn_sent` (inbound, our SYN unanswered), `established`, or `closing`
+    /// once either side has sent its FIN.
+    pub fn state_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Connecting => "connecting",
+            Phase::SynSent => "syn_sent",
+            Phase::Established
+                if self.to_host == ToHost::Open && matches!(self.to_guest, ToGuest::SynUnacked | ToGuest::Open) =>
+            {
+                "established"
+            }
+            Phase::Established => "closing",
+        }
+    }
+
     /// The earliest time `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
         let connect = (self.phase == Phase::Connecting).then(|| self.born + CONNECT_TIMEOUT);
@@ -1006,6 +1022,7 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
 /// Answers a guest SYN whose connect failed with errno `err`: ICMP unreachable when the
 /// host has no route, otherwise RST|ACK, as a host with a closed port answers.
 pub fn refuse(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, guest_isn: u32, err: i32) {
+    switch.counters.connect_failed(err);
     match err {
         libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL => {
             let code = if err == libc::ENETUNREACH { icmp::CODE_NET_UNREACHABLE } else { icmp::CODE_HOST_UNREACHABLE };

@@ -1,0 +1,212 @@
+//! The engine's own counters for `/metrics` (crates/host/src/api/metrics.rs writes them out):
+//! plain integers, because only the engine's thread touches them. The control API gets a
+//! copy of them ([`super::control::Command::Metrics`]) between two rounds of the loop.
+//!
+//! What counts where: frames and bytes per link at the link reads (`event_loop`) and the
+//! link sends (`switch`); frames dropped, by reason, in `dispatch` and `switch`; failed
+//! connects, by reason, where the guest is told of them (`flows::tcp::refuse`); rounds of
+//! the loop and the time they took in `event_loop`; connections accepted on published ports
+//! in `listeners`.
+
+use serde::Serialize;
+
+/// Why a frame was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// From a guest: too short or inconsistent to parse (Ethernet or IPv4 header).
+    Malformed,
+    /// From a guest: neither ARP nor IPv4.
+    Ethertype,
+    /// From a guest: an IPv4 fragment (not reassembled; the guest's MTU matches the link).
+    Fragment,
+    /// From a guest: an IP protocol other than TCP, UDP and ICMP.
+    IpProtocol,
+    /// To a guest: its MAC is not known yet and the frame could not wait for the ARP reply
+    /// (an offloaded frame, a full queue of held frames, or no reply within 1 s; see switch.rs).
+    NoNeighbour,
+    /// To a guest: the link would not take the frame (full, or an error).
+    SendError,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 6] = [
+        DropReason::Malformed,
+        DropReason::Ethertype,
+        DropReason::Fragment,
+        DropReason::IpProtocol,
+        DropReason::NoNeighbour,
+        DropReason::SendError,
+    ];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Ethertype => "ethertype",
+            DropReason::Fragment => "fragment",
+            DropReason::IpProtocol => "ip_protocol",
+            DropReason::NoNeighbour => "no_neighbour",
+            DropReason::SendError => "send_error",
+        }
+    }
+
+    /// The `direction` label: rx for frames from a guest, tx for frames to one.
+    pub fn direction(self) -> &'static str {
+        match self {
+            DropReason::NoNeighbour | DropReason::SendError => "tx",
+            _ => "rx",
+        }
+    }
+}
+
+/// Why a guest's connect failed, as the guest was told (RST or ICMP unreachable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Refused,
+    Unreachable,
+    Timeout,
+    Other,
+}
+
+impl ConnectFailure {
+    pub const ALL: [ConnectFailure; 4] =
+        [ConnectFailure::Refused, ConnectFailure::Unreachable, ConnectFailure::Timeout, ConnectFailure::Other];
+
+    /// The failure an errno of `connect(2)` (or `SO_ERROR`) stands for.
+    pub fn from_errno(err: i32) -> ConnectFailure {
+        match err {
+            libc::ECONNREFUSED => ConnectFailure::Refused,
+            libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL | libc::ENETDOWN | libc::EHOSTDOWN => {
+                ConnectFailure::Unreachable
+            }
+            libc::ETIMEDOUT => ConnectFailure::Timeout,
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Other => "other",
+        }
+    }
+}
+
+/// Engine-wide event counters (the per-link ones are in each link's slot).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    drops: [u64; DropReason::ALL.len()],
+    connect_failures: [u64; ConnectFailure::ALL.len()],
+}
+
+impl Counters {
+    #[inline]
+    pub fn dropped(&mut self, why: DropReason) {
+        self.drops[why as usize] += 1;
+    }
+
+    #[inline]
+    pub fn dropped_n(&mut self, why: DropReason, n: u64) {
+        self.drops[why as usize] += n;
+    }
+
+    #[inline]
+    pub fn connect_failed(&mut self, err: i32) {
+        self.connect_failures[ConnectFailure::from_errno(err) as usize] += 1;
+    }
+
+    pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.drops[*r as usize]))
+    }
+
+    pub fn connect_failures(&self) -> impl Iterator<Item = (ConnectFailure, u64)> + '_ {
+        ConnectFailure::ALL.iter().map(|r| (*r, self.connect_failures[*r as usize]))
+    }
+}
+
+/// What one guest link carried.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct LinkCounters {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+}
+
+/// The event loop's rounds and the time spent in them (not waiting).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopCounters {
+    pub iterations: u64,
+    pub busy_nanos: u64,
+}
+
+/// One link, as `/metrics` shows it.
+#[derive(Clone, Debug)]
+pub struct LinkSample {
+    /// Its index in the switch (what the engine's log and tokens call it).
+    pub index: usize,
+    /// What it is (`tap usernet0`, `qemu unix:/path`).
+    pub name: String,
+    pub counters: LinkCounters,
+}
+
+/// One published port, as `/metrics` shows it.
+#[derive(Clone, Debug)]
+pub struct ListenerSample {
+    /// The host address and port it listens on.
+    pub host: std::net::SocketAddr,
+    pub proto: crate::ports::Proto,
+    /// Where its connections go in the guest network.
+    pub guest: std::net::SocketAddrV4,
+    /// TCP connections accepted on it.
+    pub accepted: u64,
+}
+
+/// The state names of [`EngineMetrics::flows`], with protocols: every pair is always
+/// reported (zero when no flow is in it), so that a series does not come and go.
+pub const FLOW_STATES: [(&str, &str); 7] = [
+    ("tcp", "connecting"),
+    ("tcp", "syn_sent"),
+    ("tcp", "established"),
+    ("tcp", "closing"),
+    ("tcp", "spliced"),
+    ("udp", "open"),
+    ("icmp", "open"),
+];
+
+/// Everything the engine counts, copied out for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct EngineMetrics {
+    pub links: Vec<LinkSample>,
+    pub counters: Counters,
+    /// Flows now, by (protocol, state), in the order of [`FLOW_STATES`].
+    pub flows: Vec<((&'static str, &'static str), u64)>,
+    pub listeners: Vec<ListenerSample>,
+    pub loop_counters: LoopCounters,
+    /// The gateway services' counters (DNS forwarding, the proxy), when the engine has them.
+    pub services: Option<crate::services::metrics::ServicesSample>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_to_reason() {
+        assert_eq!(ConnectFailure::from_errno(libc::ECONNREFUSED), ConnectFailure::Refused);
+        assert_eq!(ConnectFailure::from_errno(libc::EHOSTUNREACH), ConnectFailure::Unreachable);
+        assert_eq!(ConnectFailure::from_errno(libc::ENETUNREACH), ConnectFailure::Unreachable);
+        assert_eq!(ConnectFailure::from_errno(libc::ETIMEDOUT), ConnectFailure::Timeout);
+        assert_eq!(ConnectFailure::from_errno(libc::EPERM), ConnectFailure::Other);
+        let mut c = Counters::default();
+        c.connect_failed(libc::ECONNREFUSED);
+        c.connect_failed(libc::ECONNREFUSED);
+        c.dropped(DropReason::Fragment);
+        assert!(c.connect_failures().any(|(r, n)| r == ConnectFailure::Refused && n == 2));
+        assert!(c.drops().any(|(r, n)| r == DropReason::Fragment && n == 1));
+        assert_eq!(c.drops().map(|(_, n)| n).sum::<u64>(), 1);
+    }
+}

@@ -1,0 +1,895 @@
+//! pasta mode: usernet started as `pasta` (a symlink of that name, or `usernet pasta
+//! ARGS...`) takes pasta's command line, attaches to or creates the namespace as pasta does,
+//! goes to the background once the namespace is configured and exits when it goes away, so
+//! that Podman (containers/common's libnetwork/pasta) and rootlesskit 2 use it unchanged.
+//!
+//! Theory of operation.
+//! 1. Parse the command line as pasta does (getopt_long with a leading `+`: the first
+//!    positional ends the options). What usernet cannot honour is an error naming it
+//!    (exit 1), never ignored.
+//! 2. The network. pasta copies the host's address, prefix, gateway and interface name into
+//!    the namespace; usernet does not copy the addresses (see "Addresses" below). Without
+//!    `-a`/`-n`/`-g` the namespace gets slirp4netns's layout: 10.0.2.100/24, gateway
+//!    10.0.2.2; the interface takes the name of the host's default-route interface, as
+//!    pasta's, unless `--ns-ifname`. The gateway stands for the host's 127.0.0.1 unless
+//!    `--no-map-gw`; `--map-host-loopback ADDR` and `--map-guest-addr ADDR` add addresses
+//!    that stand for the host's loopback and for the host's own address. `--dns-forward
+//!    ADDR` is where the gateway's DNS answers (following the host's resolv.conf as `run`
+//!    does); without it there is none, as in pasta, except for `pasta -- COMMAND`, whose
+//!    resolv.conf names 10.0.2.3 (see 4).
+//! 3. `--netns PATH|NAME` or PID: bind the `-t`/`-u` ports on the host first (a taken port
+//!    fails here, exit 1, nothing started), attach a TAP to the namespace (entering
+//!    `--userns` first, or the PID's user namespace when not root), configured with
+//!    `--config-net`; then, unless `-f`, fork: the caller's process waits until the child
+//!    says the network runs and exits 0 (or 1 with the child's error), while the child,
+//!    in a new session, writes `-P`'s PID file, runs the engine and closes the caller's
+//!    stdout and stderr (which Podman reads until they close). The child exits when the
+//!    namespace file is removed or unmounted (or PID exits), on SIGINT or SIGTERM.
+//! 4. `pasta [OPTIONS] [--] COMMAND [ARGS]` (or no command: $SHELL): COMMAND runs in new
+//!    namespaces exactly as `usernet run` runs it (its sandbox, its resolv.conf naming the
+//!    DNS address, since the host's would not work inside), in the foreground; the exit
+//!    status is COMMAND's.
+//!
+//! Addresses. usernet keeps the namespace on a private subnet instead of copying the host's
+//! address, for three reasons: (a) with the host's own address inside, that address is
+//! local to the namespace, so the namespace cannot reach the host's services by it (the
+//! reason Podman adds `--map-guest-addr`), while a private subnet has no such ambiguity;
+//! (b) a copied prefix puts the host's whole LAN on-link in the namespace, so usernet would
+//! have to answer ARP for every neighbour and dial the real router's address as a plain
+//! destination, where usernet's engine models one gateway that it is; (c) the host's
+//! address changes under a running namespace (DHCP, Wi-Fi roaming, a VPN), which would
+//! leave a copied one stale, while a private one never changes. Callers that need given
+//! addresses pass them (rootlesskit passes `--address`, `--netmask`, `--gateway`), and
+//! those are used exactly.
+//!
+//! Ports: `-t`/`-u` take pasta's specs (`none`, `[ADDR/]PORT[-LAST][:TARGET[-LAST]]`
+//! lists with `~` exclusions); `auto` and `all` (which follow the namespace's bound ports)
+//! are not implemented and are an error; when `-t`/`-u` are not given, nothing is forwarded
+//! (pasta's default is `auto`). `-T`/`-U` (namespace to host) take only `none` (and default
+//! to it).
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use super::getopt::{self, Opt, Positionals, flag, valued};
+use super::lifecycle::{SignalSupervisor, stop_when_netns_file_gone, stop_when_process_exits};
+use crate::net_opts::NetOpts;
+use crate::network::{Network, start_network};
+use usernet_core::config::{Ipv4Subnet, NetConfig};
+use usernet_core::link::tap::Tap;
+use usernet_core::pcap::PcapWriter;
+use usernet_core::ports::{BoundListener, Proto};
+use usernet_core::services::proxy::ProxyConfig;
+use usernet_host::dns_watch;
+use usernet_host::netns::Interface;
+use usernet_host::netns::attach::{AttachSpec, Attached, NetnsTarget};
+use usernet_host::netns::resolv;
+use usernet_host::netns::sandbox::{GUEST_MAC, SandboxSpec};
+use usernet_host::publish::spec::PortSpec;
+
+/// Snap length of `--pcap` captures: whole frames.
+const PCAP_SNAPLEN: u32 = 262_144;
+
+const USAGE: &str = "Usage: pasta [OPTION]... [COMMAND] [ARGS]...
+       pasta [OPTION]... PID
+       pasta [OPTION]... --netns [PATH|NAME]
+
+Without PID or --netns, run the given command or a
+default shell in a new network and user namespace, and
+connect it via pasta (usernet).
+";
+
+const HELP: &str = "
+  -d, --debug		Be verbose
+      --trace		Be extra verbose, implies --debug
+  -q, --quiet		Don't print informational messages
+  -f, --foreground	Don't run in background
+  -e, --stderr		Log to stderr too
+  -l, --log-file PATH	Log (only) to given file
+  -h, --help		Display this help message and exit
+  --version		Show version and exit
+  -I, --ns-ifname NAME	namespace interface name
+    default: same interface name as external one
+  --ns-mac-addr ADDR	Set MAC address on tap interface
+  -p, --pcap FILE	Log tap-facing traffic to pcap file
+  -P, --pid FILE	Write own PID to the given file
+  -m, --mtu MTU	Assign MTU (default: 65520)
+  -a, --address ADDR	Assign IPv4 address ADDR
+    default (usernet): 10.0.2.100; the host's is not copied
+  -n, --netmask MASK	Assign IPv4 MASK, dot-decimal or bits
+    default (usernet): 24
+  -g, --gateway ADDR	Pass IPv4 address as gateway
+    default (usernet): 10.0.2.2
+  -o, --outbound ADDR	Bind to IPv4 address as outbound source
+  --outbound-if4 NAME	Bind to the first IPv4 address of NAME as outbound source
+  --dns-forward ADDR	Forward DNS queries sent to ADDR
+    default: don't forward DNS queries
+  --no-map-gw		Don't map gateway address to host
+  --map-host-loopback ADDR	Translate ADDR to refer to host
+    loopback (none: don't)
+  --map-guest-addr ADDR	Translate ADDR to the host's own address
+  --no-ndp, --no-dhcpv6, --no-ra, --no-copy-routes, --no-copy-addrs
+			accepted: usernet does none of these
+  -4, --ipv4-only	Enable IPv4 operation only (usernet: always)
+  -t, --tcp-ports SPEC	TCP port forwarding to namespace
+    can be specified multiple times
+    SPEC can be:
+      'none': don't forward any ports
+      a comma-separated list, optionally ranged with '-'
+        and optional target ports after ':', with optional
+        address specification suffixed by '/'. Examples:
+        -t 22	Forward local port 22 to port 22 in netns
+        -t 22:23	Forward local port 22 to port 23
+        -t 22-80:32-90	Forward ports 22 to 80 to 32 to 90
+        -t 192.0.2.1/5	Bind port 5 of 192.0.2.1 to namespace
+        -t 5-25,~10-20	Forward ports 5 to 9, and 21 to 25
+    default (usernet): none ('auto' is not implemented)
+  -u, --udp-ports SPEC	UDP port forwarding to namespace
+    SPEC is as described for TCP above
+  -T, --tcp-ns SPEC	TCP port forwarding to init namespace
+    usernet: 'none' only
+  -U, --udp-ns SPEC	UDP port forwarding to init namespace
+    usernet: 'none' only
+  --userns NSPATH 	Target user namespace to join
+  --netns PATH|NAME	Target network namespace to join
+  --netns-only		Don't join existing user namespace
+  --no-netns-quit	Don't quit if filesystem-bound target
+  			network namespace is deleted
+  --config-net		Configure tap interface in namespace
+";
+
+/// pasta's options (getopt_long's table), those usernet honours and those it refuses.
+const OPTS: &[Opt] = &[
+    flag("debug", Some('d')),
+    flag("trace", None),
+    flag("quiet", Some('q')),
+    flag("foreground", Some('f')),
+    flag("stderr", Some('e')),
+    valued("log-file", Some('l')),
+    flag("help", Some('h')),
+    flag("version", None),
+    valued("ns-ifname", Some('I')),
+    valued("ns-mac-addr", None),
+    valued("pcap", Some('p')),
+    valued("pid", Some('P')),
+    valued("mtu", Some('m')),
+    valued("address", Some('a')),
+    valued("netmask", Some('n')),
+    valued("gateway", Some('g')),
+    valued("outbound", Some('o')),
+    valued("outbound-if4", None),
+    valued("dns-forward", None),
+    flag("no-map-gw", None),
+    valued("map-host-loopback", None),
+    valued("map-guest-addr", None),
+    flag("no-ndp", None),
+    flag("no-dhcpv6", None),
+    flag("no-ra", None),
+    flag("no-copy-routes", None),
+    flag("no-copy-addrs", None),
+    flag("ipv4-only", Some('4')),
+    valued("tcp-ports", Some('t')),
+    valued("udp-ports", Some('u')),
+    valued("tcp-ns", Some('T')),
+    valued("udp-ns", Some('U')),
+    valued("userns", None),
+    valued("netns", None),
+    flag("netns-only", None),
+    flag("no-netns-quit", None),
+    flag("config-net", None),
+    // pasta's, refused by name below.
+    flag("ipv6-only", Some('6')),
+    valued("log-size", None),
+    valued("runas", None),
+    valued("fd", Some('F')),
+    valued("mac-addr", Some('M')),
+    valued("interface", Some('i')),
+    valued("outbound-if6", None),
+    valued("dns", Some('D')),
+    valued("search", Some('S')),
+    flag("dhcp-dns", None),
+    flag("dhcp-search", None),
+    flag("no-tcp", None),
+    flag("no-udp", None),
+    flag("no-icmp", None),
+    flag("no-dhcp", None),
+    valued("dns-host", None),
+];
+
+/// Where the network goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// `--netns PATH|NAME` (a NAME is /run/netns/NAME).
+    Netns(PathBuf),
+    /// A PID: its network namespace (and user namespace when not root).
+    Pid(i32),
+    /// COMMAND in new namespaces.
+    Command(Vec<OsString>),
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    pub debug: bool,
+    pub trace: bool,
+    pub quiet: bool,
+    pub foreground: bool,
+    pub stderr: bool,
+    pub log_file: Option<PathBuf>,
+    pub ns_ifname: Option<String>,
+    pub ns_mac: Option<[u8; 6]>,
+    pub pcap: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub mtu: u32,
+    pub address: Option<Ipv4Addr>,
+    pub prefix: Option<u8>,
+    pub gateway: Option<Ipv4Addr>,
+    pub outbound: Option<Ipv4Addr>,
+    pub dns_forward: Option<Ipv4Addr>,
+    pub no_map_gw: bool,
+    /// `--map-host-loopback`: None not given, Some(None) `none`.
+    pub map_host_loopback: Option<Option<Ipv4Addr>>,
+    pub map_guest_addr: Option<Option<Ipv4Addr>>,
+    pub ports: Vec<PortSpec>,
+    pub userns: Option<PathBuf>,
+    pub netns_only: bool,
+    pub no_netns_quit: bool,
+    pub config_net: bool,
+    pub target: Target,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Parsed {
+    Run(Box<Options>),
+    Help,
+    Version,
+}
+
+/// The default MTU: pasta's, the largest an 802.3 frame carries, rounded to 32 bits.
+const DEFAULT_MTU: u32 = 65520;
+
+fn ipv4(option: &str, v: &str) -> Result<Ipv4Addr, String> {
+    match v.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Ok(a),
+        Ok(IpAddr::V6(_)) => Err(format!("--{option} {v}: usernet does not carry the guest's IPv6 yet")),
+        Err(_) => Err(format!("Invalid address for --{option}: {v}")),
+    }
+}
+
+/// `-n`: dot-decimal (contiguous) or a prefix length.
+fn parse_netmask(v: &str) -> Option<u8> {
+    if let Ok(bits) = v.parse::<u8>() {
+        return (bits <= 32).then_some(bits);
+    }
+    let mask = u32::from(v.parse::<Ipv4Addr>().ok()?);
+    let bits = mask.leading_ones();
+    (mask.checked_shl(bits).unwrap_or(0) == 0).then_some(bits as u8)
+}
+
+fn parse_mac(v: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.is_empty() || p.len() > 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// The first IPv4 address of interface `name`.
+fn interface_address(name: &str) -> Option<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        let sin = a.address.as_ref()?.as_sockaddr_in()?;
+        (a.interface_name == name).then(|| sin.ip())
+    })
+}
+
+/// One `-t`/`-u` spec (pasta's grammar) as the ports to publish. `flag` is how it was given
+/// (`-t`), for the messages.
+pub fn parse_port_spec(flag: &str, spec: &str, proto: Proto) -> Result<Vec<PortSpec>, String> {
+    let invalid = || format!("Invalid port specifier {spec}");
+    match spec {
+        "none" => return Ok(Vec::new()),
+        "auto" | "all" => {
+            return Err(format!("{flag} {spec}: usernet's pasta mode forwards only the ports given (no '{spec}')"));
+        }
+        _ => {}
+    }
+    let (host_ip, list) = match spec.rsplit_once('/') {
+        Some((addr, list)) => {
+            if addr.contains('%') {
+                return Err(format!("{flag} {spec}: usernet cannot bind a forwarded port to an interface (%)"));
+            }
+            let ip: IpAddr = addr.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| invalid())?;
+            (Some(ip), list)
+        }
+        None => (None, spec),
+    };
+    let range = |s: &str| -> Result<(u16, u16), String> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let a: u16 = a.parse().map_err(|_| invalid())?;
+        let b: u16 = b.parse().map_err(|_| invalid())?;
+        if a == 0 || b < a {
+            return Err(invalid());
+        }
+        Ok((a, b))
+    };
+    let mut pairs: Vec<(u16, u16)> = Vec::new();
+    let mut excluded: Vec<(u16, u16)> = Vec::new();
+    for item in list.split(',') {
+        if let Some(ex) = item.strip_prefix('~') {
+            excluded.push(range(ex)?);
+            continue;
+        }
+        let (from, to) = item.split_once(':').unwrap_or((item, ""));
+        let (first, last) = range(from)?;
+        let (tfirst, tlast) = if to.is_empty() { (first, last) } else { range(to)? };
+        if tlast - tfirst != last - first {
+            return Err(invalid());
+        }
+        pairs.extend((first..=last).zip(tfirst..=tlast));
+    }
+    if pairs.is_empty() {
+        return Err(format!("{flag} {spec}: exclusions alone mean 'all but', which usernet's pasta mode does not do"));
+    }
+    Ok(pairs
+        .into_iter()
+        .filter(|(h, _)| !excluded.iter().any(|(a, b)| (a..=b).contains(&h)))
+        .map(|(h, c)| PortSpec { host_ip, host_ports: Some((h, h)), container_port: c, proto })
+        .collect())
+}
+
+/// Parses pasta's command line (without the program name); a mistake is the message.
+pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
+    let given = getopt::parse("pasta", OPTS, args, Positionals::EndOptions)?;
+    let mut o = Options {
+        debug: false,
+        trace: false,
+        quiet: false,
+        foreground: false,
+        stderr: false,
+        log_file: None,
+        ns_ifname: None,
+        ns_mac: None,
+        pcap: None,
+        pid_file: None,
+        mtu: DEFAULT_MTU,
+        address: None,
+        prefix: None,
+        gateway: None,
+        outbound: None,
+        dns_forward: None,
+        no_map_gw: false,
+        map_host_loopback: None,
+        map_guest_addr: None,
+        ports: Vec::new(),
+        userns: None,
+        netns_only: false,
+        no_netns_quit: false,
+        config_net: false,
+        target: Target::Command(Vec::new()),
+    };
+    let mut netns: Option<String> = None;
+    for (name, value) in given.options {
+        let v = value.unwrap_or_default();
+        match name {
+            "help" => return Ok(Parsed::Help),
+            "version" => return Ok(Parsed::Version),
+            "debug" => o.debug = true,
+            "trace" => (o.debug, o.trace) = (true, true),
+            "quiet" => o.quiet = true,
+            "foreground" => o.foreground = true,
+            "stderr" => o.stderr = true,
+            "log-file" => o.log_file = Some(PathBuf::from(v)),
+            "ns-ifname" => {
+                if v.is_empty() || v.len() >= libc::IFNAMSIZ || v.contains(['/', ' ']) {
+                    return Err(format!("Invalid interface name: {v}"));
+                }
+                o.ns_ifname = Some(v)
+            }
+            "ns-mac-addr" => o.ns_mac = Some(parse_mac(&v).ok_or_else(|| format!("Invalid MAC address: {v}"))?),
+            "pcap" => o.pcap = Some(PathBuf::from(v)),
+            "pid" => o.pid_file = Some(PathBuf::from(v)),
+            "mtu" => {
+                o.mtu = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|m| (576..=65520).contains(m))
+                    .ok_or_else(|| format!("Invalid MTU: {v} (usernet: 576 to 65520)"))?
+            }
+            "address" => o.address = Some(ipv4(name, &v)?),
+            "netmask" => o.prefix = Some(parse_netmask(&v).ok_or_else(|| format!("Invalid netmask: {v}"))?),
+            "gateway" => o.gateway = Some(ipv4(name, &v)?),
+            "outbound" => o.outbound = Some(ipv4(name, &v)?),
+            "outbound-if4" => {
+                o.outbound = Some(interface_address(&v).ok_or_else(|| format!("No IPv4 address on interface {v}"))?)
+            }
+            "dns-forward" => o.dns_forward = Some(ipv4(name, &v)?),
+            "no-map-gw" => o.no_map_gw = true,
+            "map-host-loopback" => o.map_host_loopback = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
+            "map-guest-addr" => o.map_guest_addr = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
+            // usernet has no IPv6 and never copies addresses or routes: honoured as it is.
+            "no-ndp" | "no-dhcpv6" | "no-ra" | "no-copy-routes" | "no-copy-addrs" | "ipv4-only" => {}
+            "tcp-ports" => o.ports.extend(parse_port_spec("-t", &v, Proto::Tcp)?),
+            "udp-ports" => o.ports.extend(parse_port_spec("-u", &v, Proto::Udp)?),
+            "tcp-ns" | "udp-ns" if v == "none" => {}
+            "tcp-ns" | "udp-ns" => {
+                return Err(format!(
+                    "--{name} {v}: usernet's pasta mode does not forward ports from the namespace to the host (only 'none')"
+                ));
+            }
+            "userns" => o.userns = Some(PathBuf::from(v)),
+            "netns" => netns = Some(v),
+            "netns-only" => o.netns_only = true,
+            "no-netns-quit" => o.no_netns_quit = true,
+            "config-net" => o.config_net = true,
+            "ipv6-only" => return Err("--ipv6-only: usernet does not carry the guest's IPv6 yet".into()),
+            other => return Err(format!("--{other}: not supported by usernet's pasta mode")),
+        }
+    }
+    let mut positionals = given.positionals;
+    o.target = match netns {
+        Some(n) => {
+            if !positionals.is_empty() {
+                return Err("Both --netns and PID or command given".into());
+            }
+            let path = if n.contains('/') { PathBuf::from(n) } else { Path::new("/run/netns").join(n) };
+            Target::Netns(path)
+        }
+        None if positionals.len() == 1 && positionals[0].to_string_lossy().bytes().all(|b| b.is_ascii_digit()) => {
+            let pid = positionals.remove(0).to_string_lossy().parse::<i32>().ok().filter(|p| *p > 0);
+            Target::Pid(pid.ok_or("Invalid PID")?)
+        }
+        None => Target::Command(positionals),
+    };
+    Ok(Parsed::Run(Box::new(o)))
+}
+
+/// The host's IPv4 default route: its interface and that interface's first address
+/// (`/proc/net/route`, lowest metric).
+fn default_route() -> Option<(String, Option<Ipv4Addr>)> {
+    let text = std::fs::read_to_string("/proc/net/route").ok()?;
+    let (ifname, _) = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+            (f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000")
+                .then(|| (f[0].to_string(), f[6].parse::<u32>().unwrap_or(u32::MAX)))
+        })
+        .min_by_key(|(_, metric)| *metric)?;
+    let addr = interface_address(&ifname);
+    Some((ifname, addr))
+}
+
+/// The namespace's interface and address.
+fn interface(o: &Options) -> Interface {
+    let address = o.address.unwrap_or(Ipv4Addr::new(10, 0, 2, 100));
+    let prefix = o.prefix.unwrap_or(24);
+    let subnet = Ipv4Subnet { network: address, prefix };
+    let gateway = o.gateway.unwrap_or_else(|| {
+        let two = subnet.host(2);
+        if two == address { subnet.host(1) } else { two }
+    });
+    let ifname = o.ns_ifname.clone().or_else(|| default_route().map(|(name, _)| name)).unwrap_or("eth0".into());
+    Interface { ifname, mac: o.ns_mac.unwrap_or(GUEST_MAC), address, prefix, gateway, mtu: o.mtu }
+}
+
+/// usernet's network options as pasta's command line sets them: defaults (DNS following
+/// the host's resolv.conf and /etc/hosts), with `--pcap`.
+fn net_opts(o: &Options) -> NetOpts {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        net: NetOpts,
+    }
+    let mut net = <Defaults as clap::Parser>::parse_from(["pasta"]).net;
+    net.mtu = Some(o.mtu);
+    net.pcap = o.pcap.clone();
+    net
+}
+
+/// pasta's network for these options (the theory of operation, 2).
+pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::Result<NetConfig> {
+    let mut cfg = net.to_config(o.mtu)?;
+    let prefix = iface.prefix.clamp(8, 30);
+    cfg.subnet = Ipv4Subnet { network: Ipv4Addr::from(u32::from(iface.address) & !(u32::MAX >> prefix)), prefix };
+    cfg.guest = iface.address;
+    cfg.gateway = iface.gateway;
+    // The gateway stands for the host, reaching its loopback unless --no-map-gw.
+    cfg.host = iface.gateway;
+    cfg.host_loopback = !o.no_map_gw;
+    cfg.dns = o.dns_forward;
+    if matches!(o.target, Target::Command(_)) && cfg.dns.is_none() {
+        let free = (3..254).map(|n| cfg.subnet.host(n)).find(|a| *a != cfg.guest && *a != cfg.gateway);
+        cfg.dns = free;
+    }
+    cfg.outbound_addr = o.outbound;
+    if let Some(Some(a)) = o.map_host_loopback {
+        cfg.host_aliases.push((a, Ipv4Addr::LOCALHOST));
+    }
+    if let Some(Some(a)) = o.map_guest_addr {
+        match default_route().and_then(|(_, addr)| addr) {
+            Some(host) => cfg.host_aliases.push((a, host)),
+            None => tracing::warn!("--map-guest-addr {a}: the host has no IPv4 default route; {a} reaches nothing"),
+        }
+    }
+    // host.docker.internal and host.containers.internal name an address that reaches the
+    // host: the gateway, unless --no-map-gw closed it (then what --map-host-loopback or
+    // --map-guest-addr gave, as Podman's /etc/hosts does with the latter).
+    if o.no_map_gw
+        && let Some((alias, _)) = cfg.host_aliases.first()
+    {
+        let alias = *alias;
+        cfg.extra_hosts.extend(usernet_core::config::HOST_NAMES.iter().map(|n| (n.to_string(), alias)));
+    }
+    // /etc/hosts' loopback names stand for the host address.
+    let loopback_to = cfg.host_loopback.then_some(cfg.host);
+    cfg.host_dns.set_hosts(dns_watch::hosts_from_file(Path::new(dns_watch::HOSTS), loopback_to));
+    Ok(cfg)
+}
+
+/// Entry point: the exit status.
+pub fn main(args: &[OsString]) -> i32 {
+    let o = match parse(args) {
+        Ok(Parsed::Help) => {
+            crate::init_logging("warn");
+            print!("{USAGE}{HELP}");
+            return 0;
+        }
+        Ok(Parsed::Version) => {
+            println!("pasta (usernet {})", env!("CARGO_PKG_VERSION"));
+            return 0;
+        }
+        Ok(Parsed::Run(o)) => o,
+        Err(message) => {
+            eprintln!("{message}");
+            eprint!("{USAGE}");
+            return 1;
+        }
+    };
+    crate::init_logging(if o.trace {
+        "trace"
+    } else if o.debug {
+        "debug"
+    } else if o.quiet {
+        "error"
+    } else {
+        "warn"
+    });
+    match run(&o) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pasta (usernet): {e:#}");
+            1
+        }
+    }
+}
+
+fn run(o: &Options) -> anyhow::Result<i32> {
+    let iface = interface(o);
+    let net = net_opts(o);
+    let cfg = Arc::new(network_config(o, &iface, &net)?);
+    let pcap = match &o.pcap {
+        Some(path) => {
+            Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
+        }
+        None => None,
+    };
+    let log_file = match &o.log_file {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    // Bound before anything starts: a taken port is one line and exit 1.
+    let listeners = usernet_host::publish::listen::bind_all(&o.ports)
+        .map_err(|e| anyhow::anyhow!("Failed to bind forwarded port: {e}"))?;
+
+    if let Target::Command(command) = &o.target {
+        let command = if command.is_empty() {
+            vec![std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into())]
+        } else {
+            command.clone()
+        };
+        if let Some(path) = &o.pid_file {
+            write_pid_file(path)?;
+        }
+        let dns = cfg.dns.unwrap_or(cfg.gateway);
+        let upstreams = cfg.host_dns.upstreams();
+        let spec = SandboxSpec {
+            iface,
+            resolv_conf: resolv::render_guest(dns.into(), &upstreams.search, upstreams.options.ndots),
+        };
+        return crate::run::execute(crate::run::Launch {
+            net: &net,
+            cfg,
+            pcap,
+            listeners,
+            spec,
+            command: &command,
+            no_engine: false,
+        });
+    }
+
+    let target = match &o.target {
+        Target::Netns(path) => NetnsTarget::Path(path.clone()),
+        Target::Pid(pid) => NetnsTarget::Pid(*pid),
+        Target::Command(_) => unreachable!("handled above"),
+    };
+    let spec = AttachSpec {
+        target: target.clone(),
+        // --netns-only: stay in our user namespace even for a PID.
+        userns: o.userns.clone().or_else(|| {
+            (o.netns_only && matches!(target, NetnsTarget::Pid(_))).then(|| PathBuf::from("/proc/self/ns/user"))
+        }),
+        configure: o.config_net,
+        iface: iface.clone(),
+    };
+    // Attaching forks: it must happen while usernet is single-threaded.
+    let attached = usernet_host::netns::attach::attach(&spec)?;
+
+    let ready = if o.foreground { None } else { Some(daemonize()?) };
+    let served = serve(o, &cfg, &net, attached, pcap, listeners, &iface, &target, ready, log_file);
+    if let Err(e) = &served {
+        tracing::error!("{e:#}");
+    }
+    served
+}
+
+/// Writes our PID to `path` (pasta's `-P`).
+fn write_pid_file(path: &Path) -> anyhow::Result<()> {
+    std::fs::write(path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("cannot write PID file {}", path.display()))
+}
+
+/// Goes to the background: forks; the caller's process waits for the child's word and
+/// exits 0 when it comes (1, or the child's status, when the child ends without it). The
+/// child, in a new session, gets the write end to report readiness on.
+fn daemonize() -> anyhow::Result<OwnedFd> {
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    // SAFETY: usernet is single-threaded here (nothing has started a thread yet), so the
+    // child may go on running Rust code.
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Child => {
+            drop(read_end);
+            let _ = nix::unistd::setsid();
+            Ok(write_end)
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(write_end);
+            let mut word = [0u8; 1];
+            let mut f = std::fs::File::from(read_end);
+            let code = match f.read(&mut word) {
+                Ok(1) => 0,
+                _ => match nix::sys::wait::waitpid(child, None) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, c)) if c != 0 => c,
+                    _ => 1,
+                },
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Points descriptors 0, 1 and 2 away from the caller's: /dev/null, and the log file for
+/// 2 when there is one (2 stays with `--stderr`).
+fn detach_stdio(o: &Options, log_file: Option<std::fs::File>) -> anyhow::Result<()> {
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").context("/dev/null")?;
+    let err_to = match &log_file {
+        Some(f) => Some(f.as_raw_fd()),
+        None if o.stderr => None,
+        None => Some(null.as_raw_fd()),
+    };
+    for (fd, to) in [(0, Some(null.as_raw_fd())), (1, Some(null.as_raw_fd())), (2, err_to)] {
+        if let Some(to) = to {
+            // SAFETY: dup2 onto the standard descriptors, which this process owns.
+            if unsafe { libc::dup2(to, fd) } < 0 {
+                return Err(std::io::Error::last_os_error()).context("redirecting standard descriptors");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    o: &Options,
+    cfg: &Arc<NetConfig>,
+    net: &NetOpts,
+    attached: Attached,
+    pcap: Option<PcapWriter>,
+    listeners: Vec<BoundListener>,
+    iface: &Interface,
+    target: &NetnsTarget,
+    ready: Option<OwnedFd>,
+    log_file: Option<std::fs::File>,
+) -> anyhow::Result<i32> {
+    let mut sup = SignalSupervisor::new()?;
+    if let Some(path) = &o.pid_file {
+        write_pid_file(path)?;
+    }
+    let tap = Tap::from_fd(attached.tap).context("TAP device")?;
+    // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
+    let _dns_watch = net.start_dns_watch(cfg, None).map_err(|e| tracing::warn!("{e:#}")).ok();
+    let Network { mut engine, proxy_hook, .. } = start_network(cfg, ProxyConfig::default(), pcap, Some(Box::new(tap)))?;
+    engine.add_tcp_hook(proxy_hook);
+    engine.add_static_lease(iface.mac, cfg.guest);
+    engine.stop_without_links();
+    if let Err(e) = engine.set_guest_netns(attached.netns) {
+        tracing::info!("loopback clients of forwarded ports go through the TAP: {e}");
+    }
+    for p in engine.publish(listeners, cfg.guest) {
+        tracing::debug!("forwarding {}/{} from {}", p.guest_port, p.proto, p.host);
+    }
+    match target {
+        NetnsTarget::Path(path) if !o.no_netns_quit => stop_when_netns_file_gone(path.clone())?,
+        NetnsTarget::Path(_) => {}
+        NetnsTarget::Pid(pid) => stop_when_process_exits(*pid)?,
+    }
+    if let Some(ready) = ready {
+        detach_stdio(o, log_file)?;
+        let _ = std::fs::File::from(ready).write_all(b"1");
+    } else if let Some(f) = log_file {
+        // SAFETY: dup2 onto descriptor 2, which this process owns.
+        unsafe { libc::dup2(f.as_raw_fd(), 2) };
+    }
+    engine.run(&mut sup).context("network engine failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<OsString> {
+        s.split_whitespace().map(OsString::from).collect()
+    }
+
+    fn run_opts(s: &str) -> Options {
+        match parse(&args(s)) {
+            Ok(Parsed::Run(o)) => *o,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    fn ports(o: &Options) -> Vec<(Option<IpAddr>, u16, u16, Proto)> {
+        o.ports.iter().map(|p| (p.host_ip, p.host_ports.unwrap().0, p.container_port, p.proto)).collect()
+    }
+
+    /// containers/common's libnetwork/pasta, as current Podman runs it for `-p 18091:80`.
+    #[test]
+    fn podman_command_line() {
+        let o = run_opts(
+            "--config-net -t 18091-18091:80-80 --dns-forward 169.254.1.1 -u none -T none -U none --no-map-gw \
+             --quiet --map-guest-addr 169.254.1.2 --pid /tmp/pasta123/pasta.pid --netns /run/user/1000/netns/netns-x",
+        );
+        assert!(o.config_net && o.no_map_gw && o.quiet);
+        assert_eq!(ports(&o), [(None, 18091, 80, Proto::Tcp)]);
+        assert_eq!(o.dns_forward, Some(Ipv4Addr::new(169, 254, 1, 1)));
+        assert_eq!(o.map_guest_addr, Some(Some(Ipv4Addr::new(169, 254, 1, 2))));
+        assert_eq!(o.pid_file, Some(PathBuf::from("/tmp/pasta123/pasta.pid")));
+        assert_eq!(o.target, Target::Netns(PathBuf::from("/run/user/1000/netns/netns-x")));
+        let iface = interface(&o);
+        let cfg = network_config(&o, &iface, &net_opts(&o)).unwrap();
+        assert_eq!(
+            (cfg.guest, cfg.gateway, cfg.subnet.prefix),
+            (Ipv4Addr::new(10, 0, 2, 100), Ipv4Addr::new(10, 0, 2, 2), 24)
+        );
+        assert!(!cfg.host_loopback, "--no-map-gw: the gateway does not reach the host's loopback");
+        assert_eq!(cfg.dns, Some(Ipv4Addr::new(169, 254, 1, 1)));
+    }
+
+    /// rootlesskit 2's `--net=pasta`.
+    #[test]
+    fn rootlesskit_command_line() {
+        let o = run_opts(
+            "--stderr --ns-ifname=tap0 --mtu=65520 --config-net --address=10.0.2.100 --netmask=24 \
+             --gateway=10.0.2.2 --dns-forward=10.0.2.3 --no-map-gw --ipv4-only --tcp-ports=none --udp-ports=none \
+             --userns=/proc/42/ns/user --netns=/proc/42/ns/net",
+        );
+        assert!(o.stderr && o.config_net && o.no_map_gw && o.ports.is_empty());
+        assert_eq!(o.userns, Some(PathBuf::from("/proc/42/ns/user")));
+        let iface = interface(&o);
+        assert_eq!(iface.ifname, "tap0");
+        assert_eq!(
+            (iface.address, iface.prefix, iface.gateway),
+            (Ipv4Addr::new(10, 0, 2, 100), 24, Ipv4Addr::new(10, 0, 2, 2))
+        );
+        let cfg = network_config(&o, &iface, &net_opts(&o)).unwrap();
+        assert_eq!(cfg.dns, Some(Ipv4Addr::new(10, 0, 2, 3)));
+    }
+
+    #[test]
+    fn command_and_pid_targets() {
+        let o = run_opts("--config-net -- sh -c true");
+        assert_eq!(o.target, Target::Command(args("sh -c true")));
+        let o = run_opts("-q sh -c -q");
+        assert!(o.quiet);
+        assert_eq!(o.target, Target::Command(args("sh -c -q")));
+        assert_eq!(run_opts("-f 1234").target, Target::Pid(1234));
+        assert_eq!(run_opts("--netns ci").target, Target::Netns(PathBuf::from("/run/netns/ci")));
+        let cfg = {
+            let o = run_opts("--config-net -- true");
+            network_config(&o, &interface(&o), &net_opts(&o)).unwrap()
+        };
+        assert_eq!(cfg.dns, Some(Ipv4Addr::new(10, 0, 2, 3)), "COMMAND gets a DNS address");
+        assert!(cfg.host_loopback, "the gateway maps to the host by default");
+    }
+
+    #[test]
+    fn port_specs() {
+        let p = |s: &str| {
+            parse_port_spec("-t", s, Proto::Tcp)
+                .map(|v| v.iter().map(|p| (p.host_ip, p.host_ports.unwrap().0, p.container_port)).collect::<Vec<_>>())
+        };
+        assert_eq!(p("none").unwrap(), []);
+        assert_eq!(p("22").unwrap(), [(None, 22, 22)]);
+        assert_eq!(p("22:23").unwrap(), [(None, 22, 23)]);
+        assert_eq!(p("22,25").unwrap(), [(None, 22, 22), (None, 25, 25)]);
+        assert_eq!(p("22-24:32-34").unwrap(), [(None, 22, 32), (None, 23, 33), (None, 24, 34)]);
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(p("127.0.0.1/5").unwrap(), [(Some(lo), 5, 5)]);
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(p("::1/8080:80").unwrap(), [(Some(v6), 8080, 80)]);
+        assert_eq!(p("5-9,~6-8").unwrap(), [(None, 5, 5), (None, 9, 9)]);
+        for bad in ["", "0", "x", "22-", "24-22", "22-24:30-31", "1.2.3/22", "99999"] {
+            assert_eq!(p(bad).unwrap_err(), format!("Invalid port specifier {bad}"), "{bad}");
+        }
+        assert!(p("auto").unwrap_err().contains("auto"));
+        assert!(p("all").unwrap_err().contains("all"));
+        assert!(p("~22").unwrap_err().contains("exclusions"));
+        assert!(p("127.0.0.1%lo/22").unwrap_err().contains("interface"));
+    }
+
+    #[test]
+    fn mistakes_name_the_option() {
+        let err = |s: &str| parse(&args(s)).unwrap_err();
+        assert_eq!(err("--bogus"), "pasta: unrecognized option '--bogus'");
+        assert_eq!(err("-t"), "pasta: option requires an argument -- 't'");
+        assert!(err("-T 8080").contains("--tcp-ns 8080"));
+        assert!(err("-6").contains("IPv6"));
+        assert!(err("-a 2001:db8::1").contains("IPv6"));
+        assert!(err("--runas 1000").contains("--runas"));
+        assert!(err("-D 10.0.0.1").contains("--dns"));
+        assert!(err("--netns x 1234").contains("Both"));
+        assert!(err("-m 70000").contains("MTU"));
+        assert!(err("-n 255.0.255.0").contains("netmask"));
+        assert_eq!(parse(&args("--help")), Ok(Parsed::Help));
+        assert_eq!(parse(&args("--version")), Ok(Parsed::Version));
+    }
+
+    #[test]
+    fn netmasks() {
+        assert_eq!(parse_netmask("24"), Some(24));
+        assert_eq!(parse_netmask("255.255.0.0"), Some(16));
+        assert_eq!(parse_netmask("255.255.255.255"), Some(32));
+        assert_eq!(parse_netmask("0.0.0.0"), Some(0));
+        assert_eq!(parse_netmask("255.0.255.0"), None);
+        assert_eq!(parse_netmask("33"), None);
+    }
+
+    /// Every option the help shows is one the parser takes.
+    #[test]
+    fn help_matches_the_table() {
+        for word in HELP.split_whitespace().filter(|w| w.starts_with("--")) {
+            let name = word.trim_start_matches("--").trim_end_matches(',');
+            assert!(OPTS.iter().any(|o| o.long == name), "{name}");
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! What the tests of the drop-in modes share: a rootless caller (a user of the test's own
+//! with sub-ids, a private XDG_RUNTIME_DIR, a directory where `slirp4netns` and `pasta` are
+//! usernet, a busybox root file system with a random file), and waiting helpers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// The test user (created when missing) and the sub-ids its user namespaces map.
+pub const USER: &str = "usernet-dropin";
+pub const SUBIDS: &str = "400000-465535";
+
+/// A rootless caller's environment: the user, a short private XDG_RUNTIME_DIR (Unix
+/// socket paths must stay under 108 bytes), a directory whose `slirp4netns` is usernet,
+/// and a busybox root file system with a random file to serve.
+pub struct Rootless {
+    pub runtime: PathBuf,
+    pub bin_dir: TempDir,
+    pub rootfs: TempDir,
+    pub file_hash: String,
+}
+
+pub fn chown(path: &Path, user: &str) {
+    must("chown", &["-R", user, &path.to_string_lossy()]);
+}
+
+impl Rootless {
+    pub fn new(tag: &str) -> Rootless {
+        if run("id", &["-u", USER]).code != 0 {
+            must("useradd", &["-m", "-s", "/bin/sh", USER]);
+        }
+        let subuids = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+        if !subuids.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
+            must("usermod", &["--add-subuids", SUBIDS, "--add-subgids", SUBIDS, USER]);
+        }
+        let runtime = PathBuf::from(format!("/tmp/ud-{}", unique_id()));
+        let _ = std::fs::remove_dir_all(&runtime);
+        std::fs::create_dir(&runtime).expect("create XDG_RUNTIME_DIR");
+        chown(&runtime, USER);
+        must("chmod", &["0700", &runtime.to_string_lossy()]);
+
+        let bin_dir = TempDir::new(&format!("{tag}-bin"));
+        let usernet = copy_binary_for_others(&bin_dir);
+        for name in ["slirp4netns", "pasta"] {
+            std::os::unix::fs::symlink(&usernet, bin_dir.join(name)).expect("symlink the drop-in name");
+        }
+
+        let rootfs = TempDir::new(&format!("{tag}-rootfs"));
+        for d in ["bin", "www", "etc", "tmp", "proc", "sys", "dev"] {
+            std::fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
+        }
+        let busybox = find_tool("busybox").expect("busybox");
+        std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+        for applet in ["sh", "wget", "nslookup", "httpd", "sleep", "sha256sum", "ip", "cat", "tail", "grep"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join(&format!("bin/{applet}"))).expect("applet");
+        }
+        write_random_file(&rootfs.join("www/f"), 1 << 20);
+        let file_hash = sha256_file(&rootfs.join("www/f"));
+        chown(rootfs.path(), USER);
+        Rootless { runtime, bin_dir, rootfs, file_hash }
+    }
+
+    pub fn home(&self) -> String {
+        format!("/home/{USER}")
+    }
+
+    /// `runuser -u USER -- env ... program args`, with the caller's environment.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", USER, "--", "env"])
+            .arg(format!("XDG_RUNTIME_DIR={}", self.runtime.display()))
+            .arg(format!("HOME={}", self.home()))
+            .arg(format!("PATH={}:{}", self.bin_dir.path().display(), search_path().to_string_lossy()))
+            .arg(program)
+            .current_dir("/");
+        c
+    }
+
+    pub fn slirp4netns(&self) -> PathBuf {
+        self.bin_dir.join("slirp4netns")
+    }
+
+    pub fn pasta(&self) -> PathBuf {
+        self.bin_dir.join("pasta")
+    }
+
+    /// Tells the guest's script to finish (it waits for this file, bounded).
+    pub fn release_guest(&self) {
+        std::fs::write(self.rootfs.join("www/stop"), b"").expect("write stop file");
+    }
+}
+
+impl Drop for Rootless {
+    fn drop(&mut self) {
+        // Rootless podman leaves a pause process holding its user namespace (its pid file is
+        // where podman's database says, not always under this runtime dir): every process
+        // still running with this runtime dir in its environment is the test's to stop.
+        let marker = format!("XDG_RUNTIME_DIR={}", self.runtime.display());
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.runtime);
+    }
+}
+
+/// GET url until it answers with a body, for up to `limit`; the body's sha256.
+pub fn fetch_hash(url: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    let dir = TempDir::new("fetch");
+    let body = dir.join("body");
+    loop {
+        let out = run("curl", &["-s", "-f", "--max-time", "5", "-o", &body.to_string_lossy(), url]);
+        if out.code == 0 {
+            return sha256_file(&body);
+        }
+        if start.elapsed() > limit {
+            return format!("no answer from {url}: {}", out.stderr);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn port_listening(port: u16) -> bool {
+    run("ss", &["-Hltn", &format!("sport = :{port}")]).stdout.contains(&format!(":{port}"))
+}
+
+/// Waits (bounded) for a child started with spawn to finish; its output.
+pub fn wait_output(child: std::process::Child, limit: Duration) -> (i32, String) {
+    let start = Instant::now();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output());
+    while !waiter.is_finished() && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !waiter.is_finished() {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let out = waiter.join().expect("waiter").expect("wait");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// podman 4.3.1 finds slirp4netns through containers.conf's `network_cmd_path`.
+pub fn podman_config(r: &Rootless) {
+    let dir = PathBuf::from(r.home()).join(".config/containers");
+    std::fs::create_dir_all(&dir).expect("containers config dir");
+    std::fs::write(
+        dir.join("containers.conf"),
+        format!(
+            "[engine]\nruntime = \"runc\"\nnetwork_cmd_path = \"{}\"\nevents_logger = \"file\"\n\
+             cgroup_manager = \"cgroupfs\"\n",
+            r.slirp4netns().display()
+        ),
+    )
+    .expect("containers.conf");
+    std::fs::write(dir.join("storage.conf"), "[storage]\ndriver = \"vfs\"\n").expect("storage.conf");
+    chown(&PathBuf::from(r.home()).join(".config"), USER);
+}

@@ -1,0 +1,206 @@
+//! usernet as pasta, rootless, as a user of the test's own, with the command lines its
+//! callers really pass (debian 12's podman 4.3.1 has no `--network pasta`, and rootlesskit 2
+//! is not packaged there, so the callers' exact argv is run by the test):
+//! - current Podman's (containers/common libnetwork/pasta) against a namespace file made
+//!   inside `podman unshare`, as Podman makes it: outbound HTTP to the host through
+//!   `--map-guest-addr` (sha256), the gateway refused (`--no-map-gw`), DNS through
+//!   `--dns-forward`, the published port from the host (sha256), and usernet gone with the
+//!   port released once the namespace file is unmounted and removed;
+//! - rootlesskit 2's (`--userns`/`--netns` of a process, given addresses, `tap0`);
+//! - `pasta --config-net -- COMMAND` with a published port, and the exit status passed on;
+//! - mistakes answered as pasta answers them (exit 1), a taken port included.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::dropin::*;
+use common::*;
+
+fn line_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(key)).map(str::trim)
+}
+
+/// The host's IPv4 default route has an address: `--map-guest-addr` maps to it.
+fn host_default_address() -> Option<String> {
+    let out = run("ip", &["-4", "-o", "route", "get", "192.0.2.255"]);
+    out.stdout.split_whitespace().skip_while(|w| *w != "src").nth(1).map(str::to_string)
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn podman_command_line_in_podman_unshare() {
+    require(&["podman", "runuser", "useradd", "newuidmap", "unshare", "nsenter", "busybox", "curl", "dig", "ss"]);
+    assert!(
+        host_default_address().is_some(),
+        "this test needs an IPv4 default route on the host: --map-guest-addr maps to its address"
+    );
+    let r = Rootless::new("pa");
+    podman_config(&r);
+    let server = Server::start_on(ServerKind::Http, Some(&r.rootfs.join("www")), "0.0.0.0");
+    let port = free_port();
+    let state = TempDir::new("pa-state");
+    chown(state.path(), USER);
+    let www = r.rootfs.join("www");
+    // containers/common's createPastaArgs for `podman run -p PORT:80`, word for word.
+    let pasta_argv = format!(
+        "--config-net -t {port}-{port}:80-80 --dns-forward 169.254.1.1 -u none -T none -U none --no-map-gw \
+         --quiet --map-guest-addr 169.254.1.2 --pid {d}/pasta.pid --netns {d}/netns",
+        d = state.path().display()
+    );
+    let script = format!(
+        "d={d}; touch $d/netns; unshare --net=$d/netns true || echo unshare-failed; \
+         start=$(date +%s%N); {pasta} {pasta_argv}; echo pasta-exit $?; \
+         echo pasta-ms $(( ($(date +%s%N) - start) / 1000000 )); \
+         p=$(cat $d/pasta.pid); echo pid $p; \
+         nsenter --net=$d/netns ip -4 -o addr show | sed 's/^/addr /'; \
+         nsenter --net=$d/netns curl -s --max-time 5 http://169.254.1.2:{sp}/f | sha256sum | sed 's/^/outbound /'; \
+         nsenter --net=$d/netns curl -s --max-time 5 -o /dev/null -w '%{{http_code}}\\n' http://10.0.2.2:{sp}/f \
+           | sed 's/^/gateway /'; \
+         nsenter --net=$d/netns dig +short +time=2 +tries=1 @169.254.1.1 host.containers.internal | sed 's/^/dns /'; \
+         nsenter --net=$d/netns busybox httpd -f -p 80 -h {www} & h=$!; \
+         i=0; until curl -s -o /dev/null http://127.0.0.1:{port}/f || [ $i -ge 50 ]; do sleep 0.1; i=$((i+1)); done; \
+         curl -s --max-time 5 http://127.0.0.1:{port}/f | sha256sum | sed 's/^/published /'; \
+         kill $h; umount $d/netns; rm $d/netns; \
+         i=0; while kill -0 $p 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
+         kill -0 $p 2>/dev/null && echo after-rm running || echo after-rm exited",
+        d = state.path().display(),
+        pasta = r.pasta().display(),
+        sp = server.port,
+        www = www.display(),
+    );
+    let child = r
+        .command("podman")
+        .args(["unshare", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start podman unshare");
+    let (code, text) = wait_output(child, Duration::from_secs(90));
+    assert_eq!(code, 0, "podman unshare: {text}");
+    assert!(!text.contains("unshare-failed"), "{text}");
+    assert_eq!(line_value(&text, "pasta-exit"), Some("0"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("addr ") && l.contains("10.0.2.100/24")),
+        "the namespace's address: {text}"
+    );
+    assert_eq!(line_value(&text, "outbound").map(first_word), Some(r.file_hash.clone()), "{text}");
+    assert_eq!(line_value(&text, "gateway"), Some("000"), "--no-map-gw: the gateway is refused: {text}");
+    assert_eq!(line_value(&text, "dns"), Some("169.254.1.2"), "{text}");
+    assert_eq!(line_value(&text, "published").map(first_word), Some(r.file_hash.clone()), "{text}");
+    assert_eq!(line_value(&text, "after-rm"), Some("exited"), "{text}");
+    assert!(!port_listening(port), "port {port} still listening after the namespace went: {text}");
+}
+
+/// rootlesskit 2's `--net=pasta` command line, against a process in a user and network
+/// namespace of the test user's own.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn rootlesskit2_command_line() {
+    require(&["runuser", "useradd", "unshare", "nsenter", "curl", "dig"]);
+    let r = Rootless::new("pr");
+    let (_dir, server, hash) = serve_random_file("pr-host", "f", 1 << 20);
+    let script = format!(
+        "unshare --user --map-root-user --net sleep 60 & t=$!; sleep 0.3; \
+         {pasta} --stderr --ns-ifname=tap0 --mtu=65520 --config-net --address=10.0.2.100 --netmask=24 \
+           --gateway=10.0.2.2 --dns-forward=10.0.2.3 --ipv4-only --tcp-ports=none --udp-ports=none \
+           --userns=/proc/$t/ns/user --netns=/proc/$t/ns/net; echo pasta-exit $?; \
+         p=$(pgrep -n -f -- '--ns-ifname=tap0 --mtu=65520'); \
+         nsenter -t $t -U -n --preserve-credentials ip -4 -o addr show tap0 | sed 's/^/tap0 /'; \
+         nsenter -t $t -U -n --preserve-credentials ip -o link show tap0 | grep -o 'mtu [0-9]*' | sed 's/^/link /'; \
+         nsenter -t $t -U -n --preserve-credentials curl -s --max-time 5 http://10.0.2.2:{sp}/f | sha256sum \
+           | sed 's/^/outbound /'; \
+         nsenter -t $t -U -n --preserve-credentials dig +short +time=2 +tries=1 @10.0.2.3 host.docker.internal \
+           | sed 's/^/dns /'; \
+         kill $t; wait $t; \
+         i=0; while kill -0 $p 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
+         kill -0 $p 2>/dev/null && echo after-exit running || echo after-exit exited",
+        pasta = r.pasta().display(),
+        sp = server.port,
+    );
+    let child = r
+        .command("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the script");
+    let (code, text) = wait_output(child, Duration::from_secs(90));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(line_value(&text, "pasta-exit"), Some("0"), "{text}");
+    assert!(line_value(&text, "tap0").is_some_and(|l| l.contains("10.0.2.100/24")), "{text}");
+    assert_eq!(line_value(&text, "link"), Some("mtu 65520"), "{text}");
+    // Without --no-map-gw the gateway is the host's loopback.
+    assert_eq!(line_value(&text, "outbound").map(first_word), Some(hash), "{text}");
+    assert_eq!(line_value(&text, "dns"), Some("10.0.2.2"), "{text}");
+    assert_eq!(line_value(&text, "after-exit"), Some("exited"), "usernet stays after its namespace's process: {text}");
+}
+
+/// `pasta --config-net -t PORT:80 -- COMMAND`: COMMAND's network, its published port, its
+/// DNS, its exit status.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn command_mode_with_a_published_port() {
+    require(&["runuser", "useradd", "newuidmap", "busybox", "curl", "getent"]);
+    let r = Rootless::new("pc");
+    let (_dir, server, hash) = serve_random_file("pc-host", "f", 1 << 20);
+    let port = free_port();
+    let www = r.rootfs.join("www");
+    let stop = www.join("stop");
+    let script = format!(
+        "ip -4 -o addr show | sed 's/^/addr /'; getent hosts host.docker.internal | sed 's/^/dns /'; \
+         curl -s --max-time 5 http://10.0.2.2:{sp}/f | sha256sum | sed 's/^/outbound /'; \
+         busybox httpd -p 80 -h {www}; echo serving; \
+         i=0; while [ ! -e {stop} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 7",
+        sp = server.port,
+        www = www.display(),
+        stop = stop.display(),
+    );
+    let child = r
+        .command(&r.pasta().to_string_lossy())
+        .args(["--config-net", "-t", &format!("{port}:80"), "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pasta");
+    let published = fetch_hash(&format!("http://127.0.0.1:{port}/f"), Duration::from_secs(20));
+    r.release_guest();
+    let (code, text) = wait_output(child, Duration::from_secs(60));
+    assert_eq!(code, 7, "COMMAND's exit status: {text}");
+    assert_eq!(published, r.file_hash, "published port: {text}");
+    assert!(text.lines().any(|l| l.starts_with("addr ") && l.contains("10.0.2.100/24")), "{text}");
+    assert_eq!(line_value(&text, "dns").map(first_word).as_deref(), Some("10.0.2.2"), "{text}");
+    assert_eq!(line_value(&text, "outbound").map(first_word), Some(hash), "{text}");
+    assert!(!port_listening(port), "port {port} still listening after COMMAND exited");
+}
+
+/// Mistakes, as pasta answers them: the message and exit 1; nothing left running.
+#[test]
+fn mistakes_exit_1_with_pastas_words() {
+    let bin = TempDir::new("pm-bin");
+    let pasta = bin.join("pasta");
+    std::os::unix::fs::symlink(usernet_bin(), &pasta).expect("symlink pasta");
+    let run_pasta = |args: &[&str]| run_bounded(std::process::Command::new(&pasta).args(args), Duration::from_secs(20));
+    for (args, words) in [
+        (&["--bogus"][..], "pasta: unrecognized option '--bogus'"),
+        (&["-t", "99999", "--", "true"][..], "Invalid port specifier 99999"),
+        (&["-t", "auto", "--", "true"][..], "-t auto"),
+        (&["-T", "8080", "--", "true"][..], "--tcp-ns 8080"),
+        (&["--netns"][..], "pasta: option '--netns' requires an argument"),
+    ] {
+        let out = run_pasta(args);
+        assert_eq!(out.code, 1, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(words), "{args:?}: {}", out.stderr);
+    }
+    // A taken port: one line, exit 1, before anything starts.
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let start = Instant::now();
+    let out = run_pasta(&["--config-net", "-t", &port.to_string(), "--", "true"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("Failed to bind") && out.stderr.contains(&port.to_string()), "{}", out.stderr);
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let out = run_pasta(&["--version"]);
+    assert_eq!(out.code, 0);
+    assert!(out.stdout.starts_with("pasta"), "{}", out.stdout);
+}
