@@ -150,11 +150,16 @@ impl Engine {
     }
 
     /// Records a guest whose address is configured statically (`run`), so that it shows
-    /// among the DHCP leases and a later DHCP request keeps that address. Its MAC is known
-    /// from the start (usernet set it on the guest's interface), so the first frame to it
-    /// (a client of a published port) needs no ARP round trip.
+    /// among the DHCP leases and a later DHCP request keeps that address.
     pub fn add_static_lease(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
         self.dhcp.add_static(mac, ip);
+    }
+
+    /// The guest at `ip` has `mac` for sure: usernet itself set it on the guest's interface
+    /// (`run`), so the first frame to it (a client of a published port) needs no ARP round
+    /// trip. Not for interfaces configured by others (slirp4netns mode without
+    /// `--configure`): a wrong MAC would hide the guest until it speaks.
+    pub fn set_guest_mac(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
         self.switch.add_neighbour(ip, mac);
     }
 
