@@ -6,7 +6,7 @@
 //! (`usernet_host::dns_watch`), read by the DNS forwarder, the DHCP server and the API.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -135,6 +135,20 @@ impl NetConfig {
     }
 }
 
+/// True for the addresses that mean "this machine" to the host's kernel: 127.0.0.0/8 and
+/// 0.0.0.0/8 (Linux delivers a connect to 0.0.0.0 locally), `::1` and `::`, and their
+/// IPv4-mapped forms. A guest never reaches them by addressing them: the host's loopback
+/// is reached only through the host address (`NetConfig::host`), and only while
+/// `host_loopback` is on (see engine/dial.rs and services/proxy/mod.rs).
+pub fn is_host_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.octets()[0] == 0,
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unspecified() || v6.to_ipv4_mapped().is_some_and(|v4| is_host_local(v4.into()))
+        }
+    }
+}
+
 impl Default for NetConfig {
     fn default() -> Self {
         NetConfig::new(Ipv4Subnet { network: Ipv4Addr::new(192, 168, 65, 0), prefix: 24 }, MTU_NETNS)
@@ -241,6 +255,18 @@ impl HostDns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_local_addresses() {
+        for local in
+            ["127.0.0.1", "127.0.0.53", "127.255.255.254", "0.0.0.0", "0.1.2.3", "::1", "::", "::ffff:127.0.0.1"]
+        {
+            assert!(is_host_local(local.parse().unwrap()), "{local}");
+        }
+        for not in ["192.168.65.254", "10.0.0.1", "128.0.0.1", "1.0.0.0", "::2", "::ffff:10.0.0.1", "fe80::1"] {
+            assert!(!is_host_local(not.parse().unwrap()), "{not}");
+        }
+    }
 
     #[test]
     fn default_addresses() {

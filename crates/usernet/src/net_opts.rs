@@ -43,6 +43,11 @@ pub struct NetOpts {
     /// `127.0.0.1::80`, or `published=8000,target=80[,protocol=udp][,host_ip=IP]`.
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub publish: Vec<String>,
+    /// Close the host's loopback to the guest: the host address (`host.docker.internal`,
+    /// .254 of the subnet) then no longer leads to the host's 127.0.0.1 (connections to it
+    /// are refused). The guest never reaches 127.0.0.0/8 by addressing it, with or without.
+    #[arg(long = "no-host-loopback")]
+    pub no_host_loopback: bool,
     /// Publish every `--expose` port to a random host port (on 0.0.0.0 and [::]).
     #[arg(short = 'P', long = "publish-all")]
     pub publish_all: bool,
@@ -132,6 +137,7 @@ impl NetOpts {
     /// Builds the network configuration; `default_mtu` differs for namespaces and VMs.
     pub fn to_config(&self, default_mtu: u32) -> anyhow::Result<NetConfig> {
         let mut cfg = NetConfig::new(self.subnet, self.mtu.unwrap_or(default_mtu));
+        cfg.host_loopback = !self.no_host_loopback;
         for spec in &self.add_host {
             let (name, ip) = spec
                 .rsplit_once(':')

@@ -177,6 +177,8 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         engine.add_tcp_hook(proxy_hook);
         engine.set_busy_poll(std::time::Duration::from_micros(net.busy_poll));
         engine.add_static_lease(spec.iface.mac, cfg.guest);
+        // The sandbox set this MAC on the guest's interface (host/netns/sandbox.rs).
+        engine.set_guest_mac(spec.iface.mac, cfg.guest);
         if let Some(netns) = sandbox.netns()
             && let Err(e) = engine.set_guest_netns(netns)
         {

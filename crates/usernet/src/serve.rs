@@ -281,4 +281,26 @@ mod tests {
         assert_eq!(netns_mac(0), GUEST_MAC);
         assert_eq!(netns_mac(1)[5], GUEST_MAC[5].wrapping_add(1));
     }
+
+    /// `--no-host-loopback` (run and serve share it) closes the host address to the host's
+    /// loopback; without it, it is open.
+    #[test]
+    fn no_host_loopback_flag() {
+        for (cmd, extra, open) in [
+            ("serve", &["--listen-stdio"][..], true),
+            ("serve", &["--listen-stdio", "--no-host-loopback"][..], false),
+            ("run", &["--no-host-loopback", "--", "true"][..], false),
+            ("run", &["--", "true"][..], true),
+        ] {
+            let mut args = vec!["usernet", cmd, "--dns-upstream", "127.0.0.1"];
+            args.extend_from_slice(extra);
+            let cli = crate::Cli::try_parse_from(args).unwrap();
+            let net = match cli.command {
+                crate::Command::Serve(a) => a.net,
+                crate::Command::Run(a) => a.net,
+                _ => panic!("{cmd}"),
+            };
+            assert_eq!(net.to_config(1500).unwrap().host_loopback, open, "{cmd} {extra:?}");
+        }
+    }
 }

@@ -354,6 +354,29 @@ fn upload_into_guest_socat() {
     assert_eq!(hex_hashes(&bg.stdout()), vec![want], "upload corrupted:\n{}", bg.describe());
 }
 
+/// The very first datagram to a fresh guest's published UDP port is answered: it is not
+/// lost while usernet learns the guest's MAC (it knows it from the start in `run`, and a
+/// frame for an unknown MAC waits for the ARP reply). One datagram, no retry.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn first_udp_datagram_to_a_fresh_guest_is_answered() {
+    require(TOOLS);
+    let dns = DnsUpstream::start();
+    let (dir, _) = guest_dir("pub-udp-first", 0);
+    let p = free_ports(1);
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:7/udp")], &guest_server_cmd(&dir, &["udp-echo", "7"]));
+    bg.wait_line("READY", READY_LIMIT);
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind UDP client");
+    sock.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let msg: Vec<u8> = (0..1200u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    sock.send_to(&msg, ("127.0.0.1", p)).expect("send");
+    let mut buf = vec![0u8; 65536];
+    let got =
+        sock.recv(&mut buf).unwrap_or_else(|e| panic!("the first datagram got no answer: {e}\n{}", bg.describe()));
+    assert_eq!(sha256_bytes(&buf[..got]), sha256_bytes(&msg), "{}", bg.describe());
+    bg.stop();
+}
+
 /// `-p P:53/udp`: datagrams from 127.0.0.1 and ::1 are echoed by the guest's UDP server,
 /// which sees the host address as their source.
 #[test]

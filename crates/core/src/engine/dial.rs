@@ -5,7 +5,16 @@
 //! socketpair), other addresses of the virtual subnet are unreachable, and everything else
 //! is dialled as it is, so it follows the host's routing table. The `Dialer` trait lets
 //! tests give the engine sockets without any real network.
+//!
+//! The host's loopback is reached only through the host address, and only while
+//! `NetConfig::host_loopback` is on (`--no-host-loopback` turns it off). A guest that writes
+//! its own frames could address 127.0.0.0/8 or 0.0.0.0/8 directly (its kernel never sends
+//! such packets, but a VM or a raw socket can): dialled as is, they would reach every
+//! service of the host that listens on loopback only. They are refused instead (a RST, an
+//! ICMP port unreachable, an echo request dropped), and each such destination is logged
+//! once.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -46,14 +55,21 @@ pub struct HostDialer {
     icmp_kind: Option<IcmpKind>,
     /// The guest was told (in the log) that ping cannot work here.
     told_no_icmp: bool,
+    /// Destinations refused because they are the host's loopback, each logged once (at
+    /// most [`MAX_DENIED_LOGGED`] of them; then one line says the rest are not).
+    denied: HashSet<(&'static str, SocketAddrV4)>,
 }
+
+/// Refused destinations remembered for the log (bounds the set a guest can grow).
+pub const MAX_DENIED_LOGGED: usize = 1024;
 
 /// Where a guest destination really goes.
 enum Target {
     Host(Ipv4Addr),
     Gateway,
     Unreachable,
-    /// The host's loopback, when it is closed to the guest (`host_loopback` off).
+    /// The host's loopback: addressed directly (127.0.0.0/8, 0.0.0.0/8), or through the
+    /// host address when it is closed to the guest (`host_loopback` off).
     Refused,
 }
 
@@ -64,7 +80,7 @@ impl HostDialer {
             Some(k) => tracing::debug!("ICMP echo through {k:?} sockets"),
             None => tracing::debug!("no ping or raw ICMP sockets allowed"),
         }
-        HostDialer { cfg, services, icmp_kind, told_no_icmp: false }
+        HostDialer { cfg, services, icmp_kind, told_no_icmp: false, denied: HashSet::new() }
     }
 
     pub fn services(&self) -> &ServiceHub {
@@ -80,6 +96,8 @@ impl HostDialer {
             if self.cfg.host_loopback { Target::Host(Ipv4Addr::LOCALHOST) } else { Target::Refused }
         } else if ip == self.cfg.gateway {
             Target::Gateway
+        } else if crate::config::is_host_local(ip.into()) {
+            Target::Refused
         } else if self.cfg.subnet.contains(ip) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
             Target::Unreachable
         } else {
@@ -89,6 +107,23 @@ impl HostDialer {
 }
 
 impl HostDialer {
+    /// A connection to the host's loopback refused: logged once per destination.
+    fn refused(&mut self, proto: &'static str, dst: SocketAddrV4, guest: Option<SocketAddrV4>) -> io::Error {
+        if self.denied.len() < MAX_DENIED_LOGGED && self.denied.insert((proto, dst)) {
+            let why = if *dst.ip() == self.cfg.host {
+                "the host address does not lead to the host's loopback (--no-host-loopback)"
+            } else {
+                "the host's loopback is reached only through the host address"
+            };
+            let from = guest.map_or(String::new(), |g| format!(" from {g}"));
+            tracing::warn!("refused guest {proto}{from} to {dst}: {why}; not logged again for this destination");
+            if self.denied.len() == MAX_DENIED_LOGGED {
+                tracing::warn!("{MAX_DENIED_LOGGED} destinations refused: further ones are not logged");
+            }
+        }
+        io::Error::from_raw_os_error(libc::ECONNREFUSED)
+    }
+
     /// Binds a socket bound for `dst` to the `--outbound-addr` address, if one is set and
     /// `dst` is not the host's loopback.
     fn bind_outbound(&self, fd: BorrowedFd<'_>, dst: Ipv4Addr) -> io::Result<()> {
@@ -118,7 +153,7 @@ impl Dialer for HostDialer {
                 None => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             },
             Target::Unreachable => Err(unreachable()),
-            Target::Refused => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            Target::Refused => Err(self.refused("tcp", dst, Some(guest))),
             Target::Host(ip) => {
                 let fd = sock::socket(libc::SOCK_STREAM, 0)?;
                 self.bind_outbound(fd.as_fd(), ip)?;
@@ -136,7 +171,7 @@ impl Dialer for HostDialer {
                 .connect_udp(dst.port(), guest)
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             Target::Unreachable => Err(unreachable()),
-            Target::Refused => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            Target::Refused => Err(self.refused("udp", dst, Some(guest))),
             Target::Host(ip) => {
                 let fd = sock::socket(libc::SOCK_DGRAM, 0)?;
                 self.bind_outbound(fd.as_fd(), ip)?;
@@ -149,6 +184,7 @@ impl Dialer for HostDialer {
     fn icmp(&mut self, dst: Ipv4Addr) -> io::Result<(OwnedFd, IcmpKind)> {
         let ip = match self.target(dst) {
             Target::Host(ip) => ip,
+            Target::Refused => return Err(self.refused("ping", SocketAddrV4::new(dst, 0), None)),
             _ => return Err(unreachable()),
         };
         let Some(kind) = self.icmp_kind else {

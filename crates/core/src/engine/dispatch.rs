@@ -180,12 +180,12 @@ impl Engine {
                         return;
                     }
                 };
-                let idle = if self.cfg.dns == Some(ip.dst) && h.dst_port == 53 {
-                    flows::udp::IDLE_DNS
+                let flow = if self.cfg.dns == Some(ip.dst) && h.dst_port == 53 {
+                    self.bound_gateway_dns();
+                    Flow::Udp(UdpFlow::new_gateway_dns(guest, remote, fd, now))
                 } else {
-                    flows::udp::IDLE
+                    Flow::Udp(UdpFlow::new(guest, remote, fd, flows::udp::IDLE, now))
                 };
-                let flow = Flow::Udp(UdpFlow::new(guest, remote, fd, idle, now));
                 match self.add_flow(flow, Interest::READABLE) {
                     Some(id) => id,
                     None => return,
@@ -197,7 +197,7 @@ impl Engine {
                 // Outbound flows: gathered and sent with the rest of the batch.
                 Some(fd) => {
                     let fd = fd.as_raw_fd();
-                    f.last_used = now;
+                    f.sent(now);
                     if self.udp_batch.full(payload.len()) {
                         self.udp_batch.flush();
                     }

@@ -19,6 +19,11 @@ pub const MAX_CONNECTING: usize = 1024;
 pub const MAX_UDP: usize = 4096;
 /// ICMP echo flows at once.
 pub const MAX_ICMP: usize = 256;
+/// UDP flows to the gateway's DNS at once (each holds a socketpair: two descriptors, one
+/// here and one in the service); past this the least recently used is closed. A resolver
+/// uses a fresh port per lookup, and a flow whose queries are answered goes after
+/// `flows::udp::IDLE_DNS_ANSWERED`, so a well-behaved guest stays far below it.
+pub const MAX_GATEWAY_DNS: usize = 64;
 
 impl Engine {
     /// RFC 6528-style initial sequence numbers: a keyed hash of the flow plus a clock.
@@ -137,6 +142,22 @@ impl Engine {
                 return;
             }
         }
+    }
+
+    /// Makes room for one more gateway DNS flow (at most [`MAX_GATEWAY_DNS`]), saying so
+    /// once the first time the bound is reached.
+    pub(super) fn bound_gateway_dns(&mut self) {
+        if self.flows.gateway_dns_count < MAX_GATEWAY_DNS {
+            return;
+        }
+        if !self.flows.told_gateway_dns_bound {
+            self.flows.told_gateway_dns_bound = true;
+            tracing::warn!(
+                "the guest has {MAX_GATEWAY_DNS} DNS flows to the gateway open (one per source port): \
+                 from now on the least recently used is closed for each new one (said once)"
+            );
+        }
+        self.evict_oldest(Flow::is_gateway_dns);
     }
 
     /// Closes the least recently used flow of a kind (UDP and ICMP caps).

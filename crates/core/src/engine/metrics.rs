@@ -21,7 +21,8 @@ pub enum DropReason {
     Fragment,
     /// From a guest: an IP protocol other than TCP, UDP and ICMP.
     IpProtocol,
-    /// To a guest: its MAC is not known yet (an ARP request went out instead).
+    /// To a guest: its MAC is not known yet and the frame could not wait for the ARP reply
+    /// (an offloaded frame, a full queue of held frames, or no reply within 1 s; see switch.rs).
     NoNeighbour,
     /// To a guest: the link would not take the frame (full, or an error).
     SendError,

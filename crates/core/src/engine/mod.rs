@@ -155,6 +155,14 @@ impl Engine {
         self.dhcp.add_static(mac, ip);
     }
 
+    /// The guest at `ip` has `mac` for sure: usernet itself set it on the guest's interface
+    /// (`run`), so the first frame to it (a client of a published port) needs no ARP round
+    /// trip. Not for interfaces configured by others (slirp4netns mode without
+    /// `--configure`): a wrong MAC would hide the guest until it speaks.
+    pub fn set_guest_mac(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
+        self.switch.add_neighbour(ip, mac);
+    }
+
     /// The guest is a network namespace on this host (`run`): connections from the host's
     /// loopback to its published TCP ports are spliced socket to socket inside it (see
     /// [`guest_sockets`]). An error means this process may not enter it; loopback clients

@@ -6,10 +6,20 @@
 //! It also builds the frames the engine sends to the guests: one reusable buffer in which a
 //! flow places its payload, then the headers are written in front of it and the frame goes
 //! out (and to the pcap).
+//!
+//! The MAC table holds at most [`MAX_MACS_PER_LINK`] MACs per link: a guest that floods
+//! frames from made-up MACs cannot grow it further (frames for MACs it could not learn are
+//! flooded, as a switch with a full table does), and the log says so once per link.
+//!
+//! A frame for a guest address whose MAC is not known yet (a client of a published port
+//! before the guest has said anything) waits while the switch asks for it with ARP, as the
+//! kernel's queue of unresolved neighbours does: at most [`PENDING_PER_IP`] frames per
+//! address, for at most [`PENDING_TTL`], for at most [`MAX_PENDING_IPS`] addresses; the ARP
+//! reply (or any frame of the guest's that teaches its MAC) sends them, in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::metrics::{Counters, DropReason, LinkCounters};
 use crate::link::Link;
@@ -28,6 +38,20 @@ pub const UDP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + udp
 /// Where ICMP data (after the 8-byte ICMP header) starts in the frame buffer.
 pub const ICMP_DATA_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + usernet_wire::icmp::HEADER_LEN;
 
+/// MACs learned per guest link (a VM has one, a link to another switch a few hundred).
+pub const MAX_MACS_PER_LINK: usize = 1024;
+
+/// Frames held per guest address while its MAC is asked for (the kernel's default too).
+pub const PENDING_PER_IP: usize = 3;
+/// How long held frames wait for the ARP reply before they are dropped.
+pub const PENDING_TTL: Duration = Duration::from_secs(1);
+/// Guest addresses with frames held at once.
+pub const MAX_PENDING_IPS: usize = 16;
+
+/// Frames for an address whose MAC is being asked for (destination MAC not filled in yet),
+/// oldest first, each with the time it was held.
+type Pending = VecDeque<(Instant, Vec<u8>)>;
+
 /// Counters of the guest links.
 #[derive(Default, Debug, Clone, Copy)]
 pub struct LinkStats {
@@ -45,6 +69,10 @@ pub struct LinkSlot {
     pub readable: bool,
     /// What this link carried (for `/metrics`).
     pub counters: LinkCounters,
+    /// MACs the table has behind this link.
+    macs: usize,
+    /// The log said that this link reached [`MAX_MACS_PER_LINK`].
+    told_macs_full: bool,
 }
 
 pub struct Switch {
@@ -56,6 +84,8 @@ pub struct Switch {
     neighbours: HashMap<Ipv4Addr, Mac>,
     /// When an ARP request last went out for an address whose MAC is unknown.
     arp_asked: HashMap<Ipv4Addr, Instant>,
+    /// Frames waiting for the MAC of their destination (see the top of this file).
+    pending: HashMap<Ipv4Addr, Pending>,
     pub pcap: Option<PcapWriter>,
     buf: Vec<u8>,
     pub gateway_mac: Mac,
@@ -83,6 +113,7 @@ impl Switch {
             macs: HashMap::new(),
             neighbours: HashMap::new(),
             arp_asked: HashMap::new(),
+            pending: HashMap::new(),
             pcap,
             buf: vec![0u8; ethernet::HEADER_LEN + 65535],
             gateway_mac,
@@ -221,10 +252,20 @@ impl Switch {
                 Some(m) => *m,
                 None => {
                     // The guest has not spoken yet (a connection to a published port came
-                    // first): ask for its MAC. Its TCP ignores frames not addressed to it,
-                    // so this one is dropped and its retransmission gets through.
-                    self.vnet = None;
-                    self.counters.dropped(DropReason::NoNeighbour);
+                    // first): the frame waits for the answer to an ARP request. (An
+                    // offloaded frame is dropped instead: it is TCP data, retransmitted.)
+                    if self.vnet.take().is_none() {
+                        Ipv4Header::new(src, dst, proto, l4_len).emit(&mut self.buf[ethernet::HEADER_LEN..]);
+                        let eth = ethernet::EthernetHeader {
+                            dst: [0; 6],
+                            src: self.gateway_mac,
+                            ethertype: ethernet::ETHERTYPE_IPV4,
+                        };
+                        eth.emit(&mut self.buf);
+                        self.hold(dst, ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4_len);
+                    } else {
+                        self.counters.dropped(DropReason::NoNeighbour);
+                    }
                     self.ask_mac(dst);
                     return;
                 }
@@ -282,8 +323,24 @@ impl Switch {
         if mac[0] & 1 != 0 || mac == self.gateway_mac {
             return;
         }
-        if self.macs.get(&mac) != Some(&index) {
-            self.macs.insert(mac, index);
+        let was = self.macs.get(&mac).copied();
+        if was != Some(index)
+            && let Some(Some(slot)) = self.links.get_mut(index)
+        {
+            if slot.macs < MAX_MACS_PER_LINK {
+                slot.macs += 1;
+                if let Some(Some(old)) = was.and_then(|i| self.links.get_mut(i)) {
+                    old.macs -= 1;
+                }
+                self.macs.insert(mac, index);
+            } else if !slot.told_macs_full {
+                slot.told_macs_full = true;
+                tracing::warn!(
+                    "{}: {MAX_MACS_PER_LINK} MACs behind this link: no more are learned \
+                     (frames for them are flooded); said once",
+                    slot.link.describe()
+                );
+            }
         }
         if let Some(ip) = ip
             && !ip.is_unspecified()
@@ -294,7 +351,61 @@ impl Switch {
             }
             self.neighbours.insert(ip, mac);
             self.arp_asked.remove(&ip);
+            self.release(ip, mac);
         }
+    }
+
+    /// Records that `ip` has `mac` without having seen it (the guest's MAC is known from
+    /// the start when usernet made its interface, as `run` does).
+    pub fn add_neighbour(&mut self, ip: Ipv4Addr, mac: Mac) {
+        if mac[0] & 1 == 0 && !ip.is_unspecified() {
+            self.neighbours.insert(ip, mac);
+        }
+    }
+
+    /// Holds the first `len` bytes of the buffer (a frame for `ip`, whose MAC is unknown).
+    fn hold(&mut self, ip: Ipv4Addr, len: usize) {
+        let now = Instant::now();
+        let fresh = |p: &Pending| p.back().is_some_and(|(t, _)| now.duration_since(*t) < PENDING_TTL);
+        if !self.pending.contains_key(&ip) && self.pending.len() >= MAX_PENDING_IPS {
+            let held: usize = self.pending.values().map(VecDeque::len).sum();
+            self.pending.retain(|_, p| fresh(p));
+            let kept: usize = self.pending.values().map(VecDeque::len).sum();
+            self.counters.dropped_n(DropReason::NoNeighbour, (held - kept) as u64);
+            if self.pending.len() >= MAX_PENDING_IPS {
+                tracing::debug!(
+                    "frame for {ip}, whose MAC is unknown, dropped: {MAX_PENDING_IPS} addresses wait already"
+                );
+                self.counters.dropped(DropReason::NoNeighbour);
+                return;
+            }
+        }
+        let p = self.pending.entry(ip).or_default();
+        // What waited too long had no answer, and the oldest gives way to a new frame when
+        // the queue is full, as in the kernel.
+        let mut dropped = 0;
+        while p.front().is_some_and(|(t, _)| now.duration_since(*t) >= PENDING_TTL) || p.len() >= PENDING_PER_IP {
+            p.pop_front();
+            dropped += 1;
+        }
+        p.push_back((now, self.buf[..len].to_vec()));
+        self.counters.dropped_n(DropReason::NoNeighbour, dropped);
+    }
+
+    /// Sends the frames held for `ip`, now that its MAC is known (unless they waited too long).
+    fn release(&mut self, ip: Ipv4Addr, mac: Mac) {
+        let Some(p) = self.pending.remove(&ip) else { return };
+        let (fresh, stale): (Vec<_>, Vec<_>) = p.into_iter().partition(|(t, _)| t.elapsed() < PENDING_TTL);
+        self.counters.dropped_n(DropReason::NoNeighbour, stale.len() as u64);
+        for (_, mut frame) in fresh {
+            frame[..6].copy_from_slice(&mac);
+            self.send_frame(&frame, mac);
+        }
+    }
+
+    /// MACs in the table, every link together.
+    pub fn mac_count(&self) -> usize {
+        self.macs.len()
     }
 
     /// The link a MAC was last seen on.
@@ -324,7 +435,7 @@ impl Switch {
     }
 
     pub fn add_link(&mut self, link: Box<dyn Link>) -> usize {
-        let slot = LinkSlot { link, readable: true, counters: LinkCounters::default() };
+        let slot = LinkSlot { link, readable: true, counters: LinkCounters::default(), macs: 0, told_macs_full: false };
         let index = match self.links.iter().position(Option::is_none) {
             Some(i) => {
                 self.links[i] = Some(slot);

@@ -449,6 +449,236 @@ fn ping_gateway() {
     assert_eq!((h.kind, h.ident(), h.seq(), data), (icmp::TYPE_ECHO_REPLY, 9, 1, &b"abc"[..]));
 }
 
+/// A SYN from the guest to `dst`.
+fn syn_to(dst: SocketAddrV4) -> Vec<u8> {
+    let h = TcpHeader {
+        src_port: guest().port(),
+        dst_port: dst.port(),
+        seq: 1000,
+        flags: SYN,
+        window: 65535,
+        ..Default::default()
+    };
+    let mut s = vec![0u8; h.emit_len()];
+    h.emit(&mut s, 0, *guest().ip(), *dst.ip());
+    frame_ipv4(PROTO_TCP, *guest().ip(), *dst.ip(), &s)
+}
+
+/// An engine with the real dialler (host sockets, loopback only in these tests).
+fn host_engine(host_loopback: bool) -> (Engine, FakeLink) {
+    let link = FakeLink::default();
+    let cfg = Arc::new(NetConfig { host_loopback, ..NetConfig::default() });
+    let services = crate::services::ServiceHub::start(cfg.clone()).unwrap();
+    let e = Engine::new(cfg, Box::new(link.clone()), services, None).unwrap();
+    (e, link)
+}
+
+/// Waits (at most 2 s) for a connection on `l`; false when none came.
+fn accepts(l: &std::net::TcpListener) -> bool {
+    l.set_nonblocking(true).unwrap();
+    for _ in 0..200 {
+        match l.accept() {
+            Ok(_) => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    false
+}
+
+/// A guest that writes its own frames cannot reach the host's loopback by addressing it:
+/// a SYN to 127.0.0.1 or 0.0.0.0 is answered with a RST and never dialled, a datagram with
+/// an ICMP port unreachable; the host address is dialled to the host's 127.0.0.1.
+#[test]
+fn host_loopback_only_through_the_host_address() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (mut e, link) = host_engine(true);
+    let now = Instant::now();
+    for direct in [Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 53), Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(0, 1, 2, 3)]
+    {
+        e.on_frame(0, &syn_to(SocketAddrV4::new(direct, port)), now);
+        let out = take_tcp(&link);
+        assert_eq!(out.len(), 1, "{direct}: {out:?}");
+        assert!(out[0].0.has(RST) && out[0].0.has(ACK) && out[0].0.ack == 1001, "{direct}: {out:?}");
+        assert_eq!(e.flow_count(), 0, "{direct}");
+    }
+    assert!(!accepts(&server), "a SYN to 127.0.0.1 reached the host's server");
+
+    // UDP to 127.0.0.1: an ICMP port unreachable, no flow.
+    let mut d = vec![0u8; 8 + 4];
+    d[8..].copy_from_slice(b"ping");
+    UdpHeader { src_port: 5000, dst_port: port }.emit(&mut d, 4, *guest().ip(), Ipv4Addr::LOCALHOST);
+    e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), Ipv4Addr::LOCALHOST, &d), now);
+    let sent = std::mem::take(&mut *link.sent.borrow_mut());
+    assert_eq!(sent.len(), 1);
+    let (_, p) = EthernetHeader::parse(&sent[0]).unwrap();
+    let (ip, p) = Ipv4Header::parse(p).unwrap();
+    let (h, _) = IcmpHeader::parse(p).unwrap();
+    assert_eq!((ip.protocol, h.kind, h.code), (PROTO_ICMP, icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_PORT_UNREACHABLE));
+    assert_eq!(e.flow_count(), 0);
+
+    // The host address leads to the host's 127.0.0.1.
+    e.on_frame(0, &syn_to(SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 254), port)), now);
+    assert_eq!(e.flow_count(), 1);
+    assert!(accepts(&server), "the host address was not dialled to 127.0.0.1");
+}
+
+/// Without host loopback (`--no-host-loopback`), the host address is refused too.
+#[test]
+fn no_host_loopback_refuses_the_host_address() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (mut e, link) = host_engine(false);
+    for dst in [Ipv4Addr::new(192, 168, 65, 254), Ipv4Addr::LOCALHOST] {
+        e.on_frame(0, &syn_to(SocketAddrV4::new(dst, port)), Instant::now());
+        let out = take_tcp(&link);
+        assert!(out.len() == 1 && out[0].0.has(RST), "{dst}: {out:?}");
+    }
+    assert_eq!(e.flow_count(), 0);
+    assert!(!accepts(&server));
+}
+
+/// Has the engine send a UDP datagram `text` to the guest (as a published port would).
+fn udp_to_guest(e: &mut Engine, text: &[u8]) {
+    let off = super::switch::UDP_PAYLOAD_OFF;
+    e.switch.buf()[off..off + text.len()].copy_from_slice(text);
+    e.switch.send_udp(remote(), guest(), text.len());
+}
+
+/// UDP payloads sent to the guest, each with its destination MAC.
+type UdpToMac = Vec<([u8; 6], Vec<u8>)>;
+
+/// The frames sent to the guest since the last call: ARP requests (their target) and UDP
+/// payloads (with their destination MAC).
+fn take_arp_and_udp(link: &FakeLink) -> (Vec<Ipv4Addr>, UdpToMac) {
+    let (mut asked, mut udp) = (Vec::new(), Vec::new());
+    for f in std::mem::take(&mut *link.sent.borrow_mut()) {
+        let (eth, p) = EthernetHeader::parse(&f).unwrap();
+        if eth.ethertype == ethernet::ETHERTYPE_ARP {
+            let a = ArpPacket::parse(p).unwrap();
+            assert_eq!((a.op, eth.dst), (arp::OP_REQUEST, [0xff; 6]));
+            asked.push(a.target_ip);
+        } else {
+            let (ip, p) = Ipv4Header::parse(p).unwrap();
+            assert_eq!(ip.protocol, PROTO_UDP);
+            udp.push((eth.dst, UdpHeader::parse(p).unwrap().1.to_vec()));
+        }
+    }
+    (asked, udp)
+}
+
+/// The guest answers the gateway's ARP request for its address.
+fn arp_reply_from_guest(e: &mut Engine) {
+    let reply = ArpPacket {
+        op: arp::OP_REPLY,
+        sender_mac: GUEST_MAC,
+        sender_ip: *guest().ip(),
+        target_mac: crate::config::GATEWAY_MAC,
+        target_ip: Ipv4Addr::new(192, 168, 65, 1),
+    };
+    let mut f = vec![0u8; 42];
+    EthernetHeader { dst: crate::config::GATEWAY_MAC, src: GUEST_MAC, ethertype: ethernet::ETHERTYPE_ARP }.emit(&mut f);
+    reply.emit(&mut f[14..]);
+    e.on_frame(0, &f, Instant::now());
+}
+
+/// Frames for a guest whose MAC is not known yet wait for the answer to one ARP request
+/// (the last three of them, as the kernel keeps), and go out when it comes.
+#[test]
+fn frames_for_an_unknown_guest_wait_for_its_arp_reply() {
+    let (mut e, link, _) = engine(false);
+    for text in [&b"one"[..], b"two", b"three", b"four"] {
+        udp_to_guest(&mut e, text);
+    }
+    let (asked, udp) = take_arp_and_udp(&link);
+    assert_eq!(asked, vec![*guest().ip()], "one ARP request");
+    assert!(udp.is_empty(), "nothing goes before the MAC is known");
+    arp_reply_from_guest(&mut e);
+    let (asked, udp) = take_arp_and_udp(&link);
+    assert!(asked.is_empty());
+    assert_eq!(udp, vec![(GUEST_MAC, b"two".to_vec()), (GUEST_MAC, b"three".to_vec()), (GUEST_MAC, b"four".to_vec())]);
+    // Known now: the next one goes at once.
+    udp_to_guest(&mut e, b"five");
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"five".to_vec())]));
+}
+
+/// Held frames that get no answer within PENDING_TTL are dropped, not sent late.
+#[test]
+fn held_frames_expire() {
+    let (mut e, link, _) = engine(false);
+    udp_to_guest(&mut e, b"stale");
+    assert_eq!(take_arp_and_udp(&link).0.len(), 1);
+    std::thread::sleep(super::switch::PENDING_TTL + Duration::from_millis(100));
+    arp_reply_from_guest(&mut e);
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![]));
+}
+
+/// A guest whose MAC usernet set itself (`run`) needs no ARP before its first frame; a
+/// static lease alone (an interface others configured) does not say its MAC.
+#[test]
+fn guest_with_a_known_mac_needs_no_arp() {
+    let (mut e, link, _) = engine(false);
+    e.add_static_lease(GUEST_MAC, *guest().ip());
+    udp_to_guest(&mut e, b"asked");
+    assert_eq!(take_arp_and_udp(&link), (vec![*guest().ip()], vec![]));
+    let (mut e, link, _) = engine(false);
+    e.set_guest_mac(GUEST_MAC, *guest().ip());
+    udp_to_guest(&mut e, b"first");
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"first".to_vec())]));
+}
+
+/// A guest flooding frames from made-up source MACs fills its link's share of the MAC
+/// table and no more; the MACs learned before still work.
+#[test]
+fn mac_flood_is_bounded_per_link() {
+    let (mut e, link, _) = engine(false);
+    arp_reply_from_guest(&mut e);
+    for i in 0..5000u32 {
+        // Frames of a local experimental ethertype: learned from, otherwise dropped.
+        let mut f = vec![0u8; 60];
+        let src = [0x02, 0xaa, (i >> 16) as u8, (i >> 8) as u8, i as u8, 1];
+        EthernetHeader { dst: crate::config::GATEWAY_MAC, src, ethertype: 0x88b5 }.emit(&mut f);
+        e.on_frame(0, &f, Instant::now());
+    }
+    assert_eq!(e.switch.mac_count(), super::switch::MAX_MACS_PER_LINK);
+    link.sent.borrow_mut().clear();
+    udp_to_guest(&mut e, b"still here");
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"still here".to_vec())]));
+}
+
+/// Gateway DNS flows are bounded (MAX_GATEWAY_DNS, the least recently used closes), and a
+/// flow whose query was answered goes after IDLE_DNS_ANSWERED, not IDLE_DNS.
+#[test]
+fn gateway_dns_flows_are_bounded_and_short_lived() {
+    use super::flow_policy::MAX_GATEWAY_DNS;
+    let (mut e, _link, dialer) = engine(false);
+    let gw = Ipv4Addr::new(192, 168, 65, 1);
+    let dns_query = |e: &mut Engine, port: u16, now: Instant| {
+        let mut d = vec![0u8; 8 + 12];
+        UdpHeader { src_port: port, dst_port: 53 }.emit(&mut d, 12, *guest().ip(), gw);
+        e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), gw, &d), now);
+        e.udp_batch.flush();
+    };
+    let now = Instant::now();
+    for port in 0..(MAX_GATEWAY_DNS as u16 + 50) {
+        dns_query(&mut e, 10000 + port, now);
+    }
+    assert_eq!(e.flow_count(), MAX_GATEWAY_DNS);
+    assert_eq!(e.flows.gateway_dns_count, MAX_GATEWAY_DNS);
+    // The newest flow's query is answered: it goes 1 s later; the others wait IDLE_DNS.
+    let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
+    let mut q = [0u8; 64];
+    assert_eq!(peer.recv(&mut q).unwrap(), 12);
+    peer.send(b"answer").unwrap();
+    e.on_socket_for_test(true, false, now);
+    e.run_timers(now + flows::udp::IDLE_DNS_ANSWERED + Duration::from_millis(10));
+    assert_eq!(e.flow_count(), MAX_GATEWAY_DNS - 1);
+    e.run_timers(now + flows::udp::IDLE_DNS + Duration::from_millis(10));
+    assert_eq!(e.flow_count(), 0);
+    assert_eq!(e.flows.gateway_dns_count, 0);
+}
+
 const PSH_FLAG: u8 = usernet_wire::tcp::PSH;
 
 impl Engine {

@@ -7,14 +7,22 @@
 //!
 //! When a guest opens a flow to the gateway's port 53, the engine asks [`ServiceHub`] for a
 //! socket: `connect_udp` / `connect_tcp` make a non-blocking, close-on-exec socketpair
-//! (SOCK_DGRAM for UDP, SOCK_STREAM for TCP), send one end to the runtime and return the
+//! (SOCK_SEQPACKET for UDP, SOCK_STREAM for TCP), send one end to the runtime and return the
 //! other. The engine then treats the service like any host socket: it writes the guest's
 //! UDP payloads (or TCP byte stream) into its end and reads the replies from it. On the
 //! runtime side:
 //!
-//! - UDP: each datagram read is one DNS query, answered by a task of its own (a slow upstream
-//!   does not hold up the next query); each reply is one datagram. The service closes its
-//!   end after [`UDP_IDLE`] without queries or pending answers.
+//! - UDP: each message read is one DNS query, answered by a task of its own (a slow upstream
+//!   does not hold up the next query); each reply is one message. SOCK_SEQPACKET keeps the
+//!   boundaries of datagrams and, unlike SOCK_DGRAM, tells each end when the other closed:
+//!   when the engine ends the flow (idle, or evicted: engine/flow_policy.rs bounds the
+//!   gateway's DNS flows) the service sees the end at once and closes its end, its pending
+//!   queries abandoned; it also closes after [`UDP_IDLE`] without queries or pending answers.
+//!   A guest cannot make these grow without bound: at most [`MAX_DNS_UDP`] such socketpairs
+//!   exist at once (counting those still on their way to the runtime; past it `connect_udp`
+//!   refuses, which the guest sees as an ICMP port unreachable), and at most
+//!   [`UDP_MAX_PENDING_ALL`] queries are being answered at once over all of them (each may
+//!   hold a socket to an upstream); each bound is logged once when first reached.
 //! - TCP: DNS over TCP framing (2-byte length prefix, RFC 7766), several queries per
 //!   connection, answered concurrently (at most [`TCP_MAX_PENDING`] at a time) and written
 //!   back as they complete. The service closes its end once the guest side has closed (EOF)
@@ -35,15 +43,17 @@ pub mod proxy;
 
 use std::io;
 use std::net::SocketAddrV4;
-use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixDatagram as StdUnixDatagram, UnixStream as StdUnixStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 use tokio::net::unix::OwnedReadHalf;
-use tokio::net::{UnixDatagram, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::debug;
@@ -60,11 +70,17 @@ pub const UDP_IDLE: Duration = Duration::from_secs(30);
 pub const TCP_IDLE: Duration = Duration::from_secs(120);
 /// Queries answered at once on one UDP socketpair; more are dropped (the guest retries).
 pub const UDP_MAX_PENDING: usize = 256;
+/// Queries answered at once over every UDP socketpair; more are dropped (the guest retries).
+pub const UDP_MAX_PENDING_ALL: usize = 128;
+/// UDP DNS socketpairs at once. The engine keeps at most its own bound of gateway DNS flows
+/// (engine/flow_policy.rs, 64); the rest is room for ends it closed that the runtime has not
+/// yet seen close.
+pub const MAX_DNS_UDP: usize = 96;
 /// Queries answered at once on one TCP connection; reading pauses beyond that.
 pub const TCP_MAX_PENDING: usize = 32;
 
 enum Job {
-    DnsUdp(OwnedFd, SocketAddrV4),
+    DnsUdp(OwnedFd, SocketAddrV4, Live),
     DnsTcp(OwnedFd, SocketAddrV4),
     /// A guest connection to the explicit proxy (port 3128).
     ProxyExplicit(OwnedFd, SocketAddrV4),
@@ -87,6 +103,9 @@ pub struct ServiceHub {
     records: Arc<DnsRecords>,
     proxy: ProxySettings,
     jobs: Option<mpsc::UnboundedSender<Job>>,
+    /// UDP DNS socketpairs alive (see [`MAX_DNS_UDP`]), and whether the log said it is full.
+    dns_udp_live: Arc<AtomicUsize>,
+    told_dns_udp_full: AtomicBool,
     thread: Option<JoinHandle<()>>,
     metrics: Arc<metrics::ServiceMetrics>,
 }
@@ -109,7 +128,16 @@ impl ServiceHub {
         let thread = std::thread::Builder::new()
             .name("usernet-services".into())
             .spawn(move || runtime.block_on(serve(rx, dns, proxy_ctx)))?;
-        Ok(ServiceHub { cfg, records, proxy, jobs: Some(tx), thread: Some(thread), metrics })
+        Ok(ServiceHub {
+            cfg,
+            records,
+            proxy,
+            jobs: Some(tx),
+            thread: Some(thread),
+            metrics,
+            dns_udp_live: Arc::new(AtomicUsize::new(0)),
+            told_dns_udp_full: AtomicBool::new(false),
+        })
     }
 
     /// The services' counters (DNS forwarding per upstream, the proxy), for `/metrics`.
@@ -159,16 +187,24 @@ impl ServiceHub {
         Some(ours.into())
     }
 
-    /// The same for UDP (SOCK_DGRAM socketpair; one datagram per guest datagram).
+    /// The same for UDP: a SOCK_SEQPACKET socketpair, one message per guest datagram (0
+    /// bytes read means the service closed its end).
     pub fn connect_udp(&self, port: u16, guest: SocketAddrV4) -> Option<OwnedFd> {
         if port != DNS_PORT {
             return None;
         }
-        let (ours, theirs) = StdUnixDatagram::pair().ok()?;
-        ours.set_nonblocking(true).ok()?;
-        theirs.set_nonblocking(true).ok()?;
-        self.submit(Job::DnsUdp(theirs.into(), guest))?;
-        Some(ours.into())
+        if self.dns_udp_live.load(Ordering::Relaxed) >= MAX_DNS_UDP {
+            if !self.told_dns_udp_full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "{MAX_DNS_UDP} UDP DNS flows being served at once: further queries from new ports are \
+                     refused until some end (said once)"
+                );
+            }
+            return None;
+        }
+        let (ours, theirs) = seqpacket_pair().ok()?;
+        self.submit(Job::DnsUdp(theirs, guest, Live::new(&self.dns_udp_live)))?;
+        Some(ours)
     }
 
     fn submit(&self, job: Job) -> Option<()> {
@@ -177,6 +213,79 @@ impl ServiceHub {
             Err(_) => {
                 debug!("services: runtime thread is gone");
                 None
+            }
+        }
+    }
+}
+
+/// Gives a slot of [`UdpSlots`] back when dropped (the task that held it ended or was aborted).
+struct SlotBack(Arc<UdpSlots>);
+
+impl Drop for SlotBack {
+    fn drop(&mut self) {
+        self.0.free.add_permits(1);
+    }
+}
+
+/// One of the UDP DNS socketpairs counted in [`MAX_DNS_UDP`], from `connect_udp` until its
+/// service ends (or its job is dropped unserved).
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(count: &Arc<AtomicUsize>) -> Live {
+        count.fetch_add(1, Ordering::Relaxed);
+        Live(count.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A non-blocking, close-on-exec SOCK_SEQPACKET socketpair.
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    let kind = libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: fds is valid for two ints; on success both are new descriptors we own.
+    if unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The service's end of a UDP DNS socketpair (SOCK_SEQPACKET) on the runtime.
+struct Packets(AsyncFd<OwnedFd>);
+
+impl Packets {
+    /// One message; Ok(0) once the engine closed its end.
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            // SAFETY: recv(2) into a buffer valid for buf.len() bytes.
+            let r = ready.try_io(|fd| {
+                let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+            });
+            if let Ok(r) = r {
+                return r;
+            }
+        }
+    }
+
+    /// One message.
+    async fn send(&self, msg: &[u8]) -> io::Result<()> {
+        loop {
+            let mut ready = self.0.writable().await?;
+            // SAFETY: send(2) from a buffer valid for msg.len() bytes.
+            let r = ready.try_io(|fd| {
+                let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL) };
+                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+            });
+            if let Ok(r) = r {
+                return r;
             }
         }
     }
@@ -194,11 +303,14 @@ impl Drop for ServiceHub {
 
 /// The runtime's main task: start a service task for every socket handed over.
 async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>, dns: Arc<DnsServer>, proxy: Arc<Proxy>) {
+    let udp_slots = Arc::new(UdpSlots { free: Semaphore::new(UDP_MAX_PENDING_ALL), told_full: AtomicBool::new(false) });
     while let Some(job) = jobs.recv().await {
         match job {
-            Job::DnsUdp(fd, guest) => match UnixDatagram::from_std(fd.into()) {
-                Ok(sock) => {
-                    tokio::spawn(serve_dns_udp(sock, dns.clone(), guest));
+            // SAFETY: an OwnedFd is an open descriptor that stays open, and always the same
+            // one, until the AsyncFd that owns it drops it.
+            Job::DnsUdp(fd, guest, live) => match unsafe { AsyncFd::register(fd) } {
+                Ok(fd) => {
+                    tokio::spawn(serve_dns_udp(Packets(fd), dns.clone(), guest, live, udp_slots.clone()));
                 }
                 Err(e) => debug!("dns: udp socket for {guest}: {e}"),
             },
@@ -224,22 +336,49 @@ async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>, dns: Arc<DnsServer>, prox
     }
 }
 
-/// DNS over one datagram socketpair: one query per datagram, one answer per datagram.
-async fn serve_dns_udp(sock: UnixDatagram, dns: Arc<DnsServer>, guest: SocketAddrV4) {
+/// DNS over one SOCK_SEQPACKET socketpair: one query per message, one answer per message,
+/// until the engine closes its end (then the pending queries are abandoned) or idleness.
+/// The queries being answered over every UDP socketpair at once ([`UDP_MAX_PENDING_ALL`]).
+struct UdpSlots {
+    free: Semaphore,
+    told_full: AtomicBool,
+}
+
+/// `slots` bounds the queries being answered over every socketpair at once; `live` counts
+/// this socketpair until the service ends.
+async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddrV4, live: Live, slots: Arc<UdpSlots>) {
+    let _live = live;
     let sock = Arc::new(sock);
     let mut pending = JoinSet::new();
     let mut buf = vec![0u8; 65536];
     loop {
         tokio::select! {
             r = sock.recv(&mut buf) => match r {
+                // The engine closed its end (an empty datagram, which is no query, reads
+                // the same and ends the flow's service too).
+                Ok(0) => break,
                 Ok(n) => {
                     if pending.len() >= UDP_MAX_PENDING {
                         debug!("dns: {guest}: too many pending queries, dropping one");
                         continue;
                     }
+                    let Ok(slot) = slots.free.try_acquire() else {
+                        if !slots.told_full.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                "{UDP_MAX_PENDING_ALL} UDP DNS queries being answered at once: \
+                                 more are dropped until some are answered (said once)"
+                            );
+                        }
+                        continue;
+                    };
+                    // The slot goes back when the task ends, answered or abandoned (also when
+                    // it is aborted before it ever ran: `back` is dropped with it).
+                    let back = SlotBack(slots.clone());
                     let query = buf[..n].to_vec();
                     let (sock, dns) = (sock.clone(), dns.clone());
+                    slot.forget();
                     pending.spawn(async move {
+                        let _back = back;
                         if let Some(answer) = dns.handle(&query, Transport::Udp).await
                             && let Err(e) = sock.send(&answer).await
                         {
@@ -329,6 +468,9 @@ mod tests {
     use hickory_proto::rr::{Name, RData, RecordType};
     use std::io::{Read, Write};
     use std::net::{Ipv4Addr, UdpSocket};
+    // The engine's end of a UDP DNS socketpair is SOCK_SEQPACKET; std's UnixDatagram makes
+    // the same send(2) and recv(2) calls on it.
+    use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 
     const GUEST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000);
 
@@ -410,6 +552,36 @@ mod tests {
         let n = s.recv(&mut buf).unwrap();
         assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), 3);
         assert_eq!(first_a(&buf[..n]), Some(Ipv4Addr::new(198, 51, 100, 9)));
+    }
+
+    /// When the engine closes its end of a UDP DNS socketpair (the flow ended), the service
+    /// closes its own at once, with whatever it had pending: nothing lingers for UDP_IDLE.
+    /// At most MAX_DNS_UDP socketpairs are served at once; past that `connect_udp` refuses.
+    #[test]
+    fn udp_service_ends_with_the_engines_end_and_is_bounded() {
+        // A silent upstream: every query stays pending (300 ms, see `hub`) with a socket.
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let h = hub(vec![silent.local_addr().unwrap()]);
+        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = open();
+        let ends: Vec<StdUnixDatagram> = (0..MAX_DNS_UDP as u16)
+            .map(|i| {
+                let s = StdUnixDatagram::from(h.connect_udp(53, GUEST).unwrap());
+                s.send(&query(i, "far.example")).unwrap();
+                s
+            })
+            .collect();
+        assert!(h.connect_udp(53, GUEST).is_none(), "past MAX_DNS_UDP, refused");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(open() >= before + 2 * MAX_DNS_UDP, "both ends of every socketpair are open");
+        drop(ends);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while open() > before + 20 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = open();
+        assert!(after <= before + 20, "{after} descriptors open, {before} before: the service kept its ends");
+        assert!(h.connect_udp(53, GUEST).is_some(), "room again once they ended");
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub enum Flow {
 }
 
 impl Flow {
+    /// A UDP flow to the gateway's DNS service.
+    pub fn is_gateway_dns(&self) -> bool {
+        matches!(self, Flow::Udp(u) if u.gateway_dns)
+    }
+
     pub fn key(&self) -> FlowKey {
         match self {
             Flow::Tcp(f) => FlowKey::Tcp { guest: f.guest, remote: f.remote },
@@ -120,6 +125,10 @@ pub struct FlowTable {
     pub tcp_count: usize,
     pub udp_count: usize,
     pub icmp_count: usize,
+    /// UDP flows to the gateway's DNS (bounded apart: see flow_policy's MAX_GATEWAY_DNS).
+    pub gateway_dns_count: usize,
+    /// The log said once that `gateway_dns_count` reached its bound.
+    pub told_gateway_dns_bound: bool,
 }
 
 impl FlowTable {
@@ -137,6 +146,9 @@ impl FlowTable {
 
     pub fn insert(&mut self, flow: Flow) -> FlowId {
         let key = flow.key();
+        if flow.is_gateway_dns() {
+            self.gateway_dns_count += 1;
+        }
         match &flow {
             Flow::Tcp(_) => self.tcp_count += 1,
             Flow::Udp(_) => self.udp_count += 1,
@@ -164,6 +176,9 @@ impl FlowTable {
         s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
         self.free.push(id.slot);
         self.index.remove(&flow.key());
+        if flow.is_gateway_dns() {
+            self.gateway_dns_count -= 1;
+        }
         match &flow {
             Flow::Tcp(_) => self.tcp_count -= 1,
             Flow::Udp(_) => self.udp_count -= 1,

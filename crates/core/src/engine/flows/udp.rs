@@ -6,6 +6,12 @@
 //! socket that reports ECONNREFUSED (an ICMP port unreachable from the far end) gives the
 //! guest an ICMP port unreachable too.
 //!
+//! A flow to the gateway's DNS (one per query port, as resolvers pick a fresh port per
+//! lookup) is bound to a SOCK_SEQPACKET socketpair served on the services' runtime
+//! (services/mod.rs): it ends when the service closes its end (0 bytes read), and, once
+//! every query it carried has had its answer, after [`IDLE_DNS_ANSWERED`] instead of
+//! [`IDLE_DNS`], so that a guest's lookups do not keep two descriptors each for long.
+//!
 //! A published UDP port makes inbound flows: datagrams from one client address arrive on
 //! the shared listening socket and go to the guest from the client's (mapped) address;
 //! the guest's replies leave through that listening socket, to the client, with sendto.
@@ -27,6 +33,8 @@ use super::tcp::Verdict;
 pub const IDLE: Duration = Duration::from_secs(60);
 /// Idle time for queries to the gateway's DNS (one flow per query port).
 pub const IDLE_DNS: Duration = Duration::from_secs(10);
+/// Idle time of a gateway DNS flow whose every query has been answered.
+pub const IDLE_DNS_ANSWERED: Duration = Duration::from_secs(1);
 
 /// Where an inbound flow's replies go: the listener's socket and the real client.
 pub struct Inbound {
@@ -52,15 +60,51 @@ pub struct UdpFlow {
     pub last_used: Instant,
     idle: Duration,
     pub scheduled: Option<Instant>,
+    /// A flow to the gateway's DNS service (see the top of this file).
+    pub gateway_dns: bool,
+    /// Gateway DNS: queries sent that have had no answer yet.
+    unanswered: u32,
 }
 
 impl UdpFlow {
     pub fn new(guest: SocketAddrV4, remote: SocketAddrV4, sock: OwnedFd, idle: Duration, now: Instant) -> UdpFlow {
-        UdpFlow { guest, remote, socket: UdpSocket::Own(sock), last_used: now, idle, scheduled: None }
+        UdpFlow {
+            guest,
+            remote,
+            socket: UdpSocket::Own(sock),
+            last_used: now,
+            idle,
+            scheduled: None,
+            gateway_dns: false,
+            unanswered: 0,
+        }
+    }
+
+    /// A flow to the gateway's DNS service, on the service's socketpair.
+    pub fn new_gateway_dns(guest: SocketAddrV4, remote: SocketAddrV4, sock: OwnedFd, now: Instant) -> UdpFlow {
+        UdpFlow { gateway_dns: true, ..UdpFlow::new(guest, remote, sock, IDLE_DNS, now) }
+    }
+
+    /// A datagram of the guest's goes out on the flow's own socket.
+    pub fn sent(&mut self, now: Instant) {
+        self.last_used = now;
+        if self.gateway_dns {
+            self.unanswered = self.unanswered.saturating_add(1);
+            self.idle = IDLE_DNS;
+        }
     }
 
     pub fn new_inbound(guest: SocketAddrV4, remote: SocketAddrV4, inbound: Inbound, now: Instant) -> UdpFlow {
-        UdpFlow { guest, remote, socket: UdpSocket::Published(inbound), last_used: now, idle: IDLE, scheduled: None }
+        UdpFlow {
+            guest,
+            remote,
+            socket: UdpSocket::Published(inbound),
+            last_used: now,
+            idle: IDLE,
+            scheduled: None,
+            gateway_dns: false,
+            unanswered: 0,
+        }
     }
 
     /// The flow's own connected socket (None for flows of a published port).
@@ -117,11 +161,21 @@ impl UdpFlow {
                 continue;
             }
             let n = r as usize;
+            if n == 0 && self.gateway_dns {
+                // The service closed its end (its socketpair is SOCK_SEQPACKET).
+                return Verdict::Close;
+            }
             if n > max {
                 tracing::debug!("udp {} <- {}: {n}-byte datagram exceeds the MTU; dropped", self.guest, self.remote);
                 continue;
             }
             self.last_used = now;
+            if self.gateway_dns {
+                self.unanswered = self.unanswered.saturating_sub(1);
+                if self.unanswered == 0 {
+                    self.idle = IDLE_DNS_ANSWERED;
+                }
+            }
             switch.send_udp(self.remote, self.guest, n);
         }
         Verdict::Keep

@@ -103,7 +103,7 @@ pub fn normalize_name(word: &str) -> Option<String> {
 
 /// Names that stand for the resolving machine's own loopback (RFC 6761 and the usual
 /// distribution entries).
-fn is_loopback_name(name: &str) -> bool {
+pub fn is_loopback_name(name: &str) -> bool {
     name == "localhost"
         || name.ends_with(".localhost")
         || name.starts_with("localhost.")

@@ -24,7 +24,11 @@
 //! and TLS) goes direct; everything else to the upstream, with `Proxy-Authorization: Basic`
 //! when its URL has credentials. Direct connections of the explicit proxy resolve names
 //! through the gateway's DNS (what the guest itself would get); transparent ones dial the
-//! address the guest dialled. The configuration is read at each new connection or request
+//! address the guest dialled. The host's loopback follows the engine's rule
+//! (engine/dial.rs): only the host address (and the names for it, `host.docker.internal`)
+//! leads there, and only while `host_loopback` is on; a loopback destination (127.0.0.0/8,
+//! 0.0.0.0/8, `::1`, `localhost`, or a name that resolves to one) is refused with 403 and
+//! never sent to an upstream (which may itself run on the host's loopback). The configuration is read at each new connection or request
 //! from [`ProxySettings`], which the control API may change at any time.
 //!
 //! Failures are visible: an upstream that is down or refuses (407, 403, 502 ...) gives the
@@ -55,8 +59,9 @@ use tracing::{debug, info, warn};
 
 pub use config::{ConfigError, NoProxy, ProxyConfig, ProxyOptions, ProxySettings, ProxyUrl};
 
-use crate::config::NetConfig;
+use crate::config::{NetConfig, is_host_local};
 use crate::services::TcpHook;
+use crate::services::dns::hosts::{is_loopback_name, normalize_name};
 use crate::services::dns::{DnsServer, Transport};
 use crate::services::metrics::ProxyOutcome;
 
@@ -118,22 +123,32 @@ impl Proxy {
     /// DNS sees it. The host address becomes the host's 127.0.0.1; the gateway and the rest
     /// of the virtual subnet are refused.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, ProxyError> {
+        let forbidden = || ProxyError::Forbidden(config::authority(host, port));
         let ip = match host.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => ip,
-            Ok(IpAddr::V6(ip)) => return Ok(SocketAddr::new(IpAddr::V6(ip), port)),
+            Ok(IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
+                Some(v4) => v4,
+                None if is_host_local(IpAddr::V6(ip)) => return Err(forbidden()),
+                None => return Ok(SocketAddr::new(IpAddr::V6(ip), port)),
+            },
+            Err(_) if names_loopback(host) => return Err(forbidden()),
             Err(_) => match self.dns.records().lookup(host) {
                 Some(ip) => ip,
                 None => self.lookup_a(host).await.ok_or_else(|| ProxyError::Resolve(host.to_string()))?,
             },
         };
-        self.map_ip(ip, port).ok_or_else(|| ProxyError::Forbidden(config::authority(host, port)))
+        self.map_ip(ip, port).ok_or_else(forbidden)
     }
 
     /// The host socket address behind a guest-side address, None when there is none.
     fn map_ip(&self, ip: Ipv4Addr, port: u16) -> Option<SocketAddr> {
         if ip == self.cfg.host {
-            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-        } else if self.cfg.subnet.contains(ip) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+            self.cfg.host_loopback.then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        } else if is_host_local(IpAddr::V4(ip))
+            || self.cfg.subnet.contains(ip)
+            || ip.is_broadcast()
+            || ip.is_multicast()
+        {
             None
         } else {
             Some(SocketAddr::from((ip, port)))
@@ -141,13 +156,16 @@ impl Proxy {
     }
 
     /// True when `host` is the host address or in the virtual subnet, or a name of the
-    /// gateway's DNS table for one (`host.docker.internal`): never sent upstream.
+    /// gateway's DNS table for one (`host.docker.internal`), or the host's loopback (an
+    /// address or a name for it): never sent upstream.
     pub fn is_local(&self, host: &str) -> bool {
-        let ip = match host.parse::<Ipv4Addr>() {
-            Ok(ip) => Some(ip),
+        let ip = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => return is_host_local(IpAddr::V6(v6)),
+            Ok(IpAddr::V4(ip)) => Some(ip),
+            Err(_) if names_loopback(host) => return true,
             Err(_) => self.dns.records().lookup(host),
         };
-        ip.is_some_and(|ip| ip == self.cfg.host || self.cfg.subnet.contains(ip))
+        ip.is_some_and(|ip| ip == self.cfg.host || self.cfg.subnet.contains(ip) || is_host_local(IpAddr::V4(ip)))
     }
 
     /// The first A record of `name` through the gateway's DNS server.
@@ -163,6 +181,11 @@ impl Proxy {
             _ => None,
         })
     }
+}
+
+/// A name that stands for the resolving machine's loopback (`localhost`, `*.localhost` ...).
+fn names_loopback(host: &str) -> bool {
+    normalize_name(host).is_some_and(|n| is_loopback_name(&n))
 }
 
 fn rand_id() -> u16 {
@@ -295,7 +318,11 @@ fn peek(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
 async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, guest: SocketAddrV4, sni: Option<String>) {
     let cfg = proxy.settings.get();
     let port = dst.port();
-    let excluded = cfg.no_proxy.matches(sni.as_deref(), Some(IpAddr::V4(*dst.ip())), port);
+    // A name of the host's loopback (or of the host address, or the subnet) never goes to
+    // the upstream, which may itself run on the host's loopback: the original destination
+    // is dialled instead, as for HTTP (http.rs).
+    let excluded = cfg.no_proxy.matches(sni.as_deref(), Some(IpAddr::V4(*dst.ip())), port)
+        || sni.as_deref().is_some_and(|n| proxy.is_local(n));
     let target = config::authority(&sni.clone().unwrap_or_else(|| dst.ip().to_string()), port);
     let upstream = match (&cfg.https, excluded) {
         (Some(up), false) => Some(up),
@@ -451,6 +478,53 @@ mod tests {
         let p = ProxyConfig { ports: vec![8080], ..with_upstream() };
         assert!(intercepts(&p, &n, sa("203.0.113.5:8080")));
         assert!(!intercepts(&p, &n, sa("203.0.113.5:80")));
+    }
+
+    fn proxy_for(cfg: NetConfig) -> Proxy {
+        let records = Arc::new(crate::services::dns::DnsRecords::from_config(&cfg));
+        let dns = Arc::new(DnsServer::new(&cfg, records));
+        Proxy { settings: ProxySettings::default(), cfg: Arc::new(cfg), dns }
+    }
+
+    /// The explicit proxy reaches the host's loopback only through the host address and
+    /// its names, and not at all without host loopback.
+    #[test]
+    fn loopback_only_through_the_host_address() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut cfg = net();
+        cfg.extra_hosts.push(("sneaky.test".into(), Ipv4Addr::new(127, 0, 0, 53)));
+        let p = proxy_for(cfg.clone());
+        let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 22));
+        for via in ["192.168.65.254", "host.docker.internal", "host.containers.internal", "::ffff:192.168.65.254"] {
+            assert_eq!(rt.block_on(p.resolve(via, 22)).unwrap(), loopback, "{via}");
+        }
+        for denied in [
+            "127.0.0.1",
+            "127.0.0.53",
+            "0.0.0.0",
+            "0.1.2.3",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "localhost",
+            "LOCALHOST.",
+            "foo.localhost",
+            "ip6-localhost",
+            "sneaky.test",
+        ] {
+            let r = rt.block_on(p.resolve(denied, 22));
+            assert!(matches!(r, Err(ProxyError::Forbidden(_))), "{denied}: {r:?}");
+            assert!(p.is_local(denied), "{denied} must never go upstream");
+        }
+        assert!(!p.is_local("203.0.113.5") && !p.is_local("2001:db8::1"));
+        assert_eq!(rt.block_on(p.resolve("203.0.113.5", 80)).unwrap(), SocketAddr::from(([203, 0, 113, 5], 80)));
+
+        cfg.host_loopback = false;
+        let p = proxy_for(cfg);
+        for denied in ["192.168.65.254", "host.docker.internal", "127.0.0.1"] {
+            let r = rt.block_on(p.resolve(denied, 22));
+            assert!(matches!(r, Err(ProxyError::Forbidden(_))), "{denied}: {r:?}");
+        }
     }
 
     #[test]
