@@ -372,6 +372,10 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         start_network(&cfg, ProxyConfig::default(), None, Some(Box::new(tap)))?;
     engine.add_tcp_hook(proxy_hook);
     engine.add_static_lease(spec.iface.mac, cfg.guest);
+    if o.configure {
+        // `-c`: usernet set the interface's MAC itself (otherwise the caller did).
+        engine.set_guest_mac(spec.iface.mac, cfg.guest);
+    }
     engine.stop_without_links();
     // Loopback clients of forwarded ports spliced inside the namespace, as in `run`; where
     // usernet may not enter it (rootlesskit runs it outside the namespace's user namespace),

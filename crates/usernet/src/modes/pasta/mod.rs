@@ -43,11 +43,11 @@
 //! those are used exactly.
 //!
 //! Ports: `-t`/`-u` take pasta's specs (`none`, `[ADDR/]PORT[-LAST][:TARGET[-LAST]]`
-//! lists with `~` exclusions); TCP also takes `auto` both ways, pasta's default: `-t auto`
-//! publishes every port that listens in the namespace as it appears, `-T auto` makes every
-//! port that listens on the host reachable on the namespace's loopback, and `-T PORTS` the
-//! ports given (see `forward`). Not implemented, and an error: `all`, UDP's `auto` and `-U`
-//! ports (UDP defaults to `none`).
+//! lists with `~` exclusions) and `auto`, pasta's default: every port bound in the namespace
+//! is published on the host as it appears; `-T`/`-U` (namespace to host) take ports of the
+//! namespace's loopback or `auto`, also the default: every port bound on the host is
+//! reachable on the namespace's loopback (see `forward`; `auto` leaves the ephemeral range
+//! alone). Not implemented, and an error: `all`.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -136,13 +136,14 @@ const HELP: &str = "
       'auto': forward all ports currently bound in namespace
     default: auto
   -u, --udp-ports SPEC	UDP port forwarding to namespace
-    SPEC is as described for TCP above, without 'auto'
-    default (usernet): none
+    SPEC is as described for TCP above
+    default: auto
   -T, --tcp-ns SPEC	TCP port forwarding to init namespace
     SPEC is as described above (ports of the namespace's loopback)
     default: auto
   -U, --udp-ns SPEC	UDP port forwarding to init namespace
-    usernet: 'none' only
+    SPEC is as described above
+    default: auto
   --userns NSPATH 	Target user namespace to join
   --netns PATH|NAME	Target network namespace to join
   --netns-only		Don't join existing user namespace
@@ -798,6 +799,10 @@ fn serve(
     let Network { mut engine, proxy_hook, .. } = start_network(cfg, ProxyConfig::default(), pcap, Some(Box::new(tap)))?;
     engine.add_tcp_hook(proxy_hook);
     engine.add_static_lease(iface.mac, cfg.guest);
+    if o.config_net {
+        // usernet set the interface's MAC itself: no ARP before the first forwarded frame.
+        engine.set_guest_mac(iface.mac, cfg.guest);
+    }
     engine.stop_without_links();
     if !o.forwarding.is_empty() {
         let netns = attached.netns.try_clone().context("namespace descriptor")?;
