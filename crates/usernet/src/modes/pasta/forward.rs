@@ -398,25 +398,25 @@ impl HostSide {
         loop {
             let Some(NsSocket::Udp(sock)) = self.find(fd) else { return };
             let Ok((n, client)) = sock.recv_from(&mut buf) else { return };
-            let key = (fd, client);
-            if !self.udp_peers.contains_key(&key) {
-                let target = SocketAddr::new(loopback_like(client.ip()), to);
-                let unspecified: IpAddr =
-                    if target.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-                let host = match UdpSocket::bind((unspecified, 0)).and_then(|h| h.connect(target).map(|()| h)) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::debug!("-U: {target}: {e}");
-                        continue;
-                    }
-                };
-                let _ = host.set_nonblocking(true);
-                self.udp_peers.insert(key, UdpPeer { via: fd, client, host, last: Instant::now() });
-            }
-            if let Some(peer) = self.udp_peers.get_mut(&key) {
-                peer.last = Instant::now();
-                let _ = peer.host.send(&buf[..n]);
-            }
+            let peer = match self.udp_peers.entry((fd, client)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let target = SocketAddr::new(loopback_like(client.ip()), to);
+                    let unspecified: IpAddr =
+                        if target.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+                    let host = match UdpSocket::bind((unspecified, 0)).and_then(|h| h.connect(target).map(|()| h)) {
+                        Ok(h) => h,
+                        Err(err) => {
+                            tracing::debug!("-U: {target}: {err}");
+                            continue;
+                        }
+                    };
+                    let _ = host.set_nonblocking(true);
+                    e.insert(UdpPeer { via: fd, client, host, last: Instant::now() })
+                }
+            };
+            peer.last = Instant::now();
+            let _ = peer.host.send(&buf[..n]);
         }
     }
 
