@@ -283,6 +283,31 @@ pub fn parse_socket_url(url: &str, scheme: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(path))
 }
 
+/// Binds a Unix socket at `path` that only its owner may use (mode 0600, whatever the
+/// umask): `bind` makes it in a private directory (0700) beside `path`, its mode is set,
+/// then it is renamed into place, so it is never reachable under `path` with looser
+/// permissions. A guest's transport socket is a way into the guest's network.
+pub fn bind_owner_only<T>(path: &Path, bind: impl FnOnce(&Path) -> io::Result<T>) -> io::Result<T> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let dir = parent.join(format!(".usernet-sock-{}-{nanos}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let tmp = dir.join("s");
+    let result = bind(&tmp).and_then(|sock| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(sock)
+    });
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    result
+}
+
 /// Removes a stale socket file at `path` (nobody accepting there); refuses a live one or
 /// any other kind of file.
 pub fn clear_stale_socket(path: &Path, probe: impl Fn(&Path) -> bool) -> io::Result<()> {
@@ -315,7 +340,7 @@ pub struct QemuAcceptor {
 impl QemuAcceptor {
     pub fn bind(path: &Path) -> io::Result<QemuAcceptor> {
         clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
-        let listener = UnixListener::bind(path)?;
+        let listener = bind_owner_only(path, |p| UnixListener::bind(p))?;
         listener.set_nonblocking(true)?;
         Ok(QemuAcceptor { listener, path: path.to_path_buf(), accepted: 0 })
     }
@@ -366,6 +391,33 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         (StreamLink::new(OwnedFd::from(a), framing, "test".into()), b)
+    }
+
+    /// Transport sockets are the owner's alone, whatever the umask; nothing is left beside
+    /// them; a live one is refused, a stale one replaced.
+    #[test]
+    fn transport_sockets_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("usernet-sockmode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        // SAFETY: umask only changes this process's file creation mask (restored below).
+        let old = unsafe { libc::umask(0) };
+        let stream = QemuAcceptor::bind(&dir.join("qemu.sock"));
+        let dgram = crate::link::dgram::DgramLink::bind(&dir.join("vfkit.sock"));
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let (stream, dgram) = (stream.unwrap(), dgram.unwrap());
+        for name in ["qemu.sock", "vfkit.sock"] {
+            let mode = std::fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+        }
+        let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert!(UnixStream::connect(dir.join("qemu.sock")).is_ok(), "reachable under its path");
+        assert_eq!(QemuAcceptor::bind(&dir.join("qemu.sock")).err().map(|e| e.kind()), Some(io::ErrorKind::AddrInUse));
+        drop((stream, dgram));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn frame(n: usize, fill: u8) -> Vec<u8> {

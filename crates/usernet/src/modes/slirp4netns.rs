@@ -437,7 +437,8 @@ impl ApiSocket {
             // A socket file nobody serves any more (a slirp4netns that died): replace it.
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let listener = usernet_core::link::qemu::bind_owner_only(path, |p| UnixListener::bind(p))
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
         let mut state = ApiState { control, guest, forwards: Vec::new(), next_id: 1 };
         std::thread::Builder::new()
             .name("usernet-slirp-api".into())
