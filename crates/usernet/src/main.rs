@@ -19,7 +19,7 @@ use usernet_host::exit_code;
 #[derive(Parser, Debug)]
 #[command(
     name = "usernet",
-    version,
+    version = env!("USERNET_VERSION"),
     about = "User-mode networking for containers and virtual machines",
     after_help = "Drop-in modes: started as `slirp4netns` or `pasta` (a symlink), or as `usernet slirp4netns ARGS...` or\n`usernet pasta ARGS...`, usernet takes that program's command line (see `usernet pasta --help`)."
 )]
