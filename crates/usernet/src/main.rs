@@ -3,8 +3,9 @@
 //! The binary is a thin layer over the network core (`usernet_core`) and the host side
 //! (`usernet_host`): one module per command (`run`, `serve`, `port`), the options the
 //! network commands share (`net_opts`) and the one function that starts the network
-//! for both (`network`).
+//! for both (`network`), and `logging`, which writes the log lines.
 
+mod logging;
 mod modes;
 mod net_opts;
 mod network;
@@ -26,6 +27,8 @@ use usernet_host::exit_code;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: logging::LogOpts,
 }
 
 #[derive(Subcommand, Debug)]
@@ -57,7 +60,7 @@ fn run_cli() -> i32 {
             return code;
         }
     };
-    init_logging("warn");
+    logging::init(cli.log.level(), cli.log.format);
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Serve(args) => serve::main(args),
@@ -66,16 +69,18 @@ fn run_cli() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("usernet: {e:#}");
+            // One line either way: JSON readers of stderr get an event, people a sentence.
+            match cli.log.format {
+                logging::LogFormat::Text => eprintln!("usernet: {e:#}"),
+                logging::LogFormat::Json => tracing::error!("{e:#}"),
+            }
             exit_code::USERNET_FAILED
         }
     }
 }
 
-/// Logs to stderr at `level` (RUST_LOG, when set, decides instead).
+/// Logs to stderr at `level` (RUST_LOG, when set, decides instead), in the form
+/// USERNET_LOG_FORMAT names: for the drop-in modes, which take no usernet flags.
 fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+    logging::init(level, logging::LogFormat::from_env());
 }
