@@ -3,9 +3,12 @@
 //! The binary is a thin layer over the network core (`usernet_core`) and the host side
 //! (`usernet_host`): one module per command (`run`, `serve`, `port`), the options the
 //! network commands share (`net_opts`) and the one function that starts the network
-//! for both (`network`), and `logging`, which writes the log lines.
+//! for both (`network`); `completions` and `man` generate the shell completions and the
+//! man page from the command line's definition, and `logging` writes the log lines.
 
+mod completions;
 mod logging;
+mod man;
 mod modes;
 mod net_opts;
 mod network;
@@ -39,6 +42,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// List, publish and unpublish ports of a running usernet through its `--api` socket.
     Port(port::PortArgs),
+    /// Print the completion script of a shell (e.g. `usernet completions bash > /etc/bash_completion.d/usernet`).
+    Completions(completions::CompletionsArgs),
+    /// Print the man page, usernet(1) or a command's (`usernet man run | man -l -`).
+    Man(man::ManArgs),
 }
 
 fn main() {
@@ -65,6 +72,8 @@ fn run_cli() -> i32 {
         Command::Run(args) => run::main(args),
         Command::Serve(args) => serve::main(args),
         Command::Port(args) => port::main(args),
+        Command::Completions(args) => completions::main(args),
+        Command::Man(args) => man::main(args),
     };
     match result {
         Ok(code) => code,
