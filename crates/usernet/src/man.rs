@@ -74,6 +74,15 @@ pub fn render(path: &[String]) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Lines shown as they are, indented, without filling.
+fn example(roff: &mut Roff, lines: &[&str]) {
+    roff.control("RS", []).control("sp", []).control("nf", []);
+    for line in lines {
+        roff.text([roman(*line)]);
+    }
+    roff.control("fi", []).control("RE", []);
+}
+
 /// A `.TP` entry: a bold term, then its paragraph.
 fn entry(roff: &mut Roff, term: &str, text: &str) {
     roff.control("TP", []).text([bold(term)]).text([roman(text)]);
@@ -133,8 +142,13 @@ fn drop_in_modes(roff: &mut Roff) {
          (rootlesskit, Podman, rootless Docker) use usernet unchanged. It does so when it is started \
          under one of those names, through a symbolic link:",
     )]);
-    roff.control("IP", []).text([roman("ln -s /usr/local/bin/usernet /usr/local/bin/slirp4netns")]);
-    roff.control("IP", []).text([roman("ln -s /usr/local/bin/usernet /usr/local/bin/pasta")]);
+    example(
+        roff,
+        &[
+            "ln -s /usr/local/bin/usernet /usr/local/bin/slirp4netns",
+            "ln -s /usr/local/bin/usernet /usr/local/bin/pasta",
+        ],
+    );
     roff.control("PP", []).text([
         roman("or when its first argument names the mode: "),
         bold("usernet slirp4netns"),
@@ -161,10 +175,11 @@ fn logging(roff: &mut Roff) {
          message, then the event's own fields. A value is quoted when it is empty or holds a space, \", =, \\ \
          or a control character, with \\\", \\\\, \\n, \\r, \\t and \\u{..} escapes, for example",
     )]);
-    roff.control("IP", []).text([roman(
-        "timestamp=2026-01-02T03:04:05.678901Z level=WARN target=usernet_core::engine::event_loop \
-         message=\"stdio: frame of length 0; link closed\"",
-    )]);
+    example(
+        roff,
+        &["timestamp=2026-01-02T03:04:05.678901Z level=WARN target=usernet_core::engine::event_loop \
+           message=\"link closed\" link=stdio error=\"garbled framing: frame length 0 (allowed 1..=65535)\""],
+    );
     roff.control("PP", []).text([roman(
         "With --log-format json a line is one JSON object: \
          {\"timestamp\":...,\"level\":\"WARN\",\"fields\":{\"message\":...},\"target\":...}, \

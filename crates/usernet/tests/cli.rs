@@ -250,6 +250,7 @@ fn json_log_lines_are_objects_with_timestamp_level_target_and_message() {
     let served = serve_garbled(&["-v", "--log-format", "json"], &[], Some(LINK_CLOSED), Duration::from_secs(10));
     assert_eq!(served.code, 0, "serve did not exit 0 on SIGTERM:\n{}", served.stderr);
     let mut levels = Vec::new();
+    let mut link_fields = false;
     for line in served.stderr.lines() {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}\n{}", served.stderr));
@@ -258,7 +259,11 @@ fn json_log_lines_are_objects_with_timestamp_level_target_and_message() {
         }
         assert!(v["fields"]["message"].is_string(), "no message in {line}");
         levels.push((v["level"].as_str().unwrap().to_string(), v["fields"]["message"].as_str().unwrap().to_string()));
+        // The event's own fields beside the message.
+        link_fields |=
+            v["fields"]["message"] == LINK_CLOSED && v["fields"]["link"] == "stdio" && v["fields"]["error"].is_string();
     }
+    assert!(link_fields, "no link closed event with link and error fields:\n{}", served.stderr);
     assert!(levels.iter().any(|(l, m)| l == "WARN" && m.contains(LINK_CLOSED)), "{levels:?}");
     // -v: information too (the link coming up, the signal that stopped it).
     assert!(levels.iter().any(|(l, m)| l == "INFO" && m.contains("guest link up")), "{levels:?}");
@@ -328,7 +333,11 @@ fn text_log_lines_are_key_value_pairs_in_a_fixed_order() {
         // Without -v: warnings and errors only.
         assert!(["WARN", "ERROR"].contains(&pairs[1].1.as_str()), "{line}");
     }
-    assert!(lines.iter().any(|l| key_values(l)[3].1.contains(LINK_CLOSED)), "{}", served.stderr);
+    // The event's own fields follow the message.
+    let closed = lines.iter().map(|l| key_values(l)).find(|kv| kv[3].1 == LINK_CLOSED);
+    let closed = closed.unwrap_or_else(|| panic!("no link closed event:\n{}", served.stderr));
+    assert!(closed.contains(&("link".to_string(), "stdio".to_string())), "{closed:?}");
+    assert!(closed.iter().any(|(k, v)| k == "error" && v.contains("garbled")), "{closed:?}");
 
     // USERNET_LOG_FORMAT picks the format when the flag does not.
     let by_env = serve_garbled(&[], &[("USERNET_LOG_FORMAT", "json")], Some(LINK_CLOSED), Duration::from_secs(10));
