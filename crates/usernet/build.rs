@@ -8,7 +8,11 @@
 //! watches HEAD, the branch HEAD points to (or, for a packed ref, packed-refs and the
 //! folder where the loose ref would appear) and nothing else, so editing files does not
 //! rerun it. For the same reason the revision carries no `-dirty` mark: edits after the
-//! script ran would not update it, and a mark that may be stale says nothing.
+//! script ran would not update it, and a mark that may be stale says nothing. The watched
+//! paths are given relative to the crate, as cargo resolves them against the package it
+//! builds: a target folder copied from another checkout (worktrees made with a seeded
+//! `target/`) then reruns the script for this checkout instead of keeping the other's
+//! revision.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -59,7 +63,25 @@ fn revision(dir: &Path) -> Option<(String, String)> {
     }
     for path in watched.iter().filter(|p| p.exists()) {
         // A path that does not exist would rerun the script on every build.
-        println!("cargo::rerun-if-changed={}", path.display());
+        println!("cargo::rerun-if-changed={}", relative_to(dir, path).display());
     }
     Some((rev, date))
+}
+
+/// `path` relative to `base` (both made canonical), or `path` as it is when either cannot be.
+fn relative_to(base: &Path, path: &Path) -> PathBuf {
+    let (Ok(base), Ok(full)) = (base.canonicalize(), path.canonicalize()) else {
+        return path.to_path_buf();
+    };
+    let b: Vec<_> = base.components().collect();
+    let p: Vec<_> = full.components().collect();
+    let common = b.iter().zip(&p).take_while(|(x, y)| x == y).count();
+    let mut rel = PathBuf::new();
+    for _ in common..b.len() {
+        rel.push("..");
+    }
+    for c in &p[common..] {
+        rel.push(c);
+    }
+    rel
 }
