@@ -3,8 +3,12 @@
 //! The binary is a thin layer over the network core (`usernet_core`) and the host side
 //! (`usernet_host`): one module per command (`run`, `serve`, `port`), the options the
 //! network commands share (`net_opts`) and the one function that starts the network
-//! for both (`network`).
+//! for both (`network`); `completions` and `man` generate the shell completions and the
+//! man page from the command line's definition, and `logging` writes the log lines.
 
+mod completions;
+mod logging;
+mod man;
 mod modes;
 mod net_opts;
 mod network;
@@ -19,13 +23,15 @@ use usernet_host::exit_code;
 #[derive(Parser, Debug)]
 #[command(
     name = "usernet",
-    version,
+    version = env!("USERNET_VERSION"),
     about = "User-mode networking for containers and virtual machines",
     after_help = "Drop-in modes: started as `slirp4netns` or `pasta` (a symlink), or as `usernet slirp4netns ARGS...` or\n`usernet pasta ARGS...`, usernet takes that program's command line (see `usernet pasta --help`)."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: logging::LogOpts,
 }
 
 #[derive(Subcommand, Debug)]
@@ -36,6 +42,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// List, publish and unpublish ports of a running usernet through its `--api` socket.
     Port(port::PortArgs),
+    /// Print the completion script of a shell (e.g. `usernet completions bash > /etc/bash_completion.d/usernet`).
+    Completions(completions::CompletionsArgs),
+    /// Print the man page, usernet(1) or a command's (`usernet man run | man -l -`).
+    Man(man::ManArgs),
 }
 
 fn main() {
@@ -57,25 +67,29 @@ fn run_cli() -> i32 {
             return code;
         }
     };
-    init_logging("warn");
+    logging::init(cli.log.level(), cli.log.format);
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Serve(args) => serve::main(args),
         Command::Port(args) => port::main(args),
+        Command::Completions(args) => completions::main(args),
+        Command::Man(args) => man::main(args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("usernet: {e:#}");
+            // One line either way: JSON readers of stderr get an event, people a sentence.
+            match cli.log.format {
+                logging::LogFormat::Text => eprintln!("usernet: {e:#}"),
+                logging::LogFormat::Json => tracing::error!("{e:#}"),
+            }
             exit_code::USERNET_FAILED
         }
     }
 }
 
-/// Logs to stderr at `level` (RUST_LOG, when set, decides instead).
+/// Logs to stderr at `level` (RUST_LOG, when set, decides instead), in the form
+/// USERNET_LOG_FORMAT names: for the drop-in modes, which take no usernet flags.
 fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+    logging::init(level, logging::LogFormat::from_env());
 }

@@ -238,7 +238,7 @@ impl Supervisor for ServeSupervisor {
         for _ in 0..8 {
             match self.sfd.read_signal() {
                 Ok(Some(info)) => {
-                    tracing::info!("signal {}: stopping", info.ssi_signo);
+                    tracing::info!(signal = info.ssi_signo, "stopping on a signal");
                     return Some(0);
                 }
                 Ok(None) => return None,

@@ -138,7 +138,7 @@ impl Engine {
                 Ok(Some(link)) => self.add_link(link),
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!("{}: accept: {e}", acceptor.describe());
+                    tracing::warn!(listener = %acceptor.describe(), error = %e, "accept failed");
                     return;
                 }
             }
@@ -162,8 +162,8 @@ impl Engine {
             let fd = slot.link.fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
             match why.kind() {
-                io::ErrorKind::UnexpectedEof => tracing::info!("{}: guest went away", slot.link.describe()),
-                _ => tracing::warn!("{}: {why}; link closed", slot.link.describe()),
+                io::ErrorKind::UnexpectedEof => tracing::info!(link = %slot.link.describe(), "guest went away"),
+                _ => tracing::warn!(link = %slot.link.describe(), error = %why, "link closed"),
             }
             if self.stop_without_links && self.switch.links.iter().all(Option::is_none) {
                 tracing::info!("no guest link left: stopping");

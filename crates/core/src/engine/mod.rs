@@ -192,9 +192,9 @@ impl Engine {
         if let Err(e) =
             self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE)
         {
-            tracing::warn!("{name}: cannot watch it: {e}");
+            tracing::warn!(link = %name, error = %e, "cannot watch the guest link");
         }
-        tracing::info!("{name}: guest link up");
+        tracing::info!(link = %name, "guest link up");
     }
 
     /// Adds a listening transport; each guest that connects becomes a link.

@@ -82,7 +82,7 @@ impl DgramLink {
             return;
         }
         if self.peer.as_ref() != Some(&from) {
-            tracing::info!("{}: guest at {from}", self.describe());
+            tracing::info!(link = %self.describe(), guest = %from, "guest found");
             self.peer = Some(from);
         }
     }
@@ -148,7 +148,7 @@ impl Link for DgramLink {
                 // Full: drop the frame whole (the guest's TCP retransmits).
                 Err(Errno::EAGAIN) | Err(Errno::ENOBUFS) => return Ok(()),
                 Err(e @ (Errno::ECONNREFUSED | Errno::ENOENT | Errno::ENOTCONN)) => {
-                    tracing::info!("{}: guest went away ({})", self.describe(), e.desc());
+                    tracing::info!(link = %self.describe(), error = e.desc(), "guest went away");
                     self.peer = None;
                     return Ok(());
                 }

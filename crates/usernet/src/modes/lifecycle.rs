@@ -39,7 +39,7 @@ impl Supervisor for SignalSupervisor {
     fn on_ready(&mut self) -> Option<i32> {
         match self.sfd.read_signal() {
             Ok(Some(info)) => {
-                tracing::info!("signal {}: stopping", info.ssi_signo);
+                tracing::info!(signal = info.ssi_signo, "stopping on a signal");
                 Some(0)
             }
             _ => None,

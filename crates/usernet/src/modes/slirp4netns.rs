@@ -308,7 +308,7 @@ pub fn main(args: &[OsString]) -> i32 {
         }
         Ok(Parsed::Version) => {
             println!("slirp4netns version {SLIRP4NETNS_VERSION}");
-            println!("usernet: {}", env!("CARGO_PKG_VERSION"));
+            println!("usernet: {}", env!("USERNET_VERSION"));
             return 0;
         }
         Ok(Parsed::Run(o)) => o,

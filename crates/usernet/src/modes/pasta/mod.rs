@@ -590,7 +590,7 @@ pub fn main(args: &[OsString]) -> i32 {
             return 0;
         }
         Ok(Parsed::Version) => {
-            println!("pasta (usernet {})", env!("CARGO_PKG_VERSION"));
+            println!("pasta (usernet {})", env!("USERNET_VERSION"));
             return 0;
         }
         Ok(Parsed::Run(o)) => o,
