@@ -52,15 +52,33 @@ pub struct UdpFlow {
     pub last_used: Instant,
     idle: Duration,
     pub scheduled: Option<Instant>,
+    /// Bytes each way, for `/v1/flows` (activity is `last_used`).
+    pub traffic: super::Traffic,
 }
 
 impl UdpFlow {
     pub fn new(guest: SocketAddrV4, remote: SocketAddrV4, sock: OwnedFd, idle: Duration, now: Instant) -> UdpFlow {
-        UdpFlow { guest, remote, socket: UdpSocket::Own(sock), last_used: now, idle, scheduled: None }
+        UdpFlow {
+            guest,
+            remote,
+            socket: UdpSocket::Own(sock),
+            last_used: now,
+            idle,
+            scheduled: None,
+            traffic: super::Traffic::new(now),
+        }
     }
 
     pub fn new_inbound(guest: SocketAddrV4, remote: SocketAddrV4, inbound: Inbound, now: Instant) -> UdpFlow {
-        UdpFlow { guest, remote, socket: UdpSocket::Published(inbound), last_used: now, idle: IDLE, scheduled: None }
+        UdpFlow {
+            guest,
+            remote,
+            socket: UdpSocket::Published(inbound),
+            last_used: now,
+            idle: IDLE,
+            scheduled: None,
+            traffic: super::Traffic::new(now),
+        }
     }
 
     /// The flow's own connected socket (None for flows of a published port).
@@ -87,6 +105,7 @@ impl UdpFlow {
     /// network would.
     pub fn from_guest(&mut self, payload: &[u8], now: Instant) {
         self.last_used = now;
+        self.traffic.from_guest += payload.len() as u64;
         let res = match &self.socket {
             UdpSocket::Own(s) => sock::send(s.as_fd(), payload),
             UdpSocket::Published(i) => sock::send_to(i.listener.as_fd(), payload, i.client),
@@ -122,6 +141,7 @@ impl UdpFlow {
                 continue;
             }
             self.last_used = now;
+            self.traffic.to_guest += n as u64;
             switch.send_udp(self.remote, self.guest, n);
         }
         Verdict::Keep
