@@ -5,6 +5,7 @@
 //! network commands share (`net_opts`) and the one function that starts the network
 //! for both (`network`).
 
+mod inspect;
 mod modes;
 mod net_opts;
 mod network;
@@ -36,6 +37,14 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// List, publish and unpublish ports of a running usernet through its `--api` socket.
     Port(port::PortArgs),
+    /// List the usernets running for this user: pid, mode, guests, uptime, ports.
+    Ps(inspect::ps::PsArgs),
+    /// Show the connections of a running usernet: endpoints, state, bytes, age, idle time.
+    Flows(inspect::flows::FlowsArgs),
+    /// Watch a running usernet live: rates and totals, its flows fastest first.
+    Top(inspect::top::TopArgs),
+    /// Write a live pcap stream of a running usernet to stdout (`| tcpdump -r -`) or a file.
+    Capture(inspect::capture::CaptureArgs),
 }
 
 fn main() {
@@ -62,6 +71,10 @@ fn run_cli() -> i32 {
         Command::Run(args) => run::main(args),
         Command::Serve(args) => serve::main(args),
         Command::Port(args) => port::main(args),
+        Command::Ps(args) => inspect::ps::main(args),
+        Command::Flows(args) => inspect::flows::main(args),
+        Command::Top(args) => inspect::top::main(args),
+        Command::Capture(args) => inspect::capture::main(args),
     };
     match result {
         Ok(code) => code,

@@ -625,6 +625,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
             spec,
             command: &command,
             no_engine: false,
+            register: false,
         });
     }
 
