@@ -13,6 +13,7 @@
 //! | `GET /v1/stats`        |                                        | 200 engine counters       |
 //! | `GET /v1/flows`        |                                        | 200 `[Flow]`              |
 //! | `GET /v1/info`         |                                        | 200 `Info`                |
+//! | `GET /v1/capture?proto=&host=&port=&snaplen=` |                 | 200 a pcap stream (see `capture`) |
 //! | `GET /v1/proxy`        |                                        | 200 `Proxy`               |
 //! | `PUT /v1/proxy`        | `Proxy` (fields absent: unchanged)     | 200 `Proxy`, 400          |
 //!
