@@ -66,7 +66,7 @@ fn frame(info: &Info, before: &Sample, now: &Sample, limit: Option<usize>) -> Ve
             info.mode,
             info.command.join(" "),
             info.guests.iter().map(|g| g.ip.to_string()).collect::<Vec<_>>().join(","),
-            human_duration(info.uptime_ms + now.at.duration_since(before.at).as_millis() as u64),
+            human_duration(info.uptime_ms),
         ),
         format!(
             "from guests {} ({} total)  to guests {} ({} total)  frames in {} out {}  dropped {}",
@@ -172,7 +172,7 @@ pub fn main(args: TopArgs) -> anyhow::Result<i32> {
         }
         write!(out, "\x1b[H")?;
         for l in &lines {
-            write!(out, "{l}\x1b[K\r\n")?;
+            writeln!(out, "{l}\x1b[K")?;
         }
         write!(out, "\x1b[J")?;
         out.flush()?;
