@@ -3,7 +3,8 @@
 //! Every test gives its instances and its clients a runtime directory of its own
 //! (`XDG_RUNTIME_DIR`, owned by the user usernet runs as), so the instances a test sees
 //! are its own, whatever else runs. Guests download from helper servers on the host's
-//! loopback (sha256 checked); captures are read by tcpdump, through a pipe and from a file.
+//! loopback (sha256 checked); captures are read by tcpdump, through a pipe and from a file,
+//! and one is not read at all (the network goes on at full speed, usernet drops and counts).
 //! With `USERNET_TEST_USER` set, usernet and its clients run as that user.
 
 mod common;
@@ -411,6 +412,58 @@ fn capture_is_read_by_tcpdump_and_filtered() {
     assert_eq!(status.code(), Some(0));
     let out = must("tcpdump", &["-nn", "-r", three_file.to_str().unwrap()]);
     assert_eq!(out.stdout.lines().count(), 3, "{out}");
+    std::fs::write(dir.join("stop"), b"").unwrap();
+    assert_eq!(guest.exit_code(Duration::from_secs(20)), 0, "{}", guest.describe());
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_capture_that_is_not_read_loses_packets_not_the_network() {
+    prerequisites(&[]);
+    let rt = Runtime::new();
+    let dns = DnsUpstream::start();
+    let (_files, server, hash) = serve_random_file("inspect-slow", "big.bin", 40 << 20);
+    let dir = TempDir::new("inspect-slow-guest");
+    let script = guest_script(dir.path(), &format!("curl -sS http://{HOST_IP}:{}/big.bin | sha256sum", server.port));
+    let mut guest = rt.start(&dns, &[], &script);
+    rt.wait_instances(1);
+    // Its stdout is a pipe nobody reads: it fills, then usernet's queue does.
+    let mut capture = spawn_capture(&rt, &[]);
+    let unread = capture.stdout.take().unwrap();
+    // The capture has begun once usernet holds a tap: wait for the header in the pipe.
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes an int through the pointer.
+        unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&unread), libc::FIONREAD, &mut n) };
+        if n >= 24 {
+            break;
+        }
+        assert!(Instant::now() < end, "the capture did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let start = Instant::now();
+    std::fs::write(dir.join("go"), b"").unwrap();
+    let text = guest_output(&dir, Duration::from_secs(30));
+    assert_eq!(first_word(&text), hash, "download corrupted: {text}");
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(20), "the download took {took:?}");
+    // The reader goes away: the capture ends and reports what usernet dropped.
+    drop(unread);
+    // SAFETY: kill(2) of our own child; no memory involved.
+    unsafe { libc::kill(capture.id() as i32, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Ok(Some(s)) = capture.try_wait() {
+            break s;
+        }
+        assert!(Instant::now() < end, "the capture did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(capture.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("packets dropped by usernet (the reader was too slow)"), "{err}");
     std::fs::write(dir.join("stop"), b"").unwrap();
     assert_eq!(guest.exit_code(Duration::from_secs(20)), 0, "{}", guest.describe());
 }

@@ -74,9 +74,14 @@ pub fn query(words: &[String], snaplen: Option<u32>) -> anyhow::Result<String> {
     Ok(params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"))
 }
 
+/// How long the capture may take to end after SIGINT or SIGTERM (it may be blocked writing
+/// to a reader that does not read) before it exits anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Ends the capture cleanly on SIGINT or SIGTERM: a thread waits for them (blocked in
 /// every thread) and shuts the API connection down, so the reading loop sees its end
-/// between packets.
+/// between packets. If the loop is stuck writing to a reader that does not read, the
+/// process exits after [`STOP_GRACE`].
 fn end_on_signals(conn: std::os::unix::net::UnixStream) -> anyhow::Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
@@ -86,6 +91,9 @@ fn end_on_signals(conn: std::os::unix::net::UnixStream) -> anyhow::Result<()> {
     std::thread::Builder::new().name("usernet-capture-signals".into()).spawn(move || {
         if set.wait().is_ok() {
             let _ = conn.shutdown(std::net::Shutdown::Both);
+            std::thread::sleep(STOP_GRACE);
+            eprintln!("usernet: capture: the reader is not reading; stopping (the last packet may be cut short)");
+            std::process::exit(0);
         }
     })?;
     Ok(())
