@@ -467,3 +467,26 @@ fn a_capture_that_is_not_read_loses_packets_not_the_network() {
     std::fs::write(dir.join("stop"), b"").unwrap();
     assert_eq!(guest.exit_code(Duration::from_secs(20)), 0, "{}", guest.describe());
 }
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn serve_is_listed_too() {
+    prerequisites(&[]);
+    let rt = Runtime::new();
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("inspect-serve");
+    let bess = format!("unixpacket:{}", dir.join("bess.sock").display());
+    let mut c = as_test_user(usernet_bin());
+    c.args(["serve", "--listen-bess", &bess, "--dns-upstream", &dns.addr()])
+        .env("XDG_RUNTIME_DIR", rt.dir.path())
+        .env("PATH", search_path());
+    let mut serve = Background::start(c, Stdio::null());
+    let list = rt.wait_instances(1);
+    assert_eq!(list[0]["pid"], serve.pid(), "{list:?}");
+    assert_eq!(list[0]["mode"], "serve");
+    assert_eq!(list[0]["command"], serde_json::json!(["serve", "--listen-bess", bess, "--dns-upstream", dns.addr()]));
+    let entry = rt.registry().join(format!("{}.sock", serve.pid()));
+    assert!(entry.exists());
+    assert_eq!(serve.stop(), 0, "{}", serve.describe());
+    assert!(!entry.exists(), "entry left behind");
+}
