@@ -7,6 +7,7 @@
 //! man page from the command line's definition, and `logging` writes the log lines.
 
 mod completions;
+mod inspect;
 mod logging;
 mod man;
 mod modes;
@@ -46,6 +47,14 @@ pub enum Command {
     Completions(completions::CompletionsArgs),
     /// Print the man page, usernet(1) or a command's (`usernet man run | man -l -`).
     Man(man::ManArgs),
+    /// List the usernets running for this user: pid, mode, guests, uptime, ports.
+    Ps(inspect::ps::PsArgs),
+    /// Show the connections of a running usernet: endpoints, state, bytes, age, idle time.
+    Flows(inspect::flows::FlowsArgs),
+    /// Watch a running usernet live: rates and totals, its flows fastest first.
+    Top(inspect::top::TopArgs),
+    /// Write a live pcap stream of a running usernet to stdout (`| tcpdump -r -`) or a file.
+    Capture(inspect::capture::CaptureArgs),
 }
 
 fn main() {
@@ -74,6 +83,10 @@ fn run_cli() -> i32 {
         Command::Port(args) => port::main(args),
         Command::Completions(args) => completions::main(args),
         Command::Man(args) => man::main(args),
+        Command::Ps(args) => inspect::ps::main(args),
+        Command::Flows(args) => inspect::flows::main(args),
+        Command::Top(args) => inspect::top::main(args),
+        Command::Capture(args) => inspect::capture::main(args),
     };
     match result {
         Ok(code) => code,

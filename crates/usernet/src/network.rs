@@ -34,3 +34,66 @@ pub fn start_network(
     }
     Ok(Network { engine, dns_records, proxy_settings, proxy_hook })
 }
+
+/// The runtime directory where this instance registers its API (see
+/// `usernet_host::api::registry`), created if needed; None, with a warning, when there is
+/// no usable one. Call it early: `run` may later join a user namespace, where the
+/// directory's owner would look different.
+pub fn runtime_dir() -> Option<std::path::PathBuf> {
+    match usernet_host::api::registry::create_runtime_dir() {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            tracing::warn!("`usernet ps` will not list this instance: {e}");
+            None
+        }
+    }
+}
+
+/// A running control API and the entry that registers it in the runtime directory; both
+/// go when it is dropped.
+pub struct Api {
+    pub server: usernet_host::api::ApiServer,
+    _registration: Option<usernet_host::api::registry::Registration>,
+}
+
+/// Serves the control API: on `api` (`--api PATH`), registered in `runtime` with a symlink,
+/// or else on this instance's own entry in `runtime` (`<pid>.sock`). Only a failure on
+/// `--api PATH` is an error; without it, the instance runs on without an API.
+pub fn start_api(
+    api: Option<&std::path::Path>,
+    runtime: Option<&std::path::Path>,
+    handle: usernet_core::engine::control::ControlHandle,
+    dns_records: std::sync::Arc<usernet_core::services::dns::DnsRecords>,
+    cfg: &std::sync::Arc<NetConfig>,
+    proxy: &usernet_core::services::proxy::ProxySettings,
+    about: usernet_host::api::About,
+) -> anyhow::Result<Option<Api>> {
+    use anyhow::Context;
+    use usernet_host::api::registry;
+    let serve = |path: &std::path::Path| {
+        usernet_host::api::serve(path, handle.clone(), dns_records.clone(), cfg.clone(), Some(proxy.clone()))
+    };
+    let (server, registration) = match (api, runtime) {
+        (Some(path), _) => {
+            let server = serve(path).with_context(|| format!("cannot serve the control API on {}", path.display()))?;
+            let registration = runtime.and_then(|dir| match registry::Registration::link(dir, path) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!("`usernet ps` will not list this instance: {}: {e}", dir.display());
+                    None
+                }
+            });
+            (server, registration)
+        }
+        (None, Some(dir)) => match serve(&registry::entry_path(dir, std::process::id())) {
+            Ok(server) => (server, None),
+            Err(e) => {
+                tracing::warn!("`usernet ps` will not list this instance: {}: {e}", dir.display());
+                return Ok(None);
+            }
+        },
+        (None, None) => return Ok(None),
+    };
+    server.set_about(about);
+    Ok(Some(Api { server, _registration: registration }))
+}

@@ -17,7 +17,9 @@
 //!    sockets of loopback clients' connections (`engine::guest_sockets`).
 //! 4. Start the gateway services (their runtime thread) and build the engine on the TAP;
 //!    hand it the bound listeners (it owns them from then on, so they close when it is
-//!    dropped) and, with `--api`, start the control API on the engine's control handle.
+//!    dropped) and start the control API on the engine's control handle: on `--api PATH`,
+//!    or else on `<pid>.sock` in the user's runtime directory, where `usernet ps` finds it
+//!    (the directory is made before step 3, `network::runtime_dir`).
 //! 5. Let the sandbox exec COMMAND: exit 127 or 126 if that fails.
 //! 6. Run the engine with [`RunSupervisor`] watching the signalfd: on SIGCHLD it reaps, and
 //!    when COMMAND has exited the loop stops with its status (128 + N if killed by signal
@@ -111,6 +113,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
         command: &args.command,
         no_engine: args.no_engine,
         with_engine: None,
+        register: true,
     })
 }
 
@@ -128,6 +131,8 @@ pub struct Launch<'a> {
     /// Started with the engine's control handle and the guest's network namespace once the
     /// engine exists (pasta mode's `-T` and `auto` forwarding).
     pub with_engine: Option<WithEngine<'a>>,
+    /// Registers the instance for `usernet ps` (`usernet run`; not the drop-in modes).
+    pub register: bool,
 }
 
 /// See [`Launch::with_engine`].
@@ -137,8 +142,10 @@ pub type WithEngine<'a> =
 /// Steps 2 to 7 of the theory of operation: the sandbox, the engine, COMMAND, its status.
 /// pasta mode's `pasta -- COMMAND` goes through here too.
 pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
-    let Launch { net, cfg, pcap, listeners, spec, command, no_engine, with_engine } = launch;
+    let Launch { net, cfg, pcap, listeners, spec, command, no_engine, with_engine, register } = launch;
     let proxy = net.proxy_config()?;
+    let started = std::time::SystemTime::now();
+    let runtime = if register && !no_engine { crate::network::runtime_dir() } else { None };
 
     let signals = supervised_signals();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
@@ -193,11 +200,23 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
                 tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
             }
         }
-        if let Some(path) = &net.api {
+        if net.api.is_some() || runtime.is_some() {
+            let about = usernet_host::api::About {
+                mode: "run".into(),
+                command: command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+                started,
+                api: None,
+            };
             let handle = engine.control_handle().context("control API")?;
-            let server = usernet_host::api::serve(path, handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
-                .with_context(|| format!("cannot serve the control API on {}", path.display()))?;
-            api = Some(server);
+            api = crate::network::start_api(
+                net.api.as_deref(),
+                runtime.as_deref(),
+                handle,
+                dns_records,
+                &cfg,
+                &proxy_settings,
+                about,
+            )?;
         }
         Some(engine)
     };

@@ -16,7 +16,9 @@
 //!    unixgram:PATH` (one datagram socket; the peer is learnt from what it receives) and
 //!    `--listen-stdio` (2-byte little-endian lengths on stdin/stdout).
 //! 5. Start the gateway services and the engine, add links and acceptors, publish the
-//!    `-p` ports to the first guest (192.168.65.2, the first DHCP lease), start `--api`, and
+//!    `-p` ports to the first guest (192.168.65.2, the first DHCP lease), start the API (on
+//!    `--api PATH`, or else on `<pid>.sock` in the user's runtime directory, where
+//!    `usernet ps` finds it; the directory is made in step 1), and
 //!    with `--guest-api` let the engine hand guest connections to gateway:80 to the API
 //!    (gvproxy serves its API there too), which then knows the calling guest's address.
 //!    The HTTP proxy flags (`--http-proxy`, ...) apply as in `run`.
@@ -115,6 +117,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     let specs = args.net.published_specs()?;
     let listeners = bind_published(&specs)?;
     let proxy = args.net.proxy_config()?;
+    let started = std::time::SystemTime::now();
+    let runtime = crate::network::runtime_dir();
 
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
@@ -191,32 +195,48 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
 
     // Kept alive until the engine returns; dropping it stops the API and removes its socket.
     let mut api = None;
-    if args.net.api.is_some() || args.guest_api {
-        let handle = engine.control_handle().context("control API")?;
-        let server = match &args.net.api {
-            Some(path) => {
-                usernet_host::api::serve(path, handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
-                    .with_context(|| format!("cannot serve the control API on {}", path.display()))?
-            }
-            None => {
+    let handle = engine.control_handle().context("control API")?;
+    let about = usernet_host::api::About {
+        mode: "serve".into(),
+        command: std::env::args().skip(1).collect(),
+        started,
+        api: None,
+    };
+    let registered = crate::network::start_api(
+        args.net.api.as_deref(),
+        runtime.as_deref(),
+        handle.clone(),
+        dns_records.clone(),
+        &cfg,
+        &proxy_settings,
+        about,
+    )?;
+    let guest_api = match &registered {
+        Some(a) => Some(a.server.guest_api()),
+        None if args.guest_api => {
+            let server =
                 usernet_host::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
-                    .context("control API")?
-            }
-        };
-        if args.guest_api {
-            let guest_api = server.guest_api();
-            let api_addr = SocketAddrV4::new(cfg.gateway, 80);
-            engine.add_tcp_hook(Box::new(move |dst: SocketAddrV4, guest: SocketAddrV4| {
-                (dst == api_addr).then(|| guest_api.connect(guest))
-            }));
+                    .context("control API")?;
+            let guest = server.guest_api();
+            api = Some(server);
+            Some(guest)
         }
-        api = Some(server);
+        None => None,
+    };
+    if args.guest_api
+        && let Some(guest_api) = guest_api
+    {
+        let api_addr = SocketAddrV4::new(cfg.gateway, 80);
+        engine.add_tcp_hook(Box::new(move |dst: SocketAddrV4, guest: SocketAddrV4| {
+            (dst == api_addr).then(|| guest_api.connect(guest))
+        }));
     }
     // After the guest API's hook, so that gateway:80 stays the API's.
     engine.add_tcp_hook(proxy_hook);
 
     let mut sup = ServeSupervisor { sfd };
     let code = engine.run(&mut sup).context("network engine failed")?;
+    drop(registered);
     drop(api);
     drop(engine);
     drop(dns_watch);

@@ -36,14 +36,73 @@ pub struct Stats {
     pub tcp_flows: usize,
     pub udp_flows: usize,
     pub icmp_flows: usize,
+    /// Frames that live captures (`/v1/capture`) dropped because their reader was slow.
+    pub capture_dropped: u64,
 }
 
 /// One active flow, for `/v1/flows`.
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowInfo {
     pub proto: &'static str,
+    /// The guest's end (a spliced flow's socket inside the guest's namespace).
     pub guest: String,
+    /// The other end as the guest sees it.
     pub remote: String,
+    /// The far end of the host socket, where the flow really goes (or comes from, for a
+    /// published port); None when the socket has none (a gateway service's socketpair).
+    pub host: Option<String>,
+    /// The TCP state (`established`, `syn-sent`, ...), `spliced`, or `open` for UDP and ICMP.
+    pub state: &'static str,
+    /// Payload bytes from the guest to the host side, and back.
+    pub bytes_from_guest: u64,
+    pub bytes_to_guest: u64,
+    /// Milliseconds since the flow began, and since it last carried a packet.
+    pub age_ms: u64,
+    pub idle_ms: u64,
+}
+
+/// The address at the far end of a socket, as text (IPv4 `a.b.c.d:port`, IPv6 `[..]:port`).
+fn peer_of(fd: std::os::fd::BorrowedFd<'_>) -> Option<String> {
+    use nix::sys::socket::{SockaddrLike, SockaddrStorage, getpeername};
+    use std::os::fd::AsRawFd;
+    let addr = getpeername::<SockaddrStorage>(fd.as_raw_fd()).ok()?;
+    match addr.family() {
+        Some(nix::sys::socket::AddressFamily::Inet | nix::sys::socket::AddressFamily::Inet6) => Some(addr.to_string()),
+        _ => None,
+    }
+}
+
+impl FlowInfo {
+    fn of(flow: &Flow, now: std::time::Instant) -> FlowInfo {
+        use std::os::fd::AsFd;
+        let t = flow.traffic();
+        let (proto, guest, remote, host, state) = match flow {
+            Flow::Tcp(f) => ("tcp", f.guest.to_string(), f.remote.to_string(), peer_of(f.sock.as_fd()), f.state_name()),
+            Flow::Udp(f) => {
+                let host = match &f.socket {
+                    super::flows::udp::UdpSocket::Own(s) => peer_of(s.as_fd()),
+                    super::flows::udp::UdpSocket::Published(i) => Some(i.client.to_string()),
+                };
+                ("udp", f.guest.to_string(), f.remote.to_string(), host, "open")
+            }
+            Flow::Icmp(f) => ("icmp", f.guest.to_string(), f.remote.to_string(), None, "open"),
+            Flow::Splice(f) => {
+                let guest = peer_of(f.guest.as_fd()).unwrap_or_else(|| "guest loopback".to_string());
+                ("tcp-spliced", guest, "host loopback".to_string(), peer_of(f.host.as_fd()), "spliced")
+            }
+        };
+        FlowInfo {
+            proto,
+            guest,
+            remote,
+            host,
+            state,
+            bytes_from_guest: t.from_guest,
+            bytes_to_guest: t.to_guest,
+            age_ms: now.saturating_duration_since(t.born).as_millis() as u64,
+            idle_ms: now.saturating_duration_since(t.last).as_millis() as u64,
+        }
+    }
 }
 
 pub type Reply<T> = tokio::sync::oneshot::Sender<T>;
@@ -77,6 +136,11 @@ pub enum Command {
     /// Every counter, for `/metrics`.
     Metrics {
         reply: Reply<EngineMetrics>,
+    },
+    /// Start a live capture (`/v1/capture`): the frames of the guest links go to `tap` too,
+    /// as they go to `--pcap`, until its reader goes away.
+    Capture {
+        tap: crate::pcap::LiveTap,
     },
 }
 
@@ -144,33 +208,19 @@ impl Engine {
                         tcp_flows: self.flows.tcp_count,
                         udp_flows: self.flows.udp_count,
                         icmp_flows: self.flows.icmp_count,
+                        capture_dropped: self.switch.pcap.as_ref().map_or(0, |p| p.tap_dropped()),
                     });
                 }
                 Command::Flows { reply } => {
-                    let list = self
-                        .flows
-                        .ids()
-                        .map(|(_, f)| match f {
-                            Flow::Tcp(t) => {
-                                FlowInfo { proto: "tcp", guest: t.guest.to_string(), remote: t.remote.to_string() }
-                            }
-                            Flow::Udp(u) => {
-                                FlowInfo { proto: "udp", guest: u.guest.to_string(), remote: u.remote.to_string() }
-                            }
-                            Flow::Icmp(i) => {
-                                FlowInfo { proto: "icmp", guest: i.guest.to_string(), remote: i.remote.to_string() }
-                            }
-                            Flow::Splice(_) => FlowInfo {
-                                proto: "tcp-spliced",
-                                guest: "guest loopback".to_string(),
-                                remote: "host loopback".to_string(),
-                            },
-                        })
-                        .collect();
+                    let now = std::time::Instant::now();
+                    let list = self.flows.ids().map(|(_, f)| FlowInfo::of(f, now)).collect();
                     let _ = reply.send(list);
                 }
                 Command::Metrics { reply } => {
                     let _ = reply.send(self.metrics());
+                }
+                Command::Capture { tap } => {
+                    self.switch.pcap.get_or_insert_with(crate::pcap::PcapWriter::live_only).add_tap(tap);
                 }
             }
         }

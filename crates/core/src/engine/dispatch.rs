@@ -198,6 +198,7 @@ impl Engine {
                 Some(fd) => {
                     let fd = fd.as_raw_fd();
                     f.sent(now);
+                    f.traffic.from_guest += payload.len() as u64;
                     if self.udp_batch.full(payload.len()) {
                         self.udp_batch.flush();
                     }

@@ -251,6 +251,7 @@ impl Engine {
             match self.flows.get_mut(id) {
                 Some(Flow::Udp(f)) => {
                     f.last_used = now;
+                    f.traffic.to_guest += n as u64;
                     if let Some(i) = f.inbound_mut() {
                         // The same mapped address may stand for another client port pair
                         // only if the client moved; keep answering the latest.

@@ -1,8 +1,10 @@
-//! A small blocking HTTP/1.1 client for the control API (used by `usernet port`).
+//! A small blocking HTTP/1.1 client for the control API (used by `usernet port`, `ps`,
+//! `flows`, `top` and `capture`).
 //!
 //! One request per connection (`Connection: close`): write the request, read until the
 //! server closes, then split status line, headers and body (Content-Length or chunked).
-//! Every read and write has a timeout, so a hung server cannot hang the CLI.
+//! Every read and write has a timeout, so a hung server cannot hang the CLI. [`stream`] is
+//! the exception: it reads a body as it comes, for as long as it lasts (`/v1/capture`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -52,10 +54,21 @@ impl Response {
 
 /// Sends one request to the API at `socket` and reads the whole answer.
 pub fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
+    request_within(socket, method, path, body, TIMEOUT)
+}
+
+/// [`request`] with another bound than [`TIMEOUT`] on each read and write.
+pub fn request_within(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let mut stream = UnixStream::connect(socket)
         .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     let body = body.unwrap_or_default();
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: usernet\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
@@ -79,6 +92,108 @@ pub fn request_json(
 ) -> Result<Response, ClientError> {
     let body = serde_json::to_vec(value).map_err(|_| ClientError::Malformed("request body"))?;
     request(socket, method, path, Some(&body))
+}
+
+/// A body being read as it arrives (see [`stream`]).
+pub struct Streaming {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    reader: std::io::BufReader<UnixStream>,
+    chunked: bool,
+    /// Bytes left in the current chunk (chunked), or None before the first chunk.
+    left: Option<usize>,
+    done: bool,
+}
+
+impl Streaming {
+    /// Another handle on the connection (to shut it down from another thread).
+    pub fn connection(&self) -> std::io::Result<UnixStream> {
+        self.reader.get_ref().try_clone()
+    }
+
+    /// The whole body of an answer that is not the stream asked for (an error, say).
+    pub fn into_response(mut self) -> Result<Response, ClientError> {
+        let mut body = Vec::new();
+        (&mut self).take(MAX_RESPONSE).read_to_end(&mut body)?;
+        Ok(Response { status: self.status, headers: self.headers, body })
+    }
+
+    fn read_chunk_size(&mut self) -> std::io::Result<usize> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.left.is_some() {
+            // The CRLF that ends the previous chunk.
+            self.reader.read_line(&mut line)?;
+            line.clear();
+        }
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the usernet API closed mid-stream"));
+        }
+        let size = line.split(';').next().unwrap_or("").trim();
+        usize::from_str_radix(size, 16)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed chunk size"))
+    }
+}
+
+impl Read for Streaming {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        if !self.chunked {
+            return self.reader.read(buf);
+        }
+        if self.left.is_none_or(|n| n == 0) {
+            let size = self.read_chunk_size()?;
+            self.left = Some(size);
+            if size == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+        }
+        let want = buf.len().min(self.left.unwrap_or(0));
+        let n = self.reader.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the usernet API closed mid-chunk"));
+        }
+        self.left = self.left.map(|l| l - n);
+        Ok(n)
+    }
+}
+
+/// Sends a GET to the API at `socket` and returns once the answer's headers are in; its
+/// body is then read as it arrives, with no timeout (a capture may be quiet for long).
+pub fn stream(socket: &Path, path: &str) -> Result<Streaming, ClientError> {
+    use std::io::BufRead;
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: usernet\r\nConnection: close\r\n\r\n")?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(ClientError::Malformed("no end of headers"));
+        }
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        head.push_str(&line);
+        if head.len() > 64 * 1024 {
+            return Err(ClientError::Malformed("headers too long"));
+        }
+    }
+    let mut lines = head.lines();
+    let status = (lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse::<u16>().ok()))
+        .ok_or(ClientError::Malformed("status line"))?;
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_string(), v.trim().to_string())).collect();
+    let chunked =
+        headers.iter().any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    reader.get_ref().set_read_timeout(None)?;
+    Ok(Streaming { status, headers, reader, chunked, left: None, done: false })
 }
 
 fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {

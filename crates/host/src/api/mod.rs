@@ -7,11 +7,13 @@
 //! method and path and calls one handler:
 //!
 //! - `v1`: usernet's own resources (`/v1/ports`, `/v1/dns`, `/v1/leases`, `/v1/stats`,
-//!   `/v1/flows`); JSON in, JSON out, errors as `{"error": "..."}`.
+//!   `/v1/flows`, `/v1/info`); JSON in, JSON out, errors as `{"error": "..."}`.
 //! - `gvproxy`: the endpoints of gvisor-tap-vsock that Podman, Lima and CRC call
 //!   (`/services/forwarder/*`, `/services/dhcp/leases`, `/services/dns/*`, `/stats`),
 //!   with gvproxy's JSON shapes, status codes and plain-text errors.
 //! - `metrics`: `GET /metrics`, every counter in Prometheus' text format (version 0.0.4).
+//! - `capture`: `GET /v1/capture`, a live pcap stream of the guest links (the only answer
+//!   that is not read whole: it lasts as long as the client reads).
 //!
 //! The handlers never touch the engine's state directly: they send an
 //! [`engine::control::Command`](usernet_core::engine::control::Command) through the
@@ -32,15 +34,22 @@
 //! without IP (`":8080"`) forwards to the calling guest. [`serve_without_socket`] runs the
 //! API for guests alone when there is no `--api` socket.
 //!
-//! `client` is the small blocking HTTP/1.1 client that `usernet port` uses.
+//! `client` is the small blocking HTTP/1.1 client that `usernet port`, `ps`, `flows`, `top`
+//! and `capture` use; `registry` is where they find the running instances (every `run`
+//! and `serve` registers its API socket there).
 
+mod capture;
 pub mod client;
 mod gvproxy;
 pub mod metrics;
 mod ports;
+pub mod registry;
 mod routes;
 mod state;
 mod v1;
+
+pub use state::About;
+pub use v1::{FlowView, Info, Lease, Port, StatsView};
 
 #[cfg(test)]
 mod tests;
@@ -85,6 +94,14 @@ impl ApiServer {
     /// Where the API listens.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells `/v1/info` how this instance was started (the first call wins).
+    pub fn set_about(&self, mut about: About) {
+        if !self.path.as_os_str().is_empty() {
+            about.api = Some(self.path.display().to_string());
+        }
+        let _ = self.guest.state.about.set(about);
     }
 
     /// The API as the guests reach it (gateway:80), sharing this server's state.
@@ -283,7 +300,27 @@ async fn serve_connection(state: Arc<state::State>, stream: tokio::net::UnixStre
     }
 }
 
-async fn handle(state: &state::State, req: Request<Incoming>, caller: Option<Ipv4Addr>) -> Response<Full<Bytes>> {
+/// An answer's body: whole, or a live capture.
+type Body = http_body_util::Either<Full<Bytes>, capture::CaptureBody>;
+
+async fn handle(state: &state::State, req: Request<Incoming>, caller: Option<Ipv4Addr>) -> Response<Body> {
+    if req.uri().path().trim_end_matches('/') == "/v1/capture" {
+        let reply = if req.method() != hyper::Method::GET {
+            state::Reply::method_not_allowed("GET")
+        } else {
+            match capture::start(state, caller, req.uri().query().unwrap_or("")) {
+                Ok(body) => {
+                    debug!("api: GET {} -> live capture", req.uri());
+                    return Response::builder()
+                        .header(hyper::header::CONTENT_TYPE, "application/vnd.tcpdump.pcap")
+                        .body(http_body_util::Either::Right(body))
+                        .unwrap_or_else(|_| Response::new(http_body_util::Either::Left(Full::new(Bytes::new()))));
+                }
+                Err(reply) => reply,
+            }
+        };
+        return reply.into_response().map(http_body_util::Either::Left);
+    }
     let (parts, body) = req.into_parts();
     let reply = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => {
@@ -299,5 +336,5 @@ async fn handle(state: &state::State, req: Request<Incoming>, caller: Option<Ipv
         }
     };
     debug!("api: {} {} -> {}", parts.method, parts.uri.path(), reply.status);
-    reply.into_response()
+    reply.into_response().map(http_body_util::Either::Left)
 }

@@ -58,6 +58,8 @@ pub async fn dispatch(
         ("stats", &Method::GET) => v1::stats(state).await,
         ("stats", _) => Reply::method_not_allowed("GET"),
         ("flows", &Method::GET) => v1::flows(state).await,
+        ("info", &Method::GET) => v1::info(state).await,
+        ("info", _) => Reply::method_not_allowed("GET"),
         ("flows", _) => Reply::method_not_allowed("GET"),
         ("proxy", &Method::GET) => v1::get_proxy(state),
         ("proxy", &Method::PUT) => v1::put_proxy(state, body),

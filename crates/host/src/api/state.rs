@@ -38,6 +38,21 @@ pub struct State {
     /// The HTTP proxy configuration (`/v1/proxy`), shared with the proxy service; None when
     /// the API was started without one.
     pub proxy: Option<usernet_core::services::proxy::ProxySettings>,
+    /// What `/v1/info` tells about this instance beyond the engine's state (set once, by
+    /// [`ApiServer::set_about`](super::ApiServer::set_about)).
+    pub about: std::sync::OnceLock<About>,
+}
+
+/// The instance as `/v1/info` describes it: how it was started, and when.
+#[derive(Clone, Debug)]
+pub struct About {
+    /// `run` or `serve`.
+    pub mode: String,
+    /// `run`'s COMMAND; `serve`'s transports.
+    pub command: Vec<String>,
+    pub started: std::time::SystemTime,
+    /// The API socket (filled in by `set_about`).
+    pub api: Option<String>,
 }
 
 impl State {
@@ -47,7 +62,14 @@ impl State {
         cfg: Arc<NetConfig>,
         proxy: Option<usernet_core::services::proxy::ProxySettings>,
     ) -> State {
-        State { control, dns, cfg, exposed: tokio::sync::Mutex::new(BTreeMap::new()), proxy }
+        State {
+            control,
+            dns,
+            cfg,
+            exposed: tokio::sync::Mutex::new(BTreeMap::new()),
+            proxy,
+            about: std::sync::OnceLock::new(),
+        }
     }
 }
 

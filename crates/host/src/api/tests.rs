@@ -80,6 +80,7 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                 tcp_flows: 2,
                 udp_flows: 1,
                 icmp_flows: 0,
+                capture_dropped: 0,
             });
         }
         Command::Flows { reply } => {
@@ -87,7 +88,22 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                 proto: "tcp",
                 guest: "192.168.65.2:40000".into(),
                 remote: "127.0.0.1:80".into(),
+                host: Some("127.0.0.1:80".into()),
+                state: "established",
+                bytes_from_guest: 77,
+                bytes_to_guest: 1 << 20,
+                age_ms: 1500,
+                idle_ms: 20,
             }]);
+        }
+        Command::Capture { tap } => {
+            // Three frames, as the engine would see them: only the TCP ones to port 80
+            // pass a `proto=tcp&port=80` filter.
+            let mut w = usernet_core::pcap::PcapWriter::live_only();
+            w.add_tap(tap);
+            for (proto, port) in [(6u8, 80u16), (17, 80), (6, 81)] {
+                w.write(&test_frame(proto, port));
+            }
         }
         Command::Metrics { reply } => {
             let mut counters = Counters::default();
@@ -121,6 +137,18 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
             });
         }
     }
+}
+
+/// An Ethernet frame with IPv4 192.168.65.2 -> 192.168.65.254 and a 20-byte TCP or UDP
+/// header to `port`.
+fn test_frame(proto: u8, port: u16) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 20];
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    usernet_wire::ipv4::Ipv4Header::new([192, 168, 65, 2].into(), [192, 168, 65, 254].into(), proto, 20)
+        .emit(&mut f[14..]);
+    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+    f[36..38].copy_from_slice(&port.to_be_bytes());
+    f
 }
 
 fn sock_path(name: &str) -> PathBuf {
@@ -286,6 +314,10 @@ fn v1_other_resources() {
     let (status, body) = f.get("/v1/flows");
     assert_eq!(status, 200);
     assert_eq!(body[0]["remote"], "127.0.0.1:80");
+    assert_eq!(
+        (&body[0]["bytes_to_guest"], &body[0]["idle_ms"], &body[0]["state"]),
+        (&json!(1 << 20), &json!(20), &json!("established"))
+    );
 
     // DNS.
     let (status, body) = f.get("/v1/dns");
@@ -567,4 +599,52 @@ fn engine_gone() {
     assert_eq!(r.status, 503);
     TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
     drop(server);
+}
+
+#[test]
+fn v1_info() {
+    let f = start("v1info");
+    let (status, body) = f.get("/v1/info");
+    assert_eq!(status, 200);
+    assert_eq!(body["pid"], std::process::id());
+    assert_eq!(body["mode"], "unknown");
+    assert_eq!(body["guests"], json!([{"ip":"192.168.65.2","mac":"5a:94:ef:e4:0c:ee"}]));
+    f._server.set_about(super::About {
+        mode: "run".into(),
+        command: vec!["sleep".into(), "9".into()],
+        started: std::time::SystemTime::now() - Duration::from_secs(90),
+        api: None,
+    });
+    let (_, body) = f.get("/v1/info");
+    assert_eq!((&body["mode"], &body["command"]), (&json!("run"), &json!(["sleep", "9"])));
+    assert_eq!(body["api"], f.path.display().to_string());
+    let up = body["uptime_ms"].as_u64().unwrap();
+    assert!((90_000..100_000).contains(&up), "{up}");
+    assert_eq!(body["subnet"], "192.168.65.0/24");
+    assert_eq!(f.call("POST", "/v1/info", None).status, 405);
+}
+
+#[test]
+fn v1_capture_streams_pcap_through_the_filter() {
+    use std::io::Read;
+    let f = start("v1capture");
+    let mut s = client::stream(&f.path, "/v1/capture?proto=tcp&port=80&snaplen=64").unwrap();
+    assert_eq!(s.status, 200);
+    assert_eq!(
+        s.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("content-type")).unwrap().1,
+        "application/vnd.tcpdump.pcap"
+    );
+    // The fake engine drops its tap after writing: the stream ends after the one match.
+    let mut data = Vec::new();
+    s.read_to_end(&mut data).unwrap();
+    let mut r = pcap_file::pcap::PcapReader::new(&data[..]).unwrap();
+    assert_eq!(r.header().snaplen, 64);
+    let p = r.next_packet().unwrap().unwrap();
+    assert_eq!(&p.data[..], &test_frame(6, 80)[..]);
+    assert!(r.next_packet().is_none(), "UDP and port 81 were filtered out");
+
+    let s = client::stream(&f.path, "/v1/capture?proto=sctp").unwrap();
+    assert_eq!(s.status, 400);
+    assert!(s.into_response().unwrap().error_message().contains("unknown protocol"));
+    assert_eq!(f.call("POST", "/v1/capture", None).status, 405);
 }

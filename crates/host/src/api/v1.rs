@@ -11,7 +11,9 @@
 //! | `GET /v1/resolver`     |                                        | 200 `Resolver`            |
 //! | `GET /v1/leases`       |                                        | 200 `[{"ip", "mac"}]`     |
 //! | `GET /v1/stats`        |                                        | 200 engine counters       |
-//! | `GET /v1/flows`        |                                        | 200 `[{"proto", "guest", "remote"}]` |
+//! | `GET /v1/flows`        |                                        | 200 `[Flow]`              |
+//! | `GET /v1/info`         |                                        | 200 `Info`                |
+//! | `GET /v1/capture?proto=&host=&port=&snaplen=` |                 | 200 a pcap stream (see `capture`) |
 //! | `GET /v1/proxy`        |                                        | 200 `Proxy`               |
 //! | `PUT /v1/proxy`        | `Proxy` (fields absent: unchanged)     | 200 `Proxy`, 400          |
 //!
@@ -359,6 +361,77 @@ pub async fn stats(state: &State) -> Reply {
         Some(s) => Reply::json(StatusCode::OK, &s),
         None => engine_gone(),
     }
+}
+
+/// `/v1/info`: the instance, for `usernet ps`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Info {
+    pub pid: u32,
+    /// `run` or `serve` (`unknown` if the instance did not say).
+    pub mode: String,
+    pub command: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+    pub uptime_ms: u64,
+    pub api: Option<String>,
+    pub subnet: String,
+    pub gateway: Ipv4Addr,
+    /// The guests the gateway knows (`run`'s static address, DHCP leases).
+    pub guests: Vec<Lease>,
+    pub ports: Vec<Port>,
+}
+
+pub async fn info(state: &State) -> Reply {
+    let Some(leases) = state.control.ask(|reply| Command::Leases { reply }).await else {
+        return engine_gone();
+    };
+    let Some(ports) = ports::list(state).await else {
+        return engine_gone();
+    };
+    let about = state.about.get();
+    let started = about.map_or(std::time::UNIX_EPOCH, |a| a.started);
+    let view = Info {
+        pid: std::process::id(),
+        mode: about.map_or("unknown".to_string(), |a| a.mode.clone()),
+        command: about.map(|a| a.command.clone()).unwrap_or_default(),
+        started: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        uptime_ms: about.map_or(0, |_| started.elapsed().map_or(0, |d| d.as_millis() as u64)),
+        api: about.and_then(|a| a.api.clone()),
+        subnet: format!("{}/{}", state.cfg.subnet.network, state.cfg.subnet.prefix),
+        gateway: state.cfg.gateway,
+        guests: leases.iter().map(|(ip, mac)| Lease { ip: *ip, mac: format_mac(mac) }).collect(),
+        ports: ports.iter().map(Port::from).collect(),
+    };
+    Reply::json(StatusCode::OK, &view)
+}
+
+/// One flow as `/v1/flows` shows it (the engine's `FlowInfo`, for clients to read).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlowView {
+    pub proto: String,
+    pub guest: String,
+    pub remote: String,
+    pub host: Option<String>,
+    pub state: String,
+    pub bytes_from_guest: u64,
+    pub bytes_to_guest: u64,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+}
+
+/// `/v1/stats` as clients read it (the engine's `Stats`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatsView {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub dropped_in: u64,
+    pub tcp_flows: usize,
+    pub udp_flows: usize,
+    pub icmp_flows: usize,
+    #[serde(default)]
+    pub capture_dropped: u64,
 }
 
 pub async fn flows(state: &State) -> Reply {

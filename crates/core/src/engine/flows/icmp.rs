@@ -29,11 +29,22 @@ pub struct IcmpFlow {
     kind: IcmpKind,
     pub last_used: Instant,
     pub scheduled: Option<Instant>,
+    /// Bytes each way (whole ICMP messages), for `/v1/flows` (activity is `last_used`).
+    pub traffic: super::Traffic,
 }
 
 impl IcmpFlow {
     pub fn new(guest: Ipv4Addr, remote: Ipv4Addr, ident: u16, sock: OwnedFd, kind: IcmpKind, now: Instant) -> IcmpFlow {
-        IcmpFlow { guest, remote, ident, sock, kind, last_used: now, scheduled: None }
+        IcmpFlow {
+            guest,
+            remote,
+            ident,
+            sock,
+            kind,
+            last_used: now,
+            scheduled: None,
+            traffic: super::Traffic::new(now),
+        }
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -43,6 +54,7 @@ impl IcmpFlow {
     /// The guest's echo request, the whole ICMP message (header and data, checksum valid).
     pub fn from_guest(&mut self, message: &[u8], now: Instant) {
         self.last_used = now;
+        self.traffic.from_guest += message.len() as u64;
         if let Err(e) = sock::send(self.sock.as_fd(), message) {
             tracing::debug!("ping {} -> {}: {e}", self.guest, self.remote);
         }
@@ -78,6 +90,7 @@ impl IcmpFlow {
             let reply = IcmpHeader::echo(icmp::TYPE_ECHO_REPLY, self.ident, h.seq());
             switch.send_icmp(self.remote, self.guest, &reply, len);
             self.last_used = now;
+            self.traffic.to_guest += (len + icmp::HEADER_LEN) as u64;
         }
         Verdict::Keep
     }

@@ -19,6 +19,23 @@ pub use splice::SpliceFlow;
 pub use tcp::{TcpFlow, Verdict};
 pub use udp::UdpFlow;
 
+/// What a flow carried and when, for `/v1/flows` (`usernet flows`, `usernet top`): payload
+/// bytes each way (TCP: what the other side took; UDP and ICMP: datagrams and messages),
+/// when the flow began and when it last carried a packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Traffic {
+    pub born: Instant,
+    pub last: Instant,
+    pub from_guest: u64,
+    pub to_guest: u64,
+}
+
+impl Traffic {
+    pub fn new(now: Instant) -> Traffic {
+        Traffic { born: now, last: now, from_guest: 0, to_guest: 0 }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FlowKey {
     Tcp {
@@ -51,6 +68,16 @@ impl Flow {
     /// A UDP flow to the gateway's DNS service.
     pub fn is_gateway_dns(&self) -> bool {
         matches!(self, Flow::Udp(u) if u.gateway_dns)
+    }
+
+    /// What the flow carried (see [`Traffic`]).
+    pub fn traffic(&self) -> Traffic {
+        match self {
+            Flow::Tcp(f) => f.traffic,
+            Flow::Udp(f) => Traffic { last: f.last_used, ..f.traffic },
+            Flow::Icmp(f) => Traffic { last: f.last_used, ..f.traffic },
+            Flow::Splice(f) => f.traffic,
+        }
     }
 
     pub fn key(&self) -> FlowKey {

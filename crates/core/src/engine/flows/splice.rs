@@ -65,6 +65,8 @@ pub struct SpliceFlow {
     pub id: u64,
     pub born: Instant,
     pub scheduled: Option<Instant>,
+    /// Bytes each way (host to guest is direction 0) and activity, for `/v1/flows`.
+    pub traffic: super::Traffic,
 }
 
 fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
@@ -94,6 +96,7 @@ impl SpliceFlow {
             id,
             born: now,
             scheduled: None,
+            traffic: super::Traffic::new(now),
         })
     }
 
@@ -113,6 +116,7 @@ impl SpliceFlow {
                 _ => self.connecting = false,
             }
         }
+        let before = self.traffic.from_guest + self.traffic.to_guest;
         for dir in 0..2 {
             if let Err(e) = self.pump(dir) {
                 tracing::debug!("spliced connection: {e}");
@@ -120,6 +124,9 @@ impl SpliceFlow {
                 sock::set_linger_zero(self.guest.as_fd());
                 return Verdict::Close;
             }
+        }
+        if self.traffic.from_guest + self.traffic.to_guest != before {
+            self.traffic.last = Instant::now();
         }
         if self.dirs[0].shut && self.dirs[1].shut { Verdict::Close } else { Verdict::Keep }
     }
@@ -129,10 +136,14 @@ impl SpliceFlow {
         let (src, dst) = if dir == 0 { (&self.host, &self.guest) } else { (&self.guest, &self.host) };
         let pipe = &mut self.pipes[dir];
         let state = &mut self.dirs[dir];
+        let moved = if dir == 0 { &mut self.traffic.to_guest } else { &mut self.traffic.from_guest };
         loop {
             while pipe.queued > 0 {
                 match splice(pipe.read.as_fd(), dst.as_fd(), pipe.queued) {
-                    Ok(n) => pipe.queued -= n.min(pipe.queued),
+                    Ok(n) => {
+                        pipe.queued -= n.min(pipe.queued);
+                        *moved += n as u64;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),

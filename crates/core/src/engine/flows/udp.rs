@@ -64,6 +64,8 @@ pub struct UdpFlow {
     pub gateway_dns: bool,
     /// Gateway DNS: queries sent that have had no answer yet.
     unanswered: u32,
+    /// Bytes each way, for `/v1/flows` (activity is `last_used`).
+    pub traffic: super::Traffic,
 }
 
 impl UdpFlow {
@@ -77,6 +79,7 @@ impl UdpFlow {
             scheduled: None,
             gateway_dns: false,
             unanswered: 0,
+            traffic: super::Traffic::new(now),
         }
     }
 
@@ -104,6 +107,7 @@ impl UdpFlow {
             scheduled: None,
             gateway_dns: false,
             unanswered: 0,
+            traffic: super::Traffic::new(now),
         }
     }
 
@@ -131,6 +135,7 @@ impl UdpFlow {
     /// network would.
     pub fn from_guest(&mut self, payload: &[u8], now: Instant) {
         self.last_used = now;
+        self.traffic.from_guest += payload.len() as u64;
         let res = match &self.socket {
             UdpSocket::Own(s) => sock::send(s.as_fd(), payload),
             UdpSocket::Published(i) => sock::send_to(i.listener.as_fd(), payload, i.client),
@@ -176,6 +181,7 @@ impl UdpFlow {
                     self.idle = IDLE_DNS_ANSWERED;
                 }
             }
+            self.traffic.to_guest += n as u64;
             switch.send_udp(self.remote, self.guest, n);
         }
         Verdict::Keep

@@ -671,6 +671,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
                 Box::new(move |control, netns| forward::start(forwarding, netns, control, guest))
                     as crate::run::WithEngine<'_>
             }),
+            register: false,
         });
     }
 

@@ -179,6 +179,8 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     pub scheduled: Option<Instant>,
     /// The engine counts this flow among its connects in progress.
     pub counted_connecting: bool,
+    /// Bytes each way and activity, for `/v1/flows`.
+    pub traffic: super::Traffic,
 }
 
 impl TcpFlow<KernelSocket> {
@@ -297,6 +299,7 @@ impl<S: HostSocket> TcpFlow<S> {
             ack_deadline: None,
             scheduled: None,
             counted_connecting: false,
+            traffic: super::Traffic::new(now),
         }
     }
 
@@ -525,6 +528,7 @@ impl<S: HostSocket> TcpFlow<S> {
         error: bool,
         now: Instant,
     ) -> Verdict {
+        self.traffic.last = now;
         let v = self.socket_ready(switch, readable, writable, error, now);
         self.checked(v)
     }
@@ -586,6 +590,7 @@ impl<S: HostSocket> TcpFlow<S> {
 
     /// A segment from the guest for this flow.
     pub fn on_segment(&mut self, switch: &mut Switch, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
+        self.traffic.last = now;
         let v = self.segment_in(switch, h, payload, now);
         self.checked(v)
     }
@@ -671,6 +676,7 @@ impl<S: HostSocket> TcpFlow<S> {
         let data_end = self.fin_seq().unwrap_or(self.snd_max);
         let data_ack = if seq_lt(data_end, ack) { data_end } else { ack };
         let n = data_ack.wrapping_sub(self.snd_una) as usize;
+        self.traffic.to_guest += n as u64;
         if n > 0 {
             match self.sock.discard(n) {
                 Ok(_) => {}
@@ -729,6 +735,7 @@ impl<S: HostSocket> TcpFlow<S> {
             match self.sock.send(new) {
                 Ok(n) => {
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
+                    self.traffic.from_guest += n as u64;
                     new = &new[n..];
                     if !new.is_empty() {
                         self.host_writable = false;
@@ -811,6 +818,7 @@ impl<S: HostSocket> TcpFlow<S> {
                 Ok(n) => {
                     self.pending_head += n;
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
+                    self.traffic.from_guest += n as u64;
                     self.need_ack = true;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
