@@ -57,7 +57,7 @@ mod tests;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -201,49 +201,13 @@ fn start(
 
 /// Binds a Unix socket at `path` with mode 0600, replacing a stale socket file.
 fn bind_socket(path: &Path) -> io::Result<StdUnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{}: another server is listening there", path.display()),
-                ));
-            }
-            debug!("api: replacing stale socket {}", path.display());
-            std::fs::remove_file(path)?;
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{}: exists and is not a socket", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    let live = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+    if std::fs::symlink_metadata(path).is_ok() && !live(path) {
+        debug!("api: replacing stale socket {}", path.display());
     }
-    // Bind in a private directory beside `path`, tighten the mode, then move it into place:
-    // the socket is never reachable under `path` with the process umask's permissions.
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp_dir = parent.join(format!(
-        ".usernet-api-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
-    ));
-    std::fs::DirBuilder::new().mode(0o700).create(&tmp_dir)?;
-    let tmp_sock = tmp_dir.join("api.sock");
-    let result = (|| {
-        let listener = StdUnixListener::bind(&tmp_sock)?;
-        std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&tmp_sock, path)?;
-        Ok(listener)
-    })();
-    let _ = std::fs::remove_file(&tmp_sock);
-    let _ = std::fs::remove_dir(&tmp_dir);
-    result
+    usernet_core::link::qemu::clear_stale_socket(path, live)?;
+    // Never reachable under `path` with the process umask's permissions.
+    usernet_core::link::qemu::bind_owner_only(path, |p| StdUnixListener::bind(p))
 }
 
 async fn accept_loop(

@@ -10,6 +10,31 @@ pub mod slirp4netns;
 
 use std::ffi::OsString;
 
+/// A MAC address as `aa:bb:cc:dd:ee:ff` (one or two hex digits a byte), as the C programs
+/// take it.
+pub(crate) fn parse_mac(v: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.is_empty() || p.len() > 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// The first IPv4 address of the host's interface `name`.
+pub(crate) fn interface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        let sin = a.address.as_ref()?.as_sockaddr_in()?;
+        (a.interface_name == name).then(|| sin.ip())
+    })
+}
+
 /// A mode's entry point: its arguments (without the program name) in, the exit status out.
 pub type ModeMain = fn(&[OsString]) -> i32;
 

@@ -147,33 +147,13 @@ fn parse_fd(name: &str, v: &str) -> Result<RawFd, Mistake> {
         .ok_or_else(|| mistake(format!("{name} must be a non-negative integer")))
 }
 
-fn parse_mac(v: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = v.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.is_empty() || p.len() > 2 {
-            return None;
-        }
-        mac[i] = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
-}
-
 /// The address `--outbound-addr` names: an IPv4 address, or an interface's first one.
 fn outbound_address(v: &str) -> Result<Ipv4Addr, Mistake> {
     if let Ok(ip) = v.parse::<Ipv4Addr>() {
         return Ok(ip);
     }
-    let found = nix::ifaddrs::getifaddrs().ok().and_then(|mut addrs| {
-        addrs.find_map(|a| {
-            let sin = a.address.as_ref()?.as_sockaddr_in()?;
-            (a.interface_name == v).then(|| sin.ip())
-        })
-    });
-    found.ok_or_else(|| mistake(format!("outbound-addr: {v} is neither an IPv4 address nor an interface with one")))
+    super::interface_ipv4(v)
+        .ok_or_else(|| mistake(format!("outbound-addr: {v} is neither an IPv4 address nor an interface with one")))
 }
 
 /// Parses slirp4netns's command line (without the program name).
@@ -231,7 +211,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
             "outbound-addr" => o.outbound_addr = Some(outbound_address(&v)?),
             "disable-dns" => o.disable_dns = true,
             "macaddress" => {
-                o.macaddress = Some(parse_mac(&v).ok_or_else(|| Mistake {
+                o.macaddress = Some(super::parse_mac(&v).ok_or_else(|| Mistake {
                     message: format!(
                         "\"{v}\" is an invalid MAC address.\nmacaddress has to be a valid MAC address \
                          (hex string, 6 bytes, each byte separated by a ':')."

@@ -282,29 +282,6 @@ fn parse_netmask(v: &str) -> Option<u8> {
     (mask.checked_shl(bits).unwrap_or(0) == 0).then_some(bits as u8)
 }
 
-fn parse_mac(v: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = v.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.is_empty() || p.len() > 2 {
-            return None;
-        }
-        mac[i] = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
-}
-
-/// The first IPv4 address of interface `name`.
-fn interface_address(name: &str) -> Option<Ipv4Addr> {
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
-        let sin = a.address.as_ref()?.as_sockaddr_in()?;
-        (a.interface_name == name).then(|| sin.ip())
-    })
-}
-
 /// One `-t`/`-u` spec (pasta's grammar) as the ports to publish. `flag` is how it was given
 /// (`-t`), for the messages.
 pub fn parse_port_spec(flag: &str, spec: &str, proto: Proto) -> Result<Vec<PortSpec>, String> {
@@ -410,7 +387,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
                 }
                 o.ns_ifname = Some(v)
             }
-            "ns-mac-addr" => o.ns_mac = Some(parse_mac(&v).ok_or_else(|| format!("Invalid MAC address: {v}"))?),
+            "ns-mac-addr" => o.ns_mac = Some(super::parse_mac(&v).ok_or_else(|| format!("Invalid MAC address: {v}"))?),
             "pcap" => o.pcap = Some(PathBuf::from(v)),
             "pid" => o.pid_file = Some(PathBuf::from(v)),
             "mtu" => {
@@ -425,7 +402,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "gateway" => o.gateway = Some(ipv4(name, &v)?),
             "outbound" => o.outbound = Some(ipv4(name, &v)?),
             "outbound-if4" => {
-                o.outbound = Some(interface_address(&v).ok_or_else(|| format!("No IPv4 address on interface {v}"))?)
+                o.outbound = Some(super::interface_ipv4(&v).ok_or_else(|| format!("No IPv4 address on interface {v}"))?)
             }
             "dns-forward" => o.dns_forward = Some(ipv4(name, &v)?),
             "no-map-gw" => o.no_map_gw = true,
@@ -510,7 +487,7 @@ fn default_route() -> Option<(String, Option<Ipv4Addr>)> {
                 .then(|| (f[0].to_string(), f[6].parse::<u32>().unwrap_or(u32::MAX)))
         })
         .min_by_key(|(_, metric)| *metric)?;
-    let addr = interface_address(&ifname);
+    let addr = super::interface_ipv4(&ifname);
     Some((ifname, addr))
 }
 
