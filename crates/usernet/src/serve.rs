@@ -167,6 +167,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     }
 
     let Network { mut engine, dns_records, proxy_settings, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
+    // One guest per link: none may use another's MAC or address.
+    engine.bind_guests_to_links();
     // Follows the host's resolv.conf and /etc/hosts until usernet stops.
     let dns_watch = match args.net.start_dns_watch(&cfg, None) {
         Ok(w) => Some(w),

@@ -154,6 +154,11 @@ fn tcp_auto_forwarding_both_ways() {
     let port = free_service_port();
     let uport = free_service_port();
     let www = r.rootfs.join("www");
+    // One datagram answered, then gone: nothing left holding the script's output.
+    let udp_once = format!(
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', {uport})); \
+         d, a = s.recvfrom(100); s.sendto(b'pong-ns', a)"
+    );
     let script = format!(
         "unshare --user --map-root-user --net sleep 60 & t=$!; sleep 0.3; \
          ns() {{ nsenter -t $t -U -n --preserve-credentials \"$@\"; }}; \
@@ -182,11 +187,6 @@ fn tcp_auto_forwarding_both_ways() {
         sp2 = server2.port,
         ep = echo.port,
         www = www.display(),
-        // One datagram answered, then gone: nothing left holding the script's output.
-        udp_once = format!(
-            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', {uport})); \
-             d, a = s.recvfrom(100); s.sendto(b'pong-ns', a)"
-        ),
     );
     let child = r
         .command("sh")

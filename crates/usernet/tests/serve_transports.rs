@@ -18,13 +18,15 @@ use common::{DnsUpstream, TempDir};
 use harness::Serve;
 
 /// An ARP request for the gateway from `mac`.
+/// An ARP request for the gateway from the guest `mac`, whose address is 192.168.65.N with
+/// N its fifth byte: each guest its own (`serve` binds a link to its guest's address).
 fn arp_request(mac: [u8; 6]) -> Vec<u8> {
     let mut f = Vec::with_capacity(42);
     f.extend([0xff; 6]);
     f.extend(mac);
     f.extend([0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
     f.extend(mac);
-    f.extend([192, 168, 65, 9]);
+    f.extend([192, 168, 65, mac[4]]);
     f.extend([0; 6]);
     f.extend([192, 168, 65, 1]);
     f

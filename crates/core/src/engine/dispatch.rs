@@ -3,7 +3,7 @@
 //! ICMP echo to their flows, creating a flow on a SYN, a first datagram or a first echo
 //! request. Nothing here panics, whatever the bytes.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -36,12 +36,19 @@ impl Engine {
             return;
         };
         // Learn where the sender is, and its address when it is one of the guest network's.
-        let src_ip = match eth.ethertype {
+        let raw_src = match eth.ethertype {
             ethernet::ETHERTYPE_ARP => ArpPacket::parse(payload).map(|a| a.sender_ip),
             ethernet::ETHERTYPE_IPV4 => Ipv4Header::parse(payload).map(|(h, _)| h.src),
             _ => None,
+        };
+        let cfg = &self.cfg;
+        let guest_addr = |ip: Ipv4Addr| cfg.subnet.contains(ip) && !cfg.is_own_address(ip);
+        // `serve`: a guest may not speak for another (see Switch::admit).
+        if !self.switch.admit(link, eth.src, raw_src, guest_addr) {
+            self.switch.drop_in(DropReason::Spoofed);
+            return;
         }
-        .filter(|ip| self.cfg.subnet.contains(*ip) && !self.cfg.is_own_address(*ip));
+        let src_ip = raw_src.filter(|ip| guest_addr(*ip));
         self.switch.learn(link, eth.src, src_ip);
         // The switch: frames for other guests go to them; broadcasts go to them too.
         if eth.dst != self.cfg.gateway_mac {

@@ -21,6 +21,8 @@ pub enum DropReason {
     Fragment,
     /// From a guest: an IP protocol other than TCP, UDP and ICMP.
     IpProtocol,
+    /// From a guest: a source MAC or address that is not its link's guest's (`serve`).
+    Spoofed,
     /// To a guest: its MAC is not known yet and the frame could not wait for the ARP reply
     /// (an offloaded frame, a full queue of held frames, or no reply within 1 s; see switch.rs).
     NoNeighbour,
@@ -29,11 +31,12 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Malformed,
         DropReason::Ethertype,
         DropReason::Fragment,
         DropReason::IpProtocol,
+        DropReason::Spoofed,
         DropReason::NoNeighbour,
         DropReason::SendError,
     ];
@@ -45,6 +48,7 @@ impl DropReason {
             DropReason::Ethertype => "ethertype",
             DropReason::Fragment => "fragment",
             DropReason::IpProtocol => "ip_protocol",
+            DropReason::Spoofed => "spoofed",
             DropReason::NoNeighbour => "no_neighbour",
             DropReason::SendError => "send_error",
         }
@@ -116,6 +120,11 @@ impl Counters {
     #[inline]
     pub fn connect_failed(&mut self, err: i32) {
         self.connect_failures[ConnectFailure::from_errno(err) as usize] += 1;
+    }
+
+    /// Frames dropped for `why` so far.
+    pub fn dropped_count(&self, why: DropReason) -> u64 {
+        self.drops[why as usize]
     }
 
     pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {

@@ -155,6 +155,13 @@ impl Engine {
         self.dhcp.add_static(mac, ip);
     }
 
+    /// Each link carries one guest (`serve`): a link's frames from another MAC than its
+    /// first, or from another source address than its first (0.0.0.0 aside), are dropped,
+    /// so that no guest can poison the switch for another's address or speak as it.
+    pub fn bind_guests_to_links(&mut self) {
+        self.switch.bind_sources = true;
+    }
+
     /// The guest at `ip` has `mac` for sure: usernet itself set it on the guest's interface
     /// (`run`), so the first frame to it (a client of a published port) needs no ARP round
     /// trip. Not for interfaces configured by others (slirp4netns mode without

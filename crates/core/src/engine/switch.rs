@@ -73,6 +73,11 @@ pub struct LinkSlot {
     macs: usize,
     /// The log said that this link reached [`MAX_MACS_PER_LINK`].
     told_macs_full: bool,
+    /// With [`Switch::bind_sources`]: the guest this link carries, its MAC and address (the
+    /// first seen on the link).
+    bound: Option<(Mac, Option<Ipv4Addr>)>,
+    /// The log said that this link sent a frame from another guest's MAC or address.
+    told_spoofed: bool,
 }
 
 pub struct Switch {
@@ -101,6 +106,13 @@ pub struct Switch {
     /// The one link takes offloaded frames: TCP goes out in frames of up to 64 KiB with
     /// the checksum left to the guest's kernel (see link::tap).
     offload: bool,
+    /// Each link carries one guest (`serve`): frames from another MAC, or from another
+    /// source address than the first it used, are dropped ([`Switch::admit`]).
+    pub bind_sources: bool,
+}
+
+fn fmt_mac(m: Mac) -> String {
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
 }
 
 /// Largest TCP payload of one offloaded frame (the IPv4 total length is 16 bits).
@@ -124,6 +136,7 @@ impl Switch {
             stats: LinkStats::default(),
             counters: Counters::default(),
             offload: false,
+            bind_sources: false,
         }
     }
 
@@ -318,6 +331,80 @@ impl Switch {
         self.send_buffer(frame.len());
     }
 
+    /// Whether a frame from `mac` with IPv4 source `src` (ARP's sender address for ARP; None
+    /// for other frames) may come in on link `index`. Always, unless [`Switch::bind_sources`]:
+    /// then the link's first unicast MAC is its guest's and the only one it may use, and the
+    /// guest's first source address (one for which `guest_addr` holds: of the subnet, not
+    /// usernet's own) the only address; 0.0.0.0 stays allowed, for DHCP and address probes.
+    /// The first refused frame of a link is logged.
+    pub fn admit(
+        &mut self,
+        index: usize,
+        mac: Mac,
+        src: Option<Ipv4Addr>,
+        guest_addr: impl Fn(Ipv4Addr) -> bool,
+    ) -> bool {
+        if !self.bind_sources {
+            return true;
+        }
+        // A MAC or an address another link's guest has is never this link's to take.
+        let taken_elsewhere = |links: &[Option<LinkSlot>], m: Mac, ip: Option<Ipv4Addr>| {
+            links.iter().enumerate().any(|(i, l)| {
+                i != index
+                    && l.as_ref().and_then(|l| l.bound).is_some_and(|(bm, bip)| bm == m || (ip.is_some() && bip == ip))
+            })
+        };
+        let claimed_ip = src.filter(|ip| !ip.is_unspecified());
+        if taken_elsewhere(&self.links, mac, claimed_ip) {
+            return self.refuse(index, mac, src);
+        }
+        let Some(Some(slot)) = self.links.get_mut(index) else { return false };
+        let usable = |ip: Ipv4Addr| ip.is_unspecified() || guest_addr(ip);
+        let ok = if mac[0] & 1 != 0 || mac == self.gateway_mac {
+            false
+        } else {
+            match (slot.bound.as_mut(), src) {
+                (None, src) => {
+                    let ok = src.is_none_or(usable);
+                    if ok {
+                        slot.bound = Some((mac, src.filter(|ip| !ip.is_unspecified())));
+                    }
+                    ok
+                }
+                (Some((bound_mac, _)), _) if *bound_mac != mac => false,
+                (Some(_), None) => true,
+                (Some(_), Some(ip)) if ip.is_unspecified() => true,
+                (Some((_, bound_ip @ None)), Some(ip)) => {
+                    let ok = usable(ip);
+                    if ok {
+                        *bound_ip = Some(ip);
+                    }
+                    ok
+                }
+                (Some((_, Some(bound_ip))), Some(ip)) => *bound_ip == ip,
+            }
+        };
+        if ok { true } else { self.refuse(index, mac, src) }
+    }
+
+    /// Logs the first refused frame of link `index`; false.
+    fn refuse(&mut self, index: usize, mac: Mac, src: Option<Ipv4Addr>) -> bool {
+        let Some(Some(slot)) = self.links.get_mut(index) else { return false };
+        if !slot.told_spoofed {
+            slot.told_spoofed = true;
+            let (bound_mac, bound_ip) = slot.bound.unwrap_or((mac, None));
+            tracing::warn!(
+                link = %slot.link.describe(),
+                "a frame from {} ({}) refused: this link's guest is {} ({}); said once",
+                fmt_mac(mac),
+                src.map_or("-".into(), |ip| ip.to_string()),
+                fmt_mac(bound_mac),
+                bound_ip.map_or("-".into(), |ip| ip.to_string()),
+            );
+        }
+        false
+    }
+
     /// Records that `mac` is behind link `index` and, when given, has address `ip`.
     pub fn learn(&mut self, index: usize, mac: Mac, ip: Option<Ipv4Addr>) {
         if mac[0] & 1 != 0 || mac == self.gateway_mac {
@@ -435,7 +522,15 @@ impl Switch {
     }
 
     pub fn add_link(&mut self, link: Box<dyn Link>) -> usize {
-        let slot = LinkSlot { link, readable: true, counters: LinkCounters::default(), macs: 0, told_macs_full: false };
+        let slot = LinkSlot {
+            link,
+            readable: true,
+            counters: LinkCounters::default(),
+            macs: 0,
+            told_macs_full: false,
+            bound: None,
+            told_spoofed: false,
+        };
         let index = match self.links.iter().position(Option::is_none) {
             Some(i) => {
                 self.links[i] = Some(slot);

@@ -647,6 +647,63 @@ fn mac_flood_is_bounded_per_link() {
     assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"still here".to_vec())]));
 }
 
+/// `serve` binds each guest to its link: another link's frames from the guest's MAC or
+/// address are dropped (the switch keeps the guest where it is), and a guest cannot change
+/// its own address either; DHCP's 0.0.0.0 stays allowed.
+#[test]
+fn guests_are_bound_to_their_link() {
+    let (mut e, link, _) = engine(false);
+    e.bind_guests_to_links();
+    let spoofer = FakeLink::default();
+    e.add_link(Box::new(spoofer.clone()));
+    let other_mac = [0x02, 0, 0, 0, 0, 0x99];
+    let now = Instant::now();
+    // The guest on link 0 speaks first: it is GUEST_MAC at 192.168.65.2.
+    arp_reply_from_guest(&mut e);
+    let spoofed_before = e.switch.counters.dropped_count(super::metrics::DropReason::Spoofed);
+    // Link 1 sends an ARP reply claiming the guest's address with its own MAC, then a frame
+    // from the guest's MAC: both refused.
+    let mut arp = [0u8; ethernet::HEADER_LEN + arp::LEN];
+    EthernetHeader { dst: crate::config::GATEWAY_MAC, src: other_mac, ethertype: ethernet::ETHERTYPE_ARP }
+        .emit(&mut arp);
+    ArpPacket {
+        op: arp::OP_REPLY,
+        sender_mac: other_mac,
+        sender_ip: *guest().ip(),
+        target_mac: crate::config::GATEWAY_MAC,
+        target_ip: Ipv4Addr::new(192, 168, 65, 1),
+    }
+    .emit(&mut arp[ethernet::HEADER_LEN..]);
+    e.on_frame(1, &arp, now);
+    // Link 1's first frame bound it to other_mac; now it claims the guest's MAC.
+    let f = frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &[0u8; 8]);
+    e.on_frame(1, &f, now);
+    let spoofed = e.switch.counters.dropped_count(super::metrics::DropReason::Spoofed) - spoofed_before;
+    assert_eq!(spoofed, 2, "the ARP claim and the frame from the guest's MAC");
+    // Frames for the guest still go to link 0, to its real MAC.
+    link.sent.borrow_mut().clear();
+    spoofer.sent.borrow_mut().clear();
+    udp_to_guest(&mut e, b"to the real one");
+    assert_eq!(take_arp_and_udp(&link), (vec![], vec![(GUEST_MAC, b"to the real one".to_vec())]));
+    assert!(spoofer.sent.borrow().is_empty(), "nothing for the guest on the spoofer's link");
+    // The guest itself may not take another address, but 0.0.0.0 (DHCP) passes.
+    let mut f = frame_ipv4(PROTO_UDP, Ipv4Addr::new(192, 168, 65, 7), *remote().ip(), &[0u8; 8]);
+    e.on_frame(0, &f, now);
+    assert_eq!(e.switch.counters.dropped_count(super::metrics::DropReason::Spoofed) - spoofed_before, 3);
+    f = frame_ipv4(PROTO_UDP, Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, &[0u8; 8]);
+    e.on_frame(0, &f, now);
+    assert_eq!(e.switch.counters.dropped_count(super::metrics::DropReason::Spoofed) - spoofed_before, 3);
+}
+
+/// Without `serve`'s binding (`run`, the drop-in modes), a link's frames are not checked.
+#[test]
+fn links_are_unbound_by_default() {
+    let (mut e, _link, _) = engine(false);
+    let f = frame_ipv4(PROTO_UDP, Ipv4Addr::new(192, 168, 65, 7), *remote().ip(), &[0u8; 8]);
+    e.on_frame(0, &f, Instant::now());
+    assert_eq!(e.switch.counters.dropped_count(super::metrics::DropReason::Spoofed), 0);
+}
+
 /// Gateway DNS flows are bounded (MAX_GATEWAY_DNS, the least recently used closes), and a
 /// flow whose query was answered goes after IDLE_DNS_ANSWERED, not IDLE_DNS.
 #[test]
