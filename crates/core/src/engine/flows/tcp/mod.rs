@@ -600,7 +600,22 @@ impl<S: HostSocket> TcpFlow<S> {
             return self.on_syn_ack(switch, h, now);
         }
         if h.has(RST) {
-            return self.reset_host();
+            // RFC 5961 3.2: a RST resets only at exactly the next byte expected; one ahead of
+            // it, within the window we offer, gets a challenge ACK (a real guest answers it
+            // with a RST at that number); anything else is ignored. A blind RST must guess
+            // the sequence number exactly.
+            let expected = self.rcv_nxt.wrapping_add(self.pending_len() as u32);
+            if h.seq == expected {
+                return self.reset_host();
+            }
+            let window = ((self.window_field() as u32) << self.our_wscale).max(1);
+            if seq_lt(expected, h.seq)
+                && seq_lt(h.seq, expected.wrapping_add(window))
+                && self.phase != Phase::Connecting
+            {
+                self.send_flags(switch, self.snd_nxt, ACK);
+            }
+            return Verdict::Keep;
         }
         if h.has(SYN) {
             if self.phase == Phase::Established {

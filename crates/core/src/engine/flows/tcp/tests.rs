@@ -227,6 +227,31 @@ fn resets_are_mapped_both_ways() {
     assert!(out.iter().any(|(h, _)| h.has(RST) && h.seq == ISN + 1 && h.ack == GUEST_ISN + 1), "{out:?}");
 }
 
+/// RFC 5961 3.2: a guest RST resets the host only at exactly the next sequence number
+/// expected; one ahead of it in the window gets a challenge ACK (at the number expected);
+/// one behind it, or beyond the window, is ignored. A blind RST must guess exactly.
+#[test]
+fn a_guest_rst_resets_only_at_the_expected_number() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(1000, now);
+    sent(&rec);
+    let expected = GUEST_ISN + 1;
+    for seq in [expected.wrapping_sub(1), expected.wrapping_add(1 << 30)] {
+        assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, RST, 0), &[], now), Verdict::Keep, "seq {seq}");
+        assert!(sent(&rec).is_empty(), "no answer to a RST outside the window (seq {seq})");
+    }
+    assert_eq!(f.on_segment(&mut sw, &seg(expected + 100, ISN + 1, RST, 0), &[], now), Verdict::Keep);
+    let out = sent(&rec);
+    assert!(
+        out.len() == 1 && out[0].0.flags == ACK && out[0].0.ack == expected,
+        "a challenge ACK at the number expected: {out:?}"
+    );
+    assert!(!f.sock.linger_zero, "the host's peer was not reset");
+    // The guest answers the challenge with a RST at that number: the flow resets.
+    assert_eq!(f.on_segment(&mut sw, &seg(expected, ISN + 1, RST, 0), &[], now), Verdict::Close);
+    assert!(f.sock.linger_zero);
+}
+
 /// The same calls, through the trait, on the model and on a kernel socket (one end of a
 /// socketpair) give the same answers: the simulation's socket behaves as the real one.
 #[test]
