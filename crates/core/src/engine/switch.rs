@@ -347,15 +347,24 @@ impl Switch {
         if !self.bind_sources {
             return true;
         }
-        // A MAC or an address another link's guest has is never this link's to take.
+        // Every frame comes here: the link's own guest, as bound, passes at once.
+        let claimed = src.filter(|ip| !ip.is_unspecified());
+        if let Some(Some(slot)) = self.links.get(index)
+            && let Some((bound_mac, bound_ip)) = slot.bound
+            && bound_mac == mac
+            && (claimed.is_none() || claimed == bound_ip)
+        {
+            return true;
+        }
+        // A first frame, or a new claim: a MAC or an address another link's guest has is
+        // never this link's to take.
         let taken_elsewhere = |links: &[Option<LinkSlot>], m: Mac, ip: Option<Ipv4Addr>| {
             links.iter().enumerate().any(|(i, l)| {
                 i != index
                     && l.as_ref().and_then(|l| l.bound).is_some_and(|(bm, bip)| bm == m || (ip.is_some() && bip == ip))
             })
         };
-        let claimed_ip = src.filter(|ip| !ip.is_unspecified());
-        if taken_elsewhere(&self.links, mac, claimed_ip) {
+        if taken_elsewhere(&self.links, mac, claimed) {
             return self.refuse(index, mac, src);
         }
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };

@@ -95,6 +95,7 @@ pub fn start(spec: Forwarding, netns: OwnedFd, control: ControlHandle, guest: Ip
         sockets: BTreeMap::new(),
         udp_peers: HashMap::new(),
         published: BTreeSet::new(),
+        buf: vec![0u8; DATAGRAM],
     };
     for (proto, from, to) in host.spec.to_host.clone() {
         let flag = if proto == Proto::Tcp { "-T" } else { "-U" };
@@ -218,6 +219,8 @@ struct HostSide {
     udp_peers: HashMap<(RawFd, SocketAddr), UdpPeer>,
     /// Ports `-t/-u auto` published on the host.
     published: BTreeSet<(Proto, u16)>,
+    /// One datagram being relayed.
+    buf: Vec<u8>,
 }
 
 impl HostSide {
@@ -375,7 +378,7 @@ impl HostSide {
             }
             match ready {
                 Ready::Accept(to, fd) => {
-                    if let Some(NsSocket::Tcp(l)) = self.find(fd) {
+                    if let Some(NsSocket::Tcp(l)) = find(&self.sockets, fd) {
                         while let Ok((client, peer)) = l.accept() {
                             carry(client, SocketAddr::new(loopback_like(peer.ip()), to));
                         }
@@ -387,17 +390,12 @@ impl HostSide {
         }
     }
 
-    fn find(&self, fd: RawFd) -> Option<&NsSocket> {
-        self.sockets.values().flat_map(|(_, s)| s.iter()).find(|s| raw(s) == fd)
-    }
-
     /// Datagrams from namespace clients to a `-U` port: on to the host's port, each client
     /// through a socket of its own.
     fn udp_from_ns(&mut self, fd: RawFd, to: u16) {
-        let mut buf = vec![0u8; DATAGRAM];
         loop {
-            let Some(NsSocket::Udp(sock)) = self.find(fd) else { return };
-            let Ok((n, client)) = sock.recv_from(&mut buf) else { return };
+            let Some(NsSocket::Udp(sock)) = find(&self.sockets, fd) else { return };
+            let Ok((n, client)) = sock.recv_from(&mut self.buf) else { return };
             let peer = match self.udp_peers.entry((fd, client)) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
@@ -416,26 +414,24 @@ impl HostSide {
                 }
             };
             peer.last = Instant::now();
-            let _ = peer.host.send(&buf[..n]);
+            let _ = peer.host.send(&self.buf[..n]);
         }
     }
 
     /// Replies from the host's port: back to the namespace client they belong to.
     fn udp_from_host(&mut self, key: (RawFd, SocketAddr)) {
-        let mut buf = vec![0u8; DATAGRAM];
         let Some(peer) = self.udp_peers.get_mut(&key) else { return };
-        let (via, client) = (peer.via, peer.client);
-        let mut replies = Vec::new();
-        while let Ok(n) = peer.host.recv(&mut buf) {
+        let Some(NsSocket::Udp(sock)) = find(&self.sockets, peer.via) else { return };
+        while let Ok(n) = peer.host.recv(&mut self.buf) {
             peer.last = Instant::now();
-            replies.push(buf[..n].to_vec());
-        }
-        if let Some(NsSocket::Udp(sock)) = self.find(via) {
-            for r in replies {
-                let _ = sock.send_to(&r, client);
-            }
+            let _ = sock.send_to(&self.buf[..n], peer.client);
         }
     }
+}
+
+/// The namespace-side socket whose descriptor is `fd`.
+fn find(sockets: &BTreeMap<(Proto, u16), (u16, Vec<NsSocket>)>, fd: RawFd) -> Option<&NsSocket> {
+    sockets.values().flat_map(|(_, s)| s.iter()).find(|s| raw(s) == fd)
 }
 
 fn raw(s: &NsSocket) -> RawFd {
