@@ -14,7 +14,9 @@
 //!    lengths; one link per connection, so a rebooted VM simply connects again),
 //!    `--listen-bess unixpacket:PATH` (SOCK_SEQPACKET, the same), `--listen-vfkit
 //!    unixgram:PATH` (one datagram socket; the peer is learnt from what it receives) and
-//!    `--listen-stdio` (2-byte little-endian lengths on stdin/stdout).
+//!    `--listen-stdio` (2-byte little-endian lengths on stdin/stdout), `--listen-vpnkit
+//!    unix:PATH` (vpnkit's vmnet handshake, then 2-byte little-endian lengths; one link per
+//!    connection, a reconnecting interface UUID replacing its older link).
 //! 5. Start the gateway services and the engine, add links and acceptors, publish the
 //!    `-p` ports to the first guest (192.168.65.2, the first DHCP lease), start the API (on
 //!    `--api PATH`, or else on `<pid>.sock` in the user's runtime directory, where
@@ -42,6 +44,7 @@ use usernet_core::link::dgram::DgramLink;
 use usernet_core::link::qemu::{QemuAcceptor, parse_socket_url};
 use usernet_core::link::seqpacket::SeqpacketAcceptor;
 use usernet_core::link::tap::Tap;
+use usernet_core::link::vpnkit::VpnkitAcceptor;
 use usernet_core::link::{Link, LinkAcceptor};
 use usernet_core::pcap::PcapWriter;
 use usernet_host::netns::Interface;
@@ -67,6 +70,10 @@ pub struct ServeArgs {
     /// (repeatable).
     #[arg(long = "listen-bess", value_name = "unixpacket:PATH")]
     pub listen_bess: Vec<String>,
+    /// Serve vpnkit's ethernet protocol (vmnet: HyperKit's virtio-vpnkit, rootlesskit's
+    /// vpnkit driver) on a Unix socket: `unix:PATH` (repeatable).
+    #[arg(long = "listen-vpnkit", value_name = "unix:PATH")]
+    pub listen_vpnkit: Vec<String>,
     /// Serve one guest on stdin and stdout (2-byte little-endian length prefixes).
     #[arg(long = "listen-stdio")]
     pub listen_stdio: bool,
@@ -103,13 +110,17 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     let qemu_paths = parse(&args.listen_qemu, "unix")?;
     let vfkit_paths = parse(&args.listen_vfkit, "unixgram")?;
     let bess_paths = parse(&args.listen_bess, "unixpacket")?;
+    let vpnkit_paths = parse(&args.listen_vpnkit, "unix")?;
     if qemu_paths.is_empty()
+        && vpnkit_paths.is_empty()
         && vfkit_paths.is_empty()
         && bess_paths.is_empty()
         && !args.listen_stdio
         && args.netns.is_empty()
     {
-        anyhow::bail!("no transport: give --listen-qemu, --listen-vfkit, --listen-bess, --listen-stdio or --netns");
+        anyhow::bail!(
+            "no transport: give --listen-qemu, --listen-vfkit, --listen-bess, --listen-vpnkit, --listen-stdio or --netns"
+        );
     }
     if args.netns.len() > 250 {
         anyhow::bail!("too many --netns");
@@ -156,6 +167,13 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     for path in &bess_paths {
         let a =
             SeqpacketAcceptor::bind(path).with_context(|| format!("cannot listen on unixpacket:{}", path.display()))?;
+        acceptors.push(Box::new(a));
+    }
+    for path in &vpnkit_paths {
+        // Its guests get MACs after the `--netns` ones.
+        let macs = netns_mac(args.netns.len());
+        let a = VpnkitAcceptor::bind(path, cfg.mtu.min(u16::MAX as u32 - 14) as u16, cfg.subnet, macs)
+            .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
         acceptors.push(Box::new(a));
     }
     for path in &vfkit_paths {

@@ -194,6 +194,9 @@ impl Engine {
     pub fn add_link(&mut self, link: Box<dyn Link>) {
         let fd = link.fd();
         let name = link.describe();
+        if let Some((mac, ip)) = link.guest() {
+            self.replace_guest(mac, ip, &name);
+        }
         let index = self.switch.add_link(link);
         let token = Token(LINK_BIT | index);
         if let Err(e) =
@@ -202,6 +205,29 @@ impl Engine {
             tracing::warn!(link = %name, error = %e, "cannot watch the guest link");
         }
         tracing::info!(link = %name, "guest link up");
+    }
+
+    /// A link for the guest with `mac` arrives (named by its transport's handshake): the
+    /// older link of that guest, if any, is closed (the client reconnected), and the
+    /// address it was given becomes its static lease.
+    fn replace_guest(&mut self, mac: [u8; 6], ip: Option<std::net::Ipv4Addr>, name: &str) {
+        let older: Vec<usize> = (0..self.switch.links.len())
+            .filter(|&i| {
+                matches!(self.switch.links.get(i), Some(Some(slot)) if slot.link.guest().is_some_and(|(m, _)| m == mac))
+            })
+            .collect();
+        for index in older {
+            if let Some(slot) = self.switch.remove_link(index) {
+                let fd = slot.link.fd();
+                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                tracing::info!(link = %slot.link.describe(), "guest link replaced: its interface connected again");
+            }
+        }
+        if let Some(ip) = ip
+            && !self.dhcp.add_static(mac, ip)
+        {
+            tracing::warn!(link = %name, "{ip} cannot be this guest's static lease: another guest has it");
+        }
     }
 
     /// Adds a listening transport; each guest that connects becomes a link.

@@ -6,6 +6,7 @@ pub mod qemu;
 pub mod seqpacket;
 pub mod stdio;
 pub mod tap;
+pub mod vpnkit;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -43,6 +44,12 @@ pub trait Link {
     /// A short name for logs, e.g. "tap eth0" or "qemu unix:/run/vm.sock #2".
     fn describe(&self) -> String {
         "link".to_string()
+    }
+    /// The guest this link was made for, when its transport's handshake names it (vpnkit's
+    /// protocol hands the guest its MAC, and may fix its address): a newer link for the same
+    /// MAC replaces this one, and the address becomes a static DHCP lease.
+    fn guest(&self) -> Option<([u8; 6], Option<std::net::Ipv4Addr>)> {
+        None
     }
 }
 

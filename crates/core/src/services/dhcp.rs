@@ -399,16 +399,67 @@ fn sanitize(payload: &[u8]) -> Option<Vec<u8>> {
 
 fn encode(msg: &Message) -> Option<Vec<u8>> {
     let mut bytes = msg.to_vec().ok()?;
+    message_type_first(&mut bytes);
     if bytes.len() < MIN_REPLY_LEN {
         bytes.resize(MIN_REPLY_LEN, 0);
     }
     Some(bytes)
 }
 
+/// Where the options start: after the fixed fields and the magic cookie.
+const OPTIONS_OFF: usize = 240;
+
+/// Moves the message type option (53) to the front of the options, where servers such as
+/// dnsmasq and vpnkit put it and where simple clients look for it (vpnkit's Go client reads
+/// the offer's type at a fixed offset). The encoder writes options by code.
+fn message_type_first(bytes: &mut [u8]) {
+    let Some(opts) = bytes.get_mut(OPTIONS_OFF..) else { return };
+    let mut at = 0;
+    while let Some(&code) = opts.get(at) {
+        match code {
+            0 => at += 1,
+            255 => return,
+            53 => {
+                let Some(&len) = opts.get(at + 1) else { return };
+                let end = at + 2 + len as usize;
+                if end <= opts.len() {
+                    // Rotate [0, end) so that the option at `at` comes first.
+                    opts[..end].rotate_right(end - at);
+                }
+                return;
+            }
+            _ => match opts.get(at + 1) {
+                Some(&len) => at += 2 + len as usize,
+                None => return,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Upstreams;
+
+    #[test]
+    fn message_type_is_the_first_option() {
+        let mut s = DhcpServer::new(cfg());
+        let reply = s.handle(MAC1, &request(MessageType::Discover, MAC1, vec![]).to_vec().unwrap()).unwrap();
+        assert_eq!(&reply.payload[236..243], &[0x63, 0x82, 0x53, 0x63, 53, 1, 2]);
+        let decoded = Message::decode(&mut Decoder::new(&reply.payload)).unwrap();
+        assert_eq!(decoded.opts().msg_type(), Some(MessageType::Offer));
+        assert!(decoded.opts().get(OptionCode::SubnetMask).is_some(), "the other options stay");
+        // Truncated and odd option areas never panic.
+        for bytes in [
+            vec![0u8; 241],
+            vec![0u8; 10],
+            [vec![0u8; 240], vec![1, 200]].concat(),
+            [vec![0u8; 240], vec![53]].concat(),
+        ] {
+            let mut b = bytes.clone();
+            message_type_first(&mut b);
+        }
+    }
     use proptest::prelude::*;
 
     const MAC1: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];

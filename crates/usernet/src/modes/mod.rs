@@ -7,6 +7,7 @@ mod getopt;
 mod lifecycle;
 pub mod pasta;
 pub mod slirp4netns;
+pub mod vpnkit;
 
 use std::ffi::OsString;
 
@@ -39,7 +40,8 @@ pub(crate) fn interface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
 pub type ModeMain = fn(&[OsString]) -> i32;
 
 /// The modes, by program name.
-const MODES: &[(&str, ModeMain)] = &[("slirp4netns", slirp4netns::main), ("pasta", pasta::main)];
+const MODES: &[(&str, ModeMain)] =
+    &[("slirp4netns", slirp4netns::main), ("pasta", pasta::main), ("vpnkit", vpnkit::main)];
 
 /// The mode named by how usernet was started, if any: the program name itself (argv[0]'s
 /// file name), or the first argument after `usernet`. Returns the mode and its arguments.
