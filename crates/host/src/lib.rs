@@ -15,3 +15,4 @@ pub mod dns_watch;
 pub mod exit_code;
 pub mod netns;
 pub mod publish;
+pub mod ssh_forward;

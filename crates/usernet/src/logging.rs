@@ -82,6 +82,18 @@ pub fn init(level: &str, format: LogFormat) {
     };
 }
 
+/// Logs to `file` instead of stderr (gvproxy's `-log-file`), in the `text` form.
+pub fn init_to_file(level: &str, file: std::fs::File) {
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let file = std::sync::Mutex::new(file);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(file)
+        .with_ansi(false)
+        .event_format(KeyValue)
+        .try_init();
+}
+
 /// The `text` form (see the module's comment).
 struct KeyValue;
 

@@ -38,7 +38,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::net_opts::{NetOpts, bind_published};
 use crate::network::{Network, start_network};
-use usernet_core::config::MTU_VM;
+use usernet_core::config::{MTU_VM, NetConfig};
 use usernet_core::engine::Supervisor;
 use usernet_core::link::dgram::DgramLink;
 use usernet_core::link::qemu::{QemuAcceptor, parse_socket_url};
@@ -104,20 +104,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         }
         None => None,
     };
-    let parse = |urls: &[String], scheme: &str| -> anyhow::Result<Vec<PathBuf>> {
-        urls.iter().map(|u| parse_socket_url(u, scheme).map_err(anyhow::Error::msg)).collect()
-    };
-    let qemu_paths = parse(&args.listen_qemu, "unix")?;
-    let vfkit_paths = parse(&args.listen_vfkit, "unixgram")?;
-    let bess_paths = parse(&args.listen_bess, "unixpacket")?;
-    let vpnkit_paths = parse(&args.listen_vpnkit, "unix")?;
-    if qemu_paths.is_empty()
-        && vpnkit_paths.is_empty()
-        && vfkit_paths.is_empty()
-        && bess_paths.is_empty()
-        && !args.listen_stdio
-        && args.netns.is_empty()
-    {
+    let transports = Transports::parse(&args)?;
+    if transports.is_empty() && args.netns.is_empty() {
         anyhow::bail!(
             "no transport: give --listen-qemu, --listen-vfkit, --listen-bess, --listen-vpnkit, --listen-stdio or --netns"
         );
@@ -158,31 +146,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         taps.push((spec, tap));
     }
 
-    let mut acceptors: Vec<Box<dyn LinkAcceptor>> = Vec::new();
-    let mut links: Vec<Box<dyn Link>> = Vec::new();
-    for path in &qemu_paths {
-        let a = QemuAcceptor::bind(path).with_context(|| format!("cannot listen on unix:{}", path.display()))?;
-        acceptors.push(Box::new(a));
-    }
-    for path in &bess_paths {
-        let a =
-            SeqpacketAcceptor::bind(path).with_context(|| format!("cannot listen on unixpacket:{}", path.display()))?;
-        acceptors.push(Box::new(a));
-    }
-    for path in &vpnkit_paths {
-        // Its guests get MACs after the `--netns` ones.
-        let macs = netns_mac(args.netns.len());
-        let a = VpnkitAcceptor::bind(path, cfg.mtu.min(u16::MAX as u32 - 14) as u16, cfg.subnet, macs)
-            .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
-        acceptors.push(Box::new(a));
-    }
-    for path in &vfkit_paths {
-        let l = DgramLink::bind(path).with_context(|| format!("cannot listen on unixgram:{}", path.display()))?;
-        links.push(Box::new(l));
-    }
-    if args.listen_stdio {
-        links.push(Box::new(usernet_core::link::stdio::stdio_link().context("stdin/stdout")?));
-    }
+    // Its guests get MACs after the `--netns` ones.
+    let (acceptors, links) = transports.bind(&cfg, netns_mac(args.netns.len()))?;
 
     let Network { mut engine, dns_records, proxy_settings, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
     // One guest per link: none may use another's MAC or address.
@@ -231,25 +196,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         &proxy_settings,
         about,
     )?;
-    let guest_api = match &registered {
-        Some(a) => Some(a.server.guest_api()),
-        None if args.guest_api => {
-            let server =
-                usernet_host::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
-                    .context("control API")?;
-            let guest = server.guest_api();
-            api = Some(server);
-            Some(guest)
-        }
-        None => None,
-    };
-    if args.guest_api
-        && let Some(guest_api) = guest_api
-    {
-        let api_addr = SocketAddrV4::new(cfg.gateway, 80);
-        engine.add_tcp_hook(Box::new(move |dst: SocketAddrV4, guest: SocketAddrV4| {
-            (dst == api_addr).then(|| guest_api.connect(guest))
-        }));
+    if args.guest_api {
+        api = serve_guest_api(&mut engine, registered.as_ref(), handle, dns_records, &cfg, &proxy_settings)?;
     }
     // After the guest API's hook, so that gateway:80 stays the API's.
     engine.add_tcp_hook(proxy_hook);
@@ -261,6 +209,96 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     drop(engine);
     drop(dns_watch);
     Ok(code)
+}
+
+/// The socket transports to listen on, from `serve`'s flags (or gvproxy's).
+#[derive(Debug, Default)]
+pub struct Transports {
+    pub qemu: Vec<PathBuf>,
+    pub vfkit: Vec<PathBuf>,
+    pub bess: Vec<PathBuf>,
+    pub vpnkit: Vec<PathBuf>,
+    pub stdio: bool,
+}
+
+impl Transports {
+    fn parse(args: &ServeArgs) -> anyhow::Result<Transports> {
+        let parse = |urls: &[String], scheme: &str| -> anyhow::Result<Vec<PathBuf>> {
+            urls.iter().map(|u| parse_socket_url(u, scheme).map_err(anyhow::Error::msg)).collect()
+        };
+        Ok(Transports {
+            qemu: parse(&args.listen_qemu, "unix")?,
+            vfkit: parse(&args.listen_vfkit, "unixgram")?,
+            bess: parse(&args.listen_bess, "unixpacket")?,
+            vpnkit: parse(&args.listen_vpnkit, "unix")?,
+            stdio: args.listen_stdio,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.qemu.is_empty() && self.vfkit.is_empty() && self.bess.is_empty() && self.vpnkit.is_empty() && !self.stdio
+    }
+
+    /// Binds every transport: the acceptors (a link per connection) and the links that
+    /// exist from the start (the datagram socket, stdio). vpnkit's guests get MACs from
+    /// `vpnkit_macs` on.
+    pub fn bind(
+        &self,
+        cfg: &NetConfig,
+        vpnkit_macs: [u8; 6],
+    ) -> anyhow::Result<(Vec<Box<dyn LinkAcceptor>>, Vec<Box<dyn Link>>)> {
+        let mut acceptors: Vec<Box<dyn LinkAcceptor>> = Vec::new();
+        let mut links: Vec<Box<dyn Link>> = Vec::new();
+        for path in &self.qemu {
+            let a = QemuAcceptor::bind(path).with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+            acceptors.push(Box::new(a));
+        }
+        for path in &self.bess {
+            let a = SeqpacketAcceptor::bind(path)
+                .with_context(|| format!("cannot listen on unixpacket:{}", path.display()))?;
+            acceptors.push(Box::new(a));
+        }
+        for path in &self.vpnkit {
+            let mtu = cfg.mtu.min(u16::MAX as u32 - 14) as u16;
+            let a = VpnkitAcceptor::bind(path, mtu, cfg.subnet, vpnkit_macs)
+                .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+            acceptors.push(Box::new(a));
+        }
+        for path in &self.vfkit {
+            let l = DgramLink::bind(path).with_context(|| format!("cannot listen on unixgram:{}", path.display()))?;
+            links.push(Box::new(l));
+        }
+        if self.stdio {
+            links.push(Box::new(usernet_core::link::stdio::stdio_link().context("stdin/stdout")?));
+        }
+        Ok((acceptors, links))
+    }
+}
+
+/// Serves the control API to the guests at the gateway's port 80, as gvproxy does: the
+/// API of `registered`, or else one of its own (returned, to keep alive).
+pub fn serve_guest_api(
+    engine: &mut usernet_core::engine::Engine,
+    registered: Option<&crate::network::Api>,
+    handle: usernet_core::engine::control::ControlHandle,
+    dns_records: Arc<usernet_core::services::dns::DnsRecords>,
+    cfg: &Arc<NetConfig>,
+    proxy_settings: &usernet_core::services::proxy::ProxySettings,
+) -> anyhow::Result<Option<usernet_host::api::ApiServer>> {
+    let (guest_api, own) = match registered {
+        Some(a) => (a.server.guest_api(), None),
+        None => {
+            let server =
+                usernet_host::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
+                    .context("control API")?;
+            (server.guest_api(), Some(server))
+        }
+    };
+    let api_addr = SocketAddrV4::new(cfg.gateway, 80);
+    engine.add_tcp_hook(Box::new(move |dst: SocketAddrV4, guest: SocketAddrV4| {
+        (dst == api_addr).then(|| guest_api.connect(guest))
+    }));
+    Ok(own)
 }
 
 /// Stops the engine on SIGINT or SIGTERM, with exit status 0.

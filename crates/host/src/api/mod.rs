@@ -40,6 +40,7 @@
 
 mod capture;
 pub mod client;
+mod endpoints;
 mod gvproxy;
 pub mod metrics;
 mod ports;
@@ -48,6 +49,7 @@ mod routes;
 mod state;
 mod v1;
 
+pub use endpoints::Endpoint;
 pub use state::About;
 pub use v1::{FlowView, Info, Lease, Port, StatsView};
 
@@ -88,6 +90,8 @@ pub struct ApiServer {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     guest: GuestApi,
+    /// More sockets the API is served on ([`ApiServer::serve_also`]), removed on drop.
+    extra: std::sync::Mutex<Vec<endpoints::Bound>>,
 }
 
 impl ApiServer {
@@ -143,12 +147,21 @@ impl Drop for ApiServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if !self.path.as_os_str().is_empty()
-            && let Ok(meta) = std::fs::symlink_metadata(&self.path)
-            && (meta.dev(), meta.ino()) == self.ident
-        {
-            let _ = std::fs::remove_file(&self.path);
+        if !self.path.as_os_str().is_empty() {
+            remove_if_ours(&self.path, self.ident);
         }
+        for bound in self.extra.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            bound.remove();
+        }
+    }
+}
+
+/// Removes the socket file at `path` if it is still the one we made (device, inode).
+fn remove_if_ours(path: &Path, ident: (u64, u64)) {
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && (meta.dev(), meta.ino()) == ident
+    {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -196,7 +209,14 @@ fn start(
         runtime.block_on(accept_loop(listener, state, rx));
         runtime.shutdown_timeout(Duration::from_millis(200));
     })?;
-    Ok(ApiServer { path: PathBuf::new(), ident: (0, 0), shutdown: Some(tx), thread: Some(thread), guest })
+    Ok(ApiServer {
+        path: PathBuf::new(),
+        ident: (0, 0),
+        shutdown: Some(tx),
+        thread: Some(thread),
+        guest,
+        extra: std::sync::Mutex::new(Vec::new()),
+    })
 }
 
 /// Binds a Unix socket at `path` with mode 0600, replacing a stale socket file.
@@ -246,7 +266,10 @@ async fn accept_loop(
 
 /// Serves one API connection; `caller` is the guest's address for connections from the
 /// guest network, None on the Unix socket.
-async fn serve_connection(state: Arc<state::State>, stream: tokio::net::UnixStream, caller: Option<Ipv4Addr>) {
+async fn serve_connection<S>(state: Arc<state::State>, stream: S, caller: Option<Ipv4Addr>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&state, req, caller).await) }

@@ -19,6 +19,11 @@ pub async fn dispatch(
     path: &str,
     body: &[u8],
 ) -> Reply {
+    if let Some(guest) = caller
+        && let Some(refused) = guest_may_not(guest, method, path, body)
+    {
+        return refused;
+    }
     // gvproxy's endpoints, with gvproxy's own method rules.
     match path {
         "/services/forwarder/expose" => return post_only(method, gvproxy::expose(state, caller, body)).await,
@@ -72,6 +77,32 @@ pub async fn dispatch(
             },
             _ => Reply::error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
         },
+    }
+}
+
+/// What a guest may ask of the API (at the gateway's port 80): what gvproxy offers its
+/// guests (`/services/forwarder/all`, `expose` and `unexpose`), publishing to the guest's
+/// own address only, and usernet's read-only views of the ports and the instance. The rest
+/// (DNS records, the proxy, other guests' ports, captures, leases) is the host's: 403.
+fn guest_may_not(guest: std::net::Ipv4Addr, method: &Method, path: &str, body: &[u8]) -> Option<Reply> {
+    let refuse = |why: &str| Some(Reply::text(StatusCode::FORBIDDEN, format!("not available to guests: {why}")));
+    match path.trim_end_matches('/') {
+        "/services/forwarder/all" | "/services/forwarder/unexpose" => None,
+        "/services/forwarder/expose" => {
+            // The remote must be the guest itself: ":PORT" or its own address.
+            let remote = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("remote").and_then(|r| r.as_str()).map(str::to_string))
+                .unwrap_or_default();
+            let host = remote.rsplit_once(':').map_or("", |(h, _)| h);
+            if host.is_empty() || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip == guest) {
+                None
+            } else {
+                refuse("a guest publishes only its own ports")
+            }
+        }
+        "/v1/ports" | "/v1/info" if *method == Method::GET => None,
+        _ => refuse(path),
     }
 }
 

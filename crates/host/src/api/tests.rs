@@ -648,3 +648,45 @@ fn v1_capture_streams_pcap_through_the_filter() {
     assert!(s.into_response().unwrap().error_message().contains("unknown protocol"));
     assert_eq!(f.call("POST", "/v1/capture", None).status, 405);
 }
+
+/// A request from guest `ip` through the gateway's port 80 (as the engine hands it over):
+/// the status code and the body.
+fn guest_call(f: &Fixture, ip: Ipv4Addr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let fd = f._server.guest_api().connect(std::net::SocketAddrV4::new(ip, 40000)).unwrap();
+    let mut s = std::os::unix::net::UnixStream::from(fd);
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    write!(s, "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+}
+
+/// Guests get gvproxy's forwarder endpoints, for their own address only, and read-only
+/// views; the host's API is not theirs (DNS records, the proxy, leases, captures).
+#[test]
+fn guests_get_a_safe_subset() {
+    let f = start("guest-subset");
+    let me = Ipv4Addr::new(192, 168, 65, 2);
+    assert_eq!(guest_call(&f, me, "GET", "/services/forwarder/all", "").0, 200);
+    assert_eq!(guest_call(&f, me, "GET", "/v1/ports", "").0, 200);
+    let other = r#"{"local":"127.0.0.1:0","remote":"192.168.65.3:80"}"#;
+    let (status, body) = guest_call(&f, me, "POST", "/services/forwarder/expose", other);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("only its own"), "{body}");
+    for (method, path, body) in [
+        ("POST", "/services/dns/add", r#"{"Name":"x.","Records":[]}"#),
+        ("POST", "/v1/dns", r#"{"name":"a.test","ip":"10.0.0.1"}"#),
+        ("PUT", "/v1/proxy", "{}"),
+        ("POST", "/v1/ports", r#"{"guest_port":80}"#),
+        ("GET", "/services/dhcp/leases", ""),
+        ("GET", "/v1/capture", ""),
+        ("GET", "/metrics", ""),
+    ] {
+        let (status, text) = guest_call(&f, me, method, path, body);
+        assert_eq!(status, 403, "{method} {path}: {text}");
+    }
+    assert_eq!(f.dns.lookup("a.test"), None);
+}
