@@ -26,7 +26,7 @@ use usernet_host::exit_code;
     name = "usernet",
     version = env!("USERNET_VERSION"),
     about = "User-mode networking for containers and virtual machines",
-    after_help = "Drop-in modes: started as `slirp4netns`, `pasta` or `vpnkit` (a symlink), or as `usernet NAME ARGS...`\n(e.g. `usernet pasta ARGS...`), usernet takes that program's command line (see `usernet pasta --help`)."
+    after_help = "Drop-in modes: started as `slirp4netns`, `pasta`, `vpnkit` or `gvproxy` (a symlink), or as `usernet NAME ARGS...`\n(e.g. `usernet pasta ARGS...`), usernet takes that program's command line (see `usernet pasta --help`)."
 )]
 pub struct Cli {
     #[command(subcommand)]

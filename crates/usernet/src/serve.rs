@@ -221,6 +221,9 @@ pub struct Transports {
     pub stdio: bool,
 }
 
+/// What [`Transports::bind`] makes: acceptors (a link per connection) and links.
+pub type BoundTransports = (Vec<Box<dyn LinkAcceptor>>, Vec<Box<dyn Link>>);
+
 impl Transports {
     fn parse(args: &ServeArgs) -> anyhow::Result<Transports> {
         let parse = |urls: &[String], scheme: &str| -> anyhow::Result<Vec<PathBuf>> {
@@ -242,11 +245,7 @@ impl Transports {
     /// Binds every transport: the acceptors (a link per connection) and the links that
     /// exist from the start (the datagram socket, stdio). vpnkit's guests get MACs from
     /// `vpnkit_macs` on.
-    pub fn bind(
-        &self,
-        cfg: &NetConfig,
-        vpnkit_macs: [u8; 6],
-    ) -> anyhow::Result<(Vec<Box<dyn LinkAcceptor>>, Vec<Box<dyn Link>>)> {
+    pub fn bind(&self, cfg: &NetConfig, vpnkit_macs: [u8; 6]) -> anyhow::Result<BoundTransports> {
         let mut acceptors: Vec<Box<dyn LinkAcceptor>> = Vec::new();
         let mut links: Vec<Box<dyn Link>> = Vec::new();
         for path in &self.qemu {

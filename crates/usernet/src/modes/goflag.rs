@@ -135,7 +135,8 @@ mod tests {
 
     #[test]
     fn forms_go_accepts() {
-        let g = p(&["-mtu", "1500", "--ssh-port=-1", "-debug", "-listen", "unix:///a", "--listen", "tcp://x:1"]).unwrap();
+        let g =
+            p(&["-mtu", "1500", "--ssh-port=-1", "-debug", "-listen", "unix:///a", "--listen", "tcp://x:1"]).unwrap();
         assert_eq!(
             g.flags,
             vec![

@@ -4,6 +4,8 @@
 //! configuration; the data path is the same.
 
 mod getopt;
+mod goflag;
+pub mod gvproxy;
 mod lifecycle;
 pub mod pasta;
 pub mod slirp4netns;
@@ -41,7 +43,7 @@ pub type ModeMain = fn(&[OsString]) -> i32;
 
 /// The modes, by program name.
 const MODES: &[(&str, ModeMain)] =
-    &[("slirp4netns", slirp4netns::main), ("pasta", pasta::main), ("vpnkit", vpnkit::main)];
+    &[("slirp4netns", slirp4netns::main), ("pasta", pasta::main), ("vpnkit", vpnkit::main), ("gvproxy", gvproxy::main)];
 
 /// The mode named by how usernet was started, if any: the program name itself (argv[0]'s
 /// file name), or the first argument after `usernet`. Returns the mode and its arguments.
