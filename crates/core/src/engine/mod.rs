@@ -45,7 +45,7 @@ pub mod switch;
 mod udp_batch;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -91,9 +91,9 @@ pub struct Engine {
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     /// Flows that owe the guest an ACK at the end of this round.
     owed_acks: Vec<FlowId>,
-    /// Connecting TCP flows, oldest first (may hold ids of flows since connected or gone).
-    connecting: VecDeque<FlowId>,
-    connecting_count: usize,
+    /// A new guest flow's socket numbered at or beyond this is refused (`--fd-reserve`,
+    /// see `flow_policy::within_fd_reserve`).
+    fd_ceiling: libc::rlim_t,
     isn_hasher: std::collections::hash_map::RandomState,
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
     /// Guest UDP datagrams of this round, sent together at its end.
@@ -241,8 +241,7 @@ impl Engine {
             flows: FlowTable::default(),
             timers: BinaryHeap::new(),
             owed_acks: Vec::new(),
-            connecting: VecDeque::new(),
-            connecting_count: 0,
+            fd_ceiling: sock::fd_ceiling(cfg.limits.fd_reserve),
             isn_hasher: Default::default(),
             cfg,
         })

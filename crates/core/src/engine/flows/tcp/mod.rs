@@ -177,8 +177,6 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     ack_deadline: Option<Instant>,
     /// The deadline the engine's timer heap holds for this flow.
     pub scheduled: Option<Instant>,
-    /// The engine counts this flow among its connects in progress.
-    pub counted_connecting: bool,
     /// Bytes each way and activity, for `/v1/flows`.
     pub traffic: super::Traffic,
 }
@@ -298,7 +296,6 @@ impl<S: HostSocket> TcpFlow<S> {
             quick_ack_until: None,
             ack_deadline: None,
             scheduled: None,
-            counted_connecting: false,
             traffic: super::Traffic::new(now),
         }
     }
@@ -1058,17 +1055,23 @@ pub fn refuse(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, gu
         }
         _ => {
             tracing::debug!("connect {guest} -> {remote}: {}", std::io::Error::from_raw_os_error(err));
-            let h = TcpHeader {
-                src_port: remote.port(),
-                dst_port: guest.port(),
-                seq: 0,
-                ack: guest_isn.wrapping_add(1),
-                flags: RST | ACK,
-                ..Default::default()
-            };
-            switch.send_tcp(remote, guest, &h, 0);
+            reset_syn(switch, guest, remote, guest_isn);
         }
     }
+}
+
+/// Answers a guest SYN (initial sequence number `guest_isn`) with RST|ACK, as a host with
+/// a closed port does.
+pub fn reset_syn(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, guest_isn: u32) {
+    let h = TcpHeader {
+        src_port: remote.port(),
+        dst_port: guest.port(),
+        seq: 0,
+        ack: guest_isn.wrapping_add(1),
+        flags: RST | ACK,
+        ..Default::default()
+    };
+    switch.send_tcp(remote, guest, &h, 0);
 }
 
 /// Answers a segment that belongs to no flow with a RST (RFC 9293 3.10.7.1).
