@@ -124,7 +124,7 @@ impl Engine {
         let mut owed = std::mem::take(&mut self.owed_acks);
         for &id in &owed {
             let Some(Flow::Tcp(f)) = self.flows.get_mut(id) else { continue };
-            if f.write_gathered(&mut self.switch) == Verdict::Close {
+            if f.write_gathered(&mut self.switch, now) == Verdict::Close {
                 self.after(id, Verdict::Close);
                 continue;
             }
@@ -137,9 +137,7 @@ impl Engine {
     /// Says that `limit` was reached, counting it; the log line (`what`) goes out once per
     /// episode (see `metrics::Counters::limit_reached`).
     pub(super) fn limit_reached(&mut self, limit: Limit, now: Instant, what: impl FnOnce() -> String) {
-        if let Some(times) = self.switch.counters.limit_reached(limit, now) {
-            tracing::warn!(limit = limit.as_str(), times, "limit reached: {}", what());
-        }
+        self.switch.limit_reached(limit, now, what);
     }
 
     /// Whether a guest at `guest` may open one more TCP flow: not beyond `--max-tcp-flows`

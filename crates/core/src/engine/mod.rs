@@ -28,8 +28,10 @@
 //! - `listeners`: published ports (accepting, receiving, splicing loopback clients);
 //! - `control`: commands from other threads (the API) and their answers;
 //! - `metrics`: the counters `/metrics` shows (per link, drops, failed connects, the loop);
-//! - `sock`: the socket system calls of the data path; `busy_poll`, `udp_batch`: helpers.
+//! - `sock`: the socket system calls of the data path; `busy_poll`, `udp_batch`: helpers;
+//! - `budget`: the guest data all TCP flows may hold together (`--max-buffered`).
 
+pub mod budget;
 pub mod busy_poll;
 pub mod control;
 pub mod dial;
@@ -216,6 +218,8 @@ impl Engine {
     pub fn with_dialer(cfg: Arc<NetConfig>, dialer: Box<dyn Dialer>, pcap: Option<PcapWriter>) -> io::Result<Engine> {
         dial::raise_fd_limit();
         let mtu = cfg.mtu as usize;
+        let switch = Switch::new(pcap, cfg.gateway_mac, cfg.gateway, mtu);
+        switch.budget.set(cfg.limits.max_buffered, cfg.limits.tcp_stall_timeout);
         let (control_tx, control_rx) = std::sync::mpsc::channel();
         Ok(Engine {
             listeners: Vec::new(),
@@ -224,7 +228,7 @@ impl Engine {
             control_rx,
             waker: None,
             poll: Poll::new()?,
-            switch: Switch::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
+            switch,
             acceptors: Vec::new(),
             udp_batch: Default::default(),
             guest_sockets: None,
