@@ -150,7 +150,7 @@ impl Engine {
             return;
         };
         if h.dst_port == 67 && (ip.dst == self.cfg.gateway || ip.dst.is_broadcast()) {
-            self.on_dhcp(payload, src_mac);
+            self.on_dhcp(payload, src_mac, now);
             return;
         }
         if ip.dst.is_broadcast() || ip.dst.is_multicast() || ip.dst == self.cfg.subnet.broadcast() {
@@ -220,8 +220,18 @@ impl Engine {
         self.after(id, Verdict::Keep);
     }
 
-    pub(super) fn on_dhcp(&mut self, payload: &[u8], src_mac: [u8; 6]) {
-        let Some(reply) = self.dhcp.handle(src_mac, payload) else {
+    pub(super) fn on_dhcp(&mut self, payload: &[u8], src_mac: [u8; 6], now: Instant) {
+        let evicted = self.dhcp.offers_evicted;
+        let reply = self.dhcp.handle_at(src_mac, payload, now);
+        if self.dhcp.offers_evicted != evicted {
+            let max = self.cfg.limits.max_dhcp_offers;
+            self.limit_reached(super::metrics::Limit::DhcpOffers, now, || {
+                format!(
+                    "{max} DHCP offers wait for a REQUEST (--max-dhcp-offers): the oldest is forgotten for each new one"
+                )
+            });
+        }
+        let Some(reply) = reply else {
             return;
         };
         let n = reply.payload.len();

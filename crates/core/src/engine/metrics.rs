@@ -121,10 +121,12 @@ pub enum Limit {
     TcpStalled,
     /// `--fd-reserve`: a new guest flow was refused to keep descriptors for the rest.
     Descriptors,
+    /// `--max-dhcp-offers`: the oldest DHCP offer was forgotten.
+    DhcpOffers,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 10] = [
         Limit::TcpFlows,
         Limit::TcpFlowsPerGuest,
         Limit::PendingConnects,
@@ -134,6 +136,7 @@ impl Limit {
         Limit::Buffered,
         Limit::TcpStalled,
         Limit::Descriptors,
+        Limit::DhcpOffers,
     ];
 
     /// The `limit` label.
@@ -148,6 +151,7 @@ impl Limit {
             Limit::Buffered => "buffered_bytes",
             Limit::TcpStalled => "tcp_stalled",
             Limit::Descriptors => "fd_reserve",
+            Limit::DhcpOffers => "dhcp_offers",
         }
     }
 }
