@@ -104,6 +104,10 @@ pub struct NetConfig {
     pub limits: Limits,
 }
 
+/// How often at most the log says that one limit was reached (an episode's first time,
+/// then at most once per this, with the count since).
+pub const LIMIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The bounds on everything a guest can make usernet hold: each is a flag of `run` and
 /// `serve` (crates/usernet/src/limit_opts.rs), each is counted in
 /// `usernet_limit_reached_total` and logged (rate-limited) when reached.

@@ -156,9 +156,7 @@ impl Limit {
     }
 }
 
-/// How often at most the log says that one limit was reached (an episode's first time,
-/// then at most once per this, with the count since).
-pub const LIMIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+pub use crate::config::LIMIT_LOG_EVERY;
 
 /// Engine-wide event counters (the per-link ones are in each link's slot).
 #[derive(Clone, Copy, Debug, Default)]

@@ -215,6 +215,11 @@ pub fn render(m: &EngineMetrics, start_time: Option<f64>) -> String {
     for (limit, v) in m.counters.limits() {
         w.sample("usernet_limit_reached_total", &[("limit", limit.as_str())], v as f64);
     }
+    if let Some(s) = &m.services {
+        for (limit, v) in &s.limits {
+            w.sample("usernet_limit_reached_total", &[("limit", limit.as_str())], *v as f64);
+        }
+    }
 
     w.family("usernet_published_ports", Kind::Gauge, "Published ports (host sockets listening), by protocol.");
     for proto in [Proto::Tcp, Proto::Udp] {
