@@ -100,6 +100,64 @@ pub struct NetConfig {
     /// pasta's `--map-host-loopback ADDR` (the host's 127.0.0.1) and `--map-guest-addr ADDR`
     /// (the host's own address on its default route).
     pub host_aliases: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// The bounds of what guests may make usernet hold (see [`Limits`]).
+    pub limits: Limits,
+}
+
+/// How often at most the log says that one limit was reached (an episode's first time,
+/// then at most once per this, with the count since).
+pub const LIMIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The bounds on everything a guest can make usernet hold: each is a flag of `run` and
+/// `serve` (crates/usernet/src/limit_opts.rs), each is counted in
+/// `usernet_limit_reached_total` and logged (rate-limited) when reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// TCP flows at once, all guests together (published ports' included); a new guest SYN
+    /// beyond it gets a RST.
+    pub max_tcp_flows: usize,
+    /// TCP flows at once from one guest address.
+    pub max_tcp_flows_per_guest: usize,
+    /// Guest connects in progress at once; beyond it the oldest is abandoned.
+    pub max_pending_connects: usize,
+    /// UDP flows at once; beyond it the least recently used is closed.
+    pub max_udp_flows: usize,
+    /// Guest bytes held, all flows together, that host sockets did not take yet.
+    pub max_buffered: usize,
+    /// A TCP flow whose host peer takes none of the guest's data for this long is reset
+    /// (zero: never).
+    pub tcp_stall_timeout: std::time::Duration,
+    /// Descriptors kept free for listeners, services and the API: a new guest flow whose
+    /// socket would reach into them is refused.
+    pub fd_reserve: usize,
+    /// DHCP offers (leases not yet requested) at once; the oldest goes first.
+    pub max_dhcp_offers: usize,
+    /// DNS queries in flight to the upstreams from one guest address.
+    pub max_dns_queries_per_guest: usize,
+    /// Connections to the HTTP proxy (explicit and transparent) at once.
+    pub max_proxy_connections: usize,
+    /// How long the proxy waits for a request's header, and for any byte on a relay.
+    pub proxy_header_timeout: std::time::Duration,
+    pub proxy_idle_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tcp_flows: 16384,
+            max_tcp_flows_per_guest: 8192,
+            max_pending_connects: 1024,
+            max_udp_flows: 4096,
+            max_buffered: 64 << 20,
+            tcp_stall_timeout: std::time::Duration::from_secs(600),
+            fd_reserve: 256,
+            max_dhcp_offers: 256,
+            max_dns_queries_per_guest: 256,
+            max_proxy_connections: 1024,
+            proxy_header_timeout: std::time::Duration::from_secs(30),
+            proxy_idle_timeout: std::time::Duration::from_secs(7200),
+        }
+    }
 }
 
 impl NetConfig {
@@ -118,6 +176,7 @@ impl NetConfig {
             extra_hosts: Vec::new(),
             lease_secs: 3600,
             host_aliases: Vec::new(),
+            limits: Limits::default(),
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod completions;
 mod inspect;
+mod limit_opts;
 mod logging;
 mod man;
 mod modes;

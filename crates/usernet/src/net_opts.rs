@@ -38,6 +38,8 @@ pub struct NetOpts {
     /// Write every frame of the guest link to FILE (pcap, for tcpdump and Wireshark).
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
+    #[command(flatten)]
+    pub limits: crate::limit_opts::LimitOpts,
     /// Publish a guest port on the host, as `docker run -p` (repeatable):
     /// `[IP:][HOSTPORT:]PORT[/PROTO]`, ranges `8000-8010:80-90`, `[::1]:8000:80`,
     /// `127.0.0.1::80`, or `published=8000,target=80[,protocol=udp][,host_ip=IP]`.
@@ -138,6 +140,7 @@ impl NetOpts {
     pub fn to_config(&self, default_mtu: u32) -> anyhow::Result<NetConfig> {
         let mut cfg = NetConfig::new(self.subnet, self.mtu.unwrap_or(default_mtu));
         cfg.host_loopback = !self.no_host_loopback;
+        cfg.limits = self.limits.to_limits();
         for spec in &self.add_host {
             let (name, ip) = spec
                 .rsplit_once(':')

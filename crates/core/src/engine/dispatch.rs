@@ -17,7 +17,6 @@ use usernet_wire::tcp::{ACK, SYN, TcpHeader};
 use usernet_wire::udp::UdpHeader;
 use usernet_wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
-use super::flow_policy::{MAX_CONNECTING, MAX_ICMP, MAX_UDP};
 use super::flows::{self, Flow, FlowKey, IcmpFlow, TcpFlow, UdpFlow, Verdict};
 use super::metrics::DropReason;
 use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF};
@@ -121,9 +120,7 @@ impl Engine {
         let id = match self.flows.lookup(&key) {
             Some(id) => id,
             None => {
-                if self.flows.icmp_count >= MAX_ICMP {
-                    self.evict_oldest(|f| matches!(f, Flow::Icmp(_)));
-                }
+                self.bound_icmp(now);
                 let (fd, kind) = match self.dialer.icmp(ip.dst) {
                     Ok(x) => x,
                     Err(e) => {
@@ -131,6 +128,9 @@ impl Engine {
                         return;
                     }
                 };
+                if !self.within_fd_reserve(fd.as_raw_fd(), now) {
+                    return;
+                }
                 let flow = Flow::Icmp(IcmpFlow::new(ip.src, ip.dst, h.ident(), fd, kind, now));
                 match self.add_flow(flow, Interest::READABLE) {
                     Some(id) => id,
@@ -138,6 +138,7 @@ impl Engine {
                 }
             }
         };
+        self.flows.touch(id);
         if let Some(Flow::Icmp(f)) = self.flows.get_mut(id) {
             f.from_guest(message, now);
         }
@@ -149,7 +150,7 @@ impl Engine {
             return;
         };
         if h.dst_port == 67 && (ip.dst == self.cfg.gateway || ip.dst.is_broadcast()) {
-            self.on_dhcp(payload, src_mac);
+            self.on_dhcp(payload, src_mac, now);
             return;
         }
         if ip.dst.is_broadcast() || ip.dst.is_multicast() || ip.dst == self.cfg.subnet.broadcast() {
@@ -161,9 +162,7 @@ impl Engine {
         let id = match self.flows.lookup(&key) {
             Some(id) => id,
             None => {
-                if self.flows.udp_count >= MAX_UDP {
-                    self.evict_oldest(|f| matches!(f, Flow::Udp(_)));
-                }
+                self.bound_udp(now);
                 let fd = match self.dialer.udp(remote, guest) {
                     Ok(fd) => fd,
                     Err(e) => {
@@ -187,8 +186,11 @@ impl Engine {
                         return;
                     }
                 };
+                if !self.within_fd_reserve(fd.as_raw_fd(), now) {
+                    return;
+                }
                 let flow = if self.cfg.dns == Some(ip.dst) && h.dst_port == 53 {
-                    self.bound_gateway_dns();
+                    self.bound_gateway_dns(now);
                     Flow::Udp(UdpFlow::new_gateway_dns(guest, remote, fd, now))
                 } else {
                     Flow::Udp(UdpFlow::new(guest, remote, fd, flows::udp::IDLE, now))
@@ -199,6 +201,7 @@ impl Engine {
                 }
             }
         };
+        self.flows.touch(id);
         if let Some(Flow::Udp(f)) = self.flows.get_mut(id) {
             match f.own_fd() {
                 // Outbound flows: gathered and sent with the rest of the batch.
@@ -217,8 +220,18 @@ impl Engine {
         self.after(id, Verdict::Keep);
     }
 
-    pub(super) fn on_dhcp(&mut self, payload: &[u8], src_mac: [u8; 6]) {
-        let Some(reply) = self.dhcp.handle(src_mac, payload) else {
+    pub(super) fn on_dhcp(&mut self, payload: &[u8], src_mac: [u8; 6], now: Instant) {
+        let evicted = self.dhcp.offers_evicted;
+        let reply = self.dhcp.handle_at(src_mac, payload, now);
+        if self.dhcp.offers_evicted != evicted {
+            let max = self.cfg.limits.max_dhcp_offers;
+            self.limit_reached(super::metrics::Limit::DhcpOffers, now, || {
+                format!(
+                    "{max} DHCP offers wait for a REQUEST (--max-dhcp-offers): the oldest is forgotten for each new one"
+                )
+            });
+        }
+        let Some(reply) = reply else {
             return;
         };
         let n = reply.payload.len();
@@ -266,6 +279,10 @@ impl Engine {
         if ip.dst.is_broadcast() || ip.dst.is_multicast() {
             return;
         }
+        if !self.may_open_tcp(ip.src, now) {
+            flows::tcp::reset_syn(&mut self.switch, guest, remote, h.seq);
+            return;
+        }
         let hooked = self.tcp_hooks.iter_mut().find_map(|hook| hook(remote, guest));
         let dialled = match hooked {
             Some(r) => r.map(|fd| dial::TcpDial { fd, connected: true, is_tcp: false }),
@@ -284,21 +301,18 @@ impl Engine {
                 return;
             }
         };
-        if self.connecting_count >= MAX_CONNECTING {
-            self.abandon_oldest_connect();
+        if !self.within_fd_reserve(dial.fd.as_raw_fd(), now) {
+            flows::tcp::reset_syn(&mut self.switch, guest, remote, h.seq);
+            return;
+        }
+        if !dial.connected {
+            self.bound_connecting(now);
         }
         let isn = self.isn(&key, now);
         let (flow, verdict) = TcpFlow::new(&mut self.switch, guest, remote, &h, dial, isn, now);
-        let mut flow = flow;
-        let connecting = flow.is_connecting();
-        flow.counted_connecting = connecting;
         let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) else {
             return;
         };
-        if connecting {
-            self.connecting.push_back(id);
-            self.connecting_count += 1;
-        }
         self.after(id, verdict);
     }
 }

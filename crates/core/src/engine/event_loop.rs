@@ -94,6 +94,10 @@ impl Engine {
             Some(Reverse((d, _))) => d.saturating_duration_since(now),
             None => Duration::from_secs(1),
         };
+        // A link whose guest has not taken its frames yet, with no event to say when it
+        // does: come back soon to write them.
+        let backlog = self.switch.links.iter().flatten().any(|slot| slot.link.backlogged());
+        let t = if backlog { t.min(crate::link::BACKLOG_RETRY) } else { t };
         Some(t.min(Duration::from_secs(1)))
     }
 

@@ -1,7 +1,10 @@
 //! The flow table's policy: registering a flow's socket with the loop, the book-keeping
 //! after every event of a flow (removal, connect accounting, timers, owed ACKs), the
-//! timers, and the bounds a guest cannot push past (connects in progress, UDP and ICMP
-//! flows), with what gives way when one is reached.
+//! timers, and the bounds a guest cannot push past (TCP flows in all and per guest, connects
+//! in progress, UDP and ICMP flows, descriptors kept in reserve), with what gives way when
+//! one is reached: a new TCP flow gets a RST, the oldest connect or the least recently used
+//! UDP or ICMP flow goes (found in O(1): `flows::lru`). Each reach is counted
+//! (`usernet_limit_reached_total`) and logged, once per episode (see `metrics::Counters`).
 
 use std::cmp::Reverse;
 use std::hash::BuildHasher;
@@ -10,13 +13,10 @@ use std::time::Instant;
 use mio::Interest;
 use mio::unix::SourceFd;
 
-use super::flows::{Flow, FlowId, FlowKey, Verdict};
+use super::flows::{Flow, FlowId, FlowKey, Kind, Verdict};
+use super::metrics::Limit;
 use super::{Engine, FLOW_BASE};
 
-/// TCP connects in progress at once; past this the oldest is abandoned (SYN floods).
-pub const MAX_CONNECTING: usize = 1024;
-/// UDP flows at once; past this the least recently used is closed.
-pub const MAX_UDP: usize = 4096;
 /// ICMP echo flows at once.
 pub const MAX_ICMP: usize = 256;
 /// UDP flows to the gateway's DNS at once (each holds a socketpair: two descriptors, one
@@ -49,6 +49,10 @@ impl Engine {
 
     /// Readiness of a flow's host socket.
     pub(super) fn on_socket(&mut self, id: FlowId, readable: bool, writable: bool, error: bool, now: Instant) {
+        if readable {
+            // A UDP or ICMP flow's answer: it is in use (no-op for the others).
+            self.flows.touch(id);
+        }
         let verdict = match self.flows.get_mut(id) {
             Some(Flow::Tcp(f)) => f.on_socket(&mut self.switch, readable, writable, error, now),
             Some(Flow::Udp(f)) if readable || error => f.on_readable(&mut self.switch, now),
@@ -62,25 +66,24 @@ impl Engine {
     /// Book-keeping after any event of a flow: removal, connect accounting, timers, ACKs.
     pub(super) fn after(&mut self, id: FlowId, verdict: Verdict) {
         if verdict == Verdict::Close {
-            if let Some(Flow::Tcp(f)) = self.flows.remove(id)
-                && f.counted_connecting
-            {
-                self.connecting_count -= 1;
-            }
+            self.flows.remove(id);
             return;
         }
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
         if let Flow::Tcp(f) = flow {
+            let connected = !f.is_connecting();
             if f.need_ack {
                 self.owed_acks.push(id);
             }
-            if !f.is_connecting() && f.counted_connecting {
-                f.counted_connecting = false;
-                self.connecting_count -= 1;
+            if connected && self.flows.is_counted_connecting(id) {
+                self.flows.connected(id);
             }
         }
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
         let deadline = flow.deadline();
         let scheduled = flow.scheduled_mut();
         if let Some(d) = deadline
@@ -121,7 +124,7 @@ impl Engine {
         let mut owed = std::mem::take(&mut self.owed_acks);
         for &id in &owed {
             let Some(Flow::Tcp(f)) = self.flows.get_mut(id) else { continue };
-            if f.write_gathered(&mut self.switch) == Verdict::Close {
+            if f.write_gathered(&mut self.switch, now) == Verdict::Close {
                 self.after(id, Verdict::Close);
                 continue;
             }
@@ -131,51 +134,113 @@ impl Engine {
         self.owed_acks = owed;
     }
 
-    /// A SYN flood must not starve real connections: the oldest pending connect goes.
-    pub(super) fn abandon_oldest_connect(&mut self) {
-        while let Some(id) = self.connecting.pop_front() {
-            if let Some(Flow::Tcp(f)) = self.flows.get_mut(id)
-                && f.is_connecting()
-            {
-                let v = f.connect_failed(&mut self.switch, libc::ETIMEDOUT);
-                self.after(id, v);
-                return;
-            }
+    /// Says that `limit` was reached, counting it; the log line (`what`) goes out once per
+    /// episode (see `metrics::Counters::limit_reached`).
+    pub(super) fn limit_reached(&mut self, limit: Limit, now: Instant, what: impl FnOnce() -> String) {
+        self.switch.limit_reached(limit, now, what);
+    }
+
+    /// Whether a guest at `guest` may open one more TCP flow: not beyond `--max-tcp-flows`
+    /// in all nor `--max-tcp-flows-per-guest` for it (else the limit is counted and logged).
+    pub(super) fn may_open_tcp(&mut self, guest: std::net::Ipv4Addr, now: Instant) -> bool {
+        let limits = self.cfg.limits;
+        if self.flows.tcp_count >= limits.max_tcp_flows {
+            self.limit_reached(Limit::TcpFlows, now, || {
+                format!("{} TCP flows open (--max-tcp-flows): new connections get a RST", limits.max_tcp_flows)
+            });
+            return false;
+        }
+        if self.flows.tcp_of_guest(guest) >= limits.max_tcp_flows_per_guest {
+            self.limit_reached(Limit::TcpFlowsPerGuest, now, || {
+                format!(
+                    "guest {guest} has {} TCP flows open (--max-tcp-flows-per-guest): its new connections get a RST",
+                    limits.max_tcp_flows_per_guest
+                )
+            });
+            return false;
+        }
+        true
+    }
+
+    /// Whether a new guest flow may keep the socket `fd`: descriptors are allocated lowest
+    /// first, so one numbered at or past the limit less `--fd-reserve` means that at least
+    /// that many are open, and the reserve is kept for listeners, services and the API.
+    pub(super) fn within_fd_reserve(&mut self, fd: std::os::fd::RawFd, now: Instant) -> bool {
+        if (fd as libc::rlim_t) < self.fd_ceiling {
+            return true;
+        }
+        let ceiling = self.fd_ceiling;
+        self.limit_reached(Limit::Descriptors, now, || {
+            format!("{ceiling} descriptors open, the rest kept in reserve (--fd-reserve): new guest flows are refused")
+        });
+        false
+    }
+
+    /// A SYN flood must not starve real connections: past `--max-pending-connects`, the
+    /// oldest pending connect goes.
+    pub(super) fn bound_connecting(&mut self, now: Instant) {
+        let max = self.cfg.limits.max_pending_connects;
+        if self.flows.count(Kind::Connecting) < max {
+            return;
+        }
+        self.limit_reached(Limit::PendingConnects, now, || {
+            format!("{max} connects in progress (--max-pending-connects): the oldest is abandoned for each new one")
+        });
+        if let Some(id) = self.flows.oldest(Kind::Connecting) {
+            let v = match self.flows.get_mut(id) {
+                Some(Flow::Tcp(f)) => f.connect_failed(&mut self.switch, libc::ETIMEDOUT),
+                _ => Verdict::Close,
+            };
+            self.after(id, v);
         }
     }
 
-    /// Makes room for one more gateway DNS flow (at most [`MAX_GATEWAY_DNS`]), saying so
-    /// once the first time the bound is reached.
-    pub(super) fn bound_gateway_dns(&mut self) {
-        if self.flows.gateway_dns_count < MAX_GATEWAY_DNS {
+    /// Makes room for one more gateway DNS flow (at most [`MAX_GATEWAY_DNS`]).
+    pub(super) fn bound_gateway_dns(&mut self, now: Instant) {
+        if self.flows.count(Kind::GatewayDns) < MAX_GATEWAY_DNS {
             return;
         }
-        if !self.flows.told_gateway_dns_bound {
-            self.flows.told_gateway_dns_bound = true;
-            tracing::warn!(
-                "the guest has {MAX_GATEWAY_DNS} DNS flows to the gateway open (one per source port): \
-                 from now on the least recently used is closed for each new one (said once)"
-            );
+        self.limit_reached(Limit::GatewayDns, now, || {
+            format!(
+                "the guests have {MAX_GATEWAY_DNS} DNS flows to the gateway open (one per source port): \
+                 the least recently used is closed for each new one"
+            )
+        });
+        self.evict_oldest(Kind::GatewayDns);
+    }
+
+    /// Makes room for one more UDP flow (at most `--max-udp-flows`, gateway DNS included).
+    pub(super) fn bound_udp(&mut self, now: Instant) {
+        let max = self.cfg.limits.max_udp_flows;
+        if self.flows.udp_count < max {
+            return;
         }
-        self.evict_oldest(Flow::is_gateway_dns);
+        self.limit_reached(Limit::UdpFlows, now, || {
+            format!("{max} UDP flows open (--max-udp-flows): the least recently used is closed for each new one")
+        });
+        if self.flows.count(Kind::Udp) > 0 {
+            self.evict_oldest(Kind::Udp);
+        } else {
+            self.evict_oldest(Kind::GatewayDns);
+        }
+    }
+
+    /// Makes room for one more ICMP echo flow (at most [`MAX_ICMP`]).
+    pub(super) fn bound_icmp(&mut self, now: Instant) {
+        if self.flows.icmp_count < MAX_ICMP {
+            return;
+        }
+        self.limit_reached(Limit::IcmpFlows, now, || {
+            format!("{MAX_ICMP} ICMP echo flows open: the least recently used is closed for each new one")
+        });
+        self.evict_oldest(Kind::Icmp);
     }
 
     /// Closes the least recently used flow of a kind (UDP and ICMP caps).
-    pub(super) fn evict_oldest(&mut self, kind: impl Fn(&Flow) -> bool) {
+    fn evict_oldest(&mut self, kind: Kind) {
         // Gathered datagrams name their sockets by descriptor: send them before any closes.
         self.udp_batch.flush();
-        let oldest = self
-            .flows
-            .ids()
-            .filter(|(_, f)| kind(f))
-            .min_by_key(|(_, f)| match f {
-                Flow::Udp(u) => u.last_used,
-                Flow::Icmp(i) => i.last_used,
-                Flow::Tcp(t) => t.born,
-                Flow::Splice(s) => s.born,
-            })
-            .map(|(id, _)| id);
-        if let Some(id) = oldest {
+        if let Some(id) = self.flows.oldest(kind) {
             self.flows.remove(id);
         }
     }

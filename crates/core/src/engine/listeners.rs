@@ -237,9 +237,7 @@ impl Engine {
             let id = match self.flows.lookup(&key) {
                 Some(id) => id,
                 None => {
-                    if self.flows.udp_count >= super::flow_policy::MAX_UDP {
-                        self.evict_oldest(|f| matches!(f, Flow::Udp(_)));
-                    }
+                    self.bound_udp(now);
                     let inbound = Inbound { listener: listener.clone(), listener_id, client };
                     let flow = Flow::Udp(UdpFlow::new_inbound(guest, remote, inbound, now));
                     match self.add_flow(flow, Interest::READABLE) {

@@ -99,11 +99,73 @@ impl ConnectFailure {
     }
 }
 
+/// A bound that a guest reached (see `NetConfig::limits`): `usernet_limit_reached_total`'s
+/// `limit` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `--max-tcp-flows`: a new guest SYN got a RST.
+    TcpFlows,
+    /// `--max-tcp-flows-per-guest`: a new SYN from that guest address got a RST.
+    TcpFlowsPerGuest,
+    /// `--max-pending-connects`: the oldest connect in progress was abandoned.
+    PendingConnects,
+    /// `--max-udp-flows`: the least recently used UDP flow was closed.
+    UdpFlows,
+    /// ICMP echo flows: the least recently used was closed.
+    IcmpFlows,
+    /// UDP flows to the gateway's DNS: the least recently used was closed.
+    GatewayDns,
+    /// `--max-buffered`: guest data was not taken (not acknowledged) for want of room.
+    Buffered,
+    /// `--tcp-stall-timeout`: a flow whose host peer took nothing for that long was reset.
+    TcpStalled,
+    /// `--fd-reserve`: a new guest flow was refused to keep descriptors for the rest.
+    Descriptors,
+    /// `--max-dhcp-offers`: the oldest DHCP offer was forgotten.
+    DhcpOffers,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 10] = [
+        Limit::TcpFlows,
+        Limit::TcpFlowsPerGuest,
+        Limit::PendingConnects,
+        Limit::UdpFlows,
+        Limit::IcmpFlows,
+        Limit::GatewayDns,
+        Limit::Buffered,
+        Limit::TcpStalled,
+        Limit::Descriptors,
+        Limit::DhcpOffers,
+    ];
+
+    /// The `limit` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::TcpFlows => "tcp_flows",
+            Limit::TcpFlowsPerGuest => "tcp_flows_per_guest",
+            Limit::PendingConnects => "pending_connects",
+            Limit::UdpFlows => "udp_flows",
+            Limit::IcmpFlows => "icmp_flows",
+            Limit::GatewayDns => "gateway_dns_flows",
+            Limit::Buffered => "buffered_bytes",
+            Limit::TcpStalled => "tcp_stalled",
+            Limit::Descriptors => "fd_reserve",
+            Limit::DhcpOffers => "dhcp_offers",
+        }
+    }
+}
+
+pub use crate::config::LIMIT_LOG_EVERY;
+
 /// Engine-wide event counters (the per-link ones are in each link's slot).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Counters {
     drops: [u64; DropReason::ALL.len()],
     connect_failures: [u64; ConnectFailure::ALL.len()],
+    limits: [u64; Limit::ALL.len()],
+    /// When each limit was last logged, and its count then.
+    limit_logged: [Option<(std::time::Instant, u64)>; Limit::ALL.len()],
 }
 
 impl Counters {
@@ -129,6 +191,25 @@ impl Counters {
 
     pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
         DropReason::ALL.iter().map(|r| (*r, self.drops[*r as usize]))
+    }
+
+    /// Counts one reach of `limit`; Some(times reached since the last log line) when a log
+    /// line is due (the first time, then at most once per [`LIMIT_LOG_EVERY`]).
+    pub fn limit_reached(&mut self, limit: Limit, now: std::time::Instant) -> Option<u64> {
+        let i = limit as usize;
+        self.limits[i] += 1;
+        match self.limit_logged[i] {
+            Some((at, _)) if now.saturating_duration_since(at) < LIMIT_LOG_EVERY => None,
+            last => {
+                let since = self.limits[i] - last.map_or(0, |(_, n)| n);
+                self.limit_logged[i] = Some((now, self.limits[i]));
+                Some(since)
+            }
+        }
+    }
+
+    pub fn limits(&self) -> impl Iterator<Item = (Limit, u64)> + '_ {
+        Limit::ALL.iter().map(|l| (*l, self.limits[*l as usize]))
     }
 
     pub fn connect_failures(&self) -> impl Iterator<Item = (ConnectFailure, u64)> + '_ {
@@ -202,6 +283,7 @@ pub struct EngineMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn errno_to_reason() {
@@ -217,5 +299,18 @@ mod tests {
         assert!(c.connect_failures().any(|(r, n)| r == ConnectFailure::Refused && n == 2));
         assert!(c.drops().any(|(r, n)| r == DropReason::Fragment && n == 1));
         assert_eq!(c.drops().map(|(_, n)| n).sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn limit_log_lines_are_rate_limited() {
+        let mut c = Counters::default();
+        let t = std::time::Instant::now();
+        assert_eq!(c.limit_reached(Limit::TcpFlows, t), Some(1));
+        assert_eq!(c.limit_reached(Limit::TcpFlows, t + Duration::from_secs(1)), None);
+        assert_eq!(c.limit_reached(Limit::TcpFlows, t + Duration::from_secs(2)), None);
+        // Another limit has its own episode.
+        assert_eq!(c.limit_reached(Limit::UdpFlows, t + Duration::from_secs(2)), Some(1));
+        assert_eq!(c.limit_reached(Limit::TcpFlows, t + LIMIT_LOG_EVERY), Some(3));
+        assert!(c.limits().any(|(l, n)| l == Limit::TcpFlows && n == 4));
     }
 }

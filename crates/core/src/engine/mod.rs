@@ -28,8 +28,10 @@
 //! - `listeners`: published ports (accepting, receiving, splicing loopback clients);
 //! - `control`: commands from other threads (the API) and their answers;
 //! - `metrics`: the counters `/metrics` shows (per link, drops, failed connects, the loop);
-//! - `sock`: the socket system calls of the data path; `busy_poll`, `udp_batch`: helpers.
+//! - `sock`: the socket system calls of the data path; `busy_poll`, `udp_batch`: helpers;
+//! - `budget`: the guest data all TCP flows may hold together (`--max-buffered`).
 
+pub mod budget;
 pub mod busy_poll;
 pub mod control;
 pub mod dial;
@@ -45,7 +47,7 @@ pub mod switch;
 mod udp_batch;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -91,9 +93,9 @@ pub struct Engine {
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     /// Flows that owe the guest an ACK at the end of this round.
     owed_acks: Vec<FlowId>,
-    /// Connecting TCP flows, oldest first (may hold ids of flows since connected or gone).
-    connecting: VecDeque<FlowId>,
-    connecting_count: usize,
+    /// A new guest flow's socket numbered at or beyond this is refused (`--fd-reserve`,
+    /// see `flow_policy::within_fd_reserve`).
+    fd_ceiling: libc::rlim_t,
     isn_hasher: std::collections::hash_map::RandomState,
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
     /// Guest UDP datagrams of this round, sent together at its end.
@@ -242,6 +244,8 @@ impl Engine {
     pub fn with_dialer(cfg: Arc<NetConfig>, dialer: Box<dyn Dialer>, pcap: Option<PcapWriter>) -> io::Result<Engine> {
         dial::raise_fd_limit();
         let mtu = cfg.mtu as usize;
+        let switch = Switch::new(pcap, cfg.gateway_mac, cfg.gateway, mtu);
+        switch.budget.set(cfg.limits.max_buffered, cfg.limits.tcp_stall_timeout);
         let (control_tx, control_rx) = std::sync::mpsc::channel();
         Ok(Engine {
             listeners: Vec::new(),
@@ -250,7 +254,7 @@ impl Engine {
             control_rx,
             waker: None,
             poll: Poll::new()?,
-            switch: Switch::new(pcap, cfg.gateway_mac, cfg.gateway, mtu),
+            switch,
             acceptors: Vec::new(),
             udp_batch: Default::default(),
             guest_sockets: None,
@@ -267,8 +271,7 @@ impl Engine {
             flows: FlowTable::default(),
             timers: BinaryHeap::new(),
             owed_acks: Vec::new(),
-            connecting: VecDeque::new(),
-            connecting_count: 0,
+            fd_ceiling: sock::fd_ceiling(cfg.limits.fd_reserve),
             isn_hasher: Default::default(),
             cfg,
         })

@@ -272,6 +272,18 @@ pub fn take_error(fd: BorrowedFd<'_>) -> i32 {
     get_int(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(libc::EIO)
 }
 
+/// The descriptor number from which a new guest flow's socket is refused: the open-file
+/// limit less `reserve` (at most half of it, so that a low limit still leaves guests some).
+pub fn fd_ceiling(reserve: usize) -> libc::rlim_t {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return libc::RLIM_INFINITY;
+    }
+    let cur = lim.rlim_cur;
+    cur - (reserve as libc::rlim_t).min(cur / 2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

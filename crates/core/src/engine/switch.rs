@@ -21,7 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use super::metrics::{Counters, DropReason, LinkCounters};
+use super::metrics::{Counters, DropReason, Limit, LinkCounters};
 use crate::link::Link;
 use crate::pcap::PcapWriter;
 use usernet_wire::icmp::IcmpHeader;
@@ -103,6 +103,9 @@ pub struct Switch {
     pub stats: LinkStats,
     /// Drops by reason and failed connects (for `/metrics`).
     pub counters: Counters,
+    /// What TCP flows may hold of guest data, all together (`--max-buffered`); the flows
+    /// take their share through it.
+    pub budget: super::budget::Budget,
     /// The one link takes offloaded frames: TCP goes out in frames of up to 64 KiB with
     /// the checksum left to the guest's kernel (see link::tap).
     offload: bool,
@@ -135,8 +138,17 @@ impl Switch {
             mtu,
             stats: LinkStats::default(),
             counters: Counters::default(),
+            budget: Default::default(),
             offload: false,
             bind_sources: false,
+        }
+    }
+
+    /// Says that `limit` was reached, counting it; the log line (`what`) goes out once per
+    /// episode (see `metrics::Counters::limit_reached`).
+    pub fn limit_reached(&mut self, limit: Limit, now: Instant, what: impl FnOnce() -> String) {
+        if let Some(times) = self.counters.limit_reached(limit, now) {
+            tracing::warn!(limit = limit.as_str(), times, "limit reached: {}", what());
         }
     }
 

@@ -50,6 +50,8 @@ struct FakeDialer {
     tcp_peers: Rc<RefCell<Vec<UnixStream>>>,
     udp_peers: Rc<RefCell<Vec<UnixDatagram>>>,
     refuse: bool,
+    /// TCP connects are reported in progress (the socketpair is connected all the same).
+    in_progress: bool,
 }
 
 impl Dialer for FakeDialer {
@@ -60,7 +62,7 @@ impl Dialer for FakeDialer {
         let (a, b) = UnixStream::pair()?;
         a.set_nonblocking(true)?;
         self.tcp_peers.borrow_mut().push(b);
-        Ok(TcpDial { fd: OwnedFd::from(a), connected: true, is_tcp: false })
+        Ok(TcpDial { fd: OwnedFd::from(a), connected: !self.in_progress, is_tcp: false })
     }
     fn udp(&mut self, _dst: SocketAddrV4, _guest: SocketAddrV4) -> io::Result<OwnedFd> {
         if self.refuse {
@@ -816,4 +818,125 @@ proptest! {
         prop_assert_eq!(got.len(), data.len());
         prop_assert!(got == data);
     }
+}
+
+/// An engine whose limits are `limits`, with the fake link and dialer.
+fn engine_with_limits(limits: crate::config::Limits, in_progress: bool) -> (Engine, FakeLink, FakeDialer) {
+    let link = FakeLink::default();
+    let dialer = FakeDialer { in_progress, ..Default::default() };
+    let cfg = Arc::new(NetConfig { limits, ..NetConfig::default() });
+    let mut e = Engine::with_dialer(cfg, Box::new(dialer.clone()), None).unwrap();
+    e.add_link(Box::new(link.clone()));
+    (e, link, dialer)
+}
+
+/// A SYN from `src` to `remote()`.
+fn syn_from(src: SocketAddrV4, isn: u32) -> Vec<u8> {
+    let h = TcpHeader {
+        src_port: src.port(),
+        dst_port: remote().port(),
+        seq: isn,
+        flags: SYN,
+        window: 65535,
+        ..Default::default()
+    };
+    let mut s = vec![0u8; h.emit_len()];
+    h.emit(&mut s, 0, *src.ip(), *remote().ip());
+    frame_ipv4(PROTO_TCP, *src.ip(), *remote().ip(), &s)
+}
+
+fn limit_count(e: &Engine, limit: metrics::Limit) -> u64 {
+    e.switch.counters.limits().find(|(l, _)| *l == limit).map_or(0, |(_, n)| n)
+}
+
+#[test]
+fn tcp_flows_are_capped_in_all_and_per_guest() {
+    let limits = crate::config::Limits { max_tcp_flows: 3, max_tcp_flows_per_guest: 2, ..Default::default() };
+    let (mut e, link, _) = engine_with_limits(limits, false);
+    let now = Instant::now();
+    let a = Ipv4Addr::new(192, 168, 65, 2);
+    let b = Ipv4Addr::new(192, 168, 65, 3);
+    for port in [1000, 1001, 1002] {
+        e.on_frame(0, &syn_from(SocketAddrV4::new(a, port), 7), now);
+    }
+    // Two SYN-ACKs, then a RST for the third of guest a.
+    let out = take_tcp(&link);
+    assert_eq!(out.iter().filter(|(h, _)| h.has(SYN) && h.has(ACK)).count(), 2, "{out:?}");
+    let rst: Vec<_> = out.iter().filter(|(h, _)| h.has(RST)).collect();
+    assert_eq!(rst.len(), 1);
+    assert_eq!((rst[0].0.dst_port, rst[0].0.ack), (1002, 8));
+    assert_eq!(e.flow_count(), 2);
+    assert_eq!(limit_count(&e, metrics::Limit::TcpFlowsPerGuest), 1);
+    // Another guest still gets one, up to the total.
+    e.on_frame(0, &syn_from(SocketAddrV4::new(b, 2000), 7), now);
+    e.on_frame(0, &syn_from(SocketAddrV4::new(b, 2001), 7), now);
+    let out = take_tcp(&link);
+    assert_eq!(out.iter().filter(|(h, _)| h.has(SYN) && h.has(ACK)).count(), 1, "{out:?}");
+    assert_eq!(out.iter().filter(|(h, _)| h.has(RST)).count(), 1);
+    assert_eq!(e.flow_count(), 3);
+    assert_eq!(limit_count(&e, metrics::Limit::TcpFlows), 1);
+    assert_eq!(e.flows.tcp_of_guest(a), 2);
+    assert_eq!(e.flows.tcp_of_guest(b), 1);
+}
+
+#[test]
+fn pending_connects_are_capped_oldest_first_and_leave_nothing_behind() {
+    let limits = crate::config::Limits { max_pending_connects: 2, ..Default::default() };
+    let (mut e, link, _) = engine_with_limits(limits, true);
+    let now = Instant::now();
+    for port in [1000, 1001, 1002] {
+        e.on_frame(0, &syn_from(SocketAddrV4::new(*guest().ip(), port), 7), now);
+    }
+    // The oldest (port 1000) was abandoned: the guest got a RST for it.
+    let out = take_tcp(&link);
+    let rst: Vec<_> = out.iter().filter(|(h, _)| h.has(RST)).collect();
+    assert_eq!(rst.len(), 1, "{out:?}");
+    assert_eq!(rst[0].0.dst_port, 1000);
+    assert_eq!(e.flows.count(flows::Kind::Connecting), 2);
+    assert_eq!(limit_count(&e, metrics::Limit::PendingConnects), 1);
+    // Connected flows leave the list of connects in progress.
+    let ids: Vec<FlowId> = e.flows.ids().map(|(id, _)| id).collect();
+    for id in ids {
+        e.on_socket(id, false, true, false, now);
+    }
+    assert_eq!(e.flows.count(flows::Kind::Connecting), 0);
+    assert_eq!(e.flow_count(), 2);
+}
+
+fn udp_from(e: &mut Engine, port: u16) {
+    let mut d = vec![0u8; 8 + 1];
+    UdpHeader { src_port: port, dst_port: 7 }.emit(&mut d, 1, *guest().ip(), *remote().ip());
+    e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &d), Instant::now());
+    e.udp_batch.flush();
+}
+
+#[test]
+fn udp_flows_are_capped_least_recently_used_first() {
+    let limits = crate::config::Limits { max_udp_flows: 2, ..Default::default() };
+    let (mut e, _, _) = engine_with_limits(limits, false);
+    let to = SocketAddrV4::new(*remote().ip(), 7);
+    let key = |port| flows::FlowKey::Udp { guest: SocketAddrV4::new(*guest().ip(), port), remote: to };
+    udp_from(&mut e, 5001);
+    udp_from(&mut e, 5002);
+    udp_from(&mut e, 5001);
+    udp_from(&mut e, 5003);
+    assert!(e.flows.lookup(&key(5001)).is_some());
+    assert!(e.flows.lookup(&key(5002)).is_none(), "the least recently used goes");
+    assert!(e.flows.lookup(&key(5003)).is_some());
+    assert_eq!(e.flows.udp_count, 2);
+    assert_eq!(limit_count(&e, metrics::Limit::UdpFlows), 1);
+}
+
+#[test]
+fn guest_flows_keep_out_of_the_descriptor_reserve() {
+    let (mut e, link, _) = engine(false);
+    // As if the open-file limit less the reserve were already reached.
+    e.fd_ceiling = 0;
+    e.on_frame(0, &syn_from(guest(), 7), Instant::now());
+    let out = take_tcp(&link);
+    assert!(out.len() == 1 && out[0].0.has(RST), "{out:?}");
+    assert_eq!(e.flow_count(), 0);
+    udp_from(&mut e, 5001);
+    assert_eq!(e.flow_count(), 0);
+    assert_eq!(limit_count(&e, metrics::Limit::Descriptors), 2);
 }

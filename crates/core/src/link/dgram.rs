@@ -10,10 +10,23 @@
 //! peer's socket is gone (ECONNREFUSED, ENOENT) the peer is forgotten until the next
 //! datagram: a VM that is restarted is served again without restarting usernet.
 //!
+//! The guest's socket holds few datagrams (Linux queues at most `net.unix.max_dgram_qlen`,
+//! 10 by default, for a sender its socket is not connected to), so a burst of frames (one
+//! 64 KiB read of a host socket is 45 frames at MTU 1500) finds it full whenever the VM is
+//! slow to read, as on a loaded machine. Frames it does not take wait, in order, in a
+//! bounded queue ([`MAX_QUEUE`] bytes, as the stream transport's) and go at the next
+//! `flush`; the socket of an unconnected sender never says when the guest's has room again,
+//! so while frames wait the link says it is [`Link::backlogged`] and the engine retries
+//! every millisecond. (Dropping them instead, as this link once did, cost a TCP flow most
+//! of every window: its retransmissions came in bursts that met the same full queue, and
+//! with the timer's backoff a download could stall for minutes.) Only a frame that does
+//! not fit the queue is dropped (counted in `dropped`).
+//!
 //! The socket stays open whatever one guest sends, so a bad datagram never takes the
 //! transport down: a datagram larger than [`MAX_FRAME`] (seen with MSG_TRUNC) or an empty
 //! one is dropped, logged, and its sender forgotten as the peer.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
@@ -24,6 +37,9 @@ use nix::sys::socket::{MsgFlags, SockaddrLike, UnixAddr, sendto};
 
 use super::qemu::clear_stale_socket;
 use super::{Link, MAX_FRAME};
+
+/// Bytes of frames a datagram link may hold for a guest that does not take them yet.
+pub const MAX_QUEUE: usize = 4 * 1024 * 1024;
 
 /// The handshake vfkit sends before its first frame.
 pub const VFKIT_MAGIC: &[u8] = b"VFKT";
@@ -55,6 +71,13 @@ pub struct DgramLink {
     peer: Option<UnixAddr>,
     /// Datagrams dropped as invalid.
     pub invalid: u64,
+    /// Frames the guest's socket did not take yet, oldest first, and their bytes.
+    queue: VecDeque<Vec<u8>>,
+    queued: usize,
+    /// Buffers of frames sent, for the next frames to queue (no allocation per frame).
+    spare: Vec<Vec<u8>>,
+    /// Frames dropped because the queue was full.
+    pub dropped: u64,
 }
 
 impl DgramLink {
@@ -67,7 +90,16 @@ impl DgramLink {
         let fd = sock.as_fd();
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &(4 << 20));
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
-        Ok(DgramLink { sock, path: path.to_path_buf(), peer: None, invalid: 0 })
+        Ok(DgramLink {
+            sock,
+            path: path.to_path_buf(),
+            peer: None,
+            invalid: 0,
+            queue: VecDeque::new(),
+            queued: 0,
+            spare: Vec::new(),
+            dropped: 0,
+        })
     }
 
     /// The address frames go to, when one is known.
@@ -83,8 +115,44 @@ impl DgramLink {
         }
         if self.peer.as_ref() != Some(&from) {
             tracing::info!(link = %self.describe(), guest = %from, "guest found");
+            // Frames queued for the one before are not this guest's.
+            self.forget_peer();
             self.peer = Some(from);
         }
+    }
+
+    /// Sends one datagram to the peer. Ok(false) when its socket is full (try again later).
+    fn send_one(&mut self, frame: &[u8]) -> io::Result<bool> {
+        let Some(peer) = self.peer else {
+            return Ok(true);
+        };
+        loop {
+            match sendto(self.sock.as_raw_fd(), frame, &peer, MsgFlags::MSG_DONTWAIT) {
+                Ok(_) => return Ok(true),
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) | Err(Errno::ENOBUFS) => return Ok(false),
+                Err(e @ (Errno::ECONNREFUSED | Errno::ENOENT | Errno::ENOTCONN)) => {
+                    tracing::info!(link = %self.describe(), error = e.desc(), "guest went away");
+                    self.forget_peer();
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// No peer any more: what was queued for it goes.
+    fn forget_peer(&mut self) {
+        self.peer = None;
+        while let Some(f) = self.queue.pop_front() {
+            self.spare.push(f);
+        }
+        self.queued = 0;
+    }
+
+    /// Frames waiting for the guest's socket.
+    pub fn queued_frames(&self) -> usize {
+        self.queue.len()
     }
 }
 
@@ -129,7 +197,7 @@ impl Link for DgramLink {
                         self.describe()
                     );
                     if from.is_some() && from == self.peer {
-                        self.peer = None;
+                        self.forget_peer();
                     }
                 }
             }
@@ -138,23 +206,56 @@ impl Link for DgramLink {
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        let Some(peer) = self.peer else {
+        if self.peer.is_none() {
             return Ok(());
-        };
-        loop {
-            match sendto(self.sock.as_raw_fd(), frame, &peer, MsgFlags::MSG_DONTWAIT) {
-                Ok(_) => return Ok(()),
-                Err(Errno::EINTR) => continue,
-                // Full: drop the frame whole (the guest's TCP retransmits).
-                Err(Errno::EAGAIN) | Err(Errno::ENOBUFS) => return Ok(()),
-                Err(e @ (Errno::ECONNREFUSED | Errno::ENOENT | Errno::ENOTCONN)) => {
-                    tracing::info!(link = %self.describe(), error = e.desc(), "guest went away");
-                    self.peer = None;
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
+        }
+        if self.queue.is_empty() && self.send_one(frame)? {
+            return Ok(());
+        }
+        // The guest's socket is full (or frames wait before this one): queue it, in order.
+        if self.queued + frame.len() > MAX_QUEUE {
+            self.flush()?;
+            if self.queued + frame.len() > MAX_QUEUE {
+                self.dropped += 1;
+                tracing::trace!("{}: queue full, dropped a {}-byte frame", self.describe(), frame.len());
+                return Ok(());
             }
         }
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(frame);
+        self.queued += buf.len();
+        self.queue.push_back(buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        while let Some(frame) = self.queue.pop_front() {
+            match self.send_one(&frame) {
+                Ok(true) => {
+                    self.queued -= frame.len().min(self.queued);
+                    if self.spare.len() < 64 {
+                        self.spare.push(frame);
+                    }
+                }
+                Ok(false) => {
+                    self.queue.push_front(frame);
+                    break;
+                }
+                Err(e) => {
+                    self.queue.push_front(frame);
+                    return Err(e);
+                }
+            }
+        }
+        if self.queue.is_empty() {
+            self.queued = 0;
+        }
+        Ok(())
+    }
+
+    fn backlogged(&self) -> bool {
+        !self.queue.is_empty()
     }
 
     fn describe(&self) -> String {
@@ -248,6 +349,43 @@ mod tests {
         assert!(link.peer().is_none());
         drop(link);
         assert!(!dir.join("usernet.sock").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A guest whose socket is full loses no frame: they wait, in order, until it reads.
+    #[test]
+    fn frames_wait_for_a_full_guest_socket() {
+        let dir = tmp("full");
+        let mut link = DgramLink::bind(&dir.join("usernet.sock")).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        let vm = UnixDatagram::bind(dir.join("vm.sock")).unwrap();
+        vm.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        vm.send_to(&[7; 60], dir.join("usernet.sock")).unwrap();
+        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        // Far more than the guest's socket queues (net.unix.max_dgram_qlen, 10 by default).
+        let n = 300u32;
+        for i in 0..n {
+            let mut f = vec![0u8; 1500];
+            f[..4].copy_from_slice(&i.to_be_bytes());
+            link.send(&f).unwrap();
+        }
+        assert!(link.backlogged(), "a full socket leaves frames queued");
+        let mut got = [0u8; 2000];
+        for i in 0..n {
+            // The guest reads; the engine flushes again (as after BACKLOG_RETRY).
+            let len = loop {
+                match vm.recv(&mut got) {
+                    Ok(len) => break len,
+                    Err(e) => panic!("frame {i}: {e}"),
+                }
+            };
+            assert_eq!(len, 1500);
+            assert_eq!(u32::from_be_bytes(got[..4].try_into().unwrap()), i, "in order");
+            link.flush().unwrap();
+        }
+        assert!(!link.backlogged());
+        assert_eq!(link.dropped, 0);
+        drop(link);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

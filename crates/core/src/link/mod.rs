@@ -11,6 +11,9 @@ pub mod vpnkit;
 use std::io;
 use std::os::fd::RawFd;
 
+/// How soon the engine retries a backlogged link's `flush` (see [`Link::backlogged`]).
+pub const BACKLOG_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Largest frame any link carries (64 KiB payload plus an Ethernet header).
 pub const MAX_FRAME: usize = 65536 + 14;
 
@@ -30,6 +33,12 @@ pub trait Link {
     /// them at once.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+    /// True when frames wait in the link for the guest's socket to take them and no
+    /// readiness event will say when it does (a datagram socket sending to an unconnected
+    /// peer): the engine then calls `flush` again soon (`BACKLOG_RETRY`) instead of waiting.
+    fn backlogged(&self) -> bool {
+        false
     }
     /// True when the link takes offloaded frames (`send_offloaded`): a TAP device with
     /// IFF_VNET_HDR, where the kernel completes checksums and segments large TCP frames.

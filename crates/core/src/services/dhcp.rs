@@ -13,8 +13,12 @@
 //! offered, so a client that retries DISCOVER sees the same offer. RELEASE keeps the
 //! binding (the same MAC gets the same address back) but lets the address be reclaimed if the
 //! pool ever runs dry; DECLINE (the client found the address in use) takes the address out of
-//! the pool and drops the binding. There is no expiry: the virtual network is small and
-//! private, and a lease outliving its lease time harms nobody.
+//! the pool and drops the binding. A lease that was acknowledged does not expire: the
+//! virtual network is small and private, and a lease outliving its lease time harms nobody.
+//! An offer does: a guest that sends DISCOVERs from ever new MACs (and never REQUESTs) must
+//! not take the pool. Offers not taken up within [`OFFER_TTL`] are forgotten, at most
+//! `--max-dhcp-offers` wait at once (beyond, the oldest is forgotten, counted in
+//! `offers_evicted`), and when the pool is full the oldest offer gives its address up.
 //!
 //! The server is authoritative for its subnet: a client in INIT-REBOOT or RENEWING that asks
 //! for an address we have no record of gets it when it is free (usernet restarted under a
@@ -34,6 +38,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dhcproto::v4::{
     Decodable, Decoder, DhcpOption, DhcpOptions, Encodable, Flags, HType, Message, MessageType, Opcode, OptionCode,
@@ -63,6 +68,9 @@ const USED_OPTIONS: [u8; 4] = [
 /// Upper bound on the lease table, so a guest inventing MACs cannot grow it without limit.
 const MAX_BINDINGS: usize = 65536;
 
+/// How long an offer waits for the client's REQUEST before its address is free again.
+pub const OFFER_TTL: Duration = Duration::from_secs(60);
+
 /// A reply to send to the client: UDP from gateway:67 to `dst_ip`:68, Ethernet to `dst_mac`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DhcpReply {
@@ -86,6 +94,8 @@ enum State {
 struct Binding {
     addr: Ipv4Addr,
     state: State,
+    /// When the address was offered (in `offers`), while the state is `Offered`.
+    offered_at: Option<Instant>,
 }
 
 /// The DHCPv4 server state: configuration plus the lease table.
@@ -97,17 +107,34 @@ pub struct DhcpServer {
     used: BTreeMap<Ipv4Addr, [u8; 6]>,
     /// Addresses a client declined (in use by someone we do not know).
     declined: BTreeSet<Ipv4Addr>,
+    /// Offers not taken up yet, oldest first (when made, and to which MAC).
+    offers: BTreeSet<(Instant, [u8; 6])>,
+    /// Offers forgotten because `--max-dhcp-offers` were waiting.
+    pub offers_evicted: u64,
 }
 
 impl DhcpServer {
     pub fn new(cfg: Arc<NetConfig>) -> Self {
-        DhcpServer { cfg, bindings: BTreeMap::new(), used: BTreeMap::new(), declined: BTreeSet::new() }
+        DhcpServer {
+            cfg,
+            bindings: BTreeMap::new(),
+            used: BTreeMap::new(),
+            declined: BTreeSet::new(),
+            offers: BTreeSet::new(),
+            offers_evicted: 0,
+        }
     }
 
     /// Handle one DHCP message (the UDP payload of a datagram to port 67) sent from the
     /// Ethernet address `chaddr`. Returns the reply to send, if any. Malformed input, BOOTP
     /// without a DHCP message type, and messages meant for another server give None.
     pub fn handle(&mut self, chaddr: [u8; 6], payload: &[u8]) -> Option<DhcpReply> {
+        self.handle_at(chaddr, payload, Instant::now())
+    }
+
+    /// [`Self::handle`] at time `now` (offers expire, see the top of this file).
+    pub fn handle_at(&mut self, chaddr: [u8; 6], payload: &[u8], now: Instant) -> Option<DhcpReply> {
+        self.expire_offers(now);
         let clean = sanitize(payload)?;
         let msg = Message::decode(&mut Decoder::new(&clean)).ok()?;
         if msg.opcode() != Opcode::BootRequest || msg.opts().is_empty() {
@@ -120,7 +147,7 @@ impl DhcpServer {
             chaddr
         };
         match msg.opts().msg_type()? {
-            MessageType::Discover => self.discover(&msg, mac),
+            MessageType::Discover => self.discover(&msg, mac, now),
             MessageType::Request => self.request(&msg, mac),
             MessageType::Release => {
                 self.release(&msg, mac);
@@ -159,16 +186,58 @@ impl DhcpServer {
         true
     }
 
-    fn discover(&mut self, msg: &Message, mac: [u8; 6]) -> Option<DhcpReply> {
-        let addr = match self.bindings.get(&mac) {
-            Some(b) => b.addr,
+    fn discover(&mut self, msg: &Message, mac: [u8; 6], now: Instant) -> Option<DhcpReply> {
+        let addr = match self.bindings.get(&mac).copied() {
+            Some(b) => {
+                if b.state == State::Offered {
+                    // The client asks again: its offer waits from now.
+                    self.bind(mac, b.addr, State::Offered);
+                    self.note_offer(mac, now);
+                }
+                b.addr
+            }
             None => {
+                while self.offers.len() >= self.cfg.limits.max_dhcp_offers.max(1) {
+                    self.forget_oldest_offer();
+                    self.offers_evicted += 1;
+                }
                 let addr = self.allocate()?;
                 self.bind(mac, addr, State::Offered);
+                self.note_offer(mac, now);
                 addr
             }
         };
         Some(self.reply(msg, mac, MessageType::Offer, addr))
+    }
+
+    /// Offers waiting for a REQUEST.
+    pub fn offers_waiting(&self) -> usize {
+        self.offers.len()
+    }
+
+    fn note_offer(&mut self, mac: [u8; 6], now: Instant) {
+        if let Some(b) = self.bindings.get_mut(&mac) {
+            b.offered_at = Some(now);
+            self.offers.insert((now, mac));
+        }
+    }
+
+    /// Forgets offers older than [`OFFER_TTL`].
+    fn expire_offers(&mut self, now: Instant) {
+        while let Some(&(at, _)) = self.offers.first() {
+            if now.saturating_duration_since(at) < OFFER_TTL {
+                break;
+            }
+            self.forget_oldest_offer();
+        }
+    }
+
+    /// Forgets the oldest offer: its binding goes, its address is free again.
+    fn forget_oldest_offer(&mut self) -> Option<Ipv4Addr> {
+        let (_, mac) = self.offers.pop_first()?;
+        let b = self.bindings.remove(&mac)?;
+        self.used.remove(&b.addr);
+        Some(b.addr)
     }
 
     fn request(&mut self, msg: &Message, mac: [u8; 6]) -> Option<DhcpReply> {
@@ -229,6 +298,9 @@ impl DhcpServer {
             return;
         };
         if self.bindings.get(&mac).map(|b| b.addr) == Some(*addr) {
+            if let Some(at) = self.bindings.get(&mac).and_then(|b| b.offered_at) {
+                self.offers.remove(&(at, mac));
+            }
             self.bindings.remove(&mac);
             self.used.remove(addr);
             self.declined.insert(*addr);
@@ -295,10 +367,13 @@ impl DhcpServer {
     }
 
     fn bind(&mut self, mac: [u8; 6], addr: Ipv4Addr, state: State) {
-        if let Some(old) = self.bindings.insert(mac, Binding { addr, state })
-            && old.addr != addr
-        {
-            self.used.remove(&old.addr);
+        if let Some(old) = self.bindings.insert(mac, Binding { addr, state, offered_at: None }) {
+            if old.addr != addr {
+                self.used.remove(&old.addr);
+            }
+            if let Some(at) = old.offered_at {
+                self.offers.remove(&(at, mac));
+            }
         }
         self.used.insert(addr, mac);
     }
@@ -312,7 +387,8 @@ impl DhcpServer {
         let start = u32::from(self.cfg.guest);
         let end = u32::from(self.cfg.subnet.broadcast());
         let free = (start..end).map(Ipv4Addr::from).find(|a| self.is_free(*a));
-        free.or_else(|| self.reclaim())
+        // The pool is full: a released address, else the oldest offer's.
+        free.or_else(|| self.reclaim()).or_else(|| self.forget_oldest_offer())
     }
 
     fn reclaim(&mut self) -> Option<Ipv4Addr> {
@@ -518,6 +594,53 @@ mod tests {
         ack.yiaddr()
     }
 
+    fn mac_n(i: u32) -> [u8; 6] {
+        let b = i.to_be_bytes();
+        [0x02, 0xee, b[0], b[1], b[2], b[3]]
+    }
+
+    /// A guest that sends DISCOVERs from ever new MACs and never REQUESTs: at most
+    /// `--max-dhcp-offers` offers wait, the oldest go first, offers expire, and a
+    /// well-behaved client still gets its lease.
+    #[test]
+    fn offers_to_a_discover_spray_are_bounded_and_expire() {
+        let limits = crate::config::Limits { max_dhcp_offers: 10, ..Default::default() };
+        let mut s = DhcpServer::new(Arc::new(NetConfig { limits, ..NetConfig::default() }));
+        let now = Instant::now();
+        for i in 0..1000 {
+            let m = request(MessageType::Discover, mac_n(i), vec![]);
+            assert!(s.handle_at(mac_n(i), &m.to_vec().unwrap(), now).is_some(), "offer {i}");
+        }
+        assert_eq!(s.offers_waiting(), 10);
+        assert_eq!(s.offers_evicted, 990);
+        assert!(s.bindings.len() <= 10);
+        let a = lease(&mut s, MAC1);
+        assert_eq!(s.leases(), vec![(a, MAC1)]);
+        // Offers not taken up expire; the lease stays.
+        let later = now + OFFER_TTL + Duration::from_secs(1);
+        let m = request(MessageType::Inform, MAC2, vec![]);
+        let _ = s.handle_at(MAC2, &m.to_vec().unwrap(), later);
+        assert_eq!(s.offers_waiting(), 0);
+        assert_eq!(s.bindings.len(), 1);
+        assert_eq!(s.used.len(), 1);
+    }
+
+    /// Offers that fill the pool give their addresses up to new clients, oldest first.
+    #[test]
+    fn a_pool_full_of_offers_still_serves_new_clients() {
+        let mut s = DhcpServer::new(cfg());
+        let now = Instant::now();
+        for i in 0..300 {
+            let m = request(MessageType::Discover, mac_n(i), vec![]);
+            let _ = s.handle_at(mac_n(i), &m.to_vec().unwrap(), now);
+        }
+        // 192.168.65.2 to .253, less the host's .254 (outside) : all offered, yet:
+        let a = lease(&mut s, MAC1);
+        assert!(s.in_pool(a));
+        assert_eq!(s.leases(), vec![(a, MAC1)]);
+        assert!(s.offers_waiting() < 256);
+    }
+
     #[test]
     fn offer_has_options() {
         let mut s = DhcpServer::new(cfg());
@@ -592,8 +715,15 @@ mod tests {
             last = offer.yiaddr();
         }
         assert_eq!(last, Ipv4Addr::new(192, 168, 65, 253));
-        // Pool exhausted: no offer.
+        // Pool full of offers: the oldest gives its address up.
         let mac = [2, 0, 0, 0, 9, 9];
+        let (offer, _) = send(&mut s, mac, &request(MessageType::Discover, mac, vec![])).unwrap();
+        assert_eq!(offer.yiaddr(), Ipv4Addr::new(192, 168, 65, 2));
+        // Pool full of leases: no offer.
+        let mut s = DhcpServer::new(cfg());
+        for i in 0..252u32 {
+            lease(&mut s, [2, 0, 0, 0, (i >> 8) as u8, i as u8]);
+        }
         assert!(send(&mut s, mac, &request(MessageType::Discover, mac, vec![])).is_none());
     }
 

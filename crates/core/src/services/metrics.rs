@@ -76,6 +76,38 @@ impl ProxyOutcome {
     }
 }
 
+/// A bound of the services that a guest reached (`usernet_limit_reached_total`'s `limit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceLimit {
+    /// `--max-dns-queries-per-guest`: a query was not forwarded.
+    DnsQueriesPerGuest,
+    /// `--max-proxy-connections`: a connection to the proxy was refused.
+    ProxyConnections,
+    /// `--proxy-header-timeout`: a request's header did not come in time.
+    ProxyHeaderTimeout,
+    /// `--proxy-idle-timeout`: a proxied connection carried nothing for that long.
+    ProxyIdleTimeout,
+}
+
+impl ServiceLimit {
+    pub const ALL: [ServiceLimit; 4] = [
+        ServiceLimit::DnsQueriesPerGuest,
+        ServiceLimit::ProxyConnections,
+        ServiceLimit::ProxyHeaderTimeout,
+        ServiceLimit::ProxyIdleTimeout,
+    ];
+
+    /// The `limit` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceLimit::DnsQueriesPerGuest => "dns_queries_per_guest",
+            ServiceLimit::ProxyConnections => "proxy_connections",
+            ServiceLimit::ProxyHeaderTimeout => "proxy_header_timeout",
+            ServiceLimit::ProxyIdleTimeout => "proxy_idle_timeout",
+        }
+    }
+}
+
 /// The services' shared counters.
 #[derive(Debug, Default)]
 pub struct ServiceMetrics {
@@ -85,6 +117,9 @@ pub struct ServiceMetrics {
     pub dns_local: AtomicU64,
     upstreams: Mutex<BTreeMap<SocketAddr, UpstreamCounters>>,
     proxy: [AtomicU64; ProxyOutcome::ALL.len()],
+    limits: [AtomicU64; ServiceLimit::ALL.len()],
+    /// When each limit was last logged, and its count then (log lines are rate-limited).
+    limit_logged: Mutex<[Option<(std::time::Instant, u64)>; ServiceLimit::ALL.len()]>,
 }
 
 /// A copy of [`ServiceMetrics`], for one scrape.
@@ -94,6 +129,7 @@ pub struct ServicesSample {
     pub dns_local: u64,
     pub upstreams: Vec<(SocketAddr, UpstreamCounters)>,
     pub proxy: Vec<(ProxyOutcome, u64)>,
+    pub limits: Vec<(ServiceLimit, u64)>,
 }
 
 impl ServiceMetrics {
@@ -115,6 +151,24 @@ impl ServiceMetrics {
         self.upstream(server, |c| c.failures[why as usize] += 1);
     }
 
+    /// Counts one reach of `limit` and logs `what` (the first time, then at most once per
+    /// `config::LIMIT_LOG_EVERY`, with the count since).
+    pub fn limit_reached(&self, limit: ServiceLimit, what: impl FnOnce() -> String) {
+        let i = limit as usize;
+        let n = self.limits[i].fetch_add(1, Ordering::Relaxed) + 1;
+        let now = std::time::Instant::now();
+        let mut logged = self.limit_logged.lock().unwrap_or_else(|e| e.into_inner());
+        match logged[i] {
+            Some((at, _)) if now.saturating_duration_since(at) < crate::config::LIMIT_LOG_EVERY => {}
+            last => {
+                let times = n - last.map_or(0, |(_, c)| c);
+                logged[i] = Some((now, n));
+                drop(logged);
+                tracing::warn!(limit = limit.as_str(), times, "limit reached: {}", what());
+            }
+        }
+    }
+
     pub fn proxy_request(&self, outcome: ProxyOutcome) {
         self.proxy[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -132,6 +186,7 @@ impl ServiceMetrics {
             dns_local: self.dns_local.load(Ordering::Relaxed),
             upstreams,
             proxy: ProxyOutcome::ALL.iter().map(|o| (*o, self.proxy[*o as usize].load(Ordering::Relaxed))).collect(),
+            limits: ServiceLimit::ALL.iter().map(|l| (*l, self.limits[*l as usize].load(Ordering::Relaxed))).collect(),
         }
     }
 }

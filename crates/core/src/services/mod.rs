@@ -379,7 +379,7 @@ async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddrV4, 
                     slot.forget();
                     pending.spawn(async move {
                         let _back = back;
-                        if let Some(answer) = dns.handle(&query, Transport::Udp).await
+                        if let Some(answer) = dns.handle_from(Some(*guest.ip()), &query, Transport::Udp).await
                             && let Err(e) = sock.send(&answer).await
                         {
                             debug!("dns: {guest}: writing answer: {e}");
@@ -420,7 +420,7 @@ async fn serve_dns_tcp(sock: UnixStream, dns: Arc<DnsServer>, guest: SocketAddrV
             };
             let (tx, dns) = (tx.clone(), dns.clone());
             tokio::spawn(async move {
-                if let Some(answer) = dns.handle(&query, Transport::Tcp).await {
+                if let Some(answer) = dns.handle_from(Some(*guest.ip()), &query, Transport::Tcp).await {
                     let _ = tx.send(answer).await;
                 }
                 drop(slot);

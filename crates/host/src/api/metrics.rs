@@ -207,6 +207,20 @@ pub fn render(m: &EngineMetrics, start_time: Option<f64>) -> String {
         w.sample("usernet_connect_failures_total", &[("reason", why.as_str())], v as f64);
     }
 
+    w.family(
+        "usernet_limit_reached_total",
+        Kind::Counter,
+        "Times a guest reached one of usernet's bounds, by limit (see `usernet run --help`).",
+    );
+    for (limit, v) in m.counters.limits() {
+        w.sample("usernet_limit_reached_total", &[("limit", limit.as_str())], v as f64);
+    }
+    if let Some(s) = &m.services {
+        for (limit, v) in &s.limits {
+            w.sample("usernet_limit_reached_total", &[("limit", limit.as_str())], *v as f64);
+        }
+    }
+
     w.family("usernet_published_ports", Kind::Gauge, "Published ports (host sockets listening), by protocol.");
     for proto in [Proto::Tcp, Proto::Udp] {
         let n = m.listeners.iter().filter(|l| l.proto == proto).count();

@@ -5,6 +5,7 @@
 //! A hash map from the flow's addresses to its slot makes each packet O(1).
 
 pub mod icmp;
+pub mod lru;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
@@ -121,6 +122,19 @@ impl Flow {
 /// Generations wrap at 24 bits so that flow tokens stay clear of the high token bits.
 const GENERATION_MASK: u32 = 0xff_ffff;
 
+/// The bounded kinds of flows, each kept in order of age or use (see [`lru`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Outbound TCP flows whose host connect is in progress, oldest first.
+    Connecting,
+    /// UDP flows other than the gateway DNS's, least recently used first.
+    Udp,
+    /// UDP flows to the gateway's DNS, least recently used first.
+    GatewayDns,
+    /// ICMP echo flows, least recently used first.
+    Icmp,
+}
+
 /// A flow's handle: slot index and generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowId {
@@ -154,8 +168,12 @@ pub struct FlowTable {
     pub icmp_count: usize,
     /// UDP flows to the gateway's DNS (bounded apart: see flow_policy's MAX_GATEWAY_DNS).
     pub gateway_dns_count: usize,
-    /// The log said once that `gateway_dns_count` reached its bound.
-    pub told_gateway_dns_bound: bool,
+    connecting: lru::SlotList,
+    udp: lru::SlotList,
+    gateway_dns: lru::SlotList,
+    icmp: lru::SlotList,
+    /// TCP flows per guest address, for the per-guest bound.
+    tcp_per_guest: HashMap<Ipv4Addr, usize>,
 }
 
 impl FlowTable {
@@ -171,6 +189,77 @@ impl FlowTable {
         s.flow.as_mut()
     }
 
+    fn list(&mut self, kind: Kind) -> &mut lru::SlotList {
+        match kind {
+            Kind::Connecting => &mut self.connecting,
+            Kind::Udp => &mut self.udp,
+            Kind::GatewayDns => &mut self.gateway_dns,
+            Kind::Icmp => &mut self.icmp,
+        }
+    }
+
+    /// The bounded kind a flow belongs to when it is made.
+    fn kind_of(flow: &Flow) -> Option<Kind> {
+        match flow {
+            Flow::Tcp(f) if f.is_connecting() => Some(Kind::Connecting),
+            Flow::Tcp(_) | Flow::Splice(_) => None,
+            Flow::Udp(u) if u.gateway_dns => Some(Kind::GatewayDns),
+            Flow::Udp(_) => Some(Kind::Udp),
+            Flow::Icmp(_) => Some(Kind::Icmp),
+        }
+    }
+
+    /// How many flows of `kind` there are.
+    pub fn count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Connecting => self.connecting.len(),
+            Kind::Udp => self.udp.len(),
+            Kind::GatewayDns => self.gateway_dns.len(),
+            Kind::Icmp => self.icmp.len(),
+        }
+    }
+
+    /// The oldest (least recently used) flow of `kind`.
+    pub fn oldest(&self, kind: Kind) -> Option<FlowId> {
+        let list = match kind {
+            Kind::Connecting => &self.connecting,
+            Kind::Udp => &self.udp,
+            Kind::GatewayDns => &self.gateway_dns,
+            Kind::Icmp => &self.icmp,
+        };
+        let slot = list.front()?;
+        Some(FlowId { slot, generation: self.slots[slot as usize].generation })
+    }
+
+    /// The flow was just used: it is the last of its kind to evict.
+    pub fn touch(&mut self, id: FlowId) {
+        for kind in [Kind::Udp, Kind::GatewayDns, Kind::Icmp] {
+            self.list(kind).touch(id.slot);
+        }
+    }
+
+    /// The flow's connect completed: it no longer counts among the connects in progress.
+    pub fn connected(&mut self, id: FlowId) {
+        self.connecting.remove(id.slot);
+    }
+
+    /// Whether the flow counts among the connects in progress.
+    pub fn is_counted_connecting(&self, id: FlowId) -> bool {
+        self.connecting.contains(id.slot)
+    }
+
+    /// TCP flows of the guest at `ip` (spliced ones, which never cross the link, aside).
+    pub fn tcp_of_guest(&self, ip: Ipv4Addr) -> usize {
+        self.tcp_per_guest.get(&ip).copied().unwrap_or(0)
+    }
+
+    fn tcp_guest(flow: &Flow) -> Option<Ipv4Addr> {
+        match flow {
+            Flow::Tcp(f) => Some(*f.guest.ip()),
+            _ => None,
+        }
+    }
+
     pub fn insert(&mut self, flow: Flow) -> FlowId {
         let key = flow.key();
         if flow.is_gateway_dns() {
@@ -182,6 +271,10 @@ impl FlowTable {
             Flow::Icmp(_) => self.icmp_count += 1,
             Flow::Splice(_) => self.tcp_count += 1,
         }
+        if let Some(ip) = Self::tcp_guest(&flow) {
+            *self.tcp_per_guest.entry(ip).or_insert(0) += 1;
+        }
+        let kind = Self::kind_of(&flow);
         let id = if let Some(slot) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
             s.flow = Some(flow);
@@ -191,6 +284,9 @@ impl FlowTable {
             FlowId { slot: (self.slots.len() - 1) as u32, generation: 0 }
         };
         self.index.insert(key, id);
+        if let Some(kind) = kind {
+            self.list(kind).push_back(id.slot);
+        }
         id
     }
 
@@ -203,6 +299,17 @@ impl FlowTable {
         s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
         self.free.push(id.slot);
         self.index.remove(&flow.key());
+        for kind in [Kind::Connecting, Kind::Udp, Kind::GatewayDns, Kind::Icmp] {
+            self.list(kind).remove(id.slot);
+        }
+        if let Some(ip) = Self::tcp_guest(&flow)
+            && let Some(n) = self.tcp_per_guest.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.tcp_per_guest.remove(&ip);
+            }
+        }
         if flow.is_gateway_dns() {
             self.gateway_dns_count -= 1;
         }

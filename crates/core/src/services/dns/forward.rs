@@ -413,6 +413,37 @@ mod tests {
 
     const GOOD: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
 
+    /// A guest with `--max-dns-queries-per-guest` queries being forwarded gets no more
+    /// forwarded (dropped at once), while another guest's still go.
+    #[tokio::test]
+    async fn queries_in_flight_are_bounded_per_guest() {
+        let (_keep, silent) = silent_upstream().await;
+        let mut c = cfg(vec![]);
+        c.limits.max_dns_queries_per_guest = 2;
+        c.host_dns.set_upstreams(Upstreams::command_line(vec![silent]));
+        let s = Arc::new(
+            DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_secs(5), 1),
+        );
+        let a = Ipv4Addr::new(192, 168, 65, 2);
+        let b = Ipv4Addr::new(192, 168, 65, 3);
+        let q = query("slow.example", RecordType::A);
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let (s, q) = (s.clone(), q.clone());
+            waiting.push(tokio::spawn(async move { s.handle_from(Some(a), &q, Transport::Udp).await }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let third = tokio::time::timeout(Duration::from_secs(1), s.handle_from(Some(a), &q, Transport::Udp)).await;
+        assert_eq!(third.ok(), Some(None), "dropped at once");
+        let other = tokio::time::timeout(Duration::from_millis(300), s.handle_from(Some(b), &q, Transport::Udp)).await;
+        assert!(other.is_err(), "another guest's query is forwarded (and waits for the silent server)");
+        let sample = s.metrics().sample(&[]);
+        assert!(sample.limits.iter().any(|(l, n)| l.as_str() == "dns_queries_per_guest" && *n == 1));
+        for w in waiting {
+            w.abort();
+        }
+    }
+
     #[tokio::test]
     async fn forwards_and_restores_id() {
         let up = answering(Ipv4Addr::new(198, 51, 100, 7)).await;

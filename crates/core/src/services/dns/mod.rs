@@ -103,6 +103,28 @@ pub struct DnsServer {
     forward_slots: Semaphore,
     /// Queries and their fate, per upstream (for `/metrics`).
     metrics: Arc<ServiceMetrics>,
+    /// Queries being forwarded per guest address, at most `max_per_guest` each
+    /// (`--max-dns-queries-per-guest`): one guest cannot take every forwarding slot.
+    per_guest: std::sync::Mutex<std::collections::HashMap<std::net::Ipv4Addr, usize>>,
+    max_per_guest: usize,
+}
+
+/// One query of a guest's counted in `DnsServer::per_guest`, until dropped.
+struct GuestQuery<'a> {
+    server: &'a DnsServer,
+    guest: std::net::Ipv4Addr,
+}
+
+impl Drop for GuestQuery<'_> {
+    fn drop(&mut self) {
+        let mut map = self.server.per_guest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.guest) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.guest);
+            }
+        }
+    }
 }
 
 impl DnsServer {
@@ -118,7 +140,20 @@ impl DnsServer {
                 .clamp(CLASSIC_UDP_MAX, u16::MAX as usize),
             forward_slots: Semaphore::new(MAX_FORWARDS),
             metrics: Arc::default(),
+            per_guest: Default::default(),
+            max_per_guest: cfg.limits.max_dns_queries_per_guest,
         }
+    }
+
+    /// Counts one more query being forwarded for `guest`; None when it has its bound.
+    fn guest_query(&self, guest: std::net::Ipv4Addr) -> Option<GuestQuery<'_>> {
+        let mut map = self.per_guest.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(guest).or_insert(0);
+        if *n >= self.max_per_guest {
+            return None;
+        }
+        *n += 1;
+        Some(GuestQuery { server: self, guest })
     }
 
     /// The counters this server keeps (shared with the other services for `/metrics`).
@@ -141,6 +176,17 @@ impl DnsServer {
 
     /// Answer one guest message: locally, by forwarding, or not at all.
     pub async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        self.handle_from(None, query, transport).await
+    }
+
+    /// [`Self::handle`] for a query from the guest at `guest`: beyond its bound of queries
+    /// being forwarded (`--max-dns-queries-per-guest`), a query is dropped (it retries).
+    pub async fn handle_from(
+        &self,
+        guest: Option<std::net::Ipv4Addr>,
+        query: &[u8],
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
         self.metrics.dns_queries.fetch_add(1, Ordering::Relaxed);
         let reply = match self.local(query) {
             Local::Reply(r) => {
@@ -149,6 +195,25 @@ impl DnsServer {
             }
             Local::Drop => return None,
             Local::Forward => {
+                let _guest_slot = match guest {
+                    Some(ip) => match self.guest_query(ip) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            let max = self.max_per_guest;
+                            self.metrics.limit_reached(
+                                crate::services::metrics::ServiceLimit::DnsQueriesPerGuest,
+                                || {
+                                    format!(
+                                        "guest {ip} has {max} DNS queries being forwarded \
+                                         (--max-dns-queries-per-guest): more are dropped"
+                                    )
+                                },
+                            );
+                            return None;
+                        }
+                    },
+                    None => None,
+                };
                 let Ok(_slot) = self.forward_slots.try_acquire() else {
                     debug!("dns: too many queries in flight, dropping one");
                     return None;

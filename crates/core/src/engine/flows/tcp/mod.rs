@@ -36,10 +36,16 @@
 //! flow at the end of the engine's round (`write_gathered`), just before the ACKs go out;
 //! `need_ack` stays set while gathered data waits, so the engine comes by even when an ACK
 //! already went out on host data.
-//! What the socket does not take at once waits in a bounded per-flow buffer (`pending`, at
-//! most `RECV_BUF` bytes) and is acknowledged when it is written, as soon as the socket
-//! drains (EPOLLOUT) — the guest never waits for its own retransmission timer. The window
-//! offered to the guest is the free room of that buffer. Out-of-order segments are dropped
+//! What the socket does not take at once waits in a bounded per-flow buffer (`pending`)
+//! and is acknowledged when it is written, as soon as the socket drains (EPOLLOUT) — the
+//! guest never waits for its own retransmission timer. The window offered to the guest
+//! follows the socket: the largest (`RECV_BUF`) while it takes what comes, and once a send
+//! is cut short (its send buffer is full: the kernel is the queue), only what is left of
+//! `HOLD_MAX`, so that a host peer that does not read costs at most that much of usernet's
+//! memory per flow; what the guest sent beyond it is not acknowledged (nor held) and comes
+//! again. All flows' held bytes count against one budget (`--max-buffered`, see
+//! `engine::budget`); beyond it nothing more is gathered, segments go straight to their
+//! socket. A flow whose socket takes nothing for `--tcp-stall-timeout` is reset. Out-of-order segments are dropped
 //! with an immediate duplicate ACK, so the guest fast-retransmits; old segments
 //! (retransmissions, keep-alive probes) are answered with an ACK. ACKs for in-order data
 //! are coalesced: the engine sends one per flow per batch of frames (`flush_ack`), and, as
@@ -85,6 +91,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::engine::dial::TcpDial;
+use crate::engine::metrics::Limit;
 use crate::engine::switch::{Switch, TCP_PAYLOAD_OFF};
 use usernet_wire::icmp;
 use usernet_wire::ipv4::Ipv4Header;
@@ -98,6 +105,9 @@ use state::{Phase, ToGuest, ToHost};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Guest bytes held while the host socket is full; also the largest window offered.
 pub const RECV_BUF: usize = 4 << 20;
+/// Guest bytes held at most while the host socket is full (what the guest sent within the
+/// window it had before the socket filled); the window offered then is what is left of it.
+pub const HOLD_MAX: usize = 128 << 10;
 /// Our window-scale shift (RECV_BUF >> 7 fits in 16 bits).
 const OUR_WSCALE: u8 = 7;
 const RTO_MIN: Duration = Duration::from_millis(200);
@@ -177,10 +187,13 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     ack_deadline: Option<Instant>,
     /// The deadline the engine's timer heap holds for this flow.
     pub scheduled: Option<Instant>,
-    /// The engine counts this flow among its connects in progress.
-    pub counted_connecting: bool,
     /// Bytes each way and activity, for `/v1/flows`.
     pub traffic: super::Traffic,
+    /// What `pending` holds of the budget shared by all flows (`--max-buffered`).
+    held: crate::engine::budget::Held,
+    /// Since when the host socket has taken none of the guest data waiting for it (a send
+    /// was cut short, and none made progress since): `--tcp-stall-timeout` counts from here.
+    stalled_since: Option<Instant>,
 }
 
 impl TcpFlow<KernelSocket> {
@@ -231,7 +244,7 @@ impl<S: HostSocket> TcpFlow<S> {
             None => (0, 0),
         };
         let mss = (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
-        let mut f = TcpFlow::blank(guest, remote, sock, Phase::Connecting, isn, now);
+        let mut f = TcpFlow::blank(guest, remote, sock, Phase::Connecting, isn, now, switch.budget.hold());
         f.guest_isn = syn.seq;
         f.rcv_nxt = syn.seq.wrapping_add(1);
         f.acked_rcv = f.rcv_nxt;
@@ -256,7 +269,7 @@ impl<S: HostSocket> TcpFlow<S> {
         isn: u32,
         now: Instant,
     ) -> TcpFlow<S> {
-        let mut f = TcpFlow::blank(guest, remote, sock, Phase::SynSent, isn, now);
+        let mut f = TcpFlow::blank(guest, remote, sock, Phase::SynSent, isn, now, switch.budget.hold());
         f.host_readable = true;
         f.host_writable = true;
         let _ = f.sock.set_peek_offset(0);
@@ -267,7 +280,15 @@ impl<S: HostSocket> TcpFlow<S> {
     }
 
     /// A flow in `phase` with nothing exchanged yet; the constructors fill in the rest.
-    fn blank(guest: SocketAddrV4, remote: SocketAddrV4, sock: S, phase: Phase, isn: u32, now: Instant) -> TcpFlow<S> {
+    fn blank(
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+        sock: S,
+        phase: Phase,
+        isn: u32,
+        now: Instant,
+        held: crate::engine::budget::Held,
+    ) -> TcpFlow<S> {
         TcpFlow {
             guest,
             remote,
@@ -298,14 +319,17 @@ impl<S: HostSocket> TcpFlow<S> {
             quick_ack_until: None,
             ack_deadline: None,
             scheduled: None,
-            counted_connecting: false,
             traffic: super::Traffic::new(now),
+            held,
+            stalled_since: None,
         }
     }
 
-    /// Checks the invariants (debug builds) of a flow that stays; passes `v` through.
+    /// Checks the invariants (debug builds) of a flow that stays, and counts what it holds
+    /// against the shared budget; passes `v` through.
     #[inline]
-    fn checked(&self, v: Verdict) -> Verdict {
+    fn checked(&mut self, v: Verdict) -> Verdict {
+        self.held.set(self.pending.capacity());
         if cfg!(debug_assertions) && v == Verdict::Keep {
             self.check_invariants();
         }
@@ -340,7 +364,8 @@ impl<S: HostSocket> TcpFlow<S> {
     /// The earliest time `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
         let connect = (self.phase == Phase::Connecting).then(|| self.born + CONNECT_TIMEOUT);
-        [connect, self.rto_deadline, self.ack_deadline].into_iter().flatten().min()
+        let stall = self.stalled_since.zip(self.held.budget().stall_timeout()).map(|(t, d)| t + d);
+        [connect, self.rto_deadline, self.ack_deadline, stall].into_iter().flatten().min()
     }
 
     fn pending_len(&self) -> usize {
@@ -375,9 +400,20 @@ impl<S: HostSocket> TcpFlow<S> {
         self.wnd_edge.wrapping_sub(self.snd_una)
     }
 
-    /// The window field we advertise: the free room of the pending buffer, scaled.
+    /// How much guest data the flow may hold: up to the largest window while the socket
+    /// takes what comes (data is held only until the end of the round), [`HOLD_MAX`] once
+    /// it is full.
+    fn hold_cap(&self) -> usize {
+        if self.host_writable { RECV_BUF } else { HOLD_MAX }
+    }
+
+    /// The window field we advertise: what the flow may still hold, scaled. While the host
+    /// socket takes data, the largest window (the kernel's send buffer is the queue); once
+    /// it is full, what is left of [`HOLD_MAX`], usually nothing: the guest waits (probing)
+    /// instead of sending what could only be held in usernet's memory, and hears of the
+    /// window again as soon as the socket drains (`flush_pending`).
     fn window_field(&self) -> u16 {
-        let free = (RECV_BUF - self.pending_len()) >> self.our_wscale;
+        let free = self.hold_cap().saturating_sub(self.pending_len()) >> self.our_wscale;
         free.min(u16::MAX as usize) as u16
     }
 
@@ -459,7 +495,7 @@ impl<S: HostSocket> TcpFlow<S> {
         self.retries = 0;
         self.rto = RTO_MIN;
         self.send_flags(switch, self.snd_nxt, ACK);
-        if self.host_writable && self.flush_pending(switch) == Verdict::Close {
+        if self.host_writable && self.flush_pending(switch, now) == Verdict::Close {
             return Verdict::Close;
         }
         self.push(switch, now)
@@ -567,7 +603,7 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         if writable || error {
             self.host_writable = true;
-            if self.flush_pending(switch) == Verdict::Close {
+            if self.flush_pending(switch, now) == Verdict::Close {
                 return Verdict::Close;
             }
         }
@@ -746,25 +782,46 @@ impl<S: HostSocket> TcpFlow<S> {
             return Verdict::Keep;
         }
         let mut new = &payload[skip..];
-        if self.pending_len() == 0 && self.host_writable && new.len() >= COALESCE_BELOW {
+        // What the shared budget lets this flow hold (what it holds already included).
+        let budget_room = self.held.budget().room() + self.pending.capacity().min(self.pending_len());
+        let over_budget = budget_room < self.pending_len() + new.len();
+        if self.pending_len() == 0 && self.host_writable && (new.len() >= COALESCE_BELOW || over_budget) {
             match self.sock.send(new) {
                 Ok(n) => {
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
                     self.traffic.from_guest += n as u64;
                     new = &new[n..];
+                    if n > 0 {
+                        self.stalled_since = None;
+                    }
                     if !new.is_empty() {
                         self.host_writable = false;
+                        self.stalled_since.get_or_insert(now);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.host_writable = false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.host_writable = false;
+                    self.stalled_since.get_or_insert(now);
+                }
                 Err(e) => {
                     tracing::debug!("send to {}: {e}", self.remote);
                     return self.reset_guest(switch);
                 }
             }
         }
-        let room = RECV_BUF - self.pending_len();
+        let cap = self.hold_cap().min(budget_room);
+        let room = cap.saturating_sub(self.pending_len());
         let take = new.len().min(room);
+        if take < new.len() && budget_room < self.hold_cap() {
+            let max = self.held.budget().max();
+            switch.limit_reached(Limit::Buffered, now, || {
+                format!(
+                    "{} MiB of guest data held for host sockets that do not take it (--max-buffered): \
+                     guests wait until they drain",
+                    max >> 20
+                )
+            });
+        }
         if take > 0 {
             if self.pending_head > 0 && self.pending_head == self.pending.len() {
                 self.pending.clear();
@@ -796,10 +853,10 @@ impl<S: HostSocket> TcpFlow<S> {
 
     /// Writes the guest data gathered during the engine's round (the ACK follows with the
     /// other owed ACKs).
-    pub fn write_gathered(&mut self, switch: &mut Switch) -> Verdict {
+    pub fn write_gathered(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         let v = if !self.host_writable {
             Verdict::Keep
-        } else if self.write_pending(switch) == Verdict::Close {
+        } else if self.write_pending(switch, now) == Verdict::Close {
             Verdict::Close
         } else {
             // The guest's FIN may have been waiting for this data.
@@ -809,11 +866,11 @@ impl<S: HostSocket> TcpFlow<S> {
     }
 
     /// Writes held guest data now that the socket has room; acknowledges what it took.
-    fn flush_pending(&mut self, switch: &mut Switch) -> Verdict {
+    fn flush_pending(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         if self.pending_len() == 0 {
             return Verdict::Keep;
         }
-        if self.write_pending(switch) == Verdict::Close {
+        if self.write_pending(switch, now) == Verdict::Close {
             return Verdict::Close;
         }
         // The window opened: tell the guest at once, not at its next retransmission.
@@ -824,7 +881,7 @@ impl<S: HostSocket> TcpFlow<S> {
     }
 
     /// Writes `pending` into the socket until it is empty or the socket is full.
-    fn write_pending(&mut self, switch: &mut Switch) -> Verdict {
+    fn write_pending(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         if self.pending_len() == 0 {
             return Verdict::Keep;
         }
@@ -835,9 +892,13 @@ impl<S: HostSocket> TcpFlow<S> {
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
                     self.traffic.from_guest += n as u64;
                     self.need_ack = true;
+                    if n > 0 {
+                        self.stalled_since = None;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.host_writable = false;
+                    self.stalled_since.get_or_insert(now);
                     break;
                 }
                 Err(e) => {
@@ -854,6 +915,17 @@ impl<S: HostSocket> TcpFlow<S> {
                 self.pending.shrink_to(0);
             }
             self.pass_guest_fin();
+        } else if !self.host_writable && self.pending_len() > HOLD_MAX {
+            // The socket is full: keep no more than HOLD_MAX. The rest was never
+            // acknowledged; the guest sends it again when the window reopens.
+            self.pending.drain(..self.pending_head);
+            self.pending_head = 0;
+            self.pending.truncate(HOLD_MAX);
+            self.pending.shrink_to(HOLD_MAX);
+            if self.to_host == ToHost::FinHeld {
+                // The FIN came after bytes no longer held: it comes again too.
+                self.to_host = ToHost::Open;
+            }
         } else if self.pending_head > self.pending.len() / 2 {
             self.pending.drain(..self.pending_head);
             self.pending_head = 0;
@@ -957,6 +1029,20 @@ impl<S: HostSocket> TcpFlow<S> {
     }
 
     fn timer(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+        if let (Some(since), Some(limit)) = (self.stalled_since, self.held.budget().stall_timeout())
+            && since + limit <= now
+        {
+            let (guest, remote) = (self.guest, self.remote);
+            switch.limit_reached(Limit::TcpStalled, now, || {
+                format!(
+                    "{guest} -> {remote}: the host peer took none of the guest's data for {} s \
+                     (--tcp-stall-timeout): connection reset",
+                    limit.as_secs()
+                )
+            });
+            self.sock.set_linger_zero();
+            return self.reset_guest(switch);
+        }
         if self.phase == Phase::Connecting && self.born + CONNECT_TIMEOUT <= now {
             tracing::debug!("connect {} -> {}: timed out", self.guest, self.remote);
             return self.refuse_guest(switch, libc::ETIMEDOUT);
@@ -1058,17 +1144,23 @@ pub fn refuse(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, gu
         }
         _ => {
             tracing::debug!("connect {guest} -> {remote}: {}", std::io::Error::from_raw_os_error(err));
-            let h = TcpHeader {
-                src_port: remote.port(),
-                dst_port: guest.port(),
-                seq: 0,
-                ack: guest_isn.wrapping_add(1),
-                flags: RST | ACK,
-                ..Default::default()
-            };
-            switch.send_tcp(remote, guest, &h, 0);
+            reset_syn(switch, guest, remote, guest_isn);
         }
     }
+}
+
+/// Answers a guest SYN (initial sequence number `guest_isn`) with RST|ACK, as a host with
+/// a closed port does.
+pub fn reset_syn(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, guest_isn: u32) {
+    let h = TcpHeader {
+        src_port: remote.port(),
+        dst_port: guest.port(),
+        seq: 0,
+        ack: guest_isn.wrapping_add(1),
+        flags: RST | ACK,
+        ..Default::default()
+    };
+    switch.send_tcp(remote, guest, &h, 0);
 }
 
 /// Answers a segment that belongs to no flow with a RST (RFC 9293 3.10.7.1).

@@ -1483,7 +1483,7 @@ impl Sim {
             && let Some(f) = self.flow.as_mut()
         {
             // (The engine does no book-keeping after these but a removal.)
-            let v = f.write_gathered(&mut self.switch);
+            let v = f.write_gathered(&mut self.switch, now);
             if v == Verdict::Keep {
                 f.flush_ack(&mut self.switch, now);
             }

@@ -58,7 +58,7 @@ fn end_of_round(f: &mut TcpFlow<ModelSocket>, sw: &mut Switch, now: Instant) -> 
     if !f.need_ack {
         return Verdict::Keep;
     }
-    let v = f.write_gathered(sw);
+    let v = f.write_gathered(sw, now);
     if v == Verdict::Keep {
         f.flush_ack(sw, now);
     }
@@ -312,4 +312,65 @@ fn the_model_socket_behaves_as_a_kernel_socket() {
     let mut got = Vec::new();
     model.peer_read(100, &mut got);
     assert_eq!((got.as_slice(), model.tx_shut), (&b"abc"[..], true));
+}
+
+/// A host peer that never reads: once its socket is full, the flow holds at most
+/// `HOLD_MAX` of the guest's data (the rest is not acknowledged and comes again), offers a
+/// shut window, reopens it as soon as the socket drains, and with the socket still full
+/// after `--tcp-stall-timeout`, resets the connection.
+#[test]
+fn a_host_peer_that_never_reads_costs_a_bounded_buffer() {
+    let mut now = Instant::now();
+    let (mut f, mut sw, rec) = open(65535, now);
+    let chunk = vec![9u8; 60_000];
+    let mut seq = GUEST_ISN + 1;
+    for _ in 0..40 {
+        f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &chunk, now);
+        assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+        seq = f.rcv_nxt.wrapping_add(f.pending_len() as u32);
+        assert!(f.pending_len() <= super::HOLD_MAX, "held {}", f.pending_len());
+        assert!(sw.budget.used() <= 2 * super::HOLD_MAX, "budget {}", sw.budget.used());
+    }
+    assert!(f.stalled_since.is_some());
+    let acks = sent(&rec);
+    assert_eq!(acks.last().unwrap().0.window, 0, "a full socket shuts the window");
+    // The peer reads: the held bytes go and the window reopens at once.
+    let mut got = Vec::new();
+    f.sock.peer_read(1 << 20, &mut got);
+    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+    assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+    let update = sent(&rec);
+    assert!(update.last().is_some_and(|(h, _)| h.window > 0), "{update:?}");
+    assert!(f.stalled_since.is_none());
+
+    // Full again, and then nothing for the stall timeout: reset.
+    sw.budget.set(sw.budget.max(), Duration::from_secs(60));
+    for _ in 0..40 {
+        let seq = f.rcv_nxt.wrapping_add(f.pending_len() as u32);
+        f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &chunk, now);
+        end_of_round(&mut f, &mut sw, now);
+    }
+    let since = f.stalled_since.expect("stalled");
+    assert_eq!(f.deadline(), Some(since + Duration::from_secs(60)).min(f.deadline()));
+    now = since + Duration::from_secs(61);
+    assert_eq!(f.on_timer(&mut sw, now), Verdict::Close);
+    assert!(sent(&rec).iter().any(|(h, _)| h.has(RST)));
+    let stalled = sw.counters.limits().find(|(l, _)| *l == crate::engine::metrics::Limit::TcpStalled);
+    assert_eq!(stalled.map(|(_, n)| n), Some(1));
+    drop(f);
+    assert_eq!(sw.budget.used(), 0, "a flow gives back what it held");
+}
+
+/// Over the shared budget, small segments are not gathered: they go straight into the
+/// socket, so a well-behaved flow keeps going while others hold the budget.
+#[test]
+fn over_the_budget_small_segments_go_straight_to_the_socket() {
+    let now = Instant::now();
+    let (mut f, mut sw, _rec) = open(65535, now);
+    sw.budget.set(100, Duration::ZERO);
+    f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK | PSH, 65535), &[1; 1000], now);
+    assert_eq!(f.pending_len(), 0);
+    let mut got = Vec::new();
+    assert_eq!(f.sock.peer_read(4096, &mut got), 1000);
+    assert_eq!(sw.budget.used(), 0);
 }
