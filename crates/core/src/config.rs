@@ -3,7 +3,8 @@
 //! Everything here is fixed once usernet starts, except [`HostDns`]: what the host's
 //! resolver configuration gives the gateway (upstream servers, search domains, options, the
 //! names of /etc/hosts). It is a shared handle that the host side replaces while usernet runs
-//! (`usernet_host::dns_watch`), read by the DNS forwarder, the DHCP server and the API.
+//! (`usernet_host::dns_watch`), read by the DNS forwarder, the DHCP server and the API. The
+//! egress policy (`NetConfig::policy`, crate::policy) is live the same way: the API changes it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -100,6 +101,9 @@ pub struct NetConfig {
     /// pasta's `--map-host-loopback ADDR` (the host's 127.0.0.1) and `--map-guest-addr ADDR`
     /// (the host's own address on its default route).
     pub host_aliases: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// The egress policy (`--allow`, `--deny`, `--allow-domain`): live, shared like
+    /// `host_dns` (a clone of the config shares it); see crate::policy.
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 impl NetConfig {
@@ -118,6 +122,7 @@ impl NetConfig {
             extra_hosts: Vec::new(),
             lease_secs: 3600,
             host_aliases: Vec::new(),
+            policy: Arc::default(),
         }
     }
 }
