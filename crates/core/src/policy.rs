@@ -328,7 +328,8 @@ impl DenyReason {
         }
     }
 
-    fn explain(self) -> &'static str {
+    /// Why, in words (log lines, the proxy's 403).
+    pub fn explain(self) -> &'static str {
         match self {
             DenyReason::DenyRule => "a --deny rule matches",
             DenyReason::NotAllowed => "no --allow rule or --allow-domain covers it",
@@ -382,7 +383,7 @@ pub struct Policy {
     learnt: Mutex<HashMap<IpAddr, Learnt>>,
     told_learnt_full: AtomicBool,
     denied: [[AtomicU64; DenyReason::ALL.len()]; Via::ALL.len()],
-    logged: Mutex<HashSet<(Via, SocketAddr)>>,
+    logged: Mutex<HashSet<(Via, String)>>,
 }
 
 impl Default for Policy {
@@ -552,13 +553,15 @@ impl Policy {
         out
     }
 
-    /// Counts a denial and logs it, once per (`via`, `dst`); `guest` says who asked.
-    pub fn denied(&self, via: Via, reason: DenyReason, dst: SocketAddr, guest: Option<SocketAddr>) {
+    /// Counts a denial and logs it, once per (`via`, `dst`); `guest` says who asked. `dst`
+    /// is an address and port, or a name and port (the proxy).
+    pub fn denied(&self, via: Via, reason: DenyReason, dst: impl fmt::Display, guest: Option<SocketAddr>) {
         self.count(via, reason);
+        let what = dst.to_string();
         let first = {
             let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
             let full = logged.len() >= MAX_LOGGED;
-            let first = !full && logged.insert((via, dst));
+            let first = !full && logged.insert((via, what.clone()));
             if first && logged.len() == MAX_LOGGED {
                 tracing::warn!("{MAX_LOGGED} destinations denied by the egress policy: further ones are not logged");
             }
@@ -566,7 +569,6 @@ impl Policy {
         };
         if first {
             let from = guest.map_or(String::new(), |g| format!(" from {g}"));
-            let what = if via == Via::Icmp { dst.ip().to_string() } else { dst.to_string() };
             tracing::warn!(
                 "denied guest {}{from} to {what}: {} (egress policy); not logged again for this destination",
                 via.as_str(),
@@ -796,7 +798,7 @@ mod tests {
     #[test]
     fn denials_are_counted_and_logged_once() {
         let p = policy(&[], &["203.0.113.0/24"], &[]);
-        let dst: SocketAddr = "203.0.113.1:80".parse().unwrap();
+        let dst = "203.0.113.1:80";
         for _ in 0..3 {
             p.denied(Via::Tcp, DenyReason::DenyRule, dst, None);
         }

@@ -131,7 +131,8 @@ pub fn admit(cfg: &NetConfig, via: Via, dst: SocketAddrV4, guest: Option<SocketA
     match cfg.policy.check(IpAddr::V4(ip), port) {
         Verdict::Allow => Ok(()),
         Verdict::Deny(reason) => {
-            cfg.policy.denied(via, reason, SocketAddr::V4(dst), guest.map(SocketAddr::V4));
+            let what = if via == Via::Icmp { dst.ip().to_string() } else { dst.to_string() };
+            cfg.policy.denied(via, reason, what, guest.map(SocketAddr::V4));
             Err(io::Error::from_raw_os_error(libc::EACCES))
         }
     }
