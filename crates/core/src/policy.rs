@@ -305,6 +305,17 @@ impl Rules {
     }
 }
 
+/// One line for logs: `allow=[..] deny=[..] allow_domains=[..]`.
+pub fn describe(rules: &Rules) -> String {
+    let list = |v: Vec<String>| v.join(",");
+    format!(
+        "allow=[{}] deny=[{}] allow_domains=[{}]",
+        list(rules.allow.iter().map(Rule::to_string).collect()),
+        list(rules.deny.iter().map(Rule::to_string).collect()),
+        rules.allow_domains.join(",")
+    )
+}
+
 /// Why a destination was denied (the `reason` label of `/metrics`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DenyReason {
