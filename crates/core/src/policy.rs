@@ -27,6 +27,13 @@
 //! addresses (the one that expires first makes room; said once in the log). The HTTP proxy,
 //! which resolves names itself, checks the name against the allow-domains directly.
 //!
+//! Publishing: a published port's clients are chosen by its listen address (`-p
+//! 127.0.0.1:8080:80`), not by the allow rules, but a deny rule without ports also refuses
+//! them ([`Policy::denies_peer`]: a connection from such a client is reset, its datagrams are
+//! dropped): `--deny 10.0.0.0/8` keeps the guest and that network apart both ways. The
+//! guest's answers to its clients are no new flows; a datagram from a published UDP port to
+//! anyone else is one, judged as any.
+//!
 //! Changes (`Policy::set_rules`) apply to new flows, connections and proxy requests;
 //! flows already open keep going. Learnt addresses whose name is no longer covered by an
 //! allow-domain are forgotten at the change.
@@ -357,10 +364,12 @@ pub enum Via {
     Icmp,
     /// The HTTP proxy (explicit or transparent).
     Proxy,
+    /// A client of a published port (a `--deny` rule without ports).
+    Publish,
 }
 
 impl Via {
-    pub const ALL: [Via; 4] = [Via::Tcp, Via::Udp, Via::Icmp, Via::Proxy];
+    pub const ALL: [Via; 5] = [Via::Tcp, Via::Udp, Via::Icmp, Via::Proxy, Via::Publish];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -368,6 +377,7 @@ impl Via {
             Via::Udp => "udp",
             Via::Icmp => "icmp",
             Via::Proxy => "proxy",
+            Via::Publish => "publish",
         }
     }
 }
@@ -501,6 +511,13 @@ impl Policy {
             None if rules.default_deny() => Verdict::Deny(DenyReason::NotAllowed),
             None => Verdict::Allow,
         }
+    }
+
+    /// Whether a client at `ip` is refused by a published port: a deny rule without ports
+    /// covers it (a rule with ports names services of the destination; allow rules and
+    /// allow-domains say where the guest may go, not who may reach its published ports).
+    pub fn denies_peer(&self, ip: IpAddr) -> bool {
+        self.is_active() && self.rules().deny.iter().any(|r| r.ports.is_empty() && r.net.contains(ip))
     }
 
     /// Whether the rules would want an address for `name` to decide (the proxy then looks
@@ -723,6 +740,17 @@ mod tests {
         p.set_rules(Rules::default());
         assert!(!p.is_active());
         assert_eq!(p.check(ip("203.0.113.1"), Some(80)), Verdict::Allow);
+    }
+
+    #[test]
+    fn published_ports_refuse_clients_of_deny_rules_without_ports() {
+        let p = policy(&["198.51.100.0/24"], &["203.0.113.0/24", "192.0.2.0/24:22", "127.0.0.1"], &[]);
+        assert!(p.denies_peer(ip("203.0.113.9")));
+        assert!(p.denies_peer(ip("::ffff:203.0.113.9")));
+        assert!(p.denies_peer(ip("127.0.0.1")), "a loopback client (the host address) as 127.0.0.1");
+        assert!(!p.denies_peer(ip("192.0.2.5")), "a rule with ports is about the destination's services");
+        assert!(!p.denies_peer(ip("10.0.0.1")), "the allow list does not choose who may connect");
+        assert!(!Policy::default().denies_peer(ip("203.0.113.9")));
     }
 
     #[test]

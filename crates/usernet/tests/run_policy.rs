@@ -232,3 +232,66 @@ fn policy_changes_at_run_time_through_the_api() {
     let shown = format!(r#"{{"allow":[],"deny":["{}"],"allow_domains":[],"default":"allow","learnt":[]}}"#, a.ip());
     assert_eq!(lines, [want_a.as_str(), shown.as_str(), "curl=7", want_b.as_str(), want_a.as_str()], "{out}");
 }
+
+/// A guest server that answers `hello` to every connection on port 80.
+const HELLO_SERVER: &str = r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 80))
+s.listen(16)
+print("READY", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hello\n")
+    c.close()
+"#;
+
+/// A client of `HOST:PORT`: prints the first line it reads, or the error.
+const HELLO_CLIENT: &str = r#"
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    data = c.recv(100)
+    print(data.decode().strip() if data else "closed")
+except OSError as e:
+    print(type(e).__name__)
+"#;
+
+/// Publishing: a `--deny` rule without ports refuses the clients it covers (a reset), the
+/// other clients of the same published port, the host's loopback among them, are served.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn deny_rules_refuse_clients_of_published_ports() {
+    require(&["ip", "dnsmasq", "python3"]);
+    let dns = DnsUpstream::start();
+    let (denied, other) = (RemoteHost::new(), RemoteHost::new());
+    let port = free_port();
+    let specs = [
+        format!("{}:{port}:80", denied.host_ip),
+        format!("{}:{port}:80", other.host_ip),
+        format!("127.0.0.1:{port}:80"),
+    ];
+    let mut run = Usernet::new(&dns).arg("--deny").arg(format!("{}/32", denied.ip));
+    for s in &specs {
+        run = run.arg("-p").arg(s);
+    }
+    let py = python().display().to_string();
+    let mut bg =
+        Background::start(run.command(&["timeout", "30", &py, "-c", HELLO_SERVER]), std::process::Stdio::null());
+    bg.wait_line("READY", std::time::Duration::from_secs(20));
+    let client = |host: Option<&RemoteHost>, to: &str| -> String {
+        let args = [py.as_str(), "-c", HELLO_CLIENT, to, &port.to_string()];
+        let out = match host {
+            Some(h) => h.exec(&args),
+            None => run_bounded(std::process::Command::new(&py).args(&args[1..]), DEFAULT_TIMEOUT),
+        };
+        out.stdout.trim().to_string()
+    };
+    let refused = client(Some(&denied), &denied.host_ip);
+    assert!(["ConnectionResetError", "closed"].contains(&refused.as_str()), "{refused}\nusernet:\n{}", bg.describe());
+    assert_eq!(client(Some(&other), &other.host_ip), "hello", "{}", bg.describe());
+    assert_eq!(client(None, "127.0.0.1"), "hello", "{}", bg.describe());
+    let said = bg.stderr().lines().filter(|l| l.contains("denied guest publish") && l.contains(&denied.ip)).count();
+    assert_eq!(said, 1, "{}", bg.describe());
+}

@@ -908,3 +908,35 @@ fn egress_policy_refuses_new_flows() {
     let failures: Vec<_> = e.metrics().counters.connect_failures().collect();
     assert!(failures.contains(&(super::metrics::ConnectFailure::Denied, 3)), "{failures:?}");
 }
+
+/// A published port refuses a client that a `--deny` rule without ports covers (reset, no
+/// flow, counted as `publish`); once the rule goes, the next client is served.
+#[test]
+fn published_ports_refuse_denied_clients() {
+    use crate::policy::{DenyReason, Rules, Via};
+    let (mut e, link, _dialer, cfg) = policy_engine(&[], &["127.0.0.1/32"]);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let local = l.local_addr().unwrap();
+    let bound =
+        crate::ports::BoundListener { fd: OwnedFd::from(l), local, proto: crate::ports::Proto::Tcp, guest_port: 80 };
+    e.publish(vec![bound], *guest().ip());
+    e.set_guest_mac(GUEST_MAC, *guest().ip());
+    let mut client = std::net::TcpStream::connect(local).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    e.on_listener(0, Instant::now());
+    assert_eq!(e.flow_count(), 0);
+    assert!(take_tcp(&link).is_empty(), "no SYN to the guest");
+    client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(client.read(&mut buf), Err(_) | Ok(0)), "the client is reset");
+    let counts = cfg.policy.denied_counts();
+    assert!(counts.contains(&(Via::Publish, DenyReason::DenyRule, 1)), "{counts:?}");
+
+    cfg.policy.set_rules(Rules::default());
+    let _client = std::net::TcpStream::connect(local).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    e.on_listener(0, Instant::now());
+    assert_eq!(e.flow_count(), 1);
+    assert!(take_tcp(&link).iter().any(|(h, _)| h.has(SYN)), "our SYN to the guest");
+}
