@@ -3,7 +3,8 @@
 //! Everything here is fixed once usernet starts, except [`HostDns`]: what the host's
 //! resolver configuration gives the gateway (upstream servers, search domains, options, the
 //! names of /etc/hosts). It is a shared handle that the host side replaces while usernet runs
-//! (`usernet_host::dns_watch`), read by the DNS forwarder, the DHCP server and the API.
+//! (`usernet_host::dns_watch`), read by the DNS forwarder, the DHCP server and the API. The
+//! egress policy (`NetConfig::policy`, crate::policy) is live the same way: the API changes it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -102,6 +103,9 @@ pub struct NetConfig {
     pub host_aliases: Vec<(Ipv4Addr, Ipv4Addr)>,
     /// The bounds of what guests may make usernet hold (see [`Limits`]).
     pub limits: Limits,
+    /// The egress policy (`--allow`, `--deny`, `--allow-domain`): live, shared like
+    /// `host_dns` (a clone of the config shares it); see crate::policy.
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 /// How often at most the log says that one limit was reached (an episode's first time,
@@ -177,6 +181,7 @@ impl NetConfig {
             lease_secs: 3600,
             host_aliases: Vec::new(),
             limits: Limits::default(),
+            policy: Arc::default(),
         }
     }
 }

@@ -7,12 +7,16 @@
 //! The names of the host's /etc/hosts are answered by the gateway in both cases, and
 //! followed too. In `run`, the guest's resolv.conf follows the host's search domains and
 //! `ndots` when the servers do (not with `--dns-upstream`, which brings none).
+//!
+//! The egress policy (`--deny`, `--allow`, `--allow-domain`) becomes `NetConfig::policy`,
+//! which the API may change at run time (crates/core/src/policy.rs says what it decides).
 
 use clap::Args;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use usernet_core::config::{Ipv4Subnet, NetConfig, Upstreams};
+use usernet_core::policy::{self, Policy, Rule, Rules};
 use usernet_core::ports::{BoundListener, Proto};
 use usernet_host::dns_watch::{self, DnsWatch, WatchSpec};
 use usernet_host::netns::resolv::{GuestResolvConf, RESOLV_CONF};
@@ -50,6 +54,22 @@ pub struct NetOpts {
     /// are refused). The guest never reaches 127.0.0.0/8 by addressing it, with or without.
     #[arg(long = "no-host-loopback")]
     pub no_host_loopback: bool,
+    /// Deny the guest this destination (repeatable): `CIDR[:PORTS]`, PORTS `N`, `N-M` or a
+    /// comma list (`10.0.0.0/8`, `203.0.113.7:22`, `[2001:db8::/32]:443`). Deny rules win over
+    /// allow rules. The host address is judged as 127.0.0.1. New connections get a RST (TCP)
+    /// or an ICMP administratively prohibited (UDP, ping); the proxy answers 403.
+    #[arg(long = "deny", value_name = "CIDR[:PORTS]", value_parser = parse_rule)]
+    pub deny: Vec<Rule>,
+    /// Allow the guest this destination (repeatable, same form as `--deny`). With any
+    /// `--allow` or `--allow-domain`, every destination not allowed is denied (the host's
+    /// 127.0.0.1 included; the gateway's DNS and DHCP stay open).
+    #[arg(long = "allow", value_name = "CIDR[:PORTS]", value_parser = parse_rule)]
+    pub allow: Vec<Rule>,
+    /// Allow NAME and every name below it (repeatable): the addresses the gateway's DNS
+    /// forwards in answers for them are allowed for their TTL (at least 5 minutes); the proxy
+    /// allows the names themselves. Makes every destination not allowed denied, as `--allow`.
+    #[arg(long = "allow-domain", value_name = "NAME", value_parser = parse_domain)]
+    pub allow_domain: Vec<String>,
     /// Publish every `--expose` port to a random host port (on 0.0.0.0 and [::]).
     #[arg(short = 'P', long = "publish-all")]
     pub publish_all: bool,
@@ -83,6 +103,16 @@ pub struct NetOpts {
     #[arg(long = "busy-poll", value_name = "MICROSECONDS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub busy_poll: u64,
+}
+
+/// A `--deny` or `--allow` rule.
+pub fn parse_rule(s: &str) -> Result<Rule, String> {
+    s.parse::<Rule>().map_err(|e| e.to_string())
+}
+
+/// An `--allow-domain` name, normalized.
+pub fn parse_domain(s: &str) -> Result<String, String> {
+    policy::normalize_domain(s).map_err(|e| e.to_string())
 }
 
 pub fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -141,6 +171,17 @@ impl NetOpts {
         let mut cfg = NetConfig::new(self.subnet, self.mtu.unwrap_or(default_mtu));
         cfg.host_loopback = !self.no_host_loopback;
         cfg.limits = self.limits.to_limits();
+        let mut allow_domains: Vec<String> = Vec::new();
+        for d in &self.allow_domain {
+            if !allow_domains.contains(d) {
+                allow_domains.push(d.clone());
+            }
+        }
+        let rules = Rules { allow: self.allow.clone(), deny: self.deny.clone(), allow_domains };
+        if !rules.is_empty() {
+            tracing::info!("egress policy: {}", policy::describe(&rules));
+        }
+        cfg.policy = std::sync::Arc::new(Policy::new(rules));
         for spec in &self.add_host {
             let (name, ip) = spec
                 .rsplit_once(':')

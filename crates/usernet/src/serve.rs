@@ -380,4 +380,48 @@ mod tests {
             assert_eq!(net.to_config(1500).unwrap().host_loopback, open, "{cmd} {extra:?}");
         }
     }
+
+    /// `--deny`, `--allow`, `--allow-domain` (run and serve share them) become the
+    /// configuration's egress policy; a bad rule or name is a parse error (exit status 125,
+    /// as every bad flag) that names it.
+    #[test]
+    fn egress_policy_flags() {
+        use usernet_core::policy::{DenyReason, Verdict};
+        let cli = crate::Cli::try_parse_from([
+            "usernet",
+            "run",
+            "--dns-upstream",
+            "127.0.0.1",
+            "--deny",
+            "198.51.100.66",
+            "--allow",
+            "198.51.100.0/24:80,443",
+            "--allow",
+            "[2001:db8::/32]:443",
+            "--allow-domain",
+            "Example.TEST.",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        let crate::Command::Run(a) = cli.command else { panic!("not run") };
+        let cfg = a.net.to_config(1500).unwrap();
+        let rules = cfg.policy.rules();
+        assert_eq!(rules.allow.len(), 2);
+        assert_eq!(rules.allow_domains, vec!["example.test".to_string()]);
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(cfg.policy.check(ip("198.51.100.7"), Some(443)), Verdict::Allow);
+        assert_eq!(cfg.policy.check(ip("198.51.100.66"), Some(443)), Verdict::Deny(DenyReason::DenyRule));
+        assert_eq!(cfg.policy.check(ip("203.0.113.1"), Some(443)), Verdict::Deny(DenyReason::NotAllowed));
+        for (flag, bad, says) in [
+            ("--deny", "10.0.0.0/33", "prefix /33"),
+            ("--allow", "10.0.0.1:0", "invalid port"),
+            ("--allow", "example.com", "not an IP address"),
+            ("--allow-domain", "a b", "only letters"),
+        ] {
+            let e = crate::Cli::try_parse_from(["usernet", "serve", "--listen-stdio", flag, bad]).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(bad) && text.contains(says), "{flag} {bad}: {text}");
+        }
+    }
 }

@@ -219,7 +219,11 @@ fn metrics_count_real_traffic() {
     assert_eq!(sum(&m, "usernet_dns_upstream_failures_total", &up).1, 4, "{text}");
 
     assert!(value(&m, "usernet_connect_failures_total", &[("reason", "refused")]) >= 1.0, "{text}");
-    assert_eq!(sum(&m, "usernet_connect_failures_total", &[]).1, 4, "{text}");
+    // Every reason is reported, even at zero: refused, unreachable, timeout, denied, other.
+    assert_eq!(sum(&m, "usernet_connect_failures_total", &[]).1, 5, "{text}");
+    // The egress policy's denials: 5 protocols times 3 reasons (here the guard's alone moves
+    // nothing: no rule is set and the guest dials nothing on the host's loopback).
+    assert_eq!(sum(&m, "usernet_policy_denied_total", &[]), (0.0, 15), "{text}");
     assert_eq!(value(&m, "usernet_published_ports", &[("proto", "tcp")]), 1.0, "{text}");
     let host = format!("127.0.0.1:{published}");
     assert!(value(&m, "usernet_published_connections_accepted_total", &[("host", host.as_str())]) >= 1.0, "{text}");

@@ -170,10 +170,13 @@ impl NeverReads {
             .arg(first.to_string())
             .spawn()
             .expect("start tcpflood.py server");
+        // From here on Drop kills it, whatever happens.
+        let mut server = NeverReads { port: 0, child, _dir: dir };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if let Some(port) = std::fs::read_to_string(&portfile).ok().and_then(|s| s.trim().parse().ok()) {
-                return NeverReads { port, child, _dir: dir };
+                server.port = port;
+                return server;
             }
             assert!(std::time::Instant::now() < deadline, "tcpflood.py server did not start");
             std::thread::sleep(std::time::Duration::from_millis(50));

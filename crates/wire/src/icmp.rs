@@ -10,6 +10,8 @@ pub const TYPE_ECHO_REQUEST: u8 = 8;
 pub const CODE_NET_UNREACHABLE: u8 = 0;
 pub const CODE_HOST_UNREACHABLE: u8 = 1;
 pub const CODE_PORT_UNREACHABLE: u8 = 3;
+/// Communication administratively prohibited (RFC 1812 5.2.7.1): the egress policy.
+pub const CODE_ADMIN_PROHIBITED: u8 = 13;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IcmpHeader {

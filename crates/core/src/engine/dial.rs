@@ -13,15 +13,21 @@
 //! service of the host that listens on loopback only. They are refused instead (a RST, an
 //! ICMP port unreachable, an echo request dropped), and each such destination is logged
 //! once.
+//!
+//! The egress policy (crate::policy) is asked by [`admit`], once per new flow, before any
+//! hook or dialler: it judges the destination the host would dial (the host address as the
+//! host's 127.0.0.1), never the gateway's own services. A denial is `EACCES`, which the
+//! engine turns into a RST (TCP) or an ICMP administratively prohibited (UDP, ping).
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use super::sock;
 use crate::config::NetConfig;
+use crate::policy::{DenyReason, Verdict, Via};
 use crate::services::ServiceHub;
 
 /// A freshly dialled TCP socket.
@@ -88,20 +94,46 @@ impl HostDialer {
     }
 
     fn target(&self, ip: Ipv4Addr) -> Target {
-        if self.cfg.dns == Some(ip) {
-            Target::Gateway
-        } else if let Some(to) = self.cfg.host_alias(ip) {
-            Target::Host(to)
-        } else if ip == self.cfg.host {
-            if self.cfg.host_loopback { Target::Host(Ipv4Addr::LOCALHOST) } else { Target::Refused }
-        } else if ip == self.cfg.gateway {
-            Target::Gateway
-        } else if crate::config::is_host_local(ip.into()) {
-            Target::Refused
-        } else if self.cfg.subnet.contains(ip) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-            Target::Unreachable
-        } else {
-            Target::Host(ip)
+        target(&self.cfg, ip)
+    }
+}
+
+fn target(cfg: &NetConfig, ip: Ipv4Addr) -> Target {
+    if cfg.dns == Some(ip) {
+        Target::Gateway
+    } else if let Some(to) = cfg.host_alias(ip) {
+        Target::Host(to)
+    } else if ip == cfg.host {
+        if cfg.host_loopback { Target::Host(Ipv4Addr::LOCALHOST) } else { Target::Refused }
+    } else if ip == cfg.gateway {
+        Target::Gateway
+    } else if crate::config::is_host_local(ip.into()) {
+        Target::Refused
+    } else if cfg.subnet.contains(ip) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        Target::Unreachable
+    } else {
+        Target::Host(ip)
+    }
+}
+
+/// The egress policy's word on a new guest flow to `dst` (the port is ignored for `Via::Icmp`):
+/// Ok, or `EACCES` once the denial is counted and logged. Only destinations the host would
+/// dial are judged, as what the host dials (the host address as 127.0.0.1); the gateway,
+/// the refused and the unreachable ones are left to the dialler.
+pub fn admit(cfg: &NetConfig, via: Via, dst: SocketAddrV4, guest: Option<SocketAddrV4>) -> io::Result<()> {
+    if !cfg.policy.is_active() {
+        return Ok(());
+    }
+    let Target::Host(ip) = target(cfg, *dst.ip()) else {
+        return Ok(());
+    };
+    let port = (via != Via::Icmp).then_some(dst.port());
+    match cfg.policy.check(IpAddr::V4(ip), port) {
+        Verdict::Allow => Ok(()),
+        Verdict::Deny(reason) => {
+            let what = if via == Via::Icmp { dst.ip().to_string() } else { dst.to_string() };
+            cfg.policy.denied(via, reason, what, guest.map(SocketAddr::V4));
+            Err(io::Error::from_raw_os_error(libc::EACCES))
         }
     }
 }
@@ -109,6 +141,12 @@ impl HostDialer {
 impl HostDialer {
     /// A connection to the host's loopback refused: logged once per destination.
     fn refused(&mut self, proto: &'static str, dst: SocketAddrV4, guest: Option<SocketAddrV4>) -> io::Error {
+        let via = match proto {
+            "tcp" => Via::Tcp,
+            "udp" => Via::Udp,
+            _ => Via::Icmp,
+        };
+        self.cfg.policy.count(via, DenyReason::Loopback);
         if self.denied.len() < MAX_DENIED_LOGGED && self.denied.insert((proto, dst)) {
             let why = if *dst.ip() == self.cfg.host {
                 "the host address does not lead to the host's loopback (--no-host-loopback)"

@@ -1,7 +1,8 @@
 //! Frame dispatch: every frame from a guest, by protocol. The switch comes first (frames
 //! for other guests go to them), then ARP and ping for the gateway, DHCP, and TCP, UDP and
 //! ICMP echo to their flows, creating a flow on a SYN, a first datagram or a first echo
-//! request. Nothing here panics, whatever the bytes.
+//! request. Each new flow is first put to the egress policy (`dial::admit`). Nothing here
+//! panics, whatever the bytes.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
@@ -21,6 +22,7 @@ use super::flows::{self, Flow, FlowKey, IcmpFlow, TcpFlow, UdpFlow, Verdict};
 use super::metrics::DropReason;
 use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF};
 use super::{Engine, dial};
+use crate::policy::Via;
 
 impl Engine {
     /// One frame from the guest. Never panics, whatever the bytes.
@@ -121,10 +123,25 @@ impl Engine {
             Some(id) => id,
             None => {
                 self.bound_icmp(now);
-                let (fd, kind) = match self.dialer.icmp(ip.dst) {
+                let admitted = dial::admit(&self.cfg, Via::Icmp, SocketAddrV4::new(ip.dst, 0), None);
+                let (fd, kind) = match admitted.and_then(|()| self.dialer.icmp(ip.dst)) {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::debug!("ping {} -> {}: {e}", ip.src, ip.dst);
+                        if e.raw_os_error() == Some(libc::EACCES) {
+                            // The egress policy: the guest's ping fails at once.
+                            let quote = &message[..message.len().min(8)];
+                            let mut q = [0u8; 28];
+                            Ipv4Header::new(ip.src, ip.dst, PROTO_ICMP, message.len()).emit(&mut q);
+                            q[20..20 + quote.len()].copy_from_slice(quote);
+                            self.switch.send_icmp_error(
+                                ip.dst,
+                                ip.src,
+                                icmp::TYPE_DEST_UNREACHABLE,
+                                icmp::CODE_ADMIN_PROHIBITED,
+                                &q[..20 + quote.len()],
+                            );
+                        }
                         return;
                     }
                 };
@@ -163,11 +180,13 @@ impl Engine {
             Some(id) => id,
             None => {
                 self.bound_udp(now);
-                let fd = match self.dialer.udp(remote, guest) {
+                let admitted = dial::admit(&self.cfg, Via::Udp, remote, Some(guest));
+                let fd = match admitted.and_then(|()| self.dialer.udp(remote, guest)) {
                     Ok(fd) => fd,
                     Err(e) => {
                         let code = match e.raw_os_error() {
                             Some(libc::ECONNREFUSED) => icmp::CODE_PORT_UNREACHABLE,
+                            Some(libc::EACCES) => icmp::CODE_ADMIN_PROHIBITED,
                             Some(libc::ENETUNREACH) => icmp::CODE_NET_UNREACHABLE,
                             _ => icmp::CODE_HOST_UNREACHABLE,
                         };
@@ -277,6 +296,12 @@ impl Engine {
             return;
         }
         if ip.dst.is_broadcast() || ip.dst.is_multicast() {
+            return;
+        }
+        // The egress policy first: a denied destination is not for a hook either (the
+        // transparent proxy).
+        if dial::admit(&self.cfg, Via::Tcp, remote, Some(guest)).is_err() {
+            flows::tcp::refuse(&mut self.switch, guest, remote, h.seq, libc::EACCES);
             return;
         }
         if !self.may_open_tcp(ip.src, now) {

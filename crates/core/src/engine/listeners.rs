@@ -7,6 +7,8 @@
 //! the listener. The guest sees the client's real address when it has an IPv4 one; a
 //! client on the host's loopback (or any IPv6 client, while the guest network is
 //! IPv4-only) appears as the host address, as if it came from host.docker.internal.
+//! A client that a `--deny` rule without ports covers is refused (crate::policy: reset, or
+//! its datagram dropped), before anything is spliced or made.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -21,6 +23,7 @@ use super::flows::udp::{Inbound, UdpSocket};
 use super::flows::{Flow, FlowKey, SpliceFlow, TcpFlow, UdpFlow, Verdict};
 use super::switch::UDP_PAYLOAD_OFF;
 use super::{Engine, sock};
+use crate::policy::{DenyReason, Via};
 use crate::ports::BoundListener;
 use crate::ports::Proto;
 
@@ -152,6 +155,11 @@ impl Engine {
                 }
             };
             accepted += 1;
+            if self.cfg.policy.denies_peer(client.ip()) {
+                self.cfg.policy.denied(Via::Publish, DenyReason::DenyRule, client, None);
+                sock::set_linger_zero(fd.as_fd());
+                continue;
+            }
             let fd = if is_loopback(client) && self.guest_sockets.is_some() {
                 match self.splice_to_guest(fd, guest, now) {
                     Some(fd) => fd,
@@ -237,6 +245,10 @@ impl Engine {
             let id = match self.flows.lookup(&key) {
                 Some(id) => id,
                 None => {
+                    if self.cfg.policy.denies_peer(client.ip()) {
+                        self.cfg.policy.denied(Via::Publish, DenyReason::DenyRule, client, None);
+                        continue;
+                    }
                     self.bound_udp(now);
                     let inbound = Inbound { listener: listener.clone(), listener_id, client };
                     let flow = Flow::Udp(UdpFlow::new_inbound(guest, remote, inbound, now));

@@ -69,12 +69,19 @@ pub enum ConnectFailure {
     Refused,
     Unreachable,
     Timeout,
+    /// The egress policy denied it (crate::policy; EACCES inside the engine).
+    Denied,
     Other,
 }
 
 impl ConnectFailure {
-    pub const ALL: [ConnectFailure; 4] =
-        [ConnectFailure::Refused, ConnectFailure::Unreachable, ConnectFailure::Timeout, ConnectFailure::Other];
+    pub const ALL: [ConnectFailure; 5] = [
+        ConnectFailure::Refused,
+        ConnectFailure::Unreachable,
+        ConnectFailure::Timeout,
+        ConnectFailure::Denied,
+        ConnectFailure::Other,
+    ];
 
     /// The failure an errno of `connect(2)` (or `SO_ERROR`) stands for.
     pub fn from_errno(err: i32) -> ConnectFailure {
@@ -84,6 +91,7 @@ impl ConnectFailure {
                 ConnectFailure::Unreachable
             }
             libc::ETIMEDOUT => ConnectFailure::Timeout,
+            libc::EACCES => ConnectFailure::Denied,
             _ => ConnectFailure::Other,
         }
     }
@@ -94,6 +102,7 @@ impl ConnectFailure {
             ConnectFailure::Refused => "refused",
             ConnectFailure::Unreachable => "unreachable",
             ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Denied => "denied",
             ConnectFailure::Other => "other",
         }
     }

@@ -940,3 +940,126 @@ fn guest_flows_keep_out_of_the_descriptor_reserve() {
     assert_eq!(e.flow_count(), 0);
     assert_eq!(limit_count(&e, metrics::Limit::Descriptors), 2);
 }
+
+/// An engine whose configuration carries this egress policy (fake dialler).
+fn policy_engine(allow: &[&str], deny: &[&str]) -> (Engine, FakeLink, FakeDialer, Arc<NetConfig>) {
+    let link = FakeLink::default();
+    let dialer = FakeDialer::default();
+    let rules = crate::policy::Rules::parse(allow, deny, &[]).unwrap();
+    let cfg = Arc::new(NetConfig { policy: Arc::new(crate::policy::Policy::new(rules)), ..NetConfig::default() });
+    let mut e = Engine::with_dialer(cfg.clone(), Box::new(dialer.clone()), None).unwrap();
+    e.add_link(Box::new(link.clone()));
+    (e, link, dialer, cfg)
+}
+
+/// The ICMP errors sent to the guest since the last call: (type, code, quoted protocol).
+fn take_icmp_errors(link: &FakeLink) -> Vec<(u8, u8, u8)> {
+    std::mem::take(&mut *link.sent.borrow_mut())
+        .iter()
+        .filter_map(|f| {
+            let (_, p) = EthernetHeader::parse(f)?;
+            let (ip, p) = Ipv4Header::parse(p)?;
+            if ip.protocol != PROTO_ICMP {
+                return None;
+            }
+            let (h, quoted) = IcmpHeader::parse(p)?;
+            Some((h.kind, h.code, quoted.get(9).copied().unwrap_or(0)))
+        })
+        .collect()
+}
+
+fn udp_frame(dst: SocketAddrV4) -> Vec<u8> {
+    let mut d = vec![0u8; 8 + 4];
+    d[8..].copy_from_slice(b"ping");
+    UdpHeader { src_port: 5000, dst_port: dst.port() }.emit(&mut d, 4, *guest().ip(), *dst.ip());
+    frame_ipv4(PROTO_UDP, *guest().ip(), *dst.ip(), &d)
+}
+
+fn echo_frame(dst: Ipv4Addr) -> Vec<u8> {
+    let mut m = vec![0u8; 8 + 4];
+    IcmpHeader::echo(icmp::TYPE_ECHO_REQUEST, 7, 1).emit(&mut m, 4);
+    frame_ipv4(PROTO_ICMP, *guest().ip(), dst, &m)
+}
+
+/// The egress policy: a denied SYN gets a RST and is never dialled, a denied datagram or
+/// echo request an ICMP administratively prohibited; an allowed destination is dialled; the
+/// host address is judged as 127.0.0.1; the gateway's DNS is never subject to the policy;
+/// each denial is counted; a change applies to the next new flow.
+#[test]
+fn egress_policy_refuses_new_flows() {
+    use crate::policy::{DenyReason, Rules, Via};
+    let denied = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 66), 80);
+    let (mut e, link, dialer, cfg) = policy_engine(&[], &["203.0.113.66", "127.0.0.1/32:22"]);
+    let now = Instant::now();
+
+    e.on_frame(0, &syn_to(denied), now);
+    let out = take_tcp(&link);
+    assert!(out.len() == 1 && out[0].0.has(RST) && out[0].0.ack == 1001, "{out:?}");
+    assert_eq!(e.flow_count(), 0);
+    assert!(dialer.tcp_peers.borrow().is_empty(), "a denied destination was dialled");
+    // The host address is 127.0.0.1 to the policy: port 22 denied, 80 allowed.
+    let host = Ipv4Addr::new(192, 168, 65, 254);
+    e.on_frame(0, &syn_to(SocketAddrV4::new(host, 22)), now);
+    assert!(take_tcp(&link).iter().any(|(h, _)| h.has(RST)));
+    e.on_frame(0, &syn_to(SocketAddrV4::new(host, 80)), now);
+    assert_eq!(e.flow_count(), 1);
+
+    e.on_frame(0, &udp_frame(denied), now);
+    assert_eq!(take_icmp_errors(&link), vec![(icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_ADMIN_PROHIBITED, PROTO_UDP)]);
+    e.on_frame(0, &echo_frame(*denied.ip()), now);
+    assert_eq!(take_icmp_errors(&link), vec![(icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_ADMIN_PROHIBITED, PROTO_ICMP)]);
+    assert!(dialer.udp_peers.borrow().is_empty());
+    // Allowed: dialled.
+    e.on_frame(0, &udp_frame(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 67), 53)), now);
+    assert_eq!(dialer.udp_peers.borrow().len(), 1);
+
+    // An allow list: everything else denied, the gateway's DNS still served.
+    cfg.policy.set_rules(Rules::parse(&["198.51.100.0/24:443"], &[], &[]).unwrap());
+    e.on_frame(0, &udp_frame(SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 1), 53)), now);
+    assert_eq!(dialer.udp_peers.borrow().len(), 2, "the gateway's DNS is not subject to the policy");
+    e.on_frame(0, &syn_to(SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 5), 80)), now);
+    assert!(take_tcp(&link).iter().any(|(h, _)| h.has(RST)), "port 80 is not allowed");
+    e.on_frame(0, &syn_to(SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 5), 443)), now);
+    assert_eq!(dialer.tcp_peers.borrow().len(), 2);
+
+    let counts = cfg.policy.denied_counts();
+    let of = |v, r| counts.iter().find(|(cv, cr, _)| *cv == v && *cr == r).unwrap().2;
+    assert_eq!(of(Via::Tcp, DenyReason::DenyRule), 2);
+    assert_eq!(of(Via::Tcp, DenyReason::NotAllowed), 1);
+    assert_eq!(of(Via::Udp, DenyReason::DenyRule), 1);
+    assert_eq!(of(Via::Icmp, DenyReason::DenyRule), 1);
+    let failures: Vec<_> = e.metrics().counters.connect_failures().collect();
+    assert!(failures.contains(&(super::metrics::ConnectFailure::Denied, 3)), "{failures:?}");
+}
+
+/// A published port refuses a client that a `--deny` rule without ports covers (reset, no
+/// flow, counted as `publish`); once the rule goes, the next client is served.
+#[test]
+fn published_ports_refuse_denied_clients() {
+    use crate::policy::{DenyReason, Rules, Via};
+    let (mut e, link, _dialer, cfg) = policy_engine(&[], &["127.0.0.1/32"]);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let local = l.local_addr().unwrap();
+    let bound =
+        crate::ports::BoundListener { fd: OwnedFd::from(l), local, proto: crate::ports::Proto::Tcp, guest_port: 80 };
+    e.publish(vec![bound], *guest().ip());
+    e.set_guest_mac(GUEST_MAC, *guest().ip());
+    let mut client = std::net::TcpStream::connect(local).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    e.on_listener(0, Instant::now());
+    assert_eq!(e.flow_count(), 0);
+    assert!(take_tcp(&link).is_empty(), "no SYN to the guest");
+    client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(client.read(&mut buf), Err(_) | Ok(0)), "the client is reset");
+    let counts = cfg.policy.denied_counts();
+    assert!(counts.contains(&(Via::Publish, DenyReason::DenyRule, 1)), "{counts:?}");
+
+    cfg.policy.set_rules(Rules::default());
+    let _client = std::net::TcpStream::connect(local).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    e.on_listener(0, Instant::now());
+    assert_eq!(e.flow_count(), 1);
+    assert!(take_tcp(&link).iter().any(|(h, _)| h.has(SYN)), "our SYN to the guest");
+}

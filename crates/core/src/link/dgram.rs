@@ -373,12 +373,7 @@ mod tests {
         let mut got = [0u8; 2000];
         for i in 0..n {
             // The guest reads; the engine flushes again (as after BACKLOG_RETRY).
-            let len = loop {
-                match vm.recv(&mut got) {
-                    Ok(len) => break len,
-                    Err(e) => panic!("frame {i}: {e}"),
-                }
-            };
+            let len = vm.recv(&mut got).unwrap_or_else(|e| panic!("frame {i}: {e}"));
             assert_eq!(len, 1500);
             assert_eq!(u32::from_be_bytes(got[..4].try_into().unwrap()), i, "in order");
             link.flush().unwrap();

@@ -61,10 +61,13 @@ pub enum ProxyOutcome {
     BadRequest,
     /// The destination or the upstream proxy could not be reached, or refused the tunnel.
     UpstreamError,
+    /// The egress policy denied the destination (403).
+    Denied,
 }
 
 impl ProxyOutcome {
-    pub const ALL: [ProxyOutcome; 3] = [ProxyOutcome::Forwarded, ProxyOutcome::BadRequest, ProxyOutcome::UpstreamError];
+    pub const ALL: [ProxyOutcome; 4] =
+        [ProxyOutcome::Forwarded, ProxyOutcome::BadRequest, ProxyOutcome::UpstreamError, ProxyOutcome::Denied];
 
     /// The `outcome` label.
     pub fn as_str(self) -> &'static str {
@@ -72,6 +75,7 @@ impl ProxyOutcome {
             ProxyOutcome::Forwarded => "forwarded",
             ProxyOutcome::BadRequest => "bad_request",
             ProxyOutcome::UpstreamError => "upstream_error",
+            ProxyOutcome::Denied => "denied",
         }
     }
 }

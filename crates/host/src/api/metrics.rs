@@ -21,6 +21,7 @@ use hyper::StatusCode;
 
 use usernet_core::engine::control::Command;
 use usernet_core::engine::metrics::EngineMetrics;
+use usernet_core::policy::Policy;
 use usernet_core::ports::Proto;
 use usernet_core::services::metrics::UpstreamFailure;
 
@@ -148,8 +149,9 @@ pub fn process_start_time() -> Option<f64> {
     Some(boot + ticks / hz as f64)
 }
 
-/// The whole exposition for one scrape.
-pub fn render(m: &EngineMetrics, start_time: Option<f64>) -> String {
+/// The whole exposition for one scrape; `policy` is the egress policy, whose denials are
+/// counted apart from the engine (the proxy counts them too).
+pub fn render(m: &EngineMetrics, policy: Option<&Policy>, start_time: Option<f64>) -> String {
     let mut w = TextWriter::default();
     w.family("usernet_build_info", Kind::Gauge, "Always 1; the labels say which usernet this is.");
     w.sample("usernet_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
@@ -219,6 +221,23 @@ pub fn render(m: &EngineMetrics, start_time: Option<f64>) -> String {
         for (limit, v) in &s.limits {
             w.sample("usernet_limit_reached_total", &[("limit", limit.as_str())], *v as f64);
         }
+    }
+    if let Some(p) = policy {
+        w.family(
+            "usernet_policy_denied_total",
+            Kind::Counter,
+            "New guest flows and proxy requests the egress policy denied, by protocol and reason \
+             (deny_rule, not_allowed, loopback: the host's loopback guard).",
+        );
+        for (via, why, v) in p.denied_counts() {
+            w.sample("usernet_policy_denied_total", &[("proto", via.as_str()), ("reason", why.as_str())], v as f64);
+        }
+        w.single(
+            "usernet_policy_learnt_addresses",
+            Kind::Gauge,
+            "Addresses allowed now because DNS answers for an --allow-domain name gave them.",
+            p.learnt().len() as f64,
+        );
     }
 
     w.family("usernet_published_ports", Kind::Gauge, "Published ports (host sockets listening), by protocol.");
@@ -316,7 +335,7 @@ pub async fn metrics(state: &State) -> Reply {
             status: StatusCode::OK,
             content_type: Some(CONTENT_TYPE),
             allow: None,
-            body: render(&m, process_start_time()).into_bytes(),
+            body: render(&m, Some(&state.cfg.policy), process_start_time()).into_bytes(),
         },
         None => engine_gone(),
     }

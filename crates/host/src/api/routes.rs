@@ -69,6 +69,10 @@ pub async fn dispatch(
         ("proxy", &Method::GET) => v1::get_proxy(state),
         ("proxy", &Method::PUT) => v1::put_proxy(state, body),
         ("proxy", _) => Reply::method_not_allowed("GET, PUT"),
+        ("policy", &Method::GET) => v1::get_policy(state),
+        ("policy", &Method::PUT) => v1::set_policy(state, body, false),
+        ("policy", &Method::POST) => v1::set_policy(state, body, true),
+        ("policy", _) => Reply::method_not_allowed("GET, PUT, POST"),
         _ => match rest.strip_prefix("dns/") {
             Some(name) if !name.is_empty() && !name.contains('/') => match *method {
                 Method::DELETE => v1::remove_dns(state, name),

@@ -133,6 +133,7 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                     dns_local: 1,
                     upstreams: vec![(upstream, UpstreamCounters { queries: 4, answers: 3, failures: [1, 0, 0, 0] })],
                     proxy: vec![(ProxyOutcome::Forwarded, 2)],
+                    limits: Vec::new(),
                 }),
             });
         }
@@ -389,6 +390,67 @@ fn metrics_in_prometheus_text_format() {
         }
     }
     assert_eq!(f.call("POST", "/metrics", None).status, 405);
+}
+
+/// `/v1/policy`: GET shows the rules, PUT replaces them, POST adds to them, a bad rule is a
+/// 400 that changes nothing; the change is live in the shared configuration; `/metrics`
+/// counts denials by protocol and reason.
+#[test]
+fn v1_policy() {
+    use usernet_core::policy::{DenyReason, Verdict, Via};
+    let path = sock_path("policy");
+    let _ = std::fs::remove_file(&path);
+    let cfg = Arc::new(NetConfig::default());
+    let dns = Arc::new(DnsRecords::from_config(&cfg));
+    let server = serve(&path, fake_engine(), dns.clone(), cfg.clone(), None).unwrap();
+    let f = Fixture { path, dns, _server: server };
+    let (status, v) = f.get("/v1/policy");
+    assert_eq!(status, 200);
+    assert_eq!(v, json!({"allow": [], "deny": [], "allow_domains": [], "default": "allow", "learnt": []}));
+
+    let (status, v) = f.json(
+        "PUT",
+        "/v1/policy",
+        json!({"allow": ["198.51.100.0/24:80,443"], "deny": ["198.51.100.66/32"], "allow_domains": ["*.Ok.test."]}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"allow": ["198.51.100.0/24:80,443"], "deny": ["198.51.100.66"], "allow_domains": ["ok.test"],
+               "default": "deny", "learnt": []})
+    );
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(cfg.policy.check(ip("198.51.100.5"), Some(443)), Verdict::Allow);
+    assert_eq!(cfg.policy.check(ip("198.51.100.5"), Some(22)), Verdict::Deny(DenyReason::NotAllowed));
+
+    let (status, v) =
+        f.json("POST", "/v1/policy", json!({"deny": ["203.0.113.0/24"], "allow": ["198.51.100.0/24:80,443"]}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["deny"], json!(["198.51.100.66", "203.0.113.0/24"]));
+    assert_eq!(v["allow"], json!(["198.51.100.0/24:80,443"]), "a rule already there is not added twice");
+
+    for bad in [json!({"deny": ["203.0.113.0/33"]}), json!({"allow_domains": ["a b"]}), json!({"nope": []})] {
+        let (status, v) = f.json("PUT", "/v1/policy", bad.clone());
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    assert_eq!(f.get("/v1/policy").1["deny"], json!(["198.51.100.66", "203.0.113.0/24"]), "unchanged");
+    assert_eq!(f.call("DELETE", "/v1/policy", None).status, 405);
+
+    // PUT with nothing: no rule, everything allowed again.
+    let (status, v) = f.json("PUT", "/v1/policy", json!({}));
+    assert_eq!((status, v["default"].as_str()), (200, Some("allow")));
+    assert!(!cfg.policy.is_active());
+
+    cfg.policy.denied(Via::Tcp, DenyReason::DenyRule, "203.0.113.1:80", None);
+    let body = text(&f.call("GET", "/metrics", None));
+    for line in [
+        r#"usernet_policy_denied_total{proto="tcp",reason="deny_rule"} 1"#,
+        r#"usernet_policy_denied_total{proto="proxy",reason="not_allowed"} 0"#,
+        "usernet_policy_learnt_addresses 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no line {line:?} in\n{body}");
+    }
 }
 
 #[test]

@@ -16,6 +16,9 @@
 //! | `GET /v1/capture?proto=&host=&port=&snaplen=` |                 | 200 a pcap stream (see `capture`) |
 //! | `GET /v1/proxy`        |                                        | 200 `Proxy`               |
 //! | `PUT /v1/proxy`        | `Proxy` (fields absent: unchanged)     | 200 `Proxy`, 400          |
+//! | `GET /v1/policy`       |                                        | 200 `Policy`              |
+//! | `PUT /v1/policy`       | `{"allow", "deny", "allow_domains"}` (the whole set; absent: empty) | 200 `Policy`, 400 |
+//! | `POST /v1/policy`      | the same, added to the rules in force  | 200 `Policy`, 400         |
 //!
 //! A `Port` is `{"host_ip", "host_port", "guest_ip", "guest_port", "protocol"}`. In a POST,
 //! `host_ip` absent means both 0.0.0.0 and [::], `host_port` absent or 0 lets usernet pick
@@ -32,6 +35,12 @@
 //! "attempts" (what the forwarder uses per server and in rounds), "hosts": {"path", "names"}
 //! (the hosts file followed and how many names it gives)}`. With source `file` the file is
 //! followed: the answer changes when it does.
+//!
+//! `Policy` is `{"allow": ["10.0.0.0/8:443"], "deny": ["203.0.113.7"], "allow_domains":
+//! ["example.com"], "default": "allow"|"deny", "learnt": [{"ip", "name", "expires_in_s"}]}`
+//! (the egress policy, crates/core/src/policy.rs; `learnt`: addresses allowed by DNS answers
+//! for the allow-domains). A change applies to new flows, connections and proxy requests;
+//! those already open go on. A bad rule is a 400 that names it, and changes nothing.
 //!
 //! `Proxy` is `{"http_proxy": URL|null, "https_proxy": URL|null, "no_proxy": "a,b",
 //! "ports": [80, 443]}`. GET shows passwords as `***`; a PUT that sends a URL back with
@@ -582,4 +591,92 @@ pub fn put_proxy(state: &State, body: &[u8]) -> Reply {
     tracing::info!("proxy: configuration changed: {}", usernet_core::services::proxy::describe(&cfg));
     settings.set(cfg.clone());
     Reply::json(StatusCode::OK, &ProxyView::from(&cfg))
+}
+
+/// `/v1/policy` as GET shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyView {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    pub allow_domains: Vec<String>,
+    /// What no rule allows: `allow` without allow rules and allow-domains, else `deny`.
+    pub default: String,
+    #[serde(default)]
+    pub learnt: Vec<LearntView>,
+}
+
+/// An address allowed by a DNS answer for an allow-domain.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LearntView {
+    pub ip: IpAddr,
+    pub name: String,
+    pub expires_in_s: u64,
+}
+
+fn policy_view(policy: &usernet_core::policy::Policy) -> PolicyView {
+    let rules = policy.rules();
+    PolicyView {
+        allow: rules.allow.iter().map(ToString::to_string).collect(),
+        deny: rules.deny.iter().map(ToString::to_string).collect(),
+        allow_domains: rules.allow_domains.clone(),
+        default: if rules.default_deny() { "deny" } else { "allow" }.to_string(),
+        learnt: policy
+            .learnt()
+            .into_iter()
+            .map(|l| LearntView { ip: l.ip, name: l.name, expires_in_s: l.expires_in.as_secs() })
+            .collect(),
+    }
+}
+
+/// A PUT or POST body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyUpdate {
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    allow_domains: Vec<String>,
+}
+
+pub fn get_policy(state: &State) -> Reply {
+    Reply::json(StatusCode::OK, &policy_view(&state.cfg.policy))
+}
+
+/// `PUT` (`add` false) replaces the rules, `POST` (`add` true) adds to them.
+pub fn set_policy(state: &State, body: &[u8], add: bool) -> Reply {
+    use usernet_core::policy::{Rules, describe};
+    let update: PolicyUpdate = match parse_body(body) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let mut rules = match Rules::parse(&update.allow, &update.deny, &update.allow_domains) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    let policy = &state.cfg.policy;
+    if add {
+        let current = policy.rules();
+        let mut merged = (*current).clone();
+        for r in rules.allow.drain(..) {
+            if !merged.allow.contains(&r) {
+                merged.allow.push(r);
+            }
+        }
+        for r in rules.deny.drain(..) {
+            if !merged.deny.contains(&r) {
+                merged.deny.push(r);
+            }
+        }
+        for d in rules.allow_domains.drain(..) {
+            if !merged.allow_domains.contains(&d) {
+                merged.allow_domains.push(d);
+            }
+        }
+        rules = merged;
+    }
+    tracing::info!("egress policy changed: {}", describe(&rules));
+    policy.set_rules(rules);
+    Reply::json(StatusCode::OK, &policy_view(policy))
 }

@@ -590,6 +590,12 @@ pub struct DnsUpstream {
 
 impl DnsUpstream {
     pub fn start() -> DnsUpstream {
+        DnsUpstream::start_with(&[])
+    }
+
+    /// The same, with more records: `NAME,IP` each (dnsmasq's `--host-record`), for names a
+    /// test points at its own remote hosts.
+    pub fn start_with(host_records: &[String]) -> DnsUpstream {
         let dnsmasq = find_tool("dnsmasq").expect("dnsmasq (Debian package dnsmasq-base)");
         let mut last_error = String::new();
         for _ in 0..5 {
@@ -617,6 +623,7 @@ impl DnsUpstream {
                     "--srv-host=_http._tcp.srv.test,remote.test,8080,0,5",
                 ])
                 .arg(format!("--port={port}"))
+                .args(host_records.iter().map(|r| format!("--host-record={r}")))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(logfile))

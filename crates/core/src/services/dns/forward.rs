@@ -617,6 +617,31 @@ mod tests {
         assert!(matches!(s.local(&query("swap.example", RecordType::A)), Local::Reply(_)));
     }
 
+    /// Forwarded answers for a name an `--allow-domain` covers teach the egress policy its
+    /// addresses; answers for other names, and local answers, teach nothing.
+    #[tokio::test]
+    async fn answers_for_allowed_domains_are_learnt() {
+        use crate::policy::{Policy, Rules, Verdict};
+        let up = answering(GOOD).await;
+        let rules = Rules::parse::<&str>(&[], &[], &["ok.test"]).unwrap();
+        let c = NetConfig { policy: Arc::new(Policy::new(rules)), ..cfg(vec![up]) };
+        let s = DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_millis(200), 2);
+        let good = std::net::IpAddr::V4(GOOD);
+        ask(&s, "other.test").await;
+        assert!(matches!(c.policy.check(good, Some(80)), Verdict::Deny(_)));
+        assert!(c.policy.learnt().is_empty());
+        assert_eq!(a_answers(&ask(&s, "WWW.ok.test").await), vec![GOOD]);
+        assert_eq!(c.policy.check(good, Some(80)), Verdict::Allow);
+        let learnt = c.policy.learnt();
+        assert_eq!(learnt.len(), 1);
+        assert_eq!(learnt[0].name, "www.ok.test");
+        assert!(learnt[0].expires_in > Duration::from_secs(290), "the record's TTL (300 s): {learnt:?}");
+        // A local name (myhost.test, --add-host) teaches nothing even when covered.
+        c.policy.set_rules(Rules::parse::<&str>(&[], &[], &["ok.test", "myhost.test"]).unwrap());
+        ask(&s, "myhost.test").await;
+        assert_eq!(c.policy.learnt().len(), 1);
+    }
+
     #[tokio::test]
     async fn truncated_answer_retried_over_tcp() {
         let (up, _) = fake(Fake { truncate: true, tcp_records: 3, ..Fake::answering(GOOD) }).await;

@@ -20,6 +20,9 @@
 //!    shared [`HostDns`] once per query: a query finishes against the servers it started
 //!    with while the host side swaps in new ones.
 //!
+//! Each forwarded answer may teach the egress policy (crate::policy) the addresses of a name
+//! an `--allow-domain` covers ([`learn`]).
+//!
 //! Guests on TCP are forwarded the same way (UDP first, TCP on TC): UDP is what every
 //! upstream serves best, and TCP is only needed for answers too large for UDP. A guest on UDP
 //! gets the full TCP answer only when it fits what the guest accepts (512 bytes or its EDNS
@@ -107,6 +110,9 @@ pub struct DnsServer {
     /// (`--max-dns-queries-per-guest`): one guest cannot take every forwarding slot.
     per_guest: std::sync::Mutex<std::collections::HashMap<std::net::Ipv4Addr, usize>>,
     max_per_guest: usize,
+    /// The egress policy, which learns the addresses of `--allow-domain` names from the
+    /// answers forwarded ([`learn`]).
+    policy: Arc<crate::policy::Policy>,
 }
 
 /// One query of a guest's counted in `DnsServer::per_guest`, until dropped.
@@ -142,6 +148,7 @@ impl DnsServer {
             metrics: Arc::default(),
             per_guest: Default::default(),
             max_per_guest: cfg.limits.max_dns_queries_per_guest,
+            policy: cfg.policy.clone(),
         }
     }
 
@@ -218,7 +225,9 @@ impl DnsServer {
                     debug!("dns: too many queries in flight, dropping one");
                     return None;
                 };
-                self.forward(query, transport).await
+                let answer = self.forward(query, transport).await;
+                learn(&self.policy, &answer);
+                answer
             }
         };
         match transport {
@@ -305,6 +314,31 @@ impl DnsServer {
             Local::Forward
         }
     }
+}
+
+/// An upstream's answer on its way to a guest: when its question is for a name an
+/// `--allow-domain` covers, the A and AAAA addresses of its answer section (those of CNAME
+/// targets included) are allowed for their TTL (see crate::policy).
+fn learn(policy: &crate::policy::Policy, answer: &[u8]) {
+    if !policy.is_active() || policy.rules().allow_domains.is_empty() {
+        return;
+    }
+    let Ok(m) = Message::from_vec(answer) else {
+        return;
+    };
+    let [question] = &m.queries[..] else {
+        return;
+    };
+    let addrs: Vec<(std::net::IpAddr, u32)> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some((std::net::IpAddr::V4(a.0), r.ttl)),
+            RData::AAAA(a) => Some((std::net::IpAddr::V6(a.0), r.ttl)),
+            _ => None,
+        })
+        .collect();
+    policy.learn(&question.name().to_ascii(), &addrs);
 }
 
 /// The IPv4 address of a reverse name, `4.3.2.1.in-addr.arpa.` -> 1.2.3.4.

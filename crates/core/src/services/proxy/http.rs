@@ -16,7 +16,8 @@
 //! (explicit) or the address the guest dialled (transparent). Hop-by-hop headers are
 //! dropped both ways. The connection to the last hop is kept for the next request when it
 //! goes the same way; a request that a reused connection could not even send (the far end
-//! had just closed it) is sent again once on a new one. Failures come back as an HTTP
+//! had just closed it) is sent again once on a new one. Each request is put to the egress
+//! policy first (`Proxy::admit`): a denial is a 403. Failures come back as an HTTP
 //! error with a one-line `usernet: ...` reason, and a `warn` log line.
 
 use std::convert::Infallible;
@@ -123,11 +124,17 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
 #[derive(Clone, Copy)]
 struct OwnAnswer;
 
+/// Marks the answers to requests the egress policy denied (a response extension).
+#[derive(Clone, Copy)]
+struct Denied;
+
 /// How a request ended, for `/metrics`: answers of our own are errors (4xx: the guest's
 /// request was wrong; otherwise the next hop failed), the others came from the next hop.
 fn outcome(resp: &Response<Body>) -> ProxyOutcome {
     if resp.extensions().get::<OwnAnswer>().is_none() {
         ProxyOutcome::Forwarded
+    } else if resp.extensions().get::<Denied>().is_some() {
+        ProxyOutcome::Denied
     } else if matches!(resp.status().as_u16(), 400 | 405) {
         ProxyOutcome::BadRequest
     } else {
@@ -186,12 +193,20 @@ impl Conn {
             }
             _ => None,
         };
+        // The egress policy: the engine judged the address an intercepted guest dialled;
+        // the rest is judged here, by the name an upstream resolves or the address dialled.
         let hop = match upstream {
-            Some(up) => Hop::Upstream(up),
+            Some(up) => match self.proxy.admit(&target.host, None, target.port, self.guest).await {
+                Ok(()) => Hop::Upstream(up),
+                Err(e) => return self.fail(&target.absolute_uri(), e),
+            },
             None => match self.mode {
                 Mode::Transparent(dst) => Hop::Direct(SocketAddr::V4(dst)),
                 Mode::Explicit => match self.proxy.resolve(&target.host, target.port).await {
-                    Ok(a) => Hop::Direct(a),
+                    Ok(a) => match self.proxy.admit(&target.host, Some(a.ip()), target.port, self.guest).await {
+                        Ok(()) => Hop::Direct(a),
+                        Err(e) => return self.fail(&target.absolute_uri(), e),
+                    },
                     Err(e) => return self.fail(&target.absolute_uri(), e),
                 },
             },
@@ -270,8 +285,20 @@ impl Conn {
     }
 
     fn fail(&self, what: &str, e: ProxyError) -> Response<Body> {
-        warn!("proxy: {} {what}: {e}", self.guest);
-        error_response(e.status(), &e.to_string())
+        let denied = matches!(e, ProxyError::Denied { .. });
+        if matches!(e, ProxyError::Forbidden(_)) {
+            // The loopback guard (or the virtual subnet): counted with the policy's denials.
+            self.proxy.cfg.policy.count(crate::policy::Via::Proxy, crate::policy::DenyReason::Loopback);
+        }
+        // A denial is logged by the policy, once per destination.
+        if !denied {
+            warn!("proxy: {} {what}: {e}", self.guest);
+        }
+        let mut r = error_response(e.status(), &e.to_string());
+        if denied {
+            r.extensions_mut().insert(Denied);
+        }
+        r
     }
 
     /// The destination of a request (not CONNECT), or why it cannot have one.
@@ -358,11 +385,17 @@ impl Conn {
             _ => None,
         };
         let result = match &upstream {
-            Some(up) => {
-                open_tunnel(up, &target).await.map(|(s, rest)| (s, rest, format!("upstream {}", up.authority())))
-            }
+            Some(up) => match self.proxy.admit(&host, None, port, self.guest).await {
+                Ok(()) => {
+                    open_tunnel(up, &target).await.map(|(s, rest)| (s, rest, format!("upstream {}", up.authority())))
+                }
+                Err(e) => Err(e),
+            },
             None => match self.proxy.resolve(&host, port).await {
-                Ok(addr) => dial(addr).await.map(|s| (s, Vec::new(), format!("direct {addr}"))),
+                Ok(addr) => match self.proxy.admit(&host, Some(addr.ip()), port, self.guest).await {
+                    Ok(()) => dial(addr).await.map(|s| (s, Vec::new(), format!("direct {addr}"))),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             },
         };

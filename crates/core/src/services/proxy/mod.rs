@@ -31,6 +31,13 @@
 //! never sent to an upstream (which may itself run on the host's loopback). The configuration is read at each new connection or request
 //! from [`ProxySettings`], which the control API may change at any time.
 //!
+//! The egress policy (crate::policy) applies to every request and tunnel
+//! ([`Proxy::admit`]): a direct hop is judged by the address it dials (and the name, for
+//! `--allow-domain`), a hop through the upstream by the name it asks for (looked up through
+//! the gateway's DNS when the rules need an address). Intercepted connections were already
+//! judged by the engine on the address the guest dialled. A denial is a 403 with a one-line
+//! reason (a reset for intercepted TLS).
+//!
 //! Failures are visible: an upstream that is down or refuses (407, 403, 502 ...) gives the
 //! guest an HTTP error with a one-line reason (plain HTTP and CONNECT; a 407 of the upstream
 //! becomes a 502, since it is about usernet's credentials, not the guest's), or, for
@@ -60,6 +67,7 @@ use tracing::{debug, info, warn};
 pub use config::{ConfigError, NoProxy, ProxyConfig, ProxyOptions, ProxySettings, ProxyUrl};
 
 use crate::config::{NetConfig, is_host_local};
+use crate::policy::{DenyReason, Verdict, Via};
 use crate::services::TcpHook;
 use crate::services::dns::hosts::{is_loopback_name, normalize_name};
 use crate::services::dns::{DnsServer, Transport};
@@ -89,6 +97,8 @@ pub enum ProxyError {
     Resolve(String),
     #[error("{0} is not reachable through the proxy")]
     Forbidden(String),
+    #[error("{target} is denied by the egress policy: {}", reason.explain())]
+    Denied { target: String, reason: DenyReason },
 }
 
 impl ProxyError {
@@ -105,7 +115,7 @@ impl ProxyError {
             {
                 504
             }
-            ProxyError::Forbidden(_) => 403,
+            ProxyError::Forbidden(_) | ProxyError::Denied { .. } => 403,
             _ => 502,
         }
     }
@@ -138,6 +148,44 @@ impl Proxy {
             },
         };
         self.map_ip(ip, port).ok_or_else(forbidden)
+    }
+
+    /// The egress policy's word on a request or tunnel to `host` (a name or an IP literal)
+    /// at `port`; `dialled` is the address a direct hop dials (None when an upstream proxy
+    /// resolves the name). A name that the allow-domains do not cover is looked up through
+    /// the gateway's DNS to be judged by its address, when the rules want one. A denial is
+    /// counted and logged once per destination (crate::policy).
+    pub async fn admit(
+        &self,
+        host: &str,
+        dialled: Option<IpAddr>,
+        port: u16,
+        guest: SocketAddrV4,
+    ) -> Result<(), ProxyError> {
+        let policy = &self.cfg.policy;
+        if !policy.is_active() {
+            return Ok(());
+        }
+        let literal = host.parse::<IpAddr>().ok();
+        let mut ip = dialled.or(literal);
+        if ip.is_none() && policy.needs_address(host) {
+            ip = match self.dns.records().lookup(host) {
+                Some(local) => self.map_ip(local, port).map(|a| a.ip()),
+                None => self.lookup_a(host).await.map(IpAddr::V4),
+            };
+        }
+        let verdict = match (literal, ip) {
+            (Some(_), Some(ip)) => policy.check(ip, Some(port)),
+            _ => policy.check_name(host, ip, port),
+        };
+        match verdict {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny(reason) => {
+                let target = config::authority(host, port);
+                policy.denied(Via::Proxy, reason, &target, Some(SocketAddr::V4(guest)));
+                Err(ProxyError::Denied { target, reason })
+            }
+        }
     }
 
     /// The host socket address behind a guest-side address, None when there is none.
@@ -328,9 +376,15 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
         (Some(up), false) => Some(up),
         _ => None,
     };
-    let result = match upstream {
-        Some(up) => open_tunnel(up, &target).await.map(|(s, rest)| (s, rest, up.authority())),
-        None => dial(SocketAddr::V4(dst)).await.map(|s| (s, Vec::new(), "direct".to_string())),
+    // The engine judged the address the guest dialled; an upstream dials the name instead.
+    let admitted = match (upstream, &sni) {
+        (Some(_), Some(name)) => proxy.admit(name, None, port, guest).await,
+        _ => Ok(()),
+    };
+    let result = match (admitted, upstream) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(up)) => open_tunnel(up, &target).await.map(|(s, rest)| (s, rest, up.authority())),
+        (Ok(()), None) => dial(SocketAddr::V4(dst)).await.map(|s| (s, Vec::new(), "direct".to_string())),
     };
     match result {
         Ok((stream, rest, via)) => {
@@ -339,8 +393,14 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
             relay(sock, stream, rest).await;
         }
         Err(e) => {
-            warn!("proxy: {guest} -> {target} (TLS, {dst}): {e}; resetting the connection");
-            proxy.dns.metrics().proxy_request(ProxyOutcome::UpstreamError);
+            // A denial was logged by the policy, once per destination.
+            if !matches!(e, ProxyError::Denied { .. }) {
+                warn!("proxy: {guest} -> {target} (TLS, {dst}): {e}; resetting the connection");
+            }
+            proxy.dns.metrics().proxy_request(match e {
+                ProxyError::Denied { .. } => ProxyOutcome::Denied,
+                _ => ProxyOutcome::UpstreamError,
+            });
             // The ClientHello is still unread in `sock`: closing it resets the engine's end.
             drop(sock);
         }
@@ -525,6 +585,45 @@ mod tests {
             let r = rt.block_on(p.resolve(denied, 22));
             assert!(matches!(r, Err(ProxyError::Forbidden(_))), "{denied}: {r:?}");
         }
+    }
+
+    /// The egress policy in the proxy: IP literals by the rules, names by the allow-domains
+    /// (or, when no allow-domain covers them, by the address the gateway's DNS gives, here
+    /// none), the address a direct hop dials by the rules; each denial is counted.
+    #[test]
+    fn policy_decides_by_name_and_address() {
+        use crate::policy::{DenyReason, Policy, Rules};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rules = Rules::parse(&["198.51.100.0/24"], &["198.51.100.66"], &["ok.test"]).unwrap();
+        let mut cfg = NetConfig { policy: Arc::new(Policy::new(rules)), ..net() };
+        cfg.extra_hosts.push(("named.test".into(), Ipv4Addr::new(198, 51, 100, 7)));
+        let p = proxy_for(cfg);
+        let guest = sa("192.168.65.2:40000");
+        let admit = |host: &str, ip: Option<&str>, port| {
+            rt.block_on(p.admit(host, ip.map(|i| i.parse().unwrap()), port, guest)).map_err(|e| match e {
+                ProxyError::Denied { reason, .. } => reason,
+                other => panic!("{other}"),
+            })
+        };
+        assert_eq!(admit("198.51.100.5", None, 80), Ok(()));
+        assert_eq!(admit("198.51.100.66", None, 80), Err(DenyReason::DenyRule));
+        assert_eq!(admit("203.0.113.5", None, 80), Err(DenyReason::NotAllowed));
+        assert_eq!(admit("www.ok.test", None, 443), Ok(()));
+        assert_eq!(admit("www.ok.test", Some("198.51.100.66"), 443), Err(DenyReason::DenyRule));
+        assert_eq!(admit("other.test", None, 443), Err(DenyReason::NotAllowed));
+        assert_eq!(admit("other.test", Some("198.51.100.9"), 443), Ok(()));
+        // A name of the gateway's own table is judged by its address.
+        assert_eq!(admit("named.test", None, 80), Ok(()));
+        // The host address is dialled as 127.0.0.1, which no allow rule covers.
+        assert_eq!(admit("host.docker.internal", Some("127.0.0.1"), 80), Err(DenyReason::NotAllowed));
+        let e = rt.block_on(p.admit("203.0.113.5", None, 80, guest)).unwrap_err();
+        assert_eq!(e.status(), 403);
+        assert_eq!(
+            e.to_string(),
+            "203.0.113.5:80 is denied by the egress policy: no --allow rule or --allow-domain covers it"
+        );
+        let counted: u64 = p.cfg.policy.denied_counts().iter().map(|(_, _, n)| n).sum();
+        assert_eq!(counted, 6);
     }
 
     #[test]
