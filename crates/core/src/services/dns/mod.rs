@@ -27,6 +27,9 @@
 //! back over TCP itself. An answer larger than the link can carry in one datagram is
 //! replaced by a truncated (TC) answer for the same reason.
 //!
+//! Every query ends up in the services' DNS log ([`Activity`]: the last few hundred, with
+//! the name, type, RCODE, answers and the server that answered), for the dashboard.
+//!
 //! Nothing here panics on what a guest sends: every length is checked and every parse error
 //! becomes FORMERR or silence.
 
@@ -47,6 +50,7 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::sync::Semaphore;
 use tracing::debug;
 
+use super::activity::{Activity, DnsLogEntry, clip, now_ms};
 use super::metrics::ServiceMetrics;
 use crate::config::{HostDns, NetConfig};
 pub use records::{DnsError, DnsRecords};
@@ -103,6 +107,8 @@ pub struct DnsServer {
     forward_slots: Semaphore,
     /// Queries and their fate, per upstream (for `/metrics`).
     metrics: Arc<ServiceMetrics>,
+    /// The recent queries (shared with the proxy and the control API).
+    activity: Arc<Activity>,
 }
 
 impl DnsServer {
@@ -118,7 +124,13 @@ impl DnsServer {
                 .clamp(CLASSIC_UDP_MAX, u16::MAX as usize),
             forward_slots: Semaphore::new(MAX_FORWARDS),
             metrics: Arc::default(),
+            activity: Arc::default(),
         }
+    }
+
+    /// The services' recent activity (this server's queries, the proxy's requests).
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// The counters this server keeps (shared with the other services for `/metrics`).
@@ -142,24 +154,78 @@ impl DnsServer {
     /// Answer one guest message: locally, by forwarding, or not at all.
     pub async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
         self.metrics.dns_queries.fetch_add(1, Ordering::Relaxed);
-        let reply = match self.local(query) {
+        let started = std::time::Instant::now();
+        let (reply, from) = match self.local(query) {
             Local::Reply(r) => {
                 self.metrics.dns_local.fetch_add(1, Ordering::Relaxed);
-                r
+                (r, Some("gateway".to_string()))
             }
-            Local::Drop => return None,
+            Local::Drop => {
+                self.log(query, None, transport, None, started);
+                return None;
+            }
             Local::Forward => {
                 let Ok(_slot) = self.forward_slots.try_acquire() else {
                     debug!("dns: too many queries in flight, dropping one");
+                    self.log(query, None, transport, None, started);
                     return None;
                 };
-                self.forward(query, transport).await
+                let (reply, from) = self.forward(query, transport).await;
+                (reply, from.map(|a| a.to_string()))
             }
         };
-        match transport {
+        let reply = match transport {
             Transport::Udp if reply.len() > self.udp_link_max => truncated(&reply),
             _ => Some(reply),
-        }
+        };
+        self.log(query, reply.as_deref(), transport, from, started);
+        reply
+    }
+
+    /// Adds a query and its answer (None: the guest got none) to the DNS log.
+    fn log(
+        &self,
+        query: &[u8],
+        reply: Option<&[u8]>,
+        transport: Transport,
+        upstream: Option<String>,
+        started: std::time::Instant,
+    ) {
+        let mut decoder = BinDecoder::new(query);
+        let question = Header::read(&mut decoder)
+            .ok()
+            .filter(|h| h.counts.queries >= 1)
+            .and_then(|_| Query::read(&mut decoder).ok());
+        let (name, qtype) = match &question {
+            Some(q) => {
+                let name = q.name().to_ascii();
+                let name = name.strip_suffix('.').filter(|n| !n.is_empty()).unwrap_or(&name);
+                (clip(name), q.query_type().to_string())
+            }
+            None => ("?".to_string(), "?".to_string()),
+        };
+        let (rcode, answers) = match reply {
+            None => ("dropped".to_string(), Vec::new()),
+            Some(r) => (
+                r.get(3).map_or("?".to_string(), |b| rcode_name(b & 0x0f)),
+                Message::from_vec(r)
+                    .map(|m| m.answers.iter().take(8).map(|rec| clip(&answer_text(&rec.data))).collect())
+                    .unwrap_or_default(),
+            ),
+        };
+        self.activity.dns.push(DnsLogEntry {
+            time_ms: now_ms(),
+            transport: match transport {
+                Transport::Udp => "udp",
+                Transport::Tcp => "tcp",
+            },
+            name,
+            qtype,
+            rcode,
+            answers,
+            upstream,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
     }
 
     /// The I/O-free part: decide what to do with `query`, building the answer when it is
@@ -239,6 +305,29 @@ impl DnsServer {
         } else {
             Local::Forward
         }
+    }
+}
+
+/// An RCODE (the header's four bits) as dig names it.
+fn rcode_name(rcode: u8) -> String {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    }
+}
+
+/// One answer record as the DNS log shows it: the address alone for A and AAAA, the type
+/// and the data for the others (`CNAME a.example.`).
+fn answer_text(data: &RData) -> String {
+    match data {
+        RData::A(a) => a.0.to_string(),
+        RData::AAAA(a) => a.0.to_string(),
+        other => format!("{} {other}", other.record_type()),
     }
 }
 

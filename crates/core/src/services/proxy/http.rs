@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::config::{self, ProxyUrl, split_host_port, valid_host};
 use super::{Proxy, ProxyError, dial, dial_upstream, open_tunnel, relay};
+use crate::services::activity::{ProxyLogEntry, clip, now_ms};
 use crate::services::metrics::ProxyOutcome;
 
 /// How the guest reached the proxy.
@@ -107,8 +108,23 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move {
+            let (method, host) = (req.method().to_string(), logged_host(&req, conn.mode));
             let resp = conn.handle(req).await;
-            conn.proxy.dns.metrics().proxy_request(outcome(&resp));
+            let outcome = outcome(&resp);
+            conn.proxy.dns.metrics().proxy_request(outcome);
+            conn.proxy.dns.activity().proxy.push(ProxyLogEntry {
+                time_ms: now_ms(),
+                guest: conn.guest.to_string(),
+                mode: match conn.mode {
+                    Mode::Explicit => "explicit",
+                    Mode::Transparent(_) => "transparent",
+                },
+                method: clip(&method),
+                host: clip(&host),
+                status: Some(resp.status().as_u16()),
+                outcome: outcome.as_str(),
+                via: String::new(),
+            });
             Ok::<_, Infallible>(resp)
         }
     });
@@ -117,6 +133,19 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
     {
         debug!("proxy: {guest}: connection: {e}");
     }
+}
+
+/// The destination of a request as the proxy log shows it: the URL's authority (CONNECT's
+/// target), else the Host header, else the address the guest dialled.
+fn logged_host(req: &Request<Incoming>, mode: Mode) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_else(|| match mode {
+            Mode::Transparent(dst) => dst.to_string(),
+            Mode::Explicit => "?".to_string(),
+        })
 }
 
 /// Marks the answers the proxy makes itself (a response extension: never sent).
