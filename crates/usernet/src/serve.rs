@@ -4,7 +4,8 @@
 //! Theory of operation. The order matters:
 //!
 //! 1. Parse everything (configuration, `--pcap`, published ports and their host sockets,
-//!    the transports' addresses): a mistake is one line and exit 125, nothing started.
+//!    the dashboard's socket (`--web`), the transports' addresses): a mistake is one line
+//!    and exit 125, nothing started.
 //! 2. Block SIGINT and SIGTERM and open a signalfd for them while the process has one
 //!    thread, so every later thread inherits the mask.
 //! 3. `--netns`: attach a TAP to each namespace (`netns::attach` forks, which must happen
@@ -18,7 +19,8 @@
 //! 5. Start the gateway services and the engine, add links and acceptors, publish the
 //!    `-p` ports to the first guest (192.168.65.2, the first DHCP lease), start the API (on
 //!    `--api PATH`, or else on `<pid>.sock` in the user's runtime directory, where
-//!    `usernet ps` finds it; the directory is made in step 1), and
+//!    `usernet ps` finds it; the directory is made in step 1) and the dashboard (`--web`),
+//!    and
 //!    with `--guest-api` let the engine hand guest connections to gateway:80 to the API
 //!    (gvproxy serves its API there too), which then knows the calling guest's address.
 //!    The HTTP proxy flags (`--http-proxy`, ...) apply as in `run`.
@@ -116,6 +118,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     }
     let specs = args.net.published_specs()?;
     let listeners = bind_published(&specs)?;
+    let web = args.net.bind_web()?;
     let proxy = args.net.proxy_config()?;
     let started = std::time::SystemTime::now();
     let runtime = crate::network::runtime_dir();
@@ -166,7 +169,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         links.push(Box::new(usernet_core::link::stdio::stdio_link().context("stdin/stdout")?));
     }
 
-    let Network { mut engine, dns_records, proxy_settings, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
+    let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
     // One guest per link: none may use another's MAC or address.
     engine.bind_guests_to_links();
     // Follows the host's resolv.conf and /etc/hosts until usernet stops.
@@ -208,17 +211,21 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         args.net.api.as_deref(),
         runtime.as_deref(),
         handle.clone(),
-        dns_records.clone(),
+        &shared,
         &cfg,
-        &proxy_settings,
         about,
+        web,
     )?;
     let guest_api = match &registered {
         Some(a) => Some(a.server.guest_api()),
         None if args.guest_api => {
-            let server =
-                usernet_host::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
-                    .context("control API")?;
+            let server = usernet_host::api::serve_without_socket(
+                handle,
+                shared.dns_records.clone(),
+                cfg.clone(),
+                Some(shared.proxy_settings.clone()),
+            )
+            .context("control API")?;
             let guest = server.guest_api();
             api = Some(server);
             Some(guest)
