@@ -690,6 +690,18 @@ fn v1_links_and_logs() {
     assert_eq!(f.call("POST", "/v1/log/dns", None).status, 405);
 }
 
+/// True once `cond` holds, polled for at most 10 s.
+fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 /// One HTTP/1.1 request on a fresh TCP connection: (status, headers, body).
 fn tcp_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (u16, String, String) {
     use std::io::{Read, Write};
@@ -746,6 +758,17 @@ fn web_port_needs_its_token_and_only_reads() {
     assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
     assert!(body.contains("usernet_link_bytes_total{"), "{body}");
     assert!(!head.contains("set-cookie"), "{head}");
+
+    // The graph's samples: the first is taken at once.
+    assert!(
+        wait_for(|| {
+            let (status, _, body) = tcp_request(addr, "GET", "/history", &[&bearer]);
+            status == 200 && body.contains("\"links\":[{\"index\":0,\"name\":\"tap \\\"eth0\\\"\",\"rx_bytes\":300")
+        }),
+        "{:?}",
+        tcp_request(addr, "GET", "/history", &[&bearer])
+    );
+    assert_eq!(tcp_request(addr, "GET", "/history", &[]).0, 403);
 
     // Nothing that changes anything, and no capture.
     let (status, head, _) = tcp_request(addr, "POST", "/v1/ports", &[&bearer, "Content-Length: 0"]);

@@ -18,6 +18,12 @@
 //! port is plain HTTP): bind a loopback address (`127.0.0.1:PORT`, the usual case); on any
 //! other address the token crosses the network in clear text, which usernet warns about.
 //!
+//! The throughput graph needs the links' byte counters over time, also for a page just
+//! opened: while the web port is served, a task of its own asks the engine for them once a
+//! second ([`SAMPLE_INTERVAL`]) and keeps the last [`HISTORY`] samples, which the page reads
+//! at `/history` (this port only): `{"interval_ms", "samples": [{"t_ms", "links": [{"index",
+//! "name", "rx_bytes", "tx_bytes"}]}]}`, oldest first, `t_ms` on usernet's monotonic clock.
+//!
 //! Answers carry `Cache-Control: no-store`, `Referrer-Policy: no-referrer` (the token never
 //! leaves in a Referer) and a Content-Security-Policy that allows only the page's own inline
 //! code and requests to this origin. The page writes every value with `textContent`, never
@@ -34,6 +40,9 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tracing::{debug, warn};
+
+use serde::Serialize;
+use usernet_core::engine::control::Command;
 
 use super::state::{Reply, State};
 use super::{ApiServer, HEADER_TIMEOUT, routes};
@@ -56,6 +65,11 @@ pub const READ_ONLY: &[&str] = &[
     "/v1/log/proxy",
     "/metrics",
 ];
+
+/// How often the links' counters are sampled for the graph.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Samples kept for the graph (two minutes).
+pub const HISTORY: usize = 120;
 
 /// Connections served at once; more wait to be accepted.
 const MAX_CONNECTIONS: usize = 64;
@@ -154,18 +168,82 @@ fn same(given: &str, token: &str) -> bool {
 /// an API answer, 404 or 405.
 enum Route {
     Page,
+    /// The graph's samples.
+    History,
     Api,
     NotFound,
     MethodNotAllowed,
 }
 
 fn route(method: &Method, path: &str) -> Route {
-    let known = path == "/" || READ_ONLY.contains(&path.trim_end_matches('/'));
+    let known = path == "/" || path == "/history" || READ_ONLY.contains(&path.trim_end_matches('/'));
     match (known, *method == Method::GET) {
         (false, _) => Route::NotFound,
         (true, false) => Route::MethodNotAllowed,
         (true, true) if path == "/" => Route::Page,
+        (true, true) if path == "/history" => Route::History,
         (true, true) => Route::Api,
+    }
+}
+
+/// One link in one sample of the graph's history.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkBytes {
+    pub index: usize,
+    pub name: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// The links' counters at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    /// Milliseconds since the web port started (usernet's monotonic clock).
+    pub t_ms: u64,
+    pub links: Vec<LinkBytes>,
+}
+
+/// The last [`HISTORY`] samples, oldest first.
+#[derive(Debug, Default)]
+pub struct History {
+    samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
+}
+
+impl History {
+    pub fn push(&self, sample: Sample) {
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.len() >= HISTORY {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    pub fn snapshot(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+}
+
+/// Samples the links' counters every [`SAMPLE_INTERVAL`] until the engine is gone.
+async fn sample_links(web: Arc<Web>) {
+    let start = tokio::time::Instant::now();
+    let mut ticks = tokio::time::interval(SAMPLE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(m) = web.state.control.ask(|reply| Command::Metrics { reply }).await else {
+            return;
+        };
+        let links = m
+            .links
+            .iter()
+            .map(|l| LinkBytes {
+                index: l.index,
+                name: l.name.clone(),
+                rx_bytes: l.counters.rx_bytes,
+                tx_bytes: l.counters.tx_bytes,
+            })
+            .collect();
+        web.history.push(Sample { t_ms: start.elapsed().as_millis() as u64, links });
     }
 }
 
@@ -179,7 +257,13 @@ impl ApiServer {
             let _entered = self.guest.runtime.enter();
             tokio::net::TcpListener::from_std(listener)?
         };
-        let web = Arc::new(Web { state: self.guest.state.clone(), token, cookie: cookie_name(port) });
+        let web = Arc::new(Web {
+            state: self.guest.state.clone(),
+            token,
+            cookie: cookie_name(port),
+            history: History::default(),
+        });
+        self.guest.runtime.spawn(sample_links(web.clone()));
         self.guest.runtime.spawn(accept_loop(listener, web));
         Ok(())
     }
@@ -190,6 +274,7 @@ struct Web {
     state: Arc<State>,
     token: String,
     cookie: String,
+    history: History,
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, web: Arc<Web>) {
@@ -250,6 +335,16 @@ async fn handle(web: &Web, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
                     .body(Full::new(Bytes::from_static(DASHBOARD.as_bytes())))
                     .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
+                Route::History => {
+                    #[derive(Serialize)]
+                    struct View {
+                        interval_ms: u64,
+                        samples: Vec<Sample>,
+                    }
+                    let view =
+                        View { interval_ms: SAMPLE_INTERVAL.as_millis() as u64, samples: web.history.snapshot() };
+                    Reply::json(StatusCode::OK, &view).into_response()
+                }
                 Route::Api => routes::dispatch(&web.state, None, &Method::GET, path, &[]).await.into_response(),
                 Route::NotFound => Reply::error(StatusCode::NOT_FOUND, format!("no such page: {path}")).into_response(),
                 Route::MethodNotAllowed => {
@@ -348,5 +443,17 @@ mod tests {
         assert!(matches!(route(&Method::GET, "/v1/capture"), Route::NotFound));
         assert!(matches!(route(&Method::GET, "/services/forwarder/all"), Route::NotFound));
         assert!(matches!(route(&Method::GET, "/v1/dns/x"), Route::NotFound));
+        assert!(matches!(route(&Method::GET, "/history"), Route::History));
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let h = History::default();
+        for t in 0..(HISTORY as u64 + 30) {
+            h.push(Sample { t_ms: t, links: vec![] });
+        }
+        let s = h.snapshot();
+        assert_eq!(s.len(), HISTORY);
+        assert_eq!((s[0].t_ms, s[HISTORY - 1].t_ms), (30, HISTORY as u64 + 29));
     }
 }
