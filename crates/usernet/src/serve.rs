@@ -332,4 +332,33 @@ mod tests {
             assert_eq!(net.to_config(1500).unwrap().host_loopback, open, "{cmd} {extra:?}");
         }
     }
+
+    /// `--web` (run and serve share it): an address and port, `localhost:PORT`, nothing else;
+    /// binding it gives the port picked for 0 and a token.
+    #[test]
+    fn web_flag() {
+        let net = |extra: &[&str]| {
+            let mut args = vec!["usernet", "serve", "--listen-stdio"];
+            args.extend_from_slice(extra);
+            crate::Cli::try_parse_from(args).map(|cli| match cli.command {
+                crate::Command::Serve(a) => a.net,
+                _ => panic!("not serve"),
+            })
+        };
+        assert_eq!(net(&[]).unwrap().web, None);
+        assert_eq!(net(&["--web", "127.0.0.1:8080"]).unwrap().web, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(net(&["--web", "[::1]:0"]).unwrap().web, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(net(&["--web", "localhost:9"]).unwrap().web, Some("127.0.0.1:9".parse().unwrap()));
+        for bad in ["8080", "127.0.0.1", "example.com:80", "127.0.0.1:99999"] {
+            assert!(net(&["--web", bad]).is_err(), "{bad}");
+        }
+        assert!(net(&[]).unwrap().bind_web().unwrap().is_none());
+        let web = net(&["--web", "127.0.0.1:0"]).unwrap().bind_web().unwrap().unwrap();
+        assert_ne!(web.addr.port(), 0);
+        assert_eq!(web.listener.local_addr().unwrap(), web.addr);
+        assert_eq!(web.token.len(), 64);
+        // Its port is taken now: a second bind fails, naming it.
+        let taken = net(&["--web", &web.addr.to_string()]).unwrap().bind_web().err().unwrap().to_string();
+        assert_eq!(taken, format!("cannot serve the dashboard on {}: address already in use", web.addr));
+    }
 }
