@@ -300,7 +300,10 @@ fn dashboard_shows_live_traffic() {
                 format!("DNS {LOCAL_NAME} from the gateway"),
                 dns_log.contains(&format!("{LOCAL_NAME} A {LOCAL_IP} NOERROR gateway")),
             ),
-            (format!("proxy GET {remote}"), proxy_log.contains(&format!("explicit GET {remote} 200 forwarded"))),
+            (
+                format!("proxy GET {remote}"),
+                proxy_log.contains(&format!("explicit GET {remote} 200 forwarded direct 127.0.0.1:{}", http.port)),
+            ),
             ("a link with its rates".into(), links.contains("tap eth0") && links.contains("B/s")),
             ("a graph".into(), dom.contains("<polyline") && dom.contains("class=\"tx\"")),
             ("mode run".into(), element_text(&dom, "b", "mode") == "run"),

@@ -98,7 +98,8 @@ pub struct ProxyLogEntry {
     pub status: Option<u16>,
     /// `forwarded`, `bad_request` or `upstream_error` (as `/metrics` counts them).
     pub outcome: &'static str,
-    /// Where it went: `direct` or the upstream proxy's `host:port` (empty when unknown).
+    /// Where it went: `direct ADDR` or `upstream HOST:PORT` for HTTP and CONNECT, `direct`
+    /// or the upstream proxy's `HOST:PORT` for intercepted TLS; empty when it went nowhere.
     pub via: String,
 }
 

@@ -123,7 +123,7 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
                 host: clip(&host),
                 status: Some(resp.status().as_u16()),
                 outcome: outcome.as_str(),
-                via: String::new(),
+                via: resp.extensions().get::<Via>().map_or(String::new(), |v| clip(&v.0)),
             });
             Ok::<_, Infallible>(resp)
         }
@@ -147,6 +147,11 @@ fn logged_host(req: &Request<Incoming>, mode: Mode) -> String {
             Mode::Explicit => "?".to_string(),
         })
 }
+
+/// Where a forwarded request went (`direct ADDR`, `upstream HOST:PORT`), for the proxy log
+/// (a response extension: never sent).
+#[derive(Clone)]
+struct Via(String);
 
 /// Marks the answers the proxy makes itself (a response extension: never sent).
 #[derive(Clone, Copy)]
@@ -295,6 +300,7 @@ impl Conn {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        parts.extensions.insert(Via(hop.to_string()));
         Response::from_parts(parts, body.boxed())
     }
 
@@ -407,7 +413,9 @@ impl Conn {
                 Err(e) => debug!("proxy: {guest} CONNECT {target}: upgrade: {e}"),
             }
         });
-        Response::new(empty())
+        let mut resp = Response::new(empty());
+        resp.extensions_mut().insert(Via(via));
+        resp
     }
 }
 
