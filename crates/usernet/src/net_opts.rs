@@ -79,6 +79,11 @@ pub struct NetOpts {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket.
     #[arg(long = "api", value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Serve a web dashboard (guests, ports, flows, throughput, DNS and proxy logs) and the
+    /// API's read-only endpoints and /metrics on this TCP address, e.g. 127.0.0.1:8080 (port
+    /// 0: any free port). Every request needs the token of the URL printed on stderr at start.
+    #[arg(long = "web", value_name = "ADDR:PORT", value_parser = parse_web_addr)]
+    pub web: Option<SocketAddr>,
     /// Upstream proxy for the guest's plain HTTP: `http://[user:password@]host[:port]`.
     #[arg(long = "http-proxy", value_name = "URL")]
     pub http_proxy: Option<String>,
@@ -125,7 +130,54 @@ pub fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
     Err(format!("invalid DNS upstream: {s} (want IP or IP:PORT)"))
 }
 
+/// `--web`'s address: `IP:PORT` (`[::1]:PORT` for IPv6), or `localhost:PORT`.
+pub fn parse_web_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Some(port) = s.strip_prefix("localhost:")
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    Err(format!("invalid web address: {s} (want ADDR:PORT, e.g. 127.0.0.1:8080)"))
+}
+
+/// The dashboard's socket and token (`--web`), made before anything starts.
+pub struct WebPort {
+    pub listener: std::net::TcpListener,
+    /// Where it listens (with the port the kernel picked for port 0).
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
 impl NetOpts {
+    /// Binds `--web`'s address and makes its token: a taken port or an address this host
+    /// does not have is an error here, before anything runs. A non-loopback address is
+    /// served (the token still guards every request) with a warning: the dashboard is plain
+    /// HTTP, its token readable on the network.
+    pub fn bind_web(&self) -> anyhow::Result<Option<WebPort>> {
+        let Some(addr) = self.web else {
+            return Ok(None);
+        };
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            let why = match e.kind() {
+                std::io::ErrorKind::AddrInUse => "address already in use".to_string(),
+                _ => e.to_string(),
+            };
+            anyhow::anyhow!("cannot serve the dashboard on {addr}: {why}")
+        })?;
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                "the dashboard listens on {addr}, beyond this host's loopback: it is plain HTTP, and its token \
+                 crosses the network in clear text"
+            );
+        }
+        let token = usernet_host::api::web::new_token().map_err(|e| anyhow::anyhow!("dashboard token: {e}"))?;
+        Ok(Some(WebPort { listener, addr, token }))
+    }
+
     /// Every port to publish: the `--publish` specs (ranges expanded), then, with
     /// `--publish-all`, each `--expose` port that no `--publish` spec already maps, to a
     /// random host port. Errors are Docker's messages.

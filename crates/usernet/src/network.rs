@@ -6,10 +6,19 @@ use usernet_core::config::NetConfig;
 /// the engine on top of them (with `link` as its first guest link, when given).
 pub struct Network {
     pub engine: usernet_core::engine::Engine,
-    pub dns_records: std::sync::Arc<usernet_core::services::dns::DnsRecords>,
-    pub proxy_settings: usernet_core::services::proxy::ProxySettings,
+    /// What the control API shares with the services.
+    pub shared: Shared,
     /// The transparent proxy's hook; the caller installs it once its own hooks are in.
     pub proxy_hook: usernet_core::services::TcpHook,
+}
+
+/// The gateway services' state that the control API reads and changes.
+#[derive(Clone)]
+pub struct Shared {
+    pub dns_records: std::sync::Arc<usernet_core::services::dns::DnsRecords>,
+    pub proxy_settings: usernet_core::services::proxy::ProxySettings,
+    /// The recent DNS queries and proxy requests (`/v1/log/*`, the dashboard).
+    pub activity: std::sync::Arc<usernet_core::services::activity::Activity>,
 }
 
 pub fn start_network(
@@ -21,6 +30,7 @@ pub fn start_network(
     use anyhow::Context;
     let services = usernet_core::services::ServiceHub::start(cfg.clone()).context("starting gateway services")?;
     let dns_records = services.dns_records();
+    let activity = services.activity();
     if proxy.has_upstream() {
         tracing::info!("proxy: {}", usernet_core::services::proxy::describe(&proxy));
     }
@@ -32,7 +42,7 @@ pub fn start_network(
     if let Some(link) = link {
         engine.add_link(link);
     }
-    Ok(Network { engine, dns_records, proxy_settings, proxy_hook })
+    Ok(Network { engine, shared: Shared { dns_records, proxy_settings, activity }, proxy_hook })
 }
 
 /// The runtime directory where this instance registers its API (see
@@ -58,20 +68,23 @@ pub struct Api {
 
 /// Serves the control API: on `api` (`--api PATH`), registered in `runtime` with a symlink,
 /// or else on this instance's own entry in `runtime` (`<pid>.sock`). Only a failure on
-/// `--api PATH` is an error; without it, the instance runs on without an API.
+/// `--api PATH` is an error; without it, the instance runs on without an API socket. With
+/// `web` (`--web`), the dashboard is served too (by an API without a socket if there is
+/// none), and its URL printed on stderr.
 pub fn start_api(
     api: Option<&std::path::Path>,
     runtime: Option<&std::path::Path>,
     handle: usernet_core::engine::control::ControlHandle,
-    dns_records: std::sync::Arc<usernet_core::services::dns::DnsRecords>,
+    shared: &Shared,
     cfg: &std::sync::Arc<NetConfig>,
-    proxy: &usernet_core::services::proxy::ProxySettings,
     about: usernet_host::api::About,
+    web: Option<crate::net_opts::WebPort>,
 ) -> anyhow::Result<Option<Api>> {
     use anyhow::Context;
     use usernet_host::api::registry;
+    let proxy = Some(shared.proxy_settings.clone());
     let serve = |path: &std::path::Path| {
-        usernet_host::api::serve(path, handle.clone(), dns_records.clone(), cfg.clone(), Some(proxy.clone()))
+        usernet_host::api::serve(path, handle.clone(), shared.dns_records.clone(), cfg.clone(), proxy.clone())
     };
     let (server, registration) = match (api, runtime) {
         (Some(path), _) => {
@@ -83,17 +96,33 @@ pub fn start_api(
                     None
                 }
             });
-            (server, registration)
+            (Some(server), registration)
         }
         (None, Some(dir)) => match serve(&registry::entry_path(dir, std::process::id())) {
-            Ok(server) => (server, None),
+            Ok(server) => (Some(server), None),
             Err(e) => {
                 tracing::warn!("`usernet ps` will not list this instance: {}: {e}", dir.display());
-                return Ok(None);
+                (None, None)
             }
         },
+        (None, None) => (None, None),
+    };
+    let server = match (server, &web) {
+        (Some(server), _) => server,
+        (None, Some(_)) => {
+            usernet_host::api::serve_without_socket(handle, shared.dns_records.clone(), cfg.clone(), proxy)
+                .context("the dashboard's API")?
+        }
         (None, None) => return Ok(None),
     };
     server.set_about(about);
+    server.set_activity(shared.activity.clone());
+    if let Some(web) = web {
+        let url = usernet_host::api::web::url(web.addr, &web.token);
+        server
+            .serve_web(web.listener, web.token)
+            .with_context(|| format!("cannot serve the dashboard on {}", web.addr))?;
+        eprintln!("usernet: dashboard at {url}");
+    }
     Ok(Some(Api { server, _registration: registration }))
 }

@@ -3,7 +3,8 @@
 //! Theory of operation. The order matters:
 //!
 //! 1. Parse the configuration and open the `--pcap` file, parse the published ports and
-//!    bind their host sockets (`-p`, `-P`): failures here touch nothing and start nothing.
+//!    bind their host sockets (`-p`, `-P`) and the dashboard's (`--web`): failures here
+//!    touch nothing and start nothing.
 //!    Wherever the host port was picked, its `docker port` line goes to stderr.
 //! 2. Block SIGCHLD, SIGINT, SIGTERM, SIGHUP and SIGQUIT and open a signalfd for them, while
 //!    the process still has one thread: every thread started later inherits the mask, so
@@ -19,7 +20,8 @@
 //!    hand it the bound listeners (it owns them from then on, so they close when it is
 //!    dropped) and start the control API on the engine's control handle: on `--api PATH`,
 //!    or else on `<pid>.sock` in the user's runtime directory, where `usernet ps` finds it
-//!    (the directory is made before step 3, `network::runtime_dir`).
+//!    (the directory is made before step 3, `network::runtime_dir`), and the dashboard
+//!    (`--web`) on the API's thread, its URL printed on stderr.
 //! 5. Let the sandbox exec COMMAND: exit 127 or 126 if that fails.
 //! 6. Run the engine with [`RunSupervisor`] watching the signalfd: on SIGCHLD it reaps, and
 //!    when COMMAND has exited the loop stops with its status (128 + N if killed by signal
@@ -103,12 +105,15 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     // one line and exit 125, before COMMAND starts, with nothing left listening.
     let specs = args.net.published_specs()?;
     let listeners = bind_published(&specs)?;
+    // The dashboard's port likewise (`--web`).
+    let web = args.net.bind_web()?;
     let spec = sandbox_spec(&cfg);
     execute(Launch {
         net: &args.net,
         cfg,
         pcap,
         listeners,
+        web,
         spec,
         command: &args.command,
         no_engine: args.no_engine,
@@ -125,6 +130,8 @@ pub struct Launch<'a> {
     pub cfg: Arc<NetConfig>,
     pub pcap: Option<PcapWriter>,
     pub listeners: Vec<usernet_core::ports::BoundListener>,
+    /// The dashboard's socket and token (`--web`), already bound.
+    pub web: Option<crate::net_opts::WebPort>,
     pub spec: SandboxSpec,
     pub command: &'a [std::ffi::OsString],
     pub no_engine: bool,
@@ -142,7 +149,7 @@ pub type WithEngine<'a> =
 /// Steps 2 to 7 of the theory of operation: the sandbox, the engine, COMMAND, its status.
 /// pasta mode's `pasta -- COMMAND` goes through here too.
 pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
-    let Launch { net, cfg, pcap, listeners, spec, command, no_engine, with_engine, register } = launch;
+    let Launch { net, cfg, pcap, listeners, web, spec, command, no_engine, with_engine, register } = launch;
     let proxy = net.proxy_config()?;
     let started = std::time::SystemTime::now();
     let runtime = if register && !no_engine { crate::network::runtime_dir() } else { None };
@@ -173,10 +180,10 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     let mut engine = if no_engine {
         drop(pcap);
         drop(listeners);
+        drop(web);
         None
     } else {
-        let Network { mut engine, dns_records, proxy_settings, proxy_hook } =
-            start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
+        let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
         match net.start_dns_watch(&cfg, guest_resolv) {
             Ok(w) => dns_watch = Some(w),
             Err(e) => tracing::warn!("{e:#}"),
@@ -200,7 +207,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
                 tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
             }
         }
-        if net.api.is_some() || runtime.is_some() {
+        if net.api.is_some() || runtime.is_some() || web.is_some() {
             let about = usernet_host::api::About {
                 mode: "run".into(),
                 command: command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
@@ -208,15 +215,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
                 api: None,
             };
             let handle = engine.control_handle().context("control API")?;
-            api = crate::network::start_api(
-                net.api.as_deref(),
-                runtime.as_deref(),
-                handle,
-                dns_records,
-                &cfg,
-                &proxy_settings,
-                about,
-            )?;
+            api = crate::network::start_api(net.api.as_deref(), runtime.as_deref(), handle, &shared, &cfg, about, web)?;
         }
         Some(engine)
     };

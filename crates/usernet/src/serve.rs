@@ -4,7 +4,8 @@
 //! Theory of operation. The order matters:
 //!
 //! 1. Parse everything (configuration, `--pcap`, published ports and their host sockets,
-//!    the transports' addresses): a mistake is one line and exit 125, nothing started.
+//!    the dashboard's socket (`--web`), the transports' addresses): a mistake is one line
+//!    and exit 125, nothing started.
 //! 2. Block SIGINT and SIGTERM and open a signalfd for them while the process has one
 //!    thread, so every later thread inherits the mask.
 //! 3. `--netns`: attach a TAP to each namespace (`netns::attach` forks, which must happen
@@ -20,7 +21,8 @@
 //! 5. Start the gateway services and the engine, add links and acceptors, publish the
 //!    `-p` ports to the first guest (192.168.65.2, the first DHCP lease), start the API (on
 //!    `--api PATH`, or else on `<pid>.sock` in the user's runtime directory, where
-//!    `usernet ps` finds it; the directory is made in step 1), and
+//!    `usernet ps` finds it; the directory is made in step 1) and the dashboard (`--web`),
+//!    and
 //!    with `--guest-api` let the engine hand guest connections to gateway:80 to the API
 //!    (gvproxy serves its API there too), which then knows the calling guest's address.
 //!    The HTTP proxy flags (`--http-proxy`, ...) apply as in `run`.
@@ -115,6 +117,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     }
     let specs = args.net.published_specs()?;
     let listeners = bind_published(&specs)?;
+    let web = args.net.bind_web()?;
     let proxy = args.net.proxy_config()?;
     let started = std::time::SystemTime::now();
     let runtime = crate::network::runtime_dir();
@@ -149,7 +152,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     // Its guests get MACs after the `--netns` ones.
     let (acceptors, links) = transports.bind(&cfg, netns_mac(args.netns.len()))?;
 
-    let Network { mut engine, dns_records, proxy_settings, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
+    let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
     // One guest per link: none may use another's MAC or address.
     engine.bind_guests_to_links();
     // Follows the host's resolv.conf and /etc/hosts until usernet stops.
@@ -191,13 +194,13 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         args.net.api.as_deref(),
         runtime.as_deref(),
         handle.clone(),
-        dns_records.clone(),
+        &shared,
         &cfg,
-        &proxy_settings,
         about,
+        web,
     )?;
     if args.guest_api {
-        api = serve_guest_api(&mut engine, registered.as_ref(), handle, dns_records, &cfg, &proxy_settings)?;
+        api = serve_guest_api(&mut engine, registered.as_ref(), handle, &shared, &cfg)?;
     }
     // After the guest API's hook, so that gateway:80 stays the API's.
     engine.add_tcp_hook(proxy_hook);
@@ -280,16 +283,19 @@ pub fn serve_guest_api(
     engine: &mut usernet_core::engine::Engine,
     registered: Option<&crate::network::Api>,
     handle: usernet_core::engine::control::ControlHandle,
-    dns_records: Arc<usernet_core::services::dns::DnsRecords>,
+    shared: &crate::network::Shared,
     cfg: &Arc<NetConfig>,
-    proxy_settings: &usernet_core::services::proxy::ProxySettings,
 ) -> anyhow::Result<Option<usernet_host::api::ApiServer>> {
     let (guest_api, own) = match registered {
         Some(a) => (a.server.guest_api(), None),
         None => {
-            let server =
-                usernet_host::api::serve_without_socket(handle, dns_records, cfg.clone(), Some(proxy_settings.clone()))
-                    .context("control API")?;
+            let server = usernet_host::api::serve_without_socket(
+                handle,
+                shared.dns_records.clone(),
+                cfg.clone(),
+                Some(shared.proxy_settings.clone()),
+            )
+            .context("control API")?;
             (server.guest_api(), Some(server))
         }
     };
@@ -423,5 +429,34 @@ mod tests {
             let text = e.to_string();
             assert!(text.contains(bad) && text.contains(says), "{flag} {bad}: {text}");
         }
+    }
+
+    /// `--web` (run and serve share it): an address and port, `localhost:PORT`, nothing else;
+    /// binding it gives the port picked for 0 and a token.
+    #[test]
+    fn web_flag() {
+        let net = |extra: &[&str]| {
+            let mut args = vec!["usernet", "serve", "--listen-stdio"];
+            args.extend_from_slice(extra);
+            crate::Cli::try_parse_from(args).map(|cli| match cli.command {
+                crate::Command::Serve(a) => a.net,
+                _ => panic!("not serve"),
+            })
+        };
+        assert_eq!(net(&[]).unwrap().web, None);
+        assert_eq!(net(&["--web", "127.0.0.1:8080"]).unwrap().web, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(net(&["--web", "[::1]:0"]).unwrap().web, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(net(&["--web", "localhost:9"]).unwrap().web, Some("127.0.0.1:9".parse().unwrap()));
+        for bad in ["8080", "127.0.0.1", "example.com:80", "127.0.0.1:99999"] {
+            assert!(net(&["--web", bad]).is_err(), "{bad}");
+        }
+        assert!(net(&[]).unwrap().bind_web().unwrap().is_none());
+        let web = net(&["--web", "127.0.0.1:0"]).unwrap().bind_web().unwrap().unwrap();
+        assert_ne!(web.addr.port(), 0);
+        assert_eq!(web.listener.local_addr().unwrap(), web.addr);
+        assert_eq!(web.token.len(), 64);
+        // Its port is taken now: a second bind fails, naming it.
+        let taken = net(&["--web", &web.addr.to_string()]).unwrap().bind_web().err().unwrap().to_string();
+        assert_eq!(taken, format!("cannot serve the dashboard on {}: address already in use", web.addr));
     }
 }

@@ -230,7 +230,12 @@ impl Engine {
     pub fn metrics(&self) -> EngineMetrics {
         let links = (self.switch.links.iter().enumerate())
             .filter_map(|(index, slot)| slot.as_ref().map(|s| (index, s)))
-            .map(|(index, s)| LinkSample { index, name: s.link.describe(), counters: s.counters })
+            .map(|(index, s)| LinkSample {
+                index,
+                name: s.link.describe(),
+                counters: s.counters,
+                guests: self.switch.guests_on(index),
+            })
             .collect();
         let mut flows: Vec<((&'static str, &'static str), u64)> = FLOW_STATES.iter().map(|k| (*k, 0)).collect();
         for (_, f) in self.flows.ids() {

@@ -250,6 +250,8 @@ pub struct LinkSample {
     /// What it is (`tap usernet0`, `qemu unix:/path`).
     pub name: String,
     pub counters: LinkCounters,
+    /// The guests behind it (MAC and addresses, as the switch learnt them).
+    pub guests: Vec<(usernet_wire::Mac, Vec<std::net::Ipv4Addr>)>,
 }
 
 /// One published port, as `/metrics` shows it.

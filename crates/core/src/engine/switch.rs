@@ -122,6 +122,23 @@ fn fmt_mac(m: Mac) -> String {
 pub const MAX_GSO_PAYLOAD: usize = 65535 - ipv4::HEADER_LEN - usernet_wire::tcp::HEADER_LEN;
 
 impl Switch {
+    /// The guests behind link `index`, as the switch learnt them: each MAC last seen on it
+    /// and the addresses it has (for the dashboard; off the data path, it walks the tables).
+    pub fn guests_on(&self, index: usize) -> Vec<(Mac, Vec<Ipv4Addr>)> {
+        let mut guests: Vec<(Mac, Vec<Ipv4Addr>)> =
+            self.macs.iter().filter(|(_, link)| **link == index).map(|(mac, _)| (*mac, Vec::new())).collect();
+        for (ip, mac) in &self.neighbours {
+            if let Some((_, ips)) = guests.iter_mut().find(|(m, _)| m == mac) {
+                ips.push(*ip);
+            }
+        }
+        for (_, ips) in &mut guests {
+            ips.sort();
+        }
+        guests.sort();
+        guests
+    }
+
     pub fn new(pcap: Option<PcapWriter>, gateway_mac: Mac, gateway_ip: Ipv4Addr, mtu: usize) -> Switch {
         Switch {
             links: Vec::new(),

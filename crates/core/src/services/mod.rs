@@ -36,6 +36,7 @@
 //! Dropping the hub closes the channel; the runtime then stops, closing every service socket.
 //! (The proxy hook holds only a weak sender, so it never keeps the runtime alive.)
 
+pub mod activity;
 pub mod dhcp;
 pub mod dns;
 pub mod metrics;
@@ -108,6 +109,7 @@ pub struct ServiceHub {
     told_dns_udp_full: AtomicBool,
     thread: Option<JoinHandle<()>>,
     metrics: Arc<metrics::ServiceMetrics>,
+    activity: Arc<activity::Activity>,
 }
 
 impl ServiceHub {
@@ -121,6 +123,7 @@ impl ServiceHub {
         let records = Arc::new(DnsRecords::from_config(&cfg));
         let dns = Arc::new(tune(DnsServer::new(&cfg, records.clone())));
         let metrics = dns.metrics().clone();
+        let activity = dns.activity().clone();
         let proxy = ProxySettings::default();
         let proxy_ctx = Arc::new(Proxy { settings: proxy.clone(), cfg: cfg.clone(), dns: dns.clone() });
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -135,6 +138,7 @@ impl ServiceHub {
             jobs: Some(tx),
             thread: Some(thread),
             metrics,
+            activity,
             dns_udp_live: Arc::new(AtomicUsize::new(0)),
             told_dns_udp_full: AtomicBool::new(false),
         })
@@ -143,6 +147,11 @@ impl ServiceHub {
     /// The services' counters (DNS forwarding per upstream, the proxy), for `/metrics`.
     pub fn metrics(&self) -> Arc<metrics::ServiceMetrics> {
         self.metrics.clone()
+    }
+
+    /// The services' recent activity (DNS queries, proxy requests), for the dashboard.
+    pub fn activity(&self) -> Arc<activity::Activity> {
+        self.activity.clone()
     }
 
     /// The network this hub serves.

@@ -7,7 +7,8 @@
 //! method and path and calls one handler:
 //!
 //! - `v1`: usernet's own resources (`/v1/ports`, `/v1/dns`, `/v1/leases`, `/v1/stats`,
-//!   `/v1/flows`, `/v1/info`); JSON in, JSON out, errors as `{"error": "..."}`.
+//!   `/v1/flows`, `/v1/info`, `/v1/links`, `/v1/log/dns`, `/v1/log/proxy`); JSON in, JSON
+//!   out, errors as `{"error": "..."}`.
 //! - `gvproxy`: the endpoints of gvisor-tap-vsock that Podman, Lima and CRC call
 //!   (`/services/forwarder/*`, `/services/dhcp/leases`, `/services/dns/*`, `/stats`),
 //!   with gvproxy's JSON shapes, status codes and plain-text errors.
@@ -34,6 +35,9 @@
 //! without IP (`":8080"`) forwards to the calling guest. [`serve_without_socket`] runs the
 //! API for guests alone when there is no `--api` socket.
 //!
+//! `web` serves the same read-only GETs (and `/metrics`) over TCP with a token, plus the
+//! dashboard page, for `--web ADDR:PORT`: [`ApiServer::serve_web`] runs it on this runtime.
+//!
 //! `client` is the small blocking HTTP/1.1 client that `usernet port`, `ps`, `flows`, `top`
 //! and `capture` use; `registry` is where they find the running instances (every `run`
 //! and `serve` registers its API socket there).
@@ -48,10 +52,11 @@ pub mod registry;
 mod routes;
 mod state;
 mod v1;
+pub mod web;
 
 pub use endpoints::Endpoint;
 pub use state::About;
-pub use v1::{FlowView, Info, Lease, Port, StatsView};
+pub use v1::{FlowView, Info, Lease, LinkGuest, LinkView, Port, StatsView};
 
 #[cfg(test)]
 mod tests;
@@ -106,6 +111,11 @@ impl ApiServer {
             about.api = Some(self.path.display().to_string());
         }
         let _ = self.guest.state.about.set(about);
+    }
+
+    /// Gives `/v1/log/dns` and `/v1/log/proxy` the services' logs (the first call wins).
+    pub fn set_activity(&self, activity: Arc<usernet_core::services::activity::Activity>) {
+        let _ = self.guest.state.activity.set(activity);
     }
 
     /// The API as the guests reach it (gateway:80), sharing this server's state.

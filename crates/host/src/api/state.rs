@@ -41,6 +41,9 @@ pub struct State {
     /// What `/v1/info` tells about this instance beyond the engine's state (set once, by
     /// [`ApiServer::set_about`](super::ApiServer::set_about)).
     pub about: std::sync::OnceLock<About>,
+    /// The services' recent DNS queries and proxy requests (`/v1/log/*`), set once by
+    /// [`ApiServer::set_activity`](super::ApiServer::set_activity).
+    pub activity: std::sync::OnceLock<Arc<usernet_core::services::activity::Activity>>,
 }
 
 /// The instance as `/v1/info` describes it: how it was started, and when.
@@ -69,6 +72,7 @@ impl State {
             exposed: tokio::sync::Mutex::new(BTreeMap::new()),
             proxy,
             about: std::sync::OnceLock::new(),
+            activity: std::sync::OnceLock::new(),
         }
     }
 }

@@ -115,6 +115,10 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                     index: 0,
                     name: "tap \"eth0\"".into(),
                     counters: LinkCounters { rx_frames: 3, rx_bytes: 300, tx_frames: 4, tx_bytes: 4000 },
+                    guests: vec![(
+                        [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee],
+                        vec![std::net::Ipv4Addr::new(192, 168, 65, 2)],
+                    )],
                 }],
                 counters,
                 flows: FLOW_STATES.iter().map(|k| (*k, u64::from(*k == ("tcp", "established")))).collect(),
@@ -751,4 +755,132 @@ fn guests_get_a_safe_subset() {
         assert_eq!(status, 403, "{method} {path}: {text}");
     }
     assert_eq!(f.dns.lookup("a.test"), None);
+}
+
+#[test]
+fn v1_links_and_logs() {
+    use usernet_core::services::activity::{Activity, ProxyLogEntry};
+    let f = start("v1links");
+    let (status, body) = f.get("/v1/links");
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!([{"index": 0, "name": "tap \"eth0\"", "rx_frames": 3, "rx_bytes": 300, "tx_frames": 4,
+                "tx_bytes": 4000, "guests": [{"mac": "5a:94:ef:e4:0c:ee", "ips": ["192.168.65.2"]}]}])
+    );
+    // No log until the services' is given.
+    assert_eq!(f.get("/v1/log/dns").0, 503);
+    let activity = Arc::new(Activity::default());
+    f._server.set_activity(activity.clone());
+    for (i, host) in ["a.test", "b.test"].iter().enumerate() {
+        activity.proxy.push(ProxyLogEntry {
+            time_ms: i as u64,
+            guest: "192.168.65.2:40000".into(),
+            mode: "explicit",
+            method: "GET".into(),
+            host: host.to_string(),
+            status: Some(200),
+            outcome: "forwarded",
+            via: String::new(),
+        });
+    }
+    let (status, body) = f.get("/v1/log/proxy");
+    assert_eq!(status, 200);
+    assert_eq!(body["total"], 2);
+    // Newest first.
+    assert_eq!(body["entries"][0]["host"], "b.test");
+    assert_eq!(body["entries"][1]["status"], 200);
+    assert_eq!(f.get("/v1/log/dns").1, json!({"total": 0, "entries": []}));
+    assert_eq!(f.call("POST", "/v1/log/dns", None).status, 405);
+}
+
+/// True once `cond` holds, polled for at most 10 s.
+fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// One HTTP/1.1 request on a fresh TCP connection: (status, headers, body).
+fn tcp_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(&format!("{h}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn web_port_needs_its_token_and_only_reads() {
+    let f = start("web");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = super::web::new_token().unwrap();
+    f._server.serve_web(listener, token.clone()).unwrap();
+    let bearer = format!("Authorization: Bearer {token}");
+    let cookie = format!("Cookie: {}={token}", super::web::cookie_name(addr.port()));
+
+    // No token, a wrong one, another port's cookie: 403 and nothing else.
+    for headers in [vec![], vec!["Authorization: Bearer 00"], vec![&*format!("Cookie: usernet_token_1={token}")]] {
+        for path in ["/", "/v1/info", "/metrics", "/v1/flows"] {
+            let (status, _, body) = tcp_request(addr, "GET", path, &headers);
+            assert_eq!(status, 403, "{path} {headers:?}");
+            assert!(!body.contains("192.168.65"), "{body}");
+        }
+    }
+    assert_eq!(tcp_request(addr, "GET", "/v1/info?token=nope", &[]).0, 403);
+
+    // The URL's token: the page, and a cookie for what the page asks next.
+    let (status, head, body) = tcp_request(addr, "GET", &format!("/?token={token}"), &[]);
+    assert_eq!(status, 200);
+    assert!(body.starts_with("<!DOCTYPE html>") && body.contains("<script>"), "{body}");
+    assert!(!body.contains("src=\"http") && !body.contains("href=\"http"), "external assets");
+    assert!(head.contains(&format!("set-cookie: {}={token}", super::web::cookie_name(addr.port()))), "{head}");
+    assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
+    assert!(head.contains("cache-control: no-store"), "{head}");
+
+    // The cookie and the header work too; the API answers as on the socket.
+    let (status, _, body) = tcp_request(addr, "GET", "/v1/info", &[&cookie]);
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["gateway"], "192.168.65.1");
+    let (status, head, body) = tcp_request(addr, "GET", "/metrics", &[&bearer]);
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
+    assert!(body.contains("usernet_link_bytes_total{"), "{body}");
+    assert!(!head.contains("set-cookie"), "{head}");
+
+    // The graph's samples: the first is taken at once.
+    assert!(
+        wait_for(|| {
+            let (status, _, body) = tcp_request(addr, "GET", "/history", &[&bearer]);
+            status == 200 && body.contains("\"links\":[{\"index\":0,\"name\":\"tap \\\"eth0\\\"\",\"rx_bytes\":300")
+        }),
+        "{:?}",
+        tcp_request(addr, "GET", "/history", &[&bearer])
+    );
+    assert_eq!(tcp_request(addr, "GET", "/history", &[]).0, 403);
+
+    // Nothing that changes anything, and no capture.
+    let (status, head, _) = tcp_request(addr, "POST", "/v1/ports", &[&bearer, "Content-Length: 0"]);
+    assert_eq!(status, 405);
+    assert!(head.contains("allow: get"), "{head}");
+    assert_eq!(tcp_request(addr, "DELETE", "/v1/dns/x", &[&bearer]).0, 404);
+    assert_eq!(tcp_request(addr, "PUT", "/v1/proxy", &[&bearer, "Content-Length: 0"]).0, 405);
+    assert_eq!(tcp_request(addr, "GET", "/v1/capture", &[&bearer]).0, 404);
+    assert_eq!(tcp_request(addr, "GET", "/services/forwarder/all", &[&bearer]).0, 404);
+    assert_eq!(f.get("/v1/ports").1, json!([]));
 }

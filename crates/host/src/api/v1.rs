@@ -13,6 +13,9 @@
 //! | `GET /v1/stats`        |                                        | 200 engine counters       |
 //! | `GET /v1/flows`        |                                        | 200 `[Flow]`              |
 //! | `GET /v1/info`         |                                        | 200 `Info`                |
+//! | `GET /v1/links`        |                                        | 200 `[LinkView]`          |
+//! | `GET /v1/log/dns`      |                                        | 200 `{"total", "entries": [DnsLogEntry]}` |
+//! | `GET /v1/log/proxy`    |                                        | 200 `{"total", "entries": [ProxyLogEntry]}` |
 //! | `GET /v1/capture?proto=&host=&port=&snaplen=` |                 | 200 a pcap stream (see `capture`) |
 //! | `GET /v1/proxy`        |                                        | 200 `Proxy`               |
 //! | `PUT /v1/proxy`        | `Proxy` (fields absent: unchanged)     | 200 `Proxy`, 400          |
@@ -41,6 +44,12 @@
 //! (the egress policy, crates/core/src/policy.rs; `learnt`: addresses allowed by DNS answers
 //! for the allow-domains). A change applies to new flows, connections and proxy requests;
 //! those already open go on. A bad rule is a 400 that names it, and changes nothing.
+//!
+//! `LinkView` is one guest link: `{"index", "name", "rx_frames", "rx_bytes", "tx_frames",
+//! "tx_bytes", "guests": [{"mac", "ips"}]}` (rx: from the guests; the guests as the switch
+//! learnt them). The logs (`/v1/log/dns`, `/v1/log/proxy`) hold the last few hundred
+//! entries, newest first (crates/core/src/services/activity.rs says what each field is);
+//! `total` counts every entry since the start, kept or not.
 //!
 //! `Proxy` is `{"http_proxy": URL|null, "https_proxy": URL|null, "no_proxy": "a,b",
 //! "ports": [80, 443]}`. GET shows passwords as `***`; a PUT that sends a URL back with
@@ -412,6 +421,78 @@ pub async fn info(state: &State) -> Reply {
         ports: ports.iter().map(Port::from).collect(),
     };
     Reply::json(StatusCode::OK, &view)
+}
+
+/// One guest link as `/v1/links` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinkView {
+    pub index: usize,
+    pub name: String,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub guests: Vec<LinkGuest>,
+}
+
+/// A guest behind a link: its MAC and the addresses it uses.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinkGuest {
+    pub mac: String,
+    pub ips: Vec<Ipv4Addr>,
+}
+
+pub async fn links(state: &State) -> Reply {
+    match state.control.ask(|reply| Command::Metrics { reply }).await {
+        Some(m) => {
+            let view: Vec<LinkView> = m
+                .links
+                .iter()
+                .map(|l| LinkView {
+                    index: l.index,
+                    name: l.name.clone(),
+                    rx_frames: l.counters.rx_frames,
+                    rx_bytes: l.counters.rx_bytes,
+                    tx_frames: l.counters.tx_frames,
+                    tx_bytes: l.counters.tx_bytes,
+                    guests: l
+                        .guests
+                        .iter()
+                        .map(|(mac, ips)| LinkGuest { mac: format_mac(mac), ips: ips.clone() })
+                        .collect(),
+                })
+                .collect();
+            Reply::json(StatusCode::OK, &view)
+        }
+        None => engine_gone(),
+    }
+}
+
+/// `/v1/log/dns` and `/v1/log/proxy`: a log, newest first.
+#[derive(Serialize)]
+struct LogView<T> {
+    total: u64,
+    entries: Vec<T>,
+}
+
+fn log_reply<T: Clone + Serialize>(ring: &usernet_core::services::activity::Ring<T>) -> Reply {
+    let mut entries = ring.snapshot();
+    entries.reverse();
+    Reply::json(StatusCode::OK, &LogView { total: ring.total(), entries })
+}
+
+pub fn dns_log(state: &State) -> Reply {
+    match state.activity.get() {
+        Some(a) => log_reply(&a.dns),
+        None => Reply::error(StatusCode::SERVICE_UNAVAILABLE, "no DNS log in this usernet"),
+    }
+}
+
+pub fn proxy_log(state: &State) -> Reply {
+    match state.activity.get() {
+        Some(a) => log_reply(&a.proxy),
+        None => Reply::error(StatusCode::SERVICE_UNAVAILABLE, "no proxy log in this usernet"),
+    }
 }
 
 /// One flow as `/v1/flows` shows it (the engine's `FlowInfo`, for clients to read).

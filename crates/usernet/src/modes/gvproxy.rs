@@ -409,7 +409,7 @@ fn run(o: &Options) -> anyhow::Result<String> {
     let mut sup = GvproxySupervisor { signals: SignalSupervisor::new()?, signalled: false };
 
     let (acceptors, links) = transports.bind(&cfg, DEVICE_MAC)?;
-    let Network { mut engine, dns_records, proxy_settings, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
+    let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
     engine.bind_guests_to_links();
     engine.add_static_lease(DEVICE_MAC, cfg.guest);
     let _dns_watch = net.start_dns_watch(&cfg, None).map_err(|e| tracing::warn!("{e:#}")).ok();
@@ -437,17 +437,9 @@ fn run(o: &Options) -> anyhow::Result<String> {
         started,
         api: None,
     };
-    let registered = crate::network::start_api(
-        None,
-        runtime.as_deref(),
-        handle.clone(),
-        dns_records.clone(),
-        &cfg,
-        &proxy_settings,
-        about,
-    )?;
+    let registered = crate::network::start_api(None, runtime.as_deref(), handle.clone(), &shared, &cfg, about, None)?;
     // gvproxy's API to the guests at gateway:80; the host's endpoints on the same server.
-    let own = serve_guest_api(&mut engine, registered.as_ref(), handle, dns_records, &cfg, &proxy_settings)?;
+    let own = serve_guest_api(&mut engine, registered.as_ref(), handle, &shared, &cfg)?;
     let server = registered.as_ref().map(|a| &a.server).or(own.as_ref());
     let endpoints: Vec<&Endpoint> = o.listen.iter().chain(o.services.iter()).collect();
     if !endpoints.is_empty() {

@@ -62,8 +62,8 @@ struct Ask<'a> {
 
 /// What waiting for answers gave.
 enum Heard {
-    /// A usable answer, for the guest.
-    Answer(Vec<u8>),
+    /// A usable answer, for the guest, and the server it came from.
+    Answer(Vec<u8>, SocketAddr),
     /// The server being waited for is out of the running (or the time is up): next one.
     Next,
 }
@@ -78,13 +78,15 @@ impl DnsServer {
         (per_try, rounds)
     }
 
-    /// Ask the upstreams; see the module comment for the policy.
-    pub(super) async fn forward(&self, query: &[u8], transport: Transport) -> Vec<u8> {
+    /// Ask the upstreams; see the module comment for the policy. Also tells which server
+    /// gave the answer (None when none answered usably: the answer is then a SERVFAIL of
+    /// ours or the last refusal).
+    pub(super) async fn forward(&self, query: &[u8], transport: Transport) -> (Vec<u8>, Option<SocketAddr>) {
         let conf = self.host_dns.upstreams();
         let upstreams = &conf.servers;
         let n = upstreams.len();
         if n == 0 {
-            return error_reply(query, ResponseCode::ServFail, true);
+            return (error_reply(query, ResponseCode::ServFail, true), None);
         }
         let (per_try, rounds) = self.timeouts(&conf.options);
         let first = if conf.options.rotate { self.rotation.fetch_add(1, Ordering::Relaxed) % n } else { 0 };
@@ -101,15 +103,15 @@ impl DnsServer {
                 }
                 let deadline = Instant::now() + per_try;
                 let heard = self.listen(&ask, &mut servers, i, deadline, &mut buf, &mut fallback).await;
-                if let Heard::Answer(answer) = heard {
-                    return with_id(answer, query);
+                if let Heard::Answer(answer, from) = heard {
+                    return (with_id(answer, query), Some(from));
                 }
                 if servers.iter().all(|s| matches!(s, Server::Done)) {
-                    return give_up(query, fallback);
+                    return (give_up(query, fallback), None);
                 }
             }
         }
-        give_up(query, fallback)
+        (give_up(query, fallback), None)
     }
 
     /// Sends `out` (the guest's query) to one server with its own ID, opening its socket the
@@ -182,7 +184,7 @@ impl DnsServer {
             let rcode = answer[3] & 0x0f;
             if rcode != ResponseCode::ServFail.low() && rcode != ResponseCode::Refused.low() {
                 self.metrics.upstream_answer(upstream);
-                return Heard::Answer(answer);
+                return Heard::Answer(answer, upstream);
             }
             let why = if rcode == ResponseCode::ServFail.low() {
                 UpstreamFailure::Servfail
@@ -512,6 +514,36 @@ mod tests {
             failures(closed, UpstreamFailure::Unreachable) + failures(closed, UpstreamFailure::Timeout);
         assert_eq!(closed_failures, 3, "{sample:?}");
         assert_eq!(of(closed).answers, 0);
+    }
+
+    /// Every query lands in the DNS log: who answered, with what.
+    #[tokio::test]
+    async fn queries_are_logged() {
+        let (servfail, _) = fake(Fake::rcode(ResponseCode::ServFail)).await;
+        let (good, _) = fake(Fake::answering(GOOD)).await;
+        let s = server(vec![servfail, good]);
+        assert_eq!(a_answers(&ask(&s, "a.example").await), vec![GOOD]);
+        let r = s.handle(&query("host.docker.internal", RecordType::A), Transport::Tcp).await.unwrap();
+        assert!(!r.is_empty());
+        let log = s.activity().dns.snapshot();
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert_eq!((log[0].name.as_str(), log[0].qtype.as_str(), log[0].rcode.as_str()), ("a.example", "A", "NOERROR"));
+        assert_eq!(log[0].answers, vec![GOOD.to_string()]);
+        assert_eq!(log[0].upstream, Some(good.to_string()));
+        assert_eq!(log[0].transport, "udp");
+        assert_eq!(log[1].name, "host.docker.internal");
+        assert_eq!(log[1].answers, vec!["192.168.65.254".to_string()]);
+        assert_eq!(log[1].upstream.as_deref(), Some("gateway"));
+        assert_eq!(log[1].transport, "tcp");
+        // Nobody answers usably: the refusal of the last server goes back, from nobody.
+        let s = server(vec![servfail]);
+        let _ = s.handle(&query("b.example", RecordType::AAAA), Transport::Udp).await;
+        let log = s.activity().dns.snapshot();
+        assert_eq!((log[0].rcode.as_str(), log[0].upstream.as_deref()), ("SERVFAIL", None));
+        // A message that is no query: dropped, logged as such.
+        assert_eq!(s.handle(b"\x00\x01", Transport::Udp).await, None);
+        let log = s.activity().dns.snapshot();
+        assert_eq!((log[1].name.as_str(), log[1].rcode.as_str()), ("?", "dropped"));
     }
 
     #[tokio::test]

@@ -30,6 +30,9 @@
 //! back over TCP itself. An answer larger than the link can carry in one datagram is
 //! replaced by a truncated (TC) answer for the same reason.
 //!
+//! Every query ends up in the services' DNS log ([`Activity`]: the last few hundred, with
+//! the name, type, RCODE, answers and the server that answered), for the dashboard.
+//!
 //! Nothing here panics on what a guest sends: every length is checked and every parse error
 //! becomes FORMERR or silence.
 
@@ -50,6 +53,7 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::sync::Semaphore;
 use tracing::debug;
 
+use super::activity::{Activity, DnsLogEntry, clip, now_ms};
 use super::metrics::ServiceMetrics;
 use crate::config::{HostDns, NetConfig};
 pub use records::{DnsError, DnsRecords};
@@ -113,6 +117,8 @@ pub struct DnsServer {
     /// The egress policy, which learns the addresses of `--allow-domain` names from the
     /// answers forwarded ([`learn`]).
     policy: Arc<crate::policy::Policy>,
+    /// The recent queries (shared with the proxy and the control API).
+    activity: Arc<Activity>,
 }
 
 /// One query of a guest's counted in `DnsServer::per_guest`, until dropped.
@@ -149,6 +155,7 @@ impl DnsServer {
             per_guest: Default::default(),
             max_per_guest: cfg.limits.max_dns_queries_per_guest,
             policy: cfg.policy.clone(),
+            activity: Arc::default(),
         }
     }
 
@@ -161,6 +168,11 @@ impl DnsServer {
         }
         *n += 1;
         Some(GuestQuery { server: self, guest })
+    }
+
+    /// The services' recent activity (this server's queries, the proxy's requests).
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// The counters this server keeps (shared with the other services for `/metrics`).
@@ -195,12 +207,16 @@ impl DnsServer {
         transport: Transport,
     ) -> Option<Vec<u8>> {
         self.metrics.dns_queries.fetch_add(1, Ordering::Relaxed);
-        let reply = match self.local(query) {
+        let started = std::time::Instant::now();
+        let (reply, from) = match self.local(query) {
             Local::Reply(r) => {
                 self.metrics.dns_local.fetch_add(1, Ordering::Relaxed);
-                r
+                (r, Some("gateway".to_string()))
             }
-            Local::Drop => return None,
+            Local::Drop => {
+                self.log(query, None, transport, None, started);
+                return None;
+            }
             Local::Forward => {
                 let _guest_slot = match guest {
                     Some(ip) => match self.guest_query(ip) {
@@ -223,17 +239,66 @@ impl DnsServer {
                 };
                 let Ok(_slot) = self.forward_slots.try_acquire() else {
                     debug!("dns: too many queries in flight, dropping one");
+                    self.log(query, None, transport, None, started);
                     return None;
                 };
-                let answer = self.forward(query, transport).await;
-                learn(&self.policy, &answer);
-                answer
+                let (reply, from) = self.forward(query, transport).await;
+                learn(&self.policy, &reply);
+                (reply, from.map(|a| a.to_string()))
             }
         };
-        match transport {
+        let reply = match transport {
             Transport::Udp if reply.len() > self.udp_link_max => truncated(&reply),
             _ => Some(reply),
-        }
+        };
+        self.log(query, reply.as_deref(), transport, from, started);
+        reply
+    }
+
+    /// Adds a query and its answer (None: the guest got none) to the DNS log.
+    fn log(
+        &self,
+        query: &[u8],
+        reply: Option<&[u8]>,
+        transport: Transport,
+        upstream: Option<String>,
+        started: std::time::Instant,
+    ) {
+        let mut decoder = BinDecoder::new(query);
+        let question = Header::read(&mut decoder)
+            .ok()
+            .filter(|h| h.counts.queries >= 1)
+            .and_then(|_| Query::read(&mut decoder).ok());
+        let (name, qtype) = match &question {
+            Some(q) => {
+                let name = q.name().to_ascii();
+                let name = name.strip_suffix('.').filter(|n| !n.is_empty()).unwrap_or(&name);
+                (clip(name), q.query_type().to_string())
+            }
+            None => ("?".to_string(), "?".to_string()),
+        };
+        let (rcode, answers) = match reply {
+            None => ("dropped".to_string(), Vec::new()),
+            Some(r) => (
+                r.get(3).map_or("?".to_string(), |b| rcode_name(b & 0x0f)),
+                Message::from_vec(r)
+                    .map(|m| m.answers.iter().take(8).map(|rec| clip(&answer_text(&rec.data))).collect())
+                    .unwrap_or_default(),
+            ),
+        };
+        self.activity.dns.push(DnsLogEntry {
+            time_ms: now_ms(),
+            transport: match transport {
+                Transport::Udp => "udp",
+                Transport::Tcp => "tcp",
+            },
+            name,
+            qtype,
+            rcode,
+            answers,
+            upstream,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
     }
 
     /// The I/O-free part: decide what to do with `query`, building the answer when it is
@@ -339,6 +404,29 @@ fn learn(policy: &crate::policy::Policy, answer: &[u8]) {
         })
         .collect();
     policy.learn(&question.name().to_ascii(), &addrs);
+}
+
+/// An RCODE (the header's four bits) as dig names it.
+fn rcode_name(rcode: u8) -> String {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    }
+}
+
+/// One answer record as the DNS log shows it: the address alone for A and AAAA, the type
+/// and the data for the others (`CNAME a.example.`).
+fn answer_text(data: &RData) -> String {
+    match data {
+        RData::A(a) => a.0.to_string(),
+        RData::AAAA(a) => a.0.to_string(),
+        other => format!("{} {other}", other.record_type()),
+    }
 }
 
 /// The IPv4 address of a reverse name, `4.3.2.1.in-addr.arpa.` -> 1.2.3.4.

@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use super::config::{self, ProxyUrl, split_host_port, valid_host};
 use super::{Proxy, ProxyError, dial, dial_upstream, open_tunnel, relay};
+use crate::services::activity::{ProxyLogEntry, clip, now_ms};
 use crate::services::metrics::ProxyOutcome;
 
 /// How the guest reached the proxy.
@@ -108,8 +109,23 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move {
+            let (method, host) = (req.method().to_string(), logged_host(&req, conn.mode));
             let resp = conn.handle(req).await;
-            conn.proxy.dns.metrics().proxy_request(outcome(&resp));
+            let outcome = outcome(&resp);
+            conn.proxy.dns.metrics().proxy_request(outcome);
+            conn.proxy.dns.activity().proxy.push(ProxyLogEntry {
+                time_ms: now_ms(),
+                guest: conn.guest.to_string(),
+                mode: match conn.mode {
+                    Mode::Explicit => "explicit",
+                    Mode::Transparent(_) => "transparent",
+                },
+                method: clip(&method),
+                host: clip(&host),
+                status: Some(resp.status().as_u16()),
+                outcome: outcome.as_str(),
+                via: resp.extensions().get::<Via>().map_or(String::new(), |v| clip(&v.0)),
+            });
             Ok::<_, Infallible>(resp)
         }
     });
@@ -119,6 +135,24 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
         debug!("proxy: {guest}: connection: {e}");
     }
 }
+
+/// The destination of a request as the proxy log shows it: the URL's authority (CONNECT's
+/// target), else the Host header, else the address the guest dialled.
+fn logged_host(req: &Request<Incoming>, mode: Mode) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_else(|| match mode {
+            Mode::Transparent(dst) => dst.to_string(),
+            Mode::Explicit => "?".to_string(),
+        })
+}
+
+/// Where a forwarded request went (`direct ADDR`, `upstream HOST:PORT`), for the proxy log
+/// (a response extension: never sent).
+#[derive(Clone)]
+struct Via(String);
 
 /// Marks the answers the proxy makes itself (a response extension: never sent).
 #[derive(Clone, Copy)]
@@ -281,6 +315,7 @@ impl Conn {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        parts.extensions.insert(Via(hop.to_string()));
         Response::from_parts(parts, body.boxed())
     }
 
@@ -411,7 +446,9 @@ impl Conn {
                 Err(e) => debug!("proxy: {guest} CONNECT {target}: upgrade: {e}"),
             }
         });
-        Response::new(empty())
+        let mut resp = Response::new(empty());
+        resp.extensions_mut().insert(Via(via));
+        resp
     }
 }
 

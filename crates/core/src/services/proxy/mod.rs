@@ -390,21 +390,39 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
         Ok((stream, rest, via)) => {
             info!("proxy: {guest} -> {target} (TLS, {dst}) via {via}");
             proxy.dns.metrics().proxy_request(ProxyOutcome::Forwarded);
+            log_tls(&proxy, guest, &target, ProxyOutcome::Forwarded, &via);
             relay(sock, stream, rest).await;
         }
         Err(e) => {
-            // A denial was logged by the policy, once per destination.
-            if !matches!(e, ProxyError::Denied { .. }) {
-                warn!("proxy: {guest} -> {target} (TLS, {dst}): {e}; resetting the connection");
-            }
-            proxy.dns.metrics().proxy_request(match e {
+            let outcome = match e {
                 ProxyError::Denied { .. } => ProxyOutcome::Denied,
                 _ => ProxyOutcome::UpstreamError,
-            });
+            };
+            // A denial was logged by the policy, once per destination.
+            if outcome != ProxyOutcome::Denied {
+                warn!("proxy: {guest} -> {target} (TLS, {dst}): {e}; resetting the connection");
+            }
+            proxy.dns.metrics().proxy_request(outcome);
+            log_tls(&proxy, guest, &target, outcome, "");
             // The ClientHello is still unread in `sock`: closing it resets the engine's end.
             drop(sock);
         }
     }
+}
+
+/// An intercepted TLS connection, in the proxy log.
+fn log_tls(proxy: &Proxy, guest: SocketAddrV4, target: &str, outcome: ProxyOutcome, via: &str) {
+    use super::activity::{ProxyLogEntry, clip, now_ms};
+    proxy.dns.activity().proxy.push(ProxyLogEntry {
+        time_ms: now_ms(),
+        guest: guest.to_string(),
+        mode: "tls",
+        method: "TLS".to_string(),
+        host: clip(target),
+        status: None,
+        outcome: outcome.as_str(),
+        via: clip(via),
+    });
 }
 
 /// Connects to a host socket, bounded by [`CONNECT_TIMEOUT`].

@@ -640,6 +640,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
             cfg,
             pcap,
             listeners,
+            web: None,
             spec,
             command: &command,
             no_engine: false,
