@@ -10,136 +10,20 @@
 mod common;
 #[path = "vm/harness.rs"]
 mod harness;
+#[path = "vm/qemu.rs"]
+mod qemu;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use common::{DnsUpstream, RemoteHost, Server, ServerKind, TempDir};
-use harness::{Serve, collect};
+use harness::Serve;
+use qemu::{Image, VM_TIMEOUT, Vm, require_vm};
 
-/// How long a VM may take to boot and run its checks (TCG on a busy machine).
-const VM_TIMEOUT: Duration = Duration::from_secs(150);
 /// Size of the file the VM downloads.
 const FILE_SIZE: usize = 1 << 20;
-
-/// Root and the tools of these tests (panics otherwise: see [`common::require`]).
-fn require_vm() {
-    common::require(&["qemu-system-x86_64", "busybox", "dnsmasq", "ip", "curl", "python3"]);
-}
-
-/// The kernel and the initramfs built from vm-guest/.
-struct Image {
-    _dir: TempDir,
-    kernel: PathBuf,
-    initrd: PathBuf,
-}
-
-impl Image {
-    fn build() -> Image {
-        let dir = TempDir::new("vm");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../vm-guest/build-initramfs.sh");
-        let out = common::run_bounded(
-            Command::new("sh").arg(&script).arg(dir.path()).env("PATH", common::search_path()),
-            Duration::from_secs(60),
-        );
-        assert!(out.success(), "building the initramfs failed:\n{out}");
-        let kernel = out
-            .stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("KERNEL="))
-            .map(PathBuf::from)
-            .unwrap_or_else(|| panic!("no KERNEL= line:\n{out}"));
-        let initrd = dir.join("initramfs.cpio");
-        Image { _dir: dir, kernel, initrd }
-    }
-}
-
-/// A QEMU VM, killed on drop.
-struct Vm {
-    name: String,
-    child: Child,
-    console: Arc<Mutex<String>>,
-}
-
-impl Vm {
-    /// Boots the image with `netdev` (a `-netdev` value with id=n0), MAC `mac`, and `params`
-    /// for /init on the kernel command line.
-    fn boot(name: &str, image: &Image, netdev: &str, mac: &str, params: &str) -> Vm {
-        // As the test user too, when usernet runs as one: QEMU's datagram socket must be
-        // one that usernet may send to.
-        let mut cmd = common::as_test_user("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-            .arg("-kernel")
-            .arg(&image.kernel)
-            .arg("-initrd")
-            .arg(&image.initrd)
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=-1 {params}"))
-            .args(["-netdev", netdev, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start qemu-system-x86_64");
-        let console = collect(child.stdout.take().expect("stdout"));
-        let errors = collect(child.stderr.take().expect("stderr"));
-        let vm = Vm { name: name.to_string(), child, console };
-        // QEMU's own complaints go to the console text, to show up in failures.
-        let console = vm.console.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(2));
-            let e = errors.lock().unwrap().clone();
-            if !e.is_empty() {
-                console.lock().unwrap().push_str(&format!("\n[qemu stderr] {e}"));
-            }
-        });
-        vm
-    }
-
-    fn console(&self) -> String {
-        self.console.lock().unwrap().clone()
-    }
-
-    /// Waits until the console shows `marker`; panics with the console on timeout.
-    fn wait_for(&mut self, marker: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.console().contains(marker) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("VM {} exited ({status}) before {marker:?}:\n{}", self.name, self.console());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("VM {} did not show {marker:?} within {timeout:?}:\n{}", self.name, self.console());
-    }
-
-    /// The detail of check `name` when it passed; panics with the console otherwise.
-    fn check(&self, name: &str) -> String {
-        let console = self.console();
-        let prefix = format!("CHECK {name} ");
-        let line = console
-            .lines()
-            .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("VM {}: no check {name}:\n{console}", self.name));
-        let rest = &line[prefix.len()..];
-        match rest.strip_prefix("ok ") {
-            Some(detail) => detail.trim().to_string(),
-            None => panic!("VM {}: check {name} failed: {line}\n{console}", self.name),
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// GET / on 127.0.0.1:PORT with curl (a few tries: the guest may still be answering ARP).
 fn curl(port: u16) -> String {

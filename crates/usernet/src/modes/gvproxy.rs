@@ -257,6 +257,9 @@ fn socket_path(flag: &str, url: &str, scheme: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// What -ec2-metadata-access opens: IPv4's link-local block.
+const LINK_LOCAL: &str = "169.254.0.0/16";
+
 /// The network of these options: gvproxy's addresses in `net`'s configuration.
 fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
     let mut cfg = net.to_config(o.mtu.unwrap_or(MTU_VM))?;
@@ -277,6 +280,13 @@ fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
     }
     if cfg.gateway == cfg.guest || cfg.guest == cfg.host {
         anyhow::bail!("failed to validate configuration IPs: the gateway, device and host IPs must differ");
+    }
+    if !o.ec2_metadata_access {
+        // gvproxy refuses the guest's connections to link-local addresses (EC2's metadata
+        // service, Amazon's time sync) unless -ec2-metadata-access: a deny rule here.
+        let rules = usernet_core::policy::Rules::parse::<&str>(&[], &[LINK_LOCAL], &[])
+            .map_err(|e| anyhow::anyhow!("{LINK_LOCAL}: {e}"))?;
+        cfg.policy = Arc::new(usernet_core::policy::Policy::new(rules));
     }
     let loopback_to = cfg.host_loopback.then_some(cfg.host);
     cfg.host_dns
@@ -572,6 +582,21 @@ mod tests {
                 Some(Ipv4Addr::new(192, 168, 127, 1))
             )
         );
+    }
+
+    /// Link-local destinations (EC2's metadata service) are denied unless
+    /// -ec2-metadata-access, as gvproxy's forwarders refuse them.
+    #[test]
+    fn link_local_needs_ec2_metadata_access() {
+        use usernet_core::policy::Verdict;
+        let net = || NetOpts { subnet: GVPROXY_SUBNET, ..default_net_opts() };
+        let metadata: IpAddr = "169.254.169.254".parse().unwrap();
+        let elsewhere: IpAddr = "198.51.100.7".parse().unwrap();
+        let cfg = network_config(&opts("-listen-stdio yes"), &net()).unwrap();
+        assert!(matches!(cfg.policy.check(metadata, Some(80)), Verdict::Deny(_)));
+        assert_eq!(cfg.policy.check(elsewhere, Some(80)), Verdict::Allow);
+        let cfg = network_config(&opts("-listen-stdio yes -ec2-metadata-access"), &net()).unwrap();
+        assert_eq!(cfg.policy.check(metadata, Some(80)), Verdict::Allow);
     }
 
     #[test]

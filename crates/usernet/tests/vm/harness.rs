@@ -1,6 +1,8 @@
 //! Shared by the `serve` integration tests (included with `#[path]`): a running
 //! `usernet serve`, and output collection.
 
+#![allow(dead_code)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
