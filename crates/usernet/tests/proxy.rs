@@ -274,6 +274,66 @@ fn transparent_http_and_https_through_upstream() {
     assert!(reqs.iter().any(|r| r.starts_with(&format!("GET http://other.test:{port}/hello.txt "))), "{reqs:?}");
 }
 
+/// The egress policy through the upstream proxy: with `--allow` of the origin's address and
+/// `--allow-domain secure.test`, a name the upstream would resolve is judged by name (an
+/// allow-domain) or by the address the gateway's DNS gives it (`--add-host`); a name with no
+/// address (nowhere.test) is denied whichever way it comes: a transparent request's Host
+/// header (403), an intercepted TLS ClientHello (reset), an explicit CONNECT (403). The
+/// upstream never hears of it.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn egress_policy_judges_the_names_sent_upstream() {
+    require(TOOLS);
+    let dns = DnsUpstream::start();
+    let origin = Origin::start();
+    let tp = Tinyproxy::start(origin.ip(), None, &[]);
+    let allow = format!("{}/32:80,443", origin.ip());
+    let args = strings(&[
+        "--http-proxy",
+        &tp.url(),
+        "--https-proxy",
+        &tp.url(),
+        "--proxy-ports",
+        "80,443",
+        "--allow",
+        &allow,
+        "--allow-domain",
+        "secure.test",
+    ]);
+    let (ip, cert) = (origin.ip(), origin.cert());
+    let out = guest(
+        &dns,
+        &origin,
+        &args,
+        &format!(
+            "curl -fsS -m 20 http://www.test/hello.txt
+             curl -s -m 20 -w 'host %{{http_code}}\n' -H 'Host: nowhere.test' http://{ip}/hello.txt
+             curl -s -m 20 -k --resolve nowhere.test:443:{ip} https://nowhere.test/hello.txt; echo tls=$?
+             curl -fsS -m 20 -x http://http.docker.internal:3128 --cacert {cert} https://secure.test/hello.txt
+             curl -s -m 20 -p -o /dev/null -w 'connect %{{http_connect}}\n' -x http://http.docker.internal:3128 http://nowhere.test/ || true",
+            cert = cert.display()
+        ),
+    );
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let body = "usernet: nowhere.test:80 is denied by the egress policy: no --allow rule or --allow-domain covers it";
+    assert_eq!(lines.len(), 6, "{out}");
+    assert_eq!(
+        [lines[0], lines[1], lines[2], lines[4], lines[5]],
+        [CONTENT, body, "host 403", CONTENT, "connect 403"],
+        "{out}"
+    );
+    assert!(lines[3].starts_with("tls=") && lines[3] != "tls=0", "{out}");
+    let reqs = tp.requests();
+    assert!(reqs.iter().any(|r| r.starts_with("GET http://www.test/hello.txt ")), "{reqs:?}");
+    assert!(reqs.iter().any(|r| r.starts_with("CONNECT secure.test:443 ")), "{reqs:?}");
+    assert!(!reqs.iter().any(|r| r.contains("nowhere.test")), "{reqs:?}");
+    let said = out.stderr.lines().filter(|l| l.contains("denied guest proxy") && l.contains("nowhere.test")).count();
+    // nowhere.test:80 and :443 from the transparent proxy; :80 again through CONNECT is
+    // the same destination, logged once.
+    assert_eq!(said, 2, "{out}");
+}
+
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn no_proxy_bypass_by_name_wildcard_and_cidr() {

@@ -1063,3 +1063,24 @@ fn published_ports_refuse_denied_clients() {
     assert_eq!(e.flow_count(), 1);
     assert!(take_tcp(&link).iter().any(|(h, _)| h.has(SYN)), "our SYN to the guest");
 }
+
+/// A destination the egress policy denies is refused before any hook sees it (the
+/// transparent proxy never takes it over); an allowed one goes to the hook as before.
+#[test]
+fn egress_policy_comes_before_tcp_hooks() {
+    let (mut e, link, dialer, _cfg) = policy_engine(&[], &["203.0.113.66"]);
+    let asked = Rc::new(RefCell::new(Vec::new()));
+    let seen = asked.clone();
+    e.add_tcp_hook(Box::new(move |dst, _guest| {
+        seen.borrow_mut().push(dst);
+        None
+    }));
+    let now = Instant::now();
+    e.on_frame(0, &syn_to(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 66), 80)), now);
+    assert!(take_tcp(&link).iter().any(|(h, _)| h.has(RST)));
+    assert!(asked.borrow().is_empty(), "the hook saw a denied destination");
+    let allowed = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 67), 80);
+    e.on_frame(0, &syn_to(allowed), now);
+    assert_eq!(*asked.borrow(), vec![allowed]);
+    assert_eq!(dialer.tcp_peers.borrow().len(), 1);
+}
