@@ -24,7 +24,8 @@
 //!    `usernet ps` finds it; the directory is made in step 1) and the dashboard (`--web`),
 //!    and
 //!    with `--guest-api` let the engine hand guest connections to gateway:80 to the API
-//!    (gvproxy serves its API there too), which then knows the calling guest's address.
+//!    (gvproxy serves its API there too), which then knows the calling guest's address and
+//!    asks for the token (printed on stderr, or `--guest-api-token-file`).
 //!    The HTTP proxy flags (`--http-proxy`, ...) apply as in `run`.
 //! 6. Run the engine until SIGINT or SIGTERM: exit 0. Dropping the API removes its socket;
 //!    dropping the engine closes every link and removes the transports' socket files.
@@ -86,9 +87,32 @@ pub struct ServeArgs {
     /// Name of the TAP device created by `--netns`.
     #[arg(long = "netns-ifname", value_name = "NAME", default_value = "eth0")]
     pub netns_ifname: String,
-    /// Serve the control API to the guests at the gateway's port 80, as gvproxy does.
+    /// Serve the control API to the guests at the gateway's port 80, as gvproxy does: only
+    /// publishing to the calling guest's own address and read-only views, and only with a
+    /// token (`Authorization: Bearer TOKEN`): a fresh one printed on stderr, or the first
+    /// line of --guest-api-token-file.
     #[arg(long = "guest-api")]
     pub guest_api: bool,
+    /// The guest API's token, the first line of this file (for a VM tool that hands it to
+    /// its guest).
+    #[arg(long = "guest-api-token-file", value_name = "PATH", requires = "guest_api")]
+    pub guest_api_token_file: Option<PathBuf>,
+}
+
+/// The guest API's token: the first line of `file`, or a fresh random one.
+fn guest_api_token(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let Some(path) = file else {
+        return usernet_host::api::web::new_token().context("a token for the guest API");
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("--guest-api-token-file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        anyhow::bail!(
+            "--guest-api-token-file {}: the first line must be a token of at least 16 printable characters",
+            path.display()
+        );
+    }
+    Ok(token)
 }
 
 /// The MAC of the i-th `--netns` guest.
@@ -200,7 +224,14 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         web,
     )?;
     if args.guest_api {
-        api = serve_guest_api(&mut engine, registered.as_ref(), handle, &shared, &cfg)?;
+        let token = guest_api_token(args.guest_api_token_file.as_deref())?;
+        api = serve_guest_api(&mut engine, registered.as_ref(), handle, &shared, &cfg, Some(&token))?;
+        if args.guest_api_token_file.is_none() {
+            eprintln!(
+                "usernet: guest API at http://{}/ with the header \"Authorization: Bearer {token}\"",
+                cfg.gateway
+            );
+        }
     }
     // After the guest API's hook, so that gateway:80 stays the API's.
     engine.add_tcp_hook(proxy_hook);
@@ -278,16 +309,18 @@ impl Transports {
 }
 
 /// Serves the control API to the guests at the gateway's port 80, as gvproxy does: the
-/// API of `registered`, or else one of its own (returned, to keep alive).
+/// API of `registered`, or else one of its own (returned, to keep alive); with `token`,
+/// only to requests that carry it.
 pub fn serve_guest_api(
     engine: &mut usernet_core::engine::Engine,
     registered: Option<&crate::network::Api>,
     handle: usernet_core::engine::control::ControlHandle,
     shared: &crate::network::Shared,
     cfg: &Arc<NetConfig>,
+    token: Option<&str>,
 ) -> anyhow::Result<Option<usernet_host::api::ApiServer>> {
     let (guest_api, own) = match registered {
-        Some(a) => (a.server.guest_api(), None),
+        Some(a) => (a.server.guest_api(token), None),
         None => {
             let server = usernet_host::api::serve_without_socket(
                 handle,
@@ -296,7 +329,7 @@ pub fn serve_guest_api(
                 Some(shared.proxy_settings.clone()),
             )
             .context("control API")?;
-            (server.guest_api(), Some(server))
+            (server.guest_api(token), Some(server))
         }
     };
     let api_addr = SocketAddrV4::new(cfg.gateway, 80);
@@ -429,6 +462,26 @@ mod tests {
             let text = e.to_string();
             assert!(text.contains(bad) && text.contains(says), "{flag} {bad}: {text}");
         }
+    }
+
+    /// The guest API's token: a fresh one (64 hex digits) unless a file gives it; a file
+    /// whose first line is too short, or missing, is an error naming the flag.
+    #[test]
+    fn guest_api_tokens() {
+        let fresh = super::guest_api_token(None).unwrap();
+        assert_eq!(fresh.len(), 64);
+        assert_ne!(fresh, super::guest_api_token(None).unwrap());
+        let dir = std::env::temp_dir().join(format!("usernet-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "  usernet-token-0123456789  \nrest\n").unwrap();
+        assert_eq!(super::guest_api_token(Some(&file)).unwrap(), "usernet-token-0123456789");
+        std::fs::write(&file, "short\n").unwrap();
+        let e = super::guest_api_token(Some(&file)).unwrap_err().to_string();
+        assert!(e.contains("--guest-api-token-file") && e.contains("at least 16"), "{e}");
+        let e = format!("{:#}", super::guest_api_token(Some(&dir.join("none"))).unwrap_err());
+        assert!(e.contains("--guest-api-token-file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// `--web` (run and serve share it): an address and port, `localhost:PORT`, nothing else;

@@ -185,6 +185,10 @@ fn two_vms_on_one_serve_reach_each_other() {
     let qsock = dir.join("qemu.sock");
     let gsock = dir.join("vfkit.sock");
     let vm_sock = dir.join("vm2.sock");
+    // The guest API's token, as a VM tool would hand it to its guest.
+    let token = "usernet-test-token-0123456789abcdef";
+    let token_file = dir.join("guest-api.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let serve = Serve::start(
         &dir,
         &dns,
@@ -192,6 +196,7 @@ fn two_vms_on_one_serve_reach_each_other() {
             format!("--listen-qemu=unix:{}", qsock.display()),
             format!("--listen-vfkit=unixgram:{}", gsock.display()),
             "--guest-api".to_string(),
+            format!("--guest-api-token-file={}", token_file.display()),
         ],
         &[qsock.clone(), gsock.clone()],
     );
@@ -202,20 +207,23 @@ fn two_vms_on_one_serve_reach_each_other() {
     assert_eq!(vm1.check("dhcp"), "192.168.65.2 mtu=1500");
 
     // The second asks the gateway's API (--guest-api) to expose its own port 8080, with
-    // gvproxy's `"remote":":8080"`: the caller's address is used, not the first guest's.
+    // gvproxy's `"remote":":8080"`: the caller's address is used, not the first guest's;
+    // first without the token (refused), then with it.
     let port = common::free_port();
     let mut vm2 = Vm::boot(
         "two",
         &image,
         &dgram_netdev(&vm_sock, &gsock),
         "52:54:00:00:03:02",
-        &format!("un.peer=192.168.65.2 un.expose={port}"),
+        &format!("un.peer=192.168.65.2 un.expose={port} un.token={token}"),
     );
     vm2.wait_for("USERNET-VM ready", VM_TIMEOUT);
     vm1.wait_for("USERNET-VM ready", VM_TIMEOUT);
     assert_eq!(vm2.check("dhcp"), "192.168.65.3 mtu=1500");
     assert_eq!(vm1.check("peer"), "192.168.65.3");
     assert_eq!(vm2.check("peer"), "192.168.65.2");
+    // Without the token: 401; with it: 200.
+    assert!(vm2.check("noauth").contains("401"));
     assert!(vm2.check("expose").contains("200"));
     assert_eq!(curl(port).trim(), "hello from 192.168.65.3");
 

@@ -73,7 +73,7 @@ impl ApiServer {
                     loop {
                         match listener.accept().await {
                             Ok((stream, _)) => {
-                                tokio::spawn(super::serve_connection(state.clone(), stream, None));
+                                tokio::spawn(super::serve_connection(state.clone(), stream, None, None));
                             }
                             Err(e) => {
                                 warn!("api: accept: {e}");
@@ -95,7 +95,7 @@ impl ApiServer {
                     loop {
                         match listener.accept().await {
                             Ok((stream, _)) => {
-                                tokio::spawn(super::serve_connection(state.clone(), stream, None));
+                                tokio::spawn(super::serve_connection(state.clone(), stream, None, None));
                             }
                             Err(e) => {
                                 warn!("api: accept: {e}");

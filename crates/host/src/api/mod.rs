@@ -118,9 +118,10 @@ impl ApiServer {
         let _ = self.guest.state.activity.set(activity);
     }
 
-    /// The API as the guests reach it (gateway:80), sharing this server's state.
-    pub fn guest_api(&self) -> GuestApi {
-        self.guest.clone()
+    /// The API as the guests reach it (gateway:80), sharing this server's state. With
+    /// `token`, a guest's request without `Authorization: Bearer TOKEN` gets a 401.
+    pub fn guest_api(&self, token: Option<&str>) -> GuestApi {
+        GuestApi { token: token.map(Arc::from), ..self.guest.clone() }
     }
 }
 
@@ -129,6 +130,8 @@ impl ApiServer {
 pub struct GuestApi {
     state: Arc<state::State>,
     runtime: tokio::runtime::Handle,
+    /// The bearer token guests must send (`serve --guest-api`); None: none asked.
+    token: Option<Arc<str>>,
 }
 
 impl GuestApi {
@@ -144,7 +147,7 @@ impl GuestApi {
         };
         let state = self.state.clone();
         debug!("api: connection from guest {guest}");
-        self.runtime.spawn(serve_connection(state, stream, Some(*guest.ip())));
+        self.runtime.spawn(serve_connection(state, stream, Some(*guest.ip()), self.token.clone()));
         Ok(OwnedFd::from(ours))
     }
 }
@@ -214,7 +217,7 @@ fn start(
     let state = Arc::new(state::State::new(control, dns, cfg, proxy));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let guest = GuestApi { state: state.clone(), runtime: runtime.handle().clone() };
+    let guest = GuestApi { state: state.clone(), runtime: runtime.handle().clone(), token: None };
     let thread = std::thread::Builder::new().name("usernet-api".into()).spawn(move || {
         runtime.block_on(accept_loop(listener, state, rx));
         runtime.shutdown_timeout(Duration::from_millis(200));
@@ -262,7 +265,7 @@ async fn accept_loop(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(state.clone(), stream, None));
+                    tokio::spawn(serve_connection(state.clone(), stream, None, None));
                 }
                 Err(e) => {
                     warn!("api: accept: {e}");
@@ -276,13 +279,27 @@ async fn accept_loop(
 
 /// Serves one API connection; `caller` is the guest's address for connections from the
 /// guest network, None on the Unix socket.
-async fn serve_connection<S>(state: Arc<state::State>, stream: S, caller: Option<Ipv4Addr>)
+async fn serve_connection<S>(state: Arc<state::State>, stream: S, caller: Option<Ipv4Addr>, token: Option<Arc<str>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(&state, req, caller).await) }
+        let token = token.clone();
+        async move {
+            if let Some(token) = &token
+                && !bearer_matches(&req, token)
+            {
+                debug!("api: {} {} from guest {caller:?} without its token -> 401", req.method(), req.uri().path());
+                let reply = state::Reply::text(
+                    hyper::StatusCode::UNAUTHORIZED,
+                    "usernet: this API needs the token given to `usernet serve --guest-api` \
+                     (header Authorization: Bearer TOKEN)",
+                );
+                return Ok::<_, std::convert::Infallible>(reply.into_response().map(http_body_util::Either::Left));
+            }
+            Ok(handle(&state, req, caller).await)
+        }
     });
     // Guests' clients (busybox nc) shut down their sending side after the request and
     // still wait for the answer: keep such half-closed connections open.
@@ -295,6 +312,16 @@ where
     {
         debug!("api: connection: {e}");
     }
+}
+
+/// True when `req` carries `Authorization: Bearer TOKEN` with this token.
+fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
+    req.headers()
+        .get_all(hyper::header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.trim().split_once(' '))
+        .any(|(scheme, given)| scheme.eq_ignore_ascii_case("bearer") && web::same(given.trim(), token))
 }
 
 /// An answer's body: whole, or a live capture.

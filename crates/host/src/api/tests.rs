@@ -718,16 +718,51 @@ fn v1_capture_streams_pcap_through_the_filter() {
 /// A request from guest `ip` through the gateway's port 80 (as the engine hands it over):
 /// the status code and the body.
 fn guest_call(f: &Fixture, ip: Ipv4Addr, method: &str, path: &str, body: &str) -> (u16, String) {
+    guest_call_with(f, None, None, ip, method, path, body)
+}
+
+/// [`guest_call`] to a guest API that asks for `token`, sending `sent` as the bearer token.
+fn guest_call_with(
+    f: &Fixture,
+    token: Option<&str>,
+    sent: Option<&str>,
+    ip: Ipv4Addr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
-    let fd = f._server.guest_api().connect(std::net::SocketAddrV4::new(ip, 40000)).unwrap();
+    let fd = f._server.guest_api(token).connect(std::net::SocketAddrV4::new(ip, 40000)).unwrap();
     let mut s = std::os::unix::net::UnixStream::from(fd);
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-    write!(s, "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let auth = sent.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(s, "{method} {path} HTTP/1.0\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+}
+
+/// With a token (`serve --guest-api`), a guest's request without it, or with another, is a
+/// 401 and changes nothing; with it, the safe subset answers.
+#[test]
+fn guest_api_token_is_required() {
+    let f = start("guest-token");
+    let me = Ipv4Addr::new(192, 168, 65, 2);
+    let token = "0123456789abcdef0123456789abcdef";
+    let expose = r#"{"local":"127.0.0.1:0","remote":"192.168.65.2:80"}"#;
+    for sent in [None, Some("0123456789abcdef0123456789abcdee"), Some("")] {
+        let (status, body) = guest_call_with(&f, Some(token), sent, me, "POST", "/services/forwarder/expose", expose);
+        assert_eq!(status, 401, "{sent:?}: {body}");
+        assert!(body.contains("Authorization: Bearer"), "{body}");
+        assert_eq!(guest_call_with(&f, Some(token), sent, me, "GET", "/v1/ports", "").0, 401);
+    }
+    assert_eq!(f.get("/v1/ports").1, json!([]));
+    let (status, body) = guest_call_with(&f, Some(token), Some(token), me, "GET", "/services/forwarder/all", "");
+    assert_eq!(status, 200, "{body}");
+    // The host's own socket needs no token.
+    assert_eq!(f.get("/v1/ports").0, 200);
 }
 
 /// Guests get gvproxy's forwarder endpoints, for their own address only, and read-only

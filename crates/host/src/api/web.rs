@@ -155,7 +155,7 @@ pub fn authorize<'a>(
 
 /// Compares a given token with the real one in a time that does not depend on where they
 /// differ (only on the given one's length).
-fn same(given: &str, token: &str) -> bool {
+pub(super) fn same(given: &str, token: &str) -> bool {
     let (a, b) = (given.as_bytes(), token.as_bytes());
     let mut diff = u8::from(a.len() != b.len());
     for (i, x) in a.iter().enumerate() {

@@ -448,8 +448,9 @@ fn run(o: &Options) -> anyhow::Result<String> {
         api: None,
     };
     let registered = crate::network::start_api(None, runtime.as_deref(), handle.clone(), &shared, &cfg, about, None)?;
-    // gvproxy's API to the guests at gateway:80; the host's endpoints on the same server.
-    let own = serve_guest_api(&mut engine, registered.as_ref(), handle, &shared, &cfg)?;
+    // gvproxy's API to the guests at gateway:80, without a token as gvproxy's (the guest's
+    // tools send none), and only its safe subset; the host's endpoints on the same server.
+    let own = serve_guest_api(&mut engine, registered.as_ref(), handle, &shared, &cfg, None)?;
     let server = registered.as_ref().map(|a| &a.server).or(own.as_ref());
     let endpoints: Vec<&Endpoint> = o.listen.iter().chain(o.services.iter()).collect();
     if !endpoints.is_empty() {
