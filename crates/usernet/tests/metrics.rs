@@ -12,8 +12,8 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Reads the exposition on stdin with `prometheus_client.parser` and prints every sample
 /// as `name US labels US value US type`, labels as `k=v` joined by RS (US and RS are the
@@ -89,36 +89,11 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// Root, the tools, and the Prometheus parser (panics otherwise: see [`require`]).
 fn prerequisites() {
-    let mut t = BASE_TOOLS.to_vec();
-    t.extend(["curl", "dig", "python3"]);
-    require(&t);
-    let probe = run(python().to_str().unwrap(), &["-c", "import prometheus_client.parser"]);
-    assert!(
-        probe.success(),
-        "this test cannot run: python module prometheus_client not found (Debian package \
-         python3-prometheus-client); run it as root with the test tools installed, e.g. sudo bash .ci/run"
-    );
+    require_with_prometheus_parser(&["curl", "dig", "python3"]);
 }
 
 /// Stops the guest's wait, and usernet with it, whatever happens to the test.
-struct Running {
-    child: Child,
-    stop: std::path::PathBuf,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.stop, b"");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        stop_group(&mut self.child);
-    }
-}
+type Running = StopFileRun;
 
 const FILE_LEN: usize = 3 << 20;
 /// Names of the harness's dnsmasq, each looked up once (see `DnsUpstream`).

@@ -26,8 +26,8 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,41 +92,18 @@ const CHROMIUM_FLAGS: &[&str] = &[
 ];
 
 fn prerequisites() {
-    let mut t = BASE_TOOLS.to_vec();
-    t.extend(["bash", "curl", "dig", "python3", "chromium"]);
-    require(&t);
-    let probe = run(python().to_str().unwrap(), &["-c", "import prometheus_client.parser"]);
-    assert!(
-        probe.success(),
-        "this test cannot run: python module prometheus_client not found (Debian package \
-         python3-prometheus-client); run it as root with the test tools installed, e.g. sudo bash .ci/run"
-    );
+    require_with_prometheus_parser(&["bash", "curl", "dig", "python3", "chromium"]);
 }
 
 /// Stops the guest's wait, and usernet with it, whatever happens to the test.
 struct Running {
-    child: Child,
-    stop: PathBuf,
+    _run: StopFileRun,
     stderr: Arc<Mutex<String>>,
 }
 
 impl Running {
     fn stderr(&self) -> String {
         self.stderr.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.stop, b"");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        stop_group(&mut self.child);
     }
 }
 
@@ -204,7 +181,7 @@ fn dashboard_shows_live_traffic() {
     let mut child = cmd.spawn().expect("start usernet run");
     let stderr = Arc::new(Mutex::new(String::new()));
     collect_lines(child.stderr.take().unwrap(), stderr.clone());
-    let running = Running { child, stop: dir.join("stop"), stderr };
+    let running = Running { _run: StopFileRun { child, stop: dir.join("stop") }, stderr };
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     assert!(
         wait_until(Duration::from_secs(60), || dir.join("ready").exists()),

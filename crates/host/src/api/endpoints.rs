@@ -57,6 +57,41 @@ impl Bound {
     }
 }
 
+/// A listening socket of the API's (Unix or TCP).
+trait Listener: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn next(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// Serves every connection of `listener` as an API connection from the host (no caller).
+async fn accept_loop(state: std::sync::Arc<super::state::State>, listener: impl Listener) {
+    loop {
+        match listener.next().await {
+            Ok(stream) => {
+                tokio::spawn(super::serve_connection(state.clone(), stream, None, None));
+            }
+            Err(e) => {
+                warn!("api: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 impl ApiServer {
     /// Serves the API on `endpoint` too; returns where it listens (a TCP port 0 resolved).
     pub fn serve_also(&self, endpoint: &Endpoint) -> io::Result<Endpoint> {
@@ -69,19 +104,7 @@ impl ApiServer {
                 let meta = std::fs::symlink_metadata(path)?;
                 listener.set_nonblocking(true)?;
                 let listener = tokio::net::UnixListener::from_std(listener)?;
-                self.guest.runtime.spawn(async move {
-                    loop {
-                        match listener.accept().await {
-                            Ok((stream, _)) => {
-                                tokio::spawn(super::serve_connection(state.clone(), stream, None, None));
-                            }
-                            Err(e) => {
-                                warn!("api: accept: {e}");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        }
-                    }
-                });
+                self.guest.runtime.spawn(accept_loop(state, listener));
                 let bound = Bound { unix: Some((path.clone(), (meta.dev(), meta.ino()))) };
                 self.extra.lock().unwrap_or_else(|e| e.into_inner()).push(bound);
                 Ok(endpoint.clone())
@@ -91,19 +114,7 @@ impl ApiServer {
                 let local = listener.local_addr()?;
                 listener.set_nonblocking(true)?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
-                self.guest.runtime.spawn(async move {
-                    loop {
-                        match listener.accept().await {
-                            Ok((stream, _)) => {
-                                tokio::spawn(super::serve_connection(state.clone(), stream, None, None));
-                            }
-                            Err(e) => {
-                                warn!("api: accept: {e}");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        }
-                    }
-                });
+                self.guest.runtime.spawn(accept_loop(state, listener));
                 Ok(Endpoint::Tcp(local))
             }
         }

@@ -919,3 +919,26 @@ fn web_port_needs_its_token_and_only_reads() {
     assert_eq!(tcp_request(addr, "GET", "/services/forwarder/all", &[&bearer]).0, 404);
     assert_eq!(f.get("/v1/ports").1, json!([]));
 }
+
+/// gvproxy's `-listen`: the same API on another Unix socket (made 0600, removed with the
+/// server) and on a TCP port (0: one picked, and said).
+#[test]
+fn the_api_on_more_endpoints() {
+    use super::endpoints::Endpoint;
+    let f = start("also");
+    let extra = sock_path("also-extra");
+    let _ = std::fs::remove_file(&extra);
+    let at = f._server.serve_also(&Endpoint::Unix(extra.clone())).unwrap();
+    assert_eq!(at, Endpoint::Unix(extra.clone()));
+    assert_eq!(std::fs::metadata(&extra).unwrap().permissions().mode() & 0o777, 0o600);
+    let r = client::request(&extra, "GET", "/services/forwarder/all", None).unwrap();
+    assert_eq!(r.status, 200);
+    let tcp: Endpoint = "tcp://127.0.0.1:0".parse().unwrap();
+    let Endpoint::Tcp(addr) = f._server.serve_also(&tcp).unwrap() else { panic!("not tcp") };
+    assert_ne!(addr.port(), 0);
+    let (status, _, body) = tcp_request(addr, "GET", "/v1/info", &[]);
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["gateway"], "192.168.65.1");
+    drop(f);
+    assert!(!extra.exists(), "the extra socket was left behind");
+}

@@ -1222,3 +1222,38 @@ impl Drop for Background {
         stop_group(&mut self.child);
     }
 }
+
+/// Root, `tools`, and the Prometheus project's text-format parser for python (panics
+/// otherwise, as [`require`] does).
+pub fn require_with_prometheus_parser(tools: &[&str]) {
+    let mut t = BASE_TOOLS.to_vec();
+    t.extend(tools);
+    require(&t);
+    let probe = run(python().to_str().unwrap(), &["-c", "import prometheus_client.parser"]);
+    assert!(
+        probe.success(),
+        "this test cannot run: python module prometheus_client not found (Debian package \
+         python3-prometheus-client); run it as root with the test tools installed, e.g. sudo bash .ci/run"
+    );
+}
+
+/// A `usernet run` whose guest waits until the file `stop` appears: on Drop the file is
+/// made, the run gets 10 s to end by itself, then its process group is stopped.
+pub struct StopFileRun {
+    pub child: Child,
+    pub stop: PathBuf,
+}
+
+impl Drop for StopFileRun {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.stop, b"");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop_group(&mut self.child);
+    }
+}
