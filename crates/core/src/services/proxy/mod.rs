@@ -48,6 +48,7 @@
 
 pub mod config;
 pub mod http;
+mod idle;
 pub mod tls;
 
 use std::io;
@@ -61,6 +62,7 @@ use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
 
@@ -71,7 +73,8 @@ use crate::policy::{DenyReason, Verdict, Via};
 use crate::services::TcpHook;
 use crate::services::dns::hosts::{is_loopback_name, normalize_name};
 use crate::services::dns::{DnsServer, Transport};
-use crate::services::metrics::ProxyOutcome;
+use crate::services::metrics::{ProxyOutcome, ServiceLimit};
+use idle::Watch;
 
 /// The explicit proxy's port on the gateway.
 pub const PROXY_PORT: u16 = 3128;
@@ -126,9 +129,53 @@ pub struct Proxy {
     pub settings: ProxySettings,
     pub cfg: Arc<NetConfig>,
     pub dns: Arc<DnsServer>,
+    /// One permit per connection being served, explicit and transparent together
+    /// (`--max-proxy-connections`).
+    slots: Arc<Semaphore>,
 }
 
+/// A connection's place among the `--max-proxy-connections`: held until it is done
+/// (a CONNECT tunnel's relay included).
+pub type Slot = Arc<OwnedSemaphorePermit>;
+
 impl Proxy {
+    pub fn new(settings: ProxySettings, cfg: Arc<NetConfig>, dns: Arc<DnsServer>) -> Proxy {
+        let slots = Arc::new(Semaphore::new(cfg.limits.max_proxy_connections.min(Semaphore::MAX_PERMITS)));
+        Proxy { settings, cfg, dns, slots }
+    }
+
+    /// A place for a new connection from `guest`, or None (counted and logged) when
+    /// `--max-proxy-connections` are being served already.
+    fn slot(&self, guest: SocketAddrV4) -> Option<Slot> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(Arc::new(permit)),
+            Err(_) => {
+                let max = self.cfg.limits.max_proxy_connections;
+                self.dns.metrics().limit_reached(ServiceLimit::ProxyConnections, || {
+                    format!("the proxy serves {max} connections (--max-proxy-connections): {guest}'s new one is closed")
+                });
+                None
+            }
+        }
+    }
+
+    /// Counts and logs a connection closed after `--proxy-idle-timeout` of silence.
+    fn idle_closed(&self, what: &str) {
+        let secs = self.cfg.limits.proxy_idle_timeout.as_secs();
+        self.dns.metrics().limit_reached(ServiceLimit::ProxyIdleTimeout, || {
+            format!("{what} carried nothing for {secs} s (--proxy-idle-timeout): closed")
+        });
+    }
+
+    /// Counts and logs a connection closed after `--proxy-header-timeout` without a whole
+    /// request header (or TLS ClientHello).
+    fn header_timed_out(&self, what: &str) {
+        let secs = self.cfg.limits.proxy_header_timeout.as_secs_f64();
+        self.dns.metrics().limit_reached(ServiceLimit::ProxyHeaderTimeout, || {
+            format!("{what} sent no whole header in {secs} s (--proxy-header-timeout): closed")
+        });
+    }
+
     /// Where a direct connection to `host` (a name or an IP literal) goes, as the guest's
     /// DNS sees it. The host address becomes the host's 127.0.0.1; the gateway and the rest
     /// of the virtual subnet are refused.
@@ -288,32 +335,62 @@ enum Sniffed {
     /// Not enough bytes yet to tell.
     More,
     Closed,
+    /// A ClientHello begun but not finished within the header timeout.
+    HelloTimeout,
 }
 
-/// Serves one transparently intercepted connection whose original destination is `dst`.
+/// Serves one connection to the explicit proxy (the gateway's port 3128), unless
+/// `--max-proxy-connections` are being served already (then it is closed at once).
+pub async fn serve_explicit(proxy: Arc<Proxy>, sock: UnixStream, guest: SocketAddrV4) {
+    let Some(slot) = proxy.slot(guest) else {
+        return;
+    };
+    http::serve(proxy, sock, http::Mode::Explicit, guest, slot).await
+}
+
+/// Serves one transparently intercepted connection whose original destination is `dst`,
+/// unless `--max-proxy-connections` are being served already (then it is closed at once).
 pub async fn serve_transparent(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, guest: SocketAddrV4) {
-    match sniff(&sock).await {
+    let Some(slot) = proxy.slot(guest) else {
+        return;
+    };
+    match sniff(&sock, proxy.cfg.limits.proxy_header_timeout).await {
         Sniffed::Tls(sni) => tls_tunnel(proxy, sock, dst, guest, sni).await,
-        Sniffed::Http => http::serve(proxy, sock, http::Mode::Transparent(dst), guest).await,
+        Sniffed::Http => http::serve(proxy, sock, http::Mode::Transparent(dst), guest, slot).await,
         Sniffed::Other => {
             debug!("proxy: {guest} -> {dst}: neither HTTP nor TLS, relayed as it is");
             match dial(SocketAddr::V4(dst)).await {
-                Ok(stream) => relay(sock, stream, Vec::new()).await,
+                Ok(stream) => {
+                    let (sock, watch) = idle::watch(sock);
+                    relay(&proxy, sock, &watch, stream, Vec::new(), &format!("{guest} -> {dst} (relayed)")).await
+                }
                 Err(e) => debug!("proxy: {guest} -> {dst}: {e}"),
             }
         }
+        Sniffed::HelloTimeout => proxy.header_timed_out(&format!("{guest} -> {dst} (TLS)")),
         Sniffed::Closed | Sniffed::More => {}
     }
 }
 
-/// Peeks (never consumes) until the first bytes say TLS, HTTP or something else.
-async fn sniff(sock: &UnixStream) -> Sniffed {
-    let deadline = Instant::now() + SNIFF_TIMEOUT;
+/// Peeks (never consumes) until the first bytes say TLS, HTTP or something else. A silent
+/// connection, or one whose first bytes cannot tell, is classified after [`SNIFF_TIMEOUT`];
+/// a ClientHello begun must be whole within `hello_timeout` (the header timeout).
+async fn sniff(sock: &UnixStream, hello_timeout: Duration) -> Sniffed {
+    let start = Instant::now();
+    let deadline = start + SNIFF_TIMEOUT;
+    let hello_deadline = start + hello_timeout;
     let mut buf = vec![0u8; tls::MAX_HELLO + 5];
     let mut seen = 0;
     loop {
+        // Once the first bytes say TLS, the ClientHello has until the header timeout.
+        let tls = seen > 0 && buf[0] == 0x16;
+        let deadline = if tls { hello_deadline } else { deadline };
         if tokio::time::timeout_at(deadline, sock.readable()).await.is_err() {
-            return if seen == 0 { Sniffed::Other } else { classify(&buf[..seen], true) };
+            return match seen {
+                0 => Sniffed::Other,
+                _ if tls => Sniffed::HelloTimeout,
+                _ => classify(&buf[..seen], true),
+            };
         }
         let n = match sock.try_io(Interest::READABLE, || peek(sock, &mut buf)) {
             Ok(0) => return Sniffed::Closed,
@@ -328,7 +405,7 @@ async fn sniff(sock: &UnixStream) -> Sniffed {
         if n == seen {
             // Nothing new since the last peek, and the socket stays readable: wait a little.
             if Instant::now() >= deadline {
-                return classify(&buf[..n], true);
+                return if tls { Sniffed::HelloTimeout } else { classify(&buf[..n], true) };
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -391,7 +468,8 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
             info!("proxy: {guest} -> {target} (TLS, {dst}) via {via}");
             proxy.dns.metrics().proxy_request(ProxyOutcome::Forwarded);
             log_tls(&proxy, guest, &target, ProxyOutcome::Forwarded, &via);
-            relay(sock, stream, rest).await;
+            let (sock, watch) = idle::watch(sock);
+            relay(&proxy, sock, &watch, stream, rest, &format!("{guest} -> {target} (TLS)")).await;
         }
         Err(e) => {
             let outcome = match e {
@@ -500,13 +578,29 @@ fn status_line(head: &[u8]) -> Option<(u16, String)> {
     Some((status, reason))
 }
 
-/// Relays both ways until both sides are done; `first` goes to the guest before anything else.
-async fn relay<G: AsyncRead + AsyncWrite + Unpin>(mut guest: G, mut remote: TcpStream, first: Vec<u8>) {
-    if !first.is_empty() && guest.write_all(&first).await.is_err() {
-        return;
-    }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut guest, &mut remote).await {
-        debug!("proxy: relay ended: {e}");
+/// Relays both ways until both sides are done, or until the guest's stream, which `watch`
+/// follows, has carried nothing either way for `--proxy-idle-timeout` (then both are
+/// closed; `what` says which connection in the log); `first` goes to the guest before
+/// anything else.
+async fn relay<G: AsyncRead + AsyncWrite + Unpin>(
+    proxy: &Proxy,
+    mut guest: G,
+    watch: &Watch,
+    mut remote: TcpStream,
+    first: Vec<u8>,
+    what: &str,
+) {
+    let copy = async {
+        if !first.is_empty() && guest.write_all(&first).await.is_err() {
+            return;
+        }
+        if let Err(e) = tokio::io::copy_bidirectional(&mut guest, &mut remote).await {
+            debug!("proxy: relay ended: {e}");
+        }
+    };
+    tokio::select! {
+        () = copy => {}
+        () = watch.idle(proxy.cfg.limits.proxy_idle_timeout) => proxy.idle_closed(what),
     }
 }
 
@@ -561,7 +655,7 @@ mod tests {
     fn proxy_for(cfg: NetConfig) -> Proxy {
         let records = Arc::new(crate::services::dns::DnsRecords::from_config(&cfg));
         let dns = Arc::new(DnsServer::new(&cfg, records));
-        Proxy { settings: ProxySettings::default(), cfg: Arc::new(cfg), dns }
+        Proxy::new(ProxySettings::default(), Arc::new(cfg), dns)
     }
 
     /// The explicit proxy reaches the host's loopback only through the host address and
