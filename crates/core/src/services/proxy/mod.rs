@@ -785,6 +785,168 @@ mod tests {
         assert!(down.to_string().starts_with("upstream proxy p unreachable"));
     }
 
+    /// A proxy with these bounds (and no upstream).
+    fn bounded(max: usize, header: Duration, idle: Duration) -> Arc<Proxy> {
+        let mut cfg = net();
+        cfg.limits.max_proxy_connections = max;
+        cfg.limits.proxy_header_timeout = header;
+        cfg.limits.proxy_idle_timeout = idle;
+        Arc::new(proxy_for(cfg))
+    }
+
+    fn reached(p: &Proxy, limit: ServiceLimit) -> u64 {
+        p.dns.metrics().sample(&[]).limits.iter().find(|(l, _)| *l == limit).map_or(0, |(_, n)| *n)
+    }
+
+    /// Sends the explicit proxy a request it answers itself (origin-form: 400), returns
+    /// the start of the answer.
+    async fn ask(c: &mut UnixStream) -> String {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Reads until the proxy closes its end (end of file or a reset).
+    async fn until_closed(c: &mut UnixStream) {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = c.read(&mut buf).await
+            && n > 0
+        {}
+    }
+
+    /// Explicit and transparent connections share `--max-proxy-connections`: one more is
+    /// closed at once and counted; a place that frees takes a new one.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed() {
+        let p = bounded(2, Duration::from_secs(30), Duration::from_secs(7200));
+        let guest = sa("192.168.65.2:40000");
+        let dst = sa("203.0.113.5:80");
+        let (mut a, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        let (b, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_transparent(p.clone(), theirs, dst, guest));
+        assert!(ask(&mut a).await.starts_with("HTTP/1.1 400 "));
+        assert_eq!(p.slots.available_permits(), 0);
+
+        let (mut c, theirs) = UnixStream::pair().unwrap();
+        timeout(Duration::from_secs(1), serve_explicit(p.clone(), theirs, guest)).await.expect("closed at once");
+        assert_eq!(c.read(&mut [0u8; 64]).await.unwrap(), 0);
+        let (mut d, theirs) = UnixStream::pair().unwrap();
+        timeout(Duration::from_secs(1), serve_transparent(p.clone(), theirs, dst, guest))
+            .await
+            .expect("closed at once");
+        assert_eq!(d.read(&mut [0u8; 64]).await.unwrap(), 0);
+        assert_eq!(reached(&p, ServiceLimit::ProxyConnections), 2);
+        // The connection that was served still is.
+        assert!(ask(&mut a).await.starts_with("HTTP/1.1 400 "));
+
+        drop(a);
+        timeout(Duration::from_secs(5), async {
+            while p.slots.available_permits() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the closed connection's place frees");
+        let (mut e, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        assert!(ask(&mut e).await.starts_with("HTTP/1.1 400 "));
+        assert_eq!(reached(&p, ServiceLimit::ProxyConnections), 2);
+        drop(b);
+    }
+
+    /// A request header, or a TLS ClientHello, not whole within the header timeout closes
+    /// the connection (counted); a kept-alive connection that waits after its answer is
+    /// closed too, but that is no limit reached.
+    #[tokio::test(start_paused = true)]
+    async fn a_header_cut_short_is_closed_after_the_header_timeout() {
+        let p = bounded(8, Duration::from_secs(2), Duration::from_secs(7200));
+        let guest = sa("192.168.65.2:40000");
+        let within = |start: Instant| {
+            let waited = start.elapsed();
+            assert!(waited >= Duration::from_secs(2) && waited < Duration::from_millis(2100), "{waited:?}");
+        };
+
+        let (mut a, theirs) = UnixStream::pair().unwrap();
+        let start = Instant::now();
+        let served = tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        a.write_all(b"GET http://a.test/ HTTP/1.1\r\nHost: a.te").await.unwrap();
+        until_closed(&mut a).await;
+        within(start);
+        served.await.unwrap();
+        assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 1);
+
+        let (mut b, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        assert!(ask(&mut b).await.starts_with("HTTP/1.1 400 "));
+        let start = Instant::now();
+        until_closed(&mut b).await;
+        within(start);
+        assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 1);
+
+        // Intercepted TLS: the first 40 bytes of a ClientHello, and no more.
+        let hello = include_bytes!("testdata/curl_hello.bin");
+        let (mut c, theirs) = UnixStream::pair().unwrap();
+        let start = Instant::now();
+        let served = tokio::spawn(serve_transparent(p.clone(), theirs, sa("203.0.113.5:443"), guest));
+        c.write_all(&hello[..40]).await.unwrap();
+        until_closed(&mut c).await;
+        within(start);
+        served.await.unwrap();
+        assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 2);
+    }
+
+    /// A CONNECT tunnel that carries nothing either way for the idle timeout is closed
+    /// (counted); one that carries a byte now and then is not, until it falls silent.
+    #[tokio::test]
+    async fn idle_tunnels_are_closed_active_ones_are_not() {
+        let p = bounded(8, Duration::from_secs(30), Duration::from_secs(1));
+        let guest = sa("192.168.65.2:40000");
+        // An echo server on the host's loopback, reached through the host address.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let tunnel = || async {
+            let (mut c, theirs) = UnixStream::pair().unwrap();
+            tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+            let req = format!("CONNECT 192.168.65.254:{port} HTTP/1.1\r\nHost: 192.168.65.254:{port}\r\n\r\n");
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut one = [0u8; 1];
+                assert_eq!(c.read(&mut one).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+                head.push(one[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&head));
+            c
+        };
+        let mut quiet = tunnel().await;
+        let mut busy = tunnel().await;
+        let start = Instant::now();
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            busy.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            busy.read_exact(&mut one).await.expect("the busy tunnel stays open");
+            assert_eq!(&one, b"x");
+        }
+        assert!(start.elapsed() > Duration::from_secs(2));
+        timeout(Duration::from_millis(100), until_closed(&mut quiet)).await.expect("the quiet tunnel is closed");
+        assert_eq!(reached(&p, ServiceLimit::ProxyIdleTimeout), 1);
+        let silent = Instant::now();
+        timeout(Duration::from_secs(3), until_closed(&mut busy)).await.expect("the busy tunnel, silent, is closed");
+        assert!(silent.elapsed() >= Duration::from_millis(900), "{:?}", silent.elapsed());
+        assert_eq!(reached(&p, ServiceLimit::ProxyIdleTimeout), 2);
+    }
+
     /// An upstream proxy on loopback answering one CONNECT with `answer`, returning what it got.
     fn fake_upstream(answer: &'static [u8]) -> (ProxyUrl, std::thread::JoinHandle<String>) {
         use std::io::{Read, Write};
