@@ -947,6 +947,35 @@ mod tests {
         assert_eq!(reached(&p, ServiceLimit::ProxyIdleTimeout), 2);
     }
 
+    /// A request waiting on a next hop that never answers: nothing either way for the idle
+    /// timeout, and the guest's connection is closed (counted).
+    #[tokio::test]
+    async fn a_request_waiting_on_a_silent_server_is_closed_when_idle() {
+        let p = bounded(8, Duration::from_secs(30), Duration::from_secs(1));
+        let guest = sa("192.168.65.2:40000");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            // Reads the request, answers nothing, holds the connection.
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await
+                && n > 0
+            {}
+        });
+        let (mut c, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        let req = format!("GET http://192.168.65.254:{port}/ HTTP/1.1\r\nHost: 192.168.65.254:{port}\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        let start = Instant::now();
+        timeout(Duration::from_secs(5), until_closed(&mut c)).await.expect("closed when idle");
+        assert!(start.elapsed() >= Duration::from_millis(900), "{:?}", start.elapsed());
+        assert_eq!(reached(&p, ServiceLimit::ProxyIdleTimeout), 1);
+        assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 0);
+        // The connection to the server goes with it.
+        timeout(Duration::from_secs(5), server).await.expect("the server's connection is closed").unwrap();
+    }
+
     /// An upstream proxy on loopback answering one CONNECT with `answer`, returning what it got.
     fn fake_upstream(answer: &'static [u8]) -> (ProxyUrl, std::thread::JoinHandle<String>) {
         use std::io::{Read, Write};
