@@ -45,6 +45,16 @@
 //! unread makes the engine's end fail with ECONNRESET, which the engine turns into a RST.
 //! Each failure is one `warn` log line; no log line ever carries a password
 //! ([`ProxyUrl`]'s `Display` redacts it).
+//!
+//! Bounds (`NetConfig::limits`), each counted in `usernet_limit_reached_total` and logged
+//! (rate-limited) when reached: at most `--max-proxy-connections` connections are served at
+//! once, explicit and transparent together (a CONNECT tunnel holds its connection's place);
+//! one more is closed at once. A request's header must come whole within
+//! `--proxy-header-timeout` (hyper's header read timeout, which also closes a kept-alive
+//! connection waiting that long for its next request, uncounted), and so must an
+//! intercepted ClientHello once begun; otherwise the connection is closed. A connection,
+//! tunnel or relay whose guest side carries nothing either way for `--proxy-idle-timeout`
+//! is closed (`idle.rs`).
 
 pub mod config;
 pub mod http;
