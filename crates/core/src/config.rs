@@ -140,8 +140,11 @@ pub struct Limits {
     pub max_dns_queries_per_guest: usize,
     /// Connections to the HTTP proxy (explicit and transparent) at once.
     pub max_proxy_connections: usize,
-    /// How long the proxy waits for a request's header, and for any byte on a relay.
+    /// How long the proxy waits for a request's whole header (or an intercepted TLS
+    /// ClientHello, once begun); beyond it the connection is closed.
     pub proxy_header_timeout: std::time::Duration,
+    /// A proxied connection (a CONNECT tunnel, a relay, a request waiting on its answer)
+    /// that carries nothing either way for this long is closed.
     pub proxy_idle_timeout: std::time::Duration,
 }
 

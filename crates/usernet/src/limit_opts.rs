@@ -54,7 +54,8 @@ pub struct LimitOpts {
     #[arg(long = "max-proxy-connections", value_name = "N", default_value_t = Limits::default().max_proxy_connections,
           value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     pub max_proxy_connections: usize,
-    /// Seconds the proxy waits for a request's whole header.
+    /// Seconds the proxy waits for a request's whole header (or an intercepted TLS
+    /// ClientHello), and for a kept-alive connection's next request.
     #[arg(long = "proxy-header-timeout", value_name = "SECONDS", default_value_t = Limits::default().proxy_header_timeout.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub proxy_header_timeout: u64,

@@ -125,7 +125,7 @@ impl ServiceHub {
         let metrics = dns.metrics().clone();
         let activity = dns.activity().clone();
         let proxy = ProxySettings::default();
-        let proxy_ctx = Arc::new(Proxy { settings: proxy.clone(), cfg: cfg.clone(), dns: dns.clone() });
+        let proxy_ctx = Arc::new(Proxy::new(proxy.clone(), cfg.clone(), dns.clone()));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
@@ -331,7 +331,7 @@ async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>, dns: Arc<DnsServer>, prox
             },
             Job::ProxyExplicit(fd, guest) => match UnixStream::from_std(fd.into()) {
                 Ok(sock) => {
-                    tokio::spawn(proxy::http::serve(proxy.clone(), sock, proxy::http::Mode::Explicit, guest));
+                    tokio::spawn(proxy::serve_explicit(proxy.clone(), sock, guest));
                 }
                 Err(e) => debug!("proxy: socket for {guest}: {e}"),
             },

@@ -30,12 +30,13 @@ use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixStream;
 use tracing::{debug, info, warn};
 
 use super::config::{self, ProxyUrl, split_host_port, valid_host};
-use super::{Proxy, ProxyError, dial, dial_upstream, open_tunnel, relay};
+use super::idle::{self, Watch};
+use super::{Proxy, ProxyError, Slot, dial, dial_upstream, open_tunnel, relay};
 use crate::services::activity::{ProxyLogEntry, clip, now_ms};
 use crate::services::metrics::ProxyOutcome;
 
@@ -101,11 +102,26 @@ struct Conn {
     guest: SocketAddrV4,
     /// The connection of the last request, kept for the next one.
     idle: Mutex<Option<(Hop, SendRequest<Body>)>>,
+    /// The guest's traffic, for the idle timeout (a CONNECT tunnel's too).
+    activity: Watch,
+    /// Its place among `--max-proxy-connections`, held by a CONNECT tunnel too.
+    slot: Slot,
 }
 
-/// Serves one guest connection until it closes.
-pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: SocketAddrV4) {
-    let conn = Arc::new(Conn { proxy, mode, guest, idle: Mutex::new(None) });
+/// Serves one guest connection until it closes. A request's header must come whole within
+/// `--proxy-header-timeout` (hyper's header read timeout, which also runs while a kept-alive
+/// connection waits for its next request); a connection, or a CONNECT tunnel, that carries
+/// nothing either way for `--proxy-idle-timeout` (a request waiting on a silent next hop) is
+/// closed.
+pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: SocketAddrV4, slot: Slot) {
+    let (sock, activity) = idle::watch(sock);
+    let limits = proxy.cfg.limits;
+    let what = match mode {
+        Mode::Explicit => format!("{guest} (explicit proxy)"),
+        Mode::Transparent(dst) => format!("{guest} -> {dst} (HTTP)"),
+    };
+    let conn =
+        Arc::new(Conn { proxy: proxy.clone(), mode, guest, idle: Mutex::new(None), activity: activity.clone(), slot });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move {
@@ -129,10 +145,21 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
             Ok::<_, Infallible>(resp)
         }
     });
-    if let Err(e) =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(sock), service).with_upgrades().await
-    {
-        debug!("proxy: {guest}: connection: {e}");
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.proxy_header_timeout)
+        .serve_connection(TokioIo::new(sock), service)
+        .with_upgrades();
+    tokio::select! {
+        r = served => match r {
+            // The guest had sent nothing since its last answer: a kept-alive connection
+            // that was not used again, closed as any server would.
+            Err(e) if e.is_timeout() && activity.answered_last() => debug!("proxy: {what}: kept-alive connection closed"),
+            Err(e) if e.is_timeout() => proxy.header_timed_out(&what),
+            Err(e) => debug!("proxy: {guest}: connection: {e}"),
+            Ok(()) => {}
+        },
+        () = activity.idle(limits.proxy_idle_timeout) => proxy.idle_closed(&what),
     }
 }
 
@@ -440,9 +467,14 @@ impl Conn {
         };
         info!("proxy: {} CONNECT {target} via {via}", self.guest);
         let guest = self.guest;
+        let (proxy, activity, slot) = (self.proxy.clone(), self.activity.clone(), self.slot.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             match hyper::upgrade::on(req).await {
-                Ok(upgraded) => relay(TokioIo::new(upgraded), stream, rest).await,
+                Ok(upgraded) => {
+                    let what = format!("{guest} CONNECT {target}");
+                    relay(&proxy, TokioIo::new(upgraded), &activity, stream, rest, &what).await
+                }
                 Err(e) => debug!("proxy: {guest} CONNECT {target}: upgrade: {e}"),
             }
         });

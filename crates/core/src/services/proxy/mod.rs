@@ -45,9 +45,20 @@
 //! unread makes the engine's end fail with ECONNRESET, which the engine turns into a RST.
 //! Each failure is one `warn` log line; no log line ever carries a password
 //! ([`ProxyUrl`]'s `Display` redacts it).
+//!
+//! Bounds (`NetConfig::limits`), each counted in `usernet_limit_reached_total` and logged
+//! (rate-limited) when reached: at most `--max-proxy-connections` connections are served at
+//! once, explicit and transparent together (a CONNECT tunnel holds its connection's place);
+//! one more is closed at once. A request's header must come whole within
+//! `--proxy-header-timeout` (hyper's header read timeout, which also closes a kept-alive
+//! connection waiting that long for its next request, uncounted), and so must an
+//! intercepted ClientHello once begun; otherwise the connection is closed. A connection,
+//! tunnel or relay whose guest side carries nothing either way for `--proxy-idle-timeout`
+//! is closed (`idle.rs`).
 
 pub mod config;
 pub mod http;
+mod idle;
 pub mod tls;
 
 use std::io;
@@ -61,6 +72,7 @@ use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
 
@@ -71,7 +83,8 @@ use crate::policy::{DenyReason, Verdict, Via};
 use crate::services::TcpHook;
 use crate::services::dns::hosts::{is_loopback_name, normalize_name};
 use crate::services::dns::{DnsServer, Transport};
-use crate::services::metrics::ProxyOutcome;
+use crate::services::metrics::{ProxyOutcome, ServiceLimit};
+use idle::Watch;
 
 /// The explicit proxy's port on the gateway.
 pub const PROXY_PORT: u16 = 3128;
@@ -126,9 +139,53 @@ pub struct Proxy {
     pub settings: ProxySettings,
     pub cfg: Arc<NetConfig>,
     pub dns: Arc<DnsServer>,
+    /// One permit per connection being served, explicit and transparent together
+    /// (`--max-proxy-connections`).
+    slots: Arc<Semaphore>,
 }
 
+/// A connection's place among the `--max-proxy-connections`: held until it is done
+/// (a CONNECT tunnel's relay included).
+pub type Slot = Arc<OwnedSemaphorePermit>;
+
 impl Proxy {
+    pub fn new(settings: ProxySettings, cfg: Arc<NetConfig>, dns: Arc<DnsServer>) -> Proxy {
+        let slots = Arc::new(Semaphore::new(cfg.limits.max_proxy_connections.min(Semaphore::MAX_PERMITS)));
+        Proxy { settings, cfg, dns, slots }
+    }
+
+    /// A place for a new connection from `guest`, or None (counted and logged) when
+    /// `--max-proxy-connections` are being served already.
+    fn slot(&self, guest: SocketAddrV4) -> Option<Slot> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(Arc::new(permit)),
+            Err(_) => {
+                let max = self.cfg.limits.max_proxy_connections;
+                self.dns.metrics().limit_reached(ServiceLimit::ProxyConnections, || {
+                    format!("the proxy serves {max} connections (--max-proxy-connections): {guest}'s new one is closed")
+                });
+                None
+            }
+        }
+    }
+
+    /// Counts and logs a connection closed after `--proxy-idle-timeout` of silence.
+    fn idle_closed(&self, what: &str) {
+        let secs = self.cfg.limits.proxy_idle_timeout.as_secs();
+        self.dns.metrics().limit_reached(ServiceLimit::ProxyIdleTimeout, || {
+            format!("{what} carried nothing for {secs} s (--proxy-idle-timeout): closed")
+        });
+    }
+
+    /// Counts and logs a connection closed after `--proxy-header-timeout` without a whole
+    /// request header (or TLS ClientHello).
+    fn header_timed_out(&self, what: &str) {
+        let secs = self.cfg.limits.proxy_header_timeout.as_secs_f64();
+        self.dns.metrics().limit_reached(ServiceLimit::ProxyHeaderTimeout, || {
+            format!("{what} sent no whole header in {secs} s (--proxy-header-timeout): closed")
+        });
+    }
+
     /// Where a direct connection to `host` (a name or an IP literal) goes, as the guest's
     /// DNS sees it. The host address becomes the host's 127.0.0.1; the gateway and the rest
     /// of the virtual subnet are refused.
@@ -288,32 +345,62 @@ enum Sniffed {
     /// Not enough bytes yet to tell.
     More,
     Closed,
+    /// A ClientHello begun but not finished within the header timeout.
+    HelloTimeout,
 }
 
-/// Serves one transparently intercepted connection whose original destination is `dst`.
+/// Serves one connection to the explicit proxy (the gateway's port 3128), unless
+/// `--max-proxy-connections` are being served already (then it is closed at once).
+pub async fn serve_explicit(proxy: Arc<Proxy>, sock: UnixStream, guest: SocketAddrV4) {
+    let Some(slot) = proxy.slot(guest) else {
+        return;
+    };
+    http::serve(proxy, sock, http::Mode::Explicit, guest, slot).await
+}
+
+/// Serves one transparently intercepted connection whose original destination is `dst`,
+/// unless `--max-proxy-connections` are being served already (then it is closed at once).
 pub async fn serve_transparent(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, guest: SocketAddrV4) {
-    match sniff(&sock).await {
+    let Some(slot) = proxy.slot(guest) else {
+        return;
+    };
+    match sniff(&sock, proxy.cfg.limits.proxy_header_timeout).await {
         Sniffed::Tls(sni) => tls_tunnel(proxy, sock, dst, guest, sni).await,
-        Sniffed::Http => http::serve(proxy, sock, http::Mode::Transparent(dst), guest).await,
+        Sniffed::Http => http::serve(proxy, sock, http::Mode::Transparent(dst), guest, slot).await,
         Sniffed::Other => {
             debug!("proxy: {guest} -> {dst}: neither HTTP nor TLS, relayed as it is");
             match dial(SocketAddr::V4(dst)).await {
-                Ok(stream) => relay(sock, stream, Vec::new()).await,
+                Ok(stream) => {
+                    let (sock, watch) = idle::watch(sock);
+                    relay(&proxy, sock, &watch, stream, Vec::new(), &format!("{guest} -> {dst} (relayed)")).await
+                }
                 Err(e) => debug!("proxy: {guest} -> {dst}: {e}"),
             }
         }
+        Sniffed::HelloTimeout => proxy.header_timed_out(&format!("{guest} -> {dst} (TLS)")),
         Sniffed::Closed | Sniffed::More => {}
     }
 }
 
-/// Peeks (never consumes) until the first bytes say TLS, HTTP or something else.
-async fn sniff(sock: &UnixStream) -> Sniffed {
-    let deadline = Instant::now() + SNIFF_TIMEOUT;
+/// Peeks (never consumes) until the first bytes say TLS, HTTP or something else. A silent
+/// connection, or one whose first bytes cannot tell, is classified after [`SNIFF_TIMEOUT`];
+/// a ClientHello begun must be whole within `hello_timeout` (the header timeout).
+async fn sniff(sock: &UnixStream, hello_timeout: Duration) -> Sniffed {
+    let start = Instant::now();
+    let deadline = start + SNIFF_TIMEOUT;
+    let hello_deadline = start + hello_timeout;
     let mut buf = vec![0u8; tls::MAX_HELLO + 5];
     let mut seen = 0;
     loop {
+        // Once the first bytes say TLS, the ClientHello has until the header timeout.
+        let tls = seen > 0 && buf[0] == 0x16;
+        let deadline = if tls { hello_deadline } else { deadline };
         if tokio::time::timeout_at(deadline, sock.readable()).await.is_err() {
-            return if seen == 0 { Sniffed::Other } else { classify(&buf[..seen], true) };
+            return match seen {
+                0 => Sniffed::Other,
+                _ if tls => Sniffed::HelloTimeout,
+                _ => classify(&buf[..seen], true),
+            };
         }
         let n = match sock.try_io(Interest::READABLE, || peek(sock, &mut buf)) {
             Ok(0) => return Sniffed::Closed,
@@ -328,7 +415,7 @@ async fn sniff(sock: &UnixStream) -> Sniffed {
         if n == seen {
             // Nothing new since the last peek, and the socket stays readable: wait a little.
             if Instant::now() >= deadline {
-                return classify(&buf[..n], true);
+                return if tls { Sniffed::HelloTimeout } else { classify(&buf[..n], true) };
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -391,7 +478,8 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
             info!("proxy: {guest} -> {target} (TLS, {dst}) via {via}");
             proxy.dns.metrics().proxy_request(ProxyOutcome::Forwarded);
             log_tls(&proxy, guest, &target, ProxyOutcome::Forwarded, &via);
-            relay(sock, stream, rest).await;
+            let (sock, watch) = idle::watch(sock);
+            relay(&proxy, sock, &watch, stream, rest, &format!("{guest} -> {target} (TLS)")).await;
         }
         Err(e) => {
             let outcome = match e {
@@ -500,13 +588,29 @@ fn status_line(head: &[u8]) -> Option<(u16, String)> {
     Some((status, reason))
 }
 
-/// Relays both ways until both sides are done; `first` goes to the guest before anything else.
-async fn relay<G: AsyncRead + AsyncWrite + Unpin>(mut guest: G, mut remote: TcpStream, first: Vec<u8>) {
-    if !first.is_empty() && guest.write_all(&first).await.is_err() {
-        return;
-    }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut guest, &mut remote).await {
-        debug!("proxy: relay ended: {e}");
+/// Relays both ways until both sides are done, or until the guest's stream, which `watch`
+/// follows, has carried nothing either way for `--proxy-idle-timeout` (then both are
+/// closed; `what` says which connection in the log); `first` goes to the guest before
+/// anything else.
+async fn relay<G: AsyncRead + AsyncWrite + Unpin>(
+    proxy: &Proxy,
+    mut guest: G,
+    watch: &Watch,
+    mut remote: TcpStream,
+    first: Vec<u8>,
+    what: &str,
+) {
+    let copy = async {
+        if !first.is_empty() && guest.write_all(&first).await.is_err() {
+            return;
+        }
+        if let Err(e) = tokio::io::copy_bidirectional(&mut guest, &mut remote).await {
+            debug!("proxy: relay ended: {e}");
+        }
+    };
+    tokio::select! {
+        () = copy => {}
+        () = watch.idle(proxy.cfg.limits.proxy_idle_timeout) => proxy.idle_closed(what),
     }
 }
 
@@ -561,7 +665,7 @@ mod tests {
     fn proxy_for(cfg: NetConfig) -> Proxy {
         let records = Arc::new(crate::services::dns::DnsRecords::from_config(&cfg));
         let dns = Arc::new(DnsServer::new(&cfg, records));
-        Proxy { settings: ProxySettings::default(), cfg: Arc::new(cfg), dns }
+        Proxy::new(ProxySettings::default(), Arc::new(cfg), dns)
     }
 
     /// The explicit proxy reaches the host's loopback only through the host address and
@@ -689,6 +793,197 @@ mod tests {
         let down = ProxyError::Unreachable { proxy: "p".into(), source: io::ErrorKind::ConnectionRefused.into() };
         assert_eq!(down.status(), 502);
         assert!(down.to_string().starts_with("upstream proxy p unreachable"));
+    }
+
+    /// A proxy with these bounds (and no upstream).
+    fn bounded(max: usize, header: Duration, idle: Duration) -> Arc<Proxy> {
+        let mut cfg = net();
+        cfg.limits.max_proxy_connections = max;
+        cfg.limits.proxy_header_timeout = header;
+        cfg.limits.proxy_idle_timeout = idle;
+        Arc::new(proxy_for(cfg))
+    }
+
+    fn reached(p: &Proxy, limit: ServiceLimit) -> u64 {
+        p.dns.metrics().sample(&[]).limits.iter().find(|(l, _)| *l == limit).map_or(0, |(_, n)| *n)
+    }
+
+    /// Sends the explicit proxy a request it answers itself (origin-form: 400), returns
+    /// the start of the answer.
+    async fn ask(c: &mut UnixStream) -> String {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Reads until the proxy closes its end (end of file or a reset).
+    async fn until_closed(c: &mut UnixStream) {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = c.read(&mut buf).await
+            && n > 0
+        {}
+    }
+
+    /// Explicit and transparent connections share `--max-proxy-connections`: one more is
+    /// closed at once and counted; a place that frees takes a new one.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed() {
+        let p = bounded(2, Duration::from_secs(30), Duration::from_secs(7200));
+        let guest = sa("192.168.65.2:40000");
+        let dst = sa("203.0.113.5:80");
+        let (mut a, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        let (b, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_transparent(p.clone(), theirs, dst, guest));
+        assert!(ask(&mut a).await.starts_with("HTTP/1.1 400 "));
+        assert_eq!(p.slots.available_permits(), 0);
+
+        let (mut c, theirs) = UnixStream::pair().unwrap();
+        timeout(Duration::from_secs(1), serve_explicit(p.clone(), theirs, guest)).await.expect("closed at once");
+        assert_eq!(c.read(&mut [0u8; 64]).await.unwrap(), 0);
+        let (mut d, theirs) = UnixStream::pair().unwrap();
+        timeout(Duration::from_secs(1), serve_transparent(p.clone(), theirs, dst, guest))
+            .await
+            .expect("closed at once");
+        assert_eq!(d.read(&mut [0u8; 64]).await.unwrap(), 0);
+        assert_eq!(reached(&p, ServiceLimit::ProxyConnections), 2);
+        // The connection that was served still is.
+        assert!(ask(&mut a).await.starts_with("HTTP/1.1 400 "));
+
+        drop(a);
+        timeout(Duration::from_secs(5), async {
+            while p.slots.available_permits() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the closed connection's place frees");
+        let (mut e, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        assert!(ask(&mut e).await.starts_with("HTTP/1.1 400 "));
+        assert_eq!(reached(&p, ServiceLimit::ProxyConnections), 2);
+        drop(b);
+    }
+
+    /// A request header, or a TLS ClientHello, not whole within the header timeout closes
+    /// the connection (counted); a kept-alive connection that waits after its answer is
+    /// closed too, but that is no limit reached.
+    #[tokio::test(start_paused = true)]
+    async fn a_header_cut_short_is_closed_after_the_header_timeout() {
+        let p = bounded(8, Duration::from_secs(2), Duration::from_secs(7200));
+        let guest = sa("192.168.65.2:40000");
+        let within = |start: Instant| {
+            let waited = start.elapsed();
+            assert!(waited >= Duration::from_secs(2) && waited < Duration::from_millis(2100), "{waited:?}");
+        };
+
+        let (mut a, theirs) = UnixStream::pair().unwrap();
+        let start = Instant::now();
+        let served = tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        a.write_all(b"GET http://a.test/ HTTP/1.1\r\nHost: a.te").await.unwrap();
+        until_closed(&mut a).await;
+        within(start);
+        served.await.unwrap();
+        assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 1);
+
+        let (mut b, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        assert!(ask(&mut b).await.starts_with("HTTP/1.1 400 "));
+        let start = Instant::now();
+        until_closed(&mut b).await;
+        within(start);
+        assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 1);
+
+        // Intercepted TLS: the first 40 bytes of a ClientHello, and no more.
+        let hello = include_bytes!("testdata/curl_hello.bin");
+        let (mut c, theirs) = UnixStream::pair().unwrap();
+        let start = Instant::now();
+        let served = tokio::spawn(serve_transparent(p.clone(), theirs, sa("203.0.113.5:443"), guest));
+        c.write_all(&hello[..40]).await.unwrap();
+        until_closed(&mut c).await;
+        within(start);
+        served.await.unwrap();
+        assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 2);
+    }
+
+    /// A CONNECT tunnel that carries nothing either way for the idle timeout is closed
+    /// (counted); one that carries a byte now and then is not, until it falls silent.
+    #[tokio::test]
+    async fn idle_tunnels_are_closed_active_ones_are_not() {
+        let p = bounded(8, Duration::from_secs(30), Duration::from_secs(1));
+        let guest = sa("192.168.65.2:40000");
+        // An echo server on the host's loopback, reached through the host address.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let tunnel = || async {
+            let (mut c, theirs) = UnixStream::pair().unwrap();
+            tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+            let req = format!("CONNECT 192.168.65.254:{port} HTTP/1.1\r\nHost: 192.168.65.254:{port}\r\n\r\n");
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut one = [0u8; 1];
+                assert_eq!(c.read(&mut one).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+                head.push(one[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&head));
+            c
+        };
+        let mut quiet = tunnel().await;
+        let mut busy = tunnel().await;
+        let start = Instant::now();
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            busy.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            busy.read_exact(&mut one).await.expect("the busy tunnel stays open");
+            assert_eq!(&one, b"x");
+        }
+        assert!(start.elapsed() > Duration::from_secs(2));
+        timeout(Duration::from_millis(100), until_closed(&mut quiet)).await.expect("the quiet tunnel is closed");
+        assert_eq!(reached(&p, ServiceLimit::ProxyIdleTimeout), 1);
+        let silent = Instant::now();
+        timeout(Duration::from_secs(3), until_closed(&mut busy)).await.expect("the busy tunnel, silent, is closed");
+        assert!(silent.elapsed() >= Duration::from_millis(900), "{:?}", silent.elapsed());
+        assert_eq!(reached(&p, ServiceLimit::ProxyIdleTimeout), 2);
+    }
+
+    /// A request waiting on a next hop that never answers: nothing either way for the idle
+    /// timeout, and the guest's connection is closed (counted).
+    #[tokio::test]
+    async fn a_request_waiting_on_a_silent_server_is_closed_when_idle() {
+        let p = bounded(8, Duration::from_secs(30), Duration::from_secs(1));
+        let guest = sa("192.168.65.2:40000");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            // Reads the request, answers nothing, holds the connection.
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await
+                && n > 0
+            {}
+        });
+        let (mut c, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        let req = format!("GET http://192.168.65.254:{port}/ HTTP/1.1\r\nHost: 192.168.65.254:{port}\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        let start = Instant::now();
+        timeout(Duration::from_secs(5), until_closed(&mut c)).await.expect("closed when idle");
+        assert!(start.elapsed() >= Duration::from_millis(900), "{:?}", start.elapsed());
+        assert_eq!(reached(&p, ServiceLimit::ProxyIdleTimeout), 1);
+        assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 0);
+        // The connection to the server goes with it.
+        timeout(Duration::from_secs(5), server).await.expect("the server's connection is closed").unwrap();
     }
 
     /// An upstream proxy on loopback answering one CONNECT with `answer`, returning what it got.
