@@ -28,12 +28,17 @@ pub fn chown(path: &Path, user: &str) {
 
 impl Rootless {
     pub fn new(tag: &str) -> Rootless {
-        if run("id", &["-u", USER]).code != 0 {
-            must("useradd", &["-m", "-s", "/bin/sh", USER]);
-        }
-        let subuids = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-        if !subuids.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
-            must("usermod", &["--add-subuids", SUBIDS, "--add-subgids", SUBIDS, USER]);
+        {
+            // The tests of one binary run in parallel: one of them makes the user.
+            static MAKING_USER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = MAKING_USER.lock().unwrap_or_else(|e| e.into_inner());
+            if run("id", &["-u", USER]).code != 0 {
+                must("useradd", &["-m", "-s", "/bin/sh", USER]);
+            }
+            let subuids = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+            if !subuids.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
+                must("usermod", &["--add-subuids", SUBIDS, "--add-subgids", SUBIDS, USER]);
+            }
         }
         let runtime = PathBuf::from(format!("/tmp/ud-{}", unique_id()));
         let _ = std::fs::remove_dir_all(&runtime);
