@@ -151,8 +151,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_tcp_flows: 16384,
-            max_tcp_flows_per_guest: 8192,
+            max_tcp_flows: 32768,
+            max_tcp_flows_per_guest: 16384,
             max_pending_connects: 1024,
             max_udp_flows: 4096,
             max_buffered: 64 << 20,
