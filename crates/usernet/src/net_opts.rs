@@ -152,6 +152,17 @@ pub struct WebPort {
 }
 
 impl NetOpts {
+    /// Every option at its default, as `run` would take them with none given (for the
+    /// drop-in modes, which set a few from their own command lines).
+    pub fn defaults() -> NetOpts {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            net: NetOpts,
+        }
+        <Defaults as clap::Parser>::parse_from(["usernet"]).net
+    }
+
     /// Binds `--web`'s address and makes its token: a taken port or an address this host
     /// does not have is an error here, before anything runs. A non-loopback address is
     /// served (the token still guards every request) with a warning: the dashboard is plain

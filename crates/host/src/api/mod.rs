@@ -320,8 +320,7 @@ fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
         .get_all(hyper::header::AUTHORIZATION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .filter_map(|v| v.trim().split_once(' '))
-        .any(|(scheme, given)| scheme.eq_ignore_ascii_case("bearer") && web::same(given.trim(), token))
+        .any(|v| web::bearer_is(v, token))
 }
 
 /// An answer's body: whole, or a live capture.

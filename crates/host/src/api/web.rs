@@ -147,15 +147,21 @@ pub fn authorize<'a>(
     let in_cookie = cookies.into_iter().flat_map(|h| h.split(';')).any(|c| {
         c.trim().split_once('=').is_some_and(|(name, value)| name.trim() == cookie && same(value.trim(), token))
     });
-    let in_header = authorization
-        .and_then(|a| a.trim().split_once(' '))
-        .is_some_and(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer") && same(t.trim(), token));
+    let in_header = authorization.is_some_and(|a| bearer_is(a, token));
     if in_cookie || in_header { Access::Granted { set_cookie: false } } else { Access::Denied }
+}
+
+/// True when an `Authorization` header's value is `Bearer TOKEN` with this token.
+pub(super) fn bearer_is(authorization: &str, token: &str) -> bool {
+    authorization
+        .trim()
+        .split_once(' ')
+        .is_some_and(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer") && same(t.trim(), token))
 }
 
 /// Compares a given token with the real one in a time that does not depend on where they
 /// differ (only on the given one's length).
-pub(super) fn same(given: &str, token: &str) -> bool {
+fn same(given: &str, token: &str) -> bool {
     let (a, b) = (given.as_bytes(), token.as_bytes());
     let mut diff = u8::from(a.len() != b.len());
     for (i, x) in a.iter().enumerate() {

@@ -294,15 +294,6 @@ fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
     Ok(cfg)
 }
 
-fn default_net_opts() -> NetOpts {
-    #[derive(clap::Parser)]
-    struct Defaults {
-        #[command(flatten)]
-        net: NetOpts,
-    }
-    <Defaults as clap::Parser>::parse_from(["gvproxy"]).net
-}
-
 /// Entry point: the exit status.
 pub fn main(args: &[OsString]) -> i32 {
     let o = match parse(args) {
@@ -375,7 +366,7 @@ impl Drop for PidFile {
 
 /// Runs until the VM goes or a signal comes; says which.
 fn run(o: &Options) -> anyhow::Result<String> {
-    let mut net = default_net_opts();
+    let mut net = NetOpts::defaults();
     net.subnet = o.subnet.unwrap_or(GVPROXY_SUBNET);
     net.mtu = o.mtu;
     let cfg = Arc::new(network_config(o, &net)?);
@@ -572,7 +563,7 @@ mod tests {
         let o = opts("-mtu 1500 -ssh-port -1 -listen-vfkit unixgram:///tmp/vf.sock -listen unix:///tmp/api.sock");
         assert_eq!(o.ssh_port, -1);
         assert_eq!(o.listen, vec![Endpoint::Unix("/tmp/api.sock".into())]);
-        let net = default_net_opts();
+        let net = NetOpts::defaults();
         let cfg = network_config(&opts("-listen-stdio yes"), &NetOpts { subnet: GVPROXY_SUBNET, ..net }).unwrap();
         assert_eq!(
             (cfg.gateway, cfg.guest, cfg.host, cfg.dns),
@@ -590,7 +581,7 @@ mod tests {
     #[test]
     fn link_local_needs_ec2_metadata_access() {
         use usernet_core::policy::Verdict;
-        let net = || NetOpts { subnet: GVPROXY_SUBNET, ..default_net_opts() };
+        let net = || NetOpts { subnet: GVPROXY_SUBNET, ..NetOpts::defaults() };
         let metadata: IpAddr = "169.254.169.254".parse().unwrap();
         let elsewhere: IpAddr = "198.51.100.7".parse().unwrap();
         let cfg = network_config(&opts("-listen-stdio yes"), &net()).unwrap();
@@ -621,7 +612,7 @@ mod tests {
         }
         assert_eq!(p("-version"), Ok(Parsed::Version));
         assert_eq!(p("-help"), Err(Mistake::Help));
-        let bad = network_config(&opts("-hostIP 10.0.0.1"), &default_net_opts()).unwrap_err().to_string();
+        let bad = network_config(&opts("-hostIP 10.0.0.1"), &NetOpts::defaults()).unwrap_err().to_string();
         assert!(bad.contains("not in subnet"), "{bad}");
         assert!(socket_path("vfkit", "unix:///tmp/x", "unixgram").unwrap_err().contains("unixgram://"));
     }

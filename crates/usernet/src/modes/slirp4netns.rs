@@ -252,12 +252,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
 /// usernet's network options as slirp4netns's command line sets them (DNS from the host's
 /// resolv.conf and /etc/hosts, followed while usernet runs, as `run` and `serve` do).
 fn net_opts(o: &Options) -> NetOpts {
-    #[derive(clap::Parser)]
-    struct Defaults {
-        #[command(flatten)]
-        net: NetOpts,
-    }
-    let mut net = <Defaults as clap::Parser>::parse_from(["slirp4netns"]).net;
+    let mut net = NetOpts::defaults();
     net.subnet = o.cidr;
     net.mtu = Some(o.mtu);
     net

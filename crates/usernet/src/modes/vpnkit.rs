@@ -186,7 +186,7 @@ fn subnet_of(gateway: Ipv4Addr) -> Ipv4Subnet {
 
 /// vpnkit's network for these options.
 pub fn network_config(o: &Options) -> anyhow::Result<NetConfig> {
-    let mut net = default_net_opts();
+    let mut net = NetOpts::defaults();
     let subnet = subnet_of(o.gateway_ip);
     net.subnet = subnet;
     net.mtu = Some(o.mtu);
@@ -239,7 +239,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         None => None,
     };
     let mut sup = SignalSupervisor::new()?;
-    let net = NetOpts { dns_upstream: o.dns.into_iter().collect(), ..default_net_opts() };
+    let net = NetOpts { dns_upstream: o.dns.into_iter().collect(), ..NetOpts::defaults() };
     let _dns_watch = net.start_dns_watch(&cfg, None).map_err(|e| tracing::warn!("{e:#}")).ok();
     let acceptor = VpnkitAcceptor::bind(&o.ethernet, o.mtu as u16, cfg.subnet, usernet_host::netns::sandbox::GUEST_MAC)
         .with_context(|| format!("cannot listen on {}", o.ethernet.display()))?;
@@ -254,15 +254,6 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         o.host_ip.map_or("none".to_string(), |h| h.to_string())
     );
     engine.run(&mut sup).context("network engine failed")
-}
-
-fn default_net_opts() -> NetOpts {
-    #[derive(clap::Parser)]
-    struct Defaults {
-        #[command(flatten)]
-        net: NetOpts,
-    }
-    <Defaults as clap::Parser>::parse_from(["vpnkit"]).net
 }
 
 #[cfg(test)]

@@ -507,12 +507,7 @@ fn interface(o: &Options) -> Interface {
 /// usernet's network options as pasta's command line sets them: defaults (DNS following
 /// the host's resolv.conf and /etc/hosts), with `--pcap`.
 fn net_opts(o: &Options) -> NetOpts {
-    #[derive(clap::Parser)]
-    struct Defaults {
-        #[command(flatten)]
-        net: NetOpts,
-    }
-    let mut net = <Defaults as clap::Parser>::parse_from(["pasta"]).net;
+    let mut net = NetOpts::defaults();
     net.mtu = Some(o.mtu);
     net.pcap = o.pcap.clone();
     net
