@@ -195,7 +195,7 @@ impl Drop for NeverReads {
 /// 8 MiB of each (the guest's TCP is up to speed when it stops), each sending 64 KiB, and
 /// 50 of them sending all they can for 8 s: usernet's resident memory
 /// and descriptors stay bounded (the per-guest bound of TCP flows refuses what is beyond it,
-/// with one log line; a flow whose socket is full holds at most 128 KiB, all of them at most
+/// with one log line; a flow whose socket is full holds at most one window, all of them at most
 /// `--max-buffered`), and a well-behaved download at the same time gets its file whole.
 /// (Before the bounds, the same run took usernet from 7.9 MB to 180 MB resident and to
 /// its 20,000th descriptor, the open-file limit, and the download failed to connect; after

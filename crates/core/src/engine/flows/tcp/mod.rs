@@ -40,12 +40,16 @@
 //! and is acknowledged when it is written, as soon as the socket drains (EPOLLOUT) — the
 //! guest never waits for its own retransmission timer. The window offered to the guest
 //! follows the socket: the largest (`RECV_BUF`) while it takes what comes, and once a send
-//! is cut short (its send buffer is full: the kernel is the queue), only what is left of
-//! `HOLD_MAX`, so that a host peer that does not read costs at most that much of usernet's
-//! memory per flow; what the guest sent beyond it is not acknowledged (nor held) and comes
-//! again. All flows' held bytes count against one budget (`--max-buffered`, see
-//! `engine::budget`); beyond it nothing more is gathered, segments go straight to their
-//! socket. A flow whose socket takes nothing for `--tcp-stall-timeout` is reset. Out-of-order segments are dropped
+//! is cut short (its send buffer is full: the kernel is the queue), it stops growing: its
+//! right edge (`rcv_edge`) stays put, so a host peer that does not read costs at most one
+//! window of usernet's memory per flow. The edge never moves left: what the guest sent
+//! within the window it was offered is held, never dropped (a guest without SACK that
+//! loses a window's worth of segments recovers one per round trip and then by its
+//! retransmission timer, backing off: an upload could stall for minutes). All flows' held
+//! bytes count against one budget (`--max-buffered`, see `engine::budget`); beyond it
+//! nothing more is gathered, segments go straight to their socket, and what the socket
+//! does not take then is not acknowledged and comes again. A flow whose socket takes
+//! nothing for `--tcp-stall-timeout` is reset. Out-of-order segments are dropped
 //! with an immediate duplicate ACK, so the guest fast-retransmits; old segments
 //! (retransmissions, keep-alive probes) are answered with an ACK. ACKs for in-order data
 //! are coalesced: the engine sends one per flow per batch of frames (`flush_ack`), and, as
@@ -103,11 +107,8 @@ use state::{Phase, ToGuest, ToHost};
 
 /// How long a host-side connect may take before the guest gets a RST.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Guest bytes held while the host socket is full; also the largest window offered.
+/// The largest window offered; what a flow holds at most while its host socket is full.
 pub const RECV_BUF: usize = 4 << 20;
-/// Guest bytes held at most while the host socket is full (what the guest sent within the
-/// window it had before the socket filled); the window offered then is what is left of it.
-pub const HOLD_MAX: usize = 128 << 10;
 /// Our window-scale shift (RECV_BUF >> 7 fits in 16 bits).
 const OUR_WSCALE: u8 = 7;
 const RTO_MIN: Duration = Duration::from_millis(200);
@@ -151,6 +152,10 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// Guest bytes from rcv_nxt on that the socket has not taken yet (not acknowledged).
     pending: Vec<u8>,
     pending_head: usize,
+    /// The right edge of the window we offered: the furthest the guest may send. It never
+    /// moves left (RFC 9293 3.8.6: a receiver does not shrink its window), so whatever the
+    /// guest sent within it is held, never dropped.
+    rcv_edge: u32,
 
     // Host to guest. While the SYN is unacknowledged, snd_una is our ISN.
     snd_una: u32,
@@ -247,6 +252,7 @@ impl<S: HostSocket> TcpFlow<S> {
         let mut f = TcpFlow::blank(guest, remote, sock, Phase::Connecting, isn, now, switch.budget.hold());
         f.guest_isn = syn.seq;
         f.rcv_nxt = syn.seq.wrapping_add(1);
+        f.rcv_edge = f.rcv_nxt;
         f.acked_rcv = f.rcv_nxt;
         // (The window of a SYN is never scaled; it counts from the ACK of our SYN.)
         f.wnd_edge = isn.wrapping_add(1).wrapping_add(syn.window as u32);
@@ -301,6 +307,7 @@ impl<S: HostSocket> TcpFlow<S> {
             rcv_nxt: 0,
             pending: Vec::new(),
             pending_head: 0,
+            rcv_edge: 0,
             snd_una: isn,
             snd_nxt: isn.wrapping_add(1),
             snd_max: isn.wrapping_add(1),
@@ -400,21 +407,31 @@ impl<S: HostSocket> TcpFlow<S> {
         self.wnd_edge.wrapping_sub(self.snd_una)
     }
 
-    /// How much guest data the flow may hold: up to the largest window while the socket
-    /// takes what comes (data is held only until the end of the round), [`HOLD_MAX`] once
-    /// it is full.
-    fn hold_cap(&self) -> usize {
-        if self.host_writable { RECV_BUF } else { HOLD_MAX }
+    /// What is left of the window offered, from rcv_nxt to its right edge.
+    fn offered(&self) -> usize {
+        if seq_lt(self.rcv_nxt, self.rcv_edge) { self.rcv_edge.wrapping_sub(self.rcv_nxt) as usize } else { 0 }
     }
 
-    /// The window field we advertise: what the flow may still hold, scaled. While the host
-    /// socket takes data, the largest window (the kernel's send buffer is the queue); once
-    /// it is full, what is left of [`HOLD_MAX`], usually nothing: the guest waits (probing)
-    /// instead of sending what could only be held in usernet's memory, and hears of the
-    /// window again as soon as the socket drains (`flush_pending`).
+    /// How much guest data the flow may hold (from rcv_nxt on): up to the largest window
+    /// while the socket takes what comes (data is held only until the end of the round);
+    /// once it is full, what the guest may still send within the window it was offered,
+    /// and no more.
+    fn hold_cap(&self) -> usize {
+        if self.host_writable { RECV_BUF.max(self.offered()) } else { self.offered() }
+    }
+
+    /// The window field we advertise, scaled. While the host socket takes data, the
+    /// largest window less what is held (the kernel's send buffer is the queue); once it is
+    /// full, the window no longer grows: its right edge stays where it was, so the guest
+    /// sends what was in flight and then waits, holding at most one window per flow in
+    /// usernet's memory, and hears of the window again as soon as the socket drains
+    /// (`flush_pending`).
     fn window_field(&self) -> u16 {
-        let free = self.hold_cap().saturating_sub(self.pending_len()) >> self.our_wscale;
-        free.min(u16::MAX as usize) as u16
+        let open = if self.host_writable { RECV_BUF.saturating_sub(self.pending_len()) } else { 0 };
+        let scale = self.our_wscale;
+        // Rounded up: the edge never moves left, not even by the scaling's remainder.
+        let kept = (self.offered() + (1 << scale) - 1) >> scale;
+        (open >> scale).max(kept).min(u16::MAX as usize) as u16
     }
 
     fn segment(&self, seq: u32, flags: u8) -> TcpHeader {
@@ -444,6 +461,10 @@ impl<S: HostSocket> TcpFlow<S> {
         self.need_ack = self.pending_len() > 0 && self.host_writable;
         self.ack_deadline = None;
         self.acked_rcv = self.rcv_nxt;
+        let edge = self.rcv_nxt.wrapping_add((self.window_field() as u32) << self.our_wscale);
+        if seq_lt(self.rcv_edge, edge) {
+            self.rcv_edge = edge;
+        }
     }
 
     /// Our SYN to the guest (published ports).
@@ -479,6 +500,7 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         self.guest_isn = h.seq;
         self.rcv_nxt = h.seq.wrapping_add(1);
+        self.rcv_edge = self.rcv_nxt;
         match h.window_scale {
             Some(ws) => self.guest_wscale = ws,
             None => {
@@ -915,17 +937,6 @@ impl<S: HostSocket> TcpFlow<S> {
                 self.pending.shrink_to(0);
             }
             self.pass_guest_fin();
-        } else if !self.host_writable && self.pending_len() > HOLD_MAX {
-            // The socket is full: keep no more than HOLD_MAX. The rest was never
-            // acknowledged; the guest sends it again when the window reopens.
-            self.pending.drain(..self.pending_head);
-            self.pending_head = 0;
-            self.pending.truncate(HOLD_MAX);
-            self.pending.shrink_to(HOLD_MAX);
-            if self.to_host == ToHost::FinHeld {
-                // The FIN came after bytes no longer held: it comes again too.
-                self.to_host = ToHost::Open;
-            }
         } else if self.pending_head > self.pending.len() / 2 {
             self.pending.drain(..self.pending_head);
             self.pending_head = 0;

@@ -314,33 +314,70 @@ fn the_model_socket_behaves_as_a_kernel_socket() {
     assert_eq!((got.as_slice(), model.tx_shut), (&b"abc"[..], true));
 }
 
-/// A host peer that never reads: once its socket is full, the flow holds at most
-/// `HOLD_MAX` of the guest's data (the rest is not acknowledged and comes again), offers a
-/// shut window, reopens it as soon as the socket drains, and with the socket still full
-/// after `--tcp-stall-timeout`, resets the connection.
+/// A host peer that never reads: once its socket is full, the window stops growing (its
+/// right edge stays put) and everything the guest sends within it is held, none dropped (a
+/// guest without SACK recovers a dropped window one segment per round trip, then by its
+/// backed-off retransmission timer: a 20 MiB upload took minutes); at most one window per
+/// flow. The window reopens as soon as the socket drains; with the socket still full after
+/// `--tcp-stall-timeout`, the connection is reset.
 #[test]
-fn a_host_peer_that_never_reads_costs_a_bounded_buffer() {
+fn a_host_peer_that_never_reads_costs_at_most_one_window() {
     let mut now = Instant::now();
-    let (mut f, mut sw, rec) = open(65535, now);
+    let (mut sw, rec) = switch(1500, false);
+    let mut syn = seg(GUEST_ISN, 0, SYN, 65535);
+    syn.mss = Some(1460);
+    syn.window_scale = Some(7);
+    let sock = ModelSocket::new(1 << 20, 1 << 20);
+    let (mut f, v) = TcpFlow::outbound(&mut sw, guest(), remote(), &syn, sock, true, ISN, now);
+    assert_eq!(v, Verdict::Keep);
+    let synack = sent(&rec);
+    let scale = synack[0].0.window_scale.expect("window scaling agreed");
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK, 65535), &[], now), Verdict::Keep);
+    let edge_of = |h: &TcpHeader| h.ack.wrapping_add((h.window as u32) << scale);
+    // The window of a SYN is never scaled.
+    let mut edge = synack[0].0.ack.wrapping_add(synack[0].0.window as u32);
+    let mut next = GUEST_ISN + 1;
     let chunk = vec![9u8; 60_000];
-    let mut seq = GUEST_ISN + 1;
-    for _ in 0..40 {
-        f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &chunk, now);
+    // The guest sends all that its window lets it: the socket fills after 1 MiB.
+    for _ in 0..200 {
+        let len = (edge.wrapping_sub(next) as usize).min(chunk.len());
+        if len == 0 {
+            break;
+        }
+        f.on_segment(&mut sw, &seg(next, ISN + 1, ACK, 65535), &chunk[..len], now);
         assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
-        seq = f.rcv_nxt.wrapping_add(f.pending_len() as u32);
-        assert!(f.pending_len() <= super::HOLD_MAX, "held {}", f.pending_len());
-        assert!(sw.budget.used() <= 2 * super::HOLD_MAX, "budget {}", sw.budget.used());
+        next = next.wrapping_add(len as u32);
+        assert_eq!(f.rcv_nxt.wrapping_add(f.pending_len() as u32), next, "every byte within the window is taken");
+        for (h, _) in sent(&rec) {
+            let e = edge_of(&h);
+            assert!(!usernet_wire::tcp::seq_lt(e, edge), "the window's edge moved left: {e} < {edge}");
+            edge = e;
+        }
     }
+    assert_eq!(next, edge, "the guest filled the window");
     assert!(f.stalled_since.is_some());
-    let acks = sent(&rec);
-    assert_eq!(acks.last().unwrap().0.window, 0, "a full socket shuts the window");
-    // The peer reads: the held bytes go and the window reopens at once.
+    assert!(f.pending_len() > 0 && f.pending_len() <= super::RECV_BUF, "held {}", f.pending_len());
+    assert!(sw.budget.used() <= 2 * super::RECV_BUF, "budget {}", sw.budget.used());
+    // A retransmission of held data changes nothing; the window stays where it was.
+    f.on_segment(&mut sw, &seg(f.rcv_nxt, ISN + 1, ACK, 65535), &chunk, now);
+    end_of_round(&mut f, &mut sw, now);
+    assert!(sent(&rec).iter().all(|(h, _)| edge_of(h) == edge), "a full socket stops the window");
+    // The peer reads: the held bytes go (each time the socket drains, at once, not at the
+    // guest's next retransmission) and the window opens again.
     let mut got = Vec::new();
-    f.sock.peer_read(1 << 20, &mut got);
-    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
-    assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
-    let update = sent(&rec);
-    assert!(update.last().is_some_and(|(h, _)| h.window > 0), "{update:?}");
+    for _ in 0..10 {
+        f.sock.peer_read(1 << 30, &mut got);
+        let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+        assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+        let update = sent(&rec);
+        assert!(update.last().is_some_and(|(h, _)| h.ack == f.rcv_nxt), "{update:?}");
+        if f.pending_len() == 0 {
+            assert!(update.last().is_some_and(|(h, _)| usernet_wire::tcp::seq_lt(edge, edge_of(h))), "{update:?}");
+            break;
+        }
+    }
+    f.sock.peer_read(1 << 30, &mut got);
+    assert_eq!((f.pending_len(), got.len()), (0, next.wrapping_sub(GUEST_ISN + 1) as usize));
     assert!(f.stalled_since.is_none());
 
     // Full again, and then nothing for the stall timeout: reset.
