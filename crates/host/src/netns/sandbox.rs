@@ -360,7 +360,11 @@ impl Drop for Sandbox {
 }
 
 /// SIGKILLs every process in the network namespace `netns`, until none is left (bounded);
-/// returns the processes it killed.
+/// returns the processes it killed. A process counts when its /proc/PID/ns/net is the
+/// namespace, or, where that link may not be read, when it descends from usernet (every
+/// process usernet has is the sandbox's; orphans come back to it, the subreaper). Reading
+/// another process's namespace links takes CAP_SYS_PTRACE over it, which usernet no longer
+/// has once confined (`confine`) while COMMAND, run as root, holds every capability.
 fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> {
     let mut killed = Vec::new();
     let Ok(ns) = fs::File::from(netns).metadata() else {
@@ -372,18 +376,31 @@ fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> 
         let Ok(dir) = fs::read_dir("/proc") else {
             return killed;
         };
-        for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
+        let pids: Vec<i32> =
+            dir.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok())).collect();
+        let parents: std::collections::HashMap<i32, i32> =
+            pids.iter().filter_map(|&p| Some((p, parent_of(p)?))).collect();
+        let descends_from_me = |mut p: i32| {
+            for _ in 0..64 {
+                match parents.get(&p) {
+                    Some(&pp) if pp == me => return true,
+                    Some(&pp) if pp > 1 => p = pp,
+                    _ => return false,
+                }
+            }
+            false
+        };
+        for pid in pids {
             if pid == me {
                 continue;
             }
-            // Unreadable (another user's process, or one that just exited): not ours.
-            let Ok(m) = fs::metadata(format!("/proc/{pid}/ns/net")) else {
-                continue;
+            let ours = match fs::metadata(format!("/proc/{pid}/ns/net")) {
+                Ok(m) => m.ino() == ns.ino() && m.dev() == ns.dev(),
+                // Unreadable: another user's process, one that just exited, or (confined)
+                // COMMAND's.
+                Err(_) => descends_from_me(pid),
             };
-            if m.ino() == ns.ino() && m.dev() == ns.dev() {
+            if ours {
                 tracing::debug!("killing leftover process {pid}");
                 let pid = Pid::from_raw(pid);
                 let _ = kill(pid, Signal::SIGKILL);
@@ -401,6 +418,13 @@ fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> 
     }
     tracing::warn!("processes are still running in the sandbox's network namespace");
     killed
+}
+
+/// The parent of process `pid`, from /proc/PID/stat (readable for any process).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses; it ends at the last ')'.
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Threads in this process (1 when /proc is unreadable: the check is only a warning).

@@ -92,6 +92,12 @@ const NETNS_POLL: Duration = Duration::from_millis(250);
 /// file is a bind mount of nsfs, whose removal inotify on the directory does not always
 /// report (an unmount alone changes no directory entry).
 pub fn stop_when_netns_file_gone(path: PathBuf) -> anyhow::Result<()> {
+    // /proc/PID/ns/net lives as long as the process; once confined, usernet may no longer
+    // look at it (that takes CAP_SYS_PTRACE over a process that holds capabilities usernet
+    // dropped): follow the process instead, which needs nothing.
+    if let Some(pid) = proc_pid_of(&path) {
+        return stop_when_process_exits(pid);
+    }
     let meta = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?;
     let (dev, ino) = (meta.dev(), meta.ino());
     std::thread::Builder::new()
@@ -108,4 +114,32 @@ pub fn stop_when_netns_file_gone(path: PathBuf) -> anyhow::Result<()> {
         })
         .context("namespace watcher")?;
     Ok(())
+}
+
+/// PID, for a path of the form /proc/PID/ns/NAME (or /proc/PID/task/TID/ns/NAME).
+fn proc_pid_of(path: &std::path::Path) -> Option<i32> {
+    let mut parts = path.to_str()?.strip_prefix("/proc/")?.split('/');
+    let pid = parts.next()?.parse().ok()?;
+    let rest: Vec<&str> = parts.collect();
+    match rest.as_slice() {
+        ["ns", _] | ["task", _, "ns", _] => Some(pid),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proc_pid_of;
+    use std::path::Path;
+
+    #[test]
+    fn namespace_files_of_processes() {
+        assert_eq!(proc_pid_of(Path::new("/proc/123/ns/net")), Some(123));
+        assert_eq!(proc_pid_of(Path::new("/proc/7/task/8/ns/net")), Some(7));
+        for other in
+            ["/run/user/1000/netns/netns-1", "/proc/self/ns/net", "/proc/12/ns", "/proc/12/ns/net/x", "proc/1/ns/net"]
+        {
+            assert_eq!(proc_pid_of(Path::new(other)), None, "{other}");
+        }
+    }
 }
