@@ -108,6 +108,10 @@ pub struct NetOpts {
     #[arg(long = "busy-poll", value_name = "MICROSECONDS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub busy_poll: u64,
+    /// Keep every privilege once set up: no capability lowered, no no_new_privs, no seccomp
+    /// filter (for debugging). Also USERNET_NO_SANDBOX=1, which the drop-in modes read too.
+    #[arg(long = "no-sandbox", env = "USERNET_NO_SANDBOX")]
+    pub no_sandbox: bool,
 }
 
 /// A `--deny` or `--allow` rule.

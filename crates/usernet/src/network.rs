@@ -126,3 +126,11 @@ pub fn start_api(
     }
     Ok(Some(Api { server, _registration: registration }))
 }
+
+/// Confines the process once a mode's setup is done (`usernet_host::confine`), unless
+/// `no_sandbox`. A failure is one warning: usernet still serves, with what it holds.
+pub fn confine(no_sandbox: bool) {
+    if let Err(e) = usernet_host::confine::apply_unless(no_sandbox) {
+        tracing::warn!("the sandbox is not on: {e}");
+    }
+}

@@ -220,6 +220,11 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         Some(engine)
     };
 
+    // Set up: from here on, least privilege (before COMMAND runs, so that it never sees
+    // usernet otherwise).
+    if !no_engine {
+        crate::network::confine(net.no_sandbox);
+    }
     match sandbox.start() {
         Ok(()) => {}
         Err(StartError::Exec(e)) => {

@@ -236,6 +236,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     // After the guest API's hook, so that gateway:80 stays the API's.
     engine.add_tcp_hook(proxy_hook);
 
+    crate::network::confine(args.net.no_sandbox);
     let mut sup = ServeSupervisor { sfd };
     let code = engine.run(&mut sup).context("network engine failed")?;
     drop(registered);

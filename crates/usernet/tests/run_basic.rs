@@ -220,3 +220,47 @@ fn pcap_captures_the_guest_link() {
     assert!(requests >= 2 && replies >= 2, "{dump}");
     assert!(dump.stdout.contains(&format!("{GUEST_IP} > {GATEWAY_IP}: ICMP echo request")), "{dump}");
 }
+
+/// Once set up, every thread of usernet has least privilege: no capability but
+/// CAP_NET_BIND_SERVICE and CAP_NET_RAW (bits 10 and 13; rootless, usernet joined the
+/// guest's user namespace and holds those two there only, for binding in the guest's
+/// namespace, nothing on the host),
+/// no_new_privs, a seccomp filter (mode 2) — and the guest still reaches the host (the
+/// download's hash). `--no-sandbox` leaves the process as it was.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn confined_once_set_up() {
+    require(&[BASE_TOOLS, &["curl", "sha256sum", "grep"]].concat());
+    let dns = DnsUpstream::start();
+    let (_dir, http, want) = serve_random_file("confined", "f", 1 << 20);
+    let script = format!(
+        "for t in /proc/$PPID/task/*/status; do grep -E '^(Name|CapEff|CapPrm|NoNewPrivs|Seccomp):' $t | tr '\\n' ' '; echo; done; \
+         curl -sSf http://{HOST_IP}:{}/f | sha256sum",
+        http.port
+    );
+    let field = |line: &str, name: &str| -> String {
+        let rest = line.split(&format!("{name}:")).nth(1).unwrap_or_else(|| panic!("{name} in {line}"));
+        rest.split_whitespace().next().unwrap().to_string()
+    };
+    let out = Usernet::new(&dns).sh(&script);
+    out.assert_ok();
+    assert!(out.stdout.contains(&format!("{want}  -")), "{out}");
+    let threads: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("Name:")).collect();
+    assert!(threads.len() >= 3, "the engine, the services' and the API's threads at least\n{out}");
+    for t in &threads {
+        assert_eq!(field(t, "Seccomp"), "2", "{t}");
+        assert_eq!(field(t, "NoNewPrivs"), "1", "{t}");
+        for caps in ["CapEff", "CapPrm"] {
+            let v = u64::from_str_radix(&field(t, caps), 16).unwrap();
+            assert_eq!(v & !0x2400, 0, "{caps} of {t}");
+        }
+    }
+
+    let out = Usernet::new(&dns).args(&["--no-sandbox"]).sh(&script);
+    out.assert_ok();
+    assert!(out.stdout.contains(&format!("{want}  -")), "{out}");
+    for t in out.stdout.lines().filter(|l| l.starts_with("Name:")) {
+        assert_eq!(field(t, "Seccomp"), "0", "{t}");
+        assert_eq!(field(t, "NoNewPrivs"), "0", "{t}");
+    }
+}

@@ -470,6 +470,7 @@ fn run(o: &Options) -> anyhow::Result<String> {
         }
         _ => None,
     };
+    crate::network::confine(usernet_host::confine::disabled_by_env());
     tracing::info!("waiting for clients...");
     engine.run(&mut sup).context("network engine failed")?;
     Ok(if sup.signalled { "signal caught".into() } else { "the VM disconnected".into() })

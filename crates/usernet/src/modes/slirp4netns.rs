@@ -375,6 +375,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         let mut f = std::fs::File::from(ready);
         f.write_all(b"1").context("writing to the ready fd")?;
     }
+    crate::network::confine(usernet_host::confine::disabled_by_env());
     engine.run(&mut sup).context("network engine failed")
 }
 

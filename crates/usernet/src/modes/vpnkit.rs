@@ -253,6 +253,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         cfg.gateway,
         o.host_ip.map_or("none".to_string(), |h| h.to_string())
     );
+    crate::network::confine(usernet_host::confine::disabled_by_env());
     engine.run(&mut sup).context("network engine failed")
 }
 

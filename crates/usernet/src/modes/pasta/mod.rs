@@ -800,6 +800,7 @@ fn serve(
         // SAFETY: dup2 onto descriptor 2, which this process owns.
         unsafe { libc::dup2(f.as_raw_fd(), 2) };
     }
+    crate::network::confine(net.no_sandbox);
     engine.run(&mut sup).context("network engine failed")
 }
 
