@@ -44,6 +44,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod sock;
 pub mod switch;
+pub mod synthetic;
 mod udp_batch;
 
 use std::cmp::Reverse;

@@ -1,19 +1,20 @@
 //! The engine driven with synthetic frames: a fake link records what goes to the guest,
-//! a fake dialer hands out socketpairs instead of real connections (no network at all).
+//! a fake dialer hands out socketpairs instead of real connections (no network at all;
+//! both from `synthetic`).
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{OwnedFd, RawFd};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use proptest::prelude::*;
 
-use super::dial::{Dialer, IcmpKind, TcpDial};
 use super::flows::FlowId;
+use super::synthetic::{PairDialer as FakeDialer, RecordingLink as FakeLink};
 use super::*;
 use usernet_wire::arp::ArpPacket;
 use usernet_wire::ethernet::EthernetHeader;
@@ -25,58 +26,6 @@ use usernet_wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use usernet_wire::{arp, ethernet, ipv4, udp};
 
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
-
-#[derive(Clone, Default)]
-struct FakeLink {
-    sent: Rc<RefCell<Vec<Vec<u8>>>>,
-}
-
-impl Link for FakeLink {
-    fn fd(&self) -> RawFd {
-        -1
-    }
-    fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::WouldBlock.into())
-    }
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.sent.borrow_mut().push(frame.to_vec());
-        Ok(())
-    }
-}
-
-/// Hands out socketpairs; keeps the far ends for the test to play the remote host.
-#[derive(Clone, Default)]
-struct FakeDialer {
-    tcp_peers: Rc<RefCell<Vec<UnixStream>>>,
-    udp_peers: Rc<RefCell<Vec<UnixDatagram>>>,
-    refuse: bool,
-    /// TCP connects are reported in progress (the socketpair is connected all the same).
-    in_progress: bool,
-}
-
-impl Dialer for FakeDialer {
-    fn tcp(&mut self, _dst: SocketAddrV4, _guest: SocketAddrV4) -> io::Result<TcpDial> {
-        if self.refuse {
-            return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
-        }
-        let (a, b) = UnixStream::pair()?;
-        a.set_nonblocking(true)?;
-        self.tcp_peers.borrow_mut().push(b);
-        Ok(TcpDial { fd: OwnedFd::from(a), connected: !self.in_progress, is_tcp: false })
-    }
-    fn udp(&mut self, _dst: SocketAddrV4, _guest: SocketAddrV4) -> io::Result<OwnedFd> {
-        if self.refuse {
-            return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
-        }
-        let (a, b) = UnixDatagram::pair()?;
-        a.set_nonblocking(true)?;
-        self.udp_peers.borrow_mut().push(b);
-        Ok(OwnedFd::from(a))
-    }
-    fn icmp(&mut self, _dst: Ipv4Addr) -> io::Result<(OwnedFd, IcmpKind)> {
-        Err(io::Error::from_raw_os_error(libc::EPERM))
-    }
-}
 
 fn engine(refuse: bool) -> (Engine, FakeLink, FakeDialer) {
     let link = FakeLink::default();
@@ -197,7 +146,7 @@ fn tcp_translator_end_to_end() {
 
     // Host data goes to the guest within its window, from the socket without copying.
     peer.write_all(b"world").unwrap();
-    e.on_socket_for_test(true, false, now);
+    e.deliver_readiness(true, false, now);
     let data = take_tcp(&link);
     assert_eq!(data.len(), 1);
     assert_eq!(data[0].1, b"world");
@@ -214,7 +163,7 @@ fn tcp_translator_end_to_end() {
     // The guest acknowledges; the host closes; the guest gets a FIN after the data.
     e.on_frame(0, &tcp_frame(&seg(1006, isn + 6, ACK), b""), now);
     peer.shutdown(std::net::Shutdown::Write).unwrap();
-    e.on_socket_for_test(true, false, now);
+    e.deliver_readiness(true, false, now);
     let fin = take_tcp(&link);
     assert!(fin.iter().any(|(h, _)| h.has(FIN) && h.seq == isn + 6), "{fin:?}");
 
@@ -269,7 +218,7 @@ fn delayed_ack_rides_on_data_and_every_second_segment_is_acked() {
     let mut got = [0u8; 4];
     peer.read_exact(&mut got).unwrap();
     peer.write_all(b"pong").unwrap();
-    e.on_socket_for_test(true, false, now);
+    e.deliver_readiness(true, false, now);
     let out = take_tcp(&link);
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!((out[0].1.as_slice(), out[0].0.ack), (&b"pong"[..], 1005));
@@ -299,7 +248,7 @@ fn host_data_is_cut_into_mss_segments() {
     let (mut e, link, mut peer, isn) = open_connection(1000, now);
     let data: Vec<u8> = (0..10_500u32).map(|i| (i % 251) as u8).collect();
     peer.write_all(&data).unwrap();
-    e.on_socket_for_test(true, false, now);
+    e.deliver_readiness(true, false, now);
     let out = take_tcp(&link);
     assert_eq!(out.len(), 11, "ten full segments and a short one");
     let mut got = Vec::new();
@@ -427,7 +376,7 @@ fn udp_datagrams_both_ways() {
     let mut b = [0u8; 16];
     assert_eq!(peer.recv(&mut b).unwrap(), 4);
     peer.send(b"pong").unwrap();
-    e.on_socket_for_test(true, false, Instant::now());
+    e.deliver_readiness(true, false, Instant::now());
     let sent = std::mem::take(&mut *link.sent.borrow_mut());
     let (_, p) = EthernetHeader::parse(&sent[0]).unwrap();
     let (ip, p) = Ipv4Header::parse(p).unwrap();
@@ -730,7 +679,7 @@ fn gateway_dns_flows_are_bounded_and_short_lived() {
     let mut q = [0u8; 64];
     assert_eq!(peer.recv(&mut q).unwrap(), 12);
     peer.send(b"answer").unwrap();
-    e.on_socket_for_test(true, false, now);
+    e.deliver_readiness(true, false, now);
     e.run_timers(now + flows::udp::IDLE_DNS_ANSWERED + Duration::from_millis(10));
     assert_eq!(e.flow_count(), MAX_GATEWAY_DNS - 1);
     e.run_timers(now + flows::udp::IDLE_DNS + Duration::from_millis(10));
@@ -739,17 +688,6 @@ fn gateway_dns_flows_are_bounded_and_short_lived() {
 }
 
 const PSH_FLAG: u8 = usernet_wire::tcp::PSH;
-
-impl Engine {
-    /// Delivers readiness for every flow's socket, as the event loop would.
-    fn on_socket_for_test(&mut self, readable: bool, writable: bool, now: Instant) {
-        let ids: Vec<FlowId> = self.flows.ids().map(|(id, _)| id).collect();
-        for id in ids {
-            self.on_socket(id, readable, writable, false, now);
-        }
-        self.flush_acks(now);
-    }
-}
 
 fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
     let raw = proptest::collection::vec(any::<u8>(), 0..120);
@@ -773,7 +711,7 @@ proptest! {
         for f in &frames {
             e.on_frame(0, f, now);
         }
-        e.on_socket_for_test(true, true, now);
+        e.deliver_readiness(true, true, now);
         e.run_timers(now + std::time::Duration::from_secs(120));
     }
 }
@@ -799,7 +737,7 @@ proptest! {
                     Err(e) => panic!("{e}"),
                 }
             }
-            e.on_socket_for_test(true, false, now);
+            e.deliver_readiness(true, false, now);
             for (h, d) in take_tcp(&link) {
                 prop_assert!(d.len() <= mss as usize);
                 if !d.is_empty() {

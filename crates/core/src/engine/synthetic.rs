@@ -1,0 +1,221 @@
+//! The engine without a network: a link that records what goes to the guest, a dialer of
+//! socketpairs instead of connections, and [`fuzz_guest_frames`], which drives an engine
+//! from arbitrary bytes for coverage-guided fuzzing (the `fuzz/` crate) and for the unit
+//! tests that replay its inputs.
+
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Engine;
+use super::dial::{Dialer, IcmpKind, TcpDial};
+use super::flows::FlowId;
+use crate::config::NetConfig;
+use crate::link::Link;
+
+/// A guest link that never has a frame to read and records every frame sent to the guest.
+#[derive(Clone, Default)]
+pub struct RecordingLink {
+    pub sent: Rc<RefCell<Vec<Vec<u8>>>>,
+    /// Keep no frames, only count them (fuzzing: memory stays flat).
+    pub count_only: bool,
+    pub count: Rc<RefCell<usize>>,
+}
+
+impl Link for RecordingLink {
+    fn fd(&self) -> RawFd {
+        -1
+    }
+    fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        *self.count.borrow_mut() += 1;
+        if !self.count_only {
+            self.sent.borrow_mut().push(frame.to_vec());
+        }
+        Ok(())
+    }
+}
+
+/// Hands out socketpairs; keeps the far ends (blocking) to play the remote hosts.
+#[derive(Clone, Default)]
+pub struct PairDialer {
+    pub tcp_peers: Rc<RefCell<Vec<UnixStream>>>,
+    pub udp_peers: Rc<RefCell<Vec<UnixDatagram>>>,
+    /// Every connect is refused.
+    pub refuse: bool,
+    /// TCP connects are reported in progress (the socketpair is connected all the same).
+    pub in_progress: bool,
+}
+
+impl Dialer for PairDialer {
+    fn tcp(&mut self, _dst: SocketAddrV4, _guest: SocketAddrV4) -> io::Result<TcpDial> {
+        if self.refuse {
+            return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        }
+        let (a, b) = UnixStream::pair()?;
+        a.set_nonblocking(true)?;
+        self.tcp_peers.borrow_mut().push(b);
+        Ok(TcpDial { fd: OwnedFd::from(a), connected: !self.in_progress, is_tcp: false })
+    }
+    fn udp(&mut self, _dst: SocketAddrV4, _guest: SocketAddrV4) -> io::Result<OwnedFd> {
+        if self.refuse {
+            return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        }
+        let (a, b) = UnixDatagram::pair()?;
+        a.set_nonblocking(true)?;
+        self.udp_peers.borrow_mut().push(b);
+        Ok(OwnedFd::from(a))
+    }
+    fn icmp(&mut self, _dst: Ipv4Addr) -> io::Result<(OwnedFd, IcmpKind)> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+}
+
+impl Engine {
+    /// Delivers readiness for every flow's socket, then the round's ACKs, as the event
+    /// loop would.
+    pub fn deliver_readiness(&mut self, readable: bool, writable: bool, now: Instant) {
+        let ids: Vec<FlowId> = self.flows.ids().map(|(id, _)| id).collect();
+        for id in ids {
+            self.on_socket(id, readable, writable, false, now);
+        }
+        self.flush_acks(now);
+    }
+
+    /// Runs the timers due at `now`.
+    pub fn fire_timers(&mut self, now: Instant) {
+        self.run_timers(now);
+    }
+}
+
+/// Reads a little-endian u16 off the front of `data`.
+fn take_u16(data: &mut &[u8]) -> Option<u16> {
+    let (v, rest) = data.split_first_chunk::<2>()?;
+    *data = rest;
+    Some(u16::from_le_bytes(*v))
+}
+
+fn take<'a>(data: &mut &'a [u8], n: usize) -> &'a [u8] {
+    let (v, rest) = data.split_at(n.min(data.len()));
+    *data = rest;
+    v
+}
+
+/// Drives an engine (default network, a recording link, socketpair peers) with `data`, a
+/// program of operations, each a byte and its operands:
+///
+/// - `0`: a raw guest frame (u16 length, the bytes);
+/// - `1`: an IPv4 packet from the guest (a byte for the protocol: TCP, UDP or ICMP; a byte
+///   for the destination: the gateway, a remote host or the host's address; u16 length and
+///   the transport header and payload), with valid Ethernet and IPv4 headers around it, so
+///   that the fuzzer's bytes reach the translators;
+/// - `2`: every remote peer writes (u16 length, the bytes), or, for a zero length, closes;
+/// - `3`: readiness of every flow's socket, and the ACKs of the round;
+/// - `4`: time passes (a byte: seconds) and the timers run.
+///
+/// Whatever the bytes, the engine must not panic.
+pub fn fuzz_guest_frames(mut data: &[u8]) {
+    let link = RecordingLink { count_only: true, ..Default::default() };
+    let dialer = PairDialer { refuse: data.first().is_some_and(|b| b & 0x80 != 0), ..Default::default() };
+    let cfg = Arc::new(NetConfig::default());
+    let Ok(mut e) = Engine::with_dialer(cfg.clone(), Box::new(dialer.clone()), None) else { return };
+    e.add_link(Box::new(link));
+    let mut now = Instant::now();
+    let mut frame = Vec::with_capacity(9216);
+    while let Some((&op, rest)) = data.split_first() {
+        data = rest;
+        match op % 5 {
+            0 => {
+                let Some(len) = take_u16(&mut data) else { return };
+                e.on_frame(0, take(&mut data, len as usize), now);
+            }
+            1 => {
+                let (Some(&proto), Some(&dst)) = (data.first(), data.get(1)) else { return };
+                data = &data[2..];
+                let Some(len) = take_u16(&mut data) else { return };
+                let l4 = take(&mut data, len as usize);
+                let proto =
+                    [usernet_wire::PROTO_TCP, usernet_wire::PROTO_UDP, usernet_wire::PROTO_ICMP][proto as usize % 3];
+                let dst = match dst % 3 {
+                    0 => cfg.gateway,
+                    1 => Ipv4Addr::new(203, 0, 113, 10),
+                    _ => cfg.host,
+                };
+                guest_packet(&mut frame, cfg.guest, dst, proto, l4);
+                e.on_frame(0, &frame, now);
+            }
+            2 => {
+                let Some(len) = take_u16(&mut data) else { return };
+                let bytes = take(&mut data, len as usize);
+                for peer in dialer.tcp_peers.borrow_mut().iter_mut() {
+                    let _ = peer.set_nonblocking(true);
+                    if bytes.is_empty() {
+                        let _ = peer.shutdown(std::net::Shutdown::Write);
+                    } else {
+                        let _ = peer.write(bytes);
+                    }
+                }
+                for peer in dialer.udp_peers.borrow().iter() {
+                    let _ = peer.set_nonblocking(true);
+                    let _ = peer.send(bytes);
+                }
+            }
+            3 => e.deliver_readiness(true, true, now),
+            _ => {
+                let Some((&secs, rest)) = data.split_first() else { return };
+                data = rest;
+                now += Duration::from_millis(u64::from(secs) * 250);
+                e.fire_timers(now);
+            }
+        }
+    }
+    e.deliver_readiness(true, true, now);
+    e.fire_timers(now + Duration::from_secs(600));
+}
+
+/// An Ethernet frame with an IPv4 packet from `src` to `dst` carrying `l4`.
+fn guest_packet(frame: &mut Vec<u8>, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) {
+    use usernet_wire::{ethernet, ipv4};
+    frame.clear();
+    frame.resize(ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4.len(), 0);
+    ethernet::EthernetHeader {
+        dst: crate::config::GATEWAY_MAC,
+        src: [0x02, 0, 0, 0, 0, 2],
+        ethertype: ethernet::ETHERTYPE_IPV4,
+    }
+    .emit(frame);
+    ipv4::Ipv4Header::new(src, dst, proto, l4.len()).emit(&mut frame[ethernet::HEADER_LEN..]);
+    frame[ethernet::HEADER_LEN + ipv4::HEADER_LEN..].copy_from_slice(l4);
+}
+
+#[cfg(test)]
+mod tests {
+    /// The fuzzer's seeds, and any input a campaign found that once failed (kept in
+    /// `fuzz/regressions/engine`), replayed through the same entry point: the harness stays
+    /// in step with the engine, and a fixed crash stays fixed.
+    #[test]
+    fn fuzz_inputs_replay() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+        let mut replayed = 0;
+        for dir in ["seeds/engine", "regressions/engine"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+            for e in entries.flatten() {
+                super::fuzz_guest_frames(&std::fs::read(e.path()).unwrap());
+                replayed += 1;
+            }
+        }
+        assert!(replayed >= 4, "the seeds are in fuzz/seeds/engine ({replayed} found)");
+        // And some bytes of every kind of operation, truncated anywhere.
+        let program: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+        for end in (0..program.len()).step_by(97) {
+            super::fuzz_guest_frames(&program[..end]);
+        }
+    }
+}
