@@ -737,7 +737,9 @@ fn guest_call_with(
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
     let auth = sent.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(s, "{method} {path} HTTP/1.0\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    // One write: the API may answer (a 401) and close before it reads a body sent apart.
+    let request = format!("{method} {path} HTTP/1.0\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(request.as_bytes()).unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
