@@ -26,13 +26,13 @@ fn main() {
             let records = Arc::new(DnsRecords::from_config(&cfg));
             let dns = DnsServer::new(&cfg, records);
             if let Local::Reply(reply) = dns.local(input) {
-                hickory_check(&reply);
+                check_reply(&reply);
             }
         }
     });
 }
 
 /// A reply of ours must at least have a whole header.
-fn hickory_check(reply: &[u8]) {
+fn check_reply(reply: &[u8]) {
     assert!(reply.len() >= 12, "a reply without a header: {reply:?}");
 }

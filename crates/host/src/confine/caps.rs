@@ -101,6 +101,14 @@ fn of_thread(tid: i32) -> Option<(u64, u64)> {
     Some((field("CapEff:")?, field("CapPrm:")?))
 }
 
+/// The first thread (and its sets) holding a capability outside `keep`.
+fn first_thread_beyond(keep: u32) -> Option<(i32, u64)> {
+    tids().into_iter().find_map(|t| {
+        let (eff, prm) = of_thread(t)?;
+        ((eff | prm) & !u64::from(keep) != 0).then_some((t, eff | prm))
+    })
+}
+
 /// Lowers every thread's capabilities to those of `wanted` that the calling thread holds
 /// now (effective); returns them.
 pub fn lower_all_threads(wanted: &[Capability]) -> Result<Vec<Capability>, ConfineError> {
@@ -111,9 +119,7 @@ pub fn lower_all_threads(wanted: &[Capability]) -> Result<Vec<Capability>, Confi
     let kept: Vec<Capability> = wanted.iter().copied().filter(|c| now[0].effective & (1 << c.bit()) != 0).collect();
     let keep = kept.iter().fold(0u32, |m, c| m | (1 << c.bit()));
     if now.iter().all(|d| d.permitted & !keep == 0 && d.effective & !keep == 0 && d.inheritable == 0)
-        && tids()
-            .into_iter()
-            .all(|t| of_thread(t).is_none_or(|(e, p)| e & !(keep as u64) == 0 && p & !(keep as u64) == 0))
+        && first_thread_beyond(keep).is_none()
     {
         // Nothing to lower (rootless: no capabilities in the first place).
         return Ok(kept);
@@ -154,12 +160,8 @@ pub fn lower_all_threads(wanted: &[Capability]) -> Result<Vec<Capability>, Confi
     if failed != 0 {
         return Err(fail(failed, "capset refused".into()));
     }
-    for tid in tids() {
-        if let Some((eff, prm)) = of_thread(tid)
-            && (eff | prm) & !(keep as u64) != 0
-        {
-            return Err(fail(tid, format!("it still holds {:#x} (did it block signal {}?)", eff | prm, signal())));
-        }
+    if let Some((tid, held)) = first_thread_beyond(keep) {
+        return Err(fail(tid, format!("it still holds {held:#x} (did it block signal {}?)", signal())));
     }
     Ok(kept)
 }

@@ -378,9 +378,11 @@ fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> 
         };
         let pids: Vec<i32> =
             dir.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok())).collect();
-        let parents: std::collections::HashMap<i32, i32> =
-            pids.iter().filter_map(|&p| Some((p, parent_of(p)?))).collect();
-        let descends_from_me = |mut p: i32| {
+        // Every process's parent, read only once a namespace link could not be.
+        let mut parents: Option<std::collections::HashMap<i32, i32>> = None;
+        let mut descends_from_me = |mut p: i32| {
+            let parents =
+                parents.get_or_insert_with(|| pids.iter().filter_map(|&p| Some((p, parent_of(p)?))).collect());
             for _ in 0..64 {
                 match parents.get(&p) {
                     Some(&pp) if pp == me => return true,
@@ -390,7 +392,7 @@ fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> 
             }
             false
         };
-        for pid in pids {
+        for &pid in &pids {
             if pid == me {
                 continue;
             }
