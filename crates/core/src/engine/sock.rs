@@ -267,6 +267,28 @@ pub fn get_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> io::
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(val) }
 }
 
+/// SO_MEMINFO (asm-generic/socket.h; the libc crate names only its indices).
+const SO_MEMINFO: libc::c_int = 55;
+
+/// What a TCP socket's send buffer takes now, as the kernel counts it: its size less what
+/// is queued (SO_MEMINFO, one call: `SK_MEMINFO_SNDBUF - SK_MEMINFO_WMEM_QUEUED`). The
+/// kernel counts each queued buffer whole (its truesize), so a write of this many bytes
+/// may be cut a little short; it is what the socket takes without blocking, give or take.
+pub fn send_room(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut info = [0u32; 9];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: info and len are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_MEMINFO, info.as_mut_ptr() as *mut libc::c_void, &mut len)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sndbuf = info[libc::SK_MEMINFO_SNDBUF as usize] as usize;
+    let queued = info[libc::SK_MEMINFO_WMEM_QUEUED as usize] as usize;
+    Ok(sndbuf.saturating_sub(queued))
+}
+
 /// The pending error of a socket (SO_ERROR), 0 when none.
 pub fn take_error(fd: BorrowedFd<'_>) -> i32 {
     get_int(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(libc::EIO)

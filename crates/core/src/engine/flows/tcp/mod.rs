@@ -39,10 +39,13 @@
 //! What the socket does not take at once waits in a bounded per-flow buffer (`pending`)
 //! and is acknowledged when it is written, as soon as the socket drains (EPOLLOUT) — the
 //! guest never waits for its own retransmission timer. The window offered to the guest
-//! follows the socket: the largest (`RECV_BUF`) while it takes what comes, and once a send
-//! is cut short (its send buffer is full: the kernel is the queue), it stops growing: its
-//! right edge (`rcv_edge`) stays put, so a host peer that does not read costs at most one
-//! window of usernet's memory per flow. The edge never moves left: what the guest sent
+//! follows the socket, as passt's does: the room in its send buffer (SO_MEMINFO, measured
+//! again once `MEASURE_EVERY` bytes were written, so not per segment) and `ROOM_MARGIN`
+//! more, at most `RECV_BUF`. The margin fills the socket now and then, which is what makes
+//! the kernel grow its send buffer. Once a send is cut short (the send buffer is full: the
+//! kernel is the queue), the window stops growing: its right edge (`rcv_edge`) stays put,
+//! so a host peer that does not read costs about `ROOM_MARGIN` of usernet's memory per
+//! flow. The edge never moves left: what the guest sent
 //! within the window it was offered is held, never dropped (a guest without SACK that
 //! loses a window's worth of segments recovers one per round trip and then by its
 //! retransmission timer, backing off: an upload could stall for minutes). All flows' held
@@ -107,8 +110,16 @@ use state::{Phase, ToGuest, ToHost};
 
 /// How long a host-side connect may take before the guest gets a RST.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// The largest window offered; what a flow holds at most while its host socket is full.
+/// The largest window offered.
 pub const RECV_BUF: usize = 4 << 20;
+/// What the window offers beyond the room known in the host socket's send buffer: what a
+/// flow holds at most once the socket is full. Sending it makes the socket full now and
+/// then, which is what makes the kernel grow a send buffer (autotuning grows it only after
+/// a write found it full).
+pub const ROOM_MARGIN: usize = 256 << 10;
+/// The room in the send buffer is measured again once this much was written since the
+/// last measure (one getsockopt per so many bytes, none per segment).
+const MEASURE_EVERY: usize = ROOM_MARGIN / 2;
 /// Our window-scale shift (RECV_BUF >> 7 fits in 16 bits).
 const OUR_WSCALE: u8 = 7;
 const RTO_MIN: Duration = Duration::from_millis(200);
@@ -179,6 +190,14 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     host_readable: bool,
     /// It may take more data; a send that is cut short clears it.
     host_writable: bool,
+    /// What the socket's send buffer takes, as far as the flow knows: the last measure
+    /// (`HostSocket::send_room`) less what was written since, so never more than it takes
+    /// (the peer's reading only adds room). None when the socket cannot say: the window is
+    /// then the largest.
+    room: Option<usize>,
+    /// Bytes written since `room` was measured; past `MEASURE_EVERY` the next segment to
+    /// the guest measures it again.
+    unmeasured: usize,
     /// An ACK is owed to the guest (sent at the end of the batch, or delayed), or guest
     /// data gathered in `pending` waits for the end of the round: either way the engine
     /// calls `write_gathered` and `flush_ack` then.
@@ -321,6 +340,8 @@ impl<S: HostSocket> TcpFlow<S> {
             retries: 0,
             host_readable: false,
             host_writable: false,
+            room: Some(0),
+            unmeasured: 0,
             need_ack: false,
             acked_rcv: 0,
             quick_ack_until: None,
@@ -412,22 +433,68 @@ impl<S: HostSocket> TcpFlow<S> {
         if seq_lt(self.rcv_nxt, self.rcv_edge) { self.rcv_edge.wrapping_sub(self.rcv_nxt) as usize } else { 0 }
     }
 
-    /// How much guest data the flow may hold (from rcv_nxt on): up to the largest window
+    /// How much guest data the flow may hold (from rcv_nxt on): the window it would offer
     /// while the socket takes what comes (data is held only until the end of the round);
     /// once it is full, what the guest may still send within the window it was offered,
     /// and no more.
     fn hold_cap(&self) -> usize {
-        if self.host_writable { RECV_BUF.max(self.offered()) } else { self.offered() }
+        if self.host_writable { self.window_room().max(self.offered()) } else { self.offered() }
     }
 
-    /// The window field we advertise, scaled. While the host socket takes data, the
-    /// largest window less what is held (the kernel's send buffer is the queue); once it is
-    /// full, the window no longer grows: its right edge stays where it was, so the guest
-    /// sends what was in flight and then waits, holding at most one window per flow in
-    /// usernet's memory, and hears of the window again as soon as the socket drains
-    /// (`flush_pending`).
+    /// The window while the socket takes data: the room known in its send buffer and
+    /// `ROOM_MARGIN` more, at most `RECV_BUF` (as passt sizes its window from the socket).
+    fn window_room(&self) -> usize {
+        match self.room {
+            Some(room) => room.saturating_add(ROOM_MARGIN).min(RECV_BUF),
+            None => RECV_BUF,
+        }
+    }
+
+    /// Measures the room in the socket's send buffer again when enough was written since
+    /// the last measure that the window might otherwise shrink below what the socket
+    /// takes. One call per `MEASURE_EVERY` bytes at most, none once the window is the
+    /// largest anyway.
+    fn measure_room(&mut self) {
+        if let Some(room) = self.room
+            && self.host_writable
+            && self.unmeasured >= MEASURE_EVERY
+            && room + ROOM_MARGIN < RECV_BUF
+        {
+            self.room = self.sock.send_room();
+            self.unmeasured = 0;
+        }
+    }
+
+    /// A send was cut short: the socket takes nothing more until it says it is writable
+    /// again (then the room is measured anew: `socket_writable`).
+    fn socket_full(&mut self, now: Instant) {
+        self.host_writable = false;
+        self.room = self.room.map(|_| 0);
+        self.stalled_since.get_or_insert(now);
+    }
+
+    /// The socket said it takes data again (a readiness report with EPOLLOUT after a send
+    /// was cut short; reports for reading carry EPOLLOUT too, and measure nothing): the
+    /// next segment to the guest measures how much, so that the window it offers follows.
+    fn socket_writable(&mut self) {
+        self.host_writable = true;
+        self.unmeasured = MEASURE_EVERY;
+    }
+
+    /// `n` bytes went into the socket.
+    fn wrote(&mut self, n: usize) {
+        self.room = self.room.map(|r| r.saturating_sub(n));
+        self.unmeasured = self.unmeasured.saturating_add(n);
+    }
+
+    /// The window field we advertise, scaled. While the host socket takes data, the room
+    /// in its send buffer and a margin, less what is held (the kernel's send buffer is the
+    /// queue); once it is full, the window no longer grows: its right edge stays where it
+    /// was, so the guest sends what was in flight and then waits, holding at most about a
+    /// margin per flow in usernet's memory, and hears of the window again as soon as the
+    /// socket drains (`flush_pending`).
     fn window_field(&self) -> u16 {
-        let open = if self.host_writable { RECV_BUF.saturating_sub(self.pending_len()) } else { 0 };
+        let open = if self.host_writable { self.window_room().saturating_sub(self.pending_len()) } else { 0 };
         let scale = self.our_wscale;
         // Rounded up: the edge never moves left, not even by the scaling's remainder.
         let kept = (self.offered() + (1 << scale) - 1) >> scale;
@@ -447,6 +514,7 @@ impl<S: HostSocket> TcpFlow<S> {
     }
 
     fn send_flags(&mut self, switch: &mut Switch, seq: u32, flags: u8) {
+        self.measure_room();
         let h = self.segment(seq, flags);
         switch.send_tcp(self.remote, self.guest, &h, 0);
         if flags & ACK != 0 {
@@ -624,7 +692,9 @@ impl<S: HostSocket> TcpFlow<S> {
             return Verdict::Keep;
         }
         if writable || error {
-            self.host_writable = true;
+            if !self.host_writable {
+                self.socket_writable();
+            }
             if self.flush_pending(switch, now) == Verdict::Close {
                 return Verdict::Close;
             }
@@ -812,19 +882,16 @@ impl<S: HostSocket> TcpFlow<S> {
                 Ok(n) => {
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
                     self.traffic.from_guest += n as u64;
+                    self.wrote(n);
                     new = &new[n..];
                     if n > 0 {
                         self.stalled_since = None;
                     }
                     if !new.is_empty() {
-                        self.host_writable = false;
-                        self.stalled_since.get_or_insert(now);
+                        self.socket_full(now);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.host_writable = false;
-                    self.stalled_since.get_or_insert(now);
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.socket_full(now),
                 Err(e) => {
                     tracing::debug!("send to {}: {e}", self.remote);
                     return self.reset_guest(switch);
@@ -913,14 +980,14 @@ impl<S: HostSocket> TcpFlow<S> {
                     self.pending_head += n;
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
                     self.traffic.from_guest += n as u64;
+                    self.wrote(n);
                     self.need_ack = true;
                     if n > 0 {
                         self.stalled_since = None;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.host_writable = false;
-                    self.stalled_since.get_or_insert(now);
+                    self.socket_full(now);
                     break;
                 }
                 Err(e) => {
@@ -990,6 +1057,7 @@ impl<S: HostSocket> TcpFlow<S> {
                     }
                 }
                 Ok(n) => {
+                    self.measure_room();
                     let h = self.segment(self.snd_nxt, ACK | PSH);
                     switch.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
                     self.told_ack();

@@ -67,8 +67,8 @@ pub struct ModelSocket {
     edge_readable: bool,
     edge_writable: bool,
     edge_error: bool,
-    /// Calls the flow made, by kind (peeks, sends, discards).
-    pub calls: [u64; 3],
+    /// Calls the flow made, by kind (peeks, sends, discards, measures of the send room).
+    pub calls: [u64; 4],
 }
 
 impl ModelSocket {
@@ -88,7 +88,7 @@ impl ModelSocket {
             edge_readable: false,
             edge_writable: false,
             edge_error: false,
-            calls: [0; 3],
+            calls: [0; 4],
         }
     }
 
@@ -227,6 +227,11 @@ impl HostSocket for ModelSocket {
 
     fn take_error(&mut self) -> i32 {
         self.so_error.take().unwrap_or(0)
+    }
+
+    fn send_room(&mut self) -> Option<usize> {
+        self.calls[3] += 1;
+        Some(self.tx_cap.saturating_sub(self.tx.len()))
     }
 
     fn inspect(&self) -> Option<(usize, usize)> {

@@ -33,6 +33,9 @@ pub trait HostSocket {
     fn set_linger_zero(&mut self);
     /// Takes the socket's pending error (SO_ERROR); 0 when there is none.
     fn take_error(&mut self) -> i32;
+    /// How many bytes the send buffer takes now, about (see `sock::send_room`); None when
+    /// the socket cannot say (a socketpair: a gateway service, which reads all it is sent).
+    fn send_room(&mut self) -> Option<usize>;
     /// For invariant checks only: the peek offset and the length of the receive queue, when
     /// they can be known without a system call (a model can; the kernel socket says None).
     fn inspect(&self) -> Option<(usize, usize)> {
@@ -99,5 +102,10 @@ impl HostSocket for KernelSocket {
     #[inline]
     fn take_error(&mut self) -> i32 {
         sock::take_error(self.fd.as_fd())
+    }
+
+    #[inline]
+    fn send_room(&mut self) -> Option<usize> {
+        if self.is_tcp { sock::send_room(self.fd.as_fd()).ok() } else { None }
     }
 }
