@@ -338,6 +338,37 @@ mod tests {
         assert_eq!(b[0], 5, "rewound to the front");
     }
 
+    /// `send_room` (what the TCP window is sized from) says how much a socket takes: about
+    /// its send buffer when nothing is queued, and at most a buffer's worth once a peer that
+    /// never reads has filled it; writing that much (less a little: the kernel counts whole
+    /// buffers) goes through without blocking.
+    #[test]
+    fn send_room_of_a_tcp_socket() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_peer, _) = l.accept().unwrap();
+        c.set_nonblocking(true).unwrap();
+        let fd = c.as_fd();
+        let sndbuf = get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap() as usize;
+        let empty = send_room(fd).unwrap();
+        assert!(empty > 0 && empty <= sndbuf, "room {empty}, send buffer {sndbuf}");
+        let chunk = vec![1u8; empty / 2];
+        assert_eq!(send(fd, &chunk).unwrap(), chunk.len(), "half the room goes at once");
+        // The peer never reads: fill its receive buffer and ours.
+        let mut total = chunk.len();
+        loop {
+            match send(fd, &chunk) {
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(total < 1 << 30);
+        }
+        let full = send_room(fd).unwrap();
+        let sndbuf = get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap() as usize;
+        assert!(full < sndbuf / 2, "room {full} once full, send buffer {sndbuf}");
+    }
+
     #[test]
     fn peek_offset_semantics_on_socketpair() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
