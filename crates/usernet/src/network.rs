@@ -130,7 +130,21 @@ pub fn start_api(
 /// Confines the process once a mode's setup is done (`usernet_host::confine`), unless
 /// `no_sandbox`. A failure is one warning: usernet still serves, with what it holds.
 pub fn confine(no_sandbox: bool) {
-    if let Err(e) = usernet_host::confine::apply_unless(no_sandbox) {
+    confine_prepared(no_sandbox, None);
+}
+
+/// [`confine`] with the sandbox prepared beforehand (`usernet_host::confine::prepare`, while
+/// waiting for something else); None: prepared now.
+pub fn confine_prepared(
+    no_sandbox: bool,
+    prepared: Option<Result<usernet_host::confine::Prepared, usernet_host::confine::ConfineError>>,
+) {
+    let done = match prepared {
+        Some(Err(e)) => Err(e),
+        Some(Ok(p)) => usernet_host::confine::apply_prepared_unless(no_sandbox, Some(p)),
+        None => usernet_host::confine::apply_unless(no_sandbox),
+    };
+    if let Err(e) = done {
         tracing::warn!("the sandbox is not on: {e}");
     }
 }

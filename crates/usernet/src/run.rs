@@ -160,11 +160,6 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
 
     let mut sandbox = Sandbox::create(&spec, command)?;
     let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
-    // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
-    // or options change.
-    let guest_resolv = sandbox.take_resolv_conf().map(|file| {
-        resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
-    });
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
     if !no_engine
         && !nix::unistd::geteuid().is_root()
@@ -177,6 +172,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     let mut api = None;
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
     let mut dns_watch = None;
+    let mut prepared = None;
     let mut engine = if no_engine {
         drop(pcap);
         drop(listeners);
@@ -184,17 +180,14 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         None
     } else {
         let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
-        match net.start_dns_watch(&cfg, guest_resolv) {
-            Ok(w) => dns_watch = Some(w),
-            Err(e) => tracing::warn!("{e:#}"),
-        }
         engine.add_tcp_hook(proxy_hook);
         engine.set_busy_poll(std::time::Duration::from_micros(net.busy_poll));
         engine.add_static_lease(spec.iface.mac, cfg.guest);
         // The sandbox set this MAC on the guest's interface (host/netns/sandbox.rs).
         engine.set_guest_mac(spec.iface.mac, cfg.guest);
+        // Its thread enters the namespace while the rest starts (checked below).
         if let Some(netns) = sandbox.netns()
-            && let Err(e) = engine.set_guest_netns(netns)
+            && let Err(e) = engine.start_guest_netns(netns)
         {
             tracing::warn!("loopback clients of published ports go through the guest link: {e}");
         }
@@ -217,13 +210,27 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             let handle = engine.control_handle().context("control API")?;
             api = crate::network::start_api(net.api.as_deref(), runtime.as_deref(), handle, &shared, &cfg, about, web)?;
         }
+        // Compiled while the sandbox still works on the guest's /etc.
+        prepared = (!net.no_sandbox).then(usernet_host::confine::prepare);
+        // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
+        // or options change. The sandbox made it while the network started.
+        let guest_resolv = sandbox.take_resolv_conf()?.map(|file| {
+            resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
+        });
+        match net.start_dns_watch(&cfg, guest_resolv) {
+            Ok(w) => dns_watch = Some(w),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+        if let Err(e) = engine.guest_netns_entered() {
+            tracing::warn!("loopback clients of published ports go through the guest link: {e}");
+        }
         Some(engine)
     };
 
     // Set up: from here on, least privilege (before COMMAND runs, so that it never sees
     // usernet otherwise).
     if !no_engine {
-        crate::network::confine(net.no_sandbox);
+        crate::network::confine_prepared(net.no_sandbox, prepared);
     }
     match sandbox.start() {
         Ok(()) => {}

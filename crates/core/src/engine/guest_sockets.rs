@@ -52,11 +52,24 @@ impl Shared {
 
 pub struct GuestSockets {
     shared: Arc<Shared>,
+    /// Whether the thread entered the namespace, until [`GuestSockets::entered`] was asked.
+    entered: Option<std::sync::mpsc::Receiver<io::Result<()>>>,
 }
 
 impl GuestSockets {
     /// Starts the thread in the namespace `netns`; fails at once if it cannot enter it.
     pub fn start(netns: OwnedFd) -> io::Result<GuestSockets> {
+        let mut sockets = GuestSockets::spawn(netns)?;
+        sockets.entered()?;
+        Ok(sockets)
+    }
+
+    /// Starts the thread without waiting for it to enter the namespace ([`entered`] says
+    /// whether it did): on a busy machine a new thread may wait milliseconds for a CPU, and
+    /// `usernet run` has other things to do on its way to starting COMMAND.
+    ///
+    /// [`entered`]: GuestSockets::entered
+    pub fn spawn(netns: OwnedFd) -> io::Result<GuestSockets> {
         let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
         let shared = Arc::new(Shared {
             pool: Mutex::new(Pool { sockets: Vec::with_capacity(READY), closed: false }),
@@ -76,12 +89,17 @@ impl GuestSockets {
             }
             refill_until_closed(&theirs);
         })?;
-        let entered = entered_rx.recv().unwrap_or_else(|_| Err(io::Error::other("the namespace thread died")));
-        if let Err(e) = entered {
-            let _ = thread.join();
-            return Err(e);
+        drop(thread);
+        Ok(GuestSockets { shared, entered: Some(entered_rx) })
+    }
+
+    /// Waits until the thread entered the namespace, or says why it could not (then it has
+    /// ended). Once it said Ok, Ok at once.
+    pub fn entered(&mut self) -> io::Result<()> {
+        match self.entered.take() {
+            Some(rx) => rx.recv().unwrap_or_else(|_| Err(io::Error::other("the namespace thread died"))),
+            None => Ok(()),
         }
-        Ok(GuestSockets { shared })
     }
 
     /// A fresh non-blocking TCP socket of the guest's namespace.

@@ -178,8 +178,28 @@ impl Engine {
     /// [`guest_sockets`]). An error means this process may not enter it; loopback clients
     /// then take the guest link like any other.
     pub fn set_guest_netns(&mut self, netns: std::os::fd::OwnedFd) -> io::Result<()> {
-        self.guest_sockets = Some(guest_sockets::GuestSockets::start(netns)?);
+        self.start_guest_netns(netns)?;
+        self.guest_netns_entered()
+    }
+
+    /// [`Engine::set_guest_netns`] without waiting for its thread to enter the namespace:
+    /// [`Engine::guest_netns_entered`] says, before the engine runs, whether it did.
+    pub fn start_guest_netns(&mut self, netns: std::os::fd::OwnedFd) -> io::Result<()> {
+        self.guest_sockets = Some(guest_sockets::GuestSockets::spawn(netns)?);
         Ok(())
+    }
+
+    /// Waits until the thread started by [`Engine::start_guest_netns`] entered the guest's
+    /// namespace; if it could not, loopback clients go through the guest link instead.
+    pub fn guest_netns_entered(&mut self) -> io::Result<()> {
+        let Some(sockets) = self.guest_sockets.as_mut() else {
+            return Ok(());
+        };
+        let entered = sockets.entered();
+        if entered.is_err() {
+            self.guest_sockets = None;
+        }
+        entered
     }
 
     /// Makes the loop stop, with exit status 0, when its last guest link goes (the guest's

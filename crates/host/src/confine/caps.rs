@@ -152,9 +152,15 @@ pub fn lower_all_threads(wanted: &[Capability]) -> Result<Vec<Capability>, Confi
     }
     // Every thread that was asked answers at once (a thread blocking the signal would not:
     // the check below then names it).
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // They answer within microseconds: yield to them first, and sleep only if they are slow.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(2);
     while DONE.load(Ordering::SeqCst) < asked && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
+        if started.elapsed() < Duration::from_millis(2) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     let failed = FAILED_TID.load(Ordering::SeqCst);
     if failed != 0 {

@@ -54,13 +54,32 @@ pub enum ConfineError {
     Seccomp(String),
 }
 
-/// Applies the sandbox to the whole process (see the module's documentation). An error
-/// leaves the process as it was or with fewer privileges, never more.
-pub fn apply() -> Result<Confined, ConfineError> {
-    let kept = caps::lower_all_threads(&[Capability::NetBindService, Capability::NetRaw])?;
+/// The sandbox, ready to apply: what can be done before setup ends (compiling the
+/// seccomp filter) is done.
+pub struct Prepared {
+    filter: seccomp::Compiled,
+    log_only: bool,
+}
+
+/// Prepares the sandbox (nothing changes for the process yet).
+pub fn prepare() -> Result<Prepared, ConfineError> {
     let log_only = std::env::var_os("USERNET_SECCOMP_LOG").is_some_and(|v| v == "1");
-    let allowed = seccomp::install(log_only)?;
-    Ok(Confined { kept, allowed, log_only })
+    Ok(Prepared { filter: seccomp::compile(log_only)?, log_only })
+}
+
+impl Prepared {
+    /// Applies the sandbox to the whole process (see the module's documentation). An error
+    /// leaves the process as it was or with fewer privileges, never more.
+    pub fn apply(self) -> Result<Confined, ConfineError> {
+        let kept = caps::lower_all_threads(&[Capability::NetBindService, Capability::NetRaw])?;
+        let allowed = seccomp::install(self.filter)?;
+        Ok(Confined { kept, allowed, log_only: self.log_only })
+    }
+}
+
+/// Prepares and applies the sandbox at once (see [`Prepared::apply`]).
+pub fn apply() -> Result<Confined, ConfineError> {
+    prepare()?.apply()
 }
 
 /// Whether the drop-in modes run without the sandbox (`USERNET_NO_SANDBOX=1`).
@@ -71,11 +90,19 @@ pub fn disabled_by_env() -> bool {
 /// Applies the sandbox unless `disabled`, logging what it did; an error is for the caller
 /// to report (usernet does not go on half-confined without saying so).
 pub fn apply_unless(disabled: bool) -> Result<(), ConfineError> {
+    apply_prepared_unless(disabled, None)
+}
+
+/// [`apply_unless`] with a sandbox prepared beforehand (else prepared now).
+pub fn apply_prepared_unless(disabled: bool, prepared: Option<Prepared>) -> Result<(), ConfineError> {
     if disabled {
         tracing::debug!("sandbox off: capabilities and system calls are not restricted");
         return Ok(());
     }
-    let c = apply()?;
+    let c = match prepared {
+        Some(p) => p.apply()?,
+        None => apply()?,
+    };
     tracing::debug!(
         "sandbox on: capabilities kept {:?}, no_new_privs, {} system calls allowed{}",
         c.kept,

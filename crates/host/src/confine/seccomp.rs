@@ -173,9 +173,16 @@ const ALLOWED: &[&str] = &[
     "exit_group",
 ];
 
-/// Installs the filter on every thread (and sets no_new_privs); returns how many calls it
-/// allows. `log_only`: calls outside the list go through, logged by the kernel.
-pub fn install(log_only: bool) -> Result<usize, ConfineError> {
+/// The filter, compiled (a few hundred BPF instructions) ahead of [`install`], so that the
+/// compiling need not wait until setup is done.
+pub struct Compiled {
+    program: BpfProgram,
+    /// How many calls it allows.
+    pub allowed: usize,
+}
+
+/// Compiles the filter. `log_only`: calls outside the list go through, logged by the kernel.
+pub fn compile(log_only: bool) -> Result<Compiled, ConfineError> {
     let err = |e: &dyn std::fmt::Display| ConfineError::Seccomp(e.to_string());
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| err(&e))?;
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
@@ -184,9 +191,16 @@ pub fn install(log_only: bool) -> Result<usize, ConfineError> {
     let on_other = if log_only { SeccompAction::Log } else { SeccompAction::Trap };
     let filter = SeccompFilter::new(rules, on_other, SeccompAction::Allow, arch).map_err(|e| err(&e))?;
     let program: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| err(&e))?;
+    Ok(Compiled { program, allowed })
+}
+
+/// Installs the filter on every thread (and sets no_new_privs); returns how many calls it
+/// allows.
+pub fn install(filter: Compiled) -> Result<usize, ConfineError> {
+    let err = |e: &dyn std::fmt::Display| ConfineError::Seccomp(e.to_string());
     install_sigsys_handler().map_err(|e| err(&e))?;
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| err(&e))?;
-    Ok(allowed)
+    seccompiler::apply_filter_all_threads(&filter.program).map_err(|e| err(&e))?;
+    Ok(filter.allowed)
 }
 
 fn install_sigsys_handler() -> std::io::Result<()> {

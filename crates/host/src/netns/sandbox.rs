@@ -7,21 +7,24 @@
 //! 1. asks for SIGKILL when usernet dies (PR_SET_PDEATHSIG), so nothing outlives usernet;
 //! 2. when not root, enters a new user namespace like `unshare -r` (setgroups "deny", uid and
 //!    gid mapped to 0); as root it tries without one and falls back to one on EPERM;
-//! 3. enters new network and mount namespaces, makes `/` rprivate (nothing it mounts reaches
-//!    the host) and installs the guest's /etc/resolv.conf (see `resolv`: a file of a tmpfs
-//!    shadowing /etc, which the host cannot replace);
-//! 4. creates the TAP device, configures `lo`, the TAP (MAC, MTU, address, default route)
-//!    through netlink;
-//! 5. sends the TAP, a handle on its network namespace and the guest's resolv.conf (open, so
-//!    that usernet can rewrite it when the host's search domains change) to usernet over a
-//!    SOCK_SEQPACKET socketpair (SCM_RIGHTS), then waits for the go-ahead;
-//! 6. resets every signal to its default, unblocks them and execs COMMAND.
+//! 3. enters new network and mount namespaces and makes `/` rprivate (nothing it mounts
+//!    reaches the host);
+//! 4. creates the TAP device (persistent: it goes with the namespace, see `Tap::persist`),
+//!    configures `lo`, the TAP (MAC, MTU, address, default route) through netlink;
+//! 5. sends the TAP and a handle on its network namespace to usernet over a SOCK_SEQPACKET
+//!    socketpair (SCM_RIGHTS);
+//! 6. installs the guest's /etc/resolv.conf (see `resolv`: a file of a tmpfs shadowing /etc,
+//!    which the host cannot replace) while usernet starts its network, the two at once, and
+//!    sends it, open (so that usernet can rewrite it when the host's search domains change);
+//!    then waits for the go-ahead;
+//! 7. resets every signal to its default, unblocks them and execs COMMAND.
 //!
-//! The socketpair is the only channel. Child to parent: `R` + descriptors (ready), `E` + text
-//! (a setup step failed: one line for the user; the child exits 125), `X` + errno (exec
-//! failed; the child exits 126 or 127). The child's end is close-on-exec, so end-of-file after
-//! the go-ahead means the exec succeeded. Parent to child: `G` (go). If usernet drops the
-//! sandbox before the go-ahead, the child sees end-of-file and exits.
+//! The socketpair is the only channel. Child to parent: `R` with the TAP and the namespace
+//! (ready), `C` with the resolv.conf, `E` + text (a setup step failed: one line for the
+//! user; the child exits 125), `X` + errno (exec failed; the child exits 126 or 127). The
+//! child's end is close-on-exec, so end-of-file after the go-ahead means the exec
+//! succeeded. Parent to child: `G` (go). If usernet drops the sandbox before the go-ahead, the child sees
+//! end-of-file and exits.
 //!
 //! Cleanup. usernet is a child subreaper, so whatever COMMAND leaves behind is re-parented to
 //! it and reaped by [`Sandbox::reap`]. [`Sandbox::finish`] (also run on drop) kills COMMAND if
@@ -120,14 +123,18 @@ pub struct Sandbox {
     ctl: OwnedFd,
     tap: Option<OwnedFd>,
     netns: Option<OwnedFd>,
-    /// The guest's /etc/resolv.conf, open for reading and writing.
+    /// The guest's /etc/resolv.conf, open for reading and writing, once the child sent it.
     resolv_conf: Option<OwnedFd>,
+    /// The child sent its resolv.conf (or failed to make it): nothing more comes before
+    /// the go-ahead.
+    resolv_conf_received: bool,
     /// COMMAND's exit code once it was reaped (128 + N when killed by signal N).
     status: Option<i32>,
     finished: bool,
 }
 
 const MSG_READY: u8 = b'R';
+const MSG_RESOLV_CONF: u8 = b'C';
 const MSG_SETUP_ERROR: u8 = b'E';
 const MSG_EXEC_ERROR: u8 = b'X';
 const MSG_GO: u8 = b'G';
@@ -168,6 +175,7 @@ impl Sandbox {
                     tap: None,
                     netns: None,
                     resolv_conf: None,
+                    resolv_conf_received: false,
                     status: None,
                     finished: false,
                 };
@@ -184,12 +192,11 @@ impl Sandbox {
         let mut fds = fds.into_iter();
         match buf[..n].split_first() {
             Some((&MSG_READY, _)) => {
-                let (Some(tap), Some(netns), Some(resolv_conf)) = (fds.next(), fds.next(), fds.next()) else {
+                let (Some(tap), Some(netns)) = (fds.next(), fds.next()) else {
                     return Err(SandboxError::Setup("the sandbox did not pass its TAP device".into()));
                 };
                 self.tap = Some(tap);
                 self.netns = Some(netns);
-                self.resolv_conf = Some(resolv_conf);
                 Ok(())
             }
             Some((&MSG_SETUP_ERROR, text)) => Err(SandboxError::Setup(String::from_utf8_lossy(text).into_owned())),
@@ -207,10 +214,24 @@ impl Sandbox {
         self.tap.take()
     }
 
-    /// The guest's /etc/resolv.conf, open for reading and writing (once; see
-    /// `resolv::GuestResolvConf`).
-    pub fn take_resolv_conf(&mut self) -> Option<fs::File> {
-        self.resolv_conf.take().map(fs::File::from)
+    /// The guest's /etc/resolv.conf, open for reading and writing (see
+    /// `resolv::GuestResolvConf`): waits until the sandbox has made it (it does so while
+    /// usernet starts its network). Ok(None) after the first call.
+    pub fn take_resolv_conf(&mut self) -> Result<Option<fs::File>, SandboxError> {
+        if !self.resolv_conf_received {
+            self.resolv_conf_received = true;
+            let mut buf = [0u8; 4096];
+            let (n, fds) = recv_with_fds(&self.ctl, &mut buf)
+                .map_err(|e| SandboxError::Io { context: "waiting for the sandbox", source: e })?;
+            match buf[..n].split_first() {
+                Some((&MSG_RESOLV_CONF, _)) if fds.len() == 1 => self.resolv_conf = fds.into_iter().next(),
+                Some((&MSG_SETUP_ERROR, text)) => {
+                    return Err(SandboxError::Setup(String::from_utf8_lossy(text).into_owned()));
+                }
+                _ => return Err(SandboxError::Setup("the sandbox process ended during setup".into())),
+            }
+        }
+        Ok(self.resolv_conf.take().map(fs::File::from))
     }
 
     /// A new descriptor of the guest's network namespace (for sockets opened inside it).
@@ -243,6 +264,9 @@ impl Sandbox {
 
     /// Lets the sandbox exec COMMAND and reports whether the exec succeeded.
     pub fn start(&mut self) -> Result<(), StartError> {
+        if !self.resolv_conf_received {
+            self.take_resolv_conf().map_err(|e| StartError::Io(io::Error::other(e.to_string())))?;
+        }
         send_retry(&self.ctl, &[MSG_GO]).map_err(StartError::Io)?;
         let mut buf = [0u8; 64];
         let (n, _) = recv_with_fds(&self.ctl, &mut buf).map_err(StartError::Io)?;
@@ -378,9 +402,15 @@ fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> 
         };
         let pids: Vec<i32> =
             dir.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok())).collect();
-        // Every process's parent, read only once a namespace link could not be.
+        // Every process's parent, read only once a namespace link could not be, and only
+        // while usernet has children at all (a descendant whose parent died comes back to
+        // usernet, the subreaper, as a child).
         let mut parents: Option<std::collections::HashMap<i32, i32>> = None;
+        let orphans_possible = has_children();
         let mut descends_from_me = |mut p: i32| {
+            if !orphans_possible {
+                return false;
+            }
             let parents =
                 parents.get_or_insert_with(|| pids.iter().filter_map(|&p| Some((p, parent_of(p)?))).collect());
             for _ in 0..64 {
@@ -420,6 +450,16 @@ fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> 
     }
     tracing::warn!("processes are still running in the sandbox's network namespace");
     killed
+}
+
+/// Whether this process has a child, running or exited and not reaped yet (waitid with
+/// WNOWAIT: nothing is reaped).
+fn has_children() -> bool {
+    // SAFETY: siginfo_t is plain old data; waitid writes it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid(2) with a valid siginfo_t to write; WNOHANG, so it does not block.
+    let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+    !(r < 0 && Errno::last() == Errno::ECHILD)
 }
 
 /// The parent of process `pid`, from /proc/PID/stat (readable for any process).
@@ -476,29 +516,26 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != parent {
         exit_now(crate::exit_code::USERNET_FAILED);
     }
-    let (tap, netns, resolv_conf) = match child_setup(spec) {
-        Ok(v) => v,
-        Err(msg) => {
-            let mut out = vec![MSG_SETUP_ERROR];
-            out.extend_from_slice(msg.as_bytes());
-            let _ = send_retry(&ctl, &out);
-            exit_now(crate::exit_code::USERNET_FAILED);
-        }
+    let setup_failed = |msg: String| -> ! {
+        let mut out = vec![MSG_SETUP_ERROR];
+        out.extend_from_slice(msg.as_bytes());
+        let _ = send_retry(&ctl, &out);
+        exit_now(crate::exit_code::USERNET_FAILED)
     };
-    let fds = [tap.as_raw_fd(), netns.as_raw_fd(), resolv_conf.as_raw_fd()];
-    let sent = sendmsg::<()>(
-        ctl.as_raw_fd(),
-        &[IoSlice::new(&[MSG_READY])],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    );
+    let (tap, netns) = child_setup(spec).unwrap_or_else(|msg| setup_failed(msg));
+    let sent = send_fds(&ctl, MSG_READY, &[tap.as_raw_fd(), netns.as_raw_fd()]);
     drop(tap);
     drop(netns);
-    drop(resolv_conf);
     if sent.is_err() {
         exit_now(crate::exit_code::USERNET_FAILED);
     }
+    // usernet starts its network meanwhile.
+    let resolv_conf = resolv::install_guest_resolv_conf(&spec.resolv_conf)
+        .unwrap_or_else(|e| setup_failed(format!("cannot set up {}: {}", resolv::RESOLV_CONF, describe(&e))));
+    if send_fds(&ctl, MSG_RESOLV_CONF, &[resolv_conf.as_raw_fd()]).is_err() {
+        exit_now(crate::exit_code::USERNET_FAILED);
+    }
+    drop(resolv_conf);
     // Wait for the go-ahead; anything else (end of file: usernet gave up) ends us quietly.
     let mut buf = [0u8; 16];
     match recv_with_fds(&ctl, &mut buf) {
@@ -548,23 +585,36 @@ fn reset_signals() {
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
-/// Namespaces, resolv.conf, TAP and its configuration; returns the TAP, the network
-/// namespace and the guest's resolv.conf, or one line for the user.
-fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd, OwnedFd), String> {
+/// Sends message `kind` with descriptors `fds` (SCM_RIGHTS).
+fn send_fds(ctl: &OwnedFd, kind: u8, fds: &[RawFd]) -> nix::Result<usize> {
+    sendmsg::<()>(
+        ctl.as_raw_fd(),
+        &[IoSlice::new(&[kind])],
+        &[ControlMessage::ScmRights(fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+}
+
+/// Namespaces, TAP and its configuration; returns the TAP and the network namespace, or
+/// one line for the user.
+fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
     enter_namespaces()?;
     // Nothing we mount may propagate back to the host's mount namespace.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(|e| format!("cannot make the mount namespace private: {}", e.desc()))?;
-    let resolv_conf = resolv::install_guest_resolv_conf(&spec.resolv_conf)
-        .map_err(|e| format!("cannot set up {}: {}", resolv::RESOLV_CONF, describe(&e)))?;
 
     let name = &spec.iface.ifname;
     let tap = Tap::create_with_vnet_hdr(name)
         .map_err(|e| format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e)))?;
+    // The namespace is usernet's alone: the device may go with it, in the background.
+    if let Err(e) = tap.persist() {
+        tracing::debug!("TUNSETPERSIST: {e}");
+    }
     super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     let netns = open("/proc/self/ns/net", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
-    Ok((tap.into_fd(), netns, resolv_conf.into()))
+    Ok((tap.into_fd(), netns))
 }
 
 /// Enters new network and mount namespaces, in a new user namespace when needed.
