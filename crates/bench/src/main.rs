@@ -61,9 +61,9 @@ mod vm;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -624,7 +624,7 @@ impl Phase {
                 "udp_sent_mbps",
             ],
             Phase::LowMtu => &[],
-            Phase::Memory => &MEMORY_KEYS,
+            Phase::Memory => &["startup_ms", MEMORY_KEYS[0], MEMORY_KEYS[1], MEMORY_KEYS[2]],
         };
         keys.extend(more.iter().map(|k| k.to_string()));
         keys
@@ -635,6 +635,9 @@ const MEMORY_KEYS: [&str; 3] = ["rss_idle_mib", "rss_conns_mib", "rss_per_conn_k
 
 /// Builds the setup for `phase`, runs its tests, tears it down; fills `run`.
 fn phase(setup: Setup, phase: Phase, ctx: &Ctx, peer: &mut Result<PeerSide, String>, run: &mut Run) {
+    if phase == Phase::Memory {
+        run.set("startup_ms", startup_measure(setup, ctx.tools));
+    }
     let result = if phase == Phase::Memory && setup == Setup::Veth {
         for k in MEMORY_KEYS {
             run.set(k, Measure::NotApplicable("kernel only".into()));
@@ -942,6 +945,33 @@ fn rss_measure(pid: Option<i32>) -> Measure {
     }
 }
 
+/// Runs of the start-up test (after two that are not counted).
+const STARTUP_RUNS: usize = 20;
+
+/// Start-up: the median wall time of the setup's command around `true` (a fresh network,
+/// COMMAND, and the network gone again), as hyperfine would measure it.
+fn startup_measure(setup: Setup, tools: &setups::Tools) -> Measure {
+    let mut cmd = match setups::startup_command(setup, tools) {
+        Ok(cmd) => cmd,
+        Err(why) => return Measure::NotApplicable(why),
+    };
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut times = Vec::with_capacity(STARTUP_RUNS);
+    for i in 0..STARTUP_RUNS + 2 {
+        let t = Instant::now();
+        match cmd.status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => return Measure::Failed(format!("{}: {s}", setups::show(&cmd))),
+            Err(e) => return Measure::Failed(format!("{}: {e}", setups::show(&cmd))),
+        }
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Measure::Value(times[times.len() / 2])
+}
+
 /// A row of the table.
 struct Metric {
     key: String,
@@ -994,6 +1024,12 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
             list.push(m(format!("cpu_s_per_gb_vm_{dir}"), label, false, 3));
         }
     }
+    list.push(m(
+        "startup_ms".into(),
+        format!("start-up: a fresh network around `true` and gone again, median of {STARTUP_RUNS}, ms"),
+        false,
+        1,
+    ));
     list.push(m("rss_idle_mib".into(), "tool RSS, idle, MiB".into(), false, 1));
     list.push(m("rss_conns_mib".into(), format!("tool RSS, {} idle TCP connections, MiB", plan.conns), false, 1));
     list.push(m("rss_per_conn_kib".into(), "tool RSS per idle TCP connection, KiB".into(), false, 2));

@@ -291,6 +291,34 @@ pub fn prepare(setup: Setup, tools: &Tools, mtu: u32, peer_ip: Option<Ipv4Addr>)
     Ok(env)
 }
 
+/// The command that starts `setup` with a fresh network around `true` and ends with it,
+/// for the start-up row; Err: why the setup has no such command.
+pub fn startup_command(setup: Setup, tools: &Tools) -> Result<Command, String> {
+    match setup {
+        Setup::Usernet => {
+            let mut cmd = Command::new(&tools.usernet_bin);
+            cmd.args(["run", "--dns-upstream", "127.0.0.1:9", "--", "true"]);
+            Ok(cmd)
+        }
+        Setup::Pasta => {
+            let mut cmd = Command::new(&tools.pasta_bin);
+            if nix::unistd::geteuid().is_root() {
+                cmd.args(["--runas", "0:0"]);
+            }
+            cmd.args(["--config-net", "-q", "--", "true"]);
+            Ok(cmd)
+        }
+        // No tool: the kernel's floor, a new network namespace.
+        Setup::Veth => {
+            let mut cmd = Command::new("unshare");
+            cmd.args(["-n", "true"]);
+            Ok(cmd)
+        }
+        Setup::Slirp4netns => Err("it runs no command: its caller makes the namespace".into()),
+        _ => Err("measured for usernet, pasta and the kernel only".into()),
+    }
+}
+
 fn usernet(bin: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
     let mut cmd = Command::new(bin);
     cmd.arg("run")
