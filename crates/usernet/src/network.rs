@@ -139,12 +139,7 @@ pub fn confine_prepared(
     no_sandbox: bool,
     prepared: Option<Result<usernet_host::confine::Prepared, usernet_host::confine::ConfineError>>,
 ) {
-    let done = match prepared {
-        Some(Err(e)) => Err(e),
-        Some(Ok(p)) => usernet_host::confine::apply_prepared_unless(no_sandbox, Some(p)),
-        None => usernet_host::confine::apply_unless(no_sandbox),
-    };
-    if let Err(e) = done {
+    if let Err(e) = usernet_host::confine::apply_unless(no_sandbox, prepared) {
         tracing::warn!("the sandbox is not on: {e}");
     }
 }

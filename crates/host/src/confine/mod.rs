@@ -87,22 +87,15 @@ pub fn disabled_by_env() -> bool {
     std::env::var_os("USERNET_NO_SANDBOX").is_some_and(|v| v == "1")
 }
 
-/// Applies the sandbox unless `disabled`, logging what it did; an error is for the caller
-/// to report (usernet does not go on half-confined without saying so).
-pub fn apply_unless(disabled: bool) -> Result<(), ConfineError> {
-    apply_prepared_unless(disabled, None)
-}
-
-/// [`apply_unless`] with a sandbox prepared beforehand (else prepared now).
-pub fn apply_prepared_unless(disabled: bool, prepared: Option<Prepared>) -> Result<(), ConfineError> {
+/// Applies the sandbox unless `disabled`, logging what it did; `prepared` is the sandbox
+/// prepared beforehand ([`prepare`]; None: prepared now). An error is for the caller to
+/// report (usernet does not go on half-confined without saying so).
+pub fn apply_unless(disabled: bool, prepared: Option<Result<Prepared, ConfineError>>) -> Result<(), ConfineError> {
     if disabled {
         tracing::debug!("sandbox off: capabilities and system calls are not restricted");
         return Ok(());
     }
-    let c = match prepared {
-        Some(p) => p.apply()?,
-        None => apply()?,
-    };
+    let c = prepared.unwrap_or_else(prepare)?.apply()?;
     tracing::debug!(
         "sandbox on: capabilities kept {:?}, no_new_privs, {} system calls allowed{}",
         c.kept,

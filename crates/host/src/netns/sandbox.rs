@@ -123,8 +123,6 @@ pub struct Sandbox {
     ctl: OwnedFd,
     tap: Option<OwnedFd>,
     netns: Option<OwnedFd>,
-    /// The guest's /etc/resolv.conf, open for reading and writing, once the child sent it.
-    resolv_conf: Option<OwnedFd>,
     /// The child sent its resolv.conf (or failed to make it): nothing more comes before
     /// the go-ahead.
     resolv_conf_received: bool,
@@ -174,7 +172,6 @@ impl Sandbox {
                     ctl: ours,
                     tap: None,
                     netns: None,
-                    resolv_conf: None,
                     resolv_conf_received: false,
                     status: None,
                     finished: false,
@@ -186,19 +183,21 @@ impl Sandbox {
     }
 
     fn wait_ready(&mut self) -> Result<(), SandboxError> {
+        let mut fds = self.receive_setup(MSG_READY, 2, "its TAP device")?.into_iter();
+        self.tap = fds.next();
+        self.netns = fds.next();
+        Ok(())
+    }
+
+    /// Waits for the setup message `kind` and the `count` descriptors it carries (`what`
+    /// names them, should they be missing); a setup error is the child's line for the user.
+    fn receive_setup(&self, kind: u8, count: usize, what: &str) -> Result<Vec<OwnedFd>, SandboxError> {
         let mut buf = [0u8; 4096];
         let (n, fds) = recv_with_fds(&self.ctl, &mut buf)
             .map_err(|e| SandboxError::Io { context: "waiting for the sandbox", source: e })?;
-        let mut fds = fds.into_iter();
         match buf[..n].split_first() {
-            Some((&MSG_READY, _)) => {
-                let (Some(tap), Some(netns)) = (fds.next(), fds.next()) else {
-                    return Err(SandboxError::Setup("the sandbox did not pass its TAP device".into()));
-                };
-                self.tap = Some(tap);
-                self.netns = Some(netns);
-                Ok(())
-            }
+            Some((&k, _)) if k == kind && fds.len() == count => Ok(fds),
+            Some((&k, _)) if k == kind => Err(SandboxError::Setup(format!("the sandbox did not pass {what}"))),
             Some((&MSG_SETUP_ERROR, text)) => Err(SandboxError::Setup(String::from_utf8_lossy(text).into_owned())),
             _ => Err(SandboxError::Setup("the sandbox process ended during setup".into())),
         }
@@ -218,20 +217,12 @@ impl Sandbox {
     /// `resolv::GuestResolvConf`): waits until the sandbox has made it (it does so while
     /// usernet starts its network). Ok(None) after the first call.
     pub fn take_resolv_conf(&mut self) -> Result<Option<fs::File>, SandboxError> {
-        if !self.resolv_conf_received {
-            self.resolv_conf_received = true;
-            let mut buf = [0u8; 4096];
-            let (n, fds) = recv_with_fds(&self.ctl, &mut buf)
-                .map_err(|e| SandboxError::Io { context: "waiting for the sandbox", source: e })?;
-            match buf[..n].split_first() {
-                Some((&MSG_RESOLV_CONF, _)) if fds.len() == 1 => self.resolv_conf = fds.into_iter().next(),
-                Some((&MSG_SETUP_ERROR, text)) => {
-                    return Err(SandboxError::Setup(String::from_utf8_lossy(text).into_owned()));
-                }
-                _ => return Err(SandboxError::Setup("the sandbox process ended during setup".into())),
-            }
+        if self.resolv_conf_received {
+            return Ok(None);
         }
-        Ok(self.resolv_conf.take().map(fs::File::from))
+        self.resolv_conf_received = true;
+        let fds = self.receive_setup(MSG_RESOLV_CONF, 1, "the guest's resolv.conf")?;
+        Ok(fds.into_iter().next().map(fs::File::from))
     }
 
     /// A new descriptor of the guest's network namespace (for sockets opened inside it).
@@ -373,7 +364,6 @@ impl Sandbox {
         }
         self.reap();
         self.tap = None;
-        self.resolv_conf = None;
     }
 }
 
