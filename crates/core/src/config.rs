@@ -7,7 +7,7 @@
 //! egress policy (`NetConfig::policy`, crate::policy) is live the same way: the API changes it.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -25,6 +25,70 @@ pub const HOST_NAMES: &[&str] = &["host.docker.internal", "host.containers.inter
 pub const GATEWAY_NAMES: &[&str] = &["gateway.docker.internal", "gateway.containers.internal"];
 /// The explicit proxy's name (served by the gateway's DNS).
 pub const PROXY_NAMES: &[&str] = &["http.docker.internal"];
+
+/// The gateway's IPv6 link-local address: the source of its router advertisements and so
+/// the guests' IPv6 next hop (RFC 4861 wants routers to speak from link-local addresses).
+pub const GATEWAY_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The default IPv6 prefix of the virtual network: a unique local /64 (RFC 4193) whose
+/// global ID is "usern" in ASCII (75 73 65 72 6e), so it is recognisable in a capture.
+pub const DEFAULT_PREFIX6: Ipv6Addr = Ipv6Addr::new(0xfd75, 0x7365, 0x726e, 0, 0, 0, 0, 0);
+
+/// The IPv6 side of the virtual network: a /64 (SLAAC needs one) and usernet's addresses
+/// in it, which mirror the IPv4 ones: ::1 the gateway (and its DNS), ::254 the host,
+/// ::2 the first guest (`run` gives it to eth0; a VM takes its own by SLAAC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Net {
+    /// The /64 prefix, host bits zero.
+    pub prefix: Ipv6Addr,
+    pub gateway: Ipv6Addr,
+    /// Stands for the host's [::1].
+    pub host: Ipv6Addr,
+    pub guest: Ipv6Addr,
+}
+
+impl Ipv6Net {
+    /// The network of a /64 prefix.
+    pub fn new(prefix: Ipv6Addr) -> Ipv6Net {
+        let p = u128::from(prefix) & !u128::from(u64::MAX);
+        let at = |n: u128| Ipv6Addr::from(p | n);
+        Ipv6Net { prefix: Ipv6Addr::from(p), gateway: at(1), host: at(0x254), guest: at(2) }
+    }
+
+    /// The address with interface identifier `n` (1 = ::1).
+    pub fn at(&self, n: u64) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.prefix) | n as u128)
+    }
+
+    /// Whether `ip` is in the /64.
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) >> 64 == u128::from(self.prefix) >> 64
+    }
+}
+
+impl Default for Ipv6Net {
+    fn default() -> Self {
+        Ipv6Net::new(DEFAULT_PREFIX6)
+    }
+}
+
+impl std::str::FromStr for Ipv6Net {
+    type Err = String;
+    /// A /64, e.g. `fd00:1::/64` (the prefix length may be left out).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, "64"));
+        let ip: Ipv6Addr = addr.parse().map_err(|_| format!("invalid IPv6 subnet address: {addr}"))?;
+        if prefix != "64" {
+            return Err(format!(
+                "invalid IPv6 subnet prefix: /{prefix} (must be /64: guests configure themselves by SLAAC)"
+            ));
+        }
+        if ip.is_multicast() || ip.is_loopback() || ip.is_unspecified() || ip.to_ipv4_mapped().is_some() {
+            return Err(format!("invalid IPv6 subnet: {s} (not a unicast prefix)"));
+        }
+        Ok(Ipv6Net::new(ip))
+    }
+}
 
 /// An IPv4 subnet, e.g. 192.168.65.0/24.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +137,8 @@ impl std::str::FromStr for Ipv4Subnet {
 #[derive(Clone, Debug)]
 pub struct NetConfig {
     pub subnet: Ipv4Subnet,
+    /// The IPv6 network; None with `--ipv4-only`.
+    pub v6: Option<Ipv6Net>,
     /// usernet itself: ARP, DHCP, DNS, ping.
     pub gateway: Ipv4Addr,
     /// Stands for the host's 127.0.0.1 (may be the gateway's own address, as slirp4netns has it).
@@ -171,6 +237,7 @@ impl NetConfig {
     pub fn new(subnet: Ipv4Subnet, mtu: u32) -> Self {
         NetConfig {
             subnet,
+            v6: Some(Ipv6Net::default()),
             gateway: subnet.host(1),
             host: subnet.host(254),
             host_loopback: true,
@@ -194,6 +261,12 @@ impl NetConfig {
     /// and the DNS address.
     pub fn is_own_address(&self, ip: Ipv4Addr) -> bool {
         ip == self.gateway || ip == self.host || self.dns == Some(ip) || self.host_alias(ip).is_some()
+    }
+
+    /// The addresses usernet itself answers for over IPv6 (neighbour discovery, ping): the
+    /// gateway's link-local and global addresses, and the host address.
+    pub fn is_own_address6(&self, ip: Ipv6Addr) -> bool {
+        ip == GATEWAY_LINK_LOCAL || self.v6.is_some_and(|n| ip == n.gateway || ip == n.host)
     }
 
     /// The host address that `ip` stands for, if it is one of `host_aliases`.

@@ -12,8 +12,8 @@
 //! 3. otherwise it is allowed only when an allow rule matches, or the address was learnt
 //!    from a DNS answer for an allow-domain (below); everything else is denied.
 //!
-//! What is checked: the destination the host really dials. The host address (192.168.65.254)
-//! is checked as 127.0.0.1 (`--deny 127.0.0.1/32` closes it as `--no-host-loopback` does,
+//! What is checked: the destination the host really dials. The host address (192.168.65.254,
+//! and the IPv6 one, ::254 of the prefix) is checked as 127.0.0.1 (`--deny 127.0.0.1/32` closes it as `--no-host-loopback` does,
 //! `--deny 127.0.0.1:5432` one port of it; with allow rules the host is reachable only if
 //! one covers 127.0.0.1). The gateway's own services (DNS, DHCP, ping, the explicit proxy's
 //! port, the API inside the guest network) are never subject to the policy, nor is traffic

@@ -15,7 +15,7 @@ use clap::Args;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use usernet_core::config::{Ipv4Subnet, NetConfig, Upstreams};
+use usernet_core::config::{Ipv4Subnet, Ipv6Net, NetConfig, Upstreams};
 use usernet_core::policy::{self, Policy, Rule, Rules};
 use usernet_core::ports::{BoundListener, Proto};
 use usernet_host::dns_watch::{self, DnsWatch, WatchSpec};
@@ -39,6 +39,13 @@ pub struct NetOpts {
     /// The virtual network's IPv4 subnet (gateway .1, guest .2, host .254).
     #[arg(long, value_name = "CIDR", default_value = "192.168.65.0/24")]
     pub subnet: Ipv4Subnet,
+    /// The virtual network's IPv6 /64 (gateway ::1, guest ::2 in `run`, host ::254); guests
+    /// configure themselves from usernet's router advertisements (SLAAC, RDNSS).
+    #[arg(long, value_name = "PREFIX/64", default_value = "fd75:7365:726e::/64", conflicts_with = "ipv4_only")]
+    pub subnet6: Ipv6Net,
+    /// No IPv6 in the virtual network: no router advertisements, the guest's IPv6 dropped.
+    #[arg(long = "ipv4-only", short = '4')]
+    pub ipv4_only: bool,
     /// Write every frame of the guest link to FILE (pcap, for tcpdump and Wireshark).
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
@@ -236,6 +243,7 @@ impl NetOpts {
     /// Builds the network configuration; `default_mtu` differs for namespaces and VMs.
     pub fn to_config(&self, default_mtu: u32) -> anyhow::Result<NetConfig> {
         let mut cfg = NetConfig::new(self.subnet, self.mtu.unwrap_or(default_mtu));
+        cfg.v6 = (!self.ipv4_only).then_some(self.subnet6);
         cfg.host_loopback = !self.no_host_loopback;
         cfg.limits = self.limits.to_limits();
         let mut allow_domains: Vec<String> = Vec::new();

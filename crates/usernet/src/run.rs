@@ -84,6 +84,7 @@ pub fn sandbox_spec(cfg: &NetConfig) -> SandboxSpec {
             prefix: cfg.subnet.prefix,
             gateway: cfg.gateway,
             mtu: cfg.mtu,
+            ipv6: cfg.v6.map(|n| (n.guest, usernet_core::config::GATEWAY_LINK_LOCAL)),
         },
         resolv_conf: {
             let dns = cfg.host_dns.upstreams();
@@ -185,6 +186,9 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         engine.add_static_lease(spec.iface.mac, cfg.guest);
         // The sandbox set this MAC on the guest's interface (host/netns/sandbox.rs).
         engine.set_guest_mac(spec.iface.mac, cfg.guest);
+        if let Some((ip6, _)) = spec.iface.ipv6 {
+            engine.set_guest_mac6(spec.iface.mac, ip6);
+        }
         // Its thread enters the namespace while the rest starts (checked below).
         if let Some(netns) = sandbox.netns()
             && let Err(e) = engine.start_guest_netns(netns)

@@ -166,6 +166,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
                 prefix: cfg.subnet.prefix,
                 gateway: cfg.gateway,
                 mtu: cfg.mtu,
+                ipv6: cfg.v6.map(|n| (n.at(2 + i as u64), usernet_core::config::GATEWAY_LINK_LOCAL)),
             },
         };
         let attached = usernet_host::netns::attach::attach(&spec)?;

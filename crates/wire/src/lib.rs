@@ -9,7 +9,10 @@ pub mod arp;
 pub mod checksum;
 pub mod ethernet;
 pub mod icmp;
+pub mod icmpv6;
 pub mod ipv4;
+pub mod ipv6;
+pub mod ndp;
 pub mod tcp;
 pub mod udp;
 pub mod vnet_hdr;
@@ -23,6 +26,7 @@ pub const BROADCAST_MAC: Mac = [0xff; 6];
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
 
 #[inline]
 pub fn be16(b: &[u8], at: usize) -> u16 {

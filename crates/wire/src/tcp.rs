@@ -1,6 +1,6 @@
 //! TCP headers (RFC 9293) with the options usernet uses: MSS, window scale, SACK-permitted.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::checksum;
 use super::{PROTO_TCP, be16, be32, put16, put32};
@@ -85,7 +85,7 @@ impl TcpHeader {
 
     /// Writes the header in front of a payload already at `buf[emit_len()..][..payload_len]`
     /// and computes the checksum over the pseudo-header, header and payload.
-    pub fn emit(&self, buf: &mut [u8], payload_len: usize, src: Ipv4Addr, dst: Ipv4Addr) {
+    pub fn emit(&self, buf: &mut [u8], payload_len: usize, src: IpAddr, dst: IpAddr) {
         let hl = self.emit_len();
         put16(buf, 0, self.src_port);
         put16(buf, 2, self.dst_port);
@@ -110,7 +110,7 @@ impl TcpHeader {
             buf[at + 3] = ws;
         }
         let len = hl + payload_len;
-        let acc = checksum::add(checksum::pseudo_v4(src, dst, PROTO_TCP, len), &buf[..len]);
+        let acc = checksum::add(checksum::pseudo(src, dst, PROTO_TCP, len), &buf[..len]);
         put16(buf, 16, checksum::finish(acc));
     }
 }
@@ -118,10 +118,10 @@ impl TcpHeader {
 impl TcpHeader {
     /// Like `emit`, but leaves the checksum for the receiving kernel to complete or trust
     /// (virtio-net NEEDS_CSUM): the field holds only the folded pseudo-header sum.
-    pub fn emit_partial(&self, buf: &mut [u8], payload_len: usize, src: Ipv4Addr, dst: Ipv4Addr) {
+    pub fn emit_partial(&self, buf: &mut [u8], payload_len: usize, src: IpAddr, dst: IpAddr) {
         let hl = self.emit_len();
         self.emit(&mut buf[..hl], 0, src, dst);
-        let mut acc = checksum::pseudo_v4(src, dst, PROTO_TCP, hl + payload_len);
+        let mut acc = checksum::pseudo(src, dst, PROTO_TCP, hl + payload_len);
         while acc >> 16 != 0 {
             acc = (acc & 0xffff) + (acc >> 16);
         }
@@ -143,6 +143,7 @@ pub fn seq_le(a: u32, b: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
     fn roundtrip_against_etherparse() {
@@ -162,7 +163,7 @@ mod tests {
         let hl = h.emit_len();
         let mut b = vec![0u8; hl + 5];
         b[hl..].copy_from_slice(b"hello");
-        h.emit(&mut b, 5, src, dst);
+        h.emit(&mut b, 5, src.into(), dst.into());
         let (p, payload) = TcpHeader::parse(&b).unwrap();
         assert_eq!(p, h);
         assert_eq!(payload, b"hello");
@@ -172,6 +173,19 @@ mod tests {
         for n in 0..HEADER_LEN {
             assert!(TcpHeader::parse(&b[..n]).is_none());
         }
+    }
+
+    #[test]
+    fn ipv6_checksum_against_etherparse() {
+        let src: Ipv6Addr = "fd5e:6e65:7400::2".parse().unwrap();
+        let dst: Ipv6Addr = "2001:db8::80".parse().unwrap();
+        let h =
+            TcpHeader { src_port: 40000, dst_port: 443, seq: 7, ack: 9, flags: ACK, window: 512, ..Default::default() };
+        let mut b = vec![0u8; HEADER_LEN + 4];
+        b[HEADER_LEN..].copy_from_slice(b"data");
+        h.emit(&mut b, 4, src.into(), dst.into());
+        let e = etherparse::TcpHeaderSlice::from_slice(&b).unwrap().to_header();
+        assert_eq!(e.calc_checksum_ipv6_raw(src.octets(), dst.octets(), b"data").unwrap(), e.checksum);
     }
 
     #[test]

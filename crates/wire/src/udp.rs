@@ -1,6 +1,6 @@
 //! UDP headers (RFC 768).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::checksum;
 use super::{PROTO_UDP, be16, put16};
@@ -29,13 +29,13 @@ impl UdpHeader {
 
     /// Writes the header in front of a payload already at `buf[8..8 + payload_len]`,
     /// with the checksum over the IPv4 pseudo-header.
-    pub fn emit(&self, buf: &mut [u8], payload_len: usize, src: Ipv4Addr, dst: Ipv4Addr) {
+    pub fn emit(&self, buf: &mut [u8], payload_len: usize, src: IpAddr, dst: IpAddr) {
         let len = HEADER_LEN + payload_len;
         put16(buf, 0, self.src_port);
         put16(buf, 2, self.dst_port);
         put16(buf, 4, len as u16);
         put16(buf, 6, 0);
-        let acc = checksum::add(checksum::pseudo_v4(src, dst, PROTO_UDP, len), &buf[..len]);
+        let acc = checksum::add(checksum::pseudo(src, dst, PROTO_UDP, len), &buf[..len]);
         let c = checksum::finish(acc);
         put16(buf, 6, if c == 0 { 0xffff } else { c });
     }
@@ -44,6 +44,7 @@ impl UdpHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
     fn roundtrip_against_etherparse() {
@@ -51,7 +52,7 @@ mod tests {
         let dst = Ipv4Addr::new(192, 168, 65, 2);
         let mut b = vec![0u8; 8 + 3];
         b[8..].copy_from_slice(b"abc");
-        UdpHeader { src_port: 53, dst_port: 4000 }.emit(&mut b, 3, src, dst);
+        UdpHeader { src_port: 53, dst_port: 4000 }.emit(&mut b, 3, src.into(), dst.into());
         let (h, p) = UdpHeader::parse(&b).unwrap();
         assert_eq!(h, UdpHeader { src_port: 53, dst_port: 4000 });
         assert_eq!(p, b"abc");
@@ -60,5 +61,16 @@ mod tests {
         for n in 0..b.len() {
             assert!(UdpHeader::parse(&b[..n]).is_none());
         }
+    }
+
+    #[test]
+    fn ipv6_checksum_against_etherparse() {
+        let src: Ipv6Addr = "fd5e:6e65:7400::1".parse().unwrap();
+        let dst: Ipv6Addr = "fd5e:6e65:7400::2".parse().unwrap();
+        let mut b = vec![0u8; 8 + 3];
+        b[8..].copy_from_slice(b"abc");
+        UdpHeader { src_port: 53, dst_port: 4000 }.emit(&mut b, 3, src.into(), dst.into());
+        let e = etherparse::UdpHeaderSlice::from_slice(&b).unwrap().to_header();
+        assert_eq!(e.calc_checksum_ipv6_raw(src.octets(), dst.octets(), b"abc").unwrap(), e.checksum);
     }
 }

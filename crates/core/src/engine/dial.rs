@@ -1,15 +1,18 @@
 //! Dialling: the host socket behind each guest flow.
 //!
-//! The guest's destination is translated first: the host address (192.168.65.254) becomes
-//! the host's 127.0.0.1, the gateway's ports go to the built-in services (one end of a
-//! socketpair), other addresses of the virtual subnet are unreachable, and everything else
-//! is dialled as it is, so it follows the host's routing table. The `Dialer` trait lets
-//! tests give the engine sockets without any real network.
+//! The guest's destination is translated first: the host address (192.168.65.254, and
+//! ::254 of the IPv6 prefix) becomes the host's 127.0.0.1 (or [::1]), the gateway's ports
+//! go to the built-in services (one end of a socketpair), other addresses of the virtual
+//! subnets are unreachable, and everything else is dialled as it is, so it follows the
+//! host's routing table (an IPv6 destination the host has no route to fails at once with
+//! ENETUNREACH, which the guest sees as an ICMPv6 no-route). The `Dialer` trait lets tests
+//! give the engine sockets without any real network.
 //!
 //! The host's loopback is reached only through the host address, and only while
 //! `NetConfig::host_loopback` is on (`--no-host-loopback` turns it off). A guest that writes
-//! its own frames could address 127.0.0.0/8 or 0.0.0.0/8 directly (its kernel never sends
-//! such packets, but a VM or a raw socket can): dialled as is, they would reach every
+//! its own frames could address 127.0.0.0/8, 0.0.0.0/8, ::1, :: or an IPv4-mapped
+//! ::ffff:127.0.0.1 directly (its kernel never sends such packets, but a VM or a raw socket
+//! can): dialled as is, they would reach every
 //! service of the host that listens on loopback only. They are refused instead (a RST, an
 //! ICMP port unreachable, an echo request dropped), and each such destination is logged
 //! once.
@@ -21,7 +24,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
@@ -49,9 +52,9 @@ pub enum IcmpKind {
 }
 
 pub trait Dialer {
-    fn tcp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<TcpDial>;
-    fn udp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<OwnedFd>;
-    fn icmp(&mut self, dst: Ipv4Addr) -> io::Result<(OwnedFd, IcmpKind)>;
+    fn tcp(&mut self, dst: SocketAddr, guest: SocketAddr) -> io::Result<TcpDial>;
+    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr) -> io::Result<OwnedFd>;
+    fn icmp(&mut self, dst: IpAddr) -> io::Result<(OwnedFd, IcmpKind)>;
 }
 
 /// The real dialler: host sockets and the gateway's services.
@@ -59,11 +62,13 @@ pub struct HostDialer {
     cfg: Arc<NetConfig>,
     services: ServiceHub,
     icmp_kind: Option<IcmpKind>,
+    /// The same for ICMPv6.
+    icmp6_kind: Option<IcmpKind>,
     /// The guest was told (in the log) that ping cannot work here.
     told_no_icmp: bool,
     /// Destinations refused because they are the host's loopback, each logged once (at
     /// most [`MAX_DENIED_LOGGED`] of them; then one line says the rest are not).
-    denied: HashSet<(&'static str, SocketAddrV4)>,
+    denied: HashSet<(&'static str, SocketAddr)>,
 }
 
 /// Refused destinations remembered for the log (bounds the set a guest can grow).
@@ -71,7 +76,7 @@ pub const MAX_DENIED_LOGGED: usize = 1024;
 
 /// Where a guest destination really goes.
 enum Target {
-    Host(Ipv4Addr),
+    Host(IpAddr),
     Gateway,
     Unreachable,
     /// The host's loopback: addressed directly (127.0.0.0/8, 0.0.0.0/8), or through the
@@ -81,30 +86,54 @@ enum Target {
 
 impl HostDialer {
     pub fn new(cfg: Arc<NetConfig>, services: ServiceHub) -> HostDialer {
-        let icmp_kind = probe_icmp();
+        let icmp_kind = probe_icmp(false);
+        let icmp6_kind = probe_icmp(true);
         match icmp_kind {
-            Some(k) => tracing::debug!("ICMP echo through {k:?} sockets"),
+            Some(k) => tracing::debug!("ICMP echo through {k:?} sockets (ICMPv6: {icmp6_kind:?})"),
             None => tracing::debug!("no ping or raw ICMP sockets allowed"),
         }
-        HostDialer { cfg, services, icmp_kind, told_no_icmp: false, denied: HashSet::new() }
+        HostDialer { cfg, services, icmp_kind, icmp6_kind, told_no_icmp: false, denied: HashSet::new() }
     }
 
     pub fn services(&self) -> &ServiceHub {
         &self.services
     }
 
-    fn target(&self, ip: Ipv4Addr) -> Target {
+    fn target(&self, ip: IpAddr) -> Target {
         target(&self.cfg, ip)
     }
 }
 
-fn target(cfg: &NetConfig, ip: Ipv4Addr) -> Target {
+fn target(cfg: &NetConfig, ip: IpAddr) -> Target {
+    match ip {
+        IpAddr::V4(ip) => target_v4(cfg, ip),
+        IpAddr::V6(ip) => target_v6(cfg, ip),
+    }
+}
+
+fn target_v6(cfg: &NetConfig, ip: Ipv6Addr) -> Target {
+    let Some(net) = cfg.v6 else { return Target::Unreachable };
+    if ip == net.gateway || ip == crate::config::GATEWAY_LINK_LOCAL {
+        Target::Gateway
+    } else if ip == net.host {
+        if cfg.host_loopback { Target::Host(Ipv6Addr::LOCALHOST.into()) } else { Target::Refused }
+    } else if crate::config::is_host_local(ip.into()) || ip.to_ipv4_mapped().is_some() {
+        // An IPv4-mapped destination would leave as IPv4 and skip the IPv4 checks: refused.
+        Target::Refused
+    } else if net.contains(ip) || ip.is_multicast() || ip.is_unicast_link_local() || ip.is_unspecified() {
+        Target::Unreachable
+    } else {
+        Target::Host(ip.into())
+    }
+}
+
+fn target_v4(cfg: &NetConfig, ip: Ipv4Addr) -> Target {
     if cfg.dns == Some(ip) {
         Target::Gateway
     } else if let Some(to) = cfg.host_alias(ip) {
-        Target::Host(to)
+        Target::Host(to.into())
     } else if ip == cfg.host {
-        if cfg.host_loopback { Target::Host(Ipv4Addr::LOCALHOST) } else { Target::Refused }
+        if cfg.host_loopback { Target::Host(Ipv4Addr::LOCALHOST.into()) } else { Target::Refused }
     } else if ip == cfg.gateway {
         Target::Gateway
     } else if crate::config::is_host_local(ip.into()) {
@@ -112,7 +141,7 @@ fn target(cfg: &NetConfig, ip: Ipv4Addr) -> Target {
     } else if cfg.subnet.contains(ip) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
         Target::Unreachable
     } else {
-        Target::Host(ip)
+        Target::Host(ip.into())
     }
 }
 
@@ -120,19 +149,22 @@ fn target(cfg: &NetConfig, ip: Ipv4Addr) -> Target {
 /// Ok, or `EACCES` once the denial is counted and logged. Only destinations the host would
 /// dial are judged, as what the host dials (the host address as 127.0.0.1); the gateway,
 /// the refused and the unreachable ones are left to the dialler.
-pub fn admit(cfg: &NetConfig, via: Via, dst: SocketAddrV4, guest: Option<SocketAddrV4>) -> io::Result<()> {
+pub fn admit(cfg: &NetConfig, via: Via, dst: SocketAddr, guest: Option<SocketAddr>) -> io::Result<()> {
     if !cfg.policy.is_active() {
         return Ok(());
     }
-    let Target::Host(ip) = target(cfg, *dst.ip()) else {
+    let Target::Host(ip) = target(cfg, dst.ip()) else {
         return Ok(());
     };
     let port = (via != Via::Icmp).then_some(dst.port());
-    match cfg.policy.check(IpAddr::V4(ip), port) {
+    // The host's loopback is one thing to the rules, whichever family reaches it: the IPv6
+    // host address is judged as 127.0.0.1 too.
+    let judged = if ip == IpAddr::V6(Ipv6Addr::LOCALHOST) { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { ip };
+    match cfg.policy.check(judged, port) {
         Verdict::Allow => Ok(()),
         Verdict::Deny(reason) => {
             let what = if via == Via::Icmp { dst.ip().to_string() } else { dst.to_string() };
-            cfg.policy.denied(via, reason, what, guest.map(SocketAddr::V4));
+            cfg.policy.denied(via, reason, what, guest);
             Err(io::Error::from_raw_os_error(libc::EACCES))
         }
     }
@@ -140,7 +172,7 @@ pub fn admit(cfg: &NetConfig, via: Via, dst: SocketAddrV4, guest: Option<SocketA
 
 impl HostDialer {
     /// A connection to the host's loopback refused: logged once per destination.
-    fn refused(&mut self, proto: &'static str, dst: SocketAddrV4, guest: Option<SocketAddrV4>) -> io::Error {
+    fn refused(&mut self, proto: &'static str, dst: SocketAddr, guest: Option<SocketAddr>) -> io::Error {
         let via = match proto {
             "tcp" => Via::Tcp,
             "udp" => Via::Udp,
@@ -148,7 +180,7 @@ impl HostDialer {
         };
         self.cfg.policy.count(via, DenyReason::Loopback);
         if self.denied.len() < MAX_DENIED_LOGGED && self.denied.insert((proto, dst)) {
-            let why = if *dst.ip() == self.cfg.host {
+            let why = if dst.ip() == IpAddr::V4(self.cfg.host) || self.cfg.v6.is_some_and(|n| dst.ip() == n.host) {
                 "the host address does not lead to the host's loopback (--no-host-loopback)"
             } else {
                 "the host's loopback is reached only through the host address"
@@ -163,9 +195,11 @@ impl HostDialer {
     }
 
     /// Binds a socket bound for `dst` to the `--outbound-addr` address, if one is set and
-    /// `dst` is not the host's loopback.
-    fn bind_outbound(&self, fd: BorrowedFd<'_>, dst: Ipv4Addr) -> io::Result<()> {
-        let Some(addr) = self.cfg.outbound_addr.filter(|_| !dst.is_loopback()) else { return Ok(()) };
+    /// `dst` is not the host's loopback (an IPv4 address: IPv6 sockets are left alone).
+    fn bind_outbound(&self, fd: BorrowedFd<'_>, dst: IpAddr) -> io::Result<()> {
+        let Some(addr) = self.cfg.outbound_addr.filter(|_| dst.is_ipv4() && !dst.is_loopback()) else {
+            return Ok(());
+        };
         let sa = sock::sockaddr_in(SocketAddrV4::new(addr, 0));
         // SAFETY: sa is a valid sockaddr_in of the length given.
         let r = unsafe {
@@ -184,8 +218,8 @@ fn unreachable() -> io::Error {
 }
 
 impl Dialer for HostDialer {
-    fn tcp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<TcpDial> {
-        match self.target(*dst.ip()) {
+    fn tcp(&mut self, dst: SocketAddr, guest: SocketAddr) -> io::Result<TcpDial> {
+        match self.target(dst.ip()) {
             Target::Gateway => match self.services.connect_tcp(dst.port(), guest) {
                 Some(fd) => Ok(TcpDial { fd, connected: true, is_tcp: false }),
                 None => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
@@ -193,17 +227,17 @@ impl Dialer for HostDialer {
             Target::Unreachable => Err(unreachable()),
             Target::Refused => Err(self.refused("tcp", dst, Some(guest))),
             Target::Host(ip) => {
-                let fd = sock::socket(libc::SOCK_STREAM, 0)?;
+                let fd = sock::socket_for(ip, libc::SOCK_STREAM, 0)?;
                 self.bind_outbound(fd.as_fd(), ip)?;
                 sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
-                let connected = sock::connect(fd.as_fd(), SocketAddrV4::new(ip, dst.port()))?;
+                let connected = sock::connect(fd.as_fd(), SocketAddr::new(ip, dst.port()))?;
                 Ok(TcpDial { fd, connected, is_tcp: true })
             }
         }
     }
 
-    fn udp(&mut self, dst: SocketAddrV4, guest: SocketAddrV4) -> io::Result<OwnedFd> {
-        match self.target(*dst.ip()) {
+    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr) -> io::Result<OwnedFd> {
+        match self.target(dst.ip()) {
             Target::Gateway => self
                 .services
                 .connect_udp(dst.port(), guest)
@@ -211,21 +245,22 @@ impl Dialer for HostDialer {
             Target::Unreachable => Err(unreachable()),
             Target::Refused => Err(self.refused("udp", dst, Some(guest))),
             Target::Host(ip) => {
-                let fd = sock::socket(libc::SOCK_DGRAM, 0)?;
+                let fd = sock::socket_for(ip, libc::SOCK_DGRAM, 0)?;
                 self.bind_outbound(fd.as_fd(), ip)?;
-                sock::connect(fd.as_fd(), SocketAddrV4::new(ip, dst.port()))?;
+                sock::connect(fd.as_fd(), SocketAddr::new(ip, dst.port()))?;
                 Ok(fd)
             }
         }
     }
 
-    fn icmp(&mut self, dst: Ipv4Addr) -> io::Result<(OwnedFd, IcmpKind)> {
+    fn icmp(&mut self, dst: IpAddr) -> io::Result<(OwnedFd, IcmpKind)> {
         let ip = match self.target(dst) {
             Target::Host(ip) => ip,
-            Target::Refused => return Err(self.refused("ping", SocketAddrV4::new(dst, 0), None)),
+            Target::Refused => return Err(self.refused("ping", SocketAddr::new(dst, 0), None)),
             _ => return Err(unreachable()),
         };
-        let Some(kind) = self.icmp_kind else {
+        let kind = if ip.is_ipv6() { self.icmp6_kind } else { self.icmp_kind };
+        let Some(kind) = kind else {
             // Said once, when it first matters: many users never ping.
             if !self.told_no_icmp {
                 self.told_no_icmp = true;
@@ -238,19 +273,25 @@ impl Dialer for HostDialer {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         };
         let fd = match kind {
-            IcmpKind::Ping => sock::socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP)?,
-            IcmpKind::Raw => sock::socket(libc::SOCK_RAW, libc::IPPROTO_ICMP)?,
+            IcmpKind::Ping => sock::socket_for(ip, libc::SOCK_DGRAM, icmp_proto(ip.is_ipv6()))?,
+            IcmpKind::Raw => sock::socket_for(ip, libc::SOCK_RAW, icmp_proto(ip.is_ipv6()))?,
         };
-        sock::connect(fd.as_fd(), SocketAddrV4::new(ip, 0))?;
+        sock::connect(fd.as_fd(), SocketAddr::new(ip, 0))?;
         Ok((fd, kind))
     }
 }
 
-/// Which kind of ICMP socket this process may open: ping sockets first, raw as root.
-fn probe_icmp() -> Option<IcmpKind> {
-    if sock::socket(libc::SOCK_DGRAM, libc::IPPROTO_ICMP).is_ok() {
+fn icmp_proto(v6: bool) -> libc::c_int {
+    if v6 { libc::IPPROTO_ICMPV6 } else { libc::IPPROTO_ICMP }
+}
+
+/// Which kind of ICMP (or ICMPv6) socket this process may open: ping sockets first, raw
+/// as root.
+fn probe_icmp(v6: bool) -> Option<IcmpKind> {
+    let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    if sock::socket_for(any, libc::SOCK_DGRAM, icmp_proto(v6)).is_ok() {
         Some(IcmpKind::Ping)
-    } else if sock::socket(libc::SOCK_RAW, libc::IPPROTO_ICMP).is_ok() {
+    } else if sock::socket_for(any, libc::SOCK_RAW, icmp_proto(v6)).is_ok() {
         Some(IcmpKind::Raw)
     } else {
         None
@@ -265,5 +306,48 @@ pub fn raise_fd_limit() {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: lim is a valid rlimit.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(cfg: &NetConfig, ip: &str) -> &'static str {
+        match target(cfg, ip.parse().unwrap()) {
+            Target::Host(IpAddr::V6(to)) if to.is_loopback() => "host-loopback6",
+            Target::Host(IpAddr::V4(to)) if to.is_loopback() => "host-loopback4",
+            Target::Host(_) => "as-is",
+            Target::Gateway => "gateway",
+            Target::Unreachable => "unreachable",
+            Target::Refused => "refused",
+        }
+    }
+
+    #[test]
+    fn ipv6_destinations() {
+        let cfg = NetConfig::default();
+        assert_eq!(t(&cfg, "fd75:7365:726e::254"), "host-loopback6", "the host address is the host's [::1]");
+        assert_eq!(t(&cfg, "fd75:7365:726e::1"), "gateway");
+        assert_eq!(t(&cfg, "fe80::1"), "gateway");
+        assert_eq!(t(&cfg, "2001:db8::1"), "as-is", "beyond the prefix: through the host's routes");
+        for local in ["::1", "::", "::ffff:127.0.0.1", "::ffff:10.0.0.1"] {
+            assert_eq!(t(&cfg, local), "refused", "{local}: the host's loopback, or IPv4 in disguise");
+        }
+        for nobody in ["fd75:7365:726e::9", "fe80::9", "ff02::1"] {
+            assert_eq!(t(&cfg, nobody), "unreachable", "{nobody}");
+        }
+        let closed = NetConfig { host_loopback: false, ..NetConfig::default() };
+        assert_eq!(t(&closed, "fd75:7365:726e::254"), "refused");
+        // The rules judge the IPv6 host address as 127.0.0.1, as the IPv4 one.
+        let rules = crate::policy::Rules::parse(&[] as &[&str], &["127.0.0.1/32:5432"], &[] as &[&str]).unwrap();
+        let denying =
+            NetConfig { policy: std::sync::Arc::new(crate::policy::Policy::new(rules)), ..NetConfig::default() };
+        let host6: SocketAddr = "[fd75:7365:726e::254]:5432".parse().unwrap();
+        assert!(admit(&denying, Via::Tcp, host6, None).is_err());
+        assert!(admit(&denying, Via::Tcp, "[fd75:7365:726e::254]:5433".parse().unwrap(), None).is_ok());
+        let v4_only = NetConfig { v6: None, ..NetConfig::default() };
+        assert_eq!(t(&v4_only, "2001:db8::1"), "unreachable");
+        assert_eq!(t(&cfg, "192.168.65.254"), "host-loopback4");
     }
 }

@@ -1,10 +1,11 @@
 //! Frame dispatch: every frame from a guest, by protocol. The switch comes first (frames
-//! for other guests go to them), then ARP and ping for the gateway, DHCP, and TCP, UDP and
-//! ICMP echo to their flows, creating a flow on a SYN, a first datagram or a first echo
-//! request. Each new flow is first put to the egress policy (`dial::admit`). Nothing here
-//! panics, whatever the bytes.
+//! for other guests go to them), then ARP and ping for the gateway, DHCP, neighbour and
+//! router discovery (engine/icmpv6.rs), and TCP, UDP and ICMP echo, over IPv4 or IPv6, to
+//! their flows, creating a flow on a SYN, a first datagram or a first echo request. Each
+//! new flow is first put to the egress policy (`dial::admit`). Nothing here panics,
+//! whatever the bytes.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -14,13 +15,14 @@ use usernet_wire::arp::{self, ArpPacket};
 use usernet_wire::ethernet::{self, EthernetHeader};
 use usernet_wire::icmp::{self, IcmpHeader};
 use usernet_wire::ipv4::Ipv4Header;
+use usernet_wire::ipv6::Ipv6Header;
 use usernet_wire::tcp::{ACK, SYN, TcpHeader};
 use usernet_wire::udp::UdpHeader;
-use usernet_wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use usernet_wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 use super::flows::{self, Flow, FlowKey, IcmpFlow, TcpFlow, UdpFlow, Verdict};
 use super::metrics::DropReason;
-use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF};
+use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF, Unreachable};
 use super::{Engine, dial};
 use crate::policy::Via;
 
@@ -42,14 +44,25 @@ impl Engine {
             ethernet::ETHERTYPE_IPV4 => Ipv4Header::parse(payload).map(|(h, _)| h.src),
             _ => None,
         };
+        let src6 = match eth.ethertype {
+            ethernet::ETHERTYPE_IPV6 => {
+                Ipv6Header::parse(payload).map(|(h, _)| h.src).filter(|ip| self.guest_addr6(*ip))
+            }
+            _ => None,
+        };
         let cfg = &self.cfg;
         let guest_addr = |ip: Ipv4Addr| cfg.subnet.contains(ip) && !cfg.is_own_address(ip);
-        // `serve`: a guest may not speak for another (see Switch::admit).
-        if !self.switch.admit(link, eth.src, raw_src, guest_addr) {
+        // `serve`: a guest may not speak for another (see Switch::admit); over IPv6, an
+        // address is the first link's that used it.
+        if !self.switch.admit(link, eth.src, raw_src, guest_addr)
+            || src6.is_some_and(|ip| {
+                self.switch.bind_sources && self.switch.owner_of(ip.into()).is_some_and(|m| m != eth.src)
+            })
+        {
             self.switch.drop_in(DropReason::Spoofed);
             return;
         }
-        let src_ip = raw_src.filter(|ip| guest_addr(*ip));
+        let src_ip = raw_src.filter(|ip| guest_addr(*ip)).map(IpAddr::V4).or(src6.map(IpAddr::V6));
         self.switch.learn(link, eth.src, src_ip);
         // The switch: frames for other guests go to them; broadcasts go to them too.
         if eth.dst != self.cfg.gateway_mac {
@@ -61,8 +74,16 @@ impl Engine {
         match eth.ethertype {
             ethernet::ETHERTYPE_ARP => self.on_arp(payload),
             ethernet::ETHERTYPE_IPV4 => self.on_ipv4(payload, eth.src, now),
+            ethernet::ETHERTYPE_IPV6 if self.cfg.v6.is_some() => self.on_ipv6(payload, eth.src, now),
             _ => self.switch.drop_in(DropReason::Ethertype),
         }
+    }
+
+    /// An address a guest may use as its own over IPv6: one of the network's prefix or a
+    /// link-local one, never usernet's own, a multicast or the unspecified address.
+    pub(super) fn guest_addr6(&self, ip: Ipv6Addr) -> bool {
+        let Some(net) = self.cfg.v6 else { return false };
+        (net.contains(ip) || ip.is_unicast_link_local()) && !self.cfg.is_own_address6(ip)
     }
 
     pub(super) fn on_arp(&mut self, payload: &[u8]) {
@@ -96,10 +117,38 @@ impl Engine {
             self.switch.drop_in(DropReason::Fragment);
             return;
         }
+        let addrs = Addrs { src: ip.src.into(), dst: ip.dst.into() };
         match ip.protocol {
-            PROTO_TCP => self.on_tcp(&ip, payload, now),
-            PROTO_UDP => self.on_udp(&ip, payload, src_mac, now),
+            PROTO_TCP => self.on_tcp(addrs, payload, now),
+            PROTO_UDP => self.on_udp(addrs, payload, src_mac, now),
             PROTO_ICMP => self.on_icmp(&ip, payload, now),
+            _ => self.switch.drop_in(DropReason::IpProtocol),
+        }
+    }
+
+    pub(super) fn on_ipv6(&mut self, packet: &[u8], src_mac: [u8; 6], now: Instant) {
+        let Some((ip, payload)) = Ipv6Header::parse(packet) else {
+            self.switch.drop_in(DropReason::Malformed);
+            return;
+        };
+        if ip.is_fragment {
+            // As over IPv4: the guest's MTU matches the link; fragments are not reassembled.
+            self.switch.drop_in(DropReason::Fragment);
+            return;
+        }
+        if ip.protocol == PROTO_ICMPV6 {
+            self.on_icmpv6(&ip, payload, src_mac, now);
+            return;
+        }
+        if !self.guest_addr6(ip.src) {
+            // TCP and UDP come from a guest's own address, never from a group or from none.
+            self.switch.drop_in(DropReason::Spoofed);
+            return;
+        }
+        let addrs = Addrs { src: ip.src.into(), dst: ip.dst.into() };
+        match ip.protocol {
+            PROTO_TCP => self.on_tcp(addrs, payload, now),
+            PROTO_UDP => self.on_udp(addrs, payload, src_mac, now),
             _ => self.switch.drop_in(DropReason::IpProtocol),
         }
     }
@@ -118,29 +167,27 @@ impl Engine {
             self.switch.send_icmp(ip.dst, ip.src, &reply, len);
             return;
         }
-        let key = FlowKey::Icmp { guest: ip.src, remote: ip.dst, ident: h.ident() };
+        self.echo_through_host(Addrs { src: ip.src.into(), dst: ip.dst.into() }, h.ident(), message, now);
+    }
+
+    /// A guest's echo request (`message`, the whole ICMP or ICMPv6 message) to an address
+    /// beyond the gateway: through its flow's host socket, made on the first request.
+    pub(super) fn echo_through_host(&mut self, ip: Addrs, ident: u16, message: &[u8], now: Instant) {
+        let key = FlowKey::Icmp { guest: ip.src, remote: ip.dst, ident };
         let id = match self.flows.lookup(&key) {
             Some(id) => id,
             None => {
                 self.bound_icmp(now);
-                let admitted = dial::admit(&self.cfg, Via::Icmp, SocketAddrV4::new(ip.dst, 0), None);
+                let admitted = dial::admit(&self.cfg, Via::Icmp, SocketAddr::new(ip.dst, 0), None);
                 let (fd, kind) = match admitted.and_then(|()| self.dialer.icmp(ip.dst)) {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::debug!("ping {} -> {}: {e}", ip.src, ip.dst);
                         if e.raw_os_error() == Some(libc::EACCES) {
                             // The egress policy: the guest's ping fails at once.
-                            let quote = &message[..message.len().min(8)];
-                            let mut q = [0u8; 28];
-                            Ipv4Header::new(ip.src, ip.dst, PROTO_ICMP, message.len()).emit(&mut q);
-                            q[20..20 + quote.len()].copy_from_slice(quote);
-                            self.switch.send_icmp_error(
-                                ip.dst,
-                                ip.src,
-                                icmp::TYPE_DEST_UNREACHABLE,
-                                icmp::CODE_ADMIN_PROHIBITED,
-                                &q[..20 + quote.len()],
-                            );
+                            let proto = if ip.dst.is_ipv6() { PROTO_ICMPV6 } else { PROTO_ICMP };
+                            let why = Unreachable::AdminProhibited;
+                            self.switch.send_unreachable(ip.src, ip.dst, why, proto, message.len(), message);
                         }
                         return;
                     }
@@ -148,7 +195,7 @@ impl Engine {
                 if !self.within_fd_reserve(fd.as_raw_fd(), now) {
                     return;
                 }
-                let flow = Flow::Icmp(IcmpFlow::new(ip.src, ip.dst, h.ident(), fd, kind, now));
+                let flow = Flow::Icmp(IcmpFlow::new(ip.src, ip.dst, ident, fd, kind, now));
                 match self.add_flow(flow, Interest::READABLE) {
                     Some(id) => id,
                     None => return,
@@ -162,19 +209,28 @@ impl Engine {
         self.after(id, Verdict::Keep);
     }
 
-    pub(super) fn on_udp(&mut self, ip: &Ipv4Header, datagram: &[u8], src_mac: [u8; 6], now: Instant) {
+    pub(super) fn on_udp(&mut self, ip: Addrs, datagram: &[u8], src_mac: [u8; 6], now: Instant) {
         let Some((h, payload)) = UdpHeader::parse(datagram) else {
             return;
         };
-        if h.dst_port == 67 && (ip.dst == self.cfg.gateway || ip.dst.is_broadcast()) {
-            self.on_dhcp(payload, src_mac, now);
-            return;
+        match ip.dst {
+            IpAddr::V4(dst) => {
+                if h.dst_port == 67 && (dst == self.cfg.gateway || dst.is_broadcast()) {
+                    self.on_dhcp(payload, src_mac, now);
+                    return;
+                }
+                if dst.is_broadcast() || dst.is_multicast() || dst == self.cfg.subnet.broadcast() {
+                    return;
+                }
+            }
+            IpAddr::V6(dst) => {
+                if dst.is_multicast() {
+                    return;
+                }
+            }
         }
-        if ip.dst.is_broadcast() || ip.dst.is_multicast() || ip.dst == self.cfg.subnet.broadcast() {
-            return;
-        }
-        let guest = SocketAddrV4::new(ip.src, h.src_port);
-        let remote = SocketAddrV4::new(ip.dst, h.dst_port);
+        let guest = SocketAddr::new(ip.src, h.src_port);
+        let remote = SocketAddr::new(ip.dst, h.dst_port);
         let key = FlowKey::Udp { guest, remote };
         let id = match self.flows.lookup(&key) {
             Some(id) => id,
@@ -184,31 +240,20 @@ impl Engine {
                 let fd = match admitted.and_then(|()| self.dialer.udp(remote, guest)) {
                     Ok(fd) => fd,
                     Err(e) => {
-                        let code = match e.raw_os_error() {
-                            Some(libc::ECONNREFUSED) => icmp::CODE_PORT_UNREACHABLE,
-                            Some(libc::EACCES) => icmp::CODE_ADMIN_PROHIBITED,
-                            Some(libc::ENETUNREACH) => icmp::CODE_NET_UNREACHABLE,
-                            _ => icmp::CODE_HOST_UNREACHABLE,
-                        };
                         tracing::debug!("udp {guest} -> {remote}: {e}");
-                        let quote = &datagram[..datagram.len().min(8)];
-                        let mut q = [0u8; 28];
-                        Ipv4Header::new(ip.src, ip.dst, PROTO_UDP, datagram.len()).emit(&mut q);
-                        q[20..20 + quote.len()].copy_from_slice(quote);
-                        self.switch.send_icmp_error(
-                            ip.dst,
-                            ip.src,
-                            icmp::TYPE_DEST_UNREACHABLE,
-                            code,
-                            &q[..20 + quote.len()],
-                        );
+                        let why = Unreachable::from_errno(e.raw_os_error().unwrap_or(libc::EHOSTUNREACH));
+                        self.switch.send_unreachable(ip.src, ip.dst, why, PROTO_UDP, datagram.len(), datagram);
                         return;
                     }
                 };
                 if !self.within_fd_reserve(fd.as_raw_fd(), now) {
                     return;
                 }
-                let flow = if self.cfg.dns == Some(ip.dst) && h.dst_port == 53 {
+                let to_gateway_dns = match ip.dst {
+                    IpAddr::V4(dst) => self.cfg.dns == Some(dst),
+                    IpAddr::V6(dst) => self.cfg.v6.is_some_and(|n| dst == n.gateway),
+                };
+                let flow = if to_gateway_dns && h.dst_port == 53 {
                     self.bound_gateway_dns(now);
                     Flow::Udp(UdpFlow::new_gateway_dns(guest, remote, fd, now))
                 } else {
@@ -259,19 +304,19 @@ impl Engine {
         }
         self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + n].copy_from_slice(&reply.payload);
         self.switch.send_udp_to_mac(
-            SocketAddrV4::new(self.cfg.gateway, 67),
-            SocketAddrV4::new(reply.dst_ip, 68),
+            SocketAddrV4::new(self.cfg.gateway, 67).into(),
+            SocketAddrV4::new(reply.dst_ip, 68).into(),
             n,
             Some(reply.dst_mac),
         );
     }
 
-    pub(super) fn on_tcp(&mut self, ip: &Ipv4Header, segment: &[u8], now: Instant) {
+    pub(super) fn on_tcp(&mut self, ip: Addrs, segment: &[u8], now: Instant) {
         let Some((h, payload)) = TcpHeader::parse(segment) else {
             return;
         };
-        let guest = SocketAddrV4::new(ip.src, h.src_port);
-        let remote = SocketAddrV4::new(ip.dst, h.dst_port);
+        let guest = SocketAddr::new(ip.src, h.src_port);
+        let remote = SocketAddr::new(ip.dst, h.dst_port);
         let key = FlowKey::Tcp { guest, remote };
         if let Some(id) = self.flows.lookup(&key) {
             let verdict = match self.flows.get_mut(id) {
@@ -295,7 +340,11 @@ impl Engine {
             flows::tcp::reset_stray(&mut self.switch, guest, remote, &h, payload.len());
             return;
         }
-        if ip.dst.is_broadcast() || ip.dst.is_multicast() {
+        let broadcast = match ip.dst {
+            IpAddr::V4(dst) => dst.is_broadcast() || dst.is_multicast(),
+            IpAddr::V6(dst) => dst.is_multicast(),
+        };
+        if broadcast {
             return;
         }
         // The egress policy first: a denied destination is not for a hook either (the
@@ -308,7 +357,11 @@ impl Engine {
             flows::tcp::reset_syn(&mut self.switch, guest, remote, h.seq);
             return;
         }
-        let hooked = self.tcp_hooks.iter_mut().find_map(|hook| hook(remote, guest));
+        // The hooks (the guest API, the transparent proxy) take IPv4 for now.
+        let hooked = match (remote, guest) {
+            (SocketAddr::V4(r), SocketAddr::V4(g)) => self.tcp_hooks.iter_mut().find_map(|hook| hook(r, g)),
+            _ => None,
+        };
         let dialled = match hooked {
             Some(r) => r.map(|fd| dial::TcpDial { fd, connected: true, is_tcp: false }),
             None => self.dialer.tcp(remote, guest),
@@ -340,4 +393,11 @@ impl Engine {
         };
         self.after(id, verdict);
     }
+}
+
+/// The addresses of a guest's IP packet, of either family: what TCP and UDP need of it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Addrs {
+    pub src: IpAddr,
+    pub dst: IpAddr,
 }

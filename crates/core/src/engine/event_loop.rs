@@ -75,6 +75,7 @@ impl Engine {
                 self.udp_batch.flush();
             }
             self.run_timers(Instant::now());
+            self.advertise_router_when_due(now);
             self.flush_acks(Instant::now());
             self.flush_links();
             self.loop_counters.busy_nanos += Instant::now().saturating_duration_since(now).as_nanos() as u64;

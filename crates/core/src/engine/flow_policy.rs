@@ -142,7 +142,7 @@ impl Engine {
 
     /// Whether a guest at `guest` may open one more TCP flow: not beyond `--max-tcp-flows`
     /// in all nor `--max-tcp-flows-per-guest` for it (else the limit is counted and logged).
-    pub(super) fn may_open_tcp(&mut self, guest: std::net::Ipv4Addr, now: Instant) -> bool {
+    pub(super) fn may_open_tcp(&mut self, guest: std::net::IpAddr, now: Instant) -> bool {
         let limits = self.cfg.limits;
         if self.flows.tcp_count >= limits.max_tcp_flows {
             self.limit_reached(Limit::TcpFlows, now, || {

@@ -168,7 +168,7 @@ impl Engine {
             } else {
                 fd
             };
-            let remote = guest_view_of_client(client, self.cfg.host);
+            let (guest, remote) = (SocketAddr::V4(guest), SocketAddr::V4(guest_view_of_client(client, self.cfg.host)));
             let key = FlowKey::Tcp { guest, remote };
             if self.flows.lookup(&key).is_some() {
                 tracing::debug!("{client} -> {guest}: that address pair is busy; reset");
@@ -225,7 +225,7 @@ impl Engine {
     }
 
     fn receive_all(&mut self, listener: &Rc<OwnedFd>, guest: SocketAddrV4, listener_id: u32, now: Instant) {
-        let max = self.switch.max_udp_payload();
+        let max = self.switch.max_udp_payload(false);
         for _ in 0..1024 {
             let buf = &mut self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
             let (n, client) = match sock::recv_from(listener.as_fd(), buf) {
@@ -240,7 +240,7 @@ impl Engine {
                 tracing::debug!("{client}: {n}-byte datagram exceeds the guest MTU; dropped");
                 continue;
             }
-            let remote = guest_view_of_client(client, self.cfg.host);
+            let (guest, remote) = (SocketAddr::V4(guest), SocketAddr::V4(guest_view_of_client(client, self.cfg.host)));
             let key = FlowKey::Udp { guest, remote };
             let id = match self.flows.lookup(&key) {
                 Some(id) => id,

@@ -13,14 +13,18 @@ use serde::Serialize;
 /// Why a frame was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// From a guest: too short or inconsistent to parse (Ethernet or IPv4 header).
+    /// From a guest: too short or inconsistent to parse (Ethernet, IPv4 or IPv6 header).
     Malformed,
-    /// From a guest: neither ARP nor IPv4.
+    /// From a guest: neither ARP, IPv4 nor IPv6 (IPv6 with `--ipv4-only`).
     Ethertype,
-    /// From a guest: an IPv4 fragment (not reassembled; the guest's MTU matches the link).
+    /// From a guest: an IP fragment (not reassembled; the guest's MTU matches the link).
     Fragment,
-    /// From a guest: an IP protocol other than TCP, UDP and ICMP.
+    /// From a guest: an IP protocol other than TCP, UDP, ICMP and ICMPv6.
     IpProtocol,
+    /// From a guest: an ICMPv6 message that is invalid (checksum, length, a neighbour
+    /// discovery message with a hop limit below 255) or not for a guest to send (a router
+    /// advertisement, a redirect).
+    Icmpv6,
     /// From a guest: a source MAC or address that is not its link's guest's (`serve`).
     Spoofed,
     /// To a guest: its MAC is not known yet and the frame could not wait for the ARP reply
@@ -31,11 +35,12 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Malformed,
         DropReason::Ethertype,
         DropReason::Fragment,
         DropReason::IpProtocol,
+        DropReason::Icmpv6,
         DropReason::Spoofed,
         DropReason::NoNeighbour,
         DropReason::SendError,
@@ -48,6 +53,7 @@ impl DropReason {
             DropReason::Ethertype => "ethertype",
             DropReason::Fragment => "fragment",
             DropReason::IpProtocol => "ip_protocol",
+            DropReason::Icmpv6 => "icmpv6",
             DropReason::Spoofed => "spoofed",
             DropReason::NoNeighbour => "no_neighbour",
             DropReason::SendError => "send_error",
@@ -251,7 +257,7 @@ pub struct LinkSample {
     pub name: String,
     pub counters: LinkCounters,
     /// The guests behind it (MAC and addresses, as the switch learnt them).
-    pub guests: Vec<(usernet_wire::Mac, Vec<std::net::Ipv4Addr>)>,
+    pub guests: Vec<(usernet_wire::Mac, Vec<std::net::IpAddr>)>,
 }
 
 /// One published port, as `/metrics` shows it.

@@ -20,6 +20,7 @@
 //! Where each part is:
 //! - `event_loop`: the loop itself (`Engine::run`), link reads and writes, timers' clock;
 //! - `dispatch`: a frame's way in, by protocol (switching, ARP, ping, DHCP, TCP, UDP, ICMP);
+//! - `icmpv6`: neighbour and router discovery for the IPv6 network, and IPv6 ping;
 //! - `flow_policy`: the flow table's book-keeping and bounds (caps, eviction, timers, ACKs);
 //! - `flows`: the flow table and one module per kind of flow (the TCP translator in
 //!   `flows::tcp`, with its own theory of operation);
@@ -40,6 +41,7 @@ mod event_loop;
 pub mod flow_policy;
 pub mod flows;
 pub mod guest_sockets;
+mod icmpv6;
 pub mod listeners;
 pub mod metrics;
 pub mod sock;
@@ -121,6 +123,8 @@ pub struct Engine {
     loop_counters: metrics::LoopCounters,
     /// The gateway services' counters, reported with the engine's own (for `/metrics`).
     service_metrics: Option<Arc<crate::services::metrics::ServiceMetrics>>,
+    /// When all nodes get the next router advertisement (None: at once; see icmpv6.rs).
+    next_router_advert: Option<Instant>,
 }
 
 impl Engine {
@@ -170,7 +174,12 @@ impl Engine {
     /// trip. Not for interfaces configured by others (slirp4netns mode without
     /// `--configure`): a wrong MAC would hide the guest until it speaks.
     pub fn set_guest_mac(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
-        self.switch.add_neighbour(ip, mac);
+        self.switch.add_neighbour(ip.into(), mac);
+    }
+
+    /// The same for the guest's IPv6 address.
+    pub fn set_guest_mac6(&mut self, mac: [u8; 6], ip: std::net::Ipv6Addr) {
+        self.switch.add_neighbour(ip.into(), mac);
     }
 
     /// The guest is a network namespace on this host (`run`): connections from the host's
@@ -221,6 +230,8 @@ impl Engine {
             self.replace_guest(mac, ip, &name);
         }
         let index = self.switch.add_link(link);
+        // A new guest hears of the IPv6 router at once (it may not solicit).
+        self.next_router_advert = None;
         let token = Token(LINK_BIT | index);
         if let Err(e) =
             self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE)
@@ -283,6 +294,7 @@ impl Engine {
             stop: None,
             loop_counters: metrics::LoopCounters::default(),
             service_metrics: None,
+            next_router_advert: None,
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
             busy_poll: busy_poll::BusyPoll::new(Duration::ZERO),
@@ -316,5 +328,7 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod ipv6_tests;
 #[cfg(test)]
 mod tests;

@@ -212,8 +212,17 @@ pub fn set_linger_zero(fd: BorrowedFd<'_>) {
 
 /// A non-blocking, close-on-exec IPv4 socket.
 pub fn socket(kind: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    socket_in(libc::AF_INET, kind, proto)
+}
+
+/// The same for the family of `ip`: IPv4 or IPv6.
+pub fn socket_for(ip: std::net::IpAddr, kind: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    socket_in(if ip.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET }, kind, proto)
+}
+
+fn socket_in(family: libc::c_int, kind: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the returned descriptor is owned by the OwnedFd.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -232,12 +241,10 @@ pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
 }
 
 /// Starts a connect; Ok(true) when it completed at once, Ok(false) when in progress.
-pub fn connect(fd: BorrowedFd<'_>, addr: SocketAddrV4) -> io::Result<bool> {
-    let sa = sockaddr_in(addr);
-    // SAFETY: sa is a valid sockaddr_in of the length given.
-    let r = unsafe {
-        libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_in>() as u32)
-    };
+pub fn connect(fd: BorrowedFd<'_>, addr: impl Into<std::net::SocketAddr>) -> io::Result<bool> {
+    let (sa, len) = sockaddr(addr.into());
+    // SAFETY: sa is a valid socket address of the length given.
+    let r = unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
     if r == 0 {
         return Ok(true);
     }

@@ -5,20 +5,24 @@
 //!
 //! It also builds the frames the engine sends to the guests: one reusable buffer in which a
 //! flow places its payload, then the headers are written in front of it and the frame goes
-//! out (and to the pcap).
+//! out (and to the pcap). The transport header always starts at [`L4_OFF`], after room for
+//! the larger IP header (IPv6's 40 bytes): an IPv6 frame starts at the buffer's first byte,
+//! an IPv4 frame 20 bytes later. So a flow places its payload at one offset whatever its
+//! family.
 //!
 //! The MAC table holds at most [`MAX_MACS_PER_LINK`] MACs per link: a guest that floods
 //! frames from made-up MACs cannot grow it further (frames for MACs it could not learn are
 //! flooded, as a switch with a full table does), and the log says so once per link.
 //!
 //! A frame for a guest address whose MAC is not known yet (a client of a published port
-//! before the guest has said anything) waits while the switch asks for it with ARP, as the
+//! before the guest has said anything) waits while the switch asks for it with ARP (IPv4)
+//! or a neighbour solicitation (IPv6), as the
 //! kernel's queue of unresolved neighbours does: at most [`PENDING_PER_IP`] frames per
 //! address, for at most [`PENDING_TTL`], for at most [`MAX_PENDING_IPS`] addresses; the ARP
 //! reply (or any frame of the guest's that teaches its MAC) sends them, in order.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::metrics::{Counters, DropReason, Limit, LinkCounters};
@@ -26,17 +30,76 @@ use crate::link::Link;
 use crate::pcap::PcapWriter;
 use usernet_wire::icmp::IcmpHeader;
 use usernet_wire::ipv4::{self, Ipv4Header};
+use usernet_wire::ipv6::{self, Ipv6Header};
 use usernet_wire::tcp::TcpHeader;
 use usernet_wire::udp::{self, UdpHeader};
 use usernet_wire::vnet_hdr::{self, VnetHdr};
-use usernet_wire::{BROADCAST_MAC, Mac, PROTO_ICMP, PROTO_TCP, PROTO_UDP, arp, ethernet};
+use usernet_wire::{BROADCAST_MAC, Mac, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, arp, ethernet};
 
+/// Where the transport header (TCP, UDP, ICMP, ICMPv6) starts in the frame buffer, for
+/// either IP family (see the top of this file).
+pub const L4_OFF: usize = ethernet::HEADER_LEN + ipv6::HEADER_LEN;
 /// Where a data segment's payload starts in the frame buffer (no TCP options on data).
-pub const TCP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + usernet_wire::tcp::HEADER_LEN;
+pub const TCP_PAYLOAD_OFF: usize = L4_OFF + usernet_wire::tcp::HEADER_LEN;
 /// Where a UDP payload starts in the frame buffer.
-pub const UDP_PAYLOAD_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + udp::HEADER_LEN;
-/// Where ICMP data (after the 8-byte ICMP header) starts in the frame buffer.
-pub const ICMP_DATA_OFF: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + usernet_wire::icmp::HEADER_LEN;
+pub const UDP_PAYLOAD_OFF: usize = L4_OFF + udp::HEADER_LEN;
+/// Where ICMP or ICMPv6 data (after the 8-byte header) starts in the frame buffer.
+pub const ICMP_DATA_OFF: usize = L4_OFF + usernet_wire::icmp::HEADER_LEN;
+
+/// Length of the IP header usernet emits for a family.
+pub fn ip_header_len(v6: bool) -> usize {
+    if v6 { ipv6::HEADER_LEN } else { ipv4::HEADER_LEN }
+}
+
+/// Where a frame of the family starts in the buffer.
+fn frame_start(v6: bool) -> usize {
+    ipv6::HEADER_LEN - ip_header_len(v6)
+}
+
+/// Why a guest's packet could not be delivered (an ICMP or ICMPv6 destination unreachable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreachable {
+    /// The host has no route to the network.
+    Net,
+    /// The host could not reach the address.
+    Host,
+    /// Nothing listens on the port.
+    Port,
+    /// The egress policy denied it.
+    AdminProhibited,
+}
+
+impl Unreachable {
+    /// The ICMPv4 code (RFC 792, RFC 1812).
+    fn code_v4(self) -> u8 {
+        match self {
+            Unreachable::Net => usernet_wire::icmp::CODE_NET_UNREACHABLE,
+            Unreachable::Host => usernet_wire::icmp::CODE_HOST_UNREACHABLE,
+            Unreachable::Port => usernet_wire::icmp::CODE_PORT_UNREACHABLE,
+            Unreachable::AdminProhibited => usernet_wire::icmp::CODE_ADMIN_PROHIBITED,
+        }
+    }
+
+    /// The ICMPv6 code (RFC 4443 section 3.1).
+    fn code_v6(self) -> u8 {
+        match self {
+            Unreachable::Net => usernet_wire::icmpv6::CODE_NO_ROUTE,
+            Unreachable::Host => usernet_wire::icmpv6::CODE_ADDRESS_UNREACHABLE,
+            Unreachable::Port => usernet_wire::icmpv6::CODE_PORT_UNREACHABLE,
+            Unreachable::AdminProhibited => usernet_wire::icmpv6::CODE_ADMIN_PROHIBITED,
+        }
+    }
+
+    /// From the errno of a failed connect or send.
+    pub fn from_errno(err: i32) -> Unreachable {
+        match err {
+            libc::ECONNREFUSED => Unreachable::Port,
+            libc::EACCES | libc::EPERM => Unreachable::AdminProhibited,
+            libc::ENETUNREACH => Unreachable::Net,
+            _ => Unreachable::Host,
+        }
+    }
+}
 
 /// MACs learned per guest link (a VM has one, a link to another switch a few hundred).
 pub const MAX_MACS_PER_LINK: usize = 1024;
@@ -85,16 +148,20 @@ pub struct Switch {
     pub links: Vec<Option<LinkSlot>>,
     /// Which link each guest MAC was last seen on.
     macs: HashMap<Mac, usize>,
-    /// Which MAC each guest address has (from ARP and from the guests' IP frames).
-    neighbours: HashMap<Ipv4Addr, Mac>,
-    /// When an ARP request last went out for an address whose MAC is unknown.
-    arp_asked: HashMap<Ipv4Addr, Instant>,
+    /// Which MAC each guest address has (from ARP, neighbour discovery and the guests' IP
+    /// frames).
+    neighbours: HashMap<IpAddr, Mac>,
+    /// When an ARP request or neighbour solicitation last went out for an address whose
+    /// MAC is unknown.
+    arp_asked: HashMap<IpAddr, Instant>,
     /// Frames waiting for the MAC of their destination (see the top of this file).
-    pending: HashMap<Ipv4Addr, Pending>,
+    pending: HashMap<IpAddr, Pending>,
     pub pcap: Option<PcapWriter>,
     buf: Vec<u8>,
     pub gateway_mac: Mac,
     gateway_ip: Ipv4Addr,
+    /// The gateway's IPv6 link-local address: the source of its neighbour solicitations.
+    pub gateway_ip6: Ipv6Addr,
     /// Ethernet destination of the frame in the buffer.
     dst_mac: Mac,
     /// Offload instructions for the frame in the buffer, when it has any.
@@ -118,14 +185,15 @@ fn fmt_mac(m: Mac) -> String {
     format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
 }
 
-/// Largest TCP payload of one offloaded frame (the IPv4 total length is 16 bits).
+/// Largest TCP payload of one offloaded frame (the IPv4 total length is 16 bits; IPv6's
+/// payload length leaves 20 more bytes, unused).
 pub const MAX_GSO_PAYLOAD: usize = 65535 - ipv4::HEADER_LEN - usernet_wire::tcp::HEADER_LEN;
 
 impl Switch {
     /// The guests behind link `index`, as the switch learnt them: each MAC last seen on it
     /// and the addresses it has (for the dashboard; off the data path, it walks the tables).
-    pub fn guests_on(&self, index: usize) -> Vec<(Mac, Vec<Ipv4Addr>)> {
-        let mut guests: Vec<(Mac, Vec<Ipv4Addr>)> =
+    pub fn guests_on(&self, index: usize) -> Vec<(Mac, Vec<IpAddr>)> {
+        let mut guests: Vec<(Mac, Vec<IpAddr>)> =
             self.macs.iter().filter(|(_, link)| **link == index).map(|(mac, _)| (*mac, Vec::new())).collect();
         for (ip, mac) in &self.neighbours {
             if let Some((_, ips)) = guests.iter_mut().find(|(m, _)| m == mac) {
@@ -147,9 +215,10 @@ impl Switch {
             arp_asked: HashMap::new(),
             pending: HashMap::new(),
             pcap,
-            buf: vec![0u8; ethernet::HEADER_LEN + 65535],
+            buf: vec![0u8; L4_OFF + 65535],
             gateway_mac,
             gateway_ip,
+            gateway_ip6: crate::config::GATEWAY_LINK_LOCAL,
             dst_mac: BROADCAST_MAC,
             vnet: None,
             mtu,
@@ -174,9 +243,9 @@ impl Switch {
         &mut self.buf
     }
 
-    /// Largest TCP payload that fits the MTU.
-    pub fn max_tcp_payload(&self) -> usize {
-        self.mtu - ipv4::HEADER_LEN - usernet_wire::tcp::HEADER_LEN
+    /// Largest TCP payload that fits the MTU, over IPv6 or IPv4.
+    pub fn max_tcp_payload(&self, v6: bool) -> usize {
+        self.mtu - ip_header_len(v6) - usernet_wire::tcp::HEADER_LEN
     }
 
     /// Largest TCP payload `send_tcp_data` takes at once: 64 KiB, one offloaded frame or
@@ -189,16 +258,10 @@ impl Switch {
     /// segments of at most `mss` bytes: one offloaded frame that the guest's kernel splits
     /// when the link offloads, else one frame per segment, cut here. So a flow reads its
     /// socket once for 64 KiB, not once per segment.
-    pub fn send_tcp_data(
-        &mut self,
-        from: SocketAddrV4,
-        to: SocketAddrV4,
-        hdr: &TcpHeader,
-        payload_len: usize,
-        mss: usize,
-    ) {
+    pub fn send_tcp_data(&mut self, from: SocketAddr, to: SocketAddr, hdr: &TcpHeader, payload_len: usize, mss: usize) {
+        let v6 = to.is_ipv6();
         if !self.offload {
-            let mss = mss.clamp(1, self.max_tcp_payload());
+            let mss = mss.clamp(1, self.max_tcp_payload(v6));
             let mut off = 0;
             loop {
                 let n = (payload_len - off).min(mss);
@@ -223,106 +286,172 @@ impl Switch {
                 off += n;
             }
         }
-        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+        let iph = ip_header_len(v6);
         let tcp_len = hdr.emit_len() + payload_len;
-        hdr.emit_partial(&mut self.buf[l4..], payload_len, *from.ip(), *to.ip());
+        hdr.emit_partial(&mut self.buf[L4_OFF..], payload_len, from.ip(), to.ip());
         let gso = payload_len > mss;
         self.vnet = Some(VnetHdr {
             flags: vnet_hdr::F_NEEDS_CSUM,
-            gso_type: if gso { vnet_hdr::GSO_TCPV4 } else { vnet_hdr::GSO_NONE },
-            hdr_len: (l4 + hdr.emit_len()) as u16,
+            gso_type: match (gso, v6) {
+                (false, _) => vnet_hdr::GSO_NONE,
+                (true, false) => vnet_hdr::GSO_TCPV4,
+                (true, true) => vnet_hdr::GSO_TCPV6,
+            },
+            hdr_len: (ethernet::HEADER_LEN + iph + hdr.emit_len()) as u16,
             gso_size: if gso { mss as u16 } else { 0 },
-            csum_start: l4 as u16,
+            csum_start: (ethernet::HEADER_LEN + iph) as u16,
             csum_offset: 16,
         });
-        self.finish_ipv4(*from.ip(), *to.ip(), PROTO_TCP, tcp_len, None);
+        self.finish_ip(from.ip(), to.ip(), PROTO_TCP, tcp_len, None);
         self.vnet = None;
     }
 
-    /// Largest UDP payload that fits the MTU.
-    pub fn max_udp_payload(&self) -> usize {
-        self.mtu - ipv4::HEADER_LEN - udp::HEADER_LEN
+    /// Largest UDP payload that fits the MTU, over IPv6 or IPv4.
+    pub fn max_udp_payload(&self, v6: bool) -> usize {
+        self.mtu - ip_header_len(v6) - udp::HEADER_LEN
     }
 
     /// Sends a TCP segment whose payload (if any) is already at the offset that
     /// `hdr.emit_len()` implies (TCP_PAYLOAD_OFF when the header has no options).
-    pub fn send_tcp(&mut self, from: SocketAddrV4, to: SocketAddrV4, hdr: &TcpHeader, payload_len: usize) {
-        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+    pub fn send_tcp(&mut self, from: SocketAddr, to: SocketAddr, hdr: &TcpHeader, payload_len: usize) {
         let tcp_len = hdr.emit_len() + payload_len;
-        hdr.emit(&mut self.buf[l4..], payload_len, *from.ip(), *to.ip());
-        self.finish_ipv4(*from.ip(), *to.ip(), PROTO_TCP, tcp_len, None);
+        hdr.emit(&mut self.buf[L4_OFF..], payload_len, from.ip(), to.ip());
+        self.finish_ip(from.ip(), to.ip(), PROTO_TCP, tcp_len, None);
     }
 
     /// Sends a UDP datagram whose payload is already at UDP_PAYLOAD_OFF.
-    pub fn send_udp(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload_len: usize) {
+    pub fn send_udp(&mut self, from: SocketAddr, to: SocketAddr, payload_len: usize) {
         self.send_udp_to_mac(from, to, payload_len, None);
     }
 
     /// The same, to a given MAC (DHCP replies to a client without an address).
-    pub fn send_udp_to_mac(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload_len: usize, mac: Option<Mac>) {
-        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+    pub fn send_udp_to_mac(&mut self, from: SocketAddr, to: SocketAddr, payload_len: usize, mac: Option<Mac>) {
         UdpHeader { src_port: from.port(), dst_port: to.port() }.emit(
-            &mut self.buf[l4..],
+            &mut self.buf[L4_OFF..],
             payload_len,
-            *from.ip(),
-            *to.ip(),
+            from.ip(),
+            to.ip(),
         );
-        self.finish_ipv4(*from.ip(), *to.ip(), PROTO_UDP, udp::HEADER_LEN + payload_len, mac);
+        self.finish_ip(from.ip(), to.ip(), PROTO_UDP, udp::HEADER_LEN + payload_len, mac);
     }
 
     /// Sends an ICMP message whose data is already at ICMP_DATA_OFF.
     pub fn send_icmp(&mut self, from: Ipv4Addr, to: Ipv4Addr, hdr: &IcmpHeader, data_len: usize) {
-        let l4 = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
-        hdr.emit(&mut self.buf[l4..], data_len);
-        self.finish_ipv4(from, to, PROTO_ICMP, usernet_wire::icmp::HEADER_LEN + data_len, None);
+        hdr.emit(&mut self.buf[L4_OFF..], data_len);
+        self.finish_ip(from.into(), to.into(), PROTO_ICMP, usernet_wire::icmp::HEADER_LEN + data_len, None);
     }
 
-    /// Sends an ICMP error about `original` (the guest's IP packet, header first), quoting
-    /// its IP header and first 8 bytes of payload as RFC 792 asks.
-    pub fn send_icmp_error(&mut self, from: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, original: &[u8]) {
-        let quote = original.len().min(ipv4::HEADER_LEN + 8 + 40);
-        self.buf[ICMP_DATA_OFF..ICMP_DATA_OFF + quote].copy_from_slice(&original[..quote]);
-        let hdr = IcmpHeader { kind, code, rest: [0; 4] };
-        self.send_icmp(from, to, &hdr, quote);
+    /// Sends an ICMPv6 message (type, code, the 4 bytes after the checksum) whose data is
+    /// already at ICMP_DATA_OFF; to `mac` when given (an answer to an address without a
+    /// neighbour entry yet, as duplicate address detection uses).
+    pub fn send_icmpv6(&mut self, from: Ipv6Addr, to: Ipv6Addr, hdr: &IcmpHeader, data_len: usize, mac: Option<Mac>) {
+        let m = &mut self.buf[L4_OFF..ICMP_DATA_OFF];
+        m[0] = hdr.kind;
+        m[1] = hdr.code;
+        m[4..8].copy_from_slice(&hdr.rest);
+        self.send_icmpv6_message(from, to, usernet_wire::icmp::HEADER_LEN + data_len, mac);
     }
 
-    fn finish_ipv4(&mut self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize, mac: Option<Mac>) {
-        let dst_mac = match mac {
-            Some(m) => m,
-            None if dst.is_broadcast() => BROADCAST_MAC,
-            None => match self.neighbours.get(&dst) {
-                Some(m) => *m,
-                None => {
-                    // The guest has not spoken yet (a connection to a published port came
-                    // first): the frame waits for the answer to an ARP request. (An
-                    // offloaded frame is dropped instead: it is TCP data, retransmitted.)
-                    if self.vnet.take().is_none() {
-                        Ipv4Header::new(src, dst, proto, l4_len).emit(&mut self.buf[ethernet::HEADER_LEN..]);
-                        let eth = ethernet::EthernetHeader {
-                            dst: [0; 6],
-                            src: self.gateway_mac,
-                            ethertype: ethernet::ETHERTYPE_IPV4,
-                        };
-                        eth.emit(&mut self.buf);
-                        self.hold(dst, ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4_len);
-                    } else {
-                        self.counters.dropped(DropReason::NoNeighbour);
-                    }
-                    self.ask_mac(dst);
-                    return;
-                }
-            },
+    /// Where a whole ICMPv6 message is written for [`Self::send_icmpv6_message`].
+    pub fn l4_buf(&mut self) -> &mut [u8] {
+        &mut self.buf[L4_OFF..]
+    }
+
+    /// Sends the `len`-byte ICMPv6 message at [`L4_OFF`] (its checksum filled in here).
+    pub fn send_icmpv6_message(&mut self, from: Ipv6Addr, to: Ipv6Addr, len: usize, mac: Option<Mac>) {
+        usernet_wire::icmpv6::fill_checksum(&mut self.buf[L4_OFF..L4_OFF + len], from, to);
+        self.finish_ip(from.into(), to.into(), PROTO_ICMPV6, len, mac);
+    }
+
+    /// Tells the guest at `guest` that its packet to `remote` could not be delivered: an
+    /// ICMP or ICMPv6 destination unreachable quoting the packet's IP header (rebuilt: the
+    /// guest's packet had `l4_len` bytes of protocol `proto`) and `l4_head`, its first
+    /// bytes (8 are enough: RFC 792; ICMPv6 quotes as much as fits, this is what usernet
+    /// keeps).
+    pub fn send_unreachable(
+        &mut self,
+        guest: IpAddr,
+        remote: IpAddr,
+        why: Unreachable,
+        proto: u8,
+        l4_len: usize,
+        l4_head: &[u8],
+    ) {
+        let head = &l4_head[..l4_head.len().min(8)];
+        match (guest, remote) {
+            (IpAddr::V6(g), IpAddr::V6(r)) => {
+                Ipv6Header::new(g, r, proto, l4_len).emit(&mut self.buf[ICMP_DATA_OFF..]);
+                let at = ICMP_DATA_OFF + ipv6::HEADER_LEN;
+                self.buf[at..at + head.len()].copy_from_slice(head);
+                let hdr =
+                    IcmpHeader { kind: usernet_wire::icmpv6::TYPE_DEST_UNREACHABLE, code: why.code_v6(), rest: [0; 4] };
+                self.send_icmpv6(r, g, &hdr, ipv6::HEADER_LEN + head.len(), None);
+            }
+            (IpAddr::V4(g), IpAddr::V4(r)) => {
+                Ipv4Header::new(g, r, proto, l4_len).emit(&mut self.buf[ICMP_DATA_OFF..]);
+                let at = ICMP_DATA_OFF + ipv4::HEADER_LEN;
+                self.buf[at..at + head.len()].copy_from_slice(head);
+                let hdr =
+                    IcmpHeader { kind: usernet_wire::icmp::TYPE_DEST_UNREACHABLE, code: why.code_v4(), rest: [0; 4] };
+                self.send_icmp(r, g, &hdr, ipv4::HEADER_LEN + head.len());
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes the IP and Ethernet headers in front of the `l4_len` bytes at [`L4_OFF`] and
+    /// sends the frame, or holds it while the destination's MAC is asked for.
+    fn finish_ip(&mut self, src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize, mac: Option<Mac>) {
+        let v6 = dst.is_ipv6();
+        let start = frame_start(v6);
+        let len = ethernet::HEADER_LEN + ip_header_len(v6) + l4_len;
+        let dst_mac = match (mac, dst) {
+            (Some(m), _) => Some(m),
+            (None, IpAddr::V4(d)) if d.is_broadcast() => Some(BROADCAST_MAC),
+            (None, IpAddr::V6(d)) if d.is_multicast() => {
+                let o = d.octets();
+                Some([0x33, 0x33, o[12], o[13], o[14], o[15]])
+            }
+            (None, _) => self.neighbours.get(&dst).copied(),
         };
-        Ipv4Header::new(src, dst, proto, l4_len).emit(&mut self.buf[ethernet::HEADER_LEN..]);
-        let eth = ethernet::EthernetHeader { dst: dst_mac, src: self.gateway_mac, ethertype: ethernet::ETHERTYPE_IPV4 };
-        eth.emit(&mut self.buf);
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                Ipv4Header::new(s, d, proto, l4_len).emit(&mut self.buf[start + ethernet::HEADER_LEN..]);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let mut h = Ipv6Header::new(s, d, proto, l4_len);
+                // Neighbour discovery's messages are taken only with the hop limit at 255
+                // (RFC 4861 section 6.1): proof that they come from the link itself.
+                if proto == PROTO_ICMPV6 && (133..=137).contains(&self.buf[L4_OFF]) {
+                    h.hop_limit = 255;
+                }
+                h.emit(&mut self.buf[start + ethernet::HEADER_LEN..]);
+            }
+            _ => return,
+        }
+        let ethertype = if v6 { ethernet::ETHERTYPE_IPV6 } else { ethernet::ETHERTYPE_IPV4 };
+        let Some(dst_mac) = dst_mac else {
+            // The guest has not spoken yet (a connection to a published port came first):
+            // the frame waits for the answer to an ARP request or a neighbour solicitation.
+            // (An offloaded frame is dropped instead: it is TCP data, retransmitted.)
+            if self.vnet.take().is_none() {
+                ethernet::EthernetHeader { dst: [0; 6], src: self.gateway_mac, ethertype }.emit(&mut self.buf[start..]);
+                self.hold(dst, start, len);
+            } else {
+                self.counters.dropped(DropReason::NoNeighbour);
+            }
+            self.ask_mac(dst);
+            return;
+        };
+        ethernet::EthernetHeader { dst: dst_mac, src: self.gateway_mac, ethertype }.emit(&mut self.buf[start..]);
         self.dst_mac = dst_mac;
-        self.send_buffer(ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4_len);
+        self.send_buffer(start, len);
     }
 
-    /// Sends the first `len` bytes of the buffer, whose Ethernet destination is `dst_mac`.
-    fn send_buffer(&mut self, len: usize) {
-        let frame = &self.buf[..len];
+    /// Sends the `len` bytes of the buffer from `start`, whose Ethernet destination is
+    /// `dst_mac`.
+    fn send_buffer(&mut self, start: usize, len: usize) {
+        let frame = &self.buf[start..start + len];
         if let Some(p) = self.pcap.as_mut() {
             p.write(frame);
         }
@@ -357,7 +486,7 @@ impl Switch {
     pub fn send_frame(&mut self, frame: &[u8], dst_mac: Mac) {
         self.buf[..frame.len()].copy_from_slice(frame);
         self.dst_mac = dst_mac;
-        self.send_buffer(frame.len());
+        self.send_buffer(0, frame.len());
     }
 
     /// Whether a frame from `mac` with IPv4 source `src` (ARP's sender address for ARP; None
@@ -444,7 +573,7 @@ impl Switch {
     }
 
     /// Records that `mac` is behind link `index` and, when given, has address `ip`.
-    pub fn learn(&mut self, index: usize, mac: Mac, ip: Option<Ipv4Addr>) {
+    pub fn learn(&mut self, index: usize, mac: Mac, ip: Option<IpAddr>) {
         if mac[0] & 1 != 0 || mac == self.gateway_mac {
             return;
         }
@@ -482,14 +611,15 @@ impl Switch {
 
     /// Records that `ip` has `mac` without having seen it (the guest's MAC is known from
     /// the start when usernet made its interface, as `run` does).
-    pub fn add_neighbour(&mut self, ip: Ipv4Addr, mac: Mac) {
+    pub fn add_neighbour(&mut self, ip: IpAddr, mac: Mac) {
         if mac[0] & 1 == 0 && !ip.is_unspecified() {
             self.neighbours.insert(ip, mac);
         }
     }
 
-    /// Holds the first `len` bytes of the buffer (a frame for `ip`, whose MAC is unknown).
-    fn hold(&mut self, ip: Ipv4Addr, len: usize) {
+    /// Holds the `len` bytes of the buffer from `start` (a frame for `ip`, whose MAC is
+    /// unknown).
+    fn hold(&mut self, ip: IpAddr, start: usize, len: usize) {
         let now = Instant::now();
         let fresh = |p: &Pending| p.back().is_some_and(|(t, _)| now.duration_since(*t) < PENDING_TTL);
         if !self.pending.contains_key(&ip) && self.pending.len() >= MAX_PENDING_IPS {
@@ -513,12 +643,12 @@ impl Switch {
             p.pop_front();
             dropped += 1;
         }
-        p.push_back((now, self.buf[..len].to_vec()));
+        p.push_back((now, self.buf[start..start + len].to_vec()));
         self.counters.dropped_n(DropReason::NoNeighbour, dropped);
     }
 
     /// Sends the frames held for `ip`, now that its MAC is known (unless they waited too long).
-    fn release(&mut self, ip: Ipv4Addr, mac: Mac) {
+    fn release(&mut self, ip: IpAddr, mac: Mac) {
         let Some(p) = self.pending.remove(&ip) else { return };
         let (fresh, stale): (Vec<_>, Vec<_>) = p.into_iter().partition(|(t, _)| t.elapsed() < PENDING_TTL);
         self.counters.dropped_n(DropReason::NoNeighbour, stale.len() as u64);
@@ -526,6 +656,11 @@ impl Switch {
             frame[..6].copy_from_slice(&mac);
             self.send_frame(&frame, mac);
         }
+    }
+
+    /// The MAC that has `ip`, as the switch learnt it.
+    pub fn owner_of(&self, ip: IpAddr) -> Option<Mac> {
+        self.neighbours.get(&ip).copied()
     }
 
     /// MACs in the table, every link together.
@@ -608,8 +743,9 @@ impl Switch {
         };
     }
 
-    /// Broadcasts an ARP request for `ip`, at most once a second per address.
-    fn ask_mac(&mut self, ip: Ipv4Addr) {
+    /// Asks for the MAC of `ip`, at most once a second per address: a broadcast ARP
+    /// request, or a neighbour solicitation to the address's solicited-node group.
+    fn ask_mac(&mut self, ip: IpAddr) {
         let now = Instant::now();
         if let Some(t) = self.arp_asked.get(&ip)
             && now.duration_since(*t).as_millis() < 1000
@@ -620,6 +756,16 @@ impl Switch {
             self.arp_asked.clear();
         }
         self.arp_asked.insert(ip, now);
+        let ip = match ip {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(ip) => {
+                let ns = usernet_wire::ndp::NeighborSolicit { target: ip, source_lladdr: Some(self.gateway_mac) };
+                let n = ns.emit(&mut self.buf[L4_OFF..]);
+                let group = usernet_wire::ndp::solicited_node(ip);
+                self.send_icmpv6_message(self.gateway_ip6, group, n, None);
+                return;
+            }
+        };
         let mut f = [0u8; ethernet::HEADER_LEN + arp::LEN];
         ethernet::EthernetHeader { dst: BROADCAST_MAC, src: self.gateway_mac, ethertype: ethernet::ETHERTYPE_ARP }
             .emit(&mut f);

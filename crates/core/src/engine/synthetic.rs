@@ -5,7 +5,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::rc::Rc;
@@ -55,7 +55,7 @@ pub struct PairDialer {
 }
 
 impl Dialer for PairDialer {
-    fn tcp(&mut self, _dst: SocketAddrV4, _guest: SocketAddrV4) -> io::Result<TcpDial> {
+    fn tcp(&mut self, _dst: SocketAddr, _guest: SocketAddr) -> io::Result<TcpDial> {
         if self.refuse {
             return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
         }
@@ -64,7 +64,7 @@ impl Dialer for PairDialer {
         self.tcp_peers.borrow_mut().push(b);
         Ok(TcpDial { fd: OwnedFd::from(a), connected: !self.in_progress, is_tcp: false })
     }
-    fn udp(&mut self, _dst: SocketAddrV4, _guest: SocketAddrV4) -> io::Result<OwnedFd> {
+    fn udp(&mut self, _dst: SocketAddr, _guest: SocketAddr) -> io::Result<OwnedFd> {
         if self.refuse {
             return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
         }
@@ -73,7 +73,7 @@ impl Dialer for PairDialer {
         self.udp_peers.borrow_mut().push(b);
         Ok(OwnedFd::from(a))
     }
-    fn icmp(&mut self, _dst: Ipv4Addr) -> io::Result<(OwnedFd, IcmpKind)> {
+    fn icmp(&mut self, _dst: IpAddr) -> io::Result<(OwnedFd, IcmpKind)> {
         Err(io::Error::from_raw_os_error(libc::EPERM))
     }
 }

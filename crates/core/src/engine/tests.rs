@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
@@ -57,7 +57,7 @@ fn tcp_frame(h: &TcpHeader, payload: &[u8]) -> Vec<u8> {
     let hl = h.emit_len();
     let mut seg = vec![0u8; hl + payload.len()];
     seg[hl..].copy_from_slice(payload);
-    h.emit(&mut seg, payload.len(), *guest().ip(), *remote().ip());
+    h.emit(&mut seg, payload.len(), IpAddr::V4(*guest().ip()), IpAddr::V4(*remote().ip()));
     frame_ipv4(PROTO_TCP, *guest().ip(), *remote().ip(), &seg)
 }
 
@@ -299,7 +299,8 @@ fn metrics_count_failures_drops_and_flows() {
     use super::metrics::{ConnectFailure, DropReason};
     let (mut e, _link, _) = engine(true);
     e.on_frame(0, &tcp_frame(&seg(5, 0, SYN), b""), Instant::now());
-    // A fragment (more-fragments flag set) and an IPv6 frame: dropped.
+    // A fragment (more-fragments flag set), an LLDP frame and an IPv4 packet said to be
+    // IPv6: dropped.
     let mut frag = tcp_frame(&seg(9, 0, SYN), b"");
     let ip = ethernet::HEADER_LEN;
     frag[ip + 6] |= 0x20;
@@ -307,6 +308,9 @@ fn metrics_count_failures_drops_and_flows() {
     let sum = usernet_wire::checksum::checksum(&frag[ip..ip + ipv4::HEADER_LEN]);
     frag[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
     e.on_frame(0, &frag, Instant::now());
+    let mut lldp = tcp_frame(&seg(9, 0, SYN), b"");
+    lldp[12..14].copy_from_slice(&0x88ccu16.to_be_bytes());
+    e.on_frame(0, &lldp, Instant::now());
     let mut v6 = tcp_frame(&seg(9, 0, SYN), b"");
     v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
     e.on_frame(0, &v6, Instant::now());
@@ -317,7 +321,8 @@ fn metrics_count_failures_drops_and_flows() {
     let drops: Vec<_> = m.counters.drops().collect();
     assert!(drops.contains(&(DropReason::Fragment, 1)), "{drops:?}");
     assert!(drops.contains(&(DropReason::Ethertype, 1)), "{drops:?}");
-    assert_eq!(e.stats().dropped_in, 2);
+    assert!(drops.contains(&(DropReason::Malformed, 1)), "{drops:?}");
+    assert_eq!(e.stats().dropped_in, 3);
     // The RST went out on link 0.
     assert_eq!(m.links.len(), 1);
     assert_eq!(m.links[0].counters.tx_frames, 1);
@@ -368,7 +373,7 @@ fn udp_datagrams_both_ways() {
     let (mut e, link, dialer) = engine(false);
     let mut d = vec![0u8; 8 + 4];
     d[8..].copy_from_slice(b"ping");
-    UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, 4, *guest().ip(), *remote().ip());
+    UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, 4, IpAddr::V4(*guest().ip()), IpAddr::V4(*remote().ip()));
     e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &d), Instant::now());
     // The loop sends a round's datagrams together at its end.
     e.udp_batch.flush();
@@ -411,7 +416,7 @@ fn syn_to(dst: SocketAddrV4) -> Vec<u8> {
         ..Default::default()
     };
     let mut s = vec![0u8; h.emit_len()];
-    h.emit(&mut s, 0, *guest().ip(), *dst.ip());
+    h.emit(&mut s, 0, IpAddr::V4(*guest().ip()), IpAddr::V4(*dst.ip()));
     frame_ipv4(PROTO_TCP, *guest().ip(), *dst.ip(), &s)
 }
 
@@ -459,7 +464,7 @@ fn host_loopback_only_through_the_host_address() {
     // UDP to 127.0.0.1: an ICMP port unreachable, no flow.
     let mut d = vec![0u8; 8 + 4];
     d[8..].copy_from_slice(b"ping");
-    UdpHeader { src_port: 5000, dst_port: port }.emit(&mut d, 4, *guest().ip(), Ipv4Addr::LOCALHOST);
+    UdpHeader { src_port: 5000, dst_port: port }.emit(&mut d, 4, IpAddr::V4(*guest().ip()), Ipv4Addr::LOCALHOST.into());
     e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), Ipv4Addr::LOCALHOST, &d), now);
     let sent = std::mem::take(&mut *link.sent.borrow_mut());
     assert_eq!(sent.len(), 1);
@@ -494,7 +499,7 @@ fn no_host_loopback_refuses_the_host_address() {
 fn udp_to_guest(e: &mut Engine, text: &[u8]) {
     let off = super::switch::UDP_PAYLOAD_OFF;
     e.switch.buf()[off..off + text.len()].copy_from_slice(text);
-    e.switch.send_udp(remote(), guest(), text.len());
+    e.switch.send_udp(remote().into(), guest().into(), text.len());
 }
 
 /// UDP payloads sent to the guest, each with its destination MAC.
@@ -664,7 +669,7 @@ fn gateway_dns_flows_are_bounded_and_short_lived() {
     let gw = Ipv4Addr::new(192, 168, 65, 1);
     let dns_query = |e: &mut Engine, port: u16, now: Instant| {
         let mut d = vec![0u8; 8 + 12];
-        UdpHeader { src_port: port, dst_port: 53 }.emit(&mut d, 12, *guest().ip(), gw);
+        UdpHeader { src_port: port, dst_port: 53 }.emit(&mut d, 12, IpAddr::V4(*guest().ip()), gw.into());
         e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), gw, &d), now);
         e.udp_batch.flush();
     };
@@ -779,7 +784,7 @@ fn syn_from(src: SocketAddrV4, isn: u32) -> Vec<u8> {
         ..Default::default()
     };
     let mut s = vec![0u8; h.emit_len()];
-    h.emit(&mut s, 0, *src.ip(), *remote().ip());
+    h.emit(&mut s, 0, IpAddr::V4(*src.ip()), IpAddr::V4(*remote().ip()));
     frame_ipv4(PROTO_TCP, *src.ip(), *remote().ip(), &s)
 }
 
@@ -813,8 +818,8 @@ fn tcp_flows_are_capped_in_all_and_per_guest() {
     assert_eq!(out.iter().filter(|(h, _)| h.has(RST)).count(), 1);
     assert_eq!(e.flow_count(), 3);
     assert_eq!(limit_count(&e, metrics::Limit::TcpFlows), 1);
-    assert_eq!(e.flows.tcp_of_guest(a), 2);
-    assert_eq!(e.flows.tcp_of_guest(b), 1);
+    assert_eq!(e.flows.tcp_of_guest(a.into()), 2);
+    assert_eq!(e.flows.tcp_of_guest(b.into()), 1);
 }
 
 #[test]
@@ -843,7 +848,7 @@ fn pending_connects_are_capped_oldest_first_and_leave_nothing_behind() {
 
 fn udp_from(e: &mut Engine, port: u16) {
     let mut d = vec![0u8; 8 + 1];
-    UdpHeader { src_port: port, dst_port: 7 }.emit(&mut d, 1, *guest().ip(), *remote().ip());
+    UdpHeader { src_port: port, dst_port: 7 }.emit(&mut d, 1, IpAddr::V4(*guest().ip()), IpAddr::V4(*remote().ip()));
     e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &d), Instant::now());
     e.udp_batch.flush();
 }
@@ -853,7 +858,7 @@ fn udp_flows_are_capped_least_recently_used_first() {
     let limits = crate::config::Limits { max_udp_flows: 2, ..Default::default() };
     let (mut e, _, _) = engine_with_limits(limits, false);
     let to = SocketAddrV4::new(*remote().ip(), 7);
-    let key = |port| flows::FlowKey::Udp { guest: SocketAddrV4::new(*guest().ip(), port), remote: to };
+    let key = |port| flows::FlowKey::Udp { guest: SocketAddrV4::new(*guest().ip(), port).into(), remote: to.into() };
     udp_from(&mut e, 5001);
     udp_from(&mut e, 5002);
     udp_from(&mut e, 5001);
@@ -909,7 +914,12 @@ fn take_icmp_errors(link: &FakeLink) -> Vec<(u8, u8, u8)> {
 fn udp_frame(dst: SocketAddrV4) -> Vec<u8> {
     let mut d = vec![0u8; 8 + 4];
     d[8..].copy_from_slice(b"ping");
-    UdpHeader { src_port: 5000, dst_port: dst.port() }.emit(&mut d, 4, *guest().ip(), *dst.ip());
+    UdpHeader { src_port: 5000, dst_port: dst.port() }.emit(
+        &mut d,
+        4,
+        IpAddr::V4(*guest().ip()),
+        IpAddr::V4(*dst.ip()),
+    );
     frame_ipv4(PROTO_UDP, *guest().ip(), *dst.ip(), &d)
 }
 

@@ -43,7 +43,7 @@ pub mod metrics;
 pub mod proxy;
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
@@ -81,8 +81,8 @@ pub const MAX_DNS_UDP: usize = 96;
 pub const TCP_MAX_PENDING: usize = 32;
 
 enum Job {
-    DnsUdp(OwnedFd, SocketAddrV4, Live),
-    DnsTcp(OwnedFd, SocketAddrV4),
+    DnsUdp(OwnedFd, SocketAddr, Live),
+    DnsTcp(OwnedFd, SocketAddr),
     /// A guest connection to the explicit proxy (port 3128).
     ProxyExplicit(OwnedFd, SocketAddrV4),
     /// An intercepted guest connection: (socket, original destination, guest).
@@ -183,22 +183,30 @@ impl ServiceHub {
 
     /// A guest opened TCP to the gateway's `port`: our (non-blocking, SOCK_STREAM) end of a
     /// socketpair whose other end the service serves, or None when nothing listens there.
-    pub fn connect_tcp(&self, port: u16, guest: SocketAddrV4) -> Option<OwnedFd> {
+    pub fn connect_tcp(&self, port: u16, guest: SocketAddr) -> Option<OwnedFd> {
         if port != DNS_PORT && port != PROXY_PORT {
             return None;
         }
+        // The explicit proxy takes IPv4 guests for now (issue 13 item 5).
+        let proxy_guest = match guest {
+            SocketAddr::V4(g) => Some(g),
+            SocketAddr::V6(_) if port == PROXY_PORT => return None,
+            SocketAddr::V6(_) => None,
+        };
         let (ours, theirs) = StdUnixStream::pair().ok()?;
         ours.set_nonblocking(true).ok()?;
         theirs.set_nonblocking(true).ok()?;
-        let job =
-            if port == DNS_PORT { Job::DnsTcp(theirs.into(), guest) } else { Job::ProxyExplicit(theirs.into(), guest) };
+        let job = match proxy_guest {
+            Some(g) if port == PROXY_PORT => Job::ProxyExplicit(theirs.into(), g),
+            _ => Job::DnsTcp(theirs.into(), guest),
+        };
         self.submit(job)?;
         Some(ours.into())
     }
 
     /// The same for UDP: a SOCK_SEQPACKET socketpair, one message per guest datagram (0
     /// bytes read means the service closed its end).
-    pub fn connect_udp(&self, port: u16, guest: SocketAddrV4) -> Option<OwnedFd> {
+    pub fn connect_udp(&self, port: u16, guest: SocketAddr) -> Option<OwnedFd> {
         if port != DNS_PORT {
             return None;
         }
@@ -355,7 +363,7 @@ struct UdpSlots {
 
 /// `slots` bounds the queries being answered over every socketpair at once; `live` counts
 /// this socketpair until the service ends.
-async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddrV4, live: Live, slots: Arc<UdpSlots>) {
+async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddr, live: Live, slots: Arc<UdpSlots>) {
     let _live = live;
     let sock = Arc::new(sock);
     let mut pending = JoinSet::new();
@@ -388,7 +396,7 @@ async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddrV4, 
                     slot.forget();
                     pending.spawn(async move {
                         let _back = back;
-                        if let Some(answer) = dns.handle_from(Some(*guest.ip()), &query, Transport::Udp).await
+                        if let Some(answer) = dns.handle_from(Some(guest.ip()), &query, Transport::Udp).await
                             && let Err(e) = sock.send(&answer).await
                         {
                             debug!("dns: {guest}: writing answer: {e}");
@@ -408,7 +416,7 @@ async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddrV4, 
 }
 
 /// DNS over one stream socketpair (RFC 7766 framing).
-async fn serve_dns_tcp(sock: UnixStream, dns: Arc<DnsServer>, guest: SocketAddrV4) {
+async fn serve_dns_tcp(sock: UnixStream, dns: Arc<DnsServer>, guest: SocketAddr) {
     let (mut rd, mut wr) = sock.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_MAX_PENDING);
     let slots = Arc::new(Semaphore::new(TCP_MAX_PENDING));
@@ -429,7 +437,7 @@ async fn serve_dns_tcp(sock: UnixStream, dns: Arc<DnsServer>, guest: SocketAddrV
             };
             let (tx, dns) = (tx.clone(), dns.clone());
             tokio::spawn(async move {
-                if let Some(answer) = dns.handle_from(Some(*guest.ip()), &query, Transport::Tcp).await {
+                if let Some(answer) = dns.handle_from(Some(guest.ip()), &query, Transport::Tcp).await {
                     let _ = tx.send(answer).await;
                 }
                 drop(slot);
@@ -481,7 +489,7 @@ mod tests {
     // the same send(2) and recv(2) calls on it.
     use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 
-    const GUEST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000);
+    const GUEST: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000));
 
     fn query(id: u16, name: &str) -> Vec<u8> {
         let mut m = Message::query();

@@ -117,7 +117,7 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                     counters: LinkCounters { rx_frames: 3, rx_bytes: 300, tx_frames: 4, tx_bytes: 4000 },
                     guests: vec![(
                         [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee],
-                        vec![std::net::Ipv4Addr::new(192, 168, 65, 2)],
+                        vec![std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 65, 2))],
                     )],
                 }],
                 counters,

@@ -439,7 +439,7 @@ pub struct LinkView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinkGuest {
     pub mac: String,
-    pub ips: Vec<Ipv4Addr>,
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 pub async fn links(state: &State) -> Reply {

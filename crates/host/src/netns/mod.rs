@@ -21,11 +21,16 @@ pub struct Interface {
     pub prefix: u8,
     pub gateway: std::net::Ipv4Addr,
     pub mtu: u32,
+    /// The interface's IPv6 address in a /64 and its next hop (usernet's link-local
+    /// address); None: IPv4 only.
+    pub ipv6: Option<(std::net::Ipv6Addr, std::net::Ipv6Addr)>,
 }
 
 /// Configures the guest's side of a namespace through netlink: lo up; the interface with its
 /// MAC and MTU, up; its address; a default route via its gateway (a namespace that already
-/// has one keeps it: the subnet route reaches the gateway anyway).
+/// has one keeps it: the subnet route reaches the gateway anyway). With IPv6, the same for
+/// IPv6, and the interface takes no address of its own from router advertisements (it has
+/// usernet's; the advertisements still bring the route and the DNS server).
 pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
     let (mac, mtu, address, prefix, gateway) = (i.mac, i.mtu, i.address, i.prefix, i.gateway);
     let index = nix::net::if_::if_nametoindex(i.ifname.as_str())?;
@@ -37,6 +42,24 @@ pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
     match rtnl.add_ipv4_default_route(index, gateway) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         r => r.map_err(|e| annotate(e, "adding the default route")),
+    }?;
+    let Some((address6, gateway6)) = i.ipv6 else { return Ok(()) };
+    let conf = std::path::Path::new("/proc/sys/net/ipv6/conf").join(&i.ifname);
+    if !conf.exists() {
+        // The kernel has IPv6 turned off (ipv6.disable=1): the guest stays IPv4-only.
+        tracing::debug!("{}: no IPv6 in this kernel; the guest is IPv4-only", i.ifname);
+        return Ok(());
+    }
+    // Without this the guest would also make an address of its own from the prefix: two
+    // addresses, and which one a connection leaves from would be the kernel's choice.
+    // (/proc/sys/net is the calling thread's namespace's.)
+    if let Err(e) = std::fs::write(conf.join("autoconf"), "0") {
+        tracing::debug!("{}: cannot turn SLAAC off ({e}); the guest may have a second address", i.ifname);
+    }
+    rtnl.add_ipv6_address(index, address6, 64).map_err(|e| annotate(e, "adding the IPv6 address"))?;
+    match rtnl.add_ipv6_default_route(index, gateway6) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r.map_err(|e| annotate(e, "adding the IPv6 default route")),
     }
 }
 

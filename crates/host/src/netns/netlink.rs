@@ -1,5 +1,5 @@
-//! A small synchronous rtnetlink client: bring links up, set MAC and MTU, add an IPv4
-//! address and a default route, in the network namespace of the calling thread.
+//! A small synchronous rtnetlink client: bring links up, set MAC and MTU, add IPv4 and
+//! IPv6 addresses and default routes, in the network namespace of the calling thread.
 //!
 //! Theory of operation. Each call builds one rtnetlink request with `netlink-packet-route`,
 //! sends it with NLM_F_REQUEST | NLM_F_ACK on a NETLINK_ROUTE socket from `netlink-sys`, and
@@ -9,12 +9,12 @@
 //! freshly forked sandbox process before COMMAND starts, where no runtime exists.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -83,6 +83,34 @@ impl Rtnl {
         msg.header.scope = RouteScope::Universe;
         msg.header.kind = RouteType::Unicast;
         msg.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet(gateway)), RouteAttribute::Oif(index)];
+        self.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    /// Adds an IPv6 address to the link, usable at once (no duplicate address detection:
+    /// usernet chose it, and is the only other node that answers on the link).
+    pub fn add_ipv6_address(&mut self, index: u32, addr: Ipv6Addr, prefix: u8) -> io::Result<()> {
+        if prefix > 128 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet6;
+        msg.header.prefix_len = prefix;
+        msg.header.scope = AddressScope::Universe;
+        msg.header.index = index;
+        msg.attributes = vec![AddressAttribute::Address(addr.into()), AddressAttribute::Flags(AddressFlags::Nodad)];
+        self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    /// Adds the IPv6 default route via `gateway` (a link-local address) out of the link.
+    pub fn add_ipv6_default_route(&mut self, index: u32, gateway: Ipv6Addr) -> io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet6;
+        msg.header.destination_prefix_length = 0;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet6(gateway)), RouteAttribute::Oif(index)];
         self.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)
     }
 

@@ -263,6 +263,8 @@ const LINK_LOCAL: &str = "169.254.0.0/16";
 /// The network of these options: gvproxy's addresses in `net`'s configuration.
 fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
     let mut cfg = net.to_config(o.mtu.unwrap_or(MTU_VM))?;
+    // gvproxy has no IPv6, and neither does usernet in its place.
+    cfg.v6 = None;
     let subnet = cfg.subnet;
     let last = Ipv4Addr::from(u32::from(subnet.broadcast()) - 1);
     cfg.gateway = o.gateway_ip.unwrap_or(subnet.host(1));

@@ -261,6 +261,8 @@ fn net_opts(o: &Options) -> NetOpts {
 /// slirp4netns's network for these options.
 pub fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
     let mut cfg = net.to_config(o.mtu)?;
+    // slirp4netns's IPv6 (--enable-ipv6, fd00::/64) is not carried yet: IPv4 only.
+    cfg.v6 = None;
     cfg.gateway = o.cidr.host(2);
     cfg.host = o.cidr.host(2);
     cfg.dns = (!o.disable_dns).then(|| o.cidr.host(3));
@@ -336,6 +338,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
             prefix: cfg.subnet.prefix,
             gateway: cfg.gateway,
             mtu: cfg.mtu,
+            ipv6: None,
         },
     };
     let attached = usernet_host::netns::attach::attach(&spec)?;

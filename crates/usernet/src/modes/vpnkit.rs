@@ -192,6 +192,8 @@ pub fn network_config(o: &Options) -> anyhow::Result<NetConfig> {
     net.mtu = Some(o.mtu);
     net.dns_upstream = o.dns.into_iter().collect();
     let mut cfg = net.to_config(o.mtu)?;
+    // vpnkit has no IPv6, and neither does usernet in its place.
+    cfg.v6 = None;
     cfg.gateway = o.gateway_ip;
     cfg.dns = Some(o.gateway_ip);
     cfg.guest = o.lowest_ip;

@@ -811,13 +811,16 @@ pub fn copy_binary_for_others(dir: &TempDir) -> PathBuf {
 
 /// A network namespace `unrh<slot>` joined to the host by the veth pair
 /// `unrh<slot>h` (host side, `host_ip`/30) and `unrh<slot>r` (inside, `ip`/30),
-/// both inside 203.0.113.0/24. Deleted on Drop, with every process in it.
+/// both inside 203.0.113.0/24, and over IPv6 in 2001:db8:75:<slot>::/64 (host side ::1,
+/// inside ::2). Deleted on Drop, with every process in it.
 pub struct RemoteHost {
     pub ns: String,
     pub host_veth: String,
     pub host_ip: String,
     /// The remote host's own address: what guests dial.
     pub ip: String,
+    /// Its IPv6 address.
+    pub ip6: String,
 }
 
 const REMOTE_SLOTS: u32 = 64;
@@ -839,6 +842,7 @@ impl RemoteHost {
                 host_veth: format!("{ns}h"),
                 host_ip: format!("203.0.113.{}", base + 1),
                 ip: format!("203.0.113.{}", base + 2),
+                ip6: format!("2001:db8:75:{slot:x}::2"),
                 ns,
             };
             if host.set_up() {
@@ -861,14 +865,25 @@ impl RemoteHost {
         self.exec(&["ip", "addr", "add", &format!("{}/30", self.ip), "dev", &inner]).assert_ok();
         self.exec(&["ip", "link", "set", &inner, "up"]).assert_ok();
         self.exec(&["ip", "link", "set", "lo", "up"]).assert_ok();
+        // IPv6 (nodad: usable at once), when the host has it at all.
+        let host_ip6 = self.ip6.replace("::2", "::1");
+        let v6 =
+            run("ip", &["-6", "addr", "add", &format!("{host_ip6}/64"), "dev", &self.host_veth, "nodad"]).success();
+        if v6 {
+            self.exec(&["ip", "-6", "addr", "add", &format!("{}/64", self.ip6), "dev", &inner, "nodad"]).assert_ok();
+        }
         // Traffic to the remote host must leave through our veth, nowhere else.
-        let route = must("ip", &["route", "get", &self.ip]);
-        assert!(
-            route.stdout.contains(&format!("dev {} ", self.host_veth)),
-            "route to {} does not leave through {}:\n{route}",
-            self.ip,
-            self.host_veth
-        );
+        let mut routes = vec![must("ip", &["route", "get", &self.ip])];
+        if v6 {
+            routes.push(must("ip", &["-6", "route", "get", &self.ip6]));
+        }
+        for route in routes {
+            assert!(
+                route.stdout.contains(&format!("dev {} ", self.host_veth)),
+                "route to the remote host does not leave through {}:\n{route}",
+                self.host_veth
+            );
+        }
         true
     }
 
@@ -986,6 +1001,13 @@ impl Server {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &remote.ns]).arg(python());
         Server::spawn(c, kind, dir, "0.0.0.0")
+    }
+
+    /// Inside a remote host, bound to `bind` (`::` for IPv6).
+    pub fn start_in_on(remote: &RemoteHost, kind: ServerKind, dir: Option<&Path>, bind: &str) -> Server {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &remote.ns]).arg(python());
+        Server::spawn(c, kind, dir, bind)
     }
 
     fn spawn(cmd: Command, kind: ServerKind, dir: Option<&Path>, bind: &str) -> Server {

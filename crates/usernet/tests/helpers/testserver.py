@@ -119,6 +119,9 @@ def main():
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     exit_when_stdin_closes()
+    family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
+    NoLookupHTTPServer.address_family = family
+    ThreadingTCP.address_family = family
 
     if args.mode == "http":
         if not args.dir:
@@ -130,7 +133,7 @@ def main():
     elif args.mode == "rst":
         server = ThreadingTCP((args.bind, args.port), RstHandler)
     else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.bind((args.bind, args.port))
         announce(sock.getsockname()[1])
         while True:

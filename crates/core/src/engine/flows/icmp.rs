@@ -1,19 +1,21 @@
-//! ICMP echo flows: the guest's pings leave through a host ICMP socket.
+//! ICMP echo flows: the guest's pings (IPv4 and IPv6) leave through a host ICMP socket.
 //!
-//! An unprivileged ping socket (SOCK_DGRAM/IPPROTO_ICMP) when the host allows them
-//! (net.ipv4.ping_group_range), otherwise a raw ICMP socket when usernet runs as root.
+//! An unprivileged ping socket (SOCK_DGRAM/IPPROTO_ICMP or IPPROTO_ICMPV6) when the host
+//! allows them (net.ipv4.ping_group_range, which covers both families), otherwise a raw
+//! ICMP socket when usernet runs as root (an ICMPv6 raw socket gets no IP header).
 //! One socket per (guest, destination, identifier); replies go back to the guest with its
 //! own identifier. The kernel picks the identifier of a ping socket, and a raw socket sees
 //! every ICMP packet from the destination, so replies are matched by type and identifier.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::engine::dial::IcmpKind;
 use crate::engine::sock;
-use crate::engine::switch::{ICMP_DATA_OFF, Switch};
+use crate::engine::switch::{ICMP_DATA_OFF, Switch, ip_header_len};
 use usernet_wire::icmp::{self, IcmpHeader};
+use usernet_wire::icmpv6;
 use usernet_wire::ipv4::Ipv4Header;
 
 use super::tcp::Verdict;
@@ -21,8 +23,8 @@ use super::tcp::Verdict;
 pub const IDLE: Duration = Duration::from_secs(10);
 
 pub struct IcmpFlow {
-    pub guest: Ipv4Addr,
-    pub remote: Ipv4Addr,
+    pub guest: IpAddr,
+    pub remote: IpAddr,
     /// The guest's echo identifier.
     pub ident: u16,
     pub sock: OwnedFd,
@@ -34,7 +36,7 @@ pub struct IcmpFlow {
 }
 
 impl IcmpFlow {
-    pub fn new(guest: Ipv4Addr, remote: Ipv4Addr, ident: u16, sock: OwnedFd, kind: IcmpKind, now: Instant) -> IcmpFlow {
+    pub fn new(guest: IpAddr, remote: IpAddr, ident: u16, sock: OwnedFd, kind: IcmpKind, now: Instant) -> IcmpFlow {
         IcmpFlow {
             guest,
             remote,
@@ -71,24 +73,44 @@ impl IcmpFlow {
                     continue;
                 }
             };
-            let message = match self.kind {
-                IcmpKind::Ping => &pkt[..n],
-                IcmpKind::Raw => match Ipv4Header::parse(&pkt[..n]) {
+            let v6 = self.remote.is_ipv6();
+            let message = match (self.kind, v6) {
+                (IcmpKind::Raw, false) => match Ipv4Header::parse(&pkt[..n]) {
                     Some((_, payload)) => payload,
                     None => continue,
                 },
+                _ => &pkt[..n],
             };
-            let Some((h, data)) = IcmpHeader::parse(message) else {
-                continue;
+            // The kernel checked an ICMPv6 reply's checksum (over a pseudo-header usernet
+            // does not see); an ICMPv4 one carries its own.
+            let (h, data) = match v6 {
+                false => match IcmpHeader::parse(message) {
+                    Some(x) => x,
+                    None => continue,
+                },
+                true if message.len() >= icmp::HEADER_LEN => (
+                    IcmpHeader {
+                        kind: message[0],
+                        code: message[1],
+                        rest: [message[4], message[5], message[6], message[7]],
+                    },
+                    &message[icmp::HEADER_LEN..],
+                ),
+                true => continue,
             };
-            if h.kind != icmp::TYPE_ECHO_REPLY || (self.kind == IcmpKind::Raw && h.ident() != self.ident) {
+            let reply_type = if v6 { icmpv6::TYPE_ECHO_REPLY } else { icmp::TYPE_ECHO_REPLY };
+            if h.kind != reply_type || (self.kind == IcmpKind::Raw && h.ident() != self.ident) {
                 continue;
             }
             let room = switch.buf().len() - ICMP_DATA_OFF;
-            let len = data.len().min(room).min(switch.mtu - 28);
+            let len = data.len().min(room).min(switch.mtu - ip_header_len(v6) - icmp::HEADER_LEN);
             switch.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
-            let reply = IcmpHeader::echo(icmp::TYPE_ECHO_REPLY, self.ident, h.seq());
-            switch.send_icmp(self.remote, self.guest, &reply, len);
+            let reply = IcmpHeader::echo(reply_type, self.ident, h.seq());
+            match (self.remote, self.guest) {
+                (IpAddr::V4(r), IpAddr::V4(g)) => switch.send_icmp(r, g, &reply, len),
+                (IpAddr::V6(r), IpAddr::V6(g)) => switch.send_icmpv6(r, g, &reply, len, None),
+                _ => continue,
+            }
             self.last_used = now;
             self.traffic.to_guest += (len + icmp::HEADER_LEN) as u64;
         }

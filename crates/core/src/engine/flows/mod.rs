@@ -11,7 +11,7 @@ pub mod tcp;
 pub mod udp;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
@@ -40,16 +40,16 @@ impl Traffic {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FlowKey {
     Tcp {
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
     },
     Udp {
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
     },
     Icmp {
-        guest: Ipv4Addr,
-        remote: Ipv4Addr,
+        guest: IpAddr,
+        remote: IpAddr,
         ident: u16,
     },
     /// Socket-to-socket flows are never looked up by address: a serial number.
@@ -173,7 +173,7 @@ pub struct FlowTable {
     gateway_dns: lru::SlotList,
     icmp: lru::SlotList,
     /// TCP flows per guest address, for the per-guest bound.
-    tcp_per_guest: HashMap<Ipv4Addr, usize>,
+    tcp_per_guest: HashMap<IpAddr, usize>,
 }
 
 impl FlowTable {
@@ -249,13 +249,13 @@ impl FlowTable {
     }
 
     /// TCP flows of the guest at `ip` (spliced ones, which never cross the link, aside).
-    pub fn tcp_of_guest(&self, ip: Ipv4Addr) -> usize {
+    pub fn tcp_of_guest(&self, ip: IpAddr) -> usize {
         self.tcp_per_guest.get(&ip).copied().unwrap_or(0)
     }
 
-    fn tcp_guest(flow: &Flow) -> Option<Ipv4Addr> {
+    fn tcp_guest(flow: &Flow) -> Option<IpAddr> {
         match flow {
-            Flow::Tcp(f) => Some(*f.guest.ip()),
+            Flow::Tcp(f) => Some(f.guest.ip()),
             _ => None,
         }
     }

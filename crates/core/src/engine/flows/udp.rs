@@ -16,15 +16,13 @@
 //! the shared listening socket and go to the guest from the client's (mapped) address;
 //! the guest's replies leave through that listening socket, to the client, with sendto.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::engine::sock;
-use crate::engine::switch::{Switch, UDP_PAYLOAD_OFF};
-use usernet_wire::icmp;
-use usernet_wire::ipv4::Ipv4Header;
+use crate::engine::switch::{Switch, UDP_PAYLOAD_OFF, Unreachable};
 use usernet_wire::{PROTO_UDP, put16};
 
 use super::tcp::Verdict;
@@ -54,8 +52,8 @@ pub enum UdpSocket {
 }
 
 pub struct UdpFlow {
-    pub guest: SocketAddrV4,
-    pub remote: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub remote: SocketAddr,
     pub socket: UdpSocket,
     pub last_used: Instant,
     idle: Duration,
@@ -69,7 +67,7 @@ pub struct UdpFlow {
 }
 
 impl UdpFlow {
-    pub fn new(guest: SocketAddrV4, remote: SocketAddrV4, sock: OwnedFd, idle: Duration, now: Instant) -> UdpFlow {
+    pub fn new(guest: SocketAddr, remote: SocketAddr, sock: OwnedFd, idle: Duration, now: Instant) -> UdpFlow {
         UdpFlow {
             guest,
             remote,
@@ -84,7 +82,7 @@ impl UdpFlow {
     }
 
     /// A flow to the gateway's DNS service, on the service's socketpair.
-    pub fn new_gateway_dns(guest: SocketAddrV4, remote: SocketAddrV4, sock: OwnedFd, now: Instant) -> UdpFlow {
+    pub fn new_gateway_dns(guest: SocketAddr, remote: SocketAddr, sock: OwnedFd, now: Instant) -> UdpFlow {
         UdpFlow { gateway_dns: true, ..UdpFlow::new(guest, remote, sock, IDLE_DNS, now) }
     }
 
@@ -97,7 +95,7 @@ impl UdpFlow {
         }
     }
 
-    pub fn new_inbound(guest: SocketAddrV4, remote: SocketAddrV4, inbound: Inbound, now: Instant) -> UdpFlow {
+    pub fn new_inbound(guest: SocketAddr, remote: SocketAddr, inbound: Inbound, now: Instant) -> UdpFlow {
         UdpFlow {
             guest,
             remote,
@@ -149,7 +147,7 @@ impl UdpFlow {
     pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         let UdpSocket::Own(s) = &self.socket else { return Verdict::Keep };
         let fd = s.as_raw_fd();
-        let max = switch.max_udp_payload();
+        let max = switch.max_udp_payload(self.remote.is_ipv6());
         for _ in 0..1024 {
             let buf = &mut switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
             // SAFETY: buf is valid for writes of its length; MSG_TRUNC reports the real size.
@@ -188,18 +186,12 @@ impl UdpFlow {
     }
 
     fn port_unreachable(&self, switch: &mut Switch) {
-        let mut quote = [0u8; 28];
-        Ipv4Header::new(*self.guest.ip(), *self.remote.ip(), PROTO_UDP, 8).emit(&mut quote);
-        put16(&mut quote, 20, self.guest.port());
-        put16(&mut quote, 22, self.remote.port());
-        put16(&mut quote, 24, 8);
-        switch.send_icmp_error(
-            *self.remote.ip(),
-            *self.guest.ip(),
-            icmp::TYPE_DEST_UNREACHABLE,
-            icmp::CODE_PORT_UNREACHABLE,
-            &quote,
-        );
+        // The datagram's UDP header (its length unknown here: an empty one's).
+        let mut head = [0u8; 8];
+        put16(&mut head, 0, self.guest.port());
+        put16(&mut head, 2, self.remote.port());
+        put16(&mut head, 4, 8);
+        switch.send_unreachable(self.guest.ip(), self.remote.ip(), Unreachable::Port, PROTO_UDP, 8, &head);
     }
 
     pub fn on_timer(&mut self, now: Instant) -> Verdict {

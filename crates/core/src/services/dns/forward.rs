@@ -426,8 +426,8 @@ mod tests {
         let s = Arc::new(
             DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_secs(5), 1),
         );
-        let a = Ipv4Addr::new(192, 168, 65, 2);
-        let b = Ipv4Addr::new(192, 168, 65, 3);
+        let a = std::net::IpAddr::V4(Ipv4Addr::new(192, 168, 65, 2));
+        let b = std::net::IpAddr::V4(Ipv4Addr::new(192, 168, 65, 3));
         let q = query("slow.example", RecordType::A);
         let mut waiting = Vec::new();
         for _ in 0..2 {

@@ -112,7 +112,7 @@ pub struct DnsServer {
     metrics: Arc<ServiceMetrics>,
     /// Queries being forwarded per guest address, at most `max_per_guest` each
     /// (`--max-dns-queries-per-guest`): one guest cannot take every forwarding slot.
-    per_guest: std::sync::Mutex<std::collections::HashMap<std::net::Ipv4Addr, usize>>,
+    per_guest: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     max_per_guest: usize,
     /// The egress policy, which learns the addresses of `--allow-domain` names from the
     /// answers forwarded ([`learn`]).
@@ -124,7 +124,7 @@ pub struct DnsServer {
 /// One query of a guest's counted in `DnsServer::per_guest`, until dropped.
 struct GuestQuery<'a> {
     server: &'a DnsServer,
-    guest: std::net::Ipv4Addr,
+    guest: std::net::IpAddr,
 }
 
 impl Drop for GuestQuery<'_> {
@@ -160,7 +160,7 @@ impl DnsServer {
     }
 
     /// Counts one more query being forwarded for `guest`; None when it has its bound.
-    fn guest_query(&self, guest: std::net::Ipv4Addr) -> Option<GuestQuery<'_>> {
+    fn guest_query(&self, guest: std::net::IpAddr) -> Option<GuestQuery<'_>> {
         let mut map = self.per_guest.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(guest).or_insert(0);
         if *n >= self.max_per_guest {
@@ -202,7 +202,7 @@ impl DnsServer {
     /// being forwarded (`--max-dns-queries-per-guest`), a query is dropped (it retries).
     pub async fn handle_from(
         &self,
-        guest: Option<std::net::Ipv4Addr>,
+        guest: Option<std::net::IpAddr>,
         query: &[u8],
         transport: Transport,
     ) -> Option<Vec<u8>> {
@@ -607,7 +607,12 @@ mod tests {
     #[test]
     fn local_other_types_are_nodata() {
         let s = server(vec![]);
-        for t in [RecordType::AAAA, RecordType::MX, RecordType::TXT, RecordType::HTTPS] {
+        // AAAA: the host's ::254 (the network has IPv6).
+        let m = reply(s.local(&query("host.docker.internal", RecordType::AAAA)));
+        let aaaa: Vec<_> =
+            m.answers.iter().filter_map(|r| if let RData::AAAA(a) = &r.data { Some(a.0) } else { None }).collect();
+        assert_eq!(aaaa, vec![crate::config::Ipv6Net::default().host]);
+        for t in [RecordType::MX, RecordType::TXT, RecordType::HTTPS] {
             let m = reply(s.local(&query("host.docker.internal", t)));
             assert_eq!(m.response_code, ResponseCode::NoError, "{t:?}");
             assert!(m.answers.is_empty());

@@ -9,6 +9,11 @@
 //! PTR records come from the same two places: an address of the explicit table gets its
 //! first built-in name (`host.docker.internal`, `gateway.docker.internal`) or else its
 //! first name in alphabetical order; then the hosts table's.
+//!
+//! The built-in host and gateway names have AAAA records too when the network has IPv6
+//! (the host's ::254 and the gateway's ::1), for as long as their A record is the built-in
+//! one (`--add-host host.docker.internal:IP` replaces both). The explicit proxy's name has
+//! none: the proxy takes IPv4 guests.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -34,6 +39,8 @@ pub enum DnsError {
 #[derive(Debug, Default)]
 pub struct DnsRecords {
     table: RwLock<BTreeMap<String, Ipv4Addr>>,
+    /// The built-in names' IPv6 addresses, each with the IPv4 address it goes with.
+    builtin6: Vec<(&'static str, Ipv4Addr, std::net::Ipv6Addr)>,
     host_dns: HostDns,
 }
 
@@ -47,7 +54,15 @@ impl DnsRecords {
     /// `http.docker.internal` -> gateway) plus `cfg.extra_hosts`, which may override the
     /// built-in ones; behind them the hosts table of `cfg.host_dns`.
     pub fn from_config(cfg: &NetConfig) -> Self {
-        let records = DnsRecords { table: RwLock::default(), host_dns: cfg.host_dns.clone() };
+        let builtin6 = match cfg.v6 {
+            Some(net) => HOST_NAMES
+                .iter()
+                .map(|n| (*n, cfg.host, net.host))
+                .chain(GATEWAY_NAMES.iter().map(|n| (*n, cfg.gateway, net.gateway)))
+                .collect(),
+            None => Vec::new(),
+        };
+        let records = DnsRecords { table: RwLock::default(), builtin6, host_dns: cfg.host_dns.clone() };
         let builtin = HOST_NAMES
             .iter()
             .map(|n| (*n, cfg.host))
@@ -96,18 +111,24 @@ impl DnsRecords {
         self.host_dns.hosts().names.get(&key).copied()
     }
 
-    /// The IPv6 address the gateway answers for `name` (AAAA): /etc/hosts' only, and only
-    /// for a name the explicit table does not have (its names are IPv4 only, and win).
+    /// The IPv6 address the gateway answers for `name` (AAAA): a built-in name's while its
+    /// A record is the built-in one; else /etc/hosts', for a name the explicit table does
+    /// not have (its other names are IPv4 only, and win).
     pub fn lookup6(&self, name: &str) -> Option<std::net::Ipv6Addr> {
         let key = normalize(name);
-        if self.read().contains_key(&key) {
-            return None;
+        if let Some(v4) = self.read().get(&key) {
+            return self.builtin6.iter().find(|(n, a4, _)| *n == key && a4 == v4).map(|(_, _, a6)| *a6);
         }
         self.host_dns.hosts().names6.get(&key).copied()
     }
 
-    /// The name of the PTR record of IPv6 address `addr` (/etc/hosts').
+    /// The name of the PTR record of IPv6 address `addr`: a built-in name's, else
+    /// /etc/hosts'.
     pub fn reverse6(&self, addr: std::net::Ipv6Addr) -> Option<String> {
+        if let Some((name, _, _)) = self.builtin6.iter().find(|(n, _, a6)| *a6 == addr && self.lookup6(n) == Some(addr))
+        {
+            return Some(name.to_string());
+        }
         self.host_dns.hosts().ptr6.get(&addr).cloned()
     }
 
@@ -148,6 +169,23 @@ fn normalize(name: &str) -> String {
 mod tests {
     use super::*;
     use crate::services::dns::hosts::parse_hosts;
+
+    #[test]
+    fn built_in_names_have_aaaa_while_their_a_is_built_in() {
+        let cfg = NetConfig::default();
+        let net = cfg.v6.unwrap();
+        let r = DnsRecords::from_config(&cfg);
+        assert_eq!(r.lookup6("host.docker.internal"), Some(net.host));
+        assert_eq!(r.lookup6("host.containers.internal"), Some(net.host));
+        assert_eq!(r.lookup6("gateway.docker.internal"), Some(net.gateway));
+        assert_eq!(r.lookup6("http.docker.internal"), None, "the proxy takes IPv4 guests");
+        assert_eq!(r.reverse6(net.host).as_deref(), Some("host.docker.internal"));
+        r.add("host.docker.internal", Ipv4Addr::new(10, 1, 2, 3)).unwrap();
+        assert_eq!(r.lookup6("host.docker.internal"), None, "replaced: no AAAA left behind");
+        assert_eq!(r.lookup6("host.containers.internal"), Some(net.host));
+        let v4_only = DnsRecords::from_config(&NetConfig { v6: None, ..NetConfig::default() });
+        assert_eq!(v4_only.lookup6("host.docker.internal"), None);
+    }
 
     #[test]
     fn records_table() {

@@ -501,7 +501,7 @@ fn interface(o: &Options) -> Interface {
         if two == address { subnet.host(1) } else { two }
     });
     let ifname = o.ns_ifname.clone().or_else(|| default_route().map(|(name, _)| name)).unwrap_or("eth0".into());
-    Interface { ifname, mac: o.ns_mac.unwrap_or(GUEST_MAC), address, prefix, gateway, mtu: o.mtu }
+    Interface { ifname, mac: o.ns_mac.unwrap_or(GUEST_MAC), address, prefix, gateway, mtu: o.mtu, ipv6: None }
 }
 
 /// usernet's network options as pasta's command line sets them: defaults (DNS following
@@ -516,6 +516,8 @@ fn net_opts(o: &Options) -> NetOpts {
 /// pasta's network for these options (the theory of operation, 2).
 pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::Result<NetConfig> {
     let mut cfg = net.to_config(o.mtu)?;
+    // pasta's IPv6 (the host's own prefix) is not carried yet: IPv4 only.
+    cfg.v6 = None;
     let prefix = iface.prefix.clamp(8, 30);
     cfg.subnet = Ipv4Subnet { network: Ipv4Addr::from(u32::from(iface.address) & !(u32::MAX >> prefix)), prefix };
     cfg.guest = iface.address;

@@ -93,15 +93,13 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::engine::dial::TcpDial;
 use crate::engine::metrics::Limit;
-use crate::engine::switch::{Switch, TCP_PAYLOAD_OFF};
-use usernet_wire::icmp;
-use usernet_wire::ipv4::Ipv4Header;
+use crate::engine::switch::{Switch, TCP_PAYLOAD_OFF, Unreachable};
 use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_le, seq_lt};
 use usernet_wire::{PROTO_TCP, put16, put32};
 
@@ -145,9 +143,9 @@ pub enum Verdict {
 /// One guest TCP connection and its host socket `S` (the kernel's, unless a test gives a
 /// model). The states and the invariants that bind the fields are in `state.rs`.
 pub struct TcpFlow<S: HostSocket = KernelSocket> {
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// The destination as the guest sees it (replies come from here).
-    pub remote: SocketAddrV4,
+    pub remote: SocketAddr,
     pub sock: S,
     /// When the flow began (connecting flows are evicted oldest first; the connect times
     /// out `CONNECT_TIMEOUT` after it).
@@ -224,8 +222,8 @@ impl TcpFlow<KernelSocket> {
     /// A flow for the guest's SYN `syn`, with the host socket just dialled.
     pub fn new(
         switch: &mut Switch,
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
         syn: &TcpHeader,
         dial: TcpDial,
         isn: u32,
@@ -238,8 +236,8 @@ impl TcpFlow<KernelSocket> {
     /// A flow for a connection accepted on a published port: sends the guest a SYN.
     pub fn new_inbound(
         switch: &mut Switch,
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
         sock: OwnedFd,
         is_tcp: bool,
         isn: u32,
@@ -255,8 +253,8 @@ impl<S: HostSocket> TcpFlow<S> {
     #[allow(clippy::too_many_arguments)]
     pub fn outbound(
         switch: &mut Switch,
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
         syn: &TcpHeader,
         sock: S,
         connected: bool,
@@ -267,7 +265,8 @@ impl<S: HostSocket> TcpFlow<S> {
             Some(ws) => (ws, OUR_WSCALE),
             None => (0, 0),
         };
-        let mss = (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
+        let mss =
+            (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload(remote.is_ipv6()) as u32);
         let mut f = TcpFlow::blank(guest, remote, sock, Phase::Connecting, isn, now, switch.budget.hold());
         f.guest_isn = syn.seq;
         f.rcv_nxt = syn.seq.wrapping_add(1);
@@ -288,8 +287,8 @@ impl<S: HostSocket> TcpFlow<S> {
     /// guest a SYN.
     pub fn inbound(
         switch: &mut Switch,
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
         sock: S,
         isn: u32,
         now: Instant,
@@ -306,8 +305,8 @@ impl<S: HostSocket> TcpFlow<S> {
 
     /// A flow in `phase` with nothing exchanged yet; the constructors fill in the rest.
     fn blank(
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
         sock: S,
         phase: Phase,
         isn: u32,
@@ -539,7 +538,7 @@ impl<S: HostSocket> TcpFlow<S> {
     fn send_syn(&mut self, switch: &mut Switch) {
         let mut h = self.segment(self.snd_una, SYN);
         h.ack = 0;
-        h.mss = Some(switch.max_tcp_payload().min(u16::MAX as usize) as u16);
+        h.mss = Some(switch.max_tcp_payload(self.remote.is_ipv6()).min(u16::MAX as usize) as u16);
         h.window_scale = Some(OUR_WSCALE);
         h.window = RECV_BUF.min(u16::MAX as usize) as u16;
         switch.send_tcp(self.remote, self.guest, &h, 0);
@@ -547,7 +546,7 @@ impl<S: HostSocket> TcpFlow<S> {
 
     fn send_syn_ack(&mut self, switch: &mut Switch) {
         let mut h = self.segment(self.snd_una, SYN | ACK);
-        h.mss = Some(switch.max_tcp_payload().min(u16::MAX as usize) as u16);
+        h.mss = Some(switch.max_tcp_payload(self.remote.is_ipv6()).min(u16::MAX as usize) as u16);
         if self.our_wscale > 0 {
             h.window_scale = Some(self.our_wscale);
         }
@@ -576,7 +575,8 @@ impl<S: HostSocket> TcpFlow<S> {
                 self.our_wscale = 0;
             }
         }
-        self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload() as u32);
+        self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS))
+            .clamp(64, switch.max_tcp_payload(self.remote.is_ipv6()) as u32);
         self.wnd_edge = h.ack.wrapping_add(h.window as u32);
         self.snd_una = h.ack;
         self.phase = Phase::Established;
@@ -603,7 +603,7 @@ impl<S: HostSocket> TcpFlow<S> {
             return;
         }
         let unacked = self.rcv_nxt.wrapping_sub(self.acked_rcv) as usize;
-        let full_segment = (self.mss as usize).min(switch.max_tcp_payload());
+        let full_segment = (self.mss as usize).min(switch.max_tcp_payload(self.remote.is_ipv6()));
         let may_wait = unacked > 0
             && unacked < 2 * full_segment
             && self.quick_ack_until.is_none()
@@ -1209,17 +1209,17 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
 
 /// Answers a guest SYN whose connect failed with errno `err`: ICMP unreachable when the
 /// host has no route, otherwise RST|ACK, as a host with a closed port answers.
-pub fn refuse(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, guest_isn: u32, err: i32) {
+pub fn refuse(switch: &mut Switch, guest: SocketAddr, remote: SocketAddr, guest_isn: u32, err: i32) {
     switch.counters.connect_failed(err);
     match err {
         libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL => {
-            let code = if err == libc::ENETUNREACH { icmp::CODE_NET_UNREACHABLE } else { icmp::CODE_HOST_UNREACHABLE };
-            let mut quote = [0u8; 28];
-            Ipv4Header::new(*guest.ip(), *remote.ip(), PROTO_TCP, 20).emit(&mut quote);
-            put16(&mut quote, 20, guest.port());
-            put16(&mut quote, 22, remote.port());
-            put32(&mut quote, 24, guest_isn);
-            switch.send_icmp_error(*remote.ip(), *guest.ip(), icmp::TYPE_DEST_UNREACHABLE, code, &quote);
+            // The SYN's first 8 bytes: the ports and the sequence number.
+            let mut head = [0u8; 8];
+            put16(&mut head, 0, guest.port());
+            put16(&mut head, 2, remote.port());
+            put32(&mut head, 4, guest_isn);
+            let why = Unreachable::from_errno(err);
+            switch.send_unreachable(guest.ip(), remote.ip(), why, PROTO_TCP, 20, &head);
         }
         _ => {
             tracing::debug!("connect {guest} -> {remote}: {}", std::io::Error::from_raw_os_error(err));
@@ -1230,7 +1230,7 @@ pub fn refuse(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, gu
 
 /// Answers a guest SYN (initial sequence number `guest_isn`) with RST|ACK, as a host with
 /// a closed port does.
-pub fn reset_syn(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, guest_isn: u32) {
+pub fn reset_syn(switch: &mut Switch, guest: SocketAddr, remote: SocketAddr, guest_isn: u32) {
     let h = TcpHeader {
         src_port: remote.port(),
         dst_port: guest.port(),
@@ -1243,7 +1243,7 @@ pub fn reset_syn(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4,
 }
 
 /// Answers a segment that belongs to no flow with a RST (RFC 9293 3.10.7.1).
-pub fn reset_stray(switch: &mut Switch, guest: SocketAddrV4, remote: SocketAddrV4, h: &TcpHeader, payload_len: usize) {
+pub fn reset_stray(switch: &mut Switch, guest: SocketAddr, remote: SocketAddr, h: &TcpHeader, payload_len: usize) {
     if h.has(RST) {
         return;
     }

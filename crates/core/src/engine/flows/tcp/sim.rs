@@ -27,7 +27,7 @@ use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -50,12 +50,12 @@ const TIME_LIMIT: u64 = 3600 * SEC;
 const STEP_LIMIT: u64 = 5_000_000;
 const KEEPALIVE_IDLE: u64 = SEC;
 
-fn guest_addr() -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000)
+fn guest_addr() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000))
 }
 
-fn remote_addr() -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 80)
+fn remote_addr() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 80))
 }
 
 /// xorshift64*, seeded through splitmix64.
@@ -134,7 +134,7 @@ pub(super) fn switch(mtu: usize, offload: bool) -> (Switch, Recorder) {
     let rec = Recorder { offload, ..Default::default() };
     let mut sw = Switch::new(None, crate::config::GATEWAY_MAC, Ipv4Addr::new(192, 168, 65, 1), mtu);
     let index = sw.add_link(Box::new(rec.clone()));
-    sw.learn(index, GUEST_MAC, Some(*guest_addr().ip()));
+    sw.learn(index, GUEST_MAC, Some(guest_addr().ip()));
     (sw, rec)
 }
 
@@ -154,7 +154,7 @@ pub(super) fn take_frames(rec: &Recorder, stray: bool) -> Vec<Pkt> {
             let (eth, p) = EthernetHeader::parse(f).expect("an Ethernet frame");
             assert_eq!(eth.dst, GUEST_MAC);
             let (ip, p) = Ipv4Header::parse(p).expect("an IPv4 packet");
-            assert_eq!((ip.src, ip.dst), (*remote_addr().ip(), *guest_addr().ip()));
+            assert_eq!((IpAddr::V4(ip.src), IpAddr::V4(ip.dst)), (remote_addr().ip(), guest_addr().ip()));
             match ip.protocol {
                 PROTO_TCP => {
                     let (h, d) = TcpHeader::parse(p).expect("a TCP segment");

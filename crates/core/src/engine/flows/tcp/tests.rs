@@ -15,11 +15,11 @@ use usernet_wire::tcp::{ACK, PSH, RST, SYN, TcpHeader};
 const GUEST_ISN: u32 = 1000;
 const ISN: u32 = 5000;
 
-fn guest() -> std::net::SocketAddrV4 {
+fn guest() -> std::net::SocketAddr {
     "192.168.65.2:40000".parse().unwrap()
 }
 
-fn remote() -> std::net::SocketAddrV4 {
+fn remote() -> std::net::SocketAddr {
     "203.0.113.10:80".parse().unwrap()
 }
 

@@ -1,0 +1,414 @@
+//! The engine over IPv6, with a recording link and socketpair "hosts": neighbour and
+//! router discovery, ping of the gateway, TCP and UDP translated both ways, errors, and
+//! what a guest may not send.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use proptest::prelude::*;
+
+use super::synthetic::{PairDialer, RecordingLink};
+use super::*;
+use crate::config::{GATEWAY_LINK_LOCAL, GATEWAY_MAC, Ipv6Net};
+use usernet_wire::ethernet::EthernetHeader;
+use usernet_wire::icmpv6::{self, Icmpv6Header};
+use usernet_wire::ipv6::Ipv6Header;
+use usernet_wire::ndp::{self, NeighborAdvert, NeighborSolicit, RouterAdvert, RouterSolicit};
+use usernet_wire::tcp::{ACK, FIN, RST, SYN, TcpHeader};
+use usernet_wire::udp::UdpHeader;
+use usernet_wire::{PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ethernet, ipv6};
+
+const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+fn net() -> Ipv6Net {
+    Ipv6Net::default()
+}
+
+fn guest_ip() -> Ipv6Addr {
+    net().guest
+}
+
+fn guest_ll() -> Ipv6Addr {
+    "fe80::2".parse().unwrap()
+}
+
+fn remote() -> SocketAddr {
+    "[2001:db8::10]:80".parse().unwrap()
+}
+
+fn engine_with(cfg: NetConfig) -> (Engine, RecordingLink, PairDialer) {
+    let link = RecordingLink::default();
+    let dialer = PairDialer::default();
+    let mut e = Engine::with_dialer(Arc::new(cfg), Box::new(dialer.clone()), None).unwrap();
+    e.add_link(Box::new(link.clone()));
+    (e, link, dialer)
+}
+
+fn engine() -> (Engine, RecordingLink, PairDialer) {
+    engine_with(NetConfig::default())
+}
+
+/// A guest frame carrying `l4` over IPv6 with hop limit `hops`, to `dst_mac`.
+fn frame6(proto: u8, src: Ipv6Addr, dst: Ipv6Addr, hops: u8, dst_mac: [u8; 6], l4: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; ethernet::HEADER_LEN + ipv6::HEADER_LEN + l4.len()];
+    EthernetHeader { dst: dst_mac, src: GUEST_MAC, ethertype: ethernet::ETHERTYPE_IPV6 }.emit(&mut f);
+    let mut h = Ipv6Header::new(src, dst, proto, l4.len());
+    h.hop_limit = hops;
+    h.emit(&mut f[ethernet::HEADER_LEN..]);
+    f[ethernet::HEADER_LEN + ipv6::HEADER_LEN..].copy_from_slice(l4);
+    f
+}
+
+/// An NDP message (as `ndp` emits it) with its checksum, in a frame.
+fn ndp_frame(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hops: u8,
+    dst_mac: [u8; 6],
+    emit: impl FnOnce(&mut [u8]) -> usize,
+) -> Vec<u8> {
+    let mut m = vec![0u8; 256];
+    let n = emit(&mut m);
+    m.truncate(n);
+    icmpv6::fill_checksum(&mut m, src, dst);
+    frame6(PROTO_ICMPV6, src, dst, hops, dst_mac, &m)
+}
+
+/// The IPv6 packets the engine sent since the last call: Ethernet destination, IPv6
+/// header, upper-layer payload.
+fn take6(link: &RecordingLink) -> Vec<([u8; 6], Ipv6Header, Vec<u8>)> {
+    std::mem::take(&mut *link.sent.borrow_mut())
+        .iter()
+        .filter_map(|f| {
+            let (eth, p) = EthernetHeader::parse(f)?;
+            if eth.ethertype != ethernet::ETHERTYPE_IPV6 {
+                return None;
+            }
+            assert_eq!(eth.src, GATEWAY_MAC);
+            let (ip, p) = Ipv6Header::parse(p).expect("a valid IPv6 header");
+            Some((eth.dst, ip, p.to_vec()))
+        })
+        .collect()
+}
+
+fn tcp6(h: &TcpHeader, payload: &[u8]) -> Vec<u8> {
+    let hl = h.emit_len();
+    let mut seg = vec![0u8; hl + payload.len()];
+    seg[hl..].copy_from_slice(payload);
+    h.emit(&mut seg, payload.len(), guest_ip().into(), remote().ip());
+    let IpAddr::V6(dst) = remote().ip() else { unreachable!() };
+    frame6(PROTO_TCP, guest_ip(), dst, 64, GATEWAY_MAC, &seg)
+}
+
+fn seg(seq: u32, ack: u32, flags: u8) -> TcpHeader {
+    TcpHeader { src_port: 40000, dst_port: 80, seq, ack, flags, window: 65535, ..Default::default() }
+}
+
+/// The TCP segments sent to the guest, their checksums checked against etherparse's.
+fn take_tcp6(link: &RecordingLink) -> Vec<(TcpHeader, Vec<u8>)> {
+    take6(link)
+        .into_iter()
+        .filter(|(_, ip, _)| ip.protocol == PROTO_TCP)
+        .map(|(_, ip, p)| {
+            let (h, d) = TcpHeader::parse(&p).unwrap();
+            let e = etherparse::TcpHeaderSlice::from_slice(&p).unwrap().to_header();
+            assert_eq!(e.calc_checksum_ipv6_raw(ip.src.octets(), ip.dst.octets(), d).unwrap(), e.checksum);
+            assert_eq!((IpAddr::V6(ip.src), IpAddr::V6(ip.dst)), (remote().ip(), IpAddr::V6(guest_ip())));
+            (h, d.to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn a_router_solicitation_gets_the_prefix_mtu_and_dns() {
+    let cfg = NetConfig { mtu: 1500, ..NetConfig::default() };
+    cfg.host_dns.set_upstreams(crate::config::Upstreams {
+        search: vec!["corp.example".into()],
+        ..crate::config::Upstreams::default()
+    });
+    let (mut e, link, _) = engine_with(cfg);
+    link.sent.borrow_mut().clear();
+    let rs = RouterSolicit { source_lladdr: Some(GUEST_MAC) };
+    let f = ndp_frame(guest_ll(), ndp::ALL_ROUTERS, 255, ndp::multicast_mac(ndp::ALL_ROUTERS), |b| rs.emit(b));
+    e.on_frame(0, &f, Instant::now());
+    let out = take6(&link);
+    assert_eq!(out.len(), 1, "one advertisement");
+    let (mac, ip, msg) = &out[0];
+    assert_eq!(*mac, GUEST_MAC, "to the guest that asked");
+    assert_eq!((ip.src, ip.dst, ip.hop_limit), (GATEWAY_LINK_LOCAL, guest_ll(), 255));
+    Icmpv6Header::parse(msg, ip.src, ip.dst).expect("a valid checksum");
+    let ra = RouterAdvert::parse(msg).unwrap();
+    assert!(ra.router_lifetime > 0, "usernet is the default router");
+    assert_eq!(ra.source_lladdr, Some(GATEWAY_MAC));
+    assert_eq!(ra.mtu, Some(1500));
+    assert_eq!(ra.prefixes.len(), 1);
+    let p = ra.prefixes[0];
+    assert_eq!((p.prefix, p.prefix_len, p.on_link, p.autonomous), (net().prefix, 64, true, true));
+    assert!(p.preferred_lifetime <= p.valid_lifetime);
+    assert_eq!(ra.rdnss.unwrap().1, vec![net().gateway]);
+    assert_eq!(ra.dnssl.unwrap().1, vec!["corp.example".to_string()]);
+}
+
+#[test]
+fn all_nodes_hear_an_advertisement_when_a_link_comes_up_and_then_every_interval() {
+    let (mut e, link, _) = engine();
+    let t0 = Instant::now();
+    e.advertise_router_when_due(t0);
+    let out = take6(&link);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1.dst), (ndp::multicast_mac(ndp::ALL_NODES), ndp::ALL_NODES));
+    e.advertise_router_when_due(t0 + std::time::Duration::from_secs(1));
+    assert!(take6(&link).is_empty(), "not again at once");
+    e.advertise_router_when_due(t0 + super::icmpv6::RA_INTERVAL);
+    assert_eq!(take6(&link).len(), 1, "again after the interval");
+}
+
+#[test]
+fn neighbour_solicitations_for_usernet_addresses_are_answered() {
+    let (mut e, link, _) = engine();
+    link.sent.borrow_mut().clear();
+    for target in [GATEWAY_LINK_LOCAL, net().gateway, net().host] {
+        let ns = NeighborSolicit { target, source_lladdr: Some(GUEST_MAC) };
+        let group = ndp::solicited_node(target);
+        let f = ndp_frame(guest_ll(), group, 255, ndp::multicast_mac(group), |b| ns.emit(b));
+        e.on_frame(0, &f, Instant::now());
+        let out = take6(&link);
+        assert_eq!(out.len(), 1, "an answer for {target}");
+        let (mac, ip, msg) = &out[0];
+        assert_eq!((*mac, ip.src, ip.dst, ip.hop_limit), (GUEST_MAC, target, guest_ll(), 255));
+        Icmpv6Header::parse(msg, ip.src, ip.dst).expect("a valid checksum");
+        let na = NeighborAdvert::parse(msg).unwrap();
+        assert_eq!(na.target, target);
+        assert_eq!(na.target_lladdr, Some(GATEWAY_MAC));
+        assert!(na.router && na.solicited && na.override_);
+    }
+}
+
+#[test]
+fn duplicate_address_detection_is_answered_only_for_usernet_addresses() {
+    let (mut e, link, _) = engine();
+    link.sent.borrow_mut().clear();
+    let probe = |target: Ipv6Addr| {
+        let ns = NeighborSolicit { target, source_lladdr: None };
+        let group = ndp::solicited_node(target);
+        ndp_frame(Ipv6Addr::UNSPECIFIED, group, 255, ndp::multicast_mac(group), |b| ns.emit(b))
+    };
+    // The guest probes its own address: nobody has it, so no answer, and it keeps it.
+    e.on_frame(0, &probe(guest_ip()), Instant::now());
+    assert!(take6(&link).is_empty());
+    // A guest that would take the gateway's address hears that it is taken, as every node does.
+    e.on_frame(0, &probe(net().gateway), Instant::now());
+    let out = take6(&link);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1.dst), (ndp::multicast_mac(ndp::ALL_NODES), ndp::ALL_NODES));
+    let na = NeighborAdvert::parse(&out[0].2).unwrap();
+    assert!(!na.solicited && na.target == net().gateway);
+}
+
+#[test]
+fn discovery_messages_from_off_link_or_not_for_guests_are_dropped_and_counted() {
+    use super::metrics::DropReason;
+    let (mut e, link, _) = engine();
+    link.sent.borrow_mut().clear();
+    let ns = NeighborSolicit { target: net().gateway, source_lladdr: Some(GUEST_MAC) };
+    let group = ndp::solicited_node(net().gateway);
+    // A hop limit below 255: it came from beyond the link.
+    e.on_frame(0, &ndp_frame(guest_ll(), group, 64, ndp::multicast_mac(group), |b| ns.emit(b)), Instant::now());
+    // A router advertisement from a guest.
+    let ra = RouterAdvert {
+        cur_hop_limit: 64,
+        managed: false,
+        other: false,
+        router_lifetime: 1800,
+        reachable_ms: 0,
+        retrans_ms: 0,
+        source_lladdr: Some(GUEST_MAC),
+        mtu: None,
+        prefixes: vec![],
+        rdnss: None,
+        dnssl: None,
+    };
+    e.on_frame(
+        0,
+        &ndp_frame(guest_ll(), ndp::ALL_NODES, 255, ndp::multicast_mac(ndp::ALL_NODES), |b| ra.emit(b)),
+        Instant::now(),
+    );
+    // A bad checksum.
+    let mut bad = ndp_frame(guest_ll(), group, 255, ndp::multicast_mac(group), |b| ns.emit(b));
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    e.on_frame(0, &bad, Instant::now());
+    assert!(take6(&link).is_empty(), "nothing answered");
+    let drops: Vec<_> = e.metrics().counters.drops().collect();
+    assert!(drops.contains(&(DropReason::Icmpv6, 3)), "{drops:?}");
+}
+
+#[test]
+fn the_gateway_answers_ping_over_ipv6() {
+    let (mut e, link, _) = engine();
+    link.sent.borrow_mut().clear();
+    for dst in [net().gateway, GATEWAY_LINK_LOCAL] {
+        let mut m = vec![0u8; 8 + 5];
+        m[8..].copy_from_slice(b"hello");
+        Icmpv6Header::echo(icmpv6::TYPE_ECHO_REQUEST, 0x77, 3).emit(&mut m, 5, guest_ip(), dst);
+        e.on_frame(0, &frame6(PROTO_ICMPV6, guest_ip(), dst, 64, GATEWAY_MAC, &m), Instant::now());
+        let out = take6(&link);
+        assert_eq!(out.len(), 1);
+        let (mac, ip, msg) = &out[0];
+        assert_eq!((*mac, ip.src, ip.dst), (GUEST_MAC, dst, guest_ip()));
+        let (h, data) = Icmpv6Header::parse(msg, ip.src, ip.dst).expect("a valid checksum");
+        assert_eq!((h.kind, h.ident(), h.seq(), data), (icmpv6::TYPE_ECHO_REPLY, 0x77, 3, &b"hello"[..]));
+    }
+}
+
+#[test]
+fn tcp_over_ipv6_is_translated_both_ways() {
+    let (mut e, link, dialer) = engine();
+    let now = Instant::now();
+    let mut syn = seg(1000, 0, SYN);
+    syn.mss = Some(1440);
+    e.on_frame(0, &tcp6(&syn, b""), now);
+    let out = take_tcp6(&link);
+    assert_eq!(out.len(), 1, "one SYN-ACK");
+    let synack = out[0].0;
+    assert!(synack.has(SYN) && synack.has(ACK) && synack.ack == 1001);
+    // The MSS offered fits the link's MTU with IPv6's larger header.
+    assert_eq!(synack.mss, Some((e.switch.mtu - 60) as u16));
+    let isn = synack.seq;
+    let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
+    peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    e.on_frame(0, &tcp6(&seg(1001, isn + 1, ACK), b""), now);
+    e.on_frame(0, &tcp6(&seg(1001, isn + 1, ACK | usernet_wire::tcp::PSH), b"GET /"), now);
+    e.flush_acks(now);
+    let mut got = [0u8; 5];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"GET /");
+    peer.write_all(b"200 OK").unwrap();
+    e.deliver_readiness(true, false, now);
+    let out = take_tcp6(&link);
+    let data: Vec<u8> = out.iter().flat_map(|(_, d)| d.clone()).collect();
+    assert_eq!(data, b"200 OK");
+    assert!(out.iter().any(|(h, _)| h.ack == 1006), "the guest's bytes are acknowledged");
+    peer.shutdown(std::net::Shutdown::Write).unwrap();
+    e.deliver_readiness(true, false, now);
+    assert!(take_tcp6(&link).iter().any(|(h, _)| h.has(FIN)), "the host's close reaches the guest");
+}
+
+#[test]
+fn a_refused_ipv6_connect_is_reset_and_an_unreachable_one_gets_icmpv6() {
+    let (mut e, link, _) = engine_with(NetConfig::default());
+    // Refused by the dialler: RST|ACK.
+    let mut refusing = PairDialer { refuse: true, ..Default::default() };
+    e.dialer = Box::new(refusing.clone());
+    e.on_frame(0, &tcp6(&seg(1000, 0, SYN), b""), Instant::now());
+    let out = take_tcp6(&link);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].0.has(RST) && out[0].0.ack == 1001);
+    // An address of the virtual prefix that is nobody's: unreachable, said by ICMPv6.
+    refusing.refuse = false;
+    e.dialer = Box::new(refusing);
+    let unreachable_dst: Ipv6Addr = "2001:db8::99".parse().unwrap();
+    super::flows::tcp::refuse(
+        &mut e.switch,
+        SocketAddr::new(guest_ip().into(), 40001),
+        SocketAddr::new(unreachable_dst.into(), 80),
+        7,
+        libc::ENETUNREACH,
+    );
+    let out = take6(&link);
+    assert_eq!(out.len(), 1);
+    let (_, ip, msg) = &out[0];
+    assert_eq!((ip.src, ip.dst), (unreachable_dst, guest_ip()));
+    let (h, data) = Icmpv6Header::parse(msg, ip.src, ip.dst).expect("a valid checksum");
+    assert_eq!((h.kind, h.code), (icmpv6::TYPE_DEST_UNREACHABLE, icmpv6::CODE_NO_ROUTE));
+    // It quotes the guest's packet: its IPv6 header, then the ports and sequence number.
+    // (A truncated quote: its header's payload length says more than is quoted.)
+    assert_eq!((data[0] >> 4, data[6]), (6, PROTO_TCP));
+    assert_eq!(Ipv6Addr::from(<[u8; 16]>::try_from(&data[8..24]).unwrap()), guest_ip());
+    assert_eq!(Ipv6Addr::from(<[u8; 16]>::try_from(&data[24..40]).unwrap()), unreachable_dst);
+    assert_eq!(&data[40..48], &[0x9c, 0x41, 0, 80, 0, 0, 0, 7]);
+}
+
+#[test]
+fn udp_over_ipv6_both_ways() {
+    let (mut e, link, dialer) = engine();
+    let IpAddr::V6(dst) = remote().ip() else { unreachable!() };
+    let mut d = vec![0u8; 8 + 4];
+    d[8..].copy_from_slice(b"ping");
+    UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, 4, guest_ip().into(), dst.into());
+    e.on_frame(0, &frame6(PROTO_UDP, guest_ip(), dst, 64, GATEWAY_MAC, &d), Instant::now());
+    e.udp_batch.flush();
+    let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
+    let mut got = [0u8; 16];
+    let n = peer.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], b"ping");
+    peer.send(b"pong").unwrap();
+    let key =
+        flows::FlowKey::Udp { guest: SocketAddr::new(guest_ip().into(), 5000), remote: SocketAddr::new(dst.into(), 7) };
+    let id = e.flows.lookup(&key).unwrap();
+    e.on_socket(id, true, false, false, Instant::now());
+    let out = take6(&link);
+    assert_eq!(out.len(), 1);
+    let (_, ip, p) = &out[0];
+    assert_eq!((ip.src, ip.dst, ip.protocol), (dst, guest_ip(), PROTO_UDP));
+    let e2 = etherparse::UdpHeaderSlice::from_slice(p).unwrap().to_header();
+    assert_eq!(e2.calc_checksum_ipv6_raw(ip.src.octets(), ip.dst.octets(), &p[8..]).unwrap(), e2.checksum);
+    assert_eq!(&p[8..], b"pong");
+}
+
+#[test]
+fn ipv4_only_ignores_ipv6_and_advertises_nothing() {
+    use super::metrics::DropReason;
+    let (mut e, link, _) = engine_with(NetConfig { v6: None, ..NetConfig::default() });
+    e.advertise_router_when_due(Instant::now());
+    let rs = RouterSolicit { source_lladdr: Some(GUEST_MAC) };
+    let f = ndp_frame(guest_ll(), ndp::ALL_ROUTERS, 255, ndp::multicast_mac(ndp::ALL_ROUTERS), |b| rs.emit(b));
+    e.on_frame(0, &f, Instant::now());
+    e.on_frame(0, &tcp6(&seg(1000, 0, SYN), b""), Instant::now());
+    assert!(take6(&link).is_empty());
+    let drops: Vec<_> = e.metrics().counters.drops().collect();
+    assert!(drops.contains(&(DropReason::Ethertype, 2)), "{drops:?}");
+}
+
+#[test]
+fn tcp_and_udp_from_a_source_that_is_not_a_guest_address_are_dropped() {
+    let (mut e, link, dialer) = engine();
+    let IpAddr::V6(dst) = remote().ip() else { unreachable!() };
+    for src in [Ipv6Addr::UNSPECIFIED, net().gateway, "ff02::1".parse().unwrap(), "2001:db8::5".parse().unwrap()] {
+        let mut d = vec![0u8; 8];
+        UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, 0, src.into(), dst.into());
+        e.on_frame(0, &frame6(PROTO_UDP, src, dst, 64, GATEWAY_MAC, &d), Instant::now());
+    }
+    e.udp_batch.flush();
+    assert!(dialer.udp_peers.borrow().is_empty());
+    assert!(take6(&link).is_empty());
+}
+
+proptest! {
+    /// Whatever a guest sends over IPv6, ICMPv6 above all, the engine does not panic.
+    #[test]
+    fn arbitrary_ipv6_packets_never_panic(
+        proto in prop_oneof![Just(PROTO_ICMPV6), Just(PROTO_TCP), Just(PROTO_UDP), Just(0u8), Just(44u8), any::<u8>()],
+        hops in prop_oneof![Just(255u8), any::<u8>()],
+        kind in prop_oneof![128u8..=137, any::<u8>()],
+        body in proptest::collection::vec(any::<u8>(), 0..200),
+        dst in prop_oneof![Just(GATEWAY_LINK_LOCAL), Just(net().gateway), Just(ndp::ALL_ROUTERS), Just("2001:db8::1".parse::<Ipv6Addr>().unwrap())],
+        fix_checksum in any::<bool>(),
+    ) {
+        let (mut e, _link, _) = engine();
+        let mut l4 = body.clone();
+        if proto == PROTO_ICMPV6 && l4.len() >= 8 {
+            l4[0] = kind;
+            if fix_checksum {
+                icmpv6::fill_checksum(&mut l4, guest_ll(), dst);
+            }
+        }
+        let f = frame6(proto, guest_ll(), dst, hops, GATEWAY_MAC, &l4);
+        e.on_frame(0, &f, Instant::now());
+        for cut in [0, 13, 14, 20, 53, 54, f.len().saturating_sub(1)] {
+            e.on_frame(0, &f[..cut.min(f.len())], Instant::now());
+        }
+    }
+}
