@@ -173,3 +173,25 @@ fn ipv4_only_leaves_the_guest_without_ipv6() {
     out.assert_ok();
     assert_eq!(out.stdout.trim(), "done", "no address, no route, no AAAA: {out}");
 }
+
+/// A guest that asks by stateless DHCPv6, as usernet's router advertisement invites (the O
+/// flag): ISC dhclient's Information-Request gets the gateway as DNS server (dhclient hands
+/// the options to its script, here one that prints them; nothing of the host changes).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn stateless_dhcpv6_gives_the_dns_server() {
+    use std::os::unix::fs::PermissionsExt;
+    require(&["ip", "dnsmasq", "dhclient"]);
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("dhcp6");
+    let script = dir.join("script");
+    std::fs::write(&script, "#!/bin/sh\necho \"dhcp6 servers=$new_dhcp6_name_servers\"\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Usernet::new(&dns).sh(&format!(
+        "sleep 2; timeout 20 dhclient -d -6 -S -sf {} -lf /dev/null -pf /dev/null eth0 2>/dev/null; echo exit=$?",
+        script.display()
+    ));
+    out.assert_ok();
+    assert!(out.stdout.contains("exit=0"), "{out}");
+    assert!(out.stdout.contains(&format!("dhcp6 servers={GATEWAY6}")), "{out}");
+}

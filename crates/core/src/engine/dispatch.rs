@@ -1,9 +1,9 @@
 //! Frame dispatch: every frame from a guest, by protocol. The switch comes first (frames
-//! for other guests go to them), then ARP and ping for the gateway, DHCP, neighbour and
-//! router discovery (engine/icmpv6.rs), and TCP, UDP and ICMP echo, over IPv4 or IPv6, to
-//! their flows, creating a flow on a SYN, a first datagram or a first echo request. Each
-//! new flow is first put to the egress policy (`dial::admit`). Nothing here panics,
-//! whatever the bytes.
+//! for other guests go to them), then ARP and ping for the gateway, DHCP and stateless
+//! DHCPv6, neighbour and router discovery (engine/icmpv6.rs), and TCP, UDP and ICMP echo,
+//! over IPv4 or IPv6, to their flows, creating a flow on a SYN, a first datagram or a first
+//! echo request. Each new flow is first put to the egress policy (`dial::admit`). Nothing
+//! here panics, whatever the bytes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
@@ -25,6 +25,7 @@ use super::metrics::DropReason;
 use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF, Unreachable};
 use super::{Engine, dial};
 use crate::policy::Via;
+use crate::services::dhcp6;
 
 impl Engine {
     /// One frame from the guest. Never panics, whatever the bytes.
@@ -224,6 +225,12 @@ impl Engine {
                 }
             }
             IpAddr::V6(dst) => {
+                let to_gateway =
+                    dst == crate::config::GATEWAY_LINK_LOCAL || self.cfg.v6.is_some_and(|n| dst == n.gateway);
+                if h.dst_port == dhcp6::SERVER_PORT && (dst == dhcp6::ALL_SERVERS || to_gateway) {
+                    self.on_dhcp6(ip.src, h.src_port, payload, src_mac);
+                    return;
+                }
                 if dst.is_multicast() {
                     return;
                 }
@@ -308,6 +315,25 @@ impl Engine {
             SocketAddrV4::new(reply.dst_ip, 68).into(),
             n,
             Some(reply.dst_mac),
+        );
+    }
+
+    /// A DHCPv6 message from the guest at `src` (see services/dhcp6.rs): the Reply goes
+    /// back to the port it came from, from the gateway's address of the same scope.
+    pub(super) fn on_dhcp6(&mut self, src: IpAddr, port: u16, payload: &[u8], src_mac: [u8; 6]) {
+        let (IpAddr::V6(src), Some(net)) = (src, self.cfg.v6) else { return };
+        let Some(reply) = dhcp6::reply(&self.cfg, payload) else { return };
+        let n = reply.len();
+        if UDP_PAYLOAD_OFF + n > self.switch.buf().len() {
+            return;
+        }
+        self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + n].copy_from_slice(&reply);
+        let from = if src.is_unicast_link_local() { crate::config::GATEWAY_LINK_LOCAL } else { net.gateway };
+        self.switch.send_udp_to_mac(
+            SocketAddr::new(from.into(), dhcp6::SERVER_PORT),
+            SocketAddr::new(src.into(), port),
+            n,
+            Some(src_mac),
         );
     }
 

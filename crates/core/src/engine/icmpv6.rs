@@ -16,7 +16,8 @@
 //! - A router solicitation gets a router advertisement at once, to the guest that asked;
 //!   all nodes get one when a link comes up and every [`RA_INTERVAL`]. The advertisement
 //!   carries the prefix (on-link, for SLAAC), the link's MTU, the gateway as DNS server
-//!   (RDNSS) and the host's search domains (DNSSL), so a guest needs no DHCPv6 at all.
+//!   (RDNSS) and the host's search domains (DNSSL), so a guest needs no DHCPv6 at all; its
+//!   O flag says that stateless DHCPv6 gives them too, for guests that ask that way.
 //! - An echo request to usernet's gateway addresses is answered here; to the host address or
 //!   beyond, it goes through a host ping socket as over IPv4 (`Engine::echo_through_host`).
 //! - What a guest may not send (a router advertisement, a redirect) and what is invalid (a
@@ -151,7 +152,8 @@ impl Engine {
         Some(RouterAdvert {
             cur_hop_limit: 64,
             managed: false,
-            other: false,
+            // Stateless DHCPv6 answers too (services/dhcp6.rs): the same DNS server and list.
+            other: true,
             router_lifetime: ROUTER_LIFETIME_S,
             reachable_ms: 0,
             retrans_ms: 0,

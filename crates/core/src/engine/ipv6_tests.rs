@@ -147,6 +147,7 @@ fn a_router_solicitation_gets_the_prefix_mtu_and_dns() {
     let p = ra.prefixes[0];
     assert_eq!((p.prefix, p.prefix_len, p.on_link, p.autonomous), (net().prefix, 64, true, true));
     assert!(p.preferred_lifetime <= p.valid_lifetime);
+    assert!(!ra.managed && ra.other, "addresses by SLAAC, DNS by stateless DHCPv6 too");
     assert_eq!(ra.rdnss.unwrap().1, vec![net().gateway]);
     assert_eq!(ra.dnssl.unwrap().1, vec!["corp.example".to_string()]);
 }
@@ -411,4 +412,33 @@ proptest! {
             e.on_frame(0, &f[..cut.min(f.len())], Instant::now());
         }
     }
+}
+
+#[test]
+fn stateless_dhcpv6_answers_the_guest_that_asks() {
+    use dhcproto::v6::{DhcpOption, Message, MessageType, OptionCode};
+    use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+    let (mut e, link, _) = engine();
+    link.sent.borrow_mut().clear();
+    let mut m = Message::new_with_id(MessageType::InformationRequest, [7, 7, 7]);
+    m.opts_mut().insert(DhcpOption::ClientId(vec![0, 3, 0, 1, 2, 0, 0, 0, 0, 2]));
+    let mut body = Vec::new();
+    m.encode(&mut Encoder::new(&mut body)).unwrap();
+    let all_servers = crate::services::dhcp6::ALL_SERVERS;
+    let mut d = vec![0u8; 8 + body.len()];
+    d[8..].copy_from_slice(&body);
+    UdpHeader { src_port: 546, dst_port: 547 }.emit(&mut d, body.len(), guest_ll().into(), all_servers.into());
+    e.on_frame(0, &frame6(PROTO_UDP, guest_ll(), all_servers, 1, ndp::multicast_mac(all_servers), &d), Instant::now());
+    let out = take6(&link);
+    assert_eq!(out.len(), 1);
+    let (mac, ip, p) = &out[0];
+    assert_eq!((*mac, ip.src, ip.dst, ip.protocol), (GUEST_MAC, GATEWAY_LINK_LOCAL, guest_ll(), PROTO_UDP));
+    let (h, payload) = UdpHeader::parse(p).unwrap();
+    assert_eq!((h.src_port, h.dst_port), (547, 546));
+    let reply = Message::decode(&mut Decoder::new(payload)).unwrap();
+    assert_eq!((reply.msg_type(), reply.xid()), (MessageType::Reply, [7, 7, 7]));
+    assert_eq!(
+        reply.opts().get(OptionCode::DomainNameServers),
+        Some(&DhcpOption::DomainNameServers(vec![net().gateway]))
+    );
 }

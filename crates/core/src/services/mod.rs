@@ -38,6 +38,7 @@
 
 pub mod activity;
 pub mod dhcp;
+pub mod dhcp6;
 pub mod dns;
 pub mod metrics;
 pub mod proxy;
