@@ -83,10 +83,12 @@ impl std::str::FromStr for Ipv6Net {
                 "invalid IPv6 subnet prefix: /{prefix} (must be /64: guests configure themselves by SLAAC)"
             ));
         }
-        if ip.is_multicast() || ip.is_loopback() || ip.is_unspecified() || ip.to_ipv4_mapped().is_some() {
-            return Err(format!("invalid IPv6 subnet: {s} (not a unicast prefix)"));
+        let net = Ipv6Net::new(ip);
+        let p = net.prefix;
+        if p.is_multicast() || p.is_unicast_link_local() || p.segments()[..4] == [0; 4] {
+            return Err(format!("invalid IPv6 subnet: {s} (not a global or unique local /64)"));
         }
-        Ok(Ipv6Net::new(ip))
+        Ok(net)
     }
 }
 
@@ -395,6 +397,19 @@ impl HostDns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_subnets() {
+        let n: Ipv6Net = "fd00:1:2:3::/64".parse().unwrap();
+        assert_eq!((n.gateway, n.host, n.guest), (n.at(1), n.at(0x254), n.at(2)));
+        assert_eq!(n.gateway.to_string(), "fd00:1:2:3::1");
+        assert_eq!("2001:db8:0:1:dead::".parse::<Ipv6Net>().unwrap().prefix.to_string(), "2001:db8:0:1::");
+        assert!(n.contains("fd00:1:2:3:ffff::1".parse().unwrap()) && !n.contains("fd00:1:2:4::1".parse().unwrap()));
+        // Not a /64, or no unicast prefix: loopback's (::2/64), link-local, multicast.
+        for bad in ["fd00::/48", "fd00::/65", "::2/64", "fe80::/64", "ff02::/64", "::ffff:10.0.0.0/64", "nonsense"] {
+            assert!(bad.parse::<Ipv6Net>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn host_local_addresses() {

@@ -134,9 +134,15 @@ impl FromStr for Cidr {
     }
 }
 
-/// An IPv4-mapped IPv6 address as the IPv4 address it is; anything else as it is.
+/// An IPv6 address that carries an IPv4 one as that IPv4 address: IPv4-mapped, and the
+/// NAT64 well-known prefix 64:ff9b::/96 (RFC 6052), which a NAT64 on the host's path turns
+/// into that IPv4 address (so `--deny 10.0.0.0/8` covers 64:ff9b::a00:1 too); anything
+/// else as it is.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
+        IpAddr::V6(v6) if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] => {
+            IpAddr::V4(Ipv4Addr::from(u128::from(v6) as u32))
+        }
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
@@ -713,6 +719,10 @@ mod tests {
         assert!(!rule("0.0.0.0/0").matches(ip("2001:db8::1"), None));
         assert!(rule("2001:db8::/32").matches(ip("2001:db8:ffff::1"), Some(1)));
         assert!(!rule("2001:db8::/32").matches(ip("2001:db9::1"), Some(1)));
+        // IPv6 forms of IPv4 addresses are judged as those: mapped, and NAT64's prefix.
+        assert!(rule("10.0.0.0/8").matches(ip("::ffff:10.1.2.3"), None));
+        assert!(rule("10.0.0.0/8").matches(ip("64:ff9b::a01:203"), None));
+        assert!(!rule("10.0.0.0/8").matches(ip("64:ff9b:1::a01:203"), None));
     }
 
     #[test]

@@ -244,6 +244,12 @@ impl NetOpts {
     pub fn to_config(&self, default_mtu: u32) -> anyhow::Result<NetConfig> {
         let mut cfg = NetConfig::new(self.subnet, self.mtu.unwrap_or(default_mtu));
         cfg.v6 = (!self.ipv4_only).then_some(self.subnet6);
+        if cfg.v6.is_some() && cfg.mtu < 1280 {
+            // IPv6 needs links of at least 1280 bytes (RFC 8200 section 5); Linux turns it
+            // off on a smaller one.
+            tracing::warn!("--mtu {} is below IPv6's minimum of 1280: the network is IPv4-only", cfg.mtu);
+            cfg.v6 = None;
+        }
         cfg.host_loopback = !self.no_host_loopback;
         cfg.limits = self.limits.to_limits();
         let mut allow_domains: Vec<String> = Vec::new();

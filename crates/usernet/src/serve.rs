@@ -191,6 +191,9 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     engine.set_busy_poll(std::time::Duration::from_micros(args.net.busy_poll));
     for (spec, tap) in taps {
         engine.add_static_lease(spec.iface.mac, spec.iface.address);
+        if let Some((ip6, _)) = spec.iface.ipv6 {
+            engine.reserve_guest6(spec.iface.mac, ip6);
+        }
         engine.add_link(Box::new(tap));
     }
     for link in links {
@@ -334,9 +337,10 @@ pub fn serve_guest_api(
             (server.guest_api(token), Some(server))
         }
     };
-    let api_addr = SocketAddrV4::new(cfg.gateway, 80);
-    engine.add_tcp_hook(Box::new(move |dst: SocketAddrV4, guest: SocketAddrV4| {
-        (dst == api_addr).then(|| guest_api.connect(guest))
+    let api_addr = std::net::SocketAddr::V4(SocketAddrV4::new(cfg.gateway, 80));
+    engine.add_tcp_hook(Box::new(move |dst, guest| match guest {
+        std::net::SocketAddr::V4(guest) if dst == api_addr => Some(guest_api.connect(guest)),
+        _ => None,
     }));
     Ok(own)
 }

@@ -24,6 +24,8 @@ pub const TYPE_REDIRECT: u8 = 137;
 pub const CODE_NO_ROUTE: u8 = 0;
 /// Communication with destination administratively prohibited: the egress policy.
 pub const CODE_ADMIN_PROHIBITED: u8 = 1;
+/// Beyond scope of source address: a link-local source, a destination beyond the link.
+pub const CODE_BEYOND_SCOPE: u8 = 2;
 pub const CODE_ADDRESS_UNREACHABLE: u8 = 3;
 pub const CODE_PORT_UNREACHABLE: u8 = 4;
 

@@ -117,8 +117,9 @@ fn target_v6(cfg: &NetConfig, ip: Ipv6Addr) -> Target {
         Target::Gateway
     } else if ip == net.host {
         if cfg.host_loopback { Target::Host(Ipv6Addr::LOCALHOST.into()) } else { Target::Refused }
-    } else if crate::config::is_host_local(ip.into()) || ip.to_ipv4_mapped().is_some() {
-        // An IPv4-mapped destination would leave as IPv4 and skip the IPv4 checks: refused.
+    } else if crate::config::is_host_local(ip.into()) || ip.to_ipv4_mapped().is_some() || ip.segments()[..6] == [0; 6] {
+        // An IPv4-mapped destination would leave as IPv4 and skip the IPv4 checks, and an
+        // IPv4-compatible one (::a.b.c.d, deprecated) means nothing else: refused.
         Target::Refused
     } else if net.contains(ip) || ip.is_multicast() || ip.is_unicast_link_local() || ip.is_unspecified() {
         Target::Unreachable
@@ -331,7 +332,7 @@ mod tests {
         assert_eq!(t(&cfg, "fd75:7365:726e::1"), "gateway");
         assert_eq!(t(&cfg, "fe80::1"), "gateway");
         assert_eq!(t(&cfg, "2001:db8::1"), "as-is", "beyond the prefix: through the host's routes");
-        for local in ["::1", "::", "::ffff:127.0.0.1", "::ffff:10.0.0.1"] {
+        for local in ["::1", "::", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::127.0.0.1", "::10.0.0.1"] {
             assert_eq!(t(&cfg, local), "refused", "{local}: the host's loopback, or IPv4 in disguise");
         }
         for nobody in ["fd75:7365:726e::9", "fe80::9", "ff02::1"] {

@@ -53,17 +53,20 @@ impl Engine {
         };
         let cfg = &self.cfg;
         let guest_addr = |ip: Ipv4Addr| cfg.subnet.contains(ip) && !cfg.is_own_address(ip);
-        // `serve`: a guest may not speak for another (see Switch::admit); over IPv6, an
-        // address is the first link's that used it.
-        if !self.switch.admit(link, eth.src, raw_src, guest_addr)
-            || src6.is_some_and(|ip| {
-                self.switch.bind_sources && self.switch.owner_of(ip.into()).is_some_and(|m| m != eth.src)
-            })
-        {
+        // `serve`: a guest may not speak for another, nor for usernet (see Switch::admit,
+        // and admit_ipv6 for IPv6).
+        if !self.switch.admit(link, eth.src, raw_src, guest_addr) {
             self.switch.drop_in(DropReason::Spoofed);
             return;
         }
         let src_ip = raw_src.filter(|ip| guest_addr(*ip)).map(IpAddr::V4).or(src6.map(IpAddr::V6));
+        if eth.ethertype == ethernet::ETHERTYPE_IPV6
+            && self.switch.bind_sources
+            && !self.admit_ipv6(link, eth.src, payload)
+        {
+            self.switch.drop_in(DropReason::Spoofed);
+            return;
+        }
         self.switch.learn(link, eth.src, src_ip);
         // The switch: frames for other guests go to them; broadcasts go to them too.
         if eth.dst != self.cfg.gateway_mac {
@@ -77,6 +80,40 @@ impl Engine {
             ethernet::ETHERTYPE_IPV4 => self.on_ipv4(payload, eth.src, now),
             ethernet::ETHERTYPE_IPV6 if self.cfg.v6.is_some() => self.on_ipv6(payload, eth.src, now),
             _ => self.switch.drop_in(DropReason::Ethertype),
+        }
+    }
+
+    /// With guests bound to their links (`serve`): whether link `index`'s guest (`mac`) may
+    /// send this IPv6 packet, to usernet or to another guest. Its source must be its own
+    /// ([`Switch::admit6`]: not usernet's, not another guest's), and so must the target of a
+    /// neighbour advertisement, with the guest's MAC in the link-layer options; router
+    /// advertisements, redirects and DHCPv6 servers' replies are usernet's to send (RA guard,
+    /// RFC 6105). Packets too broken to read go on, to be dropped as malformed.
+    fn admit_ipv6(&mut self, index: usize, mac: [u8; 6], packet: &[u8]) -> bool {
+        use usernet_wire::icmpv6::{TYPE_NEIGHBOR_ADVERT, TYPE_NEIGHBOR_SOLICIT, TYPE_REDIRECT, TYPE_ROUTER_ADVERT};
+        use usernet_wire::ndp::{NeighborAdvert, NeighborSolicit};
+        let Some((ip, l4)) = Ipv6Header::parse(packet) else { return true };
+        if !self.switch.admit6(index, mac, ip.src, self.guest_addr6(ip.src)) {
+            return false;
+        }
+        if ip.is_fragment {
+            return true;
+        }
+        match (ip.protocol, l4.first().copied()) {
+            (PROTO_ICMPV6, Some(TYPE_ROUTER_ADVERT | TYPE_REDIRECT)) => false,
+            (PROTO_ICMPV6, Some(TYPE_NEIGHBOR_SOLICIT)) => {
+                NeighborSolicit::parse(l4).is_none_or(|ns| ns.source_lladdr.is_none_or(|m| m == mac))
+            }
+            (PROTO_ICMPV6, Some(TYPE_NEIGHBOR_ADVERT)) => match NeighborAdvert::parse(l4) {
+                Some(na) => {
+                    na.target_lladdr.is_none_or(|m| m == mac)
+                        && self.switch.admit6(index, mac, na.target, self.guest_addr6(na.target))
+                }
+                None => true,
+            },
+            // A DHCPv6 server's port (RFC 8415 section 7.2): replies come from usernet only.
+            (PROTO_UDP, _) => l4.get(0..2) != Some(&dhcp6::SERVER_PORT.to_be_bytes()[..]),
+            _ => true,
         }
     }
 
@@ -143,6 +180,17 @@ impl Engine {
         }
         if !self.guest_addr6(ip.src) {
             // TCP and UDP come from a guest's own address, never from a group or from none.
+            self.switch.drop_in(DropReason::Spoofed);
+            return;
+        }
+        let on_link = ip.dst.is_unicast_link_local() || ip.dst.is_multicast() || self.cfg.is_own_address6(ip.dst);
+        if ip.src.is_unicast_link_local() && !on_link {
+            // A link-local source reaches no further than the link (usernet's own addresses,
+            // DHCPv6's group), as a router has it (RFC 4007 section 9): the guest hears so at
+            // once. (A guest whose global address is still tentative speaks from its
+            // link-local one until its duplicate address detection is done.)
+            let why = Unreachable::BeyondScope;
+            self.switch.send_unreachable(ip.src.into(), ip.dst.into(), why, ip.protocol, payload.len(), payload);
             self.switch.drop_in(DropReason::Spoofed);
             return;
         }
@@ -258,7 +306,9 @@ impl Engine {
                 }
                 let to_gateway_dns = match ip.dst {
                     IpAddr::V4(dst) => self.cfg.dns == Some(dst),
-                    IpAddr::V6(dst) => self.cfg.v6.is_some_and(|n| dst == n.gateway),
+                    IpAddr::V6(dst) => {
+                        dst == crate::config::GATEWAY_LINK_LOCAL || self.cfg.v6.is_some_and(|n| dst == n.gateway)
+                    }
                 };
                 let flow = if to_gateway_dns && h.dst_port == 53 {
                     self.bound_gateway_dns(now);
@@ -383,11 +433,7 @@ impl Engine {
             flows::tcp::reset_syn(&mut self.switch, guest, remote, h.seq);
             return;
         }
-        // The hooks (the guest API, the transparent proxy) take IPv4 for now.
-        let hooked = match (remote, guest) {
-            (SocketAddr::V4(r), SocketAddr::V4(g)) => self.tcp_hooks.iter_mut().find_map(|hook| hook(r, g)),
-            _ => None,
-        };
+        let hooked = self.tcp_hooks.iter_mut().find_map(|hook| hook(remote, guest));
         let dialled = match hooked {
             Some(r) => r.map(|fd| dial::TcpDial { fd, connected: true, is_tcp: false }),
             None => self.dialer.tcp(remote, guest),

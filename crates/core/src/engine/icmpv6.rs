@@ -43,6 +43,10 @@ use crate::config::GATEWAY_LINK_LOCAL;
 /// How often all nodes get an unsolicited router advertisement (RFC 4861 allows 4 s to
 /// 1800 s; the lifetimes below are several of these).
 pub const RA_INTERVAL: Duration = Duration::from_secs(300);
+/// Advertisements to all nodes are at least this far apart (RFC 4861 section 6.2.6's
+/// MIN_DELAY_BETWEEN_RAS): a guest soliciting from no address over and over, or links
+/// coming up in a burst, cannot make usernet flood the network.
+pub const MIN_MULTICAST_GAP: Duration = Duration::from_secs(3);
 /// How long a guest keeps usernet as its default router without a new advertisement.
 const ROUTER_LIFETIME_S: u16 = 1800;
 /// Lifetimes of the prefix's addresses (RFC 4861's defaults are 30 and 7 days; usernet
@@ -70,7 +74,15 @@ impl Engine {
                 None => self.switch.drop_in(DropReason::Icmpv6),
             },
             icmpv6::TYPE_ROUTER_SOLICIT => match RouterSolicit::parse(message) {
-                Some(_) => self.advertise_router(Some((ip.src, src_mac))),
+                // A solicitation from an address gets its answer alone; one from none (a
+                // guest that has no address yet) makes the next advertisement to all nodes
+                // due, at most one every MIN_MULTICAST_GAP.
+                Some(_) if !ip.src.is_unspecified() => self.advertise_router(Some((ip.src, src_mac))),
+                Some(_) => {
+                    let soonest = self.last_multicast_advert.map_or(now, |t| t + MIN_MULTICAST_GAP);
+                    self.next_router_advert =
+                        Some(self.next_router_advert.map_or(soonest, |t| t.min(soonest.max(now))));
+                }
                 None => self.switch.drop_in(DropReason::Icmpv6),
             },
             icmpv6::TYPE_NEIGHBOR_ADVERT if NeighborAdvert::parse(message).is_none() => {
@@ -99,8 +111,8 @@ impl Engine {
             // The prober has no address yet: every node hears that this one is taken.
             self.switch.send_icmpv6_message(ns.target, ndp::ALL_NODES, n, None);
         } else {
-            let mac = ns.source_lladdr.unwrap_or(src_mac);
-            self.switch.send_icmpv6_message(ns.target, ip.src, n, Some(mac));
+            // To the frame's sender: a link-layer option naming another MAC does not steer it.
+            self.switch.send_icmpv6_message(ns.target, ip.src, n, Some(src_mac));
         }
     }
 
@@ -139,7 +151,15 @@ impl Engine {
         if self.cfg.v6.is_none() || self.next_router_advert.is_some_and(|t| now < t) {
             return;
         }
+        if let Some(last) = self.last_multicast_advert
+            && now < last + MIN_MULTICAST_GAP
+        {
+            // Links coming up in a burst: one advertisement for them all.
+            self.next_router_advert = Some(last + MIN_MULTICAST_GAP);
+            return;
+        }
         self.next_router_advert = Some(now + RA_INTERVAL);
+        self.last_multicast_advert = Some(now);
         if self.switch.links.iter().flatten().next().is_some() {
             self.advertise_router(None);
         }

@@ -442,3 +442,144 @@ fn stateless_dhcpv6_answers_the_guest_that_asks() {
         Some(&DhcpOption::DomainNameServers(vec![net().gateway]))
     );
 }
+
+/// Frames of a guest on link `link` with MAC `mac`.
+fn frame6_from(
+    mac: [u8; 6],
+    proto: u8,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hops: u8,
+    dst_mac: [u8; 6],
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut f = frame6(proto, src, dst, hops, dst_mac, l4);
+    f[6..12].copy_from_slice(&mac);
+    f
+}
+
+fn ndp_from(mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, emit: impl FnOnce(&mut [u8]) -> usize) -> Vec<u8> {
+    let mut m = vec![0u8; 256];
+    let n = emit(&mut m);
+    m.truncate(n);
+    icmpv6::fill_checksum(&mut m, src, dst);
+    frame6_from(mac, PROTO_ICMPV6, src, dst, 255, ndp::multicast_mac(dst), &m)
+}
+
+/// `serve` (guests bound to their links): over IPv6 no guest speaks for usernet or for
+/// another guest, nor plays router.
+#[test]
+fn bound_guests_cannot_speak_for_usernet_or_each_other_over_ipv6() {
+    use super::metrics::DropReason;
+    let (a_mac, b_mac) = ([0x02, 0, 0, 0, 0, 0xa], [0x02, 0, 0, 0, 0, 0xb]);
+    let (a_link, b_link) = (RecordingLink::default(), RecordingLink::default());
+    let mut e = Engine::with_dialer(Arc::new(NetConfig::default()), Box::new(PairDialer::default()), None).unwrap();
+    e.bind_guests_to_links();
+    e.add_link(Box::new(a_link.clone()));
+    e.add_link(Box::new(b_link.clone()));
+    let now = Instant::now();
+    let a_ip: Ipv6Addr = "fd75:7365:726e::a".parse().unwrap();
+    // A uses its address first: it is A's.
+    let hello = |mac, src: Ipv6Addr| {
+        let mut m = vec![0u8; 8 + 4];
+        Icmpv6Header::echo(icmpv6::TYPE_ECHO_REQUEST, 1, 1).emit(&mut m, 4, src, net().gateway);
+        frame6_from(mac, PROTO_ICMPV6, src, net().gateway, 64, GATEWAY_MAC, &m)
+    };
+    e.on_frame(0, &hello(a_mac, a_ip), now);
+    let spoofed =
+        |e: &Engine| e.metrics().counters.drops().find(|(r, _)| *r == DropReason::Spoofed).map_or(0, |(_, n)| n);
+    assert_eq!(spoofed(&e), 0);
+    b_link.sent.borrow_mut().clear();
+    // B cannot use it, nor usernet's addresses.
+    e.on_frame(1, &hello(b_mac, a_ip), now);
+    e.on_frame(1, &hello(b_mac, net().gateway), now);
+    e.on_frame(1, &hello(b_mac, GATEWAY_LINK_LOCAL), now);
+    assert_eq!(spoofed(&e), 3);
+    assert!(take6(&b_link).is_empty(), "no reply to a spoofed source");
+    // B's advertisement that it is fe80::1, or A: dropped, and A never hears them.
+    a_link.sent.borrow_mut().clear();
+    let b_ll: Ipv6Addr = "fe80::b".parse().unwrap();
+    for target in [GATEWAY_LINK_LOCAL, a_ip] {
+        let na = NeighborAdvert { router: true, solicited: false, override_: true, target, target_lladdr: Some(b_mac) };
+        e.on_frame(1, &ndp_from(b_mac, b_ll, ndp::ALL_NODES, |b| na.emit(b)), now);
+    }
+    // A router advertisement from B, and a solicitation naming A's MAC: dropped too.
+    let ra = RouterAdvert {
+        cur_hop_limit: 64,
+        managed: false,
+        other: false,
+        router_lifetime: 1800,
+        reachable_ms: 0,
+        retrans_ms: 0,
+        source_lladdr: Some(b_mac),
+        mtu: None,
+        prefixes: vec![],
+        rdnss: None,
+        dnssl: None,
+    };
+    e.on_frame(1, &ndp_from(b_mac, b_ll, ndp::ALL_NODES, |b| ra.emit(b)), now);
+    let ns = NeighborSolicit { target: a_ip, source_lladdr: Some(a_mac) };
+    e.on_frame(1, &ndp_from(b_mac, b_ll, ndp::solicited_node(a_ip), |b| ns.emit(b)), now);
+    assert_eq!(spoofed(&e), 7);
+    assert!(a_link.sent.borrow().is_empty(), "nothing of B's reached A");
+    // B's own neighbour advertisement for its own address goes through to A.
+    let own =
+        NeighborAdvert { router: false, solicited: false, override_: true, target: b_ll, target_lladdr: Some(b_mac) };
+    e.on_frame(1, &ndp_from(b_mac, b_ll, ndp::ALL_NODES, |b| own.emit(b)), now);
+    assert_eq!(spoofed(&e), 7);
+    assert_eq!(a_link.sent.borrow().len(), 1);
+    // A link takes at most MAX_IPV6_PER_LINK addresses (A has one, and one more below).
+    for i in 0..super::switch::MAX_IPV6_PER_LINK as u16 {
+        e.on_frame(0, &hello(a_mac, Ipv6Addr::new(0xfd75, 0x7365, 0x726e, 0, 0, 0, 1, i)), now);
+    }
+    assert_eq!(spoofed(&e), 7 + 1);
+}
+
+#[test]
+fn solicitations_from_no_address_make_at_most_one_advertisement_every_few_seconds() {
+    let (mut e, link, _) = engine();
+    let t0 = Instant::now();
+    e.advertise_router_when_due(t0);
+    assert_eq!(take6(&link).len(), 1, "the link came up");
+    let rs = RouterSolicit { source_lladdr: None };
+    let f =
+        ndp_frame(Ipv6Addr::UNSPECIFIED, ndp::ALL_ROUTERS, 255, ndp::multicast_mac(ndp::ALL_ROUTERS), |b| rs.emit(b));
+    for i in 0..100u64 {
+        let t = t0 + std::time::Duration::from_millis(10 * i);
+        e.on_frame(0, &f, t);
+        e.advertise_router_when_due(t);
+    }
+    assert!(take6(&link).is_empty(), "not within the gap");
+    let later = t0 + super::icmpv6::MIN_MULTICAST_GAP;
+    e.advertise_router_when_due(later);
+    assert_eq!(take6(&link).len(), 1, "one, once the gap has passed");
+}
+
+#[test]
+fn a_link_local_source_reaches_no_further_than_the_link() {
+    let (mut e, link, dialer) = engine();
+    let mut syn = seg(1000, 0, SYN);
+    syn.mss = Some(1440);
+    let hl = syn.emit_len();
+    let mut s = vec![0u8; hl];
+    let IpAddr::V6(dst) = remote().ip() else { unreachable!() };
+    syn.emit(&mut s, 0, guest_ll().into(), dst.into());
+    e.on_frame(0, &frame6(PROTO_TCP, guest_ll(), dst, 64, GATEWAY_MAC, &s), Instant::now());
+    assert!(dialer.tcp_peers.borrow().is_empty());
+    let out = take6(&link);
+    assert_eq!(out.len(), 1, "an ICMPv6 error, no SYN-ACK");
+    let (h, _) = Icmpv6Header::parse(&out[0].2, out[0].1.src, out[0].1.dst).unwrap();
+    assert_eq!((h.kind, h.code), (icmpv6::TYPE_DEST_UNREACHABLE, icmpv6::CODE_BEYOND_SCOPE));
+}
+
+/// A guest whose global address is still tentative speaks from its link-local one, to
+/// usernet's own addresses on the link: that is on-link, and goes through.
+#[test]
+fn a_link_local_source_reaches_usernets_own_addresses() {
+    let (mut e, _link, dialer) = engine();
+    let host = net().host;
+    let mut s = vec![0u8; 20];
+    seg(1000, 0, SYN).emit(&mut s, 0, guest_ll().into(), host.into());
+    e.on_frame(0, &frame6(PROTO_TCP, guest_ll(), host, 64, GATEWAY_MAC, &s), Instant::now());
+    assert_eq!(dialer.tcp_peers.borrow().len(), 1);
+}

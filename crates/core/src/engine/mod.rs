@@ -123,8 +123,10 @@ pub struct Engine {
     loop_counters: metrics::LoopCounters,
     /// The gateway services' counters, reported with the engine's own (for `/metrics`).
     service_metrics: Option<Arc<crate::services::metrics::ServiceMetrics>>,
-    /// When all nodes get the next router advertisement (None: at once; see icmpv6.rs).
+    /// When all nodes get the next router advertisement (None: at once; see icmpv6.rs),
+    /// and when the last one went.
     next_router_advert: Option<Instant>,
+    last_multicast_advert: Option<Instant>,
 }
 
 impl Engine {
@@ -174,6 +176,13 @@ impl Engine {
     /// trip. Not for interfaces configured by others (slirp4netns mode without
     /// `--configure`): a wrong MAC would hide the guest until it speaks.
     pub fn set_guest_mac(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
+        self.switch.add_neighbour(ip.into(), mac);
+    }
+
+    /// The guest with `mac` has IPv6 address `ip`, configured by usernet (`serve --netns`):
+    /// with guests bound to their links, no other guest may take it, whoever speaks first.
+    pub fn reserve_guest6(&mut self, mac: [u8; 6], ip: std::net::Ipv6Addr) {
+        self.switch.reserve6(ip, mac);
         self.switch.add_neighbour(ip.into(), mac);
     }
 
@@ -295,6 +304,7 @@ impl Engine {
             loop_counters: metrics::LoopCounters::default(),
             service_metrics: None,
             next_router_advert: None,
+            last_multicast_advert: None,
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
             busy_poll: busy_poll::BusyPoll::new(Duration::ZERO),

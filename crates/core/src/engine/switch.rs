@@ -67,6 +67,8 @@ pub enum Unreachable {
     Port,
     /// The egress policy denied it.
     AdminProhibited,
+    /// IPv6 only: a link-local source cannot reach a destination beyond the link.
+    BeyondScope,
 }
 
 impl Unreachable {
@@ -74,7 +76,7 @@ impl Unreachable {
     fn code_v4(self) -> u8 {
         match self {
             Unreachable::Net => usernet_wire::icmp::CODE_NET_UNREACHABLE,
-            Unreachable::Host => usernet_wire::icmp::CODE_HOST_UNREACHABLE,
+            Unreachable::Host | Unreachable::BeyondScope => usernet_wire::icmp::CODE_HOST_UNREACHABLE,
             Unreachable::Port => usernet_wire::icmp::CODE_PORT_UNREACHABLE,
             Unreachable::AdminProhibited => usernet_wire::icmp::CODE_ADMIN_PROHIBITED,
         }
@@ -87,6 +89,7 @@ impl Unreachable {
             Unreachable::Host => usernet_wire::icmpv6::CODE_ADDRESS_UNREACHABLE,
             Unreachable::Port => usernet_wire::icmpv6::CODE_PORT_UNREACHABLE,
             Unreachable::AdminProhibited => usernet_wire::icmpv6::CODE_ADMIN_PROHIBITED,
+            Unreachable::BeyondScope => usernet_wire::icmpv6::CODE_BEYOND_SCOPE,
         }
     }
 
@@ -103,6 +106,10 @@ impl Unreachable {
 
 /// MACs learned per guest link (a VM has one, a link to another switch a few hundred).
 pub const MAX_MACS_PER_LINK: usize = 1024;
+
+/// IPv6 addresses one link's guest may use with [`Switch::bind_sources`] (a link-local one,
+/// a SLAAC one, privacy addresses as they rotate): the first ones it uses are its own.
+pub const MAX_IPV6_PER_LINK: usize = 16;
 
 /// Frames held per guest address while its MAC is asked for (the kernel's default too).
 pub const PENDING_PER_IP: usize = 3;
@@ -141,6 +148,9 @@ pub struct LinkSlot {
     bound: Option<(Mac, Option<Ipv4Addr>)>,
     /// The log said that this link sent a frame from another guest's MAC or address.
     told_spoofed: bool,
+    /// With [`Switch::bind_sources`]: the IPv6 addresses this link's guest has used, at
+    /// most [`MAX_IPV6_PER_LINK`]; no other link may use them.
+    owned6: Vec<Ipv6Addr>,
 }
 
 pub struct Switch {
@@ -156,6 +166,8 @@ pub struct Switch {
     arp_asked: HashMap<IpAddr, Instant>,
     /// Frames waiting for the MAC of their destination (see the top of this file).
     pending: HashMap<IpAddr, Pending>,
+    /// IPv6 addresses kept for a guest's MAC (see [`Switch::reserve6`]).
+    reserved6: HashMap<Ipv6Addr, Mac>,
     pub pcap: Option<PcapWriter>,
     buf: Vec<u8>,
     pub gateway_mac: Mac,
@@ -214,6 +226,7 @@ impl Switch {
             neighbours: HashMap::new(),
             arp_asked: HashMap::new(),
             pending: HashMap::new(),
+            reserved6: HashMap::new(),
             pcap,
             buf: vec![0u8; L4_OFF + 65535],
             gateway_mac,
@@ -523,7 +536,7 @@ impl Switch {
             })
         };
         if taken_elsewhere(&self.links, mac, claimed) {
-            return self.refuse(index, mac, src);
+            return self.refuse(index, mac, src.map(IpAddr::V4));
         }
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };
         let usable = |ip: Ipv4Addr| ip.is_unspecified() || guest_addr(ip);
@@ -551,11 +564,46 @@ impl Switch {
                 (Some((_, Some(bound_ip))), Some(ip)) => *bound_ip == ip,
             }
         };
-        if ok { true } else { self.refuse(index, mac, src) }
+        if ok { true } else { self.refuse(index, mac, src.map(IpAddr::V4)) }
+    }
+
+    /// Whether link `index`'s guest (`mac`) may use IPv6 address `ip` (`usable`: of the
+    /// network's prefix or link-local, and not usernet's own). Always, unless
+    /// [`Switch::bind_sources`]: then an address another link's guest used first, or one
+    /// reserved for another guest ([`Switch::reserve6`]), is not this one's, and a link
+    /// takes at most [`MAX_IPV6_PER_LINK`]. The unspecified address (duplicate address
+    /// detection) is always allowed.
+    pub fn admit6(&mut self, index: usize, mac: Mac, ip: Ipv6Addr, usable: bool) -> bool {
+        if !self.bind_sources || ip.is_unspecified() {
+            return true;
+        }
+        if let Some(Some(slot)) = self.links.get(index)
+            && slot.owned6.contains(&ip)
+        {
+            return true;
+        }
+        let taken = self.reserved6.get(&ip).is_some_and(|m| *m != mac)
+            || self
+                .links
+                .iter()
+                .enumerate()
+                .any(|(i, l)| i != index && l.as_ref().is_some_and(|l| l.owned6.contains(&ip)));
+        let Some(Some(slot)) = self.links.get_mut(index) else { return false };
+        if usable && !taken && slot.owned6.len() < MAX_IPV6_PER_LINK {
+            slot.owned6.push(ip);
+            return true;
+        }
+        self.refuse(index, mac, Some(IpAddr::V6(ip)))
+    }
+
+    /// Keeps `ip` for the guest with `mac` (an address usernet configured itself, as
+    /// `serve --netns` does), whichever link speaks first.
+    pub fn reserve6(&mut self, ip: Ipv6Addr, mac: Mac) {
+        self.reserved6.insert(ip, mac);
     }
 
     /// Logs the first refused frame of link `index`; false.
-    fn refuse(&mut self, index: usize, mac: Mac, src: Option<Ipv4Addr>) -> bool {
+    fn refuse(&mut self, index: usize, mac: Mac, src: Option<IpAddr>) -> bool {
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };
         if !slot.told_spoofed {
             slot.told_spoofed = true;
@@ -703,6 +751,7 @@ impl Switch {
             told_macs_full: false,
             bound: None,
             told_spoofed: false,
+            owned6: Vec::new(),
         };
         let index = match self.links.iter().position(Option::is_none) {
             Some(i) => {

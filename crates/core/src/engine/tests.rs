@@ -1029,6 +1029,6 @@ fn egress_policy_comes_before_tcp_hooks() {
     assert!(asked.borrow().is_empty(), "the hook saw a denied destination");
     let allowed = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 67), 80);
     e.on_frame(0, &syn_to(allowed), now);
-    assert_eq!(*asked.borrow(), vec![allowed]);
+    assert_eq!(*asked.borrow(), vec![std::net::SocketAddr::V4(allowed)]);
     assert_eq!(dialer.tcp_peers.borrow().len(), 1);
 }

@@ -7,12 +7,16 @@
 //! Addresses come from SLAAC only: a Solicit (stateful DHCPv6) gets no answer, so the
 //! client keeps the address it made from the prefix. A message with an IA option, or for
 //! another server (its Server Identifier not usernet's), is discarded as section 16.12 says.
-//! Nothing here panics on what a guest sends: `dhcproto` decodes, and any error is no answer.
+//!
+//! The guest's message is read here, by hand: its type, transaction ID and top-level
+//! options, one pass, every length checked. `dhcproto` only encodes the reply: its decoder
+//! follows nested options by recursion with no bound, and a 64 KiB message of nested
+//! options would overflow the stack (the review of issue 13 found it).
 
 use std::net::Ipv6Addr;
 
-use dhcproto::v6::{DhcpOption, Message, MessageType, OptionCode};
-use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+use dhcproto::v6::{DhcpOption, Message, MessageType};
+use dhcproto::{Encodable, Encoder};
 use hickory_proto::rr::Name;
 
 use crate::config::NetConfig;
@@ -33,28 +37,63 @@ pub fn server_duid(mac: [u8; 6]) -> Vec<u8> {
     d
 }
 
+/// Message type of an Information-Request (RFC 8415 section 7.3).
+const INFORMATION_REQUEST: u8 = 11;
+/// Option codes read from a request (section 21).
+const OPT_CLIENT_ID: u16 = 1;
+const OPT_SERVER_ID: u16 = 2;
+const OPT_IA_NA: u16 = 3;
+const OPT_IA_TA: u16 = 4;
+const OPT_IA_PD: u16 = 25;
+
+/// What usernet reads of a client's message.
+#[derive(Debug, PartialEq, Eq)]
+struct Request<'a> {
+    kind: u8,
+    xid: [u8; 3],
+    client_id: Option<&'a [u8]>,
+    server_id: Option<&'a [u8]>,
+    has_ia: bool,
+}
+
+/// Reads a message's header and top-level options; None when an option runs past the end.
+fn parse(msg: &[u8]) -> Option<Request<'_>> {
+    let (&kind, rest) = msg.split_first()?;
+    let xid = *rest.first_chunk::<3>()?;
+    let mut req = Request { kind, xid, client_id: None, server_id: None, has_ia: false };
+    let mut opts = &rest[3..];
+    while !opts.is_empty() {
+        let head = opts.first_chunk::<4>()?;
+        let code = u16::from_be_bytes([head[0], head[1]]);
+        let len = u16::from_be_bytes([head[2], head[3]]) as usize;
+        let data = opts.get(4..4 + len)?;
+        match code {
+            OPT_CLIENT_ID => req.client_id = req.client_id.or(Some(data)),
+            OPT_SERVER_ID => req.server_id = req.server_id.or(Some(data)),
+            OPT_IA_NA | OPT_IA_TA | OPT_IA_PD => req.has_ia = true,
+            _ => {}
+        }
+        opts = &opts[4 + len..];
+    }
+    Some(req)
+}
+
 /// The Reply to one client message (the UDP payload), or None when it gets none.
 pub fn reply(cfg: &NetConfig, msg: &[u8]) -> Option<Vec<u8>> {
     let net = cfg.v6?;
-    let req = Message::decode(&mut Decoder::new(msg)).ok()?;
-    if req.msg_type() != MessageType::InformationRequest {
+    let req = parse(msg)?;
+    if req.kind != INFORMATION_REQUEST || req.has_ia {
         return None;
     }
     let duid = server_duid(cfg.gateway_mac);
-    let opts = req.opts();
-    if let Some(DhcpOption::ServerId(id)) = opts.get(OptionCode::ServerId)
-        && *id != duid
-    {
+    if req.server_id.is_some_and(|id| id != duid.as_slice()) {
         return None;
     }
-    if [OptionCode::IANA, OptionCode::IATA, OptionCode::IAPD].into_iter().any(|c| opts.get(c).is_some()) {
-        return None;
-    }
-    let mut rep = Message::new_with_id(MessageType::Reply, req.xid());
+    let mut rep = Message::new_with_id(MessageType::Reply, req.xid);
     let out = rep.opts_mut();
     out.insert(DhcpOption::ServerId(duid));
-    if let Some(DhcpOption::ClientId(id)) = opts.get(OptionCode::ClientId) {
-        out.insert(DhcpOption::ClientId(id.clone()));
+    if let Some(id) = req.client_id {
+        out.insert(DhcpOption::ClientId(id.to_vec()));
     }
     out.insert(DhcpOption::DomainNameServers(vec![net.gateway]));
     let search: Vec<Name> =
@@ -72,6 +111,8 @@ pub fn reply(cfg: &NetConfig, msg: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::config::Upstreams;
+    use dhcproto::v6::OptionCode;
+    use dhcproto::{Decodable, Decoder};
     use proptest::prelude::*;
 
     fn cfg() -> NetConfig {
@@ -130,6 +171,26 @@ mod tests {
         for n in 0..full.len() {
             let _ = reply(&c, &full[..n]);
         }
+    }
+
+    /// Nested options (vendor options in vendor options, 8 bytes a level, as deep as a 64 KiB
+    /// datagram allows) are read flat: no recursion, no answer lost.
+    #[test]
+    fn deeply_nested_options_are_read_flat() {
+        let mut nested: Vec<u8> = Vec::new();
+        for _ in 0..8000 {
+            let mut o = vec![0, 17, 0, 0, 0, 0, 0, 1];
+            let len = (4 + nested.len()) as u16;
+            o[2..4].copy_from_slice(&len.to_be_bytes());
+            o.extend_from_slice(&nested);
+            nested = o;
+        }
+        let mut msg = vec![INFORMATION_REQUEST, 1, 2, 3];
+        msg.extend_from_slice(&nested);
+        assert!(reply(&cfg(), &msg).is_some());
+        let mut short = vec![INFORMATION_REQUEST, 1, 2, 3, 0, 13, 0, 0];
+        short.extend_from_slice(&[0, 17, 0, 1]);
+        assert!(reply(&cfg(), &short).is_none(), "an option past the end: no answer");
     }
 
     proptest! {

@@ -94,8 +94,8 @@ enum Job {
 /// guest's address, it returns None to leave the connection alone, or the engine's end of a
 /// stream socketpair (non-blocking) whose other end it serves, or an error the guest sees as
 /// a refused or unreachable connect. The guest API inside the guest network and the
-/// transparent HTTP proxy are such hooks.
-pub type TcpHook = Box<dyn FnMut(SocketAddrV4, SocketAddrV4) -> Option<io::Result<OwnedFd>>>;
+/// transparent HTTP proxy are such hooks. Addresses are of either family.
+pub type TcpHook = Box<dyn FnMut(SocketAddr, SocketAddr) -> Option<io::Result<OwnedFd>>>;
 
 /// The gateway's stream and datagram services, served on their own runtime thread.
 /// The engine binds a guest flow to the gateway to one end of a socketpair and hands

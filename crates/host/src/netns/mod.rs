@@ -35,6 +35,8 @@ pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
     let (mac, mtu, address, prefix, gateway) = (i.mac, i.mtu, i.address, i.prefix, i.gateway);
     let index = nix::net::if_::if_nametoindex(i.ifname.as_str())?;
     let lo = nix::net::if_::if_nametoindex("lo")?;
+    // Before the link is up, so that no router advertisement finds it still on.
+    let ipv6 = i.ipv6.filter(|_| ipv6_without_slaac(&i.ifname));
     let mut rtnl = netlink::Rtnl::open()?;
     rtnl.set_link(lo, None, None, true).map_err(|e| annotate(e, "bringing lo up"))?;
     rtnl.set_link(index, Some(mac), Some(mtu), true).map_err(|e| annotate(e, "setting MAC, MTU and up"))?;
@@ -43,24 +45,40 @@ pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         r => r.map_err(|e| annotate(e, "adding the default route")),
     }?;
-    let Some((address6, gateway6)) = i.ipv6 else { return Ok(()) };
-    let conf = std::path::Path::new("/proc/sys/net/ipv6/conf").join(&i.ifname);
-    if !conf.exists() {
-        // The kernel has IPv6 turned off (ipv6.disable=1): the guest stays IPv4-only.
-        tracing::debug!("{}: no IPv6 in this kernel; the guest is IPv4-only", i.ifname);
-        return Ok(());
+    let Some((address6, gateway6)) = ipv6 else { return Ok(()) };
+    match rtnl.add_ipv6_address(index, address6, 64) {
+        // IPv6 turned off on the interface after all (a sysctl changed meanwhile).
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            tracing::debug!("{}: IPv6 is off; the guest is IPv4-only", i.ifname);
+            return Ok(());
+        }
+        r => r.map_err(|e| annotate(e, "adding the IPv6 address"))?,
     }
-    // Without this the guest would also make an address of its own from the prefix: two
-    // addresses, and which one a connection leaves from would be the kernel's choice.
-    // (/proc/sys/net is the calling thread's namespace's.)
-    if let Err(e) = std::fs::write(conf.join("autoconf"), "0") {
-        tracing::debug!("{}: cannot turn SLAAC off ({e}); the guest may have a second address", i.ifname);
-    }
-    rtnl.add_ipv6_address(index, address6, 64).map_err(|e| annotate(e, "adding the IPv6 address"))?;
     match rtnl.add_ipv6_default_route(index, gateway6) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         r => r.map_err(|e| annotate(e, "adding the IPv6 default route")),
     }
+}
+
+/// Whether the interface takes IPv6 (the kernel has it, and the namespace has not turned
+/// it off, as Docker does in containers of networks without IPv6), and if so turns off
+/// SLAAC on it: it gets usernet's address, and without this would also make one of its own
+/// from the prefix, leaving the kernel to choose which one a connection leaves from.
+/// (/proc/sys/net is the calling thread's namespace's.)
+fn ipv6_without_slaac(ifname: &str) -> bool {
+    let conf = std::path::Path::new("/proc/sys/net/ipv6/conf").join(ifname);
+    let off = |name: &str| std::fs::read_to_string(conf.join(name)).map(|v| v.trim() == "1");
+    match (off("disable_ipv6"), off("../all/disable_ipv6")) {
+        (Ok(false), Ok(false) | Err(_)) => {}
+        _ => {
+            tracing::debug!("{ifname}: no IPv6 here; the guest is IPv4-only");
+            return false;
+        }
+    }
+    if let Err(e) = std::fs::write(conf.join("autoconf"), "0") {
+        tracing::debug!("{ifname}: cannot turn SLAAC off ({e}); the guest may have a second address");
+    }
+    true
 }
 
 /// An error with what was being done, as one line for the user.

@@ -312,6 +312,16 @@ pub fn intercepts(proxy: &ProxyConfig, net: &NetConfig, dst: SocketAddrV4) -> bo
         && !proxy.no_proxy.matches_ip_only(IpAddr::V4(ip), dst.port())
 }
 
+/// Would the hook take an IPv6 connection to `dst` if it took IPv6 (see [`hook`])?
+fn intercepts6(proxy: &ProxyConfig, net: &NetConfig, dst: std::net::SocketAddrV6) -> bool {
+    let ip = *dst.ip();
+    proxy.has_upstream()
+        && proxy.ports.contains(&dst.port())
+        && !net.v6.is_some_and(|n| n.contains(ip))
+        && !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_unicast_link_local())
+        && !proxy.no_proxy.matches_ip_only(IpAddr::V6(ip), dst.port())
+}
+
 /// The engine's hook for transparent interception. `submit` hands the service's end of the
 /// socketpair, the destination and the guest to the service runtime; it returns false when
 /// the runtime is gone, and the connection is then left to the engine.
@@ -321,6 +331,16 @@ pub fn hook(
     submit: impl Fn(OwnedFd, SocketAddrV4, SocketAddrV4) -> bool + 'static,
 ) -> TcpHook {
     Box::new(move |dst, guest| {
+        let (dst, guest) = match (dst, guest) {
+            (SocketAddr::V4(d), SocketAddr::V4(g)) => (d, g),
+            // The proxy serves IPv4 guests. Over IPv6, a connection it would take is
+            // refused rather than let past it: the client tries the name's IPv4 address.
+            (SocketAddr::V6(d), _) => {
+                let refused = settings.with(|p| intercepts6(p, &net, d));
+                return refused.then(|| Err(std::io::Error::from_raw_os_error(libc::ECONNREFUSED)));
+            }
+            _ => return None,
+        };
         if !settings.with(|p| intercepts(p, &net, dst)) {
             return None;
         }
@@ -660,6 +680,23 @@ mod tests {
         let p = ProxyConfig { ports: vec![8080], ..with_upstream() };
         assert!(intercepts(&p, &n, sa("203.0.113.5:8080")));
         assert!(!intercepts(&p, &n, sa("203.0.113.5:80")));
+    }
+
+    /// Over IPv6 the hook refuses what it would take over IPv4 (the client falls back to
+    /// IPv4, through the proxy), and leaves the rest alone.
+    #[test]
+    fn ipv6_connections_the_proxy_would_take_are_refused() {
+        let settings = ProxySettings::default();
+        let mut hook = hook(settings.clone(), Arc::new(net()), |_, _, _| true);
+        let guest: SocketAddr = "[fd75:7365:726e::2]:40000".parse().unwrap();
+        let web: SocketAddr = "[2001:db8::5]:80".parse().unwrap();
+        assert!(hook(web, guest).is_none(), "no upstream: nothing intercepted");
+        settings.set(with_upstream());
+        let refused = hook(web, guest).expect("taken").expect_err("refused");
+        assert_eq!(refused.raw_os_error(), Some(libc::ECONNREFUSED));
+        for not in ["[2001:db8::5]:8080", "[fd75:7365:726e::1]:80", "[fd75:7365:726e::254]:80", "[::1]:80"] {
+            assert!(hook(not.parse().unwrap(), guest).is_none(), "{not}");
+        }
     }
 
     fn proxy_for(cfg: NetConfig) -> Proxy {
