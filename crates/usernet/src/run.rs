@@ -187,7 +187,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         // The sandbox set this MAC on the guest's interface (host/netns/sandbox.rs).
         engine.set_guest_mac(spec.iface.mac, cfg.guest);
         if let Some((ip6, _)) = spec.iface.ipv6 {
-            engine.set_guest_mac6(spec.iface.mac, ip6);
+            engine.set_guest_ipv6(spec.iface.mac, cfg.guest, ip6);
         }
         // Its thread enters the namespace while the rest starts (checked below).
         if let Some(netns) = sandbox.netns()

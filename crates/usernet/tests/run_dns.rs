@@ -76,9 +76,8 @@ fn gateway_answers_its_own_names() {
     check(&d, &out, 2, "NOERROR", &["A 192.168.65.1"]);
     check(&d, &out, 3, "NOERROR", &["A 192.168.65.1"]);
     check(&d, &out, 4, "NOERROR", &["A 192.168.65.254"]);
-    // No IPv6 yet: the name exists, with no AAAA record (not NXDOMAIN, so
-    // that resolvers go on to the A record).
-    check(&d, &out, 5, "NOERROR", &[]);
+    // The host address over IPv6, ::254 of the network's prefix.
+    check(&d, &out, 5, "NOERROR", &["AAAA fd75:7365:726e::254"]);
     check(&d, &out, 6, "NOERROR", &["A 192.168.65.254"]);
     // None of these went upstream.
     assert!(!dns.log_text().contains("docker.internal"), "{}", dns.log_text());
@@ -203,7 +202,8 @@ fn libc_resolver_works() {
     require(&["ip", "dnsmasq", "getent"]);
     let dns = DnsUpstream::start();
     let out = Usernet::new(&dns).args(&["--add-host", "foo.test:10.1.2.3"]).sh(
-        "timeout 20 getent hosts host.docker.internal; \
+        "timeout 20 getent ahostsv4 host.docker.internal; \
+             timeout 20 getent ahostsv6 host.docker.internal; \
              timeout 20 getent ahostsv4 gateway.docker.internal; \
              timeout 20 getent hosts foo.test; \
              timeout 20 getent ahostsv4 remote.test",
@@ -212,6 +212,7 @@ fn libc_resolver_works() {
     let lines: Vec<&str> = out.stdout.lines().collect();
     let first = |prefix: &str| lines.iter().find(|l| l.starts_with(prefix)).map(|l| l.to_string());
     assert!(first("192.168.65.254").is_some_and(|l| l.contains("host.docker.internal")), "{out}");
+    assert!(first("fd75:7365:726e::254").is_some(), "{out}");
     assert!(first("192.168.65.1 ").is_some(), "{out}");
     assert!(first("10.1.2.3").is_some_and(|l| l.contains("foo.test")), "{out}");
     assert!(first("203.0.113.10").is_some(), "{out}");

@@ -87,7 +87,7 @@ fn ping_over_ipv6() {
     let ping = ping_cmd();
     // The gateway answers itself; the host address and beyond go through usernet's ICMPv6
     // sockets (ping sockets for its group, or raw ones as root).
-    let beyond = test_user().is_none() || ping_sockets_allowed();
+    let beyond = test_user().is_none_or(|user| ping_sockets_allowed(&user));
     let script = if beyond {
         format!(
             "set -e; timeout 20 {ping} -6 -c 2 -W 5 {GATEWAY6}; timeout 20 {ping} -6 -c 2 -W 5 {HOST6}; \
@@ -101,16 +101,6 @@ fn ping_over_ipv6() {
     out.assert_ok();
     let want = if beyond { 3 } else { 1 };
     assert_eq!(out.stdout.matches("2 packets transmitted, 2 ").count(), want, "{out}");
-}
-
-/// Whether the test user may open ping sockets (its group in net.ipv4.ping_group_range,
-/// which covers ICMPv6 too).
-fn ping_sockets_allowed() -> bool {
-    let Some(user) = test_user() else { return true };
-    let gid: u32 = run("id", &["-g", &user]).stdout.trim().parse().unwrap_or(u32::MAX);
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
-    let mut it = range.split_whitespace().filter_map(|v| v.parse::<u32>().ok());
-    matches!((it.next(), it.next()), (Some(lo), Some(hi)) if lo <= gid && gid <= hi)
 }
 
 #[test]
@@ -176,7 +166,8 @@ fn ipv4_only_leaves_the_guest_without_ipv6() {
 
 /// A guest that asks by stateless DHCPv6, as usernet's router advertisement invites (the O
 /// flag): ISC dhclient's Information-Request gets the gateway as DNS server (dhclient hands
-/// the options to its script, here one that prints them; nothing of the host changes).
+/// the options to its script, here one that prints them; nothing of the host changes). It
+/// starts once eth0's link-local address is usable (its duplicate address detection done).
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn stateless_dhcpv6_gives_the_dns_server() {
@@ -188,7 +179,9 @@ fn stateless_dhcpv6_gives_the_dns_server() {
     std::fs::write(&script, "#!/bin/sh\necho \"dhcp6 servers=$new_dhcp6_name_servers\"\n").unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Usernet::new(&dns).sh(&format!(
-        "sleep 2; timeout 20 dhclient -d -6 -S -sf {} -lf /dev/null -pf /dev/null eth0 2>/dev/null; echo exit=$?",
+        "for i in $(seq 1 100); do \
+           ip -6 addr show dev eth0 scope link | grep inet6 | grep -qv tentative && break; sleep 0.1; \
+         done; timeout 20 dhclient -d -6 -S -sf {} -lf /dev/null -pf /dev/null eth0; echo exit=$?",
         script.display()
     ));
     out.assert_ok();

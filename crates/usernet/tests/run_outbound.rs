@@ -275,11 +275,3 @@ fn ping_gateway_host_and_remote() {
     out.assert_ok();
     assert_eq!(out.stdout.matches("2 packets transmitted, 2 ").count(), 4, "{out}");
 }
-
-/// Whether `user` may open ping sockets (its group in net.ipv4.ping_group_range).
-fn ping_sockets_allowed(user: &str) -> bool {
-    let gid: u32 = run("id", &["-g", user]).stdout.trim().parse().unwrap_or(u32::MAX);
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
-    let mut it = range.split_whitespace().filter_map(|v| v.parse::<u32>().ok());
-    matches!((it.next(), it.next()), (Some(lo), Some(hi)) if lo <= gid && gid <= hi)
-}

@@ -33,7 +33,8 @@ const READY_LIMIT: Duration = Duration::from_secs(20);
 const GUEST_LIFETIME: &str = "90";
 
 /// The guest's servers. `http PORTS DIR`: one HTTP server per port of the comma-separated
-/// list, serving DIR; `/whoami` answers `port P client IP`. `udp-echo PORT`: echoes every
+/// list, serving DIR; `/whoami` answers `port P client IP`; `http6 PORTS DIR` the same on
+/// IPv6 only (`[::]`, IPV6_V6ONLY). `udp-echo PORT`: echoes every
 /// datagram. Both print `READY` once bound and `CLIENT <ip>` for every request or datagram.
 const GUEST_SERVER: &str = r#"
 import http.server, socket, socketserver, sys, threading
@@ -69,9 +70,18 @@ def handler(port, directory):
             super().do_GET()
     return H
 
-if sys.argv[1] == "http":
+class Server6(Server):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        Server.server_bind(self)
+
+if sys.argv[1] in ("http", "http6"):
     ports = [int(p) for p in sys.argv[2].split(",")]
-    servers = [Server(("0.0.0.0", p), handler(p, sys.argv[3])) for p in ports]
+    if sys.argv[1] == "http6":
+        servers = [Server6(("::", p), handler(p, sys.argv[3])) for p in ports]
+    else:
+        servers = [Server(("0.0.0.0", p), handler(p, sys.argv[3])) for p in ports]
     for s in servers[1:]:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     log("READY")
@@ -218,6 +228,9 @@ struct PeerNs {
     host_veth: String,
     host_ip: String,
     ip: String,
+    /// The same over IPv6, in 2001:db8:76:<slot>::/64 (host side ::1, namespace ::2).
+    host_ip6: String,
+    ip6: String,
 }
 
 impl PeerNs {
@@ -234,6 +247,8 @@ impl PeerNs {
                 host_veth: format!("{ns}h"),
                 host_ip: format!("198.51.100.{}", slot * 4 + 1),
                 ip: format!("198.51.100.{}", slot * 4 + 2),
+                host_ip6: format!("2001:db8:76:{slot:x}::1"),
+                ip6: format!("2001:db8:76:{slot:x}::2"),
                 ns,
             };
             let inner = format!("{}r", peer.ns);
@@ -243,9 +258,13 @@ impl PeerNs {
             peer.exec(&["ip", "addr", "add", &format!("{}/30", peer.ip), "dev", &inner]).assert_ok();
             peer.exec(&["ip", "link", "set", &inner, "up"]).assert_ok();
             peer.exec(&["ip", "link", "set", "lo", "up"]).assert_ok();
+            must("ip", &["-6", "addr", "add", &format!("{}/64", peer.host_ip6), "dev", &peer.host_veth, "nodad"]);
+            peer.exec(&["ip", "-6", "addr", "add", &format!("{}/64", peer.ip6), "dev", &inner, "nodad"]).assert_ok();
             // The client's traffic must go over the veth to the host, nowhere else.
-            let route = peer.exec(&["ip", "route", "get", &peer.host_ip]);
-            assert!(route.stdout.contains(&format!("dev {inner} ")), "route to host:\n{route}");
+            for host in [&peer.host_ip, &peer.host_ip6] {
+                let route = peer.exec(&["ip", "route", "get", host]);
+                assert!(route.stdout.contains(&format!("dev {inner} ")), "route to host:\n{route}");
+            }
             return peer;
         }
         panic!("no free namespace slot unpub0..unpub{SLOTS}");
@@ -655,4 +674,44 @@ fn api_socket_lives_with_usernet() {
     assert!(out.stdout.contains(&p.to_string()), "published port {p} not listed:\n{out}");
     bg.stop();
     assert!(!sock.exists(), "API socket left behind");
+}
+
+/// `-p P:80` with an IPv6 client (a namespace of the test's own, over the host's veth): a
+/// guest listening on IPv6 only is reached over IPv6 and sees the client's own address; a
+/// guest listening on IPv4 only is reached all the same (the IPv6 SYN reset, then over IPv4,
+/// from the host address); a download either way is whole (sha256).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn ipv6_clients_reach_the_guest_over_ipv6_with_their_address() {
+    require(TOOLS);
+    let dns = DnsUpstream::start();
+    let peer = PeerNs::new();
+    let (dir, want) = guest_dir("pub-v6", BULK);
+    let p6 = free_ports(2);
+    let p4 = p6 + 1;
+    let d = dir.path().to_string_lossy().into_owned();
+    let srv = dir.join("guestsrv.py").to_string_lossy().into_owned();
+    let py = python().to_string_lossy().into_owned();
+    let script = format!(
+        "timeout {GUEST_LIFETIME} {py} {srv} http6 80 {d} & timeout {GUEST_LIFETIME} {py} {srv} http 81 {d} & wait"
+    );
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p6}:80"), "-p", &format!("{p4}:81")], &["sh", "-c", &script]);
+    bg.wait_line("READY", READY_LIMIT);
+    std::thread::sleep(Duration::from_millis(500));
+    let whoami = |port: u16| {
+        let url = format!("http://[{}]:{port}/whoami", peer.host_ip6);
+        let out = peer.exec(&["curl", "-sS", "-f", "--noproxy", "*", "-m", "30", &url]);
+        assert!(out.success(), "GET {url} from {}:\n{out}\n{}", peer.ip6, bg.describe());
+        out.stdout.trim().to_string()
+    };
+    assert_eq!(whoami(p6), format!("port 80 client {}", peer.ip6), "over IPv6, the client's address kept");
+    assert_eq!(whoami(p4), "port 81 client 192.168.65.254", "an IPv4-only guest server, over IPv4");
+    for port in [p6, p4] {
+        let got = dir.join(&format!("got{port}"));
+        let url = format!("http://[{}]:{port}/f", peer.host_ip6);
+        let out = peer.exec(&["curl", "-sS", "-f", "--noproxy", "*", "-m", "60", "-o", &got.to_string_lossy(), &url]);
+        assert!(out.success(), "download {url}:\n{out}\n{}", bg.describe());
+        assert_eq!(sha256_file(&got), want, "{url}");
+    }
+    bg.stop();
 }

@@ -16,7 +16,7 @@ use usernet_wire::ethernet::{self, EthernetHeader};
 use usernet_wire::icmp::{self, IcmpHeader};
 use usernet_wire::ipv4::Ipv4Header;
 use usernet_wire::ipv6::Ipv6Header;
-use usernet_wire::tcp::{ACK, SYN, TcpHeader};
+use usernet_wire::tcp::{ACK, RST, SYN, TcpHeader};
 use usernet_wire::udp::UdpHeader;
 use usernet_wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
@@ -407,6 +407,10 @@ impl Engine {
                 _ => Verdict::Keep,
             };
             let new_syn = verdict == Verdict::Close && h.has(SYN) && !h.has(ACK);
+            if verdict == Verdict::Keep && h.has(RST) {
+                // An inbound flow may have fallen back to IPv4 (TcpFlow::fallback).
+                self.flows.rekey(id, &key);
+            }
             self.after(id, verdict);
             if !new_syn {
                 return;

@@ -102,6 +102,23 @@ fn tcp6(h: &TcpHeader, payload: &[u8]) -> Vec<u8> {
     frame6(PROTO_TCP, guest_ip(), dst, 64, GATEWAY_MAC, &seg)
 }
 
+/// A router advertisement such as a guest playing router would send.
+fn guest_router_advert(mac: [u8; 6]) -> RouterAdvert {
+    RouterAdvert {
+        cur_hop_limit: 64,
+        managed: false,
+        other: false,
+        router_lifetime: 1800,
+        reachable_ms: 0,
+        retrans_ms: 0,
+        source_lladdr: Some(mac),
+        mtu: None,
+        prefixes: vec![],
+        rdnss: None,
+        dnssl: None,
+    }
+}
+
 fn seg(seq: u32, ack: u32, flags: u8) -> TcpHeader {
     TcpHeader { src_port: 40000, dst_port: 80, seq, ack, flags, window: 65535, ..Default::default() }
 }
@@ -218,19 +235,7 @@ fn discovery_messages_from_off_link_or_not_for_guests_are_dropped_and_counted() 
     // A hop limit below 255: it came from beyond the link.
     e.on_frame(0, &ndp_frame(guest_ll(), group, 64, ndp::multicast_mac(group), |b| ns.emit(b)), Instant::now());
     // A router advertisement from a guest.
-    let ra = RouterAdvert {
-        cur_hop_limit: 64,
-        managed: false,
-        other: false,
-        router_lifetime: 1800,
-        reachable_ms: 0,
-        retrans_ms: 0,
-        source_lladdr: Some(GUEST_MAC),
-        mtu: None,
-        prefixes: vec![],
-        rdnss: None,
-        dnssl: None,
-    };
+    let ra = guest_router_advert(GUEST_MAC);
     e.on_frame(
         0,
         &ndp_frame(guest_ll(), ndp::ALL_NODES, 255, ndp::multicast_mac(ndp::ALL_NODES), |b| ra.emit(b)),
@@ -504,19 +509,7 @@ fn bound_guests_cannot_speak_for_usernet_or_each_other_over_ipv6() {
         e.on_frame(1, &ndp_from(b_mac, b_ll, ndp::ALL_NODES, |b| na.emit(b)), now);
     }
     // A router advertisement from B, and a solicitation naming A's MAC: dropped too.
-    let ra = RouterAdvert {
-        cur_hop_limit: 64,
-        managed: false,
-        other: false,
-        router_lifetime: 1800,
-        reachable_ms: 0,
-        retrans_ms: 0,
-        source_lladdr: Some(b_mac),
-        mtu: None,
-        prefixes: vec![],
-        rdnss: None,
-        dnssl: None,
-    };
+    let ra = guest_router_advert(b_mac);
     e.on_frame(1, &ndp_from(b_mac, b_ll, ndp::ALL_NODES, |b| ra.emit(b)), now);
     let ns = NeighborSolicit { target: a_ip, source_lladdr: Some(a_mac) };
     e.on_frame(1, &ndp_from(b_mac, b_ll, ndp::solicited_node(a_ip), |b| ns.emit(b)), now);

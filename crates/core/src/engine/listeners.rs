@@ -168,7 +168,19 @@ impl Engine {
             } else {
                 fd
             };
-            let (guest, remote) = (SocketAddr::V4(guest), SocketAddr::V4(guest_view_of_client(client, self.cfg.host)));
+            let v4 = (SocketAddr::V4(guest), SocketAddr::V4(guest_view_of_client(client, self.cfg.host)));
+            // An IPv6 client of a guest with an IPv6 address: over IPv6, the client's address
+            // kept, and over IPv4 if the guest resets that (it listens on IPv4 only).
+            let guest6 = self.guests6.iter().find(|(v4, _)| v4 == guest.ip()).map(|(_, v6)| *v6);
+            let (guest, remote, fallback) = match (client, guest6) {
+                (SocketAddr::V6(c), Some(g6))
+                    if self.cfg.v6.is_some() && !is_loopback(client) && c.ip().to_ipv4_mapped().is_none() =>
+                {
+                    let remote = SocketAddr::new(IpAddr::V6(*c.ip()), c.port());
+                    (SocketAddr::new(IpAddr::V6(g6), guest.port()), remote, Some(v4))
+                }
+                _ => (v4.0, v4.1, None),
+            };
             let key = FlowKey::Tcp { guest, remote };
             if self.flows.lookup(&key).is_some() {
                 tracing::debug!("{client} -> {guest}: that address pair is busy; reset");
@@ -177,7 +189,8 @@ impl Engine {
             }
             let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
             let isn = self.isn(&key, now);
-            let flow = TcpFlow::new_inbound(&mut self.switch, guest, remote, fd, true, isn, now);
+            let mut flow = TcpFlow::new_inbound(&mut self.switch, guest, remote, fd, true, isn, now);
+            flow.fallback = fallback;
             if let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) {
                 self.after(id, Verdict::Keep);
             }

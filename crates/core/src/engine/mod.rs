@@ -123,6 +123,8 @@ pub struct Engine {
     loop_counters: metrics::LoopCounters,
     /// The gateway services' counters, reported with the engine's own (for `/metrics`).
     service_metrics: Option<Arc<crate::services::metrics::ServiceMetrics>>,
+    /// Guests' IPv6 addresses by their IPv4 ones, where usernet configured both (`run`).
+    guests6: Vec<(std::net::Ipv4Addr, std::net::Ipv6Addr)>,
     /// When all nodes get the next router advertisement (None: at once; see icmpv6.rs),
     /// and when the last one went.
     next_router_advert: Option<Instant>,
@@ -186,9 +188,12 @@ impl Engine {
         self.switch.add_neighbour(ip.into(), mac);
     }
 
-    /// The same for the guest's IPv6 address.
-    pub fn set_guest_mac6(&mut self, mac: [u8; 6], ip: std::net::Ipv6Addr) {
-        self.switch.add_neighbour(ip.into(), mac);
+    /// The same for the guest's IPv6 address `ip6`, which the guest at IPv4 address `ip4`
+    /// has: published ports then reach it over IPv6 from IPv6 clients (see listeners.rs).
+    pub fn set_guest_ipv6(&mut self, mac: [u8; 6], ip4: std::net::Ipv4Addr, ip6: std::net::Ipv6Addr) {
+        self.switch.add_neighbour(ip6.into(), mac);
+        self.guests6.retain(|(v4, _)| *v4 != ip4);
+        self.guests6.push((ip4, ip6));
     }
 
     /// The guest is a network namespace on this host (`run`): connections from the host's
@@ -305,6 +310,7 @@ impl Engine {
             service_metrics: None,
             next_router_advert: None,
             last_multicast_advert: None,
+            guests6: Vec::new(),
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
             busy_poll: busy_poll::BusyPoll::new(Duration::ZERO),

@@ -75,15 +75,7 @@ impl Rtnl {
 
     /// Adds the IPv4 default route via `gateway` out of the link.
     pub fn add_ipv4_default_route(&mut self, index: u32, gateway: Ipv4Addr) -> io::Result<()> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.destination_prefix_length = 0;
-        msg.header.table = RouteHeader::RT_TABLE_MAIN;
-        msg.header.protocol = RouteProtocol::Boot;
-        msg.header.scope = RouteScope::Universe;
-        msg.header.kind = RouteType::Unicast;
-        msg.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet(gateway)), RouteAttribute::Oif(index)];
-        self.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)
+        self.add_default_route(index, AddressFamily::Inet, RouteAddress::Inet(gateway))
     }
 
     /// Adds an IPv6 address to the link, usable at once (no duplicate address detection:
@@ -103,14 +95,18 @@ impl Rtnl {
 
     /// Adds the IPv6 default route via `gateway` (a link-local address) out of the link.
     pub fn add_ipv6_default_route(&mut self, index: u32, gateway: Ipv6Addr) -> io::Result<()> {
+        self.add_default_route(index, AddressFamily::Inet6, RouteAddress::Inet6(gateway))
+    }
+
+    fn add_default_route(&mut self, index: u32, family: AddressFamily, gateway: RouteAddress) -> io::Result<()> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet6;
+        msg.header.address_family = family;
         msg.header.destination_prefix_length = 0;
         msg.header.table = RouteHeader::RT_TABLE_MAIN;
         msg.header.protocol = RouteProtocol::Boot;
         msg.header.scope = RouteScope::Universe;
         msg.header.kind = RouteType::Unicast;
-        msg.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet6(gateway)), RouteAttribute::Oif(index)];
+        msg.attributes = vec![RouteAttribute::Gateway(gateway), RouteAttribute::Oif(index)];
         self.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)
     }
 

@@ -1279,3 +1279,11 @@ impl Drop for StopFileRun {
         stop_group(&mut self.child);
     }
 }
+
+/// Whether `user` may open ping sockets (its group in net.ipv4.ping_group_range).
+pub fn ping_sockets_allowed(user: &str) -> bool {
+    let gid: u32 = run("id", &["-g", user]).stdout.trim().parse().unwrap_or(u32::MAX);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
+    let mut it = range.split_whitespace().filter_map(|v| v.parse::<u32>().ok());
+    matches!((it.next(), it.next()), (Some(lo), Some(hi)) if lo <= gid && gid <= hi)
+}

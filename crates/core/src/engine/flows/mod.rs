@@ -321,6 +321,25 @@ impl FlowTable {
         id
     }
 
+    /// The flow `id`, found under `old` until now, has new addresses (an inbound flow that
+    /// fell back from IPv6 to IPv4): index it under them.
+    pub fn rekey(&mut self, id: FlowId, old: &FlowKey) {
+        let Some(new) = self.slots.get(id.slot as usize).and_then(|s| s.flow.as_ref()).map(Flow::key) else { return };
+        if new == *old || self.lookup(&new).is_some() {
+            // (Another flow has those addresses already: this one keeps its old key, and
+            // the guest's answers to it go unheard until it times out.)
+            return;
+        }
+        match Key4::of(old) {
+            Some(k) => self.index4.remove(&k),
+            None => self.index.remove(old),
+        };
+        match Key4::of(&new) {
+            Some(k) => self.index4.insert(k, id),
+            None => self.index.insert(new, id),
+        };
+    }
+
     pub fn remove(&mut self, id: FlowId) -> Option<Flow> {
         let s = self.slots.get_mut(id.slot as usize)?;
         if s.generation != id.generation {

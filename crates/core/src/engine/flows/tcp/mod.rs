@@ -146,6 +146,10 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     pub guest: SocketAddr,
     /// The destination as the guest sees it (replies come from here).
     pub remote: SocketAddr,
+    /// An inbound flow over IPv6 to a guest that may listen on IPv4 only: the guest and
+    /// remote addresses to send the SYN to instead if the guest resets this one. The
+    /// engine then finds the flow under its new addresses (`FlowTable::rekey`).
+    pub fallback: Option<(SocketAddr, SocketAddr)>,
     pub sock: S,
     /// When the flow began (connecting flows are evicted oldest first; the connect times
     /// out `CONNECT_TIMEOUT` after it).
@@ -349,6 +353,7 @@ impl<S: HostSocket> TcpFlow<S> {
             traffic: super::Traffic::new(now),
             held,
             stalled_since: None,
+            fallback: None,
         }
     }
 
@@ -559,6 +564,20 @@ impl<S: HostSocket> TcpFlow<S> {
     /// The guest answered our SYN.
     fn on_syn_ack(&mut self, switch: &mut Switch, h: &TcpHeader, now: Instant) -> Verdict {
         if h.has(RST) {
+            // Only a RST that acknowledges our SYN counts (RFC 9293 section 3.10.7.3).
+            if !(h.has(ACK) && h.ack == self.snd_una.wrapping_add(1)) {
+                return Verdict::Keep;
+            }
+            if let Some((guest, remote)) = self.fallback.take() {
+                // Nothing listens there over IPv6: the same SYN again, over IPv4.
+                self.guest = guest;
+                self.remote = remote;
+                self.send_syn(switch);
+                self.retries = 0;
+                self.rto = RTO_MIN;
+                self.arm_rto(now);
+                return Verdict::Keep;
+            }
             // Nothing listens on that guest port: the client sees a reset.
             return self.reset_host();
         }

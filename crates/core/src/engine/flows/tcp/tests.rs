@@ -465,3 +465,39 @@ fn the_window_follows_the_room_in_the_socket() {
         assert!(measures <= total / super::MEASURE_EVERY + 2, "{measures} measures for {total} bytes");
     }
 }
+
+/// An inbound flow over IPv6 whose guest resets the SYN (it listens on IPv4 only) sends
+/// the same SYN again over IPv4, to the fallback addresses, and goes on from there; a RST
+/// that does not answer our SYN changes nothing; without a fallback a RST ends the flow.
+#[test]
+fn an_inbound_flow_falls_back_to_ipv4_when_the_guest_resets_its_ipv6_syn() {
+    let now = Instant::now();
+    let (mut sw, rec) = switch(1500, false);
+    let guest6: std::net::SocketAddr = "[fd75:7365:726e::2]:80".parse().unwrap();
+    let client6: std::net::SocketAddr = "[2001:db8::7]:50000".parse().unwrap();
+    let sock = ModelSocket::new(1 << 20, 1 << 20);
+    let mut f = TcpFlow::inbound(&mut sw, guest6, client6, sock, ISN, now);
+    f.fallback = Some((guest(), remote()));
+    // The IPv6 SYN waits for the guest's MAC (a neighbour solicitation went out instead).
+    let first: Vec<Vec<u8>> = std::mem::take(&mut *rec.frames.borrow_mut());
+    assert!(first.iter().all(|f| f[12..14] == [0x86, 0xdd]), "IPv6 only");
+    let rst = |ack| TcpHeader { src_port: 80, dst_port: 50000, seq: 0, ack, flags: RST | ACK, ..Default::default() };
+    // A RST for another sequence number: ignored, no fallback yet.
+    assert_eq!(f.on_segment(&mut sw, &rst(ISN + 7), &[], now), Verdict::Keep);
+    assert_eq!(f.guest, guest6);
+    // The guest's answer to our SYN: the same SYN, over IPv4.
+    assert_eq!(f.on_segment(&mut sw, &rst(ISN + 1), &[], now), Verdict::Keep);
+    assert_eq!((f.guest, f.remote, f.fallback), (guest(), remote(), None));
+    let syn = sent(&rec);
+    assert_eq!(syn.len(), 1);
+    assert!(syn[0].0.has(SYN) && !syn[0].0.has(ACK) && syn[0].0.seq == ISN);
+    // The guest answers over IPv4: established.
+    let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
+    (synack.src_port, synack.dst_port) = (guest().port(), remote().port());
+    assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+    assert!(sent(&rec).iter().any(|(h, _)| h.has(ACK) && h.ack == GUEST_ISN + 1));
+    // No fallback left: a RST now ends it as for any flow.
+    let mut f2 = TcpFlow::inbound(&mut sw, guest(), remote(), ModelSocket::new(1 << 20, 1 << 20), ISN, now);
+    let _ = sent(&rec);
+    assert_eq!(f2.on_segment(&mut sw, &rst(ISN + 1), &[], now), Verdict::Close);
+}
