@@ -521,11 +521,16 @@ fn bound_guests_cannot_speak_for_usernet_or_each_other_over_ipv6() {
     e.on_frame(1, &ndp_from(b_mac, b_ll, ndp::ALL_NODES, |b| own.emit(b)), now);
     assert_eq!(spoofed(&e), 7);
     assert_eq!(a_link.sent.borrow().len(), 1);
-    // A link takes at most MAX_IPV6_PER_LINK addresses (A has one, and one more below).
+    // A link holds at most MAX_IPV6_PER_LINK addresses: past them, its oldest is free again
+    // (B may take it then), and A keeps working with its new ones.
     for i in 0..super::switch::MAX_IPV6_PER_LINK as u16 {
         e.on_frame(0, &hello(a_mac, Ipv6Addr::new(0xfd75, 0x7365, 0x726e, 0, 0, 0, 1, i)), now);
     }
-    assert_eq!(spoofed(&e), 7 + 1);
+    assert_eq!(spoofed(&e), 7, "A's new addresses are all its own");
+    e.on_frame(1, &hello(b_mac, a_ip), now);
+    assert_eq!(spoofed(&e), 7, "A's first address was freed: B may take it");
+    e.on_frame(0, &hello(a_mac, a_ip), now);
+    assert_eq!(spoofed(&e), 8, "and then it is B's");
 }
 
 #[test]

@@ -107,8 +107,10 @@ impl Unreachable {
 /// MACs learned per guest link (a VM has one, a link to another switch a few hundred).
 pub const MAX_MACS_PER_LINK: usize = 1024;
 
-/// IPv6 addresses one link's guest may use with [`Switch::bind_sources`] (a link-local one,
-/// a SLAAC one, privacy addresses as they rotate): the first ones it uses are its own.
+/// IPv6 addresses one link's guest holds at once with [`Switch::bind_sources`] (a
+/// link-local one, a SLAAC one, privacy addresses as they rotate): a new one beyond them
+/// frees the one it took first, so a guest whose privacy addresses rotate for weeks keeps
+/// working, and no guest ever holds more.
 pub const MAX_IPV6_PER_LINK: usize = 16;
 
 /// Frames held per guest address while its MAC is asked for (the kernel's default too).
@@ -569,9 +571,9 @@ impl Switch {
 
     /// Whether link `index`'s guest (`mac`) may use IPv6 address `ip` (`usable`: of the
     /// network's prefix or link-local, and not usernet's own). Always, unless
-    /// [`Switch::bind_sources`]: then an address another link's guest used first, or one
+    /// [`Switch::bind_sources`]: then an address another link's guest holds, or one
     /// reserved for another guest ([`Switch::reserve6`]), is not this one's, and a link
-    /// takes at most [`MAX_IPV6_PER_LINK`]. The unspecified address (duplicate address
+    /// holds at most [`MAX_IPV6_PER_LINK`]. The unspecified address (duplicate address
     /// detection) is always allowed.
     pub fn admit6(&mut self, index: usize, mac: Mac, ip: Ipv6Addr, usable: bool) -> bool {
         if !self.bind_sources || ip.is_unspecified() {
@@ -589,7 +591,10 @@ impl Switch {
                 .enumerate()
                 .any(|(i, l)| i != index && l.as_ref().is_some_and(|l| l.owned6.contains(&ip)));
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };
-        if usable && !taken && slot.owned6.len() < MAX_IPV6_PER_LINK {
+        if usable && !taken {
+            if slot.owned6.len() >= MAX_IPV6_PER_LINK {
+                slot.owned6.remove(0);
+            }
             slot.owned6.push(ip);
             return true;
         }
