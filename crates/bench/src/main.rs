@@ -543,12 +543,15 @@ fn vm_phase(setup: Setup, ctx: &Ctx, state: &mut VmState, run: &mut Run) {
 enum TcpPath {
     NsHost,
     NsHostMulti,
+    /// One stream over IPv6.
+    NsHost6,
     HostNsLoopback,
     HostNsPeer,
 }
 
 impl TcpPath {
-    const ALL: [TcpPath; 4] = [TcpPath::NsHost, TcpPath::NsHostMulti, TcpPath::HostNsLoopback, TcpPath::HostNsPeer];
+    const ALL: [TcpPath; 5] =
+        [TcpPath::NsHost, TcpPath::NsHostMulti, TcpPath::NsHost6, TcpPath::HostNsLoopback, TcpPath::HostNsPeer];
     /// The paths measured again at MTU 1500.
     const LOW_MTU: [TcpPath; 3] = [TcpPath::NsHost, TcpPath::HostNsLoopback, TcpPath::HostNsPeer];
 
@@ -556,6 +559,7 @@ impl TcpPath {
         match self {
             TcpPath::NsHost => "ns_host",
             TcpPath::NsHostMulti => "ns_host_x4",
+            TcpPath::NsHost6 => "ns_host_v6",
             TcpPath::HostNsLoopback => "host_ns_lo",
             TcpPath::HostNsPeer => "host_ns_peer",
         }
@@ -565,6 +569,7 @@ impl TcpPath {
         match self {
             TcpPath::NsHost => "ns->host, 1 stream",
             TcpPath::NsHostMulti => "ns->host, 4 streams",
+            TcpPath::NsHost6 => "ns->host, 1 stream, IPv6",
             TcpPath::HostNsLoopback => "host->ns published, loopback client",
             TcpPath::HostNsPeer => "host->ns published, client keeps its address",
         }
@@ -677,6 +682,12 @@ fn measure_phase(
     let stream = Server::start(Kind::Stream, SocketAddr::new(env.bind_ip, 0))?;
     let rr = Server::start(Kind::Rr, SocketAddr::new(env.bind_ip, 0))?;
     let crr = Server::start(Kind::Crr, SocketAddr::new(env.bind_ip, 0))?;
+    let stream6 = match env.ipv6 {
+        Some((bind, target)) if phase.paths().contains(&TcpPath::NsHost6) => {
+            Some((Server::start(Kind::Stream, SocketAddr::new(bind, 0))?, target))
+        }
+        _ => None,
+    };
     let mut cmd = Command::new(&env.prefix[0]);
     cmd.args(&env.prefix[1..]).arg(ctx.self_exe).arg("agent");
     run.commands.push(setups::show(&cmd));
@@ -709,8 +720,21 @@ fn measure_phase(
         if interrupted() {
             anyhow::bail!("interrupted");
         }
+        if path == TcpPath::NsHost6 && stream6.is_none() {
+            let why = Measure::NotApplicable("no IPv6 in this setup".into());
+            run.set(&tcp_key(path, mtu), why.clone());
+            run.set(&cpu_key(path, mtu), why);
+            continue;
+        }
         let before = tool_pid.and_then(cpu_seconds);
         let result: Result<StreamResult, String> = match path {
+            TcpPath::NsHost6 => match &stream6 {
+                Some((server, target)) => {
+                    let req = Request::Stream { addr: SocketAddr::new(*target, server.port()), secs, streams: 1 };
+                    stream_reply(agent.call(&req, plan.duration + Duration::from_secs(45)))
+                }
+                None => Err("no IPv6 in this setup".into()),
+            },
             TcpPath::NsHost | TcpPath::NsHostMulti => {
                 let streams = if path == TcpPath::NsHost { 1 } else { STREAMS };
                 let req = Request::Stream { addr: target(stream.port()), secs, streams };

@@ -15,7 +15,8 @@
 //!
 //! For the three user-mode stacks the servers listen on the host's 127.0.0.1 (each maps one
 //! address of its network to the host's loopback); for veth they listen on the host end of the
-//! pair. The MTU of the namespace's link is the tool's default (65520 for all four) or the one
+//! pair. Over IPv6 (one row): usernet's ::254 leads to the host's [::1], veth's pair has
+//! documentation addresses; pasta and slirp4netns are not given IPv6 here. The MTU of the namespace's link is the tool's default (65520 for all four) or the one
 //! asked for. Everything an `Env` started or created is undone when it is dropped: processes
 //! are ours (children, or the pid pasta wrote to our pidfile, checked by name before it is
 //! signalled), the veth namespace carries our pid in its name, and its pair goes with it.
@@ -27,7 +28,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -161,6 +162,9 @@ pub struct Env {
     pub bind_ip: IpAddr,
     /// What the agent dials to reach them.
     pub target_ip: IpAddr,
+    /// The same over IPv6 (where the servers listen, what the agent dials); None where the
+    /// setup gives the namespace no IPv6 path to the host.
+    pub ipv6: Option<(IpAddr, IpAddr)>,
     /// The command that runs the agent (appended) inside the namespace.
     pub prefix: Vec<OsString>,
     /// The port the agent serves on inside the namespace.
@@ -334,6 +338,9 @@ fn usernet(bin: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
     Ok(Env {
         bind_ip: Ipv4Addr::LOCALHOST.into(),
         target_ip: Ipv4Addr::new(192, 168, 65, 254).into(),
+        // The host address of usernet's default IPv6 prefix (::254 of fd75:7365:726e::/64)
+        // leads to the host's [::1].
+        ipv6: Some((Ipv6Addr::LOCALHOST.into(), Ipv6Addr::new(0xfd75, 0x7365, 0x726e, 0, 0, 0, 0, 0x254).into())),
         prefix,
         sink_port: port,
         lo_target: (Ipv4Addr::LOCALHOST, port).into(),
@@ -463,6 +470,7 @@ fn pasta(bin: &Path, tmp: &Path, mtu: u32, port: u16, runas: Runas) -> anyhow::R
     Ok(Env {
         bind_ip: Ipv4Addr::LOCALHOST.into(),
         target_ip: gw.into(),
+        ipv6: None,
         prefix: ["nsenter", "-t", &pid.to_string(), "-U", "-n", "--preserve-credentials"]
             .iter()
             .map(OsString::from)
@@ -508,6 +516,7 @@ fn slirp4netns(bin: &Path, tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<En
     Ok(Env {
         bind_ip: Ipv4Addr::LOCALHOST.into(),
         target_ip: Ipv4Addr::new(10, 0, 2, 2).into(),
+        ipv6: None,
         prefix: ["nsenter", "-t", &pid.to_string(), "-n"].iter().map(OsString::from).collect(),
         sink_port: port,
         lo_target: (Ipv4Addr::LOCALHOST, port).into(),
@@ -598,6 +607,7 @@ fn podman(slirp: Option<&Path>, podman_user: Option<&str>, tmp: &Path, mtu: u32,
     Ok(Env {
         bind_ip: Ipv4Addr::LOCALHOST.into(),
         target_ip: Ipv4Addr::new(10, 0, 2, 2).into(),
+        ipv6: None,
         prefix: ["nsenter", "-t", &pid.to_string(), "-n"].iter().map(OsString::from).collect(),
         sink_port: port,
         lo_target: (Ipv4Addr::LOCALHOST, port).into(),
@@ -646,6 +656,9 @@ fn veth(mtu: u32, port: u16) -> anyhow::Result<Env> {
     let host_if = format!("ubh{me}");
     let ns_if = format!("ubn{me}");
     let (host_ip, ns_ip) = free_veth_subnet()?;
+    // IPv6 from the documentation prefix, a /64 per process (nodad: usable at once).
+    let host_ip6 = Ipv6Addr::new(0x2001, 0xdb8, 0xb0, me as u16, 0, 0, 0, 1);
+    let ns_ip6 = Ipv6Addr::new(0x2001, 0xdb8, 0xb0, me as u16, 0, 0, 0, 2);
     // Registered before the first step, so a half-built setup is undone too.
     let mut cleanup = Cleanup::default();
     cleanup.netns = Some(ns.clone());
@@ -659,6 +672,8 @@ fn veth(mtu: u32, port: u16) -> anyhow::Result<Env> {
         format!("-n {ns} addr add {ns_ip}/30 dev {ns_if}"),
         format!("-n {ns} link set {ns_if} up"),
         format!("-n {ns} link set lo up"),
+        format!("-6 addr add {host_ip6}/64 dev {host_if} nodad"),
+        format!("-n {ns} -6 addr add {ns_ip6}/64 dev {ns_if} nodad"),
     ];
     let mut shown = Vec::new();
     for step in &steps {
@@ -668,14 +683,17 @@ fn veth(mtu: u32, port: u16) -> anyhow::Result<Env> {
         run_checked(&mut cmd)?;
     }
     // The rule for test traffic: it must stay on our pair.
-    let out = Command::new("ip").args(["route", "get", &ns_ip.to_string()]).output().context("ip route get")?;
-    let route = String::from_utf8_lossy(&out.stdout);
-    if !route.contains(&format!("dev {host_if} ")) {
-        anyhow::bail!("{ns_ip} is not routed through {host_if}: {}", route.trim());
+    for ip in [IpAddr::from(ns_ip), IpAddr::from(ns_ip6)] {
+        let out = Command::new("ip").args(["route", "get", &ip.to_string()]).output().context("ip route get")?;
+        let route = String::from_utf8_lossy(&out.stdout);
+        if !route.contains(&format!("dev {host_if} ")) {
+            anyhow::bail!("{ip} is not routed through {host_if}: {}", route.trim());
+        }
     }
     Ok(Env {
         bind_ip: host_ip.into(),
         target_ip: host_ip.into(),
+        ipv6: Some((host_ip6.into(), host_ip6.into())),
         prefix: ["ip", "netns", "exec", &ns].iter().map(OsString::from).collect(),
         sink_port: port,
         lo_target: (ns_ip, port).into(),
