@@ -679,7 +679,8 @@ fn api_socket_lives_with_usernet() {
 /// `-p P:80` with an IPv6 client (a namespace of the test's own, over the host's veth): a
 /// guest listening on IPv6 only is reached over IPv6 and sees the client's own address; a
 /// guest listening on IPv4 only is reached all the same (the IPv6 SYN reset, then over IPv4,
-/// from the host address); a download either way is whole (sha256).
+/// from the host address); a download either way is whole (sha256). The host's own [::1]
+/// is spliced to the guest's [::1], or to its 127.0.0.1 when the guest listens on IPv4 only.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn ipv6_clients_reach_the_guest_over_ipv6_with_their_address() {
@@ -710,6 +711,17 @@ fn ipv6_clients_reach_the_guest_over_ipv6_with_their_address() {
         let got = dir.join(&format!("got{port}"));
         let url = format!("http://[{}]:{port}/f", peer.host_ip6);
         let out = peer.exec(&["curl", "-sS", "-f", "--noproxy", "*", "-m", "60", "-o", &got.to_string_lossy(), &url]);
+        assert!(out.success(), "download {url}:\n{out}\n{}", bg.describe());
+        assert_eq!(sha256_file(&got), want, "{url}");
+    }
+    // The host's loopback over IPv6: to the guest's [::1], or its 127.0.0.1.
+    assert_eq!(get(&format!("http://[::1]:{p6}/whoami"), &bg).trim(), "port 80 client ::1");
+    assert_eq!(get(&format!("http://[::1]:{p4}/whoami"), &bg).trim(), "port 81 client 127.0.0.1");
+    assert_eq!(get(&format!("http://127.0.0.1:{p4}/whoami"), &bg).trim(), "port 81 client 127.0.0.1");
+    for port in [p6, p4] {
+        let got = dir.join(&format!("lo{port}"));
+        let url = format!("http://[::1]:{port}/f");
+        let out = curl(&["-f", "-o", &got.to_string_lossy(), &url]);
         assert!(out.success(), "download {url}:\n{out}\n{}", bg.describe());
         assert_eq!(sha256_file(&got), want, "{url}");
     }

@@ -57,7 +57,14 @@ impl Engine {
             Some(Flow::Tcp(f)) => f.on_socket(&mut self.switch, readable, writable, error, now),
             Some(Flow::Udp(f)) if readable || error => f.on_readable(&mut self.switch, now),
             Some(Flow::Icmp(f)) if readable || error => f.on_readable(&mut self.switch, now),
-            Some(Flow::Splice(f)) => f.on_event(),
+            Some(Flow::Splice(f)) => {
+                let verdict = f.on_event();
+                if f.refused {
+                    self.splice_fallback(id, now);
+                    return;
+                }
+                verdict
+            }
             _ => return,
         };
         self.after(id, verdict);

@@ -4,7 +4,8 @@
 //!
 //! A socket belongs to the network namespace of the thread that creates it, and stays
 //! there whichever thread uses it later. So one thread of its own enters the guest's
-//! namespace once (setns), stays there, and keeps up to 16 fresh sockets ready in a pool;
+//! namespace once (setns), stays there, and keeps up to 16 fresh sockets ready in a pool
+//! (one pool per family: IPv4, and IPv6 once a client over IPv6 asked for one);
 //! the engine takes one per connection without waiting (and binds and connects it from its
 //! own thread), and wakes the thread to fill the pool up again only when fewer than half are
 //! left, so a burst of connections costs one wake-up per eight. Nothing moves between
@@ -32,8 +33,25 @@ const WAIT: Duration = Duration::from_millis(50);
 
 /// The sockets made and not yet taken, and whether the engine is gone.
 struct Pool {
-    sockets: Vec<io::Result<OwnedFd>>,
+    /// IPv4 sockets, then IPv6 ones.
+    sockets: [Vec<io::Result<OwnedFd>>; 2],
+    /// Which families to keep ready: IPv4 from the start, IPv6 from its first use.
+    wanted: [bool; 2],
     closed: bool,
+}
+
+impl Pool {
+    /// Whether some wanted family ran low.
+    fn low(&self) -> bool {
+        (0..2).any(|f| self.wanted[f] && self.sockets[f].len() < LOW_WATER)
+    }
+}
+
+/// A socket family of the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4 = 0,
+    V6 = 1,
 }
 
 struct Shared {
@@ -72,7 +90,11 @@ impl GuestSockets {
     pub fn spawn(netns: OwnedFd) -> io::Result<GuestSockets> {
         let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
         let shared = Arc::new(Shared {
-            pool: Mutex::new(Pool { sockets: Vec::with_capacity(READY), closed: false }),
+            pool: Mutex::new(Pool {
+                sockets: [Vec::with_capacity(READY), Vec::new()],
+                wanted: [true, false],
+                closed: false,
+            }),
             refill: Condvar::new(),
             made: Condvar::new(),
         });
@@ -102,20 +124,22 @@ impl GuestSockets {
         }
     }
 
-    /// A fresh non-blocking TCP socket of the guest's namespace.
-    pub fn take(&self) -> io::Result<OwnedFd> {
+    /// A fresh non-blocking TCP socket of the guest's namespace, of `family`.
+    pub fn take(&self, family: Family) -> io::Result<OwnedFd> {
+        let f = family as usize;
         let mut pool = self.shared.lock();
-        if pool.sockets.is_empty() {
+        pool.wanted[f] = true;
+        if pool.sockets[f].is_empty() {
             self.shared.refill.notify_one();
             pool = self
                 .shared
                 .made
-                .wait_timeout_while(pool, WAIT, |p| p.sockets.is_empty())
+                .wait_timeout_while(pool, WAIT, |p| p.sockets[f].is_empty())
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        let made = pool.sockets.pop().unwrap_or_else(|| Err(io::ErrorKind::TimedOut.into()));
-        if pool.sockets.len() < LOW_WATER {
+        let made = pool.sockets[f].pop().unwrap_or_else(|| Err(io::ErrorKind::TimedOut.into()));
+        if pool.sockets[f].len() < LOW_WATER {
             self.shared.refill.notify_one();
         }
         made
@@ -134,19 +158,22 @@ fn refill_until_closed(shared: &Shared) {
     loop {
         let missing = {
             let pool = shared.lock();
-            let pool = shared
-                .refill
-                .wait_while(pool, |p| !p.closed && p.sockets.len() >= LOW_WATER)
-                .unwrap_or_else(|e| e.into_inner());
+            let pool = shared.refill.wait_while(pool, |p| !p.closed && !p.low()).unwrap_or_else(|e| e.into_inner());
             if pool.closed {
                 return;
             }
-            READY - pool.sockets.len()
+            [0, 1].map(|f| if pool.wanted[f] { READY.saturating_sub(pool.sockets[f].len()) } else { 0 })
         };
         // Made outside the lock, so that the engine never waits for socket(2).
-        let fresh: Vec<_> = (0..missing).map(|_| sock::socket(libc::SOCK_STREAM, 0)).collect();
-        shared.lock().sockets.extend(fresh);
-        shared.made.notify_one();
+        let v4: Vec<_> = (0..missing[0]).map(|_| sock::socket(libc::SOCK_STREAM, 0)).collect();
+        let v6: Vec<_> = (0..missing[1])
+            .map(|_| sock::socket_for(std::net::Ipv6Addr::UNSPECIFIED.into(), libc::SOCK_STREAM, 0))
+            .collect();
+        let mut pool = shared.lock();
+        pool.sockets[0].extend(v4);
+        pool.sockets[1].extend(v6);
+        drop(pool);
+        shared.made.notify_all();
     }
 }
 
@@ -193,7 +220,13 @@ mod tests {
         let pool = GuestSockets::start(own).unwrap();
         let here = netns_cookie(&sock::socket(libc::SOCK_STREAM, 0).unwrap());
         for _ in 0..(READY * 2) {
-            assert_eq!(netns_cookie(&pool.take().unwrap()), here);
+            assert_eq!(netns_cookie(&pool.take(Family::V4).unwrap()), here);
+        }
+        for _ in 0..(READY * 2) {
+            let fd = pool.take(Family::V6).unwrap();
+            assert_eq!(netns_cookie(&fd), here);
+            let domain = sock::get_int(std::os::fd::AsFd::as_fd(&fd), libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap();
+            assert_eq!(domain, libc::AF_INET6);
         }
     }
 

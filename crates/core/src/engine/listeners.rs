@@ -4,14 +4,18 @@
 //! A TCP connection accepted on a published port becomes a TCP flow that starts with our
 //! SYN to the guest (see the translator's theory of operation). A datagram on a published
 //! UDP port becomes, per client address, an inbound UDP flow whose replies leave through
-//! the listener. The guest sees the client's real address when it has an IPv4 one; a
-//! client on the host's loopback (or any IPv6 client, while the guest network is
-//! IPv4-only) appears as the host address, as if it came from host.docker.internal.
+//! the listener. The guest sees the client's real address when it has an IPv4 one, or an
+//! IPv6 one and the guest has IPv6 (then over IPv6, and over IPv4 if the guest resets
+//! that); other clients appear as the host address, as if they came from
+//! host.docker.internal. A TCP client on the host's loopback, when the guest is a namespace
+//! of this host, is spliced socket to socket to the guest's own loopback of the client's
+//! family instead (see `splice_to_guest`).
 //! A client that a `--deny` rule without ports covers is refused (crate::policy: reset, or
 //! its datagram dropped), before anything is spliced or made.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -20,7 +24,8 @@ use mio::unix::SourceFd;
 
 use super::control::Published;
 use super::flows::udp::{Inbound, UdpSocket};
-use super::flows::{Flow, FlowKey, SpliceFlow, TcpFlow, UdpFlow, Verdict};
+use super::flows::{Flow, FlowId, FlowKey, SpliceFlow, TcpFlow, UdpFlow, Verdict};
+use super::guest_sockets::Family;
 use super::switch::UDP_PAYLOAD_OFF;
 use super::{Engine, sock};
 use crate::policy::{DenyReason, Via};
@@ -161,7 +166,7 @@ impl Engine {
                 continue;
             }
             let fd = if is_loopback(client) && self.guest_sockets.is_some() {
-                match self.splice_to_guest(fd, guest, now) {
+                match self.splice_to_guest(fd, client, guest, now) {
                     Some(fd) => fd,
                     None => continue,
                 }
@@ -199,14 +204,36 @@ impl Engine {
     }
 
     /// Carries a loopback client's connection socket to socket inside the guest's
-    /// namespace. When no socket can be had there, gives the connection back for the guest
+    /// namespace: to its [::1] for a client over IPv6 when the guest has IPv6, and to its
+    /// 127.0.0.1 when the guest refuses that (it listens on IPv4 only) or for any other
+    /// client. When no socket can be had there, gives the connection back for the guest
     /// link (it then comes from the host address, as any client's would).
-    fn splice_to_guest(&mut self, host: OwnedFd, guest: SocketAddrV4, now: Instant) -> Option<OwnedFd> {
-        let made = match &self.guest_sockets {
-            Some(sockets) => sockets.take(),
-            None => return Some(host),
-        };
-        let (sock, connected) = match made.and_then(|s| dial_from_loopback(s, guest)) {
+    fn splice_to_guest(
+        &mut self,
+        host: OwnedFd,
+        client: SocketAddr,
+        guest: SocketAddrV4,
+        now: Instant,
+    ) -> Option<OwnedFd> {
+        let Some(sockets) = &self.guest_sockets else { return Some(host) };
+        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, guest.port()));
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, guest.port()));
+        let over_v6 = client.ip().to_canonical().is_ipv6() && self.guests6.iter().any(|(g, _)| g == guest.ip());
+        let mut fallback = None;
+        let mut dialed = Err(io::ErrorKind::Unsupported.into());
+        if over_v6 {
+            dialed = sockets.take(Family::V6).and_then(|s| dial_from_loopback(s, v6));
+            match &dialed {
+                // Refused at once (loopback answers within the connect): IPv4 now.
+                Ok((s, false)) if sock::take_error(s.as_fd()) == libc::ECONNREFUSED => dialed = Err(refused()),
+                Ok((_, false)) => fallback = Some(v4),
+                _ => {}
+            }
+        }
+        if dialed.is_err() {
+            dialed = sockets.take(Family::V4).and_then(|s| dial_from_loopback(s, v4));
+        }
+        let (sock, connected) = match dialed {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!("published port {guest}: no socket inside the namespace ({e}); through the guest link");
@@ -215,19 +242,16 @@ impl Engine {
         };
         self.next_splice_id += 1;
         let guest_fd = sock.as_raw_fd();
-        let flow = match SpliceFlow::new(host, sock, connected, self.next_splice_id, now) {
+        let mut flow = match SpliceFlow::new(host, sock, connected, self.next_splice_id, now) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!("cannot splice a published connection: {e}");
                 return None;
             }
         };
+        flow.fallback = fallback;
         let id = self.add_flow(Flow::Splice(flow), Interest::READABLE | Interest::WRITABLE)?;
-        if let Err(e) = self.poll.registry().register(
-            &mut SourceFd(&guest_fd),
-            id.token(super::FLOW_BASE),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) = self.watch_splice_guest(id, guest_fd) {
             tracing::warn!("cannot watch a spliced socket: {e}");
             self.flows.remove(id);
             return None;
@@ -235,6 +259,40 @@ impl Engine {
         // Data may already wait on the accepted socket.
         self.on_socket(id, true, true, false, now);
         None
+    }
+
+    /// Registers the guest-side socket of splice flow `id` under the flow's token.
+    fn watch_splice_guest(&mut self, id: FlowId, fd: RawFd) -> io::Result<()> {
+        self.poll.registry().register(
+            &mut SourceFd(&fd),
+            id.token(super::FLOW_BASE),
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+
+    /// The guest refused splice flow `id`'s connect to its [::1]: connects to its
+    /// 127.0.0.1 instead, or resets the client when that cannot start.
+    pub(super) fn splice_fallback(&mut self, id: FlowId, now: Instant) {
+        let Some(Flow::Splice(f)) = self.flows.get_mut(id) else { return };
+        let Some(SocketAddr::V4(to)) = f.fallback else { return };
+        let dialed = match &self.guest_sockets {
+            Some(sockets) => sockets.take(Family::V4).and_then(|s| dial_from_loopback(s, to.into())),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        };
+        let Ok((sock, connected)) = dialed.inspect_err(|e| tracing::debug!("published port {to}: {e}")) else {
+            sock::set_linger_zero(f.host.as_fd());
+            self.flows.remove(id);
+            return;
+        };
+        let fd = sock.as_raw_fd();
+        // The refused socket closes here, which takes it out of the poll set.
+        f.redial(sock, connected);
+        if let Err(e) = self.watch_splice_guest(id, fd) {
+            tracing::warn!("cannot watch a spliced socket: {e}");
+            self.flows.remove(id);
+            return;
+        }
+        self.on_socket(id, true, true, false, now);
     }
 
     fn receive_all(&mut self, listener: &Rc<OwnedFd>, guest: SocketAddrV4, listener_id: u32, now: Instant) {
@@ -296,22 +354,19 @@ fn is_loopback(a: SocketAddr) -> bool {
     }
 }
 
-/// Binds `fd`, a socket of the guest's namespace, to that namespace's 127.0.0.1 and starts
-/// connecting it to `guest` there.
-fn dial_from_loopback(fd: OwnedFd, guest: SocketAddrV4) -> std::io::Result<(OwnedFd, bool)> {
+fn refused() -> io::Error {
+    io::Error::from_raw_os_error(libc::ECONNREFUSED)
+}
+
+/// Binds `fd`, a socket of the guest's namespace, to that namespace's loopback address of
+/// `guest`'s family and starts connecting it to `guest` there.
+fn dial_from_loopback(fd: OwnedFd, guest: SocketAddr) -> io::Result<(OwnedFd, bool)> {
     let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-    let local = sock::sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
-    // SAFETY: local is a valid sockaddr_in of the length given.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &local as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        )
+    let local = match guest {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
     };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    sock::bind(fd.as_fd(), local)?;
     let connected = sock::connect(fd.as_fd(), guest)?;
     Ok((fd, connected))
 }

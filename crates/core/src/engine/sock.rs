@@ -240,6 +240,14 @@ pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// Binds `fd` to `addr`.
+pub fn bind(fd: BorrowedFd<'_>, addr: std::net::SocketAddr) -> io::Result<()> {
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: sa is a valid socket address of the length given.
+    let r = unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// Starts a connect; Ok(true) when it completed at once, Ok(false) when in progress.
 pub fn connect(fd: BorrowedFd<'_>, addr: impl Into<std::net::SocketAddr>) -> io::Result<bool> {
     let (sa, len) = sockaddr(addr.into());

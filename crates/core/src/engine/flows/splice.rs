@@ -10,6 +10,7 @@
 //! its own (shutdown(SHUT_WR) after EOF); an error on either side resets the other.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
@@ -59,6 +60,13 @@ pub struct SpliceFlow {
     /// The socket inside the guest's namespace.
     pub guest: OwnedFd,
     connecting: bool,
+    /// Where to connect instead if the guest refuses this connect: the guest's IPv4
+    /// loopback when a client over IPv6 was first carried to the guest's [::1] (the guest
+    /// may listen on IPv4 only).
+    pub fallback: Option<SocketAddr>,
+    /// The connect was refused and `fallback` is to be tried (by the engine, which has the
+    /// namespace's sockets).
+    pub refused: bool,
     /// [host to guest, guest to host].
     pipes: [Pipe; 2],
     dirs: [Direction; 2],
@@ -91,6 +99,8 @@ impl SpliceFlow {
             host,
             guest,
             connecting: !connected,
+            fallback: None,
+            refused: false,
             pipes: [Pipe::new()?, Pipe::new()?],
             dirs: [Direction::default(); 2],
             id,
@@ -100,10 +110,23 @@ impl SpliceFlow {
         })
     }
 
+    /// Carries on with `guest`, a socket connecting to [`SpliceFlow::fallback`] (the first
+    /// was refused); the old one closes.
+    pub fn redial(&mut self, guest: OwnedFd, connected: bool) {
+        self.guest = guest;
+        self.connecting = !connected;
+        self.fallback = None;
+        self.refused = false;
+    }
+
     /// Either socket changed readiness: move what can be moved, both ways.
     pub fn on_event(&mut self) -> Verdict {
         if self.connecting {
             let err = sock::take_error(self.guest.as_fd());
+            if err == libc::ECONNREFUSED && self.fallback.is_some() {
+                self.refused = true;
+                return Verdict::Keep;
+            }
             if err != 0 {
                 tracing::debug!("published port inside the namespace: {}", io::Error::from_raw_os_error(err));
                 sock::set_linger_zero(self.host.as_fd());
@@ -164,5 +187,44 @@ impl SpliceFlow {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host-side stand-in and a socket whose connect to a closed loopback port is under
+    /// way (the refusal is already waiting in SO_ERROR).
+    fn refused_pair() -> (OwnedFd, OwnedFd) {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = closed.local_addr().unwrap();
+        drop(closed);
+        let (host, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        let guest = sock::socket(libc::SOCK_STREAM, 0).unwrap();
+        let _ = sock::connect(guest.as_fd(), to);
+        (host.into(), guest)
+    }
+
+    #[test]
+    fn a_refused_connect_with_a_fallback_asks_for_it() {
+        let (host, guest) = refused_pair();
+        let mut flow = SpliceFlow::new(host, guest, false, 1, Instant::now()).unwrap();
+        flow.fallback = Some("127.0.0.1:80".parse().unwrap());
+        assert_eq!(flow.on_event(), Verdict::Keep);
+        assert!(flow.refused);
+        let (_, fresh) = refused_pair();
+        flow.redial(fresh, false);
+        assert!(!flow.refused && flow.fallback.is_none());
+        // Refused again, with no fallback left: the flow ends.
+        assert_eq!(flow.on_event(), Verdict::Close);
+    }
+
+    #[test]
+    fn a_refused_connect_without_a_fallback_ends_the_flow() {
+        let (host, guest) = refused_pair();
+        let mut flow = SpliceFlow::new(host, guest, false, 1, Instant::now()).unwrap();
+        assert_eq!(flow.on_event(), Verdict::Close);
+        assert!(!flow.refused);
     }
 }
