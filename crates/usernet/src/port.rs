@@ -42,9 +42,9 @@ pub enum PortCommand {
     Add {
         #[command(flatten)]
         api: ApiOpt,
-        /// Guest address to forward to (default: the first guest).
+        /// Guest address to forward to, IPv4 or IPv6 (default: the first guest's IPv4 one).
         #[arg(long, value_name = "IP")]
-        guest_ip: Option<std::net::Ipv4Addr>,
+        guest_ip: Option<std::net::IpAddr>,
         #[arg(required = true, value_name = "SPEC")]
         specs: Vec<String>,
     },

@@ -200,7 +200,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             start(engine.control_handle().context("control handle")?, netns)?;
         }
         if !listeners.is_empty() {
-            for p in engine.publish(listeners, cfg.guest) {
+            for p in engine.publish(listeners, cfg.guest.into()) {
                 tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
             }
         }

@@ -204,7 +204,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         engine.add_acceptor(a).with_context(|| format!("{name}: cannot watch it"))?;
     }
     if !listeners.is_empty() {
-        for p in engine.publish(listeners, cfg.guest) {
+        for p in engine.publish(listeners, cfg.guest.into()) {
             tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
         }
     }

@@ -123,10 +123,17 @@ fn vm_on_the_stream_transport() {
     let sock = dir.join("qemu.sock");
     // `-p` at start goes to the first guest, 192.168.65.2.
     let published = common::free_port();
+    let published6 = common::free_port();
+    let pcap = dir.join("link.pcap");
     let serve = Serve::start(
         &dir,
         &fx.dns,
-        &[format!("--listen-qemu=unix:{}", sock.display()), format!("-p=127.0.0.1:{published}:8080")],
+        &[
+            format!("--listen-qemu=unix:{}", sock.display()),
+            format!("-p=127.0.0.1:{published}:8080"),
+            format!("-p=[::]:{published6}:8080"),
+            format!("--pcap={}", pcap.display()),
+        ],
         std::slice::from_ref(&sock),
     );
 
@@ -134,6 +141,35 @@ fn vm_on_the_stream_transport() {
     vm.wait_for("USERNET-VM ready", VM_TIMEOUT);
     fx.assert_checks(&vm, "192.168.65.2");
     assert_eq!(curl(published).trim(), "hello from 192.168.65.2");
+
+    // Over IPv6 to the VM's SLAAC address: a client with an IPv6 address of its own (the
+    // test's namespace, through the host's veth) on a port published on [::]...
+    let host_ip6 = fx.remote_host.ip6.replace("::2", "::1");
+    let url = format!("http://[{host_ip6}]:{published6}/");
+    let out = fx.remote_host.exec(&["curl", "-sS", "-m", "30", &url]);
+    assert!(out.success(), "{url} from {}:\n{out}\n{}", fx.remote_host.ip6, serve.log());
+    assert_eq!(out.stdout.trim(), "hello from 192.168.65.2");
+    // ... and a port published through the API to that address (the client is the host's
+    // loopback: it appears as ::254).
+    let slaac = vm.check("slaac");
+    let vm_ip6 = slaac.split_whitespace().next().unwrap();
+    let (status, body) =
+        serve.api("POST", "/v1/ports", &format!(r#"{{"spec":"127.0.0.1::8080","guest_ip":"{vm_ip6}"}}"#));
+    assert_eq!(status, 201, "{body}\n{}", serve.log());
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let to_ip6 = v[0]["host_port"].as_u64().unwrap() as u16;
+    assert_eq!(curl(to_ip6).trim(), "hello from 192.168.65.2");
+    // The VM saw both connections over IPv6: from the client's address, and from ::254
+    // (the capture is written out when the engine goes idle).
+    let syns = || common::run("tcpdump", &["-nr", &pcap.to_string_lossy(), "ip6 and ip6[53] & 2 != 0"]);
+    let seen = |out: &common::Output, from: &str| {
+        out.stdout.lines().any(|l| l.contains(&format!("{from}.")) && l.contains(".8080:"))
+    };
+    let client6 = fx.remote_host.ip6.parse::<std::net::Ipv6Addr>().unwrap().to_string();
+    let both = |out: &common::Output| seen(out, &client6) && seen(out, HOST6);
+    common::wait_until(Duration::from_secs(5), || both(&syns()));
+    let out = syns();
+    assert!(both(&out), "no SYN over IPv6 from {client6} and {HOST6}:\n{out}");
 
     // gvproxy's expose without a guest IP: the first guest (a Unix socket has no address).
     let port = serve.expose(":8080");

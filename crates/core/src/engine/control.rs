@@ -1,7 +1,7 @@
 //! Commands to the engine from other threads (the control API): each carries a channel for
 //! its answer. The engine's loop drains them whenever its waker fires.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -20,8 +20,8 @@ pub struct Published {
     /// The host address and port it listens on.
     pub host: SocketAddr,
     pub proto: Proto,
-    /// Where connections go in the guest network.
-    pub guest_ip: Ipv4Addr,
+    /// Where connections go in the guest network: an IPv4 address, or an IPv6 one.
+    pub guest_ip: IpAddr,
     pub guest_port: u16,
 }
 
@@ -111,7 +111,7 @@ pub enum Command {
     /// Serve already-bound listeners, forwarding to `guest_ip:guest_port` of each listener.
     Publish {
         listeners: Vec<BoundListener>,
-        guest_ip: Ipv4Addr,
+        guest_ip: IpAddr,
         reply: Reply<Vec<Published>>,
     },
     /// Stop serving the listener bound at `host` for `proto`; answers whether one was found.
@@ -253,7 +253,7 @@ impl Engine {
             .map(|l| ListenerSample {
                 host: l.local,
                 proto: l.proto,
-                guest: std::net::SocketAddrV4::new(l.guest_ip, l.guest_port),
+                guest: SocketAddr::new(l.guest_ip, l.guest_port),
                 accepted: l.accepted,
             })
             .collect();

@@ -107,6 +107,7 @@ impl Engine {
                 break;
             }
             self.timers.pop();
+            let mut rekey = None;
             let verdict = match self.flows.get_mut(id) {
                 Some(flow) => {
                     if *flow.scheduled_mut() != Some(d) {
@@ -114,7 +115,13 @@ impl Engine {
                     }
                     *flow.scheduled_mut() = None;
                     match flow {
-                        Flow::Tcp(f) => f.on_timer(&mut self.switch, now),
+                        Flow::Tcp(f) => {
+                            if f.fallback.is_some() {
+                                // It may fall back to IPv4 (TcpFlow::fallback): new addresses.
+                                rekey = Some(FlowKey::Tcp { guest: f.guest, remote: f.remote });
+                            }
+                            f.on_timer(&mut self.switch, now)
+                        }
                         Flow::Udp(f) => f.on_timer(now),
                         Flow::Icmp(f) => f.on_timer(now),
                         Flow::Splice(_) => Verdict::Keep,
@@ -122,6 +129,9 @@ impl Engine {
                 }
                 None => continue,
             };
+            if let (Some(key), Verdict::Keep) = (rekey, verdict) {
+                self.flows.rekey(id, &key);
+            }
             self.after(id, verdict);
         }
     }

@@ -581,3 +581,39 @@ fn a_link_local_source_reaches_usernets_own_addresses() {
     e.on_frame(0, &frame6(PROTO_TCP, guest_ll(), host, 64, GATEWAY_MAC, &s), Instant::now());
     assert_eq!(dialer.tcp_peers.borrow().len(), 1);
 }
+
+/// A VM's IPv6 address, for its published ports, is the one it was seen to use in the
+/// prefix: its EUI-64 SLAAC address when it uses one, else the lowest; none outside the
+/// prefix, none of another guest's, none for a guest never seen over IPv6.
+#[test]
+fn a_guests_ipv6_address_is_the_one_seen_on_its_link() {
+    let (mut e, _link, _) = engine();
+    let v4 = std::net::Ipv4Addr::new(192, 168, 65, 2);
+    e.set_guest_mac(GUEST_MAC, v4);
+    assert_eq!(e.switch.ipv6_of(v4, &net()), None, "never seen over IPv6");
+    let ping_from = |e: &mut Engine, mac: [u8; 6], src: Ipv6Addr| {
+        let mut m = vec![0u8; 8];
+        Icmpv6Header::echo(icmpv6::TYPE_ECHO_REQUEST, 1, 1).emit(&mut m, 0, src, net().gateway);
+        let mut f = frame6(PROTO_ICMPV6, src, net().gateway, 64, GATEWAY_MAC, &m);
+        f[6..12].copy_from_slice(&mac);
+        e.on_frame(0, &f, Instant::now());
+    };
+    let privacy: Ipv6Addr = "fd75:7365:726e:0:9c3a:1b2c:3d4e:5f60".parse().unwrap();
+    let other: Ipv6Addr = "fd75:7365:726e:0:1111:2222:3333:4444".parse().unwrap();
+    ping_from(&mut e, GUEST_MAC, guest_ll());
+    ping_from(&mut e, GUEST_MAC, privacy);
+    ping_from(&mut e, [0x02, 0, 0, 0, 0, 9], other);
+    assert_eq!(e.switch.ipv6_of(v4, &net()), Some(privacy));
+    let eui = switch::eui64_address(net().prefix, GUEST_MAC);
+    assert_eq!(eui, "fd75:7365:726e:0:0:ff:fe00:2".parse::<Ipv6Addr>().unwrap());
+    ping_from(&mut e, GUEST_MAC, eui);
+    assert_eq!(e.switch.ipv6_of(v4, &net()), Some(eui), "the SLAAC address first");
+}
+
+/// RFC 4291's modified EUI-64: ff:fe in the middle, the universal/local bit flipped.
+#[test]
+fn eui64_addresses() {
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let prefix: Ipv6Addr = "2001:db8:1:2::".parse().unwrap();
+    assert_eq!(switch::eui64_address(prefix, mac), "2001:db8:1:2:5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap());
+}

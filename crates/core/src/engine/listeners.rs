@@ -32,6 +32,9 @@ use crate::policy::{DenyReason, Via};
 use crate::ports::BoundListener;
 use crate::ports::Proto;
 
+/// The IPv4 (guest, remote) pair a connection tried over IPv6 goes to if refused there.
+type Fallback = Option<(SocketAddr, SocketAddr)>;
+
 /// Listener tokens have this bit set; the rest is the listener's index.
 pub const LISTENER_BIT: usize = 1 << 62;
 
@@ -40,7 +43,7 @@ pub struct Listener {
     pub fd: Rc<OwnedFd>,
     pub local: SocketAddr,
     pub proto: Proto,
-    pub guest_ip: Ipv4Addr,
+    pub guest_ip: IpAddr,
     pub guest_port: u16,
     /// Unique over the engine's life, so inbound UDP flows know their listener.
     pub id: u32,
@@ -68,9 +71,14 @@ pub fn guest_view_of_client(client: SocketAddr, host_addr: Ipv4Addr) -> SocketAd
 }
 
 impl Engine {
-    /// Serves already-bound listeners of published ports, forwarding to `guest_ip`.
-    pub fn publish(&mut self, listeners: Vec<BoundListener>, guest_ip: Ipv4Addr) -> Vec<Published> {
+    /// Serves already-bound listeners of published ports, forwarding to `guest_ip` (an
+    /// IPv6 one only while the network has IPv6: else nothing is published).
+    pub fn publish(&mut self, listeners: Vec<BoundListener>, guest_ip: IpAddr) -> Vec<Published> {
         let mut out = Vec::new();
+        if guest_ip.is_ipv6() && self.cfg.v6.is_none() {
+            tracing::warn!("cannot publish to {guest_ip}: the guest network has no IPv6");
+            return out;
+        }
         for l in listeners {
             let index = match self.listeners.iter().position(Option::is_none) {
                 Some(i) => i,
@@ -134,7 +142,7 @@ impl Engine {
     /// A listener is readable: accept every waiting connection, or take every datagram.
     pub(super) fn on_listener(&mut self, index: usize, now: Instant) {
         let Some(Some(l)) = self.listeners.get(index) else { return };
-        let (fd, proto, guest, id) = (l.fd.clone(), l.proto, SocketAddrV4::new(l.guest_ip, l.guest_port), l.id);
+        let (fd, proto, guest, id) = (l.fd.clone(), l.proto, SocketAddr::new(l.guest_ip, l.guest_port), l.id);
         match proto {
             Proto::Tcp => {
                 let n = self.accept_all(fd.as_fd(), guest, now);
@@ -147,7 +155,7 @@ impl Engine {
     }
 
     /// Accepts the waiting connections; returns how many it took.
-    fn accept_all(&mut self, listener: BorrowedFd<'_>, guest: SocketAddrV4, now: Instant) -> u64 {
+    fn accept_all(&mut self, listener: BorrowedFd<'_>, guest: SocketAddr, now: Instant) -> u64 {
         let mut accepted = 0;
         for _ in 0..256 {
             let (fd, client) = match sock::accept(listener) {
@@ -173,19 +181,7 @@ impl Engine {
             } else {
                 fd
             };
-            let v4 = (SocketAddr::V4(guest), SocketAddr::V4(guest_view_of_client(client, self.cfg.host)));
-            // An IPv6 client of a guest with an IPv6 address: over IPv6, the client's address
-            // kept, and over IPv4 if the guest resets that (it listens on IPv4 only).
-            let guest6 = self.guests6.iter().find(|(v4, _)| v4 == guest.ip()).map(|(_, v6)| *v6);
-            let (guest, remote, fallback) = match (client, guest6) {
-                (SocketAddr::V6(c), Some(g6))
-                    if self.cfg.v6.is_some() && !is_loopback(client) && c.ip().to_ipv4_mapped().is_none() =>
-                {
-                    let remote = SocketAddr::new(IpAddr::V6(*c.ip()), c.port());
-                    (SocketAddr::new(IpAddr::V6(g6), guest.port()), remote, Some(v4))
-                }
-                _ => (v4.0, v4.1, None),
-            };
+            let (guest, remote, fallback) = self.inbound_tcp_addrs(client, guest);
             let key = FlowKey::Tcp { guest, remote };
             if self.flows.lookup(&key).is_some() {
                 tracing::debug!("{client} -> {guest}: that address pair is busy; reset");
@@ -203,6 +199,48 @@ impl Engine {
         accepted
     }
 
+    /// The addresses of a published TCP connection from `client` to `guest` in the guest
+    /// network (guest, remote), and the IPv4 ones to try if the guest refuses those.
+    ///
+    /// - A client with an IPv6 address of its own to a guest with an IPv6 address: over
+    ///   IPv6 from the client's address, with the IPv4 pair as fallback when the listener
+    ///   forwards to the guest's IPv4 address (the guest may listen on IPv4 only).
+    /// - Any other client of an IPv4 guest address: over IPv4, from the client's address
+    ///   or the host address ([`guest_view_of_client`]).
+    /// - Any other client of an IPv6 guest address: from the network's host address (::254).
+    fn inbound_tcp_addrs(&self, client: SocketAddr, guest: SocketAddr) -> (SocketAddr, SocketAddr, Fallback) {
+        match guest {
+            SocketAddr::V6(_) => (guest, self.ipv6_view_of_client(client), None),
+            SocketAddr::V4(g4) => {
+                let v4 = (guest, SocketAddr::V4(guest_view_of_client(client, self.cfg.host)));
+                match (own_ipv6(client), self.guest_ipv6(*g4.ip())) {
+                    (Some(c), Some(g6)) => {
+                        (SocketAddr::new(g6.into(), g4.port()), SocketAddr::new(c.into(), client.port()), Some(v4))
+                    }
+                    _ => (v4.0, v4.1, None),
+                }
+            }
+        }
+    }
+
+    /// The address `client` appears from to an IPv6 guest address: its own IPv6 address, or
+    /// else the network's host address (::254).
+    fn ipv6_view_of_client(&self, client: SocketAddr) -> SocketAddr {
+        let host6 = self.cfg.v6.as_ref().map_or(Ipv6Addr::UNSPECIFIED, |v6| v6.host);
+        SocketAddr::new(own_ipv6(client).unwrap_or(host6).into(), client.port())
+    }
+
+    /// The IPv6 address of the guest at IPv4 address `v4`, when the network has IPv6: the
+    /// one usernet gave it (`run`), else one it was seen to use in the prefix (a VM's
+    /// SLAAC address: see [`super::switch::Switch::ipv6_of`]).
+    fn guest_ipv6(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+        let net = self.cfg.v6.as_ref()?;
+        if let Some((_, v6)) = self.guests6.iter().find(|(g, _)| *g == v4) {
+            return Some(*v6);
+        }
+        self.switch.ipv6_of(v4, net)
+    }
+
     /// Carries a loopback client's connection socket to socket inside the guest's
     /// namespace: to its [::1] for a client over IPv6 when the guest has IPv6, and to its
     /// 127.0.0.1 when the guest refuses that (it listens on IPv4 only) or for any other
@@ -212,25 +250,30 @@ impl Engine {
         &mut self,
         host: OwnedFd,
         client: SocketAddr,
-        guest: SocketAddrV4,
+        guest: SocketAddr,
         now: Instant,
     ) -> Option<OwnedFd> {
         let Some(sockets) = &self.guest_sockets else { return Some(host) };
         let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, guest.port()));
         let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, guest.port()));
-        let over_v6 = client.ip().to_canonical().is_ipv6() && self.guests6.iter().any(|(g, _)| g == guest.ip());
+        let over_v6 = match guest.ip() {
+            IpAddr::V6(_) => true,
+            IpAddr::V4(g) => client.ip().to_canonical().is_ipv6() && self.guests6.iter().any(|(g4, _)| *g4 == g),
+        };
         let mut fallback = None;
         let mut dialed = Err(io::ErrorKind::Unsupported.into());
         if over_v6 {
             dialed = sockets.take(Family::V6).and_then(|s| dial_from_loopback(s, v6));
             match &dialed {
                 // Refused at once (loopback answers within the connect): IPv4 now.
-                Ok((s, false)) if sock::take_error(s.as_fd()) == libc::ECONNREFUSED => dialed = Err(refused()),
-                Ok((_, false)) => fallback = Some(v4),
+                Ok((s, false)) if guest.is_ipv4() && sock::take_error(s.as_fd()) == libc::ECONNREFUSED => {
+                    dialed = Err(refused())
+                }
+                Ok((_, false)) if guest.is_ipv4() => fallback = Some(v4),
                 _ => {}
             }
         }
-        if dialed.is_err() {
+        if dialed.is_err() && guest.is_ipv4() {
             dialed = sockets.take(Family::V4).and_then(|s| dial_from_loopback(s, v4));
         }
         let (sock, connected) = match dialed {
@@ -295,7 +338,7 @@ impl Engine {
         self.on_socket(id, true, true, false, now);
     }
 
-    fn receive_all(&mut self, listener: &Rc<OwnedFd>, guest: SocketAddrV4, listener_id: u32, now: Instant) {
+    fn receive_all(&mut self, listener: &Rc<OwnedFd>, guest: SocketAddr, listener_id: u32, now: Instant) {
         let max = self.switch.max_udp_payload(false);
         for _ in 0..1024 {
             let buf = &mut self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
@@ -311,7 +354,12 @@ impl Engine {
                 tracing::debug!("{client}: {n}-byte datagram exceeds the guest MTU; dropped");
                 continue;
             }
-            let (guest, remote) = (SocketAddr::V4(guest), SocketAddr::V4(guest_view_of_client(client, self.cfg.host)));
+            let remote = match guest {
+                // Not over IPv6 to an IPv4 guest address: a datagram has no reset to fall
+                // back on.
+                SocketAddr::V4(_) => SocketAddr::V4(guest_view_of_client(client, self.cfg.host)),
+                SocketAddr::V6(_) => self.ipv6_view_of_client(client),
+            };
             let key = FlowKey::Udp { guest, remote };
             let id = match self.flows.lookup(&key) {
                 Some(id) => id,
@@ -351,6 +399,14 @@ fn is_loopback(a: SocketAddr) -> bool {
     match a.ip() {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+/// `client`'s IPv6 address when it has one of its own: not loopback, not IPv4-mapped.
+fn own_ipv6(client: SocketAddr) -> Option<Ipv6Addr> {
+    match client.ip() {
+        IpAddr::V6(c) if !is_loopback(client) && c.to_ipv4_mapped().is_none() => Some(c),
+        _ => None,
     }
 }
 

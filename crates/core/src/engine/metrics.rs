@@ -267,7 +267,7 @@ pub struct ListenerSample {
     pub host: std::net::SocketAddr,
     pub proto: crate::ports::Proto,
     /// Where its connections go in the guest network.
-    pub guest: std::net::SocketAddrV4,
+    pub guest: std::net::SocketAddr,
     /// TCP connections accepted on it.
     pub accepted: u64,
 }

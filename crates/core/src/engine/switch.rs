@@ -601,6 +601,25 @@ impl Switch {
         self.refuse(index, mac, Some(IpAddr::V6(ip)))
     }
 
+    /// An IPv6 address in `net`'s prefix of the guest that has IPv4 address `v4`, as seen
+    /// on its link: its SLAAC address of the modified EUI-64 kind when it uses one, else the
+    /// lowest it was seen to use (stable-privacy and temporary addresses cannot be told
+    /// apart). None when the guest was never seen to use one.
+    pub fn ipv6_of(&self, v4: Ipv4Addr, net: &crate::config::Ipv6Net) -> Option<Ipv6Addr> {
+        let mac = *self.neighbours.get(&IpAddr::V4(v4))?;
+        let eui = eui64_address(net.prefix, mac);
+        if self.neighbours.get(&IpAddr::V6(eui)) == Some(&mac) {
+            return Some(eui);
+        }
+        self.neighbours
+            .iter()
+            .filter_map(|(ip, m)| match ip {
+                IpAddr::V6(a) if *m == mac && net.contains(*a) => Some(*a),
+                _ => None,
+            })
+            .min()
+    }
+
     /// Keeps `ip` for the guest with `mac` (an address usernet configured itself, as
     /// `serve --netns` does), whichever link speaks first.
     pub fn reserve6(&mut self, ip: Ipv6Addr, mac: Mac) {
@@ -867,4 +886,12 @@ fn send_on(links: &mut [Option<LinkSlot>], target: Option<usize>, except: Option
         }
     }
     (sent, errors)
+}
+
+/// The SLAAC address of `mac` in the /64 `prefix`: the modified EUI-64 interface identifier
+/// (RFC 4291 appendix A: ff:fe in the middle, the universal/local bit flipped).
+pub fn eui64_address(prefix: Ipv6Addr, mac: Mac) -> Ipv6Addr {
+    let mut o = prefix.octets();
+    o[8..16].copy_from_slice(&[mac[0] ^ 0x02, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5]]);
+    Ipv6Addr::from(o)
 }

@@ -991,7 +991,7 @@ fn published_ports_refuse_denied_clients() {
     let local = l.local_addr().unwrap();
     let bound =
         crate::ports::BoundListener { fd: OwnedFd::from(l), local, proto: crate::ports::Proto::Tcp, guest_port: 80 };
-    e.publish(vec![bound], *guest().ip());
+    e.publish(vec![bound], (*guest().ip()).into());
     e.set_guest_mac(GUEST_MAC, *guest().ip());
     let mut client = std::net::TcpStream::connect(local).unwrap();
     std::thread::sleep(Duration::from_millis(50));

@@ -5,7 +5,8 @@
 //!   "protocol":"tcp"}`: 200 with no body. `protocol` defaults to tcp; `remote` may omit its
 //!   IP (`":80"`), which means the calling guest when the request comes from inside the
 //!   guest network (as gvproxy takes the caller's address), else the first guest (a Unix
-//!   socket has no address); `local` may omit its IP (`":8000"`: every address, 0.0.0.0 and [::]).
+//!   socket has no address); an IPv6 remote (`"[fd75:7365:726e::2]:80"`) is a guest's IPv6
+//!   address; `local` may omit its IP (`":8000"`: every address, 0.0.0.0 and [::]).
 //!   A bad body or remote is 400, anything else that fails (already exposed, port taken) is
 //!   500, each with a plain-text message.
 //! - `POST /services/forwarder/unexpose` `{"local":...,"protocol":...}`: 200, or 500
@@ -113,9 +114,9 @@ pub async fn expose(state: &State, caller: Option<Ipv4Addr>, body: &[u8]) -> Rep
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
     };
     let guest_ip = if remote_host.is_empty() {
-        caller.unwrap_or(state.cfg.guest)
+        IpAddr::V4(caller.unwrap_or(state.cfg.guest))
     } else {
-        match remote_host.parse::<Ipv4Addr>() {
+        match remote_host.parse::<IpAddr>() {
             Ok(ip) => ip,
             Err(_) => return text(StatusCode::BAD_REQUEST, "invalid remote addr"),
         }
@@ -159,7 +160,7 @@ pub async fn expose(state: &State, caller: Option<Ipv4Addr>, body: &[u8]) -> Rep
             exposed.insert(
                 key,
                 Exposed {
-                    remote: format!("{guest_ip}:{guest_port}"),
+                    remote: SocketAddr::new(guest_ip, guest_port).to_string(),
                     proto,
                     hosts: published.iter().map(|p| p.host).collect(),
                 },
@@ -217,7 +218,7 @@ pub async fn all(state: &State) -> Reply {
         if !covered.contains(&(p.host, p.proto)) {
             list.push(Forward {
                 local: p.host.to_string(),
-                remote: format!("{}:{}", p.guest_ip, p.guest_port),
+                remote: SocketAddr::new(p.guest_ip, p.guest_port).to_string(),
                 protocol: p.proto.as_str().to_string(),
             });
         }

@@ -7,7 +7,7 @@
 //! before any is handed over, so a failure leaves nothing half-published) and the bound
 //! listeners go to the engine with `Command::Publish`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use hyper::StatusCode;
 
@@ -64,8 +64,23 @@ pub fn docker_spec(host_ip: Option<IpAddr>, host_port: u16, guest_port: u16, pro
 }
 
 /// Parses `spec` (Docker's grammar), binds every host socket it names, and has the engine
-/// serve them, forwarding to `guest_ip`. Returns what the engine now serves.
-pub async fn publish(state: &State, spec: &str, guest_ip: Ipv4Addr) -> Result<Vec<Published>, PublishError> {
+/// serve them, forwarding to `guest_ip`: an IPv4 address, or an IPv6 one of the network's
+/// /64. Returns what the engine now serves.
+pub async fn publish(state: &State, spec: &str, guest_ip: IpAddr) -> Result<Vec<Published>, PublishError> {
+    if let IpAddr::V6(ip) = guest_ip {
+        match &state.cfg.v6 {
+            None => {
+                return Err(PublishError::Invalid(format!("cannot publish to {ip}: the guest network has no IPv6")));
+            }
+            Some(net) if !net.contains(ip) => {
+                return Err(PublishError::Invalid(format!(
+                    "cannot publish to {ip}: not in the guest network's {}/64",
+                    net.prefix
+                )));
+            }
+            Some(_) => {}
+        }
+    }
     let listeners = parse_and_bind(spec)?;
     state.control.ask(|reply| Command::Publish { listeners, guest_ip, reply }).await.ok_or(PublishError::EngineGone)
 }

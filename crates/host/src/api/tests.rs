@@ -127,7 +127,7 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                     .map(|(p, _)| ListenerSample {
                         host: p.host,
                         proto: p.proto,
-                        guest: std::net::SocketAddrV4::new(p.guest_ip, p.guest_port),
+                        guest: std::net::SocketAddr::new(p.guest_ip, p.guest_port),
                         accepted: 7,
                     })
                     .collect(),
@@ -257,6 +257,20 @@ fn v1_ports() {
     assert_eq!(body[0]["guest_ip"], "192.168.65.3");
     let udp_port = body[0]["host_port"].as_u64().unwrap() as u16;
     assert!(UdpSocket::bind(("127.0.0.1", udp_port)).is_err());
+
+    // A guest's IPv6 address, of the network's /64 only.
+    let (status, body) = f.json("POST", "/v1/ports", json!({"spec":"[::1]::80","guest_ip":"fd75:7365:726e::2"}));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!((body[0]["host_ip"].as_str(), body[0]["guest_ip"].as_str()), (Some("::1"), Some("fd75:7365:726e::2")));
+    let v6_port = body[0]["host_port"].as_u64().unwrap() as u16;
+    let (status, body) = f.json("POST", "/v1/ports", json!({"spec":"[::1]::80","guest_ip":"2001:db8::2"}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"].as_str(),
+        Some("cannot publish to 2001:db8::2: not in the guest network's fd75:7365:726e::/64")
+    );
+    let (status, _) = f.json("DELETE", "/v1/ports", json!({"host_ip":"::1","host_port":v6_port}));
+    assert_eq!(status, 200);
 
     let (_, body) = f.get("/v1/ports");
     assert_eq!(body.as_array().unwrap().len(), 2);
@@ -501,6 +515,12 @@ fn gvproxy_forwarder() {
     let (status, body) = f.json("POST", "/v1/ports", json!({"spec":"127.0.0.1::81"}));
     assert_eq!(status, 201);
     let v1_port = body[0]["host_port"].as_u64().unwrap();
+    // A guest's IPv6 address as the remote.
+    let v6_port = TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+    let v6_local = format!("[::1]:{v6_port}");
+    let (status, _) =
+        f.json("POST", "/services/forwarder/expose", json!({"local": v6_local, "remote": "[fd75:7365:726e::2]:80"}));
+    assert_eq!(status, 200);
 
     let (status, all) = f.get("/services/forwarder/all");
     assert_eq!(status, 200);
@@ -508,6 +528,7 @@ fn gvproxy_forwarder() {
         json!({"local": local, "remote": "192.168.65.2:80", "protocol": "tcp"}),
         json!({"local": udp_local, "remote": "192.168.65.2:53", "protocol": "udp"}),
         json!({"local": format!("127.0.0.1:{v1_port}"), "remote": "192.168.65.2:81", "protocol": "tcp"}),
+        json!({"local": v6_local, "remote": "[fd75:7365:726e::2]:80", "protocol": "tcp"}),
     ];
     expected.sort_by_key(|v| (v["local"].as_str().unwrap().to_string(), v["protocol"].as_str().unwrap().to_string()));
     assert_eq!(all, Value::Array(expected));
@@ -560,6 +581,8 @@ fn gvproxy_forwarder() {
     assert_eq!(status, 200);
     // A /v1 port can be unexposed by its address too.
     let (status, _) = f.json("POST", "/services/forwarder/unexpose", json!({"local": format!("127.0.0.1:{v1_port}")}));
+    assert_eq!(status, 200);
+    let (status, _) = f.json("POST", "/services/forwarder/unexpose", json!({"local": v6_local}));
     assert_eq!(status, 200);
     assert_eq!(f.get("/services/forwarder/all"), (200, json!([])));
 }

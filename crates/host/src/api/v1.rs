@@ -25,7 +25,8 @@
 //!
 //! A `Port` is `{"host_ip", "host_port", "guest_ip", "guest_port", "protocol"}`. In a POST,
 //! `host_ip` absent means both 0.0.0.0 and [::], `host_port` absent or 0 lets usernet pick
-//! one, `guest_ip` absent means the first guest; ports may also be strings with ranges
+//! one, `guest_ip` absent means the first guest (its IPv4 address; an IPv6 `guest_ip` must be
+//! in the network's /64); ports may also be strings with ranges
 //! (`"8000-8001"`). Errors are `{"error": "..."}` with Docker's words: 400 for a bad body
 //! or spec, 409 when the port is already allocated, 503 when the engine has stopped.
 //!
@@ -73,7 +74,7 @@ use super::state::{Reply, State, engine_gone};
 pub struct Port {
     pub host_ip: IpAddr,
     pub host_port: u16,
-    pub guest_ip: Ipv4Addr,
+    pub guest_ip: IpAddr,
     pub guest_port: u16,
     pub protocol: String,
 }
@@ -184,8 +185,8 @@ pub async fn add_ports(state: &State, body: &[u8]) -> Reply {
         Err(e) => return bad_request(e),
     };
     let guest_ip = match req.guest_ip.as_deref() {
-        None | Some("") => state.cfg.guest,
-        Some(s) => match s.parse::<Ipv4Addr>() {
+        None | Some("") => IpAddr::V4(state.cfg.guest),
+        Some(s) => match ports::parse_host_ip(s) {
             Ok(ip) => ip,
             Err(_) => return bad_request(format!("invalid guest IP: {s}")),
         },

@@ -430,7 +430,7 @@ fn run(o: &Options) -> anyhow::Result<String> {
         engine.stop_without_links();
     }
     if !ssh_listeners.is_empty() {
-        engine.publish(ssh_listeners, cfg.guest);
+        engine.publish(ssh_listeners, cfg.guest.into());
     }
 
     let handle = engine.control_handle().context("control API")?;

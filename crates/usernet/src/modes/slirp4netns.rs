@@ -527,7 +527,8 @@ fn add_hostfwd(state: &mut ApiState, args: &Value) -> Value {
             return bad_request("add_hostfwd: slirp_add_hostfwd failed");
         }
     };
-    let published = state.control.ask_blocking(|reply| Command::Publish { listeners, guest_ip: guest_addr, reply });
+    let published =
+        state.control.ask_blocking(|reply| Command::Publish { listeners, guest_ip: guest_addr.into(), reply });
     if published.is_none_or(|p| p.is_empty()) {
         return bad_request("add_hostfwd: slirp_add_hostfwd failed");
     }

@@ -316,7 +316,8 @@ impl HostSide {
         match usernet_host::publish::listen::bind(&spec) {
             Ok(listeners) => {
                 let guest_ip = self.guest;
-                let done = self.control.ask_blocking(|reply| Command::Publish { listeners, guest_ip, reply });
+                let done =
+                    self.control.ask_blocking(|reply| Command::Publish { listeners, guest_ip: guest_ip.into(), reply });
                 if done.is_some_and(|p| !p.is_empty()) {
                     tracing::info!("{} auto: the host's port {port} goes to the namespace", flag(proto, false));
                     self.published.insert((proto, port));

@@ -787,7 +787,7 @@ fn serve(
     if let Err(e) = engine.set_guest_netns(attached.netns) {
         tracing::info!("loopback clients of forwarded ports go through the TAP: {e}");
     }
-    for p in engine.publish(listeners, cfg.guest) {
+    for p in engine.publish(listeners, cfg.guest.into()) {
         tracing::debug!("forwarding {}/{} from {}", p.guest_port, p.proto, p.host);
     }
     match target {

@@ -129,6 +129,9 @@ const RTO_MAX: Duration = Duration::from_secs(30);
 /// Retransmission timeouts in a row without progress (or, while the guest's window is
 /// shut, without an answer to the probes) before the connection is reset.
 const MAX_RETRIES: u32 = 12;
+/// Unanswered SYNs over IPv6 (about 1.4 s) before an inbound flow with a fallback tries
+/// IPv4.
+const FALLBACK_AFTER_RETRIES: u32 = 3;
 /// MSS assumed when the guest's SYN carries none (RFC 9293).
 const DEFAULT_MSS: u32 = 536;
 
@@ -561,6 +564,19 @@ impl<S: HostSocket> TcpFlow<S> {
         self.told_ack();
     }
 
+    /// Sends our SYN again over IPv4, to [`TcpFlow::fallback`]'s addresses (the guest
+    /// refused it over IPv6, or never answered). The caller re-indexes the flow.
+    fn fall_back(&mut self, switch: &mut Switch, now: Instant) {
+        let Some((guest, remote)) = self.fallback.take() else { return };
+        tracing::debug!("{} -> {}: not over IPv6; over IPv4 to {guest}", self.remote, self.guest);
+        self.guest = guest;
+        self.remote = remote;
+        self.send_syn(switch);
+        self.retries = 0;
+        self.rto = RTO_MIN;
+        self.arm_rto(now);
+    }
+
     /// The guest answered our SYN.
     fn on_syn_ack(&mut self, switch: &mut Switch, h: &TcpHeader, now: Instant) -> Verdict {
         if h.has(RST) {
@@ -568,14 +584,9 @@ impl<S: HostSocket> TcpFlow<S> {
             if !(h.has(ACK) && h.ack == self.snd_una.wrapping_add(1)) {
                 return Verdict::Keep;
             }
-            if let Some((guest, remote)) = self.fallback.take() {
-                // Nothing listens there over IPv6: the same SYN again, over IPv4.
-                self.guest = guest;
-                self.remote = remote;
-                self.send_syn(switch);
-                self.retries = 0;
-                self.rto = RTO_MIN;
-                self.arm_rto(now);
+            if self.fallback.is_some() {
+                // Nothing listens there over IPv6.
+                self.fall_back(switch, now);
                 return Verdict::Keep;
             }
             // Nothing listens on that guest port: the client sees a reset.
@@ -1169,6 +1180,11 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         self.rto = (self.rto * 2).min(RTO_MAX);
         if self.phase == Phase::SynSent {
+            if self.fallback.is_some() && self.retries >= FALLBACK_AFTER_RETRIES {
+                // No answer over IPv6 (an address the guest no longer has): over IPv4.
+                self.fall_back(switch, now);
+                return Verdict::Keep;
+            }
             if self.retries > 6 {
                 tracing::debug!("{} -> {}: the guest never answered our SYN", self.remote, self.guest);
                 return self.reset_host();

@@ -501,3 +501,26 @@ fn an_inbound_flow_falls_back_to_ipv4_when_the_guest_resets_its_ipv6_syn() {
     let _ = sent(&rec);
     assert_eq!(f2.on_segment(&mut sw, &rst(ISN + 1), &[], now), Verdict::Close);
 }
+
+/// An inbound flow over IPv6 whose SYN goes unanswered (the guest no longer has that
+/// address) tries IPv4 after a few retransmissions, not after the minutes a SYN may wait.
+#[test]
+fn an_inbound_flow_falls_back_to_ipv4_when_its_ipv6_syn_goes_unanswered() {
+    let start = Instant::now();
+    let (mut sw, rec) = switch(1500, false);
+    let guest6: std::net::SocketAddr = "[fd75:7365:726e::2]:80".parse().unwrap();
+    let client6: std::net::SocketAddr = "[2001:db8::7]:50000".parse().unwrap();
+    let mut f = TcpFlow::inbound(&mut sw, guest6, client6, ModelSocket::new(1 << 20, 1 << 20), ISN, start);
+    f.fallback = Some((guest(), remote()));
+    let _ = std::mem::take(&mut *rec.frames.borrow_mut());
+    let mut now = start;
+    for _ in 0..super::FALLBACK_AFTER_RETRIES {
+        assert_eq!(f.guest, guest6, "still over IPv6");
+        now = f.deadline().expect("a retransmission timer");
+        assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
+    }
+    assert_eq!((f.guest, f.remote, f.fallback), (guest(), remote(), None));
+    assert!(now.duration_since(start) < std::time::Duration::from_secs(3), "{:?}", now.duration_since(start));
+    let syn = sent(&rec);
+    assert!(syn.last().is_some_and(|(h, _)| h.has(SYN) && !h.has(ACK) && h.seq == ISN), "a SYN over IPv4");
+}
