@@ -141,6 +141,10 @@ pub struct NetConfig {
     pub subnet: Ipv4Subnet,
     /// The IPv6 network; None with `--ipv4-only`.
     pub v6: Option<Ipv6Net>,
+    /// Whether guests have IPv4 (false with `--ipv6-only`: their ARP and IPv4 frames are
+    /// dropped, DHCP is not answered, DNS gives no A records, and the first guest is its
+    /// IPv6 address).
+    pub ipv4: bool,
     /// usernet itself: ARP, DHCP, DNS, ping.
     pub gateway: Ipv4Addr,
     /// Stands for the host's 127.0.0.1 (may be the gateway's own address, as slirp4netns has it).
@@ -240,6 +244,7 @@ impl NetConfig {
         NetConfig {
             subnet,
             v6: Some(Ipv6Net::default()),
+            ipv4: true,
             gateway: subnet.host(1),
             host: subnet.host(254),
             host_loopback: true,
@@ -259,6 +264,15 @@ impl NetConfig {
 }
 
 impl NetConfig {
+    /// Where published ports and the API's requests without a guest address go: the first
+    /// guest's IPv4 address, or with `--ipv6-only` its IPv6 one.
+    pub fn first_guest(&self) -> std::net::IpAddr {
+        match (&self.v6, self.ipv4) {
+            (Some(v6), false) => v6.guest.into(),
+            _ => self.guest.into(),
+        }
+    }
+
     /// The addresses usernet itself answers for (ARP, ping): the gateway, the host address
     /// and the DNS address.
     pub fn is_own_address(&self, ip: Ipv4Addr) -> bool {

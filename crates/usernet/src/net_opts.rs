@@ -46,6 +46,10 @@ pub struct NetOpts {
     /// No IPv6 in the virtual network: no router advertisements, the guest's IPv6 dropped.
     #[arg(long = "ipv4-only", short = '4')]
     pub ipv4_only: bool,
+    /// No IPv4 in the virtual network: the guest has IPv6 only (no IPv4 address, no DHCP,
+    /// no A records from the gateway's DNS); published ports reach it over IPv6.
+    #[arg(long = "ipv6-only", short = '6', conflicts_with = "ipv4_only")]
+    pub ipv6_only: bool,
     /// Write every frame of the guest link to FILE (pcap, for tcpdump and Wireshark).
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
@@ -247,9 +251,13 @@ impl NetOpts {
         if cfg.v6.is_some() && cfg.mtu < 1280 {
             // IPv6 needs links of at least 1280 bytes (RFC 8200 section 5); Linux turns it
             // off on a smaller one.
+            if self.ipv6_only {
+                anyhow::bail!("--ipv6-only needs an MTU of at least 1280 (IPv6's minimum), not {}", cfg.mtu);
+            }
             tracing::warn!("--mtu {} is below IPv6's minimum of 1280: the network is IPv4-only", cfg.mtu);
             cfg.v6 = None;
         }
+        cfg.ipv4 = !self.ipv6_only;
         cfg.host_loopback = !self.no_host_loopback;
         cfg.limits = self.limits.to_limits();
         let mut allow_domains: Vec<String> = Vec::new();

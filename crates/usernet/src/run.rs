@@ -80,6 +80,7 @@ pub fn sandbox_spec(cfg: &NetConfig) -> SandboxSpec {
         iface: Interface {
             ifname: "eth0".into(),
             mac: GUEST_MAC,
+            ipv4: cfg.ipv4,
             address: cfg.guest,
             prefix: cfg.subnet.prefix,
             gateway: cfg.gateway,
@@ -88,7 +89,11 @@ pub fn sandbox_spec(cfg: &NetConfig) -> SandboxSpec {
         },
         resolv_conf: {
             let dns = cfg.host_dns.upstreams();
-            resolv::render_guest(cfg.gateway.into(), &dns.search, dns.options.ndots)
+            let server = match (&cfg.v6, cfg.ipv4) {
+                (Some(v6), false) => v6.gateway.into(),
+                _ => cfg.gateway.into(),
+            };
+            resolv::render_guest(server, &dns.search, dns.options.ndots)
         },
     }
 }
@@ -200,7 +205,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             start(engine.control_handle().context("control handle")?, netns)?;
         }
         if !listeners.is_empty() {
-            for p in engine.publish(listeners, cfg.guest.into()) {
+            for p in engine.publish(listeners, cfg.first_guest()) {
                 tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
             }
         }

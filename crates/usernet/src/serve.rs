@@ -162,6 +162,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
             iface: Interface {
                 ifname: args.netns_ifname.clone(),
                 mac: netns_mac(i),
+                ipv4: cfg.ipv4,
                 address: cfg.subnet.host(2 + i as u32),
                 prefix: cfg.subnet.prefix,
                 gateway: cfg.gateway,
@@ -204,7 +205,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         engine.add_acceptor(a).with_context(|| format!("{name}: cannot watch it"))?;
     }
     if !listeners.is_empty() {
-        for p in engine.publish(listeners, cfg.guest.into()) {
+        for p in engine.publish(listeners, cfg.first_guest()) {
             tracing::debug!("publishing {}/{} on {}", p.guest_port, p.proto, p.host);
         }
     }

@@ -164,6 +164,34 @@ fn ipv4_only_leaves_the_guest_without_ipv6() {
     assert_eq!(out.stdout.trim(), "done", "no address, no route, no AAAA: {out}");
 }
 
+/// `--ipv6-only`: eth0 has no IPv4 address or route, the gateway's DNS is its IPv6 address
+/// and gives no A records (its own names' or forwarded), AAAA as before, and the host's
+/// loopback is reached over IPv6 by name, the download whole.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn ipv6_only_leaves_the_guest_without_ipv4() {
+    require(&["ip", "dnsmasq", "dig", "curl", "python3", "sha256sum"]);
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("v6only");
+    write_random_file(&dir.join("f"), SIZE);
+    let want = sha256_file(&dir.join("f"));
+    let http = Server::start_on(ServerKind::Http, Some(dir.path()), "::1");
+    let out = Usernet::new(&dns).arg("--ipv6-only").timeout(TIMEOUT).sh(&format!(
+        "echo v4: $(ip -4 addr show dev eth0) $(ip -4 route show default) end
+         grep '^nameserver' /etc/resolv.conf
+         echo a: $(dig +short +time=5 A host.docker.internal) $(dig +short +time=5 A dual.test) end
+         dig +short +time=5 AAAA host.docker.internal; dig +short +time=5 AAAA dual.test
+         timeout 60 curl -sSf http://host.docker.internal:{p}/f | sha256sum",
+        p = http.port
+    ));
+    out.assert_ok();
+    assert!(out.stdout.contains("v4: end"), "no IPv4 address or route: {out}");
+    assert!(out.stdout.contains(&format!("nameserver {GATEWAY6}")), "{out}");
+    assert!(out.stdout.contains("a: end"), "no A records: {out}");
+    assert!(out.stdout.contains(&format!("\n{HOST6}\n2001:db8::11\n")), "AAAA as before: {out}");
+    assert_eq!(hex_hashes(&out.stdout), vec![want], "{out}");
+}
+
 /// A guest that asks by stateless DHCPv6, as usernet's router advertisement invites (the O
 /// flag): ISC dhclient's Information-Request gets the gateway as DNS server (dhclient hands
 /// the options to its script, here one that prints them; nothing of the host changes). It

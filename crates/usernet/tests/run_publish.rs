@@ -727,3 +727,40 @@ fn ipv6_clients_reach_the_guest_over_ipv6_with_their_address() {
     }
     bg.stop();
 }
+
+/// `--ipv6-only`: a guest listening on IPv6 only is reached on `-p P:80` from the host's
+/// 127.0.0.1 and [::1] (spliced to its [::1]) and from an IPv6 client of a namespace of the
+/// test's own (over IPv6, its address kept), and from an IPv4 one (from ::254); downloads
+/// are whole (sha256).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn ipv6_only_guests_are_published_over_ipv6() {
+    require(TOOLS);
+    let dns = DnsUpstream::start();
+    let peer = PeerNs::new();
+    let (dir, want) = guest_dir("pub-v6only", BULK);
+    let p = free_ports(1);
+    let d = dir.path().to_string_lossy().into_owned();
+    let mut bg = usernet_bg(&dns, &["-6", "-p", &format!("{p}:80")], &guest_server_cmd(&dir, &["http6", "80", &d]));
+    bg.wait_line("READY", READY_LIMIT);
+    assert_eq!(get(&format!("http://127.0.0.1:{p}/whoami"), &bg).trim(), "port 80 client ::1");
+    assert_eq!(get(&format!("http://[::1]:{p}/whoami"), &bg).trim(), "port 80 client ::1");
+    let from_peer = |url: &str| {
+        let out = peer.exec(&["curl", "-sS", "-f", "--noproxy", "*", "-m", "30", url]);
+        assert!(out.success(), "GET {url} from the peer:\n{out}\n{}", bg.describe());
+        out.stdout.trim().to_string()
+    };
+    assert_eq!(from_peer(&format!("http://[{}]:{p}/whoami", peer.host_ip6)), format!("port 80 client {}", peer.ip6));
+    assert_eq!(from_peer(&format!("http://{}:{p}/whoami", peer.host_ip)), "port 80 client fd75:7365:726e::254");
+    for url in [format!("http://127.0.0.1:{p}/f"), format!("http://[{}]:{p}/f", peer.host_ip6)] {
+        let got = dir.join("got");
+        let out = if url.contains("127.0.0.1") {
+            curl(&["-f", "-o", &got.to_string_lossy(), &url])
+        } else {
+            peer.exec(&["curl", "-sS", "-f", "--noproxy", "*", "-m", "60", "-o", &got.to_string_lossy(), &url])
+        };
+        assert!(out.success(), "download {url}:\n{out}\n{}", bg.describe());
+        assert_eq!(sha256_file(&got), want, "{url}");
+    }
+    bg.stop();
+}

@@ -76,6 +76,9 @@ impl Engine {
             }
         }
         match eth.ethertype {
+            ethernet::ETHERTYPE_ARP | ethernet::ETHERTYPE_IPV4 if !self.cfg.ipv4 => {
+                self.switch.drop_in(DropReason::Ethertype)
+            }
             ethernet::ETHERTYPE_ARP => self.on_arp(payload),
             ethernet::ETHERTYPE_IPV4 => self.on_ipv4(payload, eth.src, now),
             ethernet::ETHERTYPE_IPV6 if self.cfg.v6.is_some() => self.on_ipv6(payload, eth.src, now),

@@ -617,3 +617,35 @@ fn eui64_addresses() {
     let prefix: Ipv6Addr = "2001:db8:1:2::".parse().unwrap();
     assert_eq!(switch::eui64_address(prefix, mac), "2001:db8:1:2:5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap());
 }
+
+/// `--ipv6-only`: a guest's ARP and IPv4 frames are dropped and counted, nothing answers
+/// them; IPv6 goes on.
+#[test]
+fn ipv6_only_drops_arp_and_ipv4() {
+    use super::metrics::DropReason;
+    use usernet_wire::arp::{self, ArpPacket};
+    let (mut e, link, _) = engine_with(NetConfig { ipv4: false, ..NetConfig::default() });
+    link.sent.borrow_mut().clear();
+    let req = ArpPacket {
+        op: arp::OP_REQUEST,
+        sender_mac: GUEST_MAC,
+        sender_ip: std::net::Ipv4Addr::new(192, 168, 65, 2),
+        target_mac: [0; 6],
+        target_ip: std::net::Ipv4Addr::new(192, 168, 65, 1),
+    };
+    let mut f = vec![0u8; 42];
+    EthernetHeader { dst: [0xff; 6], src: GUEST_MAC, ethertype: ethernet::ETHERTYPE_ARP }.emit(&mut f);
+    req.emit(&mut f[14..]);
+    e.on_frame(0, &f, Instant::now());
+    let mut v4 = vec![0u8; 14 + 20 + 8];
+    EthernetHeader { dst: GATEWAY_MAC, src: GUEST_MAC, ethertype: ethernet::ETHERTYPE_IPV4 }.emit(&mut v4);
+    e.on_frame(0, &v4, Instant::now());
+    assert!(link.sent.borrow().is_empty(), "nothing answered");
+    let drops: Vec<_> = e.metrics().counters.drops().collect();
+    assert!(drops.contains(&(DropReason::Ethertype, 2)), "{drops:?}");
+    // IPv6 still works: the gateway answers a solicitation.
+    let rs = RouterSolicit { source_lladdr: Some(GUEST_MAC) };
+    let f = ndp_frame(guest_ll(), ndp::ALL_ROUTERS, 255, ndp::multicast_mac(ndp::ALL_ROUTERS), |b| rs.emit(b));
+    e.on_frame(0, &f, Instant::now());
+    assert!(!take6(&link).is_empty(), "a router advertisement");
+}

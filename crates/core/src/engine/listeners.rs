@@ -210,7 +210,10 @@ impl Engine {
     /// - Any other client of an IPv6 guest address: from the network's host address (::254).
     fn inbound_tcp_addrs(&self, client: SocketAddr, guest: SocketAddr) -> (SocketAddr, SocketAddr, Fallback) {
         match guest {
-            SocketAddr::V6(_) => (guest, self.ipv6_view_of_client(client), None),
+            SocketAddr::V6(g6) => {
+                let guest = SocketAddr::new(self.resolve_first_guest6(*g6.ip()).into(), g6.port());
+                (guest, self.ipv6_view_of_client(client), None)
+            }
             SocketAddr::V4(g4) => {
                 let v4 = (guest, SocketAddr::V4(guest_view_of_client(client, self.cfg.host)));
                 match (own_ipv6(client), self.guest_ipv6(*g4.ip())) {
@@ -228,6 +231,17 @@ impl Engine {
     fn ipv6_view_of_client(&self, client: SocketAddr) -> SocketAddr {
         let host6 = self.cfg.v6.as_ref().map_or(Ipv6Addr::UNSPECIFIED, |v6| v6.host);
         SocketAddr::new(own_ipv6(client).unwrap_or(host6).into(), client.port())
+    }
+
+    /// `ip`, or for the network's first guest address (::2) when no guest has it (`serve
+    /// --ipv6-only`, whose VMs take their addresses by SLAAC) the first VM's address.
+    fn resolve_first_guest6(&self, ip: Ipv6Addr) -> Ipv6Addr {
+        match &self.cfg.v6 {
+            Some(net) if ip == net.guest && self.switch.owner_of(ip.into()).is_none() => {
+                self.switch.first_guest_ipv6(net).unwrap_or(ip)
+            }
+            _ => ip,
+        }
     }
 
     /// The IPv6 address of the guest at IPv4 address `v4`, when the network has IPv6: the

@@ -15,7 +15,8 @@ use serde::Serialize;
 pub enum DropReason {
     /// From a guest: too short or inconsistent to parse (Ethernet, IPv4 or IPv6 header).
     Malformed,
-    /// From a guest: neither ARP, IPv4 nor IPv6 (IPv6 with `--ipv4-only`).
+    /// From a guest: neither ARP, IPv4 nor IPv6 (IPv6 with `--ipv4-only`, ARP and IPv4
+    /// with `--ipv6-only`).
     Ethertype,
     /// From a guest: an IP fragment (not reassembled; the guest's MTU matches the link).
     Fragment,

@@ -606,7 +606,19 @@ impl Switch {
     /// lowest it was seen to use (stable-privacy and temporary addresses cannot be told
     /// apart). None when the guest was never seen to use one.
     pub fn ipv6_of(&self, v4: Ipv4Addr, net: &crate::config::Ipv6Net) -> Option<Ipv6Addr> {
-        let mac = *self.neighbours.get(&IpAddr::V4(v4))?;
+        self.ipv6_of_mac(*self.neighbours.get(&IpAddr::V4(v4))?, net)
+    }
+
+    /// The same for the first guest seen over IPv6 on the lowest-numbered link that has one
+    /// (`serve --ipv6-only`: the VM that `-p` publishes to, as DHCP's first lease is with
+    /// IPv4).
+    pub fn first_guest_ipv6(&self, net: &crate::config::Ipv6Net) -> Option<Ipv6Addr> {
+        let mut macs: Vec<(usize, Mac)> = self.macs.iter().map(|(mac, link)| (*link, *mac)).collect();
+        macs.sort();
+        macs.into_iter().find_map(|(_, mac)| self.ipv6_of_mac(mac, net))
+    }
+
+    fn ipv6_of_mac(&self, mac: Mac, net: &crate::config::Ipv6Net) -> Option<Ipv6Addr> {
         let eui = eui64_address(net.prefix, mac);
         if self.neighbours.get(&IpAddr::V6(eui)) == Some(&mac) {
             return Some(eui);

@@ -114,7 +114,7 @@ pub async fn expose(state: &State, caller: Option<Ipv4Addr>, body: &[u8]) -> Rep
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
     };
     let guest_ip = if remote_host.is_empty() {
-        IpAddr::V4(caller.unwrap_or(state.cfg.guest))
+        caller.map_or(state.cfg.first_guest(), IpAddr::V4)
     } else {
         match remote_host.parse::<IpAddr>() {
             Ok(ip) => ip,

@@ -185,7 +185,7 @@ pub async fn add_ports(state: &State, body: &[u8]) -> Reply {
         Err(e) => return bad_request(e),
     };
     let guest_ip = match req.guest_ip.as_deref() {
-        None | Some("") => IpAddr::V4(state.cfg.guest),
+        None | Some("") => state.cfg.first_guest(),
         Some(s) => match ports::parse_host_ip(s) {
             Ok(ip) => ip,
             Err(_) => return bad_request(format!("invalid guest IP: {s}")),

@@ -17,6 +17,9 @@ pub struct Interface {
     /// Name of the TAP device, e.g. `eth0`.
     pub ifname: String,
     pub mac: [u8; 6],
+    /// Whether the interface gets `address` and the IPv4 default route (false with
+    /// `--ipv6-only`).
+    pub ipv4: bool,
     pub address: std::net::Ipv4Addr,
     pub prefix: u8,
     pub gateway: std::net::Ipv4Addr,
@@ -40,15 +43,25 @@ pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
     let mut rtnl = netlink::Rtnl::open()?;
     rtnl.set_link(lo, None, None, true).map_err(|e| annotate(e, "bringing lo up"))?;
     rtnl.set_link(index, Some(mac), Some(mtu), true).map_err(|e| annotate(e, "setting MAC, MTU and up"))?;
-    rtnl.add_ipv4_address(index, address, prefix).map_err(|e| annotate(e, "adding the address"))?;
-    match rtnl.add_ipv4_default_route(index, gateway) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        r => r.map_err(|e| annotate(e, "adding the default route")),
-    }?;
-    let Some((address6, gateway6)) = ipv6 else { return Ok(()) };
+    if i.ipv4 {
+        rtnl.add_ipv4_address(index, address, prefix).map_err(|e| annotate(e, "adding the address"))?;
+        match rtnl.add_ipv4_default_route(index, gateway) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            r => r.map_err(|e| annotate(e, "adding the default route")),
+        }?;
+    }
+    let Some((address6, gateway6)) = ipv6 else {
+        if !i.ipv4 {
+            return Err(std::io::Error::other(format!(
+                "{}: IPv6 is off in this network namespace, and --ipv6-only leaves it no IPv4",
+                i.ifname
+            )));
+        }
+        return Ok(());
+    };
     match rtnl.add_ipv6_address(index, address6, 64) {
         // IPv6 turned off on the interface after all (a sysctl changed meanwhile).
-        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) && i.ipv4 => {
             tracing::debug!("{}: IPv6 is off; the guest is IPv4-only", i.ifname);
             return Ok(());
         }

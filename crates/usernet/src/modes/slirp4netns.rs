@@ -334,6 +334,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         iface: Interface {
             ifname: o.tapname.clone(),
             mac: o.macaddress.unwrap_or(usernet_host::netns::sandbox::GUEST_MAC),
+            ipv4: true,
             address: cfg.guest,
             prefix: cfg.subnet.prefix,
             gateway: cfg.gateway,

@@ -119,6 +119,10 @@ pub struct DnsServer {
     policy: Arc<crate::policy::Policy>,
     /// The recent queries (shared with the proxy and the control API).
     activity: Arc<Activity>,
+    /// A record type guests cannot use, answered here with no records (NODATA) instead of
+    /// forwarded: A with `--ipv6-only`, as Docker Desktop filters DNS records by its
+    /// network mode.
+    filtered: Option<RecordType>,
 }
 
 /// One query of a guest's counted in `DnsServer::per_guest`, until dropped.
@@ -156,6 +160,7 @@ impl DnsServer {
             max_per_guest: cfg.limits.max_dns_queries_per_guest,
             policy: cfg.policy.clone(),
             activity: Arc::default(),
+            filtered: (!cfg.ipv4).then_some(RecordType::A),
         }
     }
 
@@ -326,7 +331,7 @@ impl DnsServer {
             return self.forward_or_servfail(query);
         }
         let qtype = question.query_type();
-        let wants = |t: RecordType| qtype == t || qtype == RecordType::ANY;
+        let wants = |t: RecordType| (qtype == t || qtype == RecordType::ANY) && self.filtered != Some(t);
         let ascii = question.name().to_ascii();
         // Some(answer): the name is ours (answer None: it has no record of that type).
         let (v4, v6) = (self.records.lookup(&ascii), self.records.lookup6(&ascii));
@@ -335,7 +340,10 @@ impl DnsServer {
                 .and_then(|ip| self.records.reverse(ip))
                 .or_else(|| reverse_v6(&ascii).and_then(|ip| self.records.reverse6(ip)))
         };
-        let answers: Vec<RData> = if v4.is_some() || v6.is_some() {
+        let answers: Vec<RData> = if self.filtered == Some(qtype) {
+            // A type the guests cannot use: no records, whoever has the name.
+            Vec::new()
+        } else if v4.is_some() || v6.is_some() {
             let a = v4.filter(|_| wants(RecordType::A)).map(|addr| RData::A(A(addr)));
             let aaaa = v6.filter(|_| wants(RecordType::AAAA)).map(|addr| RData::AAAA(AAAA(addr)));
             a.into_iter().chain(aaaa).collect()
@@ -602,6 +610,23 @@ mod tests {
 
         let m = reply(s.local(&query("MYHOST.test.", RecordType::A)));
         assert_eq!(a_answers(&m), vec![Ipv4Addr::new(10, 1, 2, 3)]);
+    }
+
+    /// `--ipv6-only`: A is answered here with no records, for our names and any other
+    /// (never forwarded); AAAA as before.
+    #[test]
+    fn ipv6_only_filters_a_records() {
+        let c = NetConfig { ipv4: false, ..cfg(vec!["127.0.0.1:9".parse().unwrap()]) };
+        let s = DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c)));
+        for name in ["host.docker.internal", "www.example.com"] {
+            let m = reply(s.local(&query(name, RecordType::A)));
+            assert_eq!((m.response_code, m.answers.len()), (ResponseCode::NoError, 0), "{name}");
+        }
+        let m = reply(s.local(&query("host.docker.internal", RecordType::ANY)));
+        assert!(m.answers.iter().all(|r| matches!(r.data, RData::AAAA(_))), "{m:?}");
+        let m = reply(s.local(&query("host.docker.internal", RecordType::AAAA)));
+        assert_eq!(m.answers.len(), 1);
+        assert!(matches!(s.local(&query("www.example.com", RecordType::AAAA)), Local::Forward));
     }
 
     #[test]

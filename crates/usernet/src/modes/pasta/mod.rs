@@ -501,7 +501,16 @@ fn interface(o: &Options) -> Interface {
         if two == address { subnet.host(1) } else { two }
     });
     let ifname = o.ns_ifname.clone().or_else(|| default_route().map(|(name, _)| name)).unwrap_or("eth0".into());
-    Interface { ifname, mac: o.ns_mac.unwrap_or(GUEST_MAC), address, prefix, gateway, mtu: o.mtu, ipv6: None }
+    Interface {
+        ifname,
+        mac: o.ns_mac.unwrap_or(GUEST_MAC),
+        ipv4: true,
+        address,
+        prefix,
+        gateway,
+        mtu: o.mtu,
+        ipv6: None,
+    }
 }
 
 /// usernet's network options as pasta's command line sets them: defaults (DNS following
