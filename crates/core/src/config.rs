@@ -44,6 +44,9 @@ pub struct Ipv6Net {
     pub gateway: Ipv6Addr,
     /// Stands for the host's [::1].
     pub host: Ipv6Addr,
+    /// Where the gateway's DNS answers (router advertisements' RDNSS, DHCPv6): the gateway
+    /// itself, or another address as in slirp4netns's layout (::3).
+    pub dns: Ipv6Addr,
     pub guest: Ipv6Addr,
 }
 
@@ -52,7 +55,7 @@ impl Ipv6Net {
     pub fn new(prefix: Ipv6Addr) -> Ipv6Net {
         let p = u128::from(prefix) & !u128::from(u64::MAX);
         let at = |n: u128| Ipv6Addr::from(p | n);
-        Ipv6Net { prefix: Ipv6Addr::from(p), gateway: at(1), host: at(0x254), guest: at(2) }
+        Ipv6Net { prefix: Ipv6Addr::from(p), gateway: at(1), host: at(0x254), dns: at(1), guest: at(2) }
     }
 
     /// The address with interface identifier `n` (1 = ::1).
@@ -282,7 +285,7 @@ impl NetConfig {
     /// The addresses usernet itself answers for over IPv6 (neighbour discovery, ping): the
     /// gateway's link-local and global addresses, and the host address.
     pub fn is_own_address6(&self, ip: Ipv6Addr) -> bool {
-        ip == GATEWAY_LINK_LOCAL || self.v6.is_some_and(|n| ip == n.gateway || ip == n.host)
+        ip == GATEWAY_LINK_LOCAL || self.v6.is_some_and(|n| ip == n.gateway || ip == n.host || ip == n.dns)
     }
 
     /// The host address that `ip` stands for, if it is one of `host_aliases`.

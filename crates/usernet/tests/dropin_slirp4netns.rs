@@ -17,10 +17,15 @@ use common::*;
 /// What the guest does: DNS through usernet, a download from the host's loopback through
 /// the gateway (or the refusal, when the caller closed it), then serve /www on port 80
 /// until the test says stop (bounded to 60 s).
-fn guest_script(host_port: u16) -> String {
+fn guest_script(host_port: u16, host_port6: u16) -> String {
     format!(
         "nslookup host.docker.internal 10.0.2.3 2>&1 | grep -c 10.0.2.2 | sed 's/^/dns-answers /'; \
          wget -q -O - http://10.0.2.2:{host_port}/f | sha256sum | sed 's/^/outbound /'; \
+         i=0; until ip -6 -o addr show scope global | grep 'inet6 fd00::' | grep -qv tentative || [ $i -ge 100 ]; \
+         do sleep 0.1; i=$((i+1)); done; \
+         ip -6 -o addr show scope global | grep -v tentative | grep -c 'inet6 fd00::' | sed 's/^/slaac /'; \
+         nslookup -type=AAAA host.docker.internal fd00::3 2>&1 | grep -c fd00::2 | sed 's/^/dns6-answers /'; \
+         wget -q -O - http://[fd00::2]:{host_port6}/f | sha256sum | sed 's/^/outbound6 /'; \
          httpd -p 80 -h /www; echo serving; \
          i=0; while [ ! -e /www/stop ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"
     )
@@ -111,7 +116,7 @@ fn rootlesskit_outbound_through_the_host_loopback() {
 
 /// One `podman run` of the guest script with a published port; what the guest printed and
 /// the published port's answer.
-fn podman_run(r: &Rootless, network: &str, host_port: u16) -> (i32, String, String, u16) {
+fn podman_run(r: &Rootless, network: &str, host_port: u16, host_port6: u16) -> (i32, String, String, u16) {
     let port = free_port();
     let name = format!("usernet-{}", unique_id());
     let child = r
@@ -120,7 +125,7 @@ fn podman_run(r: &Rootless, network: &str, host_port: u16) -> (i32, String, Stri
         .args(["-p", &format!("127.0.0.1:{port}:80")])
         .arg("--rootfs")
         .arg(r.rootfs.path())
-        .args(["/bin/sh", "-c", &guest_script(host_port)])
+        .args(["/bin/sh", "-c", &guest_script(host_port, host_port6)])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -138,20 +143,35 @@ fn podman_with_usernet_as_slirp4netns() {
     require(&["podman", "runc", "runuser", "useradd", "newuidmap", "busybox", "curl", "ss"]);
     let r = Rootless::new("pm");
     podman_config(&r);
-    let (_dir, server, hash) = serve_random_file("pm-host", "f", 1 << 20);
+    let (dir, server, hash) = serve_random_file("pm-host", "f", 1 << 20);
+    let server6 = Server::start_on(ServerKind::Http, Some(dir.path()), "::1");
 
-    // podman's defaults pass --disable-host-loopback: the host's loopback is closed.
-    let (code, text, published, port) = podman_run(&r, "slirp4netns:port_handler=slirp4netns", server.port);
+    // podman's defaults pass --disable-host-loopback (the host's loopback is closed) and
+    // --enable-ipv6 (libslirp's fd00::/64, the address by SLAAC, DNS at fd00::3).
+    let (code, text, published, port) =
+        podman_run(&r, "slirp4netns:port_handler=slirp4netns", server.port, server6.port);
     assert_eq!(code, 0, "podman run: {text}");
     assert_eq!(line_value(&text, "dns-answers "), Some("1"), "DNS through 10.0.2.3: {text}");
     assert_ne!(line_value(&text, "outbound ").map(first_word), Some(hash.clone()), "{text}");
+    assert_eq!(line_value(&text, "slaac "), Some("1"), "an address from fd00::/64 by SLAAC: {text}");
+    assert_eq!(line_value(&text, "dns6-answers "), Some("1"), "AAAA fd00::2 through fd00::3: {text}");
+    assert_ne!(line_value(&text, "outbound6 ").map(first_word), Some(hash.clone()), "{text}");
     assert_eq!(published, r.file_hash, "published port: {text}");
     assert!(!port_listening(port), "port {port} still listening after podman run --rm");
 
     let (code, text, published, port) =
-        podman_run(&r, "slirp4netns:port_handler=slirp4netns,allow_host_loopback=true", server.port);
+        podman_run(&r, "slirp4netns:port_handler=slirp4netns,allow_host_loopback=true", server.port, server6.port);
     assert_eq!(code, 0, "podman run: {text}");
-    assert_eq!(line_value(&text, "outbound ").map(first_word), Some(hash), "outbound to the host's loopback: {text}");
+    assert_eq!(
+        line_value(&text, "outbound ").map(first_word),
+        Some(hash.clone()),
+        "outbound to the host's loopback: {text}"
+    );
+    assert_eq!(
+        line_value(&text, "outbound6 ").map(first_word),
+        Some(hash),
+        "outbound to the host's [::1] by fd00::2: {text}"
+    );
     assert_eq!(published, r.file_hash, "published port: {text}");
     assert!(!port_listening(port), "port {port} still listening after podman run --rm");
     assert!(pids_matching(&r.slirp4netns().to_string_lossy()).is_empty(), "usernet left running");

@@ -113,10 +113,14 @@ fn target(cfg: &NetConfig, ip: IpAddr) -> Target {
 
 fn target_v6(cfg: &NetConfig, ip: Ipv6Addr) -> Target {
     let Some(net) = cfg.v6 else { return Target::Unreachable };
-    if ip == net.gateway || ip == crate::config::GATEWAY_LINK_LOCAL {
+    // The host address before the gateway's, as for IPv4: they are one in slirp4netns's
+    // layout, where that address leads to the host.
+    if ip == net.dns {
         Target::Gateway
     } else if ip == net.host {
         if cfg.host_loopback { Target::Host(Ipv6Addr::LOCALHOST.into()) } else { Target::Refused }
+    } else if ip == net.gateway || ip == crate::config::GATEWAY_LINK_LOCAL {
+        Target::Gateway
     } else if crate::config::is_host_local(ip.into()) || ip.to_ipv4_mapped().is_some() || ip.segments()[..6] == [0; 6] {
         // An IPv4-mapped destination would leave as IPv4 and skip the IPv4 checks, and an
         // IPv4-compatible one (::a.b.c.d, deprecated) means nothing else: refused.
@@ -323,6 +327,19 @@ mod tests {
             Target::Unreachable => "unreachable",
             Target::Refused => "refused",
         }
+    }
+
+    /// slirp4netns's layout: the host and the gateway are one address (the host wins, as
+    /// for IPv4), DNS another.
+    #[test]
+    fn ipv6_destinations_in_slirp4netns_layout() {
+        let mut net = crate::config::Ipv6Net::new("fd00::".parse().unwrap());
+        (net.gateway, net.host, net.dns) = (net.at(2), net.at(2), net.at(3));
+        let cfg = NetConfig { v6: Some(net), ..NetConfig::default() };
+        assert_eq!(t(&cfg, "fd00::2"), "host-loopback6");
+        assert_eq!(t(&cfg, "fd00::3"), "gateway");
+        assert_eq!(t(&cfg, "fe80::1"), "gateway");
+        assert!(cfg.is_own_address6("fd00::3".parse().unwrap()));
     }
 
     #[test]

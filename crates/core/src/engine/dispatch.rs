@@ -310,7 +310,7 @@ impl Engine {
                 let to_gateway_dns = match ip.dst {
                     IpAddr::V4(dst) => self.cfg.dns == Some(dst),
                     IpAddr::V6(dst) => {
-                        dst == crate::config::GATEWAY_LINK_LOCAL || self.cfg.v6.is_some_and(|n| dst == n.gateway)
+                        dst == crate::config::GATEWAY_LINK_LOCAL || self.cfg.v6.is_some_and(|n| dst == n.dns)
                     }
                 };
                 let flow = if to_gateway_dns && h.dst_port == 53 {

@@ -187,7 +187,7 @@ impl Engine {
                 valid_lifetime: VALID_LIFETIME_S,
                 preferred_lifetime: PREFERRED_LIFETIME_S,
             }],
-            rdnss: Some((DNS_LIFETIME_S, vec![net.gateway])),
+            rdnss: Some((DNS_LIFETIME_S, vec![net.dns])),
             dnssl: (!search.is_empty()).then_some((DNS_LIFETIME_S, search)),
         })
     }

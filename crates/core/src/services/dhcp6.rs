@@ -95,7 +95,7 @@ pub fn reply(cfg: &NetConfig, msg: &[u8]) -> Option<Vec<u8>> {
     if let Some(id) = req.client_id {
         out.insert(DhcpOption::ClientId(id.to_vec()));
     }
-    out.insert(DhcpOption::DomainNameServers(vec![net.gateway]));
+    out.insert(DhcpOption::DomainNameServers(vec![net.dns]));
     let search: Vec<Name> =
         cfg.host_dns.upstreams().search.iter().filter_map(|d| Name::from_ascii(format!("{d}.")).ok()).collect();
     if !search.is_empty() {

@@ -11,7 +11,9 @@
 //!    anyway they are an error naming them.
 //! 2. The network is slirp4netns's: CIDR 10.0.2.0/24 (`--cidr`), the guest .100, the
 //!    gateway .2, which is also the host (its 127.0.0.1, unless `--disable-host-loopback`),
-//!    DNS .3 (none with `--disable-dns`), MTU 1500 (`--mtu`).
+//!    DNS .3 (none with `--disable-dns`), MTU 1500 (`--mtu`). With `--enable-ipv6`, libslirp's
+//!    IPv6 too: fd00::/64, the host fd00::2, DNS fd00::3, the guest's address by SLAAC from
+//!    usernet's router advertisements.
 //! 3. Attach a TAP named TAPNAME (default tap0) to the namespace of PID, or of PATH with
 //!    `--netns-type=path`, entering `--userns-path` first when given (`usernet_host::netns::
 //!    attach`, while single-threaded). With `-c` it is configured as slirp4netns does
@@ -30,7 +32,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -39,7 +41,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use usernet_core::config::{Ipv4Subnet, NetConfig};
+use usernet_core::config::{Ipv4Subnet, Ipv6Net, NetConfig};
 use usernet_core::engine::control::{Command, ControlHandle};
 use usernet_core::link::tap::Tap;
 use usernet_core::ports::Proto;
@@ -66,7 +68,7 @@ const HELP: &str = "
 -e, --exit-fd=FD         specify the FD for terminating slirp4netns
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default=1500, max=65520)
--6, --enable-ipv6        enable IPv6 (usernet: not carried yet; the guest stays IPv4-only)
+-6, --enable-ipv6        enable IPv6 (fd00::/64: the guest takes its address by SLAAC, fd00::2 is the host, fd00::3 the DNS)
 -a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default=10.0.2.0/24)
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
@@ -221,7 +223,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
             }
             // What usernet cannot honour is an error naming it, never ignored.
             "outbound-addr6" => {
-                return Err(mistake("--outbound-addr6: usernet does not carry the guest's IPv6 yet"));
+                return Err(mistake("--outbound-addr6: not supported by usernet's slirp4netns mode"));
             }
             "target-type" if v == "netns" => {}
             "target-type" => return Err(mistake(format!("--target-type={v}: usernet serves network namespaces only"))),
@@ -261,8 +263,15 @@ fn net_opts(o: &Options) -> NetOpts {
 /// slirp4netns's network for these options.
 pub fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
     let mut cfg = net.to_config(o.mtu)?;
-    // slirp4netns's IPv6 (--enable-ipv6, fd00::/64) is not carried yet: IPv4 only.
-    cfg.v6 = None;
+    // slirp4netns's IPv6 (libslirp's layout): fd00::/64, the host at fd00::2 (as 10.0.2.2),
+    // DNS at fd00::3 (as 10.0.2.3); the guest takes its address from the router
+    // advertisement (SLAAC), as with slirp4netns.
+    cfg.v6 = o.enable_ipv6.then(|| {
+        let mut net = Ipv6Net::new(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0));
+        (net.host, net.dns) = (net.at(2), net.at(3));
+        net.gateway = net.host;
+        net
+    });
     cfg.gateway = o.cidr.host(2);
     cfg.host = o.cidr.host(2);
     cfg.dns = (!o.disable_dns).then(|| o.cidr.host(3));
@@ -309,9 +318,6 @@ pub fn main(args: &[OsString]) -> i32 {
 }
 
 fn run(o: &Options) -> anyhow::Result<i32> {
-    if o.enable_ipv6 {
-        tracing::warn!("--enable-ipv6: usernet does not carry the guest's IPv6 yet; the guest stays IPv4-only");
-    }
     let net = net_opts(o);
     let cfg = Arc::new(network_config(o, &net)?);
     let mut sup = SignalSupervisor::new()?;
@@ -653,5 +659,13 @@ mod tests {
         assert!(!cfg.host_loopback);
         let o = run_opts("--disable-dns 1");
         assert_eq!(network_config(&o, &net_opts(&o)).unwrap().dns, None);
+        assert_eq!(cfg.v6, None, "IPv6 only with --enable-ipv6");
+        let o = run_opts("--enable-ipv6 1");
+        let v6 = network_config(&o, &net_opts(&o)).unwrap().v6.unwrap();
+        let ip = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(
+            (v6.prefix, v6.host, v6.gateway, v6.dns),
+            (ip("fd00::"), ip("fd00::2"), ip("fd00::2"), ip("fd00::3"))
+        );
     }
 }
