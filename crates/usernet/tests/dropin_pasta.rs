@@ -215,16 +215,21 @@ fn tcp_auto_forwarding_both_ways() {
 fn command_mode_with_a_published_port() {
     require(&["runuser", "useradd", "newuidmap", "busybox", "curl", "getent"]);
     let r = Rootless::new("pc");
-    let (_dir, server, hash) = serve_random_file("pc-host", "f", 1 << 20);
+    let (dir, server, hash) = serve_random_file("pc-host", "f", 1 << 20);
+    let server6 = Server::start_on(ServerKind::Http, Some(dir.path()), "::1");
     let port = free_port();
     let www = r.rootfs.join("www");
     let stop = www.join("stop");
     let script = format!(
-        "ip -4 -o addr show | sed 's/^/addr /'; getent hosts host.docker.internal | sed 's/^/dns /'; \
+        "ip -4 -o addr show | sed 's/^/addr /'; getent ahostsv4 host.docker.internal | head -n1 | sed 's/^/dns /'; \
+         getent ahostsv6 host.docker.internal | head -n1 | sed 's/^/dns6 /'; \
          curl -s --max-time 5 http://10.0.2.2:{sp}/f | sha256sum | sed 's/^/outbound /'; \
+         ip -6 -o addr show scope global | sed 's/^/addr6 /'; \
+         curl -6 -s --max-time 5 http://host.docker.internal:{sp6}/f | sha256sum | sed 's/^/outbound6 /'; \
          busybox httpd -p 80 -h {www}; echo serving; \
          i=0; while [ ! -e {stop} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 7",
         sp = server.port,
+        sp6 = server6.port,
         www = www.display(),
         stop = stop.display(),
     );
@@ -236,13 +241,19 @@ fn command_mode_with_a_published_port() {
         .spawn()
         .expect("start pasta");
     let published = fetch_hash(&format!("http://127.0.0.1:{port}/f"), Duration::from_secs(20));
+    let over6 = fetch_hash(&format!("http://[::1]:{port}/f"), Duration::from_secs(5));
     r.release_guest();
     let (code, text) = wait_output(child, Duration::from_secs(60));
     assert_eq!(code, 7, "COMMAND's exit status: {text}");
     assert_eq!(published, r.file_hash, "published port: {text}");
     assert!(text.lines().any(|l| l.starts_with("addr ") && l.contains("10.0.2.100/24")), "{text}");
     assert_eq!(line_value(&text, "dns").map(first_word).as_deref(), Some("10.0.2.2"), "{text}");
-    assert_eq!(line_value(&text, "outbound").map(first_word), Some(hash), "{text}");
+    assert_eq!(line_value(&text, "outbound").map(first_word), Some(hash.clone()), "{text}");
+    // IPv6 on usernet's /64: the host's [::1] by host.docker.internal's AAAA (::254).
+    assert!(text.lines().any(|l| l.starts_with("addr6 ") && l.contains("fd75:7365:726e::2/64")), "{text}");
+    assert_eq!(line_value(&text, "dns6").map(first_word).as_deref(), Some("fd75:7365:726e::254"), "{text}");
+    assert_eq!(line_value(&text, "outbound6").map(first_word), Some(hash), "{text}");
+    assert_eq!(over6, r.file_hash, "published port over [::1]: {text}");
     assert!(!port_listening(port), "port {port} still listening after COMMAND exited");
 }
 

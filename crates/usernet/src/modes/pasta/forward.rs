@@ -75,7 +75,7 @@ enum NsRequest {
 
 /// Starts the two threads; `netns` is the guest's network namespace, `guest` its address
 /// (where `-t/-u auto` ports go). Fixed `-T`/`-U` ports are bound before it returns.
-pub fn start(spec: Forwarding, netns: OwnedFd, control: ControlHandle, guest: Ipv4Addr) -> anyhow::Result<()> {
+pub fn start(spec: Forwarding, netns: OwnedFd, control: ControlHandle, guest: IpAddr) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<NsRequest>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     std::thread::Builder::new()
@@ -211,7 +211,7 @@ struct HostSide {
     spec: Forwarding,
     ns: mpsc::Sender<NsRequest>,
     control: ControlHandle,
-    guest: Ipv4Addr,
+    guest: IpAddr,
     ephemeral: (u16, u16),
     /// Namespace-side sockets: (protocol, its port) -> (host port, sockets).
     sockets: BTreeMap<(Proto, u16), (u16, Vec<NsSocket>)>,
@@ -316,8 +316,7 @@ impl HostSide {
         match usernet_host::publish::listen::bind(&spec) {
             Ok(listeners) => {
                 let guest_ip = self.guest;
-                let done =
-                    self.control.ask_blocking(|reply| Command::Publish { listeners, guest_ip: guest_ip.into(), reply });
+                let done = self.control.ask_blocking(|reply| Command::Publish { listeners, guest_ip, reply });
                 if done.is_some_and(|p| !p.is_empty()) {
                     tracing::info!("{} auto: the host's port {port} goes to the namespace", flag(proto, false));
                     self.published.insert((proto, port));

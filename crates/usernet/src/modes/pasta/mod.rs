@@ -16,7 +16,9 @@
 //!    that stand for the host's loopback and for the host's own address. `--dns-forward
 //!    ADDR` is where the gateway's DNS answers (following the host's resolv.conf as `run`
 //!    does); without it there is none, as in pasta, except for `pasta -- COMMAND`, whose
-//!    resolv.conf names 10.0.2.3 (see 4).
+//!    resolv.conf names 10.0.2.3 (see 4). IPv6 likewise on usernet's own /64: the
+//!    namespace gets fd75:7365:726e::2/64 (or `-a ADDR6`'s /64) and its route via fe80::1,
+//!    ::254 stands for the host's [::1] unless `--no-map-gw`; `-4` turns IPv6 off, `-6` IPv4.
 //! 3. `--netns PATH|NAME` or PID: bind the `-t`/`-u` ports on the host first (a taken port
 //!    fails here, exit 1, nothing started), attach a TAP to the namespace (entering
 //!    `--userns` first, or the PID's user namespace when not root), configured with
@@ -51,7 +53,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,7 +67,7 @@ use super::lifecycle::{SignalSupervisor, stop_when_netns_file_gone, stop_when_pr
 use crate::net_opts::NetOpts;
 use crate::network::{Network, start_network};
 use forward::Forwarding;
-use usernet_core::config::{Ipv4Subnet, NetConfig};
+use usernet_core::config::{GATEWAY_LINK_LOCAL, Ipv4Subnet, Ipv6Net, NetConfig};
 use usernet_core::link::tap::Tap;
 use usernet_core::pcap::PcapWriter;
 use usernet_core::ports::{BoundListener, Proto};
@@ -104,8 +106,8 @@ const HELP: &str = "
   -p, --pcap FILE	Log tap-facing traffic to pcap file
   -P, --pid FILE	Write own PID to the given file
   -m, --mtu MTU	Assign MTU (default: 65520)
-  -a, --address ADDR	Assign IPv4 address ADDR
-    default (usernet): 10.0.2.100; the host's is not copied
+  -a, --address ADDR	Assign IPv4 or IPv6 address ADDR
+    default (usernet): 10.0.2.100 and fd75:7365:726e::2; the host's are not copied
   -n, --netmask MASK	Assign IPv4 MASK, dot-decimal or bits
     default (usernet): 24
   -g, --gateway ADDR	Pass IPv4 address as gateway
@@ -120,7 +122,8 @@ const HELP: &str = "
   --map-guest-addr ADDR	Translate ADDR to the host's own address
   --no-ndp, --no-dhcpv6, --no-ra, --no-copy-routes, --no-copy-addrs
 			accepted: usernet does none of these
-  -4, --ipv4-only	Enable IPv4 operation only (usernet: always)
+  -4, --ipv4-only	Enable IPv4 operation only
+  -6, --ipv6-only	Enable IPv6 operation only
   -t, --tcp-ports SPEC	TCP port forwarding to namespace
     can be specified multiple times
     SPEC can be:
@@ -236,6 +239,10 @@ pub struct Options {
     pub pid_file: Option<PathBuf>,
     pub mtu: u32,
     pub address: Option<Ipv4Addr>,
+    /// `-a` with an IPv6 address: the namespace's, in its /64.
+    pub address6: Option<Ipv6Addr>,
+    pub ipv4_only: bool,
+    pub ipv6_only: bool,
     pub prefix: Option<u8>,
     pub gateway: Option<Ipv4Addr>,
     pub outbound: Option<Ipv4Addr>,
@@ -352,6 +359,9 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         pid_file: None,
         mtu: DEFAULT_MTU,
         address: None,
+        address6: None,
+        ipv4_only: false,
+        ipv6_only: false,
         prefix: None,
         gateway: None,
         outbound: None,
@@ -397,7 +407,10 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
                     .filter(|m| (576..=65520).contains(m))
                     .ok_or_else(|| format!("Invalid MTU: {v} (usernet: 576 to 65520)"))?
             }
-            "address" => o.address = Some(ipv4(name, &v)?),
+            "address" => match v.parse::<IpAddr>() {
+                Ok(IpAddr::V6(a)) => o.address6 = Some(a),
+                _ => o.address = Some(ipv4(name, &v)?),
+            },
             "netmask" => o.prefix = Some(parse_netmask(&v).ok_or_else(|| format!("Invalid netmask: {v}"))?),
             "gateway" => o.gateway = Some(ipv4(name, &v)?),
             "outbound" => o.outbound = Some(ipv4(name, &v)?),
@@ -408,8 +421,12 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "no-map-gw" => o.no_map_gw = true,
             "map-host-loopback" => o.map_host_loopback = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
             "map-guest-addr" => o.map_guest_addr = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
-            // usernet has no IPv6 and never copies addresses or routes: honoured as it is.
-            "no-ndp" | "no-dhcpv6" | "no-ra" | "no-copy-routes" | "no-copy-addrs" | "ipv4-only" => {}
+            // usernet never copies addresses or routes, and configures the namespace's IPv6
+            // itself (its router advertisements only bring the route and DNS): honoured as
+            // they are.
+            "no-ndp" | "no-dhcpv6" | "no-ra" | "no-copy-routes" | "no-copy-addrs" => {}
+            "ipv4-only" => o.ipv4_only = true,
+            "ipv6-only" => o.ipv6_only = true,
             "tcp-ports" | "udp-ports" | "tcp-ns" | "udp-ns" => {
                 let proto = if name.starts_with("tcp") { Proto::Tcp } else { Proto::Udp };
                 let to_host = name.ends_with("-ns");
@@ -443,9 +460,14 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "netns-only" => o.netns_only = true,
             "no-netns-quit" => o.no_netns_quit = true,
             "config-net" => o.config_net = true,
-            "ipv6-only" => return Err("--ipv6-only: usernet does not carry the guest's IPv6 yet".into()),
             other => return Err(format!("--{other}: not supported by usernet's pasta mode")),
         }
+    }
+    if o.ipv4_only && o.ipv6_only {
+        return Err("Options ipv4-only and ipv6-only are mutually exclusive".into());
+    }
+    if o.ipv6_only && o.mtu < 1280 {
+        return Err(format!("--ipv6-only needs an MTU of at least 1280 (IPv6's minimum), not {}", o.mtu));
     }
     for (flag, proto, to_host) in
         [("-t", Proto::Tcp, false), ("-u", Proto::Udp, false), ("-T", Proto::Tcp, true), ("-U", Proto::Udp, true)]
@@ -504,12 +526,21 @@ fn interface(o: &Options) -> Interface {
     Interface {
         ifname,
         mac: o.ns_mac.unwrap_or(GUEST_MAC),
-        ipv4: true,
+        ipv4: !o.ipv6_only,
         address,
         prefix,
         gateway,
         mtu: o.mtu,
-        ipv6: None,
+        // IPv6 needs an MTU of 1280 (RFC 8200); below, the network is IPv4-only.
+        ipv6: (!o.ipv4_only && o.mtu >= 1280).then(|| (ipv6_net(o).guest, GATEWAY_LINK_LOCAL)),
+    }
+}
+
+/// The namespace's IPv6 network: usernet's /64, or `-a ADDR6`'s with ADDR6 as the guest.
+fn ipv6_net(o: &Options) -> Ipv6Net {
+    match o.address6 {
+        Some(a) => Ipv6Net { guest: a, ..Ipv6Net::new(a) },
+        None => Ipv6Net::default(),
     }
 }
 
@@ -525,8 +556,8 @@ fn net_opts(o: &Options) -> NetOpts {
 /// pasta's network for these options (the theory of operation, 2).
 pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::Result<NetConfig> {
     let mut cfg = net.to_config(o.mtu)?;
-    // pasta's IPv6 (the host's own prefix) is not carried yet: IPv4 only.
-    cfg.v6 = None;
+    cfg.v6 = iface.ipv6.map(|_| ipv6_net(o));
+    cfg.ipv4 = iface.ipv4;
     let prefix = iface.prefix.clamp(8, 30);
     cfg.subnet = Ipv4Subnet { network: Ipv4Addr::from(u32::from(iface.address) & !(u32::MAX >> prefix)), prefix };
     cfg.guest = iface.address;
@@ -634,13 +665,14 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         if let Some(path) = &o.pid_file {
             write_pid_file(path)?;
         }
-        let dns = cfg.dns.unwrap_or(cfg.gateway);
-        let cfg_guest = cfg.guest;
-        let upstreams = cfg.host_dns.upstreams();
-        let spec = SandboxSpec {
-            iface,
-            resolv_conf: resolv::render_guest(dns.into(), &upstreams.search, upstreams.options.ndots),
+        let dns: IpAddr = match (&cfg.v6, cfg.ipv4) {
+            (Some(v6), false) => v6.dns.into(),
+            _ => cfg.dns.unwrap_or(cfg.gateway).into(),
         };
+        let cfg_guest = cfg.first_guest();
+        let upstreams = cfg.host_dns.upstreams();
+        let spec =
+            SandboxSpec { iface, resolv_conf: resolv::render_guest(dns, &upstreams.search, upstreams.options.ndots) };
         return crate::run::execute(crate::run::Launch {
             net: &net,
             cfg,
@@ -787,16 +819,19 @@ fn serve(
     if o.config_net {
         // usernet set the interface's MAC itself: no ARP before the first forwarded frame.
         engine.set_guest_mac(iface.mac, cfg.guest);
+        if let Some((ip6, _)) = iface.ipv6 {
+            engine.set_guest_ipv6(iface.mac, cfg.guest, ip6);
+        }
     }
     engine.stop_without_links();
     if !o.forwarding.is_empty() {
         let netns = attached.netns.try_clone().context("namespace descriptor")?;
-        forward::start(o.forwarding.clone(), netns, engine.control_handle()?, cfg.guest)?;
+        forward::start(o.forwarding.clone(), netns, engine.control_handle()?, cfg.first_guest())?;
     }
     if let Err(e) = engine.set_guest_netns(attached.netns) {
         tracing::info!("loopback clients of forwarded ports go through the TAP: {e}");
     }
-    for p in engine.publish(listeners, cfg.guest.into()) {
+    for p in engine.publish(listeners, cfg.first_guest()) {
         tracing::debug!("forwarding {}/{} from {}", p.guest_port, p.proto, p.host);
     }
     match target {
@@ -856,6 +891,30 @@ mod tests {
         );
         assert!(!cfg.host_loopback, "--no-map-gw: the gateway does not reach the host's loopback");
         assert_eq!(cfg.dns, Some(Ipv4Addr::new(169, 254, 1, 1)));
+        // IPv6 on usernet's /64, as in `run`.
+        assert_eq!(iface.ipv6, Some(("fd75:7365:726e::2".parse().unwrap(), GATEWAY_LINK_LOCAL)));
+        assert_eq!(cfg.v6, Some(Ipv6Net::default()));
+    }
+
+    /// `-4`, `-6` and `-a ADDR6`.
+    #[test]
+    fn ip_versions() {
+        let config = |s: &str| {
+            let o = run_opts(s);
+            let iface = interface(&o);
+            (network_config(&o, &iface, &net_opts(&o)).unwrap(), iface)
+        };
+        let (cfg, iface) = config("--config-net -4 1");
+        assert_eq!((cfg.v6, iface.ipv6, cfg.ipv4, iface.ipv4), (None, None, true, true));
+        let (cfg, iface) = config("--config-net -6 1");
+        assert!(cfg.v6.is_some() && iface.ipv6.is_some() && !cfg.ipv4 && !iface.ipv4);
+        let (cfg, iface) = config("--config-net -a 2001:db8:1:2::7 -a 10.0.3.5 1");
+        let net = cfg.v6.unwrap();
+        assert_eq!((net.prefix, net.guest), ("2001:db8:1:2::".parse().unwrap(), "2001:db8:1:2::7".parse().unwrap()));
+        assert_eq!(iface.ipv6.map(|(a, _)| a), Some(net.guest));
+        assert_eq!(cfg.guest, Ipv4Addr::new(10, 0, 3, 5));
+        let (cfg, iface) = config("--config-net -m 1000 1");
+        assert_eq!((cfg.v6, iface.ipv6), (None, None), "below 1280, IPv4 only");
     }
 
     /// rootlesskit 2's `--net=pasta`.
@@ -943,8 +1002,8 @@ mod tests {
         assert_eq!(err("--bogus"), "pasta: unrecognized option '--bogus'");
         assert_eq!(err("-t"), "pasta: option requires an argument -- 't'");
         assert!(err("-T 127.0.0.1/8080").contains("loopback"));
-        assert!(err("-6").contains("IPv6"));
-        assert!(err("-a 2001:db8::1").contains("IPv6"));
+        assert!(err("-4 -6 1").contains("mutually exclusive"));
+        assert!(err("-6 -m 1000 1").contains("1280"));
         assert!(err("--runas 1000").contains("--runas"));
         assert!(err("-D 10.0.0.1").contains("--dns"));
         assert!(err("--netns x 1234").contains("Both"));
