@@ -533,3 +533,36 @@ fn api_shows_and_changes_the_proxy() {
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     assert!(reqs[0].starts_with("GET http://www.test/hello.txt "), "{reqs:?}");
 }
+
+/// The proxy over IPv6, with `curl -6` in the guest: the explicit proxy reached at
+/// `http.docker.internal`'s AAAA (the gateway's ::1), for a name that has only an AAAA
+/// record (resolved through the gateway's DNS, dialled over IPv6) and without an upstream,
+/// directly; and a connection to an IPv6 address intercepted on its way out and sent
+/// through the upstream (tinyproxy) by that address.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn proxy_over_ipv6_explicit_and_transparent() {
+    require(TOOLS);
+    let origin = Origin::start();
+    let ip6 = origin.remote.ip6.parse::<std::net::Ipv6Addr>().expect("the origin's IPv6 address").to_string();
+    let dns = DnsUpstream::start_with(&[format!("v6only.test,{ip6}")]);
+    let http6 = Server::start_in_on(&origin.remote, ServerKind::Http, Some(origin.dir.path()), "::");
+    let port = http6.port;
+    // Explicit, direct (no upstream): the proxy resolves the AAAA-only name itself.
+    let out = guest(
+        &dns,
+        &origin,
+        &[],
+        &format!("curl -6 -fsS -m 20 -x http://http.docker.internal:3128 http://v6only.test:{port}/hello.txt"),
+    );
+    out.assert_ok();
+    assert_eq!(out.stdout.matches(CONTENT).count(), 1, "{out}");
+    // Transparent, through the upstream.
+    let tp = Tinyproxy::start(origin.ip(), None, &[]);
+    let args = strings(&["--http-proxy", &tp.url(), "--proxy-ports", &port.to_string()]);
+    let out = guest(&dns, &origin, &args, &format!("curl -6 -fsS -m 20 http://[{ip6}]:{port}/hello.txt"));
+    out.assert_ok();
+    assert_eq!(out.stdout.matches(CONTENT).count(), 1, "{out}");
+    let reqs = tp.requests();
+    assert!(reqs.iter().any(|r| r.starts_with(&format!("GET http://[{ip6}]:{port}/hello.txt "))), "{reqs:?}\n{out}");
+}

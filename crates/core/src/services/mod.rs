@@ -44,7 +44,7 @@ pub mod metrics;
 pub mod proxy;
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
@@ -85,9 +85,9 @@ enum Job {
     DnsUdp(OwnedFd, SocketAddr, Live),
     DnsTcp(OwnedFd, SocketAddr),
     /// A guest connection to the explicit proxy (port 3128).
-    ProxyExplicit(OwnedFd, SocketAddrV4),
+    ProxyExplicit(OwnedFd, SocketAddr),
     /// An intercepted guest connection: (socket, original destination, guest).
-    ProxyTransparent(OwnedFd, SocketAddrV4, SocketAddrV4),
+    ProxyTransparent(OwnedFd, SocketAddr, SocketAddr),
 }
 
 /// A service that may take over a new guest TCP connection: given the destination and the
@@ -188,17 +188,11 @@ impl ServiceHub {
         if port != DNS_PORT && port != PROXY_PORT {
             return None;
         }
-        // The explicit proxy takes IPv4 guests for now (issue 13 item 5).
-        let proxy_guest = match guest {
-            SocketAddr::V4(g) => Some(g),
-            SocketAddr::V6(_) if port == PROXY_PORT => return None,
-            SocketAddr::V6(_) => None,
-        };
         let (ours, theirs) = StdUnixStream::pair().ok()?;
         ours.set_nonblocking(true).ok()?;
         theirs.set_nonblocking(true).ok()?;
-        let job = match proxy_guest {
-            Some(g) if port == PROXY_PORT => Job::ProxyExplicit(theirs.into(), g),
+        let job = match port {
+            PROXY_PORT => Job::ProxyExplicit(theirs.into(), guest),
             _ => Job::DnsTcp(theirs.into(), guest),
         };
         self.submit(job)?;
@@ -490,7 +484,7 @@ mod tests {
     // the same send(2) and recv(2) calls on it.
     use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 
-    const GUEST: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000));
+    const GUEST: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000));
 
     fn query(id: u16, name: &str) -> Vec<u8> {
         let mut m = Message::query();

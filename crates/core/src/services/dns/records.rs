@@ -10,10 +10,9 @@
 //! first built-in name (`host.docker.internal`, `gateway.docker.internal`) or else its
 //! first name in alphabetical order; then the hosts table's.
 //!
-//! The built-in host and gateway names have AAAA records too when the network has IPv6
-//! (the host's ::254 and the gateway's ::1), for as long as their A record is the built-in
-//! one (`--add-host host.docker.internal:IP` replaces both). The explicit proxy's name has
-//! none: the proxy takes IPv4 guests.
+//! The built-in names have AAAA records too when the network has IPv6 (the host's ::254,
+//! the gateway's and the explicit proxy's ::1), for as long as their A record is the
+//! built-in one (`--add-host host.docker.internal:IP` replaces both).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -58,7 +57,7 @@ impl DnsRecords {
             Some(net) => HOST_NAMES
                 .iter()
                 .map(|n| (*n, cfg.host, net.host))
-                .chain(GATEWAY_NAMES.iter().map(|n| (*n, cfg.gateway, net.gateway)))
+                .chain(GATEWAY_NAMES.iter().chain(PROXY_NAMES).map(|n| (*n, cfg.gateway, net.gateway)))
                 .collect(),
             None => Vec::new(),
         };
@@ -178,7 +177,11 @@ mod tests {
         assert_eq!(r.lookup6("host.docker.internal"), Some(net.host));
         assert_eq!(r.lookup6("host.containers.internal"), Some(net.host));
         assert_eq!(r.lookup6("gateway.docker.internal"), Some(net.gateway));
-        assert_eq!(r.lookup6("http.docker.internal"), None, "the proxy takes IPv4 guests");
+        assert_eq!(
+            r.lookup6("http.docker.internal"),
+            Some(crate::config::Ipv6Net::default().gateway),
+            "the explicit proxy's name"
+        );
         assert_eq!(r.reverse6(net.host).as_deref(), Some("host.docker.internal"));
         r.add("host.docker.internal", Ipv4Addr::new(10, 1, 2, 3)).unwrap();
         assert_eq!(r.lookup6("host.docker.internal"), None, "replaced: no AAAA left behind");

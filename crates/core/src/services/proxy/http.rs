@@ -21,7 +21,7 @@
 //! error with a one-line `usernet: ...` reason, and a `warn` log line.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use http_body_util::combinators::BoxBody;
@@ -46,7 +46,7 @@ pub enum Mode {
     /// The gateway's port 3128.
     Explicit,
     /// Intercepted on its way to this destination.
-    Transparent(SocketAddrV4),
+    Transparent(SocketAddr),
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -99,7 +99,7 @@ impl Target {
 struct Conn {
     proxy: Arc<Proxy>,
     mode: Mode,
-    guest: SocketAddrV4,
+    guest: SocketAddr,
     /// The connection of the last request, kept for the next one.
     idle: Mutex<Option<(Hop, SendRequest<Body>)>>,
     /// The guest's traffic, for the idle timeout (a CONNECT tunnel's too).
@@ -113,7 +113,7 @@ struct Conn {
 /// connection waits for its next request); a connection, or a CONNECT tunnel, that carries
 /// nothing either way for `--proxy-idle-timeout` (a request waiting on a silent next hop) is
 /// closed.
-pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: SocketAddrV4, slot: Slot) {
+pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: SocketAddr, slot: Slot) {
     let (sock, activity) = idle::watch(sock);
     let limits = proxy.cfg.limits;
     let what = match mode {
@@ -262,7 +262,7 @@ impl Conn {
                 Err(e) => return self.fail(&target.absolute_uri(), e),
             },
             None => match self.mode {
-                Mode::Transparent(dst) => Hop::Direct(SocketAddr::V4(dst)),
+                Mode::Transparent(dst) => Hop::Direct(dst),
                 Mode::Explicit => match self.proxy.resolve(&target.host, target.port).await {
                     Ok(a) => match self.proxy.admit(&target.host, Some(a.ip()), target.port, self.guest).await {
                         Ok(()) => Hop::Direct(a),
@@ -393,7 +393,7 @@ impl Conn {
                     .map(|(h, _)| h)
                     .filter(|h| valid_host(h));
                 let host = named.unwrap_or_else(|| dst.ip().to_string());
-                Ok(Target { host, port: dst.port(), ip: Some(IpAddr::V4(*dst.ip())), path })
+                Ok(Target { host, port: dst.port(), ip: Some(dst.ip()), path })
             }
         }
     }

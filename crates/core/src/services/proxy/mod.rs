@@ -18,6 +18,9 @@
 //!   keep-alive connection and routes it by its Host header; anything else is relayed to the
 //!   original destination as it is.
 //!
+//! Both ways in take guests of either family, and destinations of either family: names are
+//! resolved to their A record, or their AAAA one when they have none.
+//!
 //! Routing, per request or tunnel: a destination the no-proxy list matches (by name or by
 //! IP), the host address or the virtual subnet (`host.docker.internal` included), or one
 //! with no upstream set for its kind (`http_proxy` for plain HTTP, `https_proxy` for CONNECT
@@ -62,7 +65,7 @@ mod idle;
 pub mod tls;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
@@ -156,7 +159,7 @@ impl Proxy {
 
     /// A place for a new connection from `guest`, or None (counted and logged) when
     /// `--max-proxy-connections` are being served already.
-    fn slot(&self, guest: SocketAddrV4) -> Option<Slot> {
+    fn slot(&self, guest: SocketAddr) -> Option<Slot> {
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => Some(Arc::new(permit)),
             Err(_) => {
@@ -187,24 +190,35 @@ impl Proxy {
     }
 
     /// Where a direct connection to `host` (a name or an IP literal) goes, as the guest's
-    /// DNS sees it. The host address becomes the host's 127.0.0.1; the gateway and the rest
-    /// of the virtual subnet are refused.
+    /// DNS sees it: its A record, or its AAAA one when it has none (or the network is
+    /// IPv6-only, whose DNS gives no A). The host address (either family) becomes the
+    /// host's loopback; the gateway and the rest of the virtual network are refused.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, ProxyError> {
         let forbidden = || ProxyError::Forbidden(config::authority(host, port));
         let ip = match host.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => ip,
-            Ok(IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
-                Some(v4) => v4,
-                None if is_host_local(IpAddr::V6(ip)) => return Err(forbidden()),
-                None => return Ok(SocketAddr::new(IpAddr::V6(ip), port)),
-            },
+            Ok(ip) => ip.to_canonical(),
             Err(_) if names_loopback(host) => return Err(forbidden()),
-            Err(_) => match self.dns.records().lookup(host) {
+            Err(_) => match self.local_lookup(host) {
                 Some(ip) => ip,
-                None => self.lookup_a(host).await.ok_or_else(|| ProxyError::Resolve(host.to_string()))?,
+                None => self.lookup(host).await.ok_or_else(|| ProxyError::Resolve(host.to_string()))?,
             },
         };
         self.map_ip(ip, port).ok_or_else(forbidden)
+    }
+
+    /// `host` in the gateway DNS's own table: its IPv4 address, or its IPv6 one when the
+    /// network is IPv6-only.
+    fn local_lookup(&self, host: &str) -> Option<IpAddr> {
+        let v4 = self.dns.records().lookup(host).filter(|_| self.cfg.ipv4).map(IpAddr::V4);
+        v4.or_else(|| self.dns.records().lookup6(host).map(IpAddr::V6))
+    }
+
+    /// A name's address through the gateway's DNS: A first, else AAAA.
+    async fn lookup(&self, name: &str) -> Option<IpAddr> {
+        match self.lookup_type(name, RecordType::A).await {
+            Some(ip) => Some(ip),
+            None => self.lookup_type(name, RecordType::AAAA).await,
+        }
     }
 
     /// The egress policy's word on a request or tunnel to `host` (a name or an IP literal)
@@ -217,7 +231,7 @@ impl Proxy {
         host: &str,
         dialled: Option<IpAddr>,
         port: u16,
-        guest: SocketAddrV4,
+        guest: SocketAddr,
     ) -> Result<(), ProxyError> {
         let policy = &self.cfg.policy;
         if !policy.is_active() {
@@ -226,9 +240,9 @@ impl Proxy {
         let literal = host.parse::<IpAddr>().ok();
         let mut ip = dialled.or(literal);
         if ip.is_none() && policy.needs_address(host) {
-            ip = match self.dns.records().lookup(host) {
+            ip = match self.local_lookup(host) {
                 Some(local) => self.map_ip(local, port).map(|a| a.ip()),
-                None => self.lookup_a(host).await.map(IpAddr::V4),
+                None => self.lookup(host).await,
             };
         }
         let verdict = match (literal, ip) {
@@ -239,24 +253,33 @@ impl Proxy {
             Verdict::Allow => Ok(()),
             Verdict::Deny(reason) => {
                 let target = config::authority(host, port);
-                policy.denied(Via::Proxy, reason, &target, Some(SocketAddr::V4(guest)));
+                policy.denied(Via::Proxy, reason, &target, Some(guest));
                 Err(ProxyError::Denied { target, reason })
             }
         }
     }
 
     /// The host socket address behind a guest-side address, None when there is none.
-    fn map_ip(&self, ip: Ipv4Addr, port: u16) -> Option<SocketAddr> {
-        if ip == self.cfg.host {
-            self.cfg.host_loopback.then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-        } else if is_host_local(IpAddr::V4(ip))
-            || self.cfg.subnet.contains(ip)
-            || ip.is_broadcast()
-            || ip.is_multicast()
-        {
-            None
-        } else {
-            Some(SocketAddr::from((ip, port)))
+    fn map_ip(&self, ip: IpAddr, port: u16) -> Option<SocketAddr> {
+        match ip {
+            IpAddr::V4(ip) if ip == self.cfg.host => {
+                self.cfg.host_loopback.then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            }
+            IpAddr::V6(ip) if self.cfg.v6.is_some_and(|n| ip == n.host) => {
+                self.cfg.host_loopback.then(|| SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
+            }
+            _ if is_host_local(ip) || self.in_network(ip) || ip.is_multicast() => None,
+            IpAddr::V4(v4) if v4.is_broadcast() => None,
+            IpAddr::V6(v6) if v6.is_unicast_link_local() => None,
+            _ => Some(SocketAddr::new(ip, port)),
+        }
+    }
+
+    /// Whether `ip` is of the virtual network (its IPv4 subnet or IPv6 /64).
+    fn in_network(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.cfg.subnet.contains(ip),
+            IpAddr::V6(ip) => self.cfg.v6.is_some_and(|n| n.contains(ip)),
         }
     }
 
@@ -265,24 +288,24 @@ impl Proxy {
     /// address or a name for it): never sent upstream.
     pub fn is_local(&self, host: &str) -> bool {
         let ip = match host.parse::<IpAddr>() {
-            Ok(IpAddr::V6(v6)) => return is_host_local(IpAddr::V6(v6)),
-            Ok(IpAddr::V4(ip)) => Some(ip),
+            Ok(ip) => Some(ip.to_canonical()),
             Err(_) if names_loopback(host) => return true,
-            Err(_) => self.dns.records().lookup(host),
+            Err(_) => self.local_lookup(host),
         };
-        ip.is_some_and(|ip| ip == self.cfg.host || self.cfg.subnet.contains(ip) || is_host_local(IpAddr::V4(ip)))
+        ip.is_some_and(|ip| self.in_network(ip) || is_host_local(ip))
     }
 
-    /// The first A record of `name` through the gateway's DNS server.
-    async fn lookup_a(&self, name: &str) -> Option<Ipv4Addr> {
+    /// The first record of `rtype` (A or AAAA) of `name` through the gateway's DNS server.
+    async fn lookup_type(&self, name: &str, rtype: RecordType) -> Option<IpAddr> {
         let mut q = Message::query();
         q.metadata.id = rand_id();
         q.metadata.recursion_desired = true;
-        q.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
+        q.add_query(Query::query(Name::from_ascii(name).ok()?, rtype));
         let answer = self.dns.handle(&q.to_vec().ok()?, Transport::Tcp).await?;
         let m = Message::from_vec(&answer).ok()?;
         m.answers.iter().find_map(|r| match &r.data {
-            RData::A(a) => Some(a.0),
+            RData::A(a) if rtype == RecordType::A => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) if rtype == RecordType::AAAA => Some(IpAddr::V6(a.0)),
             _ => None,
         })
     }
@@ -300,26 +323,25 @@ fn rand_id() -> u16 {
     h.finish() as u16
 }
 
-/// Does the hook take over a guest connection to `dst`?
-pub fn intercepts(proxy: &ProxyConfig, net: &NetConfig, dst: SocketAddrV4) -> bool {
-    let ip = *dst.ip();
-    proxy.has_upstream()
+/// Does the hook take over a guest connection to `dst`? Outside addresses only: never
+/// the gateway, the host address or the virtual network (either family), loopback,
+/// multicast or link-local.
+pub fn intercepts(proxy: &ProxyConfig, net: &NetConfig, dst: SocketAddr) -> bool {
+    let outside = match dst.ip() {
+        IpAddr::V4(ip) => {
+            let inside = ip == net.gateway || ip == net.host || net.subnet.contains(ip);
+            !(inside || ip.is_loopback() || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
+        }
+        IpAddr::V6(ip) => {
+            let inside = net.v6.is_some_and(|n| n.contains(ip)) || net.is_own_address6(ip);
+            let special = ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_unicast_link_local();
+            !(inside || special || ip.to_ipv4_mapped().is_some())
+        }
+    };
+    outside
+        && proxy.has_upstream()
         && proxy.ports.contains(&dst.port())
-        && ip != net.gateway
-        && ip != net.host
-        && !net.subnet.contains(ip)
-        && !(ip.is_loopback() || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
-        && !proxy.no_proxy.matches_ip_only(IpAddr::V4(ip), dst.port())
-}
-
-/// Would the hook take an IPv6 connection to `dst` if it took IPv6 (see [`hook`])?
-fn intercepts6(proxy: &ProxyConfig, net: &NetConfig, dst: std::net::SocketAddrV6) -> bool {
-    let ip = *dst.ip();
-    proxy.has_upstream()
-        && proxy.ports.contains(&dst.port())
-        && !net.v6.is_some_and(|n| n.contains(ip))
-        && !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_unicast_link_local())
-        && !proxy.no_proxy.matches_ip_only(IpAddr::V6(ip), dst.port())
+        && !proxy.no_proxy.matches_ip_only(dst.ip(), dst.port())
 }
 
 /// The engine's hook for transparent interception. `submit` hands the service's end of the
@@ -328,19 +350,9 @@ fn intercepts6(proxy: &ProxyConfig, net: &NetConfig, dst: std::net::SocketAddrV6
 pub fn hook(
     settings: ProxySettings,
     net: Arc<NetConfig>,
-    submit: impl Fn(OwnedFd, SocketAddrV4, SocketAddrV4) -> bool + 'static,
+    submit: impl Fn(OwnedFd, SocketAddr, SocketAddr) -> bool + 'static,
 ) -> TcpHook {
     Box::new(move |dst, guest| {
-        let (dst, guest) = match (dst, guest) {
-            (SocketAddr::V4(d), SocketAddr::V4(g)) => (d, g),
-            // The proxy serves IPv4 guests. Over IPv6, a connection it would take is
-            // refused rather than let past it: the client tries the name's IPv4 address.
-            (SocketAddr::V6(d), _) => {
-                let refused = settings.with(|p| intercepts6(p, &net, d));
-                return refused.then(|| Err(std::io::Error::from_raw_os_error(libc::ECONNREFUSED)));
-            }
-            _ => return None,
-        };
         if !settings.with(|p| intercepts(p, &net, dst)) {
             return None;
         }
@@ -371,7 +383,7 @@ enum Sniffed {
 
 /// Serves one connection to the explicit proxy (the gateway's port 3128), unless
 /// `--max-proxy-connections` are being served already (then it is closed at once).
-pub async fn serve_explicit(proxy: Arc<Proxy>, sock: UnixStream, guest: SocketAddrV4) {
+pub async fn serve_explicit(proxy: Arc<Proxy>, sock: UnixStream, guest: SocketAddr) {
     let Some(slot) = proxy.slot(guest) else {
         return;
     };
@@ -380,7 +392,7 @@ pub async fn serve_explicit(proxy: Arc<Proxy>, sock: UnixStream, guest: SocketAd
 
 /// Serves one transparently intercepted connection whose original destination is `dst`,
 /// unless `--max-proxy-connections` are being served already (then it is closed at once).
-pub async fn serve_transparent(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, guest: SocketAddrV4) {
+pub async fn serve_transparent(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddr, guest: SocketAddr) {
     let Some(slot) = proxy.slot(guest) else {
         return;
     };
@@ -389,7 +401,7 @@ pub async fn serve_transparent(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketA
         Sniffed::Http => http::serve(proxy, sock, http::Mode::Transparent(dst), guest, slot).await,
         Sniffed::Other => {
             debug!("proxy: {guest} -> {dst}: neither HTTP nor TLS, relayed as it is");
-            match dial(SocketAddr::V4(dst)).await {
+            match dial(dst).await {
                 Ok(stream) => {
                     let (sock, watch) = idle::watch(sock);
                     relay(&proxy, sock, &watch, stream, Vec::new(), &format!("{guest} -> {dst} (relayed)")).await
@@ -470,14 +482,14 @@ fn peek(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// An intercepted TLS connection: through `CONNECT` to the HTTPS upstream, or direct.
-async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, guest: SocketAddrV4, sni: Option<String>) {
+async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddr, guest: SocketAddr, sni: Option<String>) {
     let cfg = proxy.settings.get();
     let port = dst.port();
     // A name of the host's loopback (or of the host address, or the subnet) never goes to
     // the upstream, which may itself run on the host's loopback: the original destination
     // is dialled instead, as for HTTP (http.rs).
-    let excluded = cfg.no_proxy.matches(sni.as_deref(), Some(IpAddr::V4(*dst.ip())), port)
-        || sni.as_deref().is_some_and(|n| proxy.is_local(n));
+    let excluded =
+        cfg.no_proxy.matches(sni.as_deref(), Some(dst.ip()), port) || sni.as_deref().is_some_and(|n| proxy.is_local(n));
     let target = config::authority(&sni.clone().unwrap_or_else(|| dst.ip().to_string()), port);
     let upstream = match (&cfg.https, excluded) {
         (Some(up), false) => Some(up),
@@ -491,7 +503,7 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
     let result = match (admitted, upstream) {
         (Err(e), _) => Err(e),
         (Ok(()), Some(up)) => open_tunnel(up, &target).await.map(|(s, rest)| (s, rest, up.authority())),
-        (Ok(()), None) => dial(SocketAddr::V4(dst)).await.map(|s| (s, Vec::new(), "direct".to_string())),
+        (Ok(()), None) => dial(dst).await.map(|s| (s, Vec::new(), "direct".to_string())),
     };
     match result {
         Ok((stream, rest, via)) => {
@@ -519,7 +531,7 @@ async fn tls_tunnel(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketAddrV4, gues
 }
 
 /// An intercepted TLS connection, in the proxy log.
-fn log_tls(proxy: &Proxy, guest: SocketAddrV4, target: &str, outcome: ProxyOutcome, via: &str) {
+fn log_tls(proxy: &Proxy, guest: SocketAddr, target: &str, outcome: ProxyOutcome, via: &str) {
     use super::activity::{ProxyLogEntry, clip, now_ms};
     proxy.dns.activity().proxy.push(ProxyLogEntry {
         time_ms: now_ms(),
@@ -659,7 +671,7 @@ mod tests {
         ProxyConfig { http: Some(ProxyUrl::parse("127.0.0.1:3128").unwrap()), ..ProxyConfig::default() }
     }
 
-    fn sa(s: &str) -> SocketAddrV4 {
+    fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
@@ -682,21 +694,55 @@ mod tests {
         assert!(!intercepts(&p, &n, sa("203.0.113.5:80")));
     }
 
-    /// Over IPv6 the hook refuses what it would take over IPv4 (the client falls back to
-    /// IPv4, through the proxy), and leaves the rest alone.
+    /// Over IPv6 the hook takes what it takes over IPv4: outside addresses on the proxy's
+    /// ports, never usernet's own, the virtual network's, loopback or link-local ones.
     #[test]
-    fn ipv6_connections_the_proxy_would_take_are_refused() {
+    fn ipv6_connections_are_intercepted_as_ipv4_ones() {
         let settings = ProxySettings::default();
-        let mut hook = hook(settings.clone(), Arc::new(net()), |_, _, _| true);
+        let taken = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let seen = taken.clone();
+        let mut hook = hook(settings.clone(), Arc::new(net()), move |_, dst, guest| {
+            seen.borrow_mut().push((dst, guest));
+            true
+        });
         let guest: SocketAddr = "[fd75:7365:726e::2]:40000".parse().unwrap();
         let web: SocketAddr = "[2001:db8::5]:80".parse().unwrap();
         assert!(hook(web, guest).is_none(), "no upstream: nothing intercepted");
         settings.set(with_upstream());
-        let refused = hook(web, guest).expect("taken").expect_err("refused");
-        assert_eq!(refused.raw_os_error(), Some(libc::ECONNREFUSED));
-        for not in ["[2001:db8::5]:8080", "[fd75:7365:726e::1]:80", "[fd75:7365:726e::254]:80", "[::1]:80"] {
+        assert!(hook(web, guest).expect("taken").is_ok());
+        assert_eq!(*taken.borrow(), vec![(web, guest)]);
+        for not in [
+            "[2001:db8::5]:8080",
+            "[fd75:7365:726e::1]:80",
+            "[fd75:7365:726e::254]:80",
+            "[fd75:7365:726e::9]:80",
+            "[fe80::1]:80",
+            "[::1]:80",
+            "[::ffff:203.0.113.5]:80",
+        ] {
             assert!(hook(not.parse().unwrap(), guest).is_none(), "{not}");
         }
+    }
+
+    /// The explicit proxy over IPv6: literals, the host's ::254 to its [::1], names with
+    /// AAAA records only; the virtual network refused.
+    #[test]
+    fn ipv6_destinations_of_the_explicit_proxy() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let p = proxy_for(net());
+        let loopback6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 22));
+        assert_eq!(rt.block_on(p.resolve("fd75:7365:726e::254", 22)).unwrap(), loopback6);
+        assert_eq!(rt.block_on(p.resolve("2001:db8::5", 80)).unwrap(), sa("[2001:db8::5]:80"));
+        for denied in ["fd75:7365:726e::1", "fd75:7365:726e::2", "fe80::1", "ff02::1"] {
+            let r = rt.block_on(p.resolve(denied, 22));
+            assert!(matches!(r, Err(ProxyError::Forbidden(_))), "{denied}: {r:?}");
+        }
+        for local in ["fd75:7365:726e::1", "fd75:7365:726e::254", "::1"] {
+            assert!(p.is_local(local), "{local} must never go upstream");
+        }
+        // IPv6-only: the built-in names by their AAAA.
+        let p = proxy_for(NetConfig { ipv4: false, ..net() });
+        assert_eq!(rt.block_on(p.resolve("host.docker.internal", 22)).unwrap(), loopback6);
     }
 
     fn proxy_for(cfg: NetConfig) -> Proxy {
