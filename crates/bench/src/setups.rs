@@ -16,7 +16,9 @@
 //! For the three user-mode stacks the servers listen on the host's 127.0.0.1 (each maps one
 //! address of its network to the host's loopback); for veth they listen on the host end of the
 //! pair. Over IPv6 (one row): usernet's ::254 leads to the host's [::1], veth's pair has
-//! documentation addresses; pasta and slirp4netns are not given IPv6 here. The MTU of the namespace's link is the tool's default (65520 for all four) or the one
+//! documentation addresses, slirp4netns (`--enable-ipv6`) has libslirp's fd00::2 for the
+//! host's [::1], and pasta maps the IPv6 gateway it copied from the host to the host's [::1]
+//! (a row only where the host has an IPv6 default route for pasta to copy). The MTU of the namespace's link is the tool's default (65520 for all four) or the one
 //! asked for. Everything an `Env` started or created is undone when it is dropped: processes
 //! are ours (children, or the pid pasta wrote to our pidfile, checked by name before it is
 //! signalled), the veth namespace carries our pid in its name, and its pair goes with it.
@@ -400,6 +402,31 @@ fn wait_default_gateway(pid: i32, what: &str, log: Option<&Path>) -> anyhow::Res
     }
 }
 
+/// Waits up to 10 s until the namespace entered with `prefix` (nsenter's arguments) has a
+/// global IPv6 address past duplicate address detection and an IPv6 default route; the
+/// route's gateway, or None when it gets none (the setup then has no IPv6 row).
+fn wait_ipv6_gateway(prefix: &[OsString]) -> Option<Ipv6Addr> {
+    let ip = |args: &[&str]| {
+        let (cmd, rest) = prefix.split_first()?;
+        let out = Command::new(cmd).args(rest).arg("ip").args(args).stdin(Stdio::null()).output().ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let usable = ip(&["-6", "-o", "addr", "show", "scope", "global"])
+            .is_some_and(|a| a.lines().any(|l| !l.contains("tentative")));
+        let gateway = ip(&["-6", "route", "show", "default"]).and_then(|r| {
+            let words: Vec<&str> = r.split_whitespace().collect();
+            words.windows(2).find(|w| w[0] == "via").and_then(|w| w[1].parse::<Ipv6Addr>().ok())
+        });
+        if let (true, Some(gw)) = (usable, gateway) {
+            return Some(gw);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 /// The gateway of the default route in a /proc/net/route table.
 fn default_gateway(table: &str) -> Option<Ipv4Addr> {
     table.lines().skip(1).find_map(|line| {
@@ -467,14 +494,18 @@ fn pasta(bin: &Path, tmp: &Path, mtu: u32, port: u16, runas: Runas) -> anyhow::R
         anyhow::bail!("{shown}: {status}: {}", log.trim());
     }
     let gw = wait_default_gateway(pid, "pasta", Some(&logfile))?;
+    let prefix: Vec<OsString> = ["nsenter", "-t", &pid.to_string(), "-U", "-n", "--preserve-credentials"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    // pasta copies the host's IPv6 address and routes, and maps the gateway to the host's
+    // [::1] as it does the IPv4 one.
+    let gw6 = wait_ipv6_gateway(&prefix);
     Ok(Env {
         bind_ip: Ipv4Addr::LOCALHOST.into(),
         target_ip: gw.into(),
-        ipv6: None,
-        prefix: ["nsenter", "-t", &pid.to_string(), "-U", "-n", "--preserve-credentials"]
-            .iter()
-            .map(OsString::from)
-            .collect(),
+        ipv6: gw6.map(|gw6| (Ipv6Addr::LOCALHOST.into(), gw6.into())),
+        prefix,
         sink_port: port,
         lo_target: (Ipv4Addr::LOCALHOST, port).into(),
         peer_target: None,
@@ -490,7 +521,7 @@ fn slirp4netns(bin: &Path, tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<En
     let logfile = tmp.join(format!("slirp4netns-{pid}.log"));
     let api = tmp.join(format!("slirp4netns-{pid}.sock"));
     let mut cmd = Command::new(bin);
-    cmd.args(["--configure", &format!("--mtu={mtu}"), "--disable-dns"])
+    cmd.args(["--configure", &format!("--mtu={mtu}"), "--disable-dns", "--enable-ipv6"])
         .arg(format!("--api-socket={}", api.display()))
         .arg(pid.to_string())
         .arg("tap0");
@@ -513,11 +544,15 @@ fn slirp4netns(bin: &Path, tmp: &Path, mtu: u32, port: u16) -> anyhow::Result<En
     if !answer.contains("\"return\"") {
         anyhow::bail!("slirp4netns add_hostfwd: {}", answer.trim());
     }
+    let prefix: Vec<OsString> = ["nsenter", "-t", &pid.to_string(), "-n"].iter().map(OsString::from).collect();
+    // libslirp's IPv6: fd00::/64 by SLAAC, fd00::2 the host (its [::1]).
+    let ipv6 = wait_ipv6_gateway(&prefix)
+        .map(|_| (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2).into()));
     Ok(Env {
         bind_ip: Ipv4Addr::LOCALHOST.into(),
         target_ip: Ipv4Addr::new(10, 0, 2, 2).into(),
-        ipv6: None,
-        prefix: ["nsenter", "-t", &pid.to_string(), "-n"].iter().map(OsString::from).collect(),
+        ipv6,
+        prefix,
         sink_port: port,
         lo_target: (Ipv4Addr::LOCALHOST, port).into(),
         peer_target: None,
