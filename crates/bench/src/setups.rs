@@ -494,10 +494,8 @@ fn pasta(bin: &Path, tmp: &Path, mtu: u32, port: u16, runas: Runas) -> anyhow::R
         anyhow::bail!("{shown}: {status}: {}", log.trim());
     }
     let gw = wait_default_gateway(pid, "pasta", Some(&logfile))?;
-    let prefix: Vec<OsString> = ["nsenter", "-t", &pid.to_string(), "-U", "-n", "--preserve-credentials"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let prefix: Vec<OsString> =
+        ["nsenter", "-t", &pid.to_string(), "-U", "-n", "--preserve-credentials"].iter().map(OsString::from).collect();
     // pasta copies the host's IPv6 address and routes, and maps the gateway to the host's
     // [::1] as it does the IPv4 one.
     let gw6 = wait_ipv6_gateway(&prefix);

@@ -649,3 +649,49 @@ fn ipv6_only_drops_arp_and_ipv4() {
     e.on_frame(0, &f, Instant::now());
     assert!(!take6(&link).is_empty(), "a router advertisement");
 }
+
+/// A port published to a guest's IPv6 address: a TCP client and a UDP datagram from the
+/// host's loopback reach it over IPv6, from the host address (::254); with `--ipv6-only`
+/// the network's first guest address (::2) stands for the first VM seen over IPv6 when no
+/// guest has it.
+#[test]
+fn ports_published_to_an_ipv6_guest_address() {
+    use crate::ports::{BoundListener, Proto};
+    let (mut e, link, _) = engine_with(NetConfig { ipv4: false, ..NetConfig::default() });
+    // A VM that took a SLAAC address, seen on its link.
+    let vm: Ipv6Addr = switch::eui64_address(net().prefix, GUEST_MAC);
+    let mut m = vec![0u8; 8];
+    Icmpv6Header::echo(icmpv6::TYPE_ECHO_REQUEST, 1, 1).emit(&mut m, 0, vm, net().gateway);
+    e.on_frame(0, &frame6(PROTO_ICMPV6, vm, net().gateway, 64, GATEWAY_MAC, &m), Instant::now());
+    link.sent.borrow_mut().clear();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let (tcp_at, udp_at) = (tcp.local_addr().unwrap(), udp.local_addr().unwrap());
+    let bound = vec![
+        BoundListener { fd: tcp.into(), local: tcp_at, proto: Proto::Tcp, guest_port: 80 },
+        BoundListener { fd: udp.into(), local: udp_at, proto: Proto::Udp, guest_port: 53 },
+    ];
+    assert_eq!(e.publish(bound, net().guest.into()).len(), 2);
+    let _client = std::net::TcpStream::connect(tcp_at).unwrap();
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().send_to(b"ping", udp_at).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    e.on_listener(0, Instant::now());
+    e.on_listener(1, Instant::now());
+    let out = take6(&link);
+    let tcp6: Vec<_> = out.iter().filter(|(_, ip, _)| ip.protocol == PROTO_TCP).collect();
+    let udp6: Vec<_> = out.iter().filter(|(_, ip, _)| ip.protocol == PROTO_UDP).collect();
+    assert_eq!(tcp6.len(), 1, "our SYN: {out:?}");
+    assert_eq!(udp6.len(), 1, "the datagram: {out:?}");
+    for (mac, ip, _) in tcp6.iter().chain(&udp6) {
+        assert_eq!((*mac, ip.src, ip.dst), (GUEST_MAC, net().host, vm));
+    }
+    assert_eq!(&udp6[0].2[8..], b"ping");
+    // IPv4-only networks publish nothing to an IPv6 address.
+    let (mut e4, _, _) = engine_with(NetConfig { v6: None, ..NetConfig::default() });
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let local = l.local_addr().unwrap();
+    let b = BoundListener { fd: l.into(), local, proto: Proto::Tcp, guest_port: 80 };
+    assert!(e4.publish(vec![b], net().guest.into()).is_empty());
+}

@@ -352,7 +352,7 @@ impl Engine {
         self.on_socket(id, true, true, false, now);
     }
 
-    fn receive_all(&mut self, listener: &Rc<OwnedFd>, guest: SocketAddr, listener_id: u32, now: Instant) {
+    fn receive_all(&mut self, listener: &Rc<OwnedFd>, listener_guest: SocketAddr, listener_id: u32, now: Instant) {
         let max = self.switch.max_udp_payload(false);
         for _ in 0..1024 {
             let buf = &mut self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
@@ -368,11 +368,14 @@ impl Engine {
                 tracing::debug!("{client}: {n}-byte datagram exceeds the guest MTU; dropped");
                 continue;
             }
-            let remote = match guest {
+            let (guest, remote) = match listener_guest {
                 // Not over IPv6 to an IPv4 guest address: a datagram has no reset to fall
                 // back on.
-                SocketAddr::V4(_) => SocketAddr::V4(guest_view_of_client(client, self.cfg.host)),
-                SocketAddr::V6(_) => self.ipv6_view_of_client(client),
+                SocketAddr::V4(_) => (listener_guest, SocketAddr::V4(guest_view_of_client(client, self.cfg.host))),
+                SocketAddr::V6(g6) => (
+                    SocketAddr::new(self.resolve_first_guest6(*g6.ip()).into(), g6.port()),
+                    self.ipv6_view_of_client(client),
+                ),
             };
             let key = FlowKey::Udp { guest, remote };
             let id = match self.flows.lookup(&key) {
