@@ -613,7 +613,7 @@ mod tests {
         assert!(err("--macaddress=02:00:00:00:00:01 1").message.contains("--configure"));
         assert!(err("--enable-sandbox 1").message.contains("--enable-sandbox"));
         assert!(err("--enable-seccomp 1").message.contains("--enable-seccomp"));
-        assert!(err("--outbound-addr6=::1 1").message.contains("IPv6"));
+        assert!(err("--outbound-addr6=::1 1").message.contains("--outbound-addr6: not supported"));
         assert!(err("--target-type=bess 1").message.contains("bess"));
         assert_eq!(err("").message, "");
         assert_eq!(err("1 tap0 extra").message, "too many arguments");
