@@ -62,9 +62,13 @@ impl Engine {
                     WAKER => self.on_commands(),
                     t if t.0 & listeners::LISTENER_BIT != 0 => self.on_listener(t.0 & !listeners::LISTENER_BIT, now),
                     t => {
+                        let id = FlowId::from_token(t, FLOW_BASE);
+                        if ev.is_read_closed() {
+                            self.host_read_closed(id);
+                        }
                         let readable = ev.is_readable() || ev.is_read_closed();
                         let writable = ev.is_writable() || ev.is_write_closed();
-                        self.on_socket(FlowId::from_token(t, FLOW_BASE), readable, writable, ev.is_error(), now);
+                        self.on_socket(id, readable, writable, ev.is_error(), now);
                     }
                 }
             }

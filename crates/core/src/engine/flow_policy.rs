@@ -47,6 +47,14 @@ impl Engine {
         Some(id)
     }
 
+    /// A flow's host socket reported end of stream (EPOLLRDHUP), before [`Self::on_socket`]
+    /// hears of its readiness.
+    pub(super) fn host_read_closed(&mut self, id: FlowId) {
+        if let Some(Flow::Tcp(f)) = self.flows.get_mut(id) {
+            f.host_read_closed();
+        }
+    }
+
     /// Readiness of a flow's host socket.
     pub(super) fn on_socket(&mut self, id: FlowId, readable: bool, writable: bool, error: bool, now: Instant) {
         if readable {

@@ -63,7 +63,10 @@
 //! the guest's FIN, and ACKs that acknowledge nothing new (answers) are never delayed.
 //!
 //! Host to guest: data is read with MSG_PEEK at SO_PEEK_OFF into the frame buffer, right
-//! behind the headers, and sent in MSS-sized segments while the guest's window allows. The
+//! behind the headers, and sent in MSS-sized segments while the guest's window allows. A
+//! peek that returns fewer bytes than asked drained the socket: the flow waits for the
+//! next readiness edge instead of peeking again only to hear EAGAIN, unless epoll reported
+//! end of stream (RDHUP), which a peek must find (`host_read_closed`). The
 //! window is kept as its right edge (ACK plus window): a segment that acknowledges new
 //! data sets it, one with the same ACK only moves it out, an older one is ignored — so
 //! segments reordered on the way never put it where the guest no longer has it.
@@ -193,6 +196,11 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// Edge-triggered readiness of the host socket, as last seen: it may hold data (or end
     /// of stream, or an error) past the peek offset; a peek that finds nothing clears it.
     host_readable: bool,
+    /// The host socket reported end of stream or an error (EPOLLRDHUP, EPOLLERR): peeks go
+    /// on until they find it. Until then a short peek (fewer bytes than asked) means the
+    /// socket is drained, and the next bytes will come with an edge of their own, so no
+    /// peek is made only to hear EAGAIN.
+    host_read_closed: bool,
     /// It may take more data; a send that is cut short clears it.
     host_writable: bool,
     /// What the socket's send buffer takes, as far as the flow knows: the last measure
@@ -345,6 +353,7 @@ impl<S: HostSocket> TcpFlow<S> {
             rto_deadline: None,
             retries: 0,
             host_readable: false,
+            host_read_closed: false,
             host_writable: false,
             room: Some(0),
             unmeasured: 0,
@@ -675,6 +684,13 @@ impl<S: HostSocket> TcpFlow<S> {
         Verdict::Keep
     }
 
+    /// The host socket's readiness said end of stream (EPOLLRDHUP): before [`on_socket`].
+    ///
+    /// [`on_socket`]: TcpFlow::on_socket
+    pub fn host_read_closed(&mut self) {
+        self.host_read_closed = true;
+    }
+
     /// Readiness of the host socket changed.
     pub fn on_socket(
         &mut self,
@@ -714,6 +730,9 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         if readable || error {
             self.host_readable = true;
+        }
+        if error {
+            self.host_read_closed = true;
         }
         if self.phase == Phase::SynSent {
             if writable {
@@ -1096,6 +1115,10 @@ impl<S: HostSocket> TcpFlow<S> {
                         self.snd_max = self.snd_nxt;
                     }
                     self.arm_rto(now);
+                    if n < room && !self.host_read_closed {
+                        // Drained (see `host_read_closed`): wait for the next edge.
+                        self.host_readable = false;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.host_readable = false;

@@ -67,6 +67,8 @@ pub struct ModelSocket {
     edge_readable: bool,
     edge_writable: bool,
     edge_error: bool,
+    /// End of stream or an error happened and the flow has not been told (EPOLLRDHUP).
+    read_closed: bool,
     /// Calls the flow made, by kind (peeks, sends, discards, measures of the send room).
     pub calls: [u64; 4],
 }
@@ -88,6 +90,7 @@ impl ModelSocket {
             edge_readable: false,
             edge_writable: false,
             edge_error: false,
+            read_closed: false,
             calls: [0; 4],
         }
     }
@@ -115,6 +118,7 @@ impl ModelSocket {
     pub fn peer_shutdown(&mut self) {
         self.rx_eof = true;
         self.edge_readable = true;
+        self.read_closed = true;
     }
 
     /// The peer reads up to `max` bytes of what the flow sent, appending them to `out`.
@@ -146,6 +150,11 @@ impl ModelSocket {
     pub fn fail_connect(&mut self, errno: i32) {
         self.so_error = Some(errno);
         self.edge_error = true;
+    }
+
+    /// Whether end of stream came since the last call (EPOLLRDHUP with the edge).
+    pub fn take_read_closed(&mut self) -> bool {
+        std::mem::take(&mut self.read_closed)
     }
 
     /// Readiness edges since the last call (readable, writable, error), as epoll would

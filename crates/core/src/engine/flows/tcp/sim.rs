@@ -1457,6 +1457,9 @@ impl Sim {
                 && self.sc.connect != Connect::Never
             {
                 let edges = f.sock.take_edges().unwrap_or((false, false, false));
+                if f.sock.take_read_closed() {
+                    f.host_read_closed();
+                }
                 let v = f.on_socket(&mut self.switch, edges.0, true, edges.2, now);
                 self.ship(false);
                 self.after(v);
@@ -1468,6 +1471,9 @@ impl Sim {
             && f.phase != Phase::Connecting
             && let Some((r, w, e)) = f.sock.take_edges()
         {
+            if f.sock.take_read_closed() {
+                f.host_read_closed();
+            }
             let v = f.on_socket(&mut self.switch, r, w, e, now);
             self.ship(false);
             self.after(v);

@@ -524,3 +524,31 @@ fn an_inbound_flow_falls_back_to_ipv4_when_its_ipv6_syn_goes_unanswered() {
     let syn = sent(&rec);
     assert!(syn.last().is_some_and(|(h, _)| h.has(SYN) && !h.has(ACK) && h.seq == ISN), "a SYN over IPv4");
 }
+
+/// Host data that fits the guest's window is peeked once: a short peek means the socket
+/// is drained (the next bytes come with an edge of their own), so no peek is made only to
+/// hear EAGAIN. End of stream after data is still seen: with its RDHUP the flow peeks on
+/// until it finds it, and the guest gets its FIN.
+#[test]
+fn a_short_peek_waits_for_the_next_edge_and_end_of_stream_is_still_seen() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(65535, now);
+    let _ = sent(&rec);
+    let peeks = |f: &TcpFlow<ModelSocket>| f.sock.calls[0];
+    let before = peeks(&f);
+    assert_eq!(host_writes(&mut f, &mut sw, b"hello", now), Verdict::Keep);
+    assert_eq!(peeks(&f) - before, 1, "one peek for 5 bytes");
+    let data: Vec<u8> = sent(&rec).into_iter().flat_map(|(_, d)| d).collect();
+    assert_eq!(data, b"hello");
+    // More data and the peer's shutdown, told as epoll tells them (EPOLLIN|EPOLLRDHUP).
+    assert_eq!(f.sock.peer_write(b" world"), 6);
+    f.sock.peer_shutdown();
+    assert!(f.sock.take_read_closed());
+    f.host_read_closed();
+    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+    assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+    let out = sent(&rec);
+    let data: Vec<u8> = out.iter().flat_map(|(_, d)| d.clone()).collect();
+    assert_eq!(data, b" world");
+    assert!(out.iter().any(|(h, _)| h.has(usernet_wire::tcp::FIN)), "the FIN after the data: {out:?}");
+}
