@@ -39,18 +39,15 @@ impl Engine {
             self.switch.drop_in(DropReason::Malformed);
             return;
         };
+        // The IP header, parsed once for the checks below and for the protocol's handler.
+        let ip4 = (eth.ethertype == ethernet::ETHERTYPE_IPV4).then(|| Ipv4Header::parse(payload)).flatten();
+        let ip6 = (eth.ethertype == ethernet::ETHERTYPE_IPV6).then(|| Ipv6Header::parse(payload)).flatten();
         // Learn where the sender is, and its address when it is one of the guest network's.
         let raw_src = match eth.ethertype {
             ethernet::ETHERTYPE_ARP => ArpPacket::parse(payload).map(|a| a.sender_ip),
-            ethernet::ETHERTYPE_IPV4 => Ipv4Header::parse(payload).map(|(h, _)| h.src),
-            _ => None,
+            _ => ip4.map(|(h, _)| h.src),
         };
-        let src6 = match eth.ethertype {
-            ethernet::ETHERTYPE_IPV6 => {
-                Ipv6Header::parse(payload).map(|(h, _)| h.src).filter(|ip| self.guest_addr6(*ip))
-            }
-            _ => None,
-        };
+        let src6 = ip6.map(|(h, _)| h.src).filter(|ip| self.guest_addr6(*ip));
         let cfg = &self.cfg;
         let guest_addr = |ip: Ipv4Addr| cfg.subnet.contains(ip) && !cfg.is_own_address(ip);
         // `serve`: a guest may not speak for another, nor for usernet (see Switch::admit,
@@ -60,9 +57,9 @@ impl Engine {
             return;
         }
         let src_ip = raw_src.filter(|ip| guest_addr(*ip)).map(IpAddr::V4).or(src6.map(IpAddr::V6));
-        if eth.ethertype == ethernet::ETHERTYPE_IPV6
+        if let Some((ip, l4)) = ip6
             && self.switch.bind_sources
-            && !self.admit_ipv6(link, eth.src, payload)
+            && !self.admit_ipv6(link, eth.src, &ip, l4)
         {
             self.switch.drop_in(DropReason::Spoofed);
             return;
@@ -80,8 +77,14 @@ impl Engine {
                 self.switch.drop_in(DropReason::Ethertype)
             }
             ethernet::ETHERTYPE_ARP => self.on_arp(payload),
-            ethernet::ETHERTYPE_IPV4 => self.on_ipv4(payload, eth.src, now),
-            ethernet::ETHERTYPE_IPV6 if self.cfg.v6.is_some() => self.on_ipv6(payload, eth.src, now),
+            ethernet::ETHERTYPE_IPV4 => match ip4 {
+                Some((ip, l4)) => self.on_ipv4(&ip, l4, eth.src, now),
+                None => self.switch.drop_in(DropReason::Malformed),
+            },
+            ethernet::ETHERTYPE_IPV6 if self.cfg.v6.is_some() => match ip6 {
+                Some((ip, l4)) => self.on_ipv6(&ip, l4, eth.src, now),
+                None => self.switch.drop_in(DropReason::Malformed),
+            },
             _ => self.switch.drop_in(DropReason::Ethertype),
         }
     }
@@ -92,10 +95,9 @@ impl Engine {
     /// neighbour advertisement, with the guest's MAC in the link-layer options; router
     /// advertisements, redirects and DHCPv6 servers' replies are usernet's to send (RA guard,
     /// RFC 6105). Packets too broken to read go on, to be dropped as malformed.
-    fn admit_ipv6(&mut self, index: usize, mac: [u8; 6], packet: &[u8]) -> bool {
+    fn admit_ipv6(&mut self, index: usize, mac: [u8; 6], ip: &Ipv6Header, l4: &[u8]) -> bool {
         use usernet_wire::icmpv6::{TYPE_NEIGHBOR_ADVERT, TYPE_NEIGHBOR_SOLICIT, TYPE_REDIRECT, TYPE_ROUTER_ADVERT};
         use usernet_wire::ndp::{NeighborAdvert, NeighborSolicit};
-        let Some((ip, l4)) = Ipv6Header::parse(packet) else { return true };
         if !self.switch.admit6(index, mac, ip.src, self.guest_addr6(ip.src)) {
             return false;
         }
@@ -148,11 +150,8 @@ impl Engine {
         self.switch.send_frame(&frame, p.sender_mac);
     }
 
-    pub(super) fn on_ipv4(&mut self, packet: &[u8], src_mac: [u8; 6], now: Instant) {
-        let Some((ip, payload)) = Ipv4Header::parse(packet) else {
-            self.switch.drop_in(DropReason::Malformed);
-            return;
-        };
+    /// An IPv4 packet for usernet: `ip` its header, `payload` what follows it.
+    fn on_ipv4(&mut self, ip: &Ipv4Header, payload: &[u8], src_mac: [u8; 6], now: Instant) {
         if ip.is_fragment {
             // The guest's MTU matches the link; fragments are not reassembled.
             self.switch.drop_in(DropReason::Fragment);
@@ -162,23 +161,21 @@ impl Engine {
         match ip.protocol {
             PROTO_TCP => self.on_tcp(addrs, payload, now),
             PROTO_UDP => self.on_udp(addrs, payload, src_mac, now),
-            PROTO_ICMP => self.on_icmp(&ip, payload, now),
+            PROTO_ICMP => self.on_icmp(ip, payload, now),
             _ => self.switch.drop_in(DropReason::IpProtocol),
         }
     }
 
-    pub(super) fn on_ipv6(&mut self, packet: &[u8], src_mac: [u8; 6], now: Instant) {
-        let Some((ip, payload)) = Ipv6Header::parse(packet) else {
-            self.switch.drop_in(DropReason::Malformed);
-            return;
-        };
+    /// An IPv6 packet for usernet: `ip` its header, `payload` what follows its extension
+    /// headers.
+    fn on_ipv6(&mut self, ip: &Ipv6Header, payload: &[u8], src_mac: [u8; 6], now: Instant) {
         if ip.is_fragment {
             // As over IPv4: the guest's MTU matches the link; fragments are not reassembled.
             self.switch.drop_in(DropReason::Fragment);
             return;
         }
         if ip.protocol == PROTO_ICMPV6 {
-            self.on_icmpv6(&ip, payload, src_mac, now);
+            self.on_icmpv6(ip, payload, src_mac, now);
             return;
         }
         if !self.guest_addr6(ip.src) {
