@@ -1,7 +1,9 @@
 //! Links: how a guest's Ethernet frames reach usernet. One file per transport: a TAP
-//! device (`run`, `serve --netns`) and the sockets VMs use (`serve`).
+//! device (`run`, `serve --netns`) and the sockets VMs use (`serve`); `handoff` is where
+//! links made on other threads (after a handshake or an HTTP request) reach the engine.
 
 pub mod dgram;
+pub mod handoff;
 pub mod qemu;
 pub mod seqpacket;
 pub mod stdio;

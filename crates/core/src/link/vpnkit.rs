@@ -25,21 +25,21 @@
 //! Theory of operation. The handshake is a few blocking reads and writes that a client
 //! may never finish, so it does not run in the event loop: the acceptor has a thread that
 //! accepts, and a short-lived thread per connection does the handshake (with a time limit,
-//! and at most [`MAX_HANDSHAKES`] at once). A finished handshake queues the connection as a
-//! link and rings an eventfd; that eventfd is what the event loop watches, and `accept`
-//! hands out the queued links. A garbled or abandoned handshake is one log line and a
+//! and at most [`MAX_HANDSHAKES`] at once). A finished handshake hands the connection to
+//! the event loop as a link, through a [`Handoff`]. A garbled or abandoned handshake is one log line and a
 //! closed connection, nothing else.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::handoff::{Handoff, HandoffSender};
 use super::qemu::{Framing, StreamLink, bind_owner_only, clear_stale_socket};
 use super::{Link, LinkAcceptor};
 use crate::config::Ipv4Subnet;
@@ -221,30 +221,20 @@ fn fill_ipv4_checksum(frame: &mut [u8]) {
 
 /// What the acceptor's threads share with it.
 struct Shared {
-    ready: Mutex<VecDeque<VpnkitLink>>,
+    links: HandoffSender,
     interfaces: Mutex<Interfaces>,
     handshaking: AtomicUsize,
     stop: AtomicBool,
-    /// Rung when a link is queued.
-    bell: OwnedFd,
     mtu: u16,
     path: PathBuf,
-}
-
-impl Shared {
-    fn ring(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
-        unsafe { libc::write(self.bell.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-    }
 }
 
 /// The listening socket of `--listen-vpnkit unix:PATH`. Removes its socket file on drop.
 pub struct VpnkitAcceptor {
     shared: Arc<Shared>,
+    handoff: Handoff,
     listener: Arc<UnixListener>,
     thread: Option<std::thread::JoinHandle<()>>,
-    accepted: u64,
 }
 
 impl VpnkitAcceptor {
@@ -253,19 +243,12 @@ impl VpnkitAcceptor {
     pub fn bind(path: &Path, mtu: u16, subnet: Ipv4Subnet, mac_base: [u8; 6]) -> io::Result<VpnkitAcceptor> {
         clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
         let listener = Arc::new(bind_owner_only(path, |p| UnixListener::bind(p))?);
-        // SAFETY: eventfd returns a new descriptor (or -1) that we then own.
-        let bell = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if bell < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `bell` is a fresh descriptor nobody else owns.
-        let bell = unsafe { OwnedFd::from_raw_fd(bell) };
+        let handoff = Handoff::new(format!("vpnkit unix:{}", path.display()))?;
         let shared = Arc::new(Shared {
-            ready: Mutex::new(VecDeque::new()),
+            links: handoff.sender(),
             interfaces: Mutex::new(Interfaces::new(subnet, mac_base)),
             handshaking: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
-            bell,
             mtu,
             path: path.to_path_buf(),
         });
@@ -273,7 +256,7 @@ impl VpnkitAcceptor {
             let (shared, listener) = (shared.clone(), listener.clone());
             std::thread::Builder::new().name("vpnkit-accept".into()).spawn(move || accept_loop(&shared, &listener))?
         };
-        Ok(VpnkitAcceptor { shared, listener, thread: Some(thread), accepted: 0 })
+        Ok(VpnkitAcceptor { shared, handoff, listener, thread: Some(thread) })
     }
 
     pub fn path(&self) -> &Path {
@@ -305,10 +288,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
         let shared = shared.clone();
         let spawned = std::thread::Builder::new().name("vpnkit-handshake".into()).spawn(move || {
             match handshake(&shared, stream) {
-                Ok(link) => {
-                    shared.ready.lock().unwrap_or_else(|e| e.into_inner()).push_back(link);
-                    shared.ring();
-                }
+                Ok(link) => shared.links.send(Box::new(link)),
                 Err(e) => tracing::warn!(listener = %shared.path.display(), "vpnkit: handshake failed: {e}"),
             }
             shared.handshaking.fetch_sub(1, Ordering::AcqRel);
@@ -375,24 +355,15 @@ impl Drop for VpnkitAcceptor {
 
 impl LinkAcceptor for VpnkitAcceptor {
     fn fd(&self) -> RawFd {
-        self.shared.bell.as_raw_fd()
+        self.handoff.fd()
     }
 
     fn accept(&mut self) -> io::Result<Option<Box<dyn Link>>> {
-        // Reset the bell before looking at the queue: a link queued after the look rings
-        // it again, so none is left waiting unannounced.
-        let mut counter = [0u8; 8];
-        // SAFETY: reads 8 bytes into a live buffer from our non-blocking eventfd.
-        unsafe { libc::read(self.shared.bell.as_raw_fd(), counter.as_mut_ptr().cast(), counter.len()) };
-        let link = self.shared.ready.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-        Ok(link.map(|l| {
-            self.accepted += 1;
-            Box::new(l) as Box<dyn Link>
-        }))
+        self.handoff.accept()
     }
 
     fn describe(&self) -> String {
-        format!("vpnkit unix:{}", self.shared.path.display())
+        self.handoff.describe()
     }
 }
 
