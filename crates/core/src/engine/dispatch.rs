@@ -98,7 +98,7 @@ impl Engine {
     fn admit_ipv6(&mut self, index: usize, mac: [u8; 6], ip: &Ipv6Header, l4: &[u8]) -> bool {
         use usernet_wire::icmpv6::{TYPE_NEIGHBOR_ADVERT, TYPE_NEIGHBOR_SOLICIT, TYPE_REDIRECT, TYPE_ROUTER_ADVERT};
         use usernet_wire::ndp::{NeighborAdvert, NeighborSolicit};
-        if !self.switch.admit6(index, mac, ip.src, self.guest_addr6(ip.src)) {
+        if !self.switch.admit6(index, mac, ip.src, self.guest_may_use6(ip.src)) {
             return false;
         }
         if ip.is_fragment {
@@ -112,7 +112,7 @@ impl Engine {
             (PROTO_ICMPV6, Some(TYPE_NEIGHBOR_ADVERT)) => match NeighborAdvert::parse(l4) {
                 Some(na) => {
                     na.target_lladdr.is_none_or(|m| m == mac)
-                        && self.switch.admit6(index, mac, na.target, self.guest_addr6(na.target))
+                        && self.switch.admit6(index, mac, na.target, self.guest_may_use6(na.target))
                 }
                 None => true,
             },
@@ -120,6 +120,13 @@ impl Engine {
             (PROTO_UDP, _) => l4.get(0..2) != Some(&dhcp6::SERVER_PORT.to_be_bytes()[..]),
             _ => true,
         }
+    }
+
+    /// An address a guest may claim on its link: [`Engine::guest_addr6`], or any link-local
+    /// one on a network without IPv6 (gvproxy's and vpnkit's), where guests still speak it
+    /// among themselves (a VM's neighbour discovery at boot is not a spoof).
+    fn guest_may_use6(&self, ip: Ipv6Addr) -> bool {
+        self.guest_addr6(ip) || (self.cfg.v6.is_none() && ip.is_unicast_link_local())
     }
 
     /// An address a guest may use as its own over IPv6: one of the network's prefix or a

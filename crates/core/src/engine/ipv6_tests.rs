@@ -378,6 +378,23 @@ fn ipv4_only_ignores_ipv6_and_advertises_nothing() {
     assert!(drops.contains(&(DropReason::Ethertype, 2)), "{drops:?}");
 }
 
+/// gvproxy's and vpnkit's networks have no IPv6, and bind guests to their links: a VM's
+/// neighbour discovery at boot, from its link-local address, is not taken for a spoof (it
+/// was, with a warning for every VM); it is dropped as a protocol the network lacks.
+#[test]
+fn ipv4_only_with_bound_links_drops_link_local_ipv6_as_ethertype() {
+    use super::metrics::DropReason;
+    let (mut e, link, _) = engine_with(NetConfig { v6: None, ..NetConfig::default() });
+    e.bind_guests_to_links();
+    let rs = RouterSolicit { source_lladdr: Some(GUEST_MAC) };
+    let f = ndp_frame(guest_ll(), ndp::ALL_ROUTERS, 255, ndp::multicast_mac(ndp::ALL_ROUTERS), |b| rs.emit(b));
+    e.on_frame(0, &f, Instant::now());
+    assert!(take6(&link).is_empty());
+    let drops: Vec<_> = e.metrics().counters.drops().collect();
+    assert!(drops.contains(&(DropReason::Ethertype, 1)), "{drops:?}");
+    assert!(drops.contains(&(DropReason::Spoofed, 0)), "{drops:?}");
+}
+
 #[test]
 fn tcp_and_udp_from_a_source_that_is_not_a_guest_address_are_dropped() {
     let (mut e, link, dialer) = engine();
