@@ -185,3 +185,191 @@ fn podman_machine_vm_through_gvproxy_mode() {
     }
     assert!(!common::dropin::port_listening(ssh_port), "the ssh port still listens");
 }
+
+/// A network namespace of the test's own (a VM's inside), removed on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("gv{tag}{}", common::unique_id());
+        common::must("ip", &["netns", "add", &name]);
+        common::must("ip", &["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    fn sh(&self, script: &str) -> common::Output {
+        common::run_bounded(
+            Command::new("ip").args(["netns", "exec", &self.name, "sh", "-c", script]),
+            Duration::from_secs(60),
+        )
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = common::run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// gvisor-tap-vsock's guest forwarder's steps (tests/helpers/gvforwarder.py) from `url`,
+/// with its TAP `tap0` (MAC `mac`) in `ns`; then DHCP on it with busybox's udhcpc, as the
+/// forwarder runs it. Returns the bridge and the leased address.
+fn join_through_connect(ns: &Netns, dir: &TempDir, url: &str, mac: &str) -> (Background, String) {
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helpers/gvforwarder.py");
+    let mut c = Command::new(common::python());
+    c.arg(helper).args([url, "tap0", mac]).arg(format!("/run/netns/{}", ns.name)).env("PATH", common::search_path());
+    let mut fw = Background::start(c, Stdio::null());
+    fw.wait_line("bridging", Duration::from_secs(20));
+    let script = dir.join(&format!("udhcpc-{}.sh", ns.name));
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  \
+         ip route add default via \"${router%% *}\"\n  echo \"lease $ip\";;\nesac\n",
+    )
+    .unwrap();
+    common::must("chmod", &["755", &script.to_string_lossy()]);
+    let out = ns.sh(&format!("busybox udhcpc -f -q -n -t 10 -T 1 -i tap0 -s {}", script.display()));
+    let ip = out.stdout.lines().find_map(|l| l.strip_prefix("lease ")).map(str::to_string);
+    let ip = ip.unwrap_or_else(|| panic!("no DHCP lease through {url}: {out}\n{}", fw.describe()));
+    (fw, ip)
+}
+
+/// gvproxy's `-listen` endpoints take VMs as gvisor-tap-vsock's guest forwarder joins them:
+/// `POST /connect`, then HyperKit-framed frames. Two VMs, over the Unix and the TCP
+/// endpoint, get their DHCP leases (the static one for Podman's MAC), DNS, a download from
+/// the host's loopback and a published port (exposed through the same TCP endpoint's API,
+/// which still answers HTTP); a garbled client is one log line and the others go on;
+/// `vsock://` holds its port where the machine has AF_VSOCK.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn gvforwarder_joins_through_listen() {
+    common::require(&["ip", "busybox", "curl", "dig", "sha256sum"]);
+    let dir = TempDir::new("gvconnect");
+    let (_files, http, hash) = common::serve_random_file("gvconnect-file", "f", FILE_SIZE);
+    let gvproxy = dir.join("gvproxy");
+    std::os::unix::fs::symlink(common::usernet_bin(), &gvproxy).expect("symlink gvproxy");
+    let (api, services, log_file) = (dir.join("api.sock"), dir.join("services.sock"), dir.join("gvproxy.log"));
+    let tcp_port = common::free_service_port();
+    // Where the machine has AF_VSOCK (virtual machines with a vsock device), `-listen
+    // vsock://` too.
+    let vsock_port = 20000 + std::process::id() % 20000;
+    let vsock = Path::new("/dev/vsock").exists();
+    let mut cmd = common::as_test_user(&gvproxy);
+    cmd.args(["-ssh-port", "-1", "-listen"])
+        .arg(format!("unix://{}", api.display()))
+        .arg("-listen")
+        .arg(format!("tcp://127.0.0.1:{tcp_port}"))
+        .arg("-services")
+        .arg(format!("unix://{}", services.display()))
+        .arg("-log-file")
+        .arg(&log_file);
+    if vsock {
+        cmd.arg("-listen").arg(format!("vsock://:{vsock_port}"));
+    }
+    let mut gv = Background::start(cmd, Stdio::null());
+    assert!(
+        common::wait_until(Duration::from_secs(10), || log_text(&log_file).contains("waiting for clients")),
+        "{}",
+        log(&gv, &log_file)
+    );
+
+    // The first VM, over the Unix endpoint, with Podman's MAC: the static lease.
+    let a = Netns::new("a");
+    let (_fw_a, ip_a) = join_through_connect(&a, &dir, &format!("unix://{}", api.display()), PODMAN_MAC);
+    assert_eq!(ip_a, "192.168.127.2", "{}", log(&gv, &log_file));
+    let url = format!("http://192.168.127.254:{}/f", http.port);
+    let got = a.sh(&format!("curl -s -f --max-time 20 {url} | sha256sum"));
+    assert_eq!(common::first_word(&got.stdout), hash, "{got}\n{}", log(&gv, &log_file));
+    let dns = a.sh("dig +short +time=3 +tries=2 @192.168.127.1 host.containers.internal");
+    assert_eq!(dns.stdout.trim(), "192.168.127.254", "{dns}");
+
+    // The second VM, over TCP (the helper connects from the host, its TAP in the namespace),
+    // with another MAC: a lease of its own.
+    let b = Netns::new("b");
+    let tcp_url = format!("tcp://127.0.0.1:{tcp_port}/connect");
+    let (_fw_b, ip_b) = join_through_connect(&b, &dir, &tcp_url, "5a:94:ef:e4:0c:ef");
+    assert!(ip_b.starts_with("192.168.127.") && ip_b != ip_a, "{ip_b}");
+    let got = b.sh(&format!("curl -s -f --max-time 20 {url} | sha256sum"));
+    assert_eq!(common::first_word(&got.stdout), hash, "{got}");
+
+    // The TCP endpoint still answers the API: publish the first VM's web server on the host.
+    let served = dir.join("www");
+    std::fs::create_dir_all(&served).unwrap();
+    common::write_random_file(&served.join("g"), FILE_SIZE);
+    let ghash = common::sha256_file(&served.join("g"));
+    let mut httpd = Command::new("ip");
+    httpd.args(["netns", "exec", &a.name, "busybox", "httpd", "-f", "-p", "192.168.127.2:8080", "-h"]).arg(&served);
+    let _httpd = Background::start(httpd, Stdio::null());
+    let host_port = common::free_service_port();
+    let body = format!(r#"{{"local":"127.0.0.1:{host_port}","remote":"192.168.127.2:8080"}}"#);
+    let expose = format!("http://127.0.0.1:{tcp_port}/services/forwarder/expose");
+    let out = common::run("curl", &["-s", "-w", "%{http_code}", "-X", "POST", "-d", &body, &expose]);
+    assert_eq!(out.stdout.trim(), "200", "{out}");
+    let fetched = common::dropin::fetch_hash(&format!("http://127.0.0.1:{host_port}/g"), Duration::from_secs(20));
+    assert_eq!(fetched, ghash);
+    // -services serves the API without /connect (gvproxy's ServicesMux).
+    let out = common::run(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+            &services.to_string_lossy(),
+            "http://x/connect",
+        ],
+    );
+    assert_eq!(out.stdout.trim(), "404", "{out}");
+
+    // Bad clients: a head cut short, and a /connect whose first frame says 0 bytes. One log
+    // line for the garbled link; the VMs go on.
+    let mut cut = UnixStream::connect(&api).unwrap();
+    cut.write_all(b"POST /conn").unwrap();
+    drop(cut);
+    let mut garbled = UnixStream::connect(&api).unwrap();
+    garbled.write_all(b"POST /connect HTTP/1.1\r\nHost: \r\nContent-Length: 0\r\n\r\n\x00\x00junk").unwrap();
+    garbled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 64];
+    match garbled.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a garbled link was kept: {other:?}\n{}", log(&gv, &log_file)),
+    }
+    assert!(
+        common::wait_until(Duration::from_secs(5), || log_text(&log_file).contains("garbled framing")),
+        "{}",
+        log(&gv, &log_file)
+    );
+    assert_eq!(log_text(&log_file).matches("garbled framing").count(), 1, "{}", log(&gv, &log_file));
+    let got = a.sh(&format!("curl -s -f --max-time 20 {url} | sha256sum"));
+    assert_eq!(common::first_word(&got.stdout), hash, "{got}");
+    let got = b.sh(&format!("curl -s -f --max-time 20 {url} | sha256sum"));
+    assert_eq!(common::first_word(&got.stdout), hash, "{got}");
+    // A VM's neighbour discovery on this IPv4-only network is no spoof.
+    assert!(!log_text(&log_file).contains("this link's guest is"), "{}", log(&gv, &log_file));
+
+    if vsock {
+        // The port is usernet's: binding it again fails.
+        let py = "import socket,sys\ns=socket.socket(socket.AF_VSOCK,socket.SOCK_STREAM)\n\
+                  try:\n  s.bind((socket.VMADDR_CID_ANY,int(sys.argv[1])))\n  print('free')\n\
+                  except OSError as e:\n  print('taken' if e.errno==98 else e)";
+        let out = common::run(&common::python().to_string_lossy(), &["-c", py, &vsock_port.to_string()]);
+        assert_eq!(out.stdout.trim(), "taken", "{out}\n{}", log(&gv, &log_file));
+        assert!(log_text(&log_file).contains(&format!("listening vsock://:{vsock_port}")));
+    } else {
+        eprintln!("vsock: not run (no /dev/vsock on this machine)");
+    }
+
+    // SIGTERM: exit 1 as gvproxy, every socket removed.
+    gv.signal(libc::SIGTERM);
+    assert_eq!(gv.exit_code(Duration::from_secs(15)), 1, "{}", log(&gv, &log_file));
+    assert!(log_text(&log_file).contains("gvproxy exiting: signal caught"), "{}", log(&gv, &log_file));
+    for gone in [&api, &services] {
+        assert!(!gone.exists(), "{} left behind", gone.display());
+    }
+    assert!(!common::dropin::port_listening(tcp_port), "the TCP endpoint still listens");
+}

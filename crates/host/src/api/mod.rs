@@ -54,7 +54,7 @@ mod state;
 mod v1;
 pub mod web;
 
-pub use endpoints::Endpoint;
+pub use endpoints::{Connect, Endpoint};
 pub use state::About;
 pub use v1::{FlowView, Info, Lease, LinkGuest, LinkView, Port, StatsView};
 

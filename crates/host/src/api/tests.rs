@@ -953,13 +953,13 @@ fn the_api_on_more_endpoints() {
     let f = start("also");
     let extra = sock_path("also-extra");
     let _ = std::fs::remove_file(&extra);
-    let at = f._server.serve_also(&Endpoint::Unix(extra.clone())).unwrap();
+    let at = f._server.serve_also(&Endpoint::Unix(extra.clone()), None).unwrap();
     assert_eq!(at, Endpoint::Unix(extra.clone()));
     assert_eq!(std::fs::metadata(&extra).unwrap().permissions().mode() & 0o777, 0o600);
     let r = client::request(&extra, "GET", "/services/forwarder/all", None).unwrap();
     assert_eq!(r.status, 200);
     let tcp: Endpoint = "tcp://127.0.0.1:0".parse().unwrap();
-    let Endpoint::Tcp(addr) = f._server.serve_also(&tcp).unwrap() else { panic!("not tcp") };
+    let Endpoint::Tcp(addr) = f._server.serve_also(&tcp, None).unwrap() else { panic!("not tcp") };
     assert_ne!(addr.port(), 0);
     let (status, _, body) = tcp_request(addr, "GET", "/v1/info", &[]);
     assert_eq!(status, 200);

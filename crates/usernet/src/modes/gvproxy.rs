@@ -5,14 +5,15 @@
 //!
 //! Theory of operation.
 //! 1. Parse the command line with Go's `flag` grammar (`modes::goflag`): `-listen` (the
-//!    HTTP API on `unix://` or `tcp://`, repeatable), `-services` (the same API elsewhere),
+//!    HTTP API on `unix://`, `tcp://` or `vsock://`, repeatable, where a VM may also join
+//!    with `POST /connect`), `-services` (the same API elsewhere, without `/connect`),
 //!    the transports `-listen-qemu unix://`, `-listen-bess unixpacket://`, `-listen-vfkit
 //!    unixgram://`, `-listen-vpnkit unix://`, `-listen-stdio`, and `-mtu`, `-ssh-port` (the
 //!    host's 127.0.0.1:PORT to the guest's port 22; -1: none), `-subnet`, `-gatewayIP`,
 //!    `-deviceIP`, `-hostIP`, `-pcap`, `-debug`, `-pid-file`, `-log-file`, the forwards
 //!    (`-forward-sock`, `-forward-dest`, `-forward-user`, `-forward-identity`, repeated
 //!    together) and `-ec2-metadata-access`. A flag usernet cannot honour (`-config`,
-//!    `-notification`, a `vsock://` endpoint) is an error naming it. Mistakes of grammar are
+//!    `-notification`) is an error naming it. Mistakes of grammar are
 //!    Go's messages and exit 2; checks of gvproxy's own (an existing socket file, a wrong
 //!    scheme, an ssh port out of range, forwards given unevenly, an identity that does not
 //!    load) are one log line and exit 1, as gvproxy's `log.Fatal`.
@@ -45,6 +46,8 @@ use crate::network::{Network, start_network};
 use crate::serve::{Transports, serve_guest_api};
 use usernet_core::config::{Ipv4Subnet, MTU_VM, NetConfig};
 use usernet_core::engine::Supervisor;
+use usernet_core::link::handoff::Handoff;
+use usernet_core::link::qemu::Framing;
 use usernet_core::link::{Link, LinkAcceptor};
 use usernet_core::pcap::PcapWriter;
 use usernet_core::ports::Proto;
@@ -94,7 +97,7 @@ const USAGE: &str = "Usage of gvproxy (usernet):
   -gatewayIP string      Gateway IP address, default is first usable address of subnet
   -deviceIP string       Device IP address, default is second usable address of subnet
   -hostIP string         Host IP address, default is last usable address of subnet
-  -listen value          control endpoint (unix:// or tcp://)
+  -listen value          control endpoint (unix://, tcp:// or vsock://); VMs join with POST /connect
   -listen-bess string    unixpacket socket to be used by Bess-compatible applications
   -listen-qemu string    Socket to be used by Qemu
   -listen-stdio string   accept stdio pipe
@@ -108,7 +111,7 @@ const USAGE: &str = "Usage of gvproxy (usernet):
   -ssh-port int          Port to access the guest virtual machine. Must be between 1024 and 65535 (default 2222; -1: none)
   -subnet string         Subnet address in CIDR format (default \"192.168.127.0/24\")
   -version               Print version information and exit
-Not served by usernet: -config, -notification, vsock:// endpoints.
+Not served by usernet: -config, -notification.
 ";
 
 /// gvproxy's network.
@@ -445,12 +448,26 @@ fn run(o: &Options) -> anyhow::Result<String> {
     // tools send none), and only its safe subset; the host's endpoints on the same server.
     let own = serve_guest_api(&mut engine, registered.as_ref(), handle, &shared, &cfg, None)?;
     let server = registered.as_ref().map(|a| &a.server).or(own.as_ref());
-    let endpoints: Vec<&Endpoint> = o.listen.iter().chain(o.services.iter()).collect();
-    if !endpoints.is_empty() {
+    if !o.listen.is_empty() || o.services.is_some() {
         let server = server.context("the control API could not start")?;
-        for e in endpoints {
-            let at = server.serve_also(e).with_context(|| format!("cannot listen: {e:?}"))?;
-            tracing::info!("listening {at:?}");
+        // `-listen` takes VMs too (`POST /connect`), framed as gvproxy frames them: QEMU's
+        // way when it was given `-listen-qemu`, else HyperKit's.
+        let connect = if o.listen.is_empty() {
+            None
+        } else {
+            let handoff = Handoff::new("gvproxy /connect").context("gvproxy /connect")?;
+            let framing = if o.qemu.is_some() { Framing::Be32 } else { Framing::Le16 };
+            let target = usernet_host::api::Connect { links: handoff.sender(), framing };
+            engine.add_acceptor(Box::new(handoff)).context("gvproxy /connect: cannot watch it")?;
+            Some(target)
+        };
+        for e in &o.listen {
+            let at = server.serve_also(e, connect.clone()).with_context(|| format!("cannot listen: {e}"))?;
+            tracing::info!("listening {at}");
+        }
+        if let Some(e) = &o.services {
+            let at = server.serve_also(e, None).with_context(|| format!("cannot listen: {e}"))?;
+            tracing::info!("enabling services API. Listening {at}");
         }
     }
     engine.add_tcp_hook(proxy_hook);
@@ -566,6 +583,12 @@ mod tests {
         let o = opts("-mtu 1500 -ssh-port -1 -listen-vfkit unixgram:///tmp/vf.sock -listen unix:///tmp/api.sock");
         assert_eq!(o.ssh_port, -1);
         assert_eq!(o.listen, vec![Endpoint::Unix("/tmp/api.sock".into())]);
+        // CRC's and the Windows providers' vsock endpoint, with a TCP one beside it.
+        let o = opts("-listen vsock://:1024 -listen tcp://127.0.0.1:7777 -services unix:///tmp/s.sock");
+        let any = tokio_vsock_any();
+        assert_eq!(o.listen[0], Endpoint::Vsock { cid: any, port: 1024 });
+        assert_eq!(o.listen[1], Endpoint::Tcp("127.0.0.1:7777".parse().unwrap()));
+        assert_eq!(o.services, Some(Endpoint::Unix("/tmp/s.sock".into())));
         let net = NetOpts::defaults();
         let cfg = network_config(&opts("-listen-stdio yes"), &NetOpts { subnet: GVPROXY_SUBNET, ..net }).unwrap();
         assert_eq!(
@@ -594,6 +617,11 @@ mod tests {
         assert_eq!(cfg.policy.check(metadata, Some(80)), Verdict::Allow);
     }
 
+    /// VMADDR_CID_ANY, the context ID of an endpoint that names none.
+    fn tokio_vsock_any() -> u32 {
+        u32::MAX
+    }
+
     #[test]
     fn mistakes_as_gvproxy_reports_them() {
         assert_eq!(p("-nope"), Err(Mistake::Grammar("flag provided but not defined: -nope".into())));
@@ -604,7 +632,8 @@ mod tests {
             ("-forward-sock /a -forward-dest /b", "must all be specified together"),
             ("-config /etc/gvproxy.yaml", "-config"),
             ("-notification unix:///n", "-notification: not supported"),
-            ("-listen vsock://:1024", "unsupported endpoint scheme vsock://"),
+            ("-listen ftp://x", "unsupported endpoint scheme ftp://"),
+            ("-listen vsock://1024", "want vsock://[CID]:PORT"),
             ("-subnet 10.0.0.0/40", "failed to parse subnet"),
             ("-mtu 100", "-mtu 100"),
         ] {
