@@ -12,6 +12,19 @@
 //! the handler writes one line to stderr (the call's name and number; async-signal-safe:
 //! a stack buffer and write(2)), restores the default action and signals the thread again,
 //! which ends the process with SIGSYS.
+//!
+//! Two calls of the list are also judged by their arguments, in a second filter stacked on
+//! the first (the kernel takes the strictest answer of the two), whose refusal is EPERM, an
+//! error the caller sees, rather than the end of usernet:
+//! - `ioctl` only with the requests of [`IOCTLS`]: non-blocking mode, close-on-exec, bytes
+//!   queued, terminal queries and the TAP device's own. Above all no TIOCSTI (typing into
+//!   a terminal usernet shares with its caller), no TIOCSETD, no filesystem or block ioctls.
+//! - `clone` only for threads: CLONE_THREAD set, no CLONE_NEW* namespace flag. usernet
+//!   starts no process once confined (`run`'s command was forked before).
+//!
+//! `clone3` passes its flags in memory, where seccomp cannot look, so a third filter answers
+//! it ENOSYS: the C library then makes its threads with `clone`, judged as above (what
+//! container runtimes' default profiles do).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -152,8 +165,9 @@ const ALLOWED: &[&str] = &[
     "mlock",
     "mlock2",
     "munlock",
-    // Threads and processes: new threads (clone3's flags cannot be filtered); the reaping
-    // and the killing of `usernet run`'s leftover processes.
+    // Threads and processes: new threads (clone by its flags, clone3 answered ENOSYS: see
+    // the module's comment); the reaping and the killing of `usernet run`'s leftover
+    // processes.
     "clone",
     "clone3",
     "set_robust_list",
@@ -173,33 +187,102 @@ const ALLOWED: &[&str] = &[
     "exit_group",
 ];
 
-/// The filter, compiled (a few hundred BPF instructions) ahead of [`install`], so that the
+/// The ioctl requests allowed (as the kernel compares them: 32 bits). (The casts are for
+/// architectures where libc's request type is not u64.)
+#[allow(clippy::unnecessary_cast)]
+const IOCTLS: &[(&str, u64)] = &[
+    ("FIONBIO", libc::FIONBIO as u64),
+    ("FIOCLEX", libc::FIOCLEX as u64),
+    ("FIONCLEX", libc::FIONCLEX as u64),
+    // SIOCINQ and SIOCOUTQ: bytes queued in a socket.
+    ("FIONREAD", libc::FIONREAD as u64),
+    ("TIOCOUTQ", libc::TIOCOUTQ as u64),
+    // isatty(3) and the terminal's size, read only.
+    ("TCGETS", libc::TCGETS as u64),
+    ("TIOCGWINSZ", libc::TIOCGWINSZ as u64),
+    // The TAP device (`run`, `serve --netns`, the pasta and slirp4netns modes).
+    ("TUNSETIFF", libc::TUNSETIFF as u64),
+    ("TUNGETIFF", libc::TUNGETIFF as u64),
+    ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD as u64),
+    ("TUNSETPERSIST", libc::TUNSETPERSIST as u64),
+    ("TUNSETVNETHDRSZ", libc::TUNSETVNETHDRSZ as u64),
+    ("TUNGETFEATURES", libc::TUNGETFEATURES as u64),
+];
+
+/// The namespace flags a thread's clone may not carry.
+const CLONE_NAMESPACES: &[u64] = &[
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+];
+
+/// The filters, compiled (a few hundred BPF instructions) ahead of [`install`], so that the
 /// compiling need not wait until setup is done.
 pub struct Compiled {
-    program: BpfProgram,
+    /// The allowlist, then the argument checks, then clone3's ENOSYS.
+    programs: Vec<BpfProgram>,
     /// How many calls it allows.
     pub allowed: usize,
 }
 
-/// Compiles the filter. `log_only`: calls outside the list go through, logged by the kernel.
+/// Compiles the filters. `log_only`: calls outside the list go through, logged by the
+/// kernel (and so do the arguments that the second filter refuses).
 pub fn compile(log_only: bool) -> Result<Compiled, ConfineError> {
+    use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompRule as Rule};
     let err = |e: &dyn std::fmt::Display| ConfineError::Seccomp(e.to_string());
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| err(&e))?;
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let nr =
+        |name: &str| Sysno::from_str(name).map(|s| s.id() as i64).map_err(|_| err(&format!("no system call {name}")));
+    let compile = |rules: BTreeMap<i64, Vec<Rule>>, on_match, on_other| -> Result<BpfProgram, ConfineError> {
+        let filter = SeccompFilter::new(rules, on_other, on_match, arch).map_err(|e| err(&e))?;
+        filter.try_into().map_err(|e: seccompiler::BackendError| err(&e))
+    };
+    let rules: BTreeMap<i64, Vec<Rule>> =
         ALLOWED.iter().filter_map(|name| Sysno::from_str(name).ok()).map(|s| (s.id() as i64, Vec::new())).collect();
     let allowed = rules.len();
     let on_other = if log_only { SeccompAction::Log } else { SeccompAction::Trap };
-    let filter = SeccompFilter::new(rules, on_other, SeccompAction::Allow, arch).map_err(|e| err(&e))?;
-    let program: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| err(&e))?;
-    Ok(Compiled { program, allowed })
+    let refuse = if log_only { SeccompAction::Log } else { SeccompAction::Errno(libc::EPERM as u32) };
+    let main = compile(rules, SeccompAction::Allow, on_other)?;
+
+    // The second filter matches what is refused: an ioctl whose request is none of the
+    // list, a clone without CLONE_THREAD, a clone with a namespace flag.
+    let cond = |arg, op, value| Cond::new(arg, Len::Qword, op, value).map_err(|e| err(&e));
+    let not_listed: Vec<Cond> = IOCTLS
+        .iter()
+        .map(|(_, req)| Cond::new(1, Len::Dword, Op::Ne, *req).map_err(|e| err(&e)))
+        .collect::<Result<_, _>>()?;
+    let mut clone_rules =
+        vec![Rule::new(vec![cond(0, Op::MaskedEq(libc::CLONE_THREAD as u64), 0)?]).map_err(|e| err(&e))?];
+    for flag in CLONE_NAMESPACES {
+        clone_rules.push(Rule::new(vec![cond(0, Op::MaskedEq(*flag), *flag)?]).map_err(|e| err(&e))?);
+    }
+    let mut refused = BTreeMap::new();
+    refused.insert(nr("ioctl")?, vec![Rule::new(not_listed).map_err(|e| err(&e))?]);
+    refused.insert(nr("clone")?, clone_rules);
+    let arguments = compile(refused, refuse, SeccompAction::Allow)?;
+
+    let mut clone3 = BTreeMap::new();
+    clone3.insert(nr("clone3")?, Vec::new());
+    let enosys = if log_only { SeccompAction::Log } else { SeccompAction::Errno(libc::ENOSYS as u32) };
+    let clone3 = compile(clone3, enosys, SeccompAction::Allow)?;
+    Ok(Compiled { programs: vec![main, arguments, clone3], allowed })
 }
 
-/// Installs the filter on every thread (and sets no_new_privs); returns how many calls it
-/// allows.
+/// Installs the filters on every thread (and sets no_new_privs); returns how many calls
+/// they allow.
 pub fn install(filter: Compiled) -> Result<usize, ConfineError> {
     let err = |e: &dyn std::fmt::Display| ConfineError::Seccomp(e.to_string());
     install_sigsys_handler().map_err(|e| err(&e))?;
-    seccompiler::apply_filter_all_threads(&filter.program).map_err(|e| err(&e))?;
+    // The allowlist last: installing a filter is itself a call (seccomp(2)) that the
+    // allowlist forbids. The order changes nothing else: the kernel runs every filter and
+    // takes the strictest answer.
+    for program in filter.programs.iter().rev() {
+        seccompiler::apply_filter_all_threads(program).map_err(|e| err(&e))?;
+    }
     Ok(filter.allowed)
 }
 

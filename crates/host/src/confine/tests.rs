@@ -45,6 +45,32 @@ fn child() {
     drop(s);
     std::fs::read_to_string("/proc/self/status").expect("open");
     match what.as_str() {
+        "arguments" => {
+            let errno = |rc: i64| if rc < 0 { std::io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { 0 };
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+            let mut one: libc::c_int = 1;
+            // SAFETY: ioctls with pointers to live values of the kinds they take.
+            unsafe {
+                println!("FIONBIO {}", errno(libc::ioctl(fd, libc::FIONBIO, &mut one) as i64));
+                println!("FIONREAD {}", errno(libc::ioctl(fd, libc::FIONREAD, &mut one) as i64));
+                let c: libc::c_char = b'x' as libc::c_char;
+                println!("TIOCSTI {}", errno(libc::ioctl(0, libc::TIOCSTI, &c) as i64));
+            }
+            // Threads still start (the C library falls back from clone3 to clone)...
+            let t = std::thread::spawn(|| 7).join().unwrap();
+            println!("THREAD {t}");
+            // SAFETY: a raw clone3 with no arguments: refused before it looks at them.
+            println!("CLONE3 {}", errno(unsafe { libc::syscall(libc::SYS_clone3, 0, 0) }));
+            // ...but no process does.
+            // SAFETY: fork(2) is refused here; were it not, the child exits at once.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: the child leaves without running anything of the parent's.
+                unsafe { libc::_exit(0) };
+            }
+            println!("FORK {}", errno(pid as i64));
+        }
         "forbidden" => {
             // mount(2) is not in the list: this must not return.
             // SAFETY: the call is stopped before it does anything.
@@ -67,6 +93,25 @@ fn threads_are_confined_and_keep_working() {
         let line = stdout.lines().find(|l| l.starts_with(&format!("WORKER {field}"))).unwrap();
         let caps = u64::from_str_radix(line.rsplit('\t').next().unwrap().trim(), 16).unwrap();
         assert_eq!(caps & !0x2400, 0, "{line}");
+    }
+}
+
+/// ioctl and clone are judged by their arguments: refused with EPERM (usernet goes on),
+/// and clone3 answered ENOSYS so that threads come from clone.
+#[test]
+fn ioctl_and_clone_are_judged_by_their_arguments() {
+    let out = run_child("arguments");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for line in [
+        "FIONBIO 0".to_string(),
+        "FIONREAD 0".to_string(),
+        format!("TIOCSTI {}", libc::EPERM),
+        "THREAD 7".to_string(),
+        format!("CLONE3 {}", libc::ENOSYS),
+        format!("FORK {}", libc::EPERM),
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "no {line:?} in:\n{stdout}");
     }
 }
 
