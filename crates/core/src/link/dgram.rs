@@ -6,15 +6,20 @@
 //! datagrams it receives: the sender of the first datagram becomes the peer, and a
 //! datagram from another address (a VM that restarted with a new socket) replaces it. vfkit
 //! announces itself with a 4-byte "VFKT" datagram, which only sets the peer. Frames to the
-//! guest go to the peer with sendto(2); while no peer is known they are dropped. When the
+//! guest go to the peer (see below); while no peer is known they are dropped. When the
 //! peer's socket is gone (ECONNREFUSED, ENOENT) the peer is forgotten until the next
 //! datagram: a VM that is restarted is served again without restarting usernet.
+//!
+//! Frames to the guest are queued as the engine makes them and sent at the end of its round
+//! (`flush`), up to [`SEND_BATCH`] to one sendmmsg(2); the guest's are read up to
+//! [`RECV_BATCH`] at a time with recvmmsg(2) and handed to the engine one by one. A burst
+//! costs one system call per batch instead of one per frame.
 //!
 //! The guest's socket holds few datagrams (Linux queues at most `net.unix.max_dgram_qlen`,
 //! 10 by default, for a sender its socket is not connected to), so a burst of frames (one
 //! 64 KiB read of a host socket is 45 frames at MTU 1500) finds it full whenever the VM is
-//! slow to read, as on a loaded machine. Frames it does not take wait, in order, in a
-//! bounded queue ([`MAX_QUEUE`] bytes, as the stream transport's) and go at the next
+//! slow to read, as on a loaded machine. Frames it does not take wait, in order, in the
+//! same bounded queue ([`MAX_QUEUE`] bytes, as the stream transport's) for the next
 //! `flush`; the socket of an unconnected sender never says when the guest's has room again,
 //! so while frames wait the link says it is [`Link::backlogged`] and the engine retries
 //! every millisecond. (Dropping them instead, as this link once did, cost a TCP flow most
@@ -33,13 +38,18 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::sys::socket::{MsgFlags, SockaddrLike, UnixAddr, sendto};
+use nix::sys::socket::{SockaddrLike, UnixAddr};
 
 use super::qemu::clear_stale_socket;
 use super::{Link, MAX_FRAME};
 
 /// Bytes of frames a datagram link may hold for a guest that does not take them yet.
 pub const MAX_QUEUE: usize = 4 * 1024 * 1024;
+
+/// Frames handed to one sendmmsg(2).
+pub const SEND_BATCH: usize = 64;
+/// Datagrams read by one recvmmsg(2).
+pub const RECV_BATCH: usize = 16;
 
 /// The handshake vfkit sends before its first frame.
 pub const VFKIT_MAGIC: &[u8] = b"VFKT";
@@ -78,6 +88,7 @@ pub struct DgramLink {
     spare: Vec<Vec<u8>>,
     /// Frames dropped because the queue was full.
     pub dropped: u64,
+    rx: RecvBatch,
 }
 
 impl DgramLink {
@@ -99,6 +110,7 @@ impl DgramLink {
             queued: 0,
             spare: Vec::new(),
             dropped: 0,
+            rx: RecvBatch::new(),
         })
     }
 
@@ -121,24 +133,57 @@ impl DgramLink {
         }
     }
 
-    /// Sends one datagram to the peer. Ok(false) when its socket is full (try again later).
-    fn send_one(&mut self, frame: &[u8]) -> io::Result<bool> {
-        let Some(peer) = self.peer else {
-            return Ok(true);
-        };
-        loop {
-            match sendto(self.sock.as_raw_fd(), frame, &peer, MsgFlags::MSG_DONTWAIT) {
-                Ok(_) => return Ok(true),
+    /// Sends the queued frames to the peer, up to [`SEND_BATCH`] per sendmmsg(2), oldest
+    /// first, until the queue is empty or the peer's socket is full (the rest wait).
+    fn send_queued(&mut self) -> io::Result<()> {
+        while !self.queue.is_empty() {
+            let Some(peer) = self.peer else {
+                return Ok(());
+            };
+            let n = self.queue.len().min(SEND_BATCH);
+            let mut iovs: [libc::iovec; SEND_BATCH] =
+                [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; SEND_BATCH];
+            // SAFETY: mmsghdr is plain old data; all-zero is valid.
+            let mut msgs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+            for (i, frame) in self.queue.iter().take(n).enumerate() {
+                iovs[i] = libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() };
+                msgs[i].msg_hdr.msg_name = peer.as_ptr() as *mut libc::c_void;
+                msgs[i].msg_hdr.msg_namelen = peer.len();
+                msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+                msgs[i].msg_hdr.msg_iovlen = 1;
+            }
+            // SAFETY: `n` headers, each naming one live frame of the queue and the peer's
+            // address, all valid for the duration of the call.
+            let sent = unsafe {
+                libc::sendmmsg(self.sock.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT)
+            };
+            match Errno::result(sent) {
+                Ok(sent) => {
+                    for _ in 0..sent {
+                        let Some(frame) = self.queue.pop_front() else { break };
+                        self.queued -= frame.len().min(self.queued);
+                        if self.spare.len() < 64 {
+                            self.spare.push(frame);
+                        }
+                    }
+                    // Fewer than asked: the guest's socket is full.
+                    if (sent as usize) < n {
+                        break;
+                    }
+                }
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) | Err(Errno::ENOBUFS) => return Ok(false),
+                Err(Errno::EAGAIN) | Err(Errno::ENOBUFS) => break,
                 Err(e @ (Errno::ECONNREFUSED | Errno::ENOENT | Errno::ENOTCONN)) => {
                     tracing::info!(link = %self.describe(), error = e.desc(), "guest went away");
                     self.forget_peer();
-                    return Ok(true);
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+        if self.queue.is_empty() {
+            self.queued = 0;
+        }
+        Ok(())
     }
 
     /// No peer any more: what was queued for it goes.
@@ -170,22 +215,20 @@ impl Link for DgramLink {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // Bounded: each round consumes one datagram; stop after a burst of invalid ones.
         for _ in 0..64 {
-            let fd = self.sock.as_fd();
-            // MSG_TRUNC makes recvfrom report the datagram's real length.
-            let got = loop {
-                match recv_trunc(fd, buf) {
-                    Err(Errno::EINTR) => continue,
-                    other => break other,
+            if self.rx.next == self.rx.count {
+                match self.rx.fill(self.sock.as_fd()) {
+                    Ok(()) => {}
+                    Err(Errno::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                    Err(e) => return Err(e.into()),
                 }
-            };
-            let (len, from) = match got {
-                Ok(x) => x,
-                Err(Errno::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
-                Err(e) => return Err(e.into()),
-            };
-            let head_len = len.min(buf.len());
-            match classify(&buf[..head_len], len) {
+            }
+            let i = self.rx.next;
+            self.rx.next += 1;
+            let (len, from) = (self.rx.lens[i], self.rx.from[i]);
+            let data = &self.rx.bufs[i][..len.min(MAX_FRAME)];
+            match classify(data, len) {
                 Datagram::Frame(n) if n <= buf.len() => {
+                    buf[..n].copy_from_slice(data);
                     self.learn(from);
                     return Ok(n);
                 }
@@ -209,12 +252,10 @@ impl Link for DgramLink {
         if self.peer.is_none() {
             return Ok(());
         }
-        if self.queue.is_empty() && self.send_one(frame)? {
-            return Ok(());
-        }
-        // The guest's socket is full (or frames wait before this one): queue it, in order.
+        // Queued, in order, and sent by `flush` at the end of the engine's round: one
+        // sendmmsg(2) for up to SEND_BATCH frames instead of a sendto(2) each.
         if self.queued + frame.len() > MAX_QUEUE {
-            self.flush()?;
+            self.send_queued()?;
             if self.queued + frame.len() > MAX_QUEUE {
                 self.dropped += 1;
                 tracing::trace!("{}: queue full, dropped a {}-byte frame", self.describe(), frame.len());
@@ -230,28 +271,7 @@ impl Link for DgramLink {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        while let Some(frame) = self.queue.pop_front() {
-            match self.send_one(&frame) {
-                Ok(true) => {
-                    self.queued -= frame.len().min(self.queued);
-                    if self.spare.len() < 64 {
-                        self.spare.push(frame);
-                    }
-                }
-                Ok(false) => {
-                    self.queue.push_front(frame);
-                    break;
-                }
-                Err(e) => {
-                    self.queue.push_front(frame);
-                    return Err(e);
-                }
-            }
-        }
-        if self.queue.is_empty() {
-            self.queued = 0;
-        }
-        Ok(())
+        self.send_queued()
     }
 
     fn backlogged(&self) -> bool {
@@ -263,26 +283,70 @@ impl Link for DgramLink {
     }
 }
 
-/// recvfrom(2) with MSG_TRUNC: (the datagram's true length, its sender).
-fn recv_trunc(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Option<UnixAddr>), Errno> {
-    // SAFETY: sockaddr_un is plain old data; all-zero is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut addrlen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: buf and addr are valid for the lengths given, for the duration of the call.
-    let n = unsafe {
-        libc::recvfrom(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-            (&mut addr as *mut libc::sockaddr_un).cast(),
-            &mut addrlen,
-        )
-    };
-    let n = Errno::result(n)? as usize;
-    // SAFETY: the kernel filled `addrlen` bytes of a sockaddr_un.
-    let from = unsafe { UnixAddr::from_raw((&addr as *const libc::sockaddr_un).cast(), Some(addrlen)) };
-    Ok((n, from))
+/// Datagrams read ahead from the socket by one recvmmsg(2), handed out one by one.
+struct RecvBatch {
+    /// RECV_BATCH buffers of MAX_FRAME bytes, allocated at the first read.
+    bufs: Vec<Vec<u8>>,
+    /// Each datagram's true length (MSG_TRUNC), which may exceed its buffer.
+    lens: [usize; RECV_BATCH],
+    from: [Option<UnixAddr>; RECV_BATCH],
+    /// Datagrams read, and the next to hand out.
+    count: usize,
+    next: usize,
+}
+
+impl RecvBatch {
+    fn new() -> RecvBatch {
+        RecvBatch { bufs: Vec::new(), lens: [0; RECV_BATCH], from: [None; RECV_BATCH], count: 0, next: 0 }
+    }
+
+    /// Reads what is waiting, up to RECV_BATCH datagrams; Err(EAGAIN) when nothing is.
+    fn fill(&mut self, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+        if self.bufs.is_empty() {
+            self.bufs = (0..RECV_BATCH).map(|_| vec![0u8; MAX_FRAME]).collect();
+        }
+        self.count = 0;
+        self.next = 0;
+        // SAFETY: sockaddr_un and mmsghdr are plain old data; all-zero is valid.
+        let mut addrs: [libc::sockaddr_un; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        let mut msgs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [libc::iovec; RECV_BATCH] =
+            [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; RECV_BATCH];
+        for i in 0..RECV_BATCH {
+            iovs[i] = libc::iovec { iov_base: self.bufs[i].as_mut_ptr().cast(), iov_len: self.bufs[i].len() };
+            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_un).cast();
+            msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let n = loop {
+            // SAFETY: RECV_BATCH headers, each with one live buffer and address of the
+            // stated lengths, valid for the duration of the call. MSG_TRUNC makes each
+            // msg_len the datagram's true length.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    RECV_BATCH as libc::c_uint,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            match Errno::result(n) {
+                Err(Errno::EINTR) => continue,
+                other => break other? as usize,
+            }
+        };
+        for i in 0..n {
+            self.lens[i] = msgs[i].msg_len as usize;
+            // SAFETY: the kernel filled `msg_namelen` bytes of a sockaddr_un.
+            self.from[i] = unsafe {
+                UnixAddr::from_raw((&addrs[i] as *const libc::sockaddr_un).cast(), Some(msgs[i].msg_hdr.msg_namelen))
+            };
+        }
+        self.count = n;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -320,6 +384,7 @@ mod tests {
         vm.send_to(&[7; 60], dir.join("usernet.sock")).unwrap();
         assert_eq!(link.recv(&mut buf).unwrap(), 60);
         link.send(&[8; 70]).unwrap();
+        link.flush().unwrap();
         let mut got = [0u8; 100];
         assert_eq!(vm.recv(&mut got).unwrap(), 70);
 
@@ -340,12 +405,14 @@ mod tests {
         vm2.send_to(VFKIT_MAGIC, dir.join("usernet.sock")).unwrap();
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         link.send(&[9; 80]).unwrap();
+        link.flush().unwrap();
         assert_eq!(vm2.recv(&mut got).unwrap(), 80);
 
         // The peer's socket disappears: the link forgets it rather than failing.
         drop(vm2);
         std::fs::remove_file(dir.join("vm2.sock")).unwrap();
         link.send(&[9; 80]).unwrap();
+        link.flush().unwrap();
         assert!(link.peer().is_none());
         drop(link);
         assert!(!dir.join("usernet.sock").exists());
@@ -369,6 +436,7 @@ mod tests {
             f[..4].copy_from_slice(&i.to_be_bytes());
             link.send(&f).unwrap();
         }
+        link.flush().unwrap();
         assert!(link.backlogged(), "a full socket leaves frames queued");
         let mut got = [0u8; 2000];
         for i in 0..n {
@@ -380,6 +448,74 @@ mod tests {
         }
         assert!(!link.backlogged());
         assert_eq!(link.dropped, 0);
+        drop(link);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A round's frames go out together: one sendmmsg(2) per batch, in order, nothing sent
+    /// before the flush.
+    #[test]
+    fn a_rounds_frames_go_in_one_batch() {
+        let dir = tmp("batch");
+        let mut link = DgramLink::bind(&dir.join("usernet.sock")).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        let vm = UnixDatagram::bind(dir.join("vm.sock")).unwrap();
+        vm.send_to(&[7; 60], dir.join("usernet.sock")).unwrap();
+        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        // Fewer than the guest's socket queues at once (net.unix.max_dgram_qlen, 10).
+        for i in 0..8u8 {
+            link.send(&[i; 100]).unwrap();
+        }
+        vm.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 200];
+        assert!(vm.recv(&mut got).is_err(), "sent before the flush");
+        link.flush().unwrap();
+        assert!(!link.backlogged());
+        for i in 0..8u8 {
+            assert_eq!(vm.recv(&mut got).unwrap(), 100);
+            assert_eq!(got[0], i, "in order");
+        }
+        drop(link);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Datagrams read ahead in batches come out one by one, in order, across batches, with
+    /// a bad one in the middle dropped and counted.
+    #[test]
+    fn datagrams_read_in_batches_come_out_in_order() {
+        let dir = tmp("rxbatch");
+        let mut link = DgramLink::bind(&dir.join("usernet.sock")).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        let vm = UnixDatagram::bind(dir.join("vm.sock")).unwrap();
+        let to = dir.join("usernet.sock");
+        vm.set_nonblocking(true).unwrap();
+        vm.send_to(VFKIT_MAGIC, &to).unwrap();
+        // More than one batch, and more than the socket would queue from an unconnected
+        // sender (net.unix.max_dgram_qlen): sent as the link reads.
+        let n = 3 * RECV_BATCH as u32 + 5;
+        let mut got = Vec::new();
+        for i in 0..n {
+            if i == RECV_BATCH as u32 + 1 {
+                while vm.send_to(&[], &to).is_err() {
+                    while let Ok(len) = link.recv(&mut buf) {
+                        got.push((u32::from_be_bytes(buf[..4].try_into().unwrap()), len));
+                    }
+                }
+            }
+            let mut f = vec![0u8; 64 + i as usize];
+            f[..4].copy_from_slice(&i.to_be_bytes());
+            while vm.send_to(&f, &to).is_err() {
+                while let Ok(len) = link.recv(&mut buf) {
+                    got.push((u32::from_be_bytes(buf[..4].try_into().unwrap()), len));
+                }
+            }
+        }
+        while let Ok(len) = link.recv(&mut buf) {
+            got.push((u32::from_be_bytes(buf[..4].try_into().unwrap()), len));
+        }
+        let want: Vec<(u32, usize)> = (0..n).map(|i| (i, 64 + i as usize)).collect();
+        assert_eq!(got, want);
+        assert_eq!(link.invalid, 1);
         drop(link);
         let _ = std::fs::remove_dir_all(&dir);
     }
