@@ -141,6 +141,9 @@ pub struct BenchArgs {
     /// MTU of the guest's link in the VM runs, for both tools (usernet serve's default).
     #[arg(long, value_name = "N", default_value_t = 1500, value_parser = clap::value_parser!(u32).range(576..=65520))]
     pub vm_mtu: u32,
+    /// The transport between QEMU and usernet in the VM runs (passt's is always stream).
+    #[arg(long, value_name = "KIND", value_enum, default_value_t = vm::VmTransport::Stream)]
+    pub vm_transport: vm::VmTransport,
     /// The passt binary of the VM phase [default: passt next to --pasta-bin, else in PATH].
     #[arg(long, value_name = "PATH")]
     pub passt_bin: Option<PathBuf>,
@@ -233,6 +236,7 @@ impl Plan {
                 mib: args.vm_mib.unwrap_or(if q { 32 } else { 64 }),
                 mtu: args.vm_mtu,
                 script: args.vm_initramfs_script.clone(),
+                transport: args.vm_transport,
             }),
         }
     }
@@ -1019,7 +1023,11 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
         }
     }
     if let Some(v) = &plan.vm {
-        let how = format!("over the stream transport (TCG guest), MTU {}, Gbit/s", v.mtu);
+        let transport = match v.transport {
+            vm::VmTransport::Stream => "stream",
+            vm::VmTransport::Dgram => "usernet's datagram (passt's stream)",
+        };
+        let how = format!("over the {transport} transport (TCG guest), MTU {}, Gbit/s", v.mtu);
         list.push(m("vm_up_gbps".into(), format!("TCP VM->host {how}"), true, 3));
         list.push(m("vm_down_gbps".into(), format!("TCP host->VM {how}"), true, 3));
     }
@@ -1226,9 +1234,13 @@ fn print_report(outcomes: &[Outcome], metrics: &[Metric], plan: &Plan, peer_comm
 /// How the VM rows were measured, and how busy the guest's CPU was meanwhile.
 fn print_vm_notes(outcomes: &[Outcome], v: &vm::VmPlan) {
     println!();
+    let usernet_transport = match v.transport {
+        vm::VmTransport::Stream => "-netdev stream on usernet serve --listen-qemu",
+        vm::VmTransport::Dgram => "-netdev dgram on usernet serve --listen-vfkit",
+    };
     println!(
-        "VM rows: QEMU -accel tcg (1 vCPU, 256 MiB), Debian's kernel and busybox; -netdev stream on \
-         usernet serve --listen-qemu (guest dials 192.168.65.254) or on passt -s (guest dials its gateway \
+        "VM rows: QEMU -accel tcg (1 vCPU, 256 MiB), Debian's kernel and busybox; {usernet_transport} \
+         (guest dials 192.168.65.254) or -netdev stream on passt -s (guest dials its gateway \
          10.0.2.2); both map that address to the host's 127.0.0.1, where the bench's sink and source run. \
          The guest sends {mib} MiB (busybox nc from a tmpfs file), then receives {mib} MiB (nc to /dev/null); \
          rate = bytes / time from the first byte to the end, at the host. Guest MTU {mtu} for both. \
@@ -1405,6 +1417,7 @@ mod tests {
             vm_initramfs_script: None,
             vm_mib: None,
             vm_mtu: 1500,
+            vm_transport: vm::VmTransport::Stream,
             passt_bin: None,
         });
         let rows: Vec<String> = metric_list(&plan).into_iter().map(|m| m.key).collect();

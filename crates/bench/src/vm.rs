@@ -130,6 +130,18 @@ pub struct VmPlan {
     pub mtu: u32,
     /// The script that builds the initramfs; None: the repository's `vm-guest/`, built in.
     pub script: Option<PathBuf>,
+    /// The transport between QEMU and usernet (passt has the stream one only).
+    pub transport: VmTransport,
+}
+
+/// How QEMU's frames reach usernet in the VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum VmTransport {
+    /// `-netdev stream` to `usernet serve --listen-qemu` (a length before each frame).
+    Stream,
+    /// `-netdev dgram` to `usernet serve --listen-vfkit` (a datagram per frame, as vfkit).
+    Dgram,
 }
 
 /// The user-mode stack serving the VM.
@@ -569,12 +581,14 @@ fn start_tool(
     let mut cmd = Command::new(bin);
     let host = match tool {
         VmTool::Usernet => {
-            cmd.arg("serve")
-                .arg("--listen-qemu")
-                .arg(format!("unix:{}", sock.display()))
-                // A dead loopback port: the guest resolves nothing, and must not reach the
-                // machine's resolver even by accident.
-                .args(["--dns-upstream", "127.0.0.1:9", "--mtu", &plan.mtu.to_string()]);
+            cmd.arg("serve");
+            match plan.transport {
+                VmTransport::Stream => cmd.arg("--listen-qemu").arg(format!("unix:{}", sock.display())),
+                VmTransport::Dgram => cmd.arg("--listen-vfkit").arg(format!("unixgram:{}", sock.display())),
+            }
+            // A dead loopback port: the guest resolves nothing, and must not reach the
+            // machine's resolver even by accident.
+            .args(["--dns-upstream", "127.0.0.1:9", "--mtu", &plan.mtu.to_string()]);
             USERNET_HOST
         }
         VmTool::Passt => {
@@ -675,7 +689,14 @@ pub fn run(tool: VmTool, bin: &Path, image: &Image, plan: &VmPlan, tmp: &Path) -
             plan.mib
         ))
         .arg("-netdev")
-        .arg(format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", sock.display()))
+        .arg(match (tool, plan.transport) {
+            (VmTool::Usernet, VmTransport::Dgram) => format!(
+                "dgram,id=n0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                dir.0.join("qemu.sock").display(),
+                sock.display()
+            ),
+            _ => format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", sock.display()),
+        })
         .args(["-device", "virtio-net-pci,netdev=n0"]);
     let qemu_cmd = show(&cmd);
     let qemu_log = dir.0.join("qemu.log");
