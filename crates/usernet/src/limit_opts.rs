@@ -17,7 +17,8 @@ pub struct LimitOpts {
     #[arg(long = "max-tcp-flows", value_name = "N", default_value_t = Limits::default().max_tcp_flows,
           value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     pub max_tcp_flows: usize,
-    /// TCP flows at once from one guest address; a new connection beyond gets a RST.
+    /// TCP flows at once of one guest (one MAC, all its addresses); a new connection beyond
+    /// gets a RST.
     #[arg(long = "max-tcp-flows-per-guest", value_name = "N", default_value_t = Limits::default().max_tcp_flows_per_guest,
           value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     pub max_tcp_flows_per_guest: usize,

@@ -13,7 +13,7 @@ use std::time::Instant;
 use mio::Interest;
 use mio::unix::SourceFd;
 
-use super::flows::{Flow, FlowId, FlowKey, Kind, Verdict};
+use super::flows::{Flow, FlowId, FlowKey, GuestKey, Kind, Verdict};
 use super::metrics::Limit;
 use super::{Engine, FLOW_BASE};
 
@@ -37,7 +37,11 @@ impl Engine {
 
     pub(super) fn add_flow(&mut self, flow: Flow, interest: Interest) -> Option<FlowId> {
         let fd = flow.fd();
-        let id = self.flows.insert(flow);
+        let guest = match &flow {
+            Flow::Tcp(f) => Some(self.guest_key(f.guest.ip())),
+            _ => None,
+        };
+        let id = self.flows.insert(flow, guest);
         let Some(fd) = fd else { return Some(id) };
         if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), id.token(FLOW_BASE), interest) {
             tracing::warn!("cannot watch a flow socket: {e}");
@@ -165,6 +169,11 @@ impl Engine {
         self.switch.limit_reached(limit, now, what);
     }
 
+    /// Whom a flow of the guest at `ip` counts against (see [`GuestKey`]).
+    pub(super) fn guest_key(&self, ip: std::net::IpAddr) -> GuestKey {
+        self.switch.mac_of(ip).map_or(GuestKey::Addr(ip), GuestKey::Mac)
+    }
+
     /// Whether a guest at `guest` may open one more TCP flow: not beyond `--max-tcp-flows`
     /// in all nor `--max-tcp-flows-per-guest` for it (else the limit is counted and logged).
     pub(super) fn may_open_tcp(&mut self, guest: std::net::IpAddr, now: Instant) -> bool {
@@ -175,7 +184,7 @@ impl Engine {
             });
             return false;
         }
-        if self.flows.tcp_of_guest(guest) >= limits.max_tcp_flows_per_guest {
+        if self.flows.tcp_of_guest(self.guest_key(guest)) >= limits.max_tcp_flows_per_guest {
             self.limit_reached(Limit::TcpFlowsPerGuest, now, || {
                 format!(
                     "guest {guest} has {} TCP flows open (--max-tcp-flows-per-guest): its new connections get a RST",

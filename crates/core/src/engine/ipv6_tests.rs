@@ -712,3 +712,30 @@ fn ports_published_to_an_ipv6_guest_address() {
     let b = BoundListener { fd: l.into(), local, proto: Proto::Tcp, guest_port: 80 };
     assert!(e4.publish(vec![b], net().guest.into()).is_empty());
 }
+
+/// A guest that rotates through IPv6 addresses of the prefix (privacy addresses, or a
+/// hostile guest) is still one guest for `--max-tcp-flows-per-guest`: its flows count
+/// against its MAC, not against each address.
+#[test]
+fn a_guest_rotating_ipv6_addresses_is_one_guest_for_its_flow_cap() {
+    let limits = crate::config::Limits { max_tcp_flows_per_guest: 2, ..Default::default() };
+    let (mut e, link, _) = engine_with(NetConfig { limits, ..NetConfig::default() });
+    let IpAddr::V6(dst) = remote().ip() else { unreachable!() };
+    for i in 0..3u16 {
+        let src: Ipv6Addr = format!("fd75:7365:726e::{:x}", 0x100 + i).parse().unwrap();
+        let h =
+            TcpHeader { src_port: 40000 + i, dst_port: 80, seq: 7, flags: SYN, window: 65535, ..Default::default() };
+        let mut l4 = vec![0u8; h.emit_len()];
+        h.emit(&mut l4, 0, src.into(), dst.into());
+        e.on_frame(0, &frame6(PROTO_TCP, src, dst, 64, GATEWAY_MAC, &l4), Instant::now());
+    }
+    let out: Vec<TcpHeader> = take6(&link)
+        .into_iter()
+        .filter(|(_, ip, _)| ip.protocol == PROTO_TCP)
+        .map(|(_, _, p)| TcpHeader::parse(&p).unwrap().0)
+        .collect();
+    assert_eq!(out.iter().filter(|h| h.has(SYN) && h.has(ACK)).count(), 2, "{out:?}");
+    let rst: Vec<_> = out.iter().filter(|h| h.has(RST)).collect();
+    assert_eq!(rst.len(), 1, "{out:?}");
+    assert_eq!(rst[0].dst_port, 40002);
+}

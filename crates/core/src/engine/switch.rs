@@ -693,6 +693,11 @@ impl Switch {
         }
     }
 
+    /// The MAC of the guest at `ip`, when known.
+    pub fn mac_of(&self, ip: IpAddr) -> Option<Mac> {
+        self.neighbours.get(&ip).copied()
+    }
+
     /// Records that `ip` has `mac` without having seen it (the guest's MAC is known from
     /// the start when usernet made its interface, as `run` does).
     pub fn add_neighbour(&mut self, ip: IpAddr, mac: Mac) {

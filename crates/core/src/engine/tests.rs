@@ -794,13 +794,22 @@ fn limit_count(e: &Engine, limit: metrics::Limit) -> u64 {
 
 #[test]
 fn tcp_flows_are_capped_in_all_and_per_guest() {
+    use super::flows::GuestKey;
     let limits = crate::config::Limits { max_tcp_flows: 3, max_tcp_flows_per_guest: 2, ..Default::default() };
     let (mut e, link, _) = engine_with_limits(limits, false);
     let now = Instant::now();
     let a = Ipv4Addr::new(192, 168, 65, 2);
     let b = Ipv4Addr::new(192, 168, 65, 3);
-    for port in [1000, 1001, 1002] {
-        e.on_frame(0, &syn_from(SocketAddrV4::new(a, port), 7), now);
+    let b_mac = [0x02, 0, 0, 0, 0, 0x03];
+    let from_b = |port| {
+        let mut f = syn_from(SocketAddrV4::new(b, port), 7);
+        f[6..12].copy_from_slice(&b_mac);
+        f
+    };
+    // Guest a, from two addresses of its own (one MAC): one guest.
+    let a2 = Ipv4Addr::new(192, 168, 65, 9);
+    for (ip, port) in [(a, 1000), (a2, 1001), (a, 1002)] {
+        e.on_frame(0, &syn_from(SocketAddrV4::new(ip, port), 7), now);
     }
     // Two SYN-ACKs, then a RST for the third of guest a.
     let out = take_tcp(&link);
@@ -810,16 +819,23 @@ fn tcp_flows_are_capped_in_all_and_per_guest() {
     assert_eq!((rst[0].0.dst_port, rst[0].0.ack), (1002, 8));
     assert_eq!(e.flow_count(), 2);
     assert_eq!(limit_count(&e, metrics::Limit::TcpFlowsPerGuest), 1);
-    // Another guest still gets one, up to the total.
-    e.on_frame(0, &syn_from(SocketAddrV4::new(b, 2000), 7), now);
-    e.on_frame(0, &syn_from(SocketAddrV4::new(b, 2001), 7), now);
+    // Another guest (another MAC) still gets one, up to the total.
+    e.on_frame(0, &from_b(2000), now);
+    e.on_frame(0, &from_b(2001), now);
     let out = take_tcp(&link);
     assert_eq!(out.iter().filter(|(h, _)| h.has(SYN) && h.has(ACK)).count(), 1, "{out:?}");
     assert_eq!(out.iter().filter(|(h, _)| h.has(RST)).count(), 1);
     assert_eq!(e.flow_count(), 3);
     assert_eq!(limit_count(&e, metrics::Limit::TcpFlows), 1);
-    assert_eq!(e.flows.tcp_of_guest(a.into()), 2);
-    assert_eq!(e.flows.tcp_of_guest(b.into()), 1);
+    assert_eq!(e.flows.tcp_of_guest(GuestKey::Mac(GUEST_MAC)), 2);
+    assert_eq!(e.flows.tcp_of_guest(GuestKey::Mac(b_mac)), 1);
+    // Closed, they count no more.
+    let ids: Vec<_> = e.flows.ids().map(|(id, _)| id).collect();
+    for id in ids {
+        e.after(id, super::flows::Verdict::Close);
+    }
+    assert_eq!(e.flows.tcp_of_guest(GuestKey::Mac(GUEST_MAC)), 0);
+    assert_eq!(e.flows.tcp_of_guest(GuestKey::Mac(b_mac)), 0);
 }
 
 #[test]

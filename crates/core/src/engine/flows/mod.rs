@@ -182,6 +182,18 @@ impl FlowId {
 struct Slot {
     generation: u32,
     flow: Option<Flow>,
+    /// Whom the flow counts against in `tcp_per_guest` (kept here: a flow's own addresses
+    /// may change, as an inbound flow's do when it falls back from IPv6 to IPv4).
+    guest: Option<GuestKey>,
+}
+
+/// Whom a TCP flow counts against for `--max-tcp-flows-per-guest`: the guest's MAC where
+/// the switch knows it, so that all of one guest's addresses (the IPv6 ones it may rotate
+/// through among them) are one guest; its address otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GuestKey {
+    Mac([u8; 6]),
+    Addr(IpAddr),
 }
 
 #[derive(Default)]
@@ -201,8 +213,8 @@ pub struct FlowTable {
     udp: lru::SlotList,
     gateway_dns: lru::SlotList,
     icmp: lru::SlotList,
-    /// TCP flows per guest address, for the per-guest bound.
-    tcp_per_guest: HashMap<IpAddr, usize>,
+    /// TCP flows per guest, for the per-guest bound.
+    tcp_per_guest: HashMap<GuestKey, usize>,
 }
 
 impl FlowTable {
@@ -280,19 +292,13 @@ impl FlowTable {
         self.connecting.contains(id.slot)
     }
 
-    /// TCP flows of the guest at `ip` (spliced ones, which never cross the link, aside).
-    pub fn tcp_of_guest(&self, ip: IpAddr) -> usize {
-        self.tcp_per_guest.get(&ip).copied().unwrap_or(0)
+    /// TCP flows of `guest` (spliced ones, which never cross the link, aside).
+    pub fn tcp_of_guest(&self, guest: GuestKey) -> usize {
+        self.tcp_per_guest.get(&guest).copied().unwrap_or(0)
     }
 
-    fn tcp_guest(flow: &Flow) -> Option<IpAddr> {
-        match flow {
-            Flow::Tcp(f) => Some(f.guest.ip()),
-            _ => None,
-        }
-    }
-
-    pub fn insert(&mut self, flow: Flow) -> FlowId {
+    /// Adds `flow`; a TCP flow counts against `guest` until it is removed.
+    pub fn insert(&mut self, flow: Flow, guest: Option<GuestKey>) -> FlowId {
         let key = flow.key();
         if flow.is_gateway_dns() {
             self.gateway_dns_count += 1;
@@ -303,16 +309,18 @@ impl FlowTable {
             Flow::Icmp(_) => self.icmp_count += 1,
             Flow::Splice(_) => self.tcp_count += 1,
         }
-        if let Some(ip) = Self::tcp_guest(&flow) {
-            *self.tcp_per_guest.entry(ip).or_insert(0) += 1;
+        let guest = guest.filter(|_| matches!(flow, Flow::Tcp(_)));
+        if let Some(g) = guest {
+            *self.tcp_per_guest.entry(g).or_insert(0) += 1;
         }
         let kind = Self::kind_of(&flow);
         let id = if let Some(slot) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
             s.flow = Some(flow);
+            s.guest = guest;
             FlowId { slot, generation: s.generation }
         } else {
-            self.slots.push(Slot { generation: 0, flow: Some(flow) });
+            self.slots.push(Slot { generation: 0, flow: Some(flow), guest });
             FlowId { slot: (self.slots.len() - 1) as u32, generation: 0 }
         };
         match Key4::of(&key) {
@@ -350,6 +358,7 @@ impl FlowTable {
             return None;
         }
         let flow = s.flow.take()?;
+        let guest = s.guest.take();
         s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
         self.free.push(id.slot);
         let key = flow.key();
@@ -360,12 +369,12 @@ impl FlowTable {
         for kind in [Kind::Connecting, Kind::Udp, Kind::GatewayDns, Kind::Icmp] {
             self.list(kind).remove(id.slot);
         }
-        if let Some(ip) = Self::tcp_guest(&flow)
-            && let Some(n) = self.tcp_per_guest.get_mut(&ip)
+        if let Some(g) = guest
+            && let Some(n) = self.tcp_per_guest.get_mut(&g)
         {
             *n -= 1;
             if *n == 0 {
-                self.tcp_per_guest.remove(&ip);
+                self.tcp_per_guest.remove(&g);
             }
         }
         if flow.is_gateway_dns() {

@@ -502,6 +502,38 @@ fn an_inbound_flow_falls_back_to_ipv4_when_the_guest_resets_its_ipv6_syn() {
     assert_eq!(f2.on_segment(&mut sw, &rst(ISN + 1), &[], now), Verdict::Close);
 }
 
+/// A flow counts against the guest it was added for until it goes, whatever its addresses
+/// become: one that fell back from IPv6 to IPv4 used to leave its IPv6 address counted for
+/// good (counted by address when added, uncounted by its new one when removed), so that
+/// enough of them closed that guest's new IPv6 connections (`--max-tcp-flows-per-guest`).
+#[test]
+fn a_flow_that_falls_back_leaves_its_guest_count_when_it_goes() {
+    use crate::engine::flows::{Flow, FlowTable, GuestKey};
+    let now = Instant::now();
+    let (mut sw, _rec) = switch(1500, false);
+    let guest6: std::net::SocketAddr = "[fd75:7365:726e::2]:80".parse().unwrap();
+    let client6: std::net::SocketAddr = "[2001:db8::7]:50000".parse().unwrap();
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let mut f = TcpFlow::inbound(&mut sw, guest6, client6, KernelSocket::new(OwnedFd::from(ours), false), ISN, now);
+    f.fallback = Some((guest(), remote()));
+    let mut table = FlowTable::default();
+    let key = GuestKey::Mac([2, 0, 0, 0, 0, 2]);
+    let id = table.insert(Flow::Tcp(f), Some(key));
+    assert_eq!(table.tcp_of_guest(key), 1);
+    // The guest resets the IPv6 SYN: the flow goes on over IPv4, re-indexed as the engine
+    // re-indexes it.
+    let old = table.get_mut(id).unwrap().key();
+    let Some(Flow::Tcp(f)) = table.get_mut(id) else { unreachable!() };
+    let rst = TcpHeader { src_port: 80, dst_port: 50000, seq: 0, ack: ISN + 1, flags: RST | ACK, ..Default::default() };
+    assert_eq!(f.on_segment(&mut sw, &rst, &[], now), Verdict::Keep);
+    assert_eq!(f.guest, guest());
+    table.rekey(id, &old);
+    assert_eq!(table.tcp_of_guest(key), 1);
+    table.remove(id);
+    assert_eq!(table.tcp_of_guest(key), 0);
+}
+
 /// An inbound flow over IPv6 whose SYN goes unanswered (the guest no longer has that
 /// address) tries IPv4 after a few retransmissions, not after the minutes a SYN may wait.
 #[test]
