@@ -309,6 +309,15 @@ fn gvforwarder_joins_through_listen() {
     assert_eq!(out.stdout.trim(), "200", "{out}");
     let fetched = common::dropin::fetch_hash(&format!("http://127.0.0.1:{host_port}/g"), Duration::from_secs(20));
     assert_eq!(fetched, ghash);
+    // gvproxy's views of the two VMs: their leases, and the switch's table (two links).
+    let leases = common::run("curl", &["-s", &format!("http://127.0.0.1:{tcp_port}/leases")]);
+    let leases: serde_json::Value = serde_json::from_str(&leases.stdout).expect("leases JSON");
+    assert_eq!(leases[ip_a.as_str()], PODMAN_MAC, "{leases}");
+    assert_eq!(leases[ip_b.as_str()], "5a:94:ef:e4:0c:ef", "{leases}");
+    let cam = common::run("curl", &["-s", &format!("http://127.0.0.1:{tcp_port}/cam")]);
+    let cam: serde_json::Value = serde_json::from_str(&cam.stdout).expect("cam JSON");
+    assert!(cam[PODMAN_MAC].is_u64() && cam["5a:94:ef:e4:0c:ef"].is_u64(), "{cam}");
+    assert_ne!(cam[PODMAN_MAC], cam["5a:94:ef:e4:0c:ef"], "{cam}");
     // -services serves the API without /connect (gvproxy's ServicesMux).
     let out = common::run(
         "curl",

@@ -14,7 +14,9 @@
 //! - `GET /services/forwarder/all`: `[{"local","remote","protocol"}]` sorted by local, then
 //!   protocol. Ports published otherwise (`-p`, `/v1/ports`) are listed too, with their
 //!   bound address as `local`.
-//! - `GET /services/dhcp/leases`: `{"192.168.65.2":"5a:94:ef:e4:0c:ee"}`.
+//! - `GET /services/dhcp/leases` (and `/leases`): `{"192.168.65.2":"5a:94:ef:e4:0c:ee"}`.
+//! - `GET /cam`: the switch's table, `{"5a:94:ef:e4:0c:ee":0}` (each guest's MAC and the
+//!   index of the link it is behind).
 //! - `GET /services/dns/all`: gvproxy's zones, `[{"Name":"docker.internal.","Records":
 //!   [{"Name":"host","IP":"192.168.65.254"}],"DefaultIP":""}]`, built from the local table
 //!   (the first label is the record, the rest the zone).
@@ -232,6 +234,21 @@ pub async fn leases(state: &State) -> Reply {
         Some(list) => {
             let map: BTreeMap<String, String> =
                 list.iter().map(|(ip, mac)| (ip.to_string(), super::v1::format_mac(mac))).collect();
+            Reply::json(StatusCode::OK, &map)
+        }
+        None => text(StatusCode::INTERNAL_SERVER_ERROR, "the network engine is not running"),
+    }
+}
+
+/// gvproxy's `/cam`: the switch's table, each guest MAC and the link it is behind.
+pub async fn cam(state: &State) -> Reply {
+    match state.control.ask(|reply| Command::Metrics { reply }).await {
+        Some(m) => {
+            let map: BTreeMap<String, usize> = m
+                .links
+                .iter()
+                .flat_map(|l| l.guests.iter().map(move |(mac, _)| (super::v1::format_mac(mac), l.index)))
+                .collect();
             Reply::json(StatusCode::OK, &map)
         }
         None => text(StatusCode::INTERNAL_SERVER_ERROR, "the network engine is not running"),

@@ -32,7 +32,8 @@ pub async fn dispatch(
         }
         "/services/dns/add" => return post_only(method, async { gvproxy::dns_add(state, body) }).await,
         "/services/forwarder/all" => return gvproxy::all(state).await,
-        "/services/dhcp/leases" => return gvproxy::leases(state).await,
+        "/services/dhcp/leases" | "/leases" => return gvproxy::leases(state).await,
+        "/cam" => return gvproxy::cam(state).await,
         "/services/dns/all" => return gvproxy::dns_all(state),
         "/stats" => return gvproxy::stats(state).await,
         // Prometheus' text format (what a scraper asks for; any other method is refused).

@@ -616,6 +616,11 @@ fn gvproxy_dhcp_dns_stats() {
     let r = f.call("GET", "/services/dhcp/leases", None);
     assert_eq!(r.status, 200);
     assert_eq!(text(&r), "{\"192.168.65.2\":\"5a:94:ef:e4:0c:ee\"}\n");
+    // gvproxy serves the leases at /leases too, and its switch's table at /cam.
+    assert_eq!(text(&f.call("GET", "/leases", None)), text(&r));
+    let (status, cam) = f.get("/cam");
+    assert_eq!(status, 200);
+    assert!(cam.is_object(), "{cam}");
 
     let (status, zones) = f.get("/services/dns/all");
     assert_eq!(status, 200);
