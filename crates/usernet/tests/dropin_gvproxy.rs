@@ -309,6 +309,28 @@ fn gvforwarder_joins_through_listen() {
     assert_eq!(out.stdout.trim(), "200", "{out}");
     let fetched = common::dropin::fetch_hash(&format!("http://127.0.0.1:{host_port}/g"), Duration::from_secs(20));
     assert_eq!(fetched, ghash);
+    // gvproxy's /tunnel, on the TCP endpoint and on -services: "OK", then the bytes of the
+    // first VM's web server.
+    let tunnel = |mut s: Box<dyn ReadWrite>| -> (String, Vec<u8>) {
+        s.write_all(b"GET /tunnel?ip=192.168.127.2&port=8080 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut ok = [0u8; 2];
+        s.read_exact(&mut ok).unwrap();
+        s.write_all(b"GET /g HTTP/1.0\r\n\r\n").unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        let at = all.windows(4).position(|w| w == b"\r\n\r\n").map_or(all.len(), |i| i + 4);
+        (String::from_utf8_lossy(&ok).into_owned(), all.split_off(at))
+    };
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", tcp_port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (ok, body) = tunnel(Box::new(tcp));
+    assert_eq!((ok.as_str(), common::sha256_bytes(&body)), ("OK", ghash.clone()), "{}", log(&gv, &log_file));
+    let unix = UnixStream::connect(&services).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (ok, body) = tunnel(Box::new(unix));
+    assert_eq!((ok.as_str(), common::sha256_bytes(&body)), ("OK", ghash.clone()), "{}", log(&gv, &log_file));
+    let out = common::run("curl", &["-s", "-w", " %{http_code}", &format!("http://127.0.0.1:{tcp_port}/tunnel?ip=x")]);
+    assert!(out.stdout.ends_with(" 500") && out.stdout.contains("ip is mandatory"), "{out}");
     // gvproxy's views of the two VMs: their leases, and the switch's table (two links).
     let leases = common::run("curl", &["-s", &format!("http://127.0.0.1:{tcp_port}/leases")]);
     let leases: serde_json::Value = serde_json::from_str(&leases.stdout).expect("leases JSON");
@@ -382,3 +404,7 @@ fn gvforwarder_joins_through_listen() {
     }
     assert!(!common::dropin::port_listening(tcp_port), "the TCP endpoint still listens");
 }
+
+/// A stream of either kind, for /tunnel.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}

@@ -137,6 +137,13 @@ pub enum Command {
     Metrics {
         reply: Reply<EngineMetrics>,
     },
+    /// Carry the connected host stream `fd` to TCP `guest` in the guest network, from the
+    /// host address (gvproxy's `/tunnel`); answers whether the flow was made.
+    Tunnel {
+        fd: std::os::fd::OwnedFd,
+        guest: std::net::SocketAddr,
+        reply: Reply<Result<(), String>>,
+    },
     /// Start a live capture (`/v1/capture`): the frames of the guest links go to `tap` too,
     /// as they go to `--pcap`, until its reader goes away.
     Capture {
@@ -218,6 +225,9 @@ impl Engine {
                 }
                 Command::Metrics { reply } => {
                     let _ = reply.send(self.metrics());
+                }
+                Command::Tunnel { fd, guest, reply } => {
+                    let _ = reply.send(self.tunnel(fd, guest, std::time::Instant::now()));
                 }
                 Command::Capture { tap } => {
                     self.switch.pcap.get_or_insert_with(crate::pcap::PcapWriter::live_only).add_tap(tap);

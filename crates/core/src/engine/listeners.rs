@@ -199,6 +199,43 @@ impl Engine {
         accepted
     }
 
+    /// A connected host stream (any kind: gvproxy's `/tunnel` hands over its HTTP client's
+    /// Unix or TCP connection) carried to TCP `guest`, from the host address and a port of
+    /// its own, as a published port's connection is.
+    pub(super) fn tunnel(&mut self, fd: OwnedFd, guest: SocketAddr, now: Instant) -> Result<(), String> {
+        let host: IpAddr = match guest {
+            SocketAddr::V4(_) => self.cfg.host.into(),
+            SocketAddr::V6(_) => self.cfg.v6.map(|n| n.host.into()).ok_or("no IPv6 on this network")?,
+        };
+        let is_guest = match guest.ip() {
+            IpAddr::V4(ip) => self.cfg.subnet.contains(ip) && !self.cfg.is_own_address(ip),
+            IpAddr::V6(ip) => self.guest_addr6(ip),
+        };
+        if !is_guest {
+            return Err(format!("{} is not a guest address of this network", guest.ip()));
+        }
+        if !self.may_open_tcp(guest.ip(), now) {
+            return Err("too many TCP flows".into());
+        }
+        // A port of the host address that no flow to this guest port uses.
+        let free = (0..1024u16)
+            .map(|i| 49152 + (self.next_tunnel_port.wrapping_add(i) % 16384))
+            .find(|&p| self.flows.lookup(&FlowKey::Tcp { guest, remote: SocketAddr::new(host, p) }).is_none());
+        let Some(port) = free else { return Err("no port free for it".into()) };
+        self.next_tunnel_port = (port - 49152).wrapping_add(1);
+        let remote = SocketAddr::new(host, port);
+        let key = FlowKey::Tcp { guest, remote };
+        let is_tcp = sock::is_tcp(fd.as_fd());
+        if is_tcp {
+            let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        }
+        let isn = self.isn(&key, now);
+        let flow = TcpFlow::new_inbound(&mut self.switch, guest, remote, fd, is_tcp, isn, now);
+        let id = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE).ok_or("cannot watch it")?;
+        self.after(id, Verdict::Keep);
+        Ok(())
+    }
+
     /// The addresses of a published TCP connection from `client` to `guest` in the guest
     /// network (guest, remote), and the IPv4 ones to try if the guest refuses those.
     ///

@@ -112,6 +112,8 @@ pub struct Engine {
     /// Published ports, indexed by their token.
     listeners: Vec<Option<listeners::Listener>>,
     next_listener_id: u32,
+    /// Where the search for a free host port of the next `/tunnel` starts.
+    next_tunnel_port: u16,
     control_tx: std::sync::mpsc::Sender<control::Command>,
     control_rx: std::sync::mpsc::Receiver<control::Command>,
     waker: Option<Arc<mio::Waker>>,
@@ -296,6 +298,7 @@ impl Engine {
         Ok(Engine {
             listeners: Vec::new(),
             next_listener_id: 0,
+            next_tunnel_port: 0,
             control_tx,
             control_rx,
             waker: None,

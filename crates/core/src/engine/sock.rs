@@ -260,6 +260,23 @@ pub fn connect(fd: BorrowedFd<'_>, addr: impl Into<std::net::SocketAddr>) -> io:
     if e.raw_os_error() == Some(libc::EINPROGRESS) { Ok(false) } else { Err(e) }
 }
 
+/// Whether `fd` is a TCP socket (not a Unix stream, say).
+pub fn is_tcp(fd: BorrowedFd<'_>) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a live c_int of the stated length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && v == libc::IPPROTO_TCP
+}
+
 pub fn set_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
     // SAFETY: the option value is a c_int of the length given.
     let r = unsafe {

@@ -15,6 +15,10 @@
 //! request line shows the path; any other request is served by hyper as it came, and a
 //! `/connect` has its head read off and its socket handed to the engine as a link through
 //! a [`HandoffSender`].
+//!
+//! Both kinds of endpoint also take gvproxy's `/tunnel?ip=IP&port=PORT`: the client gets
+//! "OK" (no HTTP answer either), then its connection is carried to that guest's TCP port,
+//! from the host address, as a published port's connections are (`Command::Tunnel`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,6 +30,7 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
+use usernet_core::engine::control::Command;
 use usernet_core::link::handoff::HandoffSender;
 use usernet_core::link::qemu::{Framing, StreamLink};
 
@@ -149,9 +154,10 @@ impl Listener for tokio_vsock::VsockListener {
     }
 }
 
-/// An endpoint that takes `POST /connect`: its target, and how its links are named.
+/// An endpoint of gvproxy's (`-listen`, `-services`): where `POST /connect` puts VMs
+/// (`-listen` only; None: `/connect` is hyper's 404), and how its links are named.
 struct ConnectPoint {
-    target: Connect,
+    target: Option<Connect>,
     endpoint: String,
     made: AtomicU64,
 }
@@ -182,7 +188,7 @@ async fn serve_accepted<L: Listener>(
     connect: Option<Arc<ConnectPoint>>,
 ) {
     let fd = match connect {
-        Some(point) => match take_connect(fd, &point).await {
+        Some(point) => match take_connect(fd, &point, &state).await {
             Some(fd) => fd,
             None => return,
         },
@@ -205,6 +211,9 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 enum Head {
     /// `/connect`: the head (request line and headers) is this many bytes long.
     Connect(usize),
+    /// `/tunnel?ip=IP&port=PORT` with a valid IPv4 address and port: the head's length and
+    /// the guest's address.
+    Tunnel(usize, SocketAddr),
     /// Anything else, for hyper.
     Other,
 }
@@ -220,15 +229,34 @@ fn classify(bytes: &[u8]) -> Option<Head> {
     else {
         return Some(Head::Other);
     };
-    if !version.starts_with("HTTP/1.") || request_path(target) != "/connect" {
+    if !version.starts_with("HTTP/1.") {
         return Some(Head::Other);
     }
+    let tunnel = match request_path(target) {
+        "/connect" => None,
+        // Only a query gvproxy would take; hyper answers the rest with gvproxy's errors.
+        "/tunnel" => match tunnel_target(target) {
+            Some(guest) => Some(guest),
+            None => return Some(Head::Other),
+        },
+        _ => return Some(Head::Other),
+    };
     let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
     let end = end.or_else(|| bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2));
-    match end {
-        Some(len) => Some(Head::Connect(len)),
-        None => (bytes.len() >= MAX_HEAD).then_some(Head::Other),
+    match (end, tunnel) {
+        (Some(len), None) => Some(Head::Connect(len)),
+        (Some(len), Some(guest)) => Some(Head::Tunnel(len, guest)),
+        (None, _) => (bytes.len() >= MAX_HEAD).then_some(Head::Other),
     }
+}
+
+/// The guest address of `/tunnel?ip=IP&port=PORT`, as gvproxy reads it (an IPv4 address).
+pub(super) fn tunnel_target(target: &str) -> Option<SocketAddr> {
+    let query = target.split_once('?')?.1.split('#').next().unwrap_or("");
+    let value = |key: &str| query.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='));
+    let ip = value("ip")?.parse::<std::net::Ipv4Addr>().ok()?;
+    let port = value("port")?.parse::<u16>().ok()?;
+    Some(SocketAddr::new(ip.into(), port))
 }
 
 /// The path of a request target (origin form, or absolute form as a proxy gets it).
@@ -242,7 +270,7 @@ fn request_path(target: &str) -> &str {
 
 /// Peeks at the connection until its head is told: Some(the descriptor) for hyper, or None
 /// when it became a link (or broke).
-async fn take_connect(fd: OwnedFd, point: &ConnectPoint) -> Option<OwnedFd> {
+async fn take_connect(fd: OwnedFd, point: &ConnectPoint, state: &super::state::State) -> Option<OwnedFd> {
     // SAFETY: `fd` is owned here and neither closed nor replaced while registered; it is
     // taken back out with `into_inner` below.
     let afd = match unsafe { AsyncFd::register(fd) } {
@@ -256,6 +284,7 @@ async fn take_connect(fd: OwnedFd, point: &ConnectPoint) -> Option<OwnedFd> {
     let fd = afd.into_inner();
     match verdict {
         Ok(Ok(Head::Connect(len))) => {
+            let Some(target) = &point.target else { return Some(fd) };
             if let Err(e) = discard(&fd, len) {
                 warn!("gvproxy /connect on {}: {e}", point.endpoint);
                 return None;
@@ -263,7 +292,21 @@ async fn take_connect(fd: OwnedFd, point: &ConnectPoint) -> Option<OwnedFd> {
             let n = point.made.fetch_add(1, Ordering::Relaxed) + 1;
             let name = format!("gvproxy /connect {} #{n}", point.endpoint);
             info!(link = %name, "a VM connected");
-            point.target.links.send(Box::new(StreamLink::new(fd, point.target.framing, name)));
+            target.links.send(Box::new(StreamLink::new(fd, target.framing, name)));
+            None
+        }
+        Ok(Ok(Head::Tunnel(len, guest))) => {
+            // As gvproxy: "OK", then the bytes both ways (or the connection closed when the
+            // guest cannot be reached).
+            if let Err(e) = discard(&fd, len).and_then(|()| write_all(&fd, b"OK")) {
+                debug!("gvproxy /tunnel on {}: {e}", point.endpoint);
+                return None;
+            }
+            match state.control.ask(|reply| Command::Tunnel { fd, guest, reply }).await {
+                Some(Ok(())) => debug!("gvproxy /tunnel on {} to {guest}", point.endpoint),
+                Some(Err(e)) => warn!("gvproxy /tunnel on {} to {guest}: {e}", point.endpoint),
+                None => warn!("gvproxy /tunnel: the network engine is not running"),
+            }
             None
         }
         Ok(Ok(Head::Other)) | Err(_) => Some(fd),
@@ -302,6 +345,18 @@ fn peek(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// Writes a few bytes to a socket whose send buffer has room (a new connection's).
+fn write_all(fd: &OwnedFd, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Reads off the first `len` bytes, which a peek has already seen in the socket.
 fn discard(fd: &OwnedFd, mut len: usize) -> io::Result<()> {
     let mut buf = [0u8; 1024];
@@ -325,9 +380,7 @@ impl ApiServer {
         let state = self.guest.state.clone();
         let _entered = self.guest.runtime.enter();
         let point = |at: &Endpoint| {
-            connect
-                .clone()
-                .map(|target| Arc::new(ConnectPoint { target, endpoint: at.to_string(), made: AtomicU64::new(0) }))
+            Some(Arc::new(ConnectPoint { target: connect.clone(), endpoint: at.to_string(), made: AtomicU64::new(0) }))
         };
         match endpoint {
             Endpoint::Unix(path) => {
@@ -411,6 +464,25 @@ mod head_tests {
         let mut long = b"POST /connect HTTP/1.1\r\nX: ".to_vec();
         long.resize(MAX_HEAD, b'a');
         assert_eq!(classify(&long), Some(Head::Other));
+    }
+
+    #[test]
+    fn tunnel_is_told_with_its_guest() {
+        let head = b"GET /tunnel?ip=192.168.127.2&port=22 HTTP/1.1\r\nHost: x\r\n\r\nSSH-2.0";
+        let guest: SocketAddr = "192.168.127.2:22".parse().unwrap();
+        assert_eq!(classify(head), Some(Head::Tunnel(head.len() - 7, guest)));
+        assert_eq!(classify(b"GET /tunnel?port=22&ip=192.168.127.2 HTTP/1.1\r\n\r\n"), Some(Head::Tunnel(49, guest)));
+        // What gvproxy would refuse is hyper's (a 500 with gvproxy's words).
+        for bad in [
+            "/tunnel",
+            "/tunnel?ip=192.168.127.2",
+            "/tunnel?ip=x&port=22",
+            "/tunnel?ip=::1&port=22",
+            "/tunnel?ip=1.2.3.4&port=70000",
+        ] {
+            let line = format!("GET {bad} HTTP/1.1\r\n\r\n");
+            assert_eq!(classify(line.as_bytes()), Some(Head::Other), "{bad}");
+        }
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub async fn dispatch(
         "/services/forwarder/all" => return gvproxy::all(state).await,
         "/services/dhcp/leases" | "/leases" => return gvproxy::leases(state).await,
         "/cam" => return gvproxy::cam(state).await,
+        // A valid `/tunnel` is taken before hyper (see `endpoints`): what comes here lacks
+        // its address, as gvproxy's answer says.
+        "/tunnel" => {
+            return Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "ip is mandatory (/tunnel?ip=IP&port=PORT)");
+        }
         "/services/dns/all" => return gvproxy::dns_all(state),
         "/stats" => return gvproxy::stats(state).await,
         // Prometheus' text format (what a scraper asks for; any other method is refused).

@@ -96,6 +96,9 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                 idle_ms: 20,
             }]);
         }
+        Command::Tunnel { reply, .. } => {
+            let _ = reply.send(Err("no guest in this fake engine".into()));
+        }
         Command::Capture { tap } => {
             // Three frames, as the engine would see them: only the TCP ones to port 80
             // pass a `proto=tcp&port=80` filter.
