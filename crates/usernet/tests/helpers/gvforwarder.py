@@ -19,20 +19,15 @@ host from inside the VM.
 """
 
 import ctypes
-
-import fcntl
 import os
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from urllib.parse import urlparse
 
-TUNSETIFF = 0x400454CA
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
+# The frames are carried as vmnet_client.py carries vpnkit's (the same framing).
+from vmnet_client import carry, open_tap
 
 
 def dial(url):
@@ -56,16 +51,6 @@ def dial(url):
             if time.time() > deadline:
                 raise
             time.sleep(0.05)
-
-
-def recv_exact(s, n):
-    out = b""
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise EOFError("connection closed after %d of %d bytes" % (len(out), n))
-        out += chunk
-    return out
 
 
 CLONE_NEWNET = 0x40000000
@@ -92,32 +77,9 @@ def main(url, tap, mac, netns=None):
         )
     subprocess.run(["ip", "tuntap", "add", "name", tap, "mode", "tap"], check=True)
     subprocess.run(["ip", "link", "set", tap, "address", mac, "up"], check=True)
-    fd = os.open("/dev/net/tun", os.O_RDWR)
-    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.encode(), IFF_TAP | IFF_NO_PI))
+    fd = open_tap(tap)
     print("bridging", flush=True)
-
-    def tap_to_conn():
-        try:
-            while True:
-                frame = os.read(fd, 65536)
-                if not frame:
-                    break
-                s.sendall(struct.pack("<H", len(frame)) + frame)
-        except OSError:
-            pass
-        finally:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    threading.Thread(target=tap_to_conn, daemon=True).start()
-    try:
-        while True:
-            (n,) = struct.unpack("<H", recv_exact(s, 2))
-            os.write(fd, recv_exact(s, n))
-    except (EOFError, OSError) as e:
-        print("bridge ended: %s" % e, flush=True)
+    carry(s, fd)
 
 
 if __name__ == "__main__":

@@ -148,15 +148,16 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 
 
-def bridge(path, uuid, tap):
-    s = connect(path)
-    mtu, _, mac = handshake(s, uuid)
-    subprocess.run(["ip", "tuntap", "add", "name", tap, "mode", "tap"], check=True)
-    subprocess.run(["ip", "link", "set", tap, "address", fmt_mac(mac)], check=True)
+def open_tap(tap):
+    """The TAP device `tap` (created by the caller), opened for frames."""
     fd = os.open("/dev/net/tun", os.O_RDWR)
     fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.encode(), IFF_TAP | IFF_NO_PI))
-    dhcp(s, mac)
-    print("bridging", flush=True)
+    return fd
+
+
+def carry(s, fd):
+    """Frames between the TAP `fd` and the connection `s`, each preceded by its length (2
+    bytes little-endian), until either ends. Also used by gvforwarder.py."""
 
     def tap_to_vif():
         try:
@@ -186,6 +187,17 @@ def bridge(path, uuid, tap):
                     raise
     except (EOFError, OSError) as e:
         print("bridge ended: %s" % e, flush=True)
+
+
+def bridge(path, uuid, tap):
+    s = connect(path)
+    mtu, _, mac = handshake(s, uuid)
+    subprocess.run(["ip", "tuntap", "add", "name", tap, "mode", "tap"], check=True)
+    subprocess.run(["ip", "link", "set", tap, "address", fmt_mac(mac)], check=True)
+    fd = open_tap(tap)
+    dhcp(s, mac)
+    print("bridging", flush=True)
+    carry(s, fd)
 
 
 def raw(path, parts):
