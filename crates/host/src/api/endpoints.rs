@@ -163,16 +163,12 @@ struct ConnectPoint {
 }
 
 /// Serves every connection of `listener` as an API connection from the host (no caller),
-/// or as a VM's link when it asks for `/connect` and `connect` is set.
-async fn accept_loop<L: Listener>(
-    state: std::sync::Arc<super::state::State>,
-    listener: L,
-    connect: Option<Arc<ConnectPoint>>,
-) {
+/// or hands it on when it asks for `/connect` or `/tunnel` (see [`take_before_hyper`]).
+async fn accept_loop<L: Listener>(state: std::sync::Arc<super::state::State>, listener: L, point: Arc<ConnectPoint>) {
     loop {
         match listener.next().await {
             Ok(fd) => {
-                tokio::spawn(serve_accepted::<L>(state.clone(), fd, connect.clone()));
+                tokio::spawn(serve_accepted::<L>(state.clone(), fd, point.clone()));
             }
             Err(e) => {
                 warn!("api: accept: {e}");
@@ -185,15 +181,9 @@ async fn accept_loop<L: Listener>(
 async fn serve_accepted<L: Listener>(
     state: std::sync::Arc<super::state::State>,
     fd: OwnedFd,
-    connect: Option<Arc<ConnectPoint>>,
+    point: Arc<ConnectPoint>,
 ) {
-    let fd = match connect {
-        Some(point) => match take_connect(fd, &point, &state).await {
-            Some(fd) => fd,
-            None => return,
-        },
-        None => fd,
-    };
+    let Some(fd) = take_before_hyper(fd, &point, &state).await else { return };
     match L::stream(fd) {
         Ok(stream) => super::serve_connection(state, stream, None, None).await,
         Err(e) => warn!("api: cannot serve a connection: {e}"),
@@ -269,8 +259,8 @@ fn request_path(target: &str) -> &str {
 }
 
 /// Peeks at the connection until its head is told: Some(the descriptor) for hyper, or None
-/// when it became a link (or broke).
-async fn take_connect(fd: OwnedFd, point: &ConnectPoint, state: &super::state::State) -> Option<OwnedFd> {
+/// when it became a VM's link (`/connect`) or a tunnel to a guest (`/tunnel`), or broke.
+async fn take_before_hyper(fd: OwnedFd, point: &ConnectPoint, state: &super::state::State) -> Option<OwnedFd> {
     // SAFETY: `fd` is owned here and neither closed nor replaced while registered; it is
     // taken back out with `into_inner` below.
     let afd = match unsafe { AsyncFd::register(fd) } {
@@ -380,7 +370,7 @@ impl ApiServer {
         let state = self.guest.state.clone();
         let _entered = self.guest.runtime.enter();
         let point = |at: &Endpoint| {
-            Some(Arc::new(ConnectPoint { target: connect.clone(), endpoint: at.to_string(), made: AtomicU64::new(0) }))
+            Arc::new(ConnectPoint { target: connect.clone(), endpoint: at.to_string(), made: AtomicU64::new(0) })
         };
         match endpoint {
             Endpoint::Unix(path) => {
