@@ -211,7 +211,7 @@ pub struct Limits {
     pub fd_reserve: usize,
     /// DHCP offers (leases not yet requested) at once; the oldest goes first.
     pub max_dhcp_offers: usize,
-    /// DNS queries in flight to the upstreams from one guest address.
+    /// DNS queries in flight to the upstreams from one guest (its MAC where known).
     pub max_dns_queries_per_guest: usize,
     /// Connections to the HTTP proxy (explicit and transparent) at once.
     pub max_proxy_connections: usize,

@@ -47,8 +47,8 @@ pub struct LimitOpts {
     #[arg(long = "max-dhcp-offers", value_name = "N", default_value_t = Limits::default().max_dhcp_offers,
           value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     pub max_dhcp_offers: usize,
-    /// DNS queries in flight to the upstreams from one guest address; beyond, a query is
-    /// dropped (the guest's resolver asks again).
+    /// DNS queries in flight to the upstreams from one guest (its MAC, with all its
+    /// addresses); beyond, a query is dropped (the guest's resolver asks again).
     #[arg(long = "max-dns-queries-per-guest", value_name = "N", default_value_t = Limits::default().max_dns_queries_per_guest,
           value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     pub max_dns_queries_per_guest: usize,

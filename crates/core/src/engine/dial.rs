@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use super::sock;
 use crate::config::NetConfig;
+use crate::guest::GuestKey;
 use crate::policy::{DenyReason, Verdict, Via};
 use crate::services::ServiceHub;
 
@@ -52,8 +53,8 @@ pub enum IcmpKind {
 }
 
 pub trait Dialer {
-    fn tcp(&mut self, dst: SocketAddr, guest: SocketAddr) -> io::Result<TcpDial>;
-    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr) -> io::Result<OwnedFd>;
+    fn tcp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<TcpDial>;
+    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<OwnedFd>;
     fn icmp(&mut self, dst: IpAddr) -> io::Result<(OwnedFd, IcmpKind)>;
 }
 
@@ -223,9 +224,9 @@ fn unreachable() -> io::Error {
 }
 
 impl Dialer for HostDialer {
-    fn tcp(&mut self, dst: SocketAddr, guest: SocketAddr) -> io::Result<TcpDial> {
+    fn tcp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<TcpDial> {
         match self.target(dst.ip()) {
-            Target::Gateway => match self.services.connect_tcp(dst.port(), guest) {
+            Target::Gateway => match self.services.connect_tcp(dst.port(), guest, who) {
                 Some(fd) => Ok(TcpDial { fd, connected: true, is_tcp: false }),
                 None => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             },
@@ -241,11 +242,11 @@ impl Dialer for HostDialer {
         }
     }
 
-    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr) -> io::Result<OwnedFd> {
+    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<OwnedFd> {
         match self.target(dst.ip()) {
             Target::Gateway => self
                 .services
-                .connect_udp(dst.port(), guest)
+                .connect_udp(dst.port(), guest, who)
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED)),
             Target::Unreachable => Err(unreachable()),
             Target::Refused => Err(self.refused("udp", dst, Some(guest))),

@@ -299,7 +299,7 @@ impl Engine {
             None => {
                 self.bound_udp(now);
                 let admitted = dial::admit(&self.cfg, Via::Udp, remote, Some(guest));
-                let fd = match admitted.and_then(|()| self.dialer.udp(remote, guest)) {
+                let fd = match admitted.and_then(|()| self.dialer.udp(remote, guest, self.guest_key(ip.src))) {
                     Ok(fd) => fd,
                     Err(e) => {
                         tracing::debug!("udp {guest} -> {remote}: {e}");
@@ -447,7 +447,7 @@ impl Engine {
         let hooked = self.tcp_hooks.iter_mut().find_map(|hook| hook(remote, guest));
         let dialled = match hooked {
             Some(r) => r.map(|fd| dial::TcpDial { fd, connected: true, is_tcp: false }),
-            None => self.dialer.tcp(remote, guest),
+            None => self.dialer.tcp(remote, guest, self.guest_key(ip.src)),
         };
         let dial = match dialled {
             Ok(d) => d,

@@ -739,3 +739,20 @@ fn a_guest_rotating_ipv6_addresses_is_one_guest_for_its_flow_cap() {
     assert_eq!(rst.len(), 1, "{out:?}");
     assert_eq!(rst[0].dst_port, 40002);
 }
+
+/// The gateway services count a guest's DNS queries against the guest the engine names
+/// (`--max-dns-queries-per-guest`): its MAC, whichever of its addresses a query comes from.
+#[test]
+fn each_dial_names_the_guest_by_its_mac_whatever_its_address() {
+    let (mut e, _link, dialer) = engine();
+    let IpAddr::V6(dst) = remote().ip() else { unreachable!() };
+    for i in 0..3u16 {
+        let src: Ipv6Addr = format!("fd75:7365:726e::{:x}", 0x100 + i).parse().unwrap();
+        let mut d = vec![0u8; 8 + 5];
+        d[8..].copy_from_slice(b"query");
+        UdpHeader { src_port: 5000 + i, dst_port: 53 }.emit(&mut d, 5, src.into(), dst.into());
+        e.on_frame(0, &frame6(PROTO_UDP, src, dst, 64, GATEWAY_MAC, &d), Instant::now());
+    }
+    let guests = dialer.guests.borrow().clone();
+    assert_eq!(guests, vec![crate::guest::GuestKey::Mac(GUEST_MAC); 3]);
+}

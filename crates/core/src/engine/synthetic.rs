@@ -16,6 +16,7 @@ use super::Engine;
 use super::dial::{Dialer, IcmpKind, TcpDial};
 use super::flows::FlowId;
 use crate::config::NetConfig;
+use crate::guest::GuestKey;
 use crate::link::Link;
 
 /// A guest link that never has a frame to read and records every frame sent to the guest.
@@ -52,10 +53,13 @@ pub struct PairDialer {
     pub refuse: bool,
     /// TCP connects are reported in progress (the socketpair is connected all the same).
     pub in_progress: bool,
+    /// The guest each dial was made for, in order (see [`GuestKey`]).
+    pub guests: Rc<RefCell<Vec<GuestKey>>>,
 }
 
 impl Dialer for PairDialer {
-    fn tcp(&mut self, _dst: SocketAddr, _guest: SocketAddr) -> io::Result<TcpDial> {
+    fn tcp(&mut self, _dst: SocketAddr, _guest: SocketAddr, who: GuestKey) -> io::Result<TcpDial> {
+        self.guests.borrow_mut().push(who);
         if self.refuse {
             return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
         }
@@ -64,7 +68,8 @@ impl Dialer for PairDialer {
         self.tcp_peers.borrow_mut().push(b);
         Ok(TcpDial { fd: OwnedFd::from(a), connected: !self.in_progress, is_tcp: false })
     }
-    fn udp(&mut self, _dst: SocketAddr, _guest: SocketAddr) -> io::Result<OwnedFd> {
+    fn udp(&mut self, _dst: SocketAddr, _guest: SocketAddr, who: GuestKey) -> io::Result<OwnedFd> {
+        self.guests.borrow_mut().push(who);
         if self.refuse {
             return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
         }

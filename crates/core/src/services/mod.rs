@@ -61,7 +61,8 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use crate::config::NetConfig;
-use dns::{DnsRecords, DnsServer, Transport};
+use crate::guest::GuestKey;
+use dns::{DnsRecords, DnsServer, QueryFrom, Transport};
 use proxy::{PROXY_PORT, Proxy, ProxySettings};
 
 /// The DNS port.
@@ -82,8 +83,9 @@ pub const MAX_DNS_UDP: usize = 96;
 pub const TCP_MAX_PENDING: usize = 32;
 
 enum Job {
-    DnsUdp(OwnedFd, SocketAddr, Live),
-    DnsTcp(OwnedFd, SocketAddr),
+    /// A guest's DNS over UDP: (socket, the guest's address, the guest it counts against).
+    DnsUdp(OwnedFd, SocketAddr, GuestKey, Live),
+    DnsTcp(OwnedFd, SocketAddr, GuestKey),
     /// A guest connection to the explicit proxy (port 3128).
     ProxyExplicit(OwnedFd, SocketAddr),
     /// An intercepted guest connection: (socket, original destination, guest).
@@ -184,7 +186,8 @@ impl ServiceHub {
 
     /// A guest opened TCP to the gateway's `port`: our (non-blocking, SOCK_STREAM) end of a
     /// socketpair whose other end the service serves, or None when nothing listens there.
-    pub fn connect_tcp(&self, port: u16, guest: SocketAddr) -> Option<OwnedFd> {
+    /// `who` is the guest its DNS queries count against (`--max-dns-queries-per-guest`).
+    pub fn connect_tcp(&self, port: u16, guest: SocketAddr, who: GuestKey) -> Option<OwnedFd> {
         if port != DNS_PORT && port != PROXY_PORT {
             return None;
         }
@@ -193,7 +196,7 @@ impl ServiceHub {
         theirs.set_nonblocking(true).ok()?;
         let job = match port {
             PROXY_PORT => Job::ProxyExplicit(theirs.into(), guest),
-            _ => Job::DnsTcp(theirs.into(), guest),
+            _ => Job::DnsTcp(theirs.into(), guest, who),
         };
         self.submit(job)?;
         Some(ours.into())
@@ -201,7 +204,7 @@ impl ServiceHub {
 
     /// The same for UDP: a SOCK_SEQPACKET socketpair, one message per guest datagram (0
     /// bytes read means the service closed its end).
-    pub fn connect_udp(&self, port: u16, guest: SocketAddr) -> Option<OwnedFd> {
+    pub fn connect_udp(&self, port: u16, guest: SocketAddr, who: GuestKey) -> Option<OwnedFd> {
         if port != DNS_PORT {
             return None;
         }
@@ -215,7 +218,7 @@ impl ServiceHub {
             return None;
         }
         let (ours, theirs) = seqpacket_pair().ok()?;
-        self.submit(Job::DnsUdp(theirs, guest, Live::new(&self.dns_udp_live)))?;
+        self.submit(Job::DnsUdp(theirs, guest, who, Live::new(&self.dns_udp_live)))?;
         Some(ours)
     }
 
@@ -320,15 +323,16 @@ async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>, dns: Arc<DnsServer>, prox
         match job {
             // SAFETY: an OwnedFd is an open descriptor that stays open, and always the same
             // one, until the AsyncFd that owns it drops it.
-            Job::DnsUdp(fd, guest, live) => match unsafe { AsyncFd::register(fd) } {
+            Job::DnsUdp(fd, guest, who, live) => match unsafe { AsyncFd::register(fd) } {
                 Ok(fd) => {
-                    tokio::spawn(serve_dns_udp(Packets(fd), dns.clone(), guest, live, udp_slots.clone()));
+                    let from = QueryFrom { addr: guest.ip(), guest: who };
+                    tokio::spawn(serve_dns_udp(Packets(fd), dns.clone(), guest, from, live, udp_slots.clone()));
                 }
                 Err(e) => debug!("dns: udp socket for {guest}: {e}"),
             },
-            Job::DnsTcp(fd, guest) => match UnixStream::from_std(fd.into()) {
+            Job::DnsTcp(fd, guest, who) => match UnixStream::from_std(fd.into()) {
                 Ok(sock) => {
-                    tokio::spawn(serve_dns_tcp(sock, dns.clone(), guest));
+                    tokio::spawn(serve_dns_tcp(sock, dns.clone(), guest, QueryFrom { addr: guest.ip(), guest: who }));
                 }
                 Err(e) => debug!("dns: tcp socket for {guest}: {e}"),
             },
@@ -358,7 +362,14 @@ struct UdpSlots {
 
 /// `slots` bounds the queries being answered over every socketpair at once; `live` counts
 /// this socketpair until the service ends.
-async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddr, live: Live, slots: Arc<UdpSlots>) {
+async fn serve_dns_udp(
+    sock: Packets,
+    dns: Arc<DnsServer>,
+    guest: SocketAddr,
+    from: QueryFrom,
+    live: Live,
+    slots: Arc<UdpSlots>,
+) {
     let _live = live;
     let sock = Arc::new(sock);
     let mut pending = JoinSet::new();
@@ -391,7 +402,7 @@ async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddr, li
                     slot.forget();
                     pending.spawn(async move {
                         let _back = back;
-                        if let Some(answer) = dns.handle_from(Some(guest.ip()), &query, Transport::Udp).await
+                        if let Some(answer) = dns.handle_from(Some(from), &query, Transport::Udp).await
                             && let Err(e) = sock.send(&answer).await
                         {
                             debug!("dns: {guest}: writing answer: {e}");
@@ -411,7 +422,7 @@ async fn serve_dns_udp(sock: Packets, dns: Arc<DnsServer>, guest: SocketAddr, li
 }
 
 /// DNS over one stream socketpair (RFC 7766 framing).
-async fn serve_dns_tcp(sock: UnixStream, dns: Arc<DnsServer>, guest: SocketAddr) {
+async fn serve_dns_tcp(sock: UnixStream, dns: Arc<DnsServer>, guest: SocketAddr, from: QueryFrom) {
     let (mut rd, mut wr) = sock.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_MAX_PENDING);
     let slots = Arc::new(Semaphore::new(TCP_MAX_PENDING));
@@ -432,7 +443,7 @@ async fn serve_dns_tcp(sock: UnixStream, dns: Arc<DnsServer>, guest: SocketAddr)
             };
             let (tx, dns) = (tx.clone(), dns.clone());
             tokio::spawn(async move {
-                if let Some(answer) = dns.handle_from(Some(guest.ip()), &query, Transport::Tcp).await {
+                if let Some(answer) = dns.handle_from(Some(from), &query, Transport::Tcp).await {
                     let _ = tx.send(answer).await;
                 }
                 drop(slot);
@@ -485,6 +496,7 @@ mod tests {
     use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 
     const GUEST: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000));
+    const WHO: GuestKey = GuestKey::Mac([0x52, 0x54, 0, 0, 0, 2]);
 
     fn query(id: u16, name: &str) -> Vec<u8> {
         let mut m = Message::query();
@@ -538,15 +550,15 @@ mod tests {
     #[test]
     fn other_ports_have_no_service() {
         let h = hub(vec![]);
-        assert!(h.connect_udp(54, GUEST).is_none());
-        assert!(h.connect_tcp(80, GUEST).is_none());
+        assert!(h.connect_udp(54, GUEST, WHO).is_none());
+        assert!(h.connect_tcp(80, GUEST, WHO).is_none());
     }
 
     #[test]
     fn udp_end_to_end() {
         let h = hub(vec![upstream(1)]);
         h.dns_records().add("added.test", Ipv4Addr::new(10, 9, 8, 7)).unwrap();
-        let fd = h.connect_udp(53, GUEST).unwrap();
+        let fd = h.connect_udp(53, GUEST, WHO).unwrap();
         let s = StdUnixDatagram::from(fd);
         s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -580,12 +592,12 @@ mod tests {
         let live = || h.dns_udp_live.load(Ordering::Relaxed);
         let ends: Vec<StdUnixDatagram> = (0..MAX_DNS_UDP as u16)
             .map(|i| {
-                let s = StdUnixDatagram::from(h.connect_udp(53, GUEST).unwrap());
+                let s = StdUnixDatagram::from(h.connect_udp(53, GUEST, WHO).unwrap());
                 s.send(&query(i, "far.example")).unwrap();
                 s
             })
             .collect();
-        assert!(h.connect_udp(53, GUEST).is_none(), "past MAX_DNS_UDP, refused");
+        assert!(h.connect_udp(53, GUEST, WHO).is_none(), "past MAX_DNS_UDP, refused");
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(live(), MAX_DNS_UDP, "every socketpair is served");
         drop(ends);
@@ -594,13 +606,13 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(live(), 0, "the service kept its ends after the engine closed its own");
-        assert!(h.connect_udp(53, GUEST).is_some(), "room again once they ended");
+        assert!(h.connect_udp(53, GUEST, WHO).is_some(), "room again once they ended");
     }
 
     #[test]
     fn tcp_end_to_end_several_queries() {
         let h = hub(vec![upstream(1)]);
-        let fd = h.connect_tcp(53, GUEST).unwrap();
+        let fd = h.connect_tcp(53, GUEST, WHO).unwrap();
         let mut s = StdUnixStream::from(fd);
         s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -632,7 +644,7 @@ mod tests {
     #[test]
     fn servfail_without_upstreams_and_clean_drop() {
         let h = hub(vec![]);
-        let s = StdUnixDatagram::from(h.connect_udp(53, GUEST).unwrap());
+        let s = StdUnixDatagram::from(h.connect_udp(53, GUEST, WHO).unwrap());
         s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.send(&query(5, "nowhere.example")).unwrap();

@@ -17,6 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
+pub use crate::guest::GuestKey;
+
 pub use icmp::IcmpFlow;
 pub use splice::SpliceFlow;
 pub use tcp::{TcpFlow, Verdict};
@@ -185,15 +187,6 @@ struct Slot {
     /// Whom the flow counts against in `tcp_per_guest` (kept here: a flow's own addresses
     /// may change, as an inbound flow's do when it falls back from IPv6 to IPv4).
     guest: Option<GuestKey>,
-}
-
-/// Whom a TCP flow counts against for `--max-tcp-flows-per-guest`: the guest's MAC where
-/// the switch knows it, so that all of one guest's addresses (the IPv6 ones it may rotate
-/// through among them) are one guest; its address otherwise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum GuestKey {
-    Mac([u8; 6]),
-    Addr(IpAddr),
 }
 
 #[derive(Default)]

@@ -416,9 +416,12 @@ mod tests {
     const GOOD: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
 
     /// A guest with `--max-dns-queries-per-guest` queries being forwarded gets no more
-    /// forwarded (dropped at once), while another guest's still go.
+    /// forwarded (dropped at once), from any of its addresses, while another guest's still
+    /// go: a guest is counted by its MAC, so rotating IPv6 addresses buys it nothing.
     #[tokio::test]
     async fn queries_in_flight_are_bounded_per_guest() {
+        use crate::guest::GuestKey;
+        use crate::services::dns::QueryFrom;
         let (_keep, silent) = silent_upstream().await;
         let mut c = cfg(vec![]);
         c.limits.max_dns_queries_per_guest = 2;
@@ -426,21 +429,28 @@ mod tests {
         let s = Arc::new(
             DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_secs(5), 1),
         );
-        let a = std::net::IpAddr::V4(Ipv4Addr::new(192, 168, 65, 2));
-        let b = std::net::IpAddr::V4(Ipv4Addr::new(192, 168, 65, 3));
+        let mac = GuestKey::Mac([0x52, 0x54, 0, 0, 0, 2]);
+        let a = QueryFrom { addr: std::net::IpAddr::V4(Ipv4Addr::new(192, 168, 65, 2)), guest: mac };
+        let a6 = QueryFrom { addr: "fd75:7365:726e::2".parse().unwrap(), guest: mac };
+        let a6b = QueryFrom { addr: "fd75:7365:726e::9".parse().unwrap(), guest: mac };
+        let b_addr = std::net::IpAddr::V4(Ipv4Addr::new(192, 168, 65, 3));
+        let b = QueryFrom { addr: b_addr, guest: GuestKey::Addr(b_addr) };
         let q = query("slow.example", RecordType::A);
         let mut waiting = Vec::new();
-        for _ in 0..2 {
+        for from in [a, a6] {
             let (s, q) = (s.clone(), q.clone());
-            waiting.push(tokio::spawn(async move { s.handle_from(Some(a), &q, Transport::Udp).await }));
+            waiting.push(tokio::spawn(async move { s.handle_from(Some(from), &q, Transport::Udp).await }));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let third = tokio::time::timeout(Duration::from_secs(1), s.handle_from(Some(a), &q, Transport::Udp)).await;
-        assert_eq!(third.ok(), Some(None), "dropped at once");
+        for from in [a, a6b] {
+            let third =
+                tokio::time::timeout(Duration::from_secs(1), s.handle_from(Some(from), &q, Transport::Udp)).await;
+            assert_eq!(third.ok(), Some(None), "dropped at once, from {}", from.addr);
+        }
         let other = tokio::time::timeout(Duration::from_millis(300), s.handle_from(Some(b), &q, Transport::Udp)).await;
         assert!(other.is_err(), "another guest's query is forwarded (and waits for the silent server)");
         let sample = s.metrics().sample(&[]);
-        assert!(sample.limits.iter().any(|(l, n)| l.as_str() == "dns_queries_per_guest" && *n == 1));
+        assert!(sample.limits.iter().any(|(l, n)| l.as_str() == "dns_queries_per_guest" && *n == 2));
         for w in waiting {
             w.abort();
         }

@@ -51,6 +51,8 @@ use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::sync::Semaphore;
+
+use crate::guest::GuestKey;
 use tracing::debug;
 
 use super::activity::{Activity, DnsLogEntry, clip, now_ms};
@@ -110,9 +112,10 @@ pub struct DnsServer {
     forward_slots: Semaphore,
     /// Queries and their fate, per upstream (for `/metrics`).
     metrics: Arc<ServiceMetrics>,
-    /// Queries being forwarded per guest address, at most `max_per_guest` each
-    /// (`--max-dns-queries-per-guest`): one guest cannot take every forwarding slot.
-    per_guest: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Queries being forwarded per guest (by its MAC where known, as the engine names it:
+    /// see [`GuestKey`]), at most `max_per_guest` each (`--max-dns-queries-per-guest`): one
+    /// guest cannot take every forwarding slot, whatever number of addresses it uses.
+    per_guest: std::sync::Mutex<std::collections::HashMap<GuestKey, usize>>,
     max_per_guest: usize,
     /// The egress policy, which learns the addresses of `--allow-domain` names from the
     /// answers forwarded ([`learn`]).
@@ -125,10 +128,17 @@ pub struct DnsServer {
     filtered: Option<RecordType>,
 }
 
+/// Whom a query comes from: the address it was sent from and the guest it counts against.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryFrom {
+    pub addr: std::net::IpAddr,
+    pub guest: GuestKey,
+}
+
 /// One query of a guest's counted in `DnsServer::per_guest`, until dropped.
 struct GuestQuery<'a> {
     server: &'a DnsServer,
-    guest: std::net::IpAddr,
+    guest: GuestKey,
 }
 
 impl Drop for GuestQuery<'_> {
@@ -165,7 +175,7 @@ impl DnsServer {
     }
 
     /// Counts one more query being forwarded for `guest`; None when it has its bound.
-    fn guest_query(&self, guest: std::net::IpAddr) -> Option<GuestQuery<'_>> {
+    fn guest_query(&self, guest: GuestKey) -> Option<GuestQuery<'_>> {
         let mut map = self.per_guest.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(guest).or_insert(0);
         if *n >= self.max_per_guest {
@@ -203,14 +213,9 @@ impl DnsServer {
         self.handle_from(None, query, transport).await
     }
 
-    /// [`Self::handle`] for a query from the guest at `guest`: beyond its bound of queries
-    /// being forwarded (`--max-dns-queries-per-guest`), a query is dropped (it retries).
-    pub async fn handle_from(
-        &self,
-        guest: Option<std::net::IpAddr>,
-        query: &[u8],
-        transport: Transport,
-    ) -> Option<Vec<u8>> {
+    /// [`Self::handle`] for a query from `guest`: beyond its bound of queries being
+    /// forwarded (`--max-dns-queries-per-guest`), a query is dropped (it retries).
+    pub async fn handle_from(&self, guest: Option<QueryFrom>, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
         self.metrics.dns_queries.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let (reply, from) = match self.local(query) {
@@ -224,15 +229,19 @@ impl DnsServer {
             }
             Local::Forward => {
                 let _guest_slot = match guest {
-                    Some(ip) => match self.guest_query(ip) {
+                    Some(from) => match self.guest_query(from.guest) {
                         Some(slot) => Some(slot),
                         None => {
                             let max = self.max_per_guest;
                             self.metrics.limit_reached(
                                 crate::services::metrics::ServiceLimit::DnsQueriesPerGuest,
                                 || {
+                                    let who = match from.guest {
+                                        GuestKey::Mac(_) => format!("{} ({})", from.addr, from.guest),
+                                        GuestKey::Addr(_) => from.addr.to_string(),
+                                    };
                                     format!(
-                                        "guest {ip} has {max} DNS queries being forwarded \
+                                        "guest {who} has {max} DNS queries being forwarded \
                                          (--max-dns-queries-per-guest): more are dropped"
                                     )
                                 },
