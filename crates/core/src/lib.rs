@@ -4,7 +4,7 @@
 //! HTTP proxy) answer what is addressed to usernet itself.
 //!
 //! Layers inside this crate, lowest first (a module imports only from those before it):
-//! `guest`, `policy` < `config`, `pcap` < `link` < `services` < `engine`. The frame formats are the crate
+//! `guest`, `own_files`, `policy` < `config`, `pcap` < `link` < `services` < `engine`. The frame formats are the crate
 //! `usernet_wire` below this one; the host side (namespaces, publishing, the control API)
 //! is `usernet_host` above it.
 
@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod guest;
 pub mod link;
+pub mod own_files;
 pub mod pcap;
 pub mod policy;
 pub mod ports;

@@ -301,6 +301,7 @@ pub fn bind_owner_only<T>(path: &Path, bind: impl FnOnce(&Path) -> io::Result<T>
     let result = bind(&tmp).and_then(|sock| {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         std::fs::rename(&tmp, path)?;
+        crate::own_files::note(path);
         Ok(sock)
     });
     let _ = std::fs::remove_file(&tmp);

@@ -81,6 +81,7 @@ impl Registration {
         // An entry with our pid can only be a dead process's.
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&target, &link)?;
+        usernet_core::own_files::note(&link);
         Ok(Registration { link, target })
     }
 }

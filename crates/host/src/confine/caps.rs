@@ -66,15 +66,33 @@ fn set(keep: u32) -> bool {
 
 /// What the other threads' handlers set, and how many of them did.
 static KEEP: AtomicU32 = AtomicU32::new(0);
+/// The Landlock ruleset each thread joins (`files`), or -1.
+static RULESET: AtomicI32 = AtomicI32::new(-1);
 static DONE: AtomicUsize = AtomicUsize::new(0);
 static FAILED_TID: AtomicI32 = AtomicI32::new(0);
+static FAILED_RULESET_TID: AtomicI32 = AtomicI32::new(0);
+
+/// Joins the Landlock ruleset `fd` (after no_new_privs, which joining takes without
+/// CAP_SYS_ADMIN); only system calls, so that a signal handler may do it.
+fn join_ruleset(fd: i32) -> bool {
+    // SAFETY: prctl(2) and landlock_restrict_self(2) with plain integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::syscall(libc::SYS_landlock_restrict_self, fd, 0) == 0
+    }
+}
 
 extern "C" fn lower_this_thread(_: libc::c_int) {
     // SAFETY: errno is thread-local; the handler leaves it as it found it.
     let errno = unsafe { *libc::__errno_location() };
+    // SAFETY: gettid(2) has no arguments.
+    let tid = || unsafe { libc::syscall(libc::SYS_gettid) } as i32;
     if !set(KEEP.load(Ordering::SeqCst)) {
-        // SAFETY: gettid(2) has no arguments.
-        FAILED_TID.store(unsafe { libc::syscall(libc::SYS_gettid) } as i32, Ordering::SeqCst);
+        FAILED_TID.store(tid(), Ordering::SeqCst);
+    }
+    let ruleset = RULESET.load(Ordering::SeqCst);
+    if ruleset >= 0 && !join_ruleset(ruleset) {
+        FAILED_RULESET_TID.store(tid(), Ordering::SeqCst);
     }
     DONE.fetch_add(1, Ordering::SeqCst);
     // SAFETY: as above.
@@ -110,8 +128,9 @@ fn first_thread_beyond(keep: u32) -> Option<(i32, u64)> {
 }
 
 /// Lowers every thread's capabilities to those of `wanted` that the calling thread holds
-/// now (effective); returns them.
-pub fn lower_all_threads(wanted: &[Capability]) -> Result<Vec<Capability>, ConfineError> {
+/// now (effective), and has every thread join the Landlock `ruleset` when there is one
+/// (`files`); returns the capabilities kept.
+pub fn lower_all_threads(wanted: &[Capability], ruleset: Option<i32>) -> Result<Vec<Capability>, ConfineError> {
     // SAFETY: gettid(2) has no arguments.
     let me = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
     let fail = |tid: i32, reason: String| ConfineError::Capabilities { tid, reason };
@@ -120,14 +139,17 @@ pub fn lower_all_threads(wanted: &[Capability]) -> Result<Vec<Capability>, Confi
     let keep = kept.iter().fold(0u32, |m, c| m | (1 << c.bit()));
     if now.iter().all(|d| d.permitted & !keep == 0 && d.effective & !keep == 0 && d.inheritable == 0)
         && first_thread_beyond(keep).is_none()
+        && ruleset.is_none()
     {
         // Nothing to lower (rootless: no capabilities in the first place).
         return Ok(kept);
     }
 
     KEEP.store(keep, Ordering::SeqCst);
+    RULESET.store(ruleset.unwrap_or(-1), Ordering::SeqCst);
     DONE.store(0, Ordering::SeqCst);
     FAILED_TID.store(0, Ordering::SeqCst);
+    FAILED_RULESET_TID.store(0, Ordering::SeqCst);
     // SAFETY: a handler that makes one system call and touches only atomics; SA_RESTART so
     // that the calls it interrupts carry on.
     unsafe {
@@ -150,6 +172,11 @@ pub fn lower_all_threads(wanted: &[Capability]) -> Result<Vec<Capability>, Confi
     if !set(keep) {
         return Err(fail(me, std::io::Error::last_os_error().to_string()));
     }
+    if let Some(fd) = ruleset
+        && !join_ruleset(fd)
+    {
+        return Err(ConfineError::Files(format!("thread {me}: {}", std::io::Error::last_os_error())));
+    }
     // Every thread that was asked answers at once (a thread blocking the signal would not:
     // the check below then names it).
     // They answer within microseconds: yield to them first, and sleep only if they are slow.
@@ -165,6 +192,18 @@ pub fn lower_all_threads(wanted: &[Capability]) -> Result<Vec<Capability>, Confi
     let failed = FAILED_TID.load(Ordering::SeqCst);
     if failed != 0 {
         return Err(fail(failed, "capset refused".into()));
+    }
+    let failed = FAILED_RULESET_TID.load(Ordering::SeqCst);
+    if failed != 0 {
+        return Err(ConfineError::Files(format!("thread {failed} could not join the Landlock ruleset")));
+    }
+    let answered = DONE.load(Ordering::SeqCst);
+    if ruleset.is_some() && answered < asked {
+        return Err(ConfineError::Files(format!(
+            "{} of {asked} threads did not answer signal {} to join the Landlock ruleset",
+            asked - answered,
+            signal()
+        )));
     }
     if let Some((tid, held)) = first_thread_beyond(keep) {
         return Err(fail(tid, format!("it still holds {held:#x} (did it block signal {}?)", signal())));

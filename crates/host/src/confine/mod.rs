@@ -31,6 +31,7 @@
 //! new code path needs.
 
 mod caps;
+mod files;
 mod seccomp;
 
 pub use caps::Capability;
@@ -44,6 +45,9 @@ pub struct Confined {
     pub allowed: usize,
     /// The filter only logs what it would stop (`USERNET_SECCOMP_LOG=1`).
     pub log_only: bool,
+    /// The directories where files may still be removed, when the kernel has Landlock
+    /// (`files`); None: it has not, and file access is as the process's user has it.
+    pub removable: Option<Vec<std::path::PathBuf>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,8 @@ pub enum ConfineError {
     Capabilities { tid: i32, reason: String },
     #[error("cannot install the seccomp filter: {0}")]
     Seccomp(String),
+    #[error("cannot restrict file access: {0}")]
+    Files(String),
 }
 
 /// The sandbox, ready to apply: what can be done before setup ends (compiling the
@@ -71,10 +77,26 @@ impl Prepared {
     /// Applies the sandbox to the whole process (see the module's documentation). An error
     /// leaves the process as it was or with fewer privileges, never more.
     pub fn apply(self) -> Result<Confined, ConfineError> {
-        let kept = caps::lower_all_threads(&[Capability::NetBindService, Capability::NetRaw])?;
+        use std::os::fd::AsRawFd;
+        let removable = files::removable_dirs(&usernet_core::own_files::noted());
+        let ruleset = files::ruleset(&removable).map_err(|e| ConfineError::Files(e.to_string()))?;
+        let kept = caps::lower_all_threads(
+            &[Capability::NetBindService, Capability::NetRaw],
+            ruleset.as_ref().map(|fd| fd.as_raw_fd()),
+        )?;
         let allowed = seccomp::install(self.filter)?;
-        Ok(Confined { kept, allowed, log_only: self.log_only })
+        Ok(Confined { kept, allowed, log_only: self.log_only, removable: ruleset.map(|_| removable) })
     }
+}
+
+/// A Landlock ruleset that lets whoever joins it write, make or remove no file (reading
+/// stays allowed), for helper processes that must read the host's files (`dns_watch`'s
+/// follower); None when the kernel has no Landlock or it cannot be made.
+pub fn read_only_ruleset() -> Option<std::os::fd::OwnedFd> {
+    files::read_only().unwrap_or_else(|e| {
+        tracing::debug!("sandbox: no read-only ruleset: {e}");
+        None
+    })
 }
 
 /// Prepares and applies the sandbox at once (see [`Prepared::apply`]).
@@ -96,8 +118,12 @@ pub fn apply_unless(disabled: bool, prepared: Option<Result<Prepared, ConfineErr
         return Ok(());
     }
     let c = prepared.unwrap_or_else(prepare)?.apply()?;
+    let files = match &c.removable {
+        Some(dirs) => format!("files: its own /proc files read, its own files in {dirs:?} removed, nothing else"),
+        None => "file access not restricted (no Landlock in this kernel)".to_string(),
+    };
     tracing::debug!(
-        "sandbox on: capabilities kept {:?}, no_new_privs, {} system calls allowed{}",
+        "sandbox on: capabilities kept {:?}, no_new_privs, {} system calls allowed{}, {files}",
         c.kept,
         c.allowed,
         if c.log_only { " (others logged, not stopped)" } else { "" }

@@ -13,7 +13,7 @@
 //! a stack buffer and write(2)), restores the default action and signals the thread again,
 //! which ends the process with SIGSYS.
 //!
-//! Two calls of the list are also judged by their arguments, in a second filter stacked on
+//! Three calls of the list are also judged by their arguments, in a second filter stacked on
 //! the first (the kernel takes the strictest answer of the two), whose refusal is EPERM, an
 //! error the caller sees, rather than the end of usernet:
 //! - `ioctl` only with the requests of [`IOCTLS`]: non-blocking mode, close-on-exec, bytes
@@ -21,6 +21,9 @@
 //!   a terminal usernet shares with its caller), no TIOCSETD, no filesystem or block ioctls.
 //! - `clone` only for threads: CLONE_THREAD set, no CLONE_NEW* namespace flag. usernet
 //!   starts no process once confined (`run`'s command was forked before).
+//! - `socket` never for AF_UNIX: usernet's own Unix sockets are made at setup or come from
+//!   socketpair(2), so a new one could only serve to reach a host service's socket (a
+//!   container runtime's, a desktop bus), which Landlock (`files`) does not judge.
 //!
 //! `clone3` passes its flags in memory, where seccomp cannot look, so a third filter answers
 //! it ENOSYS: the C library then makes its threads with `clone`, judged as above (what
@@ -89,6 +92,7 @@ const ALLOWED: &[&str] = &[
     "inotify_add_watch",
     "inotify_rm_watch",
     "pidfd_open",
+    "pidfd_send_signal",
     // Waiting.
     "epoll_create1",
     "epoll_ctl",
@@ -207,6 +211,8 @@ const IOCTLS: &[(&str, u64)] = &[
     ("TUNSETPERSIST", libc::TUNSETPERSIST as u64),
     ("TUNSETVNETHDRSZ", libc::TUNSETVNETHDRSZ as u64),
     ("TUNGETFEATURES", libc::TUNGETFEATURES as u64),
+    // A process's parent, through its pidfd (`run`'s cleanup; no /proc file read).
+    ("PIDFD_GET_INFO", crate::netns::sandbox::PIDFD_GET_INFO),
 ];
 
 /// The namespace flags a thread's clone may not carry.
@@ -249,7 +255,7 @@ pub fn compile(log_only: bool) -> Result<Compiled, ConfineError> {
     let main = compile(rules, SeccompAction::Allow, on_other)?;
 
     // The second filter matches what is refused: an ioctl whose request is none of the
-    // list, a clone without CLONE_THREAD, a clone with a namespace flag.
+    // list, a clone without CLONE_THREAD, a clone with a namespace flag, a Unix socket.
     let cond = |arg, op, value| Cond::new(arg, Len::Qword, op, value).map_err(|e| err(&e));
     let not_listed: Vec<Cond> = IOCTLS
         .iter()
@@ -263,6 +269,16 @@ pub fn compile(log_only: bool) -> Result<Compiled, ConfineError> {
     let mut refused = BTreeMap::new();
     refused.insert(nr("ioctl")?, vec![Rule::new(not_listed).map_err(|e| err(&e))?]);
     refused.insert(nr("clone")?, clone_rules);
+    // No new Unix socket: what usernet needs of them (its listeners, the services'
+    // socketpairs) is made at setup or by socketpair(2); a new one could only connect to a
+    // host service's socket (a container runtime's, a desktop's), abstract or not.
+    refused.insert(
+        nr("socket")?,
+        vec![
+            Rule::new(vec![Cond::new(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64).map_err(|e| err(&e))?])
+                .map_err(|e| err(&e))?,
+        ],
+    );
     let arguments = compile(refused, refuse, SeccompAction::Allow)?;
 
     let mut clone3 = BTreeMap::new();

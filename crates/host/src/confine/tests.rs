@@ -32,6 +32,19 @@ fn child() {
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         status_tx.send(std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap()).unwrap();
     });
+    // For "files": a file this process made (and may remove), in a directory of its own.
+    let dir = std::env::temp_dir().join(format!("usernet-confine-{}", std::process::id()));
+    if what == "files" {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("mine.sock"), b"").unwrap();
+        usernet_core::own_files::note(&dir.join("mine.sock"));
+    }
+    let (files_tx, files_rx) = std::sync::mpsc::channel::<()>();
+    let files_dir = dir.clone();
+    let files_worker = std::thread::spawn(move || {
+        files_rx.recv().unwrap();
+        std::fs::write(files_dir.join("from-a-thread"), b"x").map_err(|e| e.raw_os_error())
+    });
     let confined = super::apply().expect("apply");
     println!("KEPT {:?}", confined.kept);
     tx.send(()).unwrap();
@@ -70,6 +83,27 @@ fn child() {
                 unsafe { libc::_exit(0) };
             }
             println!("FORK {}", errno(pid as i64));
+        }
+        "files" => {
+            files_tx.send(()).unwrap();
+            let os = |r: std::io::Result<()>| r.map_err(|e| e.raw_os_error().unwrap_or(0));
+            println!("LANDLOCK {}", confined.removable.is_some());
+            println!("DIR {}", dir.display());
+            println!("THREAD-CREATE {:?}", files_worker.join().unwrap());
+            println!("CREATE {:?}", os(std::fs::write(dir.join("new"), b"x")));
+            println!("MKDIR {:?}", os(std::fs::create_dir(dir.join("sub"))));
+            println!("CREATE-ELSEWHERE {:?}", os(std::fs::write(std::env::temp_dir().join("usernet-confine-x"), b"x")));
+            println!("READ-OWN-PROC {}", std::fs::read("/proc/self/stat").is_ok());
+            println!("READ-ETC {:?}", std::fs::read("/etc/passwd").map(drop).map_err(|e| e.raw_os_error()));
+            println!("READ-OTHER-PROC {:?}", std::fs::read("/proc/1/environ").map(drop).map_err(|e| e.raw_os_error()));
+            println!("LIST-PROC {}", std::fs::read_dir("/proc").is_ok());
+            println!("REMOVE-OWN {:?}", os(std::fs::remove_file(dir.join("mine.sock"))));
+            let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair still works");
+            drop((a, b));
+            println!(
+                "UNIX-SOCKET {:?}",
+                std::os::unix::net::UnixDatagram::unbound().map(drop).map_err(|e| e.raw_os_error())
+            );
         }
         "forbidden" => {
             // mount(2) is not in the list: this must not return.
@@ -141,4 +175,36 @@ fn the_line_names_the_call() {
     assert!(line.ends_with('\n'));
     let n = stopped_line(&mut buf, 99_999);
     assert!(std::str::from_utf8(&buf[..n]).unwrap().contains("unknown (number 99999)"));
+}
+
+/// Once confined, usernet reads only its own /proc files (and lists /proc), and makes,
+/// writes or removes no file, but for removing the files it made
+/// (`usernet_core::own_files`); every thread alike, those that existed before too. And it
+/// makes no new Unix socket (socketpairs still).
+#[test]
+fn files_are_read_only_but_for_removing_its_own() {
+    let out = run_child("files");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if let Some(dir) = stdout.lines().find_map(|l| l.strip_prefix("DIR ")) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert!(out.status.success(), "{out:?}");
+    if stdout.lines().any(|l| l == "LANDLOCK false") {
+        panic!("not run: this kernel has no Landlock (the rest of the sandbox applied without it)");
+    }
+    let eacces = format!("Err({})", libc::EACCES);
+    for line in [
+        format!("THREAD-CREATE Err(Some({}))", libc::EACCES),
+        format!("CREATE {eacces}"),
+        format!("MKDIR {eacces}"),
+        format!("CREATE-ELSEWHERE {eacces}"),
+        "READ-OWN-PROC true".to_string(),
+        format!("READ-ETC Err(Some({}))", libc::EACCES),
+        format!("READ-OTHER-PROC Err(Some({}))", libc::EACCES),
+        "LIST-PROC true".to_string(),
+        "REMOVE-OWN Ok(())".to_string(),
+        format!("UNIX-SOCKET Err(Some({}))", libc::EPERM),
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "no {line:?} in:\n{stdout}");
+    }
 }

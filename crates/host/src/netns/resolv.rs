@@ -64,7 +64,7 @@ pub struct HostResolvers {
 }
 
 /// Largest resolv.conf read (glibc's files are a few hundred bytes).
-const MAX_RESOLV_CONF: u64 = 1 << 20;
+pub const MAX_RESOLV_CONF: u64 = 1 << 20;
 
 /// The host's nameservers and search domains; empty when the file is missing or has none.
 pub fn host_resolvers(path: &Path) -> HostResolvers {

@@ -454,9 +454,54 @@ fn has_children() -> bool {
 
 /// The parent of process `pid`, from /proc/PID/stat (readable for any process).
 fn parent_of(pid: i32) -> Option<i32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses; it ends at the last ')'.
-    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+    pidfd_parent_of(pid).ok().or_else(|| {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses; it ends at the last ')'.
+        stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+    })
+}
+
+/// PIDFD_GET_INFO (Linux 6.13 on): `_IOWR(0xFF, 11, struct pidfd_info)`, its first version
+/// being 64 bytes.
+pub const PIDFD_GET_INFO: u64 = 0xC040_FF0B;
+
+/// The first version of `struct pidfd_info`.
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ids: [u32; 8],
+    spare: u32,
+}
+
+/// The parent of process `pid`, asked of a pidfd (PIDFD_GET_INFO), which needs no file:
+/// once confined, usernet may not read other processes' /proc files (`confine`).
+fn pidfd_parent_of(pid: i32) -> std::io::Result<i32> {
+    // SAFETY: pidfd_open(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that we own from here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = PidfdInfo { mask: 1, ..PidfdInfo::default() }; // PIDFD_INFO_PID
+    // SAFETY: the ioctl writes at most 64 bytes, the size of `info`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), PIDFD_GET_INFO as _, &mut info) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.ppid as i32)
+}
+
+/// Whether this kernel says a process's parent through its pidfd (`pidfd_parent_of`); when
+/// it does not, `confine` lets usernet read /proc's files instead.
+pub fn parents_known_without_proc() -> bool {
+    // SAFETY: getpid(2) and getppid(2) have no arguments.
+    let (me, parent) = unsafe { (libc::getpid(), libc::getppid()) };
+    pidfd_parent_of(me).is_ok_and(|p| p == parent)
 }
 
 /// Threads in this process (1 when /proc is unreadable: the check is only a warning).
@@ -636,6 +681,21 @@ fn enter_namespaces() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process's parent, as the cleanup of `run` reads it: through a pidfd where the
+    /// kernel says it (6.13 on), from /proc otherwise; the same either way.
+    #[test]
+    fn a_process_parent_is_known() {
+        let child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let pid = child.id() as i32;
+        assert_eq!(parent_of(pid), Some(std::process::id() as i32));
+        if parents_known_without_proc() {
+            assert_eq!(pidfd_parent_of(pid).unwrap(), std::process::id() as i32);
+        }
+        let mut child = child;
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 
     #[test]
     fn exec_error_codes_and_messages() {

@@ -359,6 +359,7 @@ struct PidFile(PathBuf);
 impl PidFile {
     fn write(path: &Path) -> std::io::Result<PidFile> {
         std::fs::write(path, std::process::id().to_string())?;
+        usernet_core::own_files::note(path);
         Ok(PidFile(path.to_path_buf()))
     }
 }

@@ -2,13 +2,15 @@
 //! upstream servers, search domains and options of the gateway's DNS) and /etc/hosts (names
 //! the gateway answers itself), pushed into the core's shared [`HostDns`].
 //!
-//! Theory of operation. [`DnsWatch::start`] starts one thread, `usernet-dns-watch`, that
-//! every second `stat`s each file it follows by its path, following symlinks, and keeps the
-//! device, inode, size, mtime and ctime of what the path leads to. When any of them differs
-//! from last time, it waits until they stay the same for 100 ms (so that a writer that
-//! truncates and then writes is not read half-way), reads the file with the same parser as
-//! at startup ([`resolv::read_resolv_conf`], [`hosts::parse_hosts`]) and, when the result
-//! differs from what the gateway uses, swaps it in and logs one `info` line saying what
+//! Theory of operation. [`DnsWatch::start`] starts one thread, `usernet-dns-watch`, which
+//! forks a small process that follows the files from outside usernet's sandbox (`follower`:
+//! once confined, usernet reads no host file itself). Every second the follower `stat`s each
+//! file by its path, following symlinks, and keeps the device, inode, size, mtime and ctime
+//! of what the path leads to. When any of them differs from last time, it waits until they
+//! stay the same for 100 ms (so that a writer that truncates and then writes is not read
+//! half-way) and sends the file's bytes to the thread, which parses them with the same
+//! parser as at startup ([`resolv::parse_resolv_conf`], [`hosts::parse_hosts`]) and, when
+//! the result differs from what the gateway uses, swaps it in and logs one `info` line saying what
 //! changed (`dns: /etc/resolv.conf changed: servers 10.0.0.1:53 -> 10.0.0.2:53`). A change
 //! takes effect within about 1.1 s; queries already being forwarded finish against the
 //! servers they were sent to (the core takes one snapshot per query).
@@ -39,10 +41,11 @@
 //! in `crates/core/src/config.rs`), so the guest's file names the gateway alone, as at start,
 //! whatever the host's file says.
 
+mod follower;
+
 use std::fs;
 use std::io::{self, Read};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -53,15 +56,12 @@ use usernet_core::config::{DnsOrigin, HostDns, HostsTable, ResolvOptions, Upstre
 use usernet_core::services::dns::hosts::{self, MAX_HOSTS_FILE};
 
 use crate::netns::resolv::{self, GuestResolvConf, GuestUpdate, HostResolvers};
+use follower::Event;
 
 /// The host's names file.
 pub const HOSTS: &str = "/etc/hosts";
 /// How often the files are looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a changed file must stay unchanged before it is read.
-const SETTLE: Duration = Duration::from_millis(100);
-/// At most this many settle waits per change (a file rewritten without end is read anyway).
-const SETTLE_ROUNDS: u32 = 10;
 
 /// The gateway's upstream configuration from the resolv.conf at `path`.
 pub fn upstreams_from_file(path: &Path) -> Upstreams {
@@ -113,54 +113,79 @@ pub struct WatchSpec {
     pub interval: Duration,
 }
 
-/// The watcher thread; dropping it stops the thread (within one interval).
+/// The watcher thread and its file follower; dropping it stops both.
 pub struct DnsWatch {
-    stop: Option<mpsc::Sender<()>>,
+    stopper: Option<follower::Stopper>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl DnsWatch {
-    /// Starts following the files of `spec` into `dns` (call after any fork: this creates a
-    /// thread). The files are read once at once, so a change since the caller read them is
-    /// not missed.
+    /// Starts following the files of `spec` into `dns`: forks the follower (call it during
+    /// setup, after any other fork and before the sandbox) and starts the thread that reads
+    /// what it says. The files are read once at once, so a change since the caller read them
+    /// is not missed.
     pub fn start(dns: HostDns, spec: WatchSpec) -> io::Result<DnsWatch> {
-        let (tx, rx) = mpsc::channel();
         let mut files: Vec<Watched> = Vec::new();
+        let mut follow: Vec<(PathBuf, usize)> = Vec::new();
         if let Some(path) = &spec.resolv_conf {
-            files.push(Watched {
-                path: path.clone(),
-                kind: Kind::ResolvConf,
-                last: Seen::Unknown,
-                guest: spec.guest_resolv,
-            });
+            files.push(Watched { path: path.clone(), kind: Kind::ResolvConf, looked: false, guest: spec.guest_resolv });
+            follow.push((path.clone(), resolv::MAX_RESOLV_CONF as usize));
         }
         if let Some(path) = &spec.hosts {
-            files.push(Watched {
-                path: path.clone(),
-                kind: Kind::Hosts(spec.host_addr),
-                last: Seen::Unknown,
-                guest: None,
-            });
+            files.push(Watched { path: path.clone(), kind: Kind::Hosts(spec.host_addr), looked: false, guest: None });
+            follow.push((path.clone(), MAX_HOSTS_FILE));
         }
+        if files.is_empty() {
+            return Ok(DnsWatch { stopper: None, thread: None });
+        }
+        let read_only = crate::confine::read_only_ruleset();
         let interval = spec.interval;
+        let (started_tx, started_rx) = mpsc::channel::<io::Result<follower::Stopper>>();
+        // The thread forks the follower itself: the follower dies with it.
         let thread = std::thread::Builder::new().name("usernet-dns-watch".into()).spawn(move || {
-            loop {
-                for f in &mut files {
-                    f.check(&dns);
+            let mut follower = match follower::Follower::start(&follow, interval, read_only.as_ref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
                 }
-                match rx.recv_timeout(interval) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return,
+            };
+            let _ = started_tx.send(follower.stopper());
+            loop {
+                match follower.next() {
+                    Ok(event) => {
+                        let i = match &event {
+                            Event::Changed(i, _) | Event::Gone(i) | Event::Unreadable(i, _) => *i,
+                        };
+                        if let Some(f) = files.get_mut(i) {
+                            f.on_event(event, &dns);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+                    Err(e) => {
+                        warn!("dns: the host files are no longer followed: {e}");
+                        return;
+                    }
                 }
             }
         })?;
-        Ok(DnsWatch { stop: Some(tx), thread: Some(thread) })
+        let stopper = match started_rx.recv() {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => return Err(io::Error::other("the DNS watcher thread ended at once")),
+        };
+        Ok(DnsWatch { stopper: Some(stopper), thread: Some(thread) })
     }
 }
 
 impl Drop for DnsWatch {
     fn drop(&mut self) {
-        self.stop = None;
+        if let Some(s) = self.stopper.take() {
+            s.stop();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -174,89 +199,53 @@ enum Kind {
     Hosts(Option<Ipv4Addr>),
 }
 
-/// What the path led to at the last look.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Seen {
-    /// Not looked at yet.
-    Unknown,
-    Missing,
-    File(Stamp),
-}
-
-/// The identity and version of a file: (device, inode, size, mtime, ctime in ns).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp(u64, u64, u64, i128, i128);
-
-fn look(path: &Path) -> Seen {
-    match fs::metadata(path) {
-        Ok(m) => Seen::File(Stamp(
-            m.dev(),
-            m.ino(),
-            m.size(),
-            i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-            i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
-        )),
-        Err(_) => Seen::Missing,
-    }
-}
-
 struct Watched {
     path: PathBuf,
     kind: Kind,
-    last: Seen,
+    /// The follower has said something of it already.
+    looked: bool,
     /// The guest's resolv.conf, following this one (a resolv.conf's only).
     guest: Option<GuestResolvConf>,
 }
 
 impl Watched {
-    /// One look at the file; reads it and updates `dns` when it changed.
-    fn check(&mut self, dns: &HostDns) {
-        let mut now = look(&self.path);
-        if now == self.last {
-            return;
-        }
-        let first = self.last == Seen::Unknown;
-        if !first {
-            for _ in 0..SETTLE_ROUNDS {
-                std::thread::sleep(SETTLE);
-                let again = look(&self.path);
-                if again == now {
-                    break;
-                }
-                now = again;
-            }
-        }
-        self.last = now;
+    /// What the follower said of this file; updates `dns` when its content changed.
+    fn on_event(&mut self, event: Event, dns: &HostDns) {
+        let first = !std::mem::replace(&mut self.looked, true);
         let shown = self.path.display();
-        if now == Seen::Missing {
-            if !first {
-                info!("dns: {shown} is gone; the gateway keeps its configuration until it is back");
+        let bytes = match event {
+            Event::Changed(_, bytes) => bytes,
+            Event::Gone(_) => {
+                if !first {
+                    info!("dns: {shown} is gone; the gateway keeps its configuration until it is back");
+                }
+                return;
             }
-            return;
-        }
+            Event::Unreadable(_, e) => {
+                debug!("dns: cannot read {shown}: {e}");
+                return;
+            }
+        };
+        let text = String::from_utf8_lossy(&bytes);
         match self.kind {
-            Kind::ResolvConf => match resolv::read_resolv_conf(&self.path) {
-                Ok(r) => {
-                    let new = upstreams_of(&self.path, r);
-                    let current = dns.upstreams();
-                    if *current != new {
-                        info!("dns: {shown} changed: {}", describe_change(&current, &new));
-                        self.follow_in_guest(&new);
-                        dns.set_upstreams(new);
-                    }
+            Kind::ResolvConf => {
+                let new = upstreams_of(&self.path, resolv::parse_resolv_conf(&text));
+                let current = dns.upstreams();
+                if *current != new {
+                    info!("dns: {shown} changed: {}", describe_change(&current, &new));
+                    self.follow_in_guest(&new);
+                    dns.set_upstreams(new);
                 }
-                Err(e) => debug!("dns: cannot read {shown}: {e}"),
-            },
-            Kind::Hosts(host) => match read_hosts(&self.path, host) {
-                Ok(new) => {
-                    let current = dns.hosts();
-                    if *current != new {
-                        info!("dns: {shown} changed: {} -> {} names", current.names.len(), new.names.len());
-                        dns.set_hosts(new);
-                    }
+            }
+            Kind::Hosts(host) => {
+                let mut new = hosts::parse_hosts(&text, host);
+                new.path = Some(self.path.clone());
+                let current = dns.hosts();
+                if *current != new {
+                    info!("dns: {shown} changed: {} -> {} names", current.names.len(), new.names.len());
+                    dns.set_hosts(new);
                 }
-                Err(e) => debug!("dns: cannot read {shown}: {e}"),
-            },
+            }
         }
     }
 }
