@@ -17,7 +17,10 @@
 //!    unixgram:PATH` (one datagram socket; the peer is learnt from what it receives) and
 //!    `--listen-stdio` (2-byte little-endian lengths on stdin/stdout), `--listen-vpnkit
 //!    unix:PATH` (vpnkit's vmnet handshake, then 2-byte little-endian lengths; one link per
-//!    connection, a reconnecting interface UUID replacing its older link).
+//!    connection, a reconnecting interface UUID replacing its older link),
+//!    `--listen-vhost-user PATH` (QEMU's `-netdev vhost-user`: usernet is the back-end and
+//!    reads and fills the guest's virtio rings in shared memory; a control thread per
+//!    connection, and a fresh link each time the guest's driver starts its rings).
 //! 5. Start the gateway services and the engine, add links and acceptors, publish the
 //!    `-p` ports to the first guest (192.168.65.2, the first DHCP lease), start the API (on
 //!    `--api PATH`, or else on `<pid>.sock` in the user's runtime directory, where
@@ -47,6 +50,7 @@ use usernet_core::link::dgram::DgramLink;
 use usernet_core::link::qemu::{QemuAcceptor, parse_socket_url};
 use usernet_core::link::seqpacket::SeqpacketAcceptor;
 use usernet_core::link::tap::Tap;
+use usernet_core::link::vhost_user::VhostUserAcceptor;
 use usernet_core::link::vpnkit::VpnkitAcceptor;
 use usernet_core::link::{Link, LinkAcceptor};
 use usernet_core::pcap::PcapWriter;
@@ -77,6 +81,11 @@ pub struct ServeArgs {
     /// vpnkit driver) on a Unix socket: `unix:PATH` (repeatable).
     #[arg(long = "listen-vpnkit", value_name = "unix:PATH")]
     pub listen_vpnkit: Vec<String>,
+    /// Serve QEMU's vhost-user network back-end (`-netdev vhost-user`, with the guest's RAM
+    /// shared: `-object memory-backend-memfd,...,share=on`) on a Unix socket: `PATH`
+    /// (repeatable).
+    #[arg(long = "listen-vhost-user", value_name = "PATH")]
+    pub listen_vhost_user: Vec<PathBuf>,
     /// Serve one guest on stdin and stdout (2-byte little-endian length prefixes).
     #[arg(long = "listen-stdio")]
     pub listen_stdio: bool,
@@ -133,7 +142,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     let transports = Transports::parse(&args)?;
     if transports.is_empty() && args.netns.is_empty() {
         anyhow::bail!(
-            "no transport: give --listen-qemu, --listen-vfkit, --listen-bess, --listen-vpnkit, --listen-stdio or --netns"
+            "no transport: give --listen-qemu, --listen-vfkit, --listen-bess, --listen-vpnkit, --listen-vhost-user, --listen-stdio or --netns"
         );
     }
     if args.netns.len() > 250 {
@@ -258,6 +267,7 @@ pub struct Transports {
     pub vfkit: Vec<PathBuf>,
     pub bess: Vec<PathBuf>,
     pub vpnkit: Vec<PathBuf>,
+    pub vhost_user: Vec<PathBuf>,
     pub stdio: bool,
 }
 
@@ -274,12 +284,25 @@ impl Transports {
             vfkit: parse(&args.listen_vfkit, "unixgram")?,
             bess: parse(&args.listen_bess, "unixpacket")?,
             vpnkit: parse(&args.listen_vpnkit, "unix")?,
+            vhost_user: args
+                .listen_vhost_user
+                .iter()
+                .map(|p| match p.to_str().and_then(|s| s.strip_prefix("unix:")) {
+                    Some(rest) => PathBuf::from(rest.strip_prefix("//").unwrap_or(rest)),
+                    None => p.clone(),
+                })
+                .collect(),
             stdio: args.listen_stdio,
         })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.qemu.is_empty() && self.vfkit.is_empty() && self.bess.is_empty() && self.vpnkit.is_empty() && !self.stdio
+        self.qemu.is_empty()
+            && self.vfkit.is_empty()
+            && self.bess.is_empty()
+            && self.vpnkit.is_empty()
+            && self.vhost_user.is_empty()
+            && !self.stdio
     }
 
     /// Binds every transport: the acceptors (a link per connection) and the links that
@@ -301,6 +324,11 @@ impl Transports {
             let mtu = cfg.mtu.min(u16::MAX as u32 - 14) as u16;
             let a = VpnkitAcceptor::bind(path, mtu, cfg.subnet, vpnkit_macs)
                 .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+            acceptors.push(Box::new(a));
+        }
+        for path in &self.vhost_user {
+            let a = VhostUserAcceptor::bind(path)
+                .with_context(|| format!("cannot listen on vhost-user {}", path.display()))?;
             acceptors.push(Box::new(a));
         }
         for path in &self.vfkit {

@@ -8,6 +8,7 @@ pub mod qemu;
 pub mod seqpacket;
 pub mod stdio;
 pub mod tap;
+pub mod vhost_user;
 pub mod vpnkit;
 
 use std::io;

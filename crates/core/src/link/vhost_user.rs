@@ -1,0 +1,1099 @@
+//! vhost-user (`--listen-vhost-user PATH`): QEMU's `-netdev vhost-user` with usernet as the
+//! back-end. The guest's virtio-net rings live in guest memory that QEMU shares with usernet
+//! (a memfd), so no frame crosses a socket: usernet reads the guest's TX buffers and writes
+//! its RX buffers itself, as passt's `--vhost-user` does.
+//!
+//! Theory of operation. Two threads share one device:
+//!
+//! - The control thread (one per connection, `usernet-vhost-user`) speaks the vhost-user
+//!   protocol with the front-end (QEMU) through the rust-vmm `vhost` crate's
+//!   [`BackendReqHandler`]: features, the memory table (each region mmap'ed with
+//!   `vm-memory`), the rings' sizes, addresses, bases and eventfds, enable and stop. It
+//!   blocks on the socket and touches nothing else.
+//! - The engine's thread moves the frames: [`VhostUserLink::recv`] pops the TX queue's
+//!   descriptor chains (the rust-vmm `virtio-queue` crate walks and validates them) and
+//!   copies each frame out of guest memory; [`VhostUserLink::send`] fills RX chains (several
+//!   with VIRTIO_NET_F_MRG_RXBUF, so a 64 KiB frame fits in 4 KiB buffers). Used entries are
+//!   published as they are made; the guest is interrupted (the `call` eventfd) once per
+//!   round, in `flush`, and only when the driver asked for it (VIRTIO_RING_F_EVENT_IDX).
+//!
+//! Both sides hold the [`Device`] behind one mutex: the memory map, the two queues and the
+//! eventfds. The engine takes it once per frame; the control thread once per message, so a
+//! ring is never reconfigured under a frame in flight, and no frame is handed between threads.
+//!
+//! A link is one *session*: it starts when both rings are started (their kick eventfd
+//! arrived, addresses valid in the memory map) and enabled, with features and memory set,
+//! and ends when any of that goes (GET_VRING_BASE stops a ring when the guest resets its
+//! device or reboots, a ring reconfigured, a reset, the front-end gone). The control thread
+//! then bumps the session number and rings the link's bell; the link's next `recv` returns
+//! `UnexpectedEof` and the engine drops it. A new session hands a fresh link to the engine
+//! through a [`Handoff`], so a VM that reboots gets a fresh link, with the features its new
+//! driver took (and so the offloads, which the engine reads once per link).
+//!
+//! The link's descriptor is an epoll instance of its own that groups the TX and RX kick
+//! eventfds (dup'ed from the front-end's) and its bell: the engine's edge-triggered epoll
+//! wakes on any of them. `recv` drains the kicks only when the TX queue is empty, just
+//! before re-enabling notifications and looking once more, so no kick is lost.
+//!
+//! RX back-pressure: when the guest has no RX buffers left, frames wait in a bounded
+//! queue ([`MAX_QUEUE`] bytes, then dropped whole) and RX kicks are turned on; the guest's
+//! next refill kicks, the engine calls `recv`, and the queue is written first.
+//! `backlogged()` also has the engine retry every millisecond.
+//!
+//! Offloads. usernet→guest: when the driver takes GUEST_CSUM, GUEST_TSO4 and GUEST_TSO6,
+//! `offloads()` is true and the engine may send 64 KiB TCP frames with a partial checksum
+//! (`send_offloaded`), its [`VnetHdr`] written as the virtio-net header (same layout).
+//! guest→usernet (CSUM, HOST_TSO4/6): see [`HOST_OFFLOADS`].
+//!
+//! Garbled descriptors (a loop, an address outside guest memory, a write-only buffer in a TX
+//! chain, a frame longer than [`MAX_FRAME`](super::MAX_FRAME), an available index too far ahead) end the link
+//! with `InvalidData` naming the fault, and the connection is shut, so QEMU sees its back-end
+//! go; a front-end message the crate or this handler refuses ends the connection with one
+//! log line. Other VMs are untouched; nothing here panics on what a guest or front-end sends.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::VhostUserMemoryRegionBase;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
+};
+use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use super::handoff::{Handoff, HandoffSender};
+use super::qemu::{bind_owner_only, clear_stale_socket};
+use super::{Link, LinkAcceptor};
+use usernet_wire::vnet_hdr::{self, VnetHdr};
+
+/// The RX queue's index (the device writes), and the TX queue's (the device reads).
+const RX: usize = 0;
+const TX: usize = 1;
+/// Largest ring the front-end may ask for (QEMU's rx/tx_queue_size go up to 1024).
+const MAX_QUEUE_SIZE: u16 = 1024;
+/// Bytes of frames a link may hold for a guest that has no RX buffers, before dropping.
+pub const MAX_QUEUE: usize = 4 * 1024 * 1024;
+/// The virtio-net header with VIRTIO_F_VERSION_1 or MRG_RXBUF: the 10 bytes of
+/// `VnetHdr` and `num_buffers`.
+const HDR_LEN: usize = vnet_hdr::LEN + 2;
+
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+/// Offloads of frames usernet sends to the guest (the engine's `send_offloaded`).
+pub const GUEST_OFFLOADS: u64 =
+    bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
+/// Offloads of frames the guest sends: not offered. The engine would take a guest's 64 KiB
+/// TCP frame with a partial checksum (the TAP path does), but the switch forwards frames
+/// between guests as they are, and a guest on another link expects whole frames.
+pub const HOST_OFFLOADS: u64 = 0;
+const _: u64 = bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6);
+
+/// The virtio features usernet offers.
+pub const FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    | bit(VIRTIO_NET_F_MRG_RXBUF)
+    | bit(VIRTIO_RING_F_EVENT_IDX)
+    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | GUEST_OFFLOADS
+    | HOST_OFFLOADS;
+
+/// One virtqueue and its eventfds.
+struct Ring {
+    queue: Queue,
+    kick: Option<File>,
+    call: Option<File>,
+    /// SET_VRING_KICK came and no GET_VRING_BASE since.
+    started: bool,
+    enabled: bool,
+}
+
+impl Ring {
+    fn new() -> Ring {
+        Ring {
+            queue: Queue::new(MAX_QUEUE_SIZE).expect("a valid maximum queue size"),
+            kick: None,
+            call: None,
+            started: false,
+            // See `serve_connection`: QEMU's enable comes before the crate accepts it.
+            enabled: true,
+        }
+    }
+
+    /// Interrupts the guest when the driver wants it (event index) after used entries.
+    fn notify(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+        match self.queue.needs_notification(mem) {
+            Ok(true) => {
+                if let Some(call) = self.call.as_mut() {
+                    let _ = call.write(&1u64.to_ne_bytes());
+                }
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(format!("used ring: {e}")),
+        }
+    }
+}
+
+/// A guest memory region as the front-end's address space sees it (ring addresses come
+/// in that space).
+struct Mapping {
+    vmm_addr: u64,
+    size: u64,
+    gpa: u64,
+}
+
+/// What the control thread and the link share, behind one mutex.
+struct Device {
+    acked: u64,
+    features_set: bool,
+    mem: Option<GuestMemoryMmap>,
+    mappings: Vec<Mapping>,
+    rings: [Ring; 2],
+    /// Bumped when a session ends; a link belongs to one session.
+    session: u64,
+    /// A link exists for `session`.
+    running: bool,
+    /// The live link's bell.
+    bell: Option<Arc<OwnedFd>>,
+    /// Why the last session ended, and whether that was a fault (not a reset or a goodbye).
+    ended: (String, bool),
+}
+
+impl Device {
+    fn new() -> Device {
+        Device {
+            acked: 0,
+            features_set: false,
+            mem: None,
+            mappings: Vec::new(),
+            rings: [Ring::new(), Ring::new()],
+            session: 0,
+            running: false,
+            bell: None,
+            ended: (String::new(), false),
+        }
+    }
+
+    fn va_to_gpa(&self, va: u64) -> Option<u64> {
+        self.mappings.iter().find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size).map(|m| va - m.vmm_addr + m.gpa)
+    }
+
+    /// Ends the running session, if any: its link's next `recv` says why.
+    fn end_session(&mut self, why: &str, fault: bool) {
+        if !self.running {
+            return;
+        }
+        self.running = false;
+        self.session += 1;
+        self.ended = (why.to_string(), fault);
+        if let Some(bell) = self.bell.take() {
+            ring_bell(&bell);
+        }
+    }
+
+    /// Both rings can carry frames.
+    fn can_run(&mut self) -> bool {
+        let Some(mem) = self.mem.as_ref() else { return false };
+        self.features_set
+            && self.rings.iter_mut().all(|r| {
+                r.started && r.enabled && r.kick.is_some() && {
+                    r.queue.set_ready(true);
+                    r.queue.is_valid(mem)
+                }
+            })
+    }
+}
+
+fn ring_bell(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
+    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// Reads an eventfd's counter (non-blocking; nothing when it is zero).
+fn drain(fd: RawFd) {
+    let mut counter = [0u8; 8];
+    // SAFETY: reads 8 bytes into a live buffer.
+    unsafe { libc::read(fd, counter.as_mut_ptr().cast(), counter.len()) };
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd returns a new descriptor (or -1) that we then own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An epoll instance watching `fds` for input (level-triggered).
+fn epoll_of(fds: &[RawFd]) -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 returns a new descriptor (or -1) that we then own.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for &fd in fds {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+        // SAFETY: registers a live descriptor with our epoll instance; `ev` lives across the call.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(ep)
+}
+
+/// The features of one session, as the link uses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Bytes of virtio-net header in front of every frame (12, or 10 for a legacy driver
+    /// without MRG_RXBUF).
+    pub hdr_len: usize,
+    /// Several RX chains may carry one frame.
+    pub mrg_rxbuf: bool,
+    /// The guest takes partial checksums and 64 KiB TCP frames.
+    pub guest_offloads: bool,
+}
+
+impl Negotiated {
+    pub fn from_features(acked: u64) -> Negotiated {
+        let mrg_rxbuf = acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let modern = acked & bit(VIRTIO_F_VERSION_1) != 0;
+        Negotiated {
+            hdr_len: if modern || mrg_rxbuf { HDR_LEN } else { vnet_hdr::LEN },
+            mrg_rxbuf,
+            guest_offloads: acked & GUEST_OFFLOADS == GUEST_OFFLOADS,
+        }
+    }
+}
+
+/// Checks the features a front-end acks against those offered.
+pub fn check_ack(acked: u64) -> Result<Negotiated, String> {
+    let unknown = acked & !FEATURES;
+    if unknown != 0 {
+        return Err(format!("features {unknown:#x} were never offered"));
+    }
+    Ok(Negotiated::from_features(acked))
+}
+
+/// One frame read from a TX chain: its header and its length in the caller's buffer.
+/// A chain is garbled when it has a write-only buffer, ends on a NEXT flag (a loop or an
+/// index outside the table stops the walk there), holds less than a header or more than
+/// `buf`, or points outside guest memory.
+fn read_chain<I>(mem: &GuestMemoryMmap, descs: I, hdr_len: usize, buf: &mut [u8]) -> Result<(VnetHdr, usize), String>
+where
+    I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+{
+    let mut hdr = [0u8; HDR_LEN];
+    let mut got = 0usize;
+    let mut next = false;
+    for d in descs {
+        if d.is_write_only() {
+            return Err("a write-only buffer in a TX chain".into());
+        }
+        let mut addr = d.addr().0;
+        let mut len = d.len() as usize;
+        if got < hdr_len {
+            let n = len.min(hdr_len - got);
+            mem.read_slice(&mut hdr[got..got + n], GuestAddress(addr))
+                .map_err(|e| format!("TX buffer at {addr:#x}: {e}"))?;
+            got += n;
+            addr += n as u64;
+            len -= n;
+        }
+        if len > 0 {
+            let off = got - hdr_len;
+            let Some(dst) = buf.get_mut(off..off + len) else {
+                return Err(format!("a TX frame longer than {} bytes", buf.len()));
+            };
+            mem.read_slice(dst, GuestAddress(addr)).map_err(|e| format!("TX buffer at {addr:#x}: {e}"))?;
+            got += len;
+        }
+        next = d.has_next();
+    }
+    if next {
+        return Err("a TX chain that loops or leaves its table".into());
+    }
+    if got <= hdr_len {
+        return Err(format!("a TX chain of {got} bytes, no frame after the header"));
+    }
+    let hdr = VnetHdr::parse(&hdr).unwrap_or_default();
+    Ok((hdr, got - hdr_len))
+}
+
+/// Writes `parts` (the header, then the frame) into the writable buffers `segs` of the
+/// chains `chains` (head index, range of `segs`); returns each chain's head and the bytes it
+/// got. `segs` hold enough room (the caller counted).
+fn write_chains(
+    mem: &GuestMemoryMmap,
+    parts: [&[u8]; 2],
+    segs: &[(u64, u32)],
+    chains: &[(u16, usize, usize)],
+    used: &mut Vec<(u16, u32)>,
+) -> Result<(), String> {
+    let (mut part, mut pos) = (0usize, 0usize);
+    used.clear();
+    for &(head, from, to) in chains {
+        let mut written = 0u32;
+        for &(addr, len) in &segs[from..to] {
+            let mut at = 0u32;
+            while at < len && part < 2 {
+                let src = &parts[part][pos..];
+                let n = src.len().min((len - at) as usize);
+                mem.write_slice(&src[..n], GuestAddress(addr + at as u64))
+                    .map_err(|e| format!("RX buffer at {addr:#x}: {e}"))?;
+                at += n as u32;
+                pos += n;
+                if pos == parts[part].len() {
+                    part += 1;
+                    pos = 0;
+                }
+            }
+            written += at;
+            if part == 2 {
+                break;
+            }
+        }
+        used.push((head, written));
+    }
+    Ok(())
+}
+
+/// A frame waiting for RX buffers.
+struct Pending {
+    hdr: [u8; HDR_LEN],
+    frame: Vec<u8>,
+}
+
+/// The engine's side of one session (see the module's documentation).
+pub struct VhostUserLink {
+    dev: Arc<Mutex<Device>>,
+    session: u64,
+    features: Negotiated,
+    /// Groups the bell and both kicks: the descriptor the engine waits on.
+    epfd: OwnedFd,
+    bell: Arc<OwnedFd>,
+    kicks: [File; 2],
+    /// The vhost-user connection, shut when the engine drops a live link.
+    conn: Arc<UnixStream>,
+    name: String,
+    /// Frames for the guest waiting for RX buffers, and their bytes.
+    backlog: VecDeque<Pending>,
+    backlog_bytes: usize,
+    /// Used entries added since the last interrupt, per ring.
+    used: [bool; 2],
+    /// The TX queue's notifications are off (chains are being consumed).
+    tx_quiet: bool,
+    /// Why the link must close (garbled RX chains, seen in `send`).
+    broken: Option<String>,
+    /// Scratch for `write_rx`: writable buffers, chains, used lengths.
+    segs: Vec<(u64, u32)>,
+    chains: Vec<(u16, usize, usize)>,
+    used_lens: Vec<(u16, u32)>,
+    /// Frames dropped: no RX buffer and the backlog full.
+    pub dropped: u64,
+}
+
+impl VhostUserLink {
+    fn lock(&self) -> MutexGuard<'_, Device> {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes one frame into the RX queue. Ok(false): not enough RX buffers now. Ok(true):
+    /// written, or dropped for good (too big for the guest's buffers without MRG_RXBUF).
+    fn write_rx(&mut self, dev: &mut Device, hdr: &[u8; HDR_LEN], frame: &[u8]) -> Result<bool, String> {
+        let Device { mem: Some(mem), rings, .. } = dev else { return Ok(false) };
+        let ring = &mut rings[RX];
+        if !ring.enabled {
+            return Ok(false);
+        }
+        let hdr_len = self.features.hdr_len;
+        let total = hdr_len + frame.len();
+        self.segs.clear();
+        self.chains.clear();
+        let mut room = 0usize;
+        while room < total && (self.features.mrg_rxbuf || self.chains.is_empty()) {
+            let chain = match ring.queue.iter(&*mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(format!("RX ring: {e}")),
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let from = self.segs.len();
+            let mut next = false;
+            for d in chain {
+                if !d.is_write_only() {
+                    return Err("a read-only buffer in an RX chain".into());
+                }
+                self.segs.push((d.addr().0, d.len()));
+                room += d.len() as usize;
+                next = d.has_next();
+            }
+            if next {
+                return Err("an RX chain that loops or leaves its table".into());
+            }
+            self.chains.push((head, from, self.segs.len()));
+        }
+        if room < total {
+            for _ in 0..self.chains.len() {
+                ring.queue.go_to_previous_position();
+            }
+            if !self.features.mrg_rxbuf && !self.chains.is_empty() {
+                // Without MRG_RXBUF a frame has one chain, and this one is too small: it
+                // never fits, so it is dropped (the guest's buffers stay for others).
+                self.dropped += 1;
+                tracing::trace!("{}: a {}-byte frame exceeds an RX chain of {room} bytes", self.name, frame.len());
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        let mut h = *hdr;
+        h[vnet_hdr::LEN..].copy_from_slice(&(self.chains.len() as u16).to_le_bytes());
+        write_chains(mem, [&h[..hdr_len], frame], &self.segs, &self.chains, &mut self.used_lens)?;
+        for &(head, len) in &self.used_lens {
+            ring.queue.add_used(&*mem, head, len).map_err(|e| format!("RX used ring: {e}"))?;
+        }
+        self.used[RX] = true;
+        Ok(true)
+    }
+
+    /// Writes waiting frames while the guest has buffers for them.
+    fn write_backlog(&mut self, dev: &mut Device) -> Result<(), String> {
+        let mut looked_again = false;
+        while let Some(p) = self.backlog.pop_front() {
+            if !self.write_rx(dev, &p.hdr, &p.frame)? {
+                self.backlog.push_front(p);
+                // Ask the guest to kick when it adds buffers; look once more in case it
+                // just did (bounded: the buffers there may still be too few).
+                if let Device { mem: Some(mem), rings, .. } = dev
+                    && rings[RX].queue.enable_notification(&*mem).unwrap_or(false)
+                    && !looked_again
+                {
+                    looked_again = true;
+                    continue;
+                }
+                return Ok(());
+            }
+            self.backlog_bytes -= p.frame.len();
+        }
+        if let Device { mem: Some(mem), rings, .. } = dev {
+            let _ = rings[RX].queue.disable_notification(&*mem);
+        }
+        Ok(())
+    }
+
+    fn send_with(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
+        if self.broken.is_some() {
+            return Ok(());
+        }
+        let mut h = [0u8; HDR_LEN];
+        let mut v = [0u8; vnet_hdr::LEN];
+        hdr.emit(&mut v);
+        h[..vnet_hdr::LEN].copy_from_slice(&v);
+        let dev = self.dev.clone();
+        let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+        if dev.session != self.session {
+            return Ok(());
+        }
+        let result = if self.backlog.is_empty() { self.write_rx(&mut dev, &h, frame) } else { Ok(false) };
+        match result {
+            Ok(true) => {}
+            Ok(false) => {
+                if self.backlog_bytes + frame.len() > MAX_QUEUE {
+                    self.dropped += 1;
+                    tracing::trace!("{}: no RX buffer, dropped a {}-byte frame", self.name, frame.len());
+                } else {
+                    self.backlog_bytes += frame.len();
+                    self.backlog.push_back(Pending { hdr: h, frame: frame.to_vec() });
+                    if self.backlog.len() == 1 {
+                        let _ = self.write_backlog(&mut dev);
+                    }
+                }
+            }
+            Err(why) => self.fail(why),
+        }
+        Ok(())
+    }
+
+    /// Marks the link broken; the engine hears of it at its next `recv`.
+    fn fail(&mut self, why: String) {
+        if self.broken.is_none() {
+            self.broken = Some(why);
+            ring_bell(&self.bell);
+        }
+    }
+}
+
+impl Link for VhostUserLink {
+    fn fd(&self) -> RawFd {
+        self.epfd.as_raw_fd()
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(why) = self.broken.clone() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("garbled descriptors: {why}")));
+        }
+        let dev = self.dev.clone();
+        let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+        if dev.session != self.session {
+            drain(self.bell.as_raw_fd());
+            let (why, fault) = dev.ended.clone();
+            let kind = if fault { io::ErrorKind::InvalidData } else { io::ErrorKind::UnexpectedEof };
+            return Err(io::Error::new(kind, why));
+        }
+        if !self.backlog.is_empty()
+            && let Err(why) = self.write_backlog(&mut dev)
+        {
+            self.fail(why.clone());
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("garbled descriptors: {why}")));
+        }
+        let hdr_len = self.features.hdr_len;
+        let Device { mem: Some(mem), rings, .. } = &mut *dev else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        let ring = &mut rings[TX];
+        if !ring.enabled {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let garbled = |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("garbled descriptors: {why}"));
+        // Bounded: each pass pops a chain or returns, and the second look after draining the
+        // kicks returns unless the guest added chains meanwhile.
+        for _ in 0..4 {
+            let chain = match ring.queue.iter(&*mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(garbled(format!("TX ring: {e}"))),
+            };
+            if let Some(chain) = chain {
+                if !self.tx_quiet {
+                    let _ = ring.queue.disable_notification(&*mem);
+                    self.tx_quiet = true;
+                }
+                let head = chain.head_index();
+                let (_hdr, n) = read_chain(mem, chain, hdr_len, buf).map_err(garbled)?;
+                ring.queue.add_used(&*mem, head, 0).map_err(|e| garbled(format!("TX used ring: {e}")))?;
+                self.used[TX] = true;
+                return Ok(n);
+            }
+            // Empty: drain the kicks, then turn notifications on and look once more.
+            drain(self.bell.as_raw_fd());
+            drain(self.kicks[TX].as_raw_fd());
+            drain(self.kicks[RX].as_raw_fd());
+            self.tx_quiet = false;
+            match ring.queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => return Err(garbled(format!("TX ring: {e}"))),
+            }
+        }
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.send_with(frame, &VnetHdr::default())
+    }
+
+    fn offloads(&self) -> bool {
+        self.features.guest_offloads
+    }
+
+    fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
+        self.send_with(frame, hdr)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.used[RX] && !self.used[TX] && self.backlog.is_empty() {
+            return Ok(());
+        }
+        let dev = self.dev.clone();
+        let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+        if dev.session != self.session {
+            return Ok(());
+        }
+        if !self.backlog.is_empty()
+            && let Err(why) = self.write_backlog(&mut dev)
+        {
+            self.fail(why);
+        }
+        let Device { mem: Some(mem), rings, .. } = &mut *dev else { return Ok(()) };
+        for (i, ring) in rings.iter_mut().enumerate() {
+            if std::mem::take(&mut self.used[i])
+                && let Err(why) = ring.notify(mem)
+            {
+                self.fail(why);
+            }
+        }
+        Ok(())
+    }
+
+    fn backlogged(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+impl Drop for VhostUserLink {
+    fn drop(&mut self) {
+        // The engine let go of a live link (garbled descriptors, or usernet stops): the
+        // front-end is told by the end of the connection.
+        let mut dev = self.lock();
+        if dev.session == self.session {
+            let why = self.broken.clone().unwrap_or_else(|| "usernet closed the link".into());
+            dev.end_session(&why, true);
+            drop(dev);
+            let _ = self.conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The control thread's handler of front-end messages (`vhost`'s request handler calls it).
+struct Control {
+    dev: Arc<Mutex<Device>>,
+    conn: Arc<UnixStream>,
+    handoff: HandoffSender,
+    name: String,
+    sessions: u64,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, Device> {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ring(dev: &mut Device, index: u32) -> VuResult<&mut Ring> {
+        dev.rings.get_mut(index as usize).ok_or(VuError::InvalidParam)
+    }
+
+    /// After each message: hand a fresh link to the engine when the device can run and
+    /// none does.
+    fn after_message(&mut self) {
+        let shared = self.dev.clone();
+        let mut dev = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if dev.running || !dev.can_run() {
+            return;
+        }
+        match self.start_session(&mut dev) {
+            Ok(link) => {
+                drop(dev);
+                self.handoff.send(Box::new(link));
+            }
+            Err(e) => tracing::warn!(link = %self.name, error = %e, "cannot start the vhost-user link"),
+        }
+    }
+
+    fn start_session(&mut self, dev: &mut Device) -> io::Result<VhostUserLink> {
+        let features = Negotiated::from_features(dev.acked);
+        let event_idx = dev.acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
+        let Device { mem: Some(mem), rings, .. } = dev else { return Err(io::ErrorKind::NotConnected.into()) };
+        let mut kicks = Vec::with_capacity(2);
+        for ring in rings.iter_mut() {
+            ring.queue.set_event_idx(event_idx);
+            // The used index the guest's ring holds (0 for a fresh driver).
+            let used = ring.queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire).map_err(io::Error::other)?;
+            ring.queue.set_next_used(used.0);
+            kicks.push(ring.kick.as_ref().ok_or(io::ErrorKind::NotConnected)?.try_clone()?);
+        }
+        let tx_kick = kicks.pop().ok_or(io::ErrorKind::NotConnected)?;
+        let rx_kick = kicks.pop().ok_or(io::ErrorKind::NotConnected)?;
+        let bell = Arc::new(eventfd()?);
+        let epfd = epoll_of(&[bell.as_raw_fd(), rx_kick.as_raw_fd(), tx_kick.as_raw_fd()])?;
+        self.sessions += 1;
+        dev.running = true;
+        dev.bell = Some(bell.clone());
+        let name =
+            if self.sessions == 1 { self.name.clone() } else { format!("{} (session {})", self.name, self.sessions) };
+        tracing::debug!(link = %name, ?features, "vhost-user rings started");
+        Ok(VhostUserLink {
+            dev: self.dev.clone(),
+            session: dev.session,
+            features,
+            epfd,
+            bell,
+            kicks: [rx_kick, tx_kick],
+            conn: self.conn.clone(),
+            name,
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
+            // A first look at both rings: the guest may have queued frames already.
+            used: [false; 2],
+            tx_quiet: false,
+            broken: None,
+            segs: Vec::new(),
+            chains: Vec::new(),
+            used_lens: Vec::new(),
+            dropped: 0,
+        })
+    }
+
+    /// A ring changes while frames may move: the running link ends first.
+    fn reconfigure(&self, what: &str) -> MutexGuard<'_, Device> {
+        let mut dev = self.lock();
+        dev.end_session(&format!("the guest's device was reset ({what})"), false);
+        dev
+    }
+}
+
+fn refused(what: &'static str) -> VuError {
+    VuError::InvalidOperation(what)
+}
+
+impl VhostUserBackendReqHandlerMut for Control {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        let mut dev = self.reconfigure("RESET_OWNER");
+        dev.features_set = false;
+        dev.acked = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        let mut dev = self.reconfigure("RESET_DEVICE");
+        dev.features_set = false;
+        dev.acked = 0;
+        for r in dev.rings.iter_mut() {
+            *r = Ring::new();
+        }
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(FEATURES)
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        check_ack(features).map_err(|_| VuError::InvalidParam)?;
+        let mut dev = self.lock();
+        if dev.acked != features || !dev.features_set {
+            dev.end_session("the guest's driver changed its features", false);
+        }
+        dev.acked = features;
+        dev.features_set = true;
+        // Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled as they start.
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            for r in dev.rings.iter_mut() {
+                r.enabled = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening.is_some() {
+            return Err(refused("postcopy"));
+        }
+        let mut regions = Vec::new();
+        let mut mappings = Vec::new();
+        for (region, file) in ctx.iter().zip(files) {
+            let mapped = GuestRegionMmap::new(region.mmap_region(file)?, GuestAddress(region.guest_phys_addr))
+                .ok_or(VuError::InvalidParam)?;
+            mappings.push(Mapping {
+                vmm_addr: region.user_addr,
+                size: region.memory_size,
+                gpa: region.guest_phys_addr,
+            });
+            regions.push(mapped);
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| VuError::ReqHandlerError(io::Error::other(e)))?;
+        // The rings keep their guest addresses: a running link goes on with the new map.
+        let mut dev = self.lock();
+        dev.mem = Some(mem);
+        dev.mappings = mappings;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        let mut dev = self.reconfigure("SET_VRING_NUM");
+        Self::ring(&mut dev, index)?.queue.set_size(num as u16);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let mut dev = self.reconfigure("SET_VRING_ADDR");
+        let gpa = |va| dev.va_to_gpa(va).ok_or(VuError::InvalidParam);
+        let (d, a, u) = (gpa(descriptor)?, gpa(available)?, gpa(used)?);
+        let q = &mut Self::ring(&mut dev, index)?.queue;
+        q.try_set_desc_table_address(GuestAddress(d)).map_err(|_| VuError::InvalidParam)?;
+        q.try_set_avail_ring_address(GuestAddress(a)).map_err(|_| VuError::InvalidParam)?;
+        q.try_set_used_ring_address(GuestAddress(u)).map_err(|_| VuError::InvalidParam)?;
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let mut dev = self.reconfigure("SET_VRING_BASE");
+        Self::ring(&mut dev, index)?.queue.set_next_avail(base as u16);
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        let mut dev = self.reconfigure("GET_VRING_BASE");
+        let ring = Self::ring(&mut dev, index)?;
+        ring.started = false;
+        ring.queue.set_ready(false);
+        ring.kick = None;
+        ring.call = None;
+        Ok(VhostUserVringState::new(index, u32::from(ring.queue.next_avail())))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let mut dev = self.reconfigure("SET_VRING_KICK");
+        let ring = Self::ring(&mut dev, index as u32)?;
+        ring.started = fd.is_some();
+        ring.kick = fd;
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        // QEMU swaps the call eventfd while the guest masks its interrupts: no reset.
+        let mut dev = self.lock();
+        Self::ring(&mut dev, index as u32)?.call = fd;
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        let mut dev = self.lock();
+        Self::ring(&mut dev, index as u32)?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::empty())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        // The crate adds REPLY_ACK and handles it; nothing else was offered.
+        if features & !VhostUserProtocolFeatures::REPLY_ACK.bits() != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(2)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        let mut dev = self.lock();
+        if !enable {
+            dev.end_session("the guest's device was stopped (ring disabled)", false);
+        }
+        Self::ring(&mut dev, index)?.enabled = enable;
+        Ok(())
+    }
+
+    fn get_config(&mut self, _offset: u32, _size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        Err(refused("GET_CONFIG"))
+    }
+
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        Err(refused("SET_CONFIG"))
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(refused("GPU_SET_SOCKET"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(refused("GET_SHARED_OBJECT"))
+    }
+
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        Err(refused("GET_INFLIGHT_FD"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(refused("SET_INFLIGHT_FD"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Err(refused("GET_MAX_MEM_SLOTS"))
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        Err(refused("ADD_MEM_REG"))
+    }
+
+    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        Err(refused("REM_MEM_REG"))
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(refused("SET_DEVICE_STATE_FD"))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(refused("CHECK_DEVICE_STATE"))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(refused("GET_SHMEM_CONFIG"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(refused("SET_LOG_BASE"))
+    }
+}
+
+/// Serves one front-end until it goes or sends what cannot be served.
+fn serve_connection(stream: UnixStream, conn: Arc<UnixStream>, handoff: HandoffSender, name: String) {
+    let dev = Arc::new(Mutex::new(Device::new()));
+    let control = Arc::new(Mutex::new(Control { dev: dev.clone(), conn, handoff, name: name.clone(), sessions: 0 }));
+    let mut handler = BackendReqHandler::from_stream(stream, control.clone());
+    let (why, fault) = loop {
+        match handler.handle_request() {
+            Ok(()) => control.lock().unwrap_or_else(|e| e.into_inner()).after_message(),
+            // QEMU's virtio-net sends SET_VRING_ENABLE(1) for its queue pair as soon as the
+            // guest acks its features (it checks the features the back-end offered), before
+            // SET_FEATURES reaches the back-end, and not again (QEMU 7.2); the crate checks
+            // the acked features and refuses it. So rings start enabled (as without
+            // PROTOCOL_FEATURES), and a SET_VRING_ENABLE(0) that passes disables one.
+            Err(VuError::InactiveFeature(f)) if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES => {
+                tracing::trace!(link = %name, "SET_VRING_ENABLE before SET_FEATURES, ignored");
+            }
+            Err(VuError::Disconnected | VuError::PartialMessage) => {
+                break ("the front-end went away".to_string(), false);
+            }
+            Err(VuError::SocketBroken(e)) if e.kind() != io::ErrorKind::InvalidData => {
+                break ("the front-end went away".to_string(), false);
+            }
+            Err(e) => break (format!("vhost-user: {e}"), true),
+        }
+    };
+    let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+    if dev.running {
+        // The link's `recv` reports it, and the engine logs it once.
+        dev.end_session(&why, fault);
+    } else if fault {
+        tracing::warn!(link = %name, error = %why, "vhost-user connection closed");
+    } else {
+        tracing::debug!(link = %name, "vhost-user front-end went away");
+    }
+    dev.mem = None;
+}
+
+/// The listening socket of `--listen-vhost-user PATH`: each front-end that connects gets a
+/// control thread, whose sessions reach the engine as links. Its descriptor groups the
+/// listening socket and the hand-off's bell. Removes its socket file on drop.
+pub struct VhostUserAcceptor {
+    listener: UnixListener,
+    path: PathBuf,
+    handoff: Handoff,
+    epfd: OwnedFd,
+    accepted: u64,
+}
+
+impl VhostUserAcceptor {
+    pub fn bind(path: &Path) -> io::Result<VhostUserAcceptor> {
+        clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
+        let listener = bind_owner_only(path, |p| UnixListener::bind(p))?;
+        listener.set_nonblocking(true)?;
+        let handoff = Handoff::new(format!("vhost-user {}", path.display()))?;
+        let epfd = epoll_of(&[listener.as_raw_fd(), handoff.fd()])?;
+        Ok(VhostUserAcceptor { listener, path: path.to_path_buf(), handoff, epfd, accepted: 0 })
+    }
+
+    fn start(&mut self, stream: UnixStream) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        self.accepted += 1;
+        let name = format!("vhost-user {} #{}", self.path.display(), self.accepted);
+        let conn = Arc::new(stream.try_clone()?);
+        let handoff = self.handoff.sender();
+        let thread_name = name.clone();
+        std::thread::Builder::new()
+            .name("usernet-vhost-user".into())
+            .spawn(move || serve_connection(stream, conn, handoff, thread_name))?;
+        tracing::debug!(link = %name, "vhost-user front-end connected");
+        Ok(())
+    }
+}
+
+impl Drop for VhostUserAcceptor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl LinkAcceptor for VhostUserAcceptor {
+    fn fd(&self) -> RawFd {
+        self.epfd.as_raw_fd()
+    }
+
+    fn accept(&mut self) -> io::Result<Option<Box<dyn Link>>> {
+        // Bounded: the backlog of the listening socket.
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = self.start(stream) {
+                        tracing::warn!(listener = %self.describe(), error = %e, "cannot serve a vhost-user front-end");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.handoff.accept()
+    }
+
+    fn describe(&self) -> String {
+        format!("vhost-user {}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+#[path = "vhost_user_tests.rs"]
+mod tests;

@@ -1,0 +1,346 @@
+//! Unit tests of the vhost-user link: split rings laid out by hand in anonymous guest memory,
+//! driven as a guest driver would (descriptors, available ring), read back from the used ring.
+
+use super::*;
+use crate::link::MAX_FRAME;
+
+const SIZE: u16 = 16;
+/// Where each ring's parts live in guest memory (ring `i` is 0x10000 further on).
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const DATA: u64 = 0x8000;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+fn base(ring: usize) -> u64 {
+    ring as u64 * 0x10000
+}
+
+/// A guest driver's view of the two rings.
+struct Guest {
+    dev: Arc<Mutex<Device>>,
+    /// Next free descriptor and available index, per ring.
+    next_desc: [u16; 2],
+    avail_idx: [u16; 2],
+    /// Next free byte of buffer space.
+    data: u64,
+}
+
+impl Guest {
+    fn mem<T>(&self, f: impl FnOnce(&GuestMemoryMmap) -> T) -> T {
+        let dev = self.dev.lock().unwrap();
+        f(dev.mem.as_ref().unwrap())
+    }
+
+    /// Makes a chain of buffers of `lens` on `ring` (each written with `fill`, write-only
+    /// when `write`), offers it; returns its buffers' addresses.
+    fn offer(&mut self, ring: usize, bufs: &[(&[u8], u32, u16)]) -> Vec<u64> {
+        let head = self.next_desc[ring];
+        let mut addrs = Vec::new();
+        for (i, (fill, len, flags)) in bufs.iter().enumerate() {
+            let idx = self.next_desc[ring];
+            self.next_desc[ring] += 1;
+            let addr = self.data;
+            self.data += 0x1000;
+            let last = i + 1 == bufs.len();
+            let flags = flags | if last { 0 } else { F_NEXT };
+            self.desc(ring, idx, addr, *len, flags, idx + 1);
+            self.mem(|m| m.write_slice(fill, GuestAddress(addr)).unwrap());
+            addrs.push(addr);
+        }
+        self.publish(ring, head);
+        addrs
+    }
+
+    fn desc(&self, ring: usize, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = base(ring) + DESC + 16 * idx as u64;
+        self.mem(|m| {
+            m.write_obj(addr, GuestAddress(at)).unwrap();
+            m.write_obj(len, GuestAddress(at + 8)).unwrap();
+            m.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            m.write_obj(next, GuestAddress(at + 14)).unwrap();
+        });
+    }
+
+    fn publish(&mut self, ring: usize, head: u16) {
+        let slot = self.avail_idx[ring] % SIZE;
+        self.avail_idx[ring] = self.avail_idx[ring].wrapping_add(1);
+        let idx = self.avail_idx[ring];
+        self.mem(|m| {
+            m.write_obj(head, GuestAddress(base(ring) + AVAIL + 4 + 2 * slot as u64)).unwrap();
+            m.write_obj(idx, GuestAddress(base(ring) + AVAIL + 2)).unwrap();
+        });
+    }
+
+    /// The used ring's entries so far: (descriptor head, length).
+    fn used(&self, ring: usize) -> Vec<(u32, u32)> {
+        self.mem(|m| {
+            let idx: u16 = m.read_obj(GuestAddress(base(ring) + USED + 2)).unwrap();
+            (0..idx)
+                .map(|i| {
+                    let at = base(ring) + USED + 4 + 8 * (i % SIZE) as u64;
+                    (m.read_obj(GuestAddress(at)).unwrap(), m.read_obj(GuestAddress(at + 4)).unwrap())
+                })
+                .collect()
+        })
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem(|m| m.read_slice(&mut v, GuestAddress(addr)).unwrap());
+        v
+    }
+}
+
+/// A device as the control thread leaves it after QEMU's setup, and its link.
+fn setup(features: u64) -> (Guest, VhostUserLink, Arc<Mutex<Device>>) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+    let mut dev = Device::new();
+    dev.acked = features;
+    dev.features_set = true;
+    for (i, ring) in dev.rings.iter_mut().enumerate() {
+        ring.queue.set_size(SIZE);
+        ring.queue.try_set_desc_table_address(GuestAddress(base(i) + DESC)).unwrap();
+        ring.queue.try_set_avail_ring_address(GuestAddress(base(i) + AVAIL)).unwrap();
+        ring.queue.try_set_used_ring_address(GuestAddress(base(i) + USED)).unwrap();
+        ring.kick = Some(File::from(eventfd().unwrap()));
+        ring.call = Some(File::from(eventfd().unwrap()));
+        ring.started = true;
+    }
+    dev.mem = Some(mem);
+    let dev = Arc::new(Mutex::new(dev));
+    let (a, _b) = UnixStream::pair().unwrap();
+    let handoff = Handoff::new("test").unwrap();
+    let mut control =
+        Control { dev: dev.clone(), conn: Arc::new(a), handoff: handoff.sender(), name: "vu test".into(), sessions: 0 };
+    let link = {
+        let mut d = dev.lock().unwrap();
+        assert!(d.can_run());
+        control.start_session(&mut d).unwrap()
+    };
+    let guest = Guest { dev: dev.clone(), next_desc: [0; 2], avail_idx: [0; 2], data: DATA };
+    (guest, link, dev)
+}
+
+const MODERN: u64 = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_EVENT_IDX);
+
+#[test]
+fn features_are_checked_and_decide_the_header() {
+    assert_eq!(check_ack(FEATURES).unwrap(), Negotiated { hdr_len: 12, mrg_rxbuf: true, guest_offloads: true });
+    assert_eq!(check_ack(0).unwrap(), Negotiated { hdr_len: 10, mrg_rxbuf: false, guest_offloads: false });
+    assert_eq!(check_ack(bit(VIRTIO_F_VERSION_1)).unwrap().hdr_len, 12);
+    // Offloads only with all three: a guest without TSO6 gets whole frames.
+    let partial = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4);
+    assert!(!check_ack(partial).unwrap().guest_offloads);
+    // A bit never offered (VIRTIO_NET_F_CTRL_VQ, 17) is refused.
+    assert!(check_ack(FEATURES | bit(17)).unwrap_err().contains("never offered"));
+    assert_eq!(FEATURES & bit(VIRTIO_NET_F_CSUM), HOST_OFFLOADS & bit(VIRTIO_NET_F_CSUM));
+}
+
+#[test]
+fn a_tx_frame_split_over_buffers_with_a_split_header() {
+    let (mut g, mut link, _dev) = setup(MODERN);
+    let frame: Vec<u8> = (0..100u8).collect();
+    let mut hdr = [0u8; 12];
+    hdr[0] = vnet_hdr::F_NEEDS_CSUM;
+    // 5 bytes of header, then 7 bytes of header and 20 of frame, then the rest.
+    let second: Vec<u8> = hdr[5..].iter().chain(&frame[..20]).copied().collect();
+    g.offer(TX, &[(&hdr[..5], 5, 0), (&second, 27, 0), (&frame[20..], 80, 0)]);
+    let mut buf = vec![0u8; MAX_FRAME];
+    let n = link.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &frame[..]);
+    assert_eq!(g.used(TX), vec![(0, 0)]);
+    assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    // A second frame offered after the first look is read too.
+    g.offer(TX, &[(&[0u8; 12], 12, 0), (b"hello", 5, 0)]);
+    assert_eq!(link.recv(&mut buf).unwrap(), 5);
+    assert_eq!(&buf[..5], b"hello");
+    link.flush().unwrap();
+}
+
+#[test]
+fn an_rx_frame_spreads_over_merged_buffers() {
+    let (mut g, mut link, _dev) = setup(MODERN);
+    let a = g.offer(RX, &[(&[], 16, F_WRITE)]);
+    let b = g.offer(RX, &[(&[], 16, F_WRITE)]);
+    let c = g.offer(RX, &[(&[], 16, F_WRITE)]);
+    let frame: Vec<u8> = (100..130u8).collect();
+    link.send(&frame).unwrap();
+    // 12 + 30 bytes: 16, 16 and 10.
+    assert_eq!(g.used(RX), vec![(0, 16), (1, 16), (2, 10)]);
+    let mut got = g.read(a[0], 16);
+    got.extend(g.read(b[0], 16));
+    got.extend(g.read(c[0], 10));
+    let (h, f) = got.split_at(12);
+    assert_eq!(&h[..10], &[0u8; 10]);
+    assert_eq!(u16::from_le_bytes([h[10], h[11]]), 3, "num_buffers");
+    assert_eq!(f, &frame[..]);
+    link.flush().unwrap();
+}
+
+#[test]
+fn without_mrg_rxbuf_a_frame_needs_one_chain() {
+    let (mut g, mut link, _dev) = setup(bit(VIRTIO_F_VERSION_1));
+    g.offer(RX, &[(&[], 16, F_WRITE)]);
+    g.offer(RX, &[(&[], 16, F_WRITE), (&[], 64, F_WRITE)]);
+    // Too big for the first chain, and never cut over two: dropped, the chain kept.
+    link.send(&[7u8; 40]).unwrap();
+    assert!(!link.backlogged());
+    assert_eq!(link.dropped, 1);
+    assert!(g.used(RX).is_empty());
+    // A short frame takes the first chain, the next one the second (80 bytes).
+    link.send(&[1u8; 4]).unwrap();
+    link.send(&[2u8; 60]).unwrap();
+    assert_eq!(g.used(RX), vec![(0, 16), (1, 72)]);
+    // No chain left: the next frame waits.
+    link.send(&[3u8; 4]).unwrap();
+    assert!(link.backlogged());
+}
+
+#[test]
+fn frames_wait_for_rx_buffers_then_go_in_order() {
+    let (mut g, mut link, _dev) = setup(MODERN);
+    link.send(&[1u8; 20]).unwrap();
+    link.send(&[2u8; 20]).unwrap();
+    assert!(link.backlogged());
+    link.flush().unwrap();
+    assert!(g.used(RX).is_empty());
+    let a = g.offer(RX, &[(&[], 64, F_WRITE)]);
+    let b = g.offer(RX, &[(&[], 64, F_WRITE)]);
+    link.flush().unwrap();
+    assert!(!link.backlogged());
+    assert_eq!(g.used(RX), vec![(0, 32), (1, 32)]);
+    assert_eq!(g.read(a[0] + 12, 20), vec![1u8; 20]);
+    assert_eq!(g.read(b[0] + 12, 20), vec![2u8; 20]);
+}
+
+#[test]
+fn offloaded_frames_carry_their_header() {
+    let (mut g, mut link, _dev) = setup(FEATURES);
+    assert!(link.offloads());
+    let a = g.offer(RX, &[(&[], 128, F_WRITE)]);
+    let hdr = VnetHdr {
+        flags: vnet_hdr::F_NEEDS_CSUM,
+        gso_type: vnet_hdr::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    link.send_offloaded(&[9u8; 60], &hdr).unwrap();
+    let mut want = [0u8; vnet_hdr::LEN];
+    hdr.emit(&mut want);
+    let got = g.read(a[0], 12);
+    assert_eq!(&got[..10], &want);
+    assert_eq!(&got[10..], &[1, 0]);
+}
+
+fn garbled(link: &mut VhostUserLink) -> String {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let e = link.recv(&mut buf).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    e.to_string()
+}
+
+#[test]
+fn garbled_tx_chains_close_the_link() {
+    // A write-only buffer in a TX chain.
+    let (mut g, mut link, _dev) = setup(MODERN);
+    g.offer(TX, &[(&[0u8; 12], 12, 0), (&[], 10, F_WRITE)]);
+    assert!(garbled(&mut link).contains("write-only"));
+
+    // A buffer outside guest memory.
+    let (mut g, mut link, _dev) = setup(MODERN);
+    g.desc(TX, 0, 0x1000_0000, 64, 0, 0);
+    g.publish(TX, 0);
+    assert!(garbled(&mut link).contains("TX buffer"));
+
+    // A chain that loops on itself.
+    let (mut g, mut link, _dev) = setup(MODERN);
+    g.desc(TX, 0, DATA, 64, F_NEXT, 0);
+    g.publish(TX, 0);
+    assert!(garbled(&mut link).contains("loops"));
+
+    // A head index beyond the table.
+    let (mut g, mut link, _dev) = setup(MODERN);
+    g.publish(TX, 200);
+    let _ = garbled(&mut link);
+
+    // An available index too far ahead of the device.
+    let (g, mut link, _dev) = setup(MODERN);
+    g.mem(|m| m.write_obj(1000u16, GuestAddress(base(TX) + AVAIL + 2)).unwrap());
+    assert!(garbled(&mut link).contains("TX ring"));
+
+    // A frame longer than the largest frame.
+    let (mut g, mut link, _dev) = setup(MODERN);
+    g.desc(TX, 0, DATA, 12 + MAX_FRAME as u32 + 1, 0, 0);
+    g.publish(TX, 0);
+    assert!(garbled(&mut link).contains("longer"));
+
+    // Nothing after the header.
+    let (mut g, mut link, _dev) = setup(MODERN);
+    g.offer(TX, &[(&[0u8; 12], 12, 0)]);
+    assert!(garbled(&mut link).contains("no frame"));
+}
+
+#[test]
+fn garbled_rx_chains_close_the_link_at_the_next_recv() {
+    let (mut g, mut link, _dev) = setup(MODERN);
+    g.offer(RX, &[(&[], 64, 0)]);
+    link.send(&[1u8; 20]).unwrap();
+    assert!(garbled(&mut link).contains("read-only"));
+    // Later frames are dropped quietly; the engine has been told.
+    link.send(&[1u8; 20]).unwrap();
+}
+
+#[test]
+fn a_reset_ends_the_session() {
+    let (_g, mut link, dev) = setup(MODERN);
+    dev.lock().unwrap().end_session("the guest's device was reset (GET_VRING_BASE)", false);
+    let mut buf = vec![0u8; MAX_FRAME];
+    let e = link.recv(&mut buf).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    assert!(e.to_string().contains("GET_VRING_BASE"));
+    // Sending to an ended session drops the frame; nothing breaks.
+    link.send(&[0u8; 20]).unwrap();
+    // A new session may start on the same device, with a new number.
+    let mut d = dev.lock().unwrap();
+    assert!(!d.running);
+    assert!(d.can_run());
+    assert_eq!(d.session, 1);
+}
+
+#[test]
+fn ring_addresses_translate_through_the_memory_table() {
+    let mut dev = Device::new();
+    dev.mappings.push(Mapping { vmm_addr: 0x7f00_0000_0000, size: 0x1000_0000, gpa: 0 });
+    dev.mappings.push(Mapping { vmm_addr: 0x7e00_0000_0000, size: 0x1000, gpa: 0x1_0000_0000 });
+    assert_eq!(dev.va_to_gpa(0x7f00_0000_1234), Some(0x1234));
+    assert_eq!(dev.va_to_gpa(0x7e00_0000_0fff), Some(0x1_0000_0fff));
+    assert_eq!(dev.va_to_gpa(0x7e00_0000_1000), None);
+    assert_eq!(dev.va_to_gpa(0), None);
+}
+
+/// The acceptor's socket is the owner's alone, and a front-end that connects and sends a
+/// message no protocol has is closed.
+#[test]
+fn acceptor_socket_is_owner_only_and_garbage_is_refused() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("usernet-vhost-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("vhost.sock");
+    let mut acceptor = VhostUserAcceptor::bind(&path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    assert!(acceptor.accept().unwrap().is_none());
+    client.write_all(&[0xff, 0xff, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(matches!(client.read(&mut buf), Ok(0) | Err(_)));
+    drop(acceptor);
+    assert!(!path.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
