@@ -1026,6 +1026,7 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
         let transport = match v.transport {
             vm::VmTransport::Stream => "stream",
             vm::VmTransport::Dgram => "usernet's datagram (passt's stream)",
+            vm::VmTransport::VhostUser => "usernet's vhost-user (passt's stream)",
         };
         let how = format!("over the {transport} transport (TCG guest), MTU {}, Gbit/s", v.mtu);
         list.push(m("vm_up_gbps".into(), format!("TCP VM->host {how}"), true, 3));
@@ -1237,6 +1238,9 @@ fn print_vm_notes(outcomes: &[Outcome], v: &vm::VmPlan) {
     let usernet_transport = match v.transport {
         vm::VmTransport::Stream => "-netdev stream on usernet serve --listen-qemu",
         vm::VmTransport::Dgram => "-netdev dgram on usernet serve --listen-vfkit",
+        vm::VmTransport::VhostUser => {
+            "-netdev vhost-user on usernet serve --listen-vhost-user (guest RAM a shared memfd, vectors=0)"
+        }
     };
     println!(
         "VM rows: QEMU -accel tcg (1 vCPU, 256 MiB), Debian's kernel and busybox; {usernet_transport} \

@@ -1,6 +1,8 @@
 //! The VM phase of `usernet-bench` (`--vm`): TCP between a QEMU guest and the host over
 //! QEMU's stream transport (`-netdev stream`), served by `usernet serve --listen-qemu` and by
-//! passt, which speaks the same protocol on its socket.
+//! passt, which speaks the same protocol on its socket; with `--vm-transport dgram` or
+//! `vhost-user`, usernet serves the VM over `-netdev dgram` (`--listen-vfkit`) or as its
+//! vhost-user back-end (`--listen-vhost-user`, the guest's RAM a shared memfd).
 //!
 //! Method. The guest is Debian's kernel with a busybox initramfs, built once per bench by the
 //! repository's `vm-guest/build-initramfs.sh` (built into this binary; `--vm-initramfs-script` for another). The tests' `/init`
@@ -142,6 +144,10 @@ pub enum VmTransport {
     Stream,
     /// `-netdev dgram` to `usernet serve --listen-vfkit` (a datagram per frame, as vfkit).
     Dgram,
+    /// `-netdev vhost-user` to `usernet serve --listen-vhost-user` (the guest's rings in
+    /// shared memory: its RAM a memfd shared with usernet).
+    #[serde(rename = "vhost-user")]
+    VhostUser,
 }
 
 /// The user-mode stack serving the VM.
@@ -585,6 +591,7 @@ fn start_tool(
             match plan.transport {
                 VmTransport::Stream => cmd.arg("--listen-qemu").arg(format!("unix:{}", sock.display())),
                 VmTransport::Dgram => cmd.arg("--listen-vfkit").arg(format!("unixgram:{}", sock.display())),
+                VmTransport::VhostUser => cmd.arg("--listen-vhost-user").arg(sock),
             }
             // A dead loopback port: the guest resolves nothing, and must not reach the
             // machine's resolver even by accident.
@@ -688,16 +695,7 @@ pub fn run(tool: VmTool, bin: &Path, image: &Image, plan: &VmPlan, tmp: &Path) -
             source.addr.port(),
             plan.mib
         ))
-        .arg("-netdev")
-        .arg(match (tool, plan.transport) {
-            (VmTool::Usernet, VmTransport::Dgram) => format!(
-                "dgram,id=n0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                dir.0.join("qemu.sock").display(),
-                sock.display()
-            ),
-            _ => format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", sock.display()),
-        })
-        .args(["-device", "virtio-net-pci,netdev=n0"]);
+        .args(qemu_net_args(tool, plan.transport, &sock, &dir.0.join("qemu.sock")));
     let qemu_cmd = show(&cmd);
     let qemu_log = dir.0.join("qemu.log");
     let started = Instant::now();
@@ -778,6 +776,37 @@ pub fn run(tool: VmTool, bin: &Path, image: &Image, plan: &VmPlan, tmp: &Path) -
         lease: marker(&console_text, "lease").map(str::to_string),
         commands: vec![tool_cmd, qemu_cmd],
     })
+}
+
+/// QEMU's network options for `tool` on `transport` (passt: always the stream one).
+fn qemu_net_args(tool: VmTool, transport: VmTransport, sock: &Path, qemu_sock: &Path) -> Vec<String> {
+    let netdev = match (tool, transport) {
+        (VmTool::Usernet, VmTransport::Dgram) => format!(
+            "dgram,id=n0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+            qemu_sock.display(),
+            sock.display()
+        ),
+        (VmTool::Usernet, VmTransport::VhostUser) => {
+            // The guest's RAM shared with usernet; `vectors=0`: QEMU 7.2 under TCG crashes
+            // starting a vhost-user virtio-net-pci with MSI-X.
+            return [
+                "-object",
+                "memory-backend-memfd,id=mem,size=256M,share=on",
+                "-machine",
+                "memory-backend=mem",
+                "-chardev",
+                &format!("socket,id=c0,path={}", sock.display()),
+                "-netdev",
+                "vhost-user,id=n0,chardev=c0",
+                "-device",
+                "virtio-net-pci,netdev=n0,vectors=0",
+            ]
+            .map(String::from)
+            .to_vec();
+        }
+        _ => format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", sock.display()),
+    };
+    vec!["-netdev".into(), netdev, "-device".into(), "virtio-net-pci,netdev=n0".into()]
 }
 
 fn tool_name(tool: VmTool) -> &'static str {
