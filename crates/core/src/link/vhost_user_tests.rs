@@ -135,7 +135,8 @@ fn features_are_checked_and_decide_the_header() {
     assert!(!check_ack(partial).unwrap().guest_offloads);
     // A bit never offered (VIRTIO_NET_F_CTRL_VQ, 17) is refused.
     assert!(check_ack(FEATURES | bit(17)).unwrap_err().contains("never offered"));
-    assert_eq!(FEATURES & bit(VIRTIO_NET_F_CSUM), HOST_OFFLOADS & bit(VIRTIO_NET_F_CSUM));
+    let csum = bit(virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_CSUM);
+    assert_eq!(FEATURES & csum, HOST_OFFLOADS & csum);
 }
 
 #[test]
