@@ -309,6 +309,7 @@ impl NetOpts {
             host_addr: cfg.host_loopback.then_some(cfg.host),
             guest_resolv,
             interval: dns_watch::POLL_INTERVAL,
+            follower: Some(dns_watch::SELF_EXE.into()),
         };
         DnsWatch::start(cfg.host_dns.clone(), spec)
             .map_err(|e| anyhow::anyhow!("cannot follow the host's DNS configuration: {e}"))

@@ -235,6 +235,8 @@ fn confined_once_set_up() {
     let (_dir, http, want) = serve_random_file("confined", "f", 1 << 20);
     let script = format!(
         "for t in /proc/$PPID/task/*/status; do grep -E '^(Name|CapEff|CapPrm|NoNewPrivs|Seccomp):' $t | tr '\\n' ' '; echo; done; \
+         for p in /proc/[0-9]*; do grep -qx \"PPid:\t$PPID\" $p/status 2>/dev/null && [ \"$(cat $p/comm)\" = usernet-dns ] && \
+           {{ printf 'FOLLOWER '; grep -E '^(CapEff|CapPrm|NoNewPrivs):' $p/status | tr '\\n' ' '; tr '\\0' ' ' < $p/cmdline; echo; }}; done; \
          curl -sSf http://{HOST_IP}:{}/f | sha256sum",
         http.port
     );
@@ -247,6 +249,15 @@ fn confined_once_set_up() {
     assert!(out.stdout.contains(&format!("{want}  -")), "{out}");
     let threads: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("Name:")).collect();
     assert!(threads.len() >= 3, "the engine, the services' and the API's threads at least\n{out}");
+    // The DNS watcher's follower (`dns_watch`): usernet's child, usernet again under its
+    // own name, with no capability and no way to get one.
+    let followers: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("FOLLOWER ")).collect();
+    assert_eq!(followers.len(), 1, "one follower process\n{out}");
+    let f = followers[0];
+    assert_eq!(field(f, "CapEff"), "0000000000000000", "{f}");
+    assert_eq!(field(f, "CapPrm"), "0000000000000000", "{f}");
+    assert_eq!(field(f, "NoNewPrivs"), "1", "{f}");
+    assert!(f.contains("usernet-dns-follower"), "{f}");
     for t in &threads {
         assert_eq!(field(t, "Seccomp"), "2", "{t}");
         assert_eq!(field(t, "NoNewPrivs"), "1", "{t}");

@@ -2,10 +2,12 @@
 //! outside usernet's sandbox: once confined, usernet itself may read none of the host's
 //! files (`crate::confine`), and resolv.conf may be re-pointed to any directory.
 //!
-//! Theory of operation. [`Follower::start`] forks (during setup, before the sandbox; the
-//! watcher thread forks, so that the child dies with that thread: PR_SET_PDEATHSIG). The
-//! child keeps only the write end of a pipe (every other descriptor is closed), drops every
-//! capability, and joins a Landlock ruleset that lets it write nothing (`files`). It sees no
+//! Theory of operation. [`Follower::start`] runs usernet again under the name
+//! [`PROGRAM_NAME`] (during setup, before the sandbox; from the watcher thread, so that the
+//! child dies with that thread: PR_SET_PDEATHSIG), its standard output a pipe to the thread
+//! (the unit tests, whose binary is not usernet, fork instead). The child keeps only that
+//! pipe (every other descriptor is closed), drops every capability, and joins a Landlock
+//! ruleset that lets it write nothing (`confine`'s read-only ruleset). It sees no
 //! guest input: all it does is, every interval, `stat` each path (following symlinks), wait
 //! for a changed file to stay the same for 100 ms (so that a writer that truncates and then
 //! writes is not read half-way), read it, and write it whole to the pipe as one message:
@@ -13,16 +15,16 @@
 //! [`UNREADABLE`] (length 0, then an errno as u32). The parent's watcher thread reads the
 //! messages ([`Follower::next`]) and does the rest: parsing, comparing, logging.
 //!
-//! The child runs after a fork of a process with threads, so it may only make system calls:
-//! its paths, state and buffer are made before the fork, and it allocates nothing, takes
-//! no lock and never unwinds. It ends when its thread ends (the parent's death signal), when
+//! Forked, the child runs in a copy of a process with threads, so it may only make system
+//! calls: its paths, state and buffer are made before the fork, and it allocates nothing,
+//! takes no lock and never unwinds (the spawned follower runs the same loop). It ends when its thread ends (the parent's death signal), when
 //! the pipe is closed (EPIPE), or when [`Follower`] is dropped (SIGKILL through a pidfd).
 
 use std::ffi::CString;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A file's new content.
@@ -86,28 +88,43 @@ const CHILD_PIPE: RawFd = 3;
 const CHILD_RULESET: RawFd = 4;
 
 impl Follower {
-    /// Forks the child following `files` (each a path and the most bytes read of it),
-    /// every `interval`. Call it during setup, from the thread whose end should end the
-    /// child; `ruleset` is the read-only Landlock ruleset the child joins (None: the kernel
-    /// has no Landlock).
-    pub fn start(files: &[(PathBuf, usize)], interval: Duration, ruleset: Option<&OwnedFd>) -> io::Result<Follower> {
-        let paths = files
-            .iter()
-            .map(|(p, _)| CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput.into()))
-            .collect::<io::Result<Vec<_>>>()?;
-        let limits: Vec<usize> = files.iter().map(|(_, n)| *n).collect();
-        let biggest = limits.iter().copied().max().unwrap_or(0);
-        let mut child = Child {
-            args: command_line_span(),
-            last: vec![Seen::Unknown; paths.len()],
-            paths,
-            limits,
-            buf: vec![0u8; HEADER + biggest.max(4)],
-            interval: libc::timespec {
-                tv_sec: interval.as_secs() as libc::time_t,
-                tv_nsec: interval.subsec_nanos() as libc::c_long,
-            },
-        };
+    /// Starts the follower of `files` (each a path and the most bytes read of it), looking
+    /// every `interval`: `program` run as [`PROGRAM_NAME`] (usernet itself; its `main` hands
+    /// that name to [`main`]), or, with None, a fork of this process (for the unit tests,
+    /// whose binary is not usernet). Call it during setup, from the thread whose end should
+    /// end the follower.
+    pub fn start(program: Option<&Path>, files: &[(PathBuf, usize)], interval: Duration) -> io::Result<Follower> {
+        match program {
+            Some(program) => Follower::spawn(program, files, interval),
+            None => Follower::fork(files, interval, crate::confine::read_only_ruleset().as_ref()),
+        }
+    }
+
+    /// Runs `program` as the follower: a new process image, so nothing of usernet's memory
+    /// or descriptors is shared, and no copy-on-write of usernet's pages either (the
+    /// C library spawns with vfork semantics), which a fork would cost on every page
+    /// usernet writes afterwards.
+    fn spawn(program: &Path, files: &[(PathBuf, usize)], interval: Duration) -> io::Result<Follower> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(program);
+        cmd.arg0(PROGRAM_NAME).arg(std::process::id().to_string()).arg(interval.as_millis().to_string());
+        for (path, limit) in files {
+            cmd.arg(path).arg(limit.to_string());
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?;
+        let pipe = child.stdout.take().ok_or_else(|| io::Error::other("no pipe from the follower"))?;
+        let pidfd = pidfd_of(child.id() as libc::pid_t)?;
+        Ok(Follower { pipe: std::fs::File::from(OwnedFd::from(pipe)), pidfd })
+    }
+
+    /// Forks the follower; `ruleset` is the read-only Landlock ruleset it joins (None: the
+    /// kernel has no Landlock).
+    fn fork(files: &[(PathBuf, usize)], interval: Duration, ruleset: Option<&OwnedFd>) -> io::Result<Follower> {
+        let mut child = Child::new(files, interval)?;
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2(2) writes two descriptors into `fds`.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -128,21 +145,7 @@ impl Follower {
             child.run(parent, write_end.as_raw_fd(), ruleset);
         }
         drop(write_end);
-        // SAFETY: pidfd_open(2) on our own child, which nobody has reaped (it cannot have
-        // been: a child is reaped only once it ended, and it ends only when this thread does
-        // or when we kill it).
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if pidfd < 0 {
-            let e = io::Error::last_os_error();
-            // SAFETY: kill(2) and waitpid(2) of our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-            return Err(e);
-        }
-        // SAFETY: a fresh descriptor that we own from here.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        let pidfd = pidfd_of(pid)?;
         Ok(Follower { pipe: std::fs::File::from(read_end), pidfd })
     }
 
@@ -170,6 +173,53 @@ impl Follower {
     pub fn stopper(&self) -> io::Result<Stopper> {
         Ok(Stopper { pidfd: self.pidfd.try_clone()? })
     }
+}
+
+/// A pidfd of our child `pid`, which nobody has reaped: a child is reaped only once it
+/// ended, and it ends only when the thread that started it does or when we kill it. On
+/// failure the child is killed and reaped.
+fn pidfd_of(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: kill(2) and waitpid(2) of our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(e);
+    }
+    // SAFETY: a fresh descriptor that we own from here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The name usernet is started under to be the follower (argv[0]).
+pub const PROGRAM_NAME: &str = "usernet-dns-follower";
+
+/// The follower's process, started as [`PROGRAM_NAME`] by [`Follower::spawn`] with the
+/// arguments `PARENT_PID INTERVAL_MS (PATH LIMIT)...`: follows the files, writing to its
+/// standard output, until its parent's thread ends. Returns only on bad arguments.
+pub fn main(args: &[std::ffi::OsString]) -> i32 {
+    let number = |a: Option<&std::ffi::OsString>| a.and_then(|a| a.to_str()).and_then(|a| a.parse::<u64>().ok());
+    let (Some(parent), Some(interval)) = (number(args.first()), number(args.get(1))) else {
+        eprintln!("{PROGRAM_NAME}: usage: {PROGRAM_NAME} PARENT_PID INTERVAL_MS (PATH LIMIT)... (started by usernet)");
+        return 2;
+    };
+    let mut files = Vec::new();
+    for pair in args[2..].chunks(2) {
+        let (Some(path), Some(limit)) = (pair.first(), number(pair.get(1))) else {
+            eprintln!("{PROGRAM_NAME}: a path without its size limit");
+            return 2;
+        };
+        files.push((PathBuf::from(path), limit as usize));
+    }
+    let Ok(mut child) = Child::new(&files, Duration::from_millis(interval)) else {
+        eprintln!("{PROGRAM_NAME}: a path with a NUL byte");
+        return 2;
+    };
+    let ruleset = crate::confine::read_only_ruleset();
+    child.run(parent as libc::pid_t, 1, ruleset.as_ref().map_or(-1, |fd| fd.as_raw_fd()))
 }
 
 /// Ends the follower's child from another thread.
@@ -202,6 +252,27 @@ fn command_line_span() -> Option<(usize, usize)> {
 }
 
 impl Child {
+    /// The follower's state for `files`, every buffer made now.
+    fn new(files: &[(PathBuf, usize)], interval: Duration) -> io::Result<Child> {
+        let paths = files
+            .iter()
+            .map(|(p, _)| CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput.into()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let limits: Vec<usize> = files.iter().map(|(_, n)| *n).collect();
+        let biggest = limits.iter().copied().max().unwrap_or(0);
+        Ok(Child {
+            args: command_line_span(),
+            last: vec![Seen::Unknown; paths.len()],
+            paths,
+            limits,
+            buf: vec![0u8; HEADER + biggest.max(4)],
+            interval: libc::timespec {
+                tv_sec: interval.as_secs() as libc::time_t,
+                tv_nsec: interval.subsec_nanos() as libc::c_long,
+            },
+        })
+    }
+
     /// Writes `NAME` over the command line the child shares with usernet (as setproctitle
     /// does), so that `ps` and `pgrep` tell it from usernet: a drop-in's caller looks for
     /// one `slirp4netns` or `pasta` process.
@@ -381,10 +452,8 @@ mod tests {
         let (a, missing) = (dir.join("a"), dir.join("missing"));
         std::fs::write(&a, "one").unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ruleset = crate::confine::read_only_ruleset();
         let mut f =
-            Follower::start(&[(a.clone(), 2), (missing.clone(), 100)], Duration::from_millis(20), ruleset.as_ref())
-                .unwrap();
+            Follower::start(None, &[(a.clone(), 2), (missing.clone(), 100)], Duration::from_millis(20)).unwrap();
         let mut seen = Vec::new();
         for _ in 0..2 {
             seen.push(format!("{:?}", f.next().unwrap()));

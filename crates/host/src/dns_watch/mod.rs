@@ -111,7 +111,15 @@ pub struct WatchSpec {
     /// of `resolv_conf` change; ignored when `resolv_conf` is None.
     pub guest_resolv: Option<GuestResolvConf>,
     pub interval: Duration,
+    /// The program to run as the follower of these files: usernet itself
+    /// ([`SELF_EXE`]; see `follower`). None: a fork of this process, for the unit tests,
+    /// whose binary is not usernet.
+    pub follower: Option<PathBuf>,
 }
+
+/// usernet's own executable, to run as the follower.
+pub const SELF_EXE: &str = "/proc/self/exe";
+pub use follower::{PROGRAM_NAME as FOLLOWER_NAME, main as follower_main};
 
 /// The watcher thread and its file follower; dropping it stops both.
 pub struct DnsWatch {
@@ -138,12 +146,11 @@ impl DnsWatch {
         if files.is_empty() {
             return Ok(DnsWatch { stopper: None, thread: None });
         }
-        let read_only = crate::confine::read_only_ruleset();
-        let interval = spec.interval;
+        let (interval, program) = (spec.interval, spec.follower);
         let (started_tx, started_rx) = mpsc::channel::<io::Result<follower::Stopper>>();
         // The thread forks the follower itself: the follower dies with it.
         let thread = std::thread::Builder::new().name("usernet-dns-watch".into()).spawn(move || {
-            let mut follower = match follower::Follower::start(&follow, interval, read_only.as_ref()) {
+            let mut follower = match follower::Follower::start(program.as_deref(), &follow, interval) {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = started_tx.send(Err(e));
@@ -361,6 +368,7 @@ mod tests {
             host_addr: Some(HOST),
             guest_resolv: None,
             interval: Duration::from_millis(100),
+            follower: None,
         };
         DnsWatch::start(dns.clone(), spec).unwrap()
     }
@@ -472,6 +480,7 @@ mod tests {
             host_addr: Some(HOST),
             guest_resolv: None,
             interval: Duration::from_secs(3600),
+            follower: None,
         };
         let start = Instant::now();
         drop(DnsWatch::start(dns, spec).unwrap());
