@@ -309,6 +309,14 @@ pub fn bind_owner_only<T>(path: &Path, bind: impl FnOnce(&Path) -> io::Result<T>
     result
 }
 
+/// A stream socket listening at `path`, owner-only ([`bind_owner_only`]), after removing a
+/// stale socket file left there ([`clear_stale_socket`]): how the stream transports
+/// (QEMU's, vpnkit's, vhost-user's) listen.
+pub fn listen_stream(path: &Path) -> io::Result<UnixListener> {
+    clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
+    bind_owner_only(path, |p| UnixListener::bind(p))
+}
+
 /// Removes a stale socket file at `path` (nobody accepting there); refuses a live one or
 /// any other kind of file.
 pub fn clear_stale_socket(path: &Path, probe: impl Fn(&Path) -> bool) -> io::Result<()> {
@@ -340,8 +348,7 @@ pub struct QemuAcceptor {
 
 impl QemuAcceptor {
     pub fn bind(path: &Path) -> io::Result<QemuAcceptor> {
-        clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
-        let listener = bind_owner_only(path, |p| UnixListener::bind(p))?;
+        let listener = listen_stream(path)?;
         listener.set_nonblocking(true)?;
         Ok(QemuAcceptor { listener, path: path.to_path_buf(), accepted: 0 })
     }

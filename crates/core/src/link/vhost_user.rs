@@ -77,7 +77,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use super::handoff::{Handoff, HandoffSender};
-use super::qemu::{bind_owner_only, clear_stale_socket};
+use super::qemu::listen_stream;
 use super::{Link, LinkAcceptor};
 use usernet_wire::vnet_hdr::{self, VnetHdr};
 
@@ -1036,8 +1036,7 @@ pub struct VhostUserAcceptor {
 
 impl VhostUserAcceptor {
     pub fn bind(path: &Path) -> io::Result<VhostUserAcceptor> {
-        clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
-        let listener = bind_owner_only(path, |p| UnixListener::bind(p))?;
+        let listener = listen_stream(path)?;
         listener.set_nonblocking(true)?;
         let handoff = Handoff::new(format!("vhost-user {}", path.display()))?;
         let epfd = epoll_of(&[listener.as_raw_fd(), handoff.fd()])?;

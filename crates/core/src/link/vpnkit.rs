@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::handoff::{Handoff, HandoffSender};
-use super::qemu::{Framing, StreamLink, bind_owner_only, clear_stale_socket};
+use super::qemu::{Framing, StreamLink, listen_stream};
 use super::{Link, LinkAcceptor};
 use crate::config::Ipv4Subnet;
 
@@ -241,8 +241,7 @@ impl VpnkitAcceptor {
     /// Listens at `path` (owner-only) for clients of an `mtu`-byte network; interfaces get
     /// MACs from `mac_base` on, and may ask for addresses of `subnet`.
     pub fn bind(path: &Path, mtu: u16, subnet: Ipv4Subnet, mac_base: [u8; 6]) -> io::Result<VpnkitAcceptor> {
-        clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
-        let listener = Arc::new(bind_owner_only(path, |p| UnixListener::bind(p))?);
+        let listener = Arc::new(listen_stream(path)?);
         let handoff = Handoff::new(format!("vpnkit unix:{}", path.display()))?;
         let shared = Arc::new(Shared {
             links: handoff.sender(),

@@ -57,7 +57,7 @@ fn get() -> std::io::Result<[Data; 2]> {
 
 /// Sets the calling thread's effective and permitted sets to `keep` (a mask of
 /// capabilities 0-31), the inheritable set to nothing. Async-signal-safe.
-fn set(keep: u32) -> bool {
+pub(crate) fn set(keep: u32) -> bool {
     let mut h = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
     let d = [Data { effective: keep, permitted: keep, inheritable: 0 }, Data::default()];
     // SAFETY: capset(2) with a version 3 header and two data structs.
@@ -74,7 +74,7 @@ static FAILED_RULESET_TID: AtomicI32 = AtomicI32::new(0);
 
 /// Joins the Landlock ruleset `fd` (after no_new_privs, which joining takes without
 /// CAP_SYS_ADMIN); only system calls, so that a signal handler may do it.
-fn join_ruleset(fd: i32) -> bool {
+pub(crate) fn join_ruleset(fd: i32) -> bool {
     // SAFETY: prctl(2) and landlock_restrict_self(2) with plain integer arguments.
     unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0

@@ -294,7 +294,7 @@ impl Child {
     fn run(&mut self, parent: libc::pid_t, pipe: RawFd, ruleset: RawFd) -> ! {
         self.rename();
         // SAFETY: system calls with plain arguments; `_exit` ends the child.
-        unsafe {
+        let ruleset = unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
             if libc::getppid() != parent {
                 libc::_exit(0); // The thread that forked already ended.
@@ -307,15 +307,17 @@ impl Child {
             }
             let ruleset = if ruleset >= 0 && libc::dup2(ruleset, CHILD_RULESET) >= 0 { CHILD_RULESET } else { -1 };
             libc::syscall(libc::SYS_close_range, (CHILD_RULESET + 1) as libc::c_uint, libc::c_uint::MAX, 0);
-            // No capability, no way to regain one, and (with Landlock) no write anywhere.
-            let mut header = [0x2008_0522u32, 0];
-            let data = [0u32; 6];
-            libc::syscall(libc::SYS_capset, header.as_mut_ptr(), data.as_ptr());
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-            if ruleset >= 0 {
-                libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0);
-                libc::close(ruleset);
-            }
+            ruleset
+        };
+        // No capability, no way to regain one, and (with Landlock) no write anywhere: the
+        // sandbox's own calls, system calls only (they serve its signal handler too).
+        crate::confine::caps::set(0);
+        // SAFETY: prctl(2) with plain integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        if ruleset >= 0 {
+            crate::confine::caps::join_ruleset(ruleset);
+            // SAFETY: the ruleset's descriptor is ours and used no more.
+            unsafe { libc::close(ruleset) };
         }
         loop {
             for i in 0..self.paths.len() {
