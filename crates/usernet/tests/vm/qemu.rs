@@ -104,11 +104,15 @@ impl Vm {
         self.console.lock().unwrap().clone()
     }
 
-    /// Waits until the console shows `marker`; panics with the console on timeout.
+    /// Waits until the console shows `marker` and the rest of its line; panics with the
+    /// console on timeout.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.console().contains(marker) {
+            // The whole line: the console arrives in pieces, and a check's detail follows
+            // its marker on the same line.
+            let console = self.console();
+            if console.find(marker).is_some_and(|at| console[at..].contains('\n')) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
