@@ -23,6 +23,9 @@ use usernet_host::netns::resolv::{GuestResolvConf, RESOLV_CONF};
 use usernet_host::publish::listen::{self, BindError};
 use usernet_host::publish::spec::{self, PortSpec, SpecError};
 
+/// The longest `--busy-poll` window accepted, in microseconds.
+pub const MAX_BUSY_POLL_US: u64 = 10_000;
+
 /// Options of the virtual network, shared by `run` and `serve`.
 #[derive(Args, Debug, Clone)]
 pub struct NetOpts {
@@ -112,12 +115,14 @@ pub struct NetOpts {
     /// (default `80,443`; an empty list turns interception off).
     #[arg(long = "proxy-ports", value_name = "PORTS")]
     pub proxy_ports: Option<String>,
-    /// Lower latency for CPU: when the event loop runs out of work it polls, without
-    /// sleeping, for up to this many microseconds, so that an answer arriving soon needs no
-    /// wakeup (about 200 halves request/response latency on VMs with slow idle wakeups). The
-    /// window adapts and shrinks away when spinning does not pay off. Default 0: off.
-    #[arg(long = "busy-poll", value_name = "MICROSECONDS", default_value_t = 0,
-          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    /// When the event loop runs out of work after a request or an answer, poll without
+    /// sleeping for up to this many microseconds, so that the next one arriving soon needs no
+    /// wakeup: this halves request/response latency where waking an idle CPU is slow (VMs).
+    /// The window adapts and shrinks away when spinning does not pay off, and bulk transfers
+    /// never spin. 0 turns it off. Also USERNET_BUSY_POLL, which the drop-in modes read too.
+    #[arg(long = "busy-poll", value_name = "MICROSECONDS", env = "USERNET_BUSY_POLL",
+          default_value_t = usernet_core::engine::busy_poll::DEFAULT_MAX.as_micros() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_BUSY_POLL_US))]
     pub busy_poll: u64,
     /// Keep every privilege once set up: no capability lowered, no no_new_privs, no seccomp
     /// filter (for debugging). Also USERNET_NO_SANDBOX=1, which the drop-in modes read too.

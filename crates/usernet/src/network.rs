@@ -39,10 +39,30 @@ pub fn start_network(
     let proxy_hook = services.proxy_hook();
     let mut engine =
         usernet_core::engine::Engine::without_link(cfg.clone(), services, pcap).context("network engine")?;
+    // The drop-in modes have no `--busy-poll`; `run` and `serve` set theirs afterwards.
+    if let Some(us) = busy_poll_from_env()? {
+        engine.set_busy_poll(std::time::Duration::from_micros(us));
+    }
     if let Some(link) = link {
         engine.add_link(link);
     }
     Ok(Network { engine, shared: Shared { dns_records, proxy_settings, activity }, proxy_hook })
+}
+
+/// `USERNET_BUSY_POLL`, the busy-poll window in microseconds (see `--busy-poll`), if set.
+fn busy_poll_from_env() -> anyhow::Result<Option<u64>> {
+    let Some(value) = std::env::var_os("USERNET_BUSY_POLL") else { return Ok(None) };
+    parse_busy_poll(&value.to_string_lossy()).map(Some)
+}
+
+fn parse_busy_poll(value: &str) -> anyhow::Result<u64> {
+    match value.trim().parse::<u64>() {
+        Ok(us) if us <= crate::net_opts::MAX_BUSY_POLL_US => Ok(us),
+        _ => anyhow::bail!(
+            "USERNET_BUSY_POLL={value}: not a number of microseconds from 0 to {}",
+            crate::net_opts::MAX_BUSY_POLL_US
+        ),
+    }
 }
 
 /// The runtime directory where this instance registers its API (see
@@ -141,5 +161,20 @@ pub fn confine_prepared(
 ) {
     if let Err(e) = usernet_host::confine::apply_unless(no_sandbox, prepared) {
         tracing::warn!("the sandbox is not on: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_busy_poll;
+
+    #[test]
+    fn busy_poll_from_the_environment() {
+        assert_eq!(parse_busy_poll("0").unwrap(), 0);
+        assert_eq!(parse_busy_poll("250").unwrap(), 250);
+        for bad in ["", "-1", "1e3", "10001", "fast"] {
+            let e = parse_busy_poll(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("USERNET_BUSY_POLL={bad}:")), "{e}");
+        }
     }
 }

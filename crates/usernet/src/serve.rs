@@ -455,6 +455,32 @@ mod tests {
         }
     }
 
+    /// `--busy-poll` is on by default (the engine's default window), 0 turns it off, and a
+    /// window beyond the limit or not a number is a parse error naming the flag.
+    #[test]
+    fn busy_poll_flag() {
+        let window = |extra: &[&str]| {
+            let mut args = vec!["usernet", "run"];
+            args.extend_from_slice(extra);
+            args.extend(["--", "true"]);
+            crate::Cli::try_parse_from(args).map(|cli| match cli.command {
+                crate::Command::Run(a) => a.net.busy_poll,
+                _ => unreachable!(),
+            })
+        };
+        if std::env::var_os("USERNET_BUSY_POLL").is_none() {
+            let default = usernet_core::engine::busy_poll::DEFAULT_MAX.as_micros() as u64;
+            assert_eq!(window(&[]).unwrap(), default);
+            assert!(default > 0);
+        }
+        assert_eq!(window(&["--busy-poll", "0"]).unwrap(), 0);
+        assert_eq!(window(&["--busy-poll", "250"]).unwrap(), 250);
+        for bad in ["10001", "soon", "1.5"] {
+            let e = window(&["--busy-poll", bad]).unwrap_err().to_string();
+            assert!(e.contains("--busy-poll"), "{e}");
+        }
+    }
+
     /// `--deny`, `--allow`, `--allow-domain` (run and serve share them) become the
     /// configuration's egress policy; a bad rule or name is a parse error (exit status 125,
     /// as every bad flag) that names it.

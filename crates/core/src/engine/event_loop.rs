@@ -33,6 +33,7 @@ impl Engine {
                 return Err(e);
             }
             let now = Instant::now();
+            let link_bytes_before = self.switch.stats.bytes_in + self.switch.stats.bytes_out;
             self.loop_counters.iterations += 1;
             if !events.is_empty() {
                 self.busy_poll.woke(now);
@@ -83,6 +84,7 @@ impl Engine {
             self.flush_acks(Instant::now());
             self.flush_links();
             self.loop_counters.busy_nanos += Instant::now().saturating_duration_since(now).as_nanos() as u64;
+            self.busy_poll.round(self.switch.stats.bytes_in + self.switch.stats.bytes_out - link_bytes_before);
             if let Some(code) = self.stop.take().or_else(|| if sup_ready { sup.on_ready() } else { None }) {
                 self.shutdown();
                 return Ok(code);

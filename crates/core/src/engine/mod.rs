@@ -316,7 +316,7 @@ impl Engine {
             guests6: Vec::new(),
             next_splice_id: 0,
             tcp_hooks: Vec::new(),
-            busy_poll: busy_poll::BusyPoll::new(Duration::ZERO),
+            busy_poll: busy_poll::BusyPoll::new(busy_poll::DEFAULT_MAX),
             rx_buf: vec![0u8; 65536 + ethernet::HEADER_LEN],
             dialer,
             dhcp: DhcpServer::new(cfg.clone()),
