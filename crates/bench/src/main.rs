@@ -1,7 +1,8 @@
 //! `usernet-bench`: usernet against pasta, slirp4netns and a veth pair, side by side.
 //!
-//! Method. For every setup (usernet, pasta, slirp4netns, a plain veth pair as the kernel's own
-//! limit) and every repeat, the bench builds a fresh namespace the way that tool is meant to be
+//! Method. For every setup (usernet; usernet with `--busy-poll 0`, to show what its default
+//! busy polling buys; pasta, slirp4netns, a plain veth pair as the kernel's own limit) and
+//! every repeat, the bench builds a fresh namespace the way that tool is meant to be
 //! used (see [`setups`]), with one port published into it, and starts an agent inside: this
 //! same executable, re-run as `usernet-bench agent` under `usernet run -p P:P --`,
 //! `nsenter` or `ip netns exec`, taking one request at a time on its stdin (see [`agent`]).
@@ -21,7 +22,11 @@
 //!    - CPU seconds of the tool per GB moved on each throughput path: utime + stime of its
 //!      process (all threads) from /proc/PID/stat before and after. For veth the work is the
 //!      kernel's, in softirq context of whichever task runs: not attributable, so n/a;
-//!    - 1-byte request/response latency (mean, median) and new connections per second;
+//!    - how busy the whole machine was (all CPUs, from /proc/stat) during the namespace ->
+//!      host runs, 1 and 4 streams: what is left for a second thread of the tool to use, when
+//!      the clients, the servers and the tool share the machine's cores;
+//!    - 1-byte request/response latency (mean, median), with the tool's CPU time per round
+//!      trip, and new connections per second;
 //!    - UDP: 1 Gbit/s of 1400-byte datagrams namespace -> host for 3 s from a paced sender;
 //!      the host's sink (8 MiB receive buffer) counts; received rate and loss %.
 //! 2. MTU 1500 (`usernet run --mtu 1500`, `pasta --mtu 1500`, `slirp4netns --mtu=1500`,
@@ -94,9 +99,9 @@ pub struct BenchArgs {
     /// A short run, about a minute: 1 repeat of 1-second tests, 2,000 idle connections.
     #[arg(long)]
     pub quick: bool,
-    /// Setups to run, comma-separated: usernet, pasta, slirp4netns, veth, passt,
-    /// usernet-as-slirp4netns, usernet-as-pasta, podman-slirp4netns, podman-usernet (default:
-    /// the first four, passt with --vm, the last four with --drop-in).
+    /// Setups to run, comma-separated: usernet, usernet-no-busy-poll, pasta, slirp4netns, veth,
+    /// passt, usernet-as-slirp4netns, usernet-as-pasta, podman-slirp4netns, podman-usernet
+    /// (default: the first five, passt with --vm, the last four with --drop-in).
     #[arg(long, value_name = "SETUPS", value_delimiter = ',', value_parser = parse_setup)]
     pub only: Vec<Setup>,
     /// Also measure the drop-in paths: usernet started as slirp4netns and as pasta (the same
@@ -592,6 +597,14 @@ fn cpu_key(path: TcpPath, mtu: u32) -> String {
     format!("cpu_s_per_gb_{}{}", path.stem(), mtu_suffix(mtu))
 }
 
+/// The paths (at the default MTU) during which the bench also reads how busy the whole machine
+/// was: whether a second thread of the tool would find a core to use.
+const BUSY_PATHS: [TcpPath; 2] = [TcpPath::NsHost, TcpPath::NsHostMulti];
+
+fn busy_key(path: TcpPath) -> String {
+    format!("machine_busy_pct_{}", path.stem())
+}
+
 /// The three environments of one run: each builds the setup afresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -626,6 +639,7 @@ impl Phase {
             Phase::Main => &[
                 "rr_mean_us",
                 "rr_median_us",
+                "rr_cpu_us",
                 "crr_per_sec",
                 "crr_published_per_sec",
                 "udp_rx_mbps",
@@ -636,6 +650,9 @@ impl Phase {
             Phase::Memory => &["startup_ms", MEMORY_KEYS[0], MEMORY_KEYS[1], MEMORY_KEYS[2]],
         };
         keys.extend(more.iter().map(|k| k.to_string()));
+        if self == Phase::Main {
+            keys.extend(BUSY_PATHS.map(busy_key));
+        }
         keys
     }
 }
@@ -707,7 +724,7 @@ fn measure_phase(
     );
     run.commands.push(format!("# {note}"));
     run.notes.push(note);
-    let tool_pid = env.tool_pid.or((setup == Setup::Usernet).then(|| agent.pid()));
+    let tool_pid = env.tool_pid.or(setup.is_usernet_run().then(|| agent.pid()));
     let target = |port: u16| SocketAddr::new(env.target_ip, port);
     let secs = plan.duration.as_secs_f64();
 
@@ -731,6 +748,7 @@ fn measure_phase(
             continue;
         }
         let before = tool_pid.and_then(cpu_seconds);
+        let machine_before = machine_jiffies();
         let result: Result<StreamResult, String> = match path {
             TcpPath::NsHost6 => match &stream6 {
                 Some((server, target)) => {
@@ -755,8 +773,17 @@ fn measure_phase(
             },
         };
         let after = tool_pid.and_then(cpu_seconds);
+        let machine_after = machine_jiffies();
         if let Ok(r) = &result {
             run.details.insert(tcp_key(path, mtu), json!(r));
+        }
+        if phase == Phase::Main && BUSY_PATHS.contains(&path) {
+            let busy = match (&result, machine_before.zip(machine_after).and_then(|(b, a)| busy_pct(b, a))) {
+                (Err(e), _) => Measure::Failed(e.clone()),
+                (Ok(_), Some(pct)) => Measure::Value(pct),
+                (Ok(_), None) => Measure::Failed("cannot read /proc/stat".into()),
+            };
+            run.set(&busy_key(path), busy);
         }
         run.set_result(&tcp_key(path, mtu), result.as_ref().map(StreamResult::gbps).map_err(Clone::clone));
         let cpu = match (tool_pid, before, after, &result) {
@@ -772,16 +799,26 @@ fn measure_phase(
     }
 
     let rr_req = Request::Rr { addr: target(rr.port()), count: plan.rr_count, secs };
-    match agent.call(&rr_req, plan.duration + Duration::from_secs(30)) {
+    let before = tool_pid.and_then(cpu_seconds);
+    let reply = agent.call(&rr_req, plan.duration + Duration::from_secs(30));
+    let after = tool_pid.and_then(cpu_seconds);
+    match reply {
         Ok(Reply::Rr(s)) => {
             run.set("rr_mean_us", Measure::Value(s.mean_us));
             run.set("rr_median_us", Measure::Value(s.median_us));
+            let cpu = match (tool_pid, before, after) {
+                (None, ..) => Measure::NotApplicable("kernel only".into()),
+                (Some(_), Some(b), Some(a)) if s.count > 0 => Measure::Value((a - b) * 1e6 / s.count as f64),
+                _ => Measure::Failed("cannot read the tool's CPU time".into()),
+            };
+            run.set("rr_cpu_us", cpu);
             run.details.insert("rr".into(), json!(s));
         }
         other => {
             let why = unexpected(other);
             run.set("rr_mean_us", Measure::Failed(why.clone()));
-            run.set("rr_median_us", Measure::Failed(why));
+            run.set("rr_median_us", Measure::Failed(why.clone()));
+            run.set("rr_cpu_us", Measure::Failed(why));
         }
     }
     let crr_req = Request::Crr { addr: target(crr.port()), secs: plan.crr.as_secs_f64() };
@@ -958,6 +995,29 @@ fn cpu_seconds_of(path: &Path) -> Option<f64> {
     (hz > 0).then(|| (utime + stime) as f64 / hz as f64)
 }
 
+/// Clock ticks of all CPUs together since boot, from /proc/stat: (busy, total).
+fn machine_jiffies() -> Option<(u64, u64)> {
+    machine_jiffies_of(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn machine_jiffies_of(stat: &str) -> Option<(u64, u64)> {
+    let fields = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal (guest time is counted in user already).
+    let ticks: Vec<u64> = fields.split_whitespace().take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    if ticks.len() < 8 {
+        return None;
+    }
+    let total: u64 = ticks.iter().sum();
+    Some((total - ticks[3] - ticks[4], total))
+}
+
+/// How busy the machine was between two readings of [`machine_jiffies`], in % of all its CPUs.
+fn busy_pct(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.1.checked_sub(before.1).filter(|t| *t > 0)?;
+    let busy = after.0.checked_sub(before.0)?;
+    Some(100.0 * busy as f64 / total as f64)
+}
+
 /// VmRSS of a process, in MiB.
 fn rss_mib(pid: i32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -1000,26 +1060,49 @@ fn startup_measure(setup: Setup, tools: &setups::Tools) -> Measure {
     Measure::Value(times[times.len() / 2])
 }
 
+/// Which way a row is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Better {
+    Higher,
+    Lower,
+    /// Neither: a measurement that explains others (how busy the machine was).
+    Neither,
+}
+
+impl Better {
+    /// The row's mark in the table: `+`, `-` or `.`.
+    fn mark(self) -> &'static str {
+        match self {
+            Better::Higher => "+",
+            Better::Lower => "-",
+            Better::Neither => ".",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Better::Higher => "higher is better",
+            Better::Lower => "lower is better",
+            Better::Neither => "context, neither better",
+        }
+    }
+}
+
 /// A row of the table.
 struct Metric {
     key: String,
     label: String,
-    higher_better: bool,
+    better: Better,
     decimals: usize,
 }
 
 fn metric_list(plan: &Plan) -> Vec<Metric> {
-    let m = |key: String, label: String, higher_better: bool, decimals: usize| Metric {
-        key,
-        label,
-        higher_better,
-        decimals,
-    };
+    let m = |key: String, label: String, better: Better, decimals: usize| Metric { key, label, better, decimals };
     let mut list = Vec::new();
     for mtu in [DEFAULT_MTU, LOW_MTU] {
         let paths: &[TcpPath] = if mtu == DEFAULT_MTU { &TcpPath::ALL } else { &TcpPath::LOW_MTU };
         for &p in paths {
-            list.push(m(tcp_key(p, mtu), format!("TCP {}, MTU {mtu}, Gbit/s", p.describe()), true, 2));
+            list.push(m(tcp_key(p, mtu), format!("TCP {}, MTU {mtu}, Gbit/s", p.describe()), Better::Higher, 2));
         }
     }
     if let Some(v) = &plan.vm {
@@ -1029,43 +1112,59 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
             vm::VmTransport::VhostUser => "usernet's vhost-user (passt's stream)",
         };
         let how = format!("over the {transport} transport (TCG guest), MTU {}, Gbit/s", v.mtu);
-        list.push(m("vm_up_gbps".into(), format!("TCP VM->host {how}"), true, 3));
-        list.push(m("vm_down_gbps".into(), format!("TCP host->VM {how}"), true, 3));
+        list.push(m("vm_up_gbps".into(), format!("TCP VM->host {how}"), Better::Higher, 3));
+        list.push(m("vm_down_gbps".into(), format!("TCP host->VM {how}"), Better::Higher, 3));
     }
-    list.push(m("rr_mean_us".into(), "1-byte TCP round trip, mean, us".into(), false, 1));
-    list.push(m("rr_median_us".into(), "1-byte TCP round trip, median, us".into(), false, 1));
-    list.push(m("crr_per_sec".into(), "TCP connections/s (1 byte each way)".into(), true, 0));
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    for p in BUSY_PATHS {
+        let label = format!("machine CPU busy during TCP {}, MTU {DEFAULT_MTU}, % of its {cpus} CPUs", p.describe());
+        list.push(m(busy_key(p), label, Better::Neither, 0));
+    }
+    list.push(m("rr_mean_us".into(), "1-byte TCP round trip, mean, us".into(), Better::Lower, 1));
+    list.push(m("rr_median_us".into(), "1-byte TCP round trip, median, us".into(), Better::Lower, 1));
+    list.push(m("rr_cpu_us".into(), "tool CPU per 1-byte TCP round trip, us".into(), Better::Lower, 1));
+    list.push(m("crr_per_sec".into(), "TCP connections/s (1 byte each way)".into(), Better::Higher, 0));
     list.push(m(
         "crr_published_per_sec".into(),
         "TCP connections/s host->ns published, loopback client".into(),
-        true,
+        Better::Higher,
         0,
     ));
     let offered = format!("UDP ns->host, {} Mbit/s of {UDP_SIZE} B offered", UDP_RATE_BPS / 1e6);
-    list.push(m("udp_rx_mbps".into(), format!("{offered}: received Mbit/s"), true, 0));
-    list.push(m("udp_loss_pct".into(), format!("{offered}: loss %"), false, 2));
-    list.push(m("udp_sent_mbps".into(), format!("{offered}: sender managed Mbit/s"), true, 0));
+    list.push(m("udp_rx_mbps".into(), format!("{offered}: received Mbit/s"), Better::Higher, 0));
+    list.push(m("udp_loss_pct".into(), format!("{offered}: loss %"), Better::Lower, 2));
+    list.push(m("udp_sent_mbps".into(), format!("{offered}: sender managed Mbit/s"), Better::Higher, 0));
     for mtu in [DEFAULT_MTU, LOW_MTU] {
         let paths: &[TcpPath] = if mtu == DEFAULT_MTU { &TcpPath::ALL } else { &TcpPath::LOW_MTU };
         for &p in paths {
-            list.push(m(cpu_key(p, mtu), format!("tool CPU s per GB: TCP {}, MTU {mtu}", p.describe()), false, 3));
+            list.push(m(
+                cpu_key(p, mtu),
+                format!("tool CPU s per GB: TCP {}, MTU {mtu}", p.describe()),
+                Better::Lower,
+                3,
+            ));
         }
     }
     if let Some(v) = &plan.vm {
         for (dir, what) in [("up", "VM->host"), ("down", "host->VM")] {
             let label = format!("tool CPU s per GB: TCP {what} (TCG guest), MTU {}", v.mtu);
-            list.push(m(format!("cpu_s_per_gb_vm_{dir}"), label, false, 3));
+            list.push(m(format!("cpu_s_per_gb_vm_{dir}"), label, Better::Lower, 3));
         }
     }
     list.push(m(
         "startup_ms".into(),
         format!("start-up: a fresh network around `true` and gone again, median of {STARTUP_RUNS}, ms"),
-        false,
+        Better::Lower,
         1,
     ));
-    list.push(m("rss_idle_mib".into(), "tool RSS, idle, MiB".into(), false, 1));
-    list.push(m("rss_conns_mib".into(), format!("tool RSS, {} idle TCP connections, MiB", plan.conns), false, 1));
-    list.push(m("rss_per_conn_kib".into(), "tool RSS per idle TCP connection, KiB".into(), false, 2));
+    list.push(m("rss_idle_mib".into(), "tool RSS, idle, MiB".into(), Better::Lower, 1));
+    list.push(m(
+        "rss_conns_mib".into(),
+        format!("tool RSS, {} idle TCP connections, MiB", plan.conns),
+        Better::Lower,
+        1,
+    ));
+    list.push(m("rss_per_conn_kib".into(), "tool RSS per idle TCP connection, KiB".into(), Better::Lower, 2));
     list
 }
 
@@ -1161,7 +1260,7 @@ fn print_report(outcomes: &[Outcome], metrics: &[Metric], plan: &Plan, peer_comm
     rows.push(header);
     for m in metrics {
         let base = usernet_median(outcomes, &m.key);
-        let mut row = vec![format!("{} {}", if m.higher_better { "+" } else { "-" }, m.label)];
+        let mut row = vec![format!("{} {}", m.better.mark(), m.label)];
         row.extend(outcomes.iter().map(|o| cell(o, m, base).text));
         rows.push(row);
     }
@@ -1306,10 +1405,8 @@ fn json_report(
             (o.setup.name().to_string(), value)
         })
         .collect();
-    let metric_info: Vec<serde_json::Value> = metrics
-        .iter()
-        .map(|m| json!({ "key": m.key, "label": m.label, "higher_is_better": m.higher_better }))
-        .collect();
+    let metric_info: Vec<serde_json::Value> =
+        metrics.iter().map(|m| json!({ "key": m.key, "label": m.label, "better": m.better.describe() })).collect();
     json!({
         "plan": {
             "duration_s": plan.duration.as_secs(),
@@ -1345,8 +1442,7 @@ fn svg_report(outcomes: &[Outcome], metrics: &[Metric], plan: &Plan) -> String {
                     svg::Bar { setup: o.setup.name().to_string(), value: c.value, ratio: c.ratio, text: c.text }
                 })
                 .collect();
-            let arrow = if m.higher_better { "higher is better" } else { "lower is better" };
-            svg::Group { title: format!("{} ({arrow})", m.label), bars }
+            svg::Group { title: format!("{} ({})", m.label, m.better.describe()), bars }
         })
         .collect();
     let subtitle = format!(
@@ -1377,6 +1473,19 @@ mod tests {
     }
 
     #[test]
+    fn machine_busy_from_proc_stat() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 0 50 800 50 0 0 0 10 0\ncpu0 50 0 25 400 25 0 0 0 5 0\n";
+        assert_eq!(machine_jiffies_of(stat), Some((150, 1000)));
+        assert_eq!(busy_pct((150, 1000), (240, 1100)), Some(90.0));
+        assert_eq!(busy_pct((150, 1000), (150, 1000)), None, "no time passed");
+        assert_eq!(machine_jiffies_of("cpu  1 2 3\n"), None, "too few fields");
+        assert_eq!(machine_jiffies_of("cpu0 1 2 3 4 5 6 7 8\n"), None, "not the all-CPU line");
+        assert_eq!(machine_jiffies_of("cpu  1 x 3 4 5 6 7 8\n"), None);
+        assert!(machine_jiffies().is_some(), "this machine's /proc/stat");
+    }
+
+    #[test]
     fn reads_own_cpu_and_memory() {
         let me = std::process::id() as i32;
         assert!(cpu_seconds(me).is_some());
@@ -1392,7 +1501,7 @@ mod tests {
         b.set("x", Measure::Value(4.0));
         let usernet = Outcome { setup: Setup::Usernet, unavailable: None, runs: vec![a] };
         let pasta = Outcome { setup: Setup::Pasta, unavailable: None, runs: vec![b] };
-        let m = Metric { key: "x".into(), label: "x".into(), higher_better: true, decimals: 1 };
+        let m = Metric { key: "x".into(), label: "x".into(), better: Better::Higher, decimals: 1 };
         let base = usernet_median(&[usernet], "x");
         let c = cell(&pasta, &m, base);
         assert_eq!(c.text, "4.0 (2.00x)");

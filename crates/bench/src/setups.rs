@@ -41,6 +41,8 @@ use anyhow::Context;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setup {
     Usernet,
+    /// usernet with `--busy-poll 0`: no busy polling (on by default), to show what it buys.
+    UsernetNoBusyPoll,
     Pasta,
     Slirp4netns,
     Veth,
@@ -58,8 +60,9 @@ pub enum Setup {
 
 impl Setup {
     /// Every setup, in the table's column order.
-    pub const ALL: [Setup; 9] = [
+    pub const ALL: [Setup; 10] = [
         Setup::Usernet,
+        Setup::UsernetNoBusyPoll,
         Setup::Pasta,
         Setup::Slirp4netns,
         Setup::Veth,
@@ -73,6 +76,7 @@ impl Setup {
     pub fn name(self) -> &'static str {
         match self {
             Setup::Usernet => "usernet",
+            Setup::UsernetNoBusyPoll => "usernet-no-busy-poll",
             Setup::Pasta => "pasta",
             Setup::Slirp4netns => "slirp4netns",
             Setup::Veth => "veth",
@@ -93,6 +97,11 @@ impl Setup {
         )
     }
 
+    /// Whether the tool's process is `usernet run` itself, the agent's parent (no other pid).
+    pub fn is_usernet_run(self) -> bool {
+        matches!(self, Setup::Usernet | Setup::UsernetNoBusyPoll)
+    }
+
     /// Whether the setup gives a network namespace (the main phases); passt serves VMs only.
     pub fn has_namespace(self) -> bool {
         self != Setup::Passt
@@ -106,8 +115,10 @@ impl Setup {
     pub fn unavailable(self, opts: &Tools) -> Option<String> {
         let root = nix::unistd::geteuid().is_root();
         match self {
-            Setup::Usernet if !opts.usernet_bin.exists() => Some(format!("{} not found", opts.usernet_bin.display())),
-            Setup::Usernet => None,
+            Setup::Usernet | Setup::UsernetNoBusyPoll if !opts.usernet_bin.exists() => {
+                Some(format!("{} not found", opts.usernet_bin.display()))
+            }
+            Setup::Usernet | Setup::UsernetNoBusyPoll => None,
             Setup::Pasta if opts.pasta_bin.components().count() > 1 && !opts.pasta_bin.is_file() => {
                 Some(format!("{} not found", opts.pasta_bin.display()))
             }
@@ -273,17 +284,36 @@ pub fn show(cmd: &Command) -> String {
 /// The MTU every setup uses unless asked for another: the default of all three tools.
 pub const DEFAULT_MTU: u32 = 65520;
 
-/// A TCP port that is free on the host right now (for a published port).
+/// Where [`free_port`] looks: below Linux's default ephemeral range (32768-60999). A port the
+/// kernel handed out to pick one is an ephemeral one, which the bench's own clients may take for
+/// an outgoing connection (thousands of them in the connection-rate test) before the tool binds
+/// it; that failed a run with "port is already allocated".
+const PUBLISHED_PORTS: std::ops::Range<u16> = 20000..32768;
+
+/// A TCP port that is free on the host right now, on every address of both families (for a
+/// published port, which the tools bind on [::] or 0.0.0.0).
 fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).context("find a free port")?;
-    Ok(l.local_addr()?.port())
+    let span = PUBLISHED_PORTS.end - PUBLISHED_PORTS.start;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let start = (std::process::id() ^ nanos) as u16 % span;
+    let free = |port: u16| {
+        // One after the other: a dual-stack [::] bind conflicts with a 0.0.0.0 one still held.
+        let bindable = |ip: IpAddr| TcpListener::bind((ip, port)).map(drop).is_ok();
+        bindable(Ipv4Addr::UNSPECIFIED.into())
+            && (bindable(Ipv6Addr::UNSPECIFIED.into()) || !Path::new("/proc/net/if_inet6").exists())
+    };
+    (0..span)
+        .map(|i| PUBLISHED_PORTS.start + (start + i) % span)
+        .find(|&p| free(p))
+        .with_context(|| format!("no free TCP port in {PUBLISHED_PORTS:?}"))
 }
 
 /// Builds `setup` with a link MTU of `mtu`.
 pub fn prepare(setup: Setup, tools: &Tools, mtu: u32, peer_ip: Option<Ipv4Addr>) -> anyhow::Result<Env> {
     let port = free_port()?;
     let mut env = match setup {
-        Setup::Usernet => usernet(&tools.usernet_bin, mtu, port),
+        Setup::Usernet => usernet(&tools.usernet_bin, mtu, port, None),
+        Setup::UsernetNoBusyPoll => usernet(&tools.usernet_bin, mtu, port, Some(0)),
         Setup::Pasta => pasta(&tools.pasta_bin, &tools.tmp, mtu, port, Runas::AsPasta),
         Setup::Slirp4netns => slirp4netns(Path::new("slirp4netns"), &tools.tmp, mtu, port),
         Setup::Veth => return veth(mtu, port),
@@ -325,13 +355,17 @@ pub fn startup_command(setup: Setup, tools: &Tools) -> Result<Command, String> {
     }
 }
 
-fn usernet(bin: &Path, mtu: u32, port: u16) -> anyhow::Result<Env> {
+/// `usernet run`'s setup; `busy_poll_us`: a `--busy-poll` other than the default.
+fn usernet(bin: &Path, mtu: u32, port: u16, busy_poll_us: Option<u64>) -> anyhow::Result<Env> {
     let mut cmd = Command::new(bin);
     cmd.arg("run")
         // A dead loopback port: the benchmark never resolves a name, and must not reach the
         // machine's resolver even by accident.
         .args(["--dns-upstream", "127.0.0.1:9"])
         .args(["-p", &format!("{port}:{port}")]);
+    if let Some(us) = busy_poll_us {
+        cmd.args(["--busy-poll", &us.to_string()]);
+    }
     if mtu != DEFAULT_MTU {
         cmd.args(["--mtu", &mtu.to_string()]);
     }
@@ -853,6 +887,22 @@ pub fn wait_bounded(child: &mut Child, limit: Duration) -> anyhow::Result<std::p
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_port_is_outside_the_ephemeral_range_and_bindable_on_both_families() {
+        let port = free_port().unwrap();
+        assert!(PUBLISHED_PORTS.contains(&port), "{port}");
+        drop(TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap());
+        if Path::new("/proc/net/if_inet6").exists() {
+            drop(TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).unwrap());
+        }
+        // Taken on IPv4: no longer chosen.
+        let held = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+        for _ in 0..50 {
+            assert_ne!(free_port().unwrap(), port);
+        }
+        drop(held);
+    }
 
     #[test]
     fn parses_default_gateway() {
