@@ -18,21 +18,25 @@
 //!
 //! So a request/response workload (answers in tens of microseconds) keeps a window, while an
 //! idle network or a trickle of packets milliseconds apart spins at most a few windows before
-//! the window is gone. A bulk transfer runs out of work often too, for a few microseconds
-//! between bursts, but there the wakeup is not what limits it: the CPU is, which its client
-//! and server need. So a round that moved more than [`BULK_ROUND_BYTES`] through the links is
-//! followed by sleeping at once, not by spinning (the idle period still adapts the window, so a
-//! request/response exchange after a transfer finds it ready). Each empty poll of the spin
+//! the window is gone. A bulk transfer runs out of work often too, between bursts, but there
+//! the wakeup is not what limits it: the CPU is (the client's and the server's, or a VM's
+//! vCPU that sends a segment every few hundred microseconds). So a round of bulk data is
+//! followed by sleeping at once, not by spinning: a round that moved more than
+//! [`BULK_ROUND_BYTES`] through the links, or whose frames averaged [`BULK_FRAME_BYTES`] or more
+//! (data segments near the MTU, not requests, answers and acknowledgements). The idle period
+//! still adapts the window, so a request/response exchange after a transfer finds it ready. Each empty poll of the spin
 //! is followed by sched_yield(2), so a process sharing usernet's CPU (often the very guest or
 //! server it waits for) runs first.
 //!
-//! It is on by default ([`DEFAULT_MAX`]): measured on a 2-core VM (`usernet-bench`, 5 runs
-//! against `--busy-poll 0`), it took the 1-byte round trip from 171 to 70 µs and connections
-//! per second up by 1.4-1.7x, for less CPU per round trip (the wakeups it saves cost CPU too),
-//! with no throughput or CPU per GB lost beyond the runs' noise; a trickle of 100 to 4,000
-//! requests a second and an idle network cost the same CPU either way. Before the bulk rule
-//! above, spinning between bursts cost bulk transfers up to 15% on that machine. A maximum of
-//! zero turns it off.
+//! It is on by default ([`DEFAULT_MAX`]). Measured on a 2-core VM against `--busy-poll 0`
+//! (docs/bench.txt and docs/bench-run2.txt, columns `usernet` and `usernet-no-busy-poll`): the
+//! 1-byte round trip 52-67 µs against 172-175, connections per second 1.5x, and less CPU per
+//! round trip (60-73 µs against 93-94: the wakeups it saves cost CPU too), with throughput and
+//! CPU per GB unchanged beyond the runs' noise; an idle network and a trickle of 100 to 4,000
+//! requests a second cost the same CPU either way. The frame-size half of the bulk rule came
+//! from a TCG VM's upload (a full segment every few hundred microseconds): judged by bytes
+//! alone, its rounds looked light and spinning cost it 19% more CPU per GB. A maximum of zero
+//! turns busy polling off.
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +49,11 @@ pub const GROW_START: Duration = Duration::from_micros(10);
 /// A round of the loop that moved more bytes than this through the links (frames in and out)
 /// was bulk transfer, not a request or an answer: no spin after it.
 pub const BULK_ROUND_BYTES: u64 = 16 * 1024;
+
+/// A round whose frames averaged this many bytes or more was bulk transfer too: a slow sender's
+/// full-sized segments with their acknowledgements (a 1514-byte frame and a 54-byte ACK average
+/// 784), where a request, an answer or an ACK alone is a frame of tens or hundreds of bytes.
+pub const BULK_FRAME_BYTES: u64 = 512;
 
 pub struct BusyPoll {
     max: Duration,
@@ -60,11 +69,11 @@ impl BusyPoll {
         BusyPoll { max, window: Duration::ZERO, idle_since: None, after_bulk: false }
     }
 
-    /// A round of the loop moved `link_bytes` through the links (zero: it found no work, and
-    /// what the last working round was still stands).
-    pub fn round(&mut self, link_bytes: u64) {
-        if link_bytes > 0 {
-            self.after_bulk = link_bytes > BULK_ROUND_BYTES;
+    /// A round of the loop moved `frames` frames of `bytes` bytes in all through the links (no
+    /// frame: it found no work, and what the last working round was still stands).
+    pub fn round(&mut self, frames: u64, bytes: u64) {
+        if frames > 0 {
+            self.after_bulk = bytes > BULK_ROUND_BYTES || bytes >= BULK_FRAME_BYTES * frames;
         }
     }
 
@@ -186,13 +195,17 @@ mod tests {
             idle_for(&mut b, &mut t, us(50));
         }
         assert!(idle_for(&mut b, &mut t, us(50)), "request/response: spins");
-        b.round(BULK_ROUND_BYTES + 1);
+        b.round(200, BULK_ROUND_BYTES + 1);
         assert!(!idle_for(&mut b, &mut t, us(50)), "after a bulk round: sleeps at once");
-        b.round(0);
+        b.round(0, 0);
         assert!(!idle_for(&mut b, &mut t, us(50)), "an empty round changes nothing");
         assert_eq!(b.window(), us(80), "the idle periods after bulk still kept the window");
-        b.round(100);
-        assert!(idle_for(&mut b, &mut t, us(50)), "a light round: spins again");
+        b.round(2, 60 + 66);
+        assert!(idle_for(&mut b, &mut t, us(50)), "a request and its ACK: spins again");
+        b.round(2, 1514 + 54);
+        assert!(!idle_for(&mut b, &mut t, us(50)), "a full segment and an ACK: a slow transfer");
+        b.round(3, 400 + 66 + 54);
+        assert!(idle_for(&mut b, &mut t, us(50)), "an answer of a few hundred bytes spins");
     }
 
     #[test]

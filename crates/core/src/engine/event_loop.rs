@@ -33,7 +33,7 @@ impl Engine {
                 return Err(e);
             }
             let now = Instant::now();
-            let link_bytes_before = self.switch.stats.bytes_in + self.switch.stats.bytes_out;
+            let link_before = self.switch.stats;
             self.loop_counters.iterations += 1;
             if !events.is_empty() {
                 self.busy_poll.woke(now);
@@ -84,7 +84,11 @@ impl Engine {
             self.flush_acks(Instant::now());
             self.flush_links();
             self.loop_counters.busy_nanos += Instant::now().saturating_duration_since(now).as_nanos() as u64;
-            self.busy_poll.round(self.switch.stats.bytes_in + self.switch.stats.bytes_out - link_bytes_before);
+            let link_after = self.switch.stats;
+            self.busy_poll.round(
+                (link_after.frames_in + link_after.frames_out) - (link_before.frames_in + link_before.frames_out),
+                (link_after.bytes_in + link_after.bytes_out) - (link_before.bytes_in + link_before.bytes_out),
+            );
             if let Some(code) = self.stop.take().or_else(|| if sup_ready { sup.on_ready() } else { None }) {
                 self.shutdown();
                 return Ok(code);
