@@ -556,11 +556,20 @@ enum TcpPath {
     NsHost6,
     HostNsLoopback,
     HostNsPeer,
+    /// `STREAMS` streams over two instances of the tool, half each (usernet run only): what
+    /// a usernet with two engines, one per core, could reach at best on this machine.
+    NsHostPair,
 }
 
 impl TcpPath {
-    const ALL: [TcpPath; 5] =
-        [TcpPath::NsHost, TcpPath::NsHostMulti, TcpPath::NsHost6, TcpPath::HostNsLoopback, TcpPath::HostNsPeer];
+    const ALL: [TcpPath; 6] = [
+        TcpPath::NsHost,
+        TcpPath::NsHostMulti,
+        TcpPath::NsHostPair,
+        TcpPath::NsHost6,
+        TcpPath::HostNsLoopback,
+        TcpPath::HostNsPeer,
+    ];
     /// The paths measured again at MTU 1500.
     const LOW_MTU: [TcpPath; 3] = [TcpPath::NsHost, TcpPath::HostNsLoopback, TcpPath::HostNsPeer];
 
@@ -571,6 +580,7 @@ impl TcpPath {
             TcpPath::NsHost6 => "ns_host_v6",
             TcpPath::HostNsLoopback => "host_ns_lo",
             TcpPath::HostNsPeer => "host_ns_peer",
+            TcpPath::NsHostPair => "ns_host_2x2",
         }
     }
 
@@ -581,6 +591,7 @@ impl TcpPath {
             TcpPath::NsHost6 => "ns->host, 1 stream, IPv6",
             TcpPath::HostNsLoopback => "host->ns published, loopback client",
             TcpPath::HostNsPeer => "host->ns published, client keeps its address",
+            TcpPath::NsHostPair => "ns->host, 4 streams over two instances, 2 each",
         }
     }
 }
@@ -599,7 +610,7 @@ fn cpu_key(path: TcpPath, mtu: u32) -> String {
 
 /// The paths (at the default MTU) during which the bench also reads how busy the whole machine
 /// was: whether a second thread of the tool would find a core to use.
-const BUSY_PATHS: [TcpPath; 2] = [TcpPath::NsHost, TcpPath::NsHostMulti];
+const BUSY_PATHS: [TcpPath; 3] = [TcpPath::NsHost, TcpPath::NsHostMulti, TcpPath::NsHostPair];
 
 fn busy_key(path: TcpPath) -> String {
     format!("machine_busy_pct_{}", path.stem())
@@ -647,7 +658,7 @@ impl Phase {
                 "udp_sent_mbps",
             ],
             Phase::LowMtu => &[],
-            Phase::Memory => &["startup_ms", MEMORY_KEYS[0], MEMORY_KEYS[1], MEMORY_KEYS[2]],
+            Phase::Memory => &["startup_ms", MEMORY_KEYS[0], MEMORY_KEYS[1], MEMORY_KEYS[2], MEMORY_KEYS[3]],
         };
         keys.extend(more.iter().map(|k| k.to_string()));
         if self == Phase::Main {
@@ -657,7 +668,7 @@ impl Phase {
     }
 }
 
-const MEMORY_KEYS: [&str; 3] = ["rss_idle_mib", "rss_conns_mib", "rss_per_conn_kib"];
+const MEMORY_KEYS: [&str; 4] = ["rss_idle_mib", "anon_idle_mib", "rss_conns_mib", "rss_per_conn_kib"];
 
 /// Builds the setup for `phase`, runs its tests, tears it down; fills `run`.
 fn phase(setup: Setup, phase: Phase, ctx: &Ctx, peer: &mut Result<PeerSide, String>, run: &mut Run) {
@@ -733,13 +744,18 @@ fn measure_phase(
             anyhow::bail!("no tool process");
         };
         std::thread::sleep(Duration::from_millis(500));
-        run.set("rss_idle_mib", rss_measure(tool_pid));
+        run.set("rss_idle_mib", rss_measure(tool_pid, "VmRSS"));
+        run.set("anon_idle_mib", rss_measure(tool_pid, "RssAnon"));
         conns_test(&mut agent, &env, setup, pid, plan, run);
         return Ok(());
     }
     for &path in phase.paths() {
         if interrupted() {
             anyhow::bail!("interrupted");
+        }
+        if path == TcpPath::NsHostPair {
+            pair_test(setup, ctx, &mut agent, target(stream.port()), mtu, run);
+            continue;
         }
         if path == TcpPath::NsHost6 && stream6.is_none() {
             let why = Measure::NotApplicable("no IPv6 in this setup".into());
@@ -763,6 +779,7 @@ fn measure_phase(
                 stream_reply(agent.call(&req, plan.duration + Duration::from_secs(45)))
             }
             TcpPath::HostNsLoopback => host_stream(env.lo_target, plan.duration),
+            TcpPath::NsHostPair => unreachable!("measured by pair_test"),
             TcpPath::HostNsPeer => match (env.peer_target, peer.as_mut()) {
                 (None, _) => host_stream(env.lo_target, plan.duration),
                 (Some(addr), Ok(p)) => {
@@ -838,6 +855,78 @@ fn measure_phase(
     udp_test(&mut agent, &env, plan, run);
     drop(agent);
     Ok(())
+}
+
+/// The `NsHostPair` path: a second instance of `setup` beside the one `agent` runs in, and
+/// `STREAMS / 2` streams through each at once to the same server at `target`. Two usernet
+/// processes share nothing, so this is the upper bound of a usernet that runs two engines
+/// (one per core, flows split between them): it shows whether the target of four streams
+/// over one tool (issue 15: 1.3x a single stream) fits in this machine's CPUs at all.
+fn pair_test(setup: Setup, ctx: &Ctx, agent: &mut Agent, target: SocketAddr, mtu: u32, run: &mut Run) {
+    let keys = [tcp_key(TcpPath::NsHostPair, mtu), cpu_key(TcpPath::NsHostPair, mtu), busy_key(TcpPath::NsHostPair)];
+    let outcome = if setup.is_usernet_run() {
+        pair_streams(setup, ctx, agent, target, mtu, run).map_err(|e| format!("{e:#}"))
+    } else {
+        let why = Measure::NotApplicable("usernet run only".into());
+        for k in &keys {
+            run.set(k, why.clone());
+        }
+        return;
+    };
+    match outcome {
+        Ok((result, cpu_s, busy)) => {
+            run.details.insert(keys[0].clone(), json!(result));
+            run.set(&keys[0], Measure::Value(result.gbps()));
+            run.set(
+                &keys[1],
+                cpu_s.map_or(Measure::Failed("cannot read the tools' CPU time".into()), |s| {
+                    Measure::Value(s / (result.bytes as f64 / 1e9))
+                }),
+            );
+            run.set(&keys[2], busy.map_or(Measure::Failed("cannot read /proc/stat".into()), Measure::Value));
+        }
+        Err(why) => {
+            for k in &keys {
+                run.set(k, Measure::Failed(why.clone()));
+            }
+        }
+    }
+}
+
+/// Runs the pair's streams: (their total, both tools' CPU seconds, the machine's busy %).
+fn pair_streams(
+    setup: Setup,
+    ctx: &Ctx,
+    agent: &mut Agent,
+    target: SocketAddr,
+    mtu: u32,
+    run: &mut Run,
+) -> anyhow::Result<(StreamResult, Option<f64>, Option<f64>)> {
+    let env = setups::prepare(setup, ctx.tools, mtu, None)?;
+    let mut cmd = Command::new(&env.prefix[0]);
+    cmd.args(&env.prefix[1..]).arg(ctx.self_exe).arg("agent");
+    run.commands.push(format!("# the second instance of the pair: {}", setups::show(&cmd)));
+    let mut second = Agent::spawn(&mut cmd)?;
+    match second.call(&Request::Serve { port: env.sink_port }, Duration::from_secs(60)) {
+        Ok(Reply::Ready { .. }) => {}
+        other => anyhow::bail!("second agent: {}", unexpected(other)),
+    }
+    let pids = [agent.pid(), second.pid()];
+    let tools_cpu = || pids.iter().map(|&p| cpu_seconds(p)).sum::<Option<f64>>();
+    let duration = ctx.plan.duration;
+    let req = Request::Stream { addr: target, secs: duration.as_secs_f64(), streams: STREAMS / 2 };
+    let (cpu_before, machine_before) = (tools_cpu(), machine_jiffies());
+    let (a, b) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| stream_reply(agent.call(&req, duration + Duration::from_secs(45))));
+        let b = stream_reply(second.call(&req, duration + Duration::from_secs(45)));
+        (first.join().unwrap_or_else(|_| Err("stream thread panicked".into())), b)
+    });
+    let (cpu_after, machine_after) = (tools_cpu(), machine_jiffies());
+    let (a, b) = (a.map_err(anyhow::Error::msg)?, b.map_err(|e| anyhow::anyhow!("second instance: {e}"))?);
+    let total = StreamResult { bytes: a.bytes + b.bytes, secs: a.secs.max(b.secs) };
+    let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
+    let busy = machine_before.zip(machine_after).and_then(|(b, a)| busy_pct(b, a));
+    Ok((total, cpu, busy))
 }
 
 fn stream_reply(r: Result<Reply, String>) -> Result<StreamResult, String> {
@@ -1020,16 +1109,29 @@ fn busy_pct(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
 
 /// VmRSS of a process, in MiB.
 fn rss_mib(pid: i32) -> Option<f64> {
+    status_mib(pid, "VmRSS")
+}
+
+/// A memory field of /proc/PID/status (proc(5)), in MiB: VmRSS, all the process's resident
+/// pages; RssAnon, those of its heap and stacks only, without the pages of its executable
+/// and libraries, which the page cache holds (and shares) anyway.
+fn status_mib(pid: i32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    status_field_mib(&status, field)
+}
+
+fn status_field_mib(status: &str, field: &str) -> Option<f64> {
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
 
-fn rss_measure(pid: Option<i32>) -> Measure {
+fn rss_measure(pid: Option<i32>, field: &str) -> Measure {
     match pid {
         None => Measure::NotApplicable("kernel only".into()),
-        Some(pid) => rss_mib(pid).map_or_else(|| Measure::Failed("cannot read VmRSS".into()), Measure::Value),
+        Some(pid) => {
+            status_mib(pid, field).map_or_else(|| Measure::Failed(format!("cannot read {field}")), Measure::Value)
+        }
     }
 }
 
@@ -1158,6 +1260,12 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
         1,
     ));
     list.push(m("rss_idle_mib".into(), "tool RSS, idle, MiB".into(), Better::Lower, 1));
+    list.push(m(
+        "anon_idle_mib".into(),
+        "tool RssAnon (RSS without its program's and libraries' pages), idle, MiB".into(),
+        Better::Lower,
+        1,
+    ));
     list.push(m(
         "rss_conns_mib".into(),
         format!("tool RSS, {} idle TCP connections, MiB", plan.conns),
@@ -1490,7 +1598,17 @@ mod tests {
         let me = std::process::id() as i32;
         assert!(cpu_seconds(me).is_some());
         assert!(rss_mib(me).unwrap() > 0.0);
+        assert!(status_mib(me, "RssAnon").unwrap() > 0.0);
         assert!(cpu_seconds(i32::MAX).is_none());
+    }
+
+    #[test]
+    fn memory_fields_of_proc_status() {
+        let status = "Name:\tusernet\nVmRSSX:\t1 kB\nVmRSS:\t    8192 kB\nRssAnon:\t    2048 kB\n";
+        assert_eq!(status_field_mib(status, "VmRSS"), Some(8.0), "not the longer name that starts alike");
+        assert_eq!(status_field_mib(status, "RssAnon"), Some(2.0));
+        assert_eq!(status_field_mib(status, "RssFile"), None);
+        assert_eq!(status_field_mib("VmRSS:\tlots kB\n", "VmRSS"), None);
     }
 
     #[test]
