@@ -54,6 +54,9 @@ impl Engine {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             if let Some(Some(slot)) = self.switch.links.get_mut(index) {
                                 slot.readable = true;
+                                if ev.is_read_closed() || ev.is_error() {
+                                    slot.link.hung_up();
+                                }
                             }
                             link_ready = true;
                         }

@@ -13,7 +13,10 @@
 //! Frames to the guest are queued as the engine makes them and sent at the end of its round
 //! (`flush`), up to [`SEND_BATCH`] to one sendmmsg(2); the guest's are read up to
 //! [`RECV_BATCH`] at a time with recvmmsg(2) and handed to the engine one by one. A burst
-//! costs one system call per batch instead of one per frame.
+//! costs one system call per batch instead of one per frame. A recvmmsg(2) that returned
+//! fewer than it asked for met EAGAIN: the socket was empty, so once those are handed out
+//! `recv` says `WouldBlock` without a call that would only hear EAGAIN again (datagrams
+//! that arrive later raise a new edge of the engine's edge-triggered readiness).
 //!
 //! The guest's socket holds few datagrams (Linux queues at most `net.unix.max_dgram_qlen`,
 //! 10 by default, for a sender its socket is not connected to), so a burst of frames (one
@@ -216,6 +219,9 @@ impl Link for DgramLink {
         // Bounded: each round consumes one datagram; stop after a burst of invalid ones.
         for _ in 0..64 {
             if self.rx.next == self.rx.count {
+                if std::mem::take(&mut self.rx.drained) {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
                 match self.rx.fill(self.sock.as_fd()) {
                     Ok(()) => {}
                     Err(Errno::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
@@ -246,6 +252,11 @@ impl Link for DgramLink {
             }
         }
         Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    fn hung_up(&mut self) {
+        // An error is pending: let the next recvmmsg(2) report it.
+        self.rx.drained = false;
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
@@ -293,11 +304,20 @@ struct RecvBatch {
     /// Datagrams read, and the next to hand out.
     count: usize,
     next: usize,
+    /// The last recvmmsg(2) read fewer than RECV_BATCH: the socket was empty then.
+    drained: bool,
 }
 
 impl RecvBatch {
     fn new() -> RecvBatch {
-        RecvBatch { bufs: Vec::new(), lens: [0; RECV_BATCH], from: [None; RECV_BATCH], count: 0, next: 0 }
+        RecvBatch {
+            bufs: Vec::new(),
+            lens: [0; RECV_BATCH],
+            from: [None; RECV_BATCH],
+            count: 0,
+            next: 0,
+            drained: false,
+        }
     }
 
     /// Reads what is waiting, up to RECV_BATCH datagrams; Err(EAGAIN) when nothing is.
@@ -345,6 +365,7 @@ impl RecvBatch {
             };
         }
         self.count = n;
+        self.drained = n < RECV_BATCH;
         Ok(())
     }
 }
@@ -383,6 +404,8 @@ mod tests {
         vm.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         vm.send_to(&[7; 60], dir.join("usernet.sock")).unwrap();
         assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        // One datagram of a batch of RECV_BATCH: the socket is empty, known without a call.
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         link.send(&[8; 70]).unwrap();
         link.flush().unwrap();
         let mut got = [0u8; 100];

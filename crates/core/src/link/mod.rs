@@ -25,9 +25,17 @@ pub trait Link {
     /// The file descriptor the event loop waits on (readable, and writable for `flush`).
     fn fd(&self) -> RawFd;
     /// Reads one frame into `buf` (at least MAX_FRAME bytes). `Err(WouldBlock)` when no whole
-    /// frame is waiting; `Err(UnexpectedEof)` when the guest went away; `Err(InvalidData)`
-    /// for garbled framing. On the last two the engine drops this link (and logs why).
+    /// frame is waiting, which a link may also say without a system call when its last read
+    /// found the descriptor empty: the caller then waits for the descriptor's next readiness
+    /// edge (the engine's epoll is edge-triggered) and calls again. `Err(UnexpectedEof)` when
+    /// the guest went away; `Err(InvalidData)` for garbled framing. On the last two the
+    /// engine drops this link (and logs why).
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Epoll reported the peer's end of stream (RDHUP, HUP) or an error on `fd`. A link that
+    /// answers `recv` with `WouldBlock` without a system call when it knows the descriptor
+    /// is empty must read until the descriptor itself says so from now on: no further edge
+    /// comes for what is left.
+    fn hung_up(&mut self) {}
     /// Writes or queues one frame, never half of one. A frame the link cannot take now may
     /// be dropped (the guest's TCP retransmits).
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;

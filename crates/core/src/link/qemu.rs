@@ -7,8 +7,14 @@
 //!
 //! - Receiving: [`StreamLink::recv`] first looks for a whole frame in its read buffer (a
 //!   prefix, then that many bytes); when there is none it reads as much as the socket has
-//!   into the buffer and looks again. `WouldBlock` is returned only once read(2) itself said
-//!   EAGAIN, which re-arms the event loop's edge-triggered readiness. A length of 0 or above
+//!   into the buffer and looks again. A read that returned less than the room it was given
+//!   emptied the socket: the next time the buffer holds no whole frame, `recv` says
+//!   `WouldBlock` without the read(2) that would only hear EAGAIN (a VM that sends one
+//!   frame at a time would cost two reads a frame). That is safe with the event loop's
+//!   edge-triggered readiness: bytes that arrive after the short read raise a new edge. Not
+//!   so the end of the stream, which may have come with the bytes read: once epoll reports
+//!   it (or an error, [`Link::hung_up`]), every `WouldBlock` and EOF comes from read(2).
+//!   Otherwise `WouldBlock` comes from read(2) itself saying EAGAIN. A length of 0 or above
 //!   [`MAX_FRAME`] is garbled framing: `InvalidData`, and the engine closes this guest's
 //!   link (and no other). End of file, or a reset, is `UnexpectedEof`.
 //! - Sending: [`StreamLink::send`] appends prefix and frame to a write queue, and
@@ -116,6 +122,11 @@ pub struct StreamLink {
     rpos: usize,
     /// Bytes of `rbuf` filled.
     rend: usize,
+    /// The last read returned less than it had room for: the descriptor was empty then.
+    drained: bool,
+    /// Epoll reported the peer's end of stream or an error (`hung_up`): read until read(2)
+    /// says EOF or EAGAIN, whatever `drained` says.
+    hung_up: bool,
     /// Bytes to write, whole frames with their prefixes; `wq[..wpos]` is already written.
     wq: Vec<u8>,
     wpos: usize,
@@ -139,6 +150,8 @@ impl StreamLink {
             rbuf: vec![0u8; READ_BUF.max(MAX_FRAME + 4)],
             rpos: 0,
             rend: 0,
+            drained: false,
+            hung_up: false,
             wq: Vec::new(),
             wpos: 0,
             dropped: 0,
@@ -169,6 +182,7 @@ impl StreamLink {
             match nix::unistd::read(&self.rfd, &mut self.rbuf[self.rend..]) {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
+                    self.drained = n < self.rbuf.len() - self.rend;
                     self.rend += n;
                     return Ok(true);
                 }
@@ -231,12 +245,19 @@ impl Link for StreamLink {
                     ));
                 }
                 Parsed::Incomplete => {
+                    if std::mem::take(&mut self.drained) && !self.hung_up {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
                     if !self.fill()? {
                         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "guest closed the connection"));
                     }
                 }
             }
         }
+    }
+
+    fn hung_up(&mut self) {
+        self.hung_up = true;
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
@@ -545,12 +566,43 @@ mod tests {
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
+    /// A read that returned less than its room emptied the socket: the `WouldBlock` after the
+    /// frames it brought costs no read(2). Bytes that come later raise a new readiness edge
+    /// in the engine, after which the link reads them.
+    #[test]
+    fn a_short_read_spares_the_read_that_would_hear_eagain() {
+        let (mut link, mut peer) = pair(Framing::Be32);
+        peer.write_all(&[0, 0, 0, 2, 7, 7, 0, 0, 0, 1, 8]).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        assert_eq!(link.recv(&mut buf).unwrap(), 2);
+        assert!(link.drained);
+        assert_eq!(link.recv(&mut buf).unwrap(), 1);
+        peer.write_all(&[0, 0, 0, 1, 9]).unwrap();
+        // Not read: the last read said the socket was empty, and this is the first
+        // `WouldBlock` since (the engine now waits for the edge the write raised).
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert!(!link.drained);
+        assert_eq!(link.recv(&mut buf).unwrap(), 1);
+        assert_eq!(buf[0], 9);
+        // Once the peer's end was reported, every answer comes from read(2).
+        link.hung_up();
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        peer.write_all(&[0, 0, 0, 1, 10]).unwrap();
+        assert_eq!(link.recv(&mut buf).unwrap(), 1);
+        drop(peer);
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
     #[test]
     fn eof_mid_frame_and_clean_eof() {
         let (mut link, mut peer) = pair(Framing::Be32);
         peer.write_all(&[0, 0, 0, 10, 1, 2]).unwrap();
         drop(peer);
         let mut buf = vec![0u8; MAX_FRAME];
+        // The short read says the socket is empty; the end of the stream came with those
+        // bytes, so the engine's epoll reports it (RDHUP), and then the link reads on.
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        link.hung_up();
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         let (mut link, peer) = pair(Framing::Le16);
         drop(peer);

@@ -58,6 +58,9 @@ mod tests {
         to_link.write_all(&[3, 4]).unwrap();
         assert_eq!(link.recv(&mut buf).unwrap(), 4);
         assert_eq!(&buf[..4], &[1, 2, 3, 4]);
+        // That read emptied the pipe: known without another read. The engine waits for the
+        // next readiness edge, as the write below would raise.
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
 
         link.send(&[9; 60]).unwrap();
         link.flush().unwrap();

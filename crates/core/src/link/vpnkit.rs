@@ -189,6 +189,9 @@ impl Link for VpnkitLink {
         fill_ipv4_checksum(&mut buf[..n]);
         Ok(n)
     }
+    fn hung_up(&mut self) {
+        self.inner.hung_up();
+    }
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         self.inner.send(frame)
     }
