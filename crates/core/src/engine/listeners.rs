@@ -336,7 +336,7 @@ impl Engine {
         };
         self.next_splice_id += 1;
         let guest_fd = sock.as_raw_fd();
-        let mut flow = match SpliceFlow::new(host, sock, connected, self.next_splice_id, now) {
+        let mut flow = match SpliceFlow::new(host, sock, connected, self.next_splice_id, &self.pipe_pool, now) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!("cannot splice a published connection: {e}");

@@ -106,6 +106,8 @@ pub struct Engine {
     /// Sockets of the guest's network namespace, for spliced loopback connections.
     guest_sockets: Option<guest_sockets::GuestSockets>,
     next_splice_id: u64,
+    /// Empty pipes of ended splice flows, for the next ones.
+    pipe_pool: flows::splice::PipePool,
     /// Services that take over some guest TCP connections (see `add_tcp_hook`).
     tcp_hooks: Vec<TcpHook>,
     busy_poll: busy_poll::BusyPoll,
@@ -315,6 +317,7 @@ impl Engine {
             last_multicast_advert: None,
             guests6: Vec::new(),
             next_splice_id: 0,
+            pipe_pool: Default::default(),
             tcp_hooks: Vec::new(),
             busy_poll: busy_poll::BusyPoll::new(busy_poll::DEFAULT_MAX),
             rx_buf: vec![0u8; 65536 + ethernet::HEADER_LEN],
