@@ -344,6 +344,71 @@ fn http_over_ipv4_ipv6_and_localhost() {
     );
 }
 
+/// Idle connections from the host's loopback (spliced, a pipe each way) keep pipes of the
+/// kernel's default size: pipes count against their user's pipe pages, and past
+/// fs.pipe-user-pages-soft an unprivileged user's new pipes, any program's, are cut to
+/// 8 KiB. 100 connections with 1 MiB pipes would pass it; run as the test user, a fresh
+/// pipe of that user's is checked to be whole. A download then still works (its pipe grows).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn idle_published_connections_leave_the_users_pipes_alone() {
+    require(TOOLS);
+    let dns = DnsUpstream::start();
+    let (dir, want) = guest_dir("pub-pipes", BULK);
+    let p = free_ports(1);
+    let dir_s = dir.path().to_string_lossy().into_owned();
+    let spec = format!("{p}:80");
+    let mut bg = usernet_bg(&dns, &["-p", &spec], &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_line("READY", READY_LIMIT);
+    let usernet = pids_matching(&spec)
+        .into_iter()
+        .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "usernet"))
+        .unwrap_or_else(|| panic!("no usernet process with {spec}:\n{}", bg.describe()));
+
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", p)).expect("connect to the published port"))
+        .collect();
+    // Every connection is spliced (two pipes) once usernet has accepted it.
+    let enough = wait_until(Duration::from_secs(20), || pipe_sizes(usernet).len() >= 200);
+    let sizes = pipe_sizes(usernet);
+    assert!(enough, "{} pipes for {} connections:\n{}", sizes.len(), idle.len(), bg.describe());
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    assert!(largest <= 64 << 10, "an idle connection's pipe holds {largest} bytes");
+    if test_user().is_some() {
+        let out = run_bounded(
+            as_test_user(python()).args(["-c", "import os,fcntl; r,w=os.pipe(); print(fcntl.fcntl(w, 1032))"]),
+            Duration::from_secs(20),
+        );
+        assert_eq!(out.stdout.trim(), (64 << 10).to_string(), "a new pipe of the test user's:\n{out}");
+    }
+
+    let got = dir.join("got");
+    let out = curl(&["-f", "-o", &got.to_string_lossy(), &format!("http://127.0.0.1:{p}/f")]);
+    assert!(out.success(), "download beside 100 idle connections:\n{out}\n{}", bg.describe());
+    assert_eq!(sha256_file(&got), want, "20 MB download corrupted");
+    drop(idle);
+    bg.stop();
+}
+
+/// The capacity of each pipe `pid` holds (F_GETPIPE_SZ through /proc/PID/fd), once per pipe.
+fn pipe_sizes(pid: u32) -> Vec<i32> {
+    use std::os::fd::AsRawFd;
+    let mut seen = std::collections::HashSet::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    fds.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("pipe:") && seen.insert(l))
+        })
+        .filter_map(|e| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(e.path()).ok()?;
+            // SAFETY: F_GETPIPE_SZ on a descriptor we own; it takes no argument.
+            let n = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            (n > 0).then_some(n)
+        })
+        .collect()
+}
+
 /// 20 MB uploaded from the host with socat into a guest-side `socat -u TCP-LISTEN:80`.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]

@@ -10,8 +10,9 @@
 //! its own (shutdown(SHUT_WR) after EOF); an error on either side resets the other.
 //!
 //! The pipes of a flow that ends empty go back to the engine's [`PipePool`] for the next
-//! flow, so a short connection (a request and its answer) costs no pipe2(2), fcntl(2) and
-//! close(2) calls of its own: eight fewer system calls per connection.
+//! flow, so a short connection (a request and its answer) costs no pipe2(2) and close(2)
+//! calls of its own. A pipe starts at the kernel's default size and grows to 1 MiB once its
+//! direction has moved 1 MiB (`GROW_AFTER` says why not at once).
 
 use std::cell::RefCell;
 use std::io;
@@ -25,11 +26,17 @@ use crate::engine::sock;
 
 /// Bytes moved per splice call.
 const CHUNK: usize = 1 << 20;
-/// Pipe capacity asked for (the kernel's default is 64 KiB).
+/// Pipe capacity of a bulk transfer (the kernel's default is 64 KiB): more per call.
 const PIPE_SIZE: libc::c_int = 1 << 20;
+/// Bytes a direction moves before its pipe is grown to `PIPE_SIZE`. The pages of every pipe
+/// count against its user's pipe pages (fs.pipe-user-pages-soft, 16384 pages: 64 pipes of
+/// 1 MiB), which all of that user's programs share; once past it, an unprivileged user's
+/// new pipes are cut to 8 KiB, the shell's too. So only a flow that moves bulk data gets a
+/// large pipe: 1,000 idle or short connections through a published port hold 2,000 pipes of
+/// the default 16 pages, where pipes of 1 MiB would pass the limit at 32 connections.
+const GROW_AFTER: u64 = 1 << 20;
 /// Empty pipes kept for later flows: a few, since kept pipes count against the user's pipe
-/// pages (fs.pipe-user-pages-soft, 16384 pages: 64 pipes of 1 MiB), which all of the
-/// user's programs share.
+/// pages too.
 const POOL_MAX: usize = 8;
 
 struct Pipe {
@@ -37,6 +44,8 @@ struct Pipe {
     write: OwnedFd,
     /// Bytes in the pipe, spliced from the source and not yet into the destination.
     queued: usize,
+    /// Asked to grow to `PIPE_SIZE` (once; the kernel may refuse).
+    grown: bool,
 }
 
 impl Pipe {
@@ -48,10 +57,15 @@ impl Pipe {
         }
         // SAFETY: both descriptors are fresh and owned by nothing else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // A larger pipe moves more per call; the default size works too.
+        Ok(Pipe { read, write, queued: 0, grown: false })
+    }
+
+    /// Asks for a `PIPE_SIZE` pipe: a larger pipe moves more per call. The kernel refuses
+    /// when the user is past its pipe pages (EPERM); the default size works too.
+    fn grow(&mut self) {
+        self.grown = true;
         // SAFETY: F_SETPIPE_SZ takes an int argument.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
-        Ok(Pipe { read, write, queued: 0 })
+        unsafe { libc::fcntl(self.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
     }
 }
 
@@ -229,7 +243,12 @@ impl SpliceFlow {
             }
             match splice(src.as_fd(), pipe.write.as_fd(), CHUNK) {
                 Ok(0) => state.eof = true,
-                Ok(n) => pipe.queued += n,
+                Ok(n) => {
+                    pipe.queued += n;
+                    if !pipe.grown && *moved + pipe.queued as u64 >= GROW_AFTER {
+                        pipe.grow();
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -306,6 +325,48 @@ mod tests {
             pool.give(Pipe::new().unwrap());
         }
         assert_eq!(pool.len(), POOL_MAX);
+    }
+
+    /// A direction's pipe keeps the kernel's default size until it has moved GROW_AFTER
+    /// bytes, then grows to PIPE_SIZE; the other direction's stays as it was.
+    #[test]
+    fn a_pipe_grows_only_for_bulk() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let pool = PipePool::default();
+        let (h, mut client) = UnixStream::pair().unwrap();
+        let (g, mut server) = UnixStream::pair().unwrap();
+        for s in [&h, &g, &server] {
+            s.set_nonblocking(true).unwrap();
+        }
+        let mut flow = SpliceFlow::new(h.into(), g.into(), true, 1, &pool, Instant::now()).unwrap();
+        // SAFETY: F_GETPIPE_SZ takes no argument.
+        let size = |p: &Pipe| unsafe { libc::fcntl(p.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        let default = size(&flow.pipes[0]);
+        assert!(default > 0 && default < PIPE_SIZE);
+
+        client.write_all(b"short").unwrap();
+        assert_eq!(flow.on_event(), Verdict::Keep);
+        let mut buf = vec![0u8; 64 << 10];
+        assert_eq!(server.read(&mut buf).unwrap(), 5);
+        assert_eq!(size(&flow.pipes[0]), default, "a few bytes keep the default pipe");
+
+        let total = 2 * GROW_AFTER as usize;
+        let writer = std::thread::spawn(move || client.write_all(&vec![7u8; total]).map(|_| client));
+        let mut got = 0;
+        while got < total {
+            assert_eq!(flow.on_event(), Verdict::Keep);
+            match server.read(&mut buf) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let _client = writer.join().unwrap().unwrap();
+        assert_eq!(size(&flow.pipes[0]), PIPE_SIZE, "bulk grows its pipe");
+        assert_eq!(size(&flow.pipes[1]), default, "the quiet direction's pipe is as it was");
     }
 
     #[test]
