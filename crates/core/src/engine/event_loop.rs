@@ -54,9 +54,7 @@ impl Engine {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             if let Some(Some(slot)) = self.switch.links.get_mut(index) {
                                 slot.readable = true;
-                                if ev.is_read_closed() || ev.is_error() {
-                                    slot.link.hung_up();
-                                }
+                                slot.link.readable_edge(ev.is_read_closed() || ev.is_error());
                             }
                             link_ready = true;
                         }

@@ -15,8 +15,9 @@
 //! [`RECV_BATCH`] at a time with recvmmsg(2) and handed to the engine one by one. A burst
 //! costs one system call per batch instead of one per frame. A recvmmsg(2) that returned
 //! fewer than it asked for met EAGAIN: the socket was empty, so once those are handed out
-//! `recv` says `WouldBlock` without a call that would only hear EAGAIN again (datagrams
-//! that arrive later raise a new edge of the engine's edge-triggered readiness).
+//! `recv` says `WouldBlock` without a call that would only hear EAGAIN again, unless the
+//! engine's edge-triggered readiness reported the socket readable since
+//! ([`Link::readable_edge`]): datagrams that arrive later raise that edge.
 //!
 //! The guest's socket holds few datagrams (Linux queues at most `net.unix.max_dgram_qlen`,
 //! 10 by default, for a sender its socket is not connected to), so a burst of frames (one
@@ -254,8 +255,8 @@ impl Link for DgramLink {
         Err(io::ErrorKind::WouldBlock.into())
     }
 
-    fn hung_up(&mut self) {
-        // An error is pending: let the next recvmmsg(2) report it.
+    fn readable_edge(&mut self, _peer_closed: bool) {
+        // Datagrams came (or an error is pending) since the last recvmmsg(2): read again.
         self.rx.drained = false;
     }
 

@@ -31,11 +31,14 @@ pub trait Link {
     /// the guest went away; `Err(InvalidData)` for garbled framing. On the last two the
     /// engine drops this link (and logs why).
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Epoll reported the peer's end of stream (RDHUP, HUP) or an error on `fd`. A link that
-    /// answers `recv` with `WouldBlock` without a system call when it knows the descriptor
-    /// is empty must read until the descriptor itself says so from now on: no further edge
-    /// comes for what is left.
-    fn hung_up(&mut self) {}
+    /// Epoll reported `fd` readable: new bytes came, or (`peer_closed`) the peer's end of
+    /// stream (RDHUP, HUP) or an error. A link that answers `recv` with `WouldBlock` without
+    /// a system call when its last read found the descriptor empty must read again after
+    /// this; and after a `peer_closed`, always until the descriptor itself says EOF or
+    /// EAGAIN, since no further edge comes for what is left.
+    fn readable_edge(&mut self, peer_closed: bool) {
+        let _ = peer_closed;
+    }
     /// Writes or queues one frame, never half of one. A frame the link cannot take now may
     /// be dropped (the guest's TCP retransmits).
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;

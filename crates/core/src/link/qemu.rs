@@ -11,9 +11,12 @@
 //!   emptied the socket: the next time the buffer holds no whole frame, `recv` says
 //!   `WouldBlock` without the read(2) that would only hear EAGAIN (a VM that sends one
 //!   frame at a time would cost two reads a frame). That is safe with the event loop's
-//!   edge-triggered readiness: bytes that arrive after the short read raise a new edge. Not
-//!   so the end of the stream, which may have come with the bytes read: once epoll reports
-//!   it (or an error, [`Link::hung_up`]), every `WouldBlock` and EOF comes from read(2).
+//!   edge-triggered readiness: bytes that arrive after the short read raise a new edge,
+//!   which the engine passes on ([`Link::readable_edge`]) and after which the link reads
+//!   again, even if the frames of the short read are not all handed out yet (the engine
+//!   takes at most a batch a round). Not so the end of the stream, which may have come with
+//!   the bytes read: once epoll reports it (or an error), every `WouldBlock` and EOF comes
+//!   from read(2).
 //!   Otherwise `WouldBlock` comes from read(2) itself saying EAGAIN. A length of 0 or above
 //!   [`MAX_FRAME`] is garbled framing: `InvalidData`, and the engine closes this guest's
 //!   link (and no other). End of file, or a reset, is `UnexpectedEof`.
@@ -122,10 +125,11 @@ pub struct StreamLink {
     rpos: usize,
     /// Bytes of `rbuf` filled.
     rend: usize,
-    /// The last read returned less than it had room for: the descriptor was empty then.
+    /// The last read returned less than it had room for, and no readable edge came since:
+    /// the descriptor is empty (as far as a read could tell).
     drained: bool,
-    /// Epoll reported the peer's end of stream or an error (`hung_up`): read until read(2)
-    /// says EOF or EAGAIN, whatever `drained` says.
+    /// Epoll reported the peer's end of stream or an error (`readable_edge`): read until
+    /// read(2) says EOF or EAGAIN, whatever `drained` says.
     hung_up: bool,
     /// Bytes to write, whole frames with their prefixes; `wq[..wpos]` is already written.
     wq: Vec<u8>,
@@ -256,8 +260,9 @@ impl Link for StreamLink {
         }
     }
 
-    fn hung_up(&mut self) {
-        self.hung_up = true;
+    fn readable_edge(&mut self, peer_closed: bool) {
+        self.drained = false;
+        self.hung_up |= peer_closed;
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
@@ -585,12 +590,32 @@ mod tests {
         assert_eq!(link.recv(&mut buf).unwrap(), 1);
         assert_eq!(buf[0], 9);
         // Once the peer's end was reported, every answer comes from read(2).
-        link.hung_up();
+        link.readable_edge(true);
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         peer.write_all(&[0, 0, 0, 1, 10]).unwrap();
         assert_eq!(link.recv(&mut buf).unwrap(), 1);
         drop(peer);
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// The engine takes at most a batch of frames a round, so frames of a short read may
+    /// still wait in the buffer when the next readable edge comes. That edge is about bytes
+    /// the short read did not see: once the buffered frames are handed out, the link reads.
+    #[test]
+    fn an_edge_while_frames_wait_in_the_buffer_is_not_lost() {
+        let (mut link, mut peer) = pair(Framing::Be32);
+        peer.write_all(&[0, 0, 0, 1, 1, 0, 0, 0, 1, 2]).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        assert_eq!(link.recv(&mut buf).unwrap(), 1);
+        assert_eq!(buf[0], 1);
+        // The round ends here (its batch is full); a frame comes, and its edge.
+        peer.write_all(&[0, 0, 0, 1, 3]).unwrap();
+        link.readable_edge(false);
+        for want in [2, 3] {
+            assert_eq!(link.recv(&mut buf).unwrap(), 1);
+            assert_eq!(buf[0], want);
+        }
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
     }
 
     #[test]
@@ -602,7 +627,7 @@ mod tests {
         // The short read says the socket is empty; the end of the stream came with those
         // bytes, so the engine's epoll reports it (RDHUP), and then the link reads on.
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
-        link.hung_up();
+        link.readable_edge(true);
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         let (mut link, peer) = pair(Framing::Le16);
         drop(peer);

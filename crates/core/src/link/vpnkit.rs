@@ -189,8 +189,8 @@ impl Link for VpnkitLink {
         fill_ipv4_checksum(&mut buf[..n]);
         Ok(n)
     }
-    fn hung_up(&mut self) {
-        self.inner.hung_up();
+    fn readable_edge(&mut self, peer_closed: bool) {
+        self.inner.readable_edge(peer_closed);
     }
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         self.inner.send(frame)
