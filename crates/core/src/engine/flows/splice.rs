@@ -118,8 +118,9 @@ pub struct SpliceFlow {
     /// The connect was refused and `fallback` is to be tried (by the engine, which has the
     /// namespace's sockets).
     pub refused: bool,
-    /// [host to guest, guest to host]; back to `pool` when the flow ends.
-    pipes: Vec<Pipe>,
+    /// [host to guest, guest to host]; back to `pool` when the flow ends (None only then:
+    /// held inline, so a connection allocates nothing for them).
+    pipes: Option<[Pipe; 2]>,
     pool: PipePool,
     dirs: [Direction; 2],
     pub id: u64,
@@ -155,7 +156,7 @@ impl SpliceFlow {
         pool: &PipePool,
         now: Instant,
     ) -> io::Result<SpliceFlow> {
-        let pipes = vec![pool.take()?, pool.take()?];
+        let pipes = Some([pool.take()?, pool.take()?]);
         Ok(SpliceFlow {
             host,
             guest,
@@ -219,7 +220,8 @@ impl SpliceFlow {
     /// Moves bytes in one direction until a side would block.
     fn pump(&mut self, dir: usize) -> io::Result<()> {
         let (src, dst) = if dir == 0 { (&self.host, &self.guest) } else { (&self.guest, &self.host) };
-        let pipe = &mut self.pipes[dir];
+        let Some(pipes) = self.pipes.as_mut() else { return Ok(()) };
+        let pipe = &mut pipes[dir];
         let state = &mut self.dirs[dir];
         let moved = if dir == 0 { &mut self.traffic.to_guest } else { &mut self.traffic.from_guest };
         loop {
@@ -259,7 +261,7 @@ impl SpliceFlow {
 
 impl Drop for SpliceFlow {
     fn drop(&mut self) {
-        for pipe in self.pipes.drain(..) {
+        for pipe in self.pipes.take().into_iter().flatten() {
             self.pool.give(pipe);
         }
     }
@@ -268,6 +270,12 @@ impl Drop for SpliceFlow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl SpliceFlow {
+        fn pipes(&self) -> &[Pipe; 2] {
+            self.pipes.as_ref().expect("a live flow has its pipes")
+        }
+    }
 
     /// A host-side stand-in and a socket whose connect to a closed loopback port is under
     /// way (the refusal is already waiting in SO_ERROR).
@@ -291,7 +299,7 @@ mod tests {
         let (h, _client) = UnixStream::pair().unwrap();
         let (g, _server) = UnixStream::pair().unwrap();
         let first = SpliceFlow::new(h.into(), g.into(), true, 1, &pool, Instant::now()).unwrap();
-        let mut used: Vec<RawFd> = first.pipes.iter().map(|p| p.read.as_raw_fd()).collect();
+        let mut used: Vec<RawFd> = first.pipes().iter().map(|p| p.read.as_raw_fd()).collect();
         drop(first);
         assert_eq!(pool.len(), 2);
 
@@ -302,7 +310,7 @@ mod tests {
         }
         let mut second = SpliceFlow::new(h.into(), g.into(), true, 2, &pool, Instant::now()).unwrap();
         assert!(pool.is_empty());
-        let mut again: Vec<RawFd> = second.pipes.iter().map(|p| p.read.as_raw_fd()).collect();
+        let mut again: Vec<RawFd> = second.pipes().iter().map(|p| p.read.as_raw_fd()).collect();
         used.sort_unstable();
         again.sort_unstable();
         assert_eq!(used, again, "the same two pipes");
@@ -342,14 +350,14 @@ mod tests {
         let mut flow = SpliceFlow::new(h.into(), g.into(), true, 1, &pool, Instant::now()).unwrap();
         // SAFETY: F_GETPIPE_SZ takes no argument.
         let size = |p: &Pipe| unsafe { libc::fcntl(p.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        let default = size(&flow.pipes[0]);
+        let default = size(&flow.pipes()[0]);
         assert!(default > 0 && default < PIPE_SIZE);
 
         client.write_all(b"short").unwrap();
         assert_eq!(flow.on_event(), Verdict::Keep);
         let mut buf = vec![0u8; 64 << 10];
         assert_eq!(server.read(&mut buf).unwrap(), 5);
-        assert_eq!(size(&flow.pipes[0]), default, "a few bytes keep the default pipe");
+        assert_eq!(size(&flow.pipes()[0]), default, "a few bytes keep the default pipe");
 
         let total = 2 * GROW_AFTER as usize;
         let writer = std::thread::spawn(move || client.write_all(&vec![7u8; total]).map(|_| client));
@@ -365,8 +373,8 @@ mod tests {
             }
         }
         let _client = writer.join().unwrap().unwrap();
-        assert_eq!(size(&flow.pipes[0]), PIPE_SIZE, "bulk grows its pipe");
-        assert_eq!(size(&flow.pipes[1]), default, "the quiet direction's pipe is as it was");
+        assert_eq!(size(&flow.pipes()[0]), PIPE_SIZE, "bulk grows its pipe");
+        assert_eq!(size(&flow.pipes()[1]), default, "the quiet direction's pipe is as it was");
     }
 
     #[test]
