@@ -108,6 +108,14 @@ fn port_free(port: u16) -> bool {
         && UdpSocket::bind(("::", port)).is_ok()
 }
 
+/// True when `port` is free within 5 s. A check made once can fail though nothing of
+/// usernet's holds the port: another test thread forking copies the socket `port_free` has just
+/// bound into its child until that child calls exec, and the next bind of the check then finds
+/// the port taken (1 check in 50 failed so with a thread spawning `true` in a loop).
+fn port_released(port: u16) -> bool {
+    wait_until(Duration::from_secs(5), || port_free(port))
+}
+
 /// The first of `n` consecutive host ports that are free now, below the ephemeral range
 /// (so no client's connect takes them) and different for every call in this process.
 fn free_ports(n: u16) -> u16 {
@@ -610,14 +618,17 @@ fn taken_port_and_bad_specs_fail_before_command() {
         &["-p", &format!("{q}:80"), "-p", &format!("{p}:80")],
         &format!("Bind for 0.0.0.0:{p} failed: port is already allocated"),
     );
-    assert!(port_free(q), "port {q} of an earlier -p left bound");
+    assert!(port_released(q), "port {q} of an earlier -p left bound");
     drop(holder);
 
     // Taken on [::] only: the 0.0.0.0 socket bound just before is released.
     let v6 = free_ports(1);
     let holder6 = hold_v6only(v6);
     check(&["-p", &format!("{v6}:80")], &format!("Bind for [::]:{v6} failed: port is already allocated"));
-    assert!(TcpListener::bind(("0.0.0.0", v6)).is_ok(), "0.0.0.0:{v6} left bound");
+    assert!(
+        wait_until(Duration::from_secs(5), || TcpListener::bind(("0.0.0.0", v6)).is_ok()),
+        "0.0.0.0:{v6} left bound"
+    );
     drop(holder6);
 
     // UDP.
@@ -664,7 +675,7 @@ fn ports_released_on_exit() {
     let p = free_ports(1);
     let out = Usernet::new(&dns).args(&["-p", &format!("{p}:80"), "-p", &format!("{p}:80/udp")]).run(&["true"]);
     out.assert_ok();
-    assert!(port_free(p), "port {p} still bound after usernet exited:\n{out}");
+    assert!(port_released(p), "port {p} still bound after usernet exited:\n{out}");
 
     // Killed by SIGTERM while COMMAND runs.
     let q = free_ports(1);
@@ -678,7 +689,7 @@ fn ports_released_on_exit() {
     assert!(TcpListener::bind(("::", q)).is_err(), "usernet does not listen on [::]:{q}");
     let code = bg.stop();
     assert_eq!(code, 128 + libc::SIGTERM, "{}", bg.describe());
-    assert!(port_free(q), "port {q} still bound after usernet was stopped:\n{}", bg.describe());
+    assert!(port_released(q), "port {q} still bound after usernet was stopped:\n{}", bg.describe());
 }
 
 /// A client in another namespace, connecting to the host's veth address, appears in the

@@ -245,6 +245,22 @@ mod tests {
         PortSpec { host_ip: Some(ip), host_ports: ports, container_port: 80, proto }
     }
 
+    /// True when 127.0.0.1:`port` can be bound for TCP within 5 s. A single try can fail
+    /// though `bind` released the port: another test thread forking copies a socket bound a
+    /// moment ago into its child, where it stays until that child calls exec.
+    fn v4_port_released(port: u16) -> bool {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A port free on 127.0.0.1 and ::1 for TCP and UDP right now.
     fn free_port() -> u16 {
         for _ in 0..50 {
@@ -358,7 +374,7 @@ mod tests {
         let holder6 = TcpListener::bind(("::1", p)).expect("hold v6");
         let e = bind_addrs(&[LO4, LO6], Some((p, p)), Proto::Tcp, 80).expect_err("taken");
         assert_eq!(e.to_string(), format!("Bind for [::1]:{p} failed: port is already allocated"));
-        assert!(TcpListener::bind(("127.0.0.1", p)).is_ok(), "v4 side left bound");
+        assert!(v4_port_released(p), "v4 side left bound");
         drop(holder6);
 
         let holder = UdpSocket::bind(("127.0.0.1", p)).expect("hold udp");
@@ -412,7 +428,7 @@ mod tests {
         let holder = TcpListener::bind(("127.0.0.1", q)).expect("hold");
         let specs = [spec(LO4, Some((p, p)), Proto::Tcp), spec(LO4, Some((q, q)), Proto::Tcp)];
         assert!(bind_all(&specs).is_err());
-        assert!(TcpListener::bind(("127.0.0.1", p)).is_ok(), "first spec left bound");
+        assert!(v4_port_released(p), "first spec left bound");
         drop(holder);
         let ls = bind_all(&specs).expect("bind");
         assert_eq!(ls.len(), 2);
