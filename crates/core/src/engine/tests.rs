@@ -197,8 +197,9 @@ fn acks_go_at_once_while_the_guest_recovers_from_a_gap() {
         assert_eq!(out.len(), 1, "retransmission {i}: {out:?}");
         assert_eq!(out[0].0.ack, seq + 1000);
     }
-    // Recovered: a lone new segment's ACK waits again.
-    e.on_frame(0, &tcp_frame(&seg(4001, isn + 1, ACK), &chunk), now);
+    // Recovered: a lone new segment's ACK waits again (one with PSH: without, the segment
+    // itself would wait for the rest of the guest's write).
+    e.on_frame(0, &tcp_frame(&seg(4001, isn + 1, ACK | PSH_FLAG), &chunk), now);
     e.flush_acks(now);
     assert!(take_tcp(&link).is_empty());
     let mut sink = vec![0u8; 4000];
@@ -225,14 +226,15 @@ fn delayed_ack_rides_on_data_and_every_second_segment_is_acked() {
     e.run_timers(now + Duration::from_millis(5));
     assert!(take_tcp(&link).is_empty(), "no ACK left owed");
 
-    // Full-sized segments one per round: the first waits, the second acknowledges both.
-    // (Segments of the guest's MSS, 1460, as it announced in its SYN.)
+    // Full-sized segments one per round, each the end of a write (PSH): the first's ACK
+    // waits, the second acknowledges both. (Segments of the guest's MSS, 1460, as it
+    // announced in its SYN.)
     let mtu_payload = 1460;
     let big = vec![7u8; mtu_payload];
-    e.on_frame(0, &tcp_frame(&seg(1005, isn + 5, ACK), &big), now);
+    e.on_frame(0, &tcp_frame(&seg(1005, isn + 5, ACK | PSH_FLAG), &big), now);
     e.flush_acks(now);
     assert!(take_tcp(&link).is_empty());
-    e.on_frame(0, &tcp_frame(&seg(1005 + mtu_payload as u32, isn + 5, ACK), &big), now);
+    e.on_frame(0, &tcp_frame(&seg(1005 + mtu_payload as u32, isn + 5, ACK | PSH_FLAG), &big), now);
     e.flush_acks(now);
     let out = take_tcp(&link);
     assert_eq!(out.len(), 1);

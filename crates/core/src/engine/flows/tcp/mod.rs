@@ -35,7 +35,12 @@
 //! VM's 1448-byte ones) are gathered in `pending` instead and written with one send(2) per
 //! flow at the end of the engine's round (`write_gathered`), just before the ACKs go out;
 //! `need_ack` stays set while gathered data waits, so the engine comes by even when an ACK
-//! already went out on host data.
+//! already went out on host data. A full-sized segment without PSH says that more of the
+//! same write follows: what was gathered then waits past the end of its round for the
+//! segment with PSH, up to `HOLD_BYTES` and for `HOLD_DELAY` at most (`may_hold`), as the
+//! kernel's GRO merges segments. A slow sender (a VM under TCG sends a segment every
+//! ~170 µs, one per round) so costs one send(2), one wakeup of the host's reader and one ACK
+//! per write of its application, not per segment. Held data is not acknowledged.
 //! What the socket does not take at once waits in a bounded per-flow buffer (`pending`)
 //! and is acknowledged when it is written, as soon as the socket drains (EPOLLOUT) — the
 //! guest never waits for its own retransmission timer. The window offered to the guest
@@ -128,6 +133,11 @@ const RTO_MIN: Duration = Duration::from_millis(200);
 const COALESCE_BELOW: usize = 16 * 1024;
 /// Longest wait of a delayed ACK (Linux waits 40 ms; the guest's own timers are far longer).
 const ACK_DELAY: Duration = Duration::from_millis(1);
+/// Gathered full-sized guest segments without PSH are held across rounds, until a segment
+/// with PSH comes, up to this many bytes ...
+const HOLD_BYTES: usize = COALESCE_BELOW;
+/// ... or for this long at most.
+const HOLD_DELAY: Duration = Duration::from_millis(1);
 const RTO_MAX: Duration = Duration::from_secs(30);
 /// Retransmission timeouts in a row without progress (or, while the guest's window is
 /// shut, without an answer to the probes) before the connection is reset.
@@ -222,6 +232,11 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     quick_ack_until: Option<u32>,
     /// When a delayed ACK must go at the latest.
     ack_deadline: Option<Instant>,
+    /// The last guest segment gathered was full-sized, without PSH or FIN: more of the same
+    /// write follows, so what was gathered may wait for it (`may_hold`).
+    more_follows: bool,
+    /// Gathered data is held past the end of its round, until this time at the latest.
+    hold_deadline: Option<Instant>,
     /// The deadline the engine's timer heap holds for this flow.
     pub scheduled: Option<Instant>,
     /// Bytes each way and activity, for `/v1/flows`.
@@ -361,6 +376,8 @@ impl<S: HostSocket> TcpFlow<S> {
             acked_rcv: 0,
             quick_ack_until: None,
             ack_deadline: None,
+            more_follows: false,
+            hold_deadline: None,
             scheduled: None,
             traffic: super::Traffic::new(now),
             held,
@@ -409,7 +426,7 @@ impl<S: HostSocket> TcpFlow<S> {
     pub fn deadline(&self) -> Option<Instant> {
         let connect = (self.phase == Phase::Connecting).then(|| self.born + CONNECT_TIMEOUT);
         let stall = self.stalled_since.zip(self.held.budget().stall_timeout()).map(|(t, d)| t + d);
-        [connect, self.rto_deadline, self.ack_deadline, stall].into_iter().flatten().min()
+        [connect, self.rto_deadline, self.ack_deadline, self.hold_deadline, stall].into_iter().flatten().min()
     }
 
     fn pending_len(&self) -> usize {
@@ -646,13 +663,16 @@ impl<S: HostSocket> TcpFlow<S> {
         let may_wait = unacked > 0
             && unacked < 2 * full_segment
             && self.quick_ack_until.is_none()
-            && self.pending_len() == 0
+            && (self.pending_len() == 0 || self.hold_deadline.is_some())
             && self.to_host == ToHost::Open
             && self.ack_deadline.is_some_and(|d| d > now);
         if self.quick_ack_until.is_some_and(|u| !seq_lt(self.rcv_nxt, u)) {
             self.quick_ack_until = None;
         }
-        if !may_wait {
+        // Held data is not acknowledged yet: an ACK of nothing new would be a duplicate ACK,
+        // and three of them make the guest retransmit.
+        let holding_only = unacked == 0 && self.hold_deadline.is_some();
+        if !may_wait && !holding_only {
             self.send_flags(switch, self.snd_nxt, ACK);
         }
     }
@@ -741,10 +761,13 @@ impl<S: HostSocket> TcpFlow<S> {
             return Verdict::Keep;
         }
         if writable || error {
-            if !self.host_writable {
+            let was_full = !self.host_writable;
+            if was_full {
                 self.socket_writable();
             }
-            if self.flush_pending(switch, now) == Verdict::Close {
+            // Data held for its PSH waits on (a report for reading carries EPOLLOUT too).
+            if (was_full || error || self.hold_deadline.is_none()) && self.flush_pending(switch, now) == Verdict::Close
+            {
                 return Verdict::Close;
             }
         }
@@ -850,7 +873,7 @@ impl<S: HostSocket> TcpFlow<S> {
             }
         }
         if !payload.is_empty() || h.has(FIN) {
-            if self.receive(switch, h.seq, payload, h.has(FIN), now) == Verdict::Close {
+            if self.receive(switch, h, payload, now) == Verdict::Close {
                 return Verdict::Close;
             }
         } else if seq_lt(h.seq, self.rcv_nxt) {
@@ -900,8 +923,9 @@ impl<S: HostSocket> TcpFlow<S> {
         let _ = self.sock.set_peek_offset(0);
     }
 
-    /// Guest data (and maybe FIN) at sequence number `seq`.
-    fn receive(&mut self, switch: &mut Switch, seq: u32, payload: &[u8], fin: bool, now: Instant) -> Verdict {
+    /// Guest data (and maybe FIN) of segment `h`.
+    fn receive(&mut self, switch: &mut Switch, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
+        let (seq, fin) = (h.seq, h.has(FIN));
         if self.to_host != ToHost::Open {
             self.need_ack = true;
             return Verdict::Keep;
@@ -971,6 +995,13 @@ impl<S: HostSocket> TcpFlow<S> {
             self.to_host = ToHost::FinHeld;
             self.pass_guest_fin();
         }
+        let full_segment = (self.mss as usize).min(switch.max_tcp_payload(self.remote.is_ipv6()));
+        self.more_follows =
+            !h.has(PSH) && !fin && skip == 0 && take == new.len() && take > 0 && payload.len() >= full_segment;
+        if !self.more_follows {
+            // The end of the write (or a FIN): what was held goes at the end of this round.
+            self.hold_deadline = None;
+        }
         self.need_ack = true;
         if self.ack_deadline.is_none() {
             self.ack_deadline = Some(now + ACK_DELAY);
@@ -994,6 +1025,9 @@ impl<S: HostSocket> TcpFlow<S> {
     pub fn write_gathered(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         let v = if !self.host_writable {
             Verdict::Keep
+        } else if self.may_hold(now) {
+            self.hold_deadline.get_or_insert(now + HOLD_DELAY);
+            Verdict::Keep
         } else if self.write_pending(switch, now) == Verdict::Close {
             Verdict::Close
         } else {
@@ -1001,6 +1035,22 @@ impl<S: HostSocket> TcpFlow<S> {
             self.check_done(switch)
         };
         self.checked(v)
+    }
+
+    /// Whether the data gathered may wait past the end of the round for the rest of the
+    /// guest's write: a slow sender (a VM under TCG sends a full segment every ~170 µs) would
+    /// otherwise cost one send(2), one wakeup of the host's reader and one ACK per segment.
+    /// The kernel's GRO merges segments the same way, until one with PSH (the end of a
+    /// write on the guest's side). Only while the last segment was full-sized and carried no
+    /// PSH or FIN, less than `HOLD_BYTES` wait, the guest is not recovering a loss, and for
+    /// `HOLD_DELAY` at most; data a fast sender gathers in one round passes `HOLD_BYTES`,
+    /// and a request, which ends in PSH, is never held.
+    fn may_hold(&self, now: Instant) -> bool {
+        self.more_follows
+            && self.to_host == ToHost::Open
+            && self.pending_len() < HOLD_BYTES
+            && self.quick_ack_until.is_none()
+            && self.hold_deadline.is_none_or(|d| d > now)
     }
 
     /// Writes held guest data now that the socket has room; acknowledges what it took.
@@ -1020,6 +1070,7 @@ impl<S: HostSocket> TcpFlow<S> {
 
     /// Writes `pending` into the socket until it is empty or the socket is full.
     fn write_pending(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+        self.hold_deadline = None;
         if self.pending_len() == 0 {
             return Verdict::Keep;
         }
@@ -1179,6 +1230,17 @@ impl<S: HostSocket> TcpFlow<S> {
             tracing::debug!("connect {} -> {}: timed out", self.guest, self.remote);
             return self.refuse_guest(switch, libc::ETIMEDOUT);
         }
+        if let Some(d) = self.hold_deadline
+            && d <= now
+        {
+            // The rest of the guest's write did not come in time: what was held goes now.
+            if self.write_pending(switch, now) == Verdict::Close {
+                return Verdict::Close;
+            }
+            if self.rcv_nxt != self.acked_rcv {
+                self.send_flags(switch, self.snd_nxt, ACK);
+            }
+        }
         if let Some(d) = self.ack_deadline
             && d <= now
         {
@@ -1257,6 +1319,7 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
             .field("host_readable", &self.host_readable)
             .field("host_writable", &self.host_writable)
             .field("need_ack", &self.need_ack)
+            .field("hold_deadline", &self.hold_deadline)
             .field("acked_rcv", &self.acked_rcv)
             .field("quick_ack_until", &self.quick_ack_until)
             .field("ack_deadline", &self.ack_deadline)

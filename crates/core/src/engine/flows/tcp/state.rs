@@ -43,6 +43,8 @@
 //!    writable waits for the end of the round, so the engine must be told to come by:
 //!    `pending` not empty and `host_writable` implies `need_ack` (else `write_gathered`
 //!    would never run, and the guest's retransmissions, answered at once, would not help).
+//!    Data held for the rest of the guest's write is gathered data of an open flow:
+//!    `hold_deadline` implies `pending` not empty and `ToHost::Open`.
 //! 8. Whatever is in flight is timed: `snd_una != snd_max` implies a retransmission
 //!    deadline (except while connecting, when the connect timeout runs instead and nothing
 //!    is sent).
@@ -168,6 +170,9 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         if self.pending_len() > 0 && self.host_writable && !self.need_ack {
             fail("gathered data with no end-of-round call owed (need_ack)");
+        }
+        if self.hold_deadline.is_some() && (self.pending_len() == 0 || self.to_host != ToHost::Open) {
+            fail("a hold deadline with no gathered data of an open flow");
         }
         // 8.
         if self.phase != Phase::Connecting && in_flight != 0 && self.rto_deadline.is_none() {

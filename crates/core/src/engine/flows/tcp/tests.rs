@@ -10,7 +10,7 @@ use super::model::ModelSocket;
 use super::sim::{Pkt, Recorder, switch, take_frames};
 use super::{HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
 use crate::engine::switch::Switch;
-use usernet_wire::tcp::{ACK, PSH, RST, SYN, TcpHeader};
+use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader};
 
 const GUEST_ISN: u32 = 1000;
 const ISN: u32 = 5000;
@@ -583,4 +583,69 @@ fn a_short_peek_waits_for_the_next_edge_and_end_of_stream_is_still_seen() {
     let data: Vec<u8> = out.iter().flat_map(|(_, d)| d.clone()).collect();
     assert_eq!(data, b" world");
     assert!(out.iter().any(|(h, _)| h.has(usernet_wire::tcp::FIN)), "the FIN after the data: {out:?}");
+}
+
+/// A slow sender's full-sized segments without PSH (a VM under TCG sends one every ~170 µs,
+/// one per engine round) are held until the segment with PSH that ends the guest's write:
+/// one send(2) and one ACK for the write, not one of each per segment; nothing is
+/// acknowledged before it is written.
+#[test]
+fn full_segments_without_psh_wait_for_the_end_of_the_write() {
+    let mut now = Instant::now();
+    let (mut f, mut sw, rec) = open(65535, now);
+    sent(&rec);
+    let sends = f.sock.calls[1];
+    let data: Vec<u8> = (0..1460 * 3).map(|i| (i % 251) as u8).collect();
+    for (i, chunk) in data.chunks(1460).enumerate() {
+        let last = i == 2;
+        let flags = if last { ACK | PSH } else { ACK };
+        let seq = GUEST_ISN + 1 + (i * 1460) as u32;
+        assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, flags, 65535), chunk, now), Verdict::Keep);
+        assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+        let acks = sent(&rec);
+        if !last {
+            assert_eq!(f.sock.calls[1], sends, "segment {i} written before the end of the write");
+            assert!(acks.is_empty(), "segment {i}: nothing new to acknowledge, yet {acks:?}");
+            assert!(f.deadline().is_some_and(|d| d <= now + Duration::from_millis(1)), "the hold is bounded");
+        } else {
+            assert_eq!(f.sock.calls[1], sends + 1, "one send for the whole write");
+            assert_eq!(acks.len(), 1, "{acks:?}");
+            assert_eq!(acks[0].0.ack, GUEST_ISN + 1 + data.len() as u32);
+        }
+        now += Duration::from_micros(170);
+    }
+    let mut got = Vec::new();
+    f.sock.peer_read(1 << 20, &mut got);
+    assert_eq!(got, data);
+}
+
+/// When the rest of the write does not come, what was held goes at the hold's deadline,
+/// acknowledged at once; a segment shorter than a full one, or one with FIN, is not held.
+#[test]
+fn held_data_goes_at_the_deadline_and_short_segments_are_not_held() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(65535, now);
+    sent(&rec);
+    let full = [5u8; 1460];
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK, 65535), &full, now), Verdict::Keep);
+    assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+    assert_eq!(f.sock.peer_unread(), 0);
+    let deadline = f.deadline().expect("a hold deadline");
+    assert_eq!(f.on_timer(&mut sw, deadline), Verdict::Keep);
+    assert_eq!(f.sock.peer_unread(), 1460);
+    let acks = sent(&rec);
+    assert_eq!(acks.iter().map(|(h, _)| h.ack).collect::<Vec<_>>(), [GUEST_ISN + 1461]);
+
+    // Not full-sized, no PSH: written at the end of its round.
+    let seq = GUEST_ISN + 1461;
+    assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &[6; 1000], deadline), Verdict::Keep);
+    assert_eq!(end_of_round(&mut f, &mut sw, deadline), Verdict::Keep);
+    assert_eq!(f.sock.peer_unread(), 2460);
+
+    // A full one with FIN: the flow's data ends there.
+    let seq = seq + 1000;
+    let v = f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK | FIN, 65535), &full, deadline);
+    assert_eq!(v, Verdict::Keep);
+    assert_eq!(end_of_round(&mut f, &mut sw, deadline), Verdict::Keep);
+    assert_eq!(f.sock.peer_unread(), 3920);
 }
