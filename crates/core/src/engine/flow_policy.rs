@@ -100,6 +100,11 @@ impl Engine {
                 self.flows.connected(id);
             }
         }
+        self.schedule(id);
+    }
+
+    /// Puts the flow's next deadline on the timer heap unless an earlier one is there.
+    fn schedule(&mut self, id: FlowId) {
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -158,6 +163,8 @@ impl Engine {
                 continue;
             }
             f.flush_ack(&mut self.switch, now);
+            // Data held for the rest of the guest's write has a deadline of its own.
+            self.schedule(id);
         }
         owed.clear();
         self.owed_acks = owed;

@@ -1050,3 +1050,39 @@ fn egress_policy_comes_before_tcp_hooks() {
     assert_eq!(*asked.borrow(), vec![std::net::SocketAddr::V4(allowed)]);
     assert_eq!(dialer.tcp_peers.borrow().len(), 1);
 }
+
+/// Regression (review of the hold): a guest segment held for the rest of its write whose
+/// round also sent host data (the ACK rode on it, so no delayed ACK was armed) had no timer
+/// until the retransmission timeout; the hold's deadline is now put on the timer heap.
+#[test]
+fn held_guest_data_has_a_timer_of_its_own() {
+    let now = Instant::now();
+    let (mut e, link, dialer) = engine(false);
+    let mut syn = seg(1000, 0, SYN);
+    syn.mss = Some(1460);
+    syn.window_scale = Some(7);
+    syn.window = 128;
+    e.on_frame(0, &tcp_frame(&syn, b""), now);
+    let isn = take_tcp(&link)[0].0.seq;
+    let mut peer = dialer.tcp_peers.borrow_mut().pop().unwrap();
+    // The SYN and the handshake's ACK offer a 128-byte window (1 << 7): the host's 300 bytes go in part.
+    let mut small = seg(1001, isn + 1, ACK);
+    small.window = 1;
+    e.on_frame(0, &tcp_frame(&small, b""), now);
+    peer.write_all(&[9u8; 300]).unwrap();
+    e.deliver_readiness(true, false, now);
+    assert_eq!(take_tcp(&link).iter().map(|(_, d)| d.len()).sum::<usize>(), 128);
+    // A full segment without PSH that opens the window: the rest of the host data goes,
+    // carrying the ACK; the segment waits for the rest of its write.
+    let full = vec![4u8; 1460];
+    e.on_frame(0, &tcp_frame(&seg(1001, isn + 1 + 128, ACK), &full), now);
+    e.flush_acks(now);
+    assert_eq!(take_tcp(&link).iter().map(|(_, d)| d.len()).sum::<usize>(), 172);
+    peer.set_nonblocking(true).unwrap();
+    let mut got = vec![0u8; 4096];
+    assert!(peer.read(&mut got).is_err(), "held, not written yet");
+    e.run_timers(now + Duration::from_millis(2));
+    assert_eq!(peer.read(&mut got).unwrap(), 1460, "written at the hold's deadline");
+    let acks = take_tcp(&link);
+    assert_eq!(acks.last().map(|(h, _)| h.ack), Some(1001 + 1460), "{acks:?}");
+}

@@ -36,11 +36,12 @@
 //! flow at the end of the engine's round (`write_gathered`), just before the ACKs go out;
 //! `need_ack` stays set while gathered data waits, so the engine comes by even when an ACK
 //! already went out on host data. A full-sized segment without PSH says that more of the
-//! same write follows: what was gathered then waits past the end of its round for the
-//! segment with PSH, up to `HOLD_BYTES` and for `HOLD_DELAY` at most (`may_hold`), as the
-//! kernel's GRO merges segments. A slow sender (a VM under TCG sends a segment every
-//! ~170 µs, one per round) so costs one send(2), one wakeup of the host's reader and one ACK
-//! per write of its application, not per segment. Held data is not acknowledged.
+//! same write follows: what was gathered (all of one write) then waits past the end of its
+//! round for the segment with PSH, up to `HOLD_BYTES` (8 KiB) and for `HOLD_DELAY` (1 ms) at
+//! most (`may_hold`; the deadline has its own timer), as the kernel's GRO merges segments.
+//! A slow sender (a VM under TCG sends a segment every ~170 µs, one per round) so costs one
+//! send(2), one wakeup of the host's reader and one ACK per write of its application, not
+//! per segment. Held data is not acknowledged, and no ACK of nothing new goes meanwhile.
 //! What the socket does not take at once waits in a bounded per-flow buffer (`pending`)
 //! and is acknowledged when it is written, as soon as the socket drains (EPOLLOUT) — the
 //! guest never waits for its own retransmission timer. The window offered to the guest
@@ -134,8 +135,10 @@ const COALESCE_BELOW: usize = 16 * 1024;
 /// Longest wait of a delayed ACK (Linux waits 40 ms; the guest's own timers are far longer).
 const ACK_DELAY: Duration = Duration::from_millis(1);
 /// Gathered full-sized guest segments without PSH are held across rounds, until a segment
-/// with PSH comes, up to this many bytes ...
-const HOLD_BYTES: usize = COALESCE_BELOW;
+/// with PSH comes, up to this many bytes (below a Linux guest's initial window of ten
+/// segments, so that a guest which has sent all its window allows is not kept waiting for
+/// the ACK) ...
+const HOLD_BYTES: usize = 8 * 1024;
 /// ... or for this long at most.
 const HOLD_DELAY: Duration = Duration::from_millis(1);
 const RTO_MAX: Duration = Duration::from_secs(30);
@@ -995,9 +998,16 @@ impl<S: HostSocket> TcpFlow<S> {
             self.to_host = ToHost::FinHeld;
             self.pass_guest_fin();
         }
+        // Everything gathered since the last write must be of one write: data before a PSH
+        // (a request, say, followed by the start of the next) is never held.
         let full_segment = (self.mss as usize).min(switch.max_tcp_payload(self.remote.is_ipv6()));
-        self.more_follows =
-            !h.has(PSH) && !fin && skip == 0 && take == new.len() && take > 0 && payload.len() >= full_segment;
+        self.more_follows = !h.has(PSH)
+            && !fin
+            && skip == 0
+            && take == new.len()
+            && take > 0
+            && payload.len() >= full_segment
+            && (self.more_follows || self.pending_len() == take);
         if !self.more_follows {
             // The end of the write (or a FIN): what was held goes at the end of this round.
             self.hold_deadline = None;
@@ -1027,6 +1037,10 @@ impl<S: HostSocket> TcpFlow<S> {
             Verdict::Keep
         } else if self.may_hold(now) {
             self.hold_deadline.get_or_insert(now + HOLD_DELAY);
+            if self.rcv_nxt == self.acked_rcv {
+                // Nothing written to acknowledge: the delayed ACK would be a duplicate one.
+                self.ack_deadline = None;
+            }
             Verdict::Keep
         } else if self.write_pending(switch, now) == Verdict::Close {
             Verdict::Close
@@ -1048,6 +1062,7 @@ impl<S: HostSocket> TcpFlow<S> {
     fn may_hold(&self, now: Instant) -> bool {
         self.more_follows
             && self.to_host == ToHost::Open
+            && self.pending_len() > 0
             && self.pending_len() < HOLD_BYTES
             && self.quick_ack_until.is_none()
             && self.hold_deadline.is_none_or(|d| d > now)

@@ -649,3 +649,38 @@ fn held_data_goes_at_the_deadline_and_short_segments_are_not_held() {
     assert_eq!(end_of_round(&mut f, &mut sw, deadline), Verdict::Keep);
     assert_eq!(f.sock.peer_unread(), 3920);
 }
+
+/// Review of the hold: a request (PSH) followed in the same round by the first segment of
+/// the next write is not held; a round whose held data the timer wrote holds nothing
+/// empty (a debug invariant: a hold deadline only with data).
+#[test]
+fn a_write_ending_in_psh_is_never_held_and_no_hold_is_empty() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(65535, now);
+    sent(&rec);
+    let full = [3u8; 1460];
+    let mut seq = GUEST_ISN + 1;
+    assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK | PSH, 65535), b"request", now), Verdict::Keep);
+    seq += 7;
+    assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &full, now), Verdict::Keep);
+    seq += 1460;
+    assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+    assert_eq!(f.sock.peer_unread(), 7 + 1460, "the request is written at the end of its round");
+
+    // A hold, then a round past its deadline that brings more of the write: the timer
+    // writes both, and the end of the round holds nothing.
+    assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &full, now), Verdict::Keep);
+    seq += 1460;
+    assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+    assert_eq!(f.sock.peer_unread(), 7 + 1460, "held");
+    let later = now + Duration::from_millis(2);
+    assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &full, later), Verdict::Keep);
+    assert_eq!(f.on_timer(&mut sw, later), Verdict::Keep);
+    assert_eq!(f.sock.peer_unread(), 7 + 3 * 1460);
+    // The engine ends the round for every flow that owed an ACK when its event came, even
+    // if the timer has paid it since.
+    assert_eq!(f.write_gathered(&mut sw, later), Verdict::Keep);
+    f.flush_ack(&mut sw, later);
+    let acks = sent(&rec);
+    assert_eq!(acks.last().map(|(h, _)| h.ack), Some(seq + 1460), "{acks:?}");
+}
