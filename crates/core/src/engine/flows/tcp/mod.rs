@@ -432,6 +432,11 @@ impl<S: HostSocket> TcpFlow<S> {
         [connect, self.rto_deadline, self.ack_deadline, self.hold_deadline, stall].into_iter().flatten().min()
     }
 
+    /// The payload of a full-sized guest segment: its MSS, within the link's MTU.
+    fn full_segment(&self, switch: &Switch) -> usize {
+        (self.mss as usize).min(switch.max_tcp_payload(self.remote.is_ipv6()))
+    }
+
     fn pending_len(&self) -> usize {
         self.pending.len() - self.pending_head
     }
@@ -662,7 +667,7 @@ impl<S: HostSocket> TcpFlow<S> {
             return;
         }
         let unacked = self.rcv_nxt.wrapping_sub(self.acked_rcv) as usize;
-        let full_segment = (self.mss as usize).min(switch.max_tcp_payload(self.remote.is_ipv6()));
+        let full_segment = self.full_segment(switch);
         let may_wait = unacked > 0
             && unacked < 2 * full_segment
             && self.quick_ack_until.is_none()
@@ -1000,7 +1005,7 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         // Everything gathered since the last write must be of one write: data before a PSH
         // (a request, say, followed by the start of the next) is never held.
-        let full_segment = (self.mss as usize).min(switch.max_tcp_payload(self.remote.is_ipv6()));
+        let full_segment = self.full_segment(switch);
         self.more_follows = !h.has(PSH)
             && !fin
             && skip == 0
