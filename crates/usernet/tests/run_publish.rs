@@ -18,7 +18,7 @@ mod common;
 const LOOPBACK_CLIENT: &str = "127.0.0.1";
 
 use common::*;
-use std::net::{TcpListener, UdpSocket};
+use std::net::{Ipv6Addr, TcpListener, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -255,8 +255,9 @@ impl PeerNs {
                 host_veth: format!("{ns}h"),
                 host_ip: format!("198.51.100.{}", slot * 4 + 1),
                 ip: format!("198.51.100.{}", slot * 4 + 2),
-                host_ip6: format!("2001:db8:76:{slot:x}::1"),
-                ip6: format!("2001:db8:76:{slot:x}::2"),
+                // Written the way programs print them (slot 0 is 2001:db8:76::2, not :0::2).
+                host_ip6: Ipv6Addr::new(0x2001, 0xdb8, 0x76, slot as u16, 0, 0, 0, 1).to_string(),
+                ip6: Ipv6Addr::new(0x2001, 0xdb8, 0x76, slot as u16, 0, 0, 0, 2).to_string(),
                 ns,
             };
             let inner = format!("{}r", peer.ns);

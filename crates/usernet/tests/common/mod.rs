@@ -32,7 +32,7 @@ pub mod dropin;
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -842,7 +842,8 @@ impl RemoteHost {
                 host_veth: format!("{ns}h"),
                 host_ip: format!("203.0.113.{}", base + 1),
                 ip: format!("203.0.113.{}", base + 2),
-                ip6: format!("2001:db8:75:{slot:x}::2"),
+                // Written the way programs print them (slot 0 is 2001:db8:75::2, not :0::2).
+                ip6: Ipv6Addr::new(0x2001, 0xdb8, 0x75, slot as u16, 0, 0, 0, 2).to_string(),
                 ns,
             };
             if host.set_up() {
