@@ -146,7 +146,8 @@ pub struct BenchArgs {
     /// MTU of the guest's link in the VM runs, for both tools (usernet serve's default).
     #[arg(long, value_name = "N", default_value_t = 1500, value_parser = clap::value_parser!(u32).range(576..=65520))]
     pub vm_mtu: u32,
-    /// The transport between QEMU and usernet in the VM runs (passt's is always stream).
+    /// The transport between QEMU and usernet in the VM runs; passt follows to vhost-user when
+    /// it has `--vhost-user`, and stays on stream otherwise.
     #[arg(long, value_name = "KIND", value_enum, default_value_t = vm::VmTransport::Stream)]
     pub vm_transport: vm::VmTransport,
     /// The passt binary of the VM phase [default: passt next to --pasta-bin, else in PATH].
@@ -242,6 +243,8 @@ impl Plan {
                 mtu: args.vm_mtu,
                 script: args.vm_initramfs_script.clone(),
                 transport: args.vm_transport,
+                // Settled by driver_main once passt's binary is known.
+                passt_transport: vm::VmTransport::Stream,
             }),
         }
     }
@@ -354,7 +357,7 @@ struct Ctx<'a> {
 
 fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
     let self_exe = std::env::current_exe().context("find this executable")?;
-    let plan = Plan::from_args(args);
+    let mut plan = Plan::from_args(args);
     let chosen: Vec<Setup> = if args.only.is_empty() {
         Setup::ALL
             .into_iter()
@@ -376,6 +379,11 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
         podman_user: args.podman_user.clone(),
         tmp: tmp.0.clone(),
     };
+    if let Some(v) = plan.vm.as_mut()
+        && chosen.contains(&Setup::Passt)
+    {
+        v.passt_transport = vm::passt_transport(&tools.passt_bin, v.transport, &tmp.0);
+    }
     let ctx = Ctx { self_exe: &self_exe, tools: &tools, plan: &plan };
 
     let mut outcomes: Vec<Outcome> = chosen
@@ -1208,10 +1216,9 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
         }
     }
     if let Some(v) = &plan.vm {
-        let transport = match v.transport {
-            vm::VmTransport::Stream => "stream",
-            vm::VmTransport::Dgram => "usernet's datagram (passt's stream)",
-            vm::VmTransport::VhostUser => "usernet's vhost-user (passt's stream)",
+        let transport = match (v.transport, v.passt_transport) {
+            (a, b) if a == b => a.name().to_string(),
+            (a, b) => format!("usernet's {} (passt's {})", a.name(), b.name()),
         };
         let how = format!("over the {transport} transport (TCG guest), MTU {}, Gbit/s", v.mtu);
         list.push(m("vm_up_gbps".into(), format!("TCP VM->host {how}"), Better::Higher, 3));
@@ -1449,9 +1456,13 @@ fn print_vm_notes(outcomes: &[Outcome], v: &vm::VmPlan) {
             "-netdev vhost-user on usernet serve --listen-vhost-user (guest RAM a shared memfd, vectors=0)"
         }
     };
+    let passt_transport = match v.passt_transport {
+        vm::VmTransport::VhostUser => "-netdev vhost-user on passt --vhost-user -s",
+        _ => "-netdev stream on passt -s",
+    };
     println!(
         "VM rows: QEMU -accel tcg (1 vCPU, 256 MiB), Debian's kernel and busybox; {usernet_transport} \
-         (guest dials 192.168.65.254) or -netdev stream on passt -s (guest dials its gateway \
+         (guest dials 192.168.65.254) or {passt_transport} (guest dials its gateway \
          10.0.2.2); both map that address to the host's 127.0.0.1, where the bench's sink and source run. \
          The guest sends {mib} MiB (busybox nc from a tmpfs file), then receives {mib} MiB (nc to /dev/null); \
          rate = bytes / time from the first byte to the end, at the host. Guest MTU {mtu} for both. \

@@ -2,7 +2,9 @@
 //! QEMU's stream transport (`-netdev stream`), served by `usernet serve --listen-qemu` and by
 //! passt, which speaks the same protocol on its socket; with `--vm-transport dgram` or
 //! `vhost-user`, usernet serves the VM over `-netdev dgram` (`--listen-vfkit`) or as its
-//! vhost-user back-end (`--listen-vhost-user`, the guest's RAM a shared memfd).
+//! vhost-user back-end (`--listen-vhost-user`, the guest's RAM a shared memfd). With
+//! `vhost-user`, passt is the back-end too (`passt --vhost-user`) when it has that mode
+//! (passt from 2025 on); otherwise, and with `dgram`, which passt lacks, passt stays on stream.
 //!
 //! Method. The guest is Debian's kernel with a busybox initramfs, built once per bench by the
 //! repository's `vm-guest/build-initramfs.sh` (built into this binary; `--vm-initramfs-script` for another). The tests' `/init`
@@ -132,8 +134,35 @@ pub struct VmPlan {
     pub mtu: u32,
     /// The script that builds the initramfs; None: the repository's `vm-guest/`, built in.
     pub script: Option<PathBuf>,
-    /// The transport between QEMU and usernet (passt has the stream one only).
+    /// The transport between QEMU and usernet.
     pub transport: VmTransport,
+    /// The transport between QEMU and passt: vhost-user when that was asked for and this
+    /// passt has `--vhost-user` (passt from 2025 on), else stream (passt has no datagram one).
+    pub passt_transport: VmTransport,
+}
+
+impl VmPlan {
+    /// The transport `tool` is served on.
+    pub fn transport_of(&self, tool: VmTool) -> VmTransport {
+        match tool {
+            VmTool::Usernet => self.transport,
+            VmTool::Passt => self.passt_transport,
+        }
+    }
+}
+
+/// The transport passt serves the VM on when usernet's is `wanted`: see
+/// [`VmPlan::passt_transport`].
+/// `dir` holds `passt --help`'s output for the moment it runs.
+pub fn passt_transport(bin: &Path, wanted: VmTransport, dir: &Path) -> VmTransport {
+    let has_vhost_user = || {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--help");
+        output_bounded(&mut cmd, Duration::from_secs(5), dir)
+            .map(|(_, out, err)| out.contains("--vhost-user") || err.contains("--vhost-user"))
+            .unwrap_or(false)
+    };
+    if wanted == VmTransport::VhostUser && has_vhost_user() { VmTransport::VhostUser } else { VmTransport::Stream }
 }
 
 /// How QEMU's frames reach usernet in the VM runs.
@@ -148,6 +177,17 @@ pub enum VmTransport {
     /// shared memory: its RAM a memfd shared with usernet).
     #[serde(rename = "vhost-user")]
     VhostUser,
+}
+
+impl VmTransport {
+    /// As QEMU's `-netdev` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmTransport::Stream => "stream",
+            VmTransport::Dgram => "dgram",
+            VmTransport::VhostUser => "vhost-user",
+        }
+    }
 }
 
 /// The user-mode stack serving the VM.
@@ -602,6 +642,9 @@ fn start_tool(
             if nix::unistd::geteuid().is_root() {
                 cmd.args(["--runas", "0:0"]);
             }
+            if plan.passt_transport == VmTransport::VhostUser {
+                cmd.arg("--vhost-user");
+            }
             cmd.args(["-f", "-4", "-s"]).arg(sock).arg("-l").arg(&passt_log).args(["--mtu", &plan.mtu.to_string()]);
             cmd.args(["-a", &PASST_GUEST.to_string(), "-n", "24", "-g", &PASST_HOST.to_string()]);
             if passt_maps_host_loopback(bin, dir) {
@@ -695,7 +738,7 @@ pub fn run(tool: VmTool, bin: &Path, image: &Image, plan: &VmPlan, tmp: &Path) -
             source.addr.port(),
             plan.mib
         ))
-        .args(qemu_net_args(tool, plan.transport, &sock, &dir.0.join("qemu.sock")));
+        .args(qemu_net_args(plan.transport_of(tool), &sock, &dir.0.join("qemu.sock")));
     let qemu_cmd = show(&cmd);
     let qemu_log = dir.0.join("qemu.log");
     let started = Instant::now();
@@ -778,16 +821,16 @@ pub fn run(tool: VmTool, bin: &Path, image: &Image, plan: &VmPlan, tmp: &Path) -
     })
 }
 
-/// QEMU's network options for `tool` on `transport` (passt: always the stream one).
-fn qemu_net_args(tool: VmTool, transport: VmTransport, sock: &Path, qemu_sock: &Path) -> Vec<String> {
-    let netdev = match (tool, transport) {
-        (VmTool::Usernet, VmTransport::Dgram) => format!(
+/// QEMU's network options on `transport`.
+fn qemu_net_args(transport: VmTransport, sock: &Path, qemu_sock: &Path) -> Vec<String> {
+    let netdev = match transport {
+        VmTransport::Dgram => format!(
             "dgram,id=n0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
             qemu_sock.display(),
             sock.display()
         ),
-        (VmTool::Usernet, VmTransport::VhostUser) => {
-            // The guest's RAM shared with usernet; `vectors=0`: QEMU 7.2 under TCG crashes
+        VmTransport::VhostUser => {
+            // The guest's RAM shared with the back-end; `vectors=0`: QEMU 7.2 under TCG crashes
             // starting a vhost-user virtio-net-pci with MSI-X.
             return [
                 "-object",
@@ -804,7 +847,7 @@ fn qemu_net_args(tool: VmTool, transport: VmTransport, sock: &Path, qemu_sock: &
             .map(String::from)
             .to_vec();
         }
-        _ => format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", sock.display()),
+        VmTransport::Stream => format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", sock.display()),
     };
     vec!["-netdev".into(), netdev, "-device".into(), "virtio-net-pci,netdev=n0".into()]
 }
@@ -873,5 +916,28 @@ mod tests {
         drop(d);
         let down = source.finish().unwrap();
         assert_eq!(down.bytes, 3 << 20);
+    }
+
+    /// passt follows usernet to vhost-user only when its `--help` offers `--vhost-user`;
+    /// stream otherwise, and for dgram, which passt lacks.
+    #[test]
+    fn passt_follows_to_vhost_user_when_it_can() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("usernet-bench-passt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = |name: &str, help: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\necho '{help}' >&2\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let new = fake("passt-2025", "  --vhost-user\t\tEnable vhost-user mode");
+        let old = fake("passt-2023", "  -s, --socket PATH\tUNIX domain socket path");
+        assert_eq!(passt_transport(&new, VmTransport::VhostUser, &dir), VmTransport::VhostUser);
+        assert_eq!(passt_transport(&old, VmTransport::VhostUser, &dir), VmTransport::Stream);
+        assert_eq!(passt_transport(&new, VmTransport::Dgram, &dir), VmTransport::Stream);
+        assert_eq!(passt_transport(&new, VmTransport::Stream, &dir), VmTransport::Stream);
+        assert_eq!(passt_transport(&dir.join("none"), VmTransport::VhostUser, &dir), VmTransport::Stream);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
