@@ -70,7 +70,9 @@ impl Engine {
             Some(Flow::Udp(f)) if readable || error => f.on_readable(&mut self.switch, now),
             Some(Flow::Icmp(f)) if readable || error => f.on_readable(&mut self.switch, now),
             Some(Flow::Splice(f)) => {
+                let before = f.traffic.from_guest + f.traffic.to_guest;
                 let verdict = f.on_event();
+                self.round_spliced += f.traffic.from_guest + f.traffic.to_guest - before;
                 if f.refused {
                     self.splice_fallback(id, now);
                     return;

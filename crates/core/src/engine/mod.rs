@@ -125,6 +125,9 @@ pub struct Engine {
     stop: Option<i32>,
     /// The loop's rounds and busy time (for `/metrics`).
     loop_counters: metrics::LoopCounters,
+    /// Bytes spliced socket to socket in the loop's current round (for [`busy_poll`]: a
+    /// spliced bulk transfer moves no frame at all).
+    round_spliced: u64,
     /// The gateway services' counters, reported with the engine's own (for `/metrics`).
     service_metrics: Option<Arc<crate::services::metrics::ServiceMetrics>>,
     /// Guests' IPv6 addresses by their IPv4 ones, where usernet configured both (`run`).
@@ -312,6 +315,7 @@ impl Engine {
             stop_without_links: false,
             stop: None,
             loop_counters: metrics::LoopCounters::default(),
+            round_spliced: 0,
             service_metrics: None,
             next_router_advert: None,
             last_multicast_advert: None,
