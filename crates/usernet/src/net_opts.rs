@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use usernet_core::config::{Ipv4Subnet, Ipv6Net, NetConfig, Upstreams};
 use usernet_core::policy::{self, Policy, Rule, Rules};
 use usernet_core::ports::{BoundListener, Proto};
-use usernet_host::dns_watch::{self, DnsWatch, WatchSpec};
+use usernet_host::dns_watch::{self, DnsWatch, PendingWatch, WatchSpec};
 use usernet_host::netns::resolv::{GuestResolvConf, RESOLV_CONF};
 use usernet_host::publish::listen::{self, BindError};
 use usernet_host::publish::spec::{self, PortSpec, SpecError};
@@ -308,17 +308,28 @@ impl NetOpts {
     /// `guest_resolv` (`run`'s guest's resolv.conf; it stays as it is with `--dns-upstream`).
     /// Call after any fork: this starts a thread.
     pub fn start_dns_watch(&self, cfg: &NetConfig, guest_resolv: Option<GuestResolvConf>) -> anyhow::Result<DnsWatch> {
+        self.begin_dns_watch(cfg)?.finish(guest_resolv).map_err(dns_watch_error)
+    }
+
+    /// [`NetOpts::start_dns_watch`] in two steps: the follower's spawn goes on while the
+    /// caller waits for something else; [`PendingWatch::finish`] (before the sandbox) waits
+    /// for it and takes the guest's resolv.conf.
+    pub fn begin_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<PendingWatch> {
         let spec = WatchSpec {
             resolv_conf: self.dns_upstream.is_empty().then(|| RESOLV_CONF.into()),
             hosts: Some(dns_watch::HOSTS.into()),
             host_addr: cfg.host_loopback.then_some(cfg.host),
-            guest_resolv,
+            guest_resolv: None,
             interval: dns_watch::POLL_INTERVAL,
             follower: Some(dns_watch::SELF_EXE.into()),
         };
-        DnsWatch::start(cfg.host_dns.clone(), spec)
-            .map_err(|e| anyhow::anyhow!("cannot follow the host's DNS configuration: {e}"))
+        DnsWatch::begin(cfg.host_dns.clone(), spec).map_err(dns_watch_error)
     }
+}
+
+/// How a DNS watcher that could not start is reported.
+pub fn dns_watch_error(e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("cannot follow the host's DNS configuration: {e}")
 }
 
 /// Binds the host sockets of every spec, all or nothing, before any guest runs. Whenever
