@@ -155,14 +155,20 @@ impl VmPlan {
 /// [`VmPlan::passt_transport`].
 /// `dir` holds `passt --help`'s output for the moment it runs.
 pub fn passt_transport(bin: &Path, wanted: VmTransport, dir: &Path) -> VmTransport {
-    let has_vhost_user = || {
-        let mut cmd = Command::new(bin);
-        cmd.arg("--help");
-        output_bounded(&mut cmd, Duration::from_secs(5), dir)
-            .map(|(_, out, err)| out.contains("--vhost-user") || err.contains("--vhost-user"))
-            .unwrap_or(false)
-    };
-    if wanted == VmTransport::VhostUser && has_vhost_user() { VmTransport::VhostUser } else { VmTransport::Stream }
+    if wanted == VmTransport::VhostUser && passt_has_option(bin, "--vhost-user", dir) {
+        VmTransport::VhostUser
+    } else {
+        VmTransport::Stream
+    }
+}
+
+/// Whether this passt's `--help` lists `option` (its output goes through files in `dir`).
+fn passt_has_option(bin: &Path, option: &str, dir: &Path) -> bool {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--help");
+    output_bounded(&mut cmd, Duration::from_secs(5), dir)
+        .map(|(_, out, err)| out.contains(option) || err.contains(option))
+        .unwrap_or(false)
 }
 
 /// How QEMU's frames reach usernet in the VM runs.
@@ -604,15 +610,6 @@ fn progress(console: &str) -> String {
     }
 }
 
-/// Whether this passt knows `--map-host-loopback` (passt from 2024 on).
-fn passt_maps_host_loopback(bin: &Path, dir: &Path) -> bool {
-    let mut cmd = Command::new(bin);
-    cmd.arg("--help");
-    output_bounded(&mut cmd, Duration::from_secs(5), dir)
-        .map(|(_, out, err)| out.contains("--map-host-loopback") || err.contains("--map-host-loopback"))
-        .unwrap_or(false)
-}
-
 /// Starts the tool on `sock` and waits for the socket; returns it and the address the guest
 /// dials to reach the host's loopback.
 fn start_tool(
@@ -647,7 +644,8 @@ fn start_tool(
             }
             cmd.args(["-f", "-4", "-s"]).arg(sock).arg("-l").arg(&passt_log).args(["--mtu", &plan.mtu.to_string()]);
             cmd.args(["-a", &PASST_GUEST.to_string(), "-n", "24", "-g", &PASST_HOST.to_string()]);
-            if passt_maps_host_loopback(bin, dir) {
+            // passt from 2024 on; older passt maps its gateway to the host's loopback itself.
+            if passt_has_option(bin, "--map-host-loopback", dir) {
                 cmd.args(["--map-host-loopback", &PASST_HOST.to_string()]);
             }
             cmd.args(["--no-dhcp-dns", "--no-dhcp-search", "-t", "none", "-u", "none"]);
