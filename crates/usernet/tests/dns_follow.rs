@@ -405,6 +405,43 @@ fn guest_resolv_conf_is_usernets_and_follows_the_host_rootless() {
     guest_resolv_conf_follows(Some("nobody"));
 }
 
+/// The rest of the guest's /etc is the host's: a host file replaced by a rename while
+/// COMMAND runs is seen at once, and what COMMAND writes or renames in /etc stays in its
+/// tmpfs (the host's files untouched, nothing made on the host's disk).
+fn guest_etc_is_the_hosts(user: Option<&str>) {
+    let setup =
+        format!("{PLAIN_SETUP}\nprintf 'one\\n' > /etc/usernet-marker\nprintf 'host\\n' > /etc/usernet-renamed");
+    // The guest renames a file of its own over one of the host's, then reads the host's
+    // marker every 0.2 s.
+    let guest = "printf 'guest\\n' > /etc/usernet-made && mv /etc/usernet-made /etc/usernet-renamed; \
+         echo \"WROTE 1 $(cat /etc/usernet-renamed)|$(getent passwd root | cut -d: -f1)\"; \
+         i=0; while :; do i=$((i+1)); echo \"MARKER $i $(cat /etc/usernet-marker)\"; sleep 0.2; done";
+    let w = World::start_as("dns-etc", &setup, &[], guest, user);
+    w.wait_seen("MARKER", 0, "one", Duration::from_secs(20));
+    assert_eq!(w.seen("WROTE"), vec!["guest|root".to_string()], "{}", w.describe());
+    // The host's files are as they were, and the guest's own file is not among them.
+    w.inside("test \"$(cat /etc/usernet-renamed)\" = host && test ! -e /etc/usernet-made");
+    // `sed -i`'s way: a new file renamed over the host's.
+    let n = w.seen("MARKER").len();
+    w.inside("printf 'two\\n' > /etc/usernet-marker.tmp && mv -T /etc/usernet-marker.tmp /etc/usernet-marker");
+    let took = w.wait_seen("MARKER", n, "two", GUEST_LIMIT);
+    assert!(took <= GUEST_LIMIT, "the guest saw the renamed file after {took:?}\n{}", w.describe());
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn guest_etc_is_the_hosts_and_its_own_writes_stay_in_it() {
+    require(&[TOOLS, &["getent", "cut"]].concat());
+    guest_etc_is_the_hosts(None);
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn guest_etc_is_the_hosts_and_its_own_writes_stay_in_it_rootless() {
+    require(&[TOOLS, &["runuser", "getent", "cut"]].concat());
+    guest_etc_is_the_hosts(Some("nobody"));
+}
+
 /// The hosts file of the host: the machine's own name on 127.0.1.1 (Debian's way), a name
 /// on another address, a name that --add-host also gives.
 const HOSTS: &str = "127.0.0.1 localhost\n\
