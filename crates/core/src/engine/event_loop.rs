@@ -89,7 +89,7 @@ impl Engine {
             self.busy_poll.round(
                 (link_after.frames_in + link_after.frames_out) - (link_before.frames_in + link_before.frames_out),
                 (link_after.bytes_in + link_after.bytes_out) - (link_before.bytes_in + link_before.bytes_out),
-                std::mem::take(&mut self.round_spliced),
+                std::mem::take(&mut self.round_socket_bytes),
             );
             if let Some(code) = self.stop.take().or_else(|| if sup_ready { sup.on_ready() } else { None }) {
                 self.shutdown();

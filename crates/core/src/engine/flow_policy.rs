@@ -66,13 +66,20 @@ impl Engine {
             self.flows.touch(id);
         }
         let verdict = match self.flows.get_mut(id) {
-            Some(Flow::Tcp(f)) => f.on_socket(&mut self.switch, readable, writable, error, now),
+            Some(Flow::Tcp(f)) => {
+                // Held guest data written now that the socket has room moves no frame but
+                // an ACK (busy polling judges the round by this too).
+                let before = f.traffic.from_guest;
+                let verdict = f.on_socket(&mut self.switch, readable, writable, error, now);
+                self.round_socket_bytes += f.traffic.from_guest - before;
+                verdict
+            }
             Some(Flow::Udp(f)) if readable || error => f.on_readable(&mut self.switch, now),
             Some(Flow::Icmp(f)) if readable || error => f.on_readable(&mut self.switch, now),
             Some(Flow::Splice(f)) => {
                 let before = f.traffic.from_guest + f.traffic.to_guest;
                 let verdict = f.on_event();
-                self.round_spliced += f.traffic.from_guest + f.traffic.to_guest - before;
+                self.round_socket_bytes += f.traffic.from_guest + f.traffic.to_guest - before;
                 if f.refused {
                     self.splice_fallback(id, now);
                     return;

@@ -125,9 +125,10 @@ pub struct Engine {
     stop: Option<i32>,
     /// The loop's rounds and busy time (for `/metrics`).
     loop_counters: metrics::LoopCounters,
-    /// Bytes spliced socket to socket in the loop's current round (for [`busy_poll`]: a
-    /// spliced bulk transfer moves no frame at all).
-    round_spliced: u64,
+    /// Bytes the flows moved on their host sockets in the loop's current round, outside the
+    /// frames of the links (for [`busy_poll`]: a spliced bulk transfer moves no frame at all,
+    /// and guest data held back and then written when the socket has room moves one ACK).
+    round_socket_bytes: u64,
     /// The gateway services' counters, reported with the engine's own (for `/metrics`).
     service_metrics: Option<Arc<crate::services::metrics::ServiceMetrics>>,
     /// Guests' IPv6 addresses by their IPv4 ones, where usernet configured both (`run`).
@@ -315,7 +316,7 @@ impl Engine {
             stop_without_links: false,
             stop: None,
             loop_counters: metrics::LoopCounters::default(),
-            round_spliced: 0,
+            round_socket_bytes: 0,
             service_metrics: None,
             next_router_advert: None,
             last_multicast_advert: None,
