@@ -219,14 +219,20 @@ mod tests {
         assert!(!b.spin(start + us(300)));
     }
 
-    #[test]
-    fn no_spin_after_a_bulk_round_until_light_ones() {
+    /// A poller whose window request/response idle periods of 50 µs have opened (it spins).
+    fn spinning() -> (BusyPoll, Instant) {
         let mut b = BusyPoll::new(us(200));
         let mut t = Instant::now();
         for _ in 0..5 {
             idle_for(&mut b, &mut t, us(50));
         }
         assert!(idle_for(&mut b, &mut t, us(50)), "request/response: spins");
+        (b, t)
+    }
+
+    #[test]
+    fn no_spin_after_a_bulk_round_until_light_ones() {
+        let (mut b, mut t) = spinning();
         b.round(200, BULK_ROUND_BYTES + 1, 0);
         assert!(!idle_for(&mut b, &mut t, us(50)), "after a bulk round: sleeps at once");
         b.round(0, 0, 0);
@@ -258,12 +264,7 @@ mod tests {
 
     #[test]
     fn a_streams_write_tails_between_bulk_rounds_never_spin() {
-        let mut b = BusyPoll::new(us(200));
-        let mut t = Instant::now();
-        for _ in 0..5 {
-            idle_for(&mut b, &mut t, us(50));
-        }
-        assert!(idle_for(&mut b, &mut t, us(50)), "request/response: spins");
+        let (mut b, mut t) = spinning();
         // iperf3's 128 KiB writes at MTU 65520: two full segments, then a tail of 112 bytes
         // (a 166-byte frame) in a round of its own.
         for _ in 0..10 {
