@@ -173,6 +173,9 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     {
         tracing::warn!("cannot join the guest's user namespace: {e}");
     }
+    // The DNS watcher's follower is spawned while the network starts and the sandbox
+    // finishes the guest's /etc (its thread: after the fork and the join above).
+    let mut pending_watch = (!no_engine).then(|| net.begin_dns_watch(&cfg));
 
     // Kept alive until the engine returns; dropping it stops the API and removes its socket.
     let mut api = None;
@@ -221,14 +224,13 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         }
         // Compiled while the sandbox still works on the guest's /etc.
         prepared = (!net.no_sandbox).then(usernet_host::confine::prepare);
-        // The DNS watcher's follower is spawned while the sandbox finishes the guest's /etc.
-        let pending_watch = net.begin_dns_watch(&cfg);
         // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
         // or options change. The sandbox made it while the network started.
         let guest_resolv = sandbox.take_resolv_conf()?.map(|file| {
             resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
         });
-        match pending_watch.and_then(|p| p.finish(guest_resolv).map_err(crate::net_opts::dns_watch_error)) {
+        let watch = pending_watch.take().context("no DNS watcher")?;
+        match watch.and_then(|p| p.finish(guest_resolv).map_err(crate::net_opts::dns_watch_error)) {
             Ok(w) => dns_watch = Some(w),
             Err(e) => tracing::warn!("{e:#}"),
         }

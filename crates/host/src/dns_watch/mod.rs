@@ -5,9 +5,12 @@
 //! Theory of operation. [`DnsWatch::start`] starts one thread, `usernet-dns-watch`, which
 //! forks a small process that follows the files from outside usernet's sandbox (`follower`:
 //! once confined, usernet reads no host file itself). `usernet run` starts it in two steps
-//! ([`DnsWatch::begin`], then [`PendingWatch::finish`] before the sandbox), so that the
-//! follower's spawn overlaps the wait for the sandbox's child: `usernet run -- true` in
-//! 11.4-12.6 ms instead of 13.1-13.5 (hyperfine, medians of 100 runs, three runs). Every second the follower `stat`s each
+//! ([`DnsWatch::begin`] as soon as its sandbox exists, then [`PendingWatch::finish`] before
+//! the sandbox is confined), so that the follower's spawn overlaps the network's start and
+//! the wait for the sandbox's child: `usernet run -- true` in 11.4-12.6 ms instead of
+//! 13.1-13.5 (hyperfine, medians of 100 runs, three runs) when begun just before that wait,
+//! and another 0.15-0.4 ms less begun before the network starts (medians of 150 runs
+//! interleaved, five runs). Every second the follower `stat`s each
 //! file by its path, following symlinks, and keeps the device, inode, size, mtime and ctime
 //! of what the path leads to. When any of them differs from last time, it waits until they
 //! stay the same for 100 ms (so that a writer that truncates and then writes is not read
