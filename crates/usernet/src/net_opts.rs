@@ -19,7 +19,7 @@ use usernet_core::config::{Ipv4Subnet, Ipv6Net, NetConfig, Upstreams};
 use usernet_core::policy::{self, Policy, Rule, Rules};
 use usernet_core::ports::{BoundListener, Proto};
 use usernet_host::dns_watch::{self, DnsWatch, PendingWatch, WatchSpec};
-use usernet_host::netns::resolv::{GuestResolvConf, RESOLV_CONF};
+use usernet_host::netns::resolv::RESOLV_CONF;
 use usernet_host::publish::listen::{self, BindError};
 use usernet_host::publish::spec::{self, PortSpec, SpecError};
 
@@ -304,22 +304,20 @@ impl NetOpts {
     }
 
     /// Starts following the host's resolv.conf (unless `--dns-upstream` was given) and
-    /// /etc/hosts into `cfg.host_dns`, and the host's search domains and options into
-    /// `guest_resolv` (`run`'s guest's resolv.conf; it stays as it is with `--dns-upstream`).
-    /// Call after any fork: this starts a thread.
-    pub fn start_dns_watch(&self, cfg: &NetConfig, guest_resolv: Option<GuestResolvConf>) -> anyhow::Result<DnsWatch> {
-        self.begin_dns_watch(cfg)?.finish(guest_resolv).map_err(dns_watch_error)
+    /// /etc/hosts into `cfg.host_dns`. Call after any fork: this starts a thread.
+    pub fn start_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<DnsWatch> {
+        self.begin_dns_watch(cfg)?.finish(None).map_err(dns_watch_error)
     }
 
     /// [`NetOpts::start_dns_watch`] in two steps: the follower's spawn goes on while the
     /// caller waits for something else; [`PendingWatch::finish`] (before the sandbox) waits
-    /// for it and takes the guest's resolv.conf.
+    /// for it and takes `run`'s guest's resolv.conf, which then follows the host's search
+    /// domains and options (it stays as it is with `--dns-upstream`).
     pub fn begin_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<PendingWatch> {
         let spec = WatchSpec {
             resolv_conf: self.dns_upstream.is_empty().then(|| RESOLV_CONF.into()),
             hosts: Some(dns_watch::HOSTS.into()),
             host_addr: cfg.host_loopback.then_some(cfg.host),
-            guest_resolv: None,
             interval: dns_watch::POLL_INTERVAL,
             follower: Some(dns_watch::SELF_EXE.into()),
         };

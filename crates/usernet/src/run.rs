@@ -173,9 +173,6 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     {
         tracing::warn!("cannot join the guest's user namespace: {e}");
     }
-    // The DNS watcher's follower is spawned while the network starts and the sandbox
-    // finishes the guest's /etc (its thread: after the fork and the join above).
-    let mut pending_watch = (!no_engine).then(|| net.begin_dns_watch(&cfg));
 
     // Kept alive until the engine returns; dropping it stops the API and removes its socket.
     let mut api = None;
@@ -188,6 +185,9 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         drop(web);
         None
     } else {
+        // The DNS watcher's follower is spawned while the network starts and the sandbox
+        // finishes the guest's /etc (its thread: after the fork and the join above).
+        let pending_watch = net.begin_dns_watch(&cfg);
         let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
         engine.add_tcp_hook(proxy_hook);
         engine.set_busy_poll(std::time::Duration::from_micros(net.busy_poll));
@@ -229,8 +229,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         let guest_resolv = sandbox.take_resolv_conf()?.map(|file| {
             resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
         });
-        let watch = pending_watch.take().context("no DNS watcher")?;
-        match watch.and_then(|p| p.finish(guest_resolv).map_err(crate::net_opts::dns_watch_error)) {
+        match pending_watch.and_then(|p| p.finish(guest_resolv).map_err(crate::net_opts::dns_watch_error)) {
             Ok(w) => dns_watch = Some(w),
             Err(e) => tracing::warn!("{e:#}"),
         }

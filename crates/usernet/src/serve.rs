@@ -191,7 +191,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     // One guest per link: none may use another's MAC or address.
     engine.bind_guests_to_links();
     // Follows the host's resolv.conf and /etc/hosts until usernet stops.
-    let dns_watch = match args.net.start_dns_watch(&cfg, None) {
+    let dns_watch = match args.net.start_dns_watch(&cfg) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!("{e:#}");

@@ -75,16 +75,14 @@ pub struct BusyPoll {
     window: Duration,
     /// When the loop last ran out of work, while no event has come since.
     idle_since: Option<Instant>,
-    /// Whether a recent round that did any work moved bulk data (until
-    /// [`LIGHT_ROUNDS_AFTER_BULK`] light rounds in a row).
-    after_bulk: bool,
-    /// Light rounds (that did work) since the last bulk one.
+    /// Light rounds (that did work) since the last bulk one, up to
+    /// [`LIGHT_ROUNDS_AFTER_BULK`] (reached: not after bulk; so at the start too).
     light_rounds: u32,
 }
 
 impl BusyPoll {
     pub fn new(max: Duration) -> BusyPoll {
-        BusyPoll { max, window: Duration::ZERO, idle_since: None, after_bulk: false, light_rounds: 0 }
+        BusyPoll { max, window: Duration::ZERO, idle_since: None, light_rounds: LIGHT_ROUNDS_AFTER_BULK }
     }
 
     /// A round of the loop moved `frames` frames of `bytes` bytes in all through the links,
@@ -98,15 +96,7 @@ impl BusyPoll {
         let bulk = bytes > BULK_ROUND_BYTES
             || (frames > 0 && bytes >= BULK_FRAME_BYTES * frames)
             || socket_bytes > BULK_ROUND_BYTES;
-        if bulk {
-            self.after_bulk = true;
-            self.light_rounds = 0;
-        } else {
-            self.light_rounds = self.light_rounds.saturating_add(1);
-            if self.light_rounds >= LIGHT_ROUNDS_AFTER_BULK {
-                self.after_bulk = false;
-            }
-        }
+        self.light_rounds = if bulk { 0 } else { (self.light_rounds + 1).min(LIGHT_ROUNDS_AFTER_BULK) };
     }
 
     /// Whether busy polling is on at all (a maximum above zero).
@@ -117,7 +107,7 @@ impl BusyPoll {
     /// The loop has nothing to do at `now`: whether to poll without blocking (spin).
     pub fn spin(&mut self, now: Instant) -> bool {
         let since = *self.idle_since.get_or_insert(now);
-        !self.after_bulk && now.saturating_duration_since(since) < self.window
+        self.light_rounds >= LIGHT_ROUNDS_AFTER_BULK && now.saturating_duration_since(since) < self.window
     }
 
     /// A poll returned events at `now`: ends an idle period and adapts the window to it.

@@ -34,7 +34,7 @@
 //! when it comes back. A resolv.conf that exists but names no server does take effect: the
 //! gateway then answers SERVFAIL to what it does not know, as at startup.
 //!
-//! In `usernet run` the guest's own /etc/resolv.conf follows too ([`WatchSpec::guest_resolv`]):
+//! In `usernet run` the guest's own /etc/resolv.conf follows too ([`PendingWatch::finish`]):
 //! when a change of the host's file changes the search domains or `ndots`, the guest's file is
 //! rewritten in place right after the gateway's configuration is swapped, under the same log
 //! line (how, and why in place: `resolv::GuestResolvConf::update`). Its nameserver stays the
@@ -113,9 +113,6 @@ pub struct WatchSpec {
     /// What loopback addresses of the hosts file become (the host address; None when it
     /// does not reach the host's loopback).
     pub host_addr: Option<Ipv4Addr>,
-    /// The guest's resolv.conf (`usernet run`), rewritten when the search domains or options
-    /// of `resolv_conf` change; ignored when `resolv_conf` is None.
-    pub guest_resolv: Option<GuestResolvConf>,
     pub interval: Duration,
     /// The program to run as the follower of these files: usernet itself
     /// ([`SELF_EXE`]; see `follower`). None: a fork of this process, for the unit tests,
@@ -150,15 +147,13 @@ impl DnsWatch {
     /// setup, after any other fork and before the sandbox) and starts the thread that reads
     /// what it says. The files are read once at once, so a change since the caller read them
     /// is not missed.
-    pub fn start(dns: HostDns, mut spec: WatchSpec) -> io::Result<DnsWatch> {
-        let guest = spec.guest_resolv.take();
-        DnsWatch::begin(dns, spec)?.finish(guest)
+    pub fn start(dns: HostDns, spec: WatchSpec) -> io::Result<DnsWatch> {
+        DnsWatch::begin(dns, spec)?.finish(None)
     }
 
     /// [`DnsWatch::start`] without waiting for the follower's spawn, which blocks the
     /// spawning thread until the follower has exec'd (about 0.5-2 ms): the caller goes on
     /// with its setup meanwhile and calls [`PendingWatch::finish`] before the sandbox.
-    /// `spec.guest_resolv` is not used: the guest's resolv.conf comes with `finish`.
     pub fn begin(dns: HostDns, spec: WatchSpec) -> io::Result<PendingWatch> {
         let mut files: Vec<Watched> = Vec::new();
         let mut follow: Vec<(PathBuf, usize)> = Vec::new();
@@ -216,7 +211,8 @@ impl DnsWatch {
 
 impl PendingWatch {
     /// Waits for the follower's spawn and hands the thread `guest_resolv`, the guest's
-    /// resolv.conf (`usernet run`; see [`WatchSpec::guest_resolv`]).
+    /// resolv.conf (`usernet run`), rewritten when the search domains or options of the
+    /// followed resolv.conf change (ignored when none is followed).
     pub fn finish(mut self, guest_resolv: Option<GuestResolvConf>) -> io::Result<DnsWatch> {
         let Some(running) = self.running.take() else {
             return Ok(DnsWatch { stopper: None, thread: None });
@@ -426,7 +422,6 @@ mod tests {
             resolv_conf: resolv.map(Path::to_path_buf),
             hosts: hosts.map(Path::to_path_buf),
             host_addr: Some(HOST),
-            guest_resolv: None,
             interval: Duration::from_millis(100),
             follower: None,
         };
@@ -538,7 +533,6 @@ mod tests {
             resolv_conf: None,
             hosts: None,
             host_addr: Some(HOST),
-            guest_resolv: None,
             interval: Duration::from_secs(3600),
             follower: None,
         };
@@ -559,7 +553,6 @@ mod tests {
             resolv_conf: Some(path.to_path_buf()),
             hosts: None,
             host_addr: Some(HOST),
-            guest_resolv: None,
             interval: Duration::from_millis(100),
             follower: None,
         };

@@ -419,7 +419,7 @@ fn run(o: &Options) -> anyhow::Result<String> {
     let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
     engine.bind_guests_to_links();
     engine.add_static_lease(DEVICE_MAC, cfg.guest);
-    let _dns_watch = net.start_dns_watch(&cfg, None).map_err(|e| tracing::warn!("{e:#}")).ok();
+    let _dns_watch = net.start_dns_watch(&cfg).map_err(|e| tracing::warn!("{e:#}")).ok();
     let one_vm = !transports.qemu.is_empty() || !transports.bess.is_empty() || transports.stdio;
     for link in links {
         engine.add_link(link);

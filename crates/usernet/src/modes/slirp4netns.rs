@@ -352,7 +352,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
     let tap = Tap::from_fd(attached.tap).context("TAP device")?;
 
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
-    let _dns_watch = net.start_dns_watch(&cfg, None).map_err(|e| tracing::warn!("{e:#}")).ok();
+    let _dns_watch = net.start_dns_watch(&cfg).map_err(|e| tracing::warn!("{e:#}")).ok();
     let Network { mut engine, proxy_hook, .. } =
         start_network(&cfg, ProxyConfig::default(), None, Some(Box::new(tap)))?;
     engine.add_tcp_hook(proxy_hook);

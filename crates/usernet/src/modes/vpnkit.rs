@@ -242,7 +242,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
     };
     let mut sup = SignalSupervisor::new()?;
     let net = NetOpts { dns_upstream: o.dns.into_iter().collect(), ..NetOpts::defaults() };
-    let _dns_watch = net.start_dns_watch(&cfg, None).map_err(|e| tracing::warn!("{e:#}")).ok();
+    let _dns_watch = net.start_dns_watch(&cfg).map_err(|e| tracing::warn!("{e:#}")).ok();
     let acceptor = VpnkitAcceptor::bind(&o.ethernet, o.mtu as u16, cfg.subnet, usernet_host::netns::sandbox::GUEST_MAC)
         .with_context(|| format!("cannot listen on {}", o.ethernet.display()))?;
     let Network { mut engine, proxy_hook, .. } = start_network(&cfg, ProxyConfig::default(), pcap, None)?;

@@ -812,7 +812,7 @@ fn serve(
     }
     let tap = Tap::from_fd(attached.tap).context("TAP device")?;
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
-    let _dns_watch = net.start_dns_watch(cfg, None).map_err(|e| tracing::warn!("{e:#}")).ok();
+    let _dns_watch = net.start_dns_watch(cfg).map_err(|e| tracing::warn!("{e:#}")).ok();
     let Network { mut engine, proxy_hook, .. } = start_network(cfg, ProxyConfig::default(), pcap, Some(Box::new(tap)))?;
     engine.add_tcp_hook(proxy_hook);
     engine.add_static_lease(iface.mac, cfg.guest);
