@@ -389,63 +389,94 @@ impl Engine {
         self.on_socket(id, true, true, false, now);
     }
 
+    /// Datagrams arrived on a published UDP port: each goes to the guest, from its client's
+    /// flow. Read two at a time; fewer says the queue is empty ([`sock::recv_two`]).
     fn receive_all(&mut self, listener: &Rc<OwnedFd>, listener_guest: SocketAddr, listener_id: u32, now: Instant) {
         let max = self.switch.max_udp_payload(false);
-        for _ in 0..1024 {
-            let buf = &mut self.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
-            let (n, client) = match sock::recv_from(listener.as_fd(), buf) {
-                Ok(Some(x)) => x,
-                Ok(None) => return,
+        // At most 1024 datagrams a wakeup, so that one flood does not hold the loop.
+        for _ in 0..512 {
+            let (buf, spare) = self.switch.buf_and_spare();
+            let got = match sock::recv_two(
+                listener.as_fd(),
+                &mut buf[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max],
+                &mut spare[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max],
+            ) {
+                Ok(got) => got,
                 Err(e) => {
                     tracing::debug!("published UDP port: {e}");
                     continue;
                 }
             };
-            if n > max {
-                tracing::debug!("{client}: {n}-byte datagram exceeds the guest MTU; dropped");
-                continue;
-            }
-            let (guest, remote) = match listener_guest {
-                // Not over IPv6 to an IPv4 guest address: a datagram has no reset to fall
-                // back on.
-                SocketAddr::V4(_) => (listener_guest, SocketAddr::V4(guest_view_of_client(client, self.cfg.host))),
-                SocketAddr::V6(g6) => (
-                    SocketAddr::new(self.resolve_first_guest6(*g6.ip()).into(), g6.port()),
-                    self.ipv6_view_of_client(client),
-                ),
-            };
-            let key = FlowKey::Udp { guest, remote };
-            let id = match self.flows.lookup(&key) {
-                Some(id) => id,
-                None => {
-                    if self.cfg.policy.denies_peer(client.ip()) {
-                        self.cfg.policy.denied(Via::Publish, DenyReason::DenyRule, client, None);
-                        continue;
-                    }
-                    self.bound_udp(now);
-                    let inbound = Inbound { listener: listener.clone(), listener_id, client };
-                    let flow = Flow::Udp(UdpFlow::new_inbound(guest, remote, inbound, now));
-                    match self.add_flow(flow, Interest::READABLE) {
-                        Some(id) => id,
-                        None => continue,
-                    }
+            for i in 0..got.count {
+                if i == 1 {
+                    self.switch.swap_spare();
                 }
-            };
-            match self.flows.get_mut(id) {
-                Some(Flow::Udp(f)) => {
-                    f.last_used = now;
-                    f.traffic.to_guest += n as u64;
-                    if let Some(i) = f.inbound_mut() {
-                        // The same mapped address may stand for another client port pair
-                        // only if the client moved; keep answering the latest.
-                        i.client = client;
-                    }
+                if let Some(client) = got.from[i] {
+                    self.receive_one(listener, listener_guest, listener_id, client, got.len[i], now);
                 }
-                _ => continue,
             }
-            self.switch.send_udp(remote, guest, n);
-            self.after(id, Verdict::Keep);
+            if got.count < 2 {
+                return;
+            }
         }
+    }
+
+    /// One datagram of `n` bytes (its real length) from `client`, in the switch's buffer at
+    /// UDP_PAYLOAD_OFF.
+    fn receive_one(
+        &mut self,
+        listener: &Rc<OwnedFd>,
+        listener_guest: SocketAddr,
+        listener_id: u32,
+        client: SocketAddr,
+        n: usize,
+        now: Instant,
+    ) {
+        let max = self.switch.max_udp_payload(false);
+        if n > max {
+            tracing::debug!("{client}: {n}-byte datagram exceeds the guest MTU; dropped");
+            return;
+        }
+        let (guest, remote) = match listener_guest {
+            // Not over IPv6 to an IPv4 guest address: a datagram has no reset to fall
+            // back on.
+            SocketAddr::V4(_) => (listener_guest, SocketAddr::V4(guest_view_of_client(client, self.cfg.host))),
+            SocketAddr::V6(g6) => (
+                SocketAddr::new(self.resolve_first_guest6(*g6.ip()).into(), g6.port()),
+                self.ipv6_view_of_client(client),
+            ),
+        };
+        let key = FlowKey::Udp { guest, remote };
+        let id = match self.flows.lookup(&key) {
+            Some(id) => id,
+            None => {
+                if self.cfg.policy.denies_peer(client.ip()) {
+                    self.cfg.policy.denied(Via::Publish, DenyReason::DenyRule, client, None);
+                    return;
+                }
+                self.bound_udp(now);
+                let inbound = Inbound { listener: listener.clone(), listener_id, client };
+                let flow = Flow::Udp(UdpFlow::new_inbound(guest, remote, inbound, now));
+                match self.add_flow(flow, Interest::READABLE) {
+                    Some(id) => id,
+                    None => return,
+                }
+            }
+        };
+        match self.flows.get_mut(id) {
+            Some(Flow::Udp(f)) => {
+                f.last_used = now;
+                f.traffic.to_guest += n as u64;
+                if let Some(i) = f.inbound_mut() {
+                    // The same mapped address may stand for another client port pair
+                    // only if the client moved; keep answering the latest.
+                    i.client = client;
+                }
+            }
+            _ => return,
+        }
+        self.switch.send_udp(remote, guest, n);
+        self.after(id, Verdict::Keep);
     }
 }
 

@@ -97,26 +97,51 @@ pub fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<std::net::SocketAddr
     }
 }
 
-/// Receives one datagram and its sender; Ok(None) when none is waiting. A datagram larger
-/// than `buf` reports its real length (MSG_TRUNC), so the caller can drop it.
-pub fn recv_from(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, std::net::SocketAddr)>> {
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: buf and ss are valid for writes of the lengths given.
+/// What [`recv_two`] received: how many datagrams (0: none was waiting) and, for each, its
+/// real length (MSG_TRUNC: longer than its buffer when it did not fit) and its sender.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TwoDatagrams {
+    pub count: usize,
+    pub len: [usize; 2],
+    pub from: [Option<std::net::SocketAddr>; 2],
+}
+
+/// Receives up to two datagrams in one recvmmsg, the first into `first`, the second into
+/// `second`. Fewer than two means that the socket's queue was empty when the call looked, so
+/// with edge-triggered readiness the caller is done until the next edge: no further read
+/// that would only hear EAGAIN. An error after the first datagram stays on the socket for
+/// the next call (the kernel's recvmmsg keeps it), so none is lost.
+pub fn recv_two(fd: BorrowedFd<'_>, first: &mut [u8], second: &mut [u8]) -> io::Result<TwoDatagrams> {
+    // SAFETY: all-zero sockaddr_storage and mmsghdr values are valid.
+    let mut names: [libc::sockaddr_storage; 2] = unsafe { std::mem::zeroed() };
+    let mut iov = [
+        libc::iovec { iov_base: first.as_mut_ptr() as *mut libc::c_void, iov_len: first.len() },
+        libc::iovec { iov_base: second.as_mut_ptr() as *mut libc::c_void, iov_len: second.len() },
+    ];
+    let mut msgs: [libc::mmsghdr; 2] = unsafe { std::mem::zeroed() };
+    for (i, m) in msgs.iter_mut().enumerate() {
+        m.msg_hdr.msg_name = &mut names[i] as *mut _ as *mut libc::c_void;
+        m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        m.msg_hdr.msg_iov = &mut iov[i];
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: msgs points at two headers whose names and buffers outlive the call.
     let r = unsafe {
-        libc::recvfrom(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-            &mut ss as *mut _ as *mut libc::sockaddr,
-            &mut len,
-        )
+        libc::recvmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), 2, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut())
     };
-    match check(r) {
-        Ok(n) => Ok(from_sockaddr(&ss).map(|a| (n, a))),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+    match check(r as isize) {
+        Ok(count) => {
+            let mut got = TwoDatagrams { count, ..Default::default() };
+            for i in 0..count.min(2) {
+                got.len[i] = msgs[i].msg_len as usize;
+                // A connected or unnamed socket (a socketpair) leaves the name empty.
+                if msgs[i].msg_hdr.msg_namelen > 0 {
+                    got.from[i] = from_sockaddr(&names[i]);
+                }
+            }
+            Ok(got)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(TwoDatagrams::default()),
         Err(e) => Err(e),
     }
 }
@@ -414,5 +439,57 @@ mod tests {
         assert_eq!(discard(fd, 2, false).unwrap(), 2);
         recv(fd, &mut x, true).unwrap();
         assert_eq!(x, [5, 6]);
+    }
+
+    /// recv_two: nothing waiting is 0 datagrams; a lone datagram comes back as one (the
+    /// queue was empty after it); three come as two and then one, each in its own buffer,
+    /// with its sender and its real length when it did not fit; a pending ICMP error is
+    /// the call's error.
+    #[test]
+    fn recv_two_reads_up_to_two_and_says_when_the_queue_ran_dry() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let from = tx.local_addr().unwrap();
+        let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+        assert_eq!(recv_two(rx.as_fd(), &mut a, &mut b).unwrap().count, 0);
+
+        tx.send_to(b"one", to).unwrap();
+        let got = recv_two(rx.as_fd(), &mut a, &mut b).unwrap();
+        assert_eq!((got.count, got.len[0], got.from[0]), (1, 3, Some(from)));
+        assert_eq!(&a[..3], b"one");
+
+        tx.send_to(b"first", to).unwrap();
+        tx.send_to(b"a second, too long", to).unwrap();
+        tx.send_to(b"third", to).unwrap();
+        let got = recv_two(rx.as_fd(), &mut a, &mut b).unwrap();
+        assert_eq!(got.count, 2);
+        assert_eq!((got.len, got.from), ([5, 18], [Some(from), Some(from)]));
+        assert_eq!((&a[..5], &b[..]), (&b"first"[..], &b"a second"[..]));
+        let got = recv_two(rx.as_fd(), &mut a, &mut b).unwrap();
+        assert_eq!((got.count, got.len[0]), (1, 5));
+        assert_eq!(&a[..5], b"third");
+
+        // A connected socket whose datagram met a closed port: ECONNREFUSED first.
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.connect(gone).unwrap();
+        c.send(b"x").unwrap();
+        // The ICMP comes back through loopback at once; wait for it all the same.
+        let mut refused = None;
+        for _ in 0..100 {
+            match recv_two(c.as_fd(), &mut a, &mut b) {
+                Err(e) => {
+                    refused = e.raw_os_error();
+                    break;
+                }
+                Ok(got) => assert_eq!(got.count, 0),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(refused, Some(libc::ECONNREFUSED));
+        assert_eq!(recv_two(c.as_fd(), &mut a, &mut b).unwrap().count, 0);
     }
 }

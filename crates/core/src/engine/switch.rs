@@ -172,6 +172,9 @@ pub struct Switch {
     reserved6: HashMap<Ipv6Addr, Mac>,
     pub pcap: Option<PcapWriter>,
     buf: Vec<u8>,
+    /// A second frame buffer, of the same size, for a datagram received together with the
+    /// one in `buf` ([`Switch::buf_and_spare`]); empty until first used.
+    spare: Vec<u8>,
     pub gateway_mac: Mac,
     gateway_ip: Ipv4Addr,
     /// The gateway's IPv6 link-local address: the source of its neighbour solicitations.
@@ -231,6 +234,7 @@ impl Switch {
             reserved6: HashMap::new(),
             pcap,
             buf: vec![0u8; L4_OFF + 65535],
+            spare: Vec::new(),
             gateway_mac,
             gateway_ip,
             gateway_ip6: crate::config::GATEWAY_LINK_LOCAL,
@@ -256,6 +260,21 @@ impl Switch {
     /// The whole frame buffer, for a flow to place a payload at one of the *_OFF offsets.
     pub fn buf(&mut self) -> &mut [u8] {
         &mut self.buf
+    }
+
+    /// The frame buffer and the spare one, for a flow to receive two payloads at once: the
+    /// first goes out from `buf` as usual, then [`Switch::swap_spare`] puts the second one
+    /// in its place, with no copy.
+    pub fn buf_and_spare(&mut self) -> (&mut [u8], &mut [u8]) {
+        if self.spare.is_empty() {
+            self.spare = vec![0u8; self.buf.len()];
+        }
+        (&mut self.buf, &mut self.spare)
+    }
+
+    /// Makes the spare buffer the frame buffer (and the frame buffer the spare).
+    pub fn swap_spare(&mut self) {
+        std::mem::swap(&mut self.buf, &mut self.spare);
     }
 
     /// Largest TCP payload that fits the MTU, over IPv6 or IPv4.

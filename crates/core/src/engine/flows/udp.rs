@@ -17,7 +17,7 @@
 //! the guest's replies leave through that listening socket, to the client, with sendto.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -143,45 +143,65 @@ impl UdpFlow {
         }
     }
 
-    /// Datagrams arrived on the host socket: pass them all to the guest.
+    /// Datagrams arrived on the host socket: pass them all to the guest. They are read two at
+    /// a time, and a read that brings fewer says the queue is empty (see
+    /// [`sock::recv_two`]): a lone reply costs one recvmmsg, not a recv and then a second
+    /// that only hears EAGAIN.
     pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
-        let UdpSocket::Own(s) = &self.socket else { return Verdict::Keep };
-        let fd = s.as_raw_fd();
         let max = switch.max_udp_payload(self.remote.is_ipv6());
-        for _ in 0..1024 {
-            let buf = &mut switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max];
-            // SAFETY: buf is valid for writes of its length; MSG_TRUNC reports the real size.
-            let r = unsafe {
-                libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+        // At most 1024 datagrams a wakeup, so that one flood does not hold the loop.
+        for _ in 0..512 {
+            let UdpSocket::Own(s) = &self.socket else { return Verdict::Keep };
+            let (buf, spare) = switch.buf_and_spare();
+            let got = match sock::recv_two(
+                s.as_fd(),
+                &mut buf[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max],
+                &mut spare[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max],
+            ) {
+                Ok(got) => got,
+                Err(e) => {
+                    match e.raw_os_error() {
+                        Some(libc::ECONNREFUSED) => self.port_unreachable(switch),
+                        _ => tracing::debug!("udp {} <- {}: {e}", self.guest, self.remote),
+                    }
+                    continue;
+                }
             };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) => break,
-                    Some(libc::ECONNREFUSED) => self.port_unreachable(switch),
-                    _ => tracing::debug!("udp {} <- {}: {e}", self.guest, self.remote),
+            for i in 0..got.count {
+                if i == 1 {
+                    switch.swap_spare();
                 }
-                continue;
-            }
-            let n = r as usize;
-            if n == 0 && self.gateway_dns {
-                // The service closed its end (its socketpair is SOCK_SEQPACKET).
-                return Verdict::Close;
-            }
-            if n > max {
-                tracing::debug!("udp {} <- {}: {n}-byte datagram exceeds the MTU; dropped", self.guest, self.remote);
-                continue;
-            }
-            self.last_used = now;
-            if self.gateway_dns {
-                self.unanswered = self.unanswered.saturating_sub(1);
-                if self.unanswered == 0 {
-                    self.idle = IDLE_DNS_ANSWERED;
+                if self.deliver(switch, got.len[i], max, now) == Verdict::Close {
+                    return Verdict::Close;
                 }
             }
-            self.traffic.to_guest += n as u64;
-            switch.send_udp(self.remote, self.guest, n);
+            if got.count < 2 {
+                break;
+            }
         }
+        Verdict::Keep
+    }
+
+    /// One datagram of `n` bytes (its real length) received into the switch's buffer at
+    /// UDP_PAYLOAD_OFF: sends it to the guest.
+    fn deliver(&mut self, switch: &mut Switch, n: usize, max: usize, now: Instant) -> Verdict {
+        if n == 0 && self.gateway_dns {
+            // The service closed its end (its socketpair is SOCK_SEQPACKET).
+            return Verdict::Close;
+        }
+        if n > max {
+            tracing::debug!("udp {} <- {}: {n}-byte datagram exceeds the MTU; dropped", self.guest, self.remote);
+            return Verdict::Keep;
+        }
+        self.last_used = now;
+        if self.gateway_dns {
+            self.unanswered = self.unanswered.saturating_sub(1);
+            if self.unanswered == 0 {
+                self.idle = IDLE_DNS_ANSWERED;
+            }
+        }
+        self.traffic.to_guest += n as u64;
+        switch.send_udp(self.remote, self.guest, n);
         Verdict::Keep
     }
 
