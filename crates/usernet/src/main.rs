@@ -65,10 +65,6 @@ fn main() {
 /// Entry point: parses the command line, runs the command, returns the exit status.
 fn run_cli() -> i32 {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    // usernet run again as its own DNS watcher's file follower (`dns_watch`).
-    if argv.first().is_some_and(|a| a == usernet_host::dns_watch::FOLLOWER_NAME) {
-        return usernet_host::dns_watch::follower_main(&argv[1..]);
-    }
     if let Some((mode, args)) = modes::select(&argv) {
         // Each mode sets up logging itself, at the level its options ask for.
         return mode(args);

@@ -319,7 +319,6 @@ impl NetOpts {
             hosts: Some(dns_watch::HOSTS.into()),
             host_addr: cfg.host_loopback.then_some(cfg.host),
             interval: dns_watch::POLL_INTERVAL,
-            follower: Some(dns_watch::SELF_EXE.into()),
         };
         DnsWatch::begin(cfg.host_dns.clone(), spec).map_err(dns_watch_error)
     }

@@ -2,12 +2,13 @@
 //! outside usernet's sandbox: once confined, usernet itself may read none of the host's
 //! files (`crate::confine`), and resolv.conf may be re-pointed to any directory.
 //!
-//! Theory of operation. [`Follower::start`] runs usernet again under the name
-//! [`PROGRAM_NAME`] (during setup, before the sandbox; from the watcher thread, so that the
-//! child dies with that thread: PR_SET_PDEATHSIG), its standard output a pipe to the thread
-//! (the unit tests, whose binary is not usernet, fork instead). The child keeps only that
-//! pipe (every other descriptor is closed), drops every capability, and joins a Landlock
-//! ruleset that lets it write nothing (`confine`'s read-only ruleset). It sees no
+//! Theory of operation. [`Follower::start`] forks the follower (during setup, before the
+//! sandbox; from the watcher thread, so that the child dies with that thread:
+//! PR_SET_PDEATHSIG), its write end a pipe to the thread. The child names itself
+//! `usernet-dns-follower` (its command line, as `ps` shows it, and `usernet-dns` as its
+//! thread name), keeps only that pipe (every other descriptor is closed), drops every
+//! capability, and joins a Landlock ruleset that lets it write nothing (`confine`'s
+//! read-only ruleset). It sees no
 //! guest input: all it does is, every interval, `stat` each path (following symlinks), wait
 //! for a changed file to stay the same for 100 ms (so that a writer that truncates and then
 //! writes is not read half-way), read it, and write it whole to the pipe as one message:
@@ -15,16 +16,25 @@
 //! [`UNREADABLE`] (length 0, then an errno as u32). The parent's watcher thread reads the
 //! messages ([`Follower::next`]) and does the rest: parsing, comparing, logging.
 //!
+//! Why a fork and not usernet run again: an earlier version spawned `/proc/self/exe` under
+//! the follower's name, so that no page of usernet would be shared copy-on-write. That cost
+//! more than the copies it spared: a new process image loads and relocates the 14 MB binary
+//! and starts the C library again (on a VM, whose `cpuid` instructions trap, about 1 ms of
+//! CPU). Forked, `usernet run -- true` took 11.8-12.5 ms against 13.9-14.3 (medians of 100
+//! runs interleaved, three runs), with half the page faults over a 3 s iperf3 run (1,721-1,753
+//! against 3,444-3,646, `perf stat -e page-faults`), and the follower's proportional memory
+//! (Pss) was 852 KiB against 1,821.
+//!
 //! Forked, the child runs in a copy of a process with threads, so it may only make system
 //! calls: its paths, state and buffer are made before the fork, and it allocates nothing,
-//! takes no lock and never unwinds (the spawned follower runs the same loop). It ends when its thread ends (the parent's death signal), when
+//! takes no lock and never unwinds. It ends when its thread ends (the parent's death signal), when
 //! the pipe is closed (EPIPE), or when [`Follower`] is dropped (SIGKILL through a pidfd).
 
 use std::ffi::CString;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A file's new content.
@@ -89,36 +99,10 @@ const CHILD_RULESET: RawFd = 4;
 
 impl Follower {
     /// Starts the follower of `files` (each a path and the most bytes read of it), looking
-    /// every `interval`: `program` run as [`PROGRAM_NAME`] (usernet itself; its `main` hands
-    /// that name to [`main`]), or, with None, a fork of this process (for the unit tests,
-    /// whose binary is not usernet). Call it during setup, from the thread whose end should
-    /// end the follower.
-    pub fn start(program: Option<&Path>, files: &[(PathBuf, usize)], interval: Duration) -> io::Result<Follower> {
-        match program {
-            Some(program) => Follower::spawn(program, files, interval),
-            None => Follower::fork(files, interval, crate::confine::read_only_ruleset().as_ref()),
-        }
-    }
-
-    /// Runs `program` as the follower: a new process image, so nothing of usernet's memory
-    /// or descriptors is shared, and no copy-on-write of usernet's pages either (the
-    /// C library spawns with vfork semantics), which a fork would cost on every page
-    /// usernet writes afterwards.
-    fn spawn(program: &Path, files: &[(PathBuf, usize)], interval: Duration) -> io::Result<Follower> {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = std::process::Command::new(program);
-        cmd.arg0(PROGRAM_NAME).arg(std::process::id().to_string()).arg(interval.as_millis().to_string());
-        for (path, limit) in files {
-            cmd.arg(path).arg(limit.to_string());
-        }
-        let mut child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()?;
-        let pipe = child.stdout.take().ok_or_else(|| io::Error::other("no pipe from the follower"))?;
-        let pidfd = pidfd_of(child.id() as libc::pid_t)?;
-        Ok(Follower { pipe: std::fs::File::from(OwnedFd::from(pipe)), pidfd })
+    /// every `interval`. Call it during setup, from the thread whose end should end the
+    /// follower.
+    pub fn start(files: &[(PathBuf, usize)], interval: Duration) -> io::Result<Follower> {
+        Follower::fork(files, interval, crate::confine::read_only_ruleset().as_ref())
     }
 
     /// Forks the follower; `ruleset` is the read-only Landlock ruleset it joins (None: the
@@ -192,34 +176,6 @@ fn pidfd_of(pid: libc::pid_t) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor that we own from here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// The name usernet is started under to be the follower (argv[0]).
-pub const PROGRAM_NAME: &str = "usernet-dns-follower";
-
-/// The follower's process, started as [`PROGRAM_NAME`] by [`Follower::spawn`] with the
-/// arguments `PARENT_PID INTERVAL_MS (PATH LIMIT)...`: follows the files, writing to its
-/// standard output, until its parent's thread ends. Returns only on bad arguments.
-pub fn main(args: &[std::ffi::OsString]) -> i32 {
-    let number = |a: Option<&std::ffi::OsString>| a.and_then(|a| a.to_str()).and_then(|a| a.parse::<u64>().ok());
-    let (Some(parent), Some(interval)) = (number(args.first()), number(args.get(1))) else {
-        eprintln!("{PROGRAM_NAME}: usage: {PROGRAM_NAME} PARENT_PID INTERVAL_MS (PATH LIMIT)... (started by usernet)");
-        return 2;
-    };
-    let mut files = Vec::new();
-    for pair in args[2..].chunks(2) {
-        let (Some(path), Some(limit)) = (pair.first(), number(pair.get(1))) else {
-            eprintln!("{PROGRAM_NAME}: a path without its size limit");
-            return 2;
-        };
-        files.push((PathBuf::from(path), limit as usize));
-    }
-    let Ok(mut child) = Child::new(&files, Duration::from_millis(interval)) else {
-        eprintln!("{PROGRAM_NAME}: a path with a NUL byte");
-        return 2;
-    };
-    let ruleset = crate::confine::read_only_ruleset();
-    child.run(parent as libc::pid_t, 1, ruleset.as_ref().map_or(-1, |fd| fd.as_raw_fd()))
 }
 
 /// Ends the follower's child from another thread.
@@ -454,8 +410,7 @@ mod tests {
         let (a, missing) = (dir.join("a"), dir.join("missing"));
         std::fs::write(&a, "one").unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut f =
-            Follower::start(None, &[(a.clone(), 2), (missing.clone(), 100)], Duration::from_millis(20)).unwrap();
+        let mut f = Follower::start(&[(a.clone(), 2), (missing.clone(), 100)], Duration::from_millis(20)).unwrap();
         let mut seen = Vec::new();
         for _ in 0..2 {
             seen.push(format!("{:?}", f.next().unwrap()));

@@ -6,11 +6,12 @@
 //! forks a small process that follows the files from outside usernet's sandbox (`follower`:
 //! once confined, usernet reads no host file itself). `usernet run` starts it in two steps
 //! ([`DnsWatch::begin`] as soon as its sandbox exists, then [`PendingWatch::finish`] before
-//! the sandbox is confined), so that the follower's spawn overlaps the network's start and
+//! the sandbox is confined), so that the follower's fork overlaps the network's start and
 //! the wait for the sandbox's child: `usernet run -- true` in 11.4-12.6 ms instead of
 //! 13.1-13.5 (hyperfine, medians of 100 runs, three runs) when begun just before that wait,
 //! and another 0.15-0.4 ms less begun before the network starts (medians of 150 runs
-//! interleaved, five runs). Every second the follower `stat`s each
+//! interleaved, five runs; both when the follower was usernet started again, which took
+//! longer than its fork does now: `follower`). Every second the follower `stat`s each
 //! file by its path, following symlinks, and keeps the device, inode, size, mtime and ctime
 //! of what the path leads to. When any of them differs from last time, it waits until they
 //! stay the same for 100 ms (so that a writer that truncates and then writes is not read
@@ -114,15 +115,7 @@ pub struct WatchSpec {
     /// does not reach the host's loopback).
     pub host_addr: Option<Ipv4Addr>,
     pub interval: Duration,
-    /// The program to run as the follower of these files: usernet itself
-    /// ([`SELF_EXE`]; see `follower`). None: a fork of this process, for the unit tests,
-    /// whose binary is not usernet.
-    pub follower: Option<PathBuf>,
 }
-
-/// usernet's own executable, to run as the follower.
-pub const SELF_EXE: &str = "/proc/self/exe";
-pub use follower::{PROGRAM_NAME as FOLLOWER_NAME, main as follower_main};
 
 /// The watcher thread and its file follower; dropping it stops both.
 pub struct DnsWatch {
@@ -130,8 +123,8 @@ pub struct DnsWatch {
     thread: Option<JoinHandle<()>>,
 }
 
-/// A watch whose follower is being spawned ([`DnsWatch::begin`]); [`PendingWatch::finish`]
-/// waits for the spawn. Dropped unfinished, it stops the follower and the thread.
+/// A watch whose follower is being forked ([`DnsWatch::begin`]); [`PendingWatch::finish`]
+/// waits for the fork. Dropped unfinished, it stops the follower and the thread.
 pub struct PendingWatch {
     running: Option<Running>,
 }
@@ -151,8 +144,8 @@ impl DnsWatch {
         DnsWatch::begin(dns, spec)?.finish(None)
     }
 
-    /// [`DnsWatch::start`] without waiting for the follower's spawn, which blocks the
-    /// spawning thread until the follower has exec'd (about 0.5-2 ms): the caller goes on
+    /// [`DnsWatch::start`] without waiting for the follower's fork (its Landlock ruleset,
+    /// the fork and its pidfd; about 0.2-0.5 ms on a VM): the caller goes on
     /// with its setup meanwhile and calls [`PendingWatch::finish`] before the sandbox.
     pub fn begin(dns: HostDns, spec: WatchSpec) -> io::Result<PendingWatch> {
         let mut files: Vec<Watched> = Vec::new();
@@ -168,12 +161,12 @@ impl DnsWatch {
         if files.is_empty() {
             return Ok(PendingWatch { running: None });
         }
-        let (interval, program) = (spec.interval, spec.follower);
+        let interval = spec.interval;
         let (started_tx, started_rx) = mpsc::channel::<io::Result<follower::Stopper>>();
         let (guest_tx, guest_rx) = mpsc::channel::<Option<GuestResolvConf>>();
         // The thread forks the follower itself: the follower dies with it.
         let thread = std::thread::Builder::new().name("usernet-dns-watch".into()).spawn(move || {
-            let mut follower = match follower::Follower::start(program.as_deref(), &follow, interval) {
+            let mut follower = match follower::Follower::start(&follow, interval) {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = started_tx.send(Err(e));
@@ -210,7 +203,7 @@ impl DnsWatch {
 }
 
 impl PendingWatch {
-    /// Waits for the follower's spawn and hands the thread `guest_resolv`, the guest's
+    /// Waits for the follower's fork and hands the thread `guest_resolv`, the guest's
     /// resolv.conf (`usernet run`), rewritten when the search domains or options of the
     /// followed resolv.conf change (ignored when none is followed).
     pub fn finish(mut self, guest_resolv: Option<GuestResolvConf>) -> io::Result<DnsWatch> {
@@ -233,7 +226,7 @@ impl PendingWatch {
 impl Drop for PendingWatch {
     fn drop(&mut self) {
         if let Some(running) = self.running.take() {
-            // Unfinished: the follower, once spawned, is stopped; the thread then ends.
+            // Unfinished: the follower, once forked, is stopped; the thread then ends.
             let Running { started, guest, thread } = running;
             drop(guest);
             if let Ok(Ok(stopper)) = started.recv() {
@@ -423,7 +416,6 @@ mod tests {
             hosts: hosts.map(Path::to_path_buf),
             host_addr: Some(HOST),
             interval: Duration::from_millis(100),
-            follower: None,
         };
         DnsWatch::start(dns.clone(), spec).unwrap()
     }
@@ -529,13 +521,8 @@ mod tests {
     #[test]
     fn stops_when_dropped() {
         let dns = HostDns::default();
-        let spec = WatchSpec {
-            resolv_conf: None,
-            hosts: None,
-            host_addr: Some(HOST),
-            interval: Duration::from_secs(3600),
-            follower: None,
-        };
+        let spec =
+            WatchSpec { resolv_conf: None, hosts: None, host_addr: Some(HOST), interval: Duration::from_secs(3600) };
         let start = Instant::now();
         drop(DnsWatch::start(dns, spec).unwrap());
         assert!(start.elapsed() < Duration::from_secs(1));
@@ -554,7 +541,6 @@ mod tests {
             hosts: None,
             host_addr: Some(HOST),
             interval: Duration::from_millis(100),
-            follower: None,
         };
         let dns = HostDns::default();
         let pending = DnsWatch::begin(dns.clone(), spec(&resolv)).unwrap();
