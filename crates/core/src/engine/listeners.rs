@@ -26,7 +26,6 @@ use super::control::Published;
 use super::flows::udp::{Inbound, UdpSocket};
 use super::flows::{Flow, FlowId, FlowKey, SpliceFlow, TcpFlow, UdpFlow, Verdict};
 use super::guest_sockets::Family;
-use super::switch::UDP_PAYLOAD_OFF;
 use super::{Engine, sock};
 use crate::policy::{DenyReason, Via};
 use crate::ports::BoundListener;
@@ -395,12 +394,7 @@ impl Engine {
         let max = self.switch.max_udp_payload(false);
         // At most 1024 datagrams a wakeup, so that one flood does not hold the loop.
         for _ in 0..512 {
-            let (buf, spare) = self.switch.buf_and_spare();
-            let got = match sock::recv_two(
-                listener.as_fd(),
-                &mut buf[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max],
-                &mut spare[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max],
-            ) {
+            let got = match self.switch.recv_two_udp(listener.as_fd(), max) {
                 Ok(got) => got,
                 Err(e) => {
                     tracing::debug!("published UDP port: {e}");

@@ -22,10 +22,13 @@
 //! reply (or any frame of the guest's that teaches its MAC) sends them, in order.
 
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use super::metrics::{Counters, DropReason, Limit, LinkCounters};
+use super::sock::{self, TwoDatagrams};
 use crate::link::Link;
 use crate::pcap::PcapWriter;
 use usernet_wire::icmp::IcmpHeader;
@@ -173,7 +176,7 @@ pub struct Switch {
     pub pcap: Option<PcapWriter>,
     buf: Vec<u8>,
     /// A second frame buffer, of the same size, for a datagram received together with the
-    /// one in `buf` ([`Switch::buf_and_spare`]); empty until first used.
+    /// one in `buf` ([`Switch::recv_two_udp`]); empty until first used.
     spare: Vec<u8>,
     pub gateway_mac: Mac,
     gateway_ip: Ipv4Addr,
@@ -262,14 +265,16 @@ impl Switch {
         &mut self.buf
     }
 
-    /// The frame buffer and the spare one, for a flow to receive two payloads at once: the
-    /// first goes out from `buf` as usual, then [`Switch::swap_spare`] puts the second one
-    /// in its place, with no copy.
-    pub fn buf_and_spare(&mut self) -> (&mut [u8], &mut [u8]) {
+    /// Receives up to two UDP payloads of at most `max` bytes from `fd` ([`sock::recv_two`]):
+    /// the first at UDP_PAYLOAD_OFF of the frame buffer, the second at the same place in the
+    /// spare one (made on first use). The first goes out as usual; then
+    /// [`Switch::swap_spare`] puts the second in its place, with no copy.
+    pub fn recv_two_udp(&mut self, fd: BorrowedFd<'_>, max: usize) -> io::Result<TwoDatagrams> {
         if self.spare.is_empty() {
             self.spare = vec![0u8; self.buf.len()];
         }
-        (&mut self.buf, &mut self.spare)
+        let payload = UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max;
+        sock::recv_two(fd, &mut self.buf[payload.clone()], &mut self.spare[payload])
     }
 
     /// Makes the spare buffer the frame buffer (and the frame buffer the spare).

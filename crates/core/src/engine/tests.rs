@@ -370,9 +370,9 @@ fn arp_for_gateway_and_host() {
     }
 }
 
-#[test]
-fn udp_datagrams_both_ways() {
-    let (mut e, link, dialer) = engine(false);
+/// The guest sends "ping" from port 5000 to the remote's port 7: the flow's host socket's
+/// peer, which got it.
+fn udp_flow_pinged(e: &mut Engine, dialer: &FakeDialer) -> std::os::unix::net::UnixDatagram {
     let mut d = vec![0u8; 8 + 4];
     d[8..].copy_from_slice(b"ping");
     UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, 4, IpAddr::V4(*guest().ip()), IpAddr::V4(*remote().ip()));
@@ -382,6 +382,13 @@ fn udp_datagrams_both_ways() {
     let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
     let mut b = [0u8; 16];
     assert_eq!(peer.recv(&mut b).unwrap(), 4);
+    peer
+}
+
+#[test]
+fn udp_datagrams_both_ways() {
+    let (mut e, link, dialer) = engine(false);
+    let peer = udp_flow_pinged(&mut e, &dialer);
     peer.send(b"pong").unwrap();
     e.deliver_readiness(true, false, Instant::now());
     let sent = std::mem::take(&mut *link.sent.borrow_mut());
@@ -398,12 +405,7 @@ fn udp_datagrams_both_ways() {
 #[test]
 fn udp_replies_queued_together_all_reach_the_guest_in_order() {
     let (mut e, link, dialer) = engine(false);
-    let mut d = vec![0u8; 8 + 4];
-    d[8..].copy_from_slice(b"ping");
-    UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, 4, IpAddr::V4(*guest().ip()), IpAddr::V4(*remote().ip()));
-    e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &d), Instant::now());
-    e.udp_batch.flush();
-    let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
+    let peer = udp_flow_pinged(&mut e, &dialer);
     let replies: Vec<Vec<u8>> = (0..5u8).map(|i| vec![b'a' + i; 100 + 700 * i as usize]).collect();
     for r in &replies {
         peer.send(r).unwrap();

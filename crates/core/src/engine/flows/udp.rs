@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::engine::sock;
-use crate::engine::switch::{Switch, UDP_PAYLOAD_OFF, Unreachable};
+use crate::engine::switch::{Switch, Unreachable};
 use usernet_wire::{PROTO_UDP, put16};
 
 use super::tcp::Verdict;
@@ -145,19 +145,14 @@ impl UdpFlow {
 
     /// Datagrams arrived on the host socket: pass them all to the guest. They are read two at
     /// a time, and a read that brings fewer says the queue is empty (see
-    /// [`sock::recv_two`]): a lone reply costs one recvmmsg, not a recv and then a second
+    /// `sock::recv_two`): a lone reply costs one recvmmsg, not a recv and then a second
     /// that only hears EAGAIN.
     pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         let max = switch.max_udp_payload(self.remote.is_ipv6());
         // At most 1024 datagrams a wakeup, so that one flood does not hold the loop.
         for _ in 0..512 {
             let UdpSocket::Own(s) = &self.socket else { return Verdict::Keep };
-            let (buf, spare) = switch.buf_and_spare();
-            let got = match sock::recv_two(
-                s.as_fd(),
-                &mut buf[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max],
-                &mut spare[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + max],
-            ) {
+            let got = match switch.recv_two_udp(s.as_fd(), max) {
                 Ok(got) => got,
                 Err(e) => {
                     match e.raw_os_error() {
