@@ -20,10 +20,11 @@
 //! the follower's name, so that no page of usernet would be shared copy-on-write. That cost
 //! more than the copies it spared: a new process image loads and relocates the 14 MB binary
 //! and starts the C library again (on a VM, whose `cpuid` instructions trap, about 1 ms of
-//! CPU). Forked, `usernet run -- true` took 11.8-12.5 ms against 13.9-14.3 (medians of 100
-//! runs interleaved, three runs), with half the page faults over a 3 s iperf3 run (1,721-1,753
-//! against 3,444-3,646, `perf stat -e page-faults`), and the follower's proportional memory
-//! (Pss) was 852 KiB against 1,821.
+//! CPU). Forked (with its buffer mapped by hand: `PageBuf`), `usernet run -- true` took
+//! 12.4-12.7 ms against 13.3-14.1 (medians of 80 runs interleaved, three runs), with 579-580
+//! page faults against 703-708, 2,616-3,159 against 4,662-5,471 over a 3 s iperf3 run
+//! (`perf stat -e page-faults`), and the follower's proportional memory (Pss) was 628 KiB
+//! against 1,919.
 //!
 //! Forked, the child runs in a copy of a process with threads, so it may only make system
 //! calls: its paths, state and buffer are made before the fork, and it allocates nothing,
