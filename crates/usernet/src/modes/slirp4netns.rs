@@ -446,11 +446,21 @@ const MAX_REQUEST: u64 = 4096;
 
 fn serve_api_connection(state: &mut ApiState, mut conn: UnixStream) {
     let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let request = read_request(&mut conn);
+    let reply = handle_request(state, &request);
+    let _ = conn.write_all(reply.to_string().as_bytes());
+}
+
+/// Reads one request: up to a complete JSON value (the caller may keep its side open), the
+/// end of the stream, an error or [`MAX_REQUEST`] bytes. A read that a signal interrupted is
+/// tried again: with a read timeout set, the kernel does not restart it even under
+/// SA_RESTART, and usernet signals every thread once when it confines itself, right after
+/// the caller was told it is ready (rootlesskit then sends its first request).
+fn read_request(conn: &mut impl Read) -> Vec<u8> {
     let mut buf = Vec::new();
-    // The caller sends one request and may keep its side open: stop at a complete value.
     let mut chunk = [0u8; 4096];
     loop {
-        match (&mut conn).take(MAX_REQUEST - buf.len() as u64).read(&mut chunk) {
+        match conn.take(MAX_REQUEST - buf.len() as u64).read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
@@ -458,11 +468,11 @@ fn serve_api_connection(state: &mut ApiState, mut conn: UnixStream) {
                     break;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         }
     }
-    let reply = handle_request(state, &buf);
-    let _ = conn.write_all(reply.to_string().as_bytes());
+    buf
 }
 
 fn bad_request(what: &str) -> Value {
@@ -596,6 +606,38 @@ mod tests {
         let o = run_opts("-cr4 -m1500 77");
         assert!(o.configure);
         assert_eq!((o.ready_fd, o.mtu, o.tapname.as_str()), (Some(4), 1500, "tap0"));
+    }
+
+    /// A request read in pieces, with a signal in between (usernet confines itself while
+    /// rootlesskit sends its first request): read whole, up to the end of the JSON value.
+    #[test]
+    fn a_request_survives_an_interrupted_read() {
+        struct Pieces(Vec<std::io::Result<&'static [u8]>>);
+        impl Read for Pieces {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                if self.0.is_empty() {
+                    return Ok(0);
+                }
+                let piece = self.0.remove(0)?;
+                let n = piece.len().min(out.len());
+                out[..n].copy_from_slice(&piece[..n]);
+                if n < piece.len() {
+                    self.0.insert(0, Ok(&piece[n..]));
+                }
+                Ok(n)
+            }
+        }
+        let interrupted = || Err(std::io::Error::from(std::io::ErrorKind::Interrupted));
+        let mut conn =
+            Pieces(vec![interrupted(), Ok(b"{\"execute\":\"list_"), interrupted(), Ok(b"hostfwd\"}"), Ok(b"trailing")]);
+        assert_eq!(read_request(&mut conn), b"{\"execute\":\"list_hostfwd\"}");
+        // Any other error ends the request where it is.
+        let mut conn = Pieces(vec![Ok(b"{\"exe"), Err(std::io::Error::from(std::io::ErrorKind::TimedOut))]);
+        assert_eq!(read_request(&mut conn), b"{\"exe");
+        // A caller that sends more than slirp4netns reads: cut at MAX_REQUEST.
+        let big: &'static [u8] = Box::leak(vec![b' '; 3000].into_boxed_slice());
+        let mut conn = Pieces(vec![Ok(big), Ok(big), Ok(big)]);
+        assert_eq!(read_request(&mut conn).len() as u64, MAX_REQUEST);
     }
 
     #[test]
