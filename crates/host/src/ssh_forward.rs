@@ -103,7 +103,7 @@ fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
     }
-    let l = usernet_core::link::qemu::bind_owner_only(path, |p| std::os::unix::net::UnixListener::bind(p))
+    let l = usernet_core::link::qemu::listen_owner_only(path)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
     l.set_nonblocking(true)?;
     Ok(l)

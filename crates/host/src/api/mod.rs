@@ -240,7 +240,7 @@ fn bind_socket(path: &Path) -> io::Result<StdUnixListener> {
     }
     usernet_core::link::qemu::clear_stale_socket(path, live)?;
     // Never reachable under `path` with the process umask's permissions.
-    usernet_core::link::qemu::bind_owner_only(path, |p| StdUnixListener::bind(p))
+    usernet_core::link::qemu::listen_owner_only(path)
 }
 
 async fn accept_loop(

@@ -34,7 +34,7 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -423,7 +423,7 @@ impl ApiSocket {
             // A socket file nobody serves any more (a slirp4netns that died): replace it.
             let _ = std::fs::remove_file(path);
         }
-        let listener = usernet_core::link::qemu::bind_owner_only(path, |p| UnixListener::bind(p))
+        let listener = usernet_core::link::qemu::listen_owner_only(path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         let mut state = ApiState { control, guest, forwards: Vec::new(), next_id: 1 };
         std::thread::Builder::new()
