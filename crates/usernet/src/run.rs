@@ -9,10 +9,11 @@
 //! 2. Block SIGCHLD, SIGINT, SIGTERM, SIGHUP and SIGQUIT and open a signalfd for them, while
 //!    the process still has one thread: every thread started later inherits the mask, so
 //!    these signals are only ever read from the signalfd.
-//! 3. Fork the sandbox (`netns::sandbox`), still single-threaded. It returns once COMMAND's
-//!    namespaces, TAP device and resolv.conf are ready, COMMAND not yet started; it hands
-//!    over the TAP and the guest's resolv.conf (an open file, which `dns_watch` rewrites when
-//!    the host's search domains or `ndots` change; not with `--dns-upstream`). Rootless,
+//! 3. Fork the sandbox (`netns::sandbox`), still single-threaded, and compile the seccomp
+//!    filter (`usernet_host::confine`, applied before step 5) while it makes COMMAND's
+//!    namespaces and TAP device, COMMAND not yet started. It hands over the TAP, then the
+//!    guest's resolv.conf (an open file, which `dns_watch` rewrites when the host's search
+//!    domains or `ndots` change; not with `--dns-upstream`). Rootless,
 //!    usernet then joins the user namespace it made for COMMAND (still single-threaded, as
 //!    the kernel requires), so that it may enter the guest's network namespace to make the
 //!    sockets of loopback clients' connections (`engine::guest_sockets`).
@@ -164,7 +165,10 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
     let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
 
-    let mut sandbox = Sandbox::create(&spec, command)?;
+    let starting = Sandbox::create(&spec, command)?;
+    // Compiled while the sandbox makes its namespaces and TAP (a child of its own).
+    let prepared = (!no_engine && !net.no_sandbox).then(usernet_host::confine::prepare);
+    let mut sandbox = starting.ready()?;
     let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
     if !no_engine
@@ -178,7 +182,6 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     let mut api = None;
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
     let mut dns_watch = None;
-    let mut prepared = None;
     let mut engine = if no_engine {
         drop(pcap);
         drop(listeners);
@@ -222,8 +225,6 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             let handle = engine.control_handle().context("control API")?;
             api = crate::network::start_api(net.api.as_deref(), runtime.as_deref(), handle, &shared, &cfg, about, web)?;
         }
-        // Compiled while the sandbox still works on the guest's /etc.
-        prepared = (!net.no_sandbox).then(usernet_host::confine::prepare);
         // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
         // or options change. The sandbox made it while the network started.
         let guest_resolv = sandbox.take_resolv_conf()?.map(|file| {

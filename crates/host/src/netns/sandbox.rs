@@ -115,6 +115,23 @@ pub enum StartError {
     Io(io::Error),
 }
 
+/// The sandbox process just forked, making its namespaces and TAP device: what
+/// [`Sandbox::create`] returns, so that the caller may work meanwhile (`usernet run`
+/// compiles its seccomp filter then). Dropped before [`Starting::ready`], the process is
+/// killed and reaped, as a dropped [`Sandbox`] is.
+pub struct Starting(Sandbox);
+
+impl Starting {
+    /// Waits until the sandbox's namespaces and TAP device are ready and takes them (its
+    /// resolv.conf comes later: [`Sandbox::take_resolv_conf`]); a setup error is the
+    /// child's line for the user.
+    pub fn ready(self) -> Result<Sandbox, SandboxError> {
+        let Starting(mut sandbox) = self;
+        sandbox.wait_ready()?;
+        Ok(sandbox)
+    }
+}
+
 /// COMMAND's process, stopped just before exec until [`Sandbox::start`].
 pub struct Sandbox {
     pid: Pid,
@@ -138,9 +155,10 @@ const MSG_EXEC_ERROR: u8 = b'X';
 const MSG_GO: u8 = b'G';
 
 impl Sandbox {
-    /// Forks the sandbox process and waits until its namespaces, TAP and resolv.conf are
-    /// ready. `command` is the program and its arguments (looked up in PATH).
-    pub fn create(spec: &SandboxSpec, command: &[OsString]) -> Result<Sandbox, SandboxError> {
+    /// Forks the sandbox process, which makes its namespaces and TAP device while the
+    /// caller goes on ([`Starting::ready`] waits for them). `command` is the program and its
+    /// arguments (looked up in PATH).
+    pub fn create(spec: &SandboxSpec, command: &[OsString]) -> Result<Starting, SandboxError> {
         if thread_count() > 1 {
             tracing::warn!("forking the sandbox from a multi-threaded process");
         }
@@ -166,7 +184,7 @@ impl Sandbox {
             }
             ForkResult::Parent { child } => {
                 drop(theirs);
-                let mut sandbox = Sandbox {
+                Ok(Starting(Sandbox {
                     pid: child,
                     program: command[0].to_string_lossy().into_owned(),
                     ctl: ours,
@@ -175,9 +193,7 @@ impl Sandbox {
                     resolv_conf_received: false,
                     status: None,
                     finished: false,
-                };
-                sandbox.wait_ready()?;
-                Ok(sandbox)
+                }))
             }
         }
     }
