@@ -10,13 +10,13 @@
 //! 3. enters new network and mount namespaces and makes `/` rprivate (nothing it mounts
 //!    reaches the host);
 //! 4. creates the TAP device (persistent: it goes with the namespace, see `Tap::persist`),
-//!    configures `lo`, the TAP (MAC, MTU, address, default route) through netlink;
+//!    configures `lo`, the TAP (MAC, MTU, address, default route) through netlink, while a
+//!    thread of its own installs the guest's /etc/resolv.conf (see `resolv`: a file of a
+//!    tmpfs shadowing /etc, which the host cannot replace);
 //! 5. sends the TAP and a handle on its network namespace to usernet over a SOCK_SEQPACKET
-//!    socketpair (SCM_RIGHTS);
-//! 6. installs the guest's /etc/resolv.conf (see `resolv`: a file of a tmpfs shadowing /etc,
-//!    which the host cannot replace) while usernet starts its network, the two at once, and
-//!    sends it, open (so that usernet can rewrite it when the host's search domains change);
-//!    then waits for the go-ahead;
+//!    socketpair (SCM_RIGHTS); usernet starts its network meanwhile;
+//! 6. waits for that thread and sends the resolv.conf, open (so that usernet can rewrite it
+//!    when the host's search domains change); then waits for the go-ahead;
 //! 7. resets every signal to its default, unblocks them and execs COMMAND.
 //!
 //! The socketpair is the only channel. Child to parent: `R` with the TAP and the namespace
@@ -573,7 +573,7 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
         let _ = send_retry(&ctl, &out);
         exit_now(crate::exit_code::USERNET_FAILED)
     };
-    let (tap, netns) = child_setup(spec).unwrap_or_else(|msg| setup_failed(msg));
+    let (tap, netns, resolv_conf) = child_setup(spec).unwrap_or_else(|msg| setup_failed(msg));
     let sent = send_fds(&ctl, MSG_READY, &[tap.as_raw_fd(), netns.as_raw_fd()]);
     drop(tap);
     drop(netns);
@@ -581,7 +581,9 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
         exit_now(crate::exit_code::USERNET_FAILED);
     }
     // usernet starts its network meanwhile.
-    let resolv_conf = resolv::install_guest_resolv_conf(&spec.resolv_conf)
+    let resolv_conf = resolv_conf
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("its thread panicked")))
         .unwrap_or_else(|e| setup_failed(format!("cannot set up {}: {}", resolv::RESOLV_CONF, describe(&e))));
     if send_fds(&ctl, MSG_RESOLV_CONF, &[resolv_conf.as_raw_fd()]).is_err() {
         exit_now(crate::exit_code::USERNET_FAILED);
@@ -647,13 +649,22 @@ fn send_fds(ctl: &OwnedFd, kind: u8, fds: &[RawFd]) -> nix::Result<usize> {
     )
 }
 
-/// Namespaces, TAP and its configuration; returns the TAP and the network namespace, or
-/// one line for the user.
-fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
+/// What makes the guest's /etc/resolv.conf, on a thread of its own.
+type ResolvConfThread = std::thread::JoinHandle<io::Result<fs::File>>;
+
+/// Namespaces, then the TAP and its configuration while a thread makes the guest's
+/// resolv.conf (both are mostly the kernel's work: on two cores, the sandbox is ready
+/// sooner); returns the TAP, the network namespace and that thread, or one line for the
+/// user.
+fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd, ResolvConfThread), String> {
     enter_namespaces()?;
     // Nothing we mount may propagate back to the host's mount namespace.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(|e| format!("cannot make the mount namespace private: {}", e.desc()))?;
+    let contents = spec.resolv_conf.clone();
+    let resolv_conf = std::thread::Builder::new()
+        .spawn(move || resolv::install_guest_resolv_conf(&contents))
+        .map_err(|e| format!("cannot start a thread: {}", describe(&e)))?;
 
     let name = &spec.iface.ifname;
     let tap = Tap::create_with_vnet_hdr(name)
@@ -665,7 +676,7 @@ fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), String> {
     super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     let netns = open("/proc/self/ns/net", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
-    Ok((tap.into_fd(), netns))
+    Ok((tap.into_fd(), netns, resolv_conf))
 }
 
 /// Enters new network and mount namespaces, in a new user namespace when needed.
