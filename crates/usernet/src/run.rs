@@ -182,6 +182,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     let mut api = None;
     // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
     let mut dns_watch = None;
+    let mut forked_watch = None;
     let mut engine = if no_engine {
         drop(pcap);
         drop(listeners);
@@ -225,13 +226,9 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             let handle = engine.control_handle().context("control API")?;
             api = crate::network::start_api(net.api.as_deref(), runtime.as_deref(), handle, &shared, &cfg, about, web)?;
         }
-        // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
-        // or options change. The sandbox made it while the network started.
-        let guest_resolv = sandbox.take_resolv_conf()?.map(|file| {
-            resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
-        });
-        match pending_watch.and_then(|p| p.finish(guest_resolv).map_err(crate::net_opts::dns_watch_error)) {
-            Ok(w) => dns_watch = Some(w),
+        // The follower is forked before usernet confines itself (no fork afterwards).
+        match pending_watch.and_then(|mut p| p.wait_forked().map(|()| p).map_err(crate::net_opts::dns_watch_error)) {
+            Ok(p) => forked_watch = Some(p),
             Err(e) => tracing::warn!("{e:#}"),
         }
         if let Err(e) = engine.guest_netns_entered() {
@@ -244,6 +241,18 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     // usernet otherwise).
     if !no_engine {
         crate::network::confine_prepared(net.no_sandbox, prepared);
+    }
+    if let Some(pending) = forked_watch {
+        // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
+        // or options change. The sandbox made it while the network started and usernet
+        // confined itself.
+        let guest_resolv = sandbox.take_resolv_conf()?.map(|file| {
+            resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
+        });
+        match pending.finish(guest_resolv) {
+            Ok(w) => dns_watch = Some(w),
+            Err(e) => tracing::warn!("{:#}", crate::net_opts::dns_watch_error(e)),
+        }
     }
     match sandbox.start() {
         Ok(()) => {}

@@ -131,6 +131,8 @@ pub struct PendingWatch {
 
 struct Running {
     started: mpsc::Receiver<io::Result<follower::Stopper>>,
+    /// What `started` brought, once [`PendingWatch::wait_forked`] waited for it.
+    stopper: Option<follower::Stopper>,
     guest: mpsc::Sender<Option<GuestResolvConf>>,
     thread: JoinHandle<()>,
 }
@@ -198,28 +200,47 @@ impl DnsWatch {
                 }
             }
         })?;
-        Ok(PendingWatch { running: Some(Running { started: started_rx, guest: guest_tx, thread }) })
+        Ok(PendingWatch { running: Some(Running { started: started_rx, stopper: None, guest: guest_tx, thread }) })
     }
 }
 
 impl PendingWatch {
-    /// Waits for the follower's fork and hands the thread `guest_resolv`, the guest's
-    /// resolv.conf (`usernet run`), rewritten when the search domains or options of the
-    /// followed resolv.conf change (ignored when none is followed).
+    /// Waits for the follower's fork: before usernet confines itself, which forbids forks
+    /// (`confine`). The guest's resolv.conf may come later ([`PendingWatch::finish`]).
+    pub fn wait_forked(&mut self) -> io::Result<()> {
+        let Some(running) = self.running.as_mut() else { return Ok(()) };
+        if running.stopper.is_some() {
+            return Ok(());
+        }
+        match running.started.recv() {
+            Ok(Ok(s)) => {
+                running.stopper = Some(s);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                if let Some(r) = self.running.take() {
+                    let _ = r.thread.join();
+                }
+                Err(e)
+            }
+            Err(_) => {
+                self.running = None;
+                Err(io::Error::other("the DNS watcher thread ended at once"))
+            }
+        }
+    }
+
+    /// Waits for the follower's fork (unless [`PendingWatch::wait_forked`] did) and hands
+    /// the thread `guest_resolv`, the guest's resolv.conf (`usernet run`), rewritten when
+    /// the search domains or options of the followed resolv.conf change (ignored when none
+    /// is followed).
     pub fn finish(mut self, guest_resolv: Option<GuestResolvConf>) -> io::Result<DnsWatch> {
+        self.wait_forked()?;
         let Some(running) = self.running.take() else {
             return Ok(DnsWatch { stopper: None, thread: None });
         };
-        let stopper = match running.started.recv() {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let _ = running.thread.join();
-                return Err(e);
-            }
-            Err(_) => return Err(io::Error::other("the DNS watcher thread ended at once")),
-        };
         let _ = running.guest.send(guest_resolv);
-        Ok(DnsWatch { stopper: Some(stopper), thread: Some(running.thread) })
+        Ok(DnsWatch { stopper: running.stopper, thread: Some(running.thread) })
     }
 }
 
@@ -227,9 +248,9 @@ impl Drop for PendingWatch {
     fn drop(&mut self) {
         if let Some(running) = self.running.take() {
             // Unfinished: the follower, once forked, is stopped; the thread then ends.
-            let Running { started, guest, thread } = running;
+            let Running { started, stopper, guest, thread } = running;
             drop(guest);
-            if let Ok(Ok(stopper)) = started.recv() {
+            if let Some(stopper) = stopper.or_else(|| started.recv().ok().and_then(Result::ok)) {
                 stopper.stop();
             }
             let _ = thread.join();
