@@ -268,8 +268,12 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         Some(engine) => engine.run(&mut sup).context("network engine failed")?,
         None => supervise_only(&mut sup)?,
     };
-    // The API first (it stops taking requests and removes its socket), then the engine,
-    // which closes the published ports.
+    // The DNS follower is killed first, so that its exit overlaps the rest; then the API
+    // (it stops taking requests and removes its socket), then the engine, which closes the
+    // published ports.
+    if let Some(w) = &dns_watch {
+        w.kill_follower();
+    }
     drop(api);
     drop(engine);
     drop(dns_watch);

@@ -240,12 +240,18 @@ pub struct Stopper {
 }
 
 impl Stopper {
+    /// SIGKILLs the child, without waiting for it to go.
+    pub fn kill(&self) {
+        // SAFETY: pidfd_send_signal(2) on our child's pidfd.
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGKILL, 0, 0) };
+    }
+
     /// SIGKILLs the child and reaps it (if `usernet run`'s supervisor, which reaps any
     /// child, has not already).
     pub fn stop(&self) {
-        // SAFETY: pidfd_send_signal(2) and waitid(2) on our child's pidfd.
+        self.kill();
+        // SAFETY: waitid(2) on our child's pidfd.
         unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGKILL, 0, 0);
             let mut info: libc::siginfo_t = std::mem::zeroed();
             libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED);
         }

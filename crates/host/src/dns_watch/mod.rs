@@ -258,6 +258,16 @@ impl Drop for PendingWatch {
     }
 }
 
+impl DnsWatch {
+    /// Kills the follower without waiting for it: its exit then overlaps whatever the caller
+    /// tears down next, and dropping the watch reaps it.
+    pub fn kill_follower(&self) {
+        if let Some(s) = &self.stopper {
+            s.kill();
+        }
+    }
+}
+
 impl Drop for DnsWatch {
     fn drop(&mut self) {
         if let Some(s) = self.stopper.take() {
