@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use usernet_core::config::{Ipv4Subnet, Ipv6Net, NetConfig, Upstreams};
 use usernet_core::policy::{self, Policy, Rule, Rules};
 use usernet_core::ports::{BoundListener, Proto};
-use usernet_host::dns_watch::{self, DnsWatch, PendingWatch, WatchSpec};
+use usernet_host::dns_watch::{self, DnsWatch, ForkedWatch, WatchSpec};
 use usernet_host::netns::resolv::RESOLV_CONF;
 use usernet_host::publish::listen::{self, BindError};
 use usernet_host::publish::spec::{self, PortSpec, SpecError};
@@ -306,21 +306,23 @@ impl NetOpts {
     /// Starts following the host's resolv.conf (unless `--dns-upstream` was given) and
     /// /etc/hosts into `cfg.host_dns`. Call after any fork: this starts a thread.
     pub fn start_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<DnsWatch> {
-        self.begin_dns_watch(cfg)?.finish(None).map_err(dns_watch_error)
+        let forked = self.fork_dns_watch(cfg)?;
+        forked.begin(cfg.host_dns.clone()).and_then(|p| p.finish(None)).map_err(dns_watch_error)
     }
 
-    /// [`NetOpts::start_dns_watch`] in two steps: the follower's spawn goes on while the
-    /// caller waits for something else; [`PendingWatch::finish`] (before the sandbox) waits
-    /// for it and takes `run`'s guest's resolv.conf, which then follows the host's search
-    /// domains and options (it stays as it is with `--dns-upstream`).
-    pub fn begin_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<PendingWatch> {
+    /// The first step of [`NetOpts::start_dns_watch`]: the follower forked from the calling
+    /// thread (which it dies with), no thread started. `usernet run` forks it while it waits
+    /// for its sandbox; `ForkedWatch::begin` starts the thread, and `PendingWatch::finish`
+    /// takes `run`'s guest's resolv.conf, which then follows the host's search domains and
+    /// options (it stays as it is with `--dns-upstream`).
+    pub fn fork_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<ForkedWatch> {
         let spec = WatchSpec {
             resolv_conf: self.dns_upstream.is_empty().then(|| RESOLV_CONF.into()),
             hosts: Some(dns_watch::HOSTS.into()),
             host_addr: cfg.host_loopback.then_some(cfg.host),
             interval: dns_watch::POLL_INTERVAL,
         };
-        DnsWatch::begin(cfg.host_dns.clone(), spec).map_err(dns_watch_error)
+        DnsWatch::fork(spec).map_err(dns_watch_error)
     }
 }
 

@@ -41,7 +41,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::net_opts::{NetOpts, bind_published};
+use crate::net_opts::{NetOpts, bind_published, dns_watch_error};
 use crate::network::{Network, start_network};
 use usernet_core::config::{MTU_NETNS, NetConfig};
 use usernet_core::engine::Supervisor;
@@ -166,8 +166,12 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
 
     let starting = Sandbox::create(&spec, command)?;
-    // Compiled while the sandbox makes its namespaces and TAP (a child of its own).
+    // While the sandbox makes its namespaces and TAP (a child of its own): the seccomp
+    // filter is compiled and the DNS watcher's follower forked (no thread is started yet:
+    // rootless, usernet joins the sandbox's user namespace below, which only a process with
+    // one thread may do).
     let prepared = (!no_engine && !net.no_sandbox).then(usernet_host::confine::prepare);
+    let forked_watch = (!no_engine).then(|| net.fork_dns_watch(&cfg));
     let mut sandbox = starting.ready()?;
     let tap_fd = sandbox.take_tap().context("the sandbox passed no TAP device")?;
     let tap = Tap::from_fd(tap_fd).context("TAP device")?;
@@ -180,18 +184,20 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
 
     // Kept alive until the engine returns; dropping it stops the API and removes its socket.
     let mut api = None;
-    // Follows the host's resolv.conf and /etc/hosts (a thread: after the fork above).
+    // Follows the host's resolv.conf and /etc/hosts (its thread: after the join above).
     let mut dns_watch = None;
-    let mut forked_watch = None;
+    let mut pending_watch = None;
     let mut engine = if no_engine {
         drop(pcap);
         drop(listeners);
         drop(web);
         None
     } else {
-        // The DNS watcher's follower is spawned while the network starts and the sandbox
-        // finishes the guest's /etc (its thread: after the fork and the join above).
-        let pending_watch = net.begin_dns_watch(&cfg);
+        match forked_watch.map(|f| f.and_then(|w| w.begin(cfg.host_dns.clone()).map_err(dns_watch_error))) {
+            Some(Ok(w)) => pending_watch = Some(w),
+            Some(Err(e)) => tracing::warn!("{e:#}"),
+            None => {}
+        }
         let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
         engine.add_tcp_hook(proxy_hook);
         engine.set_busy_poll(std::time::Duration::from_micros(net.busy_poll));
@@ -226,11 +232,6 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             let handle = engine.control_handle().context("control API")?;
             api = crate::network::start_api(net.api.as_deref(), runtime.as_deref(), handle, &shared, &cfg, about, web)?;
         }
-        // The follower is forked before usernet confines itself (no fork afterwards).
-        match pending_watch.and_then(|mut p| p.wait_forked().map(|()| p).map_err(crate::net_opts::dns_watch_error)) {
-            Ok(p) => forked_watch = Some(p),
-            Err(e) => tracing::warn!("{e:#}"),
-        }
         if let Err(e) = engine.guest_netns_entered() {
             tracing::warn!("loopback clients of published ports go through the guest link: {e}");
         }
@@ -242,7 +243,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
     if !no_engine {
         crate::network::confine_prepared(net.no_sandbox, prepared);
     }
-    if let Some(pending) = forked_watch {
+    if let Some(pending) = pending_watch {
         // The guest's resolv.conf, for the watcher to rewrite when the host's search domains
         // or options change. The sandbox made it while the network started and usernet
         // confined itself.
@@ -251,7 +252,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         });
         match pending.finish(guest_resolv) {
             Ok(w) => dns_watch = Some(w),
-            Err(e) => tracing::warn!("{:#}", crate::net_opts::dns_watch_error(e)),
+            Err(e) => tracing::warn!("{:#}", dns_watch_error(e)),
         }
     }
     match sandbox.start() {

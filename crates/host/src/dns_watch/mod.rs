@@ -2,16 +2,15 @@
 //! upstream servers, search domains and options of the gateway's DNS) and /etc/hosts (names
 //! the gateway answers itself), pushed into the core's shared [`HostDns`].
 //!
-//! Theory of operation. [`DnsWatch::start`] starts one thread, `usernet-dns-watch`, which
-//! forks a small process that follows the files from outside usernet's sandbox (`follower`:
-//! once confined, usernet reads no host file itself). `usernet run` starts it in two steps
-//! ([`DnsWatch::begin`] as soon as its sandbox exists, then [`PendingWatch::finish`] before
-//! the sandbox is confined), so that the follower's fork overlaps the network's start and
-//! the wait for the sandbox's child: `usernet run -- true` in 11.4-12.6 ms instead of
-//! 13.1-13.5 (hyperfine, medians of 100 runs, three runs) when begun just before that wait,
-//! and another 0.15-0.4 ms less begun before the network starts (medians of 150 runs
-//! interleaved, five runs; both when the follower was usernet started again, which took
-//! longer than its fork does now: `follower`). Every second the follower `stat`s each
+//! Theory of operation. [`DnsWatch::start`] forks a small process that follows the files
+//! from outside usernet's sandbox (`follower`: once confined, usernet reads no host file
+//! itself) and starts one thread, `usernet-dns-watch`, which reads what it says. `usernet
+//! run` does it in three steps: [`DnsWatch::fork`] while it waits for its sandbox's
+//! namespaces (no thread yet: rootless, it joins the sandbox's user namespace next),
+//! [`ForkedWatch::begin`] once it has, and [`PendingWatch::finish`] with the guest's
+//! resolv.conf once usernet is confined. So the fork overlaps the sandbox's setup instead of
+//! the network's start, where it contended with the threads being started (0.4 ms waited
+//! for it there). Every second the follower `stat`s each
 //! file by its path, following symlinks, and keeps the device, inode, size, mtime and ctime
 //! of what the path leads to. When any of them differs from last time, it waits until they
 //! stay the same for 100 ms (so that a writer that truncates and then writes is not read
@@ -123,33 +122,42 @@ pub struct DnsWatch {
     thread: Option<JoinHandle<()>>,
 }
 
-/// A watch whose follower is being forked ([`DnsWatch::begin`]); [`PendingWatch::finish`]
-/// waits for the fork. Dropped unfinished, it stops the follower and the thread.
+/// The follower of a watch, forked by the calling thread ([`DnsWatch::fork`]);
+/// [`ForkedWatch::begin`] starts the thread that reads it. Dropped before, it stops the
+/// follower.
+pub struct ForkedWatch {
+    files: Vec<Watched>,
+    follower: Option<(follower::Follower, follower::Stopper)>,
+}
+
+/// A watch whose thread runs ([`ForkedWatch::begin`]) and waits for the guest's resolv.conf
+/// ([`PendingWatch::finish`]). Dropped unfinished, it stops the follower and the thread.
 pub struct PendingWatch {
     running: Option<Running>,
 }
 
 struct Running {
-    started: mpsc::Receiver<io::Result<follower::Stopper>>,
-    /// What `started` brought, once [`PendingWatch::wait_forked`] waited for it.
-    stopper: Option<follower::Stopper>,
+    stopper: follower::Stopper,
     guest: mpsc::Sender<Option<GuestResolvConf>>,
     thread: JoinHandle<()>,
 }
 
 impl DnsWatch {
     /// Starts following the files of `spec` into `dns`: forks the follower (call it during
-    /// setup, after any other fork and before the sandbox) and starts the thread that reads
-    /// what it says. The files are read once at once, so a change since the caller read them
-    /// is not missed.
+    /// setup, from a thread that lives as long as the watch, after any other fork and before
+    /// the sandbox) and starts the thread that reads what it says. The files are read once at
+    /// once, so a change since the caller read them is not missed.
     pub fn start(dns: HostDns, spec: WatchSpec) -> io::Result<DnsWatch> {
-        DnsWatch::begin(dns, spec)?.finish(None)
+        DnsWatch::fork(spec)?.begin(dns)?.finish(None)
     }
 
-    /// [`DnsWatch::start`] without waiting for the follower's fork (its Landlock ruleset,
-    /// the fork and its pidfd; about 0.2-0.5 ms on a VM): the caller goes on
-    /// with its setup meanwhile and calls [`PendingWatch::finish`] before the sandbox.
-    pub fn begin(dns: HostDns, spec: WatchSpec) -> io::Result<PendingWatch> {
+    /// Forks the follower of the files of `spec` from the calling thread (its Landlock
+    /// ruleset, the fork and its pidfd: 0.2-0.5 ms on a VM, less while the process has a
+    /// single thread). The follower dies with that thread (PR_SET_PDEATHSIG): call it from
+    /// one that lives as long as the watch. No thread is started yet, so a process that must
+    /// stay single-threaded a while longer (`usernet run` rootless, which joins a user
+    /// namespace) may fork it while it waits for something else.
+    pub fn fork(spec: WatchSpec) -> io::Result<ForkedWatch> {
         let mut files: Vec<Watched> = Vec::new();
         let mut follow: Vec<(PathBuf, usize)> = Vec::new();
         if let Some(path) = &spec.resolv_conf {
@@ -161,21 +169,23 @@ impl DnsWatch {
             follow.push((path.clone(), MAX_HOSTS_FILE));
         }
         if files.is_empty() {
-            return Ok(PendingWatch { running: None });
+            return Ok(ForkedWatch { files, follower: None });
         }
-        let interval = spec.interval;
-        let (started_tx, started_rx) = mpsc::channel::<io::Result<follower::Stopper>>();
+        let follower = follower::Follower::start(&follow, spec.interval)?;
+        let stopper = follower.stopper()?;
+        Ok(ForkedWatch { files, follower: Some((follower, stopper)) })
+    }
+}
+
+impl ForkedWatch {
+    /// Starts the thread, `usernet-dns-watch`, that reads what the follower says into `dns`.
+    pub fn begin(mut self, dns: HostDns) -> io::Result<PendingWatch> {
+        let Some((mut follower, stopper)) = self.follower.take() else {
+            return Ok(PendingWatch { running: None });
+        };
+        let mut files = std::mem::take(&mut self.files);
         let (guest_tx, guest_rx) = mpsc::channel::<Option<GuestResolvConf>>();
-        // The thread forks the follower itself: the follower dies with it.
-        let thread = std::thread::Builder::new().name("usernet-dns-watch".into()).spawn(move || {
-            let mut follower = match follower::Follower::start(&follow, interval) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = started_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = started_tx.send(follower.stopper());
+        let spawned = std::thread::Builder::new().name("usernet-dns-watch".into()).spawn(move || {
             // The guest's resolv.conf follows the host's (a resolv.conf's only); none when
             // the caller gave up before `finish`.
             let guest = guest_rx.recv().ok().flatten();
@@ -199,60 +209,45 @@ impl DnsWatch {
                     }
                 }
             }
-        })?;
-        Ok(PendingWatch { running: Some(Running { started: started_rx, stopper: None, guest: guest_tx, thread }) })
+        });
+        match spawned {
+            Ok(thread) => Ok(PendingWatch { running: Some(Running { stopper, guest: guest_tx, thread }) }),
+            Err(e) => {
+                stopper.stop();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for ForkedWatch {
+    fn drop(&mut self) {
+        if let Some((_, stopper)) = self.follower.take() {
+            stopper.stop();
+        }
     }
 }
 
 impl PendingWatch {
-    /// Waits for the follower's fork: before usernet confines itself, which forbids forks
-    /// (`confine`). The guest's resolv.conf may come later ([`PendingWatch::finish`]).
-    pub fn wait_forked(&mut self) -> io::Result<()> {
-        let Some(running) = self.running.as_mut() else { return Ok(()) };
-        if running.stopper.is_some() {
-            return Ok(());
-        }
-        match running.started.recv() {
-            Ok(Ok(s)) => {
-                running.stopper = Some(s);
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                if let Some(r) = self.running.take() {
-                    let _ = r.thread.join();
-                }
-                Err(e)
-            }
-            Err(_) => {
-                self.running = None;
-                Err(io::Error::other("the DNS watcher thread ended at once"))
-            }
-        }
-    }
-
-    /// Waits for the follower's fork (unless [`PendingWatch::wait_forked`] did) and hands
-    /// the thread `guest_resolv`, the guest's resolv.conf (`usernet run`), rewritten when
-    /// the search domains or options of the followed resolv.conf change (ignored when none
-    /// is followed).
+    /// Hands the thread `guest_resolv`, the guest's resolv.conf (`usernet run`), rewritten
+    /// when the search domains or options of the followed resolv.conf change (ignored when
+    /// none is followed).
     pub fn finish(mut self, guest_resolv: Option<GuestResolvConf>) -> io::Result<DnsWatch> {
-        self.wait_forked()?;
         let Some(running) = self.running.take() else {
             return Ok(DnsWatch { stopper: None, thread: None });
         };
         let _ = running.guest.send(guest_resolv);
-        Ok(DnsWatch { stopper: running.stopper, thread: Some(running.thread) })
+        Ok(DnsWatch { stopper: Some(running.stopper), thread: Some(running.thread) })
     }
 }
 
 impl Drop for PendingWatch {
     fn drop(&mut self) {
         if let Some(running) = self.running.take() {
-            // Unfinished: the follower, once forked, is stopped; the thread then ends.
-            let Running { started, stopper, guest, thread } = running;
+            // Unfinished: the follower is stopped; the thread then ends.
+            let Running { stopper, guest, thread } = running;
             drop(guest);
-            if let Some(stopper) = stopper.or_else(|| started.recv().ok().and_then(Result::ok)) {
-                stopper.stop();
-            }
+            stopper.stop();
             let _ = thread.join();
         }
     }
@@ -559,8 +554,8 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(1));
     }
 
-    /// `begin` then `finish`: the watch follows as `start`'s does, a change made before
-    /// `finish` included; a pending watch dropped unfinished stops its follower and thread
+    /// `fork`, `begin`, then `finish`: the watch follows as `start`'s does, a change made
+    /// before `finish` included; a pending watch dropped unfinished stops its follower and thread
     /// (the drop returns, which it could not while the thread waited on a live follower).
     #[test]
     fn a_pending_watch_follows_once_finished_and_stops_unfinished() {
@@ -574,7 +569,7 @@ mod tests {
             interval: Duration::from_millis(100),
         };
         let dns = HostDns::default();
-        let pending = DnsWatch::begin(dns.clone(), spec(&resolv)).unwrap();
+        let pending = DnsWatch::fork(spec(&resolv)).unwrap().begin(dns.clone()).unwrap();
         fs::write(&resolv, "nameserver 10.0.0.2\n").unwrap();
         let w = pending.finish(None).unwrap();
         within(|| servers(&dns) == vec![sa("10.0.0.2:53")]);
@@ -583,7 +578,7 @@ mod tests {
         drop(w);
 
         let start = Instant::now();
-        drop(DnsWatch::begin(HostDns::default(), spec(&resolv)).unwrap());
+        drop(DnsWatch::fork(spec(&resolv)).unwrap().begin(HostDns::default()).unwrap());
         assert!(start.elapsed() < Duration::from_secs(1));
     }
 }
