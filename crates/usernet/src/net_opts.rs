@@ -307,7 +307,7 @@ impl NetOpts {
     /// /etc/hosts into `cfg.host_dns`. Call after any fork: this starts a thread.
     pub fn start_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<DnsWatch> {
         let forked = self.fork_dns_watch(cfg)?;
-        forked.begin(cfg.host_dns.clone()).and_then(|p| p.finish(None)).map_err(dns_watch_error)
+        forked.begin(cfg.host_dns.clone()).map(|p| p.finish(None)).map_err(dns_watch_error)
     }
 
     /// The first step of [`NetOpts::start_dns_watch`]: the follower forked from the calling

@@ -9,9 +9,10 @@
 //! 2. Block SIGCHLD, SIGINT, SIGTERM, SIGHUP and SIGQUIT and open a signalfd for them, while
 //!    the process still has one thread: every thread started later inherits the mask, so
 //!    these signals are only ever read from the signalfd.
-//! 3. Fork the sandbox (`netns::sandbox`), still single-threaded, and compile the seccomp
-//!    filter (`usernet_host::confine`, applied before step 5) while it makes COMMAND's
-//!    namespaces and TAP device, COMMAND not yet started. It hands over the TAP, then the
+//! 3. Fork the sandbox (`netns::sandbox`), still single-threaded, and while it makes
+//!    COMMAND's namespaces and TAP device (COMMAND not yet started) compile the seccomp
+//!    filter (`usernet_host::confine`, applied before step 5) and fork the DNS follower
+//!    (`dns_watch`; its thread starts after the join below). It hands over the TAP, then the
 //!    guest's resolv.conf (an open file, which `dns_watch` rewrites when the host's search
 //!    domains or `ndots` change; not with `--dns-upstream`). Rootless,
 //!    usernet then joins the user namespace it made for COMMAND (still single-threaded, as
@@ -250,10 +251,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         let guest_resolv = sandbox.take_resolv_conf()?.map(|file| {
             resolv::GuestResolvConf::new(file, cfg.dns.unwrap_or(cfg.gateway).into(), spec.resolv_conf.clone())
         });
-        match pending.finish(guest_resolv) {
-            Ok(w) => dns_watch = Some(w),
-            Err(e) => tracing::warn!("{:#}", dns_watch_error(e)),
-        }
+        dns_watch = Some(pending.finish(guest_resolv));
     }
     match sandbox.start() {
         Ok(()) => {}

@@ -32,7 +32,7 @@
 //! connects again) becomes its own link.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -316,36 +316,27 @@ pub fn parse_socket_url(url: &str, scheme: &str) -> Result<PathBuf, String> {
 /// API's, is a way into the guest's network. (Making it in a private directory and renaming
 /// it into place, as usernet did before, costs a directory made and removed at each start:
 /// 0.3-0.5 ms where that is a disk with discard.)
-fn bind_owner_only(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{Backlog, UnixAddr, bind, listen};
-    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
-    // SAFETY: socket(2) returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: fchmod(2) on a descriptor this function owns.
-    if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    bind(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+fn bind_owner_only(path: &Path, ty: nix::sys::socket::SockType) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
+    let addr = UnixAddr::new(path)?;
+    let fd = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    bind(fd.as_raw_fd(), &addr)?;
     crate::own_files::note(path);
-    if ty == libc::SOCK_STREAM {
-        listen(&fd, Backlog::MAXCONN).map_err(io::Error::from)?;
+    if ty == SockType::Stream {
+        listen(&fd, Backlog::MAXCONN)?;
     }
     Ok(fd)
 }
 
 /// A stream socket listening at `path`, owner-only (mode 0600, whatever the umask).
 pub fn listen_owner_only(path: &Path) -> io::Result<UnixListener> {
-    bind_owner_only(path, libc::SOCK_STREAM).map(UnixListener::from)
+    bind_owner_only(path, nix::sys::socket::SockType::Stream).map(UnixListener::from)
 }
 
 /// A datagram socket bound at `path`, owner-only (mode 0600, whatever the umask).
 pub fn bind_dgram_owner_only(path: &Path) -> io::Result<std::os::unix::net::UnixDatagram> {
-    bind_owner_only(path, libc::SOCK_DGRAM).map(std::os::unix::net::UnixDatagram::from)
+    bind_owner_only(path, nix::sys::socket::SockType::Datagram).map(std::os::unix::net::UnixDatagram::from)
 }
 
 /// A stream socket listening at `path`, owner-only ([`listen_owner_only`]), after removing

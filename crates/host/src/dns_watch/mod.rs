@@ -148,7 +148,7 @@ impl DnsWatch {
     /// the sandbox) and starts the thread that reads what it says. The files are read once at
     /// once, so a change since the caller read them is not missed.
     pub fn start(dns: HostDns, spec: WatchSpec) -> io::Result<DnsWatch> {
-        DnsWatch::fork(spec)?.begin(dns)?.finish(None)
+        Ok(DnsWatch::fork(spec)?.begin(dns)?.finish(None))
     }
 
     /// Forks the follower of the files of `spec` from the calling thread (its Landlock
@@ -232,12 +232,12 @@ impl PendingWatch {
     /// Hands the thread `guest_resolv`, the guest's resolv.conf (`usernet run`), rewritten
     /// when the search domains or options of the followed resolv.conf change (ignored when
     /// none is followed).
-    pub fn finish(mut self, guest_resolv: Option<GuestResolvConf>) -> io::Result<DnsWatch> {
+    pub fn finish(mut self, guest_resolv: Option<GuestResolvConf>) -> DnsWatch {
         let Some(running) = self.running.take() else {
-            return Ok(DnsWatch { stopper: None, thread: None });
+            return DnsWatch { stopper: None, thread: None };
         };
         let _ = running.guest.send(guest_resolv);
-        Ok(DnsWatch { stopper: Some(running.stopper), thread: Some(running.thread) })
+        DnsWatch { stopper: Some(running.stopper), thread: Some(running.thread) }
     }
 }
 
@@ -571,7 +571,7 @@ mod tests {
         let dns = HostDns::default();
         let pending = DnsWatch::fork(spec(&resolv)).unwrap().begin(dns.clone()).unwrap();
         fs::write(&resolv, "nameserver 10.0.0.2\n").unwrap();
-        let w = pending.finish(None).unwrap();
+        let w = pending.finish(None);
         within(|| servers(&dns) == vec![sa("10.0.0.2:53")]);
         fs::write(&resolv, "nameserver 10.0.0.3\n").unwrap();
         within(|| servers(&dns) == vec![sa("10.0.0.3:53")]);
