@@ -30,6 +30,7 @@
 //! through, logged by the kernel (`dmesg`: "audit: type=1326 ... syscall=N"), to find what a
 //! new code path needs.
 
+mod allowlist_bpf;
 pub(crate) mod caps;
 mod files;
 mod seccomp;
