@@ -21,7 +21,8 @@
 //! lists the invariants that debug builds check at the end of every entry point.
 //!
 //! Opening: the guest's SYN starts a non-blocking connect (`Phase::Connecting`). Only when
-//! it succeeds does the guest get a SYN-ACK; a refused connect gives it a RST, an
+//! it succeeds (the socket writable without EPOLLERR; SO_ERROR is asked only on an error)
+//! does the guest get a SYN-ACK; a refused connect gives it a RST, an
 //! unreachable network an ICMP unreachable, and a connect that takes longer than
 //! `CONNECT_TIMEOUT` a RST. The guest's retransmitted SYNs meanwhile are ignored.
 //!
@@ -71,8 +72,10 @@
 //! Host to guest: data is read with MSG_PEEK at SO_PEEK_OFF into the frame buffer, right
 //! behind the headers, and sent in MSS-sized segments while the guest's window allows. A
 //! peek that returns fewer bytes than asked drained the socket: the flow waits for the
-//! next readiness edge instead of peeking again only to hear EAGAIN, unless epoll reported
-//! end of stream (RDHUP), which a peek must find (`host_read_closed`). The
+//! next readiness edge instead of peeking again only to hear EAGAIN. When epoll reported
+//! the peer's FIN first (RDHUP without an error), such a peek found everything in front of
+//! it: the FIN rides on that last segment, with no peek that could only return 0. An error
+//! must be found by a peek (`host_read_closed`, `host_error`). The
 //! window is kept as its right edge (ACK plus window): a segment that acknowledges new
 //! data sets it, one with the same ACK only moves it out, an older one is ignored — so
 //! segments reordered on the way never put it where the guest no longer has it.
@@ -214,6 +217,9 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// socket is drained, and the next bytes will come with an edge of their own, so no
     /// peek is made only to hear EAGAIN.
     host_read_closed: bool,
+    /// The host socket reported an error (EPOLLERR): only a peek can tell what comes before
+    /// it, so a short peek is never taken for the end of stream.
+    host_error: bool,
     /// It may take more data; a send that is cut short clears it.
     host_writable: bool,
     /// What the socket's send buffer takes, as far as the flow knows: the last measure
@@ -372,6 +378,7 @@ impl<S: HostSocket> TcpFlow<S> {
             retries: 0,
             host_readable: false,
             host_read_closed: false,
+            host_error: false,
             host_writable: false,
             room: Some(0),
             unmeasured: 0,
@@ -745,12 +752,17 @@ impl<S: HostSocket> TcpFlow<S> {
             if !(writable || error || readable) {
                 return Verdict::Keep;
             }
-            let err = self.sock.take_error();
-            if err != 0 {
-                return self.refuse_guest(switch, err);
-            }
-            if !writable {
-                return Verdict::Keep;
+            // A connect that failed reports EPOLLERR: the kernel sets the socket's error
+            // before it wakes epoll. Writable alone means it succeeded, and SO_ERROR need
+            // not be asked (one system call less per connection).
+            if error || !writable {
+                let err = self.sock.take_error();
+                if err != 0 {
+                    return self.refuse_guest(switch, err);
+                }
+                if !writable {
+                    return Verdict::Keep;
+                }
             }
             if self.connected(switch, now) == Verdict::Close {
                 return Verdict::Close;
@@ -761,6 +773,7 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         if error {
             self.host_read_closed = true;
+            self.host_error = true;
         }
         if self.phase == Phase::SynSent {
             if writable {
@@ -1178,10 +1191,20 @@ impl<S: HostSocket> TcpFlow<S> {
                 }
                 Ok(n) => {
                     self.measure_room();
-                    let h = self.segment(self.snd_nxt, ACK | PSH);
+                    // The peer's FIN came (RDHUP, no error) before this short peek, which so
+                    // found everything in front of it: the next peek could only return 0.
+                    // The FIN rides on this segment instead (a server that answers and
+                    // closes costs one peek and one frame fewer).
+                    let fin = n < room && self.host_read_closed && !self.host_error && self.to_guest == ToGuest::Open;
+                    let h = self.segment(self.snd_nxt, if fin { ACK | PSH | FIN } else { ACK | PSH });
                     switch.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
                     self.told_ack();
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
+                    if fin {
+                        self.snd_nxt = self.snd_nxt.wrapping_add(1);
+                        self.to_guest = ToGuest::FinSent;
+                        self.host_readable = false;
+                    }
                     if seq_lt(self.snd_max, self.snd_nxt) {
                         self.snd_max = self.snd_nxt;
                     }

@@ -559,8 +559,9 @@ fn an_inbound_flow_falls_back_to_ipv4_when_its_ipv6_syn_goes_unanswered() {
 
 /// Host data that fits the guest's window is peeked once: a short peek means the socket
 /// is drained (the next bytes come with an edge of their own), so no peek is made only to
-/// hear EAGAIN. End of stream after data is still seen: with its RDHUP the flow peeks on
-/// until it finds it, and the guest gets its FIN.
+/// hear EAGAIN. End of stream after data is still seen: with its RDHUP, a short peek found
+/// everything in front of the FIN, and the guest gets the FIN on the last data segment,
+/// with no peek that could only return 0.
 #[test]
 fn a_short_peek_waits_for_the_next_edge_and_end_of_stream_is_still_seen() {
     let now = Instant::now();
@@ -578,11 +579,15 @@ fn a_short_peek_waits_for_the_next_edge_and_end_of_stream_is_still_seen() {
     assert!(f.sock.take_read_closed());
     f.host_read_closed();
     let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+    let before = peeks(&f);
     assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+    assert_eq!(peeks(&f) - before, 1, "one peek for the data and the end of stream");
     let out = sent(&rec);
     let data: Vec<u8> = out.iter().flat_map(|(_, d)| d.clone()).collect();
     assert_eq!(data, b" world");
-    assert!(out.iter().any(|(h, _)| h.has(usernet_wire::tcp::FIN)), "the FIN after the data: {out:?}");
+    assert_eq!(out.len(), 1, "the FIN rides on the data: {out:?}");
+    assert!(out[0].0.has(FIN), "the FIN rides on the data: {out:?}");
+    assert_eq!(out[0].0.seq, ISN + 1 + 5, "{out:?}");
 }
 
 /// A slow sender's full-sized segments without PSH (a VM under TCG sends one every ~170 µs,
