@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use super::sockperf::{self, Proto};
 use super::traffic::{self, Kind, RrStats, Server, StreamResult, UdpSent};
 
 /// The stdout line prefix that carries the agent's replies.
@@ -59,6 +60,12 @@ pub enum Request {
         rate_bps: f64,
         size: usize,
     },
+    /// `sockperf ping-pong` for `secs` seconds with the server at `addr`.
+    Sockperf {
+        addr: SocketAddr,
+        proto: Proto,
+        secs: u32,
+    },
     /// Open `count` connections and hold them until `close`.
     Open {
         addr: SocketAddr,
@@ -83,6 +90,7 @@ pub enum Reply {
         per_sec: f64,
     },
     Udp(UdpSent),
+    Sockperf(sockperf::Stats),
     Opened {
         count: u32,
         secs: f64,
@@ -169,6 +177,9 @@ impl AgentState {
             }
             Request::Udp { addr, secs: s, rate_bps, size } => {
                 traffic::udp_sender(addr, secs(s), rate_bps, size).map_or_else(err, Reply::Udp)
+            }
+            Request::Sockperf { addr, proto, secs } => {
+                sockperf::ping_pong(addr, proto, secs).map_or_else(err, Reply::Sockperf)
             }
             Request::Open { addr, count, secs: s } => {
                 self.held.clear();

@@ -27,6 +27,8 @@
 //!      the clients, the servers and the tool share the machine's cores;
 //!    - 1-byte request/response latency (mean, median), with the tool's CPU time per round
 //!      trip, and new connections per second;
+//!    - the median round trip of an independent ping-pong tool, sockperf, over TCP and UDP
+//!      (its server on the host, its client in the namespace; see [`sockperf`]);
 //!    - UDP: 1 Gbit/s of 1400-byte datagrams namespace -> host for 3 s from a paced sender;
 //!      the host's sink (8 MiB receive buffer) counts; received rate and loss %.
 //! 2. MTU 1500 (`usernet run --mtu 1500`, `pasta --mtu 1500`, `slirp4netns --mtu=1500`,
@@ -59,6 +61,7 @@
 
 mod agent;
 mod setups;
+mod sockperf;
 mod svg;
 mod traffic;
 mod vm;
@@ -659,6 +662,8 @@ impl Phase {
                 "rr_mean_us",
                 "rr_median_us",
                 "rr_cpu_us",
+                SOCKPERF_KEYS[0],
+                SOCKPERF_KEYS[1],
                 "crr_per_sec",
                 "crr_published_per_sec",
                 "udp_rx_mbps",
@@ -675,6 +680,9 @@ impl Phase {
         keys
     }
 }
+
+/// The sockperf rows, in the order of [`sockperf::Proto::ALL`].
+const SOCKPERF_KEYS: [&str; 2] = ["sockperf_tcp_median_us", "sockperf_udp_median_us"];
 
 const MEMORY_KEYS: [&str; 4] = ["rss_idle_mib", "anon_idle_mib", "rss_conns_mib", "rss_per_conn_kib"];
 
@@ -846,6 +854,7 @@ fn measure_phase(
             run.set("rr_cpu_us", Measure::Failed(why));
         }
     }
+    sockperf_test(&mut agent, &env, plan, run);
     let crr_req = Request::Crr { addr: target(crr.port()), secs: plan.crr.as_secs_f64() };
     let crr_result = match agent.call(&crr_req, plan.crr + Duration::from_secs(30)) {
         Ok(Reply::Crr { per_sec }) => Ok(per_sec),
@@ -955,6 +964,34 @@ fn unexpected(r: Result<Reply, String>) -> String {
 /// A single stream from the host (the driver itself) to the agent's server.
 fn host_stream(addr: SocketAddr, duration: Duration) -> Result<StreamResult, String> {
     traffic::stream_client(addr, duration, 1).map_err(|e| format!("{e:#}"))
+}
+
+/// sockperf's ping-pong, TCP then UDP: its server on the host, its client run by the agent.
+fn sockperf_test(agent: &mut Agent, env: &Env, plan: &Plan, run: &mut Run) {
+    if !sockperf::available() {
+        for k in SOCKPERF_KEYS {
+            run.set(k, Measure::NotApplicable("sockperf is not installed".into()));
+        }
+        return;
+    }
+    let secs = plan.duration.as_secs().max(1) as u32;
+    for (proto, key) in sockperf::Proto::ALL.into_iter().zip(SOCKPERF_KEYS) {
+        let server = match sockperf::Server::start(env.bind_ip, proto) {
+            Ok(s) => s,
+            Err(e) => {
+                run.set(key, Measure::Failed(format!("{e:#}")));
+                continue;
+            }
+        };
+        let req = Request::Sockperf { addr: SocketAddr::new(env.target_ip, server.addr.port()), proto, secs };
+        match agent.call(&req, Duration::from_secs(u64::from(secs) + 30)) {
+            Ok(Reply::Sockperf(s)) => {
+                run.set(key, Measure::Value(s.median_us));
+                run.details.insert(key.into(), json!(s));
+            }
+            other => run.set(key, Measure::Failed(unexpected(other))),
+        }
+    }
 }
 
 /// The paced UDP test: the agent sends, a sink on the host counts.
@@ -1232,6 +1269,10 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
     list.push(m("rr_mean_us".into(), "1-byte TCP round trip, mean, us".into(), Better::Lower, 1));
     list.push(m("rr_median_us".into(), "1-byte TCP round trip, median, us".into(), Better::Lower, 1));
     list.push(m("rr_cpu_us".into(), "tool CPU per 1-byte TCP round trip, us".into(), Better::Lower, 1));
+    for (proto, key) in sockperf::Proto::ALL.into_iter().zip(SOCKPERF_KEYS) {
+        let label = format!("sockperf ping-pong {}, 14-byte round trip, median, us", proto.name());
+        list.push(m(key.into(), label, Better::Lower, 1));
+    }
     list.push(m("crr_per_sec".into(), "TCP connections/s (1 byte each way)".into(), Better::Higher, 0));
     list.push(m(
         "crr_published_per_sec".into(),
