@@ -402,6 +402,90 @@ fn a_host_peer_that_never_reads_costs_at_most_the_margin() {
     assert_eq!(sw.budget.used(), 0, "a flow gives back what it held");
 }
 
+/// A bulk upload fills its socket again and again: `pending` keeps its buffer from one
+/// fill to the next (no new allocation grown by doubling each time), and gives it back to
+/// the shared budget once it stayed empty for `RELEASE_AFTER`.
+#[test]
+fn pending_keeps_its_buffer_between_fills_and_releases_it_when_idle() {
+    let mut now = Instant::now();
+    let (mut sw, rec) = switch(65520, false);
+    let mut syn = seg(GUEST_ISN, 0, SYN, 65535);
+    syn.mss = Some(65480);
+    syn.window_scale = Some(7);
+    let sock = ModelSocket::new(1 << 20, 64 << 10);
+    let (mut f, _) = TcpFlow::outbound(&mut sw, guest(), remote(), &syn, sock, true, ISN, now);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK, 65535), &[], now), Verdict::Keep);
+    let chunk = vec![7u8; 60_000];
+    let mut got = Vec::new();
+    let mut capacity = None;
+    for fill in 0..3 {
+        if fill == 2 {
+            // The budget has no room left but the buffer this flow keeps: that is its own.
+            let stall = sw.budget.stall_timeout().unwrap_or_default();
+            sw.budget.set(sw.budget.used(), stall);
+        }
+        // Five segments: the socket takes 64 KiB, what the window allows of the rest
+        // waits in `pending` (the guest would send the others again).
+        for _ in 0..5 {
+            let seq = f.rcv_nxt.wrapping_add(f.pending_len() as u32);
+            assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &chunk, now), Verdict::Keep);
+            assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+        }
+        assert!(f.pending_len() > super::KEEP_IDLE, "fill {fill}: held {}", f.pending_len());
+        if fill == 2 {
+            // The peer reads a little: part of `pending` is written, its front is free.
+            f.sock.peer_read(16 << 10, &mut got);
+            let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+            assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+            assert!(f.pending_head > 0, "nothing of pending was written");
+            // A buffer with no spare room at its end (Vec's growth leaves some), charged as
+            // such, and still no room in the budget.
+            f.pending.shrink_to_fit();
+            assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
+            let stall = sw.budget.stall_timeout().unwrap_or_default();
+            sw.budget.set(sw.budget.used(), stall);
+            // The window offered reaches past what the buffer holds (as after the socket's
+            // room grew): only the budget limits what the flow takes.
+            f.rcv_edge = f.rcv_edge.wrapping_add(64 << 10);
+            // More comes: it goes over the written front; the buffer does not grow past the
+            // budget.
+            let seq = f.rcv_nxt.wrapping_add(f.pending_len() as u32);
+            assert_eq!(f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &chunk, now), Verdict::Keep);
+            assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+            assert!(sw.budget.used() <= sw.budget.max(), "{} held of {}", sw.budget.used(), sw.budget.max());
+        }
+        // The peer reads everything; the socket drains `pending`.
+        while f.pending_len() > 0 {
+            f.sock.peer_read(1 << 30, &mut got);
+            let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+            assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+        }
+        f.sock.peer_read(1 << 30, &mut got);
+        assert_eq!(got.len(), f.rcv_nxt.wrapping_sub(GUEST_ISN + 1) as usize, "every byte taken reached the peer");
+        // Empty, but its buffer is kept, counted against the budget, with a deadline.
+        let cap = f.pending.capacity();
+        assert!(cap > super::KEEP_IDLE, "fill {fill}: capacity {cap}");
+        assert_eq!(sw.budget.used(), cap);
+        if fill < 2 {
+            assert_eq!(*capacity.get_or_insert(cap), cap, "fill {fill}: the buffer was allocated anew");
+        } else {
+            assert!(capacity.is_some_and(|c| cap <= c), "fill {fill}: the buffer grew to {cap}");
+        }
+        assert_eq!(f.release_deadline, Some(now + super::RELEASE_AFTER));
+        assert!(f.deadline().is_some_and(|d| d <= now + super::RELEASE_AFTER));
+        now += super::RELEASE_AFTER / 2;
+        // A timer before the deadline keeps it.
+        assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
+        assert_eq!(f.pending.capacity(), cap);
+    }
+    // Idle: the deadline gives the buffer back.
+    now += super::RELEASE_AFTER;
+    assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
+    assert_eq!((f.pending.capacity(), sw.budget.used(), f.release_deadline), (0, 0, None));
+    assert!(got.iter().all(|&b| b == 7));
+    drop(rec);
+}
+
 /// Over the shared budget, small segments are not gathered: they go straight into the
 /// socket, so a well-behaved flow keeps going while others hold the budget.
 #[test]
