@@ -38,7 +38,7 @@
 //! usernet's CPU (often the very guest or server it waits for) runs first.
 //!
 //! It is on by default ([`DEFAULT_MAX`]). Measured on a 2-core VM against `--busy-poll 0`
-//! (docs/bench.txt and docs/bench-run2.txt, columns `usernet` and `usernet-no-busy-poll`): the
+//! (docs/bench-run1.txt and docs/bench-run2.txt, columns `usernet` and `usernet-no-busy-poll`): the
 //! 1-byte round trip 49-52 µs against 86-119, connections per second 1.4-1.5x, and about the
 //! same CPU per round trip (52-57 µs against 47-69: the wakeups it saves cost CPU too), with
 //! throughput and CPU per GB within the runs' noise; an idle network and a trickle of 100 to about 1,800
