@@ -1063,7 +1063,7 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         let need = self.pending.len() + take;
         if need > self.pending.capacity() {
-            let grown = (2 * self.pending.capacity()).max(need).min(budget_room.max(need));
+            let grown = (2 * self.pending.capacity()).clamp(need, budget_room.max(need));
             self.pending.reserve_exact(grown - self.pending.len());
         }
     }
@@ -1074,10 +1074,16 @@ impl<S: HostSocket> TcpFlow<S> {
             self.sock.shutdown_write();
             self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
             self.to_host = ToHost::Shut;
-            self.pending = Vec::new();
-            self.pending_head = 0;
-            self.release_deadline = None;
+            self.release_pending();
         }
+    }
+
+    /// Gives `pending`'s empty buffer back (to the allocator and the shared budget).
+    fn release_pending(&mut self) {
+        debug_assert_eq!(self.pending_len(), 0);
+        self.pending = Vec::new();
+        self.pending_head = 0;
+        self.release_deadline = None;
     }
 
     /// Writes the guest data gathered during the engine's round (the ACK follows with the
@@ -1322,8 +1328,7 @@ impl<S: HostSocket> TcpFlow<S> {
         {
             self.release_deadline = None;
             if self.pending_len() == 0 {
-                self.pending = Vec::new();
-                self.pending_head = 0;
+                self.release_pending();
             }
         }
         if let Some(d) = self.ack_deadline
