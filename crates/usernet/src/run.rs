@@ -30,8 +30,9 @@
 //!    N); SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to COMMAND. SIGINT and SIGQUIT
 //!    typed at the terminal (sent by the kernel) are not forwarded: the terminal already
 //!    delivered them to COMMAND, which shares usernet's process group.
-//! 7. Clean up: leftover processes in the namespace are killed and reaped; the TAP and the
-//!    namespace go with the last descriptor. Every error path after step 3 drops the
+//! 7. Clean up: if COMMAND left processes behind, every process in the namespace is killed
+//!    and reaped (see `netns::sandbox`); the TAP and the namespace go with the last
+//!    descriptor. Every error path after step 3 drops the
 //!    sandbox, which does the same, and usernet exits 125 with one line on stderr.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};

@@ -171,6 +171,43 @@ fn leftover_processes_are_killed() {
     }
 }
 
+/// A process that entered the namespace from outside while COMMAND ran (`nsenter`, as one
+/// debugs a container) is not COMMAND's: when COMMAND ends and leaves nothing behind, usernet
+/// exits without searching /proc, and that process keeps running.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_process_that_entered_from_outside_keeps_running() {
+    common::require(&["sh", "nsenter", "sleep"]);
+    let mut child = Command::new(BIN)
+        .args(["run", "--debug-no-engine", "--dns-upstream", "127.0.0.1:5399", "--"])
+        .args(["sh", "-c", "echo $$; read x; exit 0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn usernet");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let pid = lines.next().unwrap().unwrap().trim().to_string();
+    let netns = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let mut outsider = Command::new("nsenter").args(["-t", &pid, "-n", "--", "sleep", "60"]).spawn().unwrap();
+    // Until nsenter has joined the namespace and exec'd sleep.
+    let start = Instant::now();
+    let inside = |p: u32| {
+        std::fs::read_link(format!("/proc/{p}/ns/net")).ok() == Some(netns.clone())
+            && std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    };
+    while !inside(outsider.id()) {
+        assert!(start.elapsed() < Duration::from_secs(10), "nsenter did not join the namespace");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(child.stdin.take());
+    let status = wait_bounded(&mut child, Duration::from_secs(10));
+    let running = outsider.try_wait().unwrap().is_none();
+    let _ = outsider.kill();
+    let _ = outsider.wait();
+    assert_eq!(status, Some(0));
+    assert!(running, "usernet killed a process that entered its namespace from outside");
+}
+
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn rootless_as_nobody() {

@@ -28,8 +28,14 @@
 //!
 //! Cleanup. usernet is a child subreaper, so whatever COMMAND leaves behind is re-parented to
 //! it and reaped by [`Sandbox::reap`]. [`Sandbox::finish`] (also run on drop) kills COMMAND if
-//! it still runs, then SIGKILLs every process whose /proc/PID/ns/net is the sandbox's network
-//! namespace (same device and inode), repeating until none is left (bounded), and reaps them.
+//! it still runs; then, if COMMAND left processes behind (usernet still has a child), it
+//! SIGKILLs every process whose /proc/PID/ns/net is the sandbox's network namespace (same
+//! device and inode), repeating until none is left (bounded), and reaps them. If it left
+//! none, /proc is not searched at all: that search stats every process of the host, 0.35 ms
+//! with 70 of them and 1.8 ms with 675 (`usernet run -- true`, hyperfine), and then only a
+//! process that entered the namespace from outside (`nsenter -t PID -n`) could be found.
+//! Such a process is not COMMAND's: it keeps running, as docker leaves a shell nsenter'd
+//! into a container when the container stops.
 
 use std::ffi::{CString, OsString};
 use std::fmt;
@@ -389,14 +395,20 @@ impl Drop for Sandbox {
     }
 }
 
-/// SIGKILLs every process in the network namespace `netns`, until none is left (bounded);
-/// returns the processes it killed. A process counts when its /proc/PID/ns/net is the
+/// SIGKILLs every process in the network namespace `netns`, until none is left (bounded),
+/// when COMMAND left any behind (usernet, their subreaper, has a child); returns the
+/// processes it killed. A process counts when its /proc/PID/ns/net is the
 /// namespace, or, where that link may not be read, when it descends from usernet (every
 /// process usernet has is the sandbox's; orphans come back to it, the subreaper). Reading
 /// another process's namespace links takes CAP_SYS_PTRACE over it, which usernet no longer
 /// has once confined (`confine`) while COMMAND, run as root, holds every capability.
 fn kill_namespace_processes(netns: OwnedFd, mut reap: impl FnMut()) -> Vec<Pid> {
     let mut killed = Vec::new();
+    // Every process COMMAND started comes back to usernet when its parent exits: no child,
+    // no leftover (see the module's comment).
+    if !has_children() {
+        return killed;
+    }
     let Ok(ns) = fs::File::from(netns).metadata() else {
         return killed;
     };
