@@ -5,7 +5,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::rc::Rc;
@@ -117,10 +117,13 @@ fn take<'a>(data: &mut &'a [u8], n: usize) -> &'a [u8] {
 /// program of operations, each a byte and its operands:
 ///
 /// - `0`: a raw guest frame (u16 length, the bytes);
-/// - `1`: an IPv4 packet from the guest (a byte for the protocol: TCP, UDP or ICMP; a byte
+/// - `1`: an IP packet from the guest (a byte for the protocol: TCP, UDP or ICMP; a byte
 ///   for the destination: the gateway, a remote host or the host's address; u16 length and
-///   the transport header and payload), with valid Ethernet and IPv4 headers around it, so
-///   that the fuzzer's bytes reach the translators;
+///   the transport header and payload), with valid Ethernet and IP headers around it, so
+///   that the fuzzer's bytes reach the translators. The destination byte's high bit makes
+///   it IPv6 (ICMP is then ICMPv6, its checksum filled in, since the engine checks that
+///   one; the protocol byte's high bit sends from the guest's link-local address instead
+///   of its global one), hop limit 255 so that neighbour and router discovery are heard;
 /// - `2`: every remote peer writes (u16 length, the bytes), or, for a zero length, closes;
 /// - `3`: readiness of every flow's socket, and the ACKs of the round;
 /// - `4`: time passes (a byte: seconds) and the timers run.
@@ -146,14 +149,30 @@ pub fn fuzz_guest_frames(mut data: &[u8]) {
                 data = &data[2..];
                 let Some(len) = take_u16(&mut data) else { return };
                 let l4 = take(&mut data, len as usize);
-                let proto =
-                    [usernet_wire::PROTO_TCP, usernet_wire::PROTO_UDP, usernet_wire::PROTO_ICMP][proto as usize % 3];
-                let dst = match dst % 3 {
-                    0 => cfg.gateway,
-                    1 => Ipv4Addr::new(203, 0, 113, 10),
-                    _ => cfg.host,
-                };
-                guest_packet(&mut frame, cfg.guest, dst, proto, l4);
+                match cfg.v6.as_ref().filter(|_| dst & 0x80 != 0) {
+                    None => {
+                        let proto = [usernet_wire::PROTO_TCP, usernet_wire::PROTO_UDP, usernet_wire::PROTO_ICMP]
+                            [proto as usize % 3];
+                        let dst = match dst % 3 {
+                            0 => cfg.gateway,
+                            1 => Ipv4Addr::new(203, 0, 113, 10),
+                            _ => cfg.host,
+                        };
+                        guest_packet(&mut frame, cfg.guest.into(), dst.into(), proto, l4);
+                    }
+                    Some(net) => {
+                        let src =
+                            if proto & 0x80 != 0 { Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2) } else { net.guest };
+                        let dst = match (dst & 0x7f) % 3 {
+                            0 => net.gateway,
+                            1 => Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10),
+                            _ => net.host,
+                        };
+                        let proto = [usernet_wire::PROTO_TCP, usernet_wire::PROTO_UDP, usernet_wire::PROTO_ICMPV6]
+                            [(proto & 0x7f) as usize % 3];
+                        guest_packet(&mut frame, src.into(), dst.into(), proto, l4);
+                    }
+                }
                 e.on_frame(0, &frame, now);
             }
             2 => {
@@ -185,19 +204,31 @@ pub fn fuzz_guest_frames(mut data: &[u8]) {
     e.fire_timers(now + Duration::from_secs(600));
 }
 
-/// An Ethernet frame with an IPv4 packet from `src` to `dst` carrying `l4`.
-fn guest_packet(frame: &mut Vec<u8>, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) {
-    use usernet_wire::{ethernet, ipv4};
+/// An Ethernet frame from the guest with an IP packet from `src` to `dst` carrying `l4`:
+/// IPv4, or IPv6 with hop limit 255 and an ICMPv6 message's checksum filled in.
+fn guest_packet(frame: &mut Vec<u8>, src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) {
+    use usernet_wire::{ethernet, icmpv6, ipv4, ipv6};
+    let (ethertype, ip_len) = match src {
+        IpAddr::V4(_) => (ethernet::ETHERTYPE_IPV4, ipv4::HEADER_LEN),
+        IpAddr::V6(_) => (ethernet::ETHERTYPE_IPV6, ipv6::HEADER_LEN),
+    };
     frame.clear();
-    frame.resize(ethernet::HEADER_LEN + ipv4::HEADER_LEN + l4.len(), 0);
-    ethernet::EthernetHeader {
-        dst: crate::config::GATEWAY_MAC,
-        src: [0x02, 0, 0, 0, 0, 2],
-        ethertype: ethernet::ETHERTYPE_IPV4,
+    frame.resize(ethernet::HEADER_LEN + ip_len + l4.len(), 0);
+    ethernet::EthernetHeader { dst: crate::config::GATEWAY_MAC, src: [0x02, 0, 0, 0, 0, 2], ethertype }.emit(frame);
+    let (ip, payload) = frame[ethernet::HEADER_LEN..].split_at_mut(ip_len);
+    payload.copy_from_slice(l4);
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => ipv4::Ipv4Header::new(src, dst, proto, l4.len()).emit(ip),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut h = ipv6::Ipv6Header::new(src, dst, proto, l4.len());
+            h.hop_limit = 255;
+            h.emit(ip);
+            if proto == usernet_wire::PROTO_ICMPV6 && payload.len() >= 4 {
+                icmpv6::fill_checksum(payload, src, dst);
+            }
+        }
+        _ => unreachable!("both addresses of one family"),
     }
-    .emit(frame);
-    ipv4::Ipv4Header::new(src, dst, proto, l4.len()).emit(&mut frame[ethernet::HEADER_LEN..]);
-    frame[ethernet::HEADER_LEN + ipv4::HEADER_LEN..].copy_from_slice(l4);
 }
 
 #[cfg(test)]
