@@ -102,9 +102,9 @@ pub struct BenchArgs {
     /// A short run, about a minute: 1 repeat of 1-second tests, 2,000 idle connections.
     #[arg(long)]
     pub quick: bool,
-    /// Setups to run, comma-separated: usernet, usernet-no-busy-poll, pasta, slirp4netns, veth,
-    /// passt, usernet-as-slirp4netns, usernet-as-pasta, podman-slirp4netns, podman-usernet
-    /// (default: the first five, passt with --vm, the last four with --drop-in).
+    /// Setups to run, comma-separated: usernet, usernet-no-busy-poll, usernet-2-engines, pasta,
+    /// slirp4netns, veth, passt, usernet-as-slirp4netns, usernet-as-pasta, podman-slirp4netns,
+    /// podman-usernet (default: the first six, passt with --vm, the last four with --drop-in).
     #[arg(long, value_name = "SETUPS", value_delimiter = ',', value_parser = parse_setup)]
     pub only: Vec<Setup>,
     /// Also measure the drop-in paths: usernet started as slirp4netns and as pasta (the same

@@ -43,6 +43,9 @@ pub enum Setup {
     Usernet,
     /// usernet with `--busy-poll 0`: no busy polling (on by default), to show what it buys.
     UsernetNoBusyPoll,
+    /// usernet with `--engine-threads 2`: two engines, a TAP queue each, to show what the
+    /// second core buys (and costs).
+    UsernetTwoEngines,
     Pasta,
     Slirp4netns,
     Veth,
@@ -60,9 +63,10 @@ pub enum Setup {
 
 impl Setup {
     /// Every setup, in the table's column order.
-    pub const ALL: [Setup; 10] = [
+    pub const ALL: [Setup; 11] = [
         Setup::Usernet,
         Setup::UsernetNoBusyPoll,
+        Setup::UsernetTwoEngines,
         Setup::Pasta,
         Setup::Slirp4netns,
         Setup::Veth,
@@ -77,6 +81,7 @@ impl Setup {
         match self {
             Setup::Usernet => "usernet",
             Setup::UsernetNoBusyPoll => "usernet-no-busy-poll",
+            Setup::UsernetTwoEngines => "usernet-2-engines",
             Setup::Pasta => "pasta",
             Setup::Slirp4netns => "slirp4netns",
             Setup::Veth => "veth",
@@ -99,7 +104,7 @@ impl Setup {
 
     /// Whether the tool's process is `usernet run` itself, the agent's parent (no other pid).
     pub fn is_usernet_run(self) -> bool {
-        matches!(self, Setup::Usernet | Setup::UsernetNoBusyPoll)
+        matches!(self, Setup::Usernet | Setup::UsernetNoBusyPoll | Setup::UsernetTwoEngines)
     }
 
     /// Whether the setup gives a network namespace (the main phases); passt serves VMs only.
@@ -115,10 +120,10 @@ impl Setup {
     pub fn unavailable(self, opts: &Tools) -> Option<String> {
         let root = nix::unistd::geteuid().is_root();
         match self {
-            Setup::Usernet | Setup::UsernetNoBusyPoll if !opts.usernet_bin.exists() => {
+            Setup::Usernet | Setup::UsernetNoBusyPoll | Setup::UsernetTwoEngines if !opts.usernet_bin.exists() => {
                 Some(format!("{} not found", opts.usernet_bin.display()))
             }
-            Setup::Usernet | Setup::UsernetNoBusyPoll => None,
+            Setup::Usernet | Setup::UsernetNoBusyPoll | Setup::UsernetTwoEngines => None,
             Setup::Pasta if opts.pasta_bin.components().count() > 1 && !opts.pasta_bin.is_file() => {
                 Some(format!("{} not found", opts.pasta_bin.display()))
             }
@@ -312,8 +317,9 @@ fn free_port() -> anyhow::Result<u16> {
 pub fn prepare(setup: Setup, tools: &Tools, mtu: u32, peer_ip: Option<Ipv4Addr>) -> anyhow::Result<Env> {
     let port = free_port()?;
     let mut env = match setup {
-        Setup::Usernet => usernet(&tools.usernet_bin, mtu, port, None),
-        Setup::UsernetNoBusyPoll => usernet(&tools.usernet_bin, mtu, port, Some(0)),
+        Setup::Usernet => usernet(&tools.usernet_bin, mtu, port, &[]),
+        Setup::UsernetNoBusyPoll => usernet(&tools.usernet_bin, mtu, port, &["--busy-poll", "0"]),
+        Setup::UsernetTwoEngines => usernet(&tools.usernet_bin, mtu, port, &["--engine-threads", "2"]),
         Setup::Pasta => pasta(&tools.pasta_bin, &tools.tmp, mtu, port, Runas::AsPasta),
         Setup::Slirp4netns => slirp4netns(Path::new("slirp4netns"), &tools.tmp, mtu, port),
         Setup::Veth => return veth(mtu, port),
@@ -331,9 +337,13 @@ pub fn prepare(setup: Setup, tools: &Tools, mtu: u32, peer_ip: Option<Ipv4Addr>)
 /// for the start-up row; Err: why the setup has no such command.
 pub fn startup_command(setup: Setup, tools: &Tools) -> Result<Command, String> {
     match setup {
-        Setup::Usernet => {
+        Setup::Usernet | Setup::UsernetTwoEngines => {
             let mut cmd = Command::new(&tools.usernet_bin);
-            cmd.args(["run", "--dns-upstream", "127.0.0.1:9", "--", "true"]);
+            cmd.args(["run", "--dns-upstream", "127.0.0.1:9"]);
+            if setup == Setup::UsernetTwoEngines {
+                cmd.args(["--engine-threads", "2"]);
+            }
+            cmd.args(["--", "true"]);
             Ok(cmd)
         }
         Setup::Pasta => {
@@ -351,21 +361,19 @@ pub fn startup_command(setup: Setup, tools: &Tools) -> Result<Command, String> {
             Ok(cmd)
         }
         Setup::Slirp4netns => Err("it runs no command: its caller makes the namespace".into()),
-        _ => Err("measured for usernet, pasta and the kernel only".into()),
+        _ => Err("measured for usernet (one engine and two), pasta and the kernel only".into()),
     }
 }
 
-/// `usernet run`'s setup; `busy_poll_us`: a `--busy-poll` other than the default.
-fn usernet(bin: &Path, mtu: u32, port: u16, busy_poll_us: Option<u64>) -> anyhow::Result<Env> {
+/// `usernet run`'s setup, with `options` beyond the defaults.
+fn usernet(bin: &Path, mtu: u32, port: u16, options: &[&str]) -> anyhow::Result<Env> {
     let mut cmd = Command::new(bin);
     cmd.arg("run")
         // A dead loopback port: the benchmark never resolves a name, and must not reach the
         // machine's resolver even by accident.
         .args(["--dns-upstream", "127.0.0.1:9"])
         .args(["-p", &format!("{port}:{port}")]);
-    if let Some(us) = busy_poll_us {
-        cmd.args(["--busy-poll", &us.to_string()]);
-    }
+    cmd.args(options);
     if mtu != DEFAULT_MTU {
         cmd.args(["--mtu", &mtu.to_string()]);
     }

@@ -223,6 +223,25 @@ pub struct Limits {
     pub proxy_idle_timeout: std::time::Duration,
 }
 
+impl Limits {
+    /// One engine's share when `n` engines serve the guest (`engine::shard`): the bounds
+    /// on flows and on held data are divided among them, so that together they hold no
+    /// more than one engine would. The others (descriptors, DHCP, the services') are the
+    /// process's or engine 0's.
+    pub fn per_engine(&self, n: usize) -> Limits {
+        let n = n.max(1);
+        let share = |v: usize| (v / n).max(1);
+        Limits {
+            max_tcp_flows: share(self.max_tcp_flows),
+            max_tcp_flows_per_guest: share(self.max_tcp_flows_per_guest),
+            max_pending_connects: share(self.max_pending_connects),
+            max_udp_flows: share(self.max_udp_flows),
+            max_buffered: share(self.max_buffered),
+            ..*self
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

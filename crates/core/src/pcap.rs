@@ -257,7 +257,8 @@ impl TapReceiver {
     }
 }
 
-/// The engine's end of a live capture.
+/// The engine's end of a live capture (each engine of a set of shards has a copy).
+#[derive(Clone)]
 pub struct LiveTap {
     tx: tokio::sync::mpsc::Sender<Vec<u8>>,
     filter: CaptureFilter,

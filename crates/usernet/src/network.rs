@@ -10,6 +10,9 @@ pub struct Network {
     pub shared: Shared,
     /// The transparent proxy's hook; the caller installs it once its own hooks are in.
     pub proxy_hook: usernet_core::services::TcpHook,
+    /// A handle on the engine's gateway services, for more engines serving the same guest
+    /// (`run --engine-threads`).
+    pub services: usernet_core::services::ServiceHub,
 }
 
 /// The gateway services' state that the control API reads and changes.
@@ -37,6 +40,7 @@ pub fn start_network(
     let proxy_settings = services.proxy_settings();
     proxy_settings.set(proxy);
     let proxy_hook = services.proxy_hook();
+    let handle = services.handle();
     let mut engine =
         usernet_core::engine::Engine::without_link(cfg.clone(), services, pcap).context("network engine")?;
     // The drop-in modes have no `--busy-poll`; `run` and `serve` set theirs afterwards.
@@ -46,7 +50,7 @@ pub fn start_network(
     if let Some(link) = link {
         engine.add_link(link);
     }
-    Ok(Network { engine, shared: Shared { dns_records, proxy_settings, activity }, proxy_hook })
+    Ok(Network { engine, shared: Shared { dns_records, proxy_settings, activity }, proxy_hook, services: handle })
 }
 
 /// `USERNET_BUSY_POLL`, the busy-poll window in microseconds (see `--busy-poll`), if set.

@@ -60,6 +60,13 @@ const PCAP_SNAPLEN: u32 = 262_144;
 pub struct RunArgs {
     #[command(flatten)]
     pub net: NetOpts,
+    /// Threads that serve the network (1 to 8), each an engine with its own queue of the
+    /// guest's interface: connections are spread over them by the kernel's hash of their
+    /// addresses, so that several busy ones use more than one core. The bounds on flows
+    /// and buffered data are divided among them. Not with --pcap.
+    #[arg(long = "engine-threads", value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub engine_threads: u8,
     /// Testing aid: set up the sandbox and supervise COMMAND without serving its network.
     #[arg(long = "debug-no-engine", hide = true)]
     pub no_engine: bool,
@@ -98,11 +105,18 @@ pub fn sandbox_spec(cfg: &NetConfig) -> SandboxSpec {
             };
             resolv::render_guest(server, &dns.search, dns.options.ndots)
         },
+        queues: 1,
     }
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<i32> {
-    let cfg = Arc::new(args.net.to_config(MTU_NETNS)?);
+    let engines = usize::from(args.engine_threads);
+    if engines > 1 && args.net.pcap.is_some() {
+        anyhow::bail!("--pcap records one engine's frames: it needs --engine-threads 1");
+    }
+    let mut cfg = args.net.to_config(MTU_NETNS)?;
+    cfg.limits = cfg.limits.per_engine(engines);
+    let cfg = Arc::new(cfg);
     let pcap = match &args.net.pcap {
         Some(path) => {
             Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
@@ -116,7 +130,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     let listeners = bind_published(&specs)?;
     // The dashboard's port likewise (`--web`).
     let web = args.net.bind_web()?;
-    let spec = sandbox_spec(&cfg);
+    let spec = SandboxSpec { queues: engines, ..sandbox_spec(&cfg) };
     execute(Launch {
         net: &args.net,
         cfg,
@@ -186,6 +200,8 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
 
     // Kept alive until the engine returns; dropping it stops the API and removes its socket.
     let mut api = None;
+    // The other engines (`--engine-threads`), stopped before engine 0 goes.
+    let mut shards = None;
     // Follows the host's resolv.conf and /etc/hosts (its thread: after the join above).
     let mut dns_watch = None;
     let mut pending_watch = None;
@@ -200,7 +216,8 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             Some(Err(e)) => tracing::warn!("{e:#}"),
             None => {}
         }
-        let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
+        let Network { mut engine, shared, proxy_hook, services } =
+            start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
         engine.add_tcp_hook(proxy_hook);
         engine.set_busy_poll(std::time::Duration::from_micros(net.busy_poll));
         engine.add_static_lease(spec.iface.mac, cfg.guest);
@@ -215,6 +232,26 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         {
             tracing::warn!("loopback clients of published ports go through the guest link: {e}");
         }
+        // The TAP device's other queues, an engine each (`--engine-threads`).
+        let queues = sandbox.take_more_queues();
+        if !queues.is_empty() {
+            let links = queues
+                .into_iter()
+                .map(|fd| Tap::from_fd(fd).map(|t| Box::new(t) as Box<dyn usernet_core::link::Link + Send>))
+                .collect::<std::io::Result<Vec<_>>>()
+                .context("TAP device queue")?;
+            let guest = usernet_core::engine::shard::Guest {
+                mac: spec.iface.mac,
+                ip: cfg.guest,
+                ip6: spec.iface.ipv6.map(|(ip6, _)| ip6),
+                busy_poll: std::time::Duration::from_micros(net.busy_poll),
+            };
+            shards = Some(
+                usernet_core::engine::shard::start(&mut engine, cfg.clone(), &services, links, guest)
+                    .context("starting the other engine threads")?,
+            );
+        }
+        drop(services);
         if let Some(start) = with_engine {
             let netns = sandbox.netns().context("the sandbox kept no network namespace")?;
             start(engine.control_handle().context("control handle")?, netns)?;
@@ -275,6 +312,7 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         w.kill_follower();
     }
     drop(api);
+    drop(shards);
     drop(engine);
     drop(dns_watch);
     sandbox.finish();

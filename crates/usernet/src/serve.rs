@@ -187,7 +187,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     // Its guests get MACs after the `--netns` ones.
     let (acceptors, links) = transports.bind(&cfg, netns_mac(args.netns.len()))?;
 
-    let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
+    let Network { mut engine, shared, proxy_hook, .. } = start_network(&cfg, proxy, pcap, None)?;
     // One guest per link: none may use another's MAC or address.
     engine.bind_guests_to_links();
     // Follows the host's resolv.conf and /etc/hosts until usernet stops.

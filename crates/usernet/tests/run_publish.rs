@@ -728,6 +728,38 @@ fn remote_client_keeps_its_address() {
     assert!(log.lines().any(|l| l == format!("CLIENT {}", peer.ip)), "guest never saw {}:\n{}", peer.ip, bg.describe());
 }
 
+/// `--engine-threads 2`: a published port's connections, from the host's loopback (spliced)
+/// and from another address (through the TAP device, whose queues both engines read), all
+/// arrive whole in parallel; engine 0, which accepts them, keeps every one.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn published_port_with_two_engine_threads() {
+    require(TOOLS);
+    let dns = DnsUpstream::start();
+    let peer = PeerNs::new();
+    let (dir, want) = guest_dir("pub-engines", 2 << 20);
+    let dir_s = dir.path().to_string_lossy().into_owned();
+    let p = free_ports(1);
+    let args = ["--engine-threads", "2", "-p", &format!("{p}:80")];
+    let mut bg = usernet_bg(&dns, &args, &guest_server_cmd(&dir, &["http", "80", &dir_s]));
+    bg.wait_line("READY", READY_LIMIT);
+    let got = TempDir::new("pub-engines-got");
+    let fetch = |host: &str, tag: &str| {
+        format!(
+            "for i in 1 2 3 4 5 6 7 8; do curl -sSf --noproxy '*' -m 60 -o {d}/{tag}$i http://{host}:{p}/f & done; \
+             wait; sha256sum {d}/{tag}*",
+            d = got.path().display()
+        )
+    };
+    let local = sh(&fetch("127.0.0.1", "l"));
+    let remote = peer.exec(&["sh", "-c", &fetch(&peer.host_ip, "r")]);
+    for out in [&local, &remote] {
+        let hashes = hex_hashes(&out.stdout);
+        assert!(hashes.len() == 8 && hashes.iter().all(|h| *h == want), "{out}\n{}", bg.describe());
+    }
+    bg.stop();
+}
+
 /// `--api PATH`: the control socket exists while usernet runs (next to published ports)
 /// and is gone after it exits.
 #[test]

@@ -40,6 +40,23 @@ pub struct Stats {
     pub capture_dropped: u64,
 }
 
+impl Stats {
+    /// The counters of two engines serving one guest, together.
+    pub fn merge(&self, o: &Stats) -> Stats {
+        Stats {
+            frames_in: self.frames_in + o.frames_in,
+            frames_out: self.frames_out + o.frames_out,
+            bytes_in: self.bytes_in + o.bytes_in,
+            bytes_out: self.bytes_out + o.bytes_out,
+            dropped_in: self.dropped_in + o.dropped_in,
+            tcp_flows: self.tcp_flows + o.tcp_flows,
+            udp_flows: self.udp_flows + o.udp_flows,
+            icmp_flows: self.icmp_flows + o.icmp_flows,
+            capture_dropped: self.capture_dropped + o.capture_dropped,
+        }
+    }
+}
+
 /// One active flow, for `/v1/flows`.
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowInfo {
@@ -149,6 +166,17 @@ pub enum Command {
     Capture {
         tap: crate::pcap::LiveTap,
     },
+    /// An answer gathered along a set of engines (see shard.rs): the engine adds its own
+    /// part and passes it to the next, or answers when it is the last.
+    Gather(Box<Gather>),
+}
+
+/// The parts of an answer that all engines of a set of shards give (boxed in [`Command`]).
+#[allow(clippy::large_enum_variant)]
+pub enum Gather {
+    Stats(Stats, Reply<Stats>),
+    Flows(Vec<FlowInfo>, Reply<Vec<FlowInfo>>),
+    Metrics(EngineMetrics, Reply<EngineMetrics>),
 }
 
 /// A cloneable handle that sends commands to a running engine.
@@ -204,34 +232,58 @@ impl Engine {
                 Command::Leases { reply } => {
                     let _ = reply.send(self.dhcp.leases());
                 }
-                Command::Stats { reply } => {
-                    let s = self.switch.stats;
-                    let _ = reply.send(Stats {
-                        frames_in: s.frames_in,
-                        frames_out: s.frames_out,
-                        bytes_in: s.bytes_in,
-                        bytes_out: s.bytes_out,
-                        dropped_in: s.dropped_in,
-                        tcp_flows: self.flows.tcp_count,
-                        udp_flows: self.flows.udp_count,
-                        icmp_flows: self.flows.icmp_count,
-                        capture_dropped: self.switch.pcap.as_ref().map_or(0, |p| p.tap_dropped()),
-                    });
-                }
-                Command::Flows { reply } => {
-                    let now = std::time::Instant::now();
-                    let list = self.flows.ids().map(|(_, f)| FlowInfo::of(f, now)).collect();
-                    let _ = reply.send(list);
-                }
-                Command::Metrics { reply } => {
-                    let _ = reply.send(self.metrics());
-                }
+                Command::Stats { reply } => self.gather(Gather::Stats(Stats::default(), reply)),
+                Command::Flows { reply } => self.gather(Gather::Flows(Vec::new(), reply)),
+                Command::Metrics { reply } => self.gather(Gather::Metrics(EngineMetrics::default(), reply)),
+                Command::Gather(g) => self.gather(*g),
                 Command::Tunnel { fd, guest, reply } => {
                     let _ = reply.send(self.tunnel(fd, guest, std::time::Instant::now()));
                 }
                 Command::Capture { tap } => {
+                    if let Some(next) = self.shard.as_ref().and_then(|s| s.next.as_ref()) {
+                        next.send(Command::Capture { tap: tap.clone() });
+                    }
                     self.switch.pcap.get_or_insert_with(crate::pcap::PcapWriter::live_only).add_tap(tap);
                 }
+            }
+        }
+    }
+
+    /// Adds this engine's part to `g`, and passes it to the next engine or answers.
+    fn gather(&mut self, g: Gather) {
+        let g = match g {
+            Gather::Stats(partial, reply) => {
+                let s = self.switch.stats;
+                let own = Stats {
+                    frames_in: s.frames_in,
+                    frames_out: s.frames_out,
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                    dropped_in: s.dropped_in,
+                    tcp_flows: self.flows.tcp_count,
+                    udp_flows: self.flows.udp_count,
+                    icmp_flows: self.flows.icmp_count,
+                    capture_dropped: self.switch.pcap.as_ref().map_or(0, |p| p.tap_dropped()),
+                };
+                Gather::Stats(partial.merge(&own), reply)
+            }
+            Gather::Flows(mut list, reply) => {
+                let now = std::time::Instant::now();
+                list.extend(self.flows.ids().map(|(_, f)| FlowInfo::of(f, now)));
+                Gather::Flows(list, reply)
+            }
+            Gather::Metrics(partial, reply) => Gather::Metrics(partial.merge(self.metrics()), reply),
+        };
+        match self.shard.as_ref().and_then(|s| s.next.as_ref()) {
+            Some(next) => {
+                next.send(Command::Gather(Box::new(g)));
+            }
+            None => {
+                let _ = match g {
+                    Gather::Stats(s, reply) => reply.send(s).is_ok(),
+                    Gather::Flows(list, reply) => reply.send(list).is_ok(),
+                    Gather::Metrics(m, reply) => reply.send(m).is_ok(),
+                };
             }
         }
     }

@@ -32,7 +32,11 @@ impl Engine {
     pub fn on_frame(&mut self, link: usize, frame: &[u8], now: Instant) {
         self.switch.stats.frames_in += 1;
         self.switch.stats.bytes_in += frame.len() as u64;
-        if let Some(p) = self.switch.pcap.as_mut() {
+        // (A frame another engine handed over was captured there.)
+        let handed = self.handling_handed();
+        if let Some(p) = self.switch.pcap.as_mut()
+            && !handed
+        {
             p.write(frame);
         }
         let Some((eth, payload)) = EthernetHeader::parse(frame) else {
@@ -71,6 +75,10 @@ impl Engine {
             if eth.dst[0] & 1 == 0 {
                 return;
             }
+        }
+        // With several engines: a frame of another engine's flow goes to it (see shard.rs).
+        if self.shard.is_some() && !self.keep_frame(self.belongs(ip4.as_ref(), ip6.as_ref()), frame) {
+            return;
         }
         match eth.ethertype {
             ethernet::ETHERTYPE_ARP | ethernet::ETHERTYPE_IPV4 if !self.cfg.ipv4 => {

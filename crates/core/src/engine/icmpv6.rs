@@ -148,7 +148,8 @@ impl Engine {
     /// The unsolicited advertisement when it is due (a link came up, or [`RA_INTERVAL`]
     /// passed): called once per round of the loop.
     pub(super) fn advertise_router_when_due(&mut self, now: Instant) {
-        if self.cfg.v6.is_none() || self.next_router_advert.is_some_and(|t| now < t) {
+        // (Of a set of engines, engine 0 alone speaks for the router: see shard.rs.)
+        if self.cfg.v6.is_none() || self.next_router_advert.is_some_and(|t| now < t) || self.shard_index() != 0 {
             return;
         }
         if let Some(last) = self.last_multicast_advert

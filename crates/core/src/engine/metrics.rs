@@ -231,6 +231,21 @@ impl Counters {
     pub fn connect_failures(&self) -> impl Iterator<Item = (ConnectFailure, u64)> + '_ {
         ConnectFailure::ALL.iter().map(|r| (*r, self.connect_failures[*r as usize]))
     }
+
+    /// Two engines' counters together (see `EngineMetrics::merge`).
+    pub fn merge(&self, o: &Counters) -> Counters {
+        let mut sum = *self;
+        for (a, b) in sum.drops.iter_mut().zip(o.drops) {
+            *a += b;
+        }
+        for (a, b) in sum.connect_failures.iter_mut().zip(o.connect_failures) {
+            *a += b;
+        }
+        for (a, b) in sum.limits.iter_mut().zip(o.limits) {
+            *a += b;
+        }
+        sum
+    }
 }
 
 /// What one guest link carried.
@@ -296,6 +311,38 @@ pub struct EngineMetrics {
     pub loop_counters: LoopCounters,
     /// The gateway services' counters (DNS forwarding, the proxy), when the engine has them.
     pub services: Option<crate::services::metrics::ServicesSample>,
+}
+
+impl EngineMetrics {
+    /// The metrics of two engines serving one guest (`engine::shard`), together: the
+    /// counters of links with the same index (queues of one TAP device) add up, as do the
+    /// flows, the drops and the loop's rounds and busy time; published ports and the
+    /// services are engine 0's.
+    pub fn merge(mut self, o: EngineMetrics) -> EngineMetrics {
+        for link in o.links {
+            match self.links.iter_mut().find(|l| l.index == link.index) {
+                Some(l) => {
+                    l.counters.rx_frames += link.counters.rx_frames;
+                    l.counters.rx_bytes += link.counters.rx_bytes;
+                    l.counters.tx_frames += link.counters.tx_frames;
+                    l.counters.tx_bytes += link.counters.tx_bytes;
+                }
+                None => self.links.push(link),
+            }
+        }
+        self.counters = self.counters.merge(&o.counters);
+        for (key, n) in o.flows {
+            match self.flows.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 += n,
+                None => self.flows.push((key, n)),
+            }
+        }
+        self.listeners.extend(o.listeners);
+        self.loop_counters.iterations += o.loop_counters.iterations;
+        self.loop_counters.busy_nanos += o.loop_counters.busy_nanos;
+        self.services = self.services.or(o.services);
+        self
+    }
 }
 
 #[cfg(test)]

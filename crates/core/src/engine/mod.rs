@@ -30,7 +30,9 @@
 //! - `control`: commands from other threads (the API) and their answers;
 //! - `metrics`: the counters `/metrics` shows (per link, drops, failed connects, the loop);
 //! - `sock`: the socket system calls of the data path; `busy_poll`, `udp_batch`: helpers;
-//! - `budget`: the guest data all TCP flows may hold together (`--max-buffered`).
+//! - `budget`: the guest data all TCP flows may hold together (`--max-buffered`);
+//! - `shard`: several engines, a thread and a TAP queue each, serving one guest
+//!   (`--engine-threads`).
 
 pub mod budget;
 pub mod busy_poll;
@@ -44,6 +46,7 @@ pub mod guest_sockets;
 mod icmpv6;
 pub mod listeners;
 pub mod metrics;
+pub mod shard;
 pub mod sock;
 pub mod switch;
 pub mod synthetic;
@@ -83,6 +86,8 @@ const LINK_BIT: usize = 1 << 61;
 const ACCEPTOR_BIT: usize = 1 << 60;
 const SUPERVISOR: Token = Token(1);
 const WAKER: Token = Token(2);
+/// Frames other engines handed to this one (see `shard`).
+const SHARD: Token = Token(3);
 const FLOW_BASE: usize = 16;
 
 pub struct Engine {
@@ -137,6 +142,8 @@ pub struct Engine {
     /// and when the last one went.
     next_router_advert: Option<Instant>,
     last_multicast_advert: Option<Instant>,
+    /// This engine's part in a set of engines serving one guest (`shard`).
+    shard: Option<shard::Shard>,
 }
 
 impl Engine {
@@ -320,6 +327,7 @@ impl Engine {
             service_metrics: None,
             next_router_advert: None,
             last_multicast_advert: None,
+            shard: None,
             guests6: Vec::new(),
             next_splice_id: 0,
             pipe_pool: Default::default(),

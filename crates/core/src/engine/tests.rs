@@ -1116,3 +1116,130 @@ fn held_guest_data_has_a_timer_of_its_own() {
     let acks = take_tcp(&link);
     assert_eq!(acks.last().map(|(h, _)| h.ack), Some(1001 + 1460), "{acks:?}");
 }
+
+/// Two engines made shards of one guest, in this thread: each handles what its own link
+/// brings, and hands the other the frames of the other's flows (shard.rs).
+fn two_shards() -> [(Engine, FakeLink, FakeDialer); 2] {
+    let mut engines = [engine(false), engine(false)];
+    let (set, mut inboxes) = shard::ShardSet::new(2);
+    let next = engines[1].0.control_handle().unwrap();
+    let inbox1 = inboxes.pop().unwrap();
+    engines[1].0.join_shards(set.clone(), 1, inbox1, None).unwrap();
+    engines[0].0.join_shards(set, 0, inboxes.pop().unwrap(), Some(next)).unwrap();
+    engines
+}
+
+#[test]
+fn shards_hand_each_other_the_frames_of_their_flows() {
+    let [(mut e0, link0, _), (mut e1, link1, dialer1)] = two_shards();
+    let now = Instant::now();
+    // The SYN reaches engine 1: the flow is its own.
+    e1.on_frame(0, &tcp_frame(&seg(1000, 0, SYN), b""), now);
+    let isn = take_tcp(&link1)[0].0.seq;
+    let mut peer = dialer1.tcp_peers.borrow_mut().pop().unwrap();
+    let key = flows::FlowKey::Tcp { guest: guest().into(), remote: remote().into() };
+    assert_eq!(e1.shard.as_ref().unwrap().set.owner(&key), Some(1));
+    // Its next segments reach engine 0's queue: handed over, not refused.
+    e0.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK), b""), now);
+    e0.on_frame(0, &tcp_frame(&seg(1001, isn + 1, ACK | PSH_FLAG), b"hello"), now);
+    assert_eq!(e0.flow_count(), 0);
+    assert!(take_tcp(&link0).is_empty(), "engine 0 answered another engine's flow");
+    assert_eq!(e0.stats().frames_in, 0, "handed frames count where they are handled");
+    e1.on_handed(now);
+    e1.flush_acks(now);
+    let mut got = [0u8; 5];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    assert_eq!(e1.stats().frames_in, 3);
+    // ARP is engine 0's, whichever queue it came by; engine 0 answers it.
+    let arp = {
+        let mut f = vec![0u8; ethernet::HEADER_LEN + arp::LEN];
+        EthernetHeader { dst: [0xff; 6], src: GUEST_MAC, ethertype: ethernet::ETHERTYPE_ARP }.emit(&mut f);
+        ArpPacket {
+            op: arp::OP_REQUEST,
+            sender_mac: GUEST_MAC,
+            sender_ip: *guest().ip(),
+            target_mac: [0; 6],
+            target_ip: Ipv4Addr::new(192, 168, 65, 1),
+        }
+        .emit(&mut f[ethernet::HEADER_LEN..]);
+        f
+    };
+    e1.on_frame(0, &arp, now);
+    assert!(link1.sent.borrow().is_empty(), "engine 1 answered ARP");
+    e0.on_handed(now);
+    assert_eq!(link0.sent.borrow().len(), 1, "engine 0 answers the ARP request");
+    // The flow ends on engine 1: its claim goes with it.
+    e1.shutdown();
+    assert_eq!(e1.shard.as_ref().unwrap().set.owner(&key), None);
+    // A stray segment for no flow at all stays where it came, and is refused there.
+    e0.on_frame(0, &tcp_frame(&seg(1006, isn + 1, ACK), b""), now);
+    assert!(take_tcp(&link0).iter().any(|(h, _)| h.has(RST)));
+}
+
+#[test]
+fn shards_gather_stats_and_flows_of_both() {
+    let [(mut e0, _, _), (mut e1, link1, _)] = two_shards();
+    let now = Instant::now();
+    e1.on_frame(0, &tcp_frame(&seg(1000, 0, SYN), b""), now);
+    assert_eq!(take_tcp(&link1).len(), 1);
+    let handle = e0.control_handle().unwrap();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    assert!(handle.send(control::Command::Stats { reply: tx }));
+    e0.on_commands();
+    assert!(rx.try_recv().is_err(), "engine 0 answered alone");
+    e1.on_commands();
+    let stats = rx.try_recv().unwrap();
+    assert_eq!((stats.tcp_flows, stats.frames_in), (1, 1));
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    assert!(handle.send(control::Command::Metrics { reply: tx }));
+    e0.on_commands();
+    e1.on_commands();
+    let m = rx.try_recv().unwrap();
+    assert_eq!(m.links.len(), 1, "the queues of one device are one link");
+    assert_eq!(m.links[0].counters.tx_frames, 1);
+}
+
+#[test]
+fn belongs_sorts_flows_from_engine_0s_frames() {
+    let (e, _, _) = engine(false);
+    let classify = |f: &[u8]| {
+        let (_, payload) = EthernetHeader::parse(f).unwrap();
+        let ip = Ipv4Header::parse(payload);
+        match e.belongs(ip.as_ref(), None) {
+            shard::Belongs::Flow(k) => Some(k),
+            shard::Belongs::Engine0 => None,
+        }
+    };
+    let tcp = tcp_frame(&seg(1000, 0, SYN), b"");
+    assert!(matches!(classify(&tcp), Some(flows::FlowKey::Tcp { .. })));
+    let udp_to = |dst: Ipv4Addr, port: u16| {
+        let mut d = vec![0u8; 8];
+        UdpHeader { src_port: 68, dst_port: port }.emit(&mut d, 0, IpAddr::V4(*guest().ip()), IpAddr::V4(dst));
+        frame_ipv4(PROTO_UDP, *guest().ip(), dst, &d)
+    };
+    assert!(matches!(classify(&udp_to(*remote().ip(), 53)), Some(flows::FlowKey::Udp { .. })));
+    assert_eq!(classify(&udp_to(Ipv4Addr::BROADCAST, 67)), None, "DHCP");
+    assert_eq!(classify(&udp_to(Ipv4Addr::new(192, 168, 65, 255), 9)), None, "subnet broadcast");
+    assert_eq!(classify(&udp_to(Ipv4Addr::new(224, 0, 0, 251), 5353)), None, "multicast");
+    let ping = frame_ipv4(PROTO_ICMP, *guest().ip(), *remote().ip(), &[8, 0, 0, 0, 0, 1, 0, 1]);
+    assert_eq!(classify(&ping), None, "ICMP");
+    // Truncated: no ports.
+    let short = frame_ipv4(PROTO_TCP, *guest().ip(), *remote().ip(), &[0, 80]);
+    assert_eq!(classify(&short), None);
+}
+
+#[test]
+fn engines_share_the_bounds_on_flows_and_held_data() {
+    let l = crate::config::Limits { max_tcp_flows: 3, ..Default::default() };
+    assert_eq!(l.per_engine(1), l);
+    assert_eq!(l.per_engine(0), l);
+    let half = l.per_engine(2);
+    assert_eq!(half.max_buffered, l.max_buffered / 2);
+    assert_eq!(half.max_tcp_flows_per_guest, l.max_tcp_flows_per_guest / 2);
+    assert_eq!(half.max_udp_flows, l.max_udp_flows / 2);
+    assert_eq!(half.max_tcp_flows, 1);
+    assert_eq!(l.per_engine(8).max_tcp_flows, 1, "never below one");
+    assert_eq!(half.fd_reserve, l.fd_reserve, "the process's, not an engine's");
+    assert_eq!(half.max_dhcp_offers, l.max_dhcp_offers, "engine 0's");
+}

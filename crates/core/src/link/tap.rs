@@ -43,15 +43,27 @@ const TUN_F_TSO6: libc::c_uint = 0x04;
 impl Tap {
     /// Creates TAP interface `name` in the current network namespace (it starts down).
     pub fn create(name: &str) -> io::Result<Tap> {
-        Tap::create_with(name, false)
+        Tap::create_single(name, false)
     }
 
     /// The same with a virtio-net header on every frame, ready for offloads.
     pub fn create_with_vnet_hdr(name: &str) -> io::Result<Tap> {
-        Tap::create_with(name, true)
+        Tap::create_single(name, true)
     }
 
-    fn create_with(name: &str, vnet: bool) -> io::Result<Tap> {
+    /// The same with `queues` queues (IFF_MULTI_QUEUE): one descriptor per queue, each a
+    /// [`Link`] of its own, for one engine thread each (see `engine::shard`). The kernel
+    /// picks the queue of each frame the guest sends by a hash of its flow, or by the queue
+    /// that last wrote that flow's frames.
+    pub fn create_multi_queue(name: &str, queues: usize) -> io::Result<Vec<Tap>> {
+        (0..queues.max(1)).map(|_| Tap::create_with(name, true, true)).collect()
+    }
+
+    fn create_single(name: &str, vnet: bool) -> io::Result<Tap> {
+        Tap::create_with(name, vnet, false)
+    }
+
+    fn create_with(name: &str, vnet: bool, multi_queue: bool) -> io::Result<Tap> {
         let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let bytes = cname.as_bytes_with_nul();
         if bytes.len() > libc::IFNAMSIZ {
@@ -64,7 +76,8 @@ impl Tap {
             *dst = *src as libc::c_char;
         }
         let vnet_flag = if vnet { libc::IFF_VNET_HDR } else { 0 };
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | vnet_flag) as libc::c_short;
+        let mq_flag = if multi_queue { libc::IFF_MULTI_QUEUE } else { 0 };
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | vnet_flag | mq_flag) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one ifreq, which lives across the call.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
         Errno::result(rc)?;

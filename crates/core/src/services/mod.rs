@@ -147,6 +147,23 @@ impl ServiceHub {
         })
     }
 
+    /// Another handle on the same services, for another engine serving the same guest
+    /// (`engine::shard`). The first hub ends the services when it goes, after waiting for
+    /// every handle to go.
+    pub fn handle(&self) -> ServiceHub {
+        ServiceHub {
+            cfg: self.cfg.clone(),
+            records: self.records.clone(),
+            proxy: self.proxy.clone(),
+            jobs: self.jobs.clone(),
+            dns_udp_live: self.dns_udp_live.clone(),
+            told_dns_udp_full: AtomicBool::new(false),
+            thread: None,
+            metrics: self.metrics.clone(),
+            activity: self.activity.clone(),
+        }
+    }
+
     /// The services' counters (DNS forwarding per upstream, the proxy), for `/metrics`.
     pub fn metrics(&self) -> Arc<metrics::ServiceMetrics> {
         self.metrics.clone()

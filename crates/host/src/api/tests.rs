@@ -108,6 +108,8 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
                 w.write(&test_frame(proto, port));
             }
         }
+        // Only engines of a set of shards pass these to each other.
+        Command::Gather(_) => unreachable!("the API never sends Gather"),
         Command::Metrics { reply } => {
             let mut counters = Counters::default();
             counters.connect_failed(libc::ECONNREFUSED);

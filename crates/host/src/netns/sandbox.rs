@@ -68,6 +68,9 @@ pub struct SandboxSpec {
     pub iface: super::Interface,
     /// The text of /etc/resolv.conf as COMMAND sees it.
     pub resolv_conf: String,
+    /// Queues of the TAP device: more than one makes it IFF_MULTI_QUEUE, with a descriptor
+    /// per queue (see [`Sandbox::take_more_queues`]).
+    pub queues: usize,
 }
 
 /// The guest's MAC address in `usernet run` (locally administered).
@@ -145,6 +148,10 @@ pub struct Sandbox {
     program: String,
     ctl: OwnedFd,
     tap: Option<OwnedFd>,
+    /// The TAP device's other queues' descriptors (`SandboxSpec::queues` beyond the first).
+    more_queues: Vec<OwnedFd>,
+    /// Queues the TAP device has (at least one).
+    queues: usize,
     netns: Option<OwnedFd>,
     /// The child sent its resolv.conf (or failed to make it): nothing more comes before
     /// the go-ahead.
@@ -195,6 +202,8 @@ impl Sandbox {
                     program: command[0].to_string_lossy().into_owned(),
                     ctl: ours,
                     tap: None,
+                    more_queues: Vec::new(),
+                    queues: spec.queues.max(1),
                     netns: None,
                     resolv_conf_received: false,
                     status: None,
@@ -205,9 +214,10 @@ impl Sandbox {
     }
 
     fn wait_ready(&mut self) -> Result<(), SandboxError> {
-        let mut fds = self.receive_setup(MSG_READY, 2, "its TAP device")?.into_iter();
+        let mut fds = self.receive_setup(MSG_READY, 1 + self.queues, "its TAP device")?.into_iter();
         self.tap = fds.next();
         self.netns = fds.next();
+        self.more_queues = fds.collect();
         Ok(())
     }
 
@@ -233,6 +243,12 @@ impl Sandbox {
     /// The TAP device's descriptor (once).
     pub fn take_tap(&mut self) -> Option<OwnedFd> {
         self.tap.take()
+    }
+
+    /// The descriptors of the TAP device's other queues (once; none unless
+    /// `SandboxSpec::queues` asked for more than one).
+    pub fn take_more_queues(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.more_queues)
     }
 
     /// The guest's /etc/resolv.conf, open for reading and writing (see
@@ -585,9 +601,11 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
         let _ = send_retry(&ctl, &out);
         exit_now(crate::exit_code::USERNET_FAILED)
     };
-    let (tap, netns, resolv_conf) = child_setup(spec).unwrap_or_else(|msg| setup_failed(msg));
-    let sent = send_fds(&ctl, MSG_READY, &[tap.as_raw_fd(), netns.as_raw_fd()]);
-    drop(tap);
+    let (taps, netns, resolv_conf) = child_setup(spec).unwrap_or_else(|msg| setup_failed(msg));
+    let mut fds = vec![taps[0].as_raw_fd(), netns.as_raw_fd()];
+    fds.extend(taps[1..].iter().map(|t| t.as_raw_fd()));
+    let sent = send_fds(&ctl, MSG_READY, &fds);
+    drop(taps);
     drop(netns);
     if sent.is_err() {
         exit_now(crate::exit_code::USERNET_FAILED);
@@ -666,9 +684,9 @@ type ResolvConfThread = std::thread::JoinHandle<io::Result<fs::File>>;
 
 /// Namespaces, then the TAP and its configuration while a thread makes the guest's
 /// resolv.conf (both are mostly the kernel's work: on two cores, the sandbox is ready
-/// sooner); returns the TAP, the network namespace and that thread, or one line for the
-/// user.
-fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd, ResolvConfThread), String> {
+/// sooner); returns the TAP's queues, the network namespace and that thread, or one line
+/// for the user.
+fn child_setup(spec: &SandboxSpec) -> Result<(Vec<OwnedFd>, OwnedFd, ResolvConfThread), String> {
     enter_namespaces()?;
     // Nothing we mount may propagate back to the host's mount namespace.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
@@ -679,16 +697,21 @@ fn child_setup(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd, ResolvConfThread
         .map_err(|e| format!("cannot start a thread: {}", describe(&e)))?;
 
     let name = &spec.iface.ifname;
-    let tap = Tap::create_with_vnet_hdr(name)
-        .map_err(|e| format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e)))?;
+    // A multi-queue device only when asked: the kernel gives one 256 queues in sysfs.
+    let taps = if spec.queues > 1 {
+        Tap::create_multi_queue(name, spec.queues)
+    } else {
+        Tap::create_with_vnet_hdr(name).map(|t| vec![t])
+    }
+    .map_err(|e| format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e)))?;
     // The namespace is usernet's alone: the device may go with it, in the background.
-    if let Err(e) = tap.persist() {
+    if let Err(e) = taps[0].persist() {
         tracing::debug!("TUNSETPERSIST: {e}");
     }
     super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     let netns = open("/proc/self/ns/net", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
-    Ok((tap.into_fd(), netns, resolv_conf))
+    Ok((taps.into_iter().map(Tap::into_fd).collect(), netns, resolv_conf))
 }
 
 /// Enters new network and mount namespaces, in a new user namespace when needed.

@@ -416,7 +416,7 @@ fn run(o: &Options) -> anyhow::Result<String> {
     let mut sup = GvproxySupervisor { signals: SignalSupervisor::new()?, signalled: false };
 
     let (acceptors, links) = transports.bind(&cfg, DEVICE_MAC)?;
-    let Network { mut engine, shared, proxy_hook } = start_network(&cfg, proxy, pcap, None)?;
+    let Network { mut engine, shared, proxy_hook, .. } = start_network(&cfg, proxy, pcap, None)?;
     engine.bind_guests_to_links();
     engine.add_static_lease(DEVICE_MAC, cfg.guest);
     let _dns_watch = net.start_dns_watch(&cfg).map_err(|e| tracing::warn!("{e:#}")).ok();

@@ -8,6 +8,7 @@
 
 pub mod icmp;
 pub mod lru;
+pub mod owners;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
@@ -208,9 +209,23 @@ pub struct FlowTable {
     icmp: lru::SlotList,
     /// TCP flows per guest, for the per-guest bound.
     tcp_per_guest: HashMap<GuestKey, usize>,
+    /// With several engines (`engine::shard`): the map of which engine holds each flow,
+    /// kept up to date with this table, and this engine's index there.
+    owners: Option<(std::sync::Arc<owners::Owners>, usize)>,
 }
 
 impl FlowTable {
+    /// Keeps `set`'s owner map up to date with this table, as engine `me`'s.
+    pub fn share_owners(&mut self, set: std::sync::Arc<owners::Owners>, me: usize) {
+        for (_, flow) in self.ids() {
+            let key = flow.key();
+            if !matches!(key, FlowKey::Splice { .. }) {
+                set.claim(key, me);
+            }
+        }
+        self.owners = Some((set, me));
+    }
+
     pub fn lookup(&self, key: &FlowKey) -> Option<FlowId> {
         match Key4::of(key) {
             Some(k) => self.index4.get(&k).copied(),
@@ -293,6 +308,11 @@ impl FlowTable {
     /// Adds `flow`; a TCP flow counts against `guest` until it is removed.
     pub fn insert(&mut self, flow: Flow, guest: Option<GuestKey>) -> FlowId {
         let key = flow.key();
+        if let Some((set, me)) = &self.owners
+            && !matches!(key, FlowKey::Splice { .. })
+        {
+            set.claim(key, *me);
+        }
         if flow.is_gateway_dns() {
             self.gateway_dns_count += 1;
         }
@@ -339,6 +359,10 @@ impl FlowTable {
             Some(k) => self.index4.remove(&k),
             None => self.index.remove(old),
         };
+        if let Some((set, me)) = &self.owners {
+            set.release(old, *me);
+            set.claim(new, *me);
+        }
         match Key4::of(&new) {
             Some(k) => self.index4.insert(k, id),
             None => self.index.insert(new, id),
@@ -359,6 +383,9 @@ impl FlowTable {
             Some(k) => self.index4.remove(&k),
             None => self.index.remove(&key),
         };
+        if let Some((set, me)) = &self.owners {
+            set.release(&key, *me);
+        }
         for kind in [Kind::Connecting, Kind::Udp, Kind::GatewayDns, Kind::Icmp] {
             self.list(kind).remove(id.slot);
         }

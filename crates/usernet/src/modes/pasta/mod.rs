@@ -671,8 +671,11 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         };
         let cfg_guest = cfg.first_guest();
         let upstreams = cfg.host_dns.upstreams();
-        let spec =
-            SandboxSpec { iface, resolv_conf: resolv::render_guest(dns, &upstreams.search, upstreams.options.ndots) };
+        let spec = SandboxSpec {
+            iface,
+            resolv_conf: resolv::render_guest(dns, &upstreams.search, upstreams.options.ndots),
+            queues: 1,
+        };
         return crate::run::execute(crate::run::Launch {
             net: &net,
             cfg,

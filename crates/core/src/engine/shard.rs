@@ -1,0 +1,323 @@
+//! Shards: one guest served by several engines, each on a thread of its own with its own
+//! queue of a multi-queue TAP device (`usernet run --engine-threads N`).
+//!
+//! # Theory of operation
+//!
+//! The kernel picks the queue of each frame the guest sends: the queue that last wrote a
+//! frame of the same flow, while that is recent (about 3 s), else one chosen by a hash of
+//! the flow's addresses and ports (tun's automatic steering). So a flow's frames mostly
+//! reach the engine that answers it, and a new connection goes to one engine or the other
+//! by its hash: four streams spread over two engines.
+//!
+//! Mostly is not always: after a pause the hash may pick the other queue (for a flow that
+//! usernet opened toward the guest, a published port's), and the kernel's flow table is
+//! bounded. So every engine registers the flows it holds in one owner map, and a frame for
+//! a flow an engine does not have is handed, as bytes, to the engine that owns it (a
+//! channel and a waker per engine). Lookups in the map happen only on such misses; a
+//! flow's engine never changes while the flow lives.
+//!
+//! Engine 0 keeps everything that is not a guest's own TCP or UDP flow: ARP, neighbour and
+//! router discovery, DHCP, ICMP, flows to the gateway's services, published ports (their
+//! flows and splices), `/tunnel`, the control API. The other engines hand it such frames.
+//! The bounds on flows and held data are divided among the engines (`Limits::per_engine`). Answers that count the whole
+//! network (`Stats`, `Flows`, `Metrics`) are gathered along the engines: each adds its own
+//! part and passes the command to the next, and the last one answers.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, OnceLock, mpsc};
+use std::time::Duration;
+
+use usernet_wire::ipv4::Ipv4Header;
+use usernet_wire::ipv6::Ipv6Header;
+use usernet_wire::{PROTO_TCP, PROTO_UDP};
+
+use super::control::ControlHandle;
+use super::flows::FlowKey;
+use super::flows::owners::Owners;
+use super::{Engine, SHARD, Supervisor};
+use crate::config::NetConfig;
+use crate::link::Link;
+use crate::services::{ServiceHub, dhcp6};
+
+/// Which engine holds each flow, and how to reach each engine.
+pub struct ShardSet {
+    owners: Arc<Owners>,
+    /// Each engine's inbox, and the waker of its loop once it joined.
+    inboxes: Vec<(mpsc::Sender<Vec<u8>>, Waker)>,
+}
+
+/// The waker of an engine's loop, set when the engine joins its set.
+type Waker = OnceLock<Arc<mio::Waker>>;
+
+/// The receiving end of an engine's inbox.
+pub struct Inbox(mpsc::Receiver<Vec<u8>>);
+
+impl ShardSet {
+    /// A set of `n` engines, and their inboxes, engine 0's first.
+    pub fn new(n: usize) -> (Arc<ShardSet>, Vec<Inbox>) {
+        let (inboxes, receivers) = (0..n)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel();
+                ((tx, OnceLock::new()), Inbox(rx))
+            })
+            .unzip();
+        (Arc::new(ShardSet { owners: Arc::default(), inboxes }), receivers)
+    }
+
+    /// The engine that holds the flow `key`, if any does.
+    pub fn owner(&self, key: &FlowKey) -> Option<usize> {
+        self.owners.owner(key)
+    }
+
+    /// Gives engine `to` a frame to handle as if it had read it; false when it cannot.
+    fn hand(&self, to: usize, frame: &[u8]) -> bool {
+        match self.inboxes.get(to) {
+            Some((tx, waker)) => match waker.get() {
+                Some(waker) => tx.send(frame.to_vec()).is_ok() && waker.wake().is_ok(),
+                None => false,
+            },
+            None => false,
+        }
+    }
+}
+
+/// An engine's part in a set of shards.
+pub(super) struct Shard {
+    pub index: usize,
+    pub set: Arc<ShardSet>,
+    inbox: Inbox,
+    /// The next engine, which gathered answers go to (None for the last).
+    pub next: Option<ControlHandle>,
+    /// True while the engine handles frames handed to it: they are never handed on.
+    handling_handed: bool,
+}
+
+/// The guest, as `run` describes it to engine 0, for the other engines.
+#[derive(Clone, Copy, Debug)]
+pub struct Guest {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
+    pub busy_poll: Duration,
+}
+
+/// The engines beyond engine 0, each on a thread of its own; stopped (their flows ended)
+/// when this goes.
+pub struct ShardThreads {
+    threads: Vec<(OwnedFd, std::thread::JoinHandle<()>)>,
+}
+
+impl ShardThreads {
+    /// Stops every engine and waits for its thread to end.
+    pub fn stop(&mut self) {
+        for (bell, _) in &self.threads {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+            unsafe { libc::write(bell.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+        for (_, thread) in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ShardThreads {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Stops an engine's loop when its bell (an eventfd) rings.
+struct Bell(RawFd);
+
+impl Supervisor for Bell {
+    fn fd(&self) -> RawFd {
+        self.0
+    }
+
+    fn on_ready(&mut self) -> Option<i32> {
+        Some(0)
+    }
+}
+
+/// Starts an engine for each of `queues` (the guest's TAP device's other queues), on a
+/// thread each, and makes them and `engine0` one set of shards. `cfg` and `services` are
+/// engine 0's; every engine's share of the limits is the caller's to set in `cfg`.
+pub fn start(
+    engine0: &mut Engine,
+    cfg: Arc<NetConfig>,
+    services: &ServiceHub,
+    queues: Vec<Box<dyn Link + Send>>,
+    guest: Guest,
+) -> io::Result<ShardThreads> {
+    let (set, mut inboxes) = ShardSet::new(queues.len() + 1);
+    let mut threads = ShardThreads { threads: Vec::new() };
+    let mut next = None;
+    // From the last engine back to engine 1: each passes gathered answers to the next.
+    for (i, link) in queues.into_iter().enumerate().rev() {
+        let index = i + 1;
+        let inbox = inboxes.pop().ok_or_else(|| io::Error::other("no inbox"))?;
+        // SAFETY: eventfd returns a new descriptor (or -1) that we then own.
+        let bell = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if bell < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor eventfd just returned, owned by nothing else.
+        let bell = unsafe { OwnedFd::from_raw_fd(bell) };
+        let bell_fd = bell.as_raw_fd();
+        let (cfg, hub, set, next_handle) = (cfg.clone(), services.handle(), set.clone(), next.take());
+        let (made_tx, made_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new().name(format!("usernet-engine{index}")).spawn(move || {
+            let made = (|| {
+                let hook = hub.proxy_hook();
+                let mut e = Engine::new(cfg.clone(), link, hub, None)?;
+                e.add_tcp_hook(hook);
+                e.set_busy_poll(guest.busy_poll);
+                e.set_guest_mac(guest.mac, guest.ip);
+                if let Some(ip6) = guest.ip6 {
+                    e.set_guest_ipv6(guest.mac, guest.ip, ip6);
+                }
+                e.join_shards(set, index, inbox, next_handle)?;
+                let handle = e.control_handle()?;
+                Ok::<_, io::Error>((e, handle))
+            })();
+            match made {
+                Ok((mut engine, handle)) => {
+                    let _ = made_tx.send(Ok(handle));
+                    if let Err(e) = engine.run(&mut Bell(bell_fd)) {
+                        tracing::error!("network engine {index} failed: {e}");
+                    }
+                }
+                Err(e) => {
+                    let _ = made_tx.send(Err(e));
+                }
+            }
+        })?;
+        threads.threads.push((bell, thread));
+        let handle = made_rx.recv().map_err(|_| io::Error::other(format!("engine {index} did not start")))??;
+        next = Some(handle);
+    }
+    let inbox = inboxes.pop().ok_or_else(|| io::Error::other("no inbox"))?;
+    engine0.join_shards(set, 0, inbox, next)?;
+    Ok(threads)
+}
+
+impl Engine {
+    /// Makes this engine engine `index` of `set`.
+    pub(super) fn join_shards(
+        &mut self,
+        set: Arc<ShardSet>,
+        index: usize,
+        inbox: Inbox,
+        next: Option<ControlHandle>,
+    ) -> io::Result<()> {
+        let waker = Arc::new(mio::Waker::new(self.poll.registry(), SHARD)?);
+        if let Some((_, slot)) = set.inboxes.get(index) {
+            let _ = slot.set(waker);
+        }
+        self.flows.share_owners(set.owners.clone(), index);
+        self.shard = Some(Shard { index, set, inbox, next, handling_handed: false });
+        Ok(())
+    }
+}
+
+/// What a frame from the guest is, for sharding: a frame of a guest's flow (its key), or
+/// anything else (engine 0's).
+pub(super) enum Belongs {
+    Flow(FlowKey),
+    Engine0,
+}
+
+impl Engine {
+    /// What the guest's IP packet (`ip4` or `ip6` with what follows its header) is, for
+    /// sharding: TCP and UDP between the guest and anywhere are flows; DHCP, broadcasts and
+    /// multicasts, ICMP, fragments and anything unreadable are engine 0's.
+    pub(super) fn belongs(&self, ip4: Option<&(Ipv4Header, &[u8])>, ip6: Option<&(Ipv6Header, &[u8])>) -> Belongs {
+        let (src, dst, protocol, l4) = match (ip4, ip6) {
+            (Some((h, l4)), _) if !h.is_fragment => (IpAddr::V4(h.src), IpAddr::V4(h.dst), h.protocol, *l4),
+            (_, Some((h, l4))) if !h.is_fragment => (IpAddr::V6(h.src), IpAddr::V6(h.dst), h.protocol, *l4),
+            _ => return Belongs::Engine0,
+        };
+        let (Some(src_port), Some(dst_port)) = (l4.get(0..2), l4.get(2..4)) else { return Belongs::Engine0 };
+        let guest = SocketAddr::new(src, u16::from_be_bytes([src_port[0], src_port[1]]));
+        let remote = SocketAddr::new(dst, u16::from_be_bytes([dst_port[0], dst_port[1]]));
+        let group = match dst {
+            IpAddr::V4(ip) => ip.is_broadcast() || ip.is_multicast() || ip == self.cfg.subnet.broadcast(),
+            IpAddr::V6(ip) => ip.is_multicast(),
+        };
+        match protocol {
+            PROTO_TCP => Belongs::Flow(FlowKey::Tcp { guest, remote }),
+            PROTO_UDP if !group && remote.port() != 67 && remote.port() != dhcp6::SERVER_PORT => {
+                Belongs::Flow(FlowKey::Udp { guest, remote })
+            }
+            _ => Belongs::Engine0,
+        }
+    }
+
+    pub(super) fn handling_handed(&self) -> bool {
+        self.shard.as_ref().is_some_and(|s| s.handling_handed)
+    }
+
+    /// Whether this engine handles the frame (else it was handed to the engine that does).
+    pub(super) fn keep_frame(&mut self, belongs: Belongs, frame: &[u8]) -> bool {
+        let Some(shard) = self.shard.as_ref() else { return true };
+        if shard.handling_handed {
+            return true;
+        }
+        let to = match belongs {
+            Belongs::Engine0 => 0,
+            Belongs::Flow(key) => {
+                if self.flows.lookup(&key).is_some() {
+                    return true;
+                }
+                match shard.set.owner(&key) {
+                    Some(owner) => owner,
+                    // A new flow: this engine's, unless it is the gateway's.
+                    None if self.to_gateway_services(&key) => 0,
+                    None => shard.index,
+                }
+            }
+        };
+        if to == shard.index || !shard.set.hand(to, frame) {
+            return true;
+        }
+        // Counted by the engine that handles it.
+        self.switch.stats.frames_in -= 1;
+        self.switch.stats.bytes_in -= frame.len() as u64;
+        false
+    }
+
+    /// Whether the flow `key` goes to the gateway's own services (DNS, the proxy): engine 0's.
+    fn to_gateway_services(&self, key: &FlowKey) -> bool {
+        let remote = match key {
+            FlowKey::Tcp { remote, .. } | FlowKey::Udp { remote, .. } => remote.ip(),
+            FlowKey::Icmp { .. } | FlowKey::Splice { .. } => return false,
+        };
+        match remote {
+            IpAddr::V4(ip) => ip == self.cfg.gateway || self.cfg.dns == Some(ip),
+            IpAddr::V6(ip) => {
+                ip == crate::config::GATEWAY_LINK_LOCAL || self.cfg.v6.is_some_and(|n| ip == n.gateway || ip == n.dns)
+            }
+        }
+    }
+
+    /// Frames other engines handed over: handled as if read from this engine's link.
+    pub(super) fn on_handed(&mut self, now: std::time::Instant) {
+        let Some(shard) = self.shard.as_mut() else { return };
+        let frames: Vec<Vec<u8>> = shard.inbox.0.try_iter().collect();
+        shard.handling_handed = true;
+        for frame in frames {
+            self.on_frame(0, &frame, now);
+        }
+        if let Some(shard) = self.shard.as_mut() {
+            shard.handling_handed = false;
+        }
+    }
+
+    /// This engine's index among its shards (0 when it has none).
+    pub fn shard_index(&self) -> usize {
+        self.shard.as_ref().map_or(0, |s| s.index)
+    }
+}

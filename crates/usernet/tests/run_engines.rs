@@ -1,0 +1,124 @@
+//! `usernet run --engine-threads 2`: two engines, each with its own queue of the guest's
+//! TAP device, serve one guest (crates/core/src/engine/shard.rs). Parallel transfers both
+//! ways arrive whole (sha256) and the second engine carries some of them; frames for engine
+//! 0 (DNS to the gateway) reach it from either queue; the control API answers for the flows
+//! of both engines. run_publish.rs has published ports with two engines.
+
+mod common;
+
+use common::*;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Size of each transfer.
+const EACH: usize = 4 << 20;
+/// Transfers each way.
+const PARALLEL: usize = 8;
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn two_engines_carry_parallel_transfers_both_ways() {
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]);
+    let dns = DnsUpstream::start();
+    let (_dir, http, want) = serve_random_file("eng-dl", "f", EACH);
+    let updir = TempDir::new("eng-up");
+    let file = updir.join("u");
+    write_random_file(&file, EACH);
+    let up_want = sha256_file(&file);
+    let sink = Server::start(ServerKind::Http, Some(updir.path()));
+    let outdir = TempDir::new("eng-out");
+    // Downloads look the host up by name: DNS queries to the gateway that reach the second
+    // engine's queue are handed to engine 0, the gateway's (each query from another port).
+    // The command's parent is usernet: its threads' CPU time (fields 14 and 15 of stat).
+    let out = Usernet::new(&dns).args(&["--engine-threads", "2"]).timeout(Duration::from_secs(150)).sh(&format!(
+        "for i in $(seq 1 {PARALLEL}); do \
+           timeout 100 curl -sSf -o {d}/o$i http://host.docker.internal:{p}/f & \
+           timeout 100 curl -sSf -T {f} http://{HOST_IP}:{s}/u > {d}/u$i & \
+         done; wait; sha256sum {d}/o*; cat {d}/u*; \
+         for t in /proc/$PPID/task/*; do echo thread $(cat $t/comm) $(awk '{{print $14 + $15}}' $t/stat); done",
+        d = outdir.path().display(),
+        p = http.port,
+        s = sink.port,
+        f = file.display(),
+    ));
+    out.assert_ok();
+    let downloads = hex_hashes(&out.stdout);
+    assert_eq!(downloads.iter().filter(|h| **h == want).count(), PARALLEL, "{out}");
+    let uploads = out.stdout.lines().filter(|l| **l == format!("{up_want} {EACH}")).count();
+    assert_eq!(uploads, PARALLEL, "{out}");
+    // 16 connections, each to the second engine with even odds: it had work.
+    let engine1 =
+        out.stdout.lines().find(|l| l.starts_with("thread usernet-engine1 ")).unwrap_or_else(|| panic!("{out}"));
+    let ticks: u64 = engine1.rsplit(' ').next().and_then(|t| t.parse().ok()).unwrap_or(0);
+    assert!(ticks > 0, "the second engine did no work: {engine1}\n{out}");
+}
+
+/// Flows spread over both engines are all in `/v1/flows`, `/v1/stats` and `/metrics`
+/// (each engine adds its part to the answer). Twelve connections land all on one engine
+/// with odds of 1 in 2,048.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn api_answers_for_both_engines() {
+    require(&["ip", "dnsmasq", "curl", "nc"]);
+    const CONNS: usize = 12;
+    let dns = DnsUpstream::start();
+    let sink = Server::start(ServerKind::Sink, None);
+    let dir = TempDir::new("eng-api");
+    let sock = dir.join("api.sock").to_string_lossy().into_owned();
+    let mut bg = Background::start(
+        Usernet::new(&dns).args(&["--engine-threads", "2", "--api", &sock]).command(&[
+            "sh",
+            "-c",
+            &format!("for i in $(seq 1 {CONNS}); do sleep 60 | nc {HOST_IP} {} & done; echo READY; wait", sink.port),
+        ]),
+        Stdio::null(),
+    );
+    bg.wait_line("READY", Duration::from_secs(20));
+    let api =
+        |path: &str| run("curl", &["-sS", "-m", "10", "--unix-socket", &sock, &format!("http://usernet{path}")]).stdout;
+    let remote = format!("{HOST_IP}:{}", sink.port);
+    let mut flows = String::new();
+    let all = wait_until(Duration::from_secs(15), || {
+        flows = api("/v1/flows");
+        flows.matches(&remote).count() >= CONNS
+    });
+    assert!(
+        all,
+        "/v1/flows lists {} of {CONNS} flows to {remote}:\n{flows}\n{}",
+        flows.matches(&remote).count(),
+        bg.describe()
+    );
+    let stats = api("/v1/stats");
+    let tcp: usize = stats
+        .split("\"tcp_flows\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(tcp >= CONNS, "/v1/stats: {stats}");
+    // (A connect may still be completing: the state settles within the wait.)
+    let mut metrics = String::new();
+    let settled = wait_until(Duration::from_secs(15), || {
+        metrics = api("/metrics");
+        let established: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with("usernet_flows{") && l.contains("\"tcp\"") && l.contains("\"established\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        established >= CONNS as f64
+    });
+    assert!(settled, "/metrics:\n{metrics}");
+    bg.stop();
+}
+
+/// `--pcap` with more than one engine is refused before anything starts.
+#[test]
+fn pcap_needs_one_engine() {
+    let out = run_bounded(
+        usernet_command().args(["run", "--engine-threads", "2", "--pcap", "/nonexistent/x.pcap", "--", "true"]),
+        Duration::from_secs(20),
+    );
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr.contains("--engine-threads 1"), "{out}");
+}
