@@ -53,6 +53,9 @@ use usernet_host::netns::Interface;
 use usernet_host::netns::resolv;
 use usernet_host::netns::sandbox::{GUEST_MAC, Sandbox, SandboxSpec, StartError};
 
+// `--engine-threads`' range is the sandbox's bound on the TAP device's queues.
+const _: () = assert!(usernet_host::netns::sandbox::MAX_QUEUES == 8);
+
 /// Snap length of `--pcap` captures: whole frames, even 64 KiB segments.
 const PCAP_SNAPLEN: u32 = 262_144;
 
@@ -200,8 +203,6 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
 
     // Kept alive until the engine returns; dropping it stops the API and removes its socket.
     let mut api = None;
-    // The other engines (`--engine-threads`), stopped before engine 0 goes.
-    let mut shards = None;
     // Follows the host's resolv.conf and /etc/hosts (its thread: after the join above).
     let mut dns_watch = None;
     let mut pending_watch = None;
@@ -246,10 +247,8 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
                 ip6: spec.iface.ipv6.map(|(ip6, _)| ip6),
                 busy_poll: std::time::Duration::from_micros(net.busy_poll),
             };
-            shards = Some(
-                usernet_core::engine::shard::start(&mut engine, cfg.clone(), &services, links, guest)
-                    .context("starting the other engine threads")?,
-            );
+            usernet_core::engine::shard::start(&mut engine, cfg.clone(), &services, links, guest)
+                .context("starting the other engine threads")?;
         }
         drop(services);
         if let Some(start) = with_engine {
@@ -312,7 +311,6 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         w.kill_follower();
     }
     drop(api);
-    drop(shards);
     drop(engine);
     drop(dns_watch);
     sandbox.finish();

@@ -122,3 +122,35 @@ fn pcap_needs_one_engine() {
     assert!(!out.success(), "{out}");
     assert!(out.stderr.contains("--engine-threads 1"), "{out}");
 }
+
+/// Every way out ends every engine: a COMMAND that is not found exits 127 at once (the
+/// other engines hold handles on the gateway services, which engine 0's end waits for).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn command_not_found_ends_every_engine() {
+    require(&["ip", "dnsmasq"]);
+    let dns = DnsUpstream::start();
+    let out =
+        Usernet::new(&dns).args(&["--engine-threads", "2"]).timeout(Duration::from_secs(20)).run(&["no-such-command"]);
+    out.assert_code(127);
+}
+
+/// The most engines there may be: eight, seven of them threads of their own (each TAP queue
+/// passed from the sandbox), and a download through them is whole.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn eight_engines() {
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]);
+    let dns = DnsUpstream::start();
+    let (_dir, http, want) = serve_random_file("eng8", "f", EACH);
+    let out = Usernet::new(&dns)
+        .args(&["--engine-threads", "8"])
+        .timeout(Duration::from_secs(60))
+        .sh(&format!("timeout 50 curl -sSf http://{HOST_IP}:{}/f | sha256sum; cat /proc/$PPID/task/*/comm", http.port));
+    out.assert_ok();
+    assert_eq!(hex_hashes(&out.stdout), vec![want], "{out}");
+    let engines = out.stdout.lines().filter(|l| l.starts_with("usernet-engine")).count();
+    assert_eq!(engines, 7, "{out}");
+    let out = Usernet::new(&dns).args(&["--engine-threads", "9"]).run(&["true"]);
+    assert!(!out.success() && out.stderr.contains("--engine-threads"), "{out}");
+}

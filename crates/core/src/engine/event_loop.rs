@@ -190,8 +190,12 @@ impl Engine {
         }
     }
 
-    /// Ends every flow (the command exited): guests' connections are reset, sockets closed.
+    /// Ends every flow (the command exited): guests' connections are reset, sockets closed,
+    /// by the other engines too (`shard`).
     pub(super) fn shutdown(&mut self) {
+        if let Some(mut others) = self.other_engines.take() {
+            others.stop();
+        }
         self.flush_links();
         let ids: Vec<FlowId> = self.flows.ids().map(|(id, _)| id).collect();
         for id in ids {

@@ -182,17 +182,19 @@ impl Engine {
             };
             let (guest, remote, fallback) = self.inbound_tcp_addrs(client, guest);
             let key = FlowKey::Tcp { guest, remote };
-            if self.flows.lookup(&key).is_some() {
+            if self.flows.lookup(&key).is_some() || self.held_elsewhere(&key) {
                 tracing::debug!("{client} -> {guest}: that address pair is busy; reset");
                 sock::set_linger_zero(fd.as_fd());
                 continue;
             }
             let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
             let isn = self.isn(&key, now);
+            self.claim(&key);
             let mut flow = TcpFlow::new_inbound(&mut self.switch, guest, remote, fd, true, isn, now);
             flow.fallback = fallback;
-            if let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) {
-                self.after(id, Verdict::Keep);
+            match self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) {
+                Some(id) => self.after(id, Verdict::Keep),
+                None => self.unclaim(&key),
             }
         }
         accepted
@@ -217,9 +219,10 @@ impl Engine {
             return Err("too many TCP flows".into());
         }
         // A port of the host address that no flow to this guest port uses.
-        let free = (0..1024u16)
-            .map(|i| 49152 + (self.next_tunnel_port.wrapping_add(i) % 16384))
-            .find(|&p| self.flows.lookup(&FlowKey::Tcp { guest, remote: SocketAddr::new(host, p) }).is_none());
+        let free = (0..1024u16).map(|i| 49152 + (self.next_tunnel_port.wrapping_add(i) % 16384)).find(|&p| {
+            let key = FlowKey::Tcp { guest, remote: SocketAddr::new(host, p) };
+            self.flows.lookup(&key).is_none() && !self.held_elsewhere(&key)
+        });
         let Some(port) = free else { return Err("no port free for it".into()) };
         self.next_tunnel_port = (port - 49152).wrapping_add(1);
         let remote = SocketAddr::new(host, port);
@@ -229,8 +232,12 @@ impl Engine {
             let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         }
         let isn = self.isn(&key, now);
+        self.claim(&key);
         let flow = TcpFlow::new_inbound(&mut self.switch, guest, remote, fd, is_tcp, isn, now);
-        let id = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE).ok_or("cannot watch it")?;
+        let Some(id) = self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) else {
+            self.unclaim(&key);
+            return Err("cannot watch it".into());
+        };
         self.after(id, Verdict::Keep);
         Ok(())
     }
@@ -443,6 +450,12 @@ impl Engine {
         let key = FlowKey::Udp { guest, remote };
         let id = match self.flows.lookup(&key) {
             Some(id) => id,
+            // The guest's own flow to that client, on another engine (`shard`): the
+            // datagram goes to the guest, whose answers go out through that flow.
+            None if self.held_elsewhere(&key) => {
+                self.switch.send_udp(remote, guest, n);
+                return;
+            }
             None => {
                 if self.cfg.policy.denies_peer(client.ip()) {
                     self.cfg.policy.denied(Via::Publish, DenyReason::DenyRule, client, None);

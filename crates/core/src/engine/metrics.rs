@@ -28,6 +28,10 @@ pub enum DropReason {
     Icmpv6,
     /// From a guest: a source MAC or address that is not its link's guest's (`serve`).
     Spoofed,
+    /// From a guest: a frame for another engine (`--engine-threads`, see shard.rs) whose
+    /// queue of handed frames was full (the guest's TCP retransmits, as after a full TAP
+    /// queue).
+    Handover,
     /// To a guest: its MAC is not known yet and the frame could not wait for the ARP reply
     /// (an offloaded frame, a full queue of held frames, or no reply within 1 s; see switch.rs).
     NoNeighbour,
@@ -36,13 +40,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Malformed,
         DropReason::Ethertype,
         DropReason::Fragment,
         DropReason::IpProtocol,
         DropReason::Icmpv6,
         DropReason::Spoofed,
+        DropReason::Handover,
         DropReason::NoNeighbour,
         DropReason::SendError,
     ];
@@ -56,6 +61,7 @@ impl DropReason {
             DropReason::IpProtocol => "ip_protocol",
             DropReason::Icmpv6 => "icmpv6",
             DropReason::Spoofed => "spoofed",
+            DropReason::Handover => "handover",
             DropReason::NoNeighbour => "no_neighbour",
             DropReason::SendError => "send_error",
         }

@@ -91,6 +91,10 @@ const SHARD: Token = Token(3);
 const FLOW_BASE: usize = 16;
 
 pub struct Engine {
+    /// Engine 0's fellow engines (`shard::start`), each on its thread. First, because fields
+    /// drop in order: they hold handles on the gateway services, whose hub (in `dialer`)
+    /// waits for every handle to go when it drops.
+    other_engines: Option<shard::ShardThreads>,
     cfg: Arc<NetConfig>,
     poll: Poll,
     switch: Switch,
@@ -328,6 +332,7 @@ impl Engine {
             next_router_advert: None,
             last_multicast_advert: None,
             shard: None,
+            other_engines: None,
             guests6: Vec::new(),
             next_splice_id: 0,
             pipe_pool: Default::default(),

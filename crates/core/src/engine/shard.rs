@@ -36,6 +36,7 @@ use usernet_wire::{PROTO_TCP, PROTO_UDP};
 use super::control::ControlHandle;
 use super::flows::FlowKey;
 use super::flows::owners::Owners;
+use super::metrics::DropReason;
 use super::{Engine, SHARD, Supervisor};
 use crate::config::NetConfig;
 use crate::link::Link;
@@ -45,7 +46,22 @@ use crate::services::{ServiceHub, dhcp6};
 pub struct ShardSet {
     owners: Arc<Owners>,
     /// Each engine's inbox, and the waker of its loop once it joined.
-    inboxes: Vec<(mpsc::Sender<Vec<u8>>, Waker)>,
+    inboxes: Vec<(mpsc::SyncSender<Vec<u8>>, Waker)>,
+}
+
+/// Frames an engine's inbox holds at most: beyond, handed frames are dropped, as the TAP
+/// device's own queue drops what its reader does not take (a guest flooding engine 0's
+/// services from many ports must not grow usernet's memory).
+const INBOX_FRAMES: usize = 256;
+
+/// What became of a frame given to another engine.
+enum Handed {
+    /// It is in that engine's inbox.
+    Yes,
+    /// The inbox is full: the frame is dropped.
+    Full,
+    /// That engine is gone (or not started yet): the frame stays with this one.
+    No,
 }
 
 /// The waker of an engine's loop, set when the engine joins its set.
@@ -59,7 +75,7 @@ impl ShardSet {
     pub fn new(n: usize) -> (Arc<ShardSet>, Vec<Inbox>) {
         let (inboxes, receivers) = (0..n)
             .map(|_| {
-                let (tx, rx) = mpsc::channel();
+                let (tx, rx) = mpsc::sync_channel(INBOX_FRAMES);
                 ((tx, OnceLock::new()), Inbox(rx))
             })
             .unzip();
@@ -71,14 +87,15 @@ impl ShardSet {
         self.owners.owner(key)
     }
 
-    /// Gives engine `to` a frame to handle as if it had read it; false when it cannot.
-    fn hand(&self, to: usize, frame: &[u8]) -> bool {
-        match self.inboxes.get(to) {
-            Some((tx, waker)) => match waker.get() {
-                Some(waker) => tx.send(frame.to_vec()).is_ok() && waker.wake().is_ok(),
-                None => false,
-            },
-            None => false,
+    /// Gives engine `to` a frame to handle as if it had read it.
+    fn hand(&self, to: usize, frame: &[u8]) -> Handed {
+        let Some((tx, Some(waker))) = self.inboxes.get(to).map(|(tx, w)| (tx, w.get())) else {
+            return Handed::No;
+        };
+        match tx.try_send(frame.to_vec()) {
+            Ok(()) if waker.wake().is_ok() => Handed::Yes,
+            Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => Handed::No,
+            Err(mpsc::TrySendError::Full(_)) => Handed::Full,
         }
     }
 }
@@ -144,14 +161,15 @@ impl Supervisor for Bell {
 
 /// Starts an engine for each of `queues` (the guest's TAP device's other queues), on a
 /// thread each, and makes them and `engine0` one set of shards. `cfg` and `services` are
-/// engine 0's; every engine's share of the limits is the caller's to set in `cfg`.
+/// engine 0's; every engine's share of the limits is the caller's to set in `cfg`. Engine 0
+/// stops the others when its loop ends or it is dropped.
 pub fn start(
     engine0: &mut Engine,
     cfg: Arc<NetConfig>,
     services: &ServiceHub,
     queues: Vec<Box<dyn Link + Send>>,
     guest: Guest,
-) -> io::Result<ShardThreads> {
+) -> io::Result<()> {
     let (set, mut inboxes) = ShardSet::new(queues.len() + 1);
     let mut threads = ShardThreads { threads: Vec::new() };
     let mut next = None;
@@ -201,7 +219,8 @@ pub fn start(
     }
     let inbox = inboxes.pop().ok_or_else(|| io::Error::other("no inbox"))?;
     engine0.join_shards(set, 0, inbox, next)?;
-    Ok(threads)
+    engine0.other_engines = Some(threads);
+    Ok(())
 }
 
 impl Engine {
@@ -280,13 +299,22 @@ impl Engine {
                 }
             }
         };
-        if to == shard.index || !shard.set.hand(to, frame) {
+        if to == shard.index {
             return true;
         }
-        // Counted by the engine that handles it.
-        self.switch.stats.frames_in -= 1;
-        self.switch.stats.bytes_in -= frame.len() as u64;
-        false
+        match shard.set.hand(to, frame) {
+            Handed::No => true,
+            Handed::Full => {
+                self.switch.drop_in(DropReason::Handover);
+                false
+            }
+            Handed::Yes => {
+                // Counted by the engine that handles it.
+                self.switch.stats.frames_in -= 1;
+                self.switch.stats.bytes_in -= frame.len() as u64;
+                false
+            }
+        }
     }
 
     /// Whether the flow `key` goes to the gateway's own services (DNS, the proxy): engine 0's.
@@ -313,6 +341,29 @@ impl Engine {
         }
         if let Some(shard) = self.shard.as_mut() {
             shard.handling_handed = false;
+        }
+    }
+
+    /// Whether another engine holds a flow with the addresses of `key` (published ports and
+    /// `/tunnel` open flows toward the guest: never with an address pair in use).
+    pub(super) fn held_elsewhere(&self, key: &FlowKey) -> bool {
+        self.shard.as_ref().is_some_and(|s| s.set.owner(key).is_some_and(|o| o != s.index))
+    }
+
+    /// Claims `key` for this engine before its flow exists: a flow opened toward the guest
+    /// sends its SYN before it is in the table, and the guest's SYN-ACK, answered within
+    /// that write, reaches the queue the kernel hashes it to (its flow table learns the
+    /// queue only after the write). [`Engine::unclaim`] if the flow is not made after all.
+    pub(super) fn claim(&self, key: &FlowKey) {
+        if let Some(s) = &self.shard {
+            s.set.owners.claim(*key, s.index);
+        }
+    }
+
+    /// Undoes [`Engine::claim`].
+    pub(super) fn unclaim(&self, key: &FlowKey) {
+        if let Some(s) = &self.shard {
+            s.set.owners.release(key, s.index);
         }
     }
 

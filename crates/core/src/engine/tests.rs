@@ -1243,3 +1243,47 @@ fn engines_share_the_bounds_on_flows_and_held_data() {
     assert_eq!(half.fd_reserve, l.fd_reserve, "the process's, not an engine's");
     assert_eq!(half.max_dhcp_offers, l.max_dhcp_offers, "engine 0's");
 }
+
+/// A flow that engine 0 opens toward the guest (`/tunnel`, a published port): the guest's
+/// SYN-ACK, which the kernel may steer to another engine's queue (it learns the flow's queue
+/// only after the write that carried the SYN), is handed to engine 0 instead of refused.
+/// (Engine 0 claims the flow before that write; the race itself needs the kernel: the
+/// published-port test of run_publish.rs and the note's timings.)
+#[test]
+fn shards_hand_the_answer_to_a_flow_opened_toward_the_guest() {
+    let [(mut e0, link0, _), (mut e1, link1, _)] = two_shards();
+    let now = Instant::now();
+    for e in [&mut e0, &mut e1] {
+        e.set_guest_mac(GUEST_MAC, *guest().ip());
+    }
+    let (ours, mut host) = UnixStream::pair().unwrap();
+    let to: std::net::SocketAddr = guest().into();
+    e0.tunnel(OwnedFd::from(ours), to, now).unwrap();
+    let sent = take_tcp(&link0);
+    let (syn, _) = sent.iter().find(|(h, _)| h.has(SYN)).expect("a SYN to the guest");
+    // The guest's SYN-ACK, on engine 1's queue.
+    let mut synack = TcpHeader {
+        src_port: syn.dst_port,
+        dst_port: syn.src_port,
+        seq: 5000,
+        ack: syn.seq.wrapping_add(1),
+        flags: SYN | ACK,
+        window: 65535,
+        ..Default::default()
+    };
+    synack.mss = Some(1460);
+    let hl = synack.emit_len();
+    let mut l4 = vec![0u8; hl];
+    let host_ip = e0.cfg.host;
+    synack.emit(&mut l4, 0, IpAddr::V4(*guest().ip()), IpAddr::V4(host_ip));
+    e1.on_frame(0, &frame_ipv4(PROTO_TCP, *guest().ip(), host_ip, &l4), now);
+    assert!(take_tcp(&link1).is_empty(), "engine 1 refused engine 0's connection");
+    e0.on_handed(now);
+    e0.flush_acks(now);
+    let acks = take_tcp(&link0);
+    assert!(acks.iter().any(|(h, _)| h.has(ACK) && !h.has(SYN) && h.ack == 5001), "{acks:?}");
+    // Bytes from the host end now reach the guest.
+    host.write_all(b"hi").unwrap();
+    e0.deliver_readiness(true, false, now);
+    assert!(take_tcp(&link0).iter().any(|(_, data)| data == b"hi"));
+}

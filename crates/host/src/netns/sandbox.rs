@@ -68,10 +68,13 @@ pub struct SandboxSpec {
     pub iface: super::Interface,
     /// The text of /etc/resolv.conf as COMMAND sees it.
     pub resolv_conf: String,
-    /// Queues of the TAP device: more than one makes it IFF_MULTI_QUEUE, with a descriptor
-    /// per queue (see [`Sandbox::take_more_queues`]).
+    /// Queues of the TAP device (1 to [`MAX_QUEUES`]): more than one makes it
+    /// IFF_MULTI_QUEUE, with a descriptor per queue (see [`Sandbox::take_more_queues`]).
     pub queues: usize,
 }
+
+/// The most queues [`SandboxSpec::queues`] may ask for.
+pub const MAX_QUEUES: usize = 8;
 
 /// The guest's MAC address in `usernet run` (locally administered).
 pub const GUEST_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
@@ -203,7 +206,7 @@ impl Sandbox {
                     ctl: ours,
                     tap: None,
                     more_queues: Vec::new(),
-                    queues: spec.queues.max(1),
+                    queues: spec.queues.clamp(1, MAX_QUEUES),
                     netns: None,
                     resolv_conf_received: false,
                     status: None,
@@ -568,7 +571,8 @@ fn send_retry(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
 
 /// Receives one message and any descriptors passed with it (close-on-exec).
 fn recv_with_fds(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    // The most a message carries: the TAP's queues and the namespace (MSG_READY).
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_QUEUES + 1]);
     loop {
         let mut iov = [IoSliceMut::new(buf)];
         let msg = match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
@@ -699,7 +703,7 @@ fn child_setup(spec: &SandboxSpec) -> Result<(Vec<OwnedFd>, OwnedFd, ResolvConfT
     let name = &spec.iface.ifname;
     // A multi-queue device only when asked: the kernel gives one 256 queues in sysfs.
     let taps = if spec.queues > 1 {
-        Tap::create_multi_queue(name, spec.queues)
+        Tap::create_multi_queue(name, spec.queues.min(MAX_QUEUES))
     } else {
         Tap::create_with_vnet_hdr(name).map(|t| vec![t])
     }
