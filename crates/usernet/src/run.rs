@@ -220,13 +220,16 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
         let Network { mut engine, shared, proxy_hook, services } =
             start_network(&cfg, proxy, pcap, Some(Box::new(tap)))?;
         engine.add_tcp_hook(proxy_hook);
-        engine.set_busy_poll(std::time::Duration::from_micros(net.busy_poll));
         engine.add_static_lease(spec.iface.mac, cfg.guest);
-        // The sandbox set this MAC on the guest's interface (host/netns/sandbox.rs).
-        engine.set_guest_mac(spec.iface.mac, cfg.guest);
-        if let Some((ip6, _)) = spec.iface.ipv6 {
-            engine.set_guest_ipv6(spec.iface.mac, cfg.guest, ip6);
-        }
+        // The sandbox set this MAC and these addresses on the guest's interface
+        // (host/netns/sandbox.rs); every engine knows them (and `--busy-poll`).
+        let guest = usernet_core::engine::shard::Guest {
+            mac: spec.iface.mac,
+            ip: cfg.guest,
+            ip6: spec.iface.ipv6.map(|(ip6, _)| ip6),
+            busy_poll: std::time::Duration::from_micros(net.busy_poll),
+        };
+        guest.configure(&mut engine);
         // Its thread enters the namespace while the rest starts (checked below).
         if let Some(netns) = sandbox.netns()
             && let Err(e) = engine.start_guest_netns(netns)
@@ -241,12 +244,6 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
                 .map(|fd| Tap::from_fd(fd).map(|t| Box::new(t) as Box<dyn usernet_core::link::Link + Send>))
                 .collect::<std::io::Result<Vec<_>>>()
                 .context("TAP device queue")?;
-            let guest = usernet_core::engine::shard::Guest {
-                mac: spec.iface.mac,
-                ip: cfg.guest,
-                ip6: spec.iface.ipv6.map(|(ip6, _)| ip6),
-                busy_poll: std::time::Duration::from_micros(net.busy_poll),
-            };
             usernet_core::engine::shard::start(&mut engine, cfg.clone(), &services, links, guest)
                 .context("starting the other engine threads")?;
         }

@@ -111,13 +111,25 @@ pub(super) struct Shard {
     handling_handed: bool,
 }
 
-/// The guest, as `run` describes it to engine 0, for the other engines.
+/// The guest as `run` configured it (its MAC and addresses) and `--busy-poll`: what every
+/// engine of a set is told alike.
 #[derive(Clone, Copy, Debug)]
 pub struct Guest {
     pub mac: [u8; 6],
     pub ip: Ipv4Addr,
     pub ip6: Option<Ipv6Addr>,
     pub busy_poll: Duration,
+}
+
+impl Guest {
+    /// Tells `engine` of the guest.
+    pub fn configure(&self, engine: &mut Engine) {
+        engine.set_busy_poll(self.busy_poll);
+        engine.set_guest_mac(self.mac, self.ip);
+        if let Some(ip6) = self.ip6 {
+            engine.set_guest_ipv6(self.mac, self.ip, ip6);
+        }
+    }
 }
 
 /// The engines beyond engine 0, each on a thread of its own; stopped (their flows ended)
@@ -192,11 +204,7 @@ pub fn start(
                 let hook = hub.proxy_hook();
                 let mut e = Engine::new(cfg.clone(), link, hub, None)?;
                 e.add_tcp_hook(hook);
-                e.set_busy_poll(guest.busy_poll);
-                e.set_guest_mac(guest.mac, guest.ip);
-                if let Some(ip6) = guest.ip6 {
-                    e.set_guest_ipv6(guest.mac, guest.ip, ip6);
-                }
+                guest.configure(&mut e);
                 e.join_shards(set, index, inbox, next_handle)?;
                 let handle = e.control_handle()?;
                 Ok::<_, io::Error>((e, handle))

@@ -43,12 +43,12 @@ const TUN_F_TSO6: libc::c_uint = 0x04;
 impl Tap {
     /// Creates TAP interface `name` in the current network namespace (it starts down).
     pub fn create(name: &str) -> io::Result<Tap> {
-        Tap::create_single(name, false)
+        Tap::create_with(name, false, false)
     }
 
     /// The same with a virtio-net header on every frame, ready for offloads.
     pub fn create_with_vnet_hdr(name: &str) -> io::Result<Tap> {
-        Tap::create_single(name, true)
+        Tap::create_with(name, true, false)
     }
 
     /// The same with `queues` queues (IFF_MULTI_QUEUE): one descriptor per queue, each a
@@ -57,10 +57,6 @@ impl Tap {
     /// that last wrote that flow's frames.
     pub fn create_multi_queue(name: &str, queues: usize) -> io::Result<Vec<Tap>> {
         (0..queues.max(1)).map(|_| Tap::create_with(name, true, true)).collect()
-    }
-
-    fn create_single(name: &str, vnet: bool) -> io::Result<Tap> {
-        Tap::create_with(name, vnet, false)
     }
 
     fn create_with(name: &str, vnet: bool, multi_queue: bool) -> io::Result<Tap> {

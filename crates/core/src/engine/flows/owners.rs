@@ -32,13 +32,4 @@ impl Owners {
             map.remove(key);
         }
     }
-
-    /// Flows held, by all engines.
-    pub fn len(&self) -> usize {
-        self.map().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
