@@ -92,6 +92,10 @@ impl Engine {
                 (link_after.bytes_in + link_after.bytes_out) - (link_before.bytes_in + link_before.bytes_out),
                 std::mem::take(&mut self.round_socket_bytes),
             );
+            if let Some(why) = self.shard.as_mut().and_then(|s| s.failed.take()) {
+                self.shutdown();
+                return Err(io::Error::other(why));
+            }
             if let Some(code) = self.stop.take().or_else(|| if sup_ready { sup.on_ready() } else { None }) {
                 self.shutdown();
                 return Ok(code);

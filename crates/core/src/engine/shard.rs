@@ -22,11 +22,17 @@
 //! The bounds on flows and held data are divided among the engines (`Limits::per_engine`). Answers that count the whole
 //! network (`Stats`, `Flows`, `Metrics`) are gathered along the engines: each adds its own
 //! part and passes the command to the next, and the last one answers.
+//!
+//! The engines live and end together. Engine 0 stops the others when its loop ends; an
+//! engine that fails on its own thread (an error of its loop, or a panic) tells the set,
+//! and engine 0's loop then ends with that error, so `usernet run` exits and says why
+//! rather than running on while that engine's queue, and every flow the kernel steers to
+//! it, goes unread.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use usernet_wire::ipv4::Ipv4Header;
@@ -47,6 +53,8 @@ pub struct ShardSet {
     owners: Arc<Owners>,
     /// Each engine's inbox, and the waker of its loop once it joined.
     inboxes: Vec<(mpsc::SyncSender<Vec<u8>>, Waker)>,
+    /// Why an engine on a thread of its own stopped, when it failed (the first such).
+    failure: Mutex<Option<String>>,
 }
 
 /// Frames an engine's inbox holds at most: beyond, handed frames are dropped, as the TAP
@@ -79,7 +87,24 @@ impl ShardSet {
                 ((tx, OnceLock::new()), Inbox(rx))
             })
             .unzip();
-        (Arc::new(ShardSet { owners: Arc::default(), inboxes }), receivers)
+        (Arc::new(ShardSet { owners: Arc::default(), inboxes, failure: Mutex::default() }), receivers)
+    }
+
+    /// An engine failed (`why`): engine 0 is woken to end the set with that error.
+    pub fn fail(&self, why: String) {
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert(why);
+        }
+        if let Some((_, waker)) = self.inboxes.first()
+            && let Some(waker) = waker.get()
+        {
+            let _ = waker.wake();
+        }
+    }
+
+    /// Why an engine failed, if one did.
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().map_or_else(|e| e.into_inner().clone(), |f| f.clone())
     }
 
     /// The engine that holds the flow `key`, if any does.
@@ -109,6 +134,8 @@ pub(super) struct Shard {
     pub next: Option<ControlHandle>,
     /// True while the engine handles frames handed to it: they are never handed on.
     handling_handed: bool,
+    /// Engine 0 only: another engine failed, and why; the loop ends with this error.
+    pub failed: Option<String>,
 }
 
 /// The guest as `run` configured it (its MAC and addresses) and `--busy-poll`: what every
@@ -158,6 +185,15 @@ impl Drop for ShardThreads {
     }
 }
 
+/// The message of a panic's payload (a `&str` or a `String`, as `panic!` makes).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Stops an engine's loop when its bell (an eventfd) rings.
 struct Bell(RawFd);
 
@@ -205,16 +241,22 @@ pub fn start(
                 let mut e = Engine::new(cfg.clone(), link, hub, None)?;
                 e.add_tcp_hook(hook);
                 guest.configure(&mut e);
-                e.join_shards(set, index, inbox, next_handle)?;
+                e.join_shards(set.clone(), index, inbox, next_handle)?;
                 let handle = e.control_handle()?;
                 Ok::<_, io::Error>((e, handle))
             })();
             match made {
                 Ok((mut engine, handle)) => {
                     let _ = made_tx.send(Ok(handle));
-                    if let Err(e) = engine.run(&mut Bell(bell_fd)) {
-                        tracing::error!("network engine {index} failed: {e}");
-                    }
+                    // Its bell ends the loop with Ok; anything else is a failure of the set.
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(&mut Bell(bell_fd))));
+                    let why = match ran {
+                        Ok(Ok(_)) => return,
+                        Ok(Err(e)) => format!("network engine {index} failed: {e}"),
+                        Err(panic) => format!("network engine {index} panicked: {}", panic_message(&*panic)),
+                    };
+                    tracing::error!("{why}");
+                    set.fail(why);
                 }
                 Err(e) => {
                     let _ = made_tx.send(Err(e));
@@ -245,7 +287,7 @@ impl Engine {
             let _ = slot.set(waker);
         }
         self.flows.share_owners(set.owners.clone(), index);
-        self.shard = Some(Shard { index, set, inbox, next, handling_handed: false });
+        self.shard = Some(Shard { index, set, inbox, next, handling_handed: false, failed: None });
         Ok(())
     }
 }
@@ -339,9 +381,13 @@ impl Engine {
         }
     }
 
-    /// Frames other engines handed over: handled as if read from this engine's link.
+    /// Frames other engines handed over: handled as if read from this engine's link. For
+    /// engine 0, also the news that another engine failed.
     pub(super) fn on_handed(&mut self, now: std::time::Instant) {
         let Some(shard) = self.shard.as_mut() else { return };
+        if shard.index == 0 && shard.failed.is_none() {
+            shard.failed = shard.set.failure();
+        }
         let frames: Vec<Vec<u8>> = shard.inbox.0.try_iter().collect();
         shard.handling_handed = true;
         for frame in frames {

@@ -1287,3 +1287,64 @@ fn shards_hand_the_answer_to_a_flow_opened_toward_the_guest() {
     e0.deliver_readiness(true, false, now);
     assert!(take_tcp(&link0).iter().any(|(_, data)| data == b"hi"));
 }
+
+/// A guest queue whose reading panics once a frame is waiting: a bug on an engine's thread.
+struct PanickingLink(std::os::unix::net::UnixDatagram);
+
+impl crate::link::Link for PanickingLink {
+    fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.0.recv(buf)?;
+        panic!("a bug met on a frame of {n} bytes");
+    }
+    fn send(&mut self, _frame: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "a queue that panics".into()
+    }
+}
+
+/// Stops the loop it supervises when its eventfd is written.
+struct EventFdSupervisor(OwnedFd);
+
+impl Supervisor for EventFdSupervisor {
+    fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+    fn on_ready(&mut self) -> Option<i32> {
+        Some(0)
+    }
+}
+
+/// An engine that panics on its own thread ends the set: engine 0's loop returns the panic
+/// as its error (so `usernet run` exits and says why) instead of running on while that
+/// engine's queue goes unread.
+#[test]
+fn a_panic_on_another_engine_thread_ends_engine_0_with_the_error() {
+    let cfg = Arc::new(NetConfig::default());
+    let services = crate::services::ServiceHub::start(cfg.clone()).unwrap();
+    let mut e0 = Engine::new(cfg.clone(), Box::new(FakeLink::default()), services.handle(), None).unwrap();
+    let (queue, guest_end) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    queue.set_nonblocking(true).unwrap();
+    let guest = shard::Guest { mac: GUEST_MAC, ip: *super::tests::guest().ip(), ip6: None, busy_poll: Duration::ZERO };
+    shard::start(&mut e0, cfg, &services, vec![Box::new(PanickingLink(queue))], guest).unwrap();
+    // A watchdog: should engine 0 never hear of the failure, its loop ends Ok after 20 s.
+    // SAFETY: plain eventfd(2).
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+    // SAFETY: a descriptor eventfd just returned, owned by nothing else.
+    let stop: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    let watchdog = stop.try_clone().unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        let one = 1u64.to_ne_bytes();
+        let _ = nix::unistd::write(&watchdog, &one);
+    });
+    guest_end.send(&[0u8; 60]).unwrap();
+    let ended = e0.run(&mut EventFdSupervisor(stop));
+    let e = ended.expect_err("engine 0 ran on after engine 1 panicked");
+    assert!(e.to_string().contains("network engine 1 panicked: a bug met on a frame of 60 bytes"), "{e}");
+}
