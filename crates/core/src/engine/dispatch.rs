@@ -410,6 +410,8 @@ impl Engine {
         let remote = SocketAddr::new(ip.dst, h.dst_port);
         let key = FlowKey::Tcp { guest, remote };
         if let Some(id) = self.flows.lookup(&key) {
+            // A RST may make an inbound flow fall back to IPv4 (TcpFlow::fallback).
+            let claimed = if h.has(RST) { self.claim_fallback(id) } else { None };
             let verdict = match self.flows.get_mut(id) {
                 Some(Flow::Tcp(f)) => {
                     if h.has(SYN) && !h.has(ACK) && f.is_stale_for_syn(&h) {
@@ -427,6 +429,7 @@ impl Engine {
                 self.flows.rekey(id, &key);
             }
             self.after(id, verdict);
+            self.unclaim_unused(claimed, id);
             if !new_syn {
                 return;
             }

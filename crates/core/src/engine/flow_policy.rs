@@ -133,32 +133,31 @@ impl Engine {
                 break;
             }
             self.timers.pop();
+            if self.flows.get_mut(id).map(|flow| *flow.scheduled_mut()) != Some(Some(d)) {
+                // The flow is gone, or its deadline moved (a later entry stands for it).
+                continue;
+            }
+            let claimed = self.claim_fallback(id);
             let mut rekey = None;
-            let verdict = match self.flows.get_mut(id) {
-                Some(flow) => {
-                    if *flow.scheduled_mut() != Some(d) {
-                        continue;
+            let Some(flow) = self.flows.get_mut(id) else { continue };
+            *flow.scheduled_mut() = None;
+            let verdict = match flow {
+                Flow::Tcp(f) => {
+                    if f.fallback.is_some() {
+                        // It may fall back to IPv4 (TcpFlow::fallback): new addresses.
+                        rekey = Some(FlowKey::Tcp { guest: f.guest, remote: f.remote });
                     }
-                    *flow.scheduled_mut() = None;
-                    match flow {
-                        Flow::Tcp(f) => {
-                            if f.fallback.is_some() {
-                                // It may fall back to IPv4 (TcpFlow::fallback): new addresses.
-                                rekey = Some(FlowKey::Tcp { guest: f.guest, remote: f.remote });
-                            }
-                            f.on_timer(&mut self.switch, now)
-                        }
-                        Flow::Udp(f) => f.on_timer(now),
-                        Flow::Icmp(f) => f.on_timer(now),
-                        Flow::Splice(_) => Verdict::Keep,
-                    }
+                    f.on_timer(&mut self.switch, now)
                 }
-                None => continue,
+                Flow::Udp(f) => f.on_timer(now),
+                Flow::Icmp(f) => f.on_timer(now),
+                Flow::Splice(_) => Verdict::Keep,
             };
             if let (Some(key), Verdict::Keep) = (rekey, verdict) {
                 self.flows.rekey(id, &key);
             }
             self.after(id, verdict);
+            self.unclaim_unused(claimed, id);
         }
     }
 

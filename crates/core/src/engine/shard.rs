@@ -414,6 +414,35 @@ impl Engine {
         }
     }
 
+    /// Claims the IPv4 addresses that the inbound flow `id` may fall back to
+    /// ([`TcpFlow::fallback`]), before it can send its SYN there: as for [`Engine::claim`],
+    /// the guest's SYN-ACK may reach another engine within that write, before the flow is
+    /// indexed under them. Returns the key claimed, to give to [`Engine::unclaim_unused`]
+    /// once the flow had its turn; None without shards, without a fallback, or when a flow
+    /// holds those addresses already (the flow then keeps its old key, see `rekey`).
+    ///
+    /// [`TcpFlow::fallback`]: super::flows::tcp::TcpFlow::fallback
+    pub(super) fn claim_fallback(&mut self, id: super::flows::FlowId) -> Option<FlowKey> {
+        self.shard.as_ref()?;
+        let Some(super::flows::Flow::Tcp(f)) = self.flows.get_mut(id) else { return None };
+        let (guest, remote) = f.fallback?;
+        let key = FlowKey::Tcp { guest, remote };
+        if self.flows.lookup(&key).is_some() || self.held_elsewhere(&key) {
+            return None;
+        }
+        self.claim(&key);
+        Some(key)
+    }
+
+    /// Releases `claimed` ([`Engine::claim_fallback`]) unless the flow `id` now goes by it.
+    pub(super) fn unclaim_unused(&self, claimed: Option<FlowKey>, id: super::flows::FlowId) {
+        if let Some(key) = claimed
+            && self.flows.lookup(&key) != Some(id)
+        {
+            self.unclaim(&key);
+        }
+    }
+
     /// Undoes [`Engine::claim`].
     pub(super) fn unclaim(&self, key: &FlowKey) {
         if let Some(s) = &self.shard {

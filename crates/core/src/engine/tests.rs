@@ -1348,3 +1348,97 @@ fn a_panic_on_another_engine_thread_ends_engine_0_with_the_error() {
     let e = ended.expect_err("engine 0 ran on after engine 1 panicked");
     assert!(e.to_string().contains("network engine 1 panicked: a bug met on a frame of 60 bytes"), "{e}");
 }
+
+type SynOwner = (u16, Option<usize>);
+
+/// A guest link that notes, for every SYN it carries, which engine the owner map says holds
+/// that SYN's flow at the moment it goes: the guest may answer within the write.
+struct OwnerAtSyn {
+    set: Arc<shard::ShardSet>,
+    /// Each SYN's source port, and the owner of its flow when it went.
+    seen: Rc<RefCell<Vec<SynOwner>>>,
+    sent: FakeLink,
+}
+
+impl crate::link::Link for OwnerAtSyn {
+    fn fd(&self) -> std::os::fd::RawFd {
+        -1
+    }
+    fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        let parsed = EthernetHeader::parse(frame)
+            .and_then(|(_, p)| Ipv4Header::parse(p))
+            .and_then(|(ip, p)| TcpHeader::parse(p).map(|(h, _)| (ip, h)));
+        if let Some((ip, h)) = parsed
+            && h.has(SYN)
+        {
+            let key = flows::FlowKey::Tcp {
+                guest: SocketAddrV4::new(ip.dst, h.dst_port).into(),
+                remote: SocketAddrV4::new(ip.src, h.src_port).into(),
+            };
+            self.seen.borrow_mut().push((h.src_port, self.set.owner(&key)));
+        }
+        self.sent.send(frame)
+    }
+}
+
+/// A flow engine 0 opens toward the guest that falls back to other addresses (an inbound
+/// flow's IPv4 pair, `TcpFlow::fallback`) claims them before its new SYN goes, as it claimed
+/// its first ones: the guest's SYN-ACK, answered within that write, may reach another engine,
+/// which must hand it over. A fallback the flow does not take is not left claimed.
+#[test]
+fn a_flow_that_falls_back_claims_its_new_addresses_before_its_syn() {
+    let (set, mut inboxes) = shard::ShardSet::new(2);
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let link0 = FakeLink::default();
+    let cfg = Arc::new(NetConfig::default());
+    let mut e0 = Engine::with_dialer(cfg, Box::new(FakeDialer::default()), None).unwrap();
+    e0.add_link(Box::new(OwnerAtSyn { set: set.clone(), seen: seen.clone(), sent: link0.clone() }));
+    let (mut e1, _, _) = engine(false);
+    let next = e1.control_handle().unwrap();
+    e1.join_shards(set.clone(), 1, inboxes.pop().unwrap(), None).unwrap();
+    e0.join_shards(set.clone(), 0, inboxes.pop().unwrap(), Some(next)).unwrap();
+    e0.set_guest_mac(GUEST_MAC, *guest().ip());
+    let now = Instant::now();
+
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    let to: std::net::SocketAddr = guest().into();
+    e0.tunnel(OwnedFd::from(ours), to, now).unwrap();
+    let syn = take_tcp(&link0).into_iter().find(|(h, _)| h.has(SYN)).expect("a SYN to the guest").0;
+    let host = e0.cfg.host;
+    let first = flows::FlowKey::Tcp { guest: to, remote: SocketAddrV4::new(host, syn.src_port).into() };
+    let id = e0.flows.lookup(&first).unwrap();
+    let other_port = syn.src_port.wrapping_add(1);
+    let fallback = flows::FlowKey::Tcp { guest: to, remote: SocketAddrV4::new(host, other_port).into() };
+    let Some(flows::Flow::Tcp(f)) = e0.flows.get_mut(id) else { panic!("not a TCP flow") };
+    f.fallback = Some((to, SocketAddrV4::new(host, other_port).into()));
+    assert_eq!(seen.borrow().as_slice(), &[(syn.src_port, Some(0))], "the first SYN went claimed");
+
+    // The SYN is retransmitted on its timer, not yet given up on: the fallback stays unclaimed.
+    e0.run_timers(now + Duration::from_millis(300));
+    assert_eq!(seen.borrow().len(), 2, "retransmitted");
+    assert_eq!(set.owner(&fallback), None, "a fallback not taken is not left claimed");
+
+    // The guest refuses the SYN: the flow falls back, and its new SYN goes claimed.
+    let rst = TcpHeader {
+        src_port: guest().port(),
+        dst_port: syn.src_port,
+        seq: 0,
+        ack: syn.seq.wrapping_add(1),
+        flags: RST | ACK,
+        window: 0,
+        ..Default::default()
+    };
+    let mut l4 = vec![0u8; rst.emit_len()];
+    rst.emit(&mut l4, 0, IpAddr::V4(*guest().ip()), IpAddr::V4(host));
+    e0.on_frame(0, &frame_ipv4(PROTO_TCP, *guest().ip(), host, &l4), now);
+    assert_eq!(
+        seen.borrow().last(),
+        Some(&(other_port, Some(0))),
+        "the new SYN went before its addresses were claimed"
+    );
+    assert_eq!(e0.flows.lookup(&fallback), Some(id));
+    assert_eq!((set.owner(&first), set.owner(&fallback)), (None, Some(0)));
+}
