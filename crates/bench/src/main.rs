@@ -139,6 +139,10 @@ pub struct BenchArgs {
     /// modules, and busybox-static.
     #[arg(long)]
     pub vm: bool,
+    /// With --vm: the VM phase alone, for the setups that serve VMs (usernet, passt); the
+    /// namespace rows are skipped.
+    #[arg(long, requires = "vm")]
+    pub vm_only: bool,
     /// The script that builds the guest's initramfs [default: the repository's
     /// vm-guest/build-initramfs.sh, built into this binary].
     #[arg(long, value_name = "PATH")]
@@ -226,6 +230,8 @@ struct Plan {
     open_limit: Duration,
     /// The VM phase, with `--vm`.
     vm: Option<vm::VmPlan>,
+    /// The VM phase alone (`--vm-only`).
+    vm_only: bool,
 }
 
 impl Plan {
@@ -249,6 +255,7 @@ impl Plan {
                 // Settled by driver_main once passt's binary is known.
                 passt_transport: vm::VmTransport::Stream,
             }),
+            vm_only: args.vm_only,
         }
     }
 }
@@ -366,6 +373,7 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
             .into_iter()
             .filter(|s| args.vm || s.has_namespace())
             .filter(|s| args.drop_in || !s.is_drop_in())
+            .filter(|s| !args.vm_only || s.serves_vms())
             .collect()
     } else {
         Setup::ALL.into_iter().filter(|s| args.only.contains(s)).collect()
@@ -431,15 +439,16 @@ fn driver_main(args: &BenchArgs) -> anyhow::Result<i32> {
                 started.elapsed().as_secs()
             );
             let mut run = Run::default();
-            if o.setup.has_namespace() {
+            if o.setup.has_namespace() && !plan.vm_only {
                 for p in Phase::ALL {
                     if !interrupted() {
                         phase(o.setup, p, &ctx, &mut peer, &mut run);
                     }
                 }
             } else {
+                let why = if plan.vm_only { "skipped: --vm-only" } else { "VMs only" };
                 for k in Phase::ALL.iter().flat_map(|p| p.keys()) {
-                    run.set(&k, Measure::NotApplicable("VMs only".into()));
+                    run.set(&k, Measure::NotApplicable(why.into()));
                 }
             }
             if let Some(state) = vm_state.as_mut()
@@ -1697,6 +1706,7 @@ mod tests {
             rr_count: None,
             conns: None,
             vm: true,
+            vm_only: false,
             vm_initramfs_script: None,
             vm_mib: None,
             vm_mtu: 1500,

@@ -112,6 +112,11 @@ impl Setup {
         self != Setup::Passt
     }
 
+    /// Whether it serves a VM in the VM phase (`usernet serve`, passt).
+    pub fn serves_vms(self) -> bool {
+        matches!(self, Setup::Usernet | Setup::Passt)
+    }
+
     pub fn parse(s: &str) -> Option<Setup> {
         Setup::ALL.into_iter().find(|x| x.name() == s || (s == "slirp" && *x == Setup::Slirp4netns))
     }
