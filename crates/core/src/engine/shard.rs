@@ -32,6 +32,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
@@ -55,6 +56,8 @@ pub struct ShardSet {
     inboxes: Vec<(mpsc::SyncSender<Vec<u8>>, Waker)>,
     /// Why an engine on a thread of its own stopped, when it failed (the first such).
     failure: Mutex<Option<String>>,
+    /// Set with `failure`: read without the lock on every wake of engine 0's inbox.
+    failed: AtomicBool,
 }
 
 /// Frames an engine's inbox holds at most: beyond, handed frames are dropped, as the TAP
@@ -87,14 +90,18 @@ impl ShardSet {
                 ((tx, OnceLock::new()), Inbox(rx))
             })
             .unzip();
-        (Arc::new(ShardSet { owners: Arc::default(), inboxes, failure: Mutex::default() }), receivers)
+        let set =
+            ShardSet { owners: Arc::default(), inboxes, failure: Mutex::default(), failed: AtomicBool::new(false) };
+        (Arc::new(set), receivers)
     }
 
-    /// An engine failed (`why`): engine 0 is woken to end the set with that error.
+    /// An engine failed (`why`): engine 0 is woken to end the set with that error. Its
+    /// waker is looked for under the lock that [`ShardSet::failure`] takes: engine 0 sets
+    /// the waker before it first asks, so either it finds the failure or it is woken.
     pub fn fail(&self, why: String) {
-        if let Ok(mut failure) = self.failure.lock() {
-            failure.get_or_insert(why);
-        }
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        failure.get_or_insert(why);
+        self.failed.store(true, Ordering::Release);
         if let Some((_, waker)) = self.inboxes.first()
             && let Some(waker) = waker.get()
         {
@@ -104,7 +111,10 @@ impl ShardSet {
 
     /// Why an engine failed, if one did.
     fn failure(&self) -> Option<String> {
-        self.failure.lock().map_or_else(|e| e.into_inner().clone(), |f| f.clone())
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The engine that holds the flow `key`, if any does.
@@ -195,14 +205,19 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// Stops an engine's loop when its bell (an eventfd) rings.
-struct Bell(RawFd);
+struct Bell {
+    fd: RawFd,
+    /// It rang: the loop ended because engine 0 stopped the set.
+    rung: bool,
+}
 
 impl Supervisor for Bell {
     fn fd(&self) -> RawFd {
-        self.0
+        self.fd
     }
 
     fn on_ready(&mut self) -> Option<i32> {
+        self.rung = true;
         Some(0)
     }
 }
@@ -240,6 +255,8 @@ pub fn start(
                 let hook = hub.proxy_hook();
                 let mut e = Engine::new(cfg.clone(), link, hub, None)?;
                 e.add_tcp_hook(hook);
+                // Its queue is its only link: without it the engine has nothing to serve.
+                e.stop_without_links();
                 guest.configure(&mut e);
                 e.join_shards(set.clone(), index, inbox, next_handle)?;
                 let handle = e.control_handle()?;
@@ -248,10 +265,12 @@ pub fn start(
             match made {
                 Ok((mut engine, handle)) => {
                     let _ = made_tx.send(Ok(handle));
-                    // Its bell ends the loop with Ok; anything else is a failure of the set.
-                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(&mut Bell(bell_fd))));
+                    // Its bell ends the loop; anything else is a failure of the set.
+                    let mut bell = Bell { fd: bell_fd, rung: false };
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(&mut bell)));
                     let why = match ran {
-                        Ok(Ok(_)) => return,
+                        Ok(Ok(_)) if bell.rung => return,
+                        Ok(Ok(_)) => format!("network engine {index} stopped: its queue of the guest's device is gone"),
                         Ok(Err(e)) => format!("network engine {index} failed: {e}"),
                         Err(panic) => format!("network engine {index} panicked: {}", panic_message(&*panic)),
                     };
@@ -287,7 +306,9 @@ impl Engine {
             let _ = slot.set(waker);
         }
         self.flows.share_owners(set.owners.clone(), index);
-        self.shard = Some(Shard { index, set, inbox, next, handling_handed: false, failed: None });
+        // An engine that failed before engine 0 had a waker found none to ring (see `fail`).
+        let failed = if index == 0 { set.failure.lock().unwrap_or_else(|e| e.into_inner()).clone() } else { None };
+        self.shard = Some(Shard { index, set, inbox, next, handling_handed: false, failed });
         Ok(())
     }
 }
@@ -418,20 +439,24 @@ impl Engine {
     /// ([`TcpFlow::fallback`]), before it can send its SYN there: as for [`Engine::claim`],
     /// the guest's SYN-ACK may reach another engine within that write, before the flow is
     /// indexed under them. Returns the key claimed, to give to [`Engine::unclaim_unused`]
-    /// once the flow had its turn; None without shards, without a fallback, or when a flow
-    /// holds those addresses already (the flow then keeps its old key, see `rekey`).
+    /// once the flow had its turn; None without shards or without a fallback. When a flow,
+    /// here or on another engine, holds those addresses already, the flow loses its
+    /// fallback: its SYN must not reach another connection.
     ///
     /// [`TcpFlow::fallback`]: super::flows::tcp::TcpFlow::fallback
     pub(super) fn claim_fallback(&mut self, id: super::flows::FlowId) -> Option<FlowKey> {
-        self.shard.as_ref()?;
+        let shard = self.shard.as_ref()?;
         let Some(super::flows::Flow::Tcp(f)) = self.flows.get_mut(id) else { return None };
         let (guest, remote) = f.fallback?;
         let key = FlowKey::Tcp { guest, remote };
-        if self.flows.lookup(&key).is_some() || self.held_elsewhere(&key) {
-            return None;
+        if self.flows.lookup(&key).is_none() && shard.set.owners.claim_vacant(key, shard.index) {
+            return Some(key);
         }
-        self.claim(&key);
-        Some(key)
+        if let Some(super::flows::Flow::Tcp(f)) = self.flows.get_mut(id) {
+            tracing::debug!("{} -> {}: its IPv4 fallback {remote} -> {guest} is busy", f.remote, f.guest);
+            f.fallback = None;
+        }
+        None
     }
 
     /// Releases `claimed` ([`Engine::claim_fallback`]) unless the flow `id` now goes by it.

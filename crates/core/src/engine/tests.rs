@@ -1288,22 +1288,29 @@ fn shards_hand_the_answer_to_a_flow_opened_toward_the_guest() {
     assert!(take_tcp(&link0).iter().any(|(_, data)| data == b"hi"));
 }
 
-/// A guest queue whose reading panics once a frame is waiting: a bug on an engine's thread.
-struct PanickingLink(std::os::unix::net::UnixDatagram);
+/// A guest queue that breaks once a frame is waiting: its reading panics (a bug on an
+/// engine's thread), or fails as a device that went away does.
+struct BrokenQueue {
+    sock: std::os::unix::net::UnixDatagram,
+    panics: bool,
+}
 
-impl crate::link::Link for PanickingLink {
+impl crate::link::Link for BrokenQueue {
     fn fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
     }
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.0.recv(buf)?;
-        panic!("a bug met on a frame of {n} bytes");
+        let n = self.sock.recv(buf)?;
+        if self.panics {
+            panic!("a bug met on a frame of {n} bytes");
+        }
+        Err(io::Error::new(io::ErrorKind::InvalidData, "the device is gone"))
     }
     fn send(&mut self, _frame: &[u8]) -> io::Result<()> {
         Ok(())
     }
     fn describe(&self) -> String {
-        "a queue that panics".into()
+        "a queue that breaks".into()
     }
 }
 
@@ -1319,19 +1326,20 @@ impl Supervisor for EventFdSupervisor {
     }
 }
 
-/// An engine that panics on its own thread ends the set: engine 0's loop returns the panic
-/// as its error (so `usernet run` exits and says why) instead of running on while that
-/// engine's queue goes unread.
-#[test]
-fn a_panic_on_another_engine_thread_ends_engine_0_with_the_error() {
+/// Engine 0 with engine 1 on a thread of its own, whose queue breaks (`panics` or not)
+/// at the first frame, possibly `before_join` engine 0 joined the set: what engine 0's
+/// loop returns (Ok if it ran on until the test's 20 s watchdog).
+fn engine0_when_engine1_breaks(panics: bool) -> io::Result<i32> {
     let cfg = Arc::new(NetConfig::default());
     let services = crate::services::ServiceHub::start(cfg.clone()).unwrap();
     let mut e0 = Engine::new(cfg.clone(), Box::new(FakeLink::default()), services.handle(), None).unwrap();
     let (queue, guest_end) = std::os::unix::net::UnixDatagram::pair().unwrap();
     queue.set_nonblocking(true).unwrap();
     let guest = shard::Guest { mac: GUEST_MAC, ip: *super::tests::guest().ip(), ip6: None, busy_poll: Duration::ZERO };
-    shard::start(&mut e0, cfg, &services, vec![Box::new(PanickingLink(queue))], guest).unwrap();
-    // A watchdog: should engine 0 never hear of the failure, its loop ends Ok after 20 s.
+    // The frame waits before engine 1 starts: it breaks at once, maybe before engine 0 has
+    // joined the set and has a waker (shard::start makes engine 0 join last).
+    guest_end.send(&[0u8; 60]).unwrap();
+    shard::start(&mut e0, cfg, &services, vec![Box::new(BrokenQueue { sock: queue, panics })], guest).unwrap();
     // SAFETY: plain eventfd(2).
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
     assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
@@ -1343,10 +1351,25 @@ fn a_panic_on_another_engine_thread_ends_engine_0_with_the_error() {
         let one = 1u64.to_ne_bytes();
         let _ = nix::unistd::write(&watchdog, &one);
     });
-    guest_end.send(&[0u8; 60]).unwrap();
     let ended = e0.run(&mut EventFdSupervisor(stop));
-    let e = ended.expect_err("engine 0 ran on after engine 1 panicked");
+    drop(guest_end);
+    ended
+}
+
+/// An engine that panics on its own thread ends the set: engine 0's loop returns the panic
+/// as its error (so `usernet run` exits and says why) instead of running on while that
+/// engine's queue goes unread; also when the panic came before engine 0 joined the set.
+#[test]
+fn a_panic_on_another_engine_thread_ends_engine_0_with_the_error() {
+    let e = engine0_when_engine1_breaks(true).expect_err("engine 0 ran on after engine 1 panicked");
     assert!(e.to_string().contains("network engine 1 panicked: a bug met on a frame of 60 bytes"), "{e}");
+}
+
+/// An engine whose queue of the guest's device fails ends the set the same way.
+#[test]
+fn an_engine_that_loses_its_queue_ends_engine_0_with_the_error() {
+    let e = engine0_when_engine1_breaks(false).expect_err("engine 0 ran on after engine 1 lost its queue");
+    assert!(e.to_string().contains("network engine 1 stopped: its queue of the guest's device is gone"), "{e}");
 }
 
 type SynOwner = (u16, Option<usize>);
@@ -1390,6 +1413,19 @@ impl crate::link::Link for OwnerAtSyn {
 /// which must hand it over. A fallback the flow does not take is not left claimed.
 #[test]
 fn a_flow_that_falls_back_claims_its_new_addresses_before_its_syn() {
+    falls_back_to(false);
+}
+
+/// When another engine's flow holds the addresses a flow would fall back to, it does not
+/// fall back (its SYN would reach that connection): the guest's refusal resets it.
+#[test]
+fn a_flow_does_not_fall_back_to_addresses_another_engine_holds() {
+    falls_back_to(true);
+}
+
+/// An inbound flow of engine 0 with a fallback, refused by the guest; `busy`: engine 1
+/// holds the fallback's addresses.
+fn falls_back_to(busy: bool) {
     let (set, mut inboxes) = shard::ShardSet::new(2);
     let seen = Rc::new(RefCell::new(Vec::new()));
     let link0 = FakeLink::default();
@@ -1420,6 +1456,9 @@ fn a_flow_that_falls_back_claims_its_new_addresses_before_its_syn() {
     e0.run_timers(now + Duration::from_millis(300));
     assert_eq!(seen.borrow().len(), 2, "retransmitted");
     assert_eq!(set.owner(&fallback), None, "a fallback not taken is not left claimed");
+    if busy {
+        e1.claim(&fallback);
+    }
 
     // The guest refuses the SYN: the flow falls back, and its new SYN goes claimed.
     let rst = TcpHeader {
@@ -1434,6 +1473,12 @@ fn a_flow_that_falls_back_claims_its_new_addresses_before_its_syn() {
     let mut l4 = vec![0u8; rst.emit_len()];
     rst.emit(&mut l4, 0, IpAddr::V4(*guest().ip()), IpAddr::V4(host));
     e0.on_frame(0, &frame_ipv4(PROTO_TCP, *guest().ip(), host, &l4), now);
+    if busy {
+        assert_eq!(seen.borrow().len(), 2, "a SYN went to addresses another engine's flow holds");
+        assert_eq!(e0.flow_count(), 0, "refused, the flow ends");
+        assert_eq!((set.owner(&first), set.owner(&fallback)), (None, Some(1)));
+        return;
+    }
     assert_eq!(
         seen.borrow().last(),
         Some(&(other_port, Some(0))),

@@ -350,7 +350,8 @@ impl FlowTable {
     /// fell back from IPv6 to IPv4): index it under them.
     pub fn rekey(&mut self, id: FlowId, old: &FlowKey) {
         let Some(new) = self.slots.get(id.slot as usize).and_then(|s| s.flow.as_ref()).map(Flow::key) else { return };
-        if new == *old || self.lookup(&new).is_some() {
+        let elsewhere = self.owners.as_ref().is_some_and(|(set, me)| set.owner(&new).is_some_and(|o| o != *me));
+        if new == *old || self.lookup(&new).is_some() || elsewhere {
             // (Another flow has those addresses already: this one keeps its old key, and
             // the guest's answers to it go unheard until it times out.)
             return;

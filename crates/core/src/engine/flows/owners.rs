@@ -25,6 +25,18 @@ impl Owners {
         self.map().insert(key, me);
     }
 
+    /// Engine `me` holds the flow `key` from now on, if no engine does yet: whether it took
+    /// it (one step, so two engines never both take a free key).
+    pub fn claim_vacant(&self, key: FlowKey, me: usize) -> bool {
+        match self.map().entry(key) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(me);
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(_) => false,
+        }
+    }
+
     /// Engine `me` no longer holds the flow `key` (another engine's claim stays).
     pub fn release(&self, key: &FlowKey, me: usize) {
         let mut map = self.map();

@@ -667,6 +667,8 @@ impl<S: HostSocket> TcpFlow<S> {
         self.snd_una = h.ack;
         self.phase = Phase::Established;
         self.to_guest = ToGuest::Open;
+        // Opened where it is: no falling back any more.
+        self.fallback = None;
         self.rto_deadline = None;
         self.retries = 0;
         self.rto = RTO_MIN;
