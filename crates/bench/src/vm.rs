@@ -379,7 +379,7 @@ impl Watched {
         let qemu = self.qemu.load(Ordering::Relaxed);
         Sample {
             at: Instant::now(),
-            tool: super::cpu_seconds(self.tool),
+            tool: super::cpu_seconds_of_threads(self.tool),
             vcpu: (qemu > 0).then(|| vcpu_seconds(qemu)).flatten(),
         }
     }
