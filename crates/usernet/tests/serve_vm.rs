@@ -258,6 +258,14 @@ fn vm_on_vhost_user() {
     vm.wait_for("USERNET-VM ready", VM_TIMEOUT);
     fx.assert_checks(&vm, "192.168.65.2");
     assert_eq!(curl(published).trim(), "hello from 192.168.65.2");
+    // The guest serves back what it downloaded: an upload, through the polled TX ring.
+    let got = dir.join("uploaded");
+    let out = common::run(
+        "curl",
+        &["-s", "-m", "120", "-o", got.to_str().unwrap(), &format!("http://127.0.0.1:{published}/f")],
+    );
+    assert!(out.success(), "{out}");
+    assert_eq!(common::sha256_file(&got), fx.hash, "the guest's upload");
     let port = serve.expose("192.168.65.2:8080");
     assert_eq!(curl(port).trim(), "hello from 192.168.65.2");
 

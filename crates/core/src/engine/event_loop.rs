@@ -75,6 +75,12 @@ impl Engine {
                     }
                 }
             }
+            for slot in self.switch.links.iter_mut().flatten() {
+                if slot.link.polling() {
+                    slot.readable = true;
+                    link_ready = true;
+                }
+            }
             if link_ready {
                 link_ready = self.read_links(now);
             }
@@ -113,8 +119,8 @@ impl Engine {
             None => Duration::from_secs(1),
         };
         // A link whose guest has not taken its frames yet, with no event to say when it
-        // does: come back soon to write them.
-        let backlog = self.switch.links.iter().flatten().any(|slot| slot.link.backlogged());
+        // does, or one that polls its guest's queue: come back soon.
+        let backlog = self.switch.links.iter().flatten().any(|slot| slot.link.backlogged() || slot.link.polling());
         let t = if backlog { t.min(crate::link::BACKLOG_RETRY) } else { t };
         Some(t.min(Duration::from_secs(1)))
     }

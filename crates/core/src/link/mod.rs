@@ -48,6 +48,12 @@ pub trait Link {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// True while the link reads its guest's queue without being told of new frames (a
+    /// vhost-user TX ring with notifications off during an upload): the engine then calls
+    /// `recv` every round, and comes back within `BACKLOG_RETRY` when nothing else happens.
+    fn polling(&self) -> bool {
+        false
+    }
     /// True when frames wait in the link for the guest's socket to take them and no
     /// readiness event will say when it does (a datagram socket sending to an unconnected
     /// peer): the engine then calls `flush` again soon (`BACKLOG_RETRY`) instead of waiting.
