@@ -32,21 +32,20 @@
 //!
 //! The link's descriptor is an epoll instance of its own that groups the TX and RX kick
 //! eventfds (dup'ed from the front-end's) and its bell: the engine's edge-triggered epoll
-//! wakes on any of them. Every write to an eventfd wakes its watchers, whatever its count,
-//! and the inner epoll passes each wake on to the engine's, so every kick is an edge there
-//! and the kicks are never read: `recv` re-enables notifications when the TX queue is
-//! empty and looks once more, so no frame waits for a kick that already came. (Reading the
-//! three eventfds at each empty queue cost three read(2) calls per wakeup, two of them
-//! EAGAIN, on a VM's upload of one segment per wakeup. A count never read stays far below
-//! its limit: QEMU adds 1 per kick.)
+//! wakes on any of them. `recv` drains the kicks only when the TX queue is empty and goes
+//! back to notifications, just before re-enabling them and looking once more, so no kick
+//! is lost. (Every write to an eventfd wakes its watchers whatever its count, so draining is
+//! not needed for the edges; but kicks left unread keep the inner epoll ready, and kernels
+//! before 5.5 then wake the outer epoll at each of its waits: the loop would spin. During
+//! an upload the ring is polled, with no kicks to drain: see below.)
 //!
 //! Uploads: the TX ring is polled, not kicked. A guest's kick is costly where it is
 //! emulated (under TCG, each is a trapped write that QEMU turns into an eventfd write, and
 //! each wakes usernet): a VM uploading at MTU 1500 kicked once per segment. So after a
 //! frame of [`POLL_FRAME_BYTES`] or more (bulk data, not a request or an ACK), the ring's
 //! notifications stay off when it runs empty, and the engine reads it again every round of
-//! its loop and at least every millisecond ([`Link::polling`]), until it stayed empty for
-//! [`POLL_IDLE`]; then notifications are turned on as before. A request after an upload so
+//! its loop and at least every millisecond ([`Link::polling`]), until no bulk frame came
+//! for [`POLL_IDLE`]; then notifications are turned on as before. A request after an upload so
 //! waits a millisecond at most. Measured on a TCG guest's 64 MiB upload
 //! (`usernet-bench --vm --vm-only --vm-transport vhost-user`, alternated runs): 0.59-0.64
 //! Gbit/s and 0.66-1.2 s of usernet's CPU per GB, against 0.12-0.13 Gbit/s and 10.7-11.5
@@ -106,7 +105,7 @@ const MAX_QUEUE_SIZE: u16 = 1024;
 /// A frame from the guest this large is bulk data: the TX ring is polled after it (see the
 /// module's comment). An MTU-1500 segment is 1514 bytes; requests and ACKs are smaller.
 pub const POLL_FRAME_BYTES: usize = 1024;
-/// How long the TX ring stays polled, empty, before its notifications go back on.
+/// How long the TX ring stays polled without a bulk frame before its notifications go back on.
 pub const POLL_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Bytes of frames a link may hold for a guest that has no RX buffers, before dropping.
@@ -416,8 +415,9 @@ pub struct VhostUserLink {
     /// Groups the bell and both kicks: the descriptor the engine waits on.
     epfd: OwnedFd,
     bell: Arc<OwnedFd>,
-    /// The kick eventfds, kept open for `epfd` to watch (never read).
-    _kicks: [File; 2],
+    /// The kick eventfds (the RX ring's, the TX ring's), drained when the TX ring goes
+    /// back to notifications.
+    kicks: [File; 2],
     /// The vhost-user connection, shut when the engine drops a live link.
     conn: Arc<UnixStream>,
     name: String,
@@ -603,8 +603,8 @@ impl Link for VhostUserLink {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let garbled = |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("garbled descriptors: {why}"));
-        // Bounded: each pass pops a chain or returns, and the second look after draining the
-        // kicks returns unless the guest added chains meanwhile.
+        // Bounded: each pass pops a chain or returns, and the second look after turning
+        // notifications on returns unless the guest added chains meanwhile.
         for _ in 0..4 {
             let chain = match ring.queue.iter(&*mem) {
                 Ok(mut it) => it.next(),
@@ -617,14 +617,16 @@ impl Link for VhostUserLink {
                 }
                 let head = chain.head_index();
                 let (_hdr, n) = read_chain(mem, chain, hdr_len, buf).map_err(garbled)?;
-                if n >= POLL_FRAME_BYTES || self.polled.is_some() {
+                // Only bulk frames keep the ring polled: a guest's ACKs alone (a download)
+                // let it go back to kicks.
+                if n >= POLL_FRAME_BYTES {
                     self.polled = Some(None);
                 }
                 ring.queue.add_used(&*mem, head, 0).map_err(|e| garbled(format!("TX used ring: {e}")))?;
                 self.used[TX] = true;
                 return Ok(n);
             }
-            // Empty. Polled: stay quiet until it has been empty for POLL_IDLE.
+            // Empty. Polled: stay quiet until POLL_IDLE passed without a bulk frame.
             if let Some(since) = &mut self.polled {
                 let now = std::time::Instant::now();
                 if now.saturating_duration_since(*since.get_or_insert(now)) < POLL_IDLE {
@@ -632,8 +634,12 @@ impl Link for VhostUserLink {
                 }
                 self.polled = None;
             }
-            // Turn notifications on and look once more (the kicks are not read: see the
-            // module's comment).
+            // Drain the kicks, turn notifications on and look once more. (Kicks left unread
+            // would keep the inner epoll ready: kernels before 5.5 then wake the engine's
+            // epoll at every wait, and the loop spins.)
+            drain(self.bell.as_raw_fd());
+            drain(self.kicks[TX].as_raw_fd());
+            drain(self.kicks[RX].as_raw_fd());
             self.tx_quiet = false;
             match ring.queue.enable_notification(&*mem) {
                 Ok(true) => continue,
@@ -771,7 +777,7 @@ impl Control {
             features,
             epfd,
             bell,
-            _kicks: [rx_kick, tx_kick],
+            kicks: [rx_kick, tx_kick],
             conn: self.conn.clone(),
             name,
             backlog: VecDeque::new(),
