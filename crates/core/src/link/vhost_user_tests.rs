@@ -237,6 +237,82 @@ fn offloaded_frames_carry_their_header() {
     assert_eq!(&got[10..], &[1, 0]);
 }
 
+impl Guest {
+    /// The used ring's flags (VRING_USED_F_NO_NOTIFY) and `avail_event` (EVENT_IDX).
+    fn notify_fields(&self, ring: usize) -> (u16, u16) {
+        self.mem(|m| {
+            let flags = m.read_obj(GuestAddress(base(ring) + USED)).unwrap();
+            let event = m.read_obj(GuestAddress(base(ring) + USED + 4 + 8 * SIZE as u64)).unwrap();
+            (flags, event)
+        })
+    }
+
+    /// Whether a Linux driver kicks after moving its available index from `old` to `new`
+    /// (`vring_need_event`).
+    fn kicks(&self, ring: usize, old: u16, new: u16) -> bool {
+        let (_, event) = self.notify_fields(ring);
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+}
+
+#[test]
+fn an_upload_polls_the_tx_ring_and_asks_a_kick_per_half_ring() {
+    let (mut g, mut link, _dev) = setup(MODERN);
+    let mut buf = vec![0u8; MAX_FRAME];
+    let would_block = |link: &mut VhostUserLink, buf: &mut [u8]| {
+        assert_eq!(link.recv(buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    };
+    // A request (smaller than POLL_FRAME_BYTES) leaves the ring on kicks: the next empty
+    // look turns them back on, at the next available index.
+    g.offer(TX, &[(&[0u8; 12], 12, 0), (&[1u8; 60], 60, 0)]);
+    assert_eq!(link.recv(&mut buf).unwrap(), 60);
+    would_block(&mut link, &mut buf);
+    assert!(!link.polling());
+    assert_eq!(g.notify_fields(TX).1, 1);
+    assert!(g.kicks(TX, 1, 2), "a ring on kicks wakes the engine at the next frame");
+
+    // A bulk frame: the ring is polled, and the guest is asked to kick only once it has
+    // queued half a ring (8 of 16) after the frames read so far.
+    let bulk = vec![2u8; POLL_FRAME_BYTES];
+    g.offer(TX, &[(&[0u8; 12], 12, 0), (&bulk, bulk.len() as u32, 0)]);
+    assert_eq!(link.recv(&mut buf).unwrap(), bulk.len());
+    assert_eq!(&buf[..bulk.len()], &bulk[..]);
+    would_block(&mut link, &mut buf);
+    assert!(link.polling());
+    assert_eq!(g.notify_fields(TX).1, 2 + SIZE / 2 - 1);
+    assert!(!g.kicks(TX, 2, 2 + SIZE / 2 - 1), "seven frames queued: no kick, the next poll reads them");
+    assert!(g.kicks(TX, 2, 2 + SIZE / 2), "half a ring queued: a kick");
+    // Still polled while the ring stays empty for less than POLL_IDLE.
+    would_block(&mut link, &mut buf);
+    assert!(link.polling());
+
+    // POLL_IDLE without a bulk frame: notifications go back on.
+    std::thread::sleep(POLL_IDLE + std::time::Duration::from_millis(1));
+    would_block(&mut link, &mut buf);
+    assert!(!link.polling());
+    assert_eq!(g.notify_fields(TX).1, 2);
+    assert!(g.kicks(TX, 2, 3));
+    link.flush().unwrap();
+    assert_eq!(g.used(TX), vec![(0, 0), (2, 0)]);
+}
+
+#[test]
+fn without_event_idx_a_polled_ring_turns_kicks_off() {
+    let (mut g, mut link, _dev) = setup(bit(VIRTIO_F_VERSION_1));
+    let mut buf = vec![0u8; MAX_FRAME];
+    let bulk = vec![3u8; 1500];
+    g.offer(TX, &[(&[0u8; 12], 12, 0), (&bulk, bulk.len() as u32, 0)]);
+    assert_eq!(link.recv(&mut buf).unwrap(), bulk.len());
+    assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    assert!(link.polling());
+    // VRING_USED_F_NO_NOTIFY while polled; the guest has no threshold to kick at.
+    assert_eq!(g.notify_fields(TX).0, 1);
+    std::thread::sleep(POLL_IDLE + std::time::Duration::from_millis(1));
+    assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    assert!(!link.polling());
+    assert_eq!(g.notify_fields(TX).0, 0);
+}
+
 fn garbled(link: &mut VhostUserLink) -> String {
     let mut buf = vec![0u8; MAX_FRAME];
     let e = link.recv(&mut buf).unwrap_err();
