@@ -141,6 +141,14 @@ fn vm_on_the_stream_transport() {
     vm.wait_for("USERNET-VM ready", VM_TIMEOUT);
     fx.assert_checks(&vm, "192.168.65.2");
     assert_eq!(curl(published).trim(), "hello from 192.168.65.2");
+    // The guest serves back what it downloaded: an upload, which the link reads by polling.
+    let got = dir.join("uploaded");
+    let out = common::run(
+        "curl",
+        &["-s", "-m", "120", "-o", got.to_str().unwrap(), &format!("http://127.0.0.1:{published}/f")],
+    );
+    assert!(out.success(), "{out}");
+    assert_eq!(common::sha256_file(&got), fx.hash, "the guest's upload");
 
     // Over IPv6 to the VM's SLAAC address: a client with an IPv6 address of its own (the
     // test's namespace, through the host's veth) on a port published on [::]...

@@ -78,6 +78,7 @@ impl Engine {
             for slot in self.switch.links.iter_mut().flatten() {
                 if slot.link.polling() {
                     slot.readable = true;
+                    slot.link.readable_edge(false);
                     link_ready = true;
                 }
             }
@@ -91,6 +92,7 @@ impl Engine {
             self.advertise_router_when_due(now);
             self.flush_acks(Instant::now());
             self.flush_links();
+            self.watch_links();
             self.loop_counters.busy_nanos += Instant::now().saturating_duration_since(now).as_nanos() as u64;
             let link_after = self.switch.stats;
             self.busy_poll.round(
@@ -157,6 +159,41 @@ impl Engine {
         }
         self.rx_buf = buf;
         more
+    }
+
+    /// Registers each link's descriptor for what the link now wants to hear of
+    /// ([`Link::read_events`], [`Link::write_events`]): a stream link polled during an
+    /// upload does not want reads, and one with nothing queued not writes. Neither: the
+    /// descriptor leaves the epoll set until it wants one again.
+    fn watch_links(&mut self) {
+        for (index, slot) in self.switch.links.iter_mut().enumerate() {
+            let Some(slot) = slot else { continue };
+            let want = (slot.link.read_events(), slot.link.write_events());
+            if want == slot.watched {
+                continue;
+            }
+            let fd = slot.link.fd();
+            let mut source = SourceFd(&fd);
+            let token = mio::Token(LINK_BIT | index);
+            let registry = self.poll.registry();
+            let interest = match want {
+                (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+                (true, false) => Some(Interest::READABLE),
+                (false, true) => Some(Interest::WRITABLE),
+                (false, false) => None,
+            };
+            let done = match (slot.watched != (false, false), interest) {
+                (true, Some(interest)) => registry.reregister(&mut source, token, interest),
+                (false, Some(interest)) => registry.register(&mut source, token, interest),
+                (true, None) => registry.deregister(&mut source),
+                (false, None) => Ok(()),
+            };
+            if let Err(e) = done {
+                tracing::warn!(link = %slot.link.describe(), error = %e, "cannot change what the engine watches");
+            }
+            // Once, failed or not: a failure would repeat every round.
+            slot.watched = want;
+        }
     }
 
     pub(super) fn on_acceptor(&mut self, index: usize) {

@@ -142,6 +142,9 @@ pub struct LinkStats {
 pub struct LinkSlot {
     pub link: Box<dyn Link>,
     pub readable: bool,
+    /// What the engine's epoll watches the link's descriptor for: reading, writing (see
+    /// [`Link::read_events`] and [`Link::write_events`]); neither when it is not registered.
+    pub watched: (bool, bool),
     /// What this link carried (for `/metrics`).
     pub counters: LinkCounters,
     /// MACs the table has behind this link.
@@ -811,6 +814,7 @@ impl Switch {
         let slot = LinkSlot {
             link,
             readable: true,
+            watched: (true, true),
             counters: LinkCounters::default(),
             macs: 0,
             told_macs_full: false,

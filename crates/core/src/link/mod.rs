@@ -17,6 +17,14 @@ use std::os::fd::RawFd;
 /// How soon the engine retries a backlogged link's `flush` (see [`Link::backlogged`]).
 pub const BACKLOG_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// A frame from the guest this large is bulk data: a link that can poll its guest (a
+/// vhost-user TX ring, a stream socket) does so after one, since an upload's frames would
+/// otherwise wake the engine one by one. An MTU-1500 segment is 1514 bytes; requests and
+/// ACKs are smaller.
+pub const POLL_FRAME_BYTES: usize = 1024;
+/// How long a link keeps polling without a bulk frame before it waits for notifications again.
+pub const POLL_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Largest frame any link carries (64 KiB payload plus an Ethernet header).
 pub const MAX_FRAME: usize = 65536 + 14;
 
@@ -53,6 +61,18 @@ pub trait Link {
     /// `recv` every round, and comes back within `BACKLOG_RETRY` when nothing else happens.
     fn polling(&self) -> bool {
         false
+    }
+    /// False while the link polls and its descriptor's readability should not wake the
+    /// engine (a stream socket during an upload: each of the guest's writes would); the
+    /// engine then watches the descriptor for writability alone, until this is true again.
+    fn read_events(&self) -> bool {
+        true
+    }
+    /// False while the link has nothing waiting to be written, and its descriptor's turning
+    /// writable should not wake the engine (a stream socket: every frame the guest reads
+    /// would); the engine watches for writability only while this is true.
+    fn write_events(&self) -> bool {
+        true
     }
     /// True when frames wait in the link for the guest's socket to take them and no
     /// readiness event will say when it does (a datagram socket sending to an unconnected

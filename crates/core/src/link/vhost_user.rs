@@ -97,7 +97,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use super::handoff::{Handoff, HandoffSender};
 use super::qemu::listen_stream;
-use super::{Link, LinkAcceptor};
+use super::{Link, LinkAcceptor, POLL_FRAME_BYTES, POLL_IDLE};
 use usernet_wire::vnet_hdr::{self, VnetHdr};
 
 /// The RX queue's index (the device writes), and the TX queue's (the device reads).
@@ -105,11 +105,6 @@ const RX: usize = 0;
 const TX: usize = 1;
 /// Largest ring the front-end may ask for (QEMU's rx/tx_queue_size go up to 1024).
 const MAX_QUEUE_SIZE: u16 = 1024;
-/// A frame from the guest this large is bulk data: the TX ring is polled after it (see the
-/// module's comment). An MTU-1500 segment is 1514 bytes; requests and ACKs are smaller.
-pub const POLL_FRAME_BYTES: usize = 1024;
-/// How long the TX ring stays polled without a bulk frame before its notifications go back on.
-pub const POLL_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Bytes of frames a link may hold for a guest that has no RX buffers, before dropping.
 pub const MAX_QUEUE: usize = 4 * 1024 * 1024;

@@ -198,6 +198,15 @@ impl Link for VpnkitLink {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+    fn polling(&self) -> bool {
+        self.inner.polling()
+    }
+    fn read_events(&self) -> bool {
+        self.inner.read_events()
+    }
+    fn write_events(&self) -> bool {
+        self.inner.write_events()
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }
