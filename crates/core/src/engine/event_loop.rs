@@ -5,10 +5,11 @@
 
 use std::cmp::Reverse;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::{Events, Interest};
+use mio::{Events, Interest, Token};
 
 use super::flows::FlowId;
 use super::{ACCEPTOR_BIT, Engine, FLOW_BASE, LINK_BIT, SHARD, SUPERVISOR, Supervisor, WAKER, busy_poll, listeners};
@@ -84,6 +85,10 @@ impl Engine {
             }
             if link_ready {
                 link_ready = self.read_links(now);
+                // A poll of a link that found frames ended an idle period as an event does.
+                if events.is_empty() && self.switch.stats.frames_in != link_before.frames_in {
+                    self.busy_poll.woke(now);
+                }
             }
             if !self.udp_batch.is_empty() {
                 self.udp_batch.flush();
@@ -161,38 +166,37 @@ impl Engine {
         more
     }
 
-    /// Registers each link's descriptor for what the link now wants to hear of
-    /// ([`Link::read_events`], [`Link::write_events`]): a stream link polled during an
-    /// upload does not want reads, and one with nothing queued not writes. Neither: the
-    /// descriptor leaves the epoll set until it wants one again.
+    /// Has the engine's epoll watch each link's descriptor for what the link now wants to
+    /// hear of ([`Link::read_events`], [`Link::write_events`]): a stream link polled during
+    /// an upload does not want reads, and one with nothing queued not writes. For neither,
+    /// the descriptor stays registered with an empty event mask: a socket's data or room
+    /// then wakes nobody (EPOLLPRI would not do: a socket's data wakes its EPOLLPRI watchers
+    /// too), while a hang-up or an error is still reported. So every change is a
+    /// modification, which cannot fail for want of memory or watches as adding one back
+    /// could. A link whose change fails anyway is dropped: it could no longer be read.
     fn watch_links(&mut self) {
-        for (index, slot) in self.switch.links.iter_mut().enumerate() {
-            let Some(slot) = slot else { continue };
+        for index in 0..self.switch.links.len() {
+            let Some(Some(slot)) = self.switch.links.get_mut(index) else { continue };
             let want = (slot.link.read_events(), slot.link.write_events());
             if want == slot.watched {
                 continue;
             }
             let fd = slot.link.fd();
-            let mut source = SourceFd(&fd);
-            let token = mio::Token(LINK_BIT | index);
+            let token = Token(LINK_BIT | index);
             let registry = self.poll.registry();
-            let interest = match want {
-                (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-                (true, false) => Some(Interest::READABLE),
-                (false, true) => Some(Interest::WRITABLE),
-                (false, false) => None,
+            let done = match want {
+                (true, true) => registry.reregister(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE),
+                (true, false) => registry.reregister(&mut SourceFd(&fd), token, Interest::READABLE),
+                (false, true) => registry.reregister(&mut SourceFd(&fd), token, Interest::WRITABLE),
+                (false, false) => silence(self.poll.as_raw_fd(), fd, token),
             };
-            let done = match (slot.watched != (false, false), interest) {
-                (true, Some(interest)) => registry.reregister(&mut source, token, interest),
-                (false, Some(interest)) => registry.register(&mut source, token, interest),
-                (true, None) => registry.deregister(&mut source),
-                (false, None) => Ok(()),
-            };
-            if let Err(e) = done {
-                tracing::warn!(link = %slot.link.describe(), error = %e, "cannot change what the engine watches");
+            match done {
+                Ok(()) => slot.watched = want,
+                Err(e) => {
+                    let why = io::Error::new(e.kind(), format!("cannot change what the engine watches: {e}"));
+                    self.drop_link(index, &why);
+                }
             }
-            // Once, failed or not: a failure would repeat every round.
-            slot.watched = want;
         }
     }
 
@@ -252,4 +256,17 @@ impl Engine {
             p.flush();
         }
     }
+}
+
+/// Leaves `fd` registered with the epoll instance `epfd` (by mio, with `token`) but for no
+/// event: only a hang-up or an error, which epoll always reports, still wake it. (mio keeps
+/// no state of its own per descriptor, so its later `reregister` works as on any other.)
+fn silence(epfd: std::os::fd::RawFd, fd: std::os::fd::RawFd, token: Token) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events: libc::EPOLLET as u32, u64: token.0 as u64 };
+    // SAFETY: modifies the registration of a descriptor the engine registered; `ev` lives
+    // across the call.
+    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -143,7 +143,7 @@ pub struct LinkSlot {
     pub link: Box<dyn Link>,
     pub readable: bool,
     /// What the engine's epoll watches the link's descriptor for: reading, writing (see
-    /// [`Link::read_events`] and [`Link::write_events`]); neither when it is not registered.
+    /// [`Link::read_events`] and [`Link::write_events`]).
     pub watched: (bool, bool),
     /// What this link carried (for `/metrics`).
     pub counters: LinkCounters,

@@ -1487,3 +1487,78 @@ fn falls_back_to(busy: bool) {
     assert_eq!(e0.flows.lookup(&fallback), Some(id));
     assert_eq!((set.owner(&first), set.owner(&fallback)), (None, Some(0)));
 }
+
+/// A QEMU stream link in a running engine, through its polled upload: the guest's bulk
+/// frames (1,100-byte pings to the gateway) make the link poll (the engine stops watching
+/// its socket for reading), every one is answered; after a pause the socket is watched
+/// again, so a lone small ping is answered too; and the guest hanging up during a second
+/// upload ends the link (the engine, told to stop without links, returns).
+#[test]
+fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
+    use crate::link::qemu::{Framing, StreamLink};
+    let (ours, mut vm) = UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let cfg = Arc::new(NetConfig::default());
+    let services = crate::services::ServiceHub::start(cfg.clone()).unwrap();
+    let link = StreamLink::new(OwnedFd::from(ours), Framing::Be32, "vm".into());
+    let mut e = Engine::new(cfg, Box::new(link), services, None).unwrap();
+    e.stop_without_links();
+
+    // SAFETY: plain eventfd(2).
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+    // SAFETY: a descriptor eventfd just returned, owned by nothing else.
+    let stop: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    let watchdog = stop.try_clone().unwrap();
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guest_thread = std::thread::spawn(move || {
+        let ping = |seq: u16, len: usize| {
+            let mut m = vec![seq as u8; 8 + len];
+            IcmpHeader::echo(icmp::TYPE_ECHO_REQUEST, 7, seq).emit(&mut m, len);
+            let f = frame_ipv4(PROTO_ICMP, *guest().ip(), Ipv4Addr::new(192, 168, 65, 1), &m);
+            let mut framed = (f.len() as u32).to_be_bytes().to_vec();
+            framed.extend(f);
+            framed
+        };
+        // Replies (and anything else the engine sends: router advertisements) until
+        // `want` echo replies came; their sequence numbers.
+        let replies = |vm: &mut UnixStream, want: usize| {
+            vm.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut seqs = Vec::new();
+            while seqs.len() < want {
+                let mut len = [0u8; 4];
+                vm.read_exact(&mut len).expect("a reply");
+                let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+                vm.read_exact(&mut f).unwrap();
+                let parsed = EthernetHeader::parse(&f)
+                    .and_then(|(_, p)| Ipv4Header::parse(p))
+                    .and_then(|(_, p)| IcmpHeader::parse(p));
+                if let Some((h, _)) = parsed.filter(|(h, _)| h.kind == icmp::TYPE_ECHO_REPLY) {
+                    seqs.push(h.seq());
+                }
+            }
+            seqs
+        };
+        let upload: Vec<u8> = (0..64).flat_map(|seq| ping(seq, 1100)).collect();
+        vm.write_all(&upload).unwrap();
+        let first = replies(&mut vm, 64);
+        std::thread::sleep(crate::link::POLL_IDLE * 5);
+        vm.write_all(&ping(1000, 10)).unwrap();
+        let lone = replies(&mut vm, 1);
+        vm.write_all(&upload).unwrap();
+        drop(vm);
+        (first, lone)
+    });
+    let watchdog_fired = fired.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        watchdog_fired.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = nix::unistd::write(&watchdog, &1u64.to_ne_bytes());
+    });
+    let ended = e.run(&mut EventFdSupervisor(stop));
+    assert!(!fired.load(std::sync::atomic::Ordering::SeqCst), "the engine did not see the guest hang up (or stalled)");
+    assert_eq!(ended.unwrap(), 0);
+    let (first, lone) = guest_thread.join().unwrap();
+    assert_eq!(first, (0..64).collect::<Vec<u16>>());
+    assert_eq!(lone, vec![1000]);
+}

@@ -8,6 +8,7 @@ pub mod qemu;
 pub mod seqpacket;
 pub mod stdio;
 pub mod tap;
+pub mod upload_poll;
 pub mod vhost_user;
 pub mod vpnkit;
 
@@ -18,9 +19,9 @@ use std::os::fd::RawFd;
 pub const BACKLOG_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A frame from the guest this large is bulk data: a link that can poll its guest (a
-/// vhost-user TX ring, a stream socket) does so after one, since an upload's frames would
-/// otherwise wake the engine one by one. An MTU-1500 segment is 1514 bytes; requests and
-/// ACKs are smaller.
+/// vhost-user TX ring, a stream socket) does so after a run of them ([`upload_poll`]),
+/// since an upload's frames would otherwise wake the engine one by one. An MTU-1500 segment
+/// is 1514 bytes; requests and ACKs are smaller.
 pub const POLL_FRAME_BYTES: usize = 1024;
 /// How long a link keeps polling without a bulk frame before it waits for notifications again.
 pub const POLL_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
@@ -30,7 +31,8 @@ pub const MAX_FRAME: usize = 65536 + 14;
 
 /// One guest link: a non-blocking source and sink of whole Ethernet frames.
 pub trait Link {
-    /// The file descriptor the event loop waits on (readable, and writable for `flush`).
+    /// The file descriptor the event loop waits on: readable, and writable for `flush`,
+    /// unless `read_events` or `write_events` says otherwise.
     fn fd(&self) -> RawFd;
     /// Reads one frame into `buf` (at least MAX_FRAME bytes). `Err(WouldBlock)` when no whole
     /// frame is waiting, which a link may also say without a system call when its last read
@@ -40,7 +42,8 @@ pub trait Link {
     /// engine drops this link (and logs why).
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Epoll reported `fd` readable: new bytes came, or (`peer_closed`) the peer's end of
-    /// stream (RDHUP, HUP) or an error. A link that answers `recv` with `WouldBlock` without
+    /// stream (RDHUP, HUP) or an error. Also called (never `peer_closed`) before each round's
+    /// read of a link that is `polling`, whose descriptor raises no edges then. A link that answers `recv` with `WouldBlock` without
     /// a system call when its last read found the descriptor empty must read again after
     /// this; and after a `peer_closed`, always until the descriptor itself says EOF or
     /// EAGAIN, since no further edge comes for what is left.
@@ -56,15 +59,16 @@ pub trait Link {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-    /// True while the link reads its guest's queue without being told of new frames (a
-    /// vhost-user TX ring with notifications off during an upload): the engine then calls
-    /// `recv` every round, and comes back within `BACKLOG_RETRY` when nothing else happens.
+    /// True while the link reads its guest's queue without being told of new frames (during
+    /// an upload: a vhost-user TX ring with notifications off, a stream socket the engine
+    /// does not watch for reading): the engine then calls `recv` every round, and comes
+    /// back within `BACKLOG_RETRY` when nothing else happens.
     fn polling(&self) -> bool {
         false
     }
     /// False while the link polls and its descriptor's readability should not wake the
     /// engine (a stream socket during an upload: each of the guest's writes would); the
-    /// engine then watches the descriptor for writability alone, until this is true again.
+    /// engine then does not watch the descriptor for reading until this is true again.
     fn read_events(&self) -> bool {
         true
     }

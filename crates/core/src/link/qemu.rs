@@ -22,17 +22,16 @@
 //!   link (and no other). End of file, or a reset, is `UnexpectedEof`.
 //! - Uploads: a VM that sends a stream of segments writes each frame on its own (QEMU writes
 //!   one frame per write(2)), and a TCG guest's are hundreds of microseconds apart: the
-//!   engine would wake for every frame. So, as the vhost-user link does, after a frame of
-//!   [`POLL_FRAME_BYTES`] or more the link *polls*: [`Link::read_events`] turns false and
-//!   the engine stops watching the socket for reading, reads it every round of its loop and
-//!   at least every millisecond ([`Link::polling`]), and calls `readable_edge` before each
-//!   of those reads, so `drained` does not stop them. The link watches again once no bulk
-//!   frame came for [`POLL_IDLE`] (a request after an upload so waits a millisecond or
-//!   two at most), or at once when one read took [`FAST_POLL_BYTES`] or more: a guest that
-//!   fast gets its frames read in batches anyway, and could fill the socket (QEMU's send
-//!   buffer, about 200 KiB) between two polls; it is not polled again for
-//!   [`FAST_HOLDOFF`]. Only a link over one socket polls: the stdio transport's pipes hold
-//!   64 KiB. Measured on a TCG guest's 64 MiB upload (`usernet-bench --vm --vm-only
+//!   engine would wake for every frame. So the link polls during an upload, as the
+//!   vhost-user link does ([`UploadPoll`] says when): [`Link::read_events`] turns false, the
+//!   engine stops watching the socket for reading, reads it every round of its loop and at
+//!   least every millisecond ([`Link::polling`]), and calls `readable_edge` before each of
+//!   those reads, so `drained` does not stop them. A read that took [`FAST_POLL_BYTES`] or
+//!   more ends polling at once ([`UploadPoll::too_fast`]): a guest that fast gets its frames
+//!   read in batches anyway, and could fill the socket between two polls (QEMU does not
+//!   size its socket's send buffer, so `net.core.wmem_default`, 208 KiB, holds 93 frames of
+//!   1518 bytes, 141 KB). Only a link over one socket polls: the stdio transport's pipes
+//!   hold 64 KiB. Measured on a TCG guest's 64 MiB upload (`usernet-bench --vm --vm-only
 //!   --vm-transport stream`, two runs each): 9.3-10.9 s of usernet's CPU per GB at
 //!   0.131-0.135 Gbit/s when every frame woke the engine; 3.4-3.5 at 0.150-0.153 polled;
 //!   2.5-2.6 at 0.140-0.145 polled and with writes watched only when queued (below);
@@ -55,19 +54,18 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nix::errno::Errno;
 
-use super::{Link, LinkAcceptor, MAX_FRAME, POLL_FRAME_BYTES, POLL_IDLE};
+use super::upload_poll::UploadPoll;
+use super::{Link, LinkAcceptor, MAX_FRAME};
 
 /// Bytes a stream link may hold queued for a slow guest before it drops frames.
 pub const MAX_QUEUE: usize = 4 * 1024 * 1024;
 /// A polled link's read that took this much found a guest fast enough to fill its socket
 /// between two polls: the link watches the socket again (see the module's comment).
 pub const FAST_POLL_BYTES: usize = 96 * 1024;
-/// How long a link that found its guest that fast waits before it polls again.
-pub const FAST_HOLDOFF: Duration = Duration::from_millis(100);
 /// Size of the read buffer: room for several frames per read(2).
 const READ_BUF: usize = 256 * 1024;
 
@@ -164,10 +162,8 @@ pub struct StreamLink {
     pub dropped: u64,
     /// The link may poll during uploads (one socket, not the stdio transport's pipes).
     polls_uploads: bool,
-    /// Polling (an upload): since when no frame came, if none came since the last bulk one.
-    polled: Option<Option<Instant>>,
-    /// Not polled again before this: a poll found the guest too fast to poll.
-    no_poll_until: Option<Instant>,
+    /// Whether it polls now.
+    upload: UploadPoll,
 }
 
 impl StreamLink {
@@ -193,8 +189,7 @@ impl StreamLink {
             wpos: 0,
             dropped: 0,
             polls_uploads,
-            polled: None,
-            no_poll_until: None,
+            upload: UploadPoll::default(),
         }
     }
 
@@ -224,9 +219,8 @@ impl StreamLink {
                 Ok(n) => {
                     self.drained = n < self.rbuf.len() - self.rend;
                     self.rend += n;
-                    if n >= FAST_POLL_BYTES && self.polled.is_some() {
-                        self.polled = None;
-                        self.no_poll_until = Some(Instant::now() + FAST_HOLDOFF);
+                    if n >= FAST_POLL_BYTES && self.upload.polling() {
+                        self.upload.too_fast(Instant::now());
                     }
                     return Ok(true);
                 }
@@ -258,30 +252,11 @@ impl StreamLink {
         Ok(())
     }
 
-    /// A frame of `len` bytes was handed out: a bulk one starts or prolongs polling.
-    fn saw_frame(&mut self, len: usize) {
-        if len < POLL_FRAME_BYTES || !self.polls_uploads {
-            return;
-        }
-        if self.polled.is_none()
-            && let Some(until) = self.no_poll_until
-        {
-            if Instant::now() < until {
-                return;
-            }
-            self.no_poll_until = None;
-        }
-        self.polled = Some(None);
-    }
-
     /// The socket has no whole frame: `WouldBlock`, and a polled link that had no bulk frame
     /// for `POLL_IDLE` watches its socket again.
     fn would_block(&mut self) -> io::Error {
-        if let Some(since) = &mut self.polled {
-            let now = Instant::now();
-            if now.saturating_duration_since(*since.get_or_insert(now)) >= POLL_IDLE {
-                self.polled = None;
-            }
+        if self.upload.polling() {
+            self.upload.empty(Instant::now());
         }
         io::ErrorKind::WouldBlock.into()
     }
@@ -308,7 +283,9 @@ impl Link for StreamLink {
                     };
                     dst.copy_from_slice(&self.rbuf[from..from + len]);
                     self.rpos = from + len;
-                    self.saw_frame(len);
+                    if self.polls_uploads {
+                        self.upload.frame(len, Instant::now);
+                    }
                     return Ok(len);
                 }
                 Parsed::Invalid(len) => {
@@ -366,17 +343,18 @@ impl Link for StreamLink {
     }
 
     fn polling(&self) -> bool {
-        self.polled.is_some()
+        self.upload.polling()
     }
 
     fn read_events(&self) -> bool {
-        self.polled.is_none()
+        !self.upload.polling()
     }
 
     fn write_events(&self) -> bool {
         // Only while frames wait for room: QEMU's every read of a frame makes the socket
-        // writable again, which would wake the engine once per round.
-        self.queued() > 0
+        // writable again, which would wake the engine once per round. (The stdio transport
+        // writes to another descriptor than the one the engine watches: never.)
+        self.wfd.is_none() && self.queued() > 0
     }
 
     fn describe(&self) -> String {
@@ -511,6 +489,7 @@ impl LinkAcceptor for QemuAcceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::POLL_IDLE;
     use std::io::{Read, Write};
 
     fn pair(framing: Framing) -> (StreamLink, UnixStream) {
@@ -772,21 +751,38 @@ mod tests {
         peer.write_all(&bytes).unwrap();
     }
 
+    /// Writes and reads runs of bulk frames until the link polls (a run whose frames took
+    /// longer than POLL_IDLE to read, on a loaded machine, does not start it), ten at most;
+    /// whether it does.
+    fn start_polling(link: &mut StreamLink, peer: &mut UnixStream, buf: &mut [u8]) -> bool {
+        use crate::link::upload_poll::POLL_AFTER_FRAMES;
+        for _ in 0..10 {
+            write_frames(peer, POLL_AFTER_FRAMES as usize, 1514);
+            link.readable_edge(false);
+            for _ in 0..POLL_AFTER_FRAMES {
+                assert_eq!(link.recv(buf).unwrap(), 1514);
+            }
+            if link.polling() {
+                return true;
+            }
+        }
+        false
+    }
+
     #[test]
     fn an_upload_is_polled_until_it_pauses() {
         let (mut link, mut peer) = pair(Framing::Be32);
         let mut buf = vec![0u8; MAX_FRAME];
-        // A request leaves the socket watched.
+        // Requests, and a bulk frame alone, leave the socket watched.
         write_frames(&mut peer, 1, 100);
-        assert_eq!(link.recv(&mut buf).unwrap(), 100);
-        assert!(!link.polling() && link.read_events());
-        // A bulk frame: polled, the socket no longer watched for reading.
         write_frames(&mut peer, 1, 1514);
-        link.readable_edge(false);
+        assert_eq!(link.recv(&mut buf).unwrap(), 100);
         assert_eq!(link.recv(&mut buf).unwrap(), 1514);
-        assert!(link.polling() && !link.read_events());
+        assert!(!link.polling() && link.read_events());
+        // A run of bulk frames: polled, the socket no longer watched for reading.
+        assert!(start_polling(&mut link, &mut peer, &mut buf));
+        assert!(!link.read_events());
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
-        assert!(link.polling(), "polled until POLL_IDLE passes");
         // No edge comes now: the engine calls `readable_edge` before each poll, and the
         // frames written meanwhile are read in one go.
         write_frames(&mut peer, 3, 1514);
@@ -796,12 +792,11 @@ mod tests {
             assert_eq!(buf[0], i);
         }
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
-        // Small frames alone (the guest's ACKs of a download) do not keep it polled.
-        std::thread::sleep(POLL_IDLE / 2);
+        // POLL_IDLE with small frames only (a guest's ACKs): watched again.
         write_frames(&mut peer, 1, 60);
         link.readable_edge(false);
         assert_eq!(link.recv(&mut buf).unwrap(), 60);
-        std::thread::sleep(POLL_IDLE / 2 + Duration::from_millis(1));
+        std::thread::sleep(POLL_IDLE + std::time::Duration::from_millis(1));
         link.readable_edge(false);
         assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         assert!(!link.polling() && link.read_events());
@@ -810,29 +805,21 @@ mod tests {
     #[test]
     fn a_guest_too_fast_for_polls_is_watched_again() {
         let (mut link, mut peer) = pair(Framing::Be32);
+        // Room for the frames below whatever net.core.wmem_default says.
+        nix::sys::socket::setsockopt(&peer, nix::sys::socket::sockopt::SndBuf, &(1 << 20)).unwrap();
         let mut buf = vec![0u8; MAX_FRAME];
-        write_frames(&mut peer, 1, 1514);
-        assert_eq!(link.recv(&mut buf).unwrap(), 1514);
-        assert!(link.polling());
+        assert!(start_polling(&mut link, &mut peer, &mut buf));
         // More than FAST_POLL_BYTES between two polls: the socket could fill before the next.
         let frames = FAST_POLL_BYTES / 1514 + 2;
         write_frames(&mut peer, frames, 1514);
         link.readable_edge(false);
         assert_eq!(link.recv(&mut buf).unwrap(), 1514);
         assert!(!link.polling() && link.read_events());
-        // Not polled again for FAST_HOLDOFF, bulk frames or not.
+        // Not polled again for the hold-off (UploadPoll's tests cover its end).
         for _ in 1..frames {
             assert_eq!(link.recv(&mut buf).unwrap(), 1514);
         }
-        write_frames(&mut peer, 1, 1514);
-        link.readable_edge(false);
-        assert_eq!(link.recv(&mut buf).unwrap(), 1514);
-        assert!(!link.polling());
-        link.no_poll_until = Some(Instant::now());
-        write_frames(&mut peer, 1, 1514);
-        link.readable_edge(false);
-        assert_eq!(link.recv(&mut buf).unwrap(), 1514);
-        assert!(link.polling(), "polled again after the hold-off");
+        assert!(!start_polling(&mut link, &mut peer, &mut buf));
     }
 
     #[test]
@@ -844,12 +831,19 @@ mod tests {
         };
         let (_out_r, out_w) = nix::unistd::pipe().unwrap();
         let mut link = StreamLink::with_fds(rfd, Some(out_w), Framing::Le16, "pipes".into());
-        let mut bulk = 1500u16.to_le_bytes().to_vec();
-        bulk.extend(frame(1500, 1));
+        let mut bulk = Vec::new();
+        for _ in 0..10 {
+            bulk.extend(1500u16.to_le_bytes());
+            bulk.extend(frame(1500, 1));
+        }
         w.write_all(&bulk).unwrap();
         let mut buf = vec![0u8; MAX_FRAME];
-        assert_eq!(link.recv(&mut buf).unwrap(), 1500);
+        for _ in 0..10 {
+            assert_eq!(link.recv(&mut buf).unwrap(), 1500);
+        }
         assert!(!link.polling() && link.read_events());
+        link.send(&frame(100, 1)).unwrap();
+        assert!(!link.write_events(), "stdout is not the descriptor the engine watches");
 
         let (mut link, mut peer) = pair(Framing::Be32);
         assert!(!link.write_events());

@@ -37,19 +37,25 @@
 //! is lost. (Every write to an eventfd wakes its watchers whatever its count, so draining is
 //! not needed for the edges; but kicks left unread keep the inner epoll ready, and kernels
 //! before 5.5 then wake the outer epoll at each of its waits: the loop would spin. During
-//! an upload the ring is polled, with no kicks to drain: see below.)
+//! an upload the ring is polled and the guest kicks rarely; those kicks are read as below.)
 //!
 //! Uploads: the TX ring is polled, not kicked. A guest's kick is costly where it is
 //! emulated (under TCG, each is a trapped write that QEMU turns into an eventfd write, and
-//! each wakes usernet): a VM uploading at MTU 1500 kicked once per segment. So after a
-//! frame of [`POLL_FRAME_BYTES`] or more (bulk data, not a request or an ACK), the ring's
-//! notifications stay off when it runs empty, and the engine reads it again every round of
-//! its loop and at least every millisecond ([`Link::polling`]), until no bulk frame came
-//! for [`POLL_IDLE`]; then notifications are turned on as before. A request after an upload so
-//! waits a millisecond at most. With EVENT_IDX the guest is still asked to kick once it
-//! has queued half a ring since the last poll (`kick_after`), so a guest faster than the
-//! millisecond (KVM: a 256-entry ring of 1514-byte frames is 3 Gbit/s per millisecond) wakes
-//! the engine before its ring is full rather than waiting for the next poll. Measured on a TCG guest's 64 MiB upload
+//! each wakes usernet): a VM uploading at MTU 1500 kicked once per segment. So during an
+//! upload ([`UploadPoll`] says when one starts and ends: a run of frames of
+//! [`POLL_FRAME_BYTES`](super::POLL_FRAME_BYTES) or more, until none came for
+//! [`POLL_IDLE`](super::POLL_IDLE)) the ring's notifications
+//! stay off when it runs empty, and the engine reads it again every round of its loop and
+//! at least every millisecond ([`Link::polling`]); then notifications are turned on as
+//! before. A request after an upload so waits a millisecond at most. With EVENT_IDX the
+//! guest is still asked, at each empty look, to kick once it has queued half a ring more
+//! (`kick_after`), so a guest faster than the millisecond (KVM: a 256-entry ring of
+//! 1514-byte frames is 3 Gbit/s per millisecond) wakes the engine early rather than waiting
+//! for the next poll, though it may still run out of free descriptors first if it chains
+//! several per frame or reclaims used ones late. The kick that woke the engine for the
+//! upload is read when polling starts, and a threshold kick when a look finds the guest
+//! passed the threshold (one that comes just after that read stays unread until the next
+//! such look, or the end of polling). Measured on a TCG guest's 64 MiB upload
 //! (`usernet-bench --vm --vm-only --vm-transport vhost-user`, alternated runs): 0.59-0.64
 //! Gbit/s and 0.66-1.2 s of usernet's CPU per GB, against 0.12-0.13 Gbit/s and 10.7-11.5
 //! s/GB kicked (passt, kicked, in the same runs: 0.08-0.11 Gbit/s, 7.1-11.8 s/GB).
@@ -97,7 +103,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use super::handoff::{Handoff, HandoffSender};
 use super::qemu::listen_stream;
-use super::{Link, LinkAcceptor, POLL_FRAME_BYTES, POLL_IDLE};
+use super::upload_poll::UploadPoll;
+use super::{Link, LinkAcceptor};
 use usernet_wire::vnet_hdr::{self, VnetHdr};
 
 /// The RX queue's index (the device writes), and the TX queue's (the device reads).
@@ -442,8 +449,11 @@ pub struct VhostUserLink {
     /// The TX queue's notifications are off (chains are being consumed, or the ring is
     /// polled).
     tx_quiet: bool,
-    /// The TX ring is polled (an upload): since when it is empty, if it is.
-    polled: Option<Option<std::time::Instant>>,
+    /// Whether the TX ring is polled (an upload).
+    upload: UploadPoll,
+    /// Polled: the TX ring's next available index when the guest was last asked to kick
+    /// after half a ring more (`kick_after`).
+    kick_asked_at: Option<u16>,
     /// Why the link must close (garbled RX chains, seen in `send`).
     broken: Option<String>,
     /// Scratch for `write_rx`: writable buffers, chains, used lengths.
@@ -630,10 +640,11 @@ impl Link for VhostUserLink {
                 }
                 let head = chain.head_index();
                 let (_hdr, n) = read_chain(mem, chain, hdr_len, buf).map_err(garbled)?;
-                // Only bulk frames keep the ring polled: a guest's ACKs alone (a download)
-                // let it go back to kicks.
-                if n >= POLL_FRAME_BYTES {
-                    self.polled = Some(None);
+                if self.upload.frame(n, std::time::Instant::now) {
+                    // Polled from now on: the kick that woke the engine for this upload is
+                    // read now, not when polling ends (see the module's comment).
+                    drain(self.kicks[TX].as_raw_fd());
+                    self.kick_asked_at = None;
                 }
                 ring.queue.add_used(&*mem, head, 0).map_err(|e| garbled(format!("TX used ring: {e}")))?;
                 self.used[TX] = true;
@@ -641,14 +652,16 @@ impl Link for VhostUserLink {
             }
             // Empty. Polled: stay quiet until POLL_IDLE passed without a bulk frame, but
             // have the guest kick once it has queued half a ring meanwhile.
-            if let Some(since) = &mut self.polled {
-                let now = std::time::Instant::now();
-                if now.saturating_duration_since(*since.get_or_insert(now)) < POLL_IDLE {
-                    kick_after(&ring.queue, mem, ring.queue.size() / 2)
-                        .map_err(|e| garbled(format!("TX ring: {e}")))?;
-                    return Err(io::ErrorKind::WouldBlock.into());
+            if self.upload.polling() && self.upload.empty(std::time::Instant::now()) {
+                let half = ring.queue.size() / 2;
+                let next = ring.queue.next_avail();
+                if self.kick_asked_at.is_some_and(|at| half > 0 && next.wrapping_sub(at) >= half) {
+                    // The guest passed the last threshold, so it kicked: read that kick.
+                    drain(self.kicks[TX].as_raw_fd());
                 }
-                self.polled = None;
+                kick_after(&ring.queue, mem, half).map_err(|e| garbled(format!("TX ring: {e}")))?;
+                self.kick_asked_at = Some(next);
+                return Err(io::ErrorKind::WouldBlock.into());
             }
             // Drain the kicks, turn notifications on and look once more. (Kicks left unread
             // would keep the inner epoll ready: kernels before 5.5 then wake the engine's
@@ -708,7 +721,7 @@ impl Link for VhostUserLink {
     }
 
     fn polling(&self) -> bool {
-        self.polled.is_some()
+        self.upload.polling()
     }
 
     fn describe(&self) -> String {
@@ -801,7 +814,8 @@ impl Control {
             // A first look at both rings: the guest may have queued frames already.
             used: [false; 2],
             tx_quiet: false,
-            polled: None,
+            upload: UploadPoll::default(),
+            kick_asked_at: None,
             broken: None,
             segs: Vec::new(),
             chains: Vec::new(),
