@@ -85,7 +85,8 @@ impl Engine {
             }
             if link_ready {
                 link_ready = self.read_links(now);
-                // A poll of a link that found frames ended an idle period as an event does.
+                // Frames found without an event (a polling link's, or the rest of a batch)
+                // end an idle period as an event does.
                 if events.is_empty() && self.switch.stats.frames_in != link_before.frames_in {
                     self.busy_poll.woke(now);
                 }

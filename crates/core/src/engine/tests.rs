@@ -1488,11 +1488,49 @@ fn falls_back_to(busy: bool) {
     assert_eq!((set.owner(&first), set.owner(&fallback)), (None, Some(0)));
 }
 
-/// A QEMU stream link in a running engine, through its polled upload: the guest's bulk
-/// frames (1,100-byte pings to the gateway) make the link poll (the engine stops watching
-/// its socket for reading), every one is answered; after a pause the socket is watched
-/// again, so a lone small ping is answered too; and the guest hanging up during a second
-/// upload ends the link (the engine, told to stop without links, returns).
+/// A link that passes everything to a stream link and notes each frame it hands out: its
+/// length, and whether the link was polling when it was read.
+struct NotingLink {
+    inner: crate::link::qemu::StreamLink,
+    frames: Rc<RefCell<Vec<(usize, bool)>>>,
+}
+
+impl crate::link::Link for NotingLink {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.inner.fd()
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let polling = self.inner.polling();
+        let n = self.inner.recv(buf)?;
+        self.frames.borrow_mut().push((n, polling));
+        Ok(n)
+    }
+    fn readable_edge(&mut self, peer_closed: bool) {
+        self.inner.readable_edge(peer_closed)
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.inner.send(frame)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn polling(&self) -> bool {
+        self.inner.polling()
+    }
+    fn read_events(&self) -> bool {
+        self.inner.read_events()
+    }
+    fn write_events(&self) -> bool {
+        self.inner.write_events()
+    }
+}
+
+/// A QEMU stream link in a running engine, through a polled upload: the guest's bulk frames
+/// (1,100-byte pings to the gateway) make the link poll (the engine stops watching its
+/// socket for reading) and every one is answered; after a pause the socket is watched
+/// again, so a lone small ping is read on its own event, not by a poll; and the guest
+/// hanging up during a second upload ends the link (the engine, told to stop without
+/// links, returns).
 #[test]
 fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
     use crate::link::qemu::{Framing, StreamLink};
@@ -1500,7 +1538,9 @@ fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
     ours.set_nonblocking(true).unwrap();
     let cfg = Arc::new(NetConfig::default());
     let services = crate::services::ServiceHub::start(cfg.clone()).unwrap();
-    let link = StreamLink::new(OwnedFd::from(ours), Framing::Be32, "vm".into());
+    let frames = Rc::new(RefCell::new(Vec::new()));
+    let link =
+        NotingLink { inner: StreamLink::new(OwnedFd::from(ours), Framing::Be32, "vm".into()), frames: frames.clone() };
     let mut e = Engine::new(cfg, Box::new(link), services, None).unwrap();
     e.stop_without_links();
 
@@ -1511,6 +1551,7 @@ fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
     let stop: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
     let watchdog = stop.try_clone().unwrap();
     let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    const LONE: usize = 10;
     let guest_thread = std::thread::spawn(move || {
         let ping = |seq: u16, len: usize| {
             let mut m = vec![seq as u8; 8 + len];
@@ -1542,8 +1583,9 @@ fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
         let upload: Vec<u8> = (0..64).flat_map(|seq| ping(seq, 1100)).collect();
         vm.write_all(&upload).unwrap();
         let first = replies(&mut vm, 64);
-        std::thread::sleep(crate::link::POLL_IDLE * 5);
-        vm.write_all(&ping(1000, 10)).unwrap();
+        // Far longer than POLL_IDLE: polling has ended.
+        std::thread::sleep(Duration::from_millis(100));
+        vm.write_all(&ping(1000, LONE)).unwrap();
         let lone = replies(&mut vm, 1);
         vm.write_all(&upload).unwrap();
         drop(vm);
@@ -1556,9 +1598,14 @@ fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
         let _ = nix::unistd::write(&watchdog, &1u64.to_ne_bytes());
     });
     let ended = e.run(&mut EventFdSupervisor(stop));
-    assert!(!fired.load(std::sync::atomic::Ordering::SeqCst), "the engine did not see the guest hang up (or stalled)");
+    let (first, lone) = guest_thread.join().expect("the guest's side");
+    assert!(!fired.load(std::sync::atomic::Ordering::SeqCst), "the engine did not see the guest hang up");
     assert_eq!(ended.unwrap(), 0);
-    let (first, lone) = guest_thread.join().unwrap();
     assert_eq!(first, (0..64).collect::<Vec<u16>>());
     assert_eq!(lone, vec![1000]);
+    let frames = frames.borrow();
+    let bulk = 14 + 20 + 8 + 1100;
+    assert!(frames.iter().any(|&(n, polling)| n == bulk && polling), "the upload was never polled");
+    let lone_frames: Vec<bool> = frames.iter().filter(|&&(n, _)| n == 14 + 20 + 8 + LONE).map(|&(_, p)| p).collect();
+    assert_eq!(lone_frames, vec![false], "the lone ping was read on its own event");
 }

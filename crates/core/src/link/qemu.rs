@@ -353,8 +353,9 @@ impl Link for StreamLink {
     fn write_events(&self) -> bool {
         // Only while frames wait for room: QEMU's every read of a frame makes the socket
         // writable again, which would wake the engine once per round. (The stdio transport
-        // writes to another descriptor than the one the engine watches: never.)
-        self.wfd.is_none() && self.queued() > 0
+        // writes to another descriptor than the one the engine watches, but its stdin and
+        // stdout may be one socket.)
+        self.queued() > 0
     }
 
     fn describe(&self) -> String {
@@ -811,6 +812,7 @@ mod tests {
         assert!(start_polling(&mut link, &mut peer, &mut buf));
         // More than FAST_POLL_BYTES between two polls: the socket could fill before the next.
         let frames = FAST_POLL_BYTES / 1514 + 2;
+        let too_fast_at = Instant::now();
         write_frames(&mut peer, frames, 1514);
         link.readable_edge(false);
         assert_eq!(link.recv(&mut buf).unwrap(), 1514);
@@ -819,11 +821,15 @@ mod tests {
         for _ in 1..frames {
             assert_eq!(link.recv(&mut buf).unwrap(), 1514);
         }
-        assert!(!start_polling(&mut link, &mut peer, &mut buf));
+        let polled_again = start_polling(&mut link, &mut peer, &mut buf);
+        // (A machine that stalled this test past the hold-off proves nothing here.)
+        if too_fast_at.elapsed() < crate::link::upload_poll::FAST_HOLDOFF {
+            assert!(!polled_again);
+        }
     }
 
     #[test]
-    fn pipes_are_never_polled_and_writes_are_watched_only_when_queued() {
+    fn pipes_are_never_polled_and_writes_are_watched_only_while_queued() {
         let (rfd, mut w) = {
             let (r, w) = nix::unistd::pipe().unwrap();
             nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
@@ -842,8 +848,6 @@ mod tests {
             assert_eq!(link.recv(&mut buf).unwrap(), 1500);
         }
         assert!(!link.polling() && link.read_events());
-        link.send(&frame(100, 1)).unwrap();
-        assert!(!link.write_events(), "stdout is not the descriptor the engine watches");
 
         let (mut link, mut peer) = pair(Framing::Be32);
         assert!(!link.write_events());
