@@ -31,6 +31,16 @@ const HOST6: &str = "fd75:7365:726e::254";
 /// Size of the file the VM downloads.
 const FILE_SIZE: usize = 1 << 20;
 
+/// GETs the file the guest downloaded and serves back as /f on 127.0.0.1:PORT (the guest's
+/// upload), and checks its sha256.
+fn assert_upload(dir: &Path, port: u16, hash: &str) {
+    let got = dir.join("uploaded");
+    let out =
+        common::run("curl", &["-s", "-m", "120", "-o", got.to_str().unwrap(), &format!("http://127.0.0.1:{port}/f")]);
+    assert!(out.success(), "{out}");
+    assert_eq!(common::sha256_file(&got), hash, "the guest's upload");
+}
+
 /// GET / on 127.0.0.1:PORT with curl (a few tries: the guest may still be answering ARP).
 fn curl(port: u16) -> String {
     let url = format!("http://127.0.0.1:{port}/");
@@ -142,13 +152,7 @@ fn vm_on_the_stream_transport() {
     fx.assert_checks(&vm, "192.168.65.2");
     assert_eq!(curl(published).trim(), "hello from 192.168.65.2");
     // The guest serves back what it downloaded: an upload, which the link reads by polling.
-    let got = dir.join("uploaded");
-    let out = common::run(
-        "curl",
-        &["-s", "-m", "120", "-o", got.to_str().unwrap(), &format!("http://127.0.0.1:{published}/f")],
-    );
-    assert!(out.success(), "{out}");
-    assert_eq!(common::sha256_file(&got), fx.hash, "the guest's upload");
+    assert_upload(dir.path(), published, &fx.hash);
 
     // Over IPv6 to the VM's SLAAC address: a client with an IPv6 address of its own (the
     // test's namespace, through the host's veth) on a port published on [::]...
@@ -267,13 +271,7 @@ fn vm_on_vhost_user() {
     fx.assert_checks(&vm, "192.168.65.2");
     assert_eq!(curl(published).trim(), "hello from 192.168.65.2");
     // The guest serves back what it downloaded: an upload, through the polled TX ring.
-    let got = dir.join("uploaded");
-    let out = common::run(
-        "curl",
-        &["-s", "-m", "120", "-o", got.to_str().unwrap(), &format!("http://127.0.0.1:{published}/f")],
-    );
-    assert!(out.success(), "{out}");
-    assert_eq!(common::sha256_file(&got), fx.hash, "the guest's upload");
+    assert_upload(dir.path(), published, &fx.hash);
     let port = serve.expose("192.168.65.2:8080");
     assert_eq!(curl(port).trim(), "hello from 192.168.65.2");
 
