@@ -160,9 +160,7 @@ pub struct StreamLink {
     wpos: usize,
     /// Frames dropped because the queue was full.
     pub dropped: u64,
-    /// The link may poll during uploads (one socket, not the stdio transport's pipes).
-    polls_uploads: bool,
-    /// Whether it polls now.
+    /// Whether it polls now (only a link over one socket does: see `polls_uploads`).
     upload: UploadPoll,
 }
 
@@ -174,7 +172,6 @@ impl StreamLink {
 
     /// A link reading from `rfd` and writing to `wfd` (or `rfd` when None).
     pub fn with_fds(rfd: OwnedFd, wfd: Option<OwnedFd>, framing: Framing, name: String) -> StreamLink {
-        let polls_uploads = wfd.is_none();
         StreamLink {
             rfd,
             wfd,
@@ -188,9 +185,13 @@ impl StreamLink {
             wq: Vec::new(),
             wpos: 0,
             dropped: 0,
-            polls_uploads,
             upload: UploadPoll::default(),
         }
+    }
+
+    /// The link may poll during uploads: over one socket, not the stdio transport's pipes.
+    fn polls_uploads(&self) -> bool {
+        self.wfd.is_none()
     }
 
     fn wfd(&self) -> &OwnedFd {
@@ -283,7 +284,7 @@ impl Link for StreamLink {
                     };
                     dst.copy_from_slice(&self.rbuf[from..from + len]);
                     self.rpos = from + len;
-                    if self.polls_uploads {
+                    if self.polls_uploads() {
                         self.upload.frame(len, Instant::now);
                     }
                     return Ok(len);
