@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::link::{MAX_FRAME, POLL_FRAME_BYTES, POLL_IDLE};
+use proptest::prelude::*;
 
 const SIZE: u16 = 16;
 /// Where each ring's parts live in guest memory (ring `i` is 0x10000 further on).
@@ -445,4 +446,159 @@ fn acceptor_socket_is_owner_only_and_garbage_is_refused() {
     drop(acceptor);
     assert!(!path.exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a hostile (or broken) guest driver can do to the rings, and what the engine does
+/// with the link, in any order.
+#[derive(Debug, Clone)]
+enum GuestOp {
+    /// A descriptor with any fields: an address in its buffers, over the rings, across the
+    /// end of memory or anywhere; any length; any flags (NEXT, WRITE, INDIRECT); any next.
+    Desc {
+        ring: usize,
+        idx: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    },
+    /// A head in the available ring, and the index moved past it.
+    Publish {
+        ring: usize,
+        head: u16,
+    },
+    /// The available index moved by anything, back or past the chains offered.
+    AvailStep {
+        ring: usize,
+        by: i32,
+    },
+    /// Any bytes anywhere in memory: over the used ring's event field, a ring, a buffer.
+    Poke {
+        at: u64,
+        bytes: Vec<u8>,
+    },
+    /// A well-formed TX frame, so that runs of them reach the polled upload.
+    OfferTx {
+        len: usize,
+    },
+    /// A well-formed RX buffer.
+    OfferRx {
+        len: u32,
+    },
+    Recv,
+    Send {
+        len: usize,
+        offloaded: bool,
+    },
+    Flush,
+}
+
+fn guest_op() -> impl Strategy<Value = GuestOp> {
+    let ring = 0usize..2;
+    let addr = prop_oneof![DATA..0x3f000u64, 0x3ff00u64..0x40100, 0u64..0x14000, any::<u64>(),];
+    let len = prop_oneof![0u32..3000, any::<u32>()];
+    let idx = prop_oneof![0u16..SIZE, any::<u16>()];
+    prop_oneof![
+        1 => (ring.clone(), idx.clone(), addr, len, 0u16..8, idx.clone())
+            .prop_map(|(ring, idx, addr, len, flags, next)| GuestOp::Desc { ring, idx, addr, len, flags, next }),
+        1 => (ring.clone(), idx).prop_map(|(ring, head)| GuestOp::Publish { ring, head }),
+        1 => (ring, prop_oneof![-2i32..2 * SIZE as i32, any::<u16>().prop_map(i32::from)])
+            .prop_map(|(ring, by)| GuestOp::AvailStep { ring, by }),
+        2 => (0u64..0x40000, proptest::collection::vec(any::<u8>(), 1..24))
+            .prop_map(|(at, bytes)| GuestOp::Poke { at, bytes }),
+        8 => (1usize..1600).prop_map(|len| GuestOp::OfferTx { len }),
+        6 => (1u32..0x1000).prop_map(|len| GuestOp::OfferRx { len }),
+        10 => Just(GuestOp::Recv),
+        6 => (14usize..3000, any::<bool>()).prop_map(|(len, offloaded)| GuestOp::Send { len, offloaded }),
+        2 => Just(GuestOp::Flush),
+    ]
+}
+
+impl Guest {
+    fn outstanding(&self, ring: usize) -> u16 {
+        let used: u16 = self.mem(|m| m.read_obj(GuestAddress(base(ring) + USED + 2)).unwrap());
+        self.avail_idx[ring].wrapping_sub(used)
+    }
+
+    /// One RX buffer of `len` bytes in the slot its available index points at.
+    fn offer_rx_buffer(&mut self, len: u32) {
+        let slot = self.avail_idx[RX] % SIZE;
+        self.desc(RX, slot, 0x20000 + slot as u64 * 0x1000, len, F_WRITE, 0);
+        self.publish(RX, slot);
+    }
+
+    fn apply(&mut self, op: &GuestOp) {
+        match *op {
+            GuestOp::Desc { ring, idx, addr, len, flags, next } => {
+                // Only the table's own entries: an index past it would write elsewhere.
+                if idx < SIZE {
+                    self.desc(ring, idx, addr, len, flags, next);
+                }
+            }
+            GuestOp::Publish { ring, head } => self.publish(ring, head),
+            GuestOp::AvailStep { ring, by } => {
+                let idx = self.avail_idx[ring].wrapping_add(by as u16);
+                self.avail_idx[ring] = idx;
+                self.mem(|m| m.write_obj(idx, GuestAddress(base(ring) + AVAIL + 2)).unwrap());
+            }
+            GuestOp::Poke { at, ref bytes } => {
+                let end = (at as usize + bytes.len()).min(0x40000);
+                let n = end - at as usize;
+                self.mem(|m| m.write_slice(&bytes[..n], GuestAddress(at)).unwrap());
+            }
+            // A driver offers at most a ring's worth of chains the device has not used.
+            GuestOp::OfferTx { len } if self.outstanding(TX) < SIZE => self.offer_tx_frame(len, 7),
+            GuestOp::OfferRx { len } if self.outstanding(RX) < SIZE => self.offer_rx_buffer(len),
+            GuestOp::OfferTx { .. } | GuestOp::OfferRx { .. } => {}
+            GuestOp::Recv | GuestOp::Send { .. } | GuestOp::Flush => {}
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+    /// Whatever a guest writes into its rings and buffers, the link never panics and never
+    /// loops: a receive gives a frame that fits the engine's buffer, nothing for now, or
+    /// garbled descriptors (the engine then drops the link); sends and flushes go on.
+    #[test]
+    fn a_hostile_guest_s_rings_never_panic_the_link(
+        features in prop_oneof![
+            Just(MODERN),
+            Just(FEATURES),
+            Just(bit(VIRTIO_F_VERSION_1)),
+            Just(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_RING_F_INDIRECT_DESC)),
+            Just(0u64),
+        ],
+        ops in proptest::collection::vec(guest_op(), 1..120),
+    ) {
+        let (mut g, mut link, _dev) = setup(features);
+        let mut buf = vec![0u8; MAX_FRAME];
+        let frame: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        for op in &ops {
+            g.apply(op);
+            match *op {
+                GuestOp::Recv => match link.recv(&mut buf) {
+                    Ok(n) => prop_assert!(n > 0 && n <= MAX_FRAME, "a frame of {n} bytes"),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        prop_assert!(e.to_string().contains("garbled"), "{e}");
+                        break;
+                    }
+                    Err(e) => prop_assert!(false, "unexpected error {e}"),
+                },
+                GuestOp::Send { len, offloaded } => {
+                    let sent = if offloaded {
+                        let hdr = VnetHdr { flags: 1, csum_start: 34, csum_offset: 16, ..VnetHdr::default() };
+                        link.send_offloaded(&frame[..len], &hdr)
+                    } else {
+                        link.send(&frame[..len])
+                    };
+                    prop_assert!(sent.is_ok());
+                }
+                GuestOp::Flush => prop_assert!(link.flush().is_ok()),
+                _ => {}
+            }
+        }
+    }
 }
