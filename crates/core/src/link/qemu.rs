@@ -881,4 +881,130 @@ mod tests {
         assert!(parse_socket_url("unix:", "unix").is_err());
         assert!(parse_socket_url("/a", "unix").is_err());
     }
+
+    /// The engine's side of a link, as `event_loop` drives it: epoll's edge-triggered
+    /// events, the readable flag, the batch per round, the re-registration.
+    struct EngineModel {
+        /// The engine watches the link for reads (`read_events` at the last round's end).
+        watched: bool,
+        /// An event waits in epoll.
+        edge: bool,
+        readable: bool,
+        batch: usize,
+    }
+
+    impl EngineModel {
+        /// Bytes came from the guest: an edge, if anyone watches.
+        fn wrote(&mut self) {
+            self.edge |= self.watched;
+        }
+
+        /// One round of the event loop: its events, the polling links, a batch of reads,
+        /// then `watch_links`.
+        fn round(&mut self, link: &mut StreamLink, got: &mut Vec<Vec<u8>>, buf: &mut [u8]) {
+            self.reads(link, got, buf);
+            self.watch(link);
+        }
+
+        fn reads(&mut self, link: &mut StreamLink, got: &mut Vec<Vec<u8>>, buf: &mut [u8]) {
+            if std::mem::take(&mut self.edge) {
+                self.readable = true;
+                link.readable_edge(false);
+            }
+            if link.polling() {
+                self.readable = true;
+                link.readable_edge(false);
+            }
+            let mut n = 0;
+            while self.readable && n < self.batch {
+                match link.recv(buf) {
+                    Ok(len) => {
+                        got.push(buf[..len].to_vec());
+                        n += 1;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+
+        /// `watch_links`: a modification that watches for reads again reports bytes
+        /// already waiting, as epoll_ctl does.
+        fn watch(&mut self, link: &StreamLink) {
+            let want = link.read_events();
+            if want && !self.watched {
+                let mut waiting: libc::c_int = 0;
+                // SAFETY: FIONREAD writes one int through the pointer.
+                assert_eq!(unsafe { libc::ioctl(link.fd(), libc::FIONREAD, &mut waiting) }, 0);
+                self.edge |= waiting > 0;
+            }
+            self.watched = want;
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Whatever pieces the guest's frames come in, and however the engine's rounds
+        /// fall between them (small batches, polled uploads, pauses that end a poll, bytes
+        /// that come while a round runs), every frame arrives whole and in order, read only
+        /// when epoll or polling says so.
+        #[test]
+        fn every_frame_arrives_whatever_the_pieces_and_rounds(
+            lens in proptest::collection::vec(proptest::prop_oneof![1usize..200, 1000usize..1600], 1..60),
+            pieces in proptest::collection::vec((1usize..3000, 0usize..4, 0u8..20, proptest::prelude::any::<bool>()), 1..300),
+            batch in 1usize..6,
+            le16 in proptest::prelude::any::<bool>(),
+        ) {
+            let framing = if le16 { Framing::Le16 } else { Framing::Be32 };
+            let (mut link, mut peer) = pair(framing);
+            let frames: Vec<Vec<u8>> =
+                lens.iter().enumerate().map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect()).collect();
+            let mut wire = Vec::new();
+            for f in &frames {
+                wire.extend_from_slice(&framing.encode(f.len())[..framing.prefix_len()]);
+                wire.extend_from_slice(f);
+            }
+            let mut engine = EngineModel { watched: true, edge: false, readable: false, batch };
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; MAX_FRAME];
+            let mut at = 0;
+            for &(size, rounds, pause, mid_round) in pieces.iter().cycle() {
+                if at == wire.len() {
+                    break;
+                }
+                let end = (at + size).min(wire.len());
+                if mid_round {
+                    // The guest writes while the engine is between its reads and its
+                    // re-registration: a link that just stopped polling hears no edge.
+                    engine.reads(&mut link, &mut got, &mut buf);
+                    peer.write_all(&wire[at..end]).unwrap();
+                    engine.wrote();
+                    engine.watch(&link);
+                } else {
+                    peer.write_all(&wire[at..end]).unwrap();
+                    engine.wrote();
+                }
+                at = end;
+                for _ in 0..rounds {
+                    engine.round(&mut link, &mut got, &mut buf);
+                }
+                match pause {
+                    // Now and then longer than POLL_IDLE, so that a polled upload ends.
+                    0 => std::thread::sleep(POLL_IDLE + std::time::Duration::from_micros(200)),
+                    1..=3 => std::thread::sleep(std::time::Duration::from_micros(300)),
+                    _ => {}
+                }
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while got.len() < frames.len() && std::time::Instant::now() < deadline {
+                engine.round(&mut link, &mut got, &mut buf);
+                if !engine.readable && !engine.edge {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+            proptest::prop_assert_eq!(got.len(), frames.len(), "frames lost");
+            proptest::prop_assert!(got == frames, "frames garbled or out of order");
+        }
+    }
 }
