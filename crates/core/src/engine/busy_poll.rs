@@ -55,7 +55,14 @@
 //! wakes a process on the CPU that was just left. Unpinned, tools that sleep (pasta, the
 //! kernel's veth) get that by chance: in phases where the scheduler keeps all three on one
 //! CPU pasta made 25-29 µs and veth 9-10 µs, in others 95-146 µs and 96-103 µs; usernet
-//! stays at 51-72 µs in both.
+//! stays at 51-72 µs in both. A scheduler trace of sockperf's UDP ping-pong (`perf record -e
+//! sched:*` with the other CPU kept busy by perf itself) showed the same: with the client,
+//! the server and usernet on one CPU, each wakeup preempted usernet at once and a round trip
+//! took 13 µs, against the 36 µs of its usual runs across two CPUs. The kernel puts a wakee on
+//! an idle CPU rather than on a busy one (`select_idle_sibling`) unless the busy one runs only
+//! SCHED_IDLE tasks; running the whole of usernet at SCHED_IDLE (`chrt --idle 0`) gained
+//! little (UDP 17.0-17.5 µs one way against 18.0-18.1; connections per second 7,973-8,129
+//! against 6,914-7,438) and would starve it behind any busy process, so it is not done.
 
 use std::time::{Duration, Instant};
 
