@@ -14,8 +14,10 @@
 //!   descriptor chains (the rust-vmm `virtio-queue` crate walks and validates them) and
 //!   copies each frame out of guest memory; [`VhostUserLink::send`] fills RX chains (several
 //!   with VIRTIO_NET_F_MRG_RXBUF, so a 64 KiB frame fits in 4 KiB buffers). Used entries are
-//!   published as they are made; the guest is interrupted (the `call` eventfd) once per
-//!   round, in `flush`, and only when the driver asked for it (VIRTIO_RING_F_EVENT_IDX).
+//!   published frame by frame, all of a frame's buffers under one move of the used index
+//!   (`Ring::add_used`); the guest is interrupted (the `call` eventfd) once per round, in
+//!   `flush`, and only when the driver asked for it (VIRTIO_RING_F_EVENT_IDX's
+//!   `used_event`, decided as vhost does: `Ring::notify`).
 //!
 //! Both sides hold the [`Device`] behind one mutex: the memory map, the two queues and the
 //! eventfds. The engine takes it once per frame; the control thread once per message, so a
@@ -148,6 +150,9 @@ struct Ring {
     /// SET_VRING_KICK came and no GET_VRING_BASE since.
     started: bool,
     enabled: bool,
+    /// The used index at the last interrupt decision (none yet this session): with
+    /// EVENT_IDX the guest is interrupted when its `used_event` lies between that and now.
+    signalled_used: Option<u16>,
 }
 
 impl Ring {
@@ -159,22 +164,67 @@ impl Ring {
             started: false,
             // See `serve_connection`: QEMU's enable comes before the crate accepts it.
             enabled: true,
+            signalled_used: None,
         }
     }
 
-    /// Interrupts the guest when the driver wants it (event index) after used entries.
-    fn notify(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
-        match self.queue.needs_notification(mem) {
-            Ok(true) => {
-                if let Some(call) = self.call.as_mut() {
-                    let _ = call.write(&1u64.to_ne_bytes());
-                }
-                Ok(())
+    /// Adds used entries (head, bytes written) and then moves the used index past all of
+    /// them at once. A frame spread over merged RX buffers is so seen whole: a Linux guest
+    /// reading the ring meanwhile would take a first buffer whose `num_buffers` names
+    /// entries not there yet for an error, drop the frame and read the rest as frames of
+    /// their own (virtio-queue's `add_used` moves the index at every entry).
+    fn add_used(&mut self, mem: &GuestMemoryMmap, entries: &[(u16, u32)]) -> Result<(), String> {
+        let size = self.queue.size();
+        let used_ring = self.queue.used_ring();
+        let mut idx = self.queue.next_used();
+        for &(head, len) in entries {
+            if head >= size {
+                return Err(format!("used ring: descriptor {head} outside a table of {size}"));
             }
-            Ok(false) => Ok(()),
-            Err(e) => Err(format!("used ring: {e}")),
+            // virtq_used: flags, idx, then elements of 8 bytes (id, len).
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            let at = used_ring.wrapping_add(4 + 8 * u64::from(idx % size));
+            mem.write_slice(&elem, GuestAddress(at)).map_err(|e| format!("used ring: {e}"))?;
+            idx = idx.wrapping_add(1);
         }
+        mem.store(idx.to_le(), GuestAddress(used_ring.wrapping_add(2)), std::sync::atomic::Ordering::Release)
+            .map_err(|e| format!("used ring: {e}"))?;
+        self.queue.set_next_used(idx);
+        Ok(())
     }
+
+    /// Interrupts the guest after used entries, when it wants it: with EVENT_IDX, when its
+    /// `used_event` lies between the used index of the last decision and now (Linux's
+    /// `vring_need_event`, as vhost decides); without it, always.
+    fn notify(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+        let new = self.queue.next_used();
+        // The used entries and index are written before the guest's event index is read.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let old = self.signalled_used.replace(new);
+        let wanted = match old {
+            Some(old) if self.queue.event_idx_enabled() => {
+                // virtq_avail: flags, idx, `size` elements of 2 bytes, then used_event.
+                let at = self.queue.avail_ring().wrapping_add(4 + 2 * u64::from(self.queue.size()));
+                let event = u16::from_le(
+                    mem.load(GuestAddress(at), std::sync::atomic::Ordering::Relaxed)
+                        .map_err(|e| format!("avail ring: {e}"))?,
+                );
+                need_event(event, new, old)
+            }
+            _ => true,
+        };
+        if wanted && let Some(call) = self.call.as_mut() {
+            let _ = call.write(&1u64.to_ne_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// Whether moving an index from `old` to `new` passed `event` (virtio's `vring_need_event`).
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// A guest memory region as the front-end's address space sees it (ring addresses come
@@ -516,9 +566,7 @@ impl VhostUserLink {
         let mut h = *hdr;
         h[vnet_hdr::LEN..].copy_from_slice(&(self.chains.len() as u16).to_le_bytes());
         write_chains(mem, [&h[..hdr_len], frame], &self.segs, &self.chains, &mut self.used_lens)?;
-        for &(head, len) in &self.used_lens {
-            ring.queue.add_used(&*mem, head, len).map_err(|e| format!("RX used ring: {e}"))?;
-        }
+        ring.add_used(mem, &self.used_lens).map_err(|e| format!("RX {e}"))?;
         self.used[RX] = true;
         Ok(true)
     }
@@ -637,7 +685,7 @@ impl Link for VhostUserLink {
                 let head = chain.head_index();
                 let (_hdr, n) = read_chain(mem, chain, hdr_len, buf).map_err(garbled)?;
                 self.upload.frame(n, std::time::Instant::now);
-                ring.queue.add_used(&*mem, head, 0).map_err(|e| garbled(format!("TX used ring: {e}")))?;
+                ring.add_used(mem, &[(head, 0)]).map_err(|e| garbled(format!("TX {e}")))?;
                 self.used[TX] = true;
                 return Ok(n);
             }
@@ -782,6 +830,7 @@ impl Control {
             // The used index the guest's ring holds (0 for a fresh driver).
             let used = ring.queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire).map_err(io::Error::other)?;
             ring.queue.set_next_used(used.0);
+            ring.signalled_used = None;
             kicks.push(ring.kick.as_ref().ok_or(io::ErrorKind::NotConnected)?.try_clone()?);
         }
         let tx_kick = kicks.pop().ok_or(io::ErrorKind::NotConnected)?;
