@@ -887,16 +887,25 @@ mod tests {
     struct EngineModel {
         /// The engine watches the link for reads (`read_events` at the last round's end).
         watched: bool,
-        /// An event waits in epoll.
+        /// An event waits in epoll (and whether it reports the peer's end).
         edge: bool,
+        hung_up: bool,
         readable: bool,
         batch: usize,
+        /// The link reported the end of the stream.
+        eof: bool,
     }
 
     impl EngineModel {
         /// Bytes came from the guest: an edge, if anyone watches.
         fn wrote(&mut self) {
             self.edge |= self.watched;
+        }
+
+        /// The guest closed its end: epoll reports a hang-up even to an empty event mask.
+        fn closed(&mut self) {
+            self.edge = true;
+            self.hung_up = true;
         }
 
         /// One round of the event loop: its events, the polling links, a batch of reads,
@@ -909,7 +918,7 @@ mod tests {
         fn reads(&mut self, link: &mut StreamLink, got: &mut Vec<Vec<u8>>, buf: &mut [u8]) {
             if std::mem::take(&mut self.edge) {
                 self.readable = true;
-                link.readable_edge(false);
+                link.readable_edge(self.hung_up);
             }
             if link.polling() {
                 self.readable = true;
@@ -923,6 +932,10 @@ mod tests {
                         n += 1;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && self.hung_up => {
+                        self.eof = true;
+                        self.readable = false;
+                    }
                     Err(e) => panic!("{e}"),
                 }
             }
@@ -951,13 +964,24 @@ mod tests {
         /// when epoll or polling says so.
         #[test]
         fn every_frame_arrives_whatever_the_pieces_and_rounds(
-            lens in proptest::collection::vec(proptest::prop_oneof![1usize..200, 1000usize..1600], 1..60),
-            pieces in proptest::collection::vec((1usize..3000, 0usize..4, 0u8..20, proptest::prelude::any::<bool>()), 1..300),
+            // Requests and bulk frames mixed, or an upload long enough for one read to take
+            // more than a poll may (FAST_POLL_BYTES).
+            lens in proptest::prop_oneof![
+                proptest::collection::vec(proptest::prop_oneof![1usize..200, 1000usize..1600], 1..60),
+                proptest::collection::vec(1400usize..1600, 70..130),
+            ],
+            pieces in proptest::collection::vec(
+                (proptest::prop_oneof![12 => 1usize..3000, 1 => 20_000usize..120_000], 0usize..4, 0u8..20, proptest::prelude::any::<bool>()),
+                1..300,
+            ),
             batch in 1usize..6,
             le16 in proptest::prelude::any::<bool>(),
         ) {
             let framing = if le16 { Framing::Le16 } else { Framing::Be32 };
             let (mut link, mut peer) = pair(framing);
+            // The guest's end does not block: a guest whose socket is full waits for the
+            // engine to read, so a write that would block is retried after a round.
+            peer.set_nonblocking(true).unwrap();
             let frames: Vec<Vec<u8>> =
                 lens.iter().enumerate().map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect()).collect();
             let mut wire = Vec::new();
@@ -965,10 +989,25 @@ mod tests {
                 wire.extend_from_slice(&framing.encode(f.len())[..framing.prefix_len()]);
                 wire.extend_from_slice(f);
             }
-            let mut engine = EngineModel { watched: true, edge: false, readable: false, batch };
+            let mut engine =
+                EngineModel { watched: true, edge: false, hung_up: false, readable: false, batch, eof: false };
             let mut got = Vec::new();
             let mut buf = vec![0u8; MAX_FRAME];
             let mut at = 0;
+            let mut write = |engine: &mut EngineModel, link: &mut StreamLink, got: &mut Vec<Vec<u8>>, bytes: &[u8]| {
+                let mut done = 0;
+                while done < bytes.len() {
+                    match peer.write(&bytes[done..]) {
+                        Ok(n) => {
+                            done += n;
+                            engine.wrote();
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => engine.round(link, got, &mut vec![0u8; MAX_FRAME]),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            };
+            let (mut long_pauses, mut short_pauses) = (0, 0);
             for &(size, rounds, pause, mid_round) in pieces.iter().cycle() {
                 if at == wire.len() {
                     break;
@@ -978,31 +1017,36 @@ mod tests {
                     // The guest writes while the engine is between its reads and its
                     // re-registration: a link that just stopped polling hears no edge.
                     engine.reads(&mut link, &mut got, &mut buf);
-                    peer.write_all(&wire[at..end]).unwrap();
-                    engine.wrote();
+                    write(&mut engine, &mut link, &mut got, &wire[at..end]);
                     engine.watch(&link);
                 } else {
-                    peer.write_all(&wire[at..end]).unwrap();
-                    engine.wrote();
+                    write(&mut engine, &mut link, &mut got, &wire[at..end]);
                 }
                 at = end;
                 for _ in 0..rounds {
                     engine.round(&mut link, &mut got, &mut buf);
                 }
-                match pause {
-                    // Now and then longer than POLL_IDLE, so that a polled upload ends.
-                    0 => std::thread::sleep(POLL_IDLE + std::time::Duration::from_micros(200)),
-                    1..=3 => std::thread::sleep(std::time::Duration::from_micros(300)),
-                    _ => {}
+                // Now and then longer than POLL_IDLE, so that a polled upload ends (a few
+                // times a case at most, however small its pieces).
+                if pause == 0 && long_pauses < 8 {
+                    long_pauses += 1;
+                    std::thread::sleep(POLL_IDLE + std::time::Duration::from_micros(200));
+                } else if pause <= 3 && short_pauses < 40 {
+                    short_pauses += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(300));
                 }
             }
+            // The guest goes: every frame is read before the end of the stream.
+            drop(peer);
+            engine.closed();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while got.len() < frames.len() && std::time::Instant::now() < deadline {
+            while !engine.eof && std::time::Instant::now() < deadline {
                 engine.round(&mut link, &mut got, &mut buf);
                 if !engine.readable && !engine.edge {
                     std::thread::sleep(std::time::Duration::from_micros(200));
                 }
             }
+            proptest::prop_assert!(engine.eof, "the end of the stream was never reported");
             proptest::prop_assert_eq!(got.len(), frames.len(), "frames lost");
             proptest::prop_assert!(got == frames, "frames garbled or out of order");
         }
