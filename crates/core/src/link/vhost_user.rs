@@ -835,7 +835,13 @@ impl Control {
         }
         let tx_kick = kicks.pop().ok_or(io::ErrorKind::NotConnected)?;
         let rx_kick = kicks.pop().ok_or(io::ErrorKind::NotConnected)?;
+        // The guest's rings may hold an earlier session's notification state (a polled TX
+        // ring's `avail_event` half a ring ahead, or NO_NOTIFY): the guest would not kick
+        // for its next frames. So TX notifications are turned on here, and the bell rung so
+        // that the engine looks at the rings at once, for chains made available before.
+        rings[TX].queue.enable_notification(&*mem).map_err(io::Error::other)?;
         let bell = Arc::new(eventfd()?);
+        ring_bell(&bell);
         let epfd = epoll_of(&[bell.as_raw_fd(), rx_kick.as_raw_fd(), tx_kick.as_raw_fd()])?;
         self.sessions += 1;
         dev.running = true;

@@ -414,6 +414,46 @@ fn a_reset_ends_the_session() {
     assert_eq!(d.session, 1);
 }
 
+/// A session that starts on rings an earlier one left quiet (a polled TX ring: NO_NOTIFY,
+/// or `avail_event` half a ring ahead) turns the guest's kicks back on, and has the engine
+/// look at the rings at once: a frame the guest queued meanwhile, without a kick, is read.
+#[test]
+fn a_new_session_turns_kicks_back_on_and_reads_what_waits() {
+    for features in [bit(VIRTIO_F_VERSION_1), MODERN] {
+        let (mut g, mut link, dev) = setup(features);
+        let mut buf = vec![0u8; MAX_FRAME];
+        start_polling(&mut g, &mut link);
+        assert_eq!(link.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        let quiet = g.notify_fields(TX);
+        dev.lock().unwrap().end_session("the front-end reconnected", false);
+        drop(link);
+        // The guest queues a frame and, as the ring tells it, does not kick.
+        let next = g.avail_idx[TX];
+        assert!(!g.kicks(TX, next, next.wrapping_add(1)) || quiet.0 == 1, "{quiet:?}");
+        g.offer_tx_frame(60, 3);
+        let (a, _b) = UnixStream::pair().unwrap();
+        let handoff = Handoff::new("test").unwrap();
+        let mut control =
+            Control { dev: dev.clone(), conn: Arc::new(a), handoff: handoff.sender(), name: "vu".into(), sessions: 1 };
+        let mut link = {
+            let mut d = dev.lock().unwrap();
+            assert!(d.can_run());
+            control.start_session(&mut d).unwrap()
+        };
+        // Kicks are on again: NO_NOTIFY cleared, or avail_event at the device's next index.
+        let (flags, event) = g.notify_fields(TX);
+        assert_eq!(flags, 0, "{features:#x}");
+        if features & bit(VIRTIO_RING_F_EVENT_IDX) != 0 {
+            assert_eq!(event, next, "{features:#x}");
+        }
+        // The engine is woken at once, and reads the frame that came without a kick.
+        let mut pfd = libc::pollfd { fd: link.fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd, no wait.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 1, "{features:#x}");
+        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+    }
+}
+
 #[test]
 fn ring_addresses_translate_through_the_memory_table() {
     let mut dev = Device::new();
@@ -663,14 +703,22 @@ struct Driver {
     calls: [File; 2],
     armed: [bool; 2],
     interrupted: [bool; 2],
+    /// The kick eventfds, and each ring's available index when the driver last decided
+    /// whether to kick.
+    kicks: [File; 2],
+    kick_decided: [u16; 2],
+    event_idx: bool,
 }
 
 impl Driver {
     fn new(g: Guest, features: u64) -> Driver {
         let n = Negotiated::from_features(features);
-        let calls = {
+        let (calls, kicks) = {
             let dev = g.dev.lock().unwrap();
-            [0, 1].map(|i| dev.rings[i].call.as_ref().unwrap().try_clone().unwrap())
+            (
+                [0, 1].map(|i| dev.rings[i].call.as_ref().unwrap().try_clone().unwrap()),
+                [0, 1].map(|i| dev.rings[i].kick.as_ref().unwrap().try_clone().unwrap()),
+            )
         };
         Driver {
             g,
@@ -684,6 +732,28 @@ impl Driver {
             calls,
             armed: [false; 2],
             interrupted: [false; 2],
+            kicks,
+            kick_decided: [0; 2],
+            event_idx: features & bit(VIRTIO_RING_F_EVENT_IDX) != 0,
+        }
+    }
+
+    /// After making chains available, kicks the device if it asked for it, as Linux's
+    /// `virtqueue_kick_prepare` decides: with EVENT_IDX when the available index passed
+    /// `avail_event`, without it unless the used ring's NO_NOTIFY flag is set.
+    fn maybe_kick(&mut self, ring: usize) {
+        let new = self.g.avail_idx[ring];
+        let old = std::mem::replace(&mut self.kick_decided[ring], new);
+        let kick = if self.event_idx {
+            let at = base(ring) + USED + 4 + 8 * SIZE as u64;
+            let event: u16 = self.g.mem(|m| m.read_obj(GuestAddress(at)).unwrap());
+            need_event(event, new, old)
+        } else {
+            let flags: u16 = self.g.mem(|m| m.read_obj(GuestAddress(base(ring) + USED)).unwrap());
+            flags & 1 == 0
+        };
+        if kick {
+            std::io::Write::write_all(&mut &self.kicks[ring], &1u64.to_ne_bytes()).unwrap();
         }
     }
 
@@ -699,6 +769,7 @@ impl Driver {
             m.write_obj(start, GuestAddress(base(ring) + USED + 2)).unwrap();
             self.g.avail_idx[ring] = start;
             self.used_seen[ring] = start;
+            self.kick_decided[ring] = start;
         }
     }
 
@@ -841,14 +912,27 @@ proptest! {
         let mut buf = vec![0u8; MAX_FRAME];
         let (mut tx_sent, mut tx_got, mut rx_sent) = (Vec::new(), Vec::new(), Vec::new());
         let pattern = |n: usize, seed: usize| -> Vec<u8> { (0..n).map(|i| (i * 7 + seed * 13) as u8).collect() };
-        let recv_all = |link: &mut VhostUserLink, buf: &mut [u8], got: &mut Vec<Vec<u8>>| loop {
-            match link.recv(buf) {
-                Ok(n) => got.push(buf[..n].to_vec()),
-                Err(e) => {
-                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
-                    break;
+        // A round of the engine: it reads the link when its descriptor is readable (a kick,
+        // the bell), while it polls, or when the last round's batch was full; then flushes.
+        let mut more = false;
+        let mut round = |link: &mut VhostUserLink, d: &mut Driver, got: &mut Vec<Vec<u8>>| {
+            let mut pfd = libc::pollfd { fd: link.fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one pollfd, no wait.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 0) } == 1;
+            if std::mem::take(&mut more) || ready || link.polling() {
+                for n in 0..4 {
+                    match link.recv(&mut buf) {
+                        Ok(len) => got.push(buf[..len].to_vec()),
+                        Err(e) => {
+                            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+                            break;
+                        }
+                    }
+                    more = n == 3;
                 }
             }
+            link.flush().unwrap();
+            d.check_interrupts();
         };
         for (kind, len, cuts) in &ops {
             match kind {
@@ -868,13 +952,16 @@ proptest! {
                     }
                     if d.offer(TX, &parts, &[]) {
                         tx_sent.push(frame);
+                        d.maybe_kick(TX);
                     }
                 }
                 1 => {
                     let lens: Vec<u32> = cuts.iter().map(|&l| l as u32).collect();
-                    d.offer(RX, &[], &lens);
+                    if d.offer(RX, &[], &lens) {
+                        d.maybe_kick(RX);
+                    }
                 }
-                2 => recv_all(&mut link, &mut buf, &mut tx_got),
+                2 => round(&mut link, &mut d, &mut tx_got),
                 3 => {
                     let frame = pattern(*len, 1000 + rx_sent.len());
                     link.send(&frame).unwrap();
@@ -887,16 +974,23 @@ proptest! {
                 _ => d.reap(),
             }
         }
-        // The guest takes everything and offers room until nothing waits.
-        for _ in 0..400 {
-            recv_all(&mut link, &mut buf, &mut tx_got);
-            link.flush().unwrap();
-            d.check_interrupts();
+        // The engine runs its rounds, and the guest takes everything and offers room, until
+        // nothing waits: a TX chain left with kicks off and no polling would stay.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            round(&mut link, &mut d, &mut tx_got);
             d.reap();
             if !link.backlogged() && tx_got.len() == tx_sent.len() {
                 break;
             }
-            while d.offer(RX, &[], &[4096, 4096]) {}
+            let mut offered = false;
+            while d.offer(RX, &[], &[4096, 4096]) {
+                offered = true;
+            }
+            if offered {
+                d.maybe_kick(RX);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
         }
         prop_assert!(tx_got == tx_sent, "TX: {} frames sent, {} received", tx_sent.len(), tx_got.len());
         prop_assert!(!link.backlogged());
