@@ -176,20 +176,22 @@ impl Ring {
     fn add_used(&mut self, mem: &GuestMemoryMmap, entries: &[(u16, u32)]) -> Result<(), String> {
         let size = self.queue.size();
         let used_ring = self.queue.used_ring();
+        if let Some(&(head, _)) = entries.iter().find(|&&(head, _)| head >= size) {
+            return Err(format!("used ring: descriptor {head} outside a table of {size}"));
+        }
+        let outside = || "used ring: outside the address space".to_string();
         let mut idx = self.queue.next_used();
         for &(head, len) in entries {
-            if head >= size {
-                return Err(format!("used ring: descriptor {head} outside a table of {size}"));
-            }
             // virtq_used: flags, idx, then elements of 8 bytes (id, len).
             let mut elem = [0u8; 8];
             elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
             elem[4..].copy_from_slice(&len.to_le_bytes());
-            let at = used_ring.wrapping_add(4 + 8 * u64::from(idx % size));
+            let at = used_ring.checked_add(4 + 8 * u64::from(idx % size)).ok_or_else(outside)?;
             mem.write_slice(&elem, GuestAddress(at)).map_err(|e| format!("used ring: {e}"))?;
             idx = idx.wrapping_add(1);
         }
-        mem.store(idx.to_le(), GuestAddress(used_ring.wrapping_add(2)), std::sync::atomic::Ordering::Release)
+        let at = used_ring.checked_add(2).ok_or_else(outside)?;
+        mem.store(idx.to_le(), GuestAddress(at), std::sync::atomic::Ordering::Release)
             .map_err(|e| format!("used ring: {e}"))?;
         self.queue.set_next_used(idx);
         Ok(())
@@ -203,22 +205,30 @@ impl Ring {
         // The used entries and index are written before the guest's event index is read.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let old = self.signalled_used.replace(new);
-        let wanted = match old {
+        let (wanted, result) = match old {
             Some(old) if self.queue.event_idx_enabled() => {
                 // virtq_avail: flags, idx, `size` elements of 2 bytes, then used_event.
-                let at = self.queue.avail_ring().wrapping_add(4 + 2 * u64::from(self.queue.size()));
-                let event = u16::from_le(
-                    mem.load(GuestAddress(at), std::sync::atomic::Ordering::Relaxed)
-                        .map_err(|e| format!("avail ring: {e}"))?,
-                );
-                need_event(event, new, old)
+                let event = self
+                    .queue
+                    .avail_ring()
+                    .checked_add(4 + 2 * u64::from(self.queue.size()))
+                    .ok_or_else(|| "avail ring: outside the address space".to_string())
+                    .and_then(|at| {
+                        mem.load(GuestAddress(at), std::sync::atomic::Ordering::Relaxed)
+                            .map_err(|e| format!("avail ring: {e}"))
+                    });
+                match event {
+                    Ok(event) => (need_event(u16::from_le(event), new, old), Ok(())),
+                    // The link fails; the guest still hears of the entries (as vhost does).
+                    Err(why) => (true, Err(why)),
+                }
             }
-            _ => true,
+            _ => (true, Ok(())),
         };
         if wanted && let Some(call) = self.call.as_mut() {
             let _ = call.write(&1u64.to_ne_bytes());
         }
-        Ok(())
+        result
     }
 }
 
@@ -536,7 +546,7 @@ impl VhostUserLink {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let from = self.segs.len();
-            let mut next = false;
+            let mut next = true;
             for d in chain {
                 if !d.is_write_only() {
                     return Err("a read-only buffer in an RX chain".into());
@@ -694,6 +704,7 @@ impl Link for VhostUserLink {
             // came are read first (see the module's comment), then the ring is looked at
             // once more, for chains made available just before that read.
             if self.upload.polling() && self.upload.empty(std::time::Instant::now()) {
+                drain(self.bell.as_raw_fd());
                 drain(self.kicks[TX].as_raw_fd());
                 drain(self.kicks[RX].as_raw_fd());
                 let avail = ring.queue.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire);
@@ -860,8 +871,10 @@ impl Control {
             name,
             backlog: VecDeque::new(),
             backlog_bytes: 0,
-            // A first look at both rings: the guest may have queued frames already.
-            used: [false; 2],
+            // The first flush interrupts the guest on both rings: entries an earlier session
+            // added just before it ended were never signalled (a guest with a full TX ring
+            // would wait for that interrupt). One spurious interrupt otherwise.
+            used: [true; 2],
             tx_quiet: false,
             upload: UploadPoll::default(),
             broken: None,

@@ -395,6 +395,14 @@ fn garbled_rx_chains_close_the_link_at_the_next_recv() {
     assert!(garbled(&mut link).contains("read-only"));
     // Later frames are dropped quietly; the engine has been told.
     link.send(&[1u8; 20]).unwrap();
+
+    // A head beyond the table, one chain per frame (no MRG_RXBUF): garbled, not a chain
+    // too small for every frame to come.
+    let (mut g, mut link, _dev) = setup(bit(VIRTIO_F_VERSION_1));
+    g.publish(RX, 200);
+    link.send(&[1u8; 20]).unwrap();
+    assert!(garbled(&mut link).contains("leaves its table"));
+    assert_eq!(link.dropped, 0);
 }
 
 #[test]
