@@ -205,30 +205,40 @@ impl Ring {
         // The used entries and index are written before the guest's event index is read.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let old = self.signalled_used.replace(new);
-        let (wanted, result) = match old {
-            Some(old) if self.queue.event_idx_enabled() => {
-                // virtq_avail: flags, idx, `size` elements of 2 bytes, then used_event.
-                let event = self
-                    .queue
-                    .avail_ring()
-                    .checked_add(4 + 2 * u64::from(self.queue.size()))
-                    .ok_or_else(|| "avail ring: outside the address space".to_string())
-                    .and_then(|at| {
-                        mem.load(GuestAddress(at), std::sync::atomic::Ordering::Relaxed)
-                            .map_err(|e| format!("avail ring: {e}"))
-                    });
-                match event {
-                    Ok(event) => (need_event(u16::from_le(event), new, old), Ok(())),
+        let wanted = match old {
+            Some(old) if self.queue.event_idx_enabled() => match self.used_event(mem) {
+                Ok(event) => need_event(event, new, old),
+                Err(why) => {
                     // The link fails; the guest still hears of the entries (as vhost does).
-                    Err(why) => (true, Err(why)),
+                    self.interrupt();
+                    return Err(why);
                 }
-            }
-            _ => (true, Ok(())),
+            },
+            _ => true,
         };
-        if wanted && let Some(call) = self.call.as_mut() {
+        if wanted {
+            self.interrupt();
+        }
+        Ok(())
+    }
+
+    /// The guest's `used_event`: the last word of the available ring (virtq_avail: flags,
+    /// idx, `size` elements of 2 bytes, then used_event).
+    fn used_event(&self, mem: &GuestMemoryMmap) -> Result<u16, String> {
+        let at = self
+            .queue
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(self.queue.size()))
+            .ok_or("avail ring: outside the address space")?;
+        let event: u16 =
+            mem.load(GuestAddress(at), std::sync::atomic::Ordering::Relaxed).map_err(|e| format!("avail ring: {e}"))?;
+        Ok(u16::from_le(event))
+    }
+
+    fn interrupt(&mut self) {
+        if let Some(call) = self.call.as_mut() {
             let _ = call.write(&1u64.to_ne_bytes());
         }
-        result
     }
 }
 

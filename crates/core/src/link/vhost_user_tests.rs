@@ -339,6 +339,13 @@ fn without_event_idx_a_polled_ring_turns_kicks_off() {
     assert_eq!(g.notify_fields(TX), (0, 0));
 }
 
+/// Whether `fd` (a link's epoll descriptor) is readable now: the engine would be woken.
+fn readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd, no wait.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+}
+
 fn garbled(link: &mut VhostUserLink) -> String {
     let mut buf = vec![0u8; MAX_FRAME];
     let e = link.recv(&mut buf).unwrap_err();
@@ -455,9 +462,7 @@ fn a_new_session_turns_kicks_back_on_and_reads_what_waits() {
             assert_eq!(event, next, "{features:#x}");
         }
         // The engine is woken at once, and reads the frame that came without a kick.
-        let mut pfd = libc::pollfd { fd: link.fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd, no wait.
-        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 1, "{features:#x}");
+        assert!(readable(link.fd()), "{features:#x}");
         assert_eq!(link.recv(&mut buf).unwrap(), 60);
     }
 }
@@ -571,7 +576,7 @@ impl Guest {
     /// One RX buffer of `len` bytes in the slot its available index points at.
     fn offer_rx_buffer(&mut self, len: u32) {
         let slot = self.avail_idx[RX] % SIZE;
-        self.desc(RX, slot, 0x20000 + slot as u64 * 0x1000, len, F_WRITE, 0);
+        self.desc(RX, slot, Driver::buffer(RX, slot), len, F_WRITE, 0);
         self.publish(RX, slot);
     }
 
@@ -753,9 +758,7 @@ impl Driver {
         let new = self.g.avail_idx[ring];
         let old = std::mem::replace(&mut self.kick_decided[ring], new);
         let kick = if self.event_idx {
-            let at = base(ring) + USED + 4 + 8 * SIZE as u64;
-            let event: u16 = self.g.mem(|m| m.read_obj(GuestAddress(at)).unwrap());
-            need_event(event, new, old)
+            self.g.kicks(ring, old, new)
         } else {
             let flags: u16 = self.g.mem(|m| m.read_obj(GuestAddress(base(ring) + USED)).unwrap());
             flags & 1 == 0
@@ -924,10 +927,7 @@ proptest! {
         // the bell), while it polls, or when the last round's batch was full; then flushes.
         let mut more = false;
         let mut round = |link: &mut VhostUserLink, d: &mut Driver, got: &mut Vec<Vec<u8>>| {
-            let mut pfd = libc::pollfd { fd: link.fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one pollfd, no wait.
-            let ready = unsafe { libc::poll(&mut pfd, 1, 0) } == 1;
-            if std::mem::take(&mut more) || ready || link.polling() {
+            if std::mem::take(&mut more) || readable(link.fd()) || link.polling() {
                 for n in 0..4 {
                     match link.recv(&mut buf) {
                         Ok(len) => got.push(buf[..len].to_vec()),
@@ -1025,7 +1025,6 @@ fn a_guest_reading_meanwhile_never_sees_part_of_a_merged_frame() {
     const ROUNDS: usize = 3000;
     let (mut g, mut link, dev) = setup(MODERN);
     let mem = dev.lock().unwrap().mem.clone().unwrap();
-    let buffer = |desc: u64| 0x20000 + desc * 0x1000;
     let done = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU16::new(0));
     let reader = {
@@ -1038,7 +1037,7 @@ fn a_guest_reading_meanwhile_never_sees_part_of_a_merged_frame() {
                 while seen != idx {
                     let at = base(RX) + USED + 4 + 8 * (seen % SIZE) as u64;
                     let head: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-                    let buffers: u16 = mem.read_obj(GuestAddress(buffer(head as u64) + 10)).unwrap();
+                    let buffers: u16 = mem.read_obj(GuestAddress(Driver::buffer(RX, head as u16) + 10)).unwrap();
                     if idx.wrapping_sub(seen) < buffers {
                         return Err(format!(
                             "frame {frames}: {buffers} buffers, {} of them published",
@@ -1059,7 +1058,7 @@ fn a_guest_reading_meanwhile_never_sees_part_of_a_merged_frame() {
     for _ in 0..ROUNDS {
         // Fifteen buffers of 256 bytes: five frames of 712 bytes with the header, three each.
         for desc in 0..15u16 {
-            g.desc(RX, desc, buffer(desc as u64), 256, F_WRITE, 0);
+            g.desc(RX, desc, Driver::buffer(RX, desc), 256, F_WRITE, 0);
             g.publish(RX, desc);
         }
         for _ in 0..5 {
