@@ -222,14 +222,14 @@ fn vm_on_the_stream_transport() {
 /// MSI-X, the legacy interrupt): under TCG, Debian's QEMU 7.2 crashes (SIGSEGV in
 /// `msix_set_vector_notifiers`, from `vhost_net_start`) when a vhost-user device with MSI-X
 /// starts, whatever the back-end.
-fn vhost_user_args(sock: &Path, mac: &str) -> Vec<String> {
+fn vhost_user_args(sock: &Path, mac: &str, chardev_options: &str) -> Vec<String> {
     vec![
         "-object".into(),
         "memory-backend-memfd,id=mem,size=256M,share=on".into(),
         "-machine".into(),
         "memory-backend=mem".into(),
         "-chardev".into(),
-        format!("socket,id=c0,path={}", sock.display()),
+        format!("socket,id=c0,path={}{chardev_options}", sock.display()),
         "-netdev".into(),
         "vhost-user,id=n0,chardev=c0".into(),
         "-device".into(),
@@ -238,7 +238,12 @@ fn vhost_user_args(sock: &Path, mac: &str) -> Vec<String> {
 }
 
 fn boot_vhost_user(name: &str, image: &Image, sock: &Path, mac: &str, params: &str) -> Vm {
-    let args = vhost_user_args(sock, mac);
+    boot_vhost_user_with(name, image, sock, mac, "", params)
+}
+
+/// `chardev_options` appended to the chardev's (",reconnect=1").
+fn boot_vhost_user_with(name: &str, image: &Image, sock: &Path, mac: &str, chardev_options: &str, params: &str) -> Vm {
+    let args = vhost_user_args(sock, mac, chardev_options);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Vm::boot_with(name, image, &args, params)
 }
@@ -297,6 +302,65 @@ fn vm_on_vhost_user() {
     vm.check("ping");
     assert_eq!(curl(port).trim(), "hello from 192.168.65.2");
     assert!(serve.log_shows("guest went away"), "{}", serve.log());
+}
+
+/// usernet killed under a running VM and started again, as a VM tool restarts its network
+/// helper that crashed: QEMU (`reconnect=1`) connects to the new usernet and sets up the
+/// rings of the guest's running driver again, as the killed usernet left them (killed while
+/// the guest uploads, so its TX ring was most likely being polled). Then the guest's traffic goes on
+/// both ways: a published port reaches its httpd, and a whole upload (sha256).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn vm_on_vhost_user_outlives_a_restart_of_usernet() {
+    require_vm();
+    let fx = Fixtures::new();
+    let image = Image::build();
+    let dir = TempDir::new("serve-vhost-restart");
+    let sock = dir.join("vhost.sock");
+    let published = common::free_port();
+    let args = [format!("--listen-vhost-user={}", sock.display()), format!("-p=127.0.0.1:{published}:8080")];
+    let serve = Serve::start(&dir, &fx.dns, &args, std::slice::from_ref(&sock));
+    let mut vm =
+        boot_vhost_user_with("vhost-user-restart", &image, &sock, "52:54:00:00:05:03", ",reconnect=1", &fx.params());
+    vm.wait_for("USERNET-VM ready", VM_TIMEOUT);
+    assert_eq!(vm.check("download"), format!("sha256={}", fx.hash));
+    assert_eq!(curl(published).trim(), "hello from 192.168.65.2");
+
+    // Killed while the guest uploads: a stream of downloads of its file, four at a time,
+    // far more than a second's worth, so that its TX ring is most likely being polled.
+    let url = format!("http://127.0.0.1:{published}/f");
+    let mut uploads = vec!["-s", "-m", "60", "-Z", "--parallel-max", "4", "-w", "%{size_download}\\n"];
+    for _ in 0..400 {
+        uploads.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let uploads: Vec<String> = uploads.into_iter().map(String::from).collect();
+    let running = std::thread::spawn(move || common::run("curl", &uploads));
+    std::thread::sleep(Duration::from_secs(1));
+    serve.kill();
+    let cut = running.join().unwrap();
+    // Each transfer prints its size: whole ones before the kill, and then not all of them.
+    let whole = cut.stdout.lines().filter(|l| *l == FILE_SIZE.to_string()).count();
+    assert!(whole > 0 && whole < 400, "{whole} whole uploads of 400 around the kill: {cut}");
+
+    // The new usernet finds the old one's socket file stale, and QEMU reconnects to it.
+    let serve = Serve::start(&dir, &fx.dns, &args, std::slice::from_ref(&sock));
+    let mut tries = 0;
+    let hello = loop {
+        let out = common::run("curl", &["-s", "-m", "5", &format!("http://127.0.0.1:{published}/")]);
+        if out.success() && !out.stdout.is_empty() {
+            break out.stdout;
+        }
+        tries += 1;
+        assert!(
+            tries < 30,
+            "the guest is not reachable after usernet restarted: {out}\n{}\n{}",
+            serve.log(),
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(hello.trim(), "hello from 192.168.65.2");
+    assert_upload(dir.path(), published, &fx.hash);
 }
 
 #[test]

@@ -69,6 +69,13 @@ impl Serve {
         serve
     }
 
+    /// Kills usernet at once (SIGKILL: a crash, nothing cleaned up) and reaps it.
+    #[allow(dead_code)]
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether usernet is still running.
     #[allow(dead_code)]
     pub fn running(&mut self) -> bool {
@@ -125,6 +132,9 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // reaped already (`kill`): its pid may be another process's by now
+        }
         // SIGTERM first: usernet removes its sockets and exits 0.
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
