@@ -17,7 +17,8 @@
 //!   published frame by frame, all of a frame's buffers under one move of the used index
 //!   (`Ring::add_used`); the guest is interrupted (the `call` eventfd) once per round, in
 //!   `flush`, and only when the driver asked for it (VIRTIO_RING_F_EVENT_IDX's
-//!   `used_event`, decided as vhost does: `Ring::notify`).
+//!   `used_event`, or without it the available ring's NO_INTERRUPT flag, decided as vhost
+//!   does: `Ring::notify`).
 //!
 //! Both sides hold the [`Device`] behind one mutex: the memory map, the two queues and the
 //! eventfds. The engine takes it once per frame; the control thread once per message, so a
@@ -98,7 +99,9 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
+};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -197,29 +200,43 @@ impl Ring {
         Ok(())
     }
 
-    /// Interrupts the guest after used entries, when it wants it: with EVENT_IDX, when its
-    /// `used_event` lies between the used index of the last decision and now (Linux's
-    /// `vring_need_event`, as vhost decides); without it, always.
+    /// Interrupts the guest after used entries, when it wants it, as vhost decides: with
+    /// EVENT_IDX, when its `used_event` lies between the used index of the last decision
+    /// and now (Linux's `vring_need_event`); without it, unless the available ring's flags
+    /// say VRING_AVAIL_F_NO_INTERRUPT (a driver busy reaping the ring sets it). A session's
+    /// first decision always interrupts.
     fn notify(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
         let new = self.queue.next_used();
         // The used entries and index are written before the guest's event index is read.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let old = self.signalled_used.replace(new);
-        let wanted = match old {
-            Some(old) if self.queue.event_idx_enabled() => match self.used_event(mem) {
-                Ok(event) => need_event(event, new, old),
-                Err(why) => {
-                    // The link fails; the guest still hears of the entries (as vhost does).
-                    self.interrupt();
-                    return Err(why);
-                }
-            },
-            _ => true,
+        let wanted = match self.signalled_used.replace(new) {
+            None => Ok(true),
+            Some(old) if self.queue.event_idx_enabled() => {
+                self.used_event(mem).map(|event| need_event(event, new, old))
+            }
+            Some(_) => self.avail_flags(mem).map(|flags| flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0),
         };
-        if wanted {
-            self.interrupt();
+        match wanted {
+            Ok(wanted) => {
+                if wanted {
+                    self.interrupt();
+                }
+                Ok(())
+            }
+            Err(why) => {
+                // The link fails; the guest still hears of the entries (as vhost does).
+                self.interrupt();
+                Err(why)
+            }
         }
-        Ok(())
+    }
+
+    /// The available ring's flags (virtq_avail's first word).
+    fn avail_flags(&self, mem: &GuestMemoryMmap) -> Result<u16, String> {
+        let flags: u16 = mem
+            .load(GuestAddress(self.queue.avail_ring()), std::sync::atomic::Ordering::Relaxed)
+            .map_err(|e| format!("avail ring: {e}"))?;
+        Ok(u16::from_le(flags))
     }
 
     /// The guest's `used_event`: the last word of the available ring (virtq_avail: flags,

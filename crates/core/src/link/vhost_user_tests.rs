@@ -200,6 +200,39 @@ fn without_mrg_rxbuf_a_frame_needs_one_chain() {
     assert!(link.backlogged());
 }
 
+/// The call eventfd's count since the last look (0: no interrupt).
+fn interrupts(dev: &Arc<Mutex<Device>>, ring: usize) -> u64 {
+    let call = dev.lock().unwrap().rings[ring].call.as_ref().unwrap().try_clone().unwrap();
+    let mut count = [0u8; 8];
+    match std::io::Read::read(&mut &call, &mut count) {
+        Ok(_) => u64::from_ne_bytes(count),
+        Err(_) => 0,
+    }
+}
+
+#[test]
+fn without_event_idx_no_interrupt_holds_interrupts_back() {
+    let (mut g, mut link, dev) = setup(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF));
+    for _ in 0..3 {
+        g.offer(RX, &[(&[], 64, F_WRITE)]);
+    }
+    // A session's first decision interrupts whatever the flags.
+    link.send(&[1u8; 20]).unwrap();
+    link.flush().unwrap();
+    assert_eq!(interrupts(&dev, RX), 1);
+    // The driver, reaping, sets VRING_AVAIL_F_NO_INTERRUPT: no interrupt for the next frame.
+    g.mem(|m| m.write_obj(1u16, GuestAddress(base(RX) + AVAIL)).unwrap());
+    link.send(&[2u8; 20]).unwrap();
+    link.flush().unwrap();
+    assert_eq!(interrupts(&dev, RX), 0);
+    // Done reaping, it clears the flag: the next used entry interrupts.
+    g.mem(|m| m.write_obj(0u16, GuestAddress(base(RX) + AVAIL)).unwrap());
+    link.send(&[3u8; 20]).unwrap();
+    link.flush().unwrap();
+    assert_eq!(interrupts(&dev, RX), 1);
+    assert_eq!(g.used(RX).len(), 3);
+}
+
 #[test]
 fn frames_wait_for_rx_buffers_then_go_in_order() {
     let (mut g, mut link, _dev) = setup(MODERN);
@@ -858,11 +891,28 @@ impl Driver {
             }
             // A frame's buffers are published together: Linux does not wait for the rest.
             assert!(self.rx_partial.is_none(), "a merged frame published in parts");
-            // Interrupt me at the next entry (virtq_avail's last word: used_event).
-            let at = base(ring) + AVAIL + 4 + 2 * SIZE as u64;
-            self.g.mem(|m| m.write_obj(self.used_seen[ring], GuestAddress(at)).unwrap());
+            // Interrupt me at the next entry: virtq_avail's last word (used_event) with
+            // EVENT_IDX, its flags without (NO_INTERRUPT cleared).
+            if self.event_idx {
+                let at = base(ring) + AVAIL + 4 + 2 * SIZE as u64;
+                self.g.mem(|m| m.write_obj(self.used_seen[ring], GuestAddress(at)).unwrap());
+            } else {
+                self.g.mem(|m| m.write_obj(0u16, GuestAddress(base(ring) + AVAIL)).unwrap());
+            }
             self.armed[ring] = true;
             self.interrupted[ring] = false;
+        }
+    }
+
+    /// Turns interrupts off while busy, as Linux's `virtqueue_disable_cb` does: without
+    /// EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags (with it, Linux
+    /// only moves `used_event` away). The next reap turns them on again.
+    fn quiet(&mut self) {
+        if !self.event_idx {
+            for ring in [RX, TX] {
+                self.g.mem(|m| m.write_obj(1u16, GuestAddress(base(ring) + AVAIL)).unwrap());
+                self.armed[ring] = false;
+            }
         }
     }
 
@@ -912,6 +962,7 @@ proptest! {
                 3 => (14usize..3000).prop_map(|len| (3u8, len, vec![])),
                 1 => Just((4u8, 0, vec![])),
                 2 => Just((5u8, 0, vec![])),
+                1 => Just((6u8, 0, vec![])),
             ],
             1..150,
         ),
@@ -979,7 +1030,8 @@ proptest! {
                     link.flush().unwrap();
                     d.check_interrupts();
                 }
-                _ => d.reap(),
+                5 => d.reap(),
+                _ => d.quiet(),
             }
         }
         // The engine runs its rounds, and the guest takes everything and offers room, until
