@@ -75,8 +75,9 @@
 //! Garbled descriptors (a loop, an address outside guest memory, a write-only buffer in a TX
 //! chain, a frame longer than [`MAX_FRAME`](super::MAX_FRAME), an available index too far ahead) end the link
 //! with `InvalidData` naming the fault, and the connection is shut, so QEMU sees its back-end
-//! go; a front-end message the crate or this handler refuses ends the connection with one
-//! log line. Other VMs are untouched; nothing here panics on what a guest or front-end sends.
+//! go; a front-end message the crate or this handler refuses (a memory region past the end
+//! of its file among them: mapped, it would be a SIGBUS for the whole process) ends the
+//! connection with one log line. Other VMs are untouched; nothing here panics on what a guest or front-end sends.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -976,9 +977,18 @@ impl VhostUserBackendReqHandlerMut for Control {
         if postcopy_listening.is_some() {
             return Err(refused("postcopy"));
         }
+        if ctx.len() != files.len() {
+            return Err(VuError::InvalidParam);
+        }
         let mut regions = Vec::new();
         let mut mappings = Vec::new();
         for (region, file) in ctx.iter().zip(files) {
+            // A region past the end of its file would map (vm-memory does not check) and
+            // kill the whole process with SIGBUS at the first access there.
+            let end = region.mmap_offset.checked_add(region.memory_size);
+            if end.is_none_or(|end| end > file.metadata().map_or(0, |m| m.len())) {
+                return Err(VuError::InvalidParam);
+            }
             let mapped = GuestRegionMmap::new(region.mmap_region(file)?, GuestAddress(region.guest_phys_addr))
                 .ok_or(VuError::InvalidParam)?;
             mappings.push(Mapping {

@@ -511,6 +511,40 @@ fn ring_addresses_translate_through_the_memory_table() {
     assert_eq!(dev.va_to_gpa(0), None);
 }
 
+/// A memfd of `len` bytes, as QEMU shares guest RAM.
+fn memfd(len: u64) -> File {
+    let fd = nix::sys::memfd::memfd_create(c"usernet-test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    let file = File::from(fd);
+    file.set_len(len).unwrap();
+    file
+}
+
+fn control(dev: &Arc<Mutex<Device>>, handoff: &Handoff) -> Control {
+    let (a, _b) = UnixStream::pair().unwrap();
+    Control { dev: dev.clone(), conn: Arc::new(a), handoff: handoff.sender(), name: "vu test".into(), sessions: 0 }
+}
+
+/// A memory table whose region runs past the end of its file is refused: mapped, its first
+/// access there would be a SIGBUS that kills every link. One that fits is taken.
+#[test]
+fn a_region_past_the_end_of_its_file_is_refused() {
+    let dev = Arc::new(Mutex::new(Device::new()));
+    let handoff = Handoff::new("test").unwrap();
+    let mut c = control(&dev, &handoff);
+    let region = |size, offset| VhostUserMemoryRegion::new(0, size, 0x7f00_0000_0000, offset);
+    for (size, offset) in [(0x20000, 0), (0x10000, 0x1000), (0x10000, u64::MAX)] {
+        assert!(c.set_mem_table(&[region(size, offset)], vec![memfd(0x10000)], None).is_err(), "{size:#x}+{offset:#x}");
+        assert!(dev.lock().unwrap().mem.is_none());
+    }
+    // A region without its file, or a file without its region.
+    assert!(c.set_mem_table(&[region(0x10000, 0)], vec![], None).is_err());
+    assert!(c.set_mem_table(&[], vec![memfd(0x10000)], None).is_err());
+    c.set_mem_table(&[region(0x8000, 0x8000)], vec![memfd(0x10000)], None).unwrap();
+    let dev = dev.lock().unwrap();
+    dev.mem.as_ref().unwrap().write_obj(7u8, GuestAddress(0x7fff)).unwrap();
+    assert_eq!(dev.va_to_gpa(0x7f00_0000_7fff), Some(0x7fff));
+}
+
 /// The acceptor's socket is the owner's alone, and a front-end that connects and sends a
 /// message no protocol has is closed.
 #[test]
@@ -1132,4 +1166,245 @@ fn a_guest_reading_meanwhile_never_sees_part_of_a_merged_frame() {
     let frames = reader.join().unwrap().unwrap();
     assert_eq!(frames, ROUNDS * 5);
     assert_eq!(link.dropped, 0);
+}
+
+/// What a front-end can ask of the back-end, in any order and with any values (the message
+/// parsing is the `vhost` crate's; these are its calls into the handler).
+#[derive(Debug, Clone)]
+enum FrontOp {
+    Features(u64),
+    MemTable {
+        gpa: u64,
+        size: u64,
+        offset: u64,
+    },
+    Num {
+        index: u32,
+        num: u32,
+    },
+    /// Ring addresses, as offsets from the region's user address (or anything).
+    Addr {
+        index: u32,
+        desc: u64,
+        avail: u64,
+        used: u64,
+    },
+    Base {
+        index: u32,
+        base: u32,
+    },
+    GetBase {
+        index: u32,
+    },
+    Kick {
+        index: u8,
+        some: bool,
+    },
+    Call {
+        index: u8,
+        some: bool,
+    },
+    Enable {
+        index: u32,
+        on: bool,
+    },
+    ResetDevice,
+    ResetOwner,
+    /// The guest writes its memory anywhere.
+    Poke {
+        at: u64,
+        bytes: Vec<u8>,
+    },
+    /// The engine reads, sends and flushes on the links it holds.
+    Engine,
+}
+
+/// Guest RAM of the front-end property test: one memfd at this user address.
+const VA: u64 = 0x7f00_0000_0000;
+const RAM: u64 = 0x40000;
+
+fn front_op() -> impl Strategy<Value = FrontOp> {
+    let index = prop_oneof![4 => 0u32..2, 1 => 2u32..5];
+    let addr = prop_oneof![3 => (0u64..RAM / 2).prop_map(|a| a & !15), 1 => any::<u64>()];
+    prop_oneof![
+        2 => prop_oneof![Just(MODERN), Just(0u64), Just(FEATURES), Just(FEATURES | bit(17)),
+            Just(MODERN | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())].prop_map(FrontOp::Features),
+        1 => (prop_oneof![Just(0u64), Just(0x10000), Just(u64::MAX - 0xfff)],
+              prop_oneof![Just(RAM), Just(RAM / 2), Just(RAM * 2), Just(0)],
+              prop_oneof![Just(0u64), Just(0x1000), Just(u64::MAX)])
+            .prop_map(|(gpa, size, offset)| FrontOp::MemTable { gpa, size, offset }),
+        2 => (index.clone(), prop_oneof![Just(16u32), Just(0), Just(3), Just(256), Just(32768), Just(65535)])
+            .prop_map(|(index, num)| FrontOp::Num { index, num }),
+        3 => (index.clone(), addr.clone(), addr.clone(), addr)
+            .prop_map(|(index, desc, avail, used)| FrontOp::Addr { index, desc, avail, used }),
+        2 => (index.clone(), prop_oneof![Just(0u32), any::<u32>()]).prop_map(|(index, base)| FrontOp::Base { index, base }),
+        1 => index.clone().prop_map(|index| FrontOp::GetBase { index }),
+        2 => (0u8..3, any::<bool>()).prop_map(|(index, some)| FrontOp::Kick { index, some }),
+        1 => (0u8..3, any::<bool>()).prop_map(|(index, some)| FrontOp::Call { index, some }),
+        2 => (index, any::<bool>()).prop_map(|(index, on)| FrontOp::Enable { index, on }),
+        1 => Just(FrontOp::ResetDevice),
+        1 => Just(FrontOp::ResetOwner),
+        3 => (0u64..RAM, proptest::collection::vec(any::<u8>(), 1..32)).prop_map(|(at, bytes)| FrontOp::Poke { at, bytes }),
+        4 => Just(FrontOp::Engine),
+    ]
+}
+
+/// The messages QEMU sends to set a device up (after a reset, or as it reconnects), with
+/// the rings as `Guest` lays them out.
+fn qemu_setup() -> Vec<FrontOp> {
+    let mut ops = vec![FrontOp::Features(MODERN), FrontOp::MemTable { gpa: 0, size: RAM, offset: 0 }];
+    for index in 0..2u32 {
+        let at = base(index as usize);
+        ops.extend([
+            FrontOp::Num { index, num: u32::from(SIZE) },
+            FrontOp::Base { index, base: 0 },
+            FrontOp::Addr { index, desc: at + DESC, avail: at + AVAIL, used: at + USED },
+            FrontOp::Kick { index: index as u8, some: true },
+            FrontOp::Call { index: index as u8, some: true },
+        ]);
+    }
+    ops
+}
+
+/// Applies one front-end message (or a guest's or the engine's step).
+fn front_apply(c: &mut Control, file: &File, links: &mut Vec<Box<dyn Link>>, op: &FrontOp) {
+    use std::os::unix::fs::FileExt;
+    let fd = || Some(File::from(eventfd().unwrap()));
+    let _ = match op {
+        FrontOp::Features(f) => c.set_features(*f),
+        FrontOp::MemTable { gpa, size, offset } => {
+            let region = VhostUserMemoryRegion::new(*gpa, *size, VA, *offset);
+            c.set_mem_table(&[region], vec![file.try_clone().unwrap()], None).map(|_| ())
+        }
+        FrontOp::Num { index, num } => c.set_vring_num(*index, *num),
+        FrontOp::Addr { index, desc, avail, used } => c.set_vring_addr(
+            *index,
+            VhostUserVringAddrFlags::empty(),
+            VA.wrapping_add(*desc),
+            VA.wrapping_add(*used),
+            VA.wrapping_add(*avail),
+            0,
+        ),
+        FrontOp::Base { index, base } => c.set_vring_base(*index, *base),
+        FrontOp::GetBase { index } => c.get_vring_base(*index).map(|_| ()),
+        FrontOp::Kick { index, some } => c.set_vring_kick(*index, if *some { fd() } else { None }),
+        FrontOp::Call { index, some } => c.set_vring_call(*index, if *some { fd() } else { None }),
+        FrontOp::Enable { index, on } => c.set_vring_enable(*index, *on),
+        FrontOp::ResetDevice => c.reset_device(),
+        FrontOp::ResetOwner => c.reset_owner(),
+        FrontOp::Poke { at, bytes } => {
+            let n = bytes.len().min((RAM - at) as usize);
+            file.write_all_at(&bytes[..n], *at).unwrap();
+            Ok(())
+        }
+        FrontOp::Engine => {
+            let mut buf = vec![0u8; MAX_FRAME];
+            links.retain_mut(|link| {
+                for _ in 0..4 {
+                    match link.recv(&mut buf) {
+                        Ok(n) => assert!((14..=MAX_FRAME).contains(&n), "a frame of {n} bytes"),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => return false, // the engine drops the link
+                    }
+                }
+                // A send or flush that finds garbled rings fails the link's next recv.
+                link.send(&[0x5a; 60]).is_ok()
+                    && link.flush().is_ok()
+                    && link.recv(&mut buf).map_or_else(|e| e.kind() == io::ErrorKind::WouldBlock, |_| true)
+            });
+            Ok(())
+        }
+    };
+    // As the connection's thread does after each message.
+    c.after_message();
+}
+
+/// Whether the message stops the device as it was (vhost-user: a ring reconfigured, stopped
+/// or disabled, a reset): the running session must end, whatever the values.
+fn ends_session(op: &FrontOp) -> bool {
+    match op {
+        FrontOp::ResetDevice | FrontOp::ResetOwner => true,
+        FrontOp::GetBase { .. } | FrontOp::Base { .. } | FrontOp::Kick { .. } | FrontOp::Addr { .. } => true,
+        FrontOp::Enable { on, .. } => !on,
+        FrontOp::Num { num, .. } => num.is_power_of_two() && *num <= u32::from(MAX_QUEUE_SIZE),
+        _ => false,
+    }
+}
+
+/// The links' sessions have ended: their next `recv` says so (the end of the session, not
+/// garbled rings: the links held were read without fault since their last use), and the
+/// engine drops them.
+fn assert_ended(links: &mut Vec<Box<dyn Link>>, why: &str) {
+    let mut buf = vec![0u8; MAX_FRAME];
+    for old in links.iter_mut() {
+        let e = old.recv(&mut buf).expect_err(why);
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{why}: {e}");
+    }
+    links.clear();
+}
+
+/// Takes the links handed to the engine; a new one means the session of every link before
+/// it has ended.
+fn take_links(handoff: &mut Handoff, links: &mut Vec<Box<dyn Link>>) -> usize {
+    let mut new = 0;
+    while let Some(link) = handoff.accept().unwrap() {
+        assert_ended(links, "an older session's link still carries frames");
+        links.push(link);
+        new += 1;
+    }
+    new
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A front-end's messages in any order and with any values (rings resized, moved
+    /// outside memory, restarted, disabled, reset; memory tables past their file or
+    /// nowhere), a guest writing anywhere and the engine using its links meanwhile: nothing
+    /// panics, a message that stops the device ends the running link, a new session's link
+    /// comes only after the last one ended, and whatever came
+    /// before, QEMU's setup after a reset gives a link that carries a frame each way.
+    #[test]
+    fn any_front_end_messages_leave_a_device_that_can_start_again(
+        setup_first in any::<bool>(),
+        ops in proptest::collection::vec(front_op(), 0..60),
+    ) {
+        use std::os::unix::fs::FileExt;
+        let dev = Arc::new(Mutex::new(Device::new()));
+        let mut handoff = Handoff::new("test").unwrap();
+        let mut c = control(&dev, &handoff);
+        let file = memfd(RAM);
+        let mut links: Vec<Box<dyn Link>> = Vec::new();
+        let prefix = if setup_first { qemu_setup() } else { Vec::new() };
+        for op in prefix.iter().chain(&ops) {
+            front_apply(&mut c, &file, &mut links, op);
+            if ends_session(op) {
+                assert_ended(&mut links, "a link outlived a message that stops the device");
+            }
+            take_links(&mut handoff, &mut links);
+        }
+        // The guest reboots: its driver zeroes its rings, QEMU resets the device and sets it
+        // up again.
+        file.write_all_at(&vec![0u8; RAM as usize], 0).unwrap();
+        front_apply(&mut c, &file, &mut links, &FrontOp::ResetDevice);
+        for op in qemu_setup() {
+            front_apply(&mut c, &file, &mut links, &op);
+        }
+        prop_assert_eq!(take_links(&mut handoff, &mut links), 1, "no fresh link after QEMU's setup");
+        let mut link = links.pop().unwrap();
+        let mut g = Guest { dev: dev.clone(), next_desc: [0; 2], avail_idx: [0; 2], data: DATA };
+        // usernet -> guest.
+        let rx = g.offer(RX, &[(&[], 2048, F_WRITE)]);
+        link.send(&[0x11; 60]).unwrap();
+        link.flush().unwrap();
+        prop_assert_eq!(g.used(RX), vec![(0, 72)]);
+        prop_assert_eq!(g.read(rx[0] + 12, 60), vec![0x11; 60]);
+        // guest -> usernet.
+        let mut frame = vec![0u8; 12];
+        frame.extend([0x22; 60]);
+        g.offer(TX, &[(&frame, 72, 0)]);
+        let mut buf = vec![0u8; MAX_FRAME];
+        prop_assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        prop_assert_eq!(&buf[..60], &[0x22; 60][..]);
+    }
 }
