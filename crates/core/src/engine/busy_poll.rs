@@ -63,6 +63,16 @@
 //! SCHED_IDLE tasks; running the whole of usernet at SCHED_IDLE (`chrt --idle 0`) gained
 //! little (UDP 17.0-17.5 µs one way against 18.0-18.1; connections per second 7,973-8,129
 //! against 6,914-7,438) and would starve it behind any busy process, so it is not done.
+//!
+//! What a wakeup costs there is the machine's: its guest kernel's haltpoll cpuidle driver has
+//! `guest_halt_poll_ns` 0, so an idle vCPU halts at once. A process that keeps the other CPU
+//! from halting without taking it from anyone (`chrt --idle 0 sh -c 'while :; do :; done'`)
+//! raised one engine's connections per second (a C client in `usernet run` against a C server
+//! on the host's 127.0.0.1, 3 s, alternated) from 9,289-9,750 to 11,460-12,137, as much as a
+//! second engine does (`--engine-threads 2`: 11,437-11,493; usernet-bench: 1.21-1.25x one
+//! engine, 0.69-0.72x veth): the second engine's spinning keeps the other vCPU awake the
+//! same way. Veth gains more from it (15,705-16,121 to 20,393-24,980), so the ratio to veth
+//! does not move: what separates usernet from veth on this path is not the wakeups' placement.
 
 use std::time::{Duration, Instant};
 
