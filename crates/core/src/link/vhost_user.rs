@@ -77,7 +77,9 @@
 //! with `InvalidData` naming the fault, and the connection is shut, so QEMU sees its back-end
 //! go; a front-end message the crate or this handler refuses (a memory region past the end
 //! of its file among them: mapped, it would be a SIGBUS for the whole process) ends the
-//! connection with one log line. Other VMs are untouched; nothing here panics on what a guest or front-end sends.
+//! connection with one log line. (A front-end that shrinks the file under a mapping it
+//! gave can still end the process so, as with any vhost-user back-end; QEMU seals its
+//! memfd RAM against shrinking.) Other VMs are untouched; nothing here panics on what a guest or front-end sends.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -977,16 +979,18 @@ impl VhostUserBackendReqHandlerMut for Control {
         if postcopy_listening.is_some() {
             return Err(refused("postcopy"));
         }
-        if ctx.len() != files.len() {
-            return Err(VuError::InvalidParam);
-        }
         let mut regions = Vec::new();
         let mut mappings = Vec::new();
         for (region, file) in ctx.iter().zip(files) {
             // A region past the end of its file would map (vm-memory does not check) and
-            // kill the whole process with SIGBUS at the first access there.
-            let end = region.mmap_offset.checked_add(region.memory_size);
-            if end.is_none_or(|end| end > file.metadata().map_or(0, |m| m.len())) {
+            // kill the whole process with SIGBUS at the first access there. Only a regular
+            // file (a memfd, /dev/shm, hugetlbfs) has a length to check: a device's (DAX)
+            // is 0.
+            let end = region.mmap_offset.checked_add(region.memory_size).ok_or(VuError::InvalidParam)?;
+            if let Ok(meta) = file.metadata()
+                && meta.file_type().is_file()
+                && end > meta.len()
+            {
                 return Err(VuError::InvalidParam);
             }
             let mapped = GuestRegionMmap::new(region.mmap_region(file)?, GuestAddress(region.guest_phys_addr))

@@ -44,7 +44,16 @@ impl Serve {
         cmd.arg("serve").args(["--dns-upstream", &dns.addr()]).arg("--api").arg(&api).args(args);
         let mut all = wait_paths.to_vec();
         all.push(api.clone());
-        Serve::spawn(cmd, api, &all)
+        let mut serve = Serve::spawn(cmd, api.clone(), &all);
+        // The API answers once usernet is up (its file may be a stale one of a usernet
+        // killed before, on the same paths).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&api).is_err() {
+            assert!(serve.running(), "usernet serve exited:\n{}", serve.log());
+            assert!(Instant::now() < deadline, "usernet serve's API never answered:\n{}", serve.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
     }
 
     /// Runs `cmd` (a whole `usernet serve` command line) and waits for `wait_paths`.
