@@ -317,8 +317,9 @@ fn reconnect() -> &'static str {
 /// usernet killed under a running VM and started again, as a VM tool restarts its network
 /// helper that crashed: QEMU (`reconnect`) connects to the new usernet and sets up the
 /// rings of the guest's running driver again, as the killed usernet left them (killed while
-/// the guest uploads, so its TX ring was most likely being polled). Then the guest's traffic goes on
-/// both ways: a published port reaches its httpd, and a whole upload (sha256).
+/// the guest uploads, so its TX ring was most likely being polled). Then the guest's
+/// traffic goes on both ways: a published port reaches its httpd, and a whole upload
+/// (sha256).
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn vm_on_vhost_user_outlives_a_restart_of_usernet() {
