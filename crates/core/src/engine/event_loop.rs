@@ -12,7 +12,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 
 use super::flows::FlowId;
-use super::{ACCEPTOR_BIT, Engine, FLOW_BASE, LINK_BIT, SHARD, SUPERVISOR, Supervisor, WAKER, busy_poll, listeners};
+use super::{ACCEPTOR_BIT, Engine, FLOW_BASE, LINK_BIT, SUPERVISOR, Supervisor, WAKER, busy_poll, listeners};
 
 /// Frames read from a link per round before the loop looks at everything else.
 const LINK_BATCH: usize = 128;
@@ -62,8 +62,11 @@ impl Engine {
                     }
                     t if t.0 & ACCEPTOR_BIT != 0 => self.on_acceptor(t.0 & !ACCEPTOR_BIT),
                     SUPERVISOR => sup_ready = true,
-                    WAKER => self.on_commands(),
-                    SHARD => self.on_handed(now),
+                    WAKER => {
+                        // Woken for commands, handed frames or both: each look is cheap.
+                        self.on_commands();
+                        self.on_handed(now);
+                    }
                     t if t.0 & listeners::LISTENER_BIT != 0 => self.on_listener(t.0 & !listeners::LISTENER_BIT, now),
                     t => {
                         let id = FlowId::from_token(t, FLOW_BASE);

@@ -85,9 +85,10 @@ pub trait Supervisor {
 const LINK_BIT: usize = 1 << 61;
 const ACCEPTOR_BIT: usize = 1 << 60;
 const SUPERVISOR: Token = Token(1);
+/// The engine's one `mio::Waker` (mio allows one per `Poll`; a debug build panics at a
+/// second): commands from other threads (the control API), and frames other engines handed
+/// to this one (see `shard`).
 const WAKER: Token = Token(2);
-/// Frames other engines handed to this one (see `shard`).
-const SHARD: Token = Token(3);
 const FLOW_BASE: usize = 16;
 
 pub struct Engine {
@@ -356,11 +357,19 @@ impl Engine {
 
     /// A handle through which other threads (the control API) send commands to this engine.
     pub fn control_handle(&mut self) -> io::Result<control::ControlHandle> {
-        if self.waker.is_none() {
-            self.waker = Some(Arc::new(mio::Waker::new(self.poll.registry(), WAKER)?));
+        Ok(control::ControlHandle::new(self.control_tx.clone(), self.waker()?))
+    }
+
+    /// The engine's waker (`WAKER`), made at the first call.
+    fn waker(&mut self) -> io::Result<Arc<mio::Waker>> {
+        match &self.waker {
+            Some(waker) => Ok(waker.clone()),
+            None => {
+                let waker = Arc::new(mio::Waker::new(self.poll.registry(), WAKER)?);
+                self.waker = Some(waker.clone());
+                Ok(waker)
+            }
         }
-        let waker = self.waker.clone().ok_or_else(|| io::Error::other("no waker"))?;
-        Ok(control::ControlHandle::new(self.control_tx.clone(), waker))
     }
 
     pub fn flow_count(&self) -> usize {

@@ -44,7 +44,7 @@ use super::control::ControlHandle;
 use super::flows::FlowKey;
 use super::flows::owners::Owners;
 use super::metrics::DropReason;
-use super::{Engine, SHARD, Supervisor};
+use super::{Engine, Supervisor};
 use crate::config::NetConfig;
 use crate::link::Link;
 use crate::services::{ServiceHub, dhcp6};
@@ -301,7 +301,7 @@ impl Engine {
         inbox: Inbox,
         next: Option<ControlHandle>,
     ) -> io::Result<()> {
-        let waker = Arc::new(mio::Waker::new(self.poll.registry(), SHARD)?);
+        let waker = self.waker()?;
         if let Some((_, slot)) = set.inboxes.get(index) {
             let _ = slot.set(waker);
         }
