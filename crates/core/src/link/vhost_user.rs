@@ -79,7 +79,8 @@
 //! of its file among them: mapped, it would be a SIGBUS for the whole process) ends the
 //! connection with one log line. (A front-end that shrinks the file under a mapping it
 //! gave can still end the process so, as with any vhost-user back-end; QEMU seals its
-//! memfd RAM against shrinking.) Other VMs are untouched; nothing here panics on what a guest or front-end sends.
+//! memfd RAM against shrinking.) Other VMs are untouched; nothing here panics on what a
+//! guest or front-end sends.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -236,23 +237,21 @@ impl Ring {
 
     /// The available ring's flags (virtq_avail's first word).
     fn avail_flags(&self, mem: &GuestMemoryMmap) -> Result<u16, String> {
-        let flags: u16 = mem
-            .load(GuestAddress(self.queue.avail_ring()), std::sync::atomic::Ordering::Relaxed)
-            .map_err(|e| format!("avail ring: {e}"))?;
-        Ok(u16::from_le(flags))
+        self.avail_word(mem, 0)
     }
 
     /// The guest's `used_event`: the last word of the available ring (virtq_avail: flags,
     /// idx, `size` elements of 2 bytes, then used_event).
     fn used_event(&self, mem: &GuestMemoryMmap) -> Result<u16, String> {
-        let at = self
-            .queue
-            .avail_ring()
-            .checked_add(4 + 2 * u64::from(self.queue.size()))
-            .ok_or("avail ring: outside the address space")?;
-        let event: u16 =
+        self.avail_word(mem, 4 + 2 * u64::from(self.queue.size()))
+    }
+
+    /// The little-endian word `offset` bytes into the available ring.
+    fn avail_word(&self, mem: &GuestMemoryMmap, offset: u64) -> Result<u16, String> {
+        let at = self.queue.avail_ring().checked_add(offset).ok_or("avail ring: outside the address space")?;
+        let word: u16 =
             mem.load(GuestAddress(at), std::sync::atomic::Ordering::Relaxed).map_err(|e| format!("avail ring: {e}"))?;
-        Ok(u16::from_le(event))
+        Ok(u16::from_le(word))
     }
 
     fn interrupt(&mut self) {

@@ -94,6 +94,12 @@ impl Guest {
     }
 }
 
+/// The control thread's handler of a device, on a connection of its own.
+fn control(dev: &Arc<Mutex<Device>>, handoff: &Handoff) -> Control {
+    let (a, _b) = UnixStream::pair().unwrap();
+    Control { dev: dev.clone(), conn: Arc::new(a), handoff: handoff.sender(), name: "vu test".into(), sessions: 0 }
+}
+
 /// A device as the control thread leaves it after QEMU's setup, and its link.
 fn setup(features: u64) -> (Guest, VhostUserLink, Arc<Mutex<Device>>) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
@@ -111,10 +117,8 @@ fn setup(features: u64) -> (Guest, VhostUserLink, Arc<Mutex<Device>>) {
     }
     dev.mem = Some(mem);
     let dev = Arc::new(Mutex::new(dev));
-    let (a, _b) = UnixStream::pair().unwrap();
     let handoff = Handoff::new("test").unwrap();
-    let mut control =
-        Control { dev: dev.clone(), conn: Arc::new(a), handoff: handoff.sender(), name: "vu test".into(), sessions: 0 };
+    let mut control = control(&dev, &handoff);
     let link = {
         let mut d = dev.lock().unwrap();
         assert!(d.can_run());
@@ -200,14 +204,18 @@ fn without_mrg_rxbuf_a_frame_needs_one_chain() {
     assert!(link.backlogged());
 }
 
-/// The call eventfd's count since the last look (0: no interrupt).
-fn interrupts(dev: &Arc<Mutex<Device>>, ring: usize) -> u64 {
-    let call = dev.lock().unwrap().rings[ring].call.as_ref().unwrap().try_clone().unwrap();
+/// An eventfd's count since the last look (0 when it was not written).
+fn eventfd_count(fd: &File) -> u64 {
     let mut count = [0u8; 8];
-    match std::io::Read::read(&mut &call, &mut count) {
+    match std::io::Read::read(&mut &*fd, &mut count) {
         Ok(_) => u64::from_ne_bytes(count),
         Err(_) => 0,
     }
+}
+
+/// The interrupts of `ring` since the last look.
+fn interrupts(dev: &Arc<Mutex<Device>>, ring: usize) -> u64 {
+    eventfd_count(dev.lock().unwrap().rings[ring].call.as_ref().unwrap())
 }
 
 #[test]
@@ -479,10 +487,8 @@ fn a_new_session_turns_kicks_back_on_and_reads_what_waits() {
         let next = g.avail_idx[TX];
         assert!(!g.kicks(TX, next, next.wrapping_add(1)) || quiet.0 == 1, "{quiet:?}");
         g.offer_tx_frame(60, 3);
-        let (a, _b) = UnixStream::pair().unwrap();
         let handoff = Handoff::new("test").unwrap();
-        let mut control =
-            Control { dev: dev.clone(), conn: Arc::new(a), handoff: handoff.sender(), name: "vu".into(), sessions: 1 };
+        let mut control = control(&dev, &handoff);
         let mut link = {
             let mut d = dev.lock().unwrap();
             assert!(d.can_run());
@@ -517,11 +523,6 @@ fn memfd(len: u64) -> File {
     let file = File::from(fd);
     file.set_len(len).unwrap();
     file
-}
-
-fn control(dev: &Arc<Mutex<Device>>, handoff: &Handoff) -> Control {
-    let (a, _b) = UnixStream::pair().unwrap();
-    Control { dev: dev.clone(), conn: Arc::new(a), handoff: handoff.sender(), name: "vu test".into(), sessions: 0 }
 }
 
 /// A memory table whose region runs past the end of its file is refused: mapped, its first
@@ -857,8 +858,7 @@ impl Driver {
     /// entry, and has one, got it.
     fn check_interrupts(&mut self) {
         for ring in [RX, TX] {
-            let mut count = [0u8; 8];
-            if std::io::Read::read(&mut &self.calls[ring], &mut count).is_ok() {
+            if eventfd_count(&self.calls[ring]) > 0 {
                 self.interrupted[ring] = true;
             }
             if self.armed[ring] && self.used_idx(ring) != self.used_seen[ring] {
