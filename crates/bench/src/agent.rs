@@ -40,6 +40,11 @@ pub enum Request {
     ServeCrr {
         port: u16,
     },
+    /// Start a connection-rate server on `addr` (port 0: any free one); the reply says
+    /// which port.
+    ServeCrrAt {
+        addr: SocketAddr,
+    },
     Stream {
         addr: SocketAddr,
         secs: f64,
@@ -88,6 +93,10 @@ pub enum Reply {
     Rr(RrStats),
     Crr {
         per_sec: f64,
+    },
+    /// After `serve_crr_at`: the port the server listens on.
+    Listening {
+        port: u16,
     },
     Udp(UdpSent),
     Sockperf(sockperf::Stats),
@@ -166,6 +175,14 @@ impl AgentState {
                     Err(e) => err(e),
                 }
             }
+            Request::ServeCrrAt { addr } => match Server::start(Kind::Crr, addr) {
+                Ok(server) => {
+                    let port = server.port();
+                    self.servers.push(server);
+                    Reply::Listening { port }
+                }
+                Err(e) => err(e),
+            },
             Request::Stream { addr, secs: s, streams } => {
                 traffic::stream_client(addr, secs(s), streams.clamp(1, 64)).map_or_else(err, Reply::Stream)
             }
@@ -399,5 +416,21 @@ mod tests {
         }
         assert!(matches!(state.handle(Request::Close), Reply::Done));
         assert!(state.held.is_empty());
+    }
+
+    /// `serve_crr_at` on port 0 says which port it took, and that port serves connections.
+    #[test]
+    fn serve_crr_at_tells_its_port() {
+        let mut state = AgentState::default();
+        let Reply::Listening { port } = state.handle(Request::ServeCrrAt { addr: "127.0.0.1:0".parse().unwrap() })
+        else {
+            panic!("no port");
+        };
+        assert_ne!(port, 0);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        match state.handle(Request::Crr { addr, secs: 0.2 }) {
+            Reply::Crr { per_sec } => assert!(per_sec > 0.0),
+            other => panic!("{other:?}"),
+        }
     }
 }

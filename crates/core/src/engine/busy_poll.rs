@@ -73,6 +73,19 @@
 //! engine, 0.69-0.72x veth): the second engine's spinning keeps the other vCPU awake the
 //! same way. Veth gains more from it (15,705-16,121 to 20,393-24,980), so the ratio to veth
 //! does not move: what separates usernet from veth on this path is not the wakeups' placement.
+//!
+//! What spinning costs where the kernel groups processes by session
+//! (`kernel.sched_autogroup_enabled`, on by default): when usernet, the client it serves and
+//! the host's server all run in one session, and so in one scheduling group, connections per
+//! second drop by about a fifth (the same C client and server, 2 s runs, alternated:
+//! 9,310-11,016 against 12,350-13,094 with the server or the client in a session of its own,
+//! `setsid`). A scheduler trace shows the same placement either way (usernet spinning on one
+//! CPU, client and server taking turns on the other), but the client's and the server's turns
+//! take 8.7-9.4 µs instead of 6.7-6.8. With busy polling off the rate is the same either way
+//! (6,023-6,119), and so is veth's (16,788-17,735), and request/response over a connection
+//! that stays open does not care (sockperf UDP and TCP within 0.1 µs). A host's service is
+//! rarely started from the session of the container that dials it, so the benchmark measures
+//! connections per second both ways (`crates/bench`, `crr_own_session_per_sec`).
 
 use std::time::{Duration, Instant};
 
