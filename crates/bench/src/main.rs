@@ -872,7 +872,8 @@ fn measure_phase(
         other => Err(unexpected(other)),
     };
     run.set_result("crr_per_sec", crr_result);
-    run.set_result("crr_own_session_per_sec", crr_own_session(ctx.self_exe, &mut agent, &env, plan));
+    let own_session = crr_own_session(ctx.self_exe, &mut agent, &env, plan, run);
+    run.set_result("crr_own_session_per_sec", own_session);
 
     // Connections per second through the published port, from the host's loopback.
     let published_crr = match agent.call(&Request::ServeCrr { port: env.sink_port }, Duration::from_secs(30)) {
@@ -965,23 +966,29 @@ fn stream_reply(r: Result<Reply, String>) -> Result<StreamResult, String> {
     }
 }
 
-/// The error text for a reply that is an error or not the one expected.
-/// Connections per second as in `crr_per_sec`, against the same server started in a
-/// session of its own (setsid(2)), as a host's service is: started from another terminal, or
-/// by systemd, never from the session of the container or VM that dials it.
+/// Connections per second as in `crr_per_sec`, against the same server in a process of its
+/// own in a session of its own (setsid(2)), as a host's service usually runs: started from
+/// another terminal or by systemd, not from the session of the container or VM that dials it.
 ///
-/// In `crr_per_sec` the server is a thread of this driver, so the tool, the client it serves
-/// and the server all share the driver's session, and so, where the kernel groups processes
-/// by session (`kernel.sched_autogroup_enabled`, on by default), one scheduling group. With
-/// usernet's busy polling that costs it a fifth of its connection rate on the 2-core VM of
-/// docs/bench.txt (C client and server, 2 s runs, alternated: 9,310-11,016 connections/s
-/// all in one session, 12,350-13,094 with the server or the client in a session of its own),
-/// and nothing with busy polling off (6,023-6,119 either way) or to the kernel's veth
-/// (16,788-17,735 either way).
-fn crr_own_session(self_exe: &Path, agent: &mut Agent, env: &Env, plan: &Plan) -> Result<f64, String> {
+/// Where the kernel groups processes by session for scheduling (`kernel.sched_autogroup_enabled`,
+/// on in this machine's kernel), `crr_per_sec`'s server, a thread of this driver, shares one
+/// group with the tool and the client it serves (pasta excepted: it daemonizes with setsid).
+/// A server in a group of its own gives usernet's busy polling about a quarter more
+/// connections per second on the 2-core VM of docs/bench.txt: this bench's agent as the
+/// server, in a process of its own either way, 2 s runs, alternated: 9,484-10,194 in the
+/// caller's session against 12,355-12,754 in its own. Not so with busy polling off
+/// (5,686-5,917 against 5,932-6,136), nor for the kernel's veth (16,482-17,187 against
+/// 16,310-16,536), nor with autogroups off (9,762-10,164 against 9,943-10,159). See
+/// crates/core/src/engine/busy_poll.rs. The row runs after `crr_per_sec`, and the setups that
+/// do not spin measured 2-14% less in it than in that row in docs/bench.txt.
+fn crr_own_session(self_exe: &Path, agent: &mut Agent, env: &Env, plan: &Plan, run: &mut Run) -> Result<f64, String> {
     use std::os::unix::process::CommandExt;
+    if interrupted() {
+        return Err("interrupted".into());
+    }
     let mut cmd = Command::new(self_exe);
     cmd.arg("agent");
+    run.commands.push(format!("# the connection-rate server in a session of its own: setsid {}", setups::show(&cmd)));
     // SAFETY: setsid(2) is async-signal-safe and touches nothing of the forked child's memory.
     unsafe {
         cmd.pre_exec(|| if libc::setsid() < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
@@ -995,10 +1002,11 @@ fn crr_own_session(self_exe: &Path, agent: &mut Agent, env: &Env, plan: &Plan) -
     let req = Request::Crr { addr: SocketAddr::new(env.target_ip, port), secs: plan.crr.as_secs_f64() };
     match agent.call(&req, plan.crr + Duration::from_secs(30)) {
         Ok(Reply::Crr { per_sec }) => Ok(per_sec),
-        other => Err(unexpected(other)),
+        other => Err(format!("the client, against the server in its own session: {}", unexpected(other))),
     }
 }
 
+/// The error text for a reply that is an error or not the one expected.
 fn unexpected(r: Result<Reply, String>) -> String {
     match r {
         Err(e) => e,

@@ -74,18 +74,22 @@
 //! same way. Veth gains more from it (15,705-16,121 to 20,393-24,980), so the ratio to veth
 //! does not move: what separates usernet from veth on this path is not the wakeups' placement.
 //!
-//! What spinning costs where the kernel groups processes by session
-//! (`kernel.sched_autogroup_enabled`, on by default): when usernet, the client it serves and
-//! the host's server all run in one session, and so in one scheduling group, connections per
-//! second drop by about a fifth (the same C client and server, 2 s runs, alternated:
-//! 9,310-11,016 against 12,350-13,094 with the server or the client in a session of its own,
-//! `setsid`). A scheduler trace shows the same placement either way (usernet spinning on one
-//! CPU, client and server taking turns on the other), but the client's and the server's turns
-//! take 8.7-9.4 µs instead of 6.7-6.8. With busy polling off the rate is the same either way
-//! (6,023-6,119), and so is veth's (16,788-17,735), and request/response over a connection
-//! that stays open does not care (sockperf UDP and TCP within 0.1 µs). A host's service is
-//! rarely started from the session of the container that dials it, so the benchmark measures
-//! connections per second both ways (`crates/bench`, `crr_own_session_per_sec`).
+//! Where the kernel groups processes for scheduling by session (`kernel.sched_autogroup_enabled`,
+//! on in this machine's kernel), connections per second depend on whether the host's server
+//! is in the group of usernet and the client it serves: in a session of its own it gives
+//! them about a quarter more (the benchmark's agent as the server, 2 s runs, alternated:
+//! 9,484-10,194 in the caller's session against 12,355-12,754 in its own; the same with C
+//! programs, 9,310-11,016 against 12,350-13,094, and as much with the client in a session of
+//! its own instead, 11,562-13,094). It takes busy polling: with it off the rate is the same either way
+//! (5,686-5,917 against 5,932-6,136), and so is veth's (16,482-17,187 against
+//! 16,310-16,536), and so is usernet's with autogroups off (9,762-10,164 against
+//! 9,943-10,159), so the slower figure is the one without groups. A scheduler trace shows the
+//! same placement either way (usernet spinning on one CPU, client and server taking turns on
+//! the other), but the client's and the server's turns take 8.7-9.4 µs in one group against
+//! 6.7-6.8 in two. Request/response over a connection that stays open does not care (sockperf
+//! over UDP and TCP within 0.1 µs). A host's service is seldom started from the session of
+//! the container that dials it, so the benchmark measures connections per second both ways
+//! (`crates/bench`, `crr_own_session_per_sec`).
 
 use std::time::{Duration, Instant};
 
