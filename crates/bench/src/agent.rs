@@ -36,13 +36,9 @@ pub enum Request {
     Serve {
         port: u16,
     },
-    /// Replace the servers by a connection-rate server on 0.0.0.0:`port`.
+    /// Replace the servers by a connection-rate server on `addr` (port 0: any free one); the
+    /// reply says which port.
     ServeCrr {
-        port: u16,
-    },
-    /// Start a connection-rate server on `addr` (port 0: any free one); the reply says
-    /// which port.
-    ServeCrrAt {
         addr: SocketAddr,
     },
     Stream {
@@ -94,7 +90,7 @@ pub enum Reply {
     Crr {
         per_sec: f64,
     },
-    /// After `serve_crr_at`: the port the server listens on.
+    /// After `serve_crr`: the port the server listens on.
     Listening {
         port: u16,
     },
@@ -165,24 +161,17 @@ impl AgentState {
                     Err(e) => err(e),
                 }
             }
-            Request::ServeCrr { port } => {
+            Request::ServeCrr { addr } => {
                 self.servers.clear();
-                match Server::start(Kind::Crr, SocketAddr::from(([0, 0, 0, 0], port))) {
+                match Server::start(Kind::Crr, addr) {
                     Ok(server) => {
+                        let port = server.port();
                         self.servers.push(server);
-                        Reply::Ready { interfaces: interfaces() }
+                        Reply::Listening { port }
                     }
                     Err(e) => err(e),
                 }
             }
-            Request::ServeCrrAt { addr } => match Server::start(Kind::Crr, addr) {
-                Ok(server) => {
-                    let port = server.port();
-                    self.servers.push(server);
-                    Reply::Listening { port }
-                }
-                Err(e) => err(e),
-            },
             Request::Stream { addr, secs: s, streams } => {
                 traffic::stream_client(addr, secs(s), streams.clamp(1, 64)).map_or_else(err, Reply::Stream)
             }
@@ -418,12 +407,11 @@ mod tests {
         assert!(state.held.is_empty());
     }
 
-    /// `serve_crr_at` on port 0 says which port it took, and that port serves connections.
+    /// `serve_crr` on port 0 says which port it took, and that port serves connections.
     #[test]
-    fn serve_crr_at_tells_its_port() {
+    fn serve_crr_tells_its_port() {
         let mut state = AgentState::default();
-        let Reply::Listening { port } = state.handle(Request::ServeCrrAt { addr: "127.0.0.1:0".parse().unwrap() })
-        else {
+        let Reply::Listening { port } = state.handle(Request::ServeCrr { addr: "127.0.0.1:0".parse().unwrap() }) else {
             panic!("no port");
         };
         assert_ne!(port, 0);

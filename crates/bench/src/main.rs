@@ -876,8 +876,9 @@ fn measure_phase(
     run.set_result("crr_own_session_per_sec", own_session);
 
     // Connections per second through the published port, from the host's loopback.
-    let published_crr = match agent.call(&Request::ServeCrr { port: env.sink_port }, Duration::from_secs(30)) {
-        Ok(Reply::Ready { .. }) => traffic::crr_client(env.lo_target, plan.crr).map_err(|e| format!("{e:#}")),
+    let at = SocketAddr::from(([0, 0, 0, 0], env.sink_port));
+    let published_crr = match agent.call(&Request::ServeCrr { addr: at }, Duration::from_secs(30)) {
+        Ok(Reply::Listening { .. }) => traffic::crr_client(env.lo_target, plan.crr).map_err(|e| format!("{e:#}")),
         other => Err(unexpected(other)),
     };
     run.set_result("crr_published_per_sec", published_crr);
@@ -994,11 +995,11 @@ fn crr_own_session(self_exe: &Path, agent: &mut Agent, env: &Env, plan: &Plan, r
         cmd.pre_exec(|| if libc::setsid() < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
     }
     let mut server = Agent::spawn(&mut cmd).map_err(|e| format!("{e:#}"))?;
-    let port =
-        match server.call(&Request::ServeCrrAt { addr: SocketAddr::new(env.bind_ip, 0) }, Duration::from_secs(30)) {
-            Ok(Reply::Listening { port }) => port,
-            other => return Err(format!("the server in its own session: {}", unexpected(other))),
-        };
+    let port = match server.call(&Request::ServeCrr { addr: SocketAddr::new(env.bind_ip, 0) }, Duration::from_secs(30))
+    {
+        Ok(Reply::Listening { port }) => port,
+        other => return Err(format!("the server in its own session: {}", unexpected(other))),
+    };
     let req = Request::Crr { addr: SocketAddr::new(env.target_ip, port), secs: plan.crr.as_secs_f64() };
     match agent.call(&req, plan.crr + Duration::from_secs(30)) {
         Ok(Reply::Crr { per_sec }) => Ok(per_sec),
