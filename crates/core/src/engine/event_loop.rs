@@ -140,6 +140,7 @@ impl Engine {
     pub(super) fn read_links(&mut self, now: Instant) -> bool {
         let mut buf = std::mem::take(&mut self.rx_buf);
         let mut more = false;
+        let iteration = self.loop_counters.iterations;
         for index in 0..self.switch.links.len() {
             let mut got = 0;
             while let Some(Some(slot)) = self.switch.links.get_mut(index) {
@@ -148,6 +149,16 @@ impl Engine {
                 }
                 if got == LINK_BATCH {
                     more = true;
+                    break;
+                }
+                // A frame that came when none had in the round before (a request, an
+                // answer, an ACK) is most likely the only one: a level-triggered link leaves
+                // it to the next poll, which the loop makes anyway, to say whether another
+                // waits, instead of a read that would find the descriptor empty. Frames in
+                // consecutive rounds are a burst or a stream: the link is read until it is
+                // empty, as an edge-triggered one always is.
+                if got == 1 && slot.watched_level && slot.last_read_iteration + 1 < iteration {
+                    slot.readable = false;
                     break;
                 }
                 match slot.link.recv(&mut buf) {
@@ -165,6 +176,11 @@ impl Engine {
                     }
                 }
             }
+            if got > 0
+                && let Some(Some(slot)) = self.switch.links.get_mut(index)
+            {
+                slot.last_read_iteration = iteration;
+            }
         }
         self.rx_buf = buf;
         more
@@ -177,25 +193,29 @@ impl Engine {
     /// then wakes nobody (EPOLLPRI would not do: a socket's data wakes its EPOLLPRI watchers
     /// too), while a hang-up or an error is still reported. So every change is a
     /// modification, which cannot fail for want of memory or watches as adding one back
-    /// could. A link whose change fails anyway is dropped: it could no longer be read.
+    /// could. A link whose change fails anyway is dropped: it could no longer be read. A
+    /// [`Link::level_triggered`] link (a TAP device) is watched level-triggered from its
+    /// first round on.
     fn watch_links(&mut self) {
         for index in 0..self.switch.links.len() {
             let Some(Some(slot)) = self.switch.links.get_mut(index) else { continue };
             let want = (slot.link.read_events(), slot.link.write_events());
-            if want == slot.watched {
+            let level = slot.link.level_triggered();
+            if want == slot.watched && level == slot.watched_level {
                 continue;
             }
             let fd = slot.link.fd();
             let token = Token(LINK_BIT | index);
             let registry = self.poll.registry();
             let done = match want {
+                _ if level => rewatch(self.poll.as_raw_fd(), fd, token, level_events(want)),
                 (true, true) => registry.reregister(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE),
                 (true, false) => registry.reregister(&mut SourceFd(&fd), token, Interest::READABLE),
                 (false, true) => registry.reregister(&mut SourceFd(&fd), token, Interest::WRITABLE),
-                (false, false) => silence(self.poll.as_raw_fd(), fd, token),
+                (false, false) => rewatch(self.poll.as_raw_fd(), fd, token, libc::EPOLLET as u32),
             };
             match done {
-                Ok(()) => slot.watched = want,
+                Ok(()) => (slot.watched, slot.watched_level) = (want, level),
                 Err(e) => {
                     let why = io::Error::new(e.kind(), format!("cannot change what the engine watches: {e}"));
                     self.drop_link(index, &why);
@@ -262,11 +282,25 @@ impl Engine {
     }
 }
 
-/// Leaves `fd` registered with the epoll instance `epfd` (by mio, with `token`) but for no
-/// event: only a hang-up or an error, which epoll always reports, still wake it. (mio keeps
-/// no state of its own per descriptor, so its later `reregister` works as on any other.)
-fn silence(epfd: std::os::fd::RawFd, fd: std::os::fd::RawFd, token: Token) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events: libc::EPOLLET as u32, u64: token.0 as u64 };
+/// What epoll should watch a link's descriptor for, `(read, write)` as mio's READABLE and
+/// WRITABLE ask, level-triggered (mio always registers edge-triggered).
+fn level_events((read, write): (bool, bool)) -> u32 {
+    let mut events = 0;
+    if read {
+        events |= libc::EPOLLIN | libc::EPOLLRDHUP;
+    }
+    if write {
+        events |= libc::EPOLLOUT;
+    }
+    events as u32
+}
+
+/// Has the epoll instance `epfd` watch `fd`, which mio registered with `token`, for
+/// `events` instead. (mio keeps no state of its own per descriptor, so its later
+/// `reregister` works as on any other.) With only EPOLLET, `fd` is watched for no event:
+/// only a hang-up or an error, which epoll always reports, still wake it.
+fn rewatch(epfd: std::os::fd::RawFd, fd: std::os::fd::RawFd, token: Token, events: u32) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token.0 as u64 };
     // SAFETY: modifies the registration of a descriptor the engine registered; `ev` lives
     // across the call.
     if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev) } < 0 {

@@ -2,7 +2,8 @@
 //!
 //! # Theory of operation
 //!
-//! A single thread waits (epoll, through mio, edge-triggered) on the guest link, on every
+//! A single thread waits (epoll, through mio, edge-triggered; a TAP device level-triggered,
+//! so that a lone frame needs no read that finds it empty) on the guest link, on every
 //! flow's host socket and on the supervisor's descriptor. Each round it:
 //! 1. handles socket readiness: connects completing, host data to push to the guest,
 //!    socket room to write held guest data into;

@@ -138,13 +138,19 @@ pub struct LinkStats {
     pub send_errors: u64,
 }
 
-/// A guest link and whether it may have frames waiting (readiness is edge-triggered).
+/// A guest link and whether it may have frames waiting (readiness is edge-triggered, or
+/// level-triggered for a [`Link::level_triggered`] link).
 pub struct LinkSlot {
     pub link: Box<dyn Link>,
     pub readable: bool,
     /// What the engine's epoll watches the link's descriptor for: reading, writing (see
     /// [`Link::read_events`] and [`Link::write_events`]).
     pub watched: (bool, bool),
+    /// The descriptor is watched level-triggered ([`Link::level_triggered`]); mio
+    /// registers it edge-triggered.
+    pub watched_level: bool,
+    /// The loop's round (its count of polls) in which the link last gave a frame.
+    pub last_read_iteration: u64,
     /// What this link carried (for `/metrics`).
     pub counters: LinkCounters,
     /// MACs the table has behind this link.
@@ -815,6 +821,8 @@ impl Switch {
             link,
             readable: true,
             watched: (true, true),
+            watched_level: false,
+            last_read_iteration: 0,
             counters: LinkCounters::default(),
             macs: 0,
             told_macs_full: false,

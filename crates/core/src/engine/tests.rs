@@ -1317,6 +1317,40 @@ impl crate::link::Link for BrokenQueue {
 /// Stops the loop it supervises when its eventfd is written.
 struct EventFdSupervisor(OwnedFd);
 
+/// An eventfd for [`EventFdSupervisor`], written after `patience` by a watchdog thread,
+/// which then sets the flag returned: a loop that never ends on its own is stopped, and the
+/// test can tell.
+fn stop_after(patience: Duration) -> (OwnedFd, Arc<std::sync::atomic::AtomicBool>) {
+    // SAFETY: plain eventfd(2).
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+    // SAFETY: a descriptor eventfd just returned, owned by nothing else.
+    let stop: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    let watchdog = stop.try_clone().unwrap();
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog_fired = fired.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(patience);
+        watchdog_fired.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = nix::unistd::write(&watchdog, &1u64.to_ne_bytes());
+    });
+    (stop, fired)
+}
+
+/// The guest's ping of the gateway: sequence number `seq`, `len` bytes of data.
+fn gateway_ping(seq: u16, len: usize) -> Vec<u8> {
+    let mut m = vec![seq as u8; 8 + len];
+    IcmpHeader::echo(icmp::TYPE_ECHO_REQUEST, 7, seq).emit(&mut m, len);
+    frame_ipv4(PROTO_ICMP, *guest().ip(), Ipv4Addr::new(192, 168, 65, 1), &m)
+}
+
+/// The sequence number of `frame` if it is an echo reply.
+fn echo_reply_seq(frame: &[u8]) -> Option<u16> {
+    let parsed =
+        EthernetHeader::parse(frame).and_then(|(_, p)| Ipv4Header::parse(p)).and_then(|(_, p)| IcmpHeader::parse(p));
+    parsed.filter(|(h, _)| h.kind == icmp::TYPE_ECHO_REPLY).map(|(h, _)| h.seq())
+}
+
 impl Supervisor for EventFdSupervisor {
     fn fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.0)
@@ -1544,19 +1578,11 @@ fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
     let mut e = Engine::new(cfg, Box::new(link), services, None).unwrap();
     e.stop_without_links();
 
-    // SAFETY: plain eventfd(2).
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
-    // SAFETY: a descriptor eventfd just returned, owned by nothing else.
-    let stop: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
-    let watchdog = stop.try_clone().unwrap();
-    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop, fired) = stop_after(Duration::from_secs(20));
     const LONE: usize = 10;
     let guest_thread = std::thread::spawn(move || {
         let ping = |seq: u16, len: usize| {
-            let mut m = vec![seq as u8; 8 + len];
-            IcmpHeader::echo(icmp::TYPE_ECHO_REQUEST, 7, seq).emit(&mut m, len);
-            let f = frame_ipv4(PROTO_ICMP, *guest().ip(), Ipv4Addr::new(192, 168, 65, 1), &m);
+            let f = gateway_ping(seq, len);
             let mut framed = (f.len() as u32).to_be_bytes().to_vec();
             framed.extend(f);
             framed
@@ -1571,12 +1597,7 @@ fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
                 vm.read_exact(&mut len).expect("a reply");
                 let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
                 vm.read_exact(&mut f).unwrap();
-                let parsed = EthernetHeader::parse(&f)
-                    .and_then(|(_, p)| Ipv4Header::parse(p))
-                    .and_then(|(_, p)| IcmpHeader::parse(p));
-                if let Some((h, _)) = parsed.filter(|(h, _)| h.kind == icmp::TYPE_ECHO_REPLY) {
-                    seqs.push(h.seq());
-                }
+                seqs.extend(echo_reply_seq(&f));
             }
             seqs
         };
@@ -1591,12 +1612,6 @@ fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
         drop(vm);
         (first, lone)
     });
-    let watchdog_fired = fired.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(20));
-        watchdog_fired.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = nix::unistd::write(&watchdog, &1u64.to_ne_bytes());
-    });
     let ended = e.run(&mut EventFdSupervisor(stop));
     let (first, lone) = guest_thread.join().expect("the guest's side");
     assert!(!fired.load(std::sync::atomic::Ordering::SeqCst), "the engine did not see the guest hang up");
@@ -1608,4 +1623,118 @@ fn a_stream_link_polled_during_an_upload_misses_no_frame_and_no_hang_up() {
     assert!(frames.iter().any(|&(n, polling)| n == bulk && polling), "the upload was never polled");
     let lone_frames: Vec<bool> = frames.iter().filter(|&&(n, _)| n == 14 + 20 + 8 + LONE).map(|&(_, p)| p).collect();
     assert_eq!(lone_frames, vec![false], "the lone ping was read on its own event");
+}
+
+/// A link over a SOCK_SEQPACKET socket, one frame per packet and one read(2) per `recv`,
+/// that the engine may watch level-triggered, as a TAP device: it notes what each read gave
+/// (the frame's length, or None for EAGAIN).
+struct LevelLink {
+    sock: UnixStream,
+    reads: Rc<RefCell<Vec<Option<usize>>>>,
+}
+
+impl crate::link::Link for LevelLink {
+    fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match (&self.sock).read(buf) {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                self.reads.borrow_mut().push(Some(n));
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.reads.borrow_mut().push(None);
+                }
+                Err(e)
+            }
+        }
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        (&self.sock).write(frame).map(drop)
+    }
+    fn write_events(&self) -> bool {
+        false
+    }
+    fn level_triggered(&self) -> bool {
+        true
+    }
+}
+
+/// A level-triggered link in a running engine that busy-polls: a frame that comes alone
+/// while it spins is read without a second read that finds the descriptor empty (once the
+/// window has grown to the guest's pace), yet one sent right behind it is not left waiting;
+/// a burst is read whole; every ping is answered, in order; and the guest's hang-up ends the
+/// link.
+#[test]
+fn a_level_triggered_link_reads_a_lone_frame_once_and_misses_none() {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    // Packets on a Unix stream's methods: read and write keep their boundaries.
+    let (ours, vm) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+    let (ours, mut vm) = (UnixStream::from(ours), UnixStream::from(vm));
+    ours.set_nonblocking(true).unwrap();
+    let cfg = Arc::new(NetConfig::default());
+    let services = crate::services::ServiceHub::start(cfg.clone()).unwrap();
+    let reads = Rc::new(RefCell::new(Vec::new()));
+    let mut e = Engine::new(cfg, Box::new(LevelLink { sock: ours, reads: reads.clone() }), services, None).unwrap();
+    e.stop_without_links();
+    // A window that grows to whatever the guest thread's pace is on a loaded machine.
+    e.set_busy_poll(Duration::from_secs(2));
+    let (stop, fired) = stop_after(Duration::from_secs(20));
+    const LONE: usize = 10;
+    const LONE_PINGS: u16 = 50;
+    const PAIRED: usize = 20;
+    const BURST: usize = 30;
+    let guest_thread = std::thread::spawn(move || {
+        vm.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Echo replies' sequence numbers until `want` came (router advertisements and the
+        // like are skipped).
+        let replies = |vm: &mut UnixStream, want: usize| {
+            let mut seqs = Vec::new();
+            let mut f = vec![0u8; 65536];
+            while seqs.len() < want {
+                let n = vm.read(&mut f).expect("a reply");
+                seqs.extend(echo_reply_seq(&f[..n]));
+            }
+            seqs
+        };
+        let mut seqs = Vec::new();
+        // Each a while after the answer to the one before (many empty polls of the spin
+        // later, well within the window once it has grown): each comes alone.
+        for seq in 0..LONE_PINGS {
+            std::thread::sleep(Duration::from_micros(200));
+            vm.write_all(&gateway_ping(seq, LONE)).unwrap();
+            seqs.extend(replies(&mut vm, 1));
+        }
+        // Two at once: the second waits in the socket when the first is read alone.
+        std::thread::sleep(Duration::from_millis(20));
+        vm.write_all(&gateway_ping(100, PAIRED)).unwrap();
+        vm.write_all(&gateway_ping(101, PAIRED)).unwrap();
+        seqs.extend(replies(&mut vm, 2));
+        std::thread::sleep(Duration::from_millis(20));
+        for seq in 200..264 {
+            vm.write_all(&gateway_ping(seq, BURST)).unwrap();
+        }
+        seqs.extend(replies(&mut vm, 64));
+        drop(vm);
+        seqs
+    });
+    let ended = e.run(&mut EventFdSupervisor(stop));
+    let seqs = guest_thread.join().expect("the guest's side");
+    assert!(!fired.load(std::sync::atomic::Ordering::SeqCst), "the engine did not see the guest hang up");
+    assert_eq!(ended.unwrap(), 0);
+    let want: Vec<u16> = (0..LONE_PINGS).chain(100..102).chain(200..264).collect();
+    assert_eq!(seqs, want);
+    let reads = reads.borrow();
+    let frame = |len: usize| Some(14 + 20 + 8 + len);
+    // Read until empty, every lone frame would be followed by an empty read; here only
+    // those that came before the window grew, or while the loop blocked after all.
+    let after_lone: Vec<Option<usize>> = reads.windows(2).filter(|w| w[0] == frame(LONE)).map(|w| w[1]).collect();
+    assert_eq!(after_lone.len(), LONE_PINGS as usize, "reads: {reads:?}");
+    let empty = after_lone.iter().filter(|r| r.is_none()).count();
+    assert!(empty <= LONE_PINGS as usize / 2, "{empty} lone frames were followed by an empty read: {reads:?}");
+    assert_eq!(reads.iter().filter(|r| **r == frame(PAIRED)).count(), 2);
+    assert_eq!(reads.iter().filter(|r| **r == frame(BURST)).count(), 64);
 }

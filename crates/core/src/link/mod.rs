@@ -37,7 +37,7 @@ pub trait Link {
     /// Reads one frame into `buf` (at least MAX_FRAME bytes). `Err(WouldBlock)` when no whole
     /// frame is waiting, which a link may also say without a system call when its last read
     /// found the descriptor empty: the caller then waits for the descriptor's next readiness
-    /// edge (the engine's epoll is edge-triggered) and calls again. `Err(UnexpectedEof)` when
+    /// edge (the engine's epoll is edge-triggered, unless `level_triggered`) and calls again. `Err(UnexpectedEof)` when
     /// the guest went away; `Err(InvalidData)` for garbled framing. On the last two the
     /// engine drops this link (and logs why).
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
@@ -77,6 +77,15 @@ pub trait Link {
     /// would); the engine watches for writability only while this is true.
     fn write_events(&self) -> bool {
         true
+    }
+    /// True when the engine may watch the descriptor level-triggered, so that epoll itself
+    /// says whether a frame is left: the engine then reads a frame that came alone (none
+    /// read in the round before) without the read after it that would find the descriptor
+    /// empty. Only for a link whose `recv` is one system call on the descriptor with no
+    /// state of its own (a TAP device), and that never wants `write_events` (a writable
+    /// descriptor would be reported at every poll).
+    fn level_triggered(&self) -> bool {
+        false
     }
     /// True when frames wait in the link for the guest's socket to take them and no
     /// readiness event will say when it does (a datagram socket sending to an unconnected

@@ -7,7 +7,12 @@
 //! exactly one Ethernet frame and every write(2) injects one, so [`Link`] maps directly onto
 //! the system calls. The descriptor is non-blocking: `recv` reports `WouldBlock` when no frame
 //! waits, and `send` drops a frame the kernel cannot take right now (the guest's TCP
-//! retransmits), as the `Link` contract allows.
+//! retransmits), as the `Link` contract allows. Since a full device drops and never queues,
+//! the engine need not hear when it is writable, and may watch it level-triggered
+//! (`Link::level_triggered`): a request's or an answer's frame that comes alone is then read
+//! with one readv(2), where edge-triggered readiness needed a second that found the device
+//! empty (sockperf's ping-pong through `usernet run`: 2.00 readv per round trip before, 1.00
+//! after, over UDP and TCP, with busy polling on and off).
 //!
 //! Offloads. `run` creates its TAP with IFF_VNET_HDR and turns on TUNSETOFFLOAD (checksum,
 //! TSO4, TSO6): every frame then carries a virtio-net header (`wire::vnet_hdr`), the guest
@@ -202,6 +207,15 @@ impl Link for Tap {
 
     fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
         self.write_with_header(frame, hdr)
+    }
+
+    // A full device drops the frame (see above): nothing waits to be flushed.
+    fn write_events(&self) -> bool {
+        false
+    }
+
+    fn level_triggered(&self) -> bool {
+        true
     }
 
     fn describe(&self) -> String {
