@@ -37,9 +37,9 @@ pub trait Link {
     /// Reads one frame into `buf` (at least MAX_FRAME bytes). `Err(WouldBlock)` when no whole
     /// frame is waiting, which a link may also say without a system call when its last read
     /// found the descriptor empty: the caller then waits for the descriptor's next readiness
-    /// edge (the engine's epoll is edge-triggered, unless `level_triggered`) and calls again. `Err(UnexpectedEof)` when
-    /// the guest went away; `Err(InvalidData)` for garbled framing. On the last two the
-    /// engine drops this link (and logs why).
+    /// edge (the engine's epoll is edge-triggered, unless `level_triggered`) and calls
+    /// again. `Err(UnexpectedEof)` when the guest went away; `Err(InvalidData)` for garbled
+    /// framing. On the last two the engine drops this link (and logs why).
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Epoll reported `fd` readable: new bytes came, or (`peer_closed`) the peer's end of
     /// stream (RDHUP, HUP) or an error. Also called (never `peer_closed`) before each round's
