@@ -261,46 +261,80 @@ fn no_namespaces_allowed_is_one_line_and_125() {
     assert!(stderr.contains("user namespaces"), "{stderr}");
 }
 
-/// /etc/resolv.conf missing or a dangling symlink: /etc is shadowed, the rest still visible.
+/// /etc/resolv.conf missing or a dangling symlink: /etc is shadowed, the rest still visible,
+/// mounts below /etc too.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn missing_or_dangling_resolv_conf() {
     common::require(&["unshare", "mount", "sh", "cat"]);
     for dangling in [false, true] {
-        let dir = TempDir::new("etc");
-        let etc = dir.path().join("etc");
-        std::fs::create_dir(&etc).unwrap();
-        std::fs::write(etc.join("marker"), "marker-text\n").unwrap();
-        std::fs::create_dir(etc.join("sub")).unwrap();
-        std::fs::write(etc.join("sub/inner"), "inner-text\n").unwrap();
-        std::os::unix::fs::symlink("marker", etc.join("link")).unwrap();
-        if dangling {
-            std::os::unix::fs::symlink("../run/usernet-nonexistent/resolv.conf", etc.join("resolv.conf")).unwrap();
-        }
-        // A private mount namespace whose /etc is our test directory (the binary needs no
-        // /etc to start). The usernet inside sees the missing or dangling resolv.conf.
-        let script = format!(
-            "mount --bind {etc} /etc && {BIN} run --debug-no-engine --dns-upstream 127.0.0.1:5399 \
-             -- sh -c 'cat /etc/resolv.conf /etc/marker /etc/sub/inner /etc/link'",
-            etc = etc.display()
-        );
-        let out =
-            Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-        assert!(stdout.contains("nameserver 192.168.65.1\n"), "{stdout}");
-        assert!(stdout.contains("marker-text\ninner-text\nmarker-text\n"), "{stdout}");
-        // Nothing was created in the (bind-mounted) directory itself.
-        let mut names: Vec<String> =
-            std::fs::read_dir(&etc).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        let mut want = vec!["link", "marker", "sub"];
-        if dangling {
-            want.push("resolv.conf");
-        }
-        want.sort();
-        assert_eq!(names, want);
+        shadowed_etc_shows_the_original(dangling, "");
     }
+}
+
+/// The same where the kernel has no open_tree(2) (before Linux 5.2, or a seccomp profile
+/// that refuses it): a seccomp filter (libseccomp's Python binding) makes it fail with
+/// ENOSYS, and /etc is shadowed the older way (`resolv::shadow_etc`).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn etc_is_shadowed_without_open_tree() {
+    common::require(&["unshare", "mount", "sh", "cat", "/usr/bin/python3"]);
+    let probe = Command::new("/usr/bin/python3").args(["-c", "import seccomp"]).output().unwrap();
+    assert!(
+        probe.status.success(),
+        "this test cannot run: no libseccomp for Python (Debian's python3-seccomp): {}",
+        text(&probe.stderr)
+    );
+    let without_open_tree = "/usr/bin/python3 -c 'import errno, os, sys, seccomp; \
+         f = seccomp.SyscallFilter(seccomp.ALLOW); f.add_rule(seccomp.ERRNO(errno.ENOSYS), \"open_tree\"); \
+         f.load(); os.execv(sys.argv[1], sys.argv[1:])'";
+    shadowed_etc_shows_the_original(true, without_open_tree);
+}
+
+/// Runs `usernet run` (through `wrapper`, a command line that execs its arguments, if not
+/// empty) in a private mount namespace whose /etc is a test directory, with a directory
+/// bind-mounted below it and a missing or (`dangling`) dangling resolv.conf; checks what
+/// COMMAND reads there, and that nothing was created in the directory.
+fn shadowed_etc_shows_the_original(dangling: bool, wrapper: &str) {
+    let dir = TempDir::new("etc");
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::write(etc.join("marker"), "marker-text\n").unwrap();
+    std::fs::create_dir(etc.join("sub")).unwrap();
+    std::fs::write(etc.join("sub/inner"), "inner-text\n").unwrap();
+    std::fs::create_dir(etc.join("mounted")).unwrap();
+    let below = dir.path().join("below");
+    std::fs::create_dir(&below).unwrap();
+    std::fs::write(below.join("file"), "below-text\n").unwrap();
+    std::os::unix::fs::symlink("marker", etc.join("link")).unwrap();
+    if dangling {
+        std::os::unix::fs::symlink("../run/usernet-nonexistent/resolv.conf", etc.join("resolv.conf")).unwrap();
+    }
+    // A private mount namespace whose /etc is our test directory (the binary needs no
+    // /etc to start), with a mount below it (as a container's /etc/hosts is). The usernet
+    // inside sees the missing or dangling resolv.conf.
+    let script = format!(
+        "mount --bind {etc} /etc && mount --bind {below} /etc/mounted && \
+         {wrapper} {BIN} run --debug-no-engine --dns-upstream 127.0.0.1:5399 \
+         -- sh -c 'cat /etc/resolv.conf /etc/marker /etc/sub/inner /etc/link /etc/mounted/file'",
+        etc = etc.display(),
+        below = below.display(),
+    );
+    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("nameserver 192.168.65.1\n"), "{stdout}");
+    assert!(stdout.contains("marker-text\ninner-text\nmarker-text\nbelow-text\n"), "{stdout}");
+    // Nothing was created in the (bind-mounted) directory itself.
+    let mut names: Vec<String> =
+        std::fs::read_dir(&etc).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let mut want = vec!["link", "marker", "mounted", "sub"];
+    if dangling {
+        want.push("resolv.conf");
+    }
+    want.sort();
+    assert_eq!(names, want);
 }
 
 fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
