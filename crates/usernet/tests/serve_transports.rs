@@ -1,7 +1,8 @@
-//! `usernet serve` transports that no VM in the suite speaks, driven by hand: SOCK_SEQPACKET
-//! (`--listen-bess`) and stdio (`--listen-stdio`). Each test sends an ARP request for the
-//! gateway as a raw frame and expects the gateway's reply, and checks that garbled framing
-//! closes only the guilty guest's link.
+//! `usernet serve` transports driven by hand: SOCK_SEQPACKET (`--listen-bess`) and stdio
+//! (`--listen-stdio`), which no VM in the suite speaks, and vhost-user
+//! (`--listen-vhost-user`) by a front-end that misbehaves as QEMU does not. Each test sends
+//! a frame from a guest, and checks that a fault (garbled framing, guest memory gone) closes
+//! only the guilty guest's link.
 
 mod common;
 #[path = "vm/harness.rs"]
@@ -193,4 +194,163 @@ fn stdio_transport() {
     let log = stderr.lock().unwrap().clone();
     assert!(log.contains("garbled framing"), "{log}");
     assert_eq!(status.and_then(|s| s.code()), Some(0), "SIGTERM should end serve with 0:\n{log}");
+}
+
+/// A vhost-user front-end of our own (`vhost`'s), with one memfd of guest RAM mapped at
+/// guest address 0 and both rings set up in it, as QEMU sets a device up: VERSION_1 only
+/// (12-byte header, no merged buffers, no event index).
+struct VhostUserFrontEnd {
+    front: vhost::vhost_user::Frontend,
+    ram: std::fs::File,
+    /// Our mapping of `ram` (the front-end's "userspace address" of guest RAM).
+    va: *mut u8,
+    kicks: [vmm_sys_util::eventfd::EventFd; 2],
+    _calls: [vmm_sys_util::eventfd::EventFd; 2],
+}
+
+/// Guest RAM of [`VhostUserFrontEnd`], and where its rings and buffers lie in it.
+const VU_RAM: usize = 0x40000;
+const VU_RING: u16 = 16;
+/// Ring `r` lies at `r * VU_RING_SPAN`: its descriptors, available and used rings, then
+/// buffers, at these offsets.
+const VU_RING_SPAN: usize = 0x10000;
+const VU_DESC: usize = 0x1000;
+const VU_AVAIL: usize = 0x2000;
+const VU_USED: usize = 0x3000;
+const VU_BUF: usize = 0x8000;
+const VU_TX: usize = 1;
+
+impl VhostUserFrontEnd {
+    fn set_up(sock: &std::path::Path) -> VhostUserFrontEnd {
+        use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+        use vmm_sys_util::eventfd::EventFd;
+        let front = vhost::vhost_user::Frontend::connect(sock, 2).expect("connect to usernet's vhost-user socket");
+        front.set_owner().unwrap();
+        const VERSION_1: u64 = 1 << 32;
+        assert!(front.get_features().unwrap() & VERSION_1 != 0);
+        front.set_features(VERSION_1).unwrap();
+        let fd = nix::sys::memfd::memfd_create(c"usernet-test-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let ram = std::fs::File::from(fd);
+        ram.set_len(VU_RAM as u64).unwrap();
+        // SAFETY: a new shared mapping of a file we hold.
+        let va = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                VU_RAM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                ram.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(va, libc::MAP_FAILED);
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: VU_RAM as u64,
+            userspace_addr: va as u64,
+            mmap_offset: 0,
+            mmap_handle: ram.as_raw_fd(),
+        };
+        front.set_mem_table(&[region]).unwrap();
+        let kicks = [EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap()];
+        let calls = [EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap()];
+        for ring in 0..2 {
+            let at = va as u64 + (ring * VU_RING_SPAN) as u64;
+            front.set_vring_num(ring, VU_RING).unwrap();
+            front.set_vring_base(ring, 0).unwrap();
+            let addrs = VringConfigData {
+                queue_max_size: VU_RING,
+                queue_size: VU_RING,
+                flags: 0,
+                desc_table_addr: at + VU_DESC as u64,
+                used_ring_addr: at + VU_USED as u64,
+                avail_ring_addr: at + VU_AVAIL as u64,
+                log_addr: None,
+            };
+            front.set_vring_addr(ring, &addrs).unwrap();
+            front.set_vring_kick(ring, &kicks[ring]).unwrap();
+            front.set_vring_call(ring, &calls[ring]).unwrap();
+        }
+        VhostUserFrontEnd { front, ram, va: va.cast(), kicks, _calls: calls }
+    }
+
+    /// Writes `value` at `offset` of guest RAM.
+    fn poke<T: Copy>(&self, offset: usize, value: T) {
+        assert!(offset + std::mem::size_of::<T>() <= VU_RAM);
+        // SAFETY: within our mapping of guest RAM, which the file still backs.
+        unsafe { self.va.add(offset).cast::<T>().write_unaligned(value) };
+    }
+
+    fn peek_u16(&self, offset: usize) -> u16 {
+        // SAFETY: within our mapping of guest RAM, which the file still backs.
+        unsafe { self.va.add(offset).cast::<u16>().read_volatile() }
+    }
+
+    /// Offers `frame` (after a zero virtio-net header) as TX descriptor `n` and kicks.
+    fn send(&self, n: u16, frame: &[u8]) {
+        let tx = VU_TX * VU_RING_SPAN;
+        let buf = tx + VU_BUF + n as usize * 0x800;
+        let mut bytes = vec![0u8; 12];
+        bytes.extend_from_slice(frame);
+        for (i, b) in bytes.iter().enumerate() {
+            self.poke(buf + i, *b);
+        }
+        let desc = tx + VU_DESC + 16 * n as usize;
+        self.poke(desc, buf as u64);
+        self.poke(desc + 8, bytes.len() as u32);
+        self.poke(desc + 12, 0u16);
+        self.poke(desc + 14, 0u16);
+        self.poke(tx + VU_AVAIL + 4 + 2 * (n % VU_RING) as usize, n);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.poke(tx + VU_AVAIL + 2, n + 1);
+        self.kicks[VU_TX].write(1).unwrap();
+    }
+
+    /// How many TX frames usernet has taken (the used ring's index).
+    fn sent(&self) -> u16 {
+        self.peek_u16(VU_TX * VU_RING_SPAN + VU_USED + 2)
+    }
+
+    /// Shrinks the file of guest RAM to nothing (our own mapping is not to be touched again).
+    fn shrink(&self) {
+        self.ram.set_len(0).unwrap();
+    }
+}
+
+/// `--listen-vhost-user` with a front-end that shrinks the file of the guest's memory under
+/// the mapping it gave usernet (QEMU seals its memfd against it; a buggy or hostile front-end
+/// may not): usernet's next access there raises SIGBUS, which used to end usernet and every
+/// guest it served. Now that link alone ends, saying why, and usernet serves the next
+/// front-end.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn vhost_user_front_end_that_shrinks_guest_memory_loses_only_its_link() {
+    common::require(&["dnsmasq"]);
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("serve-vhost-shrink");
+    let sock = dir.join("vhost.sock");
+    let serve =
+        Serve::start(&dir, &dns, &[format!("--listen-vhost-user={}", sock.display())], std::slice::from_ref(&sock));
+    let mac = [0x52, 0x54, 0, 0, 0x0a, 1];
+    let taken = |f: &VhostUserFrontEnd, n: u16| common::wait_until(Duration::from_secs(10), || f.sent() >= n);
+
+    let hostile = VhostUserFrontEnd::set_up(&sock);
+    hostile.send(0, &arp_request(mac));
+    assert!(taken(&hostile, 1), "usernet took no frame from the front-end:\n{}", serve.log());
+    hostile.shrink();
+    hostile.kicks[VU_TX].write(1).unwrap();
+    let shown =
+        common::wait_until(Duration::from_secs(10), || serve.log_shows("shrank the file of the guest's memory"));
+    assert!(shown, "{}", serve.log());
+    // usernet ended the session and closed the connection.
+    let closed = common::wait_until(Duration::from_secs(10), || {
+        use vhost::VhostBackend;
+        hostile.front.get_features().is_err()
+    });
+    assert!(closed, "the front-end's connection is still open:\n{}", serve.log());
+
+    let next = VhostUserFrontEnd::set_up(&sock);
+    next.send(0, &arp_request(mac));
+    next.send(1, &arp_request(mac));
+    assert!(taken(&next, 2), "usernet served no front-end after the fault:\n{}", serve.log());
 }

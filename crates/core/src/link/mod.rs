@@ -5,6 +5,7 @@
 pub mod dgram;
 pub mod handoff;
 pub mod qemu;
+pub mod ram_guard;
 pub mod seqpacket;
 pub mod stdio;
 pub mod tap;

@@ -77,10 +77,10 @@
 //! with `InvalidData` naming the fault, and the connection is shut, so QEMU sees its back-end
 //! go; a front-end message the crate or this handler refuses (a memory region past the end
 //! of its file among them: mapped, it would be a SIGBUS for the whole process) ends the
-//! connection with one log line. (A front-end that shrinks the file under a mapping it
-//! gave can still end the process so, as with any vhost-user back-end; QEMU seals its
-//! memfd RAM against shrinking.) Other VMs are untouched; nothing here panics on what a
-//! guest or front-end sends.
+//! connection with one log line. A front-end that shrinks the file under a mapping it gave
+//! (QEMU seals its memfd RAM against that) ends its own link the same way: the access that
+//! raises SIGBUS reads zeros instead (`ram_guard`), and the link fails saying why. Other
+//! VMs are untouched; nothing here panics on what a guest or front-end sends.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -111,6 +111,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use super::handoff::{Handoff, HandoffSender};
 use super::qemu::listen_stream;
+use super::ram_guard;
 use super::upload_poll::UploadPoll;
 use super::{Link, LinkAcceptor};
 use usernet_wire::vnet_hdr::{self, VnetHdr};
@@ -278,6 +279,9 @@ struct Mapping {
 struct Device {
     acked: u64,
     features_set: bool,
+    /// `mem`'s mappings guarded against the front-end shrinking their files
+    /// (`ram_guard`): declared first, so that they are unguarded before being unmapped.
+    guards: Vec<ram_guard::Guarded>,
     mem: Option<GuestMemoryMmap>,
     mappings: Vec<Mapping>,
     rings: [Ring; 2],
@@ -296,6 +300,7 @@ impl Device {
         Device {
             acked: 0,
             features_set: false,
+            guards: Vec::new(),
             mem: None,
             mappings: Vec::new(),
             rings: [Ring::new(), Ring::new()],
@@ -304,6 +309,16 @@ impl Device {
             bell: None,
             ended: (String::new(), false),
         }
+    }
+
+    /// Why the guest's memory is gone, if the front-end shrank the file under a mapping
+    /// (see `ram_guard`): it now reads zeros, and the link ends.
+    fn memory_lost(&self) -> Option<String> {
+        self.guards.iter().any(|g| g.lost()).then(|| {
+            "the front-end shrank the file of the guest's memory under usernet's mapping \
+             (SIGBUS): the guest's memory is gone"
+                .to_string()
+        })
     }
 
     fn va_to_gpa(&self, va: u64) -> Option<u64> {
@@ -663,12 +678,15 @@ impl VhostUserLink {
                     }
                 }
             }
-            Err(why) => self.fail(why),
+            Err(why) => self.fail(garbled(why)),
+        }
+        if let Some(why) = dev.memory_lost() {
+            self.fail(why);
         }
         Ok(())
     }
 
-    /// Marks the link broken; the engine hears of it at its next `recv`.
+    /// Marks the link broken, `why` its error; the engine hears of it at its next `recv`.
     fn fail(&mut self, why: String) {
         if self.broken.is_none() {
             self.broken = Some(why);
@@ -684,7 +702,7 @@ impl Link for VhostUserLink {
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(why) = self.broken.clone() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("garbled descriptors: {why}")));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
         }
         let dev = self.dev.clone();
         let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
@@ -694,21 +712,64 @@ impl Link for VhostUserLink {
             let kind = if fault { io::ErrorKind::InvalidData } else { io::ErrorKind::UnexpectedEof };
             return Err(io::Error::new(kind, why));
         }
-        if !self.backlog.is_empty()
-            && let Err(why) = self.write_backlog(&mut dev)
-        {
+        let got = self.recv_frame(&mut dev, buf);
+        // Whatever the rings read after a lost mapping was zeros: that, not them, is why.
+        if let Some(why) = dev.memory_lost() {
             self.fail(why.clone());
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("garbled descriptors: {why}")));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+        }
+        got
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.send_with(frame, &VnetHdr::default())
+    }
+
+    fn offloads(&self) -> bool {
+        self.features.guest_offloads
+    }
+
+    fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
+        self.send_with(frame, hdr)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_rings();
+        Ok(())
+    }
+
+    fn backlogged(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    fn polling(&self) -> bool {
+        self.upload.polling()
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+impl VhostUserLink {
+    /// [`Link::recv`] past the checks: the backlog, then a frame of the TX ring.
+    fn recv_frame(&mut self, dev: &mut Device, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.backlog.is_empty()
+            && let Err(why) = self.write_backlog(dev)
+        {
+            let why = garbled(why);
+            self.fail(why.clone());
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
         }
         let hdr_len = self.features.hdr_len;
-        let Device { mem: Some(mem), rings, .. } = &mut *dev else {
+        let Device { mem: Some(mem), rings, .. } = dev else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
         let ring = &mut rings[TX];
         if !ring.enabled {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let garbled = |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("garbled descriptors: {why}"));
+        let garbled = |why: String| io::Error::new(io::ErrorKind::InvalidData, garbled(why));
         // Bounded: each pass pops a chain or returns, and the second look after turning
         // notifications on returns unless the guest added chains meanwhile.
         for _ in 0..4 {
@@ -761,54 +822,39 @@ impl Link for VhostUserLink {
         Err(io::ErrorKind::WouldBlock.into())
     }
 
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.send_with(frame, &VnetHdr::default())
-    }
-
-    fn offloads(&self) -> bool {
-        self.features.guest_offloads
-    }
-
-    fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
-        self.send_with(frame, hdr)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
+    /// [`Link::flush`]: the backlog, then the used rings' interrupts.
+    fn flush_rings(&mut self) {
         if !self.used[RX] && !self.used[TX] && self.backlog.is_empty() {
-            return Ok(());
+            return;
         }
         let dev = self.dev.clone();
         let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
         if dev.session != self.session {
-            return Ok(());
+            return;
         }
         if !self.backlog.is_empty()
             && let Err(why) = self.write_backlog(&mut dev)
         {
-            self.fail(why);
+            self.fail(garbled(why));
         }
-        let Device { mem: Some(mem), rings, .. } = &mut *dev else { return Ok(()) };
-        for (i, ring) in rings.iter_mut().enumerate() {
-            if std::mem::take(&mut self.used[i])
-                && let Err(why) = ring.notify(mem)
-            {
-                self.fail(why);
+        if let Device { mem: Some(mem), rings, .. } = &mut *dev {
+            for (i, ring) in rings.iter_mut().enumerate() {
+                if std::mem::take(&mut self.used[i])
+                    && let Err(why) = ring.notify(mem)
+                {
+                    self.fail(garbled(why));
+                }
             }
         }
-        Ok(())
+        if let Some(why) = dev.memory_lost() {
+            self.fail(why);
+        }
     }
+}
 
-    fn backlogged(&self) -> bool {
-        !self.backlog.is_empty()
-    }
-
-    fn polling(&self) -> bool {
-        self.upload.polling()
-    }
-
-    fn describe(&self) -> String {
-        self.name.clone()
-    }
+/// The error of a link whose guest garbled its descriptors.
+fn garbled(why: String) -> String {
+    format!("garbled descriptors: {why}")
 }
 
 impl Drop for VhostUserLink {
@@ -979,6 +1025,7 @@ impl VhostUserBackendReqHandlerMut for Control {
             return Err(refused("postcopy"));
         }
         let mut regions = Vec::new();
+        let mut guards = Vec::new();
         let mut mappings = Vec::new();
         for (region, file) in ctx.iter().zip(files) {
             // A region past the end of its file would map (vm-memory does not check) and
@@ -994,6 +1041,7 @@ impl VhostUserBackendReqHandlerMut for Control {
             }
             let mapped = GuestRegionMmap::new(region.mmap_region(file)?, GuestAddress(region.guest_phys_addr))
                 .ok_or(VuError::InvalidParam)?;
+            guards.extend(ram_guard::guard(mapped.as_ptr(), mapped.size()));
             mappings.push(Mapping {
                 vmm_addr: region.user_addr,
                 size: region.memory_size,
@@ -1004,6 +1052,8 @@ impl VhostUserBackendReqHandlerMut for Control {
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| VuError::ReqHandlerError(io::Error::other(e)))?;
         // The rings keep their guest addresses: a running link goes on with the new map.
         let mut dev = self.lock();
+        // The old guards go before the old mappings.
+        dev.guards = guards;
         dev.mem = Some(mem);
         dev.mappings = mappings;
         Ok(None)
@@ -1198,6 +1248,8 @@ fn serve_connection(stream: UnixStream, conn: Arc<UnixStream>, handoff: HandoffS
     } else {
         tracing::debug!(link = %name, "vhost-user front-end went away");
     }
+    // Unguarded before unmapped (see `ram_guard`).
+    dev.guards.clear();
     dev.mem = None;
 }
 

@@ -544,6 +544,37 @@ fn a_region_past_the_end_of_its_file_is_refused() {
     assert_eq!(dev.va_to_gpa(0x7f00_0000_ffff), Some(0xffff));
 }
 
+/// A front-end that shrinks the file of guest memory under usernet's mapping (QEMU seals
+/// its memfd against this; a buggy or hostile one may not) ends its own link, with an error
+/// that says so, instead of usernet: the next access raises SIGBUS, the mapping becomes
+/// zero pages (`ram_guard`), and the link fails. Another device goes on as before.
+#[test]
+fn a_front_end_that_shrinks_guest_memory_ends_only_its_link() {
+    let (mut g, mut link, dev) = setup(MODERN);
+    let file = memfd(MEM_SIZE as u64);
+    let handoff = Handoff::new("test").unwrap();
+    let region = VhostUserMemoryRegion::new(0, MEM_SIZE as u64, 0x7f00_0000_0000, 0);
+    control(&dev, &handoff).set_mem_table(&[region], vec![file.try_clone().unwrap()], None).unwrap();
+    let mut buf = vec![0u8; MAX_FRAME];
+    g.offer_tx_frame(100, 7);
+    assert_eq!(link.recv(&mut buf).unwrap(), 100, "the memfd's memory works");
+
+    file.set_len(0).unwrap();
+    let e = link.recv(&mut buf).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    assert!(e.to_string().contains("shrank the file of the guest's memory"), "{e}");
+    // The mapping reads zeros now, and the link stays failed.
+    assert_eq!(g.read(base(TX) + AVAIL, 4), vec![0u8; 4]);
+    assert!(link.recv(&mut buf).unwrap_err().to_string().contains("shrank"));
+    link.send(&[0u8; 60]).unwrap();
+    link.flush().unwrap();
+
+    let (mut other, mut other_link, _other_dev) = setup(MODERN);
+    other.offer_tx_frame(64, 1);
+    assert_eq!(other_link.recv(&mut buf).unwrap(), 64);
+    assert_eq!(&buf[..64], &[1u8; 64][..]);
+}
+
 /// The acceptor's socket is the owner's alone, and a front-end that connects and sends a
 /// message no protocol has is closed.
 #[test]
