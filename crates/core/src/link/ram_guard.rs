@@ -24,8 +24,9 @@ use std::sync::Once;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-/// Mappings guarded at once: vhost-user gives at most 8 regions per VM (more are refused),
-/// so this is 64 VMs' worth. Beyond it a mapping is not guarded (said once in the log).
+/// Mappings guarded at once: a vhost-user memory table has at most 32 regions (the `vhost`
+/// crate's bound; QEMU sends up to 8), so this is 16 to 64 VMs' worth. Beyond it a mapping
+/// is not guarded (said once in the log).
 const SLOTS: usize = 512;
 
 struct Slot {
