@@ -281,6 +281,13 @@ impl VhostUserFrontEnd {
         unsafe { self.va.add(offset).cast::<T>().write_unaligned(value) };
     }
 
+    /// Writes `bytes` at `offset` of guest RAM.
+    fn poke_bytes(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= VU_RAM);
+        // SAFETY: within our mapping of guest RAM, which the file still backs.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.va.add(offset), bytes.len()) };
+    }
+
     fn peek_u16(&self, offset: usize) -> u16 {
         // SAFETY: within our mapping of guest RAM, which the file still backs.
         unsafe { self.va.add(offset).cast::<u16>().read_volatile() }
@@ -292,9 +299,7 @@ impl VhostUserFrontEnd {
         let buf = tx + VU_BUF + n as usize * 0x800;
         let mut bytes = vec![0u8; 12];
         bytes.extend_from_slice(frame);
-        for (i, b) in bytes.iter().enumerate() {
-            self.poke(buf + i, *b);
-        }
+        self.poke_bytes(buf, &bytes);
         let desc = tx + VU_DESC + 16 * n as usize;
         self.poke(desc, buf as u64);
         self.poke(desc + 8, bytes.len() as u32);

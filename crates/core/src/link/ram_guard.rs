@@ -20,7 +20,6 @@
 //! window where the handler could map zeros over addresses reused by something else);
 //! its owner keeps guards in a field declared before the mappings'.
 
-use std::sync::Once;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -49,8 +48,8 @@ static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
 
 /// The SIGBUS action there was before ours, to pass other faults on to.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
-static INSTALL: Once = Once::new();
-static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// Whether the handler is installed (tried once).
+static INSTALLED: OnceLock<bool> = OnceLock::new();
 static TOLD_FULL: AtomicBool = AtomicBool::new(false);
 
 /// A guarded mapping; unguarded when dropped.
@@ -102,7 +101,7 @@ pub fn guard(start: *const u8, len: usize) -> Option<Guarded> {
 
 /// Installs the SIGBUS handler (once); whether it is installed.
 fn install() -> bool {
-    INSTALL.call_once(|| {
+    *INSTALLED.get_or_init(|| {
         // SAFETY: sigaction(2) with zeroed structs filled in below; the handler only makes
         // async-signal-safe calls (mmap, sigaction) and touches atomics.
         unsafe {
@@ -112,18 +111,17 @@ fn install() -> bool {
             libc::sigemptyset(&mut ours.sa_mask);
             let mut previous: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) < 0 {
-                return;
+                return false;
             }
             // Set before ours goes in: the handler reads it.
             let _ = PREVIOUS.set(previous);
             if libc::sigaction(libc::SIGBUS, &ours, std::ptr::null_mut()) < 0 {
                 tracing::debug!("cannot guard guest memory: sigaction: {}", std::io::Error::last_os_error());
-                return;
+                return false;
             }
         }
-        INSTALLED.store(true, Ordering::SeqCst);
-    });
-    INSTALLED.load(Ordering::SeqCst)
+        true
+    })
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
