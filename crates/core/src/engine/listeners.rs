@@ -514,6 +514,13 @@ fn dial_from_loopback(fd: OwnedFd, guest: SocketAddr) -> io::Result<(OwnedFd, bo
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
     };
+    // The port is picked by connect(2), not by bind(2): connect may reuse a loopback port
+    // whose last connection is in TIME_WAIT (net.ipv4.tcp_tw_reuse), bind may not. When the
+    // client closes first, our socket keeps its port in TIME_WAIT for a minute. Taken by
+    // bind, such ports filled the guest's range: bind searched it, 6 ms per connection with
+    // 15,000 held (the engine stalled meanwhile), and with all held the connection went
+    // through the guest link instead.
+    let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1);
     sock::bind(fd.as_fd(), local)?;
     let connected = sock::connect(fd.as_fd(), guest)?;
     Ok((fd, connected))
