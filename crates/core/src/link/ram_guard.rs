@@ -222,21 +222,29 @@ mod tests {
 
         let (q, fd) = shared_memfd(len);
         nix::unistd::ftruncate(&fd, 0).unwrap();
-        // SAFETY: the child only makes async-signal-safe calls before _exit.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            nix::unistd::ForkResult::Child => {
-                // SAFETY: q maps len bytes of a file now empty: this faults.
-                let _ = unsafe { q.read_volatile() };
-                unsafe { libc::_exit(0) }
-            }
-            nix::unistd::ForkResult::Parent { child } => {
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert!(
-                    matches!(status, nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGBUS, _)),
-                    "{status:?}"
-                );
-            }
+        // The child shares the descriptor table (CLONE_FILES) rather than copying it as
+        // fork(2) does: a copy would hold every other test's descriptors open while the
+        // child lives, and a test whose peer closes a socket would miss the hang-up
+        // (link::qemu's did). Without CLONE_VM this is fork otherwise: the child runs on a
+        // copy of this stack and memory.
+        // SAFETY: the child only reads q (which faults) and exits, both async-signal-safe;
+        // every argument after the flags is unused without CLONE_VM, CLONE_SETTLS and the
+        // TID flags.
+        let child = unsafe {
+            libc::syscall(libc::SYS_clone, libc::CLONE_FILES | libc::SIGCHLD, 0usize, 0usize, 0usize, 0usize)
+        };
+        assert!(child >= 0, "clone: {}", std::io::Error::last_os_error());
+        if child == 0 {
+            // SAFETY: q maps len bytes of a file now empty: this faults.
+            let _ = unsafe { q.read_volatile() };
+            // SAFETY: ends the child without running anything of the parent's.
+            unsafe { libc::_exit(0) }
         }
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child as libc::pid_t), None).unwrap();
+        assert!(
+            matches!(status, nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGBUS, _)),
+            "{status:?}"
+        );
         // SAFETY: unmapping our own mapping.
         unsafe { libc::munmap(q.cast(), len) };
     }
