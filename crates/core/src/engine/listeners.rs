@@ -36,6 +36,8 @@ type Fallback = Option<(SocketAddr, SocketAddr)>;
 
 /// Listener tokens have this bit set; the rest is the listener's index.
 pub const LISTENER_BIT: usize = 1 << 62;
+/// Connections a published port's listener accepts per round of the loop at most.
+const ACCEPT_BATCH: u64 = 256;
 
 pub struct Listener {
     /// Shared with the inbound UDP flows that answer through it.
@@ -148,15 +150,27 @@ impl Engine {
                 if let Some(Some(l)) = self.listeners.get_mut(index) {
                     l.accepted += n;
                 }
+                if n == ACCEPT_BATCH {
+                    // More may wait, and the listener is watched edge-triggered: no new
+                    // event comes for them until another client connects. Watching it
+                    // again (EPOLL_CTL_MOD) reports it at the next poll if it is still
+                    // readable, so the rest of a burst is taken in the next rounds.
+                    let raw = fd.as_raw_fd();
+                    let token = mio::Token(LISTENER_BIT | index);
+                    if let Err(e) = self.poll.registry().reregister(&mut SourceFd(&raw), token, Interest::READABLE) {
+                        tracing::warn!("cannot watch a published port's listener again: {e}");
+                    }
+                }
             }
             Proto::Udp => self.receive_all(&fd, guest, id, now),
         }
     }
 
-    /// Accepts the waiting connections; returns how many it took.
+    /// Accepts the waiting connections, at most [`ACCEPT_BATCH`] (so that a burst does not
+    /// hold the loop); returns how many it took.
     fn accept_all(&mut self, listener: BorrowedFd<'_>, guest: SocketAddr, now: Instant) -> u64 {
         let mut accepted = 0;
-        for _ in 0..256 {
+        for _ in 0..ACCEPT_BATCH {
             let (fd, client) = match sock::accept(listener) {
                 Ok(Some(x)) => x,
                 Ok(None) => return accepted,

@@ -1060,6 +1060,49 @@ fn published_ports_refuse_denied_clients() {
     assert!(take_tcp(&link).iter().any(|(h, _)| h.has(SYN)), "our SYN to the guest");
 }
 
+/// A burst of more connections than a round accepts (ACCEPT_BATCH) is taken whole: the
+/// listener, watched edge-triggered, is reported again while connections wait, where before
+/// the rest stayed in the backlog until another client connected.
+#[test]
+fn a_burst_larger_than_a_round_is_accepted_whole() {
+    use std::os::fd::FromRawFd;
+    let (mut e, _link, _dialer, _cfg) = policy_engine(&[], &[]);
+    // A backlog larger than the burst (std's listeners have 128).
+    // SAFETY: plain socket calls on a descriptor owned from here; sockaddr_in of its size.
+    let l = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let l = OwnedFd::from_raw_fd(fd);
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len), 0);
+        assert_eq!(libc::listen(fd, 1024), 0);
+        std::net::TcpListener::from(l)
+    };
+    let local = l.local_addr().unwrap();
+    let bound =
+        crate::ports::BoundListener { fd: OwnedFd::from(l), local, proto: crate::ports::Proto::Tcp, guest_port: 80 };
+    e.publish(vec![bound], (*guest().ip()).into());
+    e.set_guest_mac(GUEST_MAC, *guest().ip());
+    let burst = 300;
+    let _clients: Vec<_> = (0..burst).map(|_| std::net::TcpStream::connect(local).unwrap()).collect();
+    // Room for every flow socket's event too (each new flow's socket is writable at once).
+    let mut events = mio::Events::with_capacity(4096);
+    let listener_events = |e: &mut Engine, events: &mut mio::Events| {
+        e.poll.poll(events, Some(Duration::from_millis(100))).unwrap();
+        events.iter().filter(|ev| ev.token().0 & listeners::LISTENER_BIT != 0).count()
+    };
+    // As the loop does: the event, then a round of accepts.
+    assert_eq!(listener_events(&mut e, &mut events), 1);
+    e.on_listener(0, Instant::now());
+    assert_eq!(e.flow_count(), 256, "one round takes ACCEPT_BATCH");
+    assert_eq!(listener_events(&mut e, &mut events), 1, "the listener is reported again while connections wait");
+    e.on_listener(0, Instant::now());
+    assert_eq!(e.flow_count(), burst);
+}
+
 /// A destination the egress policy denies is refused before any hook sees it (the
 /// transparent proxy never takes it over); an allowed one goes to the hook as before.
 #[test]
