@@ -1065,22 +1065,14 @@ fn published_ports_refuse_denied_clients() {
 /// the rest stayed in the backlog until another client connected.
 #[test]
 fn a_burst_larger_than_a_round_is_accepted_whole() {
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsFd, AsRawFd};
     let (mut e, _link, _dialer, _cfg) = policy_engine(&[], &[]);
     // A backlog larger than the burst (std's listeners have 128).
-    // SAFETY: plain socket calls on a descriptor owned from here; sockaddr_in of its size.
-    let l = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let l = OwnedFd::from_raw_fd(fd);
-        let mut sa: libc::sockaddr_in = std::mem::zeroed();
-        sa.sin_family = libc::AF_INET as libc::sa_family_t;
-        sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len), 0);
-        assert_eq!(libc::listen(fd, 1024), 0);
-        std::net::TcpListener::from(l)
-    };
+    let fd = sock::socket(libc::SOCK_STREAM, 0).unwrap();
+    sock::bind(fd.as_fd(), (Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    // SAFETY: listen(2) on a socket we own.
+    assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 1024) }, 0);
+    let l = std::net::TcpListener::from(fd);
     let local = l.local_addr().unwrap();
     let bound =
         crate::ports::BoundListener { fd: OwnedFd::from(l), local, proto: crate::ports::Proto::Tcp, guest_port: 80 };
