@@ -5,7 +5,7 @@
 
 use std::cmp::Reverse;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -221,6 +221,16 @@ impl Engine {
                     self.drop_link(index, &why);
                 }
             }
+        }
+    }
+
+    /// Watches a socket again for reading (EPOLL_CTL_MOD), after a round that stopped at
+    /// its cap with more perhaps waiting. Sockets are watched edge-triggered, so no new event
+    /// would come for what waits until something else arrives; watched again, the socket is
+    /// reported at the next poll if it is still readable. One system call per capped round.
+    pub(super) fn watch_again(&self, fd: RawFd, token: Token) {
+        if let Err(e) = self.poll.registry().reregister(&mut SourceFd(&fd), token, Interest::READABLE) {
+            tracing::warn!("cannot watch a socket again: {e}");
         }
     }
 

@@ -8,12 +8,13 @@
 
 use std::cmp::Reverse;
 use std::hash::BuildHasher;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 use mio::Interest;
 use mio::unix::SourceFd;
 
-use super::flows::{Flow, FlowId, FlowKey, GuestKey, Kind, Verdict};
+use super::flows::{Flow, FlowId, FlowKey, GuestKey, Kind, ReadRound, Verdict};
 use super::metrics::Limit;
 use super::{Engine, FLOW_BASE};
 
@@ -74,8 +75,18 @@ impl Engine {
                 self.round_socket_bytes += f.traffic.from_guest - before;
                 verdict
             }
-            Some(Flow::Udp(f)) if readable || error => f.on_readable(&mut self.switch, now),
-            Some(Flow::Icmp(f)) if readable || error => f.on_readable(&mut self.switch, now),
+            Some(Flow::Udp(f)) if readable || error => {
+                let (verdict, round) = f.on_readable(&mut self.switch, now);
+                let fd = f.own_fd().map(|s| s.as_raw_fd());
+                self.watch_again_if_capped(id, fd, round);
+                verdict
+            }
+            Some(Flow::Icmp(f)) if readable || error => {
+                let (verdict, round) = f.on_readable(&mut self.switch, now);
+                let fd = Some(f.sock.as_raw_fd());
+                self.watch_again_if_capped(id, fd, round);
+                verdict
+            }
             Some(Flow::Splice(f)) => {
                 let before = f.traffic.from_guest + f.traffic.to_guest;
                 let verdict = f.on_event();
@@ -89,6 +100,16 @@ impl Engine {
             _ => return,
         };
         self.after(id, verdict);
+    }
+
+    /// A UDP or ICMP flow's round of reads stopped at its cap: its socket (watched for
+    /// reading only) is watched again, so the rest is read in the next rounds.
+    fn watch_again_if_capped(&self, id: FlowId, fd: Option<RawFd>, round: ReadRound) {
+        if round == ReadRound::Capped
+            && let Some(fd) = fd
+        {
+            self.watch_again(fd, id.token(FLOW_BASE));
+        }
     }
 
     /// Book-keeping after any event of a flow: removal, connect accounting, timers, ACKs.

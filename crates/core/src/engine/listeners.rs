@@ -24,7 +24,7 @@ use mio::unix::SourceFd;
 
 use super::control::Published;
 use super::flows::udp::{Inbound, UdpSocket};
-use super::flows::{Flow, FlowId, FlowKey, SpliceFlow, TcpFlow, UdpFlow, Verdict};
+use super::flows::{Flow, FlowId, FlowKey, ReadRound, SpliceFlow, TcpFlow, UdpFlow, Verdict};
 use super::guest_sockets::Family;
 use super::{Engine, sock};
 use crate::policy::{DenyReason, Via};
@@ -151,18 +151,15 @@ impl Engine {
                     l.accepted += n;
                 }
                 if n == ACCEPT_BATCH {
-                    // More may wait, and the listener is watched edge-triggered: no new
-                    // event comes for them until another client connects. Watching it
-                    // again (EPOLL_CTL_MOD) reports it at the next poll if it is still
-                    // readable, so the rest of a burst is taken in the next rounds.
-                    let raw = fd.as_raw_fd();
-                    let token = mio::Token(LISTENER_BIT | index);
-                    if let Err(e) = self.poll.registry().reregister(&mut SourceFd(&raw), token, Interest::READABLE) {
-                        tracing::warn!("cannot watch a published port's listener again: {e}");
-                    }
+                    // More may wait: the rest of a burst is taken in the next rounds.
+                    self.watch_again(fd.as_raw_fd(), mio::Token(LISTENER_BIT | index));
                 }
             }
-            Proto::Udp => self.receive_all(&fd, guest, id, now),
+            Proto::Udp => {
+                if self.receive_all(&fd, guest, id, now) == ReadRound::Capped {
+                    self.watch_again(fd.as_raw_fd(), mio::Token(LISTENER_BIT | index));
+                }
+            }
         }
     }
 
@@ -411,7 +408,13 @@ impl Engine {
 
     /// Datagrams arrived on a published UDP port: each goes to the guest, from its client's
     /// flow. Read two at a time; fewer says the queue is empty ([`sock::recv_two`]).
-    fn receive_all(&mut self, listener: &Rc<OwnedFd>, listener_guest: SocketAddr, listener_id: u32, now: Instant) {
+    fn receive_all(
+        &mut self,
+        listener: &Rc<OwnedFd>,
+        listener_guest: SocketAddr,
+        listener_id: u32,
+        now: Instant,
+    ) -> ReadRound {
         let max = self.switch.max_udp_payload(false);
         // At most 1024 datagrams a wakeup, so that one flood does not hold the loop.
         for _ in 0..512 {
@@ -431,9 +434,10 @@ impl Engine {
                 }
             }
             if got.count < 2 {
-                return;
+                return ReadRound::Drained;
             }
         }
+        ReadRound::Capped
     }
 
     /// One datagram of `n` bytes (its real length) from `client`, in the switch's buffer at

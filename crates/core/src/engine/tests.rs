@@ -1095,6 +1095,62 @@ fn a_burst_larger_than_a_round_is_accepted_whole() {
     assert_eq!(e.flow_count(), burst);
 }
 
+/// The same for a published UDP port: a burst of more datagrams than a round reads (1024)
+/// reaches the guest whole. The listener is reported again while datagrams wait, where
+/// before the rest stayed queued until another datagram arrived.
+#[test]
+fn a_udp_burst_larger_than_a_round_reaches_the_guest_whole() {
+    use std::os::fd::AsFd;
+    let (mut e, link, _dialer, _cfg) = policy_engine(&[], &[]);
+    let fd = sock::socket(libc::SOCK_DGRAM, 0).unwrap();
+    // Room for the burst: a socket's default buffer holds about 256 small datagrams. Past
+    // net.core.rmem_max only CAP_NET_ADMIN may raise it (SO_RCVBUFFORCE).
+    let room = 4 << 20;
+    if sock::set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, room).is_err() {
+        sock::set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, room).unwrap();
+    }
+    sock::bind(fd.as_fd(), (Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    let l = std::net::UdpSocket::from(fd);
+    let local = l.local_addr().unwrap();
+    let bound =
+        crate::ports::BoundListener { fd: OwnedFd::from(l), local, proto: crate::ports::Proto::Udp, guest_port: 53 };
+    e.publish(vec![bound], (*guest().ip()).into());
+    e.set_guest_mac(GUEST_MAC, *guest().ip());
+    let client = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let burst = 1100u32;
+    for i in 0..burst {
+        client.send_to(&i.to_be_bytes(), local).unwrap();
+    }
+    let mut events = mio::Events::with_capacity(64);
+    let listener_events = |e: &mut Engine, events: &mut mio::Events| {
+        e.poll.poll(events, Some(Duration::from_millis(100))).unwrap();
+        events.iter().filter(|ev| ev.token().0 & listeners::LISTENER_BIT != 0).count()
+    };
+    let delivered = |link: &FakeLink| -> Vec<u32> {
+        std::mem::take(&mut *link.sent.borrow_mut())
+            .iter()
+            .filter_map(|f| {
+                let (_, p) = EthernetHeader::parse(f)?;
+                let (_, p) = Ipv4Header::parse(p)?;
+                let (_, payload) = UdpHeader::parse(p)?;
+                Some(u32::from_be_bytes(payload.try_into().ok()?))
+            })
+            .collect()
+    };
+    assert_eq!(listener_events(&mut e, &mut events), 1);
+    e.on_listener(0, Instant::now());
+    let mut got = delivered(&link);
+    assert!(
+        got.len() == 1024,
+        "one round reads 1024 datagrams; {} here (a socket buffer too small for the burst?)",
+        got.len()
+    );
+    assert_eq!(listener_events(&mut e, &mut events), 1, "the listener is reported again while datagrams wait");
+    e.on_listener(0, Instant::now());
+    got.extend(delivered(&link));
+    assert_eq!(got, (0..burst).collect::<Vec<_>>(), "every datagram, in order");
+}
+
 /// A destination the egress policy denies is refused before any hook sees it (the
 /// transparent proxy never takes it over); an allowed one goes to the hook as before.
 #[test]

@@ -18,6 +18,7 @@ use usernet_wire::icmp::{self, IcmpHeader};
 use usernet_wire::icmpv6;
 use usernet_wire::ipv4::Ipv4Header;
 
+use super::ReadRound;
 use super::tcp::Verdict;
 
 pub const IDLE: Duration = Duration::from_secs(10);
@@ -62,12 +63,13 @@ impl IcmpFlow {
         }
     }
 
-    pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+    /// Replies arrived: each goes to the guest. At most 256 a wakeup.
+    pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> (Verdict, ReadRound) {
         let mut pkt = [0u8; 65536];
         for _ in 0..256 {
             let n = match sock::recv(self.sock.as_fd(), &mut pkt, false) {
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return (Verdict::Keep, ReadRound::Drained),
                 Err(e) => {
                     tracing::debug!("ping {} <- {}: {e}", self.guest, self.remote);
                     continue;
@@ -114,7 +116,7 @@ impl IcmpFlow {
             self.last_used = now;
             self.traffic.to_guest += (len + icmp::HEADER_LEN) as u64;
         }
-        Verdict::Keep
+        (Verdict::Keep, ReadRound::Capped)
     }
 
     pub fn on_timer(&mut self, now: Instant) -> Verdict {

@@ -25,6 +25,17 @@ pub use splice::SpliceFlow;
 pub use tcp::{TcpFlow, Verdict};
 pub use udp::UdpFlow;
 
+/// How a readable socket's round of reads ended. Sockets are watched edge-triggered, so
+/// one whose round stopped at its cap, with data perhaps still queued, must be watched
+/// again (`Engine::watch_again`): else nothing reports the rest before the next arrival.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadRound {
+    /// The socket said it had no more (or the flow is done with it).
+    Drained,
+    /// The round read its most; more may wait.
+    Capped,
+}
+
 /// What a flow carried and when, for `/v1/flows` (`usernet flows`, `usernet top`): payload
 /// bytes each way (TCP: what the other side took; UDP and ICMP: datagrams and messages),
 /// when the flow began and when it last carried a packet.

@@ -25,6 +25,7 @@ use crate::engine::sock;
 use crate::engine::switch::{Switch, Unreachable};
 use usernet_wire::{PROTO_UDP, put16};
 
+use super::ReadRound;
 use super::tcp::Verdict;
 
 /// Idle time after which a UDP flow is closed.
@@ -147,11 +148,11 @@ impl UdpFlow {
     /// a time, and a read that brings fewer says the queue is empty (see
     /// `sock::recv_two`): a lone reply costs one recvmmsg, not a recv and then a second
     /// that only hears EAGAIN.
-    pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+    pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> (Verdict, ReadRound) {
         let max = switch.max_udp_payload(self.remote.is_ipv6());
         // At most 1024 datagrams a wakeup, so that one flood does not hold the loop.
         for _ in 0..512 {
-            let UdpSocket::Own(s) = &self.socket else { return Verdict::Keep };
+            let UdpSocket::Own(s) = &self.socket else { return (Verdict::Keep, ReadRound::Drained) };
             let got = match switch.recv_two_udp(s.as_fd(), max) {
                 Ok(got) => got,
                 Err(e) => {
@@ -167,14 +168,14 @@ impl UdpFlow {
                     switch.swap_spare();
                 }
                 if self.deliver(switch, got.len[i], max, now) == Verdict::Close {
-                    return Verdict::Close;
+                    return (Verdict::Close, ReadRound::Drained);
                 }
             }
             if got.count < 2 {
-                break;
+                return (Verdict::Keep, ReadRound::Drained);
             }
         }
-        Verdict::Keep
+        (Verdict::Keep, ReadRound::Capped)
     }
 
     /// One datagram of `n` bytes (its real length) received into the switch's buffer at
