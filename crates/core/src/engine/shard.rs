@@ -6,8 +6,17 @@
 //! The kernel picks the queue of each frame the guest sends: the queue that last wrote a
 //! frame of the same flow, while that is recent (about 3 s), else one chosen by a hash of
 //! the flow's addresses and ports (tun's automatic steering). So a flow's frames mostly
-//! reach the engine that answers it, and a new connection goes to one engine or the other
-//! by its hash: four streams spread over two engines.
+//! reach the engine that answers it.
+//!
+//! A new connection's SYN reaches an engine by that hash, which splits four connections
+//! 4-0 one time in eight. So the engine that gets the SYN of a connection no engine holds
+//! hands it to the engine holding the fewest TCP flows, when that one holds fewer than
+//! itself: counted in the owner map, and claimed for it at once so that a burst of SYNs
+//! is spread before the other engine has read any. Its SYN-ACK, written on its own queue,
+//! then teaches the kernel's flow table the queue for the connection's next frames (and
+//! until it does, the owner map sends them there). A connection made one at a time finds
+//! no engine holding fewer and stays where it came; one that the other engine does not
+//! make after all (refused, or over a bound) loses the claim again.
 //!
 //! Mostly is not always: after a pause the hash may pick the other queue (for a flow that
 //! usernet opened toward the guest, a published port's), and the kernel's flow table is
@@ -38,7 +47,7 @@ use std::time::Duration;
 
 use usernet_wire::ipv4::Ipv4Header;
 use usernet_wire::ipv6::Ipv6Header;
-use usernet_wire::{PROTO_TCP, PROTO_UDP};
+use usernet_wire::{PROTO_TCP, PROTO_UDP, tcp};
 
 use super::control::ControlHandle;
 use super::flows::FlowKey;
@@ -144,6 +153,8 @@ pub(super) struct Shard {
     pub next: Option<ControlHandle>,
     /// True while the engine handles frames handed to it: they are never handed on.
     handling_handed: bool,
+    /// The key of the SYN without ACK among them that is being handled, if one is.
+    handed_syn: Option<FlowKey>,
     /// Engine 0 only: another engine failed, and why; the loop ends with this error.
     pub failed: Option<String>,
 }
@@ -308,15 +319,18 @@ impl Engine {
         self.flows.share_owners(set.owners.clone(), index);
         // An engine that failed before engine 0 had a waker found none to ring (see `fail`).
         let failed = if index == 0 { set.failure.lock().unwrap_or_else(|e| e.into_inner()).clone() } else { None };
-        self.shard = Some(Shard { index, set, inbox, next, handling_handed: false, failed });
+        self.shard = Some(Shard { index, set, inbox, next, handling_handed: false, handed_syn: None, failed });
         Ok(())
     }
 }
 
-/// What a frame from the guest is, for sharding: a frame of a guest's flow (its key), or
+/// What a frame from the guest is, for sharding: a frame of a guest's flow (its key), a
+/// TCP SYN without ACK (a new connection, unless an engine holds its key already), or
 /// anything else (engine 0's).
+#[derive(Clone, Copy)]
 pub(super) enum Belongs {
     Flow(FlowKey),
+    Syn(FlowKey),
     Engine0,
 }
 
@@ -338,7 +352,11 @@ impl Engine {
             IpAddr::V6(ip) => ip.is_multicast(),
         };
         match protocol {
-            PROTO_TCP => Belongs::Flow(FlowKey::Tcp { guest, remote }),
+            PROTO_TCP => {
+                let flags = l4.get(13).copied().unwrap_or(0);
+                let key = FlowKey::Tcp { guest, remote };
+                if flags & (tcp::SYN | tcp::ACK) == tcp::SYN { Belongs::Syn(key) } else { Belongs::Flow(key) }
+            }
             PROTO_UDP if !group && remote.port() != 67 && remote.port() != dhcp6::SERVER_PORT => {
                 Belongs::Flow(FlowKey::Udp { guest, remote })
             }
@@ -352,21 +370,35 @@ impl Engine {
 
     /// Whether this engine handles the frame (else it was handed to the engine that does).
     pub(super) fn keep_frame(&mut self, belongs: Belongs, frame: &[u8]) -> bool {
-        let Some(shard) = self.shard.as_ref() else { return true };
+        let Some(shard) = self.shard.as_mut() else { return true };
         if shard.handling_handed {
+            if let Belongs::Syn(key) = belongs {
+                shard.handed_syn = Some(key);
+            }
             return true;
         }
-        let to = match belongs {
-            Belongs::Engine0 => 0,
-            Belongs::Flow(key) => {
+        let Some(shard) = self.shard.as_ref() else { return true };
+        let (to, balanced) = match belongs {
+            Belongs::Engine0 => (0, None),
+            Belongs::Flow(key) | Belongs::Syn(key) => {
                 if self.flows.lookup(&key).is_some() {
                     return true;
                 }
                 match shard.set.owner(&key) {
-                    Some(owner) => owner,
-                    // A new flow: this engine's, unless it is the gateway's.
-                    None if self.to_gateway_services(&key) => 0,
-                    None => shard.index,
+                    Some(owner) => (owner, None),
+                    // A new flow: this engine's, unless it is the gateway's, or a new
+                    // connection that an engine holding fewer TCP flows takes.
+                    None if self.to_gateway_services(&key) => (0, None),
+                    None if matches!(belongs, Belongs::Syn(_)) => {
+                        match shard.set.owners.fewer_tcp_flows_than(shard.index, shard.set.inboxes.len()) {
+                            Some(other) => {
+                                shard.set.owners.claim(key, other);
+                                (other, Some(key))
+                            }
+                            None => return true,
+                        }
+                    }
+                    None => return true,
                 }
             }
         };
@@ -374,6 +406,13 @@ impl Engine {
             return true;
         }
         match shard.set.hand(to, frame) {
+            // Not handed after all: the new connection stays here.
+            Handed::No | Handed::Full if balanced.is_some() => {
+                if let Some(key) = balanced {
+                    shard.set.owners.release(&key, to);
+                }
+                true
+            }
             Handed::No => true,
             Handed::Full => {
                 self.switch.drop_in(DropReason::Handover);
@@ -413,6 +452,14 @@ impl Engine {
         shard.handling_handed = true;
         for frame in frames {
             self.on_frame(0, &frame, now);
+            // A new connection handed here, and claimed for this engine by the one that
+            // handed it: the claim goes if no flow was made (refused, or over a bound).
+            let handed_syn = self.shard.as_mut().and_then(|s| s.handed_syn.take());
+            if let Some(key) = handed_syn
+                && self.flows.lookup(&key).is_none()
+            {
+                self.unclaim(&key);
+            }
         }
         if let Some(shard) = self.shard.as_mut() {
             shard.handling_handed = false;

@@ -1268,6 +1268,92 @@ fn shards_hand_each_other_the_frames_of_their_flows() {
     assert!(take_tcp(&link0).iter().any(|(h, _)| h.has(RST)));
 }
 
+/// The SYN of a new connection from guest port `port`.
+fn syn_from_port(port: u16) -> Vec<u8> {
+    tcp_frame(&TcpHeader { src_port: port, ..seg(1000, 0, SYN) }, b"")
+}
+
+fn tcp_key(port: u16) -> flows::FlowKey {
+    flows::FlowKey::Tcp { guest: SocketAddrV4::new(*guest().ip(), port).into(), remote: remote().into() }
+}
+
+/// A new connection whose SYN reaches an engine goes to the engine holding the fewest TCP
+/// flows, if that holds fewer (shard.rs): four connections that the kernel's hash sends
+/// all to one queue end up two and two. The claim is made as the SYN is handed, so a burst
+/// is spread before the other engine has read any of it; the later segments of a handed
+/// connection follow it there.
+#[test]
+fn new_connections_go_to_the_engine_with_fewer_tcp_flows() {
+    let [(mut e0, link0, _), (mut e1, link1, dialer1)] = two_shards();
+    let now = Instant::now();
+    let owners = e0.shard.as_ref().unwrap().set.clone();
+    // Engine 1 holds none, engine 0 none: the first stays where it came.
+    e0.on_frame(0, &syn_from_port(41000), now);
+    assert_eq!((e0.flow_count(), owners.owner(&tcp_key(41000))), (1, Some(0)));
+    assert_eq!(take_tcp(&link0).len(), 1, "engine 0 answers its SYN");
+    // A burst of three more, all by engine 0's queue, before engine 1 reads its inbox.
+    for port in [41001, 41002, 41003] {
+        e0.on_frame(0, &syn_from_port(port), now);
+    }
+    assert_eq!(owners.owner(&tcp_key(41001)), Some(1), "handed, and claimed for engine 1 at once");
+    assert_eq!(owners.owner(&tcp_key(41002)), Some(0), "one each: engine 0 keeps the next");
+    assert_eq!(owners.owner(&tcp_key(41003)), Some(1));
+    assert_eq!(e0.flow_count(), 2);
+    assert_eq!(take_tcp(&link0).len(), 1, "engine 0 answered only its own");
+    assert_eq!(e0.stats().frames_in, 2, "handed SYNs count where they are handled");
+    e1.on_handed(now);
+    assert_eq!(e1.flow_count(), 2);
+    let answers = take_tcp(&link1);
+    assert_eq!(
+        answers.iter().map(|(h, _)| (h.dst_port, h.has(SYN) && h.has(ACK))).collect::<Vec<_>>(),
+        [(41001, true), (41003, true)]
+    );
+    // The handshake's ACK and data of a handed connection, by engine 0's queue: to engine 1.
+    let isn = answers[0].0.seq;
+    let mut peer = dialer1.tcp_peers.borrow_mut().remove(0);
+    let data = TcpHeader { src_port: 41001, ..seg(1001, isn + 1, ACK | PSH_FLAG) };
+    e0.on_frame(0, &tcp_frame(&TcpHeader { src_port: 41001, ..seg(1001, isn + 1, ACK) }, b""), now);
+    e0.on_frame(0, &tcp_frame(&data, b"hello"), now);
+    assert!(take_tcp(&link0).is_empty());
+    e1.on_handed(now);
+    e1.flush_acks(now);
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = [0u8; 5];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    // Two each: a fifth stays where it came, on either engine.
+    e1.on_frame(0, &syn_from_port(41004), now);
+    assert_eq!(owners.owner(&tcp_key(41004)), Some(1));
+    // A connection's SYN again (a retransmission) goes where its flow is, not by count.
+    e0.on_frame(0, &syn_from_port(41004), now);
+    assert_eq!(e0.flow_count(), 2);
+    assert_eq!(owners.owner(&tcp_key(41004)), Some(1));
+}
+
+/// A connection handed to an engine that does not make it (its connect refused) loses the
+/// claim made for it there: the counts stay true, and the guest's next try is a new
+/// connection again.
+#[test]
+fn a_handed_connection_that_is_refused_loses_its_claim() {
+    let mut engines = [engine(false), engine(true)];
+    let (set, mut inboxes) = shard::ShardSet::new(2);
+    let next = engines[1].0.control_handle().unwrap();
+    engines[1].0.join_shards(set.clone(), 1, inboxes.pop().unwrap(), None).unwrap();
+    engines[0].0.join_shards(set.clone(), 0, inboxes.pop().unwrap(), Some(next)).unwrap();
+    let [(mut e0, _link0, _), (mut e1, link1, _)] = engines;
+    let now = Instant::now();
+    e0.on_frame(0, &syn_from_port(42000), now);
+    e0.on_frame(0, &syn_from_port(42001), now);
+    assert_eq!(set.owner(&tcp_key(42001)), Some(1));
+    e1.on_handed(now);
+    assert!(take_tcp(&link1).iter().any(|(h, _)| h.has(RST)), "engine 1 refuses it");
+    assert_eq!(e1.flow_count(), 0);
+    assert_eq!(set.owner(&tcp_key(42001)), None, "the claim went with the refusal");
+    // Engine 1 holds none again: the next new connection by engine 0 goes there too.
+    e0.on_frame(0, &syn_from_port(42002), now);
+    assert_eq!(set.owner(&tcp_key(42002)), Some(1));
+}
+
 #[test]
 fn shards_gather_stats_and_flows_of_both() {
     let [(mut e0, _, _), (mut e1, link1, _)] = two_shards();
@@ -1298,7 +1384,7 @@ fn belongs_sorts_flows_from_engine_0s_frames() {
         let (_, payload) = EthernetHeader::parse(f).unwrap();
         let ip = Ipv4Header::parse(payload);
         match e.belongs(ip.as_ref(), None) {
-            shard::Belongs::Flow(k) => Some(k),
+            shard::Belongs::Flow(k) | shard::Belongs::Syn(k) => Some(k),
             shard::Belongs::Engine0 => None,
         }
     };
