@@ -137,8 +137,15 @@ impl ShardSet {
             return Handed::No;
         };
         match tx.try_send(frame.to_vec()) {
-            Ok(()) if waker.wake().is_ok() => Handed::Yes,
-            Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => Handed::No,
+            // Queued: that engine reads it at its next wake even if this one failed, so it
+            // must not be handled here too.
+            Ok(()) => {
+                if let Err(e) = waker.wake() {
+                    tracing::debug!("cannot wake engine {to}: {e}");
+                }
+                Handed::Yes
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Handed::No,
             Err(mpsc::TrySendError::Full(_)) => Handed::Full,
         }
     }
@@ -391,10 +398,13 @@ impl Engine {
                     None if self.to_gateway_services(&key) => (0, None),
                     None if matches!(belongs, Belongs::Syn(_)) => {
                         match shard.set.owners.fewer_tcp_flows_than(shard.index, shard.set.inboxes.len()) {
-                            Some(other) => {
-                                shard.set.owners.claim(key, other);
-                                (other, Some(key))
-                            }
+                            // Claimed only if still free: the same SYN by another queue
+                            // may have been claimed meanwhile (then it goes to that claim).
+                            Some(other) if shard.set.owners.claim_vacant(key, other) => (other, Some(key)),
+                            Some(_) => match shard.set.owner(&key) {
+                                Some(owner) => (owner, None),
+                                None => return true,
+                            },
                             None => return true,
                         }
                     }
