@@ -133,6 +133,10 @@ impl Engine {
         // does, or one that polls its guest's queue: come back soon.
         let backlog = self.switch.links.iter().flatten().any(|slot| slot.link.backlogged() || slot.link.polling());
         let t = if backlog { t.min(crate::link::BACKLOG_RETRY) } else { t };
+        let t = match self.accept_retry {
+            Some(at) => t.min(at.saturating_duration_since(now)),
+            None => t,
+        };
         Some(t.min(Duration::from_secs(1)))
     }
 

@@ -149,6 +149,7 @@ impl Engine {
     }
 
     pub(super) fn run_timers(&mut self, now: Instant) {
+        self.retry_accepts(now);
         while let Some(Reverse((d, id))) = self.timers.peek().copied() {
             if d > now {
                 break;

@@ -17,7 +17,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::Interest;
 use mio::unix::SourceFd;
@@ -38,6 +38,8 @@ type Fallback = Option<(SocketAddr, SocketAddr)>;
 pub const LISTENER_BIT: usize = 1 << 62;
 /// Connections a published port's listener accepts per round of the loop at most.
 const ACCEPT_BATCH: u64 = 256;
+/// How long after a failed accept (out of descriptors) the listeners are tried again.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Listener {
     /// Shared with the inbound UDP flows that answer through it.
@@ -163,6 +165,22 @@ impl Engine {
         }
     }
 
+    /// After an accept failed, at [`ACCEPT_RETRY`]: every TCP listener is watched again, so
+    /// that one with connections waiting is reported at the next poll.
+    pub(super) fn retry_accepts(&mut self, now: Instant) {
+        if self.accept_retry.is_none_or(|at| at > now) {
+            return;
+        }
+        self.accept_retry = None;
+        for (index, l) in self.listeners.iter().enumerate() {
+            if let Some(l) = l
+                && l.proto == Proto::Tcp
+            {
+                self.watch_again(l.fd.as_raw_fd(), mio::Token(LISTENER_BIT | index));
+            }
+        }
+    }
+
     /// Accepts the waiting connections, at most [`ACCEPT_BATCH`] (so that a burst does not
     /// hold the loop); returns how many it took.
     fn accept_all(&mut self, listener: BorrowedFd<'_>, guest: SocketAddr, now: Instant) -> u64 {
@@ -171,9 +189,16 @@ impl Engine {
             let (fd, client) = match sock::accept(listener) {
                 Ok(Some(x)) => x,
                 Ok(None) => return accepted,
+                // A client that reset before its turn: on to the next.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR)) => continue,
                 Err(e) => {
-                    // EMFILE and friends: leave the connection in the backlog for later.
-                    tracing::warn!("accept on a published port: {e}");
+                    // EMFILE and friends: leave the connection in the backlog, and try
+                    // again in a while (`retry_accepts`), not at once: that would spin
+                    // while the shortage lasts.
+                    if self.accept_retry.is_none() {
+                        tracing::warn!("accept on a published port: {e}; trying again in {ACCEPT_RETRY:?}");
+                        self.accept_retry = Some(now + ACCEPT_RETRY);
+                    }
                     return accepted;
                 }
             };

@@ -125,6 +125,9 @@ pub struct Engine {
     /// Published ports, indexed by their token.
     listeners: Vec<Option<listeners::Listener>>,
     next_listener_id: u32,
+    /// When to watch the TCP listeners again after an accept failed (out of descriptors):
+    /// the connections it left in a backlog get no new event of their own.
+    accept_retry: Option<Instant>,
     /// Where the search for a free host port of the next `/tunnel` starts.
     next_tunnel_port: u16,
     control_tx: std::sync::mpsc::Sender<control::Command>,
@@ -318,6 +321,7 @@ impl Engine {
             listeners: Vec::new(),
             next_listener_id: 0,
             next_tunnel_port: 0,
+            accept_retry: None,
             control_tx,
             control_rx,
             waker: None,

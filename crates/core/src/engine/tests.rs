@@ -1095,6 +1095,58 @@ fn a_burst_larger_than_a_round_is_accepted_whole() {
     assert_eq!(e.flow_count(), burst);
 }
 
+/// A failed accept (out of descriptors) leaves its connection in the listener's backlog,
+/// where no new event would report it: the listeners are watched again after
+/// ACCEPT_RETRY, not at once (which would spin while the shortage lasts).
+#[test]
+fn a_failed_accept_is_tried_again_later() {
+    use std::os::fd::AsFd;
+    let (mut e, _link, _dialer, _cfg) = policy_engine(&[], &[]);
+    // Listener 0 makes accept(2) fail (EINVAL: it was never put to listen); listener 1 is a
+    // real one.
+    let broken = sock::socket(libc::SOCK_STREAM, 0).unwrap();
+    sock::bind(broken.as_fd(), (Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    let real = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    real.set_nonblocking(true).unwrap();
+    let local = real.local_addr().unwrap();
+    let tcp = crate::ports::Proto::Tcp;
+    let broken_local = std::net::TcpListener::from(broken.try_clone().unwrap());
+    let bound = vec![
+        crate::ports::BoundListener {
+            fd: broken,
+            local: broken_local.local_addr().unwrap(),
+            proto: tcp,
+            guest_port: 80,
+        },
+        crate::ports::BoundListener { fd: OwnedFd::from(real), local, proto: tcp, guest_port: 80 },
+    ];
+    e.publish(bound, (*guest().ip()).into());
+    e.set_guest_mac(GUEST_MAC, *guest().ip());
+    e.accept_retry = None;
+    let now = Instant::now();
+    e.on_listener(0, now);
+    assert_eq!(e.accept_retry, Some(now + listeners::ACCEPT_RETRY));
+    // A client waits on listener 1, its event taken (as by a round whose accept failed).
+    let _client = std::net::TcpStream::connect(local).unwrap();
+    let mut events = mio::Events::with_capacity(64);
+    // (The broken listener, an unconnected socket, reports a hang-up of its own: only the
+    // real one's events are counted.)
+    let real_events = |e: &mut Engine, events: &mut mio::Events| {
+        e.poll.poll(events, Some(Duration::from_millis(50))).unwrap();
+        events.iter().filter(|ev| ev.token().0 == listeners::LISTENER_BIT | 1).count()
+    };
+    assert_eq!(real_events(&mut e, &mut events), 1);
+    assert_eq!(real_events(&mut e, &mut events), 0, "edge-triggered: reported once");
+    e.run_timers(now + Duration::from_millis(10));
+    assert_eq!(real_events(&mut e, &mut events), 0, "not before ACCEPT_RETRY");
+    assert!(e.next_timeout().unwrap() <= listeners::ACCEPT_RETRY, "the loop wakes for it");
+    e.run_timers(now + listeners::ACCEPT_RETRY);
+    assert_eq!(e.accept_retry, None);
+    assert_eq!(real_events(&mut e, &mut events), 1, "watched again");
+    e.on_listener(1, now + listeners::ACCEPT_RETRY);
+    assert_eq!(e.flow_count(), 1, "the waiting connection is taken");
+}
+
 /// The same for a published UDP port: a burst of more datagrams than a round reads (1024)
 /// reaches the guest whole. The listener is reported again while datagrams wait, where
 /// before the rest stayed queued until another datagram arrived.
