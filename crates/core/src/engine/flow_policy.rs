@@ -8,7 +8,6 @@
 
 use std::cmp::Reverse;
 use std::hash::BuildHasher;
-use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 use mio::Interest;
@@ -77,14 +76,12 @@ impl Engine {
             }
             Some(Flow::Udp(f)) if readable || error => {
                 let (verdict, round) = f.on_readable(&mut self.switch, now);
-                let fd = f.own_fd().map(|s| s.as_raw_fd());
-                self.watch_again_if_capped(id, fd, round);
+                self.watch_again_if_capped(id, round);
                 verdict
             }
             Some(Flow::Icmp(f)) if readable || error => {
                 let (verdict, round) = f.on_readable(&mut self.switch, now);
-                let fd = Some(f.sock.as_raw_fd());
-                self.watch_again_if_capped(id, fd, round);
+                self.watch_again_if_capped(id, round);
                 verdict
             }
             Some(Flow::Splice(f)) => {
@@ -104,9 +101,9 @@ impl Engine {
 
     /// A UDP or ICMP flow's round of reads stopped at its cap: its socket (watched for
     /// reading only) is watched again, so the rest is read in the next rounds.
-    fn watch_again_if_capped(&self, id: FlowId, fd: Option<RawFd>, round: ReadRound) {
+    fn watch_again_if_capped(&mut self, id: FlowId, round: ReadRound) {
         if round == ReadRound::Capped
-            && let Some(fd) = fd
+            && let Some(fd) = self.flows.get_mut(id).and_then(|f| f.fd())
         {
             self.watch_again(fd, id.token(FLOW_BASE));
         }

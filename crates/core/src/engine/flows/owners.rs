@@ -79,6 +79,7 @@ impl Owners {
     }
 
     /// The TCP flows engine `engine` holds.
+    #[cfg(test)]
     pub fn tcp_flows(&self, engine: usize) -> usize {
         self.map().tcp.get(engine).copied().unwrap_or(0)
     }
