@@ -45,6 +45,10 @@ pub enum Request {
         addr: SocketAddr,
         secs: f64,
         streams: u32,
+        /// The congestion control of the client's sockets (TCP_CONGESTION); None: the
+        /// namespace's default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        congestion: Option<String>,
     },
     Rr {
         addr: SocketAddr,
@@ -172,8 +176,9 @@ impl AgentState {
                     Err(e) => err(e),
                 }
             }
-            Request::Stream { addr, secs: s, streams } => {
-                traffic::stream_client(addr, secs(s), streams.clamp(1, 64)).map_or_else(err, Reply::Stream)
+            Request::Stream { addr, secs: s, streams, congestion } => {
+                traffic::stream_client(addr, secs(s), streams.clamp(1, 64), congestion.as_deref())
+                    .map_or_else(err, Reply::Stream)
             }
             Request::Rr { addr, count, secs: s } => {
                 traffic::rr_client(addr, count, secs(s)).map_or_else(err, Reply::Rr)
@@ -384,7 +389,7 @@ mod tests {
 
     #[test]
     fn requests_and_replies_round_trip_as_json() {
-        let r = Request::Stream { addr: "192.0.2.1:5".parse().unwrap(), secs: 1.5, streams: 4 };
+        let r = Request::Stream { addr: "192.0.2.1:5".parse().unwrap(), secs: 1.5, streams: 4, congestion: None };
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains("\"do\":\"stream\""), "{text}");
         assert!(matches!(serde_json::from_str::<Request>(&text).unwrap(), Request::Stream { streams: 4, .. }));

@@ -572,6 +572,9 @@ fn vm_phase(setup: Setup, ctx: &Ctx, state: &mut VmState, run: &mut Run) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TcpPath {
     NsHost,
+    /// One stream whose client uses the congestion control most distributions default to
+    /// (`CUBIC`), whatever this machine's default is.
+    NsHostCubic,
     NsHostMulti,
     /// One stream over IPv6.
     NsHost6,
@@ -583,8 +586,9 @@ enum TcpPath {
 }
 
 impl TcpPath {
-    const ALL: [TcpPath; 6] = [
+    const ALL: [TcpPath; 7] = [
         TcpPath::NsHost,
+        TcpPath::NsHostCubic,
         TcpPath::NsHostMulti,
         TcpPath::NsHostPair,
         TcpPath::NsHost6,
@@ -597,6 +601,7 @@ impl TcpPath {
     fn stem(self) -> &'static str {
         match self {
             TcpPath::NsHost => "ns_host",
+            TcpPath::NsHostCubic => "ns_host_cubic",
             TcpPath::NsHostMulti => "ns_host_x4",
             TcpPath::NsHost6 => "ns_host_v6",
             TcpPath::HostNsLoopback => "host_ns_lo",
@@ -608,6 +613,7 @@ impl TcpPath {
     fn describe(self) -> &'static str {
         match self {
             TcpPath::NsHost => "ns->host, 1 stream",
+            TcpPath::NsHostCubic => "ns->host, 1 stream, client on cubic",
             TcpPath::NsHostMulti => "ns->host, 4 streams",
             TcpPath::NsHost6 => "ns->host, 1 stream, IPv6",
             TcpPath::HostNsLoopback => "host->ns published, loopback client",
@@ -616,6 +622,15 @@ impl TcpPath {
         }
     }
 }
+
+/// The congestion control of the row `NsHostCubic`: Linux's default, and most
+/// distributions'. A new namespace starts with the machine's default, and where that is BBR
+/// (as on some cloud images) it paces every stream; one stream through a tool, whose ACKs
+/// come once per batch of frames it read, loses more to it than one over a veth pair (on a
+/// 2-core test VM defaulting to BBR, one stream through usernet ran at 0.58-0.71x veth's, and
+/// at 0.74-0.79x with the machine switched to cubic). Set before the connect: a socket that
+/// started on BBR stays paced.
+const CUBIC: &str = "cubic";
 
 fn mtu_suffix(mtu: u32) -> &'static str {
     if mtu == DEFAULT_MTU { "" } else { "_mtu1500" }
@@ -795,14 +810,20 @@ fn measure_phase(
         let result: Result<StreamResult, String> = match path {
             TcpPath::NsHost6 => match &stream6 {
                 Some((server, target)) => {
-                    let req = Request::Stream { addr: SocketAddr::new(*target, server.port()), secs, streams: 1 };
+                    let req = Request::Stream {
+                        addr: SocketAddr::new(*target, server.port()),
+                        secs,
+                        streams: 1,
+                        congestion: None,
+                    };
                     stream_reply(agent.call(&req, plan.duration + Duration::from_secs(45)))
                 }
                 None => Err("no IPv6 in this setup".into()),
             },
-            TcpPath::NsHost | TcpPath::NsHostMulti => {
-                let streams = if path == TcpPath::NsHost { 1 } else { STREAMS };
-                let req = Request::Stream { addr: target(stream.port()), secs, streams };
+            TcpPath::NsHost | TcpPath::NsHostCubic | TcpPath::NsHostMulti => {
+                let streams = if path == TcpPath::NsHostMulti { STREAMS } else { 1 };
+                let congestion = (path == TcpPath::NsHostCubic).then(|| CUBIC.to_string());
+                let req = Request::Stream { addr: target(stream.port()), secs, streams, congestion };
                 stream_reply(agent.call(&req, plan.duration + Duration::from_secs(45)))
             }
             TcpPath::HostNsLoopback => host_stream(env.lo_target, plan.duration),
@@ -810,7 +831,7 @@ fn measure_phase(
             TcpPath::HostNsPeer => match (env.peer_target, peer.as_mut()) {
                 (None, _) => host_stream(env.lo_target, plan.duration),
                 (Some(addr), Ok(p)) => {
-                    let req = Request::Stream { addr, secs, streams: 1 };
+                    let req = Request::Stream { addr, secs, streams: 1, congestion: None };
                     stream_reply(p.agent.call(&req, plan.duration + Duration::from_secs(45)))
                 }
                 (Some(_), Err(e)) => Err(format!("no remote client: {e}")),
@@ -945,7 +966,7 @@ fn pair_streams(
     let pids = [agent.pid(), second.pid()];
     let tools_cpu = || pids.iter().map(|&p| cpu_seconds(p)).sum::<Option<f64>>();
     let duration = ctx.plan.duration;
-    let req = Request::Stream { addr: target, secs: duration.as_secs_f64(), streams: STREAMS / 2 };
+    let req = Request::Stream { addr: target, secs: duration.as_secs_f64(), streams: STREAMS / 2, congestion: None };
     let (cpu_before, machine_before) = (tools_cpu(), machine_jiffies());
     let (a, b) = std::thread::scope(|scope| {
         let first = scope.spawn(|| stream_reply(agent.call(&req, duration + Duration::from_secs(45))));
@@ -1017,7 +1038,7 @@ fn unexpected(r: Result<Reply, String>) -> String {
 
 /// A single stream from the host (the driver itself) to the agent's server.
 fn host_stream(addr: SocketAddr, duration: Duration) -> Result<StreamResult, String> {
-    traffic::stream_client(addr, duration, 1).map_err(|e| format!("{e:#}"))
+    traffic::stream_client(addr, duration, 1, None).map_err(|e| format!("{e:#}"))
 }
 
 /// sockperf's ping-pong, TCP then UDP: its server on the host, its client run by the agent.
@@ -1514,6 +1535,13 @@ fn print_report(outcomes: &[Outcome], metrics: &[Metric], plan: &Plan, peer_comm
         "CPU: utime+stime of the tool's process (usernet run, pasta, slirp4netns; VMs: its threads' run times, \
          to the ns); veth: kernel only, n/a. \
          veth's published paths: the host dials the namespace directly."
+    );
+    // A new namespace starts with this default, so every setup's client uses it but in the
+    // row that names its own.
+    let congestion = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control");
+    println!(
+        "TCP congestion control: {} (this machine's default, which each new namespace starts with)",
+        congestion.as_deref().map_or("unknown", str::trim)
     );
     println!();
     for (i, row) in rows.iter().enumerate() {

@@ -281,9 +281,24 @@ pub struct UdpSent {
 
 /// Connects, retrying for a few seconds in case the network is still coming up.
 fn connect_patiently(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    connect_patiently_with(addr, None)
+}
+
+/// Connects as [`connect_patiently`] does, from a socket on the congestion control
+/// `congestion` when given: set before the connect, since a connection that started on BBR
+/// stays paced after a switch (BBR turns the socket's pacing on, and no other algorithm
+/// turns it off).
+fn connect_patiently_with(addr: SocketAddr, congestion: Option<&str>) -> anyhow::Result<TcpStream> {
     let deadline = Instant::now() + FIRST_CONNECT_PATIENCE;
     loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        let attempt = match congestion {
+            None => TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
+            Some(name) => {
+                let fd = congestion_socket(addr, name)?;
+                connect_with_timeout(fd, addr, Duration::from_secs(2))
+            }
+        };
+        match attempt {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline => {
                 return Err(e).with_context(|| format!("connect to {addr}"));
@@ -293,9 +308,16 @@ fn connect_patiently(addr: SocketAddr) -> anyhow::Result<TcpStream> {
     }
 }
 
-/// `streams` parallel connections to a stream server, sending for `duration`.
-pub fn stream_client(addr: SocketAddr, duration: Duration, streams: u32) -> anyhow::Result<StreamResult> {
-    let conns = (0..streams.max(1)).map(|_| connect_patiently(addr)).collect::<anyhow::Result<Vec<_>>>()?;
+/// `streams` parallel connections to a stream server, sending for `duration`; each with the
+/// congestion control `congestion` when given, else the namespace's default.
+pub fn stream_client(
+    addr: SocketAddr,
+    duration: Duration,
+    streams: u32,
+    congestion: Option<&str>,
+) -> anyhow::Result<StreamResult> {
+    let conns =
+        (0..streams.max(1)).map(|_| connect_patiently_with(addr, congestion)).collect::<anyhow::Result<Vec<_>>>()?;
     let deadline = Instant::now() + duration;
     let results: Vec<anyhow::Result<(u64, u64)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = conns.into_iter().map(|s| scope.spawn(move || one_stream(s, deadline))).collect();
@@ -314,6 +336,60 @@ pub fn stream_client(addr: SocketAddr, duration: Duration, streams: u32) -> anyh
         total.secs = total.secs.max(nanos as f64 / 1e9);
     }
     Ok(total)
+}
+
+/// A TCP socket for `addr`'s family on the congestion control `name`, not yet connected.
+fn congestion_socket(addr: SocketAddr, name: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
+    set_congestion(&fd, name)?;
+    Ok(fd)
+}
+
+/// Connects `fd` to `addr`, giving up after `timeout` (SO_SNDTIMEO bounds a blocking
+/// connect on Linux).
+fn connect_with_timeout(fd: std::os::fd::OwnedFd, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{SockaddrStorage, connect, setsockopt, sockopt};
+    use nix::sys::time::TimeVal;
+    use std::os::fd::AsRawFd;
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(timeout.as_secs() as _, 0))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Sets a socket's congestion control (TCP_CONGESTION) and reads it back: the kernel refuses
+/// a name it has no module for, and an unprivileged process one outside
+/// `net.ipv4.tcp_allowed_congestion_control`.
+pub fn set_congestion(s: &impl AsFd, name: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let s = s.as_fd();
+    // SAFETY: TCP_CONGESTION takes the name's bytes and their length, both valid for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("congestion control {name}"));
+    }
+    let mut got = [0u8; 16];
+    let mut len = got.len() as libc::socklen_t;
+    // SAFETY: `got` has room for `len` bytes, and `len` is written back.
+    let rc = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, got.as_mut_ptr().cast(), &mut len)
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("read back the congestion control");
+    }
+    let got = &got[..len as usize];
+    let got = String::from_utf8_lossy(got.split(|&b| b == 0).next().unwrap_or_default());
+    anyhow::ensure!(got == name, "congestion control {name} asked, {got} in use");
+    Ok(())
 }
 
 /// Sends on one connection until `deadline`, half-closes, returns the server's (bytes, nanos).
@@ -468,12 +544,27 @@ mod tests {
         let stream = Server::start(Kind::Stream, lo()).unwrap();
         let rr = Server::start(Kind::Rr, lo()).unwrap();
         let crr = Server::start(Kind::Crr, lo()).unwrap();
-        let one = stream_client(stream.addr, Duration::from_millis(200), 1).unwrap();
+        let one = stream_client(stream.addr, Duration::from_millis(200), 1, None).unwrap();
         assert!(one.bytes > 0 && one.gbps() > 0.0);
-        let four = stream_client(stream.addr, Duration::from_millis(200), 4).unwrap();
+        let four = stream_client(stream.addr, Duration::from_millis(200), 4, None).unwrap();
         assert!(four.bytes > 0);
+        let cubic = stream_client(stream.addr, Duration::from_millis(200), 1, Some("cubic")).unwrap();
+        assert!(cubic.bytes > 0);
         assert!(rr_client(rr.addr, 200, Duration::from_millis(200)).unwrap().count > 0);
         assert!(crr_client(crr.addr, Duration::from_millis(200)).unwrap() > 0.0);
+    }
+
+    /// The name asked for is the one in use; a name the kernel does not know is an error that
+    /// says which, not a stream on the default.
+    #[test]
+    fn a_stream_uses_the_congestion_control_asked_for() {
+        let l = TcpListener::bind(lo()).unwrap();
+        let s = connect_patiently_with(l.local_addr().unwrap(), Some("cubic")).unwrap();
+        let (_peer, from) = l.accept().unwrap();
+        assert_eq!(from, s.local_addr().unwrap());
+        set_congestion(&s, "reno").unwrap();
+        let e = connect_patiently_with(l.local_addr().unwrap(), Some("no-such-algorithm")).unwrap_err();
+        assert!(format!("{e:#}").contains("congestion control no-such-algorithm"), "{e:#}");
     }
 
     #[test]
