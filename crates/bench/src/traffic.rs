@@ -362,33 +362,10 @@ fn connect_with_timeout(fd: std::os::fd::OwnedFd, addr: SocketAddr, timeout: Dur
 /// a name it has no module for, and an unprivileged process one outside
 /// `net.ipv4.tcp_allowed_congestion_control`.
 pub fn set_congestion(s: &impl AsFd, name: &str) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd;
-    let s = s.as_fd();
-    // SAFETY: TCP_CONGESTION takes the name's bytes and their length, both valid for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("congestion control {name}"));
-    }
-    let mut got = [0u8; 16];
-    let mut len = got.len() as libc::socklen_t;
-    // SAFETY: `got` has room for `len` bytes, and `len` is written back.
-    let rc = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, got.as_mut_ptr().cast(), &mut len)
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("read back the congestion control");
-    }
-    let got = &got[..len as usize];
-    let got = String::from_utf8_lossy(got.split(|&b| b == 0).next().unwrap_or_default());
-    anyhow::ensure!(got == name, "congestion control {name} asked, {got} in use");
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt::TcpCongestion};
+    setsockopt(s, TcpCongestion, &name.into()).with_context(|| format!("congestion control {name}"))?;
+    let got = getsockopt(s, TcpCongestion).context("read back the congestion control")?;
+    anyhow::ensure!(got == name, "congestion control {name} asked, {} in use", got.to_string_lossy());
     Ok(())
 }
 
