@@ -26,6 +26,7 @@ use super::control::Published;
 use super::flows::udp::{Inbound, UdpSocket};
 use super::flows::{Flow, FlowId, FlowKey, ReadRound, SpliceFlow, TcpFlow, UdpFlow, Verdict};
 use super::guest_sockets::Family;
+use super::metrics::Limit;
 use super::{Engine, sock};
 use crate::policy::{DenyReason, Via};
 use crate::ports::BoundListener;
@@ -196,7 +197,17 @@ impl Engine {
                     // again in a while (`retry_accepts`), not at once: that would spin
                     // while the shortage lasts.
                     if self.accept_retry.is_none() {
-                        tracing::warn!("accept on a published port: {e}; trying again in {ACCEPT_RETRY:?}");
+                        if is_out_of_files(&e) {
+                            // Logged once per episode, not at every retry.
+                            self.limit_reached(Limit::OpenFiles, now, || {
+                                format!(
+                                    "accept on a published port: {e}: its connections wait in the backlog, \
+                                     tried again every {ACCEPT_RETRY:?} (raise `ulimit -n`)"
+                                )
+                            });
+                        } else {
+                            tracing::warn!("accept on a published port: {e}; trying again in {ACCEPT_RETRY:?}");
+                        }
                         self.accept_retry = Some(now + ACCEPT_RETRY);
                     }
                     return accepted;
@@ -346,13 +357,38 @@ impl Engine {
         guest: SocketAddr,
         now: Instant,
     ) -> Option<OwnedFd> {
-        let Some(sockets) = &self.guest_sockets else { return Some(host) };
+        if self.guest_sockets.is_none() {
+            return Some(host);
+        }
+        // Past the ceiling of guest flows, descriptors are the reserve's: a splice would take
+        // five more of them, the guest link none.
+        if host.as_raw_fd() as libc::rlim_t >= self.fd_ceiling {
+            let ceiling = self.fd_ceiling;
+            self.limit_reached(Limit::Descriptors, now, || {
+                format!(
+                    "{ceiling} descriptors open, the rest kept in reserve (--fd-reserve): a published port's \
+                     loopback clients go through the guest link, not spliced"
+                )
+            });
+            return Some(host);
+        }
+        // The pipes first: short of descriptors, the connection goes through the guest link
+        // (the accepted socket alone, where a splice needs five more), and the guest never
+        // sees a socket of ours come and go.
+        let pipes = match self.pipe_pool.take_two() {
+            Ok(pipes) => pipes,
+            Err(e) => {
+                self.spliced_through_link(&e, now);
+                return Some(host);
+            }
+        };
         let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, guest.port()));
         let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, guest.port()));
         let over_v6 = match guest.ip() {
             IpAddr::V6(_) => true,
             IpAddr::V4(g) => client.ip().to_canonical().is_ipv6() && self.guests6.iter().any(|(g4, _)| *g4 == g),
         };
+        let Some(sockets) = &self.guest_sockets else { return Some(host) };
         let mut fallback = None;
         let mut dialed = Err(io::ErrorKind::Unsupported.into());
         if over_v6 {
@@ -372,19 +408,19 @@ impl Engine {
         let (sock, connected) = match dialed {
             Ok(x) => x,
             Err(e) => {
-                tracing::debug!("published port {guest}: no socket inside the namespace ({e}); through the guest link");
+                if is_out_of_files(&e) {
+                    self.spliced_through_link(&e, now);
+                } else {
+                    tracing::debug!(
+                        "published port {guest}: no socket inside the namespace ({e}); through the guest link"
+                    );
+                }
                 return Some(host);
             }
         };
         self.next_splice_id += 1;
         let guest_fd = sock.as_raw_fd();
-        let mut flow = match SpliceFlow::new(host, sock, connected, self.next_splice_id, &self.pipe_pool, now) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("cannot splice a published connection: {e}");
-                return None;
-            }
-        };
+        let mut flow = SpliceFlow::new(host, sock, connected, self.next_splice_id, pipes, now);
         flow.fallback = fallback;
         let id = self.add_flow(Flow::Splice(flow), Interest::READABLE | Interest::WRITABLE)?;
         if let Err(e) = self.watch_splice_guest(id, guest_fd) {
@@ -395,6 +431,14 @@ impl Engine {
         // Data may already wait on the accepted socket.
         self.on_socket(id, true, true, false, now);
         None
+    }
+
+    /// A loopback client's connection that could not be spliced for want of descriptors:
+    /// counted and logged (once per episode) as the open-file limit reached.
+    fn spliced_through_link(&mut self, e: &io::Error, now: Instant) {
+        self.limit_reached(Limit::OpenFiles, now, || {
+            format!("a published port's loopback client: {e}: carried through the guest link, not spliced (raise `ulimit -n`)")
+        });
     }
 
     /// Registers the guest-side socket of splice flow `id` under the flow's token.
@@ -551,6 +595,11 @@ fn refused() -> io::Error {
 
 /// Binds `fd`, a socket of the guest's namespace, to that namespace's loopback address of
 /// `guest`'s family and starts connecting it to `guest` there.
+/// Whether `e` says that this process (EMFILE) or the system (ENFILE) has no descriptor left.
+fn is_out_of_files(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 fn dial_from_loopback(fd: OwnedFd, guest: SocketAddr) -> io::Result<(OwnedFd, bool)> {
     let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
     let local = match guest {

@@ -141,14 +141,18 @@ pub enum Limit {
     Buffered,
     /// `--tcp-stall-timeout`: a flow whose host peer took nothing for that long was reset.
     TcpStalled,
-    /// `--fd-reserve`: a new guest flow was refused to keep descriptors for the rest.
+    /// `--fd-reserve`: a new guest flow was refused to keep descriptors for the rest, or a
+    /// published port's loopback client went through the guest link, not spliced.
     Descriptors,
     /// `--max-dhcp-offers`: the oldest DHCP offer was forgotten.
     DhcpOffers,
+    /// The process's open-file limit (RLIMIT_NOFILE): a published port's connections wait in
+    /// its backlog, and a loopback client's goes through the guest link, not spliced.
+    OpenFiles,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 11] = [
         Limit::TcpFlows,
         Limit::TcpFlowsPerGuest,
         Limit::PendingConnects,
@@ -159,6 +163,7 @@ impl Limit {
         Limit::TcpStalled,
         Limit::Descriptors,
         Limit::DhcpOffers,
+        Limit::OpenFiles,
     ];
 
     /// The `limit` label.
@@ -174,6 +179,7 @@ impl Limit {
             Limit::TcpStalled => "tcp_stalled",
             Limit::Descriptors => "fd_reserve",
             Limit::DhcpOffers => "dhcp_offers",
+            Limit::OpenFiles => "open_files",
         }
     }
 }

@@ -17,6 +17,13 @@ Host side:
                                    "ENDED <error name>" when a send fails.
   robust.py blackhole-dns          UDP on 127.0.0.1:0: reads queries, never answers;
                                    prints "QUERY" for each
+  robust.py published-clients PORT N
+                                   N TCP connections to 127.0.0.1:PORT, kept open, each
+                                   sending "hello <i>\n" to an echo server; prints
+                                   "SERVED k" (answered within 3 s), then closes the
+                                   first half, sends "again\n" on the rest and prints
+                                   "AFTER answered=a of=b lost=c" (answered whole within
+                                   30 s; lost: ended or reset first)
 
 Guest side:
   robust.py synflood IP PORT N DONE    N non-blocking connects to IP:PORT, kept
@@ -48,6 +55,9 @@ Guest side:
                                    is read to EOF and answered "<sha256> <len>"; to the
                                    second it sends 1 MiB of b"g", shuts down its sending
                                    side, reads to EOF and prints "GOT <what it read>"
+  robust.py echo-server PORT       on 0.0.0.0:PORT: prints "READY", then echoes back
+                                   whatever each connection sends, and closes it at
+                                   its EOF
   robust.py stream-guest-server PORT
                                    on 0.0.0.0:PORT: prints "READY <its pid>", accepts
                                    two connections and sends both endless bytes; the
@@ -279,6 +289,95 @@ def idle_clients(ip, port, n, go, close, sink_port):
     return 0
 
 
+def exchange(conns, sent, expected, limit):
+    """Sends sent[i] on conns[i] and waits (at most `limit` s) for each to read back
+    expected[i] whole; returns (answered, lost) as sets of indexes."""
+    sel = selectors.DefaultSelector()
+    got = {}
+    for i, s in conns.items():
+        s.setblocking(False)
+        s.sendall(sent[i])
+        sel.register(s, selectors.EVENT_READ, i)
+        got[i] = b""
+    answered, lost = set(), set()
+    end = time.monotonic() + limit
+    while len(answered) + len(lost) < len(conns) and time.monotonic() < end:
+        for key, _ in sel.select(0.2):
+            i = key.data
+            try:
+                d = key.fileobj.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                d = b""
+            got[i] += d
+            if not d or not expected[i].startswith(got[i]):
+                lost.add(i)
+                sel.unregister(key.fileobj)
+            elif got[i] == expected[i]:
+                answered.add(i)
+                sel.unregister(key.fileobj)
+    sel.close()
+    return answered, lost
+
+
+def published_clients(port, n):
+    raise_nofile()
+    conns = {}
+    for i in range(n):
+        conns[i] = socket.create_connection(("127.0.0.1", port), timeout=10)
+    hello = {i: b"hello %d\n" % i for i in range(n)}
+    first, lost = exchange(conns, hello, hello, 3)
+    say("SERVED %d" % len(first))
+    for i in range(n // 2):
+        conns.pop(i).close()
+    again = {i: b"again\n" for i in conns}
+    # One not served yet reads its hello back first.
+    want = {i: (b"" if i in first else hello[i]) + b"again\n" for i in conns}
+    answered, lost_after = exchange(conns, again, want, 30)
+    say("AFTER answered=%d of=%d lost=%d" % (len(answered), len(conns), len(lost | lost_after)))
+    for s in conns.values():
+        s.close()
+
+
+def echo_server(port):
+    raise_nofile()
+    exit_when_stdin_closes()
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("0.0.0.0", port))
+    lsock.listen(4096)
+    lsock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(lsock, selectors.EVENT_READ)
+    say("READY")
+    while True:
+        for key, _ in sel.select(1.0):
+            s = key.fileobj
+            if s is lsock:
+                for _ in range(1024):
+                    try:
+                        c, _ = lsock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    c.setblocking(False)
+                    sel.register(c, selectors.EVENT_READ)
+                continue
+            try:
+                data = s.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data:
+                s.setblocking(True)
+                s.sendall(data)
+                s.setblocking(False)
+            else:
+                sel.unregister(s)
+                s.close()
+
+
 def vanish_client(ip, port):
     total = 0
     c = socket.create_connection((ip, port), timeout=60)
@@ -460,6 +559,10 @@ def main():
         synflood(a[1], int(a[2]), int(a[3]), a[4])
     elif mode == "idle-clients":
         sys.exit(idle_clients(a[1], int(a[2]), int(a[3]), a[4], a[5], int(a[6])))
+    elif mode == "published-clients":
+        published_clients(int(a[1]), int(a[2]))
+    elif mode == "echo-server":
+        echo_server(int(a[1]))
     elif mode == "vanish-client":
         vanish_client(a[1], int(a[2]))
     elif mode == "udp-refused":

@@ -78,6 +78,19 @@ impl PipePool {
         self.0.borrow_mut().pop().map_or_else(Pipe::new, Ok)
     }
 
+    /// The two pipes of one flow, kept ones first. Fails (out of descriptors, say) with
+    /// nothing taken: a pipe made for the first is kept for later.
+    pub fn take_two(&self) -> io::Result<Pipes> {
+        let first = self.take()?;
+        match self.take() {
+            Ok(second) => Ok(Pipes { pair: Some([first, second]), pool: self.clone() }),
+            Err(e) => {
+                self.give(first);
+                Err(e)
+            }
+        }
+    }
+
     /// Keeps `pipe` if it is empty and the pool has room; else it closes.
     fn give(&self, pipe: Pipe) {
         let mut pool = self.0.borrow_mut();
@@ -93,6 +106,23 @@ impl PipePool {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A flow's two pipes, [host to guest, guest to host]; back to their pool when dropped.
+/// Taken before the flow's socket inside the guest is dialled, so that a shortage of
+/// descriptors shows before the guest sees a connection.
+pub struct Pipes {
+    /// None only while being dropped: held inline, so a connection allocates nothing for them.
+    pair: Option<[Pipe; 2]>,
+    pool: PipePool,
+}
+
+impl Drop for Pipes {
+    fn drop(&mut self) {
+        for pipe in self.pair.take().into_iter().flatten() {
+            self.pool.give(pipe);
+        }
     }
 }
 
@@ -118,10 +148,8 @@ pub struct SpliceFlow {
     /// The connect was refused and `fallback` is to be tried (by the engine, which has the
     /// namespace's sockets).
     pub refused: bool,
-    /// [host to guest, guest to host]; back to `pool` when the flow ends (None only then:
-    /// held inline, so a connection allocates nothing for them).
-    pipes: Option<[Pipe; 2]>,
-    pool: PipePool,
+    /// Back to their pool when the flow ends.
+    pipes: Pipes,
     dirs: [Direction; 2],
     pub id: u64,
     pub born: Instant,
@@ -146,31 +174,22 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
 }
 
 impl SpliceFlow {
-    /// `guest` is a socket whose connect (inside the namespace) is under way or done; the
-    /// flow's pipes come from `pool` (or are made) and go back to it.
-    pub fn new(
-        host: OwnedFd,
-        guest: OwnedFd,
-        connected: bool,
-        id: u64,
-        pool: &PipePool,
-        now: Instant,
-    ) -> io::Result<SpliceFlow> {
-        let pipes = Some([pool.take()?, pool.take()?]);
-        Ok(SpliceFlow {
+    /// `guest` is a socket whose connect (inside the namespace) is under way or done;
+    /// `pipes` come from the engine's [`PipePool`] ([`PipePool::take_two`]).
+    pub fn new(host: OwnedFd, guest: OwnedFd, connected: bool, id: u64, pipes: Pipes, now: Instant) -> SpliceFlow {
+        SpliceFlow {
             host,
             guest,
             connecting: !connected,
             fallback: None,
             refused: false,
             pipes,
-            pool: pool.clone(),
             dirs: [Direction::default(); 2],
             id,
             born: now,
             scheduled: None,
             traffic: super::Traffic::new(now),
-        })
+        }
     }
 
     /// Carries on with `guest`, a socket connecting to [`SpliceFlow::fallback`] (the first
@@ -220,7 +239,7 @@ impl SpliceFlow {
     /// Moves bytes in one direction until a side would block.
     fn pump(&mut self, dir: usize) -> io::Result<()> {
         let (src, dst) = if dir == 0 { (&self.host, &self.guest) } else { (&self.guest, &self.host) };
-        let Some(pipes) = self.pipes.as_mut() else { return Ok(()) };
+        let Some(pipes) = self.pipes.pair.as_mut() else { return Ok(()) };
         let pipe = &mut pipes[dir];
         let state = &mut self.dirs[dir];
         let moved = if dir == 0 { &mut self.traffic.to_guest } else { &mut self.traffic.from_guest };
@@ -259,21 +278,13 @@ impl SpliceFlow {
     }
 }
 
-impl Drop for SpliceFlow {
-    fn drop(&mut self) {
-        for pipe in self.pipes.take().into_iter().flatten() {
-            self.pool.give(pipe);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     impl SpliceFlow {
         fn pipes(&self) -> &[Pipe; 2] {
-            self.pipes.as_ref().expect("a live flow has its pipes")
+            self.pipes.pair.as_ref().expect("a live flow has its pipes")
         }
     }
 
@@ -298,7 +309,7 @@ mod tests {
         let pool = PipePool::default();
         let (h, _client) = UnixStream::pair().unwrap();
         let (g, _server) = UnixStream::pair().unwrap();
-        let first = SpliceFlow::new(h.into(), g.into(), true, 1, &pool, Instant::now()).unwrap();
+        let first = SpliceFlow::new(h.into(), g.into(), true, 1, pool.take_two().unwrap(), Instant::now());
         let mut used: Vec<RawFd> = first.pipes().iter().map(|p| p.read.as_raw_fd()).collect();
         drop(first);
         assert_eq!(pool.len(), 2);
@@ -308,7 +319,7 @@ mod tests {
         for s in [&h, &g] {
             s.set_nonblocking(true).unwrap();
         }
-        let mut second = SpliceFlow::new(h.into(), g.into(), true, 2, &pool, Instant::now()).unwrap();
+        let mut second = SpliceFlow::new(h.into(), g.into(), true, 2, pool.take_two().unwrap(), Instant::now());
         assert!(pool.is_empty());
         let mut again: Vec<RawFd> = second.pipes().iter().map(|p| p.read.as_raw_fd()).collect();
         used.sort_unstable();
@@ -347,7 +358,7 @@ mod tests {
         for s in [&h, &g, &server] {
             s.set_nonblocking(true).unwrap();
         }
-        let mut flow = SpliceFlow::new(h.into(), g.into(), true, 1, &pool, Instant::now()).unwrap();
+        let mut flow = SpliceFlow::new(h.into(), g.into(), true, 1, pool.take_two().unwrap(), Instant::now());
         // SAFETY: F_GETPIPE_SZ takes no argument.
         let size = |p: &Pipe| unsafe { libc::fcntl(p.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         let default = size(&flow.pipes()[0]);
@@ -380,7 +391,7 @@ mod tests {
     #[test]
     fn a_refused_connect_with_a_fallback_asks_for_it() {
         let (host, guest) = refused_pair();
-        let mut flow = SpliceFlow::new(host, guest, false, 1, &PipePool::default(), Instant::now()).unwrap();
+        let mut flow = SpliceFlow::new(host, guest, false, 1, PipePool::default().take_two().unwrap(), Instant::now());
         flow.fallback = Some("127.0.0.1:80".parse().unwrap());
         assert_eq!(flow.on_event(), Verdict::Keep);
         assert!(flow.refused);
@@ -394,7 +405,7 @@ mod tests {
     #[test]
     fn a_refused_connect_without_a_fallback_ends_the_flow() {
         let (host, guest) = refused_pair();
-        let mut flow = SpliceFlow::new(host, guest, false, 1, &PipePool::default(), Instant::now()).unwrap();
+        let mut flow = SpliceFlow::new(host, guest, false, 1, PipePool::default().take_two().unwrap(), Instant::now());
         assert_eq!(flow.on_event(), Verdict::Close);
         assert!(!flow.refused);
     }
