@@ -221,6 +221,24 @@ fn pcap_captures_the_guest_link() {
     assert!(dump.stdout.contains(&format!("{GUEST_IP} > {GATEWAY_IP}: ICMP echo request")), "{dump}");
 }
 
+/// A capture to a disk that is full (/dev/full: every write fails with ENOSPC) stops the
+/// capture with a clear error, and the network goes on: a 5 MiB download arrives whole.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn pcap_to_a_full_disk_stops_the_capture_not_the_network() {
+    require(&[BASE_TOOLS, &["curl", "sha256sum"]].concat());
+    let dns = DnsUpstream::start();
+    let (_dir, http, want) = serve_random_file("pcapfull", "f", 5 << 20);
+    let out = Usernet::new(&dns)
+        .arg("--pcap")
+        .arg("/dev/full")
+        .sh(&format!("timeout 60 curl -sSf http://{HOST_IP}:{}/f | sha256sum", http.port));
+    out.assert_ok();
+    assert_eq!(hex_hashes(&out.stdout), vec![want], "{out}");
+    assert!(out.stderr.contains("pcap /dev/full: No space left on device"), "{out}");
+    assert!(out.stderr.contains("capture stopped, networking goes on"), "{out}");
+}
+
 /// Once set up, every thread of usernet has least privilege: no capability but
 /// CAP_NET_BIND_SERVICE and CAP_NET_RAW (bits 10 and 13; rootless, usernet joined the
 /// guest's user namespace and holds those two there only, for binding in the guest's
