@@ -107,17 +107,20 @@ def wait_for_file(path, limit):
 # Host side.
 
 
-def hold_server():
-    raise_nofile()
-    exit_when_stdin_closes()
+def listener(addr):
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(("127.0.0.1", 0))
+    lsock.bind(addr)
     lsock.listen(4096)
     lsock.setblocking(False)
+    return lsock
+
+
+def serve_connections(lsock, echo):
+    """Accepts everything on `lsock` and holds it: what a connection sends is echoed
+    back (`echo`) or dropped; a connection closes when its peer does."""
     sel = selectors.DefaultSelector()
     sel.register(lsock, selectors.EVENT_READ)
-    say("PORT %d" % lsock.getsockname()[1])
     while True:
         for key, _ in sel.select(1.0):
             s = key.fileobj
@@ -142,6 +145,18 @@ def hold_server():
             if not data:
                 sel.unregister(s)
                 s.close()
+            elif echo:
+                s.setblocking(True)
+                s.sendall(data)
+                s.setblocking(False)
+
+
+def hold_server():
+    raise_nofile()
+    exit_when_stdin_closes()
+    lsock = listener(("127.0.0.1", 0))
+    say("PORT %d" % lsock.getsockname()[1])
+    serve_connections(lsock, echo=False)
 
 
 def stream_server():
@@ -343,39 +358,9 @@ def published_clients(port, n):
 def echo_server(port):
     raise_nofile()
     exit_when_stdin_closes()
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(("0.0.0.0", port))
-    lsock.listen(4096)
-    lsock.setblocking(False)
-    sel = selectors.DefaultSelector()
-    sel.register(lsock, selectors.EVENT_READ)
+    lsock = listener(("0.0.0.0", port))
     say("READY")
-    while True:
-        for key, _ in sel.select(1.0):
-            s = key.fileobj
-            if s is lsock:
-                for _ in range(1024):
-                    try:
-                        c, _ = lsock.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    c.setblocking(False)
-                    sel.register(c, selectors.EVENT_READ)
-                continue
-            try:
-                data = s.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if data:
-                s.setblocking(True)
-                s.sendall(data)
-                s.setblocking(False)
-            else:
-                sel.unregister(s)
-                s.close()
+    serve_connections(lsock, echo=True)
 
 
 def vanish_client(ip, port):
