@@ -187,6 +187,30 @@ pub struct NetConfig {
 /// then at most once per this, with the count since).
 pub const LIMIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A warning for an error that repeats while its cause lasts (an accept retried every
+/// 50-100 ms while the process is out of descriptors): logged the first time, then at most
+/// once per [`LIMIT_LOG_EVERY`], with the count since.
+#[derive(Debug, Default)]
+pub struct LogEvery {
+    logged: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl LogEvery {
+    /// Counts one occurrence at `now`: Some(occurrences since the last line, this one
+    /// included) when a line is due.
+    pub fn due(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.since += 1;
+        match self.logged {
+            Some(at) if now.saturating_duration_since(at) < LIMIT_LOG_EVERY => None,
+            _ => {
+                self.logged = Some(now);
+                Some(std::mem::take(&mut self.since))
+            }
+        }
+    }
+}
+
 /// The bounds on everything a guest can make usernet hold: each is a flag of `run` and
 /// `serve` (crates/usernet/src/limit_opts.rs), each is counted in
 /// `usernet_limit_reached_total` and logged (rate-limited) when reached.
@@ -432,6 +456,20 @@ impl HostDns {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_repeated_error_is_logged_first_then_once_per_interval_with_its_count() {
+        let t = std::time::Instant::now();
+        let ms = |n| t + std::time::Duration::from_millis(n);
+        let mut e = LogEvery::default();
+        assert_eq!(e.due(t), Some(1));
+        assert_eq!(e.due(ms(50)), None);
+        assert_eq!(e.due(ms(100)), None);
+        assert_eq!(e.due(t + LIMIT_LOG_EVERY), Some(3), "the two kept quiet and this one");
+        assert_eq!(e.due(t + LIMIT_LOG_EVERY + LIMIT_LOG_EVERY / 2), None);
+        assert_eq!(e.due(t + 3 * LIMIT_LOG_EVERY), Some(2));
+    }
+
     use super::*;
 
     #[test]

@@ -276,6 +276,7 @@ impl VpnkitAcceptor {
 }
 
 fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
+    let mut accept_errors = crate::config::LogEvery::default();
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -283,7 +284,9 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
             Err(e) => {
-                tracing::warn!(listener = %shared.path.display(), error = %e, "vpnkit: accept failed");
+                if let Some(times) = accept_errors.due(std::time::Instant::now()) {
+                    tracing::warn!(listener = %shared.path.display(), error = %e, times, "vpnkit: accept failed");
+                }
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
+use usernet_core::config::LogEvery;
 use usernet_core::engine::control::Command;
 use usernet_core::link::handoff::HandoffSender;
 use usernet_core::link::qemu::{Framing, StreamLink};
@@ -165,13 +166,16 @@ struct ConnectPoint {
 /// Serves every connection of `listener` as an API connection from the host (no caller),
 /// or hands it on when it asks for `/connect` or `/tunnel` (see [`take_before_hyper`]).
 async fn accept_loop<L: Listener>(state: std::sync::Arc<super::state::State>, listener: L, point: Arc<ConnectPoint>) {
+    let mut accept_errors = LogEvery::default();
     loop {
         match listener.next().await {
             Ok(fd) => {
                 tokio::spawn(serve_accepted::<L>(state.clone(), fd, point.clone()));
             }
             Err(e) => {
-                warn!("api: accept: {e}");
+                if let Some(times) = accept_errors.due(std::time::Instant::now()) {
+                    warn!(times, "api: accept: {e}");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

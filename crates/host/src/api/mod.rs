@@ -76,7 +76,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tracing::{debug, warn};
 
-use usernet_core::config::NetConfig;
+use usernet_core::config::{LogEvery, NetConfig};
 use usernet_core::engine::control::ControlHandle;
 use usernet_core::services::dns::DnsRecords;
 use usernet_core::services::proxy::ProxySettings;
@@ -260,6 +260,7 @@ async fn accept_loop(
             return;
         }
     };
+    let mut accept_errors = LogEvery::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -268,7 +269,9 @@ async fn accept_loop(
                     tokio::spawn(serve_connection(state.clone(), stream, None, None));
                 }
                 Err(e) => {
-                    warn!("api: accept: {e}");
+                    if let Some(times) = accept_errors.due(std::time::Instant::now()) {
+                        warn!(times, "api: accept: {e}");
+                    }
                     // Out of file descriptors and the like: do not spin.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

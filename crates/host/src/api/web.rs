@@ -42,6 +42,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tracing::{debug, warn};
 
 use serde::Serialize;
+use usernet_core::config::LogEvery;
 use usernet_core::engine::control::Command;
 
 use super::state::{Reply, State};
@@ -285,6 +286,7 @@ struct Web {
 
 async fn accept_loop(listener: tokio::net::TcpListener, web: Arc<Web>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_errors = LogEvery::default();
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -298,7 +300,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, web: Arc<Web>) {
                 });
             }
             Err(e) => {
-                warn!("web: accept: {e}");
+                if let Some(times) = accept_errors.due(std::time::Instant::now()) {
+                    warn!(times, "web: accept: {e}");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
