@@ -203,6 +203,44 @@ fn qemu_stream_transport_guests_that_reconnect() {
     assert!(stream_arp_round_trip(&mut again, a_mac), "{}", serve.log());
 }
 
+/// `usernet serve --listen-qemu` with its open-file limit at 64, and 60 guests connecting:
+/// those it has no descriptor for wait in the listener's backlog (logged once), and once
+/// 30 of the others go away, the last to come is served without any new guest connecting
+/// to wake the listener (it is watched again every 100 ms).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn qemu_stream_transport_guests_wait_out_a_shortage_of_descriptors() {
+    use std::os::unix::process::CommandExt;
+    common::require(&["dnsmasq"]);
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("serve-nofile");
+    let sock = dir.join("qemu.sock");
+    let api = dir.join("api.sock");
+    let mut cmd = common::usernet_command();
+    cmd.arg("serve").args(["--dns-upstream", &dns.addr()]).arg("--api").arg(&api);
+    cmd.arg(format!("--listen-qemu=unix:{}", sock.display()));
+    // SAFETY: setrlimit(2) only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
+    let serve = Serve::spawn(cmd, api.clone(), &[sock.clone(), api]);
+
+    let mut guests: Vec<_> = (0..60).map(|_| stream_client(&sock)).collect();
+    let mac = [0x52, 0x54, 0, 0, 0x0e, 1];
+    let mut last = guests.pop().unwrap();
+    last.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(!stream_arp_round_trip(&mut last, mac), "a guest beyond the limit was served:\n{}", serve.log());
+    assert!(serve.log_shows("Too many open files"), "{}", serve.log());
+    guests.truncate(29);
+    last.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(stream_arp_round_trip(&mut last, mac), "the waiting guest was not served:\n{}", serve.log());
+    let said = serve.log().matches("Too many open files").count();
+    assert_eq!(said, 1, "logged {said} times, not once:\n{}", serve.log());
+}
+
 /// A child process killed (if still running) and reaped on drop.
 struct Reaped(std::process::Child);
 

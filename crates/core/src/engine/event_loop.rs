@@ -245,7 +245,11 @@ impl Engine {
                 Ok(Some(link)) => self.add_link(link),
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(listener = %acceptor.describe(), error = %e, "accept failed");
+                    // Out of descriptors, say: the guests that wait stay in the backlog,
+                    // and the acceptor is watched again at ACCEPT_RETRY (`retry_accepts`),
+                    // since no new edge may come for them.
+                    let what = format!("a guest link's accept ({})", acceptor.describe());
+                    self.accept_failed(&what, &e, Instant::now());
                     return;
                 }
             }

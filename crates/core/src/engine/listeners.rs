@@ -166,8 +166,54 @@ impl Engine {
         }
     }
 
-    /// After an accept failed, at [`ACCEPT_RETRY`]: every TCP listener is watched again, so
-    /// that one with connections waiting is reported at the next poll.
+    /// An accept (of a published port, or of a guest link's transport) failed: EMFILE and
+    /// friends. The connections stay in the backlog and are tried again in a while
+    /// (`retry_accepts`), not at once: that would spin while the shortage lasts. Logged once
+    /// per episode, not at every retry.
+    pub(super) fn accept_failed(&mut self, what: &str, e: &io::Error, now: Instant) {
+        if is_out_of_files(e) {
+            self.limit_reached(Limit::OpenFiles, now, || {
+                format!(
+                    "{what}: {e}: connections wait in the backlog, tried again every {ACCEPT_RETRY:?} \
+                     (raise `ulimit -n`)"
+                )
+            });
+        } else if let Some(times) = self.accept_errors.due(now) {
+            tracing::warn!(times, "{what}: {e}; trying again every {ACCEPT_RETRY:?}");
+        }
+        if self.accept_retry.is_none() {
+            self.accept_retry = Some(now + ACCEPT_RETRY);
+        }
+    }
+
+    /// Whether a published port may accept one more connection now that descriptors are
+    /// crowded: only if one below `published_fd_ceiling` is free. Else the connections wait
+    /// in the backlog (tried again at [`ACCEPT_RETRY`]), so that the last descriptors stay
+    /// the API's and the services', whatever host clients do.
+    fn published_may_accept(&mut self, listener: BorrowedFd<'_>, now: Instant) -> bool {
+        let free = sock::lowest_free_fd(listener);
+        if let Ok(fd) = free
+            && (fd as libc::rlim_t) < self.published_fd_ceiling
+        {
+            self.fds_crowded = false;
+            return true;
+        }
+        let ceiling = self.published_fd_ceiling;
+        self.limit_reached(Limit::OpenFiles, now, || {
+            format!(
+                "{ceiling} descriptors open, the rest kept for the API and the services: a published port's \
+                 connections wait in its backlog, tried again every {ACCEPT_RETRY:?} (raise `ulimit -n`)"
+            )
+        });
+        if self.accept_retry.is_none() {
+            self.accept_retry = Some(now + ACCEPT_RETRY);
+        }
+        false
+    }
+
+    /// After an accept failed, at [`ACCEPT_RETRY`]: every TCP listener and every guest
+    /// link's acceptor is watched again, so that one with connections waiting is reported
+    /// at the next poll.
     pub(super) fn retry_accepts(&mut self, now: Instant) {
         if self.accept_retry.is_none_or(|at| at > now) {
             return;
@@ -180,6 +226,9 @@ impl Engine {
                 self.watch_again(l.fd.as_raw_fd(), mio::Token(LISTENER_BIT | index));
             }
         }
+        for (index, acceptor) in self.acceptors.iter().enumerate() {
+            self.watch_again(acceptor.fd(), mio::Token(super::ACCEPTOR_BIT | index));
+        }
     }
 
     /// Accepts the waiting connections, at most [`ACCEPT_BATCH`] (so that a burst does not
@@ -187,33 +236,21 @@ impl Engine {
     fn accept_all(&mut self, listener: BorrowedFd<'_>, guest: SocketAddr, now: Instant) -> u64 {
         let mut accepted = 0;
         for _ in 0..ACCEPT_BATCH {
+            if self.fds_crowded && !self.published_may_accept(listener, now) {
+                return accepted;
+            }
             let (fd, client) = match sock::accept(listener) {
                 Ok(Some(x)) => x,
                 Ok(None) => return accepted,
                 // A client that reset before its turn: on to the next.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR)) => continue,
                 Err(e) => {
-                    // EMFILE and friends: leave the connection in the backlog, and try
-                    // again in a while (`retry_accepts`), not at once: that would spin
-                    // while the shortage lasts.
-                    if self.accept_retry.is_none() {
-                        if is_out_of_files(&e) {
-                            // Logged once per episode, not at every retry.
-                            self.limit_reached(Limit::OpenFiles, now, || {
-                                format!(
-                                    "accept on a published port: {e}: its connections wait in the backlog, \
-                                     tried again every {ACCEPT_RETRY:?} (raise `ulimit -n`)"
-                                )
-                            });
-                        } else {
-                            tracing::warn!("accept on a published port: {e}; trying again in {ACCEPT_RETRY:?}");
-                        }
-                        self.accept_retry = Some(now + ACCEPT_RETRY);
-                    }
+                    self.accept_failed("accept on a published port", &e, now);
                     return accepted;
                 }
             };
             accepted += 1;
+            self.fds_crowded = fd.as_raw_fd() as libc::rlim_t + 1 >= self.published_fd_ceiling;
             if self.cfg.policy.denies_peer(client.ip()) {
                 self.cfg.policy.denied(Via::Publish, DenyReason::DenyRule, client, None);
                 sock::set_linger_zero(fd.as_fd());

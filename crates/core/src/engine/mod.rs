@@ -110,6 +110,12 @@ pub struct Engine {
     /// A new guest flow's socket numbered at or beyond this is refused (`--fd-reserve`,
     /// see `flow_policy::within_fd_reserve`).
     fd_ceiling: libc::rlim_t,
+    /// From this descriptor number on, a published port's new connections wait in its
+    /// backlog (`sock::published_fd_ceiling`): the last few are the API's and the services'.
+    published_fd_ceiling: libc::rlim_t,
+    /// The last connection a published port accepted took a descriptor next to that
+    /// ceiling: look for a free one below it before accepting another.
+    fds_crowded: bool,
     isn_hasher: std::collections::hash_map::RandomState,
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
     /// Guest UDP datagrams of this round, sent together at its end.
@@ -128,6 +134,9 @@ pub struct Engine {
     /// When to watch the TCP listeners again after an accept failed (out of descriptors):
     /// the connections it left in a backlog get no new event of their own.
     accept_retry: Option<Instant>,
+    /// Rate-limits the warnings of failed accepts other than for want of descriptors
+    /// (those count as the limit `open_files`).
+    accept_errors: crate::config::LogEvery,
     /// Where the search for a free host port of the next `/tunnel` starts.
     next_tunnel_port: u16,
     control_tx: std::sync::mpsc::Sender<control::Command>,
@@ -322,6 +331,7 @@ impl Engine {
             next_listener_id: 0,
             next_tunnel_port: 0,
             accept_retry: None,
+            accept_errors: Default::default(),
             control_tx,
             control_rx,
             waker: None,
@@ -351,6 +361,8 @@ impl Engine {
             timers: BinaryHeap::new(),
             owed_acks: Vec::new(),
             fd_ceiling: sock::fd_ceiling(cfg.limits.fd_reserve),
+            published_fd_ceiling: sock::published_fd_ceiling(),
+            fds_crowded: false,
             isn_hasher: Default::default(),
             cfg,
         })

@@ -4,7 +4,7 @@
 use std::io;
 use std::mem::size_of;
 use std::net::SocketAddrV4;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 fn check(r: isize) -> io::Result<usize> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as usize) }
@@ -370,13 +370,41 @@ pub fn take_error(fd: BorrowedFd<'_>) -> i32 {
 /// The descriptor number from which a new guest flow's socket is refused: the open-file
 /// limit less `reserve` (at most half of it, so that a low limit still leaves guests some).
 pub fn fd_ceiling(reserve: usize) -> libc::rlim_t {
+    limit_less(reserve, 2)
+}
+
+/// Descriptors that a published port's connections leave to the API and the services when
+/// host clients would take all the others (at most an eighth of the limit).
+pub const PUBLISHED_KEEP: usize = 32;
+
+/// The descriptor number from which a published port's new connections wait in its
+/// backlog: the open-file limit less [`PUBLISHED_KEEP`].
+pub fn published_fd_ceiling() -> libc::rlim_t {
+    limit_less(PUBLISHED_KEEP, 8)
+}
+
+/// The open-file limit less `keep`, or less a `1/of` of it if that is fewer.
+fn limit_less(keep: usize, of: libc::rlim_t) -> libc::rlim_t {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
         return libc::RLIM_INFINITY;
     }
     let cur = lim.rlim_cur;
-    cur - (reserve as libc::rlim_t).min(cur / 2)
+    cur - (keep as libc::rlim_t).min(cur / of)
+}
+
+/// The number the next descriptor this process opens would get (the lowest free one), found
+/// by duplicating `fd` there and closing the copy.
+pub fn lowest_free_fd(fd: BorrowedFd<'_>) -> io::Result<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor that we own and close at once.
+    let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `copy` was just made, and nothing else knows it.
+    drop(unsafe { OwnedFd::from_raw_fd(copy) });
+    Ok(copy)
 }
 
 #[cfg(test)]

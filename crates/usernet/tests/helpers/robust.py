@@ -17,11 +17,12 @@ Host side:
                                    "ENDED <error name>" when a send fails.
   robust.py blackhole-dns          UDP on 127.0.0.1:0: reads queries, never answers;
                                    prints "QUERY" for each
-  robust.py published-clients PORT N
+  robust.py published-clients PORT N KEEP GO
                                    N TCP connections to 127.0.0.1:PORT, kept open, each
                                    sending "hello <i>\n" to an echo server; prints
-                                   "SERVED k" (answered within 3 s), then closes the
-                                   first half, sends "again\n" on the rest and prints
+                                   "SERVED k" (answered within 3 s), waits for the file
+                                   GO (at most 60 s), then closes all but the last KEEP,
+                                   sends "again\n" on those and prints
                                    "AFTER answered=a of=b lost=c" (answered whole within
                                    30 s; lost: ended or reset first)
 
@@ -336,7 +337,7 @@ def exchange(conns, sent, expected, limit):
     return answered, lost
 
 
-def published_clients(port, n):
+def published_clients(port, n, keep, go):
     raise_nofile()
     conns = {}
     for i in range(n):
@@ -344,7 +345,8 @@ def published_clients(port, n):
     hello = {i: b"hello %d\n" % i for i in range(n)}
     first, lost = exchange(conns, hello, hello, 3)
     say("SERVED %d" % len(first))
-    for i in range(n // 2):
+    wait_for_file(go, 60)
+    for i in range(n - keep):
         conns.pop(i).close()
     again = {i: b"again\n" for i in conns}
     # One not served yet reads its hello back first.
@@ -545,7 +547,7 @@ def main():
     elif mode == "idle-clients":
         sys.exit(idle_clients(a[1], int(a[2]), int(a[3]), a[4], a[5], int(a[6])))
     elif mode == "published-clients":
-        published_clients(int(a[1]), int(a[2]))
+        published_clients(int(a[1]), int(a[2]), int(a[3]), a[4])
     elif mode == "echo-server":
         echo_server(int(a[1]))
     elif mode == "vanish-client":
