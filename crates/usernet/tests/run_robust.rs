@@ -518,7 +518,6 @@ fn host_client_vanishes_from_published_port() {
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn published_port_at_the_open_file_limit_loses_nothing() {
-    use std::os::unix::process::CommandExt;
     require(&["ip", "dnsmasq", "python3"]);
     let dns = DnsUpstream::start();
     let p = free_port();
@@ -532,13 +531,7 @@ fn published_port_at_the_open_file_limit_loses_nothing() {
         .arg("--api")
         .arg(&api)
         .command(&["sh", "-c", &script]);
-    // SAFETY: setrlimit(2) only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit { rlim_cur: 128, rlim_max: 128 };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-        });
-    }
+    with_open_file_limit(&mut cmd, 128);
     let mut bg = Background::start(cmd, Stdio::piped());
     bg.wait_line("READY", Duration::from_secs(20));
     let mut clients = helper(&["published-clients", &p.to_string(), "100", "30", &go.to_string_lossy()]);

@@ -210,7 +210,6 @@ fn qemu_stream_transport_guests_that_reconnect() {
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn qemu_stream_transport_guests_wait_out_a_shortage_of_descriptors() {
-    use std::os::unix::process::CommandExt;
     common::require(&["dnsmasq"]);
     let dns = DnsUpstream::start();
     let dir = TempDir::new("serve-nofile");
@@ -219,13 +218,7 @@ fn qemu_stream_transport_guests_wait_out_a_shortage_of_descriptors() {
     let mut cmd = common::usernet_command();
     cmd.arg("serve").args(["--dns-upstream", &dns.addr()]).arg("--api").arg(&api);
     cmd.arg(format!("--listen-qemu=unix:{}", sock.display()));
-    // SAFETY: setrlimit(2) only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-        });
-    }
+    common::with_open_file_limit(&mut cmd, 64);
     let serve = Serve::spawn(cmd, api.clone(), &[sock.clone(), api]);
 
     let mut guests: Vec<_> = (0..60).map(|_| stream_client(&sock)).collect();

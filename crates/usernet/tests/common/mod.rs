@@ -797,6 +797,19 @@ pub fn run_usernet<S: AsRef<OsStr>, T: AsRef<OsStr>>(dns: &DnsUpstream, args: &[
     Usernet::new(dns).args(args).run(cmd)
 }
 
+/// Runs `cmd` with its open-file limit (RLIMIT_NOFILE, soft and hard) at `n`: usernet
+/// raises its soft limit to the hard one, so `n` is what it gets.
+#[allow(dead_code)]
+pub fn with_open_file_limit(cmd: &mut Command, n: u64) {
+    // SAFETY: setrlimit(2) only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
+}
+
 /// A copy of the usernet binary (mode 0755, in a 0755 directory) that any
 /// user can run, for rootless tests with `runuser -u nobody`.
 pub fn copy_binary_for_others(dir: &TempDir) -> PathBuf {
