@@ -11,8 +11,9 @@
 //! A new connection's SYN reaches an engine by that hash, which splits four connections
 //! 4-0 one time in eight. So the engine that gets the SYN of a connection no engine holds
 //! hands it to the engine holding the fewest TCP flows, when that one holds fewer than
-//! itself: counted in the owner map, and claimed for it at once so that a burst of SYNs
-//! is spread before the other engine has read any. Its SYN-ACK, written on its own queue,
+//! itself: counted in the owner map (with the spliced connections of published ports,
+//! which are engine 0's work and never cross the link), and claimed for it at once so that
+//! a burst of SYNs is spread before the other engine has read any. Its SYN-ACK, written on its own queue,
 //! then teaches the kernel's flow table the queue for the connection's next frames (and
 //! until it does, the owner map sends them there). A connection made one at a time finds
 //! no engine holding fewer and stays where it came; one that the other engine does not

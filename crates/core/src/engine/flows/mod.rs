@@ -229,9 +229,9 @@ impl FlowTable {
     /// Keeps `set`'s owner map up to date with this table, as engine `me`'s.
     pub fn share_owners(&mut self, set: std::sync::Arc<owners::Owners>, me: usize) {
         for (_, flow) in self.ids() {
-            let key = flow.key();
-            if !matches!(key, FlowKey::Splice { .. }) {
-                set.claim(key, me);
+            match flow.key() {
+                FlowKey::Splice { .. } => set.count_splice(me, true),
+                key => set.claim(key, me),
             }
         }
         self.owners = Some((set, me));
@@ -319,10 +319,11 @@ impl FlowTable {
     /// Adds `flow`; a TCP flow counts against `guest` until it is removed.
     pub fn insert(&mut self, flow: Flow, guest: Option<GuestKey>) -> FlowId {
         let key = flow.key();
-        if let Some((set, me)) = &self.owners
-            && !matches!(key, FlowKey::Splice { .. })
-        {
-            set.claim(key, *me);
+        if let Some((set, me)) = &self.owners {
+            match key {
+                FlowKey::Splice { .. } => set.count_splice(*me, true),
+                key => set.claim(key, *me),
+            }
         }
         if flow.is_gateway_dns() {
             self.gateway_dns_count += 1;
@@ -396,7 +397,10 @@ impl FlowTable {
             None => self.index.remove(&key),
         };
         if let Some((set, me)) = &self.owners {
-            set.release(&key, *me);
+            match key {
+                FlowKey::Splice { .. } => set.count_splice(*me, false),
+                key => set.release(&key, *me),
+            }
         }
         for kind in [Kind::Connecting, Kind::Udp, Kind::GatewayDns, Kind::Icmp] {
             self.list(kind).remove(id.slot);

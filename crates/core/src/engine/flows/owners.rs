@@ -2,7 +2,9 @@
 //! every engine's flow table keeps it up to date as flows come and go, and an engine that
 //! gets a frame of a flow it does not hold looks here for the one that does. It also counts
 //! the TCP flows each engine holds, so that a new connection can go to the engine with the
-//! fewest (`Engine::keep_frame`).
+//! fewest (`Engine::keep_frame`). Spliced connections of published ports count with them:
+//! they never cross the guest's link, so they have no key here, but they are TCP work of
+//! engine 0's all the same.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -15,15 +17,18 @@ pub struct Owners(Mutex<Map>);
 #[derive(Default)]
 struct Map {
     owner: HashMap<FlowKey, usize>,
-    /// TCP keys in `owner`, per engine (grown as engines claim).
+    /// TCP keys in `owner` and spliced connections, per engine (grown as engines claim).
     tcp: Vec<usize>,
 }
 
 impl Map {
     fn count(&mut self, key: &FlowKey, engine: usize, add: bool) {
-        if !matches!(key, FlowKey::Tcp { .. }) {
-            return;
+        if matches!(key, FlowKey::Tcp { .. }) {
+            self.count_tcp(engine, add);
         }
+    }
+
+    fn count_tcp(&mut self, engine: usize, add: bool) {
         if self.tcp.len() <= engine {
             self.tcp.resize(engine + 1, 0);
         }
@@ -78,6 +83,11 @@ impl Owners {
         }
     }
 
+    /// Engine `me` holds one spliced connection more (`add`) or one less.
+    pub fn count_splice(&self, me: usize, add: bool) {
+        self.map().count_tcp(me, add);
+    }
+
     /// The TCP flows engine `engine` holds.
     #[cfg(test)]
     pub fn tcp_flows(&self, engine: usize) -> usize {
@@ -122,6 +132,15 @@ mod tests {
         o.release(&tcp(2), 0);
         o.release(&tcp(1), 0);
         assert_eq!((o.tcp_flows(0), o.tcp_flows(1)), (0, 0));
+        // Spliced connections count, without a key.
+        o.count_splice(1, true);
+        o.count_splice(1, true);
+        assert_eq!((o.tcp_flows(0), o.tcp_flows(1)), (0, 2));
+        assert_eq!(o.fewer_tcp_flows_than(1, 2), Some(0), "splices make an engine busier");
+        o.count_splice(1, false);
+        o.count_splice(1, false);
+        o.count_splice(1, false);
+        assert_eq!(o.tcp_flows(1), 0, "never below zero");
         // UDP keys are owned but not counted.
         let udp =
             FlowKey::Udp { guest: "192.168.65.2:5000".parse().unwrap(), remote: "203.0.113.1:53".parse().unwrap() };

@@ -300,6 +300,38 @@ mod tests {
         (host.into(), guest)
     }
 
+    /// With several engines, a spliced connection counts among its engine's TCP flows in
+    /// the owner map (a new connection then goes to an engine holding fewer), from the
+    /// moment the table holds it, whether it came before or after the map was shared.
+    #[test]
+    fn a_splice_counts_among_its_engines_tcp_flows() {
+        use std::os::unix::net::UnixStream;
+        let pool = PipePool::default();
+        let splice = || {
+            let (h, _) = UnixStream::pair().unwrap();
+            let (g, _) = UnixStream::pair().unwrap();
+            super::super::Flow::Splice(SpliceFlow::new(
+                h.into(),
+                g.into(),
+                true,
+                1,
+                pool.take_two().unwrap(),
+                Instant::now(),
+            ))
+        };
+        let mut table = super::super::FlowTable::default();
+        let before = table.insert(splice(), None);
+        let owners = std::sync::Arc::new(super::super::owners::Owners::default());
+        table.share_owners(owners.clone(), 0);
+        assert_eq!(owners.tcp_flows(0), 1);
+        let after = table.insert(splice(), None);
+        assert_eq!(owners.tcp_flows(0), 2);
+        assert_eq!(owners.fewer_tcp_flows_than(0, 2), Some(1));
+        table.remove(before);
+        table.remove(after);
+        assert_eq!(owners.tcp_flows(0), 0);
+    }
+
     /// An ended flow's empty pipes serve the next flow, which moves bytes through them; a
     /// pipe with bytes left in it is closed, and the pool keeps at most POOL_MAX.
     #[test]
