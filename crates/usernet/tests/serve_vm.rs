@@ -399,6 +399,12 @@ fn vm_on_the_dgram_transport() {
         std::slice::from_ref(&sock),
     );
 
+    // Before any guest: an oversized datagram is dropped and logged, and its sender is not
+    // taken for the guest.
+    let stray = UnixDatagram::unbound().unwrap();
+    stray.send_to(&vec![0u8; 70_000], &sock).unwrap();
+    assert!(serve.log_shows("70000-byte datagram"), "no logged reason:\n{}", serve.log());
+
     let mut vm = Vm::boot("dgram", &image, &dgram_netdev(&vm_sock, &sock), "52:54:00:00:02:01", &fx.params());
     vm.wait_for("USERNET-VM ready", VM_TIMEOUT);
     fx.assert_checks(&vm, "192.168.65.2");
@@ -408,7 +414,6 @@ fn vm_on_the_dgram_transport() {
 
     // usernet's socket is connected to the VM's (QEMU sent a frame first): a datagram from
     // elsewhere is refused by the kernel, and the VM keeps working.
-    let stray = UnixDatagram::unbound().unwrap();
     let refused = stray.send_to(&vec![0u8; 70_000], &sock).unwrap_err();
     assert_eq!(refused.raw_os_error(), Some(libc::EPERM), "{refused}");
     assert_eq!(curl(port).trim(), "hello from 192.168.65.2");

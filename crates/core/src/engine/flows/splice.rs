@@ -307,28 +307,30 @@ mod tests {
     fn a_splice_counts_among_its_engines_tcp_flows() {
         use std::os::unix::net::UnixStream;
         let pool = PipePool::default();
-        let splice = || {
+        let splice = |id| {
             let (h, _) = UnixStream::pair().unwrap();
             let (g, _) = UnixStream::pair().unwrap();
             super::super::Flow::Splice(SpliceFlow::new(
                 h.into(),
                 g.into(),
                 true,
-                1,
+                id,
                 pool.take_two().unwrap(),
                 Instant::now(),
             ))
         };
         let mut table = super::super::FlowTable::default();
-        let before = table.insert(splice(), None);
+        let before = table.insert(splice(1), None);
         let owners = std::sync::Arc::new(super::super::owners::Owners::default());
         table.share_owners(owners.clone(), 0);
         assert_eq!(owners.tcp_flows(0), 1);
-        let after = table.insert(splice(), None);
+        let after = table.insert(splice(2), None);
         assert_eq!(owners.tcp_flows(0), 2);
         assert_eq!(owners.fewer_tcp_flows_than(0, 2), Some(1));
-        table.remove(before);
-        table.remove(after);
+        assert_eq!(table.len(), 2);
+        assert!(table.remove(before).is_some() && table.remove(after).is_some());
+        assert_eq!(owners.tcp_flows(0), 0);
+        assert!(table.remove(after).is_none(), "removed once");
         assert_eq!(owners.tcp_flows(0), 0);
     }
 
