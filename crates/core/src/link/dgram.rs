@@ -322,9 +322,7 @@ impl DgramLink {
     /// The socket has no datagram: `WouldBlock`, and a polled link that had no bulk frame
     /// for `POLL_IDLE` waits for readiness again.
     fn would_block(&mut self) -> io::Error {
-        if self.upload.polling() {
-            self.upload.empty(Instant::now());
-        }
+        self.upload.empty(Instant::now);
         io::ErrorKind::WouldBlock.into()
     }
 

@@ -256,9 +256,7 @@ impl StreamLink {
     /// The socket has no whole frame: `WouldBlock`, and a polled link that had no bulk frame
     /// for `POLL_IDLE` watches its socket again.
     fn would_block(&mut self) -> io::Error {
-        if self.upload.polling() {
-            self.upload.empty(Instant::now());
-        }
+        self.upload.empty(Instant::now);
         io::ErrorKind::WouldBlock.into()
     }
 }

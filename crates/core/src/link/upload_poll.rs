@@ -73,10 +73,12 @@ impl UploadPoll {
         true
     }
 
-    /// The guest's queue is empty at `now`: true while polling goes on, false once it has
-    /// had no bulk frame for [`POLL_IDLE`] (polling ends here) or when it was off.
-    pub fn empty(&mut self, now: Instant) -> bool {
+    /// The guest's queue is empty at `now` (asked only while polling): true while polling
+    /// goes on, false once it has had no bulk frame for [`POLL_IDLE`] (polling ends here)
+    /// or when it was off.
+    pub fn empty(&mut self, now: impl FnOnce() -> Instant) -> bool {
         let Some(since) = &mut self.polled else { return false };
+        let now = now();
         if now.saturating_duration_since(*since.get_or_insert(now)) < POLL_IDLE {
             return true;
         }
@@ -118,16 +120,17 @@ mod tests {
         assert!(p.frame(1514, || t), "the fourth bulk frame within POLL_IDLE");
         assert!(p.polling());
         // Empty looks keep it on until POLL_IDLE passed since the first of them.
-        assert!(p.empty(t + ms(1)));
-        assert!(p.empty(t + ms(2)));
+        assert!(p.empty(|| t + ms(1)));
+        assert!(p.empty(|| t + ms(2)));
         // A bulk frame starts the count again; small frames do not.
         assert!(!p.frame(1514, || panic!("no clock while polled")));
-        assert!(p.empty(t + ms(3)));
+        assert!(p.empty(|| t + ms(3)));
         p.frame(60, || t);
-        assert!(p.empty(t + ms(4)));
-        assert!(!p.empty(t + ms(5)), "POLL_IDLE without a bulk frame");
+        assert!(p.empty(|| t + ms(4)));
+        assert!(!p.empty(|| t + ms(5)), "POLL_IDLE without a bulk frame");
         assert!(!p.polling());
-        assert!(!p.empty(t + ms(6)), "off stays off");
+        assert!(!p.empty(|| t + ms(6)), "off stays off");
+        assert!(!p.empty(|| panic!("no clock while not polling")));
     }
 
     #[test]
