@@ -146,7 +146,8 @@ impl DhcpServer {
         } else {
             chaddr
         };
-        match msg.opts().msg_type()? {
+        let kind = msg.opts().msg_type()?;
+        let reply = match kind {
             MessageType::Discover => self.discover(&msg, mac, now),
             MessageType::Request => self.request(&msg, mac),
             MessageType::Release => {
@@ -159,7 +160,16 @@ impl DhcpServer {
             }
             MessageType::Inform => self.inform(&msg, mac),
             _ => None,
-        }
+        };
+        // What a guest asked and whether it was answered (RUST_LOG=usernet_core=debug): a
+        // guest that gets no lease shows here whether its messages arrived.
+        tracing::debug!(
+            mac = %mac.map(|b| format!("{b:02x}")).join(":"),
+            kind = ?kind,
+            answered = reply.is_some(),
+            "DHCP"
+        );
+        reply
     }
 
     /// Active leases (acknowledged and not released): address and MAC, by address.

@@ -59,7 +59,8 @@ impl Serve {
     /// Runs `cmd` (a whole `usernet serve` command line) and waits for `wait_paths`.
     pub fn spawn(mut cmd: Command, api: PathBuf, wait_paths: &[PathBuf]) -> Serve {
         let mut child = cmd
-            .env("RUST_LOG", "info")
+            // What DHCP asked and answered too: the log a failed test shows (see Drop).
+            .env("RUST_LOG", "info,usernet_core::services::dhcp=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -141,6 +142,10 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
+        // A test that failed (a VM's check, say) shows what usernet logged meanwhile.
+        if std::thread::panicking() {
+            eprintln!("usernet serve's log:\n{}", self.log());
+        }
         if let Ok(Some(_)) = self.child.try_wait() {
             return; // reaped already (`kill`): its pid may be another process's by now
         }
