@@ -630,27 +630,22 @@ fn refused() -> io::Error {
     io::Error::from_raw_os_error(libc::ECONNREFUSED)
 }
 
-/// Binds `fd`, a socket of the guest's namespace, to that namespace's loopback address of
-/// `guest`'s family and starts connecting it to `guest` there.
 /// Whether `e` says that this process (EMFILE) or the system (ENFILE) has no descriptor left.
 fn is_out_of_files(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
+/// Starts connecting `fd`, a socket of the guest's namespace, to `guest` (that namespace's
+/// loopback address of its family). No bind(2): the route of a loopback address gives the
+/// same address as source, and connect(2) picks the port, which may be one whose last
+/// connection is in TIME_WAIT (net.ipv4.tcp_tw_reuse), where bind may not: when the client
+/// closes first, our socket keeps its port in TIME_WAIT for a minute, and ports taken by
+/// bind filled the guest's range (bind searched it, 6 ms per connection with 15,000 held,
+/// the engine stalled meanwhile, and with all held the connection went through the guest
+/// link instead). Two system calls a connection fewer than the bind to port 0 with
+/// IP_BIND_ADDRESS_NO_PORT that did the same.
 fn dial_from_loopback(fd: OwnedFd, guest: SocketAddr) -> io::Result<(OwnedFd, bool)> {
     let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-    let local = match guest {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
-    };
-    // The port is picked by connect(2), not by bind(2): connect may reuse a loopback port
-    // whose last connection is in TIME_WAIT (net.ipv4.tcp_tw_reuse), bind may not. When the
-    // client closes first, our socket keeps its port in TIME_WAIT for a minute. Taken by
-    // bind, such ports filled the guest's range: bind searched it, 6 ms per connection with
-    // 15,000 held (the engine stalled meanwhile), and with all held the connection went
-    // through the guest link instead.
-    let _ = sock::set_int(fd.as_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1);
-    sock::bind(fd.as_fd(), local)?;
     let connected = sock::connect(fd.as_fd(), guest)?;
     Ok((fd, connected))
 }
