@@ -11,7 +11,9 @@
 //!
 //! The pipes of a flow that ends empty go back to the engine's [`PipePool`] for the next
 //! flow, so a short connection (a request and its answer) costs no pipe2(2) and close(2)
-//! calls of its own. A pipe starts at the kernel's default size and grows to 1 MiB once its
+//! calls of its own; a direction's pipe goes back as soon as that direction has ended,
+//! which for a request and its answer is while the client still reads the answer (and the
+//! loop accepts the next clients meanwhile: a burst of them found the pool empty). A pipe starts at the kernel's default size and grows to 1 MiB once its
 //! direction has moved 1 MiB (`GROW_AFTER` says why not at once).
 
 use std::cell::RefCell;
@@ -83,7 +85,7 @@ impl PipePool {
     pub fn take_two(&self) -> io::Result<Pipes> {
         let first = self.take()?;
         match self.take() {
-            Ok(second) => Ok(Pipes { pair: Some([first, second]), pool: self.clone() }),
+            Ok(second) => Ok(Pipes { pair: [Some(first), Some(second)], pool: self.clone() }),
             Err(e) => {
                 self.give(first);
                 Err(e)
@@ -113,15 +115,25 @@ impl PipePool {
 /// Taken before the flow's socket inside the guest is dialled, so that a shortage of
 /// descriptors shows before the guest sees a connection.
 pub struct Pipes {
-    /// None only while being dropped: held inline, so a connection allocates nothing for them.
-    pair: Option<[Pipe; 2]>,
+    /// Held inline, so a connection allocates nothing for them; None once its direction has
+    /// ended (given back early, [`Pipes::give_back`]).
+    pair: [Option<Pipe>; 2],
     pool: PipePool,
+}
+
+impl Pipes {
+    /// Direction `dir` has ended: its pipe (empty) goes back to the pool now.
+    fn give_back(&mut self, dir: usize) {
+        if let Some(pipe) = self.pair[dir].take() {
+            self.pool.give(pipe);
+        }
+    }
 }
 
 impl Drop for Pipes {
     fn drop(&mut self) {
-        for pipe in self.pair.take().into_iter().flatten() {
-            self.pool.give(pipe);
+        for dir in 0..2 {
+            self.give_back(dir);
         }
     }
 }
@@ -202,29 +214,25 @@ impl SpliceFlow {
     }
 
     /// Either socket changed readiness: move what can be moved, both ways.
+    ///
+    /// A connect under way is not asked about (getsockopt(2) and a peek, two calls each
+    /// connection): the moves tell. Until the guest's socket connects, a splice to it or from
+    /// it says EAGAIN, and once refused it says so (ECONNREFUSED, from SO_ERROR); the first
+    /// byte that goes either way shows it connected. Only the end of the client's stream
+    /// needs an answer first, since a shutdown(2) would end a connect under way.
     pub fn on_event(&mut self) -> Verdict {
-        if self.connecting {
-            let err = sock::take_error(self.guest.as_fd());
-            if err == libc::ECONNREFUSED && self.fallback.is_some() {
-                self.refused = true;
-                return Verdict::Keep;
-            }
-            if err != 0 {
-                tracing::debug!("published port inside the namespace: {}", io::Error::from_raw_os_error(err));
-                sock::set_linger_zero(self.host.as_fd());
-                return Verdict::Close;
-            }
-            // Not yet connected: a zero-length peek tells (ENOTCONN while in progress).
-            let mut none = [0u8; 0];
-            match sock::recv(self.guest.as_fd(), &mut none, true) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Verdict::Keep,
-                _ => self.connecting = false,
-            }
-        }
         let before = self.traffic.from_guest + self.traffic.to_guest;
         for dir in 0..2 {
             if let Err(e) = self.pump(dir) {
-                tracing::debug!("spliced connection: {e}");
+                if self.connecting {
+                    if e.raw_os_error() == Some(libc::ECONNREFUSED) && self.fallback.is_some() {
+                        self.refused = true;
+                        return Verdict::Keep;
+                    }
+                    tracing::debug!("published port inside the namespace: {e}");
+                } else {
+                    tracing::debug!("spliced connection: {e}");
+                }
                 sock::set_linger_zero(self.host.as_fd());
                 sock::set_linger_zero(self.guest.as_fd());
                 return Verdict::Close;
@@ -236,36 +244,60 @@ impl SpliceFlow {
         if self.dirs[0].shut && self.dirs[1].shut { Verdict::Close } else { Verdict::Keep }
     }
 
+    /// Whether the guest's socket has connected, asked of the kernel: its error if it failed,
+    /// and whether it has a peer (getpeername(2) fails while the SYN is out). A zero-length
+    /// peek, which this asked before, says EAGAIN then, as it does once connected.
+    fn connect_done(&mut self) -> io::Result<bool> {
+        let err = sock::take_error(self.guest.as_fd());
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+        self.connecting = !sock::connect_completed(self.guest.as_fd());
+        Ok(!self.connecting)
+    }
+
     /// Moves bytes in one direction until a side would block.
     fn pump(&mut self, dir: usize) -> io::Result<()> {
-        let (src, dst) = if dir == 0 { (&self.host, &self.guest) } else { (&self.guest, &self.host) };
-        let Some(pipes) = self.pipes.pair.as_mut() else { return Ok(()) };
-        let pipe = &mut pipes[dir];
-        let state = &mut self.dirs[dir];
-        let moved = if dir == 0 { &mut self.traffic.to_guest } else { &mut self.traffic.from_guest };
+        // The guest's end of this direction: its destination for 0, its source for 1.
+        let to_guest = dir == 0;
         loop {
+            let (src, dst) = if to_guest { (&self.host, &self.guest) } else { (&self.guest, &self.host) };
+            // No pipe: this direction has ended, and gave it back.
+            let Some(pipe) = self.pipes.pair[dir].as_mut() else { return Ok(()) };
+            let moved = if to_guest { &mut self.traffic.to_guest } else { &mut self.traffic.from_guest };
             while pipe.queued > 0 {
                 match splice(pipe.read.as_fd(), dst.as_fd(), pipe.queued) {
                     Ok(n) => {
                         pipe.queued -= n.min(pipe.queued);
                         *moved += n as u64;
+                        self.connecting &= !to_guest;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
             }
-            if state.eof {
-                if !state.shut {
-                    sock::shutdown_write(dst.as_fd());
-                    state.shut = true;
+            if self.dirs[dir].eof {
+                if !self.dirs[dir].shut {
+                    if self.dirs[1 - dir].shut {
+                        // The other way is done too: the flow closes now, and close(2)
+                        // sends the FIN that shutdown(2) would (nothing is left unread).
+                    } else if to_guest && self.connecting && !self.connect_done()? {
+                        return Ok(()); // shut once connected: the connect's event comes back here
+                    } else {
+                        let dst = if to_guest { &self.guest } else { &self.host };
+                        sock::shutdown_write(dst.as_fd());
+                    }
+                    self.dirs[dir].shut = true;
+                    self.pipes.give_back(dir);
                 }
                 return Ok(());
             }
             match splice(src.as_fd(), pipe.write.as_fd(), CHUNK) {
-                Ok(0) => state.eof = true,
+                Ok(0) => self.dirs[dir].eof = true,
                 Ok(n) => {
                     pipe.queued += n;
+                    self.connecting &= to_guest;
                     if !pipe.grown && *moved + pipe.queued as u64 >= GROW_AFTER {
                         pipe.grow();
                     }
@@ -283,8 +315,8 @@ mod tests {
     use super::*;
 
     impl SpliceFlow {
-        fn pipes(&self) -> &[Pipe; 2] {
-            self.pipes.pair.as_ref().expect("a live flow has its pipes")
+        fn pipes(&self) -> [&Pipe; 2] {
+            self.pipes.pair.each_ref().map(|p| p.as_ref().expect("both directions live"))
         }
     }
 
@@ -395,14 +427,14 @@ mod tests {
         let mut flow = SpliceFlow::new(h.into(), g.into(), true, 1, pool.take_two().unwrap(), Instant::now());
         // SAFETY: F_GETPIPE_SZ takes no argument.
         let size = |p: &Pipe| unsafe { libc::fcntl(p.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        let default = size(&flow.pipes()[0]);
+        let default = size(flow.pipes()[0]);
         assert!(default > 0 && default < PIPE_SIZE);
 
         client.write_all(b"short").unwrap();
         assert_eq!(flow.on_event(), Verdict::Keep);
         let mut buf = vec![0u8; 64 << 10];
         assert_eq!(server.read(&mut buf).unwrap(), 5);
-        assert_eq!(size(&flow.pipes()[0]), default, "a few bytes keep the default pipe");
+        assert_eq!(size(flow.pipes()[0]), default, "a few bytes keep the default pipe");
 
         let total = 2 * GROW_AFTER as usize;
         let writer = std::thread::spawn(move || client.write_all(&vec![7u8; total]).map(|_| client));
@@ -418,8 +450,106 @@ mod tests {
             }
         }
         let _client = writer.join().unwrap().unwrap();
-        assert_eq!(size(&flow.pipes()[0]), PIPE_SIZE, "bulk grows its pipe");
-        assert_eq!(size(&flow.pipes()[1]), default, "the quiet direction's pipe is as it was");
+        assert_eq!(size(flow.pipes()[0]), PIPE_SIZE, "bulk grows its pipe");
+        assert_eq!(size(flow.pipes()[1]), default, "the quiet direction's pipe is as it was");
+    }
+
+    /// A connect still under way (the guest's listener has no room: its SYN is dropped and
+    /// sent again a second later) holds the client's bytes and the end of its stream, and
+    /// passes both on once it completes: the end is not a shutdown(2) that would abort it.
+    /// With bytes, the end waits behind them in the pipe; without, it waits on its own.
+    #[test]
+    fn a_connect_under_way_keeps_the_clients_bytes_and_end() {
+        connect_under_way(b"hello");
+        connect_under_way(b"");
+    }
+
+    fn connect_under_way(payload: &[u8]) {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let listener = sock::socket(libc::SOCK_STREAM, 0).unwrap();
+        sock::bind(listener.as_fd(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        // SAFETY: listen(2) on a socket we own; a backlog of 0 queues one connection.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let listener = std::net::TcpListener::from(listener);
+        let to = listener.local_addr().unwrap();
+        let _queued = std::net::TcpStream::connect(to).unwrap();
+        let guest = sock::socket(libc::SOCK_STREAM, 0).unwrap();
+        assert!(!sock::connect(guest.as_fd(), to).unwrap());
+        let (h, mut client) = UnixStream::pair().unwrap();
+        h.set_nonblocking(true).unwrap();
+        let mut flow =
+            SpliceFlow::new(h.into(), guest, false, 1, PipePool::default().take_two().unwrap(), Instant::now());
+        client.write_all(payload).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(flow.on_event(), Verdict::Keep);
+        assert!(flow.connecting, "the SYN found no room");
+        assert_eq!(flow.pipes()[0].queued, payload.len(), "the bytes wait in the pipe");
+        assert!(!flow.dirs[0].shut, "the end waits for the connect");
+        assert_eq!(flow.dirs[0].eof, payload.is_empty());
+        // Room for it: the first queued connection is taken; the SYN comes again.
+        let (_first, _) = listener.accept().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut server = loop {
+            assert_eq!(flow.on_event(), Verdict::Keep);
+            if let Ok((s, _)) = listener.accept() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the connect never completed");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(flow.on_event(), Verdict::Keep);
+        assert!(!flow.connecting && flow.dirs[0].shut);
+        server.set_nonblocking(false).unwrap();
+        server.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        assert_eq!(got, payload, "the bytes, then the end of the stream");
+    }
+
+    /// When the second direction ends, the flow closes without a shutdown(2) of its own: the
+    /// close(2) sends the FIN, and the guest sees the end of the stream, not a reset.
+    #[test]
+    fn the_last_end_is_passed_on_by_the_close() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let guest = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        guest.set_nonblocking(true).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        server.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let (h, mut client) = UnixStream::pair().unwrap();
+        h.set_nonblocking(true).unwrap();
+        client.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let pool = PipePool::default();
+        let mut flow = SpliceFlow::new(h.into(), guest.into(), true, 1, pool.take_two().unwrap(), Instant::now());
+        let mut buf = [0u8; 4];
+
+        client.write_all(b"ping").unwrap();
+        assert_eq!(flow.on_event(), Verdict::Keep);
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        // The guest answers and ends its side first: passed on with a shutdown(2).
+        server.write_all(b"pong").unwrap();
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while !flow.dirs[1].shut {
+            assert_eq!(flow.on_event(), Verdict::Keep);
+            assert!(Instant::now() < deadline, "the guest's end never came through");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(pool.len(), 1, "the ended direction's pipe is back already");
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"pong");
+        // Then the client ends its side: the flow closes, and dropping it is the FIN.
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(flow.on_event(), Verdict::Close);
+        assert!(flow.dirs[0].shut);
+        drop(flow);
+        assert_eq!(server.read(&mut buf).unwrap(), 0, "the end of the stream, not a reset");
+        assert_eq!(pool.len(), 2, "both pipes back, empty");
     }
 
     #[test]
