@@ -430,13 +430,17 @@ impl Engine {
         let mut dialed = Err(io::ErrorKind::Unsupported.into());
         if over_v6 {
             dialed = sockets.take(Family::V6).and_then(|s| dial_from_loopback(s, v6));
-            match &dialed {
-                // Refused at once (loopback answers within the connect): IPv4 now.
-                Ok((s, false)) if guest.is_ipv4() && sock::take_error(s.as_fd()) == libc::ECONNREFUSED => {
-                    dialed = Err(refused())
+            if let Ok((s, false)) = &dialed
+                && guest.is_ipv4()
+            {
+                // Refused at once (loopback answers within the connect), or failed otherwise:
+                // IPv4 now. The error is read once: after it, the socket would look like a
+                // connection that ended (a splice from it returns 0).
+                match sock::take_error(s.as_fd()) {
+                    0 => fallback = Some(v4),
+                    libc::ECONNREFUSED => dialed = Err(refused()),
+                    err => dialed = Err(io::Error::from_raw_os_error(err)),
                 }
-                Ok((_, false)) if guest.is_ipv4() => fallback = Some(v4),
-                _ => {}
             }
         }
         if dialed.is_err() && guest.is_ipv4() {
@@ -637,7 +641,8 @@ fn is_out_of_files(e: &io::Error) -> bool {
 
 /// Starts connecting `fd`, a socket of the guest's namespace, to `guest` (that namespace's
 /// loopback address of its family). No bind(2): the route of a loopback address gives the
-/// same address as source, and connect(2) picks the port, which may be one whose last
+/// same address as source (unless 127.0.0.1 was made a secondary address of the guest's
+/// `lo`: then its primary one), and connect(2) picks the port, which may be one whose last
 /// connection is in TIME_WAIT (net.ipv4.tcp_tw_reuse), where bind may not: when the client
 /// closes first, our socket keeps its port in TIME_WAIT for a minute, and ports taken by
 /// bind filled the guest's range (bind searched it, 6 ms per connection with 15,000 held,

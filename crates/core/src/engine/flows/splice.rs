@@ -152,6 +152,9 @@ pub struct SpliceFlow {
     pub host: OwnedFd,
     /// The socket inside the guest's namespace.
     pub guest: OwnedFd,
+    /// No byte has moved to or from the guest's socket yet: its connect may still be under
+    /// way (or done, with nothing said yet). A refusal is told by the first splice that
+    /// meets it; only an end of stream to pass on asks the kernel ([`SpliceFlow::connect_done`]).
     connecting: bool,
     /// Where to connect instead if the guest refuses this connect: the guest's IPv4
     /// loopback when a client over IPv6 was first carried to the guest's [::1] (the guest
@@ -229,7 +232,7 @@ impl SpliceFlow {
                         self.refused = true;
                         return Verdict::Keep;
                     }
-                    tracing::debug!("published port inside the namespace: {e}");
+                    tracing::debug!("published port inside the namespace, before any byte: {e}");
                 } else {
                     tracing::debug!("spliced connection: {e}");
                 }
