@@ -164,7 +164,7 @@ impl DhcpServer {
         // What a guest asked and whether it was answered (RUST_LOG=usernet_core=debug): a
         // guest that gets no lease shows here whether its messages arrived.
         tracing::debug!(
-            mac = %mac.map(|b| format!("{b:02x}")).join(":"),
+            mac = %crate::guest::GuestKey::Mac(mac),
             kind = ?kind,
             answered = reply.is_some(),
             "DHCP"

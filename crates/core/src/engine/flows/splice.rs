@@ -13,8 +13,9 @@
 //! flow, so a short connection (a request and its answer) costs no pipe2(2) and close(2)
 //! calls of its own; a direction's pipe goes back as soon as that direction has ended,
 //! which for a request and its answer is while the client still reads the answer (and the
-//! loop accepts the next clients meanwhile: a burst of them found the pool empty). A pipe starts at the kernel's default size and grows to 1 MiB once its
-//! direction has moved 1 MiB (`GROW_AFTER` says why not at once).
+//! loop accepts the next clients meanwhile: a burst of them found the pool empty). A pipe
+//! starts at the kernel's default size and grows to 1 MiB once its direction has moved
+//! 1 MiB (`GROW_AFTER` says why not at once).
 
 use std::cell::RefCell;
 use std::io;
