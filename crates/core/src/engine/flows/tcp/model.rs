@@ -139,6 +139,12 @@ impl ModelSocket {
         self.tx.len()
     }
 
+    /// Bytes the peer wrote that the flow has not discarded: a close(2) with any left (and no
+    /// shutdown(2) before) resets the peer rather than ending the stream.
+    pub fn unread_by_flow(&self) -> usize {
+        self.rx.len()
+    }
+
     /// The connection fails with `errno` (the peer reset it, say).
     pub fn fail(&mut self, errno: i32) {
         self.broken = Some(errno);

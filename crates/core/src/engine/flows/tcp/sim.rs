@@ -324,6 +324,10 @@ struct Scenario {
     to_guest: Net,
     guest_reset_at: Option<u64>,
     host_reset_at: Option<u64>,
+    /// The host application writes only once it has read the guest's end of stream (a
+    /// server that reads a whole request before it answers): the guest's FIN must reach it
+    /// while the flow still waits for the host's data.
+    host_answers_after_eof: bool,
 }
 
 impl Scenario {
@@ -373,7 +377,7 @@ impl Scenario {
             1 | 2 if connects => (None, at(r)),
             _ => (None, None),
         };
-        Scenario {
+        let mut sc = Scenario {
             seed,
             outbound,
             connect,
@@ -400,7 +404,11 @@ impl Scenario {
             to_guest: net(r),
             guest_reset_at,
             host_reset_at,
-        }
+            host_answers_after_eof: false,
+        };
+        // Drawn last, so that every other choice of a seed stays what it was.
+        sc.host_answers_after_eof = r.chance(0.25);
+        sc
     }
 
     fn connects(&self) -> bool {
@@ -1070,9 +1078,16 @@ struct Host {
     write_at: Option<u64>,
     reset_at: Option<u64>,
     reset_done: bool,
+    /// Writes only once it read end of stream (`Scenario::host_answers_after_eof`).
+    answers_after_eof: bool,
 }
 
 impl Host {
+    /// Whether the application writes now, as far as its reading goes.
+    fn may_write(&self) -> bool {
+        !self.answers_after_eof || self.eof
+    }
+
     fn next_event(&self) -> Option<u64> {
         [self.read_at, self.write_at, self.reset_at].into_iter().flatten().min()
     }
@@ -1115,6 +1130,9 @@ impl Host {
             if sock.tx_shut && sock.peer_unread() == 0 {
                 self.eof = true;
                 assert_eq!(self.got.len(), self.guest_data.len(), "end of stream before all the guest's data");
+                if self.answers_after_eof && alive && !self.shut {
+                    self.write_at = Some(now);
+                }
             } else if !alive && sock.peer_unread() == 0 {
                 // The flow closed its socket without passing a FIN on (it reset the guest):
                 // the host reads the end of what was sent, and nothing more comes.
@@ -1135,7 +1153,7 @@ impl Host {
         if self.read_at.is_none() && !self.eof && (sock.peer_unread() > 0 || sock.tx_shut || !alive) {
             self.read_at = Some(now + 10);
         }
-        if alive && self.write_at.is_none() && !self.shut && sock.peer_room() > 0 {
+        if alive && self.write_at.is_none() && !self.shut && sock.peer_room() > 0 && self.may_write() {
             self.write_at = Some(now + 10);
         }
     }
@@ -1148,6 +1166,9 @@ struct Ended {
     graceful: bool,
     /// The host socket was set to reset on close.
     linger_zero: bool,
+    /// The socket was closed without a shutdown(2) before, with bytes of the peer's still
+    /// in its receive queue: the kernel resets the connection then, whatever the flow meant.
+    reset_by_close: bool,
 }
 
 /// What a run covered (summed over seeds, to show the simulation reaches every case).
@@ -1254,6 +1275,7 @@ impl Sim {
             write_at: None,
             reset_at: sc.host_reset_at,
             reset_done: false,
+            answers_after_eof: sc.host_answers_after_eof,
         };
         Sim {
             to_flow: Queue::new(sc.to_flow),
@@ -1296,7 +1318,9 @@ impl Sim {
         if !self.host.started {
             self.host.started = true;
             self.host.read_at = Some(self.now);
-            self.host.write_at = Some(self.now);
+            if self.host.may_write() {
+                self.host.write_at = Some(self.now);
+            }
         }
     }
 
@@ -1307,6 +1331,7 @@ impl Sim {
             self.ended = Some(Ended {
                 graceful: f.to_host == ToHost::Shut && f.to_guest == ToGuest::FinAcked,
                 linger_zero: f.sock.linger_zero,
+                reset_by_close: !f.sock.tx_shut && f.sock.unread_by_flow() > 0,
             });
             self.dead = Some(f);
             return;
@@ -1660,6 +1685,7 @@ impl Sim {
             let ended = self.ended.unwrap_or_else(|| panic!("the flow never ended\n{d}"));
             assert!(ended.graceful, "the flow ended without both FINs\n{d}");
             assert!(!ended.linger_zero, "a graceful end reset the host\n{d}");
+            assert!(!ended.reset_by_close, "a graceful end closed with unread bytes: a reset\n{d}");
             assert!(g.done() || (g.rst_got_stray && g.peer_fin), "the guest did not finish\n{d}");
             assert!(!g.rst_got || g.rst_got_stray, "the flow reset the guest\n{d}");
             assert_eq!(g.received, g.host_data.len(), "the guest did not get all host data\n{d}");

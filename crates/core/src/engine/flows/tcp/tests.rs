@@ -773,3 +773,68 @@ fn a_write_ending_in_psh_is_never_held_and_no_hold_is_empty() {
     let acks = sent(&rec);
     assert_eq!(acks.last().map(|(h, _)| h.ack), Some(seq + 1460), "{acks:?}");
 }
+
+/// A host peer that answers and closes first (a server): the guest's FIN, which comes
+/// after it acknowledged our FIN, ends the flow, and the close of the socket passes it on
+/// (no shutdown(2)); nothing of the peer's is left unread, so the kernel sends a FIN, not a
+/// reset (`a_close_after_everything_was_read_ends_the_stream` checks that on a kernel
+/// socket). A guest that closes first still gets its FIN passed on at once.
+#[test]
+fn the_guests_fin_after_the_hosts_passes_on_by_the_close() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(65535, now);
+    let _ = sent(&rec);
+    // The request; then the answer and the server's close.
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK | PSH, 65535), b"GET", now), Verdict::Keep);
+    assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+    assert_eq!(f.sock.peer_write(b"answer"), 6);
+    f.sock.peer_shutdown();
+    assert!(f.sock.take_read_closed());
+    f.host_read_closed();
+    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+    assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+    let out = sent(&rec);
+    assert!(out.last().is_some_and(|(h, d)| h.has(FIN) && d == b"answer"), "{out:?}");
+    // The guest acknowledges the answer and the FIN, then sends its own.
+    let acked = ISN + 1 + 6 + 1;
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 4, acked, ACK, 65535), &[], now), Verdict::Keep);
+    assert_eq!(f.sock.unread_by_flow(), 0, "the acknowledged answer was discarded");
+    let v = f.on_segment(&mut sw, &seg(GUEST_ISN + 4, acked, ACK | FIN, 65535), &[], now);
+    assert_eq!(v, Verdict::Close, "both FINs are through: the flow ends");
+    assert!(!f.sock.tx_shut, "the close passes the guest's FIN on: no shutdown(2)");
+    assert!(sent(&rec).iter().any(|(h, _)| h.ack == GUEST_ISN + 5), "the guest's FIN is acknowledged");
+
+    // The guest closes first: its FIN goes to the host at once (the host may answer after
+    // reading its end of stream).
+    let (mut f, mut sw, rec) = open(65535, now);
+    let _ = sent(&rec);
+    let v = f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK | PSH | FIN, 65535), b"GET", now);
+    assert_eq!(v, Verdict::Keep);
+    assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+    assert!(f.sock.tx_shut, "the guest's FIN is passed on while the host's data may follow");
+}
+
+/// What `the_guests_fin_after_the_hosts_passes_on_by_the_close` relies on, on a kernel TCP
+/// socket: once the peer's bytes were all discarded (MSG_TRUNC) and its FIN came, close(2)
+/// without shutdown(2) ends the peer's stream cleanly after the bytes written to it; the
+/// peer reads them and end of stream, not ECONNRESET.
+#[test]
+fn a_close_after_everything_was_read_ends_the_stream() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut peer, _) = listener.accept().unwrap();
+    peer.write_all(b"answer").unwrap();
+    peer.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut sock = KernelSocket::new(OwnedFd::from(ours), true);
+    // Over loopback the bytes and the FIN are in before the peer's calls return.
+    let mut buf = [0u8; 16];
+    assert_eq!(sock.peek(&mut buf).unwrap(), 6);
+    assert_eq!(sock.peek(&mut buf).unwrap(), 0, "end of stream after the bytes");
+    assert_eq!(sock.discard(6).unwrap(), 6);
+    sock.send(b"request").unwrap();
+    drop(sock);
+    let mut got = Vec::new();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    peer.read_to_end(&mut got).expect("end of stream, not a reset");
+    assert_eq!(got, b"request");
+}
