@@ -426,6 +426,57 @@ fn vm_on_the_dgram_transport() {
     assert_eq!(vm.check("dhcp"), "192.168.65.2 mtu=1500");
     vm.check("ping");
     assert_eq!(curl(port).trim(), "hello from 192.168.65.2");
+
+    // Restarted at another path while a copy of the old VM's socket lives on (as in a child
+    // that inherited QEMU's descriptor): usernet's checks find the old socket alive, and it
+    // lets go of it once it has been quiet for 5 s; the new VM gets its lease.
+    let copy = copy_of_socket_at(&vm_sock);
+    drop(vm);
+    let vm_sock2 = dir.join("vm2.sock");
+    let mut vm = Vm::boot("dgram-copy", &image, &dgram_netdev(&vm_sock2, &sock), "52:54:00:00:02:01", "");
+    vm.wait_for("USERNET-VM ready", VM_TIMEOUT);
+    assert_eq!(vm.check("dhcp"), "192.168.65.2 mtu=1500");
+    vm.check("ping");
+    assert_eq!(curl(port).trim(), "hello from 192.168.65.2");
+    drop(copy);
+}
+
+/// A copy of the socket bound at `path` (a VM's, which QEMU holds), taken from the process
+/// that holds it with pidfd_getfd(2), as a child that inherited the descriptor holds one.
+fn copy_of_socket_at(path: &Path) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // Its inode, from /proc/net/unix: "Num RefCount Protocol Flags Type St Inode Path".
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let inode = table
+        .lines()
+        .skip(1)
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && Path::new(f[7]) == path).then(|| f[6].to_string())
+        })
+        .unwrap_or_else(|| panic!("no socket bound at {} in /proc/net/unix", path.display()));
+    let link = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else { continue };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if !std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == link.as_str()) {
+                continue;
+            }
+            let target: libc::c_int = fd.file_name().to_string_lossy().parse().unwrap();
+            // SAFETY: plain system calls on integers; the descriptors they return are checked
+            // and owned below.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+            assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+            let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) } as libc::c_int;
+            let err = std::io::Error::last_os_error();
+            // SAFETY: pidfd is ours, and copy (when valid) is a new descriptor of ours.
+            unsafe { libc::close(pidfd) };
+            assert!(copy >= 0, "pidfd_getfd({pid}, {target}): {err}");
+            return unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) };
+        }
+    }
+    panic!("no process holds the socket at {}", path.display());
 }
 
 #[test]

@@ -25,9 +25,15 @@
 //!   looks at the peer's path: another socket file there (a restart at the same path:
 //!   [`socket_file`]), none, or a connect(2) that fails (the socket closed, its file left
 //!   behind), and the peer is forgotten, with the frames queued for it, and the next
-//!   sender is taken. The restarted VM's first frames (DHCP) are lost, and it retries. A
-//!   copy of the old socket that lives on (its descriptor inherited by a child that has
-//!   not exited) keeps the new VM out for as long as it lives.
+//!   sender is taken. The restarted VM's first frames (DHCP) are lost, and it retries.
+//! - A copy of the old socket may live on (its descriptor inherited by a child that has
+//!   not exited): the checks find it alive. So a peer that has sent nothing for
+//!   [`QUIET_CHECKS`] checks in a row (5 s) is let go of: our socket is disconnected, when
+//!   nothing waits in it, and frames to the guest go to its address as to an unconnected
+//!   peer. The next sender is taken: the same guest, connected to again at its next
+//!   frame, or a restarted VM, which so waits 5 s at most instead of for as long as the
+//!   copy lives. A guest that is merely quiet loses nothing: its frames are taken as ever,
+//!   and while unconnected it may queue 10 datagrams, more than a quiet guest sends.
 //! - A bad datagram from the connected peer is dropped without forgetting it:
 //!   disconnecting would drop what the peer has waiting in our socket.
 //! - A peer that announces itself with vfkit's handshake is never connected to, even when
@@ -102,6 +108,10 @@ pub const RECV_BATCH: usize = 16;
 /// How often a link connected to its peer checks that the peer's socket still lives.
 pub const PEER_CHECK: Duration = Duration::from_secs(1);
 
+/// Checks in a row that find the connected peer has sent nothing, after which the link
+/// lets go of the connection (see the module's theory of operation).
+pub const QUIET_CHECKS: u32 = 5;
+
 /// Datagrams read between two polls that show a guest too fast to poll (see
 /// [`UploadPoll::too_fast`]): 64 frames of 1514 bytes come near what QEMU's socket may have
 /// in flight (`net.core.wmem_default`, 208 KiB, with each datagram's overhead).
@@ -140,6 +150,13 @@ pub struct DgramLink {
     connected: bool,
     peer_inode: Option<(u64, u64, i64, i64)>,
     next_peer_check: Instant,
+    /// Datagrams taken from the connected peer; their count at the last check; checks in
+    /// a row that found it unchanged.
+    taken: u64,
+    taken_at_check: u64,
+    quiet_checks: u32,
+    /// The peer was let go of for being quiet: connected to again at its next datagram.
+    released: bool,
     /// The last sender of vfkit's handshake: never connected to, even after it was
     /// forgotten and comes back with a frame.
     handshaken: Option<UnixAddr>,
@@ -179,6 +196,10 @@ impl DgramLink {
             connected: false,
             peer_inode: None,
             next_peer_check: Instant::now(),
+            taken: 0,
+            taken_at_check: 0,
+            quiet_checks: 0,
+            released: false,
             handshaken: None,
             stale: 0,
             invalid: 0,
@@ -212,6 +233,10 @@ impl DgramLink {
             return true;
         }
         if self.peer.as_ref() == Some(&from) {
+            if std::mem::take(&mut self.released) {
+                // Quiet for a while, let go of, and back (`release_peer`).
+                self.connect_peer(from);
+            }
             return true;
         }
         if self.connected {
@@ -240,6 +265,8 @@ impl DgramLink {
                 self.connected = true;
                 self.peer_inode = socket_file(&peer);
                 self.next_peer_check = Instant::now() + PEER_CHECK;
+                self.taken_at_check = self.taken;
+                self.quiet_checks = 0;
             }
             Err(e) => {
                 tracing::debug!(link = %self.describe(), guest = %peer, error = e.desc(), "not connected to the guest")
@@ -250,7 +277,8 @@ impl DgramLink {
     /// Makes sure the connected peer's socket is still the one connected to: another
     /// socket file at its path (a VM restarted at the same path), or none, or a connect(2)
     /// that fails (the socket closed, its file left behind), and the peer is forgotten,
-    /// so that the next sender's first datagram is taken.
+    /// so that the next sender's first datagram is taken. A peer quiet for [`QUIET_CHECKS`]
+    /// checks is let go of ([`DgramLink::release_peer`]).
     pub fn check_peer(&mut self) {
         let (true, Some(peer)) = (self.connected, self.peer) else { return };
         self.next_peer_check = Instant::now() + PEER_CHECK;
@@ -260,7 +288,52 @@ impl DgramLink {
         } else if let Err(e) = nix::sys::socket::connect(self.sock.as_raw_fd(), &peer) {
             tracing::info!(link = %self.describe(), error = e.desc(), "guest went away");
             self.forget_peer();
+        } else if self.taken != self.taken_at_check {
+            self.taken_at_check = self.taken;
+            self.quiet_checks = 0;
+        } else {
+            self.quiet_checks += 1;
+            if self.quiet_checks >= QUIET_CHECKS {
+                self.release_peer();
+            }
         }
+    }
+
+    /// Lets go of the connection to a quiet peer, which stays where frames go: our socket
+    /// takes datagrams from anyone again, so a restarted VM is heard even while a copy of
+    /// the old one's socket lives on; the peer's own next datagram connects again. Only
+    /// when nothing waits in our socket, since disconnecting drops what does.
+    fn release_peer(&mut self) {
+        self.quiet_checks = 0;
+        let mut byte = [0u8; 1];
+        // SAFETY: a buffer of the length given, valid for the duration of the call.
+        let r = unsafe {
+            libc::recv(self.sock.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+            // A datagram came since the last read (or the socket has an error to tell).
+            return;
+        }
+        if self.disconnect() {
+            self.connected = false;
+            self.released = true;
+            self.upload = UploadPoll::default();
+            tracing::debug!(link = %self.describe(), "guest quiet: our socket takes any sender again");
+        }
+    }
+
+    /// Disconnects our socket (takes datagrams from anyone again); Linux drops what waits in
+    /// it, which only the peer could have sent. False, logged, if that fails.
+    fn disconnect(&self) -> bool {
+        let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+        // SAFETY: a sockaddr of the size given, valid for the duration of the call.
+        let r = unsafe {
+            libc::connect(self.sock.as_raw_fd(), &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t)
+        };
+        if r != 0 {
+            tracing::warn!(link = %self.describe(), error = %io::Error::last_os_error(), "cannot disconnect from the guest");
+        }
+        r == 0
     }
 
     /// Sends the queued frames to the peer, up to [`SEND_BATCH`] per sendmmsg(2), oldest
@@ -330,18 +403,11 @@ impl DgramLink {
     fn forget_peer(&mut self) {
         self.peer = None;
         self.peer_inode = None;
+        self.released = false;
         self.upload = UploadPoll::default();
         if std::mem::take(&mut self.connected) {
-            // Takes datagrams from anyone again. Linux drops what waits in our socket, the
-            // old peer's frames (no one else could send to a connected socket).
-            let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
-            // SAFETY: a sockaddr of the size given, valid for the duration of the call.
-            let r = unsafe {
-                libc::connect(self.sock.as_raw_fd(), &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t)
-            };
-            if r != 0 {
-                tracing::warn!(link = %self.describe(), error = %io::Error::last_os_error(), "cannot disconnect from the guest");
-            }
+            // The old peer's frames waiting in our socket go with it.
+            self.disconnect();
         }
         while let Some(f) = self.queue.pop_front() {
             self.spare.push(f);
@@ -393,6 +459,7 @@ impl Link for DgramLink {
                     if !self.learn(from, false) {
                         continue;
                     }
+                    self.taken += 1;
                     buf[..n].copy_from_slice(&self.rx.bufs[i][..n]);
                     // Counted from the poll's start: the burst that started it does not
                     // make it too fast.
@@ -735,6 +802,86 @@ mod tests {
         assert!(link.peer().is_none());
         assert!(!link.connected());
         other.send_to(&[1; 60], &to).unwrap();
+        drop(link);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A peer quiet for `QUIET_CHECKS` checks is let go of (still where frames go) and
+    /// connected to again when it speaks; one that speaks between checks, or has a datagram
+    /// waiting, is kept. So a VM restarted while a copy of its old socket lives on (the
+    /// descriptor inherited by a child), which every check finds alive, is heard once the
+    /// old one has been quiet that long, where it used to be refused for as long as the
+    /// copy lived.
+    #[test]
+    fn a_quiet_peer_is_let_go_of_and_a_living_copy_of_its_socket_keeps_no_one_out() {
+        let dir = tmp("quiet");
+        let to = dir.join("usernet.sock");
+        let mut link = DgramLink::bind(&to).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        let mut got = [0u8; 100];
+        let vm = UnixDatagram::bind(dir.join("vm.sock")).unwrap();
+        vm.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        vm.send_to(&[1; 60], &to).unwrap();
+        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        assert!(link.connected());
+
+        // Quiet, let go of, and back: connected to again; nothing lost either way. (The
+        // first check finds the datagram that connected, sent since the check before.)
+        for _ in 0..=QUIET_CHECKS {
+            assert!(link.connected());
+            link.check_peer();
+        }
+        assert!(!link.connected(), "let go of after {QUIET_CHECKS} quiet checks");
+        assert!(link.peer().is_some(), "still where frames go");
+        link.send(&[2; 70]).unwrap();
+        link.flush().unwrap();
+        assert_eq!(vm.recv(&mut got).unwrap(), 70);
+        vm.send_to(&[3; 60], &to).unwrap();
+        link.readable_edge(false);
+        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        assert_eq!(buf[0], 3);
+        assert!(link.connected(), "connected to again at its next frame");
+
+        // A peer that speaks between checks is kept.
+        for _ in 0..2 * QUIET_CHECKS {
+            vm.send_to(&[4; 60], &to).unwrap();
+            link.readable_edge(false);
+            assert_eq!(link.recv(&mut buf).unwrap(), 60);
+            link.check_peer();
+            assert!(link.connected());
+        }
+        // So is one with a datagram waiting, not read yet: disconnecting would drop it.
+        vm.send_to(&[5; 60], &to).unwrap();
+        for _ in 0..QUIET_CHECKS {
+            link.check_peer();
+        }
+        assert!(link.connected(), "kept: a datagram waits");
+        link.readable_edge(false);
+        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        assert_eq!(buf[0], 5);
+
+        // The VM restarts with a socket at another path while a copy of the old one lives.
+        let copy = vm.try_clone().unwrap();
+        drop(vm);
+        let vm2 = UnixDatagram::bind(dir.join("vm2.sock")).unwrap();
+        vm2.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        assert_eq!(vm2.send_to(&[6; 60], &to).unwrap_err().raw_os_error(), Some(libc::EPERM));
+        for _ in 0..QUIET_CHECKS {
+            link.check_peer();
+            assert!(link.connected(), "the copy lives: each check finds the old socket alive");
+        }
+        link.check_peer();
+        assert!(!link.connected());
+        vm2.send_to(&[7; 60], &to).unwrap();
+        link.readable_edge(false);
+        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        assert_eq!(buf[0], 7);
+        assert!(link.connected(), "the restarted VM is taken");
+        assert_eq!(link.peer().and_then(|p| p.path()), Some(dir.join("vm2.sock").as_path()));
+        link.send(&[8; 80]).unwrap();
+        link.flush().unwrap();
+        assert_eq!(vm2.recv(&mut got).unwrap(), 80);
+        assert_eq!(copy.send_to(&[9; 60], &to).unwrap_err().raw_os_error(), Some(libc::EPERM));
         drop(link);
         let _ = std::fs::remove_dir_all(&dir);
     }
