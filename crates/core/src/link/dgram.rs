@@ -27,13 +27,17 @@
 //!   behind), and the peer is forgotten, with the frames queued for it, and the next
 //!   sender is taken. The restarted VM's first frames (DHCP) are lost, and it retries.
 //! - A copy of the old socket may live on (its descriptor inherited by a child that has
-//!   not exited): the checks find it alive. So a peer that has sent nothing for
-//!   [`QUIET_CHECKS`] checks in a row (5 s) is let go of: our socket is disconnected, when
-//!   nothing waits in it, and frames to the guest go to its address as to an unconnected
-//!   peer. The next sender is taken: the same guest, connected to again at its next
-//!   frame, or a restarted VM, which so waits 5 s at most instead of for as long as the
-//!   copy lives. A guest that is merely quiet loses nothing: its frames are taken as ever,
-//!   and while unconnected it may queue 10 datagrams, more than a quiet guest sends.
+//!   not exited): the checks find it alive. So a peer that neither sent a datagram nor
+//!   took one for [`QUIET_CHECKS`] checks in a row (5 s) is let go of: our socket is
+//!   disconnected, when nothing waits in it, and frames to the guest go to its address as
+//!   to an unconnected peer. The next sender is taken: the same guest, connected to again
+//!   at its next frame, or a restarted VM, which so waits about 5 s after the old one's
+//!   last datagram instead of for as long as the copy lives. A datagram sent counts as
+//!   taken: the guest's socket holds at most 10 unread (its owner does not connect it to
+//!   ours), so a dead VM's copy stops taking any after 10, while a guest that only
+//!   receives (a stream of UDP to it) keeps its connection. A guest that is merely quiet
+//!   loses nothing: its frames are taken as ever, and while unconnected it may queue 10
+//!   datagrams, more than a quiet guest sends.
 //! - A bad datagram from the connected peer is dropped without forgetting it:
 //!   disconnecting would drop what the peer has waiting in our socket.
 //! - A peer that announces itself with vfkit's handshake is never connected to, even when
@@ -108,8 +112,9 @@ pub const RECV_BATCH: usize = 16;
 /// How often a link connected to its peer checks that the peer's socket still lives.
 pub const PEER_CHECK: Duration = Duration::from_secs(1);
 
-/// Checks in a row that find the connected peer has sent nothing, after which the link
-/// lets go of the connection (see the module's theory of operation).
+/// Checks in a row that find the connected peer has neither sent a datagram nor taken one
+/// since the check before, after which the link lets go of the connection (see the
+/// module's theory of operation).
 pub const QUIET_CHECKS: u32 = 5;
 
 /// Datagrams read between two polls that show a guest too fast to poll (see
@@ -150,10 +155,10 @@ pub struct DgramLink {
     connected: bool,
     peer_inode: Option<(u64, u64, i64, i64)>,
     next_peer_check: Instant,
-    /// Datagrams taken from the connected peer; their count at the last check; checks in
-    /// a row that found it unchanged.
-    taken: u64,
-    taken_at_check: u64,
+    /// Datagrams taken from the connected peer or sent to it; their count at the last
+    /// check; checks in a row that found it unchanged.
+    traffic: u64,
+    traffic_at_check: u64,
     quiet_checks: u32,
     /// The peer was let go of for being quiet: connected to again at its next datagram.
     released: bool,
@@ -196,8 +201,8 @@ impl DgramLink {
             connected: false,
             peer_inode: None,
             next_peer_check: Instant::now(),
-            taken: 0,
-            taken_at_check: 0,
+            traffic: 0,
+            traffic_at_check: 0,
             quiet_checks: 0,
             released: false,
             handshaken: None,
@@ -234,8 +239,13 @@ impl DgramLink {
         }
         if self.peer.as_ref() == Some(&from) {
             if std::mem::take(&mut self.released) {
-                // Quiet for a while, let go of, and back (`release_peer`).
-                self.connect_peer(from);
+                // Quiet for a while, let go of, and back (`release_peer`); vfkit's handshake
+                // says it is one never to connect to.
+                if handshake {
+                    self.handshaken = Some(from);
+                } else {
+                    self.connect_peer(from);
+                }
             }
             return true;
         }
@@ -265,7 +275,7 @@ impl DgramLink {
                 self.connected = true;
                 self.peer_inode = socket_file(&peer);
                 self.next_peer_check = Instant::now() + PEER_CHECK;
-                self.taken_at_check = self.taken;
+                self.traffic_at_check = self.traffic;
                 self.quiet_checks = 0;
             }
             Err(e) => {
@@ -288,8 +298,8 @@ impl DgramLink {
         } else if let Err(e) = nix::sys::socket::connect(self.sock.as_raw_fd(), &peer) {
             tracing::info!(link = %self.describe(), error = e.desc(), "guest went away");
             self.forget_peer();
-        } else if self.taken != self.taken_at_check {
-            self.taken_at_check = self.taken;
+        } else if self.traffic != self.traffic_at_check {
+            self.traffic_at_check = self.traffic;
             self.quiet_checks = 0;
         } else {
             self.quiet_checks += 1;
@@ -365,6 +375,9 @@ impl DgramLink {
             };
             match Errno::result(sent) {
                 Ok(sent) => {
+                    if self.connected {
+                        self.traffic += sent as u64;
+                    }
                     for _ in 0..sent {
                         let Some(frame) = self.queue.pop_front() else { break };
                         self.queued -= frame.len().min(self.queued);
@@ -459,7 +472,7 @@ impl Link for DgramLink {
                     if !self.learn(from, false) {
                         continue;
                     }
-                    self.taken += 1;
+                    self.traffic += 1;
                     buf[..n].copy_from_slice(&self.rx.bufs[i][..n]);
                     // Counted from the poll's start: the burst that started it does not
                     // make it too fast.
@@ -850,6 +863,14 @@ mod tests {
             link.check_peer();
             assert!(link.connected());
         }
+        // So is one that only takes what is sent to it (a stream of UDP to the guest).
+        for _ in 0..2 * QUIET_CHECKS {
+            link.send(&[4; 70]).unwrap();
+            link.flush().unwrap();
+            assert_eq!(vm.recv(&mut got).unwrap(), 70);
+            link.check_peer();
+            assert!(link.connected());
+        }
         // So is one with a datagram waiting, not read yet: disconnecting would drop it.
         vm.send_to(&[5; 60], &to).unwrap();
         for _ in 0..QUIET_CHECKS {
@@ -860,14 +881,22 @@ mod tests {
         assert_eq!(link.recv(&mut buf).unwrap(), 60);
         assert_eq!(buf[0], 5);
 
-        // The VM restarts with a socket at another path while a copy of the old one lives.
+        // The VM restarts with a socket at another path while a copy of the old one lives,
+        // and usernet still has frames for the old one: the copy takes a few (10 unread at
+        // most), then none, and takes no more for the checks either.
         let copy = vm.try_clone().unwrap();
         drop(vm);
+        for _ in 0..30 {
+            link.send(&[5; 70]).unwrap();
+        }
+        link.flush().unwrap();
+        assert!(link.queued_frames() > 0, "the copy's socket filled");
         let vm2 = UnixDatagram::bind(dir.join("vm2.sock")).unwrap();
         vm2.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         assert_eq!(vm2.send_to(&[6; 60], &to).unwrap_err().raw_os_error(), Some(libc::EPERM));
         for _ in 0..QUIET_CHECKS {
             link.check_peer();
+            link.flush().unwrap();
             assert!(link.connected(), "the copy lives: each check finds the old socket alive");
         }
         link.check_peer();
@@ -882,6 +911,21 @@ mod tests {
         link.flush().unwrap();
         assert_eq!(vm2.recv(&mut got).unwrap(), 80);
         assert_eq!(copy.send_to(&[9; 60], &to).unwrap_err().raw_os_error(), Some(libc::EPERM));
+
+        // A peer let go of that then says vfkit's "VFKT" is one never to connect to.
+        for _ in 0..=QUIET_CHECKS {
+            link.check_peer();
+        }
+        assert!(!link.connected());
+        vm2.send_to(VFKIT_MAGIC, &to).unwrap();
+        vm2.send_to(&[10; 60], &to).unwrap();
+        link.readable_edge(false);
+        assert_eq!(link.recv(&mut buf).unwrap(), 60);
+        assert_eq!(buf[0], 10);
+        assert!(!link.connected(), "vfkit's handshake: not connected to");
+        link.send(&[11; 80]).unwrap();
+        link.flush().unwrap();
+        assert_eq!(vm2.recv(&mut got).unwrap(), 80);
         drop(link);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -88,7 +88,8 @@
 //! stays shut; a guest that answers the probes is never given up on.
 //!
 //! Closing: guest FIN becomes shutdown(SHUT_WR) once all its data reached the socket
-//! (`ToHost::FinHeld`, then `ToHost::Shut`); host EOF (a peek that returns 0) becomes a FIN
+//! (`ToHost::FinHeld`, then `ToHost::Shut`), or the close(2) that ends the flow when our own
+//! FIN was acknowledged first (`pass_guest_fin`); host EOF (a peek that returns 0) becomes a FIN
 //! after the last byte (`ToGuest::FinQueued`, `FinSent`, `FinAcked`). Each direction closes
 //! on its own (half-close). A guest RST closes the socket with SO_LINGER 0 (the peer sees a
 //! reset); a socket error sends the guest a RST, at the highest sequence number sent (not

@@ -139,8 +139,8 @@ impl ModelSocket {
         self.tx.len()
     }
 
-    /// Bytes the peer wrote that the flow has not discarded: a close(2) with any left (and no
-    /// shutdown(2) before) resets the peer rather than ending the stream.
+    /// Bytes the peer wrote that the flow has not discarded: a close(2) with any left resets
+    /// the peer rather than ending the stream (a shutdown(2) before changes nothing).
     pub fn unread_by_flow(&self) -> usize {
         self.rx.len()
     }

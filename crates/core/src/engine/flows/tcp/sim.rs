@@ -1166,8 +1166,8 @@ struct Ended {
     graceful: bool,
     /// The host socket was set to reset on close.
     linger_zero: bool,
-    /// The socket was closed without a shutdown(2) before, with bytes of the peer's still
-    /// in its receive queue: the kernel resets the connection then, whatever the flow meant.
+    /// The socket was closed with bytes of the peer's still in its receive queue: the
+    /// kernel resets the connection then (tcp_close, shut down before or not).
     reset_by_close: bool,
 }
 
@@ -1331,7 +1331,7 @@ impl Sim {
             self.ended = Some(Ended {
                 graceful: f.to_host == ToHost::Shut && f.to_guest == ToGuest::FinAcked,
                 linger_zero: f.sock.linger_zero,
-                reset_by_close: !f.sock.tx_shut && f.sock.unread_by_flow() > 0,
+                reset_by_close: f.sock.unread_by_flow() > 0,
             });
             self.dead = Some(f);
             return;

@@ -6,7 +6,8 @@
 //! - [`Phase`]: how far the opening got (host connect in progress, our SYN out to the guest
 //!   for a published port, or established).
 //! - [`ToHost`]: the guest-to-host direction (open, the guest's FIN held behind data that
-//!   the socket has not taken yet, or passed on with shutdown(SHUT_WR)).
+//!   the socket has not taken yet, or passed on: by shutdown(SHUT_WR), or by the close that
+//!   ends the flow).
 //! - [`ToGuest`]: the host-to-guest direction (our SYN not acknowledged, open, host EOF
 //!   seen with our FIN still to send, FIN sent, FIN acknowledged).
 //!
@@ -83,8 +84,9 @@ pub(super) enum ToHost {
     /// The guest's FIN arrived, right behind the data still held in `pending`; it is passed
     /// on (and acknowledged) once that data is written. `rcv_nxt` does not count it yet.
     FinHeld,
-    /// The guest's FIN was passed on with shutdown(SHUT_WR) and counted in `rcv_nxt`: the
-    /// host reads end of stream, and nothing more comes from the guest.
+    /// The guest's FIN was passed on and counted in `rcv_nxt`: the host reads end of stream,
+    /// and nothing more comes from the guest. Passed on with shutdown(SHUT_WR), or, when our
+    /// FIN was acknowledged already and the flow so ends with it, by the socket's close(2).
     Shut,
 }
 
