@@ -1073,10 +1073,12 @@ impl<S: HostSocket> TcpFlow<S> {
 
     /// Passes the guest's FIN on once everything before it reached the socket. When our own
     /// FIN is acknowledged already, the flow is over with this (`check_done`, which every
-    /// caller reaches next) and the close(2) of its socket passes the FIN on: the receive
-    /// queue holds no byte then (the guest acknowledged them all, and they were discarded),
-    /// so the kernel sends a FIN, not a reset, after what was written. A connection whose
-    /// host peer closes first (a server that answers and closes) so makes no shutdown(2).
+    /// caller that can get here with the FIN held reaches next; the timer's write of held
+    /// data cannot, since data is held only while no FIN has come, invariant 7) and the
+    /// close(2) of its socket passes the FIN on: the receive queue holds no byte then (the
+    /// guest acknowledged them all, and they were discarded), so the kernel sends a FIN, not
+    /// a reset, after what was written. A connection whose host peer closes first (a server
+    /// that answers and closes) so makes no shutdown(2).
     fn pass_guest_fin(&mut self) {
         if self.to_host == ToHost::FinHeld && self.pending_len() == 0 {
             if self.to_guest != ToGuest::FinAcked {
@@ -1331,10 +1333,6 @@ impl<S: HostSocket> TcpFlow<S> {
             }
             if self.rcv_nxt != self.acked_rcv {
                 self.send_flags(switch, self.snd_nxt, ACK);
-            }
-            // The guest's FIN may have been waiting for this data.
-            if self.check_done(switch) == Verdict::Close {
-                return Verdict::Close;
             }
         }
         if let Some(d) = self.release_deadline
