@@ -315,12 +315,11 @@ impl DgramLink {
     /// when nothing waits in our socket, since disconnecting drops what does.
     fn release_peer(&mut self) {
         self.quiet_checks = 0;
+        use nix::sys::socket::MsgFlags;
         let mut byte = [0u8; 1];
-        // SAFETY: a buffer of the length given, valid for the duration of the call.
-        let r = unsafe {
-            libc::recv(self.sock.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        };
-        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+        let waiting =
+            nix::sys::socket::recv(self.sock.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT);
+        if waiting != Err(Errno::EAGAIN) {
             // A datagram came since the last read (or the socket has an error to tell).
             return;
         }
