@@ -48,9 +48,13 @@ impl Engine {
                         let index = t.0 & !LINK_BIT;
                         if ev.is_writable()
                             && let Some(Some(slot)) = self.switch.links.get_mut(index)
-                            && let Err(e) = slot.link.flush()
                         {
-                            self.drop_link(index, &e);
+                            if slot.link.yield_before_refill() {
+                                busy_poll::BusyPoll::yield_cpu();
+                            }
+                            if let Err(e) = slot.link.flush() {
+                                self.drop_link(index, &e);
+                            }
                         }
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             if let Some(Some(slot)) = self.switch.links.get_mut(index) {

@@ -79,6 +79,14 @@ pub trait Link {
     fn write_events(&self) -> bool {
         true
     }
+    /// True when the engine, woken because the guest's side took frames (its descriptor
+    /// turned writable), should give the CPU to whatever else is runnable on it before it
+    /// writes more: a Unix datagram socket whose peer is full wakes the engine at each
+    /// datagram the peer reads, so writing at once would take the CPU from a peer (QEMU's
+    /// I/O thread) that was about to read more, one frame per wakeup.
+    fn yield_before_refill(&self) -> bool {
+        false
+    }
     /// True when the engine may watch the descriptor level-triggered, so that epoll itself
     /// says whether a frame is left: the engine then reads a frame that came alone (none
     /// read in the round before) without the read after it that would find the descriptor
