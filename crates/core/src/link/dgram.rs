@@ -82,12 +82,13 @@
 //! backoff a download could stall for minutes.) Only a frame that does not fit the queue is
 //! dropped (counted in `dropped`).
 //!
-//! Each datagram the guest's full socket gives up to QEMU's I/O thread wakes the engine, and
-//! the kernel often wakes it on QEMU's CPU (a "sync" wakeup: the waker is expected to sleep
-//! soon). There the engine preempts QEMU at once, writes the one frame there is room for, and
-//! sleeps; QEMU reads the next and wakes it again: a download cost a switch of process per
-//! frame or two (usernet 11,000 sleeps a second, QEMU's I/O thread 7,000 preemptions). So the
-//! engine, woken for writing while frames wait, first yields the CPU
+//! Each datagram the guest's full socket gives up to QEMU's I/O thread wakes the engine
+//! (through af_unix's peer-wake relay, which a send that met the full socket arms). On 2 cores
+//! a busy vCPU thread (under TCG it always is) keeps one CPU to itself, so the engine and the
+//! I/O thread share the other, and there the woken engine preempts QEMU at once, writes the one
+//! frame there is room for, and sleeps; QEMU reads the next and wakes it again: a download cost
+//! a switch of process per frame or two (usernet 11,000 sleeps a second, QEMU's I/O thread
+//! 7,000 preemptions). So the engine, woken for writing while frames wait, first yields the CPU
 //! ([`Link::yield_before_refill`]): QEMU reads what else it can, and the engine refills the
 //! room it left in one sendmmsg(2). Measured on a 2-core VM (`usernet-bench --vm --vm-only
 //! --vm-transport dgram`, 64 MiB each way, two runs of each build, alternated): usernet's CPU
@@ -569,8 +570,8 @@ impl Link for DgramLink {
     }
 
     fn yield_before_refill(&self) -> bool {
-        // Woken because the guest's socket, full, gave up a datagram to QEMU's I/O thread,
-        // which that wakeup preempted when it shares our CPU: let it read the rest first.
+        // Woken because the guest's full socket gave up a datagram to QEMU's I/O thread,
+        // which this wakeup preempted if the two share a CPU: let it read the rest first.
         !self.queue.is_empty()
     }
 

@@ -83,7 +83,8 @@ pub trait Link {
     /// turned writable), should give the CPU to whatever else is runnable on it before it
     /// writes more: a Unix datagram socket whose peer is full wakes the engine at each
     /// datagram the peer reads, so writing at once would take the CPU from a peer (QEMU's
-    /// I/O thread) that was about to read more, one frame per wakeup.
+    /// I/O thread, when the two share a CPU) that was about to read more: one frame per
+    /// wakeup.
     fn yield_before_refill(&self) -> bool {
         false
     }
