@@ -571,7 +571,12 @@ impl Switch {
             })
         };
         if taken_elsewhere(&self.links, mac, claimed) {
-            return self.refuse(index, mac, src.map(IpAddr::V4));
+            // The guest may be back on a new connection before the engine read the old
+            // one's end (QEMU's `reconnect`): a link whose guest hung up holds no claim.
+            let fresh = self.links.get(index).and_then(Option::as_ref).is_some_and(|s| s.bound.is_none());
+            if !fresh || !self.release_hung_up(index) || taken_elsewhere(&self.links, mac, claimed) {
+                return self.refuse(index, mac, src.map(IpAddr::V4));
+            }
         }
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };
         let usable = |ip: Ipv4Addr| ip.is_unspecified() || guest_addr(ip);
@@ -671,19 +676,45 @@ impl Switch {
         self.reserved6.insert(ip, mac);
     }
 
+    /// Drops the claims (MAC, addresses) of each link but `index` whose guest hung up
+    /// ([`Link::hung_up`]) while the engine has not read its end yet; the link itself goes
+    /// when it does. True if any went. Only for a link with no guest of its own yet, so a
+    /// guest refused frame after frame costs no system calls.
+    fn release_hung_up(&mut self, index: usize) -> bool {
+        let mut released = false;
+        for (i, slot) in self.links.iter_mut().enumerate() {
+            if let Some(slot) = slot
+                && i != index
+                && (slot.bound.is_some() || !slot.owned6.is_empty())
+                && slot.link.hung_up()
+            {
+                tracing::debug!(link = %slot.link.describe(), "guest hung up: its MAC and addresses are free for its next link");
+                slot.bound = None;
+                slot.owned6.clear();
+                released = true;
+            }
+        }
+        released
+    }
+
     /// Logs the first refused frame of link `index`; false.
     fn refuse(&mut self, index: usize, mac: Mac, src: Option<IpAddr>) -> bool {
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };
         if !slot.told_spoofed {
             slot.told_spoofed = true;
-            let (bound_mac, bound_ip) = slot.bound.unwrap_or((mac, None));
+            let why = match slot.bound {
+                Some((bound_mac, bound_ip)) => format!(
+                    "this link's guest is {} ({})",
+                    fmt_mac(bound_mac),
+                    bound_ip.map_or("-".into(), |ip| ip.to_string())
+                ),
+                None => "another link's guest has that MAC or address".into(),
+            };
             tracing::warn!(
                 link = %slot.link.describe(),
-                "a frame from {} ({}) refused: this link's guest is {} ({}); said once",
+                "a frame from {} ({}) refused: {why}; said once",
                 fmt_mac(mac),
                 src.map_or("-".into(), |ip| ip.to_string()),
-                fmt_mac(bound_mac),
-                bound_ip.map_or("-".into(), |ip| ip.to_string()),
             );
         }
         false

@@ -683,6 +683,60 @@ fn guests_are_bound_to_their_link() {
     assert_eq!(e.switch.counters.dropped_count(super::metrics::DropReason::Spoofed) - spoofed_before, 3);
 }
 
+/// A guest link over one end of a socketpair, whose other end plays the guest: dropping it
+/// hangs the link up, as a VM that goes away does.
+struct HangingLink {
+    ours: UnixStream,
+    inner: FakeLink,
+}
+
+impl Link for HangingLink {
+    fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.ours)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.recv(buf)
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.inner.send(frame)
+    }
+}
+
+/// A guest that comes back on a new link before the engine read the old one's end (QEMU's
+/// `reconnect` after a restart) keeps its MAC and address: the old link's guest hung up, so
+/// its claim goes. While the old guest is still there, the new link is refused as a spoofer.
+#[test]
+fn a_guest_back_on_a_new_link_before_the_old_ones_end_is_read_is_served() {
+    let (mut e, _link0, _) = engine(false);
+    e.bind_guests_to_links();
+    let (ours, vm) = UnixStream::pair().unwrap();
+    let old = FakeLink::default();
+    e.add_link(Box::new(HangingLink { ours, inner: old.clone() }));
+    let new = FakeLink::default();
+    e.add_link(Box::new(new.clone()));
+    let now = Instant::now();
+    let spoofed = |e: &Engine| e.switch.counters.dropped_count(super::metrics::DropReason::Spoofed);
+    // The guest speaks on link 1: it is GUEST_MAC at 192.168.65.2 there.
+    let f = frame_ipv4(PROTO_UDP, *guest().ip(), *remote().ip(), &[0u8; 8]);
+    e.on_frame(1, &f, now);
+    assert_eq!(spoofed(&e), 0);
+    // Its twin on link 2 while the guest of link 1 is still there: refused.
+    e.on_frame(2, &f, now);
+    assert_eq!(spoofed(&e), 1, "a live guest keeps its MAC");
+    // The guest of link 1 hangs up; the engine has not read that yet. Link 2 takes over.
+    drop(vm);
+    e.on_frame(2, &f, now);
+    assert_eq!(spoofed(&e), 1, "a guest that hung up holds nothing");
+    new.sent.borrow_mut().clear();
+    old.sent.borrow_mut().clear();
+    udp_to_guest(&mut e, b"to the new link");
+    assert_eq!(take_arp_and_udp(&new), (vec![], vec![(GUEST_MAC, b"to the new link".to_vec())]));
+    assert!(old.sent.borrow().is_empty(), "nothing for the guest on the old link");
+    // Link 1 is link 2's spoofer now: what was left to read of it is refused.
+    e.on_frame(1, &f, now);
+    assert_eq!(spoofed(&e), 2);
+}
+
 /// Without `serve`'s binding (`run`, the drop-in modes), a link's frames are not checked.
 #[test]
 fn links_are_unbound_by_default() {

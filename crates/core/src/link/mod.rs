@@ -79,6 +79,16 @@ pub trait Link {
     fn write_events(&self) -> bool {
         true
     }
+    /// True when the guest's end of the link has hung up (its descriptor says POLLHUP),
+    /// whatever is still to be read from it: a guest that reconnects at once may be heard
+    /// on its new link before the engine reads the old one's end.
+    fn hung_up(&self) -> bool {
+        let mut pfd = libc::pollfd { fd: self.fd(), events: 0, revents: 0 };
+        // SAFETY: one pollfd, valid for the duration of the call; a timeout of 0 never
+        // blocks, and a negative descriptor (a link with none) is skipped by poll(2).
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        ready == 1 && pfd.revents & libc::POLLHUP != 0
+    }
     /// True when the engine, woken because the guest's side took frames (its descriptor
     /// turned writable), should give the CPU to whatever else is runnable on it before it
     /// writes more: a Unix datagram socket whose peer is full wakes the engine at each
