@@ -30,6 +30,16 @@ pub const POLL_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
 /// Largest frame any link carries (64 KiB payload plus an Ethernet header).
 pub const MAX_FRAME: usize = 65536 + 14;
 
+/// Whether `fd`'s other end has hung up (poll(2) says POLLHUP), without waiting; false for
+/// a negative descriptor.
+pub fn fd_hung_up(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd { fd, events: 0, revents: 0 };
+    // SAFETY: one pollfd, valid for the duration of the call; a timeout of 0 never blocks,
+    // and poll(2) skips a negative descriptor.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready == 1 && pfd.revents & libc::POLLHUP != 0
+}
+
 /// One guest link: a non-blocking source and sink of whole Ethernet frames.
 pub trait Link {
     /// The file descriptor the event loop waits on: readable, and writable for `flush`,
@@ -83,11 +93,7 @@ pub trait Link {
     /// whatever is still to be read from it: a guest that reconnects at once may be heard
     /// on its new link before the engine reads the old one's end.
     fn hung_up(&self) -> bool {
-        let mut pfd = libc::pollfd { fd: self.fd(), events: 0, revents: 0 };
-        // SAFETY: one pollfd, valid for the duration of the call; a timeout of 0 never
-        // blocks, and a negative descriptor (a link with none) is skipped by poll(2).
-        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
-        ready == 1 && pfd.revents & libc::POLLHUP != 0
+        fd_hung_up(self.fd())
     }
     /// True when the engine, woken because the guest's side took frames (its descriptor
     /// turned writable), should give the CPU to whatever else is runnable on it before it

@@ -700,6 +700,12 @@ impl Link for VhostUserLink {
         self.epfd.as_raw_fd()
     }
 
+    fn hung_up(&self) -> bool {
+        // The descriptor the engine watches is an epoll set of the rings' kicks, which never
+        // hangs up: the front-end's connection does.
+        super::fd_hung_up(self.conn.as_raw_fd())
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(why) = self.broken.clone() {
             return Err(io::Error::new(io::ErrorKind::InvalidData, why));

@@ -128,6 +128,29 @@ fn setup(features: u64) -> (Guest, VhostUserLink, Arc<Mutex<Device>>) {
     (guest, link, dev)
 }
 
+/// The link hangs up with its front-end's connection (the descriptor the engine watches is
+/// an epoll set of kicks, which never does).
+#[test]
+fn the_link_hangs_up_with_its_front_end() {
+    let (_guest, _, dev) = setup(MODERN);
+    let (ours, front_end) = UnixStream::pair().unwrap();
+    let handoff = Handoff::new("test").unwrap();
+    let mut control = Control {
+        dev: dev.clone(),
+        conn: Arc::new(ours),
+        handoff: handoff.sender(),
+        name: "vu test".into(),
+        sessions: 0,
+    };
+    let link = {
+        let mut d = dev.lock().unwrap();
+        control.start_session(&mut d).unwrap()
+    };
+    assert!(!link.hung_up(), "the front-end is there");
+    drop(front_end);
+    assert!(link.hung_up(), "the front-end went");
+}
+
 const MODERN: u64 = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_EVENT_IDX);
 
 #[test]
