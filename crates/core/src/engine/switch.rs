@@ -167,6 +167,19 @@ pub struct LinkSlot {
     owned6: Vec<Ipv6Addr>,
 }
 
+/// Why a frame was refused ([`Switch::bind_sources`]), for the log.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// Another link's guest has the MAC or the address.
+    Taken,
+    /// A multicast MAC, or the gateway's, as a source.
+    NotAGuestMac,
+    /// A source address outside the network, or usernet's own.
+    NotUsable,
+    /// Another MAC or address than the link's guest's.
+    NotThisLinksGuest,
+}
+
 pub struct Switch {
     /// Guest links, indexed as their event-loop tokens; None where one went away.
     pub links: Vec<Option<LinkSlot>>,
@@ -575,13 +588,13 @@ impl Switch {
             // one's end (QEMU's `reconnect`): a link whose guest hung up holds no claim.
             let fresh = self.links.get(index).and_then(Option::as_ref).is_some_and(|s| s.bound.is_none());
             if !fresh || !self.release_hung_up(index) || taken_elsewhere(&self.links, mac, claimed) {
-                return self.refuse(index, mac, src.map(IpAddr::V4));
+                return self.refuse(index, mac, src.map(IpAddr::V4), Refusal::Taken);
             }
         }
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };
         let usable = |ip: Ipv4Addr| ip.is_unspecified() || guest_addr(ip);
-        let ok = if mac[0] & 1 != 0 || mac == self.gateway_mac {
-            false
+        let refusal = if mac[0] & 1 != 0 || mac == self.gateway_mac {
+            Some(Refusal::NotAGuestMac)
         } else {
             match (slot.bound.as_mut(), src) {
                 (None, src) => {
@@ -589,22 +602,25 @@ impl Switch {
                     if ok {
                         slot.bound = Some((mac, src.filter(|ip| !ip.is_unspecified())));
                     }
-                    ok
+                    (!ok).then_some(Refusal::NotUsable)
                 }
-                (Some((bound_mac, _)), _) if *bound_mac != mac => false,
-                (Some(_), None) => true,
-                (Some(_), Some(ip)) if ip.is_unspecified() => true,
+                (Some((bound_mac, _)), _) if *bound_mac != mac => Some(Refusal::NotThisLinksGuest),
+                (Some(_), None) => None,
+                (Some(_), Some(ip)) if ip.is_unspecified() => None,
                 (Some((_, bound_ip @ None)), Some(ip)) => {
                     let ok = usable(ip);
                     if ok {
                         *bound_ip = Some(ip);
                     }
-                    ok
+                    (!ok).then_some(Refusal::NotUsable)
                 }
-                (Some((_, Some(bound_ip))), Some(ip)) => *bound_ip == ip,
+                (Some((_, Some(bound_ip))), Some(ip)) => (*bound_ip != ip).then_some(Refusal::NotThisLinksGuest),
             }
         };
-        if ok { true } else { self.refuse(index, mac, src.map(IpAddr::V4)) }
+        match refusal {
+            None => true,
+            Some(why) => self.refuse(index, mac, src.map(IpAddr::V4), why),
+        }
     }
 
     /// Whether link `index`'s guest (`mac`) may use IPv6 address `ip` (`usable`: of the
@@ -636,7 +652,7 @@ impl Switch {
             slot.owned6.push(ip);
             return true;
         }
-        self.refuse(index, mac, Some(IpAddr::V6(ip)))
+        self.refuse(index, mac, Some(IpAddr::V6(ip)), if taken { Refusal::Taken } else { Refusal::NotUsable })
     }
 
     /// An IPv6 address in `net`'s prefix of the guest that has IPv4 address `v4`, as seen
@@ -697,18 +713,21 @@ impl Switch {
         released
     }
 
-    /// Logs the first refused frame of link `index`; false.
-    fn refuse(&mut self, index: usize, mac: Mac, src: Option<IpAddr>) -> bool {
+    /// Logs the first refused frame of link `index`, and why; false.
+    fn refuse(&mut self, index: usize, mac: Mac, src: Option<IpAddr>, refusal: Refusal) -> bool {
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };
         if !slot.told_spoofed {
             slot.told_spoofed = true;
-            let why = match slot.bound {
-                Some((bound_mac, bound_ip)) => format!(
+            let why = match (refusal, slot.bound) {
+                (Refusal::Taken, _) => "another link's guest has that MAC or address".into(),
+                (Refusal::NotAGuestMac, _) => "a multicast MAC or the gateway's".into(),
+                (Refusal::NotUsable, _) => "not an address a guest may have".into(),
+                (Refusal::NotThisLinksGuest, Some((bound_mac, bound_ip))) => format!(
                     "this link's guest is {} ({})",
                     fmt_mac(bound_mac),
                     bound_ip.map_or("-".into(), |ip| ip.to_string())
                 ),
-                None => "another link's guest has that MAC or address".into(),
+                (Refusal::NotThisLinksGuest, None) => "this link has no guest yet".into(),
             };
             tracing::warn!(
                 link = %slot.link.describe(),
