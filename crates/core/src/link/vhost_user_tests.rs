@@ -97,7 +97,12 @@ impl Guest {
 /// The control thread's handler of a device, on a connection of its own.
 fn control(dev: &Arc<Mutex<Device>>, handoff: &Handoff) -> Control {
     let (a, _b) = UnixStream::pair().unwrap();
-    Control { dev: dev.clone(), conn: Arc::new(a), handoff: handoff.sender(), name: "vu test".into(), sessions: 0 }
+    control_on(dev, handoff, a)
+}
+
+/// The same on `conn`, whose other end plays the front-end.
+fn control_on(dev: &Arc<Mutex<Device>>, handoff: &Handoff, conn: UnixStream) -> Control {
+    Control { dev: dev.clone(), conn: Arc::new(conn), handoff: handoff.sender(), name: "vu test".into(), sessions: 0 }
 }
 
 /// A device as the control thread leaves it after QEMU's setup, and its link.
@@ -135,13 +140,7 @@ fn the_link_hangs_up_with_its_front_end() {
     let (_guest, _, dev) = setup(MODERN);
     let (ours, front_end) = UnixStream::pair().unwrap();
     let handoff = Handoff::new("test").unwrap();
-    let mut control = Control {
-        dev: dev.clone(),
-        conn: Arc::new(ours),
-        handoff: handoff.sender(),
-        name: "vu test".into(),
-        sessions: 0,
-    };
+    let mut control = control_on(&dev, &handoff, ours);
     let link = {
         let mut d = dev.lock().unwrap();
         control.start_session(&mut d).unwrap()
