@@ -117,7 +117,7 @@ fn podman_machine_vm_through_gvproxy_mode() {
     std::os::unix::fs::symlink(common::usernet_bin(), &gvproxy).expect("symlink gvproxy");
     let (qemu_sock, podman_sock) = (dir.join("qemu.sock"), dir.join("podman.sock"));
     let (pid_file, log_file) = (dir.join("gvproxy.pid"), dir.join("gvproxy.log"));
-    let ssh_port = common::free_service_port();
+    let ssh_port = common::free_port();
     let mut cmd = common::as_test_user(&gvproxy);
     cmd.args(["-debug", "-mtu", "1500", "-ssh-port", &ssh_port.to_string(), "-listen-qemu"])
         .arg(format!("unix://{}", qemu_sock.display()))
@@ -251,7 +251,7 @@ fn gvforwarder_joins_through_listen() {
     let gvproxy = dir.join("gvproxy");
     std::os::unix::fs::symlink(common::usernet_bin(), &gvproxy).expect("symlink gvproxy");
     let (api, services, log_file) = (dir.join("api.sock"), dir.join("services.sock"), dir.join("gvproxy.log"));
-    let tcp_port = common::free_service_port();
+    let tcp_port = common::free_port();
     let mut cmd = common::as_test_user(&gvproxy);
     cmd.args(["-ssh-port", "-1", "-listen"])
         .arg(format!("unix://{}", api.display()))
@@ -295,7 +295,7 @@ fn gvforwarder_joins_through_listen() {
     let mut httpd = Command::new("ip");
     httpd.args(["netns", "exec", &a.name, "busybox", "httpd", "-f", "-p", "192.168.127.2:8080", "-h"]).arg(&served);
     let _httpd = Background::start(httpd, Stdio::null());
-    let host_port = common::free_service_port();
+    let host_port = common::free_port();
     let body = format!(r#"{{"local":"127.0.0.1:{host_port}","remote":"192.168.127.2:8080"}}"#);
     let expose = format!("http://127.0.0.1:{tcp_port}/services/forwarder/expose");
     let out = common::run("curl", &["-s", "-w", "%{http_code}", "-X", "POST", "-d", &body, &expose]);

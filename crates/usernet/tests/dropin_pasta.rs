@@ -151,8 +151,8 @@ fn tcp_auto_forwarding_both_ways() {
     let server = Server::start_at_service_port(ServerKind::Http, Some(dir.path()));
     let echo = Server::start_at_service_port(ServerKind::UdpEcho, None);
     let (_dir2, server2, hash2) = serve_random_file("pt-host2", "f", 1 << 19);
-    let port = free_service_port();
-    let uport = free_service_port();
+    let port = free_port();
+    let uport = free_port();
     let www = r.rootfs.join("www");
     // One datagram answered, then gone: nothing left holding the script's output.
     let udp_once = format!(

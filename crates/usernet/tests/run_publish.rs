@@ -22,7 +22,6 @@ use std::net::{Ipv6Addr, TcpListener, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// Size of a bulk transfer.
@@ -115,36 +114,12 @@ else:
 // ---------------------------------------------------------------------------
 // Helpers of this file.
 
-/// True when `port` is free for TCP and UDP on 0.0.0.0 and [::] right now.
-fn port_free(port: u16) -> bool {
-    // [::] is dual-stack here (bindv6only=0), so it covers 0.0.0.0 too; both are checked anyway.
-    TcpListener::bind(("0.0.0.0", port)).is_ok()
-        && TcpListener::bind(("::", port)).is_ok()
-        && UdpSocket::bind(("0.0.0.0", port)).is_ok()
-        && UdpSocket::bind(("::", port)).is_ok()
-}
-
 /// True when `port` is free within 5 s. A check made once can fail though nothing of
 /// usernet's holds the port: another test thread forking copies the socket `port_free` has just
 /// bound into its child until that child calls exec, and the next bind of the check then finds
 /// the port taken (1 check in 50 failed so with a thread spawning `true` in a loop).
 fn port_released(port: u16) -> bool {
     wait_until(Duration::from_secs(5), || port_free(port))
-}
-
-/// The first of `n` consecutive host ports that are free now, below the ephemeral range
-/// (so no client's connect takes them) and different for every call in this process.
-fn free_ports(n: u16) -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let spread = std::process::id().wrapping_mul(97);
-    for _ in 0..500 {
-        let k = NEXT.fetch_add(u32::from(n) + 1, Ordering::Relaxed);
-        let base = 20000 + ((spread + k) % 12000) as u16;
-        if (base..base + n).all(port_free) {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports in 20000-32000");
 }
 
 /// A directory with the guest server script and a file `f` of `len` random bytes.

@@ -261,31 +261,32 @@ mod tests {
         }
     }
 
-    /// A port free on 127.0.0.1 and ::1 for TCP and UDP right now.
-    fn free_port() -> u16 {
-        for _ in 0..50 {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-            let p = l.local_addr().expect("addr").port();
-            drop(l);
-            if TcpListener::bind(("::1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-                return p;
-            }
-        }
-        panic!("no free port");
+    /// True when `port` is free on 127.0.0.1 and ::1 for TCP and UDP right now.
+    fn port_free(port: u16) -> bool {
+        TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("::1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
     }
 
-    /// `n` consecutive free ports (free right now).
+    /// The first of `n` consecutive ports free now, different for every call in this process and
+    /// below Linux's default ephemeral range (32768-60999): a port that bind(0) handed out is an
+    /// ephemeral one, which another test's outgoing connection may take before the test binds it.
     fn free_run(n: u16) -> u16 {
-        for _ in 0..200 {
-            let base = free_port();
-            if base > u16::MAX - n {
-                continue;
-            }
-            if (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let spread = std::process::id().wrapping_mul(97);
+        for _ in 0..500 {
+            let k = NEXT.fetch_add(u32::from(n) + 1, std::sync::atomic::Ordering::Relaxed);
+            let base = (20000 + spread.wrapping_add(k) % (12000 - u32::from(n))) as u16;
+            if (base..base + n).all(port_free) {
                 return base;
             }
         }
-        panic!("no run of {n} free ports");
+        panic!("no run of {n} free ports in 20000-32000");
+    }
+
+    /// A port free now ([`free_run`]).
+    fn free_port() -> u16 {
+        free_run(1)
     }
 
     #[test]

@@ -539,31 +539,46 @@ pub fn hex_hashes(s: &str) -> Vec<String> {
     s.split(|c: char| !c.is_ascii_hexdigit()).filter(|w| w.len() == 64).map(|w| w.to_ascii_lowercase()).collect()
 }
 
-/// A free TCP and UDP port on 127.0.0.1 (free now; a race is possible, so
-/// callers that bind it themselves retry).
-/// A port free for TCP and UDP on 127.0.0.1 below the ephemeral range (20000-30999), where
-/// services listen.
-pub fn free_service_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let seed = std::process::id() as u64 * 7919 + NEXT.fetch_add(1, Ordering::Relaxed) as u64 * 104_729;
-    for i in 0..2000u64 {
-        let port = 20000 + ((seed + i * 7) % 11000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free service port");
+/// True when `port` is free for TCP and UDP on every address of both families right now (a
+/// published port is bound on [::] or 0.0.0.0). [::] is dual-stack here (bindv6only=0), so it
+/// covers 0.0.0.0 too; both are checked anyway, one after the other.
+pub fn port_free(port: u16) -> bool {
+    let v6 = || Path::new("/proc/net/if_inet6").exists();
+    TcpListener::bind(("0.0.0.0", port)).is_ok()
+        && UdpSocket::bind(("0.0.0.0", port)).is_ok()
+        && (TcpListener::bind(("::", port)).is_ok() || !v6())
+        && (UdpSocket::bind(("::", port)).is_ok() || !v6())
 }
 
-pub fn free_port() -> u16 {
-    for _ in 0..50 {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = tcp.local_addr().expect("local addr").port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+/// The first of `n` consecutive host ports that are free now ([`port_free`]), different for
+/// every call in this process, and below the kernel's ephemeral range. A port the kernel hands
+/// out for bind(0) is an ephemeral one, which any test's outgoing connection may take before
+/// usernet binds it: CI failed so once, usernet exiting with "Bind for [::]:38355 failed: port
+/// is already allocated". Ports below that range are never taken for a connect(2), so only
+/// what binds them by number (these calls, and the host's services) can hold them.
+pub fn free_ports(n: u16) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Linux's default is 32768-60999; a machine that lowered it leaves fewer ports here.
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (20000u32, ephemeral_low.clamp(21000, 32768));
+    let span = high - low - u32::from(n);
+    let spread = std::process::id().wrapping_mul(97);
+    for _ in 0..500 {
+        let k = NEXT.fetch_add(u32::from(n) + 1, Ordering::Relaxed);
+        let base = (low + spread.wrapping_add(k) % span) as u16;
+        if (base..base + n).all(port_free) {
+            return base;
         }
     }
-    panic!("no free loopback port");
+    panic!("no {n} consecutive free ports in {low}-{high}");
+}
+
+/// A host port free now for TCP and UDP on every address ([`free_ports`]).
+pub fn free_port() -> u16 {
+    free_ports(1)
 }
 
 // ---------------------------------------------------------------------------
@@ -1004,10 +1019,10 @@ impl Server {
         Server::spawn(Command::new(python()), kind, dir, bind)
     }
 
-    /// On the host's 127.0.0.1 at a port below the ephemeral range ([`free_service_port`]),
+    /// On the host's 127.0.0.1 at a port below the ephemeral range ([`free_port`]),
     /// where a service would be (what pasta's `auto` forwards).
     pub fn start_at_service_port(kind: ServerKind, dir: Option<&Path>) -> Server {
-        Server::spawn_at(Command::new(python()), kind, dir, "127.0.0.1", free_service_port())
+        Server::spawn_at(Command::new(python()), kind, dir, "127.0.0.1", free_port())
     }
 
     /// Inside a remote host, bound to 0.0.0.0.
