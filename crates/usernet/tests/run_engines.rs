@@ -34,7 +34,7 @@ fn two_engines_carry_parallel_transfers_both_ways() {
         "for i in $(seq 1 {PARALLEL}); do \
            timeout 100 curl -sSf -o {d}/o$i http://host.docker.internal:{p}/f & \
            timeout 100 curl -sSf -T {f} http://{HOST_IP}:{s}/u > {d}/u$i & \
-         done; wait; sha256sum {d}/o*; cat {d}/u*; ip -o link show dev eth0; \
+         done; wait; sha256sum {d}/o*; cat {d}/u*; \
          for t in /proc/$PPID/task/*; do echo thread $(cat $t/comm) $(awk '{{print $14 + $15}}' $t/stat); done",
         d = outdir.path().display(),
         p = http.port,
@@ -46,9 +46,6 @@ fn two_engines_carry_parallel_transfers_both_ways() {
     assert_eq!(downloads.iter().filter(|h| **h == want).count(), PARALLEL, "{out}");
     let uploads = out.stdout.lines().filter(|l| **l == format!("{up_want} {EACH}")).count();
     assert_eq!(uploads, PARALLEL, "{out}");
-    // The multi-queue TAP has 256 transmit queues; it got one noqueue discipline, not one
-    // default discipline per queue.
-    assert!(out.stdout.contains("qdisc noqueue"), "{out}");
     // 16 connections, each to the second engine with even odds: it had work.
     let engine1 =
         out.stdout.lines().find(|l| l.starts_with("thread usernet-engine1 ")).unwrap_or_else(|| panic!("{out}"));

@@ -42,9 +42,6 @@ pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
     let ipv6 = i.ipv6.filter(|_| ipv6_without_slaac(&i.ifname));
     let mut rtnl = netlink::Rtnl::open()?;
     rtnl.set_link(lo, None, None, true).map_err(|e| annotate(e, "bringing lo up"))?;
-    if let Err(e) = rtnl.set_noqueue(index) {
-        tracing::debug!("{}: no noqueue discipline ({e}); the kernel's default stays", i.ifname);
-    }
     rtnl.set_link(index, Some(mac), Some(mtu), true).map_err(|e| annotate(e, "setting MAC, MTU and up"))?;
     if i.ipv4 {
         rtnl.add_ipv4_address(index, address, prefix).map_err(|e| annotate(e, "adding the address"))?;

@@ -12,15 +12,13 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -53,17 +51,6 @@ impl Rtnl {
             msg.attributes.push(LinkAttribute::Mtu(mtu));
         }
         self.request(RouteNetlinkMessage::SetLink(msg), 0)
-    }
-
-    /// Gives the link the noqueue root queueing discipline (`tc qdisc replace dev LINK root
-    /// noqueue`). Made before the link first comes up, this keeps the kernel from attaching its
-    /// default ones when it does: one per transmit queue, 256 of them on a multi-queue TAP.
-    pub fn set_noqueue(&mut self, index: u32) -> io::Result<()> {
-        let index = i32::try_from(index).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut msg = TcMessage::with_index(index);
-        msg.header.parent = TcHandle::ROOT;
-        msg.attributes.push(TcAttribute::Kind("noqueue".into()));
-        self.request(RouteNetlinkMessage::NewQueueDiscipline(msg), NLM_F_CREATE | NLM_F_REPLACE)
     }
 
     /// Adds `addr/prefix` to the link, with the subnet's broadcast address.
