@@ -176,8 +176,8 @@ enum Refusal {
     NotAGuestMac,
     /// A source address outside the network, or usernet's own.
     NotUsable,
-    /// Another MAC or address than the link's guest's.
-    NotThisLinksGuest,
+    /// Another MAC or address than the link's guest's, who has this MAC and address.
+    NotThisLinksGuest(Mac, Option<Ipv4Addr>),
 }
 
 pub struct Switch {
@@ -604,7 +604,9 @@ impl Switch {
                     }
                     (!ok).then_some(Refusal::NotUsable)
                 }
-                (Some((bound_mac, _)), _) if *bound_mac != mac => Some(Refusal::NotThisLinksGuest),
+                (Some((bound_mac, bound_ip)), _) if *bound_mac != mac => {
+                    Some(Refusal::NotThisLinksGuest(*bound_mac, *bound_ip))
+                }
                 (Some(_), None) => None,
                 (Some(_), Some(ip)) if ip.is_unspecified() => None,
                 (Some((_, bound_ip @ None)), Some(ip)) => {
@@ -614,7 +616,9 @@ impl Switch {
                     }
                     (!ok).then_some(Refusal::NotUsable)
                 }
-                (Some((_, Some(bound_ip))), Some(ip)) => (*bound_ip != ip).then_some(Refusal::NotThisLinksGuest),
+                (Some((bound_mac, Some(bound_ip))), Some(ip)) => {
+                    (*bound_ip != ip).then_some(Refusal::NotThisLinksGuest(*bound_mac, Some(*bound_ip)))
+                }
             }
         };
         match refusal {
@@ -718,16 +722,15 @@ impl Switch {
         let Some(Some(slot)) = self.links.get_mut(index) else { return false };
         if !slot.told_spoofed {
             slot.told_spoofed = true;
-            let why = match (refusal, slot.bound) {
-                (Refusal::Taken, _) => "another link's guest has that MAC or address".into(),
-                (Refusal::NotAGuestMac, _) => "a multicast MAC or the gateway's".into(),
-                (Refusal::NotUsable, _) => "not an address a guest may have".into(),
-                (Refusal::NotThisLinksGuest, Some((bound_mac, bound_ip))) => format!(
+            let why = match refusal {
+                Refusal::Taken => "another link's guest has that MAC or address".into(),
+                Refusal::NotAGuestMac => "a multicast MAC or the gateway's".into(),
+                Refusal::NotUsable => "not an address a guest may have".into(),
+                Refusal::NotThisLinksGuest(bound_mac, bound_ip) => format!(
                     "this link's guest is {} ({})",
                     fmt_mac(bound_mac),
                     bound_ip.map_or("-".into(), |ip| ip.to_string())
                 ),
-                (Refusal::NotThisLinksGuest, None) => "this link has no guest yet".into(),
             };
             tracing::warn!(
                 link = %slot.link.describe(),
