@@ -5,10 +5,10 @@
 //! nothing. Everything derives from one seed (a xorshift generator of our own), so a
 //! failing seed replays exactly: `USERNET_SIM_SEED=1234 cargo test -p usernet-core sim_`
 //! (`USERNET_SIM_TRACE=1` prints every step; `USERNET_SIM_SEEDS=20000` runs that many seeds
-//! instead of the default 400, `--release` for speed: the invariants are checked in debug
-//! builds only; `USERNET_SIM_TIMES=1` prints each run's time). A run panics with its
-//! scenario and the state of the flow, the guest and the host when an assertion fails or
-//! when it does not settle (an hour of simulated time).
+//! instead of the default 400, from `USERNET_SIM_FIRST` (0 unless given), `--release` for
+//! speed: the invariants are checked in debug builds only; `USERNET_SIM_TIMES=1` prints each
+//! run's time). A run panics with its scenario and the state of the flow, the guest and
+//! the host when an assertion fails or when it does not settle (an hour of simulated time).
 //!
 //! The model guest is a small but honest TCP: it acknowledges in-order data, buffers or
 //! drops out-of-order data, retransmits on its own timer (with backoff and a give-up
@@ -1195,6 +1195,9 @@ struct Coverage {
     challenge_acks: u64,
     stray_resets: u64,
     half_open: u64,
+    /// Runs where the network lost every retransmission, or every answer to one, until the
+    /// flow gave up on the guest.
+    flow_gave_up: u64,
     sim_seconds: u64,
 }
 
@@ -1225,6 +1228,7 @@ impl Coverage {
             challenge_acks,
             stray_resets,
             half_open,
+            flow_gave_up,
             sim_seconds
         );
     }
@@ -1241,6 +1245,8 @@ struct Sim {
     /// The flow after it ended (its socket is still the host's, to drain).
     dead: Option<TcpFlow<ModelSocket>>,
     ended: Option<Ended>,
+    /// The highest acknowledgement number of the guest's segments that reached the flow.
+    acked_to_flow: Option<u32>,
     created: bool,
     timers: BinaryHeap<Reverse<Instant>>,
     owed: bool,
@@ -1288,6 +1294,7 @@ impl Sim {
             flow: None,
             dead: None,
             ended: None,
+            acked_to_flow: None,
             created: false,
             timers: BinaryHeap::new(),
             owed: false,
@@ -1369,6 +1376,12 @@ impl Sim {
     fn deliver_to_flow(&mut self, pkt: Pkt) {
         let Pkt::Tcp { h, data, keepalive, .. } = pkt else { unreachable!() };
         let now = self.instant(self.now);
+        if self.flow.is_some() && h.has(ACK) && !h.has(RST) {
+            self.acked_to_flow = Some(match self.acked_to_flow {
+                Some(a) if seq_le(h.ack, a) => a,
+                _ => h.ack,
+            });
+        }
         if let Some(f) = self.flow.as_mut() {
             assert!(
                 !(h.has(SYN) && !h.has(ACK) && f.is_stale_for_syn(&h)),
@@ -1673,7 +1686,26 @@ impl Sim {
         }
         assert!(!g.gave_up, "the guest gave up on an unresponsive flow\n{d}");
         let reset = g.rst_sent || self.host.reset_done;
-        if !self.sc.connects() {
+        let gave_up = self.dead.as_ref().filter(|f| f.retries > super::MAX_RETRIES);
+        if let Some(f) = gave_up
+            && !reset
+        {
+            // The network lost every retransmission of the flow's, or every answer to one,
+            // MAX_RETRIES + 1 times in a row (seed 62160, with 30% loss each way, the first
+            // of 62,161 seeds to do so), and the flow gave up on the guest, as a kernel's TCP
+            // does after tcp_retries2. Legitimate only if none of the guest's
+            // acknowledgements beyond what the flow holds as acknowledged reached it.
+            assert!(
+                self.acked_to_flow.is_none_or(|a| seq_le(a, f.snd_una)),
+                "the flow gave up on the guest although an acknowledgement of its data reached it\n{d}"
+            );
+            assert!(
+                self.to_flow.lost + self.to_guest.lost > u64::from(super::MAX_RETRIES),
+                "gave up on a network that lost little\n{d}"
+            );
+            assert!(self.ended.is_some_and(|e| e.linger_zero), "a flow that gave up did not reset the host\n{d}");
+            self.cov.flow_gave_up = 1;
+        } else if !self.sc.connects() {
             assert_eq!(g.received, 0);
             if self.sc.connect == Connect::GuestRefuses {
                 assert!(self.ended.is_some_and(|e| e.linger_zero), "the client was not reset\n{d}");
@@ -1738,7 +1770,8 @@ fn seeds(default: u64) -> Vec<u64> {
         return vec![s];
     }
     let n = std::env::var("USERNET_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
-    (0..n).collect()
+    let first: u64 = std::env::var("USERNET_SIM_FIRST").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    (first..first.saturating_add(n)).collect()
 }
 
 /// Hundreds of random connections, each through a random mix of loss, duplication,
