@@ -30,6 +30,11 @@
 //!    N); SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to COMMAND. SIGINT and SIGQUIT
 //!    typed at the terminal (sent by the kernel) are not forwarded: the terminal already
 //!    delivered them to COMMAND, which shares usernet's process group.
+//!    Then the engine drains (`usernet_core::engine::drain`): while a connection is still
+//!    sending from the guest (its kernel sends what COMMAND wrote before it exited, then
+//!    the FIN), the loop runs on, after killing the processes COMMAND left behind, until
+//!    none is, or none moved a byte for [`DRAIN_IDLE`], or a signal comes; what is left
+//!    then is reset, so that the host's peer does not read a cut transfer as a whole one.
 //! 7. Clean up: if COMMAND left processes behind, every process in the namespace is killed
 //!    and reaped (see `netns::sandbox`); the TAP and the namespace go with the last
 //!    descriptor. Every error path after step 3 drops the
@@ -55,6 +60,10 @@ use usernet_host::netns::sandbox::{GUEST_MAC, Sandbox, SandboxSpec, StartError};
 
 // `--engine-threads`' range is the sandbox's bound on the TAP device's queues.
 const _: () = assert!(usernet_host::netns::sandbox::MAX_QUEUES == 8);
+
+/// After COMMAND exited: how long the guest's data may not move toward the host before the
+/// connections still sending are reset (see step 6).
+const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Snap length of `--pcap` captures: whole frames, even 64 KiB segments.
 const PCAP_SNAPLEN: u32 = 262_144;
@@ -230,6 +239,8 @@ pub fn execute(launch: Launch<'_>) -> anyhow::Result<i32> {
             busy_poll: std::time::Duration::from_micros(net.busy_poll),
         };
         guest.configure(&mut engine);
+        // When COMMAND exits, what the guest's kernel still sends for it reaches the host.
+        engine.drain_after_exit(DRAIN_IDLE);
         // Its thread enters the namespace while the rest starts (checked below).
         if let Some(netns) = sandbox.netns()
             && let Err(e) = engine.start_guest_netns(netns)
@@ -366,5 +377,29 @@ impl Supervisor for RunSupervisor<'_> {
             }
         }
         self.sandbox.reap()
+    }
+
+    fn interrupts_drain(&mut self) -> bool {
+        let mut interrupted = false;
+        for _ in 0..64 {
+            match self.sfd.read_signal() {
+                Ok(Some(info)) => interrupted |= info.ssi_signo != Signal::SIGCHLD as u32,
+                Ok(None) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!("reading signals: {e}");
+                    break;
+                }
+            }
+        }
+        self.sandbox.reap();
+        if interrupted {
+            tracing::debug!("a signal while the guest's last data drained: stopping now");
+        }
+        interrupted
+    }
+
+    fn draining(&mut self) {
+        self.sandbox.kill_leftovers();
     }
 }

@@ -16,6 +16,9 @@
 //! - UDP to a port nobody listens on gives the guest ICMP port unreachable.
 //! - A DNS upstream that never answers gives SERVFAIL in bounded time while built-in
 //!   names still answer.
+//! - Data the command sent just before it exited reaches the host whole (an upload to a slow
+//!   reader, a download through a published port by a slow client); a transfer the host's
+//!   side stops reading is reset once the drain gives up, not ended as if it were whole.
 //!
 //! Clients and servers are tests/helpers/robust.py (no name lookups, every loop bounded),
 //! curl, socat, dig and ping. Traffic goes only to loopback and to the test's own
@@ -707,4 +710,139 @@ fn silent_dns_upstream_gives_servfail() {
     // The built-in name did not wait behind the stuck forward.
     assert_eq!(order.lines().collect::<Vec<_>>(), vec!["fast=0", "slow-done"], "{out}");
     assert!(!hole.lines_with("QUERY").is_empty(), "the query never reached the upstream");
+}
+
+// ---------------------------------------------------------------------------
+// What the command sent just before it exited.
+
+/// Bytes the guest's sender of [`drain_sender`] sends, random.
+const DRAIN_BYTES: usize = 24 << 20;
+
+/// A python program for the guest: connects to ADDR PORT (or, with `listen`, accepts one
+/// client on PORT, after printing READY), sends [`DRAIN_BYTES`] random bytes, prints
+/// `SENT <sha256>`, and exits at once: what the kernel has not sent yet is in its buffers.
+fn drain_sender(how: &str, addr: &str, port: u16) -> Vec<String> {
+    let script = r#"
+import hashlib, os, socket, sys
+how, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = os.urandom(int(sys.argv[4]))
+if how == "listen":
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", port)); l.listen(1)
+    print("READY", flush=True)
+    s, _ = l.accept()
+else:
+    s = socket.create_connection((addr, port), timeout=30)
+s.sendall(data)
+s.close()
+print("SENT", hashlib.sha256(data).hexdigest(), flush=True)
+"#;
+    ["python3", "-c", script, how, addr, &port.to_string(), &DRAIN_BYTES.to_string()].map(String::from).to_vec()
+}
+
+/// Reads `s` slowly (64 KiB, then a 1 ms pause) to its end: the bytes' sha256, how many,
+/// and how the stream ended (None: end of stream).
+fn read_slowly(mut s: TcpStream) -> (String, usize, Option<ErrorKind>) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (sha256_bytes(&got), got.len(), None),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return (sha256_bytes(&got), got.len(), Some(e.kind())),
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The command uploads 24 MiB to a slow reader on the host's loopback and exits as soon as
+/// its last write returns: usernet passes on what the guest's kernel still held (it
+/// drains before it stops), so the reader gets every byte, then the end of stream.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn an_upload_the_command_finished_just_before_exiting_arrives_whole() {
+    require(&["python3", "dnsmasq", "sha256sum"]);
+    let dns = DnsUpstream::start();
+    let port = free_port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the host's reader");
+    let reader = std::thread::spawn(move || read_slowly(accept_within(&listener, Duration::from_secs(60))));
+    let out = Usernet::new(&dns).run(&drain_sender("connect", HOST_IP, port));
+    out.assert_ok();
+    let sent = value_after(&out.stdout, "SENT ").unwrap_or_else(|| panic!("the sender did not finish:\n{out}"));
+    let (hash, len, ended) = reader.join().expect("the reader");
+    assert_eq!(ended, None, "the reader's stream ended with an error after {len} bytes:\n{out}");
+    assert_eq!(len, DRAIN_BYTES, "the reader got {len} bytes of {DRAIN_BYTES}:\n{out}");
+    assert_eq!(hash, sent, "the bytes differ:\n{out}");
+}
+
+/// The same through a published port: the command serves 24 MiB to one client and exits;
+/// a slow client on the host's loopback (a spliced connection) gets all of it.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_download_the_command_served_just_before_exiting_arrives_whole() {
+    require(&["python3", "dnsmasq", "sha256sum"]);
+    let dns = DnsUpstream::start();
+    let port = free_port();
+    let mut bg = Background::start(
+        Usernet::new(&dns).args(&["-p", &format!("127.0.0.1:{port}:8080")]).command(&drain_sender("listen", "", 8080)),
+        Stdio::null(),
+    );
+    bg.wait_line("READY", Duration::from_secs(30));
+    let client = TcpStream::connect(("127.0.0.1", port)).expect("connect to the published port");
+    let (hash, len, ended) = read_slowly(client);
+    assert_eq!(bg.wait_exit(Duration::from_secs(60)), Some(0), "{}", bg.describe());
+    let sent = value_after(&bg.stdout(), "SENT ").unwrap_or_else(|| panic!("no SENT line:\n{}", bg.describe()));
+    assert_eq!(ended, None, "the client's stream ended with an error after {len} bytes:\n{}", bg.describe());
+    assert_eq!(len, DRAIN_BYTES, "the client got {len} bytes of {DRAIN_BYTES}:\n{}", bg.describe());
+    assert_eq!(hash, sent, "the bytes differ:\n{}", bg.describe());
+}
+
+/// The host's reader takes nothing after the command exits: the guest's data cannot move,
+/// so usernet stops draining after its idle bound (5 s) and resets the connection. The
+/// reader, reading at last, gets an error, not an end of stream that would pass the cut
+/// transfer for a whole one; and usernet exits with the command's status.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_transfer_the_drain_gives_up_on_is_reset_not_ended() {
+    require(&["python3", "dnsmasq", "sha256sum"]);
+    let dns = DnsUpstream::start();
+    let port = free_port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the host's reader");
+    // The sender's sendall blocks once every buffer is full; `timeout` kills it then, and
+    // its kernel holds what it had not sent.
+    let mut cmd = vec!["timeout".to_string(), "-s".into(), "KILL".into(), "3".into()];
+    cmd.extend(drain_sender("connect", HOST_IP, port));
+    let mut bg = Background::start(Usernet::new(&dns).command(&cmd), Stdio::null());
+    let conn = accept_within(&listener, Duration::from_secs(60));
+    let code = bg.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(137), "usernet should exit with the killed command's status:\n{}", bg.describe());
+    let (_, len, ended) = read_slowly(conn);
+    assert!(len < DRAIN_BYTES, "the reader got everything; the test proves nothing:\n{}", bg.describe());
+    assert_eq!(ended, Some(ErrorKind::ConnectionReset), "after {len} bytes:\n{}", bg.describe());
+}
+
+/// The first connection to `listener`; panics if none comes within `limit`.
+fn accept_within(listener: &std::net::TcpListener, limit: Duration) -> TcpStream {
+    listener.set_nonblocking(true).expect("non-blocking listener");
+    let end = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking stream");
+                return s;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("no connection to the host's reader: {e}"),
+        }
+    }
+}
+
+/// The text after `prefix` on the first line that starts with it.
+fn value_after(out: &str, prefix: &str) -> Option<String> {
+    out.lines().find_map(|l| l.strip_prefix(prefix)).map(|v| v.trim().to_string())
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 
+use super::drain::{self, Drain};
 use super::flows::FlowId;
 use super::{ACCEPTOR_BIT, Engine, FLOW_BASE, LINK_BIT, SUPERVISOR, Supervisor, WAKER, busy_poll, listeners};
 
@@ -18,15 +19,20 @@ use super::{ACCEPTOR_BIT, Engine, FLOW_BASE, LINK_BIT, SUPERVISOR, Supervisor, W
 const LINK_BATCH: usize = 128;
 
 impl Engine {
-    /// Runs until the supervisor says stop; returns its exit code.
+    /// Runs until the supervisor says stop (and, with `drain_after_exit`, the drain that
+    /// follows is over); returns its exit code.
     pub fn run(&mut self, sup: &mut dyn Supervisor) -> io::Result<i32> {
         let sup_fd = sup.fd();
         self.poll.registry().register(&mut SourceFd(&sup_fd), SUPERVISOR, Interest::READABLE)?;
         let mut events = Events::with_capacity(1024);
         let mut link_ready = true;
+        let mut draining: Option<Drain> = None;
         loop {
             let spinning = !link_ready && self.busy_poll.enabled() && self.busy_poll.spin(Instant::now());
-            let timeout = if link_ready || spinning { Some(Duration::ZERO) } else { self.next_timeout() };
+            let mut timeout = if link_ready || spinning { Some(Duration::ZERO) } else { self.next_timeout() };
+            if draining.is_some() || self.shard.as_ref().is_some_and(|s| s.index != 0 && s.set.draining()) {
+                timeout = Some(timeout.map_or(drain::CHECK_EVERY, |t| t.min(drain::CHECK_EVERY)));
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -117,9 +123,49 @@ impl Engine {
                 self.shutdown();
                 return Err(io::Error::other(why));
             }
-            if let Some(code) = self.stop.take().or_else(|| if sup_ready { sup.on_ready() } else { None }) {
+            if let Some(code) = self.stop.take() {
                 self.shutdown();
                 return Ok(code);
+            }
+            let now = Instant::now();
+            if draining.is_none()
+                && sup_ready
+                && let Some(code) = sup.on_ready()
+            {
+                let Some(idle) = self.drain_idle else {
+                    self.shutdown();
+                    return Ok(code);
+                };
+                if let Some(shard) = &self.shard {
+                    shard.set.start_drain();
+                }
+                draining = Some(Drain::new(code, idle, now));
+                sup_ready = false;
+            }
+            if let Some(d) = draining.as_mut() {
+                let reported = self.shard.as_ref().is_some_and(|s| s.set.take_reported());
+                let mut over = sup_ready && sup.interrupts_drain();
+                if !over && (d.due(now) || reported) {
+                    let s = self.sending_everywhere();
+                    if d.tell(s) {
+                        sup.draining();
+                    }
+                    over = d.over(s, now);
+                }
+                if over {
+                    let code = d.code;
+                    self.shutdown();
+                    return Ok(code);
+                }
+            }
+            if let Some(shard) = self.shard.as_mut()
+                && shard.index != 0
+                && shard.set.draining()
+                && shard.next_drain_report.is_none_or(|t| t <= now)
+            {
+                shard.next_drain_report = Some(now + drain::CHECK_EVERY);
+                let (index, set) = (shard.index, shard.set.clone());
+                set.report_drain(index, self.sending());
             }
             if !link_ready && let Some(p) = self.switch.pcap.as_mut() {
                 p.flush();
@@ -295,8 +341,14 @@ impl Engine {
         }
         self.flush_links();
         let ids: Vec<FlowId> = self.flows.ids().map(|(id, _)| id).collect();
+        let mut cut = 0;
         for id in ids {
-            self.flows.remove(id);
+            if let Some(mut flow) = self.flows.remove(id) {
+                cut += usize::from(drain::reset_if_cut(&mut flow));
+            }
+        }
+        if cut > 0 {
+            tracing::debug!("{cut} connection(s) the guest was still sending on: reset");
         }
         if let Some(p) = self.switch.pcap.as_mut() {
             p.flush();

@@ -12,7 +12,8 @@
 //!    a first datagram, a first echo request);
 //! 3. fires due timers (retransmission, connect timeout, idle expiry);
 //! 4. sends the ACKs that the batch made owed, one per flow (coalescing);
-//! 5. asks the supervisor (the `run` command's signals) whether to stop.
+//! 5. asks the supervisor (the `run` command's signals) whether to stop; `run` then drains
+//!    first (`drain`): what the guest still sends reaches the host before the loop ends.
 //!
 //! No thread, task or allocation per packet; a flow's work is O(1) per packet. The
 //! gateway's stream services (DNS over TCP) are reached through socketpairs served on their
@@ -32,6 +33,7 @@
 //! - `metrics`: the counters `/metrics` shows (per link, drops, failed connects, the loop);
 //! - `sock`: the socket system calls of the data path; `busy_poll`, `udp_batch`: helpers;
 //! - `budget`: the guest data all TCP flows may hold together (`--max-buffered`);
+//! - `drain`: what the guest still sends when `run`'s command exits;
 //! - `shard`: several engines, a thread and a TAP queue each, serving one guest
 //!   (`--engine-threads`).
 
@@ -40,6 +42,7 @@ pub mod busy_poll;
 pub mod control;
 pub mod dial;
 mod dispatch;
+pub mod drain;
 mod event_loop;
 pub mod flow_policy;
 pub mod flows;
@@ -80,6 +83,16 @@ use switch::Switch;
 pub trait Supervisor {
     fn fd(&self) -> RawFd;
     fn on_ready(&mut self) -> Option<i32>;
+    /// While the engine drains (after `on_ready` gave an exit code; see `drain`), its fd
+    /// became readable: whether that asks to stop at once (a signal, say), not something
+    /// to pass over (a child's exit).
+    fn interrupts_drain(&mut self) -> bool {
+        true
+    }
+    /// The engine drains, and some connection is still sending from the guest: whatever
+    /// else could keep the guest's sockets open is to end now (`run`: the processes COMMAND
+    /// left behind). Called once, and not at all when nothing was sending.
+    fn draining(&mut self) {}
 }
 
 /// Token bits of guest links and link acceptors (the rest is their index).
@@ -146,6 +159,8 @@ pub struct Engine {
     stop_without_links: bool,
     /// Set when the loop must stop at the end of this round, with this exit status.
     stop: Option<i32>,
+    /// Drain before stopping when the supervisor says so, with this idle bound (`drain`).
+    drain_idle: Option<Duration>,
     /// The loop's rounds and busy time (for `/metrics`).
     loop_counters: metrics::LoopCounters,
     /// Bytes the flows moved on their host sockets in the loop's current round, outside the
@@ -342,6 +357,7 @@ impl Engine {
             guest_sockets: None,
             stop_without_links: false,
             stop: None,
+            drain_idle: None,
             loop_counters: metrics::LoopCounters::default(),
             round_socket_bytes: 0,
             service_metrics: None,

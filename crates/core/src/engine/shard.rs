@@ -42,7 +42,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
@@ -51,6 +51,7 @@ use usernet_wire::ipv6::Ipv6Header;
 use usernet_wire::{PROTO_TCP, PROTO_UDP, tcp};
 
 use super::control::ControlHandle;
+use super::drain::Sending;
 use super::flows::FlowKey;
 use super::flows::owners::Owners;
 use super::metrics::DropReason;
@@ -68,6 +69,12 @@ pub struct ShardSet {
     failure: Mutex<Option<String>>,
     /// Set with `failure`: read without the lock on every wake of engine 0's inbox.
     failed: AtomicBool,
+    /// Set while engine 0 drains (`drain`): the other engines then report what they still
+    /// send, each in its slot (flows, bytes; engine 0's slot is unused).
+    draining: AtomicBool,
+    drain_reports: Vec<(AtomicU64, AtomicU64)>,
+    /// An engine reported since engine 0 last looked (engine 0 was woken for it).
+    drain_reported: AtomicBool,
 }
 
 /// Frames an engine's inbox holds at most: beyond, handed frames are dropped, as the TAP
@@ -100,8 +107,15 @@ impl ShardSet {
                 ((tx, OnceLock::new()), Inbox(rx))
             })
             .unzip();
-        let set =
-            ShardSet { owners: Arc::default(), inboxes, failure: Mutex::default(), failed: AtomicBool::new(false) };
+        let set = ShardSet {
+            owners: Arc::default(),
+            inboxes,
+            failure: Mutex::default(),
+            failed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            drain_reports: (0..n).map(|_| (AtomicU64::new(u64::MAX), AtomicU64::new(0))).collect(),
+            drain_reported: AtomicBool::new(false),
+        };
         (Arc::new(set), receivers)
     }
 
@@ -117,6 +131,55 @@ impl ShardSet {
         {
             let _ = waker.wake();
         }
+    }
+
+    /// Engine 0 drains: the others are told, and woken to report.
+    pub(super) fn start_drain(&self) {
+        for (flows, bytes) in &self.drain_reports {
+            flows.store(u64::MAX, Ordering::Relaxed);
+            bytes.store(0, Ordering::Relaxed);
+        }
+        self.draining.store(true, Ordering::Release);
+        for (_, waker) in self.inboxes.iter().skip(1) {
+            if let Some(waker) = waker.get() {
+                let _ = waker.wake();
+            }
+        }
+    }
+
+    /// Whether engine 0 drains.
+    pub(super) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Engine `index` still sends `s` of the guest's data; engine 0 is woken to look when
+    /// that changed.
+    pub(super) fn report_drain(&self, index: usize, s: Sending) {
+        if let Some((flows, bytes)) = self.drain_reports.get(index) {
+            let was = bytes.swap(s.from_guest, Ordering::Relaxed);
+            if flows.swap(s.flows, Ordering::AcqRel) != s.flows || was != s.from_guest {
+                self.drain_reported.store(true, Ordering::Release);
+                if let Some((_, waker)) = self.inboxes.first()
+                    && let Some(waker) = waker.get()
+                {
+                    let _ = waker.wake();
+                }
+            }
+        }
+    }
+
+    /// Whether an engine reported a change since the last call.
+    pub(super) fn take_reported(&self) -> bool {
+        self.drain_reported.swap(false, Ordering::AcqRel)
+    }
+
+    /// What every engine but `me` last reported ([`Sending::UNKNOWN`] before its first).
+    pub(super) fn drain_reports(&self, me: usize) -> Vec<Sending> {
+        let report = |(flows, bytes): &(AtomicU64, AtomicU64)| Sending {
+            flows: flows.load(Ordering::Acquire),
+            from_guest: bytes.load(Ordering::Relaxed),
+        };
+        self.drain_reports.iter().enumerate().filter(|(i, _)| *i != me).map(|(_, r)| report(r)).collect()
     }
 
     /// Why an engine failed, if one did.
@@ -165,6 +228,8 @@ pub(super) struct Shard {
     handed_syn: Option<FlowKey>,
     /// Engine 0 only: another engine failed, and why; the loop ends with this error.
     pub failed: Option<String>,
+    /// The other engines, while engine 0 drains: when to report next (`drain`).
+    pub next_drain_report: Option<std::time::Instant>,
 }
 
 /// The guest as `run` configured it (its MAC and addresses) and `--busy-poll`: what every
@@ -327,7 +392,16 @@ impl Engine {
         self.flows.share_owners(set.owners.clone(), index);
         // An engine that failed before engine 0 had a waker found none to ring (see `fail`).
         let failed = if index == 0 { set.failure.lock().unwrap_or_else(|e| e.into_inner()).clone() } else { None };
-        self.shard = Some(Shard { index, set, inbox, next, handling_handed: false, handed_syn: None, failed });
+        self.shard = Some(Shard {
+            index,
+            set,
+            inbox,
+            next,
+            handling_handed: false,
+            handed_syn: None,
+            failed,
+            next_drain_report: None,
+        });
         Ok(())
     }
 }

@@ -386,6 +386,21 @@ impl Sandbox {
         tracing::warn!("killed processes did not exit: {pending:?}");
     }
 
+    /// Once COMMAND has exited: kills every process it left in the network namespace and
+    /// reaps them, so that their sockets close too, while the namespace stays for the
+    /// engine to drain (`usernet_core::engine::drain`). `finish` does the same later anyway.
+    pub fn kill_leftovers(&mut self) {
+        if self.status.is_none() || self.finished {
+            return;
+        }
+        if let Some(netns) = self.netns() {
+            let killed = kill_namespace_processes(netns, || {
+                self.reap();
+            });
+            self.wait_gone(&killed);
+        }
+    }
+
     /// Kills COMMAND if it still runs and every other process left in the sandbox's network
     /// namespace, reaps them and closes the namespace. Idempotent; also run on drop.
     pub fn finish(&mut self) {

@@ -91,6 +91,28 @@ impl Flow {
         matches!(self, Flow::Udp(u) if u.gateway_dns)
     }
 
+    /// Whether the guest is still sending to the host through this connection: it is open
+    /// both ways, and the guest's end of stream has not been passed on to the host yet.
+    /// `run` waits for these when its command exits (`Engine::drain_after_exit`), and one
+    /// cut short is reset ([`Flow::reset_on_close`]), so that the host's peer does not
+    /// take an end of stream for the end of the data.
+    pub fn guest_still_sending(&self) -> bool {
+        match self {
+            Flow::Tcp(f) => f.guest_still_sending(),
+            Flow::Splice(f) => f.guest_still_sending(),
+            Flow::Udp(_) | Flow::Icmp(_) => false,
+        }
+    }
+
+    /// Makes the close of the flow's host socket a reset (RST), not an end of stream.
+    pub fn reset_on_close(&mut self) {
+        match self {
+            Flow::Tcp(f) => f.reset_on_close(),
+            Flow::Splice(f) => f.reset_on_close(),
+            Flow::Udp(_) | Flow::Icmp(_) => {}
+        }
+    }
+
     /// What the flow carried (see [`Traffic`]).
     pub fn traffic(&self) -> Traffic {
         match self {

@@ -217,6 +217,17 @@ impl SpliceFlow {
         self.refused = false;
     }
 
+    /// Connected, and the guest's end of stream not passed on to the host yet (see
+    /// `Flow::guest_still_sending`).
+    pub fn guest_still_sending(&self) -> bool {
+        !self.connecting && !self.dirs[1].shut
+    }
+
+    /// Makes the host socket's close a reset.
+    pub fn reset_on_close(&mut self) {
+        sock::set_linger_zero(self.host.as_fd());
+    }
+
     /// Either socket changed readiness: move what can be moved, both ways.
     ///
     /// A connect under way is not asked about (getsockopt(2) and a peek, two calls each

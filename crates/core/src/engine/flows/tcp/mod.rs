@@ -445,6 +445,16 @@ impl<S: HostSocket> TcpFlow<S> {
         }
     }
 
+    /// Established, and the guest's FIN not passed on yet (see `Flow::guest_still_sending`).
+    pub fn guest_still_sending(&self) -> bool {
+        self.phase == Phase::Established && self.to_host != ToHost::Shut
+    }
+
+    /// Makes the host socket's close a reset.
+    pub fn reset_on_close(&mut self) {
+        self.sock.set_linger_zero();
+    }
+
     /// The earliest time `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
         let connect = (self.phase == Phase::Connecting).then(|| self.born + CONNECT_TIMEOUT);
