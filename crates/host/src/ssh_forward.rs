@@ -98,12 +98,7 @@ pub fn start(specs: Vec<ForwardSpec>) -> io::Result<SshForwards> {
 }
 
 fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
-    }
-    let l = usernet_core::link::qemu::listen_owner_only(path)
+    let l = usernet_core::link::qemu::listen_stream(path)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
     l.set_nonblocking(true)?;
     Ok(l)

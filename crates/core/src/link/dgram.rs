@@ -204,7 +204,7 @@ pub struct DgramLink {
 impl DgramLink {
     /// Binds PATH (replacing a stale socket file) and waits for a guest to send.
     pub fn bind(path: &Path) -> io::Result<DgramLink> {
-        clear_stale_socket(path, |p| UnixDatagram::unbound().and_then(|s| s.connect(p)).is_ok())?;
+        clear_stale_socket(path, |p| UnixDatagram::unbound().and_then(|s| s.connect(p)))?;
         let sock = super::qemu::bind_dgram_owner_only(path)?;
         sock.set_nonblocking(true)?;
         // Room for bursts of frames both ways.

@@ -409,24 +409,33 @@ pub fn bind_dgram_owner_only(path: &Path) -> io::Result<std::os::unix::net::Unix
 /// a stale socket file left there ([`clear_stale_socket`]): how the stream transports
 /// (QEMU's, vpnkit's, vhost-user's) listen.
 pub fn listen_stream(path: &Path) -> io::Result<UnixListener> {
-    clear_stale_socket(path, |p| UnixStream::connect(p).is_ok())?;
+    clear_stale_socket(path, |p| UnixStream::connect(p).map(drop))?;
     listen_owner_only(path)
 }
 
-/// Removes a stale socket file at `path` (nobody accepting there); refuses a live one or
-/// any other kind of file.
-pub fn clear_stale_socket(path: &Path, probe: impl Fn(&Path) -> bool) -> io::Result<()> {
+/// Removes a stale socket file at `path`; refuses a live one or any other kind of file.
+/// `probe` connects to it: only a refusal (ECONNREFUSED: nobody is bound there) makes it
+/// stale. Any other failure (EACCES: another user's socket) leaves the file alone and is
+/// an error, as it cannot tell whether a server is there.
+pub fn clear_stale_socket(path: &Path, probe: impl Fn(&Path) -> io::Result<()>) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if probe(path) {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{}: another server is listening there", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)
-        }
+        Ok(meta) if meta.file_type().is_socket() => match probe(path) {
+            Ok(()) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{}: another server is listening there", path.display()),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            // Gone since it was looked at.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("cannot tell whether another server is listening on {}: {e}", path.display()),
+            )),
+        },
         Ok(_) => {
             Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists and is not a socket", path.display())))
         }
@@ -522,6 +531,29 @@ mod tests {
         assert!(UnixStream::connect(dir.join("qemu.sock")).is_ok(), "reachable under its path");
         assert_eq!(QemuAcceptor::bind(&dir.join("qemu.sock")).err().map(|e| e.kind()), Some(io::ErrorKind::AddrInUse));
         drop((stream, dgram));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Only a refused connection makes a socket file stale: one that cannot be probed
+    /// (another user's, EACCES) is left alone and start-up fails, naming it and why.
+    #[test]
+    fn only_a_refused_socket_is_stale() {
+        let dir = std::env::temp_dir().join(format!("usernet-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("vm.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        let denied = |_: &Path| Err(io::Error::from_raw_os_error(libc::EACCES));
+        let e = clear_stale_socket(&path, denied).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        let said = e.to_string();
+        assert!(said.starts_with(&format!("cannot tell whether another server is listening on {}: ", path.display())));
+        assert!(said.contains("Permission denied"), "{said}");
+        assert!(path.exists(), "kept");
+        // Nobody bound there (the real probe is refused): replaced.
+        let listener = listen_stream(&path).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+        drop(listener);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

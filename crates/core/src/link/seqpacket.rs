@@ -147,7 +147,7 @@ pub fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
 
 impl SeqpacketAcceptor {
     pub fn bind(path: &Path) -> io::Result<SeqpacketAcceptor> {
-        clear_stale_socket(path, |p| connect_seqpacket(p).is_ok())?;
+        clear_stale_socket(path, |p| connect_seqpacket(p).map(drop))?;
         let fd = seqpacket_socket()?;
         bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
         listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN))?;

@@ -234,11 +234,14 @@ fn start(
 
 /// Binds a Unix socket at `path` with mode 0600, replacing a stale socket file.
 fn bind_socket(path: &Path) -> io::Result<StdUnixListener> {
-    let live = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
-    if std::fs::symlink_metadata(path).is_ok() && !live(path) {
-        debug!("api: replacing stale socket {}", path.display());
-    }
-    usernet_core::link::qemu::clear_stale_socket(path, live)?;
+    let probe = |p: &Path| {
+        let connected = std::os::unix::net::UnixStream::connect(p).map(drop);
+        if connected.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused) {
+            debug!("api: replacing stale socket {}", p.display());
+        }
+        connected
+    };
+    usernet_core::link::qemu::clear_stale_socket(path, probe)?;
     // Never reachable under `path` with the process umask's permissions.
     usernet_core::link::qemu::listen_owner_only(path)
 }

@@ -419,11 +419,8 @@ impl Drop for ApiSocket {
 
 impl ApiSocket {
     fn start(path: &Path, control: ControlHandle, guest: Ipv4Addr) -> anyhow::Result<ApiSocket> {
-        if std::fs::symlink_metadata(path).is_ok() && UnixStream::connect(path).is_err() {
-            // A socket file nobody serves any more (a slirp4netns that died): replace it.
-            let _ = std::fs::remove_file(path);
-        }
-        let listener = usernet_core::link::qemu::listen_owner_only(path)
+        // A socket file nobody serves any more (a slirp4netns that died) is replaced.
+        let listener = usernet_core::link::qemu::listen_stream(path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         let mut state = ApiState { control, guest, forwards: Vec::new(), next_id: 1 };
         std::thread::Builder::new()
