@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use usernet_core::config::Limits;
 
+/// The longest timeout a flag takes, in seconds (a week): longer is a parse error.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
 /// Bounds on what guests may make usernet hold; each is logged when reached and counted in
 /// `usernet_limit_reached_total{limit=...}`.
 #[derive(Args, Debug, Clone)]
@@ -36,8 +39,10 @@ pub struct LimitOpts {
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub max_buffered_mib: u64,
     /// Reset a TCP connection whose host peer takes none of the guest's data for this many
-    /// seconds (0: never). Idle connections with nothing to send are never reset.
-    #[arg(long = "tcp-stall-timeout", value_name = "SECONDS", default_value_t = Limits::default().tcp_stall_timeout.as_secs())]
+    /// seconds (0: never; at most 604800, a week). Idle connections with nothing to send are
+    /// never reset.
+    #[arg(long = "tcp-stall-timeout", value_name = "SECONDS", default_value_t = Limits::default().tcp_stall_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS))]
     pub tcp_stall_timeout: u64,
     /// Descriptors kept free for listeners, services and the API: guest flows never take
     /// the last N of the open-file limit (at most half of it).
@@ -57,14 +62,14 @@ pub struct LimitOpts {
           value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     pub max_proxy_connections: usize,
     /// Seconds the proxy waits for a request's whole header (or an intercepted TLS
-    /// ClientHello), and for a kept-alive connection's next request.
+    /// ClientHello), and for a kept-alive connection's next request (at most 604800, a week).
     #[arg(long = "proxy-header-timeout", value_name = "SECONDS", default_value_t = Limits::default().proxy_header_timeout.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
     pub proxy_header_timeout: u64,
     /// Seconds a proxied connection (a CONNECT tunnel, a relay, a kept-alive connection)
-    /// may carry nothing either way before it is closed.
+    /// may carry nothing either way before it is closed (at most 604800, a week).
     #[arg(long = "proxy-idle-timeout", value_name = "SECONDS", default_value_t = Limits::default().proxy_idle_timeout.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
     pub proxy_idle_timeout: u64,
 }
 
@@ -84,5 +89,32 @@ impl LimitOpts {
             proxy_header_timeout: Duration::from_secs(self.proxy_header_timeout),
             proxy_idle_timeout: Duration::from_secs(self.proxy_idle_timeout),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// The timeouts take up to a week; beyond (e.g. u64::MAX, which would overflow the
+    /// deadlines made from them) is a parse error naming the flag.
+    #[test]
+    fn timeouts_are_bounded() {
+        let parse = |flag: &str, value: &str| {
+            crate::Cli::try_parse_from(["usernet", "run", flag, value, "--", "true"]).map(|cli| match cli.command {
+                crate::Command::Run(a) => a.net.limits.to_limits(),
+                _ => unreachable!(),
+            })
+        };
+        let week = super::MAX_TIMEOUT_SECS.to_string();
+        for flag in ["--tcp-stall-timeout", "--proxy-header-timeout", "--proxy-idle-timeout"] {
+            assert!(parse(flag, &week).is_ok(), "{flag}");
+            for bad in ["604801", "18446744073709551615"] {
+                let e = parse(flag, bad).unwrap_err();
+                assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{flag} {bad}");
+                assert!(e.to_string().contains(flag), "{e}");
+            }
+        }
+        assert_eq!(parse("--tcp-stall-timeout", "0").unwrap().tcp_stall_timeout.as_secs(), 0);
     }
 }

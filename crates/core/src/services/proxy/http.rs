@@ -147,7 +147,9 @@ pub async fn serve(proxy: Arc<Proxy>, sock: UnixStream, mode: Mode, guest: Socke
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.proxy_header_timeout)
+        // hyper adds it to the time: one too long for that (no flag allows one) is as
+        // good as never.
+        .header_read_timeout(limits.proxy_header_timeout.min(super::NEVER))
         .serve_connection(TokioIo::new(sock), service)
         .with_upgrades();
     tokio::select! {

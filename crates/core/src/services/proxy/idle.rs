@@ -40,7 +40,8 @@ impl Watch {
     pub async fn idle(&self, limit: Duration) {
         loop {
             let last = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let due = last + limit;
+            // A limit too long to add to a time (no flag allows one) never comes.
+            let Some(due) = last.checked_add(limit) else { return std::future::pending().await };
             if Instant::now() >= due {
                 return;
             }

@@ -95,6 +95,8 @@ pub const PROXY_PORT: u16 = 3128;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an intercepted connection may stay silent before it is relayed unclassified.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// A deadline as good as never (about 30 years on), for a timeout too long to add to a time.
+const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 /// Largest response head accepted from an upstream proxy to a CONNECT.
 pub const MAX_HEAD: usize = 16 * 1024;
 
@@ -420,7 +422,8 @@ pub async fn serve_transparent(proxy: Arc<Proxy>, sock: UnixStream, dst: SocketA
 async fn sniff(sock: &UnixStream, hello_timeout: Duration) -> Sniffed {
     let start = Instant::now();
     let deadline = start + SNIFF_TIMEOUT;
-    let hello_deadline = start + hello_timeout;
+    // A timeout too long to add to a time (no flag allows one) is as good as never.
+    let hello_deadline = start.checked_add(hello_timeout).unwrap_or_else(|| start + NEVER);
     let mut buf = vec![0u8; tls::MAX_HELLO + 5];
     let mut seen = 0;
     loop {
@@ -988,6 +991,27 @@ mod tests {
         within(start);
         served.await.unwrap();
         assert_eq!(reached(&p, ServiceLimit::ProxyHeaderTimeout), 2);
+    }
+
+    /// Timeouts too long to add to a time (no flag allows them) are no deadline: the
+    /// connections are served, and nothing panics.
+    #[tokio::test]
+    async fn endless_timeouts_are_no_deadline() {
+        let p = bounded(8, Duration::MAX, Duration::MAX);
+        let guest = sa("192.168.65.2:40000");
+        let (mut a, theirs) = UnixStream::pair().unwrap();
+        let served = tokio::spawn(serve_explicit(p.clone(), theirs, guest));
+        assert!(ask(&mut a).await.starts_with("HTTP/1.1 400 "));
+        drop(a);
+        served.await.unwrap();
+
+        let hello = include_bytes!("testdata/curl_hello.bin");
+        let (mut c, theirs) = UnixStream::pair().unwrap();
+        let served = tokio::spawn(serve_transparent(p.clone(), theirs, sa("203.0.113.5:443"), guest));
+        c.write_all(&hello[..40]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!served.is_finished(), "still waiting for the rest of the ClientHello");
+        served.abort();
     }
 
     /// A CONNECT tunnel that carries nothing either way for the idle timeout is closed

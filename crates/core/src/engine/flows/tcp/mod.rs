@@ -458,7 +458,8 @@ impl<S: HostSocket> TcpFlow<S> {
     /// The earliest time `on_timer` has work to do.
     pub fn deadline(&self) -> Option<Instant> {
         let connect = (self.phase == Phase::Connecting).then(|| self.born + CONNECT_TIMEOUT);
-        let stall = self.stalled_since.zip(self.held.budget().stall_timeout()).map(|(t, d)| t + d);
+        // A timeout too long to add to a time (no flag allows one) is no deadline.
+        let stall = self.stalled_since.zip(self.held.budget().stall_timeout()).and_then(|(t, d)| t.checked_add(d));
         [connect, self.rto_deadline, self.ack_deadline, self.hold_deadline, self.release_deadline, stall]
             .into_iter()
             .flatten()
@@ -1317,7 +1318,7 @@ impl<S: HostSocket> TcpFlow<S> {
 
     fn timer(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         if let (Some(since), Some(limit)) = (self.stalled_since, self.held.budget().stall_timeout())
-            && since + limit <= now
+            && since.checked_add(limit).is_some_and(|due| due <= now)
         {
             let (guest, remote) = (self.guest, self.remote);
             switch.limit_reached(Limit::TcpStalled, now, || {

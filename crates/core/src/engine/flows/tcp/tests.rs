@@ -402,6 +402,30 @@ fn a_host_peer_that_never_reads_costs_at_most_the_margin() {
     assert_eq!(sw.budget.used(), 0, "a flow gives back what it held");
 }
 
+/// A stall timeout too long to add to a time (no flag allows one) is no deadline: a
+/// stalled flow is never reset for it, and nothing panics.
+#[test]
+fn an_endless_stall_timeout_is_no_deadline() {
+    let now = Instant::now();
+    let (mut sw, rec) = switch(1500, false);
+    sw.budget.set(sw.budget.max(), Duration::MAX);
+    let mut syn = seg(GUEST_ISN, 0, SYN, 65535);
+    syn.mss = Some(1460);
+    let sock = ModelSocket::new(1 << 16, 1 << 16);
+    let (mut f, _) = TcpFlow::outbound(&mut sw, guest(), remote(), &syn, sock, true, ISN, now);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK, 65535), &[], now), Verdict::Keep);
+    let chunk = vec![9u8; 1460];
+    for _ in 0..200 {
+        let seq = f.rcv_nxt.wrapping_add(f.pending_len() as u32);
+        f.on_segment(&mut sw, &seg(seq, ISN + 1, ACK, 65535), &chunk, now);
+        end_of_round(&mut f, &mut sw, now);
+    }
+    assert!(f.stalled_since.is_some(), "the socket filled");
+    assert!(f.deadline().is_none_or(|d| d < now + Duration::from_secs(3600)));
+    assert_eq!(f.on_timer(&mut sw, now + Duration::from_secs(365 * 24 * 3600)), Verdict::Keep);
+    assert!(!sent(&rec).iter().any(|(h, _)| h.has(RST)));
+}
+
 /// A bulk upload fills its socket again and again: `pending` keeps its buffer from one
 /// fill to the next (no new allocation grown by doubling each time), and gives it back to
 /// the shared budget once it stayed empty for `RELEASE_AFTER`.
