@@ -168,8 +168,8 @@ pub struct NetConfig {
     /// The upstreams, search domains and options of the gateway's DNS, and the host's
     /// /etc/hosts names: live (a shared handle; a clone of the config shares it).
     pub host_dns: HostDns,
-    /// Extra DNS A records (`--add-host`), names lower-case without trailing dot.
-    pub extra_hosts: Vec<(String, Ipv4Addr)>,
+    /// Extra DNS A and AAAA records (`--add-host`), names lower-case without trailing dot.
+    pub extra_hosts: Vec<(String, IpAddr)>,
     /// DHCP lease time in seconds.
     pub lease_secs: u32,
     /// More addresses that stand for the host, each with the host address it is dialled as:

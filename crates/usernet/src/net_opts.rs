@@ -12,7 +12,7 @@
 //! which the API may change at run time (crates/core/src/policy.rs says what it decides).
 
 use clap::Args;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use usernet_core::config::{Ipv4Subnet, Ipv6Net, NetConfig, Upstreams};
@@ -33,7 +33,9 @@ pub struct NetOpts {
     /// Default: the nameservers of the host's /etc/resolv.conf, followed while usernet runs.
     #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = parse_dns_upstream)]
     pub dns_upstream: Vec<SocketAddr>,
-    /// Extra DNS record NAME:IP (repeatable); IP `host-gateway` is the host address.
+    /// Extra DNS record NAME:IP or NAME=IP (repeatable), as Docker's: an IPv6 address gives
+    /// an AAAA record, in brackets or not (`NAME:[fd00::5]`); IP `host-gateway` is the host
+    /// address.
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
     /// MTU of the guest link.
@@ -163,6 +165,28 @@ pub fn parse_web_addr(s: &str) -> Result<SocketAddr, String> {
     Err(format!("invalid web address: {s} (want ADDR:PORT, e.g. 127.0.0.1:8080)"))
 }
 
+/// An `--add-host` record, as Docker reads one: the name ends at the first `=` or else at
+/// the first `:` (so that an IPv6 address keeps its colons) and has none itself; the
+/// address may be in brackets; `host-gateway` is `host`.
+pub fn parse_add_host(spec: &str, host: Ipv4Addr) -> anyhow::Result<(String, IpAddr)> {
+    let bad = |what: String| anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: {what}");
+    let (name, ip) = match spec.split_once('=').or_else(|| spec.split_once(':')) {
+        Some((name, ip)) if !name.contains(':') => (name, ip),
+        _ => return Err(bad("want NAME:IP".into())),
+    };
+    let ip = if ip == "host-gateway" {
+        IpAddr::V4(host)
+    } else {
+        let bare = ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')).unwrap_or(ip);
+        bare.parse().map_err(|_| bad(format!("invalid IP address: {ip}")))?
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name.is_empty() {
+        return Err(bad("empty name".into()));
+    }
+    Ok((name, ip))
+}
+
 /// The dashboard's socket and token (`--web`), made before anything starts.
 pub struct WebPort {
     pub listener: std::net::TcpListener,
@@ -277,21 +301,7 @@ impl NetOpts {
         }
         cfg.policy = std::sync::Arc::new(Policy::new(rules));
         for spec in &self.add_host {
-            let (name, ip) = spec
-                .rsplit_once(':')
-                .ok_or_else(|| anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: want NAME:IP"))?;
-            let ip: Ipv4Addr = if ip == "host-gateway" {
-                cfg.host
-            } else {
-                ip.parse().map_err(|_| {
-                    anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: invalid IP address: {ip}")
-                })?
-            };
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            if name.is_empty() {
-                anyhow::bail!("invalid argument \"{spec}\" for \"--add-host\" flag: empty name");
-            }
-            cfg.extra_hosts.push((name, ip));
+            cfg.extra_hosts.push(parse_add_host(spec, cfg.host)?);
         }
         if self.dns_upstream.is_empty() {
             cfg.host_dns.set_upstreams(dns_watch::upstreams_from_file(std::path::Path::new(RESOLV_CONF)));
@@ -349,4 +359,41 @@ pub fn bind_published(specs: &[PortSpec]) -> Result<Vec<BoundListener>, BindErro
         eprintln!("{line}");
     }
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--add-host` as Docker reads it: the name ends at `=` or the first `:`, an IPv6
+    /// address (bracketed or not) is whole, `host-gateway` is the host; bad input names
+    /// what is wrong.
+    #[test]
+    fn add_host_records() {
+        let host = Ipv4Addr::new(192, 168, 65, 254);
+        let ok = |spec: &str| parse_add_host(spec, host).unwrap();
+        let err = |spec: &str| parse_add_host(spec, host).unwrap_err().to_string();
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        assert_eq!(ok("foo:10.1.2.3"), ("foo".into(), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))));
+        assert_eq!(ok("Foo.Example.:10.1.2.3").0, "foo.example");
+        assert_eq!(ok("foo:host-gateway"), ("foo".into(), IpAddr::V4(host)));
+        assert_eq!(ok("bar:fd00::5"), ("bar".into(), v6));
+        assert_eq!(ok("bar:[fd00::5]"), ("bar".into(), v6));
+        assert_eq!(ok("bar=fd00::5"), ("bar".into(), v6));
+        assert_eq!(ok("bar=[fd00::5]"), ("bar".into(), v6));
+        assert_eq!(ok("bar=10.1.2.3").1, IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(ok("bar:[10.1.2.3]").1, IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(ok("bar:::1").1, IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+        assert_eq!(err("foo"), "invalid argument \"foo\" for \"--add-host\" flag: want NAME:IP");
+        assert_eq!(err("fd00::5=bar"), "invalid argument \"fd00::5=bar\" for \"--add-host\" flag: want NAME:IP");
+        assert_eq!(
+            err("foo:1.2.3"),
+            "invalid argument \"foo:1.2.3\" for \"--add-host\" flag: invalid IP address: 1.2.3"
+        );
+        assert!(err("foo:[fd00::5").ends_with("invalid IP address: [fd00::5"));
+        assert!(err("foo:[]").ends_with("invalid IP address: []"));
+        assert!(err("a:b:10.1.2.3").ends_with("invalid IP address: b:10.1.2.3"));
+        assert!(err(":10.1.2.3").ends_with("empty name"));
+        assert!(err(".:10.1.2.3").ends_with("empty name"));
+    }
 }

@@ -562,7 +562,7 @@ mod tests {
     pub(super) fn cfg(upstreams: Vec<SocketAddr>) -> NetConfig {
         NetConfig {
             host_dns: HostDns::new(Upstreams::command_line(upstreams)),
-            extra_hosts: vec![("myhost.test".into(), Ipv4Addr::new(10, 1, 2, 3))],
+            extra_hosts: vec![("myhost.test".into(), Ipv4Addr::new(10, 1, 2, 3).into())],
             ..NetConfig::default()
         }
     }

@@ -13,9 +13,13 @@
 //! The built-in names have AAAA records too when the network has IPv6 (the host's ::254,
 //! the gateway's and the explicit proxy's ::1), for as long as their A record is the
 //! built-in one (`--add-host host.docker.internal:IP` replaces both).
+//!
+//! `--add-host NAME:IPV6` gives NAME an AAAA record of the explicit table: it wins over a
+//! built-in one, and a name with only such records has no A record (not /etc/hosts' either),
+//! as a line of the container's /etc/hosts would be with Docker.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::RwLock;
 
 use hickory_proto::rr::Name;
@@ -38,8 +42,10 @@ pub enum DnsError {
 #[derive(Debug, Default)]
 pub struct DnsRecords {
     table: RwLock<BTreeMap<String, Ipv4Addr>>,
+    /// The explicit table's IPv6 addresses (`--add-host NAME:IPV6`).
+    table6: RwLock<BTreeMap<String, Ipv6Addr>>,
     /// The built-in names' IPv6 addresses, each with the IPv4 address it goes with.
-    builtin6: Vec<(&'static str, Ipv4Addr, std::net::Ipv6Addr)>,
+    builtin6: Vec<(&'static str, Ipv4Addr, Ipv6Addr)>,
     host_dns: HostDns,
 }
 
@@ -61,15 +67,24 @@ impl DnsRecords {
                 .collect(),
             None => Vec::new(),
         };
-        let records = DnsRecords { table: RwLock::default(), builtin6, host_dns: cfg.host_dns.clone() };
+        let records = DnsRecords {
+            table: RwLock::default(),
+            table6: RwLock::default(),
+            builtin6,
+            host_dns: cfg.host_dns.clone(),
+        };
         let builtin = HOST_NAMES
             .iter()
-            .map(|n| (*n, cfg.host))
-            .chain(GATEWAY_NAMES.iter().map(|n| (*n, cfg.gateway)))
-            .chain(PROXY_NAMES.iter().map(|n| (*n, cfg.gateway)));
+            .map(|n| (*n, IpAddr::V4(cfg.host)))
+            .chain(GATEWAY_NAMES.iter().map(|n| (*n, IpAddr::V4(cfg.gateway))))
+            .chain(PROXY_NAMES.iter().map(|n| (*n, IpAddr::V4(cfg.gateway))));
         let extra = cfg.extra_hosts.iter().map(|(n, a)| (n.as_str(), *a));
         for (name, addr) in builtin.chain(extra) {
-            if let Err(e) = records.add(name, addr) {
+            let added = match addr {
+                IpAddr::V4(a) => records.add(name, a),
+                IpAddr::V6(a) => records.add6(name, a),
+            };
+            if let Err(e) = added {
                 debug!("dns: skipping record: {e}");
             }
         }
@@ -86,9 +101,21 @@ impl DnsRecords {
         Ok(())
     }
 
-    /// Remove the record of `name` from the explicit table; true when there was one.
+    /// Add or replace the AAAA record of `name` (case-insensitive, trailing dot optional).
+    pub fn add6(&self, name: &str, addr: Ipv6Addr) -> Result<(), DnsError> {
+        let key = normalize(name);
+        if key.is_empty() || key.len() > 253 || Name::from_ascii(&key).is_err() {
+            return Err(DnsError::InvalidName(name.to_string()));
+        }
+        self.write6().insert(key, addr);
+        Ok(())
+    }
+
+    /// Remove the records of `name` from the explicit table; true when there was one.
     pub fn remove(&self, name: &str) -> bool {
-        self.write().remove(&normalize(name)).is_some()
+        let key = normalize(name);
+        let v6 = self.write6().remove(&key).is_some();
+        self.write().remove(&key).is_some() || v6
     }
 
     /// Every record of the explicit table, sorted by name (not /etc/hosts).
@@ -101,32 +128,43 @@ impl DnsRecords {
         self.read().get(&normalize(name)).copied()
     }
 
-    /// The address the gateway answers for `name`: the explicit table's, else /etc/hosts'.
+    /// The address the gateway answers for `name`: the explicit table's, else /etc/hosts'
+    /// for a name the explicit table does not have.
     pub fn lookup(&self, name: &str) -> Option<Ipv4Addr> {
         let key = normalize(name);
         if let Some(addr) = self.read().get(&key) {
             return Some(*addr);
         }
+        if self.read6().contains_key(&key) {
+            return None;
+        }
         self.host_dns.hosts().names.get(&key).copied()
     }
 
-    /// The IPv6 address the gateway answers for `name` (AAAA): a built-in name's while its
-    /// A record is the built-in one; else /etc/hosts', for a name the explicit table does
-    /// not have (its other names are IPv4 only, and win).
-    pub fn lookup6(&self, name: &str) -> Option<std::net::Ipv6Addr> {
+    /// The IPv6 address the gateway answers for `name` (AAAA): the explicit table's
+    /// (`--add-host`); else a built-in name's while its A record is the built-in one; else
+    /// /etc/hosts', for a name the explicit table does not have (its other names are IPv4
+    /// only, and win).
+    pub fn lookup6(&self, name: &str) -> Option<Ipv6Addr> {
         let key = normalize(name);
+        if let Some(addr) = self.read6().get(&key) {
+            return Some(*addr);
+        }
         if let Some(v4) = self.read().get(&key) {
             return self.builtin6.iter().find(|(n, a4, _)| *n == key && a4 == v4).map(|(_, _, a6)| *a6);
         }
         self.host_dns.hosts().names6.get(&key).copied()
     }
 
-    /// The name of the PTR record of IPv6 address `addr`: a built-in name's, else
-    /// /etc/hosts'.
-    pub fn reverse6(&self, addr: std::net::Ipv6Addr) -> Option<String> {
+    /// The name of the PTR record of IPv6 address `addr`: a built-in name's, else the
+    /// first in alphabetical order of the explicit table's, else /etc/hosts'.
+    pub fn reverse6(&self, addr: Ipv6Addr) -> Option<String> {
         if let Some((name, _, _)) = self.builtin6.iter().find(|(n, _, a6)| *a6 == addr && self.lookup6(n) == Some(addr))
         {
             return Some(name.to_string());
+        }
+        if let Some((name, _)) = self.read6().iter().find(|(_, a)| **a == addr) {
+            return Some(name.clone());
         }
         self.host_dns.hosts().ptr6.get(&addr).cloned()
     }
@@ -157,6 +195,14 @@ impl DnsRecords {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Ipv4Addr>> {
         self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read6(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Ipv6Addr>> {
+        self.table6.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write6(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Ipv6Addr>> {
+        self.table6.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -207,8 +253,10 @@ mod tests {
 
     #[test]
     fn hosts_file_behind_the_explicit_table() {
-        let cfg =
-            NetConfig { extra_hosts: vec![("db.corp".into(), Ipv4Addr::new(10, 9, 9, 9))], ..NetConfig::default() };
+        let cfg = NetConfig {
+            extra_hosts: vec![("db.corp".into(), Ipv4Addr::new(10, 9, 9, 9).into())],
+            ..NetConfig::default()
+        };
         let r = DnsRecords::from_config(&cfg);
         assert_eq!(r.lookup("mybox"), None);
         let mut table = parse_hosts("127.0.1.1 mybox\n10.0.0.5 db.corp\n10.0.0.6 files.corp\n", Some(cfg.host));
@@ -230,12 +278,40 @@ mod tests {
         assert_eq!(r.lookup("mybox"), None);
     }
 
+    /// `--add-host NAME:IPV6` gives an AAAA record, and no A record (not /etc/hosts' either),
+    /// unless an IPv4 one is added too; it wins over a built-in name's AAAA; it has a PTR.
+    #[test]
+    fn ipv6_extra_hosts() {
+        let v6: Ipv6Addr = "fd00::5".parse().unwrap();
+        let cfg = NetConfig {
+            extra_hosts: vec![
+                ("bar.test".into(), v6.into()),
+                ("both.test".into(), Ipv4Addr::new(10, 1, 2, 3).into()),
+                ("both.test".into(), "fd00::6".parse().unwrap()),
+                ("host.docker.internal".into(), "fd00::7".parse().unwrap()),
+            ],
+            ..NetConfig::default()
+        };
+        let r = DnsRecords::from_config(&cfg);
+        cfg.host_dns.set_hosts(parse_hosts("10.0.0.5 bar.test\n", Some(cfg.host)));
+        assert_eq!(r.lookup6("Bar.Test."), Some(v6));
+        assert_eq!(r.lookup("bar.test"), None, "no A record, not /etc/hosts' either");
+        assert_eq!(r.lookup("both.test"), Some(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(r.lookup6("both.test"), Some("fd00::6".parse().unwrap()));
+        assert_eq!(r.lookup6("host.docker.internal"), Some("fd00::7".parse().unwrap()));
+        assert_eq!(r.lookup("host.docker.internal"), Some(cfg.host));
+        assert_eq!(r.reverse6(v6).as_deref(), Some("bar.test"));
+        assert!(r.remove("bar.test"));
+        assert_eq!(r.lookup6("bar.test"), None);
+        assert_eq!(r.lookup("bar.test"), Some(Ipv4Addr::new(10, 0, 0, 5)));
+    }
+
     #[test]
     fn reverse_names() {
         let cfg = NetConfig {
             extra_hosts: vec![
-                ("zz.test".into(), Ipv4Addr::new(10, 1, 2, 3)),
-                ("aa.test".into(), Ipv4Addr::new(10, 1, 2, 3)),
+                ("zz.test".into(), Ipv4Addr::new(10, 1, 2, 3).into()),
+                ("aa.test".into(), Ipv4Addr::new(10, 1, 2, 3).into()),
             ],
             ..NetConfig::default()
         };

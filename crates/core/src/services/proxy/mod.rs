@@ -760,7 +760,7 @@ mod tests {
     fn loopback_only_through_the_host_address() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mut cfg = net();
-        cfg.extra_hosts.push(("sneaky.test".into(), Ipv4Addr::new(127, 0, 0, 53)));
+        cfg.extra_hosts.push(("sneaky.test".into(), Ipv4Addr::new(127, 0, 0, 53).into()));
         let p = proxy_for(cfg.clone());
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 22));
         for via in ["192.168.65.254", "host.docker.internal", "host.containers.internal", "::ffff:192.168.65.254"] {
@@ -804,7 +804,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let rules = Rules::parse(&["198.51.100.0/24"], &["198.51.100.66"], &["ok.test"]).unwrap();
         let mut cfg = NetConfig { policy: Arc::new(Policy::new(rules)), ..net() };
-        cfg.extra_hosts.push(("named.test".into(), Ipv4Addr::new(198, 51, 100, 7)));
+        cfg.extra_hosts.push(("named.test".into(), Ipv4Addr::new(198, 51, 100, 7).into()));
         let p = proxy_for(cfg);
         let guest = sa("192.168.65.2:40000");
         let admit = |host: &str, ip: Option<&str>, port| {

@@ -587,7 +587,7 @@ pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::
         && let Some((alias, _)) = cfg.host_aliases.first()
     {
         let alias = *alias;
-        cfg.extra_hosts.extend(usernet_core::config::HOST_NAMES.iter().map(|n| (n.to_string(), alias)));
+        cfg.extra_hosts.extend(usernet_core::config::HOST_NAMES.iter().map(|n| (n.to_string(), alias.into())));
     }
     // /etc/hosts' loopback names stand for the host address.
     let loopback_to = cfg.host_loopback.then_some(cfg.host);
