@@ -64,7 +64,9 @@
 //!
 //! RX back-pressure: when the guest has no RX buffers left, frames wait in a bounded
 //! queue ([`MAX_QUEUE`] bytes, then dropped whole) and RX kicks are turned on; the guest's
-//! next refill kicks, the engine calls `recv`, and the queue is written first.
+//! next refill kicks, the engine calls `recv`, and the queue is written first. A frame
+//! that a whole ring of the guest's buffers cannot hold is dropped, not left to stop the
+//! queue.
 //! `backlogged()` also has the engine retry every millisecond.
 //!
 //! Offloads. usernet→guest: when the driver takes GUEST_CSUM, GUEST_TSO4 and GUEST_TSO6,
@@ -73,7 +75,8 @@
 //! guest→usernet (CSUM, HOST_TSO4/6): see [`HOST_OFFLOADS`].
 //!
 //! Garbled descriptors (a loop, an address outside guest memory, a write-only buffer in a TX
-//! chain, a frame longer than [`MAX_FRAME`](super::MAX_FRAME), an available index too far ahead) end the link
+//! chain, a zero-length buffer, a frame over more than [`MAX_FRAME_DESCS`] buffers, a frame
+//! longer than [`MAX_FRAME`](super::MAX_FRAME), an available index too far ahead) end the link
 //! with `InvalidData` naming the fault, and the connection is shut, so QEMU sees its back-end
 //! go; a front-end message the crate or this handler refuses (a memory region past the end
 //! of its file among them: mapped, it would be a SIGBUS for the whole process) ends the
@@ -121,6 +124,12 @@ const RX: usize = 0;
 const TX: usize = 1;
 /// Largest ring the front-end may ask for (QEMU's rx/tx_queue_size go up to 1024).
 const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most buffers (descriptors) one frame may take, over all its chains: a full ring of
+/// one-buffer chains. `virtio-queue` lets one chain hold a ring's worth of descriptors and
+/// an indirect table of 65,535 more, and the available ring may name the same head again
+/// and again: without this bound a guest has the engine walk tens of millions of
+/// descriptors for one frame. A frame over more is garbled.
+const MAX_FRAME_DESCS: usize = MAX_QUEUE_SIZE as usize;
 
 /// Bytes of frames a link may hold for a guest that has no RX buffers, before dropping.
 pub const MAX_QUEUE: usize = 4 * 1024 * 1024;
@@ -442,9 +451,10 @@ pub fn check_ack(acked: u64) -> Result<Negotiated, String> {
 }
 
 /// One frame read from a TX chain: its header and its length in the caller's buffer.
-/// A chain is garbled when it has a write-only buffer, ends on a NEXT flag (a loop or an
-/// index outside the table stops the walk there), holds less than a header or more than
-/// `buf`, or points outside guest memory.
+/// A chain is garbled when it has a write-only or a zero-length buffer, more than
+/// [`MAX_FRAME_DESCS`] buffers, ends on a NEXT flag (a loop or an index outside the table
+/// stops the walk there), holds less than a header or more than `buf`, or points outside
+/// guest memory.
 fn read_chain<I>(mem: &GuestMemoryMmap, descs: I, hdr_len: usize, buf: &mut [u8]) -> Result<(VnetHdr, usize), String>
 where
     I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
@@ -452,9 +462,17 @@ where
     let mut hdr = [0u8; HDR_LEN];
     let mut got = 0usize;
     let mut next = false;
-    for d in descs {
+    for (i, d) in descs.enumerate() {
+        if i == MAX_FRAME_DESCS {
+            return Err(format!("a TX chain of more than {MAX_FRAME_DESCS} buffers"));
+        }
         if d.is_write_only() {
             return Err("a write-only buffer in a TX chain".into());
+        }
+        // QEMU's own virtio devices refuse them too ("zero sized buffers are not allowed"),
+        // so no driver that works there sends one.
+        if d.len() == 0 {
+            return Err("a zero-length buffer in a TX chain".into());
         }
         let mut addr = d.addr().0;
         let mut len = d.len() as usize;
@@ -570,7 +588,11 @@ impl VhostUserLink {
     }
 
     /// Writes one frame into the RX queue. Ok(false): not enough RX buffers now. Ok(true):
-    /// written, or dropped for good (too big for the guest's buffers without MRG_RXBUF).
+    /// written, or dropped for good (too big for the guest's buffers: one chain without
+    /// MRG_RXBUF, a whole ring's worth with it). The work is bounded whatever the guest
+    /// wrote: at most a ring's worth of chains (the available index is read once, by the
+    /// one iterator) and [`MAX_FRAME_DESCS`] buffers, none of zero length (QEMU's own virtio
+    /// devices refuse those too), or the ring is garbled; so `segs` never holds more.
     fn write_rx(&mut self, dev: &mut Device, hdr: &[u8; HDR_LEN], frame: &[u8]) -> Result<bool, String> {
         let Device { mem: Some(mem), rings, .. } = dev else { return Ok(false) };
         let ring = &mut rings[RX];
@@ -579,21 +601,26 @@ impl VhostUserLink {
         }
         let hdr_len = self.features.hdr_len;
         let total = hdr_len + frame.len();
+        let ring_size = usize::from(ring.queue.size());
         self.segs.clear();
         self.chains.clear();
         let mut room = 0usize;
+        // The chains available now (no more than the ring holds: the crate checks the index).
+        let mut avail = ring.queue.iter(&*mem).map_err(|e| format!("RX ring: {e}"))?;
         while room < total && (self.features.mrg_rxbuf || self.chains.is_empty()) {
-            let chain = match ring.queue.iter(&*mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return Err(format!("RX ring: {e}")),
-            };
-            let Some(chain) = chain else { break };
+            let Some(chain) = avail.next() else { break };
             let head = chain.head_index();
             let from = self.segs.len();
             let mut next = true;
             for d in chain {
                 if !d.is_write_only() {
                     return Err("a read-only buffer in an RX chain".into());
+                }
+                if d.len() == 0 {
+                    return Err("a zero-length buffer in an RX chain".into());
+                }
+                if self.segs.len() == MAX_FRAME_DESCS {
+                    return Err(format!("more than {MAX_FRAME_DESCS} buffers for one RX frame"));
                 }
                 self.segs.push((d.addr().0, d.len()));
                 room += d.len() as usize;
@@ -606,13 +633,15 @@ impl VhostUserLink {
         }
         if room < total {
             for _ in 0..self.chains.len() {
-                ring.queue.go_to_previous_position();
+                avail.go_to_previous_position();
             }
-            if !self.features.mrg_rxbuf && !self.chains.is_empty() {
-                // Without MRG_RXBUF a frame has one chain, and this one is too small: it
-                // never fits, so it is dropped (the guest's buffers stay for others).
+            if !self.chains.is_empty() && (!self.features.mrg_rxbuf || self.chains.len() == ring_size) {
+                // Without MRG_RXBUF a frame has one chain, and this one is too small; with
+                // it, the guest gave every chain its ring holds, and they are too small. The
+                // frame never fits (waiting, it would stop every frame behind it), so it is
+                // dropped; the guest's buffers stay for others.
                 self.dropped += 1;
-                tracing::trace!("{}: a {}-byte frame exceeds an RX chain of {room} bytes", self.name, frame.len());
+                tracing::trace!("{}: a {}-byte frame exceeds RX buffers of {room} bytes", self.name, frame.len());
                 return Ok(true);
             }
             return Ok(false);

@@ -107,7 +107,12 @@ fn control_on(dev: &Arc<Mutex<Device>>, handoff: &Handoff, conn: UnixStream) -> 
 
 /// A device as the control thread leaves it after QEMU's setup, and its link.
 fn setup(features: u64) -> (Guest, VhostUserLink, Arc<Mutex<Device>>) {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    setup_mem(features, MEM_SIZE)
+}
+
+/// The same with `mem_size` bytes of guest memory.
+fn setup_mem(features: u64, mem_size: usize) -> (Guest, VhostUserLink, Arc<Mutex<Device>>) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap();
     let mut dev = Device::new();
     dev.acked = features;
     dev.features_set = true;
@@ -473,6 +478,115 @@ fn garbled_rx_chains_close_the_link_at_the_next_recv() {
     link.send(&[1u8; 20]).unwrap();
     assert!(garbled(&mut link).contains("leaves its table"));
     assert_eq!(link.dropped, 0);
+}
+
+/// Guest memory of the tests of enormous chains, and where their parts live in it: a ring
+/// of `BIG_SIZE` entries, an indirect table of up to 65,535 descriptors (1 MiB), a buffer.
+const BIG_MEM: usize = 0x400000;
+const BIG_SIZE: u16 = MAX_QUEUE_SIZE;
+const BIG_DESC: u64 = 0x100000;
+const BIG_AVAIL: u64 = 0x104000;
+const BIG_USED: u64 = 0x105000;
+const BIG_TABLE: u64 = 0x200000;
+const BIG_BUF: u64 = 0x300000;
+const F_INDIRECT: u16 = 4;
+
+/// Moves `ring` to a ring of `BIG_SIZE` entries, every one of them available and naming
+/// descriptor 0: an INDIRECT descriptor to a table of `entries` chained descriptors of `len`
+/// bytes each (all over one buffer), with `flags`. What a hostile guest can offer: each
+/// frame's walk could visit `BIG_SIZE` times `entries` descriptors.
+fn enormous_chains(dev: &Arc<Mutex<Device>>, ring: usize, entries: u16, len: u32, flags: u16) {
+    let mut d = dev.lock().unwrap();
+    let d = &mut *d;
+    let (mem, q) = (d.mem.as_ref().unwrap(), &mut d.rings[ring].queue);
+    q.set_size(BIG_SIZE);
+    q.try_set_desc_table_address(GuestAddress(BIG_DESC)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(BIG_AVAIL)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(BIG_USED)).unwrap();
+    q.set_next_avail(0);
+    q.set_next_used(0);
+    let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = addr.to_le_bytes().to_vec();
+        d.extend(len.to_le_bytes());
+        d.extend(flags.to_le_bytes());
+        d.extend(next.to_le_bytes());
+        d
+    };
+    mem.write_slice(&desc(BIG_TABLE, 16 * u32::from(entries), F_INDIRECT, 0), GuestAddress(BIG_DESC)).unwrap();
+    let table: Vec<u8> = (0..entries)
+        .flat_map(|i| {
+            let more = i + 1 < entries;
+            desc(BIG_BUF, len, flags | if more { F_NEXT } else { 0 }, if more { i + 1 } else { 0 })
+        })
+        .collect();
+    mem.write_slice(&table, GuestAddress(BIG_TABLE)).unwrap();
+    // virtq_avail: flags, idx (a whole ring ahead), then the heads, all 0.
+    let mut avail = vec![0u8; 4 + 2 * usize::from(BIG_SIZE)];
+    avail[2..4].copy_from_slice(&BIG_SIZE.to_le_bytes());
+    mem.write_slice(&avail, GuestAddress(BIG_AVAIL)).unwrap();
+    mem.write_slice(&[0u8; 4], GuestAddress(BIG_USED)).unwrap();
+}
+
+/// The chains the device took from `ring` so far.
+fn chains_taken(dev: &Arc<Mutex<Device>>, ring: usize) -> u16 {
+    dev.lock().unwrap().rings[ring].queue.next_avail()
+}
+
+/// A guest with MRG_RXBUF offers a whole ring of RX chains, each an indirect table of
+/// 65,535 descriptors: zero-length ones (the frame would never find room, and the engine
+/// would walk all 67 million descriptors, keeping 1 GiB of them, at every try), or of one
+/// byte. The link refuses the ring as garbled after one chain, having kept at most
+/// `MAX_FRAME_DESCS` buffers.
+#[test]
+fn an_rx_ring_of_enormous_chains_is_garbled_after_bounded_work() {
+    for (len, why) in [(0, "zero-length buffer"), (1, "more than 1024 buffers for one RX frame")] {
+        let (_g, mut link, dev) = setup_mem(MODERN, BIG_MEM);
+        enormous_chains(&dev, RX, u16::MAX, len, F_WRITE);
+        link.send(&[1u8; 60]).unwrap();
+        assert!(garbled(&mut link).contains(why), "{len}");
+        assert!(link.segs.capacity() <= MAX_FRAME_DESCS, "{len}: {} buffers kept", link.segs.capacity());
+        assert_eq!(chains_taken(&dev, RX), 1, "{len}");
+        assert!(!link.backlogged());
+    }
+}
+
+/// The same in a TX ring: a chain of zero-length descriptors, or of more than
+/// `MAX_FRAME_DESCS`, is garbled; a chain of `MAX_FRAME_DESCS` one-byte buffers is a frame.
+#[test]
+fn a_tx_chain_of_enormous_length_is_garbled() {
+    for (entries, len, why) in [(u16::MAX, 0, "zero-length buffer"), (u16::MAX, 1, "more than 1024 buffers")] {
+        let (_g, mut link, dev) = setup_mem(MODERN, BIG_MEM);
+        enormous_chains(&dev, TX, entries, len, 0);
+        assert!(garbled(&mut link).contains(why), "{len}");
+        assert_eq!(chains_taken(&dev, TX), 1, "{len}");
+    }
+    let (_g, mut link, dev) = setup_mem(MODERN, BIG_MEM);
+    enormous_chains(&dev, TX, MAX_FRAME_DESCS as u16, 1, 0);
+    let mut buf = vec![0u8; MAX_FRAME];
+    assert_eq!(link.recv(&mut buf).unwrap(), MAX_FRAME_DESCS - 12);
+}
+
+/// A frame that the guest's whole RX ring cannot hold (MRG_RXBUF, every chain too small) is
+/// dropped and counted, not kept at the head of the queue, where it would stop every frame
+/// behind it for good; while the ring is not full it waits for more buffers.
+#[test]
+fn a_frame_no_whole_ring_can_hold_is_dropped_and_the_next_goes() {
+    let (mut g, mut link, _dev) = setup(MODERN);
+    for _ in 0..SIZE - 1 {
+        g.offer(RX, &[(&[], 16, F_WRITE)]);
+    }
+    link.send(&[7u8; 1000]).unwrap();
+    assert!(link.backlogged(), "the guest may still add a chain");
+    link.flush().unwrap();
+    g.offer(RX, &[(&[], 16, F_WRITE)]);
+    link.flush().unwrap();
+    assert!(!link.backlogged());
+    assert_eq!(link.dropped, 1);
+    assert!(g.used(RX).is_empty());
+    // The next frame takes the first two chains.
+    link.send(&[8u8; 20]).unwrap();
+    assert_eq!(g.used(RX), vec![(0, 16), (1, 16)]);
+    assert!(!link.backlogged());
 }
 
 #[test]
