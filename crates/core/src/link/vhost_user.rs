@@ -41,6 +41,9 @@
 //! not needed for the edges; but kicks left unread keep the inner epoll ready, and kernels
 //! before 5.5 then wake the outer epoll at each of its waits: the loop would spin. During
 //! an upload the ring is polled and the guest kicks rarely; those kicks are read as below.)
+//! The front-end's kick and call descriptors are made non-blocking as they arrive, and read
+//! or written only when poll(2) says they are ready: the engine's one thread serves every
+//! guest, and an eventfd without EFD_NONBLOCK, or a pipe, must not stop it.
 //!
 //! Uploads: the TX ring is polled, not kicked. A guest's kick is costly where it is
 //! emulated (under TCG, each is a trapped write that QEMU turns into an eventfd write, and
@@ -56,8 +59,8 @@
 //! 1514-byte frames is 3 Gbit/s per millisecond) wakes the engine early rather than waiting
 //! for the next poll, though it may still run out of free descriptors first if it chains
 //! several per frame or reclaims used ones late. Each empty look of a polled ring reads the
-//! kick eventfds (two read(2) calls) before looking once more, so no kick stays unread for
-//! long (see above: kernels before 5.5). Measured on a TCG guest's 64 MiB upload
+//! kick eventfds (one poll(2) call, and a read(2) of each that has a count) before looking
+//! once more, so no kick stays unread for long (see above: kernels before 5.5). Measured on a TCG guest's 64 MiB upload
 //! (`usernet-bench --vm --vm-only --vm-transport vhost-user`, alternated runs): 0.59-0.64
 //! Gbit/s and 0.66-1.2 s of usernet's CPU per GB, against 0.12-0.13 Gbit/s and 10.7-11.5
 //! s/GB kicked (passt, kicked, in the same runs: 0.08-0.11 Gbit/s, 7.1-11.8 s/GB).
@@ -264,9 +267,15 @@ impl Ring {
         Ok(u16::from_le(word))
     }
 
+    /// Writes the call eventfd: O_NONBLOCK (`nonblocking`), and written only when poll(2)
+    /// says it can be, in case the front-end cleared the flag since (see `drain`).
     fn interrupt(&mut self) {
         if let Some(call) = self.call.as_mut() {
-            let _ = call.write(&1u64.to_ne_bytes());
+            let mut pfd = libc::pollfd { fd: call.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+            // SAFETY: one pollfd; a timeout of 0 never blocks.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && pfd.revents & libc::POLLOUT != 0 {
+                let _ = call.write(&1u64.to_ne_bytes());
+            }
         }
     }
 }
@@ -366,11 +375,42 @@ fn ring_bell(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
 }
 
-/// Reads an eventfd's counter (non-blocking; nothing when it is zero).
-fn drain(fd: RawFd) {
-    let mut counter = [0u8; 8];
-    // SAFETY: reads 8 bytes into a live buffer.
-    unsafe { libc::read(fd, counter.as_mut_ptr().cast(), counter.len()) };
+/// Reads the counters of the eventfds `fds` that have one (nothing from the others). The
+/// front-end's eventfds are O_NONBLOCK (`nonblocking`), and read only when poll(2) says
+/// they are readable: a front-end that clears the flag on its copy afterwards (the open
+/// file is shared) still does not stop the engine's thread on an empty one.
+fn drain(fds: &[RawFd]) {
+    let mut pfds = [libc::pollfd { fd: -1, events: libc::POLLIN, revents: 0 }; 3];
+    let n = fds.len().min(pfds.len());
+    for (pfd, &fd) in pfds.iter_mut().zip(fds) {
+        pfd.fd = fd;
+    }
+    // SAFETY: `n` live pollfds; a timeout of 0 never blocks.
+    if unsafe { libc::poll(pfds.as_mut_ptr(), n as libc::nfds_t, 0) } <= 0 {
+        return;
+    }
+    for pfd in &pfds[..n] {
+        if pfd.revents & libc::POLLIN != 0 {
+            let mut counter = [0u8; 8];
+            // SAFETY: reads 8 bytes into a live buffer.
+            unsafe { libc::read(pfd.fd, counter.as_mut_ptr().cast(), counter.len()) };
+        }
+    }
+}
+
+/// Sets O_NONBLOCK on a kick or call descriptor the front-end passed. The engine's one
+/// thread reads and writes them for every guest: a blocking one (an eventfd without
+/// EFD_NONBLOCK, a pipe) would stop it at an empty kick or a full call. The flag belongs to
+/// the open file, which the front-end shares (QEMU's eventfds have it already).
+fn nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor we hold.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: the same, setting a flag.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Asks the guest to kick when it has made `frames` more chains available (EVENT_IDX's
@@ -742,7 +782,7 @@ impl Link for VhostUserLink {
         let dev = self.dev.clone();
         let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
         if dev.session != self.session {
-            drain(self.bell.as_raw_fd());
+            drain(&[self.bell.as_raw_fd()]);
             let (why, fault) = dev.ended.clone();
             let kind = if fault { io::ErrorKind::InvalidData } else { io::ErrorKind::UnexpectedEof };
             return Err(io::Error::new(kind, why));
@@ -829,9 +869,7 @@ impl VhostUserLink {
             // came are read first (see the module's comment), then the ring is looked at
             // once more, for chains made available just before that read.
             if self.upload.empty(std::time::Instant::now) {
-                drain(self.bell.as_raw_fd());
-                drain(self.kicks[TX].as_raw_fd());
-                drain(self.kicks[RX].as_raw_fd());
+                drain(&[self.bell.as_raw_fd(), self.kicks[TX].as_raw_fd(), self.kicks[RX].as_raw_fd()]);
                 let avail = ring.queue.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire);
                 match avail {
                     Ok(idx) if idx.0 != ring.queue.next_avail() => continue,
@@ -844,9 +882,7 @@ impl VhostUserLink {
             // Drain the kicks, turn notifications on and look once more. (Kicks left unread
             // would keep the inner epoll ready: kernels before 5.5 then wake the engine's
             // epoll at every wait, and the loop spins.)
-            drain(self.bell.as_raw_fd());
-            drain(self.kicks[TX].as_raw_fd());
-            drain(self.kicks[RX].as_raw_fd());
+            drain(&[self.bell.as_raw_fd(), self.kicks[TX].as_raw_fd(), self.kicks[RX].as_raw_fd()]);
             self.tx_quiet = false;
             match ring.queue.enable_notification(&*mem) {
                 Ok(true) => continue,
@@ -1139,6 +1175,9 @@ impl VhostUserBackendReqHandlerMut for Control {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        if let Some(fd) = &fd {
+            nonblocking(fd).map_err(VuError::ReqHandlerError)?;
+        }
         let mut dev = self.reconfigure("SET_VRING_KICK");
         let ring = Self::ring(&mut dev, index as u32)?;
         ring.started = fd.is_some();
@@ -1147,6 +1186,9 @@ impl VhostUserBackendReqHandlerMut for Control {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        if let Some(fd) = &fd {
+            nonblocking(fd).map_err(VuError::ReqHandlerError)?;
+        }
         // QEMU swaps the call eventfd while the guest masks its interrupts: no reset.
         let mut dev = self.lock();
         Self::ring(&mut dev, index as u32)?.call = fd;

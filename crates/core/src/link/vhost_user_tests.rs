@@ -589,6 +589,92 @@ fn a_frame_no_whole_ring_can_hold_is_dropped_and_the_next_goes() {
     assert!(!link.backlogged());
 }
 
+/// Whether `fd`'s open file is O_NONBLOCK; sets or clears it to `set`.
+fn o_nonblock(fd: &File, set: Option<bool>) -> bool {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor the test holds.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if let Some(on) = set {
+        let flags = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+        // SAFETY: the same.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }, 0);
+    }
+    flags & libc::O_NONBLOCK != 0
+}
+
+/// A pipe: (read end, write end), blocking.
+fn pipe() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two fresh descriptors that we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors nobody else owns.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+/// A front-end passes kick and call descriptors that block: eventfds without EFD_NONBLOCK
+/// (the kicks' count 0, the calls' at its largest), or pipes (the kicks' empty, the calls'
+/// full). They are made non-blocking as they arrive, so the engine, which reads the kicks
+/// when the TX ring runs empty and writes the calls at a flush, goes on; and it still does
+/// when the front-end clears O_NONBLOCK again on its copy (the open file is shared).
+#[test]
+fn blocking_kick_and_call_descriptors_do_not_stop_the_engine() {
+    for (pipes, cleared) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (mut g, link, dev) = setup(MODERN);
+        drop(link);
+        let handoff = Handoff::new("test").unwrap();
+        let mut control = control(&dev, &handoff);
+        // The front-end's copies of the descriptors passed, and the pipes' other ends.
+        let (mut copies, mut other_ends) = (Vec::new(), Vec::new());
+        for ring in [RX, TX] {
+            let (kick, call) = if pipes {
+                let (kick, kick_w) = pipe();
+                let (call_r, call) = pipe();
+                o_nonblock(&call, Some(true));
+                while std::io::Write::write(&mut &call, &[0u8; 4096]).is_ok() {}
+                o_nonblock(&call, Some(false));
+                other_ends.extend([kick_w, call_r]);
+                (kick, call)
+            } else {
+                // SAFETY: eventfd returns a new descriptor that we then own.
+                let blocking = || unsafe { File::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) };
+                let (kick, call) = (blocking(), blocking());
+                std::io::Write::write_all(&mut &call, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+                (kick, call)
+            };
+            assert!(!o_nonblock(&kick, None) && !o_nonblock(&call, None));
+            copies.extend([kick.try_clone().unwrap(), call.try_clone().unwrap()]);
+            control.set_vring_kick(ring as u8, Some(kick)).unwrap();
+            control.set_vring_call(ring as u8, Some(call)).unwrap();
+        }
+        for copy in &copies {
+            assert!(o_nonblock(copy, None), "pipes {pipes}: not made non-blocking");
+            if cleared {
+                o_nonblock(copy, Some(false));
+            }
+        }
+        let mut link = {
+            let mut d = dev.lock().unwrap();
+            assert!(d.can_run());
+            control.start_session(&mut d).unwrap()
+        };
+        g.offer(RX, &[(&[], 2048, F_WRITE)]);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_FRAME];
+            // The TX ring is empty: the kicks are read. A frame and a flush: the calls written.
+            let empty = link.recv(&mut buf).map_err(|e| e.kind());
+            link.send(&[3u8; 60]).unwrap();
+            link.flush().unwrap();
+            let _ = done.send((empty, link.recv(&mut buf).map_err(|e| e.kind())));
+        });
+        let got = finished.recv_timeout(std::time::Duration::from_secs(10));
+        let (empty, again) = got.unwrap_or_else(|_| panic!("pipes {pipes}, cleared {cleared}: the engine blocked"));
+        assert_eq!(empty, Err(io::ErrorKind::WouldBlock));
+        assert_eq!(again, Err(io::ErrorKind::WouldBlock));
+        assert_eq!(g.used(RX), vec![(0, 72)]);
+    }
+}
+
 #[test]
 fn a_reset_ends_the_session() {
     let (_g, mut link, dev) = setup(MODERN);
