@@ -98,9 +98,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
-    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+    FrontendReq, VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserHeaderFlag,
+    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
+    VhostUserVringState,
 };
 use vhost::vhost_user::{
     Backend, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
@@ -949,11 +950,21 @@ struct Control {
     handoff: HandoffSender,
     name: String,
     sessions: u64,
+    /// What the crate decides REPLY_ACK on: GET_FEATURES answered (its features offer
+    /// PROTOCOL_FEATURES), and the protocol features the front-end acked.
+    features_asked: bool,
+    protocol_acked: u64,
 }
 
 impl Control {
     fn lock(&self) -> MutexGuard<'_, Device> {
         self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the crate acknowledges a message that asks it (NEED_REPLY), as its
+    /// `BackendReqHandler` decides: PROTOCOL_FEATURES offered, REPLY_ACK acked.
+    fn reply_ack(&self) -> bool {
+        self.features_asked && self.protocol_acked & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
     fn ring(dev: &mut Device, index: u32) -> VuResult<&mut Ring> {
@@ -1066,6 +1077,7 @@ impl VhostUserBackendReqHandlerMut for Control {
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
+        self.features_asked = true;
         Ok(FEATURES)
     }
 
@@ -1206,6 +1218,8 @@ impl VhostUserBackendReqHandlerMut for Control {
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        // Taken whatever the answer, as the crate does.
+        self.protocol_acked = features;
         // The crate adds REPLY_ACK and handles it; nothing else was offered.
         if features & !VhostUserProtocolFeatures::REPLY_ACK.bits() != 0 {
             return Err(VuError::InvalidParam);
@@ -1294,9 +1308,19 @@ impl VhostUserBackendReqHandlerMut for Control {
 /// Serves one front-end until it goes or sends what cannot be served.
 fn serve_connection(stream: UnixStream, conn: Arc<UnixStream>, handoff: HandoffSender, name: String) {
     let dev = Arc::new(Mutex::new(Device::new()));
-    let control = Arc::new(Mutex::new(Control { dev: dev.clone(), conn, handoff, name: name.clone(), sessions: 0 }));
+    let peek = conn.clone();
+    let control = Arc::new(Mutex::new(Control {
+        dev: dev.clone(),
+        conn,
+        handoff,
+        name: name.clone(),
+        sessions: 0,
+        features_asked: false,
+        protocol_acked: 0,
+    }));
     let mut handler = BackendReqHandler::from_stream(stream, control.clone());
     let (why, fault) = loop {
+        let next = peek_header(&peek);
         match handler.handle_request() {
             Ok(()) => control.lock().unwrap_or_else(|e| e.into_inner()).after_message(),
             // QEMU's virtio-net sends SET_VRING_ENABLE(1) for its queue pair as soon as the
@@ -1304,8 +1328,20 @@ fn serve_connection(stream: UnixStream, conn: Arc<UnixStream>, handoff: HandoffS
             // SET_FEATURES reaches the back-end, and not again (QEMU 7.2); the crate checks
             // the acked features and refuses it. So rings start enabled (as without
             // PROTOCOL_FEATURES), and a SET_VRING_ENABLE(0) that passes disables one.
+            // The crate refuses it before its REPLY_ACK: a front-end that asked for a reply
+            // (QEMU from 8.2 waits for one, with REPLY_ACK) gets it here, or would wait for
+            // ever.
             Err(VuError::InactiveFeature(f)) if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES => {
                 tracing::trace!(link = %name, "SET_VRING_ENABLE before SET_FEATURES, ignored");
+                let reply_ack = control.lock().unwrap_or_else(|e| e.into_inner()).reply_ack();
+                if reply_ack
+                    && let Some((code, flags)) = next
+                    && code == u32::from(FrontendReq::SET_VRING_ENABLE)
+                    && flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0
+                    && ack(&peek, code).is_err()
+                {
+                    break ("the front-end went away".to_string(), false);
+                }
             }
             Err(VuError::Disconnected | VuError::PartialMessage) => {
                 break ("the front-end went away".to_string(), false);
@@ -1328,6 +1364,34 @@ fn serve_connection(stream: UnixStream, conn: Arc<UnixStream>, handoff: HandoffS
     // Unguarded before unmapped (see `ram_guard`).
     dev.guards.clear();
     dev.mem = None;
+}
+
+/// The request code and flags of the next front-end message, peeked at (MSG_PEEK: the crate
+/// still reads it); None when the connection ends, or has less than a header there (a
+/// front-end sends a message with one sendmsg(2): QEMU and the crate do).
+fn peek_header(conn: &UnixStream) -> Option<(u32, u32)> {
+    // vhost-user's header: request, flags, size (u32 each, little-endian).
+    let mut hdr = [0u8; 12];
+    loop {
+        // SAFETY: receives at most 12 bytes into a live buffer of 12.
+        let n = unsafe { libc::recv(conn.as_raw_fd(), hdr.as_mut_ptr().cast(), hdr.len(), libc::MSG_PEEK) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        return (n == hdr.len() as isize).then(|| (word(0), word(4)));
+    }
+}
+
+/// Acknowledges request `code` as done (REPLY_ACK: a reply of the request's code whose u64
+/// payload is 0).
+fn ack(conn: &UnixStream, code: u32) -> io::Result<()> {
+    let mut reply = [0u8; 20];
+    reply[..4].copy_from_slice(&code.to_le_bytes());
+    // Version 1, a reply.
+    reply[4..8].copy_from_slice(&(0x1 | VhostUserHeaderFlag::REPLY.bits()).to_le_bytes());
+    reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+    (&*conn).write_all(&reply)
 }
 
 /// The listening socket of `--listen-vhost-user PATH`: each front-end that connects gets a

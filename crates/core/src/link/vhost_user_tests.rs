@@ -102,7 +102,15 @@ fn control(dev: &Arc<Mutex<Device>>, handoff: &Handoff) -> Control {
 
 /// The same on `conn`, whose other end plays the front-end.
 fn control_on(dev: &Arc<Mutex<Device>>, handoff: &Handoff, conn: UnixStream) -> Control {
-    Control { dev: dev.clone(), conn: Arc::new(conn), handoff: handoff.sender(), name: "vu test".into(), sessions: 0 }
+    Control {
+        dev: dev.clone(),
+        conn: Arc::new(conn),
+        handoff: handoff.sender(),
+        name: "vu test".into(),
+        sessions: 0,
+        features_asked: false,
+        protocol_acked: 0,
+    }
 }
 
 /// A device as the control thread leaves it after QEMU's setup, and its link.
@@ -818,6 +826,57 @@ fn acceptor_socket_is_owner_only_and_garbage_is_refused() {
     drop(acceptor);
     assert!(!path.exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A vhost-user message: the header (request, flags with version 1, size), then `body`.
+fn message(code: u32, flags: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = code.to_le_bytes().to_vec();
+    m.extend((0x1 | flags).to_le_bytes());
+    m.extend((body.len() as u32).to_le_bytes());
+    m.extend(body);
+    m
+}
+
+/// The next reply on `front_end`: its request code, flags and u64 payload.
+fn reply(front_end: &mut UnixStream) -> (u32, u32, u64) {
+    use std::io::Read;
+    let mut r = [0u8; 20];
+    front_end.read_exact(&mut r).expect("a reply");
+    let word = |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().unwrap());
+    assert_eq!(word(8), 8, "a u64 payload");
+    (word(0), word(4), u64::from_le_bytes(r[12..].try_into().unwrap()))
+}
+
+/// With REPLY_ACK acked, QEMU from 8.2 sends SET_VRING_ENABLE with NEED_REPLY and waits for
+/// the reply; its first comes before SET_FEATURES, which the crate refuses before it replies.
+/// The back-end acknowledges it itself (request 18, flags VERSION|REPLY, 0), and the
+/// connection goes on in step: one without NEED_REPLY gets no reply.
+#[test]
+fn an_early_set_vring_enable_that_needs_a_reply_gets_one() {
+    const GET_FEATURES: u32 = 1;
+    const SET_PROTOCOL_FEATURES: u32 = 16;
+    const SET_VRING_ENABLE: u32 = 18;
+    const NEED_REPLY: u32 = 0x8;
+    const REPLY: u32 = 0x4;
+    let (ours, mut front_end) = UnixStream::pair().unwrap();
+    front_end.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let handoff = Handoff::new("test").unwrap();
+    let conn = Arc::new(ours.try_clone().unwrap());
+    let sender = handoff.sender();
+    let served = std::thread::spawn(move || serve_connection(ours, conn, sender, "vu test".into()));
+    front_end.write_all(&message(GET_FEATURES, 0, &[])).unwrap();
+    assert_eq!(reply(&mut front_end), (GET_FEATURES, 0x1 | REPLY, FEATURES));
+    let reply_ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
+    front_end.write_all(&message(SET_PROTOCOL_FEATURES, 0, &reply_ack.to_le_bytes())).unwrap();
+    // Ring 0 enabled (index, num), as QEMU's virtio-net sends it as the guest acks its features.
+    let enable: Vec<u8> = [0u32, 1].iter().flat_map(|w| w.to_le_bytes()).collect();
+    front_end.write_all(&message(SET_VRING_ENABLE, NEED_REPLY, &enable)).unwrap();
+    assert_eq!(reply(&mut front_end), (SET_VRING_ENABLE, 0x1 | REPLY, 0));
+    front_end.write_all(&message(SET_VRING_ENABLE, 0, &enable)).unwrap();
+    front_end.write_all(&message(GET_FEATURES, 0, &[])).unwrap();
+    assert_eq!(reply(&mut front_end), (GET_FEATURES, 0x1 | REPLY, FEATURES));
+    drop(front_end);
+    served.join().unwrap();
 }
 
 /// What a hostile (or broken) guest driver can do to the rings, and what the engine does
