@@ -114,7 +114,7 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use super::handoff::{Handoff, HandoffSender};
 use super::qemu::listen_stream;
@@ -1132,6 +1132,9 @@ impl VhostUserBackendReqHandlerMut for Control {
             });
             regions.push(mapped);
         }
+        // vm-memory wants them in order of guest address; QEMU sends them so, the protocol
+        // does not say.
+        regions.sort_by_key(|r| r.start_addr().0);
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| VuError::ReqHandlerError(io::Error::other(e)))?;
         // The rings keep their guest addresses: a running link goes on with the new map.
         let mut dev = self.lock();

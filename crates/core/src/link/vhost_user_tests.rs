@@ -774,6 +774,30 @@ fn a_region_past_the_end_of_its_file_is_refused() {
     assert_eq!(dev.va_to_gpa(0x7f00_0000_ffff), Some(0xffff));
 }
 
+/// A memory table whose regions do not come in order of guest address (QEMU sends them in
+/// order, the protocol does not ask it) is taken, each region where it says.
+#[test]
+fn memory_regions_in_any_order_are_taken() {
+    let dev = Arc::new(Mutex::new(Device::new()));
+    let handoff = Handoff::new("test").unwrap();
+    let mut c = control(&dev, &handoff);
+    let high = VhostUserMemoryRegion::new(0x100000, 0x10000, 0x7f00_0010_0000, 0);
+    let low = VhostUserMemoryRegion::new(0, 0x10000, 0x7f00_0000_0000, 0);
+    let (high_file, low_file) = (memfd(0x10000), memfd(0x10000));
+    c.set_mem_table(&[high, low], vec![high_file.try_clone().unwrap(), low_file.try_clone().unwrap()], None).unwrap();
+    let d = dev.lock().unwrap();
+    let mem = d.mem.as_ref().unwrap();
+    mem.write_obj(1u8, GuestAddress(0x100010)).unwrap();
+    mem.write_obj(2u8, GuestAddress(0x10)).unwrap();
+    let at = |file: &File| {
+        let mut b = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut b, 0x10).unwrap();
+        b[0]
+    };
+    assert_eq!((at(&high_file), at(&low_file)), (1, 2));
+    assert_eq!(d.va_to_gpa(0x7f00_0010_0010), Some(0x100010));
+}
+
 /// A front-end that shrinks the file of guest memory under usernet's mapping (QEMU seals
 /// its memfd against this; a buggy or hostile one may not) ends its own link, with an error
 /// that says so, instead of usernet: the next access raises SIGBUS, the mapping becomes
