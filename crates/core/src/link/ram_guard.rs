@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Mappings guarded at once: a vhost-user memory table has at most 32 regions (the `vhost`
 /// crate's bound; QEMU sends up to 8), so this is 16 to 64 VMs' worth. Beyond it a mapping
-/// is not guarded (said once in the log).
+/// cannot be guarded, and its owner refuses it (unguarded, it could end the process).
 const SLOTS: usize = 512;
 
 struct Slot {
@@ -50,7 +50,6 @@ static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 /// Whether the handler is installed (tried once).
 static INSTALLED: OnceLock<bool> = OnceLock::new();
-static TOLD_FULL: AtomicBool = AtomicBool::new(false);
 
 /// A guarded mapping; unguarded when dropped.
 #[derive(Debug)]
@@ -75,28 +74,26 @@ impl Drop for Guarded {
     }
 }
 
-/// Guards the `len` bytes mapped at `start` (a shared mapping of a front-end's file); None
-/// when the handler cannot be installed or the table is full (the mapping then works as
-/// before, unguarded).
-pub fn guard(start: *const u8, len: usize) -> Option<Guarded> {
-    if !install() || len == 0 {
-        return None;
+/// Guards the `len` bytes mapped at `start` (a shared mapping of a front-end's file); why
+/// not when the handler cannot be installed or the table is full: the caller must not use
+/// the mapping then (a shrunk file would end the process). Only atomics: no lock, no
+/// allocation.
+pub fn guard(start: *const u8, len: usize) -> Result<Guarded, &'static str> {
+    if !install() {
+        return Err("the SIGBUS handler that guards guest memory cannot be installed");
+    }
+    if len == 0 {
+        return Err("an empty mapping");
     }
     for (i, slot) in TABLE.iter().enumerate() {
         if slot.taken.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             slot.lost.store(false, Ordering::SeqCst);
             slot.start.store(start as usize, Ordering::SeqCst);
             slot.len.store(len, Ordering::SeqCst);
-            return Some(Guarded { slot: i });
+            return Ok(Guarded { slot: i });
         }
     }
-    if !TOLD_FULL.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            "more than {SLOTS} guest memory regions mapped: a front-end that shrinks the file of one \
-             beyond them can end usernet"
-        );
-    }
-    None
+    Err("more guest memory regions mapped than can be guarded against SIGBUS (512)")
 }
 
 /// Installs the SIGBUS handler (once); whether it is installed.
@@ -209,7 +206,7 @@ mod tests {
         let (p, fd) = shared_memfd(len);
         // SAFETY: p maps len bytes.
         unsafe { p.add(4096).write_volatile(9) };
-        let guarded = guard(p, len).expect("the handler is installed");
+        let guarded = guard(p, len).expect("a guard");
         assert!(!guarded.lost());
         nix::unistd::ftruncate(&fd, 0).unwrap();
         // SAFETY: p still maps len bytes (of zeros, once the fault is handled).

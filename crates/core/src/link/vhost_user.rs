@@ -114,7 +114,7 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use super::handoff::{Handoff, HandoffSender};
 use super::qemu::listen_stream;
@@ -1108,7 +1108,6 @@ impl VhostUserBackendReqHandlerMut for Control {
             return Err(refused("postcopy"));
         }
         let mut regions = Vec::new();
-        let mut guards = Vec::new();
         let mut mappings = Vec::new();
         for (region, file) in ctx.iter().zip(files) {
             // A region past the end of its file would map (vm-memory does not check) and
@@ -1124,7 +1123,6 @@ impl VhostUserBackendReqHandlerMut for Control {
             }
             let mapped = GuestRegionMmap::new(region.mmap_region(file)?, GuestAddress(region.guest_phys_addr))
                 .ok_or(VuError::InvalidParam)?;
-            guards.extend(ram_guard::guard(mapped.as_ptr(), mapped.size()));
             mappings.push(Mapping {
                 vmm_addr: region.user_addr,
                 size: region.memory_size,
@@ -1136,6 +1134,12 @@ impl VhostUserBackendReqHandlerMut for Control {
         // does not say.
         regions.sort_by_key(|r| r.start_addr().0);
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| VuError::ReqHandlerError(io::Error::other(e)))?;
+        // Guarded once in the map, untouched till then: from_regions unmaps the regions it
+        // refuses, which must not be guarded then (see `ram_guard`). A table with a region
+        // that cannot be guarded is refused: the guards taken go (in `collect`) before the
+        // regions are unmapped (with `mem`).
+        let guards = mem.iter().map(|r| ram_guard::guard(r.as_ptr(), r.size())).collect::<Result<Vec<_>, _>>();
+        let guards = guards.map_err(VuError::InvalidOperation)?;
         // The rings keep their guest addresses: a running link goes on with the new map.
         let mut dev = self.lock();
         // The old guards go before the old mappings.

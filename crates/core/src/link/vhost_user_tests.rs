@@ -613,8 +613,8 @@ fn o_nonblock(fd: &File, set: Option<bool>) -> bool {
 /// A pipe: (read end, write end), blocking.
 fn pipe() -> (File, File) {
     let mut fds = [0; 2];
-    // SAFETY: pipe(2) fills two fresh descriptors that we then own.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: pipe2(2) fills two fresh descriptors that we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: fresh descriptors nobody else owns.
     unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
 }
@@ -772,6 +772,45 @@ fn a_region_past_the_end_of_its_file_is_refused() {
     let dev = dev.lock().unwrap();
     dev.mem.as_ref().unwrap().write_obj(7u8, GuestAddress(0xffff)).unwrap();
     assert_eq!(dev.va_to_gpa(0x7f00_0000_ffff), Some(0xffff));
+}
+
+/// When no more mappings can be guarded (`ram_guard`'s table is full), a memory table is
+/// refused, not mapped unguarded, where a front-end that shrinks its file would end usernet;
+/// with a guard free again, it is taken. In a child process of its own: the table is the
+/// whole process's, and other tests guard their memory meanwhile.
+#[test]
+fn a_memory_table_that_cannot_be_guarded_is_refused() {
+    const CHILD: &str = "USERNET_TEST_GUARDS_FULL";
+    const NAME: &str = "link::vhost_user::tests::a_memory_table_that_cannot_be_guarded_is_refused";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    // Every guard taken (the addresses guarded are never touched).
+    let mut taken = Vec::new();
+    while let Ok(guard) = crate::link::ram_guard::guard(std::ptr::dangling(), 4096) {
+        taken.push(guard);
+    }
+    let dev = Arc::new(Mutex::new(Device::new()));
+    let handoff = Handoff::new("test").unwrap();
+    let mut c = control(&dev, &handoff);
+    let region = VhostUserMemoryRegion::new(0, 0x10000, 0x7f00_0000_0000, 0);
+    let e = c.set_mem_table(&[region], vec![memfd(0x10000)], None).unwrap_err();
+    assert!(e.to_string().contains("guarded"), "{e}");
+    assert!(dev.lock().unwrap().mem.is_none());
+    taken.pop();
+    c.set_mem_table(&[region], vec![memfd(0x10000)], None).unwrap();
+    assert_eq!(dev.lock().unwrap().guards.len(), 1);
 }
 
 /// A memory table whose regions do not come in order of guest address (QEMU sends them in
