@@ -1208,9 +1208,16 @@ impl VhostUserBackendReqHandlerMut for Control {
         if let Some(fd) = &fd {
             nonblocking(fd).map_err(VuError::ReqHandlerError)?;
         }
-        // QEMU swaps the call eventfd while the guest masks its interrupts: no reset.
+        // QEMU swaps the call eventfd while the guest masks its interrupts: no reset. An
+        // interrupt sent to the old one meanwhile may be lost to the guest: the new one is
+        // signalled once (a spurious interrupt otherwise), as a session's first flush does.
         let mut dev = self.lock();
-        Self::ring(&mut dev, index as u32)?.call = fd;
+        let running = dev.running;
+        let ring = Self::ring(&mut dev, index as u32)?;
+        ring.call = fd;
+        if running {
+            ring.interrupt();
+        }
         Ok(())
     }
 

@@ -683,6 +683,23 @@ fn blocking_kick_and_call_descriptors_do_not_stop_the_engine() {
     }
 }
 
+/// A call eventfd swapped while a session runs (QEMU does as the guest masks and unmasks
+/// its interrupts) is signalled once: an interrupt sent to the old one may have been lost.
+/// Before a session, nothing is signalled.
+#[test]
+fn a_call_eventfd_swapped_while_running_is_signalled_once() {
+    let (_g, _link, dev) = setup(MODERN);
+    let handoff = Handoff::new("test").unwrap();
+    let mut c = control(&dev, &handoff);
+    let call = File::from(eventfd().unwrap());
+    c.set_vring_call(RX as u8, Some(call.try_clone().unwrap())).unwrap();
+    assert_eq!(eventfd_count(&call), 1);
+    assert_eq!(interrupts(&dev, TX), 0);
+    dev.lock().unwrap().end_session("the guest's device was reset (GET_VRING_BASE)", false);
+    c.set_vring_call(TX as u8, Some(call.try_clone().unwrap())).unwrap();
+    assert_eq!(eventfd_count(&call), 0);
+}
+
 #[test]
 fn a_reset_ends_the_session() {
     let (_g, mut link, dev) = setup(MODERN);
