@@ -41,9 +41,9 @@
 //! not needed for the edges; but kicks left unread keep the inner epoll ready, and kernels
 //! before 5.5 then wake the outer epoll at each of its waits: the loop would spin. During
 //! an upload the ring is polled and the guest kicks rarely; those kicks are read as below.)
-//! The front-end's kick and call descriptors are made non-blocking as they arrive, and read
-//! or written only when poll(2) says they are ready: the engine's one thread serves every
-//! guest, and an eventfd without EFD_NONBLOCK, or a pipe, must not stop it.
+//! The front-end's kick and call descriptors are made non-blocking as they arrive, and the
+//! kicks read only when poll(2) says they are readable: the engine's one thread serves
+//! every guest, and an eventfd without EFD_NONBLOCK, or a pipe, must not stop it.
 //!
 //! Uploads: the TX ring is polled, not kicked. A guest's kick is costly where it is
 //! emulated (under TCG, each is a trapped write that QEMU turns into an eventfd write, and
@@ -268,15 +268,13 @@ impl Ring {
         Ok(u16::from_le(word))
     }
 
-    /// Writes the call eventfd: O_NONBLOCK (`nonblocking`), and written only when poll(2)
-    /// says it can be, in case the front-end cleared the flag since (see `drain`).
+    /// Writes the call eventfd, made O_NONBLOCK as it came (`nonblocking`): one write(2) per
+    /// interrupt, on the data path. (A front-end that clears the flag on its copy afterwards
+    /// could block the engine at a full counter; such a process runs as usernet's user and
+    /// could stop it anyway.)
     fn interrupt(&mut self) {
         if let Some(call) = self.call.as_mut() {
-            let mut pfd = libc::pollfd { fd: call.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-            // SAFETY: one pollfd; a timeout of 0 never blocks.
-            if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && pfd.revents & libc::POLLOUT != 0 {
-                let _ = call.write(&1u64.to_ne_bytes());
-            }
+            let _ = call.write(&1u64.to_ne_bytes());
         }
     }
 }
