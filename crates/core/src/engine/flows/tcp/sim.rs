@@ -8,7 +8,8 @@
 //! instead of the default 400, from `USERNET_SIM_FIRST` (0 unless given), `--release` for
 //! speed: the invariants are checked in debug builds only; `USERNET_SIM_TIMES=1` prints each
 //! run's time). A run panics with its scenario and the state of the flow, the guest and
-//! the host when an assertion fails or when it does not settle (an hour of simulated time).
+//! the host when an assertion fails or when it does not settle: no byte delivered either
+//! way for [`STALL_LIMIT`] of simulated time, or [`TIME_LIMIT`] in all.
 //!
 //! The model guest is a small but honest TCP: it acknowledges in-order data, buffers or
 //! drops out-of-order data, retransmits on its own timer (with backoff and a give-up
@@ -46,7 +47,14 @@ const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
 const MS: u64 = 1000;
 const SEC: u64 = 1_000_000;
 /// A run that has not settled after this much simulated time is stuck.
-const TIME_LIMIT: u64 = 3600 * SEC;
+/// A run that delivered no byte either way for this long is stuck: more than the longest
+/// backoff of either side (retransmissions and zero-window probes go up to 30 s apart, and a
+/// side gives up after a dozen or twenty of them).
+const STALL_LIMIT: u64 = 1800 * SEC;
+/// A run still moving after this long is stuck too. Slow runs exist: seed 64900 (30% loss
+/// each way, a guest sending 100-byte segments, neither side keeping out-of-order segments,
+/// so that a loss costs a retransmission timeout) had moved 277 of its 300 KB after an hour.
+const TIME_LIMIT: u64 = 12 * 3600 * SEC;
 const STEP_LIMIT: u64 = 5_000_000;
 const KEEPALIVE_IDLE: u64 = SEC;
 
@@ -1603,12 +1611,24 @@ impl Sim {
         if self.trace {
             eprintln!("{:?}", self.sc);
         }
+        // Bytes delivered so far either way, and when that last changed.
+        let mut last_moved = (0u64, 0u64);
         while let Some(t) = self.next_event() {
             assert!(t >= self.now, "time goes back");
             self.now = t;
             self.steps += 1;
-            if self.now > TIME_LIMIT || self.steps > STEP_LIMIT {
-                panic!("stuck after {} steps, {} s simulated\n{}", self.steps, self.now / SEC, self.describe());
+            let moved = (self.host.got.len() + self.guest.received) as u64;
+            if moved != last_moved.0 {
+                last_moved = (moved, self.now);
+            }
+            if self.now - last_moved.1 > STALL_LIMIT || self.now > TIME_LIMIT || self.steps > STEP_LIMIT {
+                panic!(
+                    "stuck after {} steps, {} s simulated, {} s since a byte was delivered\n{}",
+                    self.steps,
+                    self.now / SEC,
+                    (self.now - last_moved.1) / SEC,
+                    self.describe()
+                );
             }
             self.step();
             if self.trace {
