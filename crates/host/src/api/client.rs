@@ -16,14 +16,23 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response accepted.
 const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
 
+/// Why a request failed. The OS error is part of the message, so it is not also a `source`
+/// (`usernet` prints the whole chain, `{:#}`, and it would come twice); the rule of
+/// `BindError` in crates/host/src/publish/listen.rs.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to the usernet API at {path}: {source}")]
-    Connect { path: String, source: std::io::Error },
+    #[error("cannot connect to the usernet API at {path}: {err}")]
+    Connect { path: String, err: std::io::Error },
     #[error("talking to the usernet API: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("malformed answer from the usernet API: {0}")]
     Malformed(&'static str),
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(err: std::io::Error) -> ClientError {
+        ClientError::Io(err)
+    }
 }
 
 /// An HTTP answer.
@@ -65,8 +74,8 @@ pub fn request_within(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+    let mut stream =
+        UnixStream::connect(socket).map_err(|err| ClientError::Connect { path: socket.display().to_string(), err })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let body = body.unwrap_or_default();
@@ -165,8 +174,8 @@ impl Read for Streaming {
 /// body is then read as it arrives, with no timeout (a capture may be quiet for long).
 pub fn stream(socket: &Path, path: &str) -> Result<Streaming, ClientError> {
     use std::io::BufRead;
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+    let mut stream =
+        UnixStream::connect(socket).map_err(|err| ClientError::Connect { path: socket.display().to_string(), err })?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: usernet\r\nConnection: close\r\n\r\n")?;
@@ -246,6 +255,32 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How often `cause` appears in `e` as `usernet` prints it (`{:#}`, the whole chain).
+    fn times_printed(e: ClientError, cause: &str) -> usize {
+        format!("{:#}", anyhow::Error::from(e)).matches(cause).count()
+    }
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let missing = Path::new("/nonexistent-usernet-dir/api.sock");
+        let e = request(missing, "GET", "/v1/ports", None).unwrap_err();
+        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+        assert_eq!(e.to_string(), format!("cannot connect to the usernet API at {}: {enoent}", missing.display()));
+        assert_eq!(times_printed(e, &enoent), 1);
+        // Not a socket: connect(2) is refused.
+        let file = std::env::temp_dir().join(format!("usernet-client-test-{}", std::process::id()));
+        std::fs::write(&file, b"").unwrap();
+        let e = stream(&file, "/v1/capture").err().unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED).to_string();
+        assert_eq!(times_printed(e, &refused), 1);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let text = reset.to_string();
+        let e = ClientError::from(reset);
+        assert_eq!(e.to_string(), format!("talking to the usernet API: {text}"));
+        assert_eq!(times_printed(e, &text), 1);
+    }
 
     #[test]
     fn content_length() {

@@ -84,12 +84,15 @@ pub enum SandboxError {
     /// A setup step in the sandbox failed; the text is meant for the user.
     #[error("{0}")]
     Setup(String),
-    #[error("{context}: {source}")]
-    Io { context: &'static str, source: io::Error },
+    /// The OS error is part of the message, so it is not also a `source` (printed as a
+    /// chain, `{:#}`, it would come twice); the rule of `BindError` in
+    /// crates/host/src/publish/listen.rs.
+    #[error("{context}: {err}")]
+    Io { context: &'static str, err: io::Error },
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(Errno) -> SandboxError {
-    move |e| SandboxError::Io { context, source: e.into() }
+    move |e| SandboxError::Io { context, err: e.into() }
 }
 
 /// COMMAND could not be executed.
@@ -229,7 +232,7 @@ impl Sandbox {
     fn receive_setup(&self, kind: u8, count: usize, what: &str) -> Result<Vec<OwnedFd>, SandboxError> {
         let mut buf = [0u8; 4096];
         let (n, fds) = recv_with_fds(&self.ctl, &mut buf)
-            .map_err(|e| SandboxError::Io { context: "waiting for the sandbox", source: e })?;
+            .map_err(|e| SandboxError::Io { context: "waiting for the sandbox", err: e })?;
         match buf[..n].split_first() {
             Some((&k, _)) if k == kind && fds.len() == count => Ok(fds),
             Some((&k, _)) if k == kind => Err(SandboxError::Setup(format!("the sandbox did not pass {what}"))),
@@ -762,6 +765,16 @@ fn enter_namespaces() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The failure's errno is in the message, and only once in the chain `usernet` prints
+    /// (`{:#}`), not again as a cause.
+    #[test]
+    fn a_cause_is_printed_once() {
+        let e = io_err("waiting for the sandbox")(Errno::ENOBUFS);
+        let cause = io::Error::from(Errno::ENOBUFS).to_string();
+        assert_eq!(e.to_string(), format!("waiting for the sandbox: {cause}"));
+        assert_eq!(format!("{:#}", anyhow::Error::from(e)).matches(&cause).count(), 1);
+    }
 
     /// A process's parent, as the cleanup of `run` reads it: through a pidfd where the
     /// kernel says it (6.13 on), from /proc otherwise; the same either way.

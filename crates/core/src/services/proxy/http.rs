@@ -309,12 +309,11 @@ impl Conn {
                         let pe = match &hop {
                             Hop::Upstream(up) => ProxyError::Unreachable {
                                 proxy: up.authority(),
-                                source: std::io::Error::other(err.to_string()),
+                                err: std::io::Error::other(err.to_string()),
                             },
-                            Hop::Direct(a) => ProxyError::Dial {
-                                target: a.to_string(),
-                                source: std::io::Error::other(err.to_string()),
-                            },
+                            Hop::Direct(a) => {
+                                ProxyError::Dial { target: a.to_string(), err: std::io::Error::other(err.to_string()) }
+                            }
                         };
                         return self.fail(&target.absolute_uri(), pe);
                     }
@@ -417,7 +416,7 @@ impl Conn {
         };
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ProxyError::Dial { target: what.clone(), source: std::io::Error::other(e.to_string()) })?;
+            .map_err(|e| ProxyError::Dial { target: what.clone(), err: std::io::Error::other(e.to_string()) })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!("proxy: connection to {what}: {e}");

@@ -101,16 +101,19 @@ const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 pub const MAX_HEAD: usize = 16 * 1024;
 
 /// Why a request or tunnel could not be served: the one line the guest and the log get.
+/// An I/O error is part of that line, so it is not also a `source` (printed as a chain,
+/// `{:#}`, it would come twice); the rule of `BindError` in
+/// crates/host/src/publish/listen.rs.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("upstream proxy {proxy} unreachable: {source}")]
-    Unreachable { proxy: String, source: io::Error },
+    #[error("upstream proxy {proxy} unreachable: {err}")]
+    Unreachable { proxy: String, err: io::Error },
     #[error("upstream proxy {proxy} refused {target}: {status} {reason}")]
     Refused { proxy: String, target: String, status: u16, reason: String },
     #[error("upstream proxy {proxy} sent no valid answer to CONNECT {target}")]
     BadAnswer { proxy: String, target: String },
-    #[error("cannot reach {target}: {source}")]
-    Dial { target: String, source: io::Error },
+    #[error("cannot reach {target}: {err}")]
+    Dial { target: String, err: io::Error },
     #[error("cannot resolve {0}")]
     Resolve(String),
     #[error("{0} is not reachable through the proxy")]
@@ -128,8 +131,8 @@ impl ProxyError {
             ProxyError::Refused { status, .. } if (400..600).contains(status) && !matches!(status, 401 | 407) => {
                 *status
             }
-            ProxyError::Unreachable { source, .. } | ProxyError::Dial { source, .. }
-                if source.kind() == io::ErrorKind::TimedOut =>
+            ProxyError::Unreachable { err, .. } | ProxyError::Dial { err, .. }
+                if err.kind() == io::ErrorKind::TimedOut =>
             {
                 504
             }
@@ -553,8 +556,8 @@ pub async fn dial(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
     let target = addr.to_string();
     let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(ProxyError::Dial { target, source }),
-        Err(_) => return Err(ProxyError::Dial { target, source: io::ErrorKind::TimedOut.into() }),
+        Ok(Err(err)) => return Err(ProxyError::Dial { target, err }),
+        Err(_) => return Err(ProxyError::Dial { target, err: io::ErrorKind::TimedOut.into() }),
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
@@ -565,8 +568,8 @@ pub async fn dial_upstream(up: &ProxyUrl) -> Result<TcpStream, ProxyError> {
     let proxy = up.authority();
     let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(proxy.as_str())).await {
         Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(ProxyError::Unreachable { proxy, source }),
-        Err(_) => return Err(ProxyError::Unreachable { proxy, source: io::ErrorKind::TimedOut.into() }),
+        Ok(Err(err)) => return Err(ProxyError::Unreachable { proxy, err }),
+        Err(_) => return Err(ProxyError::Unreachable { proxy, err: io::ErrorKind::TimedOut.into() }),
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
@@ -583,7 +586,7 @@ pub async fn open_tunnel(up: &ProxyUrl, target: &str) -> Result<(TcpStream, Vec<
     }
     req.push_str("\r\n");
     let bad = || ProxyError::BadAnswer { proxy: proxy.clone(), target: target.to_string() };
-    let unreachable = |source| ProxyError::Unreachable { proxy: proxy.clone(), source };
+    let unreachable = |err| ProxyError::Unreachable { proxy: proxy.clone(), err };
     stream.write_all(req.as_bytes()).await.map_err(unreachable)?;
     let mut head = Vec::with_capacity(1024);
     let end = loop {
@@ -876,9 +879,31 @@ mod tests {
         assert_eq!(refused(403).status(), 403);
         assert_eq!(refused(502).status(), 502);
         assert_eq!(refused(302).status(), 502);
-        let down = ProxyError::Unreachable { proxy: "p".into(), source: io::ErrorKind::ConnectionRefused.into() };
+        let down = ProxyError::Unreachable { proxy: "p".into(), err: io::ErrorKind::ConnectionRefused.into() };
         assert_eq!(down.status(), 502);
         assert!(down.to_string().starts_with("upstream proxy p unreachable"));
+    }
+
+    /// A loopback port nothing listens on (it was bound, then closed).
+    fn closed_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:24731").or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"));
+        l.unwrap().local_addr().unwrap()
+    }
+
+    /// The connect error is in the message, and only once in the chain `usernet` prints
+    /// (`{:#}`), not again as a cause.
+    #[tokio::test]
+    async fn a_cause_is_printed_once() {
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED).to_string();
+        let closed = closed_port();
+        for e in [
+            dial(closed).await.err().unwrap(),
+            dial_upstream(&ProxyUrl::parse(&closed.to_string()).unwrap()).await.err().unwrap(),
+        ] {
+            let text = e.to_string();
+            assert!(text.contains(&closed.to_string()) && text.ends_with(&format!(": {refused}")), "{text}");
+            assert_eq!(format!("{:#}", anyhow::Error::from(e)).matches(&refused).count(), 1);
+        }
     }
 
     /// A proxy with these bounds (and no upstream).
