@@ -123,18 +123,58 @@ impl Ipv4Subnet {
     }
 }
 
-impl std::str::FromStr for Ipv4Subnet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+/// Ranges no guest network may overlap, and what they are. The guest's kernel refuses a
+/// default route through a gateway in "this network" or multicast space (`Network is
+/// unreachable`, late, from the sandbox); loopback addresses are martians off `lo`; reserved
+/// space is routed nowhere (and holds 255.255.255.255, the limited broadcast); link-local
+/// addresses are each link's own (gvproxy mode denies them to the guest:
+/// crates/usernet/src/modes/gvproxy.rs).
+const NOT_A_SUBNET: [(Ipv4Subnet, &str); 5] = [
+    (Ipv4Subnet { network: Ipv4Addr::new(0, 0, 0, 0), prefix: 8 }, "\"this network\""),
+    (Ipv4Subnet { network: Ipv4Addr::new(127, 0, 0, 0), prefix: 8 }, "loopback"),
+    (Ipv4Subnet { network: Ipv4Addr::new(169, 254, 0, 0), prefix: 16 }, "link-local"),
+    (Ipv4Subnet { network: Ipv4Addr::new(224, 0, 0, 0), prefix: 4 }, "multicast"),
+    (Ipv4Subnet { network: Ipv4Addr::new(240, 0, 0, 0), prefix: 4 }, "reserved"),
+];
+
+impl Ipv4Subnet {
+    /// The longest prefix [`FromStr`](std::str::FromStr) accepts: a gateway and a guest fit.
+    pub const LONGEST_PREFIX: u8 = 30;
+
+    /// Parses `A.B.C.D/N` (host bits are dropped) with N from /8 to `longest`; `room` says
+    /// what a longer prefix would leave no room for. Networks in (or overlapping) "this
+    /// network" 0.0.0.0/8, loopback, link-local, multicast and reserved space are refused.
+    pub fn parse_up_to(s: &str, longest: u8, room: &str) -> Result<Self, String> {
         let (addr, prefix) = s.split_once('/').ok_or_else(|| format!("invalid subnet: {s} (want A.B.C.D/N)"))?;
         let network: Ipv4Addr = addr.parse().map_err(|_| format!("invalid subnet address: {addr}"))?;
         let prefix: u8 = prefix.parse().map_err(|_| format!("invalid subnet prefix: {prefix}"))?;
-        if !(8..=30).contains(&prefix) {
-            return Err(format!("invalid subnet prefix: /{prefix} (must be between /8 and /30)"));
+        if prefix < 8 {
+            return Err(format!("invalid subnet prefix: /{prefix} (must be between /8 and /{longest})"));
         }
-        let mut s = Ipv4Subnet { network, prefix };
-        s.network = Ipv4Addr::from(u32::from(network) & u32::from(s.mask()));
-        Ok(s)
+        if prefix > longest {
+            return Err(format!("invalid subnet prefix: /{prefix} (must be between /8 and /{longest}: {room})"));
+        }
+        let mut subnet = Ipv4Subnet { network, prefix };
+        subnet.network = Ipv4Addr::from(u32::from(network) & u32::from(subnet.mask()));
+        if let Some((range, what)) = NOT_A_SUBNET.iter().find(|(r, _)| r.overlaps(&subnet)) {
+            return Err(format!(
+                "invalid subnet: {s} (overlaps {what} {}/{}: not a private, shared or public unicast network)",
+                range.network, range.prefix
+            ));
+        }
+        Ok(subnet)
+    }
+
+    /// Whether the two networks have an address in common.
+    pub fn overlaps(&self, other: &Ipv4Subnet) -> bool {
+        self.contains(other.network) || other.contains(self.network)
+    }
+}
+
+impl std::str::FromStr for Ipv4Subnet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ipv4Subnet::parse_up_to(s, Ipv4Subnet::LONGEST_PREFIX, "no room for a gateway and a guest")
     }
 }
 
@@ -286,6 +326,12 @@ impl Default for Limits {
 }
 
 impl NetConfig {
+    /// The longest subnet prefix [`NetConfig::new`] can lay out: its host address is .254,
+    /// which takes a whole last octet of host part.
+    pub const LONGEST_PREFIX: u8 = 24;
+
+    /// The network on `subnet`: gateway and DNS .1, guest .2, host .254 (so `subnet` is
+    /// [`NetConfig::LONGEST_PREFIX`] or shorter).
     pub fn new(subnet: Ipv4Subnet, mtu: u32) -> Self {
         NetConfig {
             subnet,
@@ -532,5 +578,45 @@ mod tests {
         assert!("10.0.0.0".parse::<Ipv4Subnet>().is_err());
         assert!("10.0.0.0/33".parse::<Ipv4Subnet>().is_err());
         assert!("x/24".parse::<Ipv4Subnet>().is_err());
+    }
+
+    /// Private, shared and public unicast networks are subnets; "this network", loopback,
+    /// link-local, multicast and reserved ones (broadcast too) are refused, saying which.
+    #[test]
+    fn subnet_address_ranges() {
+        for ok in [
+            "10.0.0.0/8",
+            "10.9.8.0/24",
+            "172.16.0.0/12",
+            "172.31.255.0/24",
+            "192.168.65.0/24",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+            "100.127.0.0/24",
+            "203.0.113.0/24",
+            "8.8.8.0/24",
+            "1.0.0.0/8",
+            "169.253.0.0/16",
+            "169.255.0.0/16",
+            "223.255.255.0/24",
+        ] {
+            assert!(ok.parse::<Ipv4Subnet>().is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("0.0.0.0/24", "0.0.0.0/8"),
+            ("0.255.0.0/16", "0.0.0.0/8"),
+            ("127.0.0.0/24", "loopback 127.0.0.0/8"),
+            ("127.0.0.1/8", "loopback 127.0.0.0/8"),
+            ("169.254.0.0/16", "link-local 169.254.0.0/16"),
+            ("169.254.7.0/24", "link-local 169.254.0.0/16"),
+            ("169.0.0.0/8", "link-local 169.254.0.0/16"),
+            ("224.0.0.0/24", "multicast 224.0.0.0/4"),
+            ("239.1.2.0/24", "multicast 224.0.0.0/4"),
+            ("240.0.0.0/8", "reserved 240.0.0.0/4"),
+            ("255.255.255.0/24", "reserved 240.0.0.0/4"),
+        ] {
+            let e = bad.parse::<Ipv4Subnet>().unwrap_err();
+            assert!(e.starts_with(&format!("invalid subnet: {bad} (")) && e.contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -42,7 +42,7 @@ pub struct NetOpts {
     #[arg(long, value_parser = clap::value_parser!(u32).range(576..=65520))]
     pub mtu: Option<u32>,
     /// The virtual network's IPv4 subnet (gateway .1, guest .2, host .254).
-    #[arg(long, value_name = "CIDR", default_value = "192.168.65.0/24")]
+    #[arg(long, value_name = "CIDR", default_value = "192.168.65.0/24", value_parser = parse_subnet)]
     pub subnet: Ipv4Subnet,
     /// The virtual network's IPv6 /64 (gateway ::1, guest ::2 in `run`, host ::254); guests
     /// configure themselves from usernet's router advertisements (SLAAC, RDNSS).
@@ -130,6 +130,12 @@ pub struct NetOpts {
     /// filter (for debugging). Also USERNET_NO_SANDBOX=1, which the drop-in modes read too.
     #[arg(long = "no-sandbox", env = "USERNET_NO_SANDBOX")]
     pub no_sandbox: bool,
+}
+
+/// `--subnet`: a network a guest can have, with room for the addresses
+/// [`NetConfig::new`] gives out (/24 at the longest).
+pub fn parse_subnet(s: &str) -> Result<Ipv4Subnet, String> {
+    Ipv4Subnet::parse_up_to(s, NetConfig::LONGEST_PREFIX, "the gateway is .1, the guest .2 and the host .254")
 }
 
 /// A `--deny` or `--allow` rule.
@@ -364,6 +370,57 @@ pub fn bind_published(specs: &[PortSpec]) -> Result<Vec<BoundListener>, BindErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Line {
+        #[command(flatten)]
+        net: NetOpts,
+    }
+
+    /// `--subnet` as the command line takes it: the subnet, or clap's error (which
+    /// crates/usernet/src/main.rs turns into exit 125).
+    fn subnet(value: &str) -> Result<Ipv4Subnet, clap::Error> {
+        use clap::Parser;
+        Line::try_parse_from(["usernet", "--subnet", value]).map(|l| l.net.subnet)
+    }
+
+    /// `--subnet` needs room for the gateway .1, the guest .2 and the host .254: /24 at the
+    /// longest; and a network a guest can have (no loopback, multicast ...).
+    #[test]
+    fn subnet_flag() {
+        for (ok, network, prefix) in [
+            ("10.9.8.0/24", Ipv4Addr::new(10, 9, 8, 0), 24),
+            ("172.16.0.0/12", Ipv4Addr::new(172, 16, 0, 0), 12),
+            ("192.168.7.0/24", Ipv4Addr::new(192, 168, 7, 0), 24),
+            ("100.64.3.0/24", Ipv4Addr::new(100, 64, 3, 0), 24),
+            ("203.0.113.0/24", Ipv4Addr::new(203, 0, 113, 0), 24),
+            ("10.0.0.0/8", Ipv4Addr::new(10, 0, 0, 0), 8),
+        ] {
+            assert_eq!(subnet(ok).unwrap(), Ipv4Subnet { network, prefix }, "{ok}");
+            let cfg = NetConfig::new(subnet(ok).unwrap(), 1500);
+            let s = cfg.subnet;
+            for a in [cfg.gateway, cfg.guest, cfg.host] {
+                assert!(s.contains(a) && a != s.network && a != s.broadcast(), "{ok}: {a}");
+            }
+        }
+        for (bad, why) in [
+            ("10.0.0.0/25", "invalid subnet prefix: /25"),
+            ("10.0.0.128/25", "invalid subnet prefix: /25"),
+            ("10.0.0.0/30", "invalid subnet prefix: /30"),
+            ("10.0.0.0/31", "invalid subnet prefix: /31"),
+            ("10.0.0.0/7", "invalid subnet prefix: /7"),
+            ("127.0.0.0/24", "loopback"),
+            ("0.0.0.0/24", "0.0.0.0/8"),
+            ("169.254.1.0/24", "link-local"),
+            ("224.0.0.0/24", "multicast"),
+            ("255.255.255.0/24", "reserved"),
+        ] {
+            let e = subnet(bad).unwrap_err();
+            assert!(e.use_stderr(), "{bad}");
+            let text = e.to_string();
+            assert!(text.contains("'--subnet <CIDR>'") && text.contains(why), "{bad}: {text}");
+        }
+    }
 
     /// `--add-host` as Docker reads it: the name ends at `=` or the first `:`, an IPv6
     /// address (bracketed or not) is whole, `host-gateway` is the host; bad input names

@@ -636,6 +636,8 @@ mod tests {
             ("-listen ftp://x", "unsupported endpoint scheme ftp://"),
             ("-listen vsock://1024", "want vsock://[CID]:PORT"),
             ("-subnet 10.0.0.0/40", "failed to parse subnet"),
+            ("-subnet 127.0.0.0/24", "loopback"),
+            ("-subnet 255.255.255.0/24", "reserved"),
             ("-mtu 100", "-mtu 100"),
         ] {
             match p(line) {

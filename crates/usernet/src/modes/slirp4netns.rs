@@ -648,6 +648,14 @@ mod tests {
             err("--cidr=10.0.2.0/26 1"),
             Mistake { message: "prefix length needs to be 1-25".into(), usage: false }
         );
+        // The shared subnet parser's ranges (crates/core/src/config.rs): no loopback,
+        // multicast ... network, though slirp4netns itself checks only the form and the prefix length.
+        for (cidr, why) in [("127.0.0.0/24", "loopback"), ("224.0.0.0/24", "multicast"), ("0.0.0.0/24", "0.0.0.0/8")] {
+            let m = err(&format!("--cidr={cidr} 1")).message;
+            assert!(m.starts_with(&format!("invalid CIDR {cidr}: ")) && m.contains(why), "{m}");
+        }
+        let small = Ipv4Subnet { network: Ipv4Addr::new(10, 0, 2, 128), prefix: 25 };
+        assert_eq!(run_opts("--cidr=10.0.2.128/25 1").cidr, small);
         assert!(err("--macaddress=zz -c 1").message.contains("invalid MAC"));
         assert!(err("--macaddress=02:00:00:00:00:01 1").message.contains("--configure"));
         assert!(err("--enable-sandbox 1").message.contains("--enable-sandbox"));
