@@ -27,7 +27,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::debug;
@@ -239,15 +239,37 @@ async fn open(upstream: SocketAddr) -> io::Result<UdpSocket> {
 
 /// The next datagram (or socket error) of any server asked so far: (its index, the result).
 /// Pending for ever when none has been asked (the caller's deadline ends it).
+///
+/// A refusal (ICMP port unreachable) leaves an error on the connected socket without making
+/// it readable: epoll reports EPOLLERR alone, which tokio takes as error readiness, not read
+/// readiness, so `poll_recv` never gets to the `recv` that would return the error. Each
+/// socket is therefore also waited on for its error readiness, and the error is then taken
+/// with SO_ERROR. Neither wait is a system call: an answer still costs its one `recv`.
 async fn recv_any(servers: &[Server], buf: &mut [u8]) -> (usize, io::Result<usize>) {
+    let mut asked: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .filter_map(|(j, server)| match server {
+            Server::Asked(sock, _) => Some((j, sock, Box::pin(sock.ready(Interest::ERROR)))),
+            _ => None,
+        })
+        .collect();
     poll_fn(|cx| {
-        for (j, server) in servers.iter().enumerate() {
-            if let Server::Asked(sock, _) = server {
-                let mut rb = ReadBuf::new(buf);
-                match sock.poll_recv(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => return Poll::Ready((j, Ok(rb.filled().len()))),
-                    Poll::Ready(Err(e)) => return Poll::Ready((j, Err(e))),
-                    Poll::Pending => {}
+        for (j, sock, error) in &mut asked {
+            let mut rb = ReadBuf::new(buf);
+            match sock.poll_recv(cx, &mut rb) {
+                Poll::Ready(Ok(())) => return Poll::Ready((*j, Ok(rb.filled().len()))),
+                Poll::Ready(Err(e)) => return Poll::Ready((*j, Err(e))),
+                Poll::Pending => {}
+            }
+            while let Poll::Ready(ready) = error.as_mut().poll(cx) {
+                match ready.and_then(|_| sock.take_error()) {
+                    Ok(Some(e)) | Err(e) => return Poll::Ready((*j, Err(e))),
+                    Ok(None) => {
+                        // Taken already: forget this readiness and wait for the next.
+                        let _ = sock.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                        error.set(sock.ready(Interest::ERROR));
+                    }
                 }
             }
         }
@@ -469,15 +491,36 @@ mod tests {
 
     #[tokio::test]
     async fn fails_over_from_unreachable_and_silent_servers() {
-        let (_keep, silent) = silent_upstream().await;
+        use crate::services::metrics::UpstreamFailure;
+        let failures = |s: &DnsServer, a: SocketAddr, why: UpstreamFailure| {
+            let sample = s.metrics().sample(&[]);
+            sample.upstreams.iter().find(|(u, _)| *u == a).map_or(0, |(_, c)| c.failures[why as usize])
+        };
+        // A refusing server (ICMP port unreachable: ECONNREFUSED on its connected socket) is
+        // left at once: with a 5 s wait per server, the next one answers long before the
+        // first wait would have ended (a timeout, not the refusal, would take the 5 s).
+        let closed = closed_port();
         let good = answering(GOOD).await;
-        let s = server(vec![closed_port(), silent, good]);
+        let c = cfg(vec![closed, good]);
+        let s = DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_secs(5), 2);
         let start = std::time::Instant::now();
         assert_eq!(a_answers(&ask(&s, "a.example").await), vec![GOOD]);
+        let took = start.elapsed();
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+        assert_eq!(failures(&s, closed, UpstreamFailure::Unreachable), 1);
+        assert_eq!(failures(&s, closed, UpstreamFailure::Timeout), 0);
+
         // The closed port fails at once, the silent server costs one 200 ms wait.
+        let (_keep, silent) = silent_upstream().await;
+        let s = server(vec![closed, silent, good]);
+        let start = std::time::Instant::now();
+        assert_eq!(a_answers(&ask(&s, "a.example").await), vec![GOOD]);
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(180), "{took:?}");
         assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(failures(&s, closed, UpstreamFailure::Unreachable), 1);
+        assert_eq!(failures(&s, closed, UpstreamFailure::Timeout), 0);
+        assert_eq!(failures(&s, silent, UpstreamFailure::Timeout), 1);
     }
 
     #[tokio::test]
