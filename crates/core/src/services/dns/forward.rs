@@ -202,7 +202,9 @@ impl DnsServer {
     }
 
     /// The upstream answered with TC: ask it over TCP, and use that answer when the guest
-    /// can take it; otherwise keep the truncated one.
+    /// can take it; otherwise keep the truncated one. A TCP try that fails is counted as the
+    /// server's failure: a timeout when its time ran out, unreachable otherwise (refused,
+    /// reset, closed without an answer), as a refusal over UDP is.
     async fn retry_tcp(&self, ask: &Ask<'_>, upstream: SocketAddr, truncated: Vec<u8>) -> Vec<u8> {
         let limit = match ask.transport {
             Transport::Tcp => u16::MAX as usize,
@@ -214,6 +216,12 @@ impl DnsServer {
             Ok(_) => truncated,
             Err(e) => {
                 debug!("dns: upstream {upstream} over tcp: {e}");
+                let why = if e.kind() == io::ErrorKind::TimedOut {
+                    UpstreamFailure::Timeout
+                } else {
+                    UpstreamFailure::Unreachable
+                };
+                self.metrics.upstream_failure(upstream, why);
                 truncated
             }
         }
@@ -746,5 +754,41 @@ mod tests {
         let m = Message::from_vec(&r).unwrap();
         assert!(!m.truncation);
         assert_eq!(a_answers(&m).len(), 100);
+    }
+
+    /// A server that answers over UDP with TC set but refuses TCP (RST: ECONNREFUSED on
+    /// connect): its truncated answer goes back at once, not after the TCP retry's time,
+    /// and the refusal is counted as the server's being unreachable.
+    #[tokio::test]
+    async fn a_refused_tcp_retry_gives_the_truncated_answer_at_once() {
+        use crate::services::metrics::UpstreamFailure;
+        // The UDP side of an upstream whose TCP port nothing listens on.
+        let udp = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            if TcpListener::bind(udp.local_addr().unwrap()).await.is_ok() {
+                break udp; // (the listener is dropped at once: the port refuses)
+            }
+        };
+        let up = udp.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let _ = udp.send_to(&Fake { truncate: true, ..Fake::answering(GOOD) }.answer(&q, false), from).await;
+            }
+        });
+        let c = cfg(vec![up]);
+        let s = DnsServer::new(&c, Arc::new(DnsRecords::from_config(&c))).with_timeouts(Duration::from_secs(5), 2);
+        let start = std::time::Instant::now();
+        let r = s.handle(&query("tc.example", RecordType::A), Transport::Tcp).await.unwrap();
+        let took = start.elapsed();
+        assert!(Message::from_vec(&r).unwrap().truncation);
+        // The TCP retry may take what UDP had, 10 s: the refusal ends it long before.
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+        let sample = s.metrics().sample(&[]);
+        let counters = sample.upstreams.iter().find(|(u, _)| *u == up).map(|(_, c)| *c).unwrap();
+        assert_eq!((counters.queries, counters.answers), (2, 1), "{counters:?}");
+        assert_eq!(counters.failures[UpstreamFailure::Unreachable as usize], 1, "{counters:?}");
+        assert_eq!(counters.failures[UpstreamFailure::Timeout as usize], 0, "{counters:?}");
     }
 }
