@@ -119,8 +119,8 @@ impl PcapWriter {
     }
 
     fn fail(&mut self, e: &str) {
+        // An error: logged whatever the verbosity (`--quiet` too), once.
         tracing::error!("pcap {}: {e}; capture stopped, networking goes on", self.path);
-        eprintln!("usernet: pcap {}: {e}; capture stopped, networking goes on", self.path);
         self.out = None;
     }
 }
