@@ -138,8 +138,8 @@ pub fn main(args: CaptureArgs) -> anyhow::Result<i32> {
     if !read_full(&mut stream, &mut header) {
         bail!("the usernet API ended the capture before it began");
     }
-    out.write_all(&header)?;
-    out.flush()?;
+    let dest = if to_stdout { "standard output".to_string() } else { args.write.display().to_string() };
+    out.write_all(&header).and_then(|()| out.flush()).with_context(|| format!("cannot write to {dest}"))?;
     let mut packets = 0u64;
     let mut record = Vec::new();
     while args.count.is_none_or(|c| packets < c) {
@@ -157,9 +157,11 @@ pub fn main(args: CaptureArgs) -> anyhow::Result<i32> {
         if !read_full(&mut stream, &mut record[16..]) {
             break;
         }
-        // The reader went away (tcpdump -c): the capture is over, not failed.
-        if out.write_all(&record).and_then(|()| out.flush()).is_err() {
-            break;
+        match out.write_all(&record).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            // The reader went away (tcpdump -c): the capture is over, not failed.
+            Err(e) if to_stdout && e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) => bail!("cannot write to {dest} after {packets} packets: {e}"),
         }
         packets += 1;
     }
