@@ -503,6 +503,8 @@ struct Guest {
     old_segments: u64,
     window_updates: u64,
     challenge_acks: u64,
+    /// Where challenge ACKs are among `out` (see `Sim::ship_guest`).
+    challenges_out: Vec<usize>,
 }
 
 impl Guest {
@@ -564,6 +566,7 @@ impl Guest {
             old_segments: 0,
             window_updates: 0,
             challenge_acks: 0,
+            challenges_out: Vec::new(),
         }
     }
 
@@ -794,6 +797,7 @@ impl Guest {
                             // one below rcv_nxt is dropped.
                             self.challenge_acks += 1;
                             self.send_ack(now);
+                            self.challenges_out.push(self.out.len() - 1);
                         }
                         false
                     }
@@ -1255,6 +1259,9 @@ struct Sim {
     ended: Option<Ended>,
     /// The highest acknowledgement number of the guest's segments that reached the flow.
     acked_to_flow: Option<u32>,
+    /// The guest's challenge ACKs (RFC 5961, for a RST in its window but not at rcv_nxt)
+    /// that the network lost: the RST that would have answered one never comes.
+    lost_challenges: u64,
     created: bool,
     timers: BinaryHeap<Reverse<Instant>>,
     owed: bool,
@@ -1303,6 +1310,7 @@ impl Sim {
             dead: None,
             ended: None,
             acked_to_flow: None,
+            lost_challenges: 0,
             created: false,
             timers: BinaryHeap::new(),
             owed: false,
@@ -1378,6 +1386,19 @@ impl Sim {
                 }
             }
             self.to_guest.send(&mut self.r, self.now, p);
+        }
+    }
+
+    /// The guest's segments go onto the network to the flow; a challenge ACK lost on the way
+    /// is counted (`lost_challenges`).
+    fn ship_guest(&mut self) {
+        let challenges = std::mem::take(&mut self.guest.challenges_out);
+        for (i, p) in std::mem::take(&mut self.guest.out).into_iter().enumerate() {
+            let lost = self.to_flow.lost;
+            self.to_flow.send(&mut self.r, self.now, p);
+            if self.to_flow.lost > lost && challenges.contains(&i) {
+                self.lost_challenges += 1;
+            }
         }
     }
 
@@ -1549,9 +1570,7 @@ impl Sim {
             self.guest.on_segment(&mut self.r, self.now, p);
         }
         self.guest.tick(&mut self.r, self.now);
-        for p in std::mem::take(&mut self.guest.out) {
-            self.to_flow.send(&mut self.r, self.now, p);
-        }
+        self.ship_guest();
         // The host application, if it sleeps, wakes for what the flow did.
         let started = self.host.started;
         match (self.flow.as_ref(), self.dead.as_ref()) {
@@ -1748,9 +1767,12 @@ impl Sim {
             assert!(self.flow.is_none() || g.rst_sent);
             // A reset: nothing is left hanging, and neither side got bytes twice or out of
             // order (checked as they arrived).
-            // (A RST is sent once: when it is lost, only a keep-alive finds out.)
+            // (A RST is sent once: when it is lost, or the challenge ACK that a RST in the
+            // window draws, only a keep-alive finds out. Seed 141305: the flow's RST, at the
+            // end of data lost on the way, drew a challenge ACK, which was lost.)
+            let lost = self.to_guest.lost_resets + self.lost_challenges;
             assert!(
-                g.st == GState::Aborted || g.done() || (self.to_guest.lost_resets > 0 && !g.keepalive),
+                g.st == GState::Aborted || g.done() || (lost > 0 && !g.keepalive),
                 "the guest was left hanging after a reset on the host side\n{d}"
             );
             if g.rst_sent && self.ended.is_some_and(|e| !e.graceful) && !self.host.reset_done {
