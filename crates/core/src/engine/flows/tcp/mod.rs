@@ -157,6 +157,9 @@ const RTO_MAX: Duration = Duration::from_secs(30);
 /// Retransmission timeouts in a row without progress (or, while the guest's window is
 /// shut, without an answer to the probes) before the connection is reset.
 const MAX_RETRIES: u32 = 12;
+/// Our SYN to the guest (a published port's connection) sent again this many times without
+/// an answer: the guest is not there, and the host's client is reset.
+const MAX_SYN_RETRIES: u32 = 6;
 /// Unanswered SYNs over IPv6 (about 1.4 s) before an inbound flow with a fallback tries
 /// IPv4.
 const FALLBACK_AFTER_RETRIES: u32 = 3;
@@ -1383,7 +1386,7 @@ impl<S: HostSocket> TcpFlow<S> {
                 self.fall_back(switch, now);
                 return Verdict::Keep;
             }
-            if self.retries > 6 {
+            if self.retries > MAX_SYN_RETRIES {
                 tracing::debug!("{} -> {}: the guest never answered our SYN", self.remote, self.guest);
                 return self.reset_host();
             }
