@@ -345,23 +345,33 @@ pub struct RunSupervisor<'a> {
     sandbox: &'a mut Sandbox,
 }
 
-impl Supervisor for RunSupervisor<'_> {
-    fn fd(&self) -> RawFd {
-        self.sfd.as_raw_fd()
-    }
-
-    fn on_ready(&mut self) -> Option<i32> {
-        // Bounded: the kernel queues at most one instance of each standard signal.
+impl RunSupervisor<'_> {
+    /// The signals the signalfd holds, read without blocking. Bounded: the kernel queues at
+    /// most one instance of each standard signal.
+    fn pending_signals(&mut self) -> Vec<nix::sys::signalfd::siginfo> {
+        let mut got = Vec::new();
         for _ in 0..64 {
-            let info = match self.sfd.read_signal() {
-                Ok(Some(info)) => info,
+            match self.sfd.read_signal() {
+                Ok(Some(info)) => got.push(info),
                 Ok(None) => break,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
                     tracing::warn!("reading signals: {e}");
                     break;
                 }
-            };
+            }
+        }
+        got
+    }
+}
+
+impl Supervisor for RunSupervisor<'_> {
+    fn fd(&self) -> RawFd {
+        self.sfd.as_raw_fd()
+    }
+
+    fn on_ready(&mut self) -> Option<i32> {
+        for info in self.pending_signals() {
             let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
                 continue;
             };
@@ -380,18 +390,7 @@ impl Supervisor for RunSupervisor<'_> {
     }
 
     fn interrupts_drain(&mut self) -> bool {
-        let mut interrupted = false;
-        for _ in 0..64 {
-            match self.sfd.read_signal() {
-                Ok(Some(info)) => interrupted |= info.ssi_signo != Signal::SIGCHLD as u32,
-                Ok(None) => break,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::warn!("reading signals: {e}");
-                    break;
-                }
-            }
-        }
+        let interrupted = self.pending_signals().iter().any(|info| info.ssi_signo != Signal::SIGCHLD as u32);
         self.sandbox.reap();
         if interrupted {
             tracing::debug!("a signal while the guest's last data drained: stopping now");

@@ -127,7 +127,6 @@ impl Engine {
                 self.shutdown();
                 return Ok(code);
             }
-            let now = Instant::now();
             if draining.is_none()
                 && sup_ready
                 && let Some(code) = sup.on_ready()
@@ -139,10 +138,11 @@ impl Engine {
                 if let Some(shard) = &self.shard {
                     shard.set.start_drain();
                 }
-                draining = Some(Drain::new(code, idle, now));
+                draining = Some(Drain::new(code, idle, Instant::now()));
                 sup_ready = false;
             }
             if let Some(d) = draining.as_mut() {
+                let now = Instant::now();
                 let reported = self.shard.as_ref().is_some_and(|s| s.set.take_reported());
                 let mut over = sup_ready && sup.interrupts_drain();
                 if !over && (d.due(now) || reported) {
@@ -161,6 +161,7 @@ impl Engine {
             if let Some(shard) = self.shard.as_mut()
                 && shard.index != 0
                 && shard.set.draining()
+                && let now = Instant::now()
                 && shard.next_drain_report.is_none_or(|t| t <= now)
             {
                 shard.next_drain_report = Some(now + drain::CHECK_EVERY);

@@ -397,11 +397,17 @@ impl Sandbox {
             return;
         }
         if let Some(netns) = self.netns() {
-            let killed = kill_namespace_processes(netns, || {
-                self.reap();
-            });
-            self.wait_gone(&killed);
+            self.kill_in(netns);
         }
+    }
+
+    /// Kills every process in the network namespace `netns` (see
+    /// [`kill_namespace_processes`]) and waits until they are reaped.
+    fn kill_in(&mut self, netns: OwnedFd) {
+        let killed = kill_namespace_processes(netns, || {
+            self.reap();
+        });
+        self.wait_gone(&killed);
     }
 
     /// Kills COMMAND if it still runs and every other process left in the sandbox's network
@@ -416,10 +422,7 @@ impl Sandbox {
             self.wait_blocking();
         }
         if let Some(netns) = self.netns.take() {
-            let killed = kill_namespace_processes(netns, || {
-                self.reap();
-            });
-            self.wait_gone(&killed);
+            self.kill_in(netns);
         }
         self.reap();
         self.tap = None;

@@ -93,21 +93,13 @@ impl DnsRecords {
 
     /// Add or replace the A record of `name` (case-insensitive, trailing dot optional).
     pub fn add(&self, name: &str, addr: Ipv4Addr) -> Result<(), DnsError> {
-        let key = normalize(name);
-        if key.is_empty() || key.len() > 253 || Name::from_ascii(&key).is_err() {
-            return Err(DnsError::InvalidName(name.to_string()));
-        }
-        self.write().insert(key, addr);
+        self.write().insert(record_key(name)?, addr);
         Ok(())
     }
 
     /// Add or replace the AAAA record of `name` (case-insensitive, trailing dot optional).
     pub fn add6(&self, name: &str, addr: Ipv6Addr) -> Result<(), DnsError> {
-        let key = normalize(name);
-        if key.is_empty() || key.len() > 253 || Name::from_ascii(&key).is_err() {
-            return Err(DnsError::InvalidName(name.to_string()));
-        }
-        self.write6().insert(key, addr);
+        self.write6().insert(record_key(name)?, addr);
         Ok(())
     }
 
@@ -208,6 +200,15 @@ impl DnsRecords {
 
 fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The table's key for a record of `name`, or why `name` cannot have one.
+fn record_key(name: &str) -> Result<String, DnsError> {
+    let key = normalize(name);
+    if key.is_empty() || key.len() > 253 || Name::from_ascii(&key).is_err() {
+        return Err(DnsError::InvalidName(name.to_string()));
+    }
+    Ok(key)
 }
 
 #[cfg(test)]
