@@ -289,7 +289,10 @@ fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
 
 pub fn dns_all(state: &State) -> Reply {
     let mut zones: BTreeMap<String, Vec<Record>> = BTreeMap::new();
+    // gvproxy's zones hold A records (dns_add takes IPv4 addresses only): the AAAA records
+    // are /v1/dns's.
     for (name, ip) in state.dns.list() {
+        let IpAddr::V4(ip) = ip else { continue };
         let (label, zone) = match name.split_once('.') {
             Some((label, zone)) => (label.to_string(), format!("{zone}.")),
             None => (name.clone(), String::new()),

@@ -243,12 +243,24 @@ pub struct DnsRecord {
 }
 
 pub fn list_dns(state: &State) -> Reply {
-    let list: Vec<DnsRecord> = state.dns.list().into_iter().map(|(name, ip)| DnsRecord { name, ip }).collect();
+    let list: Vec<DnsRecord> = state
+        .dns
+        .list()
+        .into_iter()
+        .filter_map(|(name, ip)| match ip {
+            IpAddr::V4(ip) => Some(DnsRecord { name, ip }),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
     Reply::json(StatusCode::OK, &list)
 }
 
 pub fn get_dns(state: &State, name: &str) -> Reply {
-    match state.dns.get(name) {
+    let ipv4 = state.dns.get(name).into_iter().find_map(|ip| match ip {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    });
+    match ipv4 {
         Some(ip) => {
             Reply::json(StatusCode::OK, &DnsRecord { name: name.trim_end_matches('.').to_ascii_lowercase(), ip })
         }

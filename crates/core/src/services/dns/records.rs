@@ -18,7 +18,7 @@
 //! built-in one, and a name with only such records has no A record (not /etc/hosts' either),
 //! as a line of the container's /etc/hosts would be with Docker.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::RwLock;
 
@@ -34,8 +34,8 @@ pub enum DnsError {
     InvalidName(String),
 }
 
-/// The local record table: lower-case names without trailing dot -> IPv4 address, and the
-/// host's /etc/hosts behind it.
+/// The local record table: lower-case names without trailing dot -> IPv4 address (A) and
+/// IPv6 address (AAAA), and the host's /etc/hosts behind it.
 ///
 /// Shared (`Arc<DnsRecords>`) between the DNS server and whoever manages records at run
 /// time (the control API); the table sits behind an `RwLock`, so every method takes `&self`.
@@ -110,14 +110,41 @@ impl DnsRecords {
         self.write().remove(&key).is_some() || v6
     }
 
-    /// Every record of the explicit table, sorted by name (not /etc/hosts).
-    pub fn list(&self) -> Vec<(String, Ipv4Addr)> {
-        self.read().iter().map(|(n, a)| (n.clone(), *a)).collect()
+    /// Every record of the explicit table (not /etc/hosts), A and AAAA, sorted by name; a
+    /// name with both has its A record first. The built-in names' AAAA records are there
+    /// while they are answered (see the module comment).
+    pub fn list(&self) -> Vec<(String, IpAddr)> {
+        let table = self.read();
+        let table6 = self.read6();
+        let names: BTreeSet<&String> = table.keys().chain(table6.keys()).collect();
+        names
+            .into_iter()
+            .flat_map(|name| self.addresses(name, &table, &table6).into_iter().map(|a| (name.clone(), a)))
+            .collect()
     }
 
-    /// The explicit record of `name`, if there is one (not /etc/hosts).
-    pub fn get(&self, name: &str) -> Option<Ipv4Addr> {
-        self.read().get(&normalize(name)).copied()
+    /// The explicit records of `name` (not /etc/hosts): its IPv4 address, then its IPv6
+    /// address, each if it has one; empty for a name the explicit table does not have.
+    pub fn get(&self, name: &str) -> Vec<IpAddr> {
+        self.addresses(&normalize(name), &self.read(), &self.read6())
+    }
+
+    /// The A and AAAA records of `key` in the explicit table, A first.
+    fn addresses(
+        &self,
+        key: &str,
+        table: &BTreeMap<String, Ipv4Addr>,
+        table6: &BTreeMap<String, Ipv6Addr>,
+    ) -> Vec<IpAddr> {
+        let v4 = table.get(key).copied();
+        let v6 = table6.get(key).copied().or_else(|| self.builtin_aaaa(key, v4?));
+        v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)).collect()
+    }
+
+    /// The built-in AAAA record of `key`, if `key` is a built-in name whose A record is
+    /// still the built-in `v4`.
+    fn builtin_aaaa(&self, key: &str, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+        self.builtin6.iter().find(|(n, a4, _)| *n == key && *a4 == v4).map(|(_, _, a6)| *a6)
     }
 
     /// The address the gateway answers for `name`: the explicit table's, else /etc/hosts'
@@ -142,8 +169,8 @@ impl DnsRecords {
         if let Some(addr) = self.read6().get(&key) {
             return Some(*addr);
         }
-        if let Some(v4) = self.read().get(&key) {
-            return self.builtin6.iter().find(|(n, a4, _)| *n == key && a4 == v4).map(|(_, _, a6)| *a6);
+        if let Some(v4) = self.read().get(&key).copied() {
+            return self.builtin_aaaa(&key, v4);
         }
         self.host_dns.hosts().names6.get(&key).copied()
     }
@@ -243,8 +270,8 @@ mod tests {
         r.add("Foo.Example.", Ipv4Addr::new(1, 2, 3, 4)).unwrap();
         assert_eq!(r.lookup("foo.example"), Some(Ipv4Addr::new(1, 2, 3, 4)));
         assert_eq!(r.lookup("FOO.EXAMPLE."), Some(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!(r.get("FOO.EXAMPLE."), Some(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!(r.list(), vec![("foo.example".into(), Ipv4Addr::new(1, 2, 3, 4))]);
+        assert_eq!(r.get("FOO.EXAMPLE."), vec![IpAddr::V4(Ipv4Addr::new(1, 2, 3, 4))]);
+        assert_eq!(r.list(), vec![("foo.example".into(), Ipv4Addr::new(1, 2, 3, 4).into())]);
         assert!(r.add("", Ipv4Addr::LOCALHOST).is_err());
         assert!(r.add(&"a".repeat(300), Ipv4Addr::LOCALHOST).is_err());
         assert!(r.remove("foo.EXAMPLE"));
@@ -271,7 +298,7 @@ mod tests {
         r.add("files.corp", Ipv4Addr::new(10, 8, 8, 8)).unwrap();
         assert_eq!(r.lookup("files.corp"), Some(Ipv4Addr::new(10, 8, 8, 8)));
         // ...and the API's own view is the explicit table only.
-        assert_eq!(r.get("mybox"), None);
+        assert!(r.get("mybox").is_empty());
         assert!(!r.list().iter().any(|(n, _)| n == "mybox"));
         assert!(!r.remove("mybox"));
         assert_eq!(r.lookup("mybox"), Some(cfg.host));
@@ -305,6 +332,49 @@ mod tests {
         assert!(r.remove("bar.test"));
         assert_eq!(r.lookup6("bar.test"), None);
         assert_eq!(r.lookup("bar.test"), Some(Ipv4Addr::new(10, 0, 0, 5)));
+    }
+
+    /// `list` and `get` show both families: a name with an A and an AAAA record twice, A
+    /// first; a name with an AAAA record only once; the built-in names' AAAA records while
+    /// their A record is the built-in one. `remove` takes both.
+    #[test]
+    fn list_and_get_show_both_families() {
+        let cfg = NetConfig {
+            extra_hosts: vec![
+                ("zz.test".into(), Ipv4Addr::new(10, 1, 2, 3).into()),
+                ("both.test".into(), "fd00::6".parse().unwrap()),
+                ("both.test".into(), Ipv4Addr::new(10, 1, 2, 4).into()),
+                ("six.test".into(), "fd00::5".parse().unwrap()),
+            ],
+            ..NetConfig::default()
+        };
+        let net = cfg.v6.unwrap();
+        let r = DnsRecords::from_config(&cfg);
+        let both: Vec<IpAddr> = vec![Ipv4Addr::new(10, 1, 2, 4).into(), "fd00::6".parse().unwrap()];
+        assert_eq!(r.get("Both.Test."), both);
+        assert_eq!(r.get("six.test"), vec!["fd00::5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(r.get("host.docker.internal"), vec![IpAddr::V4(cfg.host), IpAddr::V6(net.host)]);
+        assert!(r.get("nothing.test").is_empty());
+
+        let list = r.list();
+        let of = |name: &str| list.iter().filter(|(n, _)| n == name).map(|(_, a)| *a).collect::<Vec<_>>();
+        assert_eq!(of("both.test"), both);
+        assert_eq!(of("six.test"), vec!["fd00::5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(of("zz.test"), vec![IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]);
+        assert_eq!(of("gateway.docker.internal"), vec![IpAddr::V4(cfg.gateway), IpAddr::V6(net.gateway)]);
+        let names: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.is_sorted(), "{names:?}");
+
+        // A built-in name given another IPv4 address has no AAAA record left to list.
+        r.add("host.docker.internal", Ipv4Addr::new(10, 9, 9, 9)).unwrap();
+        assert_eq!(r.get("host.docker.internal"), vec![IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9))]);
+
+        assert!(r.remove("both.test"));
+        assert!(r.get("both.test").is_empty());
+        assert!(!r.list().iter().any(|(n, _)| n == "both.test"));
+        assert_eq!((r.lookup("both.test"), r.lookup6("both.test")), (None, None));
+        assert!(r.remove("gateway.docker.internal"));
+        assert_eq!(r.lookup6("gateway.docker.internal"), None, "the built-in AAAA goes with its A");
     }
 
     #[test]
