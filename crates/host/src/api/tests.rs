@@ -355,12 +355,80 @@ fn v1_other_resources() {
     assert_eq!(f.get("/v1/dns/web.test"), (200, json!({"name":"web.test","ip":"192.168.65.2"})));
     let (status, _) = f.json("POST", "/v1/dns", json!({"name":"x..y","ip":"1.2.3.4"}));
     assert_eq!(status, 400);
-    let (status, _) = f.json("POST", "/v1/dns", json!({"name":"x","ip":"::1"}));
+    let (status, _) = f.json("POST", "/v1/dns", json!({"name":"x","ip":"1.2.3"}));
     assert_eq!(status, 400);
     assert_eq!(f.call("DELETE", "/v1/dns/web.test", None).status, 204);
     assert_eq!(f.call("DELETE", "/v1/dns/web.test", None).status, 404);
     assert_eq!(f.dns.lookup("web.test"), None);
     assert_eq!(f.get("/v1/dns/web.test").0, 404);
+}
+
+/// `/v1/dns` holds AAAA records too: listed after the name's A record, added by a POST with
+/// an IPv6 `ip`, shown by `GET /v1/dns/NAME` (`ips` when the name has both), removed with
+/// the A record by a DELETE.
+#[test]
+fn v1_dns_both_families() {
+    let f = start("v1dns6");
+    let net = NetConfig::default().v6.unwrap();
+    let (status, body) = f.get("/v1/dns");
+    assert_eq!(status, 200);
+    let list = body.as_array().unwrap();
+    let at = list.iter().position(|r| r["name"] == "host.docker.internal").unwrap();
+    assert_eq!(
+        list[at..at + 2],
+        [
+            json!({"name":"host.docker.internal","ip":"192.168.65.254"}),
+            json!({"name":"host.docker.internal","ip":net.host.to_string()})
+        ],
+        "{body}"
+    );
+    assert_eq!(
+        f.get("/v1/dns/host.docker.internal"),
+        (
+            200,
+            json!({"name":"host.docker.internal","ip":"192.168.65.254","ips":["192.168.65.254",net.host.to_string()]})
+        )
+    );
+
+    // An AAAA record alone: no A record, and GET's body as for an A record alone.
+    let (status, body) = f.json("POST", "/v1/dns", json!({"name":"Six.Test.","ip":"fd00::5"}));
+    assert_eq!((status, body), (201, json!({"name":"six.test","ip":"fd00::5"})));
+    assert_eq!(f.dns.lookup6("six.test"), Some("fd00::5".parse().unwrap()));
+    assert_eq!(f.dns.lookup("six.test"), None);
+    assert_eq!(f.get("/v1/dns/six.test"), (200, json!({"name":"six.test","ip":"fd00::5"})));
+
+    // Then an A record too: the AAAA record stays; GET's `ip` is the IPv4 address.
+    let (status, _) = f.json("POST", "/v1/dns", json!({"name":"six.test","ip":"10.0.0.5"}));
+    assert_eq!(status, 201);
+    let (status, body) = f.json("POST", "/v1/dns", json!({"name":"six.test","ip":"[fd00::6]"}));
+    assert_eq!((status, body), (201, json!({"name":"six.test","ip":"fd00::6"})), "replaces the AAAA record");
+    assert_eq!(f.dns.lookup("six.test"), Some(Ipv4Addr::new(10, 0, 0, 5)));
+    assert_eq!(f.dns.lookup6("six.test"), Some("fd00::6".parse().unwrap()));
+    assert_eq!(
+        f.get("/v1/dns/six.test"),
+        (200, json!({"name":"six.test","ip":"10.0.0.5","ips":["10.0.0.5","fd00::6"]}))
+    );
+    let (_, body) = f.get("/v1/dns");
+    let six: Vec<&Value> = body.as_array().unwrap().iter().filter(|r| r["name"] == "six.test").collect();
+    assert_eq!(six, [&json!({"name":"six.test","ip":"10.0.0.5"}), &json!({"name":"six.test","ip":"fd00::6"})]);
+    let names: Vec<&str> = body.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert!(names.is_sorted(), "{names:?}");
+
+    // A bad address is a 400 that says what it wants, and adds nothing.
+    let (status, body) = f.json("POST", "/v1/dns", json!({"name":"bad.test","ip":"fd00::zz"}));
+    assert_eq!(
+        (status, body),
+        (400, json!({"error":"invalid IP address: \"fd00::zz\" (want an IPv4 or IPv6 address, or host-gateway)"}))
+    );
+    assert_eq!(f.get("/v1/dns/bad.test").0, 404);
+
+    // DELETE takes both records.
+    assert_eq!(f.call("DELETE", "/v1/dns/Six.Test", None).status, 204);
+    assert_eq!((f.dns.lookup("six.test"), f.dns.lookup6("six.test")), (None, None));
+    assert_eq!(f.get("/v1/dns/six.test").0, 404);
+    let (_, body) = f.get("/v1/dns");
+    assert!(!body.as_array().unwrap().iter().any(|r| r["name"] == "six.test"), "{body}");
+    assert_eq!(f.call("DELETE", "/v1/dns/six.test", None).status, 404);
 }
 
 #[test]
@@ -634,6 +702,8 @@ fn gvproxy_dhcp_dns_stats() {
     let records = docker["Records"].as_array().unwrap();
     assert!(records.contains(&json!({"Name":"host","IP":"192.168.65.254"})));
     assert!(records.contains(&json!({"Name":"gateway","IP":"192.168.65.1"})));
+    // gvproxy's zones are A records: not the AAAA records /v1/dns lists.
+    assert_eq!(records.iter().filter(|r| r["Name"] == "host").count(), 1, "{zones}");
 
     let zone =
         json!({"Name":"apps.test.","Records":[{"Name":"web","IP":"192.168.65.2"},{"Name":"db","IP":"192.168.65.3"}]});

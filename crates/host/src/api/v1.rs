@@ -6,8 +6,9 @@
 //! | `POST /v1/ports`       | `{"spec": "127.0.0.1:8080:80/tcp"}` or `{"host_ip", "host_port", "guest_port", "protocol", "guest_ip"}` | 201 `[Port]` (what was published) |
 //! | `DELETE /v1/ports`     | `{"host_ip", "host_port", "protocol"}` | 200 `[Port]` (what was removed), 404 |
 //! | `GET /v1/dns`          |                                        | 200 `[{"name", "ip"}]`    |
-//! | `POST /v1/dns`         | `{"name", "ip"}` (`ip` may be `host-gateway`) | 201 `{"name", "ip"}` |
-//! | `GET/DELETE /v1/dns/NAME` |                                     | 200 `{"name","ip"}` / 204, 404 |
+//! | `POST /v1/dns`         | `{"name", "ip"}` (`ip` IPv4, IPv6 or `host-gateway`) | 201 `{"name", "ip"}`, 400 |
+//! | `GET /v1/dns/NAME`     |                                        | 200 `{"name", "ip"}` or `{"name", "ip", "ips"}`, 404 |
+//! | `DELETE /v1/dns/NAME`  |                                        | 204, 404                  |
 //! | `GET /v1/resolver`     |                                        | 200 `Resolver`            |
 //! | `GET /v1/leases`       |                                        | 200 `[{"ip", "mac"}]`     |
 //! | `GET /v1/stats`        |                                        | 200 engine counters       |
@@ -31,7 +32,17 @@
 //! or spec, 409 when the port is already allocated, 503 when the engine has stopped.
 //!
 //! `/v1/dns` is the gateway's own table (built-in names, `--add-host`, records added here);
-//! the names of the host's /etc/hosts are answered behind it but not listed there.
+//! the names of the host's /etc/hosts are answered behind it but not listed there. A record
+//! is an A record (`ip` an IPv4 address) or an AAAA record (`ip` an IPv6 address); a name
+//! has at most one of each. `GET /v1/dns` lists them by name, a name with both twice, its A
+//! record first (the built-in names have AAAA records when the network has IPv6). A POST
+//! with an IPv6 `ip` (brackets allowed, as in `--add-host`) adds or replaces the name's
+//! AAAA record and leaves its A record, and the other way round; `host-gateway` is the
+//! host's IPv4 address (192.168.65.254 by default), as in `--add-host`. `GET /v1/dns/NAME`
+//! answers one object: a name with one record as in the list; a name with both has its
+//! IPv4 address in `ip` (what this answered before AAAA records were shown) and both in
+//! `ips`, IPv4 first: `{"name": "db.test", "ip": "10.0.0.5", "ips": ["10.0.0.5",
+//! "fd00::5"]}`. DELETE removes the name's records of both families.
 //! `Resolver` shows where the gateway's DNS forwards and where that came from:
 //! `{"source": "file"|"command-line"|"none", "path": "/etc/resolv.conf"|null, "servers":
 //! ["127.0.0.53:53"], "search": ["corp.example"], "options": {"ndots", "timeout",
@@ -235,37 +246,41 @@ pub async fn remove_ports(state: &State, body: &[u8]) -> Reply {
     }
 }
 
-/// One local DNS record.
+/// One local DNS record: an A record (`ip` an IPv4 address) or an AAAA record (`ip` an
+/// IPv6 address).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsRecord {
     pub name: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
+}
+
+/// `GET /v1/dns/NAME`: the name's record, as `DnsRecord`; a name with both an A and an
+/// AAAA record has the IPv4 address in `ip` (as before AAAA records were shown) and both,
+/// IPv4 first, in `ips`, which a name with one record does not have.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsNameView {
+    pub name: String,
+    pub ip: IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ips: Option<Vec<IpAddr>>,
+}
+
+fn record_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 pub fn list_dns(state: &State) -> Reply {
-    let list: Vec<DnsRecord> = state
-        .dns
-        .list()
-        .into_iter()
-        .filter_map(|(name, ip)| match ip {
-            IpAddr::V4(ip) => Some(DnsRecord { name, ip }),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    let list: Vec<DnsRecord> = state.dns.list().into_iter().map(|(name, ip)| DnsRecord { name, ip }).collect();
     Reply::json(StatusCode::OK, &list)
 }
 
 pub fn get_dns(state: &State, name: &str) -> Reply {
-    let ipv4 = state.dns.get(name).into_iter().find_map(|ip| match ip {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(_) => None,
-    });
-    match ipv4 {
-        Some(ip) => {
-            Reply::json(StatusCode::OK, &DnsRecord { name: name.trim_end_matches('.').to_ascii_lowercase(), ip })
-        }
-        None => Reply::error(StatusCode::NOT_FOUND, format!("no record for {name}")),
-    }
+    let ips = state.dns.get(name);
+    let Some(&ip) = ips.first() else {
+        return Reply::error(StatusCode::NOT_FOUND, format!("no record for {name}"));
+    };
+    let ips = if ips.len() > 1 { Some(ips) } else { None };
+    Reply::json(StatusCode::OK, &DnsNameView { name: record_name(name), ip, ips })
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,24 +290,31 @@ struct AddDns {
     ip: String,
 }
 
+/// `ip` of a `POST /v1/dns`: an IPv4 or IPv6 address (in brackets or not, as `--add-host`
+/// takes it), or `host-gateway`, the host's IPv4 address `host`.
+fn parse_record_ip(ip: &str, host: Ipv4Addr) -> Result<IpAddr, String> {
+    if ip == "host-gateway" {
+        return Ok(IpAddr::V4(host));
+    }
+    let bare = ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')).unwrap_or(ip);
+    bare.parse().map_err(|_| format!("invalid IP address: {ip:?} (want an IPv4 or IPv6 address, or host-gateway)"))
+}
+
 pub fn add_dns(state: &State, body: &[u8]) -> Reply {
     let req: AddDns = match parse_body(body) {
         Ok(r) => r,
         Err(reply) => return reply,
     };
-    let ip = if req.ip == "host-gateway" {
-        state.cfg.host
-    } else {
-        match req.ip.parse::<Ipv4Addr>() {
-            Ok(ip) => ip,
-            Err(_) => return bad_request(format!("invalid IPv4 address: {}", req.ip)),
-        }
+    let ip = match parse_record_ip(&req.ip, state.cfg.host) {
+        Ok(ip) => ip,
+        Err(e) => return bad_request(e),
     };
-    match state.dns.add(&req.name, ip) {
-        Ok(()) => Reply::json(
-            StatusCode::CREATED,
-            &DnsRecord { name: req.name.trim_end_matches('.').to_ascii_lowercase(), ip },
-        ),
+    let added = match ip {
+        IpAddr::V4(ip) => state.dns.add(&req.name, ip),
+        IpAddr::V6(ip) => state.dns.add6(&req.name, ip),
+    };
+    match added {
+        Ok(()) => Reply::json(StatusCode::CREATED, &DnsRecord { name: record_name(&req.name), ip }),
         Err(e) => bad_request(e.to_string()),
     }
 }
@@ -569,6 +591,22 @@ mod tests {
         assert!(spec(r#"{"spec":"8080:80","guest_port":1}"#).is_err());
         assert!(spec(r#"{"host_port":1}"#).is_err());
         assert!(spec(r#"{"guest_port":0}"#).is_err());
+    }
+
+    #[test]
+    fn record_ip_of_either_family() {
+        let host = Ipv4Addr::new(192, 168, 65, 254);
+        assert_eq!(parse_record_ip("10.0.0.5", host), Ok(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))));
+        assert_eq!(parse_record_ip("fd00::5", host), Ok("fd00::5".parse().unwrap()));
+        assert_eq!(parse_record_ip("[fd00::5]", host), Ok("fd00::5".parse().unwrap()));
+        assert_eq!(parse_record_ip("host-gateway", host), Ok(IpAddr::V4(host)));
+        assert_eq!(
+            parse_record_ip("10.0.0", host),
+            Err("invalid IP address: \"10.0.0\" (want an IPv4 or IPv6 address, or host-gateway)".into())
+        );
+        assert!(parse_record_ip("fd00::5%eth0", host).is_err());
+        assert!(parse_record_ip("[10.0.0.5", host).is_err());
+        assert!(parse_record_ip("", host).is_err());
     }
 
     #[test]
