@@ -293,7 +293,42 @@ fn dns_records_added_through_the_api_resolve_in_the_guest() {
     );
     assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["192.168.65.77", "192.168.65.254"], "{out}");
 
+    // AAAA records: a name of its own, and one next to the A record above.
+    let (code, body) = g.curl("POST", "/v1/dns", Some(r#"{"name":"six.local.test","ip":"fd00::5"}"#));
+    assert_eq!((code, body.trim()), (201, r#"{"name":"six.local.test","ip":"fd00::5"}"#));
+    let (code, _) = g.curl("POST", "/v1/dns", Some(r#"{"name":"db.local.test","ip":"fd00::6"}"#));
+    assert_eq!(code, 201);
+    let (code, body) = g.curl("POST", "/v1/dns", Some(r#"{"name":"bad.local.test","ip":"fd00::6::7"}"#));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains(r#"invalid IP address: \"fd00::6::7\""#), "{body}");
+    let out = g.exec(
+        "dig +short +time=3 +tries=2 @192.168.65.1 six.local.test AAAA; \
+         dig +short +time=3 +tries=2 @192.168.65.1 db.local.test AAAA; \
+         dig +short +time=3 +tries=2 @192.168.65.1 db.local.test A",
+    );
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["fd00::5", "fd00::6", "192.168.65.254"], "{out}");
+    let (code, list) = g.curl("GET", "/v1/dns", None);
+    assert_eq!(code, 200);
+    assert!(
+        list.contains(r#"{"name":"db.local.test","ip":"192.168.65.254"},{"name":"db.local.test","ip":"fd00::6"}"#),
+        "{list}"
+    );
+    let (code, body) = g.curl("GET", "/v1/dns/db.local.test", None);
+    assert_eq!(
+        (code, body.trim()),
+        (200, r#"{"name":"db.local.test","ip":"192.168.65.254","ips":["192.168.65.254","fd00::6"]}"#)
+    );
+
+    // DELETE takes both records of the name.
     let (code, _) = g.curl("DELETE", "/v1/dns/db.local.test", None);
+    assert_eq!(code, 204);
+    let out = g.exec(
+        "dig +short +time=3 +tries=2 @192.168.65.1 db.local.test AAAA; \
+         dig +short +time=3 +tries=2 @192.168.65.1 db.local.test A; \
+         dig +short +time=3 +tries=2 @192.168.65.1 six.local.test AAAA",
+    );
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["fd00::5"], "{out}");
+    let (code, _) = g.curl("DELETE", "/v1/dns/six.local.test", None);
     assert_eq!(code, 204);
     let (code, zones) = g.curl("GET", "/services/dns/all", None);
     assert_eq!(code, 200);
