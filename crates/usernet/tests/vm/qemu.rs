@@ -17,7 +17,25 @@ pub const VM_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// Root and the tools of these tests (panics otherwise: see [`common::require`]).
 pub fn require_vm() {
-    common::require(&["qemu-system-x86_64", "busybox", "dnsmasq", "ip", "curl", "python3"]);
+    match qemu_override() {
+        None => common::require(&["qemu-system-x86_64", "busybox", "dnsmasq", "ip", "curl", "python3"]),
+        Some(qemu) => {
+            common::require(&["busybox", "dnsmasq", "ip", "curl", "python3"]);
+            let runs = std::fs::metadata(&qemu).is_ok_and(|m| m.is_file());
+            assert!(runs, "USERNET_TEST_QEMU names {}, which is not a file", qemu.display());
+        }
+    }
+}
+
+/// The QEMU the VMs boot with: `USERNET_TEST_QEMU` when set (CI boots the vhost-user VMs
+/// again with a newer QEMU than Debian 12's, see .ci/run), else `qemu-system-x86_64` from
+/// PATH.
+pub fn qemu_bin() -> PathBuf {
+    qemu_override().unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
+}
+
+fn qemu_override() -> Option<PathBuf> {
+    std::env::var_os("USERNET_TEST_QEMU").filter(|p| !p.is_empty()).map(PathBuf::from)
 }
 
 /// The kernel and the initramfs built from vm-guest/.
@@ -72,7 +90,7 @@ impl Vm {
     pub fn boot_with(name: &str, image: &Image, net: &[&str], params: &str) -> Vm {
         // As the test user too, when usernet runs as one: QEMU's datagram socket must be
         // one that usernet may send to.
-        let mut cmd = common::as_test_user("qemu-system-x86_64");
+        let mut cmd = common::as_test_user(qemu_bin());
         cmd.args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
             .arg("-kernel")
             .arg(&image.kernel)
@@ -84,7 +102,7 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start qemu-system-x86_64");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", qemu_bin().display()));
         let console = collect(child.stdout.take().expect("stdout"));
         let errors = collect(child.stderr.take().expect("stderr"));
         let vm = Vm { name: name.to_string(), child, console };
