@@ -34,8 +34,8 @@ pub struct NetOpts {
     #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = parse_dns_upstream)]
     pub dns_upstream: Vec<SocketAddr>,
     /// Extra DNS record NAME:IP or NAME=IP (repeatable), as Docker's: an IPv6 address gives
-    /// an AAAA record, in brackets or not (`NAME:[fd00::5]`); IP `host-gateway` is the host
-    /// address.
+    /// an AAAA record, in brackets or not (`NAME:[fd00::5]`); IP `host-gateway` is the host's
+    /// addresses (an A record, and an AAAA record when the network has IPv6).
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
     /// MTU of the guest link.
@@ -173,24 +173,26 @@ pub fn parse_web_addr(s: &str) -> Result<SocketAddr, String> {
 
 /// An `--add-host` record, as Docker reads one: the name ends at the first `=` or else at
 /// the first `:` (so that an IPv6 address keeps its colons) and has none itself; the
-/// address may be in brackets; `host-gateway` is `host`.
-pub fn parse_add_host(spec: &str, host: Ipv4Addr) -> anyhow::Result<(String, IpAddr)> {
+/// address may be in brackets. `host-gateway` stands for each of `host_gateway`'s addresses
+/// (the host as the guest sees it: IPv4, and IPv6 when the network has it), a record each,
+/// as Docker 28 gives the default bridge's IPv4 and IPv6 gateways.
+pub fn parse_add_host(spec: &str, host_gateway: &[IpAddr]) -> anyhow::Result<Vec<(String, IpAddr)>> {
     let bad = |what: String| anyhow::anyhow!("invalid argument \"{spec}\" for \"--add-host\" flag: {what}");
     let (name, ip) = match spec.split_once('=').or_else(|| spec.split_once(':')) {
         Some((name, ip)) if !name.contains(':') => (name, ip),
         _ => return Err(bad("want NAME:IP".into())),
     };
-    let ip = if ip == "host-gateway" {
-        IpAddr::V4(host)
+    let ips = if ip == "host-gateway" {
+        host_gateway.to_vec()
     } else {
         let bare = ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')).unwrap_or(ip);
-        bare.parse().map_err(|_| bad(format!("invalid IP address: {ip}")))?
+        vec![bare.parse().map_err(|_| bad(format!("invalid IP address: {ip}")))?]
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     if name.is_empty() {
         return Err(bad("empty name".into()));
     }
-    Ok((name, ip))
+    Ok(ips.into_iter().map(|ip| (name.clone(), ip)).collect())
 }
 
 /// The dashboard's socket and token (`--web`), made before anything starts.
@@ -306,8 +308,14 @@ impl NetOpts {
             tracing::info!("egress policy: {}", policy::describe(&rules));
         }
         cfg.policy = std::sync::Arc::new(Policy::new(rules));
+        let host_gateway: Vec<IpAddr> = cfg
+            .ipv4
+            .then_some(IpAddr::V4(cfg.host))
+            .into_iter()
+            .chain(cfg.v6.map(|net| IpAddr::V6(net.host)))
+            .collect();
         for spec in &self.add_host {
-            cfg.extra_hosts.push(parse_add_host(spec, cfg.host)?);
+            cfg.extra_hosts.extend(parse_add_host(spec, &host_gateway)?);
         }
         if self.dns_upstream.is_empty() {
             cfg.host_dns.set_upstreams(dns_watch::upstreams_from_file(std::path::Path::new(RESOLV_CONF)));
@@ -427,13 +435,22 @@ mod tests {
     /// what is wrong.
     #[test]
     fn add_host_records() {
-        let host = Ipv4Addr::new(192, 168, 65, 254);
-        let ok = |spec: &str| parse_add_host(spec, host).unwrap();
-        let err = |spec: &str| parse_add_host(spec, host).unwrap_err().to_string();
+        let host = IpAddr::V4(Ipv4Addr::new(192, 168, 65, 254));
+        let host6: IpAddr = "fd75:7365:726e::254".parse().unwrap();
+        let one = |records: Vec<(String, IpAddr)>| {
+            assert_eq!(records.len(), 1, "{records:?}");
+            records.into_iter().next().unwrap()
+        };
+        let ok = |spec: &str| one(parse_add_host(spec, &[host, host6]).unwrap());
+        let err = |spec: &str| parse_add_host(spec, &[host]).unwrap_err().to_string();
         let v6: IpAddr = "fd00::5".parse().unwrap();
         assert_eq!(ok("foo:10.1.2.3"), ("foo".into(), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))));
         assert_eq!(ok("Foo.Example.:10.1.2.3").0, "foo.example");
-        assert_eq!(ok("foo:host-gateway"), ("foo".into(), IpAddr::V4(host)));
+        // host-gateway: a record for each of the host's addresses the network has.
+        let gateway = |addresses: &[IpAddr]| parse_add_host("Foo:host-gateway", addresses).unwrap();
+        assert_eq!(gateway(&[host, host6]), vec![("foo".into(), host), ("foo".into(), host6)]);
+        assert_eq!(gateway(&[host]), vec![("foo".into(), host)]);
+        assert_eq!(gateway(&[host6]), vec![("foo".into(), host6)]);
         assert_eq!(ok("bar:fd00::5"), ("bar".into(), v6));
         assert_eq!(ok("bar:[fd00::5]"), ("bar".into(), v6));
         assert_eq!(ok("bar=fd00::5"), ("bar".into(), v6));

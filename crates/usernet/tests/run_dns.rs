@@ -89,11 +89,15 @@ fn add_host_records() {
     require(&["ip", "dnsmasq", "dig"]);
     let dns = DnsUpstream::start();
     let usernet = Usernet::new(&dns).args(&["--add-host", "foo.test:10.1.2.3", "--add-host", "bar.test:host-gateway"]);
-    let (d, out) = dig_all(usernet, &["foo.test A", "bar.test A", "FOO.test A"]);
+    let (d, out) = dig_all(usernet, &["foo.test A", "bar.test A", "FOO.test A", "bar.test AAAA", "foo.test AAAA"]);
     out.assert_ok();
     check(&d, &out, 0, "NOERROR", &["A 10.1.2.3"]);
     check(&d, &out, 1, "NOERROR", &["A 192.168.65.254"]);
     check(&d, &out, 2, "NOERROR", &["A 10.1.2.3"]);
+    // host-gateway is each of the host's addresses, as Docker 28's is the default bridge's
+    // IPv4 and IPv6 gateways: the IPv6 network's host address too.
+    check(&d, &out, 3, "NOERROR", &["AAAA fd75:7365:726e::254"]);
+    check(&d, &out, 4, "NOERROR", &[]);
 }
 
 #[test]
