@@ -89,9 +89,9 @@ pub struct ServeArgs {
     /// Serve one guest on stdin and stdout (2-byte little-endian length prefixes).
     #[arg(long = "listen-stdio")]
     pub listen_stdio: bool,
-    /// Attach a TAP device to an existing network namespace: a PID, or a path such as
-    /// /run/netns/NAME (repeatable).
-    #[arg(long = "netns", value_name = "PATH|PID")]
+    /// Attach a TAP device to an existing network namespace: a PID, a path, or the NAME of
+    /// one that `ip netns add` made (/run/netns/NAME, as pasta reads it) (repeatable).
+    #[arg(long = "netns", value_name = "PATH|NAME|PID")]
     pub netns: Vec<NetnsTarget>,
     /// Name of the TAP device created by `--netns`.
     #[arg(long = "netns-ifname", value_name = "NAME", default_value = "eth0")]

@@ -1,5 +1,5 @@
-//! `usernet serve --netns PATH|PID`: a TAP in namespaces that already exist (one named with
-//! `ip netns add`, one held by a process), both on one virtual network.
+//! `usernet serve --netns PATH|NAME|PID`: a TAP in namespaces that already exist (one named
+//! with `ip netns add`, one held by a process), both on one virtual network.
 
 mod common;
 #[path = "vm/harness.rs"]
@@ -113,7 +113,8 @@ fn two_namespaces_on_one_serve() {
     let proc_ns = NsProcess::new(None);
     let dir = TempDir::new("serve-netns");
     let pid = proc_ns.sleeper().expect("pid").to_string();
-    let serve = Serve::start(&dir, &dns, &[format!("--netns=/run/netns/{}", named.0), format!("--netns={pid}")], &[]);
+    // The first by its name, as `ip netns` and pasta take it (/run/netns/NAME).
+    let serve = Serve::start(&dir, &dns, &[format!("--netns={}", named.0), format!("--netns={pid}")], &[]);
 
     // The first namespace has the first address, the second the next one.
     let addr = named.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
@@ -144,6 +145,24 @@ fn two_namespaces_on_one_serve() {
     drop(serve);
     let gone = named.exec(&["ip", "link", "show", "eth0"]);
     assert!(!gone.success(), "eth0 outlived usernet:\n{gone}");
+}
+
+/// A TAP name the namespace already has for another device (`lo`) is refused with what is
+/// wrong and what to do, not the kernel's bare EINVAL; usernet exits 125 and serves nothing.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_tap_name_the_namespace_has_is_refused_by_name() {
+    common::require(&["ip"]);
+    let named = NamedNs::new();
+    let mut cmd = Command::new(common::usernet_bin());
+    cmd.args(["serve", "--dns-upstream", "127.0.0.1:9", "--netns", &named.0, "--netns-ifname", "lo"]);
+    let out = common::run_bounded(&mut cmd, Duration::from_secs(20));
+    assert_eq!(out.code, 125, "{out}");
+    let want = format!(
+        "cannot attach to /run/netns/{}: the namespace already has a device named lo that is not a TAP: give another --netns-ifname",
+        named.0
+    );
+    assert!(out.stderr.contains(&want), "{out}");
 }
 
 #[test]

@@ -22,7 +22,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
@@ -36,6 +36,9 @@ use nix::unistd::{ForkResult, fork};
 
 use super::describe;
 use usernet_core::link::tap::Tap;
+
+/// Where `ip netns add NAME` puts its namespaces.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
 
 /// The namespace to attach to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +55,11 @@ impl std::str::FromStr for NetnsTarget {
         }
         if s.bytes().all(|b| b.is_ascii_digit()) {
             return s.parse::<i32>().map(NetnsTarget::Pid).map_err(|_| format!("invalid PID: {s}"));
+        }
+        // A name without a slash is one of `ip netns`'s, as pasta reads its --netns (a file
+        // in the current directory is `./NAME`).
+        if !s.contains('/') {
+            return Ok(NetnsTarget::Path(Path::new(NETNS_RUN_DIR).join(s)));
         }
         Ok(NetnsTarget::Path(PathBuf::from(s)))
     }
@@ -159,8 +167,15 @@ fn child_setup(spec: &AttachSpec, userns: Option<&OwnedFd>, netns: &OwnedFd) -> 
     let name = &spec.iface.ifname;
     // With a virtio-net header, as `run`'s: the kernel then hands usernet whole 64 KiB TCP
     // segments and takes them back (offloads), rather than one frame per MTU.
-    let tap = Tap::create_with_vnet_hdr(name)
-        .map_err(|e| format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e)))?;
+    let tap = Tap::create_with_vnet_hdr(name).map_err(|e| {
+        // The kernel refuses the name of a device that is not a TAP (`lo`, a veth) with
+        // EINVAL, which alone says nothing of the name.
+        if e.raw_os_error() == Some(libc::EINVAL) && nix::net::if_::if_nametoindex(name.as_str()).is_ok() {
+            format!("the namespace already has a device named {name} that is not a TAP: give another --netns-ifname")
+        } else {
+            format!("cannot create TAP device {name} (/dev/net/tun): {}", describe(&e))
+        }
+    })?;
     if spec.configure {
         super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     }
@@ -220,6 +235,9 @@ mod tests {
     fn targets() {
         assert_eq!("1234".parse::<NetnsTarget>(), Ok(NetnsTarget::Pid(1234)));
         assert_eq!("/run/netns/x".parse::<NetnsTarget>(), Ok(NetnsTarget::Path("/run/netns/x".into())));
+        assert_eq!("x".parse::<NetnsTarget>(), Ok(NetnsTarget::Path("/run/netns/x".into())));
+        assert_eq!("./x".parse::<NetnsTarget>(), Ok(NetnsTarget::Path("./x".into())));
+        assert_eq!("12ab".parse::<NetnsTarget>(), Ok(NetnsTarget::Path("/run/netns/12ab".into())));
         assert!("".parse::<NetnsTarget>().is_err());
         assert!("99999999999999".parse::<NetnsTarget>().is_err());
     }

@@ -483,7 +483,11 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             if !positionals.is_empty() {
                 return Err("Both --netns and PID or command given".into());
             }
-            let path = if n.contains('/') { PathBuf::from(n) } else { Path::new("/run/netns").join(n) };
+            let path = if n.contains('/') {
+                PathBuf::from(n)
+            } else {
+                Path::new(usernet_host::netns::attach::NETNS_RUN_DIR).join(n)
+            };
             Target::Netns(path)
         }
         None if positionals.len() == 1 && positionals[0].to_string_lossy().bytes().all(|b| b.is_ascii_digit()) => {
