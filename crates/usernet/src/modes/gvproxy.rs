@@ -336,7 +336,9 @@ pub fn main(args: &[OsString]) -> i32 {
     let _pid_file = match o.pid_file.as_deref().map(PidFile::write).transpose() {
         Ok(p) => p,
         Err(e) => {
-            tracing::error!("failed to create pidfile: {e}");
+            // As gvproxy's Go error reads: the operation and the path, then the cause.
+            let path = o.pid_file.as_deref().unwrap_or(Path::new("")).display();
+            tracing::error!("failed to create pidfile: open {path}: {e}");
             return 1;
         }
     };
