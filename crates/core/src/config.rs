@@ -356,6 +356,14 @@ impl NetConfig {
 }
 
 impl NetConfig {
+    /// The host as the guest sees it, each address the network has: IPv4 (unless
+    /// `--ipv6-only`), then IPv6 (unless `--ipv4-only`). What `host-gateway` stands for in a
+    /// DNS record (see `services::dns::records::record_addresses`).
+    pub fn host_addresses(&self) -> Vec<IpAddr> {
+        let v4 = self.ipv4.then_some(IpAddr::V4(self.host));
+        v4.into_iter().chain(self.v6.map(|net| IpAddr::V6(net.host))).collect()
+    }
+
     /// Where published ports and the API's requests without a guest address go: the first
     /// guest's IPv4 address, or with `--ipv6-only` its IPv6 one.
     pub fn first_guest(&self) -> std::net::IpAddr {

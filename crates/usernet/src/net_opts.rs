@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use usernet_core::config::{Ipv4Subnet, Ipv6Net, NetConfig, Upstreams};
 use usernet_core::policy::{self, Policy, Rule, Rules};
 use usernet_core::ports::{BoundListener, Proto};
+use usernet_core::services::dns::records::record_addresses;
 use usernet_host::dns_watch::{self, DnsWatch, ForkedWatch, WatchSpec};
 use usernet_host::netns::resolv::RESOLV_CONF;
 use usernet_host::publish::listen::{self, BindError};
@@ -182,12 +183,7 @@ pub fn parse_add_host(spec: &str, host_gateway: &[IpAddr]) -> anyhow::Result<Vec
         Some((name, ip)) if !name.contains(':') => (name, ip),
         _ => return Err(bad("want NAME:IP".into())),
     };
-    let ips = if ip == "host-gateway" {
-        host_gateway.to_vec()
-    } else {
-        let bare = ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')).unwrap_or(ip);
-        vec![bare.parse().map_err(|_| bad(format!("invalid IP address: {ip}")))?]
-    };
+    let ips = record_addresses(ip, host_gateway).ok_or_else(|| bad(format!("invalid IP address: {ip}")))?;
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     if name.is_empty() {
         return Err(bad("empty name".into()));
@@ -308,12 +304,7 @@ impl NetOpts {
             tracing::info!("egress policy: {}", policy::describe(&rules));
         }
         cfg.policy = std::sync::Arc::new(Policy::new(rules));
-        let host_gateway: Vec<IpAddr> = cfg
-            .ipv4
-            .then_some(IpAddr::V4(cfg.host))
-            .into_iter()
-            .chain(cfg.v6.map(|net| IpAddr::V6(net.host)))
-            .collect();
+        let host_gateway = cfg.host_addresses();
         for spec in &self.add_host {
             cfg.extra_hosts.extend(parse_add_host(spec, &host_gateway)?);
         }

@@ -285,13 +285,22 @@ fn dns_records_added_through_the_api_resolve_in_the_guest() {
         Some(r#"{"Name":"apps.test.","Records":[{"Name":"web","IP":"192.168.65.77"}]}"#),
     );
     assert_eq!(code, 200);
-    let (code, _) = g.curl("POST", "/v1/dns", Some(r#"{"name":"db.local.test","ip":"host-gateway"}"#));
-    assert_eq!(code, 201);
+    // host-gateway is both of the host's addresses, as with --add-host.
+    let (code, body) = g.curl("POST", "/v1/dns", Some(r#"{"name":"db.local.test","ip":"host-gateway"}"#));
+    assert_eq!(
+        (code, body.trim()),
+        (201, r#"{"name":"db.local.test","ip":"192.168.65.254","ips":["192.168.65.254","fd75:7365:726e::254"]}"#)
+    );
     let out = g.exec(
         "dig +short +time=3 +tries=2 @192.168.65.1 web.apps.test A; \
-         dig +short +time=3 +tries=2 @192.168.65.1 db.local.test A",
+         dig +short +time=3 +tries=2 @192.168.65.1 db.local.test A; \
+         dig +short +time=3 +tries=2 @192.168.65.1 db.local.test AAAA",
     );
-    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["192.168.65.77", "192.168.65.254"], "{out}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["192.168.65.77", "192.168.65.254", "fd75:7365:726e::254"],
+        "{out}"
+    );
 
     // AAAA records: a name of its own, and one next to the A record above.
     let (code, body) = g.curl("POST", "/v1/dns", Some(r#"{"name":"six.local.test","ip":"fd00::5"}"#));

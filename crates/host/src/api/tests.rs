@@ -351,7 +351,9 @@ fn v1_other_resources() {
     assert_eq!((status, body), (201, json!({"name":"web.test","ip":"192.168.65.2"})));
     assert_eq!(f.dns.lookup("web.test"), Some(Ipv4Addr::new(192, 168, 65, 2)));
     let (status, body) = f.json("POST", "/v1/dns", json!({"name":"h.test","ip":"host-gateway"}));
-    assert_eq!((status, &body["ip"]), (201, &json!("192.168.65.254")));
+    let both = json!({"name":"h.test","ip":"192.168.65.254","ips":["192.168.65.254","fd75:7365:726e::254"]});
+    assert_eq!((status, &body), (201, &both));
+    assert_eq!(f.get("/v1/dns/h.test"), (200, both));
     assert_eq!(f.get("/v1/dns/web.test"), (200, json!({"name":"web.test","ip":"192.168.65.2"})));
     let (status, _) = f.json("POST", "/v1/dns", json!({"name":"x..y","ip":"1.2.3.4"}));
     assert_eq!(status, 400);

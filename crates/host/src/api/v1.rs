@@ -38,7 +38,9 @@
 //! record first (the built-in names have AAAA records when the network has IPv6). A POST
 //! with an IPv6 `ip` (brackets allowed, as in `--add-host`) adds or replaces the name's
 //! AAAA record and leaves its A record, and the other way round; `host-gateway` is the
-//! host's IPv4 address (192.168.65.254 by default), as in `--add-host`. `GET /v1/dns/NAME`
+//! host's addresses, as in `--add-host`: an A record (192.168.65.254 by default) and an AAAA
+//! record (fd75:7365:726e::254) when the network has both, answered as `GET /v1/dns/NAME`
+//! answers for such a name. `GET /v1/dns/NAME`
 //! answers one object: a name with one record as in the list; a name with both has its
 //! IPv4 address in `ip` (what this answered before AAAA records were shown) and both in
 //! `ips`, IPv4 first: `{"name": "db.test", "ip": "10.0.0.5", "ips": ["10.0.0.5",
@@ -75,6 +77,7 @@ use serde::{Deserialize, Serialize};
 
 use usernet_core::engine::control::{Command, Published};
 
+use usernet_core::services::dns::records::record_addresses;
 use usernet_core::services::proxy::config::{NoProxy, ProxyConfig, ProxyUrl, REDACTED, parse_ports};
 
 use super::ports::{self, PublishError};
@@ -290,32 +293,34 @@ struct AddDns {
     ip: String,
 }
 
-/// `ip` of a `POST /v1/dns`: an IPv4 or IPv6 address (in brackets or not, as `--add-host`
-/// takes it), or `host-gateway`, the host's IPv4 address `host`.
-fn parse_record_ip(ip: &str, host: Ipv4Addr) -> Result<IpAddr, String> {
-    if ip == "host-gateway" {
-        return Ok(IpAddr::V4(host));
-    }
-    let bare = ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')).unwrap_or(ip);
-    bare.parse().map_err(|_| format!("invalid IP address: {ip:?} (want an IPv4 or IPv6 address, or host-gateway)"))
-}
-
 pub fn add_dns(state: &State, body: &[u8]) -> Reply {
     let req: AddDns = match parse_body(body) {
         Ok(r) => r,
         Err(reply) => return reply,
     };
-    let ip = match parse_record_ip(&req.ip, state.cfg.host) {
-        Ok(ip) => ip,
-        Err(e) => return bad_request(e),
+    let Some(ips) = record_addresses(&req.ip, &state.cfg.host_addresses()) else {
+        return bad_request(format!(
+            "invalid IP address: {:?} (want an IPv4 or IPv6 address, or host-gateway)",
+            req.ip
+        ));
     };
-    let added = match ip {
-        IpAddr::V4(ip) => state.dns.add(&req.name, ip),
-        IpAddr::V6(ip) => state.dns.add6(&req.name, ip),
-    };
-    match added {
-        Ok(()) => Reply::json(StatusCode::CREATED, &DnsRecord { name: record_name(&req.name), ip }),
-        Err(e) => bad_request(e.to_string()),
+    // host-gateway's records share one name: when the first is added, its check of the
+    // name stands for the second's.
+    for ip in &ips {
+        let added = match *ip {
+            IpAddr::V4(ip) => state.dns.add(&req.name, ip),
+            IpAddr::V6(ip) => state.dns.add6(&req.name, ip),
+        };
+        if let Err(e) = added {
+            return bad_request(e.to_string());
+        }
+    }
+    let name = record_name(&req.name);
+    match ips.as_slice() {
+        [ip] => Reply::json(StatusCode::CREATED, &DnsRecord { name, ip: *ip }),
+        // host-gateway with both families: the shape of `GET /v1/dns/NAME` for such a name.
+        [ip, ..] => Reply::json(StatusCode::CREATED, &DnsNameView { name, ip: *ip, ips: Some(ips.clone()) }),
+        [] => bad_request("the network has no host address for host-gateway"),
     }
 }
 
@@ -591,22 +596,6 @@ mod tests {
         assert!(spec(r#"{"spec":"8080:80","guest_port":1}"#).is_err());
         assert!(spec(r#"{"host_port":1}"#).is_err());
         assert!(spec(r#"{"guest_port":0}"#).is_err());
-    }
-
-    #[test]
-    fn record_ip_of_either_family() {
-        let host = Ipv4Addr::new(192, 168, 65, 254);
-        assert_eq!(parse_record_ip("10.0.0.5", host), Ok(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))));
-        assert_eq!(parse_record_ip("fd00::5", host), Ok("fd00::5".parse().unwrap()));
-        assert_eq!(parse_record_ip("[fd00::5]", host), Ok("fd00::5".parse().unwrap()));
-        assert_eq!(parse_record_ip("host-gateway", host), Ok(IpAddr::V4(host)));
-        assert_eq!(
-            parse_record_ip("10.0.0", host),
-            Err("invalid IP address: \"10.0.0\" (want an IPv4 or IPv6 address, or host-gateway)".into())
-        );
-        assert!(parse_record_ip("fd00::5%eth0", host).is_err());
-        assert!(parse_record_ip("[10.0.0.5", host).is_err());
-        assert!(parse_record_ip("", host).is_err());
     }
 
     #[test]

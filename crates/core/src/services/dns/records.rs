@@ -225,6 +225,19 @@ impl DnsRecords {
     }
 }
 
+/// The addresses the IP of an `--add-host` record or of a `POST /v1/dns` stands for, as
+/// Docker reads `--add-host`'s: an IPv4 or IPv6 address, in brackets or not
+/// (`[fd00::5]`), or `host-gateway`, the host's addresses (`host_addresses`: IPv4 and IPv6
+/// when the network has both, a record each, as Docker 28's host-gateway is its default
+/// bridge's IPv4 and IPv6 gateways). None: `ip` is neither.
+pub fn record_addresses(ip: &str, host_addresses: &[IpAddr]) -> Option<Vec<IpAddr>> {
+    if ip == "host-gateway" {
+        return Some(host_addresses.to_vec());
+    }
+    let bare = ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')).unwrap_or(ip);
+    bare.parse().ok().map(|ip| vec![ip])
+}
+
 fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
@@ -375,6 +388,29 @@ mod tests {
         assert_eq!((r.lookup("both.test"), r.lookup6("both.test")), (None, None));
         assert!(r.remove("gateway.docker.internal"));
         assert_eq!(r.lookup6("gateway.docker.internal"), None, "the built-in AAAA goes with its A");
+    }
+
+    /// An address of either family, bracketed or not, or host-gateway for each of the
+    /// host's; anything else is none.
+    #[test]
+    fn record_addresses_as_docker_reads_them() {
+        let host: Vec<IpAddr> = vec![Ipv4Addr::new(192, 168, 65, 254).into(), "fd75:7365:726e::254".parse().unwrap()];
+        let one = |ip: &str| record_addresses(ip, &host);
+        assert_eq!(one("10.1.2.3"), Some(vec![Ipv4Addr::new(10, 1, 2, 3).into()]));
+        assert_eq!(one("[10.1.2.3]"), Some(vec![Ipv4Addr::new(10, 1, 2, 3).into()]));
+        assert_eq!(one("fd00::5"), Some(vec!["fd00::5".parse().unwrap()]));
+        assert_eq!(one("[fd00::5]"), Some(vec!["fd00::5".parse().unwrap()]));
+        assert_eq!(one("host-gateway"), Some(host.clone()));
+        assert_eq!(record_addresses("host-gateway", &host[1..]), Some(host[1..].to_vec()));
+        for bad in ["", "1.2.3", "[fd00::5", "fd00::5]", "[]", "fd00::5%eth0", "Host-Gateway", "b:10.1.2.3"] {
+            assert_eq!(one(bad), None, "{bad:?}");
+        }
+        let cfg = NetConfig::default();
+        assert_eq!(cfg.host_addresses(), vec![IpAddr::V4(cfg.host), IpAddr::V6(cfg.v6.unwrap().host)]);
+        let v4_only = NetConfig { v6: None, ..NetConfig::default() };
+        assert_eq!(v4_only.host_addresses(), vec![IpAddr::V4(cfg.host)]);
+        let v6_only = NetConfig { ipv4: false, ..NetConfig::default() };
+        assert_eq!(v6_only.host_addresses(), vec![IpAddr::V6(cfg.v6.unwrap().host)]);
     }
 
     #[test]
