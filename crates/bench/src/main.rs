@@ -1596,6 +1596,9 @@ fn print_vm_notes(outcomes: &[Outcome], v: &vm::VmPlan) {
     let usernet_transport = match v.transport {
         vm::VmTransport::Stream => "-netdev stream on usernet serve --listen-qemu",
         vm::VmTransport::Dgram => "-netdev dgram on usernet serve --listen-vfkit",
+        vm::VmTransport::VhostUser if vm::vhost_user_msix() => {
+            "-netdev vhost-user on usernet serve --listen-vhost-user (guest RAM a shared memfd, MSI-X)"
+        }
         vm::VmTransport::VhostUser => {
             "-netdev vhost-user on usernet serve --listen-vhost-user (guest RAM a shared memfd, vectors=0)"
         }

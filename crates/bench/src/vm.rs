@@ -42,7 +42,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -819,6 +819,19 @@ pub fn run(tool: VmTool, bin: &Path, image: &Image, plan: &VmPlan, tmp: &Path) -
     })
 }
 
+/// Whether the QEMU in PATH runs a vhost-user virtio-net-pci with MSI-X, as VM tools start
+/// it: from QEMU 10 (tests/serve_vm.rs boots both), where Debian 12's 7.2 crashes under TCG.
+pub fn vhost_user_msix() -> bool {
+    static MSIX: OnceLock<bool> = OnceLock::new();
+    *MSIX.get_or_init(|| {
+        let out = Command::new("qemu-system-x86_64").arg("--version").output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        // "QEMU emulator version 10.0.2 (Debian ...)"
+        let major = text.split_whitespace().nth(3).and_then(|v| v.split('.').next()?.parse::<u32>().ok());
+        major.is_some_and(|m| m >= 10)
+    })
+}
+
 /// QEMU's network options on `transport`.
 fn qemu_net_args(transport: VmTransport, sock: &Path, qemu_sock: &Path) -> Vec<String> {
     let netdev = match transport {
@@ -828,8 +841,10 @@ fn qemu_net_args(transport: VmTransport, sock: &Path, qemu_sock: &Path) -> Vec<S
             sock.display()
         ),
         VmTransport::VhostUser => {
-            // The guest's RAM shared with the back-end; `vectors=0`: QEMU 7.2 under TCG crashes
-            // starting a vhost-user virtio-net-pci with MSI-X.
+            // The guest's RAM shared with the back-end; before QEMU 10, `vectors=0`: QEMU 7.2
+            // under TCG crashes starting a vhost-user virtio-net-pci with MSI-X.
+            let device =
+                if vhost_user_msix() { "virtio-net-pci,netdev=n0" } else { "virtio-net-pci,netdev=n0,vectors=0" };
             return [
                 "-object",
                 "memory-backend-memfd,id=mem,size=256M,share=on",
@@ -840,7 +855,7 @@ fn qemu_net_args(transport: VmTransport, sock: &Path, qemu_sock: &Path) -> Vec<S
                 "-netdev",
                 "vhost-user,id=n0,chardev=c0",
                 "-device",
-                "virtio-net-pci,netdev=n0,vectors=0",
+                device,
             ]
             .map(String::from)
             .to_vec();
