@@ -1342,7 +1342,8 @@ fn serve_connection(stream: UnixStream, conn: Arc<UnixStream>, handoff: HandoffS
             // PROTOCOL_FEATURES), and a SET_VRING_ENABLE(0) that passes disables one.
             // The crate refuses it before its REPLY_ACK: a front-end that asked for a reply
             // (QEMU from 8.2 waits for one, with REPLY_ACK) gets it here, or would wait for
-            // ever.
+            // ever (QEMU 10.0's guest never came up without it: CI boots tests/serve_vm.rs's
+            // VMs with that QEMU too, .ci/run).
             Err(VuError::InactiveFeature(f)) if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES => {
                 tracing::trace!(link = %name, "SET_VRING_ENABLE before SET_FEATURES, ignored");
                 let reply_ack = control.lock().unwrap_or_else(|e| e.into_inner()).reply_ack();
