@@ -617,8 +617,12 @@ pub struct VhostUserLink {
     segs: Vec<(u64, u32)>,
     chains: Vec<(u16, usize, usize)>,
     used_lens: Vec<(u16, u32)>,
-    /// Frames dropped: no RX buffer and the backlog full.
+    /// Frames dropped: no RX buffer and the backlog full, or too big for the guest's.
     pub dropped: u64,
+    /// A frame too big for the guest's RX buffers was logged (once a link: a guest whose
+    /// driver takes smaller frames than usernet's `--mtu` gets none of its larger ones, and
+    /// its TCP downloads stall with nothing else said).
+    said_too_big: bool,
 }
 
 impl VhostUserLink {
@@ -680,7 +684,19 @@ impl VhostUserLink {
                 // frame never fits (waiting, it would stop every frame behind it), so it is
                 // dropped; the guest's buffers stay for others.
                 self.dropped += 1;
-                tracing::trace!("{}: a {}-byte frame exceeds RX buffers of {room} bytes", self.name, frame.len());
+                if !self.said_too_big {
+                    self.said_too_big = true;
+                    let buffers =
+                        if self.features.mrg_rxbuf { "its whole RX ring" } else { "one buffer a frame, no MRG_RXBUF" };
+                    tracing::warn!(
+                        link = %self.name,
+                        "a {}-byte frame does not fit in the guest's RX buffers ({buffers}: {room} bytes): dropped, \
+                         as are the next such frames (is --mtu larger than the guest's driver takes?); said once",
+                        frame.len()
+                    );
+                } else {
+                    tracing::trace!("{}: a {}-byte frame exceeds RX buffers of {room} bytes", self.name, frame.len());
+                }
                 return Ok(true);
             }
             return Ok(false);
@@ -1037,6 +1053,7 @@ impl Control {
             chains: Vec::new(),
             used_lens: Vec::new(),
             dropped: 0,
+            said_too_big: false,
         })
     }
 
