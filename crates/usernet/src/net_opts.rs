@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use usernet_core::config::{Ipv4Subnet, Ipv6Net, NetConfig, Upstreams};
 use usernet_core::policy::{self, Policy, Rule, Rules};
 use usernet_core::ports::{BoundListener, Proto};
-use usernet_core::services::dns::records::record_addresses;
+use usernet_core::services::dns::records::{self, record_addresses};
 use usernet_host::dns_watch::{self, DnsWatch, ForkedWatch, WatchSpec};
 use usernet_host::netns::resolv::RESOLV_CONF;
 use usernet_host::publish::listen::{self, BindError};
@@ -184,7 +184,7 @@ pub fn parse_add_host(spec: &str, host_gateway: &[IpAddr]) -> anyhow::Result<Vec
         _ => return Err(bad("want NAME:IP".into())),
     };
     let ips = record_addresses(ip, host_gateway).ok_or_else(|| bad(format!("invalid IP address: {ip}")))?;
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let name = records::normalize(name);
     if name.is_empty() {
         return Err(bad("empty name".into()));
     }

@@ -77,7 +77,7 @@ use serde::{Deserialize, Serialize};
 
 use usernet_core::engine::control::{Command, Published};
 
-use usernet_core::services::dns::records::record_addresses;
+use usernet_core::services::dns::records::{self, record_addresses};
 use usernet_core::services::proxy::config::{NoProxy, ProxyConfig, ProxyUrl, REDACTED, parse_ports};
 
 use super::ports::{self, PublishError};
@@ -268,10 +268,6 @@ pub struct DnsNameView {
     pub ips: Option<Vec<IpAddr>>,
 }
 
-fn record_name(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
-}
-
 pub fn list_dns(state: &State) -> Reply {
     let list: Vec<DnsRecord> = state.dns.list().into_iter().map(|(name, ip)| DnsRecord { name, ip }).collect();
     Reply::json(StatusCode::OK, &list)
@@ -283,7 +279,7 @@ pub fn get_dns(state: &State, name: &str) -> Reply {
         return Reply::error(StatusCode::NOT_FOUND, format!("no record for {name}"));
     };
     let ips = if ips.len() > 1 { Some(ips) } else { None };
-    Reply::json(StatusCode::OK, &DnsNameView { name: record_name(name), ip, ips })
+    Reply::json(StatusCode::OK, &DnsNameView { name: records::normalize(name), ip, ips })
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,7 +311,7 @@ pub fn add_dns(state: &State, body: &[u8]) -> Reply {
             return bad_request(e.to_string());
         }
     }
-    let name = record_name(&req.name);
+    let name = records::normalize(&req.name);
     match ips.as_slice() {
         [ip] => Reply::json(StatusCode::CREATED, &DnsRecord { name, ip: *ip }),
         // host-gateway with both families: the shape of `GET /v1/dns/NAME` for such a name.

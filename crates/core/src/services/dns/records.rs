@@ -238,7 +238,8 @@ pub fn record_addresses(ip: &str, host_addresses: &[IpAddr]) -> Option<Vec<IpAdd
     bare.parse().ok().map(|ip| vec![ip])
 }
 
-fn normalize(name: &str) -> String {
+/// A record's name as the table keys it: lower case, without a trailing dot.
+pub fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
