@@ -17,6 +17,7 @@ mod network;
 mod port;
 mod run;
 mod serve;
+mod watch;
 
 use clap::{Parser, Subcommand};
 

@@ -44,8 +44,10 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::net_opts::{NetOpts, bind_published};
 use crate::network::{Network, start_network};
+use crate::watch::when_netns_gone;
 use usernet_core::config::{MTU_VM, NetConfig};
 use usernet_core::engine::Supervisor;
+use usernet_core::engine::control::Command;
 use usernet_core::link::dgram::DgramLink;
 use usernet_core::link::qemu::{QemuAcceptor, parse_socket_url};
 use usernet_core::link::seqpacket::SeqpacketAcceptor;
@@ -90,7 +92,9 @@ pub struct ServeArgs {
     #[arg(long = "listen-stdio")]
     pub listen_stdio: bool,
     /// Attach a TAP device to an existing network namespace: a PID, a path, or the NAME of
-    /// one that `ip netns add` made (/run/netns/NAME, as pasta reads it) (repeatable).
+    /// one that `ip netns add` made (/run/netns/NAME, as pasta reads it) (repeatable). When
+    /// the namespace goes (its file removed, as by `ip netns del`, or the process exited),
+    /// its TAP goes too; with no `--listen-*`, usernet exits once none is left, as pasta does.
     #[arg(long = "netns", value_name = "PATH|NAME|PID")]
     pub netns: Vec<NetnsTarget>,
     /// Name of the TAP device created by `--netns`.
@@ -204,7 +208,19 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
         if let Some((ip6, _)) = spec.iface.ipv6 {
             engine.reserve_guest6(spec.iface.mac, ip6);
         }
-        engine.add_link(Box::new(tap));
+        let link = engine.add_link(Box::new(tap));
+        // The TAP keeps the namespace alive: when its user is done with it (`ip netns del`,
+        // or the process named exited), the link goes, as pasta quits then.
+        let handle = engine.control_handle().context("control API")?;
+        when_netns_gone(&spec.target, move |why| {
+            let why = format!("{why}: the namespace is gone, and its link with it");
+            handle.send(Command::DropLink { link, why });
+        })
+        .with_context(|| format!("cannot follow the namespace {}", spec.target))?;
+    }
+    if transports.is_empty() {
+        // Only namespaces to serve: none left, nothing left to do.
+        engine.stop_without_links();
     }
     for link in links {
         engine.add_link(link);

@@ -147,6 +147,56 @@ fn two_namespaces_on_one_serve() {
     assert!(!gone.success(), "eth0 outlived usernet:\n{gone}");
 }
 
+/// A namespace whose user is done with it takes its link with it, as pasta quits then: the
+/// TAP would otherwise keep it alive, and served, after `ip netns del` (with no name left to
+/// reach it by) or after the process named exited. With nothing else to serve (no
+/// `--listen-*`), usernet exits 0 once no namespace is left.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_namespace_deleted_or_left_takes_its_link_and_the_last_one_serve() {
+    common::require(&["ip", "dnsmasq", "unshare", "nsenter", "ping"]);
+    let dns = DnsUpstream::start();
+    let named = NamedNs::new();
+    let proc_ns = NsProcess::new(None);
+    let dir = TempDir::new("serve-netns-gone");
+    let pid = proc_ns.sleeper().expect("pid").to_string();
+    let mut serve = Serve::start(&dir, &dns, &[format!("--netns={}", named.0), format!("--netns={pid}")], &[]);
+    let ping = common::ping_cmd();
+    proc_ns.exec(false, &[ping, "-c", "1", "-W", "5", "192.168.65.2"]).assert_ok();
+
+    // A process stays in the named namespace, so that only its name goes.
+    let mut inside =
+        Command::new("ip").args(["netns", "exec", &named.0, "sleep", "60"]).spawn().expect("ip netns exec");
+    let inside_pid = inside.id().to_string();
+    let has_eth0 = || common::run("nsenter", &["-t", &inside_pid, "-n", "ip", "link", "show", "eth0"]).success();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !has_eth0() {
+        assert!(Instant::now() < deadline, "no eth0 seen from the process in {}", named.0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Watched for a while already (a few times a second): the namespace is still served.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(has_eth0(), "eth0 went while the namespace still has its name:\n{}", serve.log());
+    common::must("ip", &["netns", "del", &named.0]);
+    // Polled a few times a second: the TAP goes within a second or so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while has_eth0() {
+        assert!(Instant::now() < deadline, "eth0 outlived `ip netns del`:\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(serve.log_shows("the namespace is gone, and its link with it"), "{}", serve.log());
+    assert!(serve.running(), "usernet stopped while it still serves a namespace:\n{}", serve.log());
+    proc_ns.exec(false, &[ping, "-c", "1", "-W", "5", "192.168.65.1"]).assert_ok();
+    let _ = inside.kill();
+    let _ = inside.wait();
+
+    // The other namespace's process exits: nothing is left to serve.
+    drop(proc_ns);
+    let status = serve.exits_within(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "usernet did not exit 0 ({status:?}):\n{}", serve.log());
+    assert!(serve.log().contains(&format!("the namespace's process ({pid}) exited")), "{}", serve.log());
+}
+
 /// A TAP name the namespace already has for another device (`lo`) is refused with what is
 /// wrong and what to do, not the kernel's bare EINVAL; usernet exits 125 and serves nothing.
 #[test]

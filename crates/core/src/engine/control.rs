@@ -161,6 +161,13 @@ pub enum Command {
         guest: std::net::SocketAddr,
         reply: Reply<Result<(), String>>,
     },
+    /// Close a guest link whose guest is gone although its descriptor says nothing yet (a
+    /// namespace that `serve --netns` attached to was deleted: the TAP keeps it alive), with
+    /// the reason for the log. A link that went already is left alone.
+    DropLink {
+        link: super::LinkId,
+        why: String,
+    },
     /// Start a live capture (`/v1/capture`): the frames of the guest links go to `tap` too,
     /// as they go to `--pcap`, until its reader goes away.
     Capture {
@@ -239,6 +246,7 @@ impl Engine {
                 Command::Tunnel { fd, guest, reply } => {
                     let _ = reply.send(self.tunnel(fd, guest, std::time::Instant::now()));
                 }
+                Command::DropLink { link, why } => self.drop_link_by_id(link, &why),
                 Command::Capture { tap } => {
                     if let Some(next) = self.shard.as_ref().and_then(|s| s.next.as_ref()) {
                         next.send(Command::Capture { tap: tap.clone() });

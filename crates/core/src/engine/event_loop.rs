@@ -293,7 +293,9 @@ impl Engine {
         loop {
             let Some(acceptor) = self.acceptors.get_mut(index) else { return };
             match acceptor.accept() {
-                Ok(Some(link)) => self.add_link(link),
+                Ok(Some(link)) => {
+                    self.add_link(link);
+                }
                 Ok(None) => return,
                 Err(e) => {
                     // Out of descriptors, say: the guests that wait stay in the backlog,
@@ -316,6 +318,18 @@ impl Engine {
             {
                 self.drop_link(index, &e);
             }
+        }
+    }
+
+    /// Closes link `id` if it is still there (its guest went away: see [`Command::DropLink`]).
+    ///
+    /// [`Command::DropLink`]: super::control::Command::DropLink
+    pub(super) fn drop_link_by_id(&mut self, id: super::LinkId, why: &str) {
+        if let Some(Some(slot)) = self.switch.links.get(id.index)
+            && slot.serial == id.serial
+        {
+            tracing::info!(link = %slot.link.describe(), "{why}");
+            self.drop_link(id.index, &io::Error::from(io::ErrorKind::UnexpectedEof));
         }
     }
 

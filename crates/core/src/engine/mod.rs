@@ -179,6 +179,14 @@ pub struct Engine {
     shard: Option<shard::Shard>,
 }
 
+/// One guest link of an engine, for as long as it lives: its slot and its serial (a slot
+/// serves another link once this one goes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkId {
+    index: usize,
+    serial: u64,
+}
+
 impl Engine {
     pub fn new(
         cfg: Arc<NetConfig>,
@@ -284,8 +292,10 @@ impl Engine {
         self.busy_poll = busy_poll::BusyPoll::new(max);
     }
 
-    /// Adds a guest link to the virtual network.
-    pub fn add_link(&mut self, link: Box<dyn Link>) {
+    /// Adds a guest link to the virtual network; what names it to [`Command::DropLink`].
+    ///
+    /// [`Command::DropLink`]: control::Command::DropLink
+    pub fn add_link(&mut self, link: Box<dyn Link>) -> LinkId {
         let fd = link.fd();
         let name = link.describe();
         if let Some((mac, ip)) = link.guest() {
@@ -301,6 +311,8 @@ impl Engine {
             tracing::warn!(link = %name, error = %e, "cannot watch the guest link");
         }
         tracing::info!(link = %name, "guest link up");
+        let serial = self.switch.links[index].as_ref().map_or(0, |slot| slot.serial);
+        LinkId { index, serial }
     }
 
     /// A link for the guest with `mac` arrives (named by its transport's handshake): the

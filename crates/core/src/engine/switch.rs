@@ -165,6 +165,9 @@ pub struct LinkSlot {
     /// With [`Switch::bind_sources`]: the IPv6 addresses this link's guest has used, at
     /// most [`MAX_IPV6_PER_LINK`]; no other link may use them.
     owned6: Vec<Ipv6Addr>,
+    /// Which link this is, for as long as the switch runs: a slot is used again once its
+    /// link goes, so the index alone does not say.
+    pub serial: u64,
 }
 
 /// Why a frame was refused ([`Switch::bind_sources`]), for the log.
@@ -183,6 +186,8 @@ enum Refusal {
 pub struct Switch {
     /// Guest links, indexed as their event-loop tokens; None where one went away.
     pub links: Vec<Option<LinkSlot>>,
+    /// The serial of the next link added ([`LinkSlot::serial`]).
+    next_link_serial: u64,
     /// Which link each guest MAC was last seen on.
     macs: HashMap<Mac, usize>,
     /// Which MAC each guest address has (from ARP, neighbour discovery and the guests' IP
@@ -252,6 +257,7 @@ impl Switch {
     pub fn new(pcap: Option<PcapWriter>, gateway_mac: Mac, gateway_ip: Ipv4Addr, mtu: usize) -> Switch {
         Switch {
             links: Vec::new(),
+            next_link_serial: 0,
             macs: HashMap::new(),
             neighbours: HashMap::new(),
             arp_asked: HashMap::new(),
@@ -882,7 +888,9 @@ impl Switch {
             bound: None,
             told_spoofed: false,
             owned6: Vec::new(),
+            serial: self.next_link_serial,
         };
+        self.next_link_serial += 1;
         let index = match self.links.iter().position(Option::is_none) {
             Some(i) => {
                 self.links[i] = Some(slot);

@@ -2021,3 +2021,22 @@ fn a_level_triggered_link_reads_a_lone_frame_once_and_misses_none() {
     assert_eq!(reads.iter().filter(|r| **r == frame(PAIRED)).count(), 2);
     assert_eq!(reads.iter().filter(|r| **r == frame(BURST)).count(), 64);
 }
+
+/// A link closed by its id (`Command::DropLink`: `serve --netns` when a namespace is gone)
+/// is that link only: an id that outlived its link leaves alone the one in its slot now.
+#[test]
+fn a_link_dropped_by_id_is_that_link_and_not_the_next_in_its_slot() {
+    let (mut e, link, _dialer) = engine(false);
+    let first = e.add_link(Box::new(link.clone()));
+    e.drop_link_by_id(first, "its namespace is gone");
+    assert!(e.switch.links[first.index].is_none());
+    let second = e.add_link(Box::new(link.clone()));
+    assert_eq!(second.index, first.index, "the slot serves the next link");
+    assert_ne!(second, first);
+    e.drop_link_by_id(first, "told twice");
+    assert!(e.switch.links[second.index].is_some(), "an old id closed the link after it");
+    e.drop_link_by_id(second, "its namespace is gone");
+    assert!(e.switch.links[second.index].is_none());
+    // The engine's first link (engine()) was never named: still there.
+    assert!(e.switch.links[0].is_some());
+}

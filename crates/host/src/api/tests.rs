@@ -110,6 +110,7 @@ fn answer(cmd: Command, served: &mut Vec<(Published, BoundListener)>) {
         }
         // Only engines of a set of shards pass these to each other.
         Command::Gather(_) => unreachable!("the API never sends Gather"),
+        Command::DropLink { .. } => unreachable!("the API never drops a link"),
         Command::Metrics { reply } => {
             let mut counters = Counters::default();
             counters.connect_failed(libc::ECONNREFUSED);

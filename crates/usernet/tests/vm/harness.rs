@@ -92,6 +92,21 @@ impl Serve {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The exit status, once usernet exits within `within` (None if it runs on).
+    #[allow(dead_code)]
+    pub fn exits_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
