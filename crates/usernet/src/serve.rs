@@ -11,6 +11,10 @@
 //! 3. `--netns`: attach a TAP to each namespace (`netns::attach` forks, which must happen
 //!    while usernet is single-threaded). The i-th namespace gets MAC `5a:94:ef:e4:0c:ee`+i
 //!    and the address the DHCP server would give it, .2+i, recorded as a static lease.
+//!    The TAP keeps its namespace alive, so each namespace is watched
+//!    (`watch::when_netns_gone`: its file polled, or its process's pidfd): when it goes,
+//!    the engine closes its link (`Command::DropLink`), and with no `--listen-*` the engine
+//!    stops once no link is left, as pasta quits with its namespace.
 //! 4. Bind the listening transports: `--listen-qemu unix:PATH` (stream, 4-byte big-endian
 //!    lengths; one link per connection, so a rebooted VM simply connects again),
 //!    `--listen-bess unixpacket:PATH` (SOCK_SEQPACKET, the same), `--listen-vfkit

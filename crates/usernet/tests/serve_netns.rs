@@ -241,4 +241,8 @@ fn rootless_serve_attaches_to_a_user_namespace() {
     let url = format!("http://192.168.65.254:{}/f", server.port);
     let got = ns.exec(true, &["sh", "-c", &format!("curl -sf -m 20 {url} | sha256sum")]);
     assert_eq!(common::first_word(&got.stdout), hash, "{got}\n{}", serve.log());
+    // The namespace's process exits: the unprivileged usernet follows it (a pidfd) and exits.
+    drop(ns);
+    let status = serve.exits_within(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "usernet did not exit 0 ({status:?}):\n{}", serve.log());
 }
