@@ -923,11 +923,14 @@ impl Switch {
     /// Offloads are used only with a single link that takes them: a switched frame must
     /// be complete for whichever guest receives it.
     fn update_offload(&mut self) {
-        let mut live = self.links.iter().flatten();
-        self.offload = match (live.next(), live.next()) {
-            (Some(only), None) => only.link.offloads(),
-            _ => false,
-        };
+        let single = self.links.iter().flatten().count() == 1;
+        self.offload = single && self.links.iter().flatten().all(|slot| slot.link.offloads());
+        // The same the other way: a guest's frame with a partial checksum or many segments
+        // in one would reach another guest so (two namespaces on one `serve`: no TCP
+        // between them went through), so its kernel completes them while another link is up.
+        for slot in self.links.iter_mut().flatten() {
+            slot.link.allow_guest_offloads(single);
+        }
     }
 
     /// Asks for the MAC of `ip`, at most once a second per address: a broadcast ARP

@@ -26,6 +26,8 @@ pub struct RecordingLink {
     /// Keep no frames, only count them (fuzzing: memory stays flat).
     pub count_only: bool,
     pub count: Rc<RefCell<usize>>,
+    /// What the switch last said of the guest's offloads (`Link::allow_guest_offloads`).
+    pub guest_offloads: Rc<std::cell::Cell<Option<bool>>>,
 }
 
 impl Link for RecordingLink {
@@ -41,6 +43,9 @@ impl Link for RecordingLink {
             self.sent.borrow_mut().push(frame.to_vec());
         }
         Ok(())
+    }
+    fn allow_guest_offloads(&mut self, on: bool) {
+        self.guest_offloads.set(Some(on));
     }
 }
 

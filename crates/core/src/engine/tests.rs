@@ -2040,3 +2040,17 @@ fn a_link_dropped_by_id_is_that_link_and_not_the_next_in_its_slot() {
     // The engine's first link (engine()) was never named: still there.
     assert!(e.switch.links[0].is_some());
 }
+
+/// A guest may send offloaded frames (partial checksums, large TCP segments: a TAP's
+/// TUNSETOFFLOAD) only while its link is the switch's one: a frame forwarded to another
+/// guest must be whole (two namespaces on one `serve` had no TCP between them).
+#[test]
+fn a_guest_offloads_only_while_its_link_is_the_only_one() {
+    let (mut e, link, _dialer) = engine(false);
+    assert_eq!(link.guest_offloads.get(), Some(true));
+    let other = FakeLink::default();
+    let id = e.add_link(Box::new(other.clone()));
+    assert_eq!((link.guest_offloads.get(), other.guest_offloads.get()), (Some(false), Some(false)));
+    e.drop_link_by_id(id, "gone");
+    assert_eq!(link.guest_offloads.get(), Some(true));
+}

@@ -129,6 +129,14 @@ pub trait Link {
         let _ = hdr;
         self.send(frame)
     }
+    /// Whether the guest may send frames with offloads (a partial checksum, one large TCP
+    /// segment for many), where its transport can say so at any time (a TAP device:
+    /// TUNSETOFFLOAD). The switch allows it only while this is its one link: usernet takes
+    /// such frames (it verifies no checksum, and a large segment is one write to the
+    /// translator), but a frame it forwards to another guest must be whole.
+    fn allow_guest_offloads(&mut self, on: bool) {
+        let _ = on;
+    }
     /// A short name for logs, e.g. "tap eth0" or "qemu unix:/run/vm.sock #2".
     fn describe(&self) -> String {
         "link".to_string()

@@ -36,8 +36,11 @@ use usernet_wire::vnet_hdr::{self, VnetHdr};
 #[derive(Debug)]
 pub struct Tap {
     fd: OwnedFd,
-    /// Frames carry a virtio-net header (IFF_VNET_HDR with offloads on).
+    /// Frames carry a virtio-net header (IFF_VNET_HDR).
     vnet: bool,
+    /// The guest may send frames with offloads (TUNSETOFFLOAD: partial checksums, large TCP
+    /// segments); see [`Link::allow_guest_offloads`].
+    guest_offloads: bool,
     name: String,
 }
 
@@ -82,7 +85,7 @@ impl Tap {
         // SAFETY: TUNSETIFF reads and writes one ifreq, which lives across the call.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
         Errno::result(rc)?;
-        Ok(Tap { fd, vnet: false, name: name.to_string() })
+        Ok(Tap { fd, vnet: false, guest_offloads: false, name: name.to_string() })
     }
 
     /// Wraps the descriptor of an existing TAP device (received from the sandbox) and makes
@@ -103,15 +106,24 @@ impl Tap {
         } else {
             (false, String::from("tap"))
         };
-        let mut tap = Tap { fd, vnet: false, name };
+        let mut tap = Tap { fd, vnet: false, guest_offloads: false, name };
         if has_vnet {
-            let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
-            // SAFETY: TUNSETOFFLOAD takes its argument by value.
-            let rc = unsafe { libc::ioctl(tap.fd.as_raw_fd(), libc::TUNSETOFFLOAD, offloads as libc::c_ulong) };
-            Errno::result(rc)?;
+            tap.set_guest_offloads(true)?;
             tap.vnet = true;
         }
         Ok(tap)
+    }
+
+    /// Lets the guest's kernel hand over frames with partial checksums and large TCP
+    /// segments (TUNSETOFFLOAD), or makes it complete and segment them itself. It applies to
+    /// the whole device (every queue), and to frames it has not sent yet.
+    fn set_guest_offloads(&mut self, on: bool) -> io::Result<()> {
+        let offloads = if on { TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 } else { 0 };
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, offloads as libc::c_ulong) };
+        Errno::result(rc)?;
+        self.guest_offloads = on;
+        Ok(())
     }
 
     /// Makes the device outlive its descriptor (TUNSETPERSIST): closing the descriptor then
@@ -207,6 +219,19 @@ impl Link for Tap {
 
     fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
         self.write_with_header(frame, hdr)
+    }
+
+    fn allow_guest_offloads(&mut self, on: bool) {
+        if self.vnet
+            && self.guest_offloads != on
+            && let Err(e) = self.set_guest_offloads(on)
+        {
+            tracing::warn!(
+                "{}: cannot turn the guest's offloads {}: {e}",
+                self.describe(),
+                if on { "on" } else { "off" }
+            );
+        }
     }
 
     // A full device drops the frame (see above): nothing waits to be flushed.
