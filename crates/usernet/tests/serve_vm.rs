@@ -306,6 +306,33 @@ fn vm_on_vhost_user() {
     assert!(serve.log_shows("guest went away"), "{}", serve.log());
 }
 
+/// Two QEMUs on one vhost-user socket at once, each a link of its own: the second downloads
+/// the first's file from its httpd (TCP from ring to ring through usernet's switch, sha256
+/// checked in the guest) and pings it.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn two_vms_on_one_vhost_user_socket_reach_each_other() {
+    require_vm();
+    let fx = Fixtures::new();
+    let image = Image::build();
+    let dir = TempDir::new("serve-vhost-two");
+    let sock = dir.join("vhost.sock");
+    let serve =
+        Serve::start(&dir, &fx.dns, &[format!("--listen-vhost-user={}", sock.display())], std::slice::from_ref(&sock));
+    let first = format!("un.http=192.168.65.254:{} un.size={FILE_SIZE}", fx.local.port);
+    let mut vm1 = boot_vhost_user("vhost-user-one", &image, &sock, "52:54:00:00:06:01", &first);
+    vm1.wait_for("USERNET-VM ready", VM_TIMEOUT);
+    assert_eq!(vm1.check("dhcp"), "192.168.65.2 mtu=1500");
+    assert_eq!(vm1.check("download"), format!("sha256={}", fx.hash));
+
+    let second = format!("un.size={FILE_SIZE} un.remote=192.168.65.2:8080 un.peer=192.168.65.2");
+    let mut vm2 = boot_vhost_user("vhost-user-two", &image, &sock, "52:54:00:00:06:02", &second);
+    vm2.wait_for("USERNET-VM ready", VM_TIMEOUT);
+    assert_eq!(vm2.check("dhcp"), "192.168.65.3 mtu=1500");
+    assert_eq!(vm2.check("remote"), format!("sha256={}", fx.hash), "{}", serve.log());
+    assert_eq!(vm2.check("peer"), "192.168.65.2");
+}
+
 /// The chardev option that has QEMU reconnect to a back-end that went away, within a second:
 /// `reconnect=1`, which QEMU 9.2 deprecated for `reconnect-ms` (and later ones dropped).
 fn reconnect() -> &'static str {
