@@ -333,6 +333,96 @@ fn two_vms_on_one_vhost_user_socket_reach_each_other() {
     assert_eq!(vm2.check("peer"), "192.168.65.2");
 }
 
+/// A VM and a namespace (`--netns`) on one `serve`: the VM downloads a file from the
+/// namespace's httpd, and the namespace the same file back from the VM's (sha256 both ways).
+/// The namespace's kernel must send whole frames once the VM's link is up: a TAP's
+/// offloaded frame (partial checksum) forwarded as it was reached the VM with a checksum it
+/// drops.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_vm_and_a_namespace_on_one_serve_exchange_files() {
+    require_vm();
+    common::require(&["ip", "unshare", "nsenter", "busybox", "curl"]);
+    let fx = Fixtures::new();
+    let image = Image::build();
+    let dir = TempDir::new("serve-vm-netns");
+    let sock = dir.join("qemu.sock");
+    // As root, a namespace of `ip netns add`, given by name; with a test user, one that user
+    // made (`unshare -rUn`), given by PID, as a rootless runtime hands usernet its own.
+    let (target, in_ns, _ns): (String, Vec<String>, Box<dyn std::any::Any>) = match common::test_user() {
+        None => {
+            let name = format!("unvm{}", common::unique_id());
+            common::must("ip", &["netns", "add", &name]);
+            let cleanup = Cleanup(vec!["ip".into(), "netns".into(), "del".into(), name.clone()]);
+            (name.clone(), vec!["ip".into(), "netns".into(), "exec".into(), name], Box::new(cleanup))
+        }
+        Some(_) => {
+            let holder = common::as_test_user("unshare")
+                .args(["-rUn", "sleep", "300"])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("unshare");
+            let pid = holder.id().to_string();
+            // setpriv and unshare exec: the child is the process in the new namespace.
+            let me = std::fs::read_link("/proc/self/ns/net").unwrap();
+            common::wait_until(Duration::from_secs(5), || {
+                std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| ns != me)
+            });
+            (pid.clone(), vec!["nsenter".into(), "-t".into(), pid, "-n".into()], Box::new(KillOnDrop(holder)))
+        }
+    };
+    let in_ns = |args: &[&str]| {
+        let mut c = std::process::Command::new(&in_ns[0]);
+        c.args(&in_ns[1..]).args(args);
+        c
+    };
+    let serve = Serve::start(
+        &dir,
+        &fx.dns,
+        &[format!("--netns={target}"), format!("--listen-qemu=unix:{}", sock.display())],
+        std::slice::from_ref(&sock),
+    );
+    let www = fx._files.path().to_str().unwrap().to_string();
+    let _httpd = KillOnDrop(
+        in_ns(&["busybox", "httpd", "-f", "-p", "8080", "-h", &www])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("busybox httpd"),
+    );
+
+    let params = format!("un.size={FILE_SIZE} un.remote=192.168.65.2:8080 un.peer=192.168.65.2");
+    let mut vm = Vm::boot("beside-a-namespace", &image, &stream_netdev(&sock), "52:54:00:00:07:01", &params);
+    vm.wait_for("USERNET-VM ready", VM_TIMEOUT);
+    assert_eq!(vm.check("dhcp"), "192.168.65.3 mtu=1500");
+    assert_eq!(vm.check("remote"), format!("sha256={}", fx.hash), "{}", serve.log());
+    assert_eq!(vm.check("peer"), "192.168.65.2");
+    let fetch = "curl -s -m 60 http://192.168.65.3:8080/f | sha256sum";
+    let got = common::run_bounded(&mut in_ns(&["sh", "-c", fetch]), Duration::from_secs(90));
+    assert_eq!(common::first_word(&got.stdout), fx.hash, "the namespace's download from the VM: {got}");
+}
+
+/// A helper process, killed and reaped on drop (when the test fails too).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a command on drop (a cleanup that must happen when the test fails too).
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let args: Vec<&str> = self.0[1..].iter().map(String::as_str).collect();
+        let _ = common::run(&self.0[0], &args);
+    }
+}
+
 /// The chardev option that has QEMU reconnect to a back-end that went away, within a second:
 /// `reconnect=1`, which QEMU 9.2 deprecated for `reconnect-ms` (and later ones dropped).
 fn reconnect() -> &'static str {
