@@ -103,23 +103,6 @@ impl Drop for NsProcess {
     }
 }
 
-/// A helper process, its output discarded (a test's pipes never wait for it), killed on
-/// drop (when the test fails too).
-struct Spawned(Child);
-
-impl Spawned {
-    fn new(cmd: &mut Command) -> Spawned {
-        Spawned(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start a helper"))
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn two_namespaces_on_one_serve() {
@@ -160,7 +143,9 @@ fn two_namespaces_on_one_serve() {
     let blob_hash = common::sha256_file(&blob);
     let send = format!("OPEN:{}", blob.display());
     let from_named = ["socat", "-u", &send, "TCP-LISTEN:8089,reuseaddr"];
-    let sender = Spawned::new(Command::new("ip").args(["netns", "exec", &named.0]).args(from_named));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &named.0]).args(from_named);
+    let sender = common::Background::start(cmd, Stdio::null());
     let fetch =
         "for i in $(seq 50); do socat -u TCP:192.168.65.2:8089 STDOUT 2>/dev/null && exit; sleep 0.1; done | sha256sum";
     let got = proc_ns.exec(false, &["timeout", "30", "sh", "-c", fetch]);
@@ -168,7 +153,9 @@ fn two_namespaces_on_one_serve() {
     drop(sender);
     let pid_ns = proc_ns.sleeper().expect("pid").to_string();
     let from_pid = ["-t", &pid_ns, "-n", "socat", "-u", &send, "TCP-LISTEN:8090,reuseaddr"];
-    let sender = Spawned::new(Command::new("nsenter").args(from_pid));
+    let mut cmd = Command::new("nsenter");
+    cmd.args(from_pid);
+    let sender = common::Background::start(cmd, Stdio::null());
     let fetch = fetch.replace("192.168.65.2:8089", "192.168.65.3:8090");
     let got = named.exec(&["timeout", "30", "sh", "-c", &fetch]);
     assert_eq!(common::first_word(&got.stdout), blob_hash, "pid -> named namespace: {got}\n{}", serve.log());

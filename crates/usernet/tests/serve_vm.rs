@@ -357,18 +357,16 @@ fn a_vm_and_a_namespace_on_one_serve_exchange_files() {
             (name.clone(), vec!["ip".into(), "netns".into(), "exec".into(), name], Box::new(cleanup))
         }
         Some(_) => {
-            let holder = common::as_test_user("unshare")
-                .args(["-rUn", "sleep", "300"])
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .expect("unshare");
-            let pid = holder.id().to_string();
+            let mut cmd = common::as_test_user("unshare");
+            cmd.args(["-rUn", "sleep", "300"]);
+            let holder = common::Background::start(cmd, std::process::Stdio::null());
+            let pid = holder.pid().to_string();
             // setpriv and unshare exec: the child is the process in the new namespace.
             let me = std::fs::read_link("/proc/self/ns/net").unwrap();
             common::wait_until(Duration::from_secs(5), || {
                 std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| ns != me)
             });
-            (pid.clone(), vec!["nsenter".into(), "-t".into(), pid, "-n".into()], Box::new(KillOnDrop(holder)))
+            (pid.clone(), vec!["nsenter".into(), "-t".into(), pid, "-n".into()], Box::new(holder))
         }
     };
     let in_ns = |args: &[&str]| {
@@ -383,13 +381,9 @@ fn a_vm_and_a_namespace_on_one_serve_exchange_files() {
         std::slice::from_ref(&sock),
     );
     let www = fx._files.path().to_str().unwrap().to_string();
-    let _httpd = KillOnDrop(
-        in_ns(&["busybox", "httpd", "-f", "-p", "8080", "-h", &www])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("busybox httpd"),
+    let _httpd = common::Background::start(
+        in_ns(&["busybox", "httpd", "-f", "-p", "8080", "-h", &www]),
+        std::process::Stdio::null(),
     );
 
     let params = format!("un.size={FILE_SIZE} un.remote=192.168.65.2:8080 un.peer=192.168.65.2");
@@ -401,16 +395,6 @@ fn a_vm_and_a_namespace_on_one_serve_exchange_files() {
     let fetch = "curl -s -m 60 http://192.168.65.3:8080/f | sha256sum";
     let got = common::run_bounded(&mut in_ns(&["sh", "-c", fetch]), Duration::from_secs(90));
     assert_eq!(common::first_word(&got.stdout), fx.hash, "the namespace's download from the VM: {got}");
-}
-
-/// A helper process, killed and reaped on drop (when the test fails too).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Runs a command on drop (a cleanup that must happen when the test fails too).
