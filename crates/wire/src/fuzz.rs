@@ -42,6 +42,55 @@ proptest! {
         let _ = ndp::NeighborAdvert::parse(&data);
     }
 
+    /// A guest's offload instructions (`vnet_hdr::finish`) on frames that start like TCP
+    /// over IPv4 or IPv6 and then go wrong anywhere: never a panic, and what comes out
+    /// fits in a frame and carries no more payload than went in.
+    #[test]
+    fn offloads_finished_never_panic(
+        v6 in any::<bool>(),
+        head in proptest::collection::vec(any::<u8>(), 0..120),
+        len in 0usize..9000,
+        cut in any::<prop::sample::Index>(),
+        hdr in (any::<u8>(), prop::sample::select(vec![0u8, 1, 3, 4, 0x81, 0x84, 0x42]), any::<u16>(),
+                prop_oneof![Just(0u16), 1u16..2000, any::<u16>()], any::<u16>(), any::<u16>()),
+    ) {
+        let mut b = vec![0u8; 14 + len];
+        b[12..14].copy_from_slice(&(if v6 { 0x86ddu16 } else { 0x0800u16 }).to_be_bytes());
+        if len > 0 {
+            b[14] = if v6 { 0x60 } else { 0x45 };
+        }
+        let n = head.len().min(b.len() - 14);
+        b[14..14 + n].copy_from_slice(&head[..n]);
+        // Often a consistent protocol and length, so that segmentation runs.
+        if !v6 && b.len() >= 34 && hdr.0 & 1 == 0 {
+            b[14] = 0x45;
+            b[23] = 6;
+            put16(&mut b, 16, len as u16);
+            put16(&mut b, 20, 0);
+        }
+        if v6 && b.len() >= 54 && hdr.0 & 1 == 0 {
+            b[14] = 0x60;
+            b[20] = 6;
+            put16(&mut b, 18, (len - 40) as u16);
+        }
+        let frame = &b[..cut.index(b.len() + 1)];
+        let h = vnet_hdr::VnetHdr {
+            flags: hdr.0, gso_type: hdr.1, hdr_len: hdr.2, gso_size: hdr.3, csum_start: hdr.4, csum_offset: hdr.5,
+        };
+        let (mut frames, mut bytes) = (0usize, 0usize);
+        let r = vnet_hdr::finish(frame, &h, &mut Vec::new(), |f| {
+            frames += 1;
+            bytes += f.len();
+            assert!(f.len() <= frame.len().max(14 + 60 + 60 + usize::from(h.gso_size)));
+        });
+        if r.is_err() {
+            prop_assert_eq!(frames, 0);
+        } else {
+            prop_assert!(frames >= 1);
+            prop_assert!(frames <= frame.len().max(1));
+        }
+    }
+
     /// A valid fixed header in front of a chain of extension-header-like blocks.
     #[test]
     fn ipv6_extension_chains(

@@ -1,7 +1,9 @@
 //! The virtio-net header (struct virtio_net_hdr, 10 bytes, little-endian here) that a TAP
 //! device opened with IFF_VNET_HDR puts in front of every frame. It carries the offloads:
 //! a checksum left for the receiver to complete or trust (NEEDS_CSUM with start and offset),
-//! and segmentation (GSO) of one large TCP frame into MSS-sized segments.
+//! and segmentation (GSO) of one large TCP frame into MSS-sized segments. A virtio-net
+//! device's rings carry the same header. [`finish`] does what such a frame leaves to its
+//! receiver, for one that cannot (a frame switched to another guest).
 
 pub const LEN: usize = 10;
 
@@ -15,6 +17,12 @@ pub const GSO_TCPV4: u8 = 1;
 pub const GSO_UDP: u8 = 3;
 pub const GSO_TCPV6: u8 = 4;
 pub const GSO_ECN: u8 = 0x80;
+
+use super::{PROTO_TCP, be16, be32, checksum, ethernet, put16, put32};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// TCP's CWR flag, which only the first segment of a GSO frame keeps.
+const TCP_CWR: u8 = 0x80;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VnetHdr {
@@ -54,9 +62,333 @@ impl VnetHdr {
     }
 }
 
+/// Does to `frame` what `hdr` leaves to its receiver, as a device without offloads needs
+/// it done: a partial checksum (F_NEEDS_CSUM) completed, the ones' complement sum from
+/// `csum_start` to the end stored at `csum_start + csum_offset`; a TCP GSO frame cut into
+/// segments of `gso_size` bytes of payload, each with its own IP length (for IPv4 also
+/// its identification, counted up from the frame's, and header checksum), sequence
+/// number and full TCP checksum, CWR kept on the first segment only and FIN and PSH on
+/// the last only (as Linux's `tcp_gso_segment`). Each finished frame is built in `scratch`
+/// and handed to `out`; a frame with nothing to do goes to `out` as it is.
+///
+/// `Err` says why the frame cannot be finished, and then `out` got nothing: a checksum
+/// position outside the frame, a GSO type other than TCP (usernet offers no UDP
+/// fragmentation offload), a GSO frame whose headers are not Ethernet, IPv4 or IPv6
+/// without extension headers and TCP, or are cut short, or a `gso_size` of 0. Never
+/// panics, whatever the bytes.
+pub fn finish(
+    frame: &[u8],
+    hdr: &VnetHdr,
+    scratch: &mut Vec<u8>,
+    mut out: impl FnMut(&[u8]),
+) -> Result<(), &'static str> {
+    match hdr.gso_type & !GSO_ECN {
+        GSO_NONE if hdr.flags & F_NEEDS_CSUM == 0 => {
+            out(frame);
+            Ok(())
+        }
+        GSO_NONE => {
+            let start = usize::from(hdr.csum_start);
+            let at = start + usize::from(hdr.csum_offset);
+            if at + 2 > frame.len() {
+                return Err("a checksum to complete outside the frame");
+            }
+            scratch.clear();
+            scratch.extend_from_slice(frame);
+            // The field holds the pseudo-header's sum: the sum over it and the rest is the
+            // checksum. A zero is sent as 0xffff (UDP's zero means "no checksum").
+            let sum = match checksum::checksum(&scratch[start..]) {
+                0 => 0xffff,
+                sum => sum,
+            };
+            put16(scratch, at, sum);
+            out(scratch);
+            Ok(())
+        }
+        GSO_TCPV4 | GSO_TCPV6 => segment_tcp(frame, hdr, scratch, out),
+        _ => Err("a GSO type other than TCP"),
+    }
+}
+
+/// Where the headers of a TCP GSO frame end.
+struct TcpLayout {
+    v6: bool,
+    /// Offset of the IP header and its length.
+    ip: usize,
+    ip_len: usize,
+    /// Offset of the TCP header and its length.
+    tcp: usize,
+    tcp_len: usize,
+    /// End of the IP packet (bytes after it are padding).
+    end: usize,
+}
+
+fn tcp_layout(frame: &[u8], v6: bool) -> Result<TcpLayout, &'static str> {
+    const SHORT: &str = "a GSO frame cut short in its headers";
+    let ip = ethernet::HEADER_LEN;
+    if frame.len() < ip {
+        return Err(SHORT);
+    }
+    let ethertype = be16(frame, 12);
+    let (ip_len, end) = if v6 {
+        if ethertype != ethernet::ETHERTYPE_IPV6 || frame.len() < ip + 40 || frame[ip] >> 4 != 6 {
+            return Err("a TCPv6 GSO frame that is not IPv6");
+        }
+        if frame[ip + 6] != PROTO_TCP {
+            return Err("a TCPv6 GSO frame with IPv6 extension headers or not TCP");
+        }
+        (40, ip + 40 + usize::from(be16(frame, ip + 4)))
+    } else {
+        if ethertype != ethernet::ETHERTYPE_IPV4 || frame.len() < ip + 20 || frame[ip] >> 4 != 4 {
+            return Err("a TCPv4 GSO frame that is not IPv4");
+        }
+        let ip_len = usize::from(frame[ip] & 0x0f) * 4;
+        if frame[ip + 9] != PROTO_TCP {
+            return Err("a TCPv4 GSO frame that is not TCP");
+        }
+        if be16(frame, ip + 6) & 0x3fff != 0 {
+            return Err("a TCPv4 GSO frame that is a fragment");
+        }
+        (ip_len, ip + usize::from(be16(frame, ip + 2)))
+    };
+    let tcp = ip + ip_len;
+    if ip_len < 20 || end > frame.len() || tcp + 20 > end {
+        return Err(SHORT);
+    }
+    let tcp_len = usize::from(frame[tcp + 12] >> 4) * 4;
+    if tcp_len < 20 || tcp + tcp_len > end {
+        return Err(SHORT);
+    }
+    Ok(TcpLayout { v6, ip, ip_len, tcp, tcp_len, end })
+}
+
+fn segment_tcp(
+    frame: &[u8],
+    hdr: &VnetHdr,
+    scratch: &mut Vec<u8>,
+    mut out: impl FnMut(&[u8]),
+) -> Result<(), &'static str> {
+    let l = tcp_layout(frame, hdr.gso_type & !GSO_ECN == GSO_TCPV6)?;
+    let mss = usize::from(hdr.gso_size);
+    if mss == 0 {
+        return Err("a GSO frame with a segment size of 0");
+    }
+    let headers = l.tcp + l.tcp_len;
+    let payload = &frame[headers..l.end];
+    let count = payload.len().div_ceil(mss).max(1);
+    let seq = be32(frame, l.tcp + 4);
+    let ident = be16(frame, l.ip + 4);
+    for i in 0..count {
+        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
+        scratch.clear();
+        scratch.extend_from_slice(&frame[..headers]);
+        scratch.extend_from_slice(chunk);
+        let tcp_bytes = l.tcp_len + chunk.len();
+        let pseudo = if l.v6 {
+            put16(scratch, l.ip + 4, tcp_bytes as u16);
+            let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[at..at + 16]).unwrap_or([0; 16]));
+            checksum::pseudo_v6(addr(l.ip + 8), addr(l.ip + 24), PROTO_TCP, tcp_bytes)
+        } else {
+            put16(scratch, l.ip + 2, (l.ip_len + tcp_bytes) as u16);
+            put16(scratch, l.ip + 4, ident.wrapping_add(i as u16));
+            put16(scratch, l.ip + 10, 0);
+            let sum = checksum::checksum(&scratch[l.ip..l.ip + l.ip_len]);
+            put16(scratch, l.ip + 10, sum);
+            let addr = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+            checksum::pseudo_v4(addr(l.ip + 12), addr(l.ip + 16), PROTO_TCP, tcp_bytes)
+        };
+        put32(scratch, l.tcp + 4, seq.wrapping_add((i * mss) as u32));
+        if i + 1 < count {
+            scratch[l.tcp + 13] &= !(super::tcp::FIN | super::tcp::PSH);
+        }
+        if i > 0 {
+            scratch[l.tcp + 13] &= !TCP_CWR;
+        }
+        put16(scratch, l.tcp + 16, 0);
+        let sum = checksum::finish(checksum::add(pseudo, &scratch[l.tcp..]));
+        put16(scratch, l.tcp + 16, sum);
+        out(scratch);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::ethernet::EthernetHeader;
+    use crate::ipv4::Ipv4Header;
+    use crate::ipv6::Ipv6Header;
+    use crate::tcp::{self, TcpHeader};
+    use std::net::IpAddr;
+
+    /// A TCP frame with `payload` after its headers, its checksum partial (as a guest with
+    /// offloads sends it).
+    fn tcp_frame(src: IpAddr, dst: IpAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let tcp = TcpHeader {
+            src_port: 40000,
+            dst_port: 80,
+            seq: 0xffff_fff0,
+            ack: 7,
+            flags,
+            window: 512,
+            ..Default::default()
+        };
+        let ip_len = if src.is_ipv4() { 20 } else { 40 };
+        let l4 = tcp.emit_len() + payload.len();
+        let mut f = vec![0u8; 14 + ip_len + l4];
+        let ethertype = if src.is_ipv4() { ethernet::ETHERTYPE_IPV4 } else { ethernet::ETHERTYPE_IPV6 };
+        EthernetHeader { dst: [2; 6], src: [4; 6], ethertype }.emit(&mut f);
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut h = Ipv4Header::new(s, d, PROTO_TCP, l4);
+                h.ident = 0xfffe;
+                h.emit(&mut f[14..]);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => Ipv6Header::new(s, d, PROTO_TCP, l4).emit(&mut f[14..]),
+            _ => unreachable!(),
+        }
+        let at = 14 + ip_len;
+        f[at + tcp.emit_len()..].copy_from_slice(payload);
+        tcp.emit_partial(&mut f[at..], payload.len(), src, dst);
+        f
+    }
+
+    fn payload(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    fn finished(frame: &[u8], hdr: &VnetHdr) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        finish(frame, hdr, &mut Vec::new(), |f| out.push(f.to_vec())).unwrap();
+        out
+    }
+
+    /// Checks a whole TCP frame (IP header checksum, TCP checksum) and returns its IP
+    /// header's identification (0 for IPv6), TCP header and payload.
+    fn check_whole(f: &[u8]) -> (u16, TcpHeader, Vec<u8>) {
+        let (eth, l3) = EthernetHeader::parse(f).unwrap();
+        let (src, dst, ident, l4) = if eth.ethertype == ethernet::ETHERTYPE_IPV4 {
+            let (ip, l4) = Ipv4Header::parse(l3).expect("a valid IPv4 header and checksum");
+            (IpAddr::V4(ip.src), IpAddr::V4(ip.dst), ip.ident, l4)
+        } else {
+            let (ip, l4) = Ipv6Header::parse(l3).unwrap();
+            (IpAddr::V6(ip.src), IpAddr::V6(ip.dst), 0, l4)
+        };
+        let sum = checksum::finish(checksum::add(checksum::pseudo(src, dst, PROTO_TCP, l4.len()), l4));
+        assert_eq!(sum, 0, "TCP checksum");
+        let (h, data) = TcpHeader::parse(l4).unwrap();
+        (ident, h, data.to_vec())
+    }
+
+    #[test]
+    fn a_gso_frame_is_cut_into_whole_segments_that_carry_its_bytes() {
+        let v4 = (IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
+        let v6 = (IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 2]), IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 3]));
+        for ((src, dst), gso_type) in [(v4, GSO_TCPV4), (v6, GSO_TCPV6), (v4, GSO_TCPV4 | GSO_ECN)] {
+            let data = payload(10_000);
+            let flags = tcp::ACK | tcp::PSH | tcp::FIN | TCP_CWR;
+            let frame = tcp_frame(src, dst, flags, &data);
+            let hdr =
+                VnetHdr { flags: F_NEEDS_CSUM, gso_type, hdr_len: 0, gso_size: 1448, csum_start: 0, csum_offset: 0 };
+            let segs = finished(&frame, &hdr);
+            assert_eq!(segs.len(), 7, "10,000 bytes in segments of 1448");
+            let mut got = Vec::new();
+            for (i, seg) in segs.iter().enumerate() {
+                let (ident, h, data) = check_whole(seg);
+                assert_eq!(data.len(), if i < 6 { 1448 } else { 10_000 - 6 * 1448 });
+                assert_eq!(h.seq, 0xffff_fff0u32.wrapping_add((i * 1448) as u32), "sequence numbers run on");
+                assert_eq!(h.ack, 7);
+                let last = i == 6;
+                assert_eq!(h.has(tcp::FIN), last, "FIN on the last only");
+                assert_eq!(h.has(tcp::PSH), last, "PSH on the last only");
+                assert_eq!(h.flags & TCP_CWR != 0, i == 0, "CWR on the first only");
+                assert!(h.has(tcp::ACK));
+                if src.is_ipv4() {
+                    assert_eq!(ident, 0xfffeu16.wrapping_add(i as u16), "IPv4 identification counted up");
+                }
+                got.extend_from_slice(&data);
+            }
+            assert_eq!(got, data);
+        }
+    }
+
+    #[test]
+    fn a_frame_within_one_segment_gets_its_checksum_and_nothing_else() {
+        let (src, dst) = (IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
+        let frame = tcp_frame(src, dst, tcp::ACK | tcp::PSH, &payload(1000));
+        for gso_type in [GSO_TCPV4, GSO_NONE] {
+            let hdr =
+                VnetHdr { flags: F_NEEDS_CSUM, gso_type, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16 };
+            let segs = finished(&frame, &hdr);
+            assert_eq!(segs.len(), 1);
+            let (_, h, data) = check_whole(&segs[0]);
+            assert_eq!(data, payload(1000));
+            assert!(h.has(tcp::PSH));
+            let mut expect = frame.clone();
+            expect[34 + 16..34 + 18].copy_from_slice(&segs[0][34 + 16..34 + 18]);
+            assert_eq!(segs[0], expect, "only the checksum changed");
+        }
+        // Nothing to do: the frame goes as it is.
+        assert_eq!(finished(&frame, &VnetHdr::default()), vec![frame.clone()]);
+        // A bare ACK of a GSO type: one segment.
+        let ack = tcp_frame(src, dst, tcp::ACK, &[]);
+        let hdr = VnetHdr { gso_type: GSO_TCPV4, gso_size: 1448, ..Default::default() };
+        assert_eq!(finished(&ack, &hdr).len(), 1);
+        check_whole(&finished(&ack, &hdr)[0]);
+    }
+
+    #[test]
+    fn a_partial_udp_checksum_is_completed_and_never_zero() {
+        let (src, dst) = (IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
+        for len in [0usize, 1, 17, 1400] {
+            let mut f = vec![0u8; 14 + 20 + 8 + len];
+            EthernetHeader { dst: [2; 6], src: [4; 6], ethertype: ethernet::ETHERTYPE_IPV4 }.emit(&mut f);
+            let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else { unreachable!() };
+            Ipv4Header::new(s, d, crate::PROTO_UDP, 8 + len).emit(&mut f[14..]);
+            f[42..].copy_from_slice(&payload(len));
+            crate::udp::UdpHeader { src_port: 5353, dst_port: 53 }.emit(&mut f[34..], len, src, dst);
+            let whole = f.clone();
+            // The partial form: the pseudo-header's folded sum in the field.
+            let mut acc = checksum::pseudo(src, dst, crate::PROTO_UDP, 8 + len);
+            while acc >> 16 != 0 {
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            put16(&mut f, 34 + 6, acc as u16);
+            let hdr = VnetHdr { flags: F_NEEDS_CSUM, csum_start: 34, csum_offset: 6, ..Default::default() };
+            assert_eq!(finished(&f, &hdr), vec![whole]);
+        }
+    }
+
+    #[test]
+    fn frames_that_cannot_be_finished_give_nothing() {
+        let (src, dst) = (IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
+        let frame = tcp_frame(src, dst, tcp::ACK, &payload(3000));
+        let gso = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, gso_size: 1448, ..Default::default() };
+        let refused = |frame: &[u8], hdr: VnetHdr| {
+            let mut n = 0;
+            let r = finish(frame, &hdr, &mut Vec::new(), |_| n += 1);
+            assert!(r.is_err(), "{hdr:?}");
+            assert_eq!(n, 0);
+        };
+        refused(&frame, VnetHdr { gso_size: 0, ..gso });
+        refused(&frame, VnetHdr { gso_type: GSO_TCPV6, ..gso });
+        refused(&frame, VnetHdr { gso_type: GSO_UDP, ..gso });
+        refused(&frame, VnetHdr { gso_type: 9, ..gso });
+        refused(&frame[..frame.len() - 1], gso);
+        refused(&frame[..40], gso);
+        refused(&frame, VnetHdr { flags: F_NEEDS_CSUM, csum_start: 3000, csum_offset: 100, ..Default::default() });
+        let mut udp = frame.clone();
+        udp[14 + 9] = crate::PROTO_UDP;
+        refused(&udp, gso);
+        let mut fragment = frame.clone();
+        fragment[14 + 6] = 0x20;
+        refused(&fragment, gso);
+        let mut options_past_end = frame.clone();
+        options_past_end[14] = 0x4f;
+        put16(&mut options_past_end, 16, 60);
+        refused(&options_past_end, gso);
+    }
 
     #[test]
     fn roundtrip() {

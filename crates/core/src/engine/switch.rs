@@ -220,6 +220,9 @@ pub struct Switch {
     /// What TCP flows may hold of guest data, all together (`--max-buffered`); the flows
     /// take their share through it.
     pub budget: super::budget::Budget,
+    /// Where a guest's frame with offloads is finished for a guest that takes none
+    /// ([`Switch::forward`]).
+    finish_buf: Vec<u8>,
     /// The one link takes offloaded frames: TCP goes out in frames of up to 64 KiB with
     /// the checksum left to the guest's kernel (see link::tap).
     offload: bool,
@@ -275,6 +278,7 @@ impl Switch {
             stats: LinkStats::default(),
             counters: Counters::default(),
             budget: Default::default(),
+            finish_buf: Vec::new(),
             offload: false,
             bind_sources: false,
         }
@@ -542,7 +546,7 @@ impl Switch {
             }
             return;
         }
-        let (frames, errors) = send_on(&mut self.links, target, None, frame);
+        let (frames, errors) = send_on(&mut self.links, target, None, frame, None);
         self.stats.frames_out += frames;
         self.stats.bytes_out += frames * len as u64;
         self.stats.send_errors += errors;
@@ -865,14 +869,55 @@ impl Switch {
         if self.links.iter().flatten().count() < 2 {
             return;
         }
+        // What the sender's offloads left undone: a guest whose link takes offloads gets
+        // the frame as it is, with them; any other, the frames its kernel would have made
+        // (a checksum completed, a large TCP segment cut to the sender's segment size).
+        let offloads =
+            self.links.get(from).and_then(Option::as_ref).map(|s| s.link.recv_offloads()).unwrap_or_default();
+        let whole = offloads.flags & vnet_hdr::F_NEEDS_CSUM == 0 && offloads.gso_type == vnet_hdr::GSO_NONE;
+        let takes_offloads = |i: usize| self.links.get(i).and_then(Option::as_ref).is_some_and(|s| s.link.offloads());
+        let (frames, bytes, errors) = if whole {
+            self.send_switched(target, from, frame, None)
+        } else if let Some(i) = target.filter(|&i| takes_offloads(i)) {
+            self.send_switched(Some(i), from, frame, Some(&offloads))
+        } else {
+            let Switch { links, pcap, finish_buf, .. } = self;
+            let (mut frames, mut bytes, mut errors) = (0, 0, 0);
+            let done = vnet_hdr::finish(frame, &offloads, finish_buf, |f| {
+                if let Some(p) = pcap.as_mut() {
+                    p.write(f);
+                }
+                let (n, e) = send_on(links, target, Some(from), f, None);
+                frames += n;
+                bytes += n * f.len() as u64;
+                errors += e;
+            });
+            if let Err(why) = done {
+                tracing::debug!("{}: a frame for another guest: {why}", fmt_mac(eth.src));
+                self.drop_in(DropReason::Malformed);
+            }
+            (frames, bytes, errors)
+        };
+        self.stats.frames_out += frames;
+        self.stats.bytes_out += bytes;
+        self.stats.send_errors += errors;
+        self.counters.dropped_n(DropReason::SendError, errors);
+    }
+
+    /// Captures and sends one switched frame (with its offloads, to a link that takes them);
+    /// returns the frames and bytes sent and the errors.
+    fn send_switched(
+        &mut self,
+        target: Option<usize>,
+        from: usize,
+        frame: &[u8],
+        hdr: Option<&VnetHdr>,
+    ) -> (u64, u64, u64) {
         if let Some(p) = self.pcap.as_mut() {
             p.write(frame);
         }
-        let (frames, errors) = send_on(&mut self.links, target, Some(from), frame);
-        self.stats.frames_out += frames;
-        self.stats.bytes_out += frames * frame.len() as u64;
-        self.stats.send_errors += errors;
-        self.counters.dropped_n(DropReason::SendError, errors);
+        let (frames, errors) = send_on(&mut self.links, target, Some(from), frame, hdr);
+        (frames, frames * frame.len() as u64, errors)
     }
 
     pub fn add_link(&mut self, link: Box<dyn Link>) -> usize {
@@ -971,11 +1016,20 @@ impl Switch {
     }
 }
 
-/// Sends `frame` on link `target`, or on every link but `except` when there is no target.
-/// Returns (frames sent, errors).
-fn send_on(links: &mut [Option<LinkSlot>], target: Option<usize>, except: Option<usize>, frame: &[u8]) -> (u64, u64) {
+/// Sends `frame` on link `target`, or on every link but `except` when there is no target,
+/// with `offloads` (only to links that take them). Returns (frames sent, errors).
+fn send_on(
+    links: &mut [Option<LinkSlot>],
+    target: Option<usize>,
+    except: Option<usize>,
+    frame: &[u8],
+    offloads: Option<&VnetHdr>,
+) -> (u64, u64) {
     let (mut sent, mut errors) = (0, 0);
-    let mut one = |slot: &mut LinkSlot| match slot.link.send(frame) {
+    let mut one = |slot: &mut LinkSlot| match match offloads {
+        Some(h) => slot.link.send_offloaded(frame, h),
+        None => slot.link.send(frame),
+    } {
         Ok(()) => {
             sent += 1;
             slot.counters.tx_frames += 1;

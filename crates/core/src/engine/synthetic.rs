@@ -18,6 +18,10 @@ use super::flows::FlowId;
 use crate::config::NetConfig;
 use crate::guest::GuestKey;
 use crate::link::Link;
+use usernet_wire::vnet_hdr::VnetHdr;
+
+/// A frame sent with its offloads.
+pub type Offloaded = (Vec<u8>, VnetHdr);
 
 /// A guest link that never has a frame to read and records every frame sent to the guest.
 #[derive(Clone, Default)]
@@ -28,6 +32,11 @@ pub struct RecordingLink {
     pub count: Rc<RefCell<usize>>,
     /// What the switch last said of the guest's offloads (`Link::allow_guest_offloads`).
     pub guest_offloads: Rc<std::cell::Cell<Option<bool>>>,
+    /// What `recv_offloads` says of the guest's frame (the test hands it to `on_frame`).
+    pub recv_offloads: Rc<std::cell::Cell<VnetHdr>>,
+    /// The link takes offloaded frames (`Link::offloads`); those it got, with their headers.
+    pub takes_offloads: Rc<std::cell::Cell<bool>>,
+    pub sent_offloaded: Rc<RefCell<Vec<Offloaded>>>,
 }
 
 impl Link for RecordingLink {
@@ -46,6 +55,16 @@ impl Link for RecordingLink {
     }
     fn allow_guest_offloads(&mut self, on: bool) {
         self.guest_offloads.set(Some(on));
+    }
+    fn recv_offloads(&self) -> VnetHdr {
+        self.recv_offloads.get()
+    }
+    fn offloads(&self) -> bool {
+        self.takes_offloads.get()
+    }
+    fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
+        self.sent_offloaded.borrow_mut().push((frame.to_vec(), *hdr));
+        Ok(())
     }
 }
 

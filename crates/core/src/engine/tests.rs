@@ -2054,3 +2054,82 @@ fn a_guest_offloads_only_while_its_link_is_the_only_one() {
     e.drop_link_by_id(id, "gone");
     assert_eq!(link.guest_offloads.get(), Some(true));
 }
+
+/// A guest's frame with offloads (a partial checksum, a 64 KiB TCP segment: a vhost-user
+/// guest with HOST_TSO, or a TAP's frame read before its offloads went off) reaches another
+/// guest whole, in the segments its kernel would have cut, or as it is with its offloads
+/// when that guest's link takes them; one that cannot be finished goes nowhere.
+#[test]
+fn a_guest_s_offloaded_frame_reaches_another_guest_whole() {
+    use super::metrics::DropReason;
+    use usernet_wire::vnet_hdr::{self, VnetHdr};
+    let (mut e, sender, _dialer) = engine(false);
+    let other = FakeLink::default();
+    e.add_link(Box::new(other.clone()));
+    let now = Instant::now();
+    let (a, b) = (Ipv4Addr::new(192, 168, 65, 2), Ipv4Addr::new(192, 168, 65, 3));
+    let mac_b = [0x02, 0, 0, 0, 0, 0x0b];
+    // The other guest speaks first, so that the switch knows its link.
+    let mut hello = frame_ipv4(usernet_wire::PROTO_UDP, b, Ipv4Addr::new(192, 168, 65, 1), &[0, 9, 0, 9, 0, 8, 0, 0]);
+    hello[6..12].copy_from_slice(&mac_b);
+    e.on_frame(1, &hello, now);
+    other.sent.borrow_mut().clear();
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let tcp = TcpHeader {
+        src_port: 40000,
+        dst_port: 8080,
+        seq: 1000,
+        ack: 1,
+        flags: ACK | usernet_wire::tcp::PSH,
+        window: 500,
+        ..Default::default()
+    };
+    let hl = tcp.emit_len();
+    let mut seg = vec![0u8; hl + payload.len()];
+    seg[hl..].copy_from_slice(&payload);
+    tcp.emit_partial(&mut seg, payload.len(), IpAddr::V4(a), IpAddr::V4(b));
+    let mut frame = frame_ipv4(usernet_wire::PROTO_TCP, a, b, &seg);
+    frame[..6].copy_from_slice(&mac_b);
+    let gso = VnetHdr {
+        flags: vnet_hdr::F_NEEDS_CSUM,
+        gso_type: vnet_hdr::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1000,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    sender.recv_offloads.set(gso);
+    e.on_frame(0, &frame, now);
+    let got = std::mem::take(&mut *other.sent.borrow_mut());
+    assert_eq!(got.len(), 3, "3000 bytes in segments of 1000");
+    let mut data = Vec::new();
+    for (i, f) in got.iter().enumerate() {
+        let (ip, l4) = Ipv4Header::parse(&f[ethernet::HEADER_LEN..]).expect("a whole IPv4 header");
+        let sum = usernet_wire::checksum::finish(usernet_wire::checksum::add(
+            usernet_wire::checksum::pseudo(IpAddr::V4(ip.src), IpAddr::V4(ip.dst), usernet_wire::PROTO_TCP, l4.len()),
+            l4,
+        ));
+        assert_eq!(sum, 0, "segment {i}: a whole TCP checksum");
+        let (h, d) = TcpHeader::parse(l4).unwrap();
+        assert_eq!(h.seq, 1000 + 1000 * i as u32);
+        assert_eq!(h.has(usernet_wire::tcp::PSH), i == 2);
+        data.extend_from_slice(d);
+    }
+    assert_eq!(data, payload);
+    // A link that takes offloads gets the frame as it is, with them.
+    other.takes_offloads.set(true);
+    e.on_frame(0, &frame, now);
+    assert!(other.sent.borrow().is_empty());
+    assert_eq!(*other.sent_offloaded.borrow(), vec![(frame.clone(), gso)]);
+    // One that cannot be finished (a segment size of 0) goes nowhere.
+    other.takes_offloads.set(false);
+    sender.recv_offloads.set(VnetHdr { gso_size: 0, ..gso });
+    let malformed = e.switch.counters.dropped_count(DropReason::Malformed);
+    e.on_frame(0, &frame, now);
+    assert!(other.sent.borrow().is_empty());
+    assert_eq!(e.switch.counters.dropped_count(DropReason::Malformed), malformed + 1);
+    // A whole frame goes as it is.
+    sender.recv_offloads.set(VnetHdr::default());
+    e.on_frame(0, &frame, now);
+    assert_eq!(*other.sent.borrow(), vec![frame]);
+}

@@ -129,6 +129,15 @@ pub trait Link {
         let _ = hdr;
         self.send(frame)
     }
+    /// What the frame `recv` returned last leaves to its receiver (a partial checksum, one
+    /// large TCP segment for many), from a guest that may send such frames (a TAP device
+    /// with its offloads on, a vhost-user guest that took CSUM and HOST_TSO); the default
+    /// (nothing) for a whole frame. usernet's own stack needs none of it; the switch
+    /// finishes such a frame (`vnet_hdr::finish`) before another guest gets it, unless that
+    /// guest's link takes it as it is (`offloads`).
+    fn recv_offloads(&self) -> usernet_wire::vnet_hdr::VnetHdr {
+        usernet_wire::vnet_hdr::VnetHdr::default()
+    }
     /// Whether the guest may send frames with offloads (a partial checksum, one large TCP
     /// segment for many), where its transport can say so at any time (a TAP device:
     /// TUNSETOFFLOAD). The switch allows it only while this is its one link: usernet takes

@@ -41,6 +41,8 @@ pub struct Tap {
     /// The guest may send frames with offloads (TUNSETOFFLOAD: partial checksums, large TCP
     /// segments); see [`Link::allow_guest_offloads`].
     guest_offloads: bool,
+    /// The virtio-net header of the frame read last ([`Link::recv_offloads`]).
+    last_offloads: VnetHdr,
     name: String,
 }
 
@@ -85,7 +87,7 @@ impl Tap {
         // SAFETY: TUNSETIFF reads and writes one ifreq, which lives across the call.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
         Errno::result(rc)?;
-        Ok(Tap { fd, vnet: false, guest_offloads: false, name: name.to_string() })
+        Ok(Tap { fd, vnet: false, guest_offloads: false, last_offloads: VnetHdr::default(), name: name.to_string() })
     }
 
     /// Wraps the descriptor of an existing TAP device (received from the sandbox) and makes
@@ -106,7 +108,7 @@ impl Tap {
         } else {
             (false, String::from("tap"))
         };
-        let mut tap = Tap { fd, vnet: false, guest_offloads: false, name };
+        let mut tap = Tap { fd, vnet: false, guest_offloads: false, last_offloads: VnetHdr::default(), name };
         if has_vnet {
             tap.set_guest_offloads(true)?;
             tap.vnet = true;
@@ -184,8 +186,9 @@ impl Link for Tap {
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.vnet {
-            // The header is not needed: usernet verifies no TCP or UDP checksum, and a
-            // guest's GSO frame is one large segment to the translator.
+            // usernet verifies no TCP or UDP checksum, and a guest's GSO frame is one large
+            // segment to the translator: the header is kept only for the switch
+            // (`recv_offloads`: frames read before the offloads were turned off).
             let mut hdr = [0u8; vnet_hdr::LEN];
             let iov = [
                 libc::iovec { iov_base: hdr.as_mut_ptr() as *mut libc::c_void, iov_len: hdr.len() },
@@ -201,6 +204,7 @@ impl Link for Tap {
                     }
                     return Err(e);
                 }
+                self.last_offloads = VnetHdr::parse(&hdr).unwrap_or_default();
                 return Ok((n as usize).saturating_sub(vnet_hdr::LEN));
             }
         }
@@ -215,6 +219,10 @@ impl Link for Tap {
 
     fn offloads(&self) -> bool {
         self.vnet
+    }
+
+    fn recv_offloads(&self) -> VnetHdr {
+        self.last_offloads
     }
 
     fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {

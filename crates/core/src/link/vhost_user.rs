@@ -75,7 +75,8 @@
 //! Offloads. usernet→guest: when the driver takes GUEST_CSUM, GUEST_TSO4 and GUEST_TSO6,
 //! `offloads()` is true and the engine may send 64 KiB TCP frames with a partial checksum
 //! (`send_offloaded`), its [`VnetHdr`] written as the virtio-net header (same layout).
-//! guest→usernet (CSUM, HOST_TSO4/6): see [`HOST_OFFLOADS`].
+//! guest→usernet: when the driver takes CSUM and HOST_TSO4/6, the guest sends TCP frames of
+//! up to 64 KiB with a partial checksum (see [`HOST_OFFLOADS`]).
 //!
 //! Garbled descriptors (a loop, an address outside guest memory, a write-only buffer in a TX
 //! chain, a zero-length buffer, a frame over more than [`MAX_FRAME_DESCS`] buffers, a frame
@@ -108,7 +109,8 @@ use vhost::vhost_user::{
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
@@ -148,11 +150,13 @@ const fn bit(b: u32) -> u64 {
 /// Offloads of frames usernet sends to the guest (the engine's `send_offloaded`).
 pub const GUEST_OFFLOADS: u64 =
     bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
-/// Offloads of frames the guest sends (VIRTIO_NET_F_CSUM, HOST_TSO4, HOST_TSO6): not
-/// offered. The engine would take a guest's 64 KiB TCP frame with a partial checksum (the
-/// TAP path does), but the switch forwards frames between guests as they are, and a guest
-/// on another link expects whole frames.
-pub const HOST_OFFLOADS: u64 = 0;
+/// Offloads of frames the guest sends: partial checksums (VIRTIO_NET_F_CSUM) and TCP
+/// frames of up to 64 KiB (HOST_TSO4, HOST_TSO6), which the guest's kernel then need not
+/// cut into MTU-sized segments. usernet's stack verifies no checksum and takes a large
+/// segment as one write to its socket; the switch finishes such a frame
+/// (`vnet_hdr::finish`, from [`Link::recv_offloads`]) for another guest that does not
+/// take offloads. No UDP fragmentation offload (HOST_UFO) nor ECN (HOST_ECN).
+pub const HOST_OFFLOADS: u64 = bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6);
 
 /// The virtio features usernet offers.
 pub const FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
@@ -617,6 +621,8 @@ pub struct VhostUserLink {
     segs: Vec<(u64, u32)>,
     chains: Vec<(u16, usize, usize)>,
     used_lens: Vec<(u16, u32)>,
+    /// The virtio-net header of the frame read last ([`Link::recv_offloads`]).
+    last_offloads: VnetHdr,
     /// Frames dropped: no RX buffer and the backlog full, or too big for the guest's.
     pub dropped: u64,
     /// A frame too big for the guest's RX buffers was logged (once a link: a guest whose
@@ -823,6 +829,10 @@ impl Link for VhostUserLink {
         self.send_with(frame, hdr)
     }
 
+    fn recv_offloads(&self) -> VnetHdr {
+        self.last_offloads
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.flush_rings();
         Ok(())
@@ -873,7 +883,8 @@ impl VhostUserLink {
                     self.tx_quiet = true;
                 }
                 let head = chain.head_index();
-                let (_hdr, n) = read_chain(mem, chain, hdr_len, buf).map_err(garbled)?;
+                let (hdr, n) = read_chain(mem, chain, hdr_len, buf).map_err(garbled)?;
+                self.last_offloads = hdr;
                 self.upload.frame(n, std::time::Instant::now);
                 ring.add_used(mem, &[(head, 0)]).map_err(|e| garbled(format!("TX {e}")))?;
                 self.used[TX] = true;
@@ -1054,6 +1065,7 @@ impl Control {
             used_lens: Vec::new(),
             dropped: 0,
             said_too_big: false,
+            last_offloads: VnetHdr::default(),
         })
     }
 
