@@ -808,6 +808,45 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1500))]
+
+    /// Whatever offloads a guest claims for whatever frame it sends to another guest (or
+    /// to all), the switch neither panics nor sends on a frame larger than a link carries.
+    #[test]
+    fn switched_frames_with_any_offloads_never_panic(
+        frames in proptest::collection::vec((arb_frame(), any::<bool>(), 0usize..3000), 1..10),
+        hdr in (any::<u8>(), prop::sample::select(vec![0u8, 1, 3, 4, 0x81, 0x7f]), any::<u16>(),
+                prop_oneof![Just(0u16), 1u16..1600, any::<u16>()], any::<u16>(), any::<u16>()),
+        takes in any::<bool>(),
+    ) {
+        use usernet_wire::vnet_hdr::VnetHdr;
+        let (mut e, sender, _d) = engine(false);
+        let other = FakeLink::default();
+        other.takes_offloads.set(takes);
+        e.add_link(Box::new(other.clone()));
+        let now = Instant::now();
+        let mac_b = [0x02, 0, 0, 0, 0, 0x0b];
+        let mut hello = frame_ipv4(PROTO_UDP, Ipv4Addr::new(192, 168, 65, 3), Ipv4Addr::new(192, 168, 65, 1), &[0, 9, 0, 9, 0, 8, 0, 0]);
+        hello[6..12].copy_from_slice(&mac_b);
+        e.on_frame(1, &hello, now);
+        sender.recv_offloads.set(VnetHdr {
+            flags: hdr.0, gso_type: hdr.1, hdr_len: hdr.2, gso_size: hdr.3, csum_start: hdr.4, csum_offset: hdr.5,
+        });
+        for (f, broadcast, grow) in &frames {
+            let mut f = f.clone();
+            if f.len() >= 6 {
+                f[..6].copy_from_slice(if *broadcast { &[0xff; 6] } else { &mac_b });
+            }
+            f.resize(f.len() + grow, 0x5a);
+            e.on_frame(0, &f, now);
+        }
+        for f in other.sent.borrow().iter() {
+            prop_assert!(f.len() <= crate::link::MAX_FRAME);
+        }
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Host data of any length reaches a guest of any MSS whole and in order, in segments
