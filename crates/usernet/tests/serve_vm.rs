@@ -383,9 +383,9 @@ fn a_vhost_user_vm_s_large_frames_reach_a_vm_without_offloads_whole() {
 
 /// A VM and a namespace (`--netns`) on one `serve`: the VM downloads a file from the
 /// namespace's httpd, and the namespace the same file back from the VM's (sha256 both ways).
-/// The namespace's kernel must send whole frames once the VM's link is up: a TAP's
-/// offloaded frame (partial checksum) forwarded as it was reached the VM with a checksum it
-/// drops.
+/// Each side's offloaded frames (large, with a partial checksum) must reach the other
+/// finished or with their virtio-net header: forwarded as they were, they reached the VM
+/// with a checksum it dropped.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn a_vm_and_a_namespace_on_one_serve_exchange_files() {

@@ -223,9 +223,6 @@ pub struct Switch {
     /// Where a guest's frame with offloads is finished for a guest that takes none
     /// ([`Switch::forward`]).
     finish_buf: Vec<u8>,
-    /// The one link takes offloaded frames: TCP goes out in frames of up to 64 KiB with
-    /// the checksum left to the guest's kernel (see link::tap).
-    offload: bool,
     /// Each link carries one guest (`serve`): frames from another MAC, or from another
     /// source address than the first it used, are dropped ([`Switch::admit`]).
     pub bind_sources: bool,
@@ -279,7 +276,6 @@ impl Switch {
             counters: Counters::default(),
             budget: Default::default(),
             finish_buf: Vec::new(),
-            offload: false,
             bind_sources: false,
         }
     }
@@ -327,11 +323,11 @@ impl Switch {
 
     /// Sends TCP data (payload at TCP_PAYLOAD_OFF, up to [`Self::max_tcp_data`] bytes) as
     /// segments of at most `mss` bytes: one offloaded frame that the guest's kernel splits
-    /// when the link offloads, else one frame per segment, cut here. So a flow reads its
-    /// socket once for 64 KiB, not once per segment.
+    /// when the guest's link offloads, else one frame per segment, cut here. So a flow reads
+    /// its socket once for 64 KiB, not once per segment.
     pub fn send_tcp_data(&mut self, from: SocketAddr, to: SocketAddr, hdr: &TcpHeader, payload_len: usize, mss: usize) {
         let v6 = to.is_ipv6();
-        if !self.offload {
+        if !self.offloads_to(to.ip()) {
             let mss = mss.clamp(1, self.max_tcp_payload(v6));
             let mut off = 0;
             loop {
@@ -527,26 +523,12 @@ impl Switch {
             p.write(frame);
         }
         let target = if self.dst_mac[0] & 1 == 0 { self.macs.get(&self.dst_mac).copied() } else { None };
-        if let Some(hdr) = self.vnet {
-            // Offloaded frames exist only while the one link takes them.
-            if let Some(slot) = self.links.iter_mut().flatten().next() {
-                match slot.link.send_offloaded(frame, &hdr) {
-                    Ok(()) => {
-                        self.stats.frames_out += 1;
-                        self.stats.bytes_out += len as u64;
-                        slot.counters.tx_frames += 1;
-                        slot.counters.tx_bytes += len as u64;
-                    }
-                    Err(e) => {
-                        self.stats.send_errors += 1;
-                        self.counters.dropped(DropReason::SendError);
-                        tracing::debug!("{}: send: {e}", slot.link.describe());
-                    }
-                }
-            }
+        // An offloaded frame goes only to the known guest whose link takes it (`offloads_to`).
+        if self.vnet.is_some() && target.is_none() {
+            self.counters.dropped(DropReason::NoNeighbour);
             return;
         }
-        let (frames, errors) = send_on(&mut self.links, target, None, frame, None);
+        let (frames, errors) = send_on(&mut self.links, target, None, frame, self.vnet.as_ref());
         self.stats.frames_out += frames;
         self.stats.bytes_out += frames * len as u64;
         self.stats.send_errors += errors;
@@ -936,7 +918,7 @@ impl Switch {
             serial: self.next_link_serial,
         };
         self.next_link_serial += 1;
-        let index = match self.links.iter().position(Option::is_none) {
+        match self.links.iter().position(Option::is_none) {
             Some(i) => {
                 self.links[i] = Some(slot);
                 i
@@ -945,9 +927,7 @@ impl Switch {
                 self.links.push(Some(slot));
                 self.links.len() - 1
             }
-        };
-        self.update_offload();
-        index
+        }
     }
 
     /// Counts a frame from a guest that goes no further.
@@ -960,22 +940,17 @@ impl Switch {
     /// Forgets a link that went away and the MACs behind it.
     pub fn remove_link(&mut self, index: usize) -> Option<LinkSlot> {
         self.macs.retain(|_, i| *i != index);
-        let slot = self.links.get_mut(index).and_then(Option::take);
-        self.update_offload();
-        slot
+        self.links.get_mut(index).and_then(Option::take)
     }
 
-    /// Offloads are used only with a single link that takes them: a switched frame must
-    /// be complete for whichever guest receives it.
-    fn update_offload(&mut self) {
-        let single = self.links.iter().flatten().count() == 1;
-        self.offload = single && self.links.iter().flatten().all(|slot| slot.link.offloads());
-        // The same the other way: a guest's frame with a partial checksum or many segments
-        // in one would reach another guest so (two namespaces on one `serve`: no TCP
-        // between them went through), so its kernel completes them while another link is up.
-        for slot in self.links.iter_mut().flatten() {
-            slot.link.allow_guest_offloads(single);
-        }
+    /// Whether the guest at `ip` is known, on a link that takes offloaded frames: TCP data
+    /// then goes to it in frames of up to 64 KiB with the checksum left to its kernel.
+    fn offloads_to(&self, ip: IpAddr) -> bool {
+        self.neighbours
+            .get(&ip)
+            .and_then(|mac| self.macs.get(mac))
+            .and_then(|&i| self.links.get(i)?.as_ref())
+            .is_some_and(|slot| slot.link.offloads())
     }
 
     /// Asks for the MAC of `ip`, at most once a second per address: a broadcast ARP

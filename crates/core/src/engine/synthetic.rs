@@ -30,8 +30,6 @@ pub struct RecordingLink {
     /// Keep no frames, only count them (fuzzing: memory stays flat).
     pub count_only: bool,
     pub count: Rc<RefCell<usize>>,
-    /// What the switch last said of the guest's offloads (`Link::allow_guest_offloads`).
-    pub guest_offloads: Rc<std::cell::Cell<Option<bool>>>,
     /// What `recv_offloads` says of the guest's frame (the test hands it to `on_frame`).
     pub recv_offloads: Rc<std::cell::Cell<VnetHdr>>,
     /// The link takes offloaded frames (`Link::offloads`); those it got, with their headers.
@@ -52,9 +50,6 @@ impl Link for RecordingLink {
             self.sent.borrow_mut().push(frame.to_vec());
         }
         Ok(())
-    }
-    fn allow_guest_offloads(&mut self, on: bool) {
-        self.guest_offloads.set(Some(on));
     }
     fn recv_offloads(&self) -> VnetHdr {
         self.recv_offloads.get()

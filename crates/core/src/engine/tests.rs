@@ -2080,18 +2080,35 @@ fn a_link_dropped_by_id_is_that_link_and_not_the_next_in_its_slot() {
     assert!(e.switch.links[0].is_some());
 }
 
-/// A guest may send offloaded frames (partial checksums, large TCP segments: a TAP's
-/// TUNSETOFFLOAD) only while its link is the switch's one: a frame forwarded to another
-/// guest must be whole (two namespaces on one `serve` had no TCP between them).
+/// TCP data goes to each guest as its own link takes it: one offloaded frame of up to
+/// 64 KiB to a guest whose link offloads, whole segments of the MSS to another guest on the
+/// same switch whose link does not (a namespace's TAP and a VM on the stream transport on
+/// one `serve`).
 #[test]
-fn a_guest_offloads_only_while_its_link_is_the_only_one() {
-    let (mut e, link, _dialer) = engine(false);
-    assert_eq!(link.guest_offloads.get(), Some(true));
-    let other = FakeLink::default();
-    let id = e.add_link(Box::new(other.clone()));
-    assert_eq!((link.guest_offloads.get(), other.guest_offloads.get()), (Some(false), Some(false)));
-    e.drop_link_by_id(id, "gone");
-    assert_eq!(link.guest_offloads.get(), Some(true));
+fn tcp_data_is_offloaded_only_to_a_guest_whose_link_takes_it() {
+    use super::switch::TCP_PAYLOAD_OFF;
+    use usernet_wire::vnet_hdr;
+    let (mut e, plain, _dialer) = engine(false);
+    let fast = FakeLink::default();
+    fast.takes_offloads.set(true);
+    e.add_link(Box::new(fast.clone()));
+    let (a, b) = (Ipv4Addr::new(192, 168, 65, 2), Ipv4Addr::new(192, 168, 65, 3));
+    e.switch.learn(0, GUEST_MAC, Some(IpAddr::V4(a)));
+    e.switch.learn(1, [0x02, 0, 0, 0, 0, 0x0b], Some(IpAddr::V4(b)));
+    let from = std::net::SocketAddr::new(IpAddr::V4(*remote().ip()), 80);
+    let hdr =
+        TcpHeader { src_port: 80, dst_port: 40000, seq: 1, ack: 1, flags: ACK, window: 100, ..Default::default() };
+    for to in [a, b] {
+        e.switch.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + 3000].fill(7);
+        e.switch.send_tcp_data(from, std::net::SocketAddr::new(IpAddr::V4(to), 40000), &hdr, 3000, 1000);
+    }
+    assert_eq!(plain.sent.borrow().len(), 3, "three whole segments");
+    assert!(plain.sent_offloaded.borrow().is_empty());
+    assert!(fast.sent.borrow().is_empty());
+    let offloaded = fast.sent_offloaded.borrow();
+    assert_eq!(offloaded.len(), 1, "one offloaded frame");
+    assert_eq!((offloaded[0].1.gso_type, offloaded[0].1.gso_size), (vnet_hdr::GSO_TCPV4, 1000));
+    assert_eq!(offloaded[0].0.len(), 14 + 20 + 20 + 3000);
 }
 
 /// A guest's frame with offloads (a partial checksum, a 64 KiB TCP segment: a vhost-user

@@ -120,7 +120,8 @@ pub trait Link {
         false
     }
     /// True when the link takes offloaded frames (`send_offloaded`): a TAP device with
-    /// IFF_VNET_HDR, where the kernel completes checksums and segments large TCP frames.
+    /// IFF_VNET_HDR, where the kernel completes checksums and segments large TCP frames; a
+    /// vhost-user guest that took GUEST_CSUM and GUEST_TSO4/6.
     fn offloads(&self) -> bool {
         false
     }
@@ -131,20 +132,12 @@ pub trait Link {
     }
     /// What the frame `recv` returned last leaves to its receiver (a partial checksum, one
     /// large TCP segment for many), from a guest that may send such frames (a TAP device
-    /// with its offloads on, a vhost-user guest that took CSUM and HOST_TSO); the default
+    /// with IFF_VNET_HDR, a vhost-user guest that took CSUM and HOST_TSO); the default
     /// (nothing) for a whole frame. usernet's own stack needs none of it; the switch
     /// finishes such a frame (`vnet_hdr::finish`) before another guest gets it, unless that
     /// guest's link takes it as it is (`offloads`).
     fn recv_offloads(&self) -> usernet_wire::vnet_hdr::VnetHdr {
         usernet_wire::vnet_hdr::VnetHdr::default()
-    }
-    /// Whether the guest may send frames with offloads (a partial checksum, one large TCP
-    /// segment for many), where its transport can say so at any time (a TAP device:
-    /// TUNSETOFFLOAD). The switch allows it only while this is its one link: usernet takes
-    /// such frames (it verifies no checksum, and a large segment is one write to the
-    /// translator), but a frame it forwards to another guest must be whole.
-    fn allow_guest_offloads(&mut self, on: bool) {
-        let _ = on;
     }
     /// A short name for logs, e.g. "tap eth0" or "qemu unix:/run/vm.sock #2".
     fn describe(&self) -> String {

@@ -19,7 +19,9 @@
 //! kernel sends TCP in frames of up to 64 KiB whatever the MTU, without computing
 //! checksums, and usernet may send it 64 KiB TCP frames with only the pseudo-header sum
 //! filled in, which the guest's kernel takes as one large segment. Headers are read and
-//! written with readv/writev beside the frame, so frames are never moved.
+//! written with readv/writev beside the frame, so frames are never moved. A frame the
+//! switch forwards to another guest keeps its header for a link that takes offloads, and is
+//! finished (checksum, segments) for one that does not (`Link::recv_offloads`).
 
 use std::ffi::CString;
 use std::io;
@@ -38,9 +40,6 @@ pub struct Tap {
     fd: OwnedFd,
     /// Frames carry a virtio-net header (IFF_VNET_HDR).
     vnet: bool,
-    /// The guest may send frames with offloads (TUNSETOFFLOAD: partial checksums, large TCP
-    /// segments); see [`Link::allow_guest_offloads`].
-    guest_offloads: bool,
     /// The virtio-net header of the frame read last ([`Link::recv_offloads`]).
     last_offloads: VnetHdr,
     name: String,
@@ -87,7 +86,7 @@ impl Tap {
         // SAFETY: TUNSETIFF reads and writes one ifreq, which lives across the call.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
         Errno::result(rc)?;
-        Ok(Tap { fd, vnet: false, guest_offloads: false, last_offloads: VnetHdr::default(), name: name.to_string() })
+        Ok(Tap { fd, vnet: false, last_offloads: VnetHdr::default(), name: name.to_string() })
     }
 
     /// Wraps the descriptor of an existing TAP device (received from the sandbox) and makes
@@ -108,23 +107,21 @@ impl Tap {
         } else {
             (false, String::from("tap"))
         };
-        let mut tap = Tap { fd, vnet: false, guest_offloads: false, last_offloads: VnetHdr::default(), name };
+        let mut tap = Tap { fd, vnet: false, last_offloads: VnetHdr::default(), name };
         if has_vnet {
-            tap.set_guest_offloads(true)?;
+            tap.allow_guest_offloads()?;
             tap.vnet = true;
         }
         Ok(tap)
     }
 
     /// Lets the guest's kernel hand over frames with partial checksums and large TCP
-    /// segments (TUNSETOFFLOAD), or makes it complete and segment them itself. It applies to
-    /// the whole device (every queue), and to frames it has not sent yet.
-    fn set_guest_offloads(&mut self, on: bool) -> io::Result<()> {
-        let offloads = if on { TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 } else { 0 };
+    /// segments (TUNSETOFFLOAD), for the whole device (every queue).
+    fn allow_guest_offloads(&mut self) -> io::Result<()> {
+        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, offloads as libc::c_ulong) };
         Errno::result(rc)?;
-        self.guest_offloads = on;
         Ok(())
     }
 
@@ -188,7 +185,7 @@ impl Link for Tap {
         if self.vnet {
             // usernet verifies no TCP or UDP checksum, and a guest's GSO frame is one large
             // segment to the translator: the header is kept only for the switch
-            // (`recv_offloads`: frames read before the offloads were turned off).
+            // (`recv_offloads`: a frame forwarded to another guest).
             let mut hdr = [0u8; vnet_hdr::LEN];
             let iov = [
                 libc::iovec { iov_base: hdr.as_mut_ptr() as *mut libc::c_void, iov_len: hdr.len() },
@@ -227,19 +224,6 @@ impl Link for Tap {
 
     fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
         self.write_with_header(frame, hdr)
-    }
-
-    fn allow_guest_offloads(&mut self, on: bool) {
-        if self.vnet
-            && self.guest_offloads != on
-            && let Err(e) = self.set_guest_offloads(on)
-        {
-            tracing::warn!(
-                "{}: cannot turn the guest's offloads {}: {e}",
-                self.describe(),
-                if on { "on" } else { "off" }
-            );
-        }
     }
 
     // A full device drops the frame (see above): nothing waits to be flushed.
