@@ -106,15 +106,21 @@ impl Drop for NsProcess {
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn two_namespaces_on_one_serve() {
-    common::require(&["ip", "dnsmasq", "unshare", "nsenter", "curl", "dig", "ping", "socat"]);
+    common::require(&["ip", "dnsmasq", "unshare", "nsenter", "curl", "dig", "ping", "socat", "tcpdump"]);
     let dns = DnsUpstream::start();
     let (_files, server, hash) = common::serve_random_file("netnsfile", "f", 4 << 20);
     let named = NamedNs::new();
     let proc_ns = NsProcess::new(None);
     let dir = TempDir::new("serve-netns");
     let pid = proc_ns.sleeper().expect("pid").to_string();
+    let pcap = dir.join("switch.pcap");
     // The first by its name, as `ip netns` and pasta take it (/run/netns/NAME).
-    let serve = Serve::start(&dir, &dns, &[format!("--netns={}", named.0), format!("--netns={pid}")], &[]);
+    let serve = Serve::start(
+        &dir,
+        &dns,
+        &[format!("--netns={}", named.0), format!("--netns={pid}"), format!("--pcap={}", pcap.display())],
+        &[],
+    );
 
     // The first namespace has the first address, the second the next one.
     let addr = named.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
@@ -161,6 +167,15 @@ fn two_namespaces_on_one_serve() {
     let got = named.exec(&["timeout", "30", "sh", "-c", &fetch]);
     assert_eq!(common::first_word(&got.stdout), blob_hash, "pid -> named namespace: {got}\n{}", serve.log());
     drop(sender);
+    // With two links up, both TAPs kept their offloads: the capture (written out when the
+    // engine goes idle) has frames from one namespace to the other larger than the MTU.
+    let large = |from: &str, to: &str| {
+        let filter = format!("src host {from} and dst host {to} and greater 1600");
+        common::run("tcpdump", &["-nr", &pcap.to_string_lossy(), &filter]).stdout.lines().count()
+    };
+    common::wait_until(Duration::from_secs(10), || large("192.168.65.2", "192.168.65.3") > 0);
+    assert!(large("192.168.65.2", "192.168.65.3") > 0, "no 64 KiB frame from the named namespace");
+    assert!(large("192.168.65.3", "192.168.65.2") > 0, "no 64 KiB frame from the pid namespace");
 
     let (status, leases) = serve.api("GET", "/services/dhcp/leases", "");
     assert_eq!(status, 200);
