@@ -253,21 +253,28 @@ fn boot_vhost_user_with(name: &str, image: &Image, sock: &Path, mac: &str, chard
 /// `--listen-vhost-user`: QEMU's `-netdev vhost-user` with usernet as the back-end, the
 /// guest's rings read and filled in shared memory. The same checks as the stream transport
 /// (DHCP, DNS, downloads with sha256 over IPv4 and IPv6 from the host's loopback and a
-/// remote host, ping, SLAAC, a published port to the guest's httpd), a front-end that sends
+/// remote host, ping, SLAAC, a published port to the guest's httpd, the guest's upload over
+/// IPv4 and IPv6 in 64 KiB frames), a front-end that sends
 /// garbage closing only its own connection, then a new QEMU on the same socket (a reboot).
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn vm_on_vhost_user() {
     require_vm();
+    common::require(&["tcpdump"]);
     let fx = Fixtures::new();
     let image = Image::build();
     let dir = TempDir::new("serve-vhost");
     let sock = dir.join("vhost.sock");
     let published = common::free_port();
+    let pcap = dir.join("link.pcap");
     let serve = Serve::start(
         &dir,
         &fx.dns,
-        &[format!("--listen-vhost-user={}", sock.display()), format!("-p=127.0.0.1:{published}:8080")],
+        &[
+            format!("--listen-vhost-user={}", sock.display()),
+            format!("-p=127.0.0.1:{published}:8080"),
+            format!("--pcap={}", pcap.display()),
+        ],
         std::slice::from_ref(&sock),
     );
     use std::os::unix::fs::PermissionsExt;
@@ -277,8 +284,27 @@ fn vm_on_vhost_user() {
     vm.wait_for("USERNET-VM ready", VM_TIMEOUT);
     fx.assert_checks(&vm, "192.168.65.2");
     assert_eq!(curl(published).trim(), "hello from 192.168.65.2");
-    // The guest serves back what it downloaded: an upload, through the polled TX ring.
+    // The guest serves back what it downloaded: an upload, through the polled TX ring, in
+    // TCP frames of up to 64 KiB (HOST_TSO4)...
     assert_upload(dir.path(), published, &fx.hash);
+    // ... and over IPv6, through a port published to the guest's SLAAC address (HOST_TSO6).
+    let slaac = vm.check("slaac");
+    let vm_ip6 = slaac.split_whitespace().next().unwrap();
+    let (status, body) =
+        serve.api("POST", "/v1/ports", &format!(r#"{{"spec":"127.0.0.1::8080","guest_ip":"{vm_ip6}"}}"#));
+    assert_eq!(status, 201, "{body}\n{}", serve.log());
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let to_ip6 = v[0]["host_port"].as_u64().unwrap() as u16;
+    assert_upload(dir.path(), to_ip6, &fx.hash);
+    // Both uploads came in frames larger than the MTU (the capture is written out when the
+    // engine goes idle).
+    let large = |filter: &str| {
+        let filter = format!("ether src 52:54:00:00:05:01 and {filter} and greater 1600");
+        common::run("tcpdump", &["-nr", &pcap.to_string_lossy(), &filter]).stdout.lines().count()
+    };
+    common::wait_until(Duration::from_secs(10), || large("ip6") > 0);
+    assert!(large("ip") > 0, "no TCP frame over 1600 bytes from the guest over IPv4");
+    assert!(large("ip6") > 0, "no TCP frame over 1600 bytes from the guest over IPv6");
     let port = serve.expose("192.168.65.2:8080");
     assert_eq!(curl(port).trim(), "hello from 192.168.65.2");
 
