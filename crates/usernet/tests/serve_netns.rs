@@ -167,15 +167,29 @@ fn two_namespaces_on_one_serve() {
     let got = named.exec(&["timeout", "30", "sh", "-c", &fetch]);
     assert_eq!(common::first_word(&got.stdout), blob_hash, "pid -> named namespace: {got}\n{}", serve.log());
     drop(sender);
+    // The same over IPv6, named -> pid namespace.
+    let addr6 = named.exec(&["ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"]);
+    let named6 = addr6.stdout.split_whitespace().nth(3).and_then(|a| a.split('/').next()).expect("an IPv6 address");
+    let addr6 = proc_ns.exec(false, &["ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"]);
+    let pid6 = addr6.stdout.split_whitespace().nth(3).and_then(|a| a.split('/').next()).expect("an IPv6 address");
+    let from_named6 = ["socat", "-u", &send, "TCP6-LISTEN:8091,reuseaddr"];
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &named.0]).args(from_named6);
+    let sender = common::Background::start(cmd, Stdio::null());
+    let fetch6 = fetch.replace("TCP:192.168.65.3:8090", &format!("TCP6:[{named6}]:8091"));
+    let got = proc_ns.exec(false, &["timeout", "30", "sh", "-c", &fetch6]);
+    assert_eq!(common::first_word(&got.stdout), blob_hash, "named -> pid namespace, IPv6: {got}\n{}", serve.log());
+    drop(sender);
     // With two links up, both TAPs kept their offloads: the capture (written out when the
     // engine goes idle) has frames from one namespace to the other larger than the MTU.
     let large = |from: &str, to: &str| {
         let filter = format!("src host {from} and dst host {to} and greater 1600");
         common::run("tcpdump", &["-nr", &pcap.to_string_lossy(), &filter]).stdout.lines().count()
     };
-    common::wait_until(Duration::from_secs(10), || large("192.168.65.2", "192.168.65.3") > 0);
+    common::wait_until(Duration::from_secs(10), || large(named6, pid6) > 0);
     assert!(large("192.168.65.2", "192.168.65.3") > 0, "no 64 KiB frame from the named namespace");
     assert!(large("192.168.65.3", "192.168.65.2") > 0, "no 64 KiB frame from the pid namespace");
+    assert!(large(named6, pid6) > 0, "no 64 KiB IPv6 frame from the named namespace");
 
     let (status, leases) = serve.api("GET", "/services/dhcp/leases", "");
     assert_eq!(status, 200);
