@@ -296,15 +296,11 @@ fn vm_on_vhost_user() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let to_ip6 = v[0]["host_port"].as_u64().unwrap() as u16;
     assert_upload(dir.path(), to_ip6, &fx.hash);
-    // Both uploads came in frames larger than the MTU (the capture is written out when the
-    // engine goes idle).
-    let large = |filter: &str| {
-        let filter = format!("ether src 52:54:00:00:05:01 and {filter} and greater 1600");
-        common::run("tcpdump", &["-nr", &pcap.to_string_lossy(), &filter]).stdout.lines().count()
-    };
-    common::wait_until(Duration::from_secs(10), || large("ip6") > 0);
-    assert!(large("ip") > 0, "no TCP frame over 1600 bytes from the guest over IPv4");
+    // Both uploads came in frames larger than the MTU.
+    let large =
+        |ip: &str| common::frames_in_capture(&pcap, &format!("ether src 52:54:00:00:05:01 and {ip} and greater 1600"));
     assert!(large("ip6") > 0, "no TCP frame over 1600 bytes from the guest over IPv6");
+    assert!(large("ip") > 0, "no TCP frame over 1600 bytes from the guest over IPv4");
     let port = serve.expose("192.168.65.2:8080");
     assert_eq!(curl(port).trim(), "hello from 192.168.65.2");
 
@@ -396,15 +392,10 @@ fn a_vhost_user_vm_s_large_frames_reach_a_vm_without_offloads_whole() {
     assert_eq!(vm2.check("dhcp"), "192.168.65.3 mtu=1500");
     assert_eq!(vm2.check("remote"), format!("sha256={}", fx.hash), "{}", serve.log());
     assert_eq!(vm2.check("peer"), "192.168.65.2");
-    // The capture (written out when the engine goes idle) has the first VM's frames larger
-    // than its MTU: the path above was taken, not one of whole frames only.
-    let large = || {
-        let out =
-            common::run("tcpdump", &["-nr", &pcap.to_string_lossy(), "ether src 52:54:00:00:07:01 and greater 1600"]);
-        out.stdout.lines().count()
-    };
-    common::wait_until(Duration::from_secs(10), || large() > 0);
-    assert!(large() > 0, "no frame over 1600 bytes from the vhost-user VM in the capture");
+    // The capture has the first VM's frames larger than its MTU: the path above was taken,
+    // not one of whole frames only.
+    let large = common::frames_in_capture(&pcap, "ether src 52:54:00:00:07:01 and greater 1600");
+    assert!(large > 0, "no frame over 1600 bytes from the vhost-user VM in the capture");
 }
 
 /// A VM and a namespace (`--netns`) on one `serve`: the VM downloads a file from the

@@ -1137,6 +1137,14 @@ pub fn pids_in_netns(netns: &str) -> Vec<u32> {
 }
 
 /// Waits up to `limit` for `cond` to hold, checking every 50 ms.
+/// How many frames of the capture file `pcap` match the tcpdump `filter`, once usernet has
+/// written them out (it does when its engine goes idle: waits up to 10 s for the first).
+pub fn frames_in_capture(pcap: &Path, filter: &str) -> usize {
+    let count = || run("tcpdump", &["-nr", &pcap.to_string_lossy(), filter]).stdout.lines().count();
+    wait_until(Duration::from_secs(10), || count() > 0);
+    count()
+}
+
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
     loop {
