@@ -198,6 +198,16 @@ fn hold_v6only(port: u16) -> OwnedFd {
         let fd = OwnedFd::from_raw_fd(fd);
         let one: libc::c_int = 1;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        // SO_REUSEADDR, as std's TcpListener (and so `port_free`, which chose the port) sets
+        // it: without it, a port an earlier test left in TIME_WAIT is refused here (CI failed
+        // so once, "bind [::]:21110"). A listener on the port still makes it taken.
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
         libc::setsockopt(
             raw,
             libc::IPPROTO_IPV6,
