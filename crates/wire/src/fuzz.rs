@@ -72,6 +72,12 @@ proptest! {
             b[14] = 0x60;
             b[20] = 6;
             put16(&mut b, 18, (len - 40) as u16);
+            // Often a Hop-by-Hop or Destination Options header in front of TCP.
+            if b.len() >= 62 && hdr.0 & 2 != 0 {
+                b[20] = if hdr.2 & 1 == 0 { 0 } else { 60 };
+                b[54] = if hdr.2 & 2 == 0 { 6 } else { 60 };
+                b[55] = (hdr.4 % 4) as u8;
+            }
         }
         let frame = &b[..cut.index(b.len() + 1)];
         let h = vnet_hdr::VnetHdr {

@@ -73,9 +73,9 @@ impl VnetHdr {
 ///
 /// `Err` says why the frame cannot be finished, and then `out` got nothing: a checksum
 /// position outside the frame, a GSO type other than TCP (usernet offers no UDP
-/// fragmentation offload), a GSO frame whose headers are not Ethernet, IPv4 or IPv6
-/// without extension headers and TCP, or are cut short, or a `gso_size` of 0. Never
-/// panics, whatever the bytes.
+/// fragmentation offload), a GSO frame whose headers are not Ethernet, IPv4 or IPv6 (with
+/// at most Hop-by-Hop and Destination Options headers) and TCP, or are cut short, or a
+/// `gso_size` of 0. Never panics, whatever the bytes.
 pub fn finish(
     frame: &[u8],
     hdr: &VnetHdr,
@@ -134,10 +134,8 @@ fn tcp_layout(frame: &[u8], v6: bool) -> Result<TcpLayout, &'static str> {
         if ethertype != ethernet::ETHERTYPE_IPV6 || frame.len() < ip + 40 || frame[ip] >> 4 != 6 {
             return Err("a TCPv6 GSO frame that is not IPv6");
         }
-        if frame[ip + 6] != PROTO_TCP {
-            return Err("a TCPv6 GSO frame with IPv6 extension headers or not TCP");
-        }
-        (40, ip + 40 + usize::from(be16(frame, ip + 4)))
+        let end = ip + 40 + usize::from(be16(frame, ip + 4));
+        (40 + v6_options_len(frame, ip, end)?, end)
     } else {
         if ethertype != ethernet::ETHERTYPE_IPV4 || frame.len() < ip + 20 || frame[ip] >> 4 != 4 {
             return Err("a TCPv4 GSO frame that is not IPv4");
@@ -160,6 +158,32 @@ fn tcp_layout(frame: &[u8], v6: bool) -> Result<TcpLayout, &'static str> {
         return Err(SHORT);
     }
     Ok(TcpLayout { v6, ip, ip_len, tcp, tcp_len, end })
+}
+
+/// Bytes of the option headers between the IPv6 header at `ip` and TCP (in a packet
+/// ending at `end`): Hop-by-Hop Options (first only) and Destination Options, which every
+/// segment carries as they are, as Linux's IPv6 GSO does. A Routing header is refused: the
+/// TCP checksum of each segment would be over its final destination, not the one in the
+/// IPv6 header. So is a Fragment header (a fragment is never a GSO frame).
+fn v6_options_len(frame: &[u8], ip: usize, end: usize) -> Result<usize, &'static str> {
+    use super::ipv6::{EXT_DEST_OPTIONS, EXT_HOP_BY_HOP, MAX_EXT_HEADERS};
+    let mut next = frame[ip + 6];
+    let mut at = ip + 40;
+    for walked in 0..=MAX_EXT_HEADERS {
+        match next {
+            PROTO_TCP => return Ok(at - ip - 40),
+            EXT_HOP_BY_HOP if walked > 0 => return Err("a TCPv6 GSO frame with a misplaced Hop-by-Hop header"),
+            EXT_HOP_BY_HOP | EXT_DEST_OPTIONS if walked < MAX_EXT_HEADERS => {
+                let Some(&units) = frame.get(at + 1).filter(|_| at + 2 <= end) else {
+                    return Err("a GSO frame cut short in its headers");
+                };
+                next = frame[at];
+                at += (usize::from(units) + 1) * 8;
+            }
+            _ => break,
+        }
+    }
+    Err("a TCPv6 GSO frame that is not TCP, or has a Routing or Fragment header")
 }
 
 fn segment_tcp(
@@ -185,7 +209,7 @@ fn segment_tcp(
         scratch.extend_from_slice(chunk);
         let tcp_bytes = l.tcp_len + chunk.len();
         let pseudo = if l.v6 {
-            put16(scratch, l.ip + 4, tcp_bytes as u16);
+            put16(scratch, l.ip + 4, (l.ip_len - 40 + tcp_bytes) as u16);
             let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[at..at + 16]).unwrap_or([0; 16]));
             checksum::pseudo_v6(addr(l.ip + 8), addr(l.ip + 24), PROTO_TCP, tcp_bytes)
         } else {
@@ -313,6 +337,48 @@ mod tests {
         }
     }
 
+    /// `frame` (IPv6, TCP) with extension headers `exts` (type, length in 8-byte units
+    /// beyond the first) put between its IPv6 header and TCP.
+    fn with_v6_exts(frame: &[u8], exts: &[(u8, u8)]) -> Vec<u8> {
+        let ip = 14;
+        let mut f = frame[..ip + 40].to_vec();
+        let mut added = 0;
+        for (i, &(_, units)) in exts.iter().enumerate() {
+            let mut e = vec![0u8; (usize::from(units) + 1) * 8];
+            e[0] = exts.get(i + 1).map_or(PROTO_TCP, |n| n.0);
+            e[1] = units;
+            added += e.len();
+            f.extend_from_slice(&e);
+        }
+        f[ip + 6] = exts[0].0;
+        put16(&mut f, ip + 4, be16(frame, ip + 4) + added as u16);
+        f.extend_from_slice(&frame[ip + 40..]);
+        f
+    }
+
+    #[test]
+    fn a_tcpv6_gso_frame_keeps_its_option_headers_in_every_segment() {
+        use crate::ipv6::{EXT_DEST_OPTIONS, EXT_HOP_BY_HOP};
+        let (src, dst) = (IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 2]), IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 3]));
+        let data = payload(5000);
+        let plain = tcp_frame(src, dst, tcp::ACK | tcp::PSH, &data);
+        let exts = [(EXT_HOP_BY_HOP, 0), (EXT_DEST_OPTIONS, 2)];
+        let frame = with_v6_exts(&plain, &exts);
+        let hdr = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV6, gso_size: 1400, ..Default::default() };
+        let segs = finished(&frame, &hdr);
+        assert_eq!(segs.len(), 4, "5,000 bytes in segments of 1400");
+        let mut got = Vec::new();
+        for (i, seg) in segs.iter().enumerate() {
+            let (ip, _) = Ipv6Header::parse(&seg[14..]).expect("a valid IPv6 packet");
+            assert_eq!((ip.ext_len, ip.protocol), (8 + 24, PROTO_TCP), "both option headers kept");
+            assert_eq!(&seg[14 + 40..14 + 72], &frame[14 + 40..14 + 72], "option headers as they were");
+            let (_, h, part) = check_whole(seg);
+            assert_eq!(h.seq, 0xffff_fff0u32.wrapping_add((i * 1400) as u32));
+            got.extend_from_slice(&part);
+        }
+        assert_eq!(got, data);
+    }
+
     #[test]
     fn a_frame_within_one_segment_gets_its_checksum_and_nothing_else() {
         let (src, dst) = (IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
@@ -365,12 +431,13 @@ mod tests {
         let (src, dst) = (IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
         let frame = tcp_frame(src, dst, tcp::ACK, &payload(3000));
         let gso = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, gso_size: 1448, ..Default::default() };
-        let refused = |frame: &[u8], hdr: VnetHdr| {
+        #[track_caller]
+        fn refused(frame: &[u8], hdr: VnetHdr) {
             let mut n = 0;
             let r = finish(frame, &hdr, &mut Vec::new(), |_| n += 1);
             assert!(r.is_err(), "{hdr:?}");
             assert_eq!(n, 0);
-        };
+        }
         refused(&frame, VnetHdr { gso_size: 0, ..gso });
         refused(&frame, VnetHdr { gso_type: GSO_TCPV6, ..gso });
         refused(&frame, VnetHdr { gso_type: GSO_UDP, ..gso });
@@ -384,6 +451,23 @@ mod tests {
         let mut fragment = frame.clone();
         fragment[14 + 6] = 0x20;
         refused(&fragment, gso);
+        // IPv6: a Routing header (its checksum is over the final destination), a
+        // Fragment header, a Hop-by-Hop header not first, option headers past the end.
+        use crate::ipv6::{EXT_DEST_OPTIONS, EXT_FRAGMENT, EXT_HOP_BY_HOP, EXT_ROUTING};
+        let (src6, dst6) = (IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 2]), IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 3]));
+        let v6 = tcp_frame(src6, dst6, tcp::ACK, &payload(3000));
+        let gso6 = VnetHdr { gso_type: GSO_TCPV6, ..gso };
+        refused(&with_v6_exts(&v6, &[(EXT_ROUTING, 2)]), gso6);
+        refused(&with_v6_exts(&v6, &[(EXT_DEST_OPTIONS, 0), (EXT_ROUTING, 2)]), gso6);
+        refused(&with_v6_exts(&v6, &[(EXT_FRAGMENT, 0)]), gso6);
+        refused(&with_v6_exts(&v6, &[(EXT_DEST_OPTIONS, 0), (EXT_HOP_BY_HOP, 0)]), gso6);
+        refused(&with_v6_exts(&v6, &[(EXT_DEST_OPTIONS, 0); 9]), gso6);
+        // 2,048 bytes of options in a packet of 1,036.
+        let mut past_end = with_v6_exts(&tcp_frame(src6, dst6, tcp::ACK, &payload(1000)), &[(EXT_DEST_OPTIONS, 0)]);
+        past_end[14 + 41] = 255;
+        refused(&past_end, gso6);
+        let short = with_v6_exts(&v6, &[(EXT_DEST_OPTIONS, 0)]);
+        refused(&short[..14 + 41], gso6);
         let mut options_past_end = frame.clone();
         options_past_end[14] = 0x4f;
         put16(&mut options_past_end, 16, 60);
