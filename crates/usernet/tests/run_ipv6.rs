@@ -30,13 +30,25 @@ fn the_guest_has_its_address_and_reaches_the_hosts_loopback_by_address_and_name(
         "ip -6 addr show dev eth0 scope global; ip -6 route show default
          timeout 60 curl -6 -sSf http://[{HOST6}]:{p}/f | sha256sum
          timeout 60 curl -6 -sSf http://host.docker.internal:{p}/f | sha256sum
-         timeout 60 curl -6 -sSf -T /proc/self/exe http://host.docker.internal:{p}/up >/dev/null && echo upload-ok",
+         timeout 60 curl -6 -sSf -T /proc/self/exe http://host.docker.internal:{p}/up >/dev/null && echo upload-ok
+         ras() {{ awk '$1 == \"Icmp6InRouterAdvertisements\" {{print $2}}' /proc/net/snmp6; }}
+         i=0; while [ \"$(ras)\" = 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+         echo ras $(ras) defrtr $(cat /proc/sys/net/ipv6/conf/eth0/accept_ra_defrtr)
+         ip -6 route show default | sed 's/^/after-ra /'",
         p = http.port
     ));
     out.assert_ok();
     assert!(out.stdout.contains(&format!("inet6 {GUEST6}/64")), "eth0's address: {out}");
     assert_eq!(out.stdout.matches("inet6 ").count(), 1, "one global address, none made by SLAAC: {out}");
     assert!(out.stdout.contains("default via fe80::1 dev eth0"), "the route: {out}");
+    // Once usernet's router advertisement came, the route is still the one usernet set:
+    // the guest takes no default route from advertisements (each would fail as a
+    // duplicate, and log a warning in the host's kernel log).
+    assert!(!out.stdout.contains("ras 0 "), "no router advertisement came: {out}");
+    assert!(out.stdout.contains(" defrtr 0"), "{out}");
+    let after: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("after-ra ")).collect();
+    assert_eq!(after.len(), 1, "{out}");
+    assert!(after[0].starts_with("after-ra default via fe80::1 dev eth0"), "{out}");
     assert_eq!(hex_hashes(&out.stdout), vec![want.clone(), want], "{out}");
     assert!(out.stdout.contains("upload-ok"), "{out}");
 }

@@ -68,8 +68,19 @@ pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
         r => r.map_err(|e| annotate(e, "adding the IPv6 address"))?,
     }
     match rtnl.add_ipv6_default_route(index, gateway6) {
+        Ok(()) => {
+            // The route is there: the router advertisements that follow need not add it.
+            // Each one's attempt would fail (the same route, of another origin) and log
+            // "ICMPv6: RA: ndisc_router_discovery failed to add default route" in the
+            // host's kernel log, once per `usernet run`.
+            let defrtr = std::path::Path::new("/proc/sys/net/ipv6/conf").join(&i.ifname).join("accept_ra_defrtr");
+            if let Err(e) = std::fs::write(defrtr, "0") {
+                tracing::debug!("{}: cannot turn off default routes from router advertisements: {e}", i.ifname);
+            }
+            Ok(())
+        }
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        r => r.map_err(|e| annotate(e, "adding the IPv6 default route")),
+        Err(e) => Err(annotate(e, "adding the IPv6 default route")),
     }
 }
 
