@@ -18,7 +18,7 @@ const PARALLEL: usize = 8;
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn two_engines_carry_parallel_transfers_both_ways() {
-    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum"]);
+    require(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "tc"]);
     let dns = DnsUpstream::start();
     let (_dir, http, want) = serve_random_file("eng-dl", "f", EACH);
     let updir = TempDir::new("eng-up");
@@ -35,7 +35,8 @@ fn two_engines_carry_parallel_transfers_both_ways() {
            timeout 100 curl -sSf -o {d}/o$i http://host.docker.internal:{p}/f & \
            timeout 100 curl -sSf -T {f} http://{HOST_IP}:{s}/u > {d}/u$i & \
          done; wait; sha256sum {d}/o*; cat {d}/u*; \
-         for t in /proc/$PPID/task/*; do echo thread $(cat $t/comm) $(awk '{{print $14 + $15}}' $t/stat); done",
+         for t in /proc/$PPID/task/*; do echo thread $(cat $t/comm) $(awk '{{print $14 + $15}}' $t/stat); done; \
+         tc qdisc show dev eth0 | sed 's/^/tc: /'",
         d = outdir.path().display(),
         p = http.port,
         s = sink.port,
@@ -51,6 +52,11 @@ fn two_engines_carry_parallel_transfers_both_ways() {
         out.stdout.lines().find(|l| l.starts_with("thread usernet-engine1 ")).unwrap_or_else(|| panic!("{out}"));
     let ticks: u64 = engine1.rsplit(' ').next().and_then(|t| t.parse().ok()).unwrap_or(0);
     assert!(ticks > 0, "the second engine did no work: {engine1}\n{out}");
+    // The multi-queue TAP has one root pfifo_fast, as a single-queue TAP does, not the
+    // kernel's `mq` with a pfifo_fast per queue (slower to bring up: netns/mod.rs).
+    let qdiscs: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("tc: ")).collect();
+    assert_eq!(qdiscs.len(), 1, "{out}");
+    assert!(qdiscs[0].starts_with("tc: qdisc pfifo_fast ") && qdiscs[0].contains(" root "), "{out}");
 }
 
 /// Flows spread over both engines are all in `/v1/flows`, `/v1/stats` and `/metrics`

@@ -177,7 +177,8 @@ fn child_setup(spec: &AttachSpec, userns: Option<&OwnedFd>, netns: &OwnedFd) -> 
         }
     })?;
     if spec.configure {
-        super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
+        super::configure_interface(&spec.iface, false)
+            .map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     }
     Ok(tap.into_fd())
 }

@@ -34,13 +34,23 @@ pub struct Interface {
 /// has one keeps it: the subnet route reaches the gateway anyway). With IPv6, the same for
 /// IPv6, and the interface takes no address of its own from router advertisements (it has
 /// usernet's; the advertisements still bring the route and the DNS server).
-pub(crate) fn configure_interface(i: &Interface) -> std::io::Result<()> {
+///
+/// A `multi_queue` TAP first gets one root pfifo_fast, shared by its queues: the one
+/// queueing discipline a single-queue TAP gets. Left to the kernel's default, bringing it
+/// up would build an `mq` discipline with a pfifo_fast for each of the 256 transmit queues
+/// such a device has, about 1.2 ms of `usernet run --engine-threads 2`'s start-up here
+/// (against 0.1 ms). TAP drops what its reader does not take and never stops a queue, so
+/// no discipline holds a packet either way.
+pub(crate) fn configure_interface(i: &Interface, multi_queue: bool) -> std::io::Result<()> {
     let (mac, mtu, address, prefix, gateway) = (i.mac, i.mtu, i.address, i.prefix, i.gateway);
     let index = nix::net::if_::if_nametoindex(i.ifname.as_str())?;
     let lo = nix::net::if_::if_nametoindex("lo")?;
     // Before the link is up, so that no router advertisement finds it still on.
     let ipv6 = i.ipv6.filter(|_| ipv6_without_slaac(&i.ifname));
     let mut rtnl = netlink::Rtnl::open()?;
+    if multi_queue {
+        rtnl.add_root_qdisc(index, "pfifo_fast").map_err(|e| annotate(e, "giving it a queueing discipline"))?;
+    }
     rtnl.set_link(lo, None, None, true).map_err(|e| annotate(e, "bringing lo up"))?;
     rtnl.set_link(index, Some(mac), Some(mtu), true).map_err(|e| annotate(e, "setting MAC, MTU and up"))?;
     if i.ipv4 {

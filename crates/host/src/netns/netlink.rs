@@ -1,5 +1,6 @@
-//! A small synchronous rtnetlink client: bring links up, set MAC and MTU, add IPv4 and
-//! IPv6 addresses and default routes, in the network namespace of the calling thread.
+//! A small synchronous rtnetlink client: bring links up, set MAC and MTU, give a link its
+//! root queueing discipline, add IPv4 and IPv6 addresses and default routes, in the
+//! network namespace of the calling thread.
 //!
 //! Theory of operation. Each call builds one rtnetlink request with `netlink-packet-route`,
 //! sends it with NLM_F_REQUEST | NLM_F_ACK on a NETLINK_ROUTE socket from `netlink-sys`, and
@@ -19,6 +20,7 @@ use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -51,6 +53,16 @@ impl Rtnl {
             msg.attributes.push(LinkAttribute::Mtu(mtu));
         }
         self.request(RouteNetlinkMessage::SetLink(msg), 0)
+    }
+
+    /// Gives the link a root queueing discipline of kind `kind` (`tc qdisc add dev LINK
+    /// root KIND`, with its default options).
+    pub fn add_root_qdisc(&mut self, index: u32, kind: &str) -> io::Result<()> {
+        let mut msg = TcMessage::default();
+        msg.header.index = i32::try_from(index).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        msg.header.parent = TcHandle::ROOT;
+        msg.attributes.push(TcAttribute::Kind(kind.to_string()));
+        self.request(RouteNetlinkMessage::NewQueueDiscipline(msg), NLM_F_CREATE | NLM_F_EXCL)
     }
 
     /// Adds `addr/prefix` to the link, with the subnet's broadcast address.

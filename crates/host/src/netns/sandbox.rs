@@ -733,7 +733,8 @@ fn child_setup(spec: &SandboxSpec) -> Result<(Vec<OwnedFd>, OwnedFd, ResolvConfT
     if let Err(e) = taps[0].persist() {
         tracing::debug!("TUNSETPERSIST: {e}");
     }
-    super::configure_interface(&spec.iface).map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
+    super::configure_interface(&spec.iface, taps.len() > 1)
+        .map_err(|e| format!("cannot configure {name}: {}", describe(&e)))?;
     let netns = open("/proc/self/ns/net", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("cannot open the network namespace: {}", e.desc()))?;
     Ok((taps.into_iter().map(Tap::into_fd).collect(), netns, resolv_conf))
