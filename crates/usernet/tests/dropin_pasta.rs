@@ -50,7 +50,8 @@ fn podman_command_line_in_podman_unshare() {
     );
     let script = format!(
         "d={d}; touch $d/netns; unshare --net=$d/netns true || echo unshare-failed; \
-         start=$(date +%s%N); {pasta} {pasta_argv}; echo pasta-exit $?; \
+         start=$(date +%s%N); ({pasta} {pasta_argv} 2>&1; echo pasta-exit $?) | timeout 20 cat > $d/pasta.out; \
+         echo output-closed $?; cat $d/pasta.out; \
          echo pasta-ms $(( ($(date +%s%N) - start) / 1000000 )); \
          p=$(cat $d/pasta.pid); echo pid $p; \
          nsenter --net=$d/netns ip -4 -o addr show | sed 's/^/addr /'; \
@@ -80,6 +81,9 @@ fn podman_command_line_in_podman_unshare() {
     assert_eq!(code, 0, "podman unshare: {text}");
     assert!(!text.contains("unshare-failed"), "{text}");
     assert_eq!(line_value(&text, "pasta-exit"), Some("0"), "{text}");
+    // Podman reads pasta's output until it closes (CombinedOutput): once usernet is in the
+    // background, nothing of it may hold the caller's stdout or stderr.
+    assert_eq!(line_value(&text, "output-closed"), Some("0"), "the caller's output stayed open: {text}");
     assert!(
         text.lines().any(|l| l.starts_with("addr ") && l.contains("10.0.2.100/24")),
         "the namespace's address: {text}"

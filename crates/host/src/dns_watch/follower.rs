@@ -6,10 +6,9 @@
 //! sandbox; from the watcher thread, so that the child dies with that thread:
 //! PR_SET_PDEATHSIG), its write end a pipe to the thread. The child names itself
 //! `usernet-dns-follower` (its command line, as `ps` shows it, and `usernet-dns` as its
-//! thread name), keeps only that pipe (every other descriptor is closed), drops every
-//! capability, and joins a Landlock ruleset that lets it write nothing (`confine`'s
-//! read-only ruleset). It sees no
-//! guest input: all it does is, every interval, `stat` each path (following symlinks), wait
+//! thread name), keeps only that pipe (every other descriptor is closed, and the standard
+//! ones point at /dev/null), drops every capability, and joins a Landlock ruleset that lets
+//! it write nothing (`confine`'s read-only ruleset). It sees no guest input: all it does is, every interval, `stat` each path (following symlinks), wait
 //! for a changed file to stay the same for 100 ms (so that a writer that truncates and then
 //! writes is not read half-way), read it, and write it whole to the pipe as one message:
 //! `[index u8][what u8][length u32 LE][bytes]`, what being [`CHANGED`], [`GONE`] or
@@ -317,13 +316,26 @@ impl Child {
             if libc::getppid() != parent {
                 libc::_exit(0); // The thread that forked already ended.
             }
-            // Keep the pipe (as 3) and the ruleset (as 4); close everything else beyond
-            // stderr: the parent's sockets, its TAP, its listeners.
+            // Keep the pipe (as 3) and the ruleset (as 4); close everything else: the
+            // parent's sockets, its TAP, its listeners. The standard descriptors go to
+            // /dev/null (the child writes nothing): held, the caller's stdout and stderr
+            // would stay open after usernet went to the background (pasta mode), and a
+            // caller that reads them to their end (Podman, rootlesskit 2) would wait for
+            // good.
             let ruleset = if ruleset >= 0 { libc::fcntl(ruleset, libc::F_DUPFD_CLOEXEC, 10) } else { -1 };
             if libc::dup2(pipe, CHILD_PIPE) < 0 {
                 libc::_exit(1);
             }
             let ruleset = if ruleset >= 0 && libc::dup2(ruleset, CHILD_RULESET) >= 0 { CHILD_RULESET } else { -1 };
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            for fd in 0..3 {
+                if null < 0 || libc::dup2(null, fd) < 0 {
+                    libc::close(fd);
+                }
+            }
+            if null > 2 {
+                libc::close(null);
+            }
             libc::syscall(libc::SYS_close_range, (CHILD_RULESET + 1) as libc::c_uint, libc::c_uint::MAX, 0);
             ruleset
         };
