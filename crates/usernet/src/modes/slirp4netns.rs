@@ -497,8 +497,10 @@ fn handle_request(state: &mut ApiState, body: &[u8]) -> Value {
     }
 }
 
+/// A port argument: 1 to 65535. Port 0, which slirp4netns refuses too, would bind a port
+/// the kernel picks, which `list_hostfwd` could not tell and `remove_hostfwd` not find.
 fn port_arg(args: &Value, name: &str) -> Option<u16> {
-    args.get(name).and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok())
+    args.get(name).and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
 }
 
 fn addr_arg(args: &Value, name: &str, default: Ipv4Addr) -> Option<Ipv4Addr> {
@@ -569,6 +571,17 @@ fn remove_hostfwd(state: &mut ApiState, args: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_ports_are_1_to_65535() {
+        let port = |v: Value| port_arg(&json!({ "host_port": v }), "host_port");
+        assert_eq!(port(json!(80)), Some(80));
+        assert_eq!(port(json!(65535)), Some(65535));
+        for bad in [json!(0), json!(65536), json!(-1), json!("80"), json!(8.5), Value::Null] {
+            assert_eq!(port(bad.clone()), None, "{bad}");
+        }
+        assert_eq!(port_arg(&json!({}), "host_port"), None);
+    }
 
     fn args(s: &str) -> Vec<OsString> {
         s.split_whitespace().map(OsString::from).collect()
