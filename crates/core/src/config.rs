@@ -221,6 +221,28 @@ pub struct NetConfig {
     /// The egress policy (`--allow`, `--deny`, `--allow-domain`): live, shared like
     /// `host_dns` (a clone of the config shares it); see crate::policy.
     pub policy: Arc<crate::policy::Policy>,
+    /// Which of usernet's IPv6 link services answer (pasta's `--no-ra`, `--no-ndp`,
+    /// `--no-dhcpv6` turn them off, for a guest whose IPv6 is configured otherwise).
+    pub ipv6_services: Ipv6Services,
+}
+
+/// usernet's IPv6 services on the link (engine/icmpv6.rs, services/dhcp6.rs): all on
+/// unless turned off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Services {
+    /// Router advertisements: unsolicited, and in answer to solicitations.
+    pub router_adverts: bool,
+    /// Neighbour advertisements for usernet's own addresses (and the defence of them
+    /// against duplicate address detection).
+    pub neighbour_adverts: bool,
+    /// Stateless DHCPv6 (the router advertisements' O flag follows it).
+    pub dhcpv6: bool,
+}
+
+impl Default for Ipv6Services {
+    fn default() -> Self {
+        Ipv6Services { router_adverts: true, neighbour_adverts: true, dhcpv6: true }
+    }
 }
 
 /// How often at most the log says that one limit was reached (an episode's first time,
@@ -351,6 +373,7 @@ impl NetConfig {
             host_aliases: Vec::new(),
             limits: Limits::default(),
             policy: Arc::default(),
+            ipv6_services: Ipv6Services::default(),
         }
     }
 }

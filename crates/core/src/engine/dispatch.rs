@@ -291,7 +291,9 @@ impl Engine {
                 let to_gateway =
                     dst == crate::config::GATEWAY_LINK_LOCAL || self.cfg.v6.is_some_and(|n| dst == n.gateway);
                 if h.dst_port == dhcp6::SERVER_PORT && (dst == dhcp6::ALL_SERVERS || to_gateway) {
-                    self.on_dhcp6(ip.src, h.src_port, payload, src_mac);
+                    if self.cfg.ipv6_services.dhcpv6 {
+                        self.on_dhcp6(ip.src, h.src_port, payload, src_mac);
+                    }
                     return;
                 }
                 if dst.is_multicast() {

@@ -20,6 +20,8 @@
 //!   O flag says that stateless DHCPv6 gives them too, for guests that ask that way.
 //! - An echo request to usernet's gateway addresses is answered here; to the host address or
 //!   beyond, it goes through a host ping socket as over IPv4 (`Engine::echo_through_host`).
+//! - pasta's `--no-ra` and `--no-ndp` (`NetConfig::ipv6_services`) silence the
+//!   advertisements of either kind: the guest's IPv6 is then configured otherwise.
 //! - What a guest may not send (a router advertisement, a redirect) and what is invalid (a
 //!   bad checksum, a discovery message whose hop limit is not 255, a malformed option) is
 //!   dropped and counted (`usernet_dropped_frames_total{reason="icmpv6"}`). The rest (the
@@ -95,7 +97,7 @@ impl Engine {
     }
 
     fn on_neighbor_solicit(&mut self, ip: &Ipv6Header, ns: &NeighborSolicit, src_mac: [u8; 6]) {
-        if !self.cfg.is_own_address6(ns.target) {
+        if !self.cfg.ipv6_services.neighbour_adverts || !self.cfg.is_own_address6(ns.target) {
             return;
         }
         let dad = ip.src.is_unspecified();
@@ -166,15 +168,16 @@ impl Engine {
         }
     }
 
-    /// What usernet advertises (None with `--ipv4-only`).
+    /// What usernet advertises (None with `--ipv4-only`, or with router advertisements
+    /// turned off).
     fn router_advert(&self) -> Option<RouterAdvert> {
-        let net = self.cfg.v6?;
+        let net = self.cfg.v6.filter(|_| self.cfg.ipv6_services.router_adverts)?;
         let search = self.cfg.host_dns.upstreams().search.clone();
         Some(RouterAdvert {
             cur_hop_limit: 64,
             managed: false,
             // Stateless DHCPv6 answers too (services/dhcp6.rs): the same DNS server and list.
-            other: true,
+            other: self.cfg.ipv6_services.dhcpv6,
             router_lifetime: ROUTER_LIFETIME_S,
             reachable_ms: 0,
             retrans_ms: 0,

@@ -756,3 +756,55 @@ fn each_dial_names_the_guest_by_its_mac_whatever_its_address() {
     let guests = dialer.guests.borrow().clone();
     assert_eq!(guests, vec![crate::guest::GuestKey::Mac(GUEST_MAC); 3]);
 }
+
+/// pasta's `--no-ra`, `--no-ndp` and `--no-dhcpv6` (`NetConfig::ipv6_services`): each
+/// service turned off answers nothing, and the others still do.
+#[test]
+fn ipv6_services_turned_off_answer_nothing() {
+    use crate::config::Ipv6Services;
+    let rs = || {
+        let rs = RouterSolicit { source_lladdr: Some(GUEST_MAC) };
+        ndp_frame(guest_ll(), ndp::ALL_ROUTERS, 255, ndp::multicast_mac(ndp::ALL_ROUTERS), |b| rs.emit(b))
+    };
+    let ns = || {
+        let ns = NeighborSolicit { target: GATEWAY_LINK_LOCAL, source_lladdr: Some(GUEST_MAC) };
+        let group = ndp::solicited_node(GATEWAY_LINK_LOCAL);
+        ndp_frame(guest_ll(), group, 255, ndp::multicast_mac(group), |b| ns.emit(b))
+    };
+    let dhcp6 = || {
+        use dhcproto::v6::{DhcpOption, Message, MessageType};
+        use dhcproto::{Encodable, Encoder};
+        let mut m = Message::new_with_id(MessageType::InformationRequest, [7, 7, 7]);
+        m.opts_mut().insert(DhcpOption::ClientId(vec![0, 3, 0, 1, 2, 0, 0, 0, 0, 2]));
+        let mut body = Vec::new();
+        m.encode(&mut Encoder::new(&mut body)).unwrap();
+        let all_servers = crate::services::dhcp6::ALL_SERVERS;
+        let mut d = vec![0u8; 8 + body.len()];
+        d[8..].copy_from_slice(&body);
+        UdpHeader { src_port: 546, dst_port: 547 }.emit(&mut d, body.len(), guest_ll().into(), all_servers.into());
+        frame6(PROTO_UDP, guest_ll(), all_servers, 1, ndp::multicast_mac(all_servers), &d)
+    };
+    let on = Ipv6Services::default();
+    for (services, answers) in [
+        (Ipv6Services { router_adverts: false, ..on }, [false, true, true]),
+        (Ipv6Services { neighbour_adverts: false, ..on }, [true, false, true]),
+        (Ipv6Services { dhcpv6: false, ..on }, [true, true, false]),
+    ] {
+        let (mut e, link, _) = engine_with(NetConfig { ipv6_services: services, ..NetConfig::default() });
+        let t0 = Instant::now();
+        e.advertise_router_when_due(t0);
+        let unsolicited = take6(&link);
+        assert_eq!(unsolicited.len(), usize::from(answers[0]), "{services:?}: unsolicited advertisement");
+        for (frame, answered) in [(rs(), answers[0]), (ns(), answers[1]), (dhcp6(), answers[2])] {
+            e.on_frame(0, &frame, t0);
+            let out = take6(&link);
+            assert_eq!(out.len(), usize::from(answered), "{services:?}");
+            if let Some((_, ip, msg)) = out.first()
+                && ip.protocol == PROTO_ICMPV6
+                && let Some(ra) = RouterAdvert::parse(msg)
+            {
+                assert_eq!(ra.other, services.dhcpv6, "the O flag says whether DHCPv6 answers");
+            }
+        }
+    }
+}

@@ -120,8 +120,11 @@ const HELP: &str = "
   --map-host-loopback ADDR	Translate ADDR to refer to host
     loopback (none: don't)
   --map-guest-addr ADDR	Translate ADDR to the host's own address
-  --no-ndp, --no-dhcpv6, --no-ra, --no-copy-routes, --no-copy-addrs
-			accepted: usernet does none of these
+  --no-ndp		Disable NDP responses
+  --no-dhcpv6		Disable DHCPv6 server
+  --no-ra		Disable router advertisements
+  --no-copy-routes, --no-copy-addrs
+			accepted: usernet copies neither
   -4, --ipv4-only	Enable IPv4 operation only
   -6, --ipv6-only	Enable IPv6 operation only
   -t, --tcp-ports SPEC	TCP port forwarding to namespace
@@ -248,6 +251,8 @@ pub struct Options {
     pub outbound: Option<Ipv4Addr>,
     pub dns_forward: Option<Ipv4Addr>,
     pub no_map_gw: bool,
+    /// `--no-ra`, `--no-ndp`, `--no-dhcpv6`: usernet's IPv6 services on the link.
+    pub ipv6_services: usernet_core::config::Ipv6Services,
     /// `--map-host-loopback`: None not given, Some(None) `none`.
     pub map_host_loopback: Option<Option<Ipv4Addr>>,
     pub map_guest_addr: Option<Option<Ipv4Addr>>,
@@ -367,6 +372,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         outbound: None,
         dns_forward: None,
         no_map_gw: false,
+        ipv6_services: usernet_core::config::Ipv6Services::default(),
         map_host_loopback: None,
         map_guest_addr: None,
         ports: Vec::new(),
@@ -421,10 +427,11 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "no-map-gw" => o.no_map_gw = true,
             "map-host-loopback" => o.map_host_loopback = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
             "map-guest-addr" => o.map_guest_addr = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
-            // usernet never copies addresses or routes, and configures the namespace's IPv6
-            // itself (its router advertisements only bring the route and DNS): honoured as
-            // they are.
-            "no-ndp" | "no-dhcpv6" | "no-ra" | "no-copy-routes" | "no-copy-addrs" => {}
+            "no-ra" => o.ipv6_services.router_adverts = false,
+            "no-ndp" => o.ipv6_services.neighbour_adverts = false,
+            "no-dhcpv6" => o.ipv6_services.dhcpv6 = false,
+            // usernet never copies addresses or routes: honoured as they are.
+            "no-copy-routes" | "no-copy-addrs" => {}
             "ipv4-only" => o.ipv4_only = true,
             "ipv6-only" => o.ipv6_only = true,
             "tcp-ports" | "udp-ports" | "tcp-ns" | "udp-ns" => {
@@ -569,6 +576,7 @@ pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::
     // The gateway stands for the host, reaching its loopback unless --no-map-gw.
     cfg.host = iface.gateway;
     cfg.host_loopback = !o.no_map_gw;
+    cfg.ipv6_services = o.ipv6_services;
     cfg.dns = o.dns_forward;
     if matches!(o.target, Target::Command(_)) && cfg.dns.is_none() {
         let free = (3..254).map(|n| cfg.subnet.host(n)).find(|a| *a != cfg.guest && *a != cfg.gateway);
@@ -874,6 +882,17 @@ mod tests {
 
     fn ports(o: &Options) -> Vec<(Option<IpAddr>, u16, u16, Proto)> {
         o.ports.iter().map(|p| (p.host_ip, p.host_ports.unwrap().0, p.container_port, p.proto)).collect()
+    }
+
+    #[test]
+    fn ipv6_services_turned_off_by_name() {
+        use usernet_core::config::Ipv6Services;
+        let o = run_opts("--config-net --netns /run/netns/x");
+        assert_eq!(o.ipv6_services, Ipv6Services::default());
+        let o = run_opts("--config-net --no-ra --no-dhcpv6 --netns /run/netns/x");
+        assert_eq!(o.ipv6_services, Ipv6Services { router_adverts: false, neighbour_adverts: true, dhcpv6: false });
+        let o = run_opts("--no-ndp --netns /run/netns/x");
+        assert!(!o.ipv6_services.neighbour_adverts && o.ipv6_services.router_adverts);
     }
 
     /// containers/common's libnetwork/pasta, as current Podman runs it for `-p 18091:80`.
