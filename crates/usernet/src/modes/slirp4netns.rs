@@ -201,6 +201,10 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
                 if !(1..=25).contains(&cidr.prefix) {
                     return Err(Mistake { message: "prefix length needs to be 1-25".into(), usage: false });
                 }
+                // As slirp4netns: 10.0.2.5/24 is a mistake, not 10.0.2.0/24.
+                if v.split('/').next().and_then(|a| a.parse::<std::net::Ipv4Addr>().ok()) != Some(cidr.network) {
+                    return Err(Mistake { message: "CIDR needs to be a network address".into(), usage: false });
+                }
                 o.cidr = cidr;
             }
             "disable-host-loopback" => o.disable_host_loopback = true,
@@ -209,6 +213,9 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
                 "path" => o.netns_path = true,
                 _ => return Err(mistake(format!("unknown netns type: {v} (want pid or path)"))),
             },
+            "userns-path" if !Path::new(&v).exists() => {
+                return Err(Mistake { message: format!("userns path doesn't exist: {v}"), usage: false });
+            }
             "userns-path" => o.userns_path = Some(PathBuf::from(v)),
             "outbound-addr" => o.outbound_addr = Some(outbound_address(&v)?),
             "disable-dns" => o.disable_dns = true,
@@ -667,6 +674,9 @@ mod tests {
             let m = err(&format!("--cidr={cidr} 1")).message;
             assert!(m.starts_with(&format!("invalid CIDR {cidr}: ")) && m.contains(why), "{m}");
         }
+        assert_eq!(err("--cidr=10.9.0.5/24 1").message, "CIDR needs to be a network address");
+        assert_eq!(err("--userns-path=/nonexistent/ns 1").message, "userns path doesn't exist: /nonexistent/ns");
+        assert_eq!(run_opts("--userns-path=/proc/self/ns/user 1").userns_path, Some("/proc/self/ns/user".into()));
         let small = Ipv4Subnet { network: Ipv4Addr::new(10, 0, 2, 128), prefix: 25 };
         assert_eq!(run_opts("--cidr=10.0.2.128/25 1").cidr, small);
         assert!(err("--macaddress=zz -c 1").message.contains("invalid MAC"));

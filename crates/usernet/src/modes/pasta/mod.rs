@@ -279,7 +279,9 @@ const DEFAULT_MTU: u32 = 65520;
 fn ipv4(option: &str, v: &str) -> Result<Ipv4Addr, String> {
     match v.parse::<IpAddr>() {
         Ok(IpAddr::V4(a)) => Ok(a),
-        Ok(IpAddr::V6(_)) => Err(format!("--{option} {v}: usernet does not carry the guest's IPv6 yet")),
+        Ok(IpAddr::V6(_)) => {
+            Err(format!("--{option} {v}: usernet takes an IPv4 address here (IPv6 follows the -a address)"))
+        }
         Err(_) => Err(format!("Invalid address for --{option}: {v}")),
     }
 }
