@@ -59,9 +59,16 @@
 //! bytes count against one budget (`--max-buffered`, see `engine::budget`); beyond it
 //! nothing more is gathered, segments go straight to their socket, and what the socket
 //! does not take then is not acknowledged and comes again. A flow whose socket takes
-//! nothing for `--tcp-stall-timeout` is reset. Out-of-order segments are dropped
-//! with an immediate duplicate ACK, so the guest fast-retransmits; old segments
-//! (retransmissions, keep-alive probes) are answered with an ACK. ACKs for in-order data
+//! nothing for `--tcp-stall-timeout` is reset. A segment that comes after a gap gets an
+//! immediate duplicate ACK, so the guest fast-retransmits, and is kept
+//! (`keep_out_of_order`: within the window offered, up to `OUT_OF_ORDER_MAX` segments, its
+//! bytes counted against the shared budget); the segment that fills the gap lets the kept
+//! ones through, in order, and one ACK covers them all. usernet offers no SACK, so a guest
+//! that lost one segment would otherwise resend everything after it, one segment per round
+//! trip or by its retransmission timer: 50 MB uploads with 10% of the guest's frames
+//! reordered by 2 ms, or beside a UDP flood that overflowed the TAP's ring, stalled for
+//! minutes (now 0.2 and 1.6 s). Old segments (retransmissions, keep-alive probes) are
+//! answered with an ACK. ACKs for in-order data
 //! are coalesced: the engine sends one per flow per batch of frames (`flush_ack`), and, as
 //! a receiving TCP does, delays one that acknowledges less than two full segments by up to
 //! `ACK_DELAY`, so that it rides on the answer (a request/response exchange, a
@@ -128,6 +135,24 @@ pub const RECV_BUF: usize = 4 << 20;
 /// then, which is what makes the kernel grow a send buffer (autotuning grows it only after
 /// a write found it full).
 pub const ROOM_MARGIN: usize = 256 << 10;
+/// The most guest segments a flow keeps after a gap (`TcpFlow::keep_out_of_order`); their
+/// bytes are bounded by the window offered and the shared budget.
+const OUT_OF_ORDER_MAX: usize = 256;
+
+/// What `receive` needs of a guest segment's header.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    seq: u32,
+    fin: bool,
+    psh: bool,
+}
+
+/// A guest segment that came after a gap.
+#[derive(Debug)]
+struct OutOfOrder {
+    segment: Segment,
+    data: Vec<u8>,
+}
 /// The room in the send buffer is measured again once this much was written since the
 /// last measure (one getsockopt per so many bytes, none per segment).
 const MEASURE_EVERY: usize = ROOM_MARGIN / 2;
@@ -265,7 +290,13 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     pub scheduled: Option<Instant>,
     /// Bytes each way and activity, for `/v1/flows`.
     pub traffic: super::Traffic,
-    /// What `pending` holds of the budget shared by all flows (`--max-buffered`).
+    /// Guest segments that came after a gap, within the window offered, in sequence order
+    /// from `rcv_nxt`: passed on once the gap is filled (`receive`).
+    out_of_order: Vec<OutOfOrder>,
+    /// Their payload bytes.
+    out_of_order_len: usize,
+    /// What `pending` and `out_of_order` hold of the budget shared by all flows
+    /// (`--max-buffered`).
     held: crate::engine::budget::Held,
     /// Since when the host socket has taken none of the guest data waiting for it (a send
     /// was cut short, and none made progress since): `--tcp-stall-timeout` counts from here.
@@ -406,6 +437,8 @@ impl<S: HostSocket> TcpFlow<S> {
             release_deadline: None,
             scheduled: None,
             traffic: super::Traffic::new(now),
+            out_of_order: Vec::new(),
+            out_of_order_len: 0,
             held,
             stalled_since: None,
             fallback: None,
@@ -416,7 +449,7 @@ impl<S: HostSocket> TcpFlow<S> {
     /// against the shared budget; passes `v` through.
     #[inline]
     fn checked(&mut self, v: Verdict) -> Verdict {
-        self.held.set(self.pending.capacity());
+        self.held.set(self.pending.capacity() + self.out_of_order_len);
         if cfg!(debug_assertions) && v == Verdict::Keep {
             self.check_invariants();
         }
@@ -976,16 +1009,75 @@ impl<S: HostSocket> TcpFlow<S> {
         let _ = self.sock.set_peek_offset(0);
     }
 
-    /// Guest data (and maybe FIN) of segment `h`.
+    /// Guest data (and maybe FIN) of segment `h`; then what waited behind a gap it filled.
     fn receive(&mut self, switch: &mut Switch, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
-        let (seq, fin) = (h.seq, h.has(FIN));
+        let segment = Segment { seq: h.seq, fin: h.has(FIN), psh: h.has(PSH) };
+        if self.receive_segment(switch, segment, payload, now) == Verdict::Close {
+            return Verdict::Close;
+        }
+        while let Some(next) = self.out_of_order.first() {
+            let expected = self.rcv_nxt.wrapping_add(self.pending_len() as u32);
+            if self.to_host != ToHost::Open {
+                self.drop_out_of_order();
+                break;
+            }
+            if seq_lt(expected, next.segment.seq) {
+                break; // Still a gap.
+            }
+            let next = self.out_of_order.remove(0);
+            self.out_of_order_len -= next.data.len();
+            let end = next.segment.seq.wrapping_add(next.data.len() as u32);
+            if seq_le(end, expected) && !next.segment.fin {
+                continue; // Came again in order meanwhile.
+            }
+            if self.receive_segment(switch, next.segment, &next.data, now) == Verdict::Close {
+                return Verdict::Close;
+            }
+        }
+        Verdict::Keep
+    }
+
+    /// Keeps a segment that came after a gap, when it lies within the window offered, the
+    /// shared budget has room for it and it is not held already: once the gap is filled,
+    /// the guest then need not send it again (without SACK, it would resend everything
+    /// after the gap, one segment per round trip or by its retransmission timer).
+    fn keep_out_of_order(&mut self, segment: Segment, payload: &[u8]) {
+        let end = segment.seq.wrapping_add(payload.len() as u32);
+        let fits = seq_le(end, self.rcv_edge)
+            && self.out_of_order.len() < OUT_OF_ORDER_MAX
+            && payload.len() <= self.held.budget().room();
+        if !fits || payload.is_empty() && !segment.fin {
+            return;
+        }
+        let from = |seq: u32| seq.wrapping_sub(self.rcv_nxt);
+        let at = self.out_of_order.partition_point(|o| from(o.segment.seq) < from(segment.seq));
+        if self.out_of_order.get(at).is_some_and(|o| {
+            o.segment.seq == segment.seq && o.data.len() >= payload.len() && (o.segment.fin || !segment.fin)
+        }) {
+            return; // A duplicate.
+        }
+        self.out_of_order_len += payload.len();
+        self.out_of_order.insert(at, OutOfOrder { segment, data: payload.to_vec() });
+    }
+
+    /// Forgets the segments kept after a gap (the guest's data ended, or the flow goes).
+    fn drop_out_of_order(&mut self) {
+        self.out_of_order = Vec::new();
+        self.out_of_order_len = 0;
+    }
+
+    /// Guest data (and maybe FIN) of one segment, in order or not.
+    fn receive_segment(&mut self, switch: &mut Switch, segment: Segment, payload: &[u8], now: Instant) -> Verdict {
+        let Segment { seq, fin, psh } = segment;
         if self.to_host != ToHost::Open {
             self.need_ack = true;
             return Verdict::Keep;
         }
         let expected = self.rcv_nxt.wrapping_add(self.pending_len() as u32);
         if seq_lt(expected, seq) {
-            // A gap: something before this was lost. Ask again at once (duplicate ACK).
+            // A gap: something before this was lost. Keep this, and ask again at once
+            // (duplicate ACK).
+            self.keep_out_of_order(segment, payload);
             self.send_flags(switch, self.snd_nxt, ACK);
             let end = seq.wrapping_add(payload.len() as u32);
             if self.quick_ack_until.is_none_or(|u| seq_lt(u, end)) {
@@ -1051,7 +1143,7 @@ impl<S: HostSocket> TcpFlow<S> {
         // Everything gathered since the last write must be of one write: data before a PSH
         // (a request, say, followed by the start of the next) is never held.
         let full_segment = self.full_segment(switch);
-        self.more_follows = !h.has(PSH)
+        self.more_follows = !psh
             && !fin
             && skip == 0
             && take == new.len()

@@ -56,6 +56,10 @@
 //! 11. (When the socket can be inspected without a system call, as a model can:) the peek
 //!     offset is where `snd_nxt` is in the data (`snd_nxt - snd_una`, SYN and FIN not
 //!     counted), and the receive queue holds at least every byte sent and not acknowledged.
+//! 12. Guest segments kept after a gap (`out_of_order`) are all beyond what the flow took
+//!     (`rcv_nxt` plus `pending`), within the window offered (`rcv_edge`), in sequence
+//!     order, and `out_of_order_len` is their bytes; none are kept once the guest's FIN
+//!     was taken.
 
 use usernet_wire::tcp::{seq_le, seq_lt};
 
@@ -196,6 +200,22 @@ impl<S: HostSocket> TcpFlow<S> {
         // 10.
         if self.retries > MAX_RETRIES || self.rto < RTO_MIN || self.rto > RTO_MAX {
             fail("retries and rto within their bounds");
+        }
+        // 12.
+        let expected = self.rcv_nxt.wrapping_add(self.pending_len() as u32);
+        let mut after = expected;
+        for o in &self.out_of_order {
+            let end = o.segment.seq.wrapping_add(o.data.len() as u32);
+            if !seq_lt(expected, o.segment.seq) || !seq_le(end, self.rcv_edge) || seq_lt(o.segment.seq, after) {
+                fail("a segment kept after a gap lies beyond what was taken, within the window, in order");
+            }
+            after = o.segment.seq;
+        }
+        if self.out_of_order_len != self.out_of_order.iter().map(|o| o.data.len()).sum::<usize>() {
+            fail("out_of_order_len is the bytes kept after a gap");
+        }
+        if self.to_host != ToHost::Open && !self.out_of_order.is_empty() {
+            fail("segments kept after a gap once the guest's FIN was taken");
         }
         // 11.
         if let Some((peek_offset, queued)) = self.sock.inspect() {

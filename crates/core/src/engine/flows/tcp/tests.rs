@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::model::ModelSocket;
 use super::sim::{Pkt, Recorder, switch, take_frames};
+use super::state::ToHost;
 use super::{HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
 use crate::engine::switch::Switch;
 use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader};
@@ -871,4 +872,66 @@ fn a_close_after_everything_was_read_ends_the_stream() {
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     peer.read_to_end(&mut got).expect("end of stream, not a reset");
     assert_eq!(got, b"request");
+}
+
+/// Guest segments that come after a gap are kept: the one that fills the gap lets them all
+/// through, in order, with one ACK for everything, so the guest need not send them again
+/// (before, they were dropped, and a guest without SACK resent them one round trip at a
+/// time, or by its retransmission timer). A segment beyond the window offered, and a FIN
+/// after a gap, are handled as the in-order ones would be.
+#[test]
+fn segments_after_a_gap_are_kept_until_it_is_filled() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(65535, now);
+    let data: Vec<u8> = (0..4000u32).map(|i| (i * 7 + i / 255) as u8).collect();
+    let at = |off: usize| GUEST_ISN + 1 + off as u32;
+    // Segments 2, 4 and 3 of four (1000 bytes each), and 3 again: gaps, each answered by a
+    // duplicate ACK of the first byte.
+    for off in [1000, 3000, 2000, 2000] {
+        let v = f.on_segment(&mut sw, &seg(at(off), ISN + 1, ACK, 65535), &data[off..off + 1000], now);
+        assert_eq!(v, Verdict::Keep);
+        let acks = sent(&rec);
+        assert_eq!(acks.len(), 1, "a duplicate ACK at once");
+        assert_eq!(acks[0].0.ack, at(0));
+    }
+    let mut got = Vec::new();
+    assert_eq!(f.sock.peer_read(10_000, &mut got), 0, "nothing passed on across the gap");
+    // The first segment fills the gap: all four go to the socket, in order.
+    let v = f.on_segment(&mut sw, &seg(at(0), ISN + 1, ACK | PSH, 65535), &data[..1000], now);
+    assert_eq!(v, Verdict::Keep);
+    end_of_round(&mut f, &mut sw, now);
+    f.sock.peer_read(10_000, &mut got);
+    assert_eq!(got, data, "the bytes, once each, in order");
+    let acks = sent(&rec);
+    assert_eq!(acks.last().map(|(h, _)| h.ack), Some(at(4000)), "one ACK for all of it");
+    assert_eq!(f.out_of_order_len, 0);
+    // A FIN after a gap is kept too, and passed on after the data before it.
+    f.on_segment(&mut sw, &seg(at(4500), ISN + 1, ACK | FIN, 65535), &data[..10], now);
+    assert_eq!(f.to_host, ToHost::Open, "the FIN waits behind the gap");
+    f.on_segment(&mut sw, &seg(at(4000), ISN + 1, ACK, 65535), &data[..500], now);
+    end_of_round(&mut f, &mut sw, now);
+    got.clear();
+    f.sock.peer_read(10_000, &mut got);
+    assert_eq!(got.len(), 510);
+    assert_ne!(f.to_host, ToHost::Open, "the FIN passed on");
+    assert!(f.out_of_order.is_empty());
+}
+
+/// Beyond the window offered, or beyond the shared budget, a segment after a gap is not
+/// kept (the guest sends it again).
+#[test]
+fn segments_after_a_gap_are_kept_only_within_the_window_and_the_budget() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open(65535, now);
+    let edge = f.rcv_edge.wrapping_sub(GUEST_ISN + 1) as usize;
+    let at = |off: usize| GUEST_ISN + 1 + off as u32;
+    f.on_segment(&mut sw, &seg(at(edge - 100), ISN + 1, ACK, 65535), &[1; 200], now);
+    assert!(f.out_of_order.is_empty(), "past the window's edge");
+    f.on_segment(&mut sw, &seg(at(edge - 200), ISN + 1, ACK, 65535), &[1; 200], now);
+    assert_eq!(f.out_of_order_len, 200, "within it");
+    sent(&rec);
+    let budget = f.held.budget().clone();
+    budget.set(0, std::time::Duration::ZERO);
+    f.on_segment(&mut sw, &seg(at(1000), ISN + 1, ACK, 65535), &[1; 100], now);
+    assert_eq!(f.out_of_order_len, 200, "no room in the budget");
 }
