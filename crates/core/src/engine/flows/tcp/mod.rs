@@ -138,6 +138,10 @@ pub const ROOM_MARGIN: usize = 256 << 10;
 /// The most guest segments a flow keeps after a gap (`TcpFlow::keep_out_of_order`); their
 /// bytes are bounded by the window offered and the shared budget.
 const OUT_OF_ORDER_MAX: usize = 256;
+/// What a kept segment costs the shared budget beyond its bytes (its entry and its
+/// allocation), so that a guest's one-byte segments cannot hold more memory than the
+/// budget says.
+const OUT_OF_ORDER_ENTRY_COST: usize = 64;
 
 /// What `receive` needs of a guest segment's header.
 #[derive(Clone, Copy, Debug)]
@@ -152,6 +156,13 @@ struct Segment {
 struct OutOfOrder {
     segment: Segment,
     data: Vec<u8>,
+}
+
+impl OutOfOrder {
+    /// What keeping it costs the shared budget.
+    fn cost(&self) -> usize {
+        self.data.len() + OUT_OF_ORDER_ENTRY_COST
+    }
 }
 /// The room in the send buffer is measured again once this much was written since the
 /// last measure (one getsockopt per so many bytes, none per segment).
@@ -293,8 +304,9 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// Guest segments that came after a gap, within the window offered, in sequence order
     /// from `rcv_nxt`: passed on once the gap is filled (`receive`).
     out_of_order: Vec<OutOfOrder>,
-    /// Their payload bytes.
-    out_of_order_len: usize,
+    /// What they cost: their payload bytes and [`OUT_OF_ORDER_ENTRY_COST`] each, counted
+    /// against the shared budget.
+    out_of_order_cost: usize,
     /// What `pending` and `out_of_order` hold of the budget shared by all flows
     /// (`--max-buffered`).
     held: crate::engine::budget::Held,
@@ -438,7 +450,7 @@ impl<S: HostSocket> TcpFlow<S> {
             scheduled: None,
             traffic: super::Traffic::new(now),
             out_of_order: Vec::new(),
-            out_of_order_len: 0,
+            out_of_order_cost: 0,
             held,
             stalled_since: None,
             fallback: None,
@@ -449,7 +461,7 @@ impl<S: HostSocket> TcpFlow<S> {
     /// against the shared budget; passes `v` through.
     #[inline]
     fn checked(&mut self, v: Verdict) -> Verdict {
-        self.held.set(self.pending.capacity() + self.out_of_order_len);
+        self.held.set(self.pending.capacity() + self.out_of_order_cost);
         if cfg!(debug_assertions) && v == Verdict::Keep {
             self.check_invariants();
         }
@@ -1025,7 +1037,7 @@ impl<S: HostSocket> TcpFlow<S> {
                 break; // Still a gap.
             }
             let next = self.out_of_order.remove(0);
-            self.out_of_order_len -= next.data.len();
+            self.out_of_order_cost -= next.cost();
             let end = next.segment.seq.wrapping_add(next.data.len() as u32);
             if seq_le(end, expected) && !next.segment.fin {
                 continue; // Came again in order meanwhile.
@@ -1045,7 +1057,7 @@ impl<S: HostSocket> TcpFlow<S> {
         let end = segment.seq.wrapping_add(payload.len() as u32);
         let fits = seq_le(end, self.rcv_edge)
             && self.out_of_order.len() < OUT_OF_ORDER_MAX
-            && payload.len() <= self.held.budget().room();
+            && payload.len() + OUT_OF_ORDER_ENTRY_COST <= self.held.budget().room();
         if !fits || payload.is_empty() && !segment.fin {
             return;
         }
@@ -1056,14 +1068,15 @@ impl<S: HostSocket> TcpFlow<S> {
         }) {
             return; // A duplicate.
         }
-        self.out_of_order_len += payload.len();
-        self.out_of_order.insert(at, OutOfOrder { segment, data: payload.to_vec() });
+        let kept = OutOfOrder { segment, data: payload.to_vec() };
+        self.out_of_order_cost += kept.cost();
+        self.out_of_order.insert(at, kept);
     }
 
     /// Forgets the segments kept after a gap (the guest's data ended, or the flow goes).
     fn drop_out_of_order(&mut self) {
         self.out_of_order = Vec::new();
-        self.out_of_order_len = 0;
+        self.out_of_order_cost = 0;
     }
 
     /// Guest data (and maybe FIN) of one segment, in order or not.

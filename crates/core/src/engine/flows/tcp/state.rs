@@ -58,7 +58,7 @@
 //!     counted), and the receive queue holds at least every byte sent and not acknowledged.
 //! 12. Guest segments kept after a gap (`out_of_order`) are all beyond what the flow took
 //!     (`rcv_nxt` plus `pending`), within the window offered (`rcv_edge`), in sequence
-//!     order, and `out_of_order_len` is their bytes; none are kept once the guest's FIN
+//!     order, and `out_of_order_cost` is what they cost; none are kept once the guest's FIN
 //!     was taken.
 
 use usernet_wire::tcp::{seq_le, seq_lt};
@@ -211,8 +211,8 @@ impl<S: HostSocket> TcpFlow<S> {
             }
             after = o.segment.seq;
         }
-        if self.out_of_order_len != self.out_of_order.iter().map(|o| o.data.len()).sum::<usize>() {
-            fail("out_of_order_len is the bytes kept after a gap");
+        if self.out_of_order_cost != self.out_of_order.iter().map(|o| o.cost()).sum::<usize>() {
+            fail("out_of_order_cost is what the segments kept after a gap cost");
         }
         if self.to_host != ToHost::Open && !self.out_of_order.is_empty() {
             fail("segments kept after a gap once the guest's FIN was taken");

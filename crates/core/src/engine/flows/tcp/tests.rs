@@ -904,7 +904,7 @@ fn segments_after_a_gap_are_kept_until_it_is_filled() {
     assert_eq!(got, data, "the bytes, once each, in order");
     let acks = sent(&rec);
     assert_eq!(acks.last().map(|(h, _)| h.ack), Some(at(4000)), "one ACK for all of it");
-    assert_eq!(f.out_of_order_len, 0);
+    assert_eq!(f.out_of_order_cost, 0);
     // A FIN after a gap is kept too, and passed on after the data before it.
     f.on_segment(&mut sw, &seg(at(4500), ISN + 1, ACK | FIN, 65535), &data[..10], now);
     assert_eq!(f.to_host, ToHost::Open, "the FIN waits behind the gap");
@@ -928,10 +928,16 @@ fn segments_after_a_gap_are_kept_only_within_the_window_and_the_budget() {
     f.on_segment(&mut sw, &seg(at(edge - 100), ISN + 1, ACK, 65535), &[1; 200], now);
     assert!(f.out_of_order.is_empty(), "past the window's edge");
     f.on_segment(&mut sw, &seg(at(edge - 200), ISN + 1, ACK, 65535), &[1; 200], now);
-    assert_eq!(f.out_of_order_len, 200, "within it");
+    assert_eq!(f.out_of_order.len(), 1, "within it");
     sent(&rec);
     let budget = f.held.budget().clone();
     budget.set(0, std::time::Duration::ZERO);
     f.on_segment(&mut sw, &seg(at(1000), ISN + 1, ACK, 65535), &[1; 100], now);
-    assert_eq!(f.out_of_order_len, 200, "no room in the budget");
+    assert_eq!(f.out_of_order.len(), 1, "no room in the budget");
+    // One-byte segments cost their entries too: a budget of ten such is ten kept, not more.
+    budget.set(budget.used() + 10 * (1 + super::OUT_OF_ORDER_ENTRY_COST), std::time::Duration::ZERO);
+    for i in 0..20 {
+        f.on_segment(&mut sw, &seg(at(2000 + 2 * i), ISN + 1, ACK, 65535), &[1], now);
+    }
+    assert_eq!(f.out_of_order.len(), 11, "the first and ten one-byte segments");
 }
