@@ -436,12 +436,10 @@ proptest! {
     }
 }
 
-#[test]
-fn stateless_dhcpv6_answers_the_guest_that_asks() {
-    use dhcproto::v6::{DhcpOption, Message, MessageType, OptionCode};
-    use dhcproto::{Decodable, Decoder, Encodable, Encoder};
-    let (mut e, link, _) = engine();
-    link.sent.borrow_mut().clear();
+/// A guest's DHCPv6 Information-request (transaction [7, 7, 7]) to all servers, in a frame.
+fn dhcp6_information_request() -> Vec<u8> {
+    use dhcproto::v6::{DhcpOption, Message, MessageType};
+    use dhcproto::{Encodable, Encoder};
     let mut m = Message::new_with_id(MessageType::InformationRequest, [7, 7, 7]);
     m.opts_mut().insert(DhcpOption::ClientId(vec![0, 3, 0, 1, 2, 0, 0, 0, 0, 2]));
     let mut body = Vec::new();
@@ -450,7 +448,16 @@ fn stateless_dhcpv6_answers_the_guest_that_asks() {
     let mut d = vec![0u8; 8 + body.len()];
     d[8..].copy_from_slice(&body);
     UdpHeader { src_port: 546, dst_port: 547 }.emit(&mut d, body.len(), guest_ll().into(), all_servers.into());
-    e.on_frame(0, &frame6(PROTO_UDP, guest_ll(), all_servers, 1, ndp::multicast_mac(all_servers), &d), Instant::now());
+    frame6(PROTO_UDP, guest_ll(), all_servers, 1, ndp::multicast_mac(all_servers), &d)
+}
+
+#[test]
+fn stateless_dhcpv6_answers_the_guest_that_asks() {
+    use dhcproto::v6::{DhcpOption, Message, MessageType, OptionCode};
+    use dhcproto::{Decodable, Decoder};
+    let (mut e, link, _) = engine();
+    link.sent.borrow_mut().clear();
+    e.on_frame(0, &dhcp6_information_request(), Instant::now());
     let out = take6(&link);
     assert_eq!(out.len(), 1);
     let (mac, ip, p) = &out[0];
@@ -771,19 +778,6 @@ fn ipv6_services_turned_off_answer_nothing() {
         let group = ndp::solicited_node(GATEWAY_LINK_LOCAL);
         ndp_frame(guest_ll(), group, 255, ndp::multicast_mac(group), |b| ns.emit(b))
     };
-    let dhcp6 = || {
-        use dhcproto::v6::{DhcpOption, Message, MessageType};
-        use dhcproto::{Encodable, Encoder};
-        let mut m = Message::new_with_id(MessageType::InformationRequest, [7, 7, 7]);
-        m.opts_mut().insert(DhcpOption::ClientId(vec![0, 3, 0, 1, 2, 0, 0, 0, 0, 2]));
-        let mut body = Vec::new();
-        m.encode(&mut Encoder::new(&mut body)).unwrap();
-        let all_servers = crate::services::dhcp6::ALL_SERVERS;
-        let mut d = vec![0u8; 8 + body.len()];
-        d[8..].copy_from_slice(&body);
-        UdpHeader { src_port: 546, dst_port: 547 }.emit(&mut d, body.len(), guest_ll().into(), all_servers.into());
-        frame6(PROTO_UDP, guest_ll(), all_servers, 1, ndp::multicast_mac(all_servers), &d)
-    };
     let on = Ipv6Services::default();
     for (services, answers) in [
         (Ipv6Services { router_adverts: false, ..on }, [false, true, true]),
@@ -795,7 +789,7 @@ fn ipv6_services_turned_off_answer_nothing() {
         e.advertise_router_when_due(t0);
         let unsolicited = take6(&link);
         assert_eq!(unsolicited.len(), usize::from(answers[0]), "{services:?}: unsolicited advertisement");
-        for (frame, answered) in [(rs(), answers[0]), (ns(), answers[1]), (dhcp6(), answers[2])] {
+        for (frame, answered) in [(rs(), answers[0]), (ns(), answers[1]), (dhcp6_information_request(), answers[2])] {
             e.on_frame(0, &frame, t0);
             let out = take6(&link);
             assert_eq!(out.len(), usize::from(answered), "{services:?}");
