@@ -201,20 +201,10 @@ fn hold_v6only(port: u16) -> OwnedFd {
         // SO_REUSEADDR, as std's TcpListener (and so `port_free`, which chose the port) sets
         // it: without it, a port an earlier test left in TIME_WAIT is refused here (CI failed
         // so once, "bind [::]:21110"). A listener on the port still makes it taken.
-        libc::setsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        libc::setsockopt(
-            raw,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        for (level, option) in [(libc::SOL_SOCKET, libc::SO_REUSEADDR), (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)] {
+            let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::setsockopt(raw, level, option, (&one as *const libc::c_int).cast(), size);
+        }
         let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
         sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
         sa.sin6_port = port.to_be();
