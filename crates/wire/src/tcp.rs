@@ -1,4 +1,5 @@
-//! TCP headers (RFC 9293) with the options usernet uses: MSS, window scale, SACK-permitted.
+//! TCP headers (RFC 9293) with the options usernet uses: MSS, window scale, SACK-permitted
+//! and SACK blocks (RFC 2018).
 
 use std::net::IpAddr;
 
@@ -6,8 +7,12 @@ use super::checksum;
 use super::{PROTO_TCP, be16, be32, put16, put32};
 
 pub const HEADER_LEN: usize = 20;
-/// The largest header usernet emits: 20 bytes plus MSS (4), window scale (3+1 NOP).
-pub const MAX_EMIT_LEN: usize = 28;
+/// The largest header usernet emits: 20 bytes and 40 of options (an ACK with four SACK
+/// blocks takes 36 of them: two NOPs, the option's kind and length, 32 bytes of edges; a SYN
+/// takes 12: MSS, window scale and SACK-permitted, each padded to 4).
+pub const MAX_EMIT_LEN: usize = HEADER_LEN + 40;
+/// The most SACK blocks an option carries when no timestamps take room (RFC 2018 section 3).
+pub const MAX_SACK_BLOCKS: usize = 4;
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -27,6 +32,39 @@ pub struct TcpHeader {
     pub mss: Option<u16>,
     pub window_scale: Option<u8>,
     pub sack_permitted: bool,
+    /// The SACK option's blocks (RFC 2018): data held beyond the ACK.
+    pub sack: SackBlocks,
+}
+
+/// Up to [`MAX_SACK_BLOCKS`] SACK blocks, each the sequence numbers of its first byte and of
+/// the byte after its last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SackBlocks {
+    len: u8,
+    blocks: [(u32, u32); MAX_SACK_BLOCKS],
+}
+
+impl SackBlocks {
+    /// Adds a block; false (and nothing added) when all four are taken.
+    pub fn push(&mut self, left: u32, right: u32) -> bool {
+        let Some(slot) = self.blocks.get_mut(self.len as usize) else { return false };
+        *slot = (left, right);
+        self.len += 1;
+        true
+    }
+
+    pub fn as_slice(&self) -> &[(u32, u32)] {
+        &self.blocks[..self.len as usize]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The option's length with its two NOPs of padding; 0 without blocks.
+    fn emit_len(&self) -> usize {
+        if self.is_empty() { 0 } else { 4 + 8 * self.len as usize }
+    }
 }
 
 impl TcpHeader {
@@ -69,6 +107,12 @@ impl TcpHeader {
                         (2, 4) => h.mss = Some(be16(opts, 2)),
                         (3, 3) => h.window_scale = Some(opts[2].min(14)),
                         (4, 2) => h.sack_permitted = true,
+                        (5, _) if (len - 2).is_multiple_of(8) => {
+                            h.sack = SackBlocks::default();
+                            for block in opts[2..len].chunks_exact(8) {
+                                h.sack.push(be32(block, 0), be32(block, 4));
+                            }
+                        }
                         _ => {}
                     }
                     opts = &opts[len..];
@@ -80,7 +124,11 @@ impl TcpHeader {
 
     /// Length of the header `emit` writes.
     pub fn emit_len(&self) -> usize {
-        HEADER_LEN + if self.mss.is_some() { 4 } else { 0 } + if self.window_scale.is_some() { 4 } else { 0 }
+        HEADER_LEN
+            + if self.mss.is_some() { 4 } else { 0 }
+            + if self.window_scale.is_some() { 4 } else { 0 }
+            + if self.sack_permitted { 4 } else { 0 }
+            + self.sack.emit_len()
     }
 
     /// Writes the header in front of a payload already at `buf[emit_len()..][..payload_len]`
@@ -108,7 +156,23 @@ impl TcpHeader {
             buf[at + 1] = 3;
             buf[at + 2] = 3;
             buf[at + 3] = ws;
+            at += 4;
         }
+        if self.sack_permitted {
+            buf[at..at + 4].copy_from_slice(&[1, 1, 4, 2]);
+            at += 4;
+        }
+        if !self.sack.is_empty() {
+            let blocks = self.sack.as_slice();
+            buf[at..at + 4].copy_from_slice(&[1, 1, 5, 2 + 8 * blocks.len() as u8]);
+            at += 4;
+            for &(left, right) in blocks {
+                put32(buf, at, left);
+                put32(buf, at + 4, right);
+                at += 8;
+            }
+        }
+        debug_assert_eq!(at, hl);
         let len = hl + payload_len;
         let acc = checksum::add(checksum::pseudo(src, dst, PROTO_TCP, len), &buf[..len]);
         put16(buf, 16, checksum::finish(acc));
@@ -158,7 +222,8 @@ mod tests {
             window: 65535,
             mss: Some(1460),
             window_scale: Some(7),
-            sack_permitted: false,
+            sack_permitted: true,
+            sack: SackBlocks::default(),
         };
         let hl = h.emit_len();
         let mut b = vec![0u8; hl + 5];
@@ -203,6 +268,46 @@ mod tests {
         // A bad option length stops option parsing without failing the segment.
         b[21] = 0;
         assert!(TcpHeader::parse(&b).is_some());
+    }
+
+    #[test]
+    fn sack_blocks_round_trip() {
+        let src = Ipv4Addr::new(192, 168, 65, 254);
+        let dst = Ipv4Addr::new(192, 168, 65, 2);
+        for n in 1..=MAX_SACK_BLOCKS {
+            let mut h = TcpHeader { src_port: 80, dst_port: 40000, seq: 1, ack: 2, flags: ACK, ..Default::default() };
+            for i in 0..n as u32 {
+                assert!(h.sack.push(0xffff_0000 + 1000 * i, 0xffff_0000 + 1000 * i + 500));
+            }
+            assert!(n < MAX_SACK_BLOCKS || !h.sack.push(1, 2), "a fifth block is refused");
+            assert_eq!(h.emit_len(), HEADER_LEN + 4 + 8 * n);
+            assert!(h.emit_len() <= MAX_EMIT_LEN);
+            let mut b = vec![0u8; h.emit_len()];
+            h.emit(&mut b, 0, src.into(), dst.into());
+            let (p, payload) = TcpHeader::parse(&b).unwrap();
+            assert_eq!(p, h);
+            assert!(payload.is_empty());
+            let e = etherparse::TcpHeaderSlice::from_slice(&b).unwrap().to_header();
+            assert_eq!(e.calc_checksum_ipv4_raw(src.octets(), dst.octets(), &[]).unwrap(), e.checksum);
+        }
+    }
+
+    #[test]
+    fn malformed_sack_options_are_ignored() {
+        // A SACK option whose length is not 2 plus a multiple of 8, one that runs past the
+        // header, and one with no block: none gives a block, and the segment still parses.
+        for opts in [
+            &[5u8, 7, 0, 0, 0, 1, 0, 1, 1, 1, 1, 1][..],
+            &[1, 1, 5, 18, 0, 0, 0, 1, 0, 0, 0, 2][..],
+            &[5, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1][..],
+        ] {
+            let mut b = vec![0u8; HEADER_LEN + opts.len()];
+            b[12] = (((HEADER_LEN + opts.len()) / 4) as u8) << 4;
+            b[13] = ACK;
+            b[HEADER_LEN..].copy_from_slice(opts);
+            let (h, _) = TcpHeader::parse(&b).unwrap();
+            assert!(h.sack.is_empty(), "{opts:?}");
+        }
     }
 
     #[test]
