@@ -63,12 +63,20 @@
 //! immediate duplicate ACK, so the guest fast-retransmits, and is kept
 //! (`keep_out_of_order`: within the window offered, up to `OUT_OF_ORDER_MAX` segments, its
 //! bytes counted against the shared budget); the segment that fills the gap lets the kept
-//! ones through, in order, and one ACK covers them all. usernet offers no SACK, so a guest
-//! that lost one segment would otherwise resend everything after it, one segment per round
-//! trip or by its retransmission timer: 50 MB uploads with 10% of the guest's frames
-//! reordered by 2 ms, or beside a UDP flood that overflowed the TAP's ring, stalled for
-//! minutes (now 0.2 and 1.6 s). Old segments (retransmissions, keep-alive probes) are
-//! answered with an ACK. ACKs for in-order data
+//! ones through, in order, and one ACK covers them all. Dropped, the segments after a gap
+//! would have to come again: 50 MB uploads with 10% of the guest's frames reordered by
+//! 2 ms, or beside a UDP flood that overflowed the TAP's ring, stalled for minutes (now 0.2
+//! and 1.6 s). When the guest offers SACK (RFC 2018; Linux does), the SYN-ACK offers it
+//! back (and a published port's SYN offers it), and every ACK without data lists the kept
+//! segments in SACK blocks (`sack_blocks`): the guest resends only what is missing, and a
+//! Linux guest's loss detection (RACK, tail-loss probes) works, where without SACK a lost
+//! last segment waits for its retransmission timer. A kept segment is never dropped once
+//! listed (that would be reneging, which costs the guest a timeout), and once the gap
+//! before it is filled it is acknowledged at once, even while a full socket takes it only
+//! in part (`ack_number`: Linux takes an ACK that stops inside listed data for reneging
+//! too). The guest's own SACK
+//! blocks, about our data, are not used: a retransmission resends from `snd_una`. Old
+//! segments (retransmissions, keep-alive probes) are answered with an ACK. ACKs for in-order data
 //! are coalesced: the engine sends one per flow per batch of frames (`flush_ack`), and, as
 //! a receiving TCP does, delays one that acknowledges less than two full segments by up to
 //! `ACK_DELAY`, so that it rides on the answer (a request/response exchange, a
@@ -120,7 +128,7 @@ use std::time::{Duration, Instant};
 use crate::engine::dial::TcpDial;
 use crate::engine::metrics::Limit;
 use crate::engine::switch::{Switch, TCP_PAYLOAD_OFF, Unreachable};
-use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_le, seq_lt};
+use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, SackBlocks, TcpHeader, seq_le, seq_lt};
 use usernet_wire::{PROTO_TCP, put16, put32};
 
 pub use socket::{HostSocket, KernelSocket};
@@ -162,6 +170,11 @@ impl OutOfOrder {
     /// What keeping it costs the shared budget.
     fn cost(&self) -> usize {
         self.data.len() + OUT_OF_ORDER_ENTRY_COST
+    }
+
+    /// The sequence number after it (its FIN counted).
+    fn end(&self) -> u32 {
+        self.segment.seq.wrapping_add(self.data.len() as u32 + u32::from(self.segment.fin))
     }
 }
 /// The room in the send buffer is measured again once this much was written since the
@@ -250,6 +263,10 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     wnd_edge: u32,
     guest_wscale: u8,
     our_wscale: u8,
+    /// Both ends offered SACK (RFC 2018): our ACKs tell the guest which segments after a
+    /// gap are kept (`sack_blocks`), so that it resends only what is missing. (The guest's
+    /// own SACK blocks, about our data, are not used: a rewind resends from `snd_una`.)
+    sack_ok: bool,
     mss: u32,
     dup_acks: u8,
     rto: Duration,
@@ -307,6 +324,12 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// What they cost: their payload bytes and [`OUT_OF_ORDER_ENTRY_COST`] each, counted
     /// against the shared budget.
     out_of_order_cost: usize,
+    /// The sequence number of the last segment that came after a gap: the SACK block that
+    /// holds it goes first (RFC 2018 section 4).
+    last_out_of_order: u32,
+    /// The right edge of the highest SACK block sent, while it is beyond `rcv_nxt`: what
+    /// the guest was told arrived is acknowledged once contiguous (`ack_number`).
+    sacked_to: Option<u32>,
     /// What `pending` and `out_of_order` hold of the budget shared by all flows
     /// (`--max-buffered`).
     held: crate::engine::budget::Held,
@@ -373,6 +396,7 @@ impl<S: HostSocket> TcpFlow<S> {
         f.wnd_edge = isn.wrapping_add(1).wrapping_add(syn.window as u32);
         f.guest_wscale = guest_wscale;
         f.our_wscale = our_wscale;
+        f.sack_ok = syn.sack_permitted;
         f.mss = mss;
         let _ = f.sock.set_peek_offset(0);
         let v = if connected { f.connected(switch, now) } else { Verdict::Keep };
@@ -429,6 +453,7 @@ impl<S: HostSocket> TcpFlow<S> {
             wnd_edge: isn.wrapping_add(1),
             guest_wscale: 0,
             our_wscale: OUR_WSCALE,
+            sack_ok: false,
             mss: DEFAULT_MSS,
             dup_acks: 0,
             rto: RTO_MIN,
@@ -451,6 +476,8 @@ impl<S: HostSocket> TcpFlow<S> {
             traffic: super::Traffic::new(now),
             out_of_order: Vec::new(),
             out_of_order_cost: 0,
+            last_out_of_order: 0,
+            sacked_to: None,
             held,
             stalled_since: None,
             fallback: None,
@@ -617,11 +644,32 @@ impl<S: HostSocket> TcpFlow<S> {
     /// margin per flow in usernet's memory, and hears of the window again as soon as the
     /// socket drains (`flush_pending`).
     fn window_field(&self) -> u16 {
+        // Counted from `rcv_nxt`, and sent from the ACK number, which may be ahead of it.
+        let ahead = self.ack_number().wrapping_sub(self.rcv_nxt) as usize;
         let open = if self.host_writable { self.window_room().saturating_sub(self.pending_len()) } else { 0 };
         let scale = self.our_wscale;
         // Rounded up: the edge never moves left, not even by the scaling's remainder.
-        let kept = (self.offered() + (1 << scale) - 1) >> scale;
-        (open >> scale).max(kept).min(u16::MAX as usize) as u16
+        let kept = (self.offered().saturating_sub(ahead) + (1 << scale) - 1) >> scale;
+        (open.saturating_sub(ahead) >> scale).max(kept).min(u16::MAX as usize) as u16
+    }
+
+    /// The ACK number for the guest: what the socket took (`rcv_nxt`), and beyond it what
+    /// `pending` holds up to the right edge of the SACK blocks sent. A Linux guest takes an
+    /// ACK that stops inside data it was told arrived for reneging (after 10 ms it sends
+    /// everything from there again, its congestion window back to one segment), and when
+    /// a gap is filled the segments kept behind it go to `pending`, of which a full socket
+    /// takes only part. So listed data is acknowledged once it is contiguous, as a kernel
+    /// acknowledges what waits in its receive queue: `pending` is held until the socket
+    /// takes it, and dropped only with a reset; so is a FIN held behind it.
+    fn ack_number(&self) -> u32 {
+        match self.sacked_to {
+            Some(listed) if seq_lt(self.rcv_nxt, listed) => {
+                let fin_held = u32::from(self.to_host == ToHost::FinHeld);
+                let held = self.rcv_nxt.wrapping_add(self.pending_len() as u32).wrapping_add(fin_held);
+                if seq_lt(held, listed) { held } else { listed }
+            }
+            _ => self.rcv_nxt,
+        }
     }
 
     fn segment(&self, seq: u32, flags: u8) -> TcpHeader {
@@ -629,7 +677,7 @@ impl<S: HostSocket> TcpFlow<S> {
             src_port: self.remote.port(),
             dst_port: self.guest.port(),
             seq,
-            ack: self.rcv_nxt,
+            ack: self.ack_number(),
             flags,
             window: self.window_field(),
             ..Default::default()
@@ -638,23 +686,37 @@ impl<S: HostSocket> TcpFlow<S> {
 
     fn send_flags(&mut self, switch: &mut Switch, seq: u32, flags: u8) {
         self.measure_room();
-        let h = self.segment(seq, flags);
+        let mut h = self.segment(seq, flags);
+        if flags & (SYN | RST) == 0 {
+            h.sack = self.sack_blocks();
+        }
         switch.send_tcp(self.remote, self.guest, &h, 0);
+        for &(_, right) in h.sack.as_slice() {
+            if self.sacked_to.is_none_or(|s| seq_lt(s, right)) {
+                self.sacked_to = Some(right);
+            }
+        }
         if flags & ACK != 0 {
-            self.told_ack();
+            self.told_ack(&h);
         }
     }
 
-    /// A segment carrying our current ACK went to the guest: nothing is owed any more,
+    /// Segment `h`, carrying our current ACK, went to the guest: nothing is owed any more,
     /// unless gathered guest data waits to be written at the end of the round (then the
     /// engine must still come by: `write_gathered`, then the ACK of what it wrote).
-    fn told_ack(&mut self) {
+    fn told_ack(&mut self, h: &TcpHeader) {
         self.need_ack = self.pending_len() > 0 && self.host_writable;
         self.ack_deadline = None;
-        self.acked_rcv = self.rcv_nxt;
-        let edge = self.rcv_nxt.wrapping_add((self.window_field() as u32) << self.our_wscale);
+        self.acked_rcv = h.ack;
+        // (A SYN-ACK's window field is never scaled; the edge counts from the window that
+        // follows it, as the guest's first segments may go that far once it has the ACK.)
+        let window = if h.has(SYN) { self.window_field() } else { h.window };
+        let edge = h.ack.wrapping_add((window as u32) << self.our_wscale);
         if seq_lt(self.rcv_edge, edge) {
             self.rcv_edge = edge;
+        }
+        if self.sacked_to.is_some_and(|s| !seq_lt(self.rcv_nxt, s)) {
+            self.sacked_to = None;
         }
     }
 
@@ -664,6 +726,7 @@ impl<S: HostSocket> TcpFlow<S> {
         h.ack = 0;
         h.mss = Some(switch.max_tcp_payload(self.remote.is_ipv6()).min(u16::MAX as usize) as u16);
         h.window_scale = Some(OUR_WSCALE);
+        h.sack_permitted = true;
         h.window = RECV_BUF.min(u16::MAX as usize) as u16;
         switch.send_tcp(self.remote, self.guest, &h, 0);
     }
@@ -674,10 +737,11 @@ impl<S: HostSocket> TcpFlow<S> {
         if self.our_wscale > 0 {
             h.window_scale = Some(self.our_wscale);
         }
+        h.sack_permitted = self.sack_ok;
         // The window in a SYN is never scaled.
         h.window = (RECV_BUF - self.pending_len()).min(u16::MAX as usize) as u16;
         switch.send_tcp(self.remote, self.guest, &h, 0);
-        self.told_ack();
+        self.told_ack(&h);
     }
 
     /// Sends our SYN again over IPv4, to [`TcpFlow::fallback`]'s addresses (the guest
@@ -721,6 +785,7 @@ impl<S: HostSocket> TcpFlow<S> {
                 self.our_wscale = 0;
             }
         }
+        self.sack_ok = h.sack_permitted;
         self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS))
             .clamp(64, switch.max_tcp_payload(self.remote.is_ipv6()) as u32);
         self.wnd_edge = h.ack.wrapping_add(h.window as u32);
@@ -750,7 +815,7 @@ impl<S: HostSocket> TcpFlow<S> {
         if !self.need_ack || self.phase != Phase::Established {
             return;
         }
-        let unacked = self.rcv_nxt.wrapping_sub(self.acked_rcv) as usize;
+        let unacked = self.ack_number().wrapping_sub(self.acked_rcv) as usize;
         let full_segment = self.full_segment(switch);
         let may_wait = unacked > 0
             && unacked < 2 * full_segment
@@ -758,7 +823,7 @@ impl<S: HostSocket> TcpFlow<S> {
             && (self.pending_len() == 0 || self.hold_deadline.is_some())
             && self.to_host == ToHost::Open
             && self.ack_deadline.is_some_and(|d| d > now);
-        if self.quick_ack_until.is_some_and(|u| !seq_lt(self.rcv_nxt, u)) {
+        if self.quick_ack_until.is_some_and(|u| !seq_lt(self.ack_number(), u)) {
             self.quick_ack_until = None;
         }
         // Held data is not acknowledged yet: an ACK of nothing new would be a duplicate ACK,
@@ -902,8 +967,10 @@ impl<S: HostSocket> TcpFlow<S> {
             // it, within the window we offer, gets a challenge ACK (a real guest answers it
             // with a RST at that number); anything else is ignored. A blind RST must guess
             // the sequence number exactly.
+            // (Or at the ACK number the guest was told, which is past a held FIN that was
+            // listed in a SACK block: `ack_number`.)
             let expected = self.rcv_nxt.wrapping_add(self.pending_len() as u32);
-            if h.seq == expected {
+            if h.seq == expected || h.seq == self.ack_number() {
                 return self.reset_host();
             }
             let window = ((self.window_field() as u32) << self.our_wscale).max(1);
@@ -974,7 +1041,7 @@ impl<S: HostSocket> TcpFlow<S> {
             if self.receive(switch, h, payload, now) == Verdict::Close {
                 return Verdict::Close;
             }
-        } else if seq_lt(h.seq, self.rcv_nxt) {
+        } else if seq_lt(h.seq, self.ack_number()) {
             // A keep-alive probe (sequence number one below the next expected): answer it.
             self.send_flags(switch, self.snd_nxt, ACK);
         }
@@ -1038,6 +1105,10 @@ impl<S: HostSocket> TcpFlow<S> {
             }
             let next = self.out_of_order.remove(0);
             self.out_of_order_cost -= next.cost();
+            // Its cost leaves the shared budget before it is taken, so that the budget's
+            // room has it: a kept segment may have been listed in a SACK block, and is
+            // then never dropped (the guest would not send it again).
+            self.held.set(self.pending.capacity() + self.out_of_order_cost);
             let end = next.segment.seq.wrapping_add(next.data.len() as u32);
             if seq_le(end, expected) && !next.segment.fin {
                 continue; // Came again in order meanwhile.
@@ -1073,6 +1144,45 @@ impl<S: HostSocket> TcpFlow<S> {
         self.out_of_order.insert(at, kept);
     }
 
+    /// The kept segments as ranges of sequence numbers (first byte, byte after the last),
+    /// joined where they touch or overlap, in order.
+    fn kept_ranges(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let mut kept = self.out_of_order.iter().peekable();
+        std::iter::from_fn(move || {
+            let first = kept.next()?;
+            let (left, mut right) = (first.segment.seq, first.end());
+            while let Some(next) = kept.next_if(|next| seq_le(next.segment.seq, right)) {
+                if seq_lt(right, next.end()) {
+                    right = next.end();
+                }
+            }
+            Some((left, right))
+        })
+    }
+
+    /// The SACK blocks of an ACK to the guest: none unless both ends offered SACK and
+    /// segments after a gap are kept. The block that holds the segment which came last goes
+    /// first (RFC 2018 section 4), then the lowest others, up to four. Only what is kept
+    /// is reported, and it stays kept until passed on (dropped only with the guest's FIN
+    /// taken, when it lies beyond it), so a guest never waits on data it was told arrived.
+    fn sack_blocks(&self) -> SackBlocks {
+        let mut sack = SackBlocks::default();
+        if !self.sack_ok || self.out_of_order.is_empty() {
+            return sack;
+        }
+        let holds_last =
+            |&(left, right): &(u32, u32)| seq_le(left, self.last_out_of_order) && seq_lt(self.last_out_of_order, right);
+        if let Some(last) = self.kept_ranges().find(holds_last) {
+            sack.push(last.0, last.1);
+        }
+        for range in self.kept_ranges().filter(|r| !holds_last(r)) {
+            if !sack.push(range.0, range.1) {
+                break;
+            }
+        }
+        sack
+    }
+
     /// Forgets the segments kept after a gap (the guest's data ended, or the flow goes).
     fn drop_out_of_order(&mut self) {
         self.out_of_order = Vec::new();
@@ -1089,8 +1199,9 @@ impl<S: HostSocket> TcpFlow<S> {
         let expected = self.rcv_nxt.wrapping_add(self.pending_len() as u32);
         if seq_lt(expected, seq) {
             // A gap: something before this was lost. Keep this, and ask again at once
-            // (duplicate ACK).
+            // (duplicate ACK, with SACK blocks when the guest takes them).
             self.keep_out_of_order(segment, payload);
+            self.last_out_of_order = seq;
             self.send_flags(switch, self.snd_nxt, ACK);
             let end = seq.wrapping_add(payload.len() as u32);
             if self.quick_ack_until.is_none_or(|u| seq_lt(u, end)) {
@@ -1224,7 +1335,7 @@ impl<S: HostSocket> TcpFlow<S> {
             Verdict::Keep
         } else if self.may_hold(now) {
             self.hold_deadline.get_or_insert(now + HOLD_DELAY);
-            if self.rcv_nxt == self.acked_rcv {
+            if self.ack_number() == self.acked_rcv {
                 // Nothing written to acknowledge: the delayed ACK would be a duplicate one.
                 self.ack_deadline = None;
             }
@@ -1368,7 +1479,7 @@ impl<S: HostSocket> TcpFlow<S> {
                     let fin = n < room && self.host_read_closed && !self.host_error && self.to_guest == ToGuest::Open;
                     let h = self.segment(self.snd_nxt, if fin { ACK | PSH | FIN } else { ACK | PSH });
                     switch.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
-                    self.told_ack();
+                    self.told_ack(&h);
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
                     if fin {
                         self.snd_nxt = self.snd_nxt.wrapping_add(1);
@@ -1450,7 +1561,7 @@ impl<S: HostSocket> TcpFlow<S> {
             if self.write_pending(switch, now) == Verdict::Close {
                 return Verdict::Close;
             }
-            if self.rcv_nxt != self.acked_rcv {
+            if self.ack_number() != self.acked_rcv {
                 self.send_flags(switch, self.snd_nxt, ACK);
             }
         }
@@ -1543,6 +1654,7 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
             .field("hold_deadline", &self.hold_deadline)
             .field("release_deadline", &self.release_deadline)
             .field("acked_rcv", &self.acked_rcv)
+            .field("sacked_to", &self.sacked_to)
             .field("quick_ack_until", &self.quick_ack_until)
             .field("ack_deadline", &self.ack_deadline)
             .field("peek_view", &self.sock.inspect())

@@ -336,6 +336,9 @@ struct Scenario {
     /// server that reads a whole request before it answers): the guest's FIN must reach it
     /// while the flow still waits for the host's data.
     host_answers_after_eof: bool,
+    /// The guest offers SACK, and when the flow agrees, resends none of what the flow's
+    /// SACK blocks say arrived.
+    guest_sack: bool,
 }
 
 impl Scenario {
@@ -413,9 +416,11 @@ impl Scenario {
             guest_reset_at,
             host_reset_at,
             host_answers_after_eof: false,
+            guest_sack: false,
         };
         // Drawn last, so that every other choice of a seed stays what it was.
         sc.host_answers_after_eof = r.chance(0.25);
+        sc.guest_sack = r.chance(0.5);
         sc
     }
 
@@ -446,6 +451,22 @@ struct Guest {
     keepalive: bool,
     fin_on_data: f64,
     closed_port: bool,
+    /// Offers SACK.
+    sack: bool,
+    /// Both ends offered SACK.
+    sack_ok: bool,
+    /// What the flow's SACK blocks said arrived, beyond `snd_una`: ranges of sequence
+    /// numbers, apart and in order. Kept until acknowledged, even across a retransmission
+    /// timeout, so a block for data the flow does not hold would stall the run.
+    sacked: Vec<(u32, u32)>,
+    /// SACK blocks received, and bytes a retransmission skipped for them.
+    sack_blocks_got: u64,
+    sack_skipped: u64,
+    /// `snd_una` at retransmission timeouts that found it SACKed: Linux then takes the
+    /// SACK information as reneged, forgets it and resends from `snd_una`, and so does
+    /// this model. The simulation checks that the flow did hold the byte (the ACK that
+    /// said so was lost), so a flow that drops what it listed is still found out.
+    sacked_heads_at_timeout: Vec<u32>,
     iss: u32,
     /// Shift of the flow's window field (if both sides agreed on scaling).
     snd_shift: u8,
@@ -519,6 +540,12 @@ impl Guest {
             keepalive: sc.guest_keepalive,
             fin_on_data: sc.guest_fin_on_data,
             closed_port: sc.connect == Connect::GuestRefuses,
+            sack: sc.guest_sack,
+            sack_ok: false,
+            sacked: Vec::new(),
+            sack_blocks_got: 0,
+            sack_skipped: 0,
+            sacked_heads_at_timeout: Vec::new(),
             iss: sc.guest_iss,
             snd_shift: 0,
             rcv_shift: 0,
@@ -632,6 +659,7 @@ impl Guest {
         let mut h = self.header(self.iss, SYN);
         h.mss = Some(self.mss);
         h.window_scale = self.wscale;
+        h.sack_permitted = self.sack;
         h.window = self.syn_window();
         self.emit(now, h, &[], false);
     }
@@ -642,6 +670,7 @@ impl Guest {
         if peer_scales {
             h.window_scale = self.wscale;
         }
+        h.sack_permitted = self.sack_ok;
         h.window = self.syn_window();
         self.emit(now, h, &[], false);
     }
@@ -669,8 +698,23 @@ impl Guest {
             if self.fin_sent && self.snd_nxt == fin_seq.wrapping_add(1) {
                 break;
             }
+            // A retransmission resends none of what the flow said arrived.
+            while let Some(&(_, right)) =
+                self.sacked.iter().find(|&&(l, r)| seq_le(l, self.snd_nxt) && seq_lt(self.snd_nxt, r))
+            {
+                self.sack_skipped += u64::from(right.wrapping_sub(self.snd_nxt));
+                self.snd_nxt = right;
+            }
+            if self.fin_sent && self.snd_nxt == fin_seq.wrapping_add(1) {
+                break;
+            }
             let off = self.snd_nxt.wrapping_sub(self.data_start()) as usize;
-            let avail = self.app_avail.saturating_sub(off);
+            let next_sacked = self
+                .sacked
+                .iter()
+                .find(|&&(l, _)| seq_lt(self.snd_nxt, l))
+                .map_or(usize::MAX, |&(l, _)| l.wrapping_sub(self.snd_nxt) as usize);
+            let avail = self.app_avail.saturating_sub(off).min(next_sacked);
             let window = u64::from(self.wnd).min(self.cwnd) as u32;
             let mut usable = self.snd_una.wrapping_add(window).wrapping_sub(self.snd_nxt) as i32 as i64;
             if force {
@@ -734,6 +778,11 @@ impl Guest {
                 self.rto_at = Some(now + self.rto);
             }
             GState::Established => {
+                let una = self.snd_una;
+                if self.sacked.iter().any(|&(l, r)| seq_le(l, una) && seq_lt(una, r)) {
+                    self.sacked_heads_at_timeout.push(una);
+                    self.sacked.clear();
+                }
                 self.snd_nxt = self.snd_una;
                 self.cwnd = self.seg_max as u64;
                 self.send_data(r, now, true, usize::MAX);
@@ -820,6 +869,8 @@ impl Guest {
                     assert!(data.is_empty());
                     assert!(h.mss.is_some(), "a SYN-ACK without MSS");
                     assert_eq!(h.window_scale.is_some(), self.wscale.is_some(), "window scaling offered back");
+                    assert_eq!(h.sack_permitted, self.sack, "SACK offered back when the guest offers it");
+                    self.sack_ok = h.sack_permitted;
                     self.irs = h.seq;
                     self.rcv_nxt = h.seq.wrapping_add(1);
                     if let (Some(ours), Some(theirs)) = (self.wscale, h.window_scale) {
@@ -839,6 +890,8 @@ impl Guest {
                     self.send_data(r, now, false, usize::MAX);
                 }
                 GState::Listen if !h.has(ACK) => {
+                    assert!(h.sack_permitted, "the flow's SYN offers SACK");
+                    self.sack_ok = self.sack;
                     self.irs = h.seq;
                     self.rcv_nxt = h.seq.wrapping_add(1);
                     let scales = h.window_scale.is_some() && self.wscale.is_some();
@@ -884,6 +937,15 @@ impl Guest {
         // The acknowledgement.
         let old_wnd = self.wnd;
         if seq_lt(self.snd_una, h.ack) && seq_le(h.ack, self.snd_max) {
+            // Linux takes an ACK that stops inside (or at the start of) data it was told
+            // arrived for reneging (`tcp_check_sack_reneging`), and sends everything from
+            // there again after 10 ms.
+            assert!(
+                !self.sacked.iter().any(|&(l, r)| seq_le(l, h.ack) && seq_lt(h.ack, r)),
+                "ACK {} stops inside data listed in a SACK block ({:?})",
+                h.ack,
+                self.sacked
+            );
             self.cwnd = (self.cwnd + u64::from(h.ack.wrapping_sub(self.snd_una))).min(64 << 20);
             self.snd_una = h.ack;
             if seq_lt(self.snd_nxt, self.snd_una) {
@@ -916,6 +978,32 @@ impl Guest {
             // Any acceptable ACK shows the flow alive (a zero window is probed for ever).
             self.retries = 0;
         }
+        for &(left, right) in h.sack.as_slice() {
+            assert!(self.sack_ok, "a SACK block to a guest that did not agree to SACK");
+            assert!(
+                seq_lt(h.ack, left) && seq_lt(left, right) && seq_le(right, self.snd_max),
+                "SACK block {left}..{right}: not sent data beyond the ACK {} (sent up to {})",
+                h.ack,
+                self.snd_max
+            );
+            self.sack_blocks_got += 1;
+            self.sacked.push((left, right));
+        }
+        let una = self.snd_una;
+        self.sacked.retain(|&(_, right)| seq_lt(una, right));
+        self.sacked.sort_by_key(|&(left, _)| left.wrapping_sub(una) as i32);
+        let mut joined: Vec<(u32, u32)> = Vec::with_capacity(self.sacked.len());
+        for &(left, right) in &self.sacked {
+            match joined.last_mut() {
+                Some(last) if seq_le(left, last.1) => {
+                    if seq_lt(last.1, right) {
+                        last.1 = right;
+                    }
+                }
+                _ => joined.push((left, right)),
+            }
+        }
+        self.sacked = joined;
         if seq_lt(self.wl1, h.seq) || (self.wl1 == h.seq && seq_le(self.wl2, h.ack)) {
             self.wnd = u32::from(h.window) << self.snd_shift;
             self.wl1 = h.seq;
@@ -1210,6 +1298,9 @@ struct Coverage {
     /// Runs where the network lost every retransmission, or every answer to one, until the
     /// flow gave up on the guest.
     flow_gave_up: u64,
+    /// SACK blocks the guest got, and bytes its retransmissions skipped for them.
+    sack_blocks: u64,
+    sack_skipped: u64,
     sim_seconds: u64,
 }
 
@@ -1241,6 +1332,8 @@ impl Coverage {
             stray_resets,
             half_open,
             flow_gave_up,
+            sack_blocks,
+            sack_skipped,
             sim_seconds
         );
     }
@@ -1570,6 +1663,16 @@ impl Sim {
             self.guest.on_segment(&mut self.r, self.now, p);
         }
         self.guest.tick(&mut self.r, self.now);
+        for head in std::mem::take(&mut self.guest.sacked_heads_at_timeout) {
+            let f = self.flow.as_ref().or(self.dead.as_ref()).expect("a flow sent the SACK blocks");
+            let fin_held = u32::from(f.to_host == ToHost::FinHeld);
+            let held = f.rcv_nxt.wrapping_add(f.pending_len() as u32 + fin_held);
+            assert!(
+                seq_lt(head, held),
+                "the guest's byte {head} was listed in a SACK block, but the flow holds only up to {held}\n{}",
+                self.describe()
+            );
+        }
         self.ship_guest();
         // The host application, if it sleeps, wakes for what the flow did.
         let started = self.host.started;
@@ -1790,6 +1893,8 @@ impl Sim {
         self.cov.segments_duplicated = self.to_flow.duplicated + self.to_guest.duplicated;
         self.cov.out_of_order = g.ooo_segments;
         self.cov.challenge_acks = g.challenge_acks;
+        self.cov.sack_blocks = g.sack_blocks_got;
+        self.cov.sack_skipped = g.sack_skipped;
         self.cov.sim_seconds = self.now / SEC;
         self.cov
     }
@@ -1873,6 +1978,8 @@ fn sim_streams_arrive_once_and_in_order() {
             ("simultaneous close", c.simultaneous_close),
             ("keep-alives answered", c.keepalives_answered),
             ("out of order", c.out_of_order),
+            ("SACK blocks", c.sack_blocks),
+            ("retransmissions that skipped SACKed data", c.sack_skipped),
         ] {
             assert!(n > 0, "no run covered: {what}");
         }

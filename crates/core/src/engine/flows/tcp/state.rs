@@ -40,7 +40,8 @@
 //!    `ToHost::Shut` implies none (nothing comes after the guest's FIN).
 //! 7. An ACK deadline only while an ACK is owed (`ack_deadline` implies `need_ack`), and an
 //!    ACK is owed only on an established flow; what the guest heard acknowledged is never
-//!    ahead of what was received (`acked_rcv <= rcv_nxt`). Data held while the socket is
+//!    ahead of what the flow holds (`acked_rcv <= rcv_nxt + pending`, and a FIN held behind
+//!    it: beyond `rcv_nxt` only what was listed in a SACK block, see `ack_number`). Data held while the socket is
 //!    writable waits for the end of the round, so the engine must be told to come by:
 //!    `pending` not empty and `host_writable` implies `need_ack` (else `write_gathered`
 //!    would never run, and the guest's retransmissions, answered at once, would not help).
@@ -171,8 +172,9 @@ impl<S: HostSocket> TcpFlow<S> {
         if self.need_ack && !established {
             fail("an ACK owed on a flow that is not established");
         }
-        if established && !seq_le(self.acked_rcv, self.rcv_nxt) {
-            fail("acked_rcv <= rcv_nxt");
+        let fin_held = u32::from(self.to_host == ToHost::FinHeld);
+        if established && !seq_le(self.acked_rcv, self.rcv_nxt.wrapping_add(self.pending_len() as u32 + fin_held)) {
+            fail("acked_rcv <= rcv_nxt + pending (+ a held FIN)");
         }
         if self.pending_len() > 0 && self.host_writable && !self.need_ack {
             fail("gathered data with no end-of-round call owed (need_ack)");

@@ -11,7 +11,7 @@ use super::sim::{Pkt, Recorder, switch, take_frames};
 use super::state::ToHost;
 use super::{HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
 use crate::engine::switch::Switch;
-use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader};
+use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_lt};
 
 const GUEST_ISN: u32 = 1000;
 const ISN: u32 = 5000;
@@ -42,14 +42,21 @@ fn sent(rec: &Recorder) -> Vec<(TcpHeader, Vec<u8>)> {
 /// An established outbound flow on a model socket: the guest offered `window` (no scaling)
 /// and acknowledged our SYN-ACK.
 fn open(window: u16, now: Instant) -> (TcpFlow<ModelSocket>, Switch, Recorder) {
+    open_with(window, false, now)
+}
+
+/// The same, with a guest that offers SACK when `sack`.
+fn open_with(window: u16, sack: bool, now: Instant) -> (TcpFlow<ModelSocket>, Switch, Recorder) {
     let (mut sw, rec) = switch(1500, false);
     let mut syn = seg(GUEST_ISN, 0, SYN, window);
     syn.mss = Some(1460);
+    syn.sack_permitted = sack;
     let sock = ModelSocket::new(1 << 20, 1 << 20);
     let (mut f, v) = TcpFlow::outbound(&mut sw, guest(), remote(), &syn, sock, true, ISN, now);
     assert_eq!(v, Verdict::Keep);
     let synack = sent(&rec);
     assert!(synack[0].0.has(SYN) && synack[0].0.has(ACK));
+    assert_eq!(synack[0].0.sack_permitted, sack, "SACK offered back only to a guest that offers it");
     assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK, window), &[], now), Verdict::Keep);
     (f, sw, rec)
 }
@@ -940,4 +947,130 @@ fn segments_after_a_gap_are_kept_only_within_the_window_and_the_budget() {
         f.on_segment(&mut sw, &seg(at(2000 + 2 * i), ISN + 1, ACK, 65535), &[1], now);
     }
     assert_eq!(f.out_of_order.len(), 11, "the first and ten one-byte segments");
+}
+
+/// With SACK (both ends offered it), each duplicate ACK for a gap lists the segments kept
+/// after it: the block that holds the segment just come first, then the lowest others, at
+/// most four, adjacent segments joined; once the gaps are filled, no block. Without SACK
+/// offered, no block ever.
+#[test]
+fn acks_after_a_gap_list_the_kept_segments_when_the_guest_takes_sack() {
+    let now = Instant::now();
+    let at = |off: u32| GUEST_ISN + 1 + off;
+    let data = [7u8; 1000];
+    let (mut f, mut sw, rec) = open_with(65535, true, now);
+    let mut blocks_after = |f: &mut TcpFlow<ModelSocket>, off: u32| {
+        f.on_segment(&mut sw, &seg(at(off), ISN + 1, ACK, 65535), &data, now);
+        let acks = sent(&rec);
+        assert_eq!(acks.len(), 1, "a duplicate ACK at once");
+        assert_eq!(acks[0].0.ack, at(0));
+        acks[0].0.sack.as_slice().to_vec()
+    };
+    assert_eq!(blocks_after(&mut f, 1000), [(at(1000), at(2000))]);
+    assert_eq!(blocks_after(&mut f, 3000), [(at(3000), at(4000)), (at(1000), at(2000))]);
+    // Adjacent to the first: the two are one block, which goes first.
+    assert_eq!(blocks_after(&mut f, 2000), [(at(1000), at(4000))]);
+    for off in [5000, 7000, 9000, 11000] {
+        blocks_after(&mut f, off);
+    }
+    assert_eq!(
+        blocks_after(&mut f, 13000),
+        [(at(13000), at(14000)), (at(1000), at(4000)), (at(5000), at(6000)), (at(7000), at(8000))],
+        "the latest first, then the lowest three of six"
+    );
+    // A retransmission of a kept segment: its block goes first.
+    assert_eq!(blocks_after(&mut f, 9000)[0], (at(9000), at(10000)));
+    // The first gap filled: the ACK moves past the blocks it joined, the others remain (the
+    // one with the segment that came last after a gap still first).
+    f.on_segment(&mut sw, &seg(at(0), ISN + 1, ACK, 65535), &data, now);
+    end_of_round(&mut f, &mut sw, now);
+    let acks = sent(&rec);
+    let last = &acks.last().unwrap().0;
+    assert_eq!(last.ack, at(4000));
+    assert_eq!(
+        last.sack.as_slice(),
+        [(at(9000), at(10000)), (at(5000), at(6000)), (at(7000), at(8000)), (at(11000), at(12000))]
+    );
+    // All filled: no block.
+    for off in [4000, 6000, 8000, 10000, 12000] {
+        f.on_segment(&mut sw, &seg(at(off), ISN + 1, ACK, 65535), &data, now);
+    }
+    end_of_round(&mut f, &mut sw, now);
+    let acks = sent(&rec);
+    let last = &acks.last().unwrap().0;
+    assert_eq!(last.ack, at(14000));
+    assert!(last.sack.is_empty());
+    assert!(
+        acks.iter().all(|(h, _)| h.sack.as_slice().iter().all(|&(l, _)| seq_lt(h.ack, l))),
+        "blocks lie beyond the ACK"
+    );
+
+    // A guest that did not offer SACK gets no block.
+    let (mut f, mut sw, rec) = open_with(65535, false, now);
+    f.on_segment(&mut sw, &seg(at(1000), ISN + 1, ACK, 65535), &data, now);
+    let acks = sent(&rec);
+    assert_eq!(acks.len(), 1);
+    assert!(acks[0].0.sack.is_empty());
+}
+
+/// A published port's SYN to the guest offers SACK; the guest's SYN-ACK decides.
+#[test]
+fn our_syn_offers_sack_and_the_guest_decides() {
+    let now = Instant::now();
+    for guest_sack in [true, false] {
+        let (mut sw, rec) = switch(1500, false);
+        let sock = ModelSocket::new(1 << 20, 1 << 20);
+        let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
+        let syn = sent(&rec);
+        assert!(syn[0].0.has(SYN) && syn[0].0.sack_permitted);
+        let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
+        synack.mss = Some(1460);
+        synack.sack_permitted = guest_sack;
+        f.on_segment(&mut sw, &synack, &[], now);
+        sent(&rec);
+        f.on_segment(&mut sw, &seg(GUEST_ISN + 1001, ISN + 1, ACK, 65535), &[1; 100], now);
+        let acks = sent(&rec);
+        assert_eq!(acks.len(), 1);
+        assert_eq!(acks[0].0.ack, GUEST_ISN + 1);
+        let expect: &[(u32, u32)] = if guest_sack { &[(GUEST_ISN + 1001, GUEST_ISN + 1101)] } else { &[] };
+        assert_eq!(acks[0].0.sack.as_slice(), expect);
+    }
+}
+
+/// Segments listed in a SACK block are acknowledged once the gap before them is filled,
+/// even when the socket takes only part of them: a Linux guest takes an ACK that stops
+/// inside data it was told arrived for reneging (after 10 ms it sends everything from
+/// there again, its window back to one segment). The flow holds them in `pending` until
+/// the socket takes them, and the window's right edge does not move for it.
+#[test]
+fn listed_segments_are_acknowledged_once_contiguous_though_the_socket_is_full() {
+    let now = Instant::now();
+    let at = |off: u32| GUEST_ISN + 1 + off;
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 13 + i / 7) as u8).collect();
+    let (mut f, mut sw, rec) = open_with(65535, true, now);
+    f.sock.tx_cap = 1500;
+    f.on_segment(&mut sw, &seg(at(1000), ISN + 1, ACK, 65535), &data[1000..2000], now);
+    f.on_segment(&mut sw, &seg(at(2000), ISN + 1, ACK | PSH, 65535), &data[2000..], now);
+    let acks = sent(&rec);
+    assert_eq!(acks.last().unwrap().0.sack.as_slice(), [(at(1000), at(3000))]);
+    let edge_before = f.rcv_edge;
+    f.on_segment(&mut sw, &seg(at(0), ISN + 1, ACK, 65535), &data[..1000], now);
+    end_of_round(&mut f, &mut sw, now);
+    let acks = sent(&rec);
+    let last = &acks.last().unwrap().0;
+    assert_eq!(last.ack, at(3000), "all that was listed, though the socket took 1500 bytes");
+    assert!(last.sack.is_empty());
+    assert_eq!(f.pending_len(), 1500);
+    let edge = last.ack.wrapping_add(u32::from(last.window) << f.our_wscale);
+    assert!(!seq_lt(edge, edge_before), "the window's right edge never moves left");
+    // The socket drains: the rest goes, in order, and nothing is acknowledged twice.
+    let mut got = Vec::new();
+    f.sock.peer_read(10_000, &mut got);
+    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+    f.on_socket(&mut sw, r, w, e, now);
+    end_of_round(&mut f, &mut sw, now);
+    f.sock.peer_read(10_000, &mut got);
+    assert_eq!(got, data);
+    assert_eq!(f.pending_len(), 0);
+    assert!(sent(&rec).iter().all(|(h, _)| h.ack == at(3000)));
 }
