@@ -860,30 +860,19 @@ fn value_after(out: &str, prefix: &str) -> Option<String> {
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn an_upload_whose_frames_are_reordered_arrives_whole_without_stalling() {
     require(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "tc", "nft"]);
-    const SIZE: usize = 50 << 20;
-    let dns = DnsUpstream::start();
-    let updir = TempDir::new("reorder-up");
-    let file = updir.join("u");
-    write_random_file(&file, SIZE);
-    let want = sha256_file(&file);
-    let sink = Server::start(ServerKind::Http, Some(updir.path()));
-    let out = Usernet::new(&dns).timeout(Duration::from_secs(150)).sh(&format!(
+    let (out, _dir) = upload_from_guest(
+        "reorder-up",
+        50 << 20,
+        |_| Vec::new(),
         "tc qdisc add dev eth0 root handle 1: htb default 10 r2q 1000 && \
          tc class add dev eth0 parent 1: classid 1:10 htb rate 20gbit && \
          tc class add dev eth0 parent 1: classid 1:20 htb rate 300mbit && \
          nft add table inet reorder && \
-         nft add chain inet reorder out '{{ type filter hook output priority 0; }}' && \
+         nft add chain inet reorder out '{ type filter hook output priority 0; }' && \
          nft add rule inet reorder out oifname eth0 meta l4proto tcp numgen random mod 100 '<' 10 \
-           counter meta priority set 1:20 || echo setup-failed
-         timeout 100 curl -sS -T {f} http://{HOST_IP}:{s}/u; echo upload-exit $?
-         nft list chain inet reorder out | grep -o 'counter packets [0-9]*' | sed 's/^/reordered /'",
-        f = file.display(),
-        s = sink.port,
-    ));
-    out.assert_ok();
-    assert!(!out.stdout.contains("setup-failed"), "{out}");
-    assert!(out.stdout.contains("upload-exit 0"), "the upload stalled or failed: {out}");
-    assert!(out.stdout.lines().any(|l| l == format!("{want} {SIZE}")), "{out}");
+           counter meta priority set 1:20",
+        "nft list chain inet reorder out | grep -o 'counter packets [0-9]*' | sed 's/^/reordered /'",
+    );
     let reordered = out.stdout.lines().find_map(|l| l.strip_prefix("reordered counter packets "));
     assert!(reordered.and_then(|n| n.trim().parse::<u64>().ok()).is_some_and(|n| n > 0), "{out}");
 }
@@ -901,38 +890,26 @@ fn an_upload_whose_frames_are_reordered_arrives_whole_without_stalling() {
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn an_upload_that_loses_frames_recovers_by_sack() {
     require(&["ip", "dnsmasq", "curl", "python3", "sha256sum", "tc", "nft", "nstat", "tcpdump"]);
-    const SIZE: usize = 20 << 20;
-    let dns = DnsUpstream::start();
-    let updir = TempDir::new("sack-up");
-    let file = updir.join("u");
-    write_random_file(&file, SIZE);
-    let want = sha256_file(&file);
-    let pcap = updir.join("guest.pcap");
-    let sink = Server::start(ServerKind::Http, Some(updir.path()));
     // The tc filter is classic BPF: load skb->mark (SKF_AD_OFF + SKF_AD_MARK), match 0x5ac.
-    let out = Usernet::new(&dns).arg("--mtu").arg("1500").arg("--pcap").arg(&pcap).timeout(Duration::from_secs(150)).sh(
-        &format!(
-            "ip link add lossA type veth peer name lossB && ip link set lossA up && ip link set lossB up && \
-             ip link set dev eth0 gso_max_segs 1 && \
-             tc qdisc add dev eth0 clsact && \
-             tc filter add dev eth0 egress prio 1 protocol all \
-               bpf bytecode '4,32 0 0 4294963220,21 0 1 1452,6 0 0 4294967295,6 0 0 0' \
-               action mirred egress redirect dev lossA && \
-             nft add table inet lossy && \
-             nft add chain inet lossy out '{{ type filter hook output priority 0; }}' && \
-             nft add rule inet lossy out oifname eth0 meta l4proto tcp 'tcp flags & syn == 0' \
-               numgen random mod 100 '<' 3 counter meta mark set 0x5ac || echo setup-failed
-             timeout 100 curl -sS -T {f} http://{HOST_IP}:{s}/u; echo upload-exit $?
-             nstat -asz TcpExtTCPSackRecovery TcpExtTCPSACKReneging | sed -n 's/^TcpExt\\([A-Za-z]*\\) *\\([0-9]*\\).*/\\1 \\2/p'
-             ip -s link show lossB | awk 'f {{ print \"lost\", $2; exit }} /RX:/ {{ f = 1 }}'",
-            f = file.display(),
-            s = sink.port,
-        ),
+    let (out, dir) = upload_from_guest(
+        "sack-up",
+        20 << 20,
+        |dir| vec!["--mtu".into(), "1500".into(), "--pcap".into(), dir.join("guest.pcap").into()],
+        "ip link add lossA type veth peer name lossB && ip link set lossA up && ip link set lossB up && \
+         ip link set dev eth0 gso_max_segs 1 && \
+         tc qdisc add dev eth0 clsact && \
+         tc filter add dev eth0 egress prio 1 protocol all \
+           bpf bytecode '4,32 0 0 4294963220,21 0 1 1452,6 0 0 4294967295,6 0 0 0' \
+           action mirred egress redirect dev lossA && \
+         nft add table inet lossy && \
+         nft add chain inet lossy out '{ type filter hook output priority 0; }' && \
+         nft add rule inet lossy out oifname eth0 meta l4proto tcp 'tcp flags & syn == 0' \
+           numgen random mod 100 '<' 3 counter meta mark set 0x5ac",
+        "nstat -asz TcpExtTCPSackRecovery TcpExtTCPSACKReneging | sed -n 's/^TcpExt\\([A-Za-z]*\\) *\\([0-9]*\\).*/\\1 \\2/p'
+         ip -s link show lossB | awk 'f { print \"lost\", $2; exit } /RX:/ { f = 1 }'",
     );
-    out.assert_ok();
-    assert!(!out.stdout.contains("setup-failed"), "{out}");
-    assert!(out.stdout.contains("upload-exit 0"), "the upload stalled or failed: {out}");
-    assert!(out.stdout.lines().any(|l| l == format!("{want} {SIZE}")), "{out}");
+    let pcap = dir.join("guest.pcap");
+    let sink_port = out.stdout.lines().find_map(|l| l.strip_prefix("sink-port ")).expect("the sink's port").to_string();
     let count = |key: &str| {
         out.stdout
             .lines()
@@ -946,7 +923,7 @@ fn an_upload_that_loses_frames_recovers_by_sack() {
     let dump = Command::new("tcpdump")
         .args(["-nn", "-r"])
         .arg(&pcap)
-        .arg(format!("tcp and src host {HOST_IP} and src port {}", sink.port))
+        .arg(format!("tcp and src host {HOST_IP} and src port {sink_port}"))
         .output()
         .expect("run tcpdump");
     let text = String::from_utf8_lossy(&dump.stdout);
@@ -962,4 +939,37 @@ fn an_upload_that_loses_frames_recovers_by_sack() {
         })
         .count();
     assert!(with_blocks > 0, "no ACK carried SACK blocks ({} lines)", text.lines().count());
+}
+
+/// Uploads `size` random bytes from the guest to a server on the host with curl, after the
+/// guest ran `setup` and before it runs `after` (usernet run with the arguments `args`
+/// makes of the test's directory); asserts that the setup worked and the upload arrived
+/// whole in time (sha256 at the server), and returns the output (whose line `sink-port N`
+/// names the server's port) and the directory.
+fn upload_from_guest(
+    tag: &str,
+    size: usize,
+    args: impl FnOnce(&TempDir) -> Vec<std::ffi::OsString>,
+    setup: &str,
+    after: &str,
+) -> (Output, TempDir) {
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new(tag);
+    let file = dir.join("u");
+    write_random_file(&file, size);
+    let want = sha256_file(&file);
+    let sink = Server::start(ServerKind::Http, Some(dir.path()));
+    let out = Usernet::new(&dns).args(&args(&dir)).timeout(Duration::from_secs(150)).sh(&format!(
+        "{setup} || echo setup-failed
+         timeout 100 curl -sS -T {f} http://{HOST_IP}:{s}/u; echo upload-exit $?
+         echo sink-port {s}
+         {after}",
+        f = file.display(),
+        s = sink.port,
+    ));
+    out.assert_ok();
+    assert!(!out.stdout.contains("setup-failed"), "{out}");
+    assert!(out.stdout.contains("upload-exit 0"), "the upload stalled or failed: {out}");
+    assert!(out.stdout.lines().any(|l| l == format!("{want} {size}")), "{out}");
+    (out, dir)
 }
