@@ -57,6 +57,8 @@ const STALL_LIMIT: u64 = 1800 * SEC;
 const TIME_LIMIT: u64 = 12 * 3600 * SEC;
 const STEP_LIMIT: u64 = 5_000_000;
 const KEEPALIVE_IDLE: u64 = SEC;
+/// More bare ACKs than this answered with a RST by an aborted guest is a RST storm.
+const MAX_RESETS_ANSWERED: u64 = 2000;
 
 fn guest_addr() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 168, 65, 2), 40000))
@@ -467,6 +469,9 @@ struct Guest {
     /// this model. The simulation checks that the flow did hold the byte (the ACK that
     /// said so was lost), so a flow that drops what it listed is still found out.
     sacked_heads_at_timeout: Vec<u32>,
+    /// Bare ACKs answered with a RST once aborted (or on a closed port): a flow that keeps
+    /// answering those RSTs (a challenge ACK for each) would make them endless.
+    resets_answered: u64,
     iss: u32,
     /// Shift of the flow's window field (if both sides agreed on scaling).
     snd_shift: u8,
@@ -546,6 +551,7 @@ impl Guest {
             sack_blocks_got: 0,
             sack_skipped: 0,
             sacked_heads_at_timeout: Vec::new(),
+            resets_answered: 0,
             iss: sc.guest_iss,
             snd_shift: 0,
             rcv_shift: 0,
@@ -828,6 +834,9 @@ impl Guest {
                     rst.ack = h.seq.wrapping_add(data.len() as u32 + u32::from(h.has(SYN)) + u32::from(h.has(FIN)));
                 }
                 self.out.push(Pkt::Tcp { h: rst, data: Vec::new(), keepalive: false, stray: false });
+                if data.is_empty() && !h.has(SYN) && !h.has(FIN) {
+                    self.resets_answered += 1;
+                }
             }
             return;
         }
@@ -1663,6 +1672,15 @@ impl Sim {
             self.guest.on_segment(&mut self.r, self.now, p);
         }
         self.guest.tick(&mut self.r, self.now);
+        // The flow's ACKs that an aborted guest answers with a RST are bounded by its retry
+        // limits; a storm of RSTs and ACKs is not (seed 3334, when a RST at the ACK number
+        // sent past a held FIN drew a challenge ACK each time).
+        assert!(
+            self.guest.resets_answered <= MAX_RESETS_ANSWERED,
+            "{} bare ACKs answered with a RST: a RST storm\n{}",
+            self.guest.resets_answered,
+            self.describe()
+        );
         for head in std::mem::take(&mut self.guest.sacked_heads_at_timeout) {
             let f = self.flow.as_ref().or(self.dead.as_ref()).expect("a flow sent the SACK blocks");
             let fin_held = u32::from(f.to_host == ToHost::FinHeld);
