@@ -275,7 +275,7 @@ impl Engine {
             let isn = self.isn(&key, now);
             self.claim(&key);
             let mut flow = TcpFlow::new_inbound(&mut self.switch, guest, remote, fd, true, isn, now);
-            flow.fallback = fallback;
+            flow.fallback = fallback.map(Box::new);
             match self.add_flow(Flow::Tcp(flow), Interest::READABLE | Interest::WRITABLE) {
                 Some(id) => self.after(id, Verdict::Keep),
                 None => self.unclaim(&key),

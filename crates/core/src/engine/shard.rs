@@ -579,7 +579,7 @@ impl Engine {
     pub(super) fn claim_fallback(&mut self, id: super::flows::FlowId) -> Option<FlowKey> {
         let shard = self.shard.as_ref()?;
         let Some(super::flows::Flow::Tcp(f)) = self.flows.get_mut(id) else { return None };
-        let (guest, remote) = f.fallback?;
+        let &(guest, remote) = f.fallback.as_deref()?;
         let key = FlowKey::Tcp { guest, remote };
         if self.flows.lookup(&key).is_none() && shard.set.owners.claim_vacant(key, shard.index) {
             return Some(key);

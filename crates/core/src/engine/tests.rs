@@ -1807,7 +1807,7 @@ fn falls_back_to(busy: bool) {
     let other_port = syn.src_port.wrapping_add(1);
     let fallback = flows::FlowKey::Tcp { guest: to, remote: SocketAddrV4::new(host, other_port).into() };
     let Some(flows::Flow::Tcp(f)) = e0.flows.get_mut(id) else { panic!("not a TCP flow") };
-    f.fallback = Some((to, SocketAddrV4::new(host, other_port).into()));
+    f.fallback = Some(Box::new((to, SocketAddrV4::new(host, other_port).into())));
     assert_eq!(seen.borrow().as_slice(), &[(syn.src_port, Some(0))], "the first SYN went claimed");
 
     // The SYN is retransmitted on its timer, not yet given up on: the fallback stays unclaimed.

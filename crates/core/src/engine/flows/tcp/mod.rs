@@ -232,7 +232,8 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// An inbound flow over IPv6 to a guest that may listen on IPv4 only: the guest and
     /// remote addresses to send the SYN to instead if the guest resets this one. The
     /// engine then finds the flow under its new addresses (`FlowTable::rekey`).
-    pub fallback: Option<(SocketAddr, SocketAddr)>,
+    /// (Boxed: few flows have one, and two addresses would take 64 bytes of every flow.)
+    pub fallback: Option<Box<(SocketAddr, SocketAddr)>>,
     pub sock: S,
     /// When the flow began (connecting flows are evicted oldest first; the connect times
     /// out `CONNECT_TIMEOUT` after it).
@@ -747,7 +748,7 @@ impl<S: HostSocket> TcpFlow<S> {
     /// Sends our SYN again over IPv4, to [`TcpFlow::fallback`]'s addresses (the guest
     /// refused it over IPv6, or never answered). The caller re-indexes the flow.
     fn fall_back(&mut self, switch: &mut Switch, now: Instant) {
-        let Some((guest, remote)) = self.fallback.take() else { return };
+        let Some(&(guest, remote)) = self.fallback.take().as_deref() else { return };
         tracing::debug!("{} -> {}: not over IPv6; over IPv4 to {guest}", self.remote, self.guest);
         self.guest = guest;
         self.remote = remote;

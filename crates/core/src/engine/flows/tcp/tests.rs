@@ -593,7 +593,7 @@ fn an_inbound_flow_falls_back_to_ipv4_when_the_guest_resets_its_ipv6_syn() {
     let client6: std::net::SocketAddr = "[2001:db8::7]:50000".parse().unwrap();
     let sock = ModelSocket::new(1 << 20, 1 << 20);
     let mut f = TcpFlow::inbound(&mut sw, guest6, client6, sock, ISN, now);
-    f.fallback = Some((guest(), remote()));
+    f.fallback = Some(Box::new((guest(), remote())));
     // The IPv6 SYN waits for the guest's MAC (a neighbour solicitation went out instead).
     let first: Vec<Vec<u8>> = std::mem::take(&mut *rec.frames.borrow_mut());
     assert!(first.iter().all(|f| f[12..14] == [0x86, 0xdd]), "IPv6 only");
@@ -603,7 +603,7 @@ fn an_inbound_flow_falls_back_to_ipv4_when_the_guest_resets_its_ipv6_syn() {
     assert_eq!(f.guest, guest6);
     // The guest's answer to our SYN: the same SYN, over IPv4.
     assert_eq!(f.on_segment(&mut sw, &rst(ISN + 1), &[], now), Verdict::Keep);
-    assert_eq!((f.guest, f.remote, f.fallback), (guest(), remote(), None));
+    assert_eq!((f.guest, f.remote, f.fallback.as_deref().copied()), (guest(), remote(), None));
     let syn = sent(&rec);
     assert_eq!(syn.len(), 1);
     assert!(syn[0].0.has(SYN) && !syn[0].0.has(ACK) && syn[0].0.seq == ISN);
@@ -632,7 +632,7 @@ fn a_flow_that_falls_back_leaves_its_guest_count_when_it_goes() {
     let (ours, _theirs) = UnixStream::pair().unwrap();
     ours.set_nonblocking(true).unwrap();
     let mut f = TcpFlow::inbound(&mut sw, guest6, client6, KernelSocket::new(OwnedFd::from(ours), false), ISN, now);
-    f.fallback = Some((guest(), remote()));
+    f.fallback = Some(Box::new((guest(), remote())));
     let mut table = FlowTable::default();
     let key = GuestKey::Mac([2, 0, 0, 0, 0, 2]);
     let id = table.insert(Flow::Tcp(f), Some(key));
@@ -659,7 +659,7 @@ fn an_inbound_flow_falls_back_to_ipv4_when_its_ipv6_syn_goes_unanswered() {
     let guest6: std::net::SocketAddr = "[fd75:7365:726e::2]:80".parse().unwrap();
     let client6: std::net::SocketAddr = "[2001:db8::7]:50000".parse().unwrap();
     let mut f = TcpFlow::inbound(&mut sw, guest6, client6, ModelSocket::new(1 << 20, 1 << 20), ISN, start);
-    f.fallback = Some((guest(), remote()));
+    f.fallback = Some(Box::new((guest(), remote())));
     let _ = std::mem::take(&mut *rec.frames.borrow_mut());
     let mut now = start;
     for _ in 0..super::FALLBACK_AFTER_RETRIES {
@@ -667,7 +667,7 @@ fn an_inbound_flow_falls_back_to_ipv4_when_its_ipv6_syn_goes_unanswered() {
         now = f.deadline().expect("a retransmission timer");
         assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
     }
-    assert_eq!((f.guest, f.remote, f.fallback), (guest(), remote(), None));
+    assert_eq!((f.guest, f.remote, f.fallback.as_deref().copied()), (guest(), remote(), None));
     assert!(now.duration_since(start) < std::time::Duration::from_secs(3), "{:?}", now.duration_since(start));
     let syn = sent(&rec);
     assert!(syn.last().is_some_and(|(h, _)| h.has(SYN) && !h.has(ACK) && h.seq == ISN), "a SYN over IPv4");
