@@ -186,12 +186,45 @@ impl Limit {
 
 pub use crate::config::LIMIT_LOG_EVERY;
 
+/// Why guest-bound TCP data was sent again (`usernet_tcp_resent_bytes_total`'s `cause`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resend {
+    /// The guest's SACK blocks showed data missing below data that arrived: only the
+    /// missing ranges went again.
+    Sack,
+    /// Three duplicate ACKs without SACK blocks: everything from the first unacknowledged
+    /// byte went again.
+    DupAcks,
+    /// The retransmission timer (or a probe of a shut window): everything from the first
+    /// unacknowledged byte went again.
+    Timeout,
+    /// A tail-loss probe: the last byte sent, when the guest acknowledged nothing for a few
+    /// round trips (its answer's SACK blocks then show what is missing).
+    Probe,
+}
+
+impl Resend {
+    pub const ALL: [Resend; 4] = [Resend::Sack, Resend::DupAcks, Resend::Timeout, Resend::Probe];
+
+    /// The `cause` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resend::Sack => "sack",
+            Resend::DupAcks => "dup_acks",
+            Resend::Timeout => "timeout",
+            Resend::Probe => "probe",
+        }
+    }
+}
+
 /// Engine-wide event counters (the per-link ones are in each link's slot).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Counters {
     drops: [u64; DropReason::ALL.len()],
     connect_failures: [u64; ConnectFailure::ALL.len()],
     limits: [u64; Limit::ALL.len()],
+    /// Guest-bound TCP bytes sent again, by cause.
+    resent: [u64; Resend::ALL.len()],
     /// When each limit was last logged, and its count then.
     limit_logged: [Option<(std::time::Instant, u64)>; Limit::ALL.len()],
 }
@@ -210,6 +243,15 @@ impl Counters {
     #[inline]
     pub fn connect_failed(&mut self, err: i32) {
         self.connect_failures[ConnectFailure::from_errno(err) as usize] += 1;
+    }
+
+    #[inline]
+    pub fn resent(&mut self, cause: Resend, bytes: usize) {
+        self.resent[cause as usize] += bytes as u64;
+    }
+
+    pub fn resent_bytes(&self) -> impl Iterator<Item = (Resend, u64)> + '_ {
+        Resend::ALL.iter().map(|c| (*c, self.resent[*c as usize]))
     }
 
     /// Frames dropped for `why` so far.
@@ -254,6 +296,9 @@ impl Counters {
             *a += b;
         }
         for (a, b) in sum.limits.iter_mut().zip(o.limits) {
+            *a += b;
+        }
+        for (a, b) in sum.resent.iter_mut().zip(o.resent) {
             *a += b;
         }
         sum

@@ -288,6 +288,11 @@ impl Switch {
         }
     }
 
+    /// Counts guest-bound TCP data sent again.
+    pub fn resent(&mut self, cause: super::metrics::Resend, bytes: usize) {
+        self.counters.resent(cause, bytes);
+    }
+
     /// The whole frame buffer, for a flow to place a payload at one of the *_OFF offsets.
     pub fn buf(&mut self) -> &mut [u8] {
         &mut self.buf

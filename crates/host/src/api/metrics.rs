@@ -210,6 +210,17 @@ pub fn render(m: &EngineMetrics, policy: Option<&Policy>, start_time: Option<f64
     }
 
     w.family(
+        "usernet_tcp_resent_bytes_total",
+        Kind::Counter,
+        "TCP data sent to guests again, by cause (sack: only what the guest's SACK blocks showed \
+         missing; dup_acks, timeout: everything from the first unacknowledged byte; probe: the \
+         last byte, a tail-loss probe).",
+    );
+    for (cause, v) in m.counters.resent_bytes() {
+        w.sample("usernet_tcp_resent_bytes_total", &[("cause", cause.as_str())], v as f64);
+    }
+
+    w.family(
         "usernet_limit_reached_total",
         Kind::Counter,
         "Times a guest reached one of usernet's bounds, by limit (see `usernet run --help`).",

@@ -456,6 +456,8 @@ fn metrics_in_prometheus_text_format() {
         r#"usernet_flows{proto="udp",state="open"} 0"#,
         r#"usernet_connect_failures_total{reason="refused"} 1"#,
         r#"usernet_connect_failures_total{reason="timeout"} 0"#,
+        r#"usernet_tcp_resent_bytes_total{cause="sack"} 0"#,
+        r#"usernet_tcp_resent_bytes_total{cause="probe"} 0"#,
         r#"usernet_published_ports{proto="tcp"} 1"#,
         &format!(
             r#"usernet_published_connections_accepted_total{{host="127.0.0.1:{port}",guest="192.168.65.2:80",proto="tcp"}} 7"#
