@@ -74,9 +74,7 @@
 //! listed (that would be reneging, which costs the guest a timeout), and once the gap
 //! before it is filled it is acknowledged at once, even while a full socket takes it only
 //! in part (`ack_number`: Linux takes an ACK that stops inside listed data for reneging
-//! too). The guest's own SACK
-//! blocks, about our data, are not used: a retransmission resends from `snd_una`. Old
-//! segments (retransmissions, keep-alive probes) are answered with an ACK. ACKs for in-order data
+//! too). Old segments (retransmissions, keep-alive probes) are answered with an ACK. ACKs for in-order data
 //! are coalesced: the engine sends one per flow per batch of frames (`flush_ack`), and, as
 //! a receiving TCP does, delays one that acknowledges less than two full segments by up to
 //! `ACK_DELAY`, so that it rides on the answer (a request/response exchange, a
@@ -95,10 +93,20 @@
 //! data sets it, one with the same ACK only moves it out, an older one is ignored — so
 //! segments reordered on the way never put it where the guest no longer has it.
 //! It stays in the socket until the guest acknowledges it; then it is discarded (MSG_TRUNC,
-//! no copy). Retransmission (three duplicate ACKs, or the retransmission timer with
-//! exponential backoff) rewinds: snd_nxt = snd_una and the peek offset back to 0; the bytes
-//! between snd_nxt and what was sent before are then known to be in the socket, so they are
-//! sent again whatever the socket's readiness says. A zero window is probed with one byte
+//! no copy). Sending again moves snd_nxt back and the peek offset with it (`seek`); the
+//! bytes between snd_nxt and what was sent before are known to be in the socket, so they
+//! are sent again whatever the socket's readiness says. With SACK, the guest's blocks
+//! about our data are kept (`sacked`): frames reach a guest in the order they were sent,
+//! so a range missing below a listed one was lost, and only the missing ranges go again
+//! (`resend_lost`; `push` skips what was listed), then sending goes on from `snd_max`. A
+//! lost last segment gets no duplicate ACK at all: two round trips (measured, RFC 6298's
+//! smoothing) and 2 ms without an ACK send a tail-loss probe (RFC 8985), the last byte
+//! again, whose answer lists it and so shows what is missing; a probe also sends again
+//! what was resent and is still missing. Without SACK, three duplicate ACKs rewind to
+//! `snd_una` and send everything from there (go-back-N), as the retransmission timer
+//! (exponential backoff, from 200 ms) does in any case, forgetting the guest's blocks (a
+//! guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
+//! again, by cause. A zero window is probed with one byte
 //! when the timer fires, and again at every expiry (backing off) for as long as the window
 //! stays shut; a guest that answers the probes is never given up on.
 //!
@@ -126,7 +134,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::engine::dial::TcpDial;
-use crate::engine::metrics::Limit;
+use crate::engine::metrics::{Limit, Resend};
 use crate::engine::switch::{Switch, TCP_PAYLOAD_OFF, Unreachable};
 use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, SackBlocks, TcpHeader, seq_le, seq_lt};
 use usernet_wire::{PROTO_TCP, put16, put32};
@@ -150,6 +158,9 @@ const OUT_OF_ORDER_MAX: usize = 256;
 /// allocation), so that a guest's one-byte segments cannot hold more memory than the
 /// budget says.
 const OUT_OF_ORDER_ENTRY_COST: usize = 64;
+/// The most ranges of the guest's SACK scoreboard (`TcpFlow::sacked`); beyond it the
+/// highest are forgotten, and only sent again for nothing.
+const SACKED_MAX: usize = 64;
 
 /// What `receive` needs of a guest segment's header.
 #[derive(Clone, Copy, Debug)]
@@ -203,6 +214,13 @@ const RELEASE_AFTER: Duration = Duration::from_millis(100);
 /// segments fits).
 const KEEP_IDLE: usize = 64 * 1024;
 const RTO_MAX: Duration = Duration::from_secs(30);
+/// A tail-loss probe (`TcpFlow::probe_deadline`) goes this long after two smoothed round
+/// trips without an ACK (Linux adds 2 ms, `TCP_TIMEOUT_MIN_US`) ...
+const PROBE_SLACK: Duration = Duration::from_millis(2);
+/// ... or this long after the data was sent, before a round trip was measured.
+const PROBE_FIRST: Duration = Duration::from_millis(10);
+/// Probes without an ACK of new data before only the retransmission timer is left.
+const PROBES_MAX: u8 = 3;
 /// Retransmission timeouts in a row without progress (or, while the guest's window is
 /// shut, without an answer to the probes) before the connection is reset.
 const MAX_RETRIES: u32 = 12;
@@ -265,9 +283,41 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     guest_wscale: u8,
     our_wscale: u8,
     /// Both ends offered SACK (RFC 2018): our ACKs tell the guest which segments after a
-    /// gap are kept (`sack_blocks`), so that it resends only what is missing. (The guest's
-    /// own SACK blocks, about our data, are not used: a rewind resends from `snd_una`.)
+    /// gap are kept (`sack_blocks`), so that it resends only what is missing, and the
+    /// guest's blocks tell us the same about our data (`sacked`).
     sack_ok: bool,
+    /// What the guest's SACK blocks said arrived of our data beyond `snd_una`: ranges of
+    /// sequence numbers, apart and in order, within what was sent, at most `SACKED_MAX`.
+    /// Forgotten at a retransmission timeout (a guest may drop what it listed). (Boxed:
+    /// only flows that lost data need it; see `sacked()`.)
+    #[allow(clippy::box_collection, reason = "8 bytes in every flow, not a Vec's 24")]
+    sacked: Option<Box<Vec<(u32, u32)>>>,
+    /// While missing ranges are sent again for SACK blocks (`resend_lost`): the right edge of
+    /// the highest block then. A resend stops there and goes on from `snd_max` (what was
+    /// sent beyond the highest block may still be on its way).
+    resend_until: Option<u32>,
+    /// The highest sequence number sent again (it is only meaningful beyond `snd_una`):
+    /// missing ranges below it were resent already, and are not sent again before a
+    /// timeout.
+    high_resent: u32,
+    /// Why the bytes being sent again go again (`usernet_tcp_resent_bytes_total`).
+    resend_cause: Resend,
+    /// The smoothed round trip to the guest (RFC 6298), from `timed`, in microseconds.
+    srtt_us: Option<u32>,
+    /// The sequence number whose ACK gives the next round-trip sample, and when the byte
+    /// before it was sent (`since_born`); forgotten when anything is sent again (Karn's
+    /// rule). (Times in u32 microseconds keep the flow small, as flows are many.)
+    timed: Option<(u32, u32)>,
+    /// When the tail-loss probe goes (RFC 8985 section 7, with SACK only): the guest
+    /// acknowledged nothing for two round trips while data is in flight. Its last byte
+    /// goes again: if what came before it was lost, the guest's answer lists the probe in a
+    /// SACK block and `resend_lost` sends what is missing; a lost last segment otherwise
+    /// waits for the retransmission timer (200 ms at least), as it would after three
+    /// duplicate ACKs that a short answer never gets. One byte costs little when nothing
+    /// was lost (a guest that delays its ACK; it answers a duplicate at once).
+    probe_deadline: Option<Instant>,
+    /// Probes sent since the guest last acknowledged new data (`PROBES_MAX`).
+    probes: u8,
     mss: u32,
     dup_acks: u8,
     rto: Duration,
@@ -457,6 +507,14 @@ impl<S: HostSocket> TcpFlow<S> {
             sack_ok: false,
             mss: DEFAULT_MSS,
             dup_acks: 0,
+            sacked: None,
+            resend_until: None,
+            high_resent: isn,
+            resend_cause: Resend::Timeout,
+            srtt_us: None,
+            timed: None,
+            probe_deadline: None,
+            probes: 0,
             rto: RTO_MIN,
             rto_deadline: None,
             retries: 0,
@@ -536,10 +594,18 @@ impl<S: HostSocket> TcpFlow<S> {
         let connect = (self.phase == Phase::Connecting).then(|| self.born + CONNECT_TIMEOUT);
         // A timeout too long to add to a time (no flag allows one) is no deadline.
         let stall = self.stalled_since.zip(self.held.budget().stall_timeout()).and_then(|(t, d)| t.checked_add(d));
-        [connect, self.rto_deadline, self.ack_deadline, self.hold_deadline, self.release_deadline, stall]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            connect,
+            self.rto_deadline,
+            self.probe_deadline,
+            self.ack_deadline,
+            self.hold_deadline,
+            self.release_deadline,
+            stall,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The payload of a full-sized guest segment: its MSS, within the link's MTU.
@@ -1034,9 +1100,14 @@ impl<S: HostSocket> TcpFlow<S> {
             && seg_edge == old_edge
         {
             self.dup_acks = self.dup_acks.saturating_add(1);
-            if self.dup_acks == 3 {
-                self.rewind();
+            if self.dup_acks == 3 && self.sacked().is_empty() {
+                // (With SACK blocks, `resend_lost` sends only what is missing.)
+                self.rewind(Resend::DupAcks);
             }
+        }
+        if self.sack_ok && !h.sack.is_empty() {
+            self.note_sacked(h.sack.as_slice());
+            self.resend_lost(now);
         }
         if !payload.is_empty() || h.has(FIN) {
             if self.receive(switch, h, payload, now) == Verdict::Close {
@@ -1068,6 +1139,14 @@ impl<S: HostSocket> TcpFlow<S> {
             }
         }
         self.snd_una = ack;
+        if let Some(sacked) = &mut self.sacked {
+            sacked.retain(|&(_, right)| seq_lt(ack, right));
+            match sacked.first_mut() {
+                Some(first) if seq_lt(first.0, ack) => first.0 = ack,
+                Some(_) => {}
+                None => self.sacked = None,
+            }
+        }
         if seq_lt(self.snd_nxt, ack) {
             // Acknowledged beyond what a rewind has re-sent so far: go on from there.
             self.snd_nxt = ack;
@@ -1076,17 +1155,133 @@ impl<S: HostSocket> TcpFlow<S> {
         if self.to_guest == ToGuest::FinSent && ack == self.snd_max {
             self.to_guest = ToGuest::FinAcked;
         }
+        if let Some((seq, sent)) = self.timed
+            && seq_le(seq, ack)
+        {
+            self.timed = None;
+            let sample = u64::from(self.since_born(now).wrapping_sub(sent));
+            let srtt = self.srtt_us.map_or(sample, |srtt| (u64::from(srtt) * 7 + sample) / 8);
+            self.srtt_us = Some(srtt.min(u64::from(u32::MAX)) as u32);
+        }
         self.dup_acks = 0;
         self.retries = 0;
         self.rto = RTO_MIN;
         self.rto_deadline = if self.snd_una != self.snd_max { Some(now + self.rto) } else { None };
+        self.probes = 0;
+        self.arm_probe(now);
         Verdict::Keep
     }
 
-    /// Go back to the first unacknowledged byte and send again from there.
-    fn rewind(&mut self) {
-        self.snd_nxt = self.snd_una;
-        let _ = self.sock.set_peek_offset(0);
+    /// Go back to the first unacknowledged byte and send again from there (go-back-N), for
+    /// `cause`. What the guest's SACK blocks said arrived is forgotten: a guest may drop
+    /// data it listed (Linux does under memory pressure), and a timeout may mean it did.
+    fn rewind(&mut self, cause: Resend) {
+        self.sacked = None;
+        self.resend_until = None;
+        self.resend_cause = cause;
+        self.timed = None;
+        self.high_resent = self.snd_una;
+        self.seek(self.snd_una);
+    }
+
+    /// The next byte to send is `to` (at or before `snd_max`): the peek offset goes with it.
+    fn seek(&mut self, to: u32) {
+        self.snd_nxt = to;
+        // Data only: a sequence number past the data's end (the FIN) peeks at the end.
+        let end = self.sent_data_end();
+        let at = |s: u32| if seq_lt(end, s) { end } else { s };
+        let _ = self.sock.set_peek_offset(at(to).wrapping_sub(at(self.snd_una)) as usize);
+    }
+
+    /// Takes the guest's SACK blocks into `sacked`. A block below the ACK (a D-SACK, RFC
+    /// 2883: a duplicate arrived), beyond what was sent, or empty says nothing of use.
+    fn note_sacked(&mut self, blocks: &[(u32, u32)]) {
+        let (una, max) = (self.snd_una, self.snd_max);
+        let key = |s: u32| s.wrapping_sub(una);
+        let useful = |&&(left, right): &&(u32, u32)| seq_lt(left, right) && seq_lt(una, right) && seq_le(right, max);
+        if !blocks.iter().any(|b| useful(&b)) {
+            return;
+        }
+        let sacked = self.sacked.get_or_insert_default();
+        for &(left, right) in blocks.iter().filter(useful) {
+            let left = if seq_lt(left, una) { una } else { left };
+            let at = sacked.partition_point(|&(l, _)| key(l) < key(left));
+            sacked.insert(at, (left, right));
+        }
+        // Join what overlaps or touches.
+        let mut kept = 0;
+        for i in 0..sacked.len() {
+            let (left, right) = sacked[i];
+            if kept > 0 && key(left) <= key(sacked[kept - 1].1) {
+                if key(sacked[kept - 1].1) < key(right) {
+                    sacked[kept - 1].1 = right;
+                }
+            } else {
+                sacked[kept] = (left, right);
+                kept += 1;
+            }
+        }
+        sacked.truncate(kept.min(SACKED_MAX));
+    }
+
+    /// What the guest's SACK blocks listed of our data (`sacked`).
+    fn sacked(&self) -> &[(u32, u32)] {
+        self.sacked.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// The guest's SACK blocks list data beyond a range it does not have. Frames reach a
+    /// guest in the order they were sent (one queue), so that range was lost: what is
+    /// missing is sent again, from `high_resent` on (below it, it went again already), up
+    /// to the highest block; `push` skips what was listed, and then goes on from
+    /// `snd_max`. A resend that is itself lost is left to the retransmission timer.
+    fn resend_lost(&mut self, now: Instant) {
+        let Some(&(_, top)) = self.sacked().last() else {
+            return;
+        };
+        let mut hole = if seq_lt(self.snd_una, self.high_resent) { self.high_resent } else { self.snd_una };
+        for &(left, right) in self.sacked() {
+            if seq_le(left, hole) && seq_lt(hole, right) {
+                hole = right;
+            }
+        }
+        if !seq_lt(hole, top) {
+            return;
+        }
+        let go_back_n = self.resending() && self.resend_until.is_none();
+        if !go_back_n {
+            if self.resend_until.is_none_or(|until| seq_lt(until, top)) {
+                self.resend_until = Some(top);
+            }
+            self.resend_cause = Resend::Sack;
+        }
+        if seq_lt(hole, self.snd_nxt) {
+            self.timed = None;
+            self.seek(hole);
+            // If this is lost too, the probe finds out.
+            self.arm_probe(now);
+        }
+    }
+
+    /// Before a segment is sent again: past what the guest listed in SACK blocks, and, at
+    /// the end of a resend for them, on from `snd_max`.
+    fn skip_sacked(&mut self) {
+        loop {
+            if let Some(until) = self.resend_until
+                && !seq_lt(self.snd_nxt, until)
+            {
+                self.resend_until = None;
+                self.seek(self.snd_max);
+                return;
+            }
+            if !self.resending() {
+                return;
+            }
+            let nxt = self.snd_nxt;
+            match self.sacked().iter().find(|&&(left, right)| seq_le(left, nxt) && seq_lt(nxt, right)) {
+                Some(&(_, right)) => self.seek(right),
+                None => return,
+            }
+        }
     }
 
     /// Guest data (and maybe FIN) of segment `h`; then what waited behind a gap it filled.
@@ -1432,6 +1627,7 @@ impl<S: HostSocket> TcpFlow<S> {
             return Verdict::Keep;
         }
         loop {
+            self.skip_sacked();
             if let Some(f) = self.fin_seq() {
                 if self.snd_nxt == f {
                     self.send_flags(switch, f, FIN | ACK);
@@ -1457,7 +1653,15 @@ impl<S: HostSocket> TcpFlow<S> {
                 }
                 break;
             }
-            let room = ((wnd - in_flight) as usize).min(switch.max_tcp_data());
+            let mut room = ((wnd - in_flight) as usize).min(switch.max_tcp_data());
+            if resending {
+                // Not into what the guest listed (`skip_sacked` took us past what holds
+                // snd_nxt, so the next block is ahead).
+                let nxt = self.snd_nxt;
+                if let Some(&(left, _)) = self.sacked().iter().find(|&&(left, _)| seq_lt(nxt, left)) {
+                    room = room.min(left.wrapping_sub(nxt) as usize);
+                }
+            }
             let buf = &mut switch.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + room];
             match self.sock.peek(buf) {
                 Ok(0) => {
@@ -1481,7 +1685,22 @@ impl<S: HostSocket> TcpFlow<S> {
                     let h = self.segment(self.snd_nxt, if fin { ACK | PSH | FIN } else { ACK | PSH });
                     switch.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
                     self.told_ack(&h);
+                    if resending {
+                        let data_end = self.sent_data_end();
+                        let again = n.min(data_end.wrapping_sub(self.snd_nxt) as usize);
+                        switch.resent(self.resend_cause, again);
+                    }
+                    if !resending && self.timed.is_none() {
+                        self.timed = Some((self.snd_nxt.wrapping_add(n as u32), self.since_born(now)));
+                    }
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
+                    // (A probe is not a resend of what is missing: it finds what is.)
+                    if resending
+                        && self.resend_cause != Resend::Probe
+                        && (seq_lt(self.high_resent, self.snd_nxt) || !seq_lt(self.snd_una, self.high_resent))
+                    {
+                        self.high_resent = self.snd_nxt;
+                    }
                     if fin {
                         self.snd_nxt = self.snd_nxt.wrapping_add(1);
                         self.to_guest = ToGuest::FinSent;
@@ -1489,6 +1708,9 @@ impl<S: HostSocket> TcpFlow<S> {
                     }
                     if seq_lt(self.snd_max, self.snd_nxt) {
                         self.snd_max = self.snd_nxt;
+                        if self.probe_deadline.is_none() {
+                            self.arm_probe(now);
+                        }
                     }
                     self.arm_rto(now);
                     if n < room && !self.host_read_closed {
@@ -1510,6 +1732,56 @@ impl<S: HostSocket> TcpFlow<S> {
             }
         }
         self.check_done(switch)
+    }
+
+    /// Arms the tail-loss probe while data is in flight to a guest that takes SACK (and
+    /// fewer than `PROBES_MAX` probes went unanswered).
+    fn arm_probe(&mut self, now: Instant) {
+        self.probe_deadline = (self.sack_ok
+            && self.snd_una != self.snd_max
+            && self.to_guest != ToGuest::SynUnacked
+            && self.probes < PROBES_MAX)
+            .then(|| {
+                now + self.srtt_us.map_or(PROBE_FIRST, |srtt| Duration::from_micros(u64::from(srtt)) * 2 + PROBE_SLACK)
+            });
+    }
+
+    /// Microseconds since the flow began, wrapping (after 71 minutes): differences of two
+    /// are right for anything shorter.
+    fn since_born(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.born).as_micros() as u32
+    }
+
+    /// The tail-loss probe is due: the last byte sent (or our FIN) goes again.
+    fn send_probe(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+        if self.snd_una == self.snd_max || self.resending() || self.guest_wnd() == 0 {
+            return Verdict::Keep;
+        }
+        self.timed = None;
+        self.probes += 1;
+        // Two round trips without progress: what was sent again may be lost again.
+        self.high_resent = self.snd_una;
+        if !self.sacked().is_empty() {
+            // The guest listed data beyond what is missing, and still misses it: the resend
+            // was lost too. It goes again (the answers to the probe would list only what
+            // was listed already).
+            self.resend_lost(now);
+            let v = self.push(switch, now);
+            self.arm_probe(now);
+            return v;
+        }
+        self.resend_until = None;
+        self.resend_cause = Resend::Probe;
+        let last = match self.to_guest {
+            // Our FIN (behind the last byte; a FIN alone when all data was acknowledged).
+            ToGuest::FinSent if self.snd_max.wrapping_sub(self.snd_una) == 1 => self.snd_una,
+            ToGuest::FinSent => self.snd_max.wrapping_sub(2),
+            _ => self.snd_max.wrapping_sub(1),
+        };
+        self.seek(last);
+        let v = self.push(switch, now);
+        self.arm_probe(now);
+        v
     }
 
     fn arm_rto(&mut self, now: Instant) {
@@ -1583,6 +1855,15 @@ impl<S: HostSocket> TcpFlow<S> {
                 self.send_flags(switch, self.snd_nxt, ACK);
             }
         }
+        if let Some(d) = self.probe_deadline
+            && d <= now
+        {
+            self.probe_deadline = None;
+            // (Not when the retransmission timer is due as well: that sends everything.)
+            if self.rto_deadline.is_none_or(|rto| now < rto) && self.send_probe(switch, now) == Verdict::Close {
+                return Verdict::Close;
+            }
+        }
         let Some(d) = self.rto_deadline else {
             return Verdict::Keep;
         };
@@ -1617,7 +1898,7 @@ impl<S: HostSocket> TcpFlow<S> {
             return Verdict::Keep;
         }
         if self.snd_max != self.snd_una {
-            self.rewind();
+            self.rewind(Resend::Timeout);
         }
         if self.guest_wnd() == 0 {
             // Zero-window probe: one byte beyond the window makes the guest say its window.
@@ -1658,6 +1939,12 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
             .field("sacked_to", &self.sacked_to)
             .field("quick_ack_until", &self.quick_ack_until)
             .field("ack_deadline", &self.ack_deadline)
+            .field("sacked", &self.sacked())
+            .field("resend_until", &self.resend_until)
+            .field("high_resent", &self.high_resent)
+            .field("srtt_us", &self.srtt_us)
+            .field("probe_deadline", &self.probe_deadline)
+            .field("probes", &self.probes)
             .field("peek_view", &self.sock.inspect())
             .finish()
     }

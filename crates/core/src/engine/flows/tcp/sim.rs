@@ -12,7 +12,8 @@
 //! way for [`STALL_LIMIT`] of simulated time, or [`TIME_LIMIT`] in all.
 //!
 //! The model guest is a small but honest TCP: it acknowledges in-order data, buffers or
-//! drops out-of-order data, retransmits on its own timer (with backoff and a give-up
+//! drops out-of-order data (listing what it buffers in SACK blocks when both ends agreed to
+//! SACK, and never dropping it), retransmits on its own timer (with backoff and a give-up
 //! limit) and on three duplicate ACKs, probes a zero window, answers with window updates
 //! when its application reads again, never shrinks the right edge of its window, sends
 //! keep-alive probes when idle, accepts a RST only at exactly rcv_nxt (RFC 5961; a RST in
@@ -36,11 +37,12 @@ use std::time::{Duration, Instant};
 use super::model::ModelSocket;
 use super::state::{Phase, ToGuest, ToHost};
 use super::{TcpFlow, Verdict, reset_stray};
+use crate::engine::metrics::Resend;
 use crate::engine::switch::Switch;
 use crate::link::Link;
 use usernet_wire::ethernet::EthernetHeader;
 use usernet_wire::ipv4::Ipv4Header;
-use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_le, seq_lt};
+use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, SackBlocks, TcpHeader, seq_le, seq_lt};
 use usernet_wire::{PROTO_ICMP, PROTO_TCP};
 
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
@@ -623,8 +625,32 @@ impl Guest {
             seq,
             ack: if flags & ACK != 0 { self.rcv_nxt } else { 0 },
             flags,
+            sack: if flags & ACK != 0 && flags & SYN == 0 { self.sack_blocks() } else { SackBlocks::default() },
             ..Default::default()
         }
+    }
+
+    /// SACK blocks for the flow's segments kept after a gap (the lowest four ranges), when
+    /// both ends agreed to SACK. They list only what is kept, and it is kept until taken
+    /// (the model never reneges).
+    fn sack_blocks(&self) -> SackBlocks {
+        let mut blocks = SackBlocks::default();
+        if !self.sack_ok {
+            return blocks;
+        }
+        let start = self.irs.wrapping_add(1);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (&at, (data, fin)) in &self.ooo {
+            let end = at + data.len() as u64 + u64::from(*fin);
+            match ranges.last_mut() {
+                Some(last) if at <= last.1 => last.1 = last.1.max(end),
+                _ => ranges.push((at, end)),
+            }
+        }
+        for (left, right) in ranges.into_iter().filter(|&(l, r)| l < r).take(4) {
+            blocks.push(start.wrapping_add(left as u32), start.wrapping_add(right as u32));
+        }
+        blocks
     }
 
     /// Our window field, never moving the right edge back.
@@ -1310,6 +1336,9 @@ struct Coverage {
     /// SACK blocks the guest got, and bytes its retransmissions skipped for them.
     sack_blocks: u64,
     sack_skipped: u64,
+    /// Bytes the flow sent again for the guest's SACK blocks, and tail-loss probes.
+    resent_for_sack: u64,
+    tail_loss_probes: u64,
     sim_seconds: u64,
 }
 
@@ -1343,6 +1372,8 @@ impl Coverage {
             flow_gave_up,
             sack_blocks,
             sack_skipped,
+            resent_for_sack,
+            tail_loss_probes,
             sim_seconds
         );
     }
@@ -1913,6 +1944,13 @@ impl Sim {
         self.cov.challenge_acks = g.challenge_acks;
         self.cov.sack_blocks = g.sack_blocks_got;
         self.cov.sack_skipped = g.sack_skipped;
+        for (cause, bytes) in self.switch.counters.resent_bytes() {
+            match cause {
+                Resend::Sack => self.cov.resent_for_sack = bytes,
+                Resend::Probe => self.cov.tail_loss_probes = bytes,
+                Resend::DupAcks | Resend::Timeout => {}
+            }
+        }
         self.cov.sim_seconds = self.now / SEC;
         self.cov
     }
@@ -1998,6 +2036,8 @@ fn sim_streams_arrive_once_and_in_order() {
             ("out of order", c.out_of_order),
             ("SACK blocks", c.sack_blocks),
             ("retransmissions that skipped SACKed data", c.sack_skipped),
+            ("bytes sent again for the guest's SACK blocks", c.resent_for_sack),
+            ("tail-loss probes", c.tail_loss_probes),
         ] {
             assert!(n > 0, "no run covered: {what}");
         }

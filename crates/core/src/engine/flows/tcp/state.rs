@@ -61,10 +61,13 @@
 //!     (`rcv_nxt` plus `pending`), within the window offered (`rcv_edge`), in sequence
 //!     order, and `out_of_order_cost` is what they cost; none are kept once the guest's FIN
 //!     was taken.
+//! 13. What the guest's SACK blocks listed of our data (`sacked`) is known only with SACK
+//!     agreed, in at most `SACKED_MAX` ranges, each not empty, beyond `snd_una` and within
+//!     what was sent (`snd_max`), apart (not even touching) and in order.
 
 use usernet_wire::tcp::{seq_le, seq_lt};
 
-use super::{HostSocket, MAX_RETRIES, RECV_BUF, RTO_MAX, RTO_MIN, TcpFlow};
+use super::{HostSocket, MAX_RETRIES, RECV_BUF, RTO_MAX, RTO_MIN, SACKED_MAX, TcpFlow};
 
 /// How far the opening got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +221,18 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         if self.to_host != ToHost::Open && !self.out_of_order.is_empty() {
             fail("segments kept after a gap once the guest's FIN was taken");
+        }
+        // 13.
+        if (!self.sack_ok && !self.sacked().is_empty()) || self.sacked().len() > SACKED_MAX {
+            fail("the guest's SACK blocks known only with SACK, within their bound");
+        }
+        let mut after = self.snd_una;
+        for (i, &(left, right)) in self.sacked().iter().enumerate() {
+            let apart = if i == 0 { seq_le(after, left) } else { seq_lt(after, left) };
+            if !apart || !seq_lt(left, right) || !seq_le(right, self.snd_max) {
+                fail("the guest's SACK blocks: apart, in order, beyond snd_una, within what was sent");
+            }
+            after = right;
         }
         // 11.
         if let Some((peek_offset, queued)) = self.sock.inspect() {

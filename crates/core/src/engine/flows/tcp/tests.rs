@@ -10,6 +10,7 @@ use super::model::ModelSocket;
 use super::sim::{Pkt, Recorder, switch, take_frames};
 use super::state::ToHost;
 use super::{HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
+use crate::engine::metrics::Resend;
 use crate::engine::switch::Switch;
 use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_lt};
 
@@ -1073,4 +1074,159 @@ fn listed_segments_are_acknowledged_once_contiguous_though_the_socket_is_full() 
     assert_eq!(got, data);
     assert_eq!(f.pending_len(), 0);
     assert!(sent(&rec).iter().all(|(h, _)| h.ack == at(3000)));
+}
+
+/// A guest ACK carrying SACK blocks about our data.
+fn sack_ack(ack: u32, window: u16, blocks: &[(u32, u32)]) -> TcpHeader {
+    let mut h = seg(GUEST_ISN + 1, ack, ACK, window);
+    for &(left, right) in blocks {
+        assert!(h.sack.push(left, right));
+    }
+    h
+}
+
+/// Guest-bound bytes sent again so far, by cause.
+fn resent(sw: &Switch, cause: Resend) -> u64 {
+    sw.counters.resent_bytes().find(|&(c, _)| c == cause).map_or(0, |(_, n)| n)
+}
+
+/// The data segments sent since the last call, as (offset from our first byte, length).
+fn data_sent(rec: &Recorder) -> Vec<(u32, usize)> {
+    sent(rec).into_iter().filter(|(_, d)| !d.is_empty()).map(|(h, d)| (h.seq - (ISN + 1), d.len())).collect()
+}
+
+/// The guest lost one segment of ten and lists the eight after it: only the lost one goes
+/// again (not everything from it on, as a go-back-N resend would), then new data.
+#[test]
+fn sack_blocks_from_the_guest_resend_only_what_is_missing() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, true, now);
+    let data: Vec<u8> = (0..10 * 1460).map(|i| (i % 251) as u8).collect();
+    assert_eq!(host_writes(&mut f, &mut sw, &data, now), Verdict::Keep);
+    let first: Vec<(u32, usize)> = data_sent(&rec);
+    assert_eq!(first.iter().map(|&(_, n)| n).sum::<usize>(), data.len());
+    assert!(first.iter().all(|&(_, n)| n == 1460), "{first:?}");
+    let at = |n: u32| ISN + 1 + n;
+    // The guest has the first segment, not the second, and the eight after it.
+    let h = sack_ack(at(1460), 65535, &[(at(2 * 1460), at(10 * 1460))]);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+    let again = data_sent(&rec);
+    assert_eq!(again, [(1460, 1460)], "only the missing segment goes again");
+    assert_eq!(resent(&sw, Resend::Sack), 1460);
+    // More duplicate ACKs with the same blocks send nothing more.
+    for _ in 0..3 {
+        assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+    }
+    assert!(data_sent(&rec).is_empty(), "what was sent again is not sent again on the same news");
+    assert_eq!(resent(&sw, Resend::DupAcks), 0, "no go-back-N for the duplicate ACKs");
+    // New host data goes on from where the first send ended.
+    assert_eq!(host_writes(&mut f, &mut sw, &[9; 100], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(10 * 1460, 100)]);
+    // The guest has it all: the socket keeps only what is not acknowledged.
+    let h = seg(GUEST_ISN + 1, at(10 * 1460 + 100), ACK, 65535);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+    assert_eq!(f.sock.inspect(), Some((0, 0)));
+}
+
+/// Two holes below the highest block: both go again, each only once, and what was sent
+/// beyond the highest block is not sent again (it may still be on its way).
+#[test]
+fn every_hole_below_the_highest_block_goes_again_and_nothing_past_it() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, true, now);
+    assert_eq!(host_writes(&mut f, &mut sw, &[1; 10 * 1460], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 10);
+    let at = |n: u32| ISN + 1 + n * 1460;
+    // Missing: segment 0, and segments 3 and 4; listed: 1-2 and 5-6; 7-9 not heard of.
+    let h = sack_ack(at(0), 65535, &[(at(5), at(7)), (at(1), at(3))]);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+    let again = data_sent(&rec);
+    assert_eq!(again, [(0, 1460), (3 * 1460, 1460), (4 * 1460, 1460)], "the holes");
+    assert_eq!(resent(&sw, Resend::Sack), 3 * 1460);
+    // The first hole arrived; the ACK moves, the blocks stay: nothing new to send.
+    let h = sack_ack(at(3), 65535, &[(at(5), at(7))]);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+    assert!(data_sent(&rec).is_empty());
+    // Malformed or stale blocks say nothing: beyond what was sent, below the ACK (a
+    // D-SACK), empty, reversed.
+    let h = sack_ack(at(3), 65535, &[(at(9), at(11)), (at(0), at(1)), (at(8), at(8)), (at(9), at(8))]);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+    assert!(data_sent(&rec).is_empty());
+}
+
+/// The last segment was lost: no duplicate ACK can come. Two round trips later a probe
+/// (the last byte) goes; the guest lists it, and the rest of what it misses goes at once,
+/// long before the retransmission timer (200 ms).
+#[test]
+fn a_lost_last_segment_is_found_by_a_probe_before_the_timer() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, true, now);
+    let at = |n: u32| ISN + 1 + 100 + n;
+    // Before a round trip was measured, the probe would go after 10 ms.
+    assert_eq!(host_writes(&mut f, &mut sw, &[3; 100], now), Verdict::Keep);
+    assert_eq!(f.deadline(), Some(now + Duration::from_millis(10)));
+    // A round trip of 100 us.
+    let t = now + Duration::from_micros(100);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(0), ACK, 65535), &[], t), Verdict::Keep);
+    assert_eq!(f.deadline(), None);
+    assert_eq!(host_writes(&mut f, &mut sw, &[3; 3 * 1460], t), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 4);
+    // The first two arrive, the third is lost.
+    let t = t + Duration::from_micros(100);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(2 * 1460), ACK, 65535), &[], t), Verdict::Keep);
+    let due = f.deadline().expect("a deadline");
+    assert_eq!(due, t + Duration::from_micros(2200), "the probe is due after two round trips and 2 ms");
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(100 + 3 * 1460 - 1, 1)], "the probe: the last byte");
+    assert_eq!(resent(&sw, Resend::Probe), 1);
+    // The guest lists the probe: the rest of the lost segment goes.
+    let h = sack_ack(at(2 * 1460), 65535, &[(at(3 * 1460 - 1), at(3 * 1460))]);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(100 + 2 * 1460, 1459)]);
+    // That is lost too: the next probe sends it again, not the byte that arrived.
+    let due = f.deadline().expect("a deadline");
+    assert!(due < t + Duration::from_millis(20));
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(100 + 2 * 1460, 1459)]);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(3 * 1460), ACK, 65535), &[], due), Verdict::Keep);
+    assert_eq!(f.sock.inspect(), Some((0, 0)));
+    assert_eq!(f.deadline(), None, "nothing in flight, nothing timed");
+}
+
+/// A guest without SACK gets no probe (it could only answer with one duplicate ACK), and
+/// its three duplicate ACKs still resend everything from the first unacknowledged byte.
+#[test]
+fn a_guest_without_sack_gets_no_probe_and_a_go_back_n_resend() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, false, now);
+    assert_eq!(host_writes(&mut f, &mut sw, &[3; 5 * 1460], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 5);
+    let t = now + Duration::from_micros(100);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 1460, ACK, 65535), &[], t), Verdict::Keep);
+    let due = f.deadline().expect("a deadline");
+    assert!(due >= t + Duration::from_millis(200), "only the retransmission timer");
+    for _ in 0..3 {
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 1460, ACK, 65535), &[], t), Verdict::Keep);
+    }
+    assert_eq!(data_sent(&rec).iter().map(|&(_, n)| n).sum::<usize>(), 4 * 1460);
+    assert_eq!(resent(&sw, Resend::DupAcks), 4 * 1460);
+}
+
+/// At a retransmission timeout the guest's SACK blocks are forgotten (a guest may drop
+/// data it listed: Linux does under memory pressure): everything goes again.
+#[test]
+fn a_timeout_forgets_the_guests_sack_blocks() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, true, now);
+    assert_eq!(host_writes(&mut f, &mut sw, &[5; 4 * 1460], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 4);
+    let at = |n: u32| ISN + 1 + n * 1460;
+    let h = sack_ack(at(0), 65535, &[(at(1), at(4))]);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(0, 1460)]);
+    let later = now + Duration::from_secs(1);
+    assert_eq!(f.on_timer(&mut sw, later), Verdict::Keep);
+    let again = data_sent(&rec);
+    assert_eq!(again.iter().map(|&(_, n)| n).sum::<usize>(), 4 * 1460, "{again:?}");
+    assert_eq!(resent(&sw, Resend::Timeout), 4 * 1460);
 }
