@@ -102,8 +102,11 @@
 //! lost last segment gets no duplicate ACK at all: two round trips (measured, RFC 6298's
 //! smoothing) and 2 ms without an ACK send a tail-loss probe (RFC 8985), the last byte
 //! again, whose answer lists it and so shows what is missing; a probe also sends again
-//! what was resent and is still missing. Without SACK, three duplicate ACKs rewind to
-//! `snd_una` and send everything from there (go-back-N), as the retransmission timer
+//! what was resent and is still missing. A probe whose byte the guest then acknowledges was
+//! not needed: that guest delays its ACKs, and its tails shorter than two of its segments
+//! are no longer probed (`acks_late`). An ACK that stops at listed data says the guest
+//! dropped it (reneging): the blocks are forgotten. Without SACK, three duplicate ACKs
+//! rewind to `snd_una` and send everything from there (go-back-N), as the retransmission timer
 //! (exponential backoff, from 200 ms) does in any case, forgetting the guest's blocks (a
 //! guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
 //! again, by cause. A zero window is probed with one byte
@@ -318,6 +321,12 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     probe_deadline: Option<Instant>,
     /// Probes sent since the guest last acknowledged new data (`PROBES_MAX`).
     probes: u8,
+    /// The end of what the last probe sent again, until the next ACK of new data.
+    probed: Option<u32>,
+    /// A probe was answered by an ACK of what it sent again: the guest delays its ACKs, so
+    /// a tail shorter than two of its segments is not probed (the guest may be waiting to
+    /// acknowledge it along with its answer).
+    acks_late: bool,
     mss: u32,
     dup_acks: u8,
     rto: Duration,
@@ -515,6 +524,8 @@ impl<S: HostSocket> TcpFlow<S> {
             timed: None,
             probe_deadline: None,
             probes: 0,
+            probed: None,
+            acks_late: false,
             rto: RTO_MIN,
             rto_deadline: None,
             retries: 0,
@@ -1140,12 +1151,27 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         self.snd_una = ack;
         if let Some(sacked) = &mut self.sacked {
+            // An ACK that stops at or inside a listed range: the guest dropped what it had
+            // listed (reneging; Linux may, under memory pressure). Forget the blocks, so
+            // that duplicate ACKs and probes send from `snd_una` again.
+            let reneged = sacked.iter().any(|&(left, right)| seq_le(left, ack) && seq_lt(ack, right));
             sacked.retain(|&(_, right)| seq_lt(ack, right));
-            match sacked.first_mut() {
-                Some(first) if seq_lt(first.0, ack) => first.0 = ack,
-                Some(_) => {}
-                None => self.sacked = None,
+            if reneged || sacked.is_empty() {
+                self.sacked = None;
             }
+        }
+        if seq_lt(self.high_resent, ack) {
+            // (Else, 2 GiB later, the old mark would seem to lie ahead.)
+            self.high_resent = ack;
+        }
+        if let Some(end) = self.probed.take()
+            && seq_le(end, ack)
+        {
+            // The guest acknowledged what the probe sent again: nothing was lost, the
+            // guest only delays its ACKs (a Linux guest waits 40 ms or more to let the
+            // ACK ride on its answer). Its short tails are left to the retransmission
+            // timer from now on, so that such a guest is not probed at every exchange.
+            self.acks_late = true;
         }
         if seq_lt(self.snd_nxt, ack) {
             // Acknowledged beyond what a rewind has re-sent so far: go on from there.
@@ -1180,6 +1206,7 @@ impl<S: HostSocket> TcpFlow<S> {
         self.resend_until = None;
         self.resend_cause = cause;
         self.timed = None;
+        self.probed = None;
         self.high_resent = self.snd_una;
         self.seek(self.snd_una);
     }
@@ -1194,17 +1221,19 @@ impl<S: HostSocket> TcpFlow<S> {
     }
 
     /// Takes the guest's SACK blocks into `sacked`. A block below the ACK (a D-SACK, RFC
-    /// 2883: a duplicate arrived), beyond what was sent, or empty says nothing of use.
+    /// 2883: a duplicate arrived), from the ACK on, beyond what was sent, or empty says
+    /// nothing of use.
     fn note_sacked(&mut self, blocks: &[(u32, u32)]) {
         let (una, max) = (self.snd_una, self.snd_max);
         let key = |s: u32| s.wrapping_sub(una);
-        let useful = |&&(left, right): &&(u32, u32)| seq_lt(left, right) && seq_lt(una, right) && seq_le(right, max);
+        // (A block from `snd_una` on or across it would list what the ACK does not cover:
+        // not a block a guest sends.)
+        let useful = |&&(left, right): &&(u32, u32)| seq_lt(una, left) && seq_lt(left, right) && seq_le(right, max);
         if !blocks.iter().any(|b| useful(&b)) {
             return;
         }
         let sacked = self.sacked.get_or_insert_default();
         for &(left, right) in blocks.iter().filter(useful) {
-            let left = if seq_lt(left, una) { una } else { left };
             let at = sacked.partition_point(|&(l, _)| key(l) < key(left));
             sacked.insert(at, (left, right));
         }
@@ -1737,10 +1766,14 @@ impl<S: HostSocket> TcpFlow<S> {
     /// Arms the tail-loss probe while data is in flight to a guest that takes SACK (and
     /// fewer than `PROBES_MAX` probes went unanswered).
     fn arm_probe(&mut self, now: Instant) {
+        let in_flight = self.snd_max.wrapping_sub(self.snd_una);
         self.probe_deadline = (self.sack_ok
-            && self.snd_una != self.snd_max
+            && in_flight != 0
             && self.to_guest != ToGuest::SynUnacked
-            && self.probes < PROBES_MAX)
+            && self.probes < PROBES_MAX
+            // (Not a shut window's probe byte: the retransmission timer probes it.)
+            && self.guest_wnd() > 1
+            && !(self.acks_late && in_flight < 2 * self.mss))
             .then(|| {
                 now + self.srtt_us.map_or(PROBE_FIRST, |srtt| Duration::from_micros(u64::from(srtt)) * 2 + PROBE_SLACK)
             });
@@ -1754,7 +1787,9 @@ impl<S: HostSocket> TcpFlow<S> {
 
     /// The tail-loss probe is due: the last byte sent (or our FIN) goes again.
     fn send_probe(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
-        if self.snd_una == self.snd_max || self.resending() || self.guest_wnd() == 0 {
+        let in_flight = self.snd_max.wrapping_sub(self.snd_una);
+        if in_flight == 0 || self.resending() || self.guest_wnd() < in_flight {
+            // (A window shrunk below what is in flight: the retransmission timer sees to it.)
             return Verdict::Keep;
         }
         self.timed = None;
@@ -1779,6 +1814,7 @@ impl<S: HostSocket> TcpFlow<S> {
             _ => self.snd_max.wrapping_sub(1),
         };
         self.seek(last);
+        self.probed = Some(self.snd_max);
         let v = self.push(switch, now);
         self.arm_probe(now);
         v
@@ -1945,6 +1981,8 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
             .field("srtt_us", &self.srtt_us)
             .field("probe_deadline", &self.probe_deadline)
             .field("probes", &self.probes)
+            .field("probed", &self.probed)
+            .field("acks_late", &self.acks_late)
             .field("peek_view", &self.sock.inspect())
             .finish()
     }

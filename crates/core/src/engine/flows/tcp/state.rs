@@ -227,9 +227,8 @@ impl<S: HostSocket> TcpFlow<S> {
             fail("the guest's SACK blocks known only with SACK, within their bound");
         }
         let mut after = self.snd_una;
-        for (i, &(left, right)) in self.sacked().iter().enumerate() {
-            let apart = if i == 0 { seq_le(after, left) } else { seq_lt(after, left) };
-            if !apart || !seq_lt(left, right) || !seq_le(right, self.snd_max) {
+        for &(left, right) in self.sacked() {
+            if !seq_lt(after, left) || !seq_lt(left, right) || !seq_le(right, self.snd_max) {
                 fail("the guest's SACK blocks: apart, in order, beyond snd_una, within what was sent");
             }
             after = right;

@@ -1230,3 +1230,49 @@ fn a_timeout_forgets_the_guests_sack_blocks() {
     assert_eq!(again.iter().map(|&(_, n)| n).sum::<usize>(), 4 * 1460, "{again:?}");
     assert_eq!(resent(&sw, Resend::Timeout), 4 * 1460);
 }
+
+/// A probe answered by an ACK of the byte it sent again was not needed: the guest delays
+/// its ACKs (to let them ride on its answer). Its short tails are then left to the
+/// retransmission timer, not probed at every exchange; long ones still are.
+#[test]
+fn a_guest_that_delays_its_acks_is_not_probed_for_short_tails() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, true, now);
+    assert_eq!(host_writes(&mut f, &mut sw, &[1; 100], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(0, 100)]);
+    let due = f.deadline().expect("a deadline");
+    assert!(due < now + Duration::from_millis(20), "a probe is armed");
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(99, 1)], "the probe");
+    // The guest had it all along: its ACK covers the probe (and says so in a D-SACK).
+    let h = sack_ack(ISN + 101, 65535, &[(ISN + 100, ISN + 101)]);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], due), Verdict::Keep);
+    assert_eq!(f.deadline(), None);
+    // The next short answer waits for the retransmission timer only.
+    assert_eq!(host_writes(&mut f, &mut sw, &[2; 100], due), Verdict::Keep);
+    assert_eq!(f.deadline(), Some(due + Duration::from_millis(200)));
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 201, ACK, 65535), &[], due), Verdict::Keep);
+    // A tail of two full segments or more is probed: the guest acknowledges it at once.
+    assert_eq!(host_writes(&mut f, &mut sw, &[3; 2 * 1460], due), Verdict::Keep);
+    assert!(f.deadline().expect("a deadline") < due + Duration::from_millis(20));
+}
+
+/// An ACK that stops at a range the guest listed says it dropped the range (reneging):
+/// the blocks are forgotten, and three duplicate ACKs send everything from there again.
+#[test]
+fn an_ack_that_stops_at_listed_data_forgets_the_blocks() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, true, now);
+    assert_eq!(host_writes(&mut f, &mut sw, &[4; 4 * 1460], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 4);
+    let at = |n: u32| ISN + 1 + n * 1460;
+    let h = sack_ack(at(0), 65535, &[(at(1), at(4))]);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(0, 1460)]);
+    // The first segment arrived, the listed ones are gone from the guest.
+    for _ in 0..4 {
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(1), ACK, 65535), &[], now), Verdict::Keep);
+    }
+    assert_eq!(data_sent(&rec), [(1460, 1460), (2 * 1460, 1460), (3 * 1460, 1460)]);
+    assert_eq!(resent(&sw, Resend::DupAcks), 3 * 1460);
+}
