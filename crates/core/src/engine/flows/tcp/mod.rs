@@ -1175,8 +1175,7 @@ impl<S: HostSocket> TcpFlow<S> {
         }
         if seq_lt(self.snd_nxt, ack) {
             // Acknowledged beyond what a rewind has re-sent so far: go on from there.
-            self.snd_nxt = ack;
-            let _ = self.sock.set_peek_offset(0);
+            self.seek(ack);
         }
         if self.to_guest == ToGuest::FinSent && ack == self.snd_max {
             self.to_guest = ToGuest::FinAcked;
@@ -1724,10 +1723,9 @@ impl<S: HostSocket> TcpFlow<S> {
                     }
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
                     // (A probe is not a resend of what is missing: it finds what is.)
-                    if resending
-                        && self.resend_cause != Resend::Probe
-                        && (seq_lt(self.high_resent, self.snd_nxt) || !seq_lt(self.snd_una, self.high_resent))
-                    {
+                    // (`high_resent` is never behind `snd_una` by more than the SYN: `on_ack`
+                    // moves it along.)
+                    if resending && self.resend_cause != Resend::Probe && seq_lt(self.high_resent, self.snd_nxt) {
                         self.high_resent = self.snd_nxt;
                     }
                     if fin {
@@ -1801,20 +1799,18 @@ impl<S: HostSocket> TcpFlow<S> {
             // was lost too. It goes again (the answers to the probe would list only what
             // was listed already).
             self.resend_lost(now);
-            let v = self.push(switch, now);
-            self.arm_probe(now);
-            return v;
+        } else {
+            self.resend_until = None;
+            self.resend_cause = Resend::Probe;
+            let last = match self.to_guest {
+                // Our FIN (behind the last byte; a FIN alone when all data was acknowledged).
+                ToGuest::FinSent if in_flight == 1 => self.snd_una,
+                ToGuest::FinSent => self.snd_max.wrapping_sub(2),
+                _ => self.snd_max.wrapping_sub(1),
+            };
+            self.seek(last);
+            self.probed = Some(self.snd_max);
         }
-        self.resend_until = None;
-        self.resend_cause = Resend::Probe;
-        let last = match self.to_guest {
-            // Our FIN (behind the last byte; a FIN alone when all data was acknowledged).
-            ToGuest::FinSent if self.snd_max.wrapping_sub(self.snd_una) == 1 => self.snd_una,
-            ToGuest::FinSent => self.snd_max.wrapping_sub(2),
-            _ => self.snd_max.wrapping_sub(1),
-        };
-        self.seek(last);
-        self.probed = Some(self.snd_max);
         let v = self.push(switch, now);
         self.arm_probe(now);
         v

@@ -1212,18 +1212,25 @@ fn a_guest_without_sack_gets_no_probe_and_a_go_back_n_resend() {
     assert_eq!(resent(&sw, Resend::DupAcks), 4 * 1460);
 }
 
-/// At a retransmission timeout the guest's SACK blocks are forgotten (a guest may drop
-/// data it listed: Linux does under memory pressure): everything goes again.
-#[test]
-fn a_timeout_forgets_the_guests_sack_blocks() {
-    let now = Instant::now();
+/// Four segments sent to a guest with SACK, which lists the last three: the first, alone,
+/// went again.
+fn first_of_four_resent_for_sack(now: Instant) -> (TcpFlow<ModelSocket>, Switch, Recorder) {
     let (mut f, mut sw, rec) = open_with(65535, true, now);
-    assert_eq!(host_writes(&mut f, &mut sw, &[5; 4 * 1460], now), Verdict::Keep);
+    assert_eq!(host_writes(&mut f, &mut sw, &[4; 4 * 1460], now), Verdict::Keep);
     assert_eq!(data_sent(&rec).len(), 4);
     let at = |n: u32| ISN + 1 + n * 1460;
     let h = sack_ack(at(0), 65535, &[(at(1), at(4))]);
     assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
     assert_eq!(data_sent(&rec), [(0, 1460)]);
+    (f, sw, rec)
+}
+
+/// At a retransmission timeout the guest's SACK blocks are forgotten (a guest may drop
+/// data it listed: Linux does under memory pressure): everything goes again.
+#[test]
+fn a_timeout_forgets_the_guests_sack_blocks() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = first_of_four_resent_for_sack(now);
     let later = now + Duration::from_secs(1);
     assert_eq!(f.on_timer(&mut sw, later), Verdict::Keep);
     let again = data_sent(&rec);
@@ -1262,13 +1269,8 @@ fn a_guest_that_delays_its_acks_is_not_probed_for_short_tails() {
 #[test]
 fn an_ack_that_stops_at_listed_data_forgets_the_blocks() {
     let now = Instant::now();
-    let (mut f, mut sw, rec) = open_with(65535, true, now);
-    assert_eq!(host_writes(&mut f, &mut sw, &[4; 4 * 1460], now), Verdict::Keep);
-    assert_eq!(data_sent(&rec).len(), 4);
+    let (mut f, mut sw, rec) = first_of_four_resent_for_sack(now);
     let at = |n: u32| ISN + 1 + n * 1460;
-    let h = sack_ack(at(0), 65535, &[(at(1), at(4))]);
-    assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
-    assert_eq!(data_sent(&rec), [(0, 1460)]);
     // The first segment arrived, the listed ones are gone from the guest.
     for _ in 0..4 {
         assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(1), ACK, 65535), &[], now), Verdict::Keep);
