@@ -106,20 +106,9 @@
 //! not needed: that guest delays its ACKs, and its tails shorter than two of its segments
 //! are no longer probed (`acks_late`). An ACK that stops at listed data says the guest
 //! dropped it (reneging): the blocks are forgotten. Without SACK, three duplicate ACKs
-//! rewind to `snd_una` and send everything from there (go-back-N), and so does a
-//! duplicate ACK that answers a probe: the probe came behind all that was sent, so the
-//! byte that answer asks for was lost (RFC 8985's probe relies on SACK to tell what its
-//! answer means, as on a path that reorders a single duplicate ACK proves nothing; a
-//! guest's queue does not reorder). An ACK of new data after a probe may have left the
-//! guest before the probe reached it: it is progress, not an answer. After a go-back-N,
-//! duplicate ACKs do not count toward three until the guest acknowledges beyond what had
-//! been sent then (`recover`, RFC 6582's recovery point; an ACK of exactly that much
-//! keeps it): the guest answers every byte it gets twice with one, and three would send
-//! everything since again. (One still answers a probe: a guest slower than the probe's
-//! wait may send such a duplicate ACK after the probe went, and the go-back-N it brings
-//! is needless; a real loss would otherwise wait for the timer.) The retransmission timer
-//! (exponential backoff, from 200 ms) goes back N in any case, forgetting the guest's
-//! blocks (a guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
+//! rewind to `snd_una` and send everything from there (go-back-N), as the retransmission timer
+//! (exponential backoff, from 200 ms) does in any case, forgetting the guest's blocks (a
+//! guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
 //! again, by cause. A zero window is probed with one byte
 //! when the timer fires, and again at every expiry (backing off) for as long as the window
 //! stays shut; a guest that answers the probes is never given up on.
@@ -310,30 +299,25 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// the highest block then. A resend stops there and goes on from `snd_max` (what was
     /// sent beyond the highest block may still be on its way).
     resend_until: Option<u32>,
-    /// The highest sequence number sent again, or `snd_una` (which moves it along: a mark
-    /// left behind would seem to lie ahead 2 GiB later): missing ranges below it were
-    /// resent already, and are not sent again before a timeout or a probe.
+    /// The highest sequence number sent again (it is only meaningful beyond `snd_una`):
+    /// missing ranges below it were resent already, and are not sent again before a
+    /// timeout.
     high_resent: u32,
     /// Why the bytes being sent again go again (`usernet_tcp_resent_bytes_total`).
     resend_cause: Resend,
-    /// After a go-back-N (`rewind`): what had been sent then (RFC 6582's recovery point),
-    /// until the guest acknowledges beyond it. Meanwhile duplicate ACKs are not counted:
-    /// the guest answers each byte it gets twice with one, and three would send again,
-    /// needlessly, all that was sent since.
-    recover: Option<u32>,
     /// The smoothed round trip to the guest (RFC 6298), from `timed`, in microseconds.
     srtt_us: Option<u32>,
     /// The sequence number whose ACK gives the next round-trip sample, and when the byte
     /// before it was sent (`since_born`); forgotten when anything is sent again (Karn's
     /// rule). (Times in u32 microseconds keep the flow small, as flows are many.)
     timed: Option<(u32, u32)>,
-    /// When the tail-loss probe goes (RFC 8985 section 7): the guest acknowledged nothing
-    /// for two round trips while data is in flight. Its last byte goes again: if what came
-    /// before it was lost, the guest's answer says so (`send_probe`) and what is missing
-    /// goes at once; a lost last segment otherwise waits for the retransmission timer (200
-    /// ms at least), as it would after three duplicate ACKs that a short answer never gets.
-    /// One byte costs little when nothing was lost (a guest that delays its ACK; it answers
-    /// a duplicate at once).
+    /// When the tail-loss probe goes (RFC 8985 section 7, with SACK only): the guest
+    /// acknowledged nothing for two round trips while data is in flight. Its last byte
+    /// goes again: if what came before it was lost, the guest's answer lists the probe in a
+    /// SACK block and `resend_lost` sends what is missing; a lost last segment otherwise
+    /// waits for the retransmission timer (200 ms at least), as it would after three
+    /// duplicate ACKs that a short answer never gets. One byte costs little when nothing
+    /// was lost (a guest that delays its ACK; it answers a duplicate at once).
     probe_deadline: Option<Instant>,
     /// Probes sent since the guest last acknowledged new data (`PROBES_MAX`).
     probes: u8,
@@ -535,7 +519,6 @@ impl<S: HostSocket> TcpFlow<S> {
             sacked: None,
             resend_until: None,
             high_resent: isn,
-            recover: None,
             resend_cause: Resend::Timeout,
             srtt_us: None,
             timed: None,
@@ -891,7 +874,6 @@ impl<S: HostSocket> TcpFlow<S> {
             .clamp(64, switch.max_tcp_payload(self.remote.is_ipv6()) as u32);
         self.wnd_edge = h.ack.wrapping_add(h.window as u32);
         self.snd_una = h.ack;
-        self.high_resent = h.ack;
         self.phase = Phase::Established;
         self.to_guest = ToGuest::Open;
         // Opened where it is: no falling back any more.
@@ -1104,7 +1086,6 @@ impl<S: HostSocket> TcpFlow<S> {
             }
             self.to_guest = ToGuest::Open;
             self.snd_una = h.ack;
-            self.high_resent = h.ack;
             self.rto_deadline = None;
             self.retries = 0;
             self.rto = RTO_MIN;
@@ -1125,24 +1106,16 @@ impl<S: HostSocket> TcpFlow<S> {
             // window kept shut for long is no reason to give up on it.
             self.retries = 0;
         }
-        // A duplicate ACK: the guest got a segment beyond a byte it misses, or one it had.
-        let dup_ack = !acks_new
-            && h.ack == self.snd_una
+        if acks_new {
+            if self.on_ack(switch, h.ack, now) == Verdict::Close {
+                return Verdict::Close;
+            }
+        } else if h.ack == self.snd_una
             && payload.is_empty()
             && !h.has(FIN)
             && self.snd_max != self.snd_una
-            && seg_edge == old_edge;
-        if acks_new && self.on_ack(switch, h.ack, now) == Verdict::Close {
-            return Verdict::Close;
-        }
-        if dup_ack && !self.sack_ok && self.probed.is_some() {
-            // A guest without SACK answers a tail-loss probe with a duplicate ACK when it
-            // misses a byte before the probe, which came behind all that was sent before it
-            // (one queue): that byte, and perhaps what follows, was lost (see `send_probe`).
-            // (An ACK of new data may have left the guest before the probe reached it: it
-            // is progress, not an answer, and the probe goes again if nothing more comes.)
-            self.rewind(Resend::Probe);
-        } else if dup_ack && self.recover.is_none() {
+            && seg_edge == old_edge
+        {
             self.dup_acks = self.dup_acks.saturating_add(1);
             if self.dup_acks == 3 && self.sacked().is_empty() {
                 // (With SACK blocks, `resend_lost` sends only what is missing.)
@@ -1197,9 +1170,6 @@ impl<S: HostSocket> TcpFlow<S> {
             // (Else, 2 GiB later, the old mark would seem to lie ahead.)
             self.high_resent = ack;
         }
-        if self.recover.is_some_and(|recover| seq_lt(recover, ack)) {
-            self.recover = None;
-        }
         if let Some(end) = self.probed.take()
             && seq_le(end, ack)
         {
@@ -1237,7 +1207,6 @@ impl<S: HostSocket> TcpFlow<S> {
     /// `cause`. What the guest's SACK blocks said arrived is forgotten: a guest may drop
     /// data it listed (Linux does under memory pressure), and a timeout may mean it did.
     fn rewind(&mut self, cause: Resend) {
-        self.recover = Some(self.snd_max);
         self.sacked = None;
         self.resend_until = None;
         self.resend_cause = cause;
@@ -1303,7 +1272,7 @@ impl<S: HostSocket> TcpFlow<S> {
         let Some(&(_, top)) = self.sacked().last() else {
             return;
         };
-        let mut hole = self.high_resent;
+        let mut hole = if seq_lt(self.snd_una, self.high_resent) { self.high_resent } else { self.snd_una };
         for &(left, right) in self.sacked() {
             if seq_le(left, hole) && seq_lt(hole, right) {
                 hole = right;
@@ -1760,7 +1729,8 @@ impl<S: HostSocket> TcpFlow<S> {
                     }
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
                     // (A probe is not a resend of what is missing: it finds what is.)
-                    // (`high_resent` is never behind `snd_una`: `on_ack` moves it along.)
+                    // (`high_resent` is never behind `snd_una` by more than the SYN: `on_ack`
+                    // moves it along.)
                     if resending && self.resend_cause != Resend::Probe && seq_lt(self.high_resent, self.snd_nxt) {
                         self.high_resent = self.snd_nxt;
                     }
@@ -1797,11 +1767,12 @@ impl<S: HostSocket> TcpFlow<S> {
         self.check_done(switch)
     }
 
-    /// Arms the tail-loss probe while data is in flight (and fewer than `PROBES_MAX` probes
-    /// went unanswered).
+    /// Arms the tail-loss probe while data is in flight to a guest that takes SACK (and
+    /// fewer than `PROBES_MAX` probes went unanswered).
     fn arm_probe(&mut self, now: Instant) {
         let in_flight = self.snd_max.wrapping_sub(self.snd_una);
-        self.probe_deadline = (in_flight != 0
+        self.probe_deadline = (self.sack_ok
+            && in_flight != 0
             && self.to_guest != ToGuest::SynUnacked
             && self.probes < PROBES_MAX
             // (Not a shut window's probe byte: the retransmission timer probes it.)
@@ -1818,13 +1789,7 @@ impl<S: HostSocket> TcpFlow<S> {
         now.saturating_duration_since(self.born).as_micros() as u32
     }
 
-    /// The tail-loss probe is due: the last byte sent (or our FIN) goes again. It reaches
-    /// the guest behind everything sent before it (one queue), so the guest's answer says
-    /// what is missing: with SACK, its blocks list the probe beyond what was lost
-    /// (`resend_lost`); without, a duplicate ACK stops at the first byte lost, and
-    /// everything from there goes again (`segment_in`), as after three duplicate ACKs,
-    /// which a lost tail never brings. An answer that acknowledges the probe found nothing
-    /// lost.
+    /// The tail-loss probe is due: the last byte sent (or our FIN) goes again.
     fn send_probe(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         let in_flight = self.snd_max.wrapping_sub(self.snd_una);
         if in_flight == 0 || self.resending() || self.guest_wnd() < in_flight {
@@ -2015,7 +1980,6 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
             .field("sacked", &self.sacked())
             .field("resend_until", &self.resend_until)
             .field("high_resent", &self.high_resent)
-            .field("recover", &self.recover)
             .field("srtt_us", &self.srtt_us)
             .field("probe_deadline", &self.probe_deadline)
             .field("probes", &self.probes)
