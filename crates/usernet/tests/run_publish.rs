@@ -787,6 +787,46 @@ fn published_port_with_two_engine_threads() {
     bg.stop();
 }
 
+/// A guest whose listener answers with SYN cookies (`net.ipv4.tcp_syncookies` 2; Linux
+/// sends them when its queue of half-open connections is full). A cookie without
+/// timestamps keeps neither window scaling nor SACK, and while the listener's accept queue
+/// is full it drops the ACK that would open the connection, so only a segment at the
+/// first byte after the handshake opens it later. Eight clients from another address, at
+/// once, to a listener of backlog 1 that accepts only after a second: each gets its 1 MB
+/// echoed whole (sha256). Before, usernet's 64 KiB segments shut such a guest's unscaled
+/// window for good (seven of eight stalled).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn published_port_to_a_guest_answering_with_syn_cookies() {
+    require(&["ip", "dnsmasq", "timeout", "sh", "python3", "socat", "sha256sum"]);
+    let dns = DnsUpstream::start();
+    let peer = PeerNs::new();
+    let dir = TempDir::new("pub-cookies");
+    let src = dir.join("src");
+    write_random_file(&src, 1 << 20);
+    let want = sha256_file(&src);
+    let p = free_ports(1);
+    let server = "import socket, threading, time\n\
+                  s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                  s.bind(('0.0.0.0', 80)); s.listen(1); print('READY', flush=True); time.sleep(1)\n\
+                  def echo(c):\n    while d := c.recv(65536): c.sendall(d)\n    c.close()\n\
+                  while True: threading.Thread(target=echo, args=(s.accept()[0],)).start()\n";
+    let script = format!("echo 2 > /proc/sys/net/ipv4/tcp_syncookies && exec timeout 90 python3 -c \"{server}\"");
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:80")], &["sh", "-c", &script]);
+    bg.wait_line("READY", READY_LIMIT);
+    let clients = format!(
+        "for i in 1 2 3 4 5 6 7 8; do timeout 60 socat -t 20 - TCP4:{host}:{p} < {src} > {d}/got$i & done; \
+         wait; sha256sum {d}/got*",
+        host = peer.host_ip,
+        src = src.display(),
+        d = dir.path().display()
+    );
+    let out = peer.exec(&["sh", "-c", &clients]);
+    let hashes = hex_hashes(&out.stdout);
+    assert!(hashes.len() == 8 && hashes.iter().all(|h| *h == want), "{out}\n{}", bg.describe());
+    bg.stop();
+}
+
 /// `--api PATH`: the control socket exists while usernet runs (next to published ports)
 /// and is gone after it exits.
 #[test]

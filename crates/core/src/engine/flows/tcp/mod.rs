@@ -111,7 +111,10 @@
 //! guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
 //! again, by cause. A zero window is probed with one byte
 //! when the timer fires, and again at every expiry (backing off) for as long as the window
-//! stays shut; a guest that answers the probes is never given up on.
+//! stays shut; a guest that answers the probes is never given up on. The byte is not taken
+//! for in flight (our ACKs keep within the shut window, which a guest holds them to), and
+//! goes first when the window opens. Segments to a guest that does not scale its window
+//! are at most half the largest window it can offer (`UNSCALED_SEGMENT_MAX`).
 //!
 //! Closing: guest FIN becomes shutdown(SHUT_WR) once all its data reached the socket
 //! (`ToHost::FinHeld`, then `ToHost::Shut`), or the close(2) that ends the flow when our own
@@ -235,6 +238,14 @@ const MAX_SYN_RETRIES: u32 = 6;
 const FALLBACK_AFTER_RETRIES: u32 = 3;
 /// MSS assumed when the guest's SYN carries none (RFC 9293).
 const DEFAULT_MSS: u32 = 536;
+/// The largest segment to a guest that does not scale its window: half the largest window
+/// it can offer, as Linux's senders keep to half the largest window seen
+/// (`tcp_bound_to_half_wnd`). A Linux guest offers a window in multiples of the largest
+/// segment it got when it does not scale: after one of 64 KiB (its MSS on a TAP of MTU
+/// 65520), its window stayed shut although its reader had taken everything. Such a guest
+/// is one whose listener answered with a SYN cookie, which without timestamps (we send
+/// none) keeps neither window scaling nor SACK.
+const UNSCALED_SEGMENT_MAX: u32 = u16::MAX as u32 / 2;
 
 /// What the engine should do with the flow after an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -445,8 +456,7 @@ impl<S: HostSocket> TcpFlow<S> {
             Some(ws) => (ws, OUR_WSCALE),
             None => (0, 0),
         };
-        let mss =
-            (syn.mss.map(u32::from).unwrap_or(DEFAULT_MSS)).clamp(64, switch.max_tcp_payload(remote.is_ipv6()) as u32);
+        let mss = send_mss(switch, remote, syn);
         let mut f = TcpFlow::blank(guest, remote, sock, Phase::Connecting, isn, now, switch.budget.hold());
         f.guest_isn = syn.seq;
         f.rcv_nxt = syn.seq.wrapping_add(1);
@@ -768,8 +778,14 @@ impl<S: HostSocket> TcpFlow<S> {
         }
     }
 
+    /// Sends a segment without data. Unless it is a SYN or a FIN, its sequence number is
+    /// never past the guest's window edge: after a zero-window probe `snd_nxt` lies one past
+    /// a shut window, and the guest drops a segment outside its window (RFC 9293 3.10.7.4),
+    /// the ACK in it too, so that its own data would go on its timers only (Linux then sends
+    /// a segment per 50 ms or so). Linux's `tcp_acceptable_seq` keeps to the same edge.
     fn send_flags(&mut self, switch: &mut Switch, seq: u32, flags: u8) {
         self.measure_room();
+        let seq = if flags & (SYN | FIN) == 0 && seq_lt(self.wnd_edge, seq) { self.wnd_edge } else { seq };
         let mut h = self.segment(seq, flags);
         if flags & (SYN | RST) == 0 {
             h.sack = self.sack_blocks();
@@ -870,8 +886,7 @@ impl<S: HostSocket> TcpFlow<S> {
             }
         }
         self.sack_ok = h.sack_permitted;
-        self.mss = (h.mss.map(u32::from).unwrap_or(DEFAULT_MSS))
-            .clamp(64, switch.max_tcp_payload(self.remote.is_ipv6()) as u32);
+        self.mss = send_mss(switch, self.remote, h);
         self.wnd_edge = h.ack.wrapping_add(h.window as u32);
         self.snd_una = h.ack;
         self.phase = Phase::Established;
@@ -924,9 +939,8 @@ impl<S: HostSocket> TcpFlow<S> {
         // rewind), which the guest has not gone past: a guest that follows RFC 5961 (Linux)
         // drops a RST below its rcv_nxt, and one in its window but not at rcv_nxt it answers
         // with an ACK, which finds no flow and gets a RST at exactly the right place. Not
-        // beyond the window's right edge (a zero-window probe), as Linux does.
-        let seq = if seq_le(self.snd_max, self.wnd_edge) { self.snd_max } else { self.wnd_edge };
-        self.send_flags(switch, seq, RST | ACK);
+        // beyond the window's right edge (a zero-window probe), as Linux does (`send_flags`).
+        self.send_flags(switch, self.snd_max, RST | ACK);
         Verdict::Close
     }
 
@@ -1943,8 +1957,18 @@ impl<S: HostSocket> TcpFlow<S> {
             // Also after a rewind: what was in flight may be lost, and so may the window
             // update that would have let it go again; without a probe the flow would wait
             // for nothing until it gives up.
+            let edge = self.wnd_edge;
             self.wnd_edge = self.snd_una.wrapping_add(1);
             self.host_readable = true;
+            if self.push(switch, now) == Verdict::Close {
+                return Verdict::Close;
+            }
+            // The window is shut all the same, and the byte beyond it is not in flight
+            // until the guest acknowledges it: back behind it, our ACKs keep within the
+            // window (`send_flags`), and it goes first when the window opens.
+            self.wnd_edge = edge;
+            self.rewind(Resend::Timeout);
+            return Verdict::Keep;
         }
         self.push(switch, now)
     }
@@ -1988,6 +2012,13 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
             .field("peek_view", &self.sock.inspect())
             .finish()
     }
+}
+
+/// The largest segment to send a guest, from its SYN (or SYN-ACK) `syn`: the MSS it
+/// offers, within the link's MTU, and `UNSCALED_SEGMENT_MAX` unless it scales its window.
+fn send_mss(switch: &Switch, remote: SocketAddr, syn: &TcpHeader) -> u32 {
+    let mss = syn.mss.map_or(DEFAULT_MSS, u32::from).clamp(64, switch.max_tcp_payload(remote.is_ipv6()) as u32);
+    if syn.window_scale.is_some() { mss } else { mss.min(UNSCALED_SEGMENT_MAX) }
 }
 
 /// Answers a guest SYN whose connect failed with errno `err`: ICMP unreachable when the

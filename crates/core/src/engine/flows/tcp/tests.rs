@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::model::ModelSocket;
 use super::sim::{Pkt, Recorder, switch, take_frames};
 use super::state::ToHost;
-use super::{HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
+use super::{ACK_DELAY, HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
 use crate::engine::metrics::Resend;
 use crate::engine::switch::Switch;
 use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_lt};
@@ -140,15 +140,63 @@ fn a_zero_window_is_probed_for_as_long_as_the_guest_answers() {
         assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK, 0), &[], now), Verdict::Keep);
     }
     assert_eq!(probes, 100, "one probe per expiry");
-    // The window opens: the rest goes (after the last probe, which counts as sent and
-    // goes again when the timer finds it unacknowledged).
+    // The window opens: the rest goes, from the last probe's byte, which the guest
+    // dropped. (It was not taken for sent: then the rest went without it, and it waited
+    // for the retransmission timer.)
     assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK, 100), &[], now), Verdict::Keep);
     let data: Vec<u8> = sent(&rec).into_iter().flat_map(|(_, d)| d).collect();
-    assert_eq!(data, b"56789");
-    now += RTO_MAX + Duration::from_secs(1);
-    assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
-    let data: Vec<u8> = sent(&rec).into_iter().flat_map(|(_, d)| d).collect();
     assert_eq!(data, b"456789");
+}
+
+/// Regression: after a zero-window probe, our ACKs carried snd_nxt, one past the guest's
+/// shut window: a Linux guest drops such a segment, its ACK too, and answers with a
+/// duplicate ACK. A guest that sent while its window was shut (an echo server whose reader
+/// waits on its writer) had its data acknowledged to no effect and sent a segment per 50
+/// ms or so on its timers. ACKs now carry the window's edge.
+#[test]
+fn acks_after_a_zero_window_probe_stay_within_the_guests_window() {
+    let mut now = Instant::now();
+    let (mut f, mut sw, rec) = open(4, now);
+    assert_eq!(host_writes(&mut f, &mut sw, b"0123456789", now), Verdict::Keep);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK, 0), &[], now), Verdict::Keep);
+    sent(&rec);
+    now += RTO_MAX;
+    assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
+    let probe = sent(&rec);
+    assert_eq!(probe.iter().map(|(h, d)| (h.seq, d.len())).collect::<Vec<_>>(), [(ISN + 5, 1)]);
+    // The guest drops the byte, says its window is shut, and sends data of its own.
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK, 0), &[], now), Verdict::Keep);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 5, ACK | PSH, 0), b"hello", now), Verdict::Keep);
+    assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
+    // (The ACK waits a little for data to ride on.)
+    now += ACK_DELAY;
+    assert_eq!(f.on_timer(&mut sw, now), Verdict::Keep);
+    let acks = sent(&rec);
+    assert_eq!(acks.iter().map(|(h, d)| (h.seq, h.ack, d.len())).collect::<Vec<_>>(), [(ISN + 5, GUEST_ISN + 6, 0)]);
+}
+
+/// Regression: a guest that does not scale its window (a Linux listener answering with a
+/// SYN cookie) got segments of its full MSS, 64 KiB on a TAP of MTU 65520, and kept its
+/// window shut for good after one of them. Segments to it are now at most half the largest
+/// window it can offer; a guest that scales gets its MSS.
+#[test]
+fn a_guest_that_does_not_scale_its_window_gets_segments_of_half_the_largest_window() {
+    let now = Instant::now();
+    for (scale, largest) in [(None, 32767), (Some(7), 65480)] {
+        let (mut sw, rec) = switch(65520, false);
+        let mut syn = seg(GUEST_ISN, 0, SYN, 65535);
+        syn.mss = Some(65480);
+        syn.window_scale = scale;
+        let sock = ModelSocket::new(1 << 20, 1 << 20);
+        let (mut f, v) = TcpFlow::outbound(&mut sw, guest(), remote(), &syn, sock, true, ISN, now);
+        assert_eq!(v, Verdict::Keep);
+        sent(&rec);
+        let ack = seg(GUEST_ISN + 1, ISN + 1, ACK, if scale.is_some() { 1024 } else { 65535 });
+        assert_eq!(f.on_segment(&mut sw, &ack, &[], now), Verdict::Keep);
+        assert_eq!(host_writes(&mut f, &mut sw, &[5; 65535], now), Verdict::Keep);
+        let sizes: Vec<usize> = data_sent(&rec).iter().map(|&(_, n)| n).collect();
+        assert_eq!(sizes.iter().max(), Some(&largest), "{sizes:?}");
+    }
 }
 
 /// Regression: a window that shrank to zero with data in flight (its update lost) was
