@@ -199,7 +199,8 @@ pub enum Resend {
     /// unacknowledged byte went again.
     Timeout,
     /// A tail-loss probe: the last byte sent, when the guest acknowledged nothing for a few
-    /// round trips (its answer's SACK blocks then show what is missing).
+    /// round trips (its answer's SACK blocks then show what is missing); and, for a guest
+    /// without SACK, everything from the byte its answer asked for.
     Probe,
 }
 

@@ -214,7 +214,8 @@ pub fn render(m: &EngineMetrics, policy: Option<&Policy>, start_time: Option<f64
         Kind::Counter,
         "TCP data sent to guests again, by cause (sack: only what the guest's SACK blocks showed \
          missing; dup_acks, timeout: everything from the first unacknowledged byte; probe: the \
-         last byte, a tail-loss probe).",
+         last byte, a tail-loss probe, and for a guest without SACK everything from the byte \
+         its answer asked for).",
     );
     for (cause, v) in m.counters.resent_bytes() {
         w.sample("usernet_tcp_resent_bytes_total", &[("cause", cause.as_str())], v as f64);

@@ -106,9 +106,15 @@
 //! not needed: that guest delays its ACKs, and its tails shorter than two of its segments
 //! are no longer probed (`acks_late`). An ACK that stops at listed data says the guest
 //! dropped it (reneging): the blocks are forgotten. Without SACK, three duplicate ACKs
-//! rewind to `snd_una` and send everything from there (go-back-N), as the retransmission timer
-//! (exponential backoff, from 200 ms) does in any case, forgetting the guest's blocks (a
-//! guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
+//! rewind to `snd_una` and send everything from there (go-back-N), and so does an answer
+//! to a probe that does not acknowledge the probe: the probe came behind all that was
+//! sent, so the byte that answer asks for was lost (RFC 8985 probes only with SACK,
+//! because on a path that reorders a single duplicate ACK proves nothing; a guest's queue
+//! does not reorder). Such a guest is probed only once it has acknowledged data of ours: a
+//! guest listener whose queue is full answers our SYN with a SYN cookie, which offers no
+//! SACK, and resets any segment but one at the first byte after the handshake while our
+//! ACK of it was dropped (`arm_probe`). The retransmission timer (exponential backoff, from 200 ms) goes
+//! back N in any case, forgetting the guest's blocks (a guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
 //! again, by cause. A zero window is probed with one byte
 //! when the timer fires, and again at every expiry (backing off) for as long as the window
 //! stays shut; a guest that answers the probes is never given up on. The byte is not taken
@@ -322,13 +328,13 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// before it was sent (`since_born`); forgotten when anything is sent again (Karn's
     /// rule). (Times in u32 microseconds keep the flow small, as flows are many.)
     timed: Option<(u32, u32)>,
-    /// When the tail-loss probe goes (RFC 8985 section 7, with SACK only): the guest
-    /// acknowledged nothing for two round trips while data is in flight. Its last byte
-    /// goes again: if what came before it was lost, the guest's answer lists the probe in a
-    /// SACK block and `resend_lost` sends what is missing; a lost last segment otherwise
-    /// waits for the retransmission timer (200 ms at least), as it would after three
-    /// duplicate ACKs that a short answer never gets. One byte costs little when nothing
-    /// was lost (a guest that delays its ACK; it answers a duplicate at once).
+    /// When the tail-loss probe goes (RFC 8985 section 7): the guest acknowledged nothing
+    /// for two round trips while data is in flight. Its last byte goes again: if what came
+    /// before it was lost, the guest's answer says so (`send_probe`) and what is missing
+    /// goes at once; a lost last segment otherwise waits for the retransmission timer (200
+    /// ms at least), as it would after three duplicate ACKs that a short answer never gets.
+    /// One byte costs little when nothing was lost (a guest that delays its ACK; it answers
+    /// a duplicate at once).
     probe_deadline: Option<Instant>,
     /// Probes sent since the guest last acknowledged new data (`PROBES_MAX`).
     probes: u8,
@@ -1120,11 +1126,18 @@ impl<S: HostSocket> TcpFlow<S> {
             // window kept shut for long is no reason to give up on it.
             self.retries = 0;
         }
-        if acks_new {
-            if self.on_ack(switch, h.ack, now) == Verdict::Close {
-                return Verdict::Close;
-            }
-        } else if h.ack == self.snd_una
+        // A guest without SACK answers a tail-loss probe with an ACK of its first missing
+        // byte: all we sent before the probe reached it first (one queue), so that byte, and
+        // perhaps what follows it, was lost (see `send_probe`).
+        let lost_before_probe =
+            !self.sack_ok && (acks_new || h.ack == self.snd_una) && self.probed.is_some_and(|end| seq_lt(h.ack, end));
+        if acks_new && self.on_ack(switch, h.ack, now) == Verdict::Close {
+            return Verdict::Close;
+        }
+        if lost_before_probe {
+            self.rewind(Resend::Probe);
+        } else if !acks_new
+            && h.ack == self.snd_una
             && payload.is_empty()
             && !h.has(FIN)
             && self.snd_max != self.snd_una
@@ -1781,12 +1794,16 @@ impl<S: HostSocket> TcpFlow<S> {
         self.check_done(switch)
     }
 
-    /// Arms the tail-loss probe while data is in flight to a guest that takes SACK (and
-    /// fewer than `PROBES_MAX` probes went unanswered).
+    /// Arms the tail-loss probe while data is in flight (and fewer than `PROBES_MAX` probes
+    /// went unanswered). A guest without SACK is probed only once it has acknowledged data
+    /// of ours: until then its listener may hold our connection as a SYN cookie (a SYN-ACK
+    /// of a cookie offers no SACK when the SYN had no timestamps, and ours has none), which
+    /// only a segment at the first byte after the handshake opens, while any other segment
+    /// is answered with a reset. The retransmission timer resends from that byte.
     fn arm_probe(&mut self, now: Instant) {
         let in_flight = self.snd_max.wrapping_sub(self.snd_una);
-        self.probe_deadline = (self.sack_ok
-            && in_flight != 0
+        self.probe_deadline = (in_flight != 0
+            && (self.sack_ok || self.traffic.to_guest != 0)
             && self.to_guest != ToGuest::SynUnacked
             && self.probes < PROBES_MAX
             // (Not a shut window's probe byte: the retransmission timer probes it.)
@@ -1803,7 +1820,12 @@ impl<S: HostSocket> TcpFlow<S> {
         now.saturating_duration_since(self.born).as_micros() as u32
     }
 
-    /// The tail-loss probe is due: the last byte sent (or our FIN) goes again.
+    /// The tail-loss probe is due: the last byte sent (or our FIN) goes again. It reaches
+    /// the guest behind everything sent before it (one queue), so the guest's answer says
+    /// what is missing: with SACK, its blocks list the probe beyond what was lost
+    /// (`resend_lost`); without, its ACK stops at the first byte lost, and everything from
+    /// there goes again (`segment_in`), as after three duplicate ACKs, which a lost tail
+    /// never brings. An answer that acknowledges the probe found nothing lost.
     fn send_probe(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         let in_flight = self.snd_max.wrapping_sub(self.snd_una);
         if in_flight == 0 || self.resending() || self.guest_wnd() < in_flight {

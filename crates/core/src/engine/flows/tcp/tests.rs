@@ -1241,23 +1241,102 @@ fn a_lost_last_segment_is_found_by_a_probe_before_the_timer() {
     assert_eq!(f.deadline(), None, "nothing in flight, nothing timed");
 }
 
-/// A guest without SACK gets no probe (it could only answer with one duplicate ACK), and
-/// its three duplicate ACKs still resend everything from the first unacknowledged byte.
+/// A guest without SACK: three duplicate ACKs resend everything from the first
+/// unacknowledged byte (go-back-N).
 #[test]
-fn a_guest_without_sack_gets_no_probe_and_a_go_back_n_resend() {
+fn a_guest_without_sack_gets_a_go_back_n_resend_for_three_duplicate_acks() {
     let now = Instant::now();
     let (mut f, mut sw, rec) = open_with(65535, false, now);
     assert_eq!(host_writes(&mut f, &mut sw, &[3; 5 * 1460], now), Verdict::Keep);
     assert_eq!(data_sent(&rec).len(), 5);
     let t = now + Duration::from_micros(100);
-    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 1460, ACK, 65535), &[], t), Verdict::Keep);
-    let due = f.deadline().expect("a deadline");
-    assert!(due >= t + Duration::from_millis(200), "only the retransmission timer");
-    for _ in 0..3 {
+    for _ in 0..4 {
         assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 1460, ACK, 65535), &[], t), Verdict::Keep);
     }
     assert_eq!(data_sent(&rec).iter().map(|&(_, n)| n).sum::<usize>(), 4 * 1460);
     assert_eq!(resent(&sw, Resend::DupAcks), 4 * 1460);
+}
+
+/// The last segments to a guest without SACK were lost: no duplicate ACK comes. The probe
+/// (the last byte) reaches the guest behind everything sent before it, so its answer, a
+/// single duplicate ACK or one that acknowledges only part, names the first byte lost, and
+/// everything from there goes again, long before the retransmission timer (200 ms).
+#[test]
+fn a_guest_without_sack_answers_a_probe_with_what_it_lost() {
+    for answer_acks_part in [false, true] {
+        let now = Instant::now();
+        let (mut f, mut sw, rec) = open_with(65535, false, now);
+        let at = |n: u32| ISN + 1 + n * 1460;
+        assert_eq!(host_writes(&mut f, &mut sw, &[3; 5 * 1460], now), Verdict::Keep);
+        assert_eq!(data_sent(&rec).len(), 5);
+        // The first three arrive, the last two are lost. (The round trip is timed by the
+        // end of the one send that sent all five, so it is not measured yet.)
+        let t = now + Duration::from_micros(100);
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(3), ACK, 65535), &[], t), Verdict::Keep);
+        let due = f.deadline().expect("a deadline");
+        assert_eq!(due, t + Duration::from_millis(10), "the probe is due 10 ms after the ACK");
+        assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+        assert_eq!(data_sent(&rec), [(5 * 1460 - 1, 1)], "the probe: the last byte");
+        // The answer: a duplicate ACK, or (the fourth segment arrived after all, and the
+        // guest had delayed its ACK) one that acknowledges the fourth only.
+        let (first_lost, again) =
+            if answer_acks_part { (4, vec![(4 * 1460, 1460)]) } else { (3, vec![(3 * 1460, 1460), (4 * 1460, 1460)]) };
+        let h = seg(GUEST_ISN + 1, at(first_lost), ACK, 65535);
+        assert_eq!(f.on_segment(&mut sw, &h, &[], due), Verdict::Keep);
+        assert_eq!(data_sent(&rec), again, "everything from the byte the answer asks for");
+        assert_eq!(resent(&sw, Resend::Probe), 1 + (5 - u64::from(first_lost)) * 1460);
+        assert_eq!(resent(&sw, Resend::DupAcks) + resent(&sw, Resend::Timeout), 0);
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(5), ACK, 65535), &[], due), Verdict::Keep);
+        assert_eq!(f.sock.inspect(), Some((0, 0)));
+        assert_eq!(f.deadline(), None, "nothing in flight, nothing timed");
+    }
+    // An answer that acknowledges the probe found nothing lost: nothing goes again.
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, false, now);
+    assert_eq!(host_writes(&mut f, &mut sw, &[3; 3 * 1460], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 3);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 1460, ACK, 65535), &[], now), Verdict::Keep);
+    let due = f.deadline().expect("a deadline");
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(3 * 1460 - 1, 1)]);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 3 * 1460, ACK, 65535), &[], due), Verdict::Keep);
+    assert!(data_sent(&rec).is_empty());
+    assert_eq!(resent(&sw, Resend::Probe), 1);
+}
+
+/// Regression: a published port's connection to a guest without SACK was reset. The
+/// guest's listener, its queue full, answered our SYN with a SYN cookie (which offers no
+/// SACK to a SYN without timestamps) and dropped our ACK of it: only a segment at the
+/// first byte after the handshake then opens the connection, and the probe (the last
+/// byte) got a reset instead. Until the guest acknowledges data of ours, it is not
+/// probed: the retransmission timer sends from the first byte.
+#[test]
+fn a_guest_without_sack_is_probed_only_once_it_acknowledged_data() {
+    let now = Instant::now();
+    let (mut sw, rec) = switch(1500, false);
+    let sock = ModelSocket::new(1 << 20, 1 << 20);
+    let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
+    let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
+    synack.mss = Some(1460);
+    assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+    sent(&rec);
+    assert_eq!(host_writes(&mut f, &mut sw, &[7; 100], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(0, 100)]);
+    let due = f.deadline().expect("a deadline");
+    assert!(due >= now + Duration::from_millis(200), "only the retransmission timer, not a probe");
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(0, 100)], "all of it again, from the first byte");
+    assert_eq!(resent(&sw, Resend::Probe), 0);
+    // Once the guest acknowledged data, a lost tail is probed.
+    let t = due + Duration::from_micros(100);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 101, ACK, 65535), &[], t), Verdict::Keep);
+    assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], t), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 3);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 101 + 1460, ACK, 65535), &[], t), Verdict::Keep);
+    let due = f.deadline().expect("a deadline");
+    assert!(due < t + Duration::from_millis(200), "a probe before the timer");
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(100 + 3 * 1460 - 1, 1)], "the probe: the last byte");
 }
 
 /// Four segments sent to a guest with SACK, which lists the last three: the first, alone,
