@@ -316,9 +316,9 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// the highest block then. A resend stops there and goes on from `snd_max` (what was
     /// sent beyond the highest block may still be on its way).
     resend_until: Option<u32>,
-    /// The highest sequence number sent again (it is only meaningful beyond `snd_una`):
-    /// missing ranges below it were resent already, and are not sent again before a
-    /// timeout.
+    /// The highest sequence number sent again, or `snd_una` (which moves it along: a mark
+    /// left behind would seem to lie ahead 2 GiB later): missing ranges below it were
+    /// resent already, and are not sent again before a timeout or a probe.
     high_resent: u32,
     /// Why the bytes being sent again go again (`usernet_tcp_resent_bytes_total`).
     resend_cause: Resend,
@@ -895,6 +895,7 @@ impl<S: HostSocket> TcpFlow<S> {
         self.mss = send_mss(switch, self.remote, h);
         self.wnd_edge = h.ack.wrapping_add(h.window as u32);
         self.snd_una = h.ack;
+        self.high_resent = h.ack;
         self.phase = Phase::Established;
         self.to_guest = ToGuest::Open;
         // Opened where it is: no falling back any more.
@@ -1106,6 +1107,7 @@ impl<S: HostSocket> TcpFlow<S> {
             }
             self.to_guest = ToGuest::Open;
             self.snd_una = h.ack;
+            self.high_resent = h.ack;
             self.rto_deadline = None;
             self.retries = 0;
             self.rto = RTO_MIN;
@@ -1299,7 +1301,7 @@ impl<S: HostSocket> TcpFlow<S> {
         let Some(&(_, top)) = self.sacked().last() else {
             return;
         };
-        let mut hole = if seq_lt(self.snd_una, self.high_resent) { self.high_resent } else { self.snd_una };
+        let mut hole = self.high_resent;
         for &(left, right) in self.sacked() {
             if seq_le(left, hole) && seq_lt(hole, right) {
                 hole = right;
@@ -1756,8 +1758,7 @@ impl<S: HostSocket> TcpFlow<S> {
                     }
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
                     // (A probe is not a resend of what is missing: it finds what is.)
-                    // (`high_resent` is never behind `snd_una` by more than the SYN: `on_ack`
-                    // moves it along.)
+                    // (`high_resent` is never behind `snd_una`: `on_ack` moves it along.)
                     if resending && self.resend_cause != Resend::Probe && seq_lt(self.high_resent, self.snd_nxt) {
                         self.high_resent = self.snd_nxt;
                     }

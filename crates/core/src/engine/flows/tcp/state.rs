@@ -64,6 +64,9 @@
 //! 13. What the guest's SACK blocks listed of our data (`sacked`) is known only with SACK
 //!     agreed, in at most `SACKED_MAX` ranges, each not empty, beyond `snd_una` and within
 //!     what was sent (`snd_max`), apart (not even touching) and in order.
+//! 14. What was sent again is marked within what is in flight: `snd_una <= high_resent <=
+//!     snd_max` (a mark left behind `snd_una` would seem to lie ahead 2 GiB later, and keep
+//!     the first loss from being resent).
 
 use usernet_wire::tcp::{seq_le, seq_lt};
 
@@ -232,6 +235,10 @@ impl<S: HostSocket> TcpFlow<S> {
                 fail("the guest's SACK blocks: apart, in order, beyond snd_una, within what was sent");
             }
             after = right;
+        }
+        // 14.
+        if !seq_le(self.snd_una, self.high_resent) || !seq_le(self.high_resent, self.snd_max) {
+            fail("high_resent lies within what is in flight, from snd_una to snd_max");
         }
         // 11.
         if let Some((peek_offset, queued)) = self.sock.inspect() {
