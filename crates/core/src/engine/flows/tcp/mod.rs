@@ -106,15 +106,20 @@
 //! not needed: that guest delays its ACKs, and its tails shorter than two of its segments
 //! are no longer probed (`acks_late`). An ACK that stops at listed data says the guest
 //! dropped it (reneging): the blocks are forgotten. Without SACK, three duplicate ACKs
-//! rewind to `snd_una` and send everything from there (go-back-N), and so does an answer
-//! to a probe that does not acknowledge the probe: the probe came behind all that was
-//! sent, so the byte that answer asks for was lost (RFC 8985 probes only with SACK,
-//! because on a path that reorders a single duplicate ACK proves nothing; a guest's queue
-//! does not reorder). Such a guest is probed only once it has acknowledged data of ours: a
-//! guest listener whose queue is full answers our SYN with a SYN cookie, which offers no
-//! SACK, and resets any segment but one at the first byte after the handshake while our
-//! ACK of it was dropped (`arm_probe`). The retransmission timer (exponential backoff, from 200 ms) goes
-//! back N in any case, forgetting the guest's blocks (a guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
+//! rewind to `snd_una` and send everything from there (go-back-N), and so does a
+//! duplicate ACK that answers a probe: the probe came behind all that was sent, so the
+//! byte that answer asks for was lost (RFC 8985's probe relies on SACK to tell what its
+//! answer means, as on a path that reorders a single duplicate ACK proves nothing; a
+//! guest's queue does not reorder). Such a guest is probed only once it has acknowledged
+//! data of ours: a guest listener whose queue is full answers our SYN with a SYN cookie,
+//! which offers no SACK, and resets any segment but one at the first byte after the
+//! handshake while our ACK of it was dropped (`arm_probe`). An ACK of new data after a probe may have left the
+//! guest before the probe reached it: it is progress, not an answer. After a go-back-N,
+//! duplicate ACKs do not count until the guest acknowledges beyond what had been sent
+//! then (`recover`, RFC 6582's recovery point): the guest answers every byte it gets twice
+//! with one, and three would send everything since again. The retransmission timer
+//! (exponential backoff, from 200 ms) goes back N in any case, forgetting the guest's
+//! blocks (a guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
 //! again, by cause. A zero window is probed with one byte
 //! when the timer fires, and again at every expiry (backing off) for as long as the window
 //! stays shut; a guest that answers the probes is never given up on. The byte is not taken
@@ -322,6 +327,11 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     high_resent: u32,
     /// Why the bytes being sent again go again (`usernet_tcp_resent_bytes_total`).
     resend_cause: Resend,
+    /// After a go-back-N (`rewind`): what had been sent then (RFC 6582's recovery point),
+    /// until the guest acknowledges beyond it. Meanwhile duplicate ACKs are not counted:
+    /// the guest answers each byte it gets twice with one, and three would send again,
+    /// needlessly, all that was sent since.
+    recover: Option<u32>,
     /// The smoothed round trip to the guest (RFC 6298), from `timed`, in microseconds.
     srtt_us: Option<u32>,
     /// The sequence number whose ACK gives the next round-trip sample, and when the byte
@@ -535,6 +545,7 @@ impl<S: HostSocket> TcpFlow<S> {
             sacked: None,
             resend_until: None,
             high_resent: isn,
+            recover: None,
             resend_cause: Resend::Timeout,
             srtt_us: None,
             timed: None,
@@ -1128,23 +1139,24 @@ impl<S: HostSocket> TcpFlow<S> {
             // window kept shut for long is no reason to give up on it.
             self.retries = 0;
         }
-        // A guest without SACK answers a tail-loss probe with an ACK of its first missing
-        // byte: all we sent before the probe reached it first (one queue), so that byte, and
-        // perhaps what follows it, was lost (see `send_probe`).
-        let lost_before_probe =
-            !self.sack_ok && (acks_new || h.ack == self.snd_una) && self.probed.is_some_and(|end| seq_lt(h.ack, end));
-        if acks_new && self.on_ack(switch, h.ack, now) == Verdict::Close {
-            return Verdict::Close;
-        }
-        if lost_before_probe {
-            self.rewind(Resend::Probe);
-        } else if !acks_new
+        // A duplicate ACK: the guest got a segment beyond a byte it misses, or one it had.
+        let dup_ack = !acks_new
             && h.ack == self.snd_una
             && payload.is_empty()
             && !h.has(FIN)
             && self.snd_max != self.snd_una
-            && seg_edge == old_edge
-        {
+            && seg_edge == old_edge;
+        if acks_new && self.on_ack(switch, h.ack, now) == Verdict::Close {
+            return Verdict::Close;
+        }
+        if dup_ack && !self.sack_ok && self.probed.is_some() {
+            // A guest without SACK answers a tail-loss probe with a duplicate ACK when it
+            // misses a byte before the probe, which came behind all that was sent before it
+            // (one queue): that byte, and perhaps what follows, was lost (see `send_probe`).
+            // (An ACK of new data may have left the guest before the probe reached it: it
+            // is progress, not an answer, and the probe goes again if nothing more comes.)
+            self.rewind(Resend::Probe);
+        } else if dup_ack && self.recover.is_none() {
             self.dup_acks = self.dup_acks.saturating_add(1);
             if self.dup_acks == 3 && self.sacked().is_empty() {
                 // (With SACK blocks, `resend_lost` sends only what is missing.)
@@ -1199,6 +1211,9 @@ impl<S: HostSocket> TcpFlow<S> {
             // (Else, 2 GiB later, the old mark would seem to lie ahead.)
             self.high_resent = ack;
         }
+        if self.recover.is_some_and(|recover| seq_lt(recover, ack)) {
+            self.recover = None;
+        }
         if let Some(end) = self.probed.take()
             && seq_le(end, ack)
         {
@@ -1236,6 +1251,7 @@ impl<S: HostSocket> TcpFlow<S> {
     /// `cause`. What the guest's SACK blocks said arrived is forgotten: a guest may drop
     /// data it listed (Linux does under memory pressure), and a timeout may mean it did.
     fn rewind(&mut self, cause: Resend) {
+        self.recover = Some(self.snd_max);
         self.sacked = None;
         self.resend_until = None;
         self.resend_cause = cause;
@@ -1824,9 +1840,10 @@ impl<S: HostSocket> TcpFlow<S> {
     /// The tail-loss probe is due: the last byte sent (or our FIN) goes again. It reaches
     /// the guest behind everything sent before it (one queue), so the guest's answer says
     /// what is missing: with SACK, its blocks list the probe beyond what was lost
-    /// (`resend_lost`); without, its ACK stops at the first byte lost, and everything from
-    /// there goes again (`segment_in`), as after three duplicate ACKs, which a lost tail
-    /// never brings. An answer that acknowledges the probe found nothing lost.
+    /// (`resend_lost`); without, a duplicate ACK stops at the first byte lost, and
+    /// everything from there goes again (`segment_in`), as after three duplicate ACKs,
+    /// which a lost tail never brings. An answer that acknowledges the probe found nothing
+    /// lost.
     fn send_probe(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
         let in_flight = self.snd_max.wrapping_sub(self.snd_una);
         if in_flight == 0 || self.resending() || self.guest_wnd() < in_flight {
@@ -2027,6 +2044,7 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
             .field("sacked", &self.sacked())
             .field("resend_until", &self.resend_until)
             .field("high_resent", &self.high_resent)
+            .field("recover", &self.recover)
             .field("srtt_us", &self.srtt_us)
             .field("probe_deadline", &self.probe_deadline)
             .field("probes", &self.probes)

@@ -1336,9 +1336,12 @@ struct Coverage {
     /// SACK blocks the guest got, and bytes its retransmissions skipped for them.
     sack_blocks: u64,
     sack_skipped: u64,
-    /// Bytes the flow sent again for the guest's SACK blocks, and tail-loss probes.
+    /// Bytes the flow sent again, by cause: the guest's SACK blocks, tail-loss probes (and,
+    /// to a guest without SACK, for their answers), three duplicate ACKs, timeouts.
     resent_for_sack: u64,
     tail_loss_probes: u64,
+    resent_for_dup_acks: u64,
+    resent_for_timeouts: u64,
     sim_seconds: u64,
 }
 
@@ -1374,6 +1377,8 @@ impl Coverage {
             sack_skipped,
             resent_for_sack,
             tail_loss_probes,
+            resent_for_dup_acks,
+            resent_for_timeouts,
             sim_seconds
         );
     }
@@ -1948,7 +1953,8 @@ impl Sim {
             match cause {
                 Resend::Sack => self.cov.resent_for_sack = bytes,
                 Resend::Probe => self.cov.tail_loss_probes = bytes,
-                Resend::DupAcks | Resend::Timeout => {}
+                Resend::DupAcks => self.cov.resent_for_dup_acks = bytes,
+                Resend::Timeout => self.cov.resent_for_timeouts = bytes,
             }
         }
         self.cov.sim_seconds = self.now / SEC;
@@ -2038,6 +2044,8 @@ fn sim_streams_arrive_once_and_in_order() {
             ("retransmissions that skipped SACKed data", c.sack_skipped),
             ("bytes sent again for the guest's SACK blocks", c.resent_for_sack),
             ("tail-loss probes", c.tail_loss_probes),
+            ("bytes sent again for three duplicate ACKs", c.resent_for_dup_acks),
+            ("bytes sent again at a timeout", c.resent_for_timeouts),
         ] {
             assert!(n > 0, "no run covered: {what}");
         }

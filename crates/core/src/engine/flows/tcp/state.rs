@@ -66,7 +66,8 @@
 //!     what was sent (`snd_max`), apart (not even touching) and in order.
 //! 14. What was sent again is marked within what is in flight: `snd_una <= high_resent <=
 //!     snd_max` (a mark left behind `snd_una` would seem to lie ahead 2 GiB later, and keep
-//!     the first loss from being resent).
+//!     the first loss from being resent), and so is the recovery point of a go-back-N:
+//!     `snd_una <= recover <= snd_max`.
 
 use usernet_wire::tcp::{seq_le, seq_lt};
 
@@ -239,6 +240,9 @@ impl<S: HostSocket> TcpFlow<S> {
         // 14.
         if !seq_le(self.snd_una, self.high_resent) || !seq_le(self.high_resent, self.snd_max) {
             fail("high_resent lies within what is in flight, from snd_una to snd_max");
+        }
+        if self.recover.is_some_and(|r| !seq_le(self.snd_una, r) || !seq_le(r, self.snd_max)) {
+            fail("recover lies within what is in flight, from snd_una to snd_max");
         }
         // 11.
         if let Some((peek_offset, queued)) = self.sock.inspect() {

@@ -1259,11 +1259,12 @@ fn a_guest_without_sack_gets_a_go_back_n_resend_for_three_duplicate_acks() {
 
 /// The last segments to a guest without SACK were lost: no duplicate ACK comes. The probe
 /// (the last byte) reaches the guest behind everything sent before it, so its answer, a
-/// single duplicate ACK or one that acknowledges only part, names the first byte lost, and
-/// everything from there goes again, long before the retransmission timer (200 ms).
+/// duplicate ACK, names the first byte lost, and everything from there goes again, long
+/// before the retransmission timer (200 ms). An ACK of new data is progress, not an
+/// answer (it may have left the guest before the probe reached it): the probe goes again.
 #[test]
 fn a_guest_without_sack_answers_a_probe_with_what_it_lost() {
-    for answer_acks_part in [false, true] {
+    for partial_ack_first in [false, true] {
         let now = Instant::now();
         let (mut f, mut sw, rec) = open_with(65535, false, now);
         let at = |n: u32| ISN + 1 + n * 1460;
@@ -1273,18 +1274,28 @@ fn a_guest_without_sack_answers_a_probe_with_what_it_lost() {
         // end of the one send that sent all five, so it is not measured yet.)
         let t = now + Duration::from_micros(100);
         assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(3), ACK, 65535), &[], t), Verdict::Keep);
-        let due = f.deadline().expect("a deadline");
+        let mut due = f.deadline().expect("a deadline");
         assert_eq!(due, t + Duration::from_millis(10), "the probe is due 10 ms after the ACK");
         assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
         assert_eq!(data_sent(&rec), [(5 * 1460 - 1, 1)], "the probe: the last byte");
-        // The answer: a duplicate ACK, or (the fourth segment arrived after all, and the
-        // guest had delayed its ACK) one that acknowledges the fourth only.
-        let (first_lost, again) =
-            if answer_acks_part { (4, vec![(4 * 1460, 1460)]) } else { (3, vec![(3 * 1460, 1460), (4 * 1460, 1460)]) };
+        let mut first_lost = 3;
+        if partial_ack_first {
+            // The fourth did arrive (the guest had delayed its ACK): progress, and later a
+            // second probe, whose answer names the fifth.
+            assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(4), ACK, 65535), &[], due), Verdict::Keep);
+            assert!(data_sent(&rec).is_empty());
+            due = f.deadline().expect("a deadline");
+            assert!(due < t + Duration::from_millis(30), "the probe goes again before the timer");
+            assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+            assert_eq!(data_sent(&rec), [(5 * 1460 - 1, 1)]);
+            first_lost = 4;
+        }
         let h = seg(GUEST_ISN + 1, at(first_lost), ACK, 65535);
         assert_eq!(f.on_segment(&mut sw, &h, &[], due), Verdict::Keep);
+        let again: Vec<(u32, usize)> = (first_lost..5).map(|n| (n * 1460, 1460)).collect();
         assert_eq!(data_sent(&rec), again, "everything from the byte the answer asks for");
-        assert_eq!(resent(&sw, Resend::Probe), 1 + (5 - u64::from(first_lost)) * 1460);
+        let probes = if partial_ack_first { 2 } else { 1 };
+        assert_eq!(resent(&sw, Resend::Probe), probes + (5 - u64::from(first_lost)) * 1460);
         assert_eq!(resent(&sw, Resend::DupAcks) + resent(&sw, Resend::Timeout), 0);
         assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(5), ACK, 65535), &[], due), Verdict::Keep);
         assert_eq!(f.sock.inspect(), Some((0, 0)));
@@ -1337,6 +1348,82 @@ fn a_guest_without_sack_is_probed_only_once_it_acknowledged_data() {
     assert!(due < t + Duration::from_millis(200), "a probe before the timer");
     assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
     assert_eq!(data_sent(&rec), [(100 + 3 * 1460 - 1, 1)], "the probe: the last byte");
+}
+
+/// Nothing was lost, but a guest without SACK was slow for longer than the probe waits:
+/// the ACKs it sent before the probe reached it come after the probe went, and are not
+/// taken for its answer (each acknowledges new data). Regression (found in review): the
+/// first of them made everything after it go again.
+#[test]
+fn acks_sent_before_the_probe_arrived_are_not_its_answer() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, false, now);
+    let at = |n: u32| ISN + 1 + 100 + n * 1460;
+    // A round trip of 100 us.
+    assert_eq!(host_writes(&mut f, &mut sw, &[1; 100], now), Verdict::Keep);
+    let t = now + Duration::from_micros(100);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 101, ACK, 65535), &[], t), Verdict::Keep);
+    assert_eq!(host_writes(&mut f, &mut sw, &[3; 8 * 1460], t), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 9);
+    let due = f.deadline().expect("a deadline");
+    assert_eq!(due, t + Duration::from_micros(2200));
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(100 + 8 * 1460 - 1, 1)], "the probe");
+    // The guest catches up, acknowledging every second segment, then answers the probe.
+    let t = due + Duration::from_micros(800);
+    for n in [2, 4, 6, 8, 8] {
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(n), ACK, 65535), &[], t), Verdict::Keep);
+    }
+    assert!(data_sent(&rec).is_empty(), "nothing was lost, nothing goes again");
+    assert_eq!(resent(&sw, Resend::Probe), 1);
+}
+
+/// After a go-back-N, duplicate ACKs do not count until the guest acknowledges beyond what
+/// had been sent then (RFC 6582's recovery point): the guest answers every byte it got
+/// twice with one, and three of them would send again, needlessly, all that went since.
+/// Regression (found in review): a probe's answer resent everything, then the late
+/// duplicate ACKs of the same hole did again, and the duplicate ACKs that the resent
+/// duplicates brought sent the new data again.
+#[test]
+fn duplicate_acks_after_a_go_back_n_send_nothing_more_until_it_is_acknowledged() {
+    let now = Instant::now();
+    let (mut f, mut sw, rec) = open_with(65535, false, now);
+    let at = |n: u32| ISN + 1 + 100 + n * 1460;
+    // (The guest acknowledged data before: it is probed.)
+    assert_eq!(host_writes(&mut f, &mut sw, &[1; 100], now), Verdict::Keep);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 101, ACK, 65535), &[], now), Verdict::Keep);
+    sent(&rec);
+    assert_eq!(host_writes(&mut f, &mut sw, &[3; 4 * 1460], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 4);
+    // The first is lost; the duplicate ACK for the second arrives in time.
+    let t = now + Duration::from_micros(100);
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(0), ACK, 65535), &[], t), Verdict::Keep);
+    let due = f.deadline().expect("a deadline");
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(100 + 4 * 1460 - 1, 1)], "the probe");
+    // Those for the third and fourth come late, then the probe's: one go-back-N.
+    for _ in 0..3 {
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(0), ACK, 65535), &[], due), Verdict::Keep);
+    }
+    assert_eq!(data_sent(&rec).len(), 4, "one go-back-N");
+    // The first resent segment fills the hole; the guest acknowledges all four, and new
+    // data goes. The other three reach the guest twice: three duplicate ACKs, at the
+    // recovery point, which send nothing.
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(4), ACK, 65535), &[], due), Verdict::Keep);
+    assert_eq!(host_writes(&mut f, &mut sw, &[4; 4 * 1460], due), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 4);
+    for _ in 0..3 {
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(4), ACK, 65535), &[], due), Verdict::Keep);
+    }
+    assert!(data_sent(&rec).is_empty(), "the new data is on its way behind the duplicates");
+    assert_eq!(resent(&sw, Resend::DupAcks), 0);
+    // Past the recovery point, three duplicate ACKs go back N again: the sixth was lost.
+    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(5), ACK, 65535), &[], due), Verdict::Keep);
+    for _ in 0..3 {
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(5), ACK, 65535), &[], due), Verdict::Keep);
+    }
+    assert_eq!(data_sent(&rec), [(100 + 5 * 1460, 1460), (100 + 6 * 1460, 1460), (100 + 7 * 1460, 1460)]);
+    assert_eq!(resent(&sw, Resend::DupAcks), 3 * 1460);
 }
 
 /// Four segments sent to a guest with SACK, which lists the last three: the first, alone,
