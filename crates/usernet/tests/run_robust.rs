@@ -955,33 +955,16 @@ fn an_upload_that_loses_frames_recovers_by_sack() {
 fn a_download_that_loses_frames_recovers_by_sack() {
     require(&["dnsmasq", "curl", "python3", "sha256sum", "nft"]);
     const SIZE: usize = 32 << 20;
-    let dns = DnsUpstream::start();
     let (_files, http, want) = serve_random_file("sack-down-files", "d", SIZE);
-    let dir = TempDir::new("sack-down");
-    let sock = dir.join("api.sock");
-    let out =
-        Usernet::new(&dns).args(&["--mtu", "1500", "--api"]).arg(&sock).timeout(Duration::from_secs(150)).sh(&format!(
-            "nft add table inet lossy && \
-             nft add chain inet lossy in '{{ type filter hook input priority 0; }}' && \
-             nft add rule inet lossy in iifname eth0 meta l4proto tcp 'tcp flags & syn == 0' \
-               numgen random mod 100 '<' 5 counter drop || echo setup-failed
-             timeout 100 curl -sS http://{HOST_IP}:{port}/d | sha256sum | sed 's/^/got /'
-             nft list chain inet lossy in | grep -o 'counter packets [0-9]*' | sed 's/^counter packets/dropped/'
-             curl -sS -m 10 --unix-socket {sock} http://usernet/metrics | grep '^usernet_tcp_resent_bytes_total'",
-            port = http.port,
-            sock = sock.display(),
-        ));
-    out.assert_ok();
-    assert!(!out.stdout.contains("setup-failed"), "{out}");
+    let out = downloads_losing_frames(
+        "sack-down",
+        &["--mtu", "1500"],
+        "",
+        &format!("timeout 100 curl -sS http://{HOST_IP}:{port}/d | sha256sum | sed 's/^/got /'", port = http.port),
+    );
     assert!(out.stdout.lines().any(|l| l == format!("got {want}  -")), "the download is not whole: {out}");
-    let count = |key: &str| {
-        out.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {key}: {out}"))
-    };
-    assert!(count("dropped ") >= 5.0, "frames were lost on the way: {out}");
-    let resent = |cause: &str| count(&format!("usernet_tcp_resent_bytes_total{{cause=\"{cause}\"}} "));
+    assert!(count(&out, "dropped ") >= 5.0, "frames were lost on the way: {out}");
+    let resent = |cause: &str| count(&out, &format!("usernet_tcp_resent_bytes_total{{cause=\"{cause}\"}} "));
     assert!(resent("sack") > 0.0, "nothing was resent for SACK blocks: {out}");
     let all = resent("sack") + resent("probe") + resent("dup_acks") + resent("timeout");
     assert!(all < (SIZE / 4) as f64, "{all} bytes resent for a {SIZE}-byte download: {out}");
@@ -1000,36 +983,55 @@ fn a_download_that_loses_frames_recovers_by_sack() {
 fn downloads_to_a_guest_without_sack_find_lost_tails_by_probes() {
     require(&["dnsmasq", "curl", "python3", "sha256sum", "nft"]);
     const COUNT: usize = 100;
-    let dns = DnsUpstream::start();
     let (_files, http, want) = serve_random_file("nosack-down-files", "d", 256 << 10);
-    let dir = TempDir::new("nosack-down");
+    let out = downloads_losing_frames(
+        "nosack-down",
+        &[],
+        "echo 0 > /proc/sys/net/ipv4/tcp_sack",
+        &format!(
+            "for i in $(seq {COUNT}); do timeout 20 curl -sS http://{HOST_IP}:{port}/d | sha256sum; done | \
+               sort | uniq -c | sed 's/^ */sums /'",
+            port = http.port
+        ),
+    );
+    assert!(out.stdout.lines().any(|l| l == format!("sums {COUNT} {want}  -")), "not every download is whole: {out}");
+    assert!(count(&out, "dropped ") >= 5.0, "frames were lost on the way: {out}");
+    let resent = |cause: &str| count(&out, &format!("usernet_tcp_resent_bytes_total{{cause=\"{cause}\"}} "));
+    assert_eq!(resent("sack"), 0.0, "SACK blocks from a guest without SACK: {out}");
+    assert!(resent("probe") > 0.0, "no lost tail was found by a probe: {out}");
+}
+
+/// Runs `usernet run ARGS --api SOCKET` whose guest, after `setup` (if any), drops five
+/// in a hundred of usernet's TCP frames to it in its input hook (SYNs spared), runs
+/// `downloads`, and then prints `dropped N` (frames the hook dropped) and usernet's
+/// `usernet_tcp_resent_bytes_total` counters (read over the API socket). Asserts that the
+/// setup worked and usernet exited cleanly.
+fn downloads_losing_frames(tag: &str, args: &[&str], setup: &str, downloads: &str) -> Output {
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new(tag);
     let sock = dir.join("api.sock");
-    let out = Usernet::new(&dns).args(&["--api"]).arg(&sock).timeout(Duration::from_secs(150)).sh(&format!(
-        "echo 0 > /proc/sys/net/ipv4/tcp_sack && \
-         nft add table inet lossy && \
+    let setup = if setup.is_empty() { String::new() } else { format!("{setup} && ") };
+    let out = Usernet::new(&dns).args(args).arg("--api").arg(&sock).timeout(Duration::from_secs(150)).sh(&format!(
+        "{setup}nft add table inet lossy && \
          nft add chain inet lossy in '{{ type filter hook input priority 0; }}' && \
          nft add rule inet lossy in iifname eth0 meta l4proto tcp 'tcp flags & syn == 0' \
            numgen random mod 100 '<' 5 counter drop || echo setup-failed
-         for i in $(seq {COUNT}); do timeout 20 curl -sS http://{HOST_IP}:{port}/d | sha256sum; done | \
-           sort | uniq -c | sed 's/^ */sums /'
+         {downloads}
          nft list chain inet lossy in | grep -o 'counter packets [0-9]*' | sed 's/^counter packets/dropped/'
          curl -sS -m 10 --unix-socket {sock} http://usernet/metrics | grep '^usernet_tcp_resent_bytes_total'",
-        port = http.port,
         sock = sock.display(),
     ));
     out.assert_ok();
     assert!(!out.stdout.contains("setup-failed"), "{out}");
-    assert!(out.stdout.lines().any(|l| l == format!("sums {COUNT} {want}  -")), "not every download is whole: {out}");
-    let count = |key: &str| {
-        out.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {key}: {out}"))
-    };
-    assert!(count("dropped ") >= 5.0, "frames were lost on the way: {out}");
-    let resent = |cause: &str| count(&format!("usernet_tcp_resent_bytes_total{{cause=\"{cause}\"}} "));
-    assert_eq!(resent("sack"), 0.0, "SACK blocks from a guest without SACK: {out}");
-    assert!(resent("probe") > 0.0, "no lost tail was found by a probe: {out}");
+    out
+}
+
+/// The number on the line of `out`'s standard output that starts with `key`.
+fn count(out: &Output, key: &str) -> f64 {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {key}: {out}"))
 }
 
 /// Uploads `size` random bytes from the guest to a server on the host with curl, after the
