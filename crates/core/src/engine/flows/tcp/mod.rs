@@ -115,9 +115,12 @@
 //! which offers no SACK, and resets any segment but one at the first byte after the
 //! handshake while our ACK of it was dropped (`arm_probe`). An ACK of new data after a probe may have left the
 //! guest before the probe reached it: it is progress, not an answer. After a go-back-N,
-//! duplicate ACKs do not count until the guest acknowledges beyond what had been sent
-//! then (`recover`, RFC 6582's recovery point): the guest answers every byte it gets twice
-//! with one, and three would send everything since again. The retransmission timer
+//! duplicate ACKs do not count toward three until the guest acknowledges beyond what had
+//! been sent then (`recover`, RFC 6582's recovery point; an ACK of exactly that much
+//! keeps it): the guest answers every byte it gets twice with one, and three would send
+//! everything since again. (One still answers a probe: a guest slower than the probe's
+//! wait may send such a duplicate ACK after the probe went, and the go-back-N it brings
+//! is needless; a real loss would otherwise wait for the timer.) The retransmission timer
 //! (exponential backoff, from 200 ms) goes back N in any case, forgetting the guest's
 //! blocks (a guest may drop what it listed). `usernet_tcp_resent_bytes_total` counts what went
 //! again, by cause. A zero window is probed with one byte

@@ -1401,7 +1401,9 @@ fn duplicate_acks_after_a_go_back_n_send_nothing_more_until_it_is_acknowledged()
     let due = f.deadline().expect("a deadline");
     assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
     assert_eq!(data_sent(&rec), [(100 + 4 * 1460 - 1, 1)], "the probe");
-    // Those for the third and fourth come late, then the probe's: one go-back-N.
+    // Those for the third and fourth come late, then the probe's. The first of them is
+    // taken for the answer (it cannot be told from it; the hole is real either way): one
+    // go-back-N, and the others do not count.
     for _ in 0..3 {
         assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(0), ACK, 65535), &[], due), Verdict::Keep);
     }
