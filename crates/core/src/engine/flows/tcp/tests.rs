@@ -1257,6 +1257,22 @@ fn a_guest_without_sack_gets_a_go_back_n_resend_for_three_duplicate_acks() {
     assert_eq!(resent(&sw, Resend::DupAcks), 4 * 1460);
 }
 
+/// `segments` full segments sent to a guest without SACK at `now`, of which it acknowledges
+/// the first `acked` (at least one: `arm_probe`) 100 us later; then the tail-loss probe
+/// goes: the last byte. Returns the flow and when the probe went.
+fn probed_without_sack(segments: u32, acked: u32, now: Instant) -> (TcpFlow<ModelSocket>, Switch, Recorder, Instant) {
+    let (mut f, mut sw, rec) = open_with(65535, false, now);
+    let len = segments as usize * 1460;
+    assert_eq!(host_writes(&mut f, &mut sw, &vec![3; len], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), segments as usize);
+    let h = seg(GUEST_ISN + 1, ISN + 1 + acked * 1460, ACK, 65535);
+    assert_eq!(f.on_segment(&mut sw, &h, &[], now + Duration::from_micros(100)), Verdict::Keep);
+    let due = f.deadline().expect("a deadline");
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(len as u32 - 1, 1)], "the probe: the last byte");
+    (f, sw, rec, due)
+}
+
 /// The last segments to a guest without SACK were lost: no duplicate ACK comes. The probe
 /// (the last byte) reaches the guest behind everything sent before it, so its answer, a
 /// duplicate ACK, names the first byte lost, and everything from there goes again, long
@@ -1266,18 +1282,12 @@ fn a_guest_without_sack_gets_a_go_back_n_resend_for_three_duplicate_acks() {
 fn a_guest_without_sack_answers_a_probe_with_what_it_lost() {
     for partial_ack_first in [false, true] {
         let now = Instant::now();
-        let (mut f, mut sw, rec) = open_with(65535, false, now);
         let at = |n: u32| ISN + 1 + n * 1460;
-        assert_eq!(host_writes(&mut f, &mut sw, &[3; 5 * 1460], now), Verdict::Keep);
-        assert_eq!(data_sent(&rec).len(), 5);
         // The first three arrive, the last two are lost. (The round trip is timed by the
         // end of the one send that sent all five, so it is not measured yet.)
+        let (mut f, mut sw, rec, mut due) = probed_without_sack(5, 3, now);
         let t = now + Duration::from_micros(100);
-        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, at(3), ACK, 65535), &[], t), Verdict::Keep);
-        let mut due = f.deadline().expect("a deadline");
         assert_eq!(due, t + Duration::from_millis(10), "the probe is due 10 ms after the ACK");
-        assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
-        assert_eq!(data_sent(&rec), [(5 * 1460 - 1, 1)], "the probe: the last byte");
         let mut first_lost = 3;
         if partial_ack_first {
             // The fourth did arrive (the guest had delayed its ACK): progress, and later a
