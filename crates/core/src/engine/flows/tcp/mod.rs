@@ -110,10 +110,10 @@
 //! duplicate ACK that answers a probe: the probe came behind all that was sent, so the
 //! byte that answer asks for was lost (RFC 8985's probe relies on SACK to tell what its
 //! answer means, as on a path that reorders a single duplicate ACK proves nothing; a
-//! guest's queue does not reorder). Such a guest is probed only once it has acknowledged
-//! data of ours: a guest listener whose queue is full answers our SYN with a SYN cookie,
-//! which offers no SACK, and resets any segment but one at the first byte after the
-//! handshake while our ACK of it was dropped (`arm_probe`). An ACK of new data after a probe may have left the
+//! guest's queue does not reorder). One that does not scale its window either is probed
+//! only once it has acknowledged data of ours: a guest listener whose queue is full
+//! answers our SYN with a SYN cookie, which offers neither, and resets any segment but one
+//! at the first byte after the handshake while our ACK of it was dropped (`arm_probe`). An ACK of new data after a probe may have left the
 //! guest before the probe reached it: it is progress, not an answer. After a go-back-N,
 //! duplicate ACKs do not count toward three until the guest acknowledges beyond what had
 //! been sent then (`recover`, RFC 6582's recovery point; an ACK of exactly that much
@@ -1815,15 +1815,16 @@ impl<S: HostSocket> TcpFlow<S> {
     }
 
     /// Arms the tail-loss probe while data is in flight (and fewer than `PROBES_MAX` probes
-    /// went unanswered). A guest without SACK is probed only once it has acknowledged data
-    /// of ours: until then its listener may hold our connection as a SYN cookie (a SYN-ACK
-    /// of a cookie offers no SACK when the SYN had no timestamps, and ours has none), which
-    /// only a segment at the first byte after the handshake opens, while any other segment
-    /// is answered with a reset. The retransmission timer resends from that byte.
+    /// went unanswered). A guest that neither takes SACK nor scales its window is probed
+    /// only once it has acknowledged data of ours: until then it may be a listener holding
+    /// our connection as a SYN cookie (a cookie keeps neither when the SYN had no
+    /// timestamps, and ours has none), which only a segment at the first byte after the
+    /// handshake opens, while any other segment is answered with a reset. The
+    /// retransmission timer resends from that byte.
     fn arm_probe(&mut self, now: Instant) {
         let in_flight = self.snd_max.wrapping_sub(self.snd_una);
         self.probe_deadline = (in_flight != 0
-            && (self.sack_ok || self.traffic.to_guest != 0)
+            && (self.sack_ok || self.guest_wscale != 0 || self.traffic.to_guest != 0)
             && self.to_guest != ToGuest::SynUnacked
             && self.probes < PROBES_MAX
             // (Not a shut window's probe byte: the retransmission timer probes it.)

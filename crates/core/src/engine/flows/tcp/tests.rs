@@ -1329,10 +1329,11 @@ fn a_guest_without_sack_answers_a_probe_with_what_it_lost() {
 /// guest's listener, its queue full, answered our SYN with a SYN cookie (which offers no
 /// SACK to a SYN without timestamps) and dropped our ACK of it: only a segment at the
 /// first byte after the handshake then opens the connection, and the probe (the last
-/// byte) got a reset instead. Until the guest acknowledges data of ours, it is not
-/// probed: the retransmission timer sends from the first byte.
+/// byte) got a reset instead. Until a guest that neither takes SACK nor scales its window
+/// (as a cookie's SYN-ACK offers neither) acknowledges data of ours, it is not probed: the
+/// retransmission timer sends from the first byte.
 #[test]
-fn a_guest_without_sack_is_probed_only_once_it_acknowledged_data() {
+fn a_guest_without_sack_or_window_scaling_is_probed_only_once_it_acknowledged_data() {
     let now = Instant::now();
     let (mut sw, rec) = switch(1500, false);
     let sock = ModelSocket::new(1 << 20, 1 << 20);
@@ -1358,6 +1359,19 @@ fn a_guest_without_sack_is_probed_only_once_it_acknowledged_data() {
     assert!(due < t + Duration::from_millis(200), "a probe before the timer");
     assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
     assert_eq!(data_sent(&rec), [(100 + 3 * 1460 - 1, 1)], "the probe: the last byte");
+    // A guest without SACK that scales its window answered no cookie: probed at once.
+    let (mut sw, rec) = switch(1500, false);
+    let sock = ModelSocket::new(1 << 20, 1 << 20);
+    let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
+    synack.window_scale = Some(7);
+    assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+    sent(&rec);
+    assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], now), Verdict::Keep);
+    assert_eq!(data_sent(&rec).len(), 3);
+    let due = f.deadline().expect("a deadline");
+    assert!(due < now + Duration::from_millis(200), "a probe before the timer");
+    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+    assert_eq!(data_sent(&rec), [(3 * 1460 - 1, 1)], "the probe: the last byte");
 }
 
 /// Nothing was lost, but a guest without SACK was slow for longer than the probe waits:
