@@ -113,8 +113,9 @@
 //! guest's queue does not reorder). One that does not scale its window either is probed
 //! only once it has acknowledged data of ours: a guest listener whose queue is full
 //! answers our SYN with a SYN cookie, which offers neither, and resets any segment but one
-//! at the first byte after the handshake while our ACK of it was dropped (`arm_probe`). An ACK of new data after a probe may have left the
-//! guest before the probe reached it: it is progress, not an answer. After a go-back-N,
+//! at the first byte after the handshake while our ACK of it was dropped (`arm_probe`).
+//! An ACK of new data after a probe may have left the guest before the probe reached it:
+//! it is progress, not an answer. After a go-back-N,
 //! duplicate ACKs do not count toward three until the guest acknowledges beyond what had
 //! been sent then (`recover`, RFC 6582's recovery point; an ACK of exactly that much
 //! keeps it): the guest answers every byte it gets twice with one, and three would send
@@ -256,9 +257,9 @@ const DEFAULT_MSS: u32 = 536;
 /// it can offer, as Linux's senders keep to half the largest window seen
 /// (`tcp_bound_to_half_wnd`). A Linux guest offers a window in multiples of the largest
 /// segment it got when it does not scale: after one of 64 KiB (its MSS on a TAP of MTU
-/// 65520), its window stayed shut although its reader had taken everything. Such a guest
-/// is one whose listener answered with a SYN cookie, which without timestamps (we send
-/// none) keeps neither window scaling nor SACK.
+/// 65520), its window stayed shut although its reader had taken everything. A guest
+/// listener that answers with a SYN cookie is one such guest: without timestamps (we send
+/// none) a cookie keeps neither window scaling nor SACK.
 const UNSCALED_SEGMENT_MAX: u32 = u16::MAX as u32 / 2;
 
 /// What the engine should do with the flow after an event.
