@@ -788,13 +788,15 @@ fn published_port_with_two_engine_threads() {
 }
 
 /// A guest whose listener answers with SYN cookies (`net.ipv4.tcp_syncookies` 2; Linux
-/// sends them when its queue of half-open connections is full). A cookie without
-/// timestamps keeps neither window scaling nor SACK, and while the listener's accept queue
+/// sends them when its queue of half-open connections is full). A cookie keeps window
+/// scaling and SACK only in the timestamp it echoes, and while the listener's accept queue
 /// is full it drops the ACK that would open the connection, so only a segment at the
 /// first byte after the handshake opens it later. Eight clients from another address, at
 /// once, to a listener of backlog 1 that accepts only after a second: each gets its 1 MB
-/// echoed whole (sha256). Before, usernet's 64 KiB segments shut such a guest's unscaled
-/// window for good (seven of eight stalled).
+/// echoed whole (sha256), and each accepted socket has timestamps, SACK and window
+/// scaling (TCP_INFO's options, as usernet's SYN carries timestamps). Before, usernet's
+/// 64 KiB segments shut such a guest's unscaled window for good (seven of eight stalled),
+/// and its probes of the last byte got the cookie's connection reset.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn published_port_to_a_guest_answering_with_syn_cookies() {
@@ -810,7 +812,9 @@ fn published_port_to_a_guest_answering_with_syn_cookies() {
                   s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
                   s.bind(('0.0.0.0', 80)); s.listen(1); print('READY', flush=True); time.sleep(1)\n\
                   def echo(c):\n    while d := c.recv(65536): c.sendall(d)\n    c.close()\n\
-                  while True: threading.Thread(target=echo, args=(s.accept()[0],)).start()\n";
+                  while True:\n    c = s.accept()[0]\n\
+                  \x20   print('OPTIONS', c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[5], flush=True)\n\
+                  \x20   threading.Thread(target=echo, args=(c,)).start()\n";
     let script = format!("echo 2 > /proc/sys/net/ipv4/tcp_syncookies && exec timeout 90 python3 -c \"{server}\"");
     let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:80")], &["sh", "-c", &script]);
     bg.wait_line("READY", READY_LIMIT);
@@ -824,6 +828,9 @@ fn published_port_to_a_guest_answering_with_syn_cookies() {
     let out = peer.exec(&["sh", "-c", &clients]);
     let hashes = hex_hashes(&out.stdout);
     assert!(hashes.len() == 8 && hashes.iter().all(|h| *h == want), "{out}\n{}", bg.describe());
+    // tcpi_options: 1 timestamps, 2 SACK, 4 window scaling.
+    let options = bg.lines_with("OPTIONS");
+    assert!(options.len() == 8 && options.iter().all(|l| l == "OPTIONS 7"), "{options:?}\n{}", bg.describe());
     bg.stop();
 }
 

@@ -1,5 +1,5 @@
 //! TCP headers (RFC 9293) with the options usernet uses: MSS, window scale, SACK-permitted
-//! and SACK blocks (RFC 2018).
+//! and SACK blocks (RFC 2018), timestamps (RFC 7323).
 
 use std::net::IpAddr;
 
@@ -8,11 +8,17 @@ use super::{PROTO_TCP, be16, be32, put16, put32};
 
 pub const HEADER_LEN: usize = 20;
 /// The largest header usernet emits: 20 bytes and 40 of options (an ACK with four SACK
-/// blocks takes 36 of them: two NOPs, the option's kind and length, 32 bytes of edges; a SYN
-/// takes 12: MSS, window scale and SACK-permitted, each padded to 4).
+/// blocks takes 36 of them: two NOPs, the option's kind and length, 32 bytes of edges; one
+/// with timestamps and three blocks, 40; a SYN takes 24: MSS, window scale, SACK-permitted
+/// and timestamps, each padded to a multiple of 4).
 pub const MAX_EMIT_LEN: usize = HEADER_LEN + 40;
 /// The most SACK blocks an option carries when no timestamps take room (RFC 2018 section 3).
 pub const MAX_SACK_BLOCKS: usize = 4;
+/// The most SACK blocks beside timestamps (RFC 2018 section 3).
+pub const MAX_SACK_BLOCKS_WITH_TIMESTAMPS: usize = 3;
+/// What the timestamps option takes of a header, with its two NOPs of padding (RFC 7323
+/// appendix A's layout, which Linux's fast path expects).
+pub const TIMESTAMPS_LEN: usize = 12;
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -34,6 +40,9 @@ pub struct TcpHeader {
     pub sack_permitted: bool,
     /// The SACK option's blocks (RFC 2018): data held beyond the ACK.
     pub sack: SackBlocks,
+    /// The timestamps option (RFC 7323): the sender's clock (TSval) and the timestamp it
+    /// echoes (TSecr).
+    pub timestamps: Option<(u32, u32)>,
 }
 
 /// Up to [`MAX_SACK_BLOCKS`] SACK blocks, each the sequence numbers of its first byte and of
@@ -107,6 +116,7 @@ impl TcpHeader {
                         (2, 4) => h.mss = Some(be16(opts, 2)),
                         (3, 3) => h.window_scale = Some(opts[2].min(14)),
                         (4, 2) => h.sack_permitted = true,
+                        (8, 10) => h.timestamps = Some((be32(opts, 2), be32(opts, 6))),
                         (5, _) if (len - 2).is_multiple_of(8) => {
                             h.sack = SackBlocks::default();
                             for block in opts[2..len].chunks_exact(8) {
@@ -128,6 +138,7 @@ impl TcpHeader {
             + if self.mss.is_some() { 4 } else { 0 }
             + if self.window_scale.is_some() { 4 } else { 0 }
             + if self.sack_permitted { 4 } else { 0 }
+            + if self.timestamps.is_some() { TIMESTAMPS_LEN } else { 0 }
             + self.sack.emit_len()
     }
 
@@ -161,6 +172,12 @@ impl TcpHeader {
         if self.sack_permitted {
             buf[at..at + 4].copy_from_slice(&[1, 1, 4, 2]);
             at += 4;
+        }
+        if let Some((val, ecr)) = self.timestamps {
+            buf[at..at + 4].copy_from_slice(&[1, 1, 8, 10]);
+            put32(buf, at + 4, val);
+            put32(buf, at + 8, ecr);
+            at += TIMESTAMPS_LEN;
         }
         if !self.sack.is_empty() {
             let blocks = self.sack.as_slice();
@@ -224,6 +241,7 @@ mod tests {
             window_scale: Some(7),
             sack_permitted: true,
             sack: SackBlocks::default(),
+            timestamps: Some((0x8000_0001, 7)),
         };
         let hl = h.emit_len();
         let mut b = vec![0u8; hl + 5];
@@ -264,7 +282,13 @@ mod tests {
         assert_eq!(h.mss, Some(65480));
         assert_eq!(h.window_scale, Some(7));
         assert!(h.sack_permitted);
+        assert_eq!(h.timestamps, Some((1, 0)));
         assert!(payload.is_empty());
+        // A timestamps option of the wrong length is ignored, and what follows it still read.
+        b[20..40].copy_from_slice(&[2, 4, 0xff, 0xc8, 4, 2, 8, 9, 0, 0, 0, 1, 0, 0, 0, 1, 1, 3, 3, 7]);
+        let (h, _) = TcpHeader::parse(&b).unwrap();
+        assert_eq!(h.timestamps, None);
+        assert_eq!(h.mss, Some(65480));
         // A bad option length stops option parsing without failing the segment.
         b[21] = 0;
         assert!(TcpHeader::parse(&b).is_some());
@@ -289,6 +313,34 @@ mod tests {
             assert!(payload.is_empty());
             let e = etherparse::TcpHeaderSlice::from_slice(&b).unwrap().to_header();
             assert_eq!(e.calc_checksum_ipv4_raw(src.octets(), dst.octets(), &[]).unwrap(), e.checksum);
+        }
+    }
+
+    #[test]
+    fn timestamps_beside_three_sack_blocks_fill_the_largest_header() {
+        let src = Ipv4Addr::new(192, 168, 65, 254);
+        let dst = Ipv4Addr::new(192, 168, 65, 2);
+        let mut h = TcpHeader { src_port: 80, dst_port: 40000, seq: 1, ack: 2, flags: ACK, ..Default::default() };
+        h.timestamps = Some((u32::MAX, 0x0102_0304));
+        for i in 0..MAX_SACK_BLOCKS_WITH_TIMESTAMPS as u32 {
+            h.sack.push(100 * i + 10, 100 * i + 50);
+        }
+        assert_eq!(h.emit_len(), MAX_EMIT_LEN);
+        let mut b = vec![0u8; h.emit_len() + 3];
+        b[h.emit_len()..].copy_from_slice(b"abc");
+        h.emit(&mut b, 3, src.into(), dst.into());
+        let (p, payload) = TcpHeader::parse(&b).unwrap();
+        assert_eq!(p, h);
+        assert_eq!(payload, b"abc");
+        let e = etherparse::TcpHeaderSlice::from_slice(&b).unwrap().to_header();
+        assert_eq!(e.calc_checksum_ipv4_raw(src.octets(), dst.octets(), b"abc").unwrap(), e.checksum);
+        assert!(
+            e.options_iterator()
+                .any(|o| matches!(o, Ok(etherparse::TcpOptionElement::Timestamp(u32::MAX, 0x0102_0304))))
+        );
+        // Cut anywhere inside its header, the segment is refused.
+        for n in 0..h.emit_len() {
+            assert!(TcpHeader::parse(&b[..n]).is_none());
         }
     }
 

@@ -42,7 +42,8 @@ use usernet_wire::{BROADCAST_MAC, Mac, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROT
 /// Where the transport header (TCP, UDP, ICMP, ICMPv6) starts in the frame buffer, for
 /// either IP family (see the top of this file).
 pub const L4_OFF: usize = ethernet::HEADER_LEN + ipv6::HEADER_LEN;
-/// Where a data segment's payload starts in the frame buffer (no TCP options on data).
+/// Where a data segment's payload starts in the frame buffer, when the segment carries no
+/// TCP options; with timestamps, `TIMESTAMPS_LEN` further (see `TcpFlow::payload_off`).
 pub const TCP_PAYLOAD_OFF: usize = L4_OFF + usernet_wire::tcp::HEADER_LEN;
 /// Where a UDP payload starts in the frame buffer.
 pub const UDP_PAYLOAD_OFF: usize = L4_OFF + udp::HEADER_LEN;
@@ -326,20 +327,23 @@ impl Switch {
         MAX_GSO_PAYLOAD
     }
 
-    /// Sends TCP data (payload at TCP_PAYLOAD_OFF, up to [`Self::max_tcp_data`] bytes) as
-    /// segments of at most `mss` bytes: one offloaded frame that the guest's kernel splits
-    /// when the guest's link offloads, else one frame per segment, cut here. So a flow reads
-    /// its socket once for 64 KiB, not once per segment.
+    /// Sends TCP data (payload right behind the header `hdr` makes, at TCP_PAYLOAD_OFF when
+    /// it has no options, up to [`Self::max_tcp_data`] bytes less its options) as segments
+    /// of at most `mss` bytes: one offloaded frame that the guest's kernel splits when the
+    /// guest's link offloads, else one frame per segment, cut here. So a flow reads its
+    /// socket once for 64 KiB, not once per segment.
     pub fn send_tcp_data(&mut self, from: SocketAddr, to: SocketAddr, hdr: &TcpHeader, payload_len: usize, mss: usize) {
         let v6 = to.is_ipv6();
         if !self.offloads_to(to.ip()) {
-            let mss = mss.clamp(1, self.max_tcp_payload(v6));
+            let options = hdr.emit_len() - usernet_wire::tcp::HEADER_LEN;
+            let mss = mss.clamp(1, self.max_tcp_payload(v6) - options);
+            let start = TCP_PAYLOAD_OFF + options;
             let mut off = 0;
             loop {
                 let n = (payload_len - off).min(mss);
                 if off > 0 {
                     // Move this segment to the front of the payload area, over bytes sent.
-                    self.buf.copy_within(TCP_PAYLOAD_OFF + off..TCP_PAYLOAD_OFF + off + n, TCP_PAYLOAD_OFF);
+                    self.buf.copy_within(start + off..start + off + n, start);
                 }
                 let last = off + n == payload_len;
                 let h = TcpHeader {

@@ -110,11 +110,11 @@
 //! duplicate ACK that answers a probe: the probe came behind all that was sent, so the
 //! byte that answer asks for was lost (RFC 8985's probe relies on SACK to tell what its
 //! answer means, as on a path that reorders a single duplicate ACK proves nothing; a
-//! guest's queue does not reorder). One that does not scale its window either is probed
-//! only once it has acknowledged data of ours: a guest listener whose queue is full
-//! answers our SYN with a SYN cookie, which offers neither, and resets any segment but one
-//! at the first byte after the handshake while our ACK of it was dropped (`arm_probe`).
-//! An ACK of new data after a probe may have left the guest before the probe reached it:
+//! guest's queue does not reorder). A guest listener (a published port's) that has
+//! acknowledged none of our data is probed with everything again from our first byte
+//! instead: one whose queue is full answers our SYN with a SYN cookie, drops our ACK of
+//! it and what follows, and resets any segment but one at the first byte after the
+//! handshake (`send_probe`). An ACK of new data after a probe may have left the guest before the probe reached it:
 //! it is progress, not an answer. After a go-back-N,
 //! duplicate ACKs do not count toward three until the guest acknowledges beyond what had
 //! been sent then (`recover`, RFC 6582's recovery point; an ACK of exactly that much
@@ -130,6 +130,16 @@
 //! for in flight (our ACKs keep within the shut window, which a guest holds them to), and
 //! goes first when the window opens. Segments to a guest that does not scale its window
 //! are at most half the largest window it can offer (`UNSCALED_SEGMENT_MAX`).
+//!
+//! Timestamps (RFC 7323): when the guest's SYN offers them (Linux's does), and on every
+//! published port's SYN, each segment to the guest carries our clock (`ts_clock`:
+//! milliseconds since the flow began, from the ISN) and echoes the TSval of the guest's
+//! latest segment at or before what we last acknowledged (`ts_recent`). The flow uses
+//! them for nothing itself (`timed` measures its round trip); the guest does: for its
+//! round-trip samples after a retransmission, to undo a needless one, and to keep window
+//! scaling and SACK in a SYN cookie, which Linux holds only in the timestamp it echoes.
+//! Segments then carry 12 bytes less of data (`send_mss`), behind a longer header
+//! (`payload_off`), and an ACK three SACK blocks at most.
 //!
 //! Closing: guest FIN becomes shutdown(SHUT_WR) once all its data reached the socket
 //! (`ToHost::FinHeld`, then `ToHost::Shut`), or the close(2) that ends the flow when our own
@@ -157,7 +167,9 @@ use std::time::{Duration, Instant};
 use crate::engine::dial::TcpDial;
 use crate::engine::metrics::{Limit, Resend};
 use crate::engine::switch::{Switch, TCP_PAYLOAD_OFF, Unreachable};
-use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, SackBlocks, TcpHeader, seq_le, seq_lt};
+use usernet_wire::tcp::{
+    ACK, FIN, MAX_SACK_BLOCKS_WITH_TIMESTAMPS, PSH, RST, SYN, SackBlocks, TIMESTAMPS_LEN, TcpHeader, seq_le, seq_lt,
+};
 use usernet_wire::{PROTO_TCP, put16, put32};
 
 pub use socket::{HostSocket, KernelSocket};
@@ -258,8 +270,8 @@ const DEFAULT_MSS: u32 = 536;
 /// (`tcp_bound_to_half_wnd`). A Linux guest offers a window in multiples of the largest
 /// segment it got when it does not scale: after one of 64 KiB (its MSS on a TAP of MTU
 /// 65520), its window stayed shut although its reader had taken everything. A guest
-/// listener that answers with a SYN cookie is one such guest: without timestamps (we send
-/// none) a cookie keeps neither window scaling nor SACK.
+/// listener that answers with a SYN cookie is one such guest unless it takes timestamps: a
+/// cookie keeps window scaling and SACK only in the timestamp it echoes.
 const UNSCALED_SEGMENT_MAX: u32 = u16::MAX as u32 / 2;
 
 /// What the engine should do with the flow after an event.
@@ -286,6 +298,10 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// out `CONNECT_TIMEOUT` after it).
     pub born: Instant,
     phase: Phase,
+    /// We sent the SYN (a published port's connection): the guest is the listener, which
+    /// may hold the connection as a SYN cookie until a segment at our first byte comes
+    /// (`send_probe`).
+    we_opened: bool,
     to_host: ToHost,
     to_guest: ToGuest,
 
@@ -315,6 +331,17 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     /// gap are kept (`sack_blocks`), so that it resends only what is missing, and the
     /// guest's blocks tell us the same about our data (`sacked`).
     sack_ok: bool,
+    /// Both ends offered timestamps (RFC 7323): the guest's TSval to echo in every segment
+    /// we send (TS.Recent: taken from a segment at or before what we last acknowledged, so
+    /// a delayed ACK echoes the first segment it covers, and a resend's answer the resend),
+    /// or None without. Each segment then carries our clock, `ts_clock`.
+    ts_recent: Option<u32>,
+    /// Our timestamp clock at the last entry point: milliseconds since the flow began, from
+    /// `ts_offset`.
+    ts_clock: u32,
+    /// Where our timestamp clock starts: our ISN, a keyed hash (RFC 7323 section 5.4: no
+    /// clock shared between connections).
+    ts_offset: u32,
     /// What the guest's SACK blocks said arrived of our data beyond `snd_una`: ranges of
     /// sequence numbers, apart and in order, within what was sent, at most `SACKED_MAX`.
     /// Forgotten at a retransmission timeout (a guest may drop what it listed). (Boxed:
@@ -487,6 +514,7 @@ impl<S: HostSocket> TcpFlow<S> {
         f.guest_wscale = guest_wscale;
         f.our_wscale = our_wscale;
         f.sack_ok = syn.sack_permitted;
+        f.ts_recent = syn.timestamps.map(|(val, _)| val);
         f.mss = mss;
         let _ = f.sock.set_peek_offset(0);
         let v = if connected { f.connected(switch, now) } else { Verdict::Keep };
@@ -530,6 +558,7 @@ impl<S: HostSocket> TcpFlow<S> {
             sock,
             born: now,
             phase,
+            we_opened: phase == Phase::SynSent,
             to_host: ToHost::Open,
             to_guest: ToGuest::SynUnacked,
             guest_isn: 0,
@@ -544,6 +573,9 @@ impl<S: HostSocket> TcpFlow<S> {
             guest_wscale: 0,
             our_wscale: OUR_WSCALE,
             sack_ok: false,
+            ts_recent: None,
+            ts_clock: isn,
+            ts_offset: isn,
             mss: DEFAULT_MSS,
             dup_acks: 0,
             sacked: None,
@@ -795,8 +827,26 @@ impl<S: HostSocket> TcpFlow<S> {
             ack: self.ack_number(),
             flags,
             window: self.window_field(),
+            timestamps: self.ts_recent.map(|recent| (self.ts_clock, recent)),
             ..Default::default()
         }
+    }
+
+    /// Where the payload of a data segment goes in the frame buffer: behind its header,
+    /// which carries timestamps if the flow has them (and never SACK blocks).
+    fn payload_off(&self) -> usize {
+        TCP_PAYLOAD_OFF + self.options_len()
+    }
+
+    /// What the options of a data segment take: the timestamps, when the flow has them.
+    fn options_len(&self) -> usize {
+        if self.ts_recent.is_some() { TIMESTAMPS_LEN } else { 0 }
+    }
+
+    /// Moves our timestamp clock to `now` (at every entry point that has the time; one that
+    /// was missed only leaves an older value, never a smaller one than before).
+    fn tick(&mut self, now: Instant) {
+        self.ts_clock = self.ts_offset.wrapping_add(now.saturating_duration_since(self.born).as_millis() as u32);
     }
 
     /// Sends a segment without data. Unless it is a SYN or a FIN, its sequence number is
@@ -848,6 +898,7 @@ impl<S: HostSocket> TcpFlow<S> {
         h.mss = Some(switch.max_tcp_payload(self.remote.is_ipv6()).min(u16::MAX as usize) as u16);
         h.window_scale = Some(OUR_WSCALE);
         h.sack_permitted = true;
+        h.timestamps = Some((self.ts_clock, 0));
         h.window = RECV_BUF.min(u16::MAX as usize) as u16;
         switch.send_tcp(self.remote, self.guest, &h, 0);
     }
@@ -907,6 +958,7 @@ impl<S: HostSocket> TcpFlow<S> {
             }
         }
         self.sack_ok = h.sack_permitted;
+        self.ts_recent = h.timestamps.map(|(val, _)| val);
         self.mss = send_mss(switch, self.remote, h);
         self.wnd_edge = h.ack.wrapping_add(h.window as u32);
         self.snd_una = h.ack;
@@ -928,6 +980,7 @@ impl<S: HostSocket> TcpFlow<S> {
     /// Sends the ACK owed to the guest, unless it may wait for data to ride on (then
     /// `ack_deadline`, set when the data came, bounds the wait).
     pub fn flush_ack(&mut self, switch: &mut Switch, now: Instant) {
+        self.tick(now);
         self.flush_ack_inner(switch, now);
         self.checked(Verdict::Keep);
     }
@@ -998,6 +1051,7 @@ impl<S: HostSocket> TcpFlow<S> {
         now: Instant,
     ) -> Verdict {
         self.traffic.last = now;
+        self.tick(now);
         let v = self.socket_ready(switch, readable, writable, error, now);
         self.checked(v)
     }
@@ -1074,6 +1128,7 @@ impl<S: HostSocket> TcpFlow<S> {
     /// A segment from the guest for this flow.
     pub fn on_segment(&mut self, switch: &mut Switch, h: &TcpHeader, payload: &[u8], now: Instant) -> Verdict {
         self.traffic.last = now;
+        self.tick(now);
         let v = self.segment_in(switch, h, payload, now);
         self.checked(v)
     }
@@ -1112,6 +1167,13 @@ impl<S: HostSocket> TcpFlow<S> {
                 }
             }
             return Verdict::Keep;
+        }
+        if let (Some(recent), Some((val, _))) = (self.ts_recent, h.timestamps)
+            && seq_le(h.seq, self.acked_rcv)
+            && seq_le(recent, val)
+        {
+            // RFC 7323 section 4.3: what the next segment echoes.
+            self.ts_recent = Some(val);
         }
         if self.phase == Phase::Connecting || !h.has(ACK) {
             return Verdict::Keep;
@@ -1441,7 +1503,8 @@ impl<S: HostSocket> TcpFlow<S> {
 
     /// The SACK blocks of an ACK to the guest: none unless both ends offered SACK and
     /// segments after a gap are kept. The block that holds the segment which came last goes
-    /// first (RFC 2018 section 4), then the lowest others, up to four. Only what is kept
+    /// first (RFC 2018 section 4), then the lowest others, up to four (three beside
+    /// timestamps). Only what is kept
     /// is reported, and it stays kept until passed on (dropped only with the guest's FIN
     /// taken, when it lies beyond it), so a guest never waits on data it was told arrived.
     fn sack_blocks(&self) -> SackBlocks {
@@ -1454,8 +1517,9 @@ impl<S: HostSocket> TcpFlow<S> {
         if let Some(last) = self.kept_ranges().find(holds_last) {
             sack.push(last.0, last.1);
         }
+        let most = if self.ts_recent.is_some() { MAX_SACK_BLOCKS_WITH_TIMESTAMPS } else { usize::MAX };
         for range in self.kept_ranges().filter(|r| !holds_last(r)) {
-            if !sack.push(range.0, range.1) {
+            if sack.as_slice().len() >= most || !sack.push(range.0, range.1) {
                 break;
             }
         }
@@ -1610,6 +1674,7 @@ impl<S: HostSocket> TcpFlow<S> {
     /// Writes the guest data gathered during the engine's round (the ACK follows with the
     /// other owed ACKs).
     pub fn write_gathered(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+        self.tick(now);
         let v = if !self.host_writable {
             Verdict::Keep
         } else if self.may_hold(now) {
@@ -1736,7 +1801,7 @@ impl<S: HostSocket> TcpFlow<S> {
                 }
                 break;
             }
-            let mut room = ((wnd - in_flight) as usize).min(switch.max_tcp_data());
+            let mut room = ((wnd - in_flight) as usize).min(switch.max_tcp_data() - self.options_len());
             if resending {
                 // Not into what the guest listed (`skip_sacked` took us past what holds
                 // snd_nxt, so the next block is ahead).
@@ -1745,7 +1810,8 @@ impl<S: HostSocket> TcpFlow<S> {
                     room = room.min(left.wrapping_sub(nxt) as usize);
                 }
             }
-            let buf = &mut switch.buf()[TCP_PAYLOAD_OFF..TCP_PAYLOAD_OFF + room];
+            let at = self.payload_off();
+            let buf = &mut switch.buf()[at..at + room];
             match self.sock.peek(buf) {
                 Ok(0) => {
                     if self.to_guest == ToGuest::Open {
@@ -1816,16 +1882,10 @@ impl<S: HostSocket> TcpFlow<S> {
     }
 
     /// Arms the tail-loss probe while data is in flight (and fewer than `PROBES_MAX` probes
-    /// went unanswered). A guest that neither takes SACK nor scales its window is probed
-    /// only once it has acknowledged data of ours: until then it may be a listener holding
-    /// our connection as a SYN cookie (a cookie keeps neither when the SYN had no
-    /// timestamps, and ours has none), which only a segment at the first byte after the
-    /// handshake opens, while any other segment is answered with a reset. The
-    /// retransmission timer resends from that byte.
+    /// went unanswered).
     fn arm_probe(&mut self, now: Instant) {
         let in_flight = self.snd_max.wrapping_sub(self.snd_una);
         self.probe_deadline = (in_flight != 0
-            && (self.sack_ok || self.guest_wscale != 0 || self.traffic.to_guest != 0)
             && self.to_guest != ToGuest::SynUnacked
             && self.probes < PROBES_MAX
             // (Not a shut window's probe byte: the retransmission timer probes it.)
@@ -1864,6 +1924,14 @@ impl<S: HostSocket> TcpFlow<S> {
             // was lost too. It goes again (the answers to the probe would list only what
             // was listed already).
             self.resend_lost(now);
+        } else if self.we_opened && self.traffic.to_guest == 0 {
+            // The guest listens, and acknowledged none of our data: it may hold us as a SYN
+            // cookie, having dropped our ACK of its SYN-ACK and all since while its accept
+            // queue was full. Only a segment at our first byte then opens the connection;
+            // any other it answers with a reset. So everything goes again from there, as
+            // the retransmission timer would send it. (A lost first flight goes again so
+            // too, and a guest that only delayed its ACK gets it twice.)
+            self.rewind(Resend::Probe);
         } else {
             self.resend_until = None;
             self.resend_cause = Resend::Probe;
@@ -1901,6 +1969,7 @@ impl<S: HostSocket> TcpFlow<S> {
 
     /// The connect timeout, a delayed ACK, or the retransmission timer.
     pub fn on_timer(&mut self, switch: &mut Switch, now: Instant) -> Verdict {
+        self.tick(now);
         let v = self.timer(switch, now);
         self.checked(v)
     }
@@ -2061,9 +2130,12 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
 }
 
 /// The largest segment to send a guest, from its SYN (or SYN-ACK) `syn`: the MSS it
-/// offers, within the link's MTU, and `UNSCALED_SEGMENT_MAX` unless it scales its window.
+/// offers, within the link's MTU, less the timestamps every segment then carries (as
+/// Linux's `tcp_current_mss` does: the MSS counts the header without options), and
+/// `UNSCALED_SEGMENT_MAX` unless it scales its window.
 fn send_mss(switch: &Switch, remote: SocketAddr, syn: &TcpHeader) -> u32 {
     let mss = syn.mss.map_or(DEFAULT_MSS, u32::from).clamp(64, switch.max_tcp_payload(remote.is_ipv6()) as u32);
+    let mss = if syn.timestamps.is_some() { mss - TIMESTAMPS_LEN as u32 } else { mss };
     if syn.window_scale.is_some() { mss } else { mss.min(UNSCALED_SEGMENT_MAX) }
 }
 

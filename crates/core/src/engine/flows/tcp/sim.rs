@@ -343,6 +343,8 @@ struct Scenario {
     /// The guest offers SACK, and when the flow agrees, resends none of what the flow's
     /// SACK blocks say arrived.
     guest_sack: bool,
+    /// The guest offers timestamps (RFC 7323).
+    guest_timestamps: bool,
 }
 
 impl Scenario {
@@ -421,10 +423,12 @@ impl Scenario {
             host_reset_at,
             host_answers_after_eof: false,
             guest_sack: false,
+            guest_timestamps: false,
         };
         // Drawn last, so that every other choice of a seed stays what it was.
         sc.host_answers_after_eof = r.chance(0.25);
         sc.guest_sack = r.chance(0.5);
+        sc.guest_timestamps = r.chance(0.5);
         sc
     }
 
@@ -459,6 +463,12 @@ struct Guest {
     sack: bool,
     /// Both ends offered SACK.
     sack_ok: bool,
+    /// Offers timestamps.
+    ts: bool,
+    /// Both ends offered timestamps: every segment carries them, each way.
+    ts_ok: bool,
+    /// The flow's newest TSval (what our segments echo), and whether one came yet.
+    ts_recent: Option<u32>,
     /// What the flow's SACK blocks said arrived, beyond `snd_una`: ranges of sequence
     /// numbers, apart and in order. Kept until acknowledged, even across a retransmission
     /// timeout, so a block for data the flow does not hold would stall the run.
@@ -549,6 +559,9 @@ impl Guest {
             closed_port: sc.connect == Connect::GuestRefuses,
             sack: sc.guest_sack,
             sack_ok: false,
+            ts: sc.guest_timestamps,
+            ts_ok: false,
+            ts_recent: None,
             sacked: Vec::new(),
             sack_blocks_got: 0,
             sack_skipped: 0,
@@ -673,6 +686,10 @@ impl Guest {
     fn emit(&mut self, now: u64, mut h: TcpHeader, data: &[u8], keepalive: bool) {
         if h.has(ACK) && !h.has(SYN) {
             h.window = self.window_field();
+        }
+        // Our clock in milliseconds (Linux's), from an offset near the wrap.
+        if self.ts_ok || (self.ts && h.has(SYN)) {
+            h.timestamps = Some((((now / MS) as u32).wrapping_add(u32::MAX - 5000), self.ts_recent.unwrap_or(0)));
         }
         self.out.push(Pkt::Tcp { h, data: data.to_vec(), keepalive, stray: false });
         self.last_send = now;
@@ -823,6 +840,27 @@ impl Guest {
         }
     }
 
+    /// Timestamps on a segment from the flow (not a RST, which may go without): on every
+    /// one once both ends agreed (its SYN always offers them), never otherwise; what it
+    /// echoes is a TSval of ours, none from the future. Keeps the flow's newest TSval to
+    /// echo. (That the flow's clock never goes back is checked as it sends, `Sim::ship`:
+    /// the network may reorder.)
+    fn check_timestamps(&mut self, h: &TcpHeader) {
+        if h.has(RST) {
+            return;
+        }
+        let agreed = self.ts_ok || (h.has(SYN) && (!h.has(ACK) || self.ts));
+        assert_eq!(h.timestamps.is_some(), agreed, "timestamps on a segment iff agreed: {h:?}");
+        let Some((val, ecr)) = h.timestamps else { return };
+        if self.ts_recent.is_none_or(|recent| seq_lt(recent, val)) {
+            self.ts_recent = Some(val);
+        }
+        if h.has(ACK) {
+            let ours_now = ((self.last_send / MS) as u32).wrapping_add(u32::MAX - 5000);
+            assert!(seq_le(ecr, ours_now), "echoed {ecr}, beyond our clock {ours_now}");
+        }
+    }
+
     /// Checks data the flow sent at `seq` against the host's bytes.
     fn check_content(&self, seq: u32, data: &[u8], fin: bool) {
         let off = seq.wrapping_sub(self.irs.wrapping_add(1)) as usize;
@@ -866,6 +904,7 @@ impl Guest {
             }
             return;
         }
+        self.check_timestamps(&h);
         if h.has(RST) {
             let accept = match self.st {
                 GState::SynSent => h.has(ACK) && h.ack == self.iss.wrapping_add(1),
@@ -905,7 +944,9 @@ impl Guest {
                     assert!(h.mss.is_some(), "a SYN-ACK without MSS");
                     assert_eq!(h.window_scale.is_some(), self.wscale.is_some(), "window scaling offered back");
                     assert_eq!(h.sack_permitted, self.sack, "SACK offered back when the guest offers it");
+                    assert_eq!(h.timestamps.is_some(), self.ts, "timestamps offered back when the guest offers them");
                     self.sack_ok = h.sack_permitted;
+                    self.ts_ok = self.ts;
                     self.irs = h.seq;
                     self.rcv_nxt = h.seq.wrapping_add(1);
                     if let (Some(ours), Some(theirs)) = (self.wscale, h.window_scale) {
@@ -926,7 +967,9 @@ impl Guest {
                 }
                 GState::Listen if !h.has(ACK) => {
                     assert!(h.sack_permitted, "the flow's SYN offers SACK");
+                    assert!(h.timestamps.is_some(), "the flow's SYN offers timestamps");
                     self.sack_ok = self.sack;
+                    self.ts_ok = self.ts;
                     self.irs = h.seq;
                     self.rcv_nxt = h.seq.wrapping_add(1);
                     let scales = h.window_scale.is_some() && self.wscale.is_some();
@@ -1336,6 +1379,8 @@ struct Coverage {
     /// SACK blocks the guest got, and bytes its retransmissions skipped for them.
     sack_blocks: u64,
     sack_skipped: u64,
+    /// Runs where both ends agreed on timestamps.
+    timestamps: u64,
     /// Bytes the flow sent again, by cause: the guest's SACK blocks, tail-loss probes (and,
     /// to a guest without SACK, for their answers), three duplicate ACKs, timeouts.
     resent_for_sack: u64,
@@ -1375,6 +1420,7 @@ impl Coverage {
             flow_gave_up,
             sack_blocks,
             sack_skipped,
+            timestamps,
             resent_for_sack,
             tail_loss_probes,
             resent_for_dup_acks,
@@ -1397,6 +1443,9 @@ struct Sim {
     ended: Option<Ended>,
     /// The highest acknowledgement number of the guest's segments that reached the flow.
     acked_to_flow: Option<u32>,
+    /// The flow's newest TSval sent: its clock never goes back (a guest drops a segment
+    /// whose timestamp is older than one it took: RFC 7323's PAWS).
+    flow_ts: Option<u32>,
     /// The guest's challenge ACKs (RFC 5961, for a RST in its window but not at rcv_nxt)
     /// that the network lost: the RST that would have answered one never comes.
     lost_challenges: u64,
@@ -1448,6 +1497,7 @@ impl Sim {
             dead: None,
             ended: None,
             acked_to_flow: None,
+            flow_ts: None,
             lost_challenges: 0,
             created: false,
             timers: BinaryHeap::new(),
@@ -1521,6 +1571,12 @@ impl Sim {
                 }
                 if !h.has(SYN) {
                     assert!(h.has(ACK) || h.has(RST), "a segment without ACK: {h:?}");
+                }
+                if let Some((val, _)) = h.timestamps {
+                    if let Some(last) = self.flow_ts {
+                        assert!(seq_le(last, val), "the flow's timestamp went back from {last} to {val}");
+                    }
+                    self.flow_ts = Some(val);
                 }
             }
             self.to_guest.send(&mut self.r, self.now, p);
@@ -1948,6 +2004,7 @@ impl Sim {
         self.cov.out_of_order = g.ooo_segments;
         self.cov.challenge_acks = g.challenge_acks;
         self.cov.sack_blocks = g.sack_blocks_got;
+        self.cov.timestamps = u64::from(g.ts_ok);
         self.cov.sack_skipped = g.sack_skipped;
         for (cause, bytes) in self.switch.counters.resent_bytes() {
             match cause {
@@ -2041,6 +2098,7 @@ fn sim_streams_arrive_once_and_in_order() {
             ("keep-alives answered", c.keepalives_answered),
             ("out of order", c.out_of_order),
             ("SACK blocks", c.sack_blocks),
+            ("timestamps", c.timestamps),
             ("retransmissions that skipped SACKed data", c.sack_skipped),
             ("bytes sent again for the guest's SACK blocks", c.resent_for_sack),
             ("tail-loss probes", c.tail_loss_probes),

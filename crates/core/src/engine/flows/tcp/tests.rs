@@ -1325,53 +1325,170 @@ fn a_guest_without_sack_answers_a_probe_with_what_it_lost() {
     assert_eq!(resent(&sw, Resend::Probe), 1);
 }
 
-/// Regression: a published port's connection to a guest without SACK was reset. The
-/// guest's listener, its queue full, answered our SYN with a SYN cookie (which offers no
-/// SACK to a SYN without timestamps) and dropped our ACK of it: only a segment at the
-/// first byte after the handshake then opens the connection, and the probe (the last
-/// byte) got a reset instead. Until a guest that neither takes SACK nor scales its window
-/// (as a cookie's SYN-ACK offers neither) acknowledges data of ours, it is not probed: the
-/// retransmission timer sends from the first byte.
+/// A guest listener (a published port's connection) that has acknowledged none of our data
+/// may hold us as a SYN cookie: its accept queue was full, so it dropped our ACK of its
+/// SYN-ACK and the data after it, and it resets any segment but one at our first byte. The
+/// probe then sends everything again from the first byte, never the last byte alone, with
+/// or without SACK and window scaling (a cookie keeps both when the SYN had timestamps, as
+/// ours has). Once the guest has acknowledged data, a lost tail is probed with its last
+/// byte. Regression: the probe of the last byte got the cookie's connection reset.
 #[test]
-fn a_guest_without_sack_or_window_scaling_is_probed_only_once_it_acknowledged_data() {
+fn a_guest_listener_that_acknowledged_nothing_is_probed_from_the_first_byte() {
+    for options in [false, true] {
+        let now = Instant::now();
+        let (mut sw, rec) = switch(1500, false);
+        let sock = ModelSocket::new(1 << 20, 1 << 20);
+        let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
+        let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
+        synack.mss = Some(1460);
+        if options {
+            synack.sack_permitted = true;
+            synack.window_scale = Some(7);
+        }
+        assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+        sent(&rec);
+        assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], now), Verdict::Keep);
+        assert_eq!(data_sent(&rec), [(0, 1460), (1460, 1460), (2920, 1460)]);
+        let due = f.deadline().expect("a deadline");
+        assert!(due < now + Duration::from_millis(200), "a probe before the timer");
+        assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+        assert_eq!(data_sent(&rec), [(0, 1460), (1460, 1460), (2920, 1460)], "all again, from the first byte");
+        assert_eq!(resent(&sw, Resend::Probe), 3 * 1460);
+        // The guest opened the connection with the first segment and took the rest.
+        let t = due + Duration::from_micros(100);
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 3 * 1460, ACK, 65535), &[], t), Verdict::Keep);
+        // Now a lost tail is probed with its last byte.
+        assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], t), Verdict::Keep);
+        assert_eq!(data_sent(&rec).len(), 3);
+        let due = f.deadline().expect("a deadline");
+        assert!(due < t + Duration::from_millis(200), "a probe before the timer");
+        assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
+        assert_eq!(data_sent(&rec), [(6 * 1460 - 1, 1)], "the probe: the last byte");
+    }
+    // A guest that opened the connection (it is no listener) is probed with the last byte
+    // before it acknowledged any data.
     let now = Instant::now();
-    let (mut sw, rec) = switch(1500, false);
-    let sock = ModelSocket::new(1 << 20, 1 << 20);
-    let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
-    let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
-    synack.mss = Some(1460);
-    assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
-    sent(&rec);
-    assert_eq!(host_writes(&mut f, &mut sw, &[7; 100], now), Verdict::Keep);
-    assert_eq!(data_sent(&rec), [(0, 100)]);
-    let due = f.deadline().expect("a deadline");
-    assert!(due >= now + Duration::from_millis(200), "only the retransmission timer, not a probe");
-    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
-    assert_eq!(data_sent(&rec), [(0, 100)], "all of it again, from the first byte");
-    assert_eq!(resent(&sw, Resend::Probe), 0);
-    // Once the guest acknowledged data, a lost tail is probed.
-    let t = due + Duration::from_micros(100);
-    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 101, ACK, 65535), &[], t), Verdict::Keep);
-    assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], t), Verdict::Keep);
-    assert_eq!(data_sent(&rec).len(), 3);
-    assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 101 + 1460, ACK, 65535), &[], t), Verdict::Keep);
-    let due = f.deadline().expect("a deadline");
-    assert!(due < t + Duration::from_millis(200), "a probe before the timer");
-    assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
-    assert_eq!(data_sent(&rec), [(100 + 3 * 1460 - 1, 1)], "the probe: the last byte");
-    // A guest without SACK that scales its window answered no cookie: probed at once.
-    let (mut sw, rec) = switch(1500, false);
-    let sock = ModelSocket::new(1 << 20, 1 << 20);
-    let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
-    synack.window_scale = Some(7);
-    assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
-    sent(&rec);
+    let (mut f, mut sw, rec) = open(65535, now);
     assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], now), Verdict::Keep);
     assert_eq!(data_sent(&rec).len(), 3);
     let due = f.deadline().expect("a deadline");
-    assert!(due < now + Duration::from_millis(200), "a probe before the timer");
     assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
     assert_eq!(data_sent(&rec), [(3 * 1460 - 1, 1)], "the probe: the last byte");
+}
+
+/// Timestamps (RFC 7323), when the guest's SYN offers them: the SYN-ACK echoes its TSval,
+/// and every segment after carries our clock (milliseconds, never going back) and the
+/// TSval of the guest's latest segment at or before what we acknowledged (so not one that
+/// came after a gap). Data segments make room for them: 12 bytes less of the guest's MSS,
+/// the bytes whole.
+#[test]
+fn timestamps_go_on_every_segment_once_the_guest_offers_them() {
+    let now = Instant::now();
+    let (mut sw, rec) = switch(1500, false);
+    let mut syn = seg(GUEST_ISN, 0, SYN, 65535);
+    syn.mss = Some(1460);
+    syn.timestamps = Some((100, 0));
+    let sock = ModelSocket::new(1 << 20, 1 << 20);
+    let (mut f, v) = TcpFlow::outbound(&mut sw, guest(), remote(), &syn, sock, true, ISN, now);
+    assert_eq!(v, Verdict::Keep);
+    let out = sent(&rec);
+    let (val, ecr) = out[0].0.timestamps.expect("the SYN-ACK has timestamps");
+    assert_eq!(ecr, 100);
+    let mut ack = seg(GUEST_ISN + 1, ISN + 1, ACK, 65535);
+    ack.timestamps = Some((101, val));
+    assert_eq!(f.on_segment(&mut sw, &ack, &[], now), Verdict::Keep);
+    let t = now + Duration::from_millis(5);
+    let data: Vec<u8> = (0..3000).map(|i| (i % 251) as u8).collect();
+    assert_eq!(host_writes(&mut f, &mut sw, &data, t), Verdict::Keep);
+    let out = sent(&rec);
+    assert_eq!(out.iter().map(|(_, d)| d.len()).collect::<Vec<_>>(), [1448, 1448, 104]);
+    assert_eq!(out.iter().flat_map(|(_, d)| d.iter().copied()).collect::<Vec<_>>(), data);
+    for (h, _) in &out {
+        assert_eq!(h.timestamps, Some((val + 5, 101)));
+    }
+    // A segment after a gap: its TSval is not echoed (it is not what we acknowledge).
+    let mut late = seg(GUEST_ISN + 11, ISN + 3001, ACK, 65535);
+    late.timestamps = Some((300, val + 5));
+    assert_eq!(f.on_segment(&mut sw, &late, b"0123456789", t), Verdict::Keep);
+    let out = sent(&rec);
+    assert_eq!(out[0].0.ack, GUEST_ISN + 1);
+    assert_eq!(out[0].0.timestamps, Some((val + 5, 101)));
+    // The one that fills the gap is, newer than 101.
+    let mut fill = seg(GUEST_ISN + 1, ISN + 3001, ACK, 65535);
+    fill.timestamps = Some((301, val + 5));
+    let t = t + Duration::from_millis(1);
+    assert_eq!(f.on_segment(&mut sw, &fill, b"abcdefghij", t), Verdict::Keep);
+    assert_eq!(end_of_round(&mut f, &mut sw, t), Verdict::Keep);
+    let out = sent(&rec);
+    assert_eq!(out.last().unwrap().0.ack, GUEST_ISN + 21);
+    assert_eq!(out.last().unwrap().0.timestamps, Some((val + 6, 301)));
+    // An older TSval (a retransmission from before) is not taken.
+    let mut old = seg(GUEST_ISN + 1, ISN + 3001, ACK, 65535);
+    old.timestamps = Some((250, val + 5));
+    assert_eq!(f.on_segment(&mut sw, &old, b"abcdefghij", t), Verdict::Keep);
+    let out = sent(&rec);
+    assert_eq!(out.last().unwrap().0.timestamps, Some((val + 6, 301)));
+}
+
+/// A published port's SYN offers timestamps; the guest's SYN-ACK decides: echoed when it
+/// has them, and none on any segment after when it has not.
+#[test]
+fn a_published_ports_syn_offers_timestamps_and_the_guest_decides() {
+    for guest_takes in [true, false] {
+        let now = Instant::now();
+        let (mut sw, rec) = switch(1500, false);
+        let sock = ModelSocket::new(1 << 20, 1 << 20);
+        let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
+        let syn = sent(&rec);
+        let (val, ecr) = syn[0].0.timestamps.expect("our SYN offers timestamps");
+        assert_eq!(ecr, 0);
+        let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
+        synack.mss = Some(1460);
+        synack.window_scale = Some(7);
+        if guest_takes {
+            synack.timestamps = Some((77, val));
+        }
+        assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+        assert_eq!(host_writes(&mut f, &mut sw, &[1; 2000], now), Verdict::Keep);
+        let out = sent(&rec);
+        assert_eq!(out[0].0.ack, GUEST_ISN + 1, "the ACK of the SYN-ACK");
+        if guest_takes {
+            assert!(out.iter().all(|(h, _)| h.timestamps == Some((val, 77))), "{out:?}");
+            assert_eq!(out.iter().map(|(_, d)| d.len()).collect::<Vec<_>>(), [0, 1448, 552]);
+        } else {
+            assert!(out.iter().all(|(h, _)| h.timestamps.is_none()), "{out:?}");
+            assert_eq!(out.iter().map(|(_, d)| d.len()).collect::<Vec<_>>(), [0, 1460, 540]);
+        }
+    }
+}
+
+/// Beside timestamps an ACK has room for three SACK blocks (40 bytes of options), not four.
+#[test]
+fn sack_blocks_beside_timestamps_are_at_most_three() {
+    let now = Instant::now();
+    let (mut sw, rec) = switch(1500, false);
+    let mut syn = seg(GUEST_ISN, 0, SYN, 65535);
+    syn.mss = Some(1460);
+    syn.sack_permitted = true;
+    syn.timestamps = Some((1, 0));
+    let sock = ModelSocket::new(1 << 20, 1 << 20);
+    let (mut f, _) = TcpFlow::outbound(&mut sw, guest(), remote(), &syn, sock, true, ISN, now);
+    let val = sent(&rec)[0].0.timestamps.unwrap().0;
+    let at = |off: u32| GUEST_ISN + 1 + off;
+    let mut last = None;
+    for off in [0, 1000, 3000, 5000, 7000, 9000] {
+        let mut h = seg(at(off), ISN + 1, ACK, 65535);
+        h.timestamps = Some((2, val));
+        if off == 0 {
+            assert_eq!(f.on_segment(&mut sw, &h, &[], now), Verdict::Keep);
+            continue;
+        }
+        assert_eq!(f.on_segment(&mut sw, &h, &[5; 1000], now), Verdict::Keep);
+        last = sent(&rec).pop();
+    }
+    let (h, _) = last.unwrap();
+    assert_eq!(h.sack.as_slice(), [(at(9000), at(10000)), (at(1000), at(2000)), (at(3000), at(4000))]);
+    assert!(h.timestamps.is_some());
 }
 
 /// Nothing was lost, but a guest without SACK was slow for longer than the probe waits:
