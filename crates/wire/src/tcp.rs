@@ -288,7 +288,7 @@ mod tests {
         b[20..40].copy_from_slice(&[2, 4, 0xff, 0xc8, 4, 2, 8, 9, 0, 0, 0, 1, 0, 0, 0, 1, 1, 3, 3, 7]);
         let (h, _) = TcpHeader::parse(&b).unwrap();
         assert_eq!(h.timestamps, None);
-        assert_eq!(h.mss, Some(65480));
+        assert_eq!((h.mss, h.window_scale), (Some(65480), Some(7)));
         // A bad option length stops option parsing without failing the segment.
         b[21] = 0;
         assert!(TcpHeader::parse(&b).is_some());

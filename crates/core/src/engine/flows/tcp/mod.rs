@@ -111,10 +111,10 @@
 //! byte that answer asks for was lost (RFC 8985's probe relies on SACK to tell what its
 //! answer means, as on a path that reorders a single duplicate ACK proves nothing; a
 //! guest's queue does not reorder). A guest listener (a published port's) that has
-//! acknowledged none of our data is probed with everything again from our first byte
-//! instead: one whose queue is full answers our SYN with a SYN cookie, drops our ACK of
-//! it and what follows, and resets any segment but one at the first byte after the
-//! handshake (`send_probe`). An ACK of new data after a probe may have left the guest before the probe reached it:
+//! acknowledged none of our data gets one segment at a time (`push`), and is probed with
+//! that first segment again: one whose queue is full answers our SYN with a SYN cookie,
+//! drops our ACK of it and what follows, and resets any segment but one at the first byte
+//! after the handshake (`send_probe`). An ACK of new data after a probe may have left the guest before the probe reached it:
 //! it is progress, not an answer. After a go-back-N,
 //! duplicate ACKs do not count toward three until the guest acknowledges beyond what had
 //! been sent then (`recover`, RFC 6582's recovery point; an ACK of exactly that much
@@ -1801,13 +1801,26 @@ impl<S: HostSocket> TcpFlow<S> {
                 }
                 break;
             }
+            // A guest listener that has acknowledged none of our data gets one segment at a
+            // time: it may hold us as a SYN cookie, dropping all while its accept queue is
+            // full, and a segment that is not at our first byte it answers with a reset.
+            let opening = self.we_opened && self.traffic.to_guest == 0;
+            if opening && in_flight != 0 && !resending {
+                break;
+            }
             let mut room = ((wnd - in_flight) as usize).min(switch.max_tcp_data() - self.options_len());
+            if opening {
+                room = room.min(self.mss as usize);
+            }
             if resending {
                 // Not into what the guest listed (`skip_sacked` took us past what holds
-                // snd_nxt, so the next block is ahead).
+                // snd_nxt, so the next block is ahead), nor past where this resend stops.
                 let nxt = self.snd_nxt;
                 if let Some(&(left, _)) = self.sacked().iter().find(|&&(left, _)| seq_lt(nxt, left)) {
                     room = room.min(left.wrapping_sub(nxt) as usize);
+                }
+                if let Some(until) = self.resend_until.filter(|&until| seq_lt(nxt, until)) {
+                    room = room.min(until.wrapping_sub(nxt) as usize);
                 }
             }
             let at = self.payload_off();
@@ -1924,14 +1937,18 @@ impl<S: HostSocket> TcpFlow<S> {
             // was lost too. It goes again (the answers to the probe would list only what
             // was listed already).
             self.resend_lost(now);
-        } else if self.we_opened && self.traffic.to_guest == 0 {
+        } else if self.we_opened && self.traffic.to_guest == 0 && self.sent_data_end() != self.snd_una {
             // The guest listens, and acknowledged none of our data: it may hold us as a SYN
             // cookie, having dropped our ACK of its SYN-ACK and all since while its accept
             // queue was full. Only a segment at our first byte then opens the connection;
-            // any other it answers with a reset. So everything goes again from there, as
-            // the retransmission timer would send it. (A lost first flight goes again so
-            // too, and a guest that only delayed its ACK gets it twice.)
-            self.rewind(Resend::Probe);
+            // any other it answers with a reset. So the first segment goes again, alone
+            // (what follows it would be reset while the queue is still full); once the
+            // guest acknowledges it, the rest is probed as any tail.
+            self.resend_cause = Resend::Probe;
+            let segment = self.mss.min(self.sent_data_end().wrapping_sub(self.snd_una));
+            self.resend_until = Some(self.snd_una.wrapping_add(segment));
+            self.seek(self.snd_una);
+            self.probed = None;
         } else {
             self.resend_until = None;
             self.resend_cause = Resend::Probe;

@@ -469,6 +469,8 @@ struct Guest {
     ts_ok: bool,
     /// The flow's newest TSval (what our segments echo), and whether one came yet.
     ts_recent: Option<u32>,
+    /// Every TSval we sent: the flow may echo only these.
+    ts_sent: std::collections::HashSet<u32>,
     /// What the flow's SACK blocks said arrived, beyond `snd_una`: ranges of sequence
     /// numbers, apart and in order. Kept until acknowledged, even across a retransmission
     /// timeout, so a block for data the flow does not hold would stall the run.
@@ -562,6 +564,7 @@ impl Guest {
             ts: sc.guest_timestamps,
             ts_ok: false,
             ts_recent: None,
+            ts_sent: std::collections::HashSet::new(),
             sacked: Vec::new(),
             sack_blocks_got: 0,
             sack_skipped: 0,
@@ -689,7 +692,9 @@ impl Guest {
         }
         // Our clock in milliseconds (Linux's), from an offset near the wrap.
         if self.ts_ok || (self.ts && h.has(SYN)) {
-            h.timestamps = Some((((now / MS) as u32).wrapping_add(u32::MAX - 5000), self.ts_recent.unwrap_or(0)));
+            let val = ((now / MS) as u32).wrapping_add(u32::MAX - 5000);
+            self.ts_sent.insert(val);
+            h.timestamps = Some((val, self.ts_recent.unwrap_or(0)));
         }
         self.out.push(Pkt::Tcp { h, data: data.to_vec(), keepalive, stray: false });
         self.last_send = now;
@@ -842,8 +847,7 @@ impl Guest {
 
     /// Timestamps on a segment from the flow (not a RST, which may go without): on every
     /// one once both ends agreed (its SYN always offers them), never otherwise; what it
-    /// echoes is a TSval of ours, none from the future. Keeps the flow's newest TSval to
-    /// echo. (That the flow's clock never goes back is checked as it sends, `Sim::ship`:
+    /// echoes is a TSval we sent. Keeps the flow's newest TSval to echo. (That the flow's clock never goes back is checked as it sends, `Sim::ship`:
     /// the network may reorder.)
     fn check_timestamps(&mut self, h: &TcpHeader) {
         if h.has(RST) {
@@ -856,8 +860,7 @@ impl Guest {
             self.ts_recent = Some(val);
         }
         if h.has(ACK) {
-            let ours_now = ((self.last_send / MS) as u32).wrapping_add(u32::MAX - 5000);
-            assert!(seq_le(ecr, ours_now), "echoed {ecr}, beyond our clock {ours_now}");
+            assert!(self.ts_sent.contains(&ecr), "echoed {ecr}, which we never sent");
         }
     }
 
@@ -1567,7 +1570,12 @@ impl Sim {
         for p in take_frames(&self.rec, stray) {
             if let Pkt::Tcp { h, data, .. } = &p {
                 if !self.sc.offload {
-                    assert!(data.len() <= usize::from(self.guest.mss), "a segment larger than the guest's MSS");
+                    // (The MSS counts the options a segment always carries: timestamps.)
+                    let options = if h.timestamps.is_some() { usernet_wire::tcp::TIMESTAMPS_LEN } else { 0 };
+                    assert!(
+                        data.len() + options <= usize::from(self.guest.mss),
+                        "a segment larger than the guest's MSS"
+                    );
                 }
                 if !h.has(SYN) {
                     assert!(h.has(ACK) || h.has(RST), "a segment without ACK: {h:?}");

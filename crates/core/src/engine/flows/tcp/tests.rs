@@ -1327,11 +1327,13 @@ fn a_guest_without_sack_answers_a_probe_with_what_it_lost() {
 
 /// A guest listener (a published port's connection) that has acknowledged none of our data
 /// may hold us as a SYN cookie: its accept queue was full, so it dropped our ACK of its
-/// SYN-ACK and the data after it, and it resets any segment but one at our first byte. The
-/// probe then sends everything again from the first byte, never the last byte alone, with
-/// or without SACK and window scaling (a cookie keeps both when the SYN had timestamps, as
-/// ours has). Once the guest has acknowledged data, a lost tail is probed with its last
-/// byte. Regression: the probe of the last byte got the cookie's connection reset.
+/// SYN-ACK and the data after it, and it resets any segment but one at our first byte. So
+/// it gets one segment at a time until it acknowledges data (a second one would be reset
+/// while the queue is still full), and the probe sends that first segment again, never
+/// its last byte, with or without SACK and window scaling (a cookie keeps both when the
+/// SYN had timestamps, as ours has). Once the guest has acknowledged data, a lost tail is
+/// probed with its last byte. Regressions: the probe of the last byte, and a first flight
+/// of several frames, got the cookie's connection reset.
 #[test]
 fn a_guest_listener_that_acknowledged_nothing_is_probed_from_the_first_byte() {
     for options in [false, true] {
@@ -1348,22 +1350,21 @@ fn a_guest_listener_that_acknowledged_nothing_is_probed_from_the_first_byte() {
         assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
         sent(&rec);
         assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], now), Verdict::Keep);
-        assert_eq!(data_sent(&rec), [(0, 1460), (1460, 1460), (2920, 1460)]);
+        assert_eq!(data_sent(&rec), [(0, 1460)], "one segment until the guest acknowledges data");
         let due = f.deadline().expect("a deadline");
         assert!(due < now + Duration::from_millis(200), "a probe before the timer");
         assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
-        assert_eq!(data_sent(&rec), [(0, 1460), (1460, 1460), (2920, 1460)], "all again, from the first byte");
-        assert_eq!(resent(&sw, Resend::Probe), 3 * 1460);
-        // The guest opened the connection with the first segment and took the rest.
+        assert_eq!(data_sent(&rec), [(0, 1460)], "the first segment again");
+        assert_eq!(resent(&sw, Resend::Probe), 1460);
+        // The guest opened the connection with it: the rest goes.
         let t = due + Duration::from_micros(100);
-        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 3 * 1460, ACK, 65535), &[], t), Verdict::Keep);
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1 + 1460, ACK, 65535), &[], t), Verdict::Keep);
+        assert_eq!(data_sent(&rec), [(1460, 1460), (2920, 1460)]);
         // Now a lost tail is probed with its last byte.
-        assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], t), Verdict::Keep);
-        assert_eq!(data_sent(&rec).len(), 3);
         let due = f.deadline().expect("a deadline");
         assert!(due < t + Duration::from_millis(200), "a probe before the timer");
         assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
-        assert_eq!(data_sent(&rec), [(6 * 1460 - 1, 1)], "the probe: the last byte");
+        assert_eq!(data_sent(&rec), [(3 * 1460 - 1, 1)], "the probe: the last byte");
     }
     // A guest that opened the connection (it is no listener) is probed with the last byte
     // before it acknowledged any data.
@@ -1450,13 +1451,20 @@ fn a_published_ports_syn_offers_timestamps_and_the_guest_decides() {
         }
         assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
         assert_eq!(host_writes(&mut f, &mut sw, &[1; 2000], now), Verdict::Keep);
-        let out = sent(&rec);
+        let mut out = sent(&rec);
         assert_eq!(out[0].0.ack, GUEST_ISN + 1, "the ACK of the SYN-ACK");
+        let first = out[1].1.len() as u32;
+        let mut ack = seg(GUEST_ISN + 1, ISN + 1 + first, ACK, 65535);
+        ack.timestamps = synack.timestamps.map(|(v, _)| (v + 1, val));
+        assert_eq!(f.on_segment(&mut sw, &ack, &[], now), Verdict::Keep);
+        out.extend(sent(&rec));
+        let stamps: Vec<_> = out.iter().map(|(h, _)| h.timestamps).collect();
         if guest_takes {
-            assert!(out.iter().all(|(h, _)| h.timestamps == Some((val, 77))), "{out:?}");
+            // (The last goes after the guest's ACK: it echoes that one's TSval.)
+            assert_eq!(stamps, [Some((val, 77)), Some((val, 77)), Some((val, 78))]);
             assert_eq!(out.iter().map(|(_, d)| d.len()).collect::<Vec<_>>(), [0, 1448, 552]);
         } else {
-            assert!(out.iter().all(|(h, _)| h.timestamps.is_none()), "{out:?}");
+            assert_eq!(stamps, [None, None, None]);
             assert_eq!(out.iter().map(|(_, d)| d.len()).collect::<Vec<_>>(), [0, 1460, 540]);
         }
     }
