@@ -1801,10 +1801,8 @@ impl<S: HostSocket> TcpFlow<S> {
                 }
                 break;
             }
-            // A guest listener that has acknowledged none of our data gets one segment at a
-            // time: it may hold us as a SYN cookie, dropping all while its accept queue is
-            // full, and a segment that is not at our first byte it answers with a reset.
-            let opening = self.we_opened && self.traffic.to_guest == 0;
+            // One segment at a time to a guest that may hold us as a SYN cookie.
+            let opening = self.may_hold_a_cookie();
             if opening && in_flight != 0 && !resending {
                 break;
             }
@@ -1894,6 +1892,15 @@ impl<S: HostSocket> TcpFlow<S> {
         self.check_done(switch)
     }
 
+    /// The guest listens (we sent the SYN) and has acknowledged none of our data: it may
+    /// hold us as a SYN cookie, having dropped our ACK of its SYN-ACK and all since while
+    /// its accept queue was full. Only a segment at our first byte then opens the
+    /// connection; any other it answers with a reset. So it gets one segment at a time
+    /// (`push`), and its probe is that segment again (`send_probe`).
+    fn may_hold_a_cookie(&self) -> bool {
+        self.we_opened && self.traffic.to_guest == 0
+    }
+
     /// Arms the tail-loss probe while data is in flight (and fewer than `PROBES_MAX` probes
     /// went unanswered).
     fn arm_probe(&mut self, now: Instant) {
@@ -1937,13 +1944,10 @@ impl<S: HostSocket> TcpFlow<S> {
             // was lost too. It goes again (the answers to the probe would list only what
             // was listed already).
             self.resend_lost(now);
-        } else if self.we_opened && self.traffic.to_guest == 0 && self.sent_data_end() != self.snd_una {
-            // The guest listens, and acknowledged none of our data: it may hold us as a SYN
-            // cookie, having dropped our ACK of its SYN-ACK and all since while its accept
-            // queue was full. Only a segment at our first byte then opens the connection;
-            // any other it answers with a reset. So the first segment goes again, alone
-            // (what follows it would be reset while the queue is still full); once the
-            // guest acknowledges it, the rest is probed as any tail.
+        } else if self.may_hold_a_cookie() && self.sent_data_end() != self.snd_una {
+            // The first segment goes again, alone (what follows it would be reset while the
+            // queue is still full); once the guest acknowledges it, the rest is probed as
+            // any tail.
             self.resend_cause = Resend::Probe;
             let segment = self.mss.min(self.sent_data_end().wrapping_sub(self.snd_una));
             self.resend_until = Some(self.snd_una.wrapping_add(segment));
