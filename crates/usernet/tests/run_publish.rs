@@ -792,11 +792,13 @@ fn published_port_with_two_engine_threads() {
 /// scaling and SACK only in the timestamp it echoes, and while the listener's accept queue
 /// is full it drops the ACK that would open the connection, so only a segment at the
 /// first byte after the handshake opens it later. Eight clients from another address, at
-/// once, to a listener of backlog 1 that accepts only after a second: each gets its 1 MB
-/// echoed whole (sha256), and each accepted socket has timestamps, SACK and window
-/// scaling (TCP_INFO's options, as usernet's SYN carries timestamps). Before, usernet's
-/// 64 KiB segments shut such a guest's unscaled window for good (seven of eight stalled),
-/// and its probes of the last byte got the cookie's connection reset.
+/// once, to a listener of backlog 1 that accepts only after a second: four send 1 MB, four
+/// a short request and their close at once, and each gets what it sent echoed whole
+/// (sha256); each accepted socket has timestamps, SACK and window scaling (TCP_INFO's
+/// options, as usernet's SYN carries timestamps). Before, usernet's 64 KiB segments shut
+/// such a guest's unscaled window for good (seven of eight stalled), its probes of the
+/// last byte got the cookie's connection reset, and so did a FIN resent apart from the
+/// short request it had come with.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn published_port_to_a_guest_answering_with_syn_cookies() {
@@ -804,9 +806,9 @@ fn published_port_to_a_guest_answering_with_syn_cookies() {
     let dns = DnsUpstream::start();
     let peer = PeerNs::new();
     let dir = TempDir::new("pub-cookies");
-    let src = dir.join("src");
-    write_random_file(&src, 1 << 20);
-    let want = sha256_file(&src);
+    let (big, short) = (dir.join("big"), dir.join("short"));
+    write_random_file(&big, 1 << 20);
+    write_random_file(&short, 300);
     let p = free_ports(1);
     let server = "import socket, threading, time\n\
                   s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
@@ -819,15 +821,16 @@ fn published_port_to_a_guest_answering_with_syn_cookies() {
     let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:80")], &["sh", "-c", &script]);
     bg.wait_line("READY", READY_LIMIT);
     let clients = format!(
-        "for i in 1 2 3 4 5 6 7 8; do timeout 60 socat -t 20 - TCP4:{host}:{p} < {src} > {d}/got$i & done; \
-         wait; sha256sum {d}/got*",
+        "for i in 1 2 3 4; do for f in big short; do \
+         timeout 60 socat -t 20 - TCP4:{host}:{p} < {d}/$f > {d}/$f.got$i & done; done; \
+         wait; sha256sum {d}/big.got* {d}/short.got*",
         host = peer.host_ip,
-        src = src.display(),
         d = dir.path().display()
     );
     let out = peer.exec(&["sh", "-c", &clients]);
     let hashes = hex_hashes(&out.stdout);
-    assert!(hashes.len() == 8 && hashes.iter().all(|h| *h == want), "{out}\n{}", bg.describe());
+    let want = [vec![sha256_file(&big); 4], vec![sha256_file(&short); 4]].concat();
+    assert_eq!(hashes, want, "{out}\n{}", bg.describe());
     // tcpi_options: 1 timestamps, 2 SACK, 4 window scaling.
     let options = bg.lines_with("OPTIONS");
     assert!(options.len() == 8 && options.iter().all(|l| l == "OPTIONS 7"), "{options:?}\n{}", bg.describe());

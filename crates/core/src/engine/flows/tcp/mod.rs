@@ -114,8 +114,10 @@
 //! acknowledged none of our data gets one segment at a time (`push`), and is probed with
 //! that first segment again: one whose queue is full answers our SYN with a SYN cookie,
 //! drops our ACK of it and what follows, and resets any segment but one at the first byte
-//! after the handshake (`send_probe`). An ACK of new data after a probe may have left the guest before the probe reached it:
-//! it is progress, not an answer. After a go-back-N,
+//! after the handshake (`send_probe`). Our FIN goes on that segment when it came with it,
+//! and again on every resend of it (a resend that reaches our FIN carries it): a FIN
+//! alone behind it would be reset. An ACK of new data after a probe may have left the
+//! guest before the probe reached it: it is progress, not an answer. After a go-back-N,
 //! duplicate ACKs do not count toward three until the guest acknowledges beyond what had
 //! been sent then (`recover`, RFC 6582's recovery point; an ACK of exactly that much
 //! keeps it): the guest answers every byte it gets twice with one, and three would send
@@ -1840,8 +1842,11 @@ impl<S: HostSocket> TcpFlow<S> {
                     // The peer's FIN came (RDHUP, no error) before this short peek, which so
                     // found everything in front of it: the next peek could only return 0.
                     // The FIN rides on this segment instead (a server that answers and
-                    // closes costs one peek and one frame fewer).
-                    let fin = n < room && self.host_read_closed && !self.host_error && self.to_guest == ToGuest::Open;
+                    // closes costs one peek and one frame fewer). A resend that reaches our
+                    // FIN carries it too, as the segment it resends did or would have.
+                    let end = self.snd_nxt.wrapping_add(n as u32);
+                    let fin = n < room && self.host_read_closed && !self.host_error && self.to_guest == ToGuest::Open
+                        || self.fin_seq() == Some(end);
                     let h = self.segment(self.snd_nxt, if fin { ACK | PSH | FIN } else { ACK | PSH });
                     switch.send_tcp_data(self.remote, self.guest, &h, n, self.mss as usize);
                     self.told_ack(&h);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::model::ModelSocket;
 use super::sim::{Pkt, Recorder, switch, take_frames};
-use super::state::ToHost;
+use super::state::{ToGuest, ToHost};
 use super::{ACK_DELAY, HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
 use crate::engine::metrics::Resend;
 use crate::engine::switch::Switch;
@@ -1375,6 +1375,63 @@ fn a_guest_listener_that_acknowledged_nothing_is_probed_from_the_first_byte() {
     let due = f.deadline().expect("a deadline");
     assert_eq!(f.on_timer(&mut sw, due), Verdict::Keep);
     assert_eq!(data_sent(&rec), [(3 * 1460 - 1, 1)], "the probe: the last byte");
+}
+
+/// A guest listener that has acknowledged none of our data gets our FIN on its first
+/// segment or after the guest takes it, never alone behind it: a guest that holds us as a
+/// SYN cookie and dropped that segment (its accept queue full) answers a FIN at a later
+/// sequence number with a reset, and the client's request would be lost. So a resend
+/// that reaches our FIN carries it, as the segment it resends did: the probe and the
+/// timer's resend open the connection and close it in one segment. (Before, the FIN went
+/// alone after the resent data.)
+#[test]
+fn a_guest_listener_gets_our_fin_on_the_first_segment_or_after_it() {
+    for closed_at_once in [true, false] {
+        let now = Instant::now();
+        let (mut sw, rec) = switch(1500, false);
+        let sock = ModelSocket::new(1 << 20, 1 << 20);
+        let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
+        let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
+        synack.mss = Some(1460);
+        assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+        sent(&rec);
+        // The client's request and its close: in one round, or each in a round of its own.
+        assert_eq!(f.sock.peer_write(b"request"), 7);
+        if !closed_at_once {
+            let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+            assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+        }
+        f.sock.peer_shutdown();
+        assert!(f.sock.take_read_closed());
+        f.host_read_closed();
+        let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+        assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+        let out = sent(&rec);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out[0].0.seq == ISN + 1 && out[0].1 == b"request", "{out:?}");
+        assert_eq!(out[0].0.has(FIN), closed_at_once, "{out:?}");
+        // The probe, then the timer's resend: the segment again, and so its FIN.
+        let mut t = now;
+        for _ in 0..2 {
+            t = f.deadline().expect("a deadline");
+            assert_eq!(f.on_timer(&mut sw, t), Verdict::Keep);
+            let again = sent(&rec);
+            assert_eq!(again.len(), 1, "{again:?}");
+            assert_eq!((again[0].0.seq, again[0].0.flags, &again[0].1), (out[0].0.seq, out[0].0.flags, &out[0].1));
+        }
+        // The guest takes it.
+        let acked = ISN + 8 + u32::from(closed_at_once);
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, acked, ACK, 65535), &[], t), Verdict::Keep);
+        let out = sent(&rec);
+        if closed_at_once {
+            assert_eq!(f.to_guest, ToGuest::FinAcked);
+            assert!(out.is_empty(), "{out:?}");
+        } else {
+            // Only now the rest: the end of stream, and the FIN.
+            assert_eq!(out.len(), 1, "{out:?}");
+            assert!(out[0].0.has(FIN) && out[0].0.seq == ISN + 8 && out[0].1.is_empty(), "{out:?}");
+        }
+    }
 }
 
 /// Timestamps (RFC 7323), when the guest's SYN offers them: the SYN-ACK echoes its TSval,
