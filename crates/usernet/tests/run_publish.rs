@@ -787,18 +787,22 @@ fn published_port_with_two_engine_threads() {
     bg.stop();
 }
 
-/// A guest whose listener answers with SYN cookies (`net.ipv4.tcp_syncookies` 2; Linux
+/// A guest whose listeners answer with SYN cookies (`net.ipv4.tcp_syncookies` 2; Linux
 /// sends them when its queue of half-open connections is full). A cookie keeps window
 /// scaling and SACK only in the timestamp it echoes, and while the listener's accept queue
-/// is full it drops the ACK that would open the connection, so only a segment at the
-/// first byte after the handshake opens it later. Eight clients from another address, at
-/// once, to a listener of backlog 1 that accepts only after a second: four send 1 MB, four
-/// a short request and their close at once, and each gets what it sent echoed whole
-/// (sha256); each accepted socket has timestamps, SACK and window scaling (TCP_INFO's
-/// options, as usernet's SYN carries timestamps). Before, usernet's 64 KiB segments shut
-/// such a guest's unscaled window for good (seven of eight stalled), its probes of the
-/// last byte got the cookie's connection reset, and so did a FIN resent apart from the
-/// short request it had come with.
+/// is full it drops the ACK that would open the connection, keeping no trace of it, so
+/// only a segment at the first byte after the handshake opens it later. Two listeners of
+/// backlog 1 that accept only after a second, and eight clients from another address at
+/// once to each. To an echo server, four send 1 MB, four a short request and their close
+/// at once; to a server that speaks first (a 64 KiB greeting, then it closes), the eight
+/// send nothing. Each gets what it should whole (sha256), and each accepted socket has
+/// timestamps, SACK and window scaling (TCP_INFO's options, as usernet's SYN carries
+/// timestamps). Before, usernet's 64 KiB segments shut such a guest's unscaled window for
+/// good (seven of eight stalled), its probes of the last byte got the cookie's connection
+/// reset, and so did a FIN resent apart from the short request it had come with; and a
+/// server that speaks first never heard of some of its clients, which waited for good (as
+/// a kernel's own clients do: usernet now sends its ACK of the handshake again while
+/// nothing was exchanged).
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn published_port_to_a_guest_answering_with_syn_cookies() {
@@ -806,34 +810,49 @@ fn published_port_to_a_guest_answering_with_syn_cookies() {
     let dns = DnsUpstream::start();
     let peer = PeerNs::new();
     let dir = TempDir::new("pub-cookies");
-    let (big, short) = (dir.join("big"), dir.join("short"));
+    let (big, short, greeting) = (dir.join("big"), dir.join("short"), dir.join("greeting"));
     write_random_file(&big, 1 << 20);
     write_random_file(&short, 300);
-    let p = free_ports(1);
-    let server = "import socket, threading, time\n\
-                  s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                  s.bind(('0.0.0.0', 80)); s.listen(1); print('READY', flush=True); time.sleep(1)\n\
-                  def echo(c):\n    while d := c.recv(65536): c.sendall(d)\n    c.close()\n\
-                  while True:\n    c = s.accept()[0]\n\
-                  \x20   print('OPTIONS', c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[5], flush=True)\n\
-                  \x20   threading.Thread(target=echo, args=(c,)).start()\n";
-    let script = format!("echo 2 > /proc/sys/net/ipv4/tcp_syncookies && exec timeout 90 python3 -c \"{server}\"");
-    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:80")], &["sh", "-c", &script]);
+    write_random_file(&greeting, 64 << 10);
+    let server = dir.join("server.py");
+    let script = format!(
+        "import socket, threading, time\n\
+         def listen(port):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         \x20   s.bind(('0.0.0.0', port)); s.listen(1); return s\n\
+         echo_listener, greeting_listener = listen(80), listen(81)\n\
+         print('READY', flush=True); time.sleep(1)\n\
+         def echo(c):\n    while d := c.recv(65536): c.sendall(d)\n    c.close()\n\
+         def greet(c):\n    c.sendall(open('{greeting}', 'rb').read()); c.close()\n\
+         lock = threading.Lock()\n\
+         def serve(listener, handle):\n    while True:\n        c = listener.accept()[0]\n\
+         \x20       options = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[5]\n\
+         \x20       with lock: print('OPTIONS', options, flush=True)\n\
+         \x20       threading.Thread(target=handle, args=(c,)).start()\n\
+         threading.Thread(target=serve, args=(greeting_listener, greet), daemon=True).start()\n\
+         serve(echo_listener, echo)\n",
+        greeting = greeting.display()
+    );
+    std::fs::write(&server, script).expect("write the guest's server");
+    let p = free_ports(2);
+    let guest = format!("echo 2 > /proc/sys/net/ipv4/tcp_syncookies && exec timeout 90 python3 {}", server.display());
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:80"), "-p", &format!("{}:81", p + 1)], &["sh", "-c", &guest]);
     bg.wait_line("READY", READY_LIMIT);
     let clients = format!(
         "for i in 1 2 3 4; do for f in big short; do \
          timeout 60 socat -t 20 - TCP4:{host}:{p} < {d}/$f > {d}/$f.got$i & done; done; \
-         wait; sha256sum {d}/big.got* {d}/short.got*",
+         for i in 1 2 3 4 5 6 7 8; do timeout 60 socat -u TCP4:{host}:{p1} - > {d}/greeting.got$i & done; \
+         wait; sha256sum {d}/big.got* {d}/short.got* {d}/greeting.got*",
         host = peer.host_ip,
+        p1 = p + 1,
         d = dir.path().display()
     );
     let out = peer.exec(&["sh", "-c", &clients]);
     let hashes = hex_hashes(&out.stdout);
-    let want = [vec![sha256_file(&big); 4], vec![sha256_file(&short); 4]].concat();
+    let want = [vec![sha256_file(&big); 4], vec![sha256_file(&short); 4], vec![sha256_file(&greeting); 8]].concat();
     assert_eq!(hashes, want, "{out}\n{}", bg.describe());
     // tcpi_options: 1 timestamps, 2 SACK, 4 window scaling.
     let options = bg.lines_with("OPTIONS");
-    assert!(options.len() == 8 && options.iter().all(|l| l == "OPTIONS 7"), "{options:?}\n{}", bg.describe());
+    assert!(options.len() == 16 && options.iter().all(|l| l == "OPTIONS 7"), "{options:?}\n{}", bg.describe());
     bg.stop();
 }
 

@@ -116,8 +116,10 @@
 //! drops our ACK of it and what follows, and resets any segment but one at the first byte
 //! after the handshake (`send_probe`). Our FIN goes on that segment when it came with it,
 //! and again on every resend of it (a resend that reaches our FIN carries it): a FIN
-//! alone behind it would be reset. An ACK of new data after a probe may have left the
-//! guest before the probe reached it: it is progress, not an answer. After a go-back-N,
+//! alone behind it would be reset. While neither side has sent a byte, our ACK of its
+//! SYN-ACK goes again (`handshake_ack_due`): a server that speaks first would otherwise
+//! never hear of a client whose ACK it dropped. An ACK of new data after a probe may have
+//! left the guest before the probe reached it: it is progress, not an answer. After a go-back-N,
 //! duplicate ACKs do not count toward three until the guest acknowledges beyond what had
 //! been sent then (`recover`, RFC 6582's recovery point; an ACK of exactly that much
 //! keeps it): the guest answers every byte it gets twice with one, and three would send
@@ -259,6 +261,10 @@ const PROBES_MAX: u8 = 3;
 /// Retransmission timeouts in a row without progress (or, while the guest's window is
 /// shut, without an answer to the probes) before the connection is reset.
 const MAX_RETRIES: u32 = 12;
+/// Our ACK of a guest listener's SYN-ACK goes again this many times at most, from
+/// `RTO_MIN` after it and doubling (the last 51 s after the handshake), while nothing
+/// was exchanged (`TcpFlow::handshake_ack_due`).
+const HANDSHAKE_ACKS_MAX: u8 = 8;
 /// Our SYN to the guest (a published port's connection) sent again this many times without
 /// an answer: the guest is not there, and the host's client is reset.
 const MAX_SYN_RETRIES: u32 = 6;
@@ -381,6 +387,17 @@ pub struct TcpFlow<S: HostSocket = KernelSocket> {
     probe_deadline: Option<Instant>,
     /// Probes sent since the guest last acknowledged new data (`PROBES_MAX`).
     probes: u8,
+    /// When our ACK of a guest listener's SYN-ACK goes again (microseconds since `born`),
+    /// while neither side has sent a byte (`nothing_exchanged`): a listener whose queue
+    /// of half-open connections was full answered our SYN with a SYN cookie, and while its
+    /// accept queue is full it drops the ACK that would open the connection, keeping no
+    /// trace of it. Data we send opens it later (`may_hold_a_cookie`); a server that speaks
+    /// first (SSH, SMTP, a database) would otherwise wait for a client that waits for it,
+    /// as a kernel's client does. Where the ACK did open the connection, another is a
+    /// duplicate that the guest ignores.
+    handshake_ack_due: Option<u32>,
+    /// ACKs of the SYN-ACK sent again so far (`HANDSHAKE_ACKS_MAX`).
+    handshake_acks: u8,
     /// The end of what the last probe sent again, until the next ACK of new data.
     probed: Option<u32>,
     /// A probe was answered by an ACK of what it sent again: the guest delays its ACKs, so
@@ -588,6 +605,8 @@ impl<S: HostSocket> TcpFlow<S> {
             srtt_us: None,
             timed: None,
             probe_deadline: None,
+            handshake_ack_due: None,
+            handshake_acks: 0,
             probes: 0,
             probed: None,
             acks_late: false,
@@ -674,6 +693,7 @@ impl<S: HostSocket> TcpFlow<S> {
             connect,
             self.rto_deadline,
             self.probe_deadline,
+            self.handshake_ack_due.map(|us| self.born + Duration::from_micros(u64::from(us))),
             self.ack_deadline,
             self.hold_deadline,
             self.release_deadline,
@@ -976,7 +996,23 @@ impl<S: HostSocket> TcpFlow<S> {
         if self.host_writable && self.flush_pending(switch, now) == Verdict::Close {
             return Verdict::Close;
         }
-        self.push(switch, now)
+        let v = self.push(switch, now);
+        if v == Verdict::Keep && self.nothing_exchanged() {
+            self.handshake_ack_due = Some(self.since_born(now).wrapping_add(RTO_MIN.as_micros() as u32));
+        }
+        v
+    }
+
+    /// A connection we opened to a guest listener on which neither side has sent a byte
+    /// (nor a FIN) since the handshake: the guest may not know of it (`handshake_ack_due`).
+    fn nothing_exchanged(&self) -> bool {
+        self.we_opened
+            && self.phase == Phase::Established
+            && self.to_guest == ToGuest::Open
+            && self.snd_max == self.snd_una
+            && self.traffic.to_guest == 0
+            && self.ack_number() == self.guest_isn.wrapping_add(1)
+            && self.out_of_order.is_empty()
     }
 
     /// Sends the ACK owed to the guest, unless it may wait for data to ride on (then
@@ -2047,6 +2083,19 @@ impl<S: HostSocket> TcpFlow<S> {
                 self.send_flags(switch, self.snd_nxt, ACK);
             }
         }
+        if let Some(due) = self.handshake_ack_due
+            && self.born + Duration::from_micros(u64::from(due)) <= now
+        {
+            self.handshake_ack_due = None;
+            if self.nothing_exchanged() {
+                self.send_flags(switch, self.snd_nxt, ACK);
+                self.handshake_acks += 1;
+                if self.handshake_acks < HANDSHAKE_ACKS_MAX {
+                    let wait = (RTO_MIN.as_micros() as u32) << self.handshake_acks;
+                    self.handshake_ack_due = Some(due.wrapping_add(wait));
+                }
+            }
+        }
         if let Some(d) = self.probe_deadline
             && d <= now
         {
@@ -2147,6 +2196,7 @@ impl<S: HostSocket> std::fmt::Debug for TcpFlow<S> {
             .field("recover", &self.recover)
             .field("srtt_us", &self.srtt_us)
             .field("probe_deadline", &self.probe_deadline)
+            .field("handshake_ack_due", &self.handshake_ack_due)
             .field("probes", &self.probes)
             .field("probed", &self.probed)
             .field("acks_late", &self.acks_late)

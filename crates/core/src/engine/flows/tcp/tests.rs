@@ -1434,6 +1434,68 @@ fn a_guest_listener_gets_our_fin_on_the_first_segment_or_after_it() {
     }
 }
 
+/// A guest listener whose SYN cookie we answered may have dropped that ACK (its accept
+/// queue full) and know nothing of the connection: a server that speaks first would never
+/// speak. So while neither side has sent a byte, the ACK goes again (with the echo the
+/// cookie needs), from 200 ms after the handshake and doubling, eight times at most; and
+/// no more once the guest has sent something, or we have.
+#[test]
+fn our_ack_of_a_guest_listeners_syn_ack_goes_again_while_nothing_was_exchanged() {
+    for first in ["nobody", "guest", "host"] {
+        let now = Instant::now();
+        let (mut sw, rec) = switch(1500, false);
+        let sock = ModelSocket::new(1 << 20, 1 << 20);
+        let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
+        let (val, _) = sent(&rec)[0].0.timestamps.expect("our SYN offers timestamps");
+        let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
+        synack.mss = Some(1460);
+        synack.timestamps = Some((77, val));
+        assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+        let handshake_ack =
+            |h: &TcpHeader, d: &[u8]| h.flags == ACK && h.seq == ISN + 1 && h.ack == GUEST_ISN + 1 && d.is_empty();
+        assert!(sent(&rec).iter().all(|(h, d)| handshake_ack(h, d)));
+        let mut at = Vec::new();
+        match first {
+            "nobody" => {
+                while let Some(t) = f.deadline() {
+                    assert_eq!(f.on_timer(&mut sw, t), Verdict::Keep);
+                    let out = sent(&rec);
+                    assert_eq!(out.len(), 1, "{out:?}");
+                    assert!(handshake_ack(&out[0].0, &out[0].1), "{out:?}");
+                    assert_eq!(out[0].0.timestamps.map(|(_, ecr)| ecr), Some(77), "the cookie's echo");
+                    at.push((t - now).as_millis());
+                }
+                assert_eq!(at, [200, 600, 1400, 3000, 6200, 12600, 25400, 51000]);
+            }
+            "guest" => {
+                // The server's banner: the guest has the connection.
+                let t = now + Duration::from_millis(50);
+                let v = f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK | PSH, 65535), b"HELLO", t);
+                assert_eq!(v, Verdict::Keep);
+                assert_eq!(end_of_round(&mut f, &mut sw, t), Verdict::Keep);
+                sent(&rec);
+                for t in [now + Duration::from_millis(200), now + Duration::from_secs(60)] {
+                    assert_eq!(f.on_timer(&mut sw, t), Verdict::Keep);
+                }
+                // (The banner's ACK, delayed for an answer to ride on, goes; nothing else.)
+                let out = sent(&rec);
+                assert!(out.iter().all(|(h, d)| h.ack == GUEST_ISN + 6 && d.is_empty()), "{out:?}");
+                assert_eq!(f.sock.peer_unread(), 5);
+            }
+            _ => {
+                // The client's request: it opens the connection itself (and is probed).
+                let t = now + Duration::from_millis(50);
+                assert_eq!(host_writes(&mut f, &mut sw, b"GET", t), Verdict::Keep);
+                while let Some(t) = f.deadline().filter(|&d| d < now + Duration::from_secs(2)) {
+                    assert_eq!(f.on_timer(&mut sw, t), Verdict::Keep);
+                }
+                let out = sent(&rec);
+                assert!(!out.is_empty() && out.iter().all(|(h, d)| h.seq == ISN + 1 && d == b"GET"), "{out:?}");
+            }
+        }
+    }
+}
+
 /// Timestamps (RFC 7323), when the guest's SYN offers them: the SYN-ACK echoes its TSval,
 /// and every segment after carries our clock (milliseconds, never going back) and the
 /// TSval of the guest's latest segment at or before what we acknowledged (so not one that
