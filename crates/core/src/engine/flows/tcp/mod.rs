@@ -1012,6 +1012,7 @@ impl<S: HostSocket> TcpFlow<S> {
             && self.snd_max == self.snd_una
             && self.traffic.to_guest == 0
             && self.ack_number() == self.guest_isn.wrapping_add(1)
+            && self.pending_len() == 0
             && self.out_of_order.is_empty()
     }
 

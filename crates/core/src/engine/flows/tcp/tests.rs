@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::model::ModelSocket;
 use super::sim::{Pkt, Recorder, switch, take_frames};
 use super::state::{ToGuest, ToHost};
-use super::{ACK_DELAY, HostSocket, KernelSocket, RTO_MAX, TcpFlow, Verdict};
+use super::{ACK_DELAY, HostSocket, KernelSocket, RTO_MAX, RTO_MIN, TcpFlow, Verdict};
 use crate::engine::metrics::Resend;
 use crate::engine::switch::Switch;
 use usernet_wire::tcp::{ACK, FIN, PSH, RST, SYN, TcpHeader, seq_lt};
@@ -1381,12 +1381,14 @@ fn a_guest_listener_that_acknowledged_nothing_is_probed_from_the_first_byte() {
 /// segment or after the guest takes it, never alone behind it: a guest that holds us as a
 /// SYN cookie and dropped that segment (its accept queue full) answers a FIN at a later
 /// sequence number with a reset, and the client's request would be lost. So a resend
-/// that reaches our FIN carries it, as the segment it resends did: the probe and the
-/// timer's resend open the connection and close it in one segment. (Before, the FIN went
-/// alone after the resent data.)
+/// that reaches our FIN carries it, as the segment it resends did: the probes and the
+/// timer's go-back-N open the connection and close it in one segment. (Before, a probe
+/// sent the data again without the FIN.) When the close came after the first segment
+/// went, the probes send that segment as it was, and the FIN goes after the guest's ACK,
+/// or on the timer's resend, which finds the end of the stream behind the data.
 #[test]
 fn a_guest_listener_gets_our_fin_on_the_first_segment_or_after_it() {
-    for closed_at_once in [true, false] {
+    for (closed_at_once, guest_acks_after_the_probes) in [(true, false), (false, true), (false, false)] {
         let now = Instant::now();
         let (mut sw, rec) = switch(1500, false);
         let sock = ModelSocket::new(1 << 20, 1 << 20);
@@ -1410,27 +1412,35 @@ fn a_guest_listener_gets_our_fin_on_the_first_segment_or_after_it() {
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(out[0].0.seq == ISN + 1 && out[0].1 == b"request", "{out:?}");
         assert_eq!(out[0].0.has(FIN), closed_at_once, "{out:?}");
-        // The probe, then the timer's resend: the segment again, and so its FIN.
-        let mut t = now;
-        for _ in 0..2 {
-            t = f.deadline().expect("a deadline");
+        // The probes: the segment again, as it was.
+        let mut t = f.deadline().expect("a deadline");
+        while t < now + RTO_MIN {
             assert_eq!(f.on_timer(&mut sw, t), Verdict::Keep);
             let again = sent(&rec);
             assert_eq!(again.len(), 1, "{again:?}");
             assert_eq!((again[0].0.seq, again[0].0.flags, &again[0].1), (out[0].0.seq, out[0].0.flags, &out[0].1));
+            t = f.deadline().expect("a deadline");
         }
-        // The guest takes it.
-        let acked = ISN + 8 + u32::from(closed_at_once);
-        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, acked, ACK, 65535), &[], t), Verdict::Keep);
-        let out = sent(&rec);
-        if closed_at_once {
-            assert_eq!(f.to_guest, ToGuest::FinAcked);
-            assert!(out.is_empty(), "{out:?}");
-        } else {
-            // Only now the rest: the end of stream, and the FIN.
+        assert!(resent(&sw, Resend::Probe) > 0);
+        if guest_acks_after_the_probes {
+            // The guest takes the data: only now the end of stream, and the FIN alone.
+            assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 8, ACK, 65535), &[], t), Verdict::Keep);
+            let out = sent(&rec);
             assert_eq!(out.len(), 1, "{out:?}");
             assert!(out[0].0.has(FIN) && out[0].0.seq == ISN + 8 && out[0].1.is_empty(), "{out:?}");
+            continue;
         }
+        // The retransmission timer: the data and the FIN in one segment.
+        assert_eq!(f.on_timer(&mut sw, t), Verdict::Keep);
+        assert_eq!(resent(&sw, Resend::Timeout), 7);
+        let again = sent(&rec);
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert!(again[0].0.has(FIN) && again[0].0.seq == ISN + 1 && again[0].1 == b"request", "{again:?}");
+        // The guest takes it: everything is acknowledged, and the FIN is not sent again.
+        assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 9, ACK, 65535), &[], t), Verdict::Keep);
+        assert_eq!(f.to_guest, ToGuest::FinAcked);
+        let out = sent(&rec);
+        assert!(out.is_empty(), "{out:?}");
     }
 }
 
@@ -1441,10 +1451,12 @@ fn a_guest_listener_gets_our_fin_on_the_first_segment_or_after_it() {
 /// no more once the guest has sent something, or we have.
 #[test]
 fn our_ack_of_a_guest_listeners_syn_ack_goes_again_while_nothing_was_exchanged() {
-    for first in ["nobody", "guest", "host"] {
+    for first in ["nobody", "guest", "guest, held", "host"] {
         let now = Instant::now();
         let (mut sw, rec) = switch(1500, false);
-        let sock = ModelSocket::new(1 << 20, 1 << 20);
+        // (A socket with no room: the guest's data waits in `pending`.)
+        let room = if first == "guest, held" { 0 } else { 1 << 20 };
+        let sock = ModelSocket::new(1 << 20, room);
         let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
         let (val, _) = sent(&rec)[0].0.timestamps.expect("our SYN offers timestamps");
         let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
@@ -1467,7 +1479,7 @@ fn our_ack_of_a_guest_listeners_syn_ack_goes_again_while_nothing_was_exchanged()
                 }
                 assert_eq!(at, [200, 600, 1400, 3000, 6200, 12600, 25400, 51000]);
             }
-            "guest" => {
+            "guest" | "guest, held" => {
                 // The server's banner: the guest has the connection.
                 let t = now + Duration::from_millis(50);
                 let v = f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK | PSH, 65535), b"HELLO", t);
@@ -1477,10 +1489,11 @@ fn our_ack_of_a_guest_listeners_syn_ack_goes_again_while_nothing_was_exchanged()
                 for t in [now + Duration::from_millis(200), now + Duration::from_secs(60)] {
                     assert_eq!(f.on_timer(&mut sw, t), Verdict::Keep);
                 }
-                // (The banner's ACK, delayed for an answer to ride on, goes; nothing else.)
+                // (The banner's ACK, delayed for an answer to ride on, goes once the socket
+                // took it; nothing else.)
                 let out = sent(&rec);
                 assert!(out.iter().all(|(h, d)| h.ack == GUEST_ISN + 6 && d.is_empty()), "{out:?}");
-                assert_eq!(f.sock.peer_unread(), 5);
+                assert_eq!(f.sock.peer_unread(), if room == 0 { 0 } else { 5 });
             }
             _ => {
                 // The client's request: it opens the connection itself (and is probed).
