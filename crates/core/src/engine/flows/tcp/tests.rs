@@ -81,6 +81,15 @@ fn host_writes(f: &mut TcpFlow<ModelSocket>, sw: &mut Switch, data: &[u8], now: 
     f.on_socket(sw, r, w, e, now)
 }
 
+/// The host peer closes its end: epoll reports RDHUP with the readable edge.
+fn host_closes(f: &mut TcpFlow<ModelSocket>, sw: &mut Switch, now: Instant) -> Verdict {
+    f.sock.peer_shutdown();
+    assert!(f.sock.take_read_closed());
+    f.host_read_closed();
+    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
+    f.on_socket(sw, r, w, e, now)
+}
+
 /// Regression: gathered guest data was never written when the segment that brought it
 /// also let host data go (its ACK rode on that data, which cleared `need_ack`, so the
 /// engine did not call `write_gathered`); the guest's retransmissions, answered at once,
@@ -869,11 +878,7 @@ fn the_guests_fin_after_the_hosts_passes_on_by_the_close() {
     assert_eq!(f.on_segment(&mut sw, &seg(GUEST_ISN + 1, ISN + 1, ACK | PSH, 65535), b"GET", now), Verdict::Keep);
     assert_eq!(end_of_round(&mut f, &mut sw, now), Verdict::Keep);
     assert_eq!(f.sock.peer_write(b"answer"), 6);
-    f.sock.peer_shutdown();
-    assert!(f.sock.take_read_closed());
-    f.host_read_closed();
-    let (r, w, e) = f.sock.take_edges().unwrap_or_default();
-    assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+    assert_eq!(host_closes(&mut f, &mut sw, now), Verdict::Keep);
     let out = sent(&rec);
     assert!(out.last().is_some_and(|(h, d)| h.has(FIN) && d == b"answer"), "{out:?}");
     // The guest acknowledges the answer and the FIN, then sends its own.
@@ -1138,6 +1143,24 @@ fn resent(sw: &Switch, cause: Resend) -> u64 {
     sw.counters.resent_bytes().find(|&(c, _)| c == cause).map_or(0, |(_, n)| n)
 }
 
+/// A published port's flow: our SYN to a guest listener, on a model socket with `room` to
+/// write, answered by a SYN-ACK (MSS 1460) that `answer` may change, seeing our SYN.
+fn to_a_listener(
+    now: Instant,
+    room: usize,
+    answer: impl FnOnce(&TcpHeader, &mut TcpHeader),
+) -> (TcpFlow<ModelSocket>, Switch, Recorder) {
+    let (mut sw, rec) = switch(1500, false);
+    let sock = ModelSocket::new(1 << 20, room);
+    let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
+    let syn = sent(&rec).remove(0).0;
+    let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
+    synack.mss = Some(1460);
+    answer(&syn, &mut synack);
+    assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+    (f, sw, rec)
+}
+
 /// The data segments sent since the last call, as (offset from our first byte, length).
 fn data_sent(rec: &Recorder) -> Vec<(u32, usize)> {
     sent(rec).into_iter().filter(|(_, d)| !d.is_empty()).map(|(h, d)| (h.seq - (ISN + 1), d.len())).collect()
@@ -1338,16 +1361,12 @@ fn a_guest_without_sack_answers_a_probe_with_what_it_lost() {
 fn a_guest_listener_that_acknowledged_nothing_is_probed_from_the_first_byte() {
     for options in [false, true] {
         let now = Instant::now();
-        let (mut sw, rec) = switch(1500, false);
-        let sock = ModelSocket::new(1 << 20, 1 << 20);
-        let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
-        let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
-        synack.mss = Some(1460);
-        if options {
-            synack.sack_permitted = true;
-            synack.window_scale = Some(7);
-        }
-        assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+        let (mut f, mut sw, rec) = to_a_listener(now, 1 << 20, |_, synack| {
+            if options {
+                synack.sack_permitted = true;
+                synack.window_scale = Some(7);
+            }
+        });
         sent(&rec);
         assert_eq!(host_writes(&mut f, &mut sw, &[7; 3 * 1460], now), Verdict::Keep);
         assert_eq!(data_sent(&rec), [(0, 1460)], "one segment until the guest acknowledges data");
@@ -1390,12 +1409,7 @@ fn a_guest_listener_that_acknowledged_nothing_is_probed_from_the_first_byte() {
 fn a_guest_listener_gets_our_fin_on_the_first_segment_or_after_it() {
     for (closed_at_once, guest_acks_after_the_probes) in [(true, false), (false, true), (false, false)] {
         let now = Instant::now();
-        let (mut sw, rec) = switch(1500, false);
-        let sock = ModelSocket::new(1 << 20, 1 << 20);
-        let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
-        let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
-        synack.mss = Some(1460);
-        assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+        let (mut f, mut sw, rec) = to_a_listener(now, 1 << 20, |_, _| {});
         sent(&rec);
         // The client's request and its close: in one round, or each in a round of its own.
         assert_eq!(f.sock.peer_write(b"request"), 7);
@@ -1403,11 +1417,7 @@ fn a_guest_listener_gets_our_fin_on_the_first_segment_or_after_it() {
             let (r, w, e) = f.sock.take_edges().unwrap_or_default();
             assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
         }
-        f.sock.peer_shutdown();
-        assert!(f.sock.take_read_closed());
-        f.host_read_closed();
-        let (r, w, e) = f.sock.take_edges().unwrap_or_default();
-        assert_eq!(f.on_socket(&mut sw, r, w, e, now), Verdict::Keep);
+        assert_eq!(host_closes(&mut f, &mut sw, now), Verdict::Keep);
         let out = sent(&rec);
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(out[0].0.seq == ISN + 1 && out[0].1 == b"request", "{out:?}");
@@ -1453,16 +1463,12 @@ fn a_guest_listener_gets_our_fin_on_the_first_segment_or_after_it() {
 fn our_ack_of_a_guest_listeners_syn_ack_goes_again_while_nothing_was_exchanged() {
     for first in ["nobody", "guest", "guest, held", "host"] {
         let now = Instant::now();
-        let (mut sw, rec) = switch(1500, false);
         // (A socket with no room: the guest's data waits in `pending`.)
         let room = if first == "guest, held" { 0 } else { 1 << 20 };
-        let sock = ModelSocket::new(1 << 20, room);
-        let mut f = TcpFlow::inbound(&mut sw, guest(), remote(), sock, ISN, now);
-        let (val, _) = sent(&rec)[0].0.timestamps.expect("our SYN offers timestamps");
-        let mut synack = seg(GUEST_ISN, ISN + 1, SYN | ACK, 65535);
-        synack.mss = Some(1460);
-        synack.timestamps = Some((77, val));
-        assert_eq!(f.on_segment(&mut sw, &synack, &[], now), Verdict::Keep);
+        let (mut f, mut sw, rec) = to_a_listener(now, room, |syn, synack| {
+            let (val, _) = syn.timestamps.expect("our SYN offers timestamps");
+            synack.timestamps = Some((77, val));
+        });
         let handshake_ack =
             |h: &TcpHeader, d: &[u8]| h.flags == ACK && h.seq == ISN + 1 && h.ack == GUEST_ISN + 1 && d.is_empty();
         assert!(sent(&rec).iter().all(|(h, d)| handshake_ack(h, d)));
