@@ -1006,11 +1006,10 @@ impl<S: HostSocket> TcpFlow<S> {
     /// A connection we opened to a guest listener on which neither side has sent a byte
     /// (nor a FIN) since the handshake: the guest may not know of it (`handshake_ack_due`).
     fn nothing_exchanged(&self) -> bool {
-        self.we_opened
+        self.may_hold_a_cookie()
             && self.phase == Phase::Established
             && self.to_guest == ToGuest::Open
             && self.snd_max == self.snd_una
-            && self.traffic.to_guest == 0
             && self.ack_number() == self.guest_isn.wrapping_add(1)
             && self.pending_len() == 0
             && self.out_of_order.is_empty()

@@ -847,8 +847,8 @@ impl Guest {
 
     /// Timestamps on a segment from the flow (not a RST, which may go without): on every
     /// one once both ends agreed (its SYN always offers them), never otherwise; what it
-    /// echoes is a TSval we sent. Keeps the flow's newest TSval to echo. (That the flow's clock never goes back is checked as it sends, `Sim::ship`:
-    /// the network may reorder.)
+    /// echoes is a TSval we sent. Keeps the flow's newest TSval to echo. (That the flow's
+    /// clock never goes back is checked as it sends, `Sim::ship`: the network may reorder.)
     fn check_timestamps(&mut self, h: &TcpHeader) {
         if h.has(RST) {
             return;
