@@ -81,6 +81,30 @@ fn guest_frames_to_host_loopback_are_refused() {
     assert_eq!(logged(&format!("udp from {GUEST_IP}")), 1, "{out}");
 }
 
+/// A guest that sends fragments of datagrams it never completes, or fragments that overlap
+/// (by hand, tests/helpers/rawguest.py): what usernet holds for reassembly stays bounded, the
+/// oldest datagrams going first with one log line (`limit=reassembly`), an overlapping
+/// datagram is discarded, never half delivered, and a datagram sent after the flood, in
+/// fragments out of order, still reaches the host whole and comes back.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn fragments_that_never_complete_or_overlap_are_bounded() {
+    require(&["ip", "dnsmasq", "python3"]);
+    let dns = DnsUpstream::start();
+    let udp = Server::start(ServerKind::UdpEcho, None);
+    let u = udp.port;
+    let out = Usernet::new(&dns).sh(&format!(
+        "{flood}; {overlap}",
+        flood = raw(&format!("frags {HOST_IP} {u} 500")),
+        overlap = raw(&format!("overlap {HOST_IP} {u}")),
+    ));
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines, vec!["ECHO", "NONE"], "{out}");
+    let limits = out.stderr.lines().filter(|l| l.contains("limit=reassembly")).count();
+    assert_eq!(limits, 1, "one line for the episode\n{out}");
+}
+
 /// With `--no-host-loopback` the host address no longer leads to the host's loopback:
 /// connections to it are refused (TCP, UDP, the explicit proxy), by the guest's own
 /// kernel's packets and by crafted ones alike.

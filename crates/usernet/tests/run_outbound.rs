@@ -242,6 +242,83 @@ fn udp_to_host_loopback_and_remote_host() {
     assert_eq!(lines, vec!["hello-host", "hello-by-name", "hello-remote", big.as_str()], "{out}");
 }
 
+/// A guest on a 1500-byte link (a VM's, or `--mtu 1500`) fragments a UDP datagram that does
+/// not fit, and takes fragments: usernet reassembles what the guest sends and fragments what
+/// it answers, over IPv4 and IPv6, up to the largest datagram each carries, and answers a
+/// ping of the gateway as large. Each echo is checked byte for byte (sha256); the guest's
+/// own counters show that it cut its datagrams and put usernet's fragments together (before,
+/// usernet dropped every fragment, and a datagram beyond the MTU never came back).
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn udp_and_ping_beyond_the_mtu_go_in_fragments() {
+    require(&["ip", "dnsmasq", "python3", "ping"]);
+    let dns = DnsUpstream::start();
+    let echo4 = Server::start(ServerKind::UdpEcho, None);
+    let echo6 = Server::start_on(ServerKind::UdpEcho, None, "::1");
+    let client = r#"
+import hashlib, socket, sys
+def counter(path, name):
+    for line in open(path):
+        if line.startswith(name + " ") or line.startswith(name + "\t"):
+            return int(line.split()[1])
+    heads, values = [l.split() for l in open(path) if l.startswith("Ip:")]
+    return int(values[heads.index(name)])
+def echo(family, host, port, sizes):
+    for n in sizes:
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        data = bytes((i * 7 + n) % 251 for i in range(n))
+        s.sendto(data, (host, port))
+        try:
+            got = s.recv(70000)
+        except socket.timeout:
+            print(n, "timeout")
+            continue
+        same = hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+        print(n, "same" if same else "differs %d" % len(got))
+before = counter("/proc/net/snmp", "ReasmOKs"), counter("/proc/net/snmp6", "Ip6ReasmOKs")
+echo(socket.AF_INET, sys.argv[1], int(sys.argv[2]), [1472, 1473, 4000, 30000, 65507])
+echo(socket.AF_INET6, sys.argv[3], int(sys.argv[4]), [1452, 1453, 4000, 65527])
+after = counter("/proc/net/snmp", "ReasmOKs"), counter("/proc/net/snmp6", "Ip6ReasmOKs")
+print("reassembled", after[0] - before[0], after[1] - before[1])
+print("fragmented", counter("/proc/net/snmp", "FragOKs"), counter("/proc/net/snmp6", "Ip6FragOKs"))
+"#;
+    let ping = ping_cmd();
+    let out = Usernet::new(&dns).arg("--mtu").arg("1500").sh(&format!(
+        "cat > /tmp/client.py <<'EOF'\n{client}\nEOF\n\
+         python3 /tmp/client.py {HOST_IP} {p4} fd75:7365:726e::254 {p6}; \
+         timeout 20 {ping} -c 1 -W 5 -s 3000 {GATEWAY_IP} | grep -c '1 received'; \
+         timeout 20 {ping} -6 -c 1 -W 5 -s 20000 fd75:7365:726e::1 | grep -c '1 received'",
+        p4 = echo4.port,
+        p6 = echo6.port
+    ));
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let want = [
+        "1472 same",
+        "1473 same",
+        "4000 same",
+        "30000 same",
+        "65507 same",
+        "1452 same",
+        "1453 same",
+        "4000 same",
+        "65527 same",
+    ];
+    assert_eq!(lines[..want.len()], want, "{out}");
+    // Fragments both ways: the guest put together the 4 IPv4 and 3 IPv6 echoes beyond its
+    // MTU (and the ping replies), and cut its own datagrams.
+    let counts = |prefix: &str| -> Vec<u64> {
+        let line = lines.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {out}"));
+        line.split_whitespace().skip(1).map(|n| n.parse().unwrap()).collect()
+    };
+    let reassembled = counts("reassembled");
+    assert!(reassembled[0] >= 4 && reassembled[1] >= 3, "{reassembled:?}: {out}");
+    let fragmented = counts("fragmented");
+    assert!(fragmented[0] >= 4 && fragmented[1] >= 3, "{fragmented:?}: {out}");
+    assert_eq!(lines[lines.len() - 2..], ["1", "1"], "pings of the gateway: {out}");
+}
+
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn ping_gateway_host_and_remote() {

@@ -101,6 +101,8 @@ impl Fixtures {
         assert_eq!(vm.check("dns"), "192.168.65.254");
         assert_eq!(vm.check("download"), format!("sha256={}", self.hash));
         assert_eq!(vm.check("ping"), "192.168.65.1");
+        // 4,000 bytes of echo at MTU 1500: in fragments both ways.
+        assert_eq!(vm.check("bigping"), "192.168.65.1");
         assert_eq!(vm.check("remote"), format!("sha256={}", self.hash));
         let slaac = vm.check("slaac");
         assert!(slaac.starts_with("fd75:7365:726e:0:") && slaac.ends_with(" via fe80::1"), "{slaac}");

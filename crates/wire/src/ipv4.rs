@@ -16,8 +16,10 @@ pub struct Ipv4Header {
     pub ttl: u8,
     pub ident: u16,
     pub dont_frag: bool,
-    /// True for any fragment (more-fragments set or a non-zero offset).
-    pub is_fragment: bool,
+    /// The more-fragments flag: a fragment that is not its datagram's last.
+    pub more_fragments: bool,
+    /// Where this fragment's payload sits in its datagram's, in bytes (a multiple of 8).
+    pub frag_offset: usize,
     /// Length of the header with options, in bytes.
     pub header_len: usize,
     /// Length of the payload, from the total-length field.
@@ -47,7 +49,8 @@ impl Ipv4Header {
             ttl: b[8],
             ident: be16(b, 4),
             dont_frag: flags_frag & 0x4000 != 0,
-            is_fragment: flags_frag & 0x2000 != 0 || flags_frag & 0x1fff != 0,
+            more_fragments: flags_frag & 0x2000 != 0,
+            frag_offset: (flags_frag & 0x1fff) as usize * 8,
             header_len,
             payload_len: total - header_len,
         };
@@ -63,19 +66,27 @@ impl Ipv4Header {
             ttl: DEFAULT_TTL,
             ident: 0,
             dont_frag: true,
-            is_fragment: false,
+            more_fragments: false,
+            frag_offset: 0,
             header_len: HEADER_LEN,
             payload_len,
         }
     }
 
-    /// Writes a 20-byte header (options are never emitted) with its checksum.
+    /// True for any fragment: more-fragments set or a non-zero offset.
+    pub fn is_fragment(&self) -> bool {
+        self.more_fragments || self.frag_offset != 0
+    }
+
+    /// Writes a 20-byte header (options are never emitted) with its checksum. The fragment
+    /// offset is written in its 8-byte units (the bits below are dropped).
     pub fn emit(&self, buf: &mut [u8]) {
         buf[0] = 0x45;
         buf[1] = 0;
         put16(buf, 2, (HEADER_LEN + self.payload_len) as u16);
         put16(buf, 4, self.ident);
-        put16(buf, 6, if self.dont_frag { 0x4000 } else { 0 });
+        let flags = if self.dont_frag { 0x4000 } else { 0 } | if self.more_fragments { 0x2000 } else { 0 };
+        put16(buf, 6, flags | ((self.frag_offset / 8) as u16 & 0x1fff));
         buf[8] = self.ttl;
         buf[9] = self.protocol;
         put16(buf, 10, 0);
@@ -103,6 +114,27 @@ mod tests {
         assert_eq!(e.to_header().calc_header_checksum(), e.header_checksum());
         assert_eq!(e.identification(), 77);
         assert!(e.dont_fragment());
+    }
+
+    #[test]
+    fn fragment_fields_roundtrip_against_etherparse() {
+        let mut h = Ipv4Header::new(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 17, 8);
+        assert!(!h.is_fragment());
+        for (offset, more) in [(0, true), (1480, true), (2960, false), (65528, false)] {
+            h.ident = 0x1234;
+            h.dont_frag = false;
+            h.more_fragments = more;
+            h.frag_offset = offset;
+            let mut b = [0u8; 28];
+            h.emit(&mut b);
+            let (p, _) = Ipv4Header::parse(&b).unwrap();
+            assert_eq!(p, h);
+            assert!(p.is_fragment());
+            let e = etherparse::Ipv4HeaderSlice::from_slice(&b).unwrap();
+            assert_eq!(e.more_fragments(), more);
+            assert_eq!(e.fragments_offset().byte_offset() as usize, offset);
+            assert!(!e.dont_fragment());
+        }
     }
 
     #[test]

@@ -16,6 +16,30 @@ pub const EXT_DEST_OPTIONS: u8 = 60;
 pub const NO_NEXT_HEADER: u8 = 59;
 /// The most extension headers `parse` walks before it gives up on a packet.
 pub const MAX_EXT_HEADERS: usize = 8;
+/// Length of a Fragment header (RFC 8200 section 4.5).
+pub const FRAGMENT_HEADER_LEN: usize = 8;
+
+/// What a Fragment header says of the fragment behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fragment {
+    /// Where this fragment's data sits in its datagram's fragmentable part, in bytes (a
+    /// multiple of 8).
+    pub offset: usize,
+    /// The M flag: more fragments follow.
+    pub more: bool,
+    pub ident: u32,
+}
+
+impl Fragment {
+    /// Writes a Fragment header whose Next Header is `next` (the fragmentable part's first
+    /// header, the same in every fragment).
+    pub fn emit(&self, next: u8, buf: &mut [u8]) {
+        buf[0] = next;
+        buf[1] = 0;
+        put16(buf, 2, (self.offset as u16 & !7) | u16::from(self.more));
+        buf[4..8].copy_from_slice(&self.ident.to_be_bytes());
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv6Header {
@@ -24,8 +48,8 @@ pub struct Ipv6Header {
     /// The upper-layer protocol: the Next Header after any extension headers walked.
     pub protocol: u8,
     pub hop_limit: u8,
-    /// A Fragment header was in the chain.
-    pub is_fragment: bool,
+    /// The Fragment header, when one was in the chain.
+    pub fragment: Option<Fragment>,
     /// Bytes of extension headers walked (0 without any).
     pub ext_len: usize,
     /// Length of the upper-layer payload (after the extension headers).
@@ -50,7 +74,7 @@ impl Ipv6Header {
         let mut next = b[6];
         let mut at = HEADER_LEN;
         let mut walked = 0;
-        let mut is_fragment = false;
+        let mut fragment = None;
         loop {
             let len = match next {
                 EXT_HOP_BY_HOP if walked > 0 => return None,
@@ -62,13 +86,16 @@ impl Ipv6Header {
                 return None;
             }
             walked += 1;
-            let fragment = next == EXT_FRAGMENT;
+            let is_fragment = next == EXT_FRAGMENT;
             next = b[at];
-            at += len;
-            if fragment {
-                is_fragment = true;
+            if is_fragment {
+                let field = be16(b, at + 2);
+                let ident = u32::from_be_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]);
+                fragment = Some(Fragment { offset: usize::from(field & !7), more: field & 1 != 0, ident });
+                at += len;
                 break;
             }
+            at += len;
         }
         let mut src = [0; 16];
         let mut dst = [0; 16];
@@ -79,7 +106,7 @@ impl Ipv6Header {
             dst: Ipv6Addr::from(dst),
             protocol: next,
             hop_limit: b[7],
-            is_fragment,
+            fragment,
             ext_len: at - HEADER_LEN,
             payload_len: total - at,
         };
@@ -88,12 +115,18 @@ impl Ipv6Header {
 
     /// A header without extension headers for `payload_len` bytes of `protocol`.
     pub fn new(src: Ipv6Addr, dst: Ipv6Addr, protocol: u8, payload_len: usize) -> Ipv6Header {
-        Ipv6Header { src, dst, protocol, hop_limit: DEFAULT_HOP_LIMIT, is_fragment: false, ext_len: 0, payload_len }
+        Ipv6Header { src, dst, protocol, hop_limit: DEFAULT_HOP_LIMIT, fragment: None, ext_len: 0, payload_len }
+    }
+
+    /// A Fragment header was in the chain (an atomic fragment's too).
+    pub fn is_fragment(&self) -> bool {
+        self.fragment.is_some()
     }
 
     /// Writes the fixed 40-byte header: traffic class and flow label 0, the next header is
-    /// `protocol`. Extension headers are never emitted (`ext_len` and `is_fragment` are
-    /// ignored), so the payload length field is `payload_len`.
+    /// `protocol`. Extension headers are not emitted here (`ext_len` and `fragment` are
+    /// ignored; a fragment's sender writes its Fragment header with [`Fragment::emit`] and
+    /// gives [`EXT_FRAGMENT`] as `protocol`), so the payload length field is `payload_len`.
     pub fn emit(&self, buf: &mut [u8]) {
         buf[0] = 0x60;
         buf[1] = 0;
@@ -175,7 +208,7 @@ mod tests {
         let exts = [(EXT_HOP_BY_HOP, opts(0)), (EXT_DEST_OPTIONS, opts(2)), (EXT_ROUTING, opts(1))];
         let b = packet(&exts, PROTO_UDP, b"datagram");
         let (h, payload) = Ipv6Header::parse(&b).unwrap();
-        assert_eq!((h.protocol, h.ext_len, h.payload_len, h.is_fragment), (PROTO_UDP, 8 + 24 + 16, 8, false));
+        assert_eq!((h.protocol, h.ext_len, h.payload_len, h.fragment), (PROTO_UDP, 8 + 24 + 16, 8, None));
         assert_eq!(payload, b"datagram");
         let s = etherparse::Ipv6Slice::from_slice(&b).unwrap();
         assert_eq!(s.payload().ip_number, etherparse::IpNumber(PROTO_UDP));
@@ -187,18 +220,37 @@ mod tests {
         let exts = [(EXT_DEST_OPTIONS, opts(0)), (EXT_FRAGMENT, fragment(true))];
         let b = packet(&exts, PROTO_ICMPV6, b"part");
         let (h, payload) = Ipv6Header::parse(&b).unwrap();
-        assert!(h.is_fragment);
+        assert_eq!(h.fragment, Some(Fragment { offset: 0, more: true, ident: 0x1234 }));
         assert_eq!((h.protocol, h.ext_len, payload), (PROTO_ICMPV6, 16, &b"part"[..]));
         let s = etherparse::Ipv6Slice::from_slice(&b).unwrap();
         assert!(s.is_payload_fragmented());
         assert_eq!(s.payload().payload, payload);
         // An atomic fragment (offset 0, no more fragments) still carries the header.
         let b = packet(&[(EXT_FRAGMENT, fragment(false))], PROTO_TCP, b"whole");
-        assert!(Ipv6Header::parse(&b).unwrap().0.is_fragment);
+        assert!(Ipv6Header::parse(&b).unwrap().0.is_fragment());
         // What follows a Fragment header is not walked: here a Routing header "payload".
         let b = packet(&[(EXT_FRAGMENT, fragment(true)), (EXT_ROUTING, opts(0))], PROTO_TCP, b"");
         let (h, payload) = Ipv6Header::parse(&b).unwrap();
         assert_eq!((h.protocol, payload.len()), (EXT_ROUTING, 8));
+    }
+
+    #[test]
+    fn fragment_header_roundtrip_against_etherparse() {
+        let (src, dst) = addrs();
+        for frag in [
+            Fragment { offset: 0, more: true, ident: 7 },
+            Fragment { offset: 1448, more: true, ident: 0xdead_beef },
+            Fragment { offset: 65528, more: false, ident: u32::MAX },
+        ] {
+            let mut b = vec![0u8; HEADER_LEN + FRAGMENT_HEADER_LEN + 16];
+            Ipv6Header::new(src, dst, EXT_FRAGMENT, FRAGMENT_HEADER_LEN + 16).emit(&mut b);
+            frag.emit(PROTO_UDP, &mut b[HEADER_LEN..]);
+            let (h, payload) = Ipv6Header::parse(&b).unwrap();
+            assert_eq!((h.fragment, h.protocol, payload.len()), (Some(frag), PROTO_UDP, 16));
+            let e = etherparse::Ipv6FragmentHeaderSlice::from_slice(&b[HEADER_LEN..]).unwrap();
+            assert_eq!(e.fragment_offset().byte_offset() as usize, frag.offset);
+            assert_eq!((e.more_fragments(), e.identification(), e.next_header().0), (frag.more, frag.ident, PROTO_UDP));
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Frame dispatch: every frame from a guest, by protocol. The switch comes first (frames
-//! for other guests go to them), then ARP and ping for the gateway, DHCP and stateless
+//! for other guests go to them), then IP fragments, held until their datagram is whole
+//! (reassembly.rs), then ARP and ping for the gateway, DHCP and stateless
 //! DHCPv6, neighbour and router discovery (engine/icmpv6.rs), and TCP, UDP and ICMP echo,
 //! over IPv4 or IPv6, to their flows, creating a flow on a SYN, a first datagram or a first
 //! echo request. Each new flow is first put to the egress policy (`dial::admit`). Nothing
@@ -14,16 +15,16 @@ use mio::Interest;
 use usernet_wire::arp::{self, ArpPacket};
 use usernet_wire::ethernet::{self, EthernetHeader};
 use usernet_wire::icmp::{self, IcmpHeader};
-use usernet_wire::ipv4::Ipv4Header;
-use usernet_wire::ipv6::Ipv6Header;
+use usernet_wire::ipv4::{self, Ipv4Header};
+use usernet_wire::ipv6::{self, Ipv6Header};
 use usernet_wire::tcp::{ACK, RST, SYN, TcpHeader};
 use usernet_wire::udp::UdpHeader;
 use usernet_wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 use super::flows::{self, Flow, FlowKey, IcmpFlow, TcpFlow, UdpFlow, Verdict};
-use super::metrics::DropReason;
-use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF, Unreachable};
-use super::{Engine, dial};
+use super::metrics::{DropReason, Limit};
+use super::switch::{ICMP_DATA_OFF, UDP_PAYLOAD_OFF, Unreachable, max_l4_len};
+use super::{Engine, dial, reassembly};
 use crate::policy::Via;
 use crate::services::dhcp6;
 
@@ -39,6 +40,12 @@ impl Engine {
         {
             p.write(frame);
         }
+        self.handle_frame(link, frame, now);
+    }
+
+    /// A frame from the guest, counted and captured already (or a datagram reassembled from
+    /// its fragments, which was not).
+    fn handle_frame(&mut self, link: usize, frame: &[u8], now: Instant) {
         let Some((eth, payload)) = EthernetHeader::parse(frame) else {
             self.switch.drop_in(DropReason::Malformed);
             return;
@@ -86,10 +93,12 @@ impl Engine {
             }
             ethernet::ETHERTYPE_ARP => self.on_arp(payload),
             ethernet::ETHERTYPE_IPV4 => match ip4 {
+                Some((ip, l4)) if ip.is_fragment() => self.on_fragment(link, eth.src, Fragmented::V4(&ip), l4, now),
                 Some((ip, l4)) => self.on_ipv4(&ip, l4, eth.src, now),
                 None => self.switch.drop_in(DropReason::Malformed),
             },
             ethernet::ETHERTYPE_IPV6 if self.cfg.v6.is_some() => match ip6 {
+                Some((ip, l4)) if ip.is_fragment() => self.on_fragment(link, eth.src, Fragmented::V6(&ip), l4, now),
                 Some((ip, l4)) => self.on_ipv6(&ip, l4, eth.src, now),
                 None => self.switch.drop_in(DropReason::Malformed),
             },
@@ -109,7 +118,8 @@ impl Engine {
         if !self.switch.admit6(index, mac, ip.src, self.guest_may_use6(ip.src)) {
             return false;
         }
-        if ip.is_fragment {
+        if ip.is_fragment() {
+            // Checked again once whole (`on_fragment`).
             return true;
         }
         match (ip.protocol, l4.first().copied()) {
@@ -165,13 +175,84 @@ impl Engine {
         self.switch.send_frame(&frame, p.sender_mac);
     }
 
-    /// An IPv4 packet for usernet: `ip` its header, `payload` what follows it.
-    fn on_ipv4(&mut self, ip: &Ipv4Header, payload: &[u8], src_mac: [u8; 6], now: Instant) {
-        if ip.is_fragment {
-            // The guest's MTU matches the link; fragments are not reassembled.
-            self.switch.drop_in(DropReason::Fragment);
-            return;
+    /// A fragment of a guest's IPv4 or IPv6 datagram for usernet (`payload` what follows
+    /// its IP header, or its Fragment header): held until its datagram is whole
+    /// (reassembly.rs), which is then handled as if it had come in one frame, from the same
+    /// link and MAC. With several engines, fragments come to engine 0 (`belongs`), and the
+    /// whole datagram goes to the engine of its flow.
+    fn on_fragment(&mut self, link: usize, src_mac: [u8; 6], ip: Fragmented<'_>, payload: &[u8], now: Instant) {
+        let (key, piece, max_len) = match ip {
+            Fragmented::V4(h) => (
+                reassembly::Key { src: h.src.into(), dst: h.dst.into(), protocol: h.protocol, ident: h.ident.into() },
+                reassembly::Piece {
+                    offset: h.frag_offset,
+                    more: h.more_fragments,
+                    protocol: h.protocol,
+                    data: payload,
+                },
+                0xffff - ipv4::HEADER_LEN,
+            ),
+            Fragmented::V6(h) => {
+                let Some(f) = h.fragment else { return };
+                (
+                    reassembly::Key { src: h.src.into(), dst: h.dst.into(), protocol: 0, ident: f.ident },
+                    reassembly::Piece { offset: f.offset, more: f.more, protocol: h.protocol, data: payload },
+                    0xffff,
+                )
+            }
+        };
+        let added = self.reassembly.add(key, piece, max_len, now);
+        self.switch.stats.dropped_in += added.dropped;
+        self.switch.counters.dropped_n(DropReason::Fragment, added.dropped);
+        if added.evicted {
+            self.limit_reached(Limit::Fragments, now, || {
+                format!(
+                    "{} datagrams or {} KiB being reassembled from IP fragments: the oldest is dropped",
+                    reassembly::MAX_DATAGRAMS,
+                    reassembly::MAX_BYTES >> 10
+                )
+            });
         }
+        let Some(whole) = added.whole else { return };
+        let mut packet = whole.packet;
+        let head = self.reassembly.head();
+        let len = packet.len() - head;
+        let (start, ethertype) = match ip {
+            Fragmented::V4(h) => {
+                let start = head - ipv4::HEADER_LEN - ethernet::HEADER_LEN;
+                let whole_header = Ipv4Header { ttl: h.ttl, ..Ipv4Header::new(h.src, h.dst, whole.protocol, len) };
+                whole_header.emit(&mut packet[start + ethernet::HEADER_LEN..]);
+                (start, ethernet::ETHERTYPE_IPV4)
+            }
+            Fragmented::V6(h) => {
+                // Neighbour discovery is never fragmented (RFC 6980): such a message is
+                // ignored.
+                if whole.protocol == PROTO_ICMPV6 && packet.get(head).is_some_and(|t| (133..=137).contains(t)) {
+                    self.switch.drop_in(DropReason::Icmpv6);
+                    return;
+                }
+                let start = head - ipv6::HEADER_LEN - ethernet::HEADER_LEN;
+                let whole_header =
+                    Ipv6Header { hop_limit: h.hop_limit, ..Ipv6Header::new(h.src, h.dst, whole.protocol, len) };
+                whole_header.emit(&mut packet[start + ethernet::HEADER_LEN..]);
+                // A Fragment header within the fragments: each would be reassembled in
+                // turn, one call deeper, as often as a guest nests them. Refused.
+                if Ipv6Header::parse(&packet[start + ethernet::HEADER_LEN..]).is_some_and(|(h, _)| h.is_fragment()) {
+                    self.switch.drop_in(DropReason::Fragment);
+                    return;
+                }
+                (start, ethernet::ETHERTYPE_IPV6)
+            }
+        };
+        EthernetHeader { dst: self.cfg.gateway_mac, src: src_mac, ethertype }.emit(&mut packet[start..]);
+        // Steered by its own flow, even when its fragments were handed here.
+        let handed = self.set_handling_handed(false);
+        self.handle_frame(link, &packet[start..], now);
+        self.set_handling_handed(handed);
+    }
+
+    /// An IPv4 packet for usernet, whole: `ip` its header, `payload` what follows it.
+    fn on_ipv4(&mut self, ip: &Ipv4Header, payload: &[u8], src_mac: [u8; 6], now: Instant) {
         let addrs = Addrs { src: ip.src.into(), dst: ip.dst.into() };
         match ip.protocol {
             PROTO_TCP => self.on_tcp(addrs, payload, now),
@@ -181,14 +262,9 @@ impl Engine {
         }
     }
 
-    /// An IPv6 packet for usernet: `ip` its header, `payload` what follows its extension
-    /// headers.
+    /// An IPv6 packet for usernet, whole: `ip` its header, `payload` what follows its
+    /// extension headers.
     fn on_ipv6(&mut self, ip: &Ipv6Header, payload: &[u8], src_mac: [u8; 6], now: Instant) {
-        if ip.is_fragment {
-            // As over IPv4: the guest's MTU matches the link; fragments are not reassembled.
-            self.switch.drop_in(DropReason::Fragment);
-            return;
-        }
         if ip.protocol == PROTO_ICMPV6 {
             self.on_icmpv6(ip, payload, src_mac, now);
             return;
@@ -225,7 +301,8 @@ impl Engine {
             return;
         }
         if ip.dst == self.cfg.gateway || self.cfg.dns == Some(ip.dst) {
-            let len = data.len().min(self.switch.mtu - 28);
+            // A request that came in fragments is answered whole, in fragments too.
+            let len = data.len().min(max_l4_len(false) - icmp::HEADER_LEN);
             self.switch.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
             let reply = IcmpHeader::echo(icmp::TYPE_ECHO_REPLY, h.ident(), h.seq());
             self.switch.send_icmp(ip.dst, ip.src, &reply, len);
@@ -489,6 +566,13 @@ impl Engine {
         };
         self.after(id, verdict);
     }
+}
+
+/// The header of a fragment, of either family.
+#[derive(Clone, Copy)]
+enum Fragmented<'a> {
+    V4(&'a Ipv4Header),
+    V6(&'a Ipv6Header),
 }
 
 /// The addresses of a guest's IP packet, of either family: what TCP and UDP need of it.

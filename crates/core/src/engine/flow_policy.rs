@@ -147,6 +147,11 @@ impl Engine {
 
     pub(super) fn run_timers(&mut self, now: Instant) {
         self.retry_accepts(now);
+        if !self.reassembly.is_empty() {
+            let dropped = self.reassembly.expire(now);
+            self.switch.stats.dropped_in += dropped;
+            self.switch.counters.dropped_n(super::metrics::DropReason::Fragment, dropped);
+        }
         while let Some(Reverse((d, id))) = self.timers.peek().copied() {
             if d > now {
                 break;

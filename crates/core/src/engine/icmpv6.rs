@@ -128,7 +128,8 @@ impl Engine {
             self.echo_through_host(addrs, h.ident(), message, now);
             return;
         }
-        let len = data.len().min(self.switch.mtu - usernet_wire::ipv6::HEADER_LEN - icmpv6::HEADER_LEN);
+        // A request that came in fragments is answered whole, in fragments too.
+        let len = data.len().min(super::switch::max_l4_len(true) - icmpv6::HEADER_LEN);
         self.switch.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
         let reply = IcmpHeader { kind: icmpv6::TYPE_ECHO_REPLY, code: 0, rest: h.rest };
         self.switch.send_icmpv6(ip.dst, ip.src, &reply, len, None);

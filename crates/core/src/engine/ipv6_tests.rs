@@ -364,6 +364,90 @@ fn udp_over_ipv6_both_ways() {
     assert_eq!(&p[8..], b"pong");
 }
 
+/// `l4` behind one Fragment header per entry of `frags` (start, end, more): the fragments of
+/// one datagram of `proto`, identification 9, as frames from the guest with hop limit `hops`.
+fn fragments6(proto: u8, dst: Ipv6Addr, hops: u8, l4: &[u8], frags: &[(usize, usize, bool)]) -> Vec<Vec<u8>> {
+    frags
+        .iter()
+        .map(|&(start, end, more)| {
+            let mut p = vec![0u8; ipv6::FRAGMENT_HEADER_LEN + end - start];
+            ipv6::Fragment { offset: start, more, ident: 9 }.emit(proto, &mut p);
+            p[ipv6::FRAGMENT_HEADER_LEN..].copy_from_slice(&l4[start..end]);
+            frame6(ipv6::EXT_FRAGMENT, guest_ip(), dst, hops, GATEWAY_MAC, &p)
+        })
+        .collect()
+}
+
+/// Over IPv6 as over IPv4 (reassembly.rs, `Switch::fragment`): a guest's datagram in two
+/// fragments, the last first, reaches the host whole; a 3,000-byte answer goes back at MTU
+/// 1500 in fragments with a Fragment header, one identification, that make it whole. A
+/// router solicitation in a fragment is ignored (RFC 6980), and so are Fragment headers
+/// nested in the fragmentable part, however deep.
+#[test]
+fn udp_beyond_the_mtu_goes_in_fragments_over_ipv6() {
+    let (mut e, link, dialer) = engine_with(NetConfig { mtu: 1500, ..NetConfig::default() });
+    link.sent.borrow_mut().clear();
+    let IpAddr::V6(dst) = remote().ip() else { unreachable!() };
+    let data: Vec<u8> = (0..3000).map(|i| (i * 7 % 251) as u8).collect();
+    let mut d = vec![0u8; 8 + data.len()];
+    d[8..].copy_from_slice(&data);
+    UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut d, data.len(), guest_ip().into(), dst.into());
+    for f in fragments6(PROTO_UDP, dst, 64, &d, &[(1448, d.len(), false), (0, 1448, true)]) {
+        e.on_frame(0, &f, Instant::now());
+    }
+    e.udp_batch.flush();
+    let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
+    let mut got = vec![0u8; 4000];
+    let n = peer.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], &data[..]);
+
+    let reply: Vec<u8> = (0..3000).map(|i| (i * 13 % 253) as u8).collect();
+    peer.send(&reply).unwrap();
+    let key =
+        flows::FlowKey::Udp { guest: SocketAddr::new(guest_ip().into(), 5000), remote: SocketAddr::new(dst.into(), 7) };
+    let id = e.flows.lookup(&key).unwrap();
+    e.on_socket(id, true, false, false, Instant::now());
+    let out = take6(&link);
+    assert_eq!(out.len(), 3, "3,008 bytes in fragments of 1,448");
+    let mut whole = Vec::new();
+    let mut ident = None;
+    for (i, (_, ip, p)) in out.iter().enumerate() {
+        assert!(ipv6::HEADER_LEN + ipv6::FRAGMENT_HEADER_LEN + p.len() <= 1500);
+        let f = ip.fragment.expect("a Fragment header");
+        assert_eq!((ip.protocol, f.offset, f.more), (PROTO_UDP, whole.len(), i < 2));
+        assert!(ident.is_none_or(|id| id == f.ident));
+        ident = Some(f.ident);
+        whole.extend_from_slice(p);
+    }
+    let h = etherparse::UdpHeaderSlice::from_slice(&whole).unwrap().to_header();
+    assert_eq!(h.calc_checksum_ipv6_raw(dst.octets(), guest_ip().octets(), &whole[8..]).unwrap(), h.checksum);
+    assert_eq!(&whole[8..], &reply[..]);
+
+    // A router solicitation in an atomic fragment, hop limit 255: no advertisement (whole,
+    // it gets one: `a_router_solicitation_gets_the_prefix_mtu_and_dns`).
+    let rs = RouterSolicit { source_lladdr: Some(GUEST_MAC) };
+    let mut m = vec![0u8; 64];
+    let n = rs.emit(&mut m);
+    m.truncate(n);
+    icmpv6::fill_checksum(&mut m, guest_ip(), GATEWAY_LINK_LOCAL);
+    for f in fragments6(PROTO_ICMPV6, GATEWAY_LINK_LOCAL, 255, &m, &[(0, m.len(), false)]) {
+        e.on_frame(0, &f, Instant::now());
+    }
+    assert!(take6(&link).is_empty(), "no answer to discovery in a fragment");
+
+    // 5,000 atomic Fragment headers, one in another: refused at the second, not recursed.
+    let mut nested = b"payload!".to_vec();
+    for _ in 0..5000 {
+        let mut p = vec![0u8; ipv6::FRAGMENT_HEADER_LEN];
+        ipv6::Fragment { offset: 0, more: false, ident: 1 }.emit(ipv6::EXT_FRAGMENT, &mut p);
+        p.extend_from_slice(&nested);
+        nested = p;
+    }
+    let dropped = e.metrics().counters.dropped_count(metrics::DropReason::Fragment);
+    e.on_frame(0, &frame6(ipv6::EXT_FRAGMENT, guest_ip(), dst, 64, GATEWAY_MAC, &nested), Instant::now());
+    assert_eq!(e.metrics().counters.dropped_count(metrics::DropReason::Fragment), dropped + 1);
+}
+
 #[test]
 fn ipv4_only_ignores_ipv6_and_advertises_nothing() {
     use super::metrics::DropReason;

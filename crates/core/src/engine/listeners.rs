@@ -563,7 +563,7 @@ impl Engine {
     ) {
         let max = self.switch.max_udp_payload(false);
         if n > max {
-            tracing::debug!("{client}: {n}-byte datagram exceeds the guest MTU; dropped");
+            tracing::debug!("{client}: {n}-byte datagram is longer than an IPv4 packet to the guest carries; dropped");
             return;
         }
         let (guest, remote) = match listener_guest {

@@ -18,7 +18,8 @@ pub enum DropReason {
     /// From a guest: neither ARP, IPv4 nor IPv6 (IPv6 with `--ipv4-only`, ARP and IPv4
     /// with `--ipv6-only`).
     Ethertype,
-    /// From a guest: an IP fragment (not reassembled; the guest's MTU matches the link).
+    /// From a guest: an IP fragment that made no whole datagram (overlapping, of a datagram
+    /// past 64 KiB or not whole within its time, or evicted: reassembly.rs).
     Fragment,
     /// From a guest: an IP protocol other than TCP, UDP, ICMP and ICMPv6.
     IpProtocol,
@@ -149,10 +150,13 @@ pub enum Limit {
     /// The process's open-file limit (RLIMIT_NOFILE): a published port's connections wait in
     /// its backlog, and a loopback client's goes through the guest link, not spliced.
     OpenFiles,
+    /// Datagrams being reassembled from IP fragments (`reassembly::MAX_DATAGRAMS`,
+    /// `MAX_BYTES`): the oldest was dropped.
+    Fragments,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 11] = [
+    pub const ALL: [Limit; 12] = [
         Limit::TcpFlows,
         Limit::TcpFlowsPerGuest,
         Limit::PendingConnects,
@@ -164,6 +168,7 @@ impl Limit {
         Limit::Descriptors,
         Limit::DhcpOffers,
         Limit::OpenFiles,
+        Limit::Fragments,
     ];
 
     /// The `limit` label.
@@ -180,6 +185,7 @@ impl Limit {
             Limit::Descriptors => "fd_reserve",
             Limit::DhcpOffers => "dhcp_offers",
             Limit::OpenFiles => "open_files",
+            Limit::Fragments => "reassembly",
         }
     }
 }

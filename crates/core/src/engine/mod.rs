@@ -9,7 +9,8 @@
 //!    socket room to write held guest data into;
 //! 2. reads a batch of frames from the link and dispatches each: ARP and ping for the
 //!    gateway, DHCP, then TCP, UDP and ICMP echo to their flows (creating them on a SYN,
-//!    a first datagram, a first echo request);
+//!    a first datagram, a first echo request); IP fragments wait for the rest of their
+//!    datagram first;
 //! 3. fires due timers (retransmission, connect timeout, idle expiry);
 //! 4. sends the ACKs that the batch made owed, one per flow (coalescing);
 //! 5. asks the supervisor (the `run` command's signals) whether to stop; `run` then drains
@@ -22,6 +23,8 @@
 //! Where each part is:
 //! - `event_loop`: the loop itself (`Engine::run`), link reads and writes, timers' clock;
 //! - `dispatch`: a frame's way in, by protocol (switching, ARP, ping, DHCP, TCP, UDP, ICMP);
+//! - `reassembly`: a guest's fragmented datagrams made whole (the switch fragments the
+//!   other way);
 //! - `icmpv6`: neighbour and router discovery for the IPv6 network, and IPv6 ping;
 //! - `flow_policy`: the flow table's book-keeping and bounds (caps, eviction, timers, ACKs);
 //! - `flows`: the flow table and one module per kind of flow (the TCP translator in
@@ -50,6 +53,7 @@ pub mod guest_sockets;
 mod icmpv6;
 pub mod listeners;
 pub mod metrics;
+mod reassembly;
 pub mod shard;
 pub mod sock;
 pub mod switch;
@@ -133,6 +137,8 @@ pub struct Engine {
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
     /// Guest UDP datagrams of this round, sent together at its end.
     udp_batch: udp_batch::UdpBatch,
+    /// The guests' fragmented datagrams being made whole (reassembly.rs).
+    reassembly: reassembly::Reassembly,
     /// Sockets of the guest's network namespace, for spliced loopback connections.
     guest_sockets: Option<guest_sockets::GuestSockets>,
     next_splice_id: u64,
@@ -366,6 +372,7 @@ impl Engine {
             switch,
             acceptors: Vec::new(),
             udp_batch: Default::default(),
+            reassembly: reassembly::Reassembly::new(switch::L4_OFF),
             guest_sockets: None,
             stop_without_links: false,
             stop: None,

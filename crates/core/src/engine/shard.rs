@@ -422,8 +422,8 @@ impl Engine {
     /// multicasts, ICMP, fragments and anything unreadable are engine 0's.
     pub(super) fn belongs(&self, ip4: Option<&(Ipv4Header, &[u8])>, ip6: Option<&(Ipv6Header, &[u8])>) -> Belongs {
         let (src, dst, protocol, l4) = match (ip4, ip6) {
-            (Some((h, l4)), _) if !h.is_fragment => (IpAddr::V4(h.src), IpAddr::V4(h.dst), h.protocol, *l4),
-            (_, Some((h, l4))) if !h.is_fragment => (IpAddr::V6(h.src), IpAddr::V6(h.dst), h.protocol, *l4),
+            (Some((h, l4)), _) if !h.is_fragment() => (IpAddr::V4(h.src), IpAddr::V4(h.dst), h.protocol, *l4),
+            (_, Some((h, l4))) if !h.is_fragment() => (IpAddr::V6(h.src), IpAddr::V6(h.dst), h.protocol, *l4),
             _ => return Belongs::Engine0,
         };
         let (Some(src_port), Some(dst_port)) = (l4.get(0..2), l4.get(2..4)) else { return Belongs::Engine0 };
@@ -448,6 +448,13 @@ impl Engine {
 
     pub(super) fn handling_handed(&self) -> bool {
         self.shard.as_ref().is_some_and(|s| s.handling_handed)
+    }
+
+    /// Says whether the frame in hand was handed by another engine; returns what was said
+    /// before. (A datagram reassembled here from handed fragments was not: it goes to the
+    /// engine of its flow.)
+    pub(super) fn set_handling_handed(&mut self, handed: bool) -> bool {
+        self.shard.as_mut().is_some_and(|s| std::mem::replace(&mut s.handling_handed, handed))
     }
 
     /// Whether this engine handles the frame (else it was handed to the engine that does).

@@ -55,6 +55,13 @@ pub fn ip_header_len(v6: bool) -> usize {
     if v6 { ipv6::HEADER_LEN } else { ipv4::HEADER_LEN }
 }
 
+/// Largest transport message (header and data) one IP packet carries, over IPv6 or IPv4: the
+/// IPv4 total length and the IPv6 payload length are 16 bits. Whatever is beyond the MTU goes
+/// in fragments ([`Switch::fragment`]).
+pub fn max_l4_len(v6: bool) -> usize {
+    if v6 { 0xffff } else { 0xffff - ipv4::HEADER_LEN }
+}
+
 /// Where a frame of the family starts in the buffer.
 fn frame_start(v6: bool) -> usize {
     ipv6::HEADER_LEN - ip_header_len(v6)
@@ -224,6 +231,11 @@ pub struct Switch {
     /// Where a guest's frame with offloads is finished for a guest that takes none
     /// ([`Switch::forward`]).
     finish_buf: Vec<u8>,
+    /// A datagram too long for the MTU, copied out while its fragments are built in `buf`
+    /// ([`Switch::fragment`]); empty until first used.
+    frag_scratch: Vec<u8>,
+    /// The identification of the last datagram sent in fragments.
+    frag_ident: u32,
     /// Each link carries one guest (`serve`): frames from another MAC, or from another
     /// source address than the first it used, are dropped ([`Switch::admit`]).
     pub bind_sources: bool,
@@ -277,6 +289,8 @@ impl Switch {
             counters: Counters::default(),
             budget: Default::default(),
             finish_buf: Vec::new(),
+            frag_scratch: Vec::new(),
+            frag_ident: 0,
             bind_sources: false,
         }
     }
@@ -382,9 +396,10 @@ impl Switch {
         self.vnet = None;
     }
 
-    /// Largest UDP payload that fits the MTU, over IPv6 or IPv4.
+    /// Largest UDP payload a datagram carries, over IPv6 or IPv4 (one past the MTU goes to
+    /// the guest in fragments: [`Switch::fragment`]).
     pub fn max_udp_payload(&self, v6: bool) -> usize {
-        self.mtu - ip_header_len(v6) - udp::HEADER_LEN
+        max_l4_len(v6) - udp::HEADER_LEN
     }
 
     /// Sends a TCP segment whose payload (if any) is already at the offset that
@@ -476,8 +491,62 @@ impl Switch {
     }
 
     /// Writes the IP and Ethernet headers in front of the `l4_len` bytes at [`L4_OFF`] and
-    /// sends the frame, or holds it while the destination's MAC is asked for.
+    /// sends the frame, or holds it while the destination's MAC is asked for; in fragments
+    /// when it does not fit the MTU.
     fn finish_ip(&mut self, src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize, mac: Option<Mac>) {
+        if self.vnet.is_none() && ip_header_len(dst.is_ipv6()) + l4_len > self.mtu {
+            self.fragment(src, dst, proto, l4_len, mac);
+            return;
+        }
+        self.finish_packet(src, dst, proto, l4_len, mac, None);
+    }
+
+    /// Sends the `l4_len` bytes at [`L4_OFF`], too long for the MTU, as IP fragments (RFC
+    /// 791; over IPv6 with a Fragment header, RFC 8200 section 4.5) that the guest's kernel
+    /// reassembles: a UDP datagram or an echo reply larger than the guest's link takes, as a
+    /// router or the sending host would cut it. Each fragment but the last carries a
+    /// multiple of 8 bytes, as many as fit; all share one identification. (TCP never comes
+    /// here: its segments are cut to the MSS, or offloaded.)
+    fn fragment(&mut self, src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize, mac: Option<Mac>) {
+        let v6 = dst.is_ipv6();
+        let frag_header = if v6 { ipv6::FRAGMENT_HEADER_LEN } else { 0 };
+        let room = self.mtu.saturating_sub(ip_header_len(v6) + frag_header) & !7;
+        if room == 0 || l4_len > max_l4_len(v6) {
+            self.counters.dropped(DropReason::SendError);
+            return;
+        }
+        let mut whole = std::mem::take(&mut self.frag_scratch);
+        whole.clear();
+        whole.extend_from_slice(&self.buf[L4_OFF..L4_OFF + l4_len]);
+        self.frag_ident = self.frag_ident.wrapping_add(1);
+        let mut offset = 0;
+        while offset < l4_len {
+            let n = room.min(l4_len - offset);
+            let fragment = ipv6::Fragment { offset, more: offset + n < l4_len, ident: self.frag_ident };
+            let at = L4_OFF + frag_header;
+            self.buf[at..at + n].copy_from_slice(&whole[offset..offset + n]);
+            if v6 {
+                fragment.emit(proto, &mut self.buf[L4_OFF..]);
+                self.finish_packet(src, dst, ipv6::EXT_FRAGMENT, frag_header + n, mac, Some(fragment));
+            } else {
+                self.finish_packet(src, dst, proto, n, mac, Some(fragment));
+            }
+            offset += n;
+        }
+        self.frag_scratch = whole;
+    }
+
+    /// [`Self::finish_ip`] for one packet that fits the MTU: a fragment's when `fragment`
+    /// says where it sits (over IPv6 its Fragment header is at [`L4_OFF`] already).
+    fn finish_packet(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        proto: u8,
+        l4_len: usize,
+        mac: Option<Mac>,
+        fragment: Option<ipv6::Fragment>,
+    ) {
         let v6 = dst.is_ipv6();
         let start = frame_start(v6);
         let len = ethernet::HEADER_LEN + ip_header_len(v6) + l4_len;
@@ -492,7 +561,14 @@ impl Switch {
         };
         match (src, dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                Ipv4Header::new(s, d, proto, l4_len).emit(&mut self.buf[start + ethernet::HEADER_LEN..]);
+                let mut h = Ipv4Header::new(s, d, proto, l4_len);
+                if let Some(f) = fragment {
+                    h.ident = f.ident as u16;
+                    h.dont_frag = false;
+                    h.more_fragments = f.more;
+                    h.frag_offset = f.offset;
+                }
+                h.emit(&mut self.buf[start + ethernet::HEADER_LEN..]);
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 let mut h = Ipv6Header::new(s, d, proto, l4_len);

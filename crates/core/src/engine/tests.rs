@@ -425,6 +425,60 @@ fn udp_replies_queued_together_all_reach_the_guest_in_order() {
     assert_eq!(got, replies);
 }
 
+/// A datagram beyond the MTU (reassembly.rs, `Switch::fragment`): the guest's fragments, in
+/// any order, make one datagram on the host socket, once the last is in; the host's answer,
+/// longer than the MTU too, goes to the guest in fragments of at most the MTU that make it
+/// whole again (offsets, flags, one identification, the UDP checksum over the whole).
+#[test]
+fn udp_beyond_the_mtu_goes_in_fragments_both_ways() {
+    let link = FakeLink::default();
+    let dialer = FakeDialer::default();
+    let cfg = Arc::new(NetConfig { mtu: 1500, ..NetConfig::default() });
+    let mut e = Engine::with_dialer(cfg, Box::new(dialer.clone()), None).unwrap();
+    e.add_link(Box::new(link.clone()));
+    let (g, r) = (*guest().ip(), *remote().ip());
+    let data: Vec<u8> = (0..5000).map(|i| (i * 7 % 251) as u8).collect();
+    let mut dgram = vec![0u8; udp::HEADER_LEN + data.len()];
+    dgram[udp::HEADER_LEN..].copy_from_slice(&data);
+    UdpHeader { src_port: 5000, dst_port: 7 }.emit(&mut dgram, data.len(), IpAddr::V4(g), IpAddr::V4(r));
+    let pieces: Vec<&[u8]> = dgram.chunks(1480).collect();
+    for (n, &i) in [3, 1, 0, 2].iter().enumerate() {
+        let mut f = frame_ipv4(PROTO_UDP, g, r, pieces[i]);
+        let mut h = Ipv4Header::parse(&f[ethernet::HEADER_LEN..]).unwrap().0;
+        (h.ident, h.dont_frag, h.more_fragments, h.frag_offset) = (77, false, i < 3, i * 1480);
+        h.emit(&mut f[ethernet::HEADER_LEN..]);
+        e.on_frame(0, &f, Instant::now());
+        e.udp_batch.flush();
+        assert_eq!(dialer.udp_peers.borrow().is_empty(), n < 3, "a flow only once whole");
+    }
+    let peer = dialer.udp_peers.borrow_mut().pop().unwrap();
+    let mut b = vec![0u8; 70000];
+    let n = peer.recv(&mut b).unwrap();
+    assert_eq!(&b[..n], &data[..]);
+
+    let reply: Vec<u8> = (0..4000).map(|i| (i * 13 % 253) as u8).collect();
+    peer.send(&reply).unwrap();
+    e.deliver_readiness(true, false, Instant::now());
+    let sent = std::mem::take(&mut *link.sent.borrow_mut());
+    assert_eq!(sent.len(), 3, "4,008 bytes of UDP in fragments of 1,480");
+    let mut whole = Vec::new();
+    let mut ident = None;
+    for (i, f) in sent.iter().enumerate() {
+        assert!(f.len() <= ethernet::HEADER_LEN + 1500);
+        let e = etherparse::Ipv4HeaderSlice::from_slice(&f[ethernet::HEADER_LEN..]).unwrap();
+        assert_eq!((e.more_fragments(), e.fragments_offset().byte_offset() as usize), (i < 2, whole.len()));
+        assert!(ident.is_none_or(|id| id == e.identification()));
+        ident = Some(e.identification());
+        let (_, p) = Ipv4Header::parse(&f[ethernet::HEADER_LEN..]).unwrap();
+        whole.extend_from_slice(p);
+    }
+    let (h, payload) = UdpHeader::parse(&whole).unwrap();
+    assert_eq!((h.src_port, h.dst_port, payload), (7, 5000, &reply[..]));
+    use usernet_wire::checksum;
+    let sum = checksum::add(checksum::pseudo(IpAddr::V4(r), IpAddr::V4(g), PROTO_UDP, whole.len()), &whole);
+    assert_eq!(checksum::finish(sum), 0, "the UDP checksum covers the whole datagram");
+}
+
 #[test]
 fn ping_gateway() {
     let (mut e, link, _) = engine(false);

@@ -10,6 +10,13 @@ to the gateway's MAC, and reports what comes back, one line per probe:
                                       ICMP <type> <code> or NONE
     rawguest.py udp IP PORT TEXT      a UDP datagram: UDP <payload>, ICMP <type> <code>
                                       or NONE
+    rawguest.py frags IP PORT COUNT   the first fragment of COUNT datagrams that never
+                                      complete, then a 3,600-byte datagram in three
+                                      fragments, the last first: ECHO if it comes back
+                                      whole, else what came
+    rawguest.py overlap IP PORT       a datagram in two fragments whose second overlaps
+                                      the first by 8 bytes: what comes back (NONE, when
+                                      the datagram is discarded)
 
 Used by crates/usernet/tests/run_hostile.rs.
 """
@@ -73,6 +80,15 @@ def ipv4(src, dst, proto, payload):
                     socket.inet_aton(src), socket.inet_aton(dst))
     h = h[:10] + struct.pack("!H", checksum(h)) + h[12:]
     return h + payload
+
+
+def ipv4_fragment(src, dst, proto, ident, offset, more, data):
+    """One fragment of a datagram: `data` at byte `offset` of its payload."""
+    flags = (0x2000 if more else 0) | (offset // 8)
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(data), ident, flags, 64, proto, 0,
+                    socket.inet_aton(src), socket.inet_aton(dst))
+    h = h[:10] + struct.pack("!H", checksum(h)) + h[12:]
+    return h + data
 
 
 def l4_checksum(src, dst, proto, seg):
@@ -154,6 +170,22 @@ def main():
     elif mode == "udp":
         payload = sys.argv[4].encode()
         sock.send(eth + ipv4(my_ip, dst, 17, udp(my_ip, dst, sport, dport, payload)))
+        print(answer(sock, my_ip, dst, dport, 17, sport), flush=True)
+    elif mode == "frags":
+        for i in range(int(sys.argv[4])):
+            junk = udp(my_ip, dst, sport, dport, b"x" * 3000)
+            sock.send(eth + ipv4_fragment(my_ip, dst, 17, 1000 + i, 0, True, junk[:1480]))
+        payload = b"after the flood " * 225
+        dgram = udp(my_ip, dst, sport, dport, payload)
+        for off in (2960, 1480, 0):
+            part = dgram[off:off + 1480]
+            sock.send(eth + ipv4_fragment(my_ip, dst, 17, 7, off, off + 1480 < len(dgram), part))
+        r = answer(sock, my_ip, dst, dport, 17, sport)
+        print("ECHO" if r == "UDP " + payload.decode().strip() else r[:60], flush=True)
+    elif mode == "overlap":
+        dgram = udp(my_ip, dst, sport, dport, b"overlapping" * 200)
+        sock.send(eth + ipv4_fragment(my_ip, dst, 17, 8, 0, True, dgram[:1480]))
+        sock.send(eth + ipv4_fragment(my_ip, dst, 17, 8, 1472, False, dgram[1472:]))
         print(answer(sock, my_ip, dst, dport, 17, sport), flush=True)
     else:
         sys.exit("unknown mode %s" % mode)

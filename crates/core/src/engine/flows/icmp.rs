@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::dial::IcmpKind;
 use crate::engine::sock;
-use crate::engine::switch::{ICMP_DATA_OFF, Switch, ip_header_len};
+use crate::engine::switch::{ICMP_DATA_OFF, Switch, max_l4_len};
 use usernet_wire::icmp::{self, IcmpHeader};
 use usernet_wire::icmpv6;
 use usernet_wire::ipv4::Ipv4Header;
@@ -105,7 +105,8 @@ impl IcmpFlow {
                 continue;
             }
             let room = switch.buf().len() - ICMP_DATA_OFF;
-            let len = data.len().min(room).min(switch.mtu - ip_header_len(v6) - icmp::HEADER_LEN);
+            // Beyond the guest's MTU the reply goes in fragments (`Switch::fragment`).
+            let len = data.len().min(room).min(max_l4_len(v6) - icmp::HEADER_LEN);
             switch.buf()[ICMP_DATA_OFF..ICMP_DATA_OFF + len].copy_from_slice(&data[..len]);
             let reply = IcmpHeader::echo(reply_type, self.ident, h.seq());
             match (self.remote, self.guest) {

@@ -186,7 +186,11 @@ impl UdpFlow {
             return Verdict::Close;
         }
         if n > max {
-            tracing::debug!("udp {} <- {}: {n}-byte datagram exceeds the MTU; dropped", self.guest, self.remote);
+            tracing::debug!(
+                "udp {} <- {}: {n}-byte datagram is longer than an IP packet to the guest carries; dropped",
+                self.guest,
+                self.remote
+            );
             return Verdict::Keep;
         }
         self.last_used = now;
