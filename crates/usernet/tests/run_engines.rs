@@ -59,6 +59,45 @@ fn two_engines_carry_parallel_transfers_both_ways() {
     assert!(qdiscs[0].starts_with("tc: qdisc pfifo_fast ") && qdiscs[0].contains(" root "), "{out}");
 }
 
+/// With two engines, fragments of a guest's datagram go to engine 0, which reassembles
+/// them, and the whole datagram goes to the engine of its flow: 16 UDP flows (each opened by
+/// a small datagram, so spread over both engines by the TAP's queues) each echo datagrams of
+/// 4,000 and 30,000 bytes at MTU 1500, byte for byte, over IPv4 and IPv6.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn fragmented_datagrams_reach_flows_of_either_engine() {
+    require(&["ip", "dnsmasq", "python3"]);
+    let dns = DnsUpstream::start();
+    let echo4 = Server::start(ServerKind::UdpEcho, None);
+    let echo6 = Server::start_on(ServerKind::UdpEcho, None, "::1");
+    let client = r#"
+import socket, sys
+def run(family, host, port):
+    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(16)]
+    ok = 0
+    for n in (8, 4000, 30000):
+        for i, s in enumerate(socks):
+            s.settimeout(5)
+            data = bytes((j * 7 + i + n) % 251 for j in range(n))
+            s.sendto(data, (host, port))
+            try:
+                ok += s.recv(70000) == data
+            except socket.timeout:
+                pass
+    print(family.name, ok)
+run(socket.AF_INET, sys.argv[1], int(sys.argv[2]))
+run(socket.AF_INET6, sys.argv[3], int(sys.argv[4]))
+"#;
+    let out = Usernet::new(&dns).args(&["--engine-threads", "2", "--mtu", "1500"]).sh(&format!(
+        "cat > /tmp/client.py <<'EOF'\n{client}\nEOF\n\
+         python3 /tmp/client.py {HOST_IP} {p4} fd75:7365:726e::254 {p6}",
+        p4 = echo4.port,
+        p6 = echo6.port
+    ));
+    out.assert_ok();
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), ["AF_INET 48", "AF_INET6 48"], "{out}");
+}
+
 /// Flows spread over both engines are all in `/v1/flows`, `/v1/stats` and `/metrics`
 /// (each engine adds its part to the answer). Twelve connections land all on one engine
 /// with odds of 1 in 2,048.

@@ -40,12 +40,12 @@ impl Engine {
         {
             p.write(frame);
         }
-        self.handle_frame(link, frame, now);
+        self.handle_frame(link, frame, true, now);
     }
 
-    /// A frame from the guest, counted and captured already (or a datagram reassembled from
-    /// its fragments, which was not).
-    fn handle_frame(&mut self, link: usize, frame: &[u8], now: Instant) {
+    /// A frame from the guest, counted in the link's statistics and captured already when
+    /// `counted` (a datagram reassembled from its fragments was neither: its fragments were).
+    fn handle_frame(&mut self, link: usize, frame: &[u8], counted: bool, now: Instant) {
         let Some((eth, payload)) = EthernetHeader::parse(frame) else {
             self.switch.drop_in(DropReason::Malformed);
             return;
@@ -84,7 +84,7 @@ impl Engine {
             }
         }
         // With several engines: a frame of another engine's flow goes to it (see shard.rs).
-        if self.shard.is_some() && !self.keep_frame(self.belongs(ip4.as_ref(), ip6.as_ref()), frame) {
+        if self.shard.is_some() && !self.keep_frame(self.belongs(ip4.as_ref(), ip6.as_ref()), frame, counted) {
             return;
         }
         match eth.ethertype {
@@ -225,21 +225,26 @@ impl Engine {
                 (start, ethernet::ETHERTYPE_IPV4)
             }
             Fragmented::V6(h) => {
-                // Neighbour discovery is never fragmented (RFC 6980): such a message is
-                // ignored.
-                if whole.protocol == PROTO_ICMPV6 && packet.get(head).is_some_and(|t| (133..=137).contains(t)) {
-                    self.switch.drop_in(DropReason::Icmpv6);
-                    return;
-                }
                 let start = head - ipv6::HEADER_LEN - ethernet::HEADER_LEN;
                 let whole_header =
                     Ipv6Header { hop_limit: h.hop_limit, ..Ipv6Header::new(h.src, h.dst, whole.protocol, len) };
                 whole_header.emit(&mut packet[start + ethernet::HEADER_LEN..]);
-                // A Fragment header within the fragments: each would be reassembled in
-                // turn, one call deeper, as often as a guest nests them. Refused.
-                if Ipv6Header::parse(&packet[start + ethernet::HEADER_LEN..]).is_some_and(|(h, _)| h.is_fragment()) {
-                    self.switch.drop_in(DropReason::Fragment);
-                    return;
+                // What the whole packet carries, past any extension headers in the
+                // fragments. A Fragment header among them would be reassembled in turn, one
+                // call deeper, as often as a guest nests them; neighbour discovery is never
+                // fragmented (RFC 6980). Both are refused.
+                match Ipv6Header::parse(&packet[start + ethernet::HEADER_LEN..]) {
+                    Some((h, _)) if h.is_fragment() => {
+                        self.switch.drop_in(DropReason::Fragment);
+                        return;
+                    }
+                    Some((h, l4))
+                        if h.protocol == PROTO_ICMPV6 && l4.first().is_some_and(|t| (133..=137).contains(t)) =>
+                    {
+                        self.switch.drop_in(DropReason::Icmpv6);
+                        return;
+                    }
+                    _ => {}
                 }
                 (start, ethernet::ETHERTYPE_IPV6)
             }
@@ -247,7 +252,7 @@ impl Engine {
         EthernetHeader { dst: self.cfg.gateway_mac, src: src_mac, ethertype }.emit(&mut packet[start..]);
         // Steered by its own flow, even when its fragments were handed here.
         let handed = self.set_handling_handed(false);
-        self.handle_frame(link, &packet[start..], now);
+        self.handle_frame(link, &packet[start..], false, now);
         self.set_handling_handed(handed);
     }
 

@@ -23,7 +23,9 @@
 //! datagrams in progress and [`MAX_BYTES`] of their buffers (each as long as its furthest
 //! fragment reaches), at most [`MAX_RANGES`] separate ranges a datagram, and
 //! [`TIMEOUT`] for a datagram to complete (Linux's `ipfrag_time`). A new datagram that
-//! would pass a bound evicts the oldest ones (the engine counts and logs the limit), and a
+//! would pass a bound evicts the oldest ones (the engine counts and logs the limit): its
+//! source's own once that source holds half of the datagrams or bytes, so that a guest
+//! that floods fragments does not take the room of another's datagrams; and a
 //! datagram past its time is dropped when the next fragment comes or at the engine's
 //! timers. Reassembly is not on the data path of a stream: TCP never fragments.
 
@@ -155,10 +157,17 @@ impl Reassembly {
             return added;
         }
         // Room first: older datagrams go (never this fragment's own) until a new datagram
-        // fits the count, and this fragment's bytes fit the total.
+        // fits the count, and this fragment's bytes fit the total. A source that holds half
+        // of either already makes room from its own, so that one guest flooding fragments
+        // cannot evict another's (`serve`: guests are bound to their addresses).
         let grow = (self.head + end).saturating_sub(at.map_or(0, |i| self.datagrams[i].bytes()));
         while (at.is_none() && self.datagrams.len() >= MAX_DATAGRAMS) || self.bytes + grow > MAX_BYTES {
-            let Some(victim) = (0..self.datagrams.len()).find(|&v| Some(v) != at) else { break };
+            let own = self.datagrams.iter().filter(|d| d.key.src == key.src);
+            let (count, bytes) = own.fold((0, 0), |(c, b), d| (c + 1, b + d.bytes()));
+            let greedy = 2 * count >= MAX_DATAGRAMS || 2 * (bytes + grow) > MAX_BYTES;
+            let others = || (0..self.datagrams.len()).filter(|&v| Some(v) != at);
+            let own_first = others().find(|&v| greedy && self.datagrams[v].key.src == key.src);
+            let Some(victim) = own_first.or_else(|| others().next()) else { break };
             added.dropped += self.discard(victim);
             added.evicted = true;
             if let Some(i) = at.as_mut()
@@ -484,6 +493,31 @@ mod tests {
             let a = r.add(key(2), Piece { offset: i * 8, more: true, protocol: 17, data: &d[..8] }, MAX, now);
             assert_eq!(a.dropped, 0);
         }
+    }
+
+    #[test]
+    fn a_source_that_floods_makes_room_from_its_own() {
+        let now = Instant::now();
+        let d = data(3000);
+        let mut r = Reassembly::new(HEAD);
+        let other = Key { src: Ipv4Addr::new(192, 168, 65, 3).into(), ..key(5) };
+        r.add(other, Piece { offset: 0, more: true, protocol: 17, data: &d[..1480] }, MAX, now);
+        for i in 0..1000 {
+            let a = feed(&mut r, key(i), &d, 1480, &[0], now);
+            assert!(r.held().0 <= MAX_DATAGRAMS, "{i}");
+            assert!(i < MAX_DATAGRAMS as u32 || a.evicted);
+        }
+        let a = r.add(other, Piece { offset: 1480, more: false, protocol: 17, data: &d[1480..] }, MAX, now);
+        assert_eq!(a.whole.expect("the other source's datagram survived the flood").packet[HEAD..], d[..]);
+        // By bytes too: fragments that reach far.
+        let mut r = Reassembly::new(HEAD);
+        r.add(other, Piece { offset: 0, more: true, protocol: 17, data: &d[..1480] }, MAX, now);
+        for i in 0..100 {
+            r.add(key(i), Piece { offset: 64000, more: true, protocol: 17, data: &d[..8] }, MAX, now);
+            assert!(r.held().1 <= MAX_BYTES);
+        }
+        let a = r.add(other, Piece { offset: 1480, more: false, protocol: 17, data: &d[1480..] }, MAX, now);
+        assert!(a.whole.is_some());
     }
 
     proptest! {

@@ -458,7 +458,9 @@ impl Engine {
     }
 
     /// Whether this engine handles the frame (else it was handed to the engine that does).
-    pub(super) fn keep_frame(&mut self, belongs: Belongs, frame: &[u8]) -> bool {
+    /// `counted`: the frame is in this engine's link statistics (a datagram reassembled from
+    /// its fragments is not: they are), which a handed frame leaves.
+    pub(super) fn keep_frame(&mut self, belongs: Belongs, frame: &[u8], counted: bool) -> bool {
         let Some(shard) = self.shard.as_mut() else { return true };
         if shard.handling_handed {
             if let Belongs::Syn(key) = belongs {
@@ -512,8 +514,10 @@ impl Engine {
             }
             Handed::Yes => {
                 // Counted by the engine that handles it.
-                self.switch.stats.frames_in -= 1;
-                self.switch.stats.bytes_in -= frame.len() as u64;
+                if counted {
+                    self.switch.stats.frames_in -= 1;
+                    self.switch.stats.bytes_in -= frame.len() as u64;
+                }
                 false
             }
         }

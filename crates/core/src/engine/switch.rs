@@ -62,6 +62,12 @@ pub fn max_l4_len(v6: bool) -> usize {
     if v6 { 0xffff } else { 0xffff - ipv4::HEADER_LEN }
 }
 
+/// A random number, from the standard library's per-process random hash keys.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish() as u32
+}
+
 /// Where a frame of the family starts in the buffer.
 fn frame_start(v6: bool) -> usize {
     ipv6::HEADER_LEN - ip_header_len(v6)
@@ -234,7 +240,8 @@ pub struct Switch {
     /// A datagram too long for the MTU, copied out while its fragments are built in `buf`
     /// ([`Switch::fragment`]); empty until first used.
     frag_scratch: Vec<u8>,
-    /// The identification of the last datagram sent in fragments.
+    /// The identification of the last datagram sent in fragments: counted on from a random
+    /// start, so that two engines (each with a switch) do not send the same one.
     frag_ident: u32,
     /// Each link carries one guest (`serve`): frames from another MAC, or from another
     /// source address than the first it used, are dropped ([`Switch::admit`]).
@@ -290,7 +297,7 @@ impl Switch {
             budget: Default::default(),
             finish_buf: Vec::new(),
             frag_scratch: Vec::new(),
-            frag_ident: 0,
+            frag_ident: random_u32(),
             bind_sources: false,
         }
     }
@@ -515,6 +522,15 @@ impl Switch {
             self.counters.dropped(DropReason::SendError);
             return;
         }
+        if self.dst_mac(dst, mac).is_none() {
+            // The guest has not spoken yet: fragments are not held for it, as the few
+            // frames of [`PENDING_PER_IP`] would keep only part of the datagram and push
+            // out what waits already. The datagram goes, as a datagram may; the guest is
+            // asked for its MAC for the next.
+            self.counters.dropped(DropReason::NoNeighbour);
+            self.ask_mac(dst);
+            return;
+        }
         let mut whole = std::mem::take(&mut self.frag_scratch);
         whole.clear();
         whole.extend_from_slice(&self.buf[L4_OFF..L4_OFF + l4_len]);
@@ -536,6 +552,20 @@ impl Switch {
         self.frag_scratch = whole;
     }
 
+    /// The Ethernet destination of a packet to `dst`: `mac` when given, a broadcast's or a
+    /// multicast group's, else the guest's whose address it is, if known.
+    fn dst_mac(&self, dst: IpAddr, mac: Option<Mac>) -> Option<Mac> {
+        match (mac, dst) {
+            (Some(m), _) => Some(m),
+            (None, IpAddr::V4(d)) if d.is_broadcast() => Some(BROADCAST_MAC),
+            (None, IpAddr::V6(d)) if d.is_multicast() => {
+                let o = d.octets();
+                Some([0x33, 0x33, o[12], o[13], o[14], o[15]])
+            }
+            (None, _) => self.neighbours.get(&dst).copied(),
+        }
+    }
+
     /// [`Self::finish_ip`] for one packet that fits the MTU: a fragment's when `fragment`
     /// says where it sits (over IPv6 its Fragment header is at [`L4_OFF`] already).
     fn finish_packet(
@@ -550,15 +580,7 @@ impl Switch {
         let v6 = dst.is_ipv6();
         let start = frame_start(v6);
         let len = ethernet::HEADER_LEN + ip_header_len(v6) + l4_len;
-        let dst_mac = match (mac, dst) {
-            (Some(m), _) => Some(m),
-            (None, IpAddr::V4(d)) if d.is_broadcast() => Some(BROADCAST_MAC),
-            (None, IpAddr::V6(d)) if d.is_multicast() => {
-                let o = d.octets();
-                Some([0x33, 0x33, o[12], o[13], o[14], o[15]])
-            }
-            (None, _) => self.neighbours.get(&dst).copied(),
-        };
+        let dst_mac = self.dst_mac(dst, mac);
         match (src, dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let mut h = Ipv4Header::new(s, d, proto, l4_len);

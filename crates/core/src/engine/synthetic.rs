@@ -145,7 +145,12 @@ fn take<'a>(data: &mut &'a [u8], n: usize) -> &'a [u8] {
 ///   of its global one), hop limit 255 so that neighbour and router discovery are heard;
 /// - `2`: every remote peer writes (u16 length, the bytes), or, for a zero length, closes;
 /// - `3`: readiness of every flow's socket, and the ACKs of the round;
-/// - `4`: time passes (a byte: seconds) and the timers run.
+/// - `4`: time passes (a byte: seconds) and the timers run;
+/// - `5`: a fragment from the guest (a byte: IPv6 if its high bit is set, the
+///   more-fragments flag in bit 6, a UDP or ICMP datagram to the gateway, a remote host or
+///   the host's address; a byte for the identification, of 256; u16 offset in 8-byte units;
+///   u16 length and the fragment's bytes), so that reassembly and what it hands on are
+///   reached.
 ///
 /// Whatever the bytes, the engine must not panic.
 pub fn fuzz_guest_frames(mut data: &[u8]) {
@@ -158,7 +163,7 @@ pub fn fuzz_guest_frames(mut data: &[u8]) {
     let mut frame = Vec::with_capacity(9216);
     while let Some((&op, rest)) = data.split_first() {
         data = rest;
-        match op % 5 {
+        match op % 6 {
             0 => {
                 let Some(len) = take_u16(&mut data) else { return };
                 e.on_frame(0, take(&mut data, len as usize), now);
@@ -211,6 +216,35 @@ pub fn fuzz_guest_frames(mut data: &[u8]) {
                 }
             }
             3 => e.deliver_readiness(true, true, now),
+            5 => {
+                let (Some(&kind), Some(&ident)) = (data.first(), data.get(1)) else { return };
+                data = &data[2..];
+                let (Some(offset), Some(len)) = (take_u16(&mut data), take_u16(&mut data)) else { return };
+                let bytes = take(&mut data, len as usize);
+                let (more, offset) = (kind & 0x40 != 0, usize::from(offset & 0x1fff) * 8);
+                let proto = [usernet_wire::PROTO_UDP, usernet_wire::PROTO_ICMP][usize::from(kind & 1)];
+                match cfg.v6.as_ref().filter(|_| kind & 0x80 != 0) {
+                    None => {
+                        let dst =
+                            [cfg.gateway, Ipv4Addr::new(203, 0, 113, 10), cfg.host][usize::from(kind >> 1 & 3) % 3];
+                        guest_packet(&mut frame, cfg.guest.into(), dst.into(), proto, bytes);
+                        let ip = &mut frame[usernet_wire::ethernet::HEADER_LEN..];
+                        let mut h = usernet_wire::ipv4::Ipv4Header::parse(ip).map(|(h, _)| h).expect("just built");
+                        (h.ident, h.dont_frag, h.more_fragments, h.frag_offset) = (ident.into(), false, more, offset);
+                        h.emit(ip);
+                    }
+                    Some(net) => {
+                        let dst = [net.gateway, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10), net.host]
+                            [usize::from(kind >> 1 & 3) % 3];
+                        let proto = if proto == usernet_wire::PROTO_ICMP { usernet_wire::PROTO_ICMPV6 } else { proto };
+                        let mut l4 = vec![0u8; usernet_wire::ipv6::FRAGMENT_HEADER_LEN];
+                        usernet_wire::ipv6::Fragment { offset, more, ident: ident.into() }.emit(proto, &mut l4);
+                        l4.extend_from_slice(bytes);
+                        guest_packet(&mut frame, net.guest.into(), dst.into(), usernet_wire::ipv6::EXT_FRAGMENT, &l4);
+                    }
+                }
+                e.on_frame(0, &frame, now);
+            }
             _ => {
                 let Some((&secs, rest)) = data.split_first() else { return };
                 data = rest;
