@@ -88,9 +88,14 @@ def run(family, host, port):
 run(socket.AF_INET, sys.argv[1], int(sys.argv[2]))
 run(socket.AF_INET6, sys.argv[3], int(sys.argv[4]))
 "#;
+    // In a directory of the test's own: the guest's /tmp is the host's, shared by every
+    // test and by the test user.
+    let dir = TempDir::new("engfrag");
+    let script = dir.join("client.py");
+    std::fs::write(&script, client).unwrap();
     let out = Usernet::new(&dns).args(&["--engine-threads", "2", "--mtu", "1500"]).sh(&format!(
-        "cat > /tmp/client.py <<'EOF'\n{client}\nEOF\n\
-         python3 /tmp/client.py {HOST_IP} {p4} fd75:7365:726e::254 {p6}",
+        "python3 {script} {HOST_IP} {p4} fd75:7365:726e::254 {p6}",
+        script = script.display(),
         p4 = echo4.port,
         p6 = echo6.port
     ));

@@ -283,12 +283,17 @@ after = counter("/proc/net/snmp", "ReasmOKs"), counter("/proc/net/snmp6", "Ip6Re
 print("reassembled", after[0] - before[0], after[1] - before[1])
 print("fragmented", counter("/proc/net/snmp", "FragOKs"), counter("/proc/net/snmp6", "Ip6FragOKs"))
 "#;
+    // In a directory of the test's own: the guest's /tmp is the host's, shared by every
+    // test and by the test user.
+    let dir = TempDir::new("frag");
+    let script = dir.join("client.py");
+    std::fs::write(&script, client).unwrap();
     let ping = ping_cmd();
     let out = Usernet::new(&dns).arg("--mtu").arg("1500").sh(&format!(
-        "cat > /tmp/client.py <<'EOF'\n{client}\nEOF\n\
-         python3 /tmp/client.py {HOST_IP} {p4} fd75:7365:726e::254 {p6}; \
+        "python3 {script} {HOST_IP} {p4} fd75:7365:726e::254 {p6}; \
          timeout 20 {ping} -c 1 -W 5 -s 3000 {GATEWAY_IP} | grep -c '1 received'; \
          timeout 20 {ping} -6 -c 1 -W 5 -s 20000 fd75:7365:726e::1 | grep -c '1 received'",
+        script = script.display(),
         p4 = echo4.port,
         p6 = echo6.port
     ));
