@@ -190,14 +190,14 @@ impl Engine {
                     protocol: h.protocol,
                     data: payload,
                 },
-                0xffff - ipv4::HEADER_LEN,
+                max_l4_len(false),
             ),
             Fragmented::V6(h) => {
                 let Some(f) = h.fragment else { return };
                 (
                     reassembly::Key { src: h.src.into(), dst: h.dst.into(), protocol: 0, ident: f.ident },
                     reassembly::Piece { offset: f.offset, more: f.more, protocol: h.protocol, data: payload },
-                    0xffff,
+                    max_l4_len(true),
                 )
             }
         };
