@@ -83,6 +83,40 @@ fn gateway_answers_its_own_names() {
     assert!(!dns.log_text().contains("docker.internal"), "{}", dns.log_text());
 }
 
+/// Twenty queries of one length sent back to back on one socket get twenty answers: the
+/// gateway's DNS takes datagrams on a socketpair, where a segmented send (UDP_SEGMENT,
+/// engine/udp_batch.rs) would arrive as one message.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_burst_of_queries_on_one_socket_gets_an_answer_each() {
+    require(&["ip", "dnsmasq", "python3"]);
+    let dns = DnsUpstream::start();
+    let client = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 53))
+s.settimeout(5)
+name = b"".join(bytes([len(p)]) + p for p in b"host.docker.internal".split(b".")) + b"\0"
+for i in range(1, 21):
+    s.send(struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1))
+ids, ok = set(), 0
+try:
+    while len(ids) < 20:
+        answer = s.recv(4096)
+        ids.add(struct.unpack(">H", answer[:2])[0])
+        ok += answer[3] & 0xF == 0 and bytes([192, 168, 65, 254]) in answer
+except socket.timeout:
+    pass
+print("answers", len(ids), "ok", ok)
+"#;
+    let dir = TempDir::new("dnsburst");
+    let script = dir.join("client.py");
+    std::fs::write(&script, client).unwrap();
+    let out = Usernet::new(&dns).sh(&format!("python3 {} {GATEWAY_IP}", script.display()));
+    out.assert_ok();
+    assert_eq!(out.stdout.trim(), "answers 20 ok 20", "{out}");
+}
+
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn add_host_records() {

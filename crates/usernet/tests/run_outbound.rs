@@ -324,6 +324,109 @@ print("fragmented", counter("/proc/net/snmp", "FragOKs"), counter("/proc/net/snm
     assert_eq!(lines[lines.len() - 2..], ["1", "1"], "pings of the gateway: {out}");
 }
 
+/// A guest's burst of datagrams of one size to one destination leaves usernet as one
+/// segmented send (UDP_SEGMENT, engine/udp_batch.rs), which the host's kernel cuts into the
+/// same datagrams again: every datagram reaches the echo server as it was sent, one by one,
+/// whole (its sha256 against the copy the guest kept) and in order, in windows whose last is
+/// shorter. To the host's loopback over IPv4 and IPv6 (segmented); to a remote host behind
+/// a 1500-byte link: over IPv4, 100-byte datagrams segmented 14 at a time and 1,400-byte
+/// ones one by one, all with DF (a segmented send beyond the route's MTU would leave its
+/// datagrams without it: the remote host counts any that come so, and none may); over
+/// IPv6 1,400-byte ones segmented; 3,000-byte ones over IPv6 refused segmented (EMSGSIZE)
+/// and sent one by one, which the kernel fragments, and over IPv4 one by one.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn udp_bursts_of_one_size_arrive_datagram_by_datagram() {
+    require(&["ip", "dnsmasq", "python3", "nft"]);
+    let dns = DnsUpstream::start();
+    let echo4 = Server::start(ServerKind::UdpEcho, None);
+    let echo6 = Server::start_on(ServerKind::UdpEcho, None, "::1");
+    let remote = RemoteHost::new();
+    let remote_echo = Server::start_in_on(&remote, ServerKind::UdpEcho, None, "::");
+    // Whole IPv4 datagrams to the echo without DF (fragment offset, MF and DF all 0), seen
+    // before the kernel puts fragments together (priority -500).
+    let nft = format!(
+        "ip netns exec {ns} nft add table ip burst && \
+         ip netns exec {ns} nft add counter ip burst nodf && \
+         ip netns exec {ns} nft add chain ip burst pre '{{ type filter hook prerouting priority -500; }}' && \
+         ip netns exec {ns} nft add rule ip burst pre 'ip frag-off & 0x7fff == 0' udp dport {p} counter name nodf",
+        ns = remote.ns,
+        p = remote_echo.port
+    );
+    sh(&nft).assert_ok();
+    let client = r#"
+import hashlib, socket, sys
+def burst(family, host, port, size, count, windows):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(5)
+    # Each window in one send that the guest's kernel cuts into the datagrams
+    # (UDP_SEGMENT): they reach usernet's TAP together, as a bulk sender's do.
+    s.setsockopt(socket.SOL_UDP, 103, size)
+    same = lost = wrong = reordered = 0
+    for window in range(windows):
+        sent, order, datagrams = {}, [], []
+        for i in range(count):
+            n = size // 2 if i == count - 1 else size
+            head = b"%03d:%02d:" % (window, i)
+            data = head + bytes((window * 13 + i * 7 + k) % 251 for k in range(n - len(head)))
+            sent[head] = hashlib.sha256(data).hexdigest()
+            order.append(head)
+            datagrams.append(data)
+        s.send(b"".join(datagrams))
+        for _ in range(count):
+            try:
+                got = s.recv(70000)
+            except socket.timeout:
+                lost += 1
+                continue
+            if got[:7] in order and order.index(got[:7]) != 0:
+                reordered += 1
+            if got[:7] in order:
+                order.remove(got[:7])
+            if sent.pop(got[:7], None) == hashlib.sha256(got).hexdigest():
+                same += 1
+            else:
+                wrong += 1
+    print(family.name, size, "same", same, "wrong", wrong, "lost", lost, "reordered", reordered)
+host4, port4, host6, port6, remote4, remote6, rport = sys.argv[1:]
+burst(socket.AF_INET, host4, int(port4), 1400, 32, 40)
+burst(socket.AF_INET6, host6, int(port6), 1400, 32, 40)
+burst(socket.AF_INET, remote4, int(rport), 100, 32, 10)
+burst(socket.AF_INET, remote4, int(rport), 1400, 16, 10)
+burst(socket.AF_INET6, remote6, int(rport), 1400, 16, 10)
+burst(socket.AF_INET, remote4, int(rport), 3000, 16, 10)
+burst(socket.AF_INET6, remote6, int(rport), 3000, 16, 10)
+"#;
+    let dir = TempDir::new("burst");
+    let script = dir.join("client.py");
+    std::fs::write(&script, client).unwrap();
+    let out = Usernet::new(&dns).sh(&format!(
+        "python3 {script} {HOST_IP} {p4} fd75:7365:726e::254 {p6} {ip} {ip6} {r}",
+        script = script.display(),
+        p4 = echo4.port,
+        p6 = echo6.port,
+        ip = remote.ip,
+        ip6 = remote.ip6,
+        r = remote_echo.port
+    ));
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let want = [
+        "AF_INET 1400 same 1280 wrong 0 lost 0 reordered 0",
+        "AF_INET6 1400 same 1280 wrong 0 lost 0 reordered 0",
+        "AF_INET 100 same 320 wrong 0 lost 0 reordered 0",
+        "AF_INET 1400 same 160 wrong 0 lost 0 reordered 0",
+        "AF_INET6 1400 same 160 wrong 0 lost 0 reordered 0",
+        "AF_INET 3000 same 160 wrong 0 lost 0 reordered 0",
+        "AF_INET6 3000 same 160 wrong 0 lost 0 reordered 0",
+    ];
+    assert_eq!(lines, want, "{out}");
+    let counter = sh(&format!("ip netns exec {} nft list counter ip burst nodf", remote.ns));
+    counter.assert_ok();
+    assert!(counter.stdout.contains("packets 0 bytes 0"), "IPv4 datagrams without DF: {counter}");
+}
+
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn ping_gateway_host_and_remote() {

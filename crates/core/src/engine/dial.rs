@@ -28,7 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use super::sock;
+use super::sock::{self, Segmenting};
 use crate::config::NetConfig;
 use crate::guest::GuestKey;
 use crate::policy::{DenyReason, Verdict, Via};
@@ -52,9 +52,16 @@ pub enum IcmpKind {
     Raw,
 }
 
+/// A UDP flow's socket, dialled.
+pub struct UdpDial {
+    pub fd: OwnedFd,
+    /// Whether, and how far, its sends may be segmented (udp_batch.rs).
+    pub segmenting: Segmenting,
+}
+
 pub trait Dialer {
     fn tcp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<TcpDial>;
-    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<OwnedFd>;
+    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<UdpDial>;
     fn icmp(&mut self, dst: IpAddr) -> io::Result<(OwnedFd, IcmpKind)>;
 }
 
@@ -65,6 +72,8 @@ pub struct HostDialer {
     icmp_kind: Option<IcmpKind>,
     /// The same for ICMPv6.
     icmp6_kind: Option<IcmpKind>,
+    /// The kernel segments UDP sends (UDP_SEGMENT).
+    udp_segment: bool,
     /// The guest was told (in the log) that ping cannot work here.
     told_no_icmp: bool,
     /// Destinations refused because they are the host's loopback, each logged once (at
@@ -93,7 +102,8 @@ impl HostDialer {
             Some(k) => tracing::debug!("ICMP echo through {k:?} sockets (ICMPv6: {icmp6_kind:?})"),
             None => tracing::debug!("no ping or raw ICMP sockets allowed"),
         }
-        HostDialer { cfg, services, icmp_kind, icmp6_kind, told_no_icmp: false, denied: HashSet::new() }
+        let udp_segment = probe_udp_segment();
+        HostDialer { cfg, services, icmp_kind, icmp6_kind, udp_segment, told_no_icmp: false, denied: HashSet::new() }
     }
 
     pub fn services(&self) -> &ServiceHub {
@@ -245,19 +255,24 @@ impl Dialer for HostDialer {
         }
     }
 
-    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<OwnedFd> {
+    fn udp(&mut self, dst: SocketAddr, guest: SocketAddr, who: GuestKey) -> io::Result<UdpDial> {
         match self.target(dst.ip()) {
-            Target::Gateway => self
-                .services
-                .connect_udp(dst.port(), guest, who)
-                .ok_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            Target::Gateway => match self.services.connect_udp(dst.port(), guest, who) {
+                Some(fd) => Ok(UdpDial { fd, segmenting: Segmenting::Never }),
+                None => Err(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            },
             Target::Unreachable => Err(unreachable()),
             Target::Refused => Err(self.refused("udp", dst, Some(guest))),
             Target::Host(ip) => {
                 let fd = sock::socket_for(ip, libc::SOCK_DGRAM, 0)?;
                 self.bind_outbound(fd.as_fd(), ip)?;
                 sock::connect(fd.as_fd(), SocketAddr::new(ip, dst.port()))?;
-                Ok(fd)
+                let segmenting = match (self.udp_segment, ip) {
+                    (false, _) => Segmenting::Never,
+                    (true, IpAddr::V4(_)) => Segmenting::RouteMtu,
+                    (true, IpAddr::V6(_)) => Segmenting::Full,
+                };
+                Ok(UdpDial { fd, segmenting })
             }
         }
     }
@@ -288,6 +303,17 @@ impl Dialer for HostDialer {
         sock::connect(fd.as_fd(), SocketAddr::new(ip, 0))?;
         Ok((fd, kind))
     }
+}
+
+/// Whether the kernel segments UDP sends (UDP_SEGMENT, Linux 4.18). An older one ignores
+/// the control message and sends the whole buffer as one datagram, so it is asked first.
+pub(super) fn probe_udp_segment() -> bool {
+    let Ok(fd) = sock::socket_for(Ipv4Addr::UNSPECIFIED.into(), libc::SOCK_DGRAM, 0) else { return false };
+    let ok = sock::set_int(fd.as_fd(), libc::SOL_UDP, sock::UDP_SEGMENT, 1400).is_ok();
+    if !ok {
+        tracing::debug!("this kernel does not segment UDP sends: each datagram goes on its own");
+    }
+    ok
 }
 
 fn icmp_proto(v6: bool) -> libc::c_int {

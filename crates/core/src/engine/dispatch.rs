@@ -391,15 +391,16 @@ impl Engine {
             None => {
                 self.bound_udp(now);
                 let admitted = dial::admit(&self.cfg, Via::Udp, remote, Some(guest));
-                let fd = match admitted.and_then(|()| self.dialer.udp(remote, guest, self.guest_key(ip.src))) {
-                    Ok(fd) => fd,
-                    Err(e) => {
-                        tracing::debug!("udp {guest} -> {remote}: {e}");
-                        let why = Unreachable::from_errno(e.raw_os_error().unwrap_or(libc::EHOSTUNREACH));
-                        self.switch.send_unreachable(ip.src, ip.dst, why, PROTO_UDP, datagram.len(), datagram);
-                        return;
-                    }
-                };
+                let (fd, segmenting) =
+                    match admitted.and_then(|()| self.dialer.udp(remote, guest, self.guest_key(ip.src))) {
+                        Ok(dial) => (dial.fd, dial.segmenting),
+                        Err(e) => {
+                            tracing::debug!("udp {guest} -> {remote}: {e}");
+                            let why = Unreachable::from_errno(e.raw_os_error().unwrap_or(libc::EHOSTUNREACH));
+                            self.switch.send_unreachable(ip.src, ip.dst, why, PROTO_UDP, datagram.len(), datagram);
+                            return;
+                        }
+                    };
                 if !self.within_fd_reserve(fd.as_raw_fd(), now) {
                     return;
                 }
@@ -409,12 +410,14 @@ impl Engine {
                         dst == crate::config::GATEWAY_LINK_LOCAL || self.cfg.v6.is_some_and(|n| dst == n.dns)
                     }
                 };
-                let flow = if to_gateway_dns && h.dst_port == 53 {
+                let mut flow = if to_gateway_dns && h.dst_port == 53 {
                     self.bound_gateway_dns(now);
-                    Flow::Udp(UdpFlow::new_gateway_dns(guest, remote, fd, now))
+                    UdpFlow::new_gateway_dns(guest, remote, fd, now)
                 } else {
-                    Flow::Udp(UdpFlow::new(guest, remote, fd, flows::udp::IDLE, now))
+                    UdpFlow::new(guest, remote, fd, flows::udp::IDLE, now)
                 };
+                flow.segmenting = segmenting;
+                let flow = Flow::Udp(flow);
                 match self.add_flow(flow, Interest::READABLE) {
                     Some(id) => id,
                     None => return,
@@ -432,7 +435,7 @@ impl Engine {
                     if self.udp_batch.full(payload.len()) {
                         self.udp_batch.flush();
                     }
-                    self.udp_batch.push(id, fd, payload);
+                    self.udp_batch.push(id, fd, payload, f.segmenting);
                 }
                 None => f.from_guest(payload, now),
             }

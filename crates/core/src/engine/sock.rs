@@ -341,6 +341,24 @@ pub fn get_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> io::
 }
 
 /// SO_MEMINFO (asm-generic/socket.h; the libc crate names only its indices).
+/// linux/udp.h: a send's payload is cut into datagrams of this many bytes (a u16; Linux 4.18).
+pub const UDP_SEGMENT: libc::c_int = 103;
+/// Payload of one segmented UDP send: what one IPv4 datagram can carry (the kernel's bound).
+pub const UDP_MAX_SEGMENTED_BYTES: usize = 65_507;
+
+/// Whether, and how far, a UDP socket's sends may be segmented (engine/udp_batch.rs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Segmenting {
+    /// Never: a service's socketpair (it would take a segmented send as one message), or a
+    /// kernel without UDP_SEGMENT (it would ignore the control message and do the same).
+    #[default]
+    Never,
+    /// An IPv4 socket: what fits its route's MTU, read before each group.
+    RouteMtu,
+    /// An IPv6 socket: up to [`UDP_MAX_SEGMENTED_BYTES`].
+    Full,
+}
+
 const SO_MEMINFO: libc::c_int = 55;
 
 /// What a TCP socket's send buffer takes now, as the kernel counts it: its size less what

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Engine;
-use super::dial::{Dialer, IcmpKind, TcpDial};
+use super::dial::{Dialer, IcmpKind, TcpDial, UdpDial};
 use super::flows::FlowId;
+use super::sock::Segmenting;
 use crate::config::NetConfig;
 use crate::guest::GuestKey;
 use crate::link::Link;
@@ -87,7 +88,7 @@ impl Dialer for PairDialer {
         self.tcp_peers.borrow_mut().push(b);
         Ok(TcpDial { fd: OwnedFd::from(a), connected: !self.in_progress, is_tcp: false })
     }
-    fn udp(&mut self, _dst: SocketAddr, _guest: SocketAddr, who: GuestKey) -> io::Result<OwnedFd> {
+    fn udp(&mut self, _dst: SocketAddr, _guest: SocketAddr, who: GuestKey) -> io::Result<UdpDial> {
         self.guests.borrow_mut().push(who);
         if self.refuse {
             return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
@@ -95,7 +96,7 @@ impl Dialer for PairDialer {
         let (a, b) = UnixDatagram::pair()?;
         a.set_nonblocking(true)?;
         self.udp_peers.borrow_mut().push(b);
-        Ok(OwnedFd::from(a))
+        Ok(UdpDial { fd: OwnedFd::from(a), segmenting: Segmenting::Never })
     }
     fn icmp(&mut self, _dst: IpAddr) -> io::Result<(OwnedFd, IcmpKind)> {
         Err(io::Error::from_raw_os_error(libc::EPERM))

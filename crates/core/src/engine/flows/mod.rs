@@ -198,7 +198,7 @@ impl Key4 {
 }
 
 /// A flow's handle: slot index and generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowId {
     pub slot: u32,
     pub generation: u32,

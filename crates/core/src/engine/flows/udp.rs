@@ -65,6 +65,8 @@ pub struct UdpFlow {
     unanswered: u32,
     /// Bytes each way, for `/v1/flows` (activity is `last_used`).
     pub traffic: super::Traffic,
+    /// Whether, and how far, its own socket's sends may be segmented (udp_batch.rs).
+    pub segmenting: crate::engine::sock::Segmenting,
 }
 
 impl UdpFlow {
@@ -79,6 +81,7 @@ impl UdpFlow {
             gateway_dns: false,
             unanswered: 0,
             traffic: super::Traffic::new(now),
+            segmenting: crate::engine::sock::Segmenting::Never,
         }
     }
 
@@ -107,6 +110,7 @@ impl UdpFlow {
             gateway_dns: false,
             unanswered: 0,
             traffic: super::Traffic::new(now),
+            segmenting: crate::engine::sock::Segmenting::Never,
         }
     }
 
