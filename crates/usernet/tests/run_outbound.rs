@@ -427,6 +427,72 @@ burst(socket.AF_INET6, remote6, int(rport), 3000, 16, 10)
     assert!(counter.stdout.contains("packets 0 bytes 0"), "IPv4 datagrams without DF: {counter}");
 }
 
+/// A server that answers with bursts sent segmented (UDP_SEGMENT, as QUIC servers send):
+/// they reach usernet's flow socket as one coalesced read (UDP_GRO), and the guest gets
+/// them as one segmented frame that its kernel cuts (a TAP with USO), or one by one. Either
+/// way each datagram arrives as the server cut it, in order (sha256 of each, the last of
+/// each window half as long), over IPv4 and IPv6, with 1,400 and 100-byte datagrams.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn udp_bursts_sent_segmented_reach_the_guest_datagram_by_datagram() {
+    require(&["ip", "dnsmasq", "python3"]);
+    let dns = DnsUpstream::start();
+    let burst4 = Server::start(ServerKind::UdpBurst, None);
+    let burst6 = Server::start_on(ServerKind::UdpBurst, None, "::1");
+    let client = r#"
+import hashlib, socket, sys
+sys.path.insert(0, sys.argv[1])
+from testserver import burst_datagram
+def bursts(family, host, port, size, count, windows):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(5)
+    same = lost = wrong = reordered = 0
+    for window in range(windows):
+        want = [hashlib.sha256(burst_datagram(window, i, size, count)).hexdigest() for i in range(count)]
+        s.send(b"burst %d %d %d" % (size, count, window))
+        for i in range(count):
+            try:
+                got = s.recv(70000)
+            except socket.timeout:
+                lost += count - i
+                break
+            digest = hashlib.sha256(got).hexdigest()
+            if digest == want[i]:
+                same += 1
+            elif digest in want:
+                reordered += 1
+            else:
+                wrong += 1
+    print(family.name, size, "same", same, "wrong", wrong, "lost", lost, "reordered", reordered)
+port4, port6 = int(sys.argv[2]), int(sys.argv[3])
+bursts(socket.AF_INET, sys.argv[4], port4, 1400, 40, 30)
+bursts(socket.AF_INET6, "fd75:7365:726e::254", port6, 1400, 40, 30)
+bursts(socket.AF_INET, sys.argv[4], port4, 100, 60, 10)
+bursts(socket.AF_INET6, "fd75:7365:726e::254", port6, 1200, 2, 10)
+"#;
+    let dir = TempDir::new("gro");
+    let script = dir.join("client.py");
+    std::fs::write(&script, client).unwrap();
+    let helpers = common::helper_script();
+    let out = Usernet::new(&dns).sh(&format!(
+        "python3 {script} {helpers} {p4} {p6} {HOST_IP}",
+        script = script.display(),
+        helpers = helpers.parent().unwrap().display(),
+        p4 = burst4.port,
+        p6 = burst6.port,
+    ));
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let want = [
+        "AF_INET 1400 same 1200 wrong 0 lost 0 reordered 0",
+        "AF_INET6 1400 same 1200 wrong 0 lost 0 reordered 0",
+        "AF_INET 100 same 600 wrong 0 lost 0 reordered 0",
+        "AF_INET6 1200 same 20 wrong 0 lost 0 reordered 0",
+    ];
+    assert_eq!(lines, want, "{out}");
+}
+
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn ping_gateway_host_and_remote() {

@@ -42,8 +42,8 @@ proptest! {
         let _ = ndp::NeighborAdvert::parse(&data);
     }
 
-    /// A guest's offload instructions (`vnet_hdr::finish`) on frames that start like TCP
-    /// over IPv4 or IPv6 and then go wrong anywhere: never a panic, and what comes out
+    /// A guest's offload instructions (`vnet_hdr::finish`) on frames that start like TCP or
+    /// UDP over IPv4 or IPv6 and then go wrong anywhere: never a panic, and what comes out
     /// fits in a frame and carries no more payload than went in.
     #[test]
     fn offloads_finished_never_panic(
@@ -51,7 +51,7 @@ proptest! {
         head in proptest::collection::vec(any::<u8>(), 0..120),
         len in 0usize..9000,
         cut in any::<prop::sample::Index>(),
-        hdr in (any::<u8>(), prop::sample::select(vec![0u8, 1, 3, 4, 0x81, 0x84, 0x42]), any::<u16>(),
+        hdr in (any::<u8>(), prop::sample::select(vec![0u8, 1, 3, 4, 5, 0x81, 0x84, 0x85, 0x42]), any::<u16>(),
                 prop_oneof![Just(0u16), 1u16..2000, any::<u16>()], any::<u16>(), any::<u16>()),
     ) {
         let mut b = vec![0u8; 14 + len];
@@ -62,20 +62,21 @@ proptest! {
         let n = head.len().min(b.len() - 14);
         b[14..14 + n].copy_from_slice(&head[..n]);
         // Often a consistent protocol and length, so that segmentation runs.
+        let proto = if hdr.0 & 4 == 0 { 6 } else { 17 };
         if !v6 && b.len() >= 34 && hdr.0 & 1 == 0 {
             b[14] = 0x45;
-            b[23] = 6;
+            b[23] = proto;
             put16(&mut b, 16, len as u16);
             put16(&mut b, 20, 0);
         }
         if v6 && b.len() >= 54 && hdr.0 & 1 == 0 {
             b[14] = 0x60;
-            b[20] = 6;
+            b[20] = proto;
             put16(&mut b, 18, (len - 40) as u16);
-            // Often a Hop-by-Hop or Destination Options header in front of TCP.
+            // Often a Hop-by-Hop or Destination Options header in front of TCP or UDP.
             if b.len() >= 62 && hdr.0 & 2 != 0 {
                 b[20] = if hdr.2 & 1 == 0 { 0 } else { 60 };
-                b[54] = if hdr.2 & 2 == 0 { 6 } else { 60 };
+                b[54] = if hdr.2 & 2 == 0 { proto } else { 60 };
                 b[55] = (hdr.4 % 4) as u8;
             }
         }

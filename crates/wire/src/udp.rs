@@ -39,6 +39,22 @@ impl UdpHeader {
         let c = checksum::finish(acc);
         put16(buf, 6, if c == 0 { 0xffff } else { c });
     }
+
+    /// Writes the header for a checksum the receiver completes (an offloaded frame, F_NEEDS_CSUM):
+    /// the pseudo-header's folded sum in the checksum field, as Linux's UDP leaves it. For a
+    /// segmented (USO) frame, `payload_len` is the whole payload: each datagram's length and
+    /// checksum are adjusted from these when it is cut.
+    pub fn emit_partial(&self, buf: &mut [u8], payload_len: usize, src: IpAddr, dst: IpAddr) {
+        let len = HEADER_LEN + payload_len;
+        put16(buf, 0, self.src_port);
+        put16(buf, 2, self.dst_port);
+        put16(buf, 4, len as u16);
+        let mut acc = checksum::pseudo(src, dst, PROTO_UDP, len);
+        while acc >> 16 != 0 {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        put16(buf, 6, acc as u16);
+    }
 }
 
 #[cfg(test)]

@@ -74,6 +74,9 @@ pub struct HostDialer {
     icmp6_kind: Option<IcmpKind>,
     /// The kernel segments UDP sends (UDP_SEGMENT).
     udp_segment: bool,
+    /// Whether flow sockets ask the kernel to coalesce arriving datagrams (UDP_GRO, Linux
+    /// 5.0); false once the kernel has refused it.
+    udp_gro: bool,
     /// The guest was told (in the log) that ping cannot work here.
     told_no_icmp: bool,
     /// Destinations refused because they are the host's loopback, each logged once (at
@@ -103,7 +106,16 @@ impl HostDialer {
             None => tracing::debug!("no ping or raw ICMP sockets allowed"),
         }
         let udp_segment = probe_udp_segment();
-        HostDialer { cfg, services, icmp_kind, icmp6_kind, udp_segment, told_no_icmp: false, denied: HashSet::new() }
+        HostDialer {
+            cfg,
+            services,
+            icmp_kind,
+            icmp6_kind,
+            udp_segment,
+            udp_gro: true,
+            told_no_icmp: false,
+            denied: HashSet::new(),
+        }
     }
 
     pub fn services(&self) -> &ServiceHub {
@@ -272,6 +284,13 @@ impl Dialer for HostDialer {
                     (true, IpAddr::V4(_)) => Segmenting::RouteMtu,
                     (true, IpAddr::V6(_)) => Segmenting::Full,
                 };
+                // Datagrams of one size that arrive together (a QUIC server's burst, sent
+                // segmented or coalesced by the host's NIC) are read at once, and go to the
+                // guest in one segmented frame where its link takes them (flows/udp.rs).
+                if self.udp_gro && sock::set_int(fd.as_fd(), libc::SOL_UDP, sock::UDP_GRO, 1).is_err() {
+                    tracing::debug!("this kernel does not coalesce UDP datagrams (UDP_GRO): each is read on its own");
+                    self.udp_gro = false;
+                }
                 Ok(UdpDial { fd, segmenting })
             }
         }

@@ -19,6 +19,7 @@ use usernet_wire::ipv4::{self, Ipv4Header};
 use usernet_wire::ipv6::{self, Ipv6Header};
 use usernet_wire::tcp::{ACK, RST, SYN, TcpHeader};
 use usernet_wire::udp::UdpHeader;
+use usernet_wire::vnet_hdr::{self, VnetHdr};
 use usernet_wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 use super::flows::{self, Flow, FlowKey, IcmpFlow, TcpFlow, UdpFlow, Verdict};
@@ -31,21 +32,47 @@ use crate::services::dhcp6;
 impl Engine {
     /// One frame from the guest. Never panics, whatever the bytes.
     pub fn on_frame(&mut self, link: usize, frame: &[u8], now: Instant) {
-        self.switch.stats.frames_in += 1;
-        self.switch.stats.bytes_in += frame.len() as u64;
-        // (A frame another engine handed over was captured there.)
+        // (A frame another engine handed over was captured there, and is whole.)
         let handed = self.handling_handed();
         if let Some(p) = self.switch.pcap.as_mut()
             && !handed
         {
             p.write(frame);
         }
-        self.handle_frame(link, frame, true, now);
+        let offloads = if handed { VnetHdr::default() } else { self.switch.recv_offloads(link) };
+        if offloads.gso_type & !vnet_hdr::GSO_ECN != vnet_hdr::GSO_UDP_L4 {
+            self.count_in(frame);
+            self.handle_frame(link, frame, true, offloads, now);
+            return;
+        }
+        // A guest's segmented UDP send (USO, tap.rs) is the datagrams it stands for: each is
+        // counted and handled as the frame the guest's kernel would have sent without the
+        // offload (and the flow's batch sends them segmented again, udp_batch.rs). So an
+        // engine that hands one to another engine takes out what it counted of it.
+        let mut scratch = std::mem::take(&mut self.uso_scratch);
+        let cut = vnet_hdr::finish(frame, &offloads, &mut scratch, |datagram| {
+            self.count_in(datagram);
+            self.handle_frame(link, datagram, true, VnetHdr::default(), now);
+        });
+        self.uso_scratch = scratch;
+        if let Err(why) = cut {
+            tracing::debug!("a segmented UDP frame from the guest: {why}");
+            self.count_in(frame);
+            self.switch.drop_in(DropReason::Malformed);
+        }
+    }
+
+    /// Counts a frame from the guest in the links' statistics.
+    fn count_in(&mut self, frame: &[u8]) {
+        self.switch.stats.frames_in += 1;
+        self.switch.stats.bytes_in += frame.len() as u64;
     }
 
     /// A frame from the guest, counted in the link's statistics and captured already when
     /// `counted` (a datagram reassembled from its fragments was neither: its fragments were).
-    fn handle_frame(&mut self, link: usize, frame: &[u8], counted: bool, now: Instant) {
+    /// `offloads`: what the frame leaves to its receiver (`Link::recv_offloads`), for a guest
+    /// it is forwarded to.
+    fn handle_frame(&mut self, link: usize, frame: &[u8], counted: bool, offloads: VnetHdr, now: Instant) {
         let Some((eth, payload)) = EthernetHeader::parse(frame) else {
             self.switch.drop_in(DropReason::Malformed);
             return;
@@ -78,7 +105,7 @@ impl Engine {
         self.switch.learn(link, eth.src, src_ip);
         // The switch: frames for other guests go to them; broadcasts go to them too.
         if eth.dst != self.cfg.gateway_mac {
-            self.switch.forward(link, frame);
+            self.switch.forward(link, frame, &offloads);
             if eth.dst[0] & 1 == 0 {
                 return;
             }
@@ -252,7 +279,7 @@ impl Engine {
         EthernetHeader { dst: self.cfg.gateway_mac, src: src_mac, ethertype }.emit(&mut packet[start..]);
         // Steered by its own flow, even when its fragments were handed here.
         let handed = self.set_handling_handed(false);
-        self.handle_frame(link, &packet[start..], false, now);
+        self.handle_frame(link, &packet[start..], false, VnetHdr::default(), now);
         self.set_handling_handed(handed);
     }
 

@@ -139,6 +139,8 @@ pub struct Engine {
     udp_batch: udp_batch::UdpBatch,
     /// The guests' fragmented datagrams being made whole (reassembly.rs).
     reassembly: reassembly::Reassembly,
+    /// Where a guest's segmented UDP frame is cut into its datagrams (dispatch.rs).
+    uso_scratch: Vec<u8>,
     /// Sockets of the guest's network namespace, for spliced loopback connections.
     guest_sockets: Option<guest_sockets::GuestSockets>,
     next_splice_id: u64,
@@ -373,6 +375,7 @@ impl Engine {
             acceptors: Vec::new(),
             udp_batch: Default::default(),
             reassembly: reassembly::Reassembly::new(switch::L4_OFF),
+            uso_scratch: Vec::new(),
             guest_sockets: None,
             stop_without_links: false,
             stop: None,

@@ -98,12 +98,36 @@ pub fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<std::net::SocketAddr
 }
 
 /// What [`recv_two`] received: how many datagrams (0: none was waiting) and, for each, its
-/// real length (MSG_TRUNC: longer than its buffer when it did not fit) and its sender.
+/// real length (MSG_TRUNC: longer than its buffer when it did not fit), its sender, and
+/// (a socket with UDP_GRO) the size of the datagrams the kernel coalesced into it, 0 when
+/// it is one datagram.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TwoDatagrams {
     pub count: usize,
     pub len: [usize; 2],
     pub from: [Option<std::net::SocketAddr>; 2],
+    pub segment: [usize; 2],
+}
+
+/// linux/udp.h: the kernel may coalesce a socket's datagrams of one size that arrive
+/// together into one read, and says their size in a control message (Linux 5.0).
+pub const UDP_GRO: libc::c_int = 104;
+
+/// The size that a UDP_GRO control message in `msg` gives, 0 when there is none.
+fn gro_segment(msg: &libc::msghdr) -> usize {
+    // SAFETY: msg's control buffer is the one the kernel filled in, of msg_controllen bytes;
+    // CMSG_FIRSTHDR and CMSG_NXTHDR stay within it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let at = libc::CMSG_DATA(c) as *const libc::c_int;
+                return usize::try_from(std::ptr::read_unaligned(at)).unwrap_or(0);
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    0
 }
 
 /// Receives up to two datagrams in one recvmmsg, the first into `first`, the second into
@@ -114,6 +138,8 @@ pub struct TwoDatagrams {
 pub fn recv_two(fd: BorrowedFd<'_>, first: &mut [u8], second: &mut [u8]) -> io::Result<TwoDatagrams> {
     // SAFETY: all-zero sockaddr_storage and mmsghdr values are valid.
     let mut names: [libc::sockaddr_storage; 2] = unsafe { std::mem::zeroed() };
+    // Room for one control message of an int each (UDP_GRO's), aligned as cmsghdr.
+    let mut control = [[0u64; 4]; 2];
     let mut iov = [
         libc::iovec { iov_base: first.as_mut_ptr() as *mut libc::c_void, iov_len: first.len() },
         libc::iovec { iov_base: second.as_mut_ptr() as *mut libc::c_void, iov_len: second.len() },
@@ -124,8 +150,11 @@ pub fn recv_two(fd: BorrowedFd<'_>, first: &mut [u8], second: &mut [u8]) -> io::
         m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         m.msg_hdr.msg_iov = &mut iov[i];
         m.msg_hdr.msg_iovlen = 1;
+        m.msg_hdr.msg_control = control[i].as_mut_ptr() as *mut libc::c_void;
+        m.msg_hdr.msg_controllen = size_of_val(&control[i]);
     }
-    // SAFETY: msgs points at two headers whose names and buffers outlive the call.
+    // SAFETY: msgs points at two headers whose names, buffers and control buffers outlive
+    // the call.
     let r = unsafe {
         libc::recvmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), 2, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut())
     };
@@ -138,6 +167,7 @@ pub fn recv_two(fd: BorrowedFd<'_>, first: &mut [u8], second: &mut [u8]) -> io::
                 if msgs[i].msg_hdr.msg_namelen > 0 {
                     got.from[i] = from_sockaddr(&names[i]);
                 }
+                got.segment[i] = gro_segment(&msgs[i].msg_hdr);
             }
             Ok(got)
         }

@@ -422,6 +422,56 @@ impl Switch {
         self.send_udp_to_mac(from, to, payload_len, None);
     }
 
+    /// Sends `payload_len` bytes at UDP_PAYLOAD_OFF, datagrams of `segment` bytes that the
+    /// host's kernel coalesced (UDP_GRO; the last may be shorter), as the datagrams they
+    /// were: where the guest's link takes segmented UDP (USO) and a datagram fits the MTU,
+    /// as frames of up to [`vnet_hdr::MAX_UDP_SEGMENTS`] datagrams that the guest's kernel
+    /// cuts; else one by one, each moved to the front of the payload area over bytes sent
+    /// (and in fragments when it does not fit the MTU, as any datagram).
+    pub fn send_udp_segments(&mut self, from: SocketAddr, to: SocketAddr, payload_len: usize, segment: usize) {
+        let v6 = to.is_ipv6();
+        let segment = segment.max(1);
+        let fits = ip_header_len(v6) + udp::HEADER_LEN + segment <= self.mtu;
+        let run = if fits && self.uso_to(to.ip()) { segment * vnet_hdr::MAX_UDP_SEGMENTS } else { segment };
+        let mut off = 0;
+        while off < payload_len {
+            let n = (payload_len - off).min(run);
+            if off > 0 {
+                self.buf.copy_within(UDP_PAYLOAD_OFF + off..UDP_PAYLOAD_OFF + off + n, UDP_PAYLOAD_OFF);
+            }
+            if n > segment {
+                self.send_uso(from, to, n, segment);
+            } else {
+                self.send_udp(from, to, n);
+            }
+            off += n;
+        }
+    }
+
+    /// Sends the `payload_len` bytes at UDP_PAYLOAD_OFF as one segmented frame (GSO_UDP_L4)
+    /// of datagrams of `segment` bytes, more than one: one UDP header for the whole, its
+    /// checksum left to the guest's kernel, which cuts the frame.
+    fn send_uso(&mut self, from: SocketAddr, to: SocketAddr, payload_len: usize, segment: usize) {
+        let v6 = to.is_ipv6();
+        let iph = ip_header_len(v6);
+        UdpHeader { src_port: from.port(), dst_port: to.port() }.emit_partial(
+            &mut self.buf[L4_OFF..],
+            payload_len,
+            from.ip(),
+            to.ip(),
+        );
+        self.vnet = Some(VnetHdr {
+            flags: vnet_hdr::F_NEEDS_CSUM,
+            gso_type: vnet_hdr::GSO_UDP_L4,
+            hdr_len: (ethernet::HEADER_LEN + iph + udp::HEADER_LEN) as u16,
+            gso_size: segment as u16,
+            csum_start: (ethernet::HEADER_LEN + iph) as u16,
+            csum_offset: 6,
+        });
+        self.finish_ip(from.ip(), to.ip(), PROTO_UDP, udp::HEADER_LEN + payload_len, None);
+        self.vnet = None;
+    }
+
     /// The same, to a given MAC (DHCP replies to a client without an address).
     pub fn send_udp_to_mac(&mut self, from: SocketAddr, to: SocketAddr, payload_len: usize, mac: Option<Mac>) {
         UdpHeader { src_port: from.port(), dst_port: to.port() }.emit(
@@ -948,8 +998,9 @@ impl Switch {
     }
 
     /// Switches a guest's frame that is not (only) for the gateway: to the link of its
-    /// destination MAC, or to every other link for broadcasts and unknown MACs.
-    pub fn forward(&mut self, from: usize, frame: &[u8]) {
+    /// destination MAC, or to every other link for broadcasts and unknown MACs. `offloads`:
+    /// what the sender's link left undone (`Link::recv_offloads`).
+    pub fn forward(&mut self, from: usize, frame: &[u8], offloads: &VnetHdr) {
         let Some((eth, _)) = ethernet::EthernetHeader::parse(frame) else { return };
         let target = if eth.dst[0] & 1 == 0 { self.macs.get(&eth.dst).copied() } else { None };
         if target == Some(from) {
@@ -961,8 +1012,7 @@ impl Switch {
         // What the sender's offloads left undone: a guest whose link takes offloads gets
         // the frame as it is, with them; any other, the frames its kernel would have made
         // (a checksum completed, a large TCP segment cut to the sender's segment size).
-        let offloads =
-            self.links.get(from).and_then(Option::as_ref).map(|s| s.link.recv_offloads()).unwrap_or_default();
+        let offloads = *offloads;
         let whole = offloads.flags & vnet_hdr::F_NEEDS_CSUM == 0 && offloads.gso_type == vnet_hdr::GSO_NONE;
         let takes_offloads = |i: usize| self.links.get(i).and_then(Option::as_ref).is_some_and(|s| s.link.offloads());
         let (frames, bytes, errors) = if whole {
@@ -1053,11 +1103,24 @@ impl Switch {
     /// Whether the guest at `ip` is known, on a link that takes offloaded frames: TCP data
     /// then goes to it in frames of up to 64 KiB with the checksum left to its kernel.
     fn offloads_to(&self, ip: IpAddr) -> bool {
-        self.neighbours
-            .get(&ip)
-            .and_then(|mac| self.macs.get(mac))
-            .and_then(|&i| self.links.get(i)?.as_ref())
-            .is_some_and(|slot| slot.link.offloads())
+        self.link_of_guest(ip).is_some_and(|link| link.offloads())
+    }
+
+    /// Whether the guest at `ip` is known and its link takes segmented UDP frames (USO).
+    fn uso_to(&self, ip: IpAddr) -> bool {
+        self.link_of_guest(ip).is_some_and(|link| link.offloads_udp())
+    }
+
+    /// The link of the guest at `ip`, when its MAC and where it sits are known.
+    fn link_of_guest(&self, ip: IpAddr) -> Option<&dyn Link> {
+        let slot =
+            self.neighbours.get(&ip).and_then(|mac| self.macs.get(mac)).and_then(|&i| self.links.get(i)?.as_ref())?;
+        Some(slot.link.as_ref())
+    }
+
+    /// What link `index`'s last frame leaves to its receiver (`Link::recv_offloads`).
+    pub fn recv_offloads(&self, index: usize) -> VnetHdr {
+        self.links.get(index).and_then(Option::as_ref).map(|s| s.link.recv_offloads()).unwrap_or_default()
     }
 
     /// Asks for the MAC of `ip`, at most once a second per address: a broadcast ARP

@@ -35,6 +35,8 @@ pub struct RecordingLink {
     pub recv_offloads: Rc<std::cell::Cell<VnetHdr>>,
     /// The link takes offloaded frames (`Link::offloads`); those it got, with their headers.
     pub takes_offloads: Rc<std::cell::Cell<bool>>,
+    /// It also takes segmented UDP frames (`Link::offloads_udp`).
+    pub takes_uso: Rc<std::cell::Cell<bool>>,
     pub sent_offloaded: Rc<RefCell<Vec<Offloaded>>>,
 }
 
@@ -57,6 +59,9 @@ impl Link for RecordingLink {
     }
     fn offloads(&self) -> bool {
         self.takes_offloads.get()
+    }
+    fn offloads_udp(&self) -> bool {
+        self.takes_offloads.get() && self.takes_uso.get()
     }
     fn send_offloaded(&mut self, frame: &[u8], hdr: &VnetHdr) -> io::Result<()> {
         self.sent_offloaded.borrow_mut().push((frame.to_vec(), *hdr));

@@ -425,6 +425,159 @@ fn udp_replies_queued_together_all_reach_the_guest_in_order() {
     assert_eq!(got, replies);
 }
 
+/// The whole UDP datagrams of `frames` (checked: IPv4 header checksum, UDP length and
+/// checksum), as (source port, destination port, payload).
+fn whole_udp(frames: &[Vec<u8>]) -> Vec<(u16, u16, Vec<u8>)> {
+    use usernet_wire::checksum;
+    frames
+        .iter()
+        .map(|f| {
+            let (_, p) = EthernetHeader::parse(f).unwrap();
+            let (ip, l4) = Ipv4Header::parse(p).expect("a valid IPv4 header");
+            assert_eq!(usize::from(u16::from_be_bytes([l4[4], l4[5]])), l4.len(), "UDP length");
+            let sum = checksum::add(checksum::pseudo(ip.src.into(), ip.dst.into(), PROTO_UDP, l4.len()), l4);
+            assert_eq!(checksum::finish(sum), 0, "UDP checksum");
+            let (h, payload) = UdpHeader::parse(l4).unwrap();
+            (h.src_port, h.dst_port, payload.to_vec())
+        })
+        .collect()
+}
+
+/// Datagrams that the host's kernel coalesced into one read (UDP_GRO) reach each guest as
+/// the datagrams they were: one segmented frame (USO) of up to 64 of them to a guest whose
+/// link takes it, which its kernel cuts exactly as `vnet_hdr::finish` does; whole datagrams,
+/// one by one, to a guest whose link does not, and to any guest when they do not fit the MTU
+/// (then each in fragments).
+#[test]
+fn udp_datagrams_read_together_reach_each_guest_as_its_link_takes_them() {
+    use super::switch::UDP_PAYLOAD_OFF;
+    use usernet_wire::vnet_hdr::{self, VnetHdr};
+    let (mut e, plain, _dialer) = engine(false);
+    let fast = FakeLink::default();
+    fast.takes_offloads.set(true);
+    fast.takes_uso.set(true);
+    e.add_link(Box::new(fast.clone()));
+    let (a, b) = (Ipv4Addr::new(192, 168, 65, 2), Ipv4Addr::new(192, 168, 65, 3));
+    e.switch.learn(0, GUEST_MAC, Some(IpAddr::V4(a)));
+    e.switch.learn(1, [0x02, 0, 0, 0, 0, 0x0b], Some(IpAddr::V4(b)));
+    let from = std::net::SocketAddr::new(IpAddr::V4(*remote().ip()), 443);
+    // (total, datagram size, frames to the guest that takes USO)
+    for (len, size, uso_frames) in [(3000usize, 1000usize, 1usize), (2999, 1000, 1), (10_000, 100, 2), (1500, 1000, 1)]
+    {
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 7) as u8).collect();
+        let expect: Vec<(u16, u16, Vec<u8>)> = data.chunks(size).map(|c| (443, 40000, c.to_vec())).collect();
+        for to in [a, b] {
+            e.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + len].copy_from_slice(&data);
+            e.switch.send_udp_segments(from, std::net::SocketAddr::new(IpAddr::V4(to), 40000), len, size);
+        }
+        let to_plain = std::mem::take(&mut *plain.sent.borrow_mut());
+        assert!(plain.sent_offloaded.borrow().is_empty());
+        assert_eq!(whole_udp(&to_plain), expect, "{len} bytes in {size}: one by one");
+        let to_fast = std::mem::take(&mut *fast.sent_offloaded.borrow_mut());
+        assert_eq!(to_fast.len(), uso_frames, "{len} bytes in {size}: segmented frames");
+        let mut cut = Vec::new();
+        for (frame, hdr) in &to_fast {
+            let payload = frame.len() - 42;
+            if payload > size {
+                // As Linux takes it from a TAP (virtio_net_hdr_to_skb, __udp_gso_segment):
+                // the checksum at the UDP header's offset 6, holding the pseudo-header's
+                // sum over the whole length, which the UDP length field says too.
+                let want = VnetHdr {
+                    flags: vnet_hdr::F_NEEDS_CSUM,
+                    gso_type: vnet_hdr::GSO_UDP_L4,
+                    hdr_len: 42,
+                    gso_size: size as u16,
+                    csum_start: 34,
+                    csum_offset: 6,
+                };
+                assert_eq!(*hdr, want);
+                assert!(payload <= size * vnet_hdr::MAX_UDP_SEGMENTS);
+                let udp_len = usize::from(u16::from_be_bytes([frame[38], frame[39]]));
+                assert_eq!(udp_len, 8 + payload, "the UDP length is the whole frame's");
+                let mut sum =
+                    usernet_wire::checksum::pseudo(IpAddr::V4(*remote().ip()), IpAddr::V4(b), PROTO_UDP, udp_len);
+                while sum >> 16 != 0 {
+                    sum = (sum & 0xffff) + (sum >> 16);
+                }
+                assert_eq!(u16::from_be_bytes([frame[40], frame[41]]), sum as u16, "the pseudo-header's sum");
+            }
+            vnet_hdr::finish(frame, hdr, &mut Vec::new(), |f| cut.push(f.to_vec())).unwrap();
+        }
+        cut.extend(std::mem::take(&mut *fast.sent.borrow_mut()));
+        assert_eq!(whole_udp(&cut), expect, "{len} bytes in {size}: as the guest's kernel cuts them");
+    }
+    // Datagrams longer than the MTU: never segmented, each in fragments.
+    let cfg = Arc::new(NetConfig { mtu: 1500, ..NetConfig::default() });
+    let mut e = Engine::with_dialer(cfg, Box::new(FakeDialer::default()), None).unwrap();
+    e.add_link(Box::new(fast.clone()));
+    e.switch.learn(0, GUEST_MAC, Some(IpAddr::V4(a)));
+    e.switch.buf()[UDP_PAYLOAD_OFF..UDP_PAYLOAD_OFF + 6000].fill(9);
+    e.switch.send_udp_segments(from, std::net::SocketAddr::new(IpAddr::V4(a), 40000), 6000, 3000);
+    assert!(fast.sent_offloaded.borrow().is_empty());
+    let sent = std::mem::take(&mut *fast.sent.borrow_mut());
+    assert_eq!(sent.len(), 6, "two datagrams of 3,000 bytes in three fragments each");
+    assert!(sent.iter().all(|f| f.len() <= ethernet::HEADER_LEN + 1500));
+}
+
+/// A guest's segmented UDP send (USO: one frame from a TAP whose kernel knows it) is the
+/// datagrams it stands for: each reaches the host's socket as the guest sent it, each is
+/// counted as a frame, and one for another guest reaches it whole.
+#[test]
+fn a_guest_s_segmented_udp_frame_goes_out_datagram_by_datagram() {
+    use usernet_wire::vnet_hdr::{self, VnetHdr};
+    let (mut e, link, dialer) = engine(false);
+    let peer = udp_flow_pinged(&mut e, &dialer);
+    let before = e.switch.stats.frames_in;
+    let (g, r) = (*guest().ip(), *remote().ip());
+    let data: Vec<u8> = (0..5000).map(|i| (i * 7 % 251) as u8).collect();
+    let mut dgram = vec![0u8; udp::HEADER_LEN + data.len()];
+    dgram[udp::HEADER_LEN..].copy_from_slice(&data);
+    UdpHeader { src_port: 5000, dst_port: 7 }.emit_partial(&mut dgram, data.len(), IpAddr::V4(g), IpAddr::V4(r));
+    let uso = VnetHdr {
+        flags: vnet_hdr::F_NEEDS_CSUM,
+        gso_type: vnet_hdr::GSO_UDP_L4,
+        hdr_len: 42,
+        gso_size: 1200,
+        csum_start: 34,
+        csum_offset: 6,
+    };
+    link.recv_offloads.set(uso);
+    e.on_frame(0, &frame_ipv4(PROTO_UDP, g, r, &dgram), Instant::now());
+    e.udp_batch.flush();
+    assert_eq!(e.switch.stats.frames_in - before, 5, "5,000 bytes in datagrams of 1,200: five frames");
+    let mut got = Vec::new();
+    let mut b = [0u8; 70000];
+    while got.len() < 5 {
+        let n = peer.recv(&mut b).unwrap();
+        got.push(b[..n].to_vec());
+    }
+    assert_eq!(got, data.chunks(1200).map(|c| c.to_vec()).collect::<Vec<_>>(), "each datagram as the guest sent it");
+    // One cut short is dropped as malformed, and counted once.
+    let before = e.switch.stats.frames_in;
+    let f = frame_ipv4(PROTO_UDP, g, r, &dgram);
+    e.on_frame(0, &f[..f.len() - 1], Instant::now());
+    assert_eq!(e.switch.stats.frames_in - before, 1);
+    // To another guest on the switch: whole datagrams.
+    let other = FakeLink::default();
+    e.add_link(Box::new(other.clone()));
+    let other_mac = [0x02, 0, 0, 0, 0, 0x0b];
+    e.switch.learn(1, other_mac, Some(IpAddr::V4(Ipv4Addr::new(192, 168, 65, 3))));
+    let mut to_other = frame_ipv4(PROTO_UDP, g, Ipv4Addr::new(192, 168, 65, 3), &dgram);
+    to_other[..6].copy_from_slice(&other_mac);
+    let mut d3 = dgram.clone();
+    UdpHeader { src_port: 5000, dst_port: 7 }.emit_partial(
+        &mut d3,
+        data.len(),
+        IpAddr::V4(g),
+        IpAddr::V4(Ipv4Addr::new(192, 168, 65, 3)),
+    );
+    to_other[34..].copy_from_slice(&d3);
+    e.on_frame(0, &to_other, Instant::now());
+    let got = whole_udp(&other.sent.borrow());
+    assert_eq!(got, data.chunks(1200).map(|c| (5000, 7, c.to_vec())).collect::<Vec<_>>());
+    link.recv_offloads.set(VnetHdr::default());
+}
+
 /// A datagram beyond the MTU (reassembly.rs, `Switch::fragment`): the guest's fragments, in
 /// any order, make one datagram on the host socket, once the last is in; the host's answer,
 /// longer than the MTU too, goes to the guest in fragments of at most the MTU that make it

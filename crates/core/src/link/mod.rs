@@ -125,6 +125,11 @@ pub trait Link {
     fn offloads(&self) -> bool {
         false
     }
+    /// True when the link also takes segmented UDP frames (USO, GSO_UDP_L4) that the guest's
+    /// kernel cuts into datagrams: a TAP device whose kernel knows them (Linux 6.2).
+    fn offloads_udp(&self) -> bool {
+        false
+    }
     /// Writes one frame with its offload instructions (only called when `offloads()`).
     fn send_offloaded(&mut self, frame: &[u8], hdr: &usernet_wire::vnet_hdr::VnetHdr) -> io::Result<()> {
         let _ = hdr;

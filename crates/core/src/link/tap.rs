@@ -21,7 +21,11 @@
 //! filled in, which the guest's kernel takes as one large segment. Headers are read and
 //! written with readv/writev beside the frame, so frames are never moved. A frame the
 //! switch forwards to another guest keeps its header for a link that takes offloads, and is
-//! finished (checksum, segments) for one that does not (`Link::recv_offloads`).
+//! finished (checksum, segments) for one that does not (`Link::recv_offloads`). Where the
+//! kernel knows UDP segmentation (USO4, USO6: Linux 6.2), the guest's segmented UDP sends
+//! come as one frame too, which the engine cuts into its datagrams (`dispatch.rs`), and
+//! usernet sends the guest datagrams that came to a flow's socket together as one frame
+//! (`flows/udp.rs`).
 
 use std::ffi::CString;
 use std::io;
@@ -42,12 +46,16 @@ pub struct Tap {
     vnet: bool,
     /// The virtio-net header of the frame read last ([`Link::recv_offloads`]).
     last_offloads: VnetHdr,
+    /// The device takes and gives segmented UDP (USO4, USO6: Linux 6.2).
+    uso: bool,
     name: String,
 }
 
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 impl Tap {
     /// Creates TAP interface `name` in the current network namespace (it starts down).
@@ -86,7 +94,7 @@ impl Tap {
         // SAFETY: TUNSETIFF reads and writes one ifreq, which lives across the call.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
         Errno::result(rc)?;
-        Ok(Tap { fd, vnet: false, last_offloads: VnetHdr::default(), name: name.to_string() })
+        Ok(Tap { fd, vnet: false, last_offloads: VnetHdr::default(), uso: false, name: name.to_string() })
     }
 
     /// Wraps the descriptor of an existing TAP device (received from the sandbox) and makes
@@ -107,7 +115,7 @@ impl Tap {
         } else {
             (false, String::from("tap"))
         };
-        let mut tap = Tap { fd, vnet: false, last_offloads: VnetHdr::default(), name };
+        let mut tap = Tap { fd, vnet: false, last_offloads: VnetHdr::default(), uso: false, name };
         if has_vnet {
             tap.allow_guest_offloads()?;
             tap.vnet = true;
@@ -115,13 +123,24 @@ impl Tap {
         Ok(tap)
     }
 
-    /// Lets the guest's kernel hand over frames with partial checksums and large TCP
-    /// segments (TUNSETOFFLOAD), for the whole device (every queue).
+    /// Lets the guest's kernel hand over frames with partial checksums, large TCP segments
+    /// and, where the kernel knows them (Linux 6.2; before, TUNSETOFFLOAD refuses them with
+    /// EINVAL), segmented UDP frames (TUNSETOFFLOAD), for the whole device (every queue).
+    /// A kernel that knows USO also takes such frames from usernet ([`Link::offloads_udp`]).
     fn allow_guest_offloads(&mut self) -> io::Result<()> {
         let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
-        // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, offloads as libc::c_ulong) };
-        Errno::result(rc)?;
+        let set = |flags: libc::c_uint| {
+            // SAFETY: TUNSETOFFLOAD takes its argument by value.
+            Errno::result(unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) })
+        };
+        match set(offloads | TUN_F_USO4 | TUN_F_USO6) {
+            Ok(_) => self.uso = true,
+            Err(Errno::EINVAL) => {
+                tracing::debug!("tap {}: this kernel has no UDP segmentation offload (USO)", self.name);
+                set(offloads)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
     }
 
@@ -216,6 +235,10 @@ impl Link for Tap {
 
     fn offloads(&self) -> bool {
         self.vnet
+    }
+
+    fn offloads_udp(&self) -> bool {
+        self.vnet && self.uso
     }
 
     fn recv_offloads(&self) -> VnetHdr {

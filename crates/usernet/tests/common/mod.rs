@@ -994,6 +994,9 @@ pub enum ServerKind {
     Rst,
     /// UDP: echoes every datagram.
     UdpEcho,
+    /// UDP: answers "burst SIZE COUNT WINDOW" with COUNT datagrams in one segmented send
+    /// (UDP_SEGMENT; see testserver.py).
+    UdpBurst,
 }
 
 /// A helper server on the host's loopback (127.0.0.1) or in a [`RemoteHost`]
@@ -1049,6 +1052,7 @@ impl Server {
             ServerKind::Sink => "sink",
             ServerKind::Rst => "rst",
             ServerKind::UdpEcho => "udp-echo",
+            ServerKind::UdpBurst => "udp-burst",
         };
         cmd.arg(helper_script()).arg(mode);
         if let Some(d) = dir {

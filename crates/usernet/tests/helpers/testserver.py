@@ -16,6 +16,9 @@ would query the machine's resolver: see docs/testing.md).
   testserver.py rst [--bind ADDR]       TCP: reads the first bytes, then resets
                                         the connection (SO_LINGER 0)
   testserver.py udp-echo [--bind ADDR]  UDP: sends every datagram back
+  testserver.py udp-burst [--bind ADDR] UDP: answers "burst SIZE COUNT WINDOW" with COUNT
+                                        datagrams (the last half as long) in one send cut by
+                                        the kernel (UDP_SEGMENT), as a QUIC server sends
 """
 
 import argparse
@@ -27,6 +30,13 @@ import socketserver
 import struct
 import sys
 import threading
+
+
+def burst_datagram(window, i, size, count):
+    """Datagram i of a udp-burst window: a head that names it, then bytes of a pattern."""
+    n = size // 2 if i == count - 1 else size
+    head = b"%03d:%02d:" % (window, i)
+    return head + bytes((window * 13 + i * 7 + k) % 251 for k in range(n - len(head)))
 
 
 def exit_when_stdin_closes():
@@ -113,7 +123,7 @@ class RstHandler(socketserver.BaseRequestHandler):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["http", "sink", "rst", "udp-echo"])
+    parser.add_argument("mode", choices=["http", "sink", "rst", "udp-echo", "udp-burst"])
     parser.add_argument("dir", nargs="?")
     parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -132,6 +142,17 @@ def main():
         server = ThreadingTCP((args.bind, args.port), SinkHandler)
     elif args.mode == "rst":
         server = ThreadingTCP((args.bind, args.port), RstHandler)
+    elif args.mode == "udp-burst":
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((args.bind, args.port))
+        announce(sock.getsockname()[1])
+        while True:
+            data, peer = sock.recvfrom(65535)
+            _, size, count, window = data.split()
+            size, count, window = int(size), int(count), int(window)
+            burst = b"".join(burst_datagram(window, i, size, count) for i in range(count))
+            udp_segment = 103
+            sock.sendmsg([burst], [(socket.SOL_UDP, udp_segment, struct.pack("H", size))], 0, peer)
     else:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.bind((args.bind, args.port))

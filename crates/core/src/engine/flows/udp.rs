@@ -12,6 +12,11 @@
 //! every query it carried has had its answer, after [`IDLE_DNS_ANSWERED`] instead of
 //! [`IDLE_DNS`], so that a guest's lookups do not keep two descriptors each for long.
 //!
+//! An outbound flow's socket has UDP_GRO (dial.rs): datagrams of one size that arrive
+//! together come in one read, and go to the guest as one segmented frame (USO) that the
+//! guest's kernel cuts, where its link takes them, or else cut here one by one
+//! (`Switch::send_udp_segments`).
+//!
 //! A published UDP port makes inbound flows: datagrams from one client address arrive on
 //! the shared listening socket and go to the guest from the client's (mapped) address;
 //! the guest's replies leave through that listening socket, to the client, with sendto.
@@ -154,8 +159,10 @@ impl UdpFlow {
     /// that only hears EAGAIN.
     pub fn on_readable(&mut self, switch: &mut Switch, now: Instant) -> (Verdict, ReadRound) {
         let max = switch.max_udp_payload(self.remote.is_ipv6());
-        // At most 1024 datagrams a wakeup, so that one flood does not hold the loop.
-        for _ in 0..512 {
+        // At most 1024 datagrams a wakeup (those of a coalesced read counted one by one), so
+        // that one flood does not hold the loop.
+        let mut left = 1024usize;
+        while left > 0 {
             let UdpSocket::Own(s) = &self.socket else { return (Verdict::Keep, ReadRound::Drained) };
             let got = match switch.recv_two_udp(s.as_fd(), max) {
                 Ok(got) => got,
@@ -164,6 +171,7 @@ impl UdpFlow {
                         Some(libc::ECONNREFUSED) => self.port_unreachable(switch),
                         _ => tracing::debug!("udp {} <- {}: {e}", self.guest, self.remote),
                     }
+                    left -= 1;
                     continue;
                 }
             };
@@ -171,7 +179,12 @@ impl UdpFlow {
                 if i == 1 {
                     switch.swap_spare();
                 }
-                if self.deliver(switch, got.len[i], max, now) == Verdict::Close {
+                let datagrams = match got.segment[i] {
+                    0 => 1,
+                    size => got.len[i].div_ceil(size).max(1),
+                };
+                left = left.saturating_sub(datagrams);
+                if self.deliver(switch, got.len[i], got.segment[i], max, now) == Verdict::Close {
                     return (Verdict::Close, ReadRound::Drained);
                 }
             }
@@ -183,8 +196,9 @@ impl UdpFlow {
     }
 
     /// One datagram of `n` bytes (its real length) received into the switch's buffer at
-    /// UDP_PAYLOAD_OFF: sends it to the guest.
-    fn deliver(&mut self, switch: &mut Switch, n: usize, max: usize, now: Instant) -> Verdict {
+    /// UDP_PAYLOAD_OFF, or (`segment` > 0: UDP_GRO) datagrams of `segment` bytes that the
+    /// kernel coalesced, the last maybe shorter: sends them to the guest.
+    fn deliver(&mut self, switch: &mut Switch, n: usize, segment: usize, max: usize, now: Instant) -> Verdict {
         if n == 0 && self.gateway_dns {
             // The service closed its end (its socketpair is SOCK_SEQPACKET).
             return Verdict::Close;
@@ -205,7 +219,11 @@ impl UdpFlow {
             }
         }
         self.traffic.to_guest += n as u64;
-        switch.send_udp(self.remote, self.guest, n);
+        if segment > 0 && n > segment {
+            switch.send_udp_segments(self.remote, self.guest, n, segment);
+        } else {
+            switch.send_udp(self.remote, self.guest, n);
+        }
         Verdict::Keep
     }
 
