@@ -101,6 +101,13 @@ impl Engine {
                 id: self.next_listener_id,
                 accepted: 0,
             };
+            // A client's datagrams of one size that arrive together (a QUIC client's burst,
+            // sent segmented) are read at once, as a flow's are (flows/udp.rs).
+            if listener.proto == Proto::Udp
+                && let Err(e) = sock::set_int(listener.fd.as_fd(), libc::SOL_UDP, sock::UDP_GRO, 1)
+            {
+                tracing::debug!("{}: no UDP_GRO: {e}", listener.local);
+            }
             let raw = listener.fd.as_raw_fd();
             if let Err(e) =
                 self.poll.registry().register(&mut SourceFd(&raw), mio::Token(LISTENER_BIT | index), Interest::READABLE)
@@ -526,12 +533,15 @@ impl Engine {
         now: Instant,
     ) -> ReadRound {
         let max = self.switch.max_udp_payload(false);
-        // At most 1024 datagrams a wakeup, so that one flood does not hold the loop.
-        for _ in 0..512 {
+        // At most 1024 datagrams a wakeup (those of a coalesced read counted one by one), so
+        // that one flood does not hold the loop.
+        let mut left = 1024usize;
+        while left > 0 {
             let got = match self.switch.recv_two_udp(listener.as_fd(), max) {
                 Ok(got) => got,
                 Err(e) => {
                     tracing::debug!("published UDP port: {e}");
+                    left -= 1;
                     continue;
                 }
             };
@@ -539,8 +549,10 @@ impl Engine {
                 if i == 1 {
                     self.switch.swap_spare();
                 }
+                left = left.saturating_sub(got.datagrams(i));
                 if let Some(client) = got.from[i] {
-                    self.receive_one(listener, listener_guest, listener_id, client, got.len[i], now);
+                    let read = (got.len[i], got.segment[i]);
+                    self.receive_one(listener, listener_guest, listener_id, client, read, now);
                 }
             }
             if got.count < 2 {
@@ -550,17 +562,18 @@ impl Engine {
         ReadRound::Capped
     }
 
-    /// One datagram of `n` bytes (its real length) from `client`, in the switch's buffer at
-    /// UDP_PAYLOAD_OFF.
+    /// One read from `client` in the switch's buffer at UDP_PAYLOAD_OFF: `read.0` bytes (the
+    /// real length), one datagram, or datagrams of `read.1` bytes the kernel coalesced.
     fn receive_one(
         &mut self,
         listener: &Rc<OwnedFd>,
         listener_guest: SocketAddr,
         listener_id: u32,
         client: SocketAddr,
-        n: usize,
+        read: (usize, usize),
         now: Instant,
     ) {
+        let (n, segment) = read;
         let max = self.switch.max_udp_payload(false);
         if n > max {
             tracing::debug!("{client}: {n}-byte datagram is longer than an IPv4 packet to the guest carries; dropped");
@@ -581,7 +594,7 @@ impl Engine {
             // The guest's own flow to that client, on another engine (`shard`): the
             // datagram goes to the guest, whose answers go out through that flow.
             None if self.held_elsewhere(&key) => {
-                self.switch.send_udp(remote, guest, n);
+                self.switch.send_udp_segments(remote, guest, n, segment);
                 return;
             }
             None => {
@@ -610,7 +623,7 @@ impl Engine {
             }
             _ => return,
         }
-        self.switch.send_udp(remote, guest, n);
+        self.switch.send_udp_segments(remote, guest, n, segment);
         self.after(id, Verdict::Keep);
     }
 }

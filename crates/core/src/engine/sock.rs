@@ -109,6 +109,16 @@ pub struct TwoDatagrams {
     pub segment: [usize; 2],
 }
 
+impl TwoDatagrams {
+    /// How many datagrams the `i`th read holds: more than one when the kernel coalesced them.
+    pub fn datagrams(&self, i: usize) -> usize {
+        match self.segment[i] {
+            0 => 1,
+            size => self.len[i].div_ceil(size).max(1),
+        }
+    }
+}
+
 /// linux/udp.h: the kernel may coalesce a socket's datagrams of one size that arrive
 /// together into one read, and says their size in a control message (Linux 5.0).
 pub const UDP_GRO: libc::c_int = 104;

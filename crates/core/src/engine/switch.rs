@@ -423,14 +423,17 @@ impl Switch {
     }
 
     /// Sends `payload_len` bytes at UDP_PAYLOAD_OFF, datagrams of `segment` bytes that the
-    /// host's kernel coalesced (UDP_GRO; the last may be shorter), as the datagrams they
-    /// were: where the guest's link takes segmented UDP (USO) and a datagram fits the MTU,
+    /// host's kernel coalesced (UDP_GRO; the last may be shorter; 0: one datagram, as a read
+    /// without the control message is), as the datagrams they were: where the guest's link takes segmented UDP (USO) and a datagram fits the MTU,
     /// as frames of up to [`vnet_hdr::MAX_UDP_SEGMENTS`] datagrams that the guest's kernel
     /// cuts; else one by one, each moved to the front of the payload area over bytes sent
     /// (and in fragments when it does not fit the MTU, as any datagram).
     pub fn send_udp_segments(&mut self, from: SocketAddr, to: SocketAddr, payload_len: usize, segment: usize) {
+        if segment == 0 || payload_len <= segment {
+            self.send_udp(from, to, payload_len);
+            return;
+        }
         let v6 = to.is_ipv6();
-        let segment = segment.max(1);
         let fits = ip_header_len(v6) + udp::HEADER_LEN + segment <= self.mtu;
         let run = if fits && self.uso_to(to.ip()) { segment * vnet_hdr::MAX_UDP_SEGMENTS } else { segment };
         let mut off = 0;

@@ -179,11 +179,7 @@ impl UdpFlow {
                 if i == 1 {
                     switch.swap_spare();
                 }
-                let datagrams = match got.segment[i] {
-                    0 => 1,
-                    size => got.len[i].div_ceil(size).max(1),
-                };
-                left = left.saturating_sub(datagrams);
+                left = left.saturating_sub(got.datagrams(i));
                 if self.deliver(switch, got.len[i], got.segment[i], max, now) == Verdict::Close {
                     return (Verdict::Close, ReadRound::Drained);
                 }
@@ -219,11 +215,7 @@ impl UdpFlow {
             }
         }
         self.traffic.to_guest += n as u64;
-        if segment > 0 && n > segment {
-            switch.send_udp_segments(self.remote, self.guest, n, segment);
-        } else {
-            switch.send_udp(self.remote, self.guest, n);
-        }
+        switch.send_udp_segments(self.remote, self.guest, n, segment);
         Verdict::Keep
     }
 
