@@ -440,36 +440,14 @@ fn udp_bursts_sent_segmented_reach_the_guest_datagram_by_datagram() {
     let burst4 = Server::start(ServerKind::UdpBurst, None);
     let burst6 = Server::start_on(ServerKind::UdpBurst, None, "::1");
     let client = r#"
-import hashlib, socket, sys
+import sys
 sys.path.insert(0, sys.argv[1])
-from testserver import burst_datagram
-def bursts(family, host, port, size, count, windows):
-    s = socket.socket(family, socket.SOCK_DGRAM)
-    s.connect((host, port))
-    s.settimeout(5)
-    same = lost = wrong = reordered = 0
-    for window in range(windows):
-        want = [hashlib.sha256(burst_datagram(window, i, size, count)).hexdigest() for i in range(count)]
-        s.send(b"burst %d %d %d" % (size, count, window))
-        for i in range(count):
-            try:
-                got = s.recv(70000)
-            except socket.timeout:
-                lost += count - i
-                break
-            digest = hashlib.sha256(got).hexdigest()
-            if digest == want[i]:
-                same += 1
-            elif digest in want:
-                reordered += 1
-            else:
-                wrong += 1
-    print(family.name, size, "same", same, "wrong", wrong, "lost", lost, "reordered", reordered)
+from testserver import check_bursts
 port4, port6 = int(sys.argv[2]), int(sys.argv[3])
-bursts(socket.AF_INET, sys.argv[4], port4, 1400, 40, 30)
-bursts(socket.AF_INET6, "fd75:7365:726e::254", port6, 1400, 40, 30)
-bursts(socket.AF_INET, sys.argv[4], port4, 100, 60, 10)
-bursts(socket.AF_INET6, "fd75:7365:726e::254", port6, 1200, 2, 10)
+check_bursts(sys.argv[4], port4, 1400, 40, 30)
+check_bursts("fd75:7365:726e::254", port6, 1400, 40, 30)
+check_bursts(sys.argv[4], port4, 100, 60, 10)
+check_bursts("fd75:7365:726e::254", port6, 1200, 2, 10)
 "#;
     let dir = TempDir::new("gro");
     let script = dir.join("client.py");

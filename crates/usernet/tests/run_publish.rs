@@ -558,6 +558,71 @@ bursts(socket.AF_INET, "127.0.0.1", port, 200, 60, 10)
     bg.stop();
 }
 
+/// `-p P:7/udp` to a guest server that answers with bursts sent segmented (UDP_SEGMENT, as
+/// a QUIC server sends): every datagram reaches each client whole and in order (sha256),
+/// over the loopback's IPv4 and IPv6 (the answers leave segmented too) and from a namespace
+/// of the test's own over IPv4 (one by one: the port's socket cannot read the route's MTU)
+/// and IPv6.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn a_guest_s_bursts_reach_a_published_port_s_clients_datagram_by_datagram() {
+    require(TOOLS);
+    let dns = DnsUpstream::start();
+    let peer = PeerNs::new();
+    let p = free_ports(1);
+    let helpers = common::helper_script();
+    let helpers_dir = helpers.parent().unwrap().to_string_lossy().into_owned();
+    // The server exits when its stdin closes: the pipe from sleep keeps it open.
+    let server = format!("sleep {GUEST_LIFETIME} | python3 {} udp-burst --bind 0.0.0.0 --port 7", helpers.display());
+    let mut bg = usernet_bg(&dns, &["-p", &format!("{p}:7/udp")], &["sh", "-c", &server]);
+    bg.wait_line("PORT 7", READY_LIMIT);
+    let dir = TempDir::new("pub-burst");
+    let script = dir.join("client.py");
+    std::fs::write(
+        &script,
+        r#"
+import sys
+sys.path.insert(0, sys.argv[1])
+from testserver import check_bursts
+host, port = sys.argv[2], int(sys.argv[3])
+check_bursts(host, port, 1400, 40, 20)
+check_bursts(host, port, 200, 60, 5)
+check_bursts(host, port, 1200, 2, 5)
+"#,
+    )
+    .unwrap();
+    let client = |host: &str| {
+        vec![
+            "python3".to_string(),
+            script.to_string_lossy().into_owned(),
+            helpers_dir.clone(),
+            host.into(),
+            p.to_string(),
+        ]
+    };
+    let want = |family: &str| {
+        [
+            format!("{family} 1400 same 800 wrong 0 lost 0 reordered 0"),
+            format!("{family} 200 same 300 wrong 0 lost 0 reordered 0"),
+            format!("{family} 1200 same 10 wrong 0 lost 0 reordered 0"),
+        ]
+    };
+    for (host, family) in [("127.0.0.1", "AF_INET"), ("::1", "AF_INET6")] {
+        let cmd = client(host);
+        let out = run_bounded(Command::new(&cmd[0]).args(&cmd[1..]), DEFAULT_TIMEOUT);
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(lines, want(family), "{host}: {out}\n{}", bg.describe());
+    }
+    for (host, family) in [(&peer.host_ip, "AF_INET"), (&peer.host_ip6, "AF_INET6")] {
+        let cmd = client(host);
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let out = peer.exec(&args);
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(lines, want(family), "{host}: {out}\n{}", bg.describe());
+    }
+    bg.stop();
+}
+
 /// `-p P:53/udp`: datagrams from 127.0.0.1 and ::1 are echoed by the guest's UDP server,
 /// which sees the host address as their source.
 #[test]

@@ -453,19 +453,15 @@ impl Engine {
         };
         self.flows.touch(id);
         if let Some(Flow::Udp(f)) = self.flows.get_mut(id) {
-            match f.own_fd() {
-                // Outbound flows: gathered and sent with the rest of the batch.
-                Some(fd) => {
-                    let fd = fd.as_raw_fd();
-                    f.sent(now);
-                    f.traffic.from_guest += payload.len() as u64;
-                    if self.udp_batch.full(payload.len()) {
-                        self.udp_batch.flush();
-                    }
-                    self.udp_batch.push(id, fd, payload, f.segmenting);
-                }
-                None => f.from_guest(payload, now),
+            // Gathered and sent with the rest of the batch, on the flow's own socket or
+            // its published port's.
+            let (fd, to) = f.destination();
+            f.sent(now);
+            f.traffic.from_guest += payload.len() as u64;
+            if self.udp_batch.full(payload.len()) {
+                self.udp_batch.flush();
             }
+            self.udp_batch.push(id, fd, payload, f.segmenting, to);
         }
         self.after(id, Verdict::Keep);
     }

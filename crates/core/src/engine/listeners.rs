@@ -23,7 +23,7 @@ use mio::Interest;
 use mio::unix::SourceFd;
 
 use super::control::Published;
-use super::flows::udp::{Inbound, UdpSocket};
+use super::flows::udp::{Inbound, UdpSocket, published_segmenting};
 use super::flows::{Flow, FlowId, FlowKey, ReadRound, SpliceFlow, TcpFlow, UdpFlow, Verdict};
 use super::guest_sockets::Family;
 use super::metrics::Limit;
@@ -131,6 +131,8 @@ impl Engine {
         else {
             return false;
         };
+        // Gathered answers name the port's socket by descriptor: send them before it closes.
+        self.udp_batch.flush();
         let Some(l) = self.listeners[index].take() else { return false };
         let raw = l.fd.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
@@ -604,7 +606,9 @@ impl Engine {
                 }
                 self.bound_udp(now);
                 let inbound = Inbound { listener: listener.clone(), listener_id, client };
-                let flow = Flow::Udp(UdpFlow::new_inbound(guest, remote, inbound, now));
+                let mut flow = UdpFlow::new_inbound(guest, remote, inbound, now);
+                flow.segmenting = published_segmenting(self.udp_segment, client);
+                let flow = Flow::Udp(flow);
                 match self.add_flow(flow, Interest::READABLE) {
                     Some(id) => id,
                     None => return,
@@ -615,10 +619,13 @@ impl Engine {
             Some(Flow::Udp(f)) => {
                 f.last_used = now;
                 f.traffic.to_guest += n as u64;
-                if let Some(i) = f.inbound_mut() {
+                if let Some(i) = f.inbound_mut()
+                    && i.client != client
+                {
                     // The same mapped address may stand for another client port pair
                     // only if the client moved; keep answering the latest.
                     i.client = client;
+                    f.segmenting = published_segmenting(self.udp_segment, client);
                 }
             }
             _ => return,

@@ -137,6 +137,9 @@ pub struct Engine {
     acceptors: Vec<Box<dyn crate::link::LinkAcceptor>>,
     /// Guest UDP datagrams of this round, sent together at its end.
     udp_batch: udp_batch::UdpBatch,
+    /// The kernel segments UDP sends (UDP_SEGMENT), so a published port's answers may go
+    /// segmented (`flows::udp::published_segmenting`).
+    udp_segment: bool,
     /// The guests' fragmented datagrams being made whole (reassembly.rs).
     reassembly: reassembly::Reassembly,
     /// Where a guest's segmented UDP frame is cut into its datagrams (dispatch.rs).
@@ -374,6 +377,7 @@ impl Engine {
             switch,
             acceptors: Vec::new(),
             udp_batch: Default::default(),
+            udp_segment: dial::probe_udp_segment(),
             reassembly: reassembly::Reassembly::new(switch::L4_OFF),
             uso_scratch: Vec::new(),
             guest_sockets: None,

@@ -30,22 +30,6 @@ pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     })
 }
 
-/// Sends one datagram to `to` (a published UDP port answering its client).
-pub fn send_to(fd: BorrowedFd<'_>, buf: &[u8], to: std::net::SocketAddr) -> io::Result<usize> {
-    let (sa, len) = sockaddr(to);
-    // SAFETY: buf is valid for reads of its length; sa is a sockaddr of length len.
-    check(unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            buf.as_ptr() as *const libc::c_void,
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            &sa as *const _ as *const libc::sockaddr,
-            len,
-        )
-    })
-}
-
 /// A socket address in the kernel's form.
 pub fn sockaddr(addr: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: an all-zero sockaddr_storage is valid.

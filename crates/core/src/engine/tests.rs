@@ -1592,6 +1592,81 @@ fn a_udp_burst_larger_than_a_round_reaches_the_guest_whole() {
     assert_eq!(got, (0..burst).collect::<Vec<_>>(), "every datagram, in order");
 }
 
+/// A published UDP port's answers leave on its socket with the rest of the round's
+/// datagrams: a guest's datagrams of one length to a client on the loopback go as one
+/// segmented send, which the client receives one by one, in order. When the client behind
+/// the flow's address moves within the round (another loopback address, the same port),
+/// the answers before go to the first and those after to the second.
+#[test]
+fn a_published_udp_port_s_answers_go_segmented_to_their_client() {
+    let (mut e, _link, _dialer, cfg) = policy_engine(&[], &[]);
+    let l = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let local = l.local_addr().unwrap();
+    let bound =
+        crate::ports::BoundListener { fd: OwnedFd::from(l), local, proto: crate::ports::Proto::Udp, guest_port: 53 };
+    e.publish(vec![bound], (*guest().ip()).into());
+    e.set_guest_mac(GUEST_MAC, *guest().ip());
+    let first = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = first.local_addr().unwrap().port();
+    let second = std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), port)).unwrap();
+    for s in [&first, &second] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    // The client appears in the guest network from the host address, with its own port.
+    let remote = SocketAddrV4::new(cfg.host, port);
+    let answer = |e: &mut Engine, i: usize| {
+        let payload: Vec<u8> = (0..1000).map(|b| (i * 31 + b * 7) as u8).collect();
+        let mut d = vec![0u8; udp::HEADER_LEN + payload.len()];
+        d[udp::HEADER_LEN..].copy_from_slice(&payload);
+        UdpHeader { src_port: 53, dst_port: port }.emit(
+            &mut d,
+            payload.len(),
+            IpAddr::V4(*guest().ip()),
+            IpAddr::V4(*remote.ip()),
+        );
+        e.on_frame(0, &frame_ipv4(PROTO_UDP, *guest().ip(), *remote.ip(), &d), Instant::now());
+        payload
+    };
+    first.send_to(b"question", local).unwrap();
+    e.on_listener(0, Instant::now());
+    let to_first: Vec<_> = (0..5).map(|i| answer(&mut e, i)).collect();
+    second.send_to(b"moved", local).unwrap();
+    e.on_listener(0, Instant::now());
+    let to_second: Vec<_> = (5..8).map(|i| answer(&mut e, i)).collect();
+    // The loop sends a round's datagrams together at its end.
+    e.udp_batch.flush();
+    let mut buf = [0u8; 2000];
+    for (s, want) in [(&first, to_first), (&second, to_second)] {
+        for w in want {
+            let (n, from) = s.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (&w[..], local));
+        }
+    }
+    assert_eq!(e.udp_batch.segmented, (2, 8), "two segmented sends, of 5 and 3");
+}
+
+/// How far a published port's answers segment: over IPv4 only to the loopback (the
+/// port's unconnected socket cannot read a route's MTU), over IPv6 as a flow's; never on
+/// a kernel that does not segment.
+#[test]
+fn a_published_port_s_answers_segment_to_the_loopback_and_over_ipv6() {
+    use super::flows::udp::published_segmenting;
+    use super::sock::Segmenting;
+    let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    for (client, want) in [
+        ("127.0.0.1:5000", Segmenting::Full),
+        ("127.1.2.3:5000", Segmenting::Full),
+        ("[::ffff:127.0.0.1]:5000", Segmenting::Full),
+        ("[::1]:5000", Segmenting::Full),
+        ("[2001:db8::2]:5000", Segmenting::Full),
+        ("198.51.100.2:5000", Segmenting::Never),
+        ("[::ffff:198.51.100.2]:5000", Segmenting::Never),
+    ] {
+        assert_eq!(published_segmenting(true, at(client)), want, "{client}");
+        assert_eq!(published_segmenting(false, at(client)), Segmenting::Never, "{client}");
+    }
+}
+
 /// A destination the egress policy denies is refused before any hook sees it (the
 /// transparent proxy never takes it over); an allowed one goes to the hook as before.
 #[test]

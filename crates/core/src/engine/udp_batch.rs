@@ -12,9 +12,13 @@
 //! through IPsec, an IPv6 datagram above the path MTU, a host firewall that judges the
 //! unsplit message) refuses the message whole: its datagrams then go one by one (the kernel
 //! fragments what is above the MTU, as before), and that flow is not segmented again.
+//!
+//! A published port's answers go the same way on its listening socket, each message with
+//! its client's address (`flows::udp::published_segmenting` says how far they segment).
 
 use std::collections::HashSet;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, RawFd};
 
 use super::flows::FlowId;
@@ -33,8 +37,20 @@ const MAX_SEGMENTED_BYTES: usize = sock::UDP_MAX_SEGMENTED_BYTES;
 /// costs one refused send more).
 const MAX_REFUSED: usize = 1024;
 
-/// A datagram queued: (flow, socket, start in `data`, length, how it may be segmented).
-type Item = (FlowId, RawFd, usize, usize, Segmenting);
+/// A datagram queued.
+#[derive(Clone, Copy)]
+struct Item {
+    flow: FlowId,
+    /// The socket it leaves on.
+    fd: RawFd,
+    /// Where it starts in `data`, and its length.
+    start: usize,
+    len: usize,
+    segmenting: Segmenting,
+    /// Its destination when the socket is not connected (a published port's listener
+    /// answering its client).
+    to: Option<SocketAddr>,
+}
 
 /// One message of a flush: `items[first..end]` of one flow, contiguous in `data`.
 #[derive(Clone, Copy)]
@@ -74,30 +90,34 @@ impl UdpBatch {
         self.data.len() + len > CAPACITY
     }
 
-    /// Queues a datagram for `flow`'s own socket `fd`, whose sends may be segmented as
+    /// Queues a datagram for `flow`'s socket `fd` (to `to` when `fd` is not connected: a
+    /// published port's listener answering its client), whose sends may be segmented as
     /// `segmenting` says. The engine flushes the batch at the end of each round and before
-    /// it closes any flow, so `fd` is still open when it is sent.
-    pub fn push(&mut self, flow: FlowId, fd: RawFd, payload: &[u8], segmenting: Segmenting) {
+    /// it closes any flow or published port, so `fd` is still open when it is sent.
+    pub fn push(&mut self, flow: FlowId, fd: RawFd, payload: &[u8], segmenting: Segmenting, to: Option<SocketAddr>) {
         if self.data.capacity() == 0 {
             self.data.reserve(CAPACITY);
         }
         let start = self.data.len();
         self.data.extend_from_slice(payload);
-        self.items.push((flow, fd, start, payload.len(), segmenting));
+        self.items.push(Item { flow, fd, start, len: payload.len(), segmenting, to });
     }
 
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
 
-    /// Sends everything, in order, each run of one flow's datagrams in sendmmsg calls.
+    /// Sends everything, in order, each run of one flow's datagrams (to one destination) in
+    /// sendmmsg calls.
     /// A socket that cannot take a datagram drops it, as a full network would.
     pub fn flush(&mut self) {
         let mut i = 0;
         while i < self.items.len() {
-            let (flow, fd, _, _, segmenting) = self.items[i];
+            let Item { flow, fd, segmenting, to, .. } = self.items[i];
             let mut j = i;
-            while j < self.items.len() && self.items[j].0 == flow {
+            // A published port's flow answers the latest address of its client: a run ends
+            // where that moved.
+            while j < self.items.len() && self.items[j].flow == flow && self.items[j].to == to {
                 j += 1;
             }
             let mut k = i;
@@ -113,7 +133,7 @@ impl UdpBatch {
                 self.groups.clear();
                 group(&self.items[k..j], k, bound, MAX_MSGS, &mut self.groups);
                 k = self.groups.last().map_or(j, |g| g.end);
-                if let Err(e) = self.send_groups(fd) {
+                if let Err(e) = self.send_groups(fd, to) {
                     tracing::debug!("udp: {e}; the rest of this round's datagrams of the flow dropped");
                     break;
                 }
@@ -132,12 +152,14 @@ impl UdpBatch {
     /// later one, and the flow is not segmented again. Any other error may be an earlier
     /// one the socket held (an ICMP error's ECONNREFUSED or EHOSTUNREACH, which the send
     /// reports and clears, sending nothing): the message is sent once more.
-    fn send_groups(&mut self, fd: RawFd) -> io::Result<()> {
+    fn send_groups(&mut self, fd: RawFd, to: Option<SocketAddr>) -> io::Result<()> {
+        let to = to.map(sock::sockaddr);
         let mut at = 0;
         let mut again = false;
         while at < self.groups.len() {
             let (sent, failed) = send_many(
                 fd,
+                to.as_ref(),
                 &self.data,
                 &self.items,
                 &self.groups[at..],
@@ -164,7 +186,7 @@ impl UdpBatch {
                 if self.refused.len() >= MAX_REFUSED {
                     self.refused.clear();
                 }
-                self.refused.insert(self.items[g.first].0);
+                self.refused.insert(self.items[g.first].flow);
                 let end = self.groups.last().map_or(g.end, |last| last.end);
                 self.groups.truncate(at);
                 self.groups.extend((g.first..end).map(|k| Group { first: k, end: k + 1, segment: 0 }));
@@ -205,12 +227,12 @@ fn refuses_segmenting(e: &io::Error) -> bool {
 fn group(items: &[Item], offset: usize, bound: usize, max: usize, out: &mut Vec<Group>) {
     let mut k = 0;
     while k < items.len() && out.len() < max {
-        let len = items[k].3;
+        let len = items[k].len;
         let mut end = k + 1;
         let mut total = len;
         if len > 0 && len <= usize::from(u16::MAX) {
             while end < items.len() && end - k < MAX_SEGMENTS {
-                let next = items[end].3;
+                let next = items[end].len;
                 if next == 0 || next > len || total + next > bound {
                     break;
                 }
@@ -227,9 +249,12 @@ fn group(items: &[Item], offset: usize, bound: usize, max: usize, out: &mut Vec<
     }
 }
 
-/// Sends `groups` on `fd` with sendmmsg until one fails: how many went, and the failure.
+/// Sends `groups` on `fd` (to `to`, when it is not connected) with sendmmsg until one
+/// fails: how many went, and the failure.
+#[allow(clippy::too_many_arguments)]
 fn send_many(
     fd: RawFd,
+    to: Option<&(libc::sockaddr_storage, libc::socklen_t)>,
     data: &[u8],
     items: &[Item],
     groups: &[Group],
@@ -240,9 +265,9 @@ fn send_many(
     // A group's datagrams were pushed one after another: its bytes are one slice.
     iovs.clear();
     iovs.extend(groups.iter().map(|g| {
-        let start = items[g.first].2;
+        let start = items[g.first].start;
         let last = items[g.end - 1];
-        libc::iovec { iov_base: data[start..].as_ptr() as *mut libc::c_void, iov_len: last.2 + last.3 - start }
+        libc::iovec { iov_base: data[start..].as_ptr() as *mut libc::c_void, iov_len: last.start + last.len - start }
     }));
     cmsgs.clear();
     cmsgs.resize(groups.len(), SegmentCmsg::default());
@@ -253,6 +278,11 @@ fn send_many(
     for (((m, iov), cmsg), g) in msgs.iter_mut().zip(iovs.iter_mut()).zip(cmsgs.iter_mut()).zip(groups) {
         m.msg_hdr.msg_iov = iov;
         m.msg_hdr.msg_iovlen = 1;
+        if let Some((addr, len)) = to {
+            // The kernel only reads the address.
+            m.msg_hdr.msg_name = addr as *const libc::sockaddr_storage as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = *len;
+        }
         if g.segment > 0 {
             let value = g.segment.to_ne_bytes();
             // SAFETY: the buffer is 8-aligned and holds CMSG_SPACE(2) bytes; CMSG_FIRSTHDR
@@ -270,8 +300,8 @@ fn send_many(
     }
     let mut sent = 0;
     while sent < msgs.len() {
-        // SAFETY: msgs[sent..] and the iovecs and control messages they point to live
-        // across the call.
+        // SAFETY: msgs[sent..] and the iovecs, control messages and address they point to
+        // live across the call.
         let r = unsafe {
             libc::sendmmsg(
                 fd,
@@ -342,6 +372,11 @@ mod tests {
         got
     }
 
+    /// A queued datagram of flow 1 at `start`, for the grouping tests (never sent).
+    fn item(start: usize, len: usize) -> Item {
+        Item { flow: flow(1), fd: -1, start, len, segmenting: Segmenting::Full, to: None }
+    }
+
     fn lengths(groups: &[Group]) -> Vec<(usize, usize, u16)> {
         groups.iter().map(|g| (g.first, g.end, g.segment)).collect()
     }
@@ -351,7 +386,7 @@ mod tests {
         let items: Vec<_> = [300, 300, 300, 150, 300, 0, 300, 300, 301, 5]
             .iter()
             .scan(0, |start, &len| {
-                let item = (flow(1), -1, *start, len, Segmenting::Full);
+                let item = item(*start, len);
                 *start += len;
                 Some(item)
             })
@@ -372,14 +407,14 @@ mod tests {
 
     #[test]
     fn a_group_holds_at_most_the_kernels_segments_and_one_datagrams_bytes() {
-        let items: Vec<_> = (0..200).map(|k| (flow(1), -1, k * 100, 100, Segmenting::Full)).collect();
+        let items: Vec<_> = (0..200).map(|k| item(k * 100, 100)).collect();
         let mut out = Vec::new();
         group(&items, 0, MAX_SEGMENTED_BYTES, MAX_MSGS, &mut out);
         assert_eq!(lengths(&out), [(0, 63, 100), (63, 126, 100), (126, 189, 100), (189, 200, 100)]);
         out.clear();
         group(&items, 0, 1472, MAX_MSGS, &mut out);
         assert_eq!(out[0].end - out[0].first, 14, "within an IPv4 route's MTU of 1500: 14 of 100 bytes");
-        let items: Vec<_> = (0..10).map(|k| (flow(1), -1, k * 30_000, 30_000, Segmenting::Full)).collect();
+        let items: Vec<_> = (0..10).map(|k| item(k * 30_000, 30_000)).collect();
         out.clear();
         group(&items, 0, MAX_SEGMENTED_BYTES, MAX_MSGS, &mut out);
         assert!(out.iter().all(|g| g.end - g.first == 2), "two of 30,000 bytes fit in 65,507, three do not");
@@ -398,12 +433,12 @@ mod tests {
             let mut other = Vec::new();
             for (i, len) in lens.enumerate() {
                 let d = datagram(i, len);
-                batch.push(flow(1), tx.as_raw_fd(), &d, segmenting);
+                batch.push(flow(1), tx.as_raw_fd(), &d, segmenting, None);
                 sent.push(d);
                 if i % 50 == 49 {
                     // Another flow's datagram between: each flow's runs are sent apart.
                     let d = datagram(1000 + i, 64);
-                    batch.push(flow(2), tx2.as_raw_fd(), &d, segmenting);
+                    batch.push(flow(2), tx2.as_raw_fd(), &d, segmenting, None);
                     other.push(d);
                 }
             }
@@ -427,7 +462,7 @@ mod tests {
             // Two groups a flush: the one after the refused one goes one by one too.
             for i in 0..30 {
                 let d = datagram(round * 100 + i, if i < 15 { 500 } else { 300 });
-                batch.push(flow(1), tx.as_raw_fd(), &d, Segmenting::Full);
+                batch.push(flow(1), tx.as_raw_fd(), &d, Segmenting::Full, None);
                 sent.push(d);
             }
             batch.flush();
@@ -454,7 +489,7 @@ mod tests {
             let mut sent = Vec::new();
             for i in 0..100 {
                 let d = datagram(i, if i < 50 { 1000 } else { 7 + i % 3 });
-                batch.push(flow(1), tx.as_raw_fd(), &d, Segmenting::Full);
+                batch.push(flow(1), tx.as_raw_fd(), &d, Segmenting::Full, None);
                 sent.push(d);
             }
             batch.flush();
@@ -480,7 +515,7 @@ mod tests {
         let mut batch = UdpBatch::default();
         let sent: Vec<_> = (0..20).map(|i| datagram(i, 100)).collect();
         for d in &sent {
-            batch.push(flow(3), ours.as_raw_fd(), d, Segmenting::Never);
+            batch.push(flow(3), ours.as_raw_fd(), d, Segmenting::Never, None);
         }
         batch.flush();
         service.set_nonblocking(true).unwrap();
@@ -510,7 +545,7 @@ mod tests {
                 if batch.full(len) {
                     batch.flush();
                 }
-                batch.push(flow(f as u32), pairs[f].1.as_raw_fd(), &d, Segmenting::Full);
+                batch.push(flow(f as u32), pairs[f].1.as_raw_fd(), &d, Segmenting::Full, None);
                 sent[f].push(d);
             }
             batch.flush();

@@ -18,7 +18,8 @@ would query the machine's resolver: see docs/testing.md).
   testserver.py udp-echo [--bind ADDR]  UDP: sends every datagram back
   testserver.py udp-burst [--bind ADDR] UDP: answers "burst SIZE COUNT WINDOW" with COUNT
                                         datagrams (the last half as long) in one send cut by
-                                        the kernel (UDP_SEGMENT), as a QUIC server sends
+                                        the kernel (UDP_SEGMENT), as a QUIC server sends;
+                                        its client is check_bursts, which tests import
 """
 
 import argparse
@@ -37,6 +38,33 @@ def burst_datagram(window, i, size, count):
     n = size // 2 if i == count - 1 else size
     head = b"%03d:%02d:" % (window, i)
     return head + bytes((window * 13 + i * 7 + k) % 251 for k in range(n - len(head)))
+
+
+def check_bursts(host, port, size, count, windows):
+    """The client of a udp-burst server: asks for WINDOWS bursts and prints how many of
+    their datagrams came the same and in order (sha256), wrong, reordered or never."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(5)
+    same = lost = wrong = reordered = 0
+    for window in range(windows):
+        want = [hashlib.sha256(burst_datagram(window, i, size, count)).hexdigest() for i in range(count)]
+        s.send(b"burst %d %d %d" % (size, count, window))
+        for i in range(count):
+            try:
+                got = s.recv(70000)
+            except socket.timeout:
+                lost += count - i
+                break
+            digest = hashlib.sha256(got).hexdigest()
+            if digest == want[i]:
+                same += 1
+            elif digest in want:
+                reordered += 1
+            else:
+                wrong += 1
+    print(family.name, size, "same", same, "wrong", wrong, "lost", lost, "reordered", reordered, flush=True)
 
 
 def exit_when_stdin_closes():

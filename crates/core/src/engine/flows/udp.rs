@@ -19,10 +19,12 @@
 //!
 //! A published UDP port makes inbound flows: datagrams from one client address arrive on
 //! the shared listening socket and go to the guest from the client's (mapped) address;
-//! the guest's replies leave through that listening socket, to the client, with sendto.
+//! the guest's replies leave through that listening socket, to the client, gathered and
+//! segmented as an outbound flow's are (udp_batch.rs) where [`published_segmenting`]
+//! allows.
 
-use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,24 @@ pub struct Inbound {
     pub listener: Rc<OwnedFd>,
     pub listener_id: u32,
     pub client: SocketAddr,
+}
+
+/// How far a published port's answers to `client` may be segmented, on a kernel that
+/// segments (`kernel_segments`). They leave on the port's unconnected socket, whose route
+/// MTU cannot be read (IP_MTU wants a connected socket), so over IPv4 only to a client on
+/// the loopback, where DF means nothing; over IPv6 as far as an outbound flow's (a
+/// datagram above the route's MTU is refused, and they go one by one).
+pub fn published_segmenting(kernel_segments: bool, client: SocketAddr) -> sock::Segmenting {
+    match client.ip() {
+        _ if !kernel_segments => sock::Segmenting::Never,
+        IpAddr::V4(v4) if v4.is_loopback() => sock::Segmenting::Full,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) if v4.is_loopback() => sock::Segmenting::Full,
+            Some(_) => sock::Segmenting::Never,
+            None => sock::Segmenting::Full,
+        },
+        IpAddr::V4(_) => sock::Segmenting::Never,
+    }
 }
 
 /// The host side of a UDP flow.
@@ -139,17 +159,12 @@ impl UdpFlow {
         Some(self.last_used + self.idle)
     }
 
-    /// A datagram from the guest. A socket that cannot take it now drops it, as a full
-    /// network would.
-    pub fn from_guest(&mut self, payload: &[u8], now: Instant) {
-        self.last_used = now;
-        self.traffic.from_guest += payload.len() as u64;
-        let res = match &self.socket {
-            UdpSocket::Own(s) => sock::send(s.as_fd(), payload),
-            UdpSocket::Published(i) => sock::send_to(i.listener.as_fd(), payload, i.client),
-        };
-        if let Err(e) = res {
-            tracing::debug!("udp {} -> {}: {e}", self.guest, self.remote);
+    /// Where a guest's datagram of this flow leaves: the socket, and the destination when
+    /// that socket is not connected (a published port's listener answering its client).
+    pub fn destination(&self) -> (RawFd, Option<SocketAddr>) {
+        match &self.socket {
+            UdpSocket::Own(s) => (s.as_raw_fd(), None),
+            UdpSocket::Published(i) => (i.listener.as_raw_fd(), Some(i.client)),
         }
     }
 
