@@ -64,6 +64,8 @@ pub enum Request {
         secs: f64,
         rate_bps: f64,
         size: usize,
+        /// Datagrams per send (UDP_SEGMENT); 1 sends them one by one.
+        segments: usize,
     },
     /// `sockperf ping-pong` for `secs` seconds with the server at `addr`.
     Sockperf {
@@ -186,8 +188,8 @@ impl AgentState {
             Request::Crr { addr, secs: s } => {
                 traffic::crr_client(addr, secs(s)).map_or_else(err, |per_sec| Reply::Crr { per_sec })
             }
-            Request::Udp { addr, secs: s, rate_bps, size } => {
-                traffic::udp_sender(addr, secs(s), rate_bps, size).map_or_else(err, Reply::Udp)
+            Request::Udp { addr, secs: s, rate_bps, size, segments } => {
+                traffic::udp_sender(addr, secs(s), rate_bps, size, segments).map_or_else(err, Reply::Udp)
             }
             Request::Sockperf { addr, proto, secs } => {
                 sockperf::ping_pong(addr, proto, secs).map_or_else(err, Reply::Sockperf)

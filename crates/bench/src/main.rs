@@ -89,6 +89,9 @@ const STREAMS: u32 = 4;
 /// Offered UDP load: payload bits per second, and payload size.
 const UDP_RATE_BPS: f64 = 1e9;
 const UDP_SIZE: usize = 1400;
+/// Datagrams per send in the bursts row: a window of 40, as QUIC stacks send with
+/// UDP_SEGMENT.
+const UDP_BURST: usize = 40;
 /// Open files the bench asks for (the memory test holds thousands on each side).
 const NOFILE: u64 = 65_536;
 
@@ -695,6 +698,11 @@ impl Phase {
                 "udp_rx_mbps",
                 "udp_loss_pct",
                 "udp_sent_mbps",
+                "udp_cpu_us",
+                "udp_gso_rx_mbps",
+                "udp_gso_loss_pct",
+                "udp_gso_sent_mbps",
+                "udp_gso_cpu_us",
             ],
             Phase::LowMtu => &[],
             Phase::Memory => &["startup_ms", MEMORY_KEYS[0], MEMORY_KEYS[1], MEMORY_KEYS[2], MEMORY_KEYS[3]],
@@ -904,7 +912,8 @@ fn measure_phase(
     };
     run.set_result("crr_published_per_sec", published_crr);
 
-    udp_test(&mut agent, &env, plan, run);
+    udp_test(&mut agent, &env, plan, run, tool_pid, 1);
+    udp_test(&mut agent, &env, plan, run, tool_pid, UDP_BURST);
     drop(agent);
     Ok(())
 }
@@ -1069,11 +1078,16 @@ fn sockperf_test(agent: &mut Agent, env: &Env, plan: &Plan, run: &mut Run) {
     }
 }
 
-/// The paced UDP test: the agent sends, a sink on the host counts.
-fn udp_test(agent: &mut Agent, env: &Env, plan: &Plan, run: &mut Run) {
+/// The paced UDP tests: the agent sends, a sink on the host counts, and the tool's CPU per
+/// datagram sent is read around the send. `segments` datagrams go per send: 1 (the keys
+/// `udp_*`), or [`UDP_BURST`] cut by the kernel (UDP_SEGMENT, as QUIC stacks send their
+/// windows: the keys `udp_gso_*`).
+fn udp_test(agent: &mut Agent, env: &Env, plan: &Plan, run: &mut Run, tool_pid: Option<i32>, segments: usize) {
+    let prefix = if segments > 1 { "udp_gso" } else { "udp" };
+    let key = |what: &str| format!("{prefix}_{what}");
     let fail = |run: &mut Run, why: String| {
-        for k in ["udp_rx_mbps", "udp_loss_pct", "udp_sent_mbps"] {
-            run.set(k, Measure::Failed(why.clone()));
+        for k in ["rx_mbps", "loss_pct", "sent_mbps", "cpu_us"] {
+            run.set(&key(k), Measure::Failed(why.clone()));
         }
     };
     let sink = match UdpSink::start(env.bind_ip) {
@@ -1085,22 +1099,32 @@ fn udp_test(agent: &mut Agent, env: &Env, plan: &Plan, run: &mut Run) {
         secs: plan.udp.as_secs_f64(),
         rate_bps: UDP_RATE_BPS,
         size: UDP_SIZE,
+        segments,
     };
+    let before = tool_pid.and_then(cpu_seconds);
     let sent = match agent.call(&req, plan.udp + Duration::from_secs(30)) {
         Ok(Reply::Udp(s)) => s,
         other => return fail(run, unexpected(other)),
     };
     // Let what is still in flight land.
     std::thread::sleep(Duration::from_millis(300));
+    let after = tool_pid.and_then(cpu_seconds);
     let (datagrams, bytes) = sink.received();
-    run.details.insert("udp".into(), json!({ "sent": sent, "received_datagrams": datagrams, "received_bytes": bytes }));
+    run.details
+        .insert(prefix.into(), json!({ "sent": sent, "received_datagrams": datagrams, "received_bytes": bytes }));
     if sent.datagrams == 0 || sent.secs <= 0.0 {
         return fail(run, format!("the sender sent nothing ({} errors)", sent.errors));
     }
-    run.set("udp_rx_mbps", Measure::Value(bytes as f64 * 8.0 / sent.secs / 1e6));
-    run.set("udp_sent_mbps", Measure::Value(sent.bytes as f64 * 8.0 / sent.secs / 1e6));
+    run.set(&key("rx_mbps"), Measure::Value(bytes as f64 * 8.0 / sent.secs / 1e6));
+    run.set(&key("sent_mbps"), Measure::Value(sent.bytes as f64 * 8.0 / sent.secs / 1e6));
     let lost = sent.datagrams.saturating_sub(datagrams);
-    run.set("udp_loss_pct", Measure::Value(lost as f64 * 100.0 / sent.datagrams as f64));
+    run.set(&key("loss_pct"), Measure::Value(lost as f64 * 100.0 / sent.datagrams as f64));
+    let cpu = match (tool_pid, before, after) {
+        (None, ..) => Measure::NotApplicable("kernel only".into()),
+        (Some(_), Some(b), Some(a)) => Measure::Value((a - b) * 1e6 / sent.datagrams as f64),
+        _ => Measure::Failed("cannot read the tool's CPU time".into()),
+    };
+    run.set(&key("cpu_us"), cpu);
 }
 
 /// How many idle connections a tool can hold here, if fewer than asked, and why.
@@ -1379,6 +1403,15 @@ fn metric_list(plan: &Plan) -> Vec<Metric> {
     list.push(m("udp_rx_mbps".into(), format!("{offered}: received Mbit/s"), Better::Higher, 0));
     list.push(m("udp_loss_pct".into(), format!("{offered}: loss %"), Better::Lower, 2));
     list.push(m("udp_sent_mbps".into(), format!("{offered}: sender managed Mbit/s"), Better::Higher, 0));
+    list.push(m("udp_cpu_us".into(), format!("tool CPU per datagram: {offered}, us"), Better::Lower, 2));
+    let offered = format!(
+        "UDP ns->host in bursts of {UDP_BURST} sent segmented (UDP_SEGMENT), {} Mbit/s of {UDP_SIZE} B offered",
+        UDP_RATE_BPS / 1e6
+    );
+    list.push(m("udp_gso_rx_mbps".into(), format!("{offered}: received Mbit/s"), Better::Higher, 0));
+    list.push(m("udp_gso_loss_pct".into(), format!("{offered}: loss %"), Better::Lower, 2));
+    list.push(m("udp_gso_sent_mbps".into(), format!("{offered}: sender managed Mbit/s"), Better::Higher, 0));
+    list.push(m("udp_gso_cpu_us".into(), format!("tool CPU per datagram: {offered}, us"), Better::Lower, 2));
     for mtu in [DEFAULT_MTU, LOW_MTU] {
         let paths: &[TcpPath] = if mtu == DEFAULT_MTU { &TcpPath::ALL } else { &TcpPath::LOW_MTU };
         for &p in paths {
@@ -1682,6 +1715,7 @@ fn json_report(
             "udp_s": plan.udp.as_secs(),
             "udp_offered_bps": UDP_RATE_BPS,
             "udp_size": UDP_SIZE,
+            "udp_burst": UDP_BURST,
             "conns": plan.conns,
             "hold_s": plan.hold.as_secs(),
             "streams": STREAMS,
