@@ -112,6 +112,11 @@ impl Engine {
     /// Book-keeping after any event of a flow: removal, connect accounting, timers, ACKs.
     pub(super) fn after(&mut self, id: FlowId, verdict: Verdict) {
         if verdict == Verdict::Close {
+            // Gathered datagrams name their sockets by descriptor: a UDP flow's leave
+            // before its socket closes (and its number is taken by another).
+            if !self.udp_batch.is_empty() && matches!(self.flows.get_mut(id), Some(Flow::Udp(_))) {
+                self.udp_batch.flush();
+            }
             self.flows.remove(id);
             return;
         }
