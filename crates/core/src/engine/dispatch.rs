@@ -454,14 +454,18 @@ impl Engine {
         self.flows.touch(id);
         if let Some(Flow::Udp(f)) = self.flows.get_mut(id) {
             // Gathered and sent with the rest of the batch, on the flow's own socket or
-            // its published port's.
+            // its published port's (segmented as far as its client's address allows).
             let (fd, to) = f.destination();
+            let segmenting = match to {
+                Some(client) => flows::udp::published_segmenting(self.udp_segment, client),
+                None => f.segmenting,
+            };
             f.sent(now);
             f.traffic.from_guest += payload.len() as u64;
             if self.udp_batch.full(payload.len()) {
                 self.udp_batch.flush();
             }
-            self.udp_batch.push(id, fd, payload, f.segmenting, to);
+            self.udp_batch.push(id, fd, payload, segmenting, to);
         }
         self.after(id, Verdict::Keep);
     }

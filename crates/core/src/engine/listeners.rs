@@ -23,7 +23,7 @@ use mio::Interest;
 use mio::unix::SourceFd;
 
 use super::control::Published;
-use super::flows::udp::{Inbound, UdpSocket, published_segmenting};
+use super::flows::udp::{Inbound, UdpSocket};
 use super::flows::{Flow, FlowId, FlowKey, ReadRound, SpliceFlow, TcpFlow, UdpFlow, Verdict};
 use super::guest_sockets::Family;
 use super::metrics::Limit;
@@ -606,9 +606,7 @@ impl Engine {
                 }
                 self.bound_udp(now);
                 let inbound = Inbound { listener: listener.clone(), listener_id, client };
-                let mut flow = UdpFlow::new_inbound(guest, remote, inbound, now);
-                flow.segmenting = published_segmenting(self.udp_segment, client);
-                let flow = Flow::Udp(flow);
+                let flow = Flow::Udp(UdpFlow::new_inbound(guest, remote, inbound, now));
                 match self.add_flow(flow, Interest::READABLE) {
                     Some(id) => id,
                     None => return,
@@ -619,13 +617,10 @@ impl Engine {
             Some(Flow::Udp(f)) => {
                 f.last_used = now;
                 f.traffic.to_guest += n as u64;
-                if let Some(i) = f.inbound_mut()
-                    && i.client != client
-                {
+                if let Some(i) = f.inbound_mut() {
                     // The same mapped address may stand for another client port pair
                     // only if the client moved; keep answering the latest.
                     i.client = client;
-                    f.segmenting = published_segmenting(self.udp_segment, client);
                 }
             }
             _ => return,

@@ -90,7 +90,8 @@ pub struct UdpFlow {
     unanswered: u32,
     /// Bytes each way, for `/v1/flows` (activity is `last_used`).
     pub traffic: super::Traffic,
-    /// Whether, and how far, its own socket's sends may be segmented (udp_batch.rs).
+    /// Whether, and how far, its own socket's sends may be segmented (udp_batch.rs); a
+    /// published port's flow segments by its client's address (`published_segmenting`).
     pub segmenting: crate::engine::sock::Segmenting,
 }
 
