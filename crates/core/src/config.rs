@@ -216,6 +216,8 @@ pub struct NetConfig {
     /// pasta's `--map-host-loopback ADDR` (the host's 127.0.0.1) and `--map-guest-addr ADDR`
     /// (the host's own address on its default route).
     pub host_aliases: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// The same over IPv6: the host's [::1] and its own IPv6 address on its default route.
+    pub host_aliases6: Vec<(Ipv6Addr, Ipv6Addr)>,
     /// The bounds of what guests may make usernet hold (see [`Limits`]).
     pub limits: Limits,
     /// The egress policy (`--allow`, `--deny`, `--allow-domain`): live, shared like
@@ -371,6 +373,7 @@ impl NetConfig {
             extra_hosts: Vec::new(),
             lease_secs: 3600,
             host_aliases: Vec::new(),
+            host_aliases6: Vec::new(),
             limits: Limits::default(),
             policy: Arc::default(),
             ipv6_services: Ipv6Services::default(),
@@ -403,14 +406,22 @@ impl NetConfig {
     }
 
     /// The addresses usernet itself answers for over IPv6 (neighbour discovery, ping): the
-    /// gateway's link-local and global addresses, and the host address.
+    /// gateway's link-local and global addresses, the host address, the DNS address and
+    /// the host's aliases.
     pub fn is_own_address6(&self, ip: Ipv6Addr) -> bool {
-        ip == GATEWAY_LINK_LOCAL || self.v6.is_some_and(|n| ip == n.gateway || ip == n.host || ip == n.dns)
+        ip == GATEWAY_LINK_LOCAL
+            || self.v6.is_some_and(|n| ip == n.gateway || ip == n.host || ip == n.dns)
+            || self.host_alias6(ip).is_some()
     }
 
     /// The host address that `ip` stands for, if it is one of `host_aliases`.
     pub fn host_alias(&self, ip: Ipv4Addr) -> Option<Ipv4Addr> {
         self.host_aliases.iter().find(|(alias, _)| *alias == ip).map(|(_, to)| *to)
+    }
+
+    /// The host address that `ip` stands for, if it is one of `host_aliases6`.
+    pub fn host_alias6(&self, ip: Ipv6Addr) -> Option<Ipv6Addr> {
+        self.host_aliases6.iter().find(|(alias, _)| *alias == ip).map(|(_, to)| *to)
     }
 }
 

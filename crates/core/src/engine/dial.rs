@@ -140,6 +140,8 @@ fn target_v6(cfg: &NetConfig, ip: Ipv6Addr) -> Target {
     // layout, where that address leads to the host.
     if ip == net.dns {
         Target::Gateway
+    } else if let Some(to) = cfg.host_alias6(ip) {
+        Target::Host(to.into())
     } else if ip == net.host {
         if cfg.host_loopback { Target::Host(Ipv6Addr::LOCALHOST.into()) } else { Target::Refused }
     } else if ip == net.gateway || ip == crate::config::GATEWAY_LINK_LOCAL {
@@ -389,6 +391,34 @@ mod tests {
         assert_eq!(t(&cfg, "fd00::3"), "gateway");
         assert_eq!(t(&cfg, "fe80::1"), "gateway");
         assert!(cfg.is_own_address6("fd00::3".parse().unwrap()));
+    }
+
+    /// pasta's `--map-host-loopback ADDR6` and `--map-guest-addr ADDR6`: addresses of the /64
+    /// (or beyond it) that stand for the host's [::1] and its own address, whether or not the
+    /// host address leads to the loopback; usernet answers neighbour discovery for them.
+    #[test]
+    fn ipv6_host_aliases() {
+        let net = crate::config::Ipv6Net::new("fc00::".parse().unwrap());
+        let host_own: Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let cfg = NetConfig {
+            v6: Some(net),
+            host_loopback: false,
+            host_aliases6: vec![
+                (net.at(5), Ipv6Addr::LOCALHOST),
+                (net.at(2), host_own),
+                ("fd99::1".parse().unwrap(), Ipv6Addr::LOCALHOST),
+            ],
+            ..NetConfig::default()
+        };
+        assert_eq!(t(&cfg, "fc00::5"), "host-loopback6");
+        assert_eq!(t(&cfg, "fd99::1"), "host-loopback6");
+        assert!(matches!(target(&cfg, "fc00::2".parse().unwrap()), Target::Host(IpAddr::V6(to)) if to == host_own));
+        assert_eq!(t(&cfg, "fc00::254"), "refused", "the host address stays closed");
+        assert_eq!(t(&cfg, "fc00::6"), "unreachable");
+        for own in ["fc00::5", "fc00::2", "fd99::1"] {
+            assert!(cfg.is_own_address6(own.parse().unwrap()), "{own}");
+        }
+        assert!(!cfg.is_own_address6("fc00::6".parse().unwrap()));
     }
 
     #[test]
