@@ -7,6 +7,8 @@
 //!   `--dns-forward`, the published port from the host (sha256), and usernet gone with the
 //!   port released once the namespace file is unmounted and removed;
 //! - rootlesskit 2's (`--userns`/`--netns` of a process, given addresses, `tap0`);
+//! - the address options in both families (IPv6 gateway, DNS, host loopback and host
+//!   address);
 //! - `pasta --config-net -- COMMAND` with a published port, and the exit status passed on;
 //! - mistakes answered as pasta answers them (exit 1), a taken port included.
 
@@ -138,6 +140,76 @@ fn rootlesskit2_command_line() {
     assert_eq!(line_value(&text, "outbound").map(first_word), Some(hash), "{text}");
     assert_eq!(line_value(&text, "dns"), Some("10.0.2.2"), "{text}");
     assert_eq!(line_value(&text, "after-exit"), Some("exited"), "usernet stays after its namespace's process: {text}");
+}
+
+/// pasta's address options in both families, each given once per family as pasta takes them,
+/// with the IPv6 addresses newer containers/common defines (fc00::1 the gateway, fc00::2 for
+/// `--map-guest-addr`, fc00::3 the namespace's): the route through `-g`'s address, the
+/// host's [::1] and 127.0.0.1 through `--map-host-loopback`'s (with `--no-map-gw`), the
+/// host's own addresses through `--map-guest-addr`'s, DNS on `--dns-forward`'s, each
+/// download by sha256; the gateway and the /64's ::254 closed. The "host" is a namespace of
+/// the test's own, with default routes in both families, so what `--map-guest-addr` maps to
+/// does not depend on this machine's routes.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn address_options_in_both_families() {
+    require(&["runuser", "useradd", "unshare", "nsenter", "curl", "dig", "ip"]);
+    let host = RemoteHost::new();
+    let inner = format!("{}r", host.ns);
+    let via6 = host.ip6.replace("::2", "::1");
+    host.exec(&["ip", "route", "add", "default", "via", &host.host_ip, "dev", &inner]).assert_ok();
+    host.exec(&["ip", "-6", "route", "add", "default", "via", &via6, "dev", &inner]).assert_ok();
+    let r = Rootless::new("p6");
+    let dir = TempDir::new("p6-host");
+    write_random_file(&dir.join("f"), 1 << 20);
+    let hash = sha256_file(&dir.join("f"));
+    let serve = |bind: &str| Server::start_in_on(&host, ServerKind::Http, Some(dir.path()), bind);
+    let (lo4, lo6, own4, own6) = (serve("127.0.0.1"), serve("::1"), serve(&host.ip), serve(&host.ip6));
+    let script = format!(
+        "unshare --user --map-root-user --net sleep 60 & t=$!; sleep 0.3; \
+         ns() {{ nsenter -t $t -U -n --preserve-credentials \"$@\"; }}; \
+         {pasta} --config-net -a fc00::3 -g fc00::1 --dns-forward 169.254.1.1 --dns-forward fc00::53 \
+           --map-host-loopback fc00::5 --map-host-loopback 169.254.1.5 --map-guest-addr fc00::2 \
+           --map-guest-addr 169.254.1.2 --no-map-gw -t none -u none -T none -U none \
+           --userns=/proc/$t/ns/user --netns=/proc/$t/ns/net; echo pasta-exit $?; \
+         ns ip -6 route show default | sed 's/^/route6 /'; \
+         ns ip -6 -o addr show scope global | sed 's/^/addr6 /'; \
+         ns curl -s --max-time 5 -g 'http://[fc00::5]:{lo6}/f' | sha256sum | sed 's/^/loopback6 /'; \
+         ns curl -s --max-time 5 http://169.254.1.5:{lo4}/f | sha256sum | sed 's/^/loopback4 /'; \
+         ns curl -s --max-time 5 -g 'http://[fc00::2]:{own6}/f' | sha256sum | sed 's/^/own6 /'; \
+         ns curl -s --max-time 5 http://169.254.1.2:{own4}/f | sha256sum | sed 's/^/own4 /'; \
+         ns dig +short +time=2 +tries=1 @fc00::53 host.containers.internal AAAA | sed 's/^/dns6 /'; \
+         ns dig +short +time=2 +tries=1 @169.254.1.1 host.containers.internal A | sed 's/^/dns4 /'; \
+         ns curl -s --max-time 3 -o /dev/null -w '%{{http_code}}\\n' -g 'http://[fc00::254]:{lo6}/f' \
+           | sed 's/^/host6 /'; \
+         ns curl -s --max-time 3 -o /dev/null -w '%{{http_code}}\\n' http://10.0.2.2:{lo4}/f | sed 's/^/gateway /'; \
+         kill $t; wait $t; echo done",
+        pasta = r.pasta().display(),
+        lo4 = lo4.port,
+        lo6 = lo6.port,
+        own4 = own4.port,
+        own6 = own6.port,
+    );
+    let child = r
+        .command_in_netns(&host.ns, "sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the script");
+    let (code, text) = wait_output(child, Duration::from_secs(90));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(line_value(&text, "pasta-exit"), Some("0"), "{text}");
+    assert!(line_value(&text, "route6").is_some_and(|l| l.starts_with("default via fc00::1 ")), "{text}");
+    assert!(line_value(&text, "addr6").is_some_and(|l| l.contains("fc00::3/64")), "{text}");
+    assert_eq!(line_value(&text, "loopback6").map(first_word), Some(hash.clone()), "[::1]: {text}");
+    assert_eq!(line_value(&text, "loopback4").map(first_word), Some(hash.clone()), "127.0.0.1: {text}");
+    assert_eq!(line_value(&text, "own6").map(first_word), Some(hash.clone()), "{}: {text}", host.ip6);
+    assert_eq!(line_value(&text, "own4").map(first_word), Some(hash), "{}: {text}", host.ip);
+    assert_eq!(line_value(&text, "dns6"), Some("fc00::5"), "{text}");
+    assert_eq!(line_value(&text, "dns4"), Some("169.254.1.5"), "{text}");
+    assert_eq!(line_value(&text, "host6"), Some("000"), "::254 is no host address here: {text}");
+    assert_eq!(line_value(&text, "gateway"), Some("000"), "--no-map-gw: {text}");
 }
 
 /// pasta's defaults for TCP, `-t auto -T auto`: a host service on the host's loopback

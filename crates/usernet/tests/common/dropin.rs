@@ -74,13 +74,26 @@ impl Rootless {
     /// `runuser -u USER -- env ... program args`, with the caller's environment.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("runuser");
+        self.as_user(&mut c, program);
+        c
+    }
+
+    /// [`Rootless::command`] inside the network namespace `netns` (a name of `ip netns
+    /// add`'s): the user's programs see its interfaces and routes as the host's.
+    pub fn command_in_netns(&self, netns: &str, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{netns}")).arg("runuser");
+        self.as_user(&mut c, program);
+        c
+    }
+
+    fn as_user(&self, c: &mut Command, program: &str) {
         c.args(["-u", USER, "--", "env"])
             .arg(format!("XDG_RUNTIME_DIR={}", self.runtime.display()))
             .arg(format!("HOME={}", self.home()))
             .arg(format!("PATH={}:{}", self.bin_dir.path().display(), search_path().to_string_lossy()))
             .arg(program)
             .current_dir("/");
-        c
     }
 
     pub fn slirp4netns(&self) -> PathBuf {

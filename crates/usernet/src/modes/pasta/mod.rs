@@ -12,13 +12,17 @@
 //!    `-a`/`-n`/`-g` the namespace gets slirp4netns's layout: 10.0.2.100/24, gateway
 //!    10.0.2.2; the interface takes the name of the host's default-route interface, as
 //!    pasta's, unless `--ns-ifname`. The gateway stands for the host's 127.0.0.1 unless
-//!    `--no-map-gw`; `--map-host-loopback ADDR` and `--map-guest-addr ADDR` add addresses
-//!    that stand for the host's loopback and for the host's own address. `--dns-forward
-//!    ADDR` is where the gateway's DNS answers (following the host's resolv.conf as `run`
-//!    does); without it there is none, as in pasta, except for `pasta -- COMMAND`, whose
-//!    resolv.conf names 10.0.2.3 (see 4). IPv6 likewise on usernet's own /64: the
-//!    namespace gets fd75:7365:726e::2/64 (or `-a ADDR6`'s /64) and its route via fe80::1,
-//!    ::254 stands for the host's [::1] unless `--no-map-gw`; `-4` turns IPv6 off, `-6` IPv4.
+//!    `--no-map-gw`; `--map-host-loopback ADDR` names the address that does instead (as in
+//!    pasta: then the gateway is only the gateway; `none` maps nothing), and
+//!    `--map-guest-addr ADDR` one that stands for the host's own address (on its default
+//!    route). `--dns-forward ADDR` is where the gateway's DNS answers (following the host's
+//!    resolv.conf as `run` does); without it there is none, as in pasta, except for `pasta
+//!    -- COMMAND`, whose resolv.conf names 10.0.2.3 (see 4). IPv6 likewise on usernet's own
+//!    /64: the namespace gets fd75:7365:726e::2/64 (or `-a ADDR6`'s /64) and its route via
+//!    fe80::1 (or `-g ADDR6`, link-local or in the /64), ::254 stands for the host's [::1]
+//!    unless `--no-map-gw` (or `--map-host-loopback ADDR6` does), DNS answers on ::1 (or
+//!    `-g`'s or `--dns-forward`'s ADDR6); each address option takes one address of each
+//!    family, as pasta's. `-4` turns IPv6 off, `-6` IPv4.
 //! 3. `--netns PATH|NAME` or PID: bind the `-t`/`-u` ports on the host first (a taken port
 //!    fails here, exit 1, nothing started), attach a TAP to the namespace (entering
 //!    `--userns` first, or the PID's user namespace when not root), configured with
@@ -106,20 +110,27 @@ const HELP: &str = "
   -p, --pcap FILE	Log tap-facing traffic to pcap file
   -P, --pid FILE	Write own PID to the given file
   -m, --mtu MTU	Assign MTU (default: 65520)
-  -a, --address ADDR	Assign IPv4 or IPv6 address ADDR
+  -a, --address ADDR	Assign IPv4 or IPv6 address ADDR[/PREFIXLEN]
+    can be specified zero to two times (for IPv4 and IPv6)
     default (usernet): 10.0.2.100 and fd75:7365:726e::2; the host's are not copied
+    (usernet: an IPv6 address is in a /64)
   -n, --netmask MASK	Assign IPv4 MASK, dot-decimal or bits
     default (usernet): 24
-  -g, --gateway ADDR	Pass IPv4 address as gateway
-    default (usernet): 10.0.2.2
+  -g, --gateway ADDR	Pass IPv4 or IPv6 address as gateway
+    default (usernet): 10.0.2.2 and fe80::1
+    (usernet: an IPv6 gateway is link-local or in the /64)
   -o, --outbound ADDR	Bind to IPv4 address as outbound source
   --outbound-if4 NAME	Bind to the first IPv4 address of NAME as outbound source
   --dns-forward ADDR	Forward DNS queries sent to ADDR
+    can be specified zero to two times (for IPv4 and IPv6)
     default: don't forward DNS queries
   --no-map-gw		Don't map gateway address to host
   --map-host-loopback ADDR	Translate ADDR to refer to host
-    loopback (none: don't)
+    loopback; can be specified zero to two times (for IPv4 and IPv6)
+    default: gateway address (usernet: ::254 of the /64 for IPv6);
+    none: none
   --map-guest-addr ADDR	Translate ADDR to the host's own address
+    can be specified zero to two times (for IPv4 and IPv6)
   --no-ndp		Disable NDP responses
   --no-dhcpv6		Disable DHCPv6 server
   --no-ra		Disable router advertisements
@@ -248,14 +259,20 @@ pub struct Options {
     pub ipv6_only: bool,
     pub prefix: Option<u8>,
     pub gateway: Option<Ipv4Addr>,
+    /// `-g` with an IPv6 address: the namespace's IPv6 default route goes through it.
+    pub gateway6: Option<Ipv6Addr>,
     pub outbound: Option<Ipv4Addr>,
     pub dns_forward: Option<Ipv4Addr>,
+    /// `--dns-forward` with an IPv6 address.
+    pub dns_forward6: Option<Ipv6Addr>,
     pub no_map_gw: bool,
     /// `--no-ra`, `--no-ndp`, `--no-dhcpv6`: usernet's IPv6 services on the link.
     pub ipv6_services: usernet_core::config::Ipv6Services,
-    /// `--map-host-loopback`: None not given, Some(None) `none`.
-    pub map_host_loopback: Option<Option<Ipv4Addr>>,
-    pub map_guest_addr: Option<Option<Ipv4Addr>>,
+    /// `--map-host-loopback`: the addresses given (`none` clears both, and sets
+    /// `no_map_gw`, as in pasta).
+    pub map_host_loopback: Remap,
+    /// `--map-guest-addr` (`none` clears both).
+    pub map_guest_addr: Remap,
     pub ports: Vec<PortSpec>,
     /// `-T` and the TCP `auto`s (see `forward`).
     pub forwarding: Forwarding,
@@ -264,6 +281,37 @@ pub struct Options {
     pub no_netns_quit: bool,
     pub config_net: bool,
     pub target: Target,
+}
+
+/// The addresses of `--map-host-loopback` or `--map-guest-addr`: one of each family at most
+/// (a second of one family replaces the first, as in pasta).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Remap {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl Remap {
+    /// One option's value: an address of either family that is not unspecified, loopback,
+    /// multicast (or IPv4-mapped), or `none`, which clears both (then true).
+    fn set(&mut self, v: &str) -> Result<bool, String> {
+        if v == "none" {
+            *self = Remap::default();
+            return Ok(true);
+        }
+        match v.parse::<IpAddr>() {
+            Ok(IpAddr::V6(a))
+                if !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.to_ipv4_mapped().is_some()) =>
+            {
+                self.v6 = Some(a)
+            }
+            Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast()) => {
+                self.v4 = Some(a)
+            }
+            _ => return Err(format!("Invalid address to remap to host: {v}")),
+        }
+        Ok(false)
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -280,7 +328,7 @@ fn ipv4(option: &str, v: &str) -> Result<Ipv4Addr, String> {
     match v.parse::<IpAddr>() {
         Ok(IpAddr::V4(a)) => Ok(a),
         Ok(IpAddr::V6(_)) => {
-            Err(format!("--{option} {v}: usernet takes an IPv4 address here (IPv6 follows the -a address)"))
+            Err(format!("--{option} {v}: usernet takes an IPv4 address here (it binds no IPv6 outbound address)"))
         }
         Err(_) => Err(format!("Invalid address for --{option}: {v}")),
     }
@@ -371,12 +419,14 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         ipv6_only: false,
         prefix: None,
         gateway: None,
+        gateway6: None,
         outbound: None,
         dns_forward: None,
+        dns_forward6: None,
         no_map_gw: false,
         ipv6_services: usernet_core::config::Ipv6Services::default(),
-        map_host_loopback: None,
-        map_guest_addr: None,
+        map_host_loopback: Remap::default(),
+        map_guest_addr: Remap::default(),
         ports: Vec::new(),
         forwarding: Forwarding::default(),
         userns: None,
@@ -386,6 +436,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         target: Target::Command(Vec::new()),
     };
     let mut netns: Option<String> = None;
+    let mut prefix_given = false;
     // pasta's default for each of -t, -u, -T and -U is auto.
     let mut given_specs: std::collections::BTreeSet<&str> = Default::default();
     for (name, value) in given.options {
@@ -415,20 +466,63 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
                     .filter(|m| (576..=65520).contains(m))
                     .ok_or_else(|| format!("Invalid MTU: {v} (usernet: 576 to 65520)"))?
             }
-            "address" => match v.parse::<IpAddr>() {
-                Ok(IpAddr::V6(a)) => o.address6 = Some(a),
-                _ => o.address = Some(ipv4(name, &v)?),
+            "address" => {
+                let (addr, len) = v.split_once('/').map_or((v.as_str(), None), |(a, l)| (a, Some(l)));
+                match addr.parse::<IpAddr>() {
+                    Ok(IpAddr::V6(a)) if len.is_none_or(|l| l == "64") => o.address6 = Some(a),
+                    Ok(IpAddr::V6(_)) => return Err(format!("-a {v}: usernet gives the namespace a /64")),
+                    Ok(IpAddr::V4(a)) => {
+                        o.address = Some(a);
+                        if let Some(l) = len {
+                            if prefix_given {
+                                return Err("Redundant prefix length specification".into());
+                            }
+                            let bits = l.parse::<u8>().ok().filter(|b| *b <= 32);
+                            o.prefix = Some(bits.ok_or_else(|| format!("Invalid prefix length: {v}"))?);
+                            prefix_given = true;
+                        }
+                    }
+                    Err(_) => return Err(format!("Invalid address: {v}")),
+                }
+            }
+            "netmask" => {
+                if prefix_given {
+                    return Err("Redundant prefix length specification".into());
+                }
+                o.prefix = Some(parse_netmask(&v).ok_or_else(|| format!("Invalid netmask: {v}"))?);
+                prefix_given = true;
+            }
+            "gateway" => match v.parse::<IpAddr>() {
+                Ok(IpAddr::V6(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_multicast()) => {
+                    o.gateway6 = Some(a)
+                }
+                Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_broadcast()) => {
+                    o.gateway = Some(a)
+                }
+                _ => return Err(format!("Invalid gateway address: {v}")),
             },
-            "netmask" => o.prefix = Some(parse_netmask(&v).ok_or_else(|| format!("Invalid netmask: {v}"))?),
-            "gateway" => o.gateway = Some(ipv4(name, &v)?),
             "outbound" => o.outbound = Some(ipv4(name, &v)?),
             "outbound-if4" => {
                 o.outbound = Some(super::interface_ipv4(&v).ok_or_else(|| format!("No IPv4 address on interface {v}"))?)
             }
-            "dns-forward" => o.dns_forward = Some(ipv4(name, &v)?),
+            "dns-forward" => match v.parse::<IpAddr>() {
+                Ok(IpAddr::V6(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_multicast()) => {
+                    o.dns_forward6 = Some(a)
+                }
+                Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_broadcast()) => {
+                    o.dns_forward = Some(a)
+                }
+                _ => return Err(format!("Invalid DNS forwarding address: {v}")),
+            },
             "no-map-gw" => o.no_map_gw = true,
-            "map-host-loopback" => o.map_host_loopback = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
-            "map-guest-addr" => o.map_guest_addr = Some(if v == "none" { None } else { Some(ipv4(name, &v)?) }),
+            "map-host-loopback" => {
+                if o.map_host_loopback.set(&v)? {
+                    o.no_map_gw = true;
+                }
+            }
+            "map-guest-addr" => {
+                o.map_guest_addr.set(&v)?;
+            }
             "no-ra" => o.ipv6_services.router_adverts = false,
             "no-ndp" => o.ipv6_services.neighbour_adverts = false,
             "no-dhcpv6" => o.ipv6_services.dhcpv6 = false,
@@ -478,6 +572,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
     if o.ipv6_only && o.mtu < 1280 {
         return Err(format!("--ipv6-only needs an MTU of at least 1280 (IPv6's minimum), not {}", o.mtu));
     }
+    check_ipv6_addresses(&o)?;
     for (flag, proto, to_host) in
         [("-t", Proto::Tcp, false), ("-u", Proto::Udp, false), ("-T", Proto::Tcp, true), ("-U", Proto::Udp, true)]
     {
@@ -526,6 +621,30 @@ fn default_route() -> Option<(String, Option<Ipv4Addr>)> {
     Some((ifname, addr))
 }
 
+/// The host's own IPv6 address on its IPv6 default route (`/proc/net/ipv6_route`, lowest
+/// metric, not a reject route): that interface's first global address.
+fn default_route6_address() -> Option<Ipv6Addr> {
+    let text = std::fs::read_to_string("/proc/net/ipv6_route").ok()?;
+    let (ifname, _) = text
+        .lines()
+        .filter_map(|l| {
+            // dest plen src plen nexthop metric refcnt use flags ifname, in hex
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 10 {
+                return None;
+            }
+            let flags = u32::from_str_radix(f[8], 16).ok()?;
+            let default = f[0].bytes().all(|b| b == b'0') && f[1] == "00";
+            (default && flags & 0x0200 == 0 && f[9] != "lo")
+                .then(|| (f[9].to_string(), u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX)))
+        })
+        .min_by_key(|(_, metric)| *metric)?;
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        let ip = a.address.as_ref()?.as_sockaddr_in6()?.ip();
+        (a.interface_name == ifname && !ip.is_unicast_link_local() && !ip.is_loopback()).then_some(ip)
+    })
+}
+
 /// The namespace's interface and address.
 fn interface(o: &Options) -> Interface {
     let address = o.address.unwrap_or(Ipv4Addr::new(10, 0, 2, 100));
@@ -545,15 +664,57 @@ fn interface(o: &Options) -> Interface {
         gateway,
         mtu: o.mtu,
         // IPv6 needs an MTU of 1280 (RFC 8200); below, the network is IPv4-only.
-        ipv6: (!o.ipv4_only && o.mtu >= 1280).then(|| (ipv6_net(o).guest, GATEWAY_LINK_LOCAL)),
+        ipv6: ipv6_on(o).then(|| (ipv6_net(o).guest, o.gateway6.unwrap_or(GATEWAY_LINK_LOCAL))),
     }
 }
 
-/// The namespace's IPv6 network: usernet's /64, or `-a ADDR6`'s with ADDR6 as the guest.
+/// IPv6 needs an MTU of 1280 (RFC 8200); below, the network is IPv4-only.
+fn ipv6_on(o: &Options) -> bool {
+    !o.ipv4_only && o.mtu >= 1280
+}
+
+/// The namespace's IPv6 network: usernet's /64, or `-a ADDR6`'s with ADDR6 as the guest;
+/// `-g ADDR6` is its gateway, and its DNS unless `--dns-forward ADDR6`;
+/// `--map-host-loopback ADDR6` is its host address instead of ::254.
 fn ipv6_net(o: &Options) -> Ipv6Net {
-    match o.address6 {
+    let mut net = match o.address6 {
         Some(a) => Ipv6Net { guest: a, ..Ipv6Net::new(a) },
         None => Ipv6Net::default(),
+    };
+    if let Some(g) = o.gateway6 {
+        (net.gateway, net.dns) = (g, g);
+    }
+    net.dns = o.dns_forward6.unwrap_or(net.dns);
+    net.host = o.map_host_loopback.v6.unwrap_or(net.host);
+    net
+}
+
+/// The IPv6 addresses given must make a network usernet can serve: the gateway is where
+/// the namespace's route goes (link-local, or in the /64, where the kernel finds it on the
+/// link), and none of them is the namespace's own address.
+fn check_ipv6_addresses(o: &Options) -> Result<(), String> {
+    if !ipv6_on(o) {
+        return Ok(());
+    }
+    let net = ipv6_net(o);
+    if let Some(g) = o.gateway6
+        && !g.is_unicast_link_local()
+        && !net.contains(g)
+    {
+        return Err(format!(
+            "-g {g}: usernet's IPv6 gateway is a link-local address or one of the namespace's /64 ({}/64)",
+            net.prefix
+        ));
+    }
+    let given = [
+        ("-g", o.gateway6),
+        ("--dns-forward", o.dns_forward6),
+        ("--map-host-loopback", o.map_host_loopback.v6),
+        ("--map-guest-addr", o.map_guest_addr.v6),
+    ];
+    match given.into_iter().find(|(_, a)| *a == Some(net.guest)) {
+        Some((option, _)) => Err(format!("{option} {}: that is the namespace's own address (-a)", net.guest)),
+        None => Ok(()),
     }
 }
 
@@ -575,8 +736,10 @@ pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::
     cfg.subnet = Ipv4Subnet { network: Ipv4Addr::from(u32::from(iface.address) & !(u32::MAX >> prefix)), prefix };
     cfg.guest = iface.address;
     cfg.gateway = iface.gateway;
-    // The gateway stands for the host, reaching its loopback unless --no-map-gw.
-    cfg.host = iface.gateway;
+    // The gateway stands for the host, reaching its loopback unless --no-map-gw, or unless
+    // --map-host-loopback names another address for that (as in pasta: then the gateway is
+    // only the gateway).
+    cfg.host = o.map_host_loopback.v4.unwrap_or(iface.gateway);
     cfg.host_loopback = !o.no_map_gw;
     cfg.ipv6_services = o.ipv6_services;
     cfg.dns = o.dns_forward;
@@ -585,23 +748,39 @@ pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::
         cfg.dns = free;
     }
     cfg.outbound_addr = o.outbound;
-    if let Some(Some(a)) = o.map_host_loopback {
+    // An address given to --map-host-loopback reaches the host's loopback even with
+    // --no-map-gw, which is about the gateway's (as in pasta).
+    if let Some(a) = o.map_host_loopback.v4 {
         cfg.host_aliases.push((a, Ipv4Addr::LOCALHOST));
     }
-    if let Some(Some(a)) = o.map_guest_addr {
+    if let Some(a) = o.map_guest_addr.v4 {
         match default_route().and_then(|(_, addr)| addr) {
             Some(host) => cfg.host_aliases.push((a, host)),
             None => tracing::warn!("--map-guest-addr {a}: the host has no IPv4 default route; {a} reaches nothing"),
         }
     }
+    if cfg.v6.is_some() {
+        if let Some(a) = o.map_host_loopback.v6 {
+            cfg.host_aliases6.push((a, Ipv6Addr::LOCALHOST));
+        }
+        if let Some(a) = o.map_guest_addr.v6 {
+            match default_route6_address() {
+                Some(host) => cfg.host_aliases6.push((a, host)),
+                None => tracing::warn!(
+                    "--map-guest-addr {a}: the host has no IPv6 default route with a global address; {a} reaches nothing"
+                ),
+            }
+        }
+    }
     // host.docker.internal and host.containers.internal name an address that reaches the
-    // host: the gateway, unless --no-map-gw closed it (then what --map-host-loopback or
-    // --map-guest-addr gave, as Podman's /etc/hosts does with the latter).
-    if o.no_map_gw
-        && let Some((alias, _)) = cfg.host_aliases.first()
-    {
-        let alias = *alias;
-        cfg.extra_hosts.extend(usernet_core::config::HOST_NAMES.iter().map(|n| (n.to_string(), alias.into())));
+    // host: the host address, unless --no-map-gw closed it (then what --map-host-loopback or
+    // --map-guest-addr gave, as Podman's /etc/hosts does with the latter), in each family.
+    if o.no_map_gw {
+        let first4 = cfg.host_aliases.first().map(|(a, _)| IpAddr::V4(*a));
+        let first6 = cfg.host_aliases6.first().map(|(a, _)| IpAddr::V6(*a));
+        for alias in first4.into_iter().chain(first6) {
+            cfg.extra_hosts.extend(usernet_core::config::HOST_NAMES.iter().map(|n| (n.to_string(), alias)));
+        }
     }
     // /etc/hosts' loopback names stand for the host address.
     let loopback_to = cfg.host_loopback.then_some(cfg.host);
@@ -907,7 +1086,7 @@ mod tests {
         assert!(o.config_net && o.no_map_gw && o.quiet);
         assert_eq!(ports(&o), [(None, 18091, 80, Proto::Tcp)]);
         assert_eq!(o.dns_forward, Some(Ipv4Addr::new(169, 254, 1, 1)));
-        assert_eq!(o.map_guest_addr, Some(Some(Ipv4Addr::new(169, 254, 1, 2))));
+        assert_eq!(o.map_guest_addr, Remap { v4: Some(Ipv4Addr::new(169, 254, 1, 2)), v6: None });
         assert_eq!(o.pid_file, Some(PathBuf::from("/tmp/pasta123/pasta.pid")));
         assert_eq!(o.target, Target::Netns(PathBuf::from("/run/user/1000/netns/netns-x")));
         assert!(o.forwarding.is_empty(), "podman passes -T none and ports: {:?}", o.forwarding);
@@ -943,6 +1122,87 @@ mod tests {
         assert_eq!(cfg.guest, Ipv4Addr::new(10, 0, 3, 5));
         let (cfg, iface) = config("--config-net -m 1000 1");
         assert_eq!((cfg.v6, iface.ipv6), (None, None), "below 1280, IPv4 only");
+    }
+
+    /// pasta's address options in both families: `-g`, `--dns-forward`,
+    /// `--map-host-loopback` and `--map-guest-addr` each once for IPv4 and once for IPv6.
+    #[test]
+    fn address_options_in_both_families() {
+        let o = run_opts(
+            "--config-net -a fc00::3 -g fc00::1 --dns-forward 169.254.1.1 --dns-forward fc00::53 \
+             --map-host-loopback fc00::5 --map-guest-addr fc00::2 --map-guest-addr 169.254.1.2 --no-map-gw 1",
+        );
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!((o.gateway6, o.dns_forward6), (Some(v6("fc00::1")), Some(v6("fc00::53"))));
+        assert_eq!(o.dns_forward, Some(Ipv4Addr::new(169, 254, 1, 1)));
+        assert_eq!(o.map_host_loopback, Remap { v4: None, v6: Some(v6("fc00::5")) });
+        assert_eq!(o.map_guest_addr, Remap { v4: Some(Ipv4Addr::new(169, 254, 1, 2)), v6: Some(v6("fc00::2")) });
+        let iface = interface(&o);
+        assert_eq!(iface.ipv6, Some((v6("fc00::3"), v6("fc00::1"))), "the route goes through -g's address");
+        let cfg = network_config(&o, &iface, &net_opts(&o)).unwrap();
+        let net = cfg.v6.unwrap();
+        assert_eq!(
+            (net.prefix, net.guest, net.gateway, net.dns, net.host),
+            (v6("fc00::"), v6("fc00::3"), v6("fc00::1"), v6("fc00::53"), v6("fc00::5"))
+        );
+        assert_eq!(cfg.host_alias6(v6("fc00::5")), Some(Ipv6Addr::LOCALHOST), "with --no-map-gw too");
+        assert_eq!(cfg.host_alias6(v6("fc00::2")), default_route6_address(), "the host's own address");
+        assert!(!cfg.host_loopback);
+        assert!(cfg.extra_hosts.contains(&("host.containers.internal".into(), v6("fc00::5").into())));
+        // -g alone: the gateway's address is the DNS's too, as ::1 of usernet's /64 is.
+        let o = run_opts("--config-net -a fc00::3 -g fc00::7 1");
+        let net = network_config(&o, &interface(&o), &net_opts(&o)).unwrap().v6.unwrap();
+        assert_eq!((net.gateway, net.dns, net.host), (v6("fc00::7"), v6("fc00::7"), v6("fc00::254")));
+        // A link-local gateway.
+        let o = run_opts("--config-net -g fe80::9 1");
+        assert_eq!(interface(&o).ipv6, Some((v6("fd75:7365:726e::2"), v6("fe80::9"))));
+        // IPv4 only: the IPv6 options are moot.
+        let o = run_opts("--config-net -4 -g fc01::1 --map-host-loopback fc01::5 1");
+        let cfg = network_config(&o, &interface(&o), &net_opts(&o)).unwrap();
+        assert!(cfg.v6.is_none() && cfg.host_aliases6.is_empty());
+    }
+
+    /// As in pasta, an address given to `--map-host-loopback` is what reaches the host's
+    /// loopback instead of the gateway, `--no-map-gw` or not; `none` maps nothing.
+    #[test]
+    fn map_host_loopback_replaces_the_gateway() {
+        let config = |s: &str| {
+            let o = run_opts(s);
+            (network_config(&o, &interface(&o), &net_opts(&o)).unwrap(), o)
+        };
+        let lo = Some(Ipv4Addr::LOCALHOST);
+        let (cfg, _) = config("--config-net --map-host-loopback 10.0.2.5 1");
+        assert_eq!((cfg.gateway, cfg.host), (Ipv4Addr::new(10, 0, 2, 2), Ipv4Addr::new(10, 0, 2, 5)));
+        assert_eq!(cfg.host_alias(Ipv4Addr::new(10, 0, 2, 5)), lo);
+        assert_eq!(cfg.host_alias(cfg.gateway), None);
+        let (cfg, _) = config("--config-net --no-map-gw --map-host-loopback 169.254.1.5 1");
+        assert!(!cfg.host_loopback);
+        assert_eq!(cfg.host_alias(Ipv4Addr::new(169, 254, 1, 5)), lo, "an explicit address maps anyway");
+        let (cfg, o) = config("--config-net --map-host-loopback none 1");
+        assert!(o.no_map_gw && !cfg.host_loopback && cfg.host_aliases.is_empty(), "none: nothing reaches it");
+        let (cfg, o) = config("--config-net --map-host-loopback 10.0.2.5 --map-host-loopback none 1");
+        assert!(o.no_map_gw && cfg.host_aliases.is_empty());
+        let (cfg, o) = config("--config-net --map-host-loopback none --map-host-loopback 10.0.2.5 1");
+        assert!(o.no_map_gw && !cfg.host_loopback);
+        assert_eq!(cfg.host_alias(Ipv4Addr::new(10, 0, 2, 5)), lo);
+        let (cfg, _) = config("--config-net --map-host-loopback fd75:7365:726e::5 1");
+        assert_eq!(cfg.v6.unwrap().host, "fd75:7365:726e::5".parse::<Ipv6Addr>().unwrap(), "instead of ::254");
+        assert_eq!(cfg.host, cfg.gateway, "IPv4 keeps the gateway");
+    }
+
+    /// `-a ADDR/PREFIXLEN`: an IPv4 prefix length as `-n` gives it (not both), an IPv6 one
+    /// of 64.
+    #[test]
+    fn address_prefix_lengths() {
+        let o = run_opts("--config-net -a 10.0.3.5/16 -a fc00::3/64 1");
+        assert_eq!((o.address, o.prefix), (Some(Ipv4Addr::new(10, 0, 3, 5)), Some(16)));
+        assert_eq!(o.address6, Some("fc00::3".parse().unwrap()));
+        let err = |s: &str| parse(&args(s)).unwrap_err();
+        assert_eq!(err("-a 10.0.3.5/16 -n 24 1"), "Redundant prefix length specification");
+        assert_eq!(err("-n 24 -a 10.0.3.5/16 1"), "Redundant prefix length specification");
+        assert!(err("-a fc00::3/112 1").contains("/64"));
+        assert!(err("-a 10.0.0.1/33 1").contains("prefix length"));
+        assert_eq!(err("-a bogus 1"), "Invalid address: bogus");
     }
 
     /// rootlesskit 2's `--net=pasta`.
@@ -1037,6 +1297,14 @@ mod tests {
         assert!(err("--netns x 1234").contains("Both"));
         assert!(err("-m 70000").contains("MTU"));
         assert!(err("-n 255.0.255.0").contains("netmask"));
+        assert_eq!(err("-g 0.0.0.0 1"), "Invalid gateway address: 0.0.0.0");
+        assert_eq!(err("-g ::1 1"), "Invalid gateway address: ::1");
+        assert_eq!(err("--dns-forward :: 1"), "Invalid DNS forwarding address: ::");
+        assert_eq!(err("--map-host-loopback ::1 1"), "Invalid address to remap to host: ::1");
+        assert_eq!(err("--map-guest-addr 224.0.0.1 1"), "Invalid address to remap to host: 224.0.0.1");
+        assert!(err("-a fc00::3 -g fc01::1 1").contains("/64"), "a gateway the namespace cannot reach");
+        assert!(err("-a fc00::3 --map-guest-addr fc00::3 1").contains("own address"));
+        assert!(err("-a fc00::3 -g fc00::3 1").contains("own address"));
         assert_eq!(parse(&args("--help")), Ok(Parsed::Help));
         assert_eq!(parse(&args("--version")), Ok(Parsed::Version));
     }
