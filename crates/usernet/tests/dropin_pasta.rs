@@ -124,14 +124,7 @@ fn rootlesskit2_command_line() {
         pasta = r.pasta().display(),
         sp = server.port,
     );
-    let child = r
-        .command("sh")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the script");
-    let (code, text) = wait_output(child, Duration::from_secs(90));
+    let (code, text) = run_script(r.command("sh"), &script, Duration::from_secs(90));
     assert_eq!(code, 0, "{text}");
     assert_eq!(line_value(&text, "pasta-exit"), Some("0"), "{text}");
     assert!(line_value(&text, "tap0").is_some_and(|l| l.contains("10.0.2.100/24")), "{text}");
@@ -190,14 +183,7 @@ fn address_options_in_both_families() {
         own4 = own4.port,
         own6 = own6.port,
     );
-    let child = r
-        .command_in_netns(&host.ns, "sh")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the script");
-    let (code, text) = wait_output(child, Duration::from_secs(90));
+    let (code, text) = run_script(r.command_in_netns(&host.ns, "sh"), &script, Duration::from_secs(90));
     assert_eq!(code, 0, "{text}");
     assert_eq!(line_value(&text, "pasta-exit"), Some("0"), "{text}");
     assert!(line_value(&text, "route6").is_some_and(|l| l.starts_with("default via fc00::1 ")), "{text}");
@@ -264,14 +250,7 @@ fn tcp_auto_forwarding_both_ways() {
         ep = echo.port,
         www = www.display(),
     );
-    let child = r
-        .command("sh")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the script");
-    let (code, text) = wait_output(child, Duration::from_secs(90));
+    let (code, text) = run_script(r.command("sh"), &script, Duration::from_secs(90));
     assert_eq!(code, 0, "{text}");
     assert_eq!(line_value(&text, "auto-exit"), Some("0"), "{text}");
     assert_eq!(line_value(&text, "to-host").map(first_word), Some(hash), "-T auto: {text}");

@@ -149,6 +149,18 @@ pub fn port_listening(port: u16) -> bool {
 }
 
 /// Waits (bounded) for a child started with spawn to finish; its output.
+/// Runs `sh -c script` as `shell` (a [`Rootless::command`] of `sh`), bounded by `limit`: its
+/// exit status and its output (see [`wait_output`]).
+pub fn run_script(mut shell: Command, script: &str, limit: Duration) -> (i32, String) {
+    let child = shell
+        .args(["-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the script");
+    wait_output(child, limit)
+}
+
 pub fn wait_output(child: std::process::Child, limit: Duration) -> (i32, String) {
     let start = Instant::now();
     let pid = child.id();

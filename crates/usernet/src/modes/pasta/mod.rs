@@ -292,25 +292,35 @@ pub struct Remap {
 }
 
 impl Remap {
-    /// One option's value: an address of either family that is not unspecified, loopback,
-    /// multicast (or IPv4-mapped), or `none`, which clears both (then true).
+    /// One option's value: an address of either family ([`unicast_address`]), or `none`,
+    /// which clears both (then true).
     fn set(&mut self, v: &str) -> Result<bool, String> {
         if v == "none" {
             *self = Remap::default();
             return Ok(true);
         }
-        match v.parse::<IpAddr>() {
-            Ok(IpAddr::V6(a))
-                if !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.to_ipv4_mapped().is_some()) =>
-            {
-                self.v6 = Some(a)
-            }
-            Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast()) => {
-                self.v4 = Some(a)
-            }
-            _ => return Err(format!("Invalid address to remap to host: {v}")),
+        match unicast_address(v, "address to remap to host")? {
+            IpAddr::V4(a) => self.v4 = Some(a),
+            IpAddr::V6(a) => self.v6 = Some(a),
         }
         Ok(false)
+    }
+}
+
+/// The value of `-g`, `--dns-forward`, `--map-host-loopback` or `--map-guest-addr`: an
+/// address of either family that names one host (not unspecified, loopback, multicast,
+/// broadcast or IPv4-mapped); else pasta's message, "Invalid `what`: value".
+fn unicast_address(v: &str, what: &str) -> Result<IpAddr, String> {
+    match v.parse::<IpAddr>() {
+        Ok(IpAddr::V6(a))
+            if !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.to_ipv4_mapped().is_some()) =>
+        {
+            Ok(IpAddr::V6(a))
+        }
+        Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast()) => {
+            Ok(IpAddr::V4(a))
+        }
+        _ => Err(format!("Invalid {what}: {v}")),
     }
 }
 
@@ -492,27 +502,17 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
                 o.prefix = Some(parse_netmask(&v).ok_or_else(|| format!("Invalid netmask: {v}"))?);
                 prefix_given = true;
             }
-            "gateway" => match v.parse::<IpAddr>() {
-                Ok(IpAddr::V6(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_multicast()) => {
-                    o.gateway6 = Some(a)
-                }
-                Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_broadcast()) => {
-                    o.gateway = Some(a)
-                }
-                _ => return Err(format!("Invalid gateway address: {v}")),
+            "gateway" => match unicast_address(&v, "gateway address")? {
+                IpAddr::V4(a) => o.gateway = Some(a),
+                IpAddr::V6(a) => o.gateway6 = Some(a),
             },
             "outbound" => o.outbound = Some(ipv4(name, &v)?),
             "outbound-if4" => {
                 o.outbound = Some(super::interface_ipv4(&v).ok_or_else(|| format!("No IPv4 address on interface {v}"))?)
             }
-            "dns-forward" => match v.parse::<IpAddr>() {
-                Ok(IpAddr::V6(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_multicast()) => {
-                    o.dns_forward6 = Some(a)
-                }
-                Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_loopback() || a.is_broadcast()) => {
-                    o.dns_forward = Some(a)
-                }
-                _ => return Err(format!("Invalid DNS forwarding address: {v}")),
+            "dns-forward" => match unicast_address(&v, "DNS forwarding address")? {
+                IpAddr::V4(a) => o.dns_forward = Some(a),
+                IpAddr::V6(a) => o.dns_forward6 = Some(a),
             },
             "no-map-gw" => o.no_map_gw = true,
             "map-host-loopback" => {
