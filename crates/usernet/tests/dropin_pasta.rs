@@ -139,8 +139,9 @@ fn rootlesskit2_command_line() {
 /// with the IPv6 addresses newer containers/common defines (fc00::1 the gateway, fc00::2 for
 /// `--map-guest-addr`, fc00::3 the namespace's): the route through `-g`'s address, the
 /// host's [::1] and 127.0.0.1 through `--map-host-loopback`'s (with `--no-map-gw`), the
-/// host's own addresses through `--map-guest-addr`'s, DNS on `--dns-forward`'s, each
-/// download by sha256; the gateway and the /64's ::254 closed. The "host" is a namespace of
+/// host's own addresses through `--map-guest-addr`'s, an address beyond the /64 through the
+/// route, DNS on `--dns-forward`'s, each download by sha256; both gateways and the /64's
+/// ::254 closed. The "host" is a namespace of
 /// the test's own, with default routes in both families, so what `--map-guest-addr` maps to
 /// does not depend on this machine's routes.
 #[test]
@@ -171,10 +172,13 @@ fn address_options_in_both_families() {
          ns curl -s --max-time 5 http://169.254.1.5:{lo4}/f | sha256sum | sed 's/^/loopback4 /'; \
          ns curl -s --max-time 5 -g 'http://[fc00::2]:{own6}/f' | sha256sum | sed 's/^/own6 /'; \
          ns curl -s --max-time 5 http://169.254.1.2:{own4}/f | sha256sum | sed 's/^/own4 /'; \
+         ns curl -s --max-time 5 -g 'http://[{ip6}]:{own6}/f' | sha256sum | sed 's/^/off-link6 /'; \
          ns dig +short +time=2 +tries=1 @fc00::53 host.containers.internal AAAA | sed 's/^/dns6 /'; \
          ns dig +short +time=2 +tries=1 @169.254.1.1 host.containers.internal A | sed 's/^/dns4 /'; \
          ns curl -s --max-time 3 -o /dev/null -w '%{{http_code}}\\n' -g 'http://[fc00::254]:{lo6}/f' \
            | sed 's/^/host6 /'; \
+         ns curl -s --max-time 3 -o /dev/null -w '%{{http_code}}\\n' -g 'http://[fc00::1]:{lo6}/f' \
+           | sed 's/^/ipv6-gateway /'; \
          ns curl -s --max-time 3 -o /dev/null -w '%{{http_code}}\\n' http://10.0.2.2:{lo4}/f | sed 's/^/gateway /'; \
          kill $t; wait $t; echo done",
         pasta = r.pasta().display(),
@@ -182,6 +186,7 @@ fn address_options_in_both_families() {
         lo6 = lo6.port,
         own4 = own4.port,
         own6 = own6.port,
+        ip6 = host.ip6,
     );
     let (code, text) = run_script(r.command_in_netns(&host.ns, "sh"), &script, Duration::from_secs(90));
     assert_eq!(code, 0, "{text}");
@@ -191,11 +196,14 @@ fn address_options_in_both_families() {
     assert_eq!(line_value(&text, "loopback6").map(first_word), Some(hash.clone()), "[::1]: {text}");
     assert_eq!(line_value(&text, "loopback4").map(first_word), Some(hash.clone()), "127.0.0.1: {text}");
     assert_eq!(line_value(&text, "own6").map(first_word), Some(hash.clone()), "{}: {text}", host.ip6);
-    assert_eq!(line_value(&text, "own4").map(first_word), Some(hash), "{}: {text}", host.ip);
+    assert_eq!(line_value(&text, "own4").map(first_word), Some(hash.clone()), "{}: {text}", host.ip);
+    // Beyond the /64: through the route's next hop, fc00::1, which usernet answers for.
+    assert_eq!(line_value(&text, "off-link6").map(first_word), Some(hash), "{}: {text}", host.ip6);
     assert_eq!(line_value(&text, "dns6"), Some("fc00::5"), "{text}");
     assert_eq!(line_value(&text, "dns4"), Some("169.254.1.5"), "{text}");
     assert_eq!(line_value(&text, "host6"), Some("000"), "::254 is no host address here: {text}");
-    assert_eq!(line_value(&text, "gateway"), Some("000"), "--no-map-gw: {text}");
+    assert_eq!(line_value(&text, "ipv6-gateway"), Some("000"), "the IPv6 gateway is no host address: {text}");
+    assert_eq!(line_value(&text, "gateway"), Some("000"), "--map-host-loopback and --no-map-gw: {text}");
 }
 
 /// pasta's defaults for TCP, `-t auto -T auto`: a host service on the host's loopback

@@ -20,9 +20,11 @@
 //!    -- COMMAND`, whose resolv.conf names 10.0.2.3 (see 4). IPv6 likewise on usernet's own
 //!    /64: the namespace gets fd75:7365:726e::2/64 (or `-a ADDR6`'s /64) and its route via
 //!    fe80::1 (or `-g ADDR6`, link-local or in the /64), ::254 stands for the host's [::1]
-//!    unless `--no-map-gw` (or `--map-host-loopback ADDR6` does), DNS answers on ::1 (or
-//!    `-g`'s or `--dns-forward`'s ADDR6); each address option takes one address of each
-//!    family, as pasta's. `-4` turns IPv6 off, `-6` IPv4.
+//!    unless `--no-map-gw` (or `--map-host-loopback ADDR6` does), DNS answers on ::1 of the
+//!    /64 (or `--dns-forward`'s ADDR6), and each IPv6 address has one role but the gateway's
+//!    (a DNS address that is also a host address would take every port to usernet's
+//!    services). Each address option takes one address of each family, as pasta's. `-4`
+//!    turns IPv6 off, `-6` IPv4.
 //! 3. `--netns PATH|NAME` or PID: bind the `-t`/`-u` ports on the host first (a taken port
 //!    fails here, exit 1, nothing started), attach a TAP to the namespace (entering
 //!    `--userns` first, or the PID's user namespace when not root), configured with
@@ -446,7 +448,9 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         target: Target::Command(Vec::new()),
     };
     let mut netns: Option<String> = None;
-    let mut prefix_given = false;
+    // pasta's rule for prefix lengths: `-a ADDR/LEN` after `-n`, or `-n` right after an
+    // `-a` that had one, is redundant.
+    let (mut netmask_given, mut address_had_prefix) = (false, false);
     // pasta's default for each of -t, -u, -T and -U is auto.
     let mut given_specs: std::collections::BTreeSet<&str> = Default::default();
     for (name, value) in given.options {
@@ -478,29 +482,29 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             }
             "address" => {
                 let (addr, len) = v.split_once('/').map_or((v.as_str(), None), |(a, l)| (a, Some(l)));
+                if len.is_some() && netmask_given {
+                    return Err("Redundant prefix length specification".into());
+                }
+                address_had_prefix = len.is_some();
                 match addr.parse::<IpAddr>() {
                     Ok(IpAddr::V6(a)) if len.is_none_or(|l| l == "64") => o.address6 = Some(a),
                     Ok(IpAddr::V6(_)) => return Err(format!("-a {v}: usernet gives the namespace a /64")),
                     Ok(IpAddr::V4(a)) => {
                         o.address = Some(a);
                         if let Some(l) = len {
-                            if prefix_given {
-                                return Err("Redundant prefix length specification".into());
-                            }
                             let bits = l.parse::<u8>().ok().filter(|b| *b <= 32);
                             o.prefix = Some(bits.ok_or_else(|| format!("Invalid prefix length: {v}"))?);
-                            prefix_given = true;
                         }
                     }
                     Err(_) => return Err(format!("Invalid address: {v}")),
                 }
             }
             "netmask" => {
-                if prefix_given {
+                if address_had_prefix {
                     return Err("Redundant prefix length specification".into());
                 }
                 o.prefix = Some(parse_netmask(&v).ok_or_else(|| format!("Invalid netmask: {v}"))?);
-                prefix_given = true;
+                netmask_given = true;
             }
             "gateway" => match unicast_address(&v, "gateway address")? {
                 IpAddr::V4(a) => o.gateway = Some(a),
@@ -674,16 +678,15 @@ fn ipv6_on(o: &Options) -> bool {
 }
 
 /// The namespace's IPv6 network: usernet's /64, or `-a ADDR6`'s with ADDR6 as the guest;
-/// `-g ADDR6` is its gateway, and its DNS unless `--dns-forward ADDR6`;
-/// `--map-host-loopback ADDR6` is its host address instead of ::254.
+/// `-g ADDR6` is its gateway, `--dns-forward ADDR6` its DNS address (else ::1 of the /64,
+/// a global address a resolv.conf can name), `--map-host-loopback ADDR6` its host address
+/// (else ::254).
 fn ipv6_net(o: &Options) -> Ipv6Net {
     let mut net = match o.address6 {
         Some(a) => Ipv6Net { guest: a, ..Ipv6Net::new(a) },
         None => Ipv6Net::default(),
     };
-    if let Some(g) = o.gateway6 {
-        (net.gateway, net.dns) = (g, g);
-    }
+    net.gateway = o.gateway6.unwrap_or(net.gateway);
     net.dns = o.dns_forward6.unwrap_or(net.dns);
     net.host = o.map_host_loopback.v6.unwrap_or(net.host);
     net
@@ -706,16 +709,26 @@ fn check_ipv6_addresses(o: &Options) -> Result<(), String> {
             net.prefix
         ));
     }
-    let given = [
-        ("-g", o.gateway6),
-        ("--dns-forward", o.dns_forward6),
-        ("--map-host-loopback", o.map_host_loopback.v6),
+    // Each address has one role, but the gateway's, which may be the DNS's too (::1 is
+    // both by default) or stand for the host (pasta's mapping of its gateway). A DNS address
+    // that is also a host address would take every port to usernet's services.
+    let roles = [
+        ("-a (the namespace's own)", Some(net.guest)),
+        ("--dns-forward (::1 of the /64 unless given)", Some(net.dns)),
+        ("--map-host-loopback (::254 of the /64 unless given)", Some(net.host)),
         ("--map-guest-addr", o.map_guest_addr.v6),
+        ("-g", o.gateway6),
     ];
-    match given.into_iter().find(|(_, a)| *a == Some(net.guest)) {
-        Some((option, _)) => Err(format!("{option} {}: that is the namespace's own address (-a)", net.guest)),
-        None => Ok(()),
+    for (i, (first, a)) in roles.iter().enumerate() {
+        for (second, b) in &roles[i + 1..] {
+            let gateway_shares = second.starts_with("-g") && !first.starts_with("-a");
+            if a.is_some() && a == b && !gateway_shares {
+                let a = a.unwrap_or(Ipv6Addr::UNSPECIFIED);
+                return Err(format!("{a} is both {first} and {second}: give one of them another address"));
+            }
+        }
     }
+    Ok(())
 }
 
 /// usernet's network options as pasta's command line sets them: defaults (DNS following
@@ -1149,13 +1162,21 @@ mod tests {
         assert_eq!(cfg.host_alias6(v6("fc00::2")), default_route6_address(), "the host's own address");
         assert!(!cfg.host_loopback);
         assert!(cfg.extra_hosts.contains(&("host.containers.internal".into(), v6("fc00::5").into())));
-        // -g alone: the gateway's address is the DNS's too, as ::1 of usernet's /64 is.
+        // -g alone: DNS stays on ::1 of the /64.
         let o = run_opts("--config-net -a fc00::3 -g fc00::7 1");
         let net = network_config(&o, &interface(&o), &net_opts(&o)).unwrap().v6.unwrap();
-        assert_eq!((net.gateway, net.dns, net.host), (v6("fc00::7"), v6("fc00::7"), v6("fc00::254")));
-        // A link-local gateway.
-        let o = run_opts("--config-net -g fe80::9 1");
+        assert_eq!((net.gateway, net.dns, net.host), (v6("fc00::7"), v6("fc00::1"), v6("fc00::254")));
+        // A link-local gateway: DNS on a global address, which a resolv.conf can name.
+        let o = run_opts("--config-net -6 -g fe80::9 1");
         assert_eq!(interface(&o).ipv6, Some((v6("fd75:7365:726e::2"), v6("fe80::9"))));
+        let net = network_config(&o, &interface(&o), &net_opts(&o)).unwrap().v6.unwrap();
+        assert_eq!(net.dns, v6("fd75:7365:726e::1"));
+        // pasta's mapping of its gateway to the host: with DNS elsewhere.
+        let o = run_opts("--config-net -a fc00::3 -g fc00::1 --map-host-loopback fc00::1 --dns-forward fc00::53 1");
+        let cfg = network_config(&o, &interface(&o), &net_opts(&o)).unwrap();
+        let net = cfg.v6.unwrap();
+        assert_eq!((net.gateway, net.host, net.dns), (v6("fc00::1"), v6("fc00::1"), v6("fc00::53")));
+        assert_eq!(cfg.host_alias6(v6("fc00::1")), Some(Ipv6Addr::LOCALHOST));
         // IPv4 only: the IPv6 options are moot.
         let o = run_opts("--config-net -4 -g fc01::1 --map-host-loopback fc01::5 1");
         let cfg = network_config(&o, &interface(&o), &net_opts(&o)).unwrap();
@@ -1200,6 +1221,10 @@ mod tests {
         let err = |s: &str| parse(&args(s)).unwrap_err();
         assert_eq!(err("-a 10.0.3.5/16 -n 24 1"), "Redundant prefix length specification");
         assert_eq!(err("-n 24 -a 10.0.3.5/16 1"), "Redundant prefix length specification");
+        // As pasta: -n again, -a with lengths again, or -n after an -a without one are fine.
+        assert_eq!(run_opts("-n 24 -n 16 1").prefix, Some(16));
+        assert_eq!(run_opts("-a 10.0.3.5/16 -a 10.0.3.6/20 1").prefix, Some(20));
+        assert_eq!(run_opts("-a 10.0.3.5/16 -a fc00::3 -n 24 1").prefix, Some(24));
         assert!(err("-a fc00::3/112 1").contains("/64"));
         assert!(err("-a 10.0.0.1/33 1").contains("prefix length"));
         assert_eq!(err("-a bogus 1"), "Invalid address: bogus");
@@ -1303,8 +1328,14 @@ mod tests {
         assert_eq!(err("--map-host-loopback ::1 1"), "Invalid address to remap to host: ::1");
         assert_eq!(err("--map-guest-addr 224.0.0.1 1"), "Invalid address to remap to host: 224.0.0.1");
         assert!(err("-a fc00::3 -g fc01::1 1").contains("/64"), "a gateway the namespace cannot reach");
-        assert!(err("-a fc00::3 --map-guest-addr fc00::3 1").contains("own address"));
-        assert!(err("-a fc00::3 -g fc00::3 1").contains("own address"));
+        assert!(err("-a fc00::3 --map-guest-addr fc00::3 1").contains("own"));
+        assert!(err("-a fc00::3 -g fc00::3 1").contains("own"));
+        // One address, two roles: the defaults ::1 (DNS) and ::254 (host) count.
+        assert!(err("-a fc00::1 1").contains("fc00::1 is both -a"));
+        assert!(err("-a fc00::254 1").contains("fc00::254 is both -a"));
+        assert!(err("--map-host-loopback fd75:7365:726e::1 1").contains("--dns-forward"));
+        assert!(err("-a fc00::3 -g fc00::1 --map-host-loopback fc00::1 1").contains("--dns-forward"));
+        assert!(err("-a fc00::3 --dns-forward fc00::9 --map-guest-addr fc00::9 1").contains("--map-guest-addr"));
         assert_eq!(parse(&args("--help")), Ok(Parsed::Help));
         assert_eq!(parse(&args("--version")), Ok(Parsed::Version));
     }
