@@ -264,8 +264,17 @@ impl Proxy {
         }
     }
 
-    /// The host socket address behind a guest-side address, None when there is none.
+    /// The host socket address behind a guest-side address, None when there is none. An
+    /// address that stands for the host (pasta's `--map-host-loopback` and
+    /// `--map-guest-addr`) is the host address it stands for, as the engine dials it.
     fn map_ip(&self, ip: IpAddr, port: u16) -> Option<SocketAddr> {
+        let alias = match ip {
+            IpAddr::V4(v4) => self.cfg.host_alias(v4).map(IpAddr::V4),
+            IpAddr::V6(v6) => self.cfg.host_alias6(v6).map(IpAddr::V6),
+        };
+        if let Some(to) = alias {
+            return Some(SocketAddr::new(to, port));
+        }
         match ip {
             IpAddr::V4(ip) if ip == self.cfg.host => {
                 self.cfg.host_loopback.then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
@@ -273,10 +282,19 @@ impl Proxy {
             IpAddr::V6(ip) if self.cfg.v6.is_some_and(|n| ip == n.host) => {
                 self.cfg.host_loopback.then(|| SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
             }
-            _ if is_host_local(ip) || self.in_network(ip) || ip.is_multicast() => None,
+            _ if is_host_local(ip) || self.in_network(ip) || self.is_own(ip) || ip.is_multicast() => None,
             IpAddr::V4(v4) if v4.is_broadcast() => None,
             IpAddr::V6(v6) if v6.is_unicast_link_local() => None,
             _ => Some(SocketAddr::new(ip, port)),
+        }
+    }
+
+    /// Whether usernet answers for `ip` (its gateway, host, DNS and alias addresses, which
+    /// may lie outside the subnet, as pasta's `--dns-forward 169.254.1.1` does).
+    fn is_own(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.cfg.is_own_address(ip),
+            IpAddr::V6(ip) => self.cfg.is_own_address6(ip),
         }
     }
 
@@ -297,7 +315,7 @@ impl Proxy {
             Err(_) if names_loopback(host) => return true,
             Err(_) => self.local_lookup(host),
         };
-        ip.is_some_and(|ip| self.in_network(ip) || is_host_local(ip))
+        ip.is_some_and(|ip| self.in_network(ip) || self.is_own(ip) || is_host_local(ip))
     }
 
     /// The first record of `rtype` (A or AAAA) of `name` through the gateway's DNS server.
@@ -334,7 +352,7 @@ fn rand_id() -> u16 {
 pub fn intercepts(proxy: &ProxyConfig, net: &NetConfig, dst: SocketAddr) -> bool {
     let outside = match dst.ip() {
         IpAddr::V4(ip) => {
-            let inside = ip == net.gateway || ip == net.host || net.subnet.contains(ip);
+            let inside = net.is_own_address(ip) || net.subnet.contains(ip);
             !(inside || ip.is_loopback() || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
         }
         IpAddr::V6(ip) => {
@@ -796,6 +814,34 @@ mod tests {
             let r = rt.block_on(p.resolve(denied, 22));
             assert!(matches!(r, Err(ProxyError::Forbidden(_))), "{denied}: {r:?}");
         }
+    }
+
+    /// Addresses that stand for the host (pasta's `--map-host-loopback` and
+    /// `--map-guest-addr`), in or outside the subnet, are what they stand for, as in the
+    /// engine; usernet's own DNS address outside the subnet is refused; none goes upstream.
+    #[test]
+    fn host_aliases_are_the_host_addresses_they_stand_for() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut cfg = net();
+        cfg.dns = Some(Ipv4Addr::new(169, 254, 1, 1));
+        cfg.host_aliases = vec![
+            (Ipv4Addr::new(169, 254, 1, 5), Ipv4Addr::LOCALHOST),
+            (Ipv4Addr::new(169, 254, 1, 2), Ipv4Addr::new(203, 0, 113, 9)),
+        ];
+        cfg.host_aliases6 = vec![("fd75:7365:726e::5".parse().unwrap(), std::net::Ipv6Addr::LOCALHOST)];
+        let p = proxy_for(cfg.clone());
+        assert_eq!(rt.block_on(p.resolve("169.254.1.5", 22)).unwrap(), sa("127.0.0.1:22"));
+        assert_eq!(rt.block_on(p.resolve("169.254.1.2", 80)).unwrap(), sa("203.0.113.9:80"));
+        assert_eq!(rt.block_on(p.resolve("fd75:7365:726e::5", 22)).unwrap(), sa("[::1]:22"));
+        let r = rt.block_on(p.resolve("169.254.1.1", 80));
+        assert!(matches!(r, Err(ProxyError::Forbidden(_))), "{r:?}");
+        for local in ["169.254.1.5", "169.254.1.2", "169.254.1.1", "fd75:7365:726e::5"] {
+            assert!(p.is_local(local), "{local} must never go upstream");
+        }
+        for not in ["169.254.1.2:80", "169.254.1.5:80", "169.254.1.1:80"] {
+            assert!(!intercepts(&with_upstream(), &cfg, sa(not)), "{not}");
+        }
+        assert!(intercepts(&with_upstream(), &cfg, sa("169.254.1.9:80")));
     }
 
     /// The egress policy in the proxy: IP literals by the rules, names by the allow-domains
