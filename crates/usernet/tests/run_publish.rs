@@ -820,6 +820,91 @@ fn taken_port_and_bad_specs_fail_before_command() {
     check(&["--expose", "8000:80", "-P"], "invalid port format for --expose: 8000:80");
 }
 
+/// A network namespace of the test's own (`ip netns add`), deleted on Drop.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new(tag: &str) -> TestNetns {
+        let ns = format!("{tag}{}", unique_id());
+        must("ip", &["netns", "add", &ns]);
+        let ns = TestNetns(ns);
+        ns.sh("ip link set lo up");
+        ns
+    }
+
+    /// `sh -c SCRIPT` inside the namespace, as root; it must succeed.
+    fn sh(&self, script: &str) -> Output {
+        must("ip", &["netns", "exec", &self.0, "sh", "-c", script])
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// Rootless, a port below `net.ipv4.ip_unprivileged_port_start` cannot be published: the
+/// error says so and what to change (the sysctl, with its current value, or a larger port),
+/// as rootless Podman's and Docker's do, where it gave only "permission denied". On the
+/// command line and through the API (after usernet confined itself: it must still read the
+/// sysctl), and the advice works: with the sysctl lowered the same port is published. In a
+/// namespace of the test's own, so that the sysctl is known whatever the machine's.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn privileged_port_rootless_says_what_to_change() {
+    require(&["ip", "runuser", "curl", "sh", "sysctl"]);
+    let ns = TestNetns::new("unpp");
+    ns.sh("sysctl -q -w net.ipv4.ip_unprivileged_port_start=1024");
+    let dir = TempDir::new("pub-privileged");
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let bin = copy_binary_for_others(&dir);
+    let usernet_in_ns = |args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.0, "runuser", "-u", "nobody", "--"]).arg(&bin).arg("run");
+        c.args(["--dns-upstream", "127.0.0.1:9"]).args(args).env("PATH", search_path());
+        run_bounded(&mut c, Duration::from_secs(30))
+    };
+
+    let out = usernet_in_ns(&["-p", "80:80", "--", "true"]);
+    out.assert_code(125);
+    assert_eq!(
+        out.stderr.trim_end(),
+        "usernet: Error starting userland proxy: cannot expose privileged port 80, you can add \
+         'net.ipv4.ip_unprivileged_port_start=80' to /etc/sysctl.conf (currently 1024), or choose a larger \
+         port number (>= 1024): listen tcp4 0.0.0.0:80: bind: permission denied",
+        "{out}"
+    );
+
+    // Through the API, once usernet runs confined.
+    let api = dir.join("api.sock");
+    let out = usernet_in_ns(&[
+        "--api",
+        &api.display().to_string(),
+        "--",
+        "curl",
+        "-sS",
+        "--unix-socket",
+        &api.display().to_string(),
+        "http://usernet/v1/ports",
+        "-d",
+        r#"{"spec":"127.0.0.1:1000:53/udp"}"#,
+    ]);
+    out.assert_ok();
+    assert!(
+        out.stdout.contains(
+            "cannot expose privileged port 1000, you can add 'net.ipv4.ip_unprivileged_port_start=1000' to \
+             /etc/sysctl.conf (currently 1024), or choose a larger port number (>= 1024): listen udp4 \
+             127.0.0.1:1000: bind: permission denied"
+        ),
+        "{out}"
+    );
+
+    // Done as it says, the port is published.
+    ns.sh("sysctl -q -w net.ipv4.ip_unprivileged_port_start=80");
+    usernet_in_ns(&["-p", "80:80", "--", "true"]).assert_ok();
+}
+
 /// The host ports are free again as soon as usernet exits, by itself or by a signal.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]

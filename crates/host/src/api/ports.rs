@@ -90,7 +90,7 @@ fn parse_and_bind(spec: &str) -> Result<Vec<BoundListener>, PublishError> {
     let specs = parse_publish(spec).map_err(|e| PublishError::Invalid(e.to_string()))?;
     listen::bind_all(&specs).map_err(|e| match e {
         BindError::InUse { .. } => PublishError::InUse(e.to_string()),
-        BindError::Os { .. } => PublishError::Bind(e.to_string()),
+        BindError::Os { .. } | BindError::Privileged { .. } => PublishError::Bind(e.to_string()),
     })
 }
 

@@ -48,13 +48,19 @@ pub fn removable_dirs(made: &[PathBuf]) -> Vec<PathBuf> {
 /// What usernet still reads once set up, all of it in /proc: its own files (/proc/self:
 /// `/metrics`, pasta mode's port scan of /proc/net), the list of processes (`run` looks for
 /// its guest's last ones; their namespace links are looked at by `stat`, which Landlock
-/// does not judge, and their parents asked of a pidfd), and three files: the boot time for
-/// `/metrics`, pasta mode's ephemeral port range and /dev/urandom (where getrandom(2) is
-/// missing). A kernel that does not say a process's parent through its pidfd (before 6.13)
+/// does not judge, and their parents asked of a pidfd), and four files: the boot time for
+/// `/metrics`, pasta mode's ephemeral port range, the first unprivileged port (named in
+/// the error of a port published later that this user may not bind, `publish::listen`)
+/// and /dev/urandom (where getrandom(2) is missing). A kernel that does not say a process's parent through its pidfd (before 6.13)
 /// gets all of /proc readable instead, for the parents in /proc/PID/stat.
 const READ_BENEATH: &[&str] = &["/proc/self"];
 const LIST_BENEATH: &[&str] = &["/proc"];
-const READ_FILES: &[&str] = &["/proc/stat", "/proc/sys/net/ipv4/ip_local_port_range", "/dev/urandom"];
+const READ_FILES: &[&str] = &[
+    "/proc/stat",
+    "/proc/sys/net/ipv4/ip_local_port_range",
+    "/proc/sys/net/ipv4/ip_unprivileged_port_start",
+    "/dev/urandom",
+];
 
 /// The ruleset, ready for threads to join (`landlock_restrict_self`); None when the kernel
 /// has no Landlock. A path that cannot be opened is left out.

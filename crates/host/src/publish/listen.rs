@@ -54,6 +54,21 @@ pub enum BindError {
         reason: String,
         errno: Errno,
     },
+    /// A port below `net.ipv4.ip_unprivileged_port_start` that this user may not bind (no
+    /// CAP_NET_BIND_SERVICE: usernet run rootless): what to change, as rootless Podman's and
+    /// Docker's port forwarders say it.
+    #[error(
+        "Error starting userland proxy: cannot expose privileged port {port}, you can add \
+         'net.ipv4.ip_unprivileged_port_start={port}' to /etc/sysctl.conf (currently {start}), or choose \
+         a larger port number (>= {start}): listen {net} {addr}: bind: permission denied"
+    )]
+    Privileged {
+        net: String,
+        addr: SocketAddr,
+        port: u16,
+        /// The sysctl's value when the bind failed.
+        start: u16,
+    },
 }
 
 impl BindError {
@@ -61,6 +76,24 @@ impl BindError {
         let family = if addr.is_ipv4() { "4" } else { "6" };
         BindError::Os { net: format!("{proto}{family}"), addr, op, reason: go_strerror(errno), errno }
     }
+
+    /// The error of a bind(2) that failed with `errno`: a privileged port's when that is
+    /// why (EACCES below `start`, the unprivileged ports' first; None when unknown).
+    fn bind_failed(proto: Proto, addr: SocketAddr, errno: Errno, start: Option<u16>) -> BindError {
+        match start {
+            Some(start) if errno == Errno::EACCES && addr.port() != 0 && addr.port() < start => {
+                let family = if addr.is_ipv4() { "4" } else { "6" };
+                BindError::Privileged { net: format!("{proto}{family}"), addr, port: addr.port(), start }
+            }
+            _ => BindError::os(proto, addr, "bind", errno),
+        }
+    }
+}
+
+/// `net.ipv4.ip_unprivileged_port_start` of this network namespace (it covers IPv6 too),
+/// or None when it cannot be read.
+fn unprivileged_port_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start").ok()?.trim().parse().ok()
 }
 
 /// strerror in lowercase, as Go's syscall.Errno prints it.
@@ -194,7 +227,7 @@ fn bind_one(addr: SocketAddr, proto: Proto, guest_port: u16) -> Result<BoundList
         Err(Errno::EADDRINUSE) => {
             return Err(BindError::InUse { addr: addr.to_string() });
         }
-        Err(e) => return Err(err("bind", e)),
+        Err(e) => return Err(BindError::bind_failed(proto, addr, e, unprivileged_port_start())),
     }
     if proto == Proto::Tcp {
         let backlog = Backlog::new(TCP_BACKLOG).unwrap_or(Backlog::MAXCONN);
@@ -420,6 +453,29 @@ mod tests {
         );
         // One line: anyhow's `{:#}` must not repeat the errno.
         assert!(std::error::Error::source(&e).is_none());
+    }
+
+    #[test]
+    fn privileged_port_says_what_to_change() {
+        let addr: SocketAddr = "0.0.0.0:80".parse().expect("addr");
+        let e = BindError::bind_failed(Proto::Tcp, addr, Errno::EACCES, Some(1024));
+        assert_eq!(
+            e.to_string(),
+            "Error starting userland proxy: cannot expose privileged port 80, you can add \
+             'net.ipv4.ip_unprivileged_port_start=80' to /etc/sysctl.conf (currently 1024), or choose a larger \
+             port number (>= 1024): listen tcp4 0.0.0.0:80: bind: permission denied"
+        );
+        let v6: SocketAddr = "[::]:443".parse().expect("addr");
+        let e = BindError::bind_failed(Proto::Udp, v6, Errno::EACCES, Some(500));
+        assert!(e.to_string().contains("privileged port 443") && e.to_string().contains("listen udp6 [::]:443"), "{e}");
+        // Not the port's fault: at or above the sysctl, another errno, or the sysctl unknown.
+        for (port, errno, start) in
+            [(1024, Errno::EACCES, Some(1024)), (80, Errno::EADDRNOTAVAIL, Some(1024)), (80, Errno::EACCES, None)]
+        {
+            let e = BindError::bind_failed(Proto::Tcp, SocketAddr::new(LO4, port), errno, start);
+            assert!(matches!(e, BindError::Os { op: "bind", .. }), "{port} {errno}: {e}");
+        }
+        assert!(unprivileged_port_start().is_some(), "the sysctl is readable here");
     }
 
     #[test]
