@@ -712,20 +712,23 @@ fn check_ipv6_addresses(o: &Options) -> Result<(), String> {
     // Each address has one role, but the gateway's, which may be the DNS's too (::1 is
     // both by default) or stand for the host (pasta's mapping of its gateway). A DNS address
     // that is also a host address would take every port to usernet's services.
+    // (what gives it, the address, whether the gateway may have it too)
     let roles = [
-        ("-a (the namespace's own)", Some(net.guest)),
-        ("--dns-forward (::1 of the /64 unless given)", Some(net.dns)),
-        ("--map-host-loopback (::254 of the /64 unless given)", Some(net.host)),
-        ("--map-guest-addr", o.map_guest_addr.v6),
-        ("-g", o.gateway6),
+        ("-a (the namespace's own)", Some(net.guest), false),
+        ("--dns-forward (::1 of the /64 unless given)", Some(net.dns), true),
+        ("--map-host-loopback (::254 of the /64 unless given)", Some(net.host), true),
+        ("--map-guest-addr", o.map_guest_addr.v6, true),
     ];
-    for (i, (first, a)) in roles.iter().enumerate() {
-        for (second, b) in &roles[i + 1..] {
-            let gateway_shares = second.starts_with("-g") && !first.starts_with("-a");
-            if a.is_some() && a == b && !gateway_shares {
-                let a = a.unwrap_or(Ipv6Addr::UNSPECIFIED);
-                return Err(format!("{a} is both {first} and {second}: give one of them another address"));
-            }
+    let both = |a: Ipv6Addr, first: &str, second: &str| {
+        Err(format!("{a} is both {first} and {second}: give one of them another address"))
+    };
+    for (i, &(first, a, gateway_may)) in roles.iter().enumerate() {
+        let Some(a) = a else { continue };
+        if let Some((second, ..)) = roles[i + 1..].iter().find(|(_, b, _)| *b == Some(a)) {
+            return both(a, first, second);
+        }
+        if o.gateway6 == Some(a) && !gateway_may {
+            return both(a, first, "-g");
         }
     }
     Ok(())
