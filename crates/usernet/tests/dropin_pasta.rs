@@ -99,7 +99,7 @@ fn podman_command_line_in_podman_unshare() {
 }
 
 /// rootlesskit 2's `--net=pasta` command line, against a process in a user and network
-/// namespace of the test user's own.
+/// namespace of the test user's own, its output read to the end as rootlesskit reads it.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn rootlesskit2_command_line() {
@@ -108,9 +108,11 @@ fn rootlesskit2_command_line() {
     let (_dir, server, hash) = serve_random_file("pr-host", "f", 1 << 20);
     let script = format!(
         "unshare --user --map-root-user --net sleep 60 & t=$!; sleep 0.3; \
-         {pasta} --stderr --ns-ifname=tap0 --mtu=65520 --config-net --address=10.0.2.100 --netmask=24 \
+         exec 3>&1; \
+         {{ {pasta} --stderr --ns-ifname=tap0 --mtu=65520 --config-net --address=10.0.2.100 --netmask=24 \
            --gateway=10.0.2.2 --dns-forward=10.0.2.3 --ipv4-only --tcp-ports=none --udp-ports=none \
-           --userns=/proc/$t/ns/user --netns=/proc/$t/ns/net; echo pasta-exit $?; \
+           --userns=/proc/$t/ns/user --netns=/proc/$t/ns/net 2>&1 3>&-; echo pasta-exit $? >&3; }} \
+           | timeout 10 cat >/dev/null; echo output-closed $?; exec 3>&-; \
          p=$(pgrep -n -f -- '--ns-ifname=tap0 --mtu=65520'); \
          nsenter -t $t -U -n --preserve-credentials ip -4 -o addr show tap0 | sed 's/^/tap0 /'; \
          nsenter -t $t -U -n --preserve-credentials ip -o link show tap0 | grep -o 'mtu [0-9]*' | sed 's/^/link /'; \
@@ -127,6 +129,9 @@ fn rootlesskit2_command_line() {
     let (code, text) = run_script(r.command("sh"), &script, Duration::from_secs(90));
     assert_eq!(code, 0, "{text}");
     assert_eq!(line_value(&text, "pasta-exit"), Some("0"), "{text}");
+    // rootlesskit reads pasta's output to its end (Go's CombinedOutput): the background
+    // usernet must not keep it open, --stderr or not.
+    assert_eq!(line_value(&text, "output-closed"), Some("0"), "the caller's output still open: {text}");
     assert!(line_value(&text, "tap0").is_some_and(|l| l.contains("10.0.2.100/24")), "{text}");
     assert_eq!(line_value(&text, "link"), Some("mtu 65520"), "{text}");
     // Without --no-map-gw the gateway is the host's loopback.

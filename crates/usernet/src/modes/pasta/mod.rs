@@ -102,7 +102,7 @@ const HELP: &str = "
       --trace		Be extra verbose, implies --debug
   -q, --quiet		Don't print informational messages
   -f, --foreground	Don't run in background
-  -e, --stderr		Log to stderr too
+  -e, --stderr		Log to stderr too (until in the background)
   -l, --log-file PATH	Log (only) to given file
   -h, --help		Display this help message and exit
   --version		Show version and exit
@@ -986,20 +986,17 @@ fn daemonize() -> anyhow::Result<OwnedFd> {
 }
 
 /// Points descriptors 0, 1 and 2 away from the caller's: /dev/null, and the log file for
-/// 2 when there is one (2 stays with `--stderr`).
-fn detach_stdio(o: &Options, log_file: Option<std::fs::File>) -> anyhow::Result<()> {
+/// 2 when there is one. `--stderr` does not keep 2, as pasta's does not once in the
+/// background: callers read its output to the end (rootlesskit 2, which always passes
+/// `--stderr`, and containers/common, by Go's `CombinedOutput`), so a descriptor kept would
+/// hold them until the namespace is gone.
+fn detach_stdio(log_file: Option<std::fs::File>) -> anyhow::Result<()> {
     let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").context("/dev/null")?;
-    let err_to = match &log_file {
-        Some(f) => Some(f.as_raw_fd()),
-        None if o.stderr => None,
-        None => Some(null.as_raw_fd()),
-    };
-    for (fd, to) in [(0, Some(null.as_raw_fd())), (1, Some(null.as_raw_fd())), (2, err_to)] {
-        if let Some(to) = to {
-            // SAFETY: dup2 onto the standard descriptors, which this process owns.
-            if unsafe { libc::dup2(to, fd) } < 0 {
-                return Err(std::io::Error::last_os_error()).context("redirecting standard descriptors");
-            }
+    let err_to = log_file.as_ref().map_or(null.as_raw_fd(), |f| f.as_raw_fd());
+    for (fd, to) in [(0, null.as_raw_fd()), (1, null.as_raw_fd()), (2, err_to)] {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        if unsafe { libc::dup2(to, fd) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("redirecting standard descriptors");
         }
     }
     Ok(())
@@ -1052,7 +1049,7 @@ fn serve(
         NetnsTarget::Pid(pid) => stop_when_process_exits(*pid)?,
     }
     if let Some(ready) = ready {
-        detach_stdio(o, log_file)?;
+        detach_stdio(log_file)?;
         let _ = std::fs::File::from(ready).write_all(b"1");
     } else if let Some(f) = log_file {
         // SAFETY: dup2 onto descriptor 2, which this process owns.
