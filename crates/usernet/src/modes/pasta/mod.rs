@@ -10,7 +10,7 @@
 //! 2. The network. pasta copies the host's address, prefix, gateway and interface name into
 //!    the namespace; usernet does not copy the addresses (see "Addresses" below). Without
 //!    `-a`/`-n`/`-g` the namespace gets slirp4netns's layout: 10.0.2.100/24, gateway
-//!    10.0.2.2; the interface takes the name of the host's default-route interface, as
+//!    10.0.2.2 (an `-a` address without a length gets its class's, as in pasta); the interface takes the name of the host's default-route interface, as
 //!    pasta's, unless `--ns-ifname`. The gateway stands for the host's 127.0.0.1 unless
 //!    `--no-map-gw`; `--map-host-loopback ADDR` names the address that does instead (as in
 //!    pasta: then the gateway is only the gateway; `none` maps nothing), and
@@ -652,7 +652,8 @@ fn default_route6_address() -> Option<Ipv6Addr> {
 /// The namespace's interface and address.
 fn interface(o: &Options) -> Interface {
     let address = o.address.unwrap_or(Ipv4Addr::new(10, 0, 2, 100));
-    let prefix = o.prefix.unwrap_or(24);
+    // pasta's: an address given without a length (`-n`, `-a ADDR/LEN`) gets its class's.
+    let prefix = o.prefix.unwrap_or_else(|| o.address.map_or(24, class_prefix));
     let subnet = Ipv4Subnet { network: address, prefix };
     let gateway = o.gateway.unwrap_or_else(|| {
         let two = subnet.host(2);
@@ -669,6 +670,16 @@ fn interface(o: &Options) -> Interface {
         mtu: o.mtu,
         // IPv6 needs an MTU of 1280 (RFC 8200); below, the network is IPv4-only.
         ipv6: ipv6_on(o).then(|| (ipv6_net(o).guest, o.gateway6.unwrap_or(GATEWAY_LINK_LOCAL))),
+    }
+}
+
+/// The prefix length of `a`'s address class (A /8, B /16, C /24), as pasta gives an address
+/// without one; 24 past class C, whose addresses are multicast (refused) or reserved.
+fn class_prefix(a: Ipv4Addr) -> u8 {
+    match a.octets()[0] {
+        0..=127 => 8,
+        128..=191 => 16,
+        _ => 24,
     }
 }
 
@@ -1228,6 +1239,18 @@ mod tests {
         assert!(err("-a fc00::3/112 1").contains("/64"));
         assert!(err("-a 10.0.0.1/33 1").contains("prefix length"));
         assert_eq!(err("-a bogus 1"), "Invalid address: bogus");
+        // Without a length, the address's class gives it, as in pasta (a gateway outside a
+        // /24 of the address was unreachable); the default address keeps its /24.
+        for (opts, prefix, gateway) in [
+            ("-a 172.16.5.5 -g 172.16.0.1 1", 16, [172, 16, 0, 1]),
+            ("-a 10.1.2.3 1", 8, [10, 0, 0, 2]),
+            ("-a 192.168.7.9 1", 24, [192, 168, 7, 2]),
+            ("-a 10.1.2.3 -n 24 1", 24, [10, 1, 2, 2]),
+            ("-g 10.0.2.1 1", 24, [10, 0, 2, 1]),
+        ] {
+            let iface = interface(&run_opts(opts));
+            assert_eq!((iface.prefix, iface.gateway), (prefix, Ipv4Addr::from(gateway)), "{opts}");
+        }
     }
 
     /// rootlesskit 2's `--net=pasta`.
