@@ -226,6 +226,9 @@ pub struct NetConfig {
     /// Which of usernet's IPv6 link services answer (pasta's `--no-ra`, `--no-ndp`,
     /// `--no-dhcpv6` turn them off, for a guest whose IPv6 is configured otherwise).
     pub ipv6_services: Ipv6Services,
+    /// Whether DHCP answers (pasta's `--no-dhcp` turns it off, for a guest whose IPv4 is
+    /// configured otherwise: then its DHCP requests are dropped).
+    pub dhcp: bool,
 }
 
 /// usernet's IPv6 services on the link (engine/icmpv6.rs, services/dhcp6.rs): all on
@@ -377,6 +380,7 @@ impl NetConfig {
             limits: Limits::default(),
             policy: Arc::default(),
             ipv6_services: Ipv6Services::default(),
+            dhcp: true,
         }
     }
 }

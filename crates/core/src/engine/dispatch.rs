@@ -389,7 +389,9 @@ impl Engine {
         match ip.dst {
             IpAddr::V4(dst) => {
                 if h.dst_port == 67 && (dst == self.cfg.gateway || dst.is_broadcast()) {
-                    self.on_dhcp(payload, src_mac, now);
+                    if self.cfg.dhcp {
+                        self.on_dhcp(payload, src_mac, now);
+                    }
                     return;
                 }
                 if dst.is_broadcast() || dst.is_multicast() || dst == self.cfg.subnet.broadcast() {

@@ -646,6 +646,47 @@ fn ping_gateway() {
     assert_eq!((h.kind, h.ident(), h.seq(), data), (icmp::TYPE_ECHO_REPLY, 9, 1, &b"abc"[..]));
 }
 
+/// DHCP answers a guest's DISCOVER (broadcast, from 0.0.0.0) with an OFFER, unless turned
+/// off (pasta's `--no-dhcp`): then nothing answers, and nothing is dialled for it.
+#[test]
+fn dhcp_answers_unless_turned_off() {
+    use dhcproto::{Decodable, Encodable, v4};
+    let mut discover = v4::Message::new_with_id(
+        0x1234_5678,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &GUEST_MAC,
+    );
+    discover.opts_mut().insert(v4::DhcpOption::MessageType(v4::MessageType::Discover));
+    let payload = discover.to_vec().unwrap();
+    let mut d = vec![0u8; 8 + payload.len()];
+    d[8..].copy_from_slice(&payload);
+    let (src, dst) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST);
+    UdpHeader { src_port: 68, dst_port: 67 }.emit(&mut d, payload.len(), IpAddr::V4(src), IpAddr::V4(dst));
+    for dhcp in [true, false] {
+        let link = FakeLink::default();
+        let dialer = FakeDialer::default();
+        let cfg = Arc::new(NetConfig { dhcp, ..NetConfig::default() });
+        let mut e = Engine::with_dialer(cfg, Box::new(dialer.clone()), None).unwrap();
+        e.add_link(Box::new(link.clone()));
+        e.on_frame(0, &frame_ipv4(PROTO_UDP, src, dst, &d), Instant::now());
+        let sent = std::mem::take(&mut *link.sent.borrow_mut());
+        let offers = sent
+            .iter()
+            .filter_map(|f| {
+                let (_, p) = Ipv4Header::parse(EthernetHeader::parse(f)?.1)?;
+                let (h, msg) = UdpHeader::parse(p)?;
+                (h.src_port == 67).then(|| v4::Message::decode(&mut dhcproto::Decoder::new(msg)).ok()).flatten()
+            })
+            .filter(|m| m.opts().msg_type() == Some(v4::MessageType::Offer))
+            .count();
+        assert_eq!(offers, usize::from(dhcp), "dhcp {dhcp}: {} frames", sent.len());
+        assert!(dialer.guests.borrow().is_empty(), "dhcp {dhcp}: dialled for a DHCP request");
+    }
+}
+
 /// A SYN from the guest to `dst`.
 fn syn_to(dst: SocketAddrV4) -> Vec<u8> {
     let h = TcpHeader {

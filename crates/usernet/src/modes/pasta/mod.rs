@@ -108,6 +108,9 @@ const HELP: &str = "
   --version		Show version and exit
   -I, --ns-ifname NAME	namespace interface name
     default: same interface name as external one
+  -i, --interface NAME	Interface for addresses and routes
+    (usernet: the external one, named in the namespace unless -I;
+    its addresses and routes are not copied)
   --ns-mac-addr ADDR	Set MAC address on tap interface
   -p, --pcap FILE	Log tap-facing traffic to pcap file
   -P, --pid FILE	Write own PID to the given file
@@ -133,6 +136,7 @@ const HELP: &str = "
     none: none
   --map-guest-addr ADDR	Translate ADDR to the host's own address
     can be specified zero to two times (for IPv4 and IPv6)
+  --no-dhcp		Disable DHCP server
   --no-ndp		Disable NDP responses
   --no-dhcpv6		Disable DHCPv6 server
   --no-ra		Disable router advertisements
@@ -182,6 +186,7 @@ const OPTS: &[Opt] = &[
     flag("help", Some('h')),
     flag("version", None),
     valued("ns-ifname", Some('I')),
+    valued("interface", Some('i')),
     valued("ns-mac-addr", None),
     valued("pcap", Some('p')),
     valued("pid", Some('P')),
@@ -196,6 +201,7 @@ const OPTS: &[Opt] = &[
     valued("map-host-loopback", None),
     valued("map-guest-addr", None),
     flag("no-ndp", None),
+    flag("no-dhcp", None),
     flag("no-dhcpv6", None),
     flag("no-ra", None),
     flag("no-copy-routes", None),
@@ -216,7 +222,6 @@ const OPTS: &[Opt] = &[
     valued("runas", None),
     valued("fd", Some('F')),
     valued("mac-addr", Some('M')),
-    valued("interface", Some('i')),
     valued("outbound-if6", None),
     valued("dns", Some('D')),
     valued("search", Some('S')),
@@ -225,7 +230,6 @@ const OPTS: &[Opt] = &[
     flag("no-tcp", None),
     flag("no-udp", None),
     flag("no-icmp", None),
-    flag("no-dhcp", None),
     valued("dns-host", None),
 ];
 
@@ -250,6 +254,9 @@ pub struct Options {
     pub stderr: bool,
     pub log_file: Option<PathBuf>,
     pub ns_ifname: Option<String>,
+    /// `-i`: the host's interface pasta would copy the namespace's from (usernet copies
+    /// only its name, as the namespace's interface's unless `-I`).
+    pub interface: Option<String>,
     pub ns_mac: Option<[u8; 6]>,
     pub pcap: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
@@ -259,6 +266,8 @@ pub struct Options {
     pub address6: Option<Ipv6Addr>,
     pub ipv4_only: bool,
     pub ipv6_only: bool,
+    /// `--no-dhcp`: DHCP does not answer.
+    pub no_dhcp: bool,
     pub prefix: Option<u8>,
     pub gateway: Option<Ipv4Addr>,
     /// `-g` with an IPv6 address: the namespace's IPv6 default route goes through it.
@@ -421,6 +430,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         stderr: false,
         log_file: None,
         ns_ifname: None,
+        interface: None,
         ns_mac: None,
         pcap: None,
         pid_file: None,
@@ -429,6 +439,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         address6: None,
         ipv4_only: false,
         ipv6_only: false,
+        no_dhcp: false,
         prefix: None,
         gateway: None,
         gateway6: None,
@@ -532,8 +543,16 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "no-dhcpv6" => o.ipv6_services.dhcpv6 = false,
             // usernet never copies addresses or routes: honoured as they are.
             "no-copy-routes" | "no-copy-addrs" => {}
-            "ipv4-only" => o.ipv4_only = true,
-            "ipv6-only" => o.ipv6_only = true,
+            // The last of -4 and -6 counts, as in pasta.
+            "ipv4-only" => (o.ipv4_only, o.ipv6_only) = (true, false),
+            "ipv6-only" => (o.ipv4_only, o.ipv6_only) = (false, true),
+            "no-dhcp" => o.no_dhcp = true,
+            "interface" => {
+                if nix::net::if_::if_nametoindex(v.as_str()).is_err() {
+                    return Err(format!("Invalid interface name {v}: No such device"));
+                }
+                o.interface = Some(v)
+            }
             "tcp-ports" | "udp-ports" | "tcp-ns" | "udp-ns" => {
                 let proto = if name.starts_with("tcp") { Proto::Tcp } else { Proto::Udp };
                 let to_host = name.ends_with("-ns");
@@ -569,9 +588,6 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "config-net" => o.config_net = true,
             other => return Err(format!("--{other}: not supported by usernet's pasta mode")),
         }
-    }
-    if o.ipv4_only && o.ipv6_only {
-        return Err("Options ipv4-only and ipv6-only are mutually exclusive".into());
     }
     if o.ipv6_only && o.mtu < 1280 {
         return Err(format!("--ipv6-only needs an MTU of at least 1280 (IPv6's minimum), not {}", o.mtu));
@@ -659,7 +675,12 @@ fn interface(o: &Options) -> Interface {
         let two = subnet.host(2);
         if two == address { subnet.host(1) } else { two }
     });
-    let ifname = o.ns_ifname.clone().or_else(|| default_route().map(|(name, _)| name)).unwrap_or("eth0".into());
+    let ifname = o
+        .ns_ifname
+        .clone()
+        .or_else(|| o.interface.clone())
+        .or_else(|| default_route().map(|(name, _)| name))
+        .unwrap_or("eth0".into());
     Interface {
         ifname,
         mac: o.ns_mac.unwrap_or(GUEST_MAC),
@@ -769,6 +790,7 @@ pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::
     cfg.host = o.map_host_loopback.v4.unwrap_or(iface.gateway);
     cfg.host_loopback = !o.no_map_gw;
     cfg.ipv6_services = o.ipv6_services;
+    cfg.dhcp = !o.no_dhcp;
     cfg.dns = o.dns_forward;
     if matches!(o.target, Target::Command(_)) && cfg.dns.is_none() {
         let free = (3..254).map(|n| cfg.subnet.host(n)).find(|a| *a != cfg.guest && *a != cfg.gateway);
@@ -1273,6 +1295,31 @@ mod tests {
         assert_eq!(cfg.dns, Some(Ipv4Addr::new(10, 0, 2, 3)));
     }
 
+    /// The example of Podman's documentation (podman-run(1), `--network pasta:...`, "equivalent
+    /// to default slirp4netns(1) options"), `-i`,
+    /// `--no-dhcp`, and `-4`/`-6`, of which the last counts, as in pasta.
+    #[test]
+    fn podman_documentation_example_and_family_options() {
+        let o = run_opts(
+            "--config-net --ipv4-only -a 10.0.2.0 -n 24 -g 10.0.2.2 --dns-forward 10.0.2.3 -m 1500 \
+             --no-ndp --no-dhcpv6 --no-dhcp --netns /run/netns/x",
+        );
+        let iface = interface(&o);
+        assert_eq!(
+            (iface.address, iface.prefix, iface.gateway),
+            (Ipv4Addr::new(10, 0, 2, 0), 24, Ipv4Addr::new(10, 0, 2, 2))
+        );
+        let cfg = network_config(&o, &iface, &net_opts(&o)).unwrap();
+        assert!(!cfg.dhcp && cfg.v6.is_none() && !cfg.ipv6_services.dhcpv6 && !cfg.ipv6_services.neighbour_adverts);
+        assert!(network_config(&run_opts("1"), &interface(&run_opts("1")), &net_opts(&run_opts("1"))).unwrap().dhcp);
+        assert_eq!(interface(&run_opts("-i lo 1")).ifname, "lo", "-i names the namespace's interface");
+        assert_eq!(interface(&run_opts("-i lo -I eth7 1")).ifname, "eth7", "unless -I");
+        let o = run_opts("-4 -6 1");
+        assert!(o.ipv6_only && !o.ipv4_only);
+        let o = run_opts("-6 -4 1");
+        assert!(o.ipv4_only && !o.ipv6_only);
+    }
+
     /// pasta's TCP defaults are auto both ways; `none` or ports given turn them off.
     #[test]
     fn tcp_forwarding_defaults_and_specs() {
@@ -1338,7 +1385,7 @@ mod tests {
         assert_eq!(err("--bogus"), "pasta: unrecognized option '--bogus'");
         assert_eq!(err("-t"), "pasta: option requires an argument -- 't'");
         assert!(err("-T 127.0.0.1/8080").contains("loopback"));
-        assert!(err("-4 -6 1").contains("mutually exclusive"));
+        assert!(err("-i no-such-if0 1").contains("Invalid interface name no-such-if0"));
         assert!(err("-6 -m 1000 1").contains("1280"));
         assert!(err("--runas 1000").contains("--runas"));
         assert!(err("-D 10.0.0.1").contains("--dns"));
