@@ -44,6 +44,9 @@ pub struct Forwarding {
     pub to_host_auto: Vec<Proto>,
     /// `-t auto`, `-u auto`: every port bound in the namespace, published on the host.
     pub to_ns_auto: Vec<Proto>,
+    /// Where `-t auto`/`-u auto` bind on the host: both families' unspecified addresses,
+    /// or one family's with `-4` or `-6`.
+    pub to_ns_host_ip: Option<IpAddr>,
 }
 
 impl Forwarding {
@@ -312,7 +315,8 @@ impl HostSide {
     }
 
     fn publish(&mut self, proto: Proto, port: u16) {
-        let spec = PortSpec { host_ip: None, host_ports: Some((port, port)), container_port: port, proto };
+        let spec =
+            PortSpec { host_ip: self.spec.to_ns_host_ip, host_ports: Some((port, port)), container_port: port, proto };
         match usernet_host::publish::listen::bind(&spec) {
             Ok(listeners) => {
                 let guest_ip = self.guest;

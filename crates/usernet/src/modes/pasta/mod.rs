@@ -593,6 +593,16 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         return Err(format!("--ipv6-only needs an MTU of at least 1280 (IPv6's minimum), not {}", o.mtu));
     }
     check_ipv6_addresses(&o)?;
+    // With -4 or -6 a port is bound on the host in that family only, as pasta binds it.
+    let one_family = match (o.ipv4_only, o.ipv6_only) {
+        (true, _) => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        (_, true) => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        _ => None,
+    };
+    for spec in o.ports.iter_mut().filter(|s| s.host_ip.is_none()) {
+        spec.host_ip = one_family;
+    }
+    o.forwarding.to_ns_host_ip = one_family;
     for (flag, proto, to_host) in
         [("-t", Proto::Tcp, false), ("-u", Proto::Udp, false), ("-T", Proto::Tcp, true), ("-U", Proto::Udp, true)]
     {
@@ -1296,8 +1306,8 @@ mod tests {
     }
 
     /// The example of Podman's documentation (podman-run(1), `--network pasta:...`, "equivalent
-    /// to default slirp4netns(1) options"), `-i`,
-    /// `--no-dhcp`, and `-4`/`-6`, of which the last counts, as in pasta.
+    /// to default slirp4netns(1) options"), `-i`, `--no-dhcp`, and `-4`/`-6`, of which the
+    /// last counts, and which bind ports in their family only, as in pasta.
     #[test]
     fn podman_documentation_example_and_family_options() {
         let o = run_opts(
@@ -1318,6 +1328,19 @@ mod tests {
         assert!(o.ipv6_only && !o.ipv4_only);
         let o = run_opts("-6 -4 1");
         assert!(o.ipv4_only && !o.ipv6_only);
+        // A port without an address is bound in that family only (both otherwise), as pasta's.
+        let ips = |opts: &str| {
+            let o = run_opts(opts);
+            (o.ports.iter().map(|p| p.host_ip).collect::<Vec<_>>(), o.forwarding.to_ns_host_ip)
+        };
+        let any4 = Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(ips("-4 -t 8080 -u 53 1"), (vec![any4, any4], any4));
+        assert_eq!(
+            ips("-t 8080 -6 1"),
+            (vec![Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED))], Some(Ipv6Addr::UNSPECIFIED.into()))
+        );
+        assert_eq!(ips("-t 8080 1"), (vec![None], None));
+        assert_eq!(ips("-4 -t 127.0.0.1/8080 1"), (vec![Some(Ipv4Addr::LOCALHOST.into())], any4));
     }
 
     /// pasta's TCP defaults are auto both ways; `none` or ports given turn them off.
