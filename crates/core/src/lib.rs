@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod fd_limit;
 pub mod guest;
 pub mod link;
 pub mod own_files;

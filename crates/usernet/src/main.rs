@@ -65,6 +65,8 @@ fn main() {
 
 /// Entry point: parses the command line, runs the command, returns the exit status.
 fn run_cli() -> i32 {
+    // Before any socket: published ports and flows each hold a descriptor.
+    usernet_core::fd_limit::raise();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some((mode, args)) = modes::select(&argv) {
         // Each mode sets up logging itself, at the level its options ask for.

@@ -905,6 +905,26 @@ fn privileged_port_rootless_says_what_to_change() {
     usernet_in_ns(&["-p", "80:80", "--", "true"]).assert_ok();
 }
 
+/// A soft open-file limit too low for the ports asked (100, for 60 ports on two addresses):
+/// usernet raises its own to the hard limit before it binds them, as Docker and Podman do,
+/// where it failed with "too many open files"; COMMAND still gets the limit it was given.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn many_ports_under_a_low_soft_open_file_limit() {
+    require(&["sh"]);
+    let base = free_ports(60);
+    let script = format!(
+        "ulimit -Sn 100 && exec {bin} run --dns-upstream 127.0.0.1:9 -p {base}-{end}:8000-8059 -- sh -c 'ulimit -Sn'",
+        bin = usernet_bin().display(),
+        end = base + 59,
+    );
+    let mut cmd = as_test_user("sh");
+    cmd.args(["-c", &script]).env("PATH", search_path());
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    out.assert_ok();
+    assert_eq!(out.stdout.trim(), "100", "COMMAND's soft limit: {out}");
+}
+
 /// The host ports are free again as soon as usernet exits, by itself or by a signal.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]

@@ -354,17 +354,6 @@ fn probe_icmp(v6: bool) -> Option<IcmpKind> {
     }
 }
 
-/// Raises the open-file limit to its hard maximum: each guest flow holds a descriptor.
-pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: lim is valid for writes.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: lim is a valid rlimit.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -359,7 +359,7 @@ impl Engine {
 
     /// An engine whose host sockets come from `dialer` (tests use fakes).
     pub fn with_dialer(cfg: Arc<NetConfig>, dialer: Box<dyn Dialer>, pcap: Option<PcapWriter>) -> io::Result<Engine> {
-        dial::raise_fd_limit();
+        crate::fd_limit::raise();
         let mtu = cfg.mtu as usize;
         let switch = Switch::new(pcap, cfg.gateway_mac, cfg.gateway, mtu);
         switch.budget.set(cfg.limits.max_buffered, cfg.limits.tcp_stall_timeout);

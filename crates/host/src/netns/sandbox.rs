@@ -652,6 +652,7 @@ fn child_main(spec: &SandboxSpec, argv: &[CString], ctl: OwnedFd, parent: Pid) -
     }
 
     reset_signals();
+    usernet_core::fd_limit::restore_for_exec();
     let mut err = match nix::unistd::execvp(&argv[0], argv) {
         Err(e) => e,
         Ok(never) => match never {},
