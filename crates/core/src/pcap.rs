@@ -47,6 +47,8 @@ pub struct PcapWriter {
     taps: Vec<LiveTap>,
     /// Records the taps dropped (slow readers), over the writer's life.
     tap_dropped: u64,
+    /// Why the file's capture stopped, once it did.
+    failure: Option<String>,
 }
 
 impl PcapWriter {
@@ -61,6 +63,7 @@ impl PcapWriter {
             snaplen,
             taps: Vec::new(),
             tap_dropped: 0,
+            failure: None,
         };
         w.flush();
         Ok(w)
@@ -68,7 +71,15 @@ impl PcapWriter {
 
     /// A writer with no file, for live taps only.
     pub fn live_only() -> PcapWriter {
-        PcapWriter { out: None, file: None, path: String::new(), snaplen: 0, taps: Vec::new(), tap_dropped: 0 }
+        PcapWriter {
+            out: None,
+            file: None,
+            path: String::new(),
+            snaplen: 0,
+            taps: Vec::new(),
+            tap_dropped: 0,
+            failure: None,
+        }
     }
 
     /// Starts sending the frames to `tap` too.
@@ -90,7 +101,7 @@ impl PcapWriter {
         let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let caplen = frame.len().min(self.snaplen as usize);
         if let Err(e) = out.write_packet(&PcapPacket::new(ts, frame.len() as u32, &frame[..caplen])) {
-            self.fail(&e.to_string());
+            self.fail(&describe(&e));
         }
     }
 
@@ -119,9 +130,19 @@ impl PcapWriter {
     }
 
     fn fail(&mut self, e: &str) {
+        self.failure = Some(e.to_string());
         // An error: logged whatever the verbosity (`--quiet` too), once.
         tracing::error!("pcap {}: {e}; capture stopped, networking goes on", self.path);
         self.out = None;
+    }
+}
+
+/// What went wrong, in the I/O error's words: pcap-file says "Error reading bytes" of any,
+/// writes too (a full disk: "No space left on device").
+fn describe(e: &pcap_file::PcapError) -> String {
+    match e {
+        pcap_file::PcapError::IoError(io) => io.to_string(),
+        e => e.to_string(),
     }
 }
 
@@ -411,5 +432,9 @@ mod tests {
         }
         w.flush();
         assert!(w.out.is_none(), "the error was noticed");
+        // A write's failure in the I/O error's own words, not pcap-file's "Error reading bytes".
+        let full = pcap_file::PcapError::IoError(io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(describe(&full).starts_with("No space left on device"), "{}", describe(&full));
+        assert_eq!(w.failure.as_deref().map(|e| e.starts_with("No space left on device")), Some(true));
     }
 }
