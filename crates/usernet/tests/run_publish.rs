@@ -813,6 +813,7 @@ fn taken_port_and_bad_specs_fail_before_command() {
     // Bad specs, in Docker's words.
     check(&["-p", "70000:80"], "invalid hostPort: 70000");
     check(&["-p", "8000:abc"], "invalid containerPort: abc");
+    check(&["-p", "8000:0"], "invalid containerPort: 0");
     check(&["-p", "80/xyz"], "invalid proto: xyz");
     check(&["-p", "1.2.3:8000:80"], "invalid IP address: 1.2.3");
     check(&["-p", "8000-8005:80-90"], "invalid ranges specified for container and host Ports: 80-90 and 8000-8005");

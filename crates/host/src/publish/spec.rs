@@ -103,6 +103,9 @@ pub enum RangeError {
     OutOfRange(String),
     #[error("invalid range specified for port: {0}")]
     Reversed(String),
+    /// Port 0 exposed: nothing can connect to it.
+    #[error("port numbers must be between 1 and 65535")]
+    Zero,
 }
 
 /// Go's `strconv.ParseUint(s, 10, 16)`: ASCII digits only (no sign, no spaces), at most 65535.
@@ -269,6 +272,11 @@ fn parse_port_spec(raw: &str) -> Result<Vec<PortSpec>, SpecError> {
 
     let (start, end) =
         parse_port_range(container).map_err(|_| SpecError::InvalidContainerPort(container.to_string()))?;
+    // Port 0 cannot be connected to: its listener would reset every client (Podman refuses
+    // it too).
+    if start == 0 {
+        return Err(SpecError::InvalidContainerPort(container.to_string()));
+    }
 
     let mut host_range = None;
     if !host_port.is_empty() {
@@ -302,6 +310,9 @@ pub fn parse_expose(raw: &str) -> Result<Vec<(u16, Proto)>, SpecError> {
     let (start, end) =
         parse_port_range(port).map_err(|error| SpecError::ExposeRange { spec: raw.to_string(), error })?;
     let proto = validate_proto(&proto.to_ascii_lowercase())?;
+    if start == 0 {
+        return Err(SpecError::ExposeRange { spec: raw.to_string(), error: RangeError::Zero });
+    }
     Ok((start..=end).map(|p| (p, proto)).collect())
 }
 
@@ -504,8 +515,8 @@ mod tests {
         assert!(v.iter().all(|s| s.host_ports.is_none() && s.picks_port()));
         let v = parse_publish("2345-2347:2345-2347/udp").expect("valid");
         assert_eq!(v[1], spec(None, Some((2346, 2346)), 2346, Proto::Udp));
-        // The whole port space is a valid (if large) range.
-        assert_eq!(parse_publish("0-65535").expect("valid").len(), 65536);
+        // The whole port space is a valid (if large) range; port 0 is no port to connect to.
+        assert_eq!(parse_publish("1-65535").expect("valid").len(), 65535);
     }
 
     #[test]
@@ -549,6 +560,9 @@ mod tests {
         assert_eq!(err("8000:70000"), "invalid containerPort: 70000");
         assert_eq!(err("abc"), "invalid containerPort: abc");
         assert_eq!(err("8000:abc"), "invalid containerPort: abc");
+        assert_eq!(err("8000:0"), "invalid containerPort: 0");
+        assert_eq!(err("0"), "invalid containerPort: 0");
+        assert_eq!(err("0-5"), "invalid containerPort: 0-5");
         assert_eq!(err("abc:80"), "invalid hostPort: abc");
         assert_eq!(err("-1"), "invalid containerPort: -1");
         // TestParseNetworkOptsNegativePorts
@@ -624,6 +638,10 @@ mod tests {
         assert_eq!(parse_expose("80/udp"), Ok(vec![(80, Proto::Udp)]));
         assert_eq!(parse_expose("80/UDP"), Ok(vec![(80, Proto::Udp)]));
         assert_eq!(parse_expose("80/"), Ok(vec![(80, Proto::Tcp)]));
+        assert_eq!(
+            parse_expose("0").unwrap_err().to_string(),
+            "invalid range format for --expose: 0, error: port numbers must be between 1 and 65535"
+        );
         let v = parse_expose("8000-8010/tcp").expect("valid");
         assert_eq!(v.len(), 11);
         assert_eq!(v[0], (8000, Proto::Tcp));
