@@ -112,7 +112,8 @@ fn exit_status(roff: &mut Roff, top: Option<&str>) {
         entry(roff, &exit_code::NOT_FOUND.to_string(), "COMMAND was not found.");
         entry(roff, "128+N", "COMMAND was killed by signal N (137 for SIGKILL, 143 for SIGTERM).");
         roff.control("PP", []).text([roman(
-            "SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to usernet by another process are forwarded to COMMAND \
+            "SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGALRM sent to usernet by another \
+             process are forwarded to COMMAND \
              (those typed at the terminal reach COMMAND directly); usernet exits once COMMAND has, \
              and the last data COMMAND sent has reached the host: while a connection still carries \
              the guest's data and it keeps moving (5 s without a byte, or a signal, ends the wait, \

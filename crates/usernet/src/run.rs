@@ -6,7 +6,8 @@
 //!    bind their host sockets (`-p`, `-P`) and the dashboard's (`--web`): failures here
 //!    touch nothing and start nothing.
 //!    Wherever the host port was picked, its `docker port` line goes to stderr.
-//! 2. Block SIGCHLD, SIGINT, SIGTERM, SIGHUP and SIGQUIT and open a signalfd for them, while
+//! 2. Block SIGCHLD and the signals forwarded to COMMAND (SIGINT, SIGTERM, SIGHUP, SIGQUIT,
+//!    SIGUSR1, SIGUSR2, SIGALRM) and open a signalfd for them, while
 //!    the process still has one thread: every thread started later inherits the mask, so
 //!    these signals are only ever read from the signalfd.
 //! 3. Fork the sandbox (`netns::sandbox`), still single-threaded, and while it makes
@@ -27,7 +28,8 @@
 //! 5. Let the sandbox exec COMMAND: exit 127 or 126 if that fails.
 //! 6. Run the engine with [`RunSupervisor`] watching the signalfd: on SIGCHLD it reaps, and
 //!    when COMMAND has exited the loop stops with its status (128 + N if killed by signal
-//!    N); SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to COMMAND. SIGINT and SIGQUIT
+//!    N); the others are forwarded to COMMAND, as `docker run` forwards them (their default
+//!    action would end usernet with nothing cleaned up and COMMAND left). SIGINT and SIGQUIT
 //!    typed at the terminal (sent by the kernel) are not forwarded: the terminal already
 //!    delivered them to COMMAND, which shares usernet's process group.
 //!    Then the engine drains (`usernet_core::engine::drain`): while a connection is still
@@ -90,7 +92,16 @@ pub struct RunArgs {
 /// The signals usernet supervises.
 fn supervised_signals() -> SigSet {
     let mut set = SigSet::empty();
-    for sig in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+    ] {
         set.add(sig);
     }
     set

@@ -6,8 +6,9 @@
 //! 1. Parse everything (configuration, `--pcap`, published ports and their host sockets,
 //!    the dashboard's socket (`--web`), the transports' addresses): a mistake is one line
 //!    and exit 125, nothing started.
-//! 2. Block SIGINT and SIGTERM and open a signalfd for them while the process has one
-//!    thread, so every later thread inherits the mask.
+//! 2. Block SIGINT, SIGTERM, SIGHUP and SIGQUIT, each of which stops usernet (its sockets
+//!    removed), and open a signalfd for them while the process has one thread, so every
+//!    later thread inherits the mask.
 //! 3. `--netns`: attach a TAP to each namespace (`netns::attach` forks, which must happen
 //!    while usernet is single-threaded). The i-th namespace gets MAC `5a:94:ef:e4:0c:ee`+i
 //!    and the address the DHCP server would give it, .2+i, recorded as a static lease.
@@ -164,8 +165,9 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     let runtime = crate::network::runtime_dir();
 
     let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+        signals.add(sig);
+    }
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
     let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).context("signalfd")?;
 

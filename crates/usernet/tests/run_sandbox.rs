@@ -133,8 +133,15 @@ fn usage_errors_are_125() {
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn signals_are_forwarded() {
     common::require(&["sh", "sleep"]);
-    for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT"), (libc::SIGHUP, "HUP"), (libc::SIGQUIT, "QUIT")]
-    {
+    for (sig, name) in [
+        (libc::SIGTERM, "TERM"),
+        (libc::SIGINT, "INT"),
+        (libc::SIGHUP, "HUP"),
+        (libc::SIGQUIT, "QUIT"),
+        (libc::SIGUSR1, "USR1"),
+        (libc::SIGUSR2, "USR2"),
+        (libc::SIGALRM, "ALRM"),
+    ] {
         let script = format!(
             "trap 'echo got-{name}; exit 7' {name}; echo ready; \
              i=0; while [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; exit 1"

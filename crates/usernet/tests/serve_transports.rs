@@ -203,6 +203,26 @@ fn qemu_stream_transport_guests_that_reconnect() {
     assert!(stream_arp_round_trip(&mut again, a_mac), "{}", serve.log());
 }
 
+/// `usernet serve` stops on SIGHUP (its terminal gone) and SIGQUIT as on SIGTERM: exit 0,
+/// its socket removed, where their default action ended it with the socket left behind.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn serve_stops_cleanly_on_hangup_and_quit() {
+    use nix::sys::signal::Signal;
+    common::require(&["dnsmasq"]);
+    let dns = DnsUpstream::start();
+    for sig in [Signal::SIGHUP, Signal::SIGQUIT] {
+        let dir = TempDir::new("serve-hup");
+        let sock = dir.join("qemu.sock");
+        let mut serve =
+            Serve::start(&dir, &dns, &[format!("--listen-qemu=unix:{}", sock.display())], std::slice::from_ref(&sock));
+        serve.signal(sig);
+        let status = serve.exits_within(Duration::from_secs(10));
+        assert_eq!(status.and_then(|s| s.code()), Some(0), "{sig}: {}", serve.log());
+        assert!(!sock.exists(), "{sig}: the socket left behind");
+    }
+}
+
 /// `usernet serve --listen-qemu` with its open-file limit at 64, and 60 guests connecting:
 /// those it has no descriptor for wait in the listener's backlog (logged once), and once
 /// 30 of the others go away, the last to come is served without any new guest connecting

@@ -86,6 +86,12 @@ impl Serve {
         let _ = self.child.wait();
     }
 
+    /// Sends usernet the signal `sig`.
+    #[allow(dead_code)]
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
     /// Whether usernet is still running.
     #[allow(dead_code)]
     pub fn running(&mut self) -> bool {
