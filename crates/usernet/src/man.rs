@@ -121,7 +121,7 @@ fn exit_status(roff: &mut Roff, top: Option<&str>) {
         )]);
     }
     let others: &[(&str, &str)] = &[
-        ("serve", "exits 0 once stopped by SIGINT or SIGTERM, and 125 when it fails."),
+        ("serve", "exits 0 once stopped by SIGINT, SIGTERM, SIGHUP or SIGQUIT, and 125 when it fails."),
         ("port", "exits 0 when the running usernet did what was asked, and 125 otherwise."),
         ("completions", "exits 0, and 125 when the script cannot be written."),
         ("man", "exits 0, and 125 for an unknown COMMAND or when the page cannot be written."),
