@@ -17,7 +17,8 @@
 //! others refuse works this way). Any other answer (NOERROR, NXDOMAIN, ...) goes back to the
 //! guest. An answer with TC set is asked again over TCP from the same server. When no
 //! server gives a usable answer the guest gets the last SERVFAIL or REFUSED one, or a
-//! SERVFAIL of ours.
+//! SERVFAIL of ours. An answer to another question, or one that does not parse, is not
+//! taken (`answers_query`, glibc's check): the wait for that server goes on.
 
 use std::future::poll_fn;
 use std::io;
@@ -32,7 +33,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::debug;
 
-use super::{DnsServer, Transport, error_reply, guest_udp_max, is_response_to, random_id, with_id};
+use super::{DnsServer, Transport, answers_query, error_reply, guest_udp_max, is_response_to, random_id, with_id};
 use crate::config::ResolvOptions;
 use crate::services::metrics::UpstreamFailure;
 
@@ -177,6 +178,10 @@ impl DnsServer {
             if !is_response_to(&buf[..len], *id) {
                 continue; // stray or spoofed: keep waiting
             }
+            if !answers_query(&buf[..len], ask.query) {
+                debug!("dns: upstream {upstream} answered another question, or garbled: not taken");
+                continue;
+            }
             let mut answer = buf[..len].to_vec();
             if answer[2] & 0x02 != 0 {
                 answer = self.retry_tcp(ask, upstream, answer).await;
@@ -302,7 +307,7 @@ async fn ask_tcp(upstream: SocketAddr, query: &[u8], budget: Duration) -> io::Re
             let n = stream.read_u16().await? as usize;
             let mut buf = vec![0u8; n];
             stream.read_exact(&mut buf).await?;
-            if is_response_to(&buf, id) {
+            if is_response_to(&buf, id) && answers_query(&buf, query) {
                 return Ok(buf);
             }
         }
@@ -334,11 +339,29 @@ mod tests {
         tcp_records: usize,
         /// Wait this long before answering.
         delay: Duration,
+        /// Answer wrongly over UDP, with the query's ID all the same.
+        wrong: Option<Wrong>,
+    }
+
+    /// How a confused or spoofing upstream answers.
+    #[derive(Clone, Copy)]
+    enum Wrong {
+        /// The answer to another question.
+        Question,
+        /// The question, then five answers promised and three bytes of junk.
+        Body,
     }
 
     impl Fake {
         fn answering(ip: Ipv4Addr) -> Fake {
-            Fake { ip, rcode: ResponseCode::NoError, truncate: false, tcp_records: 0, delay: Duration::ZERO }
+            Fake {
+                ip,
+                rcode: ResponseCode::NoError,
+                truncate: false,
+                tcp_records: 0,
+                delay: Duration::ZERO,
+                wrong: None,
+            }
         }
 
         fn rcode(rcode: ResponseCode) -> Fake {
@@ -346,6 +369,22 @@ mod tests {
         }
 
         fn answer(&self, q: &Message, over_tcp: bool) -> Vec<u8> {
+            match self.wrong.filter(|_| !over_tcp) {
+                Some(Wrong::Question) => {
+                    let mut other = q.clone();
+                    other.queries[0].set_name(hickory_proto::rr::Name::from_ascii("other.example.").unwrap());
+                    return Fake { wrong: None, ..*self }.answer(&other, false);
+                }
+                Some(Wrong::Body) => {
+                    let mut bytes = Fake { wrong: None, rcode: ResponseCode::NoError, ..*self }.answer(q, false);
+                    let question_end = bytes.len() - 16; // one A record (name pointer, 14 more)
+                    bytes.truncate(question_end);
+                    bytes[6..8].copy_from_slice(&5u16.to_be_bytes());
+                    bytes.extend_from_slice(&[0xc0, 0xff, 0x01]);
+                    return bytes;
+                }
+                None => {}
+            }
             let mut r = Message::response(q.id, OpCode::Query);
             r.metadata.recursion_available = true;
             r.metadata.response_code = self.rcode;
@@ -635,6 +674,44 @@ mod tests {
         assert_eq!(m.response_code, ResponseCode::ServFail);
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(380) && took < Duration::from_secs(2), "{took:?}");
+    }
+
+    /// An answer with the query's ID but to another question, or garbled, is not passed on
+    /// (glibc's resolver drops it too): the next server's answer is, or SERVFAIL.
+    #[tokio::test]
+    async fn answers_to_another_question_or_garbled_are_not_taken() {
+        for wrong in [Wrong::Question, Wrong::Body] {
+            let (bad, asked) = fake(Fake { wrong: Some(wrong), ..Fake::answering(Ipv4Addr::new(192, 0, 2, 66)) }).await;
+            let s = server(vec![bad, answering(GOOD).await]);
+            let m = ask(&s, "q.example").await;
+            assert_eq!(a_answers(&m), vec![GOOD], "the second server's answer");
+            assert_eq!(m.queries[0].name().to_ascii(), "q.example.");
+            assert!(asked.load(Ordering::SeqCst) >= 1);
+            let s = server(vec![bad]);
+            assert_eq!(ask(&s, "q.example").await.response_code, ResponseCode::ServFail);
+        }
+    }
+
+    /// The check itself: a name in another case is the same question; a query whose
+    /// question cannot be read is matched by its ID alone; a truncated answer needs only
+    /// its question.
+    #[test]
+    fn answers_query_checks_the_question() {
+        let q = query("Q.Example", RecordType::A);
+        let mut a = Message::from_vec(&q).unwrap();
+        a.metadata.message_type = hickory_proto::op::MessageType::Response;
+        a.queries[0].set_name(hickory_proto::rr::Name::from_ascii("q.EXAMPLE.").unwrap());
+        let a = a.to_vec().unwrap();
+        assert!(answers_query(&a, &q));
+        let aaaa = query("q.example", RecordType::AAAA);
+        assert!(!answers_query(&a, &aaaa), "another type");
+        assert!(!answers_query(&a[..a.len() - 1], &q), "cut short");
+        assert!(answers_query(&a, &q[..5]), "a query without a readable question");
+        let mut cut = a.clone();
+        cut[7] = 1; // one answer promised, none there
+        assert!(!answers_query(&cut, &q));
+        cut[2] |= 0x02;
+        assert!(answers_query(&cut, &q), "TC: the question is enough");
     }
 
     #[tokio::test]

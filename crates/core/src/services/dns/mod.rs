@@ -484,6 +484,42 @@ fn is_response_to(msg: &[u8], id: [u8; 2]) -> bool {
     msg.len() >= HEADER_LEN && msg[..2] == id && msg[2] & 0x80 != 0
 }
 
+/// Whether upstream answer `answer` is one to `query`'s question and whole, as glibc's
+/// resolver checks (`res_queriesmatch`: the same questions, names in any case): an answer to
+/// another question (a confused or spoofing server) or one that does not parse is not
+/// passed on to the guest, and the wait for a real one goes on. An answer with TC set
+/// need only carry the question: a server may cut it anywhere. A query whose question
+/// cannot be read is matched by its ID alone, as before.
+fn answers_query(answer: &[u8], query: &[u8]) -> bool {
+    let Some(asked) = question_section(query) else {
+        return true;
+    };
+    let same = question_section(answer).is_some_and(|q| q.eq_ignore_ascii_case(asked)) && answer[4..6] == query[4..6];
+    same && (answer[2] & 0x02 != 0 || Message::from_vec(answer).is_ok())
+}
+
+/// The bytes of a message's question section (QDCOUNT names, uncompressed as a question's
+/// are, each with its type and class), or None when it does not fit or reads wrong.
+fn question_section(msg: &[u8]) -> Option<&[u8]> {
+    let count = u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]);
+    let mut at = HEADER_LEN;
+    for _ in 0..count {
+        loop {
+            let len = usize::from(*msg.get(at)?);
+            at += 1;
+            if len == 0 {
+                break;
+            }
+            if len > 63 {
+                return None;
+            }
+            at += len;
+        }
+        at += 4;
+    }
+    msg.get(HEADER_LEN..at)
+}
+
 /// `answer` with the ID of `query` (the guest's).
 fn with_id(mut answer: Vec<u8>, query: &[u8]) -> Vec<u8> {
     answer[..2].copy_from_slice(&query[..2]);
