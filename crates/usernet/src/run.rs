@@ -2,9 +2,9 @@
 //!
 //! Theory of operation. The order matters:
 //!
-//! 1. Parse the configuration and open the `--pcap` file, parse the published ports and
-//!    bind their host sockets (`-p`, `-P`) and the dashboard's (`--web`): failures here
-//!    touch nothing and start nothing.
+//! 1. Parse the configuration, parse the published ports and bind their host sockets
+//!    (`-p`, `-P`) and the dashboard's (`--web`), then create the `--pcap` file: failures
+//!    here touch nothing (a file of the capture's name stays as it was) and start nothing.
 //!    Wherever the host port was picked, its `docker port` line goes to stderr.
 //! 2. Block SIGCHLD and the signals forwarded to COMMAND (SIGINT, SIGTERM, SIGHUP, SIGQUIT,
 //!    SIGUSR1, SIGUSR2, SIGALRM) and open a signalfd for them, while
@@ -140,12 +140,6 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     let mut cfg = args.net.to_config(MTU_NETNS)?;
     cfg.limits = cfg.limits.per_engine(engines);
     let cfg = Arc::new(cfg);
-    let pcap = match &args.net.pcap {
-        Some(path) => {
-            Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
-        }
-        None => None,
-    };
 
     // Published ports are bound before anything else exists: a bad spec or a taken port is
     // one line and exit 125, before COMMAND starts, with nothing left listening.
@@ -153,6 +147,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<i32> {
     let listeners = bind_published(&specs)?;
     // The dashboard's port likewise (`--web`).
     let web = args.net.bind_web()?;
+    // The capture file last: a mistake above leaves a file of that name as it was.
+    let pcap = match &args.net.pcap {
+        Some(path) => {
+            Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
+        }
+        None => None,
+    };
     let spec = SandboxSpec { queues: engines, ..sandbox_spec(&cfg) };
     execute(Launch {
         net: &args.net,

@@ -142,12 +142,6 @@ pub fn netns_mac(i: usize) -> [u8; 6] {
 
 pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     let cfg = Arc::new(args.net.to_config(MTU_VM)?);
-    let pcap = match &args.net.pcap {
-        Some(path) => {
-            Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
-        }
-        None => None,
-    };
     let transports = Transports::parse(&args)?;
     if transports.is_empty() && args.netns.is_empty() {
         anyhow::bail!(
@@ -160,6 +154,13 @@ pub fn main(args: ServeArgs) -> anyhow::Result<i32> {
     let specs = args.net.published_specs()?;
     let listeners = bind_published(&specs)?;
     let web = args.net.bind_web()?;
+    // The capture file last: a mistake above leaves a file of that name as it was.
+    let pcap = match &args.net.pcap {
+        Some(path) => {
+            Some(PcapWriter::create(path, PCAP_SNAPLEN).with_context(|| format!("cannot create {}", path.display()))?)
+        }
+        None => None,
+    };
     let proxy = args.net.proxy_config()?;
     let started = std::time::SystemTime::now();
     let runtime = crate::network::runtime_dir();

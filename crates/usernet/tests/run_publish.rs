@@ -773,6 +773,12 @@ fn taken_port_and_bad_specs_fail_before_command() {
         &format!("Bind for 0.0.0.0:{p} failed: port is already allocated"),
     );
     assert!(port_released(q), "port {q} of an earlier -p left bound");
+    // A file named by --pcap is left as it was: the capture starts only once the ports are bound.
+    let kept = dir.join("kept.pcap");
+    std::fs::write(&kept, b"the user's data").expect("write");
+    let out = Usernet::new(&dns).arg("--pcap").arg(&kept).args(&["-p", &format!("{p}:80")]).run(&cmd);
+    out.assert_code(125);
+    assert_eq!(std::fs::read(&kept).expect("read"), b"the user's data", "--pcap's file emptied: {out}");
     drop(holder);
 
     // Taken on [::] only: the 0.0.0.0 socket bound just before is released.
