@@ -10,8 +10,9 @@
 //! 2. The network. pasta copies the host's address, prefix, gateway and interface name into
 //!    the namespace; usernet does not copy the addresses (see "Addresses" below). Without
 //!    `-a`/`-n`/`-g` the namespace gets slirp4netns's layout: 10.0.2.100/24, gateway
-//!    10.0.2.2 (an `-a` address without a length gets its class's, as in pasta); the interface takes the name of the host's default-route interface, as
-//!    pasta's, unless `--ns-ifname`. The gateway stands for the host's 127.0.0.1 unless
+//!    10.0.2.2 (an `-a` address without a length gets its class's, as in pasta); the
+//!    interface takes the name of the host's default-route interface, as pasta's, unless
+//!    `--ns-ifname`. The gateway stands for the host's 127.0.0.1 unless
 //!    `--no-map-gw`; `--map-host-loopback ADDR` names the address that does instead (as in
 //!    pasta: then the gateway is only the gateway; `none` maps nothing), and
 //!    `--map-guest-addr ADDR` one that stands for the host's own address (on its default
@@ -833,10 +834,14 @@ pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::
     }
     // host.docker.internal and host.containers.internal name an address that reaches the
     // host: the host address, unless --no-map-gw closed it (then what --map-host-loopback or
-    // --map-guest-addr gave, as Podman's /etc/hosts does with the latter), in each family.
+    // --map-guest-addr gave, as Podman's /etc/hosts does with the latter; without them the
+    // host's own address on its default route, reached as any address outside the
+    // namespace, which Podman 5.0 to 5.2's /etc/hosts gives), in each family.
     if o.no_map_gw {
-        let first4 = cfg.host_aliases.first().map(|(a, _)| IpAddr::V4(*a));
-        let first6 = cfg.host_aliases6.first().map(|(a, _)| IpAddr::V6(*a));
+        let first4 = cfg.host_aliases.first().map(|(a, _)| *a).or_else(|| default_route().and_then(|(_, a)| a));
+        let first6 = cfg.host_aliases6.first().map(|(a, _)| *a).or_else(default_route6_address);
+        let first4 = first4.filter(|_| cfg.ipv4).map(IpAddr::V4);
+        let first6 = first6.filter(|_| cfg.v6.is_some()).map(IpAddr::V6);
         for alias in first4.into_iter().chain(first6) {
             cfg.extra_hosts.extend(usernet_core::config::HOST_NAMES.iter().map(|n| (n.to_string(), alias)));
         }
@@ -1130,6 +1135,24 @@ mod tests {
         assert_eq!(o.ipv6_services, Ipv6Services { router_adverts: false, neighbour_adverts: true, dhcpv6: false });
         let o = run_opts("--no-ndp --netns /run/netns/x");
         assert!(!o.ipv6_services.neighbour_adverts && o.ipv6_services.router_adverts);
+    }
+
+    /// Podman 5.0 to 5.2 pass `--no-map-gw` without `--map-guest-addr`: the host's names then
+    /// stand for the host's own address on its default route (reached as any address
+    /// outside), not the closed gateway; with no such route, they are left as they were.
+    #[test]
+    fn host_names_without_map_gw_or_aliases() {
+        let o = run_opts("--config-net --dns-forward 169.254.0.1 --no-map-gw -t none -u none --netns /run/netns/x");
+        let cfg = network_config(&o, &interface(&o), &net_opts(&o)).unwrap();
+        let named = |ip: IpAddr| cfg.extra_hosts.contains(&("host.containers.internal".into(), ip));
+        match default_route().and_then(|(_, a)| a) {
+            Some(own) => assert!(named(own.into()), "{:?}", cfg.extra_hosts),
+            None => assert!(!cfg.extra_hosts.iter().any(|(_, a)| a.is_ipv4()), "{:?}", cfg.extra_hosts),
+        }
+        if let Some(own6) = default_route6_address() {
+            assert!(named(own6.into()), "{:?}", cfg.extra_hosts);
+        }
+        assert!(!named(cfg.gateway.into()), "the closed gateway");
     }
 
     /// containers/common's libnetwork/pasta, as current Podman runs it for `-p 18091:80`.
