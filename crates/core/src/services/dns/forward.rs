@@ -18,7 +18,7 @@
 //! guest. An answer with TC set is asked again over TCP from the same server. When no
 //! server gives a usable answer the guest gets the last SERVFAIL or REFUSED one, or a
 //! SERVFAIL of ours. An answer to another question, or one that does not parse, is not
-//! taken (`answers_query`, glibc's check): the wait for that server goes on.
+//! taken (`Question::answered_by`, glibc's check): the wait for that server goes on.
 
 use std::future::poll_fn;
 use std::io;
@@ -33,7 +33,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::debug;
 
-use super::{DnsServer, Transport, answers_query, error_reply, guest_udp_max, is_response_to, random_id, with_id};
+use super::{DnsServer, Question, Transport, error_reply, guest_udp_max, random_id, with_id};
 use crate::config::ResolvOptions;
 use crate::services::metrics::UpstreamFailure;
 
@@ -55,6 +55,8 @@ enum Server {
 struct Ask<'a> {
     /// As the guest sent it.
     query: &'a [u8],
+    /// Its question, which an answer must carry.
+    question: Question<'a>,
     transport: Transport,
     upstreams: &'a [SocketAddr],
     /// How long a TCP retry (after TC) may take: what UDP had.
@@ -91,7 +93,7 @@ impl DnsServer {
         }
         let (per_try, rounds) = self.timeouts(&conf.options);
         let first = if conf.options.rotate { self.rotation.fetch_add(1, Ordering::Relaxed) % n } else { 0 };
-        let ask = Ask { query, transport, upstreams, tcp_budget: per_try * rounds };
+        let ask = Ask { query, question: Question::of(query), transport, upstreams, tcp_budget: per_try * rounds };
         let mut servers: Vec<Server> = (0..n).map(|_| Server::Idle).collect();
         let mut out = query.to_vec();
         let mut buf = vec![0u8; 65536];
@@ -175,11 +177,9 @@ impl DnsServer {
             let Server::Asked(_, id) = &servers[j] else {
                 continue;
             };
-            if !is_response_to(&buf[..len], *id) {
-                continue; // stray or spoofed: keep waiting
-            }
-            if !answers_query(&buf[..len], ask.query) {
-                debug!("dns: upstream {upstream} answered another question, or garbled: not taken");
+            if !ask.question.answered_by(&buf[..len], *id) {
+                // Stray, spoofed, another question's, or garbled: keep waiting.
+                debug!("dns: upstream {upstream}: not an answer to the query, not taken");
                 continue;
             }
             let mut answer = buf[..len].to_vec();
@@ -216,7 +216,7 @@ impl DnsServer {
             Transport::Udp => guest_udp_max(ask.query).min(self.udp_link_max),
         };
         self.metrics.upstream_query(upstream);
-        match ask_tcp(upstream, ask.query, ask.tcp_budget).await {
+        match ask_tcp(upstream, ask).await {
             Ok(full) if full.len() <= limit => full,
             Ok(_) => truncated,
             Err(e) => {
@@ -291,9 +291,9 @@ async fn recv_any(servers: &[Server], buf: &mut [u8]) -> (usize, io::Result<usiz
     .await
 }
 
-/// One query over TCP (RFC 7766 framing), bounded by `budget`.
-async fn ask_tcp(upstream: SocketAddr, query: &[u8], budget: Duration) -> io::Result<Vec<u8>> {
-    let id = random_id();
+/// One query over TCP (RFC 7766 framing), bounded by the ask's TCP budget.
+async fn ask_tcp(upstream: SocketAddr, ask: &Ask<'_>) -> io::Result<Vec<u8>> {
+    let (query, id) = (ask.query, random_id());
     let work = async {
         let mut stream = TcpStream::connect(upstream).await?;
         let len =
@@ -307,12 +307,12 @@ async fn ask_tcp(upstream: SocketAddr, query: &[u8], budget: Duration) -> io::Re
             let n = stream.read_u16().await? as usize;
             let mut buf = vec![0u8; n];
             stream.read_exact(&mut buf).await?;
-            if is_response_to(&buf, id) && answers_query(&buf, query) {
+            if ask.question.answered_by(&buf, id) {
                 return Ok(buf);
             }
         }
     };
-    timeout(budget, work).await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
+    timeout(ask.tcp_budget, work).await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
 }
 
 #[cfg(test)]
@@ -696,22 +696,26 @@ mod tests {
     /// question cannot be read is matched by its ID alone; a truncated answer needs only
     /// its question.
     #[test]
-    fn answers_query_checks_the_question() {
+    fn an_answer_must_carry_the_question() {
         let q = query("Q.Example", RecordType::A);
+        let id = [q[0], q[1]];
         let mut a = Message::from_vec(&q).unwrap();
         a.metadata.message_type = hickory_proto::op::MessageType::Response;
         a.queries[0].set_name(hickory_proto::rr::Name::from_ascii("q.EXAMPLE.").unwrap());
         let a = a.to_vec().unwrap();
-        assert!(answers_query(&a, &q));
+        let question = Question::of(&q);
+        assert!(question.answered_by(&a, id));
+        assert!(!question.answered_by(&a, [id[0], id[1] ^ 1]), "another ID");
+        assert!(!question.answered_by(&q, id), "the query itself, not a response");
         let aaaa = query("q.example", RecordType::AAAA);
-        assert!(!answers_query(&a, &aaaa), "another type");
-        assert!(!answers_query(&a[..a.len() - 1], &q), "cut short");
-        assert!(answers_query(&a, &q[..5]), "a query without a readable question");
+        assert!(!Question::of(&aaaa).answered_by(&a, id), "another type");
+        assert!(!question.answered_by(&a[..a.len() - 1], id), "cut short");
+        assert!(Question::of(&q[..5]).answered_by(&a, id), "a query without a readable question");
         let mut cut = a.clone();
         cut[7] = 1; // one answer promised, none there
-        assert!(!answers_query(&cut, &q));
+        assert!(!question.answered_by(&cut, id));
         cut[2] |= 0x02;
-        assert!(answers_query(&cut, &q), "TC: the question is enough");
+        assert!(question.answered_by(&cut, id), "TC: the question is enough");
     }
 
     #[tokio::test]

@@ -480,22 +480,36 @@ fn reverse_v6(name: &str) -> Option<std::net::Ipv6Addr> {
     Some(std::net::Ipv6Addr::from(value))
 }
 
-fn is_response_to(msg: &[u8], id: [u8; 2]) -> bool {
-    msg.len() >= HEADER_LEN && msg[..2] == id && msg[2] & 0x80 != 0
+/// What an upstream's message must carry to be the answer to a guest's query, read from
+/// the query once: its question section (with its count), as glibc's resolver checks
+/// (`res_queriesmatch`: the same questions, names in any case). An answer to another
+/// question (a confused or spoofing server) or one that does not parse is not passed on
+/// to the guest, and the wait for a real one goes on.
+#[derive(Clone, Copy)]
+struct Question<'q> {
+    /// QDCOUNT and the section's bytes; None when the query's question cannot be read,
+    /// and then an answer is matched by its ID alone.
+    asked: Option<(&'q [u8], &'q [u8])>,
 }
 
-/// Whether upstream answer `answer` is one to `query`'s question and whole, as glibc's
-/// resolver checks (`res_queriesmatch`: the same questions, names in any case): an answer to
-/// another question (a confused or spoofing server) or one that does not parse is not
-/// passed on to the guest, and the wait for a real one goes on. An answer with TC set
-/// need only carry the question: a server may cut it anywhere. A query whose question
-/// cannot be read is matched by its ID alone, as before.
-fn answers_query(answer: &[u8], query: &[u8]) -> bool {
-    let Some(asked) = question_section(query) else {
-        return true;
-    };
-    let same = question_section(answer).is_some_and(|q| q.eq_ignore_ascii_case(asked)) && answer[4..6] == query[4..6];
-    same && (answer[2] & 0x02 != 0 || Message::from_vec(answer).is_ok())
+impl<'q> Question<'q> {
+    fn of(query: &'q [u8]) -> Question<'q> {
+        Question { asked: question_section(query).map(|section| (&query[4..6], section)) }
+    }
+
+    /// Whether `msg` is a response with the ID `id` (the one the query went upstream with)
+    /// to this question, whole. An answer with TC set need only carry the question: a
+    /// server may cut it anywhere.
+    fn answered_by(&self, msg: &[u8], id: [u8; 2]) -> bool {
+        if msg.len() < HEADER_LEN || msg[..2] != id || msg[2] & 0x80 == 0 {
+            return false;
+        }
+        let Some((count, asked)) = self.asked else {
+            return true;
+        };
+        let same = msg[4..6] == *count && question_section(msg).is_some_and(|q| q.eq_ignore_ascii_case(asked));
+        same && (msg[2] & 0x02 != 0 || Message::from_vec(msg).is_ok())
+    }
 }
 
 /// The bytes of a message's question section (QDCOUNT names, uncompressed as a question's
