@@ -34,6 +34,11 @@ pub struct NetOpts {
     /// Default: the nameservers of the host's /etc/resolv.conf, followed while usernet runs.
     #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = parse_dns_upstream)]
     pub dns_upstream: Vec<SocketAddr>,
+    /// A DNS search domain for the guest (repeatable), as Docker's `--dns-search`: these
+    /// stand instead of the host's (its resolv.conf's, followed) in the guest's resolv.conf
+    /// (`run`), DHCP, DHCPv6 and router advertisements. `.` alone: none.
+    #[arg(long = "dns-search", value_name = "DOMAIN", value_parser = parse_dns_search)]
+    pub dns_search: Vec<String>,
     /// Extra DNS record NAME:IP or NAME=IP (repeatable), as Docker's: an IPv6 address gives
     /// an AAAA record, in brackets or not (`NAME:[fd00::5]`); IP `host-gateway` is the host's
     /// addresses (an A record, and an AAAA record when the network has IPv6).
@@ -147,6 +152,18 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
 /// An `--allow-domain` name, normalized.
 pub fn parse_domain(s: &str) -> Result<String, String> {
     policy::normalize_domain(s).map_err(|e| e.to_string())
+}
+
+/// A `--dns-search` domain (lower case, no trailing dot), or `.` (none), as Docker takes it;
+/// else Docker's message.
+pub fn parse_dns_search(s: &str) -> Result<String, String> {
+    if s == "." {
+        return Ok(s.into());
+    }
+    if s.starts_with(['*', '.']) || s.parse::<IpAddr>().is_ok() {
+        return Err(format!("{s} is not a valid domain"));
+    }
+    policy::normalize_domain(s).map_err(|_| format!("{s} is not a valid domain"))
 }
 
 pub fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -308,14 +325,23 @@ impl NetOpts {
         for spec in &self.add_host {
             cfg.extra_hosts.extend(parse_add_host(spec, &host_gateway)?);
         }
+        let search = self.fixed_search();
         if self.dns_upstream.is_empty() {
-            cfg.host_dns.set_upstreams(dns_watch::upstreams_from_file(std::path::Path::new(RESOLV_CONF)));
+            let path = std::path::Path::new(RESOLV_CONF);
+            cfg.host_dns.set_upstreams(dns_watch::upstreams_from_file(path, search.as_deref()));
         } else {
-            cfg.host_dns.set_upstreams(Upstreams::command_line(self.dns_upstream.clone()));
+            let fixed = Upstreams::command_line(self.dns_upstream.clone());
+            cfg.host_dns.set_upstreams(Upstreams { search: search.unwrap_or_default(), ..fixed });
         }
         let loopback_to = cfg.host_loopback.then_some(cfg.host);
         cfg.host_dns.set_hosts(dns_watch::hosts_from_file(std::path::Path::new(dns_watch::HOSTS), loopback_to));
         Ok(cfg)
+    }
+
+    /// `--dns-search`'s domains, which stand instead of the host's (`.` stands for none);
+    /// None when not given.
+    pub fn fixed_search(&self) -> Option<Vec<String>> {
+        (!self.dns_search.is_empty()).then(|| self.dns_search.iter().filter(|d| *d != ".").cloned().collect())
     }
 
     /// Starts following the host's resolv.conf (unless `--dns-upstream` was given) and
@@ -333,6 +359,7 @@ impl NetOpts {
     pub fn fork_dns_watch(&self, cfg: &NetConfig) -> anyhow::Result<ForkedWatch> {
         let spec = WatchSpec {
             resolv_conf: self.dns_upstream.is_empty().then(|| RESOLV_CONF.into()),
+            search: self.fixed_search(),
             hosts: Some(dns_watch::HOSTS.into()),
             host_addr: cfg.host_loopback.then_some(cfg.host),
             interval: dns_watch::POLL_INTERVAL,

@@ -50,6 +50,11 @@ impl World {
     /// As [`World::start`], with usernet run as `user` (`runuser -u USER`, from a copy of
     /// the binary in the test's directory) when there is one: rootless.
     fn start_as(tag: &str, setup: &str, args: &[&str], guest: &str, user: Option<&str>) -> World {
+        World::start_mode(tag, setup, "run", args, guest, user)
+    }
+
+    /// As [`World::start_as`], with `usernet MODE` (`run`, or a drop-in mode) for `usernet run`.
+    fn start_mode(tag: &str, setup: &str, mode: &str, args: &[&str], guest: &str, user: Option<&str>) -> World {
         let dir = TempDir::new(tag);
         let t = dir.path().display().to_string();
         let (runner, bin) = match user {
@@ -84,7 +89,7 @@ impl World {
                sleep 0.1\n\
              done\n\
              echo READY\n\
-             exec {runner}\"$USERNET\" run \"$@\"\n"
+             exec {runner}\"$USERNET\" {mode} \"$@\"\n"
         );
         let mut cmd = Command::new("unshare");
         cmd.args(["-m", "-n", "--propagation", "private", "--", "sh", "-c", &script, "sh"])
@@ -271,6 +276,57 @@ fn dns_upstream_on_the_command_line_stays_fixed() {
     let reads = w.seen("RESOLV");
     assert!(reads.len() >= n + 5 && reads.iter().all(|r| r == "nameserver 192.168.65.1|"), "{reads:?}");
     assert!(!w.bg.stderr().contains("changed:"), "{}", w.describe());
+}
+
+/// `--dns-search` fixes the search domains alone: the guest's resolv.conf and the API show
+/// them, not the host's, while the servers and options still follow the host's file; `.`
+/// alone means none.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn dns_search_on_the_command_line_stays_fixed() {
+    require(TOOLS);
+    let args = ["--dns-search", "corp.test", "--dns-search", "Two.Test.", "--api", "{T}/api.sock"];
+    let w = World::start("dns-search", PLAIN_SETUP, &args, READ_LOOP);
+    w.wait_seen("RESOLV", 0, "nameserver 192.168.65.1|search corp.test two.test|", Duration::from_secs(20));
+    w.wait_answers(0, FIRST, Duration::from_secs(20));
+    let (n, a) = (w.seen("RESOLV").len(), w.answers().len());
+    w.inside("printf 'nameserver 127.0.0.3\\nsearch host.test\\noptions ndots:3\\n' > /etc/resolv.conf");
+    w.wait_answers(a, SECOND, FOLLOW_LIMIT);
+    w.wait_seen("RESOLV", n, "nameserver 192.168.65.1|search corp.test two.test|options ndots:3|", GUEST_LIMIT);
+    let v = w.api_get("/v1/resolver");
+    assert_eq!(v["search"], serde_json::json!(["corp.test", "two.test"]), "{v}");
+    assert_eq!(v["servers"], serde_json::json!(["127.0.0.3:53"]), "{v}");
+    drop(w);
+
+    let w = World::start("dns-search-none", PLAIN_SETUP, &["--dns-search", "."], READ_LOOP);
+    w.wait_seen("RESOLV", 0, "nameserver 192.168.65.1|", Duration::from_secs(20));
+    w.wait_answers(0, FIRST, Duration::from_secs(20));
+}
+
+/// pasta mode's `-D`, `--dns-host` and `-S` (Podman's `pasta_options`): the servers usernet's
+/// DNS forwards to and the search list, instead of the host's resolv.conf's; a `-D` naming
+/// the `--dns-forward` address is usernet's own DNS, not a server.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn pasta_mode_dns_servers_and_search_domains() {
+    require(TOOLS);
+    let pasta = |tag: &str, args: &[&str]| {
+        let args = [&["--config-net", "--dns-forward", "10.0.2.3"], args].concat();
+        World::start_mode(tag, PLAIN_SETUP, "pasta", &args, READ_LOOP, None)
+    };
+    // The host's (127.0.0.2, FIRST) without them.
+    let w = pasta("pasta-dns-host", &[]);
+    w.wait_seen("RESOLV", 0, "nameserver 10.0.2.3|search one.test|", Duration::from_secs(20));
+    w.wait_answers(0, FIRST, Duration::from_secs(20));
+    drop(w);
+    let w =
+        pasta("pasta-dns-d", &["-D", "10.0.2.3", "-D", "127.0.0.3", "-S", "corp.test", "-S", "none", "-S", "b.test"]);
+    w.wait_seen("RESOLV", 0, "nameserver 10.0.2.3|search b.test|", Duration::from_secs(20));
+    w.wait_answers(0, SECOND, Duration::from_secs(20));
+    drop(w);
+    let w = pasta("pasta-dns-dns-host", &["-D", "127.0.0.2", "--dns-host", "127.0.0.3", "-S", "none"]);
+    w.wait_seen("RESOLV", 0, "nameserver 10.0.2.3|", Duration::from_secs(20));
+    w.wait_answers(0, SECOND, Duration::from_secs(20));
 }
 
 /// A guest that reads its /etc/resolv.conf every 0.2 s (`RESOLV n line|line|`, comments

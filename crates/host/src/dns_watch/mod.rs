@@ -45,7 +45,9 @@
 //! then (the caller passes no path), but /etc/hosts still is. The guest's resolv.conf is then
 //! fixed too: `--dns-upstream` brings no search domains or options (`Upstreams::command_line`
 //! in `crates/core/src/config.rs`), so the guest's file names the gateway alone, as at start,
-//! whatever the host's file says.
+//! whatever the host's file says, with `--dns-search`'s domains if given. `--dns-search`
+//! fixes the search domains alone ([`WatchSpec::search`]): the servers and options still
+//! follow the host's file.
 
 mod follower;
 
@@ -69,15 +71,16 @@ pub const HOSTS: &str = "/etc/hosts";
 /// How often the files are looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The gateway's upstream configuration from the resolv.conf at `path`.
-pub fn upstreams_from_file(path: &Path) -> Upstreams {
-    upstreams_of(path, resolv::host_resolvers(path))
+/// The gateway's upstream configuration from the resolv.conf at `path`; with `search`
+/// (`--dns-search`), those search domains instead of the file's.
+pub fn upstreams_from_file(path: &Path, search: Option<&[String]>) -> Upstreams {
+    upstreams_of(path, resolv::host_resolvers(path), search)
 }
 
-fn upstreams_of(path: &Path, r: HostResolvers) -> Upstreams {
+fn upstreams_of(path: &Path, r: HostResolvers, search: Option<&[String]>) -> Upstreams {
     Upstreams {
         servers: r.nameservers,
-        search: r.search,
+        search: search.map_or(r.search, <[String]>::to_vec),
         options: r.options,
         origin: DnsOrigin::File(path.to_path_buf()),
     }
@@ -108,6 +111,9 @@ fn read_hosts(path: &Path, host: Option<Ipv4Addr>) -> io::Result<HostsTable> {
 pub struct WatchSpec {
     /// The resolv.conf whose servers the gateway forwards to; None: fixed servers.
     pub resolv_conf: Option<PathBuf>,
+    /// Search domains that stand instead of the resolv.conf's (`--dns-search`); None: the
+    /// file's, followed.
+    pub search: Option<Vec<String>>,
     /// The hosts file whose names the gateway answers; None: not followed.
     pub hosts: Option<PathBuf>,
     /// What loopback addresses of the hosts file become (the host address; None when it
@@ -161,7 +167,8 @@ impl DnsWatch {
         let mut files: Vec<Watched> = Vec::new();
         let mut follow: Vec<(PathBuf, usize)> = Vec::new();
         if let Some(path) = &spec.resolv_conf {
-            files.push(Watched { path: path.clone(), kind: Kind::ResolvConf, looked: false, guest: None });
+            let kind = Kind::ResolvConf(spec.search.clone());
+            files.push(Watched { path: path.clone(), kind, looked: false, guest: None });
             follow.push((path.clone(), resolv::MAX_RESOLV_CONF as usize));
         }
         if let Some(path) = &spec.hosts {
@@ -189,7 +196,7 @@ impl ForkedWatch {
             // The guest's resolv.conf follows the host's (a resolv.conf's only); none when
             // the caller gave up before `finish`.
             let guest = guest_rx.recv().ok().flatten();
-            if let Some(f) = files.iter_mut().find(|f| matches!(f.kind, Kind::ResolvConf)) {
+            if let Some(f) = files.iter_mut().find(|f| matches!(f.kind, Kind::ResolvConf(_))) {
                 f.guest = guest;
             }
             loop {
@@ -274,9 +281,10 @@ impl Drop for DnsWatch {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Kind {
-    ResolvConf,
+    /// With the search domains that stand instead of the file's, if any.
+    ResolvConf(Option<Vec<String>>),
     /// With what loopback addresses become.
     Hosts(Option<Ipv4Addr>),
 }
@@ -309,9 +317,9 @@ impl Watched {
             }
         };
         let text = String::from_utf8_lossy(&bytes);
-        match self.kind {
-            Kind::ResolvConf => {
-                let new = upstreams_of(&self.path, resolv::parse_resolv_conf(&text));
+        match &self.kind {
+            Kind::ResolvConf(search) => {
+                let new = upstreams_of(&self.path, resolv::parse_resolv_conf(&text), search.as_deref());
                 let current = dns.upstreams();
                 if *current != new {
                     info!("dns: {shown} changed: {}", describe_change(&current, &new));
@@ -320,7 +328,7 @@ impl Watched {
                 }
             }
             Kind::Hosts(host) => {
-                let mut new = hosts::parse_hosts(&text, host);
+                let mut new = hosts::parse_hosts(&text, *host);
                 new.path = Some(self.path.clone());
                 let current = dns.hosts();
                 if *current != new {
@@ -439,6 +447,7 @@ mod tests {
     fn watch(dns: &HostDns, resolv: Option<&Path>, hosts: Option<&Path>) -> DnsWatch {
         let spec = WatchSpec {
             resolv_conf: resolv.map(Path::to_path_buf),
+            search: None,
             hosts: hosts.map(Path::to_path_buf),
             host_addr: Some(HOST),
             interval: Duration::from_millis(100),
@@ -455,7 +464,7 @@ mod tests {
         fs::write(&a, "nameserver 127.0.0.2\n").unwrap();
         fs::write(&b, "nameserver 127.0.0.3\nsearch b.example\noptions rotate\n").unwrap();
         symlink(&a, &link).unwrap();
-        let dns = HostDns::new(upstreams_from_file(&link));
+        let dns = HostDns::new(upstreams_from_file(&link, None));
         assert_eq!(servers(&dns), vec![sa("127.0.0.2:53")]);
         assert_eq!(dns.upstreams().origin, DnsOrigin::File(link.clone()));
         let _w = watch(&dns, Some(&link), None);
@@ -487,11 +496,35 @@ mod tests {
     }
 
     #[test]
+    fn fixed_search_domains_stay_while_the_servers_follow() {
+        let d = Dir::new("search");
+        let path = d.0.join("resolv.conf");
+        fs::write(&path, "nameserver 127.0.0.2\nsearch host.example\n").unwrap();
+        let fixed = vec!["corp.example".to_string()];
+        let dns = HostDns::new(upstreams_from_file(&path, Some(&fixed)));
+        assert_eq!(dns.upstreams().search, fixed);
+        let spec = WatchSpec {
+            resolv_conf: Some(path.clone()),
+            search: Some(fixed.clone()),
+            hosts: None,
+            host_addr: Some(HOST),
+            interval: Duration::from_millis(100),
+        };
+        let _w = DnsWatch::start(dns.clone(), spec).unwrap();
+        fs::write(&path, "nameserver 127.0.0.3\nsearch other.example\n").unwrap();
+        within(|| servers(&dns) == vec![sa("127.0.0.3:53")]);
+        assert_eq!(dns.upstreams().search, fixed);
+        // None given (`--dns-search .`): none, whatever the file says.
+        let dns = HostDns::new(upstreams_from_file(&path, Some(&[])));
+        assert!(dns.upstreams().search.is_empty());
+    }
+
+    #[test]
     fn a_truncating_writer_is_not_read_half_way() {
         let d = Dir::new("settle");
         let path = d.0.join("resolv.conf");
         fs::write(&path, "nameserver 127.0.0.2\n").unwrap();
-        let dns = HostDns::new(upstreams_from_file(&path));
+        let dns = HostDns::new(upstreams_from_file(&path, None));
         let _w = watch(&dns, Some(&path), None);
         std::thread::sleep(Duration::from_millis(150));
         // Truncate, and write the rest 50 ms later: the watcher never sees the empty file.
@@ -547,8 +580,13 @@ mod tests {
     #[test]
     fn stops_when_dropped() {
         let dns = HostDns::default();
-        let spec =
-            WatchSpec { resolv_conf: None, hosts: None, host_addr: Some(HOST), interval: Duration::from_secs(3600) };
+        let spec = WatchSpec {
+            resolv_conf: None,
+            search: None,
+            hosts: None,
+            host_addr: Some(HOST),
+            interval: Duration::from_secs(3600),
+        };
         let start = Instant::now();
         drop(DnsWatch::start(dns, spec).unwrap());
         assert!(start.elapsed() < Duration::from_secs(1));
@@ -564,6 +602,7 @@ mod tests {
         fs::write(&resolv, "nameserver 10.0.0.1\n").unwrap();
         let spec = |path: &Path| WatchSpec {
             resolv_conf: Some(path.to_path_buf()),
+            search: None,
             hosts: None,
             host_addr: Some(HOST),
             interval: Duration::from_millis(100),

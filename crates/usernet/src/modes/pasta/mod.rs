@@ -60,7 +60,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -127,9 +127,21 @@ const HELP: &str = "
     (usernet: an IPv6 gateway is link-local or in the /64)
   -o, --outbound ADDR	Bind to IPv4 address as outbound source
   --outbound-if4 NAME	Bind to the first IPv4 address of NAME as outbound source
+  -D, --dns ADDR	Use IPv4 or IPv6 address as DNS
+    can be specified multiple times
+    (usernet: the servers its DNS forwards to, instead of the host's
+    resolv.conf's; the --dns-forward or gateway address names its own)
+  -S, --search LIST	Space-separated list, search domains
+    'none': no search list
+    (usernet: given in DHCP, DHCPv6 and NDP, instead of the host's)
+  --dhcp-dns, --dhcp-search
+			accepted: usernet's DHCP, DHCPv6 and NDP give both
   --dns-forward ADDR	Forward DNS queries sent to ADDR
     can be specified zero to two times (for IPv4 and IPv6)
     default: don't forward DNS queries
+  --dns-host ADDR	Host nameserver to direct queries to
+    can be specified zero to two times (for IPv4 and IPv6)
+    default: first nameserver from host's /etc/resolv.conf
   --no-map-gw		Don't map gateway address to host
   --map-host-loopback ADDR	Translate ADDR to refer to host
     loopback; can be specified zero to two times (for IPv4 and IPv6)
@@ -198,6 +210,11 @@ const OPTS: &[Opt] = &[
     valued("outbound", Some('o')),
     valued("outbound-if4", None),
     valued("dns-forward", None),
+    valued("dns", Some('D')),
+    valued("search", Some('S')),
+    flag("dhcp-dns", None),
+    flag("dhcp-search", None),
+    valued("dns-host", None),
     flag("no-map-gw", None),
     valued("map-host-loopback", None),
     valued("map-guest-addr", None),
@@ -224,14 +241,9 @@ const OPTS: &[Opt] = &[
     valued("fd", Some('F')),
     valued("mac-addr", Some('M')),
     valued("outbound-if6", None),
-    valued("dns", Some('D')),
-    valued("search", Some('S')),
-    flag("dhcp-dns", None),
-    flag("dhcp-search", None),
     flag("no-tcp", None),
     flag("no-udp", None),
     flag("no-icmp", None),
-    valued("dns-host", None),
 ];
 
 /// Where the network goes.
@@ -277,6 +289,12 @@ pub struct Options {
     pub dns_forward: Option<Ipv4Addr>,
     /// `--dns-forward` with an IPv6 address.
     pub dns_forward6: Option<Ipv6Addr>,
+    /// `-D`: DNS servers, in order.
+    pub dns: Vec<IpAddr>,
+    /// `--dns-host`: where forwarded queries go (one of each family at most).
+    pub dns_host: Remap,
+    /// `-S`: the search domains (`none`: Some, empty).
+    pub search: Option<Vec<String>>,
     pub no_map_gw: bool,
     /// `--no-ra`, `--no-ndp`, `--no-dhcpv6`: usernet's IPv6 services on the link.
     pub ipv6_services: usernet_core::config::Ipv6Services,
@@ -447,6 +465,9 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         outbound: None,
         dns_forward: None,
         dns_forward6: None,
+        dns: Vec::new(),
+        dns_host: Remap::default(),
+        search: None,
         no_map_gw: false,
         ipv6_services: usernet_core::config::Ipv6Services::default(),
         map_host_loopback: Remap::default(),
@@ -530,6 +551,32 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
                 IpAddr::V4(a) => o.dns_forward = Some(a),
                 IpAddr::V6(a) => o.dns_forward6 = Some(a),
             },
+            "dns" if v == "none" => {
+                return Err("-D none: not supported by usernet's pasta mode (its DNS answers at the \
+                            --dns-forward address; -D ADDR names the servers it forwards to)"
+                    .into());
+            }
+            "dns" => o.dns.push(v.parse::<IpAddr>().map_err(|_| format!("Cannot use DNS address {v}"))?),
+            "dns-host" => match v.parse::<IpAddr>() {
+                Ok(IpAddr::V4(a)) if !a.is_unspecified() && !a.is_broadcast() => o.dns_host.v4 = Some(a),
+                Ok(IpAddr::V6(a)) if !a.is_unspecified() => o.dns_host.v6 = Some(a),
+                _ => return Err(format!("Invalid host nameserver address: {v}")),
+            },
+            "search" if v == "none" => o.search = Some(Vec::new()),
+            "search" => {
+                let list = o.search.get_or_insert_with(Vec::new);
+                for d in v.split_whitespace() {
+                    list.push(
+                        crate::net_opts::parse_dns_search(d)
+                            .ok()
+                            .filter(|d| d != ".")
+                            .ok_or_else(|| format!("Cannot use DNS search domain {d}"))?,
+                    );
+                }
+            }
+            // usernet's DHCP, DHCPv6 and NDP give the DNS address and the search list
+            // unless turned off (--no-dhcp, ...): pasta's off-by-default is not kept.
+            "dhcp-dns" | "dhcp-search" => {}
             "no-map-gw" => o.no_map_gw = true,
             "map-host-loopback" => {
                 if o.map_host_loopback.set(&v)? {
@@ -778,12 +825,45 @@ fn check_ipv6_addresses(o: &Options) -> Result<(), String> {
 }
 
 /// usernet's network options as pasta's command line sets them: defaults (DNS following
-/// the host's resolv.conf and /etc/hosts), with `--pcap`.
+/// the host's resolv.conf and /etc/hosts), with `--pcap`, and the DNS servers and search
+/// domains of `--dns-host`, `-D` and `-S`.
 fn net_opts(o: &Options) -> NetOpts {
     let mut net = NetOpts::defaults();
     net.mtu = Some(o.mtu);
     net.pcap = o.pcap.clone();
+    net.dns_upstream = dns_servers(o).into_iter().map(|a| SocketAddr::new(a, 53)).collect();
+    net.dns_search = match &o.search {
+        Some(list) if list.is_empty() => vec![".".into()],
+        Some(list) => list.clone(),
+        None => Vec::new(),
+    };
     net
+}
+
+/// The servers usernet's DNS forwards to, when the command line names them: `--dns-host`'s
+/// (where pasta sends forwarded queries), else `-D`'s but those of the namespace's own
+/// network that usernet's DNS answers at (a `-D` naming the `--dns-forward` address or the
+/// gateway tells the namespace to use usernet's DNS itself). Empty: the host's resolv.conf's.
+fn dns_servers(o: &Options) -> Vec<IpAddr> {
+    let hosts: Vec<IpAddr> = o.dns_host.v4.map(IpAddr::V4).into_iter().chain(o.dns_host.v6.map(IpAddr::V6)).collect();
+    if !hosts.is_empty() {
+        return hosts;
+    }
+    let iface = interface(o);
+    let own = |a: &IpAddr| match *a {
+        IpAddr::V4(a) => Some(a) == o.dns_forward || a == iface.gateway,
+        IpAddr::V6(a) => {
+            let net = ipv6_net(o);
+            a == net.dns || a == net.gateway || a.is_unicast_link_local()
+        }
+    };
+    let mut servers: Vec<IpAddr> = Vec::new();
+    for a in o.dns.iter().filter(|a| !own(a)) {
+        if !servers.contains(a) {
+            servers.push(*a);
+        }
+    }
+    servers
 }
 
 /// pasta's network for these options (the theory of operation, 2).
@@ -1425,6 +1505,36 @@ mod tests {
         assert!(p("127.0.0.1%lo/22").unwrap_err().contains("interface"));
     }
 
+    /// -D, --dns-host and -S: the servers usernet's DNS forwards to and the search list,
+    /// instead of the host's resolv.conf's.
+    #[test]
+    fn dns_servers_and_search_domains() {
+        let net = |s: &str| net_opts(&run_opts(s));
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // None given: the host's, followed.
+        let n = net("1");
+        assert!(n.dns_upstream.is_empty() && n.dns_search.is_empty());
+        // -D: those servers, in order, once each.
+        let n = net("-D 192.0.2.53 -D 2001:db8::53 -D 192.0.2.53 1");
+        assert_eq!(n.dns_upstream, vec![sa("192.0.2.53:53"), sa("[2001:db8::53]:53")]);
+        // A -D naming usernet's own DNS (the --dns-forward address, the gateway) is no server.
+        let n = net("--dns-forward 169.254.1.1 -D 169.254.1.1 -D 10.0.2.2 -D fe80::1 1");
+        assert!(n.dns_upstream.is_empty(), "{:?}", n.dns_upstream);
+        let n = net("--dns-forward 169.254.1.1 -D 169.254.1.1 -D 192.0.2.53 1");
+        assert_eq!(n.dns_upstream, vec![sa("192.0.2.53:53")]);
+        // --dns-host: where forwarded queries go, whatever -D says; the last of each family.
+        let n = net("-D 192.0.2.53 --dns-host 192.0.2.1 --dns-host 192.0.2.7 --dns-host ::1 1");
+        assert_eq!(n.dns_upstream, vec![sa("192.0.2.7:53"), sa("[::1]:53")]);
+        // -S: a space-separated list, each option adding to it; none: no search list.
+        let mut a = args("--dhcp-search -S Corp.Example. -S");
+        a.extend(["a.example b.example".into(), "--dhcp-dns".into(), "1".into()]);
+        let Ok(Parsed::Run(o)) = parse(&a) else { panic!("{a:?}") };
+        assert_eq!(o.search, Some(vec!["corp.example".into(), "a.example".into(), "b.example".into()]));
+        assert_eq!(net_opts(&o).fixed_search().unwrap(), vec!["corp.example", "a.example", "b.example"]);
+        assert_eq!(net("-S x.example -S none 1").fixed_search(), Some(Vec::new()));
+        assert_eq!(net("-S none -S x.example 1").fixed_search(), Some(vec!["x.example".to_string()]));
+    }
+
     #[test]
     fn mistakes_name_the_option() {
         let err = |s: &str| parse(&args(s)).unwrap_err();
@@ -1434,7 +1544,11 @@ mod tests {
         assert!(err("-i no-such-if0 1").contains("Invalid interface name no-such-if0"));
         assert!(err("-6 -m 1000 1").contains("1280"));
         assert!(err("--runas 1000").contains("--runas"));
-        assert!(err("-D 10.0.0.1").contains("--dns"));
+        assert!(err("-D none 1").contains("-D none"));
+        assert_eq!(err("-D nowhere 1"), "Cannot use DNS address nowhere");
+        assert_eq!(err("--dns-host 0.0.0.0 1"), "Invalid host nameserver address: 0.0.0.0");
+        assert_eq!(err("-S bad_*domain 1"), "Cannot use DNS search domain bad_*domain");
+        assert!(err("--no-tcp 1").contains("--no-tcp"));
         assert!(err("--netns x 1234").contains("Both"));
         assert!(err("-m 70000").contains("MTU"));
         assert!(err("-n 255.0.255.0").contains("netmask"));
