@@ -201,6 +201,9 @@ pub struct NetConfig {
     /// The host address outbound connections leave from (slirp4netns's `--outbound-addr`);
     /// None: the kernel chooses by route.
     pub outbound_addr: Option<Ipv4Addr>,
+    /// The same for IPv6 destinations (slirp4netns's `--outbound-addr6`, pasta's `-o` with
+    /// an IPv6 address).
+    pub outbound_addr6: Option<Ipv6Addr>,
     /// The first guest's address (static in `run`, first DHCP lease in `serve`).
     pub guest: Ipv4Addr,
     pub gateway_mac: [u8; 6],
@@ -369,6 +372,7 @@ impl NetConfig {
             host_loopback: true,
             dns: Some(subnet.host(1)),
             outbound_addr: None,
+            outbound_addr6: None,
             guest: subnet.host(2),
             gateway_mac: GATEWAY_MAC,
             mtu,

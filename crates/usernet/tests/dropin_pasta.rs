@@ -355,3 +355,29 @@ fn mistakes_exit_1_with_pastas_words() {
     assert_eq!(out.code, 0);
     assert!(out.stdout.starts_with("pasta"), "{}", out.stdout);
 }
+
+/// `-o ADDR` and `-o ADDR6` (pasta's outbound source addresses, one per family): the remote
+/// host sees the namespace's connections come from them, as root and rootless, and from the
+/// kernel's choice without them.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn outbound_addresses_of_both_families() {
+    require(&["ip", "socat", "ss", "runuser", "useradd", "newuidmap"]);
+    let w = OutboundWorld::new();
+    let some = |(a, b): &(String, String)| (Some(a.clone()), Some(b.clone()));
+    let pasta = usernet_bin();
+    let out = run(&pasta.to_string_lossy(), &["pasta", "--config-net", "--", "sh", "-c", &w.script()]);
+    assert_eq!(peers(&out.stdout), some(&w.chosen), "without -o: {out}");
+    let args = ["pasta", "--config-net", "-o", &w.out.0, "-o", &w.out.1, "--", "sh", "-c", &w.script()];
+    let out = run(&pasta.to_string_lossy(), &args);
+    assert_eq!(peers(&out.stdout), some(&w.out), "with -o: {out}");
+    // Rootless, as Podman starts it.
+    let r = Rootless::new("po");
+    let (code, text) = run_script(
+        r.command("sh"),
+        &format!("{} --config-net -o {} -o {} -- sh -c '{}'", r.pasta().display(), w.out.0, w.out.1, w.script()),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(peers(&text), some(&w.out), "rootless, with -o: {text}");
+}

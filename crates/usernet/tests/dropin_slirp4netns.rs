@@ -197,3 +197,29 @@ fn answers_as_slirp4netns() {
     let via_usernet = run(&usernet_bin().to_string_lossy(), &["slirp4netns", "--version"]);
     assert_eq!(via_usernet.stdout, version.stdout);
 }
+
+/// Podman's `outbound_addr` and `outbound_addr6` (slirp4netns's `--outbound-addr` and
+/// `--outbound-addr6`, an interface and an address): a remote host sees the container's
+/// connections come from the host's addresses they name.
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn podman_outbound_addresses() {
+    require(&["podman", "runc", "runuser", "useradd", "newuidmap", "busybox", "socat", "ss"]);
+    let w = OutboundWorld::new();
+    let r = Rootless::new("po6");
+    podman_config(&r);
+    // The veth's first IPv4 address is the one the kernel would choose anyway; the IPv6
+    // address is the extra one.
+    let network =
+        format!("slirp4netns:enable_ipv6=true,outbound_addr={},outbound_addr6={}", w.remote.host_veth, w.out.1);
+    let script = format!(
+        "i=0; until ip -6 -o addr show scope global | grep 'inet6 fd00::' | grep -qv tentative || [ $i -ge 100 ]; \
+         do sleep 0.1; i=$((i+1)); done; {}",
+        w.busybox_script()
+    );
+    let mut c = r.command("podman");
+    c.args(["run", "--rm", "--network", &network, "--rootfs"]).arg(r.rootfs.path()).args(["/bin/sh", "-c", &script]);
+    let out = run_bounded(&mut c, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(peers(&out.stdout), (Some(w.chosen.0.clone()), Some(w.out.1.clone())), "{out}");
+}

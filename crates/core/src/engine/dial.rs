@@ -24,7 +24,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
@@ -224,21 +224,23 @@ impl HostDialer {
         io::Error::from_raw_os_error(libc::ECONNREFUSED)
     }
 
-    /// Binds a socket bound for `dst` to the `--outbound-addr` address, if one is set and
-    /// `dst` is not the host's loopback (an IPv4 address: IPv6 sockets are left alone).
+    /// Binds a socket bound for `dst` to the outbound address of its family
+    /// (`--outbound-addr`, `--outbound-addr6`), if one is set and `dst` is not the host's
+    /// loopback.
     fn bind_outbound(&self, fd: BorrowedFd<'_>, dst: IpAddr) -> io::Result<()> {
-        let Some(addr) = self.cfg.outbound_addr.filter(|_| dst.is_ipv4() && !dst.is_loopback()) else {
+        if dst.is_loopback() {
+            return Ok(());
+        }
+        let from = match dst {
+            IpAddr::V4(_) => self.cfg.outbound_addr.map(IpAddr::V4),
+            IpAddr::V6(_) => self.cfg.outbound_addr6.map(IpAddr::V6),
+        };
+        let Some(from) = from else {
             return Ok(());
         };
-        let sa = sock::sockaddr_in(SocketAddrV4::new(addr, 0));
-        // SAFETY: sa is a valid sockaddr_in of the length given.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
+        let (ss, len) = sock::sockaddr(SocketAddr::new(from, 0));
+        // SAFETY: ss holds a valid sockaddr of the family's length `len`.
+        let r = unsafe { libc::bind(fd.as_raw_fd(), &ss as *const _ as *const libc::sockaddr, len) };
         if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 }

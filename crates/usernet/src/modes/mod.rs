@@ -38,6 +38,15 @@ pub(crate) fn interface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
     })
 }
 
+/// The first global IPv6 address (not link-local, not loopback) of the host's interface
+/// `name`.
+pub(crate) fn interface_ipv6(name: &str) -> Option<std::net::Ipv6Addr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        let ip = a.address.as_ref()?.as_sockaddr_in6()?.ip();
+        (a.interface_name == name && !ip.is_unicast_link_local() && !ip.is_loopback()).then_some(ip)
+    })
+}
+
 /// A mode's entry point: its arguments (without the program name) in, the exit status out.
 pub type ModeMain = fn(&[OsString]) -> i32;
 

@@ -75,6 +75,7 @@ const HELP: &str = "
 --netns-type=TYPE        specify network namespace type ([path|pid], default=pid)
 --userns-path=PATH       specify user namespace path
 --outbound-addr=IPv4     sets outbound ipv4 address to bound to
+--outbound-addr6=IPv6    sets outbound ipv6 address to bound to
 --disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
 --macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
 -h, --help               show this help and exit
@@ -95,6 +96,7 @@ pub struct Options {
     pub netns_path: bool,
     pub userns_path: Option<PathBuf>,
     pub outbound_addr: Option<Ipv4Addr>,
+    pub outbound_addr6: Option<Ipv6Addr>,
     pub disable_dns: bool,
     pub macaddress: Option<[u8; 6]>,
     pub target: String,
@@ -149,6 +151,16 @@ fn parse_fd(name: &str, v: &str) -> Result<RawFd, Mistake> {
         .ok_or_else(|| mistake(format!("{name} must be a non-negative integer")))
 }
 
+/// The address `--outbound-addr6` names: an IPv6 address, or an interface's first global one.
+fn outbound_address6(v: &str) -> Result<Ipv6Addr, Mistake> {
+    if let Ok(ip) = v.parse::<Ipv6Addr>() {
+        return Ok(ip);
+    }
+    super::interface_ipv6(v).ok_or_else(|| {
+        mistake(format!("outbound-addr6: {v} is neither an IPv6 address nor an interface with a global one"))
+    })
+}
+
 /// The address `--outbound-addr` names: an IPv4 address, or an interface's first one.
 fn outbound_address(v: &str) -> Result<Ipv4Addr, Mistake> {
     if let Ok(ip) = v.parse::<Ipv4Addr>() {
@@ -174,6 +186,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
         netns_path: false,
         userns_path: None,
         outbound_addr: None,
+        outbound_addr6: None,
         disable_dns: false,
         macaddress: None,
         target: String::new(),
@@ -228,10 +241,8 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, Mistake> {
                     usage: false,
                 })?)
             }
+            "outbound-addr6" => o.outbound_addr6 = Some(outbound_address6(&v)?),
             // What usernet cannot honour is an error naming it, never ignored.
-            "outbound-addr6" => {
-                return Err(mistake("--outbound-addr6: not supported by usernet's slirp4netns mode"));
-            }
             "target-type" if v == "netns" => {}
             "target-type" => return Err(mistake(format!("--target-type={v}: usernet serves network namespaces only"))),
             "enable-sandbox" | "enable-seccomp" => {
@@ -285,6 +296,7 @@ pub fn network_config(o: &Options, net: &NetOpts) -> anyhow::Result<NetConfig> {
     cfg.guest = o.cidr.host(100);
     cfg.host_loopback = !o.disable_host_loopback;
     cfg.outbound_addr = o.outbound_addr;
+    cfg.outbound_addr6 = o.outbound_addr6;
     // /etc/hosts' loopback names stand for the host address, which moved.
     let loopback_to = cfg.host_loopback.then_some(cfg.host);
     cfg.host_dns.set_hosts(dns_watch::hosts_from_file(Path::new(dns_watch::HOSTS), loopback_to));
@@ -683,7 +695,10 @@ mod tests {
         assert!(err("--macaddress=02:00:00:00:00:01 1").message.contains("--configure"));
         assert!(err("--enable-sandbox 1").message.contains("--enable-sandbox"));
         assert!(err("--enable-seccomp 1").message.contains("--enable-seccomp"));
-        assert!(err("--outbound-addr6=::1 1").message.contains("--outbound-addr6: not supported"));
+        assert_eq!(run_opts("--outbound-addr6=2001:db8::7 1").outbound_addr6, Some("2001:db8::7".parse().unwrap()));
+        assert_eq!(run_opts("--outbound-addr=lo 1").outbound_addr, Some(Ipv4Addr::LOCALHOST));
+        assert!(err("--outbound-addr6=lo 1").message.contains("neither an IPv6 address nor an interface"));
+        assert!(err("--outbound-addr6=10.0.0.1 1").message.contains("outbound-addr6: 10.0.0.1"));
         assert!(err("--target-type=bess 1").message.contains("bess"));
         assert_eq!(err("").message, "");
         assert_eq!(err("1 tap0 extra").message, "too many arguments");
@@ -710,10 +725,11 @@ mod tests {
             "--disable-dns",
             "--macaddress",
             "--outbound-addr=",
+            "--outbound-addr6=",
         ] {
             assert!(HELP.contains(name), "{name}");
         }
-        for name in ["--enable-sandbox", "--enable-seccomp", "--target-type", "--outbound-addr6"] {
+        for name in ["--enable-sandbox", "--enable-seccomp", "--target-type"] {
             assert!(!HELP.contains(name), "{name}");
         }
     }

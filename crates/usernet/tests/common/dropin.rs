@@ -192,3 +192,86 @@ pub fn podman_config(r: &Rootless) {
     std::fs::write(dir.join("storage.conf"), "[storage]\ndriver = \"vfs\"\n").expect("storage.conf");
     chown(&PathBuf::from(r.home()).join(".config"), USER);
 }
+
+/// A remote host whose servers answer each connection with the peer's address, and two
+/// outbound addresses of the host's (one of each family, on the host's side of the pair,
+/// outside what the kernel would choose for the remote host) that its routes lead back to.
+pub struct OutboundWorld {
+    pub remote: RemoteHost,
+    /// The host's addresses the kernel picks for the remote host.
+    pub chosen: (String, String),
+    /// The extra addresses.
+    pub out: (String, String),
+    servers: Vec<std::process::Child>,
+}
+
+impl Drop for OutboundWorld {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}
+
+/// The remote servers' ports (in the remote host's own namespace).
+pub const PEER4_PORT: u16 = 8004;
+pub const PEER6_PORT: u16 = 8006;
+
+impl OutboundWorld {
+    pub fn new() -> OutboundWorld {
+        let remote = RemoteHost::new();
+        let slot: u32 = remote.ns.trim_start_matches("unrh").parse().expect("slot");
+        let host6 = remote.ip6.replace("::2", "::1");
+        let out = (format!("198.18.{slot}.1"), format!("2001:db8:76:{slot}::10"));
+        must("ip", &["addr", "add", &format!("{}/32", out.0), "dev", &remote.host_veth]);
+        must("ip", &["-6", "addr", "add", &format!("{}/128", out.1), "dev", &remote.host_veth, "nodad"]);
+        remote.exec(&["ip", "route", "add", "default", "via", &remote.host_ip]).assert_ok();
+        remote.exec(&["ip", "-6", "route", "add", "default", "via", &host6]).assert_ok();
+        let mut servers = Vec::new();
+        for (listen, port, tag) in [("TCP4-LISTEN", PEER4_PORT, "peer4"), ("TCP6-LISTEN", PEER6_PORT, "peer6")] {
+            let server = remote
+                .command(&[
+                    "socat",
+                    &format!("{listen}:{port},fork,reuseaddr"),
+                    &format!("SYSTEM:echo {tag} $SOCAT_PEERADDR"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start socat");
+            servers.push(server);
+        }
+        let ready = wait_until(Duration::from_secs(10), || {
+            let ss = remote.exec(&["ss", "-Hltn"]).stdout;
+            ss.contains(&format!(":{PEER4_PORT}")) && ss.contains(&format!(":{PEER6_PORT}"))
+        });
+        assert!(ready, "the remote servers did not start");
+        let chosen = (remote.host_ip.clone(), host6);
+        OutboundWorld { remote, chosen, out, servers }
+    }
+
+    /// What a container's script runs (busybox's nc alone): one connection of each family to
+    /// the remote host, which answers with the peer's address.
+    pub fn busybox_script(&self) -> String {
+        format!("(sleep 2 | nc {} {PEER4_PORT}); (sleep 2 | nc {} {PEER6_PORT})", self.remote.ip, self.remote.ip6)
+    }
+
+    /// The same with socat, for a namespace that sees the host's programs.
+    pub fn script(&self) -> String {
+        format!(
+            "socat -T5 - TCP4:{}:{PEER4_PORT} </dev/null; socat -T5 - TCP6:[{}]:{PEER6_PORT} </dev/null",
+            self.remote.ip, self.remote.ip6
+        )
+    }
+}
+
+/// The peer addresses the remote host saw in `text` (`peer4 ADDR`, `peer6 [ADDR]`).
+pub fn peers(text: &str) -> (Option<String>, Option<String>) {
+    let v6 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("peer6"))
+        .and_then(|a| a.trim().trim_matches(|c| c == '[' || c == ']').parse::<std::net::Ipv6Addr>().ok())
+        .map(|a| a.to_string());
+    (text.lines().find_map(|l| l.strip_prefix("peer4")).map(|a| a.trim().to_string()), v6)
+}

@@ -125,8 +125,10 @@ const HELP: &str = "
   -g, --gateway ADDR	Pass IPv4 or IPv6 address as gateway
     default (usernet): 10.0.2.2 and fe80::1
     (usernet: an IPv6 gateway is link-local or in the /64)
-  -o, --outbound ADDR	Bind to IPv4 address as outbound source
+  -o, --outbound ADDR	Bind to address as outbound source
+    can be specified zero to two times (for IPv4 and IPv6)
   --outbound-if4 NAME	Bind to the first IPv4 address of NAME as outbound source
+  --outbound-if6 NAME	Bind to the first global IPv6 address of NAME as outbound source
   -D, --dns ADDR	Use IPv4 or IPv6 address as DNS
     can be specified multiple times
     (usernet: the servers its DNS forwards to, instead of the host's
@@ -209,6 +211,7 @@ const OPTS: &[Opt] = &[
     valued("gateway", Some('g')),
     valued("outbound", Some('o')),
     valued("outbound-if4", None),
+    valued("outbound-if6", None),
     valued("dns-forward", None),
     valued("dns", Some('D')),
     valued("search", Some('S')),
@@ -234,13 +237,12 @@ const OPTS: &[Opt] = &[
     flag("netns-only", None),
     flag("no-netns-quit", None),
     flag("config-net", None),
-    // pasta's, refused by name below.
     flag("ipv6-only", Some('6')),
+    // pasta's, refused by name below.
     valued("log-size", None),
     valued("runas", None),
     valued("fd", Some('F')),
     valued("mac-addr", Some('M')),
-    valued("outbound-if6", None),
     flag("no-tcp", None),
     flag("no-udp", None),
     flag("no-icmp", None),
@@ -286,6 +288,8 @@ pub struct Options {
     /// `-g` with an IPv6 address: the namespace's IPv6 default route goes through it.
     pub gateway6: Option<Ipv6Addr>,
     pub outbound: Option<Ipv4Addr>,
+    /// `-o` with an IPv6 address, or `--outbound-if6`'s.
+    pub outbound6: Option<Ipv6Addr>,
     pub dns_forward: Option<Ipv4Addr>,
     /// `--dns-forward` with an IPv6 address.
     pub dns_forward6: Option<Ipv6Addr>,
@@ -363,16 +367,6 @@ pub enum Parsed {
 
 /// The default MTU: pasta's, the largest an 802.3 frame carries, rounded to 32 bits.
 const DEFAULT_MTU: u32 = 65520;
-
-fn ipv4(option: &str, v: &str) -> Result<Ipv4Addr, String> {
-    match v.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => Ok(a),
-        Ok(IpAddr::V6(_)) => {
-            Err(format!("--{option} {v}: usernet takes an IPv4 address here (it binds no IPv6 outbound address)"))
-        }
-        Err(_) => Err(format!("Invalid address for --{option}: {v}")),
-    }
-}
 
 /// `-n`: dot-decimal (contiguous) or a prefix length.
 fn parse_netmask(v: &str) -> Option<u8> {
@@ -463,6 +457,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         gateway: None,
         gateway6: None,
         outbound: None,
+        outbound6: None,
         dns_forward: None,
         dns_forward6: None,
         dns: Vec::new(),
@@ -543,7 +538,21 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
                 IpAddr::V4(a) => o.gateway = Some(a),
                 IpAddr::V6(a) => o.gateway6 = Some(a),
             },
-            "outbound" => o.outbound = Some(ipv4(name, &v)?),
+            "outbound" => match v.parse::<IpAddr>() {
+                Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_broadcast() || a.is_multicast()) => {
+                    o.outbound = Some(a)
+                }
+                Ok(IpAddr::V6(a))
+                    if !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.to_ipv4_mapped().is_some()) =>
+                {
+                    o.outbound6 = Some(a)
+                }
+                _ => return Err(format!("Invalid or redundant outbound address: {v}")),
+            },
+            "outbound-if6" => {
+                o.outbound6 =
+                    Some(super::interface_ipv6(&v).ok_or_else(|| format!("No global IPv6 address on interface {v}"))?)
+            }
             "outbound-if4" => {
                 o.outbound = Some(super::interface_ipv4(&v).ok_or_else(|| format!("No IPv4 address on interface {v}"))?)
             }
@@ -888,6 +897,7 @@ pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::
         cfg.dns = free;
     }
     cfg.outbound_addr = o.outbound;
+    cfg.outbound_addr6 = o.outbound6;
     // An address given to --map-host-loopback reaches the host's loopback even with
     // --no-map-gw, which is about the gateway's (as in pasta).
     if let Some(a) = o.map_host_loopback.v4 {
@@ -1533,6 +1543,21 @@ mod tests {
         assert_eq!(net_opts(&o).fixed_search().unwrap(), vec!["corp.example", "a.example", "b.example"]);
         assert_eq!(net("-S x.example -S none 1").fixed_search(), Some(Vec::new()));
         assert_eq!(net("-S none -S x.example 1").fixed_search(), Some(vec!["x.example".to_string()]));
+    }
+
+    /// -o: one outbound address of each family; --outbound-if6: an interface's global one.
+    #[test]
+    fn outbound_addresses() {
+        let o = run_opts("-o 198.18.0.1 -o 2001:db8::7 -o 198.18.0.2 1");
+        assert_eq!(
+            (o.outbound, o.outbound6),
+            (Some(Ipv4Addr::new(198, 18, 0, 2)), Some("2001:db8::7".parse().unwrap()))
+        );
+        let err = |s: &str| parse(&args(s)).unwrap_err();
+        for bad in ["::1", "::", "0.0.0.0", "255.255.255.255", "224.0.0.1", "ff02::1", "::ffff:10.0.0.1", "x"] {
+            assert_eq!(err(&format!("-o {bad} 1")), format!("Invalid or redundant outbound address: {bad}"));
+        }
+        assert_eq!(err("--outbound-if6 lo 1"), "No global IPv6 address on interface lo");
     }
 
     #[test]
