@@ -292,6 +292,7 @@ fn command_mode_with_a_published_port() {
         "ip -4 -o addr show | sed 's/^/addr /'; getent ahostsv4 host.docker.internal | head -n1 | sed 's/^/dns /'; \
          getent ahostsv6 host.docker.internal | head -n1 | sed 's/^/dns6 /'; \
          curl -s --max-time 5 http://10.0.2.2:{sp}/f | sha256sum | sed 's/^/outbound /'; \
+         ip neigh show 10.0.2.2 | sed 's/^/neigh /'; \
          ip -6 -o addr show scope global | sed 's/^/addr6 /'; \
          curl -6 -s --max-time 5 http://host.docker.internal:{sp6}/f | sha256sum | sed 's/^/outbound6 /'; \
          busybox httpd -p 80 -h {www}; echo serving; \
@@ -303,7 +304,7 @@ fn command_mode_with_a_published_port() {
     );
     let child = r
         .command(&r.pasta().to_string_lossy())
-        .args(["--config-net", "-t", &format!("{port}:80"), "--", "sh", "-c", &script])
+        .args(["--config-net", "-M", "02:aa:bb:cc:dd:ee", "-t", &format!("{port}:80"), "--", "sh", "-c", &script])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -317,6 +318,8 @@ fn command_mode_with_a_published_port() {
     assert!(text.lines().any(|l| l.starts_with("addr ") && l.contains("10.0.2.100/24")), "{text}");
     assert_eq!(line_value(&text, "dns").map(first_word).as_deref(), Some("10.0.2.2"), "{text}");
     assert_eq!(line_value(&text, "outbound").map(first_word), Some(hash.clone()), "{text}");
+    // -M: usernet's MAC address, the gateway's as the namespace learnt it.
+    assert!(line_value(&text, "neigh").is_some_and(|n| n.contains("lladdr 02:aa:bb:cc:dd:ee")), "{text}");
     // IPv6 on usernet's /64: the host's [::1] by host.docker.internal's AAAA (::254).
     assert!(text.lines().any(|l| l.starts_with("addr6 ") && l.contains("fd75:7365:726e::2/64")), "{text}");
     assert_eq!(line_value(&text, "dns6").map(first_word).as_deref(), Some("fd75:7365:726e::254"), "{text}");

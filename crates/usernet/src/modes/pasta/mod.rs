@@ -113,6 +113,8 @@ const HELP: &str = "
     (usernet: the external one, named in the namespace unless -I;
     its addresses and routes are not copied)
   --ns-mac-addr ADDR	Set MAC address on tap interface
+  -M, --mac-addr ADDR	Use source MAC address ADDR
+    default (usernet): 5a:94:ef:e4:0c:dd
   -p, --pcap FILE	Log tap-facing traffic to pcap file
   -P, --pid FILE	Write own PID to the given file
   -m, --mtu MTU	Assign MTU (default: 65520)
@@ -203,6 +205,7 @@ const OPTS: &[Opt] = &[
     valued("ns-ifname", Some('I')),
     valued("interface", Some('i')),
     valued("ns-mac-addr", None),
+    valued("mac-addr", Some('M')),
     valued("pcap", Some('p')),
     valued("pid", Some('P')),
     valued("mtu", Some('m')),
@@ -242,7 +245,6 @@ const OPTS: &[Opt] = &[
     valued("log-size", None),
     valued("runas", None),
     valued("fd", Some('F')),
-    valued("mac-addr", Some('M')),
     flag("no-tcp", None),
     flag("no-udp", None),
     flag("no-icmp", None),
@@ -273,6 +275,8 @@ pub struct Options {
     /// only its name, as the namespace's interface's unless `-I`).
     pub interface: Option<String>,
     pub ns_mac: Option<[u8; 6]>,
+    /// `-M`: usernet's own MAC address on the link (the gateway's).
+    pub mac: Option<[u8; 6]>,
     pub pcap: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
     pub mtu: u32,
@@ -445,6 +449,7 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
         ns_ifname: None,
         interface: None,
         ns_mac: None,
+        mac: None,
         pcap: None,
         pid_file: None,
         mtu: DEFAULT_MTU,
@@ -499,6 +504,15 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
                 o.ns_ifname = Some(v)
             }
             "ns-mac-addr" => o.ns_mac = Some(super::parse_mac(&v).ok_or_else(|| format!("Invalid MAC address: {v}"))?),
+            // A group address would be no station's: the namespace's frames to it would go
+            // nowhere.
+            "mac-addr" => {
+                o.mac = Some(
+                    super::parse_mac(&v)
+                        .filter(|m| m[0] & 1 == 0 && *m != [0; 6])
+                        .ok_or_else(|| format!("Invalid MAC address: {v}"))?,
+                )
+            }
             "pcap" => o.pcap = Some(PathBuf::from(v)),
             "pid" => o.pid_file = Some(PathBuf::from(v)),
             "mtu" => {
@@ -898,6 +912,7 @@ pub fn network_config(o: &Options, iface: &Interface, net: &NetOpts) -> anyhow::
     }
     cfg.outbound_addr = o.outbound;
     cfg.outbound_addr6 = o.outbound6;
+    cfg.gateway_mac = o.mac.unwrap_or(cfg.gateway_mac);
     // An address given to --map-host-loopback reaches the host's loopback even with
     // --no-map-gw, which is about the gateway's (as in pasta).
     if let Some(a) = o.map_host_loopback.v4 {
@@ -1558,6 +1573,19 @@ mod tests {
             assert_eq!(err(&format!("-o {bad} 1")), format!("Invalid or redundant outbound address: {bad}"));
         }
         assert_eq!(err("--outbound-if6 lo 1"), "No global IPv6 address on interface lo");
+    }
+
+    /// -M: usernet's MAC address on the link, a station's (not a group's).
+    #[test]
+    fn own_mac_address() {
+        let o = run_opts("-M 02:aa:bb:cc:dd:ee 1");
+        assert_eq!(o.mac, Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]));
+        let cfg = network_config(&o, &interface(&o), &net_opts(&o)).unwrap();
+        assert_eq!(cfg.gateway_mac, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+        let err = |s: &str| parse(&args(s)).unwrap_err();
+        for bad in ["01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "02:aa:bb:cc:dd"] {
+            assert_eq!(err(&format!("--mac-addr {bad} 1")), format!("Invalid MAC address: {bad}"));
+        }
     }
 
     #[test]
