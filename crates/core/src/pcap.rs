@@ -51,7 +51,7 @@ pub struct PcapWriter {
 
 impl PcapWriter {
     pub fn create(path: &Path, snaplen: u32) -> io::Result<PcapWriter> {
-        let file = SharedFile(Rc::new(RefCell::new(BufWriter::with_capacity(256 * 1024, File::create(path)?))));
+        let file = SharedFile(Rc::new(RefCell::new(BufWriter::with_capacity(256 * 1024, open_capture(path)?))));
         let header = PcapHeader { snaplen, datalink: DataLink::ETHERNET, ..Default::default() };
         let out = pcap_file::pcap::PcapWriter::with_header(file.clone(), header).map_err(io::Error::other)?;
         let mut w = PcapWriter {
@@ -123,6 +123,42 @@ impl PcapWriter {
         tracing::error!("pcap {}: {e}; capture stopped, networking goes on", self.path);
         self.out = None;
     }
+}
+
+/// The capture file at `path`, created or emptied. A FIFO (`mkfifo`, for a live reader such
+/// as `wireshark -k -i PATH`) opens once it has a reader: without one yet, that is said, and
+/// the open waits for it (a signal still ends usernet meanwhile). Written to as a file is:
+/// a reader slower than the network holds the engine back, as tcpdump's `-w` to a FIFO is.
+fn open_capture(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
+        match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(path) {
+            Ok(f) => {
+                set_blocking(&f)?;
+                return Ok(f);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                tracing::warn!(
+                    "pcap {}: a FIFO with no reader yet; waiting for one (e.g. `wireshark -k -i {0}`)",
+                    path.display()
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    File::create(path)
+}
+
+/// Clears O_NONBLOCK on `f`.
+fn set_blocking(f: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl(2) on a descriptor `f` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What went wrong, in the I/O error's words: pcap-file says "Error reading bytes" of any,
@@ -408,6 +444,45 @@ mod tests {
         drop(rx);
         w.write(&dns);
         assert!(w.taps.is_empty());
+    }
+
+    /// A FIFO: opened at once when it has a reader (and written to blocking), waited for
+    /// when it has none yet; the reader gets the file's header either way.
+    #[test]
+    fn a_fifo_is_opened_for_its_reader() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("usernet-pcap-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("capture");
+        let _ = std::fs::remove_file(&fifo);
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) of a path we own.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        // No reader: the open waits.
+        let opener = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || PcapWriter::create(&fifo, 128).map(|w| w.out.is_some()))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!opener.is_finished(), "opened without a reader");
+        let mut reader = File::open(&fifo).unwrap();
+        assert!(opener.join().unwrap().unwrap());
+        let mut header = [0u8; 24];
+        reader.read_exact(&mut header).unwrap();
+        let magic = 0xa1b2c3d4u32;
+        assert!([magic.to_be_bytes(), magic.to_le_bytes()].contains(&header[..4].try_into().unwrap()), "{header:?}");
+        // A reader already there: opened at once, blocking.
+        let reader = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap()
+        };
+        let w = PcapWriter::create(&fifo, 128).unwrap();
+        let fd = w.file.as_ref().unwrap().0.borrow().get_ref().as_raw_fd();
+        // SAFETY: F_GETFL on a descriptor the writer owns.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK, 0);
+        drop((w, reader));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

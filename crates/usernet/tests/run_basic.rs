@@ -221,6 +221,53 @@ fn pcap_captures_the_guest_link() {
     assert!(dump.stdout.contains(&format!("{GUEST_IP} > {GATEWAY_IP}: ICMP echo request")), "{dump}");
 }
 
+/// `--pcap` naming a FIFO with no reader says it waits for one, and COMMAND starts once
+/// tcpdump reads it; tcpdump gets the whole capture (the guest's pings) until usernet ends.
+/// Rootless too.
+fn pcap_to_a_fifo(user: Option<&str>) {
+    let dns = DnsUpstream::start();
+    let dir = TempDir::new("pcapfifo");
+    let fifo = dir.join("capture");
+    must("mkfifo", &[fifo.to_string_lossy().as_ref()]);
+    let mut usernet = Usernet::new(&dns);
+    if let Some(user) = user {
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        must("chown", &[user, fifo.to_string_lossy().as_ref()]);
+        usernet = usernet.run_as(user, &copy_binary_for_others(&dir));
+    }
+    let mut cmd = usernet.arg("--pcap").arg(&fifo).command(&[
+        "sh",
+        "-c",
+        &format!("echo started; {} -c 2 -W 5 {GATEWAY_IP}", ping_cmd()),
+    ]);
+    cmd.env("RUST_LOG", "warn");
+    let mut bg = Background::start(cmd, Stdio::null());
+    let said =
+        wait_until(Duration::from_secs(10), || bg.stderr().contains("a FIFO with no reader yet; waiting for one"));
+    assert!(said, "no word of the wait:\n{}", bg.describe());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(bg.lines_with("started").is_empty(), "COMMAND started before the capture had a reader:\n{}", bg.describe());
+    let dump = run("tcpdump", &["-n".into(), "-r".into(), fifo.into_os_string()]);
+    assert_eq!(bg.exit_code(Duration::from_secs(30)), 0, "{}", bg.describe());
+    dump.assert_ok();
+    assert!(dump.stdout.matches("ICMP echo request").count() >= 2, "{dump}");
+    assert!(dump.stdout.matches("ICMP echo reply").count() >= 2, "{dump}");
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn pcap_to_a_fifo_waits_for_its_reader() {
+    require(&["ip", "dnsmasq", "tcpdump", "ping", "mkfifo"]);
+    pcap_to_a_fifo(None);
+}
+
+#[test]
+#[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
+fn pcap_to_a_fifo_waits_for_its_reader_rootless() {
+    require(&["ip", "dnsmasq", "tcpdump", "ping", "mkfifo", "runuser"]);
+    pcap_to_a_fifo(Some("nobody"));
+}
+
 /// A capture to a disk that is full (/dev/full: every write fails with ENOSPC) stops the
 /// capture with a clear error, and the network goes on: a 5 MiB download arrives whole.
 #[test]
