@@ -302,7 +302,7 @@ impl Transports {
         let parse = |urls: &[String], scheme: &str| -> anyhow::Result<Vec<PathBuf>> {
             urls.iter().map(|u| parse_socket_url(u, scheme).map_err(anyhow::Error::msg)).collect()
         };
-        Ok(Transports {
+        let t = Transports {
             qemu: parse(&args.listen_qemu, "unix")?,
             vfkit: parse(&args.listen_vfkit, "unixgram")?,
             bess: parse(&args.listen_bess, "unixpacket")?,
@@ -316,7 +316,46 @@ impl Transports {
                 })
                 .collect(),
             stdio: args.listen_stdio,
-        })
+        };
+        t.check_paths_differ()?;
+        Ok(t)
+    }
+
+    /// One socket per path: a path given twice would have its second listener find the
+    /// first there ("another server is listening there"), which names the wrong culprit.
+    fn check_paths_differ(&self) -> anyhow::Result<()> {
+        let named = [
+            ("--listen-qemu", &self.qemu),
+            ("--listen-vfkit", &self.vfkit),
+            ("--listen-bess", &self.bess),
+            ("--listen-vpnkit", &self.vpnkit),
+            ("--listen-vhost-user", &self.vhost_user),
+        ];
+        let mut seen: Vec<(PathBuf, &str)> = Vec::new();
+        for (flag, paths) in named {
+            for path in paths.iter() {
+                // The same file however written: `./a.sock`, `a.sock`, `dir/../a.sock`.
+                let key = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+                let key: PathBuf = key.components().fold(PathBuf::new(), |mut p, c| {
+                    match c {
+                        std::path::Component::ParentDir => {
+                            p.pop();
+                        }
+                        std::path::Component::CurDir => {}
+                        c => p.push(c),
+                    }
+                    p
+                });
+                if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+                    anyhow::bail!(
+                        "{} is given twice ({first} and {flag}): each transport needs a socket path of its own",
+                        path.display()
+                    );
+                }
+                seen.push((key, flag));
+            }
+        }
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -454,6 +493,28 @@ mod tests {
         assert!(args.guest_api);
         assert_eq!(netns_mac(0), GUEST_MAC);
         assert_eq!(netns_mac(1)[5], GUEST_MAC[5].wrapping_add(1));
+    }
+
+    /// A socket path given twice, whatever the transports and however written, is refused
+    /// by name before anything is bound.
+    #[test]
+    fn a_socket_path_given_twice_is_refused() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["usernet", "serve"];
+            argv.extend_from_slice(extra);
+            let cli = crate::Cli::try_parse_from(argv).unwrap();
+            let crate::Command::Serve(args) = cli.command else { panic!("not serve") };
+            Transports::parse(&args).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let err = parse(&["--listen-qemu", "unix:/tmp/x/a.sock", "--listen-qemu", "unix:///tmp/x/a.sock"]).unwrap_err();
+        assert_eq!(
+            err,
+            "/tmp/x/a.sock is given twice (--listen-qemu and --listen-qemu): each transport needs a socket path of its own"
+        );
+        let err =
+            parse(&["--listen-vpnkit", "unix:/tmp/x/b.sock", "--listen-vhost-user", "/tmp/x/y/../b.sock"]).unwrap_err();
+        assert!(err.contains("(--listen-vpnkit and --listen-vhost-user)"), "{err}");
+        assert!(parse(&["--listen-qemu", "unix:/tmp/x/a.sock", "--listen-vfkit", "unixgram:/tmp/x/b.sock"]).is_ok());
     }
 
     /// `--no-host-loopback` (run and serve share it) closes the host address to the host's
