@@ -297,6 +297,28 @@ pub struct Transports {
 /// What [`Transports::bind`] makes: acceptors (a link per connection) and links.
 pub type BoundTransports = (Vec<Box<dyn LinkAcceptor>>, Vec<Box<dyn Link>>);
 
+/// The file a socket path names, however written (`./a.sock`, `a.sock`, `dir/../a.sock`,
+/// through a symlinked directory): its directory resolved, or, where that does not exist
+/// (the bind will say so), the path made absolute and its `.` and `..` taken as written.
+fn socket_path_key(path: &std::path::Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if let (Some(dir), Some(name)) = (abs.parent(), abs.file_name())
+        && let Ok(dir) = std::fs::canonicalize(dir)
+    {
+        return dir.join(name);
+    }
+    abs.components().fold(PathBuf::new(), |mut p, c| {
+        match c {
+            std::path::Component::ParentDir => {
+                p.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => p.push(c),
+        }
+        p
+    })
+}
+
 impl Transports {
     fn parse(args: &ServeArgs) -> anyhow::Result<Transports> {
         let parse = |urls: &[String], scheme: &str| -> anyhow::Result<Vec<PathBuf>> {
@@ -334,18 +356,7 @@ impl Transports {
         let mut seen: Vec<(PathBuf, &str)> = Vec::new();
         for (flag, paths) in named {
             for path in paths.iter() {
-                // The same file however written: `./a.sock`, `a.sock`, `dir/../a.sock`.
-                let key = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-                let key: PathBuf = key.components().fold(PathBuf::new(), |mut p, c| {
-                    match c {
-                        std::path::Component::ParentDir => {
-                            p.pop();
-                        }
-                        std::path::Component::CurDir => {}
-                        c => p.push(c),
-                    }
-                    p
-                });
+                let key = socket_path_key(path);
                 if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
                     anyhow::bail!(
                         "{} is given twice ({first} and {flag}): each transport needs a socket path of its own",
@@ -515,6 +526,21 @@ mod tests {
             parse(&["--listen-vpnkit", "unix:/tmp/x/b.sock", "--listen-vhost-user", "/tmp/x/y/../b.sock"]).unwrap_err();
         assert!(err.contains("(--listen-vpnkit and --listen-vhost-user)"), "{err}");
         assert!(parse(&["--listen-qemu", "unix:/tmp/x/a.sock", "--listen-vfkit", "unixgram:/tmp/x/b.sock"]).is_ok());
+        // Through a symlinked directory: the same file.
+        let dir = std::env::temp_dir().join(format!("usernet-serve-paths-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        let _ = std::fs::remove_file(dir.join("link"));
+        std::os::unix::fs::symlink(dir.join("real"), dir.join("link")).unwrap();
+        let (a, b) = (dir.join("real/c.sock"), dir.join("link/c.sock"));
+        let err = parse(
+            &["--listen-qemu", &format!("unix:{}", a.display()), "--listen-bess"]
+                .into_iter()
+                .chain([format!("unixpacket:{}", b.display()).as_str()])
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_err();
+        assert!(err.contains("given twice"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `--no-host-loopback` (run and serve share it) closes the host address to the host's

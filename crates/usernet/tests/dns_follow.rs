@@ -305,7 +305,8 @@ fn dns_search_on_the_command_line_stays_fixed() {
 
 /// pasta mode's `-D`, `--dns-host` and `-S` (Podman's `pasta_options`): the servers usernet's
 /// DNS forwards to and the search list, instead of the host's resolv.conf's; a `-D` naming
-/// the `--dns-forward` address is usernet's own DNS, not a server.
+/// the `--dns-forward` address is usernet's own DNS, which then forwards to the host's
+/// resolvers, as pasta's does.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn pasta_mode_dns_servers_and_search_domains() {
@@ -319,10 +320,13 @@ fn pasta_mode_dns_servers_and_search_domains() {
     w.wait_seen("RESOLV", 0, "nameserver 10.0.2.3|search one.test|", Duration::from_secs(20));
     w.wait_answers(0, FIRST, Duration::from_secs(20));
     drop(w);
-    let w =
-        pasta("pasta-dns-d", &["-D", "10.0.2.3", "-D", "127.0.0.3", "-S", "corp.test", "-S", "none", "-S", "b.test"]);
+    let w = pasta("pasta-dns-d", &["-D", "127.0.0.3", "-S", "corp.test", "-S", "none", "-S", "b.test"]);
     w.wait_seen("RESOLV", 0, "nameserver 10.0.2.3|search b.test|", Duration::from_secs(20));
     w.wait_answers(0, SECOND, Duration::from_secs(20));
+    drop(w);
+    // With usernet's own address among -D's, usernet's DNS forwards to the host's, as pasta's.
+    let w = pasta("pasta-dns-own", &["-D", "10.0.2.3", "-D", "127.0.0.3"]);
+    w.wait_answers(0, FIRST, Duration::from_secs(20));
     drop(w);
     let w = pasta("pasta-dns-dns-host", &["-D", "127.0.0.2", "--dns-host", "127.0.0.3", "-S", "none"]);
     w.wait_seen("RESOLV", 0, "nameserver 10.0.2.3|", Duration::from_secs(20));

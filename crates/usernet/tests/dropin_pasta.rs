@@ -359,9 +359,10 @@ fn mistakes_exit_1_with_pastas_words() {
     assert!(out.stdout.starts_with("pasta"), "{}", out.stdout);
 }
 
-/// `-o ADDR` and `-o ADDR6` (pasta's outbound source addresses, one per family): the remote
-/// host sees the namespace's connections come from them, as root and rootless, and from the
-/// kernel's choice without them.
+/// `-o ADDR` and `-o ADDR6` (pasta's outbound source addresses, one per family), and
+/// `--outbound-if4`/`--outbound-if6` naming their interface: the remote host sees the
+/// namespace's connections come from them, as root and rootless, and from the kernel's choice
+/// without them.
 #[test]
 #[ignore = "needs root: run as root with the test tools, e.g. sudo bash .ci/run"]
 fn outbound_addresses_of_both_families() {
@@ -374,6 +375,9 @@ fn outbound_addresses_of_both_families() {
     let args = ["pasta", "--config-net", "-o", &w.out.0, "-o", &w.out.1, "--", "sh", "-c", &w.script()];
     let out = run(&pasta.to_string_lossy(), &args);
     assert_eq!(peers(&out.stdout), some(&w.out), "with -o: {out}");
+    let args = ["pasta", "--config-net", "--outbound-if4", &w.dummy, "--outbound-if6", &w.dummy, "--", "sh", "-c"];
+    let out = run(&pasta.to_string_lossy(), &[&args[..], &[&w.script()]].concat());
+    assert_eq!(peers(&out.stdout), some(&w.out), "with --outbound-if4 and --outbound-if6: {out}");
     // Rootless, as Podman starts it.
     let r = Rootless::new("po");
     let (code, text) = run_script(

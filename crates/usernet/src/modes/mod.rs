@@ -43,8 +43,19 @@ pub(crate) fn interface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
 pub(crate) fn interface_ipv6(name: &str) -> Option<std::net::Ipv6Addr> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
         let ip = a.address.as_ref()?.as_sockaddr_in6()?.ip();
-        (a.interface_name == name && !ip.is_unicast_link_local() && !ip.is_loopback()).then_some(ip)
+        (a.interface_name == name && usable_outbound6(ip)).then_some(ip)
     })
+}
+
+/// An IPv6 address outbound connections can leave from: one host's (not unspecified,
+/// loopback, multicast or IPv4-mapped), and not link-local, which binds only with an
+/// interface.
+pub(crate) fn usable_outbound6(a: std::net::Ipv6Addr) -> bool {
+    !(a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || a.is_unicast_link_local()
+        || a.to_ipv4_mapped().is_some())
 }
 
 /// A mode's entry point: its arguments (without the program name) in, the exit status out.

@@ -154,6 +154,12 @@ fn parse_fd(name: &str, v: &str) -> Result<RawFd, Mistake> {
 /// The address `--outbound-addr6` names: an IPv6 address, or an interface's first global one.
 fn outbound_address6(v: &str) -> Result<Ipv6Addr, Mistake> {
     if let Ok(ip) = v.parse::<Ipv6Addr>() {
+        if !super::usable_outbound6(ip) {
+            return Err(mistake(format!(
+                "outbound-addr6: {v} is not an address connections can leave from (loopback, link-local, \
+                 multicast or unspecified)"
+            )));
+        }
         return Ok(ip);
     }
     super::interface_ipv6(v).ok_or_else(|| {
@@ -698,6 +704,9 @@ mod tests {
         assert_eq!(run_opts("--outbound-addr6=2001:db8::7 1").outbound_addr6, Some("2001:db8::7".parse().unwrap()));
         assert_eq!(run_opts("--outbound-addr=lo 1").outbound_addr, Some(Ipv4Addr::LOCALHOST));
         assert!(err("--outbound-addr6=lo 1").message.contains("neither an IPv6 address nor an interface"));
+        for bad in ["::1", "::", "fe80::1", "ff02::1"] {
+            assert!(err(&format!("--outbound-addr6={bad} 1")).message.contains("not an address"), "{bad}");
+        }
         assert!(err("--outbound-addr6=10.0.0.1 1").message.contains("outbound-addr6: 10.0.0.1"));
         assert!(err("--target-type=bess 1").message.contains("bess"));
         assert_eq!(err("").message, "");

@@ -194,14 +194,18 @@ pub fn podman_config(r: &Rootless) {
 }
 
 /// A remote host whose servers answer each connection with the peer's address, and two
-/// outbound addresses of the host's (one of each family, on the host's side of the pair,
-/// outside what the kernel would choose for the remote host) that its routes lead back to.
+/// outbound addresses of the host's, one of each family, outside what the kernel would
+/// choose for the remote host, that the remote host's routes lead back to: both on an
+/// interface of the test's own ([`OutboundWorld::dummy`]), so that naming the interface
+/// names them.
 pub struct OutboundWorld {
     pub remote: RemoteHost,
     /// The host's addresses the kernel picks for the remote host.
     pub chosen: (String, String),
     /// The extra addresses.
     pub out: (String, String),
+    /// The interface that holds them.
+    pub dummy: String,
     servers: Vec<std::process::Child>,
 }
 
@@ -211,6 +215,7 @@ impl Drop for OutboundWorld {
             let _ = server.kill();
             let _ = server.wait();
         }
+        let _ = run("ip", &["link", "del", &self.dummy]);
     }
 }
 
@@ -223,9 +228,18 @@ impl OutboundWorld {
         let remote = RemoteHost::new();
         let slot: u32 = remote.ns.trim_start_matches("unrh").parse().expect("slot");
         let host6 = remote.ip6.replace("::2", "::1");
-        let out = (format!("198.18.{slot}.1"), format!("2001:db8:76:{slot}::10"));
-        must("ip", &["addr", "add", &format!("{}/32", out.0), "dev", &remote.host_veth]);
-        must("ip", &["-6", "addr", "add", &format!("{}/128", out.1), "dev", &remote.host_veth, "nodad"]);
+        // 2001:db8:77::/48 is this world's alone (run_publish's peers are in 2001:db8:76::/48).
+        let out6 = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x77, slot as u16, 0, 0, 0, 0x10);
+        let out = (format!("198.18.{slot}.1"), out6.to_string());
+        let dummy = format!("{}d", remote.ns);
+        let _ = run("ip", &["link", "del", &dummy]);
+        // (A veth pair, both ends here: this machine's kernel has no dummy driver.)
+        let peer = format!("{}e", remote.ns);
+        must("ip", &["link", "add", &dummy, "type", "veth", "peer", "name", &peer]);
+        must("ip", &["link", "set", &peer, "up"]);
+        must("ip", &["link", "set", &dummy, "up"]);
+        must("ip", &["addr", "add", &format!("{}/32", out.0), "dev", &dummy]);
+        must("ip", &["-6", "addr", "add", &format!("{}/128", out.1), "dev", &dummy, "nodad"]);
         remote.exec(&["ip", "route", "add", "default", "via", &remote.host_ip]).assert_ok();
         remote.exec(&["ip", "-6", "route", "add", "default", "via", &host6]).assert_ok();
         let mut servers = Vec::new();
@@ -248,7 +262,7 @@ impl OutboundWorld {
         });
         assert!(ready, "the remote servers did not start");
         let chosen = (remote.host_ip.clone(), host6);
-        OutboundWorld { remote, chosen, out, servers }
+        OutboundWorld { remote, chosen, out, dummy, servers }
     }
 
     /// What a container's script runs (busybox's nc alone): one connection of each family to
@@ -260,7 +274,7 @@ impl OutboundWorld {
     /// The same with socat, for a namespace that sees the host's programs.
     pub fn script(&self) -> String {
         format!(
-            "socat -T5 - TCP4:{}:{PEER4_PORT} </dev/null; socat -T5 - TCP6:[{}]:{PEER6_PORT} </dev/null",
+            "socat -t5 -T5 - TCP4:{}:{PEER4_PORT} </dev/null; socat -t5 -T5 - TCP6:[{}]:{PEER6_PORT} </dev/null",
             self.remote.ip, self.remote.ip6
         )
     }

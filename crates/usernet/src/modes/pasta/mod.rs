@@ -134,7 +134,8 @@ const HELP: &str = "
   -D, --dns ADDR	Use IPv4 or IPv6 address as DNS
     can be specified multiple times
     (usernet: the servers its DNS forwards to, instead of the host's
-    resolv.conf's; the --dns-forward or gateway address names its own)
+    resolv.conf's; with the --dns-forward or gateway address among them,
+    the host's)
   -S, --search LIST	Space-separated list, search domains
     'none': no search list
     (usernet: given in DHCP, DHCPv6 and NDP, instead of the host's)
@@ -556,11 +557,8 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
                 Ok(IpAddr::V4(a)) if !(a.is_unspecified() || a.is_broadcast() || a.is_multicast()) => {
                     o.outbound = Some(a)
                 }
-                Ok(IpAddr::V6(a))
-                    if !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.to_ipv4_mapped().is_some()) =>
-                {
-                    o.outbound6 = Some(a)
-                }
+                // (A link-local address binds only with an interface, which -o does not give.)
+                Ok(IpAddr::V6(a)) if super::usable_outbound6(a) => o.outbound6 = Some(a),
                 _ => return Err(format!("Invalid or redundant outbound address: {v}")),
             },
             "outbound-if6" => {
@@ -659,6 +657,13 @@ pub fn parse(args: &[OsString]) -> Result<Parsed, String> {
             "config-net" => o.config_net = true,
             other => return Err(format!("--{other}: not supported by usernet's pasta mode")),
         }
+    }
+    // usernet's link takes no frame from its own address: the namespace's would all be lost.
+    if let Some(m) = o.mac
+        && m == o.ns_mac.unwrap_or(GUEST_MAC)
+    {
+        let m: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
+        return Err(format!("-M {}: that is the namespace's own MAC address (--ns-mac-addr)", m.join(":")));
     }
     if o.ipv6_only && o.mtu < 1280 {
         return Err(format!("--ipv6-only needs an MTU of at least 1280 (IPv6's minimum), not {}", o.mtu));
@@ -864,9 +869,10 @@ fn net_opts(o: &Options) -> NetOpts {
 }
 
 /// The servers usernet's DNS forwards to, when the command line names them: `--dns-host`'s
-/// (where pasta sends forwarded queries), else `-D`'s but those of the namespace's own
-/// network that usernet's DNS answers at (a `-D` naming the `--dns-forward` address or the
-/// gateway tells the namespace to use usernet's DNS itself). Empty: the host's resolv.conf's.
+/// (where pasta sends forwarded queries), else `-D`'s, unless one of them is an address of
+/// the namespace's own network that usernet's DNS answers at (the `--dns-forward` address, the
+/// gateway): that tells the namespace to use usernet's DNS itself, which then forwards as
+/// pasta's does, to the host's resolvers. Empty: the host's resolv.conf's.
 fn dns_servers(o: &Options) -> Vec<IpAddr> {
     let hosts: Vec<IpAddr> = o.dns_host.v4.map(IpAddr::V4).into_iter().chain(o.dns_host.v6.map(IpAddr::V6)).collect();
     if !hosts.is_empty() {
@@ -880,8 +886,11 @@ fn dns_servers(o: &Options) -> Vec<IpAddr> {
             a == net.dns || a == net.gateway || a.is_unicast_link_local()
         }
     };
+    if o.dns.iter().any(own) {
+        return Vec::new();
+    }
     let mut servers: Vec<IpAddr> = Vec::new();
-    for a in o.dns.iter().filter(|a| !own(a)) {
+    for a in &o.dns {
         if !servers.contains(a) {
             servers.push(*a);
         }
@@ -1545,8 +1554,10 @@ mod tests {
         // A -D naming usernet's own DNS (the --dns-forward address, the gateway) is no server.
         let n = net("--dns-forward 169.254.1.1 -D 169.254.1.1 -D 10.0.2.2 -D fe80::1 1");
         assert!(n.dns_upstream.is_empty(), "{:?}", n.dns_upstream);
+        // ... and with it among them, the others are for the namespace to ask directly:
+        // usernet's DNS forwards to the host's resolvers, as pasta's does.
         let n = net("--dns-forward 169.254.1.1 -D 169.254.1.1 -D 192.0.2.53 1");
-        assert_eq!(n.dns_upstream, vec![sa("192.0.2.53:53")]);
+        assert!(n.dns_upstream.is_empty(), "{:?}", n.dns_upstream);
         // --dns-host: where forwarded queries go, whatever -D says; the last of each family.
         let n = net("-D 192.0.2.53 --dns-host 192.0.2.1 --dns-host 192.0.2.7 --dns-host ::1 1");
         assert_eq!(n.dns_upstream, vec![sa("192.0.2.7:53"), sa("[::1]:53")]);
@@ -1569,7 +1580,9 @@ mod tests {
             (Some(Ipv4Addr::new(198, 18, 0, 2)), Some("2001:db8::7".parse().unwrap()))
         );
         let err = |s: &str| parse(&args(s)).unwrap_err();
-        for bad in ["::1", "::", "0.0.0.0", "255.255.255.255", "224.0.0.1", "ff02::1", "::ffff:10.0.0.1", "x"] {
+        for bad in
+            ["::1", "::", "0.0.0.0", "255.255.255.255", "224.0.0.1", "ff02::1", "::ffff:10.0.0.1", "fe80::1", "x"]
+        {
             assert_eq!(err(&format!("-o {bad} 1")), format!("Invalid or redundant outbound address: {bad}"));
         }
         assert_eq!(err("--outbound-if6 lo 1"), "No global IPv6 address on interface lo");
@@ -1583,6 +1596,9 @@ mod tests {
         let cfg = network_config(&o, &interface(&o), &net_opts(&o)).unwrap();
         assert_eq!(cfg.gateway_mac, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
         let err = |s: &str| parse(&args(s)).unwrap_err();
+        assert!(err("-M 02:aa:bb:cc:dd:ee --ns-mac-addr 02:aa:bb:cc:dd:ee 1").contains("namespace's own"));
+        let guest: Vec<String> = GUEST_MAC.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(err(&format!("-M {} 1", guest.join(":"))).contains("namespace's own"));
         for bad in ["01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "02:aa:bb:cc:dd"] {
             assert_eq!(err(&format!("--mac-addr {bad} 1")), format!("Invalid MAC address: {bad}"));
         }
