@@ -228,11 +228,11 @@ fn pcap_to_a_fifo(user: Option<&str>) {
     let dns = DnsUpstream::start();
     let dir = TempDir::new("pcapfifo");
     let fifo = dir.join("capture");
-    must("mkfifo", &[fifo.to_string_lossy().as_ref()]);
+    // Writable by whoever usernet runs as (the CI's test user, or `nobody`).
+    must("mkfifo", &["-m", "0666", fifo.to_string_lossy().as_ref()]);
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut usernet = Usernet::new(&dns);
     if let Some(user) = user {
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        must("chown", &[user, fifo.to_string_lossy().as_ref()]);
         usernet = usernet.run_as(user, &copy_binary_for_others(&dir));
     }
     let mut cmd = usernet.arg("--pcap").arg(&fifo).command(&[
