@@ -745,10 +745,7 @@ fn default_route6_address() -> Option<Ipv6Addr> {
                 .then(|| (f[9].to_string(), u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX)))
         })
         .min_by_key(|(_, metric)| *metric)?;
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
-        let ip = a.address.as_ref()?.as_sockaddr_in6()?.ip();
-        (a.interface_name == ifname && !ip.is_unicast_link_local() && !ip.is_loopback()).then_some(ip)
-    })
+    super::interface_ipv6(&ifname)
 }
 
 /// The namespace's interface and address.
